@@ -1,0 +1,1 @@
+"""Hydra configs for multiar; installed as the package multiar.conf."""

@@ -1,0 +1,29 @@
+"""The domain registry: one name per domain, the same string everywhere."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from domains.code import CodeDomain
+from domains.music import MusicDomain
+from domains.protein import ProteinDomain
+from multiar.domain import Domain
+
+DOMAINS: dict[str, type] = {"music": MusicDomain, "code": CodeDomain, "protein": ProteinDomain}
+
+
+def _domain_class(name: str) -> type:
+    if name not in DOMAINS:
+        raise ValueError(f"unknown domain {name!r}; choose one of {', '.join(DOMAINS)}")
+    return DOMAINS[name]
+
+
+def build_domain(name: str, settings: dict[str, Any] | None = None) -> Domain:
+    """A fresh domain from its config settings (conf/domain/<name>.yaml)."""
+    return _domain_class(name)(**(settings or {}))
+
+
+def load_domain(name: str, directory: str | Path) -> Domain:
+    """The domain with the tokenizer state saved in a run directory's domain/ folder."""
+    return _domain_class(name).load(Path(directory))

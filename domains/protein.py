@@ -1,0 +1,124 @@
+"""Protein sequences: a fixed amino-acid vocabulary, FASTA in and out through Bio.SeqIO."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from importlib.resources import files
+from pathlib import Path
+
+from Bio import SeqIO
+from Bio.Seq import Seq
+from Bio.SeqRecord import SeqRecord
+
+from multiar.domain import write_new_file
+from multiar.generate import LogitsProcessor
+
+SPECIALS = ("<pad>", "<bos>", "<eos>")
+STANDARD = "ACDEFGHIKLMNPQRSTVWY"
+# X unknown, B Asx, Z Glx, U selenocysteine, O pyrrolysine: all occur in UniProt entries
+EXTENDED = "XBZUO"
+ALPHABET = STANDARD + EXTENDED
+
+
+class ProteinDomain:
+    name = "protein"
+    suffixes = (".fasta", ".fa", ".faa", ".fasta.gz", ".fa.gz", ".faa.gz")
+
+    def __init__(self, background: dict[str, float] | None = None) -> None:
+        self.itos = list(SPECIALS) + list(ALPHABET)
+        self.stoi = {s: i for i, s in enumerate(self.itos)}
+        self.pad_id, self.bos_id, self.eos_id = (self.stoi[s] for s in SPECIALS)
+        self.vocab_size = len(self.itos)
+        # amino-acid frequencies of the training data: the reference for the composition metric
+        self.background = background
+
+    def default_paths(self) -> list[Path]:
+        return [Path(str(files("domains") / "assets" / "protein" / "ecoli_k12_UP000000625.fasta.gz"))]
+
+    def read(self, path: Path) -> Iterator[SeqRecord]:
+        opener = gzip.open if path.name.lower().endswith(".gz") else open
+        with opener(path, "rt") as handle:
+            n = 0
+            for n, record in enumerate(SeqIO.parse(handle, "fasta"), start=1):  # noqa: B007
+                yield record
+        if n == 0:
+            raise ValueError("no FASTA records")
+
+    def fit(self, records: Iterable[SeqRecord]) -> None:
+        counts = Counter()
+        for record in records:
+            counts.update(self._residues(record))
+        total = sum(counts[a] for a in STANDARD) or 1
+        self.background = {a: counts[a] / total for a in STANDARD}
+
+    @staticmethod
+    def _residues(record: SeqRecord) -> str:
+        # UniProt files may end a sequence with '*' (stop); lower case is the same residue
+        return str(record.seq).upper().rstrip("*")
+
+    def encode(self, record: SeqRecord) -> list[int]:
+        seq = self._residues(record)
+        bad = sorted(set(seq) - set(ALPHABET))
+        if bad:
+            raise ValueError(f"record {record.id}: letters outside the amino-acid alphabet: {''.join(bad)}")
+        if not seq:
+            raise ValueError(f"record {record.id}: empty sequence")
+        return [self.stoi[a] for a in seq]
+
+    def prompt_ids(self, prompt: str | None) -> list[int]:
+        if not prompt:
+            return [self.bos_id]
+        return [self.bos_id] + self.encode(SeqRecord(Seq(prompt.strip()), id="prompt"))
+
+    def decode(self, ids: list[int]) -> tuple[str, int]:
+        keep = [i for i in ids if i >= len(SPECIALS) and i < self.vocab_size]
+        return "".join(self.itos[i] for i in keep), len(ids) - len(keep)
+
+    def write(
+        self, artifacts: Sequence[str], out_dir: Path, provenance: dict, overwrite: bool = False
+    ) -> list[Path]:
+        settings = " ".join(f"{k}={v}" for k, v in provenance.items())
+        records = [
+            SeqRecord(Seq(seq), id=f"multiar_{i:04d}", description=f"length={len(seq)} {settings}")
+            for i, seq in enumerate(artifacts)
+        ]
+        path = Path(out_dir) / "samples.fasta"
+        return [write_new_file(path, lambda tmp: SeqIO.write(records, tmp, "fasta"), overwrite)]
+
+    def metrics(self, artifacts: Sequence[str]) -> dict[str, float]:
+        lengths = [len(s) for s in artifacts]
+        out = {
+            "protein/mean_length": sum(lengths) / max(len(lengths), 1),
+            "protein/empty_rate": sum(n == 0 for n in lengths) / max(len(lengths), 1),
+        }
+        counts = Counter("".join(artifacts))
+        total = sum(counts[a] for a in STANDARD)
+        if self.background and total:
+            # KL(generated || training composition) over the 20 standard residues, smoothed
+            eps = 1e-6
+            out["protein/aa_kl"] = sum(
+                (counts[a] / total)
+                * math.log((counts[a] / total + eps) / (self.background.get(a, 0.0) + eps))
+                for a in STANDARD
+                if counts[a]
+            )
+        return out
+
+    def constraint(self) -> LogitsProcessor | None:
+        return None
+
+    def save(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {"alphabet": ALPHABET, "specials": SPECIALS, "background": self.background}
+        (directory / "protein.json").write_text(json.dumps(state, indent=1))
+
+    @classmethod
+    def load(cls, directory: Path) -> ProteinDomain:
+        state = json.loads((directory / "protein.json").read_text())
+        if state["alphabet"] != ALPHABET or tuple(state["specials"]) != SPECIALS:
+            raise ValueError(f"{directory}: vocabulary differs from this version of the protein domain")
+        return cls(background=state["background"])

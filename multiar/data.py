@@ -1,0 +1,224 @@
+"""Files -> records -> token ids (HF datasets, cached on disk) -> packed blocks -> a LightningDataModule.
+
+The split is by document (a file, or a record within a file), decided by a hash of the document's
+key, so it is deterministic and never cuts a validation block out of a training document.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from datasets import Dataset, Features, Sequence, Value, load_from_disk
+from torch.utils.data import DataLoader
+
+from multiar.domain import Domain, Skips, find_files
+
+log = logging.getLogger("multiar")
+
+CACHE_FORMAT = 1  # bump when the cached layout or the meaning of its contents changes
+FEATURES = Features({"key": Value("string"), "ids": Sequence(Value("int32"))})
+
+
+def is_validation(key: str, val_fraction: float) -> bool:
+    """Deterministic split: a document goes to validation when its key hashes below val_fraction."""
+    h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
+    return h < val_fraction
+
+
+def iter_records(domain: Domain, files: list[Path], skips: Skips | None = None) -> Iterator[tuple[str, Any]]:
+    """(key, record) for every readable record; a bad file is skipped and counted in skips, not fatal."""
+    for path in files:
+        if skips is not None:
+            skips.seen += 1
+        try:
+            for i, record in enumerate(domain.read(path)):
+                yield f"{path.name}#{i}", record
+        except (ValueError, OSError, RuntimeError, EOFError) as err:
+            if skips is not None:
+                skips.skip(path, f"{type(err).__name__}: {err}")
+
+
+@dataclass
+class Corpus:
+    """A tokenized corpus: the fitted domain and its train/validation documents as HF datasets."""
+
+    domain: Domain
+    train: Dataset
+    val: Dataset
+    cache_dir: Path
+    stats: dict[str, Any]
+
+
+def _fingerprint(name: str, settings: dict, files: list[Path], max_documents: int | None, val_fraction: float) -> str:
+    stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    blob = json.dumps([CACHE_FORMAT, name, settings, stats, max_documents, val_fraction], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def prepare_corpus(
+    domain: Domain,
+    settings: dict | None = None,
+    paths: list[str] | None = None,
+    *,
+    cache_dir: str | Path,
+    max_documents: int | None = None,
+    val_fraction: float = 0.05,
+) -> Corpus:
+    """Read, split, fit the tokenizer on the training part and encode; reuse the on-disk cache when the
+    files, the domain settings and the split are unchanged."""
+    domain_name = domain.name
+    settings = dict(settings or {})  # what built the domain: part of the cache key
+    files = find_files(paths or domain.default_paths(), domain.suffixes)
+    if not files:
+        raise FileNotFoundError(f"no {'/'.join(domain.suffixes)} files under {', '.join(map(str, paths or []))}")
+    key = _fingerprint(domain_name, settings, files, max_documents, val_fraction)
+    root = Path(cache_dir).expanduser() / domain_name / key
+    if (root / "complete.json").exists():
+        stats = json.loads((root / "complete.json").read_text())
+        log.info("%s: reusing tokenized data from %s", domain_name, root)
+        return Corpus(
+            type(domain).load(root / "domain"), load_from_disk(root / "train"), load_from_disk(root / "val"), root, stats
+        )
+
+    # pass 1: which documents exist (bad files are skipped and counted here, once)
+    skips = Skips()
+    keys = [k for k, _ in iter_records(domain, files, skips)][:max_documents]
+    if len(keys) < 2:
+        raise ValueError(f"{domain_name}: need at least 2 documents to split train/validation, found {len(keys)}")
+    val_keys = {k for k in keys if is_validation(k, val_fraction)}
+    if not val_keys:  # tiny corpora: still validate on one document, chosen by the same hash order
+        val_keys = {min(keys, key=lambda k: hashlib.sha256(k.encode()).digest())}
+    if len(val_keys) == len(keys):
+        val_keys.discard(keys[0])
+    wanted = set(keys)
+    good_files = [f for f in files if str(f) not in skips.places]
+
+    # pass 2: fit tokenizer state on training documents only, so validation stays unseen
+    domain.fit(r for k, r in iter_records(domain, good_files) if k in wanted and k not in val_keys)
+
+    # pass 3: encode; a record the domain cannot encode is skipped and counted
+    bad_records = Skips()
+
+    def encoded(split_val: bool) -> Iterator[dict]:
+        for k, record in iter_records(domain, good_files):
+            if k not in wanted or (k in val_keys) != split_val:
+                continue
+            bad_records.seen += 1
+            try:
+                yield {"key": k, "ids": domain.encode(record)}
+            except ValueError as err:
+                bad_records.skip(k, str(err))
+
+    tmp = root.with_name(root.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    domain.save(tmp / "domain")
+    split_sets = {}
+    for split, split_val in (("train", False), ("val", True)):
+        ds = Dataset.from_generator(
+            encoded,
+            features=FEATURES,
+            gen_kwargs={"split_val": split_val},
+            cache_dir=str(tmp / "build"),
+            fingerprint=f"{key}-{split}",
+        )
+        if len(ds) == 0:
+            raise ValueError(f"{domain_name}: the {split} split is empty after skipping unreadable records")
+        ds.save_to_disk(str(tmp / split))
+        split_sets[split] = ds
+    shutil.rmtree(tmp / "build", ignore_errors=True)
+    stats = {
+        "files": len(files),
+        "files_skipped": skips.count,
+        "documents_train": len(split_sets["train"]),
+        "documents_val": len(split_sets["val"]),
+        "records_skipped": bad_records.count,
+        "tokens_train": sum(len(x) for x in split_sets["train"]["ids"]),
+        "tokens_val": sum(len(x) for x in split_sets["val"]["ids"]),
+    }
+    (tmp / "complete.json").write_text(json.dumps(stats, indent=1))
+    shutil.rmtree(root, ignore_errors=True)
+    tmp.rename(root)  # the cache entry appears whole or not at all
+    log.info("%s: %s; %s", domain_name, skips.summary("files"), json.dumps(stats))
+    return Corpus(domain, load_from_disk(root / "train"), load_from_disk(root / "val"), root, stats)
+
+
+def pack(batch: dict[str, list], block_size: int, bos_id: int, eos_id: int, pad_id: int) -> dict[str, list]:
+    """Concatenate BOS doc EOS BOS doc EOS ... and cut windows of block_size + 1 tokens, stride block_size.
+
+    Consecutive windows overlap by one token so every token is a target exactly once. The last window
+    of a batch is padded with pad_id, which the loss ignores.
+    """
+    stream: list[int] = []
+    for ids in batch["ids"]:
+        stream += [bos_id, *ids, eos_id]
+    blocks = []
+    for start in range(0, max(len(stream) - 1, 1), block_size):
+        window = stream[start : start + block_size + 1]
+        blocks.append(window + [pad_id] * (block_size + 1 - len(window)))
+    return {"block": blocks}
+
+
+def pack_dataset(ds: Dataset, block_size: int, domain: Domain) -> Dataset:
+    """A dataset of packed blocks (block_size + 1 int32 ids each), torch-formatted."""
+    packed = ds.map(
+        pack,
+        batched=True,
+        batch_size=1000,
+        remove_columns=ds.column_names,
+        fn_kwargs={"block_size": block_size, "bos_id": domain.bos_id, "eos_id": domain.eos_id, "pad_id": domain.pad_id},
+        features=Features({"block": Sequence(Value("int32"), length=block_size + 1)}),
+        desc="packing",
+    )
+    return packed.with_format("torch")
+
+
+def stack_blocks(rows: list[dict]) -> torch.Tensor:
+    """Collate rows of packed blocks into one (B, block_size + 1) long tensor."""
+    return torch.stack([r["block"] for r in rows]).long()
+
+
+class BlockDataModule(L.LightningDataModule):
+    """Train/validation loaders over packed blocks of a prepared corpus."""
+
+    def __init__(self, corpus: Corpus, block_size: int, batch_size: int, num_workers: int = 0, seed: int = 0) -> None:
+        super().__init__()
+        self.corpus = corpus
+        self.block_size = block_size
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.train_blocks: Dataset | None = None
+        self.val_blocks: Dataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_blocks is None:
+            self.train_blocks = pack_dataset(self.corpus.train, self.block_size, self.corpus.domain)
+            self.val_blocks = pack_dataset(self.corpus.val, self.block_size, self.corpus.domain)
+
+    def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            num_workers=self.num_workers,
+            collate_fn=stack_blocks,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_blocks, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_blocks, shuffle=False)

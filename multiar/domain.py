@@ -1,0 +1,128 @@
+"""The Domain protocol every data type implements, and the few helpers all domains share.
+
+A domain turns files into token ids and ids back into files; everything generic (packing, training,
+sampling, checkpoints) lives once in `multiar/`. Helpers here: walking input paths, skipping and
+counting bad input, and writing outputs atomically without clobbering.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+from multiar.generate import LogitsProcessor
+
+log = logging.getLogger("multiar")
+
+Record = Any  # what a domain reads: a symusic Score, a Bio SeqRecord, a source string
+Artifact = Any  # what a domain decodes to and writes
+
+
+@runtime_checkable
+class Domain(Protocol):
+    name: ClassVar[str]  # one string: registry key, conf/domain/<name>.yaml, metric prefix, output folder
+    suffixes: ClassVar[tuple[str, ...]]  # file endings it reads, lower case
+    vocab_size: int
+    bos_id: int
+    eos_id: int
+    pad_id: int
+
+    def default_paths(self) -> list[Path]:
+        """The bundled data used when the user gives no data.paths."""
+
+    def read(self, path: Path) -> Iterator[Record]:
+        """Records in one file; raises (ValueError, OSError) with a clear reason on a bad file."""
+
+    def fit(self, records: Iterable[Record]) -> None:
+        """Learn tokenizer state from training records (no-op for fixed vocabularies)."""
+
+    def encode(self, record: Record) -> list[int]:
+        """Token ids of one record, without BOS/EOS; raises ValueError on a record it cannot encode."""
+
+    def prompt_ids(self, prompt: str | None) -> list[int]:
+        """BOS followed by the encoded prompt (a file path or a literal, per domain)."""
+
+    def decode(self, ids: list[int]) -> tuple[Artifact, int]:
+        """Artifact from model output, and how many tokens were dropped or repaired; never raises."""
+
+    def write(
+        self, artifacts: Sequence[Artifact], out_dir: Path, provenance: dict, overwrite: bool = False
+    ) -> list[Path]:
+        """Write artifacts under out_dir; refuses to replace existing files unless overwrite."""
+
+    def metrics(self, artifacts: Sequence[Artifact]) -> dict[str, float]:
+        """Domain metrics, each key prefixed with '<name>/'."""
+
+    def constraint(self) -> LogitsProcessor | None:
+        """A grammar mask for sampling, or None."""
+
+    def save(self, directory: Path) -> None:
+        """Write the tokenizer state so that load() rebuilds an identical domain."""
+
+
+def find_files(paths: Iterable[str | Path], suffixes: Sequence[str]) -> list[Path]:
+    """Files under paths (files or folders, recursive) whose names end in one of suffixes, sorted."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        p = p.expanduser()
+        if p.is_dir():
+            found += sorted(f for f in p.rglob("*") if f.is_file() and f.name.lower().endswith(tuple(suffixes)))
+        elif p.is_file():
+            found.append(p)
+        else:
+            raise FileNotFoundError(f"{p}: no such file or folder")
+    return found
+
+
+@dataclass
+class Skips:
+    """Counts bad input that was skipped, with a one-line warning each, so one bad file is never fatal."""
+
+    seen: int = 0
+    reasons: list[str] = field(default_factory=list)
+    places: set[str] = field(default_factory=set)
+
+    def skip(self, where: str | Path, problem: str) -> None:
+        lines = str(problem).strip().splitlines() or ["unknown problem"]
+        message = f"{where}: skipped: {lines[0]}"  # one line, even for libraries' multi-line errors
+        self.reasons.append(message)
+        self.places.add(str(where))
+        log.warning(message)
+
+    @property
+    def count(self) -> int:
+        return len(self.reasons)
+
+    def summary(self, what: str) -> str:
+        return f"{self.seen - self.count} of {self.seen} {what} used, {self.count} skipped"
+
+
+def write_new_file(path: Path, write: Callable[[Path], None], overwrite: bool = False) -> Path:
+    """Call write(tmp) on a temporary file beside path, then move it into place atomically.
+
+    Refuses to replace an existing file unless overwrite is set, so a second run never silently
+    clobbers the first one's outputs.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path}: already exists (pass overwrite=true to replace it)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_new_text(path: Path, text: str, overwrite: bool = False) -> Path:
+    """write_new_file for text, UTF-8."""
+    return write_new_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), overwrite)

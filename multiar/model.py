@@ -1,0 +1,211 @@
+"""The one causal transformer every domain trains: RMSNorm, rotary positions, SwiGLU, SDPA, KV cache.
+
+`forward(idx, input_pos=None)`: without `input_pos` it is a plain causal pass over the whole block
+(training); with it, it writes keys/values at `input_pos` into the preallocated cache and attends
+over the cache (prefill and decode). No Lightning, Hydra or domain code here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    block_size: int = 256
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    mlp_ratio: float = 8 / 3  # SwiGLU at 8/3 keeps the MLP's parameters equal to a 4x GELU MLP
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if (self.n_embd // self.n_head) % 2:
+            raise ValueError("head size must be even for rotary embeddings")
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def intermediate_size(self) -> int:
+        # rounded up to a multiple of 64 for matmul-friendly shapes
+        n = int(self.mlp_ratio * self.n_embd)
+        return (n + 63) // 64 * 64
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
+def rope_cache(seq_len: int, head_size: int, base: float) -> Tensor:
+    """cos/sin table for rotary embeddings, shape (seq_len, head_size // 2, 2)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_size, 2).float() / head_size))
+    freqs = torch.outer(torch.arange(seq_len).float(), inv_freq)  # (T, hs/2)
+    return torch.stack([freqs.cos(), freqs.sin()], dim=-1)
+
+
+def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
+    """Rotate pairs of channels of x (B, nh, T, hs) by the angles in rope (T, hs/2, 2)."""
+    xs = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, nh, T, hs/2, 2)
+    cos, sin = rope[..., 0], rope[..., 1]
+    out = torch.stack(
+        [xs[..., 0] * cos - xs[..., 1] * sin, xs[..., 1] * cos + xs[..., 0] * sin],
+        dim=-1,
+    )
+    return out.flatten(-2).type_as(x)
+
+
+class KVCache(nn.Module):
+    """Preallocated keys/values for one layer, shape (B, nh, max_seq_length, hs), written in place."""
+
+    def __init__(self, batch_size: int, n_head: int, max_seq_length: int, head_size: int, dtype) -> None:
+        super().__init__()
+        shape = (batch_size, n_head, max_seq_length, head_size)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
+
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store k, v (B, nh, T, hs) at positions input_pos (T,); return the whole cache for this batch."""
+        B = k.size(0)
+        self.k[:B, :, input_pos] = k
+        self.v[:B, :, input_pos] = v
+        return self.k[:B], self.v[:B]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        # one fused matmul for q, k, v: fewer, larger ops is what pays at small sizes on CPU
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor | None, input_pos: Tensor | None) -> Tensor:
+        B, T, C = x.shape
+        nh, hs = self.config.n_head, self.config.head_size
+        q, k, v = self.qkv(x).split(C, dim=-1)
+        q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, nh, hs).transpose(1, 2)
+        v = v.view(B, T, nh, hs).transpose(1, 2)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        dropout = self.config.dropout if self.training else 0.0
+        if input_pos is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+        else:
+            if self.kv_cache is None:
+                raise RuntimeError("input_pos given but no KV cache: call model.setup_caches() first")
+            k, v = self.kv_cache.update(input_pos, k, v)  # (B, nh, S, hs), S = max_seq_length
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.proj(y)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        hidden = config.intermediate_size
+        self.gate_up = nn.Linear(config.n_embd, 2 * hidden, bias=False)  # fused gate and up projections
+        self.down = nn.Linear(hidden, config.n_embd, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.norm_1 = RMSNorm(config.n_embd, config.norm_eps)
+        self.attn = Attention(config)
+        self.norm_2 = RMSNorm(config.n_embd, config.norm_eps)
+        self.mlp = SwiGLU(config)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor | None, input_pos: Tensor | None) -> Tensor:
+        x = x + self.drop(self.attn(self.norm_1(x), rope, mask, input_pos))
+        return x + self.drop(self.mlp(self.norm_2(x)))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm_f = RMSNorm(config.n_embd, config.norm_eps)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # weight tying (Press & Wolf 2017, https://arxiv.org/abs/1608.05859): fewer parameters, no loss in quality
+        self.lm_head.weight = self.wte.weight
+        self.register_buffer("rope", rope_cache(config.block_size, config.head_size, config.rope_base), persistent=False)
+        self.causal_mask: Tensor | None = None
+        self.max_seq_length = config.block_size
+        self.apply(self._init_weights)
+        # GPT-2 scaling: residual projections shrink with depth so the residual stream keeps its variance
+        for name, p in self.named_parameters():
+            if name.endswith(("proj.weight", "down.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def setup_caches(self, max_batch_size: int, max_seq_length: int | None = None) -> None:
+        """Allocate a KV cache per layer, and the causal mask, for up to max_seq_length positions."""
+        max_seq_length = max_seq_length or self.config.block_size
+        if max_seq_length > self.config.block_size:
+            raise ValueError(f"max_seq_length={max_seq_length} exceeds block_size={self.config.block_size}")
+        device, dtype = self.wte.weight.device, self.wte.weight.dtype
+        for block in self.blocks:
+            block.attn.kv_cache = KVCache(
+                max_batch_size, self.config.n_head, max_seq_length, self.config.head_size, dtype
+            ).to(device)
+        self.max_seq_length = max_seq_length
+        self.causal_mask = torch.ones(max_seq_length, max_seq_length, dtype=torch.bool, device=device).tril()
+
+    def clear_caches(self) -> None:
+        for block in self.blocks:
+            block.attn.kv_cache = None
+        self.causal_mask = None
+
+    def forward(self, idx: Tensor, input_pos: Tensor | None = None) -> Tensor:
+        """idx (B, T) token ids -> logits (B, T, vocab_size). input_pos (T,) selects the cached path."""
+        B, T = idx.shape
+        if input_pos is None:
+            if self.config.block_size < T:
+                raise ValueError(f"sequence of {T} tokens exceeds block_size={self.config.block_size}")
+            rope, mask = self.rope[:T], None
+        else:
+            if self.causal_mask is None:
+                raise RuntimeError("input_pos given but no KV cache: call model.setup_caches() first")
+            rope = self.rope[input_pos]  # (T, hs/2, 2)
+            mask = self.causal_mask[input_pos]  # (T, S): row t sees cache slots <= its position
+        x = self.wte(idx)  # (B, T, C)
+        for block in self.blocks:
+            x = block(x, rope, mask, input_pos)
+        return self.lm_head(self.norm_f(x))  # (B, T, vocab_size)
