@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from multiar.domain import write_new_file, write_new_text
+from multiar.domain import write_new_text
 from multiar.generate import LogitsProcessor
 
 SPECIALS = ("<pad>", "<bos>", "<eos>")
@@ -33,7 +33,9 @@ class CodeDomain:
     name = "code"
     suffixes = (".py",)
 
-    def __init__(self, vocab_size: int = 2048, min_frequency: int = 2, tokenizer: Tokenizer | None = None) -> None:
+    def __init__(
+        self, vocab_size: int = 2048, min_frequency: int = 2, tokenizer: Tokenizer | None = None
+    ) -> None:
         self.target_vocab_size = vocab_size
         self.min_frequency = min_frequency
         self.tokenizer = tokenizer
@@ -96,11 +98,13 @@ class CodeDomain:
     ) -> list[Path]:
         # every sample is written, parsing or not: a syntax error is data for the report, not a reason to drop
         out_dir = Path(out_dir)
-        paths = [write_new_text(out_dir / f"sample_{i:03d}.py", src, overwrite) for i, src in enumerate(artifacts)]
-        report = [f"{p.name}\t{'ok' if parses(src) else 'syntax error'}" for p, src in zip(paths, artifacts)]
-        valid = sum(parses(src) for src in artifacts)
-        report.append(f"# {valid} of {len(artifacts)} samples parse")
-        write_new_file(out_dir / "syntax_report.tsv", lambda tmp: tmp.write_text("\n".join(report) + "\n"), overwrite)
+        paths = [
+            write_new_text(out_dir / f"sample_{i:03d}.py", src, overwrite) for i, src in enumerate(artifacts)
+        ]
+        valid = [parses(src) for src in artifacts]
+        report = [f"{p.name}\t{'ok' if ok else 'syntax error'}" for p, ok in zip(paths, valid, strict=True)]
+        report.append(f"# {sum(valid)} of {len(artifacts)} samples parse")
+        write_new_text(out_dir / "syntax_report.tsv", "\n".join(report) + "\n", overwrite)
         return paths
 
     def metrics(self, artifacts: Sequence[str]) -> dict[str, float]:

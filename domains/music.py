@@ -97,7 +97,9 @@ class MusicDomain:
         self, artifacts: Sequence[Score], out_dir: Path, provenance: dict, overwrite: bool = False
     ) -> list[Path]:
         return [
-            write_new_file(Path(out_dir) / f"sample_{i:03d}.mid", lambda tmp, s=score: s.dump_midi(str(tmp)), overwrite)
+            write_new_file(
+                Path(out_dir) / f"sample_{i:03d}.mid", lambda tmp, s=score: s.dump_midi(str(tmp)), overwrite
+            )
             for i, score in enumerate(artifacts)
         ]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -26,8 +27,14 @@ def _quote_free_text(overrides: Sequence[str]) -> list[str]:
     out = []
     for item in overrides:
         key, sep, value = item.partition("=")
-        if key.lstrip("+") == "prompt" and sep and not (value[:1] in "'\"" and value[-1:] == value[:1] and len(value) > 1):
-            value = "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+        if (
+            key.lstrip("+") == "prompt"
+            and sep
+            and not (value[:1] in "'\"" and value[-1:] == value[:1] and len(value) > 1)
+        ):
+            # Hydra's quoted strings: backslashes escape only before a quote or at the end
+            value = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, value).replace("'", "\\'")
+            value = f"'{value}'"
         out.append(f"{key}{sep}{value}")
     return out
 
@@ -68,13 +75,23 @@ def cmd_demo(cfg: DictConfig) -> Any:
         rows.append((name, result["val/loss"], report))
     print(f"\ndemo finished in {time.time() - start:.0f} s")
     for name, val_loss, report in rows:
-        print(f"  {name:8s} val/loss {val_loss:.3f}  {len(report['files'])} file(s) in {Path(cfg.out) / name}")
+        print(
+            f"  {name:8s} val/loss {val_loss:.3f}  {len(report['files'])} file(s) in {Path(cfg.out) / name}"
+        )
     return rows
 
 
 COMMANDS: dict[str, tuple[str, Callable[[DictConfig], Any], str]] = {
-    "train": ("train", cmd_train, "train a model: multiar train domain=protein model=tiny trainer.max_steps=200"),
-    "generate": ("generate", cmd_generate, "sample files: multiar generate run=runs/protein-tiny n=8 out=out/"),
+    "train": (
+        "train",
+        cmd_train,
+        "train a model: multiar train domain=protein model=tiny trainer.max_steps=200",
+    ),
+    "generate": (
+        "generate",
+        cmd_generate,
+        "sample files: multiar generate run=runs/protein-tiny n=8 out=out/",
+    ),
     "demo": ("demo", cmd_demo, "tiny model per domain on the bundled data, files under outputs/demo/"),
 }
 

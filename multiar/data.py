@@ -58,9 +58,13 @@ class Corpus:
     stats: dict[str, Any]
 
 
-def _fingerprint(name: str, settings: dict, files: list[Path], max_documents: int | None, val_fraction: float) -> str:
+def _fingerprint(
+    name: str, settings: dict, files: list[Path], max_documents: int | None, val_fraction: float
+) -> str:
     stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    blob = json.dumps([CACHE_FORMAT, name, settings, stats, max_documents, val_fraction], sort_keys=True, default=str)
+    blob = json.dumps(
+        [CACHE_FORMAT, name, settings, stats, max_documents, val_fraction], sort_keys=True, default=str
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -79,21 +83,29 @@ def prepare_corpus(
     settings = dict(settings or {})  # what built the domain: part of the cache key
     files = find_files(paths or domain.default_paths(), domain.suffixes)
     if not files:
-        raise FileNotFoundError(f"no {'/'.join(domain.suffixes)} files under {', '.join(map(str, paths or []))}")
+        raise FileNotFoundError(
+            f"no {'/'.join(domain.suffixes)} files under {', '.join(map(str, paths or []))}"
+        )
     key = _fingerprint(domain_name, settings, files, max_documents, val_fraction)
     root = Path(cache_dir).expanduser() / domain_name / key
     if (root / "complete.json").exists():
         stats = json.loads((root / "complete.json").read_text())
         log.info("%s: reusing tokenized data from %s", domain_name, root)
         return Corpus(
-            type(domain).load(root / "domain"), load_from_disk(root / "train"), load_from_disk(root / "val"), root, stats
+            type(domain).load(root / "domain"),
+            load_from_disk(root / "train"),
+            load_from_disk(root / "val"),
+            root,
+            stats,
         )
 
     # pass 1: which documents exist (bad files are skipped and counted here, once)
     skips = Skips()
     keys = [k for k, _ in iter_records(domain, files, skips)][:max_documents]
     if len(keys) < 2:
-        raise ValueError(f"{domain_name}: need at least 2 documents to split train/validation, found {len(keys)}")
+        raise ValueError(
+            f"{domain_name}: need at least 2 documents to split train/validation, found {len(keys)}"
+        )
     val_keys = {k for k in keys if is_validation(k, val_fraction)}
     if not val_keys:  # tiny corpora: still validate on one document, chosen by the same hash order
         val_keys = {min(keys, key=lambda k: hashlib.sha256(k.encode()).digest())}
@@ -175,7 +187,12 @@ def pack_dataset(ds: Dataset, block_size: int, domain: Domain) -> Dataset:
         batched=True,
         batch_size=1000,
         remove_columns=ds.column_names,
-        fn_kwargs={"block_size": block_size, "bos_id": domain.bos_id, "eos_id": domain.eos_id, "pad_id": domain.pad_id},
+        fn_kwargs={
+            "block_size": block_size,
+            "bos_id": domain.bos_id,
+            "eos_id": domain.eos_id,
+            "pad_id": domain.pad_id,
+        },
         features=Features({"block": Sequence(Value("int32"), length=block_size + 1)}),
         desc="packing",
     )
@@ -190,7 +207,9 @@ def stack_blocks(rows: list[dict]) -> torch.Tensor:
 class BlockDataModule(L.LightningDataModule):
     """Train/validation loaders over packed blocks of a prepared corpus."""
 
-    def __init__(self, corpus: Corpus, block_size: int, batch_size: int, num_workers: int = 0, seed: int = 0) -> None:
+    def __init__(
+        self, corpus: Corpus, block_size: int, batch_size: int, num_workers: int = 0, seed: int = 0
+    ) -> None:
         super().__init__()
         self.corpus = corpus
         self.block_size = block_size

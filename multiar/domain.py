@@ -71,7 +71,9 @@ def find_files(paths: Iterable[str | Path], suffixes: Sequence[str]) -> list[Pat
     for p in map(Path, paths):
         p = p.expanduser()
         if p.is_dir():
-            found += sorted(f for f in p.rglob("*") if f.is_file() and f.name.lower().endswith(tuple(suffixes)))
+            found += sorted(
+                f for f in p.rglob("*") if f.is_file() and f.name.lower().endswith(tuple(suffixes))
+            )
         elif p.is_file():
             found.append(p)
         else:

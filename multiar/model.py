@@ -158,7 +158,9 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # weight tying (Press & Wolf 2017, https://arxiv.org/abs/1608.05859): fewer parameters, no loss in quality
         self.lm_head.weight = self.wte.weight
-        self.register_buffer("rope", rope_cache(config.block_size, config.head_size, config.rope_base), persistent=False)
+        self.register_buffer(
+            "rope", rope_cache(config.block_size, config.head_size, config.rope_base), persistent=False
+        )
         self.causal_mask: Tensor | None = None
         self.max_seq_length = config.block_size
         self.apply(self._init_weights)

@@ -25,7 +25,9 @@ def sample_to_files(cfg: DictConfig) -> dict[str, Any]:
     prompt = domain.prompt_ids(cfg.prompt)
     room = model.config.block_size - cfg.max_new_tokens
     if room < 1:
-        raise ValueError(f"max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt in block_size={model.config.block_size}")
+        raise ValueError(
+            f"max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt in block_size={model.config.block_size}"
+        )
     if len(prompt) > room:
         # keep the end of a long prompt: the continuation depends most on what comes just before it
         log.warning("prompt of %d tokens cut to its last %d to fit block_size", len(prompt), room)

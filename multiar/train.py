@@ -62,7 +62,10 @@ class LitGPT(L.LightningModule):
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
         optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.optim["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+            [
+                {"params": decay, "weight_decay": self.optim["weight_decay"]},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
             lr=self.optim["lr"],
             betas=tuple(self.optim["betas"]),
         )
@@ -103,9 +106,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = BlockDataModule(
         corpus, model_config.block_size, cfg.data.batch_size, cfg.data.num_workers, seed=cfg.seed
     )
-    log.info(
-        "%s: %d parameters; data %s", domain.name, module.model.num_parameters(), corpus.stats
-    )
+    log.info("%s: %d parameters; data %s", domain.name, module.model.num_parameters(), corpus.stats)
     checkpoints = ModelCheckpoint(
         dirpath=run_dir / "checkpoints", filename="best", monitor="val/loss", save_last=True, save_top_k=1
     )

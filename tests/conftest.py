@@ -1,0 +1,39 @@
+"""Shared fixtures: a private dataset cache per test session, and small real inputs from the bundled data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from domains import DOMAINS, build_domain
+from multiar.domain import find_files
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Keep tests off the user's ~/.cache/multiar."""
+    cache = tmp_path_factory.mktemp("multiar-cache")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MULTIAR_CACHE", str(cache))
+    yield cache
+    mp.undo()
+
+
+def bundled_files(name: str, k: int) -> list[Path]:
+    """The first k files of a domain's bundled default data."""
+    domain = build_domain(name)
+    return find_files(domain.default_paths(), domain.suffixes)[:k]
+
+
+def fitted_domain(name: str, k: int = 20):
+    """A domain whose tokenizer state is fitted on k bundled files, and its records."""
+    domain = build_domain(name)
+    records = [r for f in bundled_files(name, k) for r in domain.read(f)][:200]
+    domain.fit(records)
+    return domain, records
+
+
+@pytest.fixture(params=sorted(DOMAINS))
+def domain_name(request: pytest.FixtureRequest) -> str:
+    return request.param

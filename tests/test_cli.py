@@ -1,0 +1,112 @@
+"""The console script and the config groups."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from itertools import product
+from pathlib import Path
+
+import pytest
+from Bio import SeqIO
+
+from multiar.cli import config_dir, load_config
+from multiar.model import ModelConfig
+
+MULTIAR = str(Path(sys.executable).parent / "multiar")
+
+
+def run_cli(args, cwd, timeout=300):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([MULTIAR, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_every_config_group_composes():
+    groups = {
+        p.name: sorted(f.stem for f in p.glob("*.yaml"))
+        for p in config_dir().iterdir()
+        if p.is_dir() and not p.name.startswith("__")
+    }
+    assert groups == {
+        "domain": ["code", "music", "protein"],
+        "model": ["base", "small", "tiny"],
+        "trainer": ["cpu", "ddp", "gpu"],
+    }
+    for domain, model, trainer in product(groups["domain"], groups["model"], groups["trainer"]):
+        cfg = load_config("train", [f"domain={domain}", f"model={model}", f"trainer={trainer}"])
+        assert cfg.domain.name == domain and cfg.model.name == model
+        args = {k: v for k, v in cfg.model.items() if k != "name"}
+        assert ModelConfig(vocab_size=100, **args).block_size >= 512
+        assert cfg.trainer.precision == ("32-true" if trainer == "cpu" else "bf16-mixed")
+    assert load_config("generate", ["run=x"]).run == "x"
+    assert set(load_config("demo").domains) == set(groups["domain"])
+
+
+@pytest.mark.parametrize(
+    "prompt", ["def parse(", "x = 'a' + \"b\"", "a\\b", "end\\", "it\\'s", "MKT", "'quoted'"]
+)
+def test_free_text_prompts_pass_through_unchanged(prompt):
+    expected = prompt[1:-1] if prompt == "'quoted'" else prompt
+    assert load_config("generate", ["run=r", f"prompt={prompt}"]).prompt == expected
+
+
+def test_help_lists_the_commands(tmp_path):
+    out = run_cli(["--help"], tmp_path)
+    assert out.returncode == 0
+    for command in ("train", "generate", "demo"):
+        assert command in out.stdout
+
+
+def test_bad_input_is_one_clear_line(tmp_path):
+    out = run_cli(["generate", "run=nowhere"], tmp_path)
+    assert (
+        out.returncode == 1
+        and out.stderr.strip()
+        == "multiar generate: nowhere: not a finished multiar run (missing config.yaml)"
+    )
+    out = run_cli(["train", "data.paths=[missing.fasta]"], tmp_path)
+    assert (
+        out.returncode == 1 and "missing.fasta: no such file or folder" in out.stderr.strip().splitlines()[-1]
+    )
+    out = run_cli(["frobnicate"], tmp_path)
+    assert out.returncode == 2 and "unknown command" in out.stderr
+
+
+def test_train_and_generate_through_the_console_script_outside_the_checkout(tmp_path):
+    fasta = tmp_path / "my.fasta"
+    with open(fasta, "w") as f:
+        for i in range(40):
+            f.write(f">seq{i}\n{'MKTAYIAKQRQISFVKSHFSRQ'[i % 5 :]}{'LEEAGHW' * (i % 4 + 1)}\n")
+    args = [
+        "train",
+        "domain=protein",
+        f"data.paths=[{fasta}]",
+        "model=tiny",
+        "model.block_size=128",
+        "trainer.max_steps=12",
+        "trainer.val_check_interval=6",
+        "trainer.enable_progress_bar=false",
+        "run_dir=runs/p",
+    ]
+    out = run_cli(args, tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "protein: val/loss" in out.stdout
+    out = run_cli(
+        [
+            "generate",
+            "run=runs/p",
+            "n=8",
+            "max_new_tokens=100",
+            "temperature=0.9",
+            "top_k=0",
+            "top_p=0.95",
+            "seed=1",
+            "out=out/",
+            "prompt=MKT",
+        ],
+        tmp_path,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    records = list(SeqIO.parse(tmp_path / "out" / "samples.fasta", "fasta"))
+    assert len(records) == 8 and all(str(r.seq).startswith("MKT") for r in records)
