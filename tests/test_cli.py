@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from Bio import SeqIO
 
-from multiar.cli import config_dir, load_config
+from multiar.config import config_dir, load_config
 from multiar.model import ModelConfig
 
 MULTIAR = str(Path(sys.executable).parent / "multiar")

@@ -11,7 +11,7 @@ from Bio import SeqIO
 from symusic import Score
 
 from multiar.checkpoint import load_run
-from multiar.cli import load_config
+from multiar.config import load_config
 from multiar.sampling import sample_to_files
 from multiar.train import train, warmup_cosine
 
