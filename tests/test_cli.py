@@ -110,3 +110,34 @@ def test_train_and_generate_through_the_console_script_outside_the_checkout(tmp_
     assert out.returncode == 0, out.stderr[-2000:]
     records = list(SeqIO.parse(tmp_path / "out" / "samples.fasta", "fasta"))
     assert len(records) == 8 and all(str(r.seq).startswith("MKT") for r in records)
+
+
+def test_demo_trains_and_writes_every_domain(tmp_path, capsys):
+    from multiar.cli import main
+
+    fast = [
+        "model.n_layer=1",
+        "model.n_embd=32",
+        "model.n_head=2",
+        "model.block_size=128",
+        "trainer.max_steps=3",
+        "trainer.val_check_interval=3",
+        "trainer.limit_val_batches=2",
+        "trainer.enable_progress_bar=false",
+        "data.max_documents=30",
+    ]
+    fast = "[" + ",".join(f"'{o}'" for o in fast) + "]"  # Hydra list of strings that contain '='
+    args = ["demo", f"out={tmp_path / 'out'}", f"runs={tmp_path / 'runs'}"]
+    args += [f"train_overrides.{d}={fast}" for d in ("music", "code", "protein")]
+    args += [
+        "generate.music.max_new_tokens=60",
+        "generate.code.max_new_tokens=60",
+        "generate.protein.max_new_tokens=60",
+    ]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "demo finished" in printed
+    out = tmp_path / "out"
+    assert len(list((out / "music").glob("*.mid"))) >= 4
+    assert len(list((out / "code").glob("*.py"))) >= 4
+    assert len(list(SeqIO.parse(out / "protein" / "samples.fasta", "fasta"))) >= 16

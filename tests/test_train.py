@@ -132,3 +132,19 @@ def test_warmup_then_cosine_schedule():
     assert warmup_cosine(9, 10, 100, 0.1) == pytest.approx(1.0)
     assert warmup_cosine(55, 10, 100, 0.1) == pytest.approx(0.55)
     assert warmup_cosine(100, 10, 100, 0.1) == pytest.approx(0.1)
+
+
+def test_music_continues_a_midi_prompt(tmp_path):
+    from conftest import bundled_files
+
+    run_dir = tmp_path / "run"
+    train_tiny("music", run_dir, steps=5)
+    prompt = bundled_files("music", 1)[0]
+    report = sample_to_files(
+        load_config(
+            "generate",
+            [f"run={run_dir}", f"out={tmp_path / 'o'}", "n=2", "max_new_tokens=40", f"prompt={prompt}"],
+        )
+    )
+    # the written file holds the (cut) prompt followed by the continuation
+    assert all(Score(f).note_num() > 0 for f in report["files"])
