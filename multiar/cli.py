@@ -35,6 +35,7 @@ def cmd_demo(cfg: DictConfig) -> Any:
 
     start, rows = time.time(), []
     for name in cfg.domains:
+        domain_start = time.time()
         run_dir = Path(cfg.runs) / name
         train_cfg = load_config(
             "train", [f"domain={name}", f"run_dir={run_dir}", "overwrite=true", *cfg.train_overrides[name]]
@@ -43,11 +44,12 @@ def cmd_demo(cfg: DictConfig) -> Any:
         gen_cfg = load_config("generate", [f"run={run_dir}", f"out={Path(cfg.out) / name}", "overwrite=true"])
         gen_cfg = OmegaConf.merge(gen_cfg, cfg.generate[name])
         report = sample_to_files(gen_cfg)
-        rows.append((name, result["val/loss"], report))
+        rows.append((name, result["val/loss"], report, time.time() - domain_start))
     print(f"\ndemo finished in {time.time() - start:.0f} s")
-    for name, val_loss, report in rows:
+    for name, val_loss, report, seconds in rows:
         print(
-            f"  {name:8s} val/loss {val_loss:.3f}  {len(report['files'])} file(s) in {Path(cfg.out) / name}"
+            f"  {name:8s} val/loss {val_loss:.3f}  {seconds:4.0f} s  {report['samples']} samples in "
+            f"{len(report['files'])} file(s) under {Path(cfg.out) / name}"
         )
     return rows
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -130,7 +131,8 @@ def prepare_corpus(
             except ValueError as err:
                 bad_records.skip(k, str(err))
 
-    tmp = root.with_name(root.name + ".partial")
+    # a private partial folder per process: DDP ranks may prepare the same corpus at the same time
+    tmp = root.with_name(f"{root.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     domain.save(tmp / "domain")
@@ -158,10 +160,21 @@ def prepare_corpus(
         "tokens_val": sum(len(x) for x in split_sets["val"]["ids"]),
     }
     (tmp / "complete.json").write_text(json.dumps(stats, indent=1))
-    shutil.rmtree(root, ignore_errors=True)
-    tmp.rename(root)  # the cache entry appears whole or not at all
+    if root.exists() and not (root / "complete.json").exists():
+        shutil.rmtree(root, ignore_errors=True)  # debris of an older, interrupted layout
+    try:
+        tmp.rename(root)  # the cache entry appears whole or not at all
+    except OSError:  # another process finished first: use its entry, so every rank sees the same data
+        shutil.rmtree(tmp, ignore_errors=True)
     log.info("%s: %s; %s", domain_name, skips.summary("files"), json.dumps(stats))
-    return Corpus(domain, load_from_disk(root / "train"), load_from_disk(root / "val"), root, stats)
+    stats = json.loads((root / "complete.json").read_text())
+    return Corpus(
+        type(domain).load(root / "domain"),
+        load_from_disk(root / "train"),
+        load_from_disk(root / "val"),
+        root,
+        stats,
+    )
 
 
 def pack(batch: dict[str, list], block_size: int, bos_id: int, eos_id: int, pad_id: int) -> dict[str, list]:

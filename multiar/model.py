@@ -66,9 +66,9 @@ def rope_cache(seq_len: int, head_size: int, base: float) -> Tensor:
 
 
 def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
-    """Rotate pairs of channels of x (B, nh, T, hs) by the angles in rope (T, hs/2, 2)."""
-    xs = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, nh, T, hs/2, 2)
-    cos, sin = rope[..., 0], rope[..., 1]
+    """Rotate pairs of channels of x (B, T, H, hs) by the angles in rope (T, hs/2, 2)."""
+    xs = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, T, H, hs/2, 2)
+    cos, sin = rope[:, None, :, 0], rope[:, None, :, 1]  # (T, 1, hs/2): broadcast over heads
     out = torch.stack(
         [xs[..., 0] * cos - xs[..., 1] * sin, xs[..., 1] * cos + xs[..., 0] * sin],
         dim=-1,
@@ -88,9 +88,10 @@ class KVCache(nn.Module):
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store k, v (B, nh, T, hs) at positions input_pos (T,); return the whole cache for this batch."""
         B = k.size(0)
-        self.k[:B, :, input_pos] = k
-        self.v[:B, :, input_pos] = v
-        return self.k[:B], self.v[:B]
+        k_cache, v_cache = self.k[:B], self.v[:B]
+        k_cache.index_copy_(2, input_pos, k)
+        v_cache.index_copy_(2, input_pos, v)
+        return k_cache, v_cache
 
 
 class Attention(nn.Module):
@@ -105,11 +106,11 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, rope: Tensor, mask: Tensor | None, input_pos: Tensor | None) -> Tensor:
         B, T, C = x.shape
         nh, hs = self.config.n_head, self.config.head_size
-        q, k, v = self.qkv(x).split(C, dim=-1)
-        q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, nh, hs).transpose(1, 2)
-        v = v.view(B, T, nh, hs).transpose(1, 2)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        qkv = self.qkv(x).view(B, T, 3 * nh, hs)
+        # rotate q and k in one call: half the small ops per layer, which is what decode time is made of
+        qk = apply_rope(qkv[:, :, : 2 * nh], rope).transpose(1, 2)  # (B, 2 * nh, T, hs)
+        q, k = qk.split(nh, dim=1)  # (B, nh, T, hs) each
+        v = qkv[:, :, 2 * nh :].transpose(1, 2)
         dropout = self.config.dropout if self.training else 0.0
         if input_pos is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)

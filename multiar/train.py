@@ -49,6 +49,7 @@ class LitGPT(L.LightningModule):
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
         self.log("train/loss", loss, prog_bar=True)
+        self.log("train/ppl", loss.detach().exp())
         return loss
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:

@@ -120,3 +120,20 @@ def test_too_few_documents_is_a_clear_error(tmp_path):
     path.write_text(">only\nMKV\n")
     with pytest.raises(ValueError, match="need at least 2 documents"):
         corpus_for("protein", tmp_path, [path])
+
+
+def _prepare_keys(args):
+    cache, files = args
+    c = prepare_corpus(build_domain("code", {"vocab_size": 400}), {"vocab_size": 400}, files, cache_dir=cache)
+    return list(c.train["key"]), c.domain.vocab_size, str(c.cache_dir)
+
+
+def test_concurrent_prepares_share_one_cache_entry(tmp_path):
+    import multiprocessing as mp
+
+    files = [str(f) for f in bundled_files("code", 25)]
+    with mp.get_context("fork").Pool(2) as pool:
+        a, b = pool.map(_prepare_keys, [(tmp_path / "cache", files)] * 2)
+    assert a == b
+    entries = list((tmp_path / "cache" / "code").iterdir())
+    assert [e.name for e in entries] == [a[2].rsplit("/", 1)[-1]]  # no partial folders left behind
