@@ -85,20 +85,13 @@ def prepare_corpus(
     files = find_files(paths or domain.default_paths(), domain.suffixes)
     if not files:
         raise FileNotFoundError(
-            f"no {'/'.join(domain.suffixes)} files under {', '.join(map(str, paths or []))}"
+            f"no {'/'.join(domain.suffixes)} files under {', '.join(map(str, paths or domain.default_paths()))}"
         )
     key = _fingerprint(domain_name, settings, files, max_documents, val_fraction)
     root = Path(cache_dir).expanduser() / domain_name / key
     if (root / "complete.json").exists():
-        stats = json.loads((root / "complete.json").read_text())
         log.info("%s: reusing tokenized data from %s", domain_name, root)
-        return Corpus(
-            type(domain).load(root / "domain"),
-            load_from_disk(root / "train"),
-            load_from_disk(root / "val"),
-            root,
-            stats,
-        )
+        return _load_cached(domain, root)
 
     # pass 1: which documents exist (bad files are skipped and counted here, once)
     skips = Skips()
@@ -167,13 +160,17 @@ def prepare_corpus(
     except OSError:  # another process finished first: use its entry, so every rank sees the same data
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("%s: %s; %s", domain_name, skips.summary("files"), json.dumps(stats))
-    stats = json.loads((root / "complete.json").read_text())
+    return _load_cached(domain, root)
+
+
+def _load_cached(domain: Domain, root: Path) -> Corpus:
+    """The corpus stored in a complete cache entry, with the domain state that encoded it."""
     return Corpus(
         type(domain).load(root / "domain"),
         load_from_disk(root / "train"),
         load_from_disk(root / "val"),
         root,
-        stats,
+        json.loads((root / "complete.json").read_text()),
     )
 
 
