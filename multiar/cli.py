@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from multiar.config import config_dir, load_config
 
@@ -102,8 +103,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         run(cfg)
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
-        print(f"multiar {command}: {err}", file=sys.stderr)
+    except (FileNotFoundError, FileExistsError, ValueError, OmegaConfBaseException) as err:
+        # bad input: one line naming the file and the problem, no traceback
+        print(f"multiar {command}: {str(err).strip().splitlines()[0]}", file=sys.stderr)
         return 1
     return 0
 

@@ -69,6 +69,8 @@ def test_bad_input_is_one_clear_line(tmp_path):
     assert (
         out.returncode == 1 and "missing.fasta: no such file or folder" in out.stderr.strip().splitlines()[-1]
     )
+    out = run_cli(["generate"], tmp_path)
+    assert out.returncode == 1 and out.stderr.strip() == "multiar generate: Missing mandatory value: run"
     out = run_cli(["frobnicate"], tmp_path)
     assert out.returncode == 2 and "unknown command" in out.stderr
 
