@@ -35,14 +35,25 @@ def is_validation(key: str, val_fraction: float) -> bool:
     return h < val_fraction
 
 
-def iter_records(domain: Domain, files: list[Path], skips: Skips | None = None) -> Iterator[tuple[str, Any]]:
-    """(key, record) for every readable record; a bad file is skipped and counted in skips, not fatal."""
+def document_root(files: list[Path]) -> Path:
+    """The folder that document keys are relative to: unique keys, the same on every machine."""
+    return Path(os.path.commonpath([f.resolve().parent for f in files]))
+
+
+def iter_records(
+    domain: Domain, files: list[Path], skips: Skips | None = None, root: Path | None = None
+) -> Iterator[tuple[str, Any]]:
+    """(key, record) for every readable record; a bad file is skipped and counted in skips, not fatal.
+
+    A key is the file's path relative to the files' common folder, '#', and the record's index in it.
+    """
+    root = root or (document_root(files) if files else Path())
     for path in files:
         if skips is not None:
             skips.seen += 1
         try:
             for i, record in enumerate(domain.read(path)):
-                yield f"{path.name}#{i}", record
+                yield f"{path.resolve().relative_to(root).as_posix()}#{i}", record
         except (ValueError, OSError, RuntimeError, EOFError) as err:
             if skips is not None:
                 skips.skip(path, f"{type(err).__name__}: {err}")
@@ -95,7 +106,8 @@ def prepare_corpus(
 
     # pass 1: which documents exist (bad files are skipped and counted here, once)
     skips = Skips()
-    keys = [k for k, _ in iter_records(domain, files, skips)][:max_documents]
+    doc_root = document_root(files)
+    keys = [k for k, _ in iter_records(domain, files, skips, doc_root)][:max_documents]
     if len(keys) < 2:
         raise ValueError(
             f"{domain_name}: need at least 2 documents to split train/validation, found {len(keys)}"
@@ -109,13 +121,15 @@ def prepare_corpus(
     good_files = [f for f in files if str(f) not in skips.places]
 
     # pass 2: fit tokenizer state on training documents only, so validation stays unseen
-    domain.fit(r for k, r in iter_records(domain, good_files) if k in wanted and k not in val_keys)
+    domain.fit(
+        r for k, r in iter_records(domain, good_files, root=doc_root) if k in wanted and k not in val_keys
+    )
 
     # pass 3: encode; a record the domain cannot encode is skipped and counted
     bad_records = Skips()
 
     def encoded(split_val: bool) -> Iterator[dict]:
-        for k, record in iter_records(domain, good_files):
+        for k, record in iter_records(domain, good_files, root=doc_root):
             if k not in wanted or (k in val_keys) != split_val:
                 continue
             bad_records.seen += 1

@@ -137,3 +137,21 @@ def test_concurrent_prepares_share_one_cache_entry(tmp_path):
     assert a == b
     entries = list((tmp_path / "cache" / "code").iterdir())
     assert [e.name for e in entries] == [a[2].rsplit("/", 1)[-1]]  # no partial folders left behind
+
+
+def test_same_file_names_in_different_folders_are_different_documents(tmp_path):
+    for sub in ("a", "b", "c"):
+        (tmp_path / "src" / sub).mkdir(parents=True)
+        for i in range(3):
+            (tmp_path / "src" / sub / f"util{i}.py").write_text(f"def {sub}{i}():\n    return {i}\n")
+    settings = {"vocab_size": 300}
+    c = prepare_corpus(
+        build_domain("code", settings),
+        settings,
+        [str(tmp_path / "src")],
+        cache_dir=tmp_path / "cache",
+        max_documents=7,
+    )
+    keys = list(c.train["key"]) + list(c.val["key"])
+    assert len(keys) == len(set(keys)) == 7
+    assert "a/util0.py#0" in keys
