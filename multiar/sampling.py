@@ -23,15 +23,15 @@ def sample_to_files(cfg: DictConfig) -> dict[str, Any]:
     model, domain = run.model, run.domain
     out_dir = Path(cfg.out if cfg.out else Path("outputs") / domain.name).expanduser()
     prompt = domain.prompt_ids(cfg.prompt)
-    room = model.config.block_size - cfg.max_new_tokens
-    if room < 1:
+    room = model.config.block_size - cfg.max_new_tokens  # prompt tokens that fit, BOS included
+    if room < 2:
         raise ValueError(
             f"max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt in block_size={model.config.block_size}"
         )
     if len(prompt) > room:
-        # keep the end of a long prompt: the continuation depends most on what comes just before it
-        log.warning("prompt of %d tokens cut to its last %d to fit block_size", len(prompt), room)
-        prompt = prompt[-room:]
+        # keep BOS and the end of a long prompt: the continuation depends most on what comes just before it
+        log.warning("prompt of %d tokens cut to its last %d to fit block_size", len(prompt) - 1, room - 1)
+        prompt = prompt[:1] + prompt[-(room - 1) :]
     processors = [ban_tokens([domain.pad_id, domain.bos_id])]
     if (constraint := domain.constraint()) is not None:
         processors.append(constraint)

@@ -148,3 +148,18 @@ def test_music_continues_a_midi_prompt(tmp_path):
     )
     # the written file holds the (cut) prompt followed by the continuation
     assert all(Score(f).note_num() > 0 for f in report["files"])
+
+
+def test_long_prompt_is_cut_to_its_tail_and_written_whole(tmp_path):
+    run_dir = tmp_path / "run"
+    train_tiny("protein", run_dir, steps=3)  # block_size 128
+    prompt = "".join("ACDEFGHIKLMNPQRSTVWY"[i * 7 % 20] for i in range(200))
+    sample_to_files(
+        load_config(
+            "generate",
+            [f"run={run_dir}", f"out={tmp_path / 'o'}", "n=2", "max_new_tokens=28", f"prompt={prompt}"],
+        )
+    )
+    kept = 128 - 28 - 1  # the block holds BOS + the prompt's tail + the new tokens
+    for record in SeqIO.parse(tmp_path / "o" / "samples.fasta", "fasta"):
+        assert str(record.seq).startswith(prompt[-kept:])
