@@ -17,21 +17,27 @@ from multiar.generate import ban_tokens, generate
 log = logging.getLogger("multiar")
 
 
+def fit_prompt(prompt: list[int], block_size: int, max_new_tokens: int) -> list[int]:
+    """BOS + as much of the prompt's end as fits before max_new_tokens in block_size."""
+    room = block_size - max_new_tokens  # prompt tokens that fit, BOS included
+    if room < 2:
+        raise ValueError(
+            f"max_new_tokens={max_new_tokens} leaves no room for a prompt in block_size={block_size}"
+        )
+    if len(prompt) <= room:
+        return prompt
+    # keep BOS and the end of a long prompt: the continuation depends most on what comes just before it
+    log.warning("prompt of %d tokens cut to its last %d to fit block_size", len(prompt) - 1, room - 1)
+    return prompt[:1] + prompt[-(room - 1) :]
+
+
 def sample_to_files(cfg: DictConfig) -> dict[str, Any]:
     """Sample cfg.n continuations of cfg.prompt from run cfg.run; write files; return a report."""
     run = load_run(cfg.run, device=cfg.device)
     model, domain = run.model, run.domain
     out_dir = Path(cfg.out if cfg.out else Path("outputs") / domain.name).expanduser()
     prompt = domain.prompt_ids(cfg.prompt)
-    room = model.config.block_size - cfg.max_new_tokens  # prompt tokens that fit, BOS included
-    if room < 2:
-        raise ValueError(
-            f"max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt in block_size={model.config.block_size}"
-        )
-    if len(prompt) > room:
-        # keep BOS and the end of a long prompt: the continuation depends most on what comes just before it
-        log.warning("prompt of %d tokens cut to its last %d to fit block_size", len(prompt) - 1, room - 1)
-        prompt = prompt[:1] + prompt[-(room - 1) :]
+    prompt = fit_prompt(prompt, model.config.block_size, cfg.max_new_tokens)
     processors = [ban_tokens([domain.pad_id, domain.bos_id])]
     if (constraint := domain.constraint()) is not None:
         processors.append(constraint)

@@ -151,15 +151,48 @@ def test_music_continues_a_midi_prompt(tmp_path):
 
 
 def test_long_prompt_is_cut_to_its_tail_and_written_whole(tmp_path):
+    import torch
+
+    from multiar.generate import ban_tokens, generate
+
     run_dir = tmp_path / "run"
     train_tiny("protein", run_dir, steps=3)  # block_size 128
     prompt = "".join("ACDEFGHIKLMNPQRSTVWY"[i * 7 % 20] for i in range(200))
     sample_to_files(
         load_config(
             "generate",
-            [f"run={run_dir}", f"out={tmp_path / 'o'}", "n=2", "max_new_tokens=28", f"prompt={prompt}"],
+            [
+                f"run={run_dir}",
+                f"out={tmp_path / 'o'}",
+                "n=1",
+                "max_new_tokens=28",
+                "temperature=0",
+                f"prompt={prompt}",
+            ],
         )
     )
-    kept = 128 - 28 - 1  # the block holds BOS + the prompt's tail + the new tokens
-    for record in SeqIO.parse(tmp_path / "o" / "samples.fasta", "fasta"):
-        assert str(record.seq).startswith(prompt[-kept:])
+    written = str(next(SeqIO.parse(tmp_path / "o" / "samples.fasta", "fasta")).seq)
+    # the block holds BOS + the prompt's tail + the new tokens; the file holds the tail + the new tokens
+    tail = prompt[-(128 - 28 - 1) :]
+    run = load_run(run_dir)
+    d = run.domain
+    new = generate(
+        run.model,
+        torch.tensor([d.prompt_ids(tail)]),
+        28,
+        temperature=0.0,
+        eos_id=d.eos_id,
+        processors=[ban_tokens([d.pad_id, d.bos_id])],
+    )[0]
+    assert written == tail + d.decode(new)[0]
+
+
+def test_fit_prompt_keeps_bos_and_the_prompt_tail():
+    from multiar.sampling import fit_prompt
+
+    prompt = [1, *range(10, 60)]  # BOS + 50 tokens
+    assert fit_prompt(prompt, block_size=64, max_new_tokens=10) == prompt
+    cut = fit_prompt(prompt, block_size=32, max_new_tokens=12)
+    assert cut == [1, *range(41, 60)] and len(cut) == 20
+    with pytest.raises(ValueError, match="no room for a prompt"):
+        fit_prompt(prompt, block_size=32, max_new_tokens=31)
