@@ -27,6 +27,17 @@ def ban_tokens(token_ids: Sequence[int]) -> LogitsProcessor:
     return processor
 
 
+def min_new_tokens(n: int, prompt_length: int, eos_id: int) -> LogitsProcessor:
+    """A processor that bans EOS until n new tokens follow a prompt of prompt_length: no empty samples."""
+
+    def processor(ids: Tensor, logits: Tensor) -> Tensor:
+        if ids.size(1) < prompt_length + n:
+            logits = logits.index_fill(-1, torch.tensor([eos_id], device=logits.device), float("-inf"))
+        return logits
+
+    return processor
+
+
 def sample(
     logits: Tensor,
     temperature: float = 1.0,

@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 from multiar.checkpoint import load_run
 from multiar.domain import write_new_text
-from multiar.generate import ban_tokens, generate
+from multiar.generate import ban_tokens, generate, min_new_tokens
 
 log = logging.getLogger("multiar")
 
@@ -38,7 +38,10 @@ def sample_to_files(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(cfg.out if cfg.out else Path("outputs") / domain.name).expanduser()
     prompt = domain.prompt_ids(cfg.prompt)
     prompt = fit_prompt(prompt, model.config.block_size, cfg.max_new_tokens)
-    processors = [ban_tokens([domain.pad_id, domain.bos_id])]
+    processors = [
+        ban_tokens([domain.pad_id, domain.bos_id]),
+        min_new_tokens(cfg.min_new_tokens, len(prompt), domain.eos_id),
+    ]
     if (constraint := domain.constraint()) is not None:
         processors.append(constraint)
     generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed)

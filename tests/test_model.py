@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from multiar.generate import ban_tokens, generate, sample
+from multiar.generate import ban_tokens, generate, min_new_tokens, sample
 from multiar.model import GPT, ModelConfig
 
 
@@ -142,3 +142,18 @@ def test_weights_are_tied_and_caches_are_released():
     assert model.lm_head.weight is model.wte.weight
     generate(model, torch.zeros(1, 2, dtype=torch.long), 3)
     assert all(b.attn.kv_cache is None for b in model.blocks)
+
+
+def test_min_new_tokens_holds_eos_back():
+    model = tiny_model()
+
+    def always_eos(ids, logits):
+        logits = torch.full_like(logits, -1e4)
+        logits[:, 5] = 0  # EOS is the only likely token
+        return logits
+
+    prompt = torch.zeros(3, 4, dtype=torch.long)
+    kw = dict(eos_id=5, generator=torch.Generator().manual_seed(0), temperature=1.0)
+    assert generate(model, prompt, 20, processors=[always_eos], **kw) == [[], [], []]
+    out = generate(model, prompt, 20, processors=[always_eos, min_new_tokens(6, 4, eos_id=5)], **kw)
+    assert [len(row) for row in out] == [6, 6, 6] and all(5 not in row for row in out)
