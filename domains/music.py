@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import miditok
+import torch
 from symusic import Score
+from torch import Tensor
 
 from multiar.domain import write_new_file
 from multiar.generate import LogitsProcessor
@@ -116,7 +118,22 @@ class MusicDomain:
         }
 
     def constraint(self) -> LogitsProcessor | None:
-        return None
+        """Only token types that miditok's grammar (tokens_types_graph) lets follow the previous token."""
+        vocab = [self.tokenizer[i] for i in range(self.vocab_size)]
+        kinds = sorted({token.split("_")[0] for token in vocab})
+        kind_id = {k: i for i, k in enumerate(kinds)}
+        kind_of = torch.tensor([kind_id[token.split("_")[0]] for token in vocab])  # (V,)
+        allowed = torch.ones(len(kinds), self.vocab_size, dtype=torch.bool)  # (kinds, V); unlisted: anything
+        for kind, successors in self.tokenizer.tokens_types_graph.items():
+            nexts = [kind_id[n.split("_")[0]] for n in successors if n.split("_")[0] in kind_id]
+            if kind in kind_id and nexts:  # EOS has no successors: a finished row may repeat anything
+                allowed[kind_id[kind]] = torch.isin(kind_of, torch.tensor(nexts))
+
+        def processor(ids: Tensor, logits: Tensor) -> Tensor:
+            mask = allowed.to(logits.device)[kind_of.to(logits.device)[ids[:, -1]]]  # (B, V)
+            return logits.masked_fill(~mask, float("-inf"))
+
+        return processor
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)

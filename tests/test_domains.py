@@ -163,3 +163,32 @@ def test_music_prompt_must_be_a_midi_file(tmp_path):
         domain.prompt_ids(str(tmp_path / "missing.mid"))
     ids = domain.prompt_ids(str(bundled_files("music", 1)[0]))
     assert ids[0] == domain.bos_id and len(ids) > 10
+
+
+def test_music_constraint_samples_only_grammatical_successions():
+    import torch
+
+    from multiar.generate import ban_tokens, generate
+    from multiar.model import GPT, ModelConfig
+
+    domain = build_domain("music")
+    tok = domain.tokenizer
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=domain.vocab_size, block_size=256, n_layer=1, n_head=2, n_embd=32))
+    prompt = torch.tensor([[domain.bos_id]] * 4)
+    kw = dict(eos_id=domain.eos_id, generator=torch.Generator().manual_seed(0))
+    banned = ban_tokens([domain.pad_id, domain.bos_id])
+
+    def type_errors(row):
+        kinds = [tok[i].split("_")[0] for i in row]
+        graph = {k: {n.split("_")[0] for n in v} for k, v in tok.tokens_types_graph.items()}
+        return sum(b not in graph.get(a, {b}) for a, b in zip(kinds, kinds[1:], strict=False))
+
+    free = generate(model, prompt, 200, processors=[banned], **kw)
+    constrained = generate(model, prompt, 200, processors=[banned, domain.constraint()], **kw)
+    assert sum(map(type_errors, free)) > 50  # an untrained model breaks the grammar all the time
+    assert sum(map(type_errors, constrained)) == 0
+    assert sum(len(r) for r in constrained) > 100
+    dropped_free = sum(domain.decode(r)[1] for r in free)
+    dropped_constrained = sum(domain.decode(r)[1] for r in constrained)
+    assert dropped_constrained < dropped_free / 4
