@@ -127,6 +127,7 @@ def prepare_corpus(
 
     # pass 3: encode; a record the domain cannot encode is skipped and counted
     bad_records = Skips()
+    produced = {False: 0, True: 0}  # records encoded, per split (True: validation)
 
     def encoded(split_val: bool) -> Iterator[dict]:
         for k, record in iter_records(domain, good_files, root=doc_root):
@@ -134,39 +135,51 @@ def prepare_corpus(
                 continue
             bad_records.seen += 1
             try:
-                yield {"key": k, "ids": domain.encode(record)}
+                ids = domain.encode(record)
             except ValueError as err:
                 bad_records.skip(k, str(err))
+                continue
+            produced[split_val] += 1
+            yield {"key": k, "ids": ids}
 
     # a private partial folder per process: DDP ranks may prepare the same corpus at the same time
     tmp = root.with_name(f"{root.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    domain.save(tmp / "domain")
-    split_sets = {}
-    for split, split_val in (("train", False), ("val", True)):
-        ds = Dataset.from_generator(
-            encoded,
-            features=FEATURES,
-            gen_kwargs={"split_val": split_val},
-            cache_dir=str(tmp / "build"),
-            fingerprint=f"{key}-{split}",
-        )
-        if len(ds) == 0:
-            raise ValueError(f"{domain_name}: the {split} split is empty after skipping unreadable records")
-        ds.save_to_disk(str(tmp / split))
-        split_sets[split] = ds
-    shutil.rmtree(tmp / "build", ignore_errors=True)
-    stats = {
-        "files": len(files),
-        "files_skipped": skips.count,
-        "documents_train": len(split_sets["train"]),
-        "documents_val": len(split_sets["val"]),
-        "records_skipped": bad_records.count,
-        "tokens_train": sum(len(x) for x in split_sets["train"]["ids"]),
-        "tokens_val": sum(len(x) for x in split_sets["val"]["ids"]),
-    }
-    (tmp / "complete.json").write_text(json.dumps(stats, indent=1))
+    try:
+        tmp.mkdir(parents=True)
+        domain.save(tmp / "domain")
+        split_sets = {}
+        for split, split_val in (("train", False), ("val", True)):
+            try:
+                ds = Dataset.from_generator(
+                    encoded,
+                    features=FEATURES,
+                    gen_kwargs={"split_val": split_val},
+                    cache_dir=str(tmp / "build"),
+                    fingerprint=f"{key}-{split}",
+                )
+            except Exception as err:
+                if produced[split_val] == 0:  # datasets' own message for this is cryptic
+                    raise ValueError(
+                        f"{domain_name}: the {split} split is empty after skipping unencodable records"
+                    ) from err
+                raise
+            ds.save_to_disk(str(tmp / split))
+            split_sets[split] = ds
+        shutil.rmtree(tmp / "build", ignore_errors=True)
+        stats = {
+            "files": len(files),
+            "files_skipped": skips.count,
+            "documents_train": len(split_sets["train"]),
+            "documents_val": len(split_sets["val"]),
+            "records_skipped": bad_records.count,
+            "tokens_train": sum(len(x) for x in split_sets["train"]["ids"]),
+            "tokens_val": sum(len(x) for x in split_sets["val"]["ids"]),
+        }
+        (tmp / "complete.json").write_text(json.dumps(stats, indent=1))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # no half-built entry left behind
+        raise
     if root.exists() and not (root / "complete.json").exists():
         shutil.rmtree(root, ignore_errors=True)  # debris of an older, interrupted layout
     try:

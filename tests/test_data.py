@@ -155,3 +155,11 @@ def test_same_file_names_in_different_folders_are_different_documents(tmp_path):
     keys = list(c.train["key"]) + list(c.val["key"])
     assert len(keys) == len(set(keys)) == 7
     assert "a/util0.py#0" in keys
+
+
+def test_failed_build_leaves_no_partial_cache_folder(tmp_path):
+    path = tmp_path / "few.fasta"
+    path.write_text(">a\nMKV\n>b\nMJJ\n>c\nM1\n")  # one good record, two the alphabet rejects
+    with pytest.raises(ValueError, match="split is empty"):
+        corpus_for("protein", tmp_path, [path])
+    assert list((tmp_path / "cache" / "protein").iterdir()) == []
