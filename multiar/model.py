@@ -79,7 +79,9 @@ def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
 class KVCache(nn.Module):
     """Preallocated keys/values for one layer, shape (B, nh, max_seq_length, hs), written in place."""
 
-    def __init__(self, batch_size: int, n_head: int, max_seq_length: int, head_size: int, dtype) -> None:
+    def __init__(
+        self, batch_size: int, n_head: int, max_seq_length: int, head_size: int, dtype: torch.dtype
+    ) -> None:
         super().__init__()
         shape = (batch_size, n_head, max_seq_length, head_size)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)

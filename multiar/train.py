@@ -40,22 +40,37 @@ class LitGPT(L.LightningModule):
         self.optim = optim
         self.pad_id = pad_id
 
-    def _loss(self, batch: torch.Tensor) -> torch.Tensor:
+    def _loss(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean next-token loss over the real (non-pad) targets of batch, and how many there were."""
         idx, targets = batch[:, :-1], batch[:, 1:]  # (B, T) each
         targets = targets.masked_fill(targets == self.pad_id, -100)
         logits = self.model(idx)  # (B, T, V)
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        return loss, (targets != -100).sum()
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        loss = self._loss(batch)
+        loss, _ = self._loss(batch)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/ppl", loss.detach().exp())
         return loss
 
+    def on_validation_epoch_start(self) -> None:
+        self._val_loss_sum = torch.zeros((), device=self.device)
+        self._val_tokens = torch.zeros((), device=self.device)
+
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
-        loss = self._loss(batch)
-        self.log("val/loss", loss, prog_bar=True, on_epoch=True, batch_size=batch.size(0))
-        self.log("val/ppl", loss.exp(), on_epoch=True, batch_size=batch.size(0))
+        loss, tokens = self._loss(batch)
+        self._val_loss_sum += loss * tokens
+        self._val_tokens += tokens
+
+    def on_validation_epoch_end(self) -> None:
+        # token-weighted mean over the whole validation set; perplexity is exp of that mean
+        # (a mean of per-batch exps would overstate it)
+        total = self.trainer.strategy.reduce(self._val_loss_sum, reduce_op="sum")  # over DDP ranks
+        tokens = self.trainer.strategy.reduce(self._val_tokens, reduce_op="sum")
+        loss = total / tokens.clamp(min=1)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)  # same value on every rank
+        self.log("val/ppl", loss.exp(), sync_dist=True)
 
     def configure_optimizers(self) -> dict:
         # weight decay on matrices (linears, embedding) only; norms' gains are not decayed

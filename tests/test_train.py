@@ -51,6 +51,9 @@ def test_train_then_generate_writes_valid_files(domain_name, tmp_path):
     run = load_run(run_dir)
     # 30 steps must beat the uniform guess, ln(vocab_size): the model learned something real
     assert result["val/loss"] < math.log(run.domain.vocab_size) - 0.3
+    assert result["val/ppl"] == pytest.approx(
+        math.exp(result["val/loss"]), rel=1e-5
+    )  # exp of the mean, not mean of exps
     assert {p.name for p in run_dir.iterdir()} >= {
         "config.yaml",
         "model.safetensors",
