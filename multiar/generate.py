@@ -106,9 +106,9 @@ def generate(
     seq = torch.empty(B, total, dtype=torch.long, device=prompt.device)  # (B, T + new)
     seq[:, :T] = prompt
     done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
-    logits = prefill(model, prompt)
     n = 0
-    try:
+    try:  # the caches are released whatever happens, so a failed call leaves the model as it was
+        logits = prefill(model, prompt)
         for n in range(max_new_tokens):
             for process in processors:
                 logits = process(seq[:, : T + n], logits)
