@@ -30,9 +30,11 @@ def ban_tokens(token_ids: Sequence[int]) -> LogitsProcessor:
 def min_new_tokens(n: int, prompt_length: int, eos_id: int) -> LogitsProcessor:
     """A processor that bans EOS until n new tokens follow a prompt of prompt_length: no empty samples."""
 
+    eos = torch.tensor([eos_id])
+
     def processor(ids: Tensor, logits: Tensor) -> Tensor:
         if ids.size(1) < prompt_length + n:
-            logits = logits.index_fill(-1, torch.tensor([eos_id], device=logits.device), float("-inf"))
+            logits = logits.index_fill(-1, eos.to(logits.device), float("-inf"))
         return logits
 
     return processor
@@ -54,9 +56,9 @@ def sample(
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        sorted_probs = sorted_logits.softmax(dim=-1)
         # drop a token when the mass before it already reaches top_p; the most likely one always stays
-        drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= top_p
+        drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)
