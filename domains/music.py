@@ -55,7 +55,7 @@ class MusicDomain:
         self.special_ids = {tokenizer[s] for s in tokenizer.special_tokens}
 
     def default_paths(self) -> list[Path]:
-        return [Path(str(files("domains") / "assets" / "music" / "bach_chorales"))]
+        return [Path(str(files("multiar.domains") / "assets" / "music" / "bach_chorales"))]
 
     def read(self, path: Path) -> Iterator[Score]:
         score = Score(str(path))

@@ -37,7 +37,7 @@ class ProteinDomain:
         self.background = background
 
     def default_paths(self) -> list[Path]:
-        return [Path(str(files("domains") / "assets" / "protein" / "ecoli_k12_UP000000625.fasta.gz"))]
+        return [Path(str(files("multiar.domains") / "assets" / "protein" / "ecoli_k12_UP000000625.fasta.gz"))]
 
     def read(self, path: Path) -> Iterator[SeqRecord]:
         opener = gzip.open if path.name.lower().endswith(".gz") else open

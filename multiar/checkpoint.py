@@ -45,7 +45,9 @@ def save_run(run_dir: str | Path, model: GPT, domain: Domain, config: dict[str, 
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> Run:
     """Rebuild model and domain from a run directory; plain YAML and safetensors only."""
-    from domains import load_domain  # the registry; imported here so the core modules stay domain-free
+    from multiar.domains import (
+        load_domain,  # the registry; imported here so the core modules stay domain-free
+    )
 
     run_dir = Path(run_dir).expanduser()
     for needed in ("config.yaml", "model.safetensors", "domain"):

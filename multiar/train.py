@@ -14,9 +14,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
-from domains import build_domain
 from multiar.checkpoint import save_run
 from multiar.data import BlockDataModule, prepare_corpus
+from multiar.domains import build_domain
 from multiar.model import GPT, ModelConfig
 
 log = logging.getLogger("multiar")

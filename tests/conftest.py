@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from multiar.domains import DOMAINS, build_domain
 
-from domains import DOMAINS, build_domain
 from multiar.domain import find_files
 
 

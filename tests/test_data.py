@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 from conftest import bundled_files
+from multiar.domains import build_domain
 
-from domains import build_domain
 from multiar.data import BlockDataModule, is_validation, pack, prepare_corpus
 
 
@@ -63,7 +63,7 @@ def test_second_prepare_reuses_the_cache_without_tokenizing(tmp_path, monkeypatc
     def fail(self, record):
         raise AssertionError("re-tokenized although the cache was valid")
 
-    from domains.music import MusicDomain
+    from multiar.domains.music import MusicDomain
 
     monkeypatch.setattr(MusicDomain, "encode", fail)
     second = corpus_for("music", tmp_path, files)

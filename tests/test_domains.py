@@ -10,10 +10,10 @@ import mido
 import pytest
 from Bio import SeqIO
 from conftest import bundled_files, fitted_domain
+from multiar.domains import DOMAINS, build_domain, load_domain
+from multiar.domains.code import parses
 from symusic import Score
 
-from domains import DOMAINS, build_domain, load_domain
-from domains.code import parses
 from multiar.data import iter_records
 from multiar.domain import Domain, Skips
 

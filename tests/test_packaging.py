@@ -14,7 +14,7 @@ ROOT = Path(__file__).parents[1]
 PROBE = """
 import json
 from multiar.config import config_dir, load_config
-from domains import build_domain
+from multiar.domains import build_domain
 from multiar.domain import find_files
 cfg = load_config("train", ["domain=music", "model=small", "trainer=ddp"])
 out = {"conf": str(config_dir()), "model": cfg.model.name}
@@ -39,9 +39,11 @@ def test_wheel_installs_configs_and_bundled_data(tmp_path):
         "multiar/conf/train.yaml",
         "multiar/conf/domain/music.yaml",
         "multiar/conf/trainer/ddp.yaml",
-        "domains/assets/protein/LICENSE.md",
-        "domains/assets/music/bach_chorales/LICENSE.md",
+        "multiar/domains/assets/protein/LICENSE.md",
+        "multiar/domains/assets/music/bach_chorales/LICENSE.md",
     } <= names
+    # the registry installs inside multiar's namespace, never as a top-level `domains` module
+    assert not any(n.startswith("domains/") for n in names)
     site = tmp_path / "site"
     subprocess.run(
         [*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True, capture_output=True
