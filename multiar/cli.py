@@ -24,14 +24,14 @@ def cmd_train(cfg: DictConfig) -> Any:
 
 
 def cmd_generate(cfg: DictConfig) -> Any:
-    from multiar.sampling import sample_to_files
+    from multiar.generate_files import sample_to_files
 
     return sample_to_files(cfg)
 
 
 def cmd_demo(cfg: DictConfig) -> Any:
     """Train a tiny model per domain on the bundled data and write samples under cfg.out/<domain>/."""
-    from multiar.sampling import sample_to_files
+    from multiar.generate_files import sample_to_files
     from multiar.train import train
 
     start, rows = time.time(), []

@@ -14,10 +14,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
-from multiar.checkpoint import save_run
 from multiar.data import BlockDataModule, prepare_corpus
 from multiar.domains import build_domain
 from multiar.model import GPT, ModelConfig
+from multiar.run_folder import save_run
 
 log = logging.getLogger("multiar")
 

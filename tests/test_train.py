@@ -10,9 +10,9 @@ import yaml
 from Bio import SeqIO
 from symusic import Score
 
-from multiar.checkpoint import load_run
 from multiar.config import load_config
-from multiar.sampling import sample_to_files
+from multiar.generate_files import sample_to_files
+from multiar.run_folder import load_run
 from multiar.train import train, warmup_cosine
 
 FAST = [
@@ -191,7 +191,7 @@ def test_long_prompt_is_cut_to_its_tail_and_written_whole(tmp_path):
 
 
 def test_fit_prompt_keeps_bos_and_the_prompt_tail():
-    from multiar.sampling import fit_prompt
+    from multiar.generate_files import fit_prompt
 
     prompt = [1, *range(10, 60)]  # BOS + 50 tokens
     assert fit_prompt(prompt, block_size=64, max_new_tokens=10) == prompt

@@ -10,9 +10,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from multiar.checkpoint import load_run
 from multiar.domain import write_new_text
 from multiar.generate import ban_tokens, generate, min_new_tokens
+from multiar.run_folder import load_run
 
 log = logging.getLogger("multiar")
 
