@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from multiar.domain import write_new_text
+from multiar.domain import safe_child, write_new_text
 from multiar.generate import LogitsProcessor
 
 SPECIALS = ("<pad>", "<bos>", "<eos>")
@@ -34,10 +34,15 @@ class CodeDomain:
     suffixes = (".py",)
 
     def __init__(
-        self, vocab_size: int = 2048, min_frequency: int = 2, tokenizer: Tokenizer | None = None
+        self,
+        vocab_size: int = 2048,
+        min_frequency: int = 2,
+        max_file_bytes: int = 1_000_000,
+        tokenizer: Tokenizer | None = None,
     ) -> None:
         self.target_vocab_size = vocab_size
         self.min_frequency = min_frequency
+        self.max_file_bytes = max_file_bytes  # generated or vendored blobs, not code to learn from
         self.tokenizer = tokenizer
         self.pad_id, self.bos_id, self.eos_id = range(len(SPECIALS))  # specials come first in training
 
@@ -60,11 +65,20 @@ class CodeDomain:
         )
 
     def read(self, path: Path) -> Iterator[str]:
-        text = path.read_bytes().decode("utf-8")  # UnicodeDecodeError (a ValueError) -> skipped
+        size = path.stat().st_size
+        if size > self.max_file_bytes:
+            raise ValueError(f"{size:,} bytes, over max_file_bytes={self.max_file_bytes:,}")
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"not UTF-8 ({err.reason} at byte {err.start})") from err
         if "\x00" in text:
             raise ValueError("contains NUL bytes")
         if text.strip():  # empty __init__.py files carry nothing to learn
             yield text
+
+    def identity(self, record: str) -> bytes:
+        return record.encode()
 
     def fit(self, records: Iterable[str]) -> None:
         tokenizer = Tokenizer(models.BPE())
@@ -99,7 +113,8 @@ class CodeDomain:
         # every sample is written, parsing or not: a syntax error is data for the report, not a reason to drop
         out_dir = Path(out_dir)
         paths = [
-            write_new_text(out_dir / f"sample_{i:03d}.py", src, overwrite) for i, src in enumerate(artifacts)
+            write_new_text(safe_child(out_dir, f"sample_{i:03d}.py"), src, overwrite)
+            for i, src in enumerate(artifacts)
         ]
         valid = [parses(src) for src in artifacts]
         report = [f"{p.name}\t{'ok' if ok else 'syntax error'}" for p, ok in zip(paths, valid, strict=True)]

@@ -15,7 +15,7 @@ import torch
 from symusic import Score
 from torch import Tensor
 
-from multiar.domain import write_new_file
+from multiar.domain import safe_child, write_new_file
 from multiar.generate import LogitsProcessor
 
 SPECIALS = ("PAD_None", "BOS_None", "EOS_None")
@@ -58,10 +58,19 @@ class MusicDomain:
         return [Path(str(files("multiar.domains") / "assets" / "music" / "bach_chorales"))]
 
     def read(self, path: Path) -> Iterator[Score]:
-        score = Score(str(path))
+        data = path.read_bytes()
+        if not data:
+            raise ValueError("empty file")
+        try:
+            score = Score.from_midi(data)
+        except (RuntimeError, ValueError, IndexError) as err:  # symusic's parser: RuntimeError
+            raise ValueError(f"not a readable MIDI file ({str(err).strip().splitlines()[0]})") from err
         if score.note_num() == 0:
             raise ValueError("no notes")
         yield score
+
+    def identity(self, record: Score) -> bytes:
+        return bytes(record.dumps_midi())
 
     def fit(self, records: Iterable[Score]) -> None:
         """REMI's vocabulary is fixed by its config; BPE training slots in here."""
@@ -100,7 +109,9 @@ class MusicDomain:
     ) -> list[Path]:
         return [
             write_new_file(
-                Path(out_dir) / f"sample_{i:03d}.mid", lambda tmp, s=score: s.dump_midi(str(tmp)), overwrite
+                safe_child(Path(out_dir), f"sample_{i:03d}.mid"),
+                lambda tmp, s=score: s.dump_midi(str(tmp)),
+                overwrite,
             )
             for i, score in enumerate(artifacts)
         ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from importlib.resources import files
@@ -14,7 +15,7 @@ from Bio import SeqIO
 from Bio.Seq import Seq
 from Bio.SeqRecord import SeqRecord
 
-from multiar.domain import write_new_file
+from multiar.domain import safe_child, write_new_file
 from multiar.generate import LogitsProcessor
 
 SPECIALS = ("<pad>", "<bos>", "<eos>")
@@ -41,12 +42,18 @@ class ProteinDomain:
 
     def read(self, path: Path) -> Iterator[SeqRecord]:
         opener = gzip.open if path.name.lower().endswith(".gz") else open
-        with opener(path, "rt") as handle:
-            n = 0
-            for n, record in enumerate(SeqIO.parse(handle, "fasta"), start=1):  # noqa: B007
-                yield record
+        n = 0
+        try:
+            with opener(path, "rt") as handle:  # text mode: CRLF line ends read as LF
+                for n, record in enumerate(SeqIO.parse(handle, "fasta"), start=1):  # noqa: B007
+                    yield record
+        except (zlib.error, EOFError) as err:  # a cut or corrupt gzip stream
+            raise ValueError(f"corrupt or truncated gzip data ({err})") from err
         if n == 0:
             raise ValueError("no FASTA records")
+
+    def identity(self, record: SeqRecord) -> bytes:
+        return self._residues(record).encode()
 
     def fit(self, records: Iterable[SeqRecord]) -> None:
         counts = Counter()
@@ -86,7 +93,7 @@ class ProteinDomain:
             SeqRecord(Seq(seq), id=f"multiar_{i:04d}", description=f"length={len(seq)} {settings}")
             for i, seq in enumerate(artifacts)
         ]
-        path = Path(out_dir) / "samples.fasta"
+        path = safe_child(Path(out_dir), "samples.fasta")
         return [write_new_file(path, lambda tmp: SeqIO.write(records, tmp, "fasta"), overwrite)]
 
     def metrics(self, artifacts: Sequence[str]) -> dict[str, float]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -13,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from multiar.config import config_dir, load_config
+from multiar.schema import ConfigError
 
 log = logging.getLogger("multiar")
 
@@ -87,6 +89,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"multiar: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
+    # no network at run time: nothing is fetched from a hub unless a user names one explicitly
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     if not log.handlers:  # our own logger only: Lightning configures its own
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
@@ -95,19 +100,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     config_name, run, _ = COMMANDS[command]
     try:
         cfg = load_config(config_name, [o for o in overrides if o not in ("-h", "--help")])
-    except Exception as err:  # Hydra's override and config errors: one line, no traceback
-        print(f"multiar {command}: bad arguments: {err}".splitlines()[0], file=sys.stderr)
-        return 2
-    if "-h" in overrides or "--help" in overrides:
-        print(OmegaConf.to_yaml(cfg))
-        return 0
-    try:
+        if "-h" in overrides or "--help" in overrides:
+            print(OmegaConf.to_yaml(cfg))
+            return 0
         run(cfg)
-    except (FileNotFoundError, FileExistsError, ValueError, OmegaConfBaseException) as err:
-        # bad input: one line naming the file and the problem, no traceback
-        print(f"multiar {command}: {str(err).strip().splitlines()[0]}", file=sys.stderr)
+    except ConfigError as err:  # arguments and config: what to change, before any heavy work
+        print(f"multiar {command}: {one_line(err)}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError, FloatingPointError, OmegaConfBaseException) as err:
+        # bad input or a failed write during the work: one line naming the file and the problem
+        print(f"multiar {command}: {one_line(err)}", file=sys.stderr)
         return 1
     return 0
+
+
+def one_line(err: BaseException) -> str:
+    """An exception as one line; OSErrors name their file first."""
+    if isinstance(err, OSError) and err.filename and err.strerror:
+        return f"{err.filename}: {err.strerror}"
+    return (str(err).strip() or type(err).__name__).splitlines()[0]
 
 
 if __name__ == "__main__":

@@ -10,30 +10,49 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from multiar.schema import ConfigError, validate
+
 
 def config_dir() -> Path:
     """Where the installed Hydra configs live (conf/ in the repo, installed as multiar.conf)."""
     return Path(str(files("multiar.conf")))
 
 
+# keys whose values are free text (a prompt, a path): quoted for the user, so no Hydra escaping is needed
+FREE_TEXT_KEYS = {"prompt"}
+
+
 def _quote_free_text(overrides: Sequence[str]) -> list[str]:
-    # a prompt is free text ('def parse(' or a path): quote it so Hydra's override grammar takes it literally
+    """Quote free-text values so Hydra's override grammar takes them literally: no interpolation of
+    '${...}', quotes and backslashes kept. `key=null` stays null (it unsets the key)."""
     out = []
     for item in overrides:
         key, sep, value = item.partition("=")
         if (
-            key.lstrip("+") == "prompt"
+            key.lstrip("+") in FREE_TEXT_KEYS
             and sep
+            and value != "null"
             and not (value[:1] in "'\"" and value[-1:] == value[:1] and len(value) > 1)
         ):
-            # Hydra's quoted strings: backslashes escape only before a quote or at the end
-            value = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, value).replace("'", "\\'")
+            # in Hydra's quoted strings a backslash escapes only before a quote, '${' or the end
+            value = re.sub(r"(\\+)(?='|$|\$\{)", lambda m: m.group(1) * 2, value)
+            value = value.replace("'", "\\'").replace("${", "\\${")
             value = f"'{value}'"
         out.append(f"{key}{sep}{value}")
     return out
 
 
 def load_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:
-    """Compose conf/<name>.yaml with key=value overrides, as the CLI does."""
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return compose(config_name=name, overrides=_quote_free_text(overrides))
+    """Compose conf/<name>.yaml with key=value overrides, as the CLI does, and check it against the
+    command's typed schema: any bad override or value is a ConfigError of one line."""
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            cfg = compose(config_name=name, overrides=_quote_free_text(overrides))
+    except ConfigError:
+        raise
+    except Exception as err:  # Hydra's override-grammar and composition errors
+        message = (str(err).strip() or type(err).__name__).splitlines()[0]
+        if message.startswith("Could not override"):
+            message += " No such key: `multiar <command> --help` lists the keys."
+        raise ConfigError(f"bad arguments: {message}") from None
+    return validate(name, cfg)

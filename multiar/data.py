@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from multiar.domain import Domain, Skips, find_files
 
 log = logging.getLogger("multiar")
 
-CACHE_FORMAT = 1  # bump when the cached layout or the meaning of its contents changes
+CACHE_FORMAT = 2  # bump when the cached layout or the meaning of its contents changes
 FEATURES = Features({"key": Value("string"), "ids": Sequence(Value("int32"))})
 
 
@@ -41,22 +42,34 @@ def document_root(files: list[Path]) -> Path:
 
 
 def iter_records(
-    domain: Domain, files: list[Path], skips: Skips | None = None, root: Path | None = None
+    domain: Domain,
+    files: list[Path],
+    skips: Skips | None = None,
+    root: Path | None = None,
+    strict: bool = False,
 ) -> Iterator[tuple[str, Any]]:
     """(key, record) for every readable record; a bad file is skipped and counted in skips, not fatal.
 
-    A key is the file's path relative to the files' common folder, '#', and the record's index in it.
+    A file's records are read whole before any is yielded, so a file that fails half-way gives no
+    document at all rather than some. A key is the file's path relative to the files' common folder,
+    '#', and the record's index in it. strict: the first bad file raises ValueError instead.
     """
     root = root or (document_root(files) if files else Path())
     for path in files:
         if skips is not None:
             skips.seen += 1
         try:
-            for i, record in enumerate(domain.read(path)):
-                yield f"{path.resolve().relative_to(root).as_posix()}#{i}", record
-        except (ValueError, OSError, RuntimeError, EOFError) as err:
+            records = list(domain.read(path))
+        except Exception as err:  # any library's failure on one file (zlib, MIDI parser, ...) is that file's
+            reason = f"{type(err).__name__}: {str(err).strip() or 'unreadable'}".splitlines()[0]
+            if strict:
+                raise ValueError(f"{path}: {reason} (data.strict=true)") from err
             if skips is not None:
-                skips.skip(path, f"{type(err).__name__}: {err}")
+                skips.skip(path, reason)
+            continue
+        key = path.resolve().relative_to(root).as_posix()
+        for i, record in enumerate(records):
+            yield f"{key}#{i}", record
 
 
 @dataclass
@@ -70,12 +83,21 @@ class Corpus:
     stats: dict[str, Any]
 
 
-def _fingerprint(
-    name: str, settings: dict, files: list[Path], max_documents: int | None, val_fraction: float
-) -> str:
+def domain_state_digest(domain: Domain) -> str:
+    """A hash of the domain's saved tokenizer state: two domains with the same digest encode alike."""
+    with tempfile.TemporaryDirectory() as tmp:
+        domain.save(Path(tmp) / "domain")
+        h = hashlib.sha256()
+        for f in sorted((Path(tmp) / "domain").rglob("*")):
+            if f.is_file():
+                h.update(f.relative_to(tmp).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def _fingerprint(name: str, settings: dict, files: list[Path], max_documents: int | None, *rest: Any) -> str:
     stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
     blob = json.dumps(
-        [CACHE_FORMAT, name, settings, stats, max_documents, val_fraction], sort_keys=True, default=str
+        [CACHE_FORMAT, name, settings, stats, max_documents, *rest], sort_keys=True, default=str
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
@@ -88,9 +110,15 @@ def prepare_corpus(
     cache_dir: str | Path,
     max_documents: int | None = None,
     val_fraction: float = 0.05,
+    strict: bool = False,
+    fit: bool = True,
 ) -> Corpus:
-    """Read, split, fit the tokenizer on the training part and encode; reuse the on-disk cache when the
-    files, the domain settings and the split are unchanged."""
+    """Read, drop exact duplicates, split, fit the tokenizer on the training part and encode; reuse the
+    on-disk cache when the files, the domain settings and the split are unchanged.
+
+    fit=False keeps the domain's tokenizer state as given (a resumed run's own tokenizer): the data is
+    encoded with it, and the cache entry is keyed by that state.
+    """
     domain_name = domain.name
     settings = dict(settings or {})  # what built the domain: part of the cache key
     files = find_files(paths or domain.default_paths(), domain.suffixes)
@@ -98,16 +126,32 @@ def prepare_corpus(
         raise FileNotFoundError(
             f"no {'/'.join(domain.suffixes)} files under {', '.join(map(str, paths or domain.default_paths()))}"
         )
-    key = _fingerprint(domain_name, settings, files, max_documents, val_fraction)
+    state = None if fit else domain_state_digest(domain)
+    key = _fingerprint(domain_name, settings, files, max_documents, val_fraction, state)
     root = Path(cache_dir).expanduser() / domain_name / key
     if (root / "complete.json").exists():
         log.info("%s: reusing tokenized data from %s", domain_name, root)
-        return _load_cached(domain, root)
+        return _load_cached(domain if not fit else None, type(domain), root)
 
-    # pass 1: which documents exist (bad files are skipped and counted here, once)
+    # pass 1: which documents exist (bad files are skipped and counted here, once); exact duplicates
+    # are dropped before the split, so one text can never sit on both sides of it
     skips = Skips()
     doc_root = document_root(files)
-    keys = [k for k, _ in iter_records(domain, files, skips, doc_root)][:max_documents]
+    keys: list[str] = []
+    seen: set[bytes] = set()
+    duplicates = 0
+    for k, record in iter_records(domain, files, skips, doc_root, strict):
+        digest = hashlib.sha256(domain.identity(record)).digest()
+        if digest in seen:
+            duplicates += 1
+            continue
+        seen.add(digest)
+        keys.append(k)
+    if skips.count and skips.count == skips.seen:
+        raise ValueError(
+            f"{domain_name}: every one of the {skips.seen} input files is unreadable; first: {skips.reasons[0]}"
+        )
+    keys = keys[:max_documents]
     if len(keys) < 2:
         raise ValueError(
             f"{domain_name}: need at least 2 documents to split train/validation, found {len(keys)}"
@@ -121,9 +165,10 @@ def prepare_corpus(
     good_files = [f for f in files if str(f) not in skips.places]
 
     # pass 2: fit tokenizer state on training documents only, so validation stays unseen
-    domain.fit(
-        r for k, r in iter_records(domain, good_files, root=doc_root) if k in wanted and k not in val_keys
-    )
+    if fit:
+        domain.fit(
+            r for k, r in iter_records(domain, good_files, root=doc_root) if k in wanted and k not in val_keys
+        )
 
     # pass 3: encode; a record the domain cannot encode is skipped and counted
     bad_records = Skips()
@@ -136,8 +181,10 @@ def prepare_corpus(
             bad_records.seen += 1
             try:
                 ids = domain.encode(record)
-            except ValueError as err:
-                bad_records.skip(k, str(err))
+            except Exception as err:  # a tokenizer library's failure on one record is that record's
+                if strict:
+                    raise ValueError(f"{k}: cannot encode: {err} (data.strict=true)") from err
+                bad_records.skip(k, f"{type(err).__name__}: {err}")
                 continue
             produced[split_val] += 1
             yield {"key": k, "ids": ids}
@@ -170,6 +217,7 @@ def prepare_corpus(
         stats = {
             "files": len(files),
             "files_skipped": skips.count,
+            "duplicates_removed": duplicates,
             "documents_train": len(split_sets["train"]),
             "documents_val": len(split_sets["val"]),
             "records_skipped": bad_records.count,
@@ -187,13 +235,14 @@ def prepare_corpus(
     except OSError:  # another process finished first: use its entry, so every rank sees the same data
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("%s: %s; %s", domain_name, skips.summary("files"), json.dumps(stats))
-    return _load_cached(domain, root)
+    return _load_cached(domain if not fit else None, type(domain), root)
 
 
-def _load_cached(domain: Domain, root: Path) -> Corpus:
-    """The corpus stored in a complete cache entry, with the domain state that encoded it."""
+def _load_cached(domain: Domain | None, domain_class: type, root: Path) -> Corpus:
+    """The corpus stored in a complete cache entry, with the domain state that encoded it (or the
+    given domain, whose state is part of the entry's key)."""
     return Corpus(
-        type(domain).load(root / "domain"),
+        domain if domain is not None else domain_class.load(root / "domain"),
         load_from_disk(root / "train"),
         load_from_disk(root / "val"),
         root,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -36,7 +37,11 @@ class Domain(Protocol):
         """The bundled data used when the user gives no data.paths."""
 
     def read(self, path: Path) -> Iterator[Record]:
-        """Records in one file; raises (ValueError, OSError) with a clear reason on a bad file."""
+        """Records in one file; raises ValueError or OSError with a clear reason on a bad file, and
+        nothing else: library errors (zlib, MIDI parsers) are turned into ValueError."""
+
+    def identity(self, record: Record) -> bytes:
+        """The content that makes two documents the same: exact duplicates are dropped before the split."""
 
     def fit(self, records: Iterable[Record]) -> None:
         """Learn tokenizer state from training records (no-op for fixed vocabularies)."""
@@ -104,23 +109,52 @@ class Skips:
         return f"{self.seen - self.count} of {self.seen} {what} used, {self.count} skipped"
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where the OS allows."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # the portable way sets it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The permission bits a new file gets under the process umask (0644 under the usual 022)."""
+    return 0o666 & ~_umask()
+
+
 def write_new_file(path: Path, write: Callable[[Path], None], overwrite: bool = False) -> Path:
     """Call write(tmp) on a temporary file beside path, then move it into place atomically.
 
     Refuses to replace an existing file unless overwrite is set, so a second run never silently
-    clobbers the first one's outputs.
+    clobbers the first one's outputs. The file gets the permissions the umask gives (0644 under the
+    usual 022), not mkstemp's private 0600, so a shared run folder stays readable. Any OSError
+    (disk full, no permission) leaves no file under the real name and is re-raised naming it.
     """
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path}: already exists (pass overwrite=true to replace it)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp: str | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         write(Path(tmp))
+        os.chmod(tmp, file_mode())
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
         os.replace(tmp, path)
+    except OSError as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise OSError(err.errno, f"cannot write: {err.strerror or err}", str(path)) from err
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
     return path
 
@@ -128,3 +162,20 @@ def write_new_file(path: Path, write: Callable[[Path], None], overwrite: bool = 
 def write_new_text(path: Path, text: str, overwrite: bool = False) -> Path:
     """write_new_file for text, UTF-8."""
     return write_new_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), overwrite)
+
+
+def safe_name(text: str, max_length: int = 80) -> str:
+    """A file name built from user input (a tag, a prompt, a record id) that stays one plain name.
+
+    Anything but letters, digits, '.', '_' and '-' becomes '_'; leading dots are dropped, so the
+    result can never be '..', an absolute path, a hidden file or hold a separator or NUL.
+    """
+    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", text)[:max_length].lstrip(".")
+    return cleaned or "_"
+
+
+def safe_child(folder: Path, name: str) -> Path:
+    """folder / name, refusing any name that would land outside folder."""
+    if not name or name in (".", "..") or "\x00" in name or "/" in name or "\\" in name:
+        raise ValueError(f"{name!r}: not a plain file name (it would leave {folder})")
+    return Path(folder) / name

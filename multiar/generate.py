@@ -108,12 +108,15 @@ def generate(
     seq = torch.empty(B, total, dtype=torch.long, device=prompt.device)  # (B, T + new)
     seq[:, :T] = prompt
     done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
+    banned_all = torch.zeros(B, dtype=torch.bool, device=prompt.device)  # checked once, after the loop
     n = 0
     try:  # the caches are released whatever happens, so a failed call leaves the model as it was
         logits = prefill(model, prompt)
         for n in range(max_new_tokens):
             for process in processors:
                 logits = process(seq[:, : T + n], logits)
+            if processors:
+                banned_all |= (logits == float("-inf")).all(dim=-1) & ~done
             token = sample(logits, temperature, top_k, top_p, generator)  # (B,)
             if eos_id is not None:
                 token = token.masked_fill(done, eos_id)  # finished rows only repeat EOS
@@ -126,6 +129,11 @@ def generate(
     finally:
         model.clear_caches()
         model.train(was_training)
+    if bool(banned_all.any()):
+        rows = banned_all.nonzero().flatten().tolist()
+        raise ValueError(
+            f"the logits processors banned every token for row(s) {rows}: nothing can be sampled"
+        )
     out = []
     for row in seq[:, T : T + n + 1].tolist():
         if eos_id is not None and eos_id in row:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from omegaconf import DictConfig
 from multiar.domain import write_new_text
 from multiar.generate import ban_tokens, generate, min_new_tokens
 from multiar.run_folder import load_run
+from multiar.schema import validate
 
 log = logging.getLogger("multiar")
 
@@ -33,6 +35,7 @@ def fit_prompt(prompt: list[int], block_size: int, max_new_tokens: int) -> list[
 
 def sample_to_files(cfg: DictConfig) -> dict[str, Any]:
     """Sample cfg.n continuations of cfg.prompt from run cfg.run; write files; return a report."""
+    cfg = validate("generate", cfg)
     run = load_run(cfg.run, device=cfg.device)
     model, domain = run.model, run.domain
     out_dir = Path(cfg.out if cfg.out else Path("outputs") / domain.name).expanduser()
@@ -78,6 +81,7 @@ def sample_to_files(cfg: DictConfig) -> dict[str, Any]:
         "samples": len(artifacts),
         "prompt": cfg.prompt,
         "provenance": provenance,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),  # the only time stamp written
         "metrics": {
             f"{domain.name}/new_tokens_mean": sum(map(len, new_ids)) / max(len(new_ids), 1),
             f"{domain.name}/dropped_tokens": sum(d for _, d in decoded),

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import csv
 import logging
 import math
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +17,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
+from multiar.checkpoint_io import AtomicCheckpointIO, remove_stale_temporaries
 from multiar.data import BlockDataModule, prepare_corpus
-from multiar.domains import build_domain
+from multiar.domain import write_new_text
+from multiar.domains import DOMAINS, build_domain, load_domain
 from multiar.model import GPT, ModelConfig
-from multiar.run_folder import save_run
+from multiar.run_folder import read_run_config, save_run, write_run_config
+from multiar.schema import ConfigError, validate
 
 log = logging.getLogger("multiar")
 
@@ -50,6 +56,13 @@ class LitGPT(L.LightningModule):
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         loss, _ = self._loss(batch)
+        if not torch.isfinite(loss):
+            # stop before the optimizer step spreads it into the weights; checkpoints already
+            # written (the last good one) stay as they are
+            raise FloatingPointError(
+                f"training loss became {loss.item()} at step {self.global_step}; stopped. The last good "
+                "checkpoint is kept: lower optim.lr or check the data, then resume with ckpt_path=last"
+            )
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/ppl", loss.detach().exp())
         return loss
@@ -93,29 +106,137 @@ class LitGPT(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
-def _check_run_dir(run_dir: Path, resuming: bool, overwrite: bool) -> None:
-    finished = (run_dir / "model.safetensors").exists() or (run_dir / "checkpoints").exists()
-    if finished and not (resuming or overwrite):
-        raise FileExistsError(
-            f"{run_dir}: already holds a run (pass ckpt_path=last to resume, overwrite=true to replace it)"
-        )
+def _rank() -> int:
+    """This process's global rank as the launcher set it (0 when not distributed)."""
+    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if os.environ.get(var):
+            return int(os.environ[var])
+    return 0
+
+
+def _holds_run(run_dir: Path) -> bool:
+    return any((run_dir / n).exists() for n in ("model.safetensors", "checkpoints", "config.yaml", "domain"))
+
+
+def check_train_config(cfg: DictConfig) -> Path | None:
+    """Everything about cfg that can be checked before heavy work; ConfigError (exit 2) when wrong.
+    Returns the checkpoint to resume from, or None."""
+    validate("train", cfg)
+    settings = OmegaConf.to_container(cfg.domain.settings, resolve=True)
+    if cfg.domain.name not in DOMAINS:
+        raise ConfigError(f"domain: unknown domain {cfg.domain.name!r}; choose one of {', '.join(DOMAINS)}")
+    try:
+        build_domain(cfg.domain.name, settings)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"domain.settings: {str(err).splitlines()[0]}") from None
+    for p in cfg.data.paths or []:
+        if not Path(p).expanduser().exists():
+            raise ConfigError(f"data.paths: {p}: no such file or folder")
+    run_dir = Path(cfg.run_dir).expanduser()
+    if (run_dir / "config.yaml").exists():
+        theirs = read_run_config(run_dir)["domain"]["name"]
+        if theirs != cfg.domain.name and not cfg.overwrite:
+            raise ConfigError(
+                f"run_dir: {run_dir} holds a {theirs} run, not {cfg.domain.name} "
+                "(choose another run_dir, or overwrite=true to replace it)"
+            )
+    if cfg.ckpt_path is None:
+        if _holds_run(run_dir) and not cfg.overwrite:
+            raise FileExistsError(
+                f"{run_dir}: already holds a run (pass ckpt_path=last to resume, overwrite=true to replace it)"
+            )
+        return None
+    if cfg.overwrite:
+        raise ConfigError("ckpt_path and overwrite=true together: resume a run, or replace it, not both")
+    ckpt = (
+        run_dir / "checkpoints" / "last.ckpt" if cfg.ckpt_path == "last" else Path(cfg.ckpt_path).expanduser()
+    )
+    if not ckpt.is_file():
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path}: nothing to resume ({ckpt} does not exist)")
+    return ckpt
+
+
+def _move_aside(run_dir: Path) -> Path:
+    """Rename an existing run out of the way; it is deleted only once the new run has finished."""
+    aside = run_dir.with_name(f".{run_dir.name}.replaced-{os.getpid()}")
+    shutil.rmtree(aside, ignore_errors=True)
+    run_dir.rename(aside)
+    log.info("%s: the old run is moved to %s until this one finishes", run_dir, aside)
+    return aside
+
+
+class ResumedCurve(L.Callback):
+    """On resume, drop metrics.csv rows logged after the checkpoint (lost with the killed process's
+    steps), so the curve continues from the checkpoint with no step logged twice."""
+
+    def __init__(self, metrics_csv: Path) -> None:
+        self.metrics_csv = metrics_csv
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero or not self.metrics_csv.exists():
+            return
+        with open(self.metrics_csv, newline="") as f:
+            rows = list(csv.DictReader(f))
+        keep = [r for r in rows if r.get("step") and int(r["step"]) < trainer.global_step]
+        if len(keep) == len(rows) or not rows:
+            return
+        fields = list(rows[0])
+        lines = [",".join(fields)] + [",".join(r.get(k) or "" for k in fields) for r in keep]
+        write_new_text(self.metrics_csv, "\n".join(lines) + "\n", overwrite=True)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Train one model as cfg says; write the run directory; return its final validation metrics."""
+    """Train one model as cfg says; write the run folder; return its final validation metrics.
+
+    The tokenizer is saved into the run folder before the first step, and a resumed run
+    (ckpt_path=last) encodes its data with that saved tokenizer, never a refitted one.
+    overwrite=true moves an existing run aside and deletes it once the new one has finished.
+    """
+    ckpt = check_train_config(cfg)
+    cfg = validate("train", cfg)
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.run_dir).expanduser()
-    _check_run_dir(run_dir, resuming=cfg.ckpt_path is not None, overwrite=cfg.overwrite)
+    replaced = _move_aside(run_dir) if cfg.overwrite and _rank() == 0 and _holds_run(run_dir) else None
+    try:
+        result = _train(cfg, run_dir, ckpt)
+    except BaseException:
+        if replaced is not None:  # the new run failed: put the old one back as it was
+            shutil.rmtree(run_dir, ignore_errors=True)
+            replaced.rename(run_dir)
+            log.warning("%s: the new run failed; the old run is back in place", run_dir)
+        raise
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
+    return result
+
+
+def _train(cfg: DictConfig, run_dir: Path, ckpt: Path | None) -> dict[str, Any]:
     settings = OmegaConf.to_container(cfg.domain.settings, resolve=True)
+    own_tokenizer = ckpt is not None and (run_dir / "domain").is_dir()
+    if own_tokenizer:
+        domain = load_domain(cfg.domain.name, run_dir / "domain")
+        log.info("%s: resuming with the run's own tokenizer from %s", domain.name, run_dir / "domain")
+    else:
+        domain = build_domain(cfg.domain.name, settings)
     corpus = prepare_corpus(
-        build_domain(cfg.domain.name, settings),
+        domain,
         settings,
         list(cfg.data.paths) if cfg.data.paths else None,
         cache_dir=cfg.data.cache_dir,
         max_documents=cfg.data.max_documents,
         val_fraction=cfg.data.val_fraction,
+        strict=cfg.data.strict,
+        fit=not own_tokenizer,
     )
     domain = corpus.domain
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config["data_stats"] = corpus.stats
+    if _rank() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(run_dir / "checkpoints")
+        if not own_tokenizer:  # saved before the first step: a killed run resumes with exactly this
+            domain.save(run_dir / "domain")
+        write_run_config(run_dir, config)
     model_args = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "name"}
     model_config = ModelConfig(vocab_size=domain.vocab_size, **model_args)  # the one place vocab_size enters
     module = LitGPT(model_config.to_dict(), OmegaConf.to_container(cfg.optim, resolve=True), domain.pad_id)
@@ -126,16 +247,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     checkpoints = ModelCheckpoint(
         dirpath=run_dir / "checkpoints", filename="best", monitor="val/loss", save_last=True, save_top_k=1
     )
+    trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer = L.Trainer(
-        **OmegaConf.to_container(cfg.trainer, resolve=True),
+        **trainer_args,
         default_root_dir=run_dir,
-        logger=CSVLogger(save_dir=run_dir, name="", version=""),
-        callbacks=[checkpoints],
+        logger=CSVLogger(
+            save_dir=run_dir,
+            name="",
+            version="",
+            flush_logs_every_n_steps=int(trainer_args.get("log_every_n_steps") or 50),
+        ),
+        callbacks=[checkpoints, ResumedCurve(run_dir / "metrics.csv")],
+        plugins=[AtomicCheckpointIO()],
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
     metrics = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
-    config = OmegaConf.to_container(cfg, resolve=True)
-    config["data_stats"] = corpus.stats
     config["final"] = {k: float(v) for k, v in metrics.items()} | {"steps": trainer.global_step}
     if trainer.is_global_zero:
         save_run(run_dir, module.model, domain, config)

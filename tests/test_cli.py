@@ -65,12 +65,13 @@ def test_bad_input_is_one_clear_line(tmp_path):
         and out.stderr.strip()
         == "multiar generate: nowhere: not a finished multiar run (missing config.yaml)"
     )
+    # arguments and config: exit code 2, before any work (a missing data.paths entry was exit 1 before)
     out = run_cli(["train", "data.paths=[missing.fasta]"], tmp_path)
-    assert (
-        out.returncode == 1 and "missing.fasta: no such file or folder" in out.stderr.strip().splitlines()[-1]
+    assert out.returncode == 2 and out.stderr.strip() == (
+        "multiar train: data.paths: missing.fasta: no such file or folder"
     )
     out = run_cli(["generate"], tmp_path)
-    assert out.returncode == 1 and out.stderr.strip() == "multiar generate: Missing mandatory value: run"
+    assert out.returncode == 2 and out.stderr.strip() == "multiar generate: run: missing mandatory value"
     out = run_cli(["frobnicate"], tmp_path)
     assert out.returncode == 2 and "unknown command" in out.stderr
 

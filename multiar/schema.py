@@ -1,0 +1,186 @@
+"""The typed schema of multiar's configs: wrong types, out-of-range values and unknown keys are caught
+when a config is composed, before any heavy work, as one `ConfigError` line that says what to change.
+
+Each command's YAML (conf/<name>.yaml) is merged into a dataclass schema with OmegaConf (types and
+unknown keys), then instantiated once so the dataclasses' `__post_init__` checks ranges.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A bad argument or config value; the CLI prints it as one line and exits with code 2."""
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclass
+class DomainSchema:
+    name: str = "protein"
+    settings: dict[str, Any] = field(default_factory=dict)  # the domain class checks its own settings
+
+
+@dataclass
+class ModelSchema:
+    name: str = "tiny"
+    block_size: int = 512
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        for key in ("block_size", "n_layer", "n_head", "n_embd"):
+            _check(getattr(self, key) >= 1, f"model.{key}", f"must be >= 1, got {getattr(self, key)}")
+        _check(
+            self.n_embd % self.n_head == 0 and (self.n_embd // self.n_head) % 2 == 0,
+            "model.n_embd",
+            f"{self.n_embd} must split into n_head={self.n_head} heads of even size (rotary positions)",
+        )
+        _check(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class DataSchema:
+    paths: list[str] | None = None
+    max_documents: int | None = None
+    val_fraction: float = 0.05
+    batch_size: int = 16
+    num_workers: int = 0
+    cache_dir: str = "~/.cache/multiar"
+    strict: bool = False  # the first unreadable file or record is an error instead of skipped
+
+    def __post_init__(self) -> None:
+        _check(
+            self.max_documents is None or self.max_documents >= 2,
+            "data.max_documents",
+            f"must be >= 2 (a train and a validation document), got {self.max_documents}",
+        )
+        _check(
+            0.0 < self.val_fraction < 1.0, "data.val_fraction", f"must be in (0, 1), got {self.val_fraction}"
+        )
+        _check(self.batch_size >= 1, "data.batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
+
+
+@dataclass
+class OptimSchema:
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0 and math.isfinite(self.lr), "optim.lr", f"must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            "optim.betas",
+            f"must be two values in [0, 1), got {list(self.betas)}",
+        )
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _check(
+            0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}"
+        )
+
+
+@dataclass
+class TrainSchema:
+    domain: DomainSchema = field(default_factory=DomainSchema)
+    model: ModelSchema = field(default_factory=ModelSchema)
+    trainer: dict[str, Any] = field(default_factory=dict)  # Lightning Trainer arguments, checked below
+    run_dir: str = "runs/run"
+    seed: int = 1337
+    overwrite: bool = False
+    ckpt_path: str | None = None
+    data: DataSchema = field(default_factory=DataSchema)
+    optim: OptimSchema = field(default_factory=OptimSchema)
+
+
+@dataclass
+class GenerateSchema:
+    run: str = "???"
+    out: str | None = None
+    n: int = 8
+    batch_size: int = 8
+    max_new_tokens: int = 256
+    min_new_tokens: int = 1
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 1
+    prompt: str | None = None
+    include_prompt: bool = True
+    overwrite: bool = False
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        _check(self.n >= 1, "n", f"must be >= 1, got {self.n}")
+        _check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        _check(self.min_new_tokens >= 0, "min_new_tokens", f"must be >= 0, got {self.min_new_tokens}")
+        _check(
+            self.min_new_tokens <= self.max_new_tokens,
+            "min_new_tokens",
+            f"{self.min_new_tokens} exceeds max_new_tokens={self.max_new_tokens}",
+        )
+        _check(
+            self.temperature >= 0 and math.isfinite(self.temperature),
+            "temperature",
+            f"must be >= 0 (0 is greedy), got {self.temperature}",
+        )
+        _check(self.top_k >= 0, "top_k", f"must be >= 0 (0 is off), got {self.top_k}")
+        _check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1] (1 is off), got {self.top_p}")
+
+
+@dataclass
+class DemoSchema:
+    out: str = "outputs/demo"
+    runs: str = "runs/demo"
+    domains: list[str] = field(default_factory=list)
+    train_overrides: dict[str, list[str]] = field(default_factory=dict)
+    generate: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+SCHEMAS: dict[str, type] = {"train": TrainSchema, "generate": GenerateSchema, "demo": DemoSchema}
+
+
+def _trainer_keys() -> set[str]:
+    import inspect
+
+    import lightning as L
+
+    return set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
+
+
+def validate(name: str, cfg: DictConfig) -> DictConfig:
+    """cfg checked against the schema of command `name`: the typed DictConfig, or ConfigError."""
+    schema = SCHEMAS.get(name)
+    if schema is None:
+        return cfg
+    try:
+        typed = OmegaConf.merge(OmegaConf.structured(schema), cfg)
+        OmegaConf.to_object(typed)  # runs the range checks in __post_init__
+    except MissingMandatoryValue as err:
+        raise ConfigError(f"{getattr(err, 'full_key', '') or 'a key'}: missing mandatory value") from None
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None)
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(
+            f"{key}: {message}" if key and not message.startswith(str(key)) else message
+        ) from None
+    if name == "train":
+        unknown = sorted(set(typed.trainer) - _trainer_keys())
+        _check(not unknown, "trainer", f"unknown Lightning Trainer argument(s): {', '.join(unknown)}")
+    return typed
