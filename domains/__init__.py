@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from multiar.domain import Domain
 from multiar.domains.code import CodeDomain
 from multiar.domains.music import MusicDomain
 from multiar.domains.protein import ProteinDomain
-
-from multiar.domain import Domain
 
 DOMAINS: dict[str, type] = {"music": MusicDomain, "code": CodeDomain, "protein": ProteinDomain}
 

@@ -77,7 +77,7 @@ class CodeDomain:
         if text.strip():  # empty __init__.py files carry nothing to learn
             yield text
 
-    def identity(self, record: str) -> bytes:
+    def content(self, record: str) -> bytes:
         return record.encode()
 
     def fit(self, records: Iterable[str]) -> None:

@@ -69,7 +69,7 @@ class MusicDomain:
             raise ValueError("no notes")
         yield score
 
-    def identity(self, record: Score) -> bytes:
+    def content(self, record: Score) -> bytes:
         return bytes(record.dumps_midi())
 
     def fit(self, records: Iterable[Score]) -> None:

@@ -52,8 +52,8 @@ class ProteinDomain:
         if n == 0:
             raise ValueError("no FASTA records")
 
-    def identity(self, record: SeqRecord) -> bytes:
-        return self._residues(record).encode()
+    def content(self, record: SeqRecord) -> bytes:
+        return bytes(self.encode(record))  # the checks of encode, before the split
 
     def fit(self, records: Iterable[SeqRecord]) -> None:
         counts = Counter()

@@ -140,8 +140,16 @@ def prepare_corpus(
     keys: list[str] = []
     seen: set[bytes] = set()
     duplicates = 0
+    unusable = Skips()  # records that are no document (empty, bad letters): skipped before the split
     for k, record in iter_records(domain, files, skips, doc_root, strict):
-        digest = hashlib.sha256(domain.identity(record)).digest()
+        unusable.seen += 1
+        try:
+            digest = hashlib.sha256(domain.content(record)).digest()
+        except Exception as err:
+            if strict:
+                raise ValueError(f"{k}: {err} (data.strict=true)") from err
+            unusable.skip(k, f"{type(err).__name__}: {err}")
+            continue
         if digest in seen:
             duplicates += 1
             continue
@@ -162,6 +170,8 @@ def prepare_corpus(
     if len(val_keys) == len(keys):
         val_keys.discard(keys[0])
     wanted = set(keys)
+    if unusable.count:
+        log.info("%s: %s", domain_name, unusable.summary("records"))
     good_files = [f for f in files if str(f) not in skips.places]
 
     # pass 2: fit tokenizer state on training documents only, so validation stays unseen
@@ -220,7 +230,7 @@ def prepare_corpus(
             "duplicates_removed": duplicates,
             "documents_train": len(split_sets["train"]),
             "documents_val": len(split_sets["val"]),
-            "records_skipped": bad_records.count,
+            "records_skipped": unusable.count + bad_records.count,
             "tokens_train": sum(len(x) for x in split_sets["train"]["ids"]),
             "tokens_val": sum(len(x) for x in split_sets["val"]["ids"]),
         }

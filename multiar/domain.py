@@ -40,8 +40,10 @@ class Domain(Protocol):
         """Records in one file; raises ValueError or OSError with a clear reason on a bad file, and
         nothing else: library errors (zlib, MIDI parsers) are turned into ValueError."""
 
-    def identity(self, record: Record) -> bytes:
-        """The content that makes two documents the same: exact duplicates are dropped before the split."""
+    def content(self, record: Record) -> bytes:
+        """The document's content as bytes: two records with equal content are duplicates, dropped before
+        the split. Raises ValueError for a record that is no usable document (empty, letters outside
+        the alphabet): it is skipped and counted before the split, so it cannot empty a split."""
 
     def fit(self, records: Iterable[Record]) -> None:
         """Learn tokenizer state from training records (no-op for fixed vocabularies)."""

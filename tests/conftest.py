@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from multiar.domains import DOMAINS, build_domain
 
 from multiar.domain import find_files
+from multiar.domains import DOMAINS, build_domain
 
 
 @pytest.fixture(autouse=True, scope="session")

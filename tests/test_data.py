@@ -6,9 +6,9 @@ import shutil
 
 import pytest
 from conftest import bundled_files
-from multiar.domains import build_domain
 
 from multiar.data import BlockDataModule, is_validation, pack, prepare_corpus
+from multiar.domains import build_domain
 
 
 def corpus_for(name, tmp_path, files, **kw):
