@@ -166,23 +166,31 @@ def _move_aside(run_dir: Path) -> Path:
 
 
 class ResumedCurve(L.Callback):
-    """On resume, drop metrics.csv rows logged after the checkpoint (lost with the killed process's
-    steps), so the curve continues from the checkpoint with no step logged twice."""
+    """Keeps the loss curve of a resumed run in one metrics.csv.
+
+    Lightning's CSVLogger deletes an existing metrics.csv when it starts; this callback reads the rows
+    first and, once the checkpoint is restored, writes back those logged before the checkpoint's
+    step (later ones died with the killed process), so the curve continues with no step twice.
+    """
 
     def __init__(self, metrics_csv: Path) -> None:
         self.metrics_csv = metrics_csv
+        self.rows: list[dict[str, str]] = []
+        if metrics_csv.exists():
+            with open(metrics_csv, newline="") as f:
+                self.rows = list(csv.DictReader(f))
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero or not self.metrics_csv.exists():
+        if trainer.global_step:
+            log.info("resumed at step %d", trainer.global_step)
+        if not trainer.is_global_zero or not self.rows or not trainer.global_step:
             return
-        with open(self.metrics_csv, newline="") as f:
-            rows = list(csv.DictReader(f))
-        keep = [r for r in rows if r.get("step") and int(r["step"]) < trainer.global_step]
-        if len(keep) == len(rows) or not rows:
-            return
-        fields = list(rows[0])
+        keep = [r for r in self.rows if r.get("step") and int(r["step"]) < trainer.global_step]
+        fields = sorted(self.rows[0])  # the order Lightning's writer keeps its columns in
         lines = [",".join(fields)] + [",".join(r.get(k) or "" for k in fields) for r in keep]
         write_new_text(self.metrics_csv, "\n".join(lines) + "\n", overwrite=True)
+        writer = trainer.logger.experiment  # appends to the file from here on, under the same header
+        writer.metrics_keys = list(fields)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:

@@ -1,0 +1,237 @@
+"""Faults injected on purpose: a killed training run (also mid-checkpoint-write), a replaced run, a loss
+that turns NaN, a full disk or a refused write; each loses no data and says what happened in one line."""
+
+from __future__ import annotations
+
+import csv
+import errno
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from multiar.checkpoint_io import KILL_DURING_WRITE_ENV
+from multiar.cli import main
+from multiar.config import load_config
+from multiar.schema import ConfigError
+from multiar.train import LitGPT, train
+
+MULTIAR = str(Path(sys.executable).parent / "multiar")
+FIXTURE_RUN = Path(__file__).parent / "fixtures" / "run_format0"
+TINY = [
+    "model.n_layer=1",
+    "model.n_embd=32",
+    "model.n_head=2",
+    "model.block_size=64",
+    "data.batch_size=4",
+    "trainer.limit_val_batches=2",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_progress_bar=false",
+    "optim.lr=1e-2",
+    "optim.warmup_steps=2",
+]
+
+
+def code_folder(tmp_path: Path, k: int = 30) -> Path:
+    """k real source files from the standard library, copied so a test may touch them."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    folder = tmp_path / "src"
+    folder.mkdir()
+    for f in sorted(stdlib.glob("*.py"))[:k]:
+        shutil.copy(f, folder)
+    return folder
+
+
+def cli(args, cwd, env_extra=None, timeout=300):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
+    return subprocess.run([MULTIAR, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def train_rows(metrics_csv: Path) -> list[tuple[int, float]]:
+    with open(metrics_csv, newline="") as f:
+        return [(int(r["step"]), float(r["train/loss"])) for r in csv.DictReader(f) if r.get("train/loss")]
+
+
+def resumed_step(stderr: str) -> int:
+    return int(re.search(r"resumed at step (\d+)", stderr).group(1))
+
+
+def test_killed_during_a_checkpoint_write_resumes_from_the_last_whole_one_with_its_own_tokenizer(tmp_path):
+    src = code_folder(tmp_path)
+    args = [
+        "train",
+        "domain=code",
+        f"data.paths=[{src}]",
+        "domain.settings.vocab_size=400",
+        "run_dir=run",
+        "trainer.max_steps=30",
+        "trainer.val_check_interval=5",
+        *TINY,
+    ]
+    # the 3rd checkpoint write (after best.ckpt and last.ckpt at step 5) is cut half-way by SIGKILL
+    killed = cli(args, tmp_path, {KILL_DURING_WRITE_ENV: "3"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    run = tmp_path / "run"
+    tokenizer = (run / "domain" / "tokenizer.json").read_bytes()  # saved before the first step
+    assert list((run / "checkpoints").glob(".*.tmp"))  # the half-written temporary, under no real name
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 5
+    # an input file changes: a tokenizer refitted from the data would differ; the run keeps its own
+    os.utime(next(src.glob("*.py")), (time.time() + 100, time.time() + 100))
+    resumed = cli([*args, "ckpt_path=last"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming with the run's own tokenizer" in resumed.stderr
+    assert resumed_step(resumed.stderr) == 5  # lost at most one checkpoint interval (killed at 10)
+    assert (run / "domain" / "tokenizer.json").read_bytes() == tokenizer
+    assert not list((run / "checkpoints").glob(".*.tmp")) and not list(run.rglob("*-v1.ckpt"))
+    rows = train_rows(run / "metrics.csv")
+    steps = [s for s, _ in rows]
+    assert steps == sorted(set(steps)) and steps[-1] == 29  # no step twice, the curve runs to the end
+    first = dict(rows)
+    # the curve continues: the first loss after resuming is far below the untrained start (ln V)
+    assert first[5] < math.log(400) - 0.5 and first[0] > first[5]
+
+
+def test_sigkill_mid_run_then_the_same_command_resumes(tmp_path):
+    args = [
+        "train",
+        "domain=protein",
+        "data.max_documents=300",
+        "run_dir=run",
+        "trainer.max_steps=100000",
+        "trainer.val_check_interval=10",
+        *TINY,
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([MULTIAR, *args], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 240
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    time.sleep(1.0)  # mid-run, between checkpoints or inside one
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert last.exists()
+    step = torch.load(last, weights_only=True)["global_step"]
+    assert step >= 10
+    resumed = cli([*args[:4], "trainer.max_steps=" + str(step + 10), *args[5:], "ckpt_path=last"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed_step(resumed.stderr) == step
+    steps = [s for s, _ in train_rows(tmp_path / "run" / "metrics.csv")]
+    assert steps == sorted(set(steps)) and steps[-1] == step + 9
+
+
+FAST = [
+    "domain=protein",
+    "data.max_documents=200",
+    "trainer.val_check_interval=5",
+    "trainer.limit_val_batches=2",
+    *TINY,
+]
+
+
+def test_resume_with_nothing_to_resume_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="nothing to resume"):
+        train(load_config("train", [*FAST, f"run_dir={tmp_path / 'run'}", "ckpt_path=last"]))
+    assert not (tmp_path / "run").exists()
+
+
+def test_overwrite_replaces_the_whole_run_and_a_failed_replacement_keeps_the_old(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    train(load_config("train", [*FAST, f"run_dir={run}", "trainer.max_steps=12"]))
+    (run / "old-marker").write_text("from the first run")
+    train(load_config("train", [*FAST, f"run_dir={run}", "trainer.max_steps=6", "overwrite=true"]))
+    assert not (run / "old-marker").exists() and not list(run.rglob("*-v1.ckpt"))
+    steps = [s for s, _ in train_rows(run / "metrics.csv")]
+    assert max(steps) == 5 and len(steps) == len(set(steps))  # only the new run's rows
+    assert not list(tmp_path.glob(".run.replaced-*"))
+
+    (run / "old-marker").write_text("second run")
+
+    def broken(self, batch, batch_idx):
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(LitGPT, "training_step", broken)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        train(load_config("train", [*FAST, f"run_dir={run}", "trainer.max_steps=6", "overwrite=true"]))
+    assert (run / "old-marker").read_text() == "second run" and (run / "model.safetensors").exists()
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    real = LitGPT._loss
+
+    def poisoned(self, batch):
+        loss, n = real(self, batch)
+        if self.training and self.global_step >= 7:
+            loss = loss * float("nan")
+        return loss, n
+
+    monkeypatch.setattr(LitGPT, "_loss", poisoned)
+    run = tmp_path / "run"
+    with pytest.raises(FloatingPointError, match="became nan at step 7"):
+        train(load_config("train", [*FAST, f"run_dir={run}", "trainer.max_steps=20"]))
+    good = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert good["global_step"] == 5
+    assert all(torch.isfinite(t).all() for t in good["state_dict"].values())
+
+
+def copy_fixture_run(tmp_path: Path) -> Path:
+    run = tmp_path / "fixture_run"
+    shutil.copytree(FIXTURE_RUN, run)
+    return run
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EACCES])
+def test_a_failed_write_is_one_line_and_keeps_only_complete_files(tmp_path, monkeypatch, capsys, code):
+    run = copy_fixture_run(tmp_path)
+    out = tmp_path / "out"
+    import multiar.domain
+
+    real_replace = os.replace
+    calls = {"n": 0}
+
+    def failing_replace(src, dst):
+        calls["n"] += 1
+        if calls["n"] == 2:  # samples.fasta lands, generate.json hits the full disk / refused write
+            raise OSError(code, os.strerror(code))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(multiar.domain.os, "replace", failing_replace)
+    rc = main(["generate", f"run={run}", f"out={out}", "n=3", "max_new_tokens=10"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and err == f"multiar generate: {out / 'generate.json'}: cannot write: {os.strerror(code)}"
+    assert sorted(p.name for p in out.iterdir()) == ["samples.fasta"]  # whole; no temporary left
+
+
+def test_writing_to_dev_full_is_a_clear_error():
+    from multiar.domain import write_new_file
+
+    def to_full(tmp):
+        with open("/dev/full", "wb") as f:
+            f.write(b"x" * 10)
+
+    target = Path(os.environ.get("TMPDIR", "/tmp")) / f"multiar-devfull-{os.getpid()}.bin"
+    with pytest.raises(OSError, match="No space left on device") as info:
+        write_new_file(target, to_full)
+    assert info.value.filename == str(target) and not target.exists()
+    assert not list(target.parent.glob(f".{target.name}.*"))
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_outputs_get_the_permissions_the_umask_gives(tmp_path, umask):
+    run = copy_fixture_run(tmp_path)
+    old = os.umask(umask)
+    try:
+        assert main(["generate", f"run={run}", f"out={tmp_path / 'out'}", "n=2", "max_new_tokens=8"]) == 0
+    finally:
+        os.umask(old)
+    for f in (tmp_path / "out").iterdir():
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f
