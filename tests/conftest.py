@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
 
 from multiar.domain import find_files
 from multiar.domains import DOMAINS, build_domain
+
+
+@pytest.fixture(autouse=True, scope="session")
+def no_network() -> None:
+    """Tests never reach the network: a connection to anything but loopback fails loudly."""
+    real_connect = socket.socket.connect
+
+    def connect(self, address):
+        host = address[0] if isinstance(address, tuple) else None
+        if host is not None and not (host in ("localhost", "::1") or str(host).startswith("127.")):
+            raise OSError(f"test tried to reach the network: {address}")
+        return real_connect(self, address)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(socket.socket, "connect", connect)
+    yield
+    mp.undo()
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -110,14 +110,24 @@ def test_same_seed_gives_identical_files(tmp_path):
     assert all(str(r.seq).startswith("MKT") for r in SeqIO.parse(tmp_path / "a" / "samples.fasta", "fasta"))
 
 
-def test_existing_run_is_not_replaced_but_resumes_from_last(tmp_path):
+def test_existing_run_is_not_replaced_but_resumes_from_last(tmp_path, monkeypatch):
+    from multiar.train import LitGPT
+
     run_dir = tmp_path / "run"
     train_tiny("protein", run_dir, steps=10)
     with pytest.raises(FileExistsError, match="ckpt_path=last"):
         train_tiny("protein", run_dir, steps=10)
     assert (run_dir / "checkpoints" / "last.ckpt").exists()
+    real, ran = LitGPT.training_step, []
+
+    def counted(self, batch, batch_idx):
+        ran.append(self.global_step)
+        return real(self, batch, batch_idx)
+
+    monkeypatch.setattr(LitGPT, "training_step", counted)
     resumed = train_tiny("protein", run_dir, steps=16, extra=["ckpt_path=last"])
-    assert resumed["steps"] == 16
+    # a fresh start would also end at 16; a resume runs only steps 10..15
+    assert resumed["steps"] == 16 and ran == list(range(10, 16))
 
 
 def test_generate_refuses_to_overwrite_previous_samples(tmp_path):
