@@ -6,10 +6,27 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint bench clean
 
-# torch first, pinned to the CPU wheel on disk: any looser spec pulls a multi-GB CUDA build.
+PIP := $(BIN)/python -m pip install -q --disable-pip-version-check
+TORCH := torch==2.13.0
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
+# Where torch comes from: auto (PyTorch's CPU wheels when no NVIDIA GPU answers, else the default
+# index), cpu, default, or an index URL. The CPU index is an extra index: its 2.13.0+cpu outranks the
+# default index's CUDA build, and when it cannot be reached pip carries on with the default index.
+TORCH_INDEX ?= auto
+
+# torch first, pinned: any looser spec, or torch pulled in by another package, takes a multi-GB CUDA build.
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --disable-pip-version-check torch==2.13.0
+	@index="$(TORCH_INDEX)"; \
+	if [ "$$index" = auto ]; then \
+	  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then index=default; else index=cpu; fi; \
+	fi; \
+	case "$$index" in \
+	  default) echo "torch: default index"; $(PIP) $(TORCH) ;; \
+	  cpu) echo "torch: PyTorch's CPU wheels (TORCH_INDEX=default for the default index)"; \
+	       $(PIP) --timeout 20 --extra-index-url $(TORCH_CPU_INDEX) $(TORCH) || $(PIP) $(TORCH) ;; \
+	  *) echo "torch: $$index"; $(PIP) --extra-index-url "$$index" $(TORCH) ;; \
+	esac
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
 
