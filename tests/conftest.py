@@ -55,3 +55,26 @@ def fitted_domain(name: str, k: int = 20):
 @pytest.fixture(params=sorted(DOMAINS))
 def domain_name(request: pytest.FixtureRequest) -> str:
     return request.param
+
+
+# the smallest useful training setup: seconds per run, every feature exercised
+TINY = [
+    "model.n_layer=1",
+    "model.n_embd=32",
+    "model.n_head=2",
+    "model.block_size=64",
+    "data.batch_size=4",
+    "trainer.limit_val_batches=2",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_progress_bar=false",
+]
+FIXTURE_RUN = Path(__file__).parent / "fixtures" / "run_format0"
+
+
+def copy_fixture_run(tmp_path: Path) -> Path:
+    """A private copy of the small run folder of the foundation's format (format_version 0)."""
+    import shutil
+
+    run = tmp_path / "fixture_run"
+    shutil.copytree(FIXTURE_RUN, run)
+    return run

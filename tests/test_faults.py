@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY, copy_fixture_run
 
 from multiar.checkpoint_io import KILL_DURING_WRITE_ENV
 from multiar.cli import main
@@ -26,19 +27,7 @@ from multiar.schema import ConfigError
 from multiar.train import LitGPT, train
 
 MULTIAR = str(Path(sys.executable).parent / "multiar")
-FIXTURE_RUN = Path(__file__).parent / "fixtures" / "run_format0"
-TINY = [
-    "model.n_layer=1",
-    "model.n_embd=32",
-    "model.n_head=2",
-    "model.block_size=64",
-    "data.batch_size=4",
-    "trainer.limit_val_batches=2",
-    "trainer.log_every_n_steps=1",
-    "trainer.enable_progress_bar=false",
-    "optim.lr=1e-2",
-    "optim.warmup_steps=2",
-]
+TINY = [*TINY, "optim.lr=1e-2", "optim.warmup_steps=2"]
 
 
 def code_folder(tmp_path: Path, k: int = 30) -> Path:
@@ -181,12 +170,6 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     good = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert good["global_step"] == 5
     assert all(torch.isfinite(t).all() for t in good["state_dict"].values())
-
-
-def copy_fixture_run(tmp_path: Path) -> Path:
-    run = tmp_path / "fixture_run"
-    shutil.copytree(FIXTURE_RUN, run)
-    return run
 
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EACCES])

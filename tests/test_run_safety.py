@@ -6,13 +6,13 @@ from __future__ import annotations
 import csv
 import json
 import pickle
-import shutil
 import socket
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from conftest import FIXTURE_RUN, TINY, copy_fixture_run
 
 from multiar.cli import main
 from multiar.config import load_config
@@ -22,24 +22,7 @@ from multiar.run_folder import FORMAT_VERSION, load_run
 from multiar.schema import ConfigError
 from multiar.train import train
 
-FIXTURE_RUN = Path(__file__).parent / "fixtures" / "run_format0"
-TINY = [
-    "model.n_layer=1",
-    "model.n_embd=32",
-    "model.n_head=2",
-    "model.block_size=64",
-    "data.batch_size=4",
-    "trainer.val_check_interval=5",
-    "trainer.limit_val_batches=2",
-    "trainer.log_every_n_steps=1",
-    "trainer.enable_progress_bar=false",
-]
-
-
-def copy_run(tmp_path: Path) -> Path:
-    run = tmp_path / "run"
-    shutil.copytree(FIXTURE_RUN, run)
-    return run
+TINY = [*TINY, "trainer.val_check_interval=5"]
 
 
 # --- format versions ---------------------------------------------------------------------------
@@ -56,7 +39,7 @@ def test_a_run_of_the_foundation_format_still_loads_with_the_same_logits():
 
 @pytest.mark.parametrize("version", [FORMAT_VERSION + 1, "two", -1])
 def test_a_newer_or_unknown_format_version_is_a_one_line_error(tmp_path, capsys, version):
-    run = copy_run(tmp_path)
+    run = copy_fixture_run(tmp_path)
     config = yaml.safe_load((run / "config.yaml").read_text())
     (run / "config.yaml").write_text(yaml.safe_dump({"format_version": version, **config}))
     with pytest.raises(ConfigError, match="newer multiar" if version == FORMAT_VERSION + 1 else "unknown"):
@@ -88,7 +71,7 @@ class Payload:
 
 def test_a_planted_pickle_never_runs_as_weights_or_as_a_checkpoint(tmp_path):
     marker = tmp_path / "PWNED"
-    run = copy_run(tmp_path)
+    run = copy_fixture_run(tmp_path)
     (run / "model.safetensors").write_bytes(pickle.dumps(Payload(marker)))
     with pytest.raises(ValueError, match="model.safetensors: not loadable safetensors"):
         load_run(run)
@@ -157,7 +140,7 @@ def test_train_and_generate_open_no_network_connection(tmp_path, monkeypatch):
     ],
 )
 def test_bad_generate_values_are_one_line_with_exit_code_2(tmp_path, capsys, override, message):
-    run = copy_run(tmp_path)
+    run = copy_fixture_run(tmp_path)
     assert main(["generate", f"run={run}", f"out={tmp_path / 'o'}", override]) == 2
     assert capsys.readouterr().err.strip() == f"multiar generate: {message}"
     assert not (tmp_path / "o").exists()  # nothing was done
@@ -183,7 +166,7 @@ def test_bad_train_values_are_one_line_with_exit_code_2(tmp_path, capsys, overri
 
 
 def test_a_run_folder_of_another_domain_is_refused(tmp_path, capsys):
-    run = copy_run(tmp_path)  # a protein run
+    run = copy_fixture_run(tmp_path)  # a protein run
     (run / "checkpoints").mkdir()
     (run / "checkpoints" / "last.ckpt").write_bytes(b"x")
     assert main(["train", "domain=music", f"run_dir={run}", "ckpt_path=last"]) == 2
@@ -191,7 +174,7 @@ def test_a_run_folder_of_another_domain_is_refused(tmp_path, capsys):
 
 
 def test_weights_whose_vocab_does_not_match_the_tokenizer_are_refused(tmp_path, capsys):
-    run = copy_run(tmp_path)
+    run = copy_fixture_run(tmp_path)
     config = yaml.safe_load((run / "config.yaml").read_text())
     config["model_config"]["vocab_size"] += 5
     (run / "config.yaml").write_text(yaml.safe_dump(config))
