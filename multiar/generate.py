@@ -1,12 +1,16 @@
-"""Sampling from a GPT with its KV cache: prefill, one-token decode, and the batched decode loop.
+"""Sampling from a GPT with its KV cache: the sampler, logits processors, prefill, and the batched decode
+loop, streaming tokens as they are produced.
 
-Everything that shapes the next-token distribution beyond temperature/top-k/top-p (grammar masks,
-banned ids, length control) plugs in as a `LogitsProcessor`; they compose in order. Knows no domain.
+Everything that shapes the next-token distribution beyond temperature/top-k/top-p/min-p (grammar masks,
+banned ids, repetition penalty) plugs in as a `LogitsProcessor`; they compose in order. A processor is a
+function of the ids it is given: when rows have different lengths it is called once per row with that
+row's ids. Knows no domain.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -17,25 +21,47 @@ from multiar.model import GPT
 LogitsProcessor = Callable[[Tensor, Tensor], Tensor]
 
 
+def _on(table: dict, device: torch.device, make: Callable[[], Tensor]) -> Tensor:
+    """A small constant tensor, built once per device (processors run every step)."""
+    if device not in table:
+        table[device] = make().to(device)
+    return table[device]
+
+
 def ban_tokens(token_ids: Sequence[int]) -> LogitsProcessor:
     """A processor that never lets the given ids be sampled (e.g. PAD, BOS)."""
-    banned = torch.tensor(sorted(set(token_ids)), dtype=torch.long)
+    banned = sorted(set(token_ids))
+    tables: dict = {}
 
     def processor(ids: Tensor, logits: Tensor) -> Tensor:
-        return logits.index_fill(-1, banned.to(logits.device), float("-inf"))
+        index = _on(tables, logits.device, lambda: torch.tensor(banned, dtype=torch.long))
+        return logits.index_fill_(-1, index, float("-inf"))
 
     return processor
 
 
 def min_new_tokens(n: int, prompt_length: int, eos_id: int) -> LogitsProcessor:
-    """A processor that bans EOS until n new tokens follow a prompt of prompt_length: no empty samples."""
-
-    eos = torch.tensor([eos_id])
+    """A processor that bans EOS until n new tokens follow a prompt of prompt_length: no empty samples.
+    (`generate(min_new_tokens=...)` does the same per row when prompts differ in length.)"""
 
     def processor(ids: Tensor, logits: Tensor) -> Tensor:
         if ids.size(1) < prompt_length + n:
-            logits = logits.index_fill(-1, eos.to(logits.device), float("-inf"))
+            logits[:, eos_id] = float("-inf")
         return logits
+
+    return processor
+
+
+def repetition_penalty(penalty: float, window: int = 64) -> LogitsProcessor:
+    """CTRL's repetition penalty over each row's last `window` ids: a logit of a token seen there is
+    divided by penalty when positive, multiplied when negative (penalty > 1 discourages repeats)."""
+    if penalty <= 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {penalty}")
+
+    def processor(ids: Tensor, logits: Tensor) -> Tensor:
+        recent = ids[:, -window:]  # (B, w)
+        seen = logits.gather(-1, recent)
+        return logits.scatter_(-1, recent, torch.where(seen > 0, seen / penalty, seen * penalty))
 
     return processor
 
@@ -46,8 +72,10 @@ def sample(
     top_k: int = 0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    min_p: float = 0.0,
 ) -> Tensor:
-    """Draw one token per row from logits (B, V) -> (B,). temperature 0 is greedy; top_k 0 is off."""
+    """Draw one token per row from logits (B, V) -> (B,). temperature 0 is greedy; top_k 0, top_p 1 and
+    min_p 0 are off. min_p keeps tokens whose probability is at least min_p times the row's largest."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -62,81 +90,182 @@ def sample(
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)
+    if min_p > 0.0:
+        probs = probs.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), 0.0)
     # Gumbel-style exponential race instead of torch.multinomial: same distribution, no host sync
     noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
     return (probs / noise).argmax(dim=-1)
 
 
-def prefill(model: GPT, idx: Tensor) -> Tensor:
-    """Run the prompt idx (B, T) through the model, filling the cache; logits for the next token (B, V)."""
-    input_pos = torch.arange(idx.size(1), device=idx.device)
-    return model(idx, input_pos)[:, -1]
+def prefill(model: GPT, idx: Tensor, last: Tensor | None = None) -> Tensor:
+    """Run prompts idx (B, T) through the model from position 0, filling the cache; logits for the token
+    after each row's last prompt token (B, V). last: (B,) index of each row's last real token (ragged)."""
+    return model(idx, 0, logits_at=-1 if last is None else last)[:, -1]
 
 
 def decode_one_token(model: GPT, token: Tensor, pos: int) -> Tensor:
     """Feed one token per row (B, 1) at position pos; logits for the following token (B, V)."""
-    input_pos = torch.tensor([pos], device=token.device)
-    return model(token, input_pos)[:, -1]
+    return model(token, pos)[:, -1]
+
+
+def as_rows(prompt: Tensor | Sequence[Sequence[int]]) -> list[list[int]]:
+    """Prompts as lists of ids: a (B, T) tensor or a list of (possibly different-length) id lists."""
+    rows = prompt.tolist() if isinstance(prompt, Tensor) else [list(map(int, r)) for r in prompt]
+    if not rows or any(len(r) == 0 for r in rows):
+        raise ValueError("the prompt is empty: each row needs at least a BOS token")
+    return rows
+
+
+def apply_processors(
+    processors: Sequence[LogitsProcessor], seq: Tensor, lengths: Sequence[int] | None, logits: Tensor
+) -> Tensor:
+    """Run processors on logits (B, V) given the ids seq (B, >= t); rows of different lengths one by one."""
+    if lengths is None:
+        for process in processors:
+            logits = process(seq, logits)
+        return logits
+    rows = []
+    for b, n in enumerate(lengths):
+        row = logits[b : b + 1]
+        for process in processors:
+            row = process(seq[b : b + 1, :n], row)
+        rows.append(row)
+    return torch.cat(rows)
+
+
+class Token(NamedTuple):
+    """One streamed event: row `row` produced `token`; token None means the row has finished."""
+
+    row: int
+    token: int | None
 
 
 @torch.inference_mode()
-def generate(
+def stream(
     model: GPT,
-    prompt: Tensor,
+    prompt: Tensor | Sequence[Sequence[int]],
     max_new_tokens: int,
     *,
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    repetition_window: int = 64,
     eos_id: int | None = None,
+    stop: Sequence[Sequence[int]] = (),
+    min_new_tokens: int = 0,
     processors: Sequence[LogitsProcessor] = (),
     generator: torch.Generator | None = None,
-) -> list[list[int]]:
-    """Continue each row of prompt (B, T); return the new ids per row, cut before the first eos_id."""
-    B, T = prompt.shape
+) -> Iterator[Token]:
+    """Continue each prompt row, yielding Token(row, id) as tokens are produced and Token(row, None)
+    when a row ends (EOS, a stop sequence, or max_new_tokens). EOS and stop ids are never yielded:
+    a row holds back as many tokens as the longest stop sequence minus one until they cannot start one.
+
+    Rows may have different lengths (a list of id lists): each gets its own positions in the cache.
+    """
+    rows = as_rows(prompt)
+    B, device = len(rows), model.wte.weight.device
+    lengths = [len(r) for r in rows]
+    T = max(lengths)
+    ragged = min(lengths) != T
     total = T + max_new_tokens
-    if T == 0:
-        raise ValueError("the prompt is empty: it needs at least a BOS token")
     if total > model.config.block_size:
         raise ValueError(
             f"prompt ({T}) + max_new_tokens ({max_new_tokens}) = {total} exceeds the model's "
             f"block_size ({model.config.block_size})"
         )
+    stops = [list(s) for s in stop if len(s)]
+    hold = max((len(s) for s in stops), default=1) - 1
+    procs = list(processors)
+    if repetition_penalty != 1.0:
+        procs.insert(0, globals()["repetition_penalty"](repetition_penalty, repetition_window))
     was_training = model.training
     model.eval()
     model.setup_caches(max_batch_size=B, max_seq_length=total)
-    seq = torch.empty(B, total, dtype=torch.long, device=prompt.device)  # (B, T + new)
-    seq[:, :T] = prompt
-    done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
-    banned_all = torch.zeros(B, dtype=torch.bool, device=prompt.device)  # checked once, after the loop
-    n = 0
+    seq = torch.zeros(B, total, dtype=torch.long, device=device)  # (B, T + new): row b's ids at [0, len_b)
+    for b, r in enumerate(rows):
+        seq[b, : len(r)] = torch.tensor(r)
+    length_t = torch.tensor(lengths, device=device)  # (B,)
+    rows_idx = torch.arange(B, device=device)
+    finished = [False] * B
+    finished_t = torch.zeros(B, dtype=torch.bool, device=device)
+    generated: list[list[int]] = [[] for _ in range(B)]
+    sent = [0] * B  # tokens of each row already yielded
+    banned_all = torch.zeros(B, dtype=torch.bool, device=device)  # checked once, after the loop
     try:  # the caches are released whatever happens, so a failed call leaves the model as it was
-        logits = prefill(model, prompt)
+        logits = prefill(model, seq[:, :T], length_t - 1 if ragged else None)
         for n in range(max_new_tokens):
-            for process in processors:
-                logits = process(seq[:, : T + n], logits)
-            if processors:
-                banned_all |= (logits == float("-inf")).all(dim=-1) & ~done
-            token = sample(logits, temperature, top_k, top_p, generator)  # (B,)
+            if procs:
+                if ragged:
+                    logits = apply_processors(procs, seq, [length + n for length in lengths], logits)
+                else:
+                    logits = apply_processors(procs, seq[:, : T + n], None, logits)
+                banned_all |= torch.isneginf(logits).all(dim=-1) & ~finished_t
+            if eos_id is not None and n < min_new_tokens:
+                logits[:, eos_id] = float("-inf")
+            token = sample(logits, temperature, top_k, top_p, generator, min_p)  # (B,)
             if eos_id is not None:
-                token = token.masked_fill(done, eos_id)  # finished rows only repeat EOS
-                done |= token == eos_id
-            seq[:, T + n] = token
-            if eos_id is not None and bool(done.all()):
+                token = token.masked_fill(finished_t, eos_id)  # finished rows only repeat EOS
+            if ragged:
+                seq[rows_idx, length_t + n] = token
+            else:
+                seq[:, T + n] = token
+            for b, t in enumerate(token.tolist()):
+                if finished[b]:
+                    continue
+                row = generated[b]
+                row.append(t)
+                ended = eos_id is not None and t == eos_id
+                if ended:
+                    row.pop()
+                else:
+                    for s in stops:
+                        if row[-len(s) :] == s:
+                            del row[-len(s) :]
+                            ended = True
+                            break
+                if ended or n + 1 == max_new_tokens:
+                    finished[b] = True
+                    finished_t[b] = True
+                    for tok in row[sent[b] :]:
+                        yield Token(b, tok)
+                    sent[b] = len(row)
+                    yield Token(b, None)
+                else:
+                    while len(row) - sent[b] > hold:
+                        yield Token(b, row[sent[b]])
+                        sent[b] += 1
+            if all(finished):
                 break
-            if n + 1 < max_new_tokens:
+            if ragged:
+                pos = (length_t + n)[:, None]  # (B, 1)
+                logits = model(token[:, None], pos, kv_len=T + n + 1)[:, -1]
+            else:
                 logits = decode_one_token(model, token[:, None], T + n)
     finally:
         model.clear_caches()
         model.train(was_training)
     if bool(banned_all.any()):
-        rows = banned_all.nonzero().flatten().tolist()
-        raise ValueError(
-            f"the logits processors banned every token for row(s) {rows}: nothing can be sampled"
-        )
-    out = []
-    for row in seq[:, T : T + n + 1].tolist():
-        if eos_id is not None and eos_id in row:
-            row = row[: row.index(eos_id)]
-        out.append(row)
+        bad = banned_all.nonzero().flatten().tolist()
+        raise ValueError(f"the logits processors banned every token for row(s) {bad}: nothing can be sampled")
+
+
+def generate(
+    model: GPT,
+    prompt: Tensor | Sequence[Sequence[int]] | None = None,
+    max_new_tokens: int = 256,
+    *,
+    prompts: Sequence[Sequence[int]] | None = None,
+    **kwargs,
+) -> list[list[int]]:
+    """Continue each row of prompt (a (B, T) tensor, or `prompts`: id lists of any lengths); return the
+    new ids per row, without EOS or a matched stop sequence. Keyword arguments as `stream`."""
+    if (prompt is None) == (prompts is None):
+        raise ValueError("give either prompt or prompts")
+    rows = as_rows(prompt if prompts is None else prompts)
+    out: list[list[int]] = [[] for _ in rows]
+    for event in stream(model, rows, max_new_tokens, **kwargs):
+        if event.token is not None:
+            out[event.row].append(event.token)
     return out

@@ -11,10 +11,10 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from multiar.domain import write_new_text
-from multiar.generate import ban_tokens, generate, min_new_tokens
+from multiar.domain import Domain, write_new_text
+from multiar.generate import ban_tokens, generate
 from multiar.run_folder import load_run
-from multiar.schema import validate
+from multiar.schema import ConfigError, validate
 
 log = logging.getLogger("multiar")
 
@@ -33,39 +33,76 @@ def fit_prompt(prompt: list[int], block_size: int, max_new_tokens: int) -> list[
     return prompt[:1] + prompt[-(room - 1) :]
 
 
+def read_prompt_file(path: str | Path) -> list[str]:
+    """Prompts, one per line (blank lines skipped); ConfigError naming the file when it can't be read."""
+    path = Path(path).expanduser()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"prompt_file: {path}: {getattr(err, 'strerror', None) or err}") from None
+    prompts = [line for line in lines if line.strip()]
+    if not prompts:
+        raise ConfigError(f"prompt_file: {path}: holds no prompt")
+    return prompts
+
+
+def stop_sequences(cfg: DictConfig, domain: Domain) -> list[list[int]]:
+    """Token-id stop sequences: cfg.stop_ids as given, and cfg.stop's text encoded by the domain."""
+    stops = [list(s) for s in cfg.stop_ids]
+    if cfg.stop is not None:
+        try:
+            ids = domain.prompt_ids(cfg.stop)[1:]  # without BOS
+        except (ValueError, OSError) as err:
+            raise ConfigError(f"stop: the {domain.name} domain cannot encode {cfg.stop!r} ({err})") from None
+        stops.append(ids)
+    return stops
+
+
+def cut_at_stop(artifact: Any, stop: str | None, start: int = 0) -> Any:
+    """A text artifact ends before the first stop text at or after start (the end of the prompt), even
+    where the tokens that spelled it differ from the stop's own tokens."""
+    if stop and isinstance(artifact, str) and (at := artifact.find(stop, start)) >= 0:
+        return artifact[:at]
+    return artifact
+
+
 def sample_to_files(cfg: DictConfig) -> dict[str, Any]:
-    """Sample cfg.n continuations of cfg.prompt from run cfg.run; write files; return a report."""
+    """Sample cfg.n continuations of each prompt (cfg.prompt, or every line of cfg.prompt_file) from
+    run cfg.run; write files; return a report."""
     cfg = validate("generate", cfg)
     run = load_run(cfg.run, device=cfg.device)
     model, domain = run.model, run.domain
     out_dir = Path(cfg.out if cfg.out else Path("outputs") / domain.name).expanduser()
-    prompt = domain.prompt_ids(cfg.prompt)
-    prompt = fit_prompt(prompt, model.config.block_size, cfg.max_new_tokens)
-    processors = [
-        ban_tokens([domain.pad_id, domain.bos_id]),
-        min_new_tokens(cfg.min_new_tokens, len(prompt), domain.eos_id),
-    ]
+    texts = read_prompt_file(cfg.prompt_file) if cfg.prompt_file else [cfg.prompt]
+    prompts = [fit_prompt(domain.prompt_ids(t), model.config.block_size, cfg.max_new_tokens) for t in texts]
+    stops = stop_sequences(cfg, domain)
+    processors = [ban_tokens([domain.pad_id, domain.bos_id])]
     if (constraint := domain.constraint()) is not None:
         processors.append(constraint)
     generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
+    rows = [p for p in prompts for _ in range(cfg.n)]  # n samples of each prompt, in prompt order
     new_ids: list[list[int]] = []
-    for start in range(0, cfg.n, cfg.batch_size):
-        rows = min(cfg.batch_size, cfg.n - start)
-        idx = torch.tensor([prompt] * rows, dtype=torch.long, device=cfg.device)  # (B, T)
+    for start in range(0, len(rows), cfg.batch_size):
         new_ids += generate(
             model,
-            idx,
-            cfg.max_new_tokens,
+            prompts=rows[start : start + cfg.batch_size],
+            max_new_tokens=cfg.max_new_tokens,
             temperature=cfg.temperature,
             top_k=cfg.top_k,
             top_p=cfg.top_p,
+            min_p=cfg.min_p,
+            repetition_penalty=cfg.repetition_penalty,
+            repetition_window=cfg.repetition_window,
             eos_id=domain.eos_id,
+            stop=stops,
+            min_new_tokens=cfg.min_new_tokens,
             processors=processors,
             generator=generator,
         )
-    head = prompt[1:] if cfg.include_prompt else []  # prompt without BOS
-    decoded = [domain.decode(head + ids) for ids in new_ids]
-    artifacts = [artifact for artifact, _ in decoded]
+    heads = [p[1:] if cfg.include_prompt else [] for p in rows]  # each prompt without BOS
+    decoded = [domain.decode(head + ids) for head, ids in zip(heads, new_ids, strict=True)]
+    starts = [len(a) if isinstance(a := domain.decode(h)[0], str) else 0 for h in heads]
+    artifacts = [cut_at_stop(a, cfg.stop, at) for (a, _), at in zip(decoded, starts, strict=True)]
     provenance = {
         "run": str(run.path),
         "seed": cfg.seed,
@@ -74,12 +111,16 @@ def sample_to_files(cfg: DictConfig) -> dict[str, Any]:
         "top_p": cfg.top_p,
         "max_new_tokens": cfg.max_new_tokens,
     }
+    for key, off in (("min_p", 0.0), ("repetition_penalty", 1.0)):
+        if cfg[key] != off:  # settings that are on go into every file's provenance
+            provenance[key] = cfg[key]
     paths = domain.write(artifacts, out_dir, provenance, overwrite=cfg.overwrite)
     report = {
         "domain": domain.name,
         "files": [str(p) for p in paths],
         "samples": len(artifacts),
         "prompt": cfg.prompt,
+        "prompts": len(prompts),
         "provenance": provenance,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),  # the only time stamp written
         "metrics": {

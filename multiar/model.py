@@ -2,7 +2,10 @@
 
 `forward(idx, input_pos=None)`: without `input_pos` it is a plain causal pass over the whole block
 (training); with it, it writes keys/values at `input_pos` into the preallocated cache and attends
-over the cache (prefill and decode). No Lightning, Hydra or domain code here.
+over the filled part of the cache (prefill and decode). `input_pos` is an int (every row at the same
+positions: slices, no gathers, the fast path), a (T,) tensor, or a (B, T) tensor of per-row positions
+(prompts of different lengths, speculative rows that accepted different counts). No Lightning, Hydra
+or domain code here.
 """
 
 from __future__ import annotations
@@ -65,15 +68,11 @@ def rope_cache(seq_len: int, head_size: int, base: float) -> Tensor:
     return torch.stack([freqs.cos(), freqs.sin()], dim=-1)
 
 
-def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
-    """Rotate pairs of channels of x (B, T, H, hs) by the angles in rope (T, hs/2, 2)."""
-    xs = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, T, H, hs/2, 2)
-    cos, sin = rope[:, None, :, 0], rope[:, None, :, 1]  # (T, 1, hs/2): broadcast over heads
-    out = torch.stack(
-        [xs[..., 0] * cos - xs[..., 1] * sin, xs[..., 1] * cos + xs[..., 0] * sin],
-        dim=-1,
-    )
-    return out.flatten(-2).type_as(x)
+def apply_rope(x: Tensor, freqs: Tensor) -> Tensor:
+    """Rotate pairs of channels of x (B, T, H, hs) by the unit complex numbers freqs, (T, hs/2) or
+    (B, T, hs/2): one complex multiply instead of a dozen real ops, which is what decode time is made of."""
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (B, T, H, hs/2)
+    return torch.view_as_real(xc * freqs.unsqueeze(-2)).flatten(-2).type_as(x)
 
 
 class KVCache(nn.Module):
@@ -87,13 +86,19 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
 
-    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store k, v (B, nh, T, hs) at positions input_pos (T,); return the whole cache for this batch."""
-        B = k.size(0)
+    def update(self, input_pos: int | Tensor, k: Tensor, v: Tensor, kv_len: int) -> tuple[Tensor, Tensor]:
+        """Store k, v (B, nh, T, hs) at input_pos (an int start for every row, or (B, T) per row);
+        return the cache's first kv_len slots for this batch, (B, nh, kv_len, hs) views."""
+        B, T = k.size(0), k.size(2)
         k_cache, v_cache = self.k[:B], self.v[:B]
-        k_cache.index_copy_(2, input_pos, k)
-        v_cache.index_copy_(2, input_pos, v)
-        return k_cache, v_cache
+        if isinstance(input_pos, int):
+            k_cache[:, :, input_pos : input_pos + T] = k
+            v_cache[:, :, input_pos : input_pos + T] = v
+        else:
+            index = input_pos[:, None, :, None].expand_as(k)  # (B, nh, T, hs)
+            k_cache.scatter_(2, index, k)
+            v_cache.scatter_(2, index, v)
+        return k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
 
 
 class Attention(nn.Module):
@@ -105,22 +110,26 @@ class Attention(nn.Module):
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: Tensor, rope: Tensor, mask: Tensor | None, input_pos: Tensor | None) -> Tensor:
+    def forward(
+        self, x: Tensor, freqs: Tensor, input_pos: int | Tensor | None, kv_len: int, mask: Tensor | None
+    ) -> Tensor:
         B, T, C = x.shape
         nh, hs = self.config.n_head, self.config.head_size
         qkv = self.qkv(x).view(B, T, 3 * nh, hs)
-        # rotate q and k in one call: half the small ops per layer, which is what decode time is made of
-        qk = apply_rope(qkv[:, :, : 2 * nh], rope).transpose(1, 2)  # (B, 2 * nh, T, hs)
+        # rotate q and k in one call: half the small ops per layer
+        qk = apply_rope(qkv[:, :, : 2 * nh], freqs).transpose(1, 2)  # (B, 2 * nh, T, hs)
         q, k = qk.split(nh, dim=1)  # (B, nh, T, hs) each
         v = qkv[:, :, 2 * nh :].transpose(1, 2)
-        dropout = self.config.dropout if self.training else 0.0
         if input_pos is None:
+            dropout = self.config.dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
         else:
             if self.kv_cache is None:
                 raise RuntimeError("input_pos given but no KV cache: call model.setup_caches() first")
-            k, v = self.kv_cache.update(input_pos, k, v)  # (B, nh, S, hs), S = max_seq_length
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+            k, v = self.kv_cache.update(input_pos, k, v, kv_len)  # (B, nh, kv_len, hs): the filled part
+            # one new token attends to every filled slot: no mask at all; a block starting at 0 is causal
+            causal = mask is None and T > 1
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.proj(y)
 
@@ -144,11 +153,19 @@ class Block(nn.Module):
         self.attn = Attention(config)
         self.norm_2 = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = SwiGLU(config)
-        self.drop = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
 
-    def forward(self, x: Tensor, rope: Tensor, mask: Tensor | None, input_pos: Tensor | None) -> Tensor:
-        x = x + self.drop(self.attn(self.norm_1(x), rope, mask, input_pos))
-        return x + self.drop(self.mlp(self.norm_2(x)))
+    def forward(
+        self, x: Tensor, freqs: Tensor, input_pos: int | Tensor | None, kv_len: int, mask: Tensor | None
+    ) -> Tensor:
+        a = self.attn(self.norm_1(x), freqs, input_pos, kv_len, mask)
+        if self.dropout and self.training:  # no dropout op at all when sampling
+            a = F.dropout(a, self.dropout, True)
+        x = x + a
+        m = self.mlp(self.norm_2(x))
+        if self.dropout and self.training:
+            m = F.dropout(m, self.dropout, True)
+        return x + m
 
 
 class GPT(nn.Module):
@@ -180,6 +197,13 @@ class GPT(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 (nn.Module's signature)
+        # .to(bf16) must not round the rotary angles: rebuild the table in fp32 on the new device
+        super()._apply(fn, recurse)
+        rope = rope_cache(self.config.block_size, self.config.head_size, self.config.rope_base)
+        self.rope = rope.to(self.rope.device)
+        return self
+
     def setup_caches(self, max_batch_size: int, max_seq_length: int | None = None) -> None:
         """Allocate a KV cache per layer, and the causal mask, for up to max_seq_length positions."""
         max_seq_length = max_seq_length or self.config.block_size
@@ -198,19 +222,55 @@ class GPT(nn.Module):
             block.attn.kv_cache = None
         self.causal_mask = None
 
-    def forward(self, idx: Tensor, input_pos: Tensor | None = None) -> Tensor:
-        """idx (B, T) token ids -> logits (B, T, vocab_size). input_pos (T,) selects the cached path."""
+    def forward(
+        self,
+        idx: Tensor,
+        input_pos: int | Tensor | None = None,
+        *,
+        kv_len: int | None = None,
+        logits_at: int | Tensor | None = None,
+    ) -> Tensor:
+        """idx (B, T) token ids -> logits (B, T, vocab_size).
+
+        input_pos selects the cached path: an int (rows share positions input_pos .. input_pos+T-1),
+        a (T,) tensor, or (B, T) per-row positions. kv_len bounds the cache slots attended to (default:
+        the int path's end, else the whole cache). logits_at computes logits only at one column (an
+        int) or one column per row ((B,) tensor): (B, 1, vocab_size), no lm_head over a whole prompt.
+        """
         B, T = idx.shape
+        freqs = torch.view_as_complex(self.rope)  # (block_size, hs/2), complex64
+        mask = None
         if input_pos is None:
             if self.config.block_size < T:
                 raise ValueError(f"sequence of {T} tokens exceeds block_size={self.config.block_size}")
-            rope, mask = self.rope[:T], None
+            freqs = freqs[:T]
+            kv_len = T
         else:
             if self.causal_mask is None:
                 raise RuntimeError("input_pos given but no KV cache: call model.setup_caches() first")
-            rope = self.rope[input_pos]  # (T, hs/2, 2)
-            mask = self.causal_mask[input_pos]  # (T, S): row t sees cache slots <= its position
+            if isinstance(input_pos, int):
+                if input_pos + T > self.max_seq_length:
+                    raise ValueError(
+                        f"positions up to {input_pos + T} exceed the cache ({self.max_seq_length})"
+                    )
+                freqs = freqs[input_pos : input_pos + T]  # (T, hs/2): a slice, no gather
+                kv_len = input_pos + T
+                if input_pos > 0 and T > 1:  # a block after earlier slots: causal within, all before
+                    mask = self.causal_mask[input_pos : input_pos + T, :kv_len]
+            else:
+                if input_pos.dim() == 1:
+                    input_pos = input_pos.expand(B, T)
+                kv_len = kv_len or self.max_seq_length
+                freqs = freqs[input_pos]  # (B, T, hs/2)
+                # per row: slot s is visible from position p when s <= p; slots past a row's own
+                # length hold stale values that are overwritten before any position can see them
+                mask = self.causal_mask[input_pos, :kv_len][:, None]  # (B, 1, T, kv_len)
         x = self.wte(idx)  # (B, T, C)
         for block in self.blocks:
-            x = block(x, rope, mask, input_pos)
+            x = block(x, freqs, input_pos, kv_len, mask)
+        if logits_at is not None:
+            if isinstance(logits_at, int):
+                x = x[:, logits_at].unsqueeze(1)
+            else:
+                x = x[torch.arange(B, device=x.device), logits_at].unsqueeze(1)
         return self.lm_head(self.norm_f(x))  # (B, T, vocab_size)

@@ -119,8 +119,14 @@ class GenerateSchema:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    repetition_window: int = 64
+    stop: str | None = None
+    stop_ids: list[list[int]] = field(default_factory=list)
     seed: int = 1
     prompt: str | None = None
+    prompt_file: str | None = None
     include_prompt: bool = True
     overwrite: bool = False
     device: str = "cpu"
@@ -142,6 +148,22 @@ class GenerateSchema:
         )
         _check(self.top_k >= 0, "top_k", f"must be >= 0 (0 is off), got {self.top_k}")
         _check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1] (1 is off), got {self.top_p}")
+        _check(0 <= self.min_p < 1, "min_p", f"must be in [0, 1) (0 is off), got {self.min_p}")
+        _check(
+            self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty),
+            "repetition_penalty",
+            f"must be > 0 (1 is off), got {self.repetition_penalty}",
+        )
+        _check(
+            self.repetition_window >= 1, "repetition_window", f"must be >= 1, got {self.repetition_window}"
+        )
+        _check(self.stop != "", "stop", "is empty: give the text that ends a sample, or stop=null")
+        _check(all(len(s) > 0 for s in self.stop_ids), "stop_ids", "holds an empty sequence")
+        _check(
+            not (self.prompt is not None and self.prompt_file is not None),
+            "prompt_file",
+            "give prompt or prompt_file, not both",
+        )
 
 
 @dataclass

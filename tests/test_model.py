@@ -157,3 +157,66 @@ def test_min_new_tokens_holds_eos_back():
     assert generate(model, prompt, 20, processors=[always_eos], **kw) == [[], [], []]
     out = generate(model, prompt, 20, processors=[always_eos, min_new_tokens(6, 4, eos_id=5)], **kw)
     assert [len(row) for row in out] == [6, 6, 6] and all(5 not in row for row in out)
+
+
+def test_prompts_of_different_lengths_batched_equal_each_row_alone():
+    model = tiny_model(seed=7)
+    torch.manual_seed(1)
+    prompts = [torch.randint(0, 37, (n,)).tolist() for n in (3, 9, 1, 6)]
+    batched = generate(model, prompts=prompts, max_new_tokens=15, temperature=0.0)
+    singles = [generate(model, [p], 15, temperature=0.0)[0] for p in prompts]
+    assert batched == singles
+    # and against the uncached reference, row by row
+    with torch.no_grad():
+        for p, out in zip(prompts, batched, strict=True):
+            assert out == uncached_greedy(model, torch.tensor([p]), 15)[0].tolist()
+
+
+def test_each_row_stops_on_its_own_and_processors_see_each_rows_ids():
+    model = tiny_model(seed=2)
+    seen_lengths = []
+
+    def force_after(ids, logits):  # after 3 new tokens of a row, only EOS (5)
+        seen_lengths.append(ids.size(1))
+        if ids.size(1) >= {2: 5, 4: 7}.get(int(ids[0, 0]), 99):
+            logits[:] = float("-inf")
+            logits[:, 5] = 0
+        return logits
+
+    out = generate(
+        model, prompts=[[2, 9], [4, 9, 9, 9]], max_new_tokens=10, eos_id=5, processors=[force_after]
+    )
+    assert [len(r) for r in out] == [3, 3]
+    assert 2 in seen_lengths and 4 in seen_lengths  # per-row ids, not a padded batch
+
+
+def test_min_p_keeps_tokens_within_a_factor_of_the_best():
+    probs = torch.tensor([[0.5, 0.3, 0.12, 0.08]])
+    draws = sample(probs.log().repeat(3000, 1), min_p=0.2, generator=torch.Generator().manual_seed(0))
+    assert set(draws.tolist()) == {0, 1, 2}  # 0.08 < 0.2 * 0.5
+    freq = (draws == 2).float().mean().item()
+    assert abs(freq - 0.12 / 0.92) < 0.03
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits_of_recent_ids():
+    from multiar.generate import repetition_penalty
+
+    ids = torch.tensor([[1, 2, 9, 9]])
+    logits = torch.tensor([[1.0, 2.0, -2.0, 3.0, 0.5, 0, 0, 0, 0, 4.0]])
+    out = repetition_penalty(2.0, window=3)(ids, logits.clone())  # window: ids 2, 9, 9
+    expected = logits.clone()
+    expected[0, 2], expected[0, 9] = -4.0, 2.0
+    assert torch.equal(out, expected)
+
+
+def test_stop_sequences_end_a_row_and_are_not_returned_nor_streamed():
+    from multiar.generate import stream
+
+    model = tiny_model(seed=4)
+    free = generate(model, torch.zeros(1, 1, dtype=torch.long), 20, temperature=0.0)[0]
+    stop = free[5:7]  # the greedy continuation passes through these two ids
+    cut = generate(model, torch.zeros(1, 1, dtype=torch.long), 20, temperature=0.0, stop=[stop])[0]
+    first = next(i for i in range(len(free) - 1) if free[i : i + 2] == stop)
+    assert cut == free[:first]
+    events = list(stream(model, torch.zeros(1, 1, dtype=torch.long), 20, temperature=0.0, stop=[stop]))
+    assert [e.token for e in events] == [*cut, None]

@@ -233,3 +233,24 @@ def test_same_data_and_seed_give_the_same_first_20_training_losses(tmp_path):
         with open(run / "metrics.csv", newline="") as f:
             losses.append([float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")])
     assert len(losses[0]) == 20 and losses[0] == losses[1]
+
+
+def test_prompt_file_batches_prompts_of_different_lengths_and_stop_text_is_not_written(tmp_path):
+    from Bio import SeqIO
+
+    run = copy_fixture_run(tmp_path)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("MKT\n\nMAAAAAAAAAW\n")
+    args = [f"run={run}", f"prompt_file={prompts}", "n=2", "max_new_tokens=12", "min_new_tokens=12"]
+    sample_to_files(load_config("generate", [*args, f"out={tmp_path / 'a'}"]))
+    seqs = [str(r.seq) for r in SeqIO.parse(tmp_path / "a" / "samples.fasta", "fasta")]
+    assert [s[:3] for s in seqs] == ["MKT", "MKT", "MAA", "MAA"]
+    assert [len(s) for s in seqs] == [15, 15, 23, 23]  # prompt + 12 new residues each
+    # the untrained fixture repeats its favourite residue: stop at it, past the prompt only
+    favourite = max(set(seqs[0][3:]), key=seqs[0][3:].count)
+    sample_to_files(load_config("generate", [*args, f"out={tmp_path / 'b'}", f"stop={favourite}"]))
+    cut = [str(r.seq) for r in SeqIO.parse(tmp_path / "b" / "samples.fasta", "fasta")]
+    for s in cut:
+        prompt_len = 3 if s.startswith("MKT") else 11
+        assert favourite not in s[prompt_len:]
+    assert len(cut[0]) < len(seqs[0]) and cut[0] == seqs[0][: len(cut[0])]  # same draw, ended at the stop
