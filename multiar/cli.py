@@ -31,6 +31,12 @@ def cmd_generate(cfg: DictConfig) -> Any:
     return sample_to_files(cfg)
 
 
+def cmd_quantize(cfg: DictConfig) -> Any:
+    from multiar.export import quantize_run
+
+    return quantize_run(cfg)
+
+
 def cmd_demo(cfg: DictConfig) -> Any:
     """Train a tiny model per domain on the bundled data and write samples under cfg.out/<domain>/."""
     from multiar.generate_files import sample_to_files
@@ -67,6 +73,11 @@ COMMANDS: dict[str, tuple[str, Callable[[DictConfig], Any], str]] = {
         "generate",
         cmd_generate,
         "sample files: multiar generate run=runs/protein-tiny n=8 out=out/",
+    ),
+    "quantize": (
+        "quantize",
+        cmd_quantize,
+        "int8 weights into the run, validation ppl beside fp32's: multiar quantize run=runs/p",
     ),
     "demo": ("demo", cmd_demo, "tiny model per domain on the bundled data, files under outputs/demo/"),
 }

@@ -13,7 +13,9 @@ from omegaconf import DictConfig
 
 from multiar.domain import Domain, write_new_text
 from multiar.generate import ban_tokens, generate
-from multiar.run_folder import load_run
+from multiar.model import GPT
+from multiar.quantize import bf16_is_fast, load_quantized, quantize
+from multiar.run_folder import Run, load_run
 from multiar.schema import ConfigError, validate
 
 log = logging.getLogger("multiar")
@@ -66,12 +68,25 @@ def cut_at_stop(artifact: Any, stop: str | None, start: int = 0) -> Any:
     return artifact
 
 
+def sampling_model(run: Run, mode: str | None, dtype: str) -> GPT:
+    """The run's model as sampling should use it: int8 weights (the run's stored copy when it matches,
+    else converted now), or bf16 where asked or where the hardware runs it fast."""
+    model = run.model
+    if mode is not None:
+        source = run.path / "model.safetensors"
+        return load_quantized(model, run.path, source) or quantize(model, mode)
+    device = model.wte.weight.device
+    if dtype == "bf16" or (dtype == "auto" and bf16_is_fast(device)):
+        model = model.to(torch.bfloat16)
+    return model
+
+
 def sample_to_files(cfg: DictConfig) -> dict[str, Any]:
     """Sample cfg.n continuations of each prompt (cfg.prompt, or every line of cfg.prompt_file) from
     run cfg.run; write files; return a report."""
     cfg = validate("generate", cfg)
     run = load_run(cfg.run, device=cfg.device)
-    model, domain = run.model, run.domain
+    model, domain = sampling_model(run, cfg.quantize, cfg.dtype), run.domain
     out_dir = Path(cfg.out if cfg.out else Path("outputs") / domain.name).expanduser()
     texts = read_prompt_file(cfg.prompt_file) if cfg.prompt_file else [cfg.prompt]
     prompts = [fit_prompt(domain.prompt_ids(t), model.config.block_size, cfg.max_new_tokens) for t in texts]
@@ -111,7 +126,7 @@ def sample_to_files(cfg: DictConfig) -> dict[str, Any]:
         "top_p": cfg.top_p,
         "max_new_tokens": cfg.max_new_tokens,
     }
-    for key, off in (("min_p", 0.0), ("repetition_penalty", 1.0)):
+    for key, off in (("min_p", 0.0), ("repetition_penalty", 1.0), ("quantize", None)):
         if cfg[key] != off:  # settings that are on go into every file's provenance
             provenance[key] = cfg[key]
     paths = domain.write(artifacts, out_dir, provenance, overwrite=cfg.overwrite)

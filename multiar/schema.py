@@ -130,8 +130,14 @@ class GenerateSchema:
     include_prompt: bool = True
     overwrite: bool = False
     device: str = "cpu"
+    quantize: str | None = None  # int8: weight-only int8 (a stored model.int8.safetensors is reused)
+    dtype: str = "auto"  # auto: bf16 where the hardware runs it fast, else fp32
 
     def __post_init__(self) -> None:
+        _check(self.quantize in (None, "int8"), "quantize", f"must be int8 or null, got {self.quantize!r}")
+        _check(
+            self.dtype in ("auto", "fp32", "bf16"), "dtype", f"must be auto, fp32 or bf16, got {self.dtype!r}"
+        )
         _check(self.n >= 1, "n", f"must be >= 1, got {self.n}")
         _check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         _check(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
@@ -167,6 +173,20 @@ class GenerateSchema:
 
 
 @dataclass
+class QuantizeSchema:
+    run: str = "???"
+    mode: str = "int8"
+    device: str = "cpu"
+    eval_batches: int = 20
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        _check(self.mode in ("int8",), "mode", f"must be int8, got {self.mode!r}")
+        _check(self.eval_batches >= 1, "eval_batches", f"must be >= 1, got {self.eval_batches}")
+        _check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+
+
+@dataclass
 class DemoSchema:
     out: str = "outputs/demo"
     runs: str = "runs/demo"
@@ -175,7 +195,12 @@ class DemoSchema:
     generate: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-SCHEMAS: dict[str, type] = {"train": TrainSchema, "generate": GenerateSchema, "demo": DemoSchema}
+SCHEMAS: dict[str, type] = {
+    "train": TrainSchema,
+    "generate": GenerateSchema,
+    "quantize": QuantizeSchema,
+    "demo": DemoSchema,
+}
 
 
 def _trainer_keys() -> set[str]:

@@ -1,0 +1,107 @@
+"""Weight-only int8: numerics of one layer, a whole model, `multiar quantize` (stored, reused, stale), bf16."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+
+import pytest
+import torch
+from conftest import TINY, copy_fixture_run
+from safetensors.torch import load_model, save_model
+
+from multiar.cli import main
+from multiar.config import load_config
+from multiar.generate_files import sample_to_files
+from multiar.model import GPT, ModelConfig
+from multiar.quantize import INT8_FILE, Int8Linear, quantize
+from multiar.train import train
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_int8_linear_matches_the_fp32_layer_within_quantization_error(bf16):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 96, bias=False)
+    q = Int8Linear.from_linear(linear, bf16_activations=bf16)
+    x = torch.randn(4, 7, 256)
+    ref, out = linear(x), q(x)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    rel = (out - ref).norm() / ref.norm()
+    assert rel < (0.02 if bf16 else 0.01)
+    # the stored int8 weights reproduce the layer's weights to half a step of their row's scale
+    w = q.weight.float() * q.scales[:, None]
+    assert ((w - linear.weight).abs() <= q.scales[:, None] / 2 + 1e-7).all()
+
+
+def test_a_quantized_model_keeps_its_logits_and_generates():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=64, block_size=64, n_layer=2, n_head=2, n_embd=64)).eval()
+    q = quantize(copy.deepcopy(model), "int8")
+    assert not any(isinstance(m, torch.nn.Linear) for m in q.modules())
+    idx = torch.randint(0, 64, (2, 20))
+    with torch.no_grad():
+        a, b = model(idx), q(idx)
+    assert (a - b).norm() / a.norm() < 0.03
+    from multiar.generate import generate
+
+    assert [len(r) for r in generate(q, idx, 10, temperature=0.0)] == [10, 10]
+    with pytest.raises(ValueError, match="unknown mode"):
+        quantize(model, "int3")
+
+
+def test_quantize_command_stores_int8_weights_reused_by_generate_and_reports_ppl(
+    tmp_path, monkeypatch, caplog
+):
+    run = tmp_path / "run"
+    train(
+        load_config(
+            "train",
+            [
+                "data.max_documents=300",
+                f"run_dir={run}",
+                "trainer.max_steps=60",
+                "trainer.val_check_interval=30",
+                *TINY,
+            ],
+        )
+    )
+    assert main(["quantize", f"run={run}", "eval_batches=10"]) == 0
+    report = json.loads((run / "quantize.json").read_text())
+    assert (run / INT8_FILE).exists() and report["val_tokens"] > 1000
+    assert abs(report["ppl_change"]) < 0.01  # within 1% of fp32 on a trained model
+    assert report["val_ppl_int8"] < 20  # trained: far below the 28-token uniform guess
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("converted again although the stored int8 weights match")
+
+    args = [f"run={run}", "n=3", "max_new_tokens=20", "quantize=int8", "seed=3"]
+    with monkeypatch.context() as m:
+        m.setattr(Int8Linear, "from_linear", no_conversion)
+        first = sample_to_files(load_config("generate", [*args, f"out={tmp_path / 'a'}"]))
+    assert first["provenance"]["quantize"] == "int8" and first["samples"] == 3
+
+    # new weights in the run: the stored int8 copy is stale, ignored with a warning, converted again
+    from multiar.run_folder import load_run
+
+    loaded = load_run(run)
+    with torch.no_grad():
+        loaded.model.norm_f.weight.mul_(1.5)
+    save_model(loaded.model, str(run / "model.safetensors"))
+    with caplog.at_level(logging.WARNING, logger="multiar"):
+        sample_to_files(load_config("generate", [*args, f"out={tmp_path / 'b'}"]))
+    assert any("made from other weights" in r.getMessage() for r in caplog.records)
+    load_model(GPT(loaded.model.config), str(run / "model.safetensors"))  # still plain safetensors
+
+
+def test_bf16_sampling_writes_valid_files(tmp_path):
+    from Bio import SeqIO
+
+    run = copy_fixture_run(tmp_path)
+    report = sample_to_files(
+        load_config(
+            "generate", [f"run={run}", f"out={tmp_path / 'o'}", "n=4", "max_new_tokens=16", "dtype=bf16"]
+        )
+    )
+    records = list(SeqIO.parse(tmp_path / "o" / "samples.fasta", "fasta"))
+    assert report["samples"] == 4 and len(records) == 4 and all(len(r.seq) > 0 for r in records)
