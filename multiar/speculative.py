@@ -1,0 +1,257 @@
+"""Speculative decoding: a cheap draft proposes k tokens per row, the target checks them in one forward
+pass, and the standard accept/reject rule (Leviathan et al. 2023, Chen et al. 2023) keeps the output
+distribution exactly the target's. Batched: each row accepts its own count and keeps its own positions
+in both caches. Drafts: a smaller GPT with the same tokenizer, or `"ngram"` (prompt lookup: propose the
+continuation of the latest earlier occurrence of the row's last n tokens; no second model).
+
+Both distributions go through the same processors and sampling settings, so constraints (a grammar,
+banned ids, min_new_tokens) hold for every emitted token. Knows no domain.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from multiar.generate import LogitsProcessor, as_rows
+from multiar.model import GPT
+
+
+def probabilities(
+    logits: Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0
+) -> Tensor:
+    """The distribution `generate.sample` draws from, as probabilities (..., V); greedy is one-hot."""
+    if temperature <= 0:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.size(-1)).float()
+    logits = logits.float() / temperature
+    if 0 < top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
+        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+    probs = logits.softmax(dim=-1)
+    if min_p > 0.0:
+        probs = probs.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def draw(probs: Tensor, generator: torch.Generator | None) -> Tensor:
+    """One index per row of probs (..., V), by the exponential race (no host sync)."""
+    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    return (probs / noise).argmax(dim=-1)
+
+
+def ngram_proposal(row: list[int], k: int, n: int) -> list[int]:
+    """Prompt lookup: the k tokens that followed the latest earlier occurrence of row's last n tokens
+    (fewer n down to 1 when there is none), padded by repeating the last token."""
+    for m in range(min(n, len(row) - 1), 0, -1):
+        tail = row[-m:]
+        for start in range(len(row) - m - 1, -1, -1):
+            if row[start : start + m] == tail:
+                found = row[start + m : start + m + k]
+                return found + [found[-1]] * (k - len(found))
+    return [row[-1]] * k
+
+
+@dataclass
+class SpeculativeStats:
+    """What the draft bought: acceptance rate and tokens emitted per target forward pass."""
+
+    proposed: int = 0
+    accepted: int = 0
+    target_steps: int = 0
+    emitted: int = 0
+    per_row_steps: list[int] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "acceptance_rate": self.accepted / max(self.proposed, 1),
+            "tokens_per_target_step": self.emitted / max(sum(self.per_row_steps), 1),
+            "target_steps": self.target_steps,
+        }
+
+
+class _Processed:
+    """Runs processors (and min_new_tokens) on logits for given per-row contexts."""
+
+    def __init__(
+        self, processors: Sequence[LogitsProcessor], eos_id: int | None, min_new: int, prompt_lens: list[int]
+    ):
+        self.processors, self.eos_id, self.min_new, self.prompt_lens = (
+            list(processors),
+            eos_id,
+            min_new,
+            prompt_lens,
+        )
+
+    def __call__(self, rows: list[list[int]], logits: Tensor, device: torch.device) -> Tensor:
+        """rows: the ids before each logits row (B lists); logits (B, V) -> processed (B, V)."""
+        if not self.processors and (self.eos_id is None or not self.min_new):
+            return logits
+        out = []
+        for b, ids in enumerate(rows):
+            row = logits[b : b + 1]
+            if self.processors:
+                t = torch.tensor([ids], device=device)
+                for process in self.processors:
+                    row = process(t, row)
+            if self.eos_id is not None and len(ids) - self.prompt_lens[b] < self.min_new:
+                row = row.clone()
+                row[:, self.eos_id] = float("-inf")
+            out.append(row)
+        return torch.cat(out)
+
+
+@torch.inference_mode()
+def speculative_generate(
+    target: GPT,
+    prompt: Tensor | Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    draft: GPT | str = "ngram",
+    k: int = 4,
+    ngram: int = 3,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    eos_id: int | None = None,
+    stop: Sequence[Sequence[int]] = (),
+    min_new_tokens: int = 0,
+    processors: Sequence[LogitsProcessor] = (),
+    generator: torch.Generator | None = None,
+) -> tuple[list[list[int]], SpeculativeStats]:
+    """Continue each prompt row like `generate` (same arguments), k draft tokens checked per target step.
+    Returns the new ids per row (without EOS or a matched stop) and the acceptance statistics."""
+    if k < 1:
+        raise ValueError(f"speculate_k must be >= 1, got {k}")
+    use_model = isinstance(draft, GPT)
+    if not use_model and draft != "ngram":
+        raise ValueError(f"draft must be a GPT or 'ngram', got {draft!r}")
+    if use_model and draft.config.vocab_size != target.config.vocab_size:
+        raise ValueError(
+            f"draft vocab_size {draft.config.vocab_size} != target vocab_size {target.config.vocab_size}"
+        )
+    rows = as_rows(prompt)
+    B, device = len(rows), target.wte.weight.device
+    prompt_lens = [len(r) for r in rows]
+    total = max(prompt_lens) + max_new_tokens + k + 1
+    for model in (target, draft) if use_model else (target,):
+        if total > model.config.block_size:
+            raise ValueError(
+                f"prompt ({max(prompt_lens)}) + max_new_tokens ({max_new_tokens}) + speculate_k ({k}) + 1 "
+                f"= {total} exceeds block_size ({model.config.block_size})"
+            )
+    stops = [list(s) for s in stop if len(s)]
+    process = _Processed(processors, eos_id, min_new_tokens, prompt_lens)
+    models = [target, draft] if use_model else [target]
+    training = [m.training for m in models]
+    stats = SpeculativeStats(per_row_steps=[0] * B)
+    new: list[list[int]] = [[] for _ in range(B)]
+    done = [False] * B
+    try:
+        for m in models:
+            m.eval()
+            m.setup_caches(max_batch_size=B, max_seq_length=total)
+            # invariant between rounds: each cache holds row b's positions [0, len_b - 1), all but the
+            # row's last token, which the next round feeds first
+            if max(prompt_lens) > 1:
+                width = max(prompt_lens) - 1
+                pre = torch.tensor([r[:-1] + [0] * (width - len(r) + 1) for r in rows], device=device)
+                m(pre, 0, logits_at=-1)
+        while not all(done):
+            lens = [len(r) for r in rows]
+            kv_len = max(lens) + k
+            # 1) the draft proposes k tokens per row, with q its (processed) distributions
+            q_list, proposals = [], [[] for _ in range(B)]
+            if use_model:
+                start = torch.tensor([max(n - 2, 0) for n in lens], device=device)
+                feed = torch.tensor([r[-2:] if len(r) >= 2 else r[-1:] * 2 for r in rows], device=device)
+                pos = start[:, None] + torch.arange(2, device=device)  # (B, 2): refeeding is idempotent
+                last = torch.tensor([1 if n >= 2 else 0 for n in lens], device=device)
+                logits = draft(feed, pos, kv_len=kv_len, logits_at=last)[:, -1]
+                for j in range(k):
+                    ctx = [r + p for r, p in zip(rows, proposals, strict=True)]
+                    q = probabilities(process(ctx, logits, device), temperature, top_k, top_p, min_p)
+                    tok = draw(q, generator)
+                    q_list.append(q)
+                    for b, t in enumerate(tok.tolist()):
+                        proposals[b].append(t)
+                    if j + 1 < k:
+                        pos = torch.tensor([n + j for n in lens], device=device)[:, None]
+                        logits = draft(tok[:, None], pos, kv_len=kv_len)[:, -1]
+                q_all = torch.stack(q_list, dim=1)  # (B, k, V)
+            else:
+                proposals = [ngram_proposal(r, k, ngram) for r in rows]
+                q_all = torch.nn.functional.one_hot(
+                    torch.tensor(proposals, device=device), target.config.vocab_size
+                ).float()
+            d = torch.tensor(proposals, device=device)  # (B, k)
+            # 2) the target scores the row's last token and the k proposals in one pass
+            feed = torch.cat([torch.tensor([[r[-1]] for r in rows], device=device), d], dim=1)  # (B, k+1)
+            pos = torch.tensor([n - 1 for n in lens], device=device)[:, None] + torch.arange(
+                k + 1, device=device
+            )
+            logits = target(feed, pos, kv_len=kv_len)  # (B, k+1, V)
+            p_all = torch.stack(
+                [
+                    probabilities(
+                        process(
+                            [r + p[:j] for r, p in zip(rows, proposals, strict=True)], logits[:, j], device
+                        ),
+                        temperature,
+                        top_k,
+                        top_p,
+                        min_p,
+                    )
+                    for j in range(k + 1)
+                ],
+                dim=1,
+            )  # (B, k+1, V)
+            # 3) accept d_j with probability min(1, p/q); the first rejection draws from (p - q)+
+            pd = p_all[:, :k].gather(-1, d[..., None]).squeeze(-1)
+            qd = q_all.gather(-1, d[..., None]).squeeze(-1)
+            u = torch.rand(pd.shape, generator=generator, device=device)
+            accept = (u * qd < pd).long()  # (B, k)
+            n_acc = accept.cumprod(dim=1).sum(dim=1)  # (B,)
+            at = n_acc.clamp(max=k - 1)
+            residual = (p_all[torch.arange(B), at] - q_all[torch.arange(B), at]).clamp(min=0)
+            empty = residual.sum(-1, keepdim=True) <= 0
+            residual = torch.where(empty, p_all[torch.arange(B), at], residual)
+            final = torch.where((n_acc == k)[:, None], p_all[:, k], residual)
+            extra = draw(final, generator)  # (B,)
+            stats.target_steps += 1
+            # 4) append per row, stopping at EOS, a stop sequence or the token budget
+            for b, (n, x) in enumerate(zip(n_acc.tolist(), extra.tolist(), strict=True)):
+                if done[b]:
+                    continue
+                stats.proposed += k
+                stats.accepted += n
+                stats.per_row_steps[b] += 1
+                for t in proposals[b][:n] + [x]:
+                    rows[b].append(t)
+                    if eos_id is not None and t == eos_id:
+                        done[b] = True
+                        break
+                    new[b].append(t)
+                    stats.emitted += 1
+                    if any(new[b][-len(s) :] == s for s in stops):
+                        s = next(s for s in stops if new[b][-len(s) :] == s)
+                        del new[b][-len(s) :]
+                        done[b] = True
+                        break
+                    if len(new[b]) >= max_new_tokens:
+                        done[b] = True
+                        break
+    finally:
+        for m, was in zip(models, training, strict=True):
+            m.clear_caches()
+            m.train(was)
+    return new, stats
