@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 from datasets import Dataset, Features, Sequence, Value, load_from_disk
 from torch.utils.data import DataLoader
 
-from multiar.domain import Domain, Skips, find_files
+from multiar.domain import Domain, Skips, domain_state_digest, find_files
 
 log = logging.getLogger("multiar")
 
@@ -81,17 +80,6 @@ class Corpus:
     val: Dataset
     cache_dir: Path
     stats: dict[str, Any]
-
-
-def domain_state_digest(domain: Domain) -> str:
-    """A hash of the domain's saved tokenizer state: two domains with the same digest encode alike."""
-    with tempfile.TemporaryDirectory() as tmp:
-        domain.save(Path(tmp) / "domain")
-        h = hashlib.sha256()
-        for f in sorted((Path(tmp) / "domain").rglob("*")):
-            if f.is_file():
-                h.update(f.relative_to(tmp).as_posix().encode() + b"\0" + f.read_bytes())
-    return h.hexdigest()
 
 
 def _fingerprint(name: str, settings: dict, files: list[Path], max_documents: int | None, *rest: Any) -> str:

@@ -7,6 +7,7 @@ counting bad input, and writing outputs atomically without clobbering.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -70,6 +71,17 @@ class Domain(Protocol):
 
     def save(self, directory: Path) -> None:
         """Write the tokenizer state so that load() rebuilds an identical domain."""
+
+
+def domain_state_digest(domain: Domain) -> str:
+    """A hash of the domain's saved tokenizer state: two domains with the same digest encode alike."""
+    with tempfile.TemporaryDirectory() as tmp:
+        domain.save(Path(tmp) / "domain")
+        h = hashlib.sha256()
+        for f in sorted((Path(tmp) / "domain").rglob("*")):
+            if f.is_file():
+                h.update(f.relative_to(tmp).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
 
 
 def find_files(paths: Iterable[str | Path], suffixes: Sequence[str]) -> list[Path]:

@@ -11,12 +11,13 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from multiar.domain import Domain, write_new_text
-from multiar.generate import ban_tokens, generate
+from multiar.domain import Domain, domain_state_digest, write_new_text
+from multiar.generate import ban_tokens, generate, repetition_penalty
 from multiar.model import GPT
 from multiar.quantize import bf16_is_fast, load_quantized, quantize
 from multiar.run_folder import Run, load_run
 from multiar.schema import ConfigError, validate
+from multiar.speculative import SpeculativeStats, speculative_generate
 
 log = logging.getLogger("multiar")
 
@@ -81,6 +82,28 @@ def sampling_model(run: Run, mode: str | None, dtype: str) -> GPT:
     return model
 
 
+def same_tokenizer(a: Domain, b: Domain) -> bool:
+    """Whether two domains map text to the same ids: equal saved tokenizers, or for a fixed vocabulary
+    (no trained tokenizer, like protein's alphabet) equal size and special ids."""
+    if getattr(a, "tokenizer", None) is None and getattr(b, "tokenizer", None) is None:
+        return (a.vocab_size, a.pad_id, a.bos_id, a.eos_id) == (b.vocab_size, b.pad_id, b.bos_id, b.eos_id)
+    return domain_state_digest(a) == domain_state_digest(b)
+
+
+def load_draft(cfg: DictConfig, run: Run) -> GPT | str | None:
+    """The speculative draft: "ngram", or a run whose domain and tokenizer are exactly the target's."""
+    if cfg.draft is None or cfg.draft == "ngram":
+        return cfg.draft
+    draft = load_run(cfg.draft, device=cfg.device)
+    if draft.domain.name != run.domain.name:
+        raise ConfigError(f"draft: {cfg.draft} is a {draft.domain.name} run; the target is {run.domain.name}")
+    if not same_tokenizer(draft.domain, run.domain):
+        raise ConfigError(
+            f"draft: {cfg.draft} has another tokenizer than {cfg.run}: train it on the same one"
+        )
+    return sampling_model(draft, cfg.quantize, cfg.dtype)
+
+
 def sample_to_files(cfg: DictConfig) -> dict[str, Any]:
     """Sample cfg.n continuations of each prompt (cfg.prompt, or every line of cfg.prompt_file) from
     run cfg.run; write files; return a report."""
@@ -96,24 +119,32 @@ def sample_to_files(cfg: DictConfig) -> dict[str, Any]:
         processors.append(constraint)
     generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
     rows = [p for p in prompts for _ in range(cfg.n)]  # n samples of each prompt, in prompt order
+    draft = load_draft(cfg, run)
+    if cfg.repetition_penalty != 1.0:
+        processors.insert(0, repetition_penalty(cfg.repetition_penalty, cfg.repetition_window))
+    settings = dict(
+        temperature=cfg.temperature,
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
+        min_p=cfg.min_p,
+        eos_id=domain.eos_id,
+        stop=stops,
+        min_new_tokens=cfg.min_new_tokens,
+        processors=processors,
+        generator=generator,
+    )
     new_ids: list[list[int]] = []
+    spec = SpeculativeStats()
     for start in range(0, len(rows), cfg.batch_size):
-        new_ids += generate(
-            model,
-            prompts=rows[start : start + cfg.batch_size],
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature,
-            top_k=cfg.top_k,
-            top_p=cfg.top_p,
-            min_p=cfg.min_p,
-            repetition_penalty=cfg.repetition_penalty,
-            repetition_window=cfg.repetition_window,
-            eos_id=domain.eos_id,
-            stop=stops,
-            min_new_tokens=cfg.min_new_tokens,
-            processors=processors,
-            generator=generator,
+        batch = rows[start : start + cfg.batch_size]
+        if draft is None:
+            new_ids += generate(model, prompts=batch, max_new_tokens=cfg.max_new_tokens, **settings)
+            continue
+        out, stats = speculative_generate(
+            model, batch, cfg.max_new_tokens, draft=draft, k=cfg.speculate_k, ngram=cfg.ngram, **settings
         )
+        new_ids += out
+        spec.merge(stats)
     heads = [p[1:] if cfg.include_prompt else [] for p in rows]  # each prompt without BOS
     decoded = [domain.decode(head + ids) for head, ids in zip(heads, new_ids, strict=True)]
     starts = [len(a) if isinstance(a := domain.decode(h)[0], str) else 0 for h in heads]
@@ -126,7 +157,7 @@ def sample_to_files(cfg: DictConfig) -> dict[str, Any]:
         "top_p": cfg.top_p,
         "max_new_tokens": cfg.max_new_tokens,
     }
-    for key, off in (("min_p", 0.0), ("repetition_penalty", 1.0), ("quantize", None)):
+    for key, off in (("min_p", 0.0), ("repetition_penalty", 1.0), ("quantize", None), ("draft", None)):
         if cfg[key] != off:  # settings that are on go into every file's provenance
             provenance[key] = cfg[key]
     paths = domain.write(artifacts, out_dir, provenance, overwrite=cfg.overwrite)
@@ -138,6 +169,11 @@ def sample_to_files(cfg: DictConfig) -> dict[str, Any]:
         "prompts": len(prompts),
         "provenance": provenance,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),  # the only time stamp written
+        **(
+            {"speculative": spec.as_dict() | {"draft": cfg.draft, "k": cfg.speculate_k}}
+            if draft is not None
+            else {}
+        ),
         "metrics": {
             f"{domain.name}/new_tokens_mean": sum(map(len, new_ids)) / max(len(new_ids), 1),
             f"{domain.name}/dropped_tokens": sum(d for _, d in decoded),

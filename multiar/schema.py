@@ -132,6 +132,9 @@ class GenerateSchema:
     device: str = "cpu"
     quantize: str | None = None  # int8: weight-only int8 (a stored model.int8.safetensors is reused)
     dtype: str = "auto"  # auto: bf16 where the hardware runs it fast, else fp32
+    draft: str | None = None  # a run folder, or "ngram"
+    speculate_k: int = 4
+    ngram: int = 3
 
     def __post_init__(self) -> None:
         _check(self.quantize in (None, "int8"), "quantize", f"must be int8 or null, got {self.quantize!r}")
@@ -139,6 +142,8 @@ class GenerateSchema:
             self.dtype in ("auto", "fp32", "bf16"), "dtype", f"must be auto, fp32 or bf16, got {self.dtype!r}"
         )
         _check(self.n >= 1, "n", f"must be >= 1, got {self.n}")
+        _check(self.speculate_k >= 1, "speculate_k", f"must be >= 1, got {self.speculate_k}")
+        _check(self.ngram >= 1, "ngram", f"must be >= 1, got {self.ngram}")
         _check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         _check(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
         _check(self.min_new_tokens >= 0, "min_new_tokens", f"must be >= 0, got {self.min_new_tokens}")

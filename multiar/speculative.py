@@ -70,6 +70,13 @@ class SpeculativeStats:
     emitted: int = 0
     per_row_steps: list[int] = field(default_factory=list)
 
+    def merge(self, other: SpeculativeStats) -> None:
+        self.proposed += other.proposed
+        self.accepted += other.accepted
+        self.target_steps += other.target_steps
+        self.emitted += other.emitted
+        self.per_row_steps += other.per_row_steps
+
     def as_dict(self) -> dict[str, float]:
         return {
             "acceptance_rate": self.accepted / max(self.proposed, 1),

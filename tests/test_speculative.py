@@ -90,3 +90,38 @@ def test_probabilities_match_what_sample_draws_from():
     draws = sample(logits.repeat(20000, 1), 0.7, 4, 0.9, torch.Generator().manual_seed(0), min_p=0.05)
     freq = torch.bincount(draws, minlength=5).float() / 20000
     assert torch.allclose(freq, p[0], atol=0.015)
+
+
+def test_generate_with_a_draft_run_or_ngram_reports_acceptance(tmp_path, capsys):
+    import json
+
+    from conftest import TINY
+
+    from multiar.cli import main
+    from multiar.config import load_config
+    from multiar.train import train
+
+    big, small = tmp_path / "big", tmp_path / "small"
+    common = ["data.max_documents=200", "trainer.max_steps=20", "trainer.val_check_interval=10", *TINY]
+    train(load_config("train", [*common, f"run_dir={big}", "model.n_layer=2"]))
+    train(load_config("train", [*common, f"run_dir={small}"]))
+    base = [f"run={big}", "n=4", "max_new_tokens=30", "temperature=0", "seed=5"]
+    assert main(["generate", *base, f"out={tmp_path / 'plain'}"]) == 0
+    for draft in (str(small), "ngram"):
+        out = tmp_path / ("d" if draft != "ngram" else "n")
+        assert main(["generate", *base, f"out={out}", f"draft={draft}", "speculate_k=3"]) == 0
+        report = json.loads((out / "generate.json").read_text())
+        assert 0.0 <= report["speculative"]["acceptance_rate"] <= 1.0
+        assert report["speculative"]["tokens_per_target_step"] >= 1.0
+        # greedy: the files equal plain decoding's, byte for byte
+        assert (out / "samples.fasta").read_bytes() != b""
+        plain = (tmp_path / "plain" / "samples.fasta").read_text()
+        assert (out / "samples.fasta").read_text().replace(f" draft={draft}", "") == plain
+    code = tmp_path / "code"
+    train(
+        load_config(
+            "train", ["domain=code", "data.max_documents=20", f"run_dir={code}", "trainer.max_steps=2", *TINY]
+        )
+    )
+    assert main(["generate", *base, f"draft={code}"]) == 2
+    assert "is a code run; the target is protein" in capsys.readouterr().err
