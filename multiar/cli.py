@@ -37,6 +37,12 @@ def cmd_quantize(cfg: DictConfig) -> Any:
     return quantize_run(cfg)
 
 
+def cmd_export(cfg: DictConfig) -> Any:
+    from multiar.export import export_run
+
+    return export_run(cfg)
+
+
 def cmd_demo(cfg: DictConfig) -> Any:
     """Train a tiny model per domain on the bundled data and write samples under cfg.out/<domain>/."""
     from multiar.generate_files import sample_to_files
@@ -78,6 +84,11 @@ COMMANDS: dict[str, tuple[str, Callable[[DictConfig], Any], str]] = {
         "quantize",
         cmd_quantize,
         "int8 weights into the run, validation ppl beside fp32's: multiar quantize run=runs/p",
+    ),
+    "export": (
+        "export",
+        cmd_export,
+        "a transformers LlamaForCausalLM folder: multiar export run=runs/p format=hf out=hf/",
     ),
     "demo": ("demo", cmd_demo, "tiny model per domain on the bundled data, files under outputs/demo/"),
 }

@@ -192,6 +192,19 @@ class QuantizeSchema:
 
 
 @dataclass
+class ExportSchema:
+    run: str = "???"
+    format: str = "hf"
+    out: str = "???"
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        _check(
+            self.format == "hf", "format", f"must be hf (transformers LlamaForCausalLM), got {self.format!r}"
+        )
+
+
+@dataclass
 class DemoSchema:
     out: str = "outputs/demo"
     runs: str = "runs/demo"
@@ -204,6 +217,7 @@ SCHEMAS: dict[str, type] = {
     "train": TrainSchema,
     "generate": GenerateSchema,
     "quantize": QuantizeSchema,
+    "export": ExportSchema,
     "demo": DemoSchema,
 }
 
