@@ -157,24 +157,25 @@ def stream(
     min_new_tokens: int = 0,
     processors: Sequence[LogitsProcessor] = (),
     generator: torch.Generator | None = None,
+    window_keep: int | None = None,
 ) -> Iterator[Token]:
     """Continue each prompt row, yielding Token(row, id) as tokens are produced and Token(row, None)
     when a row ends (EOS, a stop sequence, or max_new_tokens). EOS and stop ids are never yielded:
     a row holds back as many tokens as the longest stop sequence minus one until they cannot start one.
 
     Rows may have different lengths (a list of id lists): each gets its own positions in the cache.
+    Longer than the context: when prompt + new tokens pass block_size, the window slides: the cache is
+    refilled with each row's first token (BOS) and its last `window_keep` ids (default block_size // 2),
+    and decoding goes on after them, so a piece can be longer than the model's training windows.
     """
     rows = as_rows(prompt)
     B, device = len(rows), model.wte.weight.device
     lengths = [len(r) for r in rows]
     T = max(lengths)
-    ragged = min(lengths) != T
-    total = T + max_new_tokens
-    if total > model.config.block_size:
-        raise ValueError(
-            f"prompt ({T}) + max_new_tokens ({max_new_tokens}) = {total} exceeds the model's "
-            f"block_size ({model.config.block_size})"
-        )
+    block = model.config.block_size
+    if block <= T:
+        raise ValueError(f"a prompt of {T} tokens leaves no room in the model's block_size ({block})")
+    keep = min(window_keep or block // 2, block - 1)
     stops = [list(s) for s in stop if len(s)]
     hold = max((len(s) for s in stops), default=1) - 1
     procs = list(processors)
@@ -182,11 +183,13 @@ def stream(
         procs.insert(0, globals()["repetition_penalty"](repetition_penalty, repetition_window))
     was_training = model.training
     model.eval()
-    model.setup_caches(max_batch_size=B, max_seq_length=total)
-    seq = torch.zeros(B, total, dtype=torch.long, device=device)  # (B, T + new): row b's ids at [0, len_b)
+    capacity = min(T + max_new_tokens, block)  # past it, the window slides (re-prefill)
+    model.setup_caches(max_batch_size=B, max_seq_length=capacity)
+    seq = torch.zeros(B, T + max_new_tokens, dtype=torch.long, device=device)  # row b's ids at [0, hist_b)
     for b, r in enumerate(rows):
         seq[b, : len(r)] = torch.tensor(r)
-    length_t = torch.tensor(lengths, device=device)  # (B,)
+    hist, hist_t = list(lengths), torch.tensor(lengths, device=device)  # ids per row so far
+    cache, cache_t = list(lengths), torch.tensor(lengths, device=device)  # filled cache slots per row
     rows_idx = torch.arange(B, device=device)
     finished = [False] * B
     finished_t = torch.zeros(B, dtype=torch.bool, device=device)
@@ -194,23 +197,25 @@ def stream(
     sent = [0] * B  # tokens of each row already yielded
     banned_all = torch.zeros(B, dtype=torch.bool, device=device)  # checked once, after the loop
     try:  # the caches are released whatever happens, so a failed call leaves the model as it was
-        logits = prefill(model, seq[:, :T], length_t - 1 if ragged else None)
+        logits = prefill(model, seq[:, :T], hist_t - 1 if min(lengths) != T else None)
         for n in range(max_new_tokens):
+            aligned = min(hist) == max(hist)
             if procs:
-                if ragged:
-                    logits = apply_processors(procs, seq, [length + n for length in lengths], logits)
+                if aligned:
+                    logits = apply_processors(procs, seq[:, : hist[0]], None, logits)
                 else:
-                    logits = apply_processors(procs, seq[:, : T + n], None, logits)
+                    logits = apply_processors(procs, seq, hist, logits)
                 banned_all |= torch.isneginf(logits).all(dim=-1) & ~finished_t
             if eos_id is not None and n < min_new_tokens:
                 logits[:, eos_id] = float("-inf")
             token = sample(logits, temperature, top_k, top_p, generator, min_p)  # (B,)
             if eos_id is not None:
                 token = token.masked_fill(finished_t, eos_id)  # finished rows only repeat EOS
-            if ragged:
-                seq[rows_idx, length_t + n] = token
+            if aligned:
+                seq[:, hist[0]] = token
             else:
-                seq[:, T + n] = token
+                seq[rows_idx, hist_t] = token
+            hist, hist_t = [h + 1 for h in hist], hist_t + 1
             for b, t in enumerate(token.tolist()):
                 if finished[b]:
                     continue
@@ -238,11 +243,21 @@ def stream(
                         sent[b] += 1
             if all(finished):
                 break
-            if ragged:
-                pos = (length_t + n)[:, None]  # (B, 1)
-                logits = model(token[:, None], pos, kv_len=T + n + 1)[:, -1]
+            if max(cache) >= capacity:
+                # the cache is full: slide the window to the first token (BOS) + the last `keep` ids of
+                # each row, prefilled in one pass, and go on decoding after them
+                ctxs = [[int(seq[b, 0])] + seq[b, max(h - keep, 1) : h].tolist() for b, h in enumerate(hist)]
+                cache = [len(c) for c in ctxs]
+                cache_t = torch.tensor(cache, device=device)
+                width = max(cache)
+                padded = torch.tensor([c + [0] * (width - len(c)) for c in ctxs], device=device)
+                logits = prefill(model, padded, cache_t - 1 if min(cache) != width else None)
+            elif min(cache) == max(cache):
+                logits = decode_one_token(model, token[:, None], cache[0])
+                cache, cache_t = [c + 1 for c in cache], cache_t + 1
             else:
-                logits = decode_one_token(model, token[:, None], T + n)
+                logits = model(token[:, None], cache_t[:, None], kv_len=max(cache) + 1)[:, -1]
+                cache, cache_t = [c + 1 for c in cache], cache_t + 1
     finally:
         model.clear_caches()
         model.train(was_training)

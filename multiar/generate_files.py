@@ -23,8 +23,9 @@ log = logging.getLogger("multiar")
 
 
 def fit_prompt(prompt: list[int], block_size: int, max_new_tokens: int) -> list[int]:
-    """BOS + as much of the prompt's end as fits before max_new_tokens in block_size."""
-    room = block_size - max_new_tokens  # prompt tokens that fit, BOS included
+    """BOS + as much of the prompt's end as fits before max_new_tokens in block_size; past
+    block_size // 2 new tokens the window slides anyway, so the prompt keeps at least half the block."""
+    room = block_size - min(max_new_tokens, block_size // 2)  # prompt tokens that fit, BOS included
     if room < 2:
         raise ValueError(
             f"max_new_tokens={max_new_tokens} leaves no room for a prompt in block_size={block_size}"

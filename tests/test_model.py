@@ -131,10 +131,29 @@ def test_temperature_zero_is_greedy():
     assert torch.equal(sample(logits, temperature=0.0), logits.argmax(-1))
 
 
-def test_prompt_plus_new_tokens_beyond_block_size_is_refused():
-    model = tiny_model(block_size=16)
-    with pytest.raises(ValueError, match="block_size"):
-        generate(model, torch.zeros(1, 10, dtype=torch.long), 7)
+def sliding_reference(model: GPT, prompt: list[int], n: int, keep: int) -> list[int]:
+    """Reference: no cache; when the context fills block_size it restarts from BOS + the last keep ids."""
+    ctx, hist, out = list(prompt), list(prompt), []
+    for _ in range(n):
+        with torch.no_grad():
+            t = int(model(torch.tensor([ctx]))[0, -1].argmax())
+        out.append(t)
+        hist.append(t)
+        ctx = (
+            [hist[0], *hist[max(len(hist) - keep, 1) :]] if len(ctx) >= model.config.block_size else [*ctx, t]
+        )
+    return out
+
+
+def test_generation_past_block_size_slides_the_window_like_the_reference_loop():
+    model = tiny_model(seed=6, block_size=16)
+    prompts = [[1, 4, 9], [1, 7, 7, 2, 30, 11, 5]]
+    for keep in (None, 5):
+        out = generate(model, prompts=prompts, max_new_tokens=50, temperature=0.0, window_keep=keep)
+        for p, row in zip(prompts, out, strict=True):
+            assert row == sliding_reference(model, p, 50, keep or 8)
+    with pytest.raises(ValueError, match="leaves no room"):
+        generate(model, torch.zeros(1, 16, dtype=torch.long), 5)
 
 
 def test_weights_are_tied_and_caches_are_released():
