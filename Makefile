@@ -41,6 +41,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/generate_speed.py
+	$(BIN)/python benchmarks/inference_speed.py --json benchmarks/inference_speed.json
 
 clean:
 	rm -rf outputs runs .pytest_cache

@@ -1,0 +1,167 @@
+"""Sampling speed: multiar's `generate` (fp32, int8, speculative) against transformers' `generate` on the
+same weights, exported through `multiar export`, side by side in one process, interleaved, median of N.
+
+    .venv/bin/python benchmarks/inference_speed.py [--repeats 5] [--new 256] [--json out.json]
+        [--pair runs/big runs/small]     # speculative decoding on a trained target/draft pair
+
+Settings: 16-token prompt, 256 new tokens, sampling (temperature 1), no EOS, vocab 512, random weights
+for the 10.8M (6 x 384) and 85M (12 x 768) shapes. The RAM read bandwidth of this machine is measured in
+the same run: at batch 1 a decode step reads every weight once, so bytes/token x tokens/s against it is
+how close a run gets to the hardware's limit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from multiar.export import llama_config, to_llama_state
+from multiar.generate import generate
+from multiar.model import GPT, ModelConfig
+from multiar.quantize import quantize
+from multiar.speculative import speculative_generate
+
+SHAPES = {"10.8M": dict(n_layer=6, n_head=6, n_embd=384), "85M": dict(n_layer=12, n_head=12, n_embd=768)}
+
+
+def ram_read_gbps() -> float:
+    """Read bandwidth from RAM: sum over a 1 GiB tensor, best of 5 (beyond every cache)."""
+    x = torch.ones(256 * 1024 * 1024, dtype=torch.float32)
+    best = min(_timed(lambda: x.sum()) for _ in range(5))
+    return x.numel() * 4 / best / 1e9
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def to_transformers(model: GPT):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**{k: v for k, v in llama_config(model, {}).items() if k != "architectures"})
+    hf = LlamaForCausalLM(config).eval()
+    state = to_llama_state(model)
+    state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    hf.load_state_dict(state)
+    return hf
+
+
+def bench(entries: dict, repeats: int) -> dict[str, float]:
+    """Interleaved: every entry once per round, median seconds over rounds."""
+    times: dict[str, list[float]] = {name: [] for name in entries}
+    for fn in entries.values():  # warm-up round, not timed
+        fn()
+    for _ in range(repeats):
+        for name, fn in entries.items():
+            times[name].append(_timed(fn))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--new", type=int, default=256)
+    parser.add_argument("--prompt", type=int, default=16)
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--pair", nargs=2, type=Path, default=None, help="target and draft run folders")
+    parser.add_argument("--shapes", nargs="*", default=list(SHAPES))
+    args = parser.parse_args()
+    import transformers
+
+    bw = ram_read_gbps()
+    print(
+        f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads; "
+        f"RAM read {bw:.1f} GB/s; prompt {args.prompt}, {args.new} new tokens, sampling, median of {args.repeats}"
+    )
+    rows = []
+    for shape_name in args.shapes:
+        torch.manual_seed(0)
+        model = GPT(ModelConfig(vocab_size=512, block_size=1024, **SHAPES[shape_name])).eval()
+        int8 = quantize(copy.deepcopy(model), "int8")
+        hf = to_transformers(model)
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        for batch in (1, 8):
+            prompt = torch.randint(3, 512, (batch, args.prompt))
+            gen = dict(
+                do_sample=True, temperature=1.0, top_k=0, max_new_tokens=args.new, min_new_tokens=args.new
+            )
+            mask = torch.ones_like(prompt)
+            entries = {
+                "transformers fp32": partial(hf.generate, prompt, attention_mask=mask, **gen),
+                "multiar fp32": partial(generate, model, prompt, args.new),
+                "multiar int8": partial(generate, int8, prompt, args.new),
+            }
+            with torch.inference_mode():
+                seconds = bench(entries, args.repeats)
+            tokens = batch * args.new
+            base = tokens / seconds["transformers fp32"]
+            for name, s in seconds.items():
+                tps = tokens / s
+                row = {
+                    "model": shape_name,
+                    "batch": batch,
+                    "engine": name,
+                    "tok_s": tps,
+                    "vs_transformers": tps / base,
+                }
+                if batch == 1 and "fp32" in name:
+                    row["ram_bandwidth_share"] = weight_bytes * tps / 1e9 / bw
+                rows.append(row)
+                share = (
+                    f"  {100 * row['ram_bandwidth_share']:.0f}% of RAM bandwidth"
+                    if "ram_bandwidth_share" in row
+                    else ""
+                )
+                print(
+                    f"{shape_name:6s} batch {batch}  {name:18s} {tps:8.0f} tok/s  {tps / base:5.2f}x{share}",
+                    flush=True,
+                )
+    if args.pair:
+        from multiar.run_folder import load_run
+
+        target, draft = load_run(args.pair[0]), load_run(args.pair[1])
+        prompt = [target.domain.prompt_ids(None)] * 1
+        stats = {}
+
+        def spec(d):
+            def run():
+                out, st = speculative_generate(target.model, prompt, args.new, draft=d, k=4)
+                stats[d if isinstance(d, str) else "draft model"] = st.as_dict()
+
+            return run
+
+        entries = {
+            "target alone": lambda: generate(target.model, prompts=prompt, max_new_tokens=args.new),
+            "speculative draft model": spec(draft.model),
+            "speculative ngram": spec("ngram"),
+        }
+        with torch.inference_mode():
+            seconds = bench(entries, args.repeats)
+        for name, s in seconds.items():
+            row = {"model": f"pair {args.pair[0].name}", "batch": 1, "engine": name, "tok_s": args.new / s}
+            row["vs_target_alone"] = seconds["target alone"] / s
+            key = "draft model" if "model" in name else "ngram" if "ngram" in name else None
+            if key:
+                row |= stats[key]
+            rows.append(row)
+            print(
+                f"pair   batch 1  {name:24s} {args.new / s:8.0f} tok/s  {row['vs_target_alone']:5.2f}x  "
+                f"{json.dumps({k: round(v, 3) for k, v in row.items() if k in ('acceptance_rate', 'tokens_per_target_step')})}"
+            )
+    if args.json:
+        args.json.write_text(json.dumps({"ram_read_gbps": bw, "rows": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    with tempfile.TemporaryDirectory():
+        main()
