@@ -108,18 +108,30 @@ class CodeDomain:
         return self._trained().decode(keep, skip_special_tokens=False), len(ids) - len(keep)
 
     def write(
-        self, artifacts: Sequence[str], out_dir: Path, provenance: dict, overwrite: bool = False
+        self,
+        artifacts: Sequence[str],
+        out_dir: Path,
+        provenance: dict,
+        overwrite: bool = False,
+        start: int = 0,
     ) -> list[Path]:
         # every sample is written, parsing or not: a syntax error is data for the report, not a reason to drop
         out_dir = Path(out_dir)
         paths = [
-            write_new_text(safe_child(out_dir, f"sample_{i:03d}.py"), src, overwrite)
+            write_new_text(safe_child(out_dir, f"sample_{start + i:03d}.py"), src, overwrite)
             for i, src in enumerate(artifacts)
         ]
-        valid = [parses(src) for src in artifacts]
-        report = [f"{p.name}\t{'ok' if ok else 'syntax error'}" for p, ok in zip(paths, valid, strict=True)]
-        report.append(f"# {sum(valid)} of {len(artifacts)} samples parse")
-        write_new_text(out_dir / "syntax_report.tsv", "\n".join(report) + "\n", overwrite)
+        report_path = out_dir / "syntax_report.tsv"
+        lines = []
+        if start > 0 and report_path.exists():  # samples start.. extend this run's own report
+            lines = [x for x in report_path.read_text().splitlines() if not x.startswith("#")]
+        lines += [
+            f"{p.name}\t{'ok' if parses(src) else 'syntax error'}"
+            for p, src in zip(paths, artifacts, strict=True)
+        ]
+        ok = sum(line.endswith("\tok") for line in lines)
+        lines.append(f"# {ok} of {len(lines)} samples parse")
+        write_new_text(report_path, "\n".join(lines) + "\n", overwrite or start > 0)
         return paths
 
     def metrics(self, artifacts: Sequence[str]) -> dict[str, float]:

@@ -105,11 +105,16 @@ class MusicDomain:
         return self.tokenizer.decode(seq), len(ids) - len(keep) + errors
 
     def write(
-        self, artifacts: Sequence[Score], out_dir: Path, provenance: dict, overwrite: bool = False
+        self,
+        artifacts: Sequence[Score],
+        out_dir: Path,
+        provenance: dict,
+        overwrite: bool = False,
+        start: int = 0,
     ) -> list[Path]:
         return [
             write_new_file(
-                safe_child(Path(out_dir), f"sample_{i:03d}.mid"),
+                safe_child(Path(out_dir), f"sample_{start + i:03d}.mid"),
                 lambda tmp, s=score: s.dump_midi(str(tmp)),
                 overwrite,
             )

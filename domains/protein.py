@@ -86,15 +86,22 @@ class ProteinDomain:
         return "".join(self.itos[i] for i in keep), len(ids) - len(keep)
 
     def write(
-        self, artifacts: Sequence[str], out_dir: Path, provenance: dict, overwrite: bool = False
+        self,
+        artifacts: Sequence[str],
+        out_dir: Path,
+        provenance: dict,
+        overwrite: bool = False,
+        start: int = 0,
     ) -> list[Path]:
         settings = " ".join(f"{k}={v}" for k, v in provenance.items())
         records = [
-            SeqRecord(Seq(seq), id=f"multiar_{i:04d}", description=f"length={len(seq)} {settings}")
+            SeqRecord(Seq(seq), id=f"multiar_{start + i:04d}", description=f"length={len(seq)} {settings}")
             for i, seq in enumerate(artifacts)
         ]
         path = safe_child(Path(out_dir), "samples.fasta")
-        return [write_new_file(path, lambda tmp: SeqIO.write(records, tmp, "fasta"), overwrite)]
+        if start > 0 and path.exists():  # samples start.. extend this run's own file, rewritten whole
+            records = list(SeqIO.parse(path, "fasta"))[:start] + records
+        return [write_new_file(path, lambda tmp: SeqIO.write(records, tmp, "fasta"), overwrite or start > 0)]
 
     def metrics(self, artifacts: Sequence[str]) -> dict[str, float]:
         lengths = [len(s) for s in artifacts]

@@ -59,9 +59,16 @@ class Domain(Protocol):
         """Artifact from model output, and how many tokens were dropped or repaired; never raises."""
 
     def write(
-        self, artifacts: Sequence[Artifact], out_dir: Path, provenance: dict, overwrite: bool = False
+        self,
+        artifacts: Sequence[Artifact],
+        out_dir: Path,
+        provenance: dict,
+        overwrite: bool = False,
+        start: int = 0,
     ) -> list[Path]:
-        """Write artifacts under out_dir; refuses to replace existing files unless overwrite."""
+        """Write artifacts as samples start, start+1, ... under out_dir; refuses to replace existing files
+        unless overwrite. With start > 0 a domain that keeps one file for all samples extends the one
+        this run wrote for samples 0..start-1 (so finished samples are on disk as they come)."""
 
     def metrics(self, artifacts: Sequence[Artifact]) -> dict[str, float]:
         """Domain metrics, each key prefixed with '<name>/'."""

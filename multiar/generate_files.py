@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from multiar.domain import Domain, domain_state_digest, write_new_text
-from multiar.generate import ban_tokens, generate, repetition_penalty
+from multiar.generate import ban_tokens, repetition_penalty, stream
 from multiar.model import GPT
 from multiar.quantize import bf16_is_fast, load_quantized, quantize
 from multiar.run_folder import Run, load_run
@@ -105,6 +108,50 @@ def load_draft(cfg: DictConfig, run: Run) -> GPT | str | None:
     return sampling_model(draft, cfg.quantize, cfg.dtype)
 
 
+class SampleWriter:
+    """Decodes each finished sample and writes it at once, in sample order (a sample waits only for
+    those before it), so an interrupted run keeps every sample that was complete."""
+
+    def __init__(
+        self,
+        domain: Domain,
+        out_dir: Path,
+        provenance: dict,
+        overwrite: bool,
+        include_prompt: bool,
+        stop: str | None,
+        rows: list[list[int]],
+    ) -> None:
+        self.domain, self.out_dir, self.provenance, self.overwrite = domain, out_dir, provenance, overwrite
+        self.heads = [p[1:] if include_prompt else [] for p in rows]  # each prompt without BOS
+        self.stop = stop
+        self.pending: dict[int, list[int]] = {}
+        self.new_ids: list[list[int]] = []
+        self.decoded: list[tuple[Any, int]] = []
+        self.artifacts: list[Any] = []
+        self.paths: list[Path] = []
+
+    @property
+    def done(self) -> int:
+        return len(self.artifacts)
+
+    def finish(self, index: int, ids: list[int]) -> None:
+        self.pending[index] = ids
+        while self.done in self.pending:
+            i = self.done
+            ids = self.pending.pop(i)
+            head = self.heads[i]
+            artifact, dropped = self.domain.decode(head + ids)
+            prompt_text = self.domain.decode(head)[0] if isinstance(artifact, str) else None
+            artifact = cut_at_stop(artifact, self.stop, len(prompt_text) if prompt_text is not None else 0)
+            self.new_ids.append(ids)
+            self.decoded.append((artifact, dropped))
+            self.artifacts.append(artifact)
+            for p in self.domain.write([artifact], self.out_dir, self.provenance, self.overwrite, start=i):
+                if p not in self.paths:
+                    self.paths.append(p)
+
+
 def sample_to_files(cfg: DictConfig) -> dict[str, Any]:
     """Sample cfg.n continuations of each prompt (cfg.prompt, or every line of cfg.prompt_file) from
     run cfg.run; write files; return a report."""
@@ -134,22 +181,6 @@ def sample_to_files(cfg: DictConfig) -> dict[str, Any]:
         processors=processors,
         generator=generator,
     )
-    new_ids: list[list[int]] = []
-    spec = SpeculativeStats()
-    for start in range(0, len(rows), cfg.batch_size):
-        batch = rows[start : start + cfg.batch_size]
-        if draft is None:
-            new_ids += generate(model, prompts=batch, max_new_tokens=cfg.max_new_tokens, **settings)
-            continue
-        out, stats = speculative_generate(
-            model, batch, cfg.max_new_tokens, draft=draft, k=cfg.speculate_k, ngram=cfg.ngram, **settings
-        )
-        new_ids += out
-        spec.merge(stats)
-    heads = [p[1:] if cfg.include_prompt else [] for p in rows]  # each prompt without BOS
-    decoded = [domain.decode(head + ids) for head, ids in zip(heads, new_ids, strict=True)]
-    starts = [len(a) if isinstance(a := domain.decode(h)[0], str) else 0 for h in heads]
-    artifacts = [cut_at_stop(a, cfg.stop, at) for (a, _), at in zip(decoded, starts, strict=True)]
     provenance = {
         "run": str(run.path),
         "seed": cfg.seed,
@@ -161,7 +192,46 @@ def sample_to_files(cfg: DictConfig) -> dict[str, Any]:
     for key, off in (("min_p", 0.0), ("repetition_penalty", 1.0), ("quantize", None), ("draft", None)):
         if cfg[key] != off:  # settings that are on go into every file's provenance
             provenance[key] = cfg[key]
-    paths = domain.write(artifacts, out_dir, provenance, overwrite=cfg.overwrite)
+    writer = SampleWriter(domain, out_dir, provenance, cfg.overwrite, cfg.include_prompt, cfg.stop, rows)
+    spec = SpeculativeStats()
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]:.0f} tok/s"),
+        TimeElapsedColumn(),
+        disable=not sys.stderr.isatty(),
+        transient=True,
+    ) as bar:
+        task = bar.add_task(f"{domain.name} samples", total=len(rows), rate=0.0)
+        started, tokens = time.perf_counter(), 0
+        for start in range(0, len(rows), cfg.batch_size):
+            batch = rows[start : start + cfg.batch_size]
+            if draft is not None:
+                out, stats = speculative_generate(
+                    model,
+                    batch,
+                    cfg.max_new_tokens,
+                    draft=draft,
+                    k=cfg.speculate_k,
+                    ngram=cfg.ngram,
+                    **settings,
+                )
+                spec.merge(stats)
+                for i, ids in enumerate(out):
+                    writer.finish(start + i, ids)
+                tokens += sum(map(len, out))
+                bar.update(task, completed=writer.done, rate=tokens / (time.perf_counter() - started))
+                continue
+            buffers: list[list[int]] = [[] for _ in batch]
+            for event in stream(model, batch, cfg.max_new_tokens, **settings):
+                if event.token is not None:
+                    buffers[event.row].append(event.token)
+                    tokens += 1
+                    continue
+                writer.finish(start + event.row, buffers[event.row])  # on disk as soon as it is complete
+                bar.update(task, completed=writer.done, rate=tokens / (time.perf_counter() - started))
+    new_ids, decoded, artifacts, paths = writer.new_ids, writer.decoded, writer.artifacts, writer.paths
     report = {
         "domain": domain.name,
         "files": [str(p) for p in paths],

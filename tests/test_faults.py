@@ -173,25 +173,36 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
 
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EACCES])
-def test_a_failed_write_is_one_line_and_keeps_only_complete_files(tmp_path, monkeypatch, capsys, code):
+@pytest.mark.parametrize("failing", ["generate.json", "second sample"])
+def test_a_failed_write_is_one_line_and_keeps_only_complete_files(
+    tmp_path, monkeypatch, capsys, code, failing
+):
     run = copy_fixture_run(tmp_path)
     out = tmp_path / "out"
     import multiar.domain
 
     real_replace = os.replace
-    calls = {"n": 0}
+    seen = []
 
     def failing_replace(src, dst):
-        calls["n"] += 1
-        if calls["n"] == 2:  # samples.fasta lands, generate.json hits the full disk / refused write
+        seen.append(Path(dst).name)
+        if (failing == "generate.json" and Path(dst).name == failing) or (
+            failing == "second sample" and seen.count("samples.fasta") == 2
+        ):
             raise OSError(code, os.strerror(code))
         return real_replace(src, dst)
 
     monkeypatch.setattr(multiar.domain.os, "replace", failing_replace)
-    rc = main(["generate", f"run={run}", f"out={out}", "n=3", "max_new_tokens=10"])
+    rc = main(["generate", f"run={run}", f"out={out}", "n=3", "max_new_tokens=10", "min_new_tokens=10"])
     err = capsys.readouterr().err.strip()
-    assert rc == 1 and err == f"multiar generate: {out / 'generate.json'}: cannot write: {os.strerror(code)}"
-    assert sorted(p.name for p in out.iterdir()) == ["samples.fasta"]  # whole; no temporary left
+    name = "generate.json" if failing == "generate.json" else "samples.fasta"
+    assert rc == 1 and err == f"multiar generate: {out / name}: cannot write: {os.strerror(code)}"
+    assert sorted(p.name for p in out.iterdir()) == ["samples.fasta"]  # no temporary left
+    from Bio import SeqIO
+
+    kept = list(SeqIO.parse(out / "samples.fasta", "fasta"))
+    # each finished sample was on disk as soon as it was complete: an interrupted run keeps them whole
+    assert len(kept) == (3 if failing == "generate.json" else 1) and all(len(r.seq) == 10 for r in kept)
 
 
 def test_writing_to_dev_full_is_a_clear_error():
