@@ -26,7 +26,7 @@ import torch
 from multiar.export import llama_config, to_llama_state
 from multiar.generate import generate
 from multiar.model import GPT, ModelConfig
-from multiar.quantize import quantize
+from multiar.quantize import decode_layout, quantize
 from multiar.speculative import speculative_generate
 
 SHAPES = {"10.8M": dict(n_layer=6, n_head=6, n_embd=384), "85M": dict(n_layer=12, n_head=12, n_embd=768)}
@@ -88,6 +88,7 @@ def main() -> None:
         torch.manual_seed(0)
         model = GPT(ModelConfig(vocab_size=512, block_size=1024, **SHAPES[shape_name])).eval()
         int8 = quantize(copy.deepcopy(model), "int8")
+        layout = decode_layout(copy.deepcopy(model))  # what `multiar generate` uses at batch 1 on a CPU
         hf = to_transformers(model)
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         for batch in (1, 8):
@@ -101,6 +102,8 @@ def main() -> None:
                 "multiar fp32": partial(generate, model, prompt, args.new),
                 "multiar int8": partial(generate, int8, prompt, args.new),
             }
+            if batch == 1:
+                entries["multiar fp32 in x out"] = partial(generate, layout, prompt, args.new)
             with torch.inference_mode():
                 seconds = bench(entries, args.repeats)
             tokens = batch * args.new

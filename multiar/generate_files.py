@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from multiar.domain import Domain, domain_state_digest, write_new_text
 from multiar.generate import ban_tokens, repetition_penalty, stream
 from multiar.model import GPT
-from multiar.quantize import bf16_is_fast, load_quantized, quantize
+from multiar.quantize import bf16_is_fast, decode_layout, load_quantized, quantize
 from multiar.run_folder import Run, load_run
 from multiar.schema import ConfigError, validate
 from multiar.speculative import SpeculativeStats, speculative_generate
@@ -73,17 +73,18 @@ def cut_at_stop(artifact: Any, stop: str | None, start: int = 0) -> Any:
     return artifact
 
 
-def sampling_model(run: Run, mode: str | None, dtype: str) -> GPT:
+def sampling_model(run: Run, mode: str | None, dtype: str, rows_per_batch: int = 1) -> GPT:
     """The run's model as sampling should use it: int8 weights (the run's stored copy when it matches,
-    else converted now), or bf16 where asked or where the hardware runs it fast."""
+    else converted now), or bf16 where asked or where the hardware runs it fast; fp32 at batch 1 on a
+    CPU in the mat-vec-friendly layout (faster at batch 1, slower at batch 8: benchmarks/README.md)."""
     model = run.model
     if mode is not None:
         source = run.path / "model.safetensors"
         return load_quantized(model, run.path, source) or quantize(model, mode)
     device = model.wte.weight.device
     if dtype == "bf16" or (dtype == "auto" and bf16_is_fast(device)):
-        model = model.to(torch.bfloat16)
-    return model
+        return model.to(torch.bfloat16)
+    return decode_layout(model) if rows_per_batch == 1 else model
 
 
 def same_tokenizer(a: Domain, b: Domain) -> bool:
@@ -105,7 +106,7 @@ def load_draft(cfg: DictConfig, run: Run) -> GPT | str | None:
         raise ConfigError(
             f"draft: {cfg.draft} has another tokenizer than {cfg.run}: train it on the same one"
         )
-    return sampling_model(draft, cfg.quantize, cfg.dtype)
+    return sampling_model(draft, cfg.quantize, cfg.dtype, min(cfg.batch_size, cfg.n))
 
 
 class SampleWriter:
@@ -157,9 +158,10 @@ def sample_to_files(cfg: DictConfig) -> dict[str, Any]:
     run cfg.run; write files; return a report."""
     cfg = validate("generate", cfg)
     run = load_run(cfg.run, device=cfg.device)
-    model, domain = sampling_model(run, cfg.quantize, cfg.dtype), run.domain
-    out_dir = Path(cfg.out if cfg.out else Path("outputs") / domain.name).expanduser()
     texts = read_prompt_file(cfg.prompt_file) if cfg.prompt_file else [cfg.prompt]
+    rows_per_batch = min(cfg.batch_size, cfg.n * len(texts))
+    model, domain = sampling_model(run, cfg.quantize, cfg.dtype, rows_per_batch), run.domain
+    out_dir = Path(cfg.out if cfg.out else Path("outputs") / domain.name).expanduser()
     prompts = [fit_prompt(domain.prompt_ids(t), model.config.block_size, cfg.max_new_tokens) for t in texts]
     stops = stop_sequences(cfg, domain)
     processors = [ban_tokens([domain.pad_id, domain.bos_id])]
