@@ -105,3 +105,17 @@ def test_bf16_sampling_writes_valid_files(tmp_path):
     )
     records = list(SeqIO.parse(tmp_path / "o" / "samples.fasta", "fasta"))
     assert report["samples"] == 4 and len(records) == 4 and all(len(r.seq) > 0 for r in records)
+
+
+def test_the_batch_1_decode_layout_keeps_greedy_output_and_logits():
+    from multiar.generate import generate
+    from multiar.quantize import TransposedLinear, decode_layout
+
+    torch.manual_seed(1)
+    model = GPT(ModelConfig(vocab_size=64, block_size=64, n_layer=2, n_head=2, n_embd=64)).eval()
+    laid = decode_layout(copy.deepcopy(model))
+    assert sum(isinstance(m, TransposedLinear) for m in laid.modules()) == 2 * 4 + 1
+    idx = torch.randint(0, 64, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(laid(idx), model(idx), rtol=0, atol=1e-5)
+    assert generate(laid, idx, 20, temperature=0.0) == generate(model, idx, 20, temperature=0.0)
