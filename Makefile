@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml Makefile
 	case "$$index" in \
 	  default) echo "torch: default index"; $(PIP) $(TORCH) ;; \
 	  cpu) echo "torch: PyTorch's CPU wheels (TORCH_INDEX=default for the default index)"; \
-	       $(PIP) --timeout 20 --extra-index-url $(TORCH_CPU_INDEX) $(TORCH) || $(PIP) $(TORCH) ;; \
+	       $(PIP) --timeout 20 --retries 1 --extra-index-url $(TORCH_CPU_INDEX) $(TORCH) || $(PIP) $(TORCH) ;; \
 	  *) echo "torch: $$index"; $(PIP) --extra-index-url "$$index" $(TORCH) ;; \
 	esac
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]'

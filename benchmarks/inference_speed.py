@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from multiar.export import llama_config, to_llama_state
 from multiar.generate import generate
+from multiar.hf_format import llama_config, to_llama_state
 from multiar.model import GPT, ModelConfig
 from multiar.quantize import decode_layout, quantize
 from multiar.speculative import speculative_generate
