@@ -161,6 +161,8 @@ def sample_to_files(cfg: DictConfig) -> dict[str, Any]:
     texts = read_prompt_file(cfg.prompt_file) if cfg.prompt_file else [cfg.prompt]
     rows_per_batch = min(cfg.batch_size, cfg.n * len(texts))
     model, domain = sampling_model(run, cfg.quantize, cfg.dtype, rows_per_batch), run.domain
+    if cfg.compile:  # dynamic: positions and cache lengths change every step, one graph serves them all
+        model.forward = torch.compile(model.forward, dynamic=True)
     out_dir = Path(cfg.out if cfg.out else Path("outputs") / domain.name).expanduser()
     prompts = [fit_prompt(domain.prompt_ids(t), model.config.block_size, cfg.max_new_tokens) for t in texts]
     stops = stop_sequences(cfg, domain)

@@ -132,6 +132,7 @@ class GenerateSchema:
     device: str = "cpu"
     quantize: str | None = None  # int8: weight-only int8 (a stored model.int8.safetensors is reused)
     dtype: str = "auto"  # auto: bf16 where the hardware runs it fast, else fp32
+    compile: bool = False
     draft: str | None = None  # a run folder, or "ngram"
     speculate_k: int = 4
     ngram: int = 3

@@ -16,36 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from multiar.generate import LogitsProcessor, as_rows
+from multiar.generate import LogitsProcessor, as_rows, draw, probabilities
 from multiar.model import GPT
-
-
-def probabilities(
-    logits: Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0
-) -> Tensor:
-    """The distribution `generate.sample` draws from, as probabilities (..., V); greedy is one-hot."""
-    if temperature <= 0:
-        return torch.nn.functional.one_hot(logits.argmax(-1), logits.size(-1)).float()
-    logits = logits.float() / temperature
-    if 0 < top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        sorted_probs = sorted_logits.softmax(dim=-1)
-        drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
-        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
-    probs = logits.softmax(dim=-1)
-    if min_p > 0.0:
-        probs = probs.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), 0.0)
-        probs = probs / probs.sum(-1, keepdim=True)
-    return probs
-
-
-def draw(probs: Tensor, generator: torch.Generator | None) -> Tensor:
-    """One index per row of probs (..., V), by the exponential race (no host sync)."""
-    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
-    return (probs / noise).argmax(dim=-1)
 
 
 def ngram_proposal(row: list[int], k: int, n: int) -> list[int]:

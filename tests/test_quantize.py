@@ -119,3 +119,12 @@ def test_the_batch_1_decode_layout_keeps_greedy_output_and_logits():
     with torch.no_grad():
         torch.testing.assert_close(laid(idx), model(idx), rtol=0, atol=1e-5)
     assert generate(laid, idx, 20, temperature=0.0) == generate(model, idx, 20, temperature=0.0)
+
+
+def test_compile_true_samples_the_same_files(tmp_path):
+    run = copy_fixture_run(tmp_path)
+    args = [f"run={run}", "n=2", "max_new_tokens=12", "temperature=0", "batch_size=2"]
+    sample_to_files(load_config("generate", [*args, f"out={tmp_path / 'eager'}"]))
+    sample_to_files(load_config("generate", [*args, f"out={tmp_path / 'compiled'}", "compile=true"]))
+    eager = (tmp_path / "eager" / "samples.fasta").read_text()
+    assert (tmp_path / "compiled" / "samples.fasta").read_text() == eager

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from multiar.generate import ban_tokens, generate
+from multiar.generate import ban_tokens, generate, probabilities
 from multiar.model import GPT, ModelConfig
-from multiar.speculative import ngram_proposal, probabilities, speculative_generate
+from multiar.speculative import ngram_proposal, speculative_generate
 
 
 def model(seed: int, vocab: int = 37, **shape) -> GPT:
