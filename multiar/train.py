@@ -141,7 +141,8 @@ def check_train_config(cfg: DictConfig) -> Path | None:
                 "(choose another run_dir, or overwrite=true to replace it)"
             )
     if cfg.ckpt_path is None:
-        if _holds_run(run_dir) and not cfg.overwrite:
+        # ranks > 0 start after rank 0 has begun writing this very run: only rank 0 judges the folder
+        if _holds_run(run_dir) and not cfg.overwrite and _rank() == 0:
             raise FileExistsError(
                 f"{run_dir}: already holds a run (pass ckpt_path=last to resume, overwrite=true to replace it)"
             )

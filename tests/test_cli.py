@@ -144,3 +144,30 @@ def test_demo_trains_and_writes_every_domain(tmp_path, capsys):
     assert len(list((out / "music").glob("*.mid"))) >= 4
     assert len(list((out / "code").glob("*.py"))) >= 4
     assert len(list(SeqIO.parse(out / "protein" / "samples.fasta", "fasta"))) >= 16
+
+
+def test_ddp_on_two_cpu_processes_writes_one_run(tmp_path):
+    # Lightning starts rank 1 by re-running this command while rank 0 writes the run folder: only
+    # rank 0 may judge whether the folder already holds a run
+    args = [
+        "train",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.precision=32-true",
+        "data.max_documents=200",
+        "model.n_layer=1",
+        "model.n_embd=32",
+        "model.n_head=2",
+        "model.block_size=64",
+        "data.batch_size=4",
+        "trainer.max_steps=6",
+        "trainer.val_check_interval=3",
+        "trainer.limit_val_batches=2",
+        "trainer.enable_progress_bar=false",
+        "run_dir=run",
+    ]
+    out = run_cli(args, tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("protein: val/loss") == 2  # both ranks finished
+    assert (tmp_path / "run" / "model.safetensors").exists()
