@@ -96,6 +96,9 @@ def draw(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
     return (probs / noise).argmax(dim=-1)
 
 
+_penalize_repeats = repetition_penalty  # `stream` has an argument of that name
+
+
 def sample(
     logits: Tensor,
     temperature: float = 1.0,
@@ -194,7 +197,7 @@ def stream(
     hold = max((len(s) for s in stops), default=1) - 1
     procs = list(processors)
     if repetition_penalty != 1.0:
-        procs.insert(0, globals()["repetition_penalty"](repetition_penalty, repetition_window))
+        procs.insert(0, _penalize_repeats(repetition_penalty, repetition_window))
     was_training = model.training
     model.eval()
     capacity = min(T + max_new_tokens, block)  # past it, the window slides (re-prefill)

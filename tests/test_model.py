@@ -239,3 +239,19 @@ def test_stop_sequences_end_a_row_and_are_not_returned_nor_streamed():
     assert cut == free[:first]
     events = list(stream(model, torch.zeros(1, 1, dtype=torch.long), 20, temperature=0.0, stop=[stop]))
     assert [e.token for e in events] == [*cut, None]
+
+
+def test_a_strong_repetition_penalty_keeps_greedy_output_free_of_recent_repeats():
+    model = tiny_model(seed=8)
+    plain = generate(model, torch.zeros(1, 1, dtype=torch.long), 20, temperature=0.0)[0]
+    assert len(set(plain)) < len(plain)  # the untrained model repeats itself
+    out = generate(
+        model,
+        torch.zeros(1, 1, dtype=torch.long),
+        20,
+        temperature=0.0,
+        repetition_penalty=1e6,
+        repetition_window=8,
+    )[0]
+    seq = [0, *out]
+    assert all(seq[i] not in seq[max(0, i - 8) : i] for i in range(1, len(seq)))
