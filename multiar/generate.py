@@ -150,6 +150,19 @@ def apply_processors(
     return torch.cat(rows)
 
 
+def extend_row(row: list[int], token: int, eos_id: int | None, stops: Sequence[list[int]]) -> bool:
+    """Append token to a row's new ids unless it is EOS, and drop a stop sequence the row now ends with;
+    returns whether the row has ended (EOS or a stop)."""
+    if eos_id is not None and token == eos_id:
+        return True
+    row.append(token)
+    for s in stops:
+        if row[-len(s) :] == s:
+            del row[-len(s) :]
+            return True
+    return False
+
+
 class Token(NamedTuple):
     """One streamed event: row `row` produced `token`; token None means the row has finished."""
 
@@ -237,17 +250,7 @@ def stream(
                 if finished[b]:
                     continue
                 row = generated[b]
-                row.append(t)
-                ended = eos_id is not None and t == eos_id
-                if ended:
-                    row.pop()
-                else:
-                    for s in stops:
-                        if row[-len(s) :] == s:
-                            del row[-len(s) :]
-                            ended = True
-                            break
-                if ended or n + 1 == max_new_tokens:
+                if extend_row(row, t, eos_id, stops) or n + 1 == max_new_tokens:
                     finished[b] = True
                     finished_t[b] = True
                     for tok in row[sent[b] :]:

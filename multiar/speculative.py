@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from multiar.generate import LogitsProcessor, as_rows, draw, probabilities
+from multiar.generate import LogitsProcessor, apply_processors, as_rows, draw, extend_row, probabilities
 from multiar.model import GPT
 
 
@@ -58,7 +58,8 @@ class SpeculativeStats:
 
 
 class _Processed:
-    """Runs processors (and min_new_tokens) on logits for given per-row contexts."""
+    """Runs processors (row by row, through generate's apply_processors) and min_new_tokens on logits
+    for given per-row contexts."""
 
     def __init__(
         self, processors: Sequence[LogitsProcessor], eos_id: int | None, min_new: int, prompt_lens: list[int]
@@ -72,20 +73,15 @@ class _Processed:
 
     def __call__(self, rows: list[list[int]], logits: Tensor, device: torch.device) -> Tensor:
         """rows: the ids before each logits row (B lists); logits (B, V) -> processed (B, V)."""
-        if not self.processors and (self.eos_id is None or not self.min_new):
-            return logits
-        out = []
-        for b, ids in enumerate(rows):
-            row = logits[b : b + 1]
-            if self.processors:
-                t = torch.tensor([ids], device=device)
-                for process in self.processors:
-                    row = process(t, row)
-            if self.eos_id is not None and len(ids) - self.prompt_lens[b] < self.min_new:
-                row = row.clone()
-                row[:, self.eos_id] = float("-inf")
-            out.append(row)
-        return torch.cat(out)
+        if self.processors:
+            lengths = [len(r) for r in rows]
+            seq = torch.tensor([r + [0] * (max(lengths) - len(r)) for r in rows], device=device)
+            logits = apply_processors(self.processors, seq, lengths, logits)
+        if self.eos_id is not None and self.min_new:
+            early = [len(r) - n < self.min_new for r, n in zip(rows, self.prompt_lens, strict=True)]
+            logits = logits.clone()
+            logits[torch.tensor(early, device=device), self.eos_id] = float("-inf")
+        return logits
 
 
 @torch.inference_mode()
@@ -216,17 +212,8 @@ def speculative_generate(
                 stats.per_row_steps[b] += 1
                 for t in proposals[b][:n] + [x]:
                     rows[b].append(t)
-                    if eos_id is not None and t == eos_id:
-                        done[b] = True
-                        break
-                    new[b].append(t)
-                    stats.emitted += 1
-                    if any(new[b][-len(s) :] == s for s in stops):
-                        s = next(s for s in stops if new[b][-len(s) :] == s)
-                        del new[b][-len(s) :]
-                        done[b] = True
-                        break
-                    if len(new[b]) >= max_new_tokens:
+                    stats.emitted += t != eos_id
+                    if extend_row(new[b], t, eos_id, stops) or len(new[b]) >= max_new_tokens:
                         done[b] = True
                         break
     finally:

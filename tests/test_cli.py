@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from Bio import SeqIO
+from conftest import TINY
 
 from multiar.config import config_dir, load_config
 from multiar.model import ModelConfig
@@ -156,15 +157,9 @@ def test_ddp_on_two_cpu_processes_writes_one_run(tmp_path):
         "trainer.devices=2",
         "trainer.precision=32-true",
         "data.max_documents=200",
-        "model.n_layer=1",
-        "model.n_embd=32",
-        "model.n_head=2",
-        "model.block_size=64",
-        "data.batch_size=4",
+        *TINY,
         "trainer.max_steps=6",
         "trainer.val_check_interval=3",
-        "trainer.limit_val_batches=2",
-        "trainer.enable_progress_bar=false",
         "run_dir=run",
     ]
     out = run_cli(args, tmp_path)
