@@ -17,7 +17,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from multiar.domain import Domain, domain_state_digest, write_new_text
 from multiar.generate import ban_tokens, repetition_penalty, stream
 from multiar.model import GPT
-from multiar.quantize import bf16_is_fast, decode_layout, load_quantized, quantize
+from multiar.precision import bf16_is_fast
+from multiar.quantize import decode_layout, load_quantized, quantize
 from multiar.run_folder import Run, load_run
 from multiar.schema import ConfigError, validate
 from multiar.speculative import SpeculativeStats, speculative_generate
@@ -82,7 +83,7 @@ def sampling_model(run: Run, mode: str | None, dtype: str, rows_per_batch: int =
         source = run.path / "model.safetensors"
         return load_quantized(model, run.path, source) or quantize(model, mode)
     device = model.wte.weight.device
-    if dtype == "bf16" or (dtype == "auto" and bf16_is_fast(device)):
+    if dtype == "bf16" or (dtype == "auto" and bf16_is_fast(device)[0]):
         return model.to(torch.bfloat16)
     return decode_layout(model) if rows_per_batch == 1 else model
 

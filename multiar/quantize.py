@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from multiar.domain import write_new_file
+from multiar.precision import cpu_flags
 
 log = logging.getLogger("multiar")
 
@@ -88,23 +89,8 @@ def decode_layout(model: nn.Module) -> nn.Module:
 
 
 def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), read from /proc/cpuinfo."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def bf16_is_fast(device: torch.device) -> bool:
-    """Whether bf16 sampling pays here: a GPU with bf16, or a CPU with AMX (without it, bf16 mat-muls
-    run at fp32's speed or below on this machine kind, so fp32 stays)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX)."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def quantize(model: nn.Module, mode: str = "int8", bf16_activations: bool | None = None) -> nn.Module:

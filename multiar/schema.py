@@ -96,6 +96,42 @@ class OptimSchema:
 
 
 @dataclass
+class EarlyStopSchema:
+    patience: int | None = None
+    min_delta: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(
+            self.patience is None or self.patience >= 1,
+            "early_stop.patience",
+            f"must be >= 1 or null (off), got {self.patience}",
+        )
+        _check(self.min_delta >= 0, "early_stop.min_delta", f"must be >= 0, got {self.min_delta}")
+
+
+@dataclass
+class SamplesSchema:
+    every_n_steps: int = 500
+    n: int = 2
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check(
+            self.every_n_steps >= 0,
+            "samples.every_n_steps",
+            f"must be >= 0 (0 is off), got {self.every_n_steps}",
+        )
+        _check(self.n >= 1, "samples.n", f"must be >= 1, got {self.n}")
+        _check(self.max_new_tokens >= 1, "samples.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        _check(self.temperature >= 0, "samples.temperature", f"must be >= 0, got {self.temperature}")
+
+
+LOGGERS = ("csv", "tensorboard", "wandb", "mlflow")
+PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true")
+
+
+@dataclass
 class TrainSchema:
     domain: DomainSchema = field(default_factory=DomainSchema)
     model: ModelSchema = field(default_factory=ModelSchema)
@@ -106,6 +142,31 @@ class TrainSchema:
     ckpt_path: str | None = None
     data: DataSchema = field(default_factory=DataSchema)
     optim: OptimSchema = field(default_factory=OptimSchema)
+    init_from: str | None = None
+    weights: str = "best"
+    precision: str = "auto"
+    compile: bool = False
+    early_stop: EarlyStopSchema = field(default_factory=EarlyStopSchema)
+    samples: SamplesSchema = field(default_factory=SamplesSchema)
+    logger: dict[str, Any] = field(default_factory=lambda: {"name": "csv"})
+
+    def __post_init__(self) -> None:
+        _check(self.weights in ("best", "last"), "weights", f"must be best or last, got {self.weights!r}")
+        _check(
+            self.precision in PRECISIONS,
+            "precision",
+            f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}",
+        )
+        _check(
+            self.logger.get("name") in LOGGERS,
+            "logger",
+            f"must be one of {', '.join(LOGGERS)}, got {self.logger.get('name')!r}",
+        )
+        _check(
+            not (self.init_from is not None and self.ckpt_path is not None),
+            "init_from",
+            "and ckpt_path together: resume this run, or start a new one from another run's weights",
+        )
 
 
 @dataclass

@@ -1,8 +1,7 @@
-"""A thin LightningModule around GPT, and `train(cfg)`: wiring of data, model, logger, trainer."""
+"""A thin LightningModule around GPT, and `train(cfg)`: wiring of data, model, loggers, callbacks, trainer."""
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import os
@@ -13,15 +12,19 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_model
 
+from multiar.callbacks import ResumedCurve, TrainingSamples
 from multiar.checkpoint_io import AtomicCheckpointIO, remove_stale_temporaries
-from multiar.data import BlockDataModule, prepare_corpus
-from multiar.domain import write_new_text
+from multiar.data import BlockDataModule, document_root, prepare_corpus
+from multiar.domain import find_files
 from multiar.domains import DOMAINS, build_domain, load_domain
+from multiar.loggers import build_loggers, check_logger
 from multiar.model import GPT, ModelConfig
+from multiar.precision import resolve_precision
+from multiar.reference import write_reference
 from multiar.run_folder import read_run_config, save_run, write_run_config
 from multiar.schema import ConfigError, validate
 
@@ -39,18 +42,23 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: 
 class LitGPT(L.LightningModule):
     """Next-token training of GPT on packed blocks (B, block_size + 1); pad targets are ignored."""
 
-    def __init__(self, model_config: dict[str, Any], optim: dict[str, Any], pad_id: int) -> None:
+    def __init__(
+        self, model_config: dict[str, Any], optim: dict[str, Any], pad_id: int, compile: bool = False
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model = GPT(ModelConfig(**model_config))
         self.optim = optim
         self.pad_id = pad_id
+        # a compiled function, not a module: state_dict keys stay the model's own, and sampling during
+        # training (TrainingSamples) runs the plain model with its KV cache
+        self.forward_blocks = torch.compile(self.model.forward) if compile else self.model.forward
 
     def _loss(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean next-token loss over the real (non-pad) targets of batch, and how many there were."""
         idx, targets = batch[:, :-1], batch[:, 1:]  # (B, T) each
         targets = targets.masked_fill(targets == self.pad_id, -100)
-        logits = self.model(idx)  # (B, T, V)
+        logits = self.forward_blocks(idx)  # (B, T, V)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         return loss, (targets != -100).sum()
 
@@ -132,6 +140,9 @@ def check_train_config(cfg: DictConfig) -> Path | None:
     for p in cfg.data.paths or []:
         if not Path(p).expanduser().exists():
             raise ConfigError(f"data.paths: {p}: no such file or folder")
+    check_logger(OmegaConf.to_container(cfg.logger, resolve=True))
+    if cfg.init_from is not None:
+        check_init_from(cfg)
     run_dir = Path(cfg.run_dir).expanduser()
     if (run_dir / "config.yaml").exists():
         theirs = read_run_config(run_dir)["domain"]["name"]
@@ -157,6 +168,30 @@ def check_train_config(cfg: DictConfig) -> Path | None:
     return ckpt
 
 
+# model settings a fine-tuned run must share with the run it starts from (block_size and dropout may differ)
+SHAPE_KEYS = ("n_layer", "n_head", "n_embd")
+
+
+def check_init_from(cfg: DictConfig) -> None:
+    """init_from names a finished run of the same domain whose model has the configured shape."""
+    source = Path(cfg.init_from).expanduser()
+    for needed in ("config.yaml", "model.safetensors", "domain"):
+        if not (source / needed).exists():
+            raise ConfigError(f"init_from={cfg.init_from}: not a finished multiar run (missing {needed})")
+    theirs = read_run_config(source)
+    if theirs["domain"]["name"] != cfg.domain.name:
+        raise ConfigError(
+            f"init_from={cfg.init_from}: a {theirs['domain']['name']} run; this run trains {cfg.domain.name}"
+        )
+    shape = theirs.get("model_config", {})
+    differ = [f"{k} {shape.get(k)} != {cfg.model[k]}" for k in SHAPE_KEYS if shape.get(k) != cfg.model[k]]
+    if differ:
+        raise ConfigError(
+            f"init_from={cfg.init_from}: its model differs ({', '.join(differ)}); "
+            f"pass model={theirs['model'].get('name', '...')} or the same model.* values"
+        )
+
+
 def _move_aside(run_dir: Path) -> Path:
     """Rename an existing run out of the way; it is deleted only once the new run has finished."""
     aside = run_dir.with_name(f".{run_dir.name}.replaced-{os.getpid()}")
@@ -164,34 +199,6 @@ def _move_aside(run_dir: Path) -> Path:
     run_dir.rename(aside)
     log.info("%s: the old run is moved to %s until this one finishes", run_dir, aside)
     return aside
-
-
-class ResumedCurve(L.Callback):
-    """Keeps the loss curve of a resumed run in one metrics.csv.
-
-    Lightning's CSVLogger deletes an existing metrics.csv when it starts; this callback reads the rows
-    first and, once the checkpoint is restored, writes back those logged before the checkpoint's
-    step (later ones died with the killed process), so the curve continues with no step twice.
-    """
-
-    def __init__(self, metrics_csv: Path) -> None:
-        self.metrics_csv = metrics_csv
-        self.rows: list[dict[str, str]] = []
-        if metrics_csv.exists():
-            with open(metrics_csv, newline="") as f:
-                self.rows = list(csv.DictReader(f))
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.global_step:
-            log.info("resumed at step %d", trainer.global_step)
-        if not trainer.is_global_zero or not self.rows or not trainer.global_step:
-            return
-        keep = [r for r in self.rows if r.get("step") and int(r["step"]) < trainer.global_step]
-        fields = sorted(self.rows[0])  # the order Lightning's writer keeps its columns in
-        lines = [",".join(fields)] + [",".join(r.get(k) or "" for k in fields) for r in keep]
-        write_new_text(self.metrics_csv, "\n".join(lines) + "\n", overwrite=True)
-        writer = trainer.logger.experiment  # appends to the file from here on, under the same header
-        writer.metrics_keys = list(fields)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -222,9 +229,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def _train(cfg: DictConfig, run_dir: Path, ckpt: Path | None) -> dict[str, Any]:
     settings = OmegaConf.to_container(cfg.domain.settings, resolve=True)
     own_tokenizer = ckpt is not None and (run_dir / "domain").is_dir()
+    source = Path(cfg.init_from).expanduser() if cfg.init_from is not None else None
     if own_tokenizer:
         domain = load_domain(cfg.domain.name, run_dir / "domain")
         log.info("%s: resuming with the run's own tokenizer from %s", domain.name, run_dir / "domain")
+    elif source is not None:  # fine-tuning: the source run's tokenizer, never a refitted one
+        domain = load_domain(cfg.domain.name, source / "domain")
+        own_tokenizer = True
+        log.info("%s: starting from %s (its weights and tokenizer; a fresh optimizer)", domain.name, source)
     else:
         domain = build_domain(cfg.domain.name, settings)
     corpus = prepare_corpus(
@@ -243,12 +255,21 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt: Path | None) -> dict[str, Any]:
     if _rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(run_dir / "checkpoints")
-        if not own_tokenizer:  # saved before the first step: a killed run resumes with exactly this
+        if ckpt is None:  # saved before the first step: a killed run resumes with exactly this
             domain.save(run_dir / "domain")
         write_run_config(run_dir, config)
+        files = find_files(
+            list(cfg.data.paths) if cfg.data.paths else domain.default_paths(), domain.suffixes
+        )
+        root = str(document_root(files))
+        write_reference(run_dir, corpus.train, corpus.val, domain.vocab_size, domain.eos_id, root)
     model_args = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "name"}
     model_config = ModelConfig(vocab_size=domain.vocab_size, **model_args)  # the one place vocab_size enters
-    module = LitGPT(model_config.to_dict(), OmegaConf.to_container(cfg.optim, resolve=True), domain.pad_id)
+    module = LitGPT(
+        model_config.to_dict(), OmegaConf.to_container(cfg.optim, resolve=True), domain.pad_id, cfg.compile
+    )
+    if source is not None and ckpt is None:
+        load_model(module.model, str(source / "model.safetensors"), strict=True)
     datamodule = BlockDataModule(
         corpus, model_config.block_size, cfg.data.batch_size, cfg.data.num_workers, seed=cfg.seed
     )
@@ -256,26 +277,73 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt: Path | None) -> dict[str, Any]:
     checkpoints = ModelCheckpoint(
         dirpath=run_dir / "checkpoints", filename="best", monitor="val/loss", save_last=True, save_top_k=1
     )
+    callbacks: list[L.Callback] = [checkpoints, ResumedCurve(run_dir / "metrics.csv")]
+    if cfg.early_stop.patience is not None:
+        callbacks.append(
+            EarlyStopping(
+                monitor="val/loss",
+                patience=cfg.early_stop.patience,
+                min_delta=cfg.early_stop.min_delta,
+                mode="min",
+            )
+        )
+    if cfg.samples.every_n_steps:
+        callbacks.append(
+            TrainingSamples(
+                domain,
+                run_dir,
+                cfg.samples.every_n_steps,
+                cfg.samples.n,
+                cfg.samples.max_new_tokens,
+                cfg.samples.temperature,
+                cfg.seed,
+            )
+        )
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if trainer_args.get("precision") is None:
+        trainer_args["precision"], why = resolve_precision(
+            cfg.precision, str(trainer_args.get("accelerator", "auto")), cfg.data.cache_dir
+        )
+        log.info("precision=%s: %s %s", cfg.precision, trainer_args["precision"], f"({why})")
+    else:
+        log.info("trainer.precision=%s (as configured)", trainer_args["precision"])
+    config["precision_used"] = str(trainer_args["precision"])
     trainer = L.Trainer(
         **trainer_args,
         default_root_dir=run_dir,
-        logger=CSVLogger(
-            save_dir=run_dir,
-            name="",
-            version="",
-            flush_logs_every_n_steps=int(trainer_args.get("log_every_n_steps") or 50),
+        logger=build_loggers(
+            OmegaConf.to_container(cfg.logger, resolve=True),
+            run_dir,
+            int(trainer_args.get("log_every_n_steps") or 50),
         ),
-        callbacks=[checkpoints, ResumedCurve(run_dir / "metrics.csv")],
+        callbacks=callbacks,
         plugins=[AtomicCheckpointIO()],
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
-    metrics = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
-    config["final"] = {k: float(v) for k, v in metrics.items()} | {"steps": trainer.global_step}
+    # the exported weights: the best validated ones (weights=best) or the last; the final metrics are theirs
+    use_best = cfg.weights == "best" and bool(checkpoints.best_model_path)
+    metrics = trainer.validate(
+        module,
+        datamodule=datamodule,
+        verbose=False,
+        ckpt_path="best" if use_best else None,
+        weights_only=True,
+    )[0]
+    best_step = _checkpoint_step(checkpoints.best_model_path) if use_best else trainer.global_step
+    config["final"] = {k: float(v) for k, v in metrics.items()} | {
+        "steps": trainer.global_step,
+        "weights": "best" if use_best else "last",
+        "weights_step": best_step,
+    }
     if trainer.is_global_zero:
         save_run(run_dir, module.model, domain, config)
     print(
         f"{domain.name}: val/loss {metrics['val/loss']:.4f} (ppl {metrics['val/ppl']:.2f}) after "
         f"{trainer.global_step} steps -> {run_dir}"
     )
-    return {"run_dir": str(run_dir), "steps": trainer.global_step, **config["final"]}
+    return {"run_dir": str(run_dir), **config["final"]}
+
+
+def _checkpoint_step(path: str) -> int:
+    """The optimizer step a checkpoint was saved at."""
+    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])

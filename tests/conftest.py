@@ -67,6 +67,8 @@ TINY = [
     "trainer.limit_val_batches=2",
     "trainer.log_every_n_steps=1",
     "trainer.enable_progress_bar=false",
+    "trainer.precision=32-true",  # the same numbers on every CPU; precision=auto has its own tests
+    "samples.every_n_steps=0",  # the samples callback has its own tests
 ]
 FIXTURE_RUN = Path(__file__).parent / "fixtures" / "run_format0"
 

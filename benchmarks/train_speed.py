@@ -1,0 +1,228 @@
+"""Training speed: multiar's LightningModule + Trainer against a plain PyTorch loop on the same model, and
+transformers' LlamaForCausalLM / GPT2LMHeadModel at the same shape in that plain loop; fp32 and bf16
+autocast, side by side in one process.
+
+    .venv/bin/python benchmarks/train_speed.py [--shapes 10.8M 85M] [--steps 20] [--warmup 3]
+        [--dtypes fp32 bf16] [--json benchmarks/train_speed.json]
+
+Shape: vocab 512, block 256, batch 8 (2,048 tokens a step), AdamW, gradient clipping at 1.0. Model FLOP
+utilisation (MFU) = (6 N + 12 L T C) FLOPs per token x tokens/s against the matmul peak of that dtype,
+measured in the same run (a 1024 x 1024 matmul, best of repeats). The loader's wait is measured on
+multiar's real data path (packed blocks of the bundled protein data through BlockDataModule).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from multiar.model import GPT, ModelConfig
+from multiar.precision import matmul_flops
+from multiar.train import LitGPT
+
+SHAPES = {"10.8M": dict(n_layer=6, n_head=6, n_embd=384), "85M": dict(n_layer=12, n_head=12, n_embd=768)}
+VOCAB, BLOCK, BATCH = 512, 256, 8
+OPTIM = dict(lr=3e-4, weight_decay=0.1, betas=[0.9, 0.95], warmup_steps=10, min_lr_ratio=0.1)
+
+
+def batches(n: int, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (BATCH, BLOCK + 1), generator=g) for _ in range(n)]
+
+
+def autocast(dtype: str):
+    if dtype == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def plain_loop(model: torch.nn.Module, data: list[torch.Tensor], dtype: str, warmup: int, logits_of) -> float:
+    """The ~30-line loop every tutorial writes; seconds per step after warm-up."""
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, betas=(0.9, 0.95))
+    model.train()
+    for i, batch in enumerate(data):
+        if i == warmup:
+            start = time.perf_counter()
+        idx, targets = batch[:, :-1], batch[:, 1:]
+        with autocast(dtype):
+            logits = logits_of(model, idx)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return (time.perf_counter() - start) / (len(data) - warmup)
+
+
+class StepTimer(L.Callback):
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.start, self.end, self.steps = warmup, 0.0, 0.0, 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+        if batch_idx == self.warmup:
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        self.end, self.steps = time.perf_counter(), batch_idx + 1 - self.warmup
+
+
+def lightning_loop(config: ModelConfig, data: list[torch.Tensor], dtype: str, warmup: int) -> float:
+    module = LitGPT(config.to_dict(), OPTIM, pad_id=-1)
+    timer = StepTimer(warmup)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = L.Trainer(
+            accelerator="cpu",
+            devices=1,
+            precision="bf16-mixed" if dtype == "bf16" else "32-true",
+            max_steps=len(data),
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            gradient_clip_val=1.0,
+            limit_val_batches=0,
+            default_root_dir=tmp,
+            callbacks=[timer],
+        )
+        trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
+    return (timer.end - timer.start) / timer.steps
+
+
+def transformers_models(config: ModelConfig) -> dict:
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    llama = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=config.n_embd,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.n_layer,
+        num_attention_heads=config.n_head,
+        num_key_value_heads=config.n_head,
+        max_position_embeddings=BLOCK,
+        tie_word_embeddings=True,
+        attn_implementation="sdpa",
+    )
+    gpt2 = GPT2Config(
+        vocab_size=VOCAB,
+        n_positions=BLOCK,
+        n_embd=config.n_embd,
+        n_layer=config.n_layer,
+        n_head=config.n_head,
+        attn_implementation="sdpa",
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    return {"transformers Llama": LlamaForCausalLM(llama), "transformers GPT-2": GPT2LMHeadModel(gpt2)}
+
+
+def loader_wait(steps: int) -> float:
+    """Seconds per batch spent fetching packed blocks from multiar's real data path."""
+    from multiar.data import BlockDataModule, prepare_corpus
+    from multiar.domains import build_domain
+
+    with tempfile.TemporaryDirectory() as cache:
+        corpus = prepare_corpus(build_domain("protein"), {}, None, cache_dir=cache)
+        dm = BlockDataModule(corpus, BLOCK, BATCH)
+        dm.setup()
+        it = iter(dm.train_dataloader())
+        next(it)
+        start = time.perf_counter()
+        for _ in range(steps):
+            next(it)
+        return (time.perf_counter() - start) / steps
+
+
+def flops_per_token(config: ModelConfig, params: int) -> float:
+    """Training FLOPs per token: 6 per weight (forward + backward) plus attention's score/value matmuls."""
+    non_embedding = params - VOCAB * config.n_embd  # the tied table counts once, as lm_head
+    return 6 * (non_embedding + VOCAB * config.n_embd) + 12 * config.n_layer * BLOCK * config.n_embd
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES))
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    peaks = {
+        d: matmul_flops(torch.bfloat16 if d == "bf16" else torch.float32, n=1024, seconds=1.0)
+        for d in args.dtypes
+    }
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; matmul peak: "
+        + ", ".join(f"{d} {p / 1e9:.0f} GFLOP/s" for d, p in peaks.items())
+    )
+    data = batches(args.steps + args.warmup)
+    tokens = BATCH * BLOCK
+    results = []
+    for shape in args.shapes:
+        config = ModelConfig(vocab_size=VOCAB, block_size=BLOCK, **SHAPES[shape])
+        for dtype in args.dtypes:
+            torch.manual_seed(0)
+            gpt = GPT(config)
+            fpt = flops_per_token(config, gpt.num_parameters())
+            rows = {
+                "multiar Lightning": lightning_loop(config, data, dtype, args.warmup),
+                "multiar GPT, plain loop": plain_loop(gpt, data, dtype, args.warmup, lambda m, x: m(x)),
+            }
+            for name, hf in transformers_models(config).items():
+                rows[name] = plain_loop(hf, data, dtype, args.warmup, lambda m, x: m(input_ids=x).logits)
+            for name, seconds in rows.items():
+                tps = tokens / seconds
+                results.append(
+                    {
+                        "shape": shape,
+                        "dtype": dtype,
+                        "impl": name,
+                        "tok_s": tps,
+                        "mfu": tps * fpt / peaks[dtype],
+                    }
+                )
+            base = {r["impl"]: r["tok_s"] for r in results if r["shape"] == shape and r["dtype"] == dtype}
+            print(
+                f"\n{shape} {dtype} ({gpt.num_parameters() / 1e6:.1f}M parameters, {fpt / 1e6:.0f} MFLOP/token)"
+            )
+            for name, tps in base.items():
+                mfu = tps * fpt / peaks[dtype]
+                print(f"  {name:26s} {tps:8.0f} tok/s  MFU {mfu:5.1%}")
+            mine = base["multiar Lightning"]
+            print(
+                f"  multiar/plain {mine / base['multiar GPT, plain loop']:.2f}  "
+                f"multiar GPT / Llama {base['multiar GPT, plain loop'] / base['transformers Llama']:.2f}  "
+                f"multiar GPT / GPT-2 {base['multiar GPT, plain loop'] / base['transformers GPT-2']:.2f}"
+            )
+    wait = loader_wait(20)
+    step = min(r["tok_s"] for r in results if r["impl"] == "multiar Lightning")
+    print(
+        f"\nloader wait {wait * 1e3:.2f} ms a batch = {wait / (tokens / step):.2%} of the fastest step measured"
+    )
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "peaks_gflops": {d: p / 1e9 for d, p in peaks.items()},
+                    "loader_wait_s": wait,
+                    "results": results,
+                },
+                indent=1,
+            )
+            + "\n"
+        )
+
+
+if __name__ == "__main__":
+    main()

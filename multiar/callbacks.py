@@ -1,0 +1,118 @@
+"""Callbacks of a training run: the loss curve of a resumed run kept in one metrics.csv, and domain
+samples written and scored while training runs."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import shutil
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from multiar.domain import Domain, write_new_text
+from multiar.generate import ban_tokens, generate
+
+log = logging.getLogger("multiar")
+
+
+class ResumedCurve(L.Callback):
+    """Keeps the loss curve of a resumed run in one metrics.csv.
+
+    Lightning's CSVLogger deletes an existing metrics.csv when it starts; this callback reads the rows
+    first and, once the checkpoint is restored, writes back those logged before the checkpoint's
+    step (later ones died with the killed process), so the curve continues with no step twice.
+    """
+
+    def __init__(self, metrics_csv: Path) -> None:
+        self.metrics_csv = metrics_csv
+        self.rows: list[dict[str, str]] = []
+        if metrics_csv.exists():
+            with open(metrics_csv, newline="") as f:
+                self.rows = list(csv.DictReader(f))
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step:
+            log.info("resumed at step %d", trainer.global_step)
+        if not trainer.is_global_zero or not self.rows or not trainer.global_step:
+            return
+        keep = [r for r in self.rows if r.get("step") and int(r["step"]) < trainer.global_step]
+        fields = sorted(self.rows[0])  # the order Lightning's writer keeps its columns in
+        lines = [",".join(fields)] + [",".join(r.get(k) or "" for k in fields) for r in keep]
+        write_new_text(self.metrics_csv, "\n".join(lines) + "\n", overwrite=True)
+        writer = trainer.logger.experiment  # appends to the file from here on, under the same header
+        writer.metrics_keys = list(fields)
+
+
+class TrainingSamples(L.Callback):
+    """Every every_n_steps optimizer steps and at the end: n samples from the current weights through the
+    real sampling path (the domain's grammar constraint included), written by the domain under
+    run_dir/samples/step_<N>/, and the domain's metrics logged to metrics.csv at that step.
+
+    Only rank 0 samples; a resumed run that reaches a step again replaces that step's folder.
+    """
+
+    def __init__(
+        self,
+        domain: Domain,
+        run_dir: Path,
+        every_n_steps: int,
+        n: int = 2,
+        max_new_tokens: int = 64,
+        temperature: float = 1.0,
+        seed: int = 0,
+    ) -> None:
+        self.domain, self.run_dir, self.every = domain, run_dir, every_n_steps
+        self.n, self.max_new_tokens, self.temperature, self.seed = n, max_new_tokens, temperature, seed
+        self.last_step = -1
+        self.written: list[Path] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        step = trainer.global_step
+        if step and step % self.every == 0 and step != self.last_step:
+            self.sample(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step != self.last_step:
+            self.sample(trainer, pl_module)
+
+    def sample(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        step = self.last_step = trainer.global_step
+        if not trainer.is_global_zero:
+            return {}
+        domain, model = self.domain, pl_module.model
+        processors = [ban_tokens([domain.pad_id, domain.bos_id])]
+        if (constraint := domain.constraint()) is not None:
+            processors.append(constraint)
+        prompt = domain.prompt_ids(None)
+        new_ids = generate(
+            model,
+            prompts=[prompt] * self.n,
+            max_new_tokens=min(self.max_new_tokens, model.config.block_size - len(prompt)),
+            temperature=self.temperature,
+            eos_id=domain.eos_id,
+            processors=processors,
+            generator=torch.Generator(device=model.wte.weight.device).manual_seed(self.seed + step),
+        )
+        decoded = [domain.decode(prompt[1:] + ids) for ids in new_ids]
+        artifacts = [a for a, _ in decoded]
+        out = self.run_dir / "samples" / f"step_{step}"
+        shutil.rmtree(out, ignore_errors=True)  # a resumed run's own earlier samples of this step
+        provenance = {"run": str(self.run_dir), "step": step, "seed": self.seed + step}
+        self.written = domain.write(artifacts, out, provenance, overwrite=True)
+        metrics = {
+            f"{domain.name}/dropped_tokens": float(sum(d for _, d in decoded)),
+            f"{domain.name}/new_tokens_mean": sum(map(len, new_ids)) / len(new_ids),
+            **domain.metrics(artifacts),
+        }
+        trainer.logger.log_metrics(metrics, step=step)  # metrics.csv: the CSV logger comes first
+        trainer.logger.save()
+        log.info(
+            "step %d: %d samples in %s; %s",
+            step,
+            len(artifacts),
+            out,
+            ", ".join(f"{k} {v:.3g}" for k, v in metrics.items()),
+        )
+        return metrics

@@ -1,0 +1,72 @@
+"""run_dir/reference/: what a run was trained and validated on, so `multiar eval` can judge it later
+without the training job: the validation split's document keys and files, and the unigram counts of the
+training split (the baseline every model must beat).
+
+reference/validation.json  {"root": folder the keys are relative to, "files": [...], "keys": [...]}
+reference/unigram.json     {"vocab_size": V, "counts": [...], "tokens": N}: target-token counts of the
+                           training split (each document's ids and its EOS, as the loss sees them)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from datasets import Dataset
+
+from multiar.domain import write_new_text
+
+
+def unigram_counts(ds: Dataset, vocab_size: int, eos_id: int) -> np.ndarray:
+    """How often each id is a target in ds: every id of every document, and one EOS per document."""
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for batch in ds.with_format("numpy").iter(batch_size=1000):
+        for ids in batch["ids"]:
+            counts += np.bincount(np.asarray(ids, dtype=np.int64), minlength=vocab_size)[:vocab_size]
+        counts[eos_id] += len(batch["ids"])
+    return counts
+
+
+def unigram_log_probs(counts: np.ndarray) -> np.ndarray:
+    """Add-one smoothed log-probabilities (nats) of a unigram model with these counts."""
+    smoothed = counts.astype(np.float64) + 1.0
+    return np.log(smoothed / smoothed.sum())
+
+
+def write_reference(
+    run_dir: Path, train: Dataset, val: Dataset, vocab_size: int, eos_id: int, root: str
+) -> None:
+    keys = list(val["key"])
+    files = sorted({k.rsplit("#", 1)[0] for k in keys})
+    folder = run_dir / "reference"
+    folder.mkdir(parents=True, exist_ok=True)
+    validation = {"root": root, "files": files, "keys": keys}
+    write_new_text(folder / "validation.json", json.dumps(validation, indent=1) + "\n", overwrite=True)
+    counts = unigram_counts(train, vocab_size, eos_id)
+    unigram = {"vocab_size": vocab_size, "tokens": int(counts.sum()), "counts": counts.tolist()}
+    write_new_text(folder / "unigram.json", json.dumps(unigram) + "\n", overwrite=True)
+
+
+def read_reference(run_dir: Path) -> dict[str, Any]:
+    """The reference folder's contents; FileNotFoundError naming the folder for runs that have none."""
+    folder = Path(run_dir) / "reference"
+    if not (folder / "unigram.json").exists():
+        raise FileNotFoundError(
+            f"{folder}: no reference (runs trained before multiar wrote it): retrain, or give data.paths"
+        )
+    return {
+        "validation": json.loads((folder / "validation.json").read_text()),
+        "unigram": json.loads((folder / "unigram.json").read_text()),
+    }
+
+
+def unigram_nats(log_probs: np.ndarray, ids: list[int], eos_id: int) -> float:
+    """Negative log-likelihood (nats) of one document's targets (ids, then EOS) under the unigram model."""
+    return -float(log_probs[np.asarray(ids, dtype=np.int64)].sum() + log_probs[eos_id])
+
+
+def perplexity(nats: float, count: int) -> float:
+    return math.exp(nats / max(count, 1))
