@@ -32,6 +32,7 @@ def parses(source: str) -> bool:
 class CodeDomain:
     name = "code"
     suffixes = (".py",)
+    unit = "byte"
 
     def __init__(
         self,
@@ -79,6 +80,9 @@ class CodeDomain:
 
     def content(self, record: str) -> bytes:
         return record.encode()
+
+    def units(self, record: str) -> int:
+        return len(record.encode())  # bits per byte: comparable across tokenizers
 
     def fit(self, records: Iterable[str]) -> None:
         tokenizer = Tokenizer(models.BPE())

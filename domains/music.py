@@ -36,6 +36,7 @@ def _tokenizer_config(settings: dict[str, Any]) -> miditok.TokenizerConfig:
 class MusicDomain:
     name = "music"
     suffixes = (".mid", ".midi")
+    unit = "note"
 
     def __init__(
         self,
@@ -71,6 +72,9 @@ class MusicDomain:
 
     def content(self, record: Score) -> bytes:
         return bytes(record.dumps_midi())
+
+    def units(self, record: Score) -> int:
+        return int(record.note_num())
 
     def fit(self, records: Iterable[Score]) -> None:
         """REMI's vocabulary is fixed by its config; BPE training slots in here."""

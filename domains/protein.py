@@ -28,6 +28,7 @@ ALPHABET = STANDARD + EXTENDED
 class ProteinDomain:
     name = "protein"
     suffixes = (".fasta", ".fa", ".faa", ".fasta.gz", ".fa.gz", ".faa.gz")
+    unit = "residue"
 
     def __init__(self, background: dict[str, float] | None = None) -> None:
         self.itos = list(SPECIALS) + list(ALPHABET)
@@ -54,6 +55,9 @@ class ProteinDomain:
 
     def content(self, record: SeqRecord) -> bytes:
         return bytes(self.encode(record))  # the checks of encode, before the split
+
+    def units(self, record: SeqRecord) -> int:
+        return len(self._residues(record))
 
     def fit(self, records: Iterable[SeqRecord]) -> None:
         counts = Counter()

@@ -43,6 +43,18 @@ def cmd_export(cfg: DictConfig) -> Any:
     return export_run(cfg)
 
 
+def cmd_eval(cfg: DictConfig) -> Any:
+    from multiar.evaluate import eval_run
+
+    return eval_run(cfg)
+
+
+def cmd_score(cfg: DictConfig) -> Any:
+    from multiar.evaluate import score_run
+
+    return score_run(cfg)
+
+
 def cmd_demo(cfg: DictConfig) -> Any:
     """Train a tiny model per domain on the bundled data and write samples under cfg.out/<domain>/."""
     from multiar.generate_files import sample_to_files
@@ -90,6 +102,16 @@ COMMANDS: dict[str, tuple[str, Callable[[DictConfig], Any], str]] = {
         cmd_export,
         "a transformers LlamaForCausalLM folder: multiar export run=runs/p format=hf out=hf/",
     ),
+    "eval": (
+        "eval",
+        cmd_eval,
+        "loss, ppl, bits per unit vs unigram and init baselines: multiar eval run=runs/p",
+    ),
+    "score": (
+        "score",
+        cmd_score,
+        "per-document log-likelihood as CSV: multiar score run=runs/p data.paths=[seqs.fasta]",
+    ),
     "demo": ("demo", cmd_demo, "tiny model per domain on the bundled data, files under outputs/demo/"),
 }
 
@@ -120,8 +142,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.addHandler(handler)
         log.setLevel(logging.INFO)
     config_name, run, _ = COMMANDS[command]
+    sweep = [o for o in overrides if o in ("-m", "--multirun")]
     try:
-        cfg = load_config(config_name, [o for o in overrides if o not in ("-h", "--help")])
+        if sweep and not ("-h" in overrides or "--help" in overrides):
+            from multiar.sweep import multirun
+
+            multirun(config_name, run, [o for o in overrides if o not in sweep])
+            return 0
+        cfg = load_config(config_name, [o for o in overrides if o not in ("-h", "--help", *sweep)])
         if "-h" in overrides or "--help" in overrides:
             print(OmegaConf.to_yaml(cfg))
             return 0

@@ -29,6 +29,7 @@ Artifact = Any  # what a domain decodes to and writes
 class Domain(Protocol):
     name: ClassVar[str]  # one string: registry key, conf/domain/<name>.yaml, metric prefix, output folder
     suffixes: ClassVar[tuple[str, ...]]  # file endings it reads, lower case
+    unit: ClassVar[str]  # the domain's natural unit for bits/perplexity: byte, residue, note
     vocab_size: int
     bos_id: int
     eos_id: int
@@ -45,6 +46,9 @@ class Domain(Protocol):
         """The document's content as bytes: two records with equal content are duplicates, dropped before
         the split. Raises ValueError for a record that is no usable document (empty, letters outside
         the alphabet): it is skipped and counted before the split, so it cannot empty a split."""
+
+    def units(self, record: Record) -> int:
+        """How many natural units (see `unit`) the record holds: eval reports bits per unit with it."""
 
     def fit(self, records: Iterable[Record]) -> None:
         """Learn tokenizer state from training records (no-op for fixed vocabularies)."""

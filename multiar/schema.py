@@ -267,6 +267,52 @@ class ExportSchema:
 
 
 @dataclass
+class EvalDataSchema:
+    paths: list[str] | None = None
+    strict: bool = False
+
+
+@dataclass
+class EvalSchema:
+    run: str = "???"
+    data: EvalDataSchema = field(default_factory=EvalDataSchema)
+    out: str | None = None
+    n: int = 8
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    seed: int = 1
+    batch_size: int = 16
+    device: str = "cpu"
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.n >= 0, "n", f"must be >= 0 (0 is off), got {self.n}")
+        _check(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        _check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.temperature >= 0, "temperature", f"must be >= 0, got {self.temperature}")
+
+
+@dataclass
+class ScoreDataSchema:
+    paths: list[str] = "???"  # type: ignore[assignment]
+    strict: bool = False
+
+
+@dataclass
+class ScoreSchema:
+    run: str = "???"
+    data: ScoreDataSchema = field(default_factory=ScoreDataSchema)
+    out: str | None = None
+    batch_size: int = 16
+    device: str = "cpu"
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        _check(bool(self.data.paths), "data.paths", "give the files or folders to score")
+        _check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+
+
+@dataclass
 class DemoSchema:
     out: str = "outputs/demo"
     runs: str = "runs/demo"
@@ -281,6 +327,8 @@ SCHEMAS: dict[str, type] = {
     "quantize": QuantizeSchema,
     "export": ExportSchema,
     "demo": DemoSchema,
+    "eval": EvalSchema,
+    "score": ScoreSchema,
 }
 
 

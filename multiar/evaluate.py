@@ -1,0 +1,333 @@
+"""`multiar eval` and `multiar score`: how good is a trained model, in tokens and in the domain's own unit.
+
+eval: per-token loss and perplexity on files (default: the run's own validation split, from
+run_dir/reference/), bits per byte / residue / note, the same for the validation split, two baselines on
+the same documents (the training split's add-one unigram model, the model at initialization), the domain
+metrics of fresh samples; eval.json, eval.md and curves.png. score: the same per document, as a CSV.
+
+Each document is scored on its own ([BOS] ids [EOS], in windows of block_size + 1 like training's packing),
+so a document's figure never depends on which others are evaluated with it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+
+from multiar.data import iter_records
+from multiar.domain import Domain, Skips, find_files, write_new_file, write_new_text
+from multiar.generate import ban_tokens, generate
+from multiar.model import GPT, ModelConfig
+from multiar.reference import read_reference, unigram_log_probs, unigram_nats
+from multiar.run_folder import Run, load_run
+from multiar.schema import validate
+
+log = logging.getLogger("multiar")
+
+
+@dataclass
+class Documents:
+    keys: list[str]
+    ids: list[list[int]]
+    units: list[int]
+    files_skipped: int = 0
+    records_skipped: int = 0
+
+
+def read_documents(
+    domain: Domain,
+    files: list[Path],
+    root: Path | None = None,
+    keys: set[str] | None = None,
+    strict: bool = False,
+) -> Documents:
+    """Encoded documents of files (only those in keys, when given); unreadable files and records the
+    tokenizer cannot encode are skipped and counted, as in training."""
+    skips, bad = Skips(), Skips()
+    docs = Documents([], [], [])
+    for key, record in iter_records(domain, files, skips, root, strict):
+        if keys is not None and key not in keys:
+            continue
+        bad.seen += 1
+        try:
+            ids, units = domain.encode(record), domain.units(record)
+        except Exception as err:  # a tokenizer library's failure on one record is that record's
+            if strict:
+                raise ValueError(f"{key}: cannot encode: {err} (data.strict=true)") from err
+            bad.skip(key, f"{type(err).__name__}: {err}")
+            continue
+        docs.keys.append(key)
+        docs.ids.append(ids)
+        docs.units.append(units)
+    if skips.count or bad.count:
+        log.info("%s: %s; %s", domain.name, skips.summary("files"), bad.summary("records"))
+    docs.files_skipped, docs.records_skipped = skips.count, bad.count
+    if not docs.ids:
+        raise ValueError(f"{domain.name}: no document to evaluate in {len(files)} file(s)")
+    return docs
+
+
+@torch.inference_mode()
+def document_nats(
+    model: GPT, docs: list[list[int]], bos_id: int, eos_id: int, batch_size: int = 16
+) -> list[float]:
+    """Negative log-likelihood (nats) of each document's targets (its ids, then EOS) under model."""
+    model.eval()
+    block, device = model.config.block_size, model.wte.weight.device
+    windows: list[tuple[int, list[int]]] = []  # (document, up to block_size + 1 ids)
+    for d, ids in enumerate(docs):
+        seq = [bos_id, *ids, eos_id]
+        windows += [(d, seq[s : s + block + 1]) for s in range(0, len(seq) - 1, block)]
+    nats = [0.0] * len(docs)
+    order = sorted(range(len(windows)), key=lambda i: len(windows[i][1]))  # like lengths batch together
+    for start in range(0, len(order), batch_size):
+        chunk = [windows[i] for i in order[start : start + batch_size]]
+        T = max(len(w) for _, w in chunk) - 1
+        x = torch.zeros(len(chunk), T, dtype=torch.long)
+        y = torch.full((len(chunk), T), -100, dtype=torch.long)
+        for row, (_, w) in enumerate(chunk):
+            x[row, : len(w) - 1] = torch.tensor(w[:-1])
+            y[row, : len(w) - 1] = torch.tensor(w[1:])
+        logits = model(x.to(device)).float()  # (B, T, V)
+        loss = F.cross_entropy(logits.transpose(1, 2), y.to(device), ignore_index=-100, reduction="none")
+        for (d, _), value in zip(chunk, loss.sum(dim=1).tolist(), strict=True):
+            nats[d] += value
+    return nats
+
+
+def summary(nats: list[float], docs: Documents, unit: str) -> dict[str, Any]:
+    """Loss per token, perplexity, bits and perplexity per natural unit of a set of documents."""
+    total, tokens, units = sum(nats), sum(len(i) + 1 for i in docs.ids), sum(docs.units)
+    return {
+        "loss": total / tokens,
+        "ppl": math.exp(total / tokens),
+        "bits_per_unit": total / max(units, 1) / math.log(2),
+        "ppl_per_unit": math.exp(total / max(units, 1)),
+        "unit": unit,
+        "tokens": tokens,
+        "units": units,
+        "documents": len(docs.ids),
+    }
+
+
+def validation_documents(run: Run, strict: bool = False) -> Documents:
+    """The run's own validation split, by the document keys it stored at training time."""
+    ref = read_reference(run.path)["validation"]
+    root = Path(ref["root"])
+    files = [root / f for f in ref["files"]]
+    missing = [str(f) for f in files if not f.exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"{missing[0]}: a validation file of {run.path} is gone ({len(missing)} missing)"
+        )
+    docs = read_documents(run.domain, files, root, set(ref["keys"]), strict)
+    if len(docs.keys) != len(ref["keys"]):
+        log.warning(
+            "%s: %d of %d validation documents found (files changed since training?)",
+            run.path,
+            len(docs.keys),
+            len(ref["keys"]),
+        )
+    return docs
+
+
+def init_model(run: Run) -> GPT:
+    """The model as training started it: the run's architecture, initialized with the run's seed."""
+    torch.manual_seed(int(run.config.get("seed", 0)))
+    return GPT(ModelConfig(**run.config["model_config"])).to(run.model.wte.weight.device)
+
+
+def fresh_sample_metrics(
+    run: Run, n: int, max_new_tokens: int, temperature: float, seed: int
+) -> dict[str, float]:
+    domain, model = run.domain, run.model
+    processors = [ban_tokens([domain.pad_id, domain.bos_id])]
+    if (constraint := domain.constraint()) is not None:
+        processors.append(constraint)
+    prompt = domain.prompt_ids(None)
+    new = generate(
+        model,
+        prompts=[prompt] * n,
+        max_new_tokens=min(max_new_tokens, model.config.block_size - len(prompt)),
+        temperature=temperature,
+        eos_id=domain.eos_id,
+        processors=processors,
+        generator=torch.Generator(device=model.wte.weight.device).manual_seed(seed),
+    )
+    decoded = [domain.decode(prompt[1:] + ids) for ids in new]
+    return {
+        f"{domain.name}/dropped_tokens": float(sum(d for _, d in decoded)),
+        f"{domain.name}/new_tokens_mean": sum(map(len, new)) / n,
+        **domain.metrics([a for a, _ in decoded]),
+    }
+
+
+def curves_png(metrics_csv: Path) -> bytes | None:
+    """Training and validation loss against step from metrics.csv, as PNG bytes (None without rows)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not metrics_csv.exists():
+        return None
+    with open(metrics_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    plotted = False
+    for key in ("train/loss", "val/loss"):
+        points = [(int(r["step"]), float(r[key])) for r in rows if r.get(key) and r.get("step")]
+        if points:
+            ax.plot(
+                *zip(*points, strict=True), label=key, marker="o" if key == "val/loss" else None, markersize=3
+            )
+            plotted = True
+    if not plotted:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def eval_run(cfg: DictConfig) -> dict[str, Any]:
+    """`multiar eval`: eval.json, eval.md and curves.png in cfg.out (default run_dir/eval/)."""
+    cfg = validate("eval", cfg)
+    run = load_run(cfg.run, device=cfg.device)
+    domain, unit = run.domain, run.domain.unit
+    out = Path(cfg.out).expanduser() if cfg.out else run.path / "eval"
+    if (out / "eval.json").exists() and not cfg.overwrite:
+        raise FileExistsError(f"{out / 'eval.json'}: already exists (overwrite=true replaces it)")
+    val_docs = validation_documents(run, cfg.data.strict)
+    if cfg.data.paths:
+        docs = read_documents(
+            domain, find_files(list(cfg.data.paths), domain.suffixes), strict=cfg.data.strict
+        )
+        source = [str(p) for p in cfg.data.paths]
+    else:
+        docs, source = val_docs, "the run's validation split"
+    nats = document_nats(run.model, docs.ids, domain.bos_id, domain.eos_id, cfg.batch_size)
+    result = summary(nats, docs, unit) | {
+        "data": source,
+        "files_skipped": docs.files_skipped,
+        "records_skipped": docs.records_skipped,
+    }
+    log_probs = unigram_log_probs(np.asarray(read_reference(run.path)["unigram"]["counts"]))
+    result["unigram"] = summary([unigram_nats(log_probs, ids, domain.eos_id) for ids in docs.ids], docs, unit)
+    result["init"] = summary(
+        document_nats(init_model(run), docs.ids, domain.bos_id, domain.eos_id, cfg.batch_size), docs, unit
+    )
+    result["val"] = (
+        summary(
+            document_nats(run.model, val_docs.ids, domain.bos_id, domain.eos_id, cfg.batch_size),
+            val_docs,
+            unit,
+        )
+        if cfg.data.paths
+        else {
+            k: result[k]
+            for k in ("loss", "ppl", "bits_per_unit", "ppl_per_unit", "unit", "tokens", "units", "documents")
+        }
+    )
+    result["metrics"] = (
+        fresh_sample_metrics(run, cfg.n, cfg.max_new_tokens, cfg.temperature, cfg.seed) if cfg.n else {}
+    )
+    result["run"] = str(run.path)
+    result["final_train_metrics"] = run.config.get("final", {})
+    out.mkdir(parents=True, exist_ok=True)
+    png = curves_png(run.path / "metrics.csv")
+    if png is not None:
+        write_new_file(out / "curves.png", lambda tmp: tmp.write_bytes(png), overwrite=cfg.overwrite)
+    write_new_text(out / "eval.md", report_markdown(result, png is not None), overwrite=cfg.overwrite)
+    write_new_text(out / "eval.json", json.dumps(result, indent=1) + "\n", overwrite=cfg.overwrite)
+    print(
+        f"{domain.name}: ppl {result['ppl']:.3f}/token, {result['bits_per_unit']:.3f} bits/{unit} on "
+        f"{result['documents']} documents; unigram {result['unigram']['ppl']:.3f}, init "
+        f"{result['init']['ppl']:.3f}, val {result['val']['ppl']:.3f} -> {out}"
+    )
+    return result
+
+
+def report_markdown(r: dict[str, Any], curves: bool) -> str:
+    unit = r["unit"]
+    lines = [
+        f"# multiar eval: {r['run']}",
+        "",
+        f"Data: {r['data'] if isinstance(r['data'], str) else ', '.join(r['data'])} — {r['documents']} documents, "
+        f"{r['tokens']:,} target tokens, {r['units']:,} {unit}s"
+        + (
+            f"; skipped {r['files_skipped']} file(s), {r['records_skipped']} record(s)"
+            if r["files_skipped"] or r["records_skipped"]
+            else ""
+        ),
+        "",
+        f"| model | loss (nats/token) | ppl/token | bits/{unit} | ppl/{unit} |",
+        "|---|---|---|---|---|",
+    ]
+    for name, row in (
+        ("this run", r),
+        ("unigram (training split, add-one)", r["unigram"]),
+        ("at initialization", r["init"]),
+        ("this run on its validation split", r["val"]),
+    ):
+        lines.append(
+            f"| {name} | {row['loss']:.4f} | {row['ppl']:.3f} | {row['bits_per_unit']:.4f} | "
+            f"{row['ppl_per_unit']:.3f} |"
+        )
+    gain = 1 - r["ppl"] / r["unigram"]["ppl"]
+    lines += ["", f"Perplexity {abs(gain):.1%} {'below' if gain >= 0 else 'above'} the unigram baseline.", ""]
+    if r["metrics"]:
+        lines += ["## Fresh samples", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4g} |" for k, v in r["metrics"].items()]
+        lines.append("")
+    if curves:
+        lines += ["## Training curves", "", "![curves](curves.png)", ""]
+    return "\n".join(lines)
+
+
+def score_run(cfg: DictConfig) -> Path:
+    """`multiar score`: one CSV row per document (file, or FASTA record): its log-likelihood, perplexity
+    and bits per natural unit under the run's model."""
+    cfg = validate("score", cfg)
+    run = load_run(cfg.run, device=cfg.device)
+    domain = run.domain
+    docs = read_documents(domain, find_files(list(cfg.data.paths), domain.suffixes), strict=cfg.data.strict)
+    nats = document_nats(run.model, docs.ids, domain.bos_id, domain.eos_id, cfg.batch_size)
+    out = Path(cfg.out).expanduser() if cfg.out else run.path / "score.csv"
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(
+        ["document", "tokens", domain.unit + "s", "log_likelihood", "ppl", f"bits_per_{domain.unit}"]
+    )
+    for key, ids, units, value in zip(docs.keys, docs.ids, docs.units, nats, strict=True):
+        tokens = len(ids) + 1
+        writer.writerow(
+            [
+                key,
+                tokens,
+                units,
+                f"{-value:.4f}",
+                f"{math.exp(value / tokens):.4f}",
+                f"{value / max(units, 1) / math.log(2):.4f}",
+            ]
+        )
+    write_new_text(out, buf.getvalue(), overwrite=cfg.overwrite)
+    print(f"{domain.name}: scored {len(docs.keys)} documents -> {out}")
+    return out
