@@ -310,10 +310,18 @@ class BlockDataModule(L.LightningDataModule):
 
     def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed)
+        sampler = None
+        if not shuffle and torch.distributed.is_available() and torch.distributed.is_initialized():
+            # validation under DDP: each block on exactly one rank. Lightning's default sampler pads
+            # the last rank with repeated blocks, which would count them twice in the token-weighted mean
+            from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+            sampler = UnrepeatedDistributedSampler(ds, shuffle=False)
         return DataLoader(
             ds,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle if sampler is None else False,
+            sampler=sampler,
             generator=generator,
             num_workers=self.num_workers,
             collate_fn=stack_blocks,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -9,11 +11,17 @@ from itertools import product
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
+import yaml
 from Bio import SeqIO
 from conftest import TINY
 
+from multiar.callbacks import RANK_RECORD_ENV
 from multiar.config import config_dir, load_config
+from multiar.data import pack_dataset, prepare_corpus
 from multiar.model import ModelConfig
+from multiar.run_folder import load_run
 
 MULTIAR = str(Path(sys.executable).parent / "multiar")
 
@@ -31,15 +39,25 @@ def test_every_config_group_composes():
     }
     assert groups == {
         "domain": ["code", "music", "protein"],
+        "experiment": ["code_cpu", "music_cpu", "protein_cpu"],
+        "logger": ["csv", "mlflow", "tensorboard", "wandb"],
         "model": ["base", "small", "tiny"],
-        "trainer": ["cpu", "ddp", "gpu"],
+        "trainer": ["cpu", "ddp", "fsdp", "gpu"],
     }
     for domain, model, trainer in product(groups["domain"], groups["model"], groups["trainer"]):
         cfg = load_config("train", [f"domain={domain}", f"model={model}", f"trainer={trainer}"])
         assert cfg.domain.name == domain and cfg.model.name == model
         args = {k: v for k, v in cfg.model.items() if k != "name"}
         assert ModelConfig(vocab_size=100, **args).block_size >= 512
-        assert cfg.trainer.precision == ("32-true" if trainer == "cpu" else "bf16-mixed")
+        assert cfg.trainer.precision is None and cfg.precision == "auto"  # resolved when training starts
+    for logger in groups["logger"]:
+        assert load_config("train", [f"logger={logger}"]).logger.name == logger
+    for recipe in groups["experiment"]:
+        cfg = load_config("train", [f"+experiment={recipe}"])
+        assert cfg.domain.name == recipe.removesuffix("_cpu") and cfg.run_dir == f"runs/{recipe}"
+        assert cfg.trainer.max_time == "00:00:15:00"
+    assert load_config("eval", ["run=x"]).data.paths is None
+    assert load_config("score", ["run=x", "data.paths=[a.fasta]"]).data.paths == ["a.fasta"]
     assert load_config("generate", ["run=x"]).run == "x"
     assert set(load_config("demo").domains) == set(groups["domain"])
 
@@ -156,13 +174,60 @@ def test_ddp_on_two_cpu_processes_writes_one_run(tmp_path):
         "trainer.accelerator=cpu",
         "trainer.devices=2",
         "trainer.precision=32-true",
-        "data.max_documents=200",
+        "data.max_documents=220",  # 127 validation blocks: odd, one rank gets one more
         *TINY,
         "trainer.max_steps=6",
         "trainer.val_check_interval=3",
+        "trainer.limit_val_batches=1.0",
+        "weights=last",
         "run_dir=run",
+    ]
+    record = tmp_path / "ranks"
+    record.mkdir()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", RANK_RECORD_ENV: str(record)}
+    out = subprocess.run([MULTIAR, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("protein: val/loss") == 2  # both ranks finished
+    ranks = [json.loads((record / f"rank_{r}.json").read_text()) for r in (0, 1)]
+    assert len(ranks[0]["batches"]) == len(ranks[1]["batches"]) == 6
+    assert not set(ranks[0]["batches"]) & set(ranks[1]["batches"])  # each rank its own batches
+    run = load_run(tmp_path / "run")
+    h = hashlib.sha256()
+    for name, t in sorted(run.model.state_dict().items()):
+        h.update(name.encode() + t.float().numpy().tobytes())
+    assert h.hexdigest() == ranks[0]["weights"]  # the saved weights are rank 0's
+    # the validation loss is the token-weighted mean over every validation block, each counted once
+    config = run.config
+    corpus = prepare_corpus(
+        run.domain, {}, None, cache_dir=config["data"]["cache_dir"], max_documents=220, fit=False
+    )
+    blocks = torch.stack(
+        list(pack_dataset(corpus.val, run.model.config.block_size, run.domain)["block"])
+    ).long()
+    targets = blocks[:, 1:].masked_fill(blocks[:, 1:] == run.domain.pad_id, -100)
+    with torch.no_grad():
+        logits = run.model(blocks[:, :-1])
+    expected = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100).item()
+    assert len(blocks) % 2 == 1  # where Lightning's default sampler would count a repeated block twice
+    assert config["final"]["val/loss"] == pytest.approx(expected, abs=2e-5)
+
+
+def test_multirun_trains_each_combination_into_its_own_folder(tmp_path):
+    args = [
+        "train",
+        "-m",
+        "domain=protein,code",
+        *TINY,
+        "data.max_documents=20",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
     ]
     out = run_cli(args, tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.count("protein: val/loss") == 2  # both ranks finished
-    assert (tmp_path / "run" / "model.safetensors").exists()
+    for name in ("domain=protein", "domain=code"):
+        config = yaml.safe_load((tmp_path / "sweep" / name / "config.yaml").read_text())
+        assert config["domain"]["name"] == name.split("=")[1]
+        assert (tmp_path / "sweep" / name / "model.safetensors").exists()
+    bad = run_cli(["train", "-m", "domain=protein,nope"], tmp_path)
+    assert bad.returncode == 2 and "Could not find 'domain/nope'" in bad.stderr

@@ -25,6 +25,8 @@ FAST = [
     "trainer.limit_val_batches=4",
     "trainer.enable_progress_bar=false",
     "optim.warmup_steps=5",
+    "trainer.precision=32-true",
+    "samples.every_n_steps=0",
 ]
 DOCS = {"music": 40, "code": 40, "protein": 400}
 
