@@ -7,6 +7,7 @@ import sysconfig
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -69,14 +70,30 @@ class CodeDomain:
         size = path.stat().st_size
         if size > self.max_file_bytes:
             raise ValueError(f"{size:,} bytes, over max_file_bytes={self.max_file_bytes:,}")
+        text = self._text(path.read_bytes())
+        if text.strip():  # empty __init__.py files carry nothing to learn
+            yield text
+
+    @staticmethod
+    def _text(data: bytes) -> str:
         try:
-            text = path.read_bytes().decode("utf-8")
+            text = data.decode("utf-8")
         except UnicodeDecodeError as err:
             raise ValueError(f"not UTF-8 ({err.reason} at byte {err.start})") from err
         if "\x00" in text:
             raise ValueError("contains NUL bytes")
-        if text.strip():  # empty __init__.py files carry nothing to learn
-            yield text
+        return text
+
+    def from_value(self, value: Any, key: str) -> str:
+        if isinstance(value, (bytes, bytearray)):
+            value = self._text(bytes(value))
+        if not isinstance(value, str):
+            raise ValueError(f"{key}: expected source text, got {type(value).__name__}")
+        if "\x00" in value:
+            raise ValueError(f"{key}: contains NUL bytes")
+        if not value.strip():
+            raise ValueError(f"{key}: empty text")
+        return value
 
     def content(self, record: str) -> bytes:
         return record.encode()

@@ -59,7 +59,19 @@ class MusicDomain:
         return [Path(str(files("multiar.domains") / "assets" / "music" / "bach_chorales"))]
 
     def read(self, path: Path) -> Iterator[Score]:
-        data = path.read_bytes()
+        yield self._score(path.read_bytes())
+
+    def from_value(self, value: Any, key: str) -> Score:
+        if isinstance(value, dict) and "bytes" in value:  # datasets' binary feature dicts
+            value = value["bytes"]
+        if isinstance(value, str):  # a path to a MIDI file
+            return self._score(Path(value).expanduser().read_bytes())
+        if not isinstance(value, (bytes, bytearray)):
+            raise ValueError(f"{key}: expected MIDI bytes or a path, got {type(value).__name__}")
+        return self._score(bytes(value))
+
+    @staticmethod
+    def _score(data: bytes) -> Score:
         if not data:
             raise ValueError("empty file")
         try:
@@ -68,7 +80,7 @@ class MusicDomain:
             raise ValueError(f"not a readable MIDI file ({str(err).strip().splitlines()[0]})") from err
         if score.note_num() == 0:
             raise ValueError("no notes")
-        yield score
+        return score
 
     def content(self, record: Score) -> bytes:
         return bytes(record.dumps_midi())

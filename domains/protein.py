@@ -10,6 +10,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from importlib.resources import files
 from pathlib import Path
+from typing import Any
 
 from Bio import SeqIO
 from Bio.Seq import Seq
@@ -52,6 +53,11 @@ class ProteinDomain:
             raise ValueError(f"corrupt or truncated gzip data ({err})") from err
         if n == 0:
             raise ValueError("no FASTA records")
+
+    def from_value(self, value: Any, key: str) -> SeqRecord:
+        if not isinstance(value, str):
+            raise ValueError(f"{key}: expected an amino-acid sequence string, got {type(value).__name__}")
+        return SeqRecord(Seq("".join(value.split())), id=key, description="")
 
     def content(self, record: SeqRecord) -> bytes:
         return bytes(self.encode(record))  # the checks of encode, before the split

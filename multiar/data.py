@@ -22,11 +22,12 @@ from datasets import Dataset, Features, Sequence, Value, load_from_disk
 from torch.utils.data import DataLoader
 
 from multiar.domain import Domain, Skips, domain_state_digest, find_files
+from multiar.schema import ConfigError
 
 log = logging.getLogger("multiar")
 
-CACHE_FORMAT = 2  # bump when the cached layout or the meaning of its contents changes
-FEATURES = Features({"key": Value("string"), "ids": Sequence(Value("int32"))})
+CACHE_FORMAT = 3  # bump when the cached layout or the meaning of its contents changes
+SPLIT_FEATURES = Features({"key": Value("string"), "ids": Sequence(Value("int32")), "val": Value("bool")})
 
 
 def is_validation(key: str, val_fraction: float) -> bool:
@@ -71,6 +72,104 @@ def iter_records(
             yield f"{key}#{i}", record
 
 
+class Source:
+    """Where a corpus's documents come from: files and folders, or one column of an HF dataset.
+
+    records() yields (key, record) for every readable document; a file or row that failed once is
+    counted in the given Skips and not read again by later passes. Keys are unique and stable:
+    a file's path relative to `root`, '#', the record's index; or the dataset's name, '#', the row.
+    """
+
+    def __init__(
+        self,
+        domain: Domain,
+        paths: list[str] | None = None,
+        hf_dataset: str | None = None,
+        hf_column: str | None = None,
+        hf_split: str = "train",
+    ) -> None:
+        self.domain, self.bad = domain, set()
+        self.dataset = None
+        if hf_dataset is not None:
+            self.dataset, self.column = load_hf_dataset(hf_dataset, hf_column, hf_split), hf_column
+            self.split = hf_split
+            self.label = Path(hf_dataset).name or hf_dataset
+            self.root, self.files = hf_dataset, []
+            self.unit = "rows"
+            self.fingerprint = [hf_dataset, hf_column, hf_split, self.dataset._fingerprint]
+            return
+        self.files = find_files(paths or domain.default_paths(), domain.suffixes)
+        if not self.files:
+            raise FileNotFoundError(
+                f"no {'/'.join(domain.suffixes)} files under {', '.join(map(str, paths or domain.default_paths()))}"
+            )
+        self.root, self.unit = str(document_root(self.files)), "files"
+        self.fingerprint = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in self.files]
+
+    def records(
+        self, skips: Skips | None = None, strict: bool = False, shard: list | None = None
+    ) -> Iterator[tuple[str, Any]]:
+        """(key, record) of every readable document (of `shard`: some files or row indices, when given)."""
+        skips = skips if skips is not None else Skips()
+        if self.dataset is None:
+            files = [f for f in (shard if shard is not None else self.files) if str(f) not in self.bad]
+            yield from iter_records(self.domain, files, skips, Path(self.root), strict)
+        else:
+            rows = range(len(self.dataset)) if shard is None else shard
+            column = self.dataset.select_columns([self.column])
+            for i in rows:
+                key = f"{self.label}#{i}"
+                if key in self.bad:
+                    continue
+                skips.seen += 1
+                try:
+                    record = self.domain.from_value(column[int(i)][self.column], key)
+                except Exception as err:  # one row's bad value is that row's
+                    reason = f"{type(err).__name__}: {str(err).strip() or 'unusable'}".splitlines()[0]
+                    if strict:
+                        raise ValueError(f"{key}: {reason} (data.strict=true)") from err
+                    skips.skip(key, reason)
+                    continue
+                yield key, record
+        self.bad |= skips.places
+
+    def shards(self) -> list:
+        """Units of work for streaming: files, or row indices."""
+        return list(self.files) if self.dataset is None else list(range(len(self.dataset)))
+
+
+def load_hf_dataset(name: str, column: str | None, split: str = "train") -> Dataset:
+    """A `save_to_disk` folder (offline), or a hub dataset name (needs network; HF_DATASETS_OFFLINE=0)."""
+    from datasets import DatasetDict, load_dataset
+
+    if not column:
+        raise ConfigError("data.hf_column: name the column that holds the documents")
+    local = Path(name).expanduser()
+    if local.exists():
+        try:
+            ds = load_from_disk(str(local))
+        except Exception as err:
+            raise ValueError(
+                f"{local}: not a datasets save_to_disk folder ({type(err).__name__}: {err})"
+            ) from None
+        if isinstance(ds, DatasetDict):
+            if split not in ds:
+                raise ConfigError(f"data.hf_split: {local} has splits {', '.join(ds)}, not {split!r}")
+            ds = ds[split]
+    else:
+        try:
+            ds = load_dataset(name, split=split)
+        except Exception as err:
+            raise ValueError(
+                f"data.hf_dataset={name}: no such local folder, and the hub said: {str(err).splitlines()[0]}"
+            ) from None
+    if column not in ds.column_names:
+        raise ConfigError(
+            f"data.hf_column: {name} has no column {column!r}; its columns: {', '.join(ds.column_names)}"
+        )
+    return ds
+
+
 @dataclass
 class Corpus:
     """A tokenized corpus: the fitted domain and its train/validation documents as HF datasets."""
@@ -80,14 +179,6 @@ class Corpus:
     val: Dataset
     cache_dir: Path
     stats: dict[str, Any]
-
-
-def _fingerprint(name: str, settings: dict, files: list[Path], max_documents: int | None, *rest: Any) -> str:
-    stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    blob = json.dumps(
-        [CACHE_FORMAT, name, settings, stats, max_documents, *rest], sort_keys=True, default=str
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
 def prepare_corpus(
@@ -100,22 +191,25 @@ def prepare_corpus(
     val_fraction: float = 0.05,
     strict: bool = False,
     fit: bool = True,
+    source: Source | None = None,
 ) -> Corpus:
     """Read, drop exact duplicates, split, fit the tokenizer on the training part and encode; reuse the
-    on-disk cache when the files, the domain settings and the split are unchanged.
+    on-disk cache when the input, the domain settings and the split are unchanged.
 
-    fit=False keeps the domain's tokenizer state as given (a resumed run's own tokenizer): the data is
-    encoded with it, and the cache entry is keyed by that state.
+    The input is `source` when given (files or an HF dataset column), else the files under paths (the
+    domain's bundled data when None). fit=False keeps the domain's tokenizer state as given (a resumed
+    run's own tokenizer): the data is encoded with it, and the cache entry is keyed by that state.
     """
     domain_name = domain.name
     settings = dict(settings or {})  # what built the domain: part of the cache key
-    files = find_files(paths or domain.default_paths(), domain.suffixes)
-    if not files:
-        raise FileNotFoundError(
-            f"no {'/'.join(domain.suffixes)} files under {', '.join(map(str, paths or domain.default_paths()))}"
-        )
+    source = source or Source(domain, paths)
     state = None if fit else domain_state_digest(domain)
-    key = _fingerprint(domain_name, settings, files, max_documents, val_fraction, state)
+    blob = json.dumps(
+        [CACHE_FORMAT, domain_name, settings, source.fingerprint, max_documents, val_fraction, state],
+        sort_keys=True,
+        default=str,
+    )
+    key = hashlib.sha256(blob.encode()).hexdigest()[:20]
     root = Path(cache_dir).expanduser() / domain_name / key
     if (root / "complete.json").exists():
         log.info("%s: reusing tokenized data from %s", domain_name, root)
@@ -124,12 +218,11 @@ def prepare_corpus(
     # pass 1: which documents exist (bad files are skipped and counted here, once); exact duplicates
     # are dropped before the split, so one text can never sit on both sides of it
     skips = Skips()
-    doc_root = document_root(files)
     keys: list[str] = []
     seen: set[bytes] = set()
     duplicates = 0
     unusable = Skips()  # records that are no document (empty, bad letters): skipped before the split
-    for k, record in iter_records(domain, files, skips, doc_root, strict):
+    for k, record in source.records(skips, strict):
         unusable.seen += 1
         try:
             digest = hashlib.sha256(domain.content(record)).digest()
@@ -145,7 +238,7 @@ def prepare_corpus(
         keys.append(k)
     if skips.count and skips.count == skips.seen:
         raise ValueError(
-            f"{domain_name}: every one of the {skips.seen} input files is unreadable; first: {skips.reasons[0]}"
+            f"{domain_name}: every one of the {skips.seen} input {source.unit} is unreadable; first: {skips.reasons[0]}"
         )
     keys = keys[:max_documents]
     if len(keys) < 2:
@@ -160,21 +253,18 @@ def prepare_corpus(
     wanted = set(keys)
     if unusable.count:
         log.info("%s: %s", domain_name, unusable.summary("records"))
-    good_files = [f for f in files if str(f) not in skips.places]
 
     # pass 2: fit tokenizer state on training documents only, so validation stays unseen
     if fit:
-        domain.fit(
-            r for k, r in iter_records(domain, good_files, root=doc_root) if k in wanted and k not in val_keys
-        )
+        domain.fit(r for k, r in source.records() if k in wanted and k not in val_keys)
 
-    # pass 3: encode; a record the domain cannot encode is skipped and counted
+    # pass 3: encode, one read of the input for both splits; a record the domain cannot encode is
+    # skipped and counted
     bad_records = Skips()
-    produced = {False: 0, True: 0}  # records encoded, per split (True: validation)
 
-    def encoded(split_val: bool) -> Iterator[dict]:
-        for k, record in iter_records(domain, good_files, root=doc_root):
-            if k not in wanted or (k in val_keys) != split_val:
+    def encoded() -> Iterator[dict]:
+        for k, record in source.records():
+            if k not in wanted:
                 continue
             bad_records.seen += 1
             try:
@@ -184,8 +274,7 @@ def prepare_corpus(
                     raise ValueError(f"{k}: cannot encode: {err} (data.strict=true)") from err
                 bad_records.skip(k, f"{type(err).__name__}: {err}")
                 continue
-            produced[split_val] += 1
-            yield {"key": k, "ids": ids}
+            yield {"key": k, "ids": ids, "val": k in val_keys}
 
     # a private partial folder per process: DDP ranks may prepare the same corpus at the same time
     tmp = root.with_name(f"{root.name}.partial-{os.getpid()}")
@@ -193,27 +282,27 @@ def prepare_corpus(
     try:
         tmp.mkdir(parents=True)
         domain.save(tmp / "domain")
+        build = str(tmp / "build")
+        full = Dataset.from_generator(encoded, features=SPLIT_FEATURES, cache_dir=build, fingerprint=key)
         split_sets = {}
-        for split, split_val in (("train", False), ("val", True)):
-            try:
-                ds = Dataset.from_generator(
-                    encoded,
-                    features=FEATURES,
-                    gen_kwargs={"split_val": split_val},
-                    cache_dir=str(tmp / "build"),
-                    fingerprint=f"{key}-{split}",
+        for split, is_val in (("train", False), ("val", True)):
+            ds = full.filter(
+                lambda v, want=is_val: v == want,
+                input_columns="val",
+                cache_file_name=f"{build}/{split}.arrow",
+            )
+            ds = ds.remove_columns("val")
+            if len(ds) == 0:
+                raise ValueError(
+                    f"{domain_name}: the {split} split is empty after skipping unencodable records"
                 )
-            except Exception as err:
-                if produced[split_val] == 0:  # datasets' own message for this is cryptic
-                    raise ValueError(
-                        f"{domain_name}: the {split} split is empty after skipping unencodable records"
-                    ) from err
-                raise
             ds.save_to_disk(str(tmp / split))
-            split_sets[split] = ds
+            split_sets[split] = load_from_disk(str(tmp / split))
+        del full
         shutil.rmtree(tmp / "build", ignore_errors=True)
         stats = {
-            "files": len(files),
+            "files": len(source.files) if source.dataset is None else 0,
+            **({"rows": len(source.dataset)} if source.dataset is not None else {}),
             "files_skipped": skips.count,
             "duplicates_removed": duplicates,
             "documents_train": len(split_sets["train"]),
@@ -221,6 +310,7 @@ def prepare_corpus(
             "records_skipped": unusable.count + bad_records.count,
             "tokens_train": sum(len(x) for x in split_sets["train"]["ids"]),
             "tokens_val": sum(len(x) for x in split_sets["val"]["ids"]),
+            "root": source.root,
         }
         (tmp / "complete.json").write_text(json.dumps(stats, indent=1))
     except BaseException:
@@ -232,7 +322,7 @@ def prepare_corpus(
         tmp.rename(root)  # the cache entry appears whole or not at all
     except OSError:  # another process finished first: use its entry, so every rank sees the same data
         shutil.rmtree(tmp, ignore_errors=True)
-    log.info("%s: %s; %s", domain_name, skips.summary("files"), json.dumps(stats))
+    log.info("%s: %s; %s", domain_name, skips.summary(source.unit), json.dumps(stats))
     return _load_cached(domain if not fit else None, type(domain), root)
 
 

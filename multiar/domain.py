@@ -42,6 +42,10 @@ class Domain(Protocol):
         """Records in one file; raises ValueError or OSError with a clear reason on a bad file, and
         nothing else: library errors (zlib, MIDI parsers) are turned into ValueError."""
 
+    def from_value(self, value: Any, key: str) -> Record:
+        """A record from one value of an HF dataset column (text, a sequence, MIDI bytes or a path);
+        ValueError when the value is no record of this domain."""
+
     def content(self, record: Record) -> bytes:
         """The document's content as bytes: two records with equal content are duplicates, dropped before
         the split. Raises ValueError for a record that is no usable document (empty, letters outside

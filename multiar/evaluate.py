@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from multiar.data import iter_records
-from multiar.domain import Domain, Skips, find_files, write_new_file, write_new_text
+from multiar.data import Source, is_validation
+from multiar.domain import Domain, Skips, write_new_file, write_new_text
 from multiar.generate import ban_tokens, generate
 from multiar.model import GPT, ModelConfig
 from multiar.reference import read_reference, unigram_log_probs, unigram_nats
@@ -46,18 +47,14 @@ class Documents:
 
 
 def read_documents(
-    domain: Domain,
-    files: list[Path],
-    root: Path | None = None,
-    keys: set[str] | None = None,
-    strict: bool = False,
+    domain: Domain, source: Source, wanted: Callable[[str], bool] | None = None, strict: bool = False
 ) -> Documents:
-    """Encoded documents of files (only those in keys, when given); unreadable files and records the
-    tokenizer cannot encode are skipped and counted, as in training."""
+    """Encoded documents of source (those whose key is wanted, when given); unreadable files and
+    records the tokenizer cannot encode are skipped and counted, as in training."""
     skips, bad = Skips(), Skips()
     docs = Documents([], [], [])
-    for key, record in iter_records(domain, files, skips, root, strict):
-        if keys is not None and key not in keys:
+    for key, record in source.records(skips, strict):
+        if wanted is not None and not wanted(key):
             continue
         bad.seen += 1
         try:
@@ -71,10 +68,10 @@ def read_documents(
         docs.ids.append(ids)
         docs.units.append(units)
     if skips.count or bad.count:
-        log.info("%s: %s; %s", domain.name, skips.summary("files"), bad.summary("records"))
+        log.info("%s: %s; %s", domain.name, skips.summary(source.unit), bad.summary("records"))
     docs.files_skipped, docs.records_skipped = skips.count, bad.count
     if not docs.ids:
-        raise ValueError(f"{domain.name}: no document to evaluate in {len(files)} file(s)")
+        raise ValueError(f"{domain.name}: no document to evaluate in {source.root}")
     return docs
 
 
@@ -122,23 +119,34 @@ def summary(nats: list[float], docs: Documents, unit: str) -> dict[str, Any]:
 
 
 def validation_documents(run: Run, strict: bool = False) -> Documents:
-    """The run's own validation split, by the document keys it stored at training time."""
+    """The run's own validation split: the documents it stored the keys of at training time (or, for a
+    streamed run, those of its input whose key hashes into validation)."""
     ref = read_reference(run.path)["validation"]
-    root = Path(ref["root"])
-    files = [root / f for f in ref["files"]]
-    missing = [str(f) for f in files if not f.exists()]
-    if missing:
-        raise FileNotFoundError(
-            f"{missing[0]}: a validation file of {run.path} is gone ({len(missing)} missing)"
-        )
-    docs = read_documents(run.domain, files, root, set(ref["keys"]), strict)
-    if len(docs.keys) != len(ref["keys"]):
-        log.warning(
-            "%s: %d of %d validation documents found (files changed since training?)",
-            run.path,
-            len(docs.keys),
-            len(ref["keys"]),
-        )
+    if "hf_dataset" in ref:
+        hf = ref["hf_dataset"]
+        source = Source(run.domain, hf_dataset=hf["name"], hf_column=hf["column"], hf_split=hf["split"])
+    else:
+        root = Path(ref["root"])
+        missing = [f for f in ref["files"] if not (root / f).exists()]
+        if missing:
+            raise FileNotFoundError(
+                f"{root / missing[0]}: a validation file of {run.path} is gone ({len(missing)} missing)"
+            )
+        source = Source(run.domain, [str(root / f) for f in ref["files"]])
+        source.root = str(root)  # keys relative to the training input's folder, as stored
+    if ref["keys"] is None:
+        fraction = float(ref["val_fraction"])
+        docs = read_documents(run.domain, source, lambda k: is_validation(k, fraction), strict)
+    else:
+        keys = set(ref["keys"])
+        docs = read_documents(run.domain, source, keys.__contains__, strict)
+        if len(docs.keys) != len(keys):
+            log.warning(
+                "%s: %d of %d validation documents found (files changed since training?)",
+                run.path,
+                len(docs.keys),
+                len(keys),
+            )
     return docs
 
 
@@ -217,9 +225,7 @@ def eval_run(cfg: DictConfig) -> dict[str, Any]:
         raise FileExistsError(f"{out / 'eval.json'}: already exists (overwrite=true replaces it)")
     val_docs = validation_documents(run, cfg.data.strict)
     if cfg.data.paths:
-        docs = read_documents(
-            domain, find_files(list(cfg.data.paths), domain.suffixes), strict=cfg.data.strict
-        )
+        docs = read_documents(domain, Source(domain, list(cfg.data.paths)), strict=cfg.data.strict)
         source = [str(p) for p in cfg.data.paths]
     else:
         docs, source = val_docs, "the run's validation split"
@@ -308,7 +314,7 @@ def score_run(cfg: DictConfig) -> Path:
     cfg = validate("score", cfg)
     run = load_run(cfg.run, device=cfg.device)
     domain = run.domain
-    docs = read_documents(domain, find_files(list(cfg.data.paths), domain.suffixes), strict=cfg.data.strict)
+    docs = read_documents(domain, Source(domain, list(cfg.data.paths)), strict=cfg.data.strict)
     nats = document_nats(run.model, docs.ids, domain.bos_id, domain.eos_id, cfg.batch_size)
     out = Path(cfg.out).expanduser() if cfg.out else run.path / "score.csv"
     buf = io.StringIO()

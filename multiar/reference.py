@@ -4,7 +4,9 @@ training split (the baseline every model must beat).
 
 reference/validation.json  {"root": folder the keys are relative to, "files": [...], "keys": [...]}
 reference/unigram.json     {"vocab_size": V, "counts": [...], "tokens": N}: target-token counts of the
-                           training split (each document's ids and its EOS, as the loss sees them)
+                           training split (each document's ids and its EOS, as the loss sees them);
+                           streamed runs count the data.fit_documents sample ("sample": true);
+                           streamed runs count the data.fit_documents sample ("sample": true)
 """
 
 from __future__ import annotations
@@ -37,16 +39,27 @@ def unigram_log_probs(counts: np.ndarray) -> np.ndarray:
 
 
 def write_reference(
-    run_dir: Path, train: Dataset, val: Dataset, vocab_size: int, eos_id: int, root: str
+    run_dir: Path, source: Any, counts: np.ndarray, val_fraction: float, keys: list[str] | None
 ) -> None:
-    keys = list(val["key"])
-    files = sorted({k.rsplit("#", 1)[0] for k in keys})
+    """source: the run's data.Source; keys: the validation documents' keys. None (streaming) stores the
+    split's rule instead: a document of the input is in validation when its key hashes below val_fraction."""
     folder = run_dir / "reference"
     folder.mkdir(parents=True, exist_ok=True)
-    validation = {"root": root, "files": files, "keys": keys}
+    validation: dict[str, Any] = {"root": source.root, "val_fraction": val_fraction, "keys": keys}
+    if source.dataset is not None:
+        validation["hf_dataset"] = {"name": source.root, "column": source.column, "split": source.split}
+        validation["files"] = []
+    elif keys is not None:
+        validation["files"] = sorted({k.rsplit("#", 1)[0] for k in keys})
+    else:
+        validation["files"] = [Path(f).resolve().relative_to(source.root).as_posix() for f in source.files]
     write_new_text(folder / "validation.json", json.dumps(validation, indent=1) + "\n", overwrite=True)
-    counts = unigram_counts(train, vocab_size, eos_id)
-    unigram = {"vocab_size": vocab_size, "tokens": int(counts.sum()), "counts": counts.tolist()}
+    unigram = {
+        "vocab_size": len(counts),
+        "tokens": int(counts.sum()),
+        "counts": counts.tolist(),
+        "sample": keys is None,
+    }
     write_new_text(folder / "unigram.json", json.dumps(unigram) + "\n", overwrite=True)
 
 

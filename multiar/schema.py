@@ -59,8 +59,26 @@ class DataSchema:
     num_workers: int = 0
     cache_dir: str = "~/.cache/multiar"
     strict: bool = False  # the first unreadable file or record is an error instead of skipped
+    hf_dataset: str | None = None
+    hf_column: str | None = None
+    hf_split: str = "train"
+    streaming: bool = False
+    fit_documents: int = 10000
+    shuffle_buffer: int = 1000
 
     def __post_init__(self) -> None:
+        _check(
+            not (self.hf_dataset is not None and self.paths),
+            "data.hf_dataset",
+            "give data.paths or data.hf_dataset, not both",
+        )
+        _check(
+            self.hf_dataset is None or bool(self.hf_column),
+            "data.hf_column",
+            "name the column that holds the documents",
+        )
+        _check(self.fit_documents >= 1, "data.fit_documents", f"must be >= 1, got {self.fit_documents}")
+        _check(self.shuffle_buffer >= 1, "data.shuffle_buffer", f"must be >= 1, got {self.shuffle_buffer}")
         _check(
             self.max_documents is None or self.max_documents >= 2,
             "data.max_documents",

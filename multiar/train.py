@@ -18,15 +18,15 @@ from safetensors.torch import load_model
 
 from multiar.callbacks import ResumedCurve, TrainingSamples, rank_record
 from multiar.checkpoint_io import AtomicCheckpointIO, remove_stale_temporaries
-from multiar.data import BlockDataModule, document_root, prepare_corpus
-from multiar.domain import find_files
+from multiar.data import BlockDataModule, Source, prepare_corpus
 from multiar.domains import DOMAINS, build_domain, load_domain
 from multiar.loggers import build_loggers, check_logger
 from multiar.model import GPT, ModelConfig
 from multiar.precision import resolve_precision
-from multiar.reference import write_reference
+from multiar.reference import unigram_counts, write_reference
 from multiar.run_folder import read_run_config, save_run, write_run_config
 from multiar.schema import ConfigError, validate
+from multiar.streaming import StreamingDataModule, fit_on_first, unigram_from_sample
 
 log = logging.getLogger("multiar")
 
@@ -229,51 +229,69 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def _train(cfg: DictConfig, run_dir: Path, ckpt: Path | None) -> dict[str, Any]:
     settings = OmegaConf.to_container(cfg.domain.settings, resolve=True)
     own_tokenizer = ckpt is not None and (run_dir / "domain").is_dir()
-    source = Path(cfg.init_from).expanduser() if cfg.init_from is not None else None
+    init_run = Path(cfg.init_from).expanduser() if cfg.init_from is not None else None
     if own_tokenizer:
         domain = load_domain(cfg.domain.name, run_dir / "domain")
         log.info("%s: resuming with the run's own tokenizer from %s", domain.name, run_dir / "domain")
-    elif source is not None:  # fine-tuning: the source run's tokenizer, never a refitted one
-        domain = load_domain(cfg.domain.name, source / "domain")
+    elif init_run is not None:  # fine-tuning: the source run's tokenizer, never a refitted one
+        domain = load_domain(cfg.domain.name, init_run / "domain")
         own_tokenizer = True
-        log.info("%s: starting from %s (its weights and tokenizer; a fresh optimizer)", domain.name, source)
+        log.info("%s: starting from %s (its weights and tokenizer; a fresh optimizer)", domain.name, init_run)
     else:
         domain = build_domain(cfg.domain.name, settings)
-    corpus = prepare_corpus(
-        domain,
-        settings,
-        list(cfg.data.paths) if cfg.data.paths else None,
-        cache_dir=cfg.data.cache_dir,
-        max_documents=cfg.data.max_documents,
-        val_fraction=cfg.data.val_fraction,
-        strict=cfg.data.strict,
-        fit=not own_tokenizer,
+    data = cfg.data
+    source = Source(
+        domain, list(data.paths) if data.paths else None, data.hf_dataset, data.hf_column, data.hf_split
     )
-    domain = corpus.domain
+    block_size = int(cfg.model.block_size)
+    if data.streaming:
+        sample = fit_on_first(domain, source, data.val_fraction, data.fit_documents, fit=not own_tokenizer)
+        stats = {"streaming": True, "fit_documents": len(sample), "root": source.root}
+        datamodule = StreamingDataModule(
+            source,
+            domain,
+            block_size,
+            data.batch_size,
+            data.val_fraction,
+            data.num_workers,
+            cfg.seed,
+            data.shuffle_buffer,
+        )
+    else:
+        corpus = prepare_corpus(
+            domain,
+            settings,
+            cache_dir=data.cache_dir,
+            max_documents=data.max_documents,
+            val_fraction=data.val_fraction,
+            strict=data.strict,
+            fit=not own_tokenizer,
+            source=source,
+        )
+        domain, stats = corpus.domain, corpus.stats
+        datamodule = BlockDataModule(corpus, block_size, data.batch_size, data.num_workers, seed=cfg.seed)
     config = OmegaConf.to_container(cfg, resolve=True)
-    config["data_stats"] = corpus.stats
+    config["data_stats"] = stats
     if _rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(run_dir / "checkpoints")
         if ckpt is None:  # saved before the first step: a killed run resumes with exactly this
             domain.save(run_dir / "domain")
         write_run_config(run_dir, config)
-        files = find_files(
-            list(cfg.data.paths) if cfg.data.paths else domain.default_paths(), domain.suffixes
-        )
-        root = str(document_root(files))
-        write_reference(run_dir, corpus.train, corpus.val, domain.vocab_size, domain.eos_id, root)
+        if data.streaming:
+            counts = unigram_from_sample(sample, domain.vocab_size, domain.eos_id)
+            write_reference(run_dir, source, counts, data.val_fraction, keys=None)
+        else:
+            counts = unigram_counts(corpus.train, domain.vocab_size, domain.eos_id)
+            write_reference(run_dir, source, counts, data.val_fraction, keys=list(corpus.val["key"]))
     model_args = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "name"}
     model_config = ModelConfig(vocab_size=domain.vocab_size, **model_args)  # the one place vocab_size enters
     module = LitGPT(
         model_config.to_dict(), OmegaConf.to_container(cfg.optim, resolve=True), domain.pad_id, cfg.compile
     )
-    if source is not None and ckpt is None:
-        load_model(module.model, str(source / "model.safetensors"), strict=True)
-    datamodule = BlockDataModule(
-        corpus, model_config.block_size, cfg.data.batch_size, cfg.data.num_workers, seed=cfg.seed
-    )
-    log.info("%s: %d parameters; data %s", domain.name, module.model.num_parameters(), corpus.stats)
+    if init_run is not None and ckpt is None:
+        load_model(module.model, str(init_run / "model.safetensors"), strict=True)
+    log.info("%s: %d parameters; data %s", domain.name, module.model.num_parameters(), stats)
     checkpoints = ModelCheckpoint(
         dirpath=run_dir / "checkpoints", filename="best", monitor="val/loss", save_last=True, save_top_k=1
     )

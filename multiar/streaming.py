@@ -1,0 +1,204 @@
+"""data.streaming=true: documents read, tokenized and packed on the fly through an HF `datasets`
+IterableDataset, for corpora larger than memory: no token cache on disk, and at most PACK_DOCUMENTS
+documents held at once (plus a buffer of packed blocks for shuffling).
+
+The split is the same hash of document keys as the cached path. Files (or dataset rows) are the shards:
+DDP ranks get their own (`split_dataset_by_node`) and the shard order is shuffled with the seed. A
+tokenizer that must be fitted (code's BPE) is fitted on the first `data.fit_documents` training
+documents. Not done while streaming: removing exact duplicates (it needs every document's digest).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import lightning as L
+import numpy as np
+import torch
+from datasets import Features, IterableDataset, Sequence, Value
+from torch.utils.data import DataLoader
+
+from multiar.data import Source, is_validation, pack, stack_blocks
+from multiar.domain import Domain, Skips
+
+log = logging.getLogger("multiar")
+
+PACK_DOCUMENTS = 64  # documents packed together into blocks: the most held in memory at once
+FEATURES = Features({"key": Value("string"), "ids": Sequence(Value("int32"))})
+
+
+@dataclass
+class StreamStats:
+    """What a stream has done so far (in this process): for logs and for the bounded-memory test."""
+
+    read: int = 0
+    packed: int = 0
+    most_held: int = 0  # documents read but not yet packed, at most, over the stream's life
+    skipped: int = 0
+
+
+def fit_on_first(
+    domain: Domain, source: Source, val_fraction: float, n: int, fit: bool = True
+) -> list[list[int]]:
+    """Fit domain on the first n training documents (fit=False: keep its state, a resumed or fine-tuned
+    run's tokenizer); their ids, the sample the run's unigram reference is counted on."""
+    first = list(itertools.islice((r for k, r in source.records() if not is_validation(k, val_fraction)), n))
+    if fit:
+        domain.fit(first)
+        log.info(
+            "%s: tokenizer fitted on the first %d training documents (data.fit_documents)",
+            domain.name,
+            len(first),
+        )
+    ids = []
+    for r in first:
+        try:
+            ids.append(domain.encode(r))
+        except Exception:  # skipped and counted when streamed
+            continue
+    return ids
+
+
+def stream_blocks(
+    source: Source,
+    domain: Domain,
+    block_size: int,
+    val_fraction: float,
+    validation: bool,
+    stats: StreamStats,
+    shards: list | None = None,
+) -> IterableDataset:
+    """Packed blocks (block_size + 1 ids) of one split, produced on the fly, reading the source's shards
+    (files, or rows) in the given order."""
+
+    def documents(shards: list) -> Iterator[dict]:
+        skips = Skips()
+        for key, record in source.records(skips, shard=shards):
+            if is_validation(key, val_fraction) != validation:
+                continue
+            try:
+                ids = domain.encode(record)
+            except Exception as err:  # a tokenizer library's failure on one record is that record's
+                skips.skip(key, f"{type(err).__name__}: {err}")
+                stats.skipped += 1
+                continue
+            stats.read += 1
+            stats.most_held = max(stats.most_held, stats.read - stats.packed)
+            yield {"key": key, "ids": ids}
+
+    def pack_counted(batch: dict, **kw) -> dict:
+        stats.packed += len(batch["ids"])
+        return pack(batch, **kw)
+
+    ds = IterableDataset.from_generator(
+        documents, features=FEATURES, gen_kwargs={"shards": source.shards() if shards is None else shards}
+    )
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        from datasets.distributed import split_dataset_by_node
+
+        ds = split_dataset_by_node(ds, torch.distributed.get_rank(), torch.distributed.get_world_size())
+    ds = ds.map(
+        pack_counted,
+        batched=True,
+        batch_size=PACK_DOCUMENTS,
+        remove_columns=["key", "ids"],
+        fn_kwargs={
+            "block_size": block_size,
+            "bos_id": domain.bos_id,
+            "eos_id": domain.eos_id,
+            "pad_id": domain.pad_id,
+        },
+    )
+    return ds.with_format("torch")
+
+
+class ShuffledStream(torch.utils.data.IterableDataset):
+    """The training stream, one epoch per pass: shards (files) in a new order each epoch, and packed
+    blocks shuffled within a buffer. (HF's own shuffle of a stream read far ahead of the packing: the
+    documents held grew with the corpus.) Lightning sets epochs on samplers only; a stream has none, so
+    each pass counts its own."""
+
+    def __init__(self, make: Callable[[list], IterableDataset], shards: list, seed: int, buffer: int) -> None:
+        self.make, self.shards, self.seed, self.buffer, self.epoch = make, shards, seed, buffer, 0
+
+    def __iter__(self) -> Iterator:
+        rng = random.Random(self.seed * 1_000_003 + self.epoch)
+        self.epoch += 1
+        order = list(self.shards)
+        rng.shuffle(order)
+        held: list = []
+        for block in self.make(order):
+            if len(held) < self.buffer:
+                held.append(block)
+                continue
+            i = rng.randrange(self.buffer)
+            yield held[i]
+            held[i] = block
+        rng.shuffle(held)
+        yield from held
+
+
+class StreamingDataModule(L.LightningDataModule):
+    """Train/validation loaders that stream packed blocks; an epoch is one pass over the input."""
+
+    def __init__(
+        self,
+        source: Source,
+        domain: Domain,
+        block_size: int,
+        batch_size: int,
+        val_fraction: float,
+        num_workers: int = 0,
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+    ) -> None:
+        super().__init__()
+        self.source, self.domain, self.block_size, self.batch_size = source, domain, block_size, batch_size
+        self.val_fraction, self.num_workers, self.seed, self.shuffle_buffer = (
+            val_fraction,
+            num_workers,
+            seed,
+            shuffle_buffer,
+        )
+        self.stats = {"train": StreamStats(), "val": StreamStats()}
+
+    def _stream(self, validation: bool, shards: list | None = None) -> IterableDataset:
+        split = "val" if validation else "train"
+        return stream_blocks(
+            self.source,
+            self.domain,
+            self.block_size,
+            self.val_fraction,
+            validation,
+            self.stats[split],
+            shards,
+        )
+
+    def _loader(self, validation: bool) -> DataLoader:
+        if validation:
+            ds = self._stream(True)
+        else:
+            ds = ShuffledStream(
+                lambda order: self._stream(False, order), self.source.shards(), self.seed, self.shuffle_buffer
+            )
+        return DataLoader(
+            ds, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=stack_blocks
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(validation=False)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(validation=True)
+
+
+def unigram_from_sample(ids: list[list[int]], vocab_size: int, eos_id: int) -> np.ndarray:
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for x in ids:
+        counts += np.bincount(np.asarray(x, dtype=np.int64), minlength=vocab_size)[:vocab_size]
+    counts[eos_id] += len(ids)
+    return counts

@@ -1,0 +1,130 @@
+"""Corpora from HF datasets (any domain) and streamed corpora larger than memory."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+import yaml
+from conftest import TINY, bundled_files
+from datasets import Dataset
+
+from multiar.config import load_config
+from multiar.data import Source, is_validation, prepare_corpus
+from multiar.domains import build_domain
+from multiar.evaluate import eval_run
+from multiar.schema import ConfigError
+from multiar.streaming import PACK_DOCUMENTS, ShuffledStream, StreamStats, stream_blocks
+from multiar.train import train
+
+AMINO = "ACDEFGHIKLMNPQRSTVWY"
+
+
+def many_fasta_files(folder, n=300, seed=0):
+    rng = random.Random(seed)
+    folder.mkdir()
+    seqs = {}
+    for i in range(n):
+        seq = "".join(rng.choice(AMINO) for _ in range(rng.randint(5, 60)))
+        (folder / f"f{i:04d}.fasta").write_text(f">s{i}\n{seq}\n")
+        seqs[f"f{i:04d}.fasta#0"] = seq
+    return seqs
+
+
+def test_streaming_holds_few_documents_and_sees_every_token_once_per_epoch(tmp_path):
+    seqs = many_fasta_files(tmp_path / "corpus")
+    domain = build_domain("protein")
+    source = Source(domain, [str(tmp_path / "corpus")])
+    stats = StreamStats()
+    ds = ShuffledStream(
+        lambda order: stream_blocks(source, domain, 32, 0.1, False, stats, order), source.shards(), 0, 50
+    )
+    blocks = [b["block"].tolist() for b in ds]
+    train_docs = [s for k, s in seqs.items() if not is_validation(k, 0.1)]
+    assert 0 < len(train_docs) < len(seqs)
+    # every token of every training document (and its EOS) is a target exactly once; BOS starts windows
+    expected = Counter(t for s in train_docs for t in [domain.stoi[a] for a in s] + [domain.eos_id])
+    seen = Counter(t for b in blocks for t in b[1:] if t not in (domain.pad_id, domain.bos_id))
+    assert seen == expected
+    assert stats.read == len(train_docs) and stats.most_held <= PACK_DOCUMENTS < len(train_docs)
+    # a second epoch: the same tokens, in another order
+    again = [b["block"].tolist() for b in ds]
+    assert Counter(t for b in again for t in b[1:] if t not in (domain.pad_id, domain.bos_id)) == expected
+    assert again != blocks
+
+
+def test_a_streamed_run_trains_and_evaluates_on_its_validation_split(tmp_path):
+    many_fasta_files(tmp_path / "corpus", n=120)
+    cfg = load_config(
+        "train",
+        [
+            *TINY,
+            "domain=protein",
+            f"data.paths=[{tmp_path / 'corpus'}]",
+            "data.streaming=true",
+            "data.val_fraction=0.2",
+            "trainer.max_steps=4",
+            "trainer.val_check_interval=2",
+            f"run_dir={tmp_path / 'run'}",
+        ],
+    )
+    result = train(cfg)
+    assert result["steps"] == 4 and result["val/loss"] > 0
+    config = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert config["data_stats"]["streaming"] is True
+    report = eval_run(load_config("eval", [f"run={tmp_path / 'run'}", "n=0"]))
+    assert report["documents"] == sum(is_validation(f"f{i:04d}.fasta#0", 0.2) for i in range(120))
+
+
+def test_code_trains_from_a_saved_hf_dataset_column(tmp_path):
+    texts = [f.read_text() for f in bundled_files("code", 12)]
+    Dataset.from_dict({"content": texts + [None], "n": list(range(13))}).save_to_disk(str(tmp_path / "hf"))
+    cfg = load_config(
+        "train",
+        [
+            *TINY,
+            "domain=code",
+            f"data.hf_dataset={tmp_path / 'hf'}",
+            "data.hf_column=content",
+            "domain.settings.vocab_size=400",
+            "trainer.max_steps=2",
+            "trainer.val_check_interval=2",
+            f"run_dir={tmp_path / 'run'}",
+        ],
+    )
+    train(cfg)
+    stats = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["data_stats"]
+    empty = sum(not t.strip() for t in texts)
+    assert stats["rows"] == 13 and stats["files_skipped"] == 1 + empty  # the None row and empty ones
+    assert stats["documents_train"] + stats["documents_val"] == len({t for t in texts if t.strip()})
+    assert eval_run(load_config("eval", [f"run={tmp_path / 'run'}", "n=0"]))["unit"] == "byte"
+
+
+def test_protein_and_music_read_hf_columns(tmp_path):
+    Dataset.from_dict({"seq": ["MKTAYIAKQR", "MSTNPKPQRK", "MAAAAGXX"]}).save_to_disk(str(tmp_path / "p"))
+    protein = build_domain("protein")
+    corpus = prepare_corpus(
+        protein,
+        {},
+        cache_dir=tmp_path / "c",
+        source=Source(protein, hf_dataset=str(tmp_path / "p"), hf_column="seq"),
+    )
+    assert corpus.stats["documents_train"] + corpus.stats["documents_val"] == 3
+    midi = [f.read_bytes() for f in bundled_files("music", 4)]
+    Dataset.from_dict({"midi": midi + [b"not midi"]}).save_to_disk(str(tmp_path / "m"))
+    music = build_domain("music")
+    corpus = prepare_corpus(
+        music,
+        {},
+        cache_dir=tmp_path / "c",
+        source=Source(music, hf_dataset=str(tmp_path / "m"), hf_column="midi"),
+    )
+    assert (
+        corpus.stats["files_skipped"] == 1
+        and corpus.stats["documents_train"] + corpus.stats["documents_val"] == 4
+    )
+    with pytest.raises(ConfigError, match="has no column 'text'; its columns: midi"):
+        Source(music, hf_dataset=str(tmp_path / "m"), hf_column="text")
+    with pytest.raises(ConfigError, match="data.paths or data.hf_dataset"):
+        load_config("train", ["data.paths=[x]", "data.hf_dataset=y", "data.hf_column=z"])
