@@ -12,10 +12,9 @@ import shutil
 from pathlib import Path
 
 import lightning as L
-import torch
 
 from multiar.domain import Domain, write_new_text
-from multiar.generate import ban_tokens, generate
+from multiar.generate_files import unprompted_samples
 
 log = logging.getLogger("multiar")
 
@@ -84,31 +83,14 @@ class TrainingSamples(L.Callback):
         step = self.last_step = trainer.global_step
         if not trainer.is_global_zero:
             return {}
-        domain, model = self.domain, pl_module.model
-        processors = [ban_tokens([domain.pad_id, domain.bos_id])]
-        if (constraint := domain.constraint()) is not None:
-            processors.append(constraint)
-        prompt = domain.prompt_ids(None)
-        new_ids = generate(
-            model,
-            prompts=[prompt] * self.n,
-            max_new_tokens=min(self.max_new_tokens, model.config.block_size - len(prompt)),
-            temperature=self.temperature,
-            eos_id=domain.eos_id,
-            processors=processors,
-            generator=torch.Generator(device=model.wte.weight.device).manual_seed(self.seed + step),
+        domain = self.domain
+        artifacts, metrics = unprompted_samples(
+            pl_module.model, domain, self.n, self.max_new_tokens, self.temperature, self.seed + step
         )
-        decoded = [domain.decode(prompt[1:] + ids) for ids in new_ids]
-        artifacts = [a for a, _ in decoded]
         out = self.run_dir / "samples" / f"step_{step}"
         shutil.rmtree(out, ignore_errors=True)  # a resumed run's own earlier samples of this step
         provenance = {"run": str(self.run_dir), "step": step, "seed": self.seed + step}
         self.written = domain.write(artifacts, out, provenance, overwrite=True)
-        metrics = {
-            f"{domain.name}/dropped_tokens": float(sum(d for _, d in decoded)),
-            f"{domain.name}/new_tokens_mean": sum(map(len, new_ids)) / len(new_ids),
-            **domain.metrics(artifacts),
-        }
         trainer.logger.log_metrics(metrics, step=step)  # metrics.csv: the CSV logger comes first
         trainer.logger.save()
         log.info(

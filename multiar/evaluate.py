@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 
 from multiar.data import Source, is_validation
 from multiar.domain import Domain, Skips, write_new_file, write_new_text
-from multiar.generate import ban_tokens, generate
+from multiar.generate_files import unprompted_samples
 from multiar.model import GPT, ModelConfig
 from multiar.reference import read_reference, unigram_log_probs, unigram_nats
 from multiar.run_folder import Run, load_run
@@ -156,31 +156,6 @@ def init_model(run: Run) -> GPT:
     return GPT(ModelConfig(**run.config["model_config"])).to(run.model.wte.weight.device)
 
 
-def fresh_sample_metrics(
-    run: Run, n: int, max_new_tokens: int, temperature: float, seed: int
-) -> dict[str, float]:
-    domain, model = run.domain, run.model
-    processors = [ban_tokens([domain.pad_id, domain.bos_id])]
-    if (constraint := domain.constraint()) is not None:
-        processors.append(constraint)
-    prompt = domain.prompt_ids(None)
-    new = generate(
-        model,
-        prompts=[prompt] * n,
-        max_new_tokens=min(max_new_tokens, model.config.block_size - len(prompt)),
-        temperature=temperature,
-        eos_id=domain.eos_id,
-        processors=processors,
-        generator=torch.Generator(device=model.wte.weight.device).manual_seed(seed),
-    )
-    decoded = [domain.decode(prompt[1:] + ids) for ids in new]
-    return {
-        f"{domain.name}/dropped_tokens": float(sum(d for _, d in decoded)),
-        f"{domain.name}/new_tokens_mean": sum(map(len, new)) / n,
-        **domain.metrics([a for a, _ in decoded]),
-    }
-
-
 def curves_png(metrics_csv: Path) -> bytes | None:
     """Training and validation loss against step from metrics.csv, as PNG bytes (None without rows)."""
     import matplotlib
@@ -253,7 +228,9 @@ def eval_run(cfg: DictConfig) -> dict[str, Any]:
         }
     )
     result["metrics"] = (
-        fresh_sample_metrics(run, cfg.n, cfg.max_new_tokens, cfg.temperature, cfg.seed) if cfg.n else {}
+        unprompted_samples(run.model, domain, cfg.n, cfg.max_new_tokens, cfg.temperature, cfg.seed)[1]
+        if cfg.n
+        else {}
     )
     result["run"] = str(run.path)
     result["final_train_metrics"] = run.config.get("final", {})

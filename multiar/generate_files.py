@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from multiar.domain import Domain, domain_state_digest, write_new_text
-from multiar.generate import ban_tokens, repetition_penalty, stream
+from multiar.generate import ban_tokens, generate, repetition_penalty, stream
 from multiar.model import GPT
 from multiar.precision import bf16_is_fast
 from multiar.quantize import decode_layout, load_quantized, quantize
@@ -108,6 +108,34 @@ def load_draft(cfg: DictConfig, run: Run) -> GPT | str | None:
             f"draft: {cfg.draft} has another tokenizer than {cfg.run}: train it on the same one"
         )
     return sampling_model(draft, cfg.quantize, cfg.dtype, min(cfg.batch_size, cfg.n))
+
+
+def unprompted_samples(
+    model: GPT, domain: Domain, n: int, max_new_tokens: int, temperature: float = 1.0, seed: int = 0
+) -> tuple[list[Any], dict[str, float]]:
+    """n samples from BOS through the real sampling path (the domain's constraint included), decoded;
+    and their metrics: what training logs as it goes and what eval reports."""
+    processors = [ban_tokens([domain.pad_id, domain.bos_id])]
+    if (constraint := domain.constraint()) is not None:
+        processors.append(constraint)
+    prompt = domain.prompt_ids(None)
+    new = generate(
+        model,
+        prompts=[prompt] * n,
+        max_new_tokens=min(max_new_tokens, model.config.block_size - len(prompt)),
+        temperature=temperature,
+        eos_id=domain.eos_id,
+        processors=processors,
+        generator=torch.Generator(device=model.wte.weight.device).manual_seed(seed),
+    )
+    decoded = [domain.decode(prompt[1:] + ids) for ids in new]
+    artifacts = [a for a, _ in decoded]
+    metrics = {
+        f"{domain.name}/dropped_tokens": float(sum(d for _, d in decoded)),
+        f"{domain.name}/new_tokens_mean": sum(map(len, new)) / n,
+        **domain.metrics(artifacts),
+    }
+    return artifacts, metrics
 
 
 class SampleWriter:
