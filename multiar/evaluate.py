@@ -26,13 +26,14 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from multiar.data import Source, is_validation
+from multiar.data import is_validation
 from multiar.domain import Domain, Skips, write_new_file, write_new_text
 from multiar.generate_files import unprompted_samples
 from multiar.model import GPT, ModelConfig
 from multiar.reference import read_reference, unigram_log_probs, unigram_nats
 from multiar.run_folder import Run, load_run
 from multiar.schema import validate
+from multiar.source import Source
 
 log = logging.getLogger("multiar")
 

@@ -22,8 +22,9 @@ import torch
 from datasets import Features, IterableDataset, Sequence, Value
 from torch.utils.data import DataLoader
 
-from multiar.data import Source, is_validation, pack, stack_blocks
+from multiar.data import is_validation, pack, stack_blocks
 from multiar.domain import Domain, Skips
+from multiar.source import Source
 
 log = logging.getLogger("multiar")
 

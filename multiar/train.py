@@ -18,7 +18,7 @@ from safetensors.torch import load_model
 
 from multiar.callbacks import ResumedCurve, TrainingSamples, rank_record
 from multiar.checkpoint_io import AtomicCheckpointIO, remove_stale_temporaries
-from multiar.data import BlockDataModule, Source, prepare_corpus
+from multiar.data import BlockDataModule, prepare_corpus
 from multiar.domains import DOMAINS, build_domain, load_domain
 from multiar.loggers import build_loggers, check_logger
 from multiar.model import GPT, ModelConfig
@@ -26,6 +26,7 @@ from multiar.precision import resolve_precision
 from multiar.reference import unigram_counts, write_reference
 from multiar.run_folder import read_run_config, save_run, write_run_config
 from multiar.schema import ConfigError, validate
+from multiar.source import Source
 from multiar.streaming import StreamingDataModule, fit_on_first, unigram_from_sample
 
 log = logging.getLogger("multiar")

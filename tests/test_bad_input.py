@@ -18,10 +18,11 @@ from hypothesis import strategies as st
 from symusic import Score, Track
 
 from multiar.config import load_config
-from multiar.data import iter_records, prepare_corpus
+from multiar.data import prepare_corpus
 from multiar.domain import Skips
 from multiar.domains import DOMAINS, build_domain
 from multiar.schema import ConfigError
+from multiar.source import iter_records
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

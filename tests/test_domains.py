@@ -12,10 +12,10 @@ from Bio import SeqIO
 from conftest import bundled_files, fitted_domain
 from symusic import Score
 
-from multiar.data import iter_records
 from multiar.domain import Domain, Skips
 from multiar.domains import DOMAINS, build_domain, load_domain
 from multiar.domains.code import parses
+from multiar.source import iter_records
 
 
 def quarter_notes(score: Score) -> list[tuple]:

@@ -11,10 +11,11 @@ from conftest import TINY, bundled_files
 from datasets import Dataset
 
 from multiar.config import load_config
-from multiar.data import Source, is_validation, prepare_corpus
+from multiar.data import is_validation, prepare_corpus
 from multiar.domains import build_domain
 from multiar.evaluate import eval_run
 from multiar.schema import ConfigError
+from multiar.source import Source
 from multiar.streaming import PACK_DOCUMENTS, ShuffledStream, StreamStats, stream_blocks
 from multiar.train import train
 
