@@ -273,7 +273,7 @@ def report_markdown(r: dict[str, Any], curves: bool) -> str:
     ):
         lines.append(
             f"| {name} | {row['loss']:.4f} | {row['ppl']:.3f} | {row['bits_per_unit']:.4f} | "
-            f"{row['ppl_per_unit']:.3f} |"
+            f"{row['ppl_per_unit']:.4g} |"
         )
     gain = 1 - r["ppl"] / r["unigram"]["ppl"]
     lines += ["", f"Perplexity {abs(gain):.1%} {'below' if gain >= 0 else 'above'} the unigram baseline.", ""]

@@ -192,3 +192,17 @@ def test_probe_cache_survives_a_corrupt_file(tmp_path, monkeypatch):
     (tmp_path / "precision.json").write_text("{not json")
     assert precision.resolve_precision("auto", "cpu", tmp_path)[0] == "32-true"
     assert json.loads((tmp_path / "precision.json").read_text())
+
+
+@pytest.mark.slow
+def test_compile_trains_the_same_run_as_eager(tmp_path):
+    # torch.compile (inductor, a C++ compiler on CPU) changes speed, not the result: same weights
+    # within float tolerance, and state_dict keys of the plain model
+    for name, flag in (("eager", "false"), ("compiled", "true")):
+        run_train(tmp_path, name, "trainer.max_steps=3", "trainer.val_check_interval=3", f"compile={flag}")
+    a, b = (
+        load_file(tmp_path / "eager" / "model.safetensors"),
+        load_file(tmp_path / "compiled" / "model.safetensors"),
+    )
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
