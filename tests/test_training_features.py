@@ -194,7 +194,6 @@ def test_probe_cache_survives_a_corrupt_file(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "precision.json").read_text())
 
 
-@pytest.mark.slow
 def test_compile_trains_the_same_run_as_eager(tmp_path):
     # torch.compile (inductor, a C++ compiler on CPU) changes speed, not the result: same weights
     # within float tolerance, and state_dict keys of the plain model
