@@ -205,3 +205,29 @@ def test_compile_trains_the_same_run_as_eager(tmp_path):
     )
     assert a.keys() == b.keys()
     assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+
+
+def test_samples_of_a_step_replace_that_steps_earlier_folder(tmp_path):
+    # a resumed run that reaches step N again replaces the samples its killed predecessor wrote there
+    from types import SimpleNamespace
+
+    from multiar.callbacks import TrainingSamples
+    from multiar.domains import build_domain
+
+    stale = tmp_path / "samples" / "step_2"
+    stale.mkdir(parents=True)
+    (stale / "sample_000.fasta").write_text(">old\nMKT\n")
+    logged = []
+    logger = SimpleNamespace(log_metrics=lambda m, step: logged.append((step, m)), save=lambda: None)
+    trainer = SimpleNamespace(global_step=2, is_global_zero=True, logger=logger)
+    module = SimpleNamespace(
+        model=GPT(
+            ModelConfig(
+                vocab_size=build_domain("protein").vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=16
+            )
+        )
+    )
+    callback = TrainingSamples(build_domain("protein"), tmp_path, every_n_steps=2, n=2, max_new_tokens=5)
+    callback.sample(trainer, module)
+    assert sorted(p.name for p in stale.iterdir()) == ["samples.fasta"]
+    assert logged and logged[0][0] == 2 and "protein/mean_length" in logged[0][1]
