@@ -143,6 +143,16 @@ class ShuffledStream(torch.utils.data.IterableDataset):
         yield from held
 
 
+class StreamLoader(DataLoader):
+    """A DataLoader over a ShuffledStream that starts each pass as the next epoch, also when worker
+    processes iterate their own copies of the stream (their epoch counters never reach back here)."""
+
+    def __iter__(self) -> Iterator:
+        self.passes = getattr(self, "passes", -1) + 1
+        self.dataset.epoch = self.passes  # copied into the workers as the iterator starts them
+        return super().__iter__()
+
+
 class StreamingDataModule(L.LightningDataModule):
     """Train/validation loaders that stream packed blocks; an epoch is one pass over the input."""
 
@@ -181,12 +191,16 @@ class StreamingDataModule(L.LightningDataModule):
 
     def _loader(self, validation: bool) -> DataLoader:
         if validation:
-            ds = self._stream(True)
-        else:
-            ds = ShuffledStream(
-                lambda order: self._stream(False, order), self.source.shards(), self.seed, self.shuffle_buffer
+            return DataLoader(
+                self._stream(True),
+                batch_size=self.batch_size,
+                num_workers=self.num_workers,
+                collate_fn=stack_blocks,
             )
-        return DataLoader(
+        ds = ShuffledStream(
+            lambda order: self._stream(False, order), self.source.shards(), self.seed, self.shuffle_buffer
+        )
+        return StreamLoader(
             ds, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=stack_blocks
         )
 

@@ -16,7 +16,7 @@ from multiar.domains import build_domain
 from multiar.evaluate import eval_run
 from multiar.schema import ConfigError
 from multiar.source import Source
-from multiar.streaming import PACK_DOCUMENTS, ShuffledStream, StreamStats, stream_blocks
+from multiar.streaming import PACK_DOCUMENTS, ShuffledStream, StreamingDataModule, StreamStats, stream_blocks
 from multiar.train import train
 
 AMINO = "ACDEFGHIKLMNPQRSTVWY"
@@ -129,3 +129,19 @@ def test_protein_and_music_read_hf_columns(tmp_path):
         Source(music, hf_dataset=str(tmp_path / "m"), hf_column="text")
     with pytest.raises(ConfigError, match="data.paths or data.hf_dataset"):
         load_config("train", ["data.paths=[x]", "data.hf_dataset=y", "data.hf_column=z"])
+
+
+def test_each_epoch_reorders_the_stream_also_with_worker_processes(tmp_path):
+    many_fasta_files(tmp_path / "corpus", n=60)
+    domain = build_domain("protein")
+    dm = StreamingDataModule(
+        Source(domain, [str(tmp_path / "corpus")]), domain, 32, 4, 0.1, num_workers=1, shuffle_buffer=20
+    )
+    loader = dm.train_dataloader()
+    first, second = ([b.tolist() for b in loader] for _ in range(2))
+    assert first != second  # the worker's copy of the stream got the next epoch
+    special = (domain.pad_id, domain.bos_id)
+    targets = [
+        Counter(t for b in run for row in b for t in row[1:] if t not in special) for run in (first, second)
+    ]
+    assert targets[0] == targets[1]  # the same tokens, each a target once per epoch
