@@ -93,15 +93,16 @@ class Source:
             files = [f for f in (shard if shard is not None else self.files) if str(f) not in self.bad]
             yield from iter_records(self.domain, files, skips, Path(self.root), strict)
         else:
-            rows = range(len(self.dataset)) if shard is None else shard
             column = self.dataset.select_columns([self.column])
-            for i in rows:
+            # the whole column: iterated in Arrow batches; a shard: its rows by index
+            rows = enumerate(column) if shard is None else ((int(i), column[int(i)]) for i in shard)
+            for i, row in rows:
                 key = f"{self.label}#{i}"
                 if key in self.bad:
                     continue
                 skips.seen += 1
                 try:
-                    record = self.domain.from_value(column[int(i)][self.column], key)
+                    record = self.domain.from_value(row[self.column], key)
                 except Exception as err:  # one row's bad value is that row's
                     reason = f"{type(err).__name__}: {str(err).strip() or 'unusable'}".splitlines()[0]
                     if strict:
