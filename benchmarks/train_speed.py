@@ -24,6 +24,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from multiar.hf_format import llama_config
 from multiar.model import GPT, ModelConfig
 from multiar.precision import matmul_flops
 from multiar.train import LitGPT
@@ -96,20 +97,12 @@ def lightning_loop(config: ModelConfig, data: list[torch.Tensor], dtype: str, wa
     return (timer.end - timer.start) / timer.steps
 
 
-def transformers_models(config: ModelConfig) -> dict:
+def transformers_models(model: GPT) -> dict:
+    config = model.config
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-    llama = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=config.n_embd,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.n_layer,
-        num_attention_heads=config.n_head,
-        num_key_value_heads=config.n_head,
-        max_position_embeddings=BLOCK,
-        tie_word_embeddings=True,
-        attn_implementation="sdpa",
-    )
+    # the Llama layout multiar exports (`multiar export format=hf`): same rope base, norm eps, sizes
+    llama = LlamaConfig(**{k: v for k, v in llama_config(model, {}).items() if k != "architectures"})
     gpt2 = GPT2Config(
         vocab_size=VOCAB,
         n_positions=BLOCK,
@@ -179,7 +172,7 @@ def main() -> None:
                 "multiar Lightning": lightning_loop(config, data, dtype, args.warmup),
                 "multiar GPT, plain loop": plain_loop(gpt, data, dtype, args.warmup, lambda m, x: m(x)),
             }
-            for name, hf in transformers_models(config).items():
+            for name, hf in transformers_models(gpt).items():
                 rows[name] = plain_loop(hf, data, dtype, args.warmup, lambda m, x: m(input_ids=x).logits)
             for name, seconds in rows.items():
                 tps = tokens / seconds

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +23,19 @@ from datasets import Dataset
 from multiar.domain import write_new_text
 
 
-def unigram_counts(ds: Dataset, vocab_size: int, eos_id: int) -> np.ndarray:
-    """How often each id is a target in ds: every id of every document, and one EOS per document."""
+def unigram_counts(documents: Iterable[Sequence[int]], vocab_size: int, eos_id: int) -> np.ndarray:
+    """How often each id is a target in documents (id lists): every id, and one EOS per document."""
     counts = np.zeros(vocab_size, dtype=np.int64)
-    for batch in ds.with_format("numpy").iter(batch_size=1000):
-        for ids in batch["ids"]:
-            counts += np.bincount(np.asarray(ids, dtype=np.int64), minlength=vocab_size)[:vocab_size]
-        counts[eos_id] += len(batch["ids"])
+    for ids in documents:
+        counts += np.bincount(np.asarray(ids, dtype=np.int64), minlength=vocab_size)[:vocab_size]
+        counts[eos_id] += 1
     return counts
+
+
+def dataset_ids(ds: Dataset) -> Iterator[np.ndarray]:
+    """The `ids` of every document of a tokenized split, read in Arrow batches."""
+    for batch in ds.with_format("numpy").iter(batch_size=1000):
+        yield from batch["ids"]
 
 
 def unigram_log_probs(counts: np.ndarray) -> np.ndarray:

@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import lightning as L
-import numpy as np
 import torch
 from datasets import Features, IterableDataset, Sequence, Value
 from torch.utils.data import DataLoader
@@ -209,11 +208,3 @@ class StreamingDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(validation=True)
-
-
-def unigram_from_sample(ids: list[list[int]], vocab_size: int, eos_id: int) -> np.ndarray:
-    counts = np.zeros(vocab_size, dtype=np.int64)
-    for x in ids:
-        counts += np.bincount(np.asarray(x, dtype=np.int64), minlength=vocab_size)[:vocab_size]
-    counts[eos_id] += len(ids)
-    return counts

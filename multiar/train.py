@@ -23,11 +23,11 @@ from multiar.domains import DOMAINS, build_domain, load_domain
 from multiar.loggers import build_loggers, check_logger
 from multiar.model import GPT, ModelConfig
 from multiar.precision import resolve_precision
-from multiar.reference import unigram_counts, write_reference
+from multiar.reference import dataset_ids, unigram_counts, write_reference
 from multiar.run_folder import read_run_config, save_run, write_run_config
 from multiar.schema import ConfigError, validate
 from multiar.source import Source
-from multiar.streaming import StreamingDataModule, fit_on_first, unigram_from_sample
+from multiar.streaming import StreamingDataModule, fit_on_first
 
 log = logging.getLogger("multiar")
 
@@ -280,10 +280,10 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt: Path | None) -> dict[str, Any]:
             domain.save(run_dir / "domain")
         write_run_config(run_dir, config)
         if data.streaming:
-            counts = unigram_from_sample(sample, domain.vocab_size, domain.eos_id)
+            counts = unigram_counts(sample, domain.vocab_size, domain.eos_id)
             write_reference(run_dir, source, counts, data.val_fraction, keys=None)
         else:
-            counts = unigram_counts(corpus.train, domain.vocab_size, domain.eos_id)
+            counts = unigram_counts(dataset_ids(corpus.train), domain.vocab_size, domain.eos_id)
             write_reference(run_dir, source, counts, data.val_fraction, keys=list(corpus.val["key"]))
     model_args = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "name"}
     model_config = ModelConfig(vocab_size=domain.vocab_size, **model_args)  # the one place vocab_size enters
