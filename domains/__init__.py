@@ -9,6 +9,7 @@ from multiar.domain import Domain
 from multiar.domains.code import CodeDomain
 from multiar.domains.music import MusicDomain
 from multiar.domains.protein import ProteinDomain
+from multiar.tags import Tagged
 
 DOMAINS: dict[str, type] = {"music": MusicDomain, "code": CodeDomain, "protein": ProteinDomain}
 
@@ -25,5 +26,9 @@ def build_domain(name: str, settings: dict[str, Any] | None = None) -> Domain:
 
 
 def load_domain(name: str, directory: str | Path) -> Domain:
-    """The domain with the tokenizer state saved in a run directory's domain/ folder."""
-    return _domain_class(name).load(Path(directory))
+    """The domain with the tokenizer state saved in a run directory's domain/ folder (with its control
+    tags when the run has them)."""
+    domain = _domain_class(name).load(Path(directory))
+    if (Path(directory) / "tags.json").exists():
+        domain = Tagged.load(domain, Path(directory))
+    return domain

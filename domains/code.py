@@ -57,7 +57,9 @@ class CodeDomain:
             raise RuntimeError("the code tokenizer is not trained yet: call fit() on training files first")
         return self.tokenizer
 
-    def default_paths(self) -> list[Path]:
+    def default_paths(self, corpus: str | None = None) -> list[Path]:
+        if corpus not in (None, "stdlib"):
+            raise ValueError(f"unknown corpus {corpus!r}: the {self.name} domain bundles stdlib")
         """The running interpreter's standard library, without its tests and site-packages."""
         root = Path(sysconfig.get_paths()["stdlib"])
         return sorted(

@@ -55,7 +55,9 @@ class MusicDomain:
         self.pad_id, self.bos_id, self.eos_id = (tokenizer[s] for s in SPECIALS)
         self.special_ids = {tokenizer[s] for s in tokenizer.special_tokens}
 
-    def default_paths(self) -> list[Path]:
+    def default_paths(self, corpus: str | None = None) -> list[Path]:
+        if corpus not in (None, "chorales"):
+            raise ValueError(f"unknown corpus {corpus!r}: the {self.name} domain bundles chorales")
         return [Path(str(files("multiar.domains") / "assets" / "music" / "bach_chorales"))]
 
     def read(self, path: Path) -> Iterator[Score]:

@@ -19,7 +19,7 @@ def config_dir() -> Path:
 
 
 # keys whose values are free text (a prompt, a path): quoted for the user, so no Hydra escaping is needed
-FREE_TEXT_KEYS = {"prompt", "prompt_file", "stop", "draft"}
+FREE_TEXT_KEYS = {"prompt", "prompt_file", "stop", "draft", "tags", "template", "fixed", "data.tags"}
 
 
 def _quote_free_text(overrides: Sequence[str]) -> list[str]:

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from multiar.domain import Domain, Skips, domain_state_digest
 from multiar.source import Source
+from multiar.tags import Tagged
 
 log = logging.getLogger("multiar")
 
@@ -79,7 +80,7 @@ def prepare_corpus(
     root = Path(cache_dir).expanduser() / domain_name / key
     if (root / "complete.json").exists():
         log.info("%s: reusing tokenized data from %s", domain_name, root)
-        return _load_cached(domain if not fit else None, type(domain), root)
+        return _load_cached(domain if not fit else None, type(domain), root, getattr(domain, "base", None))
 
     # pass 1: which documents exist (bad files are skipped and counted here, once); exact duplicates
     # are dropped before the split, so one text can never sit on both sides of it
@@ -95,7 +96,7 @@ def prepare_corpus(
         except Exception as err:
             if strict:
                 raise ValueError(f"{k}: {err} (data.strict=true)") from err
-            unusable.skip(k, f"{type(err).__name__}: {err}")
+            unusable.skip(k, str(err), quiet=True)  # one line per file and reason, below
             continue
         if digest in seen:
             duplicates += 1
@@ -118,11 +119,18 @@ def prepare_corpus(
         val_keys.discard(keys[0])
     wanted = set(keys)
     if unusable.count:
+        for line in unusable.by_file():
+            log.warning(line)
         log.info("%s: %s", domain_name, unusable.summary("records"))
 
     # pass 2: fit tokenizer state on training documents only, so validation stays unseen
     if fit:
-        domain.fit(r for k, r in source.records() if k in wanted and k not in val_keys)
+        training = ((k, r) for k, r in source.records() if k in wanted and k not in val_keys)
+        if hasattr(domain, "fit_documents"):  # control tags: fitted from the documents' keys too
+            domain.fit_documents(training)
+        else:
+            domain.fit(r for _, r in training)
+    encode = getattr(domain, "encode_document", None) or (lambda _key, record: domain.encode(record))
 
     # pass 3: encode, one read of the input for both splits; a record the domain cannot encode is
     # skipped and counted
@@ -134,7 +142,7 @@ def prepare_corpus(
                 continue
             bad_records.seen += 1
             try:
-                ids = domain.encode(record)
+                ids = encode(k, record)
             except Exception as err:  # a tokenizer library's failure on one record is that record's
                 if strict:
                     raise ValueError(f"{k}: cannot encode: {err} (data.strict=true)") from err
@@ -189,12 +197,14 @@ def prepare_corpus(
     except OSError:  # another process finished first: use its entry, so every rank sees the same data
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("%s: %s; %s", domain_name, skips.summary(source.unit), json.dumps(stats))
-    return _load_cached(domain if not fit else None, type(domain), root)
+    return _load_cached(domain if not fit else None, type(domain), root, getattr(domain, "base", None))
 
 
-def _load_cached(domain: Domain | None, domain_class: type, root: Path) -> Corpus:
+def _load_cached(domain: Domain | None, domain_class: type, root: Path, base: Domain | None = None) -> Corpus:
     """The corpus stored in a complete cache entry, with the domain state that encoded it (or the
     given domain, whose state is part of the entry's key)."""
+    if domain is None and issubclass(domain_class, Tagged):  # the entry's tags over its base domain
+        domain = Tagged.load(type(base).load(root / "domain"), root / "domain")
     return Corpus(
         domain if domain is not None else domain_class.load(root / "domain"),
         load_from_disk(root / "train"),
@@ -204,14 +214,34 @@ def _load_cached(domain: Domain | None, domain_class: type, root: Path) -> Corpu
     )
 
 
-def pack(batch: dict[str, list], block_size: int, bos_id: int, eos_id: int, pad_id: int) -> dict[str, list]:
+def drops_tags(key: str, tag_dropout: float, seed: int) -> bool:
+    """Whether a document's control tags are left out (deterministic per document and seed)."""
+    return tag_dropout > 0 and is_validation(f"{seed}:tags:{key}", tag_dropout)
+
+
+def pack(
+    batch: dict[str, list],
+    block_size: int,
+    bos_id: int,
+    eos_id: int,
+    pad_id: int,
+    tag_ids: tuple[int, int] = (0, 0),
+    tag_dropout: float = 0.0,
+    seed: int = 0,
+) -> dict[str, list]:
     """Concatenate BOS doc EOS BOS doc EOS ... and cut windows of block_size + 1 tokens, stride block_size.
 
     Consecutive windows overlap by one token so every token is a target exactly once. The last window
-    of a batch is padded with pad_id, which the loss ignores.
+    of a batch is padded with pad_id, which the loss ignores. BOS and EOS mark a document's real ends:
+    a document longer than a block spans several windows, and only the first holds its BOS (and its
+    control tags, ids in [tag_ids[0], tag_ids[1]) right after BOS), only the last its EOS. With
+    tag_dropout, that share of documents is packed without its tags.
     """
     stream: list[int] = []
-    for ids in batch["ids"]:
+    keys = batch.get("key") or [""] * len(batch["ids"])
+    for key, ids in zip(keys, batch["ids"], strict=True):
+        if tag_ids[1] > tag_ids[0] and drops_tags(key, tag_dropout, seed):
+            ids = [i for i in ids if not tag_ids[0] <= i < tag_ids[1]]
         stream += [bos_id, *ids, eos_id]
     blocks = []
     for start in range(0, max(len(stream) - 1, 1), block_size):
@@ -220,8 +250,11 @@ def pack(batch: dict[str, list], block_size: int, bos_id: int, eos_id: int, pad_
     return {"block": blocks}
 
 
-def pack_dataset(ds: Dataset, block_size: int, domain: Domain) -> Dataset:
+def pack_dataset(
+    ds: Dataset, block_size: int, domain: Domain, tag_dropout: float = 0.0, seed: int = 0
+) -> Dataset:
     """A dataset of packed blocks (block_size + 1 int32 ids each), torch-formatted."""
+    first = getattr(domain, "first_tag_id", domain.vocab_size)
     packed = ds.map(
         pack,
         batched=True,
@@ -232,6 +265,9 @@ def pack_dataset(ds: Dataset, block_size: int, domain: Domain) -> Dataset:
             "bos_id": domain.bos_id,
             "eos_id": domain.eos_id,
             "pad_id": domain.pad_id,
+            "tag_ids": (first, domain.vocab_size),
+            "tag_dropout": tag_dropout,
+            "seed": seed,
         },
         features=Features({"block": Sequence(Value("int32"), length=block_size + 1)}),
         desc="packing",
@@ -248,7 +284,13 @@ class BlockDataModule(L.LightningDataModule):
     """Train/validation loaders over packed blocks of a prepared corpus."""
 
     def __init__(
-        self, corpus: Corpus, block_size: int, batch_size: int, num_workers: int = 0, seed: int = 0
+        self,
+        corpus: Corpus,
+        block_size: int,
+        batch_size: int,
+        num_workers: int = 0,
+        seed: int = 0,
+        tag_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.corpus = corpus
@@ -256,12 +298,15 @@ class BlockDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.seed = seed
+        self.tag_dropout = tag_dropout
         self.train_blocks: Dataset | None = None
         self.val_blocks: Dataset | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_blocks is None:
-            self.train_blocks = pack_dataset(self.corpus.train, self.block_size, self.corpus.domain)
+            self.train_blocks = pack_dataset(
+                self.corpus.train, self.block_size, self.corpus.domain, self.tag_dropout, self.seed
+            )  # validation keeps every document's tags
             self.val_blocks = pack_dataset(self.corpus.val, self.block_size, self.corpus.domain)
 
     def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:

@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import tempfile
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +36,9 @@ class Domain(Protocol):
     eos_id: int
     pad_id: int
 
-    def default_paths(self) -> list[Path]:
-        """The bundled data used when the user gives no data.paths."""
+    def default_paths(self, corpus: str | None = None) -> list[Path]:
+        """The bundled data used when the user gives no data.paths: corpus names one (data.corpus;
+        None is the default one); ValueError naming the known ones for another name."""
 
     def read(self, path: Path) -> Iterator[Record]:
         """Records in one file; raises ValueError or OSError with a clear reason on a bad file, and
@@ -123,12 +125,26 @@ class Skips:
     reasons: list[str] = field(default_factory=list)
     places: set[str] = field(default_factory=set)
 
-    def skip(self, where: str | Path, problem: str) -> None:
+    def skip(self, where: str | Path, problem: str, quiet: bool = False) -> None:
+        """Count one skipped item; quiet: no line now (records, summed per file by by_file())."""
         lines = str(problem).strip().splitlines() or ["unknown problem"]
         message = f"{where}: skipped: {lines[0]}"  # one line, even for libraries' multi-line errors
         self.reasons.append(message)
         self.places.add(str(where))
-        log.warning(message)
+        if not quiet:
+            log.warning(message)
+
+    def by_file(self) -> list[str]:
+        """One line per file for skipped records (keys 'file#index'): how many, and why, by reason."""
+        groups: dict[str, Counter] = {}
+        for message in self.reasons:
+            where, _, reason = message.partition(": skipped: ")
+            groups.setdefault(where.rsplit("#", 1)[0], Counter())[reason] += 1
+        return [
+            f"{where}: skipped {sum(c.values())} record(s): "
+            + "; ".join(f"{reason} ({n})" for reason, n in c.most_common())
+            for where, c in groups.items()
+        ]
 
     @property
     def count(self) -> int:

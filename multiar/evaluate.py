@@ -23,16 +23,17 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from multiar.data import is_validation
 from multiar.domain import Domain, Skips, write_new_file, write_new_text
+from multiar.figures import new_figure, png_bytes
 from multiar.generate_files import unprompted_samples
 from multiar.model import GPT, ModelConfig
 from multiar.reference import read_reference, unigram_log_probs, unigram_nats
 from multiar.run_folder import Run, load_run
 from multiar.schema import validate
+from multiar.scoring import document_nats
 from multiar.source import Source
 
 log = logging.getLogger("multiar")
@@ -74,34 +75,6 @@ def read_documents(
     if not docs.ids:
         raise ValueError(f"{domain.name}: no document to evaluate in {source.root}")
     return docs
-
-
-@torch.inference_mode()
-def document_nats(
-    model: GPT, docs: list[list[int]], bos_id: int, eos_id: int, batch_size: int = 16
-) -> list[float]:
-    """Negative log-likelihood (nats) of each document's targets (its ids, then EOS) under model."""
-    model.eval()
-    block, device = model.config.block_size, model.wte.weight.device
-    windows: list[tuple[int, list[int]]] = []  # (document, up to block_size + 1 ids)
-    for d, ids in enumerate(docs):
-        seq = [bos_id, *ids, eos_id]
-        windows += [(d, seq[s : s + block + 1]) for s in range(0, len(seq) - 1, block)]
-    nats = [0.0] * len(docs)
-    order = sorted(range(len(windows)), key=lambda i: len(windows[i][1]))  # like lengths batch together
-    for start in range(0, len(order), batch_size):
-        chunk = [windows[i] for i in order[start : start + batch_size]]
-        T = max(len(w) for _, w in chunk) - 1
-        x = torch.zeros(len(chunk), T, dtype=torch.long)
-        y = torch.full((len(chunk), T), -100, dtype=torch.long)
-        for row, (_, w) in enumerate(chunk):
-            x[row, : len(w) - 1] = torch.tensor(w[:-1])
-            y[row, : len(w) - 1] = torch.tensor(w[1:])
-        logits = model(x.to(device)).float()  # (B, T, V)
-        loss = F.cross_entropy(logits.transpose(1, 2), y.to(device), ignore_index=-100, reduction="none")
-        for (d, _), value in zip(chunk, loss.sum(dim=1).tolist(), strict=True):
-            nats[d] += value
-    return nats
 
 
 def summary(nats: list[float], docs: Documents, unit: str) -> dict[str, Any]:
@@ -159,16 +132,11 @@ def init_model(run: Run) -> GPT:
 
 def curves_png(metrics_csv: Path) -> bytes | None:
     """Training and validation loss against step from metrics.csv, as PNG bytes (None without rows)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     if not metrics_csv.exists():
         return None
     with open(metrics_csv, newline="") as f:
         rows = list(csv.DictReader(f))
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    fig, ax = new_figure()
     plotted = False
     for key in ("train/loss", "val/loss"):
         points = [(int(r["step"]), float(r[key])) for r in rows if r.get(key) and r.get("step")]
@@ -177,18 +145,12 @@ def curves_png(metrics_csv: Path) -> bytes | None:
                 *zip(*points, strict=True), label=key, marker="o" if key == "val/loss" else None, markersize=3
             )
             plotted = True
-    if not plotted:
-        plt.close(fig)
-        return None
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     ax.legend()
     ax.grid(alpha=0.3)
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    png = png_bytes(fig)  # closes the figure
+    return png if plotted else None
 
 
 def eval_run(cfg: DictConfig) -> dict[str, Any]:

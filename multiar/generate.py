@@ -52,6 +52,20 @@ def min_new_tokens(n: int, prompt_length: int, eos_id: int) -> LogitsProcessor:
     return processor
 
 
+def force_tokens(forced: dict[int, int]) -> LogitsProcessor:
+    """A processor that makes the token at sequence position p (0-based, prompt included) forced[p]:
+    fixed positions of a redesigned sequence. Rows with other lengths are called one by one."""
+
+    def processor(ids: Tensor, logits: Tensor) -> Tensor:
+        token = forced.get(ids.size(1))
+        if token is not None:
+            keep = logits[:, token].clone()
+            logits.fill_(float("-inf"))[:, token] = torch.where(torch.isneginf(keep), 0.0, keep)
+        return logits
+
+    return processor
+
+
 def repetition_penalty(penalty: float, window: int = 64) -> LogitsProcessor:
     """CTRL's repetition penalty over each row's last `window` ids: a logit of a token seen there is
     divided by penalty when positive, multiplied when negative (penalty > 1 discourages repeats)."""
@@ -164,10 +178,12 @@ def extend_row(row: list[int], token: int, eos_id: int | None, stops: Sequence[l
 
 
 class Token(NamedTuple):
-    """One streamed event: row `row` produced `token`; token None means the row has finished."""
+    """One streamed event: row `row` produced `token`; token None means the row has finished, and
+    `end` says why: "eos", "stop" (a stop sequence) or "length" (max_new_tokens)."""
 
     row: int
     token: int | None
+    end: str | None = None
 
 
 @torch.inference_mode()
@@ -250,13 +266,14 @@ def stream(
                 if finished[b]:
                     continue
                 row = generated[b]
-                if extend_row(row, t, eos_id, stops) or n + 1 == max_new_tokens:
+                ended = extend_row(row, t, eos_id, stops)
+                if ended or n + 1 == max_new_tokens:
                     finished[b] = True
                     finished_t[b] = True
                     for tok in row[sent[b] :]:
                         yield Token(b, tok)
                     sent[b] = len(row)
-                    yield Token(b, None)
+                    yield Token(b, None, ("eos" if t == eos_id else "stop") if ended else "length")
                 else:
                     while len(row) - sent[b] > hold:
                         yield Token(b, row[sent[b]])

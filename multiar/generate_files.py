@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import statistics
 import sys
 import time
 from datetime import datetime, timezone
@@ -14,6 +16,7 @@ import torch
 from omegaconf import DictConfig
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from multiar.conditioning import Conditions, conditions
 from multiar.domain import Domain, domain_state_digest, write_new_text
 from multiar.generate import ban_tokens, generate, repetition_penalty, stream
 from multiar.model import GPT
@@ -21,6 +24,7 @@ from multiar.precision import bf16_is_fast
 from multiar.quantize import decode_layout, load_quantized, quantize
 from multiar.run_folder import Run, load_run
 from multiar.schema import ConfigError, validate
+from multiar.scoring import document_nats
 from multiar.speculative import SpeculativeStats, speculative_generate
 
 log = logging.getLogger("multiar")
@@ -138,6 +142,16 @@ def unprompted_samples(
     return artifacts, metrics
 
 
+def rank_samples(details: list[dict], top: int | None) -> list[int]:
+    """Indices of the samples that pass the domain's filters (all, where it has none), lowest
+    perplexity first, at most top; each gets its 1-based `rank` in details."""
+    eligible = [i for i, d in enumerate(details) if d.get("passes", True)]
+    order = sorted(eligible, key=lambda i: details[i]["ppl"])[: top or len(eligible)]
+    for rank, i in enumerate(order, start=1):
+        details[i]["rank"] = rank
+    return order
+
+
 class SampleWriter:
     """Decodes each finished sample and writes it at once, in sample order (a sample waits only for
     those before it), so an interrupted run keeps every sample that was complete."""
@@ -151,12 +165,15 @@ class SampleWriter:
         include_prompt: bool,
         stop: str | None,
         rows: list[list[int]],
+        conditions: Conditions | None = None,
     ) -> None:
         self.domain, self.out_dir, self.provenance, self.overwrite = domain, out_dir, provenance, overwrite
         self.heads = [p[1:] if include_prompt else [] for p in rows]  # each prompt without BOS
         self.stop = stop
-        self.pending: dict[int, list[int]] = {}
+        self.conditions = conditions or Conditions(rows, caps=[None] * len(rows))
+        self.pending: dict[int, tuple[list[int], str | None]] = {}
         self.new_ids: list[list[int]] = []
+        self.details: list[dict] = []  # per sample: how it ended, its tags and kept positions
         self.decoded: list[tuple[Any, int]] = []
         self.artifacts: list[Any] = []
         self.paths: list[Path] = []
@@ -165,11 +182,29 @@ class SampleWriter:
     def done(self) -> int:
         return len(self.artifacts)
 
-    def finish(self, index: int, ids: list[int]) -> None:
-        self.pending[index] = ids
+    @property
+    def annotated(self) -> bool:
+        """Whether the domain writes per-sample details (protein's FASTA descriptions, samples.csv)."""
+        return hasattr(self.domain, "report")
+
+    def scores(self, model: GPT, batch_size: int) -> list[float]:
+        """Each sample's perplexity per token under the model: its ids after the prompt's BOS and tags,
+        EOS included when it ended there."""
+        first = getattr(self.domain, "first_tag_id", self.domain.vocab_size)
+        prefixes = [[i for i in p if i >= first] for p in self.heads]
+        docs = [[i for i in h if i < first] + ids for h, ids in zip(self.heads, self.new_ids, strict=True)]
+        ended = [d.get("end") == "eos" for d in self.details]
+        nats = document_nats(model, docs, self.domain.bos_id, self.domain.eos_id, batch_size, prefixes, ended)
+        return [math.exp(n / max(len(d) + e, 1)) for n, d, e in zip(nats, docs, ended, strict=True)]
+
+    def finish(self, index: int, ids: list[int], end: str | None = None) -> None:
+        self.pending[index] = (ids, end)
         while self.done in self.pending:
             i = self.done
-            ids = self.pending.pop(i)
+            ids, end = self.pending.pop(i)
+            cap = self.conditions.caps[i]
+            if cap is not None and len(ids) >= cap:  # reached max_len: cut there, no EOS forced
+                ids, end = ids[:cap], "max_len"
             head = self.heads[i]
             artifact, dropped = self.domain.decode(head + ids)
             prompt_text = self.domain.decode(head)[0] if isinstance(artifact, str) else None
@@ -177,7 +212,12 @@ class SampleWriter:
             self.new_ids.append(ids)
             self.decoded.append((artifact, dropped))
             self.artifacts.append(artifact)
-            for p in self.domain.write([artifact], self.out_dir, self.provenance, self.overwrite, start=i):
+            details = {"end": end, "tags": self.conditions.tags, "kept": self.conditions.kept}
+            self.details.append({k: v for k, v in details.items() if v})
+            extra = {"details": self.details[-1:]} if self.annotated else {}
+            for p in self.domain.write(
+                [artifact], self.out_dir, self.provenance, self.overwrite, start=i, **extra
+            ):
                 if p not in self.paths:
                     self.paths.append(p)
 
@@ -194,12 +234,15 @@ def sample_to_files(cfg: DictConfig) -> dict[str, Any]:
         model.forward = torch.compile(model.forward, dynamic=True)
     out_dir = Path(cfg.out if cfg.out else Path("outputs") / domain.name).expanduser()
     prompts = [fit_prompt(domain.prompt_ids(t), model.config.block_size, cfg.max_new_tokens) for t in texts]
+    cond = conditions(cfg, domain, prompts)
     stops = stop_sequences(cfg, domain)
     processors = [ban_tokens([domain.pad_id, domain.bos_id])]
     if (constraint := domain.constraint()) is not None:
         processors.append(constraint)
+    processors += cond.processors  # length window, then forced positions: they have the last word
     generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
-    rows = [p for p in prompts for _ in range(cfg.n)]  # n samples of each prompt, in prompt order
+    rows = [p for p in cond.rows for _ in range(cfg.n)]  # n samples of each prompt, in prompt order
+    cond.caps = [c for c in cond.caps for _ in range(cfg.n)]
     draft = load_draft(cfg, run)
     if cfg.repetition_penalty != 1.0:
         processors.insert(0, repetition_penalty(cfg.repetition_penalty, cfg.repetition_window))
@@ -220,12 +263,21 @@ def sample_to_files(cfg: DictConfig) -> dict[str, Any]:
         "temperature": cfg.temperature,
         "top_k": cfg.top_k,
         "top_p": cfg.top_p,
-        "max_new_tokens": cfg.max_new_tokens,
+        "max_new_tokens": cond.max_new_tokens,
     }
-    for key, off in (("min_p", 0.0), ("repetition_penalty", 1.0), ("quantize", None), ("draft", None)):
+    for key, off in (
+        ("min_p", 0.0),
+        ("repetition_penalty", 1.0),
+        ("quantize", None),
+        ("draft", None),
+        ("min_len", None),
+        ("max_len", None),
+    ):
         if cfg[key] != off:  # settings that are on go into every file's provenance
             provenance[key] = cfg[key]
-    writer = SampleWriter(domain, out_dir, provenance, cfg.overwrite, cfg.include_prompt, cfg.stop, rows)
+    writer = SampleWriter(
+        domain, out_dir, provenance, cfg.overwrite, cfg.include_prompt, cfg.stop, rows, cond
+    )
     spec = SpeculativeStats()
     with Progress(
         TextColumn("{task.description}"),
@@ -244,27 +296,40 @@ def sample_to_files(cfg: DictConfig) -> dict[str, Any]:
                 out, stats = speculative_generate(
                     model,
                     batch,
-                    cfg.max_new_tokens,
+                    cond.max_new_tokens,
                     draft=draft,
                     k=cfg.speculate_k,
                     ngram=cfg.ngram,
                     **settings,
                 )
                 spec.merge(stats)
-                for i, ids in enumerate(out):
-                    writer.finish(start + i, ids)
+                for i, ids in enumerate(out):  # EOS, or a stop, unless the row used every new token
+                    writer.finish(start + i, ids, "length" if len(ids) >= cond.max_new_tokens else "eos")
                 tokens += sum(map(len, out))
                 bar.update(task, completed=writer.done, rate=tokens / (time.perf_counter() - started))
                 continue
             buffers: list[list[int]] = [[] for _ in batch]
-            for event in stream(model, batch, cfg.max_new_tokens, **settings):
+            for event in stream(model, batch, cond.max_new_tokens, **settings):
                 if event.token is not None:
                     buffers[event.row].append(event.token)
                     tokens += 1
                     continue
-                writer.finish(start + event.row, buffers[event.row])  # on disk as soon as it is complete
+                # on disk as soon as it is complete
+                writer.finish(start + event.row, buffers[event.row], event.end)
                 bar.update(task, completed=writer.done, rate=tokens / (time.perf_counter() - started))
     new_ids, decoded, artifacts, paths = writer.new_ids, writer.decoded, writer.artifacts, writer.paths
+    details = writer.details
+    for d, ppl in zip(details, writer.scores(model, cfg.batch_size), strict=True):
+        d["ppl"] = round(ppl, 3)
+    extra_metrics = domain.assess(artifacts, details, dict(cfg.filters)) if hasattr(domain, "assess") else {}
+    ranked = rank_samples(details, cfg.top) if cfg.rank_by == "ppl" else []
+    if writer.annotated:  # the files again, now with every sample's score, novelty and filters
+        paths = domain.write(artifacts, out_dir, provenance, overwrite=True, details=details)
+        paths += domain.report(artifacts, details, out_dir, overwrite=True)
+    if ranked:
+        best = [artifacts[i] for i in ranked]
+        extra = {"details": [details[i] for i in ranked]} if writer.annotated else {}
+        paths += domain.write(best, out_dir / "top", provenance, overwrite=cfg.overwrite, **extra)
     report = {
         "domain": domain.name,
         "files": [str(p) for p in paths],
@@ -281,8 +346,14 @@ def sample_to_files(cfg: DictConfig) -> dict[str, Any]:
         "metrics": {
             f"{domain.name}/new_tokens_mean": sum(map(len, new_ids)) / max(len(new_ids), 1),
             f"{domain.name}/dropped_tokens": sum(d for _, d in decoded),
+            f"{domain.name}/eos_rate": sum(d.get("end") == "eos" for d in details) / max(len(details), 1),
+            f"{domain.name}/ppl_median": statistics.median(d["ppl"] for d in details) if details else 0.0,
             **domain.metrics(artifacts),
+            **extra_metrics,
         },
+        **({"ranked": len(ranked), "rank_by": cfg.rank_by} if cfg.rank_by else {}),
+        **({"tags": cond.tags} if cond.tags else {}),
+        **({"kept": cond.kept} if cond.kept else {}),
     }
     write_new_text(out_dir / "generate.json", json.dumps(report, indent=1) + "\n", overwrite=cfg.overwrite)
     print(f"{domain.name}: wrote {len(paths)} file(s) for {len(artifacts)} samples to {out_dir}")

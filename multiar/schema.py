@@ -53,6 +53,10 @@ class ModelSchema:
 @dataclass
 class DataSchema:
     paths: list[str] | None = None
+    corpus: str | None = None  # a bundled corpus of the domain (protein: ecoli, yeast, ecoli+yeast)
+    tags: str | None = None  # control tags: header:FIELD, folder, file or tsv:PATH
+    tag_dropout: float = 0.2  # share of training documents whose tags are left out
+    max_tags: int = 256  # the most frequent tags of the training documents get a token
     max_documents: int | None = None
     val_fraction: float = 0.05
     batch_size: int = 16
@@ -76,6 +80,20 @@ class DataSchema:
             self.hf_dataset is None or bool(self.hf_column),
             "data.hf_column",
             "name the column that holds the documents",
+        )
+        _check(
+            not (self.corpus is not None and self.paths),
+            "data.corpus",
+            "give data.paths or data.corpus (a bundled corpus), not both",
+        )
+        _check(
+            0.0 <= self.tag_dropout < 1.0, "data.tag_dropout", f"must be in [0, 1), got {self.tag_dropout}"
+        )
+        _check(self.max_tags >= 1, "data.max_tags", f"must be >= 1, got {self.max_tags}")
+        _check(
+            self.tags is None or not self.streaming,
+            "data.tags",
+            "control tags need the cached corpus (data.streaming=false)",
         )
         _check(self.fit_documents >= 1, "data.fit_documents", f"must be >= 1, got {self.fit_documents}")
         _check(self.shuffle_buffer >= 1, "data.shuffle_buffer", f"must be >= 1, got {self.shuffle_buffer}")
@@ -215,6 +233,14 @@ class GenerateSchema:
     draft: str | None = None  # a run folder, or "ngram"
     speculate_k: int = 4
     ngram: int = 3
+    tags: str | None = None  # control tags, comma-separated (a run trained with data.tags)
+    min_len: int | None = None  # in the domain's units (protein residues), prompt included
+    max_len: int | None = None
+    template: str | None = None  # a sequence to redesign, keeping the `fixed` positions
+    fixed: str | None = None  # 1-based positions of the template: 1-20,45,60-70
+    rank_by: str | None = None  # ppl: score every sample with the model, rank the ones passing filters
+    top: int | None = None  # with rank_by: write the best `top` under out/top/
+    filters: dict[str, Any] = field(default_factory=dict)  # the domain's sample filters (protein)
 
     def __post_init__(self) -> None:
         _check(self.quantize in (None, "int8"), "quantize", f"must be int8 or null, got {self.quantize!r}")
@@ -222,6 +248,13 @@ class GenerateSchema:
             self.dtype in ("auto", "fp32", "bf16"), "dtype", f"must be auto, fp32 or bf16, got {self.dtype!r}"
         )
         _check(self.n >= 1, "n", f"must be >= 1, got {self.n}")
+        _check(self.rank_by in (None, "ppl"), "rank_by", f"must be ppl or null, got {self.rank_by!r}")
+        _check(self.top is None or self.top >= 1, "top", f"must be >= 1, got {self.top}")
+        _check(self.top is None or self.rank_by is not None, "top", "needs rank_by=ppl (what to rank by)")
+        for key in ("min_len", "max_len"):
+            value = getattr(self, key)
+            _check(value is None or value >= 1, key, f"must be >= 1, got {value}")
+        _check(self.template != "", "template", "is empty: give the sequence to redesign")
         _check(self.speculate_k >= 1, "speculate_k", f"must be >= 1, got {self.speculate_k}")
         _check(self.ngram >= 1, "ngram", f"must be >= 1, got {self.ngram}")
         _check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")

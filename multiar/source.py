@@ -65,6 +65,7 @@ class Source:
         hf_dataset: str | None = None,
         hf_column: str | None = None,
         hf_split: str = "train",
+        corpus: str | None = None,
     ) -> None:
         self.domain, self.bad = domain, set()
         self.dataset = None
@@ -76,10 +77,15 @@ class Source:
             self.unit = "rows"
             self.fingerprint = [hf_dataset, hf_column, hf_split, self.dataset._fingerprint]
             return
-        self.files = find_files(paths or domain.default_paths(), domain.suffixes)
+        if not paths:
+            try:
+                paths = domain.default_paths(corpus)
+            except ValueError as err:
+                raise ConfigError(f"data.corpus: {err}") from None
+        self.files = find_files(paths, domain.suffixes)
         if not self.files:
             raise FileNotFoundError(
-                f"no {'/'.join(domain.suffixes)} files under {', '.join(map(str, paths or domain.default_paths()))}"
+                f"no {'/'.join(domain.suffixes)} files under {', '.join(map(str, paths))}"
             )
         self.root, self.unit = str(document_root(self.files)), "files"
         self.fingerprint = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in self.files]

@@ -28,6 +28,7 @@ from multiar.run_folder import read_run_config, save_run, write_run_config
 from multiar.schema import ConfigError, validate
 from multiar.source import Source
 from multiar.streaming import StreamingDataModule, fit_on_first
+from multiar.tags import Tagged
 
 log = logging.getLogger("multiar")
 
@@ -135,9 +136,18 @@ def check_train_config(cfg: DictConfig) -> Path | None:
     if cfg.domain.name not in DOMAINS:
         raise ConfigError(f"domain: unknown domain {cfg.domain.name!r}; choose one of {', '.join(DOMAINS)}")
     try:
-        build_domain(cfg.domain.name, settings)
+        domain = build_domain(cfg.domain.name, settings)
+    except ConfigError:
+        raise
     except (TypeError, ValueError) as err:
         raise ConfigError(f"domain.settings: {str(err).splitlines()[0]}") from None
+    if cfg.data.tags is not None:
+        Tagged(domain, cfg.data.tags)  # the source is usable: a known kind, a readable TSV
+    if cfg.data.corpus is not None:
+        try:
+            domain.default_paths(cfg.data.corpus)
+        except ValueError as err:
+            raise ConfigError(f"data.corpus: {err}") from None
     for p in cfg.data.paths or []:
         if not Path(p).expanduser().exists():
             raise ConfigError(f"data.paths: {p}: no such file or folder")
@@ -240,9 +250,16 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt: Path | None) -> dict[str, Any]:
         log.info("%s: starting from %s (its weights and tokenizer; a fresh optimizer)", domain.name, init_run)
     else:
         domain = build_domain(cfg.domain.name, settings)
+        if cfg.data.tags is not None:
+            domain = Tagged(domain, cfg.data.tags, max_tags=cfg.data.max_tags)
     data = cfg.data
     source = Source(
-        domain, list(data.paths) if data.paths else None, data.hf_dataset, data.hf_column, data.hf_split
+        domain,
+        list(data.paths) if data.paths else None,
+        data.hf_dataset,
+        data.hf_column,
+        data.hf_split,
+        corpus=data.corpus,
     )
     block_size = int(cfg.model.block_size)
     if data.streaming:
@@ -261,7 +278,7 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt: Path | None) -> dict[str, Any]:
     else:
         corpus = prepare_corpus(
             domain,
-            settings,
+            {**settings, **({"tags": data.tags, "max_tags": data.max_tags} if data.tags else {})},
             cache_dir=data.cache_dir,
             max_documents=data.max_documents,
             val_fraction=data.val_fraction,
@@ -270,7 +287,9 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt: Path | None) -> dict[str, Any]:
             source=source,
         )
         domain, stats = corpus.domain, corpus.stats
-        datamodule = BlockDataModule(corpus, block_size, data.batch_size, data.num_workers, seed=cfg.seed)
+        datamodule = BlockDataModule(
+            corpus, block_size, data.batch_size, data.num_workers, seed=cfg.seed, tag_dropout=data.tag_dropout
+        )
     config = OmegaConf.to_container(cfg, resolve=True)
     config["data_stats"] = stats
     if _rank() == 0:

@@ -1,0 +1,95 @@
+"""What a user conditions samples on beyond the prompt: control tags, a length window in the domain's
+units, and a template whose chosen positions are kept. Turns `multiar generate` keys into prompt rows,
+logits processors and per-row length caps; knows no domain beyond the protocol."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from omegaconf import DictConfig
+
+from multiar.domain import Domain
+from multiar.generate import LogitsProcessor, force_tokens, min_new_tokens
+from multiar.schema import ConfigError
+
+
+def parse_positions(text: str, length: int) -> list[int]:
+    """1-based positions from '1-20,45,60-70', each within 1..length; ConfigError naming a bad part."""
+    positions: set[int] = set()
+    for part in (p.strip() for p in str(text).split(",")):
+        lo, sep, hi = part.partition("-")
+        try:
+            a, b = int(lo), int(hi) if sep else int(lo)
+        except ValueError:
+            raise ConfigError(f"fixed: {part!r} is not a position or a range like 60-70") from None
+        if not 1 <= a <= b <= length:
+            raise ConfigError(f"fixed: {part!r} is outside the template's positions 1-{length}")
+        positions.update(range(a, b + 1))
+    return sorted(positions)
+
+
+def ranges_text(positions: list[int]) -> str:
+    """[1, 2, 3, 45] -> '1-3,45'."""
+    out, start = [], None
+    for i, p in enumerate(positions):
+        start = p if start is None else start
+        if i + 1 == len(positions) or positions[i + 1] != p + 1:
+            out.append(f"{start}-{p}" if p > start else f"{p}")
+            start = None
+    return ",".join(out)
+
+
+@dataclass
+class Conditions:
+    """Prompt rows and what shapes their continuation."""
+
+    rows: list[list[int]]  # BOS, tag ids, prompt ids
+    processors: list[LogitsProcessor] = field(default_factory=list)
+    max_new_tokens: int = 256
+    caps: list[int | None] = field(default_factory=list)  # per row: most new tokens to keep (max_len)
+    tags: str = ""
+    kept: str = ""  # fixed template positions, as ranges
+
+
+def conditions(cfg: DictConfig, domain: Domain, prompts: list[list[int]]) -> Conditions:
+    """Rows (prompts with the tags after BOS), the length window and fixed positions of cfg."""
+    if cfg.tags is not None and not hasattr(domain, "tag_ids"):
+        raise ConfigError(f"tags: {cfg.run} was trained without control tags (train with data.tags=...)")
+    tag_ids = domain.tag_ids(cfg.tags) if cfg.tags is not None else []
+    positional = cfg.min_len is not None or cfg.max_len is not None or cfg.template is not None
+    if positional and not getattr(domain, "one_token_per_unit", False):
+        raise ConfigError(
+            f"min_len/max_len/template count {domain.unit}s, which the {domain.name} domain does not "
+            "map one to one to tokens: use min_new_tokens/max_new_tokens"
+        )
+    if cfg.fixed is not None and cfg.template is None:
+        raise ConfigError("fixed: give the template whose positions to keep (template=SEQ)")
+    if cfg.template is not None and (cfg.prompt is not None or cfg.prompt_file is not None):
+        raise ConfigError("template: a redesign starts from BOS; give template or a prompt, not both")
+    out = Conditions([p[:1] + tag_ids + p[1:] for p in prompts], max_new_tokens=cfg.max_new_tokens)
+    out.tags = ",".join(domain.tags[i - domain.first_tag_id] for i in tag_ids) if tag_ids else ""
+    head = 1 + len(tag_ids)  # BOS and tags: the units of a row are its ids after them
+    min_len, max_len = cfg.min_len, cfg.max_len
+    if cfg.template is not None:
+        template = domain.prompt_ids(cfg.template)[1:]
+        min_len = len(template) if min_len is None else min_len  # a redesign keeps the template's length
+        max_len = len(template) if max_len is None else max_len
+        if cfg.fixed is not None:
+            kept = parse_positions(cfg.fixed, len(template))
+            out.processors.append(force_tokens({head + p - 1: template[p - 1] for p in kept}))
+            out.kept = ranges_text(kept)
+    if min_len is not None and max_len is not None and min_len > max_len:
+        raise ConfigError(f"min_len: {min_len} exceeds max_len={max_len}")
+    units = [len(r) - head for r in out.rows]  # prompt units, per row
+    if min_len is not None:  # EOS is masked until the row holds min_len units, prompt included
+        out.processors.insert(0, min_new_tokens(min_len, head, domain.eos_id))
+    if max_len is not None:
+        if max_len <= max(units):
+            raise ConfigError(
+                f"max_len: {max_len} leaves no room after a prompt of {max(units)} {domain.unit}s"
+            )
+        out.max_new_tokens = max_len - min(units)
+        out.caps = [max_len - u for u in units]
+    else:
+        out.caps = [None] * len(out.rows)
+    return out

@@ -1,0 +1,158 @@
+"""Control tags for any domain: a document's tags (an organism, a style, a project) become tokens after
+BOS, so a model learns p(document | tags) and generation can ask for them (`tags=OX=83333`).
+
+`Tagged` wraps a domain: the tag tokens take the ids after the domain's own vocabulary, everything
+else is the domain's. Tags are read per document from one source (`data.tags`):
+
+  header:FIELD  a field of the record's header (protein: UniProt's OS, OX, GN, PE)  -> "OX=83333"
+  folder        the name of the folder holding the file                            -> "baroque"
+  file          the file's name without its suffix                                 -> "bwv66_6"
+  tsv:PATH      a tab-separated file: document id, then comma-separated tags       -> as written
+
+The vocabulary is the `max_tags` most frequent tags of the training documents. During training a
+document's tags are left out with probability `tag_dropout` (data time, see data.pack), so the same
+model also samples without tags.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from multiar.domain import Domain, write_new_text
+from multiar.generate import LogitsProcessor, ban_tokens
+from multiar.schema import ConfigError
+
+SOURCES = ("header:", "folder", "file", "tsv:")
+
+
+def read_tsv(path: str | Path) -> dict[str, list[str]]:
+    """id -> tags from a tab-separated file (blank lines and '#' comments skipped)."""
+    path = Path(path).expanduser()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"data.tags: {path}: {getattr(err, 'strerror', None) or err}") from None
+    table = {}
+    for n, line in enumerate(lines, start=1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        doc, sep, tags = line.partition("\t")
+        if not sep:
+            raise ConfigError(f"data.tags: {path}:{n}: expected 'id<TAB>tag,tag', got {line[:60]!r}")
+        table[doc.strip()] = [t.strip() for t in tags.split(",") if t.strip()]
+    return table
+
+
+class Tagged:
+    """A domain whose documents start with control-tag tokens (ids vocab_size .. vocab_size + n_tags - 1
+    of the wrapped domain)."""
+
+    def __init__(self, base: Domain, spec: str, tags: list[str] | None = None, max_tags: int = 256) -> None:
+        if not spec.startswith(SOURCES) or spec in ("header:", "tsv:"):
+            raise ConfigError(f"data.tags: {spec!r}: use header:FIELD, folder, file or tsv:PATH")
+        if spec.startswith("header:") and not hasattr(base, "fields"):
+            raise ConfigError(f"data.tags: the {base.name} domain's records have no header fields")
+        self.base, self.spec, self.max_tags = base, spec, max_tags
+        self.tags: list[str] = list(tags or [])
+        self.table = read_tsv(spec[4:]) if spec.startswith("tsv:") else None
+
+    def __getattr__(self, name: str) -> Any:  # everything but tags is the wrapped domain's
+        if name == "base":
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+    @property
+    def first_tag_id(self) -> int:
+        return self.base.vocab_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.base.vocab_size + len(self.tags)
+
+    def document_tags(self, key: str, record: Any) -> list[str]:
+        """The tags the source gives one document (key: its path relative to the corpus root, '#', index)."""
+        file = PurePosixPath(key.rsplit("#", 1)[0])
+        if self.spec.startswith("header:"):
+            value = self.base.fields(record).get(self.spec[len("header:") :])
+            return [f"{self.spec[len('header:') :]}={value}"] if value else []
+        if self.spec == "folder":
+            return [file.parent.name] if file.parent.name else []
+        if self.spec == "file":
+            return [file.name.split(".")[0]]
+        names = list(self.base.fields(record).values()) if hasattr(self.base, "fields") else []
+        for name in (*names, key, str(file), file.name, file.name.split(".")[0]):
+            if name in self.table:
+                return self.table[name]
+        return []
+
+    def fit_documents(self, documents: Iterable[tuple[str, Any]]) -> None:
+        """Fit the wrapped domain on the records and the tag vocabulary on their tags."""
+        counts: Counter = Counter()
+
+        def records() -> Iterable[Any]:
+            for key, record in documents:
+                counts.update(self.document_tags(key, record))
+                yield record
+
+        stream = iter(records())
+        self.base.fit(stream)
+        for _ in stream:  # a domain with a fixed vocabulary may not read every record
+            pass
+        # the most frequent tags, ties by name: the same vocabulary from the same data
+        self.tags = sorted(sorted(counts), key=lambda t: -counts[t])[: self.max_tags]
+        if not self.tags:
+            raise ConfigError(f"data.tags={self.spec}: no training document has a tag")
+
+    def encode_document(self, key: str, record: Any) -> list[int]:
+        """The tags' ids (known tags, in vocabulary order), then the record's ids."""
+        known = {t: i for i, t in enumerate(self.tags)}
+        ids = sorted(self.first_tag_id + known[t] for t in set(self.document_tags(key, record)) if t in known)
+        return ids + self.base.encode(record)
+
+    def tag_ids(self, text: str | None) -> list[int]:
+        """Ids of comma-separated tags (`tags=OX=83333,...`); ConfigError listing the known ones."""
+        wanted = [t.strip() for t in (text or "").split(",") if t.strip()]
+        unknown = [t for t in wanted if t not in self.tags]
+        if unknown:
+            shown = ", ".join(self.tags[:20]) + (
+                f" ... ({len(self.tags)} in all)" if len(self.tags) > 20 else ""
+            )
+            raise ConfigError(f"tags: unknown tag(s) {', '.join(unknown)}; this run knows: {shown}")
+        return sorted({self.first_tag_id + self.tags.index(t) for t in wanted})
+
+    def decode(self, ids: list[int]) -> tuple[Any, int]:
+        return self.base.decode([i for i in ids if not self.first_tag_id <= i < self.vocab_size])
+
+    def constraint(self) -> LogitsProcessor:
+        """Tags are conditions, never sampled; the wrapped domain's grammar sees BOS where tags stand."""
+        ban = ban_tokens(range(self.first_tag_id, self.vocab_size))
+        inner, first, bos = self.base.constraint(), self.first_tag_id, self.base.bos_id
+
+        def processor(ids: Tensor, logits: Tensor) -> Tensor:
+            logits = ban(ids, logits)
+            if inner is not None:
+                plain = torch.where(ids >= first, torch.full_like(ids, bos), ids)
+                logits[:, :first] = inner(plain, logits[:, :first])
+            return logits
+
+        return processor
+
+    def save(self, directory: Path) -> None:
+        self.base.save(directory)
+        state = {"spec": self.spec, "max_tags": self.max_tags, "tags": self.tags}
+        write_new_text(Path(directory) / "tags.json", json.dumps(state, indent=1), overwrite=True)
+
+    @classmethod
+    def load(cls, base: Domain, directory: Path) -> Tagged:
+        state = json.loads((Path(directory) / "tags.json").read_text())
+        tagged = cls.__new__(cls)  # no tsv file needed to generate: the vocabulary is stored
+        tagged.base, tagged.spec, tagged.max_tags = base, state["spec"], state["max_tags"]
+        tagged.tags, tagged.table = list(state["tags"]), None
+        return tagged
