@@ -89,6 +89,16 @@ class Domain(Protocol):
     def save(self, directory: Path) -> None:
         """Write the tokenizer state so that load() rebuilds an identical domain."""
 
+    # Optional, where a domain has them (looked up with hasattr):
+    #   fields(record) -> dict[str, str]          header fields: the source of data.tags=header:FIELD
+    #   one_token_per_unit: bool                  lengths/positions in units are token counts (min_len,
+    #                                             max_len, template/fixed)
+    #   assess(artifacts, details, settings)      per-sample columns into details (novelty, filters:
+    #       -> dict[str, float]                   `passes`), and their summary metrics
+    #   report(artifacts, details, out_dir, overwrite) -> list[Path]
+    #                                             files about the whole set (CSV, plots); a domain with
+    #                                             it also takes write(..., details=) per sample
+
 
 def domain_state_digest(domain: Domain) -> str:
     """A hash of the domain's saved tokenizer state: two domains with the same digest encode alike."""

@@ -95,6 +95,8 @@ def sampling_model(run: Run, mode: str | None, dtype: str, rows_per_batch: int =
 def same_tokenizer(a: Domain, b: Domain) -> bool:
     """Whether two domains map text to the same ids: equal saved tokenizers, or for a fixed vocabulary
     (no trained tokenizer, like protein's alphabet) equal size and special ids."""
+    if getattr(a, "tags", None) != getattr(b, "tags", None):  # control tags are ids too
+        return False
     if getattr(a, "tokenizer", None) is None and getattr(b, "tokenizer", None) is None:
         return (a.vocab_size, a.pad_id, a.bos_id, a.eos_id) == (b.vocab_size, b.pad_id, b.bos_id, b.eos_id)
     return domain_state_digest(a) == domain_state_digest(b)

@@ -29,5 +29,7 @@ def test_protein_notebook_executes_with_tags_ranking_and_novelty(tmp_path):
     ).execute()
     out = tmp_path / "outputs" / "protein_notebook"
     assert len(list(SeqIO.parse(out / "ranked" / "top" / "samples.fasta", "fasta"))) == 5
-    assert all("tags=OX=83333" in r.description for r in SeqIO.parse(out / "ecoli" / "samples.fasta", "fasta"))
+    assert all(
+        "tags=OX=83333" in r.description for r in SeqIO.parse(out / "ecoli" / "samples.fasta", "fasta")
+    )
     assert "novelty" not in nb.cells[-1].outputs[0].get("ename", "")
