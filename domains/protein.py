@@ -208,11 +208,17 @@ class ProteinDomain:
         return analysis.assess(artifacts, details, settings, self.training_sequences())
 
     def report(
-        self, artifacts: Sequence[str], details: Sequence[dict], out_dir: Path, overwrite: bool
+        self,
+        artifacts: Sequence[str],
+        details: Sequence[dict],
+        out_dir: Path,
+        overwrite: bool,
+        provenance: dict | None = None,
     ) -> list[Path]:
-        """samples.csv (the descriptions' columns) and PNGs of composition and lengths vs training."""
+        """samples.csv (the descriptions' columns) and PNGs: composition and lengths vs training, novelty."""
+        training = self.training_sequences()
         return analysis.report(
-            artifacts, details, Path(out_dir), overwrite, self.background, self.training_sequences()
+            artifacts, details, Path(out_dir), overwrite, self.background, training, provenance
         )
 
     def constraint(self) -> LogitsProcessor | None:

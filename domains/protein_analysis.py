@@ -191,6 +191,11 @@ def describe(seq: str, details: dict, settings: str) -> str:
     return " ".join(words + ([settings] if settings else []))
 
 
+def _write_png(path: Path, fig: object, overwrite: bool) -> Path:
+    png = png_bytes(fig)
+    return write_new_file(path, lambda tmp: tmp.write_bytes(png), overwrite)
+
+
 def report(
     samples: Sequence[str],
     details: Sequence[dict],
@@ -198,13 +203,18 @@ def report(
     overwrite: bool,
     background: dict[str, float] | None,
     training: Sequence[tuple[str, str]],
+    provenance: dict | None = None,
 ) -> list[Path]:
-    """samples.csv, composition.png (residue frequencies, samples vs training) and lengths.png."""
+    """samples.csv (the FASTA descriptions' columns, the sampling settings, the sequence),
+    composition.png (residue frequencies, samples vs training), lengths.png and novelty.png."""
+    provenance = provenance or {}
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    columns = [*CSV_COLUMNS[:-1], *provenance, CSV_COLUMNS[-1]]
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for i, (seq, d) in enumerate(zip(samples, details, strict=True)):
-        writer.writerow({"id": d.get("id", f"multiar_{i:04d}"), "length": len(seq), "sequence": seq, **d})
+        row = {"id": f"multiar_{i:04d}", "length": len(seq), "sequence": seq, **provenance, **d}
+        writer.writerow(row)
     paths = [write_new_text(out_dir / "samples.csv", buf.getvalue(), overwrite)]
 
     counts = Counter("".join(samples))
@@ -218,8 +228,7 @@ def report(
     ax.set_ylabel("frequency")
     ax.set_title("amino-acid composition")
     ax.legend()
-    png = png_bytes(fig)
-    paths.append(write_new_file(out_dir / "composition.png", lambda tmp: tmp.write_bytes(png), overwrite))
+    paths.append(_write_png(out_dir / "composition.png", fig, overwrite))
 
     fig, ax = new_figure(6, 3.2)
     lengths = [len(s) for s in samples]
@@ -232,6 +241,15 @@ def report(
     ax.set_xlabel("length (residues; longer ones in the last bin)")
     ax.set_ylabel("density")
     ax.legend()
-    png2 = png_bytes(fig)
-    paths.append(write_new_file(out_dir / "lengths.png", lambda tmp: tmp.write_bytes(png2), overwrite))
+    paths.append(_write_png(out_dir / "lengths.png", fig, overwrite))
+
+    identities = [d["identity"] for d in details if "identity" in d]
+    if identities:
+        fig, ax = new_figure(6, 3.2)
+        ax.hist(identities, np.linspace(0, 1, 21))
+        ax.axvline(float(np.median(identities)), color="k", linestyle="--", label="median")
+        ax.set_xlabel("identity to the nearest training protein")
+        ax.set_ylabel("samples")
+        ax.legend()
+        paths.append(_write_png(out_dir / "novelty.png", fig, overwrite))
     return paths

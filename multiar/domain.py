@@ -95,7 +95,7 @@ class Domain(Protocol):
     #                                             max_len, template/fixed)
     #   assess(artifacts, details, settings)      per-sample columns into details (novelty, filters:
     #       -> dict[str, float]                   `passes`), and their summary metrics
-    #   report(artifacts, details, out_dir, overwrite) -> list[Path]
+    #   report(artifacts, details, out_dir, overwrite, provenance) -> list[Path]
     #                                             files about the whole set (CSV, plots); a domain with
     #                                             it also takes write(..., details=) per sample
 

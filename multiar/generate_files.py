@@ -327,7 +327,7 @@ def sample_to_files(cfg: DictConfig) -> dict[str, Any]:
     ranked = rank_samples(details, cfg.top) if cfg.rank_by == "ppl" else []
     if writer.annotated:  # the files again, now with every sample's score, novelty and filters
         paths = domain.write(artifacts, out_dir, provenance, overwrite=True, details=details)
-        paths += domain.report(artifacts, details, out_dir, overwrite=True)
+        paths += domain.report(artifacts, details, out_dir, overwrite=True, provenance=provenance)
     if ranked:
         best = [artifacts[i] for i in ranked]
         extra = {"details": [details[i] for i in ranked]} if writer.annotated else {}

@@ -255,7 +255,8 @@ def test_outputs_a_biologist_can_use(tagged_run, tmp_path):
         assert {"ppl", "identity", "nearest", "end", "passes", "temperature", "seed"} <= set(words)
     rows = list(csv.DictReader((out / "samples.csv").open()))
     assert [r["id"] for r in rows] == [r.id for r in records]
-    for name in ("composition.png", "lengths.png"):
+    assert rows[0]["temperature"] == "1.0" and rows[0]["seed"] == "1"  # the settings, as in the FASTA
+    for name in ("composition.png", "lengths.png", "novelty.png"):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     m = report["metrics"]
@@ -284,3 +285,22 @@ def test_music_enables_control_tags_by_config(tmp_path):
     assert run.domain.tags == ["early", "late"] or sorted(run.domain.tags) == ["early", "late"]
     report = generate(tmp_path / "run", tmp_path / "o", "n=2", "max_new_tokens=40", "tags=late")
     assert report["tags"] == "late" and len(list((tmp_path / "o").glob("*.mid"))) == 2
+
+
+def test_tags_from_a_tsv_table_the_file_and_the_folder(tmp_path):
+    from multiar.tags import Tagged
+
+    table = tmp_path / "tags.tsv"
+    table.write_text("# id\ttags\nsp|P0A7B8|HSLV_ECOLI\tprotease, heat\nsample.fasta\tfromfile\n")
+    record = SeqRecord(Seq("MKV"), id="sp|P0A7B8|HSLV_ECOLI", description="sp|P0A7B8|HSLV_ECOLI x OX=83333")
+    other = SeqRecord(Seq("MKV"), id="q", description="q")
+    by_tsv = Tagged(build_domain("protein"), f"tsv:{table}")
+    assert by_tsv.document_tags("a/b.fasta#0", record) == ["protease", "heat"]
+    assert by_tsv.document_tags("a/sample.fasta#3", other) == ["fromfile"]
+    assert by_tsv.document_tags("a/b.fasta#1", other) == []
+    assert Tagged(build_domain("protein"), "folder").document_tags("ecoli/b.fasta#0", other) == ["ecoli"]
+    assert Tagged(build_domain("protein"), "file").document_tags("x/b.fasta.gz#0", other) == ["b"]
+    assert Tagged(build_domain("protein"), "header:OX").document_tags("b#0", record) == ["OX=83333"]
+    (tmp_path / "bad.tsv").write_text("no tab here\n")
+    with pytest.raises(ConfigError, match="bad.tsv:1: expected 'id<TAB>tag,tag'"):
+        Tagged(build_domain("protein"), f"tsv:{tmp_path / 'bad.tsv'}")
