@@ -58,9 +58,9 @@ class CodeDomain:
         return self.tokenizer
 
     def default_paths(self, corpus: str | None = None) -> list[Path]:
+        """The running interpreter's standard library, without its tests and site-packages."""
         if corpus not in (None, "stdlib"):
             raise ValueError(f"unknown corpus {corpus!r}: the {self.name} domain bundles stdlib")
-        """The running interpreter's standard library, without its tests and site-packages."""
         root = Path(sysconfig.get_paths()["stdlib"])
         return sorted(
             f
