@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-import ast
+import json
 import sysconfig
-import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from multiar.domain import safe_child, write_new_text
+from multiar.domain import safe_child, write_new_file, write_new_text
+from multiar.domains import code_analysis as analysis
+from multiar.domains.code_analysis import parses
+from multiar.domains.code_syntax import python_constraint
+from multiar.fim import FIM_TOKENS
 from multiar.generate import LogitsProcessor
 
 SPECIALS = ("<pad>", "<bos>", "<eos>")
@@ -19,33 +23,70 @@ SPECIALS = ("<pad>", "<bos>", "<eos>")
 SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
 
 
-def parses(source: str) -> bool:
-    """Whether source is syntactically valid Python."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", SyntaxWarning)  # e.g. invalid escapes in sampled code
-            ast.parse(source)
-    except (SyntaxError, ValueError):  # ValueError: null bytes
-        return False
-    return True
+def site_packages() -> tuple[list[Path], dict[str, str]]:
+    """The Python sources of the running environment's installed packages (tests left out), and each
+    package's licence from its metadata (License-Expression, else License, else License classifiers)."""
+    roots = {Path(sysconfig.get_paths()[k]).resolve() for k in ("purelib", "platlib")}
+    files: set[Path] = set()
+    licenses: dict[str, str] = {}
+    for dist in metadata.distributions():
+        sources = []
+        for f in dist.files or []:
+            path = Path(str(dist.locate_file(f))).resolve()
+            root = next((r for r in roots if r in path.parents), None)
+            inside = path.relative_to(root).parts[:-1] if root else ()
+            if path.suffix == ".py" and root and not SKIP_DIRS & set(inside) and path.is_file():
+                sources.append(path)
+        if not sources:
+            continue
+        files.update(sources)
+        meta = dist.metadata
+        classifiers = [
+            c.split(" :: ")[-1] for c in meta.get_all("Classifier") or [] if c.startswith("License ::")
+        ]
+        first_line = ((meta.get("License") or "").strip().splitlines() or [""])[0]
+        licenses[meta["Name"]] = (
+            meta.get("License-Expression") or first_line or ", ".join(classifiers) or "unknown"
+        )
+    return sorted(files), dict(sorted(licenses.items()))
 
 
 class CodeDomain:
     name = "code"
     suffixes = (".py",)
     unit = "byte"
+    # folders inside a given tree that hold no code of the project: history, environments, caches
+    skip_dirs = frozenset(
+        {".git", ".hg", ".venv", "venv", "site-packages", "__pycache__", "node_modules", ".tox"}
+    )
 
     def __init__(
         self,
         vocab_size: int = 2048,
         min_frequency: int = 2,
         max_file_bytes: int = 1_000_000,
+        suffixes: Sequence[str] = (".py",),
+        require_parse: bool = True,
+        fim_rate: float = 0.0,
+        fim_spm_rate: float = 0.5,
         tokenizer: Tokenizer | None = None,
     ) -> None:
         self.target_vocab_size = vocab_size
         self.min_frequency = min_frequency
         self.max_file_bytes = max_file_bytes  # generated or vendored blobs, not code to learn from
+        self.suffixes = tuple(s.lower() if s.startswith(".") else f".{s.lower()}" for s in suffixes)
+        if not self.suffixes:
+            raise ValueError("suffixes: give at least one file ending, e.g. [.py]")
+        # a Python file that does not parse (Python 2, templates, deliberate syntax errors in tests)
+        # teaches syntax errors: dropped by default; only Python sources are checked
+        self.require_parse = require_parse
+        if not (0 <= fim_rate <= 1 and 0 <= fim_spm_rate <= 1):
+            raise ValueError(f"fim_rate and fim_spm_rate must be in [0, 1], got {fim_rate}, {fim_spm_rate}")
+        self.fim_rate, self.fim_spm_rate = fim_rate, fim_spm_rate  # fill-in-the-middle (multiar/fim.py)
+        self.licenses: dict[str, str] = {}
         self.tokenizer = tokenizer
+        self.lines: analysis.LineIndex | None = None  # the training files' lines: copied-lines metric
+        self.lines_file: Path | None = None  # where a loaded run keeps them (read when first needed)
         self.pad_id, self.bos_id, self.eos_id = range(len(SPECIALS))  # specials come first in training
 
     @property
@@ -58,9 +99,13 @@ class CodeDomain:
         return self.tokenizer
 
     def default_paths(self, corpus: str | None = None) -> list[Path]:
-        """The running interpreter's standard library, without its tests and site-packages."""
+        """The running interpreter's standard library, without its tests and site-packages (corpus
+        stdlib, the default); or the sources of the installed packages (corpus site-packages)."""
+        if corpus == "site-packages":
+            files, self.licenses = site_packages()
+            return files
         if corpus not in (None, "stdlib"):
-            raise ValueError(f"unknown corpus {corpus!r}: the {self.name} domain bundles stdlib")
+            raise ValueError(f"unknown corpus {corpus!r}: choose stdlib or site-packages")
         root = Path(sysconfig.get_paths()["stdlib"])
         return sorted(
             f
@@ -98,12 +143,21 @@ class CodeDomain:
         return value
 
     def content(self, record: str) -> bytes:
+        if self.require_parse and self.suffixes == (".py",) and not parses(record):
+            raise ValueError("does not parse as Python (domain.settings.require_parse=true)")
         return record.encode()
 
     def units(self, record: str) -> int:
         return len(record.encode())  # bits per byte: comparable across tokenizers
 
     def fit(self, records: Iterable[str]) -> None:
+        texts: list[str] = []
+
+        def remembered() -> Iterator[str]:  # the tokenizer trains from an iterator: index lines on the way
+            for text in records:
+                texts.append(text)
+                yield text
+
         tokenizer = Tokenizer(models.BPE())
         # byte-level: every string, any Unicode, round-trips exactly; no prefix space so text is unchanged
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -111,11 +165,12 @@ class CodeDomain:
         trainer = trainers.BpeTrainer(
             vocab_size=self.target_vocab_size,
             min_frequency=self.min_frequency,
-            special_tokens=list(SPECIALS),
+            special_tokens=list(SPECIALS) + (list(FIM_TOKENS) if self.fim_rate > 0 else []),
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
-        tokenizer.train_from_iterator(records, trainer=trainer)
+        tokenizer.train_from_iterator(remembered(), trainer=trainer)
+        self.lines = analysis.LineIndex.build(texts)
         if [tokenizer.token_to_id(s) for s in SPECIALS] != [self.pad_id, self.bos_id, self.eos_id]:
             raise RuntimeError("BPE training did not place the special tokens first")
         self.tokenizer = tokenizer
@@ -126,8 +181,15 @@ class CodeDomain:
     def prompt_ids(self, prompt: str | None) -> list[int]:
         return [self.bos_id] + (self.encode(prompt) if prompt else [])
 
+    @property
+    def fim_ids(self) -> tuple[int, int, int] | None:
+        """The fill-in-the-middle tokens' ids, when the tokenizer has them."""
+        ids = tuple(self._trained().token_to_id(t) for t in FIM_TOKENS)
+        return ids if None not in ids else None  # type: ignore[return-value]
+
     def decode(self, ids: list[int]) -> tuple[str, int]:
-        keep = [i for i in ids if i >= len(SPECIALS) and i < self.vocab_size]
+        special = set(range(len(SPECIALS))) | set(self.fim_ids or ())
+        keep = [i for i in ids if i not in special and 0 <= i < self.vocab_size]
         return self._trained().decode(keep, skip_special_tokens=False), len(ids) - len(keep)
 
     def write(
@@ -140,8 +202,11 @@ class CodeDomain:
     ) -> list[Path]:
         # every sample is written, parsing or not: a syntax error is data for the report, not a reason to drop
         out_dir = Path(out_dir)
+        # provenance as a comment line: the file stays the sample's code, and says where it came from
+        settings = " ".join(f"{k}={v}" for k, v in provenance.items()).replace("\n", " ").replace("\r", " ")
+        header = f"# multiar sample: {settings}\n" if settings else ""
         paths = [
-            write_new_text(safe_child(out_dir, f"sample_{start + i:03d}.py"), src, overwrite)
+            write_new_text(safe_child(out_dir, f"sample_{start + i:03d}.py"), header + src, overwrite)
             for i, src in enumerate(artifacts)
         ]
         report_path = out_dir / "syntax_report.tsv"
@@ -157,21 +222,73 @@ class CodeDomain:
         write_new_text(report_path, "\n".join(lines) + "\n", overwrite or start > 0)
         return paths
 
+    def training_lines(self) -> analysis.LineIndex | None:
+        if self.lines is None and self.lines_file is not None and self.lines_file.exists():
+            self.lines = analysis.LineIndex.load(self.lines_file)
+        return self.lines
+
     def metrics(self, artifacts: Sequence[str]) -> dict[str, float]:
         n = max(len(artifacts), 1)
-        return {
+        out = {
             "code/parse_rate": sum(map(parses, artifacts)) / n,
-            "code/mean_lines": sum(s.count("\n") + 1 for s in artifacts) / n,
+            "code/compile_rate": sum(map(analysis.compiles, artifacts)) / n,
+            "code/mean_lines": analysis.mean_lines(artifacts),
+            "code/mean_bytes": sum(len(s.encode()) for s in artifacts) / n,
         }
+        if (index := self.training_lines()) is not None:
+            runs = [index.longest_run(s) for s in artifacts]
+            # a sample "copies" when 4 or more of its consecutive non-blank lines stand verbatim in one
+            # training file (shorter runs are mostly idioms: `else:` / `return None` / `pass`)
+            out["code/copied_share"] = sum(r >= analysis.COPIED_LINES for r in runs) / n
+            out["code/longest_copied_run_mean"] = sum(runs) / n
+        return out
 
     def constraint(self) -> LogitsProcessor | None:
-        return None
+        """Python sources are sampled lexically sound (domains/code_syntax.py); other suffixes free."""
+        if self.suffixes != (".py",):
+            return None
+        tokenizer = self._trained()
+        special = set(range(len(SPECIALS))) | set(self.fim_ids or ())
+        texts = ["" if i in special else tokenizer.decode([i]) for i in range(self.vocab_size)]
+        return python_constraint(self._text_of_row, texts, self.eos_id, special - {self.eos_id})
+
+    def _text_of_row(self, ids: list[int]) -> str:
+        """The code a row's ids stand for: for a fill-in-the-middle row, the prefix then the middle."""
+        fim = self.fim_ids
+        if fim is not None and fim[1] in ids and fim[0] in ids and fim[2] in ids:
+            pre, mid, suf = (ids.index(i) for i in fim)
+            ids = ids[pre + 1 : suf] + ids[mid + 1 :] if pre < suf else ids[pre + 1 : mid] + ids[mid + 1 :]
+        return self.decode(ids)[0]
+
+    def valid(self, artifact: str) -> bool:
+        """Whether a sample is valid Python (resample_invalid re-draws the others)."""
+        return parses(artifact)
+
+    def stop_rule(self, name: str) -> Callable[[str, int, bool], int | None]:
+        """stop_at=block: a sample ends with the top-level definition it is in (a dedent to column 0)."""
+        if name != "block":
+            raise ValueError(f"unknown rule {name!r}; the code domain has block")
+        return analysis.block_end
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self._trained().save(str(directory / "tokenizer.json"))
+        settings = {
+            "suffixes": list(self.suffixes),
+            "require_parse": self.require_parse,
+            "fim_rate": self.fim_rate,
+            "fim_spm_rate": self.fim_spm_rate,
+        }
+        write_new_text(directory / "code.json", json.dumps(settings, indent=1), overwrite=True)
+        if (index := self.training_lines()) is not None:
+            write_new_file(directory / "train_lines.npy", index.save, overwrite=True)
 
     @classmethod
     def load(cls, directory: Path) -> CodeDomain:
         tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
-        return cls(vocab_size=tokenizer.get_vocab_size(), tokenizer=tokenizer)
+        settings = (
+            json.loads((directory / "code.json").read_text()) if (directory / "code.json").exists() else {}
+        )
+        domain = cls(vocab_size=tokenizer.get_vocab_size(), tokenizer=tokenizer, **settings)
+        domain.lines_file = directory / "train_lines.npy"
+        return domain

@@ -25,6 +25,7 @@ from Bio.SeqRecord import SeqRecord
 
 from multiar.domain import safe_child, write_new_file, write_new_text
 from multiar.domains import protein_analysis as analysis
+from multiar.fim import FIM_TOKENS
 from multiar.generate import LogitsProcessor
 
 SPECIALS = ("<pad>", "<bos>", "<eos>")
@@ -67,6 +68,8 @@ class ProteinDomain:
         min_len: int = 1,
         max_len: int | None = None,
         max_x_fraction: float = 0.5,
+        fim_rate: float = 0.0,
+        fim_spm_rate: float = 0.5,
     ) -> None:
         if unknown_letters not in ("reject", "x"):
             raise ValueError(f"unknown_letters must be reject or x, got {unknown_letters!r}")
@@ -76,10 +79,15 @@ class ProteinDomain:
             raise ValueError(f"max_x_fraction must be in [0, 1], got {max_x_fraction}")
         self.unknown_letters, self.min_len, self.max_len = unknown_letters, min_len, max_len
         self.max_x_fraction = max_x_fraction
-        self.itos = list(SPECIALS) + list(ALPHABET)
+        if not (0 <= fim_rate <= 1 and 0 <= fim_spm_rate <= 1):
+            raise ValueError(f"fim_rate and fim_spm_rate must be in [0, 1], got {fim_rate}, {fim_spm_rate}")
+        self.fim_rate, self.fim_spm_rate = fim_rate, fim_spm_rate  # fill-in-the-middle (multiar/fim.py)
+        # the fill-in-the-middle tokens come after the alphabet, only where enabled: ids stay stable
+        self.itos = list(SPECIALS) + list(ALPHABET) + (list(FIM_TOKENS) if fim_rate > 0 else [])
         self.stoi = {s: i for i, s in enumerate(self.itos)}
         self.pad_id, self.bos_id, self.eos_id = (self.stoi[s] for s in SPECIALS)
         self.vocab_size = len(self.itos)
+        self.fim_ids = tuple(self.stoi[t] for t in FIM_TOKENS) if fim_rate > 0 else None
         # amino-acid frequencies of the training data: the reference for the composition metric
         self.background = background
         self.training: list[tuple[str, str]] = []  # (id, sequence) of the training records, from fit
@@ -159,7 +167,7 @@ class ProteinDomain:
         return [self.bos_id] + self.encode(SeqRecord(Seq(prompt.strip()), id="prompt"))
 
     def decode(self, ids: list[int]) -> tuple[str, int]:
-        keep = [i for i in ids if i >= len(SPECIALS) and i < self.vocab_size]
+        keep = [i for i in ids if len(SPECIALS) <= i < len(SPECIALS) + len(ALPHABET)]
         return "".join(self.itos[i] for i in keep), len(ids) - len(keep)
 
     def write(
@@ -176,7 +184,9 @@ class ProteinDomain:
         details = details or [{} for _ in artifacts]
         records = [
             SeqRecord(
-                Seq(seq), id=f"multiar_{start + i:04d}", description=analysis.describe(seq, d, settings)
+                Seq(seq),
+                id=d.get("id", f"multiar_{start + i:04d}"),
+                description=analysis.describe(seq, d, settings),
             )
             for i, (seq, d) in enumerate(zip(artifacts, details, strict=True))
         ]
@@ -234,6 +244,8 @@ class ProteinDomain:
             "min_len": self.min_len,
             "max_len": self.max_len,
             "max_x_fraction": self.max_x_fraction,
+            "fim_rate": self.fim_rate,
+            "fim_spm_rate": self.fim_spm_rate,
         }
         write_new_text(directory / "protein.json", json.dumps(state, indent=1), overwrite=True)
         if training := self.training_sequences():
@@ -255,7 +267,7 @@ class ProteinDomain:
         state = json.loads((directory / "protein.json").read_text())
         if state["alphabet"] != ALPHABET or tuple(state["specials"]) != SPECIALS:
             raise ValueError(f"{directory}: vocabulary differs from this version of the protein domain")
-        keys = ("unknown_letters", "min_len", "max_len", "max_x_fraction")  # absent in older runs
+        keys = ("unknown_letters", "min_len", "max_len", "max_x_fraction", "fim_rate", "fim_spm_rate")
         domain = cls(background=state["background"], **{k: state[k] for k in keys if k in state})
         domain.training_file = directory / "train.fasta.gz"
         return domain

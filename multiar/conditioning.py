@@ -5,10 +5,12 @@ logits processors and per-row length caps; knows no domain beyond the protocol."
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from omegaconf import DictConfig
 
 from multiar.domain import Domain
+from multiar.fim import infill_prompt
 from multiar.generate import LogitsProcessor, force_tokens, min_new_tokens
 from multiar.schema import ConfigError
 
@@ -49,6 +51,30 @@ class Conditions:
     caps: list[int | None] = field(default_factory=list)  # per row: most new tokens to keep (max_len)
     tags: str = ""
     kept: str = ""  # fixed template positions, as ranges
+    infill: tuple[list[int], list[int]] | None = None  # prefix and suffix ids around the gap
+
+
+FILL = "<FILL>"
+
+
+def infill_sides(cfg: DictConfig) -> tuple[str, str] | None:
+    """(prefix, suffix) text of a fill-in-the-middle request: prompt_prefix/prompt_suffix, or the text
+    around the one <FILL> in cfg.infill's file; None when none was asked for."""
+    if cfg.infill is not None:
+        path = Path(cfg.infill).expanduser()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"infill: {path}: {getattr(err, 'strerror', None) or err}") from None
+        if text.count(FILL) != 1:
+            raise ConfigError(
+                f"infill: {path}: needs exactly one {FILL} marking the gap, found {text.count(FILL)}"
+            )
+        before, after = text.split(FILL)
+        return before, after
+    if cfg.prompt_prefix is None and cfg.prompt_suffix is None:
+        return None
+    return cfg.prompt_prefix or "", cfg.prompt_suffix or ""
 
 
 def conditions(cfg: DictConfig, domain: Domain, prompts: list[list[int]]) -> Conditions:
@@ -67,6 +93,16 @@ def conditions(cfg: DictConfig, domain: Domain, prompts: list[list[int]]) -> Con
     if cfg.template is not None and (cfg.prompt is not None or cfg.prompt_file is not None):
         raise ConfigError("template: a redesign starts from BOS; give template or a prompt, not both")
     out = Conditions([p[:1] + tag_ids + p[1:] for p in prompts], max_new_tokens=cfg.max_new_tokens)
+    if (sides := infill_sides(cfg)) is not None:
+        if getattr(domain, "fim_ids", None) is None:
+            raise ConfigError(
+                f"infill: {cfg.run} was trained without fill-in-the-middle (train with domain.settings.fim_rate=0.5)"
+            )
+        prefix, suffix = (domain.prompt_ids(t)[1:] if t else [] for t in sides)
+        out.rows = [[domain.bos_id, *tag_ids, *infill_prompt(prefix, suffix, domain.fim_ids)]]
+        out.infill = (prefix, suffix)
+        if cfg.stop_at is not None:
+            raise ConfigError("stop_at: not with fill-in-the-middle (the middle ends at EOS)")
     out.tags = ",".join(domain.tags[i - domain.first_tag_id] for i in tag_ids) if tag_ids else ""
     head = 1 + len(tag_ids)  # BOS and tags: the units of a row are its ids after them
     min_len, max_len = cfg.min_len, cfg.max_len
@@ -80,6 +116,8 @@ def conditions(cfg: DictConfig, domain: Domain, prompts: list[list[int]]) -> Con
             out.kept = ranges_text(kept)
     if min_len is not None and max_len is not None and min_len > max_len:
         raise ConfigError(f"min_len: {min_len} exceeds max_len={max_len}")
+    if out.infill is not None and (min_len is not None or max_len is not None):
+        raise ConfigError("min_len/max_len: not with fill-in-the-middle (the middle's length is the model's)")
     units = [len(r) - head for r in out.rows]  # prompt units, per row
     if min_len is not None:  # EOS is masked until the row holds min_len units, prompt included
         out.processors.insert(0, min_new_tokens(min_len, head, domain.eos_id))

@@ -19,7 +19,19 @@ def config_dir() -> Path:
 
 
 # keys whose values are free text (a prompt, a path): quoted for the user, so no Hydra escaping is needed
-FREE_TEXT_KEYS = {"prompt", "prompt_file", "stop", "draft", "tags", "template", "fixed", "data.tags"}
+FREE_TEXT_KEYS = {
+    "prompt",
+    "prompt_file",
+    "stop",
+    "draft",
+    "tags",
+    "template",
+    "fixed",
+    "data.tags",
+    "prompt_prefix",
+    "prompt_suffix",
+    "infill",
+}
 
 
 def _quote_free_text(overrides: Sequence[str]) -> list[str]:

@@ -22,6 +22,7 @@ from datasets import Dataset, Features, Sequence, Value, load_from_disk
 from torch.utils.data import DataLoader
 
 from multiar.domain import Domain, Skips, domain_state_digest
+from multiar.fim import transform_documents
 from multiar.source import Source
 from multiar.tags import Tagged
 
@@ -185,6 +186,8 @@ def prepare_corpus(
             "tokens_train": sum(len(x) for x in split_sets["train"]["ids"]),
             "tokens_val": sum(len(x) for x in split_sets["val"]["ids"]),
             "root": source.root,
+            # a corpus gathered from installed packages records each one's licence (code site-packages)
+            **({"licenses": domain.licenses} if getattr(domain, "licenses", None) else {}),
         }
         (tmp / "complete.json").write_text(json.dumps(stats, indent=1))
     except BaseException:
@@ -228,6 +231,7 @@ def pack(
     tag_ids: tuple[int, int] = (0, 0),
     tag_dropout: float = 0.0,
     seed: int = 0,
+    fim: tuple[tuple[int, int, int], float, float] | None = None,
 ) -> dict[str, list]:
     """Concatenate BOS doc EOS BOS doc EOS ... and cut windows of block_size + 1 tokens, stride block_size.
 
@@ -235,13 +239,22 @@ def pack(
     of a batch is padded with pad_id, which the loss ignores. BOS and EOS mark a document's real ends:
     a document longer than a block spans several windows, and only the first holds its BOS (and its
     control tags, ids in [tag_ids[0], tag_ids[1]) right after BOS), only the last its EOS. With
-    tag_dropout, that share of documents is packed without its tags.
+    tag_dropout, that share of documents is packed without its tags. fim: (its three ids, rate, SPM
+    rate) rearranges that share of documents for fill-in-the-middle (multiar/fim.py).
     """
     stream: list[int] = []
     keys = batch.get("key") or [""] * len(batch["ids"])
-    for key, ids in zip(keys, batch["ids"], strict=True):
-        if tag_ids[1] > tag_ids[0] and drops_tags(key, tag_dropout, seed):
-            ids = [i for i in ids if not tag_ids[0] <= i < tag_ids[1]]
+    docs = batch["ids"]
+    if tag_ids[1] > tag_ids[0] and tag_dropout > 0:
+        docs = [
+            [i for i in ids if not tag_ids[0] <= i < tag_ids[1]]
+            if drops_tags(key, tag_dropout, seed)
+            else ids
+            for key, ids in zip(keys, docs, strict=True)
+        ]
+    if fim is not None:
+        docs = transform_documents(keys, docs, *fim, seed=seed, keep_front=range(*tag_ids))
+    for ids in docs:
         stream += [bos_id, *ids, eos_id]
     blocks = []
     for start in range(0, max(len(stream) - 1, 1), block_size):
@@ -251,10 +264,13 @@ def pack(
 
 
 def pack_dataset(
-    ds: Dataset, block_size: int, domain: Domain, tag_dropout: float = 0.0, seed: int = 0
+    ds: Dataset, block_size: int, domain: Domain, tag_dropout: float = 0.0, seed: int = 0, train: bool = False
 ) -> Dataset:
-    """A dataset of packed blocks (block_size + 1 int32 ids each), torch-formatted."""
+    """A dataset of packed blocks (block_size + 1 int32 ids each), torch-formatted. train: the data-time
+    transforms apply (tag dropout, fill-in-the-middle where the domain enables it)."""
     first = getattr(domain, "first_tag_id", domain.vocab_size)
+    rate = getattr(domain, "fim_rate", 0.0) if train else 0.0
+    fim = (domain.fim_ids, rate, domain.fim_spm_rate) if rate > 0 else None
     packed = ds.map(
         pack,
         batched=True,
@@ -266,8 +282,9 @@ def pack_dataset(
             "eos_id": domain.eos_id,
             "pad_id": domain.pad_id,
             "tag_ids": (first, domain.vocab_size),
-            "tag_dropout": tag_dropout,
+            "tag_dropout": tag_dropout if train else 0.0,
             "seed": seed,
+            "fim": fim,
         },
         features=Features({"block": Sequence(Value("int32"), length=block_size + 1)}),
         desc="packing",
@@ -305,8 +322,13 @@ class BlockDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_blocks is None:
             self.train_blocks = pack_dataset(
-                self.corpus.train, self.block_size, self.corpus.domain, self.tag_dropout, self.seed
-            )  # validation keeps every document's tags
+                self.corpus.train,
+                self.block_size,
+                self.corpus.domain,
+                self.tag_dropout,
+                self.seed,
+                train=True,
+            )  # validation: every document as it is, tags kept, no fill-in-the-middle
             self.val_blocks = pack_dataset(self.corpus.val, self.block_size, self.corpus.domain)
 
     def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:

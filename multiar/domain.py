@@ -111,15 +111,27 @@ def domain_state_digest(domain: Domain) -> str:
     return h.hexdigest()
 
 
-def find_files(paths: Iterable[str | Path], suffixes: Sequence[str]) -> list[Path]:
-    """Files under paths (files or folders, recursive) whose names end in one of suffixes, sorted."""
+def find_files(
+    paths: Iterable[str | Path], suffixes: Sequence[str], skip_dirs: Iterable[str] = ()
+) -> list[Path]:
+    """Files under paths (files or folders, recursive) whose names end in one of suffixes, sorted.
+    Inside a given folder, files under a folder named in skip_dirs (.git, .venv, ...) are left out,
+    with one line saying how many; a file given by name is always kept."""
     found: list[Path] = []
+    skip_dirs = set(skip_dirs)
     for p in map(Path, paths):
         p = p.expanduser()
         if p.is_dir():
-            found += sorted(
-                f for f in p.rglob("*") if f.is_file() and f.name.lower().endswith(tuple(suffixes))
-            )
+            matching = [f for f in p.rglob("*") if f.is_file() and f.name.lower().endswith(tuple(suffixes))]
+            kept = sorted(f for f in matching if not skip_dirs & set(f.relative_to(p).parts[:-1]))
+            if len(kept) < len(matching):
+                log.info(
+                    "%s: left out %d file(s) under %s folders",
+                    p,
+                    len(matching) - len(kept),
+                    "/".join(sorted(skip_dirs)),
+                )
+            found += kept
         elif p.is_file():
             found.append(p)
         else:

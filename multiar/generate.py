@@ -204,12 +204,15 @@ def stream(
     processors: Sequence[LogitsProcessor] = (),
     generator: torch.Generator | None = None,
     window_keep: int | None = None,
+    should_stop: Callable[[int, list[int]], bool] | None = None,
 ) -> Iterator[Token]:
     """Continue each prompt row, yielding Token(row, id) as tokens are produced and Token(row, None)
     when a row ends (EOS, a stop sequence, or max_new_tokens). EOS and stop ids are never yielded:
     a row holds back as many tokens as the longest stop sequence minus one until they cannot start one.
 
-    Rows may have different lengths (a list of id lists): each gets its own positions in the cache.
+    should_stop(row, new ids so far) ends a row when it says so (end "stop"): a rule on the decoded
+    text, such as the end of a code block. Rows may have different lengths (a list of id lists): each
+    gets its own positions in the cache.
     Longer than the context: when prompt + new tokens pass block_size, the window slides: the cache is
     refilled with each row's first token (BOS) and its last `window_keep` ids (default block_size // 2),
     and decoding goes on after them, so a piece can be longer than the model's training windows.
@@ -266,7 +269,7 @@ def stream(
                 if finished[b]:
                     continue
                 row = generated[b]
-                ended = extend_row(row, t, eos_id, stops)
+                ended = extend_row(row, t, eos_id, stops) or (should_stop is not None and should_stop(b, row))
                 if ended or n + 1 == max_new_tokens:
                     finished[b] = True
                     finished_t[b] = True

@@ -8,6 +8,7 @@ import math
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -144,6 +145,62 @@ def unprompted_samples(
     return artifacts, metrics
 
 
+def stop_rule(cfg: DictConfig, domain: Domain) -> Callable[[str, int, bool], int | None] | None:
+    """The domain's rule for cfg.stop_at (where a sample's text ends), or None; ConfigError when the
+    domain has no such rule."""
+    if cfg.stop_at is None:
+        return None
+    try:
+        return domain.stop_rule(cfg.stop_at)
+    except (AttributeError, ValueError) as err:
+        reason = (
+            str(err) if isinstance(err, ValueError) else f"the {domain.name} domain has no stopping rules"
+        )
+        raise ConfigError(f"stop_at: {reason}") from None
+
+
+def row_stopper(domain: Domain, rule: Callable, batch: list[list[int]]) -> Callable[[int, list[int]], bool]:
+    """should_stop for `stream`: a row ends once the rule finds its end in the decoded text."""
+    before = [len(domain.decode(p[1:])[0]) for p in batch]
+
+    def should_stop(row: int, ids: list[int]) -> bool:
+        return rule(domain.decode(batch[row][1:] + ids)[0], before[row], False) is not None
+
+    return should_stop
+
+
+def redraw_invalid(
+    cfg: DictConfig,
+    model: GPT,
+    domain: Domain,
+    rows: list[list[int]],
+    writer: SampleWriter,
+    max_new_tokens: int,
+    rule: Callable | None,
+    settings: dict,
+) -> dict[str, int]:
+    """Draw again every sample the domain judges invalid (code: does not parse), up to
+    cfg.resample_invalid times each; how many draws that took and how many stay invalid."""
+    if not hasattr(domain, "valid"):
+        raise ConfigError(f"resample_invalid: the {domain.name} domain has no validity check")
+    redrawn = 0
+    for _ in range(cfg.resample_invalid):
+        bad = [i for i, artifact in enumerate(writer.artifacts) if not domain.valid(artifact)]
+        for start in range(0, len(bad), cfg.batch_size):
+            chunk = bad[start : start + cfg.batch_size]
+            batch = [rows[i] for i in chunk]
+            buffers: list[list[int]] = [[] for _ in chunk]
+            ended = row_stopper(domain, rule, batch) if rule is not None else None
+            for event in stream(model, batch, max_new_tokens, should_stop=ended, **settings):
+                if event.token is not None:
+                    buffers[event.row].append(event.token)
+                else:
+                    writer.replace(chunk[event.row], buffers[event.row], event.end)
+                    redrawn += 1
+    invalid = sum(not domain.valid(a) for a in writer.artifacts)
+    return {"resampled": redrawn, "invalid_after_resampling": invalid}
+
+
 def rank_samples(details: list[dict], top: int | None) -> list[int]:
     """Indices of the samples that pass the domain's filters (all, where it has none), lowest
     perplexity first, at most top; each gets its 1-based `rank` in details."""
@@ -168,14 +225,19 @@ class SampleWriter:
         stop: str | None,
         rows: list[list[int]],
         conditions: Conditions | None = None,
+        stop_rule: Callable[[str, int, bool], int | None] | None = None,
     ) -> None:
         self.domain, self.out_dir, self.provenance, self.overwrite = domain, out_dir, provenance, overwrite
         self.heads = [p[1:] if include_prompt else [] for p in rows]  # each prompt without BOS
+        self.prompts = [p[1:] for p in rows]
+        self.stop_rule = stop_rule  # where a text artifact ends (code's stop_at=block), or None
         self.stop = stop
         self.conditions = conditions or Conditions(rows, caps=[None] * len(rows))
         self.pending: dict[int, tuple[list[int], str | None]] = {}
         self.new_ids: list[list[int]] = []
         self.details: list[dict] = []  # per sample: how it ended, its tags and kept positions
+        self.middles: list[Any] = []  # fill-in-the-middle: each sample's middle alone
+        self.written: set[int] = set()
         self.decoded: list[tuple[Any, int]] = []
         self.artifacts: list[Any] = []
         self.paths: list[Path] = []
@@ -204,24 +266,44 @@ class SampleWriter:
         while self.done in self.pending:
             i = self.done
             ids, end = self.pending.pop(i)
-            cap = self.conditions.caps[i]
-            if cap is not None and len(ids) >= cap:  # reached max_len: cut there, no EOS forced
-                ids, end = ids[:cap], "max_len"
-            head = self.heads[i]
-            artifact, dropped = self.domain.decode(head + ids)
-            prompt_text = self.domain.decode(head)[0] if isinstance(artifact, str) else None
-            artifact = cut_at_stop(artifact, self.stop, len(prompt_text) if prompt_text is not None else 0)
-            self.new_ids.append(ids)
-            self.decoded.append((artifact, dropped))
-            self.artifacts.append(artifact)
-            details = {"end": end, "tags": self.conditions.tags, "kept": self.conditions.kept}
-            self.details.append({k: v for k, v in details.items() if v})
-            extra = {"details": self.details[-1:]} if self.annotated else {}
-            for p in self.domain.write(
-                [artifact], self.out_dir, self.provenance, self.overwrite, start=i, **extra
-            ):
-                if p not in self.paths:
-                    self.paths.append(p)
+            self.new_ids.append([])
+            self.decoded.append((None, 0))
+            self.artifacts.append(None)
+            self.details.append({})
+            if self.conditions.infill is not None:
+                self.middles.append(None)
+            self.replace(i, ids, end)
+
+    def replace(self, i: int, ids: list[int], end: str | None) -> None:
+        """Decode sample i from its new ids and write it (again, for a re-drawn sample)."""
+        cap = self.conditions.caps[i]
+        if cap is not None and len(ids) >= cap:  # reached max_len: cut there, no EOS forced
+            ids, end = ids[:cap], "max_len"
+        head, ids_out = self.heads[i], ids
+        if self.conditions.infill is not None:  # the file around the gap: prefix + middle + suffix
+            self.middles[i] = self.domain.decode(ids)[0]
+            prefix, suffix = self.conditions.infill
+            head, ids_out = prefix, ids + suffix
+        artifact, dropped = self.domain.decode(head + ids_out)
+        prompt_text = self.domain.decode(head)[0] if isinstance(artifact, str) else None
+        artifact = cut_at_stop(artifact, self.stop, len(prompt_text) if prompt_text is not None else 0)
+        if self.stop_rule is not None:  # the rule sees the prompt even when it is not written
+            full, before = (
+                self.domain.decode(self.prompts[i] + ids)[0],
+                self.domain.decode(self.prompts[i])[0],
+            )
+            cut = self.stop_rule(full, len(before), True)
+            full = full[:cut] if cut is not None else full
+            artifact = full if head else full[len(before) :]
+        self.new_ids[i], self.decoded[i], self.artifacts[i] = ids, (artifact, dropped), artifact
+        details = {"end": end, "tags": self.conditions.tags, "kept": self.conditions.kept}
+        self.details[i] = {k: v for k, v in details.items() if v}
+        extra = {"details": self.details[i : i + 1]} if self.annotated else {}
+        overwrite = self.overwrite or i in self.written  # a re-drawn sample replaces its own file
+        for p in self.domain.write([artifact], self.out_dir, self.provenance, overwrite, start=i, **extra):
+            if p not in self.paths:
+                self.paths.append(p)
+        self.written.add(i)
 
 
 def sample_to_files(cfg: DictConfig) -> dict[str, Any]:
@@ -239,8 +321,10 @@ def sample_to_files(cfg: DictConfig) -> dict[str, Any]:
     cond = conditions(cfg, domain, prompts)
     stops = stop_sequences(cfg, domain)
     processors = [ban_tokens([domain.pad_id, domain.bos_id])]
-    if (constraint := domain.constraint()) is not None:
+    if cfg.constrain and (constraint := domain.constraint()) is not None:
         processors.append(constraint)
+    elif hasattr(domain, "tag_ids"):  # unconstrained, tags are still never sampled
+        processors.append(ban_tokens(range(domain.first_tag_id, domain.vocab_size)))
     processors += cond.processors  # length window, then forced positions: they have the last word
     generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
     rows = [p for p in cond.rows for _ in range(cfg.n)]  # n samples of each prompt, in prompt order
@@ -277,8 +361,9 @@ def sample_to_files(cfg: DictConfig) -> dict[str, Any]:
     ):
         if cfg[key] != off:  # settings that are on go into every file's provenance
             provenance[key] = cfg[key]
+    rule = stop_rule(cfg, domain)
     writer = SampleWriter(
-        domain, out_dir, provenance, cfg.overwrite, cfg.include_prompt, cfg.stop, rows, cond
+        domain, out_dir, provenance, cfg.overwrite, cfg.include_prompt, cfg.stop, rows, cond, rule
     )
     spec = SpeculativeStats()
     with Progress(
@@ -311,7 +396,8 @@ def sample_to_files(cfg: DictConfig) -> dict[str, Any]:
                 bar.update(task, completed=writer.done, rate=tokens / (time.perf_counter() - started))
                 continue
             buffers: list[list[int]] = [[] for _ in batch]
-            for event in stream(model, batch, cond.max_new_tokens, **settings):
+            ended = row_stopper(domain, rule, batch) if rule is not None else None
+            for event in stream(model, batch, cond.max_new_tokens, should_stop=ended, **settings):
                 if event.token is not None:
                     buffers[event.row].append(event.token)
                     tokens += 1
@@ -319,6 +405,11 @@ def sample_to_files(cfg: DictConfig) -> dict[str, Any]:
                 # on disk as soon as it is complete
                 writer.finish(start + event.row, buffers[event.row], event.end)
                 bar.update(task, completed=writer.done, rate=tokens / (time.perf_counter() - started))
+    redrawn = (
+        redraw_invalid(cfg, model, domain, rows, writer, cond.max_new_tokens, rule, settings)
+        if cfg.resample_invalid
+        else {}
+    )
     new_ids, decoded, artifacts, paths = writer.new_ids, writer.decoded, writer.artifacts, writer.paths
     details = writer.details
     for d, ppl in zip(details, writer.scores(model, cfg.batch_size), strict=True):
@@ -356,6 +447,8 @@ def sample_to_files(cfg: DictConfig) -> dict[str, Any]:
         **({"ranked": len(ranked), "rank_by": cfg.rank_by} if cfg.rank_by else {}),
         **({"tags": cond.tags} if cond.tags else {}),
         **({"kept": cond.kept} if cond.kept else {}),
+        **redrawn,
+        **({"middles": writer.middles} if writer.middles and isinstance(writer.middles[0], str) else {}),
     }
     write_new_text(out_dir / "generate.json", json.dumps(report, indent=1) + "\n", overwrite=cfg.overwrite)
     print(f"{domain.name}: wrote {len(paths)} file(s) for {len(artifacts)} samples to {out_dir}")

@@ -241,6 +241,12 @@ class GenerateSchema:
     rank_by: str | None = None  # ppl: score every sample with the model, rank the ones passing filters
     top: int | None = None  # with rank_by: write the best `top` under out/top/
     filters: dict[str, Any] = field(default_factory=dict)  # the domain's sample filters (protein)
+    constrain: bool = True  # sample under the domain's grammar constraint (music, code)
+    resample_invalid: int = 0  # re-draw a sample the domain judges invalid (code: no parse), up to K times
+    stop_at: str | None = None  # a domain's stopping rule: code's "block" (the end of the definition)
+    prompt_prefix: str | None = None  # fill in the middle between prompt_prefix and prompt_suffix
+    prompt_suffix: str | None = None
+    infill: str | None = None  # a file whose text <FILL> marks the gap to fill
 
     def __post_init__(self) -> None:
         _check(self.quantize in (None, "int8"), "quantize", f"must be int8 or null, got {self.quantize!r}")
@@ -248,6 +254,26 @@ class GenerateSchema:
             self.dtype in ("auto", "fp32", "bf16"), "dtype", f"must be auto, fp32 or bf16, got {self.dtype!r}"
         )
         _check(self.n >= 1, "n", f"must be >= 1, got {self.n}")
+        _check(
+            not (self.stop_at is not None and self.draft is not None),
+            "stop_at",
+            "does not work with speculative decoding yet (draft=...)",
+        )
+        infilling = self.prompt_prefix is not None or self.prompt_suffix is not None
+        _check(
+            not (infilling and self.infill is not None),
+            "infill",
+            "give infill=FILE or prompt_prefix/prompt_suffix, not both",
+        )
+        _check(
+            not (
+                (infilling or self.infill is not None)
+                and (self.prompt is not None or self.prompt_file is not None)
+            ),
+            "prompt",
+            "a fill-in-the-middle prompt is prompt_prefix/prompt_suffix (or infill=FILE), not prompt",
+        )
+        _check(self.resample_invalid >= 0, "resample_invalid", f"must be >= 0, got {self.resample_invalid}")
         _check(self.rank_by in (None, "ppl"), "rank_by", f"must be ppl or null, got {self.rank_by!r}")
         _check(self.top is None or self.top >= 1, "top", f"must be >= 1, got {self.top}")
         _check(self.top is None or self.rank_by is not None, "top", "needs rank_by=ppl (what to rank by)")

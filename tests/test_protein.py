@@ -216,6 +216,8 @@ def test_ranking_orders_by_the_models_own_perplexity(tagged_run, tmp_path):
     run = load_run(tagged_run)
     rows = list(csv.DictReader((tmp_path / "o" / "samples.csv").open()))
     assert len(rows) == 8 and min(float(r["ppl"]) for r in rows) == ppls[0]
+    by_id = {r["id"]: r for r in rows}
+    assert [by_id[r.id]["rank"] for r in top] == ["1", "2", "3"]  # the ranked copies keep their ids
     for r in rows:  # each sample's ppl is the model's own
         want = reference_ppl(
             run.model, run.domain, run.domain.tag_ids("OX=559292"), r["sequence"], r["end"] == "eos"
