@@ -48,7 +48,7 @@ def fim_code_run(tmp_path_factory):
     data.mkdir()
     for f in bundled_files("code", 40):
         (data / f.name).write_text(f.read_text(encoding="utf-8"), encoding="utf-8")
-    return train_run(tmp, "code", data, "+domain.settings.fim_rate=0.5", "domain.settings.vocab_size=512")
+    return train_run(tmp, "code", data, "domain.settings.fim_rate=0.5", "domain.settings.vocab_size=512")
 
 
 def test_tokenizer_round_trips_real_files_exactly():
@@ -115,7 +115,7 @@ def test_fim_is_generic_protein_enables_it_by_config(tmp_path):
 
     data = proteome_subset(tmp_path / "data", per_file=40)
     run = train_run(
-        tmp_path, "protein", data, "+domain.settings.fim_rate=0.5", "model.block_size=128", steps=20
+        tmp_path, "protein", data, "domain.settings.fim_rate=0.5", "model.block_size=128", steps=20
     )
     report = generate(
         run, tmp_path / "o", "n=2", "max_new_tokens=15", "prompt_prefix=MKTAY", "prompt_suffix=GLIKR"

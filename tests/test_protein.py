@@ -112,7 +112,7 @@ def test_unknown_letters_mapped_to_x_and_length_filters():
         strict.content(SeqRecord(Seq("MKVLLLLLL"), id="l"))
     assert strict.content(SeqRecord(Seq("MKVLL"), id="ok")) == b"MKVLL"
     with pytest.raises(ConfigError, match="domain.settings: unknown_letters"):
-        train(load_config("train", ["domain=protein", "+domain.settings.unknown_letters=drop"]))
+        train(load_config("train", ["domain=protein", "domain.settings.unknown_letters=drop"]))
 
 
 def test_long_protein_windows_carry_termini_only_at_its_real_ends():
