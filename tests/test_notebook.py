@@ -33,3 +33,14 @@ def test_protein_notebook_executes_with_tags_ranking_and_novelty(tmp_path):
         "tags=OX=83333" in r.description for r in SeqIO.parse(out / "ecoli" / "samples.fasta", "fasta")
     )
     assert "novelty" not in nb.cells[-1].outputs[0].get("ename", "")
+
+
+def test_code_notebook_executes_completion_infill_and_report(tmp_path):
+    nb = nbformat.read(NOTEBOOK.with_name("code.ipynb"), as_version=4)
+    NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
+    out = tmp_path / "outputs" / "code_notebook"
+    text = (out / "infill" / "sample_000.py").read_text().split("\n", 1)[1]
+    assert text.startswith("def area(width, height):\n    ") and text.endswith("\n\nprint(area(2, 3))\n")
+    assert (out / "complete" / "syntax_report.tsv").exists()
