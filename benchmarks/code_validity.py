@@ -6,7 +6,7 @@ fill-in-the-middle bodies.
 
 Prompts come from the run's own validation files (run_dir/reference/validation.json): completions
 continue the first line of a top-level `def`; infill asks for the body of a top-level function between
-its `def` line and the next top-level line. A completion counts as valid when the written file parses;
+its `def` line and the next top-level statement (a short one, whole). A completion counts as valid when the written file parses;
 an infill when prefix + middle + suffix parses.
 """
 
@@ -25,7 +25,8 @@ from multiar.reference import read_reference
 
 
 def validation_functions(run: Path, limit: int) -> list[tuple[str, str]]:
-    """(def line, the next top-level line) of top-level functions in the run's validation files."""
+    """(def line, the next top-level statement when under 8 lines) of top-level functions in the run's
+    validation files."""
     validation = read_reference(run)["validation"]
     root, found = Path(validation["root"]), []
     for name in validation["files"]:
@@ -39,8 +40,14 @@ def validation_functions(run: Path, limit: int) -> list[tuple[str, str]]:
         nodes = tree.body
         for node, after in zip(nodes, nodes[1:], strict=False):
             head = lines[node.lineno - 1]
-            if isinstance(node, ast.FunctionDef) and head.startswith("def ") and head.rstrip().endswith(":"):
-                found.append((head.rstrip(), lines[after.lineno - 1]))
+            following = "\n".join(lines[after.lineno - 1 : after.end_lineno])  # the whole next statement
+            if (
+                isinstance(node, ast.FunctionDef)
+                and head.startswith("def ")
+                and head.rstrip().endswith(":")
+                and after.end_lineno - after.lineno < 8
+            ):
+                found.append((head.rstrip(), following))
         if len(found) >= limit:
             break
     return found[:limit]

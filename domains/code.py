@@ -250,15 +250,29 @@ class CodeDomain:
         tokenizer = self._trained()
         special = set(range(len(SPECIALS))) | set(self.fim_ids or ())
         texts = ["" if i in special else tokenizer.decode([i]) for i in range(self.vocab_size)]
-        return python_constraint(self._text_of_row, texts, self.eos_id, special - {self.eos_id})
+        return python_constraint(
+            self._text_of_row, texts, self.eos_id, special - {self.eos_id}, final_text=self._sample_of_row
+        )
+
+    def _fim_parts(self, ids: list[int]) -> tuple[list[int], list[int], list[int]] | None:
+        """(prefix, suffix, middle so far) of a fill-in-the-middle row (PSM or SPM), else None."""
+        fim = self.fim_ids
+        if fim is None or not all(i in ids for i in fim):
+            return None
+        pre, mid, suf = (ids.index(i) for i in fim)
+        if pre < suf < mid:  # PSM
+            return ids[pre + 1 : suf], ids[suf + 1 : mid], ids[mid + 1 :]
+        return ids[pre + 1 : mid], ids[suf + 1 : pre], ids[mid + 1 :]  # SPM
 
     def _text_of_row(self, ids: list[int]) -> str:
-        """The code a row's ids stand for: for a fill-in-the-middle row, the prefix then the middle."""
-        fim = self.fim_ids
-        if fim is not None and fim[1] in ids and fim[0] in ids and fim[2] in ids:
-            pre, mid, suf = (ids.index(i) for i in fim)
-            ids = ids[pre + 1 : suf] + ids[mid + 1 :] if pre < suf else ids[pre + 1 : mid] + ids[mid + 1 :]
-        return self.decode(ids)[0]
+        """The code a row's ids stand for so far: for a fill-in-the-middle row, prefix then middle."""
+        parts = self._fim_parts(ids)
+        return self.decode(ids if parts is None else parts[0] + parts[2])[0]
+
+    def _sample_of_row(self, ids: list[int]) -> str:
+        """The code the row would be if it ended here: for fill-in-the-middle, prefix + middle + suffix."""
+        parts = self._fim_parts(ids)
+        return self.decode(ids if parts is None else parts[0] + parts[2] + parts[1])[0]
 
     def valid(self, artifact: str) -> bool:
         """Whether a sample is valid Python (resample_invalid re-draws the others)."""

@@ -7,7 +7,7 @@ that closes the wrong bracket, breaks a single-quoted string with a newline, ind
 before, dedents to no enclosing level, mixes tabs and spaces in an indent, or holds a character Python
 has no token for; a candidate that ends a logical line also has that line run through Python's own
 `tokenize`. EOS is allowed only where the text could end: no open string or bracket, no ':' without
-its block. Tokens outside the top candidates are banned, so a sample only takes checked steps.
+its block, and the whole sample parses. Tokens outside the top candidates are banned, so a sample only takes checked steps.
 
 The state of each row is rebuilt from the ids it is given whenever they are not an extension of the
 ids of its last call (a speculative draft rolled back, another row), so the processor stays a function
@@ -180,10 +180,13 @@ def python_constraint(
     eos_id: int,
     banned: set[int],
     top_k: int = TOP_K,
+    final_text: Callable[[list[int]], str] | None = None,
 ) -> Callable[[Tensor, Tensor], Tensor]:
     """The processor. decode_tail(ids): the text a row holds (its prompt included); token_texts[i]:
     the text token i adds; banned ids (specials) are never candidates. EOS is a candidate only where
-    the scan allows an end and the whole text parses."""
+    final_text(ids) parses: the text the sample would be if it ended here (default decode_tail; for
+    fill-in-the-middle, prefix + middle + suffix)."""
+    final_text = final_text or decode_tail
     from multiar.domains.code_analysis import parses
 
     cache: list[tuple[list[int], Lexer | None]] = []  # recent (ids, state) of every row
@@ -219,7 +222,7 @@ def python_constraint(
                 if t in banned:
                     continue
                 if t == eos_id:
-                    if lexer.could_end() and parses(decode_tail(row)):
+                    if parses(final_text(row)):
                         ok.append(t)
                     continue
                 try:

@@ -253,7 +253,9 @@ def pack(
             for key, ids in zip(keys, docs, strict=True)
         ]
     if fim is not None:
-        docs = transform_documents(keys, docs, *fim, seed=seed, keep_front=range(*tag_ids))
+        docs = transform_documents(
+            keys, docs, *fim, seed=seed, keep_front=range(*tag_ids), max_len=block_size - 1
+        )
     for ids in docs:
         stream += [bos_id, *ids, eos_id]
     blocks = []

@@ -6,7 +6,8 @@ both sides (`multiar generate prompt_prefix=... prompt_suffix=...`).
   PSM  <fim_prefix> prefix <fim_suffix> suffix <fim_middle> middle
   SPM  <fim_suffix> suffix <fim_prefix> prefix <fim_middle> middle
 
-Applied at data time when blocks are packed (data.pack), never written into the token cache: a
+Applied at data time when blocks are packed (data.pack), never written into the token cache, on
+pieces of a long document that fit one training window each: a
 domain enables it with `domain.settings.fim_rate` (share of training documents) and `fim_spm_rate`
 (share of those in SPM order). Control tags stay in front of the transformed document.
 """
@@ -64,9 +65,13 @@ def transform_documents(
     spm_rate: float,
     seed: int,
     keep_front: Sequence[int] = (),
+    max_len: int | None = None,
 ) -> list[list[int]]:
     """Each document transformed with probability `rate` (SPM with probability `spm_rate` among those);
-    leading ids in `keep_front` (control tags) stay where they are."""
+    leading ids in `keep_front` (control tags) stay where they are. With max_len, a chosen document
+    longer than that is first cut into pieces of max_len ids, each transformed on its own and packed as
+    its own document: every piece fits one training window, so the model sees prefix, suffix, middle
+    and the EOS that ends the middle together (with whole long files that EOS is rare and far away)."""
     out = []
     front = set(keep_front)
     for key, ids in zip(keys, docs, strict=True):
@@ -75,6 +80,13 @@ def transform_documents(
             n = 0
             while n < len(ids) and ids[n] in front:
                 n += 1
-            ids = ids[:n] + fim_transform(ids[n:], fim_ids, rng, spm=rng.random() < spm_rate)
-        out.append(ids)
+            tags, body = list(ids[:n]), ids[n:]
+            size = max(max_len - n - 3, 1) if max_len else max(len(body), 1)
+            for start in range(0, max(len(body), 1), size):
+                out.append(
+                    tags
+                    + fim_transform(body[start : start + size], fim_ids, rng, spm=rng.random() < spm_rate)
+                )
+        else:
+            out.append(ids)
     return out

@@ -266,3 +266,14 @@ def test_constrained_samples_stay_lexically_sound_and_invalid_ones_are_redrawn(f
     assert redrawn["invalid_after_resampling"] <= invalid
     assert (redrawn["resampled"] > 0) == (invalid > 0)
     assert report["metrics"]["code/parse_rate"] >= 0
+
+
+def test_fim_cuts_a_long_document_into_pieces_that_fit_a_window():
+    fim_ids = (900, 901, 902)
+    doc = list(range(3, 103))  # 100 ids, windows of 32
+    out = transform_documents(
+        ["k"], [[50, *doc]], fim_ids, rate=1.0, spm_rate=0.5, seed=0, keep_front=[50], max_len=31
+    )
+    assert len(out) == 4 and all(len(piece) + 2 <= 33 for piece in out)  # + BOS and EOS: one window
+    assert all(piece[0] == 50 and 901 in piece for piece in out)
+    assert [i for piece in out for i in reassemble(piece[1:], fim_ids)] == doc
