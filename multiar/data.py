@@ -7,6 +7,7 @@ key, so it is deterministic and never cuts a validation block out of a training 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ import torch
 from datasets import Dataset, Features, Sequence, Value, load_from_disk
 from torch.utils.data import DataLoader
 
+from multiar import fim as fim_module
 from multiar.domain import Domain, Skips, domain_state_digest
 from multiar.fim import transform_documents
 from multiar.source import Source
@@ -265,6 +267,17 @@ def pack(
     return {"block": blocks}
 
 
+def packing_fingerprint(ds: Dataset, kwargs: dict) -> str:
+    """The cache key of a packed dataset: its input, the arguments, and the source of the code that
+    packs. datasets' own fingerprint of a function did not change when the code it calls changed, so
+    blocks packed by an older transform were reused (seen with fill-in-the-middle)."""
+    code = "".join(inspect.getsource(f) for f in (pack, drops_tags, is_validation)) + inspect.getsource(
+        fim_module
+    )
+    blob = json.dumps([ds._fingerprint, kwargs, code], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
 def pack_dataset(
     ds: Dataset, block_size: int, domain: Domain, tag_dropout: float = 0.0, seed: int = 0, train: bool = False
 ) -> Dataset:
@@ -273,23 +286,25 @@ def pack_dataset(
     first = getattr(domain, "first_tag_id", domain.vocab_size)
     rate = getattr(domain, "fim_rate", 0.0) if train else 0.0
     fim = (domain.fim_ids, rate, domain.fim_spm_rate) if rate > 0 else None
+    kwargs = {
+        "block_size": block_size,
+        "bos_id": domain.bos_id,
+        "eos_id": domain.eos_id,
+        "pad_id": domain.pad_id,
+        "tag_ids": (first, domain.vocab_size),
+        "tag_dropout": tag_dropout if train else 0.0,
+        "seed": seed,
+        "fim": fim,
+    }
     packed = ds.map(
         pack,
         batched=True,
         batch_size=1000,
         remove_columns=ds.column_names,
-        fn_kwargs={
-            "block_size": block_size,
-            "bos_id": domain.bos_id,
-            "eos_id": domain.eos_id,
-            "pad_id": domain.pad_id,
-            "tag_ids": (first, domain.vocab_size),
-            "tag_dropout": tag_dropout if train else 0.0,
-            "seed": seed,
-            "fim": fim,
-        },
+        fn_kwargs=kwargs,
         features=Features({"block": Sequence(Value("int32"), length=block_size + 1)}),
         desc="packing",
+        new_fingerprint=packing_fingerprint(ds, kwargs),
     )
     return packed.with_format("torch")
 

@@ -179,3 +179,22 @@ def test_failed_build_leaves_no_partial_cache_folder(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         corpus_for("protein", tmp_path, [path])
     assert list((tmp_path / "cache" / "protein").iterdir()) == []
+
+
+def test_packed_blocks_are_keyed_by_the_code_that_packs(tmp_path, monkeypatch):
+    """A change of the transforms pack calls (fill-in-the-middle, tag dropout) gives a new cache key, so
+    stale blocks are never reused; datasets' own fingerprint missed such a change."""
+    import multiar.data as data_module
+
+    c = corpus_for("protein", tmp_path, bundled_files("protein", 1), max_documents=40)
+    kwargs = {"block_size": 32, "fim": None}
+    key = data_module.packing_fingerprint(c.train, kwargs)
+    assert key == data_module.packing_fingerprint(c.train, dict(kwargs))
+    assert key != data_module.packing_fingerprint(c.train, {**kwargs, "block_size": 64})
+    real = data_module.inspect.getsource
+    monkeypatch.setattr(
+        data_module.inspect,
+        "getsource",
+        lambda f: real(f) + ("# a new transform" if f is data_module.fim_module else ""),
+    )
+    assert data_module.packing_fingerprint(c.train, kwargs) != key
