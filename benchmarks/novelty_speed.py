@@ -70,7 +70,7 @@ def main() -> None:
         print(label, results[label], flush=True)
     # the baseline: every training protein aligned (score only, then the best one's identity)
     align = aligner()
-    agree, times = 0, []
+    agree, times, pairs = 0, [], []
     for q, (identity, _) in zip(
         queries[: args.exhaustive],
         nearest(queries[: args.exhaustive], KmerIndex(base), [str(i) for i in range(len(base))]),
@@ -84,11 +84,25 @@ def main() -> None:
         )
         times.append(time.perf_counter() - t0)
         agree += abs(best[0] - identity) < 1e-9
+        pairs.append((round(identity, 3), round(best[0], 3)))
     results["exhaustive"] = {
         "queries": len(times),
         "s_per_query": round(statistics.mean(times), 2),
         "prefilter_found_the_same_identity": f"{agree}/{len(times)}",
+        "prefilter_vs_exhaustive_identity": pairs,
     }
+    # near copies: training proteins with 10% of residues substituted must find their source
+    sources = rng.sample(range(len(base)), 50)
+    near = [mutate(base[i], 0.1, rng) for i in sources]
+    t0 = time.perf_counter()
+    found = nearest(near, KmerIndex(base), [str(i) for i in range(len(base))])
+    results["near_copies"] = {
+        "queries": len(near),
+        "source_found": sum(int(f[1]) == i for f, i in zip(found, sources, strict=True)),
+        "median_identity": round(statistics.median(f[0] for f in found), 3),
+        "s": round(time.perf_counter() - t0, 1),
+    }
+    print("near copies", results["near_copies"])
     print("exhaustive", results["exhaustive"])
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
