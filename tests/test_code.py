@@ -277,3 +277,38 @@ def test_fim_cuts_a_long_document_into_pieces_that_fit_a_window():
     assert len(out) == 4 and all(len(piece) + 2 <= 33 for piece in out)  # + BOS and EOS: one window
     assert all(piece[0] == 50 and 901 in piece for piece in out)
     assert [i for piece in out for i in reassemble(piece[1:], fim_ids)] == doc
+
+
+def test_the_stateful_constraint_rolls_back_under_speculative_decoding(fim_code_run):
+    """Rejected draft tokens roll the constraint's cached state back: greedy speculative decoding under
+    the constraint writes exactly what greedy decoding under it writes, row by row."""
+    from multiar.generate import ban_tokens, generate
+    from multiar.run_folder import load_run
+    from multiar.speculative import speculative_generate
+
+    run = load_run(fim_code_run)
+    domain = run.domain
+    prompts = [
+        domain.prompt_ids(p) for p in ("def f(x):\n    return (x", "import os\n\nclass A:\n    ", "x = [1,")
+    ]
+    common = dict(temperature=0.0, eos_id=domain.eos_id)
+    plain = generate(
+        run.model,
+        prompts=prompts,
+        max_new_tokens=40,
+        processors=[ban_tokens([0, 1]), domain.constraint()],
+        **common,
+    )
+    for draft in ("ngram", run.model):
+        fast, stats = speculative_generate(
+            run.model,
+            prompts,
+            40,
+            draft=draft,
+            k=4,
+            processors=[ban_tokens([0, 1]), domain.constraint()],
+            **common,
+        )
+        assert fast == plain
+        rate = stats.as_dict()["acceptance_rate"]
+        assert 0 < rate < 1 if draft == "ngram" else rate > 0  # ngram drafts get rejected: rollbacks ran
