@@ -193,11 +193,16 @@ def python_constraint(
 
     def state_of(ids: list[int]) -> Lexer | None:
         # the longest cached ids this row extends; else (a rollback, a new row) rebuilt from the text
-        best = max(
-            (c for c in cache if len(c[0]) <= len(ids) and ids[: len(c[0])] == c[0]),
-            key=lambda c: len(c[0]),
-            default=None,
-        )
+        best = None
+        for c in reversed(cache):  # newest first; a decode step extends its row's entry by one id
+            n = len(c[0])
+            # the last id is compared first: the full comparison only where it already matches
+            if n <= len(ids) and (best is None or n > len(best[0])) and c[0][-1:] == ids[n - 1 : n]:
+                if ids[:n] != c[0]:
+                    continue
+                best = c
+                if n >= len(ids) - 1:
+                    break
         lexer: Lexer | None
         try:
             if best is not None and best[1] is not None:
