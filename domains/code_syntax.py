@@ -24,6 +24,8 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
+from multiar.prefix_states import PrefixStates
+
 OPEN, CLOSE = "([{", ")]}"
 NO_TOKEN = set("$?`")
 TOP_K = 8
@@ -189,39 +191,25 @@ def python_constraint(
     final_text = final_text or decode_tail
     from multiar.domains.code_analysis import parses
 
-    cache: list[tuple[list[int], Lexer | None]] = []  # recent (ids, state) of every row
-
-    def state_of(ids: list[int]) -> Lexer | None:
-        # the longest cached ids this row extends; else (a rollback, a new row) rebuilt from the text
-        best = None
-        for c in reversed(cache):  # newest first; a decode step extends its row's entry by one id
-            n = len(c[0])
-            # the last id is compared first: the full comparison only where it already matches
-            if n <= len(ids) and (best is None or n > len(best[0])) and c[0][-1:] == ids[n - 1 : n]:
-                if ids[:n] != c[0]:
-                    continue
-                best = c
-                if n >= len(ids) - 1:
-                    break
-        lexer: Lexer | None
+    def build(ids: list[int]) -> Lexer | None:
         try:
-            if best is not None and best[1] is not None:
-                lexer = best[1].copy().feed("".join(token_texts[i] for i in ids[len(best[0]) :]))
-            else:
-                lexer = scan(decode_tail(ids))
+            return scan(decode_tail(ids))
         except Unsound:
-            lexer = None  # the text so far is unsound (a prompt): leave this row unconstrained
-        if best is not None:
-            cache.remove(best)
-        cache.append((list(ids), lexer))
-        del cache[:-64]
-        return lexer
+            return None  # the text so far is unsound (a prompt): leave this row unconstrained
+
+    def extend(lexer: Lexer | None, new: list[int]) -> Lexer | None:
+        try:
+            return None if lexer is None else lexer.copy().feed("".join(token_texts[i] for i in new))
+        except Unsound:
+            return None
+
+    states = PrefixStates(build, extend)
 
     def processor(ids: Tensor, logits: Tensor) -> Tensor:
         top = logits.topk(min(top_k, logits.size(-1)), dim=-1).indices.tolist()
         allowed = torch.zeros_like(logits, dtype=torch.bool)
         for b, row in enumerate(ids.tolist()):
-            lexer = state_of(row)
+            lexer = states.state_of(row)
             ok = []
             for t in top[b] if lexer is not None else []:
                 if t in banned:

@@ -17,8 +17,8 @@ import numpy as np
 from Bio import Align
 from Bio.Align import substitution_matrices
 
-from multiar.domain import write_new_file, write_new_text
-from multiar.figures import new_figure, png_bytes
+from multiar.domain import write_new_text
+from multiar.figures import new_figure, write_png
 
 log = logging.getLogger("multiar")
 STANDARD = "ACDEFGHIKLMNPQRSTVWY"
@@ -202,11 +202,6 @@ def describe(seq: str, details: dict, settings: str) -> str:
     return " ".join(words + ([settings] if settings else []))
 
 
-def _write_png(path: Path, fig: object, overwrite: bool) -> Path:
-    png = png_bytes(fig)
-    return write_new_file(path, lambda tmp: tmp.write_bytes(png), overwrite)
-
-
 def report(
     samples: Sequence[str],
     details: Sequence[dict],
@@ -239,7 +234,7 @@ def report(
     ax.set_ylabel("frequency")
     ax.set_title("amino-acid composition")
     ax.legend()
-    paths.append(_write_png(out_dir / "composition.png", fig, overwrite))
+    paths.append(write_png(out_dir / "composition.png", fig, overwrite))
 
     fig, ax = new_figure(6, 3.2)
     lengths = [len(s) for s in samples]
@@ -252,7 +247,7 @@ def report(
     ax.set_xlabel("length (residues; longer ones in the last bin)")
     ax.set_ylabel("density")
     ax.legend()
-    paths.append(_write_png(out_dir / "lengths.png", fig, overwrite))
+    paths.append(write_png(out_dir / "lengths.png", fig, overwrite))
 
     identities = [d["identity"] for d in details if "identity" in d]
     if identities:
@@ -262,5 +257,5 @@ def report(
         ax.set_xlabel("identity to the nearest training protein")
         ax.set_ylabel("samples")
         ax.legend()
-        paths.append(_write_png(out_dir / "novelty.png", fig, overwrite))
+        paths.append(write_png(out_dir / "novelty.png", fig, overwrite))
     return paths

@@ -4,7 +4,10 @@ that eval and the domains write beside their outputs."""
 from __future__ import annotations
 
 import io
+from pathlib import Path
 from typing import Any
+
+from multiar.domain import write_new_file
 
 
 def new_figure(width: float = 6.0, height: float = 3.5, ncols: int = 1) -> tuple[Any, Any]:
@@ -26,3 +29,9 @@ def png_bytes(fig: Any) -> bytes:
     fig.savefig(buf, format="png")
     plt.close(fig)
     return buf.getvalue()
+
+
+def write_png(path: Path, fig: Any, overwrite: bool = False) -> Path:
+    """The figure written atomically as a PNG at path (refusing to replace a file unless overwrite)."""
+    png = png_bytes(fig)
+    return write_new_file(path, lambda tmp: tmp.write_bytes(png), overwrite)
