@@ -1,24 +1,29 @@
-"""Music: MIDI files through symusic, tokenized by a miditok tokenizer (REMI by default)."""
+"""Music: MIDI files through symusic, tokenized by a miditok tokenizer (REMI by default, optionally
+with BPE learned on the training files), decoded to .mid files with a piano roll beside each."""
 
 from __future__ import annotations
 
 import json
 import math
-from collections import Counter
+import shutil
+import subprocess
 from collections.abc import Iterable, Iterator, Sequence
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 import miditok
-import torch
-from symusic import Score
-from torch import Tensor
+from miditok.data_augmentation import augment_score_multiple_offsets
+from miditok.utils import get_bars_ticks
+from symusic import Score, Tempo, TextMeta
 
 from multiar.domain import safe_child, write_new_file
+from multiar.domains import music_analysis
+from multiar.domains.music_grammar import MusicGrammar
 from multiar.generate import LogitsProcessor
 
 SPECIALS = ("PAD_None", "BOS_None", "EOS_None")
+CORPORA = {"chorales": "bach_chorales", "pop909": "pop909"}
 
 
 def _tokenizer_config(settings: dict[str, Any]) -> miditok.TokenizerConfig:
@@ -43,6 +48,8 @@ class MusicDomain:
         tokenization: str = "REMI",
         tokenizer_config: dict[str, Any] | None = None,
         tokenizer: miditok.MusicTokenizer | None = None,
+        bpe_vocab_size: int | None = None,
+        train_stats: dict | None = None,
     ) -> None:
         if tokenizer is None:
             if not hasattr(miditok, tokenization):
@@ -50,15 +57,30 @@ class MusicDomain:
             tokenizer = getattr(miditok, tokenization)(_tokenizer_config(tokenizer_config or {}))
         if not tokenizer.one_token_stream:
             raise ValueError("the music domain needs one token stream: set use_programs=true")
+        if bpe_vocab_size is not None and bpe_vocab_size <= tokenizer.vocab_size and not tokenizer.is_trained:
+            raise ValueError(
+                f"bpe_vocab_size={bpe_vocab_size} must exceed the base vocabulary ({tokenizer.vocab_size})"
+            )
         self.tokenizer = tokenizer
-        self.vocab_size = tokenizer.vocab_size
-        self.pad_id, self.bos_id, self.eos_id = (tokenizer[s] for s in SPECIALS)
-        self.special_ids = {tokenizer[s] for s in tokenizer.special_tokens}
+        self.bpe_vocab_size = bpe_vocab_size
+        self.train_stats = train_stats or {}  # music_analysis.summarize of the training pieces
+        self.prompt_score: Score | None = None  # the last prompt read: its tempos go into the files
+        self._grammar: MusicGrammar | None = None
+        self._set_vocab()
+
+    def _set_vocab(self) -> None:
+        self.vocab_size = len(self.tokenizer)  # with BPE: the learned vocabulary
+        self.pad_id, self.bos_id, self.eos_id = (self.tokenizer[s] for s in SPECIALS)
+        self.special_ids = {self.tokenizer[s] for s in self.tokenizer.special_tokens}
+        self._grammar = None
 
     def default_paths(self, corpus: str | None = None) -> list[Path]:
-        if corpus not in (None, "chorales"):
-            raise ValueError(f"unknown corpus {corpus!r}: the {self.name} domain bundles chorales")
-        return [Path(str(files("multiar.domains") / "assets" / "music" / "bach_chorales"))]
+        folder = CORPORA.get(corpus or "chorales")
+        if folder is None:
+            raise ValueError(
+                f"unknown corpus {corpus!r}: the {self.name} domain bundles {', '.join(CORPORA)}"
+            )
+        return [Path(str(files("multiar.domains") / "assets" / "music" / folder))]
 
     def read(self, path: Path) -> Iterator[Score]:
         yield self._score(path.read_bytes())
@@ -91,15 +113,45 @@ class MusicDomain:
         return int(record.note_num())
 
     def fit(self, records: Iterable[Score]) -> None:
-        """REMI's vocabulary is fixed by its config; BPE training slots in here."""
+        """The training pieces' statistics (generated sets are compared with them) and, with
+        bpe_vocab_size, miditok's BPE learned on them (bar by bar, miditok's default split)."""
+        scores = list(records)
+        self.train_stats = music_analysis.summarize(scores)
+        if self.bpe_vocab_size and not self.tokenizer.is_trained:
+            self.tokenizer.train(
+                vocab_size=self.bpe_vocab_size, model="BPE", iterator=ScoreIterator(self.tokenizer, scores)
+            )
+            self._set_vocab()
 
     def encode(self, record: Score) -> list[int]:
-        ids = self.tokenizer.encode(record).ids
+        ids = self.tokenizer.encode(record).ids  # BPE ids once trained
         if not ids:
             raise ValueError("no tokens after miditok preprocessing")
         return ids
 
-    def prompt_ids(self, prompt: str | None) -> list[int]:
+    @property
+    def window_starts(self) -> list[bool]:
+        """Per id: whether a training window or a cut prompt may start there (a bar's first token)."""
+        return self.grammar.bar_first.tolist()
+
+    def augment(self, record: Score, spec: dict[str, Any]) -> list[tuple[str, Score]]:
+        """Shifted copies of a training piece (data.augment: pitch, velocity, duration offsets, by
+        miditok's augment_score_multiple_offsets; each offset on its own), named by their offsets."""
+        unknown = set(spec) - {"pitch", "velocity", "duration"}
+        if unknown:
+            raise ValueError(f"data.augment: unknown key(s) {sorted(unknown)}: use pitch, velocity, duration")
+        copies = augment_score_multiple_offsets(
+            record,
+            pitch_offsets=list(spec.get("pitch") or []) or None,
+            velocity_offsets=list(spec.get("velocity") or []) or None,
+            duration_offsets=list(spec.get("duration") or []) or None,
+        )
+        return [("p{:+d}v{:+d}d{:+d}".format(*offsets), copy) for offsets, copy in copies]
+
+    def prompt_ids(self, prompt: str | None, bars: int | None = None) -> list[int]:
+        """BOS + the prompt file's tokens; bars: only its first bars (cut at a bar line, so never
+        inside a note). Its tempos are kept for the written files (tokens hold no tempo here)."""
+        self.prompt_score = None
         if not prompt:
             return [self.bos_id]
         path = Path(prompt).expanduser()
@@ -109,18 +161,37 @@ class MusicDomain:
             score = next(self.read(path))
         except (ValueError, RuntimeError) as err:
             raise ValueError(f"{path}: unreadable MIDI prompt: {err}") from err
+        if bars is not None:
+            ticks = get_bars_ticks(score)
+            if bars < 1:
+                raise ValueError(f"prompt_bars={bars}: must be at least 1")
+            if bars < len(ticks):
+                score = score.clip(0, ticks[bars], clip_end=True)
+        self.prompt_score = score
         return [self.bos_id] + self.encode(score)
+
+    def _sequence(self, ids: list[int]) -> miditok.TokSequence:
+        seq = miditok.TokSequence(ids=list(ids), are_ids_encoded=self.tokenizer.is_trained)
+        if self.tokenizer.is_trained:
+            self.tokenizer.decode_token_ids(seq)  # BPE ids -> base ids
+        self.tokenizer.complete_sequence(seq)
+        return seq
+
+    def token_errors(self, ids: list[int]) -> int:
+        """How many of the ids miditok's tokens_errors counts as errors (specials left out)."""
+        keep = [i for i in ids if i not in self.special_ids and 0 <= i < self.vocab_size]
+        if not keep:
+            return 0
+        # tokens_errors: errors over base tokens, divided by the ids given (BPE ids included)
+        return round(float(self.tokenizer.tokens_errors(self._sequence(keep))) * len(keep))
 
     def decode(self, ids: list[int]) -> tuple[Score, int]:
         keep = [i for i in ids if i not in self.special_ids and 0 <= i < self.vocab_size]
         if not keep:
             return Score(self.tokenizer.time_division), len(ids)
-        seq = miditok.TokSequence(ids=keep)
-        self.tokenizer.complete_sequence(seq)
-        # tokens_errors: the share of tokens that break the tokenizer's succession rules;
-        # miditok's decoder skips them, so they count as dropped
-        errors = round(float(self.tokenizer.tokens_errors(seq)) * len(keep))
-        return self.tokenizer.decode(seq), len(ids) - len(keep) + errors
+        # tokens that break miditok's rules are skipped by its decoder: they count as dropped
+        errors = self.token_errors(keep)
+        return self.tokenizer.decode(self._sequence(keep)), len(ids) - len(keep) + errors
 
     def write(
         self,
@@ -130,51 +201,113 @@ class MusicDomain:
         overwrite: bool = False,
         start: int = 0,
     ) -> list[Path]:
-        return [
-            write_new_file(
-                safe_child(Path(out_dir), f"sample_{start + i:03d}.mid"),
-                lambda tmp, s=score: s.dump_midi(str(tmp)),
-                overwrite,
+        """sample_NNN.mid (with the run, seed and settings in a text meta event at tick 0, and the
+        prompt's tempos) and sample_NNN.png, its piano roll."""
+        paths = []
+        note = "multiar " + " ".join(f"{k}={v}" for k, v in provenance.items())
+        for i, score in enumerate(artifacts):
+            score = self._with_prompt_tempos(score.copy())
+            score.markers.append(TextMeta(0, note))
+            name = f"sample_{start + i:03d}"
+            paths.append(
+                write_new_file(
+                    safe_child(Path(out_dir), f"{name}.mid"),
+                    lambda tmp, s=score: s.dump_midi(str(tmp)),
+                    overwrite,
+                )
             )
-            for i, score in enumerate(artifacts)
-        ]
+            paths.append(music_analysis.piano_roll(score, Path(out_dir) / f"{name}.png", name, overwrite))
+        return paths
+
+    def _with_prompt_tempos(self, score: Score) -> Score:
+        if self.prompt_score is not None and self.prompt_score.tempos:
+            scale = (
+                score.tpq / self.prompt_score.tpq
+            )  # ticks: the prompt file's resolution -> the tokenizer's
+            score.tempos = [Tempo(round(t.time * scale), t.qpm) for t in self.prompt_score.tempos]
+        return score
 
     def metrics(self, artifacts: Sequence[Score]) -> dict[str, float]:
-        notes = [n for s in artifacts for t in s.tracks for n in t.notes]
-        per_sample = [sum(len(t.notes) for t in s.tracks) for s in artifacts]
-        pitch_classes = Counter(n.pitch % 12 for n in notes)
-        total = sum(pitch_classes.values())
-        entropy = -sum(c / total * math.log2(c / total) for c in pitch_classes.values()) if total else 0.0
-        return {
+        """Each statistic of music_analysis over the samples, and its distance to the training pieces'
+        (in training standard deviations); the token error rate is reported by generate."""
+        per_sample = [s.note_num() for s in artifacts]
+        samples = music_analysis.summarize(artifacts)
+        out = {
             "music/notes_per_sample": sum(per_sample) / max(len(per_sample), 1),
             "music/empty_rate": sum(n == 0 for n in per_sample) / max(len(per_sample), 1),
-            "music/pitch_class_entropy": entropy,
         }
+        out |= {f"music/{k}": v["mean"] for k, v in samples.items()}
+        if self.train_stats:
+            far = music_analysis.distances(samples, self.train_stats)
+            out |= {f"music/{k}_train": v["mean"] for k, v in self.train_stats.items()}
+            out |= {f"music/{k}_distance": v for k, v in far.items()}
+            known = [v for v in far.values() if not math.isnan(v)]
+            out["music/distance_mean"] = sum(known) / len(known) if known else math.nan
+        return out
+
+    @property
+    def grammar(self) -> MusicGrammar:
+        if self._grammar is None:
+            self._grammar = MusicGrammar(self.tokenizer, self.vocab_size, self.special_ids)
+        return self._grammar
 
     def constraint(self) -> LogitsProcessor | None:
-        """Only token types that miditok's grammar (tokens_types_graph) lets follow the previous token."""
-        vocab = [self.tokenizer[i] for i in range(self.vocab_size)]
-        kinds = sorted({token.split("_")[0] for token in vocab})
-        kind_id = {k: i for i, k in enumerate(kinds)}
-        kind_of = torch.tensor([kind_id[token.split("_")[0]] for token in vocab])  # (V,)
-        allowed = torch.ones(len(kinds), self.vocab_size, dtype=torch.bool)  # (kinds, V); unlisted: anything
-        for kind, successors in self.tokenizer.tokens_types_graph.items():
-            nexts = [kind_id[n.split("_")[0]] for n in successors if n.split("_")[0] in kind_id]
-            if kind in kind_id and nexts:  # EOS has no successors: a finished row may repeat anything
-                allowed[kind_id[kind]] = torch.isin(kind_of, torch.tensor(nexts))
+        """Only tokens that miditok's tokens_errors would not count: its type successions, no time
+        going backwards, (MIDILike) no NoteOff without its note; per row, with BPE too."""
+        return self.grammar.processor(self.eos_id)
 
-        def processor(ids: Tensor, logits: Tensor) -> Tensor:
-            mask = allowed.to(logits.device)[kind_of.to(logits.device)[ids[:, -1]]]  # (B, V)
-            return logits.masked_fill(~mask, float("-inf"))
-
-        return processor
+    def render(self, midi: Path, out: Path, soundfont: str | None = None, overwrite: bool = False) -> Path:
+        """A WAV of one .mid through the fluidsynth program and a General MIDI SoundFont."""
+        return render_wav(midi, out, soundfont, overwrite)
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save(directory / "tokenizer.json")
+        self.tokenizer.save(directory / "tokenizer.json")  # with BPE: the learned merges too
+        (directory / "train_stats.json").write_text(json.dumps(self.train_stats, indent=1, sort_keys=True))
 
     @classmethod
     def load(cls, directory: Path) -> MusicDomain:
         path = directory / "tokenizer.json"
         tokenization = json.loads(path.read_text())["tokenization"]
-        return cls(tokenizer=getattr(miditok, tokenization)(params=path))
+        stats = directory / "train_stats.json"
+        return cls(
+            tokenizer=getattr(miditok, tokenization)(params=path),
+            train_stats=json.loads(stats.read_text()) if stats.exists() else None,
+        )
+
+
+class ScoreIterator(miditok.TokTrainingIterator):
+    """miditok's BPE training input from Score objects already read (the training split), instead of
+    file paths: each piece's base tokens as byte strings, split per bar like miditok's own iterator."""
+
+    def load_file(self, score: Score) -> list[str]:
+        seq = self.tokenizer(
+            self.tokenizer.preprocess_score(score.copy()), encode_ids=False, no_preprocess_score=True
+        )
+        bars = [s.ids for s in seq.split_per_bars() if len(s) > 0]
+        return self.tokenizer._ids_to_bytes(bars, as_one_str=True)
+
+
+SOUNDFONTS = ("/usr/share/sounds/sf2/FluidR3_GM.sf2", "/usr/share/sounds/sf2/default-GM.sf2")
+
+
+def render_wav(midi: Path, out: Path, soundfont: str | None = None, overwrite: bool = False) -> Path:
+    """Render with fluidsynth; RuntimeError in one line naming what is missing."""
+    binary = shutil.which("fluidsynth")
+    if binary is None:
+        raise RuntimeError("render=wav needs the fluidsynth program (Debian: apt install fluidsynth)")
+    font = soundfont or next((f for f in SOUNDFONTS if Path(f).is_file()), None)
+    if font is None or not Path(font).is_file():
+        raise RuntimeError(
+            f"render=wav needs a General MIDI SoundFont ({font or SOUNDFONTS[0]} not found; Debian: apt install fluid-soundfont-gm, or soundfont=PATH)"
+        )
+
+    def synthesize(tmp: Path) -> None:
+        command = [binary, "-ni", "-F", str(tmp), "-T", "wav", "-r", "44100", font, str(midi)]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0 or not tmp.stat().st_size:
+            reason = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise RuntimeError(f"{midi}: fluidsynth failed: {reason}")
+
+    write_new_file(out, synthesize, overwrite)
+    return out

@@ -79,7 +79,11 @@ class MusicState:
             if grammar.remove_duplicates and note in self.sounding:
                 return replace(self, prev=kind, before=self.prev), True
             return replace(
-                self, prev=kind, before=self.prev, sounding=self.sounding | {note}, active=self.active + (note,)
+                self,
+                prev=kind,
+                before=self.prev,
+                sounding=self.sounding | {note},
+                active=self.active + (note,),
             ), False
         moved = replace(self, prev=kind, before=self.prev)
         if kind in ("NoteOff", "DrumOff"):
@@ -113,7 +117,10 @@ class MusicGrammar:
         if tokenizer.config.use_pitch_intervals:
             self.exact = False
         if not self.exact:
-            log.warning("music: %s has its own error rules; the constraint checks token types only", type(tokenizer).__name__)
+            log.warning(
+                "music: %s has its own error rules; the constraint checks token types only",
+                type(tokenizer).__name__,
+            )
         self.remove_duplicates = bool(tokenizer.config.remove_duplicated_notes)
         self.vocab_size = vocab_size
         self.special_ids = special_ids
@@ -132,7 +139,9 @@ class MusicGrammar:
         self.position = torch.full((vocab_size,), -1)
         self.position_first = torch.zeros(vocab_size, dtype=torch.bool)  # that Position starts the token
         self.exempt = torch.zeros(vocab_size, dtype=torch.bool)  # exempt by the token's own tokens
-        self.exempt_after_rest = torch.zeros(vocab_size, dtype=torch.bool)  # TimeSig, Position: if Rest before
+        self.exempt_after_rest = torch.zeros(
+            vocab_size, dtype=torch.bool
+        )  # TimeSig, Position: if Rest before
         fixed_ok, replay = [], []
         for i, b in enumerate(self.base):
             kinds_in = [t.split("_")[0] for t in b]
@@ -157,6 +166,7 @@ class MusicGrammar:
                 fixed_ok.append(MusicState().run(b, self)[1] == 0 if self.exact else True)
         self.fixed_ok = torch.tensor(fixed_ok)
         self.replay = replay
+        self.bar_first = torch.tensor([bool(b) and b[0] == "Bar_None" for b in self.base])  # starts a bar
 
     def state(self, ids: list[int], start: MusicState | None = None) -> MusicState:
         state = start or MusicState()
@@ -187,9 +197,7 @@ class MusicGrammar:
         return ok
 
     def processor(self, eos_id: int) -> Callable[[Tensor, Tensor], Tensor]:
-        states: PrefixStates[MusicState] = PrefixStates(
-            self.state, lambda s, new: self.state(new, start=s)
-        )
+        states: PrefixStates[MusicState] = PrefixStates(self.state, lambda s, new: self.state(new, start=s))
 
         def constrain(ids: Tensor, logits: Tensor) -> Tensor:
             mask = torch.stack([self.allowed(states.state_of(row), eos_id) for row in ids.tolist()])

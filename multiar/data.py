@@ -62,12 +62,14 @@ def prepare_corpus(
     strict: bool = False,
     fit: bool = True,
     source: Source | None = None,
+    augment: dict[str, Any] | None = None,
 ) -> Corpus:
     """Read, drop exact duplicates, split, fit the tokenizer on the training part and encode; reuse the
     on-disk cache when the input, the domain settings and the split are unchanged.
 
     The input is `source` when given (files or an HF dataset column), else the files under paths (the
-    domain's bundled data when None). fit=False keeps the domain's tokenizer state as given (a resumed
+    domain's bundled data when None). augment: the domain's `augment(record, augment)` adds shifted
+    copies of each training document (music; validation is never augmented). fit=False keeps the domain's tokenizer state as given (a resumed
     run's own tokenizer): the data is encoded with it, and the cache entry is keyed by that state.
     """
     domain_name = domain.name
@@ -75,7 +77,16 @@ def prepare_corpus(
     source = source or Source(domain, paths)
     state = None if fit else domain_state_digest(domain)
     blob = json.dumps(
-        [CACHE_FORMAT, domain_name, settings, source.fingerprint, max_documents, val_fraction, state],
+        [
+            CACHE_FORMAT,
+            domain_name,
+            settings,
+            source.fingerprint,
+            max_documents,
+            val_fraction,
+            state,
+            augment,
+        ],
         sort_keys=True,
         default=str,
     )
@@ -138,6 +149,7 @@ def prepare_corpus(
     # pass 3: encode, one read of the input for both splits; a record the domain cannot encode is
     # skipped and counted
     bad_records = Skips()
+    augmented = [0]  # copies added by augmentation
 
     def encoded() -> Iterator[dict]:
         for k, record in source.records():
@@ -152,6 +164,15 @@ def prepare_corpus(
                 bad_records.skip(k, f"{type(err).__name__}: {err}")
                 continue
             yield {"key": k, "ids": ids, "val": k in val_keys}
+            if augment and k not in val_keys:
+                copies = 0
+                for suffix, copy in domain.augment(record, augment):
+                    try:
+                        yield {"key": f"{k}@{suffix}", "ids": encode(k, copy), "val": False}
+                        copies += 1
+                    except Exception as err:  # a shift out of the tokenizer's range: that copy only
+                        bad_records.skip(f"{k}@{suffix}", f"{type(err).__name__}: {err}", quiet=True)
+                augmented[0] += copies
 
     # a private partial folder per process: DDP ranks may prepare the same corpus at the same time
     tmp = root.with_name(f"{root.name}.partial-{os.getpid()}")
@@ -185,6 +206,7 @@ def prepare_corpus(
             "documents_train": len(split_sets["train"]),
             "documents_val": len(split_sets["val"]),
             "records_skipped": unusable.count + bad_records.count,
+            **({"augmented_copies": augmented[0]} if augment else {}),
             "tokens_train": sum(len(x) for x in split_sets["train"]["ids"]),
             "tokens_val": sum(len(x) for x in split_sets["val"]["ids"]),
             "root": source.root,
@@ -234,6 +256,7 @@ def pack(
     tag_dropout: float = 0.0,
     seed: int = 0,
     fim: tuple[tuple[int, int, int], float, float] | None = None,
+    window_starts: list[int] | None = None,
 ) -> dict[str, list]:
     """Concatenate BOS doc EOS BOS doc EOS ... and cut windows of block_size + 1 tokens, stride block_size.
 
@@ -242,7 +265,10 @@ def pack(
     a document longer than a block spans several windows, and only the first holds its BOS (and its
     control tags, ids in [tag_ids[0], tag_ids[1]) right after BOS), only the last its EOS. With
     tag_dropout, that share of documents is packed without its tags. fim: (its three ids, rate, SPM
-    rate) rearranges that share of documents for fill-in-the-middle (multiar/fim.py).
+    rate) rearranges that share of documents for fill-in-the-middle (multiar/fim.py). window_starts:
+    ids a window may start at (music: a bar's first token); each window then starts at the latest such
+    id (or BOS) that keeps it overlapping the one before, so a window never begins inside a note; the
+    overlap, at most half a block, is trained twice.
     """
     stream: list[int] = []
     keys = batch.get("key") or [""] * len(batch["ids"])
@@ -261,9 +287,16 @@ def pack(
     for ids in docs:
         stream += [bos_id, *ids, eos_id]
     blocks = []
-    for start in range(0, max(len(stream) - 1, 1), block_size):
+    starts = set(window_starts or ()) | {bos_id}
+    start = 0
+    while True:
         window = stream[start : start + block_size + 1]
         blocks.append(window + [pad_id] * (block_size + 1 - len(window)))
+        end = start + block_size
+        if end >= len(stream) - 1:
+            break
+        aligned = (j for j in range(end, start + block_size // 2, -1) if stream[j] in starts)
+        start = next(aligned, end) if window_starts else end
     return {"block": blocks}
 
 
@@ -286,6 +319,8 @@ def pack_dataset(
     first = getattr(domain, "first_tag_id", domain.vocab_size)
     rate = getattr(domain, "fim_rate", 0.0) if train else 0.0
     fim = (domain.fim_ids, rate, domain.fim_spm_rate) if rate > 0 else None
+    flags = getattr(domain, "window_starts", None) if train else None  # validation: every token once
+    window_starts = [i for i, ok in enumerate(flags) if ok] if flags is not None else None
     kwargs = {
         "block_size": block_size,
         "bos_id": domain.bos_id,
@@ -295,6 +330,7 @@ def pack_dataset(
         "tag_dropout": tag_dropout if train else 0.0,
         "seed": seed,
         "fim": fim,
+        "window_starts": window_starts,
     }
     packed = ds.map(
         pack,

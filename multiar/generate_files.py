@@ -8,7 +8,7 @@ import math
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -31,9 +31,13 @@ from multiar.speculative import SpeculativeStats, speculative_generate
 log = logging.getLogger("multiar")
 
 
-def fit_prompt(prompt: list[int], block_size: int, max_new_tokens: int) -> list[int]:
+def fit_prompt(
+    prompt: list[int], block_size: int, max_new_tokens: int, starts: Sequence[bool] | None = None
+) -> list[int]:
     """BOS + as much of the prompt's end as fits before max_new_tokens in block_size; past
-    block_size // 2 new tokens the window slides anyway, so the prompt keeps at least half the block."""
+    block_size // 2 new tokens the window slides anyway, so the prompt keeps at least half the block.
+    starts (per id, the domain's window_starts): the kept end begins at such an id (music: a bar line,
+    never inside a note's tokens)."""
     room = block_size - min(max_new_tokens, block_size // 2)  # prompt tokens that fit, BOS included
     if room < 2:
         raise ValueError(
@@ -42,8 +46,14 @@ def fit_prompt(prompt: list[int], block_size: int, max_new_tokens: int) -> list[
     if len(prompt) <= room:
         return prompt
     # keep BOS and the end of a long prompt: the continuation depends most on what comes just before it
-    log.warning("prompt of %d tokens cut to its last %d to fit block_size", len(prompt) - 1, room - 1)
-    return prompt[:1] + prompt[-(room - 1) :]
+    tail = prompt[-(room - 1) :]
+    if starts is not None:
+        first = next((j for j, i in enumerate(tail) if 0 <= i < len(starts) and starts[i]), None)
+        if first is None:
+            raise ValueError(f"the prompt has no bar line in its last {room - 1} tokens to cut it at")
+        tail = tail[first:]
+    log.warning("prompt of %d tokens cut to its last %d to fit block_size", len(prompt) - 1, len(tail))
+    return prompt[:1] + tail
 
 
 def read_prompt_file(path: str | Path) -> list[str]:
@@ -306,6 +316,21 @@ class SampleWriter:
         self.written.add(i)
 
 
+def render_files(cfg: DictConfig, domain: Domain, paths: list[Path]) -> dict[str, Any]:
+    """render=wav: a WAV beside each written .mid; when the tools are missing, one line says which and
+    the MIDI files stay (report key `render`)."""
+    if not hasattr(domain, "render"):
+        raise ConfigError(f"render: the {domain.name} domain has nothing to render (music only)")
+    done: list[Path] = []
+    try:
+        for p in [p for p in paths if p.suffix == ".mid"]:
+            done.append(domain.render(p, p.with_suffix(".wav"), cfg.soundfont, overwrite=cfg.overwrite))
+    except (RuntimeError, OSError) as err:
+        log.warning("render=wav: %s", err)
+        return {"files": done, "render": f"skipped: {err}"}
+    return {"files": done, "render": f"{len(done)} wav file(s)"}
+
+
 def sample_to_files(cfg: DictConfig) -> dict[str, Any]:
     """Sample cfg.n continuations of each prompt (cfg.prompt, or every line of cfg.prompt_file) from
     run cfg.run; write files; return a report."""
@@ -317,7 +342,14 @@ def sample_to_files(cfg: DictConfig) -> dict[str, Any]:
     if cfg.compile:  # dynamic: positions and cache lengths change every step, one graph serves them all
         model.forward = torch.compile(model.forward, dynamic=True)
     out_dir = Path(cfg.out if cfg.out else Path("outputs") / domain.name).expanduser()
-    prompts = [fit_prompt(domain.prompt_ids(t), model.config.block_size, cfg.max_new_tokens) for t in texts]
+    if cfg.prompt_bars is not None and not hasattr(domain, "window_starts"):
+        raise ConfigError(f"prompt_bars: the {domain.name} domain has no bars (music only)")
+    bars = {"bars": cfg.prompt_bars} if cfg.prompt_bars is not None else {}
+    starts = getattr(domain, "window_starts", None)
+    prompts = [
+        fit_prompt(domain.prompt_ids(t, **bars), model.config.block_size, cfg.max_new_tokens, starts)
+        for t in texts
+    ]
     cond = conditions(cfg, domain, prompts)
     stops = stop_sequences(cfg, domain)
     processors = [ban_tokens([domain.pad_id, domain.bos_id])]
@@ -358,6 +390,8 @@ def sample_to_files(cfg: DictConfig) -> dict[str, Any]:
         ("draft", None),
         ("min_len", None),
         ("max_len", None),
+        ("prompt_bars", None),
+        ("constrain", True),
     ):
         if cfg[key] != off:  # settings that are on go into every file's provenance
             provenance[key] = cfg[key]
@@ -423,6 +457,14 @@ def sample_to_files(cfg: DictConfig) -> dict[str, Any]:
         best = [artifacts[i] for i in ranked]
         extra = {"details": [details[i] for i in ranked]} if writer.annotated else {}
         paths += domain.write(best, out_dir / "top", provenance, overwrite=cfg.overwrite, **extra)
+    if hasattr(domain, "token_errors"):  # miditok's tokens_errors over the sampled tokens, prompt as context
+        errors = sum(
+            max(domain.token_errors(r[1:] + ids) - domain.token_errors(r[1:]), 0)
+            for r, ids in zip(rows, new_ids, strict=True)
+        )
+        extra_metrics[f"{domain.name}/token_error_rate"] = errors / max(sum(map(len, new_ids)), 1)
+    rendered = render_files(cfg, domain, paths) if cfg.render else {}
+    paths += rendered.pop("files", [])
     report = {
         "domain": domain.name,
         "files": [str(p) for p in paths],
@@ -448,6 +490,7 @@ def sample_to_files(cfg: DictConfig) -> dict[str, Any]:
         **({"tags": cond.tags} if cond.tags else {}),
         **({"kept": cond.kept} if cond.kept else {}),
         **redrawn,
+        **rendered,
         **({"middles": writer.middles} if writer.middles and isinstance(writer.middles[0], str) else {}),
     }
     write_new_text(out_dir / "generate.json", json.dumps(report, indent=1) + "\n", overwrite=cfg.overwrite)

@@ -57,6 +57,7 @@ class DataSchema:
     tags: str | None = None  # control tags: header:FIELD, folder, file or tsv:PATH
     tag_dropout: float = 0.2  # share of training documents whose tags are left out
     max_tags: int = 256  # the most frequent tags of the training documents get a token
+    augment: dict[str, Any] | None = None  # music: shifted copies of training pieces, {pitch: [-2, 2], ...}
     max_documents: int | None = None
     val_fraction: float = 0.05
     batch_size: int = 16
@@ -90,6 +91,11 @@ class DataSchema:
             0.0 <= self.tag_dropout < 1.0, "data.tag_dropout", f"must be in [0, 1), got {self.tag_dropout}"
         )
         _check(self.max_tags >= 1, "data.max_tags", f"must be >= 1, got {self.max_tags}")
+        _check(
+            not (self.augment and self.streaming),
+            "data.augment",
+            "augmentation needs the cached corpus (data.streaming=false)",
+        )
         _check(
             self.tags is None or not self.streaming,
             "data.tags",
@@ -247,6 +253,9 @@ class GenerateSchema:
     prompt_prefix: str | None = None  # fill in the middle between prompt_prefix and prompt_suffix
     prompt_suffix: str | None = None
     infill: str | None = None  # a file whose text <FILL> marks the gap to fill
+    prompt_bars: int | None = None  # music: continue only the first bars of the prompt file
+    render: str | None = None  # music: wav writes a WAV beside each .mid (fluidsynth + a GM SoundFont)
+    soundfont: str | None = None  # render=wav: the SoundFont (.sf2); default: Debian's FluidR3_GM
 
     def __post_init__(self) -> None:
         _check(self.quantize in (None, "int8"), "quantize", f"must be int8 or null, got {self.quantize!r}")
@@ -273,6 +282,12 @@ class GenerateSchema:
             "prompt",
             "a fill-in-the-middle prompt is prompt_prefix/prompt_suffix (or infill=FILE), not prompt",
         )
+        _check(
+            self.prompt_bars is None or self.prompt_bars >= 1,
+            "prompt_bars",
+            f"must be >= 1, got {self.prompt_bars}",
+        )
+        _check(self.render in (None, "wav"), "render", f"must be wav or null, got {self.render!r}")
         _check(self.resample_invalid >= 0, "resample_invalid", f"must be >= 0, got {self.resample_invalid}")
         _check(self.rank_by in (None, "ppl"), "rank_by", f"must be ppl or null, got {self.rank_by!r}")
         _check(self.top is None or self.top >= 1, "top", f"must be >= 1, got {self.top}")
