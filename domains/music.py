@@ -134,19 +134,31 @@ class MusicDomain:
         """Per id: whether a training window or a cut prompt may start there (a bar's first token)."""
         return self.grammar.bar_first.tolist()
 
-    def augment(self, record: Score, spec: dict[str, Any]) -> list[tuple[str, Score]]:
-        """Shifted copies of a training piece (data.augment: pitch, velocity, duration offsets, by
-        miditok's augment_score_multiple_offsets; each offset on its own), named by their offsets."""
+    @staticmethod
+    def check_augment(spec: Any) -> None:
+        """ValueError in one line unless spec maps pitch/velocity/duration to lists of offsets."""
+        if not isinstance(spec, dict):
+            raise ValueError(
+                f"data.augment: expected {{pitch: [...], velocity: [...], duration: [...]}}, got {spec!r}"
+            )
         unknown = set(spec) - {"pitch", "velocity", "duration"}
         if unknown:
             raise ValueError(f"data.augment: unknown key(s) {sorted(unknown)}: use pitch, velocity, duration")
+        for key, offsets in spec.items():
+            if not isinstance(offsets, list) or not all(isinstance(o, (int, float)) for o in offsets):
+                raise ValueError(f"data.augment.{key}: expected a list of offsets, got {offsets!r}")
+
+    def augment(self, record: Score, spec: dict[str, Any]) -> list[tuple[str, Score]]:
+        """Shifted copies of a training piece (data.augment: pitch, velocity, duration offsets, by
+        miditok's augment_score_multiple_offsets; each offset on its own), named by their offsets."""
+        self.check_augment(spec)
         copies = augment_score_multiple_offsets(
             record,
-            pitch_offsets=list(spec.get("pitch") or []) or None,
-            velocity_offsets=list(spec.get("velocity") or []) or None,
-            duration_offsets=list(spec.get("duration") or []) or None,
+            pitch_offsets=list(spec.get("pitch") or []),  # offsets leaving the pitch range are left out
+            velocity_offsets=list(spec.get("velocity") or []),
+            duration_offsets=list(spec.get("duration") or []),  # beats; miditok turns them into ticks
         )
-        return [("p{:+d}v{:+d}d{:+d}".format(*offsets), copy) for offsets, copy in copies]
+        return [("p{:+d}v{:+d}d{:+d}".format(*map(int, offsets)), copy) for offsets, copy in copies]
 
     def prompt_ids(self, prompt: str | None, bars: int | None = None) -> list[int]:
         """BOS + the prompt file's tokens; bars: only its first bars (cut at a bar line, so never
@@ -166,7 +178,7 @@ class MusicDomain:
             if bars < 1:
                 raise ValueError(f"prompt_bars={bars}: must be at least 1")
             if bars < len(ticks):
-                score = score.clip(0, ticks[bars], clip_end=True)
+                score = score.clip(0, ticks[bars])  # notes starting in the bars, whole
         self.prompt_score = score
         return [self.bos_id] + self.encode(score)
 
@@ -182,8 +194,9 @@ class MusicDomain:
         keep = [i for i in ids if i not in self.special_ids and 0 <= i < self.vocab_size]
         if not keep:
             return 0
-        # tokens_errors: errors over base tokens, divided by the ids given (BPE ids included)
-        return round(float(self.tokenizer.tokens_errors(self._sequence(keep))) * len(keep))
+        # tokens_errors: errors over base tokens, divided by the ids given (it decodes BPE ids itself)
+        seq = miditok.TokSequence(ids=list(keep), are_ids_encoded=self.tokenizer.is_trained)
+        return round(float(self.tokenizer.tokens_errors(seq)) * len(keep))
 
     def decode(self, ids: list[int]) -> tuple[Score, int]:
         keep = [i for i in ids if i not in self.special_ids and 0 <= i < self.vocab_size]

@@ -267,8 +267,8 @@ def pack(
     tag_dropout, that share of documents is packed without its tags. fim: (its three ids, rate, SPM
     rate) rearranges that share of documents for fill-in-the-middle (multiar/fim.py). window_starts:
     ids a window may start at (music: a bar's first token); each window then starts at the latest such
-    id (or BOS) that keeps it overlapping the one before, so a window never begins inside a note; the
-    overlap, at most half a block, is trained twice.
+    id (or BOS) inside the window before, so a window never begins inside a note (only where one bar
+    is longer than a block does it fall back to the plain stride); the overlap is trained twice.
     """
     stream: list[int] = []
     keys = batch.get("key") or [""] * len(batch["ids"])
@@ -295,7 +295,7 @@ def pack(
         end = start + block_size
         if end >= len(stream) - 1:
             break
-        aligned = (j for j in range(end, start + block_size // 2, -1) if stream[j] in starts)
+        aligned = (j for j in range(end, start, -1) if stream[j] in starts)
         start = next(aligned, end) if window_starts else end
     return {"block": blocks}
 

@@ -50,7 +50,10 @@ def fit_prompt(
     if starts is not None:
         first = next((j for j, i in enumerate(tail) if 0 <= i < len(starts) and starts[i]), None)
         if first is None:
-            raise ValueError(f"the prompt has no bar line in its last {room - 1} tokens to cut it at")
+            raise ValueError(
+                f"prompt: no bar line in its last {room - 1} tokens to cut it at (a bar longer than the room"
+                " the model's block leaves): use fewer max_new_tokens or prompt_bars=N"
+            )
         tail = tail[first:]
     log.warning("prompt of %d tokens cut to its last %d to fit block_size", len(prompt) - 1, len(tail))
     return prompt[:1] + tail

@@ -128,6 +128,20 @@ def _holds_run(run_dir: Path) -> bool:
     return any((run_dir / n).exists() for n in ("model.safetensors", "checkpoints", "config.yaml", "domain"))
 
 
+def windows_per_document(documents: Any, block_size: int) -> dict[str, float]:
+    """How many block_size windows the training documents span (a long piece is many windows, not one
+    truncated one): mean, max, and the share of documents longer than one window."""
+    import pyarrow.compute as pc  # lengths straight from the arrow column: no Python lists of ids
+
+    lengths = pc.list_value_length(documents.data.column("ids")).to_pylist()
+    spans = [math.ceil((n + 2) / block_size) for n in lengths]
+    return {
+        "mean": round(sum(spans) / max(len(spans), 1), 2),
+        "max": max(spans, default=0),
+        "longer_than_one": round(sum(n > 1 for n in spans) / max(len(spans), 1), 3),
+    }
+
+
 def check_train_config(cfg: DictConfig) -> Path | None:
     """Everything about cfg that can be checked before heavy work; ConfigError (exit 2) when wrong.
     Returns the checkpoint to resume from, or None."""
@@ -143,6 +157,13 @@ def check_train_config(cfg: DictConfig) -> Path | None:
         raise ConfigError(f"domain.settings: {str(err).splitlines()[0]}") from None
     if cfg.data.tags is not None:
         Tagged(domain, cfg.data.tags)  # the source is usable: a known kind, a readable TSV
+    if cfg.data.augment:
+        if not hasattr(domain, "augment"):
+            raise ConfigError(f"data.augment: the {domain.name} domain has no augmentation (music only)")
+        try:
+            domain.check_augment(OmegaConf.to_container(cfg.data.augment))
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     if cfg.data.corpus is not None:
         try:
             domain.default_paths(cfg.data.corpus)
@@ -279,6 +300,7 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt: Path | None) -> dict[str, Any]:
         corpus = prepare_corpus(
             domain,
             {**settings, **({"tags": data.tags, "max_tags": data.max_tags} if data.tags else {})},
+            augment=OmegaConf.to_container(data.augment) if data.augment else None,
             cache_dir=data.cache_dir,
             max_documents=data.max_documents,
             val_fraction=data.val_fraction,
@@ -287,6 +309,7 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt: Path | None) -> dict[str, Any]:
             source=source,
         )
         domain, stats = corpus.domain, corpus.stats
+        stats["windows_per_document"] = windows_per_document(corpus.train, block_size)
         datamodule = BlockDataModule(
             corpus, block_size, data.batch_size, data.num_workers, seed=cfg.seed, tag_dropout=data.tag_dropout
         )

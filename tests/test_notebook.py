@@ -44,3 +44,12 @@ def test_code_notebook_executes_completion_infill_and_report(tmp_path):
     text = (out / "infill" / "sample_000.py").read_text().split("\n", 1)[1]
     assert text.startswith("def area(width, height):\n    ") and text.endswith("\n\nprint(area(2, 3))\n")
     assert (out / "complete" / "syntax_report.tsv").exists()
+
+
+def test_music_notebook_executes_continuation_piano_rolls_and_statistics(tmp_path):
+    nb = execute("music.ipynb", tmp_path)
+    out = tmp_path / "outputs" / "music_notebook"
+    assert Score(str(out / "continued" / "sample_000.mid")).note_num() > 0
+    assert (out / "prompt.png").exists() and (out / "continued" / "sample_001.png").exists()
+    printed = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+    assert "groove_consistency" in printed and "token error rate 0.0" in printed
