@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 
 import miditok
 import torch
+from symusic import Note, Score, TimeSignature, Track
 from torch import Tensor
 
 from multiar.prefix_states import PrefixStates
@@ -133,7 +134,8 @@ class MusicGrammar:
         for k, ki in self.kind_index.items():
             nexts = self.graph.get(k)
             self.follows[ki] = torch.tensor([f is None or nexts is None or f in nexts for f in first])
-        self.follows[-1] = True
+        starts = start_kinds(tokenizer)  # after BOS: what a piece starts with (REMI: Bar), not anything
+        self.follows[-1] = torch.tensor([f in starts for f in first])
         # the value of a token's first Position that is not after a Bar inside the token (-1: none): it
         # is checked against the row's Position, unless miditok's Rest (-> TimeSig) exemption applies
         self.position = torch.full((vocab_size,), -1)
@@ -206,6 +208,23 @@ class MusicGrammar:
             return logits.masked_fill(~mask.to(logits.device), float("-inf"))
 
         return constrain
+
+
+def start_kinds(tokenizer: miditok.MusicTokenizer) -> set[str]:
+    """The token types a piece's tokens begin with, by encoding one-note pieces (a note on the first
+    beat or later, with or without a time signature): miditok's encoder says it, not a table here."""
+    kinds = set()
+    for onset in (0, tokenizer.time_division):
+        for signature in (None, (4, 4), (3, 4)):
+            score = Score(tokenizer.time_division)
+            if signature is not None:
+                score.time_signatures.append(TimeSignature(0, *signature))
+            track = Track(program=0)
+            track.notes.append(Note(onset, tokenizer.time_division, 60, 80))
+            score.tracks.append(track)
+            tokens = tokenizer(score, encode_ids=False).tokens
+            kinds.add(tokens[0].split("_")[0])
+    return kinds
 
 
 def base_tokens(tokenizer: miditok.MusicTokenizer, i: int) -> list[str]:

@@ -295,8 +295,14 @@ def pack(
         end = start + block_size
         if end >= len(stream) - 1:
             break
-        aligned = (j for j in range(end, start, -1) if stream[j] in starts)
-        start = next(aligned, end) if window_starts else end
+        aligned = next((j for j in range(end, start, -1) if stream[j] in starts), None)
+        if not window_starts or aligned is None:
+            start = end
+            continue
+        first = aligned  # a bar that opens a document: start at its BOS (and tags), as sampling does
+        while first - 1 > start and tag_ids[0] <= stream[first - 1] < tag_ids[1]:
+            first -= 1
+        start = first - 1 if first - 1 > start and stream[first - 1] == bos_id else aligned
     return {"block": blocks}
 
 

@@ -98,6 +98,14 @@ class Domain(Protocol):
     #   report(artifacts, details, out_dir, overwrite, provenance) -> list[Path]
     #                                             files about the whole set (CSV, plots); a domain with
     #                                             it also takes write(..., details=) per sample
+    #   window_starts: list[bool]                 per id: a training window or a cut prompt may start
+    #                                             there (music: a bar's first token)
+    #   check_augment(spec), augment(record, spec) -> [(suffix, record)]
+    #                                             data.augment: shifted copies of training records
+    #   token_errors(ids) -> int                  errors by the tokenizer's own count (generate reports
+    #                                             <name>/token_error_rate over the sampled tokens)
+    #   prompt_ids(prompt, bars=N)                prompt_bars: only the prompt's first N bars
+    #   render(path, out, soundfont, overwrite)   render=wav: audio beside a written file
 
 
 def domain_state_digest(domain: Domain) -> str:
