@@ -113,15 +113,24 @@ class MusicDomain:
         return int(record.note_num())
 
     def fit(self, records: Iterable[Score]) -> None:
-        """The training pieces' statistics (generated sets are compared with them) and, with
+        """The training pieces' statistics (generated sets are compared with them), and, with
         bpe_vocab_size, miditok's BPE learned on them (bar by bar, miditok's default split)."""
         scores = list(records)
-        self.train_stats = music_analysis.summarize(scores)
+        # measured on what the tokens keep (quantized times, the time signatures the tokens carry), as
+        # generated pieces are: a dataset's stray time signatures cannot make the two differ
+        self.train_stats = music_analysis.summarize(list(self._as_tokens_keep(scores)))
         if self.bpe_vocab_size and not self.tokenizer.is_trained:
             self.tokenizer.train(
                 vocab_size=self.bpe_vocab_size, model="BPE", iterator=ScoreIterator(self.tokenizer, scores)
             )
             self._set_vocab()
+
+    def _as_tokens_keep(self, scores: list[Score]) -> Iterator[Score]:
+        for score in scores:
+            try:
+                yield self.tokenizer.decode(self.tokenizer.encode(score))
+            except Exception:  # noqa: BLE001 - a piece the tokenizer cannot take is skipped when encoded
+                continue
 
     def encode(self, record: Score) -> list[int]:
         ids = self.tokenizer.encode(record).ids  # BPE ids once trained

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter
+from pathlib import Path
 
 import mido
 import numpy as np
@@ -334,6 +335,19 @@ def test_render_names_what_is_missing_and_keeps_the_midi(music_run, tmp_path, mo
         )
     )
     assert "SoundFont" in report["render"] and str(tmp_path / "none.sf2") in report["render"]
+    from multiar.domains.music import SOUNDFONTS
+
+    if any(Path(f).is_file() for f in SOUNDFONTS):  # both installed: a real WAV beside the MIDI file
+        out = tmp_path / "real"
+        report = sample_to_files(
+            load_config(
+                "generate",
+                [f"run={music_run}", f"out={out}", "n=1", "max_new_tokens=40", "render=wav", "dtype=fp32"],
+            )
+        )
+        assert report["render"] == "1 wav file(s)"
+        wav = (out / "sample_000.wav").read_bytes()
+        assert wav[:4] == b"RIFF" and len(wav) > 10_000
 
 
 def test_music_options_elsewhere_are_one_line_errors(tmp_path):
