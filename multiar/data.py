@@ -30,7 +30,7 @@ from multiar.tags import Tagged
 
 log = logging.getLogger("multiar")
 
-CACHE_FORMAT = 3  # bump when the cached layout or the meaning of its contents changes
+CACHE_FORMAT = 4  # bump when the cached layout or the meaning of its contents changes (4: music train_stats)
 SPLIT_FEATURES = Features({"key": Value("string"), "ids": Sequence(Value("int32")), "val": Value("bool")})
 
 

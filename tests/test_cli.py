@@ -39,7 +39,7 @@ def test_every_config_group_composes():
     }
     assert groups == {
         "domain": ["code", "music", "protein"],
-        "experiment": ["code_cpu", "music_cpu", "protein_cpu"],
+        "experiment": ["code_cpu", "music_cpu", "music_pop909_cpu", "protein_cpu"],
         "logger": ["csv", "mlflow", "tensorboard", "wandb"],
         "model": ["base", "small", "tiny"],
         "trainer": ["cpu", "ddp", "fsdp", "gpu"],
