@@ -54,8 +54,8 @@ def test_every_config_group_composes():
         assert load_config("train", [f"logger={logger}"]).logger.name == logger
     for recipe in groups["experiment"]:
         cfg = load_config("train", [f"+experiment={recipe}"])
-        assert cfg.domain.name == recipe.removesuffix("_cpu") and cfg.run_dir == f"runs/{recipe}"
-        assert cfg.trainer.max_time == "00:00:15:00"
+        assert cfg.domain.name == recipe.split("_")[0] and cfg.run_dir == f"runs/{recipe}"
+        assert cfg.trainer.max_time in ("00:00:15:00", "00:00:07:00")  # a recipe's wall clock is bounded
     assert load_config("eval", ["run=x"]).data.paths is None
     assert load_config("score", ["run=x", "data.paths=[a.fasta]"]).data.paths == ["a.fasta"]
     assert load_config("generate", ["run=x"]).run == "x"
