@@ -359,3 +359,31 @@ def test_music_options_elsewhere_are_one_line_errors(tmp_path):
     assert len(list(pop.glob("*.mid"))) == 200 and (pop / "LICENSE.txt").exists()
     with pytest.raises(ValueError, match="unknown key"):
         build_domain("music").augment(Score(), {"transpose": [1]})
+
+
+@pytest.mark.parametrize("bpe", [None, 800])
+def test_speculative_decoding_under_the_stateful_grammar_equals_greedy(bpe):
+    """Draft tokens the target rejects roll the per-row grammar state back: greedy speculative output
+    (n-gram drafts, which are often wrong, and a model draft) is greedy output, token for token."""
+    from multiar.speculative import speculative_generate
+
+    domain, records = music_domain("REMI", bpe=bpe, k=20)
+    torch.manual_seed(0)
+    target = GPT(ModelConfig(vocab_size=domain.vocab_size, block_size=256, n_layer=1, n_head=2, n_embd=32))
+    draft = GPT(ModelConfig(vocab_size=domain.vocab_size, block_size=256, n_layer=1, n_head=2, n_embd=16))
+    prompts = [[domain.bos_id, *domain.encode(r)[:40]] for r in records[:4]]
+    kw = dict(temperature=0.0, eos_id=domain.eos_id)
+    banned = ban_tokens([domain.pad_id, domain.bos_id])
+    plain = generate(
+        target, prompts=prompts, max_new_tokens=60, processors=[banned, domain.constraint()], **kw
+    )
+    for source in ("ngram", draft):
+        fast, stats = speculative_generate(
+            target, prompts, 60, draft=source, k=4, processors=[banned, domain.constraint()], **kw
+        )
+        assert fast == plain
+        assert 0 < stats.as_dict()["acceptance_rate"] < 1  # drafts were accepted and rejected
+        assert all(
+            domain.token_errors(p[1:] + r) == domain.token_errors(p[1:])
+            for p, r in zip(prompts, fast, strict=True)
+        )
