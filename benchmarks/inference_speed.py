@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from multiar.generate import generate
+from multiar.generate import compile_for_sampling, generate
+from multiar.generate_files import sampling_model
 from multiar.hf_format import llama_config, to_llama_state
 from multiar.model import GPT, ModelConfig
 from multiar.quantize import decode_layout, quantize
@@ -75,6 +76,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--pair", nargs=2, type=Path, default=None, help="target and draft run folders")
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES))
+    parser.add_argument("--compile", action="store_true", help="add torch.compile rows (minutes to compile)")
     args = parser.parse_args()
     import transformers
 
@@ -87,9 +89,18 @@ def main() -> None:
     for shape_name in args.shapes:
         torch.manual_seed(0)
         model = GPT(ModelConfig(vocab_size=512, block_size=1024, **SHAPES[shape_name])).eval()
-        int8 = quantize(copy.deepcopy(model), "int8")
-        layout = decode_layout(copy.deepcopy(model))  # what `multiar generate` uses at batch 1 on a CPU
+        # what `multiar generate` samples with: float weights packed for oneDNN on a CPU, or int8
+        engines = {
+            "multiar fp32": decode_layout(copy.deepcopy(model)),
+            "multiar bf16": decode_layout(copy.deepcopy(model).to(torch.bfloat16)),
+            "multiar int8": quantize(copy.deepcopy(model), "int8"),
+            "multiar fp32 nn.Linear": model,  # the unpacked layout, for reference
+        }
         hf = to_transformers(model)
+        if args.compile:
+            engines["multiar fp32 compile"] = compile_for_sampling(copy.deepcopy(model))
+            hf_compiled = to_transformers(model)
+            hf_compiled.forward = torch.compile(hf_compiled.forward, dynamic=True)
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         for batch in (1, 8):
             prompt = torch.randint(3, 512, (batch, args.prompt))
@@ -97,13 +108,12 @@ def main() -> None:
                 do_sample=True, temperature=1.0, top_k=0, max_new_tokens=args.new, min_new_tokens=args.new
             )
             mask = torch.ones_like(prompt)
-            entries = {
-                "transformers fp32": partial(hf.generate, prompt, attention_mask=mask, **gen),
-                "multiar fp32": partial(generate, model, prompt, args.new),
-                "multiar int8": partial(generate, int8, prompt, args.new),
-            }
-            if batch == 1:
-                entries["multiar fp32 in x out"] = partial(generate, layout, prompt, args.new)
+            entries = {"transformers fp32": partial(hf.generate, prompt, attention_mask=mask, **gen)}
+            if args.compile:
+                entries["transformers fp32 compile"] = partial(
+                    hf_compiled.generate, prompt, attention_mask=mask, **gen
+                )
+            entries |= {name: partial(generate, m, prompt, args.new) for name, m in engines.items()}
             with torch.inference_mode():
                 seconds = bench(entries, args.repeats)
             tokens = batch * args.new
@@ -117,8 +127,10 @@ def main() -> None:
                     "tok_s": tps,
                     "vs_transformers": tps / base,
                 }
-                if batch == 1 and "fp32" in name:
+                if batch == 1 and "fp32" in name:  # bytes of the weights each token reads
                     row["ram_bandwidth_share"] = weight_bytes * tps / 1e9 / bw
+                elif batch == 1 and "bf16" in name:
+                    row["ram_bandwidth_share"] = weight_bytes / 2 * tps / 1e9 / bw
                 rows.append(row)
                 share = (
                     f"  {100 * row['ram_bandwidth_share']:.0f}% of RAM bandwidth"
@@ -126,7 +138,7 @@ def main() -> None:
                     else ""
                 )
                 print(
-                    f"{shape_name:6s} batch {batch}  {name:18s} {tps:8.0f} tok/s  {tps / base:5.2f}x{share}",
+                    f"{shape_name:6s} batch {batch}  {name:26s} {tps:8.0f} tok/s  {tps / base:5.2f}x{share}",
                     flush=True,
                 )
     if args.pair:
@@ -134,18 +146,21 @@ def main() -> None:
 
         target, draft = load_run(args.pair[0]), load_run(args.pair[1])
         prompt = [target.domain.prompt_ids(None)] * 1
+        # fp32, as `multiar generate dtype=fp32` samples: packed weights for both models
+        target_model = sampling_model(target, None, "fp32")
+        draft_model = sampling_model(draft, None, "fp32")
         stats = {}
 
         def spec(d):
             def run():
-                out, st = speculative_generate(target.model, prompt, args.new, draft=d, k=4)
+                out, st = speculative_generate(target_model, prompt, args.new, draft=d, k=4)
                 stats[d if isinstance(d, str) else "draft model"] = st.as_dict()
 
             return run
 
         entries = {
-            "target alone": lambda: generate(target.model, prompts=prompt, max_new_tokens=args.new),
-            "speculative draft model": spec(draft.model),
+            "target alone": lambda: generate(target_model, prompts=prompt, max_new_tokens=args.new),
+            "speculative draft model": spec(draft_model),
             "speculative ngram": spec("ngram"),
         }
         with torch.inference_mode():

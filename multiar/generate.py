@@ -139,6 +139,31 @@ def decode_one_token(model: GPT, token: Tensor, pos: int) -> Tensor:
     return model(token, pos)[:, -1]
 
 
+def compile_for_sampling(model: GPT) -> GPT:
+    """model (in place) with its one-token decode step compiled by torch.compile, gpt-fast style: static
+    shapes (per-row tensor positions, attention over the whole cache with a mask), so one graph serves
+    every step and inductor's freezing folds the weights in (packing the linears for oneDNN on a CPU).
+    The KV caches are kept between calls (the graph holds on to them). Prefill and other multi-token
+    passes stay eager. The first step compiles (tens of seconds on 2 CPU cores)."""
+    model.eval()
+    model.keep_caches = True
+    eager = model.forward
+    step = torch.compile(eager, dynamic=False)
+
+    def forward(idx: Tensor, input_pos: int | Tensor | None = None, **kwargs) -> Tensor:
+        if input_pos is None or idx.size(1) != 1 or kwargs.get("logits_at") is not None:
+            return eager(idx, input_pos, **kwargs)
+        if isinstance(input_pos, int):  # every row at one position: one (1,) tensor
+            input_pos = torch.tensor([input_pos], device=idx.device)
+        # freezing for this graph only (compile's options= did not apply it, torch 2.13); it is read
+        # when a call compiles, so the patch is around every call
+        with torch._inductor.config.patch(freezing=True):
+            return step(idx, input_pos, kv_len=model.max_seq_length)
+
+    model.forward = forward
+    return model
+
+
 def as_rows(prompt: Tensor | Sequence[Sequence[int]]) -> list[list[int]]:
     """Prompts as lists of ids: a (B, T) tensor or a list of (possibly different-length) id lists."""
     rows = prompt.tolist() if isinstance(prompt, Tensor) else [list(map(int, r)) for r in prompt]

@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from multiar.conditioning import Conditions, conditions
 from multiar.domain import Domain, domain_state_digest, write_new_text
-from multiar.generate import ban_tokens, generate, repetition_penalty, stream
+from multiar.generate import ban_tokens, compile_for_sampling, generate, repetition_penalty, stream
 from multiar.model import GPT
 from multiar.precision import bf16_is_fast
 from multiar.quantize import decode_layout, load_quantized, quantize
@@ -92,18 +92,20 @@ def cut_at_stop(artifact: Any, stop: str | None, start: int = 0) -> Any:
     return artifact
 
 
-def sampling_model(run: Run, mode: str | None, dtype: str, rows_per_batch: int = 1) -> GPT:
+def sampling_model(run: Run, mode: str | None, dtype: str, compile: bool = False) -> GPT:
     """The run's model as sampling should use it: int8 weights (the run's stored copy when it matches,
-    else converted now), or bf16 where asked or where the hardware runs it fast; fp32 at batch 1 on a
-    CPU in the mat-vec-friendly layout (faster at batch 1, slower at batch 8: benchmarks/README.md)."""
+    else converted now), or bf16 where asked or where the hardware runs it fast, else fp32; float
+    weights on a CPU packed for oneDNN (about 2x nn.Linear's mat-vec speed: benchmarks/README.md), or
+    compiled, where inductor packs them itself."""
     model = run.model
     if mode is not None:
         source = run.path / "model.safetensors"
-        return load_quantized(model, run.path, source) or quantize(model, mode)
+        model = load_quantized(model, run.path, source) or quantize(model, mode)
+        return compile_for_sampling(model) if compile else model
     device = model.wte.weight.device
     if dtype == "bf16" or (dtype == "auto" and bf16_is_fast(device)[0]):
-        return model.to(torch.bfloat16)
-    return decode_layout(model) if rows_per_batch == 1 else model
+        model = model.to(torch.bfloat16)
+    return compile_for_sampling(model) if compile else decode_layout(model)
 
 
 def same_tokenizer(a: Domain, b: Domain) -> bool:
@@ -127,7 +129,7 @@ def load_draft(cfg: DictConfig, run: Run) -> GPT | str | None:
         raise ConfigError(
             f"draft: {cfg.draft} has another tokenizer than {cfg.run}: train it on the same one"
         )
-    return sampling_model(draft, cfg.quantize, cfg.dtype, min(cfg.batch_size, cfg.n))
+    return sampling_model(draft, cfg.quantize, cfg.dtype, cfg.compile)
 
 
 def unprompted_samples(
@@ -340,10 +342,7 @@ def sample_to_files(cfg: DictConfig) -> dict[str, Any]:
     cfg = validate("generate", cfg)
     run = load_run(cfg.run, device=cfg.device)
     texts = read_prompt_file(cfg.prompt_file) if cfg.prompt_file else [cfg.prompt]
-    rows_per_batch = min(cfg.batch_size, cfg.n * len(texts))
-    model, domain = sampling_model(run, cfg.quantize, cfg.dtype, rows_per_batch), run.domain
-    if cfg.compile:  # dynamic: positions and cache lengths change every step, one graph serves them all
-        model.forward = torch.compile(model.forward, dynamic=True)
+    model, domain = sampling_model(run, cfg.quantize, cfg.dtype, cfg.compile), run.domain
     out_dir = Path(cfg.out if cfg.out else Path("outputs") / domain.name).expanduser()
     if cfg.prompt_bars is not None and not hasattr(domain, "window_starts"):
         raise ConfigError(f"prompt_bars: the {domain.name} domain has no bars (music only)")

@@ -69,10 +69,16 @@ def rope_cache(seq_len: int, head_size: int, base: float) -> Tensor:
 
 
 def apply_rope(x: Tensor, freqs: Tensor) -> Tensor:
-    """Rotate pairs of channels of x (B, T, H, hs) by the unit complex numbers freqs, (T, hs/2) or
-    (B, T, hs/2): one complex multiply instead of a dozen real ops, which is what decode time is made of."""
-    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (B, T, H, hs/2)
-    return torch.view_as_real(xc * freqs.unsqueeze(-2)).flatten(-2).type_as(x)
+    """Rotate pairs of channels of x (B, T, H, hs) by the angles in freqs: unit complex numbers (T, hs/2)
+    or (B, T, hs/2) in eager mode, one complex multiply instead of a dozen real ops, which is what decode
+    time is made of; or the real table (..., hs/2, 2) of cos/sin under torch.compile, whose code
+    generator has no complex ops but fuses the real ones into one kernel."""
+    pairs = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, T, H, hs/2, 2)
+    if freqs.is_complex():
+        return torch.view_as_real(torch.view_as_complex(pairs) * freqs.unsqueeze(-2)).flatten(-2).type_as(x)
+    cos, sin = freqs[..., 0].unsqueeze(-2), freqs[..., 1].unsqueeze(-2)  # (..., T, 1, hs/2)
+    a, b = pairs[..., 0], pairs[..., 1]
+    return torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(-2).type_as(x)
 
 
 class KVCache(nn.Module):
@@ -87,13 +93,16 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
 
     def update(self, input_pos: int | Tensor, k: Tensor, v: Tensor, kv_len: int) -> tuple[Tensor, Tensor]:
-        """Store k, v (B, nh, T, hs) at input_pos (an int start for every row, or (B, T) per row);
+        """Store k, v (B, nh, T, hs) at input_pos (an int start or (T,) for every row, or (B, T) per row);
         return the cache's first kv_len slots for this batch, (B, nh, kv_len, hs) views."""
         B, T = k.size(0), k.size(2)
         k_cache, v_cache = self.k[:B], self.v[:B]
         if isinstance(input_pos, int):
             k_cache[:, :, input_pos : input_pos + T] = k
             v_cache[:, :, input_pos : input_pos + T] = v
+        elif input_pos.dim() == 1:  # (T,) positions shared by every row: in place, also when compiled
+            k_cache.index_copy_(2, input_pos, k)
+            v_cache.index_copy_(2, input_pos, v)
         else:
             index = input_pos[:, None, :, None].expand_as(k)  # (B, nh, T, hs)
             k_cache.scatter_(2, index, k)
@@ -183,6 +192,7 @@ class GPT(nn.Module):
         )
         self.causal_mask: Tensor | None = None
         self.max_seq_length = config.block_size
+        self.keep_caches = False
         self.apply(self._init_weights)
         # GPT-2 scaling: residual projections shrink with depth so the residual stream keeps its variance
         for name, p in self.named_parameters():
@@ -205,11 +215,18 @@ class GPT(nn.Module):
         return self
 
     def setup_caches(self, max_batch_size: int, max_seq_length: int | None = None) -> None:
-        """Allocate a KV cache per layer, and the causal mask, for up to max_seq_length positions."""
+        """Allocate a KV cache per layer, and the causal mask, for up to max_seq_length positions.
+        With keep_caches set (a compiled model: its graph holds on to these tensors), caches at least
+        that large are reused instead."""
         max_seq_length = max_seq_length or self.config.block_size
         if max_seq_length > self.config.block_size:
             raise ValueError(f"max_seq_length={max_seq_length} exceeds block_size={self.config.block_size}")
         device, dtype = self.wte.weight.device, self.wte.weight.dtype
+        cache = self.blocks[0].attn.kv_cache
+        if self.keep_caches and cache is not None and cache.k.dtype == dtype:
+            big_enough = cache.k.size(0) >= max_batch_size and cache.k.size(2) >= max_seq_length
+            if big_enough:
+                return
         for block in self.blocks:
             block.attn.kv_cache = KVCache(
                 max_batch_size, self.config.n_head, max_seq_length, self.config.head_size, dtype
@@ -218,6 +235,9 @@ class GPT(nn.Module):
         self.causal_mask = torch.ones(max_seq_length, max_seq_length, dtype=torch.bool, device=device).tril()
 
     def clear_caches(self) -> None:
+        """Release the KV caches (kept while keep_caches is set)."""
+        if self.keep_caches:
+            return
         for block in self.blocks:
             block.attn.kv_cache = None
         self.causal_mask = None
@@ -238,7 +258,8 @@ class GPT(nn.Module):
         int) or one column per row ((B,) tensor): (B, 1, vocab_size), no lm_head over a whole prompt.
         """
         B, T = idx.shape
-        freqs = torch.view_as_complex(self.rope)  # (block_size, hs/2), complex64
+        # (block_size, hs/2) complex64 in eager mode; the real (block_size, hs/2, 2) table when compiled
+        freqs = self.rope if torch.compiler.is_compiling() else torch.view_as_complex(self.rope)
         mask = None
         if input_pos is None:
             if self.config.block_size < T:
@@ -258,13 +279,13 @@ class GPT(nn.Module):
                 if input_pos > 0 and T > 1:  # a block after earlier slots: causal within, all before
                     mask = self.causal_mask[input_pos : input_pos + T, :kv_len]
             else:
-                if input_pos.dim() == 1:
-                    input_pos = input_pos.expand(B, T)
                 kv_len = kv_len or self.max_seq_length
-                freqs = freqs[input_pos]  # (B, T, hs/2)
+                freqs = freqs[input_pos]  # (T, hs/2) shared by every row, or (B, T, hs/2)
                 # per row: slot s is visible from position p when s <= p; slots past a row's own
                 # length hold stale values that are overwritten before any position can see them
-                mask = self.causal_mask[input_pos, :kv_len][:, None]  # (B, 1, T, kv_len)
+                mask = self.causal_mask[input_pos, :kv_len]  # (T, kv_len) or (B, T, kv_len)
+                if input_pos.dim() == 2:
+                    mask = mask[:, None]  # (B, 1, T, kv_len)
         x = self.wte(idx)  # (B, T, C)
         for block in self.blocks:
             x = block(x, freqs, input_pos, kv_len, mask)

@@ -146,12 +146,17 @@ def speculative_generate(
             kv_len = max(lens) + k
             # 1) the draft proposes k tokens per row, with q its (processed) distributions
             q_list, proposals = [], [[] for _ in range(B)]
+            # rows of one length (always at batch 1) take the model's int-position path: slices, no gathers
+            aligned = min(lens) == max(lens)
             if use_model:
                 start = torch.tensor([max(n - 2, 0) for n in lens], device=device)
                 feed = torch.tensor([r[-2:] if len(r) >= 2 else r[-1:] * 2 for r in rows], device=device)
-                pos = start[:, None] + torch.arange(2, device=device)  # (B, 2): refeeding is idempotent
-                last = torch.tensor([1 if n >= 2 else 0 for n in lens], device=device)
-                logits = draft(feed, pos, kv_len=kv_len, logits_at=last)[:, -1]
+                if aligned and lens[0] >= 2:  # refeeding the row's last two tokens is idempotent
+                    logits = draft(feed, lens[0] - 2, logits_at=-1)[:, -1]
+                else:
+                    pos = start[:, None] + torch.arange(2, device=device)  # (B, 2)
+                    last = torch.tensor([1 if n >= 2 else 0 for n in lens], device=device)
+                    logits = draft(feed, pos, kv_len=kv_len, logits_at=last)[:, -1]
                 for j in range(k):
                     ctx = [r + p for r, p in zip(rows, proposals, strict=True)]
                     q = probabilities(process(ctx, logits, device), temperature, top_k, top_p, min_p)
@@ -160,8 +165,11 @@ def speculative_generate(
                     for b, t in enumerate(tok.tolist()):
                         proposals[b].append(t)
                     if j + 1 < k:
-                        pos = torch.tensor([n + j for n in lens], device=device)[:, None]
-                        logits = draft(tok[:, None], pos, kv_len=kv_len)[:, -1]
+                        if aligned:
+                            logits = draft(tok[:, None], lens[0] + j)[:, -1]
+                        else:
+                            pos = torch.tensor([n + j for n in lens], device=device)[:, None]
+                            logits = draft(tok[:, None], pos, kv_len=kv_len)[:, -1]
                 q_all = torch.stack(q_list, dim=1)  # (B, k, V)
             else:
                 proposals = [ngram_proposal(r, k, ngram) for r in rows]
@@ -171,10 +179,13 @@ def speculative_generate(
             d = torch.tensor(proposals, device=device)  # (B, k)
             # 2) the target scores the row's last token and the k proposals in one pass
             feed = torch.cat([torch.tensor([[r[-1]] for r in rows], device=device), d], dim=1)  # (B, k+1)
-            pos = torch.tensor([n - 1 for n in lens], device=device)[:, None] + torch.arange(
-                k + 1, device=device
-            )
-            logits = target(feed, pos, kv_len=kv_len)  # (B, k+1, V)
+            if aligned:
+                logits = target(feed, lens[0] - 1)  # (B, k+1, V)
+            else:
+                pos = torch.tensor([n - 1 for n in lens], device=device)[:, None] + torch.arange(
+                    k + 1, device=device
+                )
+                logits = target(feed, pos, kv_len=kv_len)
             p_all = torch.stack(
                 [
                     probabilities(

@@ -255,3 +255,24 @@ def test_a_strong_repetition_penalty_keeps_greedy_output_free_of_recent_repeats(
     )[0]
     seq = [0, *out]
     assert all(seq[i] not in seq[max(0, i - 8) : i] for i in range(1, len(seq)))
+
+
+def test_kept_caches_are_reused_across_calls_and_match_fresh_ones():
+    """A compiled model keeps its KV caches (its graphs hold on to them): later calls reuse the same
+    tensors, and stale slots from an earlier, longer call never change a result."""
+    from multiar.generate import generate
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=64, block_size=48, n_layer=2, n_head=2, n_embd=32)).eval()
+    prompts = [torch.randint(0, 64, (2, n)) for n in (9, 3)]
+    fresh = [generate(model, p, 20, temperature=0.0) for p in prompts]
+    model.keep_caches = True
+    kept = [generate(model, p, 20, temperature=0.0) for p in prompts]
+    cache = model.blocks[0].attn.kv_cache
+    assert cache is not None and cache.k.size(2) == 9 + 20  # the first, longest call's allocation, kept
+    generate(model, torch.randint(0, 64, (1, 4)), 5)
+    assert model.blocks[0].attn.kv_cache is cache
+    assert kept == fresh
+    model.keep_caches = False
+    model.clear_caches()
+    assert model.blocks[0].attn.kv_cache is None
