@@ -28,7 +28,7 @@ from multiar.generate_files import sampling_model
 from multiar.hf_format import llama_config, to_llama_state
 from multiar.model import GPT, ModelConfig
 from multiar.quantize import decode_layout, quantize
-from multiar.speculative import speculative_generate
+from multiar.speculative import SpeculativeStats, speculative_generate
 
 SHAPES = {"10.8M": dict(n_layer=6, n_head=6, n_embd=384), "85M": dict(n_layer=12, n_head=12, n_embd=768)}
 
@@ -46,6 +46,22 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
+def linears_alone_seconds(model: torch.nn.Module, repeats: int = 20) -> float:
+    """Seconds per token of the model's weight mat-vecs alone (batch 1, each Linear once, in model
+    order, best of 5): the ceiling of batch-1 decode with every other op free."""
+    linears = [m for m in model.modules() if hasattr(m, "in_features")]
+    dtype = model.wte.weight.dtype
+    xs = [torch.randn(1, 1, m.in_features, dtype=dtype) for m in linears]
+
+    def chain() -> None:
+        for m, x in zip(linears, xs, strict=True):
+            m(x)
+
+    with torch.inference_mode():
+        chain()
+        return min(_timed(lambda: [chain() for _ in range(repeats)]) for _ in range(5)) / repeats
+
+
 def to_transformers(model: GPT):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -58,12 +74,15 @@ def to_transformers(model: GPT):
 
 
 def bench(entries: dict, repeats: int) -> dict[str, float]:
-    """Interleaved: every entry once per round, median seconds over rounds."""
+    """Interleaved: every entry once per round, median seconds over rounds. Round r seeds torch's
+    global generator with r before each entry: sampled lengths and acceptance are reproducible."""
     times: dict[str, list[float]] = {name: [] for name in entries}
     for fn in entries.values():  # warm-up round, not timed
+        torch.manual_seed(repeats)
         fn()
-    for _ in range(repeats):
+    for r in range(repeats):
         for name, fn in entries.items():
+            torch.manual_seed(r)
             times[name].append(_timed(fn))
     return {name: statistics.median(t) for name, t in times.items()}
 
@@ -85,7 +104,7 @@ def main() -> None:
         f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads; "
         f"RAM read {bw:.1f} GB/s; prompt {args.prompt}, {args.new} new tokens, sampling, median of {args.repeats}"
     )
-    rows = []
+    rows, ceilings = [], {}
     for shape_name in args.shapes:
         torch.manual_seed(0)
         model = GPT(ModelConfig(vocab_size=512, block_size=1024, **SHAPES[shape_name])).eval()
@@ -99,9 +118,17 @@ def main() -> None:
         hf = to_transformers(model)
         if args.compile:
             engines["multiar fp32 compile"] = compile_for_sampling(copy.deepcopy(model))
+            # transformers' documented recipe: a static cache and a compiled forward
             hf_compiled = to_transformers(model)
-            hf_compiled.forward = torch.compile(hf_compiled.forward, dynamic=True)
+            hf_compiled.generation_config.cache_implementation = "static"
+            hf_compiled.forward = torch.compile(hf_compiled.forward)
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        for name in ("multiar fp32", "multiar bf16"):
+            seconds = linears_alone_seconds(engines[name])
+            ceilings[f"{shape_name} {name}"] = 1 / seconds
+            print(
+                f"{shape_name:6s} {name}: weight mat-vecs alone {1e3 * seconds:.2f} ms/token = {1 / seconds:.0f} tok/s ceiling"
+            )
         for batch in (1, 8):
             prompt = torch.randint(3, 512, (batch, args.prompt))
             gen = dict(
@@ -149,12 +176,12 @@ def main() -> None:
         # fp32, as `multiar generate dtype=fp32` samples: packed weights for both models
         target_model = sampling_model(target, None, "fp32")
         draft_model = sampling_model(draft, None, "fp32")
-        stats = {}
+        stats = {"draft model": SpeculativeStats(), "ngram": SpeculativeStats()}  # over every run
 
         def spec(d):
             def run():
                 out, st = speculative_generate(target_model, prompt, args.new, draft=d, k=4)
-                stats[d if isinstance(d, str) else "draft model"] = st.as_dict()
+                stats["ngram" if d == "ngram" else "draft model"].merge(st)
 
             return run
 
@@ -170,14 +197,16 @@ def main() -> None:
             row["vs_target_alone"] = seconds["target alone"] / s
             key = "draft model" if "model" in name else "ngram" if "ngram" in name else None
             if key:
-                row |= stats[key]
+                row |= stats[key].as_dict()
             rows.append(row)
             print(
                 f"pair   batch 1  {name:24s} {args.new / s:8.0f} tok/s  {row['vs_target_alone']:5.2f}x  "
                 f"{json.dumps({k: round(v, 3) for k, v in row.items() if k in ('acceptance_rate', 'tokens_per_target_step')})}"
             )
     if args.json:
-        args.json.write_text(json.dumps({"ram_read_gbps": bw, "rows": rows}, indent=1) + "\n")
+        args.json.write_text(
+            json.dumps({"ram_read_gbps": bw, "rows": rows, "linears_alone_tok_s": ceilings}, indent=1) + "\n"
+        )
 
 
 if __name__ == "__main__":

@@ -135,10 +135,12 @@ class Attention(nn.Module):
         else:
             if self.kv_cache is None:
                 raise RuntimeError("input_pos given but no KV cache: call model.setup_caches() first")
+            dtype = self.kv_cache.k.dtype  # fp32 for bf16 weights on a CPU (see setup_caches)
+            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
             k, v = self.kv_cache.update(input_pos, k, v, kv_len)  # (B, nh, kv_len, hs): the filled part
             # one new token attends to every filled slot: no mask at all; a block starting at 0 is causal
             causal = mask is None and T > 1
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal).to(x.dtype)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.proj(y)
 
@@ -222,6 +224,10 @@ class GPT(nn.Module):
         if max_seq_length > self.config.block_size:
             raise ValueError(f"max_seq_length={max_seq_length} exceeds block_size={self.config.block_size}")
         device, dtype = self.wte.weight.device, self.wte.weight.dtype
+        if device.type == "cpu" and dtype == torch.bfloat16:
+            # CPUs run bf16 attention several times slower than fp32 (benchmarks/README.md): bf16
+            # weights, fp32 keys/values and attention
+            dtype = torch.float32
         cache = self.blocks[0].attn.kv_cache
         if self.keep_caches and cache is not None and cache.k.dtype == dtype:
             big_enough = cache.k.size(0) >= max_batch_size and cache.k.size(2) >= max_seq_length
