@@ -69,14 +69,15 @@ def rope_cache(seq_len: int, head_size: int, base: float) -> Tensor:
 
 
 def apply_rope(x: Tensor, freqs: Tensor) -> Tensor:
-    """Rotate pairs of channels of x (B, T, H, hs) by the angles in freqs: unit complex numbers (T, hs/2)
-    or (B, T, hs/2) in eager mode, one complex multiply instead of a dozen real ops, which is what decode
-    time is made of; or the real table (..., hs/2, 2) of cos/sin under torch.compile, whose code
-    generator has no complex ops but fuses the real ones into one kernel."""
+    """Rotate pairs of channels of x (B, T, H, hs) by the angles in freqs, shaped to broadcast over the
+    heads: unit complex numbers (T, 1, hs/2) or (B, T, 1, hs/2) in eager mode, one complex multiply
+    instead of a dozen real ops, which is what decode time is made of; or the real table
+    (..., T, 1, hs/2, 2) of cos/sin under torch.compile, whose code generator has no complex ops but
+    fuses the real ones into one kernel."""
     pairs = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, T, H, hs/2, 2)
     if freqs.is_complex():
-        return torch.view_as_real(torch.view_as_complex(pairs) * freqs.unsqueeze(-2)).flatten(-2).type_as(x)
-    cos, sin = freqs[..., 0].unsqueeze(-2), freqs[..., 1].unsqueeze(-2)  # (..., T, 1, hs/2)
+        return torch.view_as_real(torch.view_as_complex(pairs) * freqs).flatten(-2).type_as(x)
+    cos, sin = freqs[..., 0], freqs[..., 1]  # (..., T, 1, hs/2)
     a, b = pairs[..., 0], pairs[..., 1]
     return torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(-2).type_as(x)
 
@@ -292,6 +293,8 @@ class GPT(nn.Module):
                 mask = self.causal_mask[input_pos, :kv_len]  # (T, kv_len) or (B, T, kv_len)
                 if input_pos.dim() == 2:
                     mask = mask[:, None]  # (B, 1, T, kv_len)
+        # a head axis to broadcast over, once for every layer: (..., T, 1, hs/2) (+ (2,) when real)
+        freqs = freqs.unsqueeze(-2 if freqs.is_complex() else -3)
         x = self.wte(idx)  # (B, T, C)
         for block in self.blocks:
             x = block(x, freqs, input_pos, kv_len, mask)
