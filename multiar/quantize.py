@@ -65,9 +65,9 @@ class Int8Linear(nn.Module):
 
 
 PACK_ROWS = 8  # the row count oneDNN packs for; measured as fast as a 1-row packing for one row
-# oneDNN costs ~20-30 us a call whatever the size: an fp32 weight under ~1 MiB is faster through
+# oneDNN costs ~20-30 us a call whatever the size: an fp32 weight under 512 KiB is faster through
 # nn.Linear (benchmarks/README.md); bf16 through oneDNN is faster at every size measured
-PACK_MIN_FP32_ELEMENTS = 1 << 18
+PACK_MIN_FP32_ELEMENTS = 1 << 17
 
 
 class PackedLinear(nn.Module):
@@ -89,7 +89,7 @@ class PackedLinear(nn.Module):
 
 def decode_layout(model: nn.Module) -> nn.Module:
     """model (in place) with its Linears as PackedLinears where that is faster (bf16, and fp32 weights
-    of 1 MiB or more): sampling at full speed on CPU. GPUs gain nothing from it, and a CPU without
+    of 512 KiB or more): sampling at full speed on CPU. GPUs gain nothing from it, and a CPU without
     oneDNN keeps nn.Linear."""
     weight = next(model.parameters())
     if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
