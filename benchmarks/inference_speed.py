@@ -113,6 +113,7 @@ def main() -> None:
             "multiar fp32": decode_layout(copy.deepcopy(model)),
             "multiar bf16": decode_layout(copy.deepcopy(model).to(torch.bfloat16)),
             "multiar int8": quantize(copy.deepcopy(model), "int8"),
+            "multiar int4": quantize(copy.deepcopy(model), "int4"),
             "multiar fp32 nn.Linear": model,  # the unpacked layout, for reference
         }
         hf = to_transformers(model)

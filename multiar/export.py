@@ -20,7 +20,7 @@ from multiar.data import pack_dataset, prepare_corpus, stack_blocks
 from multiar.domain import write_new_file, write_new_text
 from multiar.hf_format import llama_config, to_llama_state
 from multiar.model import GPT
-from multiar.quantize import INT8_FILE, quantize, save_quantized
+from multiar.quantize import quantize, quantized_file, save_quantized
 from multiar.run_folder import Run, load_run
 from multiar.schema import validate
 
@@ -58,12 +58,12 @@ def validation_loss(model: GPT, run: Run, max_batches: int, batch_size: int) -> 
 
 
 def quantize_run(cfg: DictConfig) -> dict[str, Any]:
-    """Quantize run cfg.run to cfg.mode, write model.int8.safetensors into it, report validation ppl."""
+    """Quantize run cfg.run to cfg.mode, write model.<mode>.safetensors into it, report validation ppl."""
     cfg = validate("quantize", cfg)
     run = load_run(cfg.run, device=cfg.device)
     fp32_loss, tokens = validation_loss(run.model, run, cfg.eval_batches, cfg.batch_size)
     model = quantize(run.model, cfg.mode)
-    path = save_quantized(model, run.path, run.path / "model.safetensors")
+    path = save_quantized(model, run.path, run.path / "model.safetensors", mode=cfg.mode)
     q_loss, _ = validation_loss(model, run, cfg.eval_batches, cfg.batch_size)
     report = {
         "mode": cfg.mode,
@@ -75,7 +75,7 @@ def quantize_run(cfg: DictConfig) -> dict[str, Any]:
     }
     write_new_text(Path(run.path) / "quantize.json", json.dumps(report, indent=1) + "\n", overwrite=True)
     print(
-        f"{run.domain.name}: {INT8_FILE} written; validation ppl fp32 {report['val_ppl_fp32']:.4f}, "
+        f"{run.domain.name}: {quantized_file(cfg.mode)} written; validation ppl fp32 {report['val_ppl_fp32']:.4f}, "
         f"{cfg.mode} {report[f'val_ppl_{cfg.mode}']:.4f} ({100 * report['ppl_change']:+.2f}%) over {tokens} tokens"
     )
     return report

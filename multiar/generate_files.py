@@ -93,14 +93,14 @@ def cut_at_stop(artifact: Any, stop: str | None, start: int = 0) -> Any:
 
 
 def sampling_model(run: Run, mode: str | None, dtype: str, compile: bool = False) -> GPT:
-    """The run's model as sampling should use it: int8 weights (the run's stored copy when it matches,
+    """The run's model as sampling should use it: int8 or int4 weights (the run's stored copy when it matches,
     else converted now), or bf16 where asked or where the hardware runs it fast, else fp32; float
     weights on a CPU packed for oneDNN (about 2x nn.Linear's mat-vec speed: benchmarks/README.md), or
     compiled, where inductor packs them itself."""
     model = run.model
     if mode is not None:
         source = run.path / "model.safetensors"
-        model = load_quantized(model, run.path, source) or quantize(model, mode)
+        model = load_quantized(model, run.path, source, mode) or quantize(model, mode)
         return compile_for_sampling(model) if compile else model
     device = model.wte.weight.device
     if dtype == "bf16" or (dtype == "auto" and bf16_is_fast(device)[0]):

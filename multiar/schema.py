@@ -233,7 +233,7 @@ class GenerateSchema:
     include_prompt: bool = True
     overwrite: bool = False
     device: str = "cpu"
-    quantize: str | None = None  # int8: weight-only int8 (a stored model.int8.safetensors is reused)
+    quantize: str | None = None  # int8 / int4: weight-only (a stored model.<mode>.safetensors is reused)
     dtype: str = "auto"  # auto: bf16 where the hardware runs it fast, else fp32
     compile: bool = False
     draft: str | None = None  # a run folder, or "ngram"
@@ -258,7 +258,11 @@ class GenerateSchema:
     soundfont: str | None = None  # render=wav: the SoundFont (.sf2); default: Debian's FluidR3_GM
 
     def __post_init__(self) -> None:
-        _check(self.quantize in (None, "int8"), "quantize", f"must be int8 or null, got {self.quantize!r}")
+        _check(
+            self.quantize in (None, "int8", "int4"),
+            "quantize",
+            f"must be int8, int4 or null, got {self.quantize!r}",
+        )
         _check(
             self.dtype in ("auto", "fp32", "bf16"), "dtype", f"must be auto, fp32 or bf16, got {self.dtype!r}"
         )
@@ -340,7 +344,7 @@ class QuantizeSchema:
     batch_size: int = 8
 
     def __post_init__(self) -> None:
-        _check(self.mode in ("int8",), "mode", f"must be int8, got {self.mode!r}")
+        _check(self.mode in ("int8", "int4"), "mode", f"must be int8 or int4, got {self.mode!r}")
         _check(self.eval_batches >= 1, "eval_batches", f"must be >= 1, got {self.eval_batches}")
         _check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
 
