@@ -142,7 +142,8 @@ def decode_one_token(model: GPT, token: Tensor, pos: int) -> Tensor:
 def compile_for_sampling(model: GPT) -> GPT:
     """model (in place) with its one-token decode step compiled by torch.compile, gpt-fast style: static
     shapes (per-row tensor positions, attention over the whole cache with a mask), so one graph serves
-    every step and inductor's freezing folds the weights in (packing the linears for oneDNN on a CPU).
+    every step and inductor's freezing folds the weights in (on a CPU it packs fp32 linears for MKL,
+    bf16 ones for oneDNN).
     The KV caches are kept between calls (the graph holds on to them). Prefill and other multi-token
     passes stay eager. The first step compiles (tens of seconds on 2 CPU cores)."""
     model.eval()
