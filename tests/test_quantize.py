@@ -183,3 +183,8 @@ def test_compiled_decode_step_equals_eager_for_aligned_and_ragged_rows():
     for prompts in (ragged, [[1, 5, 9, 2]] * 3):  # per-row (B, 1) positions, then one shared position
         expected = generate(model, prompts=prompts, max_new_tokens=12, temperature=0.0)
         assert generate(compiled, prompts=prompts, max_new_tokens=12, temperature=0.0) == expected
+    # quantized weights compose with it (compile=true quantize=int4)
+    int4 = quantize(copy.deepcopy(model), "int4")
+    expected = generate(int4, prompts=ragged, max_new_tokens=8, temperature=0.0)
+    compiled = compile_for_sampling(quantize(copy.deepcopy(model), "int4"))
+    assert generate(compiled, prompts=ragged, max_new_tokens=8, temperature=0.0) == expected
