@@ -29,13 +29,15 @@ from multiar.precision import cpu_flags
 log = logging.getLogger("multiar")
 
 MODES = ("int8", "int4")
-INT8_FILE = "model.int8.safetensors"
 INT4_GROUP = 32  # input channels sharing one int4 scale and zero point
 
 
 def quantized_file(mode: str) -> str:
     """The file a run stores its `mode` weights in: model.int8.safetensors, model.int4.safetensors."""
     return f"model.{mode}.safetensors"
+
+
+INT8_FILE = quantized_file("int8")
 
 
 class Int8Linear(nn.Module):
@@ -86,7 +88,8 @@ class Int4Linear(nn.Module):
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         self.register_buffer("weight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
         self.register_buffer("scales_and_zeros", torch.zeros(in_features // group_size, out_features, 2))
-        self.packed: Tensor | None = None  # the CPU kernel's layout, built from the buffers
+        self.packed: Tensor | None = None  # the CPU kernel's layout, built from the buffers by pack()
+        self.bf16_scales_and_zeros: Tensor | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = INT4_GROUP) -> Int4Linear:
@@ -186,18 +189,16 @@ def quantize(model: nn.Module, mode: str = "int8", bf16_activations: bool | None
     if mode not in MODES:
         raise ValueError(f"quantize: unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     bf16 = cpu_has_bf16() if bf16_activations is None else bf16_activations
-    if mode == "int4":
-        return _replace_linears(
-            model,
-            lambda lin: Int4Linear.from_linear(lin) if int4_fits(lin) else Int8Linear.from_linear(lin, bf16),
-        )
-    return _replace_linears(model, lambda linear: Int8Linear.from_linear(linear, bf16))
+    return _replace_linears(
+        model,
+        lambda lin: Int4Linear.from_linear(lin) if is_int4(mode, lin) else Int8Linear.from_linear(lin, bf16),
+    )
 
 
-def int4_fits(linear: nn.Module) -> bool:
-    """Whether the int4 kernel takes this layer's shape (output rows in 16s, inputs in whole groups);
-    the others (a 485-token head) are int8 in an int4 model."""
-    return linear.out_features % 16 == 0 and linear.in_features % INT4_GROUP == 0
+def is_int4(mode: str, linear: nn.Module) -> bool:
+    """Whether this layer is int4 in a `mode` model: int4 mode and a shape the int4 kernel takes (output
+    rows in 16s, inputs in whole groups); the others (a 485-token head) are int8 in an int4 model."""
+    return mode == "int4" and linear.out_features % 16 == 0 and linear.in_features % INT4_GROUP == 0
 
 
 def _replace_linears(model: nn.Module, make) -> nn.Module:  # noqa: ANN001
@@ -253,17 +254,14 @@ def load_quantized(model: nn.Module, run_dir: Path, source: Path, mode: str = "i
         raise ValueError(f"{path}: holds mode {meta.get('mode')!r}, not {mode}")
     bf16 = cpu_has_bf16()
     device = next(model.parameters()).device
-    # empty quantized modules, filled from the file: no conversion at load time
-    if mode == "int4":
 
-        def empty(lin: nn.Linear) -> nn.Module:
-            if int4_fits(lin):
-                return Int4Linear(lin.in_features, lin.out_features).to(device)
-            return Int8Linear(lin.in_features, lin.out_features, bf16).to(device)
+    # empty quantized modules (the same kind per layer as quantize makes), filled from the file
+    def empty(lin: nn.Linear) -> nn.Module:
+        if is_int4(mode, lin):
+            return Int4Linear(lin.in_features, lin.out_features).to(device)
+        return Int8Linear(lin.in_features, lin.out_features, bf16).to(device)
 
-        _replace_linears(model, empty)
-    else:
-        _replace_linears(model, lambda lin: Int8Linear(lin.in_features, lin.out_features, bf16).to(device))
+    _replace_linears(model, empty)
     state = load_file(str(path), device=str(device))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or any(not k.startswith("wte.") for k in missing):

@@ -149,11 +149,11 @@ def speculative_generate(
             # rows of one length (always at batch 1) take the model's int-position path: slices, no gathers
             aligned = min(lens) == max(lens)
             if use_model:
-                start = torch.tensor([max(n - 2, 0) for n in lens], device=device)
                 feed = torch.tensor([r[-2:] if len(r) >= 2 else r[-1:] * 2 for r in rows], device=device)
                 if aligned and lens[0] >= 2:  # refeeding the row's last two tokens is idempotent
                     logits = draft(feed, lens[0] - 2, logits_at=-1)[:, -1]
                 else:
+                    start = torch.tensor([max(n - 2, 0) for n in lens], device=device)
                     pos = start[:, None] + torch.arange(2, device=device)  # (B, 2)
                     last = torch.tensor([1 if n >= 2 else 0 for n in lens], device=device)
                     logits = draft(feed, pos, kv_len=kv_len, logits_at=last)[:, -1]
