@@ -1,10 +1,11 @@
-# Two entry points: `make demo` and `make test`. Each creates/updates .venv itself.
+# Entry points: `make demo`, `make test` (the default tier) and `make test-all` (every tier: slow, gpu and
+# browser tests too). Each creates/updates .venv itself.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-all lint bench clean
 
 PIP := $(BIN)/python -m pip install -q --disable-pip-version-check
 TORCH := torch==2.13.0
@@ -35,6 +36,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# -m "" replaces the default run's marker filter (pyproject's addopts): every test, slow, gpu and browser too
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q -m ""
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -57,3 +57,61 @@ def test_wheel_installs_configs_and_bundled_data(tmp_path):
     assert found["conf"].startswith(str(site)) and found["model"] == "small"
     assert len(found["music"]) == 349 and all(p.startswith(str(site)) for p in found["music"])
     assert found["protein"][0].startswith(str(site)) and found["protein"][0].endswith(".fasta.gz")
+
+
+TIERS = """
+import pytest
+
+def test_plain():
+    pass
+
+@pytest.mark.slow
+def test_slow():
+    pass
+
+@pytest.mark.gpu
+def test_gpu():
+    pass
+
+@pytest.mark.browser
+def test_browser():
+    pass
+"""
+
+
+def _collect(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """pytest --collect-only under the project's own pytest settings (pyproject.toml)."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-c",
+            str(ROOT / "pyproject.toml"),
+            "--collect-only",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            *args,
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_test_tiers_default_leaves_out_slow_gpu_and_browser(tmp_path):
+    (tmp_path / "test_tiers.py").write_text(TIERS)
+    default = _collect(tmp_path, str(tmp_path / "test_tiers.py"))
+    assert default.returncode == 0, default.stdout + default.stderr
+    assert "test_plain" in default.stdout
+    assert not any(f"test_{t}" in default.stdout for t in ("slow", "gpu", "browser"))
+    everything = _collect(tmp_path, "-m", "", str(tmp_path / "test_tiers.py"))  # what make test-all runs
+    assert all(f"test_{t}" in everything.stdout for t in ("plain", "slow", "gpu", "browser"))
+    # --strict-markers: a misspelt marker is an error, not a silently default-tier test
+    (tmp_path / "test_typo.py").write_text("import pytest\n\n@pytest.mark.sloww\ndef test_x():\n    pass\n")
+    typo = _collect(tmp_path, str(tmp_path / "test_typo.py"))
+    assert typo.returncode != 0 and "'sloww' not found in `markers`" in typo.stdout + typo.stderr
+    make = subprocess.run(["make", "-n", "test-all"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert make.returncode == 0 and 'pytest -q -m ""' in make.stdout
