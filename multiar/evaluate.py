@@ -5,8 +5,9 @@ run_dir/reference/), bits per byte / residue / note, the same for the validation
 the same documents (the training split's add-one unigram model, the model at initialization), the domain
 metrics of fresh samples; eval.json, eval.md and curves.png. score: the same per document, as a CSV.
 
-Each document is scored on its own ([BOS] ids [EOS], in windows of block_size + 1 like training's packing),
-so a document's figure never depends on which others are evaluated with it.
+Each document is scored on its own, as it was trained ([BOS] tags ids [EOS], the tags as context, in
+windows of block_size + 1 like training's packing: multiar/scoring.py), so a document's figure never
+depends on which others are evaluated with it. A tagged run also reports each figure `untagged`.
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ import io
 import json
 import logging
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,103 +24,23 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from multiar.data import is_validation
-from multiar.domain import Domain, Skips, write_new_file, write_new_text
+from multiar.domain import write_new_file, write_new_text
 from multiar.figures import new_figure, png_bytes
 from multiar.generate_files import unprompted_samples
 from multiar.model import GPT, ModelConfig
-from multiar.reference import read_reference, unigram_log_probs, unigram_nats
+from multiar.reference import (
+    read_documents,
+    read_reference,
+    reference_documents,
+    unigram_log_probs,
+    unigram_nats,
+)
 from multiar.run_folder import Run, load_run
 from multiar.schema import validate
-from multiar.scoring import document_nats
+from multiar.scoring import Documents, score_documents, summary
 from multiar.source import Source
 
 log = logging.getLogger("multiar")
-
-
-@dataclass
-class Documents:
-    keys: list[str]
-    ids: list[list[int]]
-    units: list[int]
-    files_skipped: int = 0
-    records_skipped: int = 0
-
-
-def read_documents(
-    domain: Domain, source: Source, wanted: Callable[[str], bool] | None = None, strict: bool = False
-) -> Documents:
-    """Encoded documents of source (those whose key is wanted, when given); unreadable files and
-    records the tokenizer cannot encode are skipped and counted, as in training."""
-    skips, bad = Skips(), Skips()
-    docs = Documents([], [], [])
-    for key, record in source.records(skips, strict):
-        if wanted is not None and not wanted(key):
-            continue
-        bad.seen += 1
-        try:
-            ids, units = domain.encode(record), domain.units(record)
-        except Exception as err:  # a tokenizer library's failure on one record is that record's
-            if strict:
-                raise ValueError(f"{key}: cannot encode: {err} (data.strict=true)") from err
-            bad.skip(key, f"{type(err).__name__}: {err}")
-            continue
-        docs.keys.append(key)
-        docs.ids.append(ids)
-        docs.units.append(units)
-    if skips.count or bad.count:
-        log.info("%s: %s; %s", domain.name, skips.summary(source.unit), bad.summary("records"))
-    docs.files_skipped, docs.records_skipped = skips.count, bad.count
-    if not docs.ids:
-        raise ValueError(f"{domain.name}: no document to evaluate in {source.root}")
-    return docs
-
-
-def summary(nats: list[float], docs: Documents, unit: str) -> dict[str, Any]:
-    """Loss per token, perplexity, bits and perplexity per natural unit of a set of documents."""
-    total, tokens, units = sum(nats), sum(len(i) + 1 for i in docs.ids), sum(docs.units)
-    return {
-        "loss": total / tokens,
-        "ppl": math.exp(total / tokens),
-        "bits_per_unit": total / max(units, 1) / math.log(2),
-        "ppl_per_unit": math.exp(total / max(units, 1)),
-        "unit": unit,
-        "tokens": tokens,
-        "units": units,
-        "documents": len(docs.ids),
-    }
-
-
-def validation_documents(run: Run, strict: bool = False) -> Documents:
-    """The run's own validation split: the documents it stored the keys of at training time (or, for a
-    streamed run, those of its input whose key hashes into validation)."""
-    ref = read_reference(run.path)["validation"]
-    if "hf_dataset" in ref:
-        hf = ref["hf_dataset"]
-        source = Source(run.domain, hf_dataset=hf["name"], hf_column=hf["column"], hf_split=hf["split"])
-    else:
-        root = Path(ref["root"])
-        missing = [f for f in ref["files"] if not (root / f).exists()]
-        if missing:
-            raise FileNotFoundError(
-                f"{root / missing[0]}: a validation file of {run.path} is gone ({len(missing)} missing)"
-            )
-        source = Source(run.domain, [str(root / f) for f in ref["files"]])
-        source.root = str(root)  # keys relative to the training input's folder, as stored
-    if ref["keys"] is None:
-        fraction = float(ref["val_fraction"])
-        docs = read_documents(run.domain, source, lambda k: is_validation(k, fraction), strict)
-    else:
-        keys = set(ref["keys"])
-        docs = read_documents(run.domain, source, keys.__contains__, strict)
-        if len(docs.keys) != len(keys):
-            log.warning(
-                "%s: %d of %d validation documents found (files changed since training?)",
-                run.path,
-                len(docs.keys),
-                len(keys),
-            )
-    return docs
 
 
 def init_model(run: Run) -> GPT:
@@ -153,6 +72,20 @@ def curves_png(metrics_csv: Path) -> bytes | None:
     return png if plotted else None
 
 
+FIGURES = ("loss", "ppl", "bits_per_unit", "ppl_per_unit", "unit", "tokens", "units", "documents")
+
+
+def scored(model: GPT, run: Run, docs: Documents, batch_size: int) -> dict[str, Any]:
+    """The summary of docs under model as the run trained them (control tags as context); for a tagged
+    run also `untagged`: the same documents without their tags."""
+    d = run.domain
+    result = summary(score_documents(model, docs, d.bos_id, d.eos_id, batch_size), docs, d.unit)
+    if docs.tagged:
+        nats = score_documents(model, docs, d.bos_id, d.eos_id, batch_size, conditioned=False)
+        result["untagged"] = summary(nats, docs, d.unit)
+    return result
+
+
 def eval_run(cfg: DictConfig) -> dict[str, Any]:
     """`multiar eval`: eval.json, eval.md and curves.png in cfg.out (default run_dir/eval/)."""
     cfg = validate("eval", cfg)
@@ -161,14 +94,13 @@ def eval_run(cfg: DictConfig) -> dict[str, Any]:
     out = Path(cfg.out).expanduser() if cfg.out else run.path / "eval"
     if (out / "eval.json").exists() and not cfg.overwrite:
         raise FileExistsError(f"{out / 'eval.json'}: already exists (overwrite=true replaces it)")
-    val_docs = validation_documents(run, cfg.data.strict)
+    val_docs = reference_documents(run.path, domain, cfg.data.strict)
     if cfg.data.paths:
         docs = read_documents(domain, Source(domain, list(cfg.data.paths)), strict=cfg.data.strict)
         source = [str(p) for p in cfg.data.paths]
     else:
         docs, source = val_docs, "the run's validation split"
-    nats = document_nats(run.model, docs.ids, domain.bos_id, domain.eos_id, cfg.batch_size)
-    result = summary(nats, docs, unit) | {
+    result = scored(run.model, run, docs, cfg.batch_size) | {
         "data": source,
         "files_skipped": docs.files_skipped,
         "records_skipped": docs.records_skipped,
@@ -176,20 +108,12 @@ def eval_run(cfg: DictConfig) -> dict[str, Any]:
     log_probs = unigram_log_probs(np.asarray(read_reference(run.path)["unigram"]["counts"]))
     result["unigram"] = summary([unigram_nats(log_probs, ids, domain.eos_id) for ids in docs.ids], docs, unit)
     result["init"] = summary(
-        document_nats(init_model(run), docs.ids, domain.bos_id, domain.eos_id, cfg.batch_size), docs, unit
+        score_documents(init_model(run), docs, domain.bos_id, domain.eos_id, cfg.batch_size), docs, unit
     )
-    result["val"] = (
-        summary(
-            document_nats(run.model, val_docs.ids, domain.bos_id, domain.eos_id, cfg.batch_size),
-            val_docs,
-            unit,
-        )
-        if cfg.data.paths
-        else {
-            k: result[k]
-            for k in ("loss", "ppl", "bits_per_unit", "ppl_per_unit", "unit", "tokens", "units", "documents")
-        }
-    )
+    if cfg.data.paths:
+        result["val"] = scored(run.model, run, val_docs, cfg.batch_size)
+    else:
+        result["val"] = {k: result[k] for k in (*FIGURES, "untagged") if k in result}
     result["metrics"] = (
         unprompted_samples(run.model, domain, cfg.n, cfg.max_new_tokens, cfg.temperature, cfg.seed)[1]
         if cfg.n
@@ -203,8 +127,9 @@ def eval_run(cfg: DictConfig) -> dict[str, Any]:
         write_new_file(out / "curves.png", lambda tmp: tmp.write_bytes(png), overwrite=cfg.overwrite)
     write_new_text(out / "eval.md", report_markdown(result, png is not None), overwrite=cfg.overwrite)
     write_new_text(out / "eval.json", json.dumps(result, indent=1) + "\n", overwrite=cfg.overwrite)
+    untagged = f" (untagged {result['untagged']['ppl']:.3f})" if "untagged" in result else ""
     print(
-        f"{domain.name}: ppl {result['ppl']:.3f}/token, {result['bits_per_unit']:.3f} bits/{unit} on "
+        f"{domain.name}: ppl {result['ppl']:.3f}/token{untagged}, {result['bits_per_unit']:.3f} bits/{unit} on "
         f"{result['documents']} documents; unigram {result['unigram']['ppl']:.3f}, init "
         f"{result['init']['ppl']:.3f}, val {result['val']['ppl']:.3f} -> {out}"
     )
@@ -227,12 +152,15 @@ def report_markdown(r: dict[str, Any], curves: bool) -> str:
         f"| model | loss (nats/token) | ppl/token | bits/{unit} | ppl/{unit} |",
         "|---|---|---|---|---|",
     ]
-    for name, row in (
-        ("this run", r),
+    rows = [("this run" + (" (with each document's tags, as trained)" if "untagged" in r else ""), r)]
+    if "untagged" in r:
+        rows.append(("this run, documents untagged", r["untagged"]))
+    rows += [
         ("unigram (training split, add-one)", r["unigram"]),
         ("at initialization", r["init"]),
         ("this run on its validation split", r["val"]),
-    ):
+    ]
+    for name, row in rows:
         lines.append(
             f"| {name} | {row['loss']:.4f} | {row['ppl']:.3f} | {row['bits_per_unit']:.4f} | "
             f"{row['ppl_per_unit']:.4g} |"
@@ -250,30 +178,40 @@ def report_markdown(r: dict[str, Any], curves: bool) -> str:
 
 def score_run(cfg: DictConfig) -> Path:
     """`multiar score`: one CSV row per document (file, or FASTA record): its log-likelihood, perplexity
-    and bits per natural unit under the run's model."""
+    and bits per natural unit under the run's model, scored as trained (with its control tags); a tagged
+    run's rows also hold the document's tags and its untagged figures."""
     cfg = validate("score", cfg)
     run = load_run(cfg.run, device=cfg.device)
     domain = run.domain
     docs = read_documents(domain, Source(domain, list(cfg.data.paths)), strict=cfg.data.strict)
-    nats = document_nats(run.model, docs.ids, domain.bos_id, domain.eos_id, cfg.batch_size)
+    nats = score_documents(run.model, docs, domain.bos_id, domain.eos_id, cfg.batch_size)
+    untagged = (
+        score_documents(run.model, docs, domain.bos_id, domain.eos_id, cfg.batch_size, conditioned=False)
+        if docs.tagged
+        else None
+    )
     out = Path(cfg.out).expanduser() if cfg.out else run.path / "score.csv"
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(
-        ["document", "tokens", domain.unit + "s", "log_likelihood", "ppl", f"bits_per_{domain.unit}"]
-    )
-    for key, ids, units, value in zip(docs.keys, docs.ids, docs.units, nats, strict=True):
+    unit = domain.unit
+    header = ["document", "tokens", unit + "s", "log_likelihood", "ppl", f"bits_per_{unit}"]
+    if untagged is not None:
+        header += ["tags", "untagged_log_likelihood", "untagged_ppl"]
+    writer.writerow(header)
+    for d, (key, ids, units) in enumerate(zip(docs.keys, docs.ids, docs.units, strict=True)):
         tokens = len(ids) + 1
-        writer.writerow(
-            [
-                key,
-                tokens,
-                units,
-                f"{-value:.4f}",
-                f"{math.exp(value / tokens):.4f}",
-                f"{value / max(units, 1) / math.log(2):.4f}",
-            ]
-        )
+        row = [
+            key,
+            tokens,
+            units,
+            f"{-nats[d]:.4f}",
+            f"{math.exp(nats[d] / tokens):.4f}",
+            f"{nats[d] / max(units, 1) / math.log(2):.4f}",
+        ]
+        if untagged is not None:
+            tags = ",".join(domain.tags_of_ids(docs.conditions[d]))
+            row += [tags, f"{-untagged[d]:.4f}", f"{math.exp(untagged[d] / tokens):.4f}"]
+        writer.writerow(row)
     write_new_text(out, buf.getvalue(), overwrite=cfg.overwrite)
     print(f"{domain.name}: scored {len(docs.keys)} documents -> {out}")
     return out

@@ -112,9 +112,23 @@ class Tagged:
 
     def encode_document(self, key: str, record: Any) -> list[int]:
         """The tags' ids (known tags, in vocabulary order), then the record's ids."""
+        return self.ids_of_tags(self.document_tags(key, record)) + self.base.encode(record)
+
+    def ids_of_tags(self, names: Iterable[str]) -> list[int]:
+        """Ids of the known tags among names, in vocabulary order, as training encodes them; unknown
+        names are left out (a tag outside the run's vocabulary was never trained on)."""
         known = {t: i for i, t in enumerate(self.tags)}
-        ids = sorted(self.first_tag_id + known[t] for t in set(self.document_tags(key, record)) if t in known)
-        return ids + self.base.encode(record)
+        return sorted(self.first_tag_id + known[t] for t in set(names) if t in known)
+
+    def tags_of_ids(self, ids: Iterable[int]) -> list[str]:
+        """The names of the tag ids among ids (a document's encoded head)."""
+        return [self.tags[i - self.first_tag_id] for i in ids if self.first_tag_id <= i < self.vocab_size]
+
+    @property
+    def replayable(self) -> bool:
+        """Whether document_tags can read a document's tags here: a TSV source needs its table, which a
+        loaded run does not keep (its validation tags are stored in reference/ instead)."""
+        return not self.spec.startswith("tsv:") or self.table is not None
 
     def tag_ids(self, text: str | None) -> list[int]:
         """Ids of comma-separated tags (`tags=OX=83333,...`); ConfigError listing the known ones."""

@@ -11,7 +11,6 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_model
@@ -23,9 +22,16 @@ from multiar.domains import DOMAINS, build_domain, load_domain
 from multiar.loggers import build_loggers, check_logger
 from multiar.model import GPT, ModelConfig
 from multiar.precision import resolve_precision
-from multiar.reference import dataset_ids, unigram_counts, write_reference
+from multiar.reference import (
+    dataset_ids,
+    reference_documents,
+    unigram_counts,
+    validation_tags,
+    write_reference,
+)
 from multiar.run_folder import read_run_config, save_run, write_run_config
 from multiar.schema import ConfigError, validate
+from multiar.scoring import score_documents, summary, token_nats
 from multiar.source import Source
 from multiar.streaming import StreamingDataModule, fit_on_first
 from multiar.tags import Tagged
@@ -60,9 +66,9 @@ class LitGPT(L.LightningModule):
         """Mean next-token loss over the real (non-pad) targets of batch, and how many there were."""
         idx, targets = batch[:, :-1], batch[:, 1:]  # (B, T) each
         targets = targets.masked_fill(targets == self.pad_id, -100)
-        logits = self.forward_blocks(idx)  # (B, T, V)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
-        return loss, (targets != -100).sum()
+        count = (targets != -100).sum()
+        loss = token_nats(self.forward_blocks(idx), targets).sum() / count.clamp(min=1)
+        return loss, count
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         loss, _ = self._loss(batch)
@@ -326,7 +332,8 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt: Path | None) -> dict[str, Any]:
             write_reference(run_dir, source, counts, data.val_fraction, keys=None)
         else:
             counts = unigram_counts(dataset_ids(corpus.train), domain.vocab_size, domain.eos_id)
-            write_reference(run_dir, source, counts, data.val_fraction, keys=list(corpus.val["key"]))
+            tags = validation_tags(domain, corpus.val)
+            write_reference(run_dir, source, counts, data.val_fraction, list(corpus.val["key"]), tags)
     model_args = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "name"}
     model_config = ModelConfig(vocab_size=domain.vocab_size, **model_args)  # the one place vocab_size enters
     module = LitGPT(
@@ -399,12 +406,26 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt: Path | None) -> dict[str, Any]:
         "weights_step": best_step,
     }
     if trainer.is_global_zero:
+        config["final"] |= reference_figures(module.model, run_dir, domain, data.batch_size)
         save_run(run_dir, module.model, domain, config)
     print(
         f"{domain.name}: val/loss {metrics['val/loss']:.4f} (ppl {metrics['val/ppl']:.2f}) after "
         f"{trainer.global_step} steps -> {run_dir}"
     )
     return {"run_dir": str(run_dir), **config["final"]}
+
+
+def reference_figures(model: GPT, run_dir: Path, domain: Any, batch_size: int) -> dict[str, float]:
+    """The exported weights on the run's reference documents, scored as `multiar eval` and `multiar
+    quantize` score them (every validation document whole, tags as context): `val_docs/*`. The
+    in-loop `val/loss` is over packed blocks, capped by trainer.limit_val_batches."""
+    docs = reference_documents(run_dir, domain)
+    figures = summary(
+        score_documents(model, docs, domain.bos_id, domain.eos_id, batch_size), docs, domain.unit
+    )
+    return {
+        f"val_docs/{k}": float(figures[k]) for k in ("loss", "ppl", "bits_per_unit", "documents", "tokens")
+    }
 
 
 def _checkpoint_step(path: str) -> int:
