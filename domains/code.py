@@ -51,6 +51,14 @@ def site_packages() -> tuple[list[Path], dict[str, str]]:
     return sorted(files), dict(sorted(licenses.items()))
 
 
+def text_only(tokenizer: Tokenizer) -> Tokenizer:
+    """tokenizer (in place) matching no special token inside text: a file holding `<eos>` or `<pad>` is
+    encoded as the letters it holds (HF `tokenizers` would give the special ids, which the loss skips and
+    decode deletes). The flag is not saved in tokenizer.json: set on every fit and load."""
+    tokenizer.encode_special_tokens = True
+    return tokenizer
+
+
 class CodeDomain:
     name = "code"
     suffixes = (".py",)
@@ -173,7 +181,7 @@ class CodeDomain:
         self.lines = analysis.LineIndex.build(texts)
         if [tokenizer.token_to_id(s) for s in SPECIALS] != [self.pad_id, self.bos_id, self.eos_id]:
             raise RuntimeError("BPE training did not place the special tokens first")
-        self.tokenizer = tokenizer
+        self.tokenizer = text_only(tokenizer)
 
     def encode(self, record: str) -> list[int]:
         return self._trained().encode(record, add_special_tokens=False).ids
@@ -287,7 +295,12 @@ class CodeDomain:
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self._trained().save(str(directory / "tokenizer.json"))
+        # every setting that decides what is read or how it is tokenized: a resumed or fine-tuned run
+        # reloads them (vocab_size and min_frequency: what the tokenizer was fitted with)
         settings = {
+            "vocab_size": self.target_vocab_size,
+            "min_frequency": self.min_frequency,
+            "max_file_bytes": self.max_file_bytes,
             "suffixes": list(self.suffixes),
             "require_parse": self.require_parse,
             "fim_rate": self.fim_rate,
@@ -299,10 +312,16 @@ class CodeDomain:
 
     @classmethod
     def load(cls, directory: Path) -> CodeDomain:
-        tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
-        settings = (
-            json.loads((directory / "code.json").read_text()) if (directory / "code.json").exists() else {}
-        )
-        domain = cls(vocab_size=tokenizer.get_vocab_size(), tokenizer=tokenizer, **settings)
+        tokenizer = text_only(Tokenizer.from_file(str(directory / "tokenizer.json")))
+        path = directory / "code.json"
+        # a folder from an older version holds fewer settings (or none): the missing ones take the defaults
+        settings = json.loads(path.read_text()) if path.exists() else {}
+        if not isinstance(settings, dict):
+            raise ValueError(f"{path}: expected a JSON object of settings, got {type(settings).__name__}")
+        settings.setdefault("vocab_size", tokenizer.get_vocab_size())
+        try:
+            domain = cls(tokenizer=tokenizer, **settings)
+        except TypeError as err:  # a key this version does not know
+            raise ValueError(f"{path}: {err}") from None
         domain.lines_file = directory / "train_lines.npy"
         return domain

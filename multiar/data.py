@@ -30,7 +30,8 @@ from multiar.tags import Tagged
 
 log = logging.getLogger("multiar")
 
-CACHE_FORMAT = 4  # bump when the cached layout or the meaning of its contents changes (4: music train_stats)
+CACHE_FORMAT = 5  # bump when the cached layout or the meaning of its contents changes (4: music train_stats;
+# 5: code encodes special-token text as text, code.json keeps every setting)
 SPLIT_FEATURES = Features({"key": Value("string"), "ids": Sequence(Value("int32")), "val": Value("bool")})
 
 

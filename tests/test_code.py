@@ -312,3 +312,66 @@ def test_the_stateful_constraint_rolls_back_under_speculative_decoding(fim_code_
         assert fast == plain
         rate = stats.as_dict()["acceptance_rate"]
         assert 0 < rate < 1 if draft == "ngram" else rate > 0  # ngram drafts get rejected: rollbacks ran
+
+
+def test_the_saved_domain_keeps_every_setting_and_old_folders_still_load(tmp_path):
+    """Every constructor setting is saved with the run and reloaded (a resumed or fine-tuned run reads
+    the same files, tokenized the same way); a domain/ folder written before the settings were all
+    kept still loads, with the defaults."""
+    import inspect
+
+    from multiar.domains import load_domain
+    from multiar.domains.code import CodeDomain
+
+    settings = {
+        "vocab_size": 300,
+        "min_frequency": 3,
+        "max_file_bytes": 60,
+        "suffixes": [".py", ".pyi"],
+        "require_parse": False,
+        "fim_rate": 0.25,
+        "fim_spm_rate": 0.75,
+    }
+    # a setting added to the constructor must be added here (and to save/load)
+    assert set(inspect.signature(CodeDomain.__init__).parameters) - {"self", "tokenizer"} == set(settings)
+    domain = build_domain("code", settings)
+    domain.fit(["def f(x):\n    return x + 1\n"] * 20)
+    domain.save(tmp_path / "d")
+    loaded = load_domain("code", tmp_path / "d")
+    kept = {k: getattr(loaded, "target_vocab_size" if k == "vocab_size" else k) for k in settings}
+    assert kept == {**settings, "suffixes": (".py", ".pyi")}
+    big = tmp_path / "big.py"
+    big.write_text("x = 1\n" * 20)  # 120 bytes: over the run's max_file_bytes
+    with pytest.raises(ValueError, match="over max_file_bytes=60"):
+        list(loaded.read(big))
+
+    # a folder from before: code.json with the four settings it held then, or none at all
+    old = json.loads((tmp_path / "d" / "code.json").read_text())
+    for keep in (["suffixes", "require_parse", "fim_rate", "fim_spm_rate"], None):
+        if keep is None:
+            (tmp_path / "d" / "code.json").unlink()
+        else:
+            (tmp_path / "d" / "code.json").write_text(json.dumps({k: old[k] for k in keep}))
+        loaded = load_domain("code", tmp_path / "d")
+        assert loaded.max_file_bytes == 1_000_000 and loaded.vocab_size == domain.vocab_size
+        assert loaded.encode("def g(y):\n    return y\n") == domain.encode("def g(y):\n    return y\n")
+
+
+def test_special_token_text_inside_a_file_is_encoded_as_text(tmp_path):
+    """A file holding `<eos>`, `<pad>`, `<fim_middle>` ... as text round-trips byte for byte, and its ids
+    hold no special id (PAD would fall out of the loss, decode would delete it), fitted or reloaded."""
+    from multiar.domains import load_domain
+    from multiar.domains.code import SPECIALS
+    from multiar.fim import FIM_TOKENS
+
+    domain = build_domain("code", {"vocab_size": 400, "fim_rate": 0.5})
+    texts = [f.read_text(encoding="utf-8") for f in bundled_files("code", 10)]
+    domain.fit(texts)
+    special = set(range(len(SPECIALS))) | set(domain.fim_ids)
+    assert len(special) == len(SPECIALS) + len(FIM_TOKENS)
+    text = "".join(f"s{i} = '{t}'\n" for i, t in enumerate(SPECIALS + FIM_TOKENS)) + "# a<eos>b<pad>\n"
+    domain.save(tmp_path / "d")
+    for d in (domain, load_domain("code", tmp_path / "d")):
+        ids = d.encode(text)
+        assert not special & set(ids)
+        assert d.decode(ids) == (text, 0)
