@@ -100,6 +100,9 @@ def test_quantize_reports_eval_s_perplexity_on_a_tsv_tagged_run(tmp_path):
     result = eval_run(load_config("eval", [f"run={run}", "n=0"]))
     assert report["val_tokens"] == result["tokens"] and report["val_documents"] == result["documents"]
     assert report["val_ppl_fp32"] == pytest.approx(result["ppl"], rel=1e-9)
+    final = load_run(run).config["final"]  # the run's own final figure: the same documents, as trained
+    assert final["val_docs/ppl"] == pytest.approx(result["ppl"], rel=1e-6)
+    assert final["val_docs/tokens"] == result["tokens"]
 
 
 def test_score_of_a_tagged_run_uses_each_document_s_tags_and_shows_the_untagged_figure(tmp_path):
