@@ -13,8 +13,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from multiar.config import config_dir, load_config
-from multiar.schema import ConfigError
+from multiar.config import compose_config, config_dir, load_config
+from multiar.schema import SCHEMAS, ConfigError, describe
 
 log = logging.getLogger("multiar")
 
@@ -95,7 +95,7 @@ COMMANDS: dict[str, tuple[str, Callable[[DictConfig], Any], str]] = {
     "quantize": (
         "quantize",
         cmd_quantize,
-        "int8 weights into the run, validation ppl beside fp32's: multiar quantize run=runs/p",
+        "int8 (or mode=int4) weights into the run, validation ppl beside fp32's: multiar quantize run=runs/p",
     ),
     "export": (
         "export",
@@ -119,7 +119,10 @@ COMMANDS: dict[str, tuple[str, Callable[[DictConfig], Any], str]] = {
 def usage() -> str:
     lines = ["usage: multiar <command> [key=value ...]", "", "commands:"]
     lines += [f"  {name:9s} {doc}" for name, (_, _, doc) in COMMANDS.items()]
-    lines += ["", "multiar <command> --help prints that command's config with its defaults."]
+    lines += [
+        "",
+        "multiar <command> --help lists that command's keys: value (defaults, or as overridden), what it does.",
+    ]
     lines += [f"configs: {config_dir()}"]
     return "\n".join(lines)
 
@@ -149,11 +152,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             multirun(config_name, run, [o for o in overrides if o not in sweep])
             return 0
-        cfg = load_config(config_name, [o for o in overrides if o not in ("-h", "--help", *sweep)])
+        given = [o for o in overrides if o not in ("-h", "--help", *sweep)]
         if "-h" in overrides or "--help" in overrides:
-            print(OmegaConf.to_yaml(cfg))
+            print(command_help(command, given))
             return 0
-        run(cfg)
+        run(load_config(config_name, given))
     except ConfigError as err:  # arguments and config: what to change, before any heavy work
         print(f"multiar {command}: {one_line(err)}", file=sys.stderr)
         return 2
@@ -162,6 +165,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"multiar {command}: {one_line(err)}", file=sys.stderr)
         return 1
     return 0
+
+
+def command_help(command: str, overrides: Sequence[str]) -> str:
+    """`multiar <command> --help`: one line per key with its value (the default, or as overridden) and
+    what it does, from the schema's field docs."""
+    config_name, _, summary = COMMANDS[command]
+    cfg = compose_config(config_name, overrides)
+    if config_name not in SCHEMAS:
+        return OmegaConf.to_yaml(cfg)
+    rows = [(key, _show(value), text) for key, value, text in describe(config_name, cfg)]
+    width = max(len(key) for key, _, _ in rows)
+    values = min(24, max(len("value"), *(len(value) for _, value, _ in rows)))
+    lines = [f"multiar {command}: {summary}", "", f"{'key':{width}}  {'value':{values}}  what it does"]
+    lines += [f"{key:{width}}  {value:{values}}  {text}" for key, value, text in rows]
+    return "\n".join(lines)
+
+
+def _show(value: Any) -> str:
+    """A config value as it is written on the command line (null, true, [a, b])."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_show(v)}" for k, v in value.items()) + "}"
+    return repr(value) if isinstance(value, str) and (value != value.strip() or not value) else str(value)
 
 
 def one_line(err: BaseException) -> str:

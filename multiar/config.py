@@ -54,12 +54,18 @@ def _quote_free_text(overrides: Sequence[str]) -> list[str]:
     return out
 
 
-def load_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:
-    """Compose conf/<name>.yaml with key=value overrides, as the CLI does, and check it against the
-    command's typed schema: any bad override or value is a ConfigError of one line."""
+def hydra_overrides(overrides: Sequence[str]) -> list[str]:
+    """key=value overrides as Hydra's grammar takes them: `experiment=NAME` as `+experiment=NAME` (the
+    recipes are no default of the train config, so Hydra itself takes only the + form), free text quoted."""
+    return _quote_free_text(["+" + o if o.startswith("experiment=") else o for o in overrides])
+
+
+def compose_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """conf/<name>.yaml composed with key=value overrides by Hydra, not yet checked against the schema;
+    a bad override is a ConfigError of one line."""
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            cfg = compose(config_name=name, overrides=_quote_free_text(overrides))
+            return compose(config_name=name, overrides=hydra_overrides(overrides))
     except ConfigError:
         raise
     except Exception as err:  # Hydra's override-grammar and composition errors
@@ -67,4 +73,9 @@ def load_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:
         if message.startswith("Could not override"):
             message += " No such key: `multiar <command> --help` lists the keys."
         raise ConfigError(f"bad arguments: {message}") from None
-    return validate(name, cfg)
+
+
+def load_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """Compose conf/<name>.yaml with key=value overrides, as the CLI does, and check it against the
+    command's typed schema: any bad override or value is a ConfigError of one line."""
+    return validate(name, compose_config(name, overrides))

@@ -24,7 +24,7 @@ from safetensors.torch import load_model, save_model
 
 from multiar.domain import Domain, write_new_file, write_new_text
 from multiar.model import GPT, ModelConfig
-from multiar.schema import ConfigError
+from multiar.schema import ConfigError, resolve_device
 
 FORMAT_VERSION = 1
 
@@ -79,7 +79,8 @@ def read_run_config(run_dir: str | Path) -> dict[str, Any]:
 
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> Run:
-    """Rebuild model and domain from a run folder; plain YAML and safetensors only, nothing unpickled."""
+    """Rebuild model and domain from a run folder, on device (auto: cuda when a GPU answers, else cpu);
+    plain YAML and safetensors only, nothing unpickled."""
     from multiar.domains import load_domain  # the registry; imported here so the core stays domain-free
 
     run_dir = Path(run_dir).expanduser()
@@ -105,5 +106,5 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> Run:
         raise ValueError(
             f"{run_dir / 'model.safetensors'}: not loadable safetensors weights ({first})"
         ) from None
-    model.to(device).eval()
+    model.to(resolve_device(device) if isinstance(device, str) else device).eval()
     return Run(model, domain, config, run_dir)

@@ -2,14 +2,17 @@
 when a config is composed, before any heavy work, as one `ConfigError` line that says what to change.
 
 Each command's YAML (conf/<name>.yaml) is merged into a dataclass schema with OmegaConf (types and
-unknown keys), then instantiated once so the dataclasses' `__post_init__` checks ranges.
+unknown keys), then instantiated once so the dataclasses' `__post_init__` checks ranges. Every field
+carries its help text (`doc`): `multiar <command> --help` prints each key, its value and that text.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any
+import re
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from typing import Any, get_type_hints
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
@@ -24,20 +27,51 @@ def _check(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+def doc(
+    help: str, default: Any = MISSING, *, factory: Callable[[], Any] | Any = MISSING, each: str = ""
+) -> Any:
+    """A dataclass field with its help text; `each` documents the entries of a free-form dict field."""
+    return field(default=default, default_factory=factory, metadata={"help": help, "each": each})
+
+
+DEVICE_HELP = "auto: cuda when a GPU answers, else cpu; or cpu, cuda, cuda:N"
+
+
+def resolve_device(device: str) -> str:
+    """A real torch device for `device`: auto is cuda when a GPU answers, else cpu; others as given."""
+    if device != "auto":
+        return device
+    import torch  # only here: composing a config does not need torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _check_device(device: str) -> None:
+    _check(
+        re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device) is not None,
+        "device",
+        f"must be auto, cpu, cuda or cuda:N, got {device!r}",
+    )
+
+
 @dataclass
 class DomainSchema:
-    name: str = "protein"
-    settings: dict[str, Any] = field(default_factory=dict)  # the domain class checks its own settings
+    name: str = doc("the domain: music, code or protein (domain=NAME picks conf/domain/NAME.yaml)", "protein")
+    settings: dict[str, Any] = doc(
+        "the domain's own settings (the domain class checks them)",
+        factory=dict,
+        each="a domain setting (conf/domain/<domain>.yaml says what it does)",
+    )
 
 
 @dataclass
 class ModelSchema:
-    name: str = "tiny"
-    block_size: int = 512
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    dropout: float = 0.0
+    name: str = doc("the preset's name (model=tiny|small|base picks conf/model/NAME.yaml)", "tiny")
+    block_size: int = doc("context length in tokens (the training window)", 512)
+    n_layer: int = doc("transformer blocks", 4)
+    n_head: int = doc("attention heads per block", 4)
+    n_embd: int = doc("embedding width (n_embd / n_head: an even head size, for rotary positions)", 128)
+    dropout: float = doc("dropout rate while training", 0.0)
 
     def __post_init__(self) -> None:
         for key in ("block_size", "n_layer", "n_head", "n_embd"):
@@ -52,24 +86,32 @@ class ModelSchema:
 
 @dataclass
 class DataSchema:
-    paths: list[str] | None = None
-    corpus: str | None = None  # a bundled corpus of the domain (protein: ecoli, yeast, ecoli+yeast)
-    tags: str | None = None  # control tags: header:FIELD, folder, file or tsv:PATH
-    tag_dropout: float = 0.2  # share of training documents whose tags are left out
-    max_tags: int = 256  # the most frequent tags of the training documents get a token
-    augment: dict[str, Any] | None = None  # music: shifted copies of training pieces, {pitch: [-2, 2], ...}
-    max_documents: int | None = None
-    val_fraction: float = 0.05
-    batch_size: int = 16
-    num_workers: int = 0
-    cache_dir: str = "~/.cache/multiar"
-    strict: bool = False  # the first unreadable file or record is an error instead of skipped
-    hf_dataset: str | None = None
-    hf_column: str | None = None
-    hf_split: str = "train"
-    streaming: bool = False
-    fit_documents: int = 10000
-    shuffle_buffer: int = 1000
+    paths: list[str] | None = doc("files or folders to train on; null: the domain's bundled data", None)
+    corpus: str | None = doc(
+        "a bundled corpus: protein ecoli (default), yeast, ecoli+yeast; music chorales (default), "
+        "pop909; code stdlib (default), site-packages",
+        None,
+    )
+    tags: str | None = doc("control tags: header:FIELD (protein header:OX), folder, file or tsv:PATH", None)
+    tag_dropout: float = doc("share of training documents packed without their tags", 0.2)
+    max_tags: int = doc("the most frequent training tags get a token", 256)
+    augment: dict[str, Any] | None = doc(
+        "music: shifted copies of each training piece, {pitch: [-2, 2], velocity: [-4], duration: [0.25]}",
+        None,
+        each="music augmentation offsets",
+    )
+    max_documents: int | None = doc("keep the first N documents in sorted file order; null: all", None)
+    val_fraction: float = doc("share of documents (by a hash of their key) held out for validation", 0.05)
+    batch_size: int = doc("training windows per batch (per rank)", 16)
+    num_workers: int = doc("DataLoader worker processes", 0)
+    cache_dir: str = doc("the token cache ($MULTIAR_CACHE, else ~/.cache/multiar)", "~/.cache/multiar")
+    strict: bool = doc("the first unreadable file or record is an error instead of skipped", False)
+    hf_dataset: str | None = doc("an HF dataset instead of files: a save_to_disk folder or a hub name", None)
+    hf_column: str | None = doc("the HF dataset's column holding the documents", None)
+    hf_split: str = doc("the HF dataset's split", "train")
+    streaming: bool = doc("tokenize and pack on the fly (no cache, no duplicate removal)", False)
+    fit_documents: int = doc("streaming: the tokenizer is fitted on the first N training documents", 10000)
+    shuffle_buffer: int = doc("streaming: blocks are shuffled within a buffer of this many", 1000)
 
     def __post_init__(self) -> None:
         _check(
@@ -117,11 +159,15 @@ class DataSchema:
 
 @dataclass
 class OptimSchema:
-    lr: float = 3e-3
-    weight_decay: float = 0.1
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    warmup_steps: int = 50
-    min_lr_ratio: float = 0.1
+    lr: float = doc("peak learning rate (AdamW) after warmup; each model preset sets its own", 3e-3)
+    weight_decay: float = doc(
+        "AdamW weight decay of the matrices (linears, embedding); norm gains get none", 0.1
+    )
+    betas: list[float] = doc("AdamW betas", factory=lambda: [0.9, 0.95])
+    warmup_steps: int = doc(
+        "linear warmup steps, then a cosine decay to lr x min_lr_ratio at trainer.max_steps", 50
+    )
+    min_lr_ratio: float = doc("the cosine schedule ends at lr x this", 0.1)
 
     def __post_init__(self) -> None:
         _check(self.lr > 0 and math.isfinite(self.lr), "optim.lr", f"must be > 0, got {self.lr}")
@@ -139,8 +185,8 @@ class OptimSchema:
 
 @dataclass
 class EarlyStopSchema:
-    patience: int | None = None
-    min_delta: float = 0.0
+    patience: int | None = doc("stop after this many validations without a better val/loss; null: off", None)
+    min_delta: float = doc("the least val/loss improvement that counts", 0.0)
 
     def __post_init__(self) -> None:
         _check(
@@ -153,10 +199,12 @@ class EarlyStopSchema:
 
 @dataclass
 class SamplesSchema:
-    every_n_steps: int = 500
-    n: int = 2
-    max_new_tokens: int = 64
-    temperature: float = 1.0
+    every_n_steps: int = doc(
+        "samples under run_dir/samples/step_N/ every N steps and at the end; 0: off", 500
+    )
+    n: int = doc("samples each time", 2)
+    max_new_tokens: int = doc("new tokens per sample", 64)
+    temperature: float = doc("sampling temperature (0: greedy)", 1.0)
 
     def __post_init__(self) -> None:
         _check(
@@ -175,22 +223,32 @@ PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "1
 
 @dataclass
 class TrainSchema:
-    domain: DomainSchema = field(default_factory=DomainSchema)
-    model: ModelSchema = field(default_factory=ModelSchema)
-    trainer: dict[str, Any] = field(default_factory=dict)  # Lightning Trainer arguments, checked below
-    run_dir: str = "runs/run"
-    seed: int = 1337
-    overwrite: bool = False
-    ckpt_path: str | None = None
-    data: DataSchema = field(default_factory=DataSchema)
-    optim: OptimSchema = field(default_factory=OptimSchema)
-    init_from: str | None = None
-    weights: str = "best"
-    precision: str = "auto"
-    compile: bool = False
-    early_stop: EarlyStopSchema = field(default_factory=EarlyStopSchema)
-    samples: SamplesSchema = field(default_factory=SamplesSchema)
-    logger: dict[str, Any] = field(default_factory=lambda: {"name": "csv"})
+    domain: DomainSchema = doc("the domain", factory=DomainSchema)
+    model: ModelSchema = doc("the transformer's shape", factory=ModelSchema)
+    trainer: dict[str, Any] = doc(
+        "Lightning Trainer arguments (trainer=cpu|gpu|ddp|fsdp picks conf/trainer/NAME.yaml)",
+        factory=dict,
+        each="a Lightning Trainer argument (any one passes through)",
+    )
+    run_dir: str = doc("the run folder written", "runs/run")
+    seed: int = doc("random seed (weights, data order)", 1337)
+    overwrite: bool = doc("replace a finished run in run_dir", False)
+    ckpt_path: str | None = doc("last: resume from run_dir/checkpoints/last.ckpt", None)
+    data: DataSchema = doc("the training data", factory=DataSchema)
+    optim: OptimSchema = doc("the optimizer", factory=OptimSchema)
+    init_from: str | None = doc("a finished run: start from its weights and tokenizer, fresh optimizer", None)
+    weights: str = doc("what model.safetensors holds: best (lowest val/loss) or last", "best")
+    precision: str = doc(
+        "auto: bf16-mixed where bf16 matmuls are faster here, else 32-true (trainer.precision wins)", "auto"
+    )
+    compile: bool = doc("torch.compile the model for training", False)
+    early_stop: EarlyStopSchema = doc("early stopping on val/loss", factory=EarlyStopSchema)
+    samples: SamplesSchema = doc("samples while training", factory=SamplesSchema)
+    logger: dict[str, Any] = doc(
+        "where metrics go besides metrics.csv (logger=csv|tensorboard|wandb|mlflow)",
+        factory=lambda: {"name": "csv"},
+        each="a setting of the logger",
+    )
 
     def __post_init__(self) -> None:
         _check(self.weights in ("best", "last"), "weights", f"must be best or last, got {self.weights!r}")
@@ -213,51 +271,58 @@ class TrainSchema:
 
 @dataclass
 class GenerateSchema:
-    run: str = "???"
-    out: str | None = None
-    n: int = 8
-    batch_size: int = 8
-    max_new_tokens: int = 256
-    min_new_tokens: int = 1
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    repetition_window: int = 64
-    stop: str | None = None
-    stop_ids: list[list[int]] = field(default_factory=list)
-    seed: int = 1
-    prompt: str | None = None
-    prompt_file: str | None = None
-    include_prompt: bool = True
-    overwrite: bool = False
-    device: str = "cpu"
-    quantize: str | None = None  # int8 / int4: weight-only (a stored model.<mode>.safetensors is reused)
-    dtype: str = "auto"  # auto: bf16 where the hardware runs it fast, else fp32
-    compile: bool = False
-    draft: str | None = None  # a run folder, or "ngram"
-    speculate_k: int = 4
-    ngram: int = 3
-    tags: str | None = None  # control tags, comma-separated (a run trained with data.tags)
-    min_len: int | None = None  # in the domain's units (protein residues), prompt included
-    max_len: int | None = None
-    template: str | None = None  # a sequence to redesign, keeping the `fixed` positions
-    fixed: str | None = None  # 1-based positions of the template: 1-20,45,60-70
-    rank_by: str | None = None  # ppl: score every sample with the model, rank the ones passing filters
-    top: int | None = None  # with rank_by: write the best `top` under out/top/
-    filters: dict[str, Any] = field(default_factory=dict)  # the domain's sample filters (protein)
-    constrain: bool = True  # sample under the domain's grammar constraint (music, code)
-    resample_invalid: int = 0  # re-draw a sample the domain judges invalid (code: no parse), up to K times
-    stop_at: str | None = None  # a domain's stopping rule: code's "block" (the end of the definition)
-    prompt_prefix: str | None = None  # fill in the middle between prompt_prefix and prompt_suffix
-    prompt_suffix: str | None = None
-    infill: str | None = None  # a file whose text <FILL> marks the gap to fill
-    prompt_bars: int | None = None  # music: continue only the first bars of the prompt file
-    render: str | None = None  # music: wav writes a WAV beside each .mid (fluidsynth + a GM SoundFont)
-    soundfont: str | None = None  # render=wav: the SoundFont (.sf2); default: Debian's FluidR3_GM
+    run: str = doc("the run folder to sample from (multiar train's run_dir)", "???")
+    out: str | None = doc("folder for the files; null: outputs/<domain>/", None)
+    n: int = doc("samples (per prompt with prompt_file)", 8)
+    batch_size: int = doc("samples decoded together", 8)
+    max_new_tokens: int = doc("new tokens per sample; past block_size the window slides", 256)
+    min_new_tokens: int = doc("EOS is not sampled before this many new tokens", 1)
+    temperature: float = doc("sampling temperature; 0 is greedy", 1.0)
+    top_k: int = doc("keep the k most likely tokens; 0 is off", 0)
+    top_p: float = doc("nucleus sampling: keep the most likely tokens up to this mass; 1.0 is off", 1.0)
+    min_p: float = doc("keep tokens with probability >= min_p x the most likely one; 0 is off", 0.0)
+    repetition_penalty: float = doc("> 1 discourages ids seen in the last repetition_window tokens", 1.0)
+    repetition_window: int = doc("how many recent tokens repetition_penalty looks at", 64)
+    stop: str | None = doc("free text: a row ends when its output reaches it (not written)", None)
+    stop_ids: list[list[int]] = doc("token-id sequences that end a row, e.g. [[12,7],[3]]", factory=list)
+    seed: int = doc("random seed: the same seed and settings write the same files", 1)
+    prompt: str | None = doc("music: a .mid file to continue; code: text; protein: a residue prefix", None)
+    prompt_file: str | None = doc("one prompt per line (music: MIDI paths); n samples of each", None)
+    include_prompt: bool = doc("written files hold prompt + continuation", True)
+    overwrite: bool = doc("replace existing output files", False)
+    device: str = doc(DEVICE_HELP, "auto")
+    quantize: str | None = doc(
+        "int8 or int4 (group-wise) weight-only; a stored model.<mode>.safetensors is reused", None
+    )
+    dtype: str = doc("auto (bf16 on a bf16 GPU or an AMX CPU, else fp32), fp32 or bf16", "auto")
+    compile: bool = doc("torch.compile the one-token decode step", False)
+    draft: str | None = doc("speculative decoding: a smaller run with the same tokenizer, or ngram", None)
+    speculate_k: int = doc("draft tokens checked per target step", 4)
+    ngram: int = doc("draft=ngram: match the last this-many tokens", 3)
+    tags: str | None = doc(
+        "control tags, comma-separated (a run trained with data.tags): tags=OX=83333", None
+    )
+    min_len: int | None = doc("protein: EOS is masked before this many residues (prompt included)", None)
+    max_len: int | None = doc("protein: a sample reaching this many residues is cut there", None)
+    template: str | None = doc("protein: a sequence to redesign, sampled at its length", None)
+    fixed: str | None = doc("the template's 1-based positions kept: 1-20,45,60-70", None)
+    rank_by: str | None = doc("ppl: score every sample with the model, rank those passing the filters", None)
+    top: int | None = doc("with rank_by: the best `top` samples are also written under <out>/top/", None)
+    filters: dict[str, Any] = doc(
+        "protein: which samples pass (rank_by ranks only those)", factory=dict, each="a protein sample filter"
+    )
+    constrain: bool = doc("sample under the domain's grammar: music's token types, code's syntax", True)
+    resample_invalid: int = doc("code: re-draw a sample that does not parse, up to this many times", 0)
+    stop_at: str | None = doc("code: block ends a sample at the end of its top-level definition", None)
+    prompt_prefix: str | None = doc("fill in the middle: the text before the gap", None)
+    prompt_suffix: str | None = doc("fill in the middle: the text after the gap", None)
+    infill: str | None = doc("fill in the middle: a file whose text <FILL> marks the gap", None)
+    prompt_bars: int | None = doc("music: continue only the first bars of prompt=file.mid", None)
+    render: str | None = doc("music: wav also writes sample_NNN.wav (fluidsynth and a GM SoundFont)", None)
+    soundfont: str | None = doc("render=wav: the .sf2; null: /usr/share/sounds/sf2/FluidR3_GM.sf2", None)
 
     def __post_init__(self) -> None:
+        _check_device(self.device)
         _check(
             self.quantize in (None, "int8", "int4"),
             "quantize",
@@ -337,13 +402,18 @@ class GenerateSchema:
 
 @dataclass
 class QuantizeSchema:
-    run: str = "???"
-    mode: str = "int8"
-    device: str = "cpu"
-    eval_batches: int = 20
-    batch_size: int = 8
+    run: str = doc("the run folder whose weights are quantized", "???")
+    mode: str = doc(
+        "int8 (per output channel) or int4 (4-bit, a scale and zero point per 32 input channels; "
+        "a layer the int4 kernel cannot take stays int8): writes model.<mode>.safetensors",
+        "int8",
+    )
+    device: str = doc(DEVICE_HELP, "auto")
+    eval_batches: int = doc("validation batches for the perplexity comparison", 20)
+    batch_size: int = doc("windows per validation batch", 8)
 
     def __post_init__(self) -> None:
+        _check_device(self.device)
         _check(self.mode in ("int8", "int4"), "mode", f"must be int8 or int4, got {self.mode!r}")
         _check(self.eval_batches >= 1, "eval_batches", f"must be >= 1, got {self.eval_batches}")
         _check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
@@ -351,10 +421,10 @@ class QuantizeSchema:
 
 @dataclass
 class ExportSchema:
-    run: str = "???"
-    format: str = "hf"
-    out: str = "???"
-    overwrite: bool = False
+    run: str = doc("the run folder to export", "???")
+    format: str = doc("hf: a transformers LlamaForCausalLM folder", "hf")
+    out: str = doc("the folder written", "???")
+    overwrite: bool = doc("replace an existing folder", False)
 
     def __post_init__(self) -> None:
         _check(
@@ -364,24 +434,25 @@ class ExportSchema:
 
 @dataclass
 class EvalDataSchema:
-    paths: list[str] | None = None
-    strict: bool = False
+    paths: list[str] | None = doc("files or folders to evaluate; null: the run's own validation split", None)
+    strict: bool = doc("the first unreadable file or record is an error instead of skipped", False)
 
 
 @dataclass
 class EvalSchema:
-    run: str = "???"
-    data: EvalDataSchema = field(default_factory=EvalDataSchema)
-    out: str | None = None
-    n: int = 8
-    max_new_tokens: int = 256
-    temperature: float = 1.0
-    seed: int = 1
-    batch_size: int = 16
-    device: str = "cpu"
-    overwrite: bool = False
+    run: str = doc("the run folder to evaluate", "???")
+    data: EvalDataSchema = doc("the documents scored", factory=EvalDataSchema)
+    out: str | None = doc("folder for eval.json, eval.md, curves.png; null: <run>/eval/", None)
+    n: int = doc("fresh samples whose domain metrics are reported; 0 is off", 8)
+    max_new_tokens: int = doc("new tokens per fresh sample", 256)
+    temperature: float = doc("the fresh samples' temperature", 1.0)
+    seed: int = doc("random seed of the fresh samples", 1)
+    batch_size: int = doc("windows scored together", 16)
+    device: str = doc(DEVICE_HELP, "auto")
+    overwrite: bool = doc("replace an existing report", False)
 
     def __post_init__(self) -> None:
+        _check_device(self.device)
         _check(self.n >= 0, "n", f"must be >= 0 (0 is off), got {self.n}")
         _check(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
         _check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
@@ -390,31 +461,36 @@ class EvalSchema:
 
 @dataclass
 class ScoreDataSchema:
-    paths: list[str] = "???"  # type: ignore[assignment]
-    strict: bool = False
+    paths: list[str] = doc("files or folders to score: one CSV row per document", "???")
+    strict: bool = doc("the first unreadable file or record is an error instead of skipped", False)
 
 
 @dataclass
 class ScoreSchema:
-    run: str = "???"
-    data: ScoreDataSchema = field(default_factory=ScoreDataSchema)
-    out: str | None = None
-    batch_size: int = 16
-    device: str = "cpu"
-    overwrite: bool = False
+    run: str = doc("the run folder whose model scores", "???")
+    data: ScoreDataSchema = doc("the documents scored", factory=ScoreDataSchema)
+    out: str | None = doc("the CSV; null: <run>/score.csv", None)
+    batch_size: int = doc("windows scored together", 16)
+    device: str = doc(DEVICE_HELP, "auto")
+    overwrite: bool = doc("replace an existing CSV", False)
 
     def __post_init__(self) -> None:
+        _check_device(self.device)
         _check(bool(self.data.paths), "data.paths", "give the files or folders to score")
         _check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
 
 
 @dataclass
 class DemoSchema:
-    out: str = "outputs/demo"
-    runs: str = "runs/demo"
-    domains: list[str] = field(default_factory=list)
-    train_overrides: dict[str, list[str]] = field(default_factory=dict)
-    generate: dict[str, dict[str, Any]] = field(default_factory=dict)
+    out: str = doc("samples are written under out/<domain>/", "outputs/demo")
+    runs: str = doc("run folders are written under runs/<domain>/", "runs/demo")
+    domains: list[str] = doc("the domains trained, one tiny model each", factory=list)
+    train_overrides: dict[str, list[str]] = doc(
+        "per domain: train overrides on top of conf/train.yaml", factory=dict, each="train overrides"
+    )
+    generate: dict[str, dict[str, Any]] = doc(
+        "per domain: generate settings", factory=dict, each="a generate setting (multiar generate --help)"
+    )
 
 
 SCHEMAS: dict[str, type] = {
@@ -436,23 +512,69 @@ def _trainer_keys() -> set[str]:
     return set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
 
 
+def _typed(schema: type, cfg: DictConfig) -> DictConfig:
+    """cfg merged into the schema's structured config: types and unknown keys checked, or ConfigError."""
+    try:
+        return OmegaConf.merge(OmegaConf.structured(schema), cfg)
+    except OmegaConfBaseException as err:
+        raise _config_error(err) from None
+
+
+def _config_error(err: OmegaConfBaseException) -> ConfigError:
+    key = getattr(err, "full_key", None)
+    message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return ConfigError(f"{key}: {message}" if key and not message.startswith(str(key)) else message)
+
+
 def validate(name: str, cfg: DictConfig) -> DictConfig:
-    """cfg checked against the schema of command `name`: the typed DictConfig, or ConfigError."""
+    """cfg checked against the schema of command `name`: the typed DictConfig, or ConfigError.
+    `device: auto` becomes the device it stands for, so later code gets a real one."""
     schema = SCHEMAS.get(name)
     if schema is None:
         return cfg
+    typed = _typed(schema, cfg)
     try:
-        typed = OmegaConf.merge(OmegaConf.structured(schema), cfg)
         OmegaConf.to_object(typed)  # runs the range checks in __post_init__
     except MissingMandatoryValue as err:
         raise ConfigError(f"{getattr(err, 'full_key', '') or 'a key'}: missing mandatory value") from None
     except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None)
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(
-            f"{key}: {message}" if key and not message.startswith(str(key)) else message
-        ) from None
+        raise _config_error(err) from None
     if name == "train":
         unknown = sorted(set(typed.trainer) - _trainer_keys())
         _check(not unknown, "trainer", f"unknown Lightning Trainer argument(s): {', '.join(unknown)}")
+    if "device" in typed:
+        typed.device = resolve_device(typed.device)
     return typed
+
+
+def describe(name: str, cfg: DictConfig) -> list[tuple[str, Any, str]]:
+    """(key, value, help) for every key of command `name`'s config, the help from the schema's fields;
+    types are checked, mandatory values may still be missing (???)."""
+    schema = SCHEMAS[name]
+    values = OmegaConf.to_container(_typed(schema, cfg), resolve=True, throw_on_missing=False)
+    rows: list[tuple[str, Any, str]] = []
+
+    def walk(node: dict[str, Any], schema: type, prefix: str) -> None:
+        hints, docs = get_type_hints(schema), {f.name: f.metadata for f in fields(schema)}
+        for key, value in node.items():
+            meta, kind = docs[key], hints[key]
+            if is_dataclass(kind) and isinstance(value, dict):
+                walk(value, kind, f"{prefix}{key}.")
+            elif isinstance(value, dict) and value and meta["each"]:
+                rows.extend((f"{prefix}{key}.{k}", v, meta["each"]) for k, v in _leaves(value))
+            else:
+                rows.append((f"{prefix}{key}", value, meta["help"]))
+
+    walk(values, schema, "")
+    return rows
+
+
+def _leaves(node: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """A nested dict's leaves as (dotted key, value)."""
+    out: list[tuple[str, Any]] = []
+    for key, value in node.items():
+        if isinstance(value, dict) and value:
+            out += _leaves(value, f"{prefix}{key}.")
+        else:
+            out.append((f"{prefix}{key}", value))
+    return out

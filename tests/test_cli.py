@@ -15,13 +15,15 @@ import torch
 import torch.nn.functional as F
 import yaml
 from Bio import SeqIO
-from conftest import TINY
+from conftest import TINY, copy_fixture_run
+from hooks import hooked_env
+from omegaconf import OmegaConf
 
-from multiar.callbacks import RANK_RECORD_ENV
 from multiar.config import config_dir, load_config
 from multiar.data import pack_dataset, prepare_corpus
 from multiar.model import ModelConfig
 from multiar.run_folder import load_run
+from multiar.schema import ConfigError
 
 MULTIAR = str(Path(sys.executable).parent / "multiar")
 
@@ -184,7 +186,7 @@ def test_ddp_on_two_cpu_processes_writes_one_run(tmp_path):
     ]
     record = tmp_path / "ranks"
     record.mkdir()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", RANK_RECORD_ENV: str(record)}
+    env = hooked_env(MULTIAR_TEST_RANK_RECORD=str(record))  # tests/hooks/sitecustomize.py records each rank
     out = subprocess.run([MULTIAR, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("protein: val/loss") == 2  # both ranks finished
@@ -231,3 +233,56 @@ def test_multirun_trains_each_combination_into_its_own_folder(tmp_path):
         assert (tmp_path / "sweep" / name / "model.safetensors").exists()
     bad = run_cli(["train", "-m", "domain=protein,nope"], tmp_path)
     assert bad.returncode == 2 and "Could not find 'domain/nope'" in bad.stderr
+
+
+def test_experiment_composes_with_or_without_plus():
+    for recipe in ("protein_cpu", "code_cpu", "music_cpu", "music_pop909_cpu"):
+        bare = load_config("train", [f"experiment={recipe}", "trainer.max_steps=7"])
+        plus = load_config("train", [f"+experiment={recipe}", "trainer.max_steps=7"])
+        assert OmegaConf.to_container(bare) == OmegaConf.to_container(plus)
+        assert bare.run_dir == f"runs/{recipe}" and bare.trainer.max_steps == 7
+
+
+def _help(command: str, capsys, *overrides: str) -> dict[str, tuple[str, str]]:
+    """`multiar <command> --help` as {key: (value, help)}, from the table it prints."""
+    from multiar.cli import main
+
+    assert main([command, "--help", *overrides]) == 0
+    rows = {}
+    for line in capsys.readouterr().out.splitlines():
+        parts = line.split(None, 2)
+        if len(parts) == 3 and "=" not in parts[0] and (parts[0][0].islower()):
+            rows[parts[0]] = (parts[1], parts[2])
+    return rows
+
+
+def test_help_names_every_key_with_what_it_does(capsys):
+    train = _help("train", capsys, "model=small")
+    assert train["optim.lr"][1].startswith("peak learning rate")
+    assert train["model.n_layer"] == ("6", "transformer blocks")  # the composed value, with its help
+    assert "Lightning Trainer argument" in train["trainer.max_steps"][1]
+    generate = _help("generate", capsys)  # run=??? is no error for --help
+    assert generate["run"][0] == "???" and "run folder" in generate["run"][1]
+    assert "nucleus" in generate["top_p"][1] and generate["device"][0] == "auto"
+    quantize = _help("quantize", capsys)
+    assert quantize["mode"][0] == "int8" and "int4" in quantize["mode"][1]
+    for command in ("train", "generate", "quantize", "eval", "score", "export", "demo"):
+        rows = _help(command, capsys)
+        assert rows and all(help_text.strip() for _, help_text in rows.values()), command
+
+
+def test_device_auto_resolves_to_a_real_device(tmp_path):
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    for command, args in [
+        ("generate", ["run=r"]),
+        ("eval", ["run=r"]),
+        ("score", ["run=r", "data.paths=[a.fasta]"]),
+        ("quantize", ["run=r"]),
+    ]:
+        assert load_config(command, args).device == expected  # the default is auto
+        assert load_config(command, [*args, "device=auto"]).device == expected
+        assert load_config(command, [*args, "device=cpu"]).device == "cpu"
+    with pytest.raises(ConfigError, match="device: must be auto, cpu, cuda or cuda:N, got 'gpu'"):
+        load_config("generate", ["run=r", "device=gpu"])
+    run = load_run(copy_fixture_run(tmp_path), device="auto")
+    assert run.model.wte.weight.device.type == expected
