@@ -4,10 +4,7 @@ samples written and scored while training runs."""
 from __future__ import annotations
 
 import csv
-import hashlib
-import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -101,30 +98,3 @@ class TrainingSamples(L.Callback):
             ", ".join(f"{k} {v:.3g}" for k, v in metrics.items()),
         )
         return metrics
-
-
-RANK_RECORD_ENV = "MULTIAR_TEST_RANK_RECORD"  # tests: a folder where each rank records what it saw
-
-
-class RankRecord(L.Callback):
-    """For the DDP test (set by RANK_RECORD_ENV): each rank writes rank_<N>.json with a digest of every
-    training batch it drew and of its final weights, so a test can see that ranks drew different
-    batches and that the saved model is rank 0's."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder, self.batches = folder, []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
-        self.batches.append(hashlib.sha256(batch.cpu().numpy().tobytes()).hexdigest()[:16])
-
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        h = hashlib.sha256()
-        for name, t in sorted(pl_module.model.state_dict().items()):
-            h.update(name.encode() + t.detach().float().cpu().numpy().tobytes())
-        record = {"rank": trainer.global_rank, "batches": self.batches, "weights": h.hexdigest()}
-        (self.folder / f"rank_{trainer.global_rank}.json").write_text(json.dumps(record))
-
-
-def rank_record() -> RankRecord | None:
-    folder = os.environ.get(RANK_RECORD_ENV)
-    return RankRecord(Path(folder)) if folder else None

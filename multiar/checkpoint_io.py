@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import os
-import signal
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -19,17 +18,9 @@ from lightning.fabric.plugins.io import TorchCheckpointIO
 
 from multiar.domain import file_mode
 
-# Test hook: kill this process with SIGKILL half-way through its N-th checkpoint write, so a test
-# can reach "killed during a checkpoint write" without depending on timing.
-KILL_DURING_WRITE_ENV = "MULTIAR_TEST_KILL_IN_CHECKPOINT_WRITE"
-
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """TorchCheckpointIO whose saves are atomic renames of fsynced files and whose loads never unpickle code."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.writes = 0
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         path = Path(path)
@@ -37,15 +28,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
         data = buffer.getbuffer()
-        self.writes += 1
-        kill_at = int(os.environ.get(KILL_DURING_WRITE_ENV, "0") or 0)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as f:
-                if self.writes == kill_at:
-                    f.write(data[: len(data) // 2])
-                    f.flush()
-                    os.kill(os.getpid(), signal.SIGKILL)
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())

@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_model
 
-from multiar.callbacks import ResumedCurve, TrainingSamples, rank_record
+from multiar.callbacks import ResumedCurve, TrainingSamples
 from multiar.checkpoint_io import AtomicCheckpointIO, remove_stale_temporaries
 from multiar.data import BlockDataModule, prepare_corpus
 from multiar.domains import DOMAINS, build_domain, load_domain
@@ -367,8 +367,6 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt: Path | None) -> dict[str, Any]:
                 cfg.seed,
             )
         )
-    if (record := rank_record()) is not None:
-        callbacks.append(record)
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     if trainer_args.get("precision") is None:
         trainer_args["precision"], why = resolve_precision(

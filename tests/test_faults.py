@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY, copy_fixture_run
+from hooks import hooked_env
 
-from multiar.checkpoint_io import KILL_DURING_WRITE_ENV
+import multiar
 from multiar.cli import main
 from multiar.config import load_config
 from multiar.schema import ConfigError
@@ -41,7 +42,7 @@ def code_folder(tmp_path: Path, k: int = 30) -> Path:
 
 
 def cli(args, cwd, env_extra=None, timeout=300):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
+    env = hooked_env(**(env_extra or {}))  # the test-side hooks, each off unless its variable is set
     return subprocess.run([MULTIAR, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -52,6 +53,12 @@ def train_rows(metrics_csv: Path) -> list[tuple[int, float]]:
 
 def resumed_step(stderr: str) -> int:
     return int(re.search(r"resumed at step (\d+)", stderr).group(1))
+
+
+def test_the_package_holds_no_test_hooks():
+    # hooks that tests need live in tests/hooks (a sitecustomize on the subprocess's PYTHONPATH)
+    package = Path(multiar.__file__).parent
+    assert [p.name for p in sorted(package.rglob("*.py")) if "MULTIAR_TEST" in p.read_text()] == []
 
 
 def test_killed_during_a_checkpoint_write_resumes_from_the_last_whole_one_with_its_own_tokenizer(tmp_path):
@@ -67,7 +74,7 @@ def test_killed_during_a_checkpoint_write_resumes_from_the_last_whole_one_with_i
         *TINY,
     ]
     # the 3rd checkpoint write (after best.ckpt and last.ckpt at step 5) is cut half-way by SIGKILL
-    killed = cli(args, tmp_path, {KILL_DURING_WRITE_ENV: "3"})
+    killed = cli(args, tmp_path, {"MULTIAR_TEST_KILL_IN_CHECKPOINT_WRITE": "3"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     run = tmp_path / "run"
     tokenizer = (run / "domain" / "tokenizer.json").read_bytes()  # saved before the first step
