@@ -12,6 +12,10 @@ error from the row's state. Most of that is fixed per token and checked once (it
 successions); what depends on the state is checked with vectors over the vocabulary (the first base
 token's type, the first Position's value), and the few tokens whose validity depends on more (a
 MIDILike NoteOff, a pitch under `remove_duplicated_notes`) are replayed one by one.
+
+miditok's private `_tokens_errors` and `_ids_to_bytes` are looked up once (`private_api`); a version
+without them gets a public path (the public `tokens_errors`, miditok's documented default byte of an id)
+and one warning line.
 """
 
 from __future__ import annotations
@@ -19,9 +23,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import cache
+from importlib.metadata import version
 
 import miditok
 import torch
+from miditok.constants import CHR_ID_START
 from symusic import Note, Score, TimeSignature, Track
 from torch import Tensor
 
@@ -31,6 +38,34 @@ log = logging.getLogger("multiar")
 
 NOTE_TYPES = {"Pitch", "NoteOn", "PitchDrum", "DrumOn"}
 TIME_RESETS = {"TimeShift", "Time-Shift", "Rest"}
+
+
+@cache
+def private_api(name: str, instead: str) -> Callable | None:
+    """miditok's private `MusicTokenizer.<name>` when this miditok has it, else None with one warning
+    line naming it and the public path taken `instead`."""
+    found = getattr(miditok.MusicTokenizer, name, None)
+    if found is None:
+        log.warning("miditok %s has no MusicTokenizer.%s: %s", version("miditok"), name, instead)
+    return found
+
+
+def own_error_rules(tokenizer: miditok.MusicTokenizer) -> bool:
+    """Whether the tokenizer's class counts errors its own way, not by MusicTokenizer's rules (which
+    MusicState replays): it overrides the public `tokens_errors` or the private `_tokens_errors`."""
+    cls = type(tokenizer)
+    if cls.tokens_errors is not miditok.MusicTokenizer.tokens_errors:
+        return True
+    base = private_api("_tokens_errors", "the music constraint judges tokenizers by tokens_errors alone")
+    return base is not None and getattr(cls, "_tokens_errors", base) is not base
+
+
+def ids_to_bytes(tokenizer: miditok.MusicTokenizer, sequences: list[list[int]]) -> list[str]:
+    """Each sequence of base ids as one string of miditok's bytes (one character per id): what its BPE
+    is trained on."""
+    if private_api("_ids_to_bytes", "ids become chr(id + CHR_ID_START), add_to_vocab's default") is not None:
+        return [tokenizer._ids_to_bytes(ids, as_one_str=True) for ids in sequences]
+    return ["".join(chr(i + CHR_ID_START) for i in ids) for ids in sequences]
 
 
 @dataclass(frozen=True)
@@ -113,8 +148,7 @@ class MusicGrammar:
     def __init__(self, tokenizer: miditok.MusicTokenizer, vocab_size: int, special_ids: set[int]) -> None:
         self.graph = {k: {n.split("_")[0] for n in v} for k, v in tokenizer.tokens_types_graph.items()}
         self.midi_like = isinstance(tokenizer, miditok.MIDILike)
-        own_rules = type(tokenizer)._tokens_errors
-        self.exact = self.midi_like or own_rules is miditok.MusicTokenizer._tokens_errors
+        self.exact = self.midi_like or not own_error_rules(tokenizer)
         if tokenizer.config.use_pitch_intervals:
             self.exact = False
         if not self.exact:
@@ -231,4 +265,6 @@ def base_tokens(tokenizer: miditok.MusicTokenizer, i: int) -> list[str]:
     """The base tokens one id stands for: itself, or a BPE token's pieces."""
     if not tokenizer.is_trained:
         return [tokenizer[i]]
-    return list(tokenizer._vocab_learned_bytes_to_tokens[tokenizer._model.id_to_token(i)])
+    seq = miditok.TokSequence(ids=[i], are_ids_encoded=True)
+    tokenizer.decode_token_ids(seq)  # public: sets the base tokens
+    return list(seq.tokens)

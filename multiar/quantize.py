@@ -8,6 +8,10 @@ int4: 4-bit codes with a scale and zero point per 32 input channels (`Int4Linear
 `torch._weight_int4pack_mm_for_cpu`. The quantized weights can be stored in a run folder
 (`model.int8.safetensors`, `model.int4.safetensors`) with a hash of the weights they came from, so later
 loads skip the conversion; a stale file is ignored with a warning.
+
+These kernels (and oneDNN's packed Linear) are private PyTorch APIs that some versions `torch>=2.4` admits
+lack: each is looked up once (`private_api`), and where one is missing the layer takes a public path
+(dequantize per call through F.linear; nn.Linear for the decode layout) with one warning line.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -40,6 +46,36 @@ def quantized_file(mode: str) -> str:
 INT8_FILE = quantized_file("int8")
 
 
+@cache
+def private_api(owner: str, name: str, instead: str) -> Callable | None:
+    """The private PyTorch function `owner.name` (owner: "torch" or "torch.ops.mkldnn") when this PyTorch
+    has it, else None with one warning line naming it and the public path taken `instead`."""
+    found = getattr(torch.ops.mkldnn if owner == "torch.ops.mkldnn" else torch, name, None)
+    if found is None:
+        log.warning("%s.%s is missing in torch %s: %s", owner, name, torch.__version__, instead)
+    return found
+
+
+def _int8_kernel() -> Callable | None:
+    return private_api("torch", "_weight_int8pack_mm", "int8 layers dequantize per call (slower)")
+
+
+def _int4_kernels() -> tuple[Callable, Callable] | None:
+    """(convert, mat-mul) of the int4 CPU kernel, or None where either is missing."""
+    instead = "int4 layers dequantize per call (slower)"
+    convert = private_api("torch", "_convert_weight_to_int4pack_for_cpu", instead)
+    mm = private_api("torch", "_weight_int4pack_mm_for_cpu", instead)
+    return (convert, mm) if convert is not None and mm is not None else None
+
+
+def _onednn_ops() -> tuple[Callable, Callable] | None:
+    """(reorder, linear) of oneDNN's packed Linear, or None where either is missing."""
+    instead = "sampling keeps nn.Linear (slower on CPU)"
+    reorder = private_api("torch.ops.mkldnn", "_reorder_linear_weight", instead)
+    linear = private_api("torch.ops.mkldnn", "_linear_pointwise", instead)
+    return (reorder, linear) if reorder is not None and linear is not None else None
+
+
 class Int8Linear(nn.Module):
     """y = x @ (q * scale).T with q int8 (out, in) and scale (out,): weight-only int8, no bias."""
 
@@ -49,6 +85,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scales", torch.ones(out_features, dtype=torch.float32))
         self.bf16_activations = bf16_activations
+        self.kernel = _int8_kernel()  # looked up here, not per call: compiled code calls it directly
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bf16_activations: bool) -> Int8Linear:
@@ -65,10 +102,10 @@ class Int8Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (N, in)
-        if x2.device.type == "cpu":
+        if x2.device.type == "cpu" and self.kernel is not None:
             act = torch.bfloat16 if self.bf16_activations else x.dtype
-            y = torch._weight_int8pack_mm(x2.to(act), self.weight, self.scales.to(act))
-        else:  # no int8 kernel assumed: dequantize on the fly (still a quarter of the bytes to keep)
+            y = self.kernel(x2.to(act), self.weight, self.scales.to(act))
+        else:  # no int8 kernel: dequantize on the fly (still a quarter of the bytes to keep)
             y = F.linear(x2, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
@@ -77,7 +114,8 @@ class Int4Linear(nn.Module):
     """y = x @ dequant(q).T with q 4-bit (out, in), one scale and zero point per INT4_GROUP input channels
     of each output row (asymmetric, w = q * scale + min): an eighth of fp32's bytes. The buffers hold two
     values a byte (portable, what model.int4.safetensors stores); on a CPU they are repacked once for
-    `torch._weight_int4pack_mm_for_cpu` (bf16 activations), elsewhere dequantized per call."""
+    `torch._weight_int4pack_mm_for_cpu` (bf16 activations), elsewhere (or without that kernel)
+    dequantized per call."""
 
     def __init__(self, in_features: int, out_features: int, group_size: int = INT4_GROUP) -> None:
         super().__init__()
@@ -90,6 +128,7 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales_and_zeros", torch.zeros(in_features // group_size, out_features, 2))
         self.packed: Tensor | None = None  # the CPU kernel's layout, built from the buffers by pack()
         self.bf16_scales_and_zeros: Tensor | None = None
+        self.kernel: Callable | None = None  # the CPU kernel's mat-mul, with packed
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = INT4_GROUP) -> Int4Linear:
@@ -120,18 +159,17 @@ class Int4Linear(nn.Module):
 
     def pack(self) -> Int4Linear:
         """Build the CPU kernel's layout from the buffers (after from_linear or a load)."""
-        if self.weight.device.type == "cpu":
-            self.packed = torch._convert_weight_to_int4pack_for_cpu(self.codes(), 1)
+        if self.weight.device.type == "cpu" and (kernels := _int4_kernels()) is not None:
+            self.packed = kernels[0](self.codes(), 1)
             self.bf16_scales_and_zeros = self.scales_and_zeros.to(torch.bfloat16)
+            self.kernel = kernels[1]
         return self
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (N, in)
-        if self.packed is not None:
-            y = torch._weight_int4pack_mm_for_cpu(
-                x2.to(torch.bfloat16), self.packed, self.group_size, self.bf16_scales_and_zeros
-            )
+        if self.kernel is not None:  # pack() found the kernels
+            y = self.kernel(x2.to(torch.bfloat16), self.packed, self.group_size, self.bf16_scales_and_zeros)
         else:
             y = F.linear(x2, self.dequantized().to(x.dtype))
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
@@ -147,27 +185,32 @@ class PackedLinear(nn.Module):
     """y = x @ w.T with w held in oneDNN's blocked layout (packed once, for up to 8 rows): the mat-vec of
     batch-1 decode streams it at ~2x nn.Linear's speed on CPU, and a few rows at once (batch 8, a
     speculative verify pass of k + 1 tokens) cost little more than one (benchmarks/README.md). fp32 or
-    bf16, as the Linear was. For sampling only: the packed weight is no buffer and not in state_dict."""
+    bf16, as the Linear was. For sampling only: the packed weight is no buffer and not in state_dict.
+    Made only where PyTorch has the oneDNN ops (decode_layout checks)."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         if linear.bias is not None:
             raise ValueError("PackedLinear holds no bias; multiar's model has none")
+        ops = _onednn_ops()
+        if ops is None:
+            raise RuntimeError("PackedLinear: this PyTorch lacks oneDNN's packed Linear ops")
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), PACK_ROWS)
+        self.packed = ops[0](linear.weight.detach(), PACK_ROWS)
+        self.kernel = ops[1]
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+        return self.kernel(x, self.packed, None, "none", [], "")
 
 
 def decode_layout(model: nn.Module) -> nn.Module:
     """model (in place) with its Linears as PackedLinears where that is faster (bf16, and fp32 weights
     of 512 KiB or more): sampling at full speed on CPU. GPUs gain nothing from it, and a CPU without
-    oneDNN keeps nn.Linear."""
+    oneDNN (or a PyTorch without its packed-Linear ops) keeps nn.Linear."""
     weight = next(model.parameters())
     if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return model
-    if weight.dtype not in (torch.float32, torch.bfloat16):
+    if weight.dtype not in (torch.float32, torch.bfloat16) or _onednn_ops() is None:
         return model
 
     def pack(linear: nn.Linear) -> nn.Module:

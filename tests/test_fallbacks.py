@@ -1,0 +1,153 @@
+"""Private library APIs (PyTorch kernels, miditok internals) are checked once: where a version lacks
+one, a public path is taken with one warning line naming what is missing, and results stay the same.
+Each test hides the API and compares with what the installed version computes through it."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import types
+
+import miditok
+import pytest
+import torch
+from conftest import bundled_files
+
+from multiar import quantize as q
+from multiar.domains import music_grammar
+from multiar.domains.music import MusicDomain
+from multiar.generate import generate
+from multiar.model import GPT, ModelConfig
+
+
+def recheck() -> None:
+    """Forget which APIs were found (they are looked up once per process): after hiding one."""
+    for module in (q, music_grammar):
+        module.private_api.cache_clear()
+
+
+@pytest.fixture(autouse=True)
+def fresh_checks():
+    recheck()
+    yield
+    recheck()
+
+
+def warnings_naming(caplog: pytest.LogCaptureFixture, name: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if name in r.getMessage()]
+
+
+def test_int8_without_its_kernel_dequantizes_per_call_with_one_warning(monkeypatch, caplog):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 96, bias=False)
+    x = torch.randn(4, 7, 256)
+    with torch.no_grad():
+        kernel = {bf16: q.Int8Linear.from_linear(linear, bf16)(x) for bf16 in (True, False)}
+        monkeypatch.delattr(torch, "_weight_int8pack_mm")
+        recheck()
+        with caplog.at_level(logging.WARNING, logger="multiar"):
+            for bf16 in (True, False):
+                layer = q.Int8Linear.from_linear(linear, bf16)
+                out = layer(x)
+                layer(x)
+                # the same int8 weights: within the kernel's bf16 rounding of the activations
+                rel = (out - kernel[bf16]).norm() / kernel[bf16].norm()
+                assert rel < (1e-2 if bf16 else 1e-5), (bf16, rel)
+                exact = x @ (layer.weight.float() * layer.scales[:, None]).t()
+                torch.testing.assert_close(out, exact, rtol=1e-5, atol=1e-5)
+    assert len(warnings_naming(caplog, "torch._weight_int8pack_mm")) == 1
+
+
+@pytest.mark.parametrize("hidden", ["_weight_int4pack_mm_for_cpu", "_convert_weight_to_int4pack_for_cpu"])
+def test_int4_without_its_kernels_dequantizes_per_call(monkeypatch, caplog, hidden):
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=48, block_size=64, n_layer=2, n_head=2, n_embd=64)).eval()
+    idx = torch.randint(0, 48, (2, 12))
+    with torch.no_grad():
+        kernel_model = q.quantize(copy.deepcopy(model), "int4")
+        kernel = kernel_model(idx)
+        monkeypatch.delattr(torch, hidden)
+        recheck()
+        with caplog.at_level(logging.WARNING, logger="multiar"):
+            fallback_model = q.quantize(copy.deepcopy(model), "int4")
+            layers = [m for m in fallback_model.modules() if isinstance(m, q.Int4Linear)]
+            assert layers and all(m.packed is None for m in layers)
+            out = fallback_model(idx)
+    assert len(warnings_naming(caplog, hidden)) == 1
+    # the same codes, computed in fp32 instead of the kernel's bf16
+    assert (out - kernel).norm() / kernel.norm() < 1e-2
+    assert generate(fallback_model, idx, 6, temperature=0.0) == generate(
+        kernel_model, idx, 6, temperature=0.0
+    )
+
+
+@pytest.mark.parametrize("hidden", ["_reorder_linear_weight", "_linear_pointwise"])
+def test_the_decode_layout_keeps_nn_linear_without_the_onednn_ops(monkeypatch, caplog, hidden):
+    torch.manual_seed(1)
+    model = GPT(ModelConfig(vocab_size=64, block_size=64, n_layer=1, n_head=4, n_embd=512)).eval()
+    present = {"_reorder_linear_weight", "_linear_pointwise"} - {hidden}
+    fake = types.SimpleNamespace(**{name: getattr(torch.ops.mkldnn, name) for name in present})
+    monkeypatch.setattr(torch.ops, "mkldnn", fake)
+    recheck()
+    with caplog.at_level(logging.WARNING, logger="multiar"):
+        laid = q.decode_layout(copy.deepcopy(model))
+        q.decode_layout(copy.deepcopy(model))
+    assert not any(isinstance(m, q.PackedLinear) for m in laid.modules())
+    assert len(warnings_naming(caplog, f"torch.ops.mkldnn.{hidden}")) == 1
+    idx = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(laid(idx), model(idx))
+
+
+@pytest.fixture(scope="module")
+def bpe_music() -> MusicDomain:
+    domain = MusicDomain("REMI", {"use_programs": True}, bpe_vocab_size=500)
+    domain.fit([next(domain.read(f)) for f in bundled_files("music", 10)])
+    return domain
+
+
+def test_bpe_training_bytes_without_mididoks_private_converter(monkeypatch, caplog, bpe_music):
+    tokenizer = bpe_music.tokenizer
+    bars = [[5, 9, 40], [7], [3, 3, 60, 100]]
+    expected = tokenizer._ids_to_bytes(bars, as_one_str=True)
+    assert music_grammar.ids_to_bytes(tokenizer, bars) == expected
+    monkeypatch.delattr(miditok.MusicTokenizer, "_ids_to_bytes")
+    recheck()
+    with caplog.at_level(logging.WARNING, logger="multiar"):
+        assert music_grammar.ids_to_bytes(tokenizer, bars) == expected
+        assert music_grammar.ids_to_bytes(tokenizer, []) == []
+    assert len(warnings_naming(caplog, "_ids_to_bytes")) == 1
+
+
+def test_bpe_tokens_are_split_into_base_tokens_through_miditoks_public_api(bpe_music):
+    """base_tokens of a BPE piece's ids, joined, are the piece's base tokens (no private table used)."""
+    tokenizer = bpe_music.tokenizer
+    score = next(bpe_music.read(bundled_files("music", 11)[-1]))
+    ids = bpe_music.encode(score)
+    assert max(ids) >= 300  # learned tokens
+    base = tokenizer(score, encode_ids=False).tokens
+    assert [t for i in ids for t in music_grammar.base_tokens(tokenizer, i)] == base
+
+
+def test_the_grammar_without_mididoks_private_error_count_judges_by_the_public_one(monkeypatch, caplog):
+    domain = MusicDomain("REMI", {"use_programs": True})
+    exact = domain.grammar
+    assert exact.exact
+    monkeypatch.delattr(miditok.MusicTokenizer, "_tokens_errors")
+    recheck()
+    with caplog.at_level(logging.WARNING, logger="multiar"):
+        again = MusicDomain("REMI", {"use_programs": True}).grammar
+        MusicDomain("TSD", {"use_programs": True}).grammar  # noqa: B018 - one warning in all
+    assert len(warnings_naming(caplog, "_tokens_errors")) == 1
+    # REMI keeps miditok's own count (its public tokens_errors is the base class's): the same masks
+    assert again.exact and torch.equal(again.fixed_ok, exact.fixed_ok)
+    state = again.state(domain.encode(next(domain.read(bundled_files("music", 1)[0])))[:15])
+    assert torch.equal(again.allowed(state, domain.eos_id), exact.allowed(state, domain.eos_id))
+
+    class OwnRules(miditok.REMI):  # a tokenizer with its own public count: only types are checked
+        def tokens_errors(self, tokens):  # noqa: ANN001, ANN202
+            return 0.0
+
+    tokenizer = OwnRules(miditok.TokenizerConfig(use_programs=True))
+    grammar = music_grammar.MusicGrammar(tokenizer, len(tokenizer), {0, 1, 2})
+    assert not grammar.exact
