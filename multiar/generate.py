@@ -9,6 +9,8 @@ row's ids. Knows no domain.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
@@ -16,6 +18,8 @@ import torch
 from torch import Tensor
 
 from multiar.model import GPT
+
+log = logging.getLogger("multiar")
 
 # (ids so far (B, t), logits for the next token (B, V)) -> logits (B, V); -inf bans a token
 LogitsProcessor = Callable[[Tensor, Tensor], Tensor]
@@ -107,7 +111,8 @@ def draw(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """One index per row of probs (..., V): an exponential race instead of torch.multinomial, the same
     distribution without a host sync."""
     noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
-    return (probs / noise).argmax(dim=-1)
+    # a sample of exactly 0 would make p / noise inf, or NaN for p = 0, which argmax takes as largest
+    return (probs / noise.clamp_min(torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
 
 
 _penalize_repeats = repetition_penalty  # `stream` has an argument of that name
@@ -139,6 +144,19 @@ def decode_one_token(model: GPT, token: Tensor, pos: int) -> Tensor:
     return model(token, pos)[:, -1]
 
 
+def freezing_context() -> contextlib.AbstractContextManager:
+    """What turns on inductor's freezing around a compiled call: its private config switch where this
+    torch has it, else nothing (one warning line; the graph then reads the weights as inputs)."""
+    try:
+        import torch._inductor.config as config
+    except ImportError:
+        config = None
+    if not (hasattr(config, "patch") and hasattr(config, "freezing")):
+        log.warning("torch._inductor.config.freezing is missing in this torch: compiling without freezing")
+        return contextlib.nullcontext()
+    return config.patch(freezing=True)
+
+
 def compile_for_sampling(model: GPT) -> GPT:
     """model (in place) with its one-token decode step compiled by torch.compile, gpt-fast style: static
     shapes (per-row tensor positions, attention over the whole cache with a mask), so one graph serves
@@ -150,6 +168,7 @@ def compile_for_sampling(model: GPT) -> GPT:
     model.keep_caches = True
     eager = model.forward
     step = torch.compile(eager, dynamic=False)
+    freezing = freezing_context()  # re-entered at every call
 
     def forward(idx: Tensor, input_pos: int | Tensor | None = None, **kwargs) -> Tensor:
         if input_pos is None or idx.size(1) != 1 or kwargs.get("logits_at") is not None:
@@ -158,7 +177,7 @@ def compile_for_sampling(model: GPT) -> GPT:
             input_pos = torch.tensor([input_pos], device=idx.device)
         # freezing for this graph only (compile's options= did not apply it, torch 2.13); it is read
         # when a call compiles, so the patch is around every call
-        with torch._inductor.config.patch(freezing=True):
+        with freezing:
             return step(idx, input_pos, kv_len=model.max_seq_length)
 
     model.forward = forward
@@ -203,9 +222,20 @@ def extend_row(row: list[int], token: int, eos_id: int | None, stops: Sequence[l
     return False
 
 
+def window_tail(ids: list[int], keep: int, window_starts: Sequence[bool] | None = None) -> list[int]:
+    """The last `keep` ids as a training window past a document's first begins: no BOS or tags put
+    back; with window_starts (per id), from the first id a window may start at, when one is there."""
+    tail = ids[-keep:]
+    if window_starts is not None:
+        first = next((j for j, i in enumerate(tail) if 0 <= i < len(window_starts) and window_starts[i]), 0)
+        tail = tail[first:]
+    return tail
+
+
 class Token(NamedTuple):
     """One streamed event: row `row` produced `token`; token None means the row has finished, and
-    `end` says why: "eos", "stop" (a stop sequence) or "length" (max_new_tokens)."""
+    `end` says why: "eos", "stop" (a stop sequence), "length" (max_new_tokens) or "no_valid_token"
+    (the logits processors banned every token)."""
 
     row: int
     token: int | None
@@ -230,6 +260,7 @@ def stream(
     processors: Sequence[LogitsProcessor] = (),
     generator: torch.Generator | None = None,
     window_keep: int | None = None,
+    window_starts: Sequence[bool] | None = None,
     should_stop: Callable[[int, list[int]], bool] | None = None,
 ) -> Iterator[Token]:
     """Continue each prompt row, yielding Token(row, id) as tokens are produced and Token(row, None)
@@ -237,11 +268,14 @@ def stream(
     a row holds back as many tokens as the longest stop sequence minus one until they cannot start one.
 
     should_stop(row, new ids so far) ends a row when it says so (end "stop"): a rule on the decoded
-    text, such as the end of a code block. Rows may have different lengths (a list of id lists): each
+    text, such as the end of a code block. A row whose processors ban every token ends there (end
+    "no_valid_token"); the others go on. Rows may have different lengths (a list of id lists): each
     gets its own positions in the cache.
     Longer than the context: when prompt + new tokens pass block_size, the window slides: the cache is
-    refilled with each row's first token (BOS) and its last `window_keep` ids (default block_size // 2),
-    and decoding goes on after them, so a piece can be longer than the model's training windows.
+    refilled with each row's last `window_keep` ids (default block_size // 2), and decoding goes on
+    after them, so a piece can be longer than the model's training windows. The kept ids are what a
+    training window past a document's first looks like (no BOS, no tags); window_starts (per id, e.g.
+    music's bar-start flags) makes them begin at the first flagged id, as the packer's windows do.
     """
     rows = as_rows(prompt)
     B, device = len(rows), model.wte.weight.device
@@ -270,7 +304,6 @@ def stream(
     finished_t = torch.zeros(B, dtype=torch.bool, device=device)
     generated: list[list[int]] = [[] for _ in range(B)]
     sent = [0] * B  # tokens of each row already yielded
-    banned_all = torch.zeros(B, dtype=torch.bool, device=device)  # checked once, after the loop
     try:  # the caches are released whatever happens, so a failed call leaves the model as it was
         logits = prefill(model, seq[:, :T], hist_t - 1 if min(lengths) != T else None)
         for n in range(max_new_tokens):
@@ -280,9 +313,15 @@ def stream(
                     logits = apply_processors(procs, seq[:, : hist[0]], None, logits)
                 else:
                     logits = apply_processors(procs, seq, hist, logits)
-                banned_all |= torch.isneginf(logits).all(dim=-1) & ~finished_t
             if eos_id is not None and n < min_new_tokens:
                 logits[:, eos_id] = float("-inf")
+            dead = None
+            if procs or (eos_id is not None and n < min_new_tokens):
+                # a row with every token banned has nothing to sample from (its probabilities are NaN):
+                # it draws from flat logits, which is thrown away, and ends below
+                banned = torch.isneginf(logits).all(dim=-1, keepdim=True)
+                logits = logits.masked_fill(banned, 0.0)
+                dead = banned[:, 0] & ~finished_t
             token = sample(logits, temperature, top_k, top_p, generator, min_p)  # (B,)
             if eos_id is not None:
                 token = token.masked_fill(finished_t, eos_id)  # finished rows only repeat EOS
@@ -291,18 +330,27 @@ def stream(
             else:
                 seq[rows_idx, hist_t] = token
             hist, hist_t = [h + 1 for h in hist], hist_t + 1
-            for b, t in enumerate(token.tolist()):
+            # the row flags come to the host with the tokens: one sync per step
+            tokens, dead_rows = (
+                (token.tolist(), [False] * B) if dead is None else torch.stack([token, dead.long()]).tolist()
+            )
+            for b, t in enumerate(tokens):
                 if finished[b]:
                     continue
                 row = generated[b]
-                ended = extend_row(row, t, eos_id, stops) or (should_stop is not None and should_stop(b, row))
-                if ended or n + 1 == max_new_tokens:
+                if dead_rows[b]:
+                    end: str | None = "no_valid_token"
+                elif extend_row(row, t, eos_id, stops) or (should_stop is not None and should_stop(b, row)):
+                    end = "eos" if t == eos_id else "stop"
+                else:
+                    end = "length" if n + 1 == max_new_tokens else None
+                if end is not None:
                     finished[b] = True
                     finished_t[b] = True
                     for tok in row[sent[b] :]:
                         yield Token(b, tok)
                     sent[b] = len(row)
-                    yield Token(b, None, ("eos" if t == eos_id else "stop") if ended else "length")
+                    yield Token(b, None, end)
                 else:
                     while len(row) - sent[b] > hold:
                         yield Token(b, row[sent[b]])
@@ -310,9 +358,9 @@ def stream(
             if all(finished):
                 break
             if max(cache) >= capacity:
-                # the cache is full: slide the window to the first token (BOS) + the last `keep` ids of
-                # each row, prefilled in one pass, and go on decoding after them
-                ctxs = [[int(seq[b, 0])] + seq[b, max(h - keep, 1) : h].tolist() for b, h in enumerate(hist)]
+                # the cache is full: slide the window to each row's tail, cut as training windows are
+                # (multiar.data.pack), prefilled in one pass, and go on decoding after them
+                ctxs = [window_tail(seq[b, :h].tolist(), keep, window_starts) for b, h in enumerate(hist)]
                 cache = [len(c) for c in ctxs]
                 cache_t = torch.tensor(cache, device=device)
                 width = max(cache)
@@ -327,9 +375,6 @@ def stream(
     finally:
         model.clear_caches()
         model.train(was_training)
-    if bool(banned_all.any()):
-        bad = banned_all.nonzero().flatten().tolist()
-        raise ValueError(f"the logits processors banned every token for row(s) {bad}: nothing can be sampled")
 
 
 def generate(

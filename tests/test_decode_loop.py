@@ -1,0 +1,223 @@
+"""The decode loop's edges: a row whose processors ban every token ends at that step, the sampler never
+draws from a zero noise sample, the window slid past block_size is one the packer could produce, and
+compile_for_sampling falls back when inductor's private freezing switch is missing."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from multiar.data import pack
+from multiar.generate import ban_tokens, draw, generate, sample, stream
+from multiar.model import GPT, ModelConfig
+
+PAD, BOS, EOS = 0, 1, 2
+SPECIAL = ban_tokens([PAD, BOS, EOS])  # generated ids never look like a document's ends
+
+
+def tiny(seed: int = 6, block_size: int = 16, vocab: int = 37) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(ModelConfig(vocab_size=vocab, block_size=block_size, n_layer=2, n_head=2, n_embd=16)).eval()
+
+
+def ban_all_at(prompt_second_id: int, length: int):
+    """A processor that bans every token for the row whose second id is prompt_second_id once it holds
+    `length` ids (called on the whole batch or row by row)."""
+
+    def processor(ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        if ids.size(1) == length:
+            logits[ids[:, 1] == prompt_second_id] = float("-inf")
+        return logits
+
+    return processor
+
+
+def events_by_row(events) -> tuple[list[list[int]], list[str | None]]:
+    rows: dict[int, list[int]] = {}
+    ends: dict[int, str | None] = {}
+    for e in events:
+        assert e.row not in ends, "a row yielded after it ended"
+        if e.token is None:
+            ends[e.row] = e.end
+        else:
+            rows.setdefault(e.row, []).append(e.token)
+    n = max(ends) + 1
+    return [rows.get(b, []) for b in range(n)], [ends.get(b) for b in range(n)]
+
+
+# --- item 9: every token banned ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prompts", [[[1, 5, 9], [1, 4, 7]], [[1, 5, 9], [1, 4]]], ids=["aligned", "ragged"])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_row_with_every_token_banned_ends_at_that_step_and_the_others_go_on(prompts, temperature):
+    model = tiny(block_size=64)
+    dead_at = len(prompts[1]) + 2  # row 1 has two new tokens when its processors ban everything
+    common = dict(temperature=temperature, stop=[[90, 91]])  # a stop sequence: one token held back
+    events = list(
+        stream(
+            model,
+            prompts,
+            10,
+            processors=[SPECIAL, ban_all_at(4, dead_at)],
+            generator=torch.Generator().manual_seed(3),
+            **common,
+        )
+    )
+    rows, ends = events_by_row(events)
+    assert ends == ["length", "no_valid_token"]
+    assert len(rows[0]) == 10 and len(rows[1]) == 2  # nothing drawn from the all-banned distribution
+    # the others are untouched: the same draws as without the dead row's processor
+    alone = generate(
+        model,
+        prompts=prompts,
+        max_new_tokens=10,
+        processors=[SPECIAL],
+        generator=torch.Generator().manual_seed(3),
+        **common,
+    )
+    assert rows[0] == alone[0] and rows[1] == alone[1][:2]
+
+
+def test_zero_noise_never_picks_a_zero_probability_token(monkeypatch):
+    # an exponential sample of exactly 0 made p / noise 0/0 = NaN, which argmax takes as the largest
+    monkeypatch.setattr(torch.Tensor, "exponential_", lambda self, *a, **k: self.zero_())
+    probs = torch.tensor([[0.0, 0.3, 0.7, 0.0], [0.5, 0.0, 0.0, 0.5]])
+    assert draw(probs).tolist()[0] == 2 and draw(probs).tolist()[1] in (0, 3)
+
+
+# --- item 10: the slid window is a training window -------------------------------------------------
+
+
+def tail_window(hist: list[int], keep: int, starts: list[bool] | None) -> list[int]:
+    """What the packer could put at a window's start: the last keep ids, from the first flagged id."""
+    tail = hist[-keep:]
+    if starts is not None:
+        first = next((j for j, i in enumerate(tail) if starts[i]), 0)
+        tail = tail[first:]
+    return tail
+
+
+def sliding_reference(
+    model: GPT, prompt: list[int], n: int, keep: int, starts: list[bool] | None, seed: int
+) -> list[int]:
+    """Reference without a cache, sampling as stream does: when the context fills block_size it restarts
+    from the row's tail."""
+    ctx, hist, out = list(prompt), list(prompt), []
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        with torch.no_grad():
+            logits = SPECIAL(torch.tensor([ctx]), model(torch.tensor([ctx]))[:, -1])
+        t = int(sample(logits, 1.0, generator=g)[0])
+        out.append(t)
+        hist.append(t)
+        ctx = tail_window(hist, keep, starts) if len(ctx) >= model.config.block_size else [*ctx, t]
+    return out
+
+
+def capture_prefills(model: GPT) -> list[list[list[int]]]:
+    """Record each prefill's contexts (one id list per row, padding cut) as the model is fed them."""
+    calls: list[list[list[int]]] = []
+    eager = model.forward
+
+    def forward(idx, input_pos=None, **kwargs):
+        if isinstance(input_pos, int) and input_pos == 0 and idx.size(1) > 1:
+            at = kwargs.get("logits_at")
+            ends = at.tolist() if isinstance(at, torch.Tensor) else [idx.size(1) - 1] * idx.size(0)
+            calls.append([row[: e + 1] for row, e in zip(idx.tolist(), ends, strict=True)])
+        return eager(idx, input_pos, **kwargs)
+
+    model.forward = forward
+    return calls
+
+
+STARTS = [i > EOS and i % 3 == 0 for i in range(37)]  # bar-like: every third id may open a window
+
+
+def occurrences(stream_: list[int], part: list[int]) -> list[int]:
+    return [s for s in range(len(stream_)) if stream_[s : s + len(part)] == part]
+
+
+@pytest.mark.parametrize("starts", [None, STARTS], ids=["plain", "window_starts"])
+def test_the_slid_context_is_a_window_the_packer_could_produce(starts):
+    model = tiny()
+    block, keep = model.config.block_size, model.config.block_size // 2
+    prompts = [[BOS, 4, 9], [BOS, 7, 7, 3, 30, 11, 5]]  # ragged: the rows slide together
+    calls = capture_prefills(model)
+    out = generate(
+        model,
+        prompts=prompts,
+        max_new_tokens=50,
+        processors=[SPECIAL],
+        window_starts=starts,
+        generator=torch.Generator().manual_seed(0),
+    )
+    slides = calls[1:]  # the first prefill is the prompt's
+    assert len(slides) >= 3
+    starts_ids = [i for i, ok in enumerate(starts) if ok] if starts is not None else None
+    for b, (prompt, row) in enumerate(zip(prompts, out, strict=True)):
+        doc_stream = [*prompt, *row, EOS]  # BOS doc EOS, as pack concatenates a document
+        for call in slides:
+            ctx = call[b]
+            assert BOS not in ctx  # past a document's first window: no BOS, and no tags after it
+            at = occurrences(doc_stream, ctx)  # a contiguous slice of the document's stream ...
+            assert at and min(at) > 0
+            # ... that is the row's tail, from its first id a window may start at when there is one
+            assert any(ctx == tail_window(doc_stream[: s + len(ctx)], keep, starts) for s in at)
+            if starts is None:
+                # pack cuts a window here when a document before this one puts the stride here
+                filler = [5] * ((-(2 + at[0])) % block)
+                blocks = pack({"ids": [filler, doc_stream[1:-1]]}, block, BOS, EOS, PAD)["block"]
+                assert any(w[: len(ctx)] == ctx for w in blocks)
+            elif any(starts[i] for i in ctx):
+                assert starts[ctx[0]]
+        if starts is not None:
+            # and pack, given the same flags, starts its windows on this document the same way: at a
+            # flagged id whenever the window before holds one
+            blocks = pack({"ids": [doc_stream[1:-1]]}, block, BOS, EOS, PAD, window_starts=starts_ids)[
+                "block"
+            ]
+            assert len(blocks) >= 3
+            for prev, w in zip(blocks, blocks[1:], strict=False):
+                if any(starts[i] for i in prev[1:]):
+                    assert starts[w[0]]
+
+
+@pytest.mark.parametrize(
+    "starts", [None, STARTS, [False] * 37], ids=["plain", "window_starts", "none_flagged"]
+)
+def test_sliding_decoding_equals_a_reference_loop_over_training_like_windows(starts):
+    model = tiny()
+    for prompt, keep in (([BOS, 4, 9], None), ([BOS, 7, 7, 3, 30, 11, 5], 5)):
+        out = generate(
+            model,
+            prompts=[prompt],
+            max_new_tokens=50,
+            processors=[SPECIAL],
+            window_keep=keep,
+            window_starts=starts,
+            generator=torch.Generator().manual_seed(1),
+        )
+        assert out[0] == sliding_reference(model, prompt, 50, keep or 8, starts, seed=1)
+
+
+# --- item 18: inductor's freezing switch is private ---------------------------------------------------
+
+
+def test_compile_for_sampling_falls_back_without_inductor_freezing(monkeypatch, caplog):
+    import contextlib
+
+    import torch._inductor.config as inductor_config
+
+    from multiar.generate import freezing_context
+
+    assert not isinstance(freezing_context(), contextlib.nullcontext)  # this torch has it
+    monkeypatch.delattr(inductor_config, "freezing")
+    with caplog.at_level(logging.WARNING, logger="multiar"):
+        chosen = freezing_context()
+    assert isinstance(chosen, contextlib.nullcontext)
+    assert [r.message for r in caplog.records if "freezing" in r.message] == [
+        "torch._inductor.config.freezing is missing in this torch: compiling without freezing"
+    ]
