@@ -6,6 +6,8 @@ import logging
 import math
 import os
 import shutil
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,9 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: 
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+NO_BAD = torch.iinfo(torch.long).max  # no rank has seen a non-finite training loss
+
+
 class LitGPT(L.LightningModule):
     """Next-token training of GPT on packed blocks (B, block_size + 1); pad targets are ignored."""
 
@@ -70,26 +75,52 @@ class LitGPT(L.LightningModule):
         loss = token_nats(self.forward_blocks(idx), targets).sum() / count.clamp(min=1)
         return loss, count
 
+    def on_fit_start(self) -> None:
+        # the first step whose training loss was not finite, as step * world_size + rank (NO_BAD: none);
+        # kept on the device, so a step pays no host sync for it
+        self._first_bad = torch.full((), NO_BAD, dtype=torch.long, device=self.device)
+
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         loss, _ = self._loss(batch)
-        if not torch.isfinite(loss):
-            # stop before the optimizer step spreads it into the weights; checkpoints already
-            # written (the last good one) stay as they are
-            raise FloatingPointError(
-                f"training loss became {loss.item()} at step {self.global_step}; stopped. The last good "
-                "checkpoint is kept: lower optim.lr or check the data, then resume with ckpt_path=last"
-            )
+        key = self.global_step * self.trainer.world_size + self.global_rank
+        self._first_bad = torch.where(torch.isfinite(loss), self._first_bad, self._first_bad.clamp(max=key))
+        if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
+            # every rank checks at the same steps (the logging interval: its host sync is paid anyway), so
+            # all stop together, before this step's optimizer update
+            self.stop_if_not_finite()
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/ppl", loss.detach().exp())
         return loss
 
+    def stop_if_not_finite(self) -> None:
+        """FloatingPointError on every rank at once when any rank's training loss was not finite so far."""
+        if not hasattr(self, "_first_bad"):  # validation outside fit: nothing trained
+            return
+        first = int(self.trainer.strategy.reduce(self._first_bad.clone(), reduce_op="min"))
+        if first == NO_BAD:
+            return
+        world = self.trainer.world_size
+        step, rank = divmod(first, world)
+        # checkpoints written before this point (the last good one) stay as they are
+        raise FloatingPointError(
+            f"training loss became nan or inf at step {step}{f' on rank {rank}' if world > 1 else ''}; "
+            "stopped on every rank. The last good checkpoint is kept: lower optim.lr or check the data, "
+            "then resume with ckpt_path=last"
+        )
+
+    def on_train_end(self) -> None:
+        self.stop_if_not_finite()  # the steps after the last check: never exported
+
     def on_validation_epoch_start(self) -> None:
+        # before validation, hence before the checkpoint written after it: weights that saw a non-finite
+        # loss since the last check never become a checkpoint or the exported model
+        self.stop_if_not_finite()
         self._val_loss_sum = torch.zeros((), device=self.device)
         self._val_tokens = torch.zeros((), device=self.device)
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         loss, tokens = self._loss(batch)
-        self._val_loss_sum += loss * tokens
+        self._val_loss_sum += loss * tokens  # a block of pads only (tokens 0) adds nothing
         self._val_tokens += tokens
 
     def on_validation_epoch_end(self) -> None:
@@ -122,12 +153,25 @@ class LitGPT(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
-def _rank() -> int:
-    """This process's global rank as the launcher set it (0 when not distributed)."""
-    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
-        if os.environ.get(var):
-            return int(os.environ[var])
-    return 0
+def _launcher_rank(devices_per_node: int = 1) -> int:
+    """This process's global rank as its launcher set it (0 when not distributed), before a Trainer exists:
+    torchrun's RANK; Lightning's own launcher's NODE_RANK (or GROUP_RANK) * devices_per_node + LOCAL_RANK;
+    SLURM's SLURM_PROCID (last: an salloc shell sets it for processes that Lightning starts)."""
+    env = os.environ
+    if env.get("RANK"):
+        return int(env["RANK"])
+    node = env.get("NODE_RANK") or env.get("GROUP_RANK")
+    if node or env.get("LOCAL_RANK"):
+        return int(node or 0) * devices_per_node + int(env.get("LOCAL_RANK") or 0)
+    return int(env.get("SLURM_PROCID") or 0)
+
+
+def _devices_per_node(cfg: DictConfig) -> int:
+    """trainer.devices as a count where it is one (a list counts its entries; "auto" counts 1)."""
+    devices = cfg.trainer.get("devices", 1)
+    if isinstance(devices, int) and devices > 0:
+        return devices
+    return len(devices) if OmegaConf.is_list(devices) else 1
 
 
 def _holds_run(run_dir: Path) -> bool:
@@ -182,7 +226,10 @@ def check_train_config(cfg: DictConfig) -> Path | None:
     if cfg.init_from is not None:
         check_init_from(cfg)
     run_dir = Path(cfg.run_dir).expanduser()
-    if (run_dir / "config.yaml").exists():
+    # only global rank 0 judges the run folder: it may be moving it aside (overwrite=true) or writing it
+    # while the other ranks start; they read nothing of it before training starts
+    judge = _launcher_rank(_devices_per_node(cfg)) == 0
+    if judge and (run_dir / "config.yaml").exists():
         theirs = read_run_config(run_dir)["domain"]["name"]
         if theirs != cfg.domain.name and not cfg.overwrite:
             raise ConfigError(
@@ -190,11 +237,8 @@ def check_train_config(cfg: DictConfig) -> Path | None:
                 "(choose another run_dir, or overwrite=true to replace it)"
             )
     if cfg.ckpt_path is None:
-        # ranks > 0 start after rank 0 has begun writing this very run: only rank 0 judges the folder
-        if _holds_run(run_dir) and not cfg.overwrite and _rank() == 0:
-            raise FileExistsError(
-                f"{run_dir}: already holds a run (pass ckpt_path=last to resume, overwrite=true to replace it)"
-            )
+        if judge and not cfg.overwrite:
+            _refuse_to_replace(run_dir)
         return None
     if cfg.overwrite:
         raise ConfigError("ckpt_path and overwrite=true together: resume a run, or replace it, not both")
@@ -230,6 +274,14 @@ def check_init_from(cfg: DictConfig) -> None:
         )
 
 
+def _refuse_to_replace(run_dir: Path) -> None:
+    """FileExistsError when run_dir already holds a run."""
+    if _holds_run(run_dir):
+        raise FileExistsError(
+            f"{run_dir}: already holds a run (pass ckpt_path=last to resume, overwrite=true to replace it)"
+        )
+
+
 def _move_aside(run_dir: Path) -> Path:
     """Rename an existing run out of the way; it is deleted only once the new run has finished."""
     aside = run_dir.with_name(f".{run_dir.name}.replaced-{os.getpid()}")
@@ -250,21 +302,22 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     cfg = validate("train", cfg)
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.run_dir).expanduser()
-    replaced = _move_aside(run_dir) if cfg.overwrite and _rank() == 0 and _holds_run(run_dir) else None
+    moved: list[Path] = []  # where global rank 0 has moved the old run (overwrite=true)
     try:
-        result = _train(cfg, run_dir, ckpt)
+        result = _train(cfg, run_dir, ckpt, moved)
     except BaseException:
+        replaced = moved[0] if moved else None
         if replaced is not None:  # the new run failed: put the old one back as it was
             shutil.rmtree(run_dir, ignore_errors=True)
             replaced.rename(run_dir)
             log.warning("%s: the new run failed; the old run is back in place", run_dir)
         raise
-    if replaced is not None:
-        shutil.rmtree(replaced, ignore_errors=True)
+    if moved:
+        shutil.rmtree(moved[0], ignore_errors=True)
     return result
 
 
-def _train(cfg: DictConfig, run_dir: Path, ckpt: Path | None) -> dict[str, Any]:
+def _train(cfg: DictConfig, run_dir: Path, ckpt: Path | None, moved: list[Path]) -> dict[str, Any]:
     settings = OmegaConf.to_container(cfg.domain.settings, resolve=True)
     own_tokenizer = ckpt is not None and (run_dir / "domain").is_dir()
     init_run = Path(cfg.init_from).expanduser() if cfg.init_from is not None else None
@@ -321,19 +374,6 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt: Path | None) -> dict[str, Any]:
         )
     config = OmegaConf.to_container(cfg, resolve=True)
     config["data_stats"] = stats
-    if _rank() == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(run_dir / "checkpoints")
-        if ckpt is None:  # saved before the first step: a killed run resumes with exactly this
-            domain.save(run_dir / "domain")
-        write_run_config(run_dir, config)
-        if data.streaming:
-            counts = unigram_counts(sample, domain.vocab_size, domain.eos_id)
-            write_reference(run_dir, source, counts, data.val_fraction, keys=None)
-        else:
-            counts = unigram_counts(dataset_ids(corpus.train), domain.vocab_size, domain.eos_id)
-            tags = validation_tags(domain, corpus.val)
-            write_reference(run_dir, source, counts, data.val_fraction, list(corpus.val["key"]), tags)
     model_args = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "name"}
     model_config = ModelConfig(vocab_size=domain.vocab_size, **model_args)  # the one place vocab_size enters
     module = LitGPT(
@@ -345,7 +385,9 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt: Path | None) -> dict[str, Any]:
     checkpoints = ModelCheckpoint(
         dirpath=run_dir / "checkpoints", filename="best", monitor="val/loss", save_last=True, save_top_k=1
     )
-    callbacks: list[L.Callback] = [checkpoints, ResumedCurve(run_dir / "metrics.csv")]
+    callbacks: list[L.Callback] = [checkpoints]
+    if ckpt is not None:  # read only when resuming: no rank reads a folder that rank 0 may be replacing
+        callbacks.append(ResumedCurve(run_dir / "metrics.csv"))
     if cfg.early_stop.patience is not None:
         callbacks.append(
             EarlyStopping(
@@ -387,7 +429,35 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt: Path | None) -> dict[str, Any]:
         callbacks=callbacks,
         plugins=[AtomicCheckpointIO()],
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
+    if trainer.is_global_zero:
+        # Lightning's own global rank (NODE_RANK counted) moves and writes the folder; the other ranks
+        # read nothing of it before fit, whose start (the process group's rendezvous) waits for this one
+        if cfg.overwrite and _holds_run(run_dir):
+            moved.append(_move_aside(run_dir))
+        elif ckpt is None and not cfg.overwrite:
+            _refuse_to_replace(run_dir)  # the launcher's guess of the rank, checked early, may differ
+        run_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(run_dir / "checkpoints")
+        if ckpt is None:  # saved before the first step: a killed run resumes with exactly this
+            domain.save(run_dir / "domain")
+        write_run_config(run_dir, config)
+        if data.streaming:
+            counts = unigram_counts(sample, domain.vocab_size, domain.eos_id)
+            write_reference(run_dir, source, counts, data.val_fraction, keys=None)
+        else:
+            counts = unigram_counts(dataset_ids(corpus.train), domain.vocab_size, domain.eos_id)
+            tags = validation_tags(domain, corpus.val)
+            write_reference(run_dir, source, counts, data.val_fraction, list(corpus.val["key"]), tags)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
+    except FloatingPointError:
+        if not trainer.is_global_zero:  # every rank stopped at the same step: global rank 0 says why
+            raise SystemExit(1) from None
+        _end_other_ranks(trainer)
+        raise
+    except BaseException:
+        _end_other_ranks(trainer)
+        raise
     # the exported weights: the best validated ones (weights=best) or the last; the final metrics are theirs
     use_best = cfg.weights == "best" and bool(checkpoints.best_model_path)
     metrics = trainer.validate(
@@ -424,6 +494,19 @@ def reference_figures(model: GPT, run_dir: Path, domain: Any, batch_size: int) -
     return {
         f"val_docs/{k}": float(figures[k]) for k in ("loss", "ppl", "bits_per_unit", "documents", "tokens")
     }
+
+
+def _end_other_ranks(trainer: L.Trainer, wait_s: float = 60.0) -> None:
+    """On a failure in global rank 0 under Lightning's own launcher: wait (bounded) for the rank processes
+    it started, then kill those still running, so that none outlives the run."""
+    procs = getattr(trainer.strategy.launcher, "procs", None) if trainer.is_global_zero else None
+    deadline = time.monotonic() + wait_s
+    for proc in procs or []:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:  # blocked in a collective that rank 0 left
+            proc.kill()
+            proc.wait()
 
 
 def _checkpoint_step(path: str) -> int:

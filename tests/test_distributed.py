@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -63,3 +66,94 @@ def test_ddp_on_two_cpu_processes_writes_one_run(tmp_path):
     expected = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100).item()
     assert len(blocks) % 2 == 1  # where Lightning's default sampler would count a repeated block twice
     assert config["final"]["val/loss"] == pytest.approx(expected, abs=2e-5)
+
+
+def alive(pid: int) -> bool:
+    """Whether a process runs (a zombie, dead but not yet reaped, counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+@pytest.mark.parametrize("bad_rank", [pytest.param(0, marks=pytest.mark.slow), 1])  # ~40 s each
+def test_a_nan_on_one_rank_stops_every_rank_together_with_one_line(tmp_path, bad_rank):
+    # the loss turns NaN from step 7 on one rank only (tests/hooks/sitecustomize.py); the finite flag is
+    # reduced over ranks every log_every_n_steps (3) steps and before each validation (every 5 steps)
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    args = [
+        *DDP,
+        "data.max_documents=220",
+        *TINY,
+        "trainer.max_steps=40",
+        "trainer.val_check_interval=5",
+        "trainer.log_every_n_steps=3",
+        "run_dir=run",
+    ]
+    env = hooked_env(
+        MULTIAR_TEST_NAN_AT="7", MULTIAR_TEST_NAN_RANK=str(bad_rank), MULTIAR_TEST_PIDS=str(pids)
+    )
+    start = time.time()
+    try:
+        out = subprocess.run(
+            [MULTIAR, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240
+        )
+        seconds = time.time() - start
+        assert out.returncode == 1, (out.returncode, out.stderr[-3000:])
+        assert len(list(pids.iterdir())) == 2  # both ranks ran
+        left = [int(p.name) for p in pids.iterdir() if alive(int(p.name))]
+        assert left == []  # no rank outlives the command
+    finally:
+        for p in pids.iterdir():  # a failed run's orphans are the test's to end
+            if alive(int(p.name)):
+                os.kill(int(p.name), signal.SIGKILL)
+    said = [line for line in out.stderr.splitlines() if line.startswith("multiar train:")]
+    assert said == [
+        f"multiar train: training loss became nan or inf at step 7 on rank {bad_rank}; stopped on every "
+        "rank. The last good checkpoint is kept: lower optim.lr or check the data, then resume with "
+        "ckpt_path=last"
+    ], out.stderr[-3000:]
+    assert "Traceback" not in out.stderr and seconds < 120
+    good = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert good["global_step"] == 5  # the checkpoint before the NaN, untouched
+    assert all(torch.isfinite(t).all() for t in good["state_dict"].values())
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_a_second_nodes_first_process_is_not_global_rank_zero(monkeypatch):
+    # Lightning's own launcher on node 1: its first process has LOCAL_RANK 0 (or none) and NODE_RANK 1
+    from multiar.train import _launcher_rank
+
+    monkeypatch.setenv("NODE_RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    for var in ("RANK", "SLURM_PROCID", "GROUP_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    assert _launcher_rank(devices_per_node=2) == 2
+    import lightning as L
+
+    trainer = L.Trainer(accelerator="cpu", devices=2, num_nodes=2, strategy="ddp", logger=False)
+    assert trainer.global_rank == 2 and not trainer.is_global_zero  # the rank Lightning will use agrees
+    monkeypatch.setenv("NODE_RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("SLURM_PROCID", "0")  # SLURM's variable is set in an salloc shell, not managed
+    assert _launcher_rank(devices_per_node=2) == 1
+
+
+def test_other_ranks_never_read_the_run_folder_rank_zero_replaces(tmp_path, monkeypatch):
+    # overwrite=true: global rank 0 renames the folder; a rank reading config.yaml meanwhile could see
+    # anything, here a half-written file. Only rank 0 judges the folder
+    from multiar.config import load_config
+    from multiar.schema import ConfigError
+    from multiar.train import check_train_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("domain: {name: prot")  # cut mid-write
+    args = [*DDP[1:], "trainer.num_nodes=2", *TINY, f"run_dir={run}", "overwrite=true"]
+    cfg = load_config("train", args)
+    monkeypatch.setenv("NODE_RANK", "0")
+    with pytest.raises(ConfigError, match="not a readable run config"):
+        check_train_config(cfg)  # rank 0 reads it, and says so
+    monkeypatch.setenv("NODE_RANK", "1")
+    assert check_train_config(cfg) is None  # node 1 leaves the folder to rank 0
