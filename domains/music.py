@@ -15,7 +15,7 @@ from typing import Any
 import miditok
 from miditok.data_augmentation import augment_score_multiple_offsets
 from miditok.utils import get_bars_ticks
-from symusic import Score, Tempo, TextMeta
+from symusic import Score, Tempo, TextMeta, TimeSignature
 
 from multiar.domain import safe_child, write_new_file
 from multiar.domains import music_analysis
@@ -64,7 +64,6 @@ class MusicDomain:
         self.tokenizer = tokenizer
         self.bpe_vocab_size = bpe_vocab_size
         self.train_stats = train_stats or {}  # music_analysis.summarize of the training pieces
-        self.prompt_score: Score | None = None  # the last prompt read: its tempos go into the files
         self._grammar: MusicGrammar | None = None
         self._set_vocab()
 
@@ -171,10 +170,48 @@ class MusicDomain:
 
     def prompt_ids(self, prompt: str | None, bars: int | None = None) -> list[int]:
         """BOS + the prompt file's tokens; bars: only its first bars (cut at a bar line, so never
-        inside a note). Its tempos are kept for the written files (tokens hold no tempo here)."""
-        self.prompt_score = None
+        inside a note)."""
+        score = self._prompt_score(prompt, bars)
+        return [self.bos_id] if score is None else [self.bos_id] + self.encode(score)
+
+    def prompt_meta(self, prompt: str | None, bars: int | None = None) -> Score | None:
+        """What a sample keeps from its prompt beyond the tokens: the prompt's tempos, and its time
+        signatures where the tokens hold none (use_tempos / use_time_signatures off), as a Score
+        without notes; None without a prompt."""
+        score = self._prompt_score(prompt, bars)
+        if score is None:
+            return None
+        meta = Score(score.tpq)
+        if not self.tokenizer.config.use_tempos:
+            meta.tempos = score.tempos
+        if not self.tokenizer.config.use_time_signatures:
+            meta.time_signatures = score.time_signatures
+        return meta
+
+    def with_prompt_meta(self, score: Score, meta: Score | None, whole: bool = True) -> Score:
+        """A copy of a decoded sample with its prompt's meta (prompt_meta) in the tokenizer's ticks;
+        whole=False (a file without the prompt): only the tempo and time signature the prompt ends in,
+        from tick 0."""
+        score = score.copy()
+        if meta is None:
+            return score
+        scale = score.tpq / meta.tpq  # ticks: the prompt file's resolution -> the tokenizer's
+        tempos, signatures = list(meta.tempos), list(meta.time_signatures)
+        if not whole:
+            tempos, signatures = tempos[-1:], signatures[-1:]
+        at = (lambda t: round(t * scale)) if whole else (lambda t: 0)
+        if tempos:
+            score.tempos = [Tempo(at(t.time), t.qpm) for t in tempos]
+        if signatures:
+            score.time_signatures = [
+                TimeSignature(at(t.time), t.numerator, t.denominator) for t in signatures
+            ]
+        return score
+
+    def _prompt_score(self, prompt: str | None, bars: int | None) -> Score | None:
+        """The prompt file's score, only its first bars when bars is given; None without a prompt."""
         if not prompt:
-            return [self.bos_id]
+            return None
         path = Path(prompt).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"{path}: music prompt must be a MIDI file")
@@ -188,8 +225,7 @@ class MusicDomain:
                 raise ValueError(f"prompt_bars={bars}: must be at least 1")
             if bars < len(ticks):
                 score = score.clip(0, ticks[bars])  # notes starting in the bars, whole
-        self.prompt_score = score
-        return [self.bos_id] + self.encode(score)
+        return score
 
     def _sequence(self, ids: list[int]) -> miditok.TokSequence:
         seq = miditok.TokSequence(ids=list(ids), are_ids_encoded=self.tokenizer.is_trained)
@@ -223,12 +259,13 @@ class MusicDomain:
         overwrite: bool = False,
         start: int = 0,
     ) -> list[Path]:
-        """sample_NNN.mid (with the run, seed and settings in a text meta event at tick 0, and the
-        prompt's tempos) and sample_NNN.png, its piano roll."""
+        """sample_NNN.mid (with the run, seed and settings in a text meta event at tick 0) and
+        sample_NNN.png, its piano roll. A continuation's prompt tempos are in the sample already
+        (with_prompt_meta)."""
         paths = []
         note = "multiar " + " ".join(f"{k}={v}" for k, v in provenance.items())
         for i, score in enumerate(artifacts):
-            score = self._with_prompt_tempos(score.copy())
+            score = score.copy()
             score.markers.append(TextMeta(0, note))
             name = f"sample_{start + i:03d}"
             paths.append(
@@ -240,14 +277,6 @@ class MusicDomain:
             )
             paths.append(music_analysis.piano_roll(score, Path(out_dir) / f"{name}.png", name, overwrite))
         return paths
-
-    def _with_prompt_tempos(self, score: Score) -> Score:
-        if self.prompt_score is not None and self.prompt_score.tempos:
-            scale = (
-                score.tpq / self.prompt_score.tpq
-            )  # ticks: the prompt file's resolution -> the tokenizer's
-            score.tempos = [Tempo(round(t.time * scale), t.qpm) for t in self.prompt_score.tempos]
-        return score
 
     def metrics(self, artifacts: Sequence[Score]) -> dict[str, float]:
         """Each statistic of music_analysis over the samples, and its distance to the training pieces'

@@ -92,7 +92,20 @@ def conditions(cfg: DictConfig, domain: Domain, prompts: list[list[int]]) -> Con
         raise ConfigError("fixed: give the template whose positions to keep (template=SEQ)")
     if cfg.template is not None and (cfg.prompt is not None or cfg.prompt_file is not None):
         raise ConfigError("template: a redesign starts from BOS; give template or a prompt, not both")
-    out = Conditions([p[:1] + tag_ids + p[1:] for p in prompts], max_new_tokens=cfg.max_new_tokens)
+    # a prompt longer than the model's window comes as its tail alone (generate_files.fit_prompt), like
+    # a training window after a document's first: such windows never hold BOS, tags, or the start
+    # that min_len/max_len count from
+    cut = any(p[:1] != [domain.bos_id] for p in prompts)
+    if cut and (tag_ids or positional):
+        key = "tags" if tag_ids else "min_len/max_len"
+        raise ConfigError(
+            f"{key}: the prompt is longer than the model's window and is continued from its tail, which"
+            " training never saw after BOS and tags: give a shorter prompt or fewer max_new_tokens"
+        )
+    out = Conditions(
+        [p[:1] + tag_ids + p[1:] if p[:1] == [domain.bos_id] else p for p in prompts],
+        max_new_tokens=cfg.max_new_tokens,
+    )
     if (sides := infill_sides(cfg)) is not None:
         if getattr(domain, "fim_ids", None) is None:
             raise ConfigError(

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
+import re
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
@@ -18,8 +21,16 @@ from omegaconf import DictConfig
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from multiar.conditioning import Conditions, conditions
+from multiar.config import load_config
 from multiar.domain import Domain, domain_state_digest, write_new_text
-from multiar.generate import ban_tokens, compile_for_sampling, generate, repetition_penalty, stream
+from multiar.generate import (
+    ban_tokens,
+    compile_for_sampling,
+    generate,
+    repetition_penalty,
+    stream,
+    window_tail,
+)
 from multiar.model import GPT
 from multiar.precision import bf16_is_fast
 from multiar.quantize import decode_layout, load_quantized, quantize
@@ -34,29 +45,30 @@ log = logging.getLogger("multiar")
 def fit_prompt(
     prompt: list[int], block_size: int, max_new_tokens: int, starts: Sequence[bool] | None = None
 ) -> list[int]:
-    """BOS + as much of the prompt's end as fits before max_new_tokens in block_size; past
-    block_size // 2 new tokens the window slides anyway, so the prompt keeps at least half the block.
-    starts (per id, the domain's window_starts): the kept end begins at such an id (music: a bar line,
-    never inside a note's tokens)."""
-    room = block_size - min(max_new_tokens, block_size // 2)  # prompt tokens that fit, BOS included
+    """The prompt (BOS + ids) as given when it fits before max_new_tokens in block_size; else its end,
+    cut as a training window after a document's first is: no BOS, and (starts: per id, the domain's
+    window_starts) beginning at such an id (music: a bar line, never inside a note's tokens). Past
+    block_size // 2 new tokens the window slides anyway, so the prompt keeps at least half the block."""
+    room = block_size - min(max_new_tokens, block_size // 2)  # prompt tokens that fit
     if room < 2:
         raise ValueError(
             f"max_new_tokens={max_new_tokens} leaves no room for a prompt in block_size={block_size}"
         )
     if len(prompt) <= room:
         return prompt
-    # keep BOS and the end of a long prompt: the continuation depends most on what comes just before it
-    tail = prompt[-(room - 1) :]
-    if starts is not None:
-        first = next((j for j, i in enumerate(tail) if 0 <= i < len(starts) and starts[i]), None)
-        if first is None:
-            raise ValueError(
-                f"prompt: no bar line in its last {room - 1} tokens to cut it at (a bar longer than the room"
-                " the model's block leaves): use fewer max_new_tokens or prompt_bars=N"
-            )
-        tail = tail[first:]
-    log.warning("prompt of %d tokens cut to its last %d to fit block_size", len(prompt) - 1, len(tail))
-    return prompt[:1] + tail
+    # the end of a long prompt: the continuation depends most on what comes just before it
+    tail = window_tail(prompt, room, starts)
+    if starts is not None and not (0 <= tail[0] < len(starts) and starts[tail[0]]):
+        raise ValueError(
+            f"prompt: no bar line in its last {room} tokens to cut it at (a bar longer than the room"
+            " the model's block leaves): use fewer max_new_tokens or prompt_bars=N"
+        )
+    log.warning(
+        "prompt of %d tokens: the model continues its last %d (block_size); the files hold all of it",
+        len(prompt) - 1,
+        len(tail),
+    )
+    return tail
 
 
 def read_prompt_file(path: str | Path) -> list[str]:
@@ -72,14 +84,34 @@ def read_prompt_file(path: str | Path) -> list[str]:
     return prompts
 
 
+_ESCAPE = re.compile(r"\\(u[0-9a-fA-F]{4}|u|[ntr\\])")
+_ESCAPED = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def stop_text(text: str) -> str:
+    r"""cfg.stop as the text it stands for: \n, \t, \r, \\ and \uXXXX are read as escapes (a command
+    line cannot hold a newline); any other backslash, and every other character, stays as typed.
+    Prompts are never unescaped."""
+
+    def escape(match: re.Match) -> str:
+        code = match.group(1)
+        if code == "u":
+            raise ConfigError(f"stop: {text!r}: \\u needs four hex digits (like \\u000a)")
+        return chr(int(code[1:], 16)) if code.startswith("u") else _ESCAPED[code]
+
+    return _ESCAPE.sub(escape, text)
+
+
 def stop_sequences(cfg: DictConfig, domain: Domain) -> list[list[int]]:
-    """Token-id stop sequences: cfg.stop_ids as given, and cfg.stop's text encoded by the domain."""
+    """Token-id stop sequences: cfg.stop_ids as given, and cfg.stop's text (escapes read) encoded by
+    the domain."""
     stops = [list(s) for s in cfg.stop_ids]
     if cfg.stop is not None:
+        text = stop_text(cfg.stop)
         try:
-            ids = domain.prompt_ids(cfg.stop)[1:]  # without BOS
+            ids = domain.prompt_ids(text)[1:]  # without BOS
         except (ValueError, OSError) as err:
-            raise ConfigError(f"stop: the {domain.name} domain cannot encode {cfg.stop!r} ({err})") from None
+            raise ConfigError(f"stop: the {domain.name} domain cannot encode {text!r} ({err})") from None
         stops.append(ids)
     return stops
 
@@ -108,14 +140,33 @@ def sampling_model(run: Run, mode: str | None, dtype: str, compile: bool = False
     return compile_for_sampling(model) if compile else decode_layout(model)
 
 
+# the saved files that decide a domain's ids (code: the HF tokenizer, music: miditok's parameters and
+# BPE merges); the rest of its saved state is about the training data (statistics, line hashes)
+TOKENIZER_FILES = ("tokenizer.json",)
+
+
+def tokenizer_digest(domain: Domain) -> str:
+    """A hash of the tokenizer files a domain saves (its whole saved state where it saves none of them)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        domain.save(Path(tmp))
+        found = [Path(tmp) / name for name in TOKENIZER_FILES if (Path(tmp) / name).is_file()]
+        if not found:
+            return domain_state_digest(domain)
+        h = hashlib.sha256()
+        for f in found:
+            h.update(f.name.encode() + b"\0" + f.read_bytes())
+        return h.hexdigest()
+
+
 def same_tokenizer(a: Domain, b: Domain) -> bool:
-    """Whether two domains map text to the same ids: equal saved tokenizers, or for a fixed vocabulary
-    (no trained tokenizer, like protein's alphabet) equal size and special ids."""
+    """Whether two domains map text to the same ids: equal tokenizer files, whatever the pieces each
+    was trained on, or for a fixed vocabulary (no trained tokenizer, like protein's alphabet) equal
+    size and special ids."""
     if getattr(a, "tags", None) != getattr(b, "tags", None):  # control tags are ids too
         return False
     if getattr(a, "tokenizer", None) is None and getattr(b, "tokenizer", None) is None:
         return (a.vocab_size, a.pad_id, a.bos_id, a.eos_id) == (b.vocab_size, b.pad_id, b.bos_id, b.eos_id)
-    return domain_state_digest(a) == domain_state_digest(b)
+    return tokenizer_digest(a) == tokenizer_digest(b)
 
 
 def load_draft(cfg: DictConfig, run: Run) -> GPT | str | None:
@@ -174,12 +225,13 @@ def stop_rule(cfg: DictConfig, domain: Domain) -> Callable[[str, int, bool], int
         raise ConfigError(f"stop_at: {reason}") from None
 
 
-def row_stopper(domain: Domain, rule: Callable, batch: list[list[int]]) -> Callable[[int, list[int]], bool]:
-    """should_stop for `stream`: a row ends once the rule finds its end in the decoded text."""
-    before = [len(domain.decode(p[1:])[0]) for p in batch]
+def row_stopper(domain: Domain, rule: Callable, prompts: list[list[int]]) -> Callable[[int, list[int]], bool]:
+    """should_stop for `stream`: a row ends once the rule finds its end in the decoded text of its
+    prompt (ids without BOS) and new ids."""
+    before = [len(domain.decode(p)[0]) for p in prompts]
 
     def should_stop(row: int, ids: list[int]) -> bool:
-        return rule(domain.decode(batch[row][1:] + ids)[0], before[row], False) is not None
+        return rule(domain.decode(prompts[row] + ids)[0], before[row], False) is not None
 
     return should_stop
 
@@ -205,7 +257,8 @@ def redraw_invalid(
             chunk = bad[start : start + cfg.batch_size]
             batch = [rows[i] for i in chunk]
             buffers: list[list[int]] = [[] for _ in chunk]
-            ended = row_stopper(domain, rule, batch) if rule is not None else None
+            heads = [writer.prompts[i] for i in chunk]
+            ended = row_stopper(domain, rule, heads) if rule is not None else None
             for event in stream(model, batch, max_new_tokens, should_stop=ended, **settings):
                 if event.token is not None:
                     buffers[event.row].append(event.token)
@@ -241,10 +294,18 @@ class SampleWriter:
         rows: list[list[int]],
         conditions: Conditions | None = None,
         stop_rule: Callable[[str, int, bool], int | None] | None = None,
+        prompts: list[list[int]] | None = None,
+        metas: list[Any] | None = None,
     ) -> None:
+        """rows: what the model continues (BOS, tags, prompt; or a long prompt's tail alone); prompts:
+        each row's whole prompt without BOS, as the files hold it (default: the row's ids after BOS);
+        metas: per row, what the domain carries from its prompt into the file (prompt_meta)."""
         self.domain, self.out_dir, self.provenance, self.overwrite = domain, out_dir, provenance, overwrite
-        self.heads = [p[1:] if include_prompt else [] for p in rows]  # each prompt without BOS
-        self.prompts = [p[1:] for p in rows]
+        self.rows = rows
+        self.prompts = prompts if prompts is not None else [p[1:] for p in rows]
+        self.heads = [p if include_prompt else [] for p in self.prompts]  # what a file holds before a sample
+        self.include_prompt = include_prompt
+        self.metas = metas
         self.stop_rule = stop_rule  # where a text artifact ends (code's stop_at=block), or None
         self.stop = stop
         self.conditions = conditions or Conditions(rows, caps=[None] * len(rows))
@@ -267,14 +328,26 @@ class SampleWriter:
         return hasattr(self.domain, "report")
 
     def scores(self, model: GPT, batch_size: int) -> list[float]:
-        """Each sample's perplexity per token under the model: its ids after the prompt's BOS and tags,
-        EOS included when it ended there."""
-        first = getattr(self.domain, "first_tag_id", self.domain.vocab_size)
-        prefixes = [[i for i in p if i >= first] for p in self.heads]
-        docs = [[i for i in h if i < first] + ids for h, ids in zip(self.heads, self.new_ids, strict=True)]
+        """Each sample's perplexity per token under the model: its sampled ids (EOS included when it
+        ended there) given everything the model was given before them (its row: BOS, tags, prompt),
+        whether or not the files hold the prompt."""
         ended = [d.get("end") == "eos" for d in self.details]
-        nats = document_nats(model, docs, self.domain.bos_id, self.domain.eos_id, batch_size, prefixes, ended)
-        return [math.exp(n / max(len(d) + e, 1)) for n, d, e in zip(nats, docs, ended, strict=True)]
+        nats = [0.0] * len(self.rows)
+        # document_nats puts one first id before each row's prefix: BOS, or a cut prompt's first id
+        for first in {r[0] for r in self.rows}:
+            group = [i for i, r in enumerate(self.rows) if r[0] == first]
+            scored = document_nats(
+                model,
+                [self.new_ids[i] for i in group],
+                first,
+                self.domain.eos_id,
+                batch_size,
+                [self.rows[i][1:] for i in group],
+                [ended[i] for i in group],
+            )
+            for i, n in zip(group, scored, strict=True):
+                nats[i] = n
+        return [math.exp(n / max(len(d) + e, 1)) for n, d, e in zip(nats, self.new_ids, ended, strict=True)]
 
     def finish(self, index: int, ids: list[int], end: str | None = None) -> None:
         self.pending[index] = (ids, end)
@@ -300,6 +373,8 @@ class SampleWriter:
             prefix, suffix = self.conditions.infill
             head, ids_out = prefix, ids + suffix
         artifact, dropped = self.domain.decode(head + ids_out)
+        if self.metas is not None:  # what the file keeps from its own prompt (music: tempos)
+            artifact = self.domain.with_prompt_meta(artifact, self.metas[i], whole=self.include_prompt)
         prompt_text = self.domain.decode(head)[0] if isinstance(artifact, str) else None
         artifact = cut_at_stop(artifact, self.stop, len(prompt_text) if prompt_text is not None else 0)
         if self.stop_rule is not None:  # the rule sees the prompt even when it is not written
@@ -319,6 +394,21 @@ class SampleWriter:
             if p not in self.paths:
                 self.paths.append(p)
         self.written.add(i)
+
+
+def check_filters(cfg: DictConfig, domain: Domain) -> None:
+    """ConfigError, before any sampling, for a filters.* key the domain does not know (its
+    `filter_keys`), or any filter set (a value other than the default) for a domain without filters."""
+    known = tuple(getattr(domain, "filter_keys", ()))
+    if known:
+        unknown = [k for k in cfg.filters if k not in known]
+        if unknown:
+            raise ConfigError(f"filters.{unknown[0]}: no such filter; known: {', '.join(known)}")
+        return
+    defaults = load_config("generate", ["run=-"]).filters  # what filters hold when the user sets none
+    given = [k for k, v in cfg.filters.items() if k not in defaults or defaults[k] != v]
+    if given:
+        raise ConfigError(f"filters.{given[0]}: the {domain.name} domain has no sample filters")
 
 
 def render_files(cfg: DictConfig, domain: Domain, paths: list[Path]) -> dict[str, Any]:
@@ -346,12 +436,13 @@ def sample_to_files(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(cfg.out if cfg.out else Path("outputs") / domain.name).expanduser()
     if cfg.prompt_bars is not None and not hasattr(domain, "window_starts"):
         raise ConfigError(f"prompt_bars: the {domain.name} domain has no bars (music only)")
+    check_filters(cfg, domain)
     bars = {"bars": cfg.prompt_bars} if cfg.prompt_bars is not None else {}
     starts = getattr(domain, "window_starts", None)
-    prompts = [
-        fit_prompt(domain.prompt_ids(t, **bars), model.config.block_size, cfg.max_new_tokens, starts)
-        for t in texts
-    ]
+    whole = [domain.prompt_ids(t, **bars) for t in texts]
+    prompts = [fit_prompt(p, model.config.block_size, cfg.max_new_tokens, starts) for p in whole]
+    # what each sample keeps from its own prompt beyond the tokens (music: tempos), per prompt
+    metas = [domain.prompt_meta(t, **bars) for t in texts] if hasattr(domain, "prompt_meta") else None
     cond = conditions(cfg, domain, prompts)
     stops = stop_sequences(cfg, domain)
     processors = [ban_tokens([domain.pad_id, domain.bos_id])]
@@ -362,6 +453,7 @@ def sample_to_files(cfg: DictConfig) -> dict[str, Any]:
     processors += cond.processors  # length window, then forced positions: they have the last word
     generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
     rows = [p for p in cond.rows for _ in range(cfg.n)]  # n samples of each prompt, in prompt order
+    heads = [p[1:] for p in whole for _ in range(cfg.n)]  # each row's whole prompt, as the files hold it
     cond.caps = [c for c in cond.caps for _ in range(cfg.n)]
     draft = load_draft(cfg, run)
     if cfg.repetition_penalty != 1.0:
@@ -398,9 +490,22 @@ def sample_to_files(cfg: DictConfig) -> dict[str, Any]:
         if cfg[key] != off:  # settings that are on go into every file's provenance
             provenance[key] = cfg[key]
     rule = stop_rule(cfg, domain)
+    stop = stop_text(cfg.stop) if cfg.stop is not None else None
     writer = SampleWriter(
-        domain, out_dir, provenance, cfg.overwrite, cfg.include_prompt, cfg.stop, rows, cond, rule
+        domain,
+        out_dir,
+        provenance,
+        cfg.overwrite,
+        cfg.include_prompt,
+        stop,
+        rows,
+        cond,
+        rule,
+        prompts=None if cond.infill is not None else heads,
+        metas=[m for m in metas for _ in range(cfg.n)] if metas is not None else None,
     )
+    # past block_size the window slides to a tail that starts where a training window could
+    streaming = dict(settings, window_starts=starts)
     spec = SpeculativeStats()
     with Progress(
         TextColumn("{task.description}"),
@@ -426,14 +531,14 @@ def sample_to_files(cfg: DictConfig) -> dict[str, Any]:
                     **settings,
                 )
                 spec.merge(stats)
-                for i, ids in enumerate(out):  # EOS, or a stop, unless the row used every new token
-                    writer.finish(start + i, ids, "length" if len(ids) >= cond.max_new_tokens else "eos")
+                for i, (ids, end) in enumerate(zip(out, stats.ends, strict=True)):
+                    writer.finish(start + i, ids, end)
                 tokens += sum(map(len, out))
                 bar.update(task, completed=writer.done, rate=tokens / (time.perf_counter() - started))
                 continue
             buffers: list[list[int]] = [[] for _ in batch]
-            ended = row_stopper(domain, rule, batch) if rule is not None else None
-            for event in stream(model, batch, cond.max_new_tokens, should_stop=ended, **settings):
+            ended = row_stopper(domain, rule, heads[start : start + len(batch)]) if rule is not None else None
+            for event in stream(model, batch, cond.max_new_tokens, should_stop=ended, **streaming):
                 if event.token is not None:
                     buffers[event.row].append(event.token)
                     tokens += 1
@@ -442,7 +547,7 @@ def sample_to_files(cfg: DictConfig) -> dict[str, Any]:
                 writer.finish(start + event.row, buffers[event.row], event.end)
                 bar.update(task, completed=writer.done, rate=tokens / (time.perf_counter() - started))
     redrawn = (
-        redraw_invalid(cfg, model, domain, rows, writer, cond.max_new_tokens, rule, settings)
+        redraw_invalid(cfg, model, domain, rows, writer, cond.max_new_tokens, rule, streaming)
         if cfg.resample_invalid
         else {}
     )
@@ -461,8 +566,8 @@ def sample_to_files(cfg: DictConfig) -> dict[str, Any]:
         paths += domain.write(best, out_dir / "top", provenance, overwrite=cfg.overwrite, **extra)
     if hasattr(domain, "token_errors"):  # miditok's tokens_errors over the sampled tokens, prompt as context
         errors = sum(
-            max(domain.token_errors(r[1:] + ids) - domain.token_errors(r[1:]), 0)
-            for r, ids in zip(rows, new_ids, strict=True)
+            max(domain.token_errors(h + ids) - domain.token_errors(h), 0)
+            for h, ids in zip(writer.prompts, new_ids, strict=True)
         )
         extra_metrics[f"{domain.name}/token_error_rate"] = errors / max(sum(map(len, new_ids)), 1)
     rendered = render_files(cfg, domain, paths) if cfg.render else {}

@@ -183,14 +183,25 @@ def test_windows_start_at_bar_lines_and_cover_every_token():
     assert sum(b[0] in firsts for b in blocks) > 0.8 * len(blocks)
 
 
-def test_a_long_prompt_is_cut_at_a_bar_line():
+def test_a_long_prompt_is_cut_at_a_bar_line_to_a_window_the_packer_could_produce():
     domain, records = music_domain("REMI", k=3)
     prompt = [domain.bos_id, *domain.encode(records[0])]
     cut = fit_prompt(prompt, 256, 64, domain.window_starts)
-    assert cut[0] == domain.bos_id and domain.tokenizer[cut[1]] == "Bar_None"
-    assert 64 < len(cut) <= 256 - 64 and cut[1:] == prompt[-(len(cut) - 1) :]
-    with pytest.raises(ValueError, match="no bar line in its last 63 tokens"):
-        fit_prompt(prompt, 128, 64, domain.window_starts)  # a chorale's bar is longer than 63 tokens
+    assert domain.bos_id not in cut and domain.tokenizer[cut[0]] == "Bar_None"
+    assert 64 < len(cut) <= 256 - 64 and cut == prompt[-len(cut) :]
+    # training windows after a piece's first start at a bar line, without BOS: with a piece of the
+    # right length before it, the packer starts one exactly where the cut prompt does
+    starts = [i for i, ok in enumerate(domain.window_starts) if ok]
+    bar = starts[0]
+    found = any(
+        b[: len(cut)] == cut
+        for f in range(256)
+        for b in pack({"ids": [[bar] * f, prompt[1:]]}, 256, domain.bos_id, domain.eos_id, domain.pad_id,
+                      window_starts=starts)["block"]
+    )  # fmt: skip
+    assert found
+    with pytest.raises(ValueError, match="no bar line in its last 64 tokens"):
+        fit_prompt(prompt, 128, 64, domain.window_starts)  # a chorale's bar is longer than 64 tokens
 
 
 def test_statistics_of_a_hand_made_piece():
@@ -303,6 +314,52 @@ def test_continuation_keeps_the_prompt_its_tempo_and_writes_files_a_musician_can
             m.type in ("text", "marker") and "multiar run=" in m.text for m in meta
         )  # mido reads it too
         assert (out / f"sample_{i:03d}.png").stat().st_size > 5000
+
+
+def test_each_continuation_keeps_its_own_prompts_tempos_and_time_signature(music_run, tmp_path):
+    files = bundled_files("music", 30)[-2:]
+    lines = []
+    for f, qpm, (num, den) in zip(files, (72.0, 150.0), ((3, 4), (4, 4)), strict=True):
+        source = next(build_domain("music").read(f))
+        source.tempos = [Tempo(0, qpm)]
+        source.time_signatures = [TimeSignature(0, num, den)]
+        source.dump_midi(str(tmp_path / f"{qpm:.0f}.mid"))
+        lines.append(str(tmp_path / f"{qpm:.0f}.mid"))
+    (tmp_path / "prompts.txt").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    overrides = [f"run={music_run}", f"out={out}", "n=2", "max_new_tokens=30",
+                 f"prompt_file={tmp_path / 'prompts.txt'}", "prompt_bars=2", "dtype=fp32"]  # fmt: skip
+    sample_to_files(load_config("generate", overrides))
+    for i, (qpm, numerator) in enumerate([(72, 3), (72, 3), (150, 4), (150, 4)]):
+        midi = mido.MidiFile(out / f"sample_{i:03d}.mid")
+        meta = [m for track in midi.tracks for m in track if m.is_meta]
+        assert [round(mido.tempo2bpm(m.tempo)) for m in meta if m.type == "set_tempo"] == [qpm], i
+        assert [m.numerator for m in meta if m.type == "time_signature"][:1] == [numerator], i
+
+
+def test_time_signatures_the_tokens_do_not_hold_come_from_the_prompt(tmp_path):
+    domain = MusicDomain("REMI", {"use_programs": True, "use_time_signatures": False})
+    source = next(domain.read(bundled_files("music", 1)[0]))
+    source.tempos = [Tempo(0, 72.0), Tempo(4 * source.tpq, 90.0)]
+    source.time_signatures = [TimeSignature(0, 3, 4)]
+    source.dump_midi(str(tmp_path / "p.mid"))
+    meta = domain.prompt_meta(str(tmp_path / "p.mid"))
+    sample = domain.decode(domain.prompt_ids(str(tmp_path / "p.mid"))[1:])[0]
+    assert sample.time_signatures[0].numerator == 4  # what the tokens alone give
+    whole = domain.with_prompt_meta(sample, meta)
+    assert [(t.numerator, t.denominator) for t in whole.time_signatures] == [(3, 4)]
+    assert [(t.time, round(t.qpm)) for t in whole.tempos] == [(0, 72), (4 * sample.tpq, 90)]
+    alone = domain.with_prompt_meta(sample, meta, whole=False)  # a file without its prompt
+    assert [(t.time, round(t.qpm)) for t in alone.tempos] == [(0, 90)]
+    assert domain.prompt_meta(None) is None and domain.with_prompt_meta(sample, None).tempos == sample.tempos
+
+
+def test_filters_on_a_domain_without_filters_are_refused_before_sampling(music_run, tmp_path):
+    with pytest.raises(ConfigError, match="filters.min_entropy: the music domain has no sample filters"):
+        sample_to_files(
+            load_config("generate", [f"run={music_run}", f"out={tmp_path / 'o'}", "filters.min_entropy=2"])
+        )
+    assert not (tmp_path / "o").exists()
 
 
 def test_render_names_what_is_missing_and_keeps_the_midi(music_run, tmp_path, monkeypatch, caplog):
