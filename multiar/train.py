@@ -147,6 +147,13 @@ class LitGPT(L.LightningModule):
         )
         total = int(self.trainer.estimated_stepping_batches)
         warmup = min(self.optim["warmup_steps"], max(1, total // 10))
+        if warmup < self.optim["warmup_steps"]:  # a short run keeps 90% of its steps past warmup
+            log.warning(
+                "optim.warmup_steps=%d is capped at 10%% of the %d steps: %d warmup steps used",
+                self.optim["warmup_steps"],
+                total,
+                warmup,
+            )
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, warmup, total, self.optim["min_lr_ratio"])
         )

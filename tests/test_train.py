@@ -212,3 +212,24 @@ def test_fit_prompt_keeps_bos_and_the_prompt_tail():
     assert cut == [1, *range(41, 60)] and len(cut) == 20
     # more new tokens than the block: the window will slide, the prompt keeps half the block
     assert fit_prompt(prompt, block_size=32, max_new_tokens=500) == [1, *range(45, 60)]
+
+
+def test_a_capped_warmup_says_what_it_uses(caplog):
+    from types import SimpleNamespace
+
+    from multiar.train import LitGPT
+
+    optim = {"lr": 1e-3, "weight_decay": 0.1, "betas": [0.9, 0.95], "warmup_steps": 50, "min_lr_ratio": 0.1}
+    module = LitGPT({"vocab_size": 16, "n_layer": 1, "n_head": 2, "n_embd": 8, "block_size": 8}, optim, 0)
+    module._trainer = SimpleNamespace(estimated_stepping_batches=200)
+    with caplog.at_level("WARNING", logger="multiar"):
+        schedule = module.configure_optimizers()["lr_scheduler"]["scheduler"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "optim.warmup_steps=50 is capped at 10% of the 200 steps: 20 warmup steps used"
+    ]
+    assert schedule.lr_lambdas[0](19) == 1.0 and schedule.lr_lambdas[0](18) < 1.0  # 20 used, as said
+    caplog.clear()
+    module._trainer = SimpleNamespace(estimated_stepping_batches=1000)  # 50 fits: nothing to say
+    with caplog.at_level("WARNING", logger="multiar"):
+        module.configure_optimizers()
+    assert caplog.records == []
