@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import logging
 import shutil
+import time
 from pathlib import Path
 
 import lightning as L
@@ -98,3 +99,45 @@ class TrainingSamples(L.Callback):
             ", ".join(f"{k} {v:.3g}" for k, v in metrics.items()),
         )
         return metrics
+
+
+class Progress(L.Callback):
+    """One console line every `every` optimizer steps and at the last (step/max_steps, loss, tokens/s
+    over the interval, ETA), and one per validation; global rank 0 only. Replaces Lightning's bar, whose
+    `Epoch 0/-2` says nothing for a run counted in steps."""
+
+    def __init__(self, every: int) -> None:
+        self.every = max(1, every)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.start_step, self.last_step, self.tokens = trainer.global_step, trainer.global_step, 0
+        self.start = self.last = time.monotonic()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        self.tokens += (batch.shape[-1] - 1) * batch.shape[0] * trainer.world_size
+        step, total = trainer.global_step, trainer.max_steps
+        if not trainer.is_global_zero or not (step % self.every == 0 or step == total):
+            return
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        now = time.monotonic()
+        rate = self.tokens / max(now - self.last, 1e-9)
+        per_step = (now - self.start) / max(step - self.start_step, 1)
+        left = int(per_step * max(total - step, 0)) if total > 0 else 0
+        tokens = f"{rate / 1000:.1f}k" if rate >= 1000 else f"{rate:.0f}"
+        log.info(
+            "step %d/%s  loss %.4f  %s tok/s  ETA %d:%02d",
+            step,
+            total if total > 0 else "?",
+            float(loss),
+            tokens,
+            left // 60,
+            left % 60,
+        )
+        self.last, self.tokens = now, 0
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit" or not trainer.is_global_zero:
+            return
+        loss = trainer.callback_metrics.get("val/loss")
+        if loss is not None:
+            log.info("step %d/%s  val/loss %.4f", trainer.global_step, trainer.max_steps, float(loss))

@@ -3,6 +3,8 @@ resumed runs, `multiar eval` and the samples callback read it; tensorboard, wand
 
 from __future__ import annotations
 
+import logging
+import warnings
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
@@ -66,3 +68,34 @@ def build_loggers(settings: dict[str, Any], run_dir: Path, flush_every: int) -> 
             )
         )
     return loggers
+
+
+# Lightning's console lines that say nothing about this run: an advertisement, what the CPU run already
+# says, and the restoring of the best checkpoint for the final metrics
+NOISE = (
+    "💡 Tip",
+    "GPU available",
+    "TPU available",
+    "HPU available",
+    "Using bfloat16 Automatic Mixed Precision",
+    "Using 16bit Automatic Mixed Precision",
+    "`Trainer.fit` stopped",
+    "Restoring states from the checkpoint path",
+    "Loaded model weights from the checkpoint",
+)
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(NOISE)
+
+
+def quiet_lightning() -> None:
+    """Silence the known noise of a Lightning run on the console, and only that (other warnings stay)."""
+    # the run folder holds config.yaml, domain/...: CSVLogger's "will be deleted" concerns its own file
+    warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNoise) for f in logger.filters):
+            logger.addFilter(_DropNoise())

@@ -17,11 +17,11 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_model
 
-from multiar.callbacks import ResumedCurve, TrainingSamples
+from multiar.callbacks import Progress, ResumedCurve, TrainingSamples
 from multiar.checkpoint_io import AtomicCheckpointIO, remove_stale_temporaries
 from multiar.data import BlockDataModule, prepare_corpus
 from multiar.domains import DOMAINS, build_domain, load_domain
-from multiar.loggers import build_loggers, check_logger
+from multiar.loggers import build_loggers, check_logger, quiet_lightning
 from multiar.model import GPT, ModelConfig
 from multiar.precision import resolve_precision
 from multiar.reference import (
@@ -307,7 +307,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """
     ckpt = check_train_config(cfg)
     cfg = validate("train", cfg)
-    L.seed_everything(cfg.seed, workers=True)
+    quiet_lightning()
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     run_dir = Path(cfg.run_dir).expanduser()
     moved: list[Path] = []  # where global rank 0 has moved the old run (overwrite=true)
     try:
@@ -425,6 +426,9 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt: Path | None, moved: list[Path])
     else:
         log.info("trainer.precision=%s (as configured)", trainer_args["precision"])
     config["precision_used"] = str(trainer_args["precision"])
+    if trainer_args.get("enable_progress_bar", True):  # our lines instead of Lightning's bar
+        callbacks.append(Progress(int(trainer_args.get("log_every_n_steps") or 50)))
+    trainer_args["enable_progress_bar"] = False
     trainer = L.Trainer(
         **trainer_args,
         default_root_dir=run_dir,

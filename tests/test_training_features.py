@@ -231,3 +231,26 @@ def test_samples_of_a_step_replace_that_steps_earlier_folder(tmp_path):
     callback.sample(trainer, module)
     assert sorted(p.name for p in stale.iterdir()) == ["samples.fasta"]
     assert logged and logged[0][0] == 2 and "protein/mean_length" in logged[0][1]
+
+
+def test_the_console_shows_progress_lines_and_none_of_lightnings_noise(tmp_path):
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    args = [*BASE, "trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.log_every_n_steps=3"]
+    args += ["trainer.enable_progress_bar=true", "run_dir=run"]
+    multiar = str(Path(sys.executable).parent / "multiar")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    out = subprocess.run(
+        [multiar, "train", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    console = out.stdout + out.stderr
+    for noise in ("litlogger", "LeafSpec", "Previous log files", "Epoch ", "/-", "GPU available", "Seed set"):
+        assert noise not in console, noise
+    steps = re.findall(r"step (\d+)/6 +loss \d+\.\d+ +[\d.]+k? tok/s +ETA \d+:\d\d", console)
+    assert steps == ["3", "6"], console[-3000:]
+    assert re.search(r"step 3/6 +val/loss \d+\.\d+", console)
