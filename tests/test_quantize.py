@@ -124,7 +124,8 @@ def test_int4_codes_the_kernel_and_a_whole_model():
     idx = torch.randint(0, 40, (2, 20))
     with torch.no_grad():
         a, b = model(idx), q_model(idx)
-    assert (a - b).norm() / a.norm() < 0.2
+    # measured: 0.0296 on this setup (seed 0); 0.029-0.038 over seeds 0-11
+    assert (a - b).norm() / a.norm() < 0.035
     from multiar.generate import generate
 
     assert [len(r) for r in generate(q_model, idx, 10, temperature=0.0)] == [10, 10]
