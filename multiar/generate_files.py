@@ -64,9 +64,11 @@ def fit_prompt(
             " the model's block leaves): use fewer max_new_tokens or prompt_bars=N"
         )
     log.warning(
-        "prompt of %d tokens: the model continues its last %d (block_size); the files hold all of it",
+        "prompt of %d tokens: the model continues its last %d (block_size %d); files with the prompt"
+        " (include_prompt) hold all of it",
         len(prompt) - 1,
         len(tail),
+        block_size,
     )
     return tail
 
