@@ -60,6 +60,7 @@ class ProteinDomain:
     suffixes = (".fasta", ".fa", ".faa", ".fasta.gz", ".fa.gz", ".faa.gz")
     unit = "residue"
     one_token_per_unit = True  # lengths and positions in residues are token counts (length control)
+    filter_keys = analysis.FILTER_KEYS  # generate checks filters.* against these before sampling
 
     def __init__(
         self,

@@ -25,6 +25,7 @@ STANDARD = "ACDEFGHIKLMNPQRSTVWY"
 # calibrated on the bundled proteomes: 95% of real proteins have a 12-residue window of at least 1.2
 # bits, 98% no run longer than 10
 FILTERS = {"min_entropy": 1.2, "entropy_window": 12, "max_homopolymer": 10, "max_identity": 0.95}
+FILTER_KEYS = (*FILTERS, "novelty", "candidates")  # every filters.* key assess reads
 CSV_COLUMNS = ("id", "length", "end", "ppl", "identity", "nearest", "tags", "kept", "min_entropy",
                "longest_run", "passes", "rank", "sequence")  # fmt: skip
 
@@ -146,9 +147,9 @@ def ks_distance(a: Sequence[float], b: Sequence[float]) -> float:
 
 def check_filters(settings: dict) -> dict:
     """The filter settings with defaults; ValueError naming an unknown key."""
-    unknown = sorted(set(settings) - set(FILTERS) - {"novelty", "candidates"})
+    unknown = sorted(set(settings) - set(FILTER_KEYS))
     if unknown:
-        raise ValueError(f"filters: unknown key(s) {', '.join(unknown)}; known: {', '.join(FILTERS)}")
+        raise ValueError(f"filters: unknown key(s) {', '.join(unknown)}; known: {', '.join(FILTER_KEYS)}")
     return {**FILTERS, "novelty": True, "candidates": 8, **settings}
 
 
