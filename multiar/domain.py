@@ -106,6 +106,10 @@ class Domain(Protocol):
     #                                             <name>/token_error_rate over the sampled tokens)
     #   prompt_ids(prompt, bars=N)                prompt_bars: only the prompt's first N bars
     #   render(path, out, soundfont, overwrite)   render=wav: audio beside a written file
+    #   prompt_meta(prompt, bars=None) -> Any     what a sample keeps from its prompt beyond the tokens
+    #                                             (music: tempos, time signatures the tokens lack)
+    #   with_prompt_meta(artifact, meta, whole)   applies it to one sample (no state on the domain)
+    #   filter_keys: tuple[str, ...]              the filters.* keys assess reads (checked before sampling)
 
 
 def domain_state_digest(domain: Domain) -> str:
