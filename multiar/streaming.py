@@ -120,26 +120,50 @@ class ShuffledStream(torch.utils.data.IterableDataset):
     """The training stream, one epoch per pass: shards (files) in a new order each epoch, and packed
     blocks shuffled within a buffer. (HF's own shuffle of a stream read far ahead of the packing: the
     documents held grew with the corpus.) Lightning sets epochs on samplers only; a stream has none, so
-    each pass counts its own."""
+    each pass counts its own.
 
-    def __init__(self, make: Callable[[list], IterableDataset], shards: list, seed: int, buffer: int) -> None:
+    cycle=True (several ranks): the next pass starts as one ends, without end. Ranks read different files
+    and so get different numbers of blocks; a rank whose epoch ended first would leave the others waiting
+    in the gradient all-reduce. Training then ends at trainer.max_steps, the same step on every rank."""
+
+    def __init__(
+        self,
+        make: Callable[[list], IterableDataset],
+        shards: list,
+        seed: int,
+        buffer: int,
+        cycle: bool = False,
+    ) -> None:
         self.make, self.shards, self.seed, self.buffer, self.epoch = make, shards, seed, buffer, 0
+        self.cycle = cycle
 
     def __iter__(self) -> Iterator:
+        while True:
+            yielded = yield from self._one_pass()
+            if not self.cycle:
+                return
+            if not yielded:
+                raise ValueError("data: this rank's share of the training stream holds no blocks")
+
+    def _one_pass(self) -> Iterator:
+        """One pass over the shards in this epoch's order; returns how many blocks it yielded."""
         rng = random.Random(self.seed * 1_000_003 + self.epoch)
         self.epoch += 1
         order = list(self.shards)
         rng.shuffle(order)
         held: list = []
+        count = 0
         for block in self.make(order):
             if len(held) < self.buffer:
                 held.append(block)
                 continue
             i = rng.randrange(self.buffer)
             yield held[i]
+            count += 1
             held[i] = block
         rng.shuffle(held)
         yield from held
+        return count + len(held)
 
 
 class StreamLoader(DataLoader):
@@ -196,8 +220,18 @@ class StreamingDataModule(L.LightningDataModule):
                 num_workers=self.num_workers,
                 collate_fn=stack_blocks,
             )
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if world > 1 and self.trainer.max_steps <= 0:
+            raise ValueError(
+                "data.streaming on several ranks: set trainer.max_steps (each rank's stream repeats, so that "
+                "every rank takes the same number of steps)"
+            )
         ds = ShuffledStream(
-            lambda order: self._stream(False, order), self.source.shards(), self.seed, self.shuffle_buffer
+            lambda order: self._stream(False, order),
+            self.source.shards(),
+            self.seed,
+            self.shuffle_buffer,
+            cycle=world > 1,
         )
         return StreamLoader(
             ds, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=stack_blocks

@@ -145,3 +145,30 @@ def test_each_epoch_reorders_the_stream_also_with_worker_processes(tmp_path):
         Counter(t for b in run for row in b for t in row[1:] if t not in special) for run in (first, second)
     ]
     assert targets[0] == targets[1]  # the same tokens, each a target once per epoch
+
+
+def test_under_several_ranks_each_rank_streams_without_end_so_all_take_the_same_steps(tmp_path):
+    # ranks read different files (unequal blocks): a rank whose stream ended first would leave the others
+    # waiting in the gradient all-reduce. Each rank's stream starts its next pass at once instead
+    import itertools
+    from types import SimpleNamespace
+
+    stream = ShuffledStream(lambda order: [f"{s}{i}" for s in order for i in range(2)], ["a", "b", "c"], 0, 2)
+    assert len(list(stream)) == 6  # one process: an epoch is one pass
+    stream.cycle = True
+    blocks = list(itertools.islice(iter(stream), 18))
+    passes = [blocks[i : i + 6] for i in (0, 6, 12)]
+    assert all(sorted(p) == ["a0", "a1", "b0", "b1", "c0", "c1"] for p in passes)
+    assert len({tuple(p) for p in passes}) > 1  # each pass its own order
+
+    domain = build_domain("protein")
+    folder = tmp_path / "fasta"
+    many_fasta_files(folder, n=20)
+    module = StreamingDataModule(Source(domain, [str(folder)]), domain, 64, 4, 0.1)
+    module.trainer = SimpleNamespace(world_size=2, max_steps=10)
+    assert module.train_dataloader().dataset.cycle
+    module.trainer = SimpleNamespace(world_size=2, max_steps=-1)
+    with pytest.raises(ValueError, match="trainer.max_steps"):
+        module.train_dataloader()
+    module.trainer = SimpleNamespace(world_size=1, max_steps=-1)
+    assert not module.train_dataloader().dataset.cycle
