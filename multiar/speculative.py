@@ -34,13 +34,15 @@ def ngram_proposal(row: list[int], k: int, n: int) -> list[int]:
 
 @dataclass
 class SpeculativeStats:
-    """What the draft bought: acceptance rate and tokens emitted per target forward pass."""
+    """What the draft bought: acceptance rate and tokens emitted per target forward pass; and why each
+    row ended (`ends`, in batch order: "eos", "stop", "length" or "no_valid_token", as `stream` says)."""
 
     proposed: int = 0
     accepted: int = 0
     target_steps: int = 0
     emitted: int = 0
     per_row_steps: list[int] = field(default_factory=list)
+    ends: list[str] = field(default_factory=list)
 
     def merge(self, other: SpeculativeStats) -> None:
         self.proposed += other.proposed
@@ -48,6 +50,7 @@ class SpeculativeStats:
         self.target_steps += other.target_steps
         self.emitted += other.emitted
         self.per_row_steps += other.per_row_steps
+        self.ends += other.ends
 
     def as_dict(self) -> dict[str, float]:
         return {
@@ -84,6 +87,39 @@ class _Processed:
         return logits
 
 
+def accept_reject(
+    p_all: Tensor, q_all: Tensor, d: Tensor, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """The speculative sampling rule: the target's distributions p_all (B, k+1, V) at the row's next k+1
+    positions, the draft's q_all (B, k, V) and its proposals d (B, k) drawn from them -> how many
+    proposals each row accepts (B,) and the token that follows them (B,). Proposal j is accepted with
+    probability min(1, p/q); the first rejection draws from (p - q)+, all k accepted from p_all[:, k];
+    what is emitted has the target's distribution. A position whose p is all zeros accepts nothing."""
+    B, k = d.shape
+    rows = torch.arange(B, device=d.device)
+    pd = p_all[:, :k].gather(-1, d[..., None]).squeeze(-1)
+    qd = q_all.gather(-1, d[..., None]).squeeze(-1)
+    u = torch.rand(pd.shape, generator=generator, device=d.device)
+    accept = (u * qd < pd).long()  # (B, k)
+    n_acc = accept.cumprod(dim=1).sum(dim=1)  # (B,)
+    at = n_acc.clamp(max=k - 1)
+    residual = (p_all[rows, at] - q_all[rows, at]).clamp(min=0)
+    empty = residual.sum(-1, keepdim=True) <= 0  # q covers p there: p itself
+    residual = torch.where(empty, p_all[rows, at], residual)
+    final = torch.where((n_acc == k)[:, None], p_all[:, k], residual)
+    return n_acc, draw(final, generator)
+
+
+def _distribution(
+    logits: Tensor, temperature: float, top_k: int, top_p: float, min_p: float
+) -> tuple[Tensor, Tensor]:
+    """Sampling probabilities (B, V) of processed logits, all zeros for a row whose processors banned
+    every token (instead of NaN), and that row flag (B,)."""
+    banned = torch.isneginf(logits).all(dim=-1, keepdim=True)
+    probs = probabilities(logits.masked_fill(banned, 0.0), temperature, top_k, top_p, min_p)
+    return probs.masked_fill(banned, 0.0), banned[:, 0]
+
+
 @torch.inference_mode()
 def speculative_generate(
     target: GPT,
@@ -104,7 +140,8 @@ def speculative_generate(
     generator: torch.Generator | None = None,
 ) -> tuple[list[list[int]], SpeculativeStats]:
     """Continue each prompt row like `generate` (same arguments), k draft tokens checked per target step.
-    Returns the new ids per row (without EOS or a matched stop) and the acceptance statistics."""
+    Returns the new ids per row (without EOS or a matched stop) and the acceptance statistics, with
+    each row's end reason as `stream` gives it."""
     if k < 1:
         raise ValueError(f"speculate_k must be >= 1, got {k}")
     use_model = isinstance(draft, GPT)
@@ -128,9 +165,10 @@ def speculative_generate(
     process = _Processed(processors, eos_id, min_new_tokens, prompt_lens)
     models = [target, draft] if use_model else [target]
     training = [m.training for m in models]
-    stats = SpeculativeStats(per_row_steps=[0] * B)
+    stats = SpeculativeStats(per_row_steps=[0] * B, ends=[""] * B)
     new: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
+    flat = torch.full((target.config.vocab_size,), 1.0 / target.config.vocab_size, device=device)
     try:
         for m in models:
             m.eval()
@@ -159,7 +197,10 @@ def speculative_generate(
                     logits = draft(feed, pos, kv_len=kv_len, logits_at=last)[:, -1]
                 for j in range(k):
                     ctx = [r + p for r, p in zip(rows, proposals, strict=True)]
-                    q = probabilities(process(ctx, logits, device), temperature, top_k, top_p, min_p)
+                    q, banned = _distribution(process(ctx, logits, device), temperature, top_k, top_p, min_p)
+                    # a draft context with every token banned proposes from a flat q: any q keeps the
+                    # rule exact, and the target (same processors) rejects what follows such a context
+                    q = torch.where(banned[:, None], flat, q)
                     tok = draw(q, generator)
                     q_list.append(q)
                     for b, t in enumerate(tok.tolist()):
@@ -186,47 +227,44 @@ def speculative_generate(
                     k + 1, device=device
                 )
                 logits = target(feed, pos, kv_len=kv_len)
-            p_all = torch.stack(
-                [
-                    probabilities(
-                        process(
-                            [r + p[:j] for r, p in zip(rows, proposals, strict=True)], logits[:, j], device
-                        ),
-                        temperature,
-                        top_k,
-                        top_p,
-                        min_p,
-                    )
-                    for j in range(k + 1)
-                ],
-                dim=1,
-            )  # (B, k+1, V)
+            dists = [
+                _distribution(
+                    process([r + p[:j] for r, p in zip(rows, proposals, strict=True)], logits[:, j], device),
+                    temperature,
+                    top_k,
+                    top_p,
+                    min_p,
+                )
+                for j in range(k + 1)
+            ]
+            p_all = torch.stack([p for p, _ in dists], dim=1)  # (B, k+1, V); all-banned positions are zeros
+            dead = torch.stack([banned for _, banned in dists], dim=1)  # (B, k+1)
             # 3) accept d_j with probability min(1, p/q); the first rejection draws from (p - q)+
-            pd = p_all[:, :k].gather(-1, d[..., None]).squeeze(-1)
-            qd = q_all.gather(-1, d[..., None]).squeeze(-1)
-            u = torch.rand(pd.shape, generator=generator, device=device)
-            accept = (u * qd < pd).long()  # (B, k)
-            n_acc = accept.cumprod(dim=1).sum(dim=1)  # (B,)
-            at = n_acc.clamp(max=k - 1)
-            residual = (p_all[torch.arange(B), at] - q_all[torch.arange(B), at]).clamp(min=0)
-            empty = residual.sum(-1, keepdim=True) <= 0
-            residual = torch.where(empty, p_all[torch.arange(B), at], residual)
-            final = torch.where((n_acc == k)[:, None], p_all[:, k], residual)
-            extra = draw(final, generator)  # (B,)
+            n_acc, extra = accept_reject(p_all, q_all, d, generator)
+            # the token after the accepted ones comes from a position whose every token is banned: drawn
+            # from nothing, it is dropped and the row ends there
+            no_token = dead.gather(1, n_acc[:, None])[:, 0]
             stats.target_steps += 1
-            # 4) append per row, stopping at EOS, a stop sequence or the token budget
-            for b, (n, x) in enumerate(zip(n_acc.tolist(), extra.tolist(), strict=True)):
+            # 4) append per row, stopping at EOS, a stop sequence, the token budget or no valid token
+            for b, (n, x, barren) in enumerate(torch.stack([n_acc, extra, no_token.long()], dim=1).tolist()):
                 if done[b]:
                     continue
                 stats.proposed += k
                 stats.accepted += n
                 stats.per_row_steps[b] += 1
-                for t in proposals[b][:n] + [x]:
+                for t in proposals[b][:n] + ([] if barren else [x]):
                     rows[b].append(t)
                     stats.emitted += t != eos_id
-                    if extend_row(new[b], t, eos_id, stops) or len(new[b]) >= max_new_tokens:
-                        done[b] = True
-                        break
+                    if extend_row(new[b], t, eos_id, stops):
+                        stats.ends[b] = "eos" if t == eos_id else "stop"
+                    elif len(new[b]) >= max_new_tokens:
+                        stats.ends[b] = "length"
+                    else:
+                        continue
+                    done[b] = True
+                    break
+                if barren and not done[b]:
+                    stats.ends[b], done[b] = "no_valid_token", True
     finally:
         for m, was in zip(models, training, strict=True):
             m.clear_caches()
