@@ -19,7 +19,7 @@ from symusic import Score, Tempo, TextMeta, TimeSignature
 
 from multiar.domain import safe_child, write_new_file
 from multiar.domains import music_analysis
-from multiar.domains.music_grammar import MusicGrammar
+from multiar.domains.music_grammar import MusicGrammar, ids_to_bytes
 from multiar.generate import LogitsProcessor
 
 SPECIALS = ("PAD_None", "BOS_None", "EOS_None")
@@ -336,7 +336,7 @@ class ScoreIterator(miditok.TokTrainingIterator):
             self.tokenizer.preprocess_score(score.copy()), encode_ids=False, no_preprocess_score=True
         )
         bars = [s.ids for s in seq.split_per_bars() if len(s) > 0]
-        return self.tokenizer._ids_to_bytes(bars, as_one_str=True)
+        return ids_to_bytes(self.tokenizer, bars)
 
 
 SOUNDFONTS = ("/usr/share/sounds/sf2/FluidR3_GM.sf2", "/usr/share/sounds/sf2/default-GM.sf2")
