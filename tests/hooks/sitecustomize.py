@@ -67,8 +67,11 @@ def record_ranks(folder: str) -> None:
             record = {"rank": trainer.global_rank, "batches": self.batches, "weights": h.hexdigest()}
             (Path(folder) / f"rank_{trainer.global_rank}.json").write_text(json.dumps(record))
 
+    import functools
+
     real_init = L.Trainer.__init__
 
+    @functools.wraps(real_init)  # the signature stays Lightning's: multiar checks trainer.* keys against it
     def init(self, *args, callbacks=None, **kwargs) -> None:  # noqa: ANN001, ANN002, ANN003
         real_init(self, *args, callbacks=[*(callbacks or []), RankRecord()], **kwargs)
 
