@@ -188,30 +188,31 @@ def test_long_prompt_is_cut_to_its_tail_and_written_whole(tmp_path):
         )
     )
     written = str(next(SeqIO.parse(tmp_path / "o" / "samples.fasta", "fasta")).seq)
-    # the block holds BOS + the prompt's tail + the new tokens; the file holds the tail + the new tokens
-    tail = prompt[-(128 - 28 - 1) :]
+    # the block holds the prompt's tail (no BOS: a training window past a document's first) + the new
+    # tokens; the file holds the whole prompt + the new tokens
     run = load_run(run_dir)
     d = run.domain
+    tail = d.prompt_ids(prompt)[1:][-(128 - 28) :]
     new = generate(
         run.model,
-        torch.tensor([d.prompt_ids(tail)]),
+        torch.tensor([tail]),
         28,
         temperature=0.0,
         eos_id=d.eos_id,
         processors=[ban_tokens([d.pad_id, d.bos_id])],
     )[0]
-    assert written == tail + d.decode(new)[0]
+    assert written == prompt + d.decode(new)[0]
 
 
-def test_fit_prompt_keeps_bos_and_the_prompt_tail():
+def test_fit_prompt_cuts_a_long_prompt_to_a_training_like_tail():
     from multiar.generate_files import fit_prompt
 
     prompt = [1, *range(10, 60)]  # BOS + 50 tokens
     assert fit_prompt(prompt, block_size=64, max_new_tokens=10) == prompt
-    cut = fit_prompt(prompt, block_size=32, max_new_tokens=12)
-    assert cut == [1, *range(41, 60)] and len(cut) == 20
+    # too long: its last ids without BOS, as a training window past a document's first starts
+    assert fit_prompt(prompt, block_size=32, max_new_tokens=12) == list(range(40, 60))
     # more new tokens than the block: the window will slide, the prompt keeps half the block
-    assert fit_prompt(prompt, block_size=32, max_new_tokens=500) == [1, *range(45, 60)]
+    assert fit_prompt(prompt, block_size=32, max_new_tokens=500) == list(range(44, 60))
 
 
 def test_a_capped_warmup_says_what_it_uses(caplog):
