@@ -18,8 +18,14 @@ SPECIAL = ban_tokens([PAD, BOS, EOS])  # generated ids never look like a documen
 
 
 def tiny(seed: int = 6, block_size: int = 16, vocab: int = 37) -> GPT:
+    """A tiny model whose next token depends on its context (at the default init it hardly does)."""
     torch.manual_seed(seed)
-    return GPT(ModelConfig(vocab_size=vocab, block_size=block_size, n_layer=2, n_head=2, n_embd=16)).eval()
+    model = GPT(ModelConfig(vocab_size=vocab, block_size=block_size, n_layer=2, n_head=2, n_embd=16)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:  # embeddings and linears; the norms stay at 1
+                p.normal_(0.0, 0.3)
+    return model
 
 
 def ban_all_at(prompt_second_id: int, length: int):
