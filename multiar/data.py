@@ -19,7 +19,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from datasets import Dataset, Features, Sequence, Value, load_from_disk
+from datasets import Dataset, Features, Sequence, Value, concatenate_datasets, load_from_disk
 from torch.utils.data import DataLoader
 
 from multiar import fim as fim_module
@@ -399,6 +399,12 @@ class BlockDataModule(L.LightningDataModule):
             # the last rank with repeated blocks, which would count them twice in the token-weighted mean
             from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 
+            world = torch.distributed.get_world_size()
+            if len(ds) < world:  # a rank without a block would skip the validation loop the others
+                # reduce in (Lightning drops an empty loader): a block of pads scores 0 tokens
+                pad = [[self.corpus.domain.pad_id] * (self.block_size + 1)] * (world - len(ds))
+                padding = Dataset.from_dict({"block": pad}, features=ds.features)
+                ds = concatenate_datasets([ds.with_format(None), padding]).with_format("torch")
             sampler = UnrepeatedDistributedSampler(ds, shuffle=False)
         return DataLoader(
             ds,

@@ -157,3 +157,26 @@ def test_other_ranks_never_read_the_run_folder_rank_zero_replaces(tmp_path, monk
         check_train_config(cfg)  # rank 0 reads it, and says so
     monkeypatch.setenv("NODE_RANK", "1")
     assert check_train_config(cfg) is None  # node 1 leaves the folder to rank 0
+
+
+def test_a_validation_split_of_one_block_validates_on_both_ranks(tmp_path):
+    # one validation document of one block: rank 1 has no block of its own, yet must enter the
+    # validation loop (and its reduce) with rank 0, which sees the whole figure
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, seq in enumerate(["MKTAYIAKQRQISFVKSHFSRQ", "MKKLLPTAAAGLLLLAAQPAMA", "MSTNPKPQRKTKRNTNRRPQ"]):
+        (data / f"p{i}.fasta").write_text(f">p{i}\n{seq}\n")
+    args = [*DDP, *TINY, f"data.paths=[{data}]", "trainer.max_steps=2", "trainer.val_check_interval=2"]
+    out = subprocess.run(
+        [MULTIAR, *args, "run_dir=run"],
+        cwd=tmp_path,
+        env=hooked_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = load_run(tmp_path / "run")
+    assert run.config["data_stats"]["documents_val"] == 1
+    # the token-weighted mean over the one real block (the padding block scores no token)
+    assert run.config["final"]["val/loss"] == pytest.approx(run.config["final"]["val_docs/loss"], abs=2e-5)
