@@ -360,7 +360,10 @@ def stream(
             if max(cache) >= capacity:
                 # the cache is full: slide the window to each row's tail, cut as training windows are
                 # (multiar.data.pack), prefilled in one pass, and go on decoding after them
-                ctxs = [window_tail(seq[b, :h].tolist(), keep, window_starts) for b, h in enumerate(hist)]
+                ctxs = [
+                    window_tail(seq[b, max(h - keep, 0) : h].tolist(), keep, window_starts)
+                    for b, h in enumerate(hist)
+                ]
                 cache = [len(c) for c in ctxs]
                 cache_t = torch.tensor(cache, device=device)
                 width = max(cache)
