@@ -63,7 +63,7 @@ def checks(device: str) -> dict:
             t = int(small(torch.tensor([ctx], device=device))[0, -1].argmax())
             ref.append(t)
             hist.append(t)
-            ctx = [hist[0], *hist[max(len(hist) - 16, 1) :]] if len(ctx) >= 32 else [*ctx, t]
+            ctx = hist[-16:] if len(ctx) >= 32 else [*ctx, t]  # a training-like window: no BOS
     out["sliding_window_equals_reference"] = slid == ref
     idx = torch.randint(0, 512, (2, 30), device=device)
     with torch.no_grad():

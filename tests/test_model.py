@@ -132,16 +132,15 @@ def test_temperature_zero_is_greedy():
 
 
 def sliding_reference(model: GPT, prompt: list[int], n: int, keep: int) -> list[int]:
-    """Reference: no cache; when the context fills block_size it restarts from BOS + the last keep ids."""
+    """Reference: no cache; when the context fills block_size it restarts from the last keep ids (no BOS:
+    a training window past a document's first)."""
     ctx, hist, out = list(prompt), list(prompt), []
     for _ in range(n):
         with torch.no_grad():
             t = int(model(torch.tensor([ctx]))[0, -1].argmax())
         out.append(t)
         hist.append(t)
-        ctx = (
-            [hist[0], *hist[max(len(hist) - keep, 1) :]] if len(ctx) >= model.config.block_size else [*ctx, t]
-        )
+        ctx = hist[-keep:] if len(ctx) >= model.config.block_size else [*ctx, t]
     return out
 
 

@@ -188,13 +188,13 @@ def test_prompt_null_unsets_and_dollar_braces_stay_literal():
     assert load_config("generate", ["run=r", "prompt=a\\${x}"]).prompt == "a\\${x}"
 
 
-def test_processors_that_ban_every_token_are_an_error_not_nan():
-    from multiar.generate import ban_tokens, generate
+def test_processors_that_ban_every_token_end_the_row_with_no_valid_token():
+    from multiar.generate import Token, ban_tokens, stream
 
     run = load_run(FIXTURE_RUN)
     every = ban_tokens(range(run.domain.vocab_size))
-    with pytest.raises(ValueError, match="banned every token"):
-        generate(run.model, torch.tensor([[1, 5, 6]]), 4, processors=[every])
+    events = list(stream(run.model, torch.tensor([[1, 5, 6]]), 4, processors=[every]))
+    assert events == [Token(0, None, "no_valid_token")]  # nothing drawn from NaN probabilities
 
 
 # --- reproducibility ---------------------------------------------------------------------------------
