@@ -12,7 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from multiar.config import _quote_free_text
+from multiar.config import hydra_overrides
 from multiar.schema import ConfigError
 
 # the key that names a job's output folder, per command: set to the job's folder unless given
@@ -33,11 +33,12 @@ def multirun(config_name: str, run: Callable[[DictConfig], Any], overrides: Sequ
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
+    overrides = hydra_overrides(overrides)  # experiment=NAME as +experiment=NAME, free text quoted
     given = {o.partition("=")[0].lstrip("+~") for o in overrides}
     argv = [
         "multiar",
         "--multirun",
-        *_quote_free_text(overrides),
+        *overrides,
         "hydra/job_logging=none",  # multiar and Lightning log as in a single run
         "hydra/hydra_logging=none",
     ]

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import csv
-import hashlib
-import json
 import os
 import subprocess
 import sys
@@ -13,15 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 import yaml
 from Bio import SeqIO
 from conftest import TINY, copy_fixture_run
-from hooks import hooked_env
 from omegaconf import OmegaConf
 
 from multiar.config import config_dir, load_config
-from multiar.data import pack_dataset, prepare_corpus
 from multiar.model import ModelConfig
 from multiar.run_folder import load_run
 from multiar.schema import ConfigError
@@ -168,58 +163,11 @@ def test_demo_trains_and_writes_every_domain(tmp_path, capsys):
     assert len(list(SeqIO.parse(out / "protein" / "samples.fasta", "fasta"))) >= 16
 
 
-def test_ddp_on_two_cpu_processes_writes_one_run(tmp_path):
-    # Lightning starts rank 1 by re-running this command while rank 0 writes the run folder: only
-    # rank 0 may judge whether the folder already holds a run
-    args = [
-        "train",
-        "trainer=ddp",
-        "trainer.accelerator=cpu",
-        "trainer.devices=2",
-        "trainer.precision=32-true",
-        "data.max_documents=220",  # 127 validation blocks: odd, one rank gets one more
-        *TINY,
-        "trainer.max_steps=6",
-        "trainer.val_check_interval=3",
-        "trainer.limit_val_batches=1.0",
-        "weights=last",
-        "run_dir=run",
-    ]
-    record = tmp_path / "ranks"
-    record.mkdir()
-    env = hooked_env(MULTIAR_TEST_RANK_RECORD=str(record))  # tests/hooks/sitecustomize.py records each rank
-    out = subprocess.run([MULTIAR, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.count("protein: val/loss") == 2  # both ranks finished
-    ranks = [json.loads((record / f"rank_{r}.json").read_text()) for r in (0, 1)]
-    assert len(ranks[0]["batches"]) == len(ranks[1]["batches"]) == 6
-    assert not set(ranks[0]["batches"]) & set(ranks[1]["batches"])  # each rank its own batches
-    run = load_run(tmp_path / "run")
-    h = hashlib.sha256()
-    for name, t in sorted(run.model.state_dict().items()):
-        h.update(name.encode() + t.float().numpy().tobytes())
-    assert h.hexdigest() == ranks[0]["weights"]  # the saved weights are rank 0's
-    # the validation loss is the token-weighted mean over every validation block, each counted once
-    config = run.config
-    corpus = prepare_corpus(
-        run.domain, {}, None, cache_dir=config["data"]["cache_dir"], max_documents=220, fit=False
-    )
-    blocks = torch.stack(
-        list(pack_dataset(corpus.val, run.model.config.block_size, run.domain)["block"])
-    ).long()
-    targets = blocks[:, 1:].masked_fill(blocks[:, 1:] == run.domain.pad_id, -100)
-    with torch.no_grad():
-        logits = run.model(blocks[:, :-1])
-    expected = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100).item()
-    assert len(blocks) % 2 == 1  # where Lightning's default sampler would count a repeated block twice
-    assert config["final"]["val/loss"] == pytest.approx(expected, abs=2e-5)
-
-
 def test_multirun_trains_each_combination_into_its_own_folder(tmp_path):
     args = [
         "train",
         "-m",
-        "domain=protein,code",
+        "experiment=protein_cpu,code_cpu",  # the bare form, as README writes recipes
         *TINY,
         "data.max_documents=20",
         "trainer.max_steps=2",
@@ -228,9 +176,10 @@ def test_multirun_trains_each_combination_into_its_own_folder(tmp_path):
     ]
     out = run_cli(args, tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
-    for name in ("domain=protein", "domain=code"):
-        config = yaml.safe_load((tmp_path / "sweep" / name / "config.yaml").read_text())
-        assert config["domain"]["name"] == name.split("=")[1]
+    for name in ("protein", "code"):
+        config = yaml.safe_load((tmp_path / "sweep" / f"+experiment={name}_cpu" / "config.yaml").read_text())
+        assert config["domain"]["name"] == name and config["model"]["name"] == f"{name}_cpu"
+        name = f"+experiment={name}_cpu"
         assert (tmp_path / "sweep" / name / "model.safetensors").exists()
     bad = run_cli(["train", "-m", "domain=protein,nope"], tmp_path)
     assert bad.returncode == 2 and "Could not find 'domain/nope'" in bad.stderr
