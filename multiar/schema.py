@@ -409,13 +409,21 @@ class QuantizeSchema:
         "int8",
     )
     device: str = doc(DEVICE_HELP, "auto")
-    eval_batches: int = doc("validation batches for the perplexity comparison", 20)
-    batch_size: int = doc("windows per validation batch", 8)
+    eval_batches: int | None = doc(
+        "score the first eval_batches x batch_size validation documents of reference/; null: every one, "
+        "the documents and figure `multiar eval` reports",
+        None,
+    )
+    batch_size: int = doc("documents' windows scored together", 8)
 
     def __post_init__(self) -> None:
         _check_device(self.device)
         _check(self.mode in ("int8", "int4"), "mode", f"must be int8 or int4, got {self.mode!r}")
-        _check(self.eval_batches >= 1, "eval_batches", f"must be >= 1, got {self.eval_batches}")
+        _check(
+            self.eval_batches is None or self.eval_batches >= 1,
+            "eval_batches",
+            f"must be >= 1 or null (all), got {self.eval_batches}",
+        )
         _check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
 
 
