@@ -325,6 +325,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
+def warn_unused_settings(settings: dict[str, Any], source_run: Path) -> None:
+    """One warning naming the domain.settings given now that differ from those source_run was built with:
+    a resumed or fine-tuned run reads and tokenizes as its saved domain/ says, not as they say."""
+    saved = read_run_config(source_run)["domain"].get("settings") or {}
+    differ = sorted(k for k in set(settings) | set(saved) if settings.get(k) != saved.get(k))
+    if differ:
+        log.warning(
+            "domain.settings: %s differ from %s's and are not used (its saved domain/ decides what is read "
+            "and how it is tokenized): %s",
+            ", ".join(differ),
+            source_run,
+            "; ".join(f"{k}={settings.get(k)!r} given, {saved.get(k)!r} used" for k in differ),
+        )
+
+
 def _train(cfg: DictConfig, run_dir: Path, ckpt: Path | None, moved: list[Path]) -> dict[str, Any]:
     settings = OmegaConf.to_container(cfg.domain.settings, resolve=True)
     own_tokenizer = ckpt is not None and (run_dir / "domain").is_dir()
@@ -332,10 +347,12 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt: Path | None, moved: list[Path])
     if own_tokenizer:
         domain = load_domain(cfg.domain.name, run_dir / "domain")
         log.info("%s: resuming with the run's own tokenizer from %s", domain.name, run_dir / "domain")
+        warn_unused_settings(settings, run_dir)
     elif init_run is not None:  # fine-tuning: the source run's tokenizer, never a refitted one
         domain = load_domain(cfg.domain.name, init_run / "domain")
         own_tokenizer = True
         log.info("%s: starting from %s (its weights and tokenizer; a fresh optimizer)", domain.name, init_run)
+        warn_unused_settings(settings, init_run)
     else:
         domain = build_domain(cfg.domain.name, settings)
         if cfg.data.tags is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 
 import pytest
 import torch
@@ -112,18 +113,22 @@ def test_early_stop_ends_training_without_improvement(tmp_path):
     assert result["steps"] == 4
 
 
-def test_init_from_starts_from_the_runs_weights_and_tokenizer(tmp_path):
+def test_init_from_starts_from_the_runs_weights_and_tokenizer(tmp_path, caplog):
     run_train(tmp_path, "source", "trainer.max_steps=4", "trainer.val_check_interval=2")
     # lr tiny: after one step the new run's weights are the source's, up to the tiny update
-    run_train(
-        tmp_path,
-        "tuned",
-        "trainer.max_steps=1",
-        "trainer.val_check_interval=1",
-        f"init_from={tmp_path / 'source'}",
-        "optim.lr=1e-9",
-        "weights=last",
-    )
+    with caplog.at_level(logging.WARNING, logger="multiar"):
+        run_train(
+            tmp_path,
+            "tuned",
+            "trainer.max_steps=1",
+            "trainer.val_check_interval=1",
+            f"init_from={tmp_path / 'source'}",
+            "optim.lr=1e-9",
+            "weights=last",
+            "domain.settings.max_len=5000",  # the source's saved domain decides: said, not silently dropped
+        )
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("domain.settings")]
+    assert "max_len=5000 given, None used" in line
     a, b = (
         load_file(tmp_path / "source" / "model.safetensors"),
         load_file(tmp_path / "tuned" / "model.safetensors"),
