@@ -140,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     if not log.handlers:  # our own logger only: Lightning configures its own
-        handler = logging.StreamHandler()
+        handler = StderrHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
@@ -193,6 +193,19 @@ def _show(value: Any) -> str:
     if isinstance(value, dict):
         return "{" + ", ".join(f"{k}: {_show(v)}" for k, v in value.items()) + "}"
     return repr(value) if isinstance(value, str) and (value != value.strip() or not value) else str(value)
+
+
+class StderrHandler(logging.StreamHandler):
+    """A log handler writing to whatever sys.stderr is when a record comes, not the stream it was made
+    with: main() may run several times in one process (tests, notebooks), each with its own stderr."""
+
+    @property
+    def stream(self):  # noqa: ANN201
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # noqa: ANN001
+        pass  # StreamHandler.__init__ sets it; the property always answers with today's stderr
 
 
 def one_line(err: BaseException) -> str:

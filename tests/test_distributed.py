@@ -131,7 +131,13 @@ def test_a_second_nodes_first_process_is_not_global_rank_zero(monkeypatch):
         monkeypatch.delenv(var, raising=False)
     assert _launcher_rank(devices_per_node=2) == 2
     import lightning as L
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+    from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 
+    # the Trainer sets the process-wide rank Lightning's rank_zero_only reads (2 here): put it back after
+    # this test, or later in-process runs think they are not rank 0 (no metrics.csv)
+    for holder in (rank_zero_only, utils_rank_zero_only):
+        monkeypatch.setattr(holder, "rank", getattr(holder, "rank", 0))
     trainer = L.Trainer(accelerator="cpu", devices=2, num_nodes=2, strategy="ddp", logger=False)
     assert trainer.global_rank == 2 and not trainer.is_global_zero  # the rank Lightning will use agrees
     monkeypatch.setenv("NODE_RANK", "0")
