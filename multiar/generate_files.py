@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from multiar.conditioning import Conditions, conditions
-from multiar.config import load_config
+from multiar.config import config_dir
 from multiar.domain import Domain, domain_state_digest, write_new_text
 from multiar.generate import (
     ban_tokens,
@@ -407,7 +407,8 @@ def check_filters(cfg: DictConfig, domain: Domain) -> None:
         if unknown:
             raise ConfigError(f"filters.{unknown[0]}: no such filter; known: {', '.join(known)}")
         return
-    defaults = load_config("generate", ["run=-"]).filters  # what filters hold when the user sets none
+    # what filters hold when the user sets none; read without Hydra, which a multirun job already holds
+    defaults = OmegaConf.load(config_dir() / "generate.yaml").filters
     given = [k for k, v in cfg.filters.items() if k not in defaults or defaults[k] != v]
     if given:
         raise ConfigError(f"filters.{given[0]}: the {domain.name} domain has no sample filters")

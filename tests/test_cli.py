@@ -185,6 +185,44 @@ def test_multirun_trains_each_combination_into_its_own_folder(tmp_path):
     assert bad.returncode == 2 and "Could not find 'domain/nope'" in bad.stderr
 
 
+def test_a_generate_sweep_on_a_code_run_writes_each_combination(tmp_path):
+    from multiar.train import train
+
+    data = tmp_path / "src"
+    data.mkdir()
+    for i in range(4):
+        (data / f"m{i}.py").write_text(f"def f{i}(x):\n    return x + {i}\n")
+    run = tmp_path / "run"
+    train(
+        load_config(
+            "train",
+            [
+                *TINY,
+                "domain=code",
+                f"data.paths=[{data}]",
+                f"run_dir={run}",
+                "data.val_fraction=0.3",
+                "trainer.max_steps=2",
+                "trainer.val_check_interval=2",
+            ],
+        )
+    )
+    # each job checks its filters before sampling, inside Hydra's multirun
+    args = [
+        "generate",
+        "-m",
+        f"run={run}",
+        "seed=1,2",
+        "n=1",
+        "max_new_tokens=4",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    ]
+    out = run_cli(args, tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for seed in (1, 2):
+        assert (tmp_path / "sweep" / f"seed={seed}" / "generate.json").exists()
+
+
 def test_experiment_composes_with_or_without_plus():
     for recipe in ("protein_cpu", "code_cpu", "music_cpu", "music_pop909_cpu"):
         bare = load_config("train", [f"experiment={recipe}", "trainer.max_steps=7"])
