@@ -126,8 +126,8 @@ class Tagged:
 
     @property
     def replayable(self) -> bool:
-        """Whether document_tags can read a document's tags here: a TSV source needs its table, which a
-        loaded run does not keep (its validation tags are stored in reference/ instead)."""
+        """Whether document_tags can read a document's tags here: a TSV source needs its table, which
+        runs saved before domain/tags.json kept it lack (their validation tags are in reference/)."""
         return not self.spec.startswith("tsv:") or self.table is not None
 
     def tag_ids(self, text: str | None) -> list[int]:
@@ -161,12 +161,14 @@ class Tagged:
     def save(self, directory: Path) -> None:
         self.base.save(directory)
         state = {"spec": self.spec, "max_tags": self.max_tags, "tags": self.tags}
+        if self.table is not None:  # a TSV source: kept, so a resumed or fine-tuned run reads the same tags
+            state["table"] = self.table
         write_new_text(Path(directory) / "tags.json", json.dumps(state, indent=1), overwrite=True)
 
     @classmethod
     def load(cls, base: Domain, directory: Path) -> Tagged:
         state = json.loads((Path(directory) / "tags.json").read_text())
-        tagged = cls.__new__(cls)  # no tsv file needed to generate: the vocabulary is stored
+        tagged = cls.__new__(cls)  # no tsv file needed: the vocabulary and a TSV's table are stored
         tagged.base, tagged.spec, tagged.max_tags = base, state["spec"], state["max_tags"]
-        tagged.tags, tagged.table = list(state["tags"]), None
+        tagged.tags, tagged.table = list(state["tags"]), state.get("table")  # None: runs saved before
         return tagged

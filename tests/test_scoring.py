@@ -41,7 +41,7 @@ def fasta_file(tmp_path, i: int):
     return tmp_path / "data" / tag(i) / f"p{i}.fasta"
 
 
-def tagged_run(tmp_path, source: str = "tsv"):
+def tagged_run(tmp_path, source: str = "tsv", *extra: str):
     """A tiny protein run tagged A/B by sequence, from a TSV table or from each file's folder."""
     for i, s in enumerate(SEQS):
         fasta_file(tmp_path, i).parent.mkdir(parents=True, exist_ok=True)
@@ -58,6 +58,7 @@ def tagged_run(tmp_path, source: str = "tsv"):
         f"run_dir={run}",
         "trainer.max_steps=3",
         "trainer.val_check_interval=3",
+        *extra,
     ]
     train(load_config("train", overrides))
     return run
@@ -146,3 +147,12 @@ def test_quantize_scores_the_hf_dataset_the_run_was_trained_on(tmp_path):
     # was: the bundled corpus (data.paths is empty for an HF run), thousands of tokens
     assert report["val_tokens"] == result["tokens"] < sum(len(s) + 1 for s in SEQS)
     assert report["val_ppl_fp32"] == pytest.approx(result["ppl"], rel=1e-9)
+
+
+def test_a_tsv_tagged_run_resumes_with_the_table_it_was_trained_on(tmp_path):
+    run = tagged_run(tmp_path)
+    first = json.loads((run / "reference" / "validation.json").read_text())["tags"]
+    # the resumed run encodes its data with its saved domain (tags.json keeps the TSV's table)
+    tagged_run(tmp_path, "tsv", "ckpt_path=last", "trainer.max_steps=5")
+    assert load_run(run).config["final"]["steps"] == 5
+    assert json.loads((run / "reference" / "validation.json").read_text())["tags"] == first
