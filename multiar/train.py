@@ -502,23 +502,36 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt: Path | None, moved: list[Path])
         "weights_step": best_step,
     }
     if trainer.is_global_zero:
-        config["final"] |= reference_figures(module.model, run_dir, domain, data.batch_size)
+        config["final"] |= reference_figures(module.model, trainer, run_dir, domain, data)
         save_run(run_dir, module.model, domain, config)
+    whole = config["final"].get("val_docs/ppl")
     print(
-        f"{domain.name}: val/loss {metrics['val/loss']:.4f} (ppl {metrics['val/ppl']:.2f}) after "
-        f"{trainer.global_step} steps -> {run_dir}"
+        f"{domain.name}: val/loss {metrics['val/loss']:.4f} (ppl {metrics['val/ppl']:.2f}, packed blocks)"
+        + (f", validation documents ppl {whole:.2f}" if whole is not None else "")
+        + f" after {trainer.global_step} steps -> {run_dir}"
     )
     return {"run_dir": str(run_dir), **config["final"]}
 
 
-def reference_figures(model: GPT, run_dir: Path, domain: Any, batch_size: int) -> dict[str, float]:
+def reference_figures(
+    model: GPT, trainer: L.Trainer, run_dir: Path, domain: Any, data: DictConfig
+) -> dict[str, float]:
     """The exported weights on the run's reference documents, scored as `multiar eval` and `multiar
     quantize` score them (every validation document whole, tags as context): `val_docs/*`. The
-    in-loop `val/loss` is over packed blocks, capped by trainer.limit_val_batches."""
-    docs = reference_documents(run_dir, domain)
-    figures = summary(
-        score_documents(model, docs, domain.bos_id, domain.eos_id, batch_size), docs, domain.unit
-    )
+    in-loop `val/loss` is over packed blocks, capped by trainer.limit_val_batches. Not for streamed
+    runs (finding their validation documents means reading the whole input again: `multiar eval`
+    does) nor sharded models (one rank alone cannot run them); a failure is a warning, never the run's."""
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    if data.streaming or isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy)):
+        return {}
+    try:
+        docs = reference_documents(run_dir, domain)
+    except (OSError, ValueError) as err:
+        log.warning("val_docs/*: not scored (%s); `multiar eval` scores them later", err)
+        return {}
+    nats = score_documents(model, docs, domain.bos_id, domain.eos_id, data.batch_size)
+    figures = summary(nats, docs, domain.unit)
     return {
         f"val_docs/{k}": float(figures[k]) for k in ("loss", "ppl", "bits_per_unit", "documents", "tokens")
     }

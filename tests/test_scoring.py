@@ -156,3 +156,19 @@ def test_a_tsv_tagged_run_resumes_with_the_table_it_was_trained_on(tmp_path):
     tagged_run(tmp_path, "tsv", "ckpt_path=last", "trainer.max_steps=5")
     assert load_run(run).config["final"]["steps"] == 5
     assert json.loads((run / "reference" / "validation.json").read_text())["tags"] == first
+
+
+def test_a_failure_to_score_the_validation_documents_never_costs_the_run(tmp_path, monkeypatch, caplog):
+    import logging
+
+    import multiar.train
+
+    def gone(*args, **kwargs):
+        raise FileNotFoundError("data/B/p0.fasta: a validation file is gone")
+
+    monkeypatch.setattr(multiar.train, "reference_documents", gone)
+    with caplog.at_level(logging.WARNING, logger="multiar"):
+        run = tagged_run(tmp_path)
+    assert (run / "model.safetensors").exists()  # the weights are saved all the same
+    assert "val_docs/ppl" not in load_run(run).config["final"]
+    assert any("val_docs/*: not scored" in r.getMessage() for r in caplog.records)
