@@ -172,3 +172,14 @@ def test_a_failure_to_score_the_validation_documents_never_costs_the_run(tmp_pat
     assert (run / "model.safetensors").exists()  # the weights are saved all the same
     assert "val_docs/ppl" not in load_run(run).config["final"]
     assert any("val_docs/*: not scored" in r.getMessage() for r in caplog.records)
+
+
+def test_a_run_without_reference_is_quantized_and_says_its_ppl_was_not_measured(tmp_path, capsys):
+    from conftest import copy_fixture_run
+
+    run = copy_fixture_run(tmp_path)  # the foundation's format: no reference/
+    assert main(["quantize", f"run={run}"]) == 0
+    report = json.loads((run / "quantize.json").read_text())
+    assert (run / "model.int8.safetensors").exists() and "val_ppl_fp32" not in report
+    assert report["val_ppl"].startswith("not measured:") and "reference" in report["val_ppl"]
+    assert "validation ppl not measured" in capsys.readouterr().out
