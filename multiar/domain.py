@@ -112,14 +112,16 @@ class Domain(Protocol):
     #   filter_keys: tuple[str, ...]              the filters.* keys assess reads (checked before sampling)
 
 
-def domain_state_digest(domain: Domain) -> str:
-    """A hash of the domain's saved tokenizer state: two domains with the same digest encode alike."""
+def domain_state_digest(domain: Domain, only: Sequence[str] = ()) -> str:
+    """A hash of the domain's saved state: two domains with the same digest encode alike. only: hash just
+    these files of it (the tokenizer's, leaving out training statistics), where the domain saves any."""
     with tempfile.TemporaryDirectory() as tmp:
         domain.save(Path(tmp) / "domain")
+        files = sorted(f for f in (Path(tmp) / "domain").rglob("*") if f.is_file())
+        chosen = [f for f in files if f.name in only]
         h = hashlib.sha256()
-        for f in sorted((Path(tmp) / "domain").rglob("*")):
-            if f.is_file():
-                h.update(f.relative_to(tmp).as_posix().encode() + b"\0" + f.read_bytes())
+        for f in chosen or files:
+            h.update(f.relative_to(tmp).as_posix().encode() + b"\0" + f.read_bytes())
     return h.hexdigest()
 
 

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
 import re
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
@@ -147,19 +145,6 @@ def sampling_model(run: Run, mode: str | None, dtype: str, compile: bool = False
 TOKENIZER_FILES = ("tokenizer.json",)
 
 
-def tokenizer_digest(domain: Domain) -> str:
-    """A hash of the tokenizer files a domain saves (its whole saved state where it saves none of them)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        domain.save(Path(tmp))
-        found = [Path(tmp) / name for name in TOKENIZER_FILES if (Path(tmp) / name).is_file()]
-        if not found:
-            return domain_state_digest(domain)
-        h = hashlib.sha256()
-        for f in found:
-            h.update(f.name.encode() + b"\0" + f.read_bytes())
-        return h.hexdigest()
-
-
 def same_tokenizer(a: Domain, b: Domain) -> bool:
     """Whether two domains map text to the same ids: equal tokenizer files, whatever the pieces each
     was trained on, or for a fixed vocabulary (no trained tokenizer, like protein's alphabet) equal
@@ -168,7 +153,7 @@ def same_tokenizer(a: Domain, b: Domain) -> bool:
         return False
     if getattr(a, "tokenizer", None) is None and getattr(b, "tokenizer", None) is None:
         return (a.vocab_size, a.pad_id, a.bos_id, a.eos_id) == (b.vocab_size, b.pad_id, b.bos_id, b.eos_id)
-    return tokenizer_digest(a) == tokenizer_digest(b)
+    return domain_state_digest(a, TOKENIZER_FILES) == domain_state_digest(b, TOKENIZER_FILES)
 
 
 def load_draft(cfg: DictConfig, run: Run) -> GPT | str | None:
