@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -209,7 +208,3 @@ def reference_documents(run_dir: Path, domain: Domain, strict: bool = False) -> 
 def unigram_nats(log_probs: np.ndarray, ids: list[int], eos_id: int) -> float:
     """Negative log-likelihood (nats) of one document's targets (ids, then EOS) under the unigram model."""
     return -float(log_probs[np.asarray(ids, dtype=np.int64)].sum() + log_probs[eos_id])
-
-
-def perplexity(nats: float, count: int) -> float:
-    return math.exp(nats / max(count, 1))
