@@ -118,6 +118,8 @@ class Progress(L.Callback):
         step, total = trainer.global_step, trainer.max_steps
         if not trainer.is_global_zero or not (step % self.every == 0 or step == total):
             return
+        if step == self.last_step:  # gradient accumulation: several batches end at one optimizer step
+            return
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         now = time.monotonic()
         rate = self.tokens / max(now - self.last, 1e-9)
@@ -133,7 +135,7 @@ class Progress(L.Callback):
             left // 60,
             left % 60,
         )
-        self.last, self.tokens = now, 0
+        self.last, self.tokens, self.last_step = now, 0, step
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit" or not trainer.is_global_zero:

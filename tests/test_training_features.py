@@ -246,7 +246,8 @@ def test_the_console_shows_progress_lines_and_none_of_lightnings_noise(tmp_path)
     from pathlib import Path
 
     args = [*BASE, "trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.log_every_n_steps=3"]
-    args += ["trainer.enable_progress_bar=true", "run_dir=run"]
+    # two batches per optimizer step: still one line per logged step
+    args += ["trainer.enable_progress_bar=true", "+trainer.accumulate_grad_batches=2", "run_dir=run"]
     multiar = str(Path(sys.executable).parent / "multiar")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     out = subprocess.run(
