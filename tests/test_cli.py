@@ -287,16 +287,24 @@ def test_model_presets_have_learning_rates_for_their_size():
     assert load_config("train", ["+experiment=protein_cpu", "model=base"]).optim.lr == 2e-3
 
 
-def test_tiny_preset_learning_rate_lowers_the_training_loss(tmp_path):
-    # 30 steps of the tiny preset (its shape and optim.lr; shorter windows) on 40 bundled chorales;
-    # measured: train/loss 6.19 at the first step, 1.8-1.95 over the last three
+@pytest.mark.parametrize(
+    "preset,lr,width",
+    [
+        ("tiny", 3e-3, 128),
+        pytest.param("small", 1e-3, 384, marks=pytest.mark.slow),
+        pytest.param("base", 6e-4, 768, marks=pytest.mark.slow),
+    ],
+)
+def test_each_preset_learning_rate_lowers_the_training_loss(tmp_path, preset, lr, width):
+    # 30 steps of the preset (its shape and optim.lr; shorter windows) on 40 bundled chorales;
+    # measured (tiny): train/loss 6.19 at the first step, 1.8-1.95 over the last three
     from multiar.train import train
 
     cfg = load_config(
         "train",
         [
             "domain=music",
-            "model=tiny",
+            f"model={preset}",
             "model.block_size=128",
             "data.batch_size=4",
             "data.max_documents=40",
@@ -310,9 +318,12 @@ def test_tiny_preset_learning_rate_lowers_the_training_loss(tmp_path):
             f"run_dir={tmp_path / 'run'}",
         ],
     )
-    assert cfg.optim.lr == 3e-3 and cfg.model.n_embd == 128
+    assert cfg.optim.lr == lr and cfg.model.n_embd == width
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # matrices this small gain nothing from a second thread, and lose on a busy CPU
+    if preset == "tiny":
+        torch.set_num_threads(
+            1
+        )  # matrices this small gain nothing from a second thread, and lose on a busy CPU
     try:
         train(cfg)
     finally:
