@@ -235,8 +235,6 @@ def redraw_invalid(
 ) -> dict[str, int]:
     """Draw again every sample the domain judges invalid (code: does not parse), up to
     cfg.resample_invalid times each; how many draws that took and how many stay invalid."""
-    if not hasattr(domain, "valid"):
-        raise ConfigError(f"resample_invalid: the {domain.name} domain has no validity check")
     redrawn = 0
     for _ in range(cfg.resample_invalid):
         bad = [i for i, artifact in enumerate(writer.artifacts) if not domain.valid(artifact)]
@@ -399,11 +397,22 @@ def check_filters(cfg: DictConfig, domain: Domain) -> None:
         raise ConfigError(f"filters.{given[0]}: the {domain.name} domain has no sample filters")
 
 
+def check_before_sampling(cfg: DictConfig, domain: Domain, out_dir: Path) -> None:
+    """ConfigError or FileExistsError, before any sampling, for a key the domain cannot honour (render,
+    resample_invalid) or an output folder that already holds a run's report (overwrite=false)."""
+    if cfg.render is not None and not hasattr(domain, "render"):
+        raise ConfigError(f"render: the {domain.name} domain has nothing to render (music only)")
+    if cfg.resample_invalid and not hasattr(domain, "valid"):
+        raise ConfigError(f"resample_invalid: the {domain.name} domain has no validity check")
+    if (out_dir / "generate.json").exists() and not cfg.overwrite:
+        raise FileExistsError(
+            f"{out_dir / 'generate.json'}: already exists (pass overwrite=true to replace it)"
+        )
+
+
 def render_files(cfg: DictConfig, domain: Domain, paths: list[Path]) -> dict[str, Any]:
     """render=wav: a WAV beside each written .mid; when the tools are missing, one line says which and
     the MIDI files stay (report key `render`)."""
-    if not hasattr(domain, "render"):
-        raise ConfigError(f"render: the {domain.name} domain has nothing to render (music only)")
     done: list[Path] = []
     try:
         for p in [p for p in paths if p.suffix == ".mid"]:
@@ -425,6 +434,7 @@ def sample_to_files(cfg: DictConfig) -> dict[str, Any]:
     if cfg.prompt_bars is not None and not hasattr(domain, "window_starts"):
         raise ConfigError(f"prompt_bars: the {domain.name} domain has no bars (music only)")
     check_filters(cfg, domain)
+    check_before_sampling(cfg, domain, out_dir)
     bars = {"bars": cfg.prompt_bars} if cfg.prompt_bars is not None else {}
     starts = getattr(domain, "window_starts", None)
     whole = [domain.prompt_ids(t, **bars) for t in texts]

@@ -173,3 +173,38 @@ def test_stop_escapes_are_exact():
     assert stop_text(r"\d\x") == r"\d\x"  # other backslashes stay as typed
     with pytest.raises(ConfigError, match=r"stop: .*\\u12"):
         stop_text(r"ab\u12")
+
+
+@pytest.mark.parametrize(
+    "key,message",
+    [
+        ("render=wav", "render: the protein domain has nothing to render"),
+        ("resample_invalid=2", "resample_invalid: the protein domain has no validity check"),
+    ],
+)
+def test_keys_a_domain_cannot_honour_fail_before_any_sampling(tmp_path, monkeypatch, key, message):
+    from conftest import copy_fixture_run
+
+    import multiar.generate_files as command
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled before checking the keys")
+
+    monkeypatch.setattr(command, "stream", no_sampling)
+    run = copy_fixture_run(tmp_path)
+    with pytest.raises(ConfigError, match=message):
+        sample_to_files(load_config("generate", [f"run={run}", f"out={tmp_path / 'o'}", "n=1", key]))
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_output_folder_holding_a_report_is_refused_before_sampling(tmp_path, monkeypatch):
+    from conftest import copy_fixture_run
+
+    import multiar.generate_files as command
+
+    run = copy_fixture_run(tmp_path)
+    args = [f"run={run}", f"out={tmp_path / 'o'}", "n=1", "max_new_tokens=3"]
+    sample_to_files(load_config("generate", args))
+    monkeypatch.setattr(command, "stream", lambda *a, **k: (_ for _ in ()).throw(AssertionError("sampled")))
+    with pytest.raises(FileExistsError, match="generate.json: already exists"):
+        sample_to_files(load_config("generate", args))
