@@ -18,10 +18,10 @@ import json
 import tempfile
 from pathlib import Path
 
+from multiar.commands.generate import sample_to_files
 from multiar.config import load_config
-from multiar.domains.code_analysis import parses
-from multiar.generate_files import sample_to_files
-from multiar.reference import read_reference
+from multiar.data.reference import read_reference
+from multiar.domains.code.analysis import parses
 
 
 def validation_functions(run: Path, limit: int) -> list[tuple[str, str]]:

@@ -14,8 +14,8 @@ import time
 
 import torch
 
-from multiar.generate import generate
-from multiar.model import GPT, ModelConfig
+from multiar.engine.decode import generate
+from multiar.engine.model import GPT, ModelConfig
 
 SHAPES = {
     "tiny": dict(n_layer=4, n_head=4, n_embd=128),

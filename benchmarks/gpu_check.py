@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from multiar.generate import generate
-from multiar.model import GPT, ModelConfig
-from multiar.quantize import quantize
-from multiar.speculative import speculative_generate
+from multiar.engine.decode import generate
+from multiar.engine.model import GPT, ModelConfig
+from multiar.engine.quantize import quantize
+from multiar.engine.speculative import speculative_generate
 
 
 def model(seed: int, device: str, **shape) -> GPT:
@@ -80,7 +80,7 @@ def checks(device: str) -> dict:
 def speed(device: str, new: int = 256) -> list[dict]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from multiar.hf_format import llama_config, to_llama_state
+    from multiar.engine.hf_format import llama_config, to_llama_state
 
     rows = []
     torch.manual_seed(0)
@@ -154,9 +154,9 @@ FSDP_RUN = [
 def fsdp_smoke(work: Path) -> dict:
     """trainer=fsdp on one GPU: train 40 steps, resume to 60, sample from the run, compare with trainer=gpu.
     Each step is recorded; the first failure ends the check with its one-line error."""
+    from multiar.commands.generate import sample_to_files
     from multiar.config import load_config
-    from multiar.generate_files import sample_to_files
-    from multiar.train import train
+    from multiar.training.run import train
 
     out: dict = {"ok": False}
     step = "train"

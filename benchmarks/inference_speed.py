@@ -23,12 +23,13 @@ from pathlib import Path
 
 import torch
 
-from multiar.generate import compile_for_sampling, generate
-from multiar.generate_files import sampling_model
-from multiar.hf_format import llama_config, to_llama_state
-from multiar.model import GPT, ModelConfig
-from multiar.quantize import decode_layout, quantize
-from multiar.speculative import SpeculativeStats, speculative_generate
+from multiar.commands.generate import sampling_model
+from multiar.engine.decode import compile_for_sampling, generate
+from multiar.engine.hf_format import llama_config, to_llama_state
+from multiar.engine.model import GPT, ModelConfig
+from multiar.engine.packed import decode_layout
+from multiar.engine.quantize import quantize
+from multiar.engine.speculative import SpeculativeStats, speculative_generate
 
 SHAPES = {"10.8M": dict(n_layer=6, n_head=6, n_embd=384), "85M": dict(n_layer=12, n_head=12, n_embd=768)}
 

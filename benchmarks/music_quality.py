@@ -15,9 +15,9 @@ import json
 import tempfile
 from pathlib import Path
 
+from multiar.commands.generate import sample_to_files
 from multiar.config import load_config
-from multiar.domains.music_analysis import STATS
-from multiar.generate_files import sample_to_files
+from multiar.domains.music.analysis import STATS
 
 
 def last_val_loss(run: Path) -> float:

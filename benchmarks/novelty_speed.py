@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from multiar.domains import build_domain
-from multiar.domains.protein_analysis import KmerIndex, _blosum_letters, aligner, nearest
+from multiar.domains.protein.analysis import KmerIndex, _blosum_letters, aligner, nearest
 
 LETTERS = "ACDEFGHIKLMNPQRSTVWY"
 

@@ -24,10 +24,10 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from multiar.hf_format import llama_config
-from multiar.model import GPT, ModelConfig
-from multiar.precision import matmul_flops
-from multiar.train import LitGPT
+from multiar.engine.hf_format import llama_config
+from multiar.engine.model import GPT, ModelConfig
+from multiar.engine.precision import matmul_flops
+from multiar.training.module import LitGPT
 
 SHAPES = {"10.8M": dict(n_layer=6, n_head=6, n_embd=384), "85M": dict(n_layer=12, n_head=12, n_embd=768)}
 VOCAB, BLOCK, BATCH = 512, 256, 8
@@ -119,7 +119,8 @@ def transformers_models(model: GPT) -> dict:
 
 def loader_wait(steps: int) -> float:
     """Seconds per batch spent fetching packed blocks from multiar's real data path."""
-    from multiar.data import BlockDataModule, prepare_corpus
+    from multiar.data.corpus import prepare_corpus
+    from multiar.data.packing import BlockDataModule
     from multiar.domains import build_domain
 
     with tempfile.TemporaryDirectory() as cache:

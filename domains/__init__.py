@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Any
 
 from multiar.domain import Domain
-from multiar.domains.code import CodeDomain
-from multiar.domains.music import MusicDomain
-from multiar.domains.protein import ProteinDomain
+from multiar.domains.code.domain import CodeDomain
+from multiar.domains.music.domain import MusicDomain
+from multiar.domains.protein.domain import ProteinDomain
 from multiar.tags import Tagged
 
 DOMAINS: dict[str, type] = {"music": MusicDomain, "code": CodeDomain, "protein": ProteinDomain}

@@ -14,51 +14,52 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from multiar.config import compose_config, config_dir, load_config
-from multiar.schema import SCHEMAS, ConfigError, describe
+from multiar.errors import ConfigError
+from multiar.schema import SCHEMAS, describe
 
 log = logging.getLogger("multiar")
 
 
 def cmd_train(cfg: DictConfig) -> Any:
-    from multiar.train import train
+    from multiar.training.run import train
 
     return train(cfg)
 
 
 def cmd_generate(cfg: DictConfig) -> Any:
-    from multiar.generate_files import sample_to_files
+    from multiar.commands.generate import sample_to_files
 
     return sample_to_files(cfg)
 
 
 def cmd_quantize(cfg: DictConfig) -> Any:
-    from multiar.export import quantize_run
+    from multiar.commands.quantize import quantize_run
 
     return quantize_run(cfg)
 
 
 def cmd_export(cfg: DictConfig) -> Any:
-    from multiar.export import export_run
+    from multiar.commands.export import export_run
 
     return export_run(cfg)
 
 
 def cmd_eval(cfg: DictConfig) -> Any:
-    from multiar.evaluate import eval_run
+    from multiar.commands.evaluate import eval_run
 
     return eval_run(cfg)
 
 
 def cmd_score(cfg: DictConfig) -> Any:
-    from multiar.evaluate import score_run
+    from multiar.commands.score import score_run
 
     return score_run(cfg)
 
 
 def cmd_demo(cfg: DictConfig) -> Any:
     """Train a tiny model per domain on the bundled data and write samples under cfg.out/<domain>/."""
-    from multiar.generate_files import sample_to_files
-    from multiar.train import train
+    from multiar.commands.generate import sample_to_files
+    from multiar.training.run import train
 
     start, rows = time.time(), []
     for name in cfg.domains:

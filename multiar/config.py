@@ -10,7 +10,8 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from multiar.schema import ConfigError, validate
+from multiar.errors import ConfigError
+from multiar.schema import validate
 
 
 def config_dir() -> Path:

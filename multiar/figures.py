@@ -7,7 +7,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from multiar.domain import write_new_file
+from multiar.files import write_new_file
 
 
 def new_figure(width: float = 6.0, height: float = 3.5, ncols: int = 1) -> tuple[Any, Any]:

@@ -22,9 +22,11 @@ import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
-from multiar.domain import Domain, write_new_file, write_new_text
-from multiar.model import GPT, ModelConfig
-from multiar.schema import ConfigError, resolve_device
+from multiar.domain import Domain
+from multiar.engine.model import GPT, ModelConfig
+from multiar.errors import ConfigError
+from multiar.files import write_new_file, write_new_text
+from multiar.schema import resolve_device
 
 FORMAT_VERSION = 1
 

@@ -17,9 +17,7 @@ from typing import Any, get_type_hints
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-
-class ConfigError(ValueError):
-    """A bad argument or config value; the CLI prints it as one line and exits with code 2."""
+from multiar.errors import ConfigError
 
 
 def _check(ok: bool, key: str, message: str) -> None:

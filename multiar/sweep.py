@@ -13,7 +13,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from multiar.config import hydra_overrides
-from multiar.schema import ConfigError
+from multiar.errors import ConfigError
 
 # the key that names a job's output folder, per command: set to the job's folder unless given
 OUTPUT_KEY = {"train": "run_dir", "generate": "out", "eval": "out"}

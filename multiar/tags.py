@@ -25,9 +25,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from multiar.domain import Domain, write_new_text
-from multiar.generate import LogitsProcessor, ban_tokens
-from multiar.schema import ConfigError
+from multiar.domain import Domain
+from multiar.engine.sampling import LogitsProcessor, ban_tokens
+from multiar.errors import ConfigError
+from multiar.files import write_new_text
 
 SOURCES = ("header:", "folder", "file", "tsv:")
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from multiar.domain import find_files
 from multiar.domains import DOMAINS, build_domain
+from multiar.files import find_files
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -18,11 +18,11 @@ from hypothesis import strategies as st
 from symusic import Score, Track
 
 from multiar.config import load_config
-from multiar.data import prepare_corpus
-from multiar.domain import Skips
+from multiar.data.corpus import prepare_corpus
+from multiar.data.source import iter_records
 from multiar.domains import DOMAINS, build_domain
-from multiar.schema import ConfigError
-from multiar.source import iter_records
+from multiar.errors import ConfigError
+from multiar.files import Skips
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -229,7 +229,7 @@ def test_zlib_errors_in_a_reader_are_skipped_not_fatal(tmp_path, monkeypatch):
 
 
 def test_an_encoder_error_of_any_type_is_skipped_and_counted(tmp_path, monkeypatch):
-    from multiar.domains.music import MusicDomain
+    from multiar.domains.music.domain import MusicDomain
 
     real = MusicDomain.encode
     calls = {"n": 0}

@@ -17,9 +17,9 @@ from conftest import TINY, copy_fixture_run
 from omegaconf import OmegaConf
 
 from multiar.config import config_dir, load_config
-from multiar.model import ModelConfig
+from multiar.engine.model import ModelConfig
+from multiar.errors import ConfigError
 from multiar.run_folder import load_run
-from multiar.schema import ConfigError
 
 MULTIAR = str(Path(sys.executable).parent / "multiar")
 
@@ -186,7 +186,7 @@ def test_multirun_trains_each_combination_into_its_own_folder(tmp_path):
 
 
 def test_a_generate_sweep_on_a_code_run_writes_each_combination(tmp_path):
-    from multiar.train import train
+    from multiar.training.run import train
 
     data = tmp_path / "src"
     data.mkdir()
@@ -298,7 +298,7 @@ def test_model_presets_have_learning_rates_for_their_size():
 def test_each_preset_learning_rate_lowers_the_training_loss(tmp_path, preset, lr, width):
     # 30 steps of the preset (its shape and optim.lr; shorter windows) on 40 bundled chorales;
     # measured (tiny): train/loss 6.19 at the first step, 1.8-1.95 over the last three
-    from multiar.train import train
+    from multiar.training.run import train
 
     cfg = load_config(
         "train",

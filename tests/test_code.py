@@ -11,15 +11,15 @@ import pytest
 from Bio import SeqIO
 from conftest import TINY, bundled_files
 
+from multiar.commands.generate import sample_to_files, stop_rule
 from multiar.config import load_config
-from multiar.data import prepare_corpus
+from multiar.data.corpus import prepare_corpus
+from multiar.data.fim import fim_transform, reassemble, transform_documents
+from multiar.data.source import Source
 from multiar.domains import build_domain
-from multiar.domains.code_analysis import LineIndex, block_end, compiles, parses
-from multiar.fim import fim_transform, reassemble, transform_documents
-from multiar.generate_files import sample_to_files, stop_rule
-from multiar.schema import ConfigError
-from multiar.source import Source
-from multiar.train import train
+from multiar.domains.code.analysis import LineIndex, block_end, compiles, parses
+from multiar.errors import ConfigError
+from multiar.training.run import train
 
 
 def train_run(tmp_path, domain, paths, *extra, steps=40):
@@ -217,7 +217,7 @@ def test_site_packages_corpus_lists_installed_sources_with_licences():
 
 
 def test_lexical_scan_accepts_real_code_and_catches_unsound_text():
-    from multiar.domains.code_syntax import Unsound, scan
+    from multiar.domains.code.syntax import Unsound, scan
 
     for f in bundled_files("code", 60):
         lexer = scan(f.read_text(encoding="utf-8"))  # real files are sound and may end
@@ -250,7 +250,7 @@ def test_constraint_is_a_function_of_the_ids_it_is_given(fim_code_run):
 
 
 def test_constrained_samples_stay_lexically_sound_and_invalid_ones_are_redrawn(fim_code_run, tmp_path):
-    from multiar.domains.code_syntax import Unsound, scan
+    from multiar.domains.code.syntax import Unsound, scan
 
     base = ["n=6", "max_new_tokens=60", "prompt=def f(x):\n    ", "seed=3"]
     report = generate(fim_code_run, tmp_path / "c", *base)
@@ -305,9 +305,10 @@ def test_fim_cuts_a_long_document_into_pieces_that_fit_a_window():
 def test_the_stateful_constraint_rolls_back_under_speculative_decoding(fim_code_run):
     """Rejected draft tokens roll the constraint's cached state back: greedy speculative decoding under
     the constraint writes exactly what greedy decoding under it writes, row by row."""
-    from multiar.generate import ban_tokens, generate
+    from multiar.engine.decode import generate
+    from multiar.engine.sampling import ban_tokens
+    from multiar.engine.speculative import speculative_generate
     from multiar.run_folder import load_run
-    from multiar.speculative import speculative_generate
 
     run = load_run(fim_code_run)
     domain = run.domain
@@ -344,7 +345,7 @@ def test_the_saved_domain_keeps_every_setting_and_old_folders_still_load(tmp_pat
     import inspect
 
     from multiar.domains import load_domain
-    from multiar.domains.code import CodeDomain
+    from multiar.domains.code.domain import CodeDomain
 
     settings = {
         "vocab_size": 300,
@@ -383,9 +384,9 @@ def test_the_saved_domain_keeps_every_setting_and_old_folders_still_load(tmp_pat
 def test_special_token_text_inside_a_file_is_encoded_as_text(tmp_path):
     """A file holding `<eos>`, `<pad>`, `<fim_middle>` ... as text round-trips byte for byte, and its ids
     hold no special id (PAD would fall out of the loss, decode would delete it), fitted or reloaded."""
+    from multiar.domain import FIM_TOKENS
     from multiar.domains import load_domain
-    from multiar.domains.code import SPECIALS
-    from multiar.fim import FIM_TOKENS
+    from multiar.domains.code.domain import SPECIALS
 
     domain = build_domain("code", {"vocab_size": 400, "fim_rate": 0.5})
     texts = [f.read_text(encoding="utf-8") for f in bundled_files("code", 10)]

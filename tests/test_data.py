@@ -7,7 +7,8 @@ import shutil
 import pytest
 from conftest import bundled_files
 
-from multiar.data import BlockDataModule, is_validation, pack, prepare_corpus
+from multiar.data.corpus import is_validation, prepare_corpus
+from multiar.data.packing import BlockDataModule, pack
 from multiar.domains import build_domain
 
 
@@ -68,7 +69,7 @@ def test_second_prepare_reuses_the_cache_without_tokenizing(tmp_path, monkeypatc
     def fail(self, record):
         raise AssertionError("re-tokenized although the cache was valid")
 
-    from multiar.domains.music import MusicDomain
+    from multiar.domains.music.domain import MusicDomain
 
     monkeypatch.setattr(MusicDomain, "encode", fail)
     second = corpus_for("music", tmp_path, files)
@@ -163,7 +164,7 @@ def test_same_file_names_in_different_folders_are_different_documents(tmp_path):
 
 
 def test_failed_build_leaves_no_partial_cache_folder(tmp_path, monkeypatch):
-    from multiar.domains.protein import ProteinDomain
+    from multiar.domains.protein.domain import ProteinDomain
 
     path = tmp_path / "few.fasta"
     path.write_text("".join(f">r{i}\nMKV{'ACDEFGHIKL'[i % 10] * (i + 1)}\n" for i in range(20)))
@@ -184,7 +185,7 @@ def test_failed_build_leaves_no_partial_cache_folder(tmp_path, monkeypatch):
 def test_packed_blocks_are_keyed_by_the_code_that_packs(tmp_path, monkeypatch):
     """A change of the transforms pack calls (fill-in-the-middle, tag dropout) gives a new cache key, so
     stale blocks are never reused; datasets' own fingerprint missed such a change."""
-    import multiar.data as data_module
+    import multiar.data.packing as data_module
 
     c = corpus_for("protein", tmp_path, bundled_files("protein", 1), max_documents=40)
     kwargs = {"block_size": 32, "fim": None}

@@ -9,9 +9,10 @@ import logging
 import pytest
 import torch
 
-from multiar.data import pack
-from multiar.generate import ban_tokens, draw, generate, sample, stream
-from multiar.model import GPT, ModelConfig
+from multiar.data.packing import pack
+from multiar.engine.decode import generate, stream
+from multiar.engine.model import GPT, ModelConfig
+from multiar.engine.sampling import ban_tokens, draw, sample
 
 PAD, BOS, EOS = 0, 1, 2
 SPECIAL = ban_tokens([PAD, BOS, EOS])  # generated ids never look like a document's ends
@@ -217,7 +218,7 @@ def test_compile_for_sampling_falls_back_without_inductor_freezing(monkeypatch, 
 
     import torch._inductor.config as inductor_config
 
-    from multiar.generate import freezing_context
+    from multiar.engine.decode import freezing_context
 
     assert not isinstance(freezing_context(), contextlib.nullcontext)  # this torch has it
     monkeypatch.delattr(inductor_config, "freezing")

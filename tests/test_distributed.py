@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from conftest import TINY
 from hooks import hooked_env
 
-from multiar.data import pack_dataset, prepare_corpus
+from multiar.data.corpus import prepare_corpus
+from multiar.data.packing import pack_dataset
 from multiar.run_folder import load_run
 
 MULTIAR = str(Path(sys.executable).parent / "multiar")
@@ -123,7 +124,7 @@ def test_a_nan_on_one_rank_stops_every_rank_together_with_one_line(tmp_path, bad
 
 def test_a_second_nodes_first_process_is_not_global_rank_zero(monkeypatch):
     # Lightning's own launcher on node 1: its first process has LOCAL_RANK 0 (or none) and NODE_RANK 1
-    from multiar.train import _launcher_rank
+    from multiar.training.run import _launcher_rank
 
     monkeypatch.setenv("NODE_RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "0")
@@ -150,8 +151,8 @@ def test_other_ranks_never_read_the_run_folder_rank_zero_replaces(tmp_path, monk
     # overwrite=true: global rank 0 renames the folder; a rank reading config.yaml meanwhile could see
     # anything, here a half-written file. Only rank 0 judges the folder
     from multiar.config import load_config
-    from multiar.schema import ConfigError
-    from multiar.train import check_train_config
+    from multiar.errors import ConfigError
+    from multiar.training.run import check_train_config
 
     run = tmp_path / "run"
     run.mkdir()

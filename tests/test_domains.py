@@ -12,10 +12,11 @@ from Bio import SeqIO
 from conftest import bundled_files, fitted_domain
 from symusic import Score
 
-from multiar.domain import Domain, Skips
+from multiar.data.source import iter_records
+from multiar.domain import Domain
 from multiar.domains import DOMAINS, build_domain, load_domain
-from multiar.domains.code import parses
-from multiar.source import iter_records
+from multiar.domains.code.domain import parses
+from multiar.files import Skips
 
 
 def quarter_notes(score: Score) -> list[tuple]:
@@ -171,8 +172,9 @@ def test_music_prompt_must_be_a_midi_file(tmp_path):
 def test_music_constraint_samples_only_grammatical_successions():
     import torch
 
-    from multiar.generate import ban_tokens, generate
-    from multiar.model import GPT, ModelConfig
+    from multiar.engine.decode import generate
+    from multiar.engine.model import GPT, ModelConfig
+    from multiar.engine.sampling import ban_tokens
 
     domain = build_domain("music")
     tok = domain.tokenizer

@@ -12,9 +12,10 @@ import pytest
 from conftest import TINY, bundled_files
 
 from multiar.cli import main
+from multiar.commands.evaluate import eval_run
+from multiar.commands.score import score_run
 from multiar.config import load_config
-from multiar.evaluate import eval_run, score_run
-from multiar.train import train
+from multiar.training.run import train
 
 SEQS = [
     "MKTAYIAKQR",

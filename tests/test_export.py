@@ -11,7 +11,7 @@ from conftest import TINY, copy_fixture_run
 from multiar.cli import main
 from multiar.config import load_config
 from multiar.run_folder import load_run
-from multiar.train import train
+from multiar.training.run import train
 
 
 def assert_same_logits(run_dir, out, prompt):

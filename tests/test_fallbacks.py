@@ -13,11 +13,12 @@ import pytest
 import torch
 from conftest import bundled_files
 
-from multiar import quantize as q
-from multiar.domains import music_grammar
-from multiar.domains.music import MusicDomain
-from multiar.generate import generate
-from multiar.model import GPT, ModelConfig
+from multiar.engine import packed
+from multiar.engine import quantize as q
+from multiar.domains.music import grammar as music_grammar
+from multiar.domains.music.domain import MusicDomain
+from multiar.engine.decode import generate
+from multiar.engine.model import GPT, ModelConfig
 
 
 def recheck() -> None:
@@ -90,9 +91,9 @@ def test_the_decode_layout_keeps_nn_linear_without_the_onednn_ops(monkeypatch, c
     monkeypatch.setattr(torch.ops, "mkldnn", fake)
     recheck()
     with caplog.at_level(logging.WARNING, logger="multiar"):
-        laid = q.decode_layout(copy.deepcopy(model))
-        q.decode_layout(copy.deepcopy(model))
-    assert not any(isinstance(m, q.PackedLinear) for m in laid.modules())
+        laid = packed.decode_layout(copy.deepcopy(model))
+        packed.decode_layout(copy.deepcopy(model))
+    assert not any(isinstance(m, packed.PackedLinear) for m in laid.modules())
     assert len(warnings_naming(caplog, f"torch.ops.mkldnn.{hidden}")) == 1
     idx = torch.randint(0, 64, (2, 9))
     with torch.no_grad():

@@ -24,8 +24,9 @@ from hooks import hooked_env
 import multiar
 from multiar.cli import main
 from multiar.config import load_config
-from multiar.schema import ConfigError
-from multiar.train import LitGPT, train
+from multiar.errors import ConfigError
+from multiar.training.module import LitGPT
+from multiar.training.run import train
 
 MULTIAR = str(Path(sys.executable).parent / "multiar")
 TINY = [*TINY, "optim.lr=1e-2", "optim.warmup_steps=2"]
@@ -186,7 +187,7 @@ def test_a_failed_write_is_one_line_and_keeps_only_complete_files(
 ):
     run = copy_fixture_run(tmp_path)
     out = tmp_path / "out"
-    import multiar.domain
+    import multiar.files
 
     real_replace = os.replace
     seen = []
@@ -199,7 +200,7 @@ def test_a_failed_write_is_one_line_and_keeps_only_complete_files(
             raise OSError(code, os.strerror(code))
         return real_replace(src, dst)
 
-    monkeypatch.setattr(multiar.domain.os, "replace", failing_replace)
+    monkeypatch.setattr(multiar.files.os, "replace", failing_replace)
     rc = main(["generate", f"run={run}", f"out={out}", "n=3", "max_new_tokens=10", "min_new_tokens=10"])
     err = capsys.readouterr().err.strip()
     name = "generate.json" if failing == "generate.json" else "samples.fasta"
@@ -218,7 +219,7 @@ def test_a_failed_write_is_one_line_and_keeps_only_complete_files(
 
 
 def test_writing_to_dev_full_is_a_clear_error():
-    from multiar.domain import write_new_file
+    from multiar.files import write_new_file
 
     def to_full(tmp):
         with open("/dev/full", "wb") as f:

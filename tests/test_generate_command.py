@@ -16,13 +16,13 @@ import torch.nn.functional as F
 from conftest import TINY, bundled_files, fitted_domain
 from test_protein import QUIET_FILTERS, proteome_subset
 
+from multiar.commands.generate import fit_prompt, same_tokenizer, sample_to_files, stop_sequences, stop_text
 from multiar.config import load_config
-from multiar.data import pack
-from multiar.domains.music import MusicDomain
-from multiar.generate_files import fit_prompt, same_tokenizer, sample_to_files, stop_sequences, stop_text
+from multiar.data.packing import pack
+from multiar.domains.music.domain import MusicDomain
+from multiar.errors import ConfigError
 from multiar.run_folder import load_run
-from multiar.schema import ConfigError
-from multiar.train import train
+from multiar.training.run import train
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -185,7 +185,7 @@ def test_stop_escapes_are_exact():
 def test_keys_a_domain_cannot_honour_fail_before_any_sampling(tmp_path, monkeypatch, key, message):
     from conftest import copy_fixture_run
 
-    import multiar.generate_files as command
+    import multiar.commands.generate as command
 
     def no_sampling(*args, **kwargs):
         raise AssertionError("sampled before checking the keys")
@@ -200,7 +200,7 @@ def test_keys_a_domain_cannot_honour_fail_before_any_sampling(tmp_path, monkeypa
 def test_an_output_folder_holding_a_report_is_refused_before_sampling(tmp_path, monkeypatch):
     from conftest import copy_fixture_run
 
-    import multiar.generate_files as command
+    import multiar.commands.generate as command
 
     run = copy_fixture_run(tmp_path)
     args = [f"run={run}", f"out={tmp_path / 'o'}", "n=1", "max_new_tokens=3"]

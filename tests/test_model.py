@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from multiar.generate import ban_tokens, generate, min_new_tokens, sample
-from multiar.model import GPT, ModelConfig
+from multiar.engine.decode import generate
+from multiar.engine.model import GPT, ModelConfig
+from multiar.engine.sampling import ban_tokens, min_new_tokens, sample
 
 
 def tiny_model(seed: int = 0, **overrides) -> GPT:
@@ -217,7 +218,7 @@ def test_min_p_keeps_tokens_within_a_factor_of_the_best():
 
 
 def test_repetition_penalty_divides_positive_and_multiplies_negative_logits_of_recent_ids():
-    from multiar.generate import repetition_penalty
+    from multiar.engine.sampling import repetition_penalty
 
     ids = torch.tensor([[1, 2, 9, 9]])
     logits = torch.tensor([[1.0, 2.0, -2.0, 3.0, 0.5, 0, 0, 0, 0, 4.0]])
@@ -228,7 +229,7 @@ def test_repetition_penalty_divides_positive_and_multiplies_negative_logits_of_r
 
 
 def test_stop_sequences_end_a_row_and_are_not_returned_nor_streamed():
-    from multiar.generate import stream
+    from multiar.engine.decode import stream
 
     model = tiny_model(seed=4)
     free = generate(model, torch.zeros(1, 1, dtype=torch.long), 20, temperature=0.0)[0]
@@ -259,7 +260,7 @@ def test_a_strong_repetition_penalty_keeps_greedy_output_free_of_recent_repeats(
 def test_kept_caches_are_reused_across_calls_and_match_fresh_ones():
     """A compiled model keeps its KV caches (its graphs hold on to them): later calls reuse the same
     tensors, and stale slots from an earlier, longer call never change a result."""
-    from multiar.generate import generate
+    from multiar.engine.decode import generate
 
     torch.manual_seed(0)
     model = GPT(ModelConfig(vocab_size=64, block_size=48, n_layer=2, n_head=2, n_embd=32)).eval()

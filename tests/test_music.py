@@ -15,16 +15,18 @@ import torch
 from conftest import TINY, bundled_files
 from symusic import Note, Score, Tempo, TimeSignature, Track
 
+from multiar.commands.generate import fit_prompt, sample_to_files
 from multiar.config import load_config
-from multiar.data import pack, prepare_corpus
+from multiar.data.corpus import prepare_corpus
+from multiar.data.packing import pack
 from multiar.domains import build_domain, load_domain
-from multiar.domains.music import MusicDomain
-from multiar.domains.music_analysis import estimate_key, piano_roll, piece_stats
-from multiar.generate import ban_tokens, generate
-from multiar.generate_files import fit_prompt, sample_to_files
-from multiar.model import GPT, ModelConfig
-from multiar.schema import ConfigError
-from multiar.train import train
+from multiar.domains.music.analysis import estimate_key, piano_roll, piece_stats
+from multiar.domains.music.domain import MusicDomain
+from multiar.engine.decode import generate
+from multiar.engine.model import GPT, ModelConfig
+from multiar.engine.sampling import ban_tokens
+from multiar.errors import ConfigError
+from multiar.training.run import train
 
 TOKENIZATIONS = ["REMI", "TSD", "MIDILike", "Structured"]
 
@@ -392,7 +394,7 @@ def test_render_names_what_is_missing_and_keeps_the_midi(music_run, tmp_path, mo
         )
     )
     assert "SoundFont" in report["render"] and str(tmp_path / "none.sf2") in report["render"]
-    from multiar.domains.music import SOUNDFONTS
+    from multiar.domains.music.domain import SOUNDFONTS
 
     if any(Path(f).is_file() for f in SOUNDFONTS):  # both installed: a real WAV beside the MIDI file
         out = tmp_path / "real"
@@ -422,7 +424,7 @@ def test_music_options_elsewhere_are_one_line_errors(tmp_path):
 def test_speculative_decoding_under_the_stateful_grammar_equals_greedy(bpe):
     """Draft tokens the target rejects roll the per-row grammar state back: greedy speculative output
     (n-gram drafts, which are often wrong, and a model draft) is greedy output, token for token."""
-    from multiar.speculative import speculative_generate
+    from multiar.engine.speculative import speculative_generate
 
     domain, records = music_domain("REMI", bpe=bpe, k=20)
     torch.manual_seed(0)

@@ -15,7 +15,7 @@ PROBE = """
 import json
 from multiar.config import config_dir, load_config
 from multiar.domains import build_domain
-from multiar.domain import find_files
+from multiar.files import find_files
 cfg = load_config("train", ["domain=music", "model=small", "trainer=ddp"])
 out = {"conf": str(config_dir()), "model": cfg.model.name}
 for name in ("music", "protein"):

@@ -18,16 +18,17 @@ from Bio.Seq import Seq
 from Bio.SeqRecord import SeqRecord
 from conftest import TINY, bundled_files
 
-from multiar.conditioning import conditions
+from multiar.commands.conditioning import conditions
+from multiar.commands.generate import sample_to_files
 from multiar.config import load_config
-from multiar.data import pack, prepare_corpus
+from multiar.data.corpus import prepare_corpus
+from multiar.data.packing import pack
+from multiar.data.source import Source
 from multiar.domains import build_domain
-from multiar.domains.protein_analysis import KmerIndex, longest_run, min_window_entropy, nearest
-from multiar.generate_files import sample_to_files
+from multiar.domains.protein.analysis import KmerIndex, longest_run, min_window_entropy, nearest
+from multiar.errors import ConfigError
 from multiar.run_folder import load_run
-from multiar.schema import ConfigError
-from multiar.source import Source
-from multiar.train import train
+from multiar.training.run import train
 
 QUIET_FILTERS = ["filters.min_entropy=0", "filters.max_homopolymer=100000", "filters.max_identity=1.0"]
 

@@ -13,11 +13,11 @@ from conftest import TINY, copy_fixture_run
 from safetensors.torch import load_model, save_model
 
 from multiar.cli import main
+from multiar.commands.generate import sample_to_files
 from multiar.config import load_config
-from multiar.generate_files import sample_to_files
-from multiar.model import GPT, ModelConfig
-from multiar.quantize import INT8_FILE, Int4Linear, Int8Linear, quantize
-from multiar.train import train
+from multiar.engine.model import GPT, ModelConfig
+from multiar.engine.quantize import INT8_FILE, Int4Linear, Int8Linear, quantize
+from multiar.training.run import train
 
 
 @pytest.mark.parametrize("bf16", [True, False])
@@ -44,7 +44,7 @@ def test_a_quantized_model_keeps_its_logits_and_generates():
     with torch.no_grad():
         a, b = model(idx), q(idx)
     assert (a - b).norm() / a.norm() < 0.03
-    from multiar.generate import generate
+    from multiar.engine.decode import generate
 
     assert [len(r) for r in generate(q, idx, 10, temperature=0.0)] == [10, 10]
     with pytest.raises(ValueError, match="unknown mode"):
@@ -126,7 +126,7 @@ def test_int4_codes_the_kernel_and_a_whole_model():
         a, b = model(idx), q_model(idx)
     # measured: 0.0296 on this setup (seed 0); 0.029-0.038 over seeds 0-11
     assert (a - b).norm() / a.norm() < 0.035
-    from multiar.generate import generate
+    from multiar.engine.decode import generate
 
     assert [len(r) for r in generate(q_model, idx, 10, temperature=0.0)] == [10, 10]
 
@@ -146,8 +146,8 @@ def test_bf16_sampling_writes_valid_files(tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_packed_decode_layout_keeps_logits_and_greedy_output(dtype):
-    from multiar.generate import generate
-    from multiar.quantize import PackedLinear, decode_layout
+    from multiar.engine.decode import generate
+    from multiar.engine.packed import PackedLinear, decode_layout
 
     torch.manual_seed(1)
     model = GPT(ModelConfig(vocab_size=64, block_size=64, n_layer=2, n_head=4, n_embd=512)).eval().to(dtype)
@@ -175,7 +175,7 @@ def test_compile_true_samples_the_same_files(tmp_path):
 
 
 def test_compiled_decode_step_equals_eager_for_aligned_and_ragged_rows():
-    from multiar.generate import compile_for_sampling, generate
+    from multiar.engine.decode import compile_for_sampling, generate
 
     torch.manual_seed(2)
     model = GPT(ModelConfig(vocab_size=64, block_size=64, n_layer=2, n_head=2, n_embd=32)).eval()

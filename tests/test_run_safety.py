@@ -15,12 +15,12 @@ import yaml
 from conftest import FIXTURE_RUN, TINY, copy_fixture_run
 
 from multiar.cli import main
+from multiar.commands.generate import sample_to_files
 from multiar.config import load_config
-from multiar.domain import safe_child, safe_name
-from multiar.generate_files import sample_to_files
+from multiar.errors import ConfigError
+from multiar.files import safe_child, safe_name
 from multiar.run_folder import FORMAT_VERSION, load_run
-from multiar.schema import ConfigError
-from multiar.train import train
+from multiar.training.run import train
 
 TINY = [*TINY, "trainer.val_check_interval=5"]
 
@@ -189,7 +189,8 @@ def test_prompt_null_unsets_and_dollar_braces_stay_literal():
 
 
 def test_processors_that_ban_every_token_end_the_row_with_no_valid_token():
-    from multiar.generate import Token, ban_tokens, stream
+    from multiar.engine.decode import Token, stream
+    from multiar.engine.sampling import ban_tokens
 
     run = load_run(FIXTURE_RUN)
     every = ban_tokens(range(run.domain.vocab_size))

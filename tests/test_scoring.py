@@ -13,10 +13,11 @@ import torch
 from conftest import TINY
 
 from multiar.cli import main
+from multiar.commands.evaluate import eval_run
+from multiar.commands.score import score_run
 from multiar.config import load_config
-from multiar.evaluate import eval_run, score_run
 from multiar.run_folder import load_run
-from multiar.train import train
+from multiar.training.run import train
 
 SEQS = [
     "MKTAYIAKQRQISFVKSHFSRQ",
@@ -161,12 +162,12 @@ def test_a_tsv_tagged_run_resumes_with_the_table_it_was_trained_on(tmp_path):
 def test_a_failure_to_score_the_validation_documents_never_costs_the_run(tmp_path, monkeypatch, caplog):
     import logging
 
-    import multiar.train
+    import multiar.training.run
 
     def gone(*args, **kwargs):
         raise FileNotFoundError("data/B/p0.fasta: a validation file is gone")
 
-    monkeypatch.setattr(multiar.train, "reference_documents", gone)
+    monkeypatch.setattr(multiar.training.run, "reference_documents", gone)
     with caplog.at_level(logging.WARNING, logger="multiar"):
         run = tagged_run(tmp_path)
     assert (run / "model.safetensors").exists()  # the weights are saved all the same

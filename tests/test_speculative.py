@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from multiar.generate import ban_tokens, draw, generate, probabilities, stream
-from multiar.model import GPT, ModelConfig
-from multiar.speculative import SpeculativeStats, accept_reject, ngram_proposal, speculative_generate
+from multiar.engine.decode import generate, stream
+from multiar.engine.model import GPT, ModelConfig
+from multiar.engine.sampling import ban_tokens, draw, probabilities
+from multiar.engine.speculative import SpeculativeStats, accept_reject, ngram_proposal, speculative_generate
 
 
 def model(seed: int, vocab: int = 37, **shape) -> GPT:
@@ -119,7 +120,7 @@ def test_mismatched_draft_is_refused_and_ngram_proposals_follow_the_latest_match
 
 
 def test_probabilities_match_what_sample_draws_from():
-    from multiar.generate import sample
+    from multiar.engine.sampling import sample
 
     logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, 0.0]])
     p = probabilities(logits, temperature=0.7, top_k=4, top_p=0.9, min_p=0.05)
@@ -271,7 +272,7 @@ def test_generate_with_a_draft_run_or_ngram_reports_acceptance(tmp_path, capsys)
 
     from multiar.cli import main
     from multiar.config import load_config
-    from multiar.train import train
+    from multiar.training.run import train
 
     big, small = tmp_path / "big", tmp_path / "small"
     common = ["data.max_documents=200", "trainer.max_steps=20", "trainer.val_check_interval=10", *TINY]

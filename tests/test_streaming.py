@@ -10,14 +10,20 @@ import yaml
 from conftest import TINY, bundled_files
 from datasets import Dataset
 
+from multiar.commands.evaluate import eval_run
 from multiar.config import load_config
-from multiar.data import is_validation, prepare_corpus
+from multiar.data.corpus import is_validation, prepare_corpus
+from multiar.data.source import Source
+from multiar.data.streaming import (
+    PACK_DOCUMENTS,
+    ShuffledStream,
+    StreamingDataModule,
+    StreamStats,
+    stream_blocks,
+)
 from multiar.domains import build_domain
-from multiar.evaluate import eval_run
-from multiar.schema import ConfigError
-from multiar.source import Source
-from multiar.streaming import PACK_DOCUMENTS, ShuffledStream, StreamingDataModule, StreamStats, stream_blocks
-from multiar.train import train
+from multiar.errors import ConfigError
+from multiar.training.run import train
 
 AMINO = "ACDEFGHIKLMNPQRSTVWY"
 

@@ -10,10 +10,11 @@ import yaml
 from Bio import SeqIO
 from symusic import Score
 
+from multiar.commands.generate import sample_to_files
 from multiar.config import load_config
-from multiar.generate_files import sample_to_files
 from multiar.run_folder import load_run
-from multiar.train import train, warmup_cosine
+from multiar.training.module import warmup_cosine
+from multiar.training.run import train
 
 FAST = [
     "model.n_layer=2",
@@ -113,7 +114,7 @@ def test_same_seed_gives_identical_files(tmp_path):
 
 
 def test_existing_run_is_not_replaced_but_resumes_from_last(tmp_path, monkeypatch):
-    from multiar.train import LitGPT
+    from multiar.training.module import LitGPT
 
     run_dir = tmp_path / "run"
     train_tiny("protein", run_dir, steps=10)
@@ -169,7 +170,8 @@ def test_music_continues_a_midi_prompt(tmp_path):
 def test_long_prompt_is_cut_to_its_tail_and_written_whole(tmp_path):
     import torch
 
-    from multiar.generate import ban_tokens, generate
+    from multiar.engine.decode import generate
+    from multiar.engine.sampling import ban_tokens
 
     run_dir = tmp_path / "run"
     train_tiny("protein", run_dir, steps=3)  # block_size 128
@@ -205,7 +207,7 @@ def test_long_prompt_is_cut_to_its_tail_and_written_whole(tmp_path):
 
 
 def test_fit_prompt_cuts_a_long_prompt_to_a_training_like_tail():
-    from multiar.generate_files import fit_prompt
+    from multiar.commands.generate import fit_prompt
 
     prompt = [1, *range(10, 60)]  # BOS + 50 tokens
     assert fit_prompt(prompt, block_size=64, max_new_tokens=10) == prompt
@@ -218,7 +220,7 @@ def test_fit_prompt_cuts_a_long_prompt_to_a_training_like_tail():
 def test_a_capped_warmup_says_what_it_uses(caplog):
     from types import SimpleNamespace
 
-    from multiar.train import LitGPT
+    from multiar.training.module import LitGPT
 
     optim = {"lr": 1e-3, "weight_decay": 0.1, "betas": [0.9, 0.95], "warmup_steps": 50, "min_lr_ratio": 0.1}
     module = LitGPT({"vocab_size": 16, "n_layer": 1, "n_head": 2, "n_embd": 8, "block_size": 8}, optim, 0)

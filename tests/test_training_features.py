@@ -14,12 +14,12 @@ import yaml
 from conftest import TINY
 from safetensors.torch import load_file
 
-from multiar import precision
+from multiar.engine import precision
 from multiar.config import load_config
-from multiar.loggers import check_logger
-from multiar.model import GPT, ModelConfig
-from multiar.schema import ConfigError
-from multiar.train import train
+from multiar.engine.model import GPT, ModelConfig
+from multiar.errors import ConfigError
+from multiar.training.loggers import check_logger
+from multiar.training.run import train
 
 BASE = [*TINY, "domain=protein", "data.max_documents=120", "optim.warmup_steps=2"]
 
@@ -183,7 +183,7 @@ def test_logger_tensorboard_writes_events_beside_metrics_csv(tmp_path):
 
 
 def test_a_missing_logger_package_is_one_config_error(monkeypatch):
-    monkeypatch.setattr("multiar.loggers.find_spec", lambda name: None)
+    monkeypatch.setattr("multiar.training.loggers.find_spec", lambda name: None)
     with pytest.raises(
         ConfigError, match=r"logger=wandb: the wandb package is not installed .*multiar\[wandb\]"
     ):
@@ -216,8 +216,8 @@ def test_samples_of_a_step_replace_that_steps_earlier_folder(tmp_path):
     # a resumed run that reaches step N again replaces the samples its killed predecessor wrote there
     from types import SimpleNamespace
 
-    from multiar.callbacks import TrainingSamples
     from multiar.domains import build_domain
+    from multiar.training.callbacks import TrainingSamples
 
     stale = tmp_path / "samples" / "step_2"
     stale.mkdir(parents=True)

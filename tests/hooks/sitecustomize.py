@@ -26,7 +26,7 @@ def kill_in_checkpoint_write(n: int) -> None:
     import signal
     import types
 
-    import multiar.checkpoint_io as checkpoint_io
+    import multiar.training.checkpoint_io as checkpoint_io
 
     writes = 0
 
@@ -80,7 +80,7 @@ def record_ranks(folder: str) -> None:
 
 def nan_at(step: int, rank: int) -> None:
     """LitGPT's training loss becomes NaN from `step` on, on global rank `rank` only."""
-    from multiar.train import LitGPT
+    from multiar.training.module import LitGPT
 
     real = LitGPT._loss
 

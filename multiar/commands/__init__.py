@@ -1,0 +1,1 @@
+"""The commands behind the console script: generate, eval, score, quantize, export."""

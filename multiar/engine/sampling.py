@@ -1,0 +1,135 @@
+"""The sampler and the logits processors: everything that shapes one next-token distribution (temperature, top-k,
+top-p, min-p, banned ids, forced positions, repetition penalty) and draws from it. A processor is a function
+(ids so far, logits) -> logits, composed in order; the decode loop (decode.py) knows no more than that."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+# (ids so far (B, t), logits for the next token (B, V)) -> logits (B, V); -inf bans a token
+LogitsProcessor = Callable[[Tensor, Tensor], Tensor]
+
+
+def _on(table: dict, device: torch.device, make: Callable[[], Tensor]) -> Tensor:
+    """A small constant tensor, built once per device (processors run every step)."""
+    if device not in table:
+        table[device] = make().to(device)
+    return table[device]
+
+
+def ban_tokens(token_ids: Sequence[int]) -> LogitsProcessor:
+    """A processor that never lets the given ids be sampled (e.g. PAD, BOS)."""
+    banned = sorted(set(token_ids))
+    tables: dict = {}
+
+    def processor(ids: Tensor, logits: Tensor) -> Tensor:
+        index = _on(tables, logits.device, lambda: torch.tensor(banned, dtype=torch.long))
+        return logits.index_fill_(-1, index, float("-inf"))
+
+    return processor
+
+
+def min_new_tokens(n: int, prompt_length: int, eos_id: int) -> LogitsProcessor:
+    """A processor that bans EOS until n new tokens follow a prompt of prompt_length: no empty samples.
+    (`generate(min_new_tokens=...)` does the same per row when prompts differ in length.)"""
+
+    def processor(ids: Tensor, logits: Tensor) -> Tensor:
+        if ids.size(1) < prompt_length + n:
+            logits[:, eos_id] = float("-inf")
+        return logits
+
+    return processor
+
+
+def force_tokens(forced: dict[int, int]) -> LogitsProcessor:
+    """A processor that makes the token at sequence position p (0-based, prompt included) forced[p]:
+    fixed positions of a redesigned sequence. Rows with other lengths are called one by one."""
+
+    def processor(ids: Tensor, logits: Tensor) -> Tensor:
+        token = forced.get(ids.size(1))
+        if token is not None:
+            keep = logits[:, token].clone()
+            logits.fill_(float("-inf"))[:, token] = torch.where(torch.isneginf(keep), 0.0, keep)
+        return logits
+
+    return processor
+
+
+def repetition_penalty(penalty: float, window: int = 64) -> LogitsProcessor:
+    """CTRL's repetition penalty over each row's last `window` ids: a logit of a token seen there is
+    divided by penalty when positive, multiplied when negative (penalty > 1 discourages repeats)."""
+    if penalty <= 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {penalty}")
+
+    def processor(ids: Tensor, logits: Tensor) -> Tensor:
+        recent = ids[:, -window:]  # (B, w)
+        seen = logits.gather(-1, recent)
+        return logits.scatter_(-1, recent, torch.where(seen > 0, seen / penalty, seen * penalty))
+
+    return processor
+
+
+def probabilities(
+    logits: Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0
+) -> Tensor:
+    """The distribution the sampler draws from, as probabilities (..., V); temperature 0 is one-hot."""
+    if temperature <= 0:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.size(-1)).float()
+    logits = logits.float() / temperature
+    if 0 < top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (..., 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        # drop a token when the mass before it already reaches top_p; the most likely one always stays
+        drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
+        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+    probs = logits.softmax(dim=-1)
+    if min_p > 0.0:
+        probs = probs.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def draw(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """One index per row of probs (..., V): an exponential race instead of torch.multinomial, the same
+    distribution without a host sync."""
+    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    # a sample of exactly 0 would make p / noise inf, or NaN for p = 0, which argmax takes as largest
+    return (probs / noise.clamp_min(torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
+
+
+def sample(
+    logits: Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    min_p: float = 0.0,
+) -> Tensor:
+    """Draw one token per row from logits (B, V) -> (B,). temperature 0 is greedy; top_k 0, top_p 1 and
+    min_p 0 are off. min_p keeps tokens whose probability is at least min_p times the row's largest."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    return draw(probabilities(logits, temperature, top_k, top_p, min_p), generator)
+
+
+def apply_processors(
+    processors: Sequence[LogitsProcessor], seq: Tensor, lengths: Sequence[int] | None, logits: Tensor
+) -> Tensor:
+    """Run processors on logits (B, V) given the ids seq (B, >= t); rows of different lengths one by one."""
+    if lengths is None:
+        for process in processors:
+            logits = process(seq, logits)
+        return logits
+    rows = []
+    for b, n in enumerate(lengths):
+        row = logits[b : b + 1]
+        for process in processors:
+            row = process(seq[b : b + 1, :n], row)
+        rows.append(row)
+    return torch.cat(rows)

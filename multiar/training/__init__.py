@@ -1,0 +1,1 @@
+"""Training: the LightningModule, `train(cfg)` wiring, callbacks, checkpoint I/O and loggers."""

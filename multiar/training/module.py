@@ -1,0 +1,135 @@
+"""The LightningModule around GPT: next-token training on packed blocks, the token-weighted validation loss,
+AdamW with warmup + cosine, and the non-finite-loss check every rank takes together."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import lightning as L
+import torch
+
+from multiar.engine.model import GPT, ModelConfig
+from multiar.engine.scoring import token_nats
+
+log = logging.getLogger("multiar")
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """LR multiplier: linear warmup to 1, then cosine decay to min_lr_ratio at total_steps."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+NO_BAD = torch.iinfo(torch.long).max  # no rank has seen a non-finite training loss
+
+
+class LitGPT(L.LightningModule):
+    """Next-token training of GPT on packed blocks (B, block_size + 1); pad targets are ignored."""
+
+    def __init__(
+        self, model_config: dict[str, Any], optim: dict[str, Any], pad_id: int, compile: bool = False
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = GPT(ModelConfig(**model_config))
+        self.optim = optim
+        self.pad_id = pad_id
+        # a compiled function, not a module: state_dict keys stay the model's own, and sampling during
+        # training (TrainingSamples) runs the plain model with its KV cache
+        self.forward_blocks = torch.compile(self.model.forward) if compile else self.model.forward
+
+    def _loss(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean next-token loss over the real (non-pad) targets of batch, and how many there were."""
+        idx, targets = batch[:, :-1], batch[:, 1:]  # (B, T) each
+        targets = targets.masked_fill(targets == self.pad_id, -100)
+        count = (targets != -100).sum()
+        loss = token_nats(self.forward_blocks(idx), targets).sum() / count.clamp(min=1)
+        return loss, count
+
+    def on_fit_start(self) -> None:
+        # the first step whose training loss was not finite, as step * world_size + rank (NO_BAD: none);
+        # kept on the device, so a step pays no host sync for it
+        self._first_bad = torch.full((), NO_BAD, dtype=torch.long, device=self.device)
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        loss, _ = self._loss(batch)
+        key = self.global_step * self.trainer.world_size + self.global_rank
+        self._first_bad = torch.where(torch.isfinite(loss), self._first_bad, self._first_bad.clamp(max=key))
+        if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
+            # every rank checks at the same steps (the logging interval: its host sync is paid anyway), so
+            # all stop together, before this step's optimizer update
+            self.stop_if_not_finite()
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/ppl", loss.detach().exp())
+        return loss
+
+    def stop_if_not_finite(self) -> None:
+        """FloatingPointError on every rank at once when any rank's training loss was not finite so far."""
+        if not hasattr(self, "_first_bad"):  # validation outside fit: nothing trained
+            return
+        first = int(self.trainer.strategy.reduce(self._first_bad.clone(), reduce_op="min"))
+        if first == NO_BAD:
+            return
+        world = self.trainer.world_size
+        step, rank = divmod(first, world)
+        # checkpoints written before this point (the last good one) stay as they are
+        raise FloatingPointError(
+            f"training loss became nan or inf at step {step}{f' on rank {rank}' if world > 1 else ''}; "
+            "stopped on every rank. The last good checkpoint is kept: lower optim.lr or check the data, "
+            "then resume with ckpt_path=last"
+        )
+
+    def on_train_end(self) -> None:
+        self.stop_if_not_finite()  # the steps after the last check: never exported
+
+    def on_validation_epoch_start(self) -> None:
+        # before validation, hence before the checkpoint written after it: weights that saw a non-finite
+        # loss since the last check never become a checkpoint or the exported model
+        self.stop_if_not_finite()
+        self._val_loss_sum = torch.zeros((), device=self.device)
+        self._val_tokens = torch.zeros((), device=self.device)
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        loss, tokens = self._loss(batch)
+        self._val_loss_sum += loss * tokens  # a block of pads only (tokens 0) adds nothing
+        self._val_tokens += tokens
+
+    def on_validation_epoch_end(self) -> None:
+        # token-weighted mean over the whole validation set; perplexity is exp of that mean
+        # (a mean of per-batch exps would overstate it)
+        total = self.trainer.strategy.reduce(self._val_loss_sum, reduce_op="sum")  # over DDP ranks
+        tokens = self.trainer.strategy.reduce(self._val_tokens, reduce_op="sum")
+        loss = total / tokens.clamp(min=1)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)  # same value on every rank
+        self.log("val/ppl", loss.exp(), sync_dist=True)
+
+    def configure_optimizers(self) -> dict:
+        # weight decay on matrices (linears, embedding) only; norms' gains are not decayed
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": self.optim["weight_decay"]},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=self.optim["lr"],
+            betas=tuple(self.optim["betas"]),
+        )
+        total = int(self.trainer.estimated_stepping_batches)
+        warmup = min(self.optim["warmup_steps"], max(1, total // 10))
+        if warmup < self.optim["warmup_steps"]:  # a short run keeps 90% of its steps past warmup
+            log.warning(
+                "optim.warmup_steps=%d is capped at 10%% of the %d steps: %d warmup steps used",
+                self.optim["warmup_steps"],
+                total,
+                warmup,
+            )
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, warmup, total, self.optim["min_lr_ratio"])
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
