@@ -1,8 +1,11 @@
-"""The Domain protocol every data type implements, and the few helpers all domains share.
+"""The Domain protocol every data type implements, DomainBase's defaults, and the capability protocols.
 
 A domain turns files into token ids and ids back into files; everything generic (packing, training,
-sampling, checkpoints) lives once in `multiar/`. Helpers here: walking input paths, skipping and
-counting bad input, and writing outputs atomically without clobbering.
+sampling, checkpoints) lives once in `multiar/`. Every part of a domain the core uses is documented
+here, once: the required members of `Domain`, the defaults `DomainBase` gives (override where the
+domain has the thing), and the capabilities only some domains have (`HeaderFields`, `Augmentable`,
+`WindowStarts`, `PromptMeta`, `TokenErrors`, `Renderable`, `StopRules`, `Validity`, `Assessed`),
+which the core asks for with isinstance. A new domain subclasses DomainBase and reads nothing else.
 """
 
 from __future__ import annotations
@@ -10,9 +13,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from types import MappingProxyType
+from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
 
 from multiar.engine.sampling import LogitsProcessor
 
@@ -56,7 +60,7 @@ class Domain(Protocol):
         """How many natural units (see `unit`) the record holds: eval reports bits per unit with it."""
 
     def fit(self, records: Iterable[Record]) -> None:
-        """Learn tokenizer state from training records (no-op for fixed vocabularies)."""
+        """Learn tokenizer state from training records (DomainBase: a fixed vocabulary, nothing to learn)."""
 
     def encode(self, record: Record) -> list[int]:
         """Token ids of one record, without BOS/EOS; raises ValueError on a record it cannot encode."""
@@ -80,35 +84,184 @@ class Domain(Protocol):
         this run wrote for samples 0..start-1 (so finished samples are on disk as they come)."""
 
     def metrics(self, artifacts: Sequence[Artifact]) -> dict[str, float]:
-        """Domain metrics, each key prefixed with '<name>/'."""
+        """Domain metrics, each key prefixed with '<name>/' (DomainBase: none)."""
 
     def constraint(self) -> LogitsProcessor | None:
-        """A grammar mask for sampling, or None."""
+        """A grammar mask for sampling, or None (DomainBase: None)."""
 
     def save(self, directory: Path) -> None:
         """Write the tokenizer state so that load() rebuilds an identical domain."""
 
-    # Optional, where a domain has them (looked up with hasattr):
-    #   fields(record) -> dict[str, str]          header fields: the source of data.tags=header:FIELD
-    #   one_token_per_unit: bool                  lengths/positions in units are token counts (min_len,
-    #                                             max_len, template/fixed)
-    #   assess(artifacts, details, settings)      per-sample columns into details (novelty, filters:
-    #       -> dict[str, float]                   `passes`), and their summary metrics
-    #   report(artifacts, details, out_dir, overwrite, provenance) -> list[Path]
-    #                                             files about the whole set (CSV, plots); a domain with
-    #                                             it also takes write(..., details=) per sample
-    #   window_starts: list[bool]                 per id: a training window or a cut prompt may start
-    #                                             there (music: a bar's first token)
-    #   check_augment(spec), augment(record, spec) -> [(suffix, record)]
-    #                                             data.augment: shifted copies of training records
-    #   token_errors(ids) -> int                  errors by the tokenizer's own count (generate reports
-    #                                             <name>/token_error_rate over the sampled tokens)
-    #   prompt_ids(prompt, bars=N)                prompt_bars: only the prompt's first N bars
-    #   render(path, out, soundfont, overwrite)   render=wav: audio beside a written file
-    #   prompt_meta(prompt, bars=None) -> Any     what a sample keeps from its prompt beyond the tokens
-    #                                             (music: tempos, time signatures the tokens lack)
-    #   with_prompt_meta(artifact, meta, whole)   applies it to one sample (no state on the domain)
-    #   filter_keys: tuple[str, ...]              the filters.* keys assess reads (checked before sampling)
+    @classmethod
+    def load(cls, directory: Path) -> Domain:
+        """The domain save() wrote into directory (the registry calls it for a run's domain/)."""
+
+    # What DomainBase gives every domain (a domain overrides what it has; the core uses them as they are):
+    skip_dirs: ClassVar[frozenset[str]]  # folder names find_files skips inside a given tree (code: .git)
+    one_token_per_unit: ClassVar[bool]  # lengths/positions in units are token counts (min_len, template)
+    tokenizer_files: ClassVar[tuple[str, ...]]  # saved files that decide the ids (a trained tokenizer)
+    generate_options: ClassVar[dict[str, GenerateOption]]  # generate keys of this domain alone
+    licenses: Mapping[str, str]  # package -> licence of a gathered corpus (code: site-packages)
+    fim_ids: tuple[int, int, int] | None  # fill-in-the-middle tokens (prefix, middle, suffix), or None
+    fim_rate: float  # share of training documents turned into fill-in-the-middle ones
+    fim_spm_rate: float  # of those, the share in suffix-prefix-middle order
+
+    def fit_documents(self, documents: Iterable[tuple[str, Record]]) -> None:
+        """fit() from (key, record) pairs: control tags read the keys too."""
+
+    def encode_document(self, key: str, record: Record) -> list[int]:
+        """The ids training holds for one document (its key: path relative to the corpus root, '#', index)."""
+
+    def hf_tokenizer_json(self) -> str | None:
+        """The tokenizer as an HF `tokenizers` tokenizer.json (export format=hf), or None."""
+
+
+class GenerateOption(NamedTuple):
+    """A generate key a domain declares (music: prompt_bars). Its value, when set, goes to the domain's
+    prompt_ids and prompt_meta as a keyword argument of the same name, and into the files' provenance."""
+
+    type: type
+    default: Any
+    help: str
+
+
+class DomainBase:
+    """The defaults of every optional part of a domain: subclass it and write the required members of
+    `Domain` (read, encode, decode, write, ...); override a default only where the domain has it, and
+    implement a capability protocol below for what only some domains can do."""
+
+    skip_dirs: ClassVar[frozenset[str]] = frozenset()
+    one_token_per_unit: ClassVar[bool] = False
+    tokenizer_files: ClassVar[tuple[str, ...]] = ()  # none: a fixed vocabulary, compared by its size and ids
+    generate_options: ClassVar[dict[str, GenerateOption]] = {}
+    licenses: Mapping[str, str] = MappingProxyType({})
+    fim_ids: tuple[int, int, int] | None = None
+    fim_rate: float = 0.0
+    fim_spm_rate: float = 0.5
+
+    def metrics(self, artifacts: Sequence[Artifact]) -> dict[str, float]:
+        return {}
+
+    def constraint(self) -> LogitsProcessor | None:
+        return None
+
+    def fit(self, records: Iterable[Record]) -> None:
+        for _ in records:  # a fixed vocabulary learns nothing; the records are still read through
+            pass
+
+    def fit_documents(self, documents: Iterable[tuple[str, Record]]) -> None:
+        self.fit(record for _, record in documents)
+
+    def encode_document(self, key: str, record: Record) -> list[int]:
+        return self.encode(record)  # type: ignore[attr-defined]
+
+    def hf_tokenizer_json(self) -> str | None:
+        return None
+
+
+# Capabilities only some domains have. The core asks isinstance(domain, Capability) before it uses
+# one, and says which domain lacks it when a key needs it; Tagged has exactly its base's.
+
+
+@runtime_checkable
+class HeaderFields(Protocol):
+    """Records with header fields: the source of data.tags=header:FIELD (protein: UniProt's OS, OX)."""
+
+    def fields(self, record: Record) -> dict[str, str]: ...
+
+
+@runtime_checkable
+class Augmentable(Protocol):
+    """data.augment: shifted copies of training records (music: transpositions)."""
+
+    def check_augment(self, spec: Any) -> None:
+        """ValueError naming the data.augment key that is wrong."""
+
+    def augment(self, record: Record, spec: dict[str, Any]) -> list[tuple[str, Record]]:
+        """(key suffix, record) per copy."""
+
+
+@runtime_checkable
+class WindowStarts(Protocol):
+    """Per id: whether a training window or a cut prompt may start there (music: a bar's first token)."""
+
+    window_starts: list[bool]
+
+
+@runtime_checkable
+class PromptMeta(Protocol):
+    """What a sample keeps from its prompt beyond the tokens (music: tempos, time signatures the tokens lack)."""
+
+    def prompt_meta(self, prompt: str | None, **options: Any) -> Any:
+        """The meta of one prompt (options: the domain's generate_options that are set), or None."""
+
+    def with_prompt_meta(self, artifact: Artifact, meta: Any, whole: bool = True) -> Artifact:
+        """A copy of one sample with it (whole=False: a file without the prompt); no state on the domain."""
+
+
+@runtime_checkable
+class TokenErrors(Protocol):
+    """Errors by the tokenizer's own count: generate reports <name>/token_error_rate over the sampled tokens."""
+
+    def token_errors(self, ids: list[int]) -> int: ...
+
+
+@runtime_checkable
+class Renderable(Protocol):
+    """render=wav: audio beside a written file (music)."""
+
+    def render(
+        self, path: Path, out: Path, soundfont: str | None = None, overwrite: bool = False
+    ) -> Path: ...
+
+
+@runtime_checkable
+class StopRules(Protocol):
+    """stop_at=NAME: where a sample's text ends (code: block)."""
+
+    def stop_rule(self, name: str) -> Callable[[str, int, bool], int | None]:
+        """The rule (text, prompt length, final) -> end or None; ValueError naming the known ones."""
+
+
+@runtime_checkable
+class Validity(Protocol):
+    """resample_invalid: whether a sample is valid (code: it parses)."""
+
+    def valid(self, artifact: Artifact) -> bool: ...
+
+
+@runtime_checkable
+class Assessed(Protocol):
+    """Per-sample judgement (protein): columns and filters, files about the whole set; such a domain
+    also takes write(..., details=) per sample."""
+
+    filter_keys: tuple[str, ...]  # the filters.* keys assess reads (checked before sampling)
+
+    def assess(self, artifacts: Sequence[Artifact], details: list[dict], settings: dict) -> dict[str, float]:
+        """Per-sample columns into details (novelty, `passes`), and their summary metrics."""
+
+    def report(
+        self,
+        artifacts: Sequence[Artifact],
+        details: list[dict],
+        out_dir: Path,
+        overwrite: bool,
+        provenance: dict,
+    ) -> list[Path]:
+        """Files about the whole set (CSV, plots)."""
+
+
+CAPABILITIES: tuple[type, ...] = (
+    HeaderFields,
+    Augmentable,
+    WindowStarts,
+    PromptMeta,
+    TokenErrors,
+    Renderable,
+    StopRules,
+    Validity,
+    Assessed,
+)
 
 
 def domain_state_digest(domain: Domain, only: Sequence[str] = ()) -> str:

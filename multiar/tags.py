@@ -18,14 +18,28 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from functools import cache
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from multiar.domain import Domain
+from multiar.domain import (
+    CAPABILITIES,
+    Assessed,
+    Augmentable,
+    Domain,
+    DomainBase,
+    HeaderFields,
+    PromptMeta,
+    Renderable,
+    StopRules,
+    TokenErrors,
+    Validity,
+    WindowStarts,
+)
 from multiar.engine.sampling import LogitsProcessor, ban_tokens
 from multiar.errors import ConfigError
 from multiar.files import write_new_text
@@ -51,23 +65,80 @@ def read_tsv(path: str | Path) -> dict[str, list[str]]:
     return table
 
 
-class Tagged:
+class Tagged(DomainBase):
     """A domain whose documents start with control-tag tokens (ids vocab_size .. vocab_size + n_tags - 1
-    of the wrapped domain)."""
+    of the wrapped domain).
+
+    Everything a domain has is forwarded explicitly, nothing by __getattr__: the members of `Domain`
+    below, and each capability of the wrapped domain by a small forwarding class (`_FORWARDERS`).
+    `Tagged(base, ...)` builds an instance of the subclass holding exactly base's capabilities, so
+    isinstance(tagged, Renderable) is true exactly when the base renders."""
+
+    def __new__(cls, base: Domain, *args: Any, **kwargs: Any) -> Tagged:
+        return super().__new__(tagged_class(base) if cls is Tagged else cls)
+
+    def __reduce__(self) -> tuple:  # the per-base class is built at run time: pickled as base + state
+        return _restore, (self.base, self.__dict__)
 
     def __init__(self, base: Domain, spec: str, tags: list[str] | None = None, max_tags: int = 256) -> None:
         if not spec.startswith(SOURCES) or spec in ("header:", "tsv:"):
             raise ConfigError(f"data.tags: {spec!r}: use header:FIELD, folder, file or tsv:PATH")
-        if spec.startswith("header:") and not hasattr(base, "fields"):
+        if spec.startswith("header:") and not isinstance(base, HeaderFields):
             raise ConfigError(f"data.tags: the {base.name} domain's records have no header fields")
         self.base, self.spec, self.max_tags = base, spec, max_tags
         self.tags: list[str] = list(tags or [])
         self.table = read_tsv(spec[4:]) if spec.startswith("tsv:") else None
 
-    def __getattr__(self, name: str) -> Any:  # everything but tags is the wrapped domain's
-        if name == "base":
-            raise AttributeError(name)
-        return getattr(self.base, name)
+    # the wrapped domain's members, as they are (decode, constraint, save and the document hooks differ)
+    name = property(lambda self: self.base.name)
+    suffixes = property(lambda self: self.base.suffixes)
+    unit = property(lambda self: self.base.unit)
+    bos_id = property(lambda self: self.base.bos_id)
+    eos_id = property(lambda self: self.base.eos_id)
+    pad_id = property(lambda self: self.base.pad_id)
+    skip_dirs = property(lambda self: self.base.skip_dirs)
+    one_token_per_unit = property(lambda self: self.base.one_token_per_unit)
+    tokenizer_files = property(lambda self: self.base.tokenizer_files)
+    generate_options = property(lambda self: self.base.generate_options)
+    licenses = property(lambda self: self.base.licenses)
+    fim_ids = property(lambda self: self.base.fim_ids)
+    fim_rate = property(lambda self: self.base.fim_rate)
+    fim_spm_rate = property(lambda self: self.base.fim_spm_rate)
+
+    def default_paths(self, corpus: str | None = None) -> list[Path]:
+        return self.base.default_paths(corpus)
+
+    def read(self, path: Path) -> Iterator[Any]:
+        return self.base.read(path)
+
+    def from_value(self, value: Any, key: str) -> Any:
+        return self.base.from_value(value, key)
+
+    def content(self, record: Any) -> bytes:
+        return self.base.content(record)
+
+    def units(self, record: Any) -> int:
+        return self.base.units(record)
+
+    def fit(self, records: Iterable[Any]) -> None:
+        self.base.fit(records)
+
+    def encode(self, record: Any) -> list[int]:
+        return self.base.encode(record)
+
+    def prompt_ids(self, prompt: str | None, **options: Any) -> list[int]:
+        return self.base.prompt_ids(prompt, **options)
+
+    def write(
+        self, artifacts: Sequence[Any], out_dir: Path, provenance: dict, *args: Any, **kwargs: Any
+    ) -> list[Path]:
+        return self.base.write(artifacts, out_dir, provenance, *args, **kwargs)
+
+    def metrics(self, artifacts: Sequence[Any]) -> dict[str, float]:
+        return self.base.metrics(artifacts)
+
+    def hf_tokenizer_json(self) -> str | None:
+        return self.base.hf_tokenizer_json()
 
     @property
     def first_tag_id(self) -> int:
@@ -87,7 +158,7 @@ class Tagged:
             return [file.parent.name] if file.parent.name else []
         if self.spec == "file":
             return [file.name.split(".")[0]]
-        names = list(self.base.fields(record).values()) if hasattr(self.base, "fields") else []
+        names = list(self.base.fields(record).values()) if isinstance(self.base, HeaderFields) else []
         for name in (*names, key, str(file), file.name, file.name.split(".")[0]):
             if name in self.table:
                 return self.table[name]
@@ -169,7 +240,101 @@ class Tagged:
     @classmethod
     def load(cls, base: Domain, directory: Path) -> Tagged:
         state = json.loads((Path(directory) / "tags.json").read_text())
-        tagged = cls.__new__(cls)  # no tsv file needed: the vocabulary and a TSV's table are stored
+        tagged = cls.__new__(cls, base)  # no tsv file needed: the vocabulary and a TSV's table are stored
         tagged.base, tagged.spec, tagged.max_tags = base, state["spec"], state["max_tags"]
         tagged.tags, tagged.table = list(state["tags"]), state.get("table")  # None: runs saved before
         return tagged
+
+
+class _HeaderFields:
+    def fields(self: Any, record: Any) -> dict[str, str]:
+        return self.base.fields(record)
+
+
+class _Augmentable:
+    def check_augment(self: Any, spec: Any) -> None:
+        self.base.check_augment(spec)
+
+    def augment(self: Any, record: Any, spec: dict[str, Any]) -> list[tuple[str, Any]]:
+        return self.base.augment(record, spec)
+
+
+class _WindowStarts:
+    @property
+    def window_starts(self: Any) -> list[bool]:
+        return self.base.window_starts
+
+
+class _PromptMeta:
+    def prompt_meta(self: Any, prompt: str | None, **options: Any) -> Any:
+        return self.base.prompt_meta(prompt, **options)
+
+    def with_prompt_meta(self: Any, artifact: Any, meta: Any, whole: bool = True) -> Any:
+        return self.base.with_prompt_meta(artifact, meta, whole=whole)
+
+
+class _TokenErrors:
+    def token_errors(self: Any, ids: list[int]) -> int:
+        # tag ids are no tokens of the wrapped tokenizer: it counts errors over its own ids
+        return self.base.token_errors([i for i in ids if not self.first_tag_id <= i < self.vocab_size])
+
+
+class _Renderable:
+    def render(
+        self: Any, path: Path, out: Path, soundfont: str | None = None, overwrite: bool = False
+    ) -> Path:
+        return self.base.render(path, out, soundfont, overwrite)
+
+
+class _StopRules:
+    def stop_rule(self: Any, name: str) -> Callable[[str, int, bool], int | None]:
+        return self.base.stop_rule(name)
+
+
+class _Validity:
+    def valid(self: Any, artifact: Any) -> bool:
+        return self.base.valid(artifact)
+
+
+class _Assessed:
+    @property
+    def filter_keys(self: Any) -> tuple[str, ...]:
+        return self.base.filter_keys
+
+    def assess(self: Any, artifacts: Sequence[Any], details: list[dict], settings: dict) -> dict[str, float]:
+        return self.base.assess(artifacts, details, settings)
+
+    def report(self: Any, *args: Any, **kwargs: Any) -> list[Path]:
+        return self.base.report(*args, **kwargs)
+
+
+# capability -> the class that forwards it to the wrapped domain
+_FORWARDERS: dict[type, type] = {
+    HeaderFields: _HeaderFields,
+    Augmentable: _Augmentable,
+    WindowStarts: _WindowStarts,
+    PromptMeta: _PromptMeta,
+    TokenErrors: _TokenErrors,
+    Renderable: _Renderable,
+    StopRules: _StopRules,
+    Validity: _Validity,
+    Assessed: _Assessed,
+}
+assert set(_FORWARDERS) == set(CAPABILITIES), "every capability needs its forwarder"
+
+
+def tagged_class(base: Domain) -> type[Tagged]:
+    """The Tagged subclass with exactly the capabilities of base (one class per combination)."""
+    return _tagged_class(tuple(c for c in CAPABILITIES if isinstance(base, c)))
+
+
+@cache
+def _tagged_class(capabilities: tuple[type, ...]) -> type[Tagged]:
+    name = "Tagged" + "".join(c.__name__ for c in capabilities)
+    return type(name, (Tagged, *(_FORWARDERS[c] for c in capabilities)), {"__module__": __name__})
+
+
+def _restore(base: Domain, state: dict) -> Tagged:
+    tagged = Tagged.__new__(Tagged, base)
+    tagged.__dict__.update(state)
+    return tagged

@@ -11,7 +11,7 @@ from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from multiar.domain import FIM_TOKENS
+from multiar.domain import FIM_TOKENS, DomainBase
 from multiar.domains.code import analysis
 from multiar.domains.code.analysis import parses
 from multiar.domains.code.syntax import python_constraint
@@ -59,10 +59,11 @@ def text_only(tokenizer: Tokenizer) -> Tokenizer:
     return tokenizer
 
 
-class CodeDomain:
+class CodeDomain(DomainBase):
     name = "code"
     suffixes = (".py",)
     unit = "byte"
+    tokenizer_files = ("tokenizer.json",)  # the trained HF tokenizer decides the ids
     # folders inside a given tree that hold no code of the project: history, environments, caches
     skip_dirs = frozenset(
         {".git", ".hg", ".venv", "venv", "site-packages", "__pycache__", "node_modules", ".tox"}
@@ -194,6 +195,10 @@ class CodeDomain:
         """The fill-in-the-middle tokens' ids, when the tokenizer has them."""
         ids = tuple(self._trained().token_to_id(t) for t in FIM_TOKENS)
         return ids if None not in ids else None  # type: ignore[return-value]
+
+    def hf_tokenizer_json(self) -> str:
+        """The trained tokenizer as tokenizer.json (export format=hf)."""
+        return self._trained().to_str()
 
     def decode(self, ids: list[int]) -> tuple[str, int]:
         special = set(range(len(SPECIALS))) | set(self.fim_ids or ())

@@ -17,6 +17,7 @@ from miditok.data_augmentation import augment_score_multiple_offsets
 from miditok.utils import get_bars_ticks
 from symusic import Score, Tempo, TextMeta, TimeSignature
 
+from multiar.domain import DomainBase, GenerateOption
 from multiar.domains.music import analysis as music_analysis
 from multiar.domains.music.grammar import MusicGrammar, ids_to_bytes
 from multiar.engine.sampling import LogitsProcessor
@@ -38,10 +39,16 @@ def _tokenizer_config(settings: dict[str, Any]) -> miditok.TokenizerConfig:
     return miditok.TokenizerConfig(**settings)
 
 
-class MusicDomain:
+class MusicDomain(DomainBase):
     name = "music"
     suffixes = (".mid", ".midi")
     unit = "note"
+    tokenizer_files = ("tokenizer.json",)  # miditok's parameters and BPE merges decide the ids
+    generate_options = {
+        "prompt_bars": GenerateOption(
+            int, None, "continue only the prompt's first N bars (cut at a bar line)"
+        )
+    }
 
     def __init__(
         self,
@@ -168,17 +175,17 @@ class MusicDomain:
         )
         return [("p{:+d}v{:+d}d{:+d}".format(*map(int, offsets)), copy) for offsets, copy in copies]
 
-    def prompt_ids(self, prompt: str | None, bars: int | None = None) -> list[int]:
-        """BOS + the prompt file's tokens; bars: only its first bars (cut at a bar line, so never
+    def prompt_ids(self, prompt: str | None, prompt_bars: int | None = None) -> list[int]:
+        """BOS + the prompt file's tokens; prompt_bars: only its first bars (cut at a bar line, so never
         inside a note)."""
-        score = self._prompt_score(prompt, bars)
+        score = self._prompt_score(prompt, prompt_bars)
         return [self.bos_id] if score is None else [self.bos_id] + self.encode(score)
 
-    def prompt_meta(self, prompt: str | None, bars: int | None = None) -> Score | None:
+    def prompt_meta(self, prompt: str | None, prompt_bars: int | None = None) -> Score | None:
         """What a sample keeps from its prompt beyond the tokens: the prompt's tempos, and its time
         signatures where the tokens hold none (use_tempos / use_time_signatures off), as a Score
         without notes; None without a prompt."""
-        score = self._prompt_score(prompt, bars)
+        score = self._prompt_score(prompt, prompt_bars)
         if score is None:
             return None
         meta = Score(score.tpq)

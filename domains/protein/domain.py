@@ -23,7 +23,7 @@ from Bio import SeqIO
 from Bio.Seq import Seq
 from Bio.SeqRecord import SeqRecord
 
-from multiar.domain import FIM_TOKENS
+from multiar.domain import FIM_TOKENS, DomainBase
 from multiar.domains.protein import analysis
 from multiar.engine.sampling import LogitsProcessor
 from multiar.files import safe_child, write_new_file, write_new_text
@@ -55,7 +55,7 @@ def uniprot_fields(record: SeqRecord) -> dict[str, str]:
     return fields
 
 
-class ProteinDomain:
+class ProteinDomain(DomainBase):
     name = "protein"
     suffixes = (".fasta", ".fa", ".faa", ".fasta.gz", ".fa.gz", ".faa.gz")
     unit = "residue"

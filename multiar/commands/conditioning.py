@@ -13,6 +13,7 @@ from multiar.data.fim import infill_prompt
 from multiar.domain import Domain
 from multiar.engine.sampling import LogitsProcessor, force_tokens, min_new_tokens
 from multiar.errors import ConfigError
+from multiar.tags import Tagged
 
 
 def parse_positions(text: str, length: int) -> list[int]:
@@ -79,11 +80,11 @@ def infill_sides(cfg: DictConfig) -> tuple[str, str] | None:
 
 def conditions(cfg: DictConfig, domain: Domain, prompts: list[list[int]]) -> Conditions:
     """Rows (prompts with the tags after BOS), the length window and fixed positions of cfg."""
-    if cfg.tags is not None and not hasattr(domain, "tag_ids"):
+    if cfg.tags is not None and not isinstance(domain, Tagged):
         raise ConfigError(f"tags: {cfg.run} was trained without control tags (train with data.tags=...)")
     tag_ids = domain.tag_ids(cfg.tags) if cfg.tags is not None else []
     positional = cfg.min_len is not None or cfg.max_len is not None or cfg.template is not None
-    if positional and not getattr(domain, "one_token_per_unit", False):
+    if positional and not domain.one_token_per_unit:
         raise ConfigError(
             f"min_len/max_len/template count {domain.unit}s, which the {domain.name} domain does not "
             "map one to one to tokens: use min_new_tokens/max_new_tokens"
@@ -107,7 +108,7 @@ def conditions(cfg: DictConfig, domain: Domain, prompts: list[list[int]]) -> Con
         max_new_tokens=cfg.max_new_tokens,
     )
     if (sides := infill_sides(cfg)) is not None:
-        if getattr(domain, "fim_ids", None) is None:
+        if domain.fim_ids is None:
             raise ConfigError(
                 f"infill: {cfg.run} was trained without fill-in-the-middle (train with domain.settings.fim_rate=0.5)"
             )
@@ -116,7 +117,7 @@ def conditions(cfg: DictConfig, domain: Domain, prompts: list[list[int]]) -> Con
         out.infill = (prefix, suffix)
         if cfg.stop_at is not None:
             raise ConfigError("stop_at: not with fill-in-the-middle (the middle ends at EOS)")
-    out.tags = ",".join(domain.tags[i - domain.first_tag_id] for i in tag_ids) if tag_ids else ""
+    out.tags = ",".join(domain.tags_of_ids(tag_ids)) if isinstance(domain, Tagged) else ""
     head = 1 + len(tag_ids)  # BOS and tags: the units of a row are its ids after them
     min_len, max_len = cfg.min_len, cfg.max_len
     if cfg.template is not None:

@@ -42,8 +42,7 @@ def export_run(cfg: DictConfig) -> dict[str, Any]:
             out / "generation_config.json", json.dumps(ids | {"do_sample": True}, indent=1) + "\n", True
         ),
     ]
-    tokenizer = getattr(d, "tokenizer", None)
-    if tokenizer is not None and hasattr(tokenizer, "to_str"):  # an HF `tokenizers` tokenizer (code)
-        files.append(write_new_text(out / "tokenizer.json", tokenizer.to_str(), True))
+    if (tokenizer := d.hf_tokenizer_json()) is not None:  # an HF `tokenizers` tokenizer (code)
+        files.append(write_new_text(out / "tokenizer.json", tokenizer, True))
     print(f"{d.name}: exported {run.path} as LlamaForCausalLM to {out} ({len(files)} files)")
     return {"out": str(out), "files": [str(f) for f in files]}

@@ -20,7 +20,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from multiar.commands.conditioning import Conditions, conditions
 from multiar.config import config_dir
-from multiar.domain import Domain, domain_state_digest
+from multiar.domain import (
+    Assessed,
+    Domain,
+    PromptMeta,
+    Renderable,
+    StopRules,
+    TokenErrors,
+    Validity,
+    WindowStarts,
+    domain_state_digest,
+)
 from multiar.engine.decode import compile_for_sampling, stream, window_tail
 from multiar.engine.model import GPT
 from multiar.engine.packed import decode_layout
@@ -33,6 +43,7 @@ from multiar.errors import ConfigError
 from multiar.files import write_new_text
 from multiar.run_folder import Run, load_run
 from multiar.schema import validate
+from multiar.tags import Tagged
 
 log = logging.getLogger("multiar")
 
@@ -137,20 +148,17 @@ def sampling_model(run: Run, mode: str | None, dtype: str, compile: bool = False
     return compile_for_sampling(model) if compile else decode_layout(model)
 
 
-# the saved files that decide a domain's ids (code: the HF tokenizer, music: miditok's parameters and
-# BPE merges); the rest of its saved state is about the training data (statistics, line hashes)
-TOKENIZER_FILES = ("tokenizer.json",)
-
-
 def same_tokenizer(a: Domain, b: Domain) -> bool:
     """Whether two domains map text to the same ids: equal tokenizer files, whatever the pieces each
     was trained on, or for a fixed vocabulary (no trained tokenizer, like protein's alphabet) equal
     size and special ids."""
-    if getattr(a, "tags", None) != getattr(b, "tags", None):  # control tags are ids too
+    tags = [d.tags if isinstance(d, Tagged) else None for d in (a, b)]
+    if tags[0] != tags[1] or a.tokenizer_files != b.tokenizer_files:  # control tags are ids too
         return False
-    if getattr(a, "tokenizer", None) is None and getattr(b, "tokenizer", None) is None:
+    if not a.tokenizer_files:
         return (a.vocab_size, a.pad_id, a.bos_id, a.eos_id) == (b.vocab_size, b.pad_id, b.bos_id, b.eos_id)
-    return domain_state_digest(a, TOKENIZER_FILES) == domain_state_digest(b, TOKENIZER_FILES)
+    # the tokenizer's files alone: the rest of the saved state is about the training data
+    return domain_state_digest(a, a.tokenizer_files) == domain_state_digest(b, b.tokenizer_files)
 
 
 def load_draft(cfg: DictConfig, run: Run) -> GPT | str | None:
@@ -172,13 +180,12 @@ def stop_rule(cfg: DictConfig, domain: Domain) -> Callable[[str, int, bool], int
     domain has no such rule."""
     if cfg.stop_at is None:
         return None
+    if not isinstance(domain, StopRules):
+        raise ConfigError(f"stop_at: the {domain.name} domain has no stopping rules")
     try:
         return domain.stop_rule(cfg.stop_at)
-    except (AttributeError, ValueError) as err:
-        reason = (
-            str(err) if isinstance(err, ValueError) else f"the {domain.name} domain has no stopping rules"
-        )
-        raise ConfigError(f"stop_at: {reason}") from None
+    except ValueError as err:  # an unknown rule's name; any other error is a bug in the domain's rule
+        raise ConfigError(f"stop_at: {err}") from None
 
 
 def row_stopper(domain: Domain, rule: Callable, prompts: list[list[int]]) -> Callable[[int, list[int]], bool]:
@@ -279,7 +286,7 @@ class SampleWriter:
     @property
     def annotated(self) -> bool:
         """Whether the domain writes per-sample details (protein's FASTA descriptions, samples.csv)."""
-        return hasattr(self.domain, "report")
+        return isinstance(self.domain, Assessed)
 
     def scores(self, model: GPT, batch_size: int) -> list[float]:
         """Each sample's perplexity per token under the model: its sampled ids (EOS included when it
@@ -353,7 +360,7 @@ class SampleWriter:
 def check_filters(cfg: DictConfig, domain: Domain) -> None:
     """ConfigError, before any sampling, for a filters.* key the domain does not know (its
     `filter_keys`), or any filter set (a value other than the default) for a domain without filters."""
-    known = tuple(getattr(domain, "filter_keys", ()))
+    known = tuple(domain.filter_keys) if isinstance(domain, Assessed) else ()
     if known:
         unknown = [k for k in cfg.filters if k not in known]
         if unknown:
@@ -369,14 +376,43 @@ def check_filters(cfg: DictConfig, domain: Domain) -> None:
 def check_before_sampling(cfg: DictConfig, domain: Domain, out_dir: Path) -> None:
     """ConfigError or FileExistsError, before any sampling, for a key the domain cannot honour (render,
     resample_invalid) or an output folder that already holds a run's report (overwrite=false)."""
-    if cfg.render is not None and not hasattr(domain, "render"):
+    if cfg.render is not None and not isinstance(domain, Renderable):
         raise ConfigError(f"render: the {domain.name} domain has nothing to render (music only)")
-    if cfg.resample_invalid and not hasattr(domain, "valid"):
+    if cfg.resample_invalid and not isinstance(domain, Validity):
         raise ConfigError(f"resample_invalid: the {domain.name} domain has no validity check")
     if (out_dir / "generate.json").exists() and not cfg.overwrite:
         raise FileExistsError(
             f"{out_dir / 'generate.json'}: already exists (pass overwrite=true to replace it)"
         )
+
+
+def domain_options(cfg: DictConfig, domain: Domain) -> dict[str, Any]:
+    """The domain's own generate options that cfg sets, checked against its `generate_options`:
+    cfg.options.NAME, or a top-level key of that name (prompt_bars, while the schema holds it).
+    ConfigError, before any sampling, for an option the domain does not declare or a value of
+    another type."""
+    from multiar.domains import (
+        DOMAINS,
+    )  # the registry, when a run is sampled: importing it loads every domain
+
+    declared = domain.generate_options
+    given = dict(cfg.get("options") or {})
+    # top-level keys that are some domain's option (the schema's prompt_bars) count when set
+    others = {k for cls in DOMAINS.values() for k in cls.generate_options} | set(declared)
+    given |= {k: cfg[k] for k in sorted(others) if k in cfg and cfg[k] is not None and k not in given}
+    options = {}
+    for key, value in given.items():
+        where = f"options.{key}" if key in (cfg.get("options") or {}) else key
+        if key not in declared:
+            known = f"; it has {', '.join(declared)}" if declared else ""
+            raise ConfigError(f"{where}: the {domain.name} domain has no such generate option{known}")
+        kind = declared[key].type
+        if value is None:
+            continue
+        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+            raise ConfigError(f"{where}: expected {kind.__name__}, got {value!r} ({declared[key].help})")
+        options[key] = value
+    return options
 
 
 def render_files(cfg: DictConfig, domain: Domain, paths: list[Path]) -> dict[str, Any]:
@@ -400,22 +436,20 @@ def sample_to_files(cfg: DictConfig) -> dict[str, Any]:
     texts = read_prompt_file(cfg.prompt_file) if cfg.prompt_file else [cfg.prompt]
     model, domain = sampling_model(run, cfg.quantize, cfg.dtype, cfg.compile), run.domain
     out_dir = Path(cfg.out if cfg.out else Path("outputs") / domain.name).expanduser()
-    if cfg.prompt_bars is not None and not hasattr(domain, "window_starts"):
-        raise ConfigError(f"prompt_bars: the {domain.name} domain has no bars (music only)")
+    options = domain_options(cfg, domain)  # passed by name to prompt_ids and prompt_meta
     check_filters(cfg, domain)
     check_before_sampling(cfg, domain, out_dir)
-    bars = {"bars": cfg.prompt_bars} if cfg.prompt_bars is not None else {}
-    starts = getattr(domain, "window_starts", None)
-    whole = [domain.prompt_ids(t, **bars) for t in texts]
+    starts = domain.window_starts if isinstance(domain, WindowStarts) else None
+    whole = [domain.prompt_ids(t, **options) for t in texts]
     prompts = [fit_prompt(p, model.config.block_size, cfg.max_new_tokens, starts) for p in whole]
     # what each sample keeps from its own prompt beyond the tokens (music: tempos), per prompt
-    metas = [domain.prompt_meta(t, **bars) for t in texts] if hasattr(domain, "prompt_meta") else None
+    metas = [domain.prompt_meta(t, **options) for t in texts] if isinstance(domain, PromptMeta) else None
     cond = conditions(cfg, domain, prompts)
     stops = stop_sequences(cfg, domain)
     processors = [ban_tokens([domain.pad_id, domain.bos_id])]
     if cfg.constrain and (constraint := domain.constraint()) is not None:
         processors.append(constraint)
-    elif hasattr(domain, "tag_ids"):  # unconstrained, tags are still never sampled
+    elif isinstance(domain, Tagged):  # unconstrained, tags are still never sampled
         processors.append(ban_tokens(range(domain.first_tag_id, domain.vocab_size)))
     processors += cond.processors  # length window, then forced positions: they have the last word
     generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
@@ -451,11 +485,11 @@ def sample_to_files(cfg: DictConfig) -> dict[str, Any]:
         ("draft", None),
         ("min_len", None),
         ("max_len", None),
-        ("prompt_bars", None),
         ("constrain", True),
     ):
         if cfg[key] != off:  # settings that are on go into every file's provenance
             provenance[key] = cfg[key]
+    provenance.update(options)  # the domain's own options that are set (music: prompt_bars)
     rule = stop_rule(cfg, domain)
     stop = stop_text(cfg.stop) if cfg.stop is not None else None
     writer = SampleWriter(
@@ -522,7 +556,9 @@ def sample_to_files(cfg: DictConfig) -> dict[str, Any]:
     details = writer.details
     for d, ppl in zip(details, writer.scores(model, cfg.batch_size), strict=True):
         d["ppl"] = round(ppl, 3)
-    extra_metrics = domain.assess(artifacts, details, dict(cfg.filters)) if hasattr(domain, "assess") else {}
+    extra_metrics = (
+        domain.assess(artifacts, details, dict(cfg.filters)) if isinstance(domain, Assessed) else {}
+    )
     ranked = rank_samples(details, cfg.top) if cfg.rank_by == "ppl" else []
     if writer.annotated:  # the files again, now with every sample's score, novelty and filters
         paths = domain.write(artifacts, out_dir, provenance, overwrite=True, details=details)
@@ -531,7 +567,7 @@ def sample_to_files(cfg: DictConfig) -> dict[str, Any]:
         best = [artifacts[i] for i in ranked]
         extra = {"details": [details[i] for i in ranked]} if writer.annotated else {}
         paths += domain.write(best, out_dir / "top", provenance, overwrite=cfg.overwrite, **extra)
-    if hasattr(domain, "token_errors"):  # miditok's tokens_errors over the sampled tokens, prompt as context
+    if isinstance(domain, TokenErrors):  # miditok's tokens_errors over the sampled tokens, prompt as context
         errors = sum(
             max(domain.token_errors(h + ids) - domain.token_errors(h), 0)
             for h, ids in zip(writer.prompts, new_ids, strict=True)

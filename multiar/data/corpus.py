@@ -90,7 +90,12 @@ def prepare_corpus(
     root = Path(cache_dir).expanduser() / domain_name / key
     if (root / "complete.json").exists():
         log.info("%s: reusing tokenized data from %s", domain_name, root)
-        return _load_cached(domain if not fit else None, type(domain), root, getattr(domain, "base", None))
+        return _load_cached(
+            domain if not fit else None,
+            type(domain),
+            root,
+            domain.base if isinstance(domain, Tagged) else None,
+        )
 
     # pass 1: which documents exist (bad files are skipped and counted here, once); exact duplicates
     # are dropped before the split, so one text can never sit on both sides of it
@@ -136,11 +141,8 @@ def prepare_corpus(
     # pass 2: fit tokenizer state on training documents only, so validation stays unseen
     if fit:
         training = ((k, r) for k, r in source.records() if k in wanted and k not in val_keys)
-        if hasattr(domain, "fit_documents"):  # control tags: fitted from the documents' keys too
-            domain.fit_documents(training)
-        else:
-            domain.fit(r for _, r in training)
-    encode = getattr(domain, "encode_document", None) or (lambda _key, record: domain.encode(record))
+        domain.fit_documents(training)  # control tags: fitted from the documents' keys too
+    encode = domain.encode_document
 
     # pass 3: encode, one read of the input for both splits; a record the domain cannot encode is
     # skipped and counted
@@ -207,7 +209,7 @@ def prepare_corpus(
             "tokens_val": sum(len(x) for x in split_sets["val"]["ids"]),
             "root": source.root,
             # a corpus gathered from installed packages records each one's licence (code site-packages)
-            **({"licenses": domain.licenses} if getattr(domain, "licenses", None) else {}),
+            **({"licenses": dict(domain.licenses)} if domain.licenses else {}),
         }
         (tmp / "complete.json").write_text(json.dumps(stats, indent=1))
     except BaseException:
@@ -220,7 +222,9 @@ def prepare_corpus(
     except OSError:  # another process finished first: use its entry, so every rank sees the same data
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("%s: %s; %s", domain_name, skips.summary(source.unit), json.dumps(stats))
-    return _load_cached(domain if not fit else None, type(domain), root, getattr(domain, "base", None))
+    return _load_cached(
+        domain if not fit else None, type(domain), root, domain.base if isinstance(domain, Tagged) else None
+    )
 
 
 def _load_cached(domain: Domain | None, domain_class: type, root: Path, base: Domain | None = None) -> Corpus:

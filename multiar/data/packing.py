@@ -15,7 +15,8 @@ from torch.utils.data import DataLoader
 from multiar.data import fim as fim_module
 from multiar.data.corpus import Corpus, is_validation
 from multiar.data.fim import transform_documents
-from multiar.domain import Domain
+from multiar.domain import Domain, WindowStarts
+from multiar.tags import Tagged
 
 
 def drops_tags(key: str, tag_dropout: float, seed: int) -> bool:
@@ -99,10 +100,11 @@ def pack_dataset(
 ) -> Dataset:
     """A dataset of packed blocks (block_size + 1 int32 ids each), torch-formatted. train: the data-time
     transforms apply (tag dropout, fill-in-the-middle where the domain enables it)."""
-    first = getattr(domain, "first_tag_id", domain.vocab_size)
-    rate = getattr(domain, "fim_rate", 0.0) if train else 0.0
+    first = domain.first_tag_id if isinstance(domain, Tagged) else domain.vocab_size
+    rate = domain.fim_rate if train else 0.0
     fim = (domain.fim_ids, rate, domain.fim_spm_rate) if rate > 0 else None
-    flags = getattr(domain, "window_starts", None) if train else None  # validation: every token once
+    # validation: every token once
+    flags = domain.window_starts if train and isinstance(domain, WindowStarts) else None
     window_starts = [i for i, ok in enumerate(flags) if ok] if flags is not None else None
     kwargs = {
         "block_size": block_size,

@@ -83,7 +83,7 @@ class Source:
                 paths = domain.default_paths(corpus)
             except ValueError as err:
                 raise ConfigError(f"data.corpus: {err}") from None
-        self.files = find_files(paths, domain.suffixes, getattr(domain, "skip_dirs", ()))
+        self.files = find_files(paths, domain.suffixes, domain.skip_dirs)
         if not self.files:
             raise FileNotFoundError(
                 f"no {'/'.join(domain.suffixes)} files under {', '.join(map(str, paths))}"

@@ -28,6 +28,7 @@ from multiar.data.reference import (
 )
 from multiar.data.source import Source
 from multiar.data.streaming import StreamingDataModule, fit_on_first
+from multiar.domain import Augmentable
 from multiar.domains import DOMAINS, build_domain, load_domain
 from multiar.engine.model import GPT, ModelConfig
 from multiar.engine.precision import resolve_precision
@@ -99,7 +100,7 @@ def check_train_config(cfg: DictConfig) -> Path | None:
     if cfg.data.tags is not None:
         Tagged(domain, cfg.data.tags)  # the source is usable: a known kind, a readable TSV
     if cfg.data.augment:
-        if not hasattr(domain, "augment"):
+        if not isinstance(domain, Augmentable):
             raise ConfigError(f"data.augment: the {domain.name} domain has no augmentation (music only)")
         try:
             domain.check_augment(OmegaConf.to_container(cfg.data.augment))
