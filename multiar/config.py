@@ -1,4 +1,7 @@
-"""Composing multiar's Hydra configs (conf/, installed as multiar.conf) from key=value overrides."""
+"""Composing multiar's Hydra configs from key=value overrides: each command's typed schema
+(multiar/schema.py, registered with Hydra's ConfigStore as `<command>_schema`) holds every default, and
+conf/<command>.yaml (installed as multiar.conf) lists it first in its defaults, then the config groups
+(domain, model, trainer, logger) and recipes (experiment) that change it."""
 
 from __future__ import annotations
 
@@ -8,15 +11,25 @@ from importlib.resources import files
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
+from omegaconf.errors import ValidationError
 
 from multiar.errors import ConfigError
-from multiar.schema import validate
+from multiar.schema import SCHEMAS, config_error, validate
 
 
 def config_dir() -> Path:
     """Where the installed Hydra configs live (conf/ in the repo, installed as multiar.conf)."""
     return Path(str(files("multiar.conf")))
+
+
+def store_schemas() -> None:
+    """Register each command's schema with Hydra's ConfigStore as `<command>_schema`, the first entry of
+    conf/<command>.yaml's defaults list: the schema's defaults are the config's base."""
+    store = ConfigStore.instance()
+    for name, schema in SCHEMAS.items():
+        store.store(name=f"{name}_schema", node=schema)
 
 
 # keys whose values are free text (a prompt, a path): quoted for the user, so no Hydra escaping is needed
@@ -64,12 +77,15 @@ def hydra_overrides(overrides: Sequence[str]) -> list[str]:
 def compose_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:
     """conf/<name>.yaml composed with key=value overrides by Hydra, not yet checked against the schema;
     a bad override is a ConfigError of one line."""
+    store_schemas()
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
             return compose(config_name=name, overrides=hydra_overrides(overrides))
     except ConfigError:
         raise
     except Exception as err:  # Hydra's override-grammar and composition errors
+        if isinstance(err.__cause__, ValidationError):  # a value the schema's type refuses: name the key
+            raise config_error(err.__cause__) from None
         message = (str(err).strip() or type(err).__name__).splitlines()[0]
         if message.startswith("Could not override"):
             message += " No such key: `multiar <command> --help` lists the keys."

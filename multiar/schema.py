@@ -1,9 +1,11 @@
 """The typed schema of multiar's configs: wrong types, out-of-range values and unknown keys are caught
 when a config is composed, before any heavy work, as one `ConfigError` line that says what to change.
 
-Each command's YAML (conf/<name>.yaml) is merged into a dataclass schema with OmegaConf (types and
-unknown keys), then instantiated once so the dataclasses' `__post_init__` checks ranges. Every field
-carries its help text (`doc`): `multiar <command> --help` prints each key, its value and that text.
+The schema is the one source of defaults: multiar.config registers each command's dataclass with Hydra's
+ConfigStore as the base of conf/<name>.yaml, whose YAML files hold only what differs (config-group
+choices, model presets, trainer and logger groups, recipes). The composed config is typed by the schema
+(types and unknown keys), then instantiated once so the dataclasses' `__post_init__` checks ranges. Every
+field carries its help text (`doc`): `multiar <command> --help` prints each key, its value and that text.
 """
 
 from __future__ import annotations
@@ -26,9 +28,14 @@ def _check(ok: bool, key: str, message: str) -> None:
 
 
 def doc(
-    help: str, default: Any = MISSING, *, factory: Callable[[], Any] | Any = MISSING, each: str = ""
+    help: str,
+    default: Any = MISSING,
+    *,
+    factory: Callable[[], Any] | Any = MISSING,
+    each: str | dict[str, str] = "",
 ) -> Any:
-    """A dataclass field with its help text; `each` documents the entries of a free-form dict field."""
+    """A dataclass field with its help text; `each` documents the entries of a free-form dict field (one
+    text for all, or one per entry's name)."""
     return field(default=default, default_factory=factory, metadata={"help": help, "each": each})
 
 
@@ -91,23 +98,37 @@ class DataSchema:
         None,
     )
     tags: str | None = doc("control tags: header:FIELD (protein header:OX), folder, file or tsv:PATH", None)
-    tag_dropout: float = doc("share of training documents packed without their tags", 0.2)
+    tag_dropout: float = doc(
+        "share of training documents packed without their tags (so untagged sampling works too)", 0.2
+    )
     max_tags: int = doc("the most frequent training tags get a token", 256)
     augment: dict[str, Any] | None = doc(
         "music: shifted copies of each training piece, {pitch: [-2, 2], velocity: [-4], duration: [0.25]}",
         None,
         each="music augmentation offsets",
     )
-    max_documents: int | None = doc("keep the first N documents in sorted file order; null: all", None)
+    max_documents: int | None = doc(
+        "keep the first N documents (files, or FASTA records) in sorted file order; null: all", None
+    )
     val_fraction: float = doc("share of documents (by a hash of their key) held out for validation", 0.05)
     batch_size: int = doc("training windows per batch (per rank)", 16)
     num_workers: int = doc("DataLoader worker processes", 0)
-    cache_dir: str = doc("the token cache ($MULTIAR_CACHE, else ~/.cache/multiar)", "~/.cache/multiar")
+    cache_dir: str = doc(
+        "the token cache ($MULTIAR_CACHE, else ~/.cache/multiar)",
+        "${oc.env:MULTIAR_CACHE,'~/.cache/multiar'}",
+    )
     strict: bool = doc("the first unreadable file or record is an error instead of skipped", False)
-    hf_dataset: str | None = doc("an HF dataset instead of files: a save_to_disk folder or a hub name", None)
-    hf_column: str | None = doc("the HF dataset's column holding the documents", None)
+    hf_dataset: str | None = doc(
+        "an HF dataset instead of files: a save_to_disk folder, or a hub name (network)", None
+    )
+    hf_column: str | None = doc(
+        "the HF dataset's column holding the documents: text (code), sequences (protein), MIDI bytes or paths",
+        None,
+    )
     hf_split: str = doc("the HF dataset's split", "train")
-    streaming: bool = doc("tokenize and pack on the fly (no cache, no duplicate removal)", False)
+    streaming: bool = doc(
+        "tokenize and pack on the fly, for corpora larger than memory (no cache, no duplicate removal)", False
+    )
     fit_documents: int = doc("streaming: the tokenizer is fitted on the first N training documents", 10000)
     shuffle_buffer: int = doc("streaming: blocks are shuffled within a buffer of this many", 1000)
 
@@ -198,7 +219,8 @@ class EarlyStopSchema:
 @dataclass
 class SamplesSchema:
     every_n_steps: int = doc(
-        "samples under run_dir/samples/step_N/ every N steps and at the end; 0: off", 500
+        "samples under run_dir/samples/step_N/ every N steps and at the end, their metrics logged; 0: off",
+        500,
     )
     n: int = doc("samples each time", 2)
     max_new_tokens: int = doc("new tokens per sample", 64)
@@ -228,16 +250,18 @@ class TrainSchema:
         factory=dict,
         each="a Lightning Trainer argument (any one passes through)",
     )
-    run_dir: str = doc("the run folder written", "runs/run")
+    run_dir: str = doc("the run folder written", "runs/${domain.name}-${model.name}")
     seed: int = doc("random seed (weights, data order)", 1337)
-    overwrite: bool = doc("replace a finished run in run_dir", False)
+    overwrite: bool = doc("replace a finished run in run_dir (false: refuse to)", False)
     ckpt_path: str | None = doc("last: resume from run_dir/checkpoints/last.ckpt", None)
     data: DataSchema = doc("the training data", factory=DataSchema)
-    optim: OptimSchema = doc("the optimizer", factory=OptimSchema)
+    optim: OptimSchema = doc("the optimizer (AdamW)", factory=OptimSchema)
     init_from: str | None = doc("a finished run: start from its weights and tokenizer, fresh optimizer", None)
     weights: str = doc("what model.safetensors holds: best (lowest val/loss) or last", "best")
     precision: str = doc(
-        "auto: bf16-mixed where bf16 matmuls are faster here, else 32-true (trainer.precision wins)", "auto"
+        "auto: bf16-mixed where bf16 matmuls are faster here (GPU, AMX CPU), else 32-true; an explicit "
+        "trainer.precision wins",
+        "auto",
     )
     compile: bool = doc("torch.compile the model for training", False)
     early_stop: EarlyStopSchema = doc("early stopping on val/loss", factory=EarlyStopSchema)
@@ -273,19 +297,23 @@ class GenerateSchema:
     out: str | None = doc("folder for the files; null: outputs/<domain>/", None)
     n: int = doc("samples (per prompt with prompt_file)", 8)
     batch_size: int = doc("samples decoded together", 8)
-    max_new_tokens: int = doc("new tokens per sample; past block_size the window slides", 256)
-    min_new_tokens: int = doc("EOS is not sampled before this many new tokens", 1)
+    max_new_tokens: int = doc(
+        "new tokens per sample; past block_size the window slides (BOS + the latest block_size/2 tokens)", 256
+    )
+    min_new_tokens: int = doc("EOS is not sampled before this many new tokens: no empty samples", 1)
     temperature: float = doc("sampling temperature; 0 is greedy", 1.0)
     top_k: int = doc("keep the k most likely tokens; 0 is off", 0)
     top_p: float = doc("nucleus sampling: keep the most likely tokens up to this mass; 1.0 is off", 1.0)
     min_p: float = doc("keep tokens with probability >= min_p x the most likely one; 0 is off", 0.0)
-    repetition_penalty: float = doc("> 1 discourages ids seen in the last repetition_window tokens", 1.0)
+    repetition_penalty: float = doc(
+        "> 1 discourages ids seen in the last repetition_window tokens; 1 is off", 1.0
+    )
     repetition_window: int = doc("how many recent tokens repetition_penalty looks at", 64)
     stop: str | None = doc("free text: a row ends when its output reaches it (not written)", None)
     stop_ids: list[list[int]] = doc("token-id sequences that end a row, e.g. [[12,7],[3]]", factory=list)
     seed: int = doc("random seed: the same seed and settings write the same files", 1)
     prompt: str | None = doc("music: a .mid file to continue; code: text; protein: a residue prefix", None)
-    prompt_file: str | None = doc("one prompt per line (music: MIDI paths); n samples of each", None)
+    prompt_file: str | None = doc("one prompt per line (music: MIDI paths); n samples of each, batched", None)
     include_prompt: bool = doc("written files hold prompt + continuation", True)
     overwrite: bool = doc("replace existing output files", False)
     device: str = doc(DEVICE_HELP, "auto")
@@ -293,26 +321,52 @@ class GenerateSchema:
         "int8 or int4 (group-wise) weight-only; a stored model.<mode>.safetensors is reused", None
     )
     dtype: str = doc("auto (bf16 on a bf16 GPU or an AMX CPU, else fp32), fp32 or bf16", "auto")
-    compile: bool = doc("torch.compile the one-token decode step", False)
-    draft: str | None = doc("speculative decoding: a smaller run with the same tokenizer, or ngram", None)
+    compile: bool = doc(
+        "torch.compile the one-token decode step (static shapes, freezing): ~10-30 s to compile, no faster "
+        "than the packed eager path on 2 CPU cores (benchmarks/README.md)",
+        False,
+    )
+    draft: str | None = doc(
+        "speculative decoding: a smaller run with the same tokenizer, or ngram (prompt lookup)", None
+    )
     speculate_k: int = doc("draft tokens checked per target step", 4)
     ngram: int = doc("draft=ngram: match the last this-many tokens", 3)
     tags: str | None = doc(
         "control tags, comma-separated (a run trained with data.tags): tags=OX=83333", None
     )
     min_len: int | None = doc("protein: EOS is masked before this many residues (prompt included)", None)
-    max_len: int | None = doc("protein: a sample reaching this many residues is cut there", None)
-    template: str | None = doc("protein: a sequence to redesign, sampled at its length", None)
+    max_len: int | None = doc(
+        "protein: a sample reaching this many residues is cut there, marked truncated", None
+    )
+    template: str | None = doc("protein: a sequence to redesign, sampled from BOS at its length", None)
     fixed: str | None = doc("the template's 1-based positions kept: 1-20,45,60-70", None)
     rank_by: str | None = doc("ppl: score every sample with the model, rank those passing the filters", None)
     top: int | None = doc("with rank_by: the best `top` samples are also written under <out>/top/", None)
     filters: dict[str, Any] = doc(
-        "protein: which samples pass (rank_by ranks only those)", factory=dict, each="a protein sample filter"
+        "protein: which samples pass (rank_by ranks only those); reported per sample",
+        factory=dict,
+        each={
+            "min_entropy": "lowest Shannon entropy (bits) of any entropy_window residues: low complexity "
+            "below (95% of the bundled proteomes reach 1.2)",
+            "entropy_window": "the residues min_entropy looks at together",
+            "max_homopolymer": "longest run of one residue (98% of the bundled proteomes: 10 or less)",
+            "max_identity": "identity to the nearest training sequence (a near copy above)",
+            "novelty": "search the nearest training sequence (k-mer prefilter, then Bio.Align)",
+            "candidates": "training sequences aligned per sample, best by shared 4-mers",
+        },
     )
-    constrain: bool = doc("sample under the domain's grammar: music's token types, code's syntax", True)
-    resample_invalid: int = doc("code: re-draw a sample that does not parse, up to this many times", 0)
+    constrain: bool = doc(
+        "sample under the domain's grammar: music's token types, code's lexical soundness", True
+    )
+    resample_invalid: int = doc(
+        "code: re-draw a sample that does not parse, up to this many times (counted)", 0
+    )
     stop_at: str | None = doc("code: block ends a sample at the end of its top-level definition", None)
-    prompt_prefix: str | None = doc("fill in the middle: the text before the gap", None)
+    prompt_prefix: str | None = doc(
+        "fill in the middle (a run trained with domain.settings.fim_rate > 0): the text before the gap; "
+        "the written file is prefix + middle + suffix",
+        None,
+    )
     prompt_suffix: str | None = doc("fill in the middle: the text after the gap", None)
     infill: str | None = doc("fill in the middle: a file whose text <FILL> marks the gap", None)
     prompt_bars: int | None = doc("music: continue only the first bars of prompt=file.mid", None)
@@ -408,8 +462,9 @@ class QuantizeSchema:
     )
     device: str = doc(DEVICE_HELP, "auto")
     eval_batches: int | None = doc(
-        "score the first eval_batches x batch_size validation documents of reference/; null: every one, "
-        "the documents and figure `multiar eval` reports",
+        "score the first eval_batches x batch_size validation documents of reference/ (fp32 and the "
+        "quantized model side by side, in quantize.json); null: every one, the documents and figure "
+        "`multiar eval` reports",
         None,
     )
     batch_size: int = doc("documents' windows scored together", 8)
@@ -521,12 +576,15 @@ def _trainer_keys() -> set[str]:
 def _typed(schema: type, cfg: DictConfig) -> DictConfig:
     """cfg merged into the schema's structured config: types and unknown keys checked, or ConfigError."""
     try:
-        return OmegaConf.merge(OmegaConf.structured(schema), cfg)
+        # as a plain container: a config Hydra composed on the schema already carries its type, and
+        # OmegaConf would take a key added with +key=value along with it instead of rejecting it
+        return OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.to_container(cfg))
     except OmegaConfBaseException as err:
-        raise _config_error(err) from None
+        raise config_error(err) from None
 
 
-def _config_error(err: OmegaConfBaseException) -> ConfigError:
+def config_error(err: OmegaConfBaseException) -> ConfigError:
+    """OmegaConf's error as one ConfigError line that starts with the key."""
     key = getattr(err, "full_key", None)
     message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return ConfigError(f"{key}: {message}" if key and not message.startswith(str(key)) else message)
@@ -544,7 +602,7 @@ def validate(name: str, cfg: DictConfig) -> DictConfig:
     except MissingMandatoryValue as err:
         raise ConfigError(f"{getattr(err, 'full_key', '') or 'a key'}: missing mandatory value") from None
     except OmegaConfBaseException as err:
-        raise _config_error(err) from None
+        raise config_error(err) from None
     if name == "train":
         unknown = sorted(set(typed.trainer) - _trainer_keys())
         _check(not unknown, "trainer", f"unknown Lightning Trainer argument(s): {', '.join(unknown)}")
@@ -567,12 +625,18 @@ def describe(name: str, cfg: DictConfig) -> list[tuple[str, Any, str]]:
             if is_dataclass(kind) and isinstance(value, dict):
                 walk(value, kind, f"{prefix}{key}.")
             elif isinstance(value, dict) and value and meta["each"]:
-                rows.extend((f"{prefix}{key}.{k}", v, meta["each"]) for k, v in _leaves(value))
+                rows.extend((f"{prefix}{key}.{k}", v, _entry_help(meta, k)) for k, v in _leaves(value))
             else:
                 rows.append((f"{prefix}{key}", value, meta["help"]))
 
     walk(values, schema, "")
     return rows
+
+
+def _entry_help(meta: Any, key: str) -> str:
+    """The help of one entry of a free-form dict field: its own text where `each` names it."""
+    each = meta["each"]
+    return each if isinstance(each, str) else each.get(key.split(".")[0], meta["help"])
 
 
 def _leaves(node: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:

@@ -12,7 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from multiar.config import hydra_overrides
+from multiar.config import hydra_overrides, store_schemas
 from multiar.errors import ConfigError
 
 # the key that names a job's output folder, per command: set to the job's folder unless given
@@ -64,6 +64,7 @@ def multirun(config_name: str, run: Callable[[DictConfig], Any], overrides: Sequ
         results.append(result)
         return result
 
+    store_schemas()  # conf/<command>.yaml's defaults list starts with the command's schema
     saved = sys.argv
     sys.argv = argv  # hydra.main reads its arguments from sys.argv
     try:
