@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from multiar.engine.decode import as_rows, extend_row
 from multiar.engine.model import GPT
-from multiar.engine.sampling import LogitsProcessor, apply_processors, draw, probabilities
+from multiar.engine.rows import Rows, as_rows
+from multiar.engine.sampling import LogitsProcessor, draw, probabilities
 
 
 def ngram_proposal(row: list[int], k: int, n: int) -> list[int]:
@@ -61,33 +61,6 @@ class SpeculativeStats:
         }
 
 
-class _Processed:
-    """Runs processors (row by row, through generate's apply_processors) and min_new_tokens on logits
-    for given per-row contexts."""
-
-    def __init__(
-        self, processors: Sequence[LogitsProcessor], eos_id: int | None, min_new: int, prompt_lens: list[int]
-    ):
-        self.processors, self.eos_id, self.min_new, self.prompt_lens = (
-            list(processors),
-            eos_id,
-            min_new,
-            prompt_lens,
-        )
-
-    def __call__(self, rows: list[list[int]], logits: Tensor, device: torch.device) -> Tensor:
-        """rows: the ids before each logits row (B lists); logits (B, V) -> processed (B, V)."""
-        if self.processors:
-            lengths = [len(r) for r in rows]
-            seq = torch.tensor([r + [0] * (max(lengths) - len(r)) for r in rows], device=device)
-            logits = apply_processors(self.processors, seq, lengths, logits)
-        if self.eos_id is not None and self.min_new:
-            early = [len(r) - n < self.min_new for r, n in zip(rows, self.prompt_lens, strict=True)]
-            logits = logits.clone()
-            logits[torch.tensor(early, device=device), self.eos_id] = float("-inf")
-        return logits
-
-
 def accept_reject(
     p_all: Tensor, q_all: Tensor, d: Tensor, generator: torch.Generator | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -111,14 +84,88 @@ def accept_reject(
     return n_acc, draw(final, generator)
 
 
-def _distribution(
-    logits: Tensor, temperature: float, top_k: int, top_p: float, min_p: float
+def _distribution(processed: tuple[Tensor, Tensor | None], sampling: dict) -> tuple[Tensor, Tensor]:
+    """Sampling probabilities (B, V) of logits processed by `Rows.process`, all zeros for a row whose
+    processors banned every token (instead of NaN), and that row flag (B,)."""
+    logits, banned = processed
+    probs = probabilities(logits, **sampling)
+    if banned is None:
+        return probs, torch.zeros(probs.size(0), dtype=torch.bool, device=probs.device)
+    return probs.masked_fill(banned[:, None], 0.0), banned
+
+
+def _draft_proposals(
+    draft: GPT, rows: Rows, k: int, kv_len: int, sampling: dict, generator: torch.Generator | None
 ) -> tuple[Tensor, Tensor]:
-    """Sampling probabilities (B, V) of processed logits, all zeros for a row whose processors banned
-    every token (instead of NaN), and that row flag (B,)."""
-    banned = torch.isneginf(logits).all(dim=-1, keepdim=True)
-    probs = probabilities(logits.masked_fill(banned, 0.0), temperature, top_k, top_p, min_p)
-    return probs.masked_fill(banned, 0.0), banned[:, 0]
+    """The draft model's k proposals per row (B, k), written after each row's ids, and the (processed)
+    distributions they were drawn from (B, k, V)."""
+    n, at = rows.length.values, rows.length.tensor
+    if rows.length.aligned and n[0] >= 2:  # refeeding the row's last two tokens is idempotent
+        logits = draft(rows.seq[:, n[0] - 2 : n[0]], n[0] - 2, logits_at=-1)[:, -1]
+    else:
+        pos = (at - 2).clamp(min=0)[:, None] + torch.arange(2, device=at.device)  # (B, 2)
+        logits = draft(rows.seq.gather(1, pos), pos, kv_len=kv_len, logits_at=(at >= 2).long())[:, -1]
+    vocab = logits.size(-1)
+    flat = torch.full((vocab,), 1.0 / vocab, device=at.device)
+    qs, tokens = [], []
+    for j in range(k):
+        q, banned = _distribution(rows.process(logits, extra=j), sampling)
+        # a draft context with every token banned proposes from a flat q: any q keeps the rule exact,
+        # and the target (same processors) rejects what follows such a context
+        q = torch.where(banned[:, None], flat, q)
+        tok = draw(q, generator)
+        rows.seq[rows.index, at + j] = tok  # the context of the next one
+        qs.append(q)
+        tokens.append(tok)
+        if j + 1 < k:
+            pos = n[0] + j if rows.length.aligned else (at + j)[:, None]
+            logits = draft(tok[:, None], pos, kv_len=kv_len)[:, -1]
+    return torch.stack(tokens, dim=1), torch.stack(qs, dim=1)
+
+
+def _ngram_proposals(rows: Rows, k: int, ngram: int, vocab: int) -> tuple[Tensor, Tensor]:
+    """Prompt-lookup proposals per row (B, k), written after each row's ids, and their one-hot q."""
+    ids = rows.seq.tolist()
+    d = torch.tensor(
+        [ngram_proposal(r[:n], k, ngram) for r, n in zip(ids, rows.length.values, strict=True)],
+        device=rows.seq.device,
+    )
+    at = rows.length.tensor[:, None] + torch.arange(k, device=d.device)
+    rows.seq.scatter_(1, at, d)
+    return d, torch.nn.functional.one_hot(d, vocab).float()
+
+
+def _target_check(target: GPT, rows: Rows, k: int, kv_len: int, sampling: dict) -> tuple[Tensor, Tensor]:
+    """The target scores each row's last token and its k proposals in one pass: its distributions at
+    the k+1 positions (B, k+1, V), all zeros where every token is banned, and those flags (B, k+1)."""
+    n, at = rows.length.values, rows.length.tensor
+    if rows.length.aligned:
+        logits = target(rows.seq[:, n[0] - 1 : n[0] + k], n[0] - 1)  # (B, k+1, V)
+    else:
+        pos = (at - 1)[:, None] + torch.arange(k + 1, device=at.device)
+        logits = target(rows.seq.gather(1, pos), pos, kv_len=kv_len)
+    dists = [_distribution(rows.process(logits[:, j], extra=j), sampling) for j in range(k + 1)]
+    return torch.stack([p for p, _ in dists], dim=1), torch.stack([b for _, b in dists], dim=1)
+
+
+def _check_models(target: GPT, draft: GPT | str, k: int, longest: int, max_new_tokens: int) -> int:
+    """The refusals of `speculative_generate`'s arguments; the cache length the round needs."""
+    if k < 1:
+        raise ValueError(f"speculate_k must be >= 1, got {k}")
+    if not isinstance(draft, GPT) and draft != "ngram":
+        raise ValueError(f"draft must be a GPT or 'ngram', got {draft!r}")
+    if isinstance(draft, GPT) and draft.config.vocab_size != target.config.vocab_size:
+        raise ValueError(
+            f"draft vocab_size {draft.config.vocab_size} != target vocab_size {target.config.vocab_size}"
+        )
+    total = longest + max_new_tokens + k + 1
+    for model in (target, draft) if isinstance(draft, GPT) else (target,):
+        if total > model.config.block_size:
+            raise ValueError(
+                f"prompt ({longest}) + max_new_tokens ({max_new_tokens}) + speculate_k ({k}) + 1 "
+                f"= {total} exceeds block_size ({model.config.block_size})"
+            )
+    return total
 
 
 @torch.inference_mode()
@@ -143,131 +190,78 @@ def speculative_generate(
     """Continue each prompt row like `generate` (same arguments), k draft tokens checked per target step.
     Returns the new ids per row (without EOS or a matched stop) and the acceptance statistics, with
     each row's end reason as `stream` gives it."""
-    if k < 1:
-        raise ValueError(f"speculate_k must be >= 1, got {k}")
-    use_model = isinstance(draft, GPT)
-    if not use_model and draft != "ngram":
-        raise ValueError(f"draft must be a GPT or 'ngram', got {draft!r}")
-    if use_model and draft.config.vocab_size != target.config.vocab_size:
-        raise ValueError(
-            f"draft vocab_size {draft.config.vocab_size} != target vocab_size {target.config.vocab_size}"
-        )
-    rows = as_rows(prompt)
-    B, device = len(rows), target.wte.weight.device
-    prompt_lens = [len(r) for r in rows]
-    total = max(prompt_lens) + max_new_tokens + k + 1
-    for model in (target, draft) if use_model else (target,):
-        if total > model.config.block_size:
-            raise ValueError(
-                f"prompt ({max(prompt_lens)}) + max_new_tokens ({max_new_tokens}) + speculate_k ({k}) + 1 "
-                f"= {total} exceeds block_size ({model.config.block_size})"
-            )
-    stops = [list(s) for s in stop if len(s)]
-    process = _Processed(processors, eos_id, min_new_tokens, prompt_lens)
-    models = [target, draft] if use_model else [target]
+    prompts = as_rows(prompt)
+    T, B = max(map(len, prompts)), len(prompts)
+    total = _check_models(target, draft, k, T, max_new_tokens)
+    rows = Rows(
+        prompts,
+        max_new_tokens,
+        device=target.wte.weight.device,
+        width=total,
+        eos_id=eos_id,
+        stop=stop,
+        min_new_tokens=min_new_tokens,
+        processors=processors,
+    )
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    models = [target, draft] if isinstance(draft, GPT) else [target]
     training = [m.training for m in models]
-    stats = SpeculativeStats(per_row_steps=[0] * B, ends=[""] * B)
-    new: list[list[int]] = [[] for _ in range(B)]
-    done = [False] * B
-    flat = torch.full((target.config.vocab_size,), 1.0 / target.config.vocab_size, device=device)
+    stats = SpeculativeStats(per_row_steps=[0] * B)
     try:
-        for m in models:
-            m.eval()
-            m.setup_caches(max_batch_size=B, max_seq_length=total)
-            # invariant between rounds: each cache holds row b's positions [0, len_b - 1), all but the
-            # row's last token, which the next round feeds first
-            if max(prompt_lens) > 1:
-                width = max(prompt_lens) - 1
-                pre = torch.tensor([r[:-1] + [0] * (width - len(r) + 1) for r in rows], device=device)
-                m(pre, 0, logits_at=-1)
-        while not all(done):
-            lens = [len(r) for r in rows]
-            kv_len = max(lens) + k
-            # 1) the draft proposes k tokens per row, with q its (processed) distributions
-            q_list, proposals = [], [[] for _ in range(B)]
-            # rows of one length (always at batch 1) take the model's int-position path: slices, no gathers
-            aligned = min(lens) == max(lens)
-            if use_model:
-                feed = torch.tensor([r[-2:] if len(r) >= 2 else r[-1:] * 2 for r in rows], device=device)
-                if aligned and lens[0] >= 2:  # refeeding the row's last two tokens is idempotent
-                    logits = draft(feed, lens[0] - 2, logits_at=-1)[:, -1]
-                else:
-                    start = torch.tensor([max(n - 2, 0) for n in lens], device=device)
-                    pos = start[:, None] + torch.arange(2, device=device)  # (B, 2)
-                    last = torch.tensor([1 if n >= 2 else 0 for n in lens], device=device)
-                    logits = draft(feed, pos, kv_len=kv_len, logits_at=last)[:, -1]
-                for j in range(k):
-                    ctx = [r + p for r, p in zip(rows, proposals, strict=True)]
-                    q, banned = _distribution(process(ctx, logits, device), temperature, top_k, top_p, min_p)
-                    # a draft context with every token banned proposes from a flat q: any q keeps the
-                    # rule exact, and the target (same processors) rejects what follows such a context
-                    q = torch.where(banned[:, None], flat, q)
-                    tok = draw(q, generator)
-                    q_list.append(q)
-                    for b, t in enumerate(tok.tolist()):
-                        proposals[b].append(t)
-                    if j + 1 < k:
-                        if aligned:
-                            logits = draft(tok[:, None], lens[0] + j)[:, -1]
-                        else:
-                            pos = torch.tensor([n + j for n in lens], device=device)[:, None]
-                            logits = draft(tok[:, None], pos, kv_len=kv_len)[:, -1]
-                q_all = torch.stack(q_list, dim=1)  # (B, k, V)
+        _prefill(models, rows, T, total)
+        while not rows.done:
+            kv_len = max(rows.length.values) + k
+            if isinstance(draft, GPT):
+                d, q_all = _draft_proposals(draft, rows, k, kv_len, sampling, generator)
             else:
-                proposals = [ngram_proposal(r, k, ngram) for r in rows]
-                q_all = torch.nn.functional.one_hot(
-                    torch.tensor(proposals, device=device), target.config.vocab_size
-                ).float()
-            d = torch.tensor(proposals, device=device)  # (B, k)
-            # 2) the target scores the row's last token and the k proposals in one pass
-            feed = torch.cat([torch.tensor([[r[-1]] for r in rows], device=device), d], dim=1)  # (B, k+1)
-            if aligned:
-                logits = target(feed, lens[0] - 1)  # (B, k+1, V)
-            else:
-                pos = torch.tensor([n - 1 for n in lens], device=device)[:, None] + torch.arange(
-                    k + 1, device=device
-                )
-                logits = target(feed, pos, kv_len=kv_len)
-            dists = [
-                _distribution(
-                    process([r + p[:j] for r, p in zip(rows, proposals, strict=True)], logits[:, j], device),
-                    temperature,
-                    top_k,
-                    top_p,
-                    min_p,
-                )
-                for j in range(k + 1)
-            ]
-            p_all = torch.stack([p for p, _ in dists], dim=1)  # (B, k+1, V); all-banned positions are zeros
-            dead = torch.stack([banned for _, banned in dists], dim=1)  # (B, k+1)
-            # 3) accept d_j with probability min(1, p/q); the first rejection draws from (p - q)+
+                d, q_all = _ngram_proposals(rows, k, ngram, target.config.vocab_size)
+            p_all, dead = _target_check(target, rows, k, kv_len, sampling)
             n_acc, extra = accept_reject(p_all, q_all, d, generator)
             # the token after the accepted ones comes from a position whose every token is banned: drawn
             # from nothing, it is dropped and the row ends there
-            no_token = dead.gather(1, n_acc[:, None])[:, 0]
+            barren = dead.gather(1, n_acc[:, None])
+            rows.seq[rows.index, rows.length.tensor + n_acc] = extra
             stats.target_steps += 1
-            # 4) append per row, stopping at EOS, a stop sequence, the token budget or no valid token
-            for b, (n, x, barren) in enumerate(torch.stack([n_acc, extra, no_token.long()], dim=1).tolist()):
-                if done[b]:
-                    continue
-                stats.proposed += k
-                stats.accepted += n
-                stats.per_row_steps[b] += 1
-                for t in proposals[b][:n] + ([] if barren else [x]):
-                    rows[b].append(t)
-                    stats.emitted += t != eos_id
-                    if extend_row(new[b], t, eos_id, stops):
-                        stats.ends[b] = "eos" if t == eos_id else "stop"
-                    elif len(new[b]) >= max_new_tokens:
-                        stats.ends[b] = "length"
-                    else:
-                        continue
-                    done[b] = True
-                    break
-                if barren and not done[b]:
-                    stats.ends[b], done[b] = "no_valid_token", True
+            _accept(rows, torch.cat([d, n_acc[:, None], extra[:, None], barren.long()], dim=1), stats)
     finally:
         for m, was in zip(models, training, strict=True):
             m.clear_caches()
             m.train(was)
-    return new, stats
+    stats.ends = [str(e) for e in rows.ends]
+    return rows.new, stats
+
+
+def _prefill(models: list[GPT], rows: Rows, longest: int, total: int) -> None:
+    """Set up each model's cache for the batch and fill it with the prompts: between rounds each cache
+    holds row b's positions [0, length_b - 1), all but the row's last token, which a round feeds first."""
+    for m in models:
+        m.eval()
+        m.setup_caches(max_batch_size=len(rows.ends), max_seq_length=total)
+        if longest > 1:
+            m(rows.seq[:, : longest - 1], 0, logits_at=-1)
+
+
+def _accept(rows: Rows, outcome: Tensor, stats: SpeculativeStats) -> None:
+    """Each running row takes its accepted proposals and the token after them (outcome (B, k+3): the
+    proposals, how many were accepted, that token, whether it was barren), stopping where the row ends
+    (EOS, a stop, the token budget, no valid token); the counts go to stats."""
+    taken = []
+    for b, (*proposals, n, x, barren) in enumerate(outcome.tolist()):
+        if rows.ends[b] is not None:
+            taken.append(0)
+            continue
+        stats.proposed += len(proposals)
+        stats.accepted += n
+        stats.per_row_steps[b] += 1
+        tokens = proposals[:n] + ([] if barren else [x])
+        why = None
+        for i, t in enumerate(tokens):
+            stats.emitted += t != rows.eos_id
+            why = rows.push(b, t)
+            if why is not None:
+                tokens = tokens[: i + 1]
+                break
+        taken.append(len(tokens))
+        if why is not None or barren:
+            rows.end(b, why or "no_valid_token")
+    rows.length.add(taken)

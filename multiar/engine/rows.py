@@ -1,0 +1,216 @@
+"""The per-row side of decoding, in one place for plain sampling (`decode.stream`) and speculative decoding:
+each row's ids (on the device), id and cache counts, logits processors and min_new_tokens applied per
+row, stop sequences with the tokens held back for them, should_stop rules, end reasons and the sliding
+window's tails. A decode loop owns the model calls; `Rows` owns what happens to each row. Knows no domain.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from multiar.engine.sampling import LogitsProcessor, apply_processors
+
+
+class Token(NamedTuple):
+    """One streamed event: row `row` produced `token`; token None means the row has finished, and
+    `end` says why: "eos", "stop" (a stop sequence), "length" (max_new_tokens) or "no_valid_token"
+    (the logits processors banned every token)."""
+
+    row: int
+    token: int | None
+    end: str | None = None
+
+
+def as_rows(prompt: Tensor | Sequence[Sequence[int]]) -> list[list[int]]:
+    """Prompts as lists of ids: a (B, T) tensor or a list of (possibly different-length) id lists."""
+    rows = prompt.tolist() if isinstance(prompt, Tensor) else [list(map(int, r)) for r in prompt]
+    if not rows or any(len(r) == 0 for r in rows):
+        raise ValueError("the prompt is empty: each row needs at least a BOS token")
+    return rows
+
+
+def extend_row(row: list[int], token: int, eos_id: int | None, stops: Sequence[list[int]]) -> bool:
+    """Append token to a row's new ids unless it is EOS, and drop a stop sequence the row now ends with;
+    returns whether the row has ended (EOS or a stop)."""
+    if eos_id is not None and token == eos_id:
+        return True
+    row.append(token)
+    for s in stops:
+        if row[-len(s) :] == s:
+            del row[-len(s) :]
+            return True
+    return False
+
+
+def window_tail(ids: list[int], keep: int, window_starts: Sequence[bool] | None = None) -> list[int]:
+    """The last `keep` ids as a training window past a document's first begins: no BOS or tags put
+    back; with window_starts (per id), from the first id a window may start at, when one is there."""
+    tail = ids[-keep:]
+    if window_starts is not None:
+        first = next((j for j, i in enumerate(tail) if 0 <= i < len(window_starts) and window_starts[i]), 0)
+        tail = tail[first:]
+    return tail
+
+
+class Counts:
+    """A count per row (ids so far, filled cache slots): read on the host as `values`, on the device as
+    `tensor`. A step that moves every row by one amount updates the device copy there, with no
+    transfer; other changes (a slide, rows accepting different numbers of tokens) copy it over."""
+
+    def __init__(self, values: Sequence[int], device: torch.device):
+        self.device = device
+        self.set(values)
+
+    def set(self, values: Sequence[int]) -> None:
+        """Every row's count anew."""
+        self.values = list(values)
+        self.tensor = torch.tensor(self.values, device=self.device)
+
+    def add(self, step: int | Sequence[int]) -> None:
+        """Move every row by step (one int), or each row by its own amount."""
+        if isinstance(step, int):
+            self.values = [v + step for v in self.values]
+            self.tensor = self.tensor + step
+        else:
+            self.set([v + s for v, s in zip(self.values, step, strict=True)])
+
+    @property
+    def aligned(self) -> bool:
+        """Whether every row has the same count (the model's int-position path: slices, no gathers)."""
+        return min(self.values) == max(self.values)
+
+
+class Rows:
+    """A batch of rows being continued: ids (B, width) on the device, `length` ids per row, `cache`
+    slots filled per row, and on the host each row's new ids (`new`, without EOS or a matched stop)
+    and why it ended (`ends`, None while it runs). Processors and min_new_tokens apply per row; `push`
+    ends a row on EOS, a stop sequence, should_stop or max_new_tokens; `events` streams a row's
+    tokens, holding back as many as the longest stop sequence minus one. Rows are indexed 0..B-1
+    throughout, so a slot engine can end (`end`) or refill one row while the others run."""
+
+    def __init__(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        *,
+        device: torch.device,
+        width: int,
+        eos_id: int | None = None,
+        stop: Sequence[Sequence[int]] = (),
+        min_new_tokens: int = 0,
+        processors: Sequence[LogitsProcessor] = (),
+        should_stop: Callable[[int, list[int]], bool] | None = None,
+    ):
+        self.max_new_tokens, self.eos_id, self.min_new_tokens = max_new_tokens, eos_id, min_new_tokens
+        self.processors, self.should_stop = list(processors), should_stop
+        self.stops = [list(s) for s in stop if len(s)]
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.prompt_lens = [len(p) for p in prompts]
+        self.seq = torch.zeros(len(prompts), width, dtype=torch.long, device=device)  # row b at [0, length_b)
+        for b, p in enumerate(prompts):
+            self.seq[b, : len(p)] = torch.tensor(p)
+        self.length = Counts(self.prompt_lens, device)
+        self.cache = Counts(self.prompt_lens, device)
+        self.finished_t = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+        self.index = torch.arange(len(prompts), device=device)  # to write each row at its own position
+        self.new: list[list[int]] = [[] for _ in prompts]
+        self.ends: list[str | None] = [None] * len(prompts)
+        self.sent = [0] * len(prompts)  # new ids of each row already streamed
+
+    @property
+    def done(self) -> bool:
+        """Whether every row has ended."""
+        return all(e is not None for e in self.ends)
+
+    def last_index(self, counts: Counts) -> Tensor | None:
+        """Each row's last filled index (B,) for a ragged prefill; None when the rows are aligned."""
+        return None if counts.aligned else counts.tensor - 1
+
+    def process(self, logits: Tensor, extra: int = 0) -> tuple[Tensor, Tensor | None]:
+        """Run the processors and min_new_tokens on logits (B, V) for the next id after each row's ids
+        and `extra` more already written after them (a speculative draft's); the processed logits, with
+        a row whose every token is banned made flat (its probabilities would be NaN), and those rows
+        (B,) flags, or None when nothing can ban (no processors, min_new_tokens met)."""
+        lengths = [n + extra for n in self.length.values]
+        if self.processors:
+            if self.length.aligned:
+                logits = apply_processors(self.processors, self.seq[:, : lengths[0]], None, logits)
+            else:
+                logits = apply_processors(self.processors, self.seq, lengths, logits)
+        early = [n - p < self.min_new_tokens for n, p in zip(lengths, self.prompt_lens, strict=True)]
+        early_any = self.eos_id is not None and any(early)
+        if early_any:
+            if all(early):
+                logits[:, self.eos_id] = float("-inf")
+            else:
+                logits = logits.clone()
+                logits[torch.tensor(early, device=logits.device), self.eos_id] = float("-inf")
+        if not (self.processors or early_any):
+            return logits, None
+        banned = torch.isneginf(logits).all(dim=-1, keepdim=True)
+        return logits.masked_fill(banned, 0.0), banned[:, 0]
+
+    def push(self, b: int, token: int) -> str | None:
+        """Add a produced token to row b; the reason it ends there, or None."""
+        row = self.new[b]
+        if extend_row(row, token, self.eos_id, self.stops):
+            return "eos" if token == self.eos_id else "stop"
+        if self.should_stop is not None and self.should_stop(b, row):
+            return "stop"
+        return "length" if len(row) >= self.max_new_tokens else None
+
+    def end(self, b: int, why: str) -> list[Token]:
+        """End row b for reason why: its held-back tokens and its end event."""
+        self.ends[b] = why
+        self.finished_t[b] = True
+        events = [Token(b, t) for t in self.new[b][self.sent[b] :]]
+        self.sent[b] = len(self.new[b])
+        return [*events, Token(b, None, why)]
+
+    def released(self, b: int) -> list[Token]:
+        """Row b's tokens that can no longer start a stop sequence, not yet streamed."""
+        upto = len(self.new[b]) - self.hold
+        events = [Token(b, t) for t in self.new[b][self.sent[b] : upto]]
+        self.sent[b] = max(self.sent[b], upto)
+        return events
+
+    def append(self, token: Tensor, dead: Tensor | None) -> tuple[Tensor, list[Token]]:
+        """One token per row (B,) written after each row's ids (an ended row's becomes EOS); dead (B,)
+        ends a row with no valid token. The tokens as written and the events; one host sync."""
+        if self.eos_id is not None:
+            token = token.masked_fill(self.finished_t, self.eos_id)  # ended rows only repeat EOS
+        if self.length.aligned:
+            self.seq[:, self.length.values[0]] = token
+        else:
+            self.seq[self.index, self.length.tensor] = token
+        self.length.add(1)
+        # the row flags come to the host with the tokens: one sync per step
+        if dead is None:
+            tokens, dead_rows = token.tolist(), [False] * len(self.ends)
+        else:
+            tokens, dead_rows = torch.stack([token, dead.long()]).tolist()
+        events: list[Token] = []
+        for b, t in enumerate(tokens):
+            if self.ends[b] is not None:
+                continue
+            why = "no_valid_token" if dead_rows[b] else self.push(b, t)
+            events += self.released(b) if why is None else self.end(b, why)
+        return token, events
+
+    def tails(self, keep: int, window_starts: Sequence[bool] | None = None) -> tuple[Tensor, Tensor | None]:
+        """Slide the window: each row's last `keep` ids, cut as training windows are
+        (multiar.data.packing.pack), become its cache; the padded ids (B, width) to prefill and each
+        row's last index (None when aligned)."""
+        ids = self.seq[:, : max(self.length.values)].tolist()
+        ctxs = [
+            window_tail(r[max(n - keep, 0) : n], keep, window_starts)
+            for r, n in zip(ids, self.length.values, strict=True)
+        ]
+        self.cache.set([len(c) for c in ctxs])
+        width = max(self.cache.values)
+        padded = torch.tensor([c + [0] * (width - len(c)) for c in ctxs], device=self.seq.device)
+        return padded, self.last_index(self.cache)
