@@ -369,6 +369,11 @@ class GenerateSchema:
     )
     prompt_suffix: str | None = doc("fill in the middle: the text after the gap", None)
     infill: str | None = doc("fill in the middle: a file whose text <FILL> marks the gap", None)
+    options: dict[str, Any] = doc(
+        "the domain's own generate options, +options.NAME=VALUE (its generate_options say which)",
+        factory=dict,
+        each="a generate option of the run's domain (checked by the domain before sampling)",
+    )
     prompt_bars: int | None = doc("music: continue only the first bars of prompt=file.mid", None)
     render: str | None = doc("music: wav also writes sample_NNN.wav (fluidsynth and a GM SoundFont)", None)
     soundfont: str | None = doc("render=wav: the .sf2; null: /usr/share/sounds/sf2/FluidR3_GM.sf2", None)

@@ -17,7 +17,8 @@ from multiar.config import config_dir, load_config
 from multiar.domains import build_domain
 from multiar.files import find_files
 cfg = load_config("train", ["domain=music", "model=small", "trainer=ddp"])
-out = {"conf": str(config_dir()), "model": cfg.model.name}
+out = {"conf": str(config_dir()), "model": cfg.model.name, "lr": cfg.optim.lr}
+out["generate"] = load_config("generate", ["run=x"]).n  # the schema's default, from the ConfigStore
 for name in ("music", "protein"):
     d = build_domain(name)
     out[name] = [str(f) for f in find_files(d.default_paths(), d.suffixes)]
@@ -55,6 +56,7 @@ def test_wheel_installs_configs_and_bundled_data(tmp_path):
     assert probe.returncode == 0, probe.stderr[-2000:]
     found = json.loads(probe.stdout.strip().splitlines()[-1])
     assert found["conf"].startswith(str(site)) and found["model"] == "small"
+    assert found["lr"] == 1e-3 and found["generate"] == 8  # the preset's lr, the schema's default
     assert len(found["music"]) == 349 and all(p.startswith(str(site)) for p in found["music"])
     assert found["protein"][0].startswith(str(site)) and found["protein"][0].endswith(".fasta.gz")
 
