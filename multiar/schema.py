@@ -269,7 +269,14 @@ class TrainSchema:
     logger: dict[str, Any] = doc(
         "where metrics go besides metrics.csv (logger=csv|tensorboard|wandb|mlflow)",
         factory=lambda: {"name": "csv"},
-        each="a setting of the logger",
+        each={
+            "name": "csv (metrics.csv only), tensorboard, wandb or mlflow (logger=NAME picks conf/logger/NAME.yaml)",
+            "project": "wandb: the project",
+            "offline": "wandb: true writes files under run_dir/wandb/ (`wandb sync` uploads them later); "
+            "false logs live (needs a login and network)",
+            "experiment_name": "mlflow: the experiment",
+            "tracking_uri": "mlflow: where runs are tracked; null: a local store in run_dir/mlruns",
+        },
     )
 
     def __post_init__(self) -> None:

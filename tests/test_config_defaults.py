@@ -130,3 +130,16 @@ def test_a_domains_generate_option_passes_the_schema_to_the_domain():
     assert domain_options(cfg, build_domain("music")) == {"prompt_bars": 2}
     with pytest.raises(ValueError, match="options.prompt_bars: the code domain has no such generate option"):
         domain_options(cfg, build_domain("code"))
+
+
+def test_free_form_entries_have_their_own_help():
+    from multiar.schema import describe
+
+    def helps(name: str, overrides: list[str]) -> dict[str, str]:
+        return {key: text for key, _, text in describe(name, compose_config(name, overrides))}
+
+    assert "wandb sync" in helps("train", ["logger=wandb"])["logger.offline"]
+    assert "run_dir/mlruns" in helps("train", ["logger=mlflow"])["logger.tracking_uri"]
+    generate = helps("generate", ["run=x"])
+    assert "Shannon entropy" in generate["filters.min_entropy"]
+    assert "4-mers" in generate["filters.candidates"]
