@@ -103,3 +103,14 @@ def test_files_a_grid_and_the_classifier_s_figures(digits, tmp_path):
     assert 0.5 <= figures["image/label_as_asked"] <= 1.0
     copies = domain.metrics([records[0]])  # a training image itself: a copy (distance: 8-bit storage)
     assert copies["image/nearest_distance_mean"] < 0.002 and copies["image/copy_share"] == 1
+
+
+def test_a_prompt_image_keeps_its_first_rows(digits, tmp_path):
+    domain, records = digits
+    PILImage.fromarray((records[3].pixels[..., 0] * 255).astype(np.uint8)).save(tmp_path / "seven.png")
+    whole = domain.prompt_ids(str(tmp_path / "seven.png"))
+    top = domain.prompt_ids(str(tmp_path / "seven.png"), prompt_rows=4)  # the top half: 2 patch rows
+    assert whole[0] == top[0] == domain.bos_id and len(whole) == 17 and top == whole[:9]
+    assert domain.prompt_ids(str(tmp_path / "seven.png"), prompt_rows=3) == top  # whole patch rows
+    with pytest.raises(ValueError, match="prompt_rows=8"):
+        domain.prompt_ids(str(tmp_path / "seven.png"), prompt_rows=8)

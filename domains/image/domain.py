@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from multiar.domain import DomainBase, GenerateOption
 from multiar.domains.image import analysis
 from multiar.engine.sampling import LogitsProcessor
 from multiar.files import safe_child, write_new_file, write_new_text
@@ -36,10 +37,16 @@ class Image:
     label: str | None = None
 
 
-class ImageDomain:
+class ImageDomain(DomainBase):
     name = "image"
     suffixes = (".png", ".jpg", ".jpeg", ".csv.gz")
     unit = "pixel"
+    tokenizer_files = ("codebook.safetensors",)  # the codebook decides the ids
+    generate_options = {
+        "prompt_rows": GenerateOption(
+            int, None, "keep only the prompt image's first N pixel rows (whole patch rows) and complete it"
+        )
+    }
 
     def __init__(self, size: int = 8, patch: int = 2, codebook_size: int = 128, mode: str = "L") -> None:
         if mode not in ("L", "RGB"):
@@ -145,15 +152,20 @@ class ImageDomain:
         codes = analysis.nearest(analysis.patches(record.pixels, self.patch), self._codes())
         return [len(SPECIALS) + int(c) for c in codes]
 
-    def prompt_ids(self, prompt: str | None) -> list[int]:
-        """BOS, then the codes of an image file's patches: its first rows (any whole number of patch rows
-        of it) are continued."""
+    def prompt_ids(self, prompt: str | None, prompt_rows: int | None = None) -> list[int]:
+        """BOS, then the codes of an image file's patches in raster order; prompt_rows: only those of its
+        first rows (rounded up to whole patch rows), so the model completes the rest."""
         if not prompt:
             return [self.bos_id]
         path = Path(prompt).expanduser()
         if not path.is_file():
             raise ValueError(f"{path}: no such image file")
-        return [self.bos_id, *self.encode(next(self.read(path)))]
+        codes = self.encode(next(self.read(path)))
+        if prompt_rows is not None:
+            if not 1 <= prompt_rows < self.size:
+                raise ValueError(f"prompt_rows={prompt_rows}: must be in 1..{self.size - 1}")
+            codes = codes[: -(-prompt_rows // self.patch) * (self.size // self.patch)]
+        return [self.bos_id, *codes]
 
     def decode(self, ids: list[int]) -> tuple[Image, int]:
         codes = self._codes()
@@ -267,20 +279,24 @@ class ImageDomain:
         write_new_text(
             directory / "image.json", json.dumps({**settings, "labels": self.labels}, indent=1), True
         )
-        tensors = {"codebook": torch.as_tensor(self._codes()).contiguous()}
+        codebook = {"codebook": torch.as_tensor(self._codes()).contiguous()}
+        write_new_file(directory / "codebook.safetensors", lambda tmp: save_file(codebook, str(tmp)), True)
+        tensors = {}  # what the metrics need: the training images, the classifier
         if self.training is not None:
             tensors["training"] = torch.as_tensor((self.training * 255).round().astype(np.uint8))
         if self.classifier is not None:
             tensors |= {f"classifier.{k}": v.contiguous() for k, v in self.classifier.state_dict().items()}
-        write_new_file(directory / "image.safetensors", lambda tmp: save_file(tensors, str(tmp)), True)
+        if tensors:
+            write_new_file(directory / "image.safetensors", lambda tmp: save_file(tensors, str(tmp)), True)
 
     @classmethod
     def load(cls, directory: Path) -> ImageDomain:
         state = json.loads((Path(directory) / "image.json").read_text())
         labels = state.pop("labels", [])
         domain = cls(**state)
-        tensors = load_file(str(Path(directory) / "image.safetensors"))
-        domain.codebook = tensors["codebook"].numpy()
+        domain.codebook = load_file(str(Path(directory) / "codebook.safetensors"))["codebook"].numpy()
+        extra = Path(directory) / "image.safetensors"
+        tensors = load_file(str(extra)) if extra.exists() else {}
         if "training" in tensors:
             domain.training = tensors["training"].numpy().astype(np.float32) / 255
         weights = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("classifier.")}
