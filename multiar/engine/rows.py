@@ -141,18 +141,28 @@ class Rows:
                 logits = apply_processors(self.processors, self.seq[:, : lengths[0]], None, logits)
             else:
                 logits = apply_processors(self.processors, self.seq, lengths, logits)
-        early = [n - p < self.min_new_tokens for n, p in zip(lengths, self.prompt_lens, strict=True)]
-        early_any = self.eos_id is not None and any(early)
-        if early_any:
-            if all(early):
-                logits[:, self.eos_id] = float("-inf")
-            else:
-                logits = logits.clone()
-                logits[torch.tensor(early, device=logits.device), self.eos_id] = float("-inf")
-        if not (self.processors or early_any):
+        early = (
+            self.eos_id is not None
+            and self.min_new_tokens > 0
+            and min(lengths) < max(self.prompt_lens) + self.min_new_tokens
+        )
+        if early:
+            logits, early = self.ban_early_eos(logits, lengths)
+        if not (self.processors or early):
             return logits, None
         banned = torch.isneginf(logits).all(dim=-1, keepdim=True)
         return logits.masked_fill(banned, 0.0), banned[:, 0]
+
+    def ban_early_eos(self, logits: Tensor, lengths: list[int]) -> tuple[Tensor, bool]:
+        """logits with EOS banned for the rows under min_new_tokens new ids, given each row's ids
+        count; whether any was."""
+        early = [n - p < self.min_new_tokens for n, p in zip(lengths, self.prompt_lens, strict=True)]
+        if all(early):
+            logits[:, self.eos_id] = float("-inf")
+        elif any(early):
+            logits = logits.clone()
+            logits[torch.tensor(early, device=logits.device), self.eos_id] = float("-inf")
+        return logits, any(early)
 
     def push(self, b: int, token: int) -> str | None:
         """Add a produced token to row b; the reason it ends there, or None."""
@@ -198,7 +208,10 @@ class Rows:
             if self.ends[b] is not None:
                 continue
             why = "no_valid_token" if dead_rows[b] else self.push(b, t)
-            events += self.released(b) if why is None else self.end(b, why)
+            if why is not None:
+                events += self.end(b, why)
+            elif len(self.new[b]) - self.sent[b] > self.hold:
+                events += self.released(b)
         return token, events
 
     def tails(self, keep: int, window_starts: Sequence[bool] | None = None) -> tuple[Tensor, Tensor | None]:
