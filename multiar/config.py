@@ -70,8 +70,16 @@ def _quote_free_text(overrides: Sequence[str]) -> list[str]:
 
 def hydra_overrides(overrides: Sequence[str]) -> list[str]:
     """key=value overrides as Hydra's grammar takes them: `experiment=NAME` as `+experiment=NAME` (the
-    recipes are no default of the train config, so Hydra itself takes only the + form), free text quoted."""
-    return _quote_free_text(["+" + o if o.startswith("experiment=") else o for o in overrides])
+    recipes are no default of the train config, so Hydra itself takes only the + form), a domain's
+    generate option `options.NAME=V` as `++options.NAME=V` (the schema leaves options empty: the
+    domain declares them), free text quoted."""
+    return _quote_free_text([_plus(o) for o in overrides])
+
+
+def _plus(override: str) -> str:
+    if override.startswith("experiment="):
+        return "+" + override
+    return "++" + override if override.startswith("options.") else override
 
 
 def compose_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:

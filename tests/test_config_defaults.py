@@ -126,8 +126,9 @@ def test_a_domains_generate_option_passes_the_schema_to_the_domain():
     from multiar.commands.generate import domain_options
     from multiar.domains import build_domain
 
-    cfg = load_config("generate", ["run=x", "+options.prompt_bars=2"])  # the schema leaves options free
+    cfg = load_config("generate", ["run=x", "options.prompt_bars=2"])  # the schema leaves options free
     assert domain_options(cfg, build_domain("music")) == {"prompt_bars": 2}
+    assert load_config("generate", ["run=x", "+options.prompt_bars=2"]).options == {"prompt_bars": 2}
     with pytest.raises(ValueError, match="options.prompt_bars: the code domain has no such generate option"):
         domain_options(cfg, build_domain("code"))
 
