@@ -68,18 +68,27 @@ def _quote_free_text(overrides: Sequence[str]) -> list[str]:
     return out
 
 
+# free-form mappings of the schema: their entries are checked by what reads them (a domain's options
+# and settings, its filters and augmentation, Lightning's Trainer and loggers), so a new entry needs no +
+FREE_FORM = ("options", "filters", "data.augment", "domain.settings", "trainer", "logger")
+
+
 def hydra_overrides(overrides: Sequence[str]) -> list[str]:
     """key=value overrides as Hydra's grammar takes them: `experiment=NAME` as `+experiment=NAME` (the
-    recipes are no default of the train config, so Hydra itself takes only the + form), a domain's
-    generate option `options.NAME=V` as `++options.NAME=V` (the schema leaves options empty: the
-    domain declares them), free text quoted."""
+    recipes are no default of the train config, so Hydra itself takes only the + form), an entry of a
+    free-form mapping (`options.prompt_bars=2`, `data.augment={pitch: [-2, 2]}`,
+    `trainer.accumulate_grad_batches=2`) as `++` (set or add), free text quoted."""
     return _quote_free_text([_plus(o) for o in overrides])
 
 
 def _plus(override: str) -> str:
-    if override.startswith("experiment="):
+    key = override.partition("=")[0]
+    if key == "experiment":
         return "+" + override
-    return "++" + override if override.startswith("options.") else override
+    value_field = key in ("options", "filters", "data.augment")  # `trainer=ddp` picks a group: left as is
+    if value_field or key.startswith(tuple(f + "." for f in FREE_FORM)):
+        return "++" + override
+    return override
 
 
 def compose_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:

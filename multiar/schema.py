@@ -103,8 +103,9 @@ class DataSchema:
     )
     max_tags: int = doc("the most frequent training tags get a token", 256)
     augment: dict[str, Any] | None = doc(
-        "music: shifted copies of each training piece, {pitch: [-2, 2], velocity: [-4], duration: [0.25]}",
-        None,
+        "music: shifted copies of each training piece, {pitch: [-2, 2], velocity: [-4], duration: [0.25]}; "
+        "empty: none",
+        factory=dict,  # not None: OmegaConf cannot merge a {...} override into a None-valued typed dict
         each="music augmentation offsets",
     )
     max_documents: int | None = doc(

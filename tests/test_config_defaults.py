@@ -144,3 +144,18 @@ def test_free_form_entries_have_their_own_help():
     generate = helps("generate", ["run=x"])
     assert "Shannon entropy" in generate["filters.min_entropy"]
     assert "4-mers" in generate["filters.candidates"]
+
+
+def test_entries_of_free_form_mappings_need_no_plus():
+    from multiar.config import load_config
+
+    cfg = load_config(
+        "train",
+        ["domain=music", "data.augment={pitch: [-2, 3]}", "trainer.accumulate_grad_batches=2", "trainer=ddp"],
+    )
+    assert cfg.data.augment == {"pitch": [-2, 3]} and cfg.trainer.accumulate_grad_batches == 2
+    assert cfg.trainer.strategy == "ddp"  # a group choice stays a group choice
+    assert (
+        load_config("train", []).data.augment == {}
+        and load_config("train", ["data.augment=null"]).data.augment is None
+    )
