@@ -7,11 +7,17 @@ from typing import Any
 
 from multiar.domain import Domain
 from multiar.domains.code.domain import CodeDomain
+from multiar.domains.image.domain import ImageDomain
 from multiar.domains.music.domain import MusicDomain
 from multiar.domains.protein.domain import ProteinDomain
 from multiar.tags import Tagged
 
-DOMAINS: dict[str, type] = {"music": MusicDomain, "code": CodeDomain, "protein": ProteinDomain}
+DOMAINS: dict[str, type] = {
+    "music": MusicDomain,
+    "code": CodeDomain,
+    "protein": ProteinDomain,
+    "image": ImageDomain,
+}
 
 
 def _domain_class(name: str) -> type:

@@ -54,6 +54,8 @@ def test_round_trip_on_bundled_files(domain_name):
             assert decoded == str(record.seq).upper().rstrip("*")
         elif domain_name == "code":
             assert decoded == record
+        elif domain_name == "image":  # patches to their nearest codes: close, not equal
+            assert ((decoded.pixels - record.pixels) ** 2).mean() ** 0.5 < 0.15
         else:  # music: the same notes as miditok's own preprocessing of the file keeps
             assert quarter_notes(decoded) == quarter_notes(domain.tokenizer.preprocess_score(record))
 
@@ -96,6 +98,13 @@ def test_written_files_load_back(domain_name, tmp_path):
                 sum(m.type == "note_on" and m.velocity > 0 for t in midi.tracks for m in t)
                 == original.note_num()
             )
+    elif domain_name == "image":
+        from PIL import Image as PILImage
+
+        for path, original in zip(paths, artifacts, strict=True):
+            back = PILImage.open(path)
+            assert abs(back.getpixel((3, 4)) / 255 - float(original.pixels[4, 3, 0])) <= 1 / 255
+            assert '"seed": 1' in back.text["multiar"]
     else:  # the code, after one comment line with the provenance
         texts = [p.read_text() for p in paths]
         assert [t.split("\n", 1)[1] for t in texts] == artifacts
@@ -119,11 +128,15 @@ def test_metrics_are_prefixed_with_the_domain_name(domain_name):
 
 
 def write_corrupt(domain_name: str, folder: Path) -> Path:
-    bad = folder / {"music": "broken.mid", "code": "broken.py", "protein": "broken.fasta"}[domain_name]
+    names = {"music": "broken.mid", "code": "broken.py", "protein": "broken.fasta", "image": "broken.png"}
+    bad = folder / names[domain_name]
     bad.write_bytes(
-        {"music": b"MThd\x00\x00garbage", "code": b"x = '\xff\xfe'\n", "protein": b"not a fasta file\n"}[
-            domain_name
-        ]
+        {
+            "music": b"MThd\x00\x00garbage",
+            "code": b"x = '\xff\xfe'\n",
+            "protein": b"not a fasta file\n",
+            "image": b"\x89PNG\r\n\x1a\nnot really",
+        }[domain_name]
     )
     return bad
 

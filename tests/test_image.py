@@ -48,7 +48,7 @@ def test_decode_repairs_a_short_or_long_code_sequence(digits):
     ids = domain.encode(records[0])
     assert domain.decode(ids)[1] == 0
     image, repaired = domain.decode(ids[:10] + [domain.eos_id])
-    assert image.pixels.shape == (8, 8, 1) and repaired == 1 + 6
+    assert image.pixels.shape == (8, 8, 1) and repaired == 1  # EOS dropped; 6 missing patches left blank
     assert domain.decode(ids + ids[:3])[1] == 3
 
 
@@ -114,3 +114,36 @@ def test_a_prompt_image_keeps_its_first_rows(digits, tmp_path):
     assert domain.prompt_ids(str(tmp_path / "seven.png"), prompt_rows=3) == top  # whole patch rows
     with pytest.raises(ValueError, match="prompt_rows=8"):
         domain.prompt_ids(str(tmp_path / "seven.png"), prompt_rows=8)
+
+
+def test_a_tagged_digit_model_trains_generates_with_its_options_and_evaluates(tmp_path):
+    from conftest import TINY
+
+    from multiar.commands.evaluate import eval_run
+    from multiar.commands.generate import sample_to_files
+    from multiar.config import load_config
+    from multiar.training.run import train
+
+    run = tmp_path / "run"
+    overrides = [*TINY, "domain=image", "data.tags=header:label", "data.max_documents=300"]
+    overrides += [f"run_dir={run}", "trainer.max_steps=4", "trainer.val_check_interval=4"]
+    train(load_config("train", overrides))
+    report = sample_to_files(
+        load_config(
+            "generate", [f"run={run}", "n=4", "max_new_tokens=17", "tags=label=7", f"out={tmp_path / 'a'}"]
+        )
+    )
+    assert report["metrics"]["image/eos_rate"] == 1 and report["metrics"]["image/new_tokens_mean"] == 16
+    assert "image/label_as_asked" in report["metrics"] and (tmp_path / "a" / "grid.png").exists()
+    # complete the bottom half of one of them: the top 4 pixel rows (2 patch rows) are kept
+    prompt = tmp_path / "a" / "sample_000.png"
+    args = [f"run={run}", "n=2", f"prompt={prompt}", "options.prompt_rows=4", f"out={tmp_path / 'b'}"]
+    report = sample_to_files(load_config("generate", args))
+    assert report["metrics"]["image/new_tokens_mean"] == 8 and report["provenance"]["prompt_rows"] == 4
+    kept = np.asarray(PILImage.open(prompt))[:4]
+    assert (
+        np.abs(np.asarray(PILImage.open(tmp_path / "b" / "sample_000.png"))[:4].astype(int) - kept).max() <= 1
+    )
+    result = eval_run(load_config("eval", [f"run={run}", "n=0"]))
+    assert result["unit"] == "pixel" and result["units"] == 64 * result["documents"]
+    assert "untagged" in result and result["ppl"] < result["init"]["ppl"]

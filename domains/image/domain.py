@@ -42,6 +42,7 @@ class ImageDomain(DomainBase):
     suffixes = (".png", ".jpg", ".jpeg", ".csv.gz")
     unit = "pixel"
     tokenizer_files = ("codebook.safetensors",)  # the codebook decides the ids
+    filter_keys: tuple[str, ...] = ()  # assessed (labels, copies, grid.png), with no sample filters
     generate_options = {
         "prompt_rows": GenerateOption(
             int, None, "keep only the prompt image's first N pixel rows (whole patch rows) and complete it"
@@ -171,9 +172,9 @@ class ImageDomain(DomainBase):
         codes = self._codes()
         keep = [i - len(SPECIALS) for i in ids if len(SPECIALS) <= i < len(SPECIALS) + len(codes)]
         n = self.patches_per_image
-        repaired = len(ids) - len(keep) + abs(len(keep) - n)  # dropped ids, and patches cut or filled
+        dropped = len(ids) - min(len(keep), n)  # specials and codes past the image; missing patches are blank
         keep = (keep + [int(analysis.nearest(np.zeros((1, codes.shape[1])), codes)[0])] * n)[:n]  # blank fill
-        return Image(analysis.unpatch(codes[keep], self.size, self.patch, self.channels)), repaired
+        return Image(analysis.unpatch(codes[keep], self.size, self.patch, self.channels)), dropped
 
     def constraint(self) -> LogitsProcessor | None:
         """Exactly one image: codes until the image holds all its patches, then EOS only."""
