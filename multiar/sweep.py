@@ -47,7 +47,10 @@ def multirun(config_name: str, run: Callable[[DictConfig], Any], overrides: Sequ
     if "hydra.sweep.subdir" not in given:
         argv.append("hydra.sweep.subdir=${hydra.job.override_dirname}")
         # folders named from the swept keys only (domain=music,model=tiny), not every fixed override
-        fixed = sorted(k for k, v in (o.partition("=")[::2] for o in overrides) if not _is_sweep(v))
+        # (Hydra matches exclude_keys against the bare key: no +, ++ or ~)
+        fixed = sorted(
+            k.lstrip("+~") for k, v in (o.partition("=")[::2] for o in overrides) if not _is_sweep(v)
+        )
         if fixed and "hydra.job.config.override_dirname.exclude_keys" not in given:
             argv.append(f"hydra.job.config.override_dirname.exclude_keys=[{','.join(fixed)}]")
     results: list[Any] = []

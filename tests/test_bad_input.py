@@ -162,13 +162,14 @@ def test_exact_duplicate_documents_are_removed_once_before_the_split(tmp_path):
     assert p.stats["duplicates_removed"] == 1 and len(p.train) + len(p.val) == 3
 
 
-SUFFIX = {"music": ".mid", "code": ".py", "protein": ".fasta"}
+SUFFIX = {"music": ".mid", "code": ".py", "protein": ".fasta", "image": ".png"}
 
 
 @pytest.mark.parametrize("name", sorted(DOMAINS))
 def test_fuzz_readers_raise_only_documented_errors(name, tmp_path):
     domain = build_domain(name)
     seeds = [b"", b"MThd\x00\x00\x00\x06\x00\x01\x00\x01\x01\xe0MTrk", b">x\nMKT\n", b"\x1f\x8b\x08\x00"]
+    seeds.append(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")  # a PNG header, then anything
 
     @FUZZ
     @given(

@@ -29,7 +29,7 @@ FAST = [
     "trainer.precision=32-true",
     "samples.every_n_steps=0",
 ]
-DOCS = {"music": 40, "code": 40, "protein": 400}
+DOCS = {"music": 40, "code": 40, "protein": 400, "image": 400}
 
 
 def train_tiny(name, run_dir, steps=30, extra=()):
@@ -83,6 +83,12 @@ def test_train_then_generate_writes_valid_files(domain_name, tmp_path):
         assert len(list(out.glob("*.mid"))) == n
         for path in out.glob("*.mid"):
             Score(str(path))
+    elif domain_name == "image":
+        from PIL import Image as PILImage
+
+        samples = sorted(out.glob("sample_*.png"))
+        assert len(samples) == n and all(PILImage.open(p).size == (8, 8) for p in samples)
+        assert (out / "grid.png").exists() and report["metrics"]["image/new_tokens_mean"] == 16
     else:
         assert len(list(out.glob("*.py"))) == n
         assert "samples parse" in (out / "syntax_report.tsv").read_text()
