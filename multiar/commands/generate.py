@@ -10,6 +10,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -428,23 +429,41 @@ def render_files(cfg: DictConfig, domain: Domain, paths: list[Path]) -> dict[str
     return {"files": done, "render": f"{len(done)} wav file(s)"}
 
 
-def sample_to_files(cfg: DictConfig) -> dict[str, Any]:
-    """Sample cfg.n continuations of each prompt (cfg.prompt, or every line of cfg.prompt_file) from
-    run cfg.run; write files; return a report."""
-    cfg = validate("generate", cfg)
-    run = load_run(cfg.run, device=cfg.device)
-    texts = read_prompt_file(cfg.prompt_file) if cfg.prompt_file else [cfg.prompt]
-    model, domain = sampling_model(run, cfg.quantize, cfg.dtype, cfg.compile), run.domain
-    out_dir = Path(cfg.out if cfg.out else Path("outputs") / domain.name).expanduser()
-    options = domain_options(cfg, domain)  # passed by name to prompt_ids and prompt_meta
-    check_filters(cfg, domain)
-    check_before_sampling(cfg, domain, out_dir)
-    starts = domain.window_starts if isinstance(domain, WindowStarts) else None
-    whole = [domain.prompt_ids(t, **options) for t in texts]
-    prompts = [fit_prompt(p, model.config.block_size, cfg.max_new_tokens, starts) for p in whole]
-    # what each sample keeps from its own prompt beyond the tokens (music: tempos), per prompt
-    metas = [domain.prompt_meta(t, **options) for t in texts] if isinstance(domain, PromptMeta) else None
-    cond = conditions(cfg, domain, prompts)
+@dataclass
+class Prepared:
+    """What sampling needs once every check has passed: the model, its rows and settings, the writer."""
+
+    cfg: DictConfig
+    domain: Domain
+    model: GPT
+    out_dir: Path
+    prompts: list[list[int]]  # per prompt, as the model continues it (fit_prompt)
+    rows: list[list[int]]  # per sample: what the model continues
+    heads: list[list[int]]  # per sample: its whole prompt, as the files hold it
+    cond: Conditions
+    settings: dict[str, Any]
+    streaming: dict[str, Any]  # settings plus window_starts, for stream
+    draft: GPT | str | None
+    rule: Callable[[str, int, bool], int | None] | None
+    provenance: dict[str, Any]
+    writer: SampleWriter
+
+
+@dataclass
+class Finished:
+    """What the steps after sampling add to the report: the files, ranking and extra metrics."""
+
+    paths: list[Path]
+    ranked: list[int]
+    extra_metrics: dict[str, Any]
+    redrawn: dict[str, int]
+    rendered: dict[str, Any]
+
+
+def sampling_settings(
+    cfg: DictConfig, run: Run, domain: Domain, cond: Conditions
+) -> tuple[dict[str, Any], GPT | str | None]:
+    """The keyword settings every decoder call gets (processors, stops, generator) and the draft."""
     stops = stop_sequences(cfg, domain)
     processors = [ban_tokens([domain.pad_id, domain.bos_id])]
     if cfg.constrain and (constraint := domain.constraint()) is not None:
@@ -453,9 +472,6 @@ def sample_to_files(cfg: DictConfig) -> dict[str, Any]:
         processors.append(ban_tokens(range(domain.first_tag_id, domain.vocab_size)))
     processors += cond.processors  # length window, then forced positions: they have the last word
     generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
-    rows = [p for p in cond.rows for _ in range(cfg.n)]  # n samples of each prompt, in prompt order
-    heads = [p[1:] for p in whole for _ in range(cfg.n)]  # each row's whole prompt, as the files hold it
-    cond.caps = [c for c in cond.caps for _ in range(cfg.n)]
     draft = load_draft(cfg, run)
     if cfg.repetition_penalty != 1.0:
         processors.insert(0, repetition_penalty(cfg.repetition_penalty, cfg.repetition_window))
@@ -470,6 +486,11 @@ def sample_to_files(cfg: DictConfig) -> dict[str, Any]:
         processors=processors,
         generator=generator,
     )
+    return settings, draft
+
+
+def provenance_for(cfg: DictConfig, run: Run, cond: Conditions, options: dict[str, Any]) -> dict[str, Any]:
+    """What every written file records about how it was sampled, in a fixed key order."""
     provenance = {
         "run": str(run.path),
         "seed": cfg.seed,
@@ -490,6 +511,30 @@ def sample_to_files(cfg: DictConfig) -> dict[str, Any]:
         if cfg[key] != off:  # settings that are on go into every file's provenance
             provenance[key] = cfg[key]
     provenance.update(options)  # the domain's own options that are set (music: prompt_bars)
+    return provenance
+
+
+def prepare_sampling(cfg: DictConfig) -> Prepared:
+    """Load the run and prompts and run every check, all before any sampling; the writer to fill."""
+    cfg = validate("generate", cfg)
+    run = load_run(cfg.run, device=cfg.device)
+    texts = read_prompt_file(cfg.prompt_file) if cfg.prompt_file else [cfg.prompt]
+    model, domain = sampling_model(run, cfg.quantize, cfg.dtype, cfg.compile), run.domain
+    out_dir = Path(cfg.out if cfg.out else Path("outputs") / domain.name).expanduser()
+    options = domain_options(cfg, domain)  # passed by name to prompt_ids and prompt_meta
+    check_filters(cfg, domain)
+    check_before_sampling(cfg, domain, out_dir)
+    starts = domain.window_starts if isinstance(domain, WindowStarts) else None
+    whole = [domain.prompt_ids(t, **options) for t in texts]
+    prompts = [fit_prompt(p, model.config.block_size, cfg.max_new_tokens, starts) for p in whole]
+    # what each sample keeps from its own prompt beyond the tokens (music: tempos), per prompt
+    metas = [domain.prompt_meta(t, **options) for t in texts] if isinstance(domain, PromptMeta) else None
+    cond = conditions(cfg, domain, prompts)
+    settings, draft = sampling_settings(cfg, run, domain, cond)
+    rows = [p for p in cond.rows for _ in range(cfg.n)]  # n samples of each prompt, in prompt order
+    heads = [p[1:] for p in whole for _ in range(cfg.n)]  # each row's whole prompt, as the files hold it
+    cond.caps = [c for c in cond.caps for _ in range(cfg.n)]
+    provenance = provenance_for(cfg, run, cond, options)
     rule = stop_rule(cfg, domain)
     stop = stop_text(cfg.stop) if cfg.stop is not None else None
     writer = SampleWriter(
@@ -507,6 +552,27 @@ def sample_to_files(cfg: DictConfig) -> dict[str, Any]:
     )
     # past block_size the window slides to a tail that starts where a training window could
     streaming = dict(settings, window_starts=starts)
+    return Prepared(
+        cfg=cfg,
+        domain=domain,
+        model=model,
+        out_dir=out_dir,
+        prompts=prompts,
+        rows=rows,
+        heads=heads,
+        cond=cond,
+        settings=settings,
+        streaming=streaming,
+        draft=draft,
+        rule=rule,
+        provenance=provenance,
+        writer=writer,
+    )
+
+
+def sample_batches(p: Prepared) -> SpeculativeStats:
+    """Sample every row, batch by batch, handing each finished sample to the writer at once."""
+    cfg, rows, writer = p.cfg, p.rows, p.writer
     spec = SpeculativeStats()
     with Progress(
         TextColumn("{task.description}"),
@@ -517,19 +583,19 @@ def sample_to_files(cfg: DictConfig) -> dict[str, Any]:
         disable=not sys.stderr.isatty(),
         transient=True,
     ) as bar:
-        task = bar.add_task(f"{domain.name} samples", total=len(rows), rate=0.0)
+        task = bar.add_task(f"{p.domain.name} samples", total=len(rows), rate=0.0)
         started, tokens = time.perf_counter(), 0
         for start in range(0, len(rows), cfg.batch_size):
             batch = rows[start : start + cfg.batch_size]
-            if draft is not None:
+            if p.draft is not None:
                 out, stats = speculative_generate(
-                    model,
+                    p.model,
                     batch,
-                    cond.max_new_tokens,
-                    draft=draft,
+                    p.cond.max_new_tokens,
+                    draft=p.draft,
                     k=cfg.speculate_k,
                     ngram=cfg.ngram,
-                    **settings,
+                    **p.settings,
                 )
                 spec.merge(stats)
                 for i, (ids, end) in enumerate(zip(out, stats.ends, strict=True)):
@@ -538,8 +604,9 @@ def sample_to_files(cfg: DictConfig) -> dict[str, Any]:
                 bar.update(task, completed=writer.done, rate=tokens / (time.perf_counter() - started))
                 continue
             buffers: list[list[int]] = [[] for _ in batch]
-            ended = row_stopper(domain, rule, heads[start : start + len(batch)]) if rule is not None else None
-            for event in stream(model, batch, cond.max_new_tokens, should_stop=ended, **streaming):
+            heads = p.heads[start : start + len(batch)]
+            ended = row_stopper(p.domain, p.rule, heads) if p.rule is not None else None
+            for event in stream(p.model, batch, p.cond.max_new_tokens, should_stop=ended, **p.streaming):
                 if event.token is not None:
                     buffers[event.row].append(event.token)
                     tokens += 1
@@ -547,45 +614,58 @@ def sample_to_files(cfg: DictConfig) -> dict[str, Any]:
                 # on disk as soon as it is complete
                 writer.finish(start + event.row, buffers[event.row], event.end)
                 bar.update(task, completed=writer.done, rate=tokens / (time.perf_counter() - started))
+    return spec
+
+
+def finish_samples(p: Prepared) -> Finished:
+    """After sampling: redraws, scores, the domain's assessment, ranking, report files, token errors
+    and renders, in that order (each may rewrite files the one before wrote)."""
+    cfg, domain, writer, provenance = p.cfg, p.domain, p.writer, p.provenance
     redrawn = (
-        redraw_invalid(cfg, model, domain, rows, writer, cond.max_new_tokens, rule, streaming)
+        redraw_invalid(cfg, p.model, domain, p.rows, writer, p.cond.max_new_tokens, p.rule, p.streaming)
         if cfg.resample_invalid
         else {}
     )
-    new_ids, decoded, artifacts, paths = writer.new_ids, writer.decoded, writer.artifacts, writer.paths
-    details = writer.details
-    for d, ppl in zip(details, writer.scores(model, cfg.batch_size), strict=True):
+    artifacts, paths, details = writer.artifacts, writer.paths, writer.details
+    for d, ppl in zip(details, writer.scores(p.model, cfg.batch_size), strict=True):
         d["ppl"] = round(ppl, 3)
     extra_metrics = (
         domain.assess(artifacts, details, dict(cfg.filters)) if isinstance(domain, Assessed) else {}
     )
     ranked = rank_samples(details, cfg.top) if cfg.rank_by == "ppl" else []
     if writer.annotated:  # the files again, now with every sample's score, novelty and filters
-        paths = domain.write(artifacts, out_dir, provenance, overwrite=True, details=details)
-        paths += domain.report(artifacts, details, out_dir, overwrite=True, provenance=provenance)
+        paths = domain.write(artifacts, p.out_dir, provenance, overwrite=True, details=details)
+        paths += domain.report(artifacts, details, p.out_dir, overwrite=True, provenance=provenance)
     if ranked:
         best = [artifacts[i] for i in ranked]
         extra = {"details": [details[i] for i in ranked]} if writer.annotated else {}
-        paths += domain.write(best, out_dir / "top", provenance, overwrite=cfg.overwrite, **extra)
+        paths += domain.write(best, p.out_dir / "top", provenance, overwrite=cfg.overwrite, **extra)
     if isinstance(domain, TokenErrors):  # miditok's tokens_errors over the sampled tokens, prompt as context
         errors = sum(
             max(domain.token_errors(h + ids) - domain.token_errors(h), 0)
-            for h, ids in zip(writer.prompts, new_ids, strict=True)
+            for h, ids in zip(writer.prompts, writer.new_ids, strict=True)
         )
-        extra_metrics[f"{domain.name}/token_error_rate"] = errors / max(sum(map(len, new_ids)), 1)
+        extra_metrics[f"{domain.name}/token_error_rate"] = errors / max(sum(map(len, writer.new_ids)), 1)
     rendered = render_files(cfg, domain, paths) if cfg.render else {}
     paths += rendered.pop("files", [])
-    report = {
+    return Finished(paths, ranked, extra_metrics, redrawn, rendered)
+
+
+def build_report(p: Prepared, done: Finished, spec: SpeculativeStats) -> dict[str, Any]:
+    """The report generate.json holds and sample_to_files returns, keys in a fixed order."""
+    cfg, domain, writer, cond = p.cfg, p.domain, p.writer, p.cond
+    new_ids, decoded, artifacts, details = writer.new_ids, writer.decoded, writer.artifacts, writer.details
+    return {
         "domain": domain.name,
-        "files": [str(p) for p in paths],
+        "files": [str(f) for f in done.paths],
         "samples": len(artifacts),
         "prompt": cfg.prompt,
-        "prompts": len(prompts),
-        "provenance": provenance,
+        "prompts": len(p.prompts),
+        "provenance": p.provenance,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),  # the only time stamp written
         **(
             {"speculative": spec.as_dict() | {"draft": cfg.draft, "k": cfg.speculate_k}}
-            if draft is not None
+            if p.draft is not None
             else {}
         ),
         "metrics": {
@@ -594,17 +674,29 @@ def sample_to_files(cfg: DictConfig) -> dict[str, Any]:
             f"{domain.name}/eos_rate": sum(d.get("end") == "eos" for d in details) / max(len(details), 1),
             f"{domain.name}/ppl_median": statistics.median(d["ppl"] for d in details) if details else 0.0,
             **domain.metrics(artifacts),
-            **extra_metrics,
+            **done.extra_metrics,
         },
-        **({"ranked": len(ranked), "rank_by": cfg.rank_by} if cfg.rank_by else {}),
+        **({"ranked": len(done.ranked), "rank_by": cfg.rank_by} if cfg.rank_by else {}),
         **({"tags": cond.tags} if cond.tags else {}),
         **({"kept": cond.kept} if cond.kept else {}),
-        **redrawn,
-        **rendered,
+        **done.redrawn,
+        **done.rendered,
         **({"middles": writer.middles} if writer.middles and isinstance(writer.middles[0], str) else {}),
     }
-    write_new_text(out_dir / "generate.json", json.dumps(report, indent=1) + "\n", overwrite=cfg.overwrite)
-    print(f"{domain.name}: wrote {len(paths)} file(s) for {len(artifacts)} samples to {out_dir}")
+
+
+def sample_to_files(cfg: DictConfig) -> dict[str, Any]:
+    """Sample cfg.n continuations of each prompt (cfg.prompt, or every line of cfg.prompt_file) from
+    run cfg.run; write files; return a report."""
+    p = prepare_sampling(cfg)  # every check before the first token is sampled
+    spec = sample_batches(p)
+    done = finish_samples(p)
+    report = build_report(p, done, spec)
+    cfg = p.cfg  # validated: defaults filled in
+    write_new_text(p.out_dir / "generate.json", json.dumps(report, indent=1) + "\n", overwrite=cfg.overwrite)
+    print(
+        f"{p.domain.name}: wrote {len(done.paths)} file(s) for {len(p.writer.artifacts)} samples to {p.out_dir}"
+    )
     for key, value in report["metrics"].items():
         print(f"  {key} = {value:.4g}")
     return report
