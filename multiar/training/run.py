@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -225,8 +226,50 @@ def warn_unused_settings(settings: dict[str, Any], source_run: Path) -> None:
         )
 
 
+@dataclass
+class _Data:
+    """What the data step hands on: the (possibly refitted) domain, the datamodule and what the reference needs."""
+
+    domain: Any
+    source: Source
+    datamodule: L.LightningDataModule
+    stats: dict[str, Any]
+    sample: Any = None  # streaming: the documents the tokenizer was fitted on (the unigram reference)
+    corpus: Any = None  # cached: the prepared corpus (its train split and validation keys and tags)
+
+
 def _train(cfg: DictConfig, run_dir: Path, ckpt: Path | None, moved: list[Path]) -> dict[str, Any]:
+    """Wire domain, data, model, callbacks and trainer; global rank 0 writes the run folder; fit; save."""
     settings = OmegaConf.to_container(cfg.domain.settings, resolve=True)
+    domain, own_tokenizer, init_run = _domain(cfg, run_dir, ckpt, settings)
+    data = _data(cfg, domain, settings, own_tokenizer)
+    domain = data.domain  # a cached corpus may hand back the domain it fitted
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config["data_stats"] = data.stats
+    module = _module(cfg, domain, init_run, ckpt)
+    log.info("%s: %d parameters; data %s", domain.name, module.model.num_parameters(), data.stats)
+    checkpoints, callbacks = _callbacks(cfg, run_dir, ckpt, domain)
+    trainer = _trainer(cfg, run_dir, callbacks, config)
+    if trainer.is_global_zero:  # only after the Trainer exists: its global rank is the one that counts
+        _write_run_folder(cfg, run_dir, ckpt, moved, data, config)
+    _fit(trainer, module, data.datamodule, ckpt)
+    metrics = _final_validation(cfg, trainer, module, data.datamodule, checkpoints, config)
+    if trainer.is_global_zero:  # the figures go into config["final"], so before save_run writes it
+        config["final"] |= reference_figures(module.model, trainer, run_dir, domain, cfg.data)
+        save_run(run_dir, module.model, domain, config)
+    whole = config["final"].get("val_docs/ppl")
+    print(
+        f"{domain.name}: val/loss {metrics['val/loss']:.4f} (ppl {metrics['val/ppl']:.2f}, packed blocks)"
+        + (f", validation documents ppl {whole:.2f}" if whole is not None else "")
+        + f" after {trainer.global_step} steps -> {run_dir}"
+    )
+    return {"run_dir": str(run_dir), **config["final"]}
+
+
+def _domain(
+    cfg: DictConfig, run_dir: Path, ckpt: Path | None, settings: dict[str, Any]
+) -> tuple[Any, bool, Path | None]:
+    """The domain to train with, whether its tokenizer is already fitted, and the init_from run if any."""
     own_tokenizer = ckpt is not None and (run_dir / "domain").is_dir()
     init_run = Path(cfg.init_from).expanduser() if cfg.init_from is not None else None
     if own_tokenizer:
@@ -242,6 +285,11 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt: Path | None, moved: list[Path])
         domain = build_domain(cfg.domain.name, settings)
         if cfg.data.tags is not None:
             domain = Tagged(domain, cfg.data.tags, max_tags=cfg.data.max_tags)
+    return domain, own_tokenizer, init_run
+
+
+def _data(cfg: DictConfig, domain: Any, settings: dict[str, Any], own_tokenizer: bool) -> _Data:
+    """The datamodule: streamed from the source, or a prepared (cached) corpus; the tokenizer fitted unless own."""
     data = cfg.data
     source = Source(
         domain,
@@ -265,33 +313,42 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt: Path | None, moved: list[Path])
             cfg.seed,
             data.shuffle_buffer,
         )
-    else:
-        corpus = prepare_corpus(
-            domain,
-            {**settings, **({"tags": data.tags, "max_tags": data.max_tags} if data.tags else {})},
-            augment=OmegaConf.to_container(data.augment) if data.augment else None,
-            cache_dir=data.cache_dir,
-            max_documents=data.max_documents,
-            val_fraction=data.val_fraction,
-            strict=data.strict,
-            fit=not own_tokenizer,
-            source=source,
-        )
-        domain, stats = corpus.domain, corpus.stats
-        stats["windows_per_document"] = windows_per_document(corpus.train, block_size)
-        datamodule = BlockDataModule(
-            corpus, block_size, data.batch_size, data.num_workers, seed=cfg.seed, tag_dropout=data.tag_dropout
-        )
-    config = OmegaConf.to_container(cfg, resolve=True)
-    config["data_stats"] = stats
+        return _Data(domain, source, datamodule, stats, sample=sample)
+    corpus = prepare_corpus(
+        domain,
+        {**settings, **({"tags": data.tags, "max_tags": data.max_tags} if data.tags else {})},
+        augment=OmegaConf.to_container(data.augment) if data.augment else None,
+        cache_dir=data.cache_dir,
+        max_documents=data.max_documents,
+        val_fraction=data.val_fraction,
+        strict=data.strict,
+        fit=not own_tokenizer,
+        source=source,
+    )
+    stats = corpus.stats
+    stats["windows_per_document"] = windows_per_document(corpus.train, block_size)
+    datamodule = BlockDataModule(
+        corpus, block_size, data.batch_size, data.num_workers, seed=cfg.seed, tag_dropout=data.tag_dropout
+    )
+    return _Data(corpus.domain, source, datamodule, stats, corpus=corpus)
+
+
+def _module(cfg: DictConfig, domain: Any, init_run: Path | None, ckpt: Path | None) -> LitGPT:
+    """The LitGPT for cfg.model over domain's vocabulary; init_from's weights when fine-tuning (not resuming)."""
     model_args = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "name"}
     model_config = ModelConfig(vocab_size=domain.vocab_size, **model_args)  # the one place vocab_size enters
     module = LitGPT(
         model_config.to_dict(), OmegaConf.to_container(cfg.optim, resolve=True), domain.pad_id, cfg.compile
     )
-    if init_run is not None and ckpt is None:
+    if init_run is not None and ckpt is None:  # a resumed run's checkpoint holds the weights instead
         load_model(module.model, str(init_run / "model.safetensors"), strict=True)
-    log.info("%s: %d parameters; data %s", domain.name, module.model.num_parameters(), stats)
+    return module
+
+
+def _callbacks(
+    cfg: DictConfig, run_dir: Path, ckpt: Path | None, domain: Any
+) -> tuple[ModelCheckpoint, list[L.Callback]]:
+    """The checkpointing callback (its best path picks the exported weights) and all callbacks, it first."""
     checkpoints = ModelCheckpoint(
         dirpath=run_dir / "checkpoints", filename="best", monitor="val/loss", save_last=True, save_top_k=1
     )
@@ -319,6 +376,13 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt: Path | None, moved: list[Path])
                 cfg.seed,
             )
         )
+    return checkpoints, callbacks
+
+
+def _trainer(
+    cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback], config: dict[str, Any]
+) -> L.Trainer:
+    """The Trainer: precision resolved (and recorded in config), loggers, our progress lines, atomic checkpoints."""
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     if trainer_args.get("precision") is None:
         trainer_args["precision"], why = resolve_precision(
@@ -331,7 +395,7 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt: Path | None, moved: list[Path])
     if trainer_args.get("enable_progress_bar", True):  # our lines instead of Lightning's bar
         callbacks.append(Progress(int(trainer_args.get("log_every_n_steps") or 50)))
     trainer_args["enable_progress_bar"] = False
-    trainer = L.Trainer(
+    return L.Trainer(
         **trainer_args,
         default_root_dir=run_dir,
         logger=build_loggers(
@@ -342,25 +406,37 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt: Path | None, moved: list[Path])
         callbacks=callbacks,
         plugins=[AtomicCheckpointIO()],
     )
-    if trainer.is_global_zero:
-        # Lightning's own global rank (NODE_RANK counted) moves and writes the folder; the other ranks
-        # read nothing of it before fit, whose start (the process group's rendezvous) waits for this one
-        if cfg.overwrite and _holds_run(run_dir):
-            moved.append(_move_aside(run_dir))
-        elif ckpt is None and not cfg.overwrite:
-            _refuse_to_replace(run_dir)  # the launcher's guess of the rank, checked early, may differ
-        run_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(run_dir / "checkpoints")
-        if ckpt is None:  # saved before the first step: a killed run resumes with exactly this
-            domain.save(run_dir / "domain")
-        write_run_config(run_dir, config)
-        if data.streaming:
-            counts = unigram_counts(sample, domain.vocab_size, domain.eos_id)
-            write_reference(run_dir, source, counts, data.val_fraction, keys=None)
-        else:
-            counts = unigram_counts(dataset_ids(corpus.train), domain.vocab_size, domain.eos_id)
-            tags = validation_tags(domain, corpus.val)
-            write_reference(run_dir, source, counts, data.val_fraction, list(corpus.val["key"]), tags)
+
+
+def _write_run_folder(
+    cfg: DictConfig, run_dir: Path, ckpt: Path | None, moved: list[Path], data: _Data, config: dict[str, Any]
+) -> None:
+    """Global rank 0 only: move an old run aside (or refuse to replace it), then write domain/, config, reference."""
+    # Lightning's own global rank (NODE_RANK counted) moves and writes the folder; the other ranks
+    # read nothing of it before fit, whose start (the process group's rendezvous) waits for this one
+    if cfg.overwrite and _holds_run(run_dir):
+        moved.append(_move_aside(run_dir))
+    elif ckpt is None and not cfg.overwrite:
+        _refuse_to_replace(run_dir)  # the launcher's guess of the rank, checked early, may differ
+    run_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(run_dir / "checkpoints")
+    domain = data.domain
+    if ckpt is None:  # saved before the first step: a killed run resumes with exactly this
+        domain.save(run_dir / "domain")
+    write_run_config(run_dir, config)
+    val_fraction = cfg.data.val_fraction
+    if cfg.data.streaming:
+        counts = unigram_counts(data.sample, domain.vocab_size, domain.eos_id)
+        write_reference(run_dir, data.source, counts, val_fraction, keys=None)
+    else:
+        corpus = data.corpus
+        counts = unigram_counts(dataset_ids(corpus.train), domain.vocab_size, domain.eos_id)
+        tags = validation_tags(domain, corpus.val)
+        write_reference(run_dir, data.source, counts, val_fraction, list(corpus.val["key"]), tags)
+
+
+def _fit(trainer: L.Trainer, module: LitGPT, datamodule: L.LightningDataModule, ckpt: Path | None) -> None:
+    """trainer.fit; on a failure, global rank 0 ends the rank processes it launched before raising."""
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
     except FloatingPointError:
@@ -371,6 +447,17 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt: Path | None, moved: list[Path])
     except BaseException:
         _end_other_ranks(trainer)
         raise
+
+
+def _final_validation(
+    cfg: DictConfig,
+    trainer: L.Trainer,
+    module: LitGPT,
+    datamodule: L.LightningDataModule,
+    checkpoints: ModelCheckpoint,
+    config: dict[str, Any],
+) -> dict[str, float]:
+    """Validate the exported weights; record config["final"]; return the validation metrics."""
     # the exported weights: the best validated ones (weights=best) or the last; the final metrics are theirs
     use_best = cfg.weights == "best" and bool(checkpoints.best_model_path)
     metrics = trainer.validate(
@@ -386,16 +473,7 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt: Path | None, moved: list[Path])
         "weights": "best" if use_best else "last",
         "weights_step": best_step,
     }
-    if trainer.is_global_zero:
-        config["final"] |= reference_figures(module.model, trainer, run_dir, domain, data)
-        save_run(run_dir, module.model, domain, config)
-    whole = config["final"].get("val_docs/ppl")
-    print(
-        f"{domain.name}: val/loss {metrics['val/loss']:.4f} (ppl {metrics['val/ppl']:.2f}, packed blocks)"
-        + (f", validation documents ppl {whole:.2f}" if whole is not None else "")
-        + f" after {trainer.global_step} steps -> {run_dir}"
-    )
-    return {"run_dir": str(run_dir), **config["final"]}
+    return metrics
 
 
 def reference_figures(
