@@ -13,10 +13,10 @@ import pytest
 import torch
 from conftest import bundled_files
 
-from multiar.engine import packed
-from multiar.engine import quantize as q
 from multiar.domains.music import grammar as music_grammar
 from multiar.domains.music.domain import MusicDomain
+from multiar.engine import packed
+from multiar.engine import quantize as q
 from multiar.engine.decode import generate
 from multiar.engine.model import GPT, ModelConfig
 

@@ -14,8 +14,8 @@ import yaml
 from conftest import TINY
 from safetensors.torch import load_file
 
-from multiar.engine import precision
 from multiar.config import load_config
+from multiar.engine import precision
 from multiar.engine.model import GPT, ModelConfig
 from multiar.errors import ConfigError
 from multiar.training.loggers import check_logger
