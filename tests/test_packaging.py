@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -19,7 +20,7 @@ from multiar.files import find_files
 cfg = load_config("train", ["domain=music", "model=small", "trainer=ddp"])
 out = {"conf": str(config_dir()), "model": cfg.model.name, "lr": cfg.optim.lr}
 out["generate"] = load_config("generate", ["run=x"]).n  # the schema's default, from the ConfigStore
-for name in ("music", "protein"):
+for name in ("music", "protein", "image"):
     d = build_domain(name)
     out[name] = [str(f) for f in find_files(d.default_paths(), d.suffixes)]
 print(json.dumps(out))
@@ -28,6 +29,9 @@ print(json.dumps(out))
 
 def test_wheel_installs_configs_and_bundled_data(tmp_path):
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    # setuptools builds in the tree and reuses build/lib: files of an older layout left there would
+    # pass this test with paths the package no longer has (seen after the move to packages by layer)
+    shutil.rmtree(ROOT / "build", ignore_errors=True)
     subprocess.run(
         [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(ROOT)],
         check=True,
@@ -40,8 +44,14 @@ def test_wheel_installs_configs_and_bundled_data(tmp_path):
         "multiar/conf/train.yaml",
         "multiar/conf/domain/music.yaml",
         "multiar/conf/trainer/ddp.yaml",
-        "multiar/domains/assets/protein/LICENSE.md",
-        "multiar/domains/assets/music/bach_chorales/LICENSE.md",
+        "multiar/domains/protein/assets/LICENSE.md",
+        "multiar/domains/music/assets/bach_chorales/LICENSE.md",
+        "multiar/domains/image/assets/digits/LICENSE.md",
+        "multiar/domains/image/assets/digits/digits.csv.gz",
+        "multiar/engine/rows.py",  # every package of the house
+        "multiar/commands/generate.py",
+        "multiar/training/run.py",
+        "multiar/data/corpus.py",
     } <= names
     # the registry installs inside multiar's namespace, never as a top-level `domains` module
     assert not any(n.startswith("domains/") for n in names)
@@ -59,6 +69,7 @@ def test_wheel_installs_configs_and_bundled_data(tmp_path):
     assert found["lr"] == 1e-3 and found["generate"] == 8  # the preset's lr, the schema's default
     assert len(found["music"]) == 349 and all(p.startswith(str(site)) for p in found["music"])
     assert found["protein"][0].startswith(str(site)) and found["protein"][0].endswith(".fasta.gz")
+    assert found["image"][0].startswith(str(site)) and found["image"][0].endswith("digits.csv.gz")
 
 
 TIERS = """
