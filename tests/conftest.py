@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import socket
 from pathlib import Path
 
 import pytest
+from Bio import SeqIO
 
 from multiar.domains import DOMAINS, build_domain
 from multiar.files import find_files
@@ -80,3 +82,17 @@ def copy_fixture_run(tmp_path: Path) -> Path:
     run = tmp_path / "fixture_run"
     shutil.copytree(FIXTURE_RUN, run)
     return run
+
+
+# protein filters that let any sample through (tests that count samples, not judge them)
+QUIET_FILTERS = ["filters.min_entropy=0", "filters.max_homopolymer=100000", "filters.max_identity=1.0"]
+
+
+def proteome_subset(folder, per_file=60):
+    """The first records of each bundled proteome, headers kept, as two small FASTA files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    domain = build_domain("protein")
+    for path in domain.default_paths("ecoli+yeast"):
+        records = list(itertools.islice(domain.read(path), per_file))
+        SeqIO.write(records, folder / path.name.replace(".gz", ""), "fasta")
+    return folder

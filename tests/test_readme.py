@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from multiar.cli import COMMANDS
+from multiar.cli import COMMANDS, domain_option_shorthand
 from multiar.config import compose_config, load_config
 from multiar.schema import describe
 
@@ -88,7 +88,8 @@ def test_readme_command_composes(command, whole):
     name, jobs = arguments(command)
     names = list(COMMANDS) if name == "<command>" else [name]  # the placeholder: any command
     assert set(names) <= set(COMMANDS), f"README: unknown command in {command!r}"
-    for config_name, overrides in product((COMMANDS[n][0] for n in names), jobs):
+    for config_name, given in product((COMMANDS[n][0] for n in names), jobs):
+        overrides = domain_option_shorthand(config_name, given)  # prompt_bars=4, as the CLI reads it
         if whole:
             load_config(config_name, overrides)  # ConfigError: unknown key, bad value or missing key
         else:

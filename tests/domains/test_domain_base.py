@@ -25,7 +25,7 @@ from multiar.files import write_new_text
 from multiar.tags import Tagged
 from multiar.training.run import train
 
-CORE = Path(__file__).resolve().parents[1] / "multiar"
+CORE = Path(__file__).resolve().parents[2] / "multiar"
 # the objects a domain goes by in the core: probing them by name is what DomainBase replaces
 DOMAIN_NAMES = r"(?:\w+\.)*(?:domain|base|d|a|b|tagged|draft|tokenizer)"
 PROBE = re.compile(rf"\b(?:hasattr|getattr)\(\s*{DOMAIN_NAMES}\s*,|AttributeError|def __getattr__")

@@ -111,7 +111,7 @@ def test_infill_returns_the_middle_and_writes_the_reassembled_file(fim_code_run,
 
 
 def test_fim_is_generic_protein_enables_it_by_config(tmp_path):
-    from test_protein import proteome_subset
+    from conftest import proteome_subset
 
     data = proteome_subset(tmp_path / "data", per_file=40)
     run = train_run(

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from Bio import SeqIO
 from Bio.Seq import Seq
 from Bio.SeqRecord import SeqRecord
-from conftest import TINY, bundled_files
+from conftest import QUIET_FILTERS, TINY, bundled_files, proteome_subset
 
 from multiar.commands.conditioning import conditions
 from multiar.commands.generate import sample_to_files
@@ -29,18 +29,6 @@ from multiar.domains.protein.analysis import KmerIndex, longest_run, min_window_
 from multiar.errors import ConfigError
 from multiar.run_folder import load_run
 from multiar.training.run import train
-
-QUIET_FILTERS = ["filters.min_entropy=0", "filters.max_homopolymer=100000", "filters.max_identity=1.0"]
-
-
-def proteome_subset(folder, per_file=60):
-    """The first records of each bundled proteome, headers kept, as two small FASTA files."""
-    folder.mkdir(parents=True, exist_ok=True)
-    domain = build_domain("protein")
-    for path in domain.default_paths("ecoli+yeast"):
-        records = list(itertools.islice(domain.read(path), per_file))
-        SeqIO.write(records, folder / path.name.replace(".gz", ""), "fasta")
-    return folder
 
 
 @pytest.fixture(scope="module")

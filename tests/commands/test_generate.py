@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, bundled_files, fitted_domain
-from test_protein import QUIET_FILTERS, proteome_subset
+from conftest import QUIET_FILTERS, TINY, bundled_files, fitted_domain, proteome_subset
 
 from multiar.commands.generate import fit_prompt, same_tokenizer, sample_to_files, stop_sequences, stop_text
 from multiar.config import load_config
@@ -24,7 +23,7 @@ from multiar.errors import ConfigError
 from multiar.run_folder import load_run
 from multiar.training.run import train
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 @pytest.fixture(scope="module")

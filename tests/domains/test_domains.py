@@ -28,7 +28,7 @@ def quarter_notes(score: Score) -> list[tuple]:
 
 
 def test_registry_names_match_domain_names_and_configs():
-    conf = Path(__file__).parents[1] / "conf" / "domain"
+    conf = Path(__file__).parents[2] / "conf" / "domain"
     for name, cls in DOMAINS.items():
         assert cls.name == name
         assert (conf / f"{name}.yaml").exists()

@@ -15,7 +15,8 @@ import torch
 from conftest import TINY, bundled_files
 from symusic import Note, Score, Tempo, TimeSignature, Track
 
-from multiar.commands.generate import fit_prompt, sample_to_files
+from multiar.cli import domain_option_shorthand
+from multiar.commands.generate import domain_options, fit_prompt, sample_to_files
 from multiar.config import load_config
 from multiar.data.corpus import prepare_corpus
 from multiar.data.packing import pack
@@ -293,7 +294,7 @@ def test_continuation_keeps_the_prompt_its_tempo_and_writes_files_a_musician_can
                 "n=3",
                 "max_new_tokens=60",
                 f"prompt={prompt}",
-                "prompt_bars=2",
+                "options.prompt_bars=2",
                 "dtype=fp32",
             ],
         )
@@ -330,7 +331,7 @@ def test_each_continuation_keeps_its_own_prompts_tempos_and_time_signature(music
     (tmp_path / "prompts.txt").write_text("\n".join(lines) + "\n")
     out = tmp_path / "out"
     overrides = [f"run={music_run}", f"out={out}", "n=2", "max_new_tokens=30",
-                 f"prompt_file={tmp_path / 'prompts.txt'}", "prompt_bars=2", "dtype=fp32"]  # fmt: skip
+                 f"prompt_file={tmp_path / 'prompts.txt'}", "options.prompt_bars=2", "dtype=fp32"]  # fmt: skip
     sample_to_files(load_config("generate", overrides))
     for i, (qpm, numerator) in enumerate([(72, 3), (72, 3), (150, 4), (150, 4)]):
         midi = mido.MidiFile(out / f"sample_{i:03d}.mid")
@@ -410,8 +411,11 @@ def test_render_names_what_is_missing_and_keeps_the_midi(music_run, tmp_path, mo
 
 
 def test_music_options_elsewhere_are_one_line_errors(tmp_path):
-    with pytest.raises(ConfigError, match="prompt_bars"):
-        load_config("generate", ["run=x", "prompt_bars=0"])
+    with pytest.raises(ConfigError, match="options.prompt_bars: must be >= 1, got 0"):
+        domain_options(load_config("generate", ["run=x", "options.prompt_bars=0"]), build_domain("music"))
+    # the CLI reads a declared option as a top-level key; other commands' keys are left alone
+    assert domain_option_shorthand("generate", ["prompt_bars=0", "n=2"]) == ["options.prompt_bars=0", "n=2"]
+    assert domain_option_shorthand("train", ["prompt_bars=0"]) == ["prompt_bars=0"]
     with pytest.raises(ValueError, match="unknown corpus 'jazz'.*chorales, pop909"):
         build_domain("music").default_paths("jazz")
     pop = build_domain("music").default_paths("pop909")[0]
