@@ -117,6 +117,23 @@ COMMANDS: dict[str, tuple[str, Callable[[DictConfig], Any], str]] = {
 }
 
 
+def domain_option_shorthand(config_name: str, overrides: Sequence[str]) -> list[str]:
+    """`prompt_bars=2` for `options.prompt_bars=2`: a top-level key that some domain declares as a
+    generate option (and the schema does not hold) is that option; the domain checks it when sampling."""
+    if config_name != "generate":
+        return list(overrides)
+    from multiar.domains import DOMAINS  # the registry: each domain's declared generate options
+
+    declared = {name for cls in DOMAINS.values() for name in cls.generate_options}
+    fields = set(SCHEMAS["generate"].__dataclass_fields__)
+
+    def rewrite(override: str) -> str:
+        key = override.partition("=")[0]
+        return f"options.{override}" if key in declared and key not in fields else override
+
+    return [rewrite(o) for o in overrides]
+
+
 def usage() -> str:
     lines = ["usage: multiar <command> [key=value ...]", "", "commands:"]
     lines += [f"  {name:9s} {doc}" for name, (_, _, doc) in COMMANDS.items()]
@@ -146,6 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.addHandler(handler)
         log.setLevel(logging.INFO)
     config_name, run, _ = COMMANDS[command]
+    overrides = domain_option_shorthand(config_name, overrides)
     sweep = [o for o in overrides if o in ("-m", "--multirun")]
     try:
         if sweep and not ("-h" in overrides or "--help" in overrides):

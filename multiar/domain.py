@@ -123,6 +123,7 @@ class GenerateOption(NamedTuple):
     type: type
     default: Any
     help: str
+    minimum: int | float | None = None  # a number below it is a ConfigError before sampling
 
 
 class DomainBase:

@@ -382,7 +382,6 @@ class GenerateSchema:
         factory=dict,
         each="a generate option of the run's domain (checked by the domain before sampling)",
     )
-    prompt_bars: int | None = doc("music: continue only the first bars of prompt=file.mid", None)
     render: str | None = doc("music: wav also writes sample_NNN.wav (fluidsynth and a GM SoundFont)", None)
     soundfont: str | None = doc("render=wav: the .sf2; null: /usr/share/sounds/sf2/FluidR3_GM.sf2", None)
 
@@ -415,11 +414,6 @@ class GenerateSchema:
             ),
             "prompt",
             "a fill-in-the-middle prompt is prompt_prefix/prompt_suffix (or infill=FILE), not prompt",
-        )
-        _check(
-            self.prompt_bars is None or self.prompt_bars >= 1,
-            "prompt_bars",
-            f"must be >= 1, got {self.prompt_bars}",
         )
         _check(self.render in (None, "wav"), "render", f"must be wav or null, got {self.render!r}")
         _check(self.resample_invalid >= 0, "resample_invalid", f"must be >= 0, got {self.resample_invalid}")

@@ -46,7 +46,7 @@ class MusicDomain(DomainBase):
     tokenizer_files = ("tokenizer.json",)  # miditok's parameters and BPE merges decide the ids
     generate_options = {
         "prompt_bars": GenerateOption(
-            int, None, "continue only the prompt's first N bars (cut at a bar line)"
+            int, None, "continue only the prompt's first N bars (cut at a bar line)", minimum=1
         )
     }
 

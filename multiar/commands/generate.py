@@ -388,22 +388,14 @@ def check_before_sampling(cfg: DictConfig, domain: Domain, out_dir: Path) -> Non
 
 
 def domain_options(cfg: DictConfig, domain: Domain) -> dict[str, Any]:
-    """The domain's own generate options that cfg sets, checked against its `generate_options`:
-    cfg.options.NAME, or a top-level key of that name (prompt_bars, while the schema holds it).
-    ConfigError, before any sampling, for an option the domain does not declare or a value of
-    another type."""
-    from multiar.domains import (
-        DOMAINS,
-    )  # the registry, when a run is sampled: importing it loads every domain
-
+    """The domain's own generate options that cfg sets (cfg.options.NAME; the CLI also takes a declared
+    option as a top-level key, `prompt_bars=2`), checked against its `generate_options`: ConfigError,
+    before any sampling, for an option the domain does not declare or a value of another type."""
     declared = domain.generate_options
     given = dict(cfg.get("options") or {})
-    # top-level keys that are some domain's option (the schema's prompt_bars) count when set
-    others = {k for cls in DOMAINS.values() for k in cls.generate_options} | set(declared)
-    given |= {k: cfg[k] for k in sorted(others) if k in cfg and cfg[k] is not None and k not in given}
     options = {}
     for key, value in given.items():
-        where = f"options.{key}" if key in (cfg.get("options") or {}) else key
+        where = f"options.{key}"
         if key not in declared:
             known = f"; it has {', '.join(declared)}" if declared else ""
             raise ConfigError(f"{where}: the {domain.name} domain has no such generate option{known}")
@@ -412,6 +404,9 @@ def domain_options(cfg: DictConfig, domain: Domain) -> dict[str, Any]:
             continue
         if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
             raise ConfigError(f"{where}: expected {kind.__name__}, got {value!r} ({declared[key].help})")
+        least = declared[key].minimum
+        if least is not None and value < least:
+            raise ConfigError(f"{where}: must be >= {least}, got {value!r}")
         options[key] = value
     return options
 
