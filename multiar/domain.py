@@ -6,6 +6,11 @@ here, once: the required members of `Domain`, the defaults `DomainBase` gives (o
 domain has the thing), and the capabilities only some domains have (`HeaderFields`, `Augmentable`,
 `WindowStarts`, `PromptMeta`, `TokenErrors`, `Renderable`, `StopRules`, `Validity`, `Assessed`),
 which the core asks for with isinstance. A new domain subclasses DomainBase and reads nothing else.
+
+`multiar generate` streams: it hands each batch of finished samples to the domain's `SampleFiles`
+(`DomainBase.sample_files`: files appended or written once, never re-read) and `MetricSummary`
+(`DomainBase.metric_summary`: set-level metrics accumulated as samples come, figures drawn once at
+the end), so a run's time is linear and its memory bounded in the number of samples.
 """
 
 from __future__ import annotations
@@ -115,6 +120,12 @@ class Domain(Protocol):
     def hf_tokenizer_json(self) -> str | None:
         """The tokenizer as an HF `tokenizers` tokenizer.json (export format=hf), or None."""
 
+    def sample_files(self, out_dir: Path, provenance: dict, overwrite: bool) -> SampleFiles:
+        """Where generate puts samples batch by batch (DomainBase: `SampleFiles`, write() per batch)."""
+
+    def metric_summary(self) -> MetricSummary:
+        """Set-level metrics accumulated batch by batch (DomainBase: `MetricSummary`, batch means)."""
+
 
 class GenerateOption(NamedTuple):
     """A generate key a domain declares (music: prompt_bars). Its value, when set, goes to the domain's
@@ -158,6 +169,68 @@ class DomainBase:
 
     def hf_tokenizer_json(self) -> str | None:
         return None
+
+    def sample_files(self, out_dir: Path, provenance: dict, overwrite: bool) -> SampleFiles:
+        return SampleFiles(self, out_dir, provenance, overwrite)  # type: ignore[arg-type]
+
+    def metric_summary(self) -> MetricSummary:
+        return MetricSummary()
+
+
+class SampleFiles:
+    """The files of one generate run, filled batch by batch in sample order: `add` writes a batch's
+    samples (DomainBase: the domain's write(..., start=) per batch: one file per sample, written once);
+    `sync` puts what was added on disk and returns the size of every file that grows by appending (the
+    point a resumed run cuts it back to); `resume` cuts them back; `close` writes what only the whole
+    set decides (ranks: sample index -> rank, where generate ranked) and returns the files it wrote.
+    A domain that keeps one file for all samples overrides it to append (protein: samples.fasta)."""
+
+    def __init__(self, domain: Domain, out_dir: Path, provenance: dict, overwrite: bool) -> None:
+        self.domain, self.out_dir, self.provenance, self.overwrite = (
+            domain,
+            Path(out_dir),
+            provenance,
+            overwrite,
+        )
+
+    def add(self, artifacts: Sequence[Artifact], start: int, details: Sequence[dict] | None) -> list[Path]:
+        extra = {"details": list(details)} if details is not None else {}
+        return self.domain.write(
+            artifacts, self.out_dir, self.provenance, self.overwrite, start=start, **extra
+        )
+
+    def sync(self) -> dict[str, int]:
+        return {}
+
+    def resume(self, sizes: dict[str, int]) -> None:
+        """Cut every appended file back to its size at the last sync (a killed run's tail goes)."""
+        self.overwrite = True  # files of samples past the resume point are this run's own: redrawn
+
+    def close(self, ranks: Mapping[int, int]) -> list[Path]:
+        return []
+
+
+class MetricSummary:
+    """Set-level metrics of generate's samples, accumulated batch by batch so that no sample is kept.
+    DomainBase: the domain's metrics() of each batch, averaged weighted by the batch's size (exact for
+    metrics that are means or shares over samples). A domain whose metrics are no plain means (a
+    median, a distance between distributions) overrides add and metrics; `files` draws the figures
+    about the whole set once at the end. Holds plain data only: generate pickles it to resume."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.sums: dict[str, float] = {}
+
+    def add(self, domain: Domain, artifacts: Sequence[Artifact], details: Sequence[dict]) -> None:
+        for key, value in domain.metrics(artifacts).items():
+            self.sums[key] = self.sums.get(key, 0.0) + value * len(artifacts)
+        self.count += len(artifacts)
+
+    def metrics(self, domain: Domain) -> dict[str, float]:
+        return {key: total / max(self.count, 1) for key, total in self.sums.items()}
+
+    def files(self, domain: Domain, out_dir: Path, overwrite: bool, provenance: dict) -> list[Path]:
+        return []
 
 
 # Capabilities only some domains have. The core asks isinstance(domain, Capability) before it uses
@@ -238,8 +311,13 @@ class Assessed(Protocol):
 
     filter_keys: tuple[str, ...]  # the filters.* keys assess reads (checked before sampling)
 
-    def assess(self, artifacts: Sequence[Artifact], details: list[dict], settings: dict) -> dict[str, float]:
-        """Per-sample columns into details (novelty, `passes`), and their summary metrics."""
+    def assess(
+        self, artifacts: Sequence[Artifact], details: list[dict], settings: dict, start: int = 0
+    ) -> dict[str, float]:
+        """Per-sample columns into details (novelty, `passes`), and their summary metrics; generate
+        calls it once per batch (start: the batch's first sample index), so anything costly to set up
+        (protein's novelty index) is built once and kept; its metrics are averaged over the batches,
+        weighted by size, unless the domain's MetricSummary gives the key itself."""
 
     def report(
         self,

@@ -150,3 +150,50 @@ def safe_child(folder: Path, name: str) -> Path:
     if not name or name in (".", "..") or "\x00" in name or "/" in name or "\\" in name:
         raise ValueError(f"{name!r}: not a plain file name (it would leave {folder})")
     return Path(folder) / name
+
+
+class Appender:
+    """An output file that grows by appending, for outputs too large to rewrite (generate's
+    samples.fasta): each `write` is one write call (whole records stay whole when the process is
+    killed), `sync` puts the bytes on disk and returns the file's size, `resume` cuts the file back to
+    such a size and appends after it. Like write_new_file it refuses to replace an existing file
+    unless overwrite, and the file gets the permissions the umask gives."""
+
+    def __init__(self, path: Path, overwrite: bool = False) -> None:
+        self.path, self.overwrite = Path(path), overwrite
+        self.fd: int | None = None
+
+    def _open(self, size: int | None = None) -> int:
+        if self.fd is None:
+            if size is None and self.path.exists() and not self.overwrite:
+                raise FileExistsError(f"{self.path}: already exists (pass overwrite=true to replace it)")
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | (os.O_TRUNC if size is None else 0)
+            try:
+                self.fd = os.open(self.path, flags, 0o666)  # the umask decides, as for write_new_file
+                if size is not None:
+                    os.truncate(self.path, size)
+            except OSError as err:
+                raise OSError(err.errno, f"cannot write: {err.strerror or err}", str(self.path)) from err
+        return self.fd
+
+    def write(self, text: str) -> None:
+        data, fd = text.encode("utf-8"), self._open()
+        while data:  # one call for a regular file; a short write goes on where it stopped
+            data = data[os.write(fd, data) :]
+
+    def sync(self) -> int:
+        fd = self._open()
+        os.fsync(fd)
+        return os.fstat(fd).st_size
+
+    def resume(self, size: int) -> None:
+        """Append after the first size bytes of the existing file (a killed run's tail is cut)."""
+        self.close()
+        self._open(size)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.fsync(self.fd)
+            os.close(self.fd)
+            self.fd = None

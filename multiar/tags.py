@@ -33,8 +33,10 @@ from multiar.domain import (
     Domain,
     DomainBase,
     HeaderFields,
+    MetricSummary,
     PromptMeta,
     Renderable,
+    SampleFiles,
     StopRules,
     TokenErrors,
     Validity,
@@ -136,6 +138,12 @@ class Tagged(DomainBase):
 
     def metrics(self, artifacts: Sequence[Any]) -> dict[str, float]:
         return self.base.metrics(artifacts)
+
+    def sample_files(self, out_dir: Path, provenance: dict, overwrite: bool) -> SampleFiles:
+        return self.base.sample_files(out_dir, provenance, overwrite)
+
+    def metric_summary(self) -> MetricSummary:
+        return self.base.metric_summary()
 
     def hf_tokenizer_json(self) -> str | None:
         return self.base.hf_tokenizer_json()
@@ -301,8 +309,10 @@ class _Assessed:
     def filter_keys(self: Any) -> tuple[str, ...]:
         return self.base.filter_keys
 
-    def assess(self: Any, artifacts: Sequence[Any], details: list[dict], settings: dict) -> dict[str, float]:
-        return self.base.assess(artifacts, details, settings)
+    def assess(
+        self: Any, artifacts: Sequence[Any], details: list[dict], settings: dict, start: int = 0
+    ) -> dict[str, float]:
+        return self.base.assess(artifacts, details, settings, start=start)
 
     def report(self: Any, *args: Any, **kwargs: Any) -> list[Path]:
         return self.base.report(*args, **kwargs)

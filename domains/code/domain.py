@@ -12,7 +12,7 @@ from typing import Any
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from multiar.domain import FIM_TOKENS, DomainBase
-from multiar.domains.code import analysis
+from multiar.domains.code import analysis, outputs
 from multiar.domains.code.analysis import parses
 from multiar.domains.code.syntax import python_constraint
 from multiar.engine.sampling import LogitsProcessor
@@ -215,9 +215,7 @@ class CodeDomain(DomainBase):
     ) -> list[Path]:
         # every sample is written, parsing or not: a syntax error is data for the report, not a reason to drop
         out_dir = Path(out_dir)
-        # provenance as a comment line: the file stays the sample's code, and says where it came from
-        settings = " ".join(f"{k}={v}" for k, v in provenance.items()).replace("\n", " ").replace("\r", " ")
-        header = f"# multiar sample: {settings}\n" if settings else ""
+        header = outputs.sample_header(provenance)
         paths = [
             write_new_text(safe_child(out_dir, f"sample_{start + i:03d}.py"), header + src, overwrite)
             for i, src in enumerate(artifacts)
@@ -226,14 +224,15 @@ class CodeDomain(DomainBase):
         lines = []
         if start > 0 and report_path.exists():  # samples start.. extend this run's own report
             lines = [x for x in report_path.read_text().splitlines() if not x.startswith("#")]
-        lines += [
-            f"{p.name}\t{'ok' if parses(src) else 'syntax error'}"
-            for p, src in zip(paths, artifacts, strict=True)
-        ]
+        lines += [outputs.report_line(p, src).rstrip("\n") for p, src in zip(paths, artifacts, strict=True)]
         ok = sum(line.endswith("\tok") for line in lines)
         lines.append(f"# {ok} of {len(lines)} samples parse")
         write_new_text(report_path, "\n".join(lines) + "\n", overwrite or start > 0)
         return paths
+
+    def sample_files(self, out_dir: Path, provenance: dict, overwrite: bool) -> outputs.CodeFiles:
+        """sample_NNN.py written once each; syntax_report.tsv appended a line per sample."""
+        return outputs.CodeFiles(self, out_dir, provenance, overwrite)
 
     def training_lines(self) -> analysis.LineIndex | None:
         if self.lines is None and self.lines_file is not None and self.lines_file.exists():

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from multiar.domain import DomainBase, GenerateOption
+from multiar.domain import Domain, DomainBase, GenerateOption, MetricSummary
 from multiar.domains.image import analysis
 from multiar.engine.sampling import LogitsProcessor
 from multiar.files import safe_child, write_new_file, write_new_text
@@ -232,7 +232,12 @@ class ImageDomain(DomainBase):
             out["image/confident_share"] = float((confidence >= analysis.CONFIDENT).mean())
         return out
 
-    def assess(self, artifacts: Sequence[Image], details: list[dict], settings: dict) -> dict[str, float]:
+    def metric_summary(self) -> ImageSummary:
+        return ImageSummary()
+
+    def assess(
+        self, artifacts: Sequence[Image], details: list[dict], settings: dict, start: int = 0
+    ) -> dict[str, float]:
         """Per sample: the classifier's label and confidence, the distance to the nearest training image;
         for samples asked for a label (tags=label=N): the share the classifier labels so."""
         if not artifacts:
@@ -307,3 +312,22 @@ class ImageDomain(DomainBase):
             domain.classifier.load_state_dict(weights)
             domain.classifier.eval()
         return domain
+
+
+class ImageSummary(MetricSummary):
+    """The image metrics (means over samples: batch means are exact) and the grid of the first
+    GRID samples, drawn once at the end."""
+
+    GRID = 64
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first: list[np.ndarray] = []
+
+    def add(self, domain: Domain, artifacts: Sequence[Image], details: Sequence[dict]) -> None:
+        self.first += [a.pixels for a in artifacts[: self.GRID - len(self.first)]]
+        super().add(domain, artifacts, details)
+
+    def files(self, domain: Domain, out_dir: Path, overwrite: bool, provenance: dict) -> list[Path]:
+        """grid.png: the first GRID samples side by side (every sample of a run of up to GRID)."""
+        return [analysis.write_grid(self.first, Path(out_dir) / "grid.png", overwrite)] if self.first else []

@@ -17,7 +17,7 @@ from miditok.data_augmentation import augment_score_multiple_offsets
 from miditok.utils import get_bars_ticks
 from symusic import Score, Tempo, TextMeta, TimeSignature
 
-from multiar.domain import DomainBase, GenerateOption
+from multiar.domain import Domain, DomainBase, GenerateOption, MetricSummary
 from multiar.domains.music import analysis as music_analysis
 from multiar.domains.music.grammar import MusicGrammar, ids_to_bytes
 from multiar.engine.sampling import LogitsProcessor
@@ -294,14 +294,10 @@ class MusicDomain(DomainBase):
             "music/notes_per_sample": sum(per_sample) / max(len(per_sample), 1),
             "music/empty_rate": sum(n == 0 for n in per_sample) / max(len(per_sample), 1),
         }
-        out |= {f"music/{k}": v["mean"] for k, v in samples.items()}
-        if self.train_stats:
-            far = music_analysis.distances(samples, self.train_stats)
-            out |= {f"music/{k}_train": v["mean"] for k, v in self.train_stats.items()}
-            out |= {f"music/{k}_distance": v for k, v in far.items()}
-            known = [v for v in far.values() if not math.isnan(v)]
-            out["music/distance_mean"] = sum(known) / len(known) if known else math.nan
-        return out
+        return out | statistics_metrics(samples, self.train_stats)
+
+    def metric_summary(self) -> MusicSummary:
+        return MusicSummary(self.train_stats)
 
     @property
     def grammar(self) -> MusicGrammar:
@@ -369,3 +365,43 @@ def render_wav(midi: Path, out: Path, soundfont: str | None = None, overwrite: b
 
     write_new_file(out, synthesize, overwrite)
     return out
+
+
+def statistics_metrics(samples: dict[str, dict[str, float]], train_stats: dict | None) -> dict[str, float]:
+    """Each statistic's mean over the samples and, given the training pieces', its distance to them."""
+    out = {f"music/{k}": v["mean"] for k, v in samples.items()}
+    if train_stats:
+        far = music_analysis.distances(samples, train_stats)
+        out |= {f"music/{k}_train": v["mean"] for k, v in train_stats.items()}
+        out |= {f"music/{k}_distance": v for k, v in far.items()}
+        known = [v for v in far.values() if not math.isnan(v)]
+        out["music/distance_mean"] = sum(known) / len(known) if known else math.nan
+    return out
+
+
+class MusicSummary(MetricSummary):
+    """The music metrics of any number of samples from sums: notes, empty pieces, and per statistic the
+    sum and count over the pieces that have it (their mean is what summarize gives)."""
+
+    def __init__(self, train_stats: dict | None) -> None:
+        super().__init__()
+        self.train_stats = train_stats
+        self.notes = self.empty = 0
+        self.stat_sums = dict.fromkeys(music_analysis.STATS, 0.0)
+        self.stat_counts = dict.fromkeys(music_analysis.STATS, 0)
+
+    def add(self, domain: Domain, artifacts: Sequence[Score], details: Sequence[dict]) -> None:
+        self.count += len(artifacts)
+        for score in artifacts:
+            self.notes += score.note_num()
+            self.empty += score.note_num() == 0
+            for key, value in music_analysis.piece_stats(score).items():
+                if key in self.stat_sums and not math.isnan(value):
+                    self.stat_sums[key] += value
+                    self.stat_counts[key] += 1
+
+    def metrics(self, domain: Domain) -> dict[str, float]:
+        n = max(self.count, 1)
+        means = {k: self.stat_sums[k] / c if (c := self.stat_counts[k]) else math.nan for k in self.stat_sums}
+        out = {"music/notes_per_sample": self.notes / n, "music/empty_rate": self.empty / n}
+        return out | statistics_metrics({k: {"mean": v} for k, v in means.items()}, self.train_stats)

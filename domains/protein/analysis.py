@@ -8,10 +8,13 @@ import csv
 import io
 import logging
 import math
+import multiprocessing
 import time
 from collections import Counter
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from Bio import Align
@@ -25,7 +28,7 @@ STANDARD = "ACDEFGHIKLMNPQRSTVWY"
 # calibrated on the bundled proteomes: 95% of real proteins have a 12-residue window of at least 1.2
 # bits, 98% no run longer than 10
 FILTERS = {"min_entropy": 1.2, "entropy_window": 12, "max_homopolymer": 10, "max_identity": 0.95}
-FILTER_KEYS = (*FILTERS, "novelty", "candidates")  # every filters.* key assess reads
+FILTER_KEYS = (*FILTERS, "novelty", "candidates", "workers")  # every filters.* key assess reads
 CSV_COLUMNS = ("id", "length", "end", "ppl", "identity", "nearest", "tags", "kept", "min_entropy",
                "longest_run", "passes", "rank", "sequence")  # fmt: skip
 
@@ -124,7 +127,11 @@ def longest_run(seq: str) -> int:
 
 def composition_kl(samples: Sequence[str], background: dict[str, float]) -> float | None:
     """KL(generated || training composition) over the 20 standard residues, smoothed; None when empty."""
-    counts = Counter("".join(samples))
+    return counts_kl(Counter("".join(samples)), background)
+
+
+def counts_kl(counts: Counter, background: dict[str, float]) -> float | None:
+    """composition_kl from the samples' residue counts."""
     total = sum(counts[a] for a in STANDARD)
     if not total:
         return None
@@ -145,38 +152,111 @@ def ks_distance(a: Sequence[float], b: Sequence[float]) -> float:
     return float(np.abs(cdf_a - cdf_b).max())
 
 
+def counts_ks(a: Counter, b: Counter) -> float:
+    """ks_distance of two samples given as value -> count (the same number, without the values)."""
+    points = np.array(sorted(set(a) | set(b)), dtype=float)
+    cdfs = []
+    for counts in (a, b):
+        values = np.array(sorted(counts), dtype=float)
+        cumulative = np.cumsum([counts[v] for v in sorted(counts)])
+        at = np.searchsorted(values, points, side="right")
+        cdfs.append(np.where(at > 0, cumulative[np.maximum(at - 1, 0)], 0) / cumulative[-1])
+    return float(np.abs(cdfs[0] - cdfs[1]).max())
+
+
+def counted_median(counts: Counter) -> float:
+    """The median (as statistics.median: the mean of the two middle values for an even count) of the
+    values counted."""
+    n, seen, low = sum(counts.values()), 0, None
+    for value in sorted(counts):
+        seen += counts[value]
+        if low is None and seen >= (n + 1) // 2:
+            low = value
+        if seen >= n // 2 + 1:
+            return float(low if n % 2 else (low + value) / 2)
+    return 0.0
+
+
 def check_filters(settings: dict) -> dict:
     """The filter settings with defaults; ValueError naming an unknown key."""
     unknown = sorted(set(settings) - set(FILTER_KEYS))
     if unknown:
         raise ValueError(f"filters: unknown key(s) {', '.join(unknown)}; known: {', '.join(FILTER_KEYS)}")
-    return {**FILTERS, "novelty": True, "candidates": 8, **settings}
+    return {**FILTERS, "novelty": True, "candidates": 8, "workers": 1, **settings}
+
+
+class Novelty:
+    """The novelty search, set up once per run: the k-mer index of the training sequences, and with
+    workers > 1 a pool of that many processes (forked: they share the index) searching a batch's
+    samples in parallel. `seconds` sums the time spent searching (the log reports it)."""
+
+    def __init__(self, training: Sequence[tuple[str, str]], candidates: int = 8, workers: int = 1) -> None:
+        started = time.perf_counter()
+        self.index = KmerIndex([s for _, s in training])
+        self.ids = [i for i, _ in training]
+        self.candidates, self.workers = candidates, max(int(workers), 1)
+        self.built, self.seconds, self.searched = time.perf_counter() - started, 0.0, 0
+        self.pool: Any = None
+
+    def search(self, samples: Sequence[str]) -> list[tuple[float, str]]:
+        started = time.perf_counter()
+        if self.workers > 1 and len(samples) > 1:
+            if self.pool is None:
+                global _SEARCH
+                _SEARCH = self  # what the forked workers find
+                context = multiprocessing.get_context("fork")
+                self.pool = ProcessPoolExecutor(self.workers, mp_context=context)
+            chunks = [samples[i :: self.workers] for i in range(self.workers)]
+            parts = list(self.pool.map(_search_part, chunks))
+            found = [parts[i % self.workers][i // self.workers] for i in range(len(samples))]
+        else:
+            found = nearest(samples, self.index, self.ids, self.candidates)
+        self.seconds += time.perf_counter() - started
+        self.searched += len(samples)
+        return found
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+            self.pool = None
+        log.info(
+            "protein: novelty search over %d training proteins: index %.2f s, %.1f ms per sample",
+            len(self.ids),
+            self.built,
+            1000 * self.seconds / max(self.searched, 1),
+        )
+
+
+_SEARCH: Novelty | None = None
+
+
+def _search_part(samples: Sequence[str]) -> list[tuple[float, str]]:
+    assert _SEARCH is not None
+    return nearest(samples, _SEARCH.index, _SEARCH.ids, _SEARCH.candidates)
 
 
 def assess(
-    samples: Sequence[str], details: list[dict], settings: dict, training: Sequence[tuple[str, str]]
+    samples: Sequence[str],
+    details: list[dict],
+    settings: dict,
+    training: Sequence[tuple[str, str]],
+    start: int = 0,
+    novelty: Novelty | None = None,
 ) -> dict[str, float]:
     """Per sample: nearest training identity, lowest window entropy, longest run, whether it passes the
-    filters (columns added to details); the share passing and the median novelty as metrics."""
+    filters (columns added to details); the share passing and the median novelty as metrics. start:
+    the first sample's index (its id); novelty: the search to use (built here when None)."""
     settings = check_filters(dict(settings))
     metrics: dict[str, float] = {}
     if settings["novelty"] and training:
-        started = time.perf_counter()
-        index = KmerIndex([s for _, s in training])
-        built = time.perf_counter()
-        found = nearest(samples, index, [i for i, _ in training], settings["candidates"])
-        done = time.perf_counter()
+        search = novelty or Novelty(training, settings["candidates"], settings["workers"])
+        found = search.search(samples)
+        if novelty is None:
+            search.close()  # timings go to the log, not generate.json: the same settings write the same files
         for d, (identity, nearest_id) in zip(details, found, strict=True):
             d["identity"], d["nearest"] = round(identity, 4), nearest_id
         metrics["protein/median_identity"] = float(np.median([i for i, _ in found])) if found else 0.0
-        # timings go to the log, not generate.json: the same settings write the same files
-        log.info(
-            "protein: novelty search over %d training proteins: index %.2f s, %.1f ms per sample",
-            len(training),
-            built - started,
-            1000 * (done - built) / max(len(samples), 1),
-        )
-    for i, (seq, d) in enumerate(zip(samples, details, strict=True)):
+    for i, (seq, d) in enumerate(zip(samples, details, strict=True), start=start):
         d.setdefault("id", f"multiar_{i:04d}")  # a ranked copy keeps the sample's own id
         d["min_entropy"] = round(min_window_entropy(seq, settings["entropy_window"]), 3)
         d["longest_run"] = longest_run(seq)
@@ -223,38 +303,51 @@ def report(
         row = {"id": f"multiar_{i:04d}", "length": len(seq), "sequence": seq, **provenance, **d}
         writer.writerow(row)
     paths = [write_new_text(out_dir / "samples.csv", buf.getvalue(), overwrite)]
+    identities = Counter(d["identity"] for d in details if "identity" in d)
+    counts = (Counter("".join(samples)), len(samples), Counter(len(s) for s in samples), identities)
+    return paths + figures(*counts, background, Counter(len(s) for _, s in training), out_dir, overwrite)
 
-    counts = Counter("".join(samples))
-    total = sum(counts[a] for a in STANDARD) or 1
+
+def figures(
+    residues: Counter,
+    samples: int,
+    lengths: Counter,
+    identities: Counter,
+    background: dict[str, float] | None,
+    train_lengths: Counter,
+    out_dir: Path,
+    overwrite: bool,
+) -> list[Path]:
+    """composition.png, lengths.png and novelty.png (where any sample was searched), drawn from counts:
+    residue -> count, length -> samples, identity -> samples."""
+    total = sum(residues[a] for a in STANDARD) or 1
     fig, ax = new_figure(7, 3.2)
     x = np.arange(len(STANDARD))
-    ax.bar(x - 0.2, [counts[a] / total for a in STANDARD], 0.4, label=f"samples ({len(samples)})")
+    ax.bar(x - 0.2, [residues[a] / total for a in STANDARD], 0.4, label=f"samples ({samples})")
     if background:
         ax.bar(x + 0.2, [background.get(a, 0.0) for a in STANDARD], 0.4, label="training")
     ax.set_xticks(x, list(STANDARD))
     ax.set_ylabel("frequency")
     ax.set_title("amino-acid composition")
     ax.legend()
-    paths.append(write_png(out_dir / "composition.png", fig, overwrite))
+    paths = [write_png(out_dir / "composition.png", fig, overwrite)]
 
     fig, ax = new_figure(6, 3.2)
-    lengths = [len(s) for s in samples]
-    train_lengths = [len(s) for _, s in training]
-    top = max(lengths + train_lengths + [1])
+    top = max([*lengths, *train_lengths, 1])
     bins = np.linspace(0, min(top, 2000), 41)
-    if train_lengths:
-        ax.hist(np.clip(train_lengths, 0, bins[-1]), bins, density=True, alpha=0.5, label="training")
-    ax.hist(np.clip(lengths, 0, bins[-1]), bins, density=True, alpha=0.5, label="samples")
+    for counts, label in ((train_lengths, "training"), (lengths, "samples")):
+        if counts:
+            values = np.clip(np.array(list(counts), dtype=float), 0, bins[-1])
+            ax.hist(values, bins, weights=list(counts.values()), density=True, alpha=0.5, label=label)
     ax.set_xlabel("length (residues; longer ones in the last bin)")
     ax.set_ylabel("density")
     ax.legend()
     paths.append(write_png(out_dir / "lengths.png", fig, overwrite))
 
-    identities = [d["identity"] for d in details if "identity" in d]
     if identities:
         fig, ax = new_figure(6, 3.2)
-        ax.hist(identities, np.linspace(0, 1, 21))
-        ax.axvline(float(np.median(identities)), color="k", linestyle="--", label="median")
+        ax.hist(list(identities), np.linspace(0, 1, 21), weights=list(identities.values()))
+        ax.axvline(counted_median(identities), color="k", linestyle="--", label="median")
         ax.set_xlabel("identity to the nearest training protein")
         ax.set_ylabel("samples")
         ax.legend()

@@ -24,7 +24,7 @@ from Bio.Seq import Seq
 from Bio.SeqRecord import SeqRecord
 
 from multiar.domain import FIM_TOKENS, DomainBase
-from multiar.domains.protein import analysis
+from multiar.domains.protein import analysis, outputs
 from multiar.engine.sampling import LogitsProcessor
 from multiar.files import safe_child, write_new_file, write_new_text
 
@@ -93,6 +93,7 @@ class ProteinDomain(DomainBase):
         self.background = background
         self.training: list[tuple[str, str]] = []  # (id, sequence) of the training records, from fit
         self.training_file: Path | None = None  # where a loaded run keeps them (read when first needed)
+        self.novelty: analysis.Novelty | None = None  # generate's search, kept across its batches
 
     def default_paths(self, corpus: str | None = None) -> list[Path]:
         names = [n for part in (corpus or "ecoli").split("+") for n in CORPORA.get(part, [None])]
@@ -214,9 +215,30 @@ class ProteinDomain(DomainBase):
             out["protein/length_ks"] = analysis.ks_distance(lengths, [len(s) for _, s in training])
         return out
 
-    def assess(self, artifacts: Sequence[str], details: list[dict], settings: dict) -> dict[str, float]:
-        """Novelty and filters per sample (columns added to details); their summary metrics."""
-        return analysis.assess(artifacts, details, settings, self.training_sequences())
+    def assess(
+        self, artifacts: Sequence[str], details: list[dict], settings: dict, start: int = 0
+    ) -> dict[str, float]:
+        """Novelty and filters per sample (columns added to details); their summary metrics. The novelty
+        index (and its worker processes) is built on the first call and kept until close_novelty."""
+        training = self.training_sequences()
+        checked = analysis.check_filters(dict(settings))
+        if checked["novelty"] and training and self.novelty is None:
+            self.novelty = analysis.Novelty(training, checked["candidates"], checked["workers"])
+        return analysis.assess(artifacts, details, settings, training, start=start, novelty=self.novelty)
+
+    def close_novelty(self) -> None:
+        """End the novelty search of a generate run (its workers; its timing goes to the log)."""
+        if self.novelty is not None:
+            self.novelty.close()
+            self.novelty = None
+
+    def sample_files(self, out_dir: Path, provenance: dict, overwrite: bool) -> outputs.ProteinFiles:
+        """samples.fasta and samples.csv, appended batch by batch."""
+        return outputs.ProteinFiles(self, out_dir, provenance, overwrite)
+
+    def metric_summary(self) -> outputs.ProteinSummary:
+        training = self.training_sequences()
+        return outputs.ProteinSummary(self.background, Counter(len(s) for _, s in training))
 
     def report(
         self,

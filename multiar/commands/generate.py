@@ -2,30 +2,32 @@
 
 from __future__ import annotations
 
+import heapq
 import json
 import logging
 import math
 import re
-import statistics
-import sys
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from multiar.commands import resume
 from multiar.commands.conditioning import Conditions, conditions
+from multiar.commands.progress import Progress
 from multiar.config import config_dir
 from multiar.domain import (
     Assessed,
     Domain,
+    MetricSummary,
     PromptMeta,
     Renderable,
+    SampleFiles,
     StopRules,
     TokenErrors,
     Validity,
@@ -41,7 +43,7 @@ from multiar.engine.sampling import ban_tokens, repetition_penalty
 from multiar.engine.scoring import document_nats
 from multiar.engine.speculative import SpeculativeStats, speculative_generate
 from multiar.errors import ConfigError
-from multiar.files import write_new_text
+from multiar.files import Appender, write_new_text
 from multiar.run_folder import Run, load_run
 from multiar.schema import validate
 from multiar.tags import Tagged
@@ -200,164 +202,6 @@ def row_stopper(domain: Domain, rule: Callable, prompts: list[list[int]]) -> Cal
     return should_stop
 
 
-def redraw_invalid(
-    cfg: DictConfig,
-    model: GPT,
-    domain: Domain,
-    rows: list[list[int]],
-    writer: SampleWriter,
-    max_new_tokens: int,
-    rule: Callable | None,
-    settings: dict,
-) -> dict[str, int]:
-    """Draw again every sample the domain judges invalid (code: does not parse), up to
-    cfg.resample_invalid times each; how many draws that took and how many stay invalid."""
-    redrawn = 0
-    for _ in range(cfg.resample_invalid):
-        bad = [i for i, artifact in enumerate(writer.artifacts) if not domain.valid(artifact)]
-        for start in range(0, len(bad), cfg.batch_size):
-            chunk = bad[start : start + cfg.batch_size]
-            batch = [rows[i] for i in chunk]
-            buffers: list[list[int]] = [[] for _ in chunk]
-            heads = [writer.prompts[i] for i in chunk]
-            ended = row_stopper(domain, rule, heads) if rule is not None else None
-            for event in stream(model, batch, max_new_tokens, should_stop=ended, **settings):
-                if event.token is not None:
-                    buffers[event.row].append(event.token)
-                else:
-                    writer.replace(chunk[event.row], buffers[event.row], event.end)
-                    redrawn += 1
-    invalid = sum(not domain.valid(a) for a in writer.artifacts)
-    return {"resampled": redrawn, "invalid_after_resampling": invalid}
-
-
-def rank_samples(details: list[dict], top: int | None) -> list[int]:
-    """Indices of the samples that pass the domain's filters (all, where it has none), lowest
-    perplexity first, at most top; each gets its 1-based `rank` in details."""
-    eligible = [i for i, d in enumerate(details) if d.get("passes", True)]
-    order = sorted(eligible, key=lambda i: details[i]["ppl"])[: top or len(eligible)]
-    for rank, i in enumerate(order, start=1):
-        details[i]["rank"] = rank
-    return order
-
-
-class SampleWriter:
-    """Decodes each finished sample and writes it at once, in sample order (a sample waits only for
-    those before it), so an interrupted run keeps every sample that was complete."""
-
-    def __init__(
-        self,
-        domain: Domain,
-        out_dir: Path,
-        provenance: dict,
-        overwrite: bool,
-        include_prompt: bool,
-        stop: str | None,
-        rows: list[list[int]],
-        conditions: Conditions | None = None,
-        stop_rule: Callable[[str, int, bool], int | None] | None = None,
-        prompts: list[list[int]] | None = None,
-        metas: list[Any] | None = None,
-    ) -> None:
-        """rows: what the model continues (BOS, tags, prompt; or a long prompt's tail alone); prompts:
-        each row's whole prompt without BOS, as the files hold it (default: the row's ids after BOS);
-        metas: per row, what the domain carries from its prompt into the file (prompt_meta)."""
-        self.domain, self.out_dir, self.provenance, self.overwrite = domain, out_dir, provenance, overwrite
-        self.rows = rows
-        self.prompts = prompts if prompts is not None else [p[1:] for p in rows]
-        self.heads = [p if include_prompt else [] for p in self.prompts]  # what a file holds before a sample
-        self.include_prompt = include_prompt
-        self.metas = metas
-        self.stop_rule = stop_rule  # where a text artifact ends (code's stop_at=block), or None
-        self.stop = stop
-        self.conditions = conditions or Conditions(rows, caps=[None] * len(rows))
-        self.pending: dict[int, tuple[list[int], str | None]] = {}
-        self.new_ids: list[list[int]] = []
-        self.details: list[dict] = []  # per sample: how it ended, its tags and kept positions
-        self.middles: list[Any] = []  # fill-in-the-middle: each sample's middle alone
-        self.written: set[int] = set()
-        self.decoded: list[tuple[Any, int]] = []
-        self.artifacts: list[Any] = []
-        self.paths: list[Path] = []
-
-    @property
-    def done(self) -> int:
-        return len(self.artifacts)
-
-    @property
-    def annotated(self) -> bool:
-        """Whether the domain writes per-sample details (protein's FASTA descriptions, samples.csv)."""
-        return isinstance(self.domain, Assessed)
-
-    def scores(self, model: GPT, batch_size: int) -> list[float]:
-        """Each sample's perplexity per token under the model: its sampled ids (EOS included when it
-        ended there) given everything the model was given before them (its row: BOS, tags, prompt),
-        whether or not the files hold the prompt."""
-        ended = [d.get("end") == "eos" for d in self.details]
-        nats = [0.0] * len(self.rows)
-        # document_nats puts one first id before each row's prefix: BOS, or a cut prompt's first id
-        for first in {r[0] for r in self.rows}:
-            group = [i for i, r in enumerate(self.rows) if r[0] == first]
-            scored = document_nats(
-                model,
-                [self.new_ids[i] for i in group],
-                first,
-                self.domain.eos_id,
-                batch_size,
-                [self.rows[i][1:] for i in group],
-                [ended[i] for i in group],
-            )
-            for i, n in zip(group, scored, strict=True):
-                nats[i] = n
-        return [math.exp(n / max(len(d) + e, 1)) for n, d, e in zip(nats, self.new_ids, ended, strict=True)]
-
-    def finish(self, index: int, ids: list[int], end: str | None = None) -> None:
-        self.pending[index] = (ids, end)
-        while self.done in self.pending:
-            i = self.done
-            ids, end = self.pending.pop(i)
-            self.new_ids.append([])
-            self.decoded.append((None, 0))
-            self.artifacts.append(None)
-            self.details.append({})
-            if self.conditions.infill is not None:
-                self.middles.append(None)
-            self.replace(i, ids, end)
-
-    def replace(self, i: int, ids: list[int], end: str | None) -> None:
-        """Decode sample i from its new ids and write it (again, for a re-drawn sample)."""
-        cap = self.conditions.caps[i]
-        if cap is not None and len(ids) >= cap:  # reached max_len: cut there, no EOS forced
-            ids, end = ids[:cap], "max_len"
-        head, ids_out = self.heads[i], ids
-        if self.conditions.infill is not None:  # the file around the gap: prefix + middle + suffix
-            self.middles[i] = self.domain.decode(ids)[0]
-            prefix, suffix = self.conditions.infill
-            head, ids_out = prefix, ids + suffix
-        artifact, dropped = self.domain.decode(head + ids_out)
-        if self.metas is not None:  # what the file keeps from its own prompt (music: tempos)
-            artifact = self.domain.with_prompt_meta(artifact, self.metas[i], whole=self.include_prompt)
-        prompt_text = self.domain.decode(head)[0] if isinstance(artifact, str) else None
-        artifact = cut_at_stop(artifact, self.stop, len(prompt_text) if prompt_text is not None else 0)
-        if self.stop_rule is not None:  # the rule sees the prompt even when it is not written
-            full, before = (
-                self.domain.decode(self.prompts[i] + ids)[0],
-                self.domain.decode(self.prompts[i])[0],
-            )
-            cut = self.stop_rule(full, len(before), True)
-            full = full[:cut] if cut is not None else full
-            artifact = full if head else full[len(before) :]
-        self.new_ids[i], self.decoded[i], self.artifacts[i] = ids, (artifact, dropped), artifact
-        details = {"end": end, "tags": self.conditions.tags, "kept": self.conditions.kept}
-        self.details[i] = {k: v for k, v in details.items() if v}
-        extra = {"details": self.details[i : i + 1]} if self.annotated else {}
-        overwrite = self.overwrite or i in self.written  # a re-drawn sample replaces its own file
-        for p in self.domain.write([artifact], self.out_dir, self.provenance, overwrite, start=i, **extra):
-            if p not in self.paths:
-                self.paths.append(p)
-        self.written.add(i)
-
-
 def check_filters(cfg: DictConfig, domain: Domain) -> None:
     """ConfigError, before any sampling, for a filters.* key the domain does not know (its
     `filter_keys`), or any filter set (a value other than the default) for a domain without filters."""
@@ -381,6 +225,8 @@ def check_before_sampling(cfg: DictConfig, domain: Domain, out_dir: Path) -> Non
         raise ConfigError(f"render: the {domain.name} domain has nothing to render (music only)")
     if cfg.resample_invalid and not isinstance(domain, Validity):
         raise ConfigError(f"resample_invalid: the {domain.name} domain has no validity check")
+    if (out_dir / "generate.json").exists() and cfg.resume:
+        raise ConfigError(f"resume: {out_dir} holds a finished run (generate.json): nothing to resume")
     if (out_dir / "generate.json").exists() and not cfg.overwrite:
         raise FileExistsError(
             f"{out_dir / 'generate.json'}: already exists (pass overwrite=true to replace it)"
@@ -425,23 +271,188 @@ def render_files(cfg: DictConfig, domain: Domain, paths: list[Path]) -> dict[str
 
 
 @dataclass
+class Work:
+    """The samples to draw, as a function of their index (nothing is built per sample): sample i
+    continues prompt i // n."""
+
+    rows: list[list[int]]  # per prompt: what the model continues (BOS, tags, prompt; or a long one's tail)
+    heads: list[list[int]]  # per prompt: its whole prompt without BOS, as the files hold it
+    prompts: list[list[int]]  # per prompt: what stop rules and token errors see before the sample
+    caps: list[int | None]  # per prompt: most new tokens to keep (max_len)
+    metas: list[Any] | None  # per prompt: what the domain carries from it into the file (prompt_meta)
+    n: int
+
+    @property
+    def total(self) -> int:
+        return len(self.rows) * self.n
+
+    def batches(self, start: int, size: int) -> Iterator[range]:
+        """The queue of work from sample start on, batch by batch: an iterator, however large n is."""
+        for first in range(start, self.total, size):
+            yield range(first, min(first + size, self.total))
+
+
+@dataclass
+class Sample:
+    """One finished sample: its new ids, why it ended, what the files hold, what decoding dropped."""
+
+    ids: list[int]
+    end: str | None
+    artifact: Any
+    dropped: int
+    middle: Any = None
+
+
+def decode_sample(p: Prepared, i: int, ids: list[int], end: str | None) -> Sample:
+    """Sample i as its files hold it: cut at its length cap, around a fill-in-the-middle gap, with its
+    prompt's meta, cut at the stop text and at the domain's stop rule."""
+    work, domain, k = p.work, p.domain, i // p.work.n
+    cap = work.caps[k]
+    if cap is not None and len(ids) >= cap:  # reached max_len: cut there, no EOS forced
+        ids, end = ids[:cap], "max_len"
+    head, ids_out, middle = (work.heads[k] if p.cfg.include_prompt else []), ids, None
+    if p.cond.infill is not None:  # the file around the gap: prefix + middle + suffix
+        middle = domain.decode(ids)[0]
+        prefix, suffix = p.cond.infill
+        head, ids_out = prefix, ids + suffix
+    artifact, dropped = domain.decode(head + ids_out)
+    if work.metas is not None:  # what the file keeps from its own prompt (music: tempos)
+        artifact = domain.with_prompt_meta(artifact, work.metas[k], whole=p.cfg.include_prompt)
+    prompt_text = domain.decode(head)[0] if isinstance(artifact, str) else None
+    artifact = cut_at_stop(artifact, p.stop, len(prompt_text) if prompt_text is not None else 0)
+    if p.rule is not None:  # the rule sees the prompt even when it is not written
+        full, before = domain.decode(work.prompts[k] + ids)[0], domain.decode(work.prompts[k])[0]
+        cut = p.rule(full, len(before), True)
+        full = full[:cut] if cut is not None else full
+        artifact = full if head else full[len(before) :]
+    return Sample(ids, end, artifact, dropped, middle)
+
+
+def draw(p: Prepared, indices: Sequence[int], attempt: int = 0) -> list[tuple[list[int], str | None]]:
+    """New ids and end reason of each sample index, drawn together as one batch with the generator
+    of (seed, first index, attempt): the same samples whatever ran before."""
+    work, cfg = p.work, p.cfg
+    rows = [work.rows[i // work.n] for i in indices]
+    generator = torch.Generator(device=p.device).manual_seed(resume.batch_seed(cfg.seed, indices[0], attempt))
+    if p.draft is not None and attempt == 0:
+        out, stats = speculative_generate(
+            p.model, rows, p.cond.max_new_tokens, draft=p.draft, k=cfg.speculate_k, ngram=cfg.ngram,
+            **dict(p.settings, generator=generator),
+        )  # fmt: skip
+        p.tally.spec.merge(stats)
+        return list(zip(out, stats.ends, strict=True))
+    buffers: list[list[int]] = [[] for _ in rows]
+    ends: list[str | None] = [None] * len(rows)
+    heads = [work.prompts[i // work.n] for i in indices]
+    ended = row_stopper(p.domain, p.rule, heads) if p.rule is not None else None
+    settings = dict(p.streaming, generator=generator)
+    for event in stream(p.model, rows, p.cond.max_new_tokens, should_stop=ended, **settings):
+        if event.token is not None:
+            buffers[event.row].append(event.token)
+        else:
+            ends[event.row] = event.end
+            p.progress.update(p.tally.done + sum(e is not None for e in ends), p.tally.tokens)
+    p.tally.tokens += sum(map(len, buffers))
+    return list(zip(buffers, ends, strict=True))
+
+
+def redraw_invalid(p: Prepared, batch: range, samples: list[Sample]) -> None:
+    """Draw again every sample of the batch the domain judges invalid (code: does not parse), up to
+    cfg.resample_invalid times each (counted in the tally)."""
+    assert isinstance(p.domain, Validity)
+    for attempt in range(1, p.cfg.resample_invalid + 1):
+        bad = [j for j, s in enumerate(samples) if not p.domain.valid(s.artifact)]
+        if not bad:
+            break
+        for j, (ids, end) in zip(bad, draw(p, [batch[j] for j in bad], attempt), strict=True):
+            samples[j] = decode_sample(p, batch[j], ids, end)
+        p.tally.redrawn += len(bad)
+    p.tally.invalid += sum(not p.domain.valid(s.artifact) for s in samples)
+
+
+def batch_ppl(p: Prepared, batch: range, samples: list[Sample]) -> list[float]:
+    """Each sample's perplexity per token under the model: its sampled ids (EOS included when it ended
+    there) given everything the model was given before them (its row: BOS, tags, prompt), whether or
+    not the files hold the prompt."""
+    rows = [p.work.rows[i // p.work.n] for i in batch]
+    ended = [s.end == "eos" for s in samples]
+    nats = [0.0] * len(samples)
+    # document_nats puts one first id before each row's prefix: BOS, or a cut prompt's first id
+    for first in {r[0] for r in rows}:
+        group = [j for j, r in enumerate(rows) if r[0] == first]
+        scored = document_nats(
+            p.model,
+            [samples[j].ids for j in group],
+            first,
+            p.domain.eos_id,
+            p.cfg.batch_size,
+            [rows[j][1:] for j in group],
+            [ended[j] for j in group],
+        )
+        for j, n in zip(group, scored, strict=True):
+            nats[j] = n
+    return [math.exp(n / max(len(s.ids) + e, 1)) for n, s, e in zip(nats, samples, ended, strict=True)]
+
+
+@dataclass
+class Tally:
+    """What generate accumulates over the samples instead of keeping them: counts for the report's
+    metrics, the domain's summary, the best samples for ranking (a bounded heap with top=K). Pickled
+    into the journal after every batch."""
+
+    summary: MetricSummary
+    done: int = 0
+    tokens: int = 0  # sampled by this process (the progress line's rate)
+    new_tokens: int = 0
+    dropped: int = 0
+    eos: int = 0
+    ppl: Counter = field(default_factory=Counter)  # ppl (3 decimals, as written) -> samples
+    token_errors: int = 0
+    assessed: dict[str, float] = field(default_factory=dict)  # assess metrics x batch size, summed
+    best: list[tuple] = field(default_factory=list)  # heap of (-ppl, -index, artifact, details)
+    redrawn: int = 0
+    invalid: int = 0
+    middles: list[Any] = field(default_factory=list)
+    spec: SpeculativeStats = field(default_factory=SpeculativeStats)
+    sizes: dict[str, int] = field(default_factory=dict)  # appended files' sizes at the last sync
+    last_paths: list[str] = field(default_factory=list)  # the files the last batch wrote
+
+
+def keep_best(tally: Tally, top: int | None, ppl: float, i: int, artifact: Any, details: dict) -> None:
+    """Ranking's candidates: the top lowest-perplexity samples that pass the filters (all with top unset)."""
+    if not details.get("passes", True):
+        return
+    entry = (-ppl, -i, artifact, details)
+    if top is None or len(tally.best) < top:
+        heapq.heappush(tally.best, entry)
+    elif entry[:2] > tally.best[0][:2]:
+        heapq.heapreplace(tally.best, entry)
+
+
+@dataclass
 class Prepared:
-    """What sampling needs once every check has passed: the model, its rows and settings, the writer."""
+    """What sampling needs once every check has passed: the model, the work, the settings, the files
+    to fill and the tally (a resumed run's, where it goes on)."""
 
     cfg: DictConfig
     domain: Domain
     model: GPT
     out_dir: Path
     prompts: list[list[int]]  # per prompt, as the model continues it (fit_prompt)
-    rows: list[list[int]]  # per sample: what the model continues
-    heads: list[list[int]]  # per sample: its whole prompt, as the files hold it
+    work: Work
     cond: Conditions
     settings: dict[str, Any]
     streaming: dict[str, Any]  # settings plus window_starts, for stream
     draft: GPT | str | None
     rule: Callable[[str, int, bool], int | None] | None
+    stop: str | None
     provenance: dict[str, Any]
-    writer: SampleWriter
+    device: torch.device
+    files: SampleFiles
+    listing: Appender  # every file written, a line each (the report's list, read once at the end)
+    tally: Tally
+    digest: str
+    progress: Progress
 
 
 @dataclass
@@ -449,10 +460,13 @@ class Finished:
     """What the steps after sampling add to the report: the files, ranking and extra metrics."""
 
     paths: list[Path]
-    ranked: list[int]
+    ranked: int
     extra_metrics: dict[str, Any]
     redrawn: dict[str, int]
     rendered: dict[str, Any]
+
+
+LISTING = "generate.resume.files"
 
 
 def sampling_settings(
@@ -466,7 +480,7 @@ def sampling_settings(
     elif isinstance(domain, Tagged):  # unconstrained, tags are still never sampled
         processors.append(ban_tokens(range(domain.first_tag_id, domain.vocab_size)))
     processors += cond.processors  # length window, then forced positions: they have the last word
-    generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
+    generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed)  # each batch gets its own
     draft = load_draft(cfg, run)
     if cfg.repetition_penalty != 1.0:
         processors.insert(0, repetition_penalty(cfg.repetition_penalty, cfg.repetition_window))
@@ -509,151 +523,187 @@ def provenance_for(cfg: DictConfig, run: Run, cond: Conditions, options: dict[st
     return provenance
 
 
-def prepare_sampling(cfg: DictConfig) -> Prepared:
-    """Load the run and prompts and run every check, all before any sampling; the writer to fill."""
-    cfg = validate("generate", cfg)
-    run = load_run(cfg.run, device=cfg.device)
-    texts = read_prompt_file(cfg.prompt_file) if cfg.prompt_file else [cfg.prompt]
-    model, domain = sampling_model(run, cfg.quantize, cfg.dtype, cfg.compile), run.domain
-    out_dir = Path(cfg.out if cfg.out else Path("outputs") / domain.name).expanduser()
-    options = domain_options(cfg, domain)  # passed by name to prompt_ids and prompt_meta
-    check_filters(cfg, domain)
-    check_before_sampling(cfg, domain, out_dir)
+def plan_work(
+    cfg: DictConfig, domain: Domain, model: GPT, texts: list, options: dict
+) -> tuple[Work, Conditions]:
+    """The prompts as the model continues them and the files hold them, their conditions: the work."""
     starts = domain.window_starts if isinstance(domain, WindowStarts) else None
     whole = [domain.prompt_ids(t, **options) for t in texts]
     prompts = [fit_prompt(p, model.config.block_size, cfg.max_new_tokens, starts) for p in whole]
     # what each sample keeps from its own prompt beyond the tokens (music: tempos), per prompt
     metas = [domain.prompt_meta(t, **options) for t in texts] if isinstance(domain, PromptMeta) else None
     cond = conditions(cfg, domain, prompts)
+    heads = [p[1:] for p in whole]  # each prompt whole, as the files hold it
+    seen = [r[1:] for r in cond.rows] if cond.infill is not None else heads
+    return Work(cond.rows, heads, seen, list(cond.caps), metas, cfg.n), cond
+
+
+def open_outputs(
+    cfg: DictConfig, domain: Domain, out_dir: Path, provenance: dict
+) -> tuple[SampleFiles, Appender, Tally, str]:
+    """The domain's sample files, the file list and the tally: new ones, or (resume=true, a journal in
+    out_dir) the killed run's, its appended files cut back to the last batch it finished."""
+    digest = resume.settings_digest(cfg)
+    journal = (out_dir / resume.JOURNAL).exists()
+    if journal and not (cfg.resume or cfg.overwrite):
+        raise FileExistsError(
+            f"{out_dir}: holds a run that was interrupted: resume=true goes on with it, overwrite=true starts again"
+        )
+    files = domain.sample_files(out_dir, provenance, cfg.overwrite)
+    listing = Appender(out_dir / LISTING, cfg.overwrite)
+    if not (cfg.resume and journal):
+        return files, listing, Tally(domain.metric_summary()), digest
+    tally = resume.load(out_dir, digest)
+    sizes = dict(tally.sizes)
+    listing.resume(sizes.pop(LISTING))
+    files.resume(sizes)
+    tally.tokens = 0
+    log.info("resume: %d samples were done; going on from there", tally.done)
+    return files, listing, tally, digest
+
+
+def texts_or(cfg: DictConfig) -> list[str | None]:
+    return read_prompt_file(cfg.prompt_file) if cfg.prompt_file else [cfg.prompt]
+
+
+def prepare_sampling(cfg: DictConfig) -> Prepared:
+    """Load the run and prompts and run every check, all before any sampling; the files to fill."""
+    cfg = validate("generate", cfg)
+    run = load_run(cfg.run, device=cfg.device)
+    texts = texts_or(cfg)
+    model, domain = sampling_model(run, cfg.quantize, cfg.dtype, cfg.compile), run.domain
+    out_dir = Path(cfg.out if cfg.out else Path("outputs") / domain.name).expanduser()
+    options = domain_options(cfg, domain)  # passed by name to prompt_ids and prompt_meta
+    check_filters(cfg, domain)
+    check_before_sampling(cfg, domain, out_dir)
+    work, cond = plan_work(cfg, domain, model, texts, options)
     settings, draft = sampling_settings(cfg, run, domain, cond)
-    rows = [p for p in cond.rows for _ in range(cfg.n)]  # n samples of each prompt, in prompt order
-    heads = [p[1:] for p in whole for _ in range(cfg.n)]  # each row's whole prompt, as the files hold it
-    cond.caps = [c for c in cond.caps for _ in range(cfg.n)]
     provenance = provenance_for(cfg, run, cond, options)
-    rule = stop_rule(cfg, domain)
-    stop = stop_text(cfg.stop) if cfg.stop is not None else None
-    writer = SampleWriter(
-        domain,
-        out_dir,
-        provenance,
-        cfg.overwrite,
-        cfg.include_prompt,
-        stop,
-        rows,
-        cond,
-        rule,
-        prompts=None if cond.infill is not None else heads,
-        metas=[m for m in metas for _ in range(cfg.n)] if metas is not None else None,
-    )
-    # past block_size the window slides to a tail that starts where a training window could
-    streaming = dict(settings, window_starts=starts)
+    files, listing, tally, digest = open_outputs(cfg, domain, out_dir, provenance)
     return Prepared(
         cfg=cfg,
         domain=domain,
         model=model,
         out_dir=out_dir,
-        prompts=prompts,
-        rows=rows,
-        heads=heads,
+        prompts=list(cond.rows),
+        work=work,
         cond=cond,
         settings=settings,
-        streaming=streaming,
+        # past block_size the window slides to a tail that starts where a training window could
+        streaming=dict(
+            settings, window_starts=domain.window_starts if isinstance(domain, WindowStarts) else None
+        ),
         draft=draft,
-        rule=rule,
+        rule=stop_rule(cfg, domain),
+        stop=stop_text(cfg.stop) if cfg.stop is not None else None,
         provenance=provenance,
-        writer=writer,
+        device=settings["generator"].device,
+        files=files,
+        listing=listing,
+        tally=tally,
+        digest=digest,
+        progress=Progress(work.total, f"{domain.name} samples", cfg.progress, done=tally.done),
     )
+
+
+def take_batch(p: Prepared, batch: range) -> None:
+    """Draw, decode, score, judge and write one batch of samples, count them, and journal the run."""
+    samples = [decode_sample(p, i, ids, end) for i, (ids, end) in zip(batch, draw(p, batch), strict=True)]
+    if p.cfg.resample_invalid:
+        redraw_invalid(p, batch, samples)
+    details = []
+    for s, ppl in zip(samples, batch_ppl(p, batch, samples), strict=True):
+        d = {"end": s.end, "tags": p.cond.tags, "kept": p.cond.kept}
+        details.append({k: v for k, v in d.items() if v} | {"ppl": round(ppl, 3)})
+    artifacts = [s.artifact for s in samples]
+    annotated = isinstance(p.domain, Assessed)
+    if isinstance(p.domain, Assessed):
+        for key, value in p.domain.assess(artifacts, details, dict(p.cfg.filters), start=batch[0]).items():
+            p.tally.assessed[key] = p.tally.assessed.get(key, 0.0) + value * len(batch)
+    paths = [str(x) for x in p.files.add(artifacts, batch[0], details if annotated else None)]
+    p.listing.write("".join(f"{x}\n" for x in paths if x not in p.tally.last_paths))
+    p.tally.last_paths = paths
+    count(p, batch, samples, details)
+    p.tally.sizes = p.files.sync() | {LISTING: p.listing.sync()}
+    resume.save(p.out_dir, p.digest, p.tally)  # a kill from here on loses nothing of this batch
+    p.progress.update(p.tally.done, p.tally.tokens)
+
+
+def count(p: Prepared, batch: range, samples: list[Sample], details: list[dict]) -> None:
+    """The batch into the tally: token counts, end reasons, perplexities, ranking, the domain's summary."""
+    t, domain = p.tally, p.domain
+    for i, s, d in zip(batch, samples, details, strict=True):
+        t.new_tokens += len(s.ids)
+        t.dropped += s.dropped
+        t.eos += s.end == "eos"
+        t.ppl[d["ppl"]] += 1
+        if p.cfg.rank_by == "ppl":
+            keep_best(t, p.cfg.top, d["ppl"], i, s.artifact, d)
+        if s.middle is not None:
+            t.middles.append(s.middle)
+    if isinstance(domain, TokenErrors):  # miditok's tokens_errors over the sampled tokens, prompt as context
+        for i, s in zip(batch, samples, strict=True):
+            head = p.work.prompts[i // p.work.n]
+            t.token_errors += max(domain.token_errors(head + s.ids) - domain.token_errors(head), 0)
+    t.summary.add(domain, [s.artifact for s in samples], details)
+    t.done = batch[-1] + 1
 
 
 def sample_batches(p: Prepared) -> SpeculativeStats:
-    """Sample every row, batch by batch, handing each finished sample to the writer at once."""
-    cfg, rows, writer = p.cfg, p.rows, p.writer
-    spec = SpeculativeStats()
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]:.0f} tok/s"),
-        TimeElapsedColumn(),
-        disable=not sys.stderr.isatty(),
-        transient=True,
-    ) as bar:
-        task = bar.add_task(f"{p.domain.name} samples", total=len(rows), rate=0.0)
-        started, tokens = time.perf_counter(), 0
-        for start in range(0, len(rows), cfg.batch_size):
-            batch = rows[start : start + cfg.batch_size]
-            if p.draft is not None:
-                out, stats = speculative_generate(
-                    p.model,
-                    batch,
-                    p.cond.max_new_tokens,
-                    draft=p.draft,
-                    k=cfg.speculate_k,
-                    ngram=cfg.ngram,
-                    **p.settings,
-                )
-                spec.merge(stats)
-                for i, (ids, end) in enumerate(zip(out, stats.ends, strict=True)):
-                    writer.finish(start + i, ids, end)
-                tokens += sum(map(len, out))
-                bar.update(task, completed=writer.done, rate=tokens / (time.perf_counter() - started))
-                continue
-            buffers: list[list[int]] = [[] for _ in batch]
-            heads = p.heads[start : start + len(batch)]
-            ended = row_stopper(p.domain, p.rule, heads) if p.rule is not None else None
-            for event in stream(p.model, batch, p.cond.max_new_tokens, should_stop=ended, **p.streaming):
-                if event.token is not None:
-                    buffers[event.row].append(event.token)
-                    tokens += 1
-                    continue
-                # on disk as soon as it is complete
-                writer.finish(start + event.row, buffers[event.row], event.end)
-                bar.update(task, completed=writer.done, rate=tokens / (time.perf_counter() - started))
-    return spec
+    """Every sample from where the run stands, batch by batch, each batch on disk as it finishes."""
+    try:
+        for batch in p.work.batches(p.tally.done, p.cfg.batch_size):
+            take_batch(p, batch)
+    finally:
+        p.progress.close()
+    return p.tally.spec
+
+
+def ranked(tally: Tally) -> list[tuple]:
+    """The ranking's (artifact, details, index), lowest perplexity first (ties: the earlier sample);
+    each details gets its 1-based `rank`."""
+    order = sorted(tally.best, key=lambda e: (-e[0], -e[1]))
+    for rank, entry in enumerate(order, start=1):
+        entry[3]["rank"] = rank
+    return [(e[2], e[3], -e[1]) for e in order]
 
 
 def finish_samples(p: Prepared) -> Finished:
-    """After sampling: redraws, scores, the domain's assessment, ranking, report files, token errors
-    and renders, in that order (each may rewrite files the one before wrote)."""
-    cfg, domain, writer, provenance = p.cfg, p.domain, p.writer, p.provenance
-    redrawn = (
-        redraw_invalid(cfg, p.model, domain, p.rows, writer, p.cond.max_new_tokens, p.rule, p.streaming)
-        if cfg.resample_invalid
-        else {}
-    )
-    artifacts, paths, details = writer.artifacts, writer.paths, writer.details
-    for d, ppl in zip(details, writer.scores(p.model, cfg.batch_size), strict=True):
-        d["ppl"] = round(ppl, 3)
-    extra_metrics = (
-        domain.assess(artifacts, details, dict(cfg.filters)) if isinstance(domain, Assessed) else {}
-    )
-    ranked = rank_samples(details, cfg.top) if cfg.rank_by == "ppl" else []
-    if writer.annotated:  # the files again, now with every sample's score, novelty and filters
-        paths = domain.write(artifacts, p.out_dir, provenance, overwrite=True, details=details)
-        paths += domain.report(artifacts, details, p.out_dir, overwrite=True, provenance=provenance)
-    if ranked:
-        best = [artifacts[i] for i in ranked]
-        extra = {"details": [details[i] for i in ranked]} if writer.annotated else {}
-        paths += domain.write(best, p.out_dir / "top", provenance, overwrite=cfg.overwrite, **extra)
-    if isinstance(domain, TokenErrors):  # miditok's tokens_errors over the sampled tokens, prompt as context
-        errors = sum(
-            max(domain.token_errors(h + ids) - domain.token_errors(h), 0)
-            for h, ids in zip(writer.prompts, writer.new_ids, strict=True)
+    """After sampling: the ranks into the files, the figures from the summary, the ranked copies under
+    top/, token errors and renders, in that order."""
+    cfg, domain, t = p.cfg, p.domain, p.tally
+    best = ranked(t) if cfg.rank_by == "ppl" else []
+    closing = p.files.close({i: d["rank"] for _, d, i in best})
+    p.listing.close()
+    listed = p.listing.path.read_text(encoding="utf-8").splitlines()
+    paths = [Path(x) for x in dict.fromkeys([*listed, *map(str, closing)])]
+    paths += t.summary.files(domain, p.out_dir, True, p.provenance)
+    if best:
+        extra = {"details": [d for _, d, _ in best]} if isinstance(domain, Assessed) else {}
+        top = p.out_dir / "top"
+        paths += domain.write(
+            [a for a, _, _ in best], top, p.provenance, overwrite=cfg.overwrite or cfg.resume, **extra
         )
-        extra_metrics[f"{domain.name}/token_error_rate"] = errors / max(sum(map(len, writer.new_ids)), 1)
+    summary = t.summary.metrics(domain)
+    extra_metrics = {k: summary.pop(k, v / max(t.done, 1)) for k, v in t.assessed.items()}
+    if isinstance(domain, TokenErrors):
+        extra_metrics[f"{domain.name}/token_error_rate"] = t.token_errors / max(t.new_tokens, 1)
     rendered = render_files(cfg, domain, paths) if cfg.render else {}
     paths += rendered.pop("files", [])
-    return Finished(paths, ranked, extra_metrics, redrawn, rendered)
+    redrawn = {"resampled": t.redrawn, "invalid_after_resampling": t.invalid} if cfg.resample_invalid else {}
+    return Finished(paths, len(best), {"summary": summary, **extra_metrics}, redrawn, rendered)
 
 
 def build_report(p: Prepared, done: Finished, spec: SpeculativeStats) -> dict[str, Any]:
     """The report generate.json holds and sample_to_files returns, keys in a fixed order."""
-    cfg, domain, writer, cond = p.cfg, p.domain, p.writer, p.cond
-    new_ids, decoded, artifacts, details = writer.new_ids, writer.decoded, writer.artifacts, writer.details
+    cfg, domain, t, cond = p.cfg, p.domain, p.tally, p.cond
+    extra = dict(done.extra_metrics)
+    summary = extra.pop("summary")
+    n = max(t.done, 1)
     return {
         "domain": domain.name,
         "files": [str(f) for f in done.paths],
-        "samples": len(artifacts),
+        "samples": t.done,
         "prompt": cfg.prompt,
         "prompts": len(p.prompts),
         "provenance": p.provenance,
@@ -664,34 +714,51 @@ def build_report(p: Prepared, done: Finished, spec: SpeculativeStats) -> dict[st
             else {}
         ),
         "metrics": {
-            f"{domain.name}/new_tokens_mean": sum(map(len, new_ids)) / max(len(new_ids), 1),
-            f"{domain.name}/dropped_tokens": sum(d for _, d in decoded),
-            f"{domain.name}/eos_rate": sum(d.get("end") == "eos" for d in details) / max(len(details), 1),
-            f"{domain.name}/ppl_median": statistics.median(d["ppl"] for d in details) if details else 0.0,
-            **domain.metrics(artifacts),
-            **done.extra_metrics,
+            f"{domain.name}/new_tokens_mean": t.new_tokens / n,
+            f"{domain.name}/dropped_tokens": t.dropped,
+            f"{domain.name}/eos_rate": t.eos / n,
+            f"{domain.name}/ppl_median": counted_median(t.ppl) if t.ppl else 0.0,
+            **summary,
+            **extra,
         },
-        **({"ranked": len(done.ranked), "rank_by": cfg.rank_by} if cfg.rank_by else {}),
+        **({"ranked": done.ranked, "rank_by": cfg.rank_by} if cfg.rank_by else {}),
         **({"tags": cond.tags} if cond.tags else {}),
         **({"kept": cond.kept} if cond.kept else {}),
         **done.redrawn,
         **done.rendered,
-        **({"middles": writer.middles} if writer.middles and isinstance(writer.middles[0], str) else {}),
+        **({"middles": t.middles} if t.middles and isinstance(t.middles[0], str) else {}),
     }
+
+
+def counted_median(counts: Counter) -> float:
+    """statistics.median of the values counted (value -> how many), without listing them."""
+    n, seen, low = sum(counts.values()), 0, None
+    for value in sorted(counts):
+        seen += counts[value]
+        if low is None and seen >= (n + 1) // 2:
+            low = value
+        if seen >= n // 2 + 1:
+            return low if n % 2 else (low + value) / 2
+    return 0.0
 
 
 def sample_to_files(cfg: DictConfig) -> dict[str, Any]:
     """Sample cfg.n continuations of each prompt (cfg.prompt, or every line of cfg.prompt_file) from
-    run cfg.run; write files; return a report."""
+    run cfg.run; write files; return a report. Linear in n, memory bounded: the samples go to disk
+    batch by batch, and a killed run goes on with resume=true."""
     p = prepare_sampling(cfg)  # every check before the first token is sampled
     spec = sample_batches(p)
     done = finish_samples(p)
     report = build_report(p, done, spec)
     cfg = p.cfg  # validated: defaults filled in
-    write_new_text(p.out_dir / "generate.json", json.dumps(report, indent=1) + "\n", overwrite=cfg.overwrite)
-    print(
-        f"{p.domain.name}: wrote {len(done.paths)} file(s) for {len(p.writer.artifacts)} samples to {p.out_dir}"
+    write_new_text(
+        p.out_dir / "generate.json",
+        json.dumps(report, indent=1) + "\n",
+        overwrite=cfg.overwrite or cfg.resume,
     )
+    for name in (resume.JOURNAL, LISTING):  # the run is whole: nothing to resume
+        (p.out_dir / name).unlink(missing_ok=True)
+    print(f"{p.domain.name}: wrote {len(done.paths)} file(s) for {p.tally.done} samples to {p.out_dir}")
     for key, value in report["metrics"].items():
         print(f"  {key} = {value:.4g}")
     return report

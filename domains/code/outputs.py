@@ -1,0 +1,58 @@
+"""How `multiar generate` writes code samples as they come: sample_NNN.py written once each, and
+syntax_report.tsv grown by a line per sample (appended, never re-read while sampling), its closing
+count written once at the end."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from multiar.domain import Domain, SampleFiles
+from multiar.domains.code.analysis import parses
+from multiar.files import Appender, safe_child, write_new_text
+
+
+def sample_header(provenance: dict) -> str:
+    """The provenance as a comment line: the file stays the sample's code, and says where it came from."""
+    settings = " ".join(f"{k}={v}" for k, v in provenance.items()).replace("\n", " ").replace("\r", " ")
+    return f"# multiar sample: {settings}\n" if settings else ""
+
+
+def report_line(path: Path, src: str) -> str:
+    return f"{path.name}\t{'ok' if parses(src) else 'syntax error'}\n"
+
+
+class CodeFiles(SampleFiles):
+    """sample_NNN.py per sample; syntax_report.tsv a line each, then '# K of N samples parse'."""
+
+    def __init__(self, domain: Domain, out_dir: Path, provenance: dict, overwrite: bool) -> None:
+        super().__init__(domain, out_dir, provenance, overwrite)
+        self.header = sample_header(provenance)
+        self.report = Appender(self.out_dir / "syntax_report.tsv", overwrite)
+
+    def add(self, artifacts: Sequence[str], start: int, details: Sequence[dict] | None) -> list[Path]:
+        paths = [
+            write_new_text(
+                safe_child(self.out_dir, f"sample_{start + i:03d}.py"), self.header + src, self.overwrite
+            )
+            for i, src in enumerate(artifacts)
+        ]
+        self.report.write("".join(report_line(p, src) for p, src in zip(paths, artifacts, strict=True)))
+        return paths
+
+    def sync(self) -> dict[str, int]:
+        return {"syntax_report.tsv": self.report.sync()}
+
+    def resume(self, sizes: dict[str, int]) -> None:
+        super().resume(sizes)
+        self.report.overwrite = True
+        if "syntax_report.tsv" in sizes:
+            self.report.resume(sizes["syntax_report.tsv"])
+
+    def close(self, ranks: Mapping[int, int]) -> list[Path]:
+        self.report.sync()
+        with open(self.report.path, encoding="utf-8") as lines:  # one pass at the end: the count
+            states = [line.rstrip("\n").endswith("\tok") for line in lines if not line.startswith("#")]
+        self.report.write(f"# {sum(states)} of {len(states)} samples parse\n")
+        self.report.close()
+        return [self.report.path]

@@ -1,0 +1,58 @@
+"""generate's journal: after every batch, what a killed run needs to go on byte for byte (`resume=true`):
+the samples done, the size of every appended file, and the accumulated state (metrics' counts, the
+ranking heap). Written atomically beside the samples as generate.resume; removed when the run ends."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from multiar.errors import ConfigError
+from multiar.files import write_new_file
+
+JOURNAL = "generate.resume"
+# keys that change how a run is shown or stored, not what it samples
+FREE = ("resume", "progress", "overwrite")
+
+
+def settings_digest(cfg: DictConfig) -> str:
+    """A hash of every setting that decides the samples: a resumed run must have the same."""
+    settings = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in FREE}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def batch_seed(seed: int, start: int, attempt: int = 0) -> int:
+    """The seed of the batch of samples from index start (attempt: a redraw): a function of the seed and
+    the index alone, so a resumed run draws what an uninterrupted one drew. The first batch's first
+    draw uses the seed itself."""
+    if start == 0 and attempt == 0:
+        return seed
+    digest = hashlib.sha256(f"{seed}:{start}:{attempt}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # below 2**63: any torch generator takes it
+
+
+def save(out_dir: Path, digest: str, state: Any) -> None:
+    data = pickle.dumps({"digest": digest, "state": state}, protocol=pickle.HIGHEST_PROTOCOL)
+    write_new_file(out_dir / JOURNAL, lambda tmp: tmp.write_bytes(data), overwrite=True)
+
+
+def load(out_dir: Path, digest: str) -> Any:
+    """The state a killed run journaled in out_dir; ConfigError when its settings differ."""
+    path = out_dir / JOURNAL
+    try:
+        saved = pickle.loads(path.read_bytes())  # our own file, written by generate in this folder
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError, ImportError) as err:
+        raise ConfigError(
+            f"resume: {path}: cannot be read ({err}); start again with overwrite=true"
+        ) from None
+    if saved.get("digest") != digest:
+        raise ConfigError(
+            f"resume: {path} was written with other settings: resume with the same ones, or start again"
+            " with overwrite=true"
+        )
+    return saved["state"]
