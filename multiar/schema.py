@@ -359,8 +359,10 @@ class GenerateSchema:
             "entropy_window": "the residues min_entropy looks at together",
             "max_homopolymer": "longest run of one residue (98% of the bundled proteomes: 10 or less)",
             "max_identity": "identity to the nearest training sequence (a near copy above)",
-            "novelty": "search the nearest training sequence (k-mer prefilter, then Bio.Align)",
+            "novelty": "search the nearest training sequence (k-mer prefilter, then Bio.Align); false: "
+            "off (no identity column, the fastest large runs)",
             "candidates": "training sequences aligned per sample, best by shared 4-mers",
+            "workers": "processes the novelty search of each batch is spread over (1: in the sampling one)",
         },
     )
     constrain: bool = doc(
@@ -384,6 +386,16 @@ class GenerateSchema:
     )
     render: str | None = doc("music: wav also writes sample_NNN.wav (fluidsynth and a GM SoundFont)", None)
     soundfont: str | None = doc("render=wav: the .sf2; null: /usr/share/sounds/sf2/FluidR3_GM.sf2", None)
+    progress: bool = doc(
+        "a progress line on stderr for runs past a few seconds (samples, tok/s, ETA; a plain line per 10% "
+        "when stderr is no terminal)",
+        True,
+    )
+    resume: bool = doc(
+        "go on with the interrupted run in `out` (its generate.resume journal) after its last whole batch, "
+        "to the files an uninterrupted run writes; the other settings must be the same",
+        False,
+    )
 
     def __post_init__(self) -> None:
         _check_device(self.device)
