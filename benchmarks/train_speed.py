@@ -3,7 +3,11 @@ transformers' LlamaForCausalLM / GPT2LMHeadModel at the same shape in that plain
 autocast, side by side in one process.
 
     .venv/bin/python benchmarks/train_speed.py [--shapes 10.8M 85M] [--steps 20] [--warmup 3]
-        [--dtypes fp32 bf16] [--json benchmarks/train_speed.json]
+        [--dtypes fp32 bf16] [--json benchmarks/train_speed.json] [--nanogpt DIR] [--only NAME ...]
+
+`--nanogpt DIR`: a nanoGPT checkout (its model.py is imported from there, nothing is copied): adds its
+GPT-2 (bias=False, as its train.py defaults) in the same plain loop with its own optimizer setup
+(`configure_optimizers`), at the same shape. The row is skipped when DIR is not given or lacks model.py.
 
 Shape: vocab 512, block 256, batch 8 (2,048 tokens a step), AdamW, gradient clipping at 1.0. Model FLOP
 utilisation (MFU) = (6 N + 12 L T C) FLOPs per token x tokens/s against the matmul peak of that dtype,
@@ -15,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -45,17 +51,21 @@ def autocast(dtype: str):
     return contextlib.nullcontext()
 
 
-def plain_loop(model: torch.nn.Module, data: list[torch.Tensor], dtype: str, warmup: int, logits_of) -> float:
-    """The ~30-line loop every tutorial writes; seconds per step after warm-up."""
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, betas=(0.9, 0.95))
+def plain_loop(
+    model: torch.nn.Module, data: list[torch.Tensor], dtype: str, warmup: int, logits_of, opt=None
+) -> float:
+    """The ~30-line loop every tutorial writes; seconds per step after warm-up. logits_of(model, idx,
+    targets) returns logits, or the loss itself (a 0-d tensor: nanoGPT's forward)."""
+    if opt is None:
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, betas=(0.9, 0.95))
     model.train()
     for i, batch in enumerate(data):
         if i == warmup:
             start = time.perf_counter()
         idx, targets = batch[:, :-1], batch[:, 1:]
         with autocast(dtype):
-            logits = logits_of(model, idx)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+            out = logits_of(model, idx, targets)
+        loss = out if out.dim() == 0 else F.cross_entropy(out.flatten(0, 1).float(), targets.flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -117,6 +127,31 @@ def transformers_models(model: GPT) -> dict:
     return {"transformers Llama": LlamaForCausalLM(llama), "transformers GPT-2": GPT2LMHeadModel(gpt2)}
 
 
+def nanogpt_row(directory: Path | None, config: ModelConfig, data: list, dtype: str, warmup: int):
+    """Seconds per step of nanoGPT's GPT (imported from a checkout) in the plain loop, or None."""
+    if directory is None or not (directory / "model.py").exists():
+        return None
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("nanogpt_model", directory / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.manual_seed(0)
+    cfg = module.GPTConfig(
+        block_size=BLOCK,
+        vocab_size=VOCAB,
+        n_layer=config.n_layer,
+        n_head=config.n_head,
+        n_embd=config.n_embd,
+        dropout=0.0,
+        bias=False,
+    )
+    with contextlib.redirect_stdout(None):  # its constructor and optimizer setup print
+        model = module.GPT(cfg)
+        opt = model.configure_optimizers(0.1, 3e-4, (0.9, 0.95), "cpu")
+    return plain_loop(model, data, dtype, warmup, lambda m, x, y: m(x, y)[1], opt)
+
+
 def loader_wait(steps: int) -> float:
     """Seconds per batch spent fetching packed blocks from multiar's real data path."""
     from multiar.data.corpus import prepare_corpus
@@ -141,6 +176,32 @@ def flops_per_token(config: ModelConfig, params: int) -> float:
     return 6 * (non_embedding + VOCAB * config.n_embd) + 12 * config.n_layer * BLOCK * config.n_embd
 
 
+def shape_rows(config: ModelConfig, gpt: GPT, data: list, dtype: str, args) -> dict[str, float]:  # noqa: ANN001
+    """Seconds per step of every implementation at one shape and dtype: each runs its warm-up and
+    timed steps once per round, rounds interleaved, the median over rounds."""
+    loops = {
+        "multiar Lightning": lambda: lightning_loop(config, data, dtype, args.warmup),
+        "multiar GPT, plain loop": lambda: plain_loop(
+            copy.deepcopy(gpt), data, dtype, args.warmup, lambda m, x, y: m(x)
+        ),
+    }
+    for name in ("transformers Llama", "transformers GPT-2"):
+        loops[name] = lambda name=name: plain_loop(
+            transformers_models(gpt)[name], data, dtype, args.warmup, lambda m, x, y: m(input_ids=x).logits
+        )
+    if args.nanogpt is not None:
+        loops["nanoGPT GPT-2"] = lambda: nanogpt_row(args.nanogpt, config, data, dtype, args.warmup)
+    if args.only:
+        loops = {k: v for k, v in loops.items() if k in args.only}
+    times: dict[str, list[float]] = {name: [] for name in loops}
+    for _ in range(args.rounds):
+        for name, loop in loops.items():
+            seconds = loop()
+            if seconds is not None:
+                times[name].append(seconds)
+    return {name: statistics.median(t) for name, t in times.items() if t}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -150,6 +211,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--nanogpt", type=Path, default=None, help="a nanoGPT checkout (its model.py)")
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds; median step of each")
+    parser.add_argument("--only", nargs="*", default=None, help="rows to run (names as printed)")
+    parser.add_argument("--no-loader", action="store_true", help="skip the loader-wait measurement")
     args = parser.parse_args()
     torch.manual_seed(0)
     peaks = {
@@ -169,12 +234,7 @@ def main() -> None:
             torch.manual_seed(0)
             gpt = GPT(config)
             fpt = flops_per_token(config, gpt.num_parameters())
-            rows = {
-                "multiar Lightning": lightning_loop(config, data, dtype, args.warmup),
-                "multiar GPT, plain loop": plain_loop(gpt, data, dtype, args.warmup, lambda m, x: m(x)),
-            }
-            for name, hf in transformers_models(gpt).items():
-                rows[name] = plain_loop(hf, data, dtype, args.warmup, lambda m, x: m(input_ids=x).logits)
+            rows = shape_rows(config, gpt, data, dtype, args)
             for name, seconds in rows.items():
                 tps = tokens / seconds
                 results.append(
@@ -193,14 +253,21 @@ def main() -> None:
             for name, tps in base.items():
                 mfu = tps * fpt / peaks[dtype]
                 print(f"  {name:26s} {tps:8.0f} tok/s  MFU {mfu:5.1%}")
-            mine = base["multiar Lightning"]
-            print(
-                f"  multiar/plain {mine / base['multiar GPT, plain loop']:.2f}  "
-                f"multiar GPT / Llama {base['multiar GPT, plain loop'] / base['transformers Llama']:.2f}  "
-                f"multiar GPT / GPT-2 {base['multiar GPT, plain loop'] / base['transformers GPT-2']:.2f}"
-            )
+            ratios = [
+                (a, b)
+                for a in ("multiar Lightning", "multiar GPT, plain loop")
+                for b in (
+                    "multiar GPT, plain loop",
+                    "transformers Llama",
+                    "transformers GPT-2",
+                    "nanoGPT GPT-2",
+                )
+                if a != b and a in base and b in base
+            ]
+            print("  " + "  ".join(f"{a} / {b} {base[a] / base[b]:.2f}" for a, b in ratios), flush=True)
+    wait = loader_wait(20) if not args.no_loader else float("nan")
     wait = loader_wait(20)
-    step = max(r["tok_s"] for r in results if r["impl"] == "multiar Lightning")  # the shortest step
+    step = max((r["tok_s"] for r in results if r["impl"] == "multiar Lightning"), default=float("nan"))
     print(
         f"\nloader wait {wait * 1e3:.2f} ms a batch = {wait / (tokens / step):.2%} of the fastest step measured"
     )

@@ -1,0 +1,313 @@
+"""The fastest way to sample with a model on this machine, chosen by measuring it: `prepare_for_decoding`.
+
+Float candidates are a weight layout and a dtype: `fp32/linear` (nn.Linear), `fp32/packed` (oneDNN's
+packed Linear for fp32 weights of 512 KiB or more, `multiar.engine.packed`), `bf16/linear` and
+`bf16/packed`. Each candidate's copy of the model decodes a few steps at the batch size asked (prefill,
+then one token a step), rounds interleaved, and the fastest step wins. `dtype=` and `layout=` narrow the
+candidates (one left: nothing is measured); a missing kernel (oneDNN's packed Linear) removes its
+candidates. Quantized models (int8, int4) keep their weights; each layer shape's kernel (the int8/int4
+kernel, or the weights dequantized once to bf16 and packed) is picked the same way, per shape.
+
+The choice is cached in `cache_dir/decode_layout.json`, keyed by CPU model, torch version, thread
+count, device, batch size, the model's layer shapes and the narrowing asked: later runs on that
+machine decide at once, and the same settings give the same choice (hence the same samples).
+No Lightning, Hydra or domain code here.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from multiar.engine.packed import PackedLinear, _onednn_ops, decode_layout
+from multiar.engine.precision import cpu_model
+from multiar.engine.quantize import Int4Linear, Int8Linear
+
+CACHE_FORMAT = 1
+CACHE_FILE = "decode_layout.json"
+DTYPES = ("fp32", "bf16")
+LAYOUTS = ("linear", "packed")
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+# a timer: (candidate name -> model) -> seconds per decode step of each; injected by tests
+Timer = Callable[[dict[str, nn.Module]], dict[str, float]]
+
+
+@dataclass
+class DecodeChoice:
+    """What prepare_for_decoding picked, and why: for the log line and generate.json's provenance."""
+
+    dtype: str  # fp32 | bf16 (activations of a quantized model: its kernels decide)
+    layout: str  # linear | packed | compiled | int8 | int4
+    how: str  # measured | cached | forced | only candidate
+    batch_size: int
+    step_ms: dict[str, float] = field(default_factory=dict)  # candidate -> ms per decode step
+    kernels: dict[str, str] = field(default_factory=dict)  # quantized: layer shape -> kernel
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def log_line(self) -> str:
+        """One line: what was picked and the alternatives measured."""
+        picked = f"{self.dtype}/{self.layout}" if self.layout not in ("int8", "int4") else self.layout
+        alts = ", ".join(f"{k} {v:.2f}" for k, v in sorted(self.step_ms.items(), key=lambda kv: kv[1]))
+        kernels = (
+            f"; kernels {', '.join(f'{s}: {k}' for s, k in self.kernels.items())}" if self.kernels else ""
+        )
+        timed = f" (ms per decode step at batch {self.batch_size}: {alts})" if alts else ""
+        return f"decoding with {picked}, {self.how}{timed}{kernels}"
+
+
+def float_candidates(device: torch.device, dtype: str, layout: str) -> list[str]:
+    """The dtype/layout pairs to measure: those dtype= and layout= allow ("auto": any), less packed ones
+    where this torch or device has no oneDNN packed Linear."""
+    dtypes = DTYPES if dtype == "auto" else (dtype,)
+    layouts = LAYOUTS if layout == "auto" else (layout,)
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available() or _onednn_ops() is None:
+        layouts = tuple(x for x in layouts if x != "packed") or ("linear",)
+    if device.type == "cuda" and dtype == "auto" and not torch.cuda.is_bf16_supported():
+        dtypes = ("fp32",)
+    return [f"{d}/{x}" for d in dtypes for x in layouts]
+
+
+def build_float(model: nn.Module, candidate: str) -> nn.Module:
+    """model (in place) as candidate "dtype/layout" lays it out."""
+    dtype, layout = candidate.split("/")
+    model = model.to(TORCH_DTYPES[dtype]).eval()
+    return decode_layout(model) if layout == "packed" else model
+
+
+def decode_step_seconds(models: dict[str, nn.Module], batch_size: int, rounds: int = 3) -> dict[str, float]:
+    """Seconds per one-token decode step of each model at batch_size (after an 8-token prefill),
+    candidates interleaved: each round runs a few steps of every model; the best round counts."""
+    best = dict.fromkeys(models, float("inf"))
+    vocab = next(iter(models.values())).config.vocab_size
+    prompt = torch.randint(0, vocab, (batch_size, 8))
+    with torch.inference_mode():
+        for m in models.values():
+            m.setup_caches(batch_size, min(m.config.block_size, 64))
+        try:
+            for r in range(rounds + 1):  # the first round warms up
+                for name, m in models.items():
+                    seconds = _time_steps(m, prompt.to(m.wte.weight.device), steps=6)
+                    if r:
+                        best[name] = min(best[name], seconds)
+        finally:
+            for m in models.values():
+                m.clear_caches()
+    return best
+
+
+def _time_steps(model: nn.Module, prompt: torch.Tensor, steps: int) -> float:
+    model(prompt, 0, logits_at=-1)
+    token = prompt[:, -1:]
+    sync = torch.cuda.synchronize if prompt.device.type == "cuda" else lambda: None
+    sync()
+    start = time.perf_counter()
+    for i in range(steps):
+        model(token, prompt.size(1) + i)
+    sync()
+    return (time.perf_counter() - start) / steps
+
+
+def cache_key(model: nn.Module, batch_size: int, asked: str) -> str:
+    """CPU model, torch version, threads, device, batch size, layer shapes and the narrowing asked."""
+    shapes = [list(m.weight.shape) for m in model.modules() if isinstance(m, nn.Linear)]
+    shapes += [
+        [m.out_features, m.in_features] for m in model.modules() if isinstance(m, Int8Linear | Int4Linear)
+    ]
+    digest = hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:16]
+    device = next(model.parameters()).device
+    where = cpu_model() if device.type == "cpu" else torch.cuda.get_device_name(device)
+    return (
+        f"{where} | torch {torch.__version__} | {torch.get_num_threads()} threads | {device.type} | "
+        f"batch {batch_size} | shapes {digest} | {asked}"
+    )
+
+
+def read_cache(cache_file: Path | None, key: str) -> dict | None:
+    if cache_file is None or not cache_file.exists():
+        return None
+    try:
+        entry = json.loads(cache_file.read_text()).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return entry if isinstance(entry, dict) and entry.get("format") == CACHE_FORMAT else None
+
+
+def write_cache(cache_file: Path | None, key: str, entry: dict) -> None:
+    if cache_file is None:
+        return
+    try:
+        cached = json.loads(cache_file.read_text()) if cache_file.exists() else {}
+    except (OSError, ValueError):
+        cached = {}
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(cached | {key: {"format": CACHE_FORMAT} | entry}, indent=1))
+        tmp.replace(cache_file)
+    except OSError:
+        pass  # a read-only cache only costs the measurement next time
+
+
+def choose_float(
+    model: nn.Module, batch_size: int, dtype: str, layout: str, cache_file: Path | None, timer: Timer
+) -> tuple[nn.Module, DecodeChoice]:
+    """model laid out as the fastest float candidate (measured, or read from the cache)."""
+    device = next(model.parameters()).device
+    candidates = float_candidates(device, dtype, layout)
+    if len(candidates) == 1:
+        how = "forced" if dtype != "auto" and layout != "auto" else "only candidate"
+        return build_float(model, candidates[0]), _float_choice(candidates[0], how, batch_size, {})
+    key = cache_key(model, batch_size, f"dtype={dtype} layout={layout}")
+    entry = read_cache(cache_file, key)
+    if entry is not None and entry.get("picked") in candidates:
+        return build_float(model, entry["picked"]), _float_choice(
+            entry["picked"], "cached", batch_size, entry["step_ms"]
+        )
+    built = {c: build_float(copy.deepcopy(model), c) for c in candidates}
+    seconds = timer(built)
+    picked = min(candidates, key=lambda c: seconds[c])
+    step_ms = {c: 1e3 * seconds[c] for c in candidates}
+    write_cache(cache_file, key, {"picked": picked, "step_ms": step_ms})
+    return built[picked], _float_choice(picked, "measured", batch_size, step_ms)
+
+
+def _float_choice(candidate: str, how: str, batch_size: int, step_ms: dict) -> DecodeChoice:
+    dtype, layout = candidate.split("/")
+    return DecodeChoice(dtype=dtype, layout=layout, how=how, batch_size=batch_size, step_ms=step_ms)
+
+
+class DequantizedLinear(nn.Module):
+    """A quantized layer's weight dequantized once to bf16 (packed for oneDNN where it has the ops):
+    for shapes whose int8/int4 kernel is slower than a bf16 mat-vec. For sampling only."""
+
+    def __init__(self, layer: Int8Linear | Int4Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=False, device=layer.weight.device)
+        linear.weight.data = dequantized_weight(layer).to(torch.bfloat16)
+        cpu = linear.weight.device.type == "cpu" and torch.backends.mkldnn.is_available()
+        self.linear = PackedLinear(linear) if cpu and _onednn_ops() is not None else linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.to(torch.bfloat16)).to(x.dtype)
+
+
+def dequantized_weight(layer: Int8Linear | Int4Linear) -> torch.Tensor:
+    """The (out, in) fp32 weight a quantized layer stands for."""
+    if isinstance(layer, Int4Linear):
+        return layer.dequantized()
+    return layer.weight.float() * layer.scales.float()[:, None]
+
+
+def kernel_name(layer: nn.Module) -> str:
+    return "int4" if isinstance(layer, Int4Linear) else "int8"
+
+
+def layer_seconds(layers: dict[str, nn.Module], batch_size: int, rounds: int = 5) -> dict[str, float]:
+    """Seconds per call of each layer on (batch_size, 1, in) inputs, interleaved, best round."""
+    best = dict.fromkeys(layers, float("inf"))
+    with torch.inference_mode():
+        inputs = {n: torch.randn(batch_size, 1, m.in_features, device=_device(m)) for n, m in layers.items()}
+        for r in range(rounds + 1):
+            for name, layer in layers.items():
+                start = time.perf_counter()
+                for _ in range(4):
+                    layer(inputs[name])
+                if r:
+                    best[name] = min(best[name], (time.perf_counter() - start) / 4)
+    return best
+
+
+def _device(module: nn.Module) -> torch.device:
+    return next(module.buffers(), next(module.parameters(), torch.empty(0))).device
+
+
+def choose_kernels(
+    model: nn.Module, batch_size: int, cache_file: Path | None, timer: Callable = layer_seconds
+) -> tuple[nn.Module, DecodeChoice]:
+    """model (in place) with each quantized layer shape on its fastest kernel: its own (int8, int4) or
+    its weight dequantized once to bf16 (measured per shape, or read from the cache)."""
+    quantized = [m for m in model.modules() if isinstance(m, Int8Linear | Int4Linear)]
+    mode = "int4" if any(isinstance(m, Int4Linear) for m in quantized) else "int8"
+    shapes = {f"{kernel_name(m)} {m.out_features}x{m.in_features}": m for m in quantized}
+    key = cache_key(model, batch_size, f"quantize={mode}")
+    entry = read_cache(cache_file, key)
+    if entry is not None and set(entry.get("kernels", {})) == set(shapes):
+        kernels, step_ms, how = entry["kernels"], entry["step_ms"], "cached"
+    else:
+        timed = {}
+        for shape, layer in shapes.items():
+            timed[f"{shape} {kernel_name(layer)}"] = layer
+            timed[f"{shape} bf16"] = DequantizedLinear(layer)
+        seconds = timer(timed, batch_size)
+        kernels = {
+            s: min((kernel_name(m), "bf16"), key=lambda k, s=s: seconds[f"{s} {k}"])
+            for s, m in shapes.items()
+        }
+        step_ms = {name: 1e3 * s for name, s in seconds.items()}
+        write_cache(cache_file, key, {"kernels": kernels, "step_ms": step_ms})
+        how = "measured"
+    _use_kernels(model, kernels)
+    choice = DecodeChoice(dtype="fp32", layout=mode, how=how, batch_size=batch_size, kernels=kernels)
+    choice.step_ms = step_ms
+    return model, choice
+
+
+def _use_kernels(model: nn.Module, kernels: dict[str, str]) -> None:
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Int8Linear | Int4Linear):
+                shape = f"{kernel_name(child)} {child.out_features}x{child.in_features}"
+                if kernels.get(shape) == "bf16":
+                    setattr(parent, name, DequantizedLinear(child))
+
+
+def prepare_for_decoding(
+    model: nn.Module,
+    *,
+    batch_size: int = 1,
+    dtype: str = "auto",
+    layout: str = "auto",
+    cache_dir: str | Path | None = None,
+    compile: bool = False,
+    timer: Timer | None = None,
+    layer_timer: Callable | None = None,
+) -> tuple[nn.Module, DecodeChoice]:
+    """model (converted in place, or a converted copy) laid out for sampling at batch_size as fast as
+    this machine runs it, and the choice made.
+
+    model: fp32 weights (dtype and layout are chosen here), or already quantized by
+    `multiar.engine.quantize` (its layers' kernels are chosen here; dtype and layout do not apply).
+    dtype: auto|fp32|bf16; layout: auto|linear|packed; cache_dir: where decode_layout.json keeps
+    measured choices (None: measure every time); compile: the chosen model compiled for sampling
+    (float layouts: nn.Linear only, inductor packs weights itself). timer / layer_timer: seconds per
+    decode step of each candidate model / per call of each layer (tests inject them)."""
+    if dtype not in ("auto", *DTYPES) or layout not in ("auto", *LAYOUTS):
+        raise ValueError(
+            f"dtype={dtype!r}, layout={layout!r}: dtype auto|fp32|bf16, layout auto|linear|packed"
+        )
+    if compile and layout == "packed":
+        raise ValueError("compile=true takes layout=auto or linear: inductor packs the weights itself")
+    cache_file = Path(cache_dir).expanduser() / CACHE_FILE if cache_dir is not None else None
+    if any(isinstance(m, Int8Linear | Int4Linear) for m in model.modules()):
+        model, choice = choose_kernels(model, batch_size, cache_file, layer_timer or layer_seconds)
+    else:
+        timer = timer or (lambda models: decode_step_seconds(models, batch_size))
+        layout = "linear" if compile else layout
+        model, choice = choose_float(model, batch_size, dtype, layout, cache_file, timer)
+    if compile:
+        from multiar.engine.decode import compile_for_sampling
+
+        model, choice.layout = compile_for_sampling(model), f"{choice.layout}, compiled"
+    return model, choice

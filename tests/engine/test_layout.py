@@ -1,0 +1,161 @@
+"""The measured decode layout (`multiar.engine.layout`): the choosing logic with injected timings, the
+cache, the forced modes, missing kernels, quantized kernels per shape, and equal numerics of layouts.
+No test times anything to assert speed (benchmarks/ do)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+from multiar.engine import layout as lay
+from multiar.engine.decode import generate
+from multiar.engine.model import GPT, ModelConfig
+from multiar.engine.packed import PackedLinear
+from multiar.engine.quantize import Int8Linear, quantize
+
+
+def tiny_model(n_embd: int = 512) -> GPT:
+    torch.manual_seed(1)
+    return GPT(ModelConfig(vocab_size=64, block_size=64, n_layer=2, n_head=4, n_embd=n_embd)).eval()
+
+
+def fake_timer(ms: dict[str, float], calls: list):
+    def timer(models):
+        calls.append(sorted(models))
+        return {name: ms[name] / 1e3 for name in models}
+
+    return timer
+
+
+MS = {"fp32/linear": 3.0, "fp32/packed": 2.0, "bf16/linear": 4.0, "bf16/packed": 2.5}
+
+
+def test_auto_picks_the_fastest_measured_candidate_and_logs_the_alternatives(tmp_path):
+    calls = []
+    model, choice = lay.prepare_for_decoding(tiny_model(), cache_dir=tmp_path, timer=fake_timer(MS, calls))
+    assert calls == [sorted(MS)]
+    assert (choice.dtype, choice.layout, choice.how) == ("fp32", "packed", "measured")
+    assert model.wte.weight.dtype == torch.float32
+    assert any(isinstance(m, PackedLinear) for m in model.modules())
+    line = choice.log_line()
+    assert "fp32/packed" in line and all(name in line for name in MS) and "\n" not in line
+    assert json.loads(json.dumps(choice.as_dict()))["step_ms"]["bf16/packed"] == pytest.approx(2.5)
+
+
+def test_the_cache_decides_the_second_time_and_is_keyed_by_batch_size(tmp_path):
+    calls = []
+    slow_bf16 = dict(MS, **{"bf16/packed": 1.0})
+    lay.prepare_for_decoding(tiny_model(), cache_dir=tmp_path, timer=fake_timer(slow_bf16, calls))
+    # other timings now: the cached choice wins, nothing is measured
+    model, choice = lay.prepare_for_decoding(tiny_model(), cache_dir=tmp_path, timer=fake_timer(MS, calls))
+    assert len(calls) == 1 and (choice.dtype, choice.layout, choice.how) == ("bf16", "packed", "cached")
+    assert model.wte.weight.dtype == torch.bfloat16
+    _, other = lay.prepare_for_decoding(
+        tiny_model(), batch_size=8, cache_dir=tmp_path, timer=fake_timer(MS, calls)
+    )
+    assert len(calls) == 2 and other.how == "measured" and other.dtype == "fp32"
+    cached = json.loads((tmp_path / lay.CACHE_FILE).read_text())
+    assert len(cached) == 2 and all("batch 1 |" in k or "batch 8 |" in k for k in cached)
+
+
+def test_without_a_cache_dir_every_call_measures(tmp_path):
+    calls = []
+    for _ in range(2):
+        lay.prepare_for_decoding(tiny_model(), timer=fake_timer(MS, calls))
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize(
+    ("dtype", "layout", "expected"),
+    [
+        ("fp32", "linear", ["fp32/linear"]),
+        ("bf16", "packed", ["bf16/packed"]),
+        ("auto", "linear", ["bf16/linear", "fp32/linear"]),
+        ("bf16", "auto", ["bf16/linear", "bf16/packed"]),
+    ],
+)
+def test_dtype_and_layout_narrow_the_candidates(tmp_path, dtype, layout, expected):
+    calls = []
+    model, choice = lay.prepare_for_decoding(
+        tiny_model(), dtype=dtype, layout=layout, cache_dir=tmp_path, timer=fake_timer(MS, calls)
+    )
+    assert calls == ([] if len(expected) == 1 else [expected])
+    assert f"{choice.dtype}/{choice.layout}" == min(expected, key=MS.get)
+    assert choice.how == ("forced" if len(expected) == 1 else "measured")
+    packed = any(isinstance(m, PackedLinear) for m in model.modules())
+    assert packed == (choice.layout == "packed")
+    assert model.wte.weight.dtype == lay.TORCH_DTYPES[choice.dtype]
+
+
+def test_unknown_values_are_refused():
+    with pytest.raises(ValueError, match="layout"):
+        lay.prepare_for_decoding(tiny_model(), layout="blocked")
+    with pytest.raises(ValueError, match="compile"):
+        lay.prepare_for_decoding(tiny_model(), layout="packed", compile=True)
+
+
+def test_without_onednn_packed_ops_the_packed_candidates_go(monkeypatch, tmp_path):
+    monkeypatch.setattr(lay, "_onednn_ops", lambda: None)
+    calls = []
+    model, choice = lay.prepare_for_decoding(tiny_model(), cache_dir=tmp_path, timer=fake_timer(MS, calls))
+    assert calls == [["bf16/linear", "fp32/linear"]] and choice.layout == "linear"
+    assert not any(isinstance(m, PackedLinear) for m in model.modules())
+    # layout=packed asked where there is none: nn.Linear, the one candidate left
+    _, forced = lay.prepare_for_decoding(
+        tiny_model(), dtype="fp32", layout="packed", timer=fake_timer(MS, calls)
+    )
+    assert forced.layout == "linear" and len(calls) == 1
+
+
+def test_every_float_layout_keeps_the_logits_and_greedy_output():
+    base = tiny_model()
+    idx = torch.randint(0, 64, (3, 12))
+    reference = generate(base, idx, 12, temperature=0.0)
+    for candidate, tol in [("fp32/linear", 0), ("fp32/packed", 1e-5), ("bf16/packed", 2e-2)]:
+        dtype, layout = candidate.split("/")
+        model, _ = lay.prepare_for_decoding(copy.deepcopy(base), dtype=dtype, layout=layout)
+        with torch.no_grad():
+            torch.testing.assert_close(model(idx).float(), base(idx), rtol=tol, atol=tol)
+        if dtype == "fp32":
+            assert generate(model, idx, 12, temperature=0.0) == reference
+
+
+def test_the_real_timer_measures_every_candidate():
+    models = {c: lay.build_float(copy.deepcopy(tiny_model(64)), c) for c in ("fp32/linear", "bf16/packed")}
+    seconds = lay.decode_step_seconds(models, batch_size=2, rounds=1)
+    assert set(seconds) == set(models) and all(0 < s < math.inf for s in seconds.values())
+    assert all(m.blocks[0].attn.kv_cache is None for m in models.values())  # caches released
+
+
+def test_quantized_layers_take_the_faster_kernel_per_shape(tmp_path):
+    base = tiny_model(64)
+    q_model = quantize(copy.deepcopy(base), "int8")
+    reference = q_model(torch.arange(10)[None]).detach()
+    calls = []
+
+    def layer_timer(layers, batch_size):  # bf16 wins for the 64 x 64 projections only
+        calls.append(sorted(layers))
+        return {n: (1e-6 if n.endswith("64x64 bf16") else 2e-6) for n in layers}
+
+    model, choice = lay.prepare_for_decoding(q_model, cache_dir=tmp_path, layer_timer=layer_timer)
+    assert choice.layout == "int8" and choice.how == "measured"
+    assert choice.kernels == {
+        "int8 192x64": "int8",
+        "int8 64x64": "bf16",
+        "int8 384x64": "int8",
+        "int8 64x192": "int8",
+    }
+    assert isinstance(model.blocks[0].attn.proj, lay.DequantizedLinear)
+    assert isinstance(model.blocks[0].attn.qkv, Int8Linear)
+    assert "int8 64x64: bf16" in choice.log_line()
+    with torch.no_grad():
+        torch.testing.assert_close(model(torch.arange(10)[None]), reference, rtol=2e-2, atol=2e-2)
+    again, cached = lay.prepare_for_decoding(
+        quantize(copy.deepcopy(base), "int8"), cache_dir=tmp_path, layer_timer=layer_timer
+    )
+    assert cached.how == "cached" and cached.kernels == choice.kernels and len(calls) == 1
+    assert isinstance(again.blocks[1].attn.proj, lay.DequantizedLinear)
