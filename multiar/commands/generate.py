@@ -345,13 +345,13 @@ def draw(p: Prepared, indices: Sequence[int], attempt: int = 0) -> list[tuple[li
     ends: list[str | None] = [None] * len(rows)
     heads = [work.prompts[i // work.n] for i in indices]
     ended = row_stopper(p.domain, p.rule, heads) if p.rule is not None else None
-    settings = dict(p.streaming, generator=generator)
+    settings, finished = dict(p.streaming, generator=generator), 0
     for event in stream(p.model, rows, p.cond.max_new_tokens, should_stop=ended, **settings):
         if event.token is not None:
             buffers[event.row].append(event.token)
         else:
-            ends[event.row] = event.end
-            p.progress.update(p.tally.done + sum(e is not None for e in ends), p.tally.tokens)
+            ends[event.row], finished = event.end, finished + 1
+            p.progress.update(p.tally.done + finished, p.tally.tokens)
     p.tally.tokens += sum(map(len, buffers))
     return list(zip(buffers, ends, strict=True))
 

@@ -1,0 +1,199 @@
+"""`multiar generate` at scale: linear time and bounded memory (no output re-read or rewritten per
+sample), a killed run resumed to the files an uninterrupted one writes, byte for byte, and the progress
+line."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from Bio import SeqIO
+from conftest import QUIET_FILTERS, TINY, proteome_subset
+
+from multiar.commands import resume
+from multiar.commands.generate import sample_to_files
+from multiar.commands.progress import Progress
+from multiar.config import load_config
+from multiar.training.run import train
+
+MULTIAR = Path(sys.executable).parent / "multiar"
+
+
+@pytest.fixture(scope="module")
+def protein_run(tmp_path_factory):
+    """A tiny untagged protein run (what it samples does not matter here)."""
+    tmp = tmp_path_factory.mktemp("scale")
+    data = proteome_subset(tmp / "data", per_file=20)
+    overrides = [*TINY, "domain=protein", f"data.paths=[{data}]", f"run_dir={tmp / 'run'}",
+                 "trainer.max_steps=2", "trainer.val_check_interval=2"]  # fmt: skip
+    train(load_config("train", overrides))
+    return tmp / "run"
+
+
+def generate(run, out, *overrides):
+    cfg = load_config("generate", [f"run={run}", f"out={out}", "dtype=fp32", "progress=false", *overrides])
+    return sample_to_files(cfg)
+
+
+def files_of(out: Path) -> dict[str, bytes]:
+    """Every file under out by relative path; generate.json without its time stamp."""
+    found = {str(f.relative_to(out)): f.read_bytes() for f in sorted(out.rglob("*")) if f.is_file()}
+    report = json.loads(found.pop("generate.json"))
+    report.pop("created")
+    found["generate.json"] = json.dumps(report, sort_keys=True).encode()
+    return found
+
+
+def test_no_output_is_read_back_while_sampling(protein_run, tmp_path, monkeypatch):
+    """The quadratic cost was the FASTA re-read and rewritten whole per sample: nothing reads it now."""
+    reads = []
+    real = SeqIO.parse
+
+    def parse(handle, *args, **kwargs):
+        reads.append(str(handle))
+        return real(handle, *args, **kwargs)
+
+    monkeypatch.setattr(SeqIO, "parse", parse)
+    report = generate(protein_run, tmp_path / "o", "n=40", "batch_size=8", "max_new_tokens=12", "rank_by=ppl",
+                      "top=5", *QUIET_FILTERS)  # fmt: skip
+    assert not [r for r in reads if "samples.fasta" in r]
+    records = list(real(tmp_path / "o" / "samples.fasta", "fasta"))
+    assert [r.id for r in records] == [f"multiar_{i:04d}" for i in range(40)] and report["samples"] == 40
+    ranked = [r for r in records if "rank=" in r.description]
+    assert len(ranked) == 5 == report["ranked"]  # the ranks, known at the end, are in the file too
+    assert not (tmp_path / "o" / resume.JOURNAL).exists()  # a whole run leaves nothing to resume
+
+
+def test_samples_do_not_depend_on_the_batches_before_them(protein_run, tmp_path):
+    """Each batch's randomness comes from the seed and its first index: the second batch of a run is
+    the first batch of nothing else, and a run of 2 batches starts as a run of 1."""
+    common = ["batch_size=4", "max_new_tokens=12", "filters.novelty=false", *QUIET_FILTERS]
+    generate(protein_run, tmp_path / "a", "n=8", *common)
+    generate(protein_run, tmp_path / "b", "n=4", *common)
+    a = [str(r.seq) for r in SeqIO.parse(tmp_path / "a" / "samples.fasta", "fasta")]
+    b = [str(r.seq) for r in SeqIO.parse(tmp_path / "b" / "samples.fasta", "fasta")]
+    assert a[:4] == b and a[4:] != b
+
+
+def test_a_resume_with_other_settings_or_of_a_finished_run_is_refused(protein_run, tmp_path):
+    from multiar.errors import ConfigError
+
+    common = ["n=4", "batch_size=2", "max_new_tokens=8", "filters.novelty=false"]
+    generate(protein_run, tmp_path / "o", *common)
+    with pytest.raises(ConfigError, match="finished run"):
+        generate(protein_run, tmp_path / "o", *common, "resume=true")
+    out = tmp_path / "o"
+    resume.save(out, "another digest", None)
+    (out / "generate.json").unlink()
+    with pytest.raises(ConfigError, match="other settings"):
+        generate(protein_run, out, *common, "resume=true")
+    with pytest.raises(FileExistsError, match="resume=true goes on"):
+        generate(protein_run, out, *common)
+
+
+def test_a_killed_run_resumes_to_the_files_of_an_uninterrupted_one(protein_run, tmp_path):
+    n, common = 3000, ["batch_size=50", "max_new_tokens=20", "rank_by=ppl", "top=10", "filters.novelty=false"]
+    args = [f"run={protein_run}", "dtype=fp32", f"n={n}", *common]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([str(MULTIAR), "generate", *args, f"out={killed}"], stderr=subprocess.PIPE)
+    journal, done = killed / resume.JOURNAL, 0
+    deadline = time.monotonic() + 300
+    while done < n // 2 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+        try:
+            done = pickle.loads(journal.read_bytes())["state"].done
+        except (OSError, EOFError, pickle.UnpicklingError):
+            continue
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    proc.send_signal(signal.SIGKILL)  # half-way: no handler runs, nothing is flushed
+    proc.wait()
+    proc.stderr.close()
+    state = pickle.loads(journal.read_bytes())["state"]
+    assert n // 4 <= state.done < n and not (killed / "generate.json").exists()
+    records = list(SeqIO.parse(killed / "samples.fasta", "fasta"))  # every record on disk is whole
+    assert len(records) >= state.done and all("length=" in r.description for r in records)
+    assert all(int(r.description.split("length=")[1].split()[0]) == len(r.seq) for r in records)
+
+    generate(protein_run, killed, f"n={n}", *common, "resume=true")
+    generate(protein_run, tmp_path / "whole", f"n={n}", *common)
+    resumed, whole = files_of(killed), files_of(tmp_path / "whole")
+    assert sorted(resumed) == sorted(whole)
+    for name in whole:
+        if name != "generate.json":
+            assert resumed[name] == whole[name], name
+    a, b = json.loads(resumed["generate.json"]), json.loads(whole["generate.json"])
+    a["files"] = [Path(f).name for f in a["files"]]
+    b["files"] = [Path(f).name for f in b["files"]]
+    a["provenance"]["run"] = b["provenance"]["run"]
+    assert a == b
+
+
+def test_progress_is_one_updating_line_on_a_terminal_and_plain_lines_elsewhere():
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    plain, tty = io.StringIO(), Terminal()
+    for stream in (plain, tty):
+        bar = Progress(100, "protein samples", stream=stream, after=0.0)
+        for done in range(0, 101, 5):
+            bar.update(done, done * 20)
+        bar.close()
+    lines = plain.getvalue().splitlines()
+    assert 9 <= len(lines) <= 11 and lines[-1].startswith("protein samples 100/100 (100%)")
+    assert "tok/s" in lines[0] and "ETA" in lines[0]
+    assert tty.getvalue().count("\n") == 1 and tty.getvalue().startswith("\r")
+    quiet = io.StringIO()
+    bar = Progress(100, stream=quiet, enabled=False, after=0.0)
+    bar.update(100, 10)
+    assert quiet.getvalue() == ""
+
+
+def peak_rss_and_seconds(run: Path, out: Path, n: int, *overrides: str) -> tuple[float, float]:
+    """Peak RSS (MB) and wall seconds of `multiar generate` for n samples, in a fresh process."""
+    script = (
+        "import resource, sys, time\n"
+        "from multiar.commands.generate import sample_to_files\n"
+        "from multiar.config import load_config\n"
+        "started = time.perf_counter()\n"
+        "sample_to_files(load_config('generate', sys.argv[1:]))\n"
+        "print(time.perf_counter() - started, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
+    )
+    args = [f"run={run}", f"out={out}", "dtype=fp32", "progress=false", f"n={n}", *overrides]
+    done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, check=True)
+    seconds, rss = map(float, done.stdout.split()[-2:])
+    return rss, seconds
+
+
+def scale_check(run: Path, tmp_path: Path, small: int, large: int, ratio: float) -> None:
+    common = ["batch_size=256", "max_new_tokens=20", "filters.novelty=false", "top=10", "rank_by=ppl"]
+    rss_small, time_small = peak_rss_and_seconds(run, tmp_path / "small", small, *common)
+    rss_large, time_large = peak_rss_and_seconds(run, tmp_path / "large", large, *common)
+    print(f"n={small}: {rss_small:.0f} MB {1000 * time_small / small:.2f} ms/sample; "
+          f"n={large}: {rss_large:.0f} MB {1000 * time_large / large:.2f} ms/sample")  # fmt: skip
+    assert rss_large - rss_small < 200
+    # the fixed start-up (imports, loading the run) is paid once: compare the per-sample rest
+    assert time_large / large <= ratio * time_small / small + 0.002
+
+
+def test_time_per_sample_and_memory_stay_flat_short(protein_run, tmp_path):
+    scale_check(protein_run, tmp_path, 500, 2500, 2.5)  # loose: a shared CPU
+
+
+@pytest.mark.slow
+def test_time_per_sample_and_memory_stay_flat_at_20000(protein_run, tmp_path):
+    scale_check(protein_run, tmp_path, 2000, 20000, 1.2)
+
+
+def test_rss_is_measured_in_megabytes():
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 > 10  # Linux: kilobytes
+    assert os.name == "posix"
