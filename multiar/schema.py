@@ -398,6 +398,12 @@ class GenerateSchema:
     )
 
     def __post_init__(self) -> None:
+        self._check_engine()
+        self._check_prompts()
+        self._check_sampling()
+        self._check_outputs()
+
+    def _check_engine(self) -> None:
         _check_device(self.device)
         _check(
             self.quantize in (None, "int8", "int4"),
@@ -407,12 +413,16 @@ class GenerateSchema:
         _check(
             self.dtype in ("auto", "fp32", "bf16"), "dtype", f"must be auto, fp32 or bf16, got {self.dtype!r}"
         )
-        _check(self.n >= 1, "n", f"must be >= 1, got {self.n}")
         _check(
             not (self.stop_at is not None and self.draft is not None),
             "stop_at",
             "does not work with speculative decoding yet (draft=...)",
         )
+        _check(self.speculate_k >= 1, "speculate_k", f"must be >= 1, got {self.speculate_k}")
+        _check(self.ngram >= 1, "ngram", f"must be >= 1, got {self.ngram}")
+        _check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+
+    def _check_prompts(self) -> None:
         infilling = self.prompt_prefix is not None or self.prompt_suffix is not None
         _check(
             not (infilling and self.infill is not None),
@@ -427,18 +437,17 @@ class GenerateSchema:
             "prompt",
             "a fill-in-the-middle prompt is prompt_prefix/prompt_suffix (or infill=FILE), not prompt",
         )
-        _check(self.render in (None, "wav"), "render", f"must be wav or null, got {self.render!r}")
-        _check(self.resample_invalid >= 0, "resample_invalid", f"must be >= 0, got {self.resample_invalid}")
-        _check(self.rank_by in (None, "ppl"), "rank_by", f"must be ppl or null, got {self.rank_by!r}")
-        _check(self.top is None or self.top >= 1, "top", f"must be >= 1, got {self.top}")
-        _check(self.top is None or self.rank_by is not None, "top", "needs rank_by=ppl (what to rank by)")
+        _check(
+            not (self.prompt is not None and self.prompt_file is not None),
+            "prompt_file",
+            "give prompt or prompt_file, not both",
+        )
         for key in ("min_len", "max_len"):
             value = getattr(self, key)
             _check(value is None or value >= 1, key, f"must be >= 1, got {value}")
         _check(self.template != "", "template", "is empty: give the sequence to redesign")
-        _check(self.speculate_k >= 1, "speculate_k", f"must be >= 1, got {self.speculate_k}")
-        _check(self.ngram >= 1, "ngram", f"must be >= 1, got {self.ngram}")
-        _check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+
+    def _check_sampling(self) -> None:
         _check(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
         _check(self.min_new_tokens >= 0, "min_new_tokens", f"must be >= 0, got {self.min_new_tokens}")
         _check(
@@ -464,11 +473,14 @@ class GenerateSchema:
         )
         _check(self.stop != "", "stop", "is empty: give the text that ends a sample, or stop=null")
         _check(all(len(s) > 0 for s in self.stop_ids), "stop_ids", "holds an empty sequence")
-        _check(
-            not (self.prompt is not None and self.prompt_file is not None),
-            "prompt_file",
-            "give prompt or prompt_file, not both",
-        )
+
+    def _check_outputs(self) -> None:
+        _check(self.n >= 1, "n", f"must be >= 1, got {self.n}")
+        _check(self.render in (None, "wav"), "render", f"must be wav or null, got {self.render!r}")
+        _check(self.resample_invalid >= 0, "resample_invalid", f"must be >= 0, got {self.resample_invalid}")
+        _check(self.rank_by in (None, "ppl"), "rank_by", f"must be ppl or null, got {self.rank_by!r}")
+        _check(self.top is None or self.top >= 1, "top", f"must be >= 1, got {self.top}")
+        _check(self.top is None or self.rank_by is not None, "top", "needs rank_by=ppl (what to rank by)")
 
 
 @dataclass

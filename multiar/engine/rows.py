@@ -164,6 +164,23 @@ class Rows:
             logits[torch.tensor(early, device=logits.device), self.eos_id] = float("-inf")
         return logits, any(early)
 
+    def refill(self, b: int, prompt: Sequence[int]) -> None:
+        """Row b starts over with a new prompt (a slot engine's next request joins where a row ended):
+        its ids, counts and end state are reset; its cache rows must be prefilled from position 0 by the
+        caller (`cache` counts the prompt as filled). Processors see only the row's own ids, so their
+        state follows (PrefixStates keys state by the ids, not the row)."""
+        if not 0 < len(prompt) <= self.seq.shape[1]:
+            raise ValueError(
+                f"row {b}: a prompt of {len(prompt)} ids does not fit a width of {self.seq.shape[1]}"
+            )
+        self.seq[b].zero_()
+        self.seq[b, : len(prompt)] = torch.tensor(list(prompt), device=self.seq.device)
+        self.prompt_lens[b] = len(prompt)
+        for counts in (self.length, self.cache):
+            counts.set([len(prompt) if i == b else v for i, v in enumerate(counts.values)])
+        self.finished_t[b] = False
+        self.new[b], self.ends[b], self.sent[b] = [], None, 0
+
     def push(self, b: int, token: int) -> str | None:
         """Add a produced token to row b; the reason it ends there, or None."""
         row = self.new[b]

@@ -110,3 +110,30 @@ def test_plain_and_speculative_decoding_both_end_rows_through_rows(monkeypatch):
     assert len(callers) == 12
     spec, stats = speculative_generate(model, [[1, 5], [1]], 6, draft="ngram", k=2, temperature=0.0)
     assert len(callers) >= 24 and spec == plain and stats.ends == ["length", "length"]
+
+
+def test_a_refilled_row_starts_over_while_the_other_row_runs_on():
+    r = rows([[1, 5, 9], [1, 4]], max_new=3, eos_id=EOS, min_new_tokens=1)
+    _, events = r.append(torch.tensor([7, 8]), None)
+    _, events = r.append(torch.tensor([EOS, 8]), None)
+    assert r.ends == ["eos", None] and r.new == [[7], [8, 8]]
+    r.refill(0, [1, 3])  # the next request joins in row 0's slot
+    assert r.ends == [None, None] and r.new[0] == [] and r.prompt_lens == [2, 2]
+    assert r.length.values == [2, 4] and r.cache.values == [2, 2] and not bool(r.finished_t[0])
+    assert r.seq[0, :3].tolist() == [1, 3, 0]  # the old row's ids are gone
+    logits, _ = r.process(torch.zeros(2, 6))
+    assert torch.isneginf(logits[:, EOS]).tolist() == [True, False]  # min_new_tokens counts from the refill
+    _, events = r.append(torch.tensor([6, 9]), None)
+    assert r.ends == [None, "length"] and r.new == [[6], [8, 8, 9]]
+    assert r.seq[0, :3].tolist() == [1, 3, 6]  # written after the new prompt, at the row's own position
+    assert Token(1, None, "length") in events
+
+
+def test_a_refill_longer_than_the_rows_width_is_refused():
+    r = rows([[1, 5]], max_new=2)
+    try:
+        r.refill(0, list(range(10)))
+    except ValueError as err:
+        assert "does not fit a width of 4" in str(err)
+    else:
+        raise AssertionError("a prompt wider than the row was taken")
