@@ -7,6 +7,7 @@ window's tails. A decode loop owns the model calls; `Rows` owns what happens to 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -54,6 +55,22 @@ def window_tail(ids: list[int], keep: int, window_starts: Sequence[bool] | None 
         first = next((j for j, i in enumerate(tail) if 0 <= i < len(window_starts) and window_starts[i]), 0)
         tail = tail[first:]
     return tail
+
+
+@dataclass
+class RowSettings:
+    """One row's own settings, for a slot engine whose rows serve different requests: what Rows' shared
+    arguments set for every row otherwise. should_stop(new ids) is the row's own rule."""
+
+    max_new_tokens: int
+    min_new_tokens: int = 0
+    stop: Sequence[Sequence[int]] = ()
+    processors: Sequence[LogitsProcessor] = ()
+    should_stop: Callable[[list[int]], bool] | None = None
+
+    def __post_init__(self) -> None:
+        self.stop = [list(s) for s in self.stop if len(s)]
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
 
 
 class Counts:
@@ -120,6 +137,8 @@ class Rows:
         self.new: list[list[int]] = [[] for _ in prompts]
         self.ends: list[str | None] = [None] * len(prompts)
         self.sent = [0] * len(prompts)  # new ids of each row already streamed
+        self.own: list[RowSettings | None] = [None] * len(prompts)  # a row's own settings (refill)
+        self.failed: dict[int, str] = {}  # rows whose stop rule raised (append_rows): the error
 
     @property
     def done(self) -> bool:
@@ -164,11 +183,12 @@ class Rows:
             logits[torch.tensor(early, device=logits.device), self.eos_id] = float("-inf")
         return logits, any(early)
 
-    def refill(self, b: int, prompt: Sequence[int]) -> None:
+    def refill(self, b: int, prompt: Sequence[int], settings: RowSettings | None = None) -> None:
         """Row b starts over with a new prompt (a slot engine's next request joins where a row ended):
         its ids, counts and end state are reset; its cache rows must be prefilled from position 0 by the
         caller (`cache` counts the prompt as filled). Processors see only the row's own ids, so their
-        state follows (PrefixStates keys state by the ids, not the row)."""
+        state follows (PrefixStates keys state by the ids, not the row). settings: the row's own
+        (max/min new tokens, stops, processors, stop rule) instead of the shared ones."""
         if not 0 < len(prompt) <= self.seq.shape[1]:
             raise ValueError(
                 f"row {b}: a prompt of {len(prompt)} ids does not fit a width of {self.seq.shape[1]}"
@@ -180,12 +200,46 @@ class Rows:
             counts.set([len(prompt) if i == b else v for i, v in enumerate(counts.values)])
         self.finished_t[b] = False
         self.new[b], self.ends[b], self.sent[b] = [], None, 0
+        self.own[b] = settings
+        self.failed.pop(b, None)
+
+    def hold_of(self, b: int) -> int:
+        """Row b's held-back token count (its longest stop sequence minus one)."""
+        own = self.own[b]
+        return self.hold if own is None else own.hold
+
+    def process_rows(self, logits: Tensor, rows: Sequence[int]) -> tuple[Tensor, Tensor, dict[int, str]]:
+        """Each listed row's own processors and min_new_tokens on its logits (len(rows), V), given its
+        ids: the processed logits (a row with every token banned made flat), those rows' flags, and the
+        rows whose processor raised, with the error (they fail alone: their logits are left flat)."""
+        out, failed = [], {}
+        for j, b in enumerate(rows):
+            own, n = self.own[b], self.length.values[b]
+            row = logits[j : j + 1]
+            try:
+                for process in own.processors if own is not None else self.processors:
+                    row = process(self.seq[b : b + 1, :n], row)
+                least = own.min_new_tokens if own is not None else self.min_new_tokens
+                if self.eos_id is not None and n - self.prompt_lens[b] < least:
+                    row = row.clone()
+                    row[:, self.eos_id] = float("-inf")
+            except Exception as err:  # noqa: BLE001 (a row's processor failing fails that row alone)
+                failed[b] = f"{type(err).__name__}: {err}"
+                row = torch.zeros_like(logits[j : j + 1])
+            out.append(row)
+        logits = torch.cat(out)
+        banned = torch.isneginf(logits).all(dim=-1, keepdim=True)
+        return logits.masked_fill(banned, 0.0), banned[:, 0], failed
 
     def push(self, b: int, token: int) -> str | None:
         """Add a produced token to row b; the reason it ends there, or None."""
-        row = self.new[b]
-        if extend_row(row, token, self.eos_id, self.stops):
+        row, own = self.new[b], self.own[b]
+        if extend_row(row, token, self.eos_id, self.stops if own is None else own.stop):
             return "eos" if token == self.eos_id else "stop"
+        if own is not None:
+            if own.should_stop is not None and own.should_stop(row):
+                return "stop"
+            return "length" if len(row) >= own.max_new_tokens else None
         if self.should_stop is not None and self.should_stop(b, row):
             return "stop"
         return "length" if len(row) >= self.max_new_tokens else None
@@ -200,14 +254,20 @@ class Rows:
 
     def released(self, b: int) -> list[Token]:
         """Row b's tokens that can no longer start a stop sequence, not yet streamed."""
-        upto = len(self.new[b]) - self.hold
+        upto = len(self.new[b]) - self.hold_of(b)
         events = [Token(b, t) for t in self.new[b][self.sent[b] : upto]]
         self.sent[b] = max(self.sent[b], upto)
         return events
 
-    def append(self, token: Tensor, dead: Tensor | None) -> tuple[Tensor, list[Token]]:
+    def append(
+        self, token: Tensor, dead: Tensor | None, rows: Sequence[int] | None = None
+    ) -> tuple[Tensor, list[Token]]:
         """One token per row (B,) written after each row's ids (an ended row's becomes EOS); dead (B,)
-        ends a row with no valid token. The tokens as written and the events; one host sync."""
+        ends a row with no valid token. The tokens as written and the events; one host sync.
+        rows: only these rows take a token (token and dead are theirs, in that order): a slot engine's
+        running rows, while others wait or prefill."""
+        if rows is not None:
+            return token, self.append_rows(token, dead, rows)
         if self.eos_id is not None:
             token = token.masked_fill(self.finished_t, self.eos_id)  # ended rows only repeat EOS
         if self.length.aligned:
@@ -230,6 +290,27 @@ class Rows:
             elif len(self.new[b]) - self.sent[b] > self.hold:
                 events += self.released(b)
         return token, events
+
+    def append_rows(self, token: Tensor, dead: Tensor | None, rows: Sequence[int]) -> list[Token]:
+        """`append` for the listed running rows alone; the events."""
+        index = torch.tensor(list(rows), device=self.seq.device)
+        self.seq[index, self.length.tensor[index]] = token
+        taken = set(rows)
+        self.length.add([int(b in taken) for b in range(len(self.ends))])
+        tokens = token.tolist()
+        dead_rows = dead.tolist() if dead is not None else [False] * len(tokens)
+        events: list[Token] = []
+        for b, t, d in zip(rows, tokens, dead_rows, strict=True):
+            try:
+                why = "no_valid_token" if d else self.push(b, t)
+            except Exception as err:  # noqa: BLE001 (a row's stop rule failing fails that row alone)
+                self.failed[b] = f"{type(err).__name__}: {err}"
+                why = "error"
+            if why is not None:
+                events += self.end(b, why)
+            elif len(self.new[b]) - self.sent[b] > self.hold_of(b):
+                events += self.released(b)
+        return events
 
     def tails(self, keep: int, window_starts: Sequence[bool] | None = None) -> tuple[Tensor, Tensor | None]:
         """Slide the window: each row's last `keep` ids, cut as training windows are

@@ -5,6 +5,7 @@ top-p, min-p, banned ids, forced positions, repetition penalty) and draws from i
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -133,3 +134,25 @@ def apply_processors(
             row = process(seq[b : b + 1, :n], row)
         rows.append(row)
     return torch.cat(rows)
+
+
+@dataclass
+class Sampler:
+    """One row's sampling settings and its own generator (a slot engine's request: its seed gives the
+    same tokens whatever rows run beside it)."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    generator: torch.Generator | None = None
+
+
+def sample_each(logits: Tensor, samplers: Sequence[Sampler]) -> Tensor:
+    """One token per row of logits (B, V), row b drawn by samplers[b] with its own settings and
+    generator: each row consumes only its own generator's numbers. (B,)."""
+    out = [
+        sample(logits[b : b + 1], s.temperature, s.top_k, s.top_p, s.generator, s.min_p)
+        for b, s in enumerate(samplers)
+    ]
+    return torch.cat(out) if out else logits.new_zeros(0, dtype=torch.long)

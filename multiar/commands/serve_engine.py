@@ -1,0 +1,356 @@
+"""The continuous-batching engine behind `multiar serve`: one thread owns one model and `slots` rows of
+preallocated KV cache. Requests wait in a bounded FIFO queue, join between decode steps when a slot is
+free (a request of n samples takes up to n slots), are prefilled in chunks of at most `prefill_chunk`
+tokens per step while the running rows keep decoding, and leave when they end; a freed slot is reused at
+once. Each row has its own sampling settings, generator, processors and stops (engine.rows.RowSettings,
+engine.sampling.Sampler): the one decode loop's per-row machinery, in slots. Knows no HTTP."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from multiar.engine.decode import decode_rows, prefill_row
+from multiar.engine.model import GPT
+from multiar.engine.rows import Rows, RowSettings, Token, window_tail
+from multiar.engine.sampling import Sampler, sample_each
+
+log = logging.getLogger("multiar")
+
+
+class QueueFull(Exception):
+    """The waiting queue holds max_queue requests: come back later (HTTP 429)."""
+
+
+class Closed(Exception):
+    """The engine is draining or stopped: no new requests (HTTP 503)."""
+
+
+@dataclass
+class SampleSpec:
+    """One sample of a request: the row it continues, its own settings and sampler."""
+
+    prompt: list[int]
+    settings: RowSettings
+    sampler: Sampler
+
+
+@dataclass
+class Event:
+    """What a request hears from the engine thread: kind "tokens" (new ids of sample `sample`), "end"
+    (the sample ended: `end`, all its `ids`, `logps` per sampled id, EOS's last when it ended there) or
+    "error" (the request failed: `message`)."""
+
+    kind: str
+    sample: int = 0
+    ids: list[int] = field(default_factory=list)
+    end: str | None = None
+    logps: list[float] = field(default_factory=list)
+    message: str = ""
+
+
+@dataclass
+class Job:
+    """A request in the engine: its samples, where its events go (called on the engine thread), its
+    deadline (time.monotonic), and the engine's count of its samples started and ended."""
+
+    samples: list[SampleSpec]
+    emit: Callable[[Event], None]
+    deadline: float | None = None
+    cancelled: bool = False
+    started: int = 0
+    ended: int = 0
+    failed: bool = False
+    submitted: float = field(default_factory=time.monotonic)
+    first_token: float | None = None
+
+
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+@dataclass
+class Stats:
+    """The engine's counters, read by /metrics (plain ints and floats: reads from another thread are safe)."""
+
+    tokens: int = 0
+    steps: int = 0
+    ttft_counts: list[int] = field(default_factory=lambda: [0] * (len(TTFT_BUCKETS) + 1))  # last: +Inf
+    ttft_sum: float = 0.0
+
+    def observe_ttft(self, seconds: float) -> None:
+        at = next((i for i, le in enumerate(TTFT_BUCKETS) if seconds <= le), len(TTFT_BUCKETS))
+        self.ttft_counts[at] += 1
+        self.ttft_sum += seconds
+
+
+class SlotEngine:
+    """`slots` rows of one model's KV cache serving requests continuously (see the module's doc)."""
+
+    def __init__(
+        self,
+        model: GPT,
+        *,
+        slots: int,
+        max_queue: int,
+        prefill_chunk: int,
+        eos_id: int | None,
+        max_tokens: int,
+        window_starts: Sequence[bool] | None = None,
+    ):
+        self.model, self.slots, self.max_queue, self.chunk = model, slots, max_queue, prefill_chunk
+        self.block = model.config.block_size
+        self.keep, self.window_starts = self.block // 2, window_starts
+        model.eval()
+        model.setup_caches(max_batch_size=slots, max_seq_length=self.block)
+        device = model.wte.weight.device
+        self.rows = Rows([[0]] * slots, 1, device=device, width=self.block + max_tokens + 1, eos_id=eos_id)
+        self.rows.ends = ["idle"] * slots
+        self.rows.finished_t.fill_(True)
+        self.job: list[Job | None] = [None] * slots
+        self.sample: list[int] = [0] * slots
+        self.phase: list[str] = ["idle"] * slots  # idle, prefill, run
+        self.pending: list[list[int]] = [[] for _ in range(slots)]  # ids still to prefill
+        self.filled: list[int] = [0] * slots  # cache positions filled
+        self.logps: list[list[float]] = [[] for _ in range(slots)]
+        self.samplers: list[Sampler] = [Sampler() for _ in range(slots)]
+        self.queue: collections.deque[Job] = collections.deque()
+        self.lock = threading.Condition()
+        self.accepting, self.running = True, True
+        self.stats = Stats()
+        self.thread = threading.Thread(target=self.serve_forever, name="multiar-engine", daemon=True)
+
+    # ---- the HTTP side's calls (any thread) ----
+    def start(self) -> None:
+        self.thread.start()
+
+    def submit(self, job: Job) -> None:
+        """Queue job; QueueFull when max_queue wait already, Closed when draining."""
+        with self.lock:
+            if not (self.accepting and self.running):
+                raise Closed("the server is shutting down")
+            if len(self.queue) >= self.max_queue:
+                raise QueueFull(f"{len(self.queue)} requests are waiting (max_queue)")
+            self.queue.append(job)
+            self.lock.notify()
+
+    def cancel(self, job: Job) -> None:
+        """The client left: its rows end at the next step, its queued samples never start."""
+        job.cancelled = True
+        with self.lock:
+            self.lock.notify()
+
+    @property
+    def busy(self) -> int:
+        return sum(p != "idle" for p in self.phase)
+
+    @property
+    def waiting(self) -> int:
+        return len(self.queue)
+
+    def drain(self, timeout: float) -> bool:
+        """Stop taking requests and wait up to timeout seconds for the running and queued ones to end;
+        whether they did. Then the thread stops."""
+        with self.lock:
+            self.accepting = False
+        end = time.monotonic() + timeout
+        while (self.busy or self.queue) and time.monotonic() < end:
+            time.sleep(0.02)
+        idle = not (self.busy or self.queue)
+        self.stop()
+        return idle
+
+    def stop(self) -> None:
+        with self.lock:
+            self.running = False
+            self.lock.notify()
+        if self.thread.is_alive() and threading.current_thread() is not self.thread:
+            self.thread.join(timeout=10)
+
+    # ---- the engine thread ----
+    def serve_forever(self) -> None:
+        while self.running:
+            with self.lock:
+                while self.running and not (self.queue or self.busy):
+                    self.lock.wait(0.5)
+            if not self.running:
+                break
+            try:
+                self.step()
+            except Exception as err:  # noqa: BLE001 (a failed step fails its requests; serving goes on)
+                log.exception("serve: a decode step failed")
+                for b in range(self.slots):
+                    if self.job[b] is not None:
+                        self.fail(self.job[b], f"{type(err).__name__}: {err}")
+        self.fail_all("the server stopped")
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """One step: admit, drop the cancelled and late, decode the running rows, prefill one chunk,
+        then sample every row that has logits."""
+        self.admit()
+        self.drop_gone()
+        logits: dict[int, torch.Tensor] = {}
+        running = [b for b in range(self.slots) if self.phase[b] == "run"]
+        for b in [b for b in running if self.filled[b] >= self.block]:  # the window slides
+            ids = self.rows.seq[b, : self.rows.length.values[b]].tolist()
+            self.start_prefill(b, window_tail(ids[-self.keep :], self.keep, self.window_starts))
+        running = [b for b in running if self.phase[b] == "run"]
+        if running:
+            logits.update(self.decode(running))
+        logits.update(self.prefill())
+        if logits:
+            self.sample_rows(sorted(logits), torch.stack([logits[b] for b in sorted(logits)]))
+        self.stats.steps += 1
+
+    def admit(self) -> None:
+        """Fill free slots from the head of the queue, FIFO, one sample per slot."""
+        with self.lock:
+            for b in range(self.slots):
+                while self.queue and (
+                    self.queue[0].cancelled or self.queue[0].started >= len(self.queue[0].samples)
+                ):
+                    job = self.queue.popleft()
+                    if job.cancelled and job.started == 0:
+                        job.emit(Event("error", message="cancelled"))
+                if not self.queue:
+                    return
+                if self.phase[b] != "idle":
+                    continue
+                job = self.queue[0]
+                i, job.started = job.started, job.started + 1
+                spec = job.samples[i]
+                self.job[b], self.sample[b], self.samplers[b] = job, i, spec.sampler
+                self.rows.refill(b, spec.prompt, spec.settings)
+                self.logps[b] = []
+                self.start_prefill(b, spec.prompt)
+
+    def start_prefill(self, b: int, ids: list[int]) -> None:
+        self.phase[b], self.pending[b], self.filled[b] = "prefill", list(ids), 0
+
+    def drop_gone(self) -> None:
+        """End the rows of requests that were cancelled or ran past their deadline."""
+        now = time.monotonic()
+        for b in range(self.slots):
+            job = self.job[b]
+            if job is None:
+                continue
+            late = job.deadline is not None and now > job.deadline
+            if job.cancelled or late or job.failed:
+                self.finish(b, self.rows.end(b, "cancelled" if job.cancelled else "timeout"))
+
+    def decode(self, running: list[int]) -> dict[int, torch.Tensor]:
+        """Feed each running row's last id at its position; every other slot writes a slot it refills."""
+        rows = self.rows
+        positions = torch.tensor(self.filled, device=rows.seq.device)
+        last = (rows.length.tensor - 1).clamp_min(0)
+        tokens = rows.seq[rows.index, last]
+        out = decode_rows(self.model, tokens, positions)
+        for b in running:
+            self.filled[b] += 1
+        return {b: out[b] for b in running}
+
+    def prefill(self) -> dict[int, torch.Tensor]:
+        """Up to prefill_chunk prompt ids of the rows waiting for them, oldest first; the logits of each
+        row whose prompt is now all in its cache."""
+        budget, out = self.chunk, {}
+        for b in sorted((b for b in range(self.slots) if self.phase[b] == "prefill"), key=self.age):
+            if budget <= 0:
+                break
+            take, self.pending[b] = self.pending[b][:budget], self.pending[b][budget:]
+            ids = torch.tensor(take, device=self.rows.seq.device)
+            logits = prefill_row(self.model, b, ids, self.filled[b])
+            self.filled[b] += len(take)
+            budget -= len(take)
+            if not self.pending[b]:
+                self.phase[b], out[b] = "run", logits
+        return out
+
+    def age(self, b: int) -> float:
+        job = self.job[b]
+        return job.submitted if job is not None else 0.0
+
+    def sample_rows(self, ready: list[int], logits: torch.Tensor) -> None:
+        """Process, sample and append one token for each ready row; stream its events."""
+        rows = self.rows
+        processed, dead, failed = rows.process_rows(logits, ready)
+        token = sample_each(processed, [self.samplers[b] for b in ready])
+        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, token[:, None])[:, 0].tolist()
+        keep = [j for j, b in enumerate(ready) if b not in failed]
+        for b, message in failed.items():
+            self.fail(self.job[b], message)
+        if not keep:
+            return
+        ready = [ready[j] for j in keep]
+        events = rows.append_rows(token[keep], dead[keep], ready)
+        for j, b in zip(keep, ready, strict=True):
+            self.logps[b].append(logp[j])
+        self.stats.tokens += len(ready)
+        self.dispatch(events)
+        for b, message in list(rows.failed.items()):
+            if self.job[b] is not None:
+                self.fail(self.job[b], message)
+
+    def dispatch(self, events: list[Token]) -> None:
+        """Tokens to their requests, grouped per row; ended rows finish."""
+        grouped: dict[int, list[int]] = {}
+        for e in events:
+            if e.token is not None:
+                grouped.setdefault(e.row, []).append(e.token)
+        now = time.monotonic()
+        for b, ids in grouped.items():
+            job = self.job[b]
+            if job is not None:
+                if job.first_token is None:
+                    job.first_token = now
+                    self.stats.observe_ttft(now - job.submitted)
+                job.emit(Event("tokens", self.sample[b], ids))
+        for b in {e.row for e in events if e.token is None}:
+            self.finish(b, [])
+
+    def finish(self, b: int, events: list[Token]) -> None:
+        """Row b ended: its request hears the end (unless it failed), the slot is free at once."""
+        job, rows = self.job[b], self.rows
+        if job is not None and not job.failed:
+            ids, end = list(rows.new[b]), rows.ends[b]
+            n = len(ids) + (end == "eos")
+            job.emit(Event("end", self.sample[b], ids, end, self.logps[b][:n]))
+        if job is not None:
+            job.ended += 1
+        self.job[b], self.phase[b], self.pending[b], self.filled[b] = None, "idle", [], 0
+        rows.ends[b], rows.finished_t[b] = rows.ends[b] or "idle", True
+
+    def fail(self, job: Job | None, message: str) -> None:
+        """The request fails alone: one error event, its rows freed, its queued samples dropped."""
+        if job is None or job.failed:
+            return
+        job.failed = True
+        job.emit(Event("error", message=message))
+        for b in range(self.slots):
+            if self.job[b] is job:
+                self.rows.end(b, "error")
+                self.finish(b, [])
+        with self.lock:
+            if job in self.queue:
+                self.queue.remove(job)
+
+    def fail_all(self, message: str) -> None:
+        for b in range(self.slots):
+            self.fail(self.job[b], message)
+        with self.lock:
+            queued, self.queue = list(self.queue), collections.deque()
+        for job in queued:
+            self.fail(job, message)
+
+    def describe(self) -> dict[str, Any]:
+        """Slots, KV cache memory and dtype: the line printed at start."""
+        cache = self.model.blocks[0].attn.kv_cache
+        assert cache is not None
+        kv = 2 * cache.k.numel() * cache.k.element_size() * len(self.model.blocks)
+        return {"slots": self.slots, "kv_mib": kv / 2**20, "dtype": str(self.model.wte.weight.dtype)}

@@ -1,0 +1,165 @@
+"""The slot engine of `multiar serve` on a small random model, fp32: greedy rows equal the one decode
+loop's, a seeded row gives the same tokens alone or among 15 others, a cancelled request frees its slot
+within a step, a failing processor fails its request alone, a long prompt enters in chunks while the
+other rows keep decoding, and rows past block_size slide their window."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from multiar.commands.serve_engine import Event, Job, SampleSpec, SlotEngine
+from multiar.engine.decode import generate
+from multiar.engine.model import GPT, ModelConfig
+from multiar.engine.rows import RowSettings
+from multiar.engine.sampling import Sampler, ban_tokens
+
+EOS = 2
+
+
+@pytest.fixture(scope="module")
+def model() -> GPT:
+    torch.manual_seed(0)
+    return GPT(ModelConfig(vocab_size=40, block_size=64, n_layer=2, n_head=2, n_embd=32)).eval()
+
+
+def engine(model: GPT, slots: int = 4, chunk: int = 8, **kwargs) -> SlotEngine:
+    e = SlotEngine(
+        model, slots=slots, max_queue=64, prefill_chunk=chunk, eos_id=EOS, max_tokens=256, **kwargs
+    )
+    e.start()
+    return e
+
+
+class Collect:
+    """A request's events, gathered on the engine thread."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self.done = threading.Event()
+        self.n = 0
+
+    def __call__(self, event: Event) -> None:
+        self.events.append(event)
+        if event.kind == "error" or (
+            event.kind == "end" and sum(e.kind == "end" for e in self.events) == self.n
+        ):
+            self.done.set()
+
+    def ends(self) -> list[Event]:
+        return sorted((e for e in self.events if e.kind == "end"), key=lambda e: e.sample)
+
+
+def request(
+    e: SlotEngine, prompts, *, seed=None, temperature=0.0, max_new=12, min_new=0, processors=()
+) -> Collect:
+    out = Collect()
+    specs = []
+    for i, p in enumerate(prompts):
+        g = torch.Generator().manual_seed(seed + i) if seed is not None else None
+        settings = RowSettings(max_new, min_new, processors=[ban_tokens([0]), *processors])
+        specs.append(SampleSpec(list(p), settings, Sampler(temperature=temperature, generator=g)))
+    out.n = len(specs)
+    e.submit(Job(specs, out))
+    return out
+
+
+def wait(*collects: Collect, timeout: float = 30) -> None:
+    for c in collects:
+        assert c.done.wait(timeout), "the request did not finish"
+
+
+def test_greedy_rows_equal_the_decode_loop(model):
+    prompts = [[1, 5, 6], [1, 7], [1, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18], [1, 3]]
+    want = generate(
+        model, prompts=prompts, max_new_tokens=12, temperature=0.0, eos_id=EOS, processors=[ban_tokens([0])]
+    )
+    e = engine(model, slots=3)  # fewer slots than prompts: the last one waits for a free slot
+    try:
+        reqs = [request(e, [p]) for p in prompts]
+        wait(*reqs)
+    finally:
+        e.stop()
+    assert [r.ends()[0].ids for r in reqs] == want
+
+
+def test_seeded_request_is_the_same_alone_or_among_15_others(model):
+    prompt = [1, 4, 8, 12]
+    e = engine(model, slots=16)
+    try:
+        alone = request(e, [prompt], seed=7, temperature=1.0, max_new=20, min_new=20)
+        wait(alone)
+        others = [request(e, [[1, 3 + k % 9]], seed=100 + k, temperature=1.0, max_new=24) for k in range(8)]
+        mine = request(e, [prompt], seed=7, temperature=1.0, max_new=20, min_new=20)
+        others += [
+            request(e, [[1, 5, k % 7 + 3]], seed=200 + k, temperature=0.9, max_new=30) for k in range(7)
+        ]
+        wait(mine, *others)
+    finally:
+        e.stop()
+    assert len(alone.ends()[0].ids) == 20
+    assert mine.ends()[0].ids == alone.ends()[0].ids
+
+
+def test_cancel_frees_the_slot_within_a_step_and_the_others_go_on(model):
+    e = engine(model, slots=2)
+    try:
+        long = request(e, [[1, 5]], seed=1, temperature=1.0, max_new=200, min_new=200)
+        other = request(e, [[1, 6]], seed=2, temperature=1.0, max_new=40, min_new=40)
+        deadline = time.monotonic() + 10
+        while not any(ev.kind == "tokens" for ev in long.events) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        steps = e.stats.steps
+        e.cancel(e.job[0] if e.job[0] is not None and e.job[0].emit is long else e.job[1])
+        while e.busy == 2 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert e.stats.steps - steps <= 2
+        wait(other)
+        assert len(other.ends()[0].ids) == 40
+        while e.busy and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert e.busy == 0
+    finally:
+        e.stop()
+    assert [ev.end for ev in long.ends()] in ([], ["cancelled"])
+
+
+def test_a_failing_processor_fails_its_request_alone(model):
+    calls = {"n": 0}
+
+    def faulty(ids, logits):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise RuntimeError("injected fault")
+        return logits
+
+    e = engine(model, slots=4)
+    try:
+        good = [request(e, [[1, 5 + k]], seed=k, temperature=1.0, max_new=16, min_new=16) for k in range(3)]
+        bad = request(e, [[1, 9]], processors=[faulty])
+        wait(bad, *good)
+        after = request(e, [[1, 5]], max_new=4, min_new=4)
+        wait(after)
+    finally:
+        e.stop()
+    assert [ev.message for ev in bad.events if ev.kind == "error"] == ["RuntimeError: injected fault"]
+    assert all(len(g.ends()[0].ids) == 16 for g in good)
+    assert e.busy == 0 and len(after.ends()[0].ids) == 4
+
+
+def test_long_prompt_enters_in_chunks_and_rows_slide_past_the_block(model):
+    e = engine(model, slots=2, chunk=4)
+    try:
+        running = request(e, [[1, 5]], seed=3, temperature=1.0, max_new=150, min_new=150)  # slides twice
+        time.sleep(0.05)
+        joining = request(e, [[1, *range(3, 33)]], max_new=5, min_new=5)  # 31 ids: 8 chunks of 4
+        wait(running, joining)
+    finally:
+        e.stop()
+    assert len(running.ends()[0].ids) == 150 and len(joining.ends()[0].ids) == 5
+    want = generate(model, prompts=[[1, *range(3, 33)]], max_new_tokens=5, min_new_tokens=5, temperature=0.0,
+                    eos_id=EOS, processors=[ban_tokens([0])])  # fmt: skip
+    assert joining.ends()[0].ids == want[0]
