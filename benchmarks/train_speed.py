@@ -149,7 +149,7 @@ def nanogpt_row(directory: Path | None, config: ModelConfig, data: list, dtype: 
     with contextlib.redirect_stdout(None):  # its constructor and optimizer setup print
         model = module.GPT(cfg)
         opt = model.configure_optimizers(0.1, 3e-4, (0.9, 0.95), "cpu")
-    return plain_loop(model, data, dtype, warmup, lambda m, x, y: m(x, y)[1], opt)
+    return plain_loop(model, data, dtype, warmup, lambda m, x, y: m(x.contiguous(), y.contiguous())[1], opt)
 
 
 def loader_wait(steps: int) -> float:
@@ -266,7 +266,6 @@ def main() -> None:
             ]
             print("  " + "  ".join(f"{a} / {b} {base[a] / base[b]:.2f}" for a, b in ratios), flush=True)
     wait = loader_wait(20) if not args.no_loader else float("nan")
-    wait = loader_wait(20)
     step = max((r["tok_s"] for r in results if r["impl"] == "multiar Lightning"), default=float("nan"))
     print(
         f"\nloader wait {wait * 1e3:.2f} ms a batch = {wait / (tokens / step):.2%} of the fastest step measured"

@@ -89,15 +89,17 @@ def decode_step_seconds(models: dict[str, nn.Module], batch_size: int, rounds: i
     """Seconds per one-token decode step of each model at batch_size (after an 8-token prefill),
     candidates interleaved: each round runs a few steps of every model; the best round counts."""
     best = dict.fromkeys(models, float("inf"))
-    vocab = next(iter(models.values())).config.vocab_size
-    prompt = torch.randint(0, vocab, (batch_size, 8))
+    config = next(iter(models.values())).config
+    length = max(1, min(8, config.block_size // 2))  # a prompt, then up to 6 steps within the block
+    prompt = torch.randint(0, config.vocab_size, (batch_size, length))
+    steps = max(1, min(6, config.block_size - length))
     with torch.inference_mode():
         for m in models.values():
             m.setup_caches(batch_size, min(m.config.block_size, 64))
         try:
             for r in range(rounds + 1):  # the first round warms up
                 for name, m in models.items():
-                    seconds = _time_steps(m, prompt.to(m.wte.weight.device), steps=6)
+                    seconds = _time_steps(m, prompt.to(m.wte.weight.device), steps)
                     if r:
                         best[name] = min(best[name], seconds)
         finally:
@@ -300,7 +302,11 @@ def prepare_for_decoding(
     if compile and layout == "packed":
         raise ValueError("compile=true takes layout=auto or linear: inductor packs the weights itself")
     cache_file = Path(cache_dir).expanduser() / CACHE_FILE if cache_dir is not None else None
-    if any(isinstance(m, Int8Linear | Int4Linear) for m in model.modules()):
+    quantized = [m for m in model.modules() if isinstance(m, Int8Linear | Int4Linear)]
+    if quantized and compile:  # inductor compiles the kernels quantize made
+        mode = "int4" if any(isinstance(m, Int4Linear) for m in quantized) else "int8"
+        choice = DecodeChoice(dtype="fp32", layout=mode, how="forced", batch_size=batch_size)
+    elif quantized:
         model, choice = choose_kernels(model, batch_size, cache_file, layer_timer or layer_seconds)
     else:
         timer = timer or (lambda models: decode_step_seconds(models, batch_size))

@@ -58,7 +58,34 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        training = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        if training and x.device.type == "cpu" and not torch.compiler.is_compiling():
+            return _RMSNormFunction.apply(x, self.weight, self.eps)
         return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """RMSNorm with a hand-written backward: on a CPU, F.rms_norm is composed of ~6 ops forward and ~10
+    backward, each a pass over the activations and a thread-pool round; this takes 3 and 7
+    (benchmarks/README.md, training). Same formula, so the same values as F.rms_norm to rounding."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:  # noqa: ANN001
+        # one reduction pass (a norm), then small ops on (..., 1)
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+        rstd = norm.square_().div_(x.size(-1)).add_(eps).rsqrt_()
+        xhat = x * rstd
+        ctx.save_for_backward(xhat, weight, rstd)
+        return xhat * weight.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:  # noqa: ANN001
+        xhat, weight, rstd = ctx.saved_tensors
+        gw = grad * weight.to(grad.dtype)
+        dot = torch.linalg.vecdot(gw, xhat).unsqueeze_(-1).div_(-xhat.size(-1))  # -mean(g w xhat)
+        dx = torch.addcmul(gw, xhat, dot).mul_(rstd)
+        dw = (grad * xhat).sum(tuple(range(grad.dim() - 1))).to(weight.dtype)
+        return dx, dw, None
 
 
 def rope_cache(seq_len: int, head_size: int, base: float) -> Tensor:
@@ -125,11 +152,12 @@ class Attention(nn.Module):
     ) -> Tensor:
         B, T, C = x.shape
         nh, hs = self.config.n_head, self.config.head_size
-        qkv = self.qkv(x).view(B, T, 3 * nh, hs)
+        # split, not slices: its backward is one cat, where each slice's fills a zero tensor of qkv's size
+        qk, v = self.qkv(x).view(B, T, 3 * nh, hs).split([2 * nh, nh], dim=2)
         # rotate q and k in one call: half the small ops per layer
-        qk = apply_rope(qkv[:, :, : 2 * nh], freqs).transpose(1, 2)  # (B, 2 * nh, T, hs)
+        qk = apply_rope(qk, freqs).transpose(1, 2)  # (B, 2 * nh, T, hs)
         q, k = qk.split(nh, dim=1)  # (B, nh, T, hs) each
-        v = qkv[:, :, 2 * nh :].transpose(1, 2)
+        v = v.transpose(1, 2)
         if input_pos is None:
             dropout = self.config.dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)

@@ -91,12 +91,21 @@ class Int8Linear(nn.Module):
         module.scales.copy_(scales)
         return module.to(linear.weight.device)
 
+    def _scales_as(self, dtype: torch.dtype) -> Tensor:
+        """The scales in dtype, cast once (again only after the buffer changed: a load, a .to)."""
+        if torch.compiler.is_compiling():  # the graph folds the cast in
+            return self.scales.to(dtype)
+        stamp = (dtype, self.scales.data_ptr(), self.scales._version)
+        if getattr(self, "_cast_stamp", None) != stamp:
+            self._cast_scales, self._cast_stamp = self.scales.to(dtype), stamp
+        return self._cast_scales
+
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (N, in)
         if x2.device.type == "cpu" and self.kernel is not None:
             act = torch.bfloat16 if self.bf16_activations else x.dtype
-            y = self.kernel(x2.to(act), self.weight, self.scales.to(act))
+            y = self.kernel(x2.to(act), self.weight, self._scales_as(act))
         else:  # no int8 kernel: dequantize on the fly (still a quarter of the bytes to keep)
             y = F.linear(x2, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)

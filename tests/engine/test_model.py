@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from multiar.engine.decode import generate
 from multiar.engine.model import GPT, ModelConfig
@@ -276,3 +279,28 @@ def test_kept_caches_are_reused_across_calls_and_match_fresh_ones():
     model.keep_caches = False
     model.clear_caches()
     assert model.blocks[0].attn.kv_cache is None
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_training_rmsnorm_matches_f_rms_norm_values_and_gradients(autocast):
+    from multiar.engine.model import RMSNorm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(48, 1e-5)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(3, 7, 48, requires_grad=True)
+    grad = torch.randn(3, 7, 48)
+    context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with context:
+        ours = norm(x)  # the hand-written backward (grad enabled, CPU)
+    ours.backward(grad)
+    ours_grads = x.grad.clone(), norm.weight.grad.clone()
+    x.grad, norm.weight.grad = None, None
+    with context:
+        ref = F.rms_norm(x, (48,), norm.weight, 1e-5)
+    ref.backward(grad)
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(ours_grads, (x.grad, norm.weight.grad))
+    with torch.no_grad():  # sampling takes F.rms_norm itself
+        torch.testing.assert_close(norm(x), ref)
