@@ -18,7 +18,7 @@ from torch import Tensor
 
 from multiar.engine.model import GPT, KVCache
 from multiar.engine.rows import Rows, Token, as_rows, extend_row, window_tail
-from multiar.engine.sampling import LogitsProcessor, repetition_penalty, sample
+from multiar.engine.sampling import LogitsProcessor, repetition_penalty
 
 __all__ = [
     "Token",
@@ -174,7 +174,10 @@ def stream(
         logits = prefill(model, state.seq[:, :T], state.last_index(state.length))
         for _ in range(max_new_tokens):
             logits, dead = state.process(logits)
-            token, events = state.append(sample(logits, temperature, top_k, top_p, generator, min_p), dead)
+            sampling = dict(
+                temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, min_p=min_p
+            )
+            token, events = state.append(*state.draw(logits, dead, **sampling))
             yield from events
             if state.done:
                 break

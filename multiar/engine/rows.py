@@ -13,7 +13,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from multiar.engine.sampling import LogitsProcessor, apply_processors
+from multiar.engine.checked_draw import TokenCheck, checked_sample
+from multiar.engine.sampling import LogitsProcessor, apply_processors, sample
 
 
 class Token(NamedTuple):
@@ -202,6 +203,31 @@ class Rows:
         self.new[b], self.ends[b], self.sent[b] = [], None, 0
         self.own[b] = settings
         self.failed.pop(b, None)
+
+    def checks(self, b: int) -> list[TokenCheck]:
+        """Row b's processors that also judge single tokens (a grammar): `sound` asks them."""
+        own = self.own[b]
+        return [p for p in (self.processors if own is None else own.processors) if isinstance(p, TokenCheck)]
+
+    @property
+    def checked(self) -> bool:
+        """Whether some row has a per-token check: its tokens are drawn with `checked_draw`."""
+        return any(self.checks(b) for b in range(len(self.ends)))
+
+    def sound(self, b: int, token: int, extra: int = 0) -> bool:
+        """Whether row b may take token after its ids and `extra` more (a draft's); an ended row may."""
+        checks = self.checks(b) if self.ends[b] is None else []
+        if not checks:
+            return True
+        ids = self.seq[b, : self.length.values[b] + extra].tolist()
+        return all(c.sound(ids, token) for c in checks)
+
+    def draw(self, logits: Tensor, dead: Tensor | None, **sampling) -> tuple[Tensor, Tensor | None]:
+        """One token per row from processed logits, with `sampling.sample`'s keyword arguments; where a
+        row has a per-token check, only a token it accepts (checked_sample), else the row is dead."""
+        if not self.checked:
+            return sample(logits, **sampling), dead
+        return checked_sample(logits, dead, self.sound, **sampling)
 
     def hold_of(self, b: int) -> int:
         """Row b's held-back token count (its longest stop sequence minus one)."""

@@ -1,0 +1,81 @@
+"""Drawing under a per-token check, with no hole: a processor that can judge single tokens (`TokenCheck`,
+a grammar too costly to run over the whole vocabulary every step) is asked only about the tokens drawn.
+Each row draws from its processed distribution; a drawn token the check refuses is banned in that row
+and the row draws again, until a sound token is drawn or no probability is left (the row is dead: it
+ends with `no_valid_token`). Greedy takes the most likely sound token. What comes out is the processed
+distribution restricted to sound tokens, renormalized: never an unchecked token. Knows no domain.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from multiar.engine.sampling import draw, probabilities
+
+
+@runtime_checkable
+class TokenCheck(Protocol):
+    """A logits processor (its call masks what is cheap to mask) that also says, for one row's ids and
+    one candidate token, whether the token is sound there. The decode loop asks `sound` of each token
+    it draws (`checked_sample`); speculative decoding of every token it needs the probability of."""
+
+    def __call__(self, ids: Tensor, logits: Tensor) -> Tensor: ...
+
+    def sound(self, ids: list[int], token: int) -> bool: ...
+
+
+Sound = Callable[[int, int], bool]  # (row, token) -> whether the row may take the token
+
+
+def checked_sample(
+    logits: Tensor,
+    dead: Tensor | None,
+    sound: Sound,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    min_p: float = 0.0,
+) -> tuple[Tensor, Tensor]:
+    """One token per row of processed logits (B, V) that sound(row, token) accepts, and which rows have
+    none (B,) bool: a refused token is banned in its row and the row draws again. dead: rows already
+    without a valid token (their logits flattened by `Rows.process`), left as they are. Sampling
+    arguments as `sampling.sample` (temperature 0: the most likely sound token)."""
+    greedy = temperature <= 0
+    weights = logits.clone() if greedy else probabilities(logits, temperature, top_k, top_p, min_p)
+    tokens = weights.argmax(-1) if greedy else draw(weights, generator)
+    dead = (
+        torch.zeros(logits.size(0), dtype=torch.bool, device=logits.device) if dead is None else dead.clone()
+    )
+    waiting = [b for b, d in enumerate(dead.tolist()) if not d]
+    while waiting:
+        drawn = tokens.tolist()
+        refused = [b for b in waiting if not sound(b, drawn[b])]
+        if not refused:
+            break
+        rows = torch.tensor(refused, device=logits.device)
+        weights[rows, tokens[rows]] = float("-inf") if greedy else 0.0
+        left = weights[rows]
+        empty = torch.isneginf(left).all(-1) if greedy else left.sum(-1) <= 0
+        tokens[rows] = left.argmax(-1) if greedy else draw(left, generator)
+        dead[rows] |= empty
+        waiting = [b for b, e in zip(refused, empty.tolist(), strict=True) if not e]
+    return tokens, dead
+
+
+def sound_probabilities(probs: Tensor, sound: Callable[[int], bool]) -> Tensor:
+    """One row's distribution (V,) restricted to the tokens sound(token) accepts, renormalized (all
+    zeros when none is): what `checked_sample` draws from, made explicit for speculative decoding's
+    accept/reject rule. Asks about every token with probability, most likely first."""
+    out = probs.clone()
+    support = torch.nonzero(probs > 0).flatten()
+    order = support[probs[support].argsort(descending=True)].tolist()
+    refused = [t for t in order if not sound(t)]
+    if refused:
+        out[refused] = 0.0
+    total = out.sum()
+    return out / total if total > 0 else out
