@@ -92,7 +92,9 @@ class Domain(Protocol):
         """Domain metrics, each key prefixed with '<name>/' (DomainBase: none)."""
 
     def constraint(self) -> LogitsProcessor | None:
-        """A grammar mask for sampling, or None (DomainBase: None)."""
+        """A grammar mask for sampling, or None (DomainBase: None). A check too costly to run over the
+        whole vocabulary each step also has `sound(ids, token)` (engine.checked_draw.TokenCheck): the
+        decode loop asks it of each token it draws and draws again without a refused one (code)."""
 
     def save(self, directory: Path) -> None:
         """Write the tokenizer state so that load() rebuilds an identical domain."""
@@ -194,7 +196,10 @@ class SampleFiles:
         )
 
     def add(self, artifacts: Sequence[Artifact], start: int, details: Sequence[dict] | None) -> list[Path]:
-        extra = {"details": list(details)} if details is not None else {}
+        # details (each sample's end reason, perplexity, ...) reach write only in an Assessed domain
+        extra = (
+            {"details": list(details)} if details is not None and isinstance(self.domain, Assessed) else {}
+        )
         return self.domain.write(
             artifacts, self.out_dir, self.provenance, self.overwrite, start=start, **extra
         )

@@ -42,6 +42,7 @@ from multiar.domain import (
     Validity,
     WindowStarts,
 )
+from multiar.engine.checked_draw import TokenCheck
 from multiar.engine.sampling import LogitsProcessor, ban_tokens
 from multiar.errors import ConfigError
 from multiar.files import write_new_text
@@ -236,7 +237,8 @@ class Tagged(DomainBase):
                 logits[:, :first] = inner(plain, logits[:, :first])
             return logits
 
-        return processor
+        # a grammar's per-token check is forwarded explicitly (tags read as BOS, never sound themselves)
+        return TaggedCheck(processor, inner, first, bos) if isinstance(inner, TokenCheck) else processor
 
     def save(self, directory: Path) -> None:
         self.base.save(directory)
@@ -252,6 +254,21 @@ class Tagged(DomainBase):
         tagged.base, tagged.spec, tagged.max_tags = base, state["spec"], state["max_tags"]
         tagged.tags, tagged.table = list(state["tags"]), state.get("table")  # None: runs saved before
         return tagged
+
+
+class TaggedCheck:
+    """A tagged run's constraint when the wrapped domain's has a per-token check (checked_draw.TokenCheck):
+    the processor as it is, and `sound` asked of the base's check with tags read as BOS."""
+
+    def __init__(self, processor: LogitsProcessor, inner: TokenCheck, first: int, bos: int) -> None:
+        self.processor, self.inner, self.first, self.bos = processor, inner, first, bos
+
+    def __call__(self, ids: Tensor, logits: Tensor) -> Tensor:
+        return self.processor(ids, logits)
+
+    def sound(self, ids: list[int], token: int) -> bool:
+        plain = [self.bos if i >= self.first else i for i in ids]
+        return token < self.first and self.inner.sound(plain, token)
 
 
 class _HeaderFields:

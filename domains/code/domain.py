@@ -11,7 +11,7 @@ from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from multiar.domain import FIM_TOKENS, DomainBase
+from multiar.domain import FIM_TOKENS, Domain, DomainBase, MetricSummary
 from multiar.domains.code import analysis, outputs
 from multiar.domains.code.analysis import parses
 from multiar.domains.code.syntax import python_constraint
@@ -255,8 +255,12 @@ class CodeDomain(DomainBase):
             out["code/longest_copied_run_mean"] = sum(runs) / n
         return out
 
+    def metric_summary(self) -> CodeSummary:
+        return CodeSummary()
+
     def constraint(self) -> LogitsProcessor | None:
-        """Python sources are sampled lexically sound (domains/code/syntax.py); other suffixes free."""
+        """Python sources are sampled lexically and grammatically sound, with a per-token check the decode
+        loop asks of every token it draws (domains/code/syntax.py, grammar.py); other suffixes free."""
         if self.suffixes != (".py",):
             return None
         tokenizer = self._trained()
@@ -291,10 +295,11 @@ class CodeDomain(DomainBase):
         return parses(artifact)
 
     def stop_rule(self, name: str) -> Callable[[str, int, bool], int | None]:
-        """stop_at=block: a sample ends with the top-level definition it is in (a dedent to column 0)."""
+        """stop_at=block: a sample ends with the top-level definition it is in (a dedent to column 0),
+        where the text before that line parses: a complete block."""
         if name != "block":
             raise ValueError(f"unknown rule {name!r}; the code domain has block")
-        return analysis.block_end
+        return complete_block_end
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
@@ -329,3 +334,37 @@ class CodeDomain(DomainBase):
             raise ValueError(f"{path}: {err}") from None
         domain.lines_file = directory / "train_lines.npy"
         return domain
+
+
+def complete_block_end(text: str, start: int = 0, final: bool = False) -> int | None:
+    """analysis.block_end where the text before the cut parses (a column-0 line inside an open string
+    or bracket is no end); None while the block is not complete."""
+    cut = analysis.block_end(text, start, final)
+    return cut if cut is not None and parses(text[:cut]) else None
+
+
+class CodeSummary(MetricSummary):
+    """The plain means, and per end reason (eos, block, stop, length, no_valid_token, max_len) the share
+    of samples that ended so and how many of them parse (ast.parse of the running Python: a sample the
+    grammar let through but Python rejects counts as a failure); `ended`: eos or block, by themselves."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ends: dict[str, list[int]] = {}  # end reason -> [samples, samples that parse]
+
+    def add(self, domain: Domain, artifacts: Sequence[str], details: Sequence[dict]) -> None:
+        super().add(domain, artifacts, details)
+        for artifact, d in zip(artifacts, details, strict=True):
+            tally = self.ends.setdefault(str(d.get("end")), [0, 0])
+            tally[0] += 1
+            tally[1] += parses(artifact)
+
+    def metrics(self, domain: Domain) -> dict[str, float]:
+        out, n = super().metrics(domain), max(self.count, 1)
+        for end, (k, ok) in sorted(self.ends.items()):
+            out[f"code/end_{end}_share"] = k / n
+            out[f"code/end_{end}_parse_rate"] = ok / max(k, 1)
+        ended = [self.ends[e] for e in ("eos", "block") if e in self.ends]
+        out["code/ended_share"] = sum(k for k, _ in ended) / n
+        out["code/ended_parse_rate"] = sum(ok for _, ok in ended) / max(sum(k for k, _ in ended), 1)
+        return out

@@ -18,8 +18,10 @@ def sample_header(provenance: dict) -> str:
     return f"# multiar sample: {settings}\n" if settings else ""
 
 
-def report_line(path: Path, src: str) -> str:
-    return f"{path.name}\t{'ok' if parses(src) else 'syntax error'}\n"
+def report_line(path: Path, src: str, end: str | None = None) -> str:
+    """The sample's line: its file, whether it parses, and why sampling ended it (eos, block, stop,
+    length, no_valid_token) when known."""
+    return f"{path.name}\t{'ok' if parses(src) else 'syntax error'}" + (f"\t{end}" if end else "") + "\n"
 
 
 class CodeFiles(SampleFiles):
@@ -37,7 +39,8 @@ class CodeFiles(SampleFiles):
             )
             for i, src in enumerate(artifacts)
         ]
-        self.report.write("".join(report_line(p, src) for p, src in zip(paths, artifacts, strict=True)))
+        ends = [d.get("end") for d in details] if details is not None else [None] * len(paths)
+        self.report.write("".join(map(report_line, paths, artifacts, ends)))
         return paths
 
     def sync(self) -> dict[str, int]:
@@ -52,7 +55,7 @@ class CodeFiles(SampleFiles):
     def close(self, ranks: Mapping[int, int]) -> list[Path]:
         self.report.sync()
         with open(self.report.path, encoding="utf-8") as lines:  # one pass at the end: the count
-            states = [line.rstrip("\n").endswith("\tok") for line in lines if not line.startswith("#")]
+            states = [line.split("\t")[1:2] == ["ok"] for line in lines if not line.startswith("#")]
         self.report.write(f"# {sum(states)} of {len(states)} samples parse\n")
         self.report.close()
         return [self.report.path]

@@ -1,4 +1,4 @@
-"""Syntax-constrained sampling for Python: a logits processor that keeps every sample lexically sound.
+"""Syntax-constrained sampling for Python: a logits processor that keeps every sample lexically and grammatically sound.
 
 A small incremental scanner follows the text as it is written: strings (quotes, triple quotes,
 prefixes), comments, the stack of open brackets and the stack of indentation levels. For the few most
@@ -6,12 +6,13 @@ likely next tokens it scans only the candidate's characters from the row's state
 that closes the wrong bracket, breaks a single-quoted string with a newline, indents without a ':'
 before, dedents to no enclosing level, mixes tabs and spaces in an indent, or holds a character Python
 has no token for; a candidate that ends a logical line also has that line run through Python's own
-`tokenize`. EOS is allowed only where the text could end: no open string or bracket, no ':' without
-its block, and the whole sample parses. Tokens outside the top candidates are banned, so a sample only takes checked steps.
+`tokenize`. On top of it, Python's grammar (domains/code/grammar.py, lark's LALR tables) checks that
+the text is still the start of some program. EOS is allowed only where the whole sample parses.
 
-The state of each row is rebuilt from the ids it is given whenever they are not an extension of the
-ids of its last call (a speculative draft rolled back, another row), so the processor stays a function
-of its input.
+`PythonConstraint.sound(ids, token)` runs both for one token; the decode loop asks it of every token it
+draws and draws again without an unsound one (multiar/engine/checked_draw.py), so no row is ever left
+unconstrained. The state of each row is kept per ids prefix (a speculative draft rolled back, another
+row, a server's slot), so the check stays a function of its input.
 """
 
 from __future__ import annotations
@@ -20,15 +21,17 @@ import io
 import tokenize
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
-import torch
 from torch import Tensor
 
+from multiar.domains.code.analysis import parses
+from multiar.domains.code.grammar import Parse, Ungrammatical, first_bad_line
 from multiar.engine.prefix_states import PrefixStates
+from multiar.errors import ConfigError
 
 OPEN, CLOSE = "([{", ")]}"
 NO_TOKEN = set("$?`")
-TOP_K = 8
 
 
 class Unsound(ValueError):
@@ -176,57 +179,102 @@ def scan(text: str) -> Lexer:
     return Lexer().feed(text)
 
 
+class RowState(NamedTuple):
+    """A row's text as the scanner and the grammar see it (lexer copied before it is fed; parse immutable)."""
+
+    lexer: Lexer
+    parse: Parse
+
+
+class BadPrompt(NamedTuple):
+    """A row's text that no continuation makes a program: the 1-based line where it goes wrong."""
+
+    line: int
+
+
+class PythonConstraint:
+    """The processor: as a logits processor it bans the special tokens (EOS excepted); `sound(ids, token)`
+    says whether the row's text followed by token is still a viable prefix of a Python program, by the
+    scanner (brackets, strings, indentation) and the grammar (domains/code/grammar.py), EOS only where
+    final_text(ids) parses. The decode loop asks `sound` of the tokens it draws (multiar/engine/
+    checked_draw.py). decode_tail(ids): the text a row holds (its prompt included); token_texts[i]: the
+    text token i adds; final_text(ids): the text the sample would be if it ended here (default
+    decode_tail; for fill-in-the-middle, prefix + middle + suffix). A row's state is kept per ids
+    prefix, so the check is a function of the ids it is given (rows, rollbacks, slots)."""
+
+    def __init__(
+        self,
+        decode_tail: Callable[[list[int]], str],
+        token_texts: list[str],
+        eos_id: int,
+        banned: set[int],
+        final_text: Callable[[list[int]], str] | None = None,
+    ) -> None:
+        self.decode_tail, self.texts, self.eos_id = decode_tail, token_texts, eos_id
+        self.banned = sorted(banned)
+        self.final_text = final_text or decode_tail
+        self.states: PrefixStates[RowState | BadPrompt | None] = PrefixStates(
+            self.build, self.extend, keep=256
+        )
+
+    def build(self, ids: list[int]) -> RowState | BadPrompt:
+        text = self.decode_tail(ids)
+        try:
+            return RowState(scan(text), Parse.begin().advance(text))
+        except (Unsound, Ungrammatical):
+            return BadPrompt(first_bad_line(text) or first_unsound_line(text))
+
+    def extend(self, state: RowState | BadPrompt | None, new: list[int]) -> RowState | None:
+        if not isinstance(state, RowState):
+            return None
+        return self.step(state, "".join(self.texts[i] for i in new))
+
+    @staticmethod
+    def step(state: RowState, text: str) -> RowState | None:
+        """The state after text, or None when text makes the row unsound."""
+        try:
+            return RowState(state.lexer.copy().feed(text), state.parse.advance(text))
+        except (Unsound, Ungrammatical):
+            return None
+
+    def __call__(self, ids: Tensor, logits: Tensor) -> Tensor:
+        for row in ids.tolist():  # a prompt no continuation can make valid stops here, before sampling
+            if isinstance(bad := self.states.state_of(row), BadPrompt):
+                raise ConfigError(
+                    f"prompt line {bad.line}: no continuation makes this a valid Python program "
+                    "(constrain=true checks Python syntax; fix the prompt or set constrain=false)"
+                )
+        if self.banned:
+            logits[:, self.banned] = float("-inf")
+        return logits
+
+    def sound(self, ids: list[int], token: int) -> bool:
+        """Whether ids followed by token can still become a valid program (EOS: whether it is one)."""
+        if token == self.eos_id:
+            return parses(self.final_text(ids))
+        if token in self.banned or not 0 <= token < len(self.texts) or not self.texts[token]:
+            return False
+        state = self.states.state_of(ids)
+        return isinstance(state, RowState) and self.step(state, self.texts[token]) is not None
+
+
+def first_unsound_line(text: str) -> int:
+    """The 1-based line where the scanner first refuses text (1 when it refuses none)."""
+    lexer = Lexer()
+    for number, line in enumerate(text.splitlines(keepends=True), start=1):
+        try:
+            lexer.feed(line)
+        except Unsound:
+            return number
+    return 1
+
+
 def python_constraint(
     decode_tail: Callable[[list[int]], str],
     token_texts: list[str],
     eos_id: int,
     banned: set[int],
-    top_k: int = TOP_K,
     final_text: Callable[[list[int]], str] | None = None,
-) -> Callable[[Tensor, Tensor], Tensor]:
-    """The processor. decode_tail(ids): the text a row holds (its prompt included); token_texts[i]:
-    the text token i adds; banned ids (specials) are never candidates. EOS is a candidate only where
-    final_text(ids) parses: the text the sample would be if it ended here (default decode_tail; for
-    fill-in-the-middle, prefix + middle + suffix)."""
-    final_text = final_text or decode_tail
-    from multiar.domains.code.analysis import parses
-
-    def build(ids: list[int]) -> Lexer | None:
-        try:
-            return scan(decode_tail(ids))
-        except Unsound:
-            return None  # the text so far is unsound (a prompt): leave this row unconstrained
-
-    def extend(lexer: Lexer | None, new: list[int]) -> Lexer | None:
-        try:
-            return None if lexer is None else lexer.copy().feed("".join(token_texts[i] for i in new))
-        except Unsound:
-            return None
-
-    states = PrefixStates(build, extend)
-
-    def processor(ids: Tensor, logits: Tensor) -> Tensor:
-        top = logits.topk(min(top_k, logits.size(-1)), dim=-1).indices.tolist()
-        allowed = torch.zeros_like(logits, dtype=torch.bool)
-        for b, row in enumerate(ids.tolist()):
-            lexer = states.state_of(row)
-            ok = []
-            for t in top[b] if lexer is not None else []:
-                if t in banned:
-                    continue
-                if t == eos_id:
-                    if parses(final_text(row)):
-                        ok.append(t)
-                    continue
-                try:
-                    lexer.copy().feed(token_texts[t])
-                    ok.append(t)
-                except Unsound:
-                    pass
-            if ok:
-                allowed[b, ok] = True
-            else:  # unconstrained row, or no checked candidate is sound: the model chooses
-                allowed[b] = True
-        return logits.masked_fill_(~allowed, float("-inf"))
-
-    return processor
+) -> PythonConstraint:
+    """The processor with its per-token check (PythonConstraint)."""
+    return PythonConstraint(decode_tail, token_texts, eos_id, banned, final_text)

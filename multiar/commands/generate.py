@@ -324,6 +324,7 @@ def decode_sample(p: Prepared, i: int, ids: list[int], end: str | None) -> Sampl
         full, before = domain.decode(work.prompts[k] + ids)[0], domain.decode(work.prompts[k])[0]
         cut = p.rule(full, len(before), True)
         full = full[:cut] if cut is not None else full
+        end = p.cfg.stop_at if end == "stop" and cut is not None else end  # e.g. "block": the rule ended it
         artifact = full if head else full[len(before) :]
     return Sample(ids, end, artifact, dropped, middle)
 
@@ -616,11 +617,10 @@ def take_batch(p: Prepared, batch: range) -> None:
         d = {"end": s.end, "tags": p.cond.tags, "kept": p.cond.kept}
         details.append({k: v for k, v in d.items() if v} | {"ppl": round(ppl, 3)})
     artifacts = [s.artifact for s in samples]
-    annotated = isinstance(p.domain, Assessed)
     if isinstance(p.domain, Assessed):
         for key, value in p.domain.assess(artifacts, details, dict(p.cfg.filters), start=batch[0]).items():
             p.tally.assessed[key] = p.tally.assessed.get(key, 0.0) + value * len(batch)
-    paths = [str(x) for x in p.files.add(artifacts, batch[0], details if annotated else None)]
+    paths = [str(x) for x in p.files.add(artifacts, batch[0], details)]
     p.listing.write("".join(f"{x}\n" for x in paths if x not in p.tally.last_paths))
     p.tally.last_paths = paths
     count(p, batch, samples, details)

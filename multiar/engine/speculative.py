@@ -5,7 +5,10 @@ in both caches. Drafts: a smaller GPT with the same tokenizer, or `"ngram"` (pro
 continuation of the latest earlier occurrence of the row's last n tokens; no second model).
 
 Both distributions go through the same processors and sampling settings, so constraints (a grammar,
-banned ids, min_new_tokens) hold for every emitted token. Knows no domain.
+banned ids, min_new_tokens) hold for every emitted token; a processor with a per-token check
+(checked_draw.TokenCheck) restricts the target's distribution to the tokens it accepts, as plain
+decoding's checked draw does, while the draft proposes unchecked (an unsound proposal has target
+probability 0 and is rejected). Knows no domain.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from multiar.engine.checked_draw import checked_sample, sound_probabilities
 from multiar.engine.model import GPT
 from multiar.engine.rows import Rows, as_rows
 from multiar.engine.sampling import LogitsProcessor, draw, probabilities
@@ -144,8 +148,36 @@ def _target_check(target: GPT, rows: Rows, k: int, kv_len: int, sampling: dict) 
     else:
         pos = (at - 1)[:, None] + torch.arange(k + 1, device=at.device)
         logits = target(rows.seq.gather(1, pos), pos, kv_len=kv_len)
-    dists = [_distribution(rows.process(logits[:, j], extra=j), sampling) for j in range(k + 1)]
+    dists = [_target_distribution(rows, logits[:, j], j, sampling) for j in range(k + 1)]
     return torch.stack([p for p, _ in dists], dim=1), torch.stack([b for _, b in dists], dim=1)
+
+
+def _target_distribution(rows: Rows, logits: Tensor, extra: int, sampling: dict) -> tuple[Tensor, Tensor]:
+    """The target's distribution (B, V) after each row's ids and `extra` draft tokens, and the rows with
+    none (B,): where a row has a per-token check (a grammar), restricted to the tokens it accepts, as
+    `checked_sample` draws: greedy the most likely sound token; sampling asks about every token with
+    probability (exact, and as costly as the support is wide: top_k or top_p narrow it)."""
+    processed = rows.process(logits, extra=extra)
+    probs, dead = _distribution(processed, sampling)
+    if not rows.checked:
+        return probs, dead
+    probs, dead = probs.clone(), dead.clone()
+    for b in range(probs.size(0)):
+        if dead[b] or rows.ends[b] is not None or not rows.checks(b):
+            continue
+
+        def sound(_: int, token: int, b: int = b) -> bool:
+            return rows.sound(b, token, extra)
+
+        if sampling["temperature"] <= 0:
+            token, none = checked_sample(processed[0][b : b + 1], None, sound, temperature=0)
+            probs[b] = torch.nn.functional.one_hot(token[0], probs.size(-1)).to(probs.dtype)
+        else:
+            probs[b] = sound_probabilities(probs[b], lambda t, f=sound: f(0, t))
+            none = probs[b].sum(-1, keepdim=True) <= 0
+        if none.item():
+            probs[b], dead[b] = 0.0, True
+    return probs, dead
 
 
 def _check_models(target: GPT, draft: GPT | str, k: int, longest: int, max_new_tokens: int) -> int:
