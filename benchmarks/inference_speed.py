@@ -3,6 +3,15 @@ same weights, exported through `multiar export`, side by side in one process, in
 
     .venv/bin/python benchmarks/inference_speed.py [--repeats 5] [--new 256] [--json out.json]
         [--pair runs/big runs/small]     # speculative decoding on a trained target/draft pair
+        [--llama-cpp DIR]                # + llama.cpp rows where llama-cpp-python is installed
+
+Rows: every candidate `multiar.engine.layout.prepare_for_decoding` measures (fp32 and bf16, nn.Linear
+and oneDNN-packed), what it picked at that batch size ("multiar auto", measured afresh here, no cache),
+int8 and int4 with their kernels as `quantize` makes them and as prepare_for_decoding picks them per
+layer shape, and transformers' `generate` (the baseline). `--llama-cpp DIR`: the script writes each
+shape's weights as a transformers folder (DIR/<shape>-hf, `multiar export format=hf`'s code) and times
+DIR/<shape>-{f32,f16,bf16}.gguf (made from those folders by llama.cpp's convert_hf_to_gguf.py) through
+llama-cpp-python; the rows are skipped when it is not installed or a file is missing.
 
 Settings: 16-token prompt, 256 new tokens, sampling (temperature 1), no EOS, vocab 512, random weights
 for the 10.8M (6 x 384) and 85M (12 x 768) shapes. The RAM read bandwidth of this machine is measured in
@@ -26,11 +35,14 @@ import torch
 from multiar.commands.generate import sampling_model
 from multiar.engine.decode import compile_for_sampling, generate
 from multiar.engine.hf_format import llama_config, to_llama_state
+from multiar.engine.layout import prepare_for_decoding
 from multiar.engine.model import GPT, ModelConfig
-from multiar.engine.packed import decode_layout
 from multiar.engine.quantize import quantize
 from multiar.engine.speculative import SpeculativeStats, speculative_generate
 
+FLOATS = ("fp32/linear", "fp32/packed", "bf16/linear", "bf16/packed")
+CANDIDATE_ROWS = ("fp32 nn.Linear", "fp32 packed", "bf16 nn.Linear", "bf16 packed")
+LLAMA_TYPES = ("f32", "f16", "bf16")
 SHAPES = {"10.8M": dict(n_layer=6, n_head=6, n_embd=384), "85M": dict(n_layer=12, n_head=12, n_embd=768)}
 
 
@@ -74,6 +86,41 @@ def to_transformers(model: GPT):
     return hf
 
 
+def llama_cpp_entries(folder: Path | None, shape: str, model: GPT, batch: int, args) -> dict:  # noqa: ANN001
+    """llama.cpp rows (batch 1 only: llama-cpp-python samples one sequence): each GGUF file of this
+    shape found in folder, sampled at temperature 1 for args.new tokens; {} where llama-cpp-python or
+    the files are absent. Writes the transformers folder the GGUF files are converted from."""
+    if folder is None or batch != 1:
+        return {}
+    hf_dir = folder / f"{shape}-hf"
+    if not hf_dir.exists():
+        to_transformers(model).save_pretrained(hf_dir)
+    try:
+        import llama_cpp
+    except ImportError:
+        print(f"{shape:6s} llama.cpp rows skipped: llama-cpp-python is not installed")
+        return {}
+    entries = {}
+    prompt = torch.randint(3, 512, (args.prompt,)).tolist()
+    for kind in LLAMA_TYPES:
+        path = folder / f"{shape}-{kind}.gguf"
+        if not path.exists():
+            print(f"{shape:6s} llama.cpp {kind} skipped: no {path}")
+            continue
+        llm = llama_cpp.Llama(
+            str(path), n_ctx=args.prompt + args.new + 8, n_threads=torch.get_num_threads(), verbose=False
+        )
+
+        def run(llm=llm) -> None:
+            llm.reset()
+            for i, _ in enumerate(llm.generate(prompt, temp=1.0, top_k=0, top_p=1.0, min_p=0.0)):
+                if i + 1 == args.new:
+                    break
+
+        entries[f"llama.cpp {kind}"] = run
+    return entries
+
+
 def bench(entries: dict, repeats: int) -> dict[str, float]:
     """Interleaved: every entry once per round, median seconds over rounds. Round r seeds torch's
     global generator with r before each entry: sampled lengths and acceptance are reproducible."""
@@ -97,6 +144,8 @@ def main() -> None:
     parser.add_argument("--pair", nargs=2, type=Path, default=None, help="target and draft run folders")
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES))
     parser.add_argument("--compile", action="store_true", help="add torch.compile rows (minutes to compile)")
+    parser.add_argument("--llama-cpp", type=Path, default=None, help="folder of GGUF files (see above)")
+    parser.add_argument("--batches", nargs="*", type=int, default=[1, 8])
     args = parser.parse_args()
     import transformers
 
@@ -109,14 +158,18 @@ def main() -> None:
     for shape_name in args.shapes:
         torch.manual_seed(0)
         model = GPT(ModelConfig(vocab_size=512, block_size=1024, **SHAPES[shape_name])).eval()
-        # what `multiar generate` samples with: float weights packed for oneDNN on a CPU, or int8
+        # every candidate prepare_for_decoding measures, and the quantized modes' kernels
         engines = {
-            "multiar fp32": decode_layout(copy.deepcopy(model)),
-            "multiar bf16": decode_layout(copy.deepcopy(model).to(torch.bfloat16)),
-            "multiar int8": quantize(copy.deepcopy(model), "int8"),
-            "multiar int4": quantize(copy.deepcopy(model), "int4"),
-            "multiar fp32 nn.Linear": model,  # the unpacked layout, for reference
+            f"multiar {c.replace('/', ' ').replace('linear', 'nn.Linear')}": prepare_for_decoding(
+                copy.deepcopy(model), dtype=c.split("/")[0], layout=c.split("/")[1]
+            )[0]
+            for c in FLOATS
         }
+        for mode in ("int8", "int4"):
+            engines[f"multiar {mode}"] = quantize(copy.deepcopy(model), mode)
+            picked, choice = prepare_for_decoding(quantize(copy.deepcopy(model), mode), batch_size=1)
+            engines[f"multiar {mode} auto kernels"] = picked
+            print(f"{shape_name:6s} {mode}: {choice.log_line()}")
         hf = to_transformers(model)
         if args.compile:
             engines["multiar fp32 compile"] = compile_for_sampling(copy.deepcopy(model))
@@ -125,13 +178,13 @@ def main() -> None:
             hf_compiled.generation_config.cache_implementation = "static"
             hf_compiled.forward = torch.compile(hf_compiled.forward)
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        for name in ("multiar fp32", "multiar bf16"):
+        for name in ("multiar fp32 packed", "multiar bf16 packed"):
             seconds = linears_alone_seconds(engines[name])
             ceilings[f"{shape_name} {name}"] = 1 / seconds
             print(
                 f"{shape_name:6s} {name}: weight mat-vecs alone {1e3 * seconds:.2f} ms/token = {1 / seconds:.0f} tok/s ceiling"
             )
-        for batch in (1, 8):
+        for batch in args.batches:
             prompt = torch.randint(3, 512, (batch, args.prompt))
             gen = dict(
                 do_sample=True, temperature=1.0, top_k=0, max_new_tokens=args.new, min_new_tokens=args.new
@@ -143,10 +196,16 @@ def main() -> None:
                     hf_compiled.generate, prompt, attention_mask=mask, **gen
                 )
             entries |= {name: partial(generate, m, prompt, args.new) for name, m in engines.items()}
+            auto, choice = prepare_for_decoding(copy.deepcopy(model), batch_size=batch)
+            print(f"{shape_name:6s} batch {batch}  auto: {choice.log_line()}", flush=True)
+            picked = f"multiar auto ({choice.dtype} {choice.layout.replace('linear', 'nn.Linear')})"
+            entries[picked] = partial(generate, auto, prompt, args.new)
+            entries |= llama_cpp_entries(args.llama_cpp, shape_name, model, batch, args)
             with torch.inference_mode():
                 seconds = bench(entries, args.repeats)
             tokens = batch * args.new
             base = tokens / seconds["transformers fp32"]
+            fastest = max(tokens / seconds[f"multiar {c}"] for c in CANDIDATE_ROWS)
             for name, s in seconds.items():
                 tps = tokens / s
                 row = {
@@ -156,9 +215,12 @@ def main() -> None:
                     "tok_s": tps,
                     "vs_transformers": tps / base,
                 }
-                if batch == 1 and "fp32" in name:  # bytes of the weights each token reads
+                if name.startswith("multiar auto"):
+                    row["vs_fastest_candidate"] = tps / fastest
+                    row["choice"] = choice.as_dict()
+                if batch == 1 and "fp32" in name and "llama" not in name:  # bytes of weights a token reads
                     row["ram_bandwidth_share"] = weight_bytes * tps / 1e9 / bw
-                elif batch == 1 and "bf16" in name:
+                elif batch == 1 and "bf16" in name and "llama" not in name:
                     row["ram_bandwidth_share"] = weight_bytes / 2 * tps / 1e9 / bw
                 rows.append(row)
                 share = (

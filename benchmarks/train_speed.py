@@ -4,6 +4,7 @@ autocast, side by side in one process.
 
     .venv/bin/python benchmarks/train_speed.py [--shapes 10.8M 85M] [--steps 20] [--warmup 3]
         [--dtypes fp32 bf16] [--json benchmarks/train_speed.json] [--nanogpt DIR] [--only NAME ...]
+        [--rounds N] [--compile] [--no-loader]
 
 `--nanogpt DIR`: a nanoGPT checkout (its model.py is imported from there, nothing is copied): adds its
 GPT-2 (bias=False, as its train.py defaults) in the same plain loop with its own optimizer setup
@@ -85,8 +86,10 @@ class StepTimer(L.Callback):
         self.end, self.steps = time.perf_counter(), batch_idx + 1 - self.warmup
 
 
-def lightning_loop(config: ModelConfig, data: list[torch.Tensor], dtype: str, warmup: int) -> float:
-    module = LitGPT(config.to_dict(), OPTIM, pad_id=-1)
+def lightning_loop(
+    config: ModelConfig, data: list[torch.Tensor], dtype: str, warmup: int, compile: bool = False
+) -> float:
+    module = LitGPT(config.to_dict(), OPTIM, pad_id=-1, compile=compile)
     timer = StepTimer(warmup)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = L.Trainer(
@@ -189,6 +192,8 @@ def shape_rows(config: ModelConfig, gpt: GPT, data: list, dtype: str, args) -> d
         loops[name] = lambda name=name: plain_loop(
             transformers_models(gpt)[name], data, dtype, args.warmup, lambda m, x, y: m(input_ids=x).logits
         )
+    if args.compile:  # the warm-up steps compile (minutes on 2 cores); timed steps after them
+        loops["multiar Lightning compile"] = lambda: lightning_loop(config, data, dtype, args.warmup, True)
     if args.nanogpt is not None:
         loops["nanoGPT GPT-2"] = lambda: nanogpt_row(args.nanogpt, config, data, dtype, args.warmup)
     if args.only:
@@ -214,6 +219,7 @@ def main() -> None:
     parser.add_argument("--nanogpt", type=Path, default=None, help="a nanoGPT checkout (its model.py)")
     parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds; median step of each")
     parser.add_argument("--only", nargs="*", default=None, help="rows to run (names as printed)")
+    parser.add_argument("--compile", action="store_true", help="+ multiar Lightning with compile=true")
     parser.add_argument("--no-loader", action="store_true", help="skip the loader-wait measurement")
     args = parser.parse_args()
     torch.manual_seed(0)

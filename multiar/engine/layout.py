@@ -62,7 +62,8 @@ class DecodeChoice:
         kernels = (
             f"; kernels {', '.join(f'{s}: {k}' for s, k in self.kernels.items())}" if self.kernels else ""
         )
-        timed = f" (ms per decode step at batch {self.batch_size}: {alts})" if alts else ""
+        unit = "ms per layer call" if self.kernels else "ms per decode step"
+        timed = f" ({unit} at batch {self.batch_size}: {alts})" if alts else ""
         return f"decoding with {picked}, {self.how}{timed}{kernels}"
 
 

@@ -66,7 +66,7 @@ class RMSNorm(nn.Module):
 
 class _RMSNormFunction(torch.autograd.Function):
     """RMSNorm with a hand-written backward: on a CPU, F.rms_norm is composed of ~6 ops forward and ~10
-    backward, each a pass over the activations and a thread-pool round; this takes 3 and 7
+    backward, each a pass over the activations and a thread-pool round; this takes 3 and 6
     (benchmarks/README.md, training). Same formula, so the same values as F.rms_norm to rounding."""
 
     @staticmethod
@@ -81,10 +81,11 @@ class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:  # noqa: ANN001
         xhat, weight, rstd = ctx.saved_tensors
-        gw = grad * weight.to(grad.dtype)
-        dot = torch.linalg.vecdot(gw, xhat).unsqueeze_(-1).div_(-xhat.size(-1))  # -mean(g w xhat)
-        dx = torch.addcmul(gw, xhat, dot).mul_(rstd)
-        dw = (grad * xhat).sum(tuple(range(grad.dim() - 1))).to(weight.dtype)
+        w = weight.to(grad.dtype)
+        gx = grad * xhat
+        dw = gx.sum(tuple(range(grad.dim() - 1))).to(weight.dtype)
+        dot = (gx @ w).unsqueeze_(-1).div_(-xhat.size(-1))  # -mean(g w xhat) per row: a mat-vec
+        dx = torch.addcmul(grad * w, xhat, dot).mul_(rstd)
         return dx, dw, None
 
 
