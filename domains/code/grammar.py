@@ -68,6 +68,9 @@ def tables() -> Tables:
         for t in lark.terminals
         if not isinstance(t.pattern, PatternStr)
     }
+    for name in basic.ignore_types:  # Python allows nothing between a continuation's backslash and newline
+        if name in patterns and patterns[name].pattern.startswith("\\\\"):
+            patterns[name] = regex.compile(r"\\\n")
     keywords = {v: k for k, v in literals.items() if regex.fullmatch(r"[^\W\d]\w*", v)}
     return Tables(
         table.states, table.start_states["file_input"], basic.scanner, frozenset(basic.ignore_types),
@@ -143,18 +146,33 @@ class Parse:
         s = self.tail + text
         tokens, pos = lex(t, s)
         cut = pos if pos < len(s) else (tokens[-1][0] if tokens else len(s))
-        tokens = [tok for tok in tokens if tok[0] < cut]
-        while tokens and could_grow(t, s[tokens[-1][0] :]):
-            cut = tokens.pop()[0]
+        head = [tok for tok in tokens if tok[0] < cut]
+        while head and could_grow(t, s[head[-1][0] :]):
+            cut = head.pop()[0]
         parse = self
-        for start, value, kind in tokens:
+        for start, value, kind in head:
             parse = parse.read(t, value, kind)
             if not parse.stacks:
                 raise Ungrammatical(f"{value!r} cannot follow {s[:start][-40:]!r}")
         tail = s[cut:]
-        if tail and not parse.may_start(t, tail):
+        if tail and not parse.viable_tail(t, s, cut, [tok for tok in tokens if cut <= tok[0]]):
             raise Ungrammatical(f"no token the grammar accepts next starts with {tail!r}")
         return Parse(parse.stacks, parse.indents, parse.parens, tail)
+
+    def viable_tail(self, t: Tables, s: str, cut: int, tokens: list[tuple[int, str, str]]) -> bool:
+        """Whether the tail s[cut:] (its tokens still open to regrouping: `..` may become `...` or stay
+        two dots) can go on: as one growing token, or its first tokens read and the rest growing."""
+        parse, at = self, cut
+        for start, value, kind in tokens:
+            if parse.may_start(t, s[start:]):
+                return True
+            if start + len(value) >= len(s):
+                return False
+            parse = parse.read(t, value, kind)
+            if not parse.stacks:
+                return False
+            at = start + len(value)
+        return at < len(s) and parse.may_start(t, s[at:])
 
     def read(self, t: Tables, value: str, kind: str) -> Parse:
         """The parse after one finished token (no stacks left: the grammar refuses it)."""

@@ -1,0 +1,59 @@
+"""checked_draw: draw, check, ban, redraw; no row ever takes a token its check refuses."""
+
+from __future__ import annotations
+
+import torch
+
+from multiar.engine.checked_draw import TokenCheck, checked_sample, sound_probabilities
+
+
+class EvenOnly:
+    """A per-token check: only even tokens are sound (the mask would be cheap, the point is the draw)."""
+
+    def __init__(self) -> None:
+        self.asked = 0
+
+    def __call__(self, ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        return logits
+
+    def sound(self, ids: list[int], token: int) -> bool:
+        self.asked += 1
+        return token % 2 == 0
+
+
+def test_the_eight_most_likely_tokens_all_unsound_the_row_stays_sound():
+    """The old constraint checked the top 8 and left the row free when none passed: here the 8 most
+    likely tokens are odd (unsound) and hold almost all the mass; every draw is still even."""
+    V = 32
+    logits = torch.full((4, V), -10.0)
+    logits[:, [1, 3, 5, 7, 9, 11, 13, 15]] = 10.0  # the top 8, all unsound
+    check = EvenOnly()
+    assert isinstance(check, TokenCheck)
+    gen = torch.Generator().manual_seed(0)
+    for temperature in (0.0, 1.0):
+        for _ in range(20):
+            tokens, dead = checked_sample(
+                logits, None, lambda b, t: check.sound([], t), temperature=temperature, generator=gen
+            )
+            assert not dead.any()
+            assert all(t % 2 == 0 for t in tokens.tolist())
+
+
+def test_greedy_takes_the_most_likely_sound_token_and_no_probability_left_is_dead():
+    logits = torch.tensor([[0.0, 5.0, 3.0, 4.0, 1.0], [9.0, 8.0, 7.0, 6.0, 5.0]])
+    tokens, dead = checked_sample(logits, None, lambda b, t: t % 2 == 0, temperature=0)
+    assert tokens.tolist() == [2, 0] and not dead.any()
+    # top_k=1 leaves one token with probability; refused, nothing is left: the row is dead
+    tokens, dead = checked_sample(logits, None, lambda b, t: b == 1, temperature=1.0, top_k=1)
+    assert dead.tolist() == [True, False] and tokens[1].item() == 0
+
+
+def test_rows_already_dead_are_not_asked_and_sound_probabilities_renormalize():
+    asked = []
+    logits = torch.zeros(2, 4)
+    tokens, dead = checked_sample(logits, torch.tensor([True, False]), lambda b, t: asked.append(b) or True)
+    assert dead.tolist() == [True, False] and set(asked) == {1}
+    probs = torch.tensor([0.5, 0.25, 0.25, 0.0])
+    out = sound_probabilities(probs, lambda t: t != 0)
+    assert torch.allclose(out, torch.tensor([0.0, 0.5, 0.5, 0.0]))
+    assert sound_probabilities(probs, lambda t: False).sum() == 0
