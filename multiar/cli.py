@@ -56,6 +56,12 @@ def cmd_score(cfg: DictConfig) -> Any:
     return score_run(cfg)
 
 
+def cmd_serve(cfg: DictConfig) -> Any:
+    from multiar.commands.serve import serve
+
+    return serve(cfg)
+
+
 def cmd_demo(cfg: DictConfig) -> Any:
     """Train a tiny model per domain on the bundled data and write samples under cfg.out/<domain>/."""
     from multiar.commands.generate import sample_to_files
@@ -112,6 +118,11 @@ COMMANDS: dict[str, tuple[str, Callable[[DictConfig], Any], str]] = {
         "score",
         cmd_score,
         "per-document log-likelihood as CSV: multiar score run=runs/p data.paths=[seqs.fasta]",
+    ),
+    "serve": (
+        "serve",
+        cmd_serve,
+        "an HTTP API with continuous batching: multiar serve runs=[runs/p] port=8000 slots=8",
     ),
     "demo": ("demo", cmd_demo, "tiny model per domain on the bundled data, files under outputs/demo/"),
 }

@@ -573,6 +573,57 @@ class ScoreSchema:
 
 
 @dataclass
+class ServeSchema:
+    runs: list[str] = doc("run folders to serve; each folder's name is the model name in requests", "???")
+    host: str = doc(
+        "address to bind; any other than loopback needs an API key (MULTIAR_API_KEY)", "127.0.0.1"
+    )
+    port: int = doc("TCP port", 8000)
+    slots: int = doc("rows of KV cache per model: requests decoded together", 8)
+    max_queue: int = doc("requests waiting per model beyond the slots; more get 429 with Retry-After", 64)
+    prefill_chunk: int = doc("most prompt tokens prefilled per decode step (running rows keep streaming)", 64)
+    max_tokens: int = doc("cap on a request's max_new_tokens", 1024)
+    max_n: int = doc("most samples one request may ask for", 16)
+    request_timeout: float = doc("seconds a request may run before its rows end (end reason timeout)", 600.0)
+    drain_timeout: float = doc("seconds running requests get to finish at SIGTERM / Ctrl-C", 30.0)
+    max_body_bytes: int = doc("largest request body (a music prompt's MIDI included)", 1048576)
+    keep_files: int = doc("files the server keeps for /v1/files (oldest removed first)", 1000)
+    files_dir: str | None = doc("where request files are written; null: a temporary folder", None)
+    api_key_file: str | None = doc(
+        "a file holding the API key (else MULTIAR_API_KEY); never on the command line", None
+    )
+    cors_origins: list[str] = doc("origins allowed by CORS; empty: CORS off", factory=list)
+    quantize: str | None = doc("int8 or int4 weight-only, as generate", None)
+    dtype: str = doc("auto, fp32 or bf16, as generate", "auto")
+    device: str = doc(DEVICE_HELP, "auto")
+
+    def __post_init__(self) -> None:
+        _check_device(self.device)
+        _check(bool(self.runs), "runs", "give at least one run folder: runs=[runs/protein]")
+        _check(1 <= self.port <= 65535, "port", f"must be 1-65535, got {self.port}")
+        for key in (
+            "slots",
+            "max_queue",
+            "prefill_chunk",
+            "max_tokens",
+            "max_n",
+            "max_body_bytes",
+            "keep_files",
+        ):
+            _check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        _check(self.request_timeout > 0, "request_timeout", f"must be > 0, got {self.request_timeout}")
+        _check(self.drain_timeout >= 0, "drain_timeout", f"must be >= 0, got {self.drain_timeout}")
+        _check(
+            self.quantize in (None, "int8", "int4"),
+            "quantize",
+            f"must be int8, int4 or null, got {self.quantize!r}",
+        )
+        _check(
+            self.dtype in ("auto", "fp32", "bf16"), "dtype", f"must be auto, fp32 or bf16, got {self.dtype!r}"
+        )
+
+
+@dataclass
 class DemoSchema:
     out: str = doc("samples are written under out/<domain>/", "outputs/demo")
     runs: str = doc("run folders are written under runs/<domain>/", "runs/demo")
@@ -593,6 +644,7 @@ SCHEMAS: dict[str, type] = {
     "demo": DemoSchema,
     "eval": EvalSchema,
     "score": ScoreSchema,
+    "serve": ServeSchema,
 }
 
 

@@ -225,6 +225,8 @@ class SlotEngine:
                     continue
                 job = self.queue[0]
                 i, job.started = job.started, job.started + 1
+                if job.started == len(job.samples):  # all its samples run: it waits no more
+                    self.queue.popleft()
                 spec = job.samples[i]
                 self.job[b], self.sample[b], self.samplers[b] = job, i, spec.sampler
                 self.rows.refill(b, spec.prompt, spec.settings)
@@ -315,16 +317,16 @@ class SlotEngine:
             self.finish(b, [])
 
     def finish(self, b: int, events: list[Token]) -> None:
-        """Row b ended: its request hears the end (unless it failed), the slot is free at once."""
+        """Row b ended: the slot is free at once, then its request hears the end (unless it failed)."""
         job, rows = self.job[b], self.rows
-        if job is not None and not job.failed:
-            ids, end = list(rows.new[b]), rows.ends[b]
-            n = len(ids) + (end == "eos")
-            job.emit(Event("end", self.sample[b], ids, end, self.logps[b][:n]))
+        ids, end, sample = list(rows.new[b]), rows.ends[b], self.sample[b]
+        logps = self.logps[b][: len(ids) + (end == "eos")]
+        self.job[b], self.phase[b], self.pending[b], self.filled[b] = None, "idle", [], 0
+        rows.ends[b], rows.finished_t[b] = end or "idle", True
         if job is not None:
             job.ended += 1
-        self.job[b], self.phase[b], self.pending[b], self.filled[b] = None, "idle", [], 0
-        rows.ends[b], rows.finished_t[b] = rows.ends[b] or "idle", True
+            if not job.failed:
+                job.emit(Event("end", sample, ids, end, logps))
 
     def fail(self, job: Job | None, message: str) -> None:
         """The request fails alone: one error event, its rows freed, its queued samples dropped."""

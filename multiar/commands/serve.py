@@ -1,0 +1,139 @@
+"""`multiar serve runs=[...]`: each run's model behind one engine thread (continuous batching over its
+slots), an HTTP API (serve_app) on host:port until SIGTERM / Ctrl-C, which drains: running requests
+finish (up to drain_timeout), new ones get 503. Loopback by default; another host needs an API key."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from multiar.commands.generate import sampling_model
+from multiar.commands.serve_app import AppState, create_app
+from multiar.commands.serve_engine import SlotEngine
+from multiar.commands.serve_requests import Served
+from multiar.config import load_config
+from multiar.domain import WindowStarts
+from multiar.errors import ConfigError
+from multiar.run_folder import load_run
+from multiar.schema import validate
+
+log = logging.getLogger("multiar")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def api_key(cfg: DictConfig) -> str | None:
+    """The key from api_key_file or MULTIAR_API_KEY (never the command line); ConfigError, exit 2, when
+    the host is not loopback and there is none."""
+    key = os.environ.get("MULTIAR_API_KEY") or None
+    if cfg.api_key_file is not None:
+        path = Path(cfg.api_key_file).expanduser()
+        try:
+            key = path.read_text(encoding="utf-8").strip() or None
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"api_key_file: {path}: {getattr(err, 'strerror', None) or err}") from None
+    if key is None and not is_loopback(cfg.host):
+        raise ConfigError(f"host: {cfg.host} is not loopback: set MULTIAR_API_KEY or api_key_file= first")
+    return key
+
+
+def load_models(cfg: DictConfig, files_dir: Path) -> dict[str, Served]:
+    """Each run's model and engine (started), named by its folder; ConfigError for two runs of one name."""
+    names = [Path(r).expanduser().resolve().name for r in cfg.runs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"runs: two runs are named {twice[0]!r} (the folder name is the model name)")
+    models: dict[str, Served] = {}
+    for name, path in zip(names, cfg.runs, strict=True):
+        run = load_run(path, device=cfg.device)
+        model = sampling_model(run, cfg.quantize, cfg.dtype)
+        base = load_config(
+            "generate", [f"run={path}", f"device={cfg.device}", f"dtype={cfg.dtype}", "progress=false", "n=1"]
+        )
+        base = validate("generate", base)
+        domain = run.domain
+        starts = domain.window_starts if isinstance(domain, WindowStarts) else None
+        engine = SlotEngine(
+            model,
+            slots=cfg.slots,
+            max_queue=cfg.max_queue,
+            prefill_chunk=cfg.prefill_chunk,
+            eos_id=domain.eos_id,
+            max_tokens=cfg.max_tokens,
+            window_starts=starts,
+        )
+        engine.start()
+        info = engine.describe()
+        print(
+            f"serve: {name} ({domain.name}): {info['slots']} slots, KV cache {info['kv_mib']:.1f} MiB, {info['dtype']}",
+            flush=True,
+        )
+        models[name] = Served(name, run, model, base, engine, files_dir / name, cfg.max_tokens, cfg.max_n)
+    return models
+
+
+def build_state(cfg: DictConfig) -> tuple[AppState, Any]:
+    """The app and its shared state, models loaded and engines running (ready)."""
+    key = api_key(cfg)
+    files_dir = (
+        Path(cfg.files_dir).expanduser() if cfg.files_dir else Path(tempfile.mkdtemp(prefix="multiar-serve-"))
+    )
+    state = AppState({}, key, cfg.max_body_bytes, cfg.request_timeout)
+    state.files.keep = cfg.keep_files
+    app = create_app(state, list(cfg.cors_origins) or None)
+    state.models.update(load_models(cfg, files_dir))
+    state.ready = True
+    return state, app
+
+
+def drain(state: AppState, timeout: float) -> None:
+    """New requests get 503; running ones get up to timeout seconds; then the engines stop."""
+    state.draining = True
+    for served in state.models.values():
+        if not served.engine.drain(timeout):
+            log.warning(
+                "serve: %s: requests still running after drain_timeout=%s s were cut", served.name, timeout
+            )
+
+
+def serve(cfg: DictConfig) -> dict[str, Any]:
+    """Serve until SIGTERM / Ctrl-C, then drain."""
+    import threading
+
+    import uvicorn
+
+    cfg = validate("serve", cfg)
+    state, app = build_state(cfg)
+
+    class Draining(uvicorn.Server):
+        """At SIGTERM / SIGINT: 503 for new requests while the running ones finish, then exit."""
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if state.draining:  # a second signal: exit now
+                return super().handle_exit(sig, frame)
+            state.draining = True
+            print("serve: draining (new requests get 503)", flush=True)
+
+            def finish() -> None:
+                drain(state, cfg.drain_timeout)
+                super(Draining, self).handle_exit(sig, frame)
+
+            threading.Thread(target=finish, daemon=True).start()
+
+    server = Draining(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning"))
+    print(f"serve: http://{cfg.host}:{cfg.port} ({', '.join(state.models)})", flush=True)
+    server.run()
+    return {"models": list(state.models)}

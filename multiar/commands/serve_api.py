@@ -1,0 +1,239 @@
+"""The request side of `multiar serve`, between the HTTP routes and the engines: a request's events from
+the engine thread into asyncio, its result or its SSE stream, cancelled when the client leaves, and the
+OpenAI completions mapping. Never touches a model."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections import Counter, OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from symusic import Score
+
+from multiar.commands.serve_engine import Event, Job
+from multiar.commands.serve_requests import Plan, RequestError, Served, finish, notes_view
+
+Disconnected = Callable[[], Awaitable[bool]]
+
+
+@dataclass
+class Files:
+    """Files the server wrote, by opaque id; the oldest go past `keep` (their request's folder too)."""
+
+    keep: int
+    paths: OrderedDict[str, Path] = field(default_factory=OrderedDict)
+
+    def add(self, path: Path) -> str:
+        key = uuid.uuid4().hex
+        self.paths[key] = path
+        while len(self.paths) > self.keep:
+            _, old = self.paths.popitem(last=False)
+            old.unlink(missing_ok=True)
+        return key
+
+
+@dataclass
+class Outcomes:
+    """Requests by outcome, for /metrics."""
+
+    counts: Counter = field(default_factory=Counter)
+
+
+class Flow:
+    """One request's events, from the engine thread into this event loop."""
+
+    def __init__(self, served: Served, plan: Plan, timeout: float | None):
+        self.served, self.plan = served, plan
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+        deadline = time.monotonic() + timeout if timeout else None
+        self.job = Job(plan.specs, self.emit, deadline)
+        self.results: list[tuple[list[int], str | None, list[float]] | None] = [None] * len(plan.specs)
+
+    def emit(self, event: Event) -> None:  # on the engine thread
+        with contextlib.suppress(RuntimeError):  # the loop is gone (shutdown): nobody listens
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+    def submit(self) -> None:
+        self.served.engine.submit(self.job)  # QueueFull, Closed: the route answers 429, 503
+
+    def cancel(self) -> None:
+        self.served.engine.cancel(self.job)
+
+    async def events(self, gone: Disconnected) -> AsyncIterator[Event]:
+        """The request's events until every sample ended or it failed; cancels when the client left."""
+        left = len(self.results)
+        try:
+            while left:
+                try:
+                    event = await asyncio.wait_for(self.queue.get(), 0.25)
+                except TimeoutError:
+                    if await gone():
+                        self.cancel()
+                        raise RequestError("the client disconnected", 499, "cancelled") from None
+                    continue
+                if event.kind == "error":
+                    raise RequestError(f"the request failed: {event.message}", 500, "server_error")
+                if event.kind == "end":
+                    self.results[event.sample] = (event.ids, event.end, event.logps)
+                    left -= 1
+                yield event
+        finally:
+            if left:
+                self.cancel()
+
+    async def result(self) -> dict[str, Any]:
+        done = [r for r in self.results if r is not None]
+        return await asyncio.to_thread(finish, self.served, self.plan, done)
+
+
+def links(result: dict[str, Any], files: Files) -> list[dict[str, str]]:
+    """The report's files as opaque links."""
+    report = result.get("report") or {}
+    return [{"name": Path(p).name, "url": f"/v1/files/{files.add(Path(p))}"} for p in report.get("files", [])]
+
+
+def sse(data: Any) -> bytes:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n".encode()
+
+
+async def generate_stream(
+    flow: Flow, gone: Disconnected, files: Files, outcomes: Outcomes
+) -> AsyncIterator[bytes]:
+    """SSE for /v1/generate: token batches per sample (music: the notes completed so far), the final
+    event with the samples, then [DONE]."""
+    domain = flow.served.run.domain
+    seen: dict[int, list[int]] = {}
+    notes: dict[int, int] = {}
+    try:
+        async for event in flow.events(gone):
+            if event.kind != "tokens":
+                continue
+            ids = seen.setdefault(event.sample, [])
+            ids += event.ids
+            out: dict[str, Any] = {"sample": event.sample, "ids": event.ids}
+            head = flow.plan.prepared.work.prompts[event.sample // flow.plan.prepared.work.n]
+            artifact = (await asyncio.to_thread(domain.decode, head + ids))[0]
+            if isinstance(artifact, Score):
+                out |= notes_view(artifact, notes.get(event.sample, 0))
+                notes[event.sample] = out["note_count"]
+            yield sse(out)
+        result = await flow.result()
+        yield sse({"samples": result["samples"], "metrics": result["metrics"], "files": links(result, files)})
+        outcomes.counts["ok"] += 1
+    except RequestError as err:
+        outcomes.counts[err.kind] += 1
+        yield sse({"error": {"message": str(err), "type": err.kind}})
+    yield sse("[DONE]")
+
+
+async def generate_result(flow: Flow, gone: Disconnected, files: Files) -> dict[str, Any]:
+    async for _ in flow.events(gone):
+        pass
+    result = await flow.result()
+    return {"samples": result["samples"], "metrics": result["metrics"], "files": links(result, files)}
+
+
+COMPLETION_KEYS = frozenset(
+    {"model", "prompt", "suffix", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream"}
+    | {"min_tokens", "ignore_eos", "top_k", "min_p", "repetition_penalty", "user", "logprobs", "echo"}
+)
+
+
+def completion_body(body: dict[str, Any], served: Served) -> dict[str, Any]:
+    """An OpenAI completions request as a generate request (text out, no files)."""
+    unknown = sorted(set(body) - COMPLETION_KEYS)
+    if unknown:
+        raise RequestError(f"{unknown[0]}: not a completions key")
+    if body.get("echo") or body.get("logprobs"):
+        raise RequestError("echo and logprobs are not supported")
+    prompt = body.get("prompt", "")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise RequestError("prompt: one string")
+    stop = body.get("stop")
+    stops = [stop] if isinstance(stop, str) else stop or []
+    if not (isinstance(stops, list) and all(isinstance(s, str) and s for s in stops)) or len(stops) > 4:
+        raise RequestError("stop: a string or up to 4 strings")
+    domain = served.run.domain
+    out: dict[str, Any] = {
+        "files": False,
+        "include_prompt": False,
+        "min_new_tokens": body.get("min_tokens", 0),
+    }
+    out["max_new_tokens"] = body.get("max_tokens", 16)
+    for key, name in (("temperature", "temperature"), ("top_p", "top_p"), ("n", "n"), ("seed", "seed")):
+        if body.get(key) is not None:
+            out[name] = body[key]
+    for key in ("top_k", "min_p", "repetition_penalty", "ignore_eos"):
+        if body.get(key) is not None:
+            out[key] = body[key]
+    if body.get("suffix") is not None:
+        out["prompt_prefix"], out["prompt_suffix"] = prompt, body["suffix"]
+    elif prompt:
+        out["prompt"] = prompt
+    try:
+        out["stop_ids"] = [domain.prompt_ids(s)[1:] for s in stops]
+    except (ValueError, OSError) as err:
+        raise RequestError(f"stop: the {domain.name} domain cannot encode it ({err})") from None
+    return out
+
+
+def completion(flow: Flow, name: str, samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """The OpenAI response of a finished completions request."""
+    prompt_tokens = len(flow.plan.specs[0].prompt) if flow.plan.specs else 0
+    new = sum(s["new_tokens"] for s in samples)
+    choices = [
+        {
+            "text": s.get("middle", s.get("text", "")),
+            "index": s["index"],
+            "logprobs": None,
+            "finish_reason": "length" if s["end"] in ("length", "max_len") else "stop",
+        }
+        for s in samples
+    ]
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": new, "total_tokens": prompt_tokens + new}
+    return {
+        "id": f"cmpl-{uuid.uuid4().hex[:24]}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": name,
+        "choices": choices,
+        "usage": usage,
+    }
+
+
+async def completion_stream(
+    flow: Flow, name: str, gone: Disconnected, outcomes: Outcomes
+) -> AsyncIterator[bytes]:
+    """SSE for /v1/completions: a text delta per token batch per choice, a last chunk with usage, [DONE]."""
+    domain, cid = flow.served.run.domain, f"cmpl-{uuid.uuid4().hex[:24]}"
+    ids: dict[int, list[int]] = {}
+    texts: dict[int, str] = {}
+    try:
+        async for event in flow.events(gone):
+            if event.kind == "tokens":
+                ids.setdefault(event.sample, []).extend(event.ids)
+                text = domain.decode(ids[event.sample])[0]
+                delta, texts[event.sample] = text[len(texts.get(event.sample, "")) :], text
+                choice = {"text": delta, "index": event.sample, "logprobs": None, "finish_reason": None}
+            else:
+                reason = "length" if event.end in ("length", "max_len") else "stop"
+                choice = {"text": "", "index": event.sample, "logprobs": None, "finish_reason": reason}
+            yield sse({"id": cid, "object": "text_completion", "created": int(time.time()), "model": name,
+                       "choices": [choice]})  # fmt: skip
+        final = completion(flow, name, (await flow.result())["samples"])
+        yield sse(final | {"id": cid, "choices": []})
+        outcomes.counts["ok"] += 1
+    except RequestError as err:
+        outcomes.counts[err.kind] += 1
+        yield sse({"error": {"message": str(err), "type": err.kind}})
+    yield sse("[DONE]")

@@ -1,0 +1,280 @@
+"""From a `multiar serve` request to the engine's rows and back: a domain-native request (the generate
+command's keys, JSON-typed) is checked and planned by generate's own functions (prompts cut to the
+window, tags, length windows, templates, infill, grammar, stops), each sample becomes a row with its own
+settings and seed; finished rows become samples with their text or notes, the per-sample columns
+generate writes, and (files=true) generate's files. Never touches the model: ppl comes from the
+engine's log-probabilities of the sampled ids."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from symusic import Score
+
+from multiar.commands import resume
+from multiar.commands.generate import (
+    Prepared,
+    Sample,
+    Tally,
+    build_report,
+    check_filters,
+    count,
+    decode_sample,
+    domain_options,
+    finish_samples,
+    open_outputs,
+    plan_work,
+    provenance_for,
+    row_stopper,
+    sampling_settings,
+    stop_rule,
+    stop_text,
+)
+from multiar.commands.progress import Progress
+from multiar.commands.serve_engine import SampleSpec, SlotEngine
+from multiar.domain import Assessed, Renderable, TokenErrors
+from multiar.engine.model import GPT
+from multiar.engine.rows import RowSettings
+from multiar.engine.sampling import Sampler
+from multiar.engine.speculative import SpeculativeStats
+from multiar.run_folder import Run
+from multiar.schema import validate
+
+# the generate keys a request may set: sampling, conditions, prompts as data (never a path or a folder)
+REQUEST_KEYS = frozenset(
+    [
+        "n",
+        "max_new_tokens",
+        "min_new_tokens",
+        "temperature",
+        "top_k",
+        "top_p",
+        "min_p",
+        "repetition_penalty",
+        "repetition_window",
+        "stop",
+        "stop_ids",
+        "seed",
+        "prompt",
+        "include_prompt",
+        "constrain",
+        "min_len",
+        "max_len",
+        "template",
+        "fixed",
+        "tags",
+        "prompt_prefix",
+        "prompt_suffix",
+        "stop_at",
+        "options",
+        "filters",
+        "render",
+    ]
+)
+SERVER_KEYS = frozenset({"model", "stream", "files", "prompt_midi", "ignore_eos"})
+
+
+class RequestError(Exception):
+    """What a client sent cannot be served: HTTP `status` with a one-line message."""
+
+    def __init__(self, message: str, status: int = 422, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.kind = status, kind
+
+
+@dataclass
+class Served:
+    """One model the server holds: the run, its sampling model, the generate config requests start
+    from, its engine, and where its requests' files go."""
+
+    name: str
+    run: Run
+    model: GPT
+    base: DictConfig
+    engine: SlotEngine
+    files_dir: Path
+    max_tokens: int
+    max_n: int
+    finishing: threading.Lock = field(default_factory=threading.Lock)  # the domain's post-processing
+
+
+@dataclass
+class Plan:
+    """A checked request: the engine's rows and what turns their results into samples."""
+
+    prepared: Prepared
+    specs: list[SampleSpec]
+    write: bool
+    head_texts: list[Any]
+
+
+def request_config(served: Served, body: dict[str, Any], out_dir: Path, max_prompt_bytes: int) -> DictConfig:
+    """The generate config of a request: its keys on the server's base, capped, checked."""
+    unknown = sorted(set(body) - REQUEST_KEYS - SERVER_KEYS)
+    if unknown:
+        raise RequestError(
+            f"{unknown[0]}: not a request key; known: {', '.join(sorted(REQUEST_KEYS | SERVER_KEYS))}"
+        )
+    keys = {k: v for k, v in body.items() if k in REQUEST_KEYS}
+    domain = served.run.domain
+    declared = domain.generate_options
+    keys["options"] = dict(keys.get("options") or {}) | {k: body[k] for k in body if k in declared}
+    if isinstance(domain, Renderable):  # music: the prompt is MIDI bytes, written by the server
+        if "prompt" in keys:
+            raise RequestError("prompt: a music prompt is MIDI bytes, sent as prompt_midi (base64)")
+        if body.get("prompt_midi") is not None:
+            keys["prompt"] = str(midi_prompt(body["prompt_midi"], out_dir, max_prompt_bytes))
+    elif body.get("prompt_midi") is not None:
+        raise RequestError(f"prompt_midi: the {domain.name} domain takes a text prompt")
+    if not isinstance(keys.get("max_new_tokens", 1), int) or not isinstance(keys.get("n", 1), int):
+        raise RequestError("max_new_tokens and n must be integers")
+    keys["max_new_tokens"] = min(keys.get("max_new_tokens", served.base.max_new_tokens), served.max_tokens)
+    if body.get("ignore_eos"):
+        keys["min_new_tokens"] = keys["max_new_tokens"]
+    if not 1 <= keys.get("n", served.base.n) <= served.max_n:
+        raise RequestError(f"n: must be 1 to {served.max_n} (the server's max_n)")
+    try:
+        cfg = OmegaConf.merge(served.base, keys)
+    except Exception as err:  # noqa: BLE001 (OmegaConf's own errors: a value of the wrong type)
+        raise RequestError(str(err).strip().splitlines()[0]) from None
+    return validate("generate", cfg)
+
+
+def midi_prompt(data: Any, out_dir: Path, limit: int) -> Path:
+    """prompt_midi (base64) written as the request's own prompt.mid; RequestError for bad bytes."""
+    if not isinstance(data, str) or len(data) > limit * 4 // 3 + 4:
+        raise RequestError(
+            f"prompt_midi: base64 MIDI bytes of at most {limit} bytes", 413 if isinstance(data, str) else 422
+        )
+    try:
+        raw = base64.b64decode(data, validate=True)
+        Score.from_midi(raw)
+    except (binascii.Error, ValueError, RuntimeError) as err:
+        raise RequestError(f"prompt_midi: not base64 MIDI bytes ({type(err).__name__})") from None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "prompt.mid"
+    path.write_bytes(raw)
+    return path
+
+
+def plan(served: Served, body: dict[str, Any], out_dir: Path, max_prompt_bytes: int) -> Plan:
+    """Check and plan a request with generate's functions: its rows, settings, seeds, stop rule."""
+    cfg = request_config(served, body, out_dir, max_prompt_bytes)
+    run, domain, model = served.run, served.run.domain, served.model
+    options = domain_options(cfg, domain)
+    check_filters(cfg, domain)
+    work, cond = plan_work(cfg, domain, model, [cfg.prompt], options)
+    settings, _ = sampling_settings(cfg, run, domain, cond)
+    provenance = provenance_for(cfg, run, cond, options) | {"run": served.name}
+    rule = stop_rule(cfg, domain)
+    stopper = row_stopper(domain, rule, work.prompts) if rule is not None else None
+    write = bool(body.get("files", True))
+    if write:
+        cfg.out, cfg.overwrite, cfg.progress = str(out_dir), True, False
+        files, listing, tally, digest = open_outputs(cfg, domain, out_dir, provenance)
+    else:
+        files, listing, tally, digest = None, None, Tally(domain.metric_summary()), ""
+    prepared = Prepared(
+        cfg=cfg, domain=domain, model=model, out_dir=out_dir, prompts=list(cond.rows), work=work, cond=cond,
+        settings=settings, streaming=settings, draft=None, rule=rule,
+        stop=stop_text(cfg.stop) if cfg.stop is not None else None, provenance=provenance,
+        device=model.wte.weight.device, files=cast(Any, files), listing=cast(Any, listing), tally=tally,
+        digest=digest, progress=Progress(work.total, domain.name, False),
+    )  # fmt: skip
+    specs = []
+    for i in range(work.total):
+        k = i // work.n
+        stop_k = (lambda ids, k=k: stopper(k, ids)) if stopper is not None else None
+        row = RowSettings(
+            cond.max_new_tokens, cfg.min_new_tokens, settings["stop"], settings["processors"], stop_k
+        )
+        seed = torch.Generator(device=prepared.device).manual_seed(resume.batch_seed(cfg.seed, i))
+        sampler = Sampler(cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p, seed)
+        specs.append(SampleSpec(list(work.rows[k]), row, sampler))
+    return Plan(prepared, specs, write, [work.heads[k] for k in range(len(work.rows))])
+
+
+def finish(
+    served: Served, plan_: Plan, results: list[tuple[list[int], str | None, list[float]]]
+) -> dict[str, Any]:
+    """The samples of a finished request: decoded as generate decodes them, their columns (ppl, the
+    domain's assessment, token errors), and with files=true generate's files and report."""
+    p = plan_.prepared
+    domain, batch = p.domain, range(len(results))
+    samples = [decode_sample(p, i, ids, end) for i, (ids, end, _) in enumerate(results)]
+    details = []
+    for s, (_, _, logps) in zip(samples, results, strict=True):
+        d = {"end": s.end, "tags": p.cond.tags, "kept": p.cond.kept}
+        ppl = math.exp(-sum(logps) / max(len(logps), 1))
+        details.append({k: v for k, v in d.items() if v} | {"ppl": round(ppl, 3)})
+    artifacts = [s.artifact for s in samples]
+    with served.finishing:
+        metrics = (
+            domain.assess(artifacts, details, dict(p.cfg.filters), start=0)
+            if isinstance(domain, Assessed)
+            else {}
+        )
+        errors = token_errors(p, samples)
+        report = None
+        if plan_.write:
+            paths = p.files.add(artifacts, 0, details if isinstance(domain, Assessed) else None)
+            p.listing.write("".join(f"{x}\n" for x in paths))
+            p.files.sync()
+            p.listing.sync()
+            count(p, batch, samples, details)
+            report = build_report(p, finish_samples(p), SpeculativeStats())
+    out = [
+        sample_view(i, s, d, errors[i] if errors else None)
+        for i, (s, d) in enumerate(zip(samples, details, strict=True))
+    ]
+    return {"samples": out, "metrics": metrics, "report": report}
+
+
+def token_errors(p: Prepared, samples: list[Sample]) -> list[int] | None:
+    """miditok's token errors of each sample's ids, its prompt as context (music); None elsewhere."""
+    if not isinstance(p.domain, TokenErrors):
+        return None
+    heads = [p.work.prompts[i // p.work.n] for i in range(len(samples))]
+    base = [p.domain.token_errors(h) for h in heads]
+    return [
+        max(p.domain.token_errors(h + s.ids) - b, 0) for h, s, b in zip(heads, samples, base, strict=True)
+    ]
+
+
+def sample_view(i: int, s: Sample, details: dict[str, Any], errors: int | None) -> dict[str, Any]:
+    """One sample as JSON: its text (code, protein) or notes (music), end, new tokens and columns."""
+    out: dict[str, Any] = {"index": i, "end": s.end, "new_tokens": len(s.ids)}
+    if isinstance(s.artifact, str):
+        out["text"] = s.artifact
+    elif isinstance(s.artifact, Score):
+        out |= notes_view(s.artifact)
+    if s.middle is not None:
+        out["middle"] = s.middle
+    if errors is not None:
+        out["token_errors"] = errors
+    return out | {k: v for k, v in details.items() if k != "end" and is_json(v)}
+
+
+def notes_view(score: Score, since: int = 0) -> dict[str, Any]:
+    """A score's notes as events (beats = ticks / ticks_per_quarter), from the `since`-th on."""
+    notes = sorted(
+        ((n.time, n.duration, n.pitch, n.velocity, k) for k, t in enumerate(score.tracks) for n in t.notes)
+    )
+    tpq = score.ticks_per_quarter
+    events = [
+        {"start": a / tpq, "duration": d / tpq, "pitch": p, "velocity": v, "track": k}
+        for a, d, p, v, k in notes[since:]
+    ]
+    return {"notes": events, "note_count": len(notes)}
+
+
+def is_json(value: Any) -> bool:
+    return value is None or isinstance(value, (str, int, float, bool, list, dict))

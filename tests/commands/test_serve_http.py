@@ -1,0 +1,237 @@
+"""`multiar serve`'s HTTP API on a tiny protein run (fp32): greedy /v1/generate equals `multiar
+generate`, SSE streams end with the sample and [DONE], OpenAI completions, files by opaque id, metrics,
+JSON errors (429 when full, 401 without the key, 413, 404, 422), a non-loopback host without a key
+refused, a client that leaves frees its slot, and fuzzed bodies never get a 500."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+from conftest import TINY, proteome_subset
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from multiar.cli import main
+from multiar.commands.generate import sample_to_files
+from multiar.commands.serve import build_state
+from multiar.commands.serve_engine import Job, SampleSpec
+from multiar.config import load_config
+from multiar.engine.rows import RowSettings
+from multiar.engine.sampling import Sampler
+from multiar.training.run import train
+
+
+@pytest.fixture(scope="module")
+def protein_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve")
+    data = proteome_subset(tmp / "data", per_file=20)
+    overrides = [*TINY, "domain=protein", f"data.paths=[{data}]", "data.tags=header:OX",
+                 f"run_dir={tmp / 'protein'}", "trainer.max_steps=2", "trainer.val_check_interval=2"]  # fmt: skip
+    train(load_config("train", overrides))
+    return tmp / "protein"
+
+
+def serve_config(run, tmp, *extra):
+    return load_config("serve", [f"runs=[{run}]", "dtype=fp32", "slots=4", f"files_dir={tmp}", *extra])
+
+
+@pytest.fixture(scope="module")
+def app(protein_run, tmp_path_factory):
+    state, app = build_state(serve_config(protein_run, tmp_path_factory.mktemp("files"), "max_queue=2"))
+    with TestClient(app) as client:
+        yield state, client
+    for s in state.models.values():
+        s.engine.stop()
+
+
+def test_greedy_generate_equals_the_generate_command(app, protein_run, tmp_path):
+    _, client = app
+    body = {"model": "protein", "prompt": "MKT", "n": 2, "max_new_tokens": 20, "temperature": 0.0, "seed": 3}
+    r = client.post("/v1/generate", json=body)
+    assert r.status_code == 200, r.text
+    got = r.json()
+    cli = load_config("generate", [f"run={protein_run}", f"out={tmp_path}", "dtype=fp32", "prompt=MKT", "n=2",
+                                   "max_new_tokens=20", "temperature=0", "seed=3", "progress=false"])  # fmt: skip
+    sample_to_files(cli)
+    want = [
+        line for line in (tmp_path / "samples.fasta").read_text().splitlines() if not line.startswith(">")
+    ]
+    assert [s["text"] for s in got["samples"]] == want
+    assert all("ppl" in s and "end" in s for s in got["samples"])
+    names = {f["name"] for f in got["files"]}
+    assert {"samples.fasta", "samples.csv"} <= names
+    link = next(f["url"] for f in got["files"] if f["name"] == "samples.fasta")
+    assert client.get(link).text.splitlines()[1] == want[0]
+    assert client.get("/v1/files/not-an-id").status_code == 404
+
+
+def test_sse_stream_and_completions(app):
+    _, client = app
+    with client.stream("POST", "/v1/generate", json={"prompt": "MK", "max_new_tokens": 8, "min_new_tokens": 8,
+                                                     "stream": True, "files": False}) as r:  # fmt: skip
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    final = json.loads(events[-2])
+    assert len(final["samples"][0]["text"]) == 2 + 8
+    assert sum(len(json.loads(e)["ids"]) for e in events[:-2]) == 8
+    r = client.post("/v1/completions", json={"model": "protein", "prompt": "MK", "max_tokens": 5, "min_tokens": 5,
+                                             "n": 2, "seed": 1})  # fmt: skip
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert [len(c["text"]) for c in out["choices"]] == [5, 5] and out["usage"]["completion_tokens"] == 10
+    with client.stream("POST", "/v1/completions", json={"prompt": "MK", "max_tokens": 4, "ignore_eos": True,
+                                                        "stream": True}) as r:  # fmt: skip
+        chunks = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert chunks[-1] == "[DONE]"
+    assert "".join(c["text"] for e in chunks[:-1] for c in json.loads(e)["choices"]) and len(chunks) >= 4
+    assert client.get("/v1/models").json()["data"][0]["id"] == "protein"
+    assert client.get("/health").json()["status"] == "ready"
+    metrics = client.get("/metrics").text
+    assert 'multiar_busy_slots{model="protein"} 0' in metrics and "multiar_ttft_seconds_bucket" in metrics
+
+
+def test_errors_are_json(app):
+    state, client = app
+    for body, status in (
+        ({"model": "nope"}, 404),
+        ({"prompt": "MK", "out": "/etc"}, 422),
+        ({"prompt": "MK", "temperature": "hot"}, 422),
+        ({"prompt": "MK", "n": 1000}, 422),
+        ({"prompt_file": "/etc/passwd"}, 422),
+    ):
+        r = client.post("/v1/generate", json=body)
+        assert r.status_code == status, (body, r.text)
+        assert set(r.json()["error"]) == {"message", "type"}
+    assert client.post("/v1/generate", content=b"{not json").status_code == 400
+    assert client.post("/v1/generate", content=b"x" * (state.max_body_bytes + 1)).status_code == 413
+    assert client.get("/nowhere").json()["error"]["type"]
+
+
+def test_full_queue_is_429_with_retry_after(app):
+    state, client = app
+    engine = state.models["protein"].engine
+    bos = state.models["protein"].run.domain.bos_id
+    jobs = [
+        Job(
+            [
+                SampleSpec(
+                    [bos], RowSettings(300, 300), Sampler(1.0, generator=torch.Generator().manual_seed(k))
+                )
+            ],
+            print,
+        )
+        for k in range(6)
+    ]
+    deadline = time.monotonic() + 5
+    for k, job in enumerate(jobs):  # 4 slots, then a queue of 2
+        engine.submit(job)
+        while k < 4 and engine.busy <= k and time.monotonic() < deadline:
+            time.sleep(0.002)
+    r = client.post("/v1/generate", json={"prompt": "M", "max_new_tokens": 2, "files": False})
+    assert r.status_code == 429 and r.headers["retry-after"] == "1", r.text
+    assert r.json()["error"]["type"] == "rate_limit_error"
+    for job in jobs:
+        engine.cancel(job)
+    while engine.busy and time.monotonic() < deadline:
+        time.sleep(0.01)
+    r = client.post("/v1/generate", json={"prompt": "M", "max_new_tokens": 2, "files": False})
+    assert r.status_code == 200 and engine.busy == 0
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    st.dictionaries(
+        st.sampled_from(
+            [
+                "prompt",
+                "n",
+                "max_new_tokens",
+                "temperature",
+                "top_k",
+                "stop",
+                "seed",
+                "tags",
+                "min_len",
+                "template",
+                "fixed",
+                "stop_ids",
+                "model",
+                "options",
+                "stream",
+                "x",
+            ]
+        ),  # fmt: skip
+        st.one_of(
+            st.none(),
+            st.integers(-5, 10**6),
+            st.floats(allow_nan=True),
+            st.text(max_size=12),
+            st.lists(st.integers(-2, 50), max_size=3),
+            st.booleans(),
+            st.dictionaries(st.text(max_size=3), st.integers()),
+        ),  # fmt: skip
+        max_size=5,
+    )
+)
+def test_fuzzed_bodies_never_500(app, body):
+    _, client = app
+    body = {k: v for k, v in body.items() if k != "max_new_tokens" or not isinstance(v, int) or v < 50}
+    body["files"] = False
+    r = client.post("/v1/generate", content=json.dumps(body))  # NaN and Infinity as Python writes them
+    assert r.status_code < 500, (body, r.text)
+    if r.status_code >= 400:
+        assert set(r.json()["error"]) == {"message", "type"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_key_disconnect_and_loopback(protein_run, tmp_path, monkeypatch, capsys):
+    assert main(["serve", f"runs=[{protein_run}]", "host=0.0.0.0"]) == 2
+    assert "MULTIAR_API_KEY" in capsys.readouterr().err
+    monkeypatch.setenv("MULTIAR_API_KEY", "sekret")
+    import uvicorn
+
+    state, app = build_state(serve_config(protein_run, tmp_path))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            if server.started:
+                break
+            time.sleep(0.05)
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+        assert httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        auth = {"Authorization": "Bearer sekret"}
+        body = {"prompt": "M", "max_new_tokens": 400, "min_new_tokens": 400, "stream": True, "files": False}
+        engine = state.models[protein_run.name].engine
+        with httpx.stream("POST", f"{url}/v1/generate", json=body, headers=auth) as r:
+            assert r.status_code == 200
+            next(r.iter_lines())
+            assert engine.busy == 1
+        deadline = time.monotonic() + 5
+        while engine.busy and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert engine.busy == 0
+        r = httpx.post(
+            f"{url}/v1/generate", json={"prompt": "M", "max_new_tokens": 3, "files": False}, headers=auth
+        )
+        assert r.status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        for s in state.models.values():
+            s.engine.stop()
