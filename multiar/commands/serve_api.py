@@ -107,8 +107,8 @@ def sse(data: Any) -> bytes:
 async def generate_stream(
     flow: Flow, gone: Disconnected, files: Files, outcomes: Outcomes
 ) -> AsyncIterator[bytes]:
-    """SSE for /v1/generate: token batches per sample (music: the notes completed so far), the final
-    event with the samples, then [DONE]."""
+    """SSE for /v1/generate: token batches per sample (music: the notes completed so far; code and
+    protein: the text of the sample's new ids so far), the final event with the samples, then [DONE]."""
     domain = flow.served.run.domain
     seen: dict[int, list[int]] = {}
     notes: dict[int, int] = {}
@@ -124,6 +124,8 @@ async def generate_stream(
             if isinstance(artifact, Score):
                 out |= notes_view(artifact, notes.get(event.sample, 0))
                 notes[event.sample] = out["note_count"]
+            elif isinstance(artifact, str):  # code, protein: the new ids' text so far (a page shows it)
+                out["text"] = (await asyncio.to_thread(domain.decode, ids))[0]
             yield sse(out)
         result = await flow.result()
         yield sse({"samples": result["samples"], "metrics": result["metrics"], "files": links(result, files)})

@@ -26,6 +26,7 @@ from multiar.commands.serve_api import (
     generate_stream,
 )
 from multiar.commands.serve_engine import TTFT_BUCKETS, Closed, QueueFull
+from multiar.commands.serve_page import add_page_routes
 from multiar.commands.serve_requests import RequestError, Served, plan
 from multiar.errors import ConfigError
 
@@ -86,6 +87,7 @@ def create_app(state: AppState, cors_origins: list[str] | None = None) -> FastAP
         return error(500, f"internal error: {type(err).__name__}", "server_error")
 
     add_routes(app, state)
+    add_page_routes(app)  # GET /: the page (multiar/commands/static)
     return app
 
 
@@ -180,7 +182,13 @@ def add_routes(app: FastAPI, state: AppState) -> None:
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         data = [
-            {"id": n, "object": "model", "owned_by": "multiar", "domain": s.run.domain.name}
+            {
+                "id": n,
+                "object": "model",
+                "owned_by": "multiar",
+                "domain": s.run.domain.name,
+                "tags": list(getattr(s.run.domain, "tags", [])),
+            }
             for n, s in state.models.items()
         ]
         return {"object": "list", "data": data}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 import math
 import threading
 from dataclasses import dataclass, field
@@ -79,7 +80,7 @@ REQUEST_KEYS = frozenset(
         "render",
     ]
 )
-SERVER_KEYS = frozenset({"model", "stream", "files", "prompt_midi", "ignore_eos"})
+SERVER_KEYS = frozenset({"model", "stream", "files", "prompt_midi", "prompt_image", "ignore_eos"})
 
 
 class RequestError(Exception):
@@ -127,13 +128,7 @@ def request_config(served: Served, body: dict[str, Any], out_dir: Path, max_prom
     domain = served.run.domain
     declared = domain.generate_options
     keys["options"] = dict(keys.get("options") or {}) | {k: body[k] for k in body if k in declared}
-    if isinstance(domain, Renderable):  # music: the prompt is MIDI bytes, written by the server
-        if "prompt" in keys:
-            raise RequestError("prompt: a music prompt is MIDI bytes, sent as prompt_midi (base64)")
-        if body.get("prompt_midi") is not None:
-            keys["prompt"] = str(midi_prompt(body["prompt_midi"], out_dir, max_prompt_bytes))
-    elif body.get("prompt_midi") is not None:
-        raise RequestError(f"prompt_midi: the {domain.name} domain takes a text prompt")
+    file_prompt(domain, body, keys, out_dir, max_prompt_bytes)
     if not isinstance(keys.get("max_new_tokens", 1), int) or not isinstance(keys.get("n", 1), int):
         raise RequestError("max_new_tokens and n must be integers")
     keys["max_new_tokens"] = min(keys.get("max_new_tokens", served.base.max_new_tokens), served.max_tokens)
@@ -146,6 +141,46 @@ def request_config(served: Served, body: dict[str, Any], out_dir: Path, max_prom
     except Exception as err:  # noqa: BLE001 (OmegaConf's own errors: a value of the wrong type)
         raise RequestError(str(err).strip().splitlines()[0]) from None
     return validate("generate", cfg)
+
+
+def file_prompt(domain: Any, body: dict[str, Any], keys: dict[str, Any], out_dir: Path, limit: int) -> None:
+    """Music and image prompts are files: sent as bytes (prompt_midi, prompt_image: base64), written by
+    the server as the request's own file; a `prompt` naming a path is refused (no server paths)."""
+    kind = "prompt_midi" if isinstance(domain, Renderable) else None
+    if domain.name == "image":
+        kind = "prompt_image"
+    if kind is not None and "prompt" in keys:
+        raise RequestError(f"prompt: a {domain.name} prompt is file bytes, sent as {kind} (base64)")
+    for other in {"prompt_midi", "prompt_image"} - {kind}:
+        if body.get(other) is not None:
+            raise RequestError(f"{other}: the {domain.name} domain does not take it")
+    if kind is not None and body.get(kind) is not None:
+        write = midi_prompt if kind == "prompt_midi" else image_prompt
+        keys["prompt"] = str(write(body[kind], out_dir, limit))
+
+
+def image_prompt(data: Any, out_dir: Path, limit: int) -> Path:
+    """prompt_image (base64 PNG or JPEG) written as the request's own prompt.png / .jpg."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not isinstance(data, str) or len(data) > limit * 4 // 3 + 4:
+        raise RequestError(
+            f"prompt_image: base64 PNG or JPEG bytes of at most {limit} bytes",
+            413 if isinstance(data, str) else 422,
+        )
+    try:
+        raw = base64.b64decode(data, validate=True)
+        with Image.open(io.BytesIO(raw)) as image:
+            kind = image.format
+            image.verify()
+    except (binascii.Error, ValueError, OSError, UnidentifiedImageError) as err:
+        raise RequestError(f"prompt_image: not base64 PNG or JPEG bytes ({type(err).__name__})") from None
+    if kind not in ("PNG", "JPEG"):
+        raise RequestError(f"prompt_image: PNG or JPEG, got {kind}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / ("prompt.png" if kind == "PNG" else "prompt.jpg")
+    path.write_bytes(raw)
+    return path
 
 
 def midi_prompt(data: Any, out_dir: Path, limit: int) -> Path:
