@@ -514,13 +514,21 @@ class QuantizeSchema:
 @dataclass
 class ExportSchema:
     run: str = doc("the run folder to export", "???")
-    format: str = doc("hf: a transformers LlamaForCausalLM folder", "hf")
-    out: str = doc("the folder written", "???")
-    overwrite: bool = doc("replace an existing folder", False)
+    format: str = doc("hf: a transformers LlamaForCausalLM folder; gguf: one llama.cpp GGUF file", "hf")
+    out: str = doc("the folder (hf) or file (gguf) written", "???")
+    overwrite: bool = doc("replace an existing folder or file", False)
+    gguf_type: str = doc("format=gguf: the weights' type, f32, f16, bf16 or q8_0 (norms stay f32)", "f16")
 
     def __post_init__(self) -> None:
         _check(
-            self.format == "hf", "format", f"must be hf (transformers LlamaForCausalLM), got {self.format!r}"
+            self.format in ("hf", "gguf"),
+            "format",
+            f"must be hf (transformers LlamaForCausalLM) or gguf (llama.cpp), got {self.format!r}",
+        )
+        _check(
+            self.gguf_type in ("f32", "f16", "bf16", "q8_0"),
+            "gguf_type",
+            f"must be f32, f16, bf16 or q8_0, got {self.gguf_type!r}",
         )
 
 
