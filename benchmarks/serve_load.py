@@ -1,0 +1,359 @@
+"""Load on a real `multiar serve` subprocess (127.0.0.1) from one light asyncio process (httpx): the load
+generator shares the machine's cores with the server, so every figure here includes its cost.
+
+- closed loop: 16 clients, each sending requests back to back, exactly 128 new tokens each
+  (min_new_tokens = max_new_tokens = 128), seeded -> output tokens/s and requests lost (must be 0);
+- open loop: Poisson arrivals at several rates (fractions of the closed loop's request rate, past it to
+  find where throughput stops growing) -> TTFT (first SSE token event) and TPOT, median and p99;
+- soak: many requests, some cancelled (the client disconnects mid-stream) -> lost, slots leaked (the
+  busy-slot gauge after the load), resident memory of the server (VmRSS) after warm-up and at the end.
+
+For (a) slots=16 and (b) slots=1 on one run. llama.cpp's C++ server is not measured here (no llama.cpp
+source or build on this machine). Usage:
+
+    python benchmarks/serve_load.py runs/protein_small --json benchmarks/serve_load.json
+    python benchmarks/serve_load.py runs/protein_small --only soak --soak 200   # a short soak
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+AMINO = "ACDEFGHIKLMNPQRSTVWY"
+NEW_TOKENS = 128
+
+
+@dataclass
+class Server:
+    """A `multiar serve` subprocess and its address."""
+
+    proc: subprocess.Popen
+    url: str
+    log: Path
+    dtype: str = ""
+
+    def rss_kib(self) -> int:
+        text = Path(f"/proc/{self.proc.pid}/status").read_text()
+        return int(re.search(r"VmRSS:\s+(\d+)", text).group(1))
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(run: Path, slots: int, log_dir: Path, *extra: str, ready_s: float = 180.0) -> Server:
+    """`multiar serve runs=[run] slots=...` on a free loopback port, once /health says ready."""
+    port = free_port()
+    log = log_dir / f"serve_slots{slots}_{port}.log"
+    exe = Path(sys.executable).parent / "multiar"
+    cmd = [str(exe), "serve", f"runs=[{run}]", "host=127.0.0.1", f"port={port}", f"slots={slots}", *extra]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    server = Server(proc, f"http://127.0.0.1:{port}", log)
+    deadline = time.monotonic() + ready_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"multiar serve exited {proc.returncode}: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
+                found = re.search(r"KV cache [\d.]+ MiB, (\S+)", log.read_text())
+                server.dtype = found.group(1) if found else "?"
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    stop_server(server)
+    raise RuntimeError(f"multiar serve not ready after {ready_s} s")
+
+
+def stop_server(server: Server, timeout: float = 30.0) -> int | None:
+    """SIGTERM (drain), then SIGKILL if it has not exited within timeout."""
+    if server.proc.poll() is None:
+        server.proc.send_signal(signal.SIGTERM)
+        try:
+            server.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            server.proc.kill()
+            server.proc.wait(10)
+    return server.proc.returncode
+
+
+@dataclass
+class Outcome:
+    """One request seen from the client: status, tokens, when the first and last token events came."""
+
+    status: str = "lost"  # ok, cancelled (by this client), rejected (429), lost (anything else)
+    tokens: int = 0
+    start: float = 0.0
+    first: float | None = None
+    last: float | None = None
+    detail: str = ""
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first is None else self.first - self.start
+
+    @property
+    def tpot(self) -> float | None:
+        if self.first is None or self.last is None or self.tokens < 2:
+            return None
+        return (self.last - self.first) / (self.tokens - 1)
+
+
+def body(seed: int, new_tokens: int, prompt_len: int = 16) -> dict[str, Any]:
+    rng = random.Random(seed)
+    prompt = "M" + "".join(rng.choice(AMINO) for _ in range(prompt_len - 1))
+    return {"prompt": prompt, "max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "seed": seed,
+            "temperature": 1.0, "stream": True, "files": False}  # fmt: skip
+
+
+async def stream_request(
+    client: httpx.AsyncClient, url: str, payload: dict[str, Any], cancel_after: int | None = None
+) -> Outcome:
+    """POST /v1/generate with stream=true; cancel_after: disconnect after that many tokens."""
+    out = Outcome(start=time.perf_counter())
+    try:
+        async with client.stream("POST", f"{url}/v1/generate", json=payload) as r:
+            if r.status_code != 200:
+                out.status = "rejected" if r.status_code == 429 else "lost"
+                out.detail = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
+                return out
+            async for line in r.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[6:]
+                if data == "[DONE]":
+                    break
+                event = json.loads(data)
+                if "ids" in event:
+                    now = time.perf_counter()
+                    out.first = out.first if out.first is not None else now
+                    out.last, out.tokens = now, out.tokens + len(event["ids"])
+                    if cancel_after is not None and out.tokens >= cancel_after:
+                        out.status = "cancelled"
+                        return out  # leaving the block closes the connection mid-stream
+                elif "error" in event:
+                    out.detail = str(event["error"])
+                elif "samples" in event:
+                    out.status = "ok" if event["samples"][0]["new_tokens"] == out.tokens else "lost"
+    except httpx.HTTPError as err:
+        out.detail = f"{type(err).__name__}: {err}"
+    return out
+
+
+def client(limit: int) -> httpx.AsyncClient:
+    limits = httpx.Limits(max_connections=limit, max_keepalive_connections=limit)
+    return httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits)
+
+
+async def closed_loop(url: str, clients: int, per_client: int) -> dict[str, Any]:
+    """clients x per_client requests of exactly NEW_TOKENS tokens, each client back to back."""
+
+    async def one_client(k: int, http: httpx.AsyncClient) -> list[Outcome]:
+        return [await stream_request(http, url, body(1000 * k + i, NEW_TOKENS)) for i in range(per_client)]
+
+    async with client(clients) as http:
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(one_client(k, http) for k in range(clients)))
+        seconds = time.perf_counter() - t0
+    outcomes = [o for r in results for o in r]
+    ok = [o for o in outcomes if o.status == "ok"]
+    tokens = sum(o.tokens for o in ok)
+    return {"clients": clients, "requests": len(outcomes), "seconds": round(seconds, 2),
+            "output_tokens": tokens, "tokens_per_s": round(tokens / seconds, 1),
+            "lost": len(outcomes) - len(ok), "exact_128": all(o.tokens == NEW_TOKENS for o in ok),
+            **latency(ok)}  # fmt: skip
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
+
+
+def latency(outcomes: list[Outcome]) -> dict[str, Any]:
+    """TTFT and TPOT median and p99, in milliseconds."""
+    ttft = [o.ttft for o in outcomes if o.ttft is not None]
+    tpot = [o.tpot for o in outcomes if o.tpot is not None]
+
+    def ms(v: float | None) -> float | None:
+        return None if v is None else round(1000 * v, 1)
+
+    return {"ttft_ms_median": ms(statistics.median(ttft)) if ttft else None, "ttft_ms_p99": ms(pct(ttft, 0.99)),
+            "tpot_ms_median": ms(statistics.median(tpot)) if tpot else None, "tpot_ms_p99": ms(pct(tpot, 0.99))}  # fmt: skip
+
+
+async def open_loop(url: str, rate: float, requests: int, seed: int) -> dict[str, Any]:
+    """requests arriving as a Poisson process of rate req/s, each NEW_TOKENS tokens."""
+    rng = random.Random(seed)
+    tasks = []
+    async with client(requests) as http:
+        t0 = time.perf_counter()
+        for i in range(requests):
+            tasks.append(asyncio.create_task(stream_request(http, url, body(seed * 10_000 + i, NEW_TOKENS))))
+            await asyncio.sleep(rng.expovariate(rate))
+        outcomes = await asyncio.gather(*tasks)
+        seconds = time.perf_counter() - t0
+    ok = [o for o in outcomes if o.status == "ok"]
+    tokens = sum(o.tokens for o in ok)
+    return {"rate_req_s": round(rate, 3), "requests": requests, "seconds": round(seconds, 2),
+            "tokens_per_s": round(tokens / seconds, 1), "lost": requests - len(ok), **latency(ok)}  # fmt: skip
+
+
+async def metric(url: str, name: str) -> float:
+    async with httpx.AsyncClient(timeout=10) as http:
+        text = (await http.get(f"{url}/metrics")).text
+    found = re.search(rf"^{name}{{[^}}]*}} (\S+)$", text, re.M)
+    return float(found.group(1)) if found else float("nan")
+
+
+@dataclass
+class SoakResult:
+    requests: int = 0
+    ok: int = 0
+    cancelled: int = 0
+    rejected: int = 0
+    lost: int = 0
+    lost_details: list[str] = field(default_factory=list)
+    busy_slots_after: float = float("nan")
+    queue_after: float = float("nan")
+    rss_kib: list[tuple[int, int]] = field(default_factory=list)  # (requests done, VmRSS KiB)
+    seconds: float = 0.0
+
+
+async def soak(server: Server, requests: int, concurrency: int = 24, cancel_share: float = 0.2,
+               seed: int = 7, warmup: int | None = None) -> dict[str, Any]:  # fmt: skip
+    """requests of 8-48 tokens from `concurrency` clients, cancel_share of them cancelled mid-stream;
+    VmRSS sampled every requests/20 from the end of warm-up (requests/10, at least 20)."""
+    rng = random.Random(seed)
+    plan = [(rng.randint(8, 48), rng.random() < cancel_share) for _ in range(requests)]
+    res, done, t0 = SoakResult(requests=requests), 0, time.perf_counter()
+    warmup = warmup if warmup is not None else max(20, requests // 10)
+    every = max(1, requests // 20)
+    work = iter(range(requests))
+
+    async def worker(http: httpx.AsyncClient) -> None:
+        nonlocal done
+        for i in work:
+            new, cancel = plan[i]
+            o = await stream_request(
+                http, server.url, body(seed * 100_000 + i, new), new // 2 if cancel else None
+            )
+            setattr(res, o.status, getattr(res, o.status) + 1)
+            if o.status == "lost" and len(res.lost_details) < 5:
+                res.lost_details.append(o.detail)
+            done += 1
+            if done >= warmup and (done - warmup) % every == 0:
+                res.rss_kib.append((done, server.rss_kib()))
+
+    async with client(concurrency) as http:
+        await asyncio.gather(*(worker(http) for _ in range(concurrency)))
+    res.seconds = round(time.perf_counter() - t0, 1)
+    for _ in range(100):  # the slots of cancelled requests free within a step; bounded wait
+        res.busy_slots_after = await metric(server.url, "multiar_busy_slots")
+        if res.busy_slots_after == 0:
+            break
+        await asyncio.sleep(0.05)
+    res.queue_after = await metric(server.url, "multiar_queue_length")
+    res.rss_kib.append((done, server.rss_kib()))
+    return soak_summary(res)
+
+
+def soak_summary(res: SoakResult) -> dict[str, Any]:
+    first, last = res.rss_kib[0][1], res.rss_kib[-1][1]
+    peak = max(r for _, r in res.rss_kib)
+    return {"requests": res.requests, "ok": res.ok, "cancelled": res.cancelled, "rejected_429": res.rejected,
+            "lost": res.lost, "lost_details": res.lost_details, "busy_slots_after": res.busy_slots_after,
+            "queue_after": res.queue_after, "seconds": res.seconds,
+            "rss_mib_after_warmup": round(first / 1024, 1), "rss_mib_end": round(last / 1024, 1),
+            "rss_mib_peak": round(peak / 1024, 1), "rss_growth_pct": round(100 * (last - first) / first, 2),
+            "rss_samples": res.rss_kib}  # fmt: skip
+
+
+def measure(run: Path, slots: int, args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
+    """Closed loop, then open loop at fractions of the closed loop's request rate (and the soak when
+    asked) on one `multiar serve slots=...` subprocess."""
+    server = start_server(run, slots, log_dir, f"max_queue={args.max_queue}")
+    out: dict[str, Any] = {"slots": slots, "dtype": server.dtype}
+    try:
+        cpu0 = server.cpu_seconds()
+        if "closed" in args.only:
+            out["closed_loop"] = asyncio.run(closed_loop(server.url, 16, args.per_client))
+            print(f"slots={slots} closed: {out['closed_loop']}", flush=True)
+        if "open" in args.only and "closed_loop" in out:
+            capacity = out["closed_loop"]["tokens_per_s"] / NEW_TOKENS  # requests/s the closed loop served
+            out["open_loop"] = []
+            for k, share in enumerate(args.shares if slots > 1 else args.shares_one):
+                n = max(args.min_open, round(share * capacity * args.open_seconds))
+                row = asyncio.run(open_loop(server.url, share * capacity, n, seed=100 + k))
+                out["open_loop"].append({"share_of_closed_rate": share, **row})
+                print(f"slots={slots} open {share}: {row}", flush=True)
+        if "soak" in args.only and slots > 1:
+            out["soak"] = asyncio.run(soak(server, args.soak))
+            print(f"slots={slots} soak: { {k: v for k, v in out['soak'].items() if k != 'rss_samples'} }")
+        out["server_cpu_s"] = round(server.cpu_seconds() - cpu0, 1)
+    finally:
+        out["exit_code_after_sigterm"] = stop_server(server)
+    return out
+
+
+def machine() -> dict[str, Any]:
+    info = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    name = re.search(r"Model name:\s+(.+)", info)
+    return {"cpu": name.group(1).strip() if name else "?", "cores": os.cpu_count(),
+            "loadavg_at_start": os.getloadavg(),
+            "note": "the load generator (one asyncio process) and the server share these cores; other "
+                    "engineers' jobs ran on the machine at the same time"}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", type=Path)
+    p.add_argument("--slots", type=int, nargs="+", default=[16, 1])
+    p.add_argument("--only", nargs="+", default=["closed", "open", "soak"])
+    p.add_argument("--per-client", type=int, default=2, help="closed loop: requests per client")
+    p.add_argument("--shares", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0, 1.25])
+    p.add_argument("--shares-one", type=float, nargs="+", default=[0.5, 1.0])
+    p.add_argument("--open-seconds", type=float, default=20.0, help="open loop: about this long per rate")
+    p.add_argument("--min-open", type=int, default=12)
+    p.add_argument("--soak", type=int, default=2000)
+    p.add_argument("--max-queue", type=int, default=64)
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+    log_dir = Path(os.environ.get("TMPDIR", "/tmp"))
+    result: dict[str, Any] = {"run": str(args.run), "new_tokens": NEW_TOKENS, "machine": machine(),
+                              "llama_cpp_server": "not measured: llama.cpp cannot be built here"}  # fmt: skip
+    result["configs"] = [measure(args.run, s, args, log_dir) for s in args.slots]
+    result["machine"]["loadavg_at_end"] = os.getloadavg()
+    text = json.dumps(result, indent=1)
+    if args.json:
+        args.json.write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
