@@ -12,7 +12,7 @@ function body(form) {
   const suffix = form.elements.suffix.value;
   if (suffix.trim()) Object.assign(out, { prompt_prefix: prefix, prompt_suffix: suffix });
   else if (prefix) out.prompt = prefix;
-  if (form.elements.stop_at.checked) out.stop_at = "block";
+  if (form.elements.stop_at.checked && !out.prompt_suffix) out.stop_at = "block"; // a gap ends at EOS
   return { n: 1, ...out };
 }
 

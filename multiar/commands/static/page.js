@@ -76,7 +76,7 @@ async function run(section, domain) {
     const stopped = controller.signal.aborted;
     note.textContent = stopped ? "Stopped: the server cancelled the request; what was made is kept." : `Error: ${err.message}`;
     section.dataset.state = stopped ? "stopped" : "error";
-    if (stopped) await view.stopped();
+    if (stopped) await Promise.resolve().then(() => view.stopped()).catch((e) => { note.textContent += ` (${e.message})`; });
   } finally {
     go.disabled = false;
     stop.disabled = true;
