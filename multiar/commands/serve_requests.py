@@ -119,19 +119,20 @@ class Plan:
 
 def request_config(served: Served, body: dict[str, Any], out_dir: Path, max_prompt_bytes: int) -> DictConfig:
     """The generate config of a request: its keys on the server's base, capped, checked."""
-    unknown = sorted(set(body) - REQUEST_KEYS - SERVER_KEYS)
-    if unknown:
-        raise RequestError(
-            f"{unknown[0]}: not a request key; known: {', '.join(sorted(REQUEST_KEYS | SERVER_KEYS))}"
-        )
-    keys = {k: v for k, v in body.items() if k in REQUEST_KEYS}
     domain = served.run.domain
-    declared = domain.generate_options
+    declared = domain.generate_options  # music: prompt_bars, a top-level key as in generate
+    unknown = sorted(set(body) - REQUEST_KEYS - SERVER_KEYS - set(declared))
+    if unknown:
+        known = sorted(REQUEST_KEYS | SERVER_KEYS | set(declared))
+        raise RequestError(f"{unknown[0]}: not a request key; known: {', '.join(known)}")
+    keys = {k: v for k, v in body.items() if k in REQUEST_KEYS}
     keys["options"] = dict(keys.get("options") or {}) | {k: body[k] for k in body if k in declared}
     file_prompt(domain, body, keys, out_dir, max_prompt_bytes)
     if not isinstance(keys.get("max_new_tokens", 1), int) or not isinstance(keys.get("n", 1), int):
         raise RequestError("max_new_tokens and n must be integers")
     keys["max_new_tokens"] = min(keys.get("max_new_tokens", served.base.max_new_tokens), served.max_tokens)
+    if isinstance(keys.get("min_new_tokens"), int):  # min = max (exactly N) stays so under the cap
+        keys["min_new_tokens"] = min(keys["min_new_tokens"], served.max_tokens)
     if body.get("ignore_eos"):
         keys["min_new_tokens"] = keys["max_new_tokens"]
     if not 1 <= keys.get("n", served.base.n) <= served.max_n:

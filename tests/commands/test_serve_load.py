@@ -1,0 +1,71 @@
+"""`multiar serve` as a real subprocess under load (benchmarks/serve_load.py's client): a short soak with
+cancellations mixed in loses nothing, leaks no slot and leaves the server's memory flat; SIGTERM drains
+(the running request finishes, new ones get 503, the process exits). The slow tier soaks 200 requests."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import copy_fixture_run
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from serve_load import Server, soak, start_server, stop_server  # noqa: E402
+
+
+@pytest.fixture
+def server(tmp_path):
+    run = copy_fixture_run(tmp_path)
+    s = start_server(run, 4, tmp_path, "dtype=fp32", "max_queue=16", "drain_timeout=20", ready_s=90)
+    yield s
+    stop_server(s, timeout=20)
+
+
+def long_stream(s: Server, seen: threading.Event, out: dict) -> None:
+    body = {"prompt": "MK", "max_new_tokens": 1000, "min_new_tokens": 1000, "stream": True, "files": False}
+    with httpx.stream("POST", f"{s.url}/v1/generate", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                event = json.loads(line[6:])
+                seen.set()
+                if "samples" in event:
+                    out["new_tokens"] = event["samples"][0]["new_tokens"]
+                    out["end"] = event["samples"][0]["end"]
+
+
+def test_short_soak_then_sigterm_drains(server):
+    result = asyncio.run(soak(server, 30, concurrency=8, cancel_share=0.3, warmup=10))
+    assert result["lost"] == 0 and result["rejected_429"] == 0, result["lost_details"]
+    assert result["cancelled"] > 0 and result["ok"] + result["cancelled"] == 30
+    assert result["busy_slots_after"] == 0 and result["queue_after"] == 0
+    assert result["rss_growth_pct"] <= 25  # the benchmark's 2,000-request soak holds it to 5%
+    seen, out = threading.Event(), {}
+    client = threading.Thread(target=long_stream, args=(server, seen, out), daemon=True)
+    client.start()
+    assert seen.wait(30)
+    server.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    status = None
+    while time.monotonic() < deadline and status != 503:
+        status = httpx.post(f"{server.url}/v1/generate", json={"prompt": "M", "files": False}).status_code
+    assert status == 503
+    assert httpx.get(f"{server.url}/health").json()["status"] == "draining"
+    client.join(30)
+    assert out == {"new_tokens": 1000, "end": "length"}
+    server.proc.wait(20)  # exits once drained (uvicorn re-raises SIGTERM after its shutdown)
+    assert server.proc.returncode is not None
+
+
+@pytest.mark.slow
+def test_soak_of_200_requests_with_cancellations(server):
+    result = asyncio.run(soak(server, 200, concurrency=12, cancel_share=0.2))
+    assert result["lost"] == 0 and result["rejected_429"] == 0, result["lost_details"]
+    assert result["busy_slots_after"] == 0 and result["queue_after"] == 0
+    assert result["rss_growth_pct"] <= 10
