@@ -50,6 +50,8 @@ def test_wheel_installs_configs_and_bundled_data(tmp_path):
         "multiar/domains/image/assets/digits/digits.csv.gz",
         "multiar/engine/rows.py",  # every package of the house
         "multiar/commands/generate.py",
+        "multiar/commands/static/index.html",  # the serve page
+        "multiar/commands/static/page.js",
         "multiar/training/run.py",
         "multiar/data/corpus.py",
     } <= names
