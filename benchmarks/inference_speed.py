@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import random
 import statistics
 import tempfile
 import time
@@ -122,16 +123,19 @@ def llama_cpp_entries(folder: Path | None, shape: str, model: GPT, batch: int, a
 
 
 def bench(entries: dict, repeats: int) -> dict[str, float]:
-    """Interleaved: every entry once per round, median seconds over rounds. Round r seeds torch's
-    global generator with r before each entry: sampled lengths and acceptance are reproducible."""
+    """Interleaved: every entry once per round (in an order shuffled per round), median seconds over
+    rounds. Round r seeds torch's global generator with r before each entry: sampled lengths and
+    acceptance are reproducible."""
     times: dict[str, list[float]] = {name: [] for name in entries}
     for fn in entries.values():  # warm-up round, not timed
         torch.manual_seed(repeats)
         fn()
     for r in range(repeats):
-        for name, fn in entries.items():
+        order = list(entries)
+        random.Random(r).shuffle(order)  # no engine always runs first, or right after another
+        for name in order:
             torch.manual_seed(r)
-            times[name].append(_timed(fn))
+            times[name].append(_timed(entries[name]))
     return {name: statistics.median(t) for name, t in times.items()}
 
 
