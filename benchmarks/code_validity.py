@@ -7,7 +7,9 @@ fill-in-the-middle bodies.
 Prompts come from the run's own validation files (run_dir/reference/validation.json): completions
 continue the first line of a top-level `def`; infill asks for the body of a top-level function between
 its `def` line and the next top-level statement (a short one, whole). A completion counts as valid when the written file parses;
-an infill when prefix + middle + suffix parses.
+an infill when prefix + middle + suffix parses. Each task also says how many samples ended by themselves
+(EOS, or the block rule) and the parse rate among those: a sample cut by max_new_tokens is unfinished,
+not wrong. Last, decoding speed with and without the constraint (batch 8, the same seed, alternated).
 """
 
 from __future__ import annotations
@@ -15,8 +17,12 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import platform
 import tempfile
+import time
 from pathlib import Path
+
+import torch
 
 from multiar.commands.generate import sample_to_files
 from multiar.config import load_config
@@ -53,41 +59,92 @@ def validation_functions(run: Path, limit: int) -> list[tuple[str, str]]:
     return found[:limit]
 
 
+def speed(run: Path, constrain: bool, batch: int, tokens: int, seed: int = 1) -> float:
+    """Decoded tokens per second for a batch of unconditional rows, `tokens` each (EOS banned so every
+    row runs the whole length), with or without the constraint: the decode loop as generate runs it."""
+    from multiar.engine.decode import generate
+    from multiar.engine.sampling import ban_tokens
+    from multiar.run_folder import load_run
+
+    loaded = load_run(run)
+    domain = loaded.domain
+    processors = [ban_tokens([domain.pad_id, domain.bos_id, domain.eos_id])]
+    if constrain:
+        processors.append(domain.constraint())
+    prompts = [domain.prompt_ids(None)] * batch
+    generator = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    out = generate(loaded.model, prompts=prompts, max_new_tokens=tokens, processors=processors,
+                   generator=generator, eos_id=domain.eos_id)  # fmt: skip
+    return sum(map(len, out)) / (time.perf_counter() - start)
+
+
+def ended(report: dict, reasons: tuple[str, ...] = ("eos", "block")) -> float:
+    """The share of a report's samples that ended by themselves (EOS, or the block rule)."""
+    return sum(report["metrics"].get(f"code/end_{r}_share", 0.0) for r in reasons)
+
+
+def measure(args: argparse.Namespace, functions: list[tuple[str, str]], tmp: Path, constrain: str) -> dict:
+    """The three tasks' validity under constrain=true or false, same seeds."""
+    common = [f"run={args.run}", f"constrain={constrain}", "seed=1", "overwrite=true"]
+    free = sample_to_files(load_config("generate", [*common, f"out={tmp}/u{constrain}", f"n={args.n}",
+                                                    f"max_new_tokens={args.max_new_tokens}"]))  # fmt: skip
+    block = sample_to_files(load_config("generate", [*common, f"out={tmp}/b{constrain}", "n=1",
+                                                     f"prompt_file={tmp / 'prompts.txt'}", "stop_at=block",
+                                                     f"max_new_tokens={args.max_new_tokens}"]))  # fmt: skip
+    infilled = []  # (ended with EOS, prefix + middle + suffix parses)
+    for i, (head, after) in enumerate(functions):
+        prefix, suffix = head + "\n    ", "\n\n" + after + "\n"
+        report = sample_to_files(load_config("generate", [*common, f"out={tmp}/i{constrain}{i}", "n=1",
+                                                          f"prompt_prefix={prefix}", f"prompt_suffix={suffix}",
+                                                          "max_new_tokens=120"]))  # fmt: skip
+        infilled.append((ended(report, ("eos",)) > 0, parses(prefix + report["middles"][0] + suffix)))
+    done = [ok for end, ok in infilled if end]
+    return {
+        "unconditional_parse_rate": free["metrics"]["code/parse_rate"],
+        "unconditional_ended": ended(free),
+        "unconditional_parse_rate_ended": free["metrics"]["code/ended_parse_rate"],
+        "unconditional_compile_rate": free["metrics"]["code/compile_rate"],
+        "unconditional_no_valid_token": free["metrics"].get("code/end_no_valid_token_share", 0.0),
+        "copied_share": free["metrics"].get("code/copied_share"),
+        "completion_block_parse_rate": block["metrics"]["code/parse_rate"],
+        "completion_block_ended": ended(block),
+        "completion_block_parse_rate_ended": block["metrics"]["code/ended_parse_rate"],
+        "infill_parse_rate": sum(ok for _, ok in infilled) / max(len(infilled), 1),
+        "infill_ended": len(done) / max(len(infilled), 1),
+        "infill_parse_rate_ended": sum(done) / max(len(done), 1),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path)
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--functions", type=int, default=50)
     parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--speed-tokens", type=int, default=128, help="tokens per row of the speed rows")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     functions = validation_functions(args.run, args.functions)
-    results: dict = {"run": str(args.run), "functions": len(functions)}
+    cpu = next((x.split(":", 1)[1].strip() for x in Path("/proc/cpuinfo").read_text().splitlines()
+                if x.startswith("model name")), platform.processor())  # fmt: skip
+    results: dict = {"run": str(args.run), "functions": len(functions), "n": args.n, "cpu": cpu,
+                     "threads": torch.get_num_threads(), "python": platform.python_version()}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "prompts.txt").write_text("\n".join(head for head, _ in functions) + "\n")
         for constrain in ("true", "false"):
-            common = [f"run={args.run}", f"constrain={constrain}", "seed=1", "overwrite=true"]
-            free = sample_to_files(load_config("generate", [*common, f"out={tmp}/u{constrain}", f"n={args.n}",
-                                                            f"max_new_tokens={args.max_new_tokens}"]))  # fmt: skip
-            block = sample_to_files(load_config("generate", [*common, f"out={tmp}/b{constrain}", "n=1",
-                                                             f"prompt_file={tmp / 'prompts.txt'}", "stop_at=block",
-                                                             f"max_new_tokens={args.max_new_tokens}"]))  # fmt: skip
-            infilled = []
-            for i, (head, after) in enumerate(functions):
-                prefix, suffix = head + "\n    ", "\n\n" + after + "\n"
-                report = sample_to_files(load_config("generate", [*common, f"out={tmp}/i{constrain}{i}", "n=1",
-                                                                  f"prompt_prefix={prefix}", f"prompt_suffix={suffix}",
-                                                                  "max_new_tokens=120"]))  # fmt: skip
-                infilled.append(parses(prefix + report["middles"][0] + suffix))
-            results[f"constrain={constrain}"] = {
-                "unconditional_parse_rate": free["metrics"]["code/parse_rate"],
-                "unconditional_compile_rate": free["metrics"]["code/compile_rate"],
-                "copied_share": free["metrics"].get("code/copied_share"),
-                "completion_block_parse_rate": block["metrics"]["code/parse_rate"],
-                "infill_parse_rate": sum(infilled) / max(len(infilled), 1),
-            }
+            results[f"constrain={constrain}"] = measure(args, functions, tmp, constrain)
             print(f"constrain={constrain}", json.dumps(results[f"constrain={constrain}"]), flush=True)
+    # speed side by side, alternated so that the machine's load falls on both alike
+    rates = {"true": [], "false": []}
+    for _ in range(2):
+        for constrain in ("false", "true"):
+            rates[constrain].append(speed(args.run, constrain == "true", 8, args.speed_tokens))
+    for constrain, r in rates.items():
+        results[f"constrain={constrain}"]["tokens_per_s_batch8"] = max(r)
+    results["speed_ratio"] = max(rates["true"]) / max(rates["false"])
+    print("tokens/s batch 8:", {k: [round(x, 1) for x in v] for k, v in rates.items()}, flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
 

@@ -337,10 +337,15 @@ class CodeDomain(DomainBase):
 
 
 def complete_block_end(text: str, start: int = 0, final: bool = False) -> int | None:
-    """analysis.block_end where the text before the cut parses (a column-0 line inside an open string
-    or bracket is no end); None while the block is not complete."""
+    """analysis.block_end where the text before the cut parses: a column-0 line inside an open string
+    or bracket is no end, the search goes on after it; None while the block is not complete."""
     cut = analysis.block_end(text, start, final)
-    return cut if cut is not None and parses(text[:cut]) else None
+    while cut is not None and not parses(text[:cut]):
+        line_end = text.find("\n", cut)
+        if line_end < 0:
+            return None
+        cut = analysis.block_end(text, line_end + 1, final)
+    return cut
 
 
 class CodeSummary(MetricSummary):

@@ -18,6 +18,7 @@ from multiar.data.fim import fim_transform, reassemble, transform_documents
 from multiar.data.source import Source
 from multiar.domains import build_domain
 from multiar.domains.code.analysis import LineIndex, block_end, compiles, parses
+from multiar.domains.code.domain import complete_block_end
 from multiar.errors import ConfigError
 from multiar.training.run import train
 
@@ -151,7 +152,8 @@ def test_stop_at_block_ends_each_sample_after_its_function(fim_code_run, tmp_pat
             continue
         text = Path(path).read_text(encoding="utf-8").split("\n", 1)[1]
         assert text.startswith("def parse(")
-        assert block_end(text, len("def parse("), final=True) in (None, len(text))  # nothing after the block
+        # nothing after the block: the first place it ends and the text before parses
+        assert complete_block_end(text, len("def parse("), final=True) in (None, len(text))
     with pytest.raises(ConfigError, match="stop_at: the protein domain has no stopping rules"):
         stop_rule(load_config("generate", ["run=r", "stop_at=block"]), build_domain("protein"))
     with pytest.raises(ConfigError, match="stop_at: unknown rule 'line'; the code domain has block"):
@@ -244,12 +246,38 @@ def test_constraint_is_a_function_of_the_ids_it_is_given(fim_code_run):
     warm(torch.tensor([other]), logits.clone())  # another row: the state must not leak
     extended = ids + [domain.encode(")")[0]]
     got = warm(torch.tensor([extended]), logits.clone())
-    fresh = domain.constraint()(torch.tensor([extended]), logits.clone())
-    assert torch.equal(torch.isinf(got), torch.isinf(fresh))
-    assert (~torch.isinf(got)).sum() >= 1
+    fresh = domain.constraint()
+    assert torch.equal(torch.isinf(got), torch.isinf(fresh(torch.tensor([extended]), logits.clone())))
+    # the per-token check (what the decode loop asks of drawn tokens) agrees token by token
+    answers = [warm.sound(extended, t) for t in range(domain.vocab_size)]
+    assert answers == [fresh.sound(extended, t) for t in range(domain.vocab_size)]
+    assert 0 < sum(answers) < domain.vocab_size and not warm.sound(ids, domain.eos_id)
 
 
-def test_constrained_samples_stay_lexically_sound_and_invalid_ones_are_redrawn(fim_code_run, tmp_path):
+def test_end_reasons_stand_beside_parsing_in_the_report_and_bad_prompts_are_one_line_errors(
+    fim_code_run, tmp_path
+):
+    """syntax_report.tsv: file, parses or not, why the sample ended; generate.json: per end reason the
+    share of samples and how many of them parse. A prompt no continuation makes valid: ConfigError."""
+    report = generate(
+        fim_code_run, tmp_path / "o", "n=4", "max_new_tokens=40", "prompt=def parse(", "stop_at=block"
+    )
+    lines = [x.split("\t") for x in (tmp_path / "o" / "syntax_report.tsv").read_text().splitlines()]
+    rows = [x for x in lines if not x[0].startswith("#")]
+    assert len(rows) == 4 and all(
+        len(x) == 3 and x[2] in ("eos", "block", "length", "no_valid_token") for x in rows
+    )
+    metrics = report["metrics"]
+    shares = {k: v for k, v in metrics.items() if k.startswith("code/end_") and k.endswith("_share")}
+    assert abs(sum(shares.values()) - 1) < 1e-9
+    for x in rows:  # a block that ended by itself parses
+        assert x[2] != "block" or x[1] == "ok"
+    with pytest.raises(ConfigError, match="prompt line 2"):
+        generate(fim_code_run, tmp_path / "bad", "n=1", "max_new_tokens=4", "prompt=import os\nx = = 1\n")
+
+
+def test_constrained_samples_stay_sound_and_invalid_ones_are_redrawn(fim_code_run, tmp_path):
+    from multiar.domains.code.grammar import first_bad_line
     from multiar.domains.code.syntax import Unsound, scan
 
     base = ["n=6", "max_new_tokens=60", "prompt=def f(x):\n    ", "seed=3"]
@@ -260,14 +288,17 @@ def test_constrained_samples_stay_lexically_sound_and_invalid_ones_are_redrawn(f
             scan(text)
         except Unsound as err:  # only the last, unfinished line may be cut by the token cap
             pytest.fail(f"sample {i} unsound: {err}\n{text}")
+        assert first_bad_line(text) is None, text  # and a prefix of some program Python's grammar takes
     free = generate(fim_code_run, tmp_path / "f", *base, "constrain=false")
     redrawn = generate(fim_code_run, tmp_path / "r", *base, "constrain=false", "resample_invalid=3")
     invalid = round((1 - free["metrics"]["code/parse_rate"]) * 6)
     assert redrawn["invalid_after_resampling"] <= invalid
     assert (redrawn["resampled"] > 0) == (invalid > 0)
     # each report's parse rate is the share of its written samples that Python's own parser accepts;
-    # one token after a whole statement: some samples parse, some do not (the long ones above: none)
-    short = generate(fim_code_run, tmp_path / "s", "n=6", "max_new_tokens=1", "prompt=x = 1\n", "seed=3")
+    # one unconstrained token after a whole statement: some samples parse, some do not
+    short = generate(
+        fim_code_run, tmp_path / "s", "n=6", "max_new_tokens=1", "prompt=x = 1\n", "seed=3", "constrain=false"
+    )
     assert 0 < share_parsing(tmp_path / "s") < 1
     for folder, result in (("c", report), ("f", free), ("r", redrawn), ("s", short)):
         assert result["metrics"]["code/parse_rate"] == share_parsing(tmp_path / folder), folder
