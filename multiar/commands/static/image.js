@@ -24,6 +24,12 @@ function start(section, request) {
   const note = section.querySelector(".note");
   const tokens = [];
   const n = request.n || 1;
+  const preview = section.querySelector(".prompt-preview");
+  const file = section.querySelector("input[name=prompt_image]").files[0];
+  const rows = request.options ? `its top ${request.options.prompt_rows} pixel rows kept` : "all of it kept";
+  preview.replaceChildren(...(request.prompt_image && file ? [
+    el("img", { src: URL.createObjectURL(file), alt: "the prompt image" }), el("figcaption", { text: `prompt: ${rows}` })] : []));
+  preview.hidden = !request.prompt_image;
   grid.replaceChildren(...Array.from({ length: n }, (_, i) =>
     el("figure", { role: "listitem", "data-index": i }, el("figcaption", { text: `#${i} …` }))));
   links.replaceChildren();

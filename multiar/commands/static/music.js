@@ -26,13 +26,16 @@ function drawRoll(svg, notes) {
   const end = Math.max(16, ...notes.map((n) => n.start + n.duration));
   const low = Math.min(60, ...notes.map((n) => n.pitch)) - 2;
   const high = Math.max(72, ...notes.map((n) => n.pitch)) + 2;
-  const [w, h] = [800, 300];
+  const [w, h] = [Math.max(svg.clientWidth, 400), 300]; // user units = pixels: text is not stretched
   const x = (beat) => (beat / end) * w;
   const y = (pitch) => ((high - pitch) / (high - low + 1)) * h;
   const rowHeight = h / (high - low + 1);
   const parts = [];
   for (let p = Math.ceil(low / 12) * 12; p <= high; p += 12) {
     parts.push(svgNode("line", { class: "c-line", x1: 0, x2: w, y1: y(p) + rowHeight, y2: y(p) + rowHeight }));
+    const label = svgNode("text", { class: "c-label", x: 3, y: y(p) + rowHeight - 2 });
+    label.textContent = `C${p / 12 - 1}`;
+    parts.push(label);
   }
   for (let bar = 0; bar <= end; bar += 4) parts.push(svgNode("line", { class: "bar", x1: x(bar), x2: x(bar), y1: 0, y2: h }));
   for (const n of notes) {
@@ -41,6 +44,7 @@ function drawRoll(svg, notes) {
       fill: COLOURS[n.track % COLOURS.length], "fill-opacity": 0.45 + n.velocity / 250,
     }));
   }
+  svg.setAttribute("viewBox", `0 0 ${w} ${h}`);
   svg.replaceChildren(...parts);
   svg.setAttribute("aria-label", `piano roll: ${notes.length} notes over ${Math.ceil(end / 4)} bars`);
 }
