@@ -320,6 +320,76 @@ def measure(run: Path, slots: int, args: argparse.Namespace, log_dir: Path) -> d
     return out
 
 
+async def timed(url: str, bodies: list[dict[str, Any]]) -> tuple[list[Outcome], float]:
+    """All bodies at once; their outcomes, and seconds until the last of the first 15 ended."""
+    async with client(len(bodies)) as http:
+        t0 = time.perf_counter()
+        tasks = [asyncio.create_task(stream_request(http, url, b)) for b in bodies]
+        plain = await asyncio.gather(*tasks[:15])
+        seconds = time.perf_counter() - t0
+        return [*plain, *await asyncio.gather(*tasks[15:])], seconds
+
+
+def constrained_cost(run: Path, log_dir: Path, repeats: int = 3) -> dict[str, Any]:
+    """Tokens/s of 15 plain rows alone and with one grammar-constrained row beside them (a code run,
+    slots=16), alternated `repeats` times; medians."""
+    server = start_server(run, 16, log_dir)
+    prompts = ["def f(x):\n", "import os\n", "class A:\n", "x = [", "for i in range(3):\n"]
+
+    def code(k: int, constrain: bool) -> dict[str, Any]:
+        return {"prompt": prompts[k % len(prompts)], "max_new_tokens": NEW_TOKENS, "min_new_tokens": NEW_TOKENS,
+                "seed": k, "temperature": 1.0, "stream": True, "files": False, "constrain": constrain}  # fmt: skip
+
+    rates: dict[str, list[float]] = {"plain_15": [], "plain_15_beside_1_constrained": []}
+    constrained_tps = []
+    try:
+        for r in range(repeats):
+            outs, sec = asyncio.run(timed(server.url, [code(k, False) for k in range(15)]))
+            rates["plain_15"].append(sum(o.tokens for o in outs) / sec)
+            outs, sec = asyncio.run(
+                timed(server.url, [code(k, False) for k in range(15)] + [code(99 + r, True)])
+            )
+            rates["plain_15_beside_1_constrained"].append(sum(o.tokens for o in outs[:15]) / sec)
+            c = outs[15]
+            if c.first is not None and c.last is not None and c.tokens > 1:
+                constrained_tps.append((c.tokens - 1) / (c.last - c.first))
+    finally:
+        stop_server(server)
+    out = {k: round(statistics.median(v), 1) for k, v in rates.items()}
+    out["constrained_row_tokens_per_s"] = (
+        round(statistics.median(constrained_tps), 1) if constrained_tps else None
+    )
+    out["repeats"] = repeats
+    return out
+
+
+def bf16_batch_drift(run: Path, log_dir: Path, rows: int = 16) -> dict[str, Any]:
+    """dtype=bf16, greedy: each of `rows` prompts alone (batch of 1) and all together; how many requests
+    (and tokens) differ, and where the first difference falls."""
+    server = start_server(run, rows, log_dir, "dtype=bf16")
+
+    def greedy(k: int) -> dict[str, Any]:
+        return body(k, NEW_TOKENS) | {"temperature": 0.0, "stream": False}
+
+    async def ids(bodies: list[dict[str, Any]]) -> list[list[int]]:
+        async with client(len(bodies)) as http:
+            rs = await asyncio.gather(*(http.post(f"{server.url}/v1/generate", json=b) for b in bodies))
+        return [[*r.json()["samples"][0]["text"]] for r in rs]
+
+    try:
+        alone = [asyncio.run(ids([greedy(k)]))[0] for k in range(rows)]
+        together = asyncio.run(ids([greedy(k) for k in range(rows)]))
+    finally:
+        stop_server(server)
+    firsts = [next((i for i, (a, b) in enumerate(zip(x, y, strict=False)) if a != b), None)
+              for x, y in zip(alone, together, strict=True)]  # fmt: skip
+    differing = sum(a != b for x, y in zip(alone, together, strict=True) for a, b in zip(x, y, strict=False))
+    return {"dtype": server.dtype, "requests": rows, "requests_that_differ": sum(f is not None for f in firsts),
+            "first_difference_at": [f for f in firsts if f is not None],
+            "tokens_that_differ": differing, "tokens": sum(len(x) for x in alone),
+            "note": "greedy, text positions compared (protein: one letter per token, prompt included)"}  # fmt: skip
+
+
 def machine() -> dict[str, Any]:
     info = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     name = re.search(r"Model name:\s+(.+)", info)
@@ -332,7 +402,7 @@ def machine() -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", type=Path)
-    p.add_argument("--slots", type=int, nargs="+", default=[16, 1])
+    p.add_argument("--slots", type=int, nargs="*", default=[16, 1])
     p.add_argument("--only", nargs="+", default=["closed", "open", "soak"])
     p.add_argument("--per-client", type=int, default=2, help="closed loop: requests per client")
     p.add_argument("--shares", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0, 1.25])
@@ -342,11 +412,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--soak", type=int, default=2000)
     p.add_argument("--max-queue", type=int, default=64)
     p.add_argument("--json", type=Path)
+    p.add_argument(
+        "--code-run", type=Path, help="a code run: 15 plain rows with and without a constrained one"
+    )
+    p.add_argument("--bf16", action="store_true", help="tokens that differ between batch sizes in bf16")
     args = p.parse_args(argv)
     log_dir = Path(os.environ.get("TMPDIR", "/tmp"))
     result: dict[str, Any] = {"run": str(args.run), "new_tokens": NEW_TOKENS, "machine": machine(),
                               "llama_cpp_server": "not measured: llama.cpp cannot be built here"}  # fmt: skip
     result["configs"] = [measure(args.run, s, args, log_dir) for s in args.slots]
+    if args.code_run is not None:
+        result["constrained_row"] = constrained_cost(args.code_run, log_dir)
+        print(f"constrained: {result['constrained_row']}", flush=True)
+    if args.bf16:
+        result["bf16_batch_drift"] = bf16_batch_drift(args.run, log_dir)
+        print(f"bf16: {result['bf16_batch_drift']}", flush=True)
     result["machine"]["loadavg_at_end"] = os.getloadavg()
     text = json.dumps(result, indent=1)
     if args.json:
