@@ -5,10 +5,6 @@ label is a header field (`data.tags=header:label` trains a class-conditional mod
 
 from __future__ import annotations
 
-import csv
-import gzip
-import io
-import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib.resources import files
@@ -17,16 +13,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
-from multiar.domain import Domain, DomainBase, GenerateOption, MetricSummary
-from multiar.domains.image import analysis
+from multiar.domain import DomainBase, GenerateOption
+from multiar.domains.image import analysis, outputs, pixels_io, state
 from multiar.engine.sampling import LogitsProcessor
-from multiar.files import safe_child, write_new_file, write_new_text
 
 SPECIALS = ("<pad>", "<bos>", "<eos>")
 CORPORA = {"digits": "digits/digits.csv.gz"}
-DIGIT_LEVELS = 16  # the digits' pixels count 0..16 on pixels of a 4 x 4 block
 
 
 @dataclass
@@ -80,43 +73,17 @@ class ImageDomain(DomainBase):
 
     def read(self, path: Path) -> Iterator[Image]:
         if path.name.lower().endswith(".csv.gz"):  # the digits table: 64 pixels of 0..16, then the label
-            with gzip.open(path, "rt") as f:
-                rows = list(csv.reader(f))
-            for n, row in enumerate(rows, start=1):
-                if len(row) != 65:
-                    raise ValueError(f"line {n}: expected 64 pixels and a label, got {len(row)} values")
-                pixels = np.asarray(row[:64], dtype=np.float32).reshape(8, 8, 1) / DIGIT_LEVELS
-                yield Image(self._fit_size(pixels), row[64])
+            for pixels, label in pixels_io.read_digits(path):
+                yield Image(pixels_io.fit_size(pixels, self.size, self.mode), label)
             return
-        yield self._from_bytes(path.read_bytes())
+        yield Image(pixels_io.from_bytes(path.read_bytes(), self.size, self.mode))
 
     def from_value(self, value: Any, key: str) -> Image:
         if isinstance(value, (bytes, bytearray)):
-            return self._from_bytes(bytes(value))
+            return Image(pixels_io.from_bytes(bytes(value), self.size, self.mode))
         if isinstance(value, str) and Path(value).is_file():
-            return self._from_bytes(Path(value).read_bytes())
+            return Image(pixels_io.from_bytes(Path(value).read_bytes(), self.size, self.mode))
         raise ValueError(f"{key}: expected PNG/JPEG bytes or a path, got {type(value).__name__}")
-
-    def _from_bytes(self, data: bytes) -> Image:
-        from PIL import Image as PILImage
-        from PIL import UnidentifiedImageError
-
-        try:
-            img = PILImage.open(io.BytesIO(data)).convert(self.mode).resize((self.size, self.size))
-        except (UnidentifiedImageError, OSError) as err:
-            raise ValueError(f"not a readable image ({err})") from None
-        pixels = np.asarray(img, dtype=np.float32).reshape(self.size, self.size, self.channels) / 255
-        return Image(pixels)
-
-    def _fit_size(self, pixels: np.ndarray) -> np.ndarray:
-        """Pixels resized to size x size and converted to the domain's mode (bundled 8 x 8 greyscale)."""
-        if pixels.shape[:2] == (self.size, self.size) and pixels.shape[2] == self.channels:
-            return pixels
-        from PIL import Image as PILImage
-
-        img = PILImage.fromarray(analysis.to_png_array(pixels)).convert(self.mode)
-        img = img.resize((self.size, self.size))
-        return np.asarray(img, dtype=np.float32).reshape(self.size, self.size, self.channels) / 255
 
     def fields(self, record: Image) -> dict[str, str]:
         return {"label": record.label} if record.label is not None else {}
@@ -201,21 +168,7 @@ class ImageDomain(DomainBase):
         details: Sequence[dict] | None = None,
     ) -> list[Path]:
         """sample_NNN.png per sample (the run, seed and settings in a PNG text chunk)."""
-        from PIL import Image as PILImage
-        from PIL import PngImagePlugin
-
-        info = PngImagePlugin.PngInfo()
-        info.add_text("multiar", json.dumps(provenance, default=str))
-        paths = []
-        for i, image in enumerate(artifacts):
-            array = analysis.to_png_array(image.pixels)
-            path = safe_child(Path(out_dir), f"sample_{start + i:03d}.png")
-            paths.append(
-                write_new_file(
-                    path, lambda tmp, a=array: PILImage.fromarray(a).save(tmp, "PNG", pnginfo=info), overwrite
-                )
-            )
-        return paths
+        return outputs.write_pngs([a.pixels for a in artifacts], out_dir, provenance, overwrite, start)
 
     def metrics(self, artifacts: Sequence[Image]) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -232,8 +185,8 @@ class ImageDomain(DomainBase):
             out["image/confident_share"] = float((confidence >= analysis.CONFIDENT).mean())
         return out
 
-    def metric_summary(self) -> ImageSummary:
-        return ImageSummary()
+    def metric_summary(self) -> outputs.ImageSummary:
+        return outputs.ImageSummary()
 
     def assess(
         self, artifacts: Sequence[Image], details: list[dict], settings: dict, start: int = 0
@@ -274,60 +227,22 @@ class ImageDomain(DomainBase):
         return [analysis.write_grid([a.pixels for a in artifacts], Path(out_dir) / "grid.png", overwrite)]
 
     def save(self, directory: Path) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         settings = {
             "size": self.size,
             "patch": self.patch,
             "codebook_size": self.codebook_size,
             "mode": self.mode,
         }
-        write_new_text(
-            directory / "image.json", json.dumps({**settings, "labels": self.labels}, indent=1), True
-        )
-        codebook = {"codebook": torch.as_tensor(self._codes()).contiguous()}
-        write_new_file(directory / "codebook.safetensors", lambda tmp: save_file(codebook, str(tmp)), True)
-        tensors = {}  # what the metrics need: the training images, the classifier
-        if self.training is not None:
-            tensors["training"] = torch.as_tensor((self.training * 255).round().astype(np.uint8))
-        if self.classifier is not None:
-            tensors |= {f"classifier.{k}": v.contiguous() for k, v in self.classifier.state_dict().items()}
-        if tensors:
-            write_new_file(directory / "image.safetensors", lambda tmp: save_file(tensors, str(tmp)), True)
+        state.save(Path(directory), settings, self.labels, self._codes(), self.training, self.classifier)
 
     @classmethod
     def load(cls, directory: Path) -> ImageDomain:
-        state = json.loads((Path(directory) / "image.json").read_text())
-        labels = state.pop("labels", [])
-        domain = cls(**state)
-        domain.codebook = load_file(str(Path(directory) / "codebook.safetensors"))["codebook"].numpy()
-        extra = Path(directory) / "image.safetensors"
-        tensors = load_file(str(extra)) if extra.exists() else {}
-        if "training" in tensors:
-            domain.training = tensors["training"].numpy().astype(np.float32) / 255
-        weights = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("classifier.")}
+        settings, labels, codebook, training, weights = state.load(Path(directory))
+        domain = cls(**settings)
+        domain.codebook, domain.training = codebook, training
         if weights and labels:
             domain.labels = labels
             domain.classifier = analysis.Classifier(domain.size * domain.size * domain.channels, len(labels))
             domain.classifier.load_state_dict(weights)
             domain.classifier.eval()
         return domain
-
-
-class ImageSummary(MetricSummary):
-    """The image metrics (means over samples: batch means are exact) and the grid of the first
-    GRID samples, drawn once at the end."""
-
-    GRID = 64
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.first: list[np.ndarray] = []
-
-    def add(self, domain: Domain, artifacts: Sequence[Image], details: Sequence[dict]) -> None:
-        self.first += [a.pixels for a in artifacts[: self.GRID - len(self.first)]]
-        super().add(domain, artifacts, details)
-
-    def files(self, domain: Domain, out_dir: Path, overwrite: bool, provenance: dict) -> list[Path]:
-        """grid.png: the first GRID samples side by side (every sample of a run of up to GRID)."""
-        return [analysis.write_grid(self.first, Path(out_dir) / "grid.png", overwrite)] if self.first else []
