@@ -29,6 +29,7 @@ from multiar.commands.serve_engine import TTFT_BUCKETS, Closed, QueueFull
 from multiar.commands.serve_page import add_page_routes
 from multiar.commands.serve_requests import RequestError, Served, plan
 from multiar.errors import ConfigError
+from multiar.tags import Tagged
 
 
 @dataclass
@@ -187,7 +188,7 @@ def add_routes(app: FastAPI, state: AppState) -> None:
                 "object": "model",
                 "owned_by": "multiar",
                 "domain": s.run.domain.name,
-                "tags": list(getattr(s.run.domain, "tags", [])),
+                "tags": list(s.run.domain.tags) if isinstance(s.run.domain, Tagged) else [],
             }
             for n, s in state.models.items()
         ]

@@ -140,9 +140,10 @@ def read_cache(cache_file: Path | None, key: str) -> dict | None:
     if cache_file is None or not cache_file.exists():
         return None
     try:
-        entry = json.loads(cache_file.read_text()).get(key)
-    except (OSError, ValueError, AttributeError):
+        table = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
         return None
+    entry = table.get(key) if isinstance(table, dict) else None
     return entry if isinstance(entry, dict) and entry.get("format") == CACHE_FORMAT else None
 
 

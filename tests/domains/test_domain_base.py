@@ -165,13 +165,14 @@ class Shouty(Toy):
 
 
 def test_a_domain_declares_its_own_generate_options():
-    cfg = OmegaConf.create({"options": {"shout": 3}, "prompt_bars": None})
+    cfg = OmegaConf.create({"options": {"shout": 3}})
     assert domain_options(cfg, Shouty()) == {"shout": 3}
     with pytest.raises(ConfigError, match="options.shout: the toy domain has no such generate option"):
         domain_options(cfg, Toy())
     with pytest.raises(ConfigError, match="options.shout: expected int"):
         domain_options(OmegaConf.create({"options": {"shout": "loud"}}), Shouty())
-    # the schema's top-level prompt_bars is music's option: refused for another domain, passed to music
-    with pytest.raises(ConfigError, match="prompt_bars: the toy domain has no such generate option"):
-        domain_options(OmegaConf.create({"prompt_bars": 2}), Toy())
-    assert domain_options(OmegaConf.create({"prompt_bars": 2}), build_domain("music")) == {"prompt_bars": 2}
+    # music's prompt_bars is music's alone: refused for another domain, passed to music
+    with pytest.raises(ConfigError, match="options.prompt_bars: the toy domain has no such generate option"):
+        domain_options(OmegaConf.create({"options": {"prompt_bars": 2}}), Toy())
+    music = build_domain("music")
+    assert domain_options(OmegaConf.create({"options": {"prompt_bars": 2}}), music) == {"prompt_bars": 2}
