@@ -1,5 +1,5 @@
-# Entry points: `make demo`, `make test` (the default tier) and `make test-all` (every tier: slow, gpu and
-# browser tests too). Each creates/updates .venv itself.
+# Entry points: `make demo`, `make test` (the default tier, the browser test included where Chromium is
+# installed) and `make test-all` (every tier: slow and gpu tests too). Each creates/updates .venv itself.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -37,7 +37,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-# -m "" replaces the default run's marker filter (pyproject's addopts): every test, slow, gpu and browser too
+# -m "" replaces the default run's marker filter (pyproject's addopts): every test, slow and gpu too
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m ""
 
