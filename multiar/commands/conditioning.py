@@ -80,29 +80,7 @@ def infill_sides(cfg: DictConfig) -> tuple[str, str] | None:
 
 def conditions(cfg: DictConfig, domain: Domain, prompts: list[list[int]]) -> Conditions:
     """Rows (prompts with the tags after BOS), the length window and fixed positions of cfg."""
-    if cfg.tags is not None and not isinstance(domain, Tagged):
-        raise ConfigError(f"tags: {cfg.run} was trained without control tags (train with data.tags=...)")
-    tag_ids = domain.tag_ids(cfg.tags) if cfg.tags is not None else []
-    positional = cfg.min_len is not None or cfg.max_len is not None or cfg.template is not None
-    if positional and not domain.one_token_per_unit:
-        raise ConfigError(
-            f"min_len/max_len/template count {domain.unit}s, which the {domain.name} domain does not "
-            "map one to one to tokens: use min_new_tokens/max_new_tokens"
-        )
-    if cfg.fixed is not None and cfg.template is None:
-        raise ConfigError("fixed: give the template whose positions to keep (template=SEQ)")
-    if cfg.template is not None and (cfg.prompt is not None or cfg.prompt_file is not None):
-        raise ConfigError("template: a redesign starts from BOS; give template or a prompt, not both")
-    # a prompt longer than the model's window comes as its tail alone (generate_files.fit_prompt), like
-    # a training window after a document's first: such windows never hold BOS, tags, or the start
-    # that min_len/max_len count from
-    cut = any(p[:1] != [domain.bos_id] for p in prompts)
-    if cut and (tag_ids or positional):
-        key = "tags" if tag_ids else "min_len/max_len"
-        raise ConfigError(
-            f"{key}: the prompt is longer than the model's window and is continued from its tail, which"
-            " training never saw after BOS and tags: give a shorter prompt or fewer max_new_tokens"
-        )
+    tag_ids = _check_conditions(cfg, domain, prompts)
     out = Conditions(
         [p[:1] + tag_ids + p[1:] if p[:1] == [domain.bos_id] else p for p in prompts],
         max_new_tokens=cfg.max_new_tokens,
@@ -118,7 +96,41 @@ def conditions(cfg: DictConfig, domain: Domain, prompts: list[list[int]]) -> Con
         if cfg.stop_at is not None:
             raise ConfigError("stop_at: not with fill-in-the-middle (the middle ends at EOS)")
     out.tags = ",".join(domain.tags_of_ids(tag_ids)) if isinstance(domain, Tagged) else ""
-    head = 1 + len(tag_ids)  # BOS and tags: the units of a row are its ids after them
+    _length_window(cfg, domain, out, head=1 + len(tag_ids))  # BOS and tags: a row's units come after them
+    return out
+
+
+def _check_conditions(cfg: DictConfig, domain: Domain, prompts: list[list[int]]) -> list[int]:
+    """The ids of cfg's tags, after checking that the run and the prompts can take cfg's conditions."""
+    if cfg.tags is not None and not isinstance(domain, Tagged):
+        raise ConfigError(f"tags: {cfg.run} was trained without control tags (train with data.tags=...)")
+    tag_ids = domain.tag_ids(cfg.tags) if cfg.tags is not None else []
+    positional = cfg.min_len is not None or cfg.max_len is not None or cfg.template is not None
+    if positional and not domain.one_token_per_unit:
+        raise ConfigError(
+            f"min_len/max_len/template count {domain.unit}s, which the {domain.name} domain does not "
+            "map one to one to tokens: use min_new_tokens/max_new_tokens"
+        )
+    if cfg.fixed is not None and cfg.template is None:
+        raise ConfigError("fixed: give the template whose positions to keep (template=SEQ)")
+    if cfg.template is not None and (cfg.prompt is not None or cfg.prompt_file is not None):
+        raise ConfigError("template: a redesign starts from BOS; give template or a prompt, not both")
+    # a prompt longer than the model's window comes as its tail alone (generate.fit_prompt), like
+    # a training window after a document's first: such windows never hold BOS, tags, or the start
+    # that min_len/max_len count from
+    cut = any(p[:1] != [domain.bos_id] for p in prompts)
+    if cut and (tag_ids or positional):
+        key = "tags" if tag_ids else "min_len/max_len"
+        raise ConfigError(
+            f"{key}: the prompt is longer than the model's window and is continued from its tail, which"
+            " training never saw after BOS and tags: give a shorter prompt or fewer max_new_tokens"
+        )
+    return tag_ids
+
+
+def _length_window(cfg: DictConfig, domain: Domain, out: Conditions, head: int) -> None:
+    """min_len/max_len (a template's length where it gives none) and the template's fixed positions, as
+    processors and per-row caps on out; units count a row's ids after its first `head`."""
     min_len, max_len = cfg.min_len, cfg.max_len
     if cfg.template is not None:
         template = domain.prompt_ids(cfg.template)[1:]
@@ -144,4 +156,3 @@ def conditions(cfg: DictConfig, domain: Domain, prompts: list[list[int]]) -> Con
         out.caps = [max_len - u for u in units]
     else:
         out.caps = [None] * len(out.rows)
-    return out
