@@ -137,6 +137,7 @@ def stream(
     min_new_tokens: int = 0,
     processors: Sequence[LogitsProcessor] = (),
     generator: torch.Generator | None = None,
+    generators: Sequence[torch.Generator] | None = None,
     window_keep: int | None = None,
     window_starts: Sequence[bool] | None = None,
     should_stop: Callable[[int, list[int]], bool] | None = None,
@@ -146,11 +147,15 @@ def stream(
     new ids) saying so: a rule on the decoded text, such as the end of a code block), "length", or
     "no_valid_token" (its processors banned every token; the others go on). EOS and stop ids are never
     yielded: a row holds back as many tokens as the longest stop sequence minus one.
+    generators: one per row instead of `generator`, each row drawing from its own alone (its tokens
+    then depend on its prompt and generator, not on the rows beside it).
     Past block_size the window slides: the cache is refilled with each row's last `window_keep` ids
     (default block_size // 2) cut as a training window past a document's first (no BOS, no tags; with
     window_starts, per id, from the first flagged id, as the packer's windows), and decoding goes on."""
     rows = as_rows(prompt)
     T, block = max(map(len, rows)), model.config.block_size
+    if generators is not None and (generator is not None or len(generators) != len(rows)):
+        raise ValueError(f"generators: one per row ({len(rows)}), and no generator beside them")
     if block <= T:
         raise ValueError(f"a prompt of {T} tokens leaves no room in the model's block_size ({block})")
     keep = min(window_keep or block // 2, block - 1)
@@ -175,8 +180,9 @@ def stream(
         for _ in range(max_new_tokens):
             logits, dead = state.process(logits)
             sampling = dict(
-                temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, min_p=min_p
-            )
+                temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                generator=generator if generators is None else generators,
+            )  # fmt: skip
             token, events = state.append(*state.draw(logits, dead, **sampling))
             yield from events
             if state.done:

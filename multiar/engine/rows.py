@@ -223,11 +223,25 @@ class Rows:
         return all(c.sound(ids, token) for c in checks)
 
     def draw(self, logits: Tensor, dead: Tensor | None, **sampling) -> tuple[Tensor, Tensor | None]:
-        """One token per row from processed logits, with `sampling.sample`'s keyword arguments; where a
-        row has a per-token check, only a token it accepts (checked_sample), else the row is dead."""
+        """One token per row from processed logits, with `sampling.sample`'s keyword arguments (generator:
+        one, or one per row); where a row has a per-token check, only a token it accepts
+        (checked_sample), else the row is dead."""
         if not self.checked:
             return sample(logits, **sampling), dead
-        return checked_sample(logits, dead, self.sound, **sampling)
+        generators = sampling.get("generator")
+        if generators is None or isinstance(generators, torch.Generator):
+            return checked_sample(logits, dead, self.sound, **sampling)
+        # one generator per row: each row checked and drawn alone, from its own numbers only
+        out = [
+            checked_sample(
+                logits[b : b + 1],
+                None if dead is None else dead[b : b + 1],
+                lambda _, token, b=b: self.sound(b, token),
+                **(sampling | {"generator": g}),
+            )
+            for b, g in enumerate(generators)
+        ]
+        return torch.cat([t for t, _ in out]), torch.cat([d for _, d in out])
 
     def hold_of(self, b: int) -> int:
         """Row b's held-back token count (its longest stop sequence minus one)."""

@@ -96,10 +96,19 @@ def probabilities(
     return probs
 
 
-def draw(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+# one generator for the whole batch, or one per row (B of them: each row draws only from its own)
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def draw(probs: Tensor, generator: Generators = None) -> Tensor:
     """One index per row of probs (..., V): an exponential race instead of torch.multinomial, the same
-    distribution without a host sync."""
-    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    distribution without a host sync. generator: one, or one per row of probs (B, V), each row's noise
+    from its own (the same numbers as a batch of that row alone drawing with it)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    else:
+        rows = zip(probs, generator, strict=True)
+        noise = torch.stack([torch.empty_like(p).exponential_(1.0, generator=g) for p, g in rows])
     # a sample of exactly 0 would make p / noise inf, or NaN for p = 0, which argmax takes as largest
     return (probs / noise.clamp_min(torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
 
@@ -109,7 +118,7 @@ def sample(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     min_p: float = 0.0,
 ) -> Tensor:
     """Draw one token per row from logits (B, V) -> (B,). temperature 0 is greedy; top_k 0, top_p 1 and
