@@ -1,47 +1,101 @@
 """`multiar score`: one CSV row per document (file, or FASTA record): its log-likelihood, perplexity and bits
-per natural unit under a run's model, scored as trained (multiar/engine/scoring.py)."""
+per natural unit under a run's model, scored as trained (multiar/engine/scoring.py). Streams: documents
+are read, encoded and scored a chunk at a time and their rows appended to the CSV (on disk after every
+chunk), so any number of records takes memory of one chunk (and of the largest input file, which is read
+whole) and time linear in their number."""
 
 from __future__ import annotations
 
 import csv
 import io
+import itertools
+import logging
 import math
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig
 
-from multiar.data.reference import (
-    read_documents,
-)
+from multiar.data.reference import document_conditions
 from multiar.data.source import Source
-from multiar.engine.scoring import score_documents
-from multiar.files import write_new_text
+from multiar.domain import Domain
+from multiar.engine.model import GPT
+from multiar.engine.scoring import Documents, score_documents
+from multiar.files import Appender, Skips
 from multiar.run_folder import load_run
 from multiar.schema import validate
+from multiar.tags import Tagged
+
+log = logging.getLogger("multiar")
+
+CHUNK = 512  # documents read, scored and appended together
 
 
-def score_run(cfg: DictConfig) -> Path:
-    """`multiar score`: one CSV row per document (file, or FASTA record): its log-likelihood, perplexity
-    and bits per natural unit under the run's model, scored as trained (with its control tags); a tagged
-    run's rows also hold the document's tags and its untagged figures."""
-    cfg = validate("score", cfg)
-    run = load_run(cfg.run, device=cfg.device)
-    domain = run.domain
-    docs = read_documents(domain, Source(domain, list(cfg.data.paths)), strict=cfg.data.strict)
-    nats = score_documents(run.model, docs, domain.bos_id, domain.eos_id, cfg.batch_size)
+def document_chunks(
+    domain: Domain, source: Source, strict: bool, size: int | None = None
+) -> Iterator[Documents]:
+    """Encoded documents of source, `size` at a time, each with the control tags it was trained with
+    (read from the document by the run's tag source); records the tokenizer cannot encode are skipped
+    and counted (data.strict: the first raises), as `reference.read_documents` does for a whole set."""
+    skips, bad, size = Skips(), Skips(), size or CHUNK
+    conditions = document_conditions(domain)
+    encode = domain.base.encode if isinstance(domain, Tagged) else domain.encode  # tags: conditions
+    docs = Documents([], [], [], [])
+    for key, record in source.records(skips, strict):
+        bad.seen += 1
+        try:
+            ids, units, head = encode(record), domain.units(record), conditions(key, record)
+        except Exception as err:  # a tokenizer library's failure on one record is that record's
+            if strict:
+                raise ValueError(f"{key}: cannot encode: {err} (data.strict=true)") from err
+            bad.skip(key, f"{type(err).__name__}: {err}")
+            continue
+        docs.keys.append(key)
+        docs.ids.append(ids)
+        docs.units.append(units)
+        docs.conditions.append(head)
+        if len(docs) >= size:
+            yield docs
+            docs = Documents([], [], [], [])
+    if len(docs):
+        yield docs
+    if skips.count or bad.count:
+        log.info("%s: %s; %s", domain.name, skips.summary(source.unit), bad.summary("records"))
+
+
+def header(domain: Domain, tagged: bool) -> list[str]:
+    unit = domain.unit
+    head = ["document", "tokens", unit + "s", "log_likelihood", "ppl", f"bits_per_{unit}"]
+    return head + (["tags", "untagged_log_likelihood", "untagged_ppl"] if tagged else [])
+
+
+@dataclass
+class Running:
+    """What the summary line says: documents scored, tokens and nats over them."""
+
+    documents: int = 0
+    tokens: int = 0
+    nats: float = 0.0
+
+    def line(self) -> str:
+        ppl = math.exp(self.nats / max(self.tokens, 1))
+        return f"{self.documents:,} documents, {self.tokens:,} tokens, ppl over all tokens {ppl:.4f}"
+
+
+def score_chunk(
+    model: GPT, domain: Domain, docs: Documents, batch_size: int, tagged: bool, running: Running
+) -> str:
+    """One chunk's CSV rows (tagged: also the tags and the untagged figures), counted in running."""
+    nats = score_documents(model, docs, domain.bos_id, domain.eos_id, batch_size)
     untagged = (
-        score_documents(run.model, docs, domain.bos_id, domain.eos_id, cfg.batch_size, conditioned=False)
-        if docs.tagged
+        score_documents(model, docs, domain.bos_id, domain.eos_id, batch_size, conditioned=False)
+        if tagged
         else None
     )
-    out = Path(cfg.out).expanduser() if cfg.out else run.path / "score.csv"
     buf = io.StringIO()
     writer = csv.writer(buf)
-    unit = domain.unit
-    header = ["document", "tokens", unit + "s", "log_likelihood", "ppl", f"bits_per_{unit}"]
-    if untagged is not None:
-        header += ["tags", "untagged_log_likelihood", "untagged_ppl"]
-    writer.writerow(header)
     for d, (key, ids, units) in enumerate(zip(docs.keys, docs.ids, docs.units, strict=True)):
         tokens = len(ids) + 1
         row = [
@@ -53,9 +107,41 @@ def score_run(cfg: DictConfig) -> Path:
             f"{nats[d] / max(units, 1) / math.log(2):.4f}",
         ]
         if untagged is not None:
-            tags = ",".join(domain.tags_of_ids(docs.conditions[d]))
+            tags = ",".join(domain.tags_of_ids(docs.conditions[d])) if isinstance(domain, Tagged) else ""
             row += [tags, f"{-untagged[d]:.4f}", f"{math.exp(untagged[d] / tokens):.4f}"]
         writer.writerow(row)
-    write_new_text(out, buf.getvalue(), overwrite=cfg.overwrite)
-    print(f"{domain.name}: scored {len(docs.keys)} documents -> {out}")
+        running.documents, running.tokens, running.nats = (
+            running.documents + 1,
+            running.tokens + tokens,
+            running.nats + nats[d],
+        )
+    return buf.getvalue()
+
+
+def score_run(cfg: DictConfig) -> Path:
+    """`multiar score`: one CSV row per document (file, or FASTA record): its log-likelihood, perplexity
+    and bits per natural unit under the run's model, scored as trained (with its control tags); a tagged
+    run's rows also hold the document's tags and its untagged figures. The rows are appended a chunk at
+    a time (fsynced), with a running summary on stderr for a run of more than one chunk."""
+    cfg = validate("score", cfg)
+    run = load_run(cfg.run, device=cfg.device)
+    domain = run.domain
+    out = Path(cfg.out).expanduser() if cfg.out else run.path / "score.csv"
+    source = Source(domain, list(cfg.data.paths))
+    chunks = document_chunks(domain, source, cfg.data.strict)
+    first = next(chunks, None)  # nothing is written when there is nothing to score
+    if first is None:
+        raise ValueError(f"{domain.name}: no document to evaluate in {source.root}")
+    csv_out, running = Appender(out, cfg.overwrite), Running()
+    head = io.StringIO()
+    tagged = first.tagged  # tags read from the documents: every chunk has them, or none
+    csv.writer(head).writerow(header(domain, tagged))
+    csv_out.write(head.getvalue())
+    for n, docs in enumerate(itertools.chain([first], chunks)):
+        csv_out.write(score_chunk(run.model, domain, docs, cfg.batch_size, tagged, running))
+        csv_out.sync()  # the rows so far are on disk
+        if n:
+            print(f"score: {running.line()}", file=sys.stderr, flush=True)
+    csv_out.close()
+    print(f"{domain.name}: scored {running.documents} documents -> {out} ({running.line()})")
     return out
