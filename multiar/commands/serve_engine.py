@@ -3,24 +3,31 @@ preallocated KV cache. Requests wait in a bounded FIFO queue, join between decod
 free (a request of n samples takes up to n slots), are prefilled in chunks of at most `prefill_chunk`
 tokens per step while the running rows keep decoding, and leave when they end; a freed slot is reused at
 once. Each row has its own sampling settings, generator, processors and stops (engine.rows.RowSettings,
-engine.sampling.Sampler): the one decode loop's per-row machinery, in slots. Knows no HTTP."""
+engine.sampling.Sampler): the one decode loop's per-row machinery, in slots. Rows with the same sampling
+settings are sampled in one vectorized call (each row's noise from its own generator). A row with a
+per-token check (a grammar, checked_draw.TokenCheck) is processed and drawn on a worker thread while the
+batch goes on: it sits out the steps until its token is ready (its slot is fed as an idle one's, its
+logits unused), so a slow check costs its own row, not the others. Knows no HTTP."""
 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+from torch import Tensor
 
+from multiar.engine.checked_draw import TokenCheck, checked_sample
 from multiar.engine.decode import decode_rows, prefill_row
 from multiar.engine.model import GPT
 from multiar.engine.rows import Rows, RowSettings, Token, window_tail
-from multiar.engine.sampling import Sampler, sample_each
+from multiar.engine.sampling import Sampler, probabilities
 
 log = logging.getLogger("multiar")
 
@@ -90,6 +97,74 @@ class Stats:
         self.ttft_sum += seconds
 
 
+def sample_groups(logits: Tensor, samplers: Sequence[Sampler]) -> Tensor:
+    """One token per row of processed logits (B, V), row b drawn with samplers[b]'s settings and its
+    generator alone: the tokens of `sampling.sample_each`, with one vectorized call per group of rows
+    sharing settings (each row's noise drawn from its own generator, V numbers, as alone). (B,)."""
+    out = torch.empty(logits.size(0), dtype=torch.long, device=logits.device)
+    groups: dict[tuple[float, int, float, float], list[int]] = {}
+    for b, s in enumerate(samplers):
+        key = (0.0, 0, 1.0, 0.0) if s.temperature <= 0 else (s.temperature, s.top_k, s.top_p, s.min_p)
+        groups.setdefault(key, []).append(b)
+    for (temperature, top_k, top_p, min_p), rows in groups.items():
+        index = torch.tensor(rows, device=logits.device)
+        part = logits if len(rows) == logits.size(0) else logits[index]
+        if temperature <= 0:
+            out[index] = part.argmax(dim=-1)
+            continue
+        probs = probabilities(part, temperature, top_k, top_p, min_p)
+        noise = torch.stack(
+            [
+                torch.empty_like(p).exponential_(1.0, generator=samplers[b].generator)
+                for b, p in zip(rows, probs, strict=True)
+            ]
+        )  # as sampling.draw, row by row
+        out[index] = (probs / noise.clamp_min(torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
+    return out
+
+
+class Checked(NamedTuple):
+    """A checked row's draw from the worker: its token, whether it had none valid, the token's log
+    probability, or the error its processors raised."""
+
+    token: int
+    dead: bool
+    logp: float
+    error: str | None = None
+
+
+@torch.inference_mode()  # its tensors come from the engine thread's inference mode
+def check_row(
+    logits: Tensor, ids: Tensor, own: RowSettings, sampler: Sampler, ban_eos: int | None
+) -> Checked:
+    """One row with a per-token check, on the worker: its processors on its logits (V,) given its ids
+    (1, n), EOS banned (ban_eos) under min_new_tokens, then a token its checks accept (checked_sample,
+    with its own settings and generator): what `Rows.process` and `Rows.draw` give the decode loop."""
+    try:
+        row = logits[None]
+        for process in own.processors:
+            row = process(ids, row)
+        if ban_eos is not None:
+            row = row.clone()
+            row[:, ban_eos] = float("-inf")
+        banned = torch.isneginf(row).all(dim=-1)
+        row = row.masked_fill(banned[:, None], 0.0)
+        checks = [p for p in own.processors if isinstance(p, TokenCheck)]
+        listed = ids[0].tolist()
+
+        def sound(_: int, token: int) -> bool:
+            return all(c.sound(listed, token) for c in checks)
+
+        s = sampler
+        token, dead = checked_sample(
+            row, banned, sound, s.temperature, s.top_k, s.top_p, s.generator, s.min_p
+        )
+        logp = torch.log_softmax(logits.float(), dim=-1)[int(token[0])]
+        return Checked(int(token[0]), bool(dead[0]), float(logp))
+    except Exception as err:  # noqa: BLE001 (a row's processor failing fails that row alone)
+        return Checked(0, True, 0.0, f"{type(err).__name__}: {err}")
+
+
 class SlotEngine:
     """`slots` rows of one model's KV cache serving requests continuously (see the module's doc)."""
 
@@ -115,7 +190,10 @@ class SlotEngine:
         self.rows.finished_t.fill_(True)
         self.job: list[Job | None] = [None] * slots
         self.sample: list[int] = [0] * slots
-        self.phase: list[str] = ["idle"] * slots  # idle, prefill, run
+        self.phase: list[str] = ["idle"] * slots  # idle, prefill, run, check (its draw on the worker)
+        self.checked: list[bool] = [False] * slots  # whether the row has a per-token check
+        self.checking: dict[int, concurrent.futures.Future[Checked]] = {}
+        self.checker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="multiar-check")
         self.pending: list[list[int]] = [[] for _ in range(slots)]  # ids still to prefill
         self.filled: list[int] = [0] * slots  # cache positions filled
         self.logps: list[list[float]] = [[] for _ in range(slots)]
@@ -189,6 +267,7 @@ class SlotEngine:
                     if self.job[b] is not None:
                         self.fail(self.job[b], f"{type(err).__name__}: {err}")
         self.fail_all("the server stopped")
+        self.checker.shutdown(wait=False, cancel_futures=True)
 
     @torch.inference_mode()
     def step(self) -> None:
@@ -196,6 +275,7 @@ class SlotEngine:
         then sample every row that has logits."""
         self.admit()
         self.drop_gone()
+        self.collect_checks(wait=not any(p in ("run", "prefill") for p in self.phase))
         logits: dict[int, torch.Tensor] = {}
         running = [b for b in range(self.slots) if self.phase[b] == "run"]
         for b in [b for b in running if self.filled[b] >= self.block]:  # the window slides
@@ -230,6 +310,7 @@ class SlotEngine:
                 spec = job.samples[i]
                 self.job[b], self.sample[b], self.samplers[b] = job, i, spec.sampler
                 self.rows.refill(b, spec.prompt, spec.settings)
+                self.checked[b] = bool(self.rows.checks(b))
                 self.logps[b] = []
                 self.start_prefill(b, spec.prompt)
 
@@ -248,11 +329,14 @@ class SlotEngine:
                 self.finish(b, self.rows.end(b, "cancelled" if job.cancelled else "timeout"))
 
     def decode(self, running: list[int]) -> dict[int, torch.Tensor]:
-        """Feed each running row's last id at its position; every other slot writes a slot it refills."""
-        rows = self.rows
-        positions = torch.tensor(self.filled, device=rows.seq.device)
-        last = (rows.length.tensor - 1).clamp_min(0)
-        tokens = rows.seq[rows.index, last]
+        """Feed each running row's last id at its position; every other slot up to the last one in use
+        writes a cache slot it fills again before reading it (a checking row: the one after its ids, or
+        its last, which its slide then refills); the idle slots past the last one in use are left out."""
+        rows, end = self.rows, max(b for b in range(self.slots) if self.phase[b] != "idle") + 1
+        filled = [min(f, self.block - 1) for f in self.filled[:end]]
+        positions = torch.tensor(filled, device=rows.seq.device)
+        last = (rows.length.tensor[:end] - 1).clamp_min(0)
+        tokens = rows.seq[rows.index[:end], last]
         out = decode_rows(self.model, tokens, positions)
         for b in running:
             self.filled[b] += 1
@@ -279,20 +363,63 @@ class SlotEngine:
         return job.submitted if job is not None else 0.0
 
     def sample_rows(self, ready: list[int], logits: torch.Tensor) -> None:
-        """Process, sample and append one token for each ready row; stream its events."""
+        """Process, sample and append one token for each ready row; stream its events. A row with a
+        per-token check goes to the worker (phase "check") and takes its token when it is drawn."""
         rows = self.rows
+        for j, b in enumerate(ready):
+            if self.checked[b]:
+                self.start_check(b, logits[j].clone())
+        plain = [j for j, b in enumerate(ready) if not self.checked[b]]
+        if not plain:
+            return
+        if len(plain) < len(ready):
+            logits, ready = logits[plain], [ready[j] for j in plain]
         processed, dead, failed = rows.process_rows(logits, ready)
-        token = sample_each(processed, [self.samplers[b] for b in ready])
+        token = sample_groups(processed, [self.samplers[b] for b in ready])
         logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, token[:, None])[:, 0].tolist()
         keep = [j for j, b in enumerate(ready) if b not in failed]
         for b, message in failed.items():
             self.fail(self.job[b], message)
-        if not keep:
+        if keep:
+            ready = [ready[j] for j in keep]
+            self.take(ready, token[keep], dead[keep], [logp[j] for j in keep])
+
+    def start_check(self, b: int, logits: torch.Tensor) -> None:
+        """Row b's processors and checked draw on the worker, from a copy of its ids; it sits out."""
+        rows, own = self.rows, self.rows.own[b]
+        assert own is not None
+        n = rows.length.values[b]
+        early = rows.eos_id is not None and n - rows.prompt_lens[b] < own.min_new_tokens
+        ids = rows.seq[b : b + 1, :n].clone()
+        args = (logits, ids, own, self.samplers[b], rows.eos_id if early else None)
+        self.phase[b], self.checking[b] = "check", self.checker.submit(check_row, *args)
+
+    def collect_checks(self, wait: bool) -> None:
+        """The checked rows whose token is drawn rejoin the batch with it (wait: block for one when no
+        other row has work this step)."""
+        if not self.checking:
             return
-        ready = [ready[j] for j in keep]
-        events = rows.append_rows(token[keep], dead[keep], ready)
-        for j, b in zip(keep, ready, strict=True):
-            self.logps[b].append(logp[j])
+        if wait:
+            concurrent.futures.wait(self.checking.values(), return_when=concurrent.futures.FIRST_COMPLETED)
+        done = {b: f.result() for b, f in self.checking.items() if f.done()}
+        for b, result in done.items():
+            del self.checking[b]
+            self.phase[b] = "run"
+            if result.error is not None:
+                self.fail(self.job[b], result.error)
+        ready = [b for b, r in done.items() if r.error is None]
+        if ready:
+            device = self.rows.seq.device
+            token = torch.tensor([done[b].token for b in ready], device=device)
+            dead = torch.tensor([done[b].dead for b in ready], device=device)
+            self.take(ready, token, dead, [done[b].logp for b in ready])
+
+    def take(self, ready: list[int], token: torch.Tensor, dead: torch.Tensor, logp: list[float]) -> None:
+        """Append the ready rows' tokens (and dead flags), keep their log probabilities, stream events."""
+        rows = self.rows
+        events = rows.append_rows(token, dead, ready)
+        for b, lp in zip(ready, logp, strict=True):
+            self.logps[b].append(lp)
         self.stats.tokens += len(ready)
         self.dispatch(events)
         for b, message in list(rows.failed.items()):
@@ -322,6 +449,7 @@ class SlotEngine:
         ids, end, sample = list(rows.new[b]), rows.ends[b], self.sample[b]
         logps = self.logps[b][: len(ids) + (end == "eos")]
         self.job[b], self.phase[b], self.pending[b], self.filled[b] = None, "idle", [], 0
+        self.checking.pop(b, None)  # a draw still on the worker is dropped when it comes
         rows.ends[b], rows.finished_t[b] = end or "idle", True
         if job is not None:
             job.ended += 1

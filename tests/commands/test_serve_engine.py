@@ -1,7 +1,9 @@
 """The slot engine of `multiar serve` on a small random model, fp32: greedy rows equal the one decode
 loop's, a seeded row gives the same tokens alone or among 15 others, a cancelled request frees its slot
 within a step, a failing processor fails its request alone, a long prompt enters in chunks while the
-other rows keep decoding, and rows past block_size slide their window."""
+other rows keep decoding, and rows past block_size slide their window; rows sharing settings are sampled
+in one call with the tokens each would get alone, and a row with a slow per-token check sits out steps
+while the other rows take a token every step (its own tokens those of the decode loop)."""
 
 from __future__ import annotations
 
@@ -11,11 +13,11 @@ import time
 import pytest
 import torch
 
-from multiar.commands.serve_engine import Event, Job, SampleSpec, SlotEngine
+from multiar.commands.serve_engine import Event, Job, SampleSpec, SlotEngine, sample_groups
 from multiar.engine.decode import generate
 from multiar.engine.model import GPT, ModelConfig
 from multiar.engine.rows import RowSettings
-from multiar.engine.sampling import Sampler, ban_tokens
+from multiar.engine.sampling import Sampler, ban_tokens, sample_each
 
 EOS = 2
 
@@ -163,3 +165,69 @@ def test_long_prompt_enters_in_chunks_and_rows_slide_past_the_block(model):
     want = generate(model, prompts=[[1, *range(3, 33)]], max_new_tokens=5, min_new_tokens=5, temperature=0.0,
                     eos_id=EOS, processors=[ban_tokens([0])])  # fmt: skip
     assert joining.ends()[0].ids == want[0]
+
+
+def test_grouped_sampling_gives_each_row_its_own_tokens():
+    torch.manual_seed(3)
+    logits = torch.randn(7, 40) * 3
+    settings = [(1.0, 0, 1.0, 0.0), (0.0, 0, 1.0, 0.0), (1.0, 0, 1.0, 0.0), (0.8, 5, 0.9, 0.0),
+                (0.8, 5, 0.9, 0.0), (1.0, 0, 1.0, 0.1), (1.0, 0, 1.0, 0.0)]  # fmt: skip
+
+    def samplers() -> list[Sampler]:
+        return [
+            Sampler(t, k, p, m, torch.Generator().manual_seed(50 + i))
+            for i, (t, k, p, m) in enumerate(settings)
+        ]
+
+    for _ in range(3):
+        many, one = samplers(), samplers()
+        assert sample_groups(logits, many).tolist() == sample_each(logits, one).tolist()
+        logits = logits.roll(1, dims=-1)
+
+
+class SlowCheck:
+    """A per-token check (checked_draw.TokenCheck) that takes `delay` seconds per token asked about and
+    refuses every third id: a costly grammar."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+
+    def __call__(self, ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        return logits
+
+    def sound(self, ids: list[int], token: int) -> bool:
+        time.sleep(self.delay)
+        return token % 3 != 0 or token == EOS
+
+
+def traced(e: SlotEngine, prompt: list[int], steps: list[int], max_new: int, processors=()) -> Collect:
+    """A greedy request whose token events note the engine's step count in steps, one per token."""
+    out = Collect()
+    out.n = 1
+
+    def emit(event: Event) -> None:
+        if event.kind == "tokens":
+            steps.extend([e.stats.steps] * len(event.ids))
+        out(event)
+
+    settings = RowSettings(max_new, max_new, processors=[ban_tokens([0]), *processors])
+    e.submit(Job([SampleSpec(prompt, settings, Sampler(temperature=0.0))], emit))
+    return out
+
+
+def test_a_slow_checked_row_sits_out_while_the_others_take_a_token_every_step(model):
+    e = engine(model, slots=4)
+    steps: list[list[int]] = [[] for _ in range(4)]
+    try:
+        slow = traced(e, [1, 5, 6], steps[0], 4, [SlowCheck(0.2)])
+        plain = [traced(e, [1, 7 + k], steps[k + 1], 30) for k in range(3)]
+        wait(slow, *plain)
+    finally:
+        e.stop()
+    for k in (1, 2, 3):
+        assert steps[k] == list(range(steps[k][0], steps[k][0] + 30))  # a token every step
+    assert len(steps[0]) == 4, slow.events
+    assert steps[0][-1] > 2 + 4  # it sat out steps: more of them than its prefill and tokens
+    want = generate(model, prompts=[[1, 5, 6]], max_new_tokens=4, min_new_tokens=4, temperature=0.0, eos_id=EOS,
+                    processors=[ban_tokens([0]), SlowCheck(0.0)])  # fmt: skip
+    assert slow.ends()[0].ids == want[0]
