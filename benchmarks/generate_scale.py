@@ -2,11 +2,13 @@
 residues, novelty search off and on, side by side in one run (each in a fresh process).
 
     .venv/bin/python benchmarks/generate_scale.py [--run runs/demo/protein] [--ns 1000,10000,100000]
-        [--novelty-ns 1000,10000] [--batch-size 256] [--workers 1] [--json benchmarks/generate_scale.json]
+        [--novelty-ns 1000,10000] [--workers-ns 1000] [--batch-size 256] [--workers 1]
+        [--json benchmarks/generate_scale.json]
 
 The run: the demo protein model (`make demo`: 4 layers x 128, 0.8M parameters) unless --run names
 another. Per n: seconds, ms per sample, peak RSS (MB, ru_maxrss of the process), and with novelty on the
-share of the wall time the search took (from its log line). Targets (issue 23): ms/sample at the largest
+share of the wall time the search took (from its log line); --workers-ns: novelty on with the search
+spread over 2 worker processes (filters.workers=2). Targets (issue 23): ms/sample at the largest
 n within 1.2x of the smallest (novelty off), peak RSS within 200 MB, the search <= 25% of the time.
 """
 
@@ -38,7 +40,7 @@ def measure(run: Path, n: int, novelty: bool, batch_size: int, workers: int, out
     if done.returncode:
         raise SystemExit(done.stderr[-3000:])
     seconds, rss = map(float, done.stdout.split("RESULT")[-1].split())
-    row = {"n": n, "novelty": novelty, "seconds": round(seconds, 1), "ms_per_sample": round(1000 * seconds / n, 2),
+    row = {"n": n, "novelty": novelty, "workers": workers, "seconds": round(seconds, 1), "ms_per_sample": round(1000 * seconds / n, 2),
            "peak_rss_mb": round(rss)}  # fmt: skip
     if novelty and (m := re.search(r"novelty search .*?([\d.]+) ms per sample", done.stderr)):
         row["search_share"] = round(float(m.group(1)) * n / 1000 / seconds, 3)
@@ -51,6 +53,7 @@ def main() -> None:
     parser.add_argument("--run", type=Path, default=Path("runs/demo/protein"))
     parser.add_argument("--ns", default="1000,10000,100000")
     parser.add_argument("--novelty-ns", default="1000,10000")
+    parser.add_argument("--workers-ns", default="1000")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--json", type=Path)
@@ -59,10 +62,15 @@ def main() -> None:
         raise SystemExit(f"{args.run}: no run there (make demo trains runs/demo/protein)")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for novelty, ns in ((False, args.ns), (True, args.novelty_ns)):
+        runs = (
+            (False, args.ns, args.workers),
+            (True, args.novelty_ns, args.workers),
+            (True, args.workers_ns, 2),
+        )
+        for novelty, ns, workers in runs:
             for n in [int(x) for x in ns.split(",") if x]:
-                out = Path(tmp) / f"{n}-{novelty}"
-                rows.append(measure(args.run, n, novelty, args.batch_size, args.workers, out))
+                out = Path(tmp) / f"{n}-{novelty}-{workers}"
+                rows.append(measure(args.run, n, novelty, args.batch_size, workers, out))
     off = [r for r in rows if not r["novelty"]]
     summary = {
         "time_ratio_largest_vs_smallest": round(off[-1]["ms_per_sample"] / off[0]["ms_per_sample"], 2),

@@ -182,6 +182,12 @@ class Appender:
         while data:  # one call for a regular file; a short write goes on where it stopped
             data = data[os.write(fd, data) :]
 
+    def write_bytes(self, data: bytes) -> None:
+        """`write` for bytes (a binary spill file): one call, a short write goes on where it stopped."""
+        fd = self._open()
+        while data:
+            data = data[os.write(fd, data) :]
+
     def sync(self) -> int:
         fd = self._open()
         os.fsync(fd)

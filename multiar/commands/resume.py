@@ -22,18 +22,23 @@ FREE = ("resume", "progress", "overwrite")
 
 def settings_digest(cfg: DictConfig) -> str:
     """A hash of every setting that decides the samples: a resumed run must have the same."""
-    settings = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in FREE}
+    # samples are drawn per index; only speculative decoding draws a batch with one generator
+    free = FREE if cfg.get("draft") is not None else (*FREE, "batch_size")
+    settings = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in free}
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def batch_seed(seed: int, start: int, attempt: int = 0) -> int:
-    """The seed of the batch of samples from index start (attempt: a redraw): a function of the seed and
-    the index alone, so a resumed run draws what an uninterrupted one drew. The first batch's first
-    draw uses the seed itself."""
-    if start == 0 and attempt == 0:
+def sample_seed(seed: int, index: int, attempt: int = 0) -> int:
+    """The seed of sample index's generator (attempt: a redraw): a function of the seed and the index
+    alone, so a sample is the same whatever the batch size, and a resumed run draws what an
+    uninterrupted one drew. Sample 0's first draw uses the seed itself."""
+    if index == 0 and attempt == 0:
         return seed
-    digest = hashlib.sha256(f"{seed}:{start}:{attempt}".encode()).digest()
+    digest = hashlib.sha256(f"{seed}:{index}:{attempt}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1  # below 2**63: any torch generator takes it
+
+
+batch_seed = sample_seed  # the server's name for it (one request's samples, each from its index)
 
 
 def save(out_dir: Path, digest: str, state: Any) -> None:

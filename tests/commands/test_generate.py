@@ -184,7 +184,7 @@ def test_stop_escapes_are_exact():
 def test_keys_a_domain_cannot_honour_fail_before_any_sampling(tmp_path, monkeypatch, key, message):
     from conftest import copy_fixture_run
 
-    import multiar.commands.generate as command
+    import multiar.commands.sample_draw as command  # where generate draws
 
     def no_sampling(*args, **kwargs):
         raise AssertionError("sampled before checking the keys")
@@ -199,7 +199,7 @@ def test_keys_a_domain_cannot_honour_fail_before_any_sampling(tmp_path, monkeypa
 def test_an_output_folder_holding_a_report_is_refused_before_sampling(tmp_path, monkeypatch):
     from conftest import copy_fixture_run
 
-    import multiar.commands.generate as command
+    import multiar.commands.sample_draw as command  # where generate draws
 
     run = copy_fixture_run(tmp_path)
     args = [f"run={run}", f"out={tmp_path / 'o'}", "n=1", "max_new_tokens=3"]

@@ -73,15 +73,21 @@ def test_no_output_is_read_back_while_sampling(protein_run, tmp_path, monkeypatc
     assert not (tmp_path / "o" / resume.JOURNAL).exists()  # a whole run leaves nothing to resume
 
 
-def test_samples_do_not_depend_on_the_batches_before_them(protein_run, tmp_path):
-    """Each batch's randomness comes from the seed and its first index: the second batch of a run is
-    the first batch of nothing else, and a run of 2 batches starts as a run of 1."""
-    common = ["batch_size=4", "max_new_tokens=12", "filters.novelty=false", *QUIET_FILTERS]
-    generate(protein_run, tmp_path / "a", "n=8", *common)
-    generate(protein_run, tmp_path / "b", "n=4", *common)
-    a = [str(r.seq) for r in SeqIO.parse(tmp_path / "a" / "samples.fasta", "fasta")]
-    b = [str(r.seq) for r in SeqIO.parse(tmp_path / "b" / "samples.fasta", "fasta")]
-    assert a[:4] == b and a[4:] != b
+def test_a_sample_depends_on_the_seed_and_its_index_alone(protein_run, tmp_path):
+    """Each sample draws from its own generator of (seed, its index): the same seed gives the same
+    sample i with batch_size 1, 4 and 7 (other neighbours, other batch boundaries), and the same
+    files; a run of 4 is the start of a run of 8."""
+    common = ["max_new_tokens=12", "filters.novelty=false", *QUIET_FILTERS]
+    seqs, fastas = {}, {}
+    for size in (1, 4, 7):
+        generate(protein_run, tmp_path / f"b{size}", "n=9", f"batch_size={size}", *common)
+        fasta = tmp_path / f"b{size}" / "samples.fasta"
+        seqs[size], fastas[size] = [str(r.seq) for r in SeqIO.parse(fasta, "fasta")], fasta.read_bytes()
+    assert seqs[1] == seqs[4] == seqs[7] and len(set(seqs[1])) > 1
+    assert fastas[1] == fastas[4] == fastas[7]  # perplexities too
+    generate(protein_run, tmp_path / "short", "n=4", "batch_size=4", *common)
+    short = [str(r.seq) for r in SeqIO.parse(tmp_path / "short" / "samples.fasta", "fasta")]
+    assert short == seqs[1][:4]
 
 
 def test_a_resume_with_other_settings_or_of_a_finished_run_is_refused(protein_run, tmp_path):
@@ -123,7 +129,8 @@ def test_a_killed_run_resumes_to_the_files_of_an_uninterrupted_one(protein_run, 
     assert len(records) >= state.done and all("length=" in r.description for r in records)
     assert all(int(r.description.split("length=")[1].split()[0]) == len(r.seq) for r in records)
 
-    generate(protein_run, killed, f"n={n}", *common, "resume=true")
+    other_batches = [a if a != "batch_size=50" else "batch_size=64" for a in common]  # no longer matters
+    generate(protein_run, killed, f"n={n}", *other_batches, "resume=true")
     generate(protein_run, tmp_path / "whole", f"n={n}", *common)
     resumed, whole = files_of(killed), files_of(tmp_path / "whole")
     assert sorted(resumed) == sorted(whole)
@@ -197,3 +204,67 @@ def test_time_per_sample_and_memory_stay_flat_at_20000(protein_run, tmp_path):
 def test_rss_is_measured_in_megabytes():
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 > 10  # Linux: kilobytes
     assert os.name == "posix"
+
+
+def fasta_ranks(out: Path) -> list[tuple[float, int]]:
+    """(ppl, rank) of every record of out/samples.fasta, in file order (rank 0: unranked)."""
+    found = []
+    for r in SeqIO.parse(out / "samples.fasta", "fasta"):
+        words = dict(w.split("=", 1) for w in r.description.split() if "=" in w)
+        found.append((float(words["ppl"]), int(words.get("rank", 0))))
+    return found
+
+
+def test_ranking_without_top_holds_no_sample_and_resumes(protein_run, tmp_path, monkeypatch):
+    """rank_by=ppl without top ranks every passing sample from (ppl, index) pairs spilled to a file: the
+    journal holds no sample and stays small, the ranks order the perplexities, no copies go to top/,
+    and a run stopped half-way resumes to the same files."""
+    import multiar.commands.generate as command
+
+    common = [
+        "n=40",
+        "batch_size=8",
+        "max_new_tokens=12",
+        "rank_by=ppl",
+        "filters.novelty=false",
+        *QUIET_FILTERS,
+    ]
+    journals, real_save = [], resume.save
+    monkeypatch.setattr(
+        resume,
+        "save",
+        lambda out, digest, tally: journals.append(tally.best) or real_save(out, digest, tally),
+    )
+    report = generate(protein_run, tmp_path / "whole", *common)
+    assert report["ranked"] == 40 and journals and not any(journals)  # no sample in any journal
+    found = fasta_ranks(tmp_path / "whole")
+    assert sorted(rank for _, rank in found) == list(range(1, 41))
+    by_rank = [ppl for ppl, _ in sorted(found, key=lambda f: f[1])]
+    assert by_rank == sorted(by_rank) and not (tmp_path / "whole" / "top").exists()
+    assert not (tmp_path / "whole" / "generate.resume.ranks").exists()
+
+    real_take, taken = command.take_batch, []
+
+    def take_then_die(p, batch):
+        if len(taken) == 3:
+            raise KeyboardInterrupt  # after 3 whole batches, as a kill between batches
+        real_take(p, batch)
+        taken.append(batch)
+
+    monkeypatch.setattr(command, "take_batch", take_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        generate(protein_run, tmp_path / "stopped", *common)
+    monkeypatch.setattr(command, "take_batch", real_take)
+    generate(protein_run, tmp_path / "stopped", *common, "resume=true")
+    stopped, whole = files_of(tmp_path / "stopped"), files_of(tmp_path / "whole")
+    assert (
+        stopped["samples.fasta"] == whole["samples.fasta"] and stopped["samples.csv"] == whole["samples.csv"]
+    )
+
+
+def test_novelty_search_over_two_workers_finds_what_one_finds(protein_run, tmp_path):
+    common = ["n=24", "batch_size=12", "max_new_tokens=20", "filters.candidates=4"]
+    one = generate(protein_run, tmp_path / "one", *common, "filters.workers=1")
+    two = generate(protein_run, tmp_path / "two", *common, "filters.workers=2")
+    assert (tmp_path / "one" / "samples.csv").read_bytes() == (tmp_path / "two" / "samples.csv").read_bytes()
+    assert one["metrics"] == two["metrics"]

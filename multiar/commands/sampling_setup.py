@@ -1,0 +1,171 @@
+"""How generate samples: the model as sampling uses it (quantized, bf16, packed or compiled), the
+speculative draft, the decoder's keyword settings (processors, stops, generator), the stop text and
+rule, and the provenance every file records."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from multiar.commands.conditioning import Conditions
+from multiar.domain import (
+    Domain,
+    StopRules,
+    domain_state_digest,
+)
+from multiar.engine.decode import compile_for_sampling
+from multiar.engine.model import GPT
+from multiar.engine.packed import decode_layout
+from multiar.engine.precision import bf16_is_fast
+from multiar.engine.quantize import load_quantized, quantize
+from multiar.engine.sampling import ban_tokens, repetition_penalty
+from multiar.errors import ConfigError
+from multiar.run_folder import Run, load_run
+from multiar.tags import Tagged
+
+_ESCAPE = re.compile(r"\\(u[0-9a-fA-F]{4}|u|[ntr\\])")
+
+
+_ESCAPED = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def stop_text(text: str) -> str:
+    r"""cfg.stop as the text it stands for: \n, \t, \r, \\ and \uXXXX are read as escapes (a command
+    line cannot hold a newline); any other backslash, and every other character, stays as typed.
+    Prompts are never unescaped."""
+
+    def escape(match: re.Match) -> str:
+        code = match.group(1)
+        if code == "u":
+            raise ConfigError(f"stop: {text!r}: \\u needs four hex digits (like \\u000a)")
+        return chr(int(code[1:], 16)) if code.startswith("u") else _ESCAPED[code]
+
+    return _ESCAPE.sub(escape, text)
+
+
+def stop_sequences(cfg: DictConfig, domain: Domain) -> list[list[int]]:
+    """Token-id stop sequences: cfg.stop_ids as given, and cfg.stop's text (escapes read) encoded by
+    the domain."""
+    stops = [list(s) for s in cfg.stop_ids]
+    if cfg.stop is not None:
+        text = stop_text(cfg.stop)
+        try:
+            ids = domain.prompt_ids(text)[1:]  # without BOS
+        except (ValueError, OSError) as err:
+            raise ConfigError(f"stop: the {domain.name} domain cannot encode {text!r} ({err})") from None
+        stops.append(ids)
+    return stops
+
+
+def sampling_model(run: Run, mode: str | None, dtype: str, compile: bool = False) -> GPT:
+    """The run's model as sampling should use it: int8 or int4 weights (the run's stored copy when it matches,
+    else converted now), or bf16 where asked or where the hardware runs it fast, else fp32; float
+    weights on a CPU packed for oneDNN (about 2x nn.Linear's mat-vec speed: benchmarks/README.md), or
+    compiled, where inductor packs them itself."""
+    model = run.model
+    if mode is not None:
+        source = run.path / "model.safetensors"
+        model = load_quantized(model, run.path, source, mode) or quantize(model, mode)
+        return compile_for_sampling(model) if compile else model
+    device = model.wte.weight.device
+    if dtype == "bf16" or (dtype == "auto" and bf16_is_fast(device)[0]):
+        model = model.to(torch.bfloat16)
+    return compile_for_sampling(model) if compile else decode_layout(model)
+
+
+def same_tokenizer(a: Domain, b: Domain) -> bool:
+    """Whether two domains map text to the same ids: equal tokenizer files, whatever the pieces each
+    was trained on, or for a fixed vocabulary (no trained tokenizer, like protein's alphabet) equal
+    size and special ids."""
+    tags = [d.tags if isinstance(d, Tagged) else None for d in (a, b)]
+    if tags[0] != tags[1] or a.tokenizer_files != b.tokenizer_files:  # control tags are ids too
+        return False
+    if not a.tokenizer_files:
+        return (a.vocab_size, a.pad_id, a.bos_id, a.eos_id) == (b.vocab_size, b.pad_id, b.bos_id, b.eos_id)
+    # the tokenizer's files alone: the rest of the saved state is about the training data
+    return domain_state_digest(a, a.tokenizer_files) == domain_state_digest(b, b.tokenizer_files)
+
+
+def load_draft(cfg: DictConfig, run: Run) -> GPT | str | None:
+    """The speculative draft: "ngram", or a run whose domain and tokenizer are exactly the target's."""
+    if cfg.draft is None or cfg.draft == "ngram":
+        return cfg.draft
+    draft = load_run(cfg.draft, device=cfg.device)
+    if draft.domain.name != run.domain.name:
+        raise ConfigError(f"draft: {cfg.draft} is a {draft.domain.name} run; the target is {run.domain.name}")
+    if not same_tokenizer(draft.domain, run.domain):
+        raise ConfigError(
+            f"draft: {cfg.draft} has another tokenizer than {cfg.run}: train it on the same one"
+        )
+    return sampling_model(draft, cfg.quantize, cfg.dtype, cfg.compile)
+
+
+def stop_rule(cfg: DictConfig, domain: Domain) -> Callable[[str, int, bool], int | None] | None:
+    """The domain's rule for cfg.stop_at (where a sample's text ends), or None; ConfigError when the
+    domain has no such rule."""
+    if cfg.stop_at is None:
+        return None
+    if not isinstance(domain, StopRules):
+        raise ConfigError(f"stop_at: the {domain.name} domain has no stopping rules")
+    try:
+        return domain.stop_rule(cfg.stop_at)
+    except ValueError as err:  # an unknown rule's name; any other error is a bug in the domain's rule
+        raise ConfigError(f"stop_at: {err}") from None
+
+
+def sampling_settings(
+    cfg: DictConfig, run: Run, domain: Domain, cond: Conditions
+) -> tuple[dict[str, Any], GPT | str | None]:
+    """The keyword settings every decoder call gets (processors, stops, generator) and the draft."""
+    stops = stop_sequences(cfg, domain)
+    processors = [ban_tokens([domain.pad_id, domain.bos_id])]
+    if cfg.constrain and (constraint := domain.constraint()) is not None:
+        processors.append(constraint)
+    elif isinstance(domain, Tagged):  # unconstrained, tags are still never sampled
+        processors.append(ban_tokens(range(domain.first_tag_id, domain.vocab_size)))
+    processors += cond.processors  # length window, then forced positions: they have the last word
+    generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed)  # each batch gets its own
+    draft = load_draft(cfg, run)
+    if cfg.repetition_penalty != 1.0:
+        processors.insert(0, repetition_penalty(cfg.repetition_penalty, cfg.repetition_window))
+    settings = dict(
+        temperature=cfg.temperature,
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
+        min_p=cfg.min_p,
+        eos_id=domain.eos_id,
+        stop=stops,
+        min_new_tokens=cfg.min_new_tokens,
+        processors=processors,
+        generator=generator,
+    )
+    return settings, draft
+
+
+def provenance_for(cfg: DictConfig, run: Run, cond: Conditions, options: dict[str, Any]) -> dict[str, Any]:
+    """What every written file records about how it was sampled, in a fixed key order."""
+    provenance = {
+        "run": str(run.path),
+        "seed": cfg.seed,
+        "temperature": cfg.temperature,
+        "top_k": cfg.top_k,
+        "top_p": cfg.top_p,
+        "max_new_tokens": cond.max_new_tokens,
+    }
+    for key, off in (
+        ("min_p", 0.0),
+        ("repetition_penalty", 1.0),
+        ("quantize", None),
+        ("draft", None),
+        ("min_len", None),
+        ("max_len", None),
+        ("constrain", True),
+    ):
+        if cfg[key] != off:  # settings that are on go into every file's provenance
+            provenance[key] = cfg[key]
+    provenance.update(options)  # the domain's own options that are set (music: prompt_bars)
+    return provenance
