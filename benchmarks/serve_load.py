@@ -393,8 +393,9 @@ def bf16_batch_drift(run: Path, log_dir: Path, rows: int = 16) -> dict[str, Any]
 def machine() -> dict[str, Any]:
     info = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     name = re.search(r"Model name:\s+(.+)", info)
+    threads = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY") if k in os.environ}
     return {"cpu": name.group(1).strip() if name else "?", "cores": os.cpu_count(),
-            "loadavg_at_start": os.getloadavg(),
+            "loadavg_at_start": os.getloadavg(), "server_env": threads or "torch's default threads",
             "note": "the load generator (one asyncio process) and the server share these cores; other "
                     "engineers' jobs ran on the machine at the same time"}  # fmt: skip
 
