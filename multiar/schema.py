@@ -328,7 +328,12 @@ class GenerateSchema:
     quantize: str | None = doc(
         "int8 or int4 (group-wise) weight-only; a stored model.<mode>.safetensors is reused", None
     )
-    dtype: str = doc("auto (bf16 on a bf16 GPU or an AMX CPU, else fp32), fp32 or bf16", "auto")
+    dtype: str = doc(
+        "auto (fp32 or bf16, whichever decodes faster here: measured once, cached), fp32 or bf16", "auto"
+    )
+    layout: str = doc(
+        "auto (nn.Linear or oneDNN-packed weights, whichever decodes faster here), linear or packed", "auto"
+    )
     compile: bool = doc(
         "torch.compile the one-token decode step (static shapes, freezing): ~10-30 s to compile, no faster "
         "than the packed eager path on 2 CPU cores (benchmarks/README.md)",
@@ -413,6 +418,12 @@ class GenerateSchema:
         _check(
             self.dtype in ("auto", "fp32", "bf16"), "dtype", f"must be auto, fp32 or bf16, got {self.dtype!r}"
         )
+        _check(
+            self.layout in ("auto", "linear", "packed"),
+            "layout",
+            f"must be auto, linear or packed, got {self.layout!r}",
+        )
+        _check(not (self.compile and self.layout == "packed"), "layout", "packed does not compile: use auto")
         _check(
             not (self.stop_at is not None and self.draft is not None),
             "stop_at",
@@ -603,6 +614,7 @@ class ServeSchema:
     cors_origins: list[str] = doc("origins allowed by CORS; empty: CORS off", factory=list)
     quantize: str | None = doc("int8 or int4 weight-only, as generate", None)
     dtype: str = doc("auto, fp32 or bf16, as generate", "auto")
+    layout: str = doc("auto, linear or packed, as generate (measured at batch `slots`)", "auto")
     device: str = doc(DEVICE_HELP, "auto")
 
     def __post_init__(self) -> None:
@@ -628,6 +640,11 @@ class ServeSchema:
         )
         _check(
             self.dtype in ("auto", "fp32", "bf16"), "dtype", f"must be auto, fp32 or bf16, got {self.dtype!r}"
+        )
+        _check(
+            self.layout in ("auto", "linear", "packed"),
+            "layout",
+            f"must be auto, linear or packed, got {self.layout!r}",
         )
 
 

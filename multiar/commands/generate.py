@@ -74,7 +74,11 @@ def prepare_sampling(cfg: DictConfig) -> Prepared:
     cfg = validate("generate", cfg)
     run = load_run(cfg.run, device=cfg.device)
     texts = texts_or(cfg)
-    model, domain = sampling_model(run, cfg.quantize, cfg.dtype, cfg.compile), run.domain
+    rows = cfg.batch_size if cfg.prompt_file is not None else min(cfg.batch_size, cfg.n)  # decoded together
+    model, choice = sampling_model(
+        run, cfg.quantize, cfg.dtype, cfg.compile, layout=cfg.layout, batch_size=rows
+    )
+    domain = run.domain
     out_dir = Path(cfg.out if cfg.out else Path("outputs") / domain.name).expanduser()
     options = domain_options(cfg, domain)  # passed by name to prompt_ids and prompt_meta
     check_filters(cfg, domain)
@@ -107,6 +111,7 @@ def prepare_sampling(cfg: DictConfig) -> Prepared:
         digest=digest,
         progress=Progress(work.total, f"{domain.name} samples", cfg.progress, done=tally.done),
         ranks=open_ranks(cfg, out_dir, tally),
+        decode=choice.as_dict(),
     )
 
 

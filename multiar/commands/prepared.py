@@ -4,7 +4,7 @@ the files it fills and its tally."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,3 +48,4 @@ class Prepared:
     digest: str
     progress: Progress
     ranks: Appender | None = None  # rank_by=ppl without top: (ppl, index) of each passing sample, spilled
+    decode: dict[str, Any] = field(default_factory=dict)  # how the model is laid out (engine.layout)

@@ -131,7 +131,7 @@ def build_report(p: Prepared, done: Finished, spec: SpeculativeStats) -> dict[st
         "samples": t.done,
         "prompt": cfg.prompt,
         "prompts": len(p.prompts),
-        "provenance": p.provenance,
+        "provenance": {**p.provenance, "decode": p.decode},  # decode: the files' provenance lacks it
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),  # the only time stamp written
         **(
             {"speculative": spec.as_dict() | {"draft": cfg.draft, "k": cfg.speculate_k}}

@@ -4,8 +4,11 @@ rule, and the provenance every file records."""
 
 from __future__ import annotations
 
+import logging
+import os
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,15 +20,15 @@ from multiar.domain import (
     StopRules,
     domain_state_digest,
 )
-from multiar.engine.decode import compile_for_sampling
+from multiar.engine.layout import DecodeChoice, prepare_for_decoding
 from multiar.engine.model import GPT
-from multiar.engine.packed import decode_layout
-from multiar.engine.precision import bf16_is_fast
 from multiar.engine.quantize import load_quantized, quantize
 from multiar.engine.sampling import ban_tokens, repetition_penalty
 from multiar.errors import ConfigError
 from multiar.run_folder import Run, load_run
 from multiar.tags import Tagged
+
+log = logging.getLogger("multiar")
 
 _ESCAPE = re.compile(r"\\(u[0-9a-fA-F]{4}|u|[ntr\\])")
 
@@ -61,20 +64,29 @@ def stop_sequences(cfg: DictConfig, domain: Domain) -> list[list[int]]:
     return stops
 
 
-def sampling_model(run: Run, mode: str | None, dtype: str, compile: bool = False) -> GPT:
-    """The run's model as sampling should use it: int8 or int4 weights (the run's stored copy when it matches,
-    else converted now), or bf16 where asked or where the hardware runs it fast, else fp32; float
-    weights on a CPU packed for oneDNN (about 2x nn.Linear's mat-vec speed: benchmarks/README.md), or
-    compiled, where inductor packs them itself."""
+def sampling_model(
+    run: Run,
+    mode: str | None,
+    dtype: str,
+    compile: bool = False,
+    *,
+    layout: str = "auto",
+    batch_size: int = 1,
+) -> tuple[GPT, DecodeChoice]:
+    """The run's model as sampling should use it, and how it is laid out: int8/int4 weights (the run's
+    stored copy when it matches, else converted now), each layer shape on its fastest kernel; or float
+    weights in the dtype and layout (nn.Linear or oneDNN-packed) that decode fastest here at batch_size
+    (measured once, cached in $MULTIAR_CACHE/decode_layout.json; dtype= and layout= pin them)."""
     model = run.model
     if mode is not None:
         source = run.path / "model.safetensors"
         model = load_quantized(model, run.path, source, mode) or quantize(model, mode)
-        return compile_for_sampling(model) if compile else model
-    device = model.wte.weight.device
-    if dtype == "bf16" or (dtype == "auto" and bf16_is_fast(device)[0]):
-        model = model.to(torch.bfloat16)
-    return compile_for_sampling(model) if compile else decode_layout(model)
+    cache = Path(os.environ.get("MULTIAR_CACHE", "~/.cache/multiar")).expanduser()
+    model, choice = prepare_for_decoding(
+        model, batch_size=batch_size, dtype=dtype, layout=layout, cache_dir=cache, compile=compile
+    )
+    log.info("%s", choice.log_line())
+    return model, choice
 
 
 def same_tokenizer(a: Domain, b: Domain) -> bool:
@@ -101,7 +113,10 @@ def load_draft(cfg: DictConfig, run: Run) -> GPT | str | None:
         raise ConfigError(
             f"draft: {cfg.draft} has another tokenizer than {cfg.run}: train it on the same one"
         )
-    return sampling_model(draft, cfg.quantize, cfg.dtype, cfg.compile)
+    model, _ = sampling_model(
+        draft, cfg.quantize, cfg.dtype, cfg.compile, layout=cfg.layout, batch_size=cfg.batch_size
+    )
+    return model
 
 
 def stop_rule(cfg: DictConfig, domain: Domain) -> Callable[[str, int, bool], int | None] | None:
@@ -128,7 +143,7 @@ def sampling_settings(
     elif isinstance(domain, Tagged):  # unconstrained, tags are still never sampled
         processors.append(ban_tokens(range(domain.first_tag_id, domain.vocab_size)))
     processors += cond.processors  # length window, then forced positions: they have the last word
-    generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed)  # each batch gets its own
+    generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed)  # generate seeds one per sample
     draft = load_draft(cfg, run)
     if cfg.repetition_penalty != 1.0:
         processors.insert(0, repetition_penalty(cfg.repetition_penalty, cfg.repetition_window))

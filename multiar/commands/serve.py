@@ -59,7 +59,7 @@ def load_models(cfg: DictConfig, files_dir: Path) -> dict[str, Served]:
     models: dict[str, Served] = {}
     for name, path in zip(names, cfg.runs, strict=True):
         run = load_run(path, device=cfg.device)
-        model = sampling_model(run, cfg.quantize, cfg.dtype)
+        model, _ = sampling_model(run, cfg.quantize, cfg.dtype, layout=cfg.layout, batch_size=cfg.slots)
         base = load_config(
             "generate", [f"run={path}", f"device={cfg.device}", f"dtype={cfg.dtype}", "progress=false", "n=1"]
         )

@@ -5,6 +5,7 @@ filters checked before sampling, and stop texts with escapes."""
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import re
 import shlex
@@ -207,3 +208,20 @@ def test_an_output_folder_holding_a_report_is_refused_before_sampling(tmp_path, 
     monkeypatch.setattr(command, "stream", lambda *a, **k: (_ for _ in ()).throw(AssertionError("sampled")))
     with pytest.raises(FileExistsError, match="generate.json: already exists"):
         sample_to_files(load_config("generate", args))
+
+
+def test_the_decode_layout_is_measured_once_cached_and_pinned_on_request(protein_run, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="multiar")
+    first = generate(protein_run, tmp_path / "a", "n=2", "batch_size=2", "dtype=fp32")["provenance"]["decode"]
+    again = generate(protein_run, tmp_path / "b", "n=2", "batch_size=2", "dtype=fp32")["provenance"]["decode"]
+    assert first["how"] in ("measured", "only candidate") and first["dtype"] == "fp32"
+    if first["how"] == "measured":  # both layouts timed at batch 2; the second run reads the cache
+        assert set(first["step_ms"]) == {"fp32/linear", "fp32/packed"} and first["batch_size"] == 2
+        assert again["how"] == "cached" and again["layout"] == first["layout"]
+    pinned = generate(protein_run, tmp_path / "c", "n=2", "dtype=fp32", "layout=linear")["provenance"][
+        "decode"
+    ]
+    assert pinned == {**pinned, "dtype": "fp32", "layout": "linear", "how": "forced", "step_ms": {}}
+    assert any(r.getMessage().startswith("decoding with fp32/linear, forced") for r in caplog.records)
+    with pytest.raises(ConfigError, match="layout: must be auto, linear or packed"):
+        load_config("generate", ["run=x", "layout=blocked"])

@@ -49,6 +49,7 @@ def files_of(out: Path) -> dict[str, bytes]:
     found = {str(f.relative_to(out)): f.read_bytes() for f in sorted(out.rglob("*")) if f.is_file()}
     report = json.loads(found.pop("generate.json"))
     report.pop("created")
+    report["provenance"].pop("decode")  # how the layout was chosen (measured now, or read from the cache)
     found["generate.json"] = json.dumps(report, sort_keys=True).encode()
     return found
 
