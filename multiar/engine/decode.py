@@ -161,16 +161,13 @@ def stream(
     keep = min(window_keep or block // 2, block - 1)
     repeats = [_penalize_repeats(repetition_penalty, repetition_window)] if repetition_penalty != 1.0 else []
     state = Rows(
-        rows,
-        max_new_tokens,
-        device=model.wte.weight.device,
-        width=T + max_new_tokens,
-        eos_id=eos_id,
-        stop=stop,
-        min_new_tokens=min_new_tokens,
-        processors=[*repeats, *processors],
-        should_stop=should_stop,
-    )
+        rows, max_new_tokens, device=model.wte.weight.device, width=T + max_new_tokens, eos_id=eos_id,
+        stop=stop, min_new_tokens=min_new_tokens, processors=[*repeats, *processors], should_stop=should_stop,
+    )  # fmt: skip
+    sampling = dict(
+        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+        generator=generator if generators is None else generators,
+    )  # fmt: skip
     was_training = model.training
     model.eval()
     capacity = min(T + max_new_tokens, block)  # past it, the window slides (re-prefill)
@@ -179,10 +176,6 @@ def stream(
         logits = prefill(model, state.seq[:, :T], state.last_index(state.length))
         for _ in range(max_new_tokens):
             logits, dead = state.process(logits)
-            sampling = dict(
-                temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                generator=generator if generators is None else generators,
-            )  # fmt: skip
             token, events = state.append(*state.draw(logits, dead, **sampling))
             yield from events
             if state.done:
