@@ -112,6 +112,7 @@ async def generate_stream(
     domain = flow.served.run.domain
     seen: dict[int, list[int]] = {}
     notes: dict[int, int] = {}
+    text: bool | None = None  # whether the domain's artifacts are text: learnt from the first event
     try:
         async for event in flow.events(gone):
             if event.kind != "tokens":
@@ -119,12 +120,17 @@ async def generate_stream(
             ids = seen.setdefault(event.sample, [])
             ids += event.ids
             out: dict[str, Any] = {"sample": event.sample, "ids": event.ids}
+            if text:  # code, protein: the new ids' text so far (a page shows it), one decode per event
+                out["text"] = (await asyncio.to_thread(domain.decode, ids))[0]
+                yield sse(out)
+                continue
             head = flow.plan.prepared.work.prompts[event.sample // flow.plan.prepared.work.n]
             artifact = (await asyncio.to_thread(domain.decode, head + ids))[0]
+            text = isinstance(artifact, str)
             if isinstance(artifact, Score):
                 out |= notes_view(artifact, notes.get(event.sample, 0))
                 notes[event.sample] = out["note_count"]
-            elif isinstance(artifact, str):  # code, protein: the new ids' text so far (a page shows it)
+            elif text:
                 out["text"] = (await asyncio.to_thread(domain.decode, ids))[0]
             yield sse(out)
         result = await flow.result()
