@@ -79,6 +79,8 @@ class Job:
     first_token: float | None = None
 
 
+CHECK_WAIT = 0.05  # seconds the engine waits at most for a checked row's draw when no other row has work
+
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -377,9 +379,9 @@ class SlotEngine:
         processed, dead, failed = rows.process_rows(logits, ready)
         token = sample_groups(processed, [self.samplers[b] for b in ready])
         logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, token[:, None])[:, 0].tolist()
-        keep = [j for j, b in enumerate(ready) if b not in failed]
         for b, message in failed.items():
             self.fail(self.job[b], message)
+        keep = [j for j, b in enumerate(ready) if self.job[b] is not None]  # a failed job's rows are freed
         if keep:
             ready = [ready[j] for j in keep]
             self.take(ready, token[keep], dead[keep], [logp[j] for j in keep])
@@ -396,18 +398,22 @@ class SlotEngine:
 
     def collect_checks(self, wait: bool) -> None:
         """The checked rows whose token is drawn rejoin the batch with it (wait: block for one when no
-        other row has work this step)."""
+        other row has work this step, for at most CHECK_WAIT seconds: a hanging check never holds the
+        engine, whose next step drops the rows cancelled or late meanwhile). A row whose request failed
+        (another of its rows' check raised) is freed already: it takes nothing."""
         if not self.checking:
             return
         if wait:
-            concurrent.futures.wait(self.checking.values(), return_when=concurrent.futures.FIRST_COMPLETED)
-        done = {b: f.result() for b, f in self.checking.items() if f.done()}
+            futures = list(self.checking.values())
+            concurrent.futures.wait(futures, CHECK_WAIT, return_when=concurrent.futures.FIRST_COMPLETED)
+        done = {b: f.result() for b, f in list(self.checking.items()) if f.done()}
         for b, result in done.items():
-            del self.checking[b]
+            if self.checking.pop(b, None) is None or self.job[b] is None:
+                continue  # freed when an earlier row of its request failed
             self.phase[b] = "run"
             if result.error is not None:
                 self.fail(self.job[b], result.error)
-        ready = [b for b, r in done.items() if r.error is None]
+        ready = [b for b, r in done.items() if r.error is None and self.job[b] is not None]
         if ready:
             device = self.rows.seq.device
             token = torch.tensor([done[b].token for b in ready], device=device)

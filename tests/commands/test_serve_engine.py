@@ -231,3 +231,63 @@ def test_a_slow_checked_row_sits_out_while_the_others_take_a_token_every_step(mo
     want = generate(model, prompts=[[1, 5, 6]], max_new_tokens=4, min_new_tokens=4, temperature=0.0, eos_id=EOS,
                     processors=[ban_tokens([0]), SlowCheck(0.0)])  # fmt: skip
     assert slow.ends()[0].ids == want[0]
+
+
+class FailingCheck:
+    """A per-token check whose processing raises: its row's draw on the worker returns an error."""
+
+    def __call__(self, ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("injected check fault")
+
+    def sound(self, ids: list[int], token: int) -> bool:
+        return True
+
+
+def test_a_failing_check_on_two_rows_of_one_request_fails_it_alone(model):
+    e = engine(model, slots=4)
+    try:
+        for _ in range(3):  # both rows' checks end in one collect, in either order
+            bad = request(e, [[1, 5], [1, 6]], processors=[FailingCheck()])
+            plain = request(e, [[1, 7]], max_new=16, min_new=16)
+            wait(bad, plain)
+            assert [ev.message for ev in bad.events if ev.kind == "error"] == [
+                "RuntimeError: injected check fault"
+            ]
+            assert len(plain.ends()[0].ids) == 16
+        deadline = time.monotonic() + 10
+        while e.busy and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert e.busy == 0 and e.thread.is_alive()
+    finally:
+        e.stop()
+
+
+class HangingCheck(FailingCheck):
+    """A per-token check that blocks until `release` is set: a grammar that hangs."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    def __call__(self, ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        self.release.wait(30)
+        return logits
+
+
+def test_a_hanging_check_still_lets_its_deadline_end_the_row(model):
+    e = engine(model, slots=2)
+    check = HangingCheck()
+    try:
+        out = Collect()
+        out.n = 1
+        settings = RowSettings(8, 0, processors=[check])
+        spec = SampleSpec([1, 5], settings, Sampler(temperature=0.0))
+        e.submit(Job([spec], out, deadline=time.monotonic() + 0.5))
+        wait(out, timeout=5)
+        assert [ev.end for ev in out.ends()] == ["timeout"]
+        deadline = time.monotonic() + 5
+        while e.busy and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert e.busy == 0
+    finally:
+        check.release.set()
+        e.stop()
