@@ -74,7 +74,7 @@ class Flow:
             while left:
                 try:
                     event = await asyncio.wait_for(self.queue.get(), 0.25)
-                except TimeoutError:
+                except asyncio.TimeoutError:  # TimeoutError from 3.11 on; not on 3.10
                     if await gone():
                         self.cancel()
                         raise RequestError("the client disconnected", 499, "cancelled") from None
@@ -230,7 +230,7 @@ async def completion_stream(
         async for event in flow.events(gone):
             if event.kind == "tokens":
                 ids.setdefault(event.sample, []).extend(event.ids)
-                text = domain.decode(ids[event.sample])[0]
+                text = (await asyncio.to_thread(domain.decode, ids[event.sample]))[0]
                 delta, texts[event.sample] = text[len(texts.get(event.sample, "")) :], text
                 choice = {"text": delta, "index": event.sample, "logprobs": None, "finish_reason": None}
             else:

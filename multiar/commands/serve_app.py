@@ -54,12 +54,6 @@ def error(status: int, message: str, kind: str, headers: dict[str, str] | None =
 def create_app(state: AppState, cors_origins: list[str] | None = None) -> FastAPI:
     app = FastAPI(title="multiar serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.serve = state
-    if cors_origins:
-        from fastapi.middleware.cors import CORSMiddleware
-
-        app.add_middleware(
-            CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"]
-        )
 
     @app.middleware("http")
     async def guard(request: Request, call_next: Any) -> Response:
@@ -78,6 +72,13 @@ def create_app(state: AppState, cors_origins: list[str] | None = None) -> FastAP
                 413, f"the request body exceeds {state.max_body_bytes} bytes", "invalid_request_error"
             )
         return await call_next(request)
+
+    if cors_origins:  # added after the guard: outermost, so preflights and 401s and 413s get its headers
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"]
+        )
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, err: HTTPException) -> JSONResponse:
@@ -102,6 +103,8 @@ async def read_json(request: Request, state: AppState) -> dict[str, Any]:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise RequestError("the body is not JSON", 400) from None
+    except RecursionError:
+        raise RequestError("the body's JSON is nested too deeply", 400) from None
     if not isinstance(data, dict):
         raise RequestError("the body must be a JSON object", 400)
     return data

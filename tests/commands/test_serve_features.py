@@ -14,6 +14,7 @@ from conftest import TINY, bundled_files, copy_fixture_run
 from fastapi.testclient import TestClient
 
 from multiar.commands.serve import build_state
+from multiar.commands.serve_app import AppState, create_app
 from multiar.config import load_config
 from multiar.training.run import train
 
@@ -119,6 +120,22 @@ def test_cors_is_off_by_default_and_on_with_cors_origins(protein_run, tmp_path):
                 assert other.headers.get("access-control-allow-origin") is None
         finally:
             stop(state)
+
+
+def test_cors_is_outermost_preflights_and_refusals_carry_its_headers():
+    origin = "https://page.example"
+    app = create_app(AppState(models={}, api_key="k", ready=True), cors_origins=[origin])
+    with TestClient(app) as client:
+        preflight = {"Origin": origin, "Access-Control-Request-Method": "POST",
+                     "Access-Control-Request-Headers": "authorization"}  # fmt: skip
+        r = client.options("/v1/generate", headers=preflight)
+        assert r.status_code == 200 and r.headers.get("access-control-allow-origin") == origin
+        r = client.post("/v1/generate", json={}, headers={"Origin": origin})
+        assert r.status_code == 401 and r.headers.get("access-control-allow-origin") == origin
+        deep = b"[" * 200_000
+        headers = {"Origin": origin, "Authorization": "Bearer k"}
+        r = client.post("/v1/generate", content=deep, headers=headers)
+        assert r.status_code == 400 and r.headers.get("access-control-allow-origin") == origin
 
 
 @pytest.fixture(scope="module")
