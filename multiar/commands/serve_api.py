@@ -134,7 +134,7 @@ async def generate_stream(
                 out["text"] = (await asyncio.to_thread(domain.decode, ids))[0]
             yield sse(out)
         result = await flow.result()
-        yield sse({"samples": result["samples"], "metrics": result["metrics"], "files": links(result, files)})
+        yield sse({k: result[k] for k in ("samples", "metrics", "seed")} | {"files": links(result, files)})
         outcomes.counts["ok"] += 1
     except RequestError as err:
         outcomes.counts[err.kind] += 1
@@ -146,7 +146,7 @@ async def generate_result(flow: Flow, gone: Disconnected, files: Files) -> dict[
     async for _ in flow.events(gone):
         pass
     result = await flow.result()
-    return {"samples": result["samples"], "metrics": result["metrics"], "files": links(result, files)}
+    return {k: result[k] for k in ("samples", "metrics", "seed")} | {"files": links(result, files)}
 
 
 COMPLETION_KEYS = frozenset(
@@ -216,6 +216,7 @@ def completion(flow: Flow, name: str, samples: list[dict[str, Any]]) -> dict[str
         "model": name,
         "choices": choices,
         "usage": usage,
+        "seed": flow.plan.prepared.cfg.seed,  # the request's, or the one drawn for it: sent again, the same
     }
 
 

@@ -11,6 +11,7 @@ import base64
 import binascii
 import io
 import math
+import secrets
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,6 +129,8 @@ def request_config(served: Served, body: dict[str, Any], out_dir: Path, max_prom
     keys = {k: v for k, v in body.items() if k in REQUEST_KEYS}
     keys["options"] = dict(keys.get("options") or {}) | {k: body[k] for k in body if k in declared}
     file_prompt(domain, body, keys, out_dir, max_prompt_bytes)
+    if keys.get("seed") is None:  # unseeded: a fresh seed (reported back), not the base's fixed one
+        keys["seed"] = secrets.randbits(53)  # exact as a JSON number in any client
     if not isinstance(keys.get("max_new_tokens", 1), int) or not isinstance(keys.get("n", 1), int):
         raise RequestError("max_new_tokens and n must be integers")
     keys["max_new_tokens"] = min(keys.get("max_new_tokens", served.base.max_new_tokens), served.max_tokens)
@@ -271,7 +274,7 @@ def finish(
         sample_view(i, s, d, errors[i] if errors else None)
         for i, (s, d) in enumerate(zip(samples, details, strict=True))
     ]
-    return {"samples": out, "metrics": metrics, "report": report}
+    return {"samples": out, "metrics": metrics, "report": report, "seed": p.cfg.seed}
 
 
 def token_errors(p: Prepared, samples: list[Sample]) -> list[int] | None:

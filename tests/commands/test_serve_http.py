@@ -97,6 +97,21 @@ def test_sse_stream_and_completions(app):
     assert 'multiar_busy_slots{model="protein"} 0' in metrics and "multiar_ttft_seconds_bucket" in metrics
 
 
+def test_unseeded_requests_draw_fresh_seeds_and_report_them(app):
+    _, client = app
+    body = {"prompt": "MK", "max_new_tokens": 24, "min_new_tokens": 24, "temperature": 1.0, "files": False}
+    first, second = (client.post("/v1/generate", json=body).json() for _ in range(2))
+    assert first["seed"] != second["seed"]
+    assert first["samples"][0]["text"] != second["samples"][0]["text"]
+    again = client.post("/v1/generate", json=body | {"seed": first["seed"]}).json()
+    assert again["seed"] == first["seed"] and again["samples"] == first["samples"]
+    body = {"prompt": "MK", "max_tokens": 24, "min_tokens": 24, "temperature": 1.0}
+    one, two = (client.post("/v1/completions", json=body).json() for _ in range(2))
+    assert one["seed"] != two["seed"] and one["choices"][0]["text"] != two["choices"][0]["text"]
+    again = client.post("/v1/completions", json=body | {"seed": one["seed"]}).json()
+    assert again["choices"] == one["choices"]
+
+
 def test_errors_are_json(app):
     state, client = app
     for body, status in (
