@@ -140,11 +140,25 @@ def request_config(served: Served, body: dict[str, Any], out_dir: Path, max_prom
         keys["min_new_tokens"] = keys["max_new_tokens"]
     if not 1 <= keys.get("n", served.base.n) <= served.max_n:
         raise RequestError(f"n: must be 1 to {served.max_n} (the server's max_n)")
+    server_filters(served, keys.get("filters"))
     try:
         cfg = OmegaConf.merge(served.base, keys)
     except Exception as err:  # noqa: BLE001 (OmegaConf's own errors: a value of the wrong type)
         raise RequestError(str(err).strip().splitlines()[0]) from None
     return validate("generate", cfg)
+
+
+def server_filters(served: Served, filters: Any) -> None:
+    """The filters a request may not set: `workers` (processes forked from the server, never ended)
+    and a `candidates` other than the server's (the novelty index, built once, is shared)."""
+    if not isinstance(filters, dict):
+        return  # none, or not a mapping: the merge refuses it
+    if filters.get("workers", 1) != 1:
+        raise RequestError("filters.workers: the server searches novelty in its own process (1 only)")
+    base = served.base.get("filters") or {}
+    if "candidates" in filters and filters["candidates"] != base.get("candidates", 8):
+        fixed = base.get("candidates", 8)
+        raise RequestError(f"filters.candidates: set by the server ({fixed}); its novelty index is shared")
 
 
 def file_prompt(domain: Any, body: dict[str, Any], keys: dict[str, Any], out_dir: Path, limit: int) -> None:

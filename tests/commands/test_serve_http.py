@@ -120,10 +120,14 @@ def test_errors_are_json(app):
         ({"prompt": "MK", "temperature": "hot"}, 422),
         ({"prompt": "MK", "n": 1000}, 422),
         ({"prompt_file": "/etc/passwd"}, 422),
+        ({"prompt": "MK", "filters": {"workers": 4}}, 422),  # no processes forked from the server
+        ({"prompt": "MK", "filters": {"candidates": 3}}, 422),  # the shared novelty index's is the server's
     ):
         r = client.post("/v1/generate", json=body)
         assert r.status_code == status, (body, r.text)
         assert set(r.json()["error"]) == {"message", "type"}
+    same = {"prompt": "MK", "max_new_tokens": 4, "files": False, "filters": {"workers": 1, "candidates": 8}}
+    assert client.post("/v1/generate", json=same).status_code == 200
     assert client.post("/v1/generate", content=b"{not json").status_code == 400
     assert client.post("/v1/generate", content=b"x" * (state.max_body_bytes + 1)).status_code == 413
     assert client.get("/nowhere").json()["error"]["type"]
