@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import shutil
 import time
 import uuid
 from collections import Counter, OrderedDict
@@ -25,18 +26,35 @@ Disconnected = Callable[[], Awaitable[bool]]
 
 @dataclass
 class Files:
-    """Files the server wrote, by opaque id; the oldest go past `keep` (their request's folder too)."""
+    """Files the server wrote, by opaque id; the oldest go past `keep`, and with the last linked file of
+    a request its whole folder (`folders`: the keys each request folder still has linked)."""
 
     keep: int
-    paths: OrderedDict[str, Path] = field(default_factory=OrderedDict)
+    paths: OrderedDict[str, tuple[Path, Path]] = field(default_factory=OrderedDict)  # key: file, folder
+    folders: dict[Path, set[str]] = field(default_factory=dict)
 
-    def add(self, path: Path) -> str:
+    def add(self, path: Path, folder: Path) -> str:
         key = uuid.uuid4().hex
-        self.paths[key] = path
+        self.paths[key] = (path, folder)
+        self.folders.setdefault(folder, set()).add(key)
         while len(self.paths) > self.keep:
-            _, old = self.paths.popitem(last=False)
-            old.unlink(missing_ok=True)
+            old, (gone, owner) = self.paths.popitem(last=False)
+            gone.unlink(missing_ok=True)
+            left = self.folders[owner]
+            left.discard(old)
+            if not left:
+                del self.folders[owner]
+                shutil.rmtree(owner, ignore_errors=True)
         return key
+
+    def get(self, key: str) -> Path | None:
+        found = self.paths.get(key)
+        return found[0] if found is not None else None
+
+
+def discard(flow: Flow) -> None:
+    """The request's folder, when none of it is linked (files=false, failed, cancelled): removed."""
+    shutil.rmtree(flow.plan.prepared.out_dir, ignore_errors=True)
 
 
 @dataclass
@@ -94,10 +112,16 @@ class Flow:
         return await asyncio.to_thread(finish, self.served, self.plan, done)
 
 
-def links(result: dict[str, Any], files: Files) -> list[dict[str, str]]:
-    """The report's files as opaque links."""
-    report = result.get("report") or {}
-    return [{"name": Path(p).name, "url": f"/v1/files/{files.add(Path(p))}"} for p in report.get("files", [])]
+def links(flow: Flow, result: dict[str, Any], files: Files) -> list[dict[str, str]]:
+    """The report's files as opaque links; without any, the request's folder goes at once."""
+    report, folder = result.get("report") or {}, flow.plan.prepared.out_dir
+    out = [
+        {"name": Path(p).name, "url": f"/v1/files/{files.add(Path(p), folder)}"}
+        for p in report.get("files", [])
+    ]
+    if not out:
+        discard(flow)
+    return out
 
 
 def sse(data: Any) -> bytes:
@@ -134,19 +158,29 @@ async def generate_stream(
                 out["text"] = (await asyncio.to_thread(domain.decode, ids))[0]
             yield sse(out)
         result = await flow.result()
-        yield sse({k: result[k] for k in ("samples", "metrics", "seed")} | {"files": links(result, files)})
-        outcomes.counts["ok"] += 1
     except RequestError as err:
         outcomes.counts[err.kind] += 1
+        discard(flow)
         yield sse({"error": {"message": str(err), "type": err.kind}})
+        yield sse("[DONE]")
+        return
+    except BaseException:  # the client left (the stream closed) or the server failed: nothing linked
+        discard(flow)
+        raise
+    outcomes.counts["ok"] += 1
+    yield sse({k: result[k] for k in ("samples", "metrics", "seed")} | {"files": links(flow, result, files)})
     yield sse("[DONE]")
 
 
 async def generate_result(flow: Flow, gone: Disconnected, files: Files) -> dict[str, Any]:
-    async for _ in flow.events(gone):
-        pass
-    result = await flow.result()
-    return {k: result[k] for k in ("samples", "metrics", "seed")} | {"files": links(result, files)}
+    try:
+        async for _ in flow.events(gone):
+            pass
+        result = await flow.result()
+    except BaseException:  # failed, cancelled, timed out: nothing of it is linked
+        discard(flow)
+        raise
+    return {k: result[k] for k in ("samples", "metrics", "seed")} | {"files": links(flow, result, files)}
 
 
 COMPLETION_KEYS = frozenset(
@@ -245,4 +279,6 @@ async def completion_stream(
     except RequestError as err:
         outcomes.counts[err.kind] += 1
         yield sse({"error": {"message": str(err), "type": err.kind}})
+    finally:
+        discard(flow)  # completions write no files
     yield sse("[DONE]")

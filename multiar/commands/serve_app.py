@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import shutil
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -136,6 +138,15 @@ async def start(state: AppState, request: Request, completions: bool) -> tuple[F
         )
     out_dir = served.files_dir / uuid.uuid4().hex
     try:
+        return await queued(state, served, body, out_dir), raw, served
+    except BaseException:  # refused: what it wrote (a prompt file, outputs opened) goes
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+
+
+async def queued(state: AppState, served: Served, body: dict[str, Any], out_dir: Path) -> Flow:
+    """Plan a request into out_dir and queue it: its flow, or RequestError (422, 429, 503)."""
+    try:
         checked = await asyncio.to_thread(plan, served, body, out_dir, state.max_body_bytes)
     except (ConfigError, ValueError, TypeError, OSError) as err:
         raise RequestError(
@@ -149,7 +160,7 @@ async def start(state: AppState, request: Request, completions: bool) -> tuple[F
         raise RequestError(str(err), 429, "rate_limit_error") from None
     except Closed as err:
         raise RequestError(str(err), 503, "unavailable") from None
-    return flow, raw, served
+    return flow
 
 
 def add_routes(app: FastAPI, state: AppState) -> None:
@@ -199,7 +210,7 @@ def add_routes(app: FastAPI, state: AppState) -> None:
 
     @app.get("/v1/files/{key}")
     async def files(key: str) -> Response:
-        path = state.files.paths.get(key)
+        path = state.files.get(key)
         if path is None or not path.is_file():
             return error(404, "no such file", "not_found_error")
         return FileResponse(path, filename=path.name)

@@ -59,6 +59,10 @@ def test_music_prompt_midi_with_prompt_bars_streams_notes(music_run, tmp_path):
             assert client.post("/v1/generate", json=body | {"prompt": "x.mid"}).status_code == 422
             assert client.post("/v1/generate", json=body | {"prompt_midi": "bm90IG1pZGk="}).status_code == 422
             assert client.post("/v1/generate", json=body | {"prompt_bars": 0}).status_code == 422
+            plain = body | {"stream": False, "files": False, "max_new_tokens": 4, "min_new_tokens": 0}
+            assert client.post("/v1/generate", json=plain).status_code == 200
+            folders = list(next(iter(state.models.values())).files_dir.iterdir())
+            assert len(folders) == 1  # the streamed request's (linked); the refused and files=false ones went
     finally:
         stop(state)
     assert events[-1] == "[DONE]"

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from multiar.cli import main
 from multiar.commands.generate import sample_to_files
 from multiar.commands.serve import build_state
+from multiar.commands.serve_api import Files
 from multiar.commands.serve_engine import Job, SampleSpec
 from multiar.config import load_config
 from multiar.engine.rows import RowSettings
@@ -133,6 +134,34 @@ def test_errors_are_json(app):
     assert client.get("/nowhere").json()["error"]["type"]
 
 
+def listed(folder):
+    return set(folder.iterdir()) if folder.exists() else set()
+
+
+def test_request_folders_go_unless_linked_and_with_their_last_link(app, tmp_path):
+    state, client = app
+    files_dir = state.models["protein"].files_dir
+    before = listed(files_dir)
+    r = client.post("/v1/generate", json={"prompt": "MK", "max_new_tokens": 4, "files": False})
+    assert r.status_code == 200 and r.json()["files"] == []
+    r = client.post("/v1/completions", json={"prompt": "MK", "max_tokens": 4})
+    assert r.status_code == 200
+    assert listed(files_dir) == before
+    kept = Files(keep=3)
+    folders = [tmp_path / name for name in "abc"]
+    for folder in folders:
+        folder.mkdir()
+    paths = [folders[0] / "x", folders[0] / "y", folders[1] / "x", folders[2] / "x"]
+    for path in paths:
+        path.write_text("data")
+    keys = [kept.add(path, path.parent) for path in paths[:3]]
+    assert all(f.exists() for f in folders) and kept.get(keys[0]) == paths[0]
+    kept.add(paths[3], folders[2])  # evicts a/x: a keeps y
+    assert folders[0].exists() and not paths[0].exists() and kept.get(keys[0]) is None
+    kept.add(paths[2], folders[1])  # a second link into b evicts a/y, a's last: a goes whole
+    assert not folders[0].exists() and set(kept.folders) == {folders[1], folders[2]}
+
+
 def test_full_queue_is_429_with_retry_after(app):
     state, client = app
     engine = state.models["protein"].engine
@@ -153,8 +182,10 @@ def test_full_queue_is_429_with_retry_after(app):
         engine.submit(job)
         while k < 4 and engine.busy <= k and time.monotonic() < deadline:
             time.sleep(0.002)
-    r = client.post("/v1/generate", json={"prompt": "M", "max_new_tokens": 2, "files": False})
+    folders = listed(state.models["protein"].files_dir)
+    r = client.post("/v1/generate", json={"prompt": "M", "max_new_tokens": 2})  # files: its outputs opened
     assert r.status_code == 429 and r.headers["retry-after"] == "1", r.text
+    assert listed(state.models["protein"].files_dir) == folders  # the refused request's folder went
     assert r.json()["error"]["type"] == "rate_limit_error"
     for job in jobs:
         engine.cancel(job)
