@@ -3,6 +3,7 @@ outputs atomically without clobbering (`write_new_file`), and file names built f
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -178,19 +179,27 @@ class Appender:
         return self.fd
 
     def write(self, text: str) -> None:
-        data, fd = text.encode("utf-8"), self._open()
-        while data:  # one call for a regular file; a short write goes on where it stopped
-            data = data[os.write(fd, data) :]
+        self.write_bytes(text.encode("utf-8"))
 
     def write_bytes(self, data: bytes) -> None:
-        """`write` for bytes (a binary spill file): one call, a short write goes on where it stopped."""
+        """Append data in one call (a short write goes on where it stopped). A failed write (a full
+        disk) cuts the file back to where it was, so no half record stays, and names the file."""
         fd = self._open()
-        while data:
-            data = data[os.write(fd, data) :]
+        before = os.fstat(fd).st_size
+        try:
+            while data:
+                data = data[os.write(fd, data) :]
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, before)
+            raise OSError(err.errno, f"cannot write: {err.strerror or err}", str(self.path)) from err
 
     def sync(self) -> int:
         fd = self._open()
-        os.fsync(fd)
+        try:
+            os.fsync(fd)
+        except OSError as err:
+            raise OSError(err.errno, f"cannot write: {err.strerror or err}", str(self.path)) from err
         return os.fstat(fd).st_size
 
     def resume(self, size: int) -> None:

@@ -189,33 +189,43 @@ def test_a_failed_write_is_one_line_and_keeps_only_complete_files(
     out = tmp_path / "out"
     import multiar.files
 
-    real_replace = os.replace
-    seen = []
+    real_replace, real_write = os.replace, os.write
+    fasta_writes = []
 
-    def failing_replace(src, dst):
-        seen.append(Path(dst).name)
-        if (failing == "generate.json" and Path(dst).name == failing) or (
-            failing == "second sample" and seen.count("samples.fasta") == 2
-        ):
+    def failing_replace(src, dst):  # whole files (the report) go through a rename
+        if failing == "generate.json" and Path(dst).name == failing:
             raise OSError(code, os.strerror(code))
         return real_replace(src, dst)
 
+    def failing_write(fd, data):  # samples.fasta grows by appends: the second batch's half gets written
+        if failing == "second sample" and os.readlink(f"/proc/self/fd/{fd}").endswith("samples.fasta"):
+            fasta_writes.append(fd)
+            if len(fasta_writes) == 2:
+                real_write(fd, data[: len(data) // 2])
+                raise OSError(code, os.strerror(code))
+        return real_write(fd, data)
+
     monkeypatch.setattr(multiar.files.os, "replace", failing_replace)
-    rc = main(["generate", f"run={run}", f"out={out}", "n=3", "max_new_tokens=10", "min_new_tokens=10"])
-    err = capsys.readouterr().err.strip()
+    monkeypatch.setattr(multiar.files.os, "write", failing_write)
+    args = [f"run={run}", f"out={out}", "n=3", "batch_size=1", "max_new_tokens=10", "min_new_tokens=10"]
+    rc = main(["generate", *args])
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the log's lines (the decode layout)
     name = "generate.json" if failing == "generate.json" else "samples.fasta"
     assert rc == 1 and err == f"multiar generate: {out / name}: cannot write: {os.strerror(code)}"
-    # no temporary left: the samples, and the report files written before generate.json failed
-    assert sorted(p.name for p in out.iterdir()) == (
-        ["composition.png", "lengths.png", "samples.csv", "samples.fasta"]  # (an old run: no novelty)
-        if failing == "generate.json"
-        else ["samples.fasta"]
-    )
+    # no temporary left: the samples so far, the journal a resume goes on from, and (when only the report
+    # failed) the figures written before it
+    left = sorted(p.name for p in out.iterdir())
+    if failing == "generate.json":
+        journal = ["generate.resume", "generate.resume.files"]  # the journal and its list of files
+        assert left == sorted(["composition.png", *journal, "lengths.png", "samples.csv", "samples.fasta"])
+    else:
+        assert "generate.json" not in left and not [n for n in left if n.startswith(".")], left
     from Bio import SeqIO
 
     kept = list(SeqIO.parse(out / "samples.fasta", "fasta"))
-    # each finished sample was on disk as soon as it was complete: an interrupted run keeps them whole
+    # the first batch whole, the failed half-record cut away: a resumed run goes on from whole records
     assert len(kept) == (3 if failing == "generate.json" else 1) and all(len(r.seq) == 10 for r in kept)
+    assert (out / "samples.fasta").read_text().endswith("\n")
 
 
 def test_writing_to_dev_full_is_a_clear_error():

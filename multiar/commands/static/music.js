@@ -137,7 +137,9 @@ function start(section) {
   let notes = [];
   drawRoll(svg, notes);
   links.replaceChildren();
-  section.querySelector("audio").removeAttribute("src");
+  const audio = section.querySelector("audio");
+  audio.removeAttribute("src");
+  delete audio.dataset.source; // set again by the next sound
   section.querySelector(".sound").textContent = "";
   return {
     tokens(event) {
