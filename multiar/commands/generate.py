@@ -86,7 +86,7 @@ def prepare_sampling(cfg: DictConfig) -> Prepared:
     work, cond = plan_work(cfg, domain, model, texts, options)
     settings, draft = sampling_settings(cfg, run, domain, cond)
     provenance = provenance_for(cfg, run, cond, options)
-    files, listing, tally, digest = open_outputs(cfg, domain, out_dir, provenance)
+    files, listing, tally, digest = open_outputs(cfg, domain, out_dir, provenance, choice.as_dict())
     return Prepared(
         cfg=cfg,
         domain=domain,

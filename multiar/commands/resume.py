@@ -4,9 +4,13 @@ ranking heap). Written atomically beside the samples as generate.resume; removed
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import hmac
 import json
+import os
 import pickle
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +24,15 @@ JOURNAL = "generate.resume"
 FREE = ("resume", "progress", "overwrite")
 
 
-def settings_digest(cfg: DictConfig) -> str:
-    """A hash of every setting that decides the samples: a resumed run must have the same."""
+def settings_digest(cfg: DictConfig, decode: dict | None = None) -> str:
+    """A hash of every setting that decides the samples: a resumed run must have the same. decode: how
+    the model was laid out (engine.layout): its dtype, layout and kernels change the numbers too, and
+    a layout measured anew (another batch size, another machine, a cleared cache) may differ."""
     # samples are drawn per index; only speculative decoding draws a batch with one generator
     free = FREE if cfg.get("draft") is not None else (*FREE, "batch_size")
     settings = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in free}
+    if decode:
+        settings["decode"] = {k: decode.get(k) for k in ("dtype", "layout", "kernels")}
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -41,23 +49,43 @@ def sample_seed(seed: int, index: int, attempt: int = 0) -> int:
 batch_seed = sample_seed  # the server's name for it (one request's samples, each from its index)
 
 
+def journal_key() -> bytes:
+    """This user's key for signing journals ($MULTIAR_CACHE/journal.key, made on first use, 0600): a
+    journal is unpickled only when its signature matches, so a file planted in an output folder never
+    runs code."""
+    path = Path(os.environ.get("MULTIAR_CACHE", "~/.cache/multiar")).expanduser() / "journal.key"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(secrets.token_bytes(32))
+    return path.read_bytes()
+
+
 def save(out_dir: Path, digest: str, state: Any) -> None:
     data = pickle.dumps({"digest": digest, "state": state}, protocol=pickle.HIGHEST_PROTOCOL)
-    write_new_file(out_dir / JOURNAL, lambda tmp: tmp.write_bytes(data), overwrite=True)
+    signed = hmac.new(journal_key(), data, hashlib.sha256).digest() + data
+    write_new_file(out_dir / JOURNAL, lambda tmp: tmp.write_bytes(signed), overwrite=True)
 
 
 def load(out_dir: Path, digest: str) -> Any:
-    """The state a killed run journaled in out_dir; ConfigError when its settings differ."""
+    """The state a killed run journaled in out_dir; ConfigError when it is not this user's multiar's
+    journal, or its settings differ."""
     path = out_dir / JOURNAL
     try:
-        saved = pickle.loads(path.read_bytes())  # our own file, written by generate in this folder
+        signed = path.read_bytes()
+        mac, data = signed[:32], signed[32:]
+        if not hmac.compare_digest(mac, hmac.new(journal_key(), data, hashlib.sha256).digest()):
+            raise ValueError("not signed by multiar for this user (journal.key): it is not read")
+        saved = pickle.loads(data)  # signed by this user's key: written by generate itself
     except (OSError, pickle.UnpicklingError, EOFError, ValueError, ImportError) as err:
         raise ConfigError(
             f"resume: {path}: cannot be read ({err}); start again with overwrite=true"
         ) from None
     if saved.get("digest") != digest:
         raise ConfigError(
-            f"resume: {path} was written with other settings: resume with the same ones, or start again"
-            " with overwrite=true"
+            f"resume: {path} was written with other settings (or decoded with another dtype/layout: pin"
+            " dtype= and layout=): resume with the same ones, or start again with overwrite=true"
         )
     return saved["state"]

@@ -31,11 +31,11 @@ LISTING = "generate.resume.files"
 
 
 def open_outputs(
-    cfg: DictConfig, domain: Domain, out_dir: Path, provenance: dict
+    cfg: DictConfig, domain: Domain, out_dir: Path, provenance: dict, decode: dict | None = None
 ) -> tuple[SampleFiles, Appender, Tally, str]:
     """The domain's sample files, the file list and the tally: new ones, or (resume=true, a journal in
     out_dir) the killed run's, its appended files cut back to the last batch it finished."""
-    digest = resume.settings_digest(cfg)
+    digest = resume.settings_digest(cfg, decode)
     journal = (out_dir / resume.JOURNAL).exists()
     if journal and not (cfg.resume or cfg.overwrite):
         raise FileExistsError(

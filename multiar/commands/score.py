@@ -11,6 +11,7 @@ import io
 import itertools
 import logging
 import math
+import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -132,7 +133,12 @@ def score_run(cfg: DictConfig) -> Path:
     first = next(chunks, None)  # nothing is written when there is nothing to score
     if first is None:
         raise ValueError(f"{domain.name}: no document to evaluate in {source.root}")
-    csv_out, running = Appender(out, cfg.overwrite), Running()
+    if out.exists() and not cfg.overwrite:
+        raise FileExistsError(f"{out}: already exists (pass overwrite=true to replace it)")
+    # rows grow in out.partial (fsynced per chunk); it replaces out only when every chunk is scored,
+    # so a failed run never leaves a short score.csv nor loses the previous one
+    partial = out.with_name(out.name + ".partial")
+    csv_out, running = Appender(partial, overwrite=True), Running()
     head = io.StringIO()
     tagged = first.tagged  # tags read from the documents: every chunk has them, or none
     csv.writer(head).writerow(header(domain, tagged))
@@ -143,5 +149,6 @@ def score_run(cfg: DictConfig) -> Path:
         if n:
             print(f"score: {running.line()}", file=sys.stderr, flush=True)
     csv_out.close()
+    os.replace(partial, out)
     print(f"{domain.name}: scored {running.documents} documents -> {out} ({running.line()})")
     return out

@@ -210,7 +210,10 @@ def test_an_output_folder_holding_a_report_is_refused_before_sampling(tmp_path, 
         sample_to_files(load_config("generate", args))
 
 
-def test_the_decode_layout_is_measured_once_cached_and_pinned_on_request(protein_run, tmp_path, caplog):
+def test_the_decode_layout_is_measured_once_cached_and_pinned_on_request(
+    protein_run, tmp_path, caplog, monkeypatch
+):
+    monkeypatch.setenv("MULTIAR_CACHE", str(tmp_path / "cache"))  # a cache of its own: nothing measured yet
     caplog.set_level(logging.INFO, logger="multiar")
     first = generate(protein_run, tmp_path / "a", "n=2", "batch_size=2", "dtype=fp32")["provenance"]["decode"]
     again = generate(protein_run, tmp_path / "b", "n=2", "batch_size=2", "dtype=fp32")["provenance"]["decode"]

@@ -117,14 +117,14 @@ def test_a_killed_run_resumes_to_the_files_of_an_uninterrupted_one(protein_run, 
     while done < n // 2 and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
         try:
-            done = pickle.loads(journal.read_bytes())["state"].done
+            done = pickle.loads(journal.read_bytes()[32:])["state"].done  # after the signature
         except (OSError, EOFError, pickle.UnpicklingError):
             continue
     assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
     proc.send_signal(signal.SIGKILL)  # half-way: no handler runs, nothing is flushed
     proc.wait()
     proc.stderr.close()
-    state = pickle.loads(journal.read_bytes())["state"]
+    state = pickle.loads(journal.read_bytes()[32:])["state"]
     assert n // 4 <= state.done < n and not (killed / "generate.json").exists()
     records = list(SeqIO.parse(killed / "samples.fasta", "fasta"))  # every record on disk is whole
     assert len(records) >= state.done and all("length=" in r.description for r in records)
@@ -269,3 +269,41 @@ def test_novelty_search_over_two_workers_finds_what_one_finds(protein_run, tmp_p
     two = generate(protein_run, tmp_path / "two", *common, "filters.workers=2")
     assert (tmp_path / "one" / "samples.csv").read_bytes() == (tmp_path / "two" / "samples.csv").read_bytes()
     assert one["metrics"] == two["metrics"]
+
+
+def test_a_journal_is_unpickled_only_when_signed_by_this_users_key(tmp_path, monkeypatch):
+    import pickle
+
+    from multiar.commands import resume
+    from multiar.errors import ConfigError
+
+    monkeypatch.setenv("MULTIAR_CACHE", str(tmp_path / "cache"))
+    marker = tmp_path / "ran"
+
+    class Planted:  # unpickling it would run code
+        def __reduce__(self):
+            return (marker.write_text, ("planted code ran",))
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / resume.JOURNAL).write_bytes(bytes(32) + pickle.dumps({"digest": "d", "state": Planted()}))
+    with pytest.raises(ConfigError, match="not signed by multiar for this user"):
+        resume.load(out, "d")
+    assert not marker.exists()
+    resume.save(out, "d", {"done": 3})
+    assert resume.load(out, "d") == {"done": 3}
+    with pytest.raises(ConfigError, match="other settings"):
+        resume.load(out, "another digest")
+    assert (tmp_path / "cache" / "journal.key").stat().st_mode & 0o777 == 0o600
+
+
+def test_the_decode_layout_is_part_of_the_settings_a_resume_must_share():
+    from omegaconf import OmegaConf
+
+    from multiar.commands.resume import settings_digest
+
+    cfg = OmegaConf.create({"run": "r", "seed": 1, "batch_size": 8})
+    linear, packed = ({"dtype": "fp32", "layout": x, "how": "measured"} for x in ("linear", "packed"))
+    assert settings_digest(cfg, linear) != settings_digest(cfg, packed)
+    assert settings_digest(cfg, linear) == settings_digest(cfg, {**linear, "how": "cached", "step_ms": {}})
+    assert settings_digest(cfg) == settings_digest(OmegaConf.create({**cfg, "batch_size": 3}))

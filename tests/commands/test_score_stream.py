@@ -102,3 +102,27 @@ def test_memory_and_time_per_record_stay_flat_short(protein_run, tmp_path):
           f"n={sizes[1]}: {rss_large:.0f} MB {1000 * t_large / sizes[1]:.3f} ms/record")  # fmt: skip
     assert rss_large - rss_small < 60  # one chunk at a time (the 8,000-record file itself is ~0.6 MB)
     assert t_large / sizes[1] <= 2.5 * t_small / sizes[0] + 0.001  # loose: a shared CPU
+
+
+def test_a_failed_score_keeps_the_previous_csv_and_leaves_no_short_one(protein_run, tmp_path, monkeypatch):
+    query = tmp_path / "q"
+    query.mkdir()
+    fasta(query / "many.fasta", 120)
+    out = tmp_path / "s.csv"
+    args = [f"run={protein_run}", f"data.paths=[{query}]", f"out={out}", "overwrite=true"]
+    monkeypatch.setattr(score, "CHUNK", 50)
+    score_run(load_config("score", args))
+    before = out.read_bytes()
+    real, calls = score.score_chunk, []
+
+    def failing(*a, **k):  # the second chunk fails (a full disk, a bad record)
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(*a, **k)
+
+    monkeypatch.setattr(score, "score_chunk", failing)
+    with pytest.raises(OSError):
+        score_run(load_config("score", args))
+    assert out.read_bytes() == before  # overwrite=true replaces it only once every chunk is scored
+    assert len(rows_of(out.with_name("s.csv.partial"))) == 50  # the rows scored so far, whole
