@@ -74,12 +74,12 @@ def prepare_sampling(cfg: DictConfig) -> Prepared:
     cfg = validate("generate", cfg)
     run = load_run(cfg.run, device=cfg.device)
     texts = texts_or(cfg)
-    rows = cfg.batch_size if cfg.prompt_file is not None else min(cfg.batch_size, cfg.n)  # decoded together
-    model, choice = sampling_model(
-        run, cfg.quantize, cfg.dtype, cfg.compile, layout=cfg.layout, batch_size=rows
-    )
     domain = run.domain
     out_dir = Path(cfg.out if cfg.out else Path("outputs") / domain.name).expanduser()
+    rows = cfg.batch_size if cfg.prompt_file is not None else min(cfg.batch_size, cfg.n)  # decoded together
+    # a resumed run decodes as the killed one did (a layout measured anew could change the numbers)
+    dtype, layout = resume.journaled_layout(out_dir) if cfg.resume else (cfg.dtype, cfg.layout)
+    model, choice = sampling_model(run, cfg.quantize, dtype, cfg.compile, layout=layout, batch_size=rows)
     options = domain_options(cfg, domain)  # passed by name to prompt_ids and prompt_meta
     check_filters(cfg, domain)
     check_before_sampling(cfg, domain, out_dir)
@@ -87,6 +87,7 @@ def prepare_sampling(cfg: DictConfig) -> Prepared:
     settings, draft = sampling_settings(cfg, run, domain, cond)
     provenance = provenance_for(cfg, run, cond, options)
     files, listing, tally, digest = open_outputs(cfg, domain, out_dir, provenance, choice.as_dict())
+    tally.layout = (choice.dtype, choice.layout)  # journaled with it: a resume decodes the same way
     return Prepared(
         cfg=cfg,
         domain=domain,

@@ -16,6 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from multiar.commands.tally import Tally
 from multiar.errors import ConfigError
 from multiar.files import write_new_file
 
@@ -69,20 +70,36 @@ def save(out_dir: Path, digest: str, state: Any) -> None:
     write_new_file(out_dir / JOURNAL, lambda tmp: tmp.write_bytes(signed), overwrite=True)
 
 
-def load(out_dir: Path, digest: str) -> Any:
-    """The state a killed run journaled in out_dir; ConfigError when it is not this user's multiar's
-    journal, or its settings differ."""
+def journaled_layout(out_dir: Path) -> tuple[str, str]:
+    """The dtype and layout a killed run in out_dir decoded with (auto, auto when it has no journal or
+    an older one that did not record them): a resumed run pins them."""
     path = out_dir / JOURNAL
+    if not path.exists():
+        return "auto", "auto"
+    state = _read(path).get("state")
+    layout = state.layout if isinstance(state, Tally) else None  # None: not recorded (an older journal)
+    return (layout[0], layout[1]) if layout else ("auto", "auto")
+
+
+def _read(path: Path) -> dict:
+    """A journal's contents, once its signature is this user's; ConfigError otherwise."""
     try:
         signed = path.read_bytes()
         mac, data = signed[:32], signed[32:]
         if not hmac.compare_digest(mac, hmac.new(journal_key(), data, hashlib.sha256).digest()):
             raise ValueError("not signed by multiar for this user (journal.key): it is not read")
-        saved = pickle.loads(data)  # signed by this user's key: written by generate itself
+        return pickle.loads(data)  # signed by this user's key: written by generate itself
     except (OSError, pickle.UnpicklingError, EOFError, ValueError, ImportError) as err:
         raise ConfigError(
             f"resume: {path}: cannot be read ({err}); start again with overwrite=true"
         ) from None
+
+
+def load(out_dir: Path, digest: str) -> Any:
+    """The state a killed run journaled in out_dir; ConfigError when it is not this user's multiar's
+    journal, or its settings differ."""
+    path = out_dir / JOURNAL
+    saved = _read(path)
     if saved.get("digest") != digest:
         raise ConfigError(
             f"resume: {path} was written with other settings (or decoded with another dtype/layout: pin"

@@ -44,6 +44,7 @@ class Tally:
     spec: SpeculativeStats = field(default_factory=SpeculativeStats)
     sizes: dict[str, int] = field(default_factory=dict)  # appended files' sizes at the last sync
     last_paths: list[str] = field(default_factory=list)  # the files the last batch wrote
+    layout: tuple[str, str] | None = None  # (dtype, layout) the run decodes with: a resume pins them
 
 
 MIDDLES = 100  # middles the report lists; every one is in the files

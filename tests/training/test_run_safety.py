@@ -221,6 +221,9 @@ def test_same_run_seed_and_settings_give_byte_identical_files(tmp_path, name):
     for r in reports:
         r.pop("created")  # the one time stamp; files hold none
         r["files"] = [Path(f).name for f in r["files"]]
+    decodes = [r["provenance"].pop("decode") for r in reports]  # the first measures, the second reads it
+    assert decodes[1]["how"] in ("cached", "forced", "only candidate")
+    assert [(d["dtype"], d["layout"]) for d in decodes] == [(decodes[0]["dtype"], decodes[0]["layout"])] * 2
     assert reports[0] == reports[1]
 
 
