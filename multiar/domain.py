@@ -359,3 +359,16 @@ def domain_state_digest(domain: Domain, only: Sequence[str] = ()) -> str:
         for f in chosen or files:
             h.update(f.relative_to(tmp).as_posix().encode() + b"\0" + f.read_bytes())
     return h.hexdigest()
+
+
+def counted_median(counts: Mapping[float, int]) -> float:
+    """statistics.median of the values counted (value -> how many; the mean of the two middle values
+    for an even count), without listing them: running summaries keep counts, not samples."""
+    n, seen, low = sum(counts.values()), 0, None
+    for value in sorted(counts):
+        seen += counts[value]
+        if low is None and seen >= (n + 1) // 2:
+            low = value
+        if seen >= n // 2 + 1:
+            return float(low if n % 2 else (low + value) / 2)
+    return 0.0

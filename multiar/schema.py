@@ -51,6 +51,15 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _check_decode(quantize: str | None, dtype: str, layout: str) -> None:
+    """generate's and serve's weight format: quantize, dtype and layout."""
+    _check(quantize in (None, "int8", "int4"), "quantize", f"must be int8, int4 or null, got {quantize!r}")
+    _check(dtype in ("auto", "fp32", "bf16"), "dtype", f"must be auto, fp32 or bf16, got {dtype!r}")
+    _check(
+        layout in ("auto", "linear", "packed"), "layout", f"must be auto, linear or packed, got {layout!r}"
+    )
+
+
 def _check_device(device: str) -> None:
     _check(
         re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device) is not None,
@@ -410,19 +419,7 @@ class GenerateSchema:
 
     def _check_engine(self) -> None:
         _check_device(self.device)
-        _check(
-            self.quantize in (None, "int8", "int4"),
-            "quantize",
-            f"must be int8, int4 or null, got {self.quantize!r}",
-        )
-        _check(
-            self.dtype in ("auto", "fp32", "bf16"), "dtype", f"must be auto, fp32 or bf16, got {self.dtype!r}"
-        )
-        _check(
-            self.layout in ("auto", "linear", "packed"),
-            "layout",
-            f"must be auto, linear or packed, got {self.layout!r}",
-        )
+        _check_decode(self.quantize, self.dtype, self.layout)
         _check(not (self.compile and self.layout == "packed"), "layout", "packed does not compile: use auto")
         _check(
             not (self.stop_at is not None and self.draft is not None),
@@ -633,19 +630,7 @@ class ServeSchema:
             _check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
         _check(self.request_timeout > 0, "request_timeout", f"must be > 0, got {self.request_timeout}")
         _check(self.drain_timeout >= 0, "drain_timeout", f"must be >= 0, got {self.drain_timeout}")
-        _check(
-            self.quantize in (None, "int8", "int4"),
-            "quantize",
-            f"must be int8, int4 or null, got {self.quantize!r}",
-        )
-        _check(
-            self.dtype in ("auto", "fp32", "bf16"), "dtype", f"must be auto, fp32 or bf16, got {self.dtype!r}"
-        )
-        _check(
-            self.layout in ("auto", "linear", "packed"),
-            "layout",
-            f"must be auto, linear or packed, got {self.layout!r}",
-        )
+        _check_decode(self.quantize, self.dtype, self.layout)
 
 
 @dataclass

@@ -20,6 +20,7 @@ import numpy as np
 from Bio import Align
 from Bio.Align import substitution_matrices
 
+from multiar.domain import counted_median
 from multiar.figures import new_figure, write_png
 from multiar.files import write_new_text
 
@@ -162,19 +163,6 @@ def counts_ks(a: Counter, b: Counter) -> float:
         at = np.searchsorted(values, points, side="right")
         cdfs.append(np.where(at > 0, cumulative[np.maximum(at - 1, 0)], 0) / cumulative[-1])
     return float(np.abs(cdfs[0] - cdfs[1]).max())
-
-
-def counted_median(counts: Counter) -> float:
-    """The median (as statistics.median: the mean of the two middle values for an even count) of the
-    values counted."""
-    n, seen, low = sum(counts.values()), 0, None
-    for value in sorted(counts):
-        seen += counts[value]
-        if low is None and seen >= (n + 1) // 2:
-            low = value
-        if seen >= n // 2 + 1:
-            return float(low if n % 2 else (low + value) / 2)
-    return 0.0
 
 
 def check_filters(settings: dict) -> dict:

@@ -16,7 +16,7 @@ from Bio import SeqIO
 from Bio.Seq import Seq
 from Bio.SeqRecord import SeqRecord
 
-from multiar.domain import Domain, MetricSummary, SampleFiles
+from multiar.domain import Domain, MetricSummary, SampleFiles, counted_median
 from multiar.domains.protein import analysis
 from multiar.files import Appender, safe_child, write_new_file
 
@@ -159,7 +159,7 @@ class ProteinSummary(MetricSummary):
         if self.count and self.train_lengths:
             out["protein/length_ks"] = analysis.counts_ks(self.lengths, self.train_lengths)
         if self.identities:
-            out["protein/median_identity"] = analysis.counted_median(self.identities)
+            out["protein/median_identity"] = counted_median(self.identities)
         if self.judged:
             out["protein/pass_rate"] = self.passes / self.judged
         return out

@@ -51,8 +51,8 @@ from multiar.commands.sampling_setup import (
     stop_sequences,
     stop_text,
 )
-from multiar.commands.tally import RANKS, Tally, counted_median, keep_best, ranked
-from multiar.domain import WindowStarts
+from multiar.commands.tally import RANKS, Tally, keep_best, ranked
+from multiar.domain import WindowStarts, counted_median
 from multiar.engine.decode import stream
 from multiar.engine.speculative import SpeculativeStats
 from multiar.files import write_new_text

@@ -14,12 +14,13 @@ from omegaconf import DictConfig
 
 from multiar.commands import resume
 from multiar.commands.prepared import Prepared
-from multiar.commands.tally import RANKS, RankMap, Tally, counted_median, ranked
+from multiar.commands.tally import RANKS, RankMap, Tally, ranked
 from multiar.domain import (
     Assessed,
     Domain,
     SampleFiles,
     TokenErrors,
+    counted_median,
 )
 from multiar.engine.speculative import SpeculativeStats
 from multiar.files import Appender

@@ -14,9 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from multiar.domain import (
-    MetricSummary,
-)
+from multiar.domain import MetricSummary
 from multiar.engine.speculative import SpeculativeStats
 
 
@@ -104,15 +102,3 @@ def ranked(tally: Tally) -> list[tuple]:
     for rank, entry in enumerate(order, start=1):
         entry[3]["rank"] = rank
     return [(e[2], e[3], -e[1]) for e in order]
-
-
-def counted_median(counts: Counter) -> float:
-    """statistics.median of the values counted (value -> how many), without listing them."""
-    n, seen, low = sum(counts.values()), 0, None
-    for value in sorted(counts):
-        seen += counts[value]
-        if low is None and seen >= (n + 1) // 2:
-            low = value
-        if seen >= n // 2 + 1:
-            return low if n % 2 else (low + value) / 2
-    return 0.0
