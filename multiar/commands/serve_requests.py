@@ -266,8 +266,9 @@ def finish(
     details = []
     for s, (_, _, logps) in zip(samples, results, strict=True):
         d = {"end": s.end, "tags": p.cond.tags, "kept": p.cond.kept}
-        ppl = math.exp(-sum(logps) / max(len(logps), 1))
-        details.append({k: v for k, v in d.items() if v} | {"ppl": round(ppl, 3)})
+        nats = -sum(logps) / max(len(logps), 1)
+        ppl = round(math.exp(nats), 3) if nats < 700 else None  # JSON has no inf: past e^700, none
+        details.append({k: v for k, v in d.items() if v} | {"ppl": ppl})
     artifacts = [s.artifact for s in samples]
     with served.finishing:
         metrics = (

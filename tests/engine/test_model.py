@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 
 import pytest
 import torch
@@ -133,6 +134,13 @@ def test_sample_top_p_keeps_the_smallest_set_reaching_p():
 def test_temperature_zero_is_greedy():
     logits = torch.randn(8, 37)
     assert torch.equal(sample(logits, temperature=0.0), logits.argmax(-1))
+
+
+@pytest.mark.parametrize("temperature", [1e30, 3.4028235677973366e38, 1e300, math.inf])
+def test_a_temperature_past_float32_is_uniform_over_the_allowed_tokens_never_a_banned_one(temperature):
+    logits = torch.randn(400, 6).index_fill_(-1, torch.tensor([0, 5]), float("-inf"))  # 0 and 5 banned
+    draws = sample(logits, temperature=temperature, generator=torch.Generator().manual_seed(0))
+    assert set(draws.tolist()) == {1, 2, 3, 4}  # float32(1e300) is inf: -inf / inf is NaN, argmax's pick
 
 
 def sliding_reference(model: GPT, prompt: list[int], n: int, keep: int) -> list[int]:
