@@ -244,7 +244,11 @@ class SamplesSchema:
         )
         _check(self.n >= 1, "samples.n", f"must be >= 1, got {self.n}")
         _check(self.max_new_tokens >= 1, "samples.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
-        _check(self.temperature >= 0 and math.isfinite(self.temperature), "samples.temperature", f"must be >= 0, got {self.temperature}")
+        _check(
+            self.temperature >= 0 and math.isfinite(self.temperature),
+            "samples.temperature",
+            f"must be a finite number >= 0, got {self.temperature}",
+        )
 
 
 LOGGERS = ("csv", "tensorboard", "wandb", "mlflow")
@@ -564,7 +568,11 @@ class EvalSchema:
         _check(self.n >= 0, "n", f"must be >= 0 (0 is off), got {self.n}")
         _check(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
         _check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
-        _check(self.temperature >= 0 and math.isfinite(self.temperature), "temperature", f"must be >= 0, got {self.temperature}")
+        _check(
+            self.temperature >= 0 and math.isfinite(self.temperature),
+            "temperature",
+            f"must be a finite number >= 0, got {self.temperature}",
+        )
 
 
 @dataclass
