@@ -1,6 +1,6 @@
-"""What the protein domain reports about generated sequences: novelty against the training set (a k-mer
-index, then Bio.Align on the few best candidates), low-complexity and homopolymer filters, composition
-and length distances, and the samples.csv / PNG report beside the FASTA."""
+"""What the protein domain reports about generated sequences: novelty against the training set (the search
+is novelty.py's), low-complexity and homopolymer filters, composition and length distances, and the
+samples.csv / PNG report beside the FASTA."""
 
 from __future__ import annotations
 
@@ -8,21 +8,17 @@ import csv
 import io
 import logging
 import math
-import multiprocessing
-import time
 from collections import Counter
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-from Bio import Align
-from Bio.Align import substitution_matrices
 
 from multiar.domain import counted_median
 from multiar.figures import new_figure, write_png
 from multiar.files import write_new_text
+
+from .novelty import Novelty
 
 log = logging.getLogger("multiar")
 STANDARD = "ACDEFGHIKLMNPQRSTVWY"
@@ -32,74 +28,6 @@ FILTERS = {"min_entropy": 1.2, "entropy_window": 12, "max_homopolymer": 10, "max
 FILTER_KEYS = (*FILTERS, "novelty", "candidates", "workers")  # every filters.* key assess reads
 CSV_COLUMNS = ("id", "length", "end", "ppl", "identity", "nearest", "tags", "kept", "min_entropy",
                "longest_run", "passes", "rank", "sequence")  # fmt: skip
-
-
-class KmerIndex:
-    """Training sequences indexed by their 4-mers: a query's candidates are the sequences that share
-    the most distinct 4-mers with it, so only a handful need a real alignment."""
-
-    K = 4
-
-    def __init__(self, sequences: Sequence[str]) -> None:
-        self.sequences = list(sequences)
-        codes = [np.unique(self._codes(s)) for s in self.sequences]
-        owner = np.repeat(np.arange(len(codes), dtype=np.int32), [len(c) for c in codes])
-        flat = np.concatenate(codes) if codes else np.zeros(0, dtype=np.int64)
-        order = np.argsort(flat, kind="stable")
-        self.postings = owner[order]  # sequence indices grouped by k-mer code
-        self.starts = np.searchsorted(flat[order], np.arange(26**self.K + 1))
-
-    @classmethod
-    def _codes(cls, seq: str) -> np.ndarray:
-        letters = np.frombuffer(seq.encode("ascii", "replace"), dtype=np.uint8)
-        digits = (np.clip(letters, 65, 90) - 65).astype(np.int64)  # A..Z -> 0..25
-        if len(digits) < cls.K:
-            return np.zeros(0, dtype=np.int64)
-        codes = np.zeros(len(digits) - cls.K + 1, dtype=np.int64)
-        for j in range(cls.K):
-            codes = codes * 26 + digits[j : len(digits) - cls.K + 1 + j]
-        return codes
-
-    def candidates(self, seq: str, n: int) -> list[int]:
-        """Indices of the n training sequences sharing the most distinct k-mers with seq."""
-        codes = np.unique(self._codes(seq))
-        if not len(codes) or not len(self.sequences):
-            return list(range(min(n, len(self.sequences))))
-        hits = np.concatenate([self.postings[self.starts[c] : self.starts[c + 1]] for c in codes])
-        shared = np.bincount(hits, minlength=len(self.sequences))
-        best = np.argpartition(-shared, min(n, len(shared)) - 1)[:n]
-        return [int(i) for i in best[np.argsort(-shared[best], kind="stable")]]
-
-
-def aligner() -> Align.PairwiseAligner:
-    """BLOSUM62, gap open 11 / extend 1, free end gaps: a sample inside a longer training protein aligns
-    whole (a copied fragment is 100% identical, not diluted by the rest of the protein)."""
-    a = Align.PairwiseAligner(mode="global", substitution_matrix=substitution_matrices.load("BLOSUM62"))
-    a.open_gap_score, a.extend_gap_score = -11, -1
-    a.end_gap_score = 0
-    return a
-
-
-def _blosum_letters(seq: str) -> str:
-    return seq.replace("U", "C").replace("O", "K")  # BLOSUM62 has no selenocysteine or pyrrolysine
-
-
-def nearest(
-    samples: Sequence[str], index: KmerIndex, ids: Sequence[str], candidates: int = 8
-) -> list[tuple[float, str]]:
-    """(identity, training id) of each sample's nearest training sequence: identical aligned residues
-    over the sample's length, the highest among the prefilter's candidates (each aligned in full: the
-    best-scoring alignment is often not the most identical one, e.g. against a long protein)."""
-    align = aligner()
-    out = []
-    for seq in samples:
-        best = (0.0, "")
-        query = _blosum_letters(seq)
-        for i in index.candidates(seq, candidates) if seq else []:
-            alignment = align.align(query, _blosum_letters(index.sequences[i]))[0]
-            best = max(best, (alignment.counts().identities / len(seq), ids[i]))
-        out.append(best)
-    return out
 
 
 def min_window_entropy(seq: str, window: int) -> float:
@@ -171,56 +99,6 @@ def check_filters(settings: dict) -> dict:
     if unknown:
         raise ValueError(f"filters: unknown key(s) {', '.join(unknown)}; known: {', '.join(FILTER_KEYS)}")
     return {**FILTERS, "novelty": True, "candidates": 8, "workers": 1, **settings}
-
-
-class Novelty:
-    """The novelty search, set up once per run: the k-mer index of the training sequences, and with
-    workers > 1 a pool of that many processes (forked: they share the index) searching a batch's
-    samples in parallel. `seconds` sums the time spent searching (the log reports it)."""
-
-    def __init__(self, training: Sequence[tuple[str, str]], candidates: int = 8, workers: int = 1) -> None:
-        started = time.perf_counter()
-        self.index = KmerIndex([s for _, s in training])
-        self.ids = [i for i, _ in training]
-        self.candidates, self.workers = candidates, max(int(workers), 1)
-        self.built, self.seconds, self.searched = time.perf_counter() - started, 0.0, 0
-        self.pool: Any = None
-
-    def search(self, samples: Sequence[str]) -> list[tuple[float, str]]:
-        started = time.perf_counter()
-        if self.workers > 1 and len(samples) > 1:
-            if self.pool is None:
-                global _SEARCH
-                _SEARCH = self  # what the forked workers find
-                context = multiprocessing.get_context("fork")
-                self.pool = ProcessPoolExecutor(self.workers, mp_context=context)
-            chunks = [samples[i :: self.workers] for i in range(self.workers)]
-            parts = list(self.pool.map(_search_part, chunks))
-            found = [parts[i % self.workers][i // self.workers] for i in range(len(samples))]
-        else:
-            found = nearest(samples, self.index, self.ids, self.candidates)
-        self.seconds += time.perf_counter() - started
-        self.searched += len(samples)
-        return found
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown()
-            self.pool = None
-        log.info(
-            "protein: novelty search over %d training proteins: index %.2f s, %.1f ms per sample",
-            len(self.ids),
-            self.built,
-            1000 * self.seconds / max(self.searched, 1),
-        )
-
-
-_SEARCH: Novelty | None = None
-
-
-def _search_part(samples: Sequence[str]) -> list[tuple[float, str]]:
-    assert _SEARCH is not None
-    return nearest(samples, _SEARCH.index, _SEARCH.ids, _SEARCH.candidates)
 
 
 def assess(

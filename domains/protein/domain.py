@@ -25,6 +25,7 @@ from Bio.SeqRecord import SeqRecord
 
 from multiar.domain import FIM_TOKENS, DomainBase
 from multiar.domains.protein import analysis, outputs
+from multiar.domains.protein.novelty import Novelty
 from multiar.engine.sampling import LogitsProcessor
 from multiar.files import safe_child, write_new_file, write_new_text
 
@@ -93,7 +94,7 @@ class ProteinDomain(DomainBase):
         self.background = background
         self.training: list[tuple[str, str]] = []  # (id, sequence) of the training records, from fit
         self.training_file: Path | None = None  # where a loaded run keeps them (read when first needed)
-        self.novelty: analysis.Novelty | None = None  # generate's search, kept across its batches
+        self.novelty: Novelty | None = None  # generate's search, kept across its batches
 
     def default_paths(self, corpus: str | None = None) -> list[Path]:
         names = [n for part in (corpus or "ecoli").split("+") for n in CORPORA.get(part, [None])]
@@ -223,7 +224,7 @@ class ProteinDomain(DomainBase):
         training = self.training_sequences()
         checked = analysis.check_filters(dict(settings))
         if checked["novelty"] and training and self.novelty is None:
-            self.novelty = analysis.Novelty(training, checked["candidates"], checked["workers"])
+            self.novelty = Novelty(training, checked["candidates"], checked["workers"])
         return analysis.assess(artifacts, details, settings, training, start=start, novelty=self.novelty)
 
     def close_novelty(self) -> None:

@@ -8,6 +8,7 @@ import itertools
 import json
 import logging
 import math
+import random
 import shutil
 
 import pytest
@@ -25,7 +26,8 @@ from multiar.data.corpus import prepare_corpus
 from multiar.data.packing import pack
 from multiar.data.source import Source
 from multiar.domains import build_domain
-from multiar.domains.protein.analysis import KmerIndex, longest_run, min_window_entropy, nearest
+from multiar.domains.protein.analysis import longest_run, min_window_entropy
+from multiar.domains.protein.novelty import BLOSUM62, IdentityAligner, KmerIndex, blosum_letters, nearest
 from multiar.errors import ConfigError
 from multiar.run_folder import load_run
 from multiar.training.run import train
@@ -226,6 +228,53 @@ def test_novelty_search_finds_a_training_sequence_at_full_identity():
     assert found[2][1] == ids[7] and 0.98 < found[2][0] < 1.0
     shuffled = "".join(sorted(seqs[123]))  # same composition, no homology
     assert nearest([shuffled], index, ids)[0][0] < 0.6
+
+
+def most_identical_optimal_alignment(query: str, target: str) -> int:
+    """The reference: every best-scoring alignment Bio.Align enumerates (BLOSUM62, gaps 11 + (k - 1), free
+    end gaps), the most identities among them."""
+    from Bio import Align
+
+    align = Align.PairwiseAligner(mode="global", substitution_matrix=BLOSUM62)
+    align.open_gap_score, align.extend_gap_score, align.end_gap_score = -11, -1, 0
+    alignments = align.align(query, target)
+    return max(a.counts().identities for a in itertools.islice(alignments, 5000))
+
+
+@pytest.mark.parametrize("backend", ["biopython", "parasail"])
+def test_identity_is_the_most_identical_of_the_best_scoring_alignments(backend):
+    if backend == "parasail":
+        pytest.importorskip("parasail")
+    rng = random.Random(3)
+    aligner = IdentityAligner(backend)
+    letters = "ACDEFGHIKLMNPQRSTVWY"
+    pairs = []
+    for _ in range(60):  # short pairs: few enough optimal alignments to enumerate; some near copies
+        target = "".join(rng.choice(letters) for _ in range(rng.randint(8, 40)))
+        start = rng.randrange(len(target))
+        query = "".join(c if rng.random() < 0.7 else rng.choice(letters) for c in target[start : start + 20])
+        pairs.append((query or "A", target))
+    for query, target in pairs:
+        assert aligner.identities(query, target) == most_identical_optimal_alignment(query, target), (
+            query,
+            target,
+        )
+
+
+def test_both_identity_backends_agree_on_proteome_sized_pairs():
+    pytest.importorskip("parasail")
+    domain = build_domain("protein")
+    seqs = [
+        blosum_letters(str(r.seq))
+        for r in itertools.islice(domain.read(domain.default_paths("ecoli")[0]), 120)
+    ]
+    fast, reference = IdentityAligner("parasail"), IdentityAligner("biopython")
+    rng = random.Random(5)
+    for _ in range(80):
+        query, target = rng.choice(seqs)[: rng.randint(20, 160)], rng.choice(seqs)
+        assert fast.identities(query, target) == reference.identities(query, target)
+    long = seqs[0] * 60  # past parasail's 32-bit range at this scale: Bio.Align's doubles take it
+    assert fast.identities(long, long) == len(long)
 
 
 def test_low_complexity_and_homopolymer_measures():
