@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -42,8 +43,10 @@ def measure(run: Path, n: int, novelty: bool, batch_size: int, workers: int, out
     seconds, rss = map(float, done.stdout.split("RESULT")[-1].split())
     row = {"n": n, "novelty": novelty, "workers": workers, "seconds": round(seconds, 1), "ms_per_sample": round(1000 * seconds / n, 2),
            "peak_rss_mb": round(rss)}  # fmt: skip
-    if novelty and (m := re.search(r"novelty search .*?([\d.]+) ms per sample", done.stderr)):
-        row["search_share"] = round(float(m.group(1)) * n / 1000 / seconds, 3)
+    if novelty and (m := re.search(r"novelty search .*?\((\w+)\).*?([\d.]+) ms per sample", done.stderr)):
+        row["search_backend"] = m.group(1)
+        row["search_share"] = round(float(m.group(2)) * n / 1000 / seconds, 3)
+    row["load_avg_1min"] = round(os.getloadavg()[0], 2)  # other jobs on the machine decide these figures
     print(json.dumps(row), flush=True)
     return row
 
@@ -60,7 +63,7 @@ def main() -> None:
     args = parser.parse_args()
     if not (args.run / "model.safetensors").exists():
         raise SystemExit(f"{args.run}: no run there (make demo trains runs/demo/protein)")
-    rows = []
+    rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         runs = (
             (False, args.ns, args.workers),
@@ -71,14 +74,28 @@ def main() -> None:
             for n in [int(x) for x in ns.split(",") if x]:
                 out = Path(tmp) / f"{n}-{novelty}-{workers}"
                 rows.append(measure(args.run, n, novelty, args.batch_size, workers, out))
+                report(rows, args.json)  # after every row: a long run cut short keeps what it measured
+
+
+def report(rows: list[dict], path: Path | None) -> None:
     off = [r for r in rows if not r["novelty"]]
+    shares = [r["search_share"] for r in rows if "search_share" in r]
     summary = {
-        "time_ratio_largest_vs_smallest": round(off[-1]["ms_per_sample"] / off[0]["ms_per_sample"], 2),
-        "rss_growth_mb": off[-1]["peak_rss_mb"] - off[0]["peak_rss_mb"],
-    }
-    print(json.dumps(summary))
-    if args.json:
-        args.json.write_text(json.dumps({"rows": rows, **summary}, indent=1) + "\n")
+        "cpu": cpu_name(),
+        "time_ratio_largest_vs_smallest": round(off[-1]["ms_per_sample"] / off[0]["ms_per_sample"], 2) if off else None,
+        "rss_growth_mb": off[-1]["peak_rss_mb"] - off[0]["peak_rss_mb"] if off else None,
+        "largest_search_share": max(shares) if shares else None,
+    }  # fmt: skip
+    print(json.dumps(summary), flush=True)
+    if path:
+        partial = path.with_suffix(".partial")
+        partial.write_text(json.dumps({"rows": rows, **summary}, indent=1) + "\n")
+        partial.replace(path)
+
+
+def cpu_name() -> str:
+    with open("/proc/cpuinfo") as f:
+        return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
 
 
 if __name__ == "__main__":

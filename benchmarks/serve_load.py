@@ -8,11 +8,14 @@ generator shares the machine's cores with the server, so every figure here inclu
 - soak: many requests, some cancelled (the client disconnects mid-stream) -> lost, slots leaked (the
   busy-slot gauge after the load), resident memory of the server (VmRSS) after warm-up and at the end.
 
-For (a) slots=16 and (b) slots=1 on one run. llama.cpp's C++ server is not measured here (no llama.cpp
-source or build on this machine). Usage:
+For (a) slots=16 and (b) slots=1 on one run, and (c) with --llama-server BINARY, llama.cpp's C++ server
+(`llama-server --parallel 16`, continuous batching) on the same weights exported as an f32 GGUF
+(`multiar export format=gguf`), fed the same token ids (its /completion endpoint, `ignore_eos` and
+`n_predict` for exactly 128 tokens, temperature 1 with its other samplers off). Usage:
 
     python benchmarks/serve_load.py runs/protein_small --json benchmarks/serve_load.json
     python benchmarks/serve_load.py runs/protein_small --only soak --soak 200   # a short soak
+    python benchmarks/serve_load.py runs/protein_small --llama-server /path/to/llama-server
 """
 
 from __future__ import annotations
@@ -129,6 +132,57 @@ def body(seed: int, new_tokens: int, prompt_len: int = 16) -> dict[str, Any]:
             "temperature": 1.0, "stream": True, "files": False}  # fmt: skip
 
 
+# llama-server's /completion body for body()'s request: the same token ids (protein: <bos> + one per
+# letter), exactly new_tokens tokens, temperature 1 and every other sampler neutral (its defaults are
+# top-k 40, top-p 0.95, min-p 0.05), no prompt cache (multiar serve has none)
+def llama_body(payload: dict[str, Any]) -> dict[str, Any]:
+    return {"prompt": protein_ids(payload["prompt"]), "n_predict": payload["max_new_tokens"], "ignore_eos": True,
+            "seed": payload["seed"], "temperature": payload["temperature"], "top_k": 0, "top_p": 1.0,
+            "min_p": 0.0, "typical_p": 1.0, "repeat_penalty": 1.0, "stream": True, "return_tokens": True,
+            "cache_prompt": False}  # fmt: skip
+
+
+def protein_ids(prompt: str) -> list[int]:
+    from multiar.domains import build_domain
+
+    global _PROTEIN
+    _PROTEIN = _PROTEIN or build_domain("protein")
+    return _PROTEIN.prompt_ids(prompt)
+
+
+_PROTEIN: Any = None
+
+
+async def llama_request(client: httpx.AsyncClient, url: str, payload: dict[str, Any]) -> Outcome:
+    """body()'s request to llama-server's POST /completion (stream): the same Outcome fields."""
+    out, want = Outcome(start=time.perf_counter()), payload["max_new_tokens"]
+    try:
+        async with client.stream("POST", f"{url}/completion", json=llama_body(payload)) as r:
+            if r.status_code != 200:
+                out.detail = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
+                return out
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line[6:] == "[DONE]":
+                    continue
+                event = json.loads(line[6:])
+                if event.get("tokens"):
+                    now = time.perf_counter()
+                    out.first = out.first if out.first is not None else now
+                    out.last, out.tokens = now, out.tokens + len(event["tokens"])
+                if event.get("stop"):
+                    out.status = "ok" if out.tokens == want else "lost"
+                    break
+    except httpx.HTTPError as err:
+        out.detail = f"{type(err).__name__}: {err}"
+    return out
+
+
+async def send(client: httpx.AsyncClient, url: str, payload: dict[str, Any], api: str) -> Outcome:
+    return await (
+        stream_request(client, url, payload) if api == "multiar" else llama_request(client, url, payload)
+    )
+
+
 async def stream_request(
     client: httpx.AsyncClient, url: str, payload: dict[str, Any], cancel_after: int | None = None
 ) -> Outcome:
@@ -168,11 +222,11 @@ def client(limit: int) -> httpx.AsyncClient:
     return httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits)
 
 
-async def closed_loop(url: str, clients: int, per_client: int) -> dict[str, Any]:
+async def closed_loop(url: str, clients: int, per_client: int, api: str = "multiar") -> dict[str, Any]:
     """clients x per_client requests of exactly NEW_TOKENS tokens, each client back to back."""
 
     async def one_client(k: int, http: httpx.AsyncClient) -> list[Outcome]:
-        return [await stream_request(http, url, body(1000 * k + i, NEW_TOKENS)) for i in range(per_client)]
+        return [await send(http, url, body(1000 * k + i, NEW_TOKENS), api) for i in range(per_client)]
 
     async with client(clients) as http:
         t0 = time.perf_counter()
@@ -206,14 +260,14 @@ def latency(outcomes: list[Outcome]) -> dict[str, Any]:
             "tpot_ms_median": ms(statistics.median(tpot)) if tpot else None, "tpot_ms_p99": ms(pct(tpot, 0.99))}  # fmt: skip
 
 
-async def open_loop(url: str, rate: float, requests: int, seed: int) -> dict[str, Any]:
+async def open_loop(url: str, rate: float, requests: int, seed: int, api: str = "multiar") -> dict[str, Any]:
     """requests arriving as a Poisson process of rate req/s, each NEW_TOKENS tokens."""
     rng = random.Random(seed)
     tasks = []
     async with client(requests) as http:
         t0 = time.perf_counter()
         for i in range(requests):
-            tasks.append(asyncio.create_task(stream_request(http, url, body(seed * 10_000 + i, NEW_TOKENS))))
+            tasks.append(asyncio.create_task(send(http, url, body(seed * 10_000 + i, NEW_TOKENS), api)))
             await asyncio.sleep(rng.expovariate(rate))
         outcomes = await asyncio.gather(*tasks)
         seconds = time.perf_counter() - t0
@@ -297,23 +351,79 @@ def measure(run: Path, slots: int, args: argparse.Namespace, log_dir: Path) -> d
     """Closed loop, then open loop at fractions of the closed loop's request rate (and the soak when
     asked) on one `multiar serve slots=...` subprocess."""
     server = start_server(run, slots, log_dir, f"max_queue={args.max_queue}")
-    out: dict[str, Any] = {"slots": slots, "dtype": server.dtype}
+    return loads(server, {"slots": slots, "dtype": server.dtype}, slots, args, "multiar")
+
+
+def measure_llama(
+    binary: Path, run: Path, slots: int, args: argparse.Namespace, log_dir: Path
+) -> dict[str, Any]:
+    """The same closed and open loops on llama.cpp's server, the run's weights exported as f32 GGUF."""
+    gguf = log_dir / f"serve_load_{os.getpid()}.gguf"
+    gguf.unlink(missing_ok=True)
+    exe = Path(sys.executable).parent / "multiar"
+    subprocess.run(
+        [str(exe), "export", f"run={run}", "format=gguf", f"out={gguf}", "gguf_type=f32"], check=True
+    )
+    try:
+        server = start_llama_server(binary, gguf, slots, log_dir)
+        version = subprocess.run([str(binary), "--version"], capture_output=True, text=True)
+        found = re.search(r"version: (.+)", version.stdout + version.stderr)
+        head = {"server": "llama-server", "version": found.group(1) if found else "?", "slots": slots,
+                "dtype": "f32 (GGUF)", "threads": os.cpu_count()}  # fmt: skip
+        return loads(server, head, slots, args, "llama")
+    finally:
+        gguf.unlink(missing_ok=True)
+
+
+def start_llama_server(binary: Path, gguf: Path, slots: int, log_dir: Path, ready_s: float = 180.0) -> Server:
+    """llama-server on a free loopback port, `--parallel slots` with a context of the model's length per
+    slot, all cores, no web UI; once /health says ok."""
+    import gguf as gguf_lib
+
+    context = int(gguf_lib.GGUFReader(str(gguf)).fields["llama.context_length"].contents())
+    port = free_port()
+    log = log_dir / f"llama_server_{slots}_{port}.log"
+    threads = str(os.cpu_count())
+    cmd = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "--parallel", str(slots),
+           "--ctx-size", str(slots * context), "--no-kv-unified", "--threads", threads, "--threads-batch", threads,
+           "--no-webui", "--cache-ram", "0"]  # fmt: skip
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    server = Server(proc, f"http://127.0.0.1:{port}", log, "f32")
+    deadline = time.monotonic() + ready_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"llama-server exited {proc.returncode}: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    stop_server(server)
+    raise RuntimeError(f"llama-server not ready after {ready_s} s")
+
+
+def loads(
+    server: Server, out: dict[str, Any], slots: int, args: argparse.Namespace, api: str
+) -> dict[str, Any]:
+    name = "llama-server" if api == "llama" else f"slots={slots}"
     try:
         cpu0 = server.cpu_seconds()
         if "closed" in args.only:
-            out["closed_loop"] = asyncio.run(closed_loop(server.url, 16, args.per_client))
-            print(f"slots={slots} closed: {out['closed_loop']}", flush=True)
+            out["closed_loop"] = asyncio.run(closed_loop(server.url, 16, args.per_client, api))
+            print(f"{name} closed: {out['closed_loop']}", flush=True)
         if "open" in args.only and "closed_loop" in out:
             capacity = out["closed_loop"]["tokens_per_s"] / NEW_TOKENS  # requests/s the closed loop served
             out["open_loop"] = []
             for k, share in enumerate(args.shares if slots > 1 else args.shares_one):
                 n = max(args.min_open, round(share * capacity * args.open_seconds))
-                row = asyncio.run(open_loop(server.url, share * capacity, n, seed=100 + k))
+                row = asyncio.run(open_loop(server.url, share * capacity, n, seed=100 + k, api=api))
                 out["open_loop"].append({"share_of_closed_rate": share, **row})
-                print(f"slots={slots} open {share}: {row}", flush=True)
-        if "soak" in args.only and slots > 1:
+                print(f"{name} open {share}: {row}", flush=True)
+        if "soak" in args.only and slots > 1 and api == "multiar":
             out["soak"] = asyncio.run(soak(server, args.soak))
-            print(f"slots={slots} soak: { {k: v for k, v in out['soak'].items() if k != 'rss_samples'} }")
+            print(f"{name} soak: { {k: v for k, v in out['soak'].items() if k != 'rss_samples'} }")
         out["server_cpu_s"] = round(server.cpu_seconds() - cpu0, 1)
     finally:
         out["exit_code_after_sigterm"] = stop_server(server)
@@ -416,12 +526,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--code-run", type=Path, help="a code run: 15 plain rows with and without a constrained one"
     )
+    p.add_argument("--llama-server", type=Path, help="llama.cpp's llama-server binary: measured as (c)")
+    p.add_argument("--llama-slots", type=int, default=16, help="llama-server --parallel")
     p.add_argument("--bf16", action="store_true", help="tokens that differ between batch sizes in bf16")
     args = p.parse_args(argv)
     log_dir = Path(os.environ.get("TMPDIR", "/tmp"))
-    result: dict[str, Any] = {"run": str(args.run), "new_tokens": NEW_TOKENS, "machine": machine(),
-                              "llama_cpp_server": "not measured: llama.cpp cannot be built here"}  # fmt: skip
+    result: dict[str, Any] = {"run": str(args.run), "new_tokens": NEW_TOKENS, "machine": machine()}
     result["configs"] = [measure(args.run, s, args, log_dir) for s in args.slots]
+    if args.llama_server is not None:
+        result["llama_cpp_server"] = measure_llama(
+            args.llama_server, args.run, args.llama_slots, args, log_dir
+        )
+    else:
+        result["llama_cpp_server"] = "not measured (no --llama-server binary given)"
     if args.code_run is not None:
         result["constrained_row"] = constrained_cost(args.code_run, log_dir)
         print(f"constrained: {result['constrained_row']}", flush=True)

@@ -147,7 +147,19 @@ class Tagged(DomainBase):
         return self.base.metric_summary()
 
     def hf_tokenizer_json(self) -> str | None:
-        return self.base.hf_tokenizer_json()
+        """The base's tokenizer with each tag as a special token after it (ids first_tag_id, ...)."""
+        base = self.base.hf_tokenizer_json()
+        if base is None or not self.tags:
+            return base
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_str(base)
+        if tokenizer.get_vocab_size(with_added_tokens=True) != self.first_tag_id:
+            return None  # the base's ids are not 0..first_tag_id-1: no place for the tags
+        tokenizer.add_special_tokens([f"<{tag}>" for tag in self.tags])
+        if tokenizer.get_vocab_size(with_added_tokens=True) != self.vocab_size:
+            return None  # a tag's name was a token already: ids would not match
+        return tokenizer.to_str()
 
     @property
     def first_tag_id(self) -> int:

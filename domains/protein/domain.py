@@ -164,6 +164,19 @@ class ProteinDomain(DomainBase):
             raise ValueError(f"record {record.id}: empty sequence")
         return [self.stoi[a] for a in seq]
 
+    def hf_tokenizer_json(self) -> str:
+        """The alphabet as a `tokenizers` byte-level BPE without merges (each letter its own token, the
+        ids encode gives; ASCII letters are their own byte-level symbols), the specials and FIM markers as
+        special tokens: export's tokenizer.json, and in a GGUF the gpt2-style vocabulary llama.cpp reads
+        protein text with."""
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+        tokenizer = Tokenizer(models.BPE(vocab=dict(self.stoi), merges=[]))
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        tokenizer.add_special_tokens([t for t in self.itos if t not in ALPHABET])
+        return tokenizer.to_str()
+
     def prompt_ids(self, prompt: str | None) -> list[int]:
         if not prompt:
             return [self.bos_id]

@@ -279,7 +279,7 @@ def finish(
         errors = token_errors(p, samples)
         report = None
         if plan_.write:
-            paths = p.files.add(artifacts, 0, details if isinstance(domain, Assessed) else None)
+            paths = p.files.add(artifacts, 0, details)  # each sample's end reason reaches the files too
             p.listing.write("".join(f"{x}\n" for x in paths))
             p.files.sync()
             p.listing.sync()

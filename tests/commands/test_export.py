@@ -54,6 +54,28 @@ def test_a_code_run_exports_its_tokenizer_and_matches_on_a_trained_model(tmp_pat
     assert_same_logits(run, out, [1, *ids])
 
 
+def test_a_protein_run_exports_its_alphabet_as_a_tokenizer_tags_included(tmp_path):
+    run = tmp_path / "protein"
+    over = [
+        "domain=protein",
+        "data.max_documents=40",
+        f"run_dir={run}",
+        "trainer.max_steps=2",
+        "data.tags=header:OX",
+    ]
+    train(load_config("train", [*over, *TINY]))
+    out = tmp_path / "hf"
+    assert main(["export", f"run={run}", "format=hf", f"out={out}"]) == 0
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(out / "tokenizer.json"))
+    domain = load_run(run).domain
+    assert domain.tags  # the tags follow the alphabet as special tokens, at the ids the model knows
+    text = "MKTAYIAKQRQISFVKSHFSRQXBZUO"
+    assert tok(text)["input_ids"] == domain.prompt_ids(text)[1:]
+    tag = domain.tags[0]
+    assert tok(f"<{tag}>M")["input_ids"] == [domain.tag_ids(tag)[0], domain.prompt_ids("M")[1]]
+    assert tok.decode(domain.prompt_ids(text)[1:]) == text
+
+
 def gguf_weights(path):
     """Each tensor of a GGUF file dequantized to fp32, by name, and the file's reader."""
     import gguf
@@ -84,7 +106,11 @@ def test_gguf_holds_the_weights_and_llama_metadata(tmp_path, kind, tolerance):
     assert field(reader, "llama.rope.dimension_count") == c.head_size
     assert field(reader, "llama.context_length") == c.block_size
     assert field(reader, "llama.vocab_size") == c.vocab_size
-    assert field(reader, "tokenizer.ggml.model") == "none"  # protein: ids only
+    assert field(reader, "tokenizer.ggml.model") == "gpt2"  # protein: its letters, a BPE without merges
+    assert (
+        field(reader, "tokenizer.ggml.tokens") == run.domain.itos
+        and field(reader, "tokenizer.ggml.merges") == []
+    )
     assert field(reader, "multiar.domain") == "protein"
     parts = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up")
     names = {"token_embd.weight", "output_norm.weight"} | {

@@ -164,6 +164,11 @@ def test_fill_in_the_middle_through_completions_suffix(fim_code_run, tmp_path):
                                                   "max_new_tokens": 12, "temperature": 0, "seed": 1,
                                                   "files": False})  # fmt: skip
             assert g.status_code == 200, g.text
+            f = client.post("/v1/generate", json={"prompt": "def f(x):\n", "max_new_tokens": 6, "seed": 2})
+            assert f.status_code == 200, f.text
+            report = next(x for x in f.json()["files"] if x["name"] == "syntax_report.tsv")
+            line = client.get(report["url"]).text.splitlines()[0].split("\t")
+            assert line[2] == f.json()["samples"][0]["end"]  # the end reason, as generate writes it
             served = next(iter(state.models.values()))
             domain = served.run.domain
     finally:
