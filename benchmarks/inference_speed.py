@@ -9,9 +9,10 @@ Rows: every candidate `multiar.engine.layout.prepare_for_decoding` measures (fp3
 and oneDNN-packed), what it picked at that batch size ("multiar auto", measured afresh here, no cache),
 int8 and int4 with their kernels as `quantize` makes them and as prepare_for_decoding picks them per
 layer shape, and transformers' `generate` (the baseline). `--llama-cpp DIR`: the script writes each
-shape's weights as a transformers folder (DIR/<shape>-hf, `multiar export format=hf`'s code) and times
-DIR/<shape>-{f32,f16,bf16}.gguf (made from those folders by llama.cpp's convert_hf_to_gguf.py) through
-llama-cpp-python; the rows are skipped when it is not installed or a file is missing.
+shape's weights as DIR/<shape>-{f32,f16,bf16}.gguf (`multiar export format=gguf`'s writer, a plain
+512-token vocabulary) and times them through llama-cpp-python (temperature 1, its other samplers off);
+the rows are skipped when it is not installed. With llama.cpp built from source, point it at the
+libraries: LLAMA_CPP_LIB_PATH=<build>/bin.
 
 Settings: 16-token prompt, 256 new tokens, sampling (temperature 1), no EOS, vocab 512, random weights
 for the 10.8M (6 x 384) and 85M (12 x 768) shapes. The RAM read bandwidth of this machine is measured in
@@ -88,26 +89,27 @@ def to_transformers(model: GPT):
 
 
 def llama_cpp_entries(folder: Path | None, shape: str, model: GPT, batch: int, args) -> dict:  # noqa: ANN001
-    """llama.cpp rows (batch 1 only: llama-cpp-python samples one sequence): each GGUF file of this
-    shape found in folder, sampled at temperature 1 for args.new tokens; {} where llama-cpp-python or
-    the files are absent. Writes the transformers folder the GGUF files are converted from."""
+    """llama.cpp rows (batch 1 only: llama-cpp-python samples one sequence): this shape's weights as
+    GGUF files in folder (written each run), sampled at temperature 1 for args.new tokens; {} where
+    llama-cpp-python is absent."""
     if folder is None or batch != 1:
         return {}
-    hf_dir = folder / f"{shape}-hf"
-    if not hf_dir.exists():
-        to_transformers(model).save_pretrained(hf_dir)
+    folder.mkdir(parents=True, exist_ok=True)
     try:
         import llama_cpp
     except ImportError:
         print(f"{shape:6s} llama.cpp rows skipped: llama-cpp-python is not installed")
         return {}
+    from multiar.engine.gguf_format import Vocabulary, write_gguf
+
+    size = model.config.vocab_size
+    names = ["<pad>", "<bos>", "<eos>", *(f"t{i}" for i in range(3, size))]
+    vocab = Vocabulary(size, 1, 2, 0, names, [3, 3, 3] + [1] * (size - 3))
     entries = {}
     prompt = torch.randint(3, 512, (args.prompt,)).tolist()
     for kind in LLAMA_TYPES:
-        path = folder / f"{shape}-{kind}.gguf"
-        if not path.exists():
-            print(f"{shape:6s} llama.cpp {kind} skipped: no {path}")
-            continue
+        path = folder / f"{shape}-{kind}.gguf"  # written afresh: these very weights
+        write_gguf(model, path, kind, vocab, {"name": shape})
         llm = llama_cpp.Llama(
             str(path), n_ctx=args.prompt + args.new + 8, n_threads=torch.get_num_threads(), verbose=False
         )

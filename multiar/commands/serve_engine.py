@@ -26,7 +26,7 @@ from torch import Tensor
 from multiar.engine.checked_draw import TokenCheck, checked_sample
 from multiar.engine.decode import decode_rows, prefill_row
 from multiar.engine.model import GPT
-from multiar.engine.rows import Rows, RowSettings, Token, window_tail
+from multiar.engine.rows import Rows, RowSettings, Token, flatten_banned, process_row, window_tail
 from multiar.engine.sampling import Sampler, probabilities
 
 log = logging.getLogger("multiar")
@@ -143,14 +143,7 @@ def check_row(
     (1, n), EOS banned (ban_eos) under min_new_tokens, then a token its checks accept (checked_sample,
     with its own settings and generator): what `Rows.process` and `Rows.draw` give the decode loop."""
     try:
-        row = logits[None]
-        for process in own.processors:
-            row = process(ids, row)
-        if ban_eos is not None:
-            row = row.clone()
-            row[:, ban_eos] = float("-inf")
-        banned = torch.isneginf(row).all(dim=-1)
-        row = row.masked_fill(banned[:, None], 0.0)
+        row, banned = flatten_banned(process_row(own.processors, ids, logits[None], ban_eos))
         checks = [p for p in own.processors if isinstance(p, TokenCheck)]
         listed = ids[0].tolist()
 

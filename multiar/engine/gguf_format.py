@@ -136,6 +136,16 @@ def write_gguf(model: GPT, path: Path, kind: str, vocab: Vocabulary, meta: dict[
     writer.close()
 
 
+def inert_merge(vocab: Vocabulary) -> list[str]:
+    """For a BPE without merges (protein: a letter per token): llama.cpp refuses a gpt2 vocabulary with
+    no merges key and the gguf package cannot write an empty array, so one merge of two control tokens,
+    which a text's letters never form."""
+    controls = [t for t, kind in zip(vocab.tokens or [], vocab.token_types, strict=True) if kind == 3]
+    if len(controls) < 2:
+        raise ValueError("a BPE vocabulary without merges needs two control tokens for GGUF")
+    return [f"{controls[0]} {controls[1]}"]
+
+
 def add_vocabulary(writer: Any, vocab: Vocabulary) -> None:
     """The tokenizer keys: gpt2-style BPE where there is one, else "none" (ids only)."""
     if vocab.tokens is None:
@@ -145,7 +155,7 @@ def add_vocabulary(writer: Any, vocab: Vocabulary) -> None:
         writer.add_tokenizer_pre("default")
         writer.add_token_list(vocab.tokens)
         writer.add_token_types(vocab.token_types)
-        writer.add_token_merges(vocab.merges)
+        writer.add_token_merges(vocab.merges or inert_merge(vocab))
         writer.add_add_bos_token(False)
     for key, value in (("bos", vocab.bos_id), ("eos", vocab.eos_id), ("pad", vocab.pad_id)):
         if value is not None:

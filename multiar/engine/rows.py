@@ -48,6 +48,27 @@ def extend_row(row: list[int], token: int, eos_id: int | None, stops: Sequence[l
     return False
 
 
+def process_row(
+    processors: Sequence[LogitsProcessor], ids: Tensor, logits: Tensor, ban_eos: int | None
+) -> Tensor:
+    """One row's processors on its logits (1, V) given its ids (1, n), then EOS banned (ban_eos: its id,
+    while the row is under min_new_tokens): the per-row step of `Rows.process_rows`, and of a server's
+    checked row on its worker."""
+    for process in processors:
+        logits = process(ids, logits)
+    if ban_eos is not None:
+        logits = logits.clone()
+        logits[:, ban_eos] = float("-inf")
+    return logits
+
+
+def flatten_banned(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """logits (B, V) with a row whose every token is banned made flat (its probabilities would be NaN),
+    and those rows' flags (B,)."""
+    banned = torch.isneginf(logits).all(dim=-1, keepdim=True)
+    return logits.masked_fill(banned, 0.0), banned[:, 0]
+
+
 def window_tail(ids: list[int], keep: int, window_starts: Sequence[bool] | None = None) -> list[int]:
     """The last `keep` ids as a training window past a document's first begins: no BOS or tags put
     back; with window_starts (per id), from the first id a window may start at, when one is there."""
@@ -170,8 +191,7 @@ class Rows:
             logits, early = self.ban_early_eos(logits, lengths)
         if not (self.processors or early):
             return logits, None
-        banned = torch.isneginf(logits).all(dim=-1, keepdim=True)
-        return logits.masked_fill(banned, 0.0), banned[:, 0]
+        return flatten_banned(logits)
 
     def ban_early_eos(self, logits: Tensor, lengths: list[int]) -> tuple[Tensor, bool]:
         """logits with EOS banned for the rows under min_new_tokens new ids, given each row's ids
@@ -255,21 +275,15 @@ class Rows:
         out, failed = [], {}
         for j, b in enumerate(rows):
             own, n = self.own[b], self.length.values[b]
-            row = logits[j : j + 1]
+            least = own.min_new_tokens if own is not None else self.min_new_tokens
+            early = self.eos_id if n - self.prompt_lens[b] < least else None
+            processors = own.processors if own is not None else self.processors
             try:
-                for process in own.processors if own is not None else self.processors:
-                    row = process(self.seq[b : b + 1, :n], row)
-                least = own.min_new_tokens if own is not None else self.min_new_tokens
-                if self.eos_id is not None and n - self.prompt_lens[b] < least:
-                    row = row.clone()
-                    row[:, self.eos_id] = float("-inf")
+                out.append(process_row(processors, self.seq[b : b + 1, :n], logits[j : j + 1], early))
             except Exception as err:  # noqa: BLE001 (a row's processor failing fails that row alone)
                 failed[b] = f"{type(err).__name__}: {err}"
-                row = torch.zeros_like(logits[j : j + 1])
-            out.append(row)
-        logits = torch.cat(out)
-        banned = torch.isneginf(logits).all(dim=-1, keepdim=True)
-        return logits.masked_fill(banned, 0.0), banned[:, 0], failed
+                out.append(torch.zeros_like(logits[j : j + 1]))
+        return (*flatten_banned(torch.cat(out)), failed)
 
     def push(self, b: int, token: int) -> str | None:
         """Add a produced token to row b; the reason it ends there, or None."""
