@@ -272,9 +272,11 @@ async def open_loop(url: str, rate: float, requests: int, seed: int, api: str = 
         outcomes = await asyncio.gather(*tasks)
         seconds = time.perf_counter() - t0
     ok = [o for o in outcomes if o.status == "ok"]
+    rejected = sum(o.status == "rejected" for o in outcomes)  # 429 when the queue is full: pushback, not loss
     tokens = sum(o.tokens for o in ok)
     return {"rate_req_s": round(rate, 3), "requests": requests, "seconds": round(seconds, 2),
-            "tokens_per_s": round(tokens / seconds, 1), "lost": requests - len(ok), **latency(ok)}  # fmt: skip
+            "tokens_per_s": round(tokens / seconds, 1), "rejected_429": rejected,
+            "lost": requests - len(ok) - rejected, **latency(ok)}  # fmt: skip
 
 
 async def metric(url: str, name: str) -> float:

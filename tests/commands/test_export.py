@@ -157,8 +157,9 @@ def test_a_code_run_exports_its_bpe_into_the_gguf(tmp_path):
 
 @pytest.mark.slow
 def test_llama_cpp_loads_the_gguf_with_equal_logits(tmp_path):
-    """llama-cpp-python (where it builds: 15-30 minutes on 2 cores) evaluates the f32 file: its logits
-    equal multiar's."""
+    """llama-cpp-python (where it builds: 15-30 minutes on 2 cores; or built without its library,
+    CMAKE_ARGS=-DLLAMA_BUILD=OFF, and LLAMA_CPP_LIB_PATH naming a llama.cpp build) evaluates the f32 file:
+    its logits equal multiar's, and it tokenizes protein text to the domain's ids."""
     llama_cpp = pytest.importorskip("llama_cpp")
     run_dir = copy_fixture_run(tmp_path)
     out = tmp_path / "model.gguf"
@@ -170,3 +171,6 @@ def test_llama_cpp_loads_the_gguf_with_equal_logits(tmp_path):
     with torch.no_grad():
         ours = load_run(run_dir).model(torch.tensor([prompt]))[0]
     assert (ours - theirs).abs().max().item() < 1e-3
+    domain, text = load_run(run_dir).domain, "MKTAYIAKQRQISFVKSHFSRQXBZUO"
+    assert llm.tokenize(text.encode(), add_bos=False) == domain.prompt_ids(text)[1:]  # llama.cpp reads protein
+    assert llm.detokenize(domain.prompt_ids(text)[1:]).decode() == text
