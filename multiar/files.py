@@ -131,6 +131,20 @@ def write_new_file(path: Path, write: Callable[[Path], None], overwrite: bool = 
     return path
 
 
+# write_new_file's temporary names: "." + the file's name + "." + mkstemp's 8 random characters + ".tmp"
+PARTIAL_WRITE = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+
+
+def remove_partial_writes(folder: Path) -> int:
+    """Delete the temporaries write_new_file leaves when its process is killed mid-write (SIGKILL runs no
+    cleanup) anywhere under folder; how many. A resumed run calls it, so its folder ends as an
+    uninterrupted run's."""
+    stale = [p for p in Path(folder).rglob(".*.tmp") if p.is_file() and PARTIAL_WRITE.match(p.name)]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return len(stale)
+
+
 def write_new_text(path: Path, text: str, overwrite: bool = False) -> Path:
     """write_new_file for text, UTF-8."""
     return write_new_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), overwrite)

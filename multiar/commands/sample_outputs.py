@@ -23,7 +23,7 @@ from multiar.domain import (
     counted_median,
 )
 from multiar.engine.speculative import SpeculativeStats
-from multiar.files import Appender
+from multiar.files import Appender, remove_partial_writes
 
 log = logging.getLogger("multiar")
 
@@ -47,6 +47,8 @@ def open_outputs(
     if not (cfg.resume and journal):
         return files, listing, Tally(domain.metric_summary()), digest
     tally = resume.load(out_dir, digest)
+    if stale := remove_partial_writes(out_dir):  # a write the kill cut short (the journal's, a sample's)
+        log.info("resume: removed %d partly written temporary file(s)", stale)
     sizes = dict(tally.sizes)
     listing.resume(sizes.pop(LISTING))
     files.resume(sizes)
