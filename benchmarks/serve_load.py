@@ -74,21 +74,26 @@ def start_server(run: Path, slots: int, log_dir: Path, *extra: str, ready_s: flo
     cmd = [str(exe), "serve", f"runs=[{run}]", "host=127.0.0.1", f"port={port}", f"slots={slots}", *extra]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    server = Server(proc, f"http://127.0.0.1:{port}", log)
+    server = wait_ready(Server(proc, f"http://127.0.0.1:{port}", log), "multiar serve", ready_s)
+    found = re.search(r"KV cache [\d.]+ MiB, (\S+)", log.read_text())
+    server.dtype = found.group(1) if found else "?"
+    return server
+
+
+def wait_ready(server: Server, name: str, ready_s: float) -> Server:
+    """server once its /health answers 200; RuntimeError (its log's tail) when it exits or times out."""
     deadline = time.monotonic() + ready_s
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"multiar serve exited {proc.returncode}: {log.read_text()[-2000:]}")
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"{name} exited {server.proc.returncode}: {server.log.read_text()[-2000:]}")
         try:
             if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
-                found = re.search(r"KV cache [\d.]+ MiB, (\S+)", log.read_text())
-                server.dtype = found.group(1) if found else "?"
                 return server
         except httpx.HTTPError:
             pass
         time.sleep(0.25)
     stop_server(server)
-    raise RuntimeError(f"multiar serve not ready after {ready_s} s")
+    raise RuntimeError(f"{name} not ready after {ready_s} s")
 
 
 def stop_server(server: Server, timeout: float = 30.0) -> int | None:
@@ -391,19 +396,7 @@ def start_llama_server(binary: Path, gguf: Path, slots: int, log_dir: Path, read
            "--no-webui", "--cache-ram", "0"]  # fmt: skip
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    server = Server(proc, f"http://127.0.0.1:{port}", log, "f32")
-    deadline = time.monotonic() + ready_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"llama-server exited {proc.returncode}: {log.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    stop_server(server)
-    raise RuntimeError(f"llama-server not ready after {ready_s} s")
+    return wait_ready(Server(proc, f"http://127.0.0.1:{port}", log, "f32"), "llama-server", ready_s)
 
 
 def loads(
