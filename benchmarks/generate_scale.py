@@ -46,7 +46,8 @@ def measure(run: Path, n: int, novelty: bool, batch_size: int, workers: int, out
     if novelty and (m := re.search(r"novelty search .*?\((\w+)\).*?([\d.]+) ms per sample", done.stderr)):
         row["search_backend"] = m.group(1)
         row["search_share"] = round(float(m.group(2)) * n / 1000 / seconds, 3)
-    row["load_avg_1min"] = round(os.getloadavg()[0], 2)  # other jobs on the machine decide these figures
+    # read after the run: it includes the run's own threads (~1-2); above that, other jobs were running
+    row["load_avg_1min"] = round(os.getloadavg()[0], 2)
     print(json.dumps(row), flush=True)
     return row
 

@@ -136,10 +136,10 @@ PARTIAL_WRITE = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
 
 
 def remove_partial_writes(folder: Path) -> int:
-    """Delete the temporaries write_new_file leaves when its process is killed mid-write (SIGKILL runs no
-    cleanup) anywhere under folder; how many. A resumed run calls it, so its folder ends as an
-    uninterrupted run's."""
-    stale = [p for p in Path(folder).rglob(".*.tmp") if p.is_file() and PARTIAL_WRITE.match(p.name)]
+    """Delete the temporaries write_new_file leaves in folder (not below it) when its process is killed
+    mid-write (SIGKILL runs no cleanup); how many. A resumed run calls it on its own output folder, where
+    a kill can cut the journal's or a sample file's write, so the folder ends as an uninterrupted run's."""
+    stale = [p for p in Path(folder).glob(".*.tmp") if p.is_file() and PARTIAL_WRITE.match(p.name)]
     for p in stale:
         p.unlink(missing_ok=True)
     return len(stale)

@@ -18,8 +18,8 @@ from Bio.Align import substitution_matrices
 log = logging.getLogger("multiar")
 BLOSUM62 = substitution_matrices.load("BLOSUM62")
 # BLOSUM62 has no selenocysteine or pyrrolysine; any other letter outside its alphabet counts as X
-_LETTERS = {ord("U"): "C", ord("O"): "K"} | {c: "X" for c in range(128) if chr(c) not in BLOSUM62.alphabet}
-OPEN, EXTEND = 11, 1  # BLAST's protein gap costs: a gap of k residues costs 11 + (k - 1)
+_LETTERS = {c: "X" for c in range(128) if chr(c) not in BLOSUM62.alphabet} | {ord("U"): "C", ord("O"): "K"}
+OPEN, EXTEND = 11, 1  # a gap of k residues scores -(11 + (k - 1)) (Bio.Align's open/extend convention)
 PARASAIL_LIMIT = 2**30  # past this a scaled score could leave parasail's 32-bit cells
 
 
@@ -94,7 +94,9 @@ class IdentityAligner:
             import parasail
 
             matrix = self._scaled.get(("parasail", scale)) or self._parasail_matrix(scale)
-            score = parasail.sg_scan_32(query, target, OPEN * scale, EXTEND * scale, matrix).score
+            # parasail's best has at least one aligned pair; Bio.Align's may align none (score 0, every
+            # residue against a free end gap): the same optimum once a negative one is taken as that
+            score = max(parasail.sg_scan_32(query, target, OPEN * scale, EXTEND * scale, matrix).score, 0)
         else:
             align = self._scaled.get(("biopython", scale)) or self._biopython_aligner(scale)
             score = int(round(align.score(query, target)))  # integers well inside a double's 53 bits

@@ -79,8 +79,11 @@ def probabilities(
     """The distribution the sampler draws from, as probabilities (..., V); temperature 0 is one-hot."""
     if temperature <= 0:
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.size(-1)).float()
+    logits = logits.float()
+    if temperature < 1e-3:  # a tiny divisor could overflow logits to inf (NaN in softmax): shift first
+        logits = logits - logits.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).min)
     # past float32's largest, the divisor would round to inf and turn banned tokens' -inf into NaN
-    logits = logits.float() / min(temperature, torch.finfo(torch.float32).max)
+    logits = logits / min(temperature, torch.finfo(torch.float32).max)
     if 0 < top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (..., 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -273,8 +273,13 @@ def test_both_identity_backends_agree_on_proteome_sized_pairs():
     for _ in range(80):
         query, target = rng.choice(seqs)[: rng.randint(20, 160)], rng.choice(seqs)
         assert fast.identities(query, target) == reference.identities(query, target)
+    for _ in range(40):  # unrelated random pairs: a negative best, where Bio.Align aligns nothing
+        query = "".join(rng.choice("ACDEFGHIKLMNPQRSTVWY") for _ in range(rng.randint(150, 300)))
+        target = "".join(rng.choice("ACDEFGHIKLMNPQRSTVWY") for _ in range(rng.randint(150, 300)))
+        assert fast.identities(query, target) == reference.identities(query, target)
     long = seqs[0] * 60  # past parasail's 32-bit range at this scale: Bio.Align's doubles take it
     assert fast.identities(long, long) == len(long)
+    assert blosum_letters("muoj*") == "MCKX*"  # selenocysteine as C, pyrrolysine as K, the unknown as X
 
 
 def test_low_complexity_and_homopolymer_measures():

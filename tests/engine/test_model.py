@@ -143,6 +143,13 @@ def test_a_temperature_past_float32_is_uniform_over_the_allowed_tokens_never_a_b
     assert set(draws.tolist()) == {1, 2, 3, 4}  # float32(1e300) is inf: -inf / inf is NaN, argmax's pick
 
 
+@pytest.mark.parametrize("temperature", [1e-40, 1e-30, 1e-8])
+def test_a_tiny_temperature_is_greedy_never_a_banned_token(temperature):
+    logits = (torch.randn(64, 6) * 50).index_fill_(-1, torch.tensor([0, 5]), float("-inf"))
+    draws = sample(logits, temperature=temperature, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(draws, logits.argmax(-1))  # logits / 1e-40 overflowed to inf: NaN, index 0 drawn
+
+
 def sliding_reference(model: GPT, prompt: list[int], n: int, keep: int) -> list[int]:
     """Reference: no cache; when the context fills block_size it restarts from the last keep ids (no BOS:
     a training window past a document's first)."""
