@@ -177,7 +177,7 @@ async def llama_request(client: httpx.AsyncClient, url: str, payload: dict[str, 
                 if event.get("stop"):
                     out.status = "ok" if out.tokens == want else "lost"
                     break
-    except httpx.HTTPError as err:
+    except (httpx.HTTPError, json.JSONDecodeError) as err:  # a broken stream: this request is lost
         out.detail = f"{type(err).__name__}: {err}"
     return out
 
@@ -217,7 +217,7 @@ async def stream_request(
                     out.detail = str(event["error"])
                 elif "samples" in event:
                     out.status = "ok" if event["samples"][0]["new_tokens"] == out.tokens else "lost"
-    except httpx.HTTPError as err:
+    except (httpx.HTTPError, json.JSONDecodeError) as err:  # a broken stream: this request is lost
         out.detail = f"{type(err).__name__}: {err}"
     return out
 
