@@ -75,38 +75,35 @@ class IdentityAligner:
     backend: "parasail" (SIMD, its wheels are x86_64 only), "biopython", or "auto" (parasail if installed)."""
 
     def __init__(self, backend: str = "auto") -> None:
+        try:
+            import parasail
+        except ImportError:
+            parasail = None
         if backend == "auto":
-            try:
-                import parasail  # noqa: F401
-
-                backend = "parasail"
-            except ImportError:
-                backend = "biopython"
+            backend = "biopython" if parasail is None else "parasail"
         if backend not in ("parasail", "biopython"):
             raise ValueError(f"novelty aligner: unknown backend {backend!r} (parasail, biopython, auto)")
-        self.backend = backend
+        self.backend, self._parasail = backend, parasail  # the module: not imported again per alignment
         self._scaled: dict[tuple[str, int], Any] = {}  # (backend, scale) -> matrix or aligner
 
     def identities(self, query: str, target: str) -> int:
         """query, target: in BLOSUM62's letters (`blosum_letters`)."""
         scale = 1 << max(7, len(query).bit_length())  # > len(query) >= identities
         if self.backend == "parasail" and scale * OPEN * (len(query) + len(target)) < PARASAIL_LIMIT:
-            import parasail
-
             matrix = self._scaled.get(("parasail", scale)) or self._parasail_matrix(scale)
             # parasail's best has at least one aligned pair; Bio.Align's may align none (score 0, every
             # residue against a free end gap): the same optimum once a negative one is taken as that
-            score = max(parasail.sg_scan_32(query, target, OPEN * scale, EXTEND * scale, matrix).score, 0)
+            score = max(
+                self._parasail.sg_scan_32(query, target, OPEN * scale, EXTEND * scale, matrix).score, 0
+            )
         else:
             align = self._scaled.get(("biopython", scale)) or self._biopython_aligner(scale)
             score = int(round(align.score(query, target)))  # integers well inside a double's 53 bits
-        return score % scale  # Python's modulo: in [0, scale) for a negative optimum too
+        return score % scale  # the optimum is >= 0 and scale > len(query) >= identities
 
     def _parasail_matrix(self, scale: int) -> Any:
-        import parasail
-
-        base = np.asarray(parasail.blosum62.matrix)  # parasail's BLOSUM62, the same 24 letters
-        matrix = parasail.blosum62.copy()
+        base = np.asarray(self._parasail.blosum62.matrix)  # parasail's BLOSUM62, the same 24 letters
+        matrix = self._parasail.blosum62.copy()
         for i in range(base.shape[0]):
             for j in range(base.shape[1]):
                 matrix.set_value(i, j, int(base[i, j]) * scale + (i == j))
