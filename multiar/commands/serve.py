@@ -9,6 +9,7 @@ import ipaddress
 import logging
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -51,12 +52,18 @@ def api_key(cfg: DictConfig) -> str | None:
     return key
 
 
-def load_models(cfg: DictConfig, files_dir: Path) -> dict[str, Served]:
-    """Each run's model and engine (started), named by its folder; ConfigError for two runs of one name."""
+def model_names(cfg: DictConfig) -> list[str]:
+    """The runs' folder names, the models' names in requests; ConfigError for two runs of one name."""
     names = [Path(r).expanduser().resolve().name for r in cfg.runs]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise ConfigError(f"runs: two runs are named {twice[0]!r} (the folder name is the model name)")
+    return names
+
+
+def load_models(cfg: DictConfig, files_dir: Path) -> dict[str, Served]:
+    """Each run's model and engine (started), named by its folder."""
+    names = model_names(cfg)
     models: dict[str, Served] = {}
     for name, path in zip(names, cfg.runs, strict=True):
         run = load_run(path, device=cfg.device)
@@ -86,24 +93,55 @@ def load_models(cfg: DictConfig, files_dir: Path) -> dict[str, Served]:
     return models
 
 
-def build_state(cfg: DictConfig) -> tuple[AppState, Any]:
-    """The app and its shared state, models loaded and engines running (ready)."""
+def new_state(cfg: DictConfig) -> tuple[AppState, Any, Path]:
+    """The app and its shared state, no model loaded yet (/health says loading), and the files folder."""
     key = api_key(cfg)
+    model_names(cfg)  # a one-line error before listening
     files_dir = (
         Path(cfg.files_dir).expanduser() if cfg.files_dir else Path(tempfile.mkdtemp(prefix="multiar-serve-"))
     )
     state = AppState({}, key, cfg.max_body_bytes, cfg.request_timeout)
     state.files.keep = cfg.keep_files
-    app = create_app(state, list(cfg.cors_origins) or None)
-    state.models.update(load_models(cfg, files_dir))
-    state.ready = True
+    return state, create_app(state, list(cfg.cors_origins) or None), files_dir
+
+
+def start_loading(cfg: DictConfig, state: AppState, files_dir: Path) -> threading.Thread:
+    """Load the models on a thread of their own, which ends once they are loaded and their engines run;
+    then state.ready (or state.load_error). Why a thread that ends: torch's OpenMP (libgomp) gives each
+    thread that runs a parallel op a team of workers, and with more of those threads than cores it stops
+    spinning between ops, so the engine thread's decode step measured 1.4-1.8x slower when the thread that
+    loaded the model stayed alive (benchmarks/README.md, serve). The exiting thread takes its team with it,
+    leaving the engine's the only one. The objects loaded are then frozen out of the cyclic GC: a full
+    collection over the ~260,000 of them took 60-130 ms, a pause for every running stream (vLLM does the
+    same after loading)."""
+
+    def load() -> None:
+        try:
+            state.models.update(load_models(cfg, files_dir))
+            gc.collect()
+            gc.freeze()
+            state.ready = True
+        except BaseException as err:  # noqa: BLE001 (reported by whoever waits for the server)
+            state.load_error = err
+
+    thread = threading.Thread(target=load, name="multiar-load", daemon=True)
+    thread.start()
+    return thread
+
+
+def build_state(cfg: DictConfig) -> tuple[AppState, Any]:
+    """The app and its shared state, models loaded and engines running (ready)."""
+    state, app, files_dir = new_state(cfg)
+    start_loading(cfg, state, files_dir).join()
+    if state.load_error is not None:
+        raise state.load_error
     return state, app
 
 
 def drain(state: AppState, timeout: float) -> None:
     """New requests get 503; running ones get up to timeout seconds; then the engines stop."""
     state.draining = True
-    for served in state.models.values():
+    for served in list(state.models.values()):
         if not served.engine.drain(timeout):
             log.warning(
                 "serve: %s: requests still running after drain_timeout=%s s were cut", served.name, timeout
@@ -112,17 +150,10 @@ def drain(state: AppState, timeout: float) -> None:
 
 def serve(cfg: DictConfig) -> dict[str, Any]:
     """Serve until SIGTERM / Ctrl-C, then drain."""
-    import threading
-
     import uvicorn
 
     cfg = validate("serve", cfg)
-    state, app = build_state(cfg)
-    # the models, tokenizers and indexes loaded above are ~260,000 objects the cyclic GC would scan in
-    # every full collection (~60-130 ms here, a pause for every running stream): freeze them, so full
-    # collections look only at what requests create (vLLM does the same after loading)
-    gc.collect()
-    gc.freeze()
+    state, app, files_dir = new_state(cfg)
 
     class Draining(uvicorn.Server):
         """At SIGTERM / SIGINT: 503 for new requests while the running ones finish, then exit."""
@@ -140,6 +171,17 @@ def serve(cfg: DictConfig) -> dict[str, Any]:
             threading.Thread(target=finish, daemon=True).start()
 
     server = Draining(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning"))
-    print(f"serve: http://{cfg.host}:{cfg.port} ({', '.join(state.models)})", flush=True)
+    loader = start_loading(cfg, state, files_dir)
+
+    def stop_when_loading_fails() -> None:
+        loader.join()
+        if state.load_error is not None:
+            server.should_exit = True
+
+    threading.Thread(target=stop_when_loading_fails, daemon=True).start()
+    # listening while the models load: /health says "loading" (503) until every model is ready
+    print(f"serve: http://{cfg.host}:{cfg.port} (loading {', '.join(map(str, cfg.runs))})", flush=True)
     server.run()
+    if state.load_error is not None:
+        raise state.load_error
     return {"models": list(state.models)}

@@ -45,6 +45,7 @@ class AppState:
     retry_after: int = 1
     ready: bool = False
     draining: bool = False
+    load_error: BaseException | None = None  # why loading the models failed
     files: Files = field(default_factory=lambda: Files(1000))
     outcomes: Outcomes = field(default_factory=Outcomes)
 

@@ -286,3 +286,44 @@ def test_key_disconnect_and_loopback(protein_run, tmp_path, monkeypatch, capsys)
         thread.join(10)
         for s in state.models.values():
             s.engine.stop()
+
+
+def test_health_says_loading_while_models_load_and_a_failed_load_stops_the_server(
+    protein_run, tmp_path, monkeypatch
+):
+    """`multiar serve` listens while its models load (on a thread that ends: see start_loading): /health
+    is 503 "loading" and requests get 503; a load that fails stops the server with its one-line error."""
+    import multiar.commands.serve as serve_command
+    from multiar.errors import ConfigError
+
+    gate = threading.Event()
+
+    def slow_failing_load(cfg, files_dir):
+        gate.wait(30)
+        raise ConfigError("run: broken weights")
+
+    monkeypatch.setattr(serve_command, "load_models", slow_failing_load)
+    port = free_port()
+    cfg = serve_config(protein_run, tmp_path, f"port={port}")
+    out = {}
+
+    def run():
+        try:
+            serve_command.serve(cfg)
+        except ConfigError as err:
+            out["error"] = str(err)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    url, health = f"http://127.0.0.1:{port}", None
+    deadline = time.monotonic() + 20
+    while health is None and time.monotonic() < deadline:
+        try:
+            health = httpx.get(f"{url}/health")
+        except httpx.TransportError:
+            time.sleep(0.05)
+    assert health is not None and health.status_code == 503 and health.json()["status"] == "loading"
+    assert httpx.post(f"{url}/v1/generate", json={"prompt": "M"}).status_code == 503
+    gate.set()
+    thread.join(20)
+    assert not thread.is_alive() and out == {"error": "run: broken weights"}
