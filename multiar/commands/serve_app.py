@@ -15,6 +15,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
 from multiar.commands.serve_api import (
@@ -54,27 +55,42 @@ def error(status: int, message: str, kind: str, headers: dict[str, str] | None =
     return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status, headers=headers)
 
 
-def create_app(state: AppState, cors_origins: list[str] | None = None) -> FastAPI:
-    app = FastAPI(title="multiar serve", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.serve = state
+class Guard:
+    """The bearer token on /v1/ routes (401) and the declared body size (413), before any route. Plain
+    ASGI: starlette's @app.middleware("http") relays every chunk of a streamed response through a memory
+    stream and a task, a cost paid per token event."""
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Any) -> Response:
-        path = request.url.path
-        if state.api_key is not None and path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {state.api_key}".encode()):
+    def __init__(self, app: Any, state: AppState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            refused = self.refusal(Headers(scope=scope), scope["path"])
+            if refused is not None:
+                return await refused(scope, receive, send)
+        await self.app(scope, receive, send)
+
+    def refusal(self, headers: Headers, path: str) -> Response | None:
+        key, limit = self.state.api_key, self.state.max_body_bytes
+        if key is not None and path.startswith("/v1/"):
+            given = headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
                 return error(
                     401,
                     "a valid bearer token is required (Authorization: Bearer KEY)",
                     "authentication_error",
                 )
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > state.max_body_bytes):
-            return error(
-                413, f"the request body exceeds {state.max_body_bytes} bytes", "invalid_request_error"
-            )
-        return await call_next(request)
+        length = headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            return error(413, f"the request body exceeds {limit} bytes", "invalid_request_error")
+        return None
+
+
+def create_app(state: AppState, cors_origins: list[str] | None = None) -> FastAPI:
+    app = FastAPI(title="multiar serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.serve = state
+
+    app.add_middleware(Guard, state=state)
 
     if cors_origins:  # added after the guard: outermost, so preflights and 401s and 413s get its headers
         from fastapi.middleware.cors import CORSMiddleware
