@@ -16,6 +16,7 @@ For (a) slots=16 and (b) slots=1 on one run, and (c) with --llama-server BINARY,
     python benchmarks/serve_load.py runs/protein_small --json benchmarks/serve_load.json
     python benchmarks/serve_load.py runs/protein_small --only soak --soak 200   # a short soak
     python benchmarks/serve_load.py runs/protein_small --llama-server /path/to/llama-server
+    python benchmarks/serve_load.py runs/protein_small --llama-server /path/to/llama-server --alternate 6
 """
 
 from __future__ import annotations
@@ -382,6 +383,42 @@ def measure_llama(
         gguf.unlink(missing_ok=True)
 
 
+def alternate(
+    binary: Path, run: Path, rounds: int, args: argparse.Namespace, log_dir: Path
+) -> dict[str, Any]:
+    """(a) `multiar serve slots=16` and (c) llama-server --parallel 16, both up, their closed loops
+    alternated `rounds` times (who goes first alternates too): this VM's speed drifts ~30% between
+    minutes, so one run of each, minutes apart, says little; the ratio of the medians is the figure."""
+    gguf = log_dir / f"serve_load_{os.getpid()}.gguf"
+    gguf.unlink(missing_ok=True)
+    exe = Path(sys.executable).parent / "multiar"
+    subprocess.run(
+        [str(exe), "export", f"run={run}", "format=gguf", f"out={gguf}", "gguf_type=f32"], check=True
+    )
+    servers: dict[str, Server] = {}
+    rates: dict[str, list[float]] = {"multiar_slots16": [], "llama_server": []}
+    lost = 0
+    try:
+        servers["multiar_slots16"] = start_server(run, 16, log_dir, f"max_queue={args.max_queue}")
+        servers["llama_server"] = start_llama_server(binary, gguf, args.llama_slots, log_dir)
+        for r in range(rounds):
+            order = list(rates) if r % 2 == 0 else list(reversed(rates))
+            for name in order:
+                api = "llama" if name == "llama_server" else "multiar"
+                row = asyncio.run(closed_loop(servers[name].url, 16, args.per_client, api))
+                rates[name].append(row["tokens_per_s"])
+                lost += row["lost"]
+                print(f"round {r}: {name} {row['tokens_per_s']} tokens/s", flush=True)
+    finally:
+        for server in servers.values():
+            stop_server(server)
+        gguf.unlink(missing_ok=True)
+    medians = {k: round(statistics.median(v), 1) for k, v in rates.items()}
+    return {"rounds": rounds, "per_client": args.per_client, "tokens_per_s": rates, "median": medians,
+            "lost": lost, "multiar_dtype": servers["multiar_slots16"].dtype,
+            "ratio_a_over_c": round(medians["multiar_slots16"] / medians["llama_server"], 3)}  # fmt: skip
+
+
 def start_llama_server(binary: Path, gguf: Path, slots: int, log_dir: Path, ready_s: float = 180.0) -> Server:
     """llama-server on a free loopback port, `--parallel slots` with a context of the model's length per
     slot, all cores, no web UI; once /health says ok."""
@@ -524,9 +561,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--llama-server", type=Path, help="llama.cpp's llama-server binary: measured as (c)")
     p.add_argument("--llama-slots", type=int, default=16, help="llama-server --parallel")
     p.add_argument("--bf16", action="store_true", help="tokens that differ between batch sizes in bf16")
+    p.add_argument(
+        "--alternate",
+        type=int,
+        default=0,
+        help="with --llama-server: only closed loops of (a) and (c), alternated this many rounds",
+    )
     args = p.parse_args(argv)
     log_dir = Path(os.environ.get("TMPDIR", "/tmp"))
     result: dict[str, Any] = {"run": str(args.run), "new_tokens": NEW_TOKENS, "machine": machine()}
+    if args.alternate:
+        if args.llama_server is None:
+            p.error("--alternate needs --llama-server")
+        result["alternated"] = alternate(args.llama_server, args.run, args.alternate, args, log_dir)
+        args.slots, args.llama_server = [], None
     result["configs"] = [measure(args.run, s, args, log_dir) for s in args.slots]
     if args.llama_server is not None:
         result["llama_cpp_server"] = measure_llama(

@@ -159,3 +159,36 @@ def test_entries_of_free_form_mappings_need_no_plus():
         load_config("train", []).data.augment == {}
         and load_config("train", ["data.augment=null"]).data.augment is None
     )
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [
+        {"temperature": 0.5, "seed": 3, "max_new_tokens": 7},
+        {"top_p": 0.9, "options": {"min_len": 3}, "stop": ["x"]},
+        {"temperature": -1.0},  # a range check (__post_init__)
+        {"temperature": "hot"},  # a type
+        {"top_k": 1.5},
+        {"filters": {"no_such_filter": 1}},  # an unknown nested key
+        {"n": 0},
+    ],
+)
+def test_validate_update_checks_what_validate_checks(keys):
+    """The server's fast path (keys onto a base validated once) accepts and rejects what validate does on
+    the merged config, and gives the same config when it accepts."""
+    from multiar.errors import ConfigError
+    from multiar.schema import validate, validate_update
+
+    base = validate("generate", load_config("generate", ["run=runs/x", "device=cpu"]))
+    try:
+        slow = validate("generate", OmegaConf.merge(base, keys))
+    except Exception as err:  # noqa: BLE001 (the merge or the checks: either way, refused)
+        slow = err
+    try:
+        fast = validate_update(base, keys)
+    except ConfigError as err:
+        fast = err
+    if isinstance(slow, Exception):
+        assert isinstance(fast, ConfigError), (keys, slow)
+    else:
+        assert OmegaConf.to_container(fast) == OmegaConf.to_container(slow)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from symusic import Score
 
 from multiar.commands import resume
@@ -47,8 +47,9 @@ from multiar.engine.model import GPT
 from multiar.engine.rows import RowSettings
 from multiar.engine.sampling import Sampler
 from multiar.engine.speculative import SpeculativeStats
+from multiar.errors import ConfigError
 from multiar.run_folder import Run
-from multiar.schema import validate
+from multiar.schema import validate_update
 
 # the generate keys a request may set: sampling, conditions, prompts as data (never a path or a folder)
 REQUEST_KEYS = frozenset(
@@ -142,10 +143,13 @@ def request_config(served: Served, body: dict[str, Any], out_dir: Path, max_prom
         raise RequestError(f"n: must be 1 to {served.max_n} (the server's max_n)")
     server_filters(served, keys.get("filters"))
     try:
-        cfg = OmegaConf.merge(served.base, keys)
-    except Exception as err:  # noqa: BLE001 (OmegaConf's own errors: a value of the wrong type)
-        raise RequestError(str(err).strip().splitlines()[0]) from None
-    return validate("generate", cfg)
+        return validate_update(served.base, keys)  # served.base: validate("generate", ...) at start
+    except ConfigError:
+        raise
+    except Exception as err:  # noqa: BLE001 (OmegaConf's other errors on odd values: the client's)
+        raise RequestError(
+            str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        ) from None
 
 
 def server_filters(served: Served, filters: Any) -> None:
