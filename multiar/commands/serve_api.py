@@ -109,6 +109,7 @@ class Flow:
         self.served, self.plan = served, plan
         self.inbox = inbox()
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
+        self.held: Event | None = None  # taken from the queue by merged(), not yet handed on
         deadline = time.monotonic() + timeout if timeout else None
         self.job = Job(plan.specs, self.emit, deadline)
         self.results: list[tuple[list[int], str | None, list[float]] | None] = [None] * len(plan.specs)
@@ -128,8 +129,8 @@ class Flow:
         try:
             while left:
                 try:  # most events are waiting already: no timer for those
-                    event = self.queue.get_nowait() if self.queue.qsize() else None
-                    event = event or await asyncio.wait_for(self.queue.get(), 0.25)
+                    event = self.take() or await asyncio.wait_for(self.queue.get(), 0.25)
+                    event = self.merged(event)
                 except asyncio.TimeoutError:  # TimeoutError from 3.11 on; not on 3.10
                     if await gone():
                         self.cancel()
@@ -144,6 +145,24 @@ class Flow:
         finally:
             if left:
                 self.cancel()
+
+    def take(self) -> Event | None:
+        """The next event if one is waiting (the one merged() held back first), else None."""
+        if self.held is not None:
+            event, self.held = self.held, None
+            return event
+        return self.queue.get_nowait() if self.queue.qsize() else None
+
+    def merged(self, event: Event) -> Event:
+        """event with the token events of its sample waiting right behind it: a stream that fell behind
+        the engine catches up in one SSE event instead of one per step; the first event that does not
+        merge waits for the next take()."""
+        while event.kind == "tokens" and (following := self.take()) is not None:
+            if following.kind != "tokens" or following.sample != event.sample:
+                self.held = following
+                break
+            event = Event("tokens", event.sample, event.ids + following.ids)
+        return event
 
     async def result(self) -> dict[str, Any]:
         done = [r for r in self.results if r is not None]

@@ -327,3 +327,35 @@ def test_health_says_loading_while_models_load_and_a_failed_load_stops_the_serve
     gate.set()
     thread.join(20)
     assert not thread.is_alive() and out == {"error": "run: broken weights"}
+
+
+def test_a_stream_that_fell_behind_gets_its_waiting_tokens_in_one_event():
+    """Token events of one sample waiting back to back merge into one (in order); an event of another
+    sample or an end is never merged over, and comes next."""
+    import asyncio
+
+    from multiar.commands.serve_api import Flow
+    from multiar.commands.serve_engine import Event
+
+    async def run():
+        flow = Flow.__new__(Flow)
+        flow.queue, flow.held, flow.results = asyncio.Queue(), None, [None, None]
+        waiting = [Event("tokens", 0, [1]), Event("tokens", 0, [2]), Event("tokens", 1, [3]),
+                   Event("tokens", 1, [4]), Event("end", 0, [1, 2], "length"), Event("tokens", 1, [5])]  # fmt: skip
+        for e in waiting:
+            flow.queue.put_nowait(e)
+
+        async def never_gone():
+            return False
+
+        seen = []
+        async for e in flow.events(never_gone):
+            seen.append((e.kind, e.sample, e.ids))
+            if len(seen) == 4:
+                flow.queue.put_nowait(Event("end", 1, [3, 4, 5], "length"))
+        return seen
+
+    assert asyncio.run(run()) == [
+        ("tokens", 0, [1, 2]), ("tokens", 1, [3, 4]), ("end", 0, [1, 2]), ("tokens", 1, [5]),
+        ("end", 1, [3, 4, 5]),
+    ]  # fmt: skip
