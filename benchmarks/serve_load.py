@@ -358,7 +358,7 @@ def soak_summary(res: SoakResult) -> dict[str, Any]:
 def measure(run: Path, slots: int, args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
     """Closed loop, then open loop at fractions of the closed loop's request rate (and the soak when
     asked) on one `multiar serve slots=...` subprocess."""
-    server = start_server(run, slots, log_dir, f"max_queue={args.max_queue}")
+    server = start_server(run, slots, log_dir, f"max_queue={args.max_queue}", *args.serve_args)
     return loads(server, {"slots": slots, "dtype": server.dtype}, slots, args, "multiar")
 
 
@@ -399,7 +399,9 @@ def alternate(
     rates: dict[str, list[float]] = {"multiar_slots16": [], "llama_server": []}
     lost = 0
     try:
-        servers["multiar_slots16"] = start_server(run, 16, log_dir, f"max_queue={args.max_queue}")
+        servers["multiar_slots16"] = start_server(
+            run, 16, log_dir, f"max_queue={args.max_queue}", *args.serve_args
+        )
         servers["llama_server"] = start_llama_server(binary, gguf, args.llama_slots, log_dir)
         for r in range(rounds):
             order = list(rates) if r % 2 == 0 else list(reversed(rates))
@@ -556,6 +558,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-queue", type=int, default=64)
     p.add_argument("--json", type=Path)
     p.add_argument(
+        "--serve-args", nargs="*", default=[], help="more multiar serve keys, e.g. stream_interval=0"
+    )
+    p.add_argument(
         "--code-run", type=Path, help="a code run: 15 plain rows with and without a constrained one"
     )
     p.add_argument("--llama-server", type=Path, help="llama.cpp's llama-server binary: measured as (c)")
@@ -570,6 +575,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     log_dir = Path(os.environ.get("TMPDIR", "/tmp"))
     result: dict[str, Any] = {"run": str(args.run), "new_tokens": NEW_TOKENS, "machine": machine()}
+    result["serve_args"] = args.serve_args
     if args.alternate:
         if args.llama_server is None:
             p.error("--alternate needs --llama-server")

@@ -606,6 +606,12 @@ class ServeSchema:
     slots: int = doc("rows of KV cache per model: requests decoded together", 8)
     max_queue: int = doc("requests waiting per model beyond the slots; more get 429 with Retry-After", 64)
     prefill_chunk: int = doc("most prompt tokens prefilled per decode step (running rows keep streaming)", 64)
+    stream_interval: float = doc(
+        "seconds at least between a stream's token events; the tokens drawn meanwhile go in the next "
+        "(0: an event per decode step). 50 updates a second read and draw smoothly, and a server that "
+        "sends fewer events has more of its cores for decoding",
+        0.02,
+    )
     max_tokens: int = doc("cap on a request's max_new_tokens", 1024)
     max_n: int = doc("most samples one request may ask for", 16)
     request_timeout: float = doc("seconds a request may run before its rows end (end reason timeout)", 600.0)
@@ -638,6 +644,9 @@ class ServeSchema:
             _check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
         _check(self.request_timeout > 0, "request_timeout", f"must be > 0, got {self.request_timeout}")
         _check(self.drain_timeout >= 0, "drain_timeout", f"must be >= 0, got {self.drain_timeout}")
+        _check(
+            0 <= self.stream_interval <= 10, "stream_interval", f"must be 0-10 s, got {self.stream_interval}"
+        )
         _check_decode(self.quantize, self.dtype, self.layout)
 
 

@@ -79,6 +79,7 @@ def load_models(cfg: DictConfig, files_dir: Path) -> dict[str, Served]:
             slots=cfg.slots,
             max_queue=cfg.max_queue,
             prefill_chunk=cfg.prefill_chunk,
+            stream_interval=cfg.stream_interval,
             eos_id=domain.eos_id,
             max_tokens=cfg.max_tokens,
             window_starts=starts,

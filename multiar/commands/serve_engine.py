@@ -173,8 +173,12 @@ class SlotEngine:
         eos_id: int | None,
         max_tokens: int,
         window_starts: Sequence[bool] | None = None,
+        stream_interval: float = 0.0,
     ):
         self.model, self.slots, self.max_queue, self.chunk = model, slots, max_queue, prefill_chunk
+        self.interval = stream_interval
+        self.unsent: list[list[int]] = [[] for _ in range(slots)]  # drawn ids not yet in an event
+        self.sent_at: list[float] = [0.0] * slots  # when the row's last token event went
         self.block = model.config.block_size
         self.keep, self.window_starts = self.block // 2, window_starts
         model.eval()
@@ -426,20 +430,25 @@ class SlotEngine:
                 self.fail(self.job[b], message)
 
     def dispatch(self, events: list[Token]) -> None:
-        """Tokens to their requests, grouped per row; ended rows finish."""
-        grouped: dict[int, list[int]] = {}
+        """Tokens to their requests, one event per row with what it drew since its last one, at most
+        every stream_interval seconds (a row's first tokens and its last go at once); ended rows finish."""
         for e in events:
             if e.token is not None:
-                grouped.setdefault(e.row, []).append(e.token)
+                self.unsent[e.row].append(e.token)
+        ended = {e.row for e in events if e.token is None}
         now = time.monotonic()
-        for b, ids in grouped.items():
+        for b in {e.row for e in events} | ended:
             job = self.job[b]
-            if job is not None:
-                if job.first_token is None:
-                    job.first_token = now
-                    self.stats.observe_ttft(now - job.submitted)
-                job.emit(Event("tokens", self.sample[b], ids))
-        for b in {e.row for e in events if e.token is None}:
+            if job is None or not self.unsent[b]:
+                continue
+            if job.first_token is None:
+                job.first_token = now
+                self.stats.observe_ttft(now - job.submitted)
+            elif b not in ended and now - self.sent_at[b] < self.interval:
+                continue
+            job.emit(Event("tokens", self.sample[b], self.unsent[b]))
+            self.unsent[b], self.sent_at[b] = [], now
+        for b in ended:
             self.finish(b, [])
 
     def finish(self, b: int, events: list[Token]) -> None:
@@ -447,12 +456,15 @@ class SlotEngine:
         job, rows = self.job[b], self.rows
         ids, end, sample = list(rows.new[b]), rows.ends[b], self.sample[b]
         logps = self.logps[b][: len(ids) + (end == "eos")]
+        unsent, self.unsent[b] = self.unsent[b], []
         self.job[b], self.phase[b], self.pending[b], self.filled[b] = None, "idle", [], 0
         self.checking.pop(b, None)  # a draw still on the worker is dropped when it comes
         rows.ends[b], rows.finished_t[b] = end or "idle", True
         if job is not None:
             job.ended += 1
             if not job.failed:
+                if unsent:  # a row cut between its events (cancelled, late): the stream still gets them
+                    job.emit(Event("tokens", sample, unsent))
                 job.emit(Event("end", sample, ids, end, logps))
 
     def fail(self, job: Job | None, message: str) -> None:

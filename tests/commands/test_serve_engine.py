@@ -291,3 +291,32 @@ def test_a_hanging_check_still_lets_its_deadline_end_the_row(model):
     finally:
         check.release.set()
         e.stop()
+
+
+def test_stream_interval_batches_a_rows_tokens_and_loses_none(model):
+    """With stream_interval, a row's token events come at most that often (its first at once), carry
+    every drawn id in order, and the last ones reach the stream before the end, also when cancelled."""
+    paced, plain = engine(model, stream_interval=0.05), engine(model)
+    try:
+        a, b = (
+            request(paced, [[1, 5]], max_new=40, min_new=40),
+            request(plain, [[1, 5]], max_new=40, min_new=40),
+        )
+        wait(a, b)
+        tokens = [e for e in a.events if e.kind == "tokens"]
+        assert [i for e in tokens for i in e.ids] == a.ends()[0].ids == b.ends()[0].ids
+        assert (
+            len(tokens[0].ids) == 1 and len(tokens) < len([e for e in b.events if e.kind == "tokens"]) == 40
+        )
+        assert a.events[-1].kind == "end"
+        c = request(paced, [[1, 5]], max_new=200, min_new=200)
+        while not any(e.kind == "tokens" for e in c.events):
+            time.sleep(0.001)
+        job = next(j for j in paced.job if j is not None)
+        paced.cancel(job)
+        wait(c)
+        streamed = [i for e in c.events if e.kind == "tokens" for i in e.ids]
+        assert streamed == c.ends()[0].ids and c.ends()[0].end == "cancelled"
+    finally:
+        paced.stop()
+        plain.stop()
