@@ -24,10 +24,10 @@ import torch
 from torch import Tensor
 
 from multiar.engine.checked_draw import TokenCheck, checked_sample
-from multiar.engine.decode import decode_rows, prefill_row
 from multiar.engine.model import GPT
 from multiar.engine.rows import Rows, RowSettings, Token, flatten_banned, process_row, window_tail
 from multiar.engine.sampling import Sampler, probabilities
+from multiar.engine.segments import Segments
 
 log = logging.getLogger("multiar")
 
@@ -270,8 +270,8 @@ class SlotEngine:
 
     @torch.inference_mode()
     def step(self) -> None:
-        """One step: admit, drop the cancelled and late, decode the running rows, prefill one chunk,
-        then sample every row that has logits."""
+        """One step: admit, drop the cancelled and late, one forward for the running rows and a chunk
+        of the prompts entering, then sample every row that has logits."""
         self.admit()
         self.drop_gone()
         self.collect_checks(wait=not any(p in ("run", "prefill") for p in self.phase))
@@ -281,9 +281,7 @@ class SlotEngine:
             ids = self.rows.seq[b, : self.rows.length.values[b]].tolist()
             self.start_prefill(b, window_tail(ids[-self.keep :], self.keep, self.window_starts))
         running = [b for b in running if self.phase[b] == "run"]
-        if running:
-            logits.update(self.decode(running))
-        logits.update(self.prefill())
+        logits.update(self.advance(running))
         if logits:
             self.sample_rows(sorted(logits), torch.stack([logits[b] for b in sorted(logits)]))
         self.stats.steps += 1
@@ -327,35 +325,37 @@ class SlotEngine:
             if job.cancelled or late or job.failed:
                 self.finish(b, self.rows.end(b, "cancelled" if job.cancelled else "timeout"))
 
-    def decode(self, running: list[int]) -> dict[int, torch.Tensor]:
-        """Feed each running row's last id at its position; every other slot up to the last one in use
-        writes a cache slot it fills again before reading it (a checking row: the one after its ids, or
-        its last, which its slide then refills); the idle slots past the last one in use are left out."""
-        rows, end = self.rows, max(b for b in range(self.slots) if self.phase[b] != "idle") + 1
-        filled = [min(f, self.block - 1) for f in self.filled[:end]]
-        positions = torch.tensor(filled, device=rows.seq.device)
-        last = (rows.length.tensor[:end] - 1).clamp_min(0)
-        tokens = rows.seq[rows.index[:end], last]
-        out = decode_rows(self.model, tokens, positions)
-        for b in running:
-            self.filled[b] += 1
-        return {b: out[b] for b in running}
-
-    def prefill(self) -> dict[int, torch.Tensor]:
-        """Up to prefill_chunk prompt ids of the rows waiting for them, oldest first; the logits of each
-        row whose prompt is now all in its cache."""
-        budget, out = self.chunk, {}
+    def advance(self, running: list[int]) -> dict[int, torch.Tensor]:
+        """One forward (engine.segments): each running row's last id at its position, and up to
+        prefill_chunk prompt ids of the rows waiting for them, oldest first. Every other slot up to the
+        last one in use writes a placeholder it fills again before reading it (a prefilling row: its
+        chunk, in the same step; a checking row: the one after its ids, or its last, which its slide
+        then refills); idle slots past the last one in use are left out. The logits of each running row
+        and of each row whose prompt is now all in its cache."""
+        rows, device = self.rows, self.rows.seq.device
+        d = max(b for b in range(self.slots) if self.phase[b] != "idle") + 1 if running else 0
+        positions = torch.tensor([min(f, self.block - 1) for f in self.filled[:d]], dtype=torch.long)
+        ids = [rows.seq[rows.index[:d], (rows.length.tensor[:d] - 1).clamp_min(0)]]
+        chunks, budget = [], self.chunk
         for b in sorted((b for b in range(self.slots) if self.phase[b] == "prefill"), key=self.age):
             if budget <= 0:
                 break
             take, self.pending[b] = self.pending[b][:budget], self.pending[b][budget:]
-            ids = torch.tensor(take, device=self.rows.seq.device)
-            logits = prefill_row(self.model, b, ids, self.filled[b])
+            chunks.append((b, self.filled[b], len(take)))
+            ids.append(torch.tensor(take, device=device))
             self.filled[b] += len(take)
             budget -= len(take)
+        if not (d or chunks):
+            return {}
+        segments = Segments(d, positions.to(device), chunks)
+        out = self.model.forward_segments(torch.cat(ids), segments)  # (d + len(chunks), V)
+        logits = {b: out[b] for b in running}
+        for b in running:
+            self.filled[b] += 1
+        for j, (b, _, _) in enumerate(chunks):
             if not self.pending[b]:
-                self.phase[b], out[b] = "run", logits
-        return out
+                self.phase[b], logits[b] = "run", out[d + j]
+        return logits
 
     def age(self, b: int) -> float:
         job = self.job[b]

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from multiar.engine.model import GPT, KVCache
+from multiar.engine.model import GPT
 from multiar.engine.rows import Rows, Token, as_rows, extend_row, window_tail
 from multiar.engine.sampling import LogitsProcessor, repetition_penalty
 
@@ -24,11 +24,9 @@ __all__ = [
     "Token",
     "as_rows",
     "compile_for_sampling",
-    "decode_rows",
     "extend_row",
     "generate",
     "prefill",
-    "prefill_row",
     "stream",
     "window_tail",
 ]
@@ -43,36 +41,6 @@ def prefill(model: GPT, idx: Tensor, last: Tensor | None = None) -> Tensor:
     """Run prompts idx (B, T) through the model from position 0, filling the cache; logits for the token
     after each row's last prompt token (B, V). last: (B,) index of each row's last real token (ragged)."""
     return model(idx, 0, logits_at=-1 if last is None else last)[:, -1]
-
-
-def prefill_row(model: GPT, b: int, ids: Tensor, start: int) -> Tensor:
-    """Feed ids (T,) to batch row b's cache at positions start .. start+T-1, no other row touched (a
-    slot engine's joining request, one chunk at a time, while the others keep their caches); logits for
-    the token after the last (V,). The layers' caches are swapped for views of row b during the call."""
-    caches = [block.attn.kv_cache for block in model.blocks]
-    if any(c is None for c in caches):
-        raise RuntimeError("prefill_row needs the KV caches: call model.setup_caches() first")
-    try:
-        for block, cache in zip(model.blocks, caches, strict=True):
-            block.attn.kv_cache = RowCache(cache, b)
-        return model(ids[None], start, logits_at=-1)[0, -1]
-    finally:
-        for block, cache in zip(model.blocks, caches, strict=True):
-            block.attn.kv_cache = cache
-
-
-class RowCache(KVCache):
-    """One batch row of a layer's KVCache as a cache of batch size 1: views, written in place."""
-
-    def __init__(self, cache: KVCache, b: int) -> None:
-        torch.nn.Module.__init__(self)
-        self.k, self.v = cache.k[b : b + 1], cache.v[b : b + 1]
-
-
-def decode_rows(model: GPT, tokens: Tensor, positions: Tensor) -> Tensor:
-    """One token per batch row (B,) at its own position (B,) -> logits (B, V). Every cache row is
-    written at its position: a row not decoding gives a slot it will overwrite before attending to it."""
-    return model(tokens[:, None], positions[:, None], kv_len=int(positions.max()) + 1)[:, -1]
 
 
 def decode_one_token(model: GPT, token: Tensor, pos: int) -> Tensor:

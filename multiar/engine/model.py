@@ -18,6 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from multiar.engine.segments import Segments, segment_attention
+
 
 @dataclass
 class ModelConfig:
@@ -149,14 +151,27 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(
-        self, x: Tensor, freqs: Tensor, input_pos: int | Tensor | None, kv_len: int, mask: Tensor | None
+        self,
+        x: Tensor,
+        freqs: Tensor,
+        input_pos: int | Tensor | Segments | None,
+        kv_len: int,
+        mask: Tensor | None,
     ) -> Tensor:
         B, T, C = x.shape
         nh, hs = self.config.n_head, self.config.head_size
         # split, not slices: its backward is one cat, where each slice's fills a zero tensor of qkv's size
         qk, v = self.qkv(x).view(B, T, 3 * nh, hs).split([2 * nh, nh], dim=2)
         # rotate q and k in one call: half the small ops per layer
-        qk = apply_rope(qk, freqs).transpose(1, 2)  # (B, 2 * nh, T, hs)
+        qk = apply_rope(qk, freqs)  # (B, T, 2 * nh, hs)
+        if isinstance(input_pos, Segments):  # a slot engine's mixed step: B = 1, T tokens of many rows
+            if self.kv_cache is None or mask is None:
+                raise RuntimeError("a mixed step needs the KV cache: call model.setup_caches() first")
+            dtype = self.kv_cache.k.dtype
+            q, k = qk[0].to(dtype).split(nh, dim=1)  # (T, nh, hs) each
+            y = segment_attention(q, k, v[0].to(dtype), input_pos, self.kv_cache, mask)
+            return self.proj(y.to(x.dtype).reshape(B, T, C))
+        qk = qk.transpose(1, 2)  # (B, 2 * nh, T, hs)
         q, k = qk.split(nh, dim=1)  # (B, nh, T, hs) each
         v = v.transpose(1, 2)
         if input_pos is None:
@@ -197,7 +212,12 @@ class Block(nn.Module):
         self.dropout = config.dropout
 
     def forward(
-        self, x: Tensor, freqs: Tensor, input_pos: int | Tensor | None, kv_len: int, mask: Tensor | None
+        self,
+        x: Tensor,
+        freqs: Tensor,
+        input_pos: int | Tensor | Segments | None,
+        kv_len: int,
+        mask: Tensor | None,
     ) -> Tensor:
         a = self.attn(self.norm_1(x), freqs, input_pos, kv_len, mask)
         if self.dropout and self.training:  # no dropout op at all when sampling
@@ -277,6 +297,18 @@ class GPT(nn.Module):
         for block in self.blocks:
             block.attn.kv_cache = None
         self.causal_mask = None
+
+    def forward_segments(self, idx: Tensor, segments: Segments) -> Tensor:
+        """A slot engine's mixed step (multiar.engine.segments): idx (N,), the decoding rows' next ids
+        then the prompt chunks', written into the cache -> logits (rows + chunks, V): each decoding
+        row's, then each chunk's last token's. Eager (complex rotary table)."""
+        if self.causal_mask is None:
+            raise RuntimeError("a mixed step needs the KV cache: call model.setup_caches() first")
+        freqs = torch.view_as_complex(self.rope)[segments.token_positions()].unsqueeze(-2)  # (N, 1, hs/2)
+        x = self.wte(idx[None])  # (1, N, C)
+        for block in self.blocks:
+            x = block(x, freqs, segments, segments.kv_len, self.causal_mask)
+        return self.lm_head(self.norm_f(x[0, segments.logit_index()]))  # (rows + chunks, V)
 
     def forward(
         self,

@@ -319,3 +319,25 @@ def test_training_rmsnorm_matches_f_rms_norm_values_and_gradients(autocast):
     torch.testing.assert_close(ours_grads, (x.grad, norm.weight.grad))
     with torch.no_grad():  # sampling takes F.rms_norm itself
         torch.testing.assert_close(norm(x), ref)
+
+
+def test_a_mixed_step_equals_each_rows_own_forward():
+    """forward_segments: decoding rows at their own positions and prompt chunks entering other rows (one
+    from position 0 over its row's placeholder, one after earlier slots) in one forward give each row's
+    logits of a forward of that row alone over its whole sequence."""
+    from multiar.engine.segments import Segments
+
+    model = tiny_model()
+    seqs = [torch.randint(0, 37, (n,)) for n in (9, 5, 12, 7)]  # rows 0, 1 decode; 2, 3 take chunks
+    with torch.inference_mode():
+        want = [model(s[None])[0, -1] for s in seqs]  # each row alone, no cache
+        model.setup_caches(4, 64)
+        fill = Segments(0, torch.zeros(0, dtype=torch.long), [(0, 0, 8), (1, 0, 4), (3, 0, 3)])
+        model.forward_segments(torch.cat([seqs[0][:8], seqs[1][:4], seqs[3][:3]]), fill)
+        # rows 0 .. 2 decode; row 2's token is a placeholder its chunk overwrites in the same step
+        step = Segments(3, torch.tensor([8, 4, 0]), [(2, 0, 12), (3, 3, 4)])
+        ids = torch.cat([seqs[0][8:], seqs[1][4:], torch.tensor([5]), seqs[2], seqs[3][3:]])
+        out = model.forward_segments(ids, step)
+    assert out.shape == (5, 37)  # rows 0, 1, 2 (placeholder), then each chunk's last token
+    for got, ref in zip(out[[0, 1, 3, 4]], want, strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
