@@ -8,6 +8,7 @@ import gc
 import ipaddress
 import logging
 import os
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -18,7 +19,7 @@ from omegaconf import DictConfig
 from multiar.commands.generate import sampling_model
 from multiar.commands.serve_app import AppState, create_app
 from multiar.commands.serve_engine import SlotEngine
-from multiar.commands.serve_requests import Served
+from multiar.commands.serve_requests import Served, warm_up
 from multiar.config import load_config
 from multiar.domain import WindowStarts
 from multiar.errors import ConfigError
@@ -26,6 +27,8 @@ from multiar.run_folder import load_run
 from multiar.schema import validate
 
 log = logging.getLogger("multiar")
+
+SWITCH_INTERVAL = 0.001  # seconds: how long a thread waiting for the GIL waits before it asks for it
 
 
 def is_loopback(host: str) -> bool:
@@ -112,15 +115,20 @@ def start_loading(cfg: DictConfig, state: AppState, files_dir: Path) -> threadin
     thread that runs a parallel op a team of workers, and with more of those threads than cores it stops
     spinning between ops, so the engine thread's decode step measured 1.4-1.8x slower when the thread that
     loaded the model stayed alive (benchmarks/README.md, serve). The exiting thread takes its team with it,
-    leaving the engine's the only one. The objects loaded are then frozen out of the cyclic GC: a full
-    collection over the ~260,000 of them took 60-130 ms, a pause for every running stream (vLLM does the
-    same after loading)."""
+    leaving the engine's the only one. Each model then serves one small request (warm_up: what a first
+    request loads lazily), and every object loaded is frozen out of the cyclic GC: a full collection
+    over the ~260,000 of them took 60-130 ms, a pause for every running stream (vLLM freezes after
+    loading too)."""
 
     def load() -> None:
         try:
-            state.models.update(load_models(cfg, files_dir))
+            models = load_models(cfg, files_dir)
+            with tempfile.TemporaryDirectory(prefix="multiar-warm-up-") as scratch:
+                for served in models.values():
+                    warm_up(served, Path(scratch))
             gc.collect()
             gc.freeze()
+            state.models.update(models)
             state.ready = True
         except BaseException as err:  # noqa: BLE001 (reported by whoever waits for the server)
             state.load_error = err
@@ -154,6 +162,11 @@ def serve(cfg: DictConfig) -> dict[str, Any]:
     import uvicorn
 
     cfg = validate("serve", cfg)
+    # The engine thread gives up the GIL at every torch op and waits for it back; while another thread
+    # runs Python (a request's planning, the event loop), that wait lasts up to the switch interval,
+    # 5 ms by default: ~200 ops a step made steps of 40-80 ms whenever requests arrived together, and
+    # TTFT p99 12-21x its median at half load. At 1 ms: p99 2.0-2.5x (benchmarks/README.md, serve).
+    sys.setswitchinterval(SWITCH_INTERVAL)
     state, app, files_dir = new_state(cfg)
 
     class Draining(uvicorn.Server):

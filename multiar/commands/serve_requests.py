@@ -41,7 +41,7 @@ from multiar.commands.generate import (
     stop_text,
 )
 from multiar.commands.progress import Progress
-from multiar.commands.serve_engine import SampleSpec, SlotEngine
+from multiar.commands.serve_engine import Event, Job, SampleSpec, SlotEngine, Stats
 from multiar.domain import Assessed, Renderable, TokenErrors
 from multiar.engine.model import GPT
 from multiar.engine.rows import RowSettings
@@ -336,3 +336,26 @@ def notes_view(score: Score, since: int = 0) -> dict[str, Any]:
 
 def is_json(value: Any) -> bool:
     return value is None or isinstance(value, (str, int, float, bool, list, dict))
+
+
+def warm_up(served: Served, scratch: Path) -> None:
+    """One small request through the whole path (plan, the engine, finish) before the server says ready:
+    what a first request loads lazily (modules, the domain's indexes, kernels) is loaded now, so it can
+    be frozen out of the cyclic GC with the rest (serve.start_loading) and no user's request waits."""
+    done = threading.Event()
+    results: dict[int, tuple[list[int], str | None, list[float]]] = {}
+
+    def emit(event: Event) -> None:
+        if event.kind == "end":
+            results[event.sample] = (event.ids, event.end, event.logps)
+        if event.kind == "error" or len(results) == len(checked.specs):
+            done.set()
+
+    checked = plan(served, {"max_new_tokens": 4, "n": 1, "seed": 0, "files": False}, scratch, 1 << 20)
+    served.engine.submit(Job(checked.specs, emit))
+    if not done.wait(120):
+        raise RuntimeError(f"{served.name}: the warm-up request did not finish in 120 s")
+    if len(results) != len(checked.specs):
+        raise RuntimeError(f"{served.name}: the warm-up request failed")
+    finish(served, checked, [results[i] for i in range(len(checked.specs))])
+    served.engine.stats = Stats()  # /metrics counts users' requests only

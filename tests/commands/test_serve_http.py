@@ -359,3 +359,19 @@ def test_a_stream_that_fell_behind_gets_its_waiting_tokens_in_one_event():
         ("tokens", 0, [1, 2]), ("tokens", 1, [3, 4]), ("end", 0, [1, 2]), ("tokens", 1, [5]),
         ("end", 1, [3, 4, 5]),
     ]  # fmt: skip
+
+
+def test_loading_warms_each_model_then_freezes_and_counts_no_warm_up_tokens(protein_run, tmp_path):
+    """The loader ran one small request per model (what a first request loads lazily is loaded), froze
+    what it loaded out of the cyclic GC, and left the engine's counters at zero for the users."""
+    import gc
+
+    state, _ = build_state(serve_config(protein_run, tmp_path))
+    try:
+        engine = next(iter(state.models.values())).engine
+        assert set(engine.rows.ends) - {"idle"}  # a slot served the warm-up request to its end
+        assert engine.stats.tokens == 0 and engine.stats.steps == 0 and sum(engine.stats.ttft_counts) == 0
+        assert gc.get_freeze_count() > 0
+    finally:
+        for s in state.models.values():
+            s.engine.stop()
