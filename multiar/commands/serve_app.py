@@ -221,7 +221,7 @@ def add_routes(app: FastAPI, state: AppState) -> None:
                 "domain": s.run.domain.name,
                 "tags": list(s.run.domain.tags) if isinstance(s.run.domain, Tagged) else [],
             }
-            for n, s in state.models.items()
+            for n, s in list(state.models.items())
         ]
         return {"object": "list", "data": data}
 
@@ -259,9 +259,9 @@ def prometheus(state: AppState) -> str:
         ("counter", "multiar_generated_tokens_total", lambda s: s.engine.stats.tokens),
     ):
         lines.append(f"# TYPE {name} {kind}")
-        lines += [f'{name}{{model="{n}"}} {value(s)}' for n, s in state.models.items()]
+        lines += [f'{name}{{model="{n}"}} {value(s)}' for n, s in list(state.models.items())]
     lines.append("# TYPE multiar_ttft_seconds histogram")
-    for n, s in state.models.items():
+    for n, s in list(state.models.items()):
         stats, total = s.engine.stats, 0
         for le, c in zip([*map(str, TTFT_BUCKETS), "+Inf"], stats.ttft_counts, strict=True):
             total += c

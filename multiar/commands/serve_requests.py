@@ -11,6 +11,7 @@ import base64
 import binascii
 import io
 import math
+import re
 import secrets
 import threading
 from dataclasses import dataclass, field
@@ -143,13 +144,27 @@ def request_config(served: Served, body: dict[str, Any], out_dir: Path, max_prom
         raise RequestError(f"n: must be 1 to {served.max_n} (the server's max_n)")
     server_filters(served, keys.get("filters"))
     try:
-        return validate_update(served.base, keys)  # served.base: validate("generate", ...) at start
+        return validate_update(served.base, literal(keys))  # served.base: validate("generate", ...) at start
     except ConfigError:
         raise
     except Exception as err:  # noqa: BLE001 (OmegaConf's other errors on odd values: the client's)
         raise RequestError(
             str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         ) from None
+
+
+def literal(value: Any) -> Any:
+    """A request's values as OmegaConf keeps them literally: every `${` escaped (with the backslashes
+    before it doubled), so `"prompt": "${oc.env:MULTIAR_API_KEY}"` is that text, never the server's
+    secret or another config value."""
+    if isinstance(value, str):
+        value = re.sub(r"(\\+)(?=\$\{)", lambda m: m.group(1) * 2, value)
+        return value.replace("${", "\\${")
+    if isinstance(value, dict):
+        return {k: literal(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [literal(v) for v in value]
+    return value
 
 
 def server_filters(served: Served, filters: Any) -> None:
@@ -351,7 +366,12 @@ def warm_up(served: Served, scratch: Path) -> None:
         if event.kind == "error" or len(results) == len(checked.specs):
             done.set()
 
-    checked = plan(served, {"max_new_tokens": 4, "n": 1, "seed": 0, "files": False}, scratch, 1 << 20)
+    checked = plan(
+        served,
+        {"max_new_tokens": 4, "min_new_tokens": 0, "n": 1, "seed": 0, "files": False},
+        scratch,
+        1 << 20,
+    )
     served.engine.submit(Job(checked.specs, emit))
     if not done.wait(120):
         raise RuntimeError(f"{served.name}: the warm-up request did not finish in 120 s")

@@ -375,3 +375,17 @@ def test_loading_warms_each_model_then_freezes_and_counts_no_warm_up_tokens(prot
     finally:
         for s in state.models.values():
             s.engine.stop()
+
+
+def test_request_values_are_literal_never_config_interpolations(app, tmp_path, monkeypatch):
+    """`${...}` in a request's strings stays text: no environment variable (a secret) or config value is
+    resolved into the request, also behind backslashes."""
+    from multiar.commands.serve_requests import request_config
+
+    monkeypatch.setenv("MULTIAR_TEST_SECRET", "sekret")
+    state, _ = app
+    served = next(iter(state.models.values()))
+    texts = ["${oc.env:MULTIAR_TEST_SECRET}", "a \\${x} b", "x\\\\${run}", "${run}"]
+    for prompt, stop in (texts[:2], texts[2:]):
+        cfg = request_config(served, {"prompt": prompt, "stop": stop, "seed": 1}, tmp_path, 1 << 20)
+        assert (cfg.prompt, cfg.stop) == (prompt, stop)
