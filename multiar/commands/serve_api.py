@@ -190,10 +190,9 @@ async def generate_stream(
 ) -> AsyncIterator[bytes]:
     """SSE for /v1/generate: token batches per sample (music: the notes completed so far; code and
     protein: the text of the sample's new ids so far), the final event with the samples, then [DONE]."""
-    domain = flow.served.run.domain
+    domain, text = flow.served.run.domain, flow.served.text
     seen: dict[int, list[int]] = {}
     notes: dict[int, int] = {}
-    text: bool | None = None  # whether the domain's artifacts are text: learnt from the first event
     try:
         async for event in flow.events(gone):
             if event.kind != "tokens":
@@ -204,16 +203,12 @@ async def generate_stream(
             if text:  # code, protein: the new ids' text so far (a page shows it), one decode per event,
                 # on the loop: a tokenizer decodes a sample's ids in microseconds, less than a thread hop
                 out["text"] = domain.decode(ids)[0]
-                yield sse(out)
-                continue
-            head = flow.plan.prepared.work.prompts[event.sample // flow.plan.prepared.work.n]
-            artifact = (await asyncio.to_thread(domain.decode, head + ids))[0]
-            text = isinstance(artifact, str)
-            if isinstance(artifact, Score):
-                out |= notes_view(artifact, notes.get(event.sample, 0))
-                notes[event.sample] = out["note_count"]
-            elif text:
-                out["text"] = (await asyncio.to_thread(domain.decode, ids))[0]
+            else:  # music: the notes completed so far, from a decode on a worker (a Score takes longer)
+                head = flow.plan.prepared.work.prompts[event.sample // flow.plan.prepared.work.n]
+                artifact = (await asyncio.to_thread(domain.decode, head + ids))[0]
+                if isinstance(artifact, Score):
+                    out |= notes_view(artifact, notes.get(event.sample, 0))
+                    notes[event.sample] = out["note_count"]
             yield sse(out)
         result = await flow.result()
     except RequestError as err:

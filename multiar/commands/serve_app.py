@@ -149,7 +149,7 @@ async def start(state: AppState, request: Request, completions: bool) -> tuple[F
     raw = await read_json(request, state)
     served = served_model(state, raw)
     body = completion_body(raw, served) if completions else raw
-    if completions and not isinstance(served.run.domain.decode([])[0], str):
+    if completions and not served.text:
         raise RequestError(
             f"/v1/completions serves text domains; {served.name} is {served.run.domain.name}: use /v1/generate"
         )

@@ -109,6 +109,9 @@ class Served:
     max_n: int
     finishing: threading.Lock = field(default_factory=threading.Lock)  # the domain's post-processing
 
+    def __post_init__(self) -> None:
+        self.text = isinstance(self.run.domain.decode([])[0], str)  # code, protein: samples are text
+
 
 @dataclass
 class Plan:
