@@ -456,7 +456,9 @@ class SlotEngine:
         job, rows = self.job[b], self.rows
         ids, end, sample = list(rows.new[b]), rows.ends[b], self.sample[b]
         logps = self.logps[b][: len(ids) + (end == "eos")]
-        unsent, self.unsent[b], self.sent_at[b] = self.unsent[b], [], 0.0  # the next row's first: at once
+        # what the row still held back (a stop's possible start) when it was cut goes to the stream too
+        unsent = self.unsent[b] + [e.token for e in events if e.token is not None]
+        self.unsent[b], self.sent_at[b] = [], 0.0  # the next row's first tokens: at once
         self.job[b], self.phase[b], self.pending[b], self.filled[b] = None, "idle", [], 0
         self.checking.pop(b, None)  # a draw still on the worker is dropped when it comes
         rows.ends[b], rows.finished_t[b] = end or "idle", True

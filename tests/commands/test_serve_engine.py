@@ -320,3 +320,25 @@ def test_stream_interval_batches_a_rows_tokens_and_loses_none(model):
     finally:
         paced.stop()
         plain.stop()
+
+
+def test_a_row_cut_while_holding_tokens_back_for_a_stop_still_streams_them(model):
+    """A row holds its last tokens back while they could start a stop sequence; cancelled then, the
+    stream gets them before the end, so the streamed ids are the sample's ids."""
+    e = engine(model, slots=1)
+    try:
+        out = Collect()
+        settings = RowSettings(200, 200, stop=[[0, 0, 0]], processors=[ban_tokens([0])])  # never matches
+        job = Job([SampleSpec([1, 5], settings, Sampler())], out)
+        out.n = 1
+        e.submit(job)
+        deadline = time.monotonic() + 10
+        while not any(ev.kind == "tokens" for ev in out.events) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        e.cancel(job)
+        wait(out)
+    finally:
+        e.stop()
+    end = out.ends()[0]
+    assert end.end == "cancelled" and len(end.ids) >= 3
+    assert [i for ev in out.events if ev.kind == "tokens" for i in ev.ids] == end.ids
