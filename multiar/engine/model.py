@@ -20,6 +20,9 @@ from torch import Tensor
 
 from multiar.engine.segments import Segments, segment_attention
 
+# where a pass's tokens go: none (training), an int start, (T,) or (B, T) tensors, or a slot engine's mixed step
+Positions = int | Tensor | Segments | None
+
 
 @dataclass
 class ModelConfig:
@@ -151,12 +154,7 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(
-        self,
-        x: Tensor,
-        freqs: Tensor,
-        input_pos: int | Tensor | Segments | None,
-        kv_len: int,
-        mask: Tensor | None,
+        self, x: Tensor, freqs: Tensor, input_pos: Positions, kv_len: int, mask: Tensor | None
     ) -> Tensor:
         B, T, C = x.shape
         nh, hs = self.config.n_head, self.config.head_size
@@ -212,12 +210,7 @@ class Block(nn.Module):
         self.dropout = config.dropout
 
     def forward(
-        self,
-        x: Tensor,
-        freqs: Tensor,
-        input_pos: int | Tensor | Segments | None,
-        kv_len: int,
-        mask: Tensor | None,
+        self, x: Tensor, freqs: Tensor, input_pos: Positions, kv_len: int, mask: Tensor | None
     ) -> Tensor:
         a = self.attn(self.norm_1(x), freqs, input_pos, kv_len, mask)
         if self.dropout and self.training:  # no dropout op at all when sampling
