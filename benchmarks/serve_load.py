@@ -76,8 +76,8 @@ def start_server(run: Path, slots: int, log_dir: Path, *extra: str, ready_s: flo
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     server = wait_ready(Server(proc, f"http://127.0.0.1:{port}", log), "multiar serve", ready_s)
-    found = re.search(r"KV cache [\d.]+ MiB, (\S+)", log.read_text())
-    server.dtype = found.group(1) if found else "?"
+    found = re.search(r"KV cache [\d.]+ MiB \((\S+)\), (\S+) weights, rows attention (\S+)", log.read_text())
+    server.dtype = "{1} weights, {0} keys/values, {2} attention".format(*found.groups()) if found else "?"
     return server
 
 
@@ -397,11 +397,17 @@ def alternate(
     )
     servers: dict[str, Server] = {}
     rates: dict[str, list[float]] = {"multiar_slots16": [], "llama_server": []}
+    if args.also_args:
+        rates["multiar_slots16_also"] = []
     lost = 0
     try:
         servers["multiar_slots16"] = start_server(
             run, 16, log_dir, f"max_queue={args.max_queue}", *args.serve_args
         )
+        if args.also_args:  # a second multiar server, its keys changed: an A/B in the same rounds
+            servers["multiar_slots16_also"] = start_server(
+                run, 16, log_dir, f"max_queue={args.max_queue}", *args.serve_args, *args.also_args
+            )
         servers["llama_server"] = start_llama_server(binary, gguf, args.llama_slots, log_dir)
         for r in range(rounds):
             order = list(rates) if r % 2 == 0 else list(reversed(rates))
@@ -416,9 +422,13 @@ def alternate(
             stop_server(server)
         gguf.unlink(missing_ok=True)
     medians = {k: round(statistics.median(v), 1) for k, v in rates.items()}
-    return {"rounds": rounds, "per_client": args.per_client, "tokens_per_s": rates, "median": medians,
-            "lost": lost, "multiar_dtype": servers["multiar_slots16"].dtype,
-            "ratio_a_over_c": round(medians["multiar_slots16"] / medians["llama_server"], 3)}  # fmt: skip
+    out = {"rounds": rounds, "per_client": args.per_client, "tokens_per_s": rates, "median": medians,
+           "lost": lost, "multiar_dtype": servers["multiar_slots16"].dtype,
+           "ratio_a_over_c": round(medians["multiar_slots16"] / medians["llama_server"], 3)}  # fmt: skip
+    if args.also_args:
+        out["also_args"] = args.also_args
+        out["ratio_also_over_c"] = round(medians["multiar_slots16_also"] / medians["llama_server"], 3)
+    return out
 
 
 def start_llama_server(binary: Path, gguf: Path, slots: int, log_dir: Path, ready_s: float = 180.0) -> Server:
@@ -565,6 +575,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--llama-server", type=Path, help="llama.cpp's llama-server binary: measured as (c)")
     p.add_argument("--llama-slots", type=int, default=16, help="llama-server --parallel")
+    p.add_argument(
+        "--also-args",
+        nargs="*",
+        default=[],
+        help="with --alternate: a second multiar server with these keys too, in the same rounds",
+    )
     p.add_argument("--bf16", action="store_true", help="tokens that differ between batch sizes in bf16")
     p.add_argument(
         "--alternate",

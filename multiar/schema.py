@@ -626,11 +626,21 @@ class ServeSchema:
     quantize: str | None = doc("int8 or int4 weight-only, as generate", None)
     dtype: str = doc("auto, fp32 or bf16, as generate", "auto")
     layout: str = doc("auto, linear or packed, as generate (measured at batch `slots`)", "auto")
+    attention: str = doc(
+        "the decoding rows' attention: sdpa (torch's, fp32 keys/values on a CPU), compiled (inductor, "
+        "keys/values in the weights' dtype) or auto (the faster at `slots` rows, measured once here)",
+        "auto",
+    )
     device: str = doc(DEVICE_HELP, "auto")
 
     def __post_init__(self) -> None:
         _check_device(self.device)
         _check(bool(self.runs), "runs", "give at least one run folder: runs=[runs/protein]")
+        _check(
+            self.attention in ("auto", "sdpa", "compiled"),
+            "attention",
+            f"must be auto, sdpa or compiled, got {self.attention!r}",
+        )
         _check(1 <= self.port <= 65535, "port", f"must be 1-65535, got {self.port}")
         for key in (
             "slots",

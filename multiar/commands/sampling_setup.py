@@ -64,6 +64,11 @@ def stop_sequences(cfg: DictConfig, domain: Domain) -> list[list[int]]:
     return stops
 
 
+def cache_dir() -> Path:
+    """Where measured sampling choices are kept: $MULTIAR_CACHE, else ~/.cache/multiar."""
+    return Path(os.environ.get("MULTIAR_CACHE", "~/.cache/multiar")).expanduser()
+
+
 def sampling_model(
     run: Run,
     mode: str | None,
@@ -81,9 +86,8 @@ def sampling_model(
     if mode is not None:
         source = run.path / "model.safetensors"
         model = load_quantized(model, run.path, source, mode) or quantize(model, mode)
-    cache = Path(os.environ.get("MULTIAR_CACHE", "~/.cache/multiar")).expanduser()
     model, choice = prepare_for_decoding(
-        model, batch_size=batch_size, dtype=dtype, layout=layout, cache_dir=cache, compile=compile
+        model, batch_size=batch_size, dtype=dtype, layout=layout, cache_dir=cache_dir(), compile=compile
     )
     log.info("%s", choice.log_line())
     return model, choice

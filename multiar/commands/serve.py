@@ -17,11 +17,14 @@ from typing import Any
 from omegaconf import DictConfig
 
 from multiar.commands.generate import sampling_model
+from multiar.commands.sampling_setup import cache_dir
 from multiar.commands.serve_app import AppState, create_app
 from multiar.commands.serve_engine import SlotEngine
 from multiar.commands.serve_requests import Served, warm_up
 from multiar.config import load_config
 from multiar.domain import WindowStarts
+from multiar.engine.layout import CACHE_FILE
+from multiar.engine.rows_attention import choose_rows_attention
 from multiar.errors import ConfigError
 from multiar.run_folder import load_run
 from multiar.schema import validate
@@ -77,6 +80,8 @@ def load_models(cfg: DictConfig, files_dir: Path) -> dict[str, Served]:
         base = validate("generate", base)
         domain = run.domain
         starts = domain.window_starts if isinstance(domain, WindowStarts) else None
+        attention = choose_rows_attention(model, cfg.slots, cfg.attention, cache_dir() / CACHE_FILE)
+        log.info("%s: %s", name, attention.log_line())
         engine = SlotEngine(
             model,
             slots=cfg.slots,
@@ -86,11 +91,13 @@ def load_models(cfg: DictConfig, files_dir: Path) -> dict[str, Served]:
             eos_id=domain.eos_id,
             max_tokens=cfg.max_tokens,
             window_starts=starts,
+            attention=attention,
         )
         engine.start()
         info = engine.describe()
         print(
-            f"serve: {name} ({domain.name}): {info['slots']} slots, KV cache {info['kv_mib']:.1f} MiB, {info['dtype']}",
+            f"serve: {name} ({domain.name}): {info['slots']} slots, KV cache {info['kv_mib']:.1f} MiB "
+            f"({info['kv_dtype']}), {info['dtype']} weights, rows attention {info['attention']}",
             flush=True,
         )
         models[name] = Served(name, run, model, base, engine, files_dir / name, cfg.max_tokens, cfg.max_n)

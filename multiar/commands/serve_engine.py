@@ -26,6 +26,7 @@ from torch import Tensor
 from multiar.engine.checked_draw import TokenCheck, checked_sample
 from multiar.engine.model import GPT
 from multiar.engine.rows import Rows, RowSettings, Token, flatten_banned, process_row, window_tail
+from multiar.engine.rows_attention import RowsAttention
 from multiar.engine.sampling import Sampler, probabilities
 from multiar.engine.segments import Segments
 
@@ -115,12 +116,9 @@ def sample_groups(logits: Tensor, samplers: Sequence[Sampler]) -> Tensor:
             out[index] = part.argmax(dim=-1)
             continue
         probs = probabilities(part, temperature, top_k, top_p, min_p)
-        noise = torch.stack(
-            [
-                torch.empty_like(p).exponential_(1.0, generator=samplers[b].generator)
-                for b, p in zip(rows, probs, strict=True)
-            ]
-        )  # as sampling.draw, row by row
+        noise = torch.empty_like(probs)
+        for b, row in zip(rows, noise, strict=True):  # as sampling.draw, row by row, in place
+            row.exponential_(1.0, generator=samplers[b].generator)
         out[index] = (probs / noise.clamp_min(torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
     return out
 
@@ -174,6 +172,7 @@ class SlotEngine:
         max_tokens: int,
         window_starts: Sequence[bool] | None = None,
         stream_interval: float = 0.0,
+        attention: RowsAttention | None = None,
     ):
         self.model, self.slots, self.max_queue, self.chunk = model, slots, max_queue, prefill_chunk
         self.interval = stream_interval
@@ -181,8 +180,9 @@ class SlotEngine:
         self.sent_at: list[float] = [0.0] * slots  # when the row's last token event went
         self.block = model.config.block_size
         self.keep, self.window_starts = self.block // 2, window_starts
+        self.attention = attention or RowsAttention("sdpa", None, None, "default")
         model.eval()
-        model.setup_caches(max_batch_size=slots, max_seq_length=self.block)
+        model.setup_caches(max_batch_size=slots, max_seq_length=self.block, kv_dtype=self.attention.kv_dtype)
         device = model.wte.weight.device
         self.rows = Rows([[0]] * slots, 1, device=device, width=self.block + max_tokens + 1, eos_id=eos_id)
         self.rows.ends = ["idle"] * slots
@@ -347,7 +347,7 @@ class SlotEngine:
             budget -= len(take)
         if not (d or chunks):
             return {}
-        segments = Segments(d, positions.to(device), chunks)
+        segments = Segments(d, positions.to(device), chunks, self.attention.attend)
         out = self.model.forward_segments(torch.cat(ids), segments)  # (d + len(chunks), V)
         logits = {b: out[b] for b in running}
         for b in running:
@@ -492,8 +492,15 @@ class SlotEngine:
             self.fail(job, message)
 
     def describe(self) -> dict[str, Any]:
-        """Slots, KV cache memory and dtype: the line printed at start."""
+        """Slots, KV cache memory, the weights' and the cache's dtypes, the rows' attention: the line
+        printed at start."""
         cache = self.model.blocks[0].attn.kv_cache
         assert cache is not None
         kv = 2 * cache.k.numel() * cache.k.element_size() * len(self.model.blocks)
-        return {"slots": self.slots, "kv_mib": kv / 2**20, "dtype": str(self.model.wte.weight.dtype)}
+        return {
+            "slots": self.slots,
+            "kv_mib": kv / 2**20,
+            "dtype": str(self.model.wte.weight.dtype),
+            "kv_dtype": str(cache.k.dtype),
+            "attention": self.attention.way,
+        }

@@ -165,9 +165,8 @@ class Attention(nn.Module):
         if isinstance(input_pos, Segments):  # a slot engine's mixed step: B = 1, T tokens of many rows
             if self.kv_cache is None or mask is None:
                 raise RuntimeError("a mixed step needs the KV cache: call model.setup_caches() first")
-            dtype = self.kv_cache.k.dtype
-            q, k = qk[0].to(dtype).split(nh, dim=1)  # (T, nh, hs) each
-            y = segment_attention(q, k, v[0].to(dtype), input_pos, self.kv_cache, mask)
+            q, k = qk[0].split(nh, dim=1)  # (T, nh, hs) each
+            y = segment_attention(q, k, v[0], input_pos, self.kv_cache, mask)
             return self.proj(y.to(x.dtype).reshape(B, T, C))
         qk = qk.transpose(1, 2)  # (B, 2 * nh, T, hs)
         q, k = qk.split(nh, dim=1)  # (B, nh, T, hs) each
@@ -259,15 +258,18 @@ class GPT(nn.Module):
         self.rope = rope.to(self.rope.device)
         return self
 
-    def setup_caches(self, max_batch_size: int, max_seq_length: int | None = None) -> None:
-        """Allocate a KV cache per layer, and the causal mask, for up to max_seq_length positions.
-        With keep_caches set (a compiled model: its graph holds on to these tensors), caches at least
-        that large are reused instead."""
+    def setup_caches(
+        self, max_batch_size: int, max_seq_length: int | None = None, kv_dtype: torch.dtype | None = None
+    ) -> None:
+        """Allocate a KV cache per layer, and the causal mask, for up to max_seq_length positions, keys
+        and values in kv_dtype (None: the weights' dtype, fp32 for bf16 weights on a CPU). With
+        keep_caches set (a compiled model: its graph holds on to these tensors), caches at least that
+        large are reused instead."""
         max_seq_length = max_seq_length or self.config.block_size
         if max_seq_length > self.config.block_size:
             raise ValueError(f"max_seq_length={max_seq_length} exceeds block_size={self.config.block_size}")
-        device, dtype = self.wte.weight.device, self.wte.weight.dtype
-        if device.type == "cpu" and dtype == torch.bfloat16:
+        device, dtype = self.wte.weight.device, kv_dtype or self.wte.weight.dtype
+        if kv_dtype is None and device.type == "cpu" and dtype == torch.bfloat16:
             # CPUs run bf16 attention several times slower than fp32 (benchmarks/README.md): bf16
             # weights, fp32 keys/values and attention
             dtype = torch.float32

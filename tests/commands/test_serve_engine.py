@@ -1,5 +1,5 @@
 """The slot engine of `multiar serve` on a small random model, fp32: greedy rows equal the one decode
-loop's, a seeded row gives the same tokens alone or among 15 others, a cancelled request frees its slot
+loop's, a seeded row gives the same tokens alone or among 15 others (with either way of attending), a cancelled request frees its slot
 within a step, a failing processor fails its request alone, a long prompt enters in chunks while the
 other rows keep decoding, and rows past block_size slide their window; rows sharing settings are sampled
 in one call with the tokens each would get alone, and a row with a slow per-token check sits out steps
@@ -17,6 +17,7 @@ from multiar.commands.serve_engine import Event, Job, SampleSpec, SlotEngine, sa
 from multiar.engine.decode import generate
 from multiar.engine.model import GPT, ModelConfig
 from multiar.engine.rows import RowSettings
+from multiar.engine.rows_attention import build_way
 from multiar.engine.sampling import Sampler, ban_tokens, sample_each
 
 EOS = 2
@@ -88,9 +89,14 @@ def test_greedy_rows_equal_the_decode_loop(model):
     assert [r.ends()[0].ids for r in reqs] == want
 
 
-def test_seeded_request_is_the_same_alone_or_among_15_others(model):
+@pytest.mark.parametrize("way", ["sdpa", "compiled"])
+def test_seeded_request_is_the_same_alone_or_among_15_others(model, way):
     prompt = [1, 4, 8, 12]
-    e = engine(model, slots=16)
+    try:
+        attention = build_way(model, way)
+    except Exception as err:  # noqa: BLE001 (inductor needs a C++ compiler; serve then measures SDPA alone)
+        pytest.skip(f"torch.compile does not run here: {str(err).splitlines()[0]}")
+    e = engine(model, slots=16, attention=attention)
     try:
         alone = request(e, [prompt], seed=7, temperature=1.0, max_new=20, min_new=20)
         wait(alone)

@@ -1,0 +1,169 @@
+"""The decoding rows' attention in a slot engine's mixed step (engine.segments), and which way runs it here,
+chosen by measuring (`choose_rows_attention`):
+
+- "sdpa": torch's scaled_dot_product_attention over every row's slots up to the furthest row's position,
+  a mask hiding each row's slots past its own; keys and values kept in fp32 on a CPU (its bf16 SDPA
+  runs several times slower than fp32).
+- "compiled": the same attention as four tensor ops (`attend_rows`) that inductor compiles into one loop
+  nest, keys and values kept in the weights' dtype: with bf16 weights the cache is bf16, half the bytes
+  that every step reads. At 16 rows over a few hundred positions the step's attention is bound by reading
+  the cache (benchmarks/README.md, serve: 3.0-3.5 vs 1.2-1.7 ms a step for six layers).
+
+Each way decodes a few steps of the model at the slot count, rounds alternated, and the faster wins;
+the choice is cached beside the layout's (layout.CACHE_FILE) under its own key. A way that cannot run
+here (no C++ compiler for inductor) is left out. No Lightning, Hydra or domain code here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from multiar.engine.layout import read_cache, write_cache
+from multiar.engine.model import GPT
+from multiar.engine.precision import cpu_model
+from multiar.engine.segments import Attend, Segments
+
+log = logging.getLogger("multiar")
+
+WAYS = ("sdpa", "compiled")
+
+
+def attend_rows(q: Tensor, keys: Tensor, values: Tensor, positions: Tensor) -> Tensor:
+    """q (d, nh, hs), keys/values (d, nh, n, hs) in any float dtype, positions (d,): row b attends to its
+    slots 0 .. positions[b], in fp32 -> (d, nh, hs) in q's dtype."""
+    scores = torch.einsum("bhd,bhnd->bhn", q.float(), keys.float()) * q.size(-1) ** -0.5  # (d, nh, n)
+    seen = torch.arange(keys.size(2), device=keys.device) <= positions[:, None, None]
+    weights = scores.masked_fill(~seen, float("-inf")).softmax(-1)
+    return torch.einsum("bhn,bhnd->bhd", weights, values.float()).to(q.dtype)
+
+
+def compiled_attend_rows(
+    n_head: int, head_size: int, slots: int, dtype: torch.dtype, device: torch.device
+) -> Attend:
+    """attend_rows compiled for every row count and length (dynamic shapes), for queries, keys and values
+    of dtype (the weights') with n_head heads of head_size, keys and values read from a cache of `slots`
+    positions. Inductor specializes a size of 1, so one row or one slot is doubled to two (the copy row
+    is dropped; the copy slot comes after the row's position, masked). Compiled here, on the loading
+    thread, for every case a step meets: a server whose kernel compiled again on its engine thread
+    served 1,488 tokens/s where the same server without compiled 1,905 (benchmarks/README.md, serve)."""
+    kernel = torch.compile(attend_rows, dynamic=True)
+
+    def attend(q: Tensor, keys: Tensor, values: Tensor, positions: Tensor) -> Tensor:
+        d, q = q.size(0), q.contiguous()  # a split's view otherwise: its strides would be guarded
+        if keys.size(2) == 1:
+            keys, values = torch.cat([keys, keys], dim=2), torch.cat([values, values], dim=2)
+        if d == 1:
+            q, keys, values, positions = (torch.cat([t, t]) for t in (q, keys, values, positions))
+        return kernel(q, keys, values, positions)[:d]
+
+    # like the engine's: a cache made outside inference mode, read in it, in views; rows, lengths and the
+    # cache's rows unlike each other and the heads' sizes (equal sizes at the first compile are guarded
+    # equal, and a step where they are not would compile again, on the engine's thread)
+    rows, length, batch = [x for x in range(3, 99) if x not in (n_head, head_size, slots)][:3]
+    cache = torch.zeros(batch, n_head, slots, head_size, dtype=dtype, device=device)
+    with torch.inference_mode():
+        for d, n in ((rows, length), (1, length), (rows, 1), (1, 1)):
+            q = torch.zeros(d, n_head, head_size, dtype=dtype, device=device)  # the activations'
+            attend(q, cache[:d, :, :n], cache[:d, :, :n], torch.zeros(d, dtype=torch.long, device=device))
+    return attend
+
+
+@dataclass
+class RowsAttention:
+    """The way picked, the cache dtype it keeps keys and values in (None: the model's rule), the function
+    a Segments step calls (None: SDPA), how it was decided, and each way's ms per step."""
+
+    way: str
+    kv_dtype: torch.dtype | None
+    attend: Attend | None
+    how: str
+    step_ms: dict[str, float] = field(default_factory=dict)
+
+    def log_line(self) -> str:
+        timed = ", ".join(f"{k} {v:.2f}" for k, v in sorted(self.step_ms.items(), key=lambda kv: kv[1]))
+        return f"rows attention {self.way}, {self.how}" + (f" (ms per step: {timed})" if timed else "")
+
+
+def build_way(model: GPT, way: str) -> RowsAttention:
+    """A way's attend function and cache dtype for model (a compiled one is compiled now)."""
+    if way == "sdpa":
+        return RowsAttention("sdpa", None, None, "")
+    c, weight = model.config, model.wte.weight
+    attend = compiled_attend_rows(c.n_head, c.head_size, c.block_size, weight.dtype, weight.device)
+    return RowsAttention("compiled", weight.dtype, attend, "")
+
+
+def step_seconds(model: GPT, ways: dict[str, RowsAttention], slots: int, rounds: int = 3) -> dict[str, float]:
+    """Seconds per mixed step of `slots` decoding rows spread over the context, for each way (its caches
+    set up in its dtype), rounds alternated; the best round of each."""
+    block = model.config.block_size
+    device = model.wte.weight.device
+    positions = torch.linspace(0, block - 1, slots, device=device).long()
+    ids = torch.zeros(slots, dtype=torch.long, device=device)
+    best = {w: float("inf") for w in ways}
+    with torch.inference_mode():
+        for _ in range(rounds):
+            for name, way in ways.items():
+                model.setup_caches(max_batch_size=slots, max_seq_length=block, kv_dtype=way.kv_dtype)
+                step = Segments(slots, positions, attend=way.attend)
+                model.forward_segments(ids, step)
+                start, steps = time.perf_counter(), 8
+                for _ in range(steps):
+                    model.forward_segments(ids, step)
+                best[name] = min(best[name], (time.perf_counter() - start) / steps)
+    model.clear_caches()
+    return best
+
+
+def cache_key(model: GPT, slots: int, asked: str) -> str:
+    """CPU model, torch version, threads, device, slot count, the model's attention shapes and dtype."""
+    c, device = model.config, model.wte.weight.device
+    where = cpu_model() if device.type == "cpu" else torch.cuda.get_device_name(device)
+    return (
+        f"rows attention | {where} | torch {torch.__version__} | {torch.get_num_threads()} threads | "
+        f"{device.type} | {slots} rows | {c.n_layer}x{c.n_head}x{c.head_size} | block {c.block_size} | "
+        f"{model.wte.weight.dtype} | {asked}"
+    )
+
+
+def choose_rows_attention(
+    model: GPT,
+    slots: int,
+    asked: str = "auto",
+    cache_file: Path | None = None,
+    timer: Callable[[dict[str, RowsAttention]], dict[str, float]] | None = None,
+) -> RowsAttention:
+    """The way the model's decoding rows attend at `slots` rows: asked (sdpa | compiled) as is, or
+    "auto": measured (timer: seconds per step of each way; tests inject one), or read from cache_file.
+    A way that fails to run here (inductor without a C++ compiler) is left out of the measurement."""
+    if asked not in ("auto", *WAYS):
+        raise ValueError(f"attention={asked!r}: auto, sdpa or compiled")
+    if asked != "auto":
+        way = build_way(model, asked)
+        way.how = "forced"
+        return way
+    key = cache_key(model, slots, asked)
+    entry = read_cache(cache_file, key)
+    if entry is not None and entry.get("picked") in WAYS:
+        way = build_way(model, entry["picked"])
+        way.how, way.step_ms = "cached", dict(entry.get("step_ms", {}))
+        return way
+    ways = {}
+    for w in WAYS:
+        try:
+            ways[w] = build_way(model, w)
+        except Exception as err:  # noqa: BLE001 (inductor fails many ways: no compiler, no headers)
+            log.warning("rows attention: %s does not run here (%s)", w, str(err).strip().splitlines()[0])
+    step_ms = {w: 1e3 * s for w, s in (timer or (lambda ws: step_seconds(model, ws, slots)))(ways).items()}
+    picked = min(step_ms, key=step_ms.__getitem__)
+    write_cache(cache_file, key, {"picked": picked, "step_ms": step_ms})
+    way = ways[picked]
+    way.how, way.step_ms = "measured", step_ms
+    return way

@@ -1,0 +1,100 @@
+"""The decoding rows' attention of a mixed step: attend_rows is SDPA with each row's mask; the compiled way
+gives the SDPA way's logits for rows at any positions (one row, a row at position 0, a prompt chunk
+beside them) and never compiles again once built; the choice is measured, cached and narrowed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from multiar.engine import rows_attention
+from multiar.engine.model import GPT, ModelConfig
+from multiar.engine.rows_attention import RowsAttention, attend_rows, build_way, choose_rows_attention
+from multiar.engine.segments import Segments
+
+
+@pytest.fixture(scope="module")
+def model() -> GPT:
+    torch.manual_seed(0)
+    return GPT(ModelConfig(vocab_size=40, block_size=64, n_layer=2, n_head=2, n_embd=32)).eval()
+
+
+@pytest.fixture(scope="module")
+def compiled(model) -> RowsAttention:
+    try:
+        return build_way(model, "compiled")
+    except Exception as err:  # noqa: BLE001 (inductor needs a C++ compiler; serve then measures SDPA alone)
+        pytest.skip(f"torch.compile does not run here: {str(err).splitlines()[0]}")
+
+
+def test_attend_rows_is_sdpa_with_each_rows_mask():
+    torch.manual_seed(1)
+    d, nh, n, hs = 5, 3, 11, 8
+    q, k, v = torch.randn(d, nh, hs), torch.randn(d, nh, n, hs), torch.randn(d, nh, n, hs)
+    positions = torch.tensor([0, 10, 3, 7, 5])
+    mask = (torch.arange(n)[None] <= positions[:, None])[:, None, None]  # (d, 1, 1, n)
+    want = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask)[:, :, 0]
+    assert torch.allclose(attend_rows(q, k, v, positions), want, atol=1e-6)
+    # bf16 keys and values: read as they are, attended in fp32
+    got = attend_rows(q, k.bfloat16(), v.bfloat16(), positions)
+    assert got.dtype == torch.float32 and torch.allclose(got, want, atol=0.05)
+
+
+def mixed_step_logits(model: GPT, way: RowsAttention, rows: int, positions: list[int]) -> torch.Tensor:
+    """A prompt's worth of history for each row, then one mixed step: `rows` decoding rows at their
+    positions and a 5-id prompt chunk entering row `rows`."""
+    torch.manual_seed(2)
+    model.setup_caches(max_batch_size=rows + 1, max_seq_length=64, kv_dtype=way.kv_dtype)
+    with torch.inference_mode():
+        for b, p in enumerate(positions):  # each row's earlier ids, as a chunk of its own
+            if p:
+                model.forward_segments(
+                    torch.randint(3, 40, (p,)), Segments(0, torch.zeros(0, dtype=torch.long), [(b, 0, p)])
+                )
+        ids = torch.randint(3, 40, (rows + 5,))
+        step = Segments(rows, torch.tensor(positions), [(rows, 0, 5)], way.attend)
+        return model.forward_segments(ids, step)
+
+
+@pytest.mark.parametrize("positions", [[9, 0, 30, 4], [17], [0]], ids=["four rows", "one row", "position 0"])
+def test_compiled_way_gives_the_sdpa_ways_logits(model, compiled, positions):
+    sdpa = build_way(model, "sdpa")
+    want = mixed_step_logits(model, sdpa, len(positions), positions)
+    with torch.compiler.set_stance("fail_on_recompile"):  # built once: a step never compiles again
+        got = mixed_step_logits(model, compiled, len(positions), positions)
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_choice_is_measured_cached_and_narrowed(model, tmp_path, monkeypatch):
+    cache = tmp_path / "decode_layout.json"
+    timed = []
+
+    def timer(ways):
+        timed.append(sorted(ways))
+        return {w: {"sdpa": 0.004, "compiled": 0.002}[w] for w in ways}
+
+    monkeypatch.setattr(rows_attention, "compiled_attend_rows", lambda *a: lambda *b: None)
+    picked = choose_rows_attention(model, 16, "auto", cache, timer)
+    assert (picked.way, picked.how, picked.step_ms) == (
+        "compiled",
+        "measured",
+        {"sdpa": 4.0, "compiled": 2.0},
+    )
+    assert picked.kv_dtype == torch.float32 and "compiled 2.00, sdpa 4.00" in picked.log_line()
+    again = choose_rows_attention(model, 16, "auto", cache, timer)
+    assert (again.way, again.how, len(timed)) == ("compiled", "cached", 1)
+    assert choose_rows_attention(model, 8, "auto", cache, timer).how == "measured"  # another slot count
+    forced = choose_rows_attention(model, 16, "sdpa", cache, timer)
+    assert (forced.way, forced.how, forced.attend, forced.kv_dtype) == ("sdpa", "forced", None, None)
+
+    def no_compiler(*_):
+        raise RuntimeError("InductorError: no C++ compiler\nmore")
+
+    monkeypatch.setattr(rows_attention, "compiled_attend_rows", no_compiler)
+    alone = choose_rows_attention(model, 4, "auto", cache, timer)
+    assert (alone.way, alone.how, timed[-1]) == ("sdpa", "measured", ["sdpa"])
+    with pytest.raises(RuntimeError, match="no C"):
+        choose_rows_attention(model, 4, "compiled", cache, timer)
+    with pytest.raises(ValueError, match="auto, sdpa or compiled"):
+        choose_rows_attention(model, 4, "flash", cache, timer)
