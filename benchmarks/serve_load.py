@@ -495,14 +495,16 @@ def constrained_cost(run: Path, log_dir: Path, repeats: int = 3) -> dict[str, An
                 "seed": k, "temperature": 1.0, "stream": True, "files": False, "constrain": constrain}  # fmt: skip
 
     rates: dict[str, list[float]] = {"plain_15": [], "plain_15_beside_1_constrained": []}
-    constrained_tps = []
+    constrained_tps, shares = [], []
     try:
         for r in range(repeats):
             outs, sec = asyncio.run(timed(server.url, [code(k, False) for k in range(15)]))
             rates["plain_15"].append(sum(o.tokens for o in outs) / sec)
+            before = check_cpu_seconds(server.url)
             outs, sec = asyncio.run(
                 timed(server.url, [code(k, False) for k in range(15)] + [code(99 + r, True)])
             )
+            shares.append((check_cpu_seconds(server.url) - before) / ((os.cpu_count() or 1) * sec))
             rates["plain_15_beside_1_constrained"].append(sum(o.tokens for o in outs[:15]) / sec)
             c = outs[15]
             if c.first is not None and c.last is not None and c.tokens > 1:
@@ -514,7 +516,18 @@ def constrained_cost(run: Path, log_dir: Path, repeats: int = 3) -> dict[str, An
         round(statistics.median(constrained_tps), 1) if constrained_tps else None
     )
     out["repeats"] = repeats
+    # the constrained row's own cost: its checks' CPU time, as a share of the machine's cores over the run
+    out["check_cpu_share"] = round(statistics.median(shares), 3)
+    out["plain_drop"] = round(1 - out["plain_15_beside_1_constrained"] / out["plain_15"], 3)
     return out
+
+
+def check_cpu_seconds(url: str) -> float:
+    """The server's multiar_check_cpu_seconds_total (/metrics), all models."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("multiar_check_cpu")
+    )
 
 
 def bf16_batch_drift(run: Path, log_dir: Path, rows: int = 16) -> dict[str, Any]:

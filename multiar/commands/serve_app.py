@@ -247,7 +247,8 @@ def add_routes(app: FastAPI, state: AppState) -> None:
 
 
 def prometheus(state: AppState) -> str:
-    """Prometheus text: requests by outcome, queue length, busy slots, tokens, TTFT histogram."""
+    """Prometheus text: requests by outcome, queue length, busy slots, tokens, the CPU time of per-token
+    checks (grammars), TTFT histogram."""
     lines = ["# TYPE multiar_requests_total counter"]
     lines += [
         f'multiar_requests_total{{outcome="{k}"}} {v}' for k, v in sorted(state.outcomes.counts.items())
@@ -257,6 +258,7 @@ def prometheus(state: AppState) -> str:
         ("gauge", "multiar_busy_slots", lambda s: s.engine.busy),
         ("gauge", "multiar_slots", lambda s: s.engine.slots),
         ("counter", "multiar_generated_tokens_total", lambda s: s.engine.stats.tokens),
+        ("counter", "multiar_check_cpu_seconds_total", lambda s: s.engine.stats.check_seconds),
     ):
         lines.append(f"# TYPE {name} {kind}")
         lines += [f'{name}{{model="{n}"}} {value(s)}' for n, s in list(state.models.items())]

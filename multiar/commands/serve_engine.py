@@ -91,6 +91,7 @@ class Stats:
 
     tokens: int = 0
     steps: int = 0
+    check_seconds: float = 0.0  # CPU time the per-token checks took on the worker (a grammar's own cost)
     ttft_counts: list[int] = field(default_factory=lambda: [0] * (len(TTFT_BUCKETS) + 1))  # last: +Inf
     ttft_sum: float = 0.0
 
@@ -125,12 +126,13 @@ def sample_groups(logits: Tensor, samplers: Sequence[Sampler]) -> Tensor:
 
 class Checked(NamedTuple):
     """A checked row's draw from the worker: its token, whether it had none valid, the token's log
-    probability, or the error its processors raised."""
+    probability, or the error its processors raised; and the worker's CPU seconds for it."""
 
     token: int
     dead: bool
     logp: float
     error: str | None = None
+    cpu: float = 0.0
 
 
 @torch.inference_mode()  # its tensors come from the engine thread's inference mode
@@ -140,6 +142,7 @@ def check_row(
     """One row with a per-token check, on the worker: its processors on its logits (V,) given its ids
     (1, n), EOS banned (ban_eos) under min_new_tokens, then a token its checks accept (checked_sample,
     with its own settings and generator): what `Rows.process` and `Rows.draw` give the decode loop."""
+    start = time.thread_time()
     try:
         row, banned = flatten_banned(process_row(own.processors, ids, logits[None], ban_eos))
         checks = [p for p in own.processors if isinstance(p, TokenCheck)]
@@ -153,9 +156,9 @@ def check_row(
             row, banned, sound, s.temperature, s.top_k, s.top_p, s.generator, s.min_p
         )
         logp = torch.log_softmax(logits.float(), dim=-1)[int(token[0])]
-        return Checked(int(token[0]), bool(dead[0]), float(logp))
+        return Checked(int(token[0]), bool(dead[0]), float(logp), cpu=time.thread_time() - start)
     except Exception as err:  # noqa: BLE001 (a row's processor failing fails that row alone)
-        return Checked(0, True, 0.0, f"{type(err).__name__}: {err}")
+        return Checked(0, True, 0.0, f"{type(err).__name__}: {err}", time.thread_time() - start)
 
 
 class SlotEngine:
@@ -404,6 +407,7 @@ class SlotEngine:
             futures = list(self.checking.values())
             concurrent.futures.wait(futures, CHECK_WAIT, return_when=concurrent.futures.FIRST_COMPLETED)
         done = {b: f.result() for b, f in list(self.checking.items()) if f.done()}
+        self.stats.check_seconds += sum(r.cpu for r in done.values())
         for b, result in done.items():
             if self.checking.pop(b, None) is None or self.job[b] is None:
                 continue  # freed when an earlier row of its request failed

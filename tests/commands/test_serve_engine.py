@@ -239,6 +239,29 @@ def test_a_slow_checked_row_sits_out_while_the_others_take_a_token_every_step(mo
     assert slow.ends()[0].ids == want[0]
 
 
+class BusyCheck(SlowCheck):
+    """SlowCheck that burns CPU for `delay` seconds per token asked about instead of sleeping."""
+
+    def sound(self, ids: list[int], token: int) -> bool:
+        end = time.thread_time() + self.delay
+        while time.thread_time() < end:
+            pass
+        return token % 3 != 0 or token == EOS
+
+
+def test_the_checks_cpu_time_is_counted_not_their_waiting(model):
+    """stats.check_seconds (/metrics' multiar_check_cpu_seconds_total): a grammar's own cost."""
+    e = engine(model, slots=2)
+    try:
+        wait(request(e, [[1, 5, 6]], max_new=4, min_new=4, processors=[SlowCheck(0.03)]))
+        sleeping = e.stats.check_seconds
+        wait(request(e, [[1, 5, 6]], max_new=4, min_new=4, processors=[BusyCheck(0.03)]))
+    finally:
+        e.stop()
+    assert sleeping < 0.05  # 4+ tokens asked about, 0.03 s asleep each: not CPU
+    assert e.stats.check_seconds - sleeping >= 4 * 0.03
+
+
 class FailingCheck:
     """A per-token check whose processing raises: its row's draw on the worker returns an error."""
 
