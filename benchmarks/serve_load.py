@@ -474,37 +474,50 @@ def loads(
     return out
 
 
-async def timed(url: str, bodies: list[dict[str, Any]]) -> tuple[list[Outcome], float]:
-    """All bodies at once; their outcomes, and seconds until the last of the first 15 ended."""
+async def timed(url: str, bodies: list[dict[str, Any]]) -> tuple[list[Outcome], float, float]:
+    """All bodies at once; their outcomes, seconds until the last of the first 15 ended, and until all did."""
     async with client(len(bodies)) as http:
         t0 = time.perf_counter()
         tasks = [asyncio.create_task(stream_request(http, url, b)) for b in bodies]
         plain = await asyncio.gather(*tasks[:15])
         seconds = time.perf_counter() - t0
-        return [*plain, *await asyncio.gather(*tasks[15:])], seconds
+        rest = await asyncio.gather(*tasks[15:])
+        return [*plain, *rest], seconds, time.perf_counter() - t0
 
 
-def constrained_cost(run: Path, log_dir: Path, repeats: int = 3) -> dict[str, Any]:
+def constrained_cost(
+    run: Path, log_dir: Path, repeats: int = 5, tokens: int = 4 * NEW_TOKENS
+) -> dict[str, Any]:
     """Tokens/s of 15 plain rows alone and with one grammar-constrained row beside them (a code run,
-    slots=16), alternated `repeats` times; medians."""
+    slots=16, `tokens` new tokens each: a few seconds a measurement), alternated `repeats` times; medians
+    and each repeat's figures."""
     server = start_server(run, 16, log_dir)
     prompts = ["def f(x):\n", "import os\n", "class A:\n", "x = [", "for i in range(3):\n"]
 
     def code(k: int, constrain: bool) -> dict[str, Any]:
-        return {"prompt": prompts[k % len(prompts)], "max_new_tokens": NEW_TOKENS, "min_new_tokens": NEW_TOKENS,
+        return {"prompt": prompts[k % len(prompts)], "max_new_tokens": tokens, "min_new_tokens": tokens,
                 "seed": k, "temperature": 1.0, "stream": True, "files": False, "constrain": constrain}  # fmt: skip
 
-    rates: dict[str, list[float]] = {"plain_15": [], "plain_15_beside_1_constrained": []}
+    rates: dict[str, list[float]] = {
+        "plain_15": [],
+        "plain_15_beside_1_plain": [],
+        "plain_15_beside_1_constrained": [],
+    }
     constrained_tps, shares = [], []
     try:
         for r in range(repeats):
-            outs, sec = asyncio.run(timed(server.url, [code(k, False) for k in range(15)]))
+            outs, sec, _ = asyncio.run(timed(server.url, [code(k, False) for k in range(15)]))
             rates["plain_15"].append(sum(o.tokens for o in outs) / sec)
+            # the same 16th row unconstrained: what a row costs the others before its grammar does
+            outs, sec, _ = asyncio.run(
+                timed(server.url, [code(k, False) for k in range(15)] + [code(99 + r, False)])
+            )
+            rates["plain_15_beside_1_plain"].append(sum(o.tokens for o in outs[:15]) / sec)
             before = check_cpu_seconds(server.url)
-            outs, sec = asyncio.run(
+            outs, sec, total = asyncio.run(
                 timed(server.url, [code(k, False) for k in range(15)] + [code(99 + r, True)])
             )
-            shares.append((check_cpu_seconds(server.url) - before) / ((os.cpu_count() or 1) * sec))
+            shares.append((check_cpu_seconds(server.url) - before) / ((os.cpu_count() or 1) * total))
             rates["plain_15_beside_1_constrained"].append(sum(o.tokens for o in outs[:15]) / sec)
             c = outs[15]
             if c.first is not None and c.last is not None and c.tokens > 1:
@@ -515,10 +528,16 @@ def constrained_cost(run: Path, log_dir: Path, repeats: int = 3) -> dict[str, An
     out["constrained_row_tokens_per_s"] = (
         round(statistics.median(constrained_tps), 1) if constrained_tps else None
     )
-    out["repeats"] = repeats
+    out["repeats"], out["new_tokens"] = repeats, tokens
+    out["per_repeat"] = {k: [round(x, 1) for x in v] for k, v in rates.items()}
+    out["check_cpu_share_per_repeat"] = [round(x, 3) for x in shares]
     # the constrained row's own cost: its checks' CPU time, as a share of the machine's cores over the run
     out["check_cpu_share"] = round(statistics.median(shares), 3)
     out["plain_drop"] = round(1 - out["plain_15_beside_1_constrained"] / out["plain_15"], 3)
+    # the grammar's part of it: beside the constrained row against beside the same row unconstrained
+    out["plain_drop_vs_plain_16th"] = round(
+        1 - out["plain_15_beside_1_constrained"] / out["plain_15_beside_1_plain"], 3
+    )
     return out
 
 

@@ -16,6 +16,8 @@ from fastapi.testclient import TestClient
 from multiar.commands.serve import build_state
 from multiar.commands.serve_app import AppState, create_app
 from multiar.config import load_config
+from multiar.errors import ConfigError
+from multiar.schema import validate
 from multiar.training.run import train
 
 
@@ -179,3 +181,10 @@ def test_fill_in_the_middle_through_completions_suffix(fim_code_run, tmp_path):
     assert sample["text"].startswith(prefix) and sample["text"].endswith(suffix)
     assert sample["text"] == prefix + middle + suffix
     assert r.json()["usage"]["prompt_tokens"] > len(domain.encode(prefix))  # prefix, suffix and FIM ids
+
+
+def test_serve_takes_auto_sdpa_or_compiled_and_names_the_key_otherwise():
+    assert validate("serve", load_config("serve", ["runs=[r]"])).attention == "auto"
+    assert validate("serve", load_config("serve", ["runs=[r]", "attention=compiled"])).attention == "compiled"
+    with pytest.raises(ConfigError, match="attention.*auto, sdpa or compiled"):
+        validate("serve", load_config("serve", ["runs=[r]", "attention=flash"]))
