@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from multiar.config import compose_config, config_dir, load_config
-from multiar.errors import ConfigError
+from multiar.errors import ConfigError, first_line
 from multiar.schema import SCHEMAS, describe
 
 log = logging.getLogger("multiar")
@@ -242,7 +242,7 @@ def one_line(err: BaseException) -> str:
     """An exception as one line; OSErrors name their file first."""
     if isinstance(err, OSError) and err.filename and err.strerror:
         return f"{err.filename}: {err.strerror}"
-    return (str(err).strip() or type(err).__name__).splitlines()[0]
+    return first_line(err)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 from omegaconf.errors import ValidationError
 
-from multiar.errors import ConfigError
+from multiar.errors import ConfigError, first_line
 from multiar.schema import SCHEMAS, config_error, validate
 
 
@@ -103,7 +103,7 @@ def compose_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:
     except Exception as err:  # Hydra's override-grammar and composition errors
         if isinstance(err.__cause__, ValidationError):  # a value the schema's type refuses: name the key
             raise config_error(err.__cause__) from None
-        message = (str(err).strip() or type(err).__name__).splitlines()[0]
+        message = first_line(err)
         if message.startswith("Could not override"):
             message += " No such key: `multiar <command> --help` lists the keys."
         raise ConfigError(f"bad arguments: {message}") from None

@@ -3,3 +3,8 @@
 
 class ConfigError(ValueError):
     """A bad argument or config value; the CLI prints it as one line and exits with code 2."""
+
+
+def first_line(err: BaseException) -> str:
+    """An exception's message as one line (its first), or its type's name when it has none."""
+    return (str(err).strip() or type(err).__name__).splitlines()[0]

@@ -24,7 +24,7 @@ from safetensors.torch import load_model, save_model
 
 from multiar.domain import Domain
 from multiar.engine.model import GPT, ModelConfig
-from multiar.errors import ConfigError
+from multiar.errors import ConfigError, first_line
 from multiar.files import write_new_file, write_new_text
 from multiar.schema import resolve_device
 
@@ -104,7 +104,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> Run:
     try:
         load_model(model, str(run_dir / "model.safetensors"), strict=True)
     except (SafetensorError, RuntimeError, OSError) as err:
-        first = (str(err).strip() or type(err).__name__).splitlines()[0]
+        first = first_line(err)
         raise ValueError(
             f"{run_dir / 'model.safetensors'}: not loadable safetensors weights ({first})"
         ) from None

@@ -19,7 +19,7 @@ from typing import Any, get_type_hints
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from multiar.errors import ConfigError
+from multiar.errors import ConfigError, first_line
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -706,7 +706,7 @@ def _typed(schema: type, cfg: DictConfig) -> DictConfig:
 def config_error(err: OmegaConfBaseException) -> ConfigError:
     """OmegaConf's error as one ConfigError line that starts with the key."""
     key = getattr(err, "full_key", None)
-    message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    message = first_line(err)
     return ConfigError(f"{key}: {message}" if key and not message.startswith(str(key)) else message)
 
 

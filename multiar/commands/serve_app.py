@@ -31,7 +31,7 @@ from multiar.commands.serve_api import (
 from multiar.commands.serve_engine import TTFT_BUCKETS, Closed, QueueFull
 from multiar.commands.serve_page import add_page_routes
 from multiar.commands.serve_requests import RequestError, Served, plan
-from multiar.errors import ConfigError
+from multiar.errors import ConfigError, first_line
 from multiar.tags import Tagged
 
 
@@ -166,9 +166,7 @@ async def queued(state: AppState, served: Served, body: dict[str, Any], out_dir:
     try:
         checked = await asyncio.to_thread(plan, served, body, out_dir, state.max_body_bytes)
     except (ConfigError, ValueError, TypeError, OSError) as err:
-        raise RequestError(
-            str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        ) from None
+        raise RequestError(first_line(err)) from None
     flow = Flow(served, checked, state.request_timeout)
     try:
         flow.submit()

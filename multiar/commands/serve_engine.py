@@ -441,7 +441,7 @@ class SlotEngine:
                 self.unsent[e.row].append(e.token)
         ended = {e.row for e in events if e.token is None}
         now = time.monotonic()
-        for b in {e.row for e in events} | ended:
+        for b in {e.row for e in events}:  # the ended rows among them
             job = self.job[b]
             if job is None or not self.unsent[b]:
                 continue

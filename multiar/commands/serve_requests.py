@@ -48,7 +48,7 @@ from multiar.engine.model import GPT
 from multiar.engine.rows import RowSettings
 from multiar.engine.sampling import Sampler
 from multiar.engine.speculative import SpeculativeStats
-from multiar.errors import ConfigError
+from multiar.errors import ConfigError, first_line
 from multiar.run_folder import Run
 from multiar.schema import validate_update
 
@@ -151,9 +151,7 @@ def request_config(served: Served, body: dict[str, Any], out_dir: Path, max_prom
     except ConfigError:
         raise
     except Exception as err:  # noqa: BLE001 (OmegaConf's other errors on odd values: the client's)
-        raise RequestError(
-            str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        ) from None
+        raise RequestError(first_line(err)) from None
 
 
 def literal(value: Any) -> Any:

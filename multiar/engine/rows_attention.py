@@ -29,6 +29,7 @@ from multiar.engine.layout import read_cache, write_cache
 from multiar.engine.model import GPT
 from multiar.engine.precision import cpu_model
 from multiar.engine.segments import Attend, Segments
+from multiar.errors import first_line
 
 log = logging.getLogger("multiar")
 
@@ -160,7 +161,7 @@ def choose_rows_attention(
         try:
             ways[w] = build_way(model, w)
         except Exception as err:  # noqa: BLE001 (inductor fails many ways: no compiler, no headers)
-            log.warning("rows attention: %s does not run here (%s)", w, str(err).strip().splitlines()[0])
+            log.warning("rows attention: %s does not run here (%s)", w, first_line(err))
     step_ms = {w: 1e3 * s for w, s in (timer or (lambda ws: step_seconds(model, ws, slots)))(ways).items()}
     picked = min(step_ms, key=step_ms.__getitem__)
     write_cache(cache_file, key, {"picked": picked, "step_ms": step_ms})
