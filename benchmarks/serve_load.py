@@ -426,7 +426,7 @@ def alternate(
            "lost": lost, "multiar_dtype": servers["multiar_slots16"].dtype,
            "ratio_a_over_c": round(medians["multiar_slots16"] / medians["llama_server"], 3)}  # fmt: skip
     if args.also_args:
-        out["also_args"] = args.also_args
+        out["also_args"], out["also_dtype"] = args.also_args, servers["multiar_slots16_also"].dtype
         out["ratio_also_over_c"] = round(medians["multiar_slots16_also"] / medians["llama_server"], 3)
     return out
 
@@ -517,7 +517,7 @@ def constrained_cost(
             outs, sec, total = asyncio.run(
                 timed(server.url, [code(k, False) for k in range(15)] + [code(99 + r, True)])
             )
-            shares.append((check_cpu_seconds(server.url) - before) / ((os.cpu_count() or 1) * total))
+            shares.append((check_cpu_seconds(server.url) - before) / (len(os.sched_getaffinity(0)) * total))
             rates["plain_15_beside_1_constrained"].append(sum(o.tokens for o in outs[:15]) / sec)
             c = outs[15]
             if c.first is not None and c.last is not None and c.tokens > 1:
@@ -533,11 +533,18 @@ def constrained_cost(
     out["check_cpu_share_per_repeat"] = [round(x, 3) for x in shares]
     # the constrained row's own cost: its checks' CPU time, as a share of the machine's cores over the run
     out["check_cpu_share"] = round(statistics.median(shares), 3)
-    out["plain_drop"] = round(1 - out["plain_15_beside_1_constrained"] / out["plain_15"], 3)
-    # the grammar's part of it: beside the constrained row against beside the same row unconstrained
-    out["plain_drop_vs_plain_16th"] = round(
-        1 - out["plain_15_beside_1_constrained"] / out["plain_15_beside_1_plain"], 3
+    # drops paired within a repeat (the machine's speed moves between repeats), their medians
+    pairs = zip(
+        rates["plain_15"],
+        rates["plain_15_beside_1_plain"],
+        rates["plain_15_beside_1_constrained"],
+        strict=True,
     )
+    drops = [(1 - c / a, 1 - c / p, 1 - p / a) for a, p, c in pairs]
+    out["plain_drop"] = round(statistics.median(d[0] for d in drops), 3)
+    # the grammar's part of it: beside the constrained row against beside the same row unconstrained
+    out["plain_drop_vs_plain_16th"] = round(statistics.median(d[1] for d in drops), 3)
+    out["plain_drop_of_a_plain_16th"] = round(statistics.median(d[2] for d in drops), 3)
     return out
 
 

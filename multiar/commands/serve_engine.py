@@ -91,7 +91,9 @@ class Stats:
 
     tokens: int = 0
     steps: int = 0
-    check_seconds: float = 0.0  # CPU time the per-token checks took on the worker (a grammar's own cost)
+    # CPU time the per-token checks took on the worker thread (a grammar's own cost; torch's intra-op
+    # threads, if a check's ops used them, are not in it: a lower bound)
+    check_seconds: float = 0.0
     ttft_counts: list[int] = field(default_factory=lambda: [0] * (len(TTFT_BUCKETS) + 1))  # last: +Inf
     ttft_sum: float = 0.0
 

@@ -46,11 +46,11 @@ def attend_rows(q: Tensor, keys: Tensor, values: Tensor, positions: Tensor) -> T
 
 
 def compiled_attend_rows(
-    n_head: int, head_size: int, slots: int, dtype: torch.dtype, device: torch.device
+    n_head: int, head_size: int, max_seq_length: int, dtype: torch.dtype, device: torch.device
 ) -> Attend:
     """attend_rows compiled for every row count and length (dynamic shapes), for queries, keys and values
-    of dtype (the weights') with n_head heads of head_size, keys and values read from a cache of `slots`
-    positions. Inductor specializes a size of 1, so one row or one slot is doubled to two (the copy row
+    of dtype (the weights') with n_head heads of head_size, keys and values read from a cache of
+    max_seq_length positions. Inductor specializes a size of 1, so one row or one slot is doubled to two (the copy row
     is dropped; the copy slot comes after the row's position, masked). Compiled here, on the loading
     thread, for every case a step meets: a server whose kernel compiled again on its engine thread
     served 1,488 tokens/s where the same server without compiled 1,905 (benchmarks/README.md, serve)."""
@@ -66,11 +66,13 @@ def compiled_attend_rows(
 
     # like the engine's: a cache made outside inference mode, read in it, in views; rows, lengths and the
     # cache's rows unlike each other and the heads' sizes (equal sizes at the first compile are guarded
-    # equal, and a step where they are not would compile again, on the engine's thread)
-    rows, length, batch = [x for x in range(3, 99) if x not in (n_head, head_size, slots)][:3]
-    cache = torch.zeros(batch, n_head, slots, head_size, dtype=dtype, device=device)
+    # equal, and a step where they are not would compile again, on the engine's thread); a view of the
+    # cache's whole length has other strides (guarded too): with some rows, and with all of them
+    full = max_seq_length
+    rows, length, batch = [x for x in range(3, 99) if x not in (n_head, head_size, full)][:3]
+    cache = torch.zeros(batch, n_head, full, head_size, dtype=dtype, device=device)
     with torch.inference_mode():
-        for d, n in ((rows, length), (1, length), (rows, 1), (1, 1)):
+        for d, n in ((rows, length), (1, length), (rows, 1), (1, 1), (rows, full), (batch, full), (1, full)):
             q = torch.zeros(d, n_head, head_size, dtype=dtype, device=device)  # the activations'
             attend(q, cache[:d, :, :n], cache[:d, :, :n], torch.zeros(d, dtype=torch.long, device=device))
     return attend
@@ -102,35 +104,47 @@ def build_way(model: GPT, way: str) -> RowsAttention:
 
 
 def step_seconds(model: GPT, ways: dict[str, RowsAttention], slots: int, rounds: int = 3) -> dict[str, float]:
-    """Seconds per mixed step of `slots` decoding rows spread over the context, for each way (its caches
-    set up in its dtype), rounds alternated; the best round of each."""
+    """Seconds per decoding step of `slots` rows spread over the context (one row: at its end), for each
+    way (its caches set up in its dtype, as the engine's), rounds alternated; the best round of each.
+    Decoding steps only: a prompt chunk's attention over a bf16 cache (converted to fp32 per layer) is
+    not in the figure."""
     block = model.config.block_size
     device = model.wte.weight.device
-    positions = torch.linspace(0, block - 1, slots, device=device).long()
+    positions = torch.linspace(block - 1, 0, slots, device=device).long()
     ids = torch.zeros(slots, dtype=torch.long, device=device)
     best = {w: float("inf") for w in ways}
-    with torch.inference_mode():
-        for _ in range(rounds):
-            for name, way in ways.items():
-                model.setup_caches(max_batch_size=slots, max_seq_length=block, kv_dtype=way.kv_dtype)
-                step = Segments(slots, positions, attend=way.attend)
-                model.forward_segments(ids, step)
+    for _ in range(rounds):
+        for name, way in ways.items():
+            model.setup_caches(max_batch_size=slots, max_seq_length=block, kv_dtype=way.kv_dtype)
+            with torch.inference_mode():
+                model.forward_segments(ids, Segments(slots, positions, attend=way.attend))
+                _sync(device)
                 start, steps = time.perf_counter(), 8
                 for _ in range(steps):
-                    model.forward_segments(ids, step)
+                    model.forward_segments(ids, Segments(slots, positions, attend=way.attend))
+                _sync(device)
                 best[name] = min(best[name], (time.perf_counter() - start) / steps)
     model.clear_caches()
     return best
 
 
-def cache_key(model: GPT, slots: int, asked: str) -> str:
-    """CPU model, torch version, threads, device, slot count, the model's attention shapes and dtype."""
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def cache_key(model: GPT, slots: int) -> str:
+    """CPU model, torch version, threads, device, slot count, the model's attention shapes, its dtype and
+    its projections' kind (a quantized model's linears are other kernels)."""
     c, device = model.config, model.wte.weight.device
-    where = cpu_model() if device.type == "cpu" else torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        where = cpu_model()
+    else:
+        where = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     return (
         f"rows attention | {where} | torch {torch.__version__} | {torch.get_num_threads()} threads | "
         f"{device.type} | {slots} rows | {c.n_layer}x{c.n_head}x{c.head_size} | block {c.block_size} | "
-        f"{model.wte.weight.dtype} | {asked}"
+        f"{model.wte.weight.dtype} | {type(model.blocks[0].attn.qkv).__name__}"
     )
 
 
@@ -150,12 +164,17 @@ def choose_rows_attention(
         way = build_way(model, asked)
         way.how = "forced"
         return way
-    key = cache_key(model, slots, asked)
+    key = cache_key(model, slots)
     entry = read_cache(cache_file, key)
     if entry is not None and entry.get("picked") in WAYS:
-        way = build_way(model, entry["picked"])
-        way.how, way.step_ms = "cached", dict(entry.get("step_ms", {}))
-        return way
+        try:
+            way = build_way(model, entry["picked"])
+            way.how, way.step_ms = "cached", dict(entry.get("step_ms", {}))
+            return way
+        except Exception as err:  # noqa: BLE001 (the compiler went away since: measure again)
+            log.warning(
+                "rows attention: cached %s does not run here now (%s)", entry["picked"], first_line(err)
+            )
     ways = {}
     for w in WAYS:
         try:
@@ -164,7 +183,8 @@ def choose_rows_attention(
             log.warning("rows attention: %s does not run here (%s)", w, first_line(err))
     step_ms = {w: 1e3 * s for w, s in (timer or (lambda ws: step_seconds(model, ws, slots)))(ways).items()}
     picked = min(step_ms, key=step_ms.__getitem__)
-    write_cache(cache_file, key, {"picked": picked, "step_ms": step_ms})
+    if len(step_ms) == len(WAYS):  # a way left out (no compiler yet) is measured again next time
+        write_cache(cache_file, key, {"picked": picked, "step_ms": step_ms})
     way = ways[picked]
     way.how, way.step_ms = "measured", step_ms
     return way

@@ -35,7 +35,9 @@ class Segments:
     def __post_init__(self) -> None:
         # once per step, not per layer: each read of a tensor's max is a wait for it on the host
         self.kv_len = int(self.positions.max()) + 1 if self.rows else 0
-        self.row_index = torch.arange(self.rows, device=self.positions.device)
+        self.row_index = torch.arange(
+            self.rows, device=self.positions.device
+        )  # the decoding rows' cache rows
         self._mask: Tensor | None = None
 
     def rows_mask(self, causal_mask: Tensor) -> Tensor:

@@ -1,5 +1,6 @@
 """The slot engine of `multiar serve` on a small random model, fp32: greedy rows equal the one decode
-loop's, a seeded row gives the same tokens alone or among 15 others (with either way of attending), a cancelled request frees its slot
+loop's, a seeded row gives the same tokens alone or among 15 others (either way of attending; the
+compiled one never compiles again on the engine thread), a cancelled request frees its slot
 within a step, a failing processor fails its request alone, a long prompt enters in chunks while the
 other rows keep decoding, and rows past block_size slide their window; rows sharing settings are sampled
 in one call with the tokens each would get alone, and a row with a slow per-token check sits out steps
@@ -19,6 +20,7 @@ from multiar.engine.model import GPT, ModelConfig
 from multiar.engine.rows import RowSettings
 from multiar.engine.rows_attention import build_way
 from multiar.engine.sampling import Sampler, ban_tokens, sample_each
+from multiar.errors import first_line
 
 EOS = 2
 
@@ -95,19 +97,34 @@ def test_seeded_request_is_the_same_alone_or_among_15_others(model, way):
     try:
         attention = build_way(model, way)
     except Exception as err:  # noqa: BLE001 (inductor needs a C++ compiler; serve then measures SDPA alone)
-        pytest.skip(f"torch.compile does not run here: {str(err).splitlines()[0]}")
+        pytest.skip(f"torch.compile does not run here: {first_line(err)}")
     e = engine(model, slots=16, attention=attention)
-    try:
-        alone = request(e, [prompt], seed=7, temperature=1.0, max_new=20, min_new=20)
-        wait(alone)
-        others = [request(e, [[1, 3 + k % 9]], seed=100 + k, temperature=1.0, max_new=24) for k in range(8)]
-        mine = request(e, [prompt], seed=7, temperature=1.0, max_new=20, min_new=20)
-        others += [
-            request(e, [[1, 5, k % 7 + 3]], seed=200 + k, temperature=0.9, max_new=30) for k in range(7)
-        ]
-        wait(mine, *others)
-    finally:
-        e.stop()
+    # a compile on the engine thread fails its step: the kernel was built for every case a step meets,
+    # a row at the block's last position too (the 70-token neighbour slides past it)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        try:
+            alone = request(e, [prompt], seed=7, temperature=1.0, max_new=20, min_new=20)
+            wait(alone)
+            others = [
+                request(
+                    e,
+                    [[1, 3 + k % 9]],
+                    seed=100 + k,
+                    temperature=1.0,
+                    max_new=24 + 46 * (k == 0),
+                    min_new=24 + 46 * (k == 0),
+                )
+                for k in range(8)
+            ]
+            mine = request(e, [prompt], seed=7, temperature=1.0, max_new=20, min_new=20)
+            others += [
+                request(e, [[1, 5, k % 7 + 3]], seed=200 + k, temperature=0.9, max_new=30) for k in range(7)
+            ]
+            wait(mine, *others)
+        finally:
+            e.stop()
+    assert all(not [ev for ev in r.events if ev.kind == "error"] for r in [alone, mine, *others])
+    assert len(others[0].ends()[0].ids) == 70
     assert len(alone.ends()[0].ids) == 20
     assert mine.ends()[0].ids == alone.ends()[0].ids
 

@@ -4,6 +4,8 @@ beside them) and never compiles again once built; the choice is measured, cached
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +14,7 @@ from multiar.engine import rows_attention
 from multiar.engine.model import GPT, ModelConfig
 from multiar.engine.rows_attention import RowsAttention, attend_rows, build_way, choose_rows_attention
 from multiar.engine.segments import Segments
+from multiar.errors import first_line
 
 
 @pytest.fixture(scope="module")
@@ -22,10 +25,11 @@ def model() -> GPT:
 
 @pytest.fixture(scope="module")
 def compiled(model) -> RowsAttention:
+    torch._dynamo.reset()  # graphs other tests compiled for attend_rows would hide a gap in the warm-up
     try:
         return build_way(model, "compiled")
     except Exception as err:  # noqa: BLE001 (inductor needs a C++ compiler; serve then measures SDPA alone)
-        pytest.skip(f"torch.compile does not run here: {str(err).splitlines()[0]}")
+        pytest.skip(f"torch.compile does not run here: {first_line(err)}")
 
 
 def test_attend_rows_is_sdpa_with_each_rows_mask():
@@ -41,29 +45,58 @@ def test_attend_rows_is_sdpa_with_each_rows_mask():
     assert got.dtype == torch.float32 and torch.allclose(got, want, atol=0.05)
 
 
-def mixed_step_logits(model: GPT, way: RowsAttention, rows: int, positions: list[int]) -> torch.Tensor:
+def mixed_step_logits(
+    model: GPT, way: RowsAttention, rows: int, positions: list[int], chunk: bool = True
+) -> torch.Tensor:
     """A prompt's worth of history for each row, then one mixed step: `rows` decoding rows at their
-    positions and a 5-id prompt chunk entering row `rows`."""
+    positions and (chunk) a 5-id prompt chunk entering row `rows`; without one the cache has just the
+    decoding rows (a view of all of it when a row is at the last position)."""
     torch.manual_seed(2)
-    model.setup_caches(max_batch_size=rows + 1, max_seq_length=64, kv_dtype=way.kv_dtype)
+    cache_rows = rows + 1 if chunk else rows
+    model.setup_caches(max_batch_size=cache_rows, max_seq_length=64, kv_dtype=way.kv_dtype)
     with torch.inference_mode():
         for b, p in enumerate(positions):  # each row's earlier ids, as a chunk of its own
             if p:
                 model.forward_segments(
                     torch.randint(3, 40, (p,)), Segments(0, torch.zeros(0, dtype=torch.long), [(b, 0, p)])
                 )
-        ids = torch.randint(3, 40, (rows + 5,))
-        step = Segments(rows, torch.tensor(positions), [(rows, 0, 5)], way.attend)
+        ids = torch.randint(3, 40, (rows + 5 * chunk,))
+        step = Segments(rows, torch.tensor(positions), [(rows, 0, 5)] if chunk else [], way.attend)
         return model.forward_segments(ids, step)
 
 
-@pytest.mark.parametrize("positions", [[9, 0, 30, 4], [17], [0]], ids=["four rows", "one row", "position 0"])
-def test_compiled_way_gives_the_sdpa_ways_logits(model, compiled, positions):
+CASES = {
+    "four rows": ([9, 0, 30, 4], True),
+    "one row": ([17], True),
+    "position 0": ([0], True),
+    "a row at the last position": ([63, 5], True),
+    "every cache row, one at the last position": ([63, 1, 2, 3], False),
+    "one row at the last position": ([63], False),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_compiled_way_gives_the_sdpa_ways_logits(model, compiled, case):
+    positions, chunk = CASES[case]
     sdpa = build_way(model, "sdpa")
-    want = mixed_step_logits(model, sdpa, len(positions), positions)
+    want = mixed_step_logits(model, sdpa, len(positions), positions, chunk)
     with torch.compiler.set_stance("fail_on_recompile"):  # built once: a step never compiles again
-        got = mixed_step_logits(model, compiled, len(positions), positions)
+        got = mixed_step_logits(model, compiled, len(positions), positions, chunk)
     assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_compiled_way_over_a_bf16_cache_gives_sdpas_logits_with_bf16_weights(model):
+    """bf16 weights: the compiled way keeps keys and values in bf16 (what the projections give), SDPA
+    in fp32; the same values either way, attended in fp32."""
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    try:
+        compiled = build_way(half, "compiled")
+    except Exception as err:  # noqa: BLE001
+        pytest.skip(f"torch.compile does not run here: {first_line(err)}")
+    assert compiled.kv_dtype == torch.bfloat16
+    want = mixed_step_logits(half, build_way(half, "sdpa"), 4, [9, 0, 30, 4])
+    got = mixed_step_logits(half, compiled, 4, [9, 0, 30, 4])
+    assert torch.allclose(got.float(), want.float(), atol=0.05)
 
 
 def test_choice_is_measured_cached_and_narrowed(model, tmp_path, monkeypatch):
