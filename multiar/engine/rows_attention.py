@@ -4,10 +4,10 @@ chosen by measuring (`choose_rows_attention`):
 - "sdpa": torch's scaled_dot_product_attention over every row's slots up to the furthest row's position,
   a mask hiding each row's slots past its own; keys and values kept in fp32 on a CPU (its bf16 SDPA
   runs several times slower than fp32).
-- "compiled": the same attention as four tensor ops (`attend_rows`) that inductor compiles into one loop
-  nest, keys and values kept in the weights' dtype: with bf16 weights the cache is bf16, half the bytes
-  that every step reads. At 16 rows over a few hundred positions the step's attention is bound by reading
-  the cache (benchmarks/README.md, serve: 3.0-3.5 vs 1.2-1.7 ms a step for six layers).
+- "compiled": the same attention as four tensor ops (`attend_rows`) compiled by inductor, keys and
+  values kept in the weights' dtype: with bf16 weights the cache is bf16, half the bytes every step
+  reads. Six layers at 16 rows over a hundred-odd positions, caches cold: SDPA over fp32 3.0-3.5 ms, the
+  compiled way over bf16 1.2-1.7 ms, over fp32 2.35-2.73 ms (benchmarks/README.md, serve).
 
 Each way decodes a few steps of the model at the slot count, rounds alternated, and the faster wins;
 the choice is cached beside the layout's (layout.CACHE_FILE) under its own key. A way that cannot run
