@@ -40,7 +40,10 @@ def protein_run(tmp_path_factory):
 
 
 def serve_config(run, tmp, *extra):
-    return load_config("serve", [f"runs=[{run}]", "dtype=fp32", "slots=4", f"files_dir={tmp}", *extra])
+    # the rows' attention pinned like the dtype: measuring and compiling it costs each server seconds, and
+    # the compiled way has tests of its own (engine/test_rows_attention, commands/test_serve_engine)
+    keys = [f"runs=[{run}]", "dtype=fp32", "attention=sdpa", "slots=4", f"files_dir={tmp}"]
+    return load_config("serve", [*keys, *extra])
 
 
 @pytest.fixture(scope="module")
