@@ -76,8 +76,11 @@ def start_server(run: Path, slots: int, log_dir: Path, *extra: str, ready_s: flo
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     server = wait_ready(Server(proc, f"http://127.0.0.1:{port}", log), "multiar serve", ready_s)
-    found = re.search(r"KV cache [\d.]+ MiB \((\S+)\), (\S+) weights, rows attention (\S+)", log.read_text())
-    server.dtype = "{1} weights, {0} keys/values, {2} attention".format(*found.groups()) if found else "?"
+    line = r"KV cache [\d.]+ MiB \((\S+)\), (\S+) weights, rows attention (\w+), (\w+) steps"
+    found = re.search(line, log.read_text())
+    server.dtype = (
+        "{1} weights, {0} keys/values, {2} attention, {3} steps".format(*found.groups()) if found else "?"
+    )
     return server
 
 

@@ -631,11 +631,22 @@ class ServeSchema:
         "keys/values in the weights' dtype) or auto (the faster at `slots` rows, measured once here)",
         "auto",
     )
+    step: str = doc(
+        "eager, or captured: a step without a prompt chunk runs as one compiled graph (inductor; "
+        "nn.Linear weights, so layout=auto or linear; tens of seconds of compiling at start)",
+        "eager",
+    )
     device: str = doc(DEVICE_HELP, "auto")
 
     def __post_init__(self) -> None:
         _check_device(self.device)
         _check(bool(self.runs), "runs", "give at least one run folder: runs=[runs/protein]")
+        _check(self.step in ("eager", "captured"), "step", f"must be eager or captured, got {self.step!r}")
+        _check(
+            not (self.step == "captured" and self.layout == "packed"),
+            "layout",
+            "step=captured takes layout=auto or linear: inductor cannot lower oneDNN's packed Linear",
+        )
         _check(
             self.attention in ("auto", "sdpa", "compiled"),
             "attention",

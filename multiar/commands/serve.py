@@ -73,7 +73,8 @@ def load_models(cfg: DictConfig, files_dir: Path) -> dict[str, Served]:
     models: dict[str, Served] = {}
     for name, path in zip(names, cfg.runs, strict=True):
         run = load_run(path, device=cfg.device)
-        model, _ = sampling_model(run, cfg.quantize, cfg.dtype, layout=cfg.layout, batch_size=cfg.slots)
+        layout = "linear" if cfg.step == "captured" else cfg.layout  # inductor lowers nn.Linear, not oneDNN's
+        model, _ = sampling_model(run, cfg.quantize, cfg.dtype, layout=layout, batch_size=cfg.slots)
         base = load_config(
             "generate", [f"run={path}", f"device={cfg.device}", f"dtype={cfg.dtype}", "progress=false", "n=1"]
         )
@@ -92,12 +93,14 @@ def load_models(cfg: DictConfig, files_dir: Path) -> dict[str, Served]:
             max_tokens=cfg.max_tokens,
             window_starts=starts,
             attention=attention,
+            captured=cfg.step == "captured",
         )
         engine.start()
         info = engine.describe()
         print(
             f"serve: {name} ({domain.name}): {info['slots']} slots, KV cache {info['kv_mib']:.1f} MiB "
-            f"({info['kv_dtype']}), {info['dtype']} weights, rows attention {info['attention']}",
+            f"({info['kv_dtype']}), {info['dtype']} weights, rows attention {info['attention']}, "
+            f"{cfg.step} steps",
             flush=True,
         )
         models[name] = Served(name, run, model, base, engine, files_dir / name, cfg.max_tokens, cfg.max_n)

@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from multiar.engine.captured_step import CapturedStep
 from multiar.engine.checked_draw import TokenCheck, checked_sample
 from multiar.engine.model import GPT
 from multiar.engine.rows import Rows, RowSettings, Token, flatten_banned, process_row, window_tail
@@ -178,6 +179,7 @@ class SlotEngine:
         window_starts: Sequence[bool] | None = None,
         stream_interval: float = 0.0,
         attention: RowsAttention | None = None,
+        captured: bool = False,
     ):
         self.model, self.slots, self.max_queue, self.chunk = model, slots, max_queue, prefill_chunk
         self.interval = stream_interval
@@ -188,6 +190,8 @@ class SlotEngine:
         self.attention = attention or RowsAttention("sdpa", None, None, "default")
         model.eval()
         model.setup_caches(max_batch_size=slots, max_seq_length=self.block, kv_dtype=self.attention.kv_dtype)
+        # steps without a prompt chunk as one compiled graph (engine.captured_step), built on this thread
+        self.captured = CapturedStep(model, slots) if captured else None
         device = model.wte.weight.device
         self.rows = Rows([[0]] * slots, 1, device=device, width=self.block + max_tokens + 1, eos_id=eos_id)
         self.rows.ends = ["idle"] * slots
@@ -352,8 +356,11 @@ class SlotEngine:
             budget -= len(take)
         if not (d or chunks):
             return {}
-        segments = Segments(d, positions.to(device), chunks, self.attention.attend)
-        out = self.model.forward_segments(torch.cat(ids), segments)  # (d + len(chunks), V)
+        if self.captured is not None and not chunks:
+            out = self.captured(ids[0], positions.to(device), int(positions.max()) + 1)  # (d, V)
+        else:
+            segments = Segments(d, positions.to(device), chunks, self.attention.attend)
+            out = self.model.forward_segments(torch.cat(ids), segments)  # (d + len(chunks), V)
         logits = {b: out[b] for b in running}
         for b in running:
             self.filled[b] += 1

@@ -77,12 +77,16 @@ def wait(*collects: Collect, timeout: float = 30) -> None:
         assert c.done.wait(timeout), "the request did not finish"
 
 
-def test_greedy_rows_equal_the_decode_loop(model):
+@pytest.mark.parametrize("captured", [False, True], ids=["eager", "captured"])
+def test_greedy_rows_equal_the_decode_loop(model, captured):
     prompts = [[1, 5, 6], [1, 7], [1, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18], [1, 3]]
     want = generate(
         model, prompts=prompts, max_new_tokens=12, temperature=0.0, eos_id=EOS, processors=[ban_tokens([0])]
     )
-    e = engine(model, slots=3)  # fewer slots than prompts: the last one waits for a free slot
+    try:
+        e = engine(model, slots=3, captured=captured)  # fewer slots than prompts: the last one waits
+    except Exception as err:  # noqa: BLE001 (inductor needs a C++ compiler)
+        pytest.skip(f"torch.compile does not run here: {first_line(err)}")
     try:
         reqs = [request(e, [p]) for p in prompts]
         wait(*reqs)
@@ -91,14 +95,14 @@ def test_greedy_rows_equal_the_decode_loop(model):
     assert [r.ends()[0].ids for r in reqs] == want
 
 
-@pytest.mark.parametrize("way", ["sdpa", "compiled"])
+@pytest.mark.parametrize("way", ["sdpa", "compiled", "captured"])
 def test_seeded_request_is_the_same_alone_or_among_15_others(model, way):
     prompt = [1, 4, 8, 12]
     try:
-        attention = build_way(model, way)
+        attention = build_way(model, "sdpa" if way == "captured" else way)
+        e = engine(model, slots=16, attention=attention, captured=way == "captured")
     except Exception as err:  # noqa: BLE001 (inductor needs a C++ compiler; serve then measures SDPA alone)
         pytest.skip(f"torch.compile does not run here: {first_line(err)}")
-    e = engine(model, slots=16, attention=attention)
     # a compile on the engine thread fails its step: the kernel was built for every case a step meets,
     # a row at the block's last position too (the 70-token neighbour slides past it)
     with torch.compiler.set_stance("fail_on_recompile"):

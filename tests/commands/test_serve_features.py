@@ -191,3 +191,11 @@ def test_serve_takes_auto_sdpa_or_compiled_and_names_the_key_otherwise():
     assert validate("serve", load_config("serve", ["runs=[r]", "attention=compiled"])).attention == "compiled"
     with pytest.raises(ConfigError, match="attention.*auto, sdpa or compiled"):
         validate("serve", load_config("serve", ["runs=[r]", "attention=flash"]))
+
+
+def test_serve_takes_eager_or_captured_steps_and_captured_needs_nn_linear():
+    assert validate("serve", load_config("serve", ["runs=[r]"])).step == "eager"
+    with pytest.raises(ConfigError, match="step.*eager or captured"):
+        validate("serve", load_config("serve", ["runs=[r]", "step=graph"]))
+    with pytest.raises(ConfigError, match="layout.*packed Linear"):
+        validate("serve", load_config("serve", ["runs=[r]", "step=captured", "layout=packed"]))

@@ -1,0 +1,53 @@
+"""A slot engine's decoding step compiled whole (engine.captured_step): the eager mixed step's logits for
+rows at any positions (one row, a row at the block's last position, every cache row), and once built it
+never compiles again."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from multiar.engine.captured_step import CapturedStep
+from multiar.engine.model import GPT, ModelConfig
+from multiar.engine.segments import Segments
+from multiar.errors import first_line
+
+SLOTS = 4
+
+
+@pytest.fixture(scope="module")
+def model() -> GPT:
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=40, block_size=64, n_layer=2, n_head=2, n_embd=32)).eval()
+    model.setup_caches(max_batch_size=SLOTS, max_seq_length=64)
+    return model
+
+
+@pytest.fixture(scope="module")
+def captured(model) -> CapturedStep:
+    try:
+        return CapturedStep(model, SLOTS)
+    except Exception as err:  # noqa: BLE001 (inductor needs a C++ compiler)
+        pytest.skip(f"torch.compile does not run here: {first_line(err)}")
+
+
+def history(model: GPT, positions: list[int]) -> None:
+    """The same earlier ids in each row's cache, as prompt chunks of the eager step."""
+    torch.manual_seed(2)
+    model.setup_caches(max_batch_size=SLOTS, max_seq_length=64)
+    with torch.inference_mode():
+        for b, p in enumerate(positions):
+            if p:
+                model.forward_segments(torch.randint(3, 40, (p,)), Segments(0, torch.zeros(0, dtype=torch.long), [(b, 0, p)]))  # fmt: skip
+
+
+@pytest.mark.parametrize("positions", [[9, 1, 30, 4], [17], [63, 5], [63, 1, 2, 3], [63]])
+def test_the_captured_step_gives_the_eager_steps_logits_and_never_compiles_again(model, captured, positions):
+    ids, at = torch.randint(3, 40, (len(positions),)), torch.tensor(positions)
+    history(model, positions)
+    with torch.inference_mode():
+        want = model.forward_segments(ids, Segments(len(positions), at, []))
+    history(model, positions)
+    with torch.compiler.set_stance("fail_on_recompile"), torch.inference_mode():
+        got = captured(ids.clone(), at.clone(), int(at.max()) + 1)  # made in inference mode, as the engine's
+    assert torch.allclose(got, want, atol=1e-5)
