@@ -49,9 +49,10 @@ class CapturedStep:
         # every case a step meets, each size unlike the others (equal sizes at a first compile are guarded
         # equal): some rows over part of the cache, one row (a size of 1 is its own graph), every row
         # over all of it
-        rows = next(x for x in range(3, 99) if x not in (slots, block, model.config.n_head))
+        taken = (slots, block, model.config.n_head, model.config.head_size, model.config.n_embd)
+        rows, length = [x for x in range(3, 99) if x not in taken][:2]
         with torch.inference_mode():
-            for d, n in ((rows, 5), (1, 5), (min(slots, block), block), (1, block)):
+            for d, n in ((rows, length), (1, length), (slots, block), (1, block)):
                 d = min(d, slots)
                 self(
                     torch.zeros(d, dtype=torch.long, device=device), torch.full((d,), n - 1, device=device), n
