@@ -128,12 +128,17 @@ def cache_key(model: nn.Module, batch_size: int, asked: str) -> str:
         [m.out_features, m.in_features] for m in model.modules() if isinstance(m, Int8Linear | Int4Linear)
     ]
     digest = hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:16]
-    device = next(model.parameters()).device
-    where = cpu_model() if device.type == "cpu" else torch.cuda.get_device_name(device)
-    return (
-        f"{where} | torch {torch.__version__} | {torch.get_num_threads()} threads | {device.type} | "
-        f"batch {batch_size} | shapes {digest} | {asked}"
-    )
+    return f"{machine_key(next(model.parameters()).device)} | batch {batch_size} | shapes {digest} | {asked}"
+
+
+def machine_key(device: torch.device) -> str:
+    """What a measured choice depends on beside the model: the CPU model (or the GPU's name), torch's
+    version, the thread count and the device type."""
+    if device.type == "cpu":
+        where = cpu_model()
+    else:
+        where = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return f"{where} | torch {torch.__version__} | {torch.get_num_threads()} threads | {device.type}"
 
 
 def read_cache(cache_file: Path | None, key: str) -> dict | None:

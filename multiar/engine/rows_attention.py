@@ -25,9 +25,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from multiar.engine.layout import read_cache, write_cache
+from multiar.engine.layout import machine_key, read_cache, write_cache
 from multiar.engine.model import GPT
-from multiar.engine.precision import cpu_model
 from multiar.engine.segments import Attend, Segments
 from multiar.errors import first_line
 
@@ -134,17 +133,13 @@ def _sync(device: torch.device) -> None:
 
 
 def cache_key(model: GPT, slots: int) -> str:
-    """CPU model, torch version, threads, device, slot count, the model's attention shapes, its dtype and
-    its projections' kind (a quantized model's linears are other kernels)."""
-    c, device = model.config, model.wte.weight.device
-    if device.type == "cpu":
-        where = cpu_model()
-    else:
-        where = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    """The machine (layout.machine_key), slot count, the model's attention shapes, its dtype and its
+    projections' kind (a quantized model's linears are other kernels)."""
+    c = model.config
     return (
-        f"rows attention | {where} | torch {torch.__version__} | {torch.get_num_threads()} threads | "
-        f"{device.type} | {slots} rows | {c.n_layer}x{c.n_head}x{c.head_size} | block {c.block_size} | "
-        f"{model.wte.weight.dtype} | {type(model.blocks[0].attn.qkv).__name__}"
+        f"rows attention | {machine_key(model.wte.weight.device)} | {slots} rows | "
+        f"{c.n_layer}x{c.n_head}x{c.head_size} | block {c.block_size} | {model.wte.weight.dtype} | "
+        f"{type(model.blocks[0].attn.qkv).__name__}"
     )
 
 
