@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import tokenize
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
@@ -216,9 +217,13 @@ class PythonConstraint:
         self.states: PrefixStates[RowState | BadPrompt | None] = PrefixStates(
             self.build, self.extend, keep=256
         )
+        # the state after (a state, a token) that `sound` found: the drawn token's state is asked for
+        # again by the row's next call (states.state_of); the key's state is kept with it, so its id is
+        # not reused while the entry lives
+        self.after: OrderedDict[tuple[int, int], tuple[RowState, RowState | None]] = OrderedDict()
 
     def build(self, ids: list[int]) -> RowState | BadPrompt:
-        text = self.decode_tail(ids)
+        text = lf_lines(self.decode_tail(ids))
         try:
             return RowState(scan(text), Parse.begin().advance(text))
         except (Unsound, Ungrammatical):
@@ -227,7 +232,9 @@ class PythonConstraint:
     def extend(self, state: RowState | BadPrompt | None, new: list[int]) -> RowState | None:
         if not isinstance(state, RowState):
             return None
-        return self.step(state, "".join(self.texts[i] for i in new))
+        if len(new) == 1 and (known := self.after.get((id(state), new[0]))) and known[0] is state:
+            return known[1]
+        return self.step(state, lf_lines("".join(self.texts[i] for i in new)))
 
     @staticmethod
     def step(state: RowState, text: str) -> RowState | None:
@@ -254,8 +261,21 @@ class PythonConstraint:
             return parses(self.final_text(ids))
         if token in self.banned or not 0 <= token < len(self.texts) or not self.texts[token]:
             return False
+        if "\r" in self.texts[token]:  # a line end to Python (and to a text-mode reader), not to the scan:
+            return False  # samples end their lines with LF only
         state = self.states.state_of(ids)
-        return isinstance(state, RowState) and self.step(state, self.texts[token]) is not None
+        if not isinstance(state, RowState):
+            return False
+        after = self.step(state, self.texts[token])
+        self.after[(id(state), token)] = (state, after)
+        if len(self.after) > 512:
+            self.after.popitem(last=False)
+        return after is not None
+
+
+def lf_lines(text: str) -> str:
+    """text with CRLF and lone CR line ends as LF, as Python's tokenizer reads them."""
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def first_unsound_line(text: str) -> int:

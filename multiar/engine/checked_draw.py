@@ -2,7 +2,9 @@
 a grammar too costly to run over the whole vocabulary every step) is asked only about the tokens drawn.
 Each row draws from its processed distribution; a drawn token the check refuses is banned in that row
 and the row draws again, until a sound token is drawn or no probability is left (the row is dead: it
-ends with `no_valid_token`). Greedy takes the most likely sound token. What comes out is the processed
+ends with `no_valid_token`). A redraw is the next finisher of the same exponential race (`sampling.race`):
+exactly a draw from what is left, without new noise over the whole vocabulary. Greedy takes the most
+likely sound token. What comes out is the processed
 distribution restricted to sound tokens, renormalized: never an unchecked token. Knows no domain.
 """
 
@@ -14,7 +16,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from multiar.engine.sampling import draw, probabilities
+from multiar.engine.sampling import probabilities, race
 
 
 @runtime_checkable
@@ -46,8 +48,12 @@ def checked_sample(
     without a valid token (their logits flattened by `Rows.process`), left as they are. Sampling
     arguments as `sampling.sample` (temperature 0: the most likely sound token)."""
     greedy = temperature <= 0
-    weights = logits.clone() if greedy else probabilities(logits, temperature, top_k, top_p, min_p)
-    tokens = weights.argmax(-1) if greedy else draw(weights, generator)
+    # keys (B, V): the logits (greedy) or each token's place in one race; a refused token's key is
+    # -inf, so the next largest is the redraw; none left with probability: the row is dead
+    keys = (
+        logits.clone() if greedy else race(probabilities(logits, temperature, top_k, top_p, min_p), generator)
+    )
+    tokens = keys.argmax(-1)
     dead = (
         torch.zeros(logits.size(0), dtype=torch.bool, device=logits.device) if dead is None else dead.clone()
     )
@@ -58,10 +64,10 @@ def checked_sample(
         if not refused:
             break
         rows = torch.tensor(refused, device=logits.device)
-        weights[rows, tokens[rows]] = float("-inf") if greedy else 0.0
-        left = weights[rows]
-        empty = torch.isneginf(left).all(-1) if greedy else left.sum(-1) <= 0
-        tokens[rows] = left.argmax(-1) if greedy else draw(left, generator)
+        keys[rows, tokens[rows]] = float("-inf")
+        left = keys[rows]
+        empty = torch.isneginf(left).all(-1) if greedy else left.amax(-1) <= 0
+        tokens[rows] = left.argmax(-1)
         dead[rows] |= empty
         waiting = [b for b, e in zip(refused, empty.tolist(), strict=True) if not e]
     return tokens, dead

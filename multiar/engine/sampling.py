@@ -108,13 +108,21 @@ def draw(probs: Tensor, generator: Generators = None) -> Tensor:
     """One index per row of probs (..., V): an exponential race instead of torch.multinomial, the same
     distribution without a host sync. generator: one, or one per row of probs (B, V), each row's noise
     from its own (the same numbers as a batch of that row alone drawing with it)."""
+    return race(probs, generator).argmax(dim=-1)
+
+
+def race(probs: Tensor, generator: Generators = None) -> Tensor:
+    """Each index's key in the exponential race (..., V): p / E with E ~ Exp(1) (0 where p is 0). The
+    largest key is a draw from probs; the largest among any subset of indexes is a draw from probs
+    restricted to that subset, renormalized (the first of independent exponential clocks to ring is
+    each with chance proportional to its rate), so one race serves every redraw."""
     if generator is None or isinstance(generator, torch.Generator):
         noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
     else:
         rows = zip(probs, generator, strict=True)
         noise = torch.stack([torch.empty_like(p).exponential_(1.0, generator=g) for p, g in rows])
     # a sample of exactly 0 would make p / noise inf, or NaN for p = 0, which argmax takes as largest
-    return (probs / noise.clamp_min(torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
+    return probs / noise.clamp_min(torch.finfo(noise.dtype).tiny)
 
 
 def sample(

@@ -118,6 +118,21 @@ def test_the_sound_check_is_per_row_and_per_prefix():
     assert a.sound(row2, a.index["]"]) and not a.sound(row2, a.index[")"]) and not a.sound(row2, a.index[":"])
 
 
+def test_a_carriage_return_is_never_written_and_a_crlf_prompt_reads_as_lines():
+    """Python (and a file read in text mode) ends a line at a lone CR: inside a single-quoted string it
+    would be a syntax error the scan did not see, so no sample writes one; a prompt's CRLF line ends
+    are read as LF."""
+    c, _ = char_constraint()
+    ids = [c.index[ch] for ch in "x = 'a"]
+    assert c.sound(ids, c.index["b"]) and not c.sound(ids, c.index["\r"])
+    assert not c.sound([c.index[ch] for ch in "x = 1"], c.index["\r"])
+    crlf = [c.index[ch] for ch in "if x:\r\n    y = 1\r\n"]
+    c(torch.tensor([crlf]), torch.zeros(1, 119))  # no BadPrompt: a valid program's start
+    assert c.sound(crlf, c.index["z"])
+    opened = [c.index[ch] for ch in "if x:\r\n"]  # the block needs an indented line first
+    assert not c.sound(opened, c.index["z"]) and c.sound(opened, c.index[" "])
+
+
 def test_a_prompt_no_continuation_makes_valid_is_a_one_line_error():
     constraint, _ = char_constraint()
     ids = [constraint.index[c] for c in "import os\nx = = 1\n"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from multiar.engine.checked_draw import TokenCheck, checked_sample, sound_probabilities
+from multiar.engine.sampling import sample
 
 
 class EvenOnly:
@@ -57,3 +58,21 @@ def test_rows_already_dead_are_not_asked_and_sound_probabilities_renormalize():
     out = sound_probabilities(probs, lambda t: t != 0)
     assert torch.allclose(out, torch.tensor([0.0, 0.5, 0.5, 0.0]))
     assert sound_probabilities(probs, lambda t: False).sum() == 0
+
+
+def test_redraws_from_one_race_give_the_distribution_restricted_to_sound_tokens():
+    """A refused token's redraw is the race's next finisher (no new noise): over many rows the drawn
+    tokens follow the processed distribution restricted to sound tokens, renormalized."""
+    probs = torch.tensor([0.30, 0.05, 0.25, 0.15, 0.10, 0.15])  # odd tokens (unsound) hold 35%
+    rows = 40_000
+    logits = probs.log().expand(rows, -1)
+    gen = torch.Generator().manual_seed(1)
+    tokens, dead = checked_sample(logits, None, lambda b, t: t % 2 == 0, generator=gen)
+    assert not dead.any()
+    seen = torch.bincount(tokens, minlength=6).float() / rows
+    want = torch.where(torch.arange(6) % 2 == 0, probs, 0.0)
+    assert torch.allclose(seen, want / want.sum(), atol=0.01), seen  # 4 sigma is about 0.01 here
+    # a sound first finisher is the plain draw's token: the same noise, the same token
+    free, _ = checked_sample(logits[:8], None, lambda b, t: True, generator=torch.Generator().manual_seed(2))
+    plain = sample(logits[:8], generator=torch.Generator().manual_seed(2))
+    assert free.tolist() == plain.tolist()
