@@ -33,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,7 @@ class Outcome:
     first: float | None = None
     last: float | None = None
     detail: str = ""
+    trace: list[tuple[float, int]] | None = None  # (when, how many) per token event, where asked
 
     @property
     def ttft(self) -> float | None:
@@ -193,10 +195,15 @@ async def send(client: httpx.AsyncClient, url: str, payload: dict[str, Any], api
 
 
 async def stream_request(
-    client: httpx.AsyncClient, url: str, payload: dict[str, Any], cancel_after: int | None = None
+    client: httpx.AsyncClient,
+    url: str,
+    payload: dict[str, Any],
+    cancel_after: int | None = None,
+    trace: list[tuple[float, int]] | None = None,
 ) -> Outcome:
-    """POST /v1/generate with stream=true; cancel_after: disconnect after that many tokens."""
-    out = Outcome(start=time.perf_counter())
+    """POST /v1/generate with stream=true; cancel_after: disconnect after that many tokens; trace: a
+    list the token events' (time, count) are appended to."""
+    out = Outcome(start=time.perf_counter(), trace=trace)
     try:
         async with client.stream("POST", f"{url}/v1/generate", json=payload) as r:
             if r.status_code != 200:
@@ -214,6 +221,8 @@ async def stream_request(
                     now = time.perf_counter()
                     out.first = out.first if out.first is not None else now
                     out.last, out.tokens = now, out.tokens + len(event["ids"])
+                    if out.trace is not None:
+                        out.trace.append((now, len(event["ids"])))
                     if cancel_after is not None and out.tokens >= cancel_after:
                         out.status = "cancelled"
                         return out  # leaving the block closes the connection mid-stream
@@ -477,76 +486,98 @@ def loads(
     return out
 
 
-async def timed(url: str, bodies: list[dict[str, Any]]) -> tuple[list[Outcome], float, float]:
-    """All bodies at once; their outcomes, seconds until the last of the first 15 ended, and until all did."""
-    async with client(len(bodies)) as http:
-        t0 = time.perf_counter()
-        tasks = [asyncio.create_task(stream_request(http, url, b)) for b in bodies]
-        plain = await asyncio.gather(*tasks[:15])
-        seconds = time.perf_counter() - t0
-        rest = await asyncio.gather(*tasks[15:])
-        return [*plain, *rest], seconds, time.perf_counter() - t0
+async def beside_rows(
+    url: str, code: Callable[[int, bool], dict[str, Any]], pairs: int
+) -> list[dict[str, float]]:
+    """15 plain rows decoding all along (each client back to back) while a 16th row runs alone in turn:
+    none (a pause as long as the last 16th row took), plain, constrained, `pairs` times. Per turn: the
+    plain rows' tokens/s over its span (their token events by time), the check CPU seconds the server
+    counted meanwhile, and the 16th row's own tokens/s. Adjacent turns are seconds apart, so the
+    machine's drifting speed (this VM's moves 20-30% over minutes) is nearly the same in each."""
+    plain: list[tuple[float, int]] = []
+    stop = asyncio.Event()
+
+    async def plain_client(k: int, http: httpx.AsyncClient) -> None:
+        i = 0
+        while not stop.is_set():
+            await stream_request(http, url, code(1000 * k + i, False), trace=plain)
+            i += 1
+
+    def rate(t0: float, t1: float) -> float:
+        return sum(n for t, n in plain if t0 < t <= t1) / (t1 - t0)
+
+    turns: list[dict[str, float]] = []
+    async with client(16) as http:
+        clients = [asyncio.create_task(plain_client(k, http)) for k in range(15)]
+        await asyncio.sleep(3.0)  # every plain row running, past its prefill
+        span = 2.0
+        for r in range(pairs):
+            for kind in ("none", "plain", "constrained"):
+                before = await asyncio.to_thread(check_cpu_seconds, url)
+                t0 = time.perf_counter()
+                if kind == "none":
+                    await asyncio.sleep(span)
+                    row = Outcome(tokens=0)
+                else:
+                    row = await stream_request(http, url, code(99 + r, kind == "constrained"))
+                t1 = time.perf_counter()
+                cpu = await asyncio.to_thread(check_cpu_seconds, url) - before
+                span = t1 - t0
+                own = (
+                    (row.tokens - 1) / (row.last - row.first)
+                    if row.tokens > 1 and row.last and row.first
+                    else 0.0
+                )
+                turns.append({"kind": kind, "plain_tps": rate(t0, t1), "seconds": span, "check_cpu_s": cpu,
+                              "row_tps": own})  # fmt: skip
+        stop.set()
+        await asyncio.gather(*clients)
+    return turns
 
 
 def constrained_cost(
-    run: Path, log_dir: Path, repeats: int = 5, tokens: int = 4 * NEW_TOKENS
+    run: Path, log_dir: Path, *extra: str, pairs: int = 8, tokens: int = 2 * NEW_TOKENS
 ) -> dict[str, Any]:
-    """Tokens/s of 15 plain rows alone and with one grammar-constrained row beside them (a code run,
-    slots=16, `tokens` new tokens each: a few seconds a measurement), alternated `repeats` times; medians
-    and each repeat's figures."""
-    server = start_server(run, 16, log_dir)
+    """Tokens/s of 15 plain rows alone, beside a 16th plain row and beside a 16th grammar-constrained one
+    (a code run, slots=16, `tokens` new tokens a request), interleaved turns (`beside_rows`); medians of
+    each kind, the drops paired within a round, and the constrained row's own cost: its checks' CPU
+    seconds over its turn's span, as a share of one core (the share of the step's critical path it
+    takes where the forward's threads fill every core) and of all the machine's cores."""
+    server = start_server(run, 16, log_dir, *extra)
     prompts = ["def f(x):\n", "import os\n", "class A:\n", "x = [", "for i in range(3):\n"]
 
     def code(k: int, constrain: bool) -> dict[str, Any]:
         return {"prompt": prompts[k % len(prompts)], "max_new_tokens": tokens, "min_new_tokens": tokens,
                 "seed": k, "temperature": 1.0, "stream": True, "files": False, "constrain": constrain}  # fmt: skip
 
-    rates: dict[str, list[float]] = {
-        "plain_15": [],
-        "plain_15_beside_1_plain": [],
-        "plain_15_beside_1_constrained": [],
-    }
-    constrained_tps, shares = [], []
     try:
-        for r in range(repeats):
-            outs, sec, _ = asyncio.run(timed(server.url, [code(k, False) for k in range(15)]))
-            rates["plain_15"].append(sum(o.tokens for o in outs) / sec)
-            # the same 16th row unconstrained: what a row costs the others before its grammar does
-            outs, sec, _ = asyncio.run(
-                timed(server.url, [code(k, False) for k in range(15)] + [code(99 + r, False)])
-            )
-            rates["plain_15_beside_1_plain"].append(sum(o.tokens for o in outs[:15]) / sec)
-            before = check_cpu_seconds(server.url)
-            outs, sec, total = asyncio.run(
-                timed(server.url, [code(k, False) for k in range(15)] + [code(99 + r, True)])
-            )
-            shares.append((check_cpu_seconds(server.url) - before) / (len(os.sched_getaffinity(0)) * total))
-            rates["plain_15_beside_1_constrained"].append(sum(o.tokens for o in outs[:15]) / sec)
-            c = outs[15]
-            if c.first is not None and c.last is not None and c.tokens > 1:
-                constrained_tps.append((c.tokens - 1) / (c.last - c.first))
+        turns = asyncio.run(beside_rows(server.url, code, pairs))
     finally:
         stop_server(server)
-    out = {k: round(statistics.median(v), 1) for k, v in rates.items()}
-    out["constrained_row_tokens_per_s"] = (
-        round(statistics.median(constrained_tps), 1) if constrained_tps else None
+    kinds = {k: [t for t in turns if t["kind"] == k] for k in ("none", "plain", "constrained")}
+    names = {
+        "none": "plain_15",
+        "plain": "plain_15_beside_1_plain",
+        "constrained": "plain_15_beside_1_constrained",
+    }
+    out: dict[str, Any] = {
+        names[k]: round(statistics.median(t["plain_tps"] for t in v), 1) for k, v in kinds.items()
+    }
+    out["constrained_row_tokens_per_s"] = round(
+        statistics.median(t["row_tps"] for t in kinds["constrained"]), 1
     )
-    out["repeats"], out["new_tokens"] = repeats, tokens
-    out["per_repeat"] = {k: [round(x, 1) for x in v] for k, v in rates.items()}
-    out["check_cpu_share_per_repeat"] = [round(x, 3) for x in shares]
-    # the constrained row's own cost: its checks' CPU time, as a share of the machine's cores over the run
-    out["check_cpu_share"] = round(statistics.median(shares), 3)
-    # drops paired within a repeat (the machine's speed moves between repeats), their medians
-    pairs = zip(
-        rates["plain_15"],
-        rates["plain_15_beside_1_plain"],
-        rates["plain_15_beside_1_constrained"],
-        strict=True,
-    )
-    drops = [(1 - c / a, 1 - c / p, 1 - p / a) for a, p, c in pairs]
+    out["rounds"], out["new_tokens"], out["serve_args"] = pairs, tokens, list(extra)
+    out["per_round"] = {names[k]: [round(t["plain_tps"], 1) for t in v] for k, v in kinds.items()}
+    own = [t["check_cpu_s"] / t["seconds"] for t in kinds["constrained"]]
+    out["check_cpu_share_of_one_core"] = round(statistics.median(own), 3)
+    out["check_cpu_share"] = round(statistics.median(own) / len(os.sched_getaffinity(0)), 3)
+    rounds = zip(kinds["none"], kinds["plain"], kinds["constrained"], strict=True)
+    drops = [(1 - c["plain_tps"] / a["plain_tps"], 1 - c["plain_tps"] / p["plain_tps"],
+              1 - p["plain_tps"] / a["plain_tps"]) for a, p, c in rounds]  # fmt: skip
     out["plain_drop"] = round(statistics.median(d[0] for d in drops), 3)
     # the grammar's part of it: beside the constrained row against beside the same row unconstrained
     out["plain_drop_vs_plain_16th"] = round(statistics.median(d[1] for d in drops), 3)
+    out["plain_drop_vs_plain_16th_per_round"] = [round(d[1], 3) for d in drops]
     out["plain_drop_of_a_plain_16th"] = round(statistics.median(d[2] for d in drops), 3)
     return out
 
@@ -615,6 +646,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--code-run", type=Path, help="a code run: 15 plain rows with and without a constrained one"
     )
+    p.add_argument("--rounds", type=int, default=12, help="--code-run: rounds of the interleaved turns")
     p.add_argument("--llama-server", type=Path, help="llama.cpp's llama-server binary: measured as (c)")
     p.add_argument("--llama-slots", type=int, default=16, help="llama-server --parallel")
     p.add_argument(
@@ -647,7 +679,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         result["llama_cpp_server"] = "not measured (no --llama-server binary given)"
     if args.code_run is not None:
-        result["constrained_row"] = constrained_cost(args.code_run, log_dir)
+        result["constrained_row"] = constrained_cost(
+            args.code_run, log_dir, *args.serve_args, pairs=args.rounds
+        )
         print(f"constrained: {result['constrained_row']}", flush=True)
     if args.bf16:
         result["bf16_batch_drift"] = bf16_batch_drift(args.run, log_dir)

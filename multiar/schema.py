@@ -636,11 +636,23 @@ class ServeSchema:
         "nn.Linear weights, so layout=auto or linear; tens of seconds of compiling at start)",
         "eager",
     )
+    checks: str = doc(
+        "a grammar-constrained row's per-token checks run on a worker thread; overlap: the batch goes on "
+        "meanwhile (the row sits out steps until its token is drawn), wait: the engine waits up to one "
+        "forward's time for a fresh check first (where a worker beside the forward would take a core from "
+        "its threads), auto: overlap only where a core is left beside torch's intra-op threads",
+        "auto",
+    )
     device: str = doc(DEVICE_HELP, "auto")
 
     def __post_init__(self) -> None:
         _check_device(self.device)
         _check(bool(self.runs), "runs", "give at least one run folder: runs=[runs/protein]")
+        _check(
+            self.checks in ("auto", "wait", "overlap"),
+            "checks",
+            f"must be auto, wait or overlap, got {self.checks!r}",
+        )
         _check(self.step in ("eager", "captured"), "step", f"must be eager or captured, got {self.step!r}")
         _check(
             not (self.step == "captured" and self.layout == "packed"),

@@ -94,13 +94,14 @@ def load_models(cfg: DictConfig, files_dir: Path) -> dict[str, Served]:
             window_starts=starts,
             attention=attention,
             captured=cfg.step == "captured",
+            checks=cfg.checks,
         )
         engine.start()
         info = engine.describe()
         print(
             f"serve: {name} ({domain.name}): {info['slots']} slots, KV cache {info['kv_mib']:.1f} MiB "
             f"({info['kv_dtype']}), {info['dtype']} weights, rows attention {info['attention']}, "
-            f"{cfg.step} steps",
+            f"{cfg.step} steps, checks {info['checks']}",
             flush=True,
         )
         models[name] = Served(name, run, model, base, engine, files_dir / name, cfg.max_tokens, cfg.max_n)

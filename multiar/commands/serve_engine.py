@@ -5,15 +5,19 @@ tokens per step while the running rows keep decoding, and leave when they end; a
 once. Each row has its own sampling settings, generator, processors and stops (engine.rows.RowSettings,
 engine.sampling.Sampler): the one decode loop's per-row machinery, in slots. Rows with the same sampling
 settings are sampled in one vectorized call (each row's noise from its own generator). A row with a
-per-token check (a grammar, checked_draw.TokenCheck) is processed and drawn on a worker thread while the
-batch goes on: it sits out the steps until its token is ready (its slot is fed as an idle one's, its
-logits unused), so a slow check costs its own row, not the others. Knows no HTTP."""
+per-token check (a grammar, checked_draw.TokenCheck) is processed and drawn on a worker thread; it sits
+out the steps until its token is ready (its slot is fed as an idle one's, its logits unused), so a slow
+check costs its own row, not the others. Where no core is free beside the forward's intra-op threads
+(`checks=wait`), the engine waits for a fresh check up to one forward's time before it goes on: a worker
+running beside the forward would preempt one of its threads, and every barrier then waits for it (15
+plain rows lost 14.7% beside a row whose checks took 3.8% of two cores). Knows no HTTP."""
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -164,6 +168,14 @@ def check_row(
         return Checked(0, True, 0.0, f"{type(err).__name__}: {err}", time.thread_time() - start)
 
 
+def checks_way(checks: str) -> str:
+    """wait or overlap for the serve key `checks`; auto: overlap only where a core is left beside torch's
+    intra-op threads for the worker."""
+    if checks != "auto":
+        return checks
+    return "overlap" if torch.get_num_threads() < len(os.sched_getaffinity(0)) else "wait"
+
+
 class SlotEngine:
     """`slots` rows of one model's KV cache serving requests continuously (see the module's doc)."""
 
@@ -180,6 +192,8 @@ class SlotEngine:
         stream_interval: float = 0.0,
         attention: RowsAttention | None = None,
         captured: bool = False,
+        checks: str = "auto",
+        check_wait: float | None = None,
     ):
         self.model, self.slots, self.max_queue, self.chunk = model, slots, max_queue, prefill_chunk
         self.interval = stream_interval
@@ -202,6 +216,11 @@ class SlotEngine:
         self.checked: list[bool] = [False] * slots  # whether the row has a per-token check
         self.checking: dict[int, concurrent.futures.Future[Checked]] = {}
         self.checker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="multiar-check")
+        self.checks = checks_way(checks)
+        self.fresh: set[int] = set()  # rows whose check began after the last forward
+        # what a fresh check is waited for (checks=wait): check_wait seconds, or a running mean of the
+        # forward's wall time (a check slower than a forward would more than double the others' step)
+        self.check_wait, self.forward_seconds = check_wait, 0.01
         self.pending: list[list[int]] = [[] for _ in range(slots)]  # ids still to prefill
         self.filled: list[int] = [0] * slots  # cache positions filled
         self.logps: list[list[float]] = [[] for _ in range(slots)]
@@ -290,7 +309,9 @@ class SlotEngine:
             ids = self.rows.seq[b, : self.rows.length.values[b]].tolist()
             self.start_prefill(b, window_tail(ids[-self.keep :], self.keep, self.window_starts))
         running = [b for b in running if self.phase[b] == "run"]
+        start = time.perf_counter()
         logits.update(self.advance(running))
+        self.forward_seconds += 0.1 * (time.perf_counter() - start - self.forward_seconds)
         if logits:
             self.sample_rows(sorted(logits), torch.stack([logits[b] for b in sorted(logits)]))
         self.stats.steps += 1
@@ -376,15 +397,23 @@ class SlotEngine:
     def sample_rows(self, ready: list[int], logits: torch.Tensor) -> None:
         """Process, sample and append one token for each ready row; stream its events. A row with a
         per-token check goes to the worker (phase "check") and takes its token when it is drawn."""
-        rows = self.rows
-        for j, b in enumerate(ready):
-            if self.checked[b]:
-                self.start_check(b, logits[j].clone())
+        checked = [(b, logits[j].clone()) for j, b in enumerate(ready) if self.checked[b]]
+        if self.checks == "overlap":  # the worker starts while the plain rows are sampled
+            for b, row in checked:
+                self.start_check(b, row)
         plain = [j for j, b in enumerate(ready) if not self.checked[b]]
-        if not plain:
-            return
         if len(plain) < len(ready):
             logits, ready = logits[plain], [ready[j] for j in plain]
+        if ready:
+            self.sample_plain(ready, logits)
+        if self.checks == "wait":  # after them: the engine waits for it at the next step's start, alone
+            for b, row in checked:
+                if self.job[b] is not None:  # not freed by a plain row of its request failing
+                    self.start_check(b, row)
+
+    def sample_plain(self, ready: list[int], logits: torch.Tensor) -> None:
+        """Process, sample and append one token for each of the rows without a per-token check."""
+        rows = self.rows
         processed, dead, failed = rows.process_rows(logits, ready)
         token = sample_groups(processed, [self.samplers[b] for b in ready])
         logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, token[:, None])[:, 0].tolist()
@@ -404,17 +433,21 @@ class SlotEngine:
         ids = rows.seq[b : b + 1, :n].clone()
         args = (logits, ids, own, self.samplers[b], rows.eos_id if early else None)
         self.phase[b], self.checking[b] = "check", self.checker.submit(check_row, *args)
+        self.fresh.add(b)
 
     def collect_checks(self, wait: bool) -> None:
         """The checked rows whose token is drawn rejoin the batch with it (wait: block for one when no
         other row has work this step, for at most CHECK_WAIT seconds: a hanging check never holds the
         engine, whose next step drops the rows cancelled or late meanwhile). A row whose request failed
         (another of its rows' check raised) is freed already: it takes nothing."""
+        fresh, self.fresh = [f for b, f in self.checking.items() if b in self.fresh], set()
         if not self.checking:
             return
         if wait:
             futures = list(self.checking.values())
             concurrent.futures.wait(futures, CHECK_WAIT, return_when=concurrent.futures.FIRST_COMPLETED)
+        elif self.checks == "wait" and fresh:  # a check that overran its wait before is not waited for
+            concurrent.futures.wait(fresh, self.check_wait or self.forward_seconds)
         done = {b: f.result() for b, f in list(self.checking.items()) if f.done()}
         self.stats.check_seconds += sum(r.cpu for r in done.values())
         for b, result in done.items():
@@ -516,4 +549,5 @@ class SlotEngine:
             "dtype": str(self.model.wte.weight.dtype),
             "kv_dtype": str(cache.k.dtype),
             "attention": self.attention.way,
+            "checks": self.checks,
         }

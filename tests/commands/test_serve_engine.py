@@ -4,17 +4,19 @@ compiled one never compiles again on the engine thread), a cancelled request fre
 within a step, a failing processor fails its request alone, a long prompt enters in chunks while the
 other rows keep decoding, and rows past block_size slide their window; rows sharing settings are sampled
 in one call with the tokens each would get alone, and a row with a slow per-token check sits out steps
-while the other rows take a token every step (its own tokens those of the decode loop)."""
+while the other rows take a token every step (its own tokens those of the decode loop), or, with
+checks=wait, holds the batch for its fresh check and takes a token every step."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
 import pytest
 import torch
 
-from multiar.commands.serve_engine import Event, Job, SampleSpec, SlotEngine, sample_groups
+from multiar.commands.serve_engine import Event, Job, SampleSpec, SlotEngine, checks_way, sample_groups
 from multiar.engine.decode import generate
 from multiar.engine.model import GPT, ModelConfig
 from multiar.engine.rows import RowSettings
@@ -242,8 +244,9 @@ def traced(e: SlotEngine, prompt: list[int], steps: list[int], max_new: int, pro
     return out
 
 
-def test_a_slow_checked_row_sits_out_while_the_others_take_a_token_every_step(model):
-    e = engine(model, slots=4)
+@pytest.mark.parametrize("checks", ["overlap", "wait"])
+def test_a_slow_checked_row_sits_out_while_the_others_take_a_token_every_step(model, checks):
+    e = engine(model, slots=4, checks=checks)  # wait: for one forward's time, far less than 0.2 s
     steps: list[list[int]] = [[] for _ in range(4)]
     try:
         slow = traced(e, [1, 5, 6], steps[0], 4, [SlowCheck(0.2)])
@@ -258,6 +261,34 @@ def test_a_slow_checked_row_sits_out_while_the_others_take_a_token_every_step(mo
     want = generate(model, prompts=[[1, 5, 6]], max_new_tokens=4, min_new_tokens=4, temperature=0.0, eos_id=EOS,
                     processors=[ban_tokens([0]), SlowCheck(0.0)])  # fmt: skip
     assert slow.ends()[0].ids == want[0]
+
+
+def test_checks_wait_holds_the_batch_for_a_fresh_check_instead_of_leaving_its_row_behind(model):
+    """checks=wait (where a worker beside the forward would take a core from its threads): the engine
+    waits for a fresh check up to check_wait, so a checked row takes a token every step like the
+    others, with the decode loop's tokens; and the others wait for it, a step each."""
+    e = engine(model, slots=4, checks="wait", check_wait=5.0)
+    steps: list[list[int]] = [[] for _ in range(4)]
+    try:
+        slow = traced(e, [1, 5, 6], steps[0], 6, [SlowCheck(0.02)])
+        plain = [traced(e, [1, 7 + k], steps[k + 1], 6) for k in range(3)]
+        wait(slow, *plain)
+    finally:
+        e.stop()
+    for k in range(4):
+        assert steps[k] == list(range(steps[k][0], steps[k][0] + 6)), steps  # a token every step
+    want = generate(model, prompts=[[1, 5, 6]], max_new_tokens=6, min_new_tokens=6, temperature=0.0, eos_id=EOS,
+                    processors=[ban_tokens([0]), SlowCheck(0.0)])  # fmt: skip
+    assert slow.ends()[0].ids == want[0]
+
+
+def test_checks_auto_overlaps_only_where_a_core_is_left_beside_the_intra_op_threads(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0, 1})
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert checks_way("auto") == "wait"
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert checks_way("auto") == "overlap"
+    assert checks_way("wait") == "wait" and checks_way("overlap") == "overlap"
 
 
 class BusyCheck(SlowCheck):
@@ -323,8 +354,9 @@ class HangingCheck(FailingCheck):
         return logits
 
 
-def test_a_hanging_check_still_lets_its_deadline_end_the_row(model):
-    e = engine(model, slots=2)
+@pytest.mark.parametrize("checks", ["overlap", "wait"])
+def test_a_hanging_check_still_lets_its_deadline_end_the_row(model, checks):
+    e = engine(model, slots=2, checks=checks)
     check = HangingCheck()
     try:
         out = Collect()

@@ -191,6 +191,10 @@ def test_serve_takes_auto_sdpa_or_compiled_and_names_the_key_otherwise():
     assert validate("serve", load_config("serve", ["runs=[r]", "attention=compiled"])).attention == "compiled"
     with pytest.raises(ConfigError, match="attention.*auto, sdpa or compiled"):
         validate("serve", load_config("serve", ["runs=[r]", "attention=flash"]))
+    assert validate("serve", load_config("serve", ["runs=[r]"])).checks == "auto"
+    assert validate("serve", load_config("serve", ["runs=[r]", "checks=wait"])).checks == "wait"
+    with pytest.raises(ConfigError, match="checks.*auto, wait or overlap"):
+        validate("serve", load_config("serve", ["runs=[r]", "checks=inline"]))
 
 
 def test_serve_takes_eager_or_captured_steps_and_captured_needs_nn_linear():
