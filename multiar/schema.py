@@ -386,6 +386,12 @@ class GenerateSchema:
     constrain: bool = doc(
         "sample under the domain's grammar: music's token types, code's lexical soundness", True
     )
+    unfinished: str = doc(
+        "a sample the length cap cut before it ended, where the domain judges validity (code: the file "
+        "parses): cut — it ends after the most of its new tokens that make a valid sample (its "
+        "cut_tokens column counts the rest); keep — as drawn; auto — cut under constrain=true",
+        "auto",
+    )
     resample_invalid: int = doc(
         "code: re-draw a sample that does not parse, up to this many times (counted)", 0
     )
@@ -432,6 +438,11 @@ class GenerateSchema:
         )
         _check(self.speculate_k >= 1, "speculate_k", f"must be >= 1, got {self.speculate_k}")
         _check(self.ngram >= 1, "ngram", f"must be >= 1, got {self.ngram}")
+        _check(
+            self.unfinished in ("auto", "cut", "keep"),
+            "unfinished",
+            f"must be auto, cut or keep, got {self.unfinished!r}",
+        )
         _check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
 
     def _check_prompts(self) -> None:

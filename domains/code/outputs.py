@@ -18,10 +18,12 @@ def sample_header(provenance: dict) -> str:
     return f"# multiar sample: {settings}\n" if settings else ""
 
 
-def report_line(path: Path, src: str, end: str | None = None) -> str:
-    """The sample's line: its file, whether it parses, and why sampling ended it (eos, block, stop,
-    length, no_valid_token) when known."""
-    return f"{path.name}\t{'ok' if parses(src) else 'syntax error'}" + (f"\t{end}" if end else "") + "\n"
+def report_line(path: Path, src: str, end: str | None = None, cut: int = 0) -> str:
+    """The sample's line: its file, whether it parses, why sampling ended it (eos, block, stop, length,
+    no_valid_token) when known, and `cut N` when N new tokens after its last complete statement were
+    left out (unfinished=cut)."""
+    line = f"{path.name}\t{'ok' if parses(src) else 'syntax error'}" + (f"\t{end}" if end else "")
+    return line + (f"\tcut {cut}" if end and cut else "") + "\n"
 
 
 class CodeFiles(SampleFiles):
@@ -40,7 +42,8 @@ class CodeFiles(SampleFiles):
             for i, src in enumerate(artifacts)
         ]
         ends = [d.get("end") for d in details] if details is not None else [None] * len(paths)
-        self.report.write("".join(map(report_line, paths, artifacts, ends)))
+        cuts = [d.get("cut_tokens", 0) for d in details] if details is not None else [0] * len(paths)
+        self.report.write("".join(map(report_line, paths, artifacts, ends, cuts)))
         return paths
 
     def sync(self) -> dict[str, int]:

@@ -17,7 +17,7 @@ def take_batch(p: Prepared, batch: range) -> None:
         redraw_invalid(p, batch, samples)
     details = []
     for s, ppl in zip(samples, batch_ppl(p, batch, samples), strict=True):
-        d = {"end": s.end, "tags": p.cond.tags, "kept": p.cond.kept}
+        d = {"end": s.end, "cut_tokens": s.cut, "tags": p.cond.tags, "kept": p.cond.kept}
         details.append({k: v for k, v in d.items() if v} | {"ppl": round(ppl, 3)})
     artifacts = [s.artifact for s in samples]
     if isinstance(p.domain, Assessed):
@@ -42,6 +42,7 @@ def count(p: Prepared, batch: range, samples: list[Sample], details: list[dict])
         t.new_tokens += len(s.ids)
         t.dropped += s.dropped
         t.eos += s.end == "eos"
+        t.cut += s.cut > 0
         t.ppl[d["ppl"]] += 1
         if p.cfg.rank_by == "ppl" and p.ranks is None:
             keep_best(t, p.cfg.top, d["ppl"], i, s.artifact, d)

@@ -31,6 +31,7 @@ class Sample:
     artifact: Any
     dropped: int
     middle: Any = None
+    cut: int = 0  # new tokens dropped to end on a valid prefix (unfinished=cut)
 
 
 def cut_at_stop(artifact: Any, stop: str | None, start: int = 0) -> Any:
@@ -53,6 +54,30 @@ def row_stopper(domain: Domain, rule: Callable, prompts: list[list[int]]) -> Cal
 
 
 def decode_sample(p: Prepared, i: int, ids: list[int], end: str | None) -> Sample:
+    """Sample i as its files hold it (`as_written`); one the length cap cut before it ended and that is
+    not valid, under unfinished=cut (auto: with the constraint on) where the domain judges validity,
+    ends instead after the most new tokens that make a valid sample (code: the file parses), if any do:
+    what the model wrote, up to its last complete statement rather than into an unfinished one."""
+    sample, domain = as_written(p, i, ids, end), p.domain
+    if end != "length" or not isinstance(domain, Validity) or not cuts_unfinished(p):
+        return sample
+    if domain.valid(sample.artifact):
+        return sample
+    for k in range(len(ids) - 1, -1, -1):
+        shorter = as_written(p, i, ids[:k], end)
+        if domain.valid(shorter.artifact):
+            shorter.cut = len(ids) - k
+            return shorter
+    return sample
+
+
+def cuts_unfinished(p: Prepared) -> bool:
+    """unfinished=cut, or auto with the constraint on."""
+    mode = p.cfg.get("unfinished", "keep")
+    return mode == "cut" or (mode == "auto" and bool(p.cfg.constrain))
+
+
+def as_written(p: Prepared, i: int, ids: list[int], end: str | None) -> Sample:
     """Sample i as its files hold it: cut at its length cap, around a fill-in-the-middle gap, with its
     prompt's meta, cut at the stop text and at the domain's stop rule."""
     work, domain, k = p.work, p.domain, i // p.work.n

@@ -145,6 +145,7 @@ def build_report(p: Prepared, done: Finished, spec: SpeculativeStats) -> dict[st
             f"{domain.name}/new_tokens_mean": t.new_tokens / n,
             f"{domain.name}/dropped_tokens": t.dropped,
             f"{domain.name}/eos_rate": t.eos / n,
+            f"{domain.name}/cut_unfinished_share": t.cut / n,
             f"{domain.name}/ppl_median": counted_median(t.ppl) if t.ppl else 0.0,
             **summary,
             **extra,

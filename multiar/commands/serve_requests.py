@@ -70,6 +70,7 @@ REQUEST_KEYS = frozenset(
         "prompt",
         "include_prompt",
         "constrain",
+        "unfinished",
         "min_len",
         "max_len",
         "template",
@@ -285,7 +286,8 @@ def finish(
     samples = [decode_sample(p, i, ids, end) for i, (ids, end, _) in enumerate(results)]
     details = []
     for s, (_, _, logps) in zip(samples, results, strict=True):
-        d = {"end": s.end, "tags": p.cond.tags, "kept": p.cond.kept}
+        d = {"end": s.end, "cut_tokens": s.cut, "tags": p.cond.tags, "kept": p.cond.kept}
+        logps = logps[: len(s.ids) + (s.end == "eos")]  # a sample cut back: the tokens it kept
         nats = -sum(logps) / max(len(logps), 1)
         ppl = round(math.exp(nats), 3) if nats < 700 else None  # JSON has no inf: past e^700, none
         details.append({k: v for k, v in d.items() if v} | {"ppl": ppl})

@@ -31,6 +31,7 @@ class Tally:
     new_tokens: int = 0
     dropped: int = 0
     eos: int = 0
+    cut: int = 0  # unfinished samples cut back to a valid prefix (unfinished=cut)
     ppl: Counter = field(default_factory=Counter)  # ppl (3 decimals, as written) -> samples
     token_errors: int = 0
     assessed: dict[str, float] = field(default_factory=dict)  # assess metrics x batch size, summed

@@ -265,7 +265,7 @@ def test_end_reasons_stand_beside_parsing_in_the_report_and_bad_prompts_are_one_
     lines = [x.split("\t") for x in (tmp_path / "o" / "syntax_report.tsv").read_text().splitlines()]
     rows = [x for x in lines if not x[0].startswith("#")]
     assert len(rows) == 4 and all(
-        len(x) == 3 and x[2] in ("eos", "block", "length", "no_valid_token") for x in rows
+        len(x) in (3, 4) and x[2] in ("eos", "block", "length", "no_valid_token") for x in rows
     )
     metrics = report["metrics"]
     shares = {k: v for k, v in metrics.items() if k.startswith("code/end_") and k.endswith("_share")}
@@ -302,6 +302,28 @@ def test_constrained_samples_stay_sound_and_invalid_ones_are_redrawn(fim_code_ru
     assert 0 < share_parsing(tmp_path / "s") < 1
     for folder, result in (("c", report), ("f", free), ("r", redrawn), ("s", short)):
         assert result["metrics"]["code/parse_rate"] == share_parsing(tmp_path / folder), folder
+
+
+def test_an_unfinished_constrained_sample_ends_on_its_last_complete_statement(fim_code_run, tmp_path):
+    """unfinished=auto (constrain=true): a sample the length cap cut mid-statement is written up to
+    the most of its new tokens that make a program that parses (cut_tokens counts the rest, the end
+    stays `length`); unfinished=keep writes it as drawn, the same tokens up to the cut."""
+    base = ["n=6", "max_new_tokens=24", "prompt=x = 1\n", "seed=5"]
+    cut = generate(fim_code_run, tmp_path / "cut", *base)
+    kept = generate(fim_code_run, tmp_path / "keep", *base, "unfinished=keep")
+    assert share_parsing(tmp_path / "cut") == 1.0  # the prompt alone parses: a valid prefix always exists
+    assert share_parsing(tmp_path / "keep") < 1.0  # this seed leaves some mid-statement
+    assert cut["metrics"]["code/cut_unfinished_share"] == pytest.approx(1 - share_parsing(tmp_path / "keep"))
+    assert kept["metrics"]["code/cut_unfinished_share"] == 0
+    ends = [x.split("\t") for x in (tmp_path / "cut" / "syntax_report.tsv").read_text().splitlines()]
+    assert all(x[2] in ("eos", "length") for x in ends if not x[0].startswith("#"))
+    for i in range(6):
+        whole = (tmp_path / "keep" / f"sample_{i:03d}.py").read_text().split("\n", 1)[1]
+        short = (tmp_path / "cut" / f"sample_{i:03d}.py").read_text().split("\n", 1)[1]
+        assert whole.startswith(short)  # the same draw, ended earlier
+    cuts = [x for x in ends if len(x) == 4]
+    assert all(x[1] == "ok" and x[2] == "length" and int(x[3].split()[1]) > 0 for x in cuts)
+    assert len(cuts) == round(6 * cut["metrics"]["code/cut_unfinished_share"]) > 0
 
 
 def share_parsing(folder: Path) -> float:
