@@ -242,3 +242,71 @@ def test_a_capped_warmup_says_what_it_uses(caplog):
     with caplog.at_level("WARNING", logger="multiar"):
         module.configure_optimizers()
     assert caplog.records == []
+
+
+def test_the_optimizer_is_adamw_fused_on_cpu_and_steps_like_the_unfused_one():
+    """configure_optimizers: fused AdamW where torch has it (CPU here), decay on matrices only; one step
+    moves the weights as torch's plain AdamW with the same groups does (to float rounding)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from multiar.training.module import LitGPT
+
+    optim = {"lr": 1e-2, "weight_decay": 0.1, "betas": [0.9, 0.95], "warmup_steps": 0, "min_lr_ratio": 0.1}
+    torch.manual_seed(0)
+    module = LitGPT({"vocab_size": 16, "n_layer": 1, "n_head": 2, "n_embd": 8, "block_size": 8}, optim, 0)
+    module._trainer = SimpleNamespace(estimated_stepping_batches=10)
+    opt = module.configure_optimizers()["optimizer"]
+    assert opt.defaults["fused"] is True
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+    plain = torch.optim.AdamW(
+        [
+            {**g, "params": [p.detach().clone().requires_grad_() for p in g["params"]]}
+            for g in opt.param_groups
+        ],
+        lr=1e-2,
+        betas=(0.9, 0.95),
+    )
+    plain.defaults["fused"] = None
+    for g_fused, g_plain in zip(opt.param_groups, plain.param_groups, strict=True):
+        g_plain["fused"] = None
+        for p, q in zip(g_fused["params"], g_plain["params"], strict=True):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+    opt.step()
+    plain.step()
+    for g_fused, g_plain in zip(opt.param_groups, plain.param_groups, strict=True):
+        for p, q in zip(g_fused["params"], g_plain["params"], strict=True):
+            assert torch.allclose(p, q, atol=1e-6)
+
+
+def test_bf16_mixed_training_clips_with_the_fused_optimizer():
+    """Lightning's AMP plugin refuses to clip gradients for an optimizer that unscales them itself (a
+    fused one); bf16 has no loss scaler, so LitGPT clips them itself: a bf16-mixed fit with
+    gradient_clip_val runs, with the fused optimizer, and the clipped gradient norm is at most the cap."""
+    import lightning as L
+    import torch
+
+    from multiar.training.module import LitGPT
+
+    optim = {"lr": 1e-3, "weight_decay": 0.1, "betas": [0.9, 0.95], "warmup_steps": 1, "min_lr_ratio": 0.1}
+    torch.manual_seed(0)
+    module = LitGPT({"vocab_size": 32, "n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 16}, optim, -1)
+    norms = []
+
+    clip = module.configure_gradient_clipping
+
+    def clipped(*args, **kwargs):  # noqa: ANN002, ANN003 (Lightning's call, then the norm it left)
+        clip(*args, **kwargs)
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+
+    module.configure_gradient_clipping = clipped
+    data = [torch.randint(0, 32, (4, 17)) for _ in range(3)]
+    trainer = L.Trainer(accelerator="cpu", devices=1, precision="bf16-mixed", max_steps=3, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        gradient_clip_val=0.01, limit_val_batches=0)  # fmt: skip
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
+    assert trainer.optimizers[0].defaults["fused"] is True
+    assert len(norms) == 3 and max(norms) <= 0.01 * 1.001
