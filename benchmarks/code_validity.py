@@ -96,6 +96,8 @@ def body_budget(run: Path, functions: list[tuple[str, str, str]], share: float =
 
     domain = load_run(run).domain
     counts = sorted(len(domain.encode(body)) for _, _, body in functions)
+    if not counts:
+        raise SystemExit(f"{run}: no top-level function in its validation files to prompt with")
     return counts[min(len(counts) - 1, int(share * len(counts)))]
 
 

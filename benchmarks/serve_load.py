@@ -487,10 +487,10 @@ def loads(
 
 
 async def beside_rows(
-    url: str, code: Callable[[int, bool], dict[str, Any]], pairs: int
+    url: str, code: Callable[[int, bool], dict[str, Any]], rounds: int
 ) -> list[dict[str, float]]:
     """15 plain rows decoding all along (each client back to back) while a 16th row runs alone in turn:
-    none (a pause as long as the last 16th row took), plain, constrained, `pairs` times. Per turn: the
+    none (a pause as long as the last 16th row took), plain, constrained, `rounds` times. Per turn: the
     plain rows' tokens/s over its span (their token events by time), the check CPU seconds the server
     counted meanwhile, and the 16th row's own tokens/s. Adjacent turns are seconds apart, so the
     machine's drifting speed (this VM's moves 20-30% over minutes) is nearly the same in each."""
@@ -511,7 +511,7 @@ async def beside_rows(
         clients = [asyncio.create_task(plain_client(k, http)) for k in range(15)]
         await asyncio.sleep(3.0)  # every plain row running, past its prefill
         span = 2.0
-        for r in range(pairs):
+        for r in range(rounds):
             for kind in ("none", "plain", "constrained"):
                 before = await asyncio.to_thread(check_cpu_seconds, url)
                 t0 = time.perf_counter()
@@ -536,7 +536,7 @@ async def beside_rows(
 
 
 def constrained_cost(
-    run: Path, log_dir: Path, *extra: str, pairs: int = 8, tokens: int = 2 * NEW_TOKENS
+    run: Path, log_dir: Path, *extra: str, rounds: int = 8, tokens: int = 2 * NEW_TOKENS
 ) -> dict[str, Any]:
     """Tokens/s of 15 plain rows alone, beside a 16th plain row and beside a 16th grammar-constrained one
     (a code run, slots=16, `tokens` new tokens a request), interleaved turns (`beside_rows`); medians of
@@ -551,7 +551,7 @@ def constrained_cost(
                 "seed": k, "temperature": 1.0, "stream": True, "files": False, "constrain": constrain}  # fmt: skip
 
     try:
-        turns = asyncio.run(beside_rows(server.url, code, pairs))
+        turns = asyncio.run(beside_rows(server.url, code, rounds))
     finally:
         stop_server(server)
     kinds = {k: [t for t in turns if t["kind"] == k] for k in ("none", "plain", "constrained")}
@@ -566,7 +566,7 @@ def constrained_cost(
     out["constrained_row_tokens_per_s"] = round(
         statistics.median(t["row_tps"] for t in kinds["constrained"]), 1
     )
-    out["rounds"], out["new_tokens"], out["serve_args"] = pairs, tokens, list(extra)
+    out["rounds"], out["new_tokens"], out["serve_args"] = rounds, tokens, list(extra)
     out["per_round"] = {names[k]: [round(t["plain_tps"], 1) for t in v] for k, v in kinds.items()}
     own = [t["check_cpu_s"] / t["seconds"] for t in kinds["constrained"]]
     out["check_cpu_share_of_one_core"] = round(statistics.median(own), 3)
@@ -680,7 +680,7 @@ def main(argv: list[str] | None = None) -> int:
         result["llama_cpp_server"] = "not measured (no --llama-server binary given)"
     if args.code_run is not None:
         result["constrained_row"] = constrained_cost(
-            args.code_run, log_dir, *args.serve_args, pairs=args.rounds
+            args.code_run, log_dir, *args.serve_args, rounds=args.rounds
         )
         print(f"constrained: {result['constrained_row']}", flush=True)
     if args.bf16:

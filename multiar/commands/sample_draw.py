@@ -55,36 +55,63 @@ def row_stopper(domain: Domain, rule: Callable, prompts: list[list[int]]) -> Cal
 
 def decode_sample(p: Prepared, i: int, ids: list[int], end: str | None) -> Sample:
     """Sample i as its files hold it (`as_written`); one the length cap cut before it ended and that is
-    not valid, under unfinished=cut (auto: with the constraint on) where the domain judges validity,
-    ends instead after the most new tokens that make a valid sample (code: the file parses), if any do:
-    what the model wrote, up to its last complete statement rather than into an unfinished one."""
+    not valid, under unfinished=cut (auto: with the constraint on, unless exactly max_new_tokens were
+    asked for) where the domain judges validity, ends instead after the most new tokens that make a valid
+    sample (code: prompt and new text parse, whether or not the file holds the prompt), if any do: what
+    the model wrote, up to its last complete statement rather than into an unfinished one."""
     sample, domain = as_written(p, i, ids, end), p.domain
     if end != "length" or not isinstance(domain, Validity) or not cuts_unfinished(p):
         return sample
-    if domain.valid(sample.artifact):
+
+    def valid(k: int) -> bool:
+        return domain.valid(as_written(p, i, ids[:k], end, whole=True).artifact)
+
+    if valid(len(ids)):
         return sample
-    for k in range(len(ids) - 1, -1, -1):
-        shorter = as_written(p, i, ids[:k], end)
-        if domain.valid(shorter.artifact):
-            shorter.cut = len(ids) - k
-            return shorter
-    return sample
+    keep = longest_valid(len(ids), valid, lambda k: line_end(p, i, ids[:k]))
+    if keep is None:
+        return sample
+    shorter = as_written(p, i, ids[:keep], end)
+    shorter.cut = len(ids) - keep
+    return shorter
+
+
+def longest_valid(n: int, valid: Callable[[int], bool], at_line_end: Callable[[int], bool]) -> int | None:
+    """A large k < n with valid(k) in about (lines + one line's length) checks of validity instead of n:
+    line ends first, from the last; then the positions inside the line after the one found (a statement
+    can end mid-line, before what no continuation could make valid). A valid position further on, inside
+    a later line whose end is not valid, is not looked for; with no valid line end, every position is."""
+    ends = [k for k in range(n - 1, -1, -1) if at_line_end(k)]
+    found = next((k for k in ends if valid(k)), None)
+    if found is None:  # no line end is valid: every position, from the last
+        return next((k for k in range(n - 1, -1, -1) if valid(k)), None)
+    upto = min((k for k in ends if k > found), default=n)  # the next line end after it, or the end
+    return next((k for k in range(upto - 1, found, -1) if valid(k)), found)
+
+
+def line_end(p: Prepared, i: int, ids: list[int]) -> bool:
+    """Whether the prompt and ids decode to a text ending a line (non-text artifacts: every k is one)."""
+    text = p.domain.decode(p.work.prompts[i // p.work.n] + ids)[0]
+    return not isinstance(text, str) or not text or text.endswith("\n")
 
 
 def cuts_unfinished(p: Prepared) -> bool:
-    """unfinished=cut, or auto with the constraint on."""
-    mode = p.cfg.get("unfinished", "keep")
-    return mode == "cut" or (mode == "auto" and bool(p.cfg.constrain))
+    """unfinished=cut; or auto with the constraint on, unless the request asked for exactly
+    max_new_tokens (min_new_tokens as large: a client counting on N tokens gets N)."""
+    cfg = p.cfg
+    exact = cfg.min_new_tokens >= p.cond.max_new_tokens
+    return cfg.unfinished == "cut" or (cfg.unfinished == "auto" and bool(cfg.constrain) and not exact)
 
 
-def as_written(p: Prepared, i: int, ids: list[int], end: str | None) -> Sample:
+def as_written(p: Prepared, i: int, ids: list[int], end: str | None, whole: bool = False) -> Sample:
     """Sample i as its files hold it: cut at its length cap, around a fill-in-the-middle gap, with its
-    prompt's meta, cut at the stop text and at the domain's stop rule."""
+    prompt's meta, cut at the stop text and at the domain's stop rule. whole: with its prompt, whatever
+    include_prompt says (the sample as a program, for its validity)."""
     work, domain, k = p.work, p.domain, i // p.work.n
     cap = work.caps[k]
     if cap is not None and len(ids) >= cap:  # reached max_len: cut there, no EOS forced
         ids, end = ids[:cap], "max_len"
-    head, ids_out, middle = (work.heads[k] if p.cfg.include_prompt else []), ids, None
+    head, ids_out, middle = (work.heads[k] if p.cfg.include_prompt or whole else []), ids, None
     if p.cond.infill is not None:  # the file around the gap: prefix + middle + suffix
         middle = domain.decode(ids)[0]
         prefix, suffix = p.cond.infill

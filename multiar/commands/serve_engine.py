@@ -168,12 +168,15 @@ def check_row(
         return Checked(0, True, 0.0, f"{type(err).__name__}: {err}", time.thread_time() - start)
 
 
-def checks_way(checks: str) -> str:
-    """wait or overlap for the serve key `checks`; auto: overlap only where a core is left beside torch's
-    intra-op threads for the worker."""
+def checks_way(checks: str, device: torch.device | None = None) -> str:
+    """wait or overlap for the serve key `checks`; auto: overlap off the CPU (the forward holds no CPU
+    threads there) or where a core is left beside torch's intra-op threads for the worker."""
     if checks != "auto":
         return checks
-    return "overlap" if torch.get_num_threads() < len(os.sched_getaffinity(0)) else "wait"
+    if device is not None and device.type != "cpu":
+        return "overlap"
+    usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    return "overlap" if torch.get_num_threads() < len(usable) else "wait"
 
 
 class SlotEngine:
@@ -216,7 +219,7 @@ class SlotEngine:
         self.checked: list[bool] = [False] * slots  # whether the row has a per-token check
         self.checking: dict[int, concurrent.futures.Future[Checked]] = {}
         self.checker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="multiar-check")
-        self.checks = checks_way(checks)
+        self.checks = checks_way(checks, model.wte.weight.device)
         self.fresh: set[int] = set()  # rows whose check began after the last forward
         # what a fresh check is waited for (checks=wait): check_wait seconds, or a running mean of the
         # forward's wall time (a check slower than a forward would more than double the others' step)
@@ -438,7 +441,8 @@ class SlotEngine:
     def collect_checks(self, wait: bool) -> None:
         """The checked rows whose token is drawn rejoin the batch with it (wait: block for one when no
         other row has work this step, for at most CHECK_WAIT seconds: a hanging check never holds the
-        engine, whose next step drops the rows cancelled or late meanwhile). A row whose request failed
+        engine, whose next step drops the rows cancelled or late meanwhile; with checks=wait, the checks
+        begun since the last forward are waited for up to one forward's time, older ones not). A row whose request failed
         (another of its rows' check raised) is freed already: it takes nothing."""
         fresh, self.fresh = [f for b, f in self.checking.items() if b in self.fresh], set()
         if not self.checking:
@@ -447,7 +451,8 @@ class SlotEngine:
             futures = list(self.checking.values())
             concurrent.futures.wait(futures, CHECK_WAIT, return_when=concurrent.futures.FIRST_COMPLETED)
         elif self.checks == "wait" and fresh:  # a check that overran its wait before is not waited for
-            concurrent.futures.wait(fresh, self.check_wait or self.forward_seconds)
+            wait_s = self.forward_seconds if self.check_wait is None else self.check_wait
+            concurrent.futures.wait(fresh, wait_s)
         done = {b: f.result() for b, f in list(self.checking.items()) if f.done()}
         self.stats.check_seconds += sum(r.cpu for r in done.values())
         for b, result in done.items():

@@ -9,6 +9,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
 
 from multiar.engine.model import GPT, ModelConfig
 from multiar.engine.scoring import token_nats
@@ -113,12 +114,15 @@ class LitGPT(L.LightningModule):
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
     ) -> None:
-        """Lightning's, except for a fused optimizer under bf16-mixed: its AMP plugin refuses to clip for
-        any optimizer that unscales gradients itself, but bf16 has no loss scaler (the gradients are the
-        true ones), so they are clipped here as fp32 training clips them."""
+        """Lightning's, except for a fused optimizer under bf16-mixed (Lightning's MixedPrecision plugin
+        with no loss scaler): that plugin refuses to clip for any optimizer that unscales gradients
+        itself, but bf16 has no scaler (the gradients are the true ones), so they are clipped here as
+        fp32 training clips them. Every other plugin (FSDP's included, which must clip across shards)
+        keeps Lightning's own rule."""
         plugin = self.trainer.precision_plugin
         fused = any(group.get("fused") for group in optimizer.param_groups)
-        if gradient_clip_val and fused and getattr(plugin, "scaler", None) is None:
+        unscaled = isinstance(plugin, MixedPrecision) and plugin.scaler is None
+        if gradient_clip_val and fused and unscaled:
             if gradient_clip_algorithm == "value":
                 torch.nn.utils.clip_grad_value_(self.parameters(), gradient_clip_val)
             else:
@@ -143,7 +147,7 @@ class LitGPT(L.LightningModule):
             # under fp16's loss scaler, which must unscale the gradients before they are clipped
             fused=(
                 all(p.device.type in ("cpu", "cuda") for p in params)
-                and str(getattr(self.trainer, "precision", "")) not in ("16-mixed", "16")
+                and str(self.trainer.precision) not in ("16-mixed", "16")
             )
             or None,
         )

@@ -326,6 +326,60 @@ def test_an_unfinished_constrained_sample_ends_on_its_last_complete_statement(fi
     assert len(cuts) == round(6 * cut["metrics"]["code/cut_unfinished_share"]) > 0
 
 
+def test_the_cut_judges_prompt_and_sample_together_and_spares_exact_lengths(fim_code_run, tmp_path):
+    """With include_prompt=false the file holds only the new text (an indented body never parses
+    alone): the cut still ends each sample where prompt + new text parse, never at nothing. A request
+    for exactly max_new_tokens (min_new_tokens as large) is not cut."""
+    import ast
+
+    base = ["n=4", "max_new_tokens=20", "prompt=def f(x):\n    y = 1\n", "seed=7"]
+    prompt = "def f(x):\n    y = 1\n"
+    generate(fim_code_run, tmp_path / "body", *base, "include_prompt=false")
+    generate(fim_code_run, tmp_path / "whole", *base)
+    generate(fim_code_run, tmp_path / "keep", *base, "include_prompt=false", "unfinished=keep")
+    bodies = []
+    for i in range(4):
+        body = (tmp_path / "body" / f"sample_{i:03d}.py").read_text().split("\n", 1)[1]
+        whole = (tmp_path / "whole" / f"sample_{i:03d}.py").read_text().split("\n", 1)[1]
+        drawn = (tmp_path / "keep" / f"sample_{i:03d}.py").read_text().split("\n", 1)[1]
+        assert whole == prompt + body and drawn.startswith(body)  # the same cut, with or without prompt
+        ast.parse(prompt + body)  # prompt + what was kept: a program
+        bodies.append(body)
+    assert any(bodies)  # judged alone, an indented body never parses: every one would be cut to nothing
+    exact = generate(fim_code_run, tmp_path / "exact", *base, "min_new_tokens=20")
+    assert exact["metrics"]["code/cut_unfinished_share"] == 0
+
+
+def test_longest_valid_looks_at_line_ends_then_inside_the_next_line():
+    from multiar.commands.sample_draw import longest_valid
+
+    text = "a = 1\nb = 2\nc = (3"  # one character a token; valid where the text parses
+    valid = [k for k in range(len(text) + 1) if share_of([text[:k]]) == 1]
+    asked: list[int] = []
+
+    def check(k: int) -> bool:
+        asked.append(k)
+        return k in valid
+
+    found = longest_valid(len(text), check, lambda k: k == 0 or text[k - 1] == "\n")
+    assert found == max(k for k in valid if k < len(text))  # "... c " : mid-line, after a line end
+    assert text[:found].endswith("c ") and len(asked) < len(text) // 2  # not every position asked
+    assert longest_valid(5, lambda k: False, lambda k: True) is None
+
+
+def share_of(texts: list[str]) -> float:
+    import ast
+
+    ok = 0
+    for t in texts:
+        try:
+            ast.parse(t)
+            ok += 1
+        except SyntaxError:
+            pass
+    return ok / len(texts)
+
+
 def share_parsing(folder: Path) -> float:
     """The share of the sample files under folder whose code (after the provenance line) ast.parse takes."""
     import ast

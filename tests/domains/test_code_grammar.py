@@ -133,6 +133,21 @@ def test_a_carriage_return_is_never_written_and_a_crlf_prompt_reads_as_lines():
     assert not c.sound(opened, c.index["z"]) and c.sound(opened, c.index[" "])
 
 
+def test_the_state_sound_found_for_a_drawn_token_is_the_one_the_row_continues_from():
+    """sound(ids, t) keeps the state after t; the row's next call (ids + [t]) takes it instead of
+    advancing the grammar again, and every answer from it equals a fresh constraint's."""
+    c, chars = char_constraint()
+    fresh, _ = char_constraint()
+    ids = [c.index[ch] for ch in "def f(x):\n    return x"]
+    t = c.index["+"]
+    assert c.sound(ids, t)
+    kept = c.after[(id(c.states.state_of(ids)), t)][1]
+    assert c.states.state_of(ids + [t]) is kept
+    assert [c.sound(ids + [t], u) for u in range(len(chars))] == [
+        fresh.sound(ids + [t], u) for u in range(len(chars))
+    ]
+
+
 def test_a_prompt_no_continuation_makes_valid_is_a_one_line_error():
     constraint, _ = char_constraint()
     ids = [constraint.index[c] for c in "import os\nx = = 1\n"]

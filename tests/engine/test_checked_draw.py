@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from multiar.engine.checked_draw import TokenCheck, checked_sample, sound_probabilities
-from multiar.engine.sampling import sample
+from multiar.engine.sampling import race, sample
 
 
 class EvenOnly:
@@ -72,6 +72,10 @@ def test_redraws_from_one_race_give_the_distribution_restricted_to_sound_tokens(
     seen = torch.bincount(tokens, minlength=6).float() / rows
     want = torch.where(torch.arange(6) % 2 == 0, probs, 0.0)
     assert torch.allclose(seen, want / want.sum(), atol=0.01), seen  # 4 sigma is about 0.01 here
+    # every redraw came from the one race: the generator moved as far as one draw's noise, no further
+    raced = torch.Generator().manual_seed(1)
+    race(torch.softmax(logits, -1), raced)
+    assert torch.equal(gen.get_state(), raced.get_state())
     # a sound first finisher is the plain draw's token: the same noise, the same token
     free, _ = checked_sample(logits[:8], None, lambda b, t: True, generator=torch.Generator().manual_seed(2))
     plain = sample(logits[:8], generator=torch.Generator().manual_seed(2))
