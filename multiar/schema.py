@@ -648,10 +648,11 @@ class ServeSchema:
         "eager",
     )
     checks: str = doc(
-        "a grammar-constrained row's per-token checks run on a worker thread; overlap: the batch goes on "
-        "meanwhile (the row sits out steps until its token is drawn), wait: the engine waits up to one "
-        "forward's time for a fresh check first (where a worker beside the forward would take a core from "
-        "its threads), auto: overlap only where a core is left beside torch's intra-op threads",
+        "where a grammar-constrained row's per-token checks run: overlap — a worker thread beside the "
+        "batch (the row sits out steps until its token is drawn); inline — the engine thread between "
+        "steps (a check slower than a forward moves its row to the worker); wait — the worker, the "
+        "engine waiting up to one forward for it; auto — overlap where a core is left beside torch's "
+        "intra-op threads (or off the CPU), else inline",
         "auto",
     )
     device: str = doc(DEVICE_HELP, "auto")
@@ -660,9 +661,9 @@ class ServeSchema:
         _check_device(self.device)
         _check(bool(self.runs), "runs", "give at least one run folder: runs=[runs/protein]")
         _check(
-            self.checks in ("auto", "wait", "overlap"),
+            self.checks in ("auto", "inline", "wait", "overlap"),
             "checks",
-            f"must be auto, wait or overlap, got {self.checks!r}",
+            f"must be auto, inline, wait or overlap, got {self.checks!r}",
         )
         _check(self.step in ("eager", "captured"), "step", f"must be eager or captured, got {self.step!r}")
         _check(

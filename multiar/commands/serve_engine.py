@@ -5,12 +5,14 @@ tokens per step while the running rows keep decoding, and leave when they end; a
 once. Each row has its own sampling settings, generator, processors and stops (engine.rows.RowSettings,
 engine.sampling.Sampler): the one decode loop's per-row machinery, in slots. Rows with the same sampling
 settings are sampled in one vectorized call (each row's noise from its own generator). A row with a
-per-token check (a grammar, checked_draw.TokenCheck) is processed and drawn on a worker thread; it sits
-out the steps until its token is ready (its slot is fed as an idle one's, its logits unused), so a slow
-check costs its own row, not the others. Where no core is free beside the forward's intra-op threads
-(`checks=wait`), the engine waits for a fresh check up to one forward's time before it goes on: a worker
-running beside the forward would preempt one of its threads, and every barrier then waits for it (15
-plain rows lost 14.7% beside a row whose checks took 3.8% of two cores). Knows no HTTP."""
+per-token check (a grammar, checked_draw.TokenCheck) is processed and drawn apart (`checks`): on a worker
+thread beside the batch (overlap), sitting out the steps until its token is ready (its slot is fed as an
+idle one's, its logits unused), so a slow check costs its own row, not the others; or, where no core is
+free beside the forward's intra-op threads, on the engine thread between steps (inline): a worker
+running beside the forward preempts one of its threads, and every barrier then waits for it, and one
+that the engine waits for costs two thread wake-ups a token (measured in-process: the others lost 11.5%
+waiting, 6.9% inline, for checks taking 5.9% of a core). An inline check slower than a forward moves
+its row's later checks to the worker. Knows no HTTP."""
 
 from __future__ import annotations
 
@@ -169,14 +171,15 @@ def check_row(
 
 
 def checks_way(checks: str, device: torch.device | None = None) -> str:
-    """wait or overlap for the serve key `checks`; auto: overlap off the CPU (the forward holds no CPU
-    threads there) or where a core is left beside torch's intra-op threads for the worker."""
+    """inline, wait or overlap for the serve key `checks`; auto: overlap off the CPU (the forward holds no
+    CPU threads there) or where a core is left beside torch's intra-op threads for the worker, else
+    inline."""
     if checks != "auto":
         return checks
     if device is not None and device.type != "cpu":
         return "overlap"
     usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
-    return "overlap" if torch.get_num_threads() < len(usable) else "wait"
+    return "overlap" if torch.get_num_threads() < len(usable) else "inline"
 
 
 class SlotEngine:
@@ -221,6 +224,8 @@ class SlotEngine:
         self.checker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="multiar-check")
         self.checks = checks_way(checks, model.wte.weight.device)
         self.fresh: set[int] = set()  # rows whose check began after the last forward
+        self.slow: set[int] = set()  # inline: rows whose check took longer than a forward (now on the worker)
+        self.begun: set[int] = set()  # inline: rows past their first check
         # what a fresh check is waited for (checks=wait): check_wait seconds, or a running mean of the
         # forward's wall time (a check slower than a forward would more than double the others' step)
         self.check_wait, self.forward_seconds = check_wait, 0.01
@@ -409,7 +414,7 @@ class SlotEngine:
             logits, ready = logits[plain], [ready[j] for j in plain]
         if ready:
             self.sample_plain(ready, logits)
-        if self.checks == "wait":  # after them: the engine waits for it at the next step's start, alone
+        if self.checks != "overlap":  # after them: inline, or waited for at the next step's start, alone
             for b, row in checked:
                 if self.job[b] is not None:  # not freed by a plain row of its request failing
                     self.start_check(b, row)
@@ -435,8 +440,23 @@ class SlotEngine:
         early = rows.eos_id is not None and n - rows.prompt_lens[b] < own.min_new_tokens
         ids = rows.seq[b : b + 1, :n].clone()
         args = (logits, ids, own, self.samplers[b], rows.eos_id if early else None)
-        self.phase[b], self.checking[b] = "check", self.checker.submit(check_row, *args)
+        self.phase[b] = "check"
         self.fresh.add(b)
+        if self.checks != "inline" or b in self.slow:
+            self.checking[b] = self.checker.submit(check_row, *args)
+            return
+        start = time.perf_counter()
+        done: concurrent.futures.Future[Checked] = concurrent.futures.Future()
+        done.set_result(check_row(*args))  # taken at the next step's start, as a worker's draw
+        self.checking[b] = done
+        # a slow grammar's later checks go beside the batch (a row's first also builds its prompt's state)
+        if b in self.begun and time.perf_counter() - start > self.bound():
+            self.slow.add(b)
+        self.begun.add(b)
+
+    def bound(self) -> float:
+        """What a check may hold the batch for: check_wait, or the forward's running mean."""
+        return self.forward_seconds if self.check_wait is None else self.check_wait
 
     def collect_checks(self, wait: bool) -> None:
         """The checked rows whose token is drawn rejoin the batch with it (wait: block for one when no
@@ -451,8 +471,7 @@ class SlotEngine:
             futures = list(self.checking.values())
             concurrent.futures.wait(futures, CHECK_WAIT, return_when=concurrent.futures.FIRST_COMPLETED)
         elif self.checks == "wait" and fresh:  # a check that overran its wait before is not waited for
-            wait_s = self.forward_seconds if self.check_wait is None else self.check_wait
-            concurrent.futures.wait(fresh, wait_s)
+            concurrent.futures.wait(fresh, self.bound())
         done = {b: f.result() for b, f in list(self.checking.items()) if f.done()}
         self.stats.check_seconds += sum(r.cpu for r in done.values())
         for b, result in done.items():
@@ -512,6 +531,8 @@ class SlotEngine:
         self.unsent[b], self.sent_at[b] = [], 0.0  # the next row's first tokens: at once
         self.job[b], self.phase[b], self.pending[b], self.filled[b] = None, "idle", [], 0
         self.checking.pop(b, None)  # a draw still on the worker is dropped when it comes
+        self.slow.discard(b)
+        self.begun.discard(b)
         rows.ends[b], rows.finished_t[b] = end or "idle", True
         if job is not None:
             job.ended += 1

@@ -246,6 +246,7 @@ def traced(e: SlotEngine, prompt: list[int], steps: list[int], max_new: int, pro
 
 @pytest.mark.parametrize("checks", ["overlap", "wait"])
 def test_a_slow_checked_row_sits_out_while_the_others_take_a_token_every_step(model, checks):
+    # (inline: the batch waits for a row's first two checks; see the inline test)
     e = engine(model, slots=4, checks=checks)  # wait: for one forward's time, far less than 0.2 s
     steps: list[list[int]] = [[] for _ in range(4)]
     try:
@@ -282,13 +283,46 @@ def test_checks_wait_holds_the_batch_for_a_fresh_check_instead_of_leaving_its_ro
     assert slow.ends()[0].ids == want[0]
 
 
+def test_checks_inline_take_a_token_every_step_and_a_slow_grammar_moves_beside_the_batch(model):
+    """checks=inline: a quick check runs on the engine thread between steps, so its row takes a token
+    every step like the others (the decode loop's tokens); a row whose check (after its first) takes
+    longer than check_wait moves to the worker: the batch waits for it once, then the plain rows take a
+    token every step while it sits out."""
+    e = engine(model, slots=4, checks="inline", check_wait=0.05)
+    steps: list[list[int]] = [[] for _ in range(4)]
+    try:
+        quick = traced(e, [1, 5, 6], steps[0], 6, [SlowCheck(0.0)])
+        plain = [traced(e, [1, 7 + k], steps[k + 1], 6) for k in range(3)]
+        wait(quick, *plain)
+    finally:
+        e.stop()
+    for k in range(4):
+        assert steps[k] == list(range(steps[k][0], steps[k][0] + 6)), steps
+    want = generate(model, prompts=[[1, 5, 6]], max_new_tokens=6, min_new_tokens=6, temperature=0.0, eos_id=EOS,
+                    processors=[ban_tokens([0]), SlowCheck(0.0)])  # fmt: skip
+    assert quick.ends()[0].ids == want[0]
+    e = engine(model, slots=4, checks="inline", check_wait=0.05)
+    steps = [[] for _ in range(4)]
+    try:
+        slow = traced(e, [1, 5, 6], steps[0], 5, [SlowCheck(0.1)])
+        plain = [traced(e, [1, 7 + k], steps[k + 1], 40) for k in range(3)]
+        wait(slow, *plain)
+        assert e.slow == set()  # its slot freed: the next request there starts inline again
+    finally:
+        e.stop()
+    assert len(steps[0]) == 5 and steps[0][-1] > steps[0][0] + 4 + 4  # it sat out steps on the worker
+    for k in (1, 2, 3):  # at most the first two checks held the batch: a token every step otherwise
+        assert steps[k][-1] - steps[k][0] == len(steps[k]) - 1, steps[k]
+
+
 def test_checks_auto_overlaps_only_where_a_core_is_left_beside_the_intra_op_threads(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0, 1})
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    assert checks_way("auto") == "wait"
+    assert checks_way("auto") == "inline"
+    assert checks_way("auto", torch.device("cuda")) == "overlap"  # the forward holds no CPU threads there
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     assert checks_way("auto") == "overlap"
-    assert checks_way("wait") == "wait" and checks_way("overlap") == "overlap"
+    assert checks_way("wait") == "wait" and checks_way("inline") == "inline"
 
 
 class BusyCheck(SlowCheck):
@@ -354,7 +388,7 @@ class HangingCheck(FailingCheck):
         return logits
 
 
-@pytest.mark.parametrize("checks", ["overlap", "wait"])
+@pytest.mark.parametrize("checks", ["overlap", "wait"])  # inline: a grammar that never returns holds it
 def test_a_hanging_check_still_lets_its_deadline_end_the_row(model, checks):
     e = engine(model, slots=2, checks=checks)
     check = HangingCheck()

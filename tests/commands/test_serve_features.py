@@ -193,8 +193,9 @@ def test_serve_takes_auto_sdpa_or_compiled_and_names_the_key_otherwise():
         validate("serve", load_config("serve", ["runs=[r]", "attention=flash"]))
     assert validate("serve", load_config("serve", ["runs=[r]"])).checks == "auto"
     assert validate("serve", load_config("serve", ["runs=[r]", "checks=wait"])).checks == "wait"
-    with pytest.raises(ConfigError, match="checks.*auto, wait or overlap"):
-        validate("serve", load_config("serve", ["runs=[r]", "checks=inline"]))
+    assert validate("serve", load_config("serve", ["runs=[r]", "checks=inline"])).checks == "inline"
+    with pytest.raises(ConfigError, match="checks.*auto, inline, wait or overlap"):
+        validate("serve", load_config("serve", ["runs=[r]", "checks=thread"]))
 
 
 def test_serve_takes_eager_or_captured_steps_and_captured_needs_nn_linear():
