@@ -513,7 +513,8 @@ async def beside_rows(
         span = 2.0
         for r in range(rounds):
             for kind in ("none", "plain", "constrained"):
-                before = await asyncio.to_thread(check_cpu_seconds, url)
+                before = await asyncio.to_thread(check_seconds, url)
+                held = await asyncio.to_thread(check_seconds, url, "wall")
                 t0 = time.perf_counter()
                 if kind == "none":
                     await asyncio.sleep(span)
@@ -521,7 +522,8 @@ async def beside_rows(
                 else:
                     row = await stream_request(http, url, code(99 + r, kind == "constrained"))
                 t1 = time.perf_counter()
-                cpu = await asyncio.to_thread(check_cpu_seconds, url) - before
+                cpu = await asyncio.to_thread(check_seconds, url) - before
+                wall = await asyncio.to_thread(check_seconds, url, "wall") - held
                 span = t1 - t0
                 own = (
                     (row.tokens - 1) / (row.last - row.first)
@@ -529,7 +531,7 @@ async def beside_rows(
                     else 0.0
                 )
                 turns.append({"kind": kind, "plain_tps": rate(t0, t1), "seconds": span, "check_cpu_s": cpu,
-                              "row_tps": own})  # fmt: skip
+                              "check_wall_s": wall, "row_tps": own})  # fmt: skip
         stop.set()
         await asyncio.gather(*clients)
     return turns
@@ -571,6 +573,10 @@ def constrained_cost(
     own = [t["check_cpu_s"] / t["seconds"] for t in kinds["constrained"]]
     out["check_cpu_share_of_one_core"] = round(statistics.median(own), 3)
     out["check_cpu_share"] = round(statistics.median(own) / len(os.sched_getaffinity(0)), 3)
+    # what the checks held the engine thread for (inline: running them, wait: waiting; overlap: 0)
+    out["check_wall_share"] = round(
+        statistics.median(t["check_wall_s"] / t["seconds"] for t in kinds["constrained"]), 3
+    )
     rounds = zip(kinds["none"], kinds["plain"], kinds["constrained"], strict=True)
     drops = [(1 - c["plain_tps"] / a["plain_tps"], 1 - c["plain_tps"] / p["plain_tps"],
               1 - p["plain_tps"] / a["plain_tps"]) for a, p, c in rounds]  # fmt: skip
@@ -582,12 +588,11 @@ def constrained_cost(
     return out
 
 
-def check_cpu_seconds(url: str) -> float:
-    """The server's multiar_check_cpu_seconds_total (/metrics), all models."""
+def check_seconds(url: str, kind: str = "cpu") -> float:
+    """The server's multiar_check_<kind>_seconds_total (/metrics; cpu or wall), all models."""
     text = httpx.get(f"{url}/metrics", timeout=10).text
-    return sum(
-        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("multiar_check_cpu")
-    )
+    prefix = f"multiar_check_{kind}_seconds_total{{"
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix))
 
 
 def bf16_batch_drift(run: Path, log_dir: Path, rows: int = 16) -> dict[str, Any]:

@@ -650,7 +650,7 @@ class ServeSchema:
     checks: str = doc(
         "where a grammar-constrained row's per-token checks run: overlap — a worker thread beside the "
         "batch (the row sits out steps until its token is drawn); inline — the engine thread between "
-        "steps (a check slower than a forward moves its row to the worker); wait — the worker, the "
+        "steps (three checks in a row slower than a forward move its row to the worker); wait — the worker, the "
         "engine waiting up to one forward for it; auto — overlap where a core is left beside torch's "
         "intra-op threads (or off the CPU), else inline",
         "auto",

@@ -257,6 +257,7 @@ def prometheus(state: AppState) -> str:
         ("gauge", "multiar_slots", lambda s: s.engine.slots),
         ("counter", "multiar_generated_tokens_total", lambda s: s.engine.stats.tokens),
         ("counter", "multiar_check_cpu_seconds_total", lambda s: s.engine.stats.check_seconds),
+        ("counter", "multiar_check_wall_seconds_total", lambda s: s.engine.stats.check_wall_seconds),
     ):
         lines.append(f"# TYPE {name} {kind}")
         lines += [f'{name}{{model="{n}"}} {value(s)}' for n, s in list(state.models.items())]

@@ -11,8 +11,8 @@ idle one's, its logits unused), so a slow check costs its own row, not the other
 free beside the forward's intra-op threads, on the engine thread between steps (inline): a worker
 running beside the forward preempts one of its threads, and every barrier then waits for it, and one
 that the engine waits for costs two thread wake-ups a token (measured in-process: the others lost 11.5%
-waiting, 6.9% inline, for checks taking 5.9% of a core). An inline check slower than a forward moves
-its row's later checks to the worker. Knows no HTTP."""
+waiting, 6.9% inline, for checks taking 5.9% of a core). Three inline checks in a row slower than a
+forward move their row's later checks to the worker. Knows no HTTP."""
 
 from __future__ import annotations
 
@@ -88,6 +88,7 @@ class Job:
 
 
 CHECK_WAIT = 0.05  # seconds the engine waits at most for a checked row's draw when no other row has work
+SLOW_STREAK = 3  # inline checks in a row longer than a forward that move a row's checks to the worker
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -101,6 +102,9 @@ class Stats:
     # CPU time the per-token checks took on the worker thread (a grammar's own cost; torch's intra-op
     # threads, if a check's ops used them, are not in it: a lower bound)
     check_seconds: float = 0.0
+    # wall time the engine thread spent on checks (inline: running them; wait: waiting for them): what
+    # they held the batch for, the CPU time above plus whatever the machine's other threads took meanwhile
+    check_wall_seconds: float = 0.0
     ttft_counts: list[int] = field(default_factory=lambda: [0] * (len(TTFT_BUCKETS) + 1))  # last: +Inf
     ttft_sum: float = 0.0
 
@@ -225,7 +229,7 @@ class SlotEngine:
         self.checks = checks_way(checks, model.wte.weight.device)
         self.fresh: set[int] = set()  # rows whose check began after the last forward
         self.slow: set[int] = set()  # inline: rows whose check took longer than a forward (now on the worker)
-        self.begun: set[int] = set()  # inline: rows past their first check
+        self.streak: dict[int, int] = {}  # inline: a row's checks in a row slower than a forward
         # what a fresh check is waited for (checks=wait): check_wait seconds, or a running mean of the
         # forward's wall time (a check slower than a forward would more than double the others' step)
         self.check_wait, self.forward_seconds = check_wait, 0.01
@@ -449,10 +453,14 @@ class SlotEngine:
         done: concurrent.futures.Future[Checked] = concurrent.futures.Future()
         done.set_result(check_row(*args))  # taken at the next step's start, as a worker's draw
         self.checking[b] = done
-        # a slow grammar's later checks go beside the batch (a row's first also builds its prompt's state)
-        if b in self.begun and time.perf_counter() - start > self.bound():
+        self.stats.check_wall_seconds += time.perf_counter() - start
+        # a slow grammar's later checks go beside the batch: SLOW_STREAK checks in a row longer than a
+        # forward (not one that a pause of the machine stretched; a row's first also builds its prompt's
+        # state, and is not counted)
+        took = time.perf_counter() - start
+        self.streak[b] = self.streak.get(b, -1) + 1 if took > self.bound() else 0
+        if self.streak[b] >= SLOW_STREAK:
             self.slow.add(b)
-        self.begun.add(b)
 
     def bound(self) -> float:
         """What a check may hold the batch for: check_wait, or the forward's running mean."""
@@ -471,7 +479,9 @@ class SlotEngine:
             futures = list(self.checking.values())
             concurrent.futures.wait(futures, CHECK_WAIT, return_when=concurrent.futures.FIRST_COMPLETED)
         elif self.checks == "wait" and fresh:  # a check that overran its wait before is not waited for
+            start = time.perf_counter()
             concurrent.futures.wait(fresh, self.bound())
+            self.stats.check_wall_seconds += time.perf_counter() - start
         done = {b: f.result() for b, f in list(self.checking.items()) if f.done()}
         self.stats.check_seconds += sum(r.cpu for r in done.values())
         for b, result in done.items():
@@ -532,7 +542,7 @@ class SlotEngine:
         self.job[b], self.phase[b], self.pending[b], self.filled[b] = None, "idle", [], 0
         self.checking.pop(b, None)  # a draw still on the worker is dropped when it comes
         self.slow.discard(b)
-        self.begun.discard(b)
+        self.streak.pop(b, None)
         rows.ends[b], rows.finished_t[b] = end or "idle", True
         if job is not None:
             job.ended += 1

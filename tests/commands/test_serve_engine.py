@@ -246,7 +246,7 @@ def traced(e: SlotEngine, prompt: list[int], steps: list[int], max_new: int, pro
 
 @pytest.mark.parametrize("checks", ["overlap", "wait"])
 def test_a_slow_checked_row_sits_out_while_the_others_take_a_token_every_step(model, checks):
-    # (inline: the batch waits for a row's first two checks; see the inline test)
+    # (inline: the batch waits for a slow row's first four checks; see the inline test)
     e = engine(model, slots=4, checks=checks)  # wait: for one forward's time, far less than 0.2 s
     steps: list[list[int]] = [[] for _ in range(4)]
     try:
@@ -285,9 +285,9 @@ def test_checks_wait_holds_the_batch_for_a_fresh_check_instead_of_leaving_its_ro
 
 def test_checks_inline_take_a_token_every_step_and_a_slow_grammar_moves_beside_the_batch(model):
     """checks=inline: a quick check runs on the engine thread between steps, so its row takes a token
-    every step like the others (the decode loop's tokens); a row whose check (after its first) takes
-    longer than check_wait moves to the worker: the batch waits for it once, then the plain rows take a
-    token every step while it sits out."""
+    every step like the others (the decode loop's tokens); a row whose checks (after its first) take
+    longer than check_wait three times in a row moves to the worker: the batch waits for those, then the
+    plain rows take a token every step while it sits out."""
     e = engine(model, slots=4, checks="inline", check_wait=0.05)
     steps: list[list[int]] = [[] for _ in range(4)]
     try:
@@ -304,14 +304,14 @@ def test_checks_inline_take_a_token_every_step_and_a_slow_grammar_moves_beside_t
     e = engine(model, slots=4, checks="inline", check_wait=0.05)
     steps = [[] for _ in range(4)]
     try:
-        slow = traced(e, [1, 5, 6], steps[0], 5, [SlowCheck(0.1)])
+        slow = traced(e, [1, 5, 6], steps[0], 7, [SlowCheck(0.1)])
         plain = [traced(e, [1, 7 + k], steps[k + 1], 40) for k in range(3)]
         wait(slow, *plain)
         assert e.slow == set()  # its slot freed: the next request there starts inline again
     finally:
         e.stop()
-    assert len(steps[0]) == 5 and steps[0][-1] > steps[0][0] + 4 + 4  # it sat out steps on the worker
-    for k in (1, 2, 3):  # at most the first two checks held the batch: a token every step otherwise
+    assert len(steps[0]) == 7 and steps[0][-1] > steps[0][0] + 6 + 4  # it sat out steps on the worker
+    for k in (1, 2, 3):  # the checks that held the batch held every row: a token every step still
         assert steps[k][-1] - steps[k][0] == len(steps[k]) - 1, steps[k]
 
 
@@ -335,17 +335,24 @@ class BusyCheck(SlowCheck):
         return token % 3 != 0 or token == EOS
 
 
-def test_the_checks_cpu_time_is_counted_not_their_waiting(model):
-    """stats.check_seconds (/metrics' multiar_check_cpu_seconds_total): a grammar's own cost."""
-    e = engine(model, slots=2)
+@pytest.mark.parametrize("checks", ["overlap", "inline"])
+def test_the_checks_cpu_time_is_counted_not_their_waiting(model, checks):
+    """stats.check_seconds (/metrics' multiar_check_cpu_seconds_total): a grammar's own cost, CPU only;
+    stats.check_wall_seconds: what the checks held the engine thread for (inline: all their time, a
+    sleep included; overlap: nothing)."""
+    e = engine(model, slots=2, checks=checks, check_wait=5.0)
     try:
         wait(request(e, [[1, 5, 6]], max_new=4, min_new=4, processors=[SlowCheck(0.03)]))
-        sleeping = e.stats.check_seconds
+        sleeping, held = e.stats.check_seconds, e.stats.check_wall_seconds
         wait(request(e, [[1, 5, 6]], max_new=4, min_new=4, processors=[BusyCheck(0.03)]))
     finally:
         e.stop()
     assert sleeping < 0.05  # 4+ tokens asked about, 0.03 s asleep each: not CPU
     assert e.stats.check_seconds - sleeping >= 4 * 0.03
+    if checks == "inline":
+        assert held >= 4 * 0.03 and e.stats.check_wall_seconds - held >= 4 * 0.03
+    else:
+        assert e.stats.check_wall_seconds == 0
 
 
 class FailingCheck:
