@@ -387,7 +387,8 @@ class GenerateSchema:
         "sample under the domain's grammar: music's token types, code's lexical soundness", True
     )
     unfinished: str = doc(
-        "a sample the length cap cut before it ended, where the domain judges validity (code: the file "
+        "a sample the length cap (or no valid token) cut before it ended, where the domain judges "
+        "validity (code: the file "
         "parses): cut — it ends after the most of its new tokens that make a valid sample (its "
         "cut_tokens column counts the rest); keep — as drawn; auto — cut under constrain=true",
         "auto",

@@ -54,13 +54,13 @@ def row_stopper(domain: Domain, rule: Callable, prompts: list[list[int]]) -> Cal
 
 
 def decode_sample(p: Prepared, i: int, ids: list[int], end: str | None) -> Sample:
-    """Sample i as its files hold it (`as_written`); one the length cap cut before it ended and that is
-    not valid, under unfinished=cut (auto: with the constraint on, unless exactly max_new_tokens were
+    """Sample i as its files hold it (`as_written`); one the length cap cut before it ended (or that found
+    no valid token to go on with) and that is not valid, under unfinished=cut (auto: with the constraint on, unless exactly max_new_tokens were
     asked for) where the domain judges validity, ends instead after the most new tokens that make a valid
     sample (code: prompt and new text parse, whether or not the file holds the prompt), if any do: what
     the model wrote, up to its last complete statement rather than into an unfinished one."""
     sample, domain = as_written(p, i, ids, end), p.domain
-    if end != "length" or not isinstance(domain, Validity) or not cuts_unfinished(p):
+    if end not in UNFINISHED or not isinstance(domain, Validity) or not cuts_unfinished(p):
         return sample
 
     def valid(k: int) -> bool:
@@ -74,6 +74,9 @@ def decode_sample(p: Prepared, i: int, ids: list[int], end: str | None) -> Sampl
     shorter = as_written(p, i, ids[:keep], end)
     shorter.cut = len(ids) - keep
     return shorter
+
+
+UNFINISHED = ("length", "no_valid_token")  # the end reasons of a sample cut short of its own end
 
 
 def longest_valid(n: int, valid: Callable[[int], bool], at_line_end: Callable[[int], bool]) -> int | None:
