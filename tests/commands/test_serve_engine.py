@@ -247,40 +247,42 @@ def traced(e: SlotEngine, prompt: list[int], steps: list[int], max_new: int, pro
 @pytest.mark.parametrize("checks", ["overlap", "wait"])
 def test_a_slow_checked_row_sits_out_while_the_others_take_a_token_every_step(model, checks):
     # (inline: the batch waits for a slow row's first four checks; see the inline test)
-    e = engine(model, slots=4, checks=checks)  # wait: for one forward's time, far less than 0.2 s
-    steps: list[list[int]] = [[] for _ in range(4)]
-    try:
-        slow = traced(e, [1, 5, 6], steps[0], 4, [SlowCheck(0.2)])
-        plain = [traced(e, [1, 7 + k], steps[k + 1], 30) for k in range(3)]
-        wait(slow, *plain)
-    finally:
-        e.stop()
+    # wait: for one forward's time, far less than 0.2 s
+    slow, steps = beside(engine(model, slots=4, checks=checks), SlowCheck(0.2), 4, 30)
     for k in (1, 2, 3):
         assert steps[k] == list(range(steps[k][0], steps[k][0] + 30))  # a token every step
     assert len(steps[0]) == 4, slow.events
     assert steps[0][-1] > 2 + 4  # it sat out steps: more of them than its prefill and tokens
-    want = generate(model, prompts=[[1, 5, 6]], max_new_tokens=4, min_new_tokens=4, temperature=0.0, eos_id=EOS,
-                    processors=[ban_tokens([0]), SlowCheck(0.0)])  # fmt: skip
-    assert slow.ends()[0].ids == want[0]
+    assert slow.ends()[0].ids == decode_loop_ids(model, 4)
+
+
+def beside(e: SlotEngine, check, tokens: int, plain_tokens: int) -> tuple[Collect, list[list[int]]]:
+    """A greedy row with `check` and 3 plain rows on e (stopped after): the checked row's request and
+    each row's engine step per token (the checked row's first)."""
+    steps: list[list[int]] = [[] for _ in range(4)]
+    try:
+        checked = traced(e, [1, 5, 6], steps[0], tokens, [check])
+        plain = [traced(e, [1, 7 + k], steps[k + 1], plain_tokens) for k in range(3)]
+        wait(checked, *plain)
+    finally:
+        e.stop()
+    return checked, steps
+
+
+def decode_loop_ids(model: GPT, tokens: int) -> list[int]:
+    """The one decode loop's greedy tokens for the checked row `beside` runs."""
+    return generate(model, prompts=[[1, 5, 6]], max_new_tokens=tokens, min_new_tokens=tokens,
+                    temperature=0.0, eos_id=EOS, processors=[ban_tokens([0]), SlowCheck(0.0)])[0]  # fmt: skip
 
 
 def test_checks_wait_holds_the_batch_for_a_fresh_check_instead_of_leaving_its_row_behind(model):
     """checks=wait (where a worker beside the forward would take a core from its threads): the engine
     waits for a fresh check up to check_wait, so a checked row takes a token every step like the
     others, with the decode loop's tokens; and the others wait for it, a step each."""
-    e = engine(model, slots=4, checks="wait", check_wait=5.0)
-    steps: list[list[int]] = [[] for _ in range(4)]
-    try:
-        slow = traced(e, [1, 5, 6], steps[0], 6, [SlowCheck(0.02)])
-        plain = [traced(e, [1, 7 + k], steps[k + 1], 6) for k in range(3)]
-        wait(slow, *plain)
-    finally:
-        e.stop()
+    slow, steps = beside(engine(model, slots=4, checks="wait", check_wait=5.0), SlowCheck(0.02), 6, 6)
     for k in range(4):
         assert steps[k] == list(range(steps[k][0], steps[k][0] + 6)), steps  # a token every step
-    want = generate(model, prompts=[[1, 5, 6]], max_new_tokens=6, min_new_tokens=6, temperature=0.0, eos_id=EOS,
-                    processors=[ban_tokens([0]), SlowCheck(0.0)])  # fmt: skip
-    assert slow.ends()[0].ids == want[0]
+    assert slow.ends()[0].ids == decode_loop_ids(model, 6)
 
 
 def test_checks_inline_take_a_token_every_step_and_a_slow_grammar_moves_beside_the_batch(model):
@@ -288,28 +290,13 @@ def test_checks_inline_take_a_token_every_step_and_a_slow_grammar_moves_beside_t
     every step like the others (the decode loop's tokens); a row whose checks (after its first) take
     longer than check_wait three times in a row moves to the worker: the batch waits for those, then the
     plain rows take a token every step while it sits out."""
-    e = engine(model, slots=4, checks="inline", check_wait=0.05)
-    steps: list[list[int]] = [[] for _ in range(4)]
-    try:
-        quick = traced(e, [1, 5, 6], steps[0], 6, [SlowCheck(0.0)])
-        plain = [traced(e, [1, 7 + k], steps[k + 1], 6) for k in range(3)]
-        wait(quick, *plain)
-    finally:
-        e.stop()
+    quick, steps = beside(engine(model, slots=4, checks="inline", check_wait=0.05), SlowCheck(0.0), 6, 6)
     for k in range(4):
         assert steps[k] == list(range(steps[k][0], steps[k][0] + 6)), steps
-    want = generate(model, prompts=[[1, 5, 6]], max_new_tokens=6, min_new_tokens=6, temperature=0.0, eos_id=EOS,
-                    processors=[ban_tokens([0]), SlowCheck(0.0)])  # fmt: skip
-    assert quick.ends()[0].ids == want[0]
+    assert quick.ends()[0].ids == decode_loop_ids(model, 6)
     e = engine(model, slots=4, checks="inline", check_wait=0.05)
-    steps = [[] for _ in range(4)]
-    try:
-        slow = traced(e, [1, 5, 6], steps[0], 7, [SlowCheck(0.1)])
-        plain = [traced(e, [1, 7 + k], steps[k + 1], 40) for k in range(3)]
-        wait(slow, *plain)
-        assert e.slow == set()  # its slot freed: the next request there starts inline again
-    finally:
-        e.stop()
+    slow, steps = beside(e, SlowCheck(0.1), 7, 40)
+    assert e.slow == set()  # its slot freed: the next request there starts inline again
     assert len(steps[0]) == 7 and steps[0][-1] > steps[0][0] + 6 + 4  # it sat out steps on the worker
     for k in (1, 2, 3):  # the checks that held the batch held every row: a token every step still
         assert steps[k][-1] - steps[k][0] == len(steps[k]) - 1, steps[k]
