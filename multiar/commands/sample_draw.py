@@ -80,14 +80,15 @@ UNFINISHED = ("length", "no_valid_token")  # the end reasons of a sample cut sho
 
 
 def longest_valid(n: int, valid: Callable[[int], bool], at_line_end: Callable[[int], bool]) -> int | None:
-    """A large k < n with valid(k) in about (lines + one line's length) checks of validity instead of n:
+    """A large 0 < k < n (a cut keeps at least one new token: an empty sample is no sample) with valid(k)
+    in about (lines + one line's length) checks of validity instead of n:
     line ends first, from the last; then the positions inside the line after the one found (a statement
     can end mid-line, before what no continuation could make valid). A valid position further on, inside
     a later line whose end is not valid, is not looked for; with no valid line end, every position is."""
-    ends = [k for k in range(n - 1, -1, -1) if at_line_end(k)]
+    ends = [k for k in range(n - 1, 0, -1) if at_line_end(k)]
     found = next((k for k in ends if valid(k)), None)
     if found is None:  # no line end is valid: every position, from the last
-        return next((k for k in range(n - 1, -1, -1) if valid(k)), None)
+        return next((k for k in range(n - 1, 0, -1) if valid(k)), None)
     upto = min((k for k in ends if k > found), default=n)  # the next line end after it, or the end
     return next((k for k in range(upto - 1, found, -1) if valid(k)), found)
 

@@ -373,6 +373,7 @@ def test_longest_valid_looks_at_line_ends_then_inside_the_next_line():
     assert found == max(k for k in valid if k < len(text))  # "... c " : mid-line, after a line end
     assert text[:found].endswith("c ") and len(asked) < len(text) // 2  # not every position asked
     assert longest_valid(5, lambda k: False, lambda k: True) is None
+    assert longest_valid(5, lambda k: k == 0, lambda k: True) is None  # never cut to no new token
 
 
 def share_of(texts: list[str]) -> float:
