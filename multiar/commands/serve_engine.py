@@ -12,7 +12,8 @@ free beside the forward's intra-op threads, on the engine thread between steps (
 running beside the forward preempts one of its threads, and every barrier then waits for it, and one
 that the engine waits for costs two thread wake-ups a token (measured in-process: the others lost 11.5%
 waiting, 6.9% inline, for checks taking 5.9% of a core). Three inline checks in a row slower than a
-forward move their row's later checks to the worker. Knows no HTTP."""
+forward move their row's later checks to the worker; a step's plain-row events are sent after its inline
+checks, so the event loop they wake does not take the GIL from them. Knows no HTTP."""
 
 from __future__ import annotations
 
@@ -228,6 +229,7 @@ class SlotEngine:
         self.checker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="multiar-check")
         self.checks = checks_way(checks, model.wte.weight.device)
         self.fresh: set[int] = set()  # rows whose check began after the last forward
+        self.held: list[Token] | None = None  # inline: the plain rows' token events, sent after the checks
         self.slow: set[int] = set()  # inline: rows whose check took longer than a forward (now on the worker)
         self.streak: dict[int, int] = {}  # inline: a row's checks in a row slower than a forward
         # what a fresh check is waited for (checks=wait): check_wait seconds, or a running mean of the
@@ -416,12 +418,20 @@ class SlotEngine:
         plain = [j for j, b in enumerate(ready) if not self.checked[b]]
         if len(plain) < len(ready):
             logits, ready = logits[plain], [ready[j] for j in plain]
-        if ready:
-            self.sample_plain(ready, logits)
-        if self.checks != "overlap":  # after them: inline, or waited for at the next step's start, alone
-            for b, row in checked:
-                if self.job[b] is not None:  # not freed by a plain row of its request failing
-                    self.start_check(b, row)
+        # inline: the plain rows' events wait for the checks, so the event loop they wake does not hold
+        # the GIL while the checks (Python too) run; it works during the next forward, as without them
+        self.held = [] if checked and self.checks == "inline" else None
+        try:
+            if ready:
+                self.sample_plain(ready, logits)
+            if self.checks != "overlap":  # after them: inline, or waited for at the next step's start
+                for b, row in checked:
+                    if self.job[b] is not None:  # not freed by a plain row of its request failing
+                        self.start_check(b, row)
+        finally:
+            events, self.held = self.held, None
+            if events:
+                self.dispatch(events)
 
     def sample_plain(self, ready: list[int], logits: torch.Tensor) -> None:
         """Process, sample and append one token for each of the rows without a per-token check."""
@@ -504,7 +514,10 @@ class SlotEngine:
         for b, lp in zip(ready, logp, strict=True):
             self.logps[b].append(lp)
         self.stats.tokens += len(ready)
-        self.dispatch(events)
+        if self.held is not None:
+            self.held.extend(events)
+        else:
+            self.dispatch(events)
         for b, message in list(rows.failed.items()):
             if self.job[b] is not None:
                 self.fail(self.job[b], message)

@@ -452,3 +452,38 @@ def test_a_row_cut_while_holding_tokens_back_for_a_stop_still_streams_them(model
     end = out.ends()[0]
     assert end.end == "cancelled" and len(end.ids) >= 3
     assert [i for ev in out.events if ev.kind == "tokens" for i in ev.ids] == end.ids
+
+
+def test_inline_checks_run_before_the_plain_rows_events_of_their_step_are_sent(model):
+    """checks=inline: a step's plain-row token events go out after its checks ran, so the event loop
+    they wake is not taking the GIL from the checks; the plain rows still take one token every step."""
+    e = engine(model, slots=4, checks="inline", check_wait=5.0)
+    order: list[tuple[str, int]] = []  # ("check" | "plain", engine step) as they happen
+
+    class NotedCheck(SlowCheck):
+        def sound(self, ids: list[int], token: int) -> bool:
+            order.append(("check", e.stats.steps))
+            return super().sound(ids, token)
+
+    out = Collect()
+    out.n = 1
+
+    def emit(event: Event) -> None:
+        if event.kind == "tokens":
+            order.extend([("plain", e.stats.steps)] * len(event.ids))
+        out(event)
+
+    try:
+        checked = traced(e, [1, 5, 6], [], 8, [NotedCheck(0.0)])
+        settings = RowSettings(8, 8, processors=[ban_tokens([0])])
+        e.submit(Job([SampleSpec([1, 7], settings, Sampler(temperature=0.0))], emit))
+        wait(checked, out)
+    finally:
+        e.stop()
+    plain_steps = [s for kind, s in order if kind == "plain"]
+    assert plain_steps == list(range(plain_steps[0], plain_steps[0] + 8))  # a token every step
+    shared = {s for kind, s in order if kind == "check"} & set(plain_steps)
+    assert len(shared) >= 4  # steps where both a check and a plain token happened
+    for step in shared:
+        kinds = [kind for kind, s in order if s == step]
+        assert kinds.index("plain") > max(i for i, k in enumerate(kinds) if k == "check"), kinds
