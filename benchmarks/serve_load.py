@@ -278,8 +278,11 @@ def latency(outcomes: list[Outcome]) -> dict[str, Any]:
             "tpot_ms_median": ms(statistics.median(tpot)) if tpot else None, "tpot_ms_p99": ms(pct(tpot, 0.99))}  # fmt: skip
 
 
-async def open_loop(url: str, rate: float, requests: int, seed: int, api: str = "multiar") -> dict[str, Any]:
-    """requests arriving as a Poisson process of rate req/s, each NEW_TOKENS tokens."""
+async def open_loop(
+    url: str, rate: float, requests: int, seed: int, api: str = "multiar", slots: int = 16
+) -> dict[str, Any]:
+    """requests arriving as a Poisson process of rate req/s, each NEW_TOKENS tokens; with how many were
+    in flight when each was sent (what tells a slot wait from a slow step in the TTFT tail)."""
     rng = random.Random(seed)
     tasks = []
     async with client(requests) as http:
@@ -294,7 +297,23 @@ async def open_loop(url: str, rate: float, requests: int, seed: int, api: str = 
     tokens = sum(o.tokens for o in ok)
     return {"rate_req_s": round(rate, 3), "requests": requests, "seconds": round(seconds, 2),
             "tokens_per_s": round(tokens / seconds, 1), "rejected_429": rejected,
-            "lost": requests - len(ok) - rejected, **latency(ok)}  # fmt: skip
+            "lost": requests - len(ok) - rejected, **latency(ok), **arrivals(ok, slots)}  # fmt: skip
+
+
+def arrivals(outcomes: list[Outcome], slots: int) -> dict[str, Any]:
+    """How many requests were in flight (sent, last token not yet in) when each was sent: the mean, the
+    most, the share of arrivals that found every slot taken (they wait in the queue), and the in-flight
+    count at the arrival of the slowest-to-first-token 1%."""
+    timed = [o for o in outcomes if o.last is not None and o.ttft is not None]
+    if not timed:
+        return {}
+    found = [sum(1 for q in timed if q is not o and q.start <= o.start < q.last) for o in timed]
+    tail = sorted(zip((o.ttft for o in timed), found, strict=True), reverse=True)
+    tail = tail[: max(1, len(timed) // 100)]
+    return {"in_flight_at_arrival_mean": round(statistics.mean(found), 1),
+            "in_flight_at_arrival_max": max(found),
+            "arrivals_with_every_slot_taken": round(sum(k >= slots for k in found) / len(found), 3),
+            "in_flight_at_slowest_1pct_arrivals": [k for _, k in tail]}  # fmt: skip
 
 
 async def metric(url: str, name: str) -> float:
@@ -474,7 +493,7 @@ def loads(
             out["open_loop"] = []
             for k, share in enumerate(args.shares if slots > 1 else args.shares_one):
                 n = max(args.min_open, round(share * capacity * args.open_seconds))
-                row = asyncio.run(open_loop(server.url, share * capacity, n, seed=100 + k, api=api))
+                row = asyncio.run(open_loop(server.url, share * capacity, n, 100 + k, api, slots))
                 out["open_loop"].append({"share_of_closed_rate": share, **row})
                 print(f"{name} open {share}: {row}", flush=True)
         if "soak" in args.only and slots > 1 and api == "multiar":

@@ -17,7 +17,7 @@ import pytest
 from conftest import copy_fixture_run
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from serve_load import Server, soak, start_server, stop_server  # noqa: E402
+from serve_load import Outcome, Server, arrivals, soak, start_server, stop_server  # noqa: E402
 
 
 @pytest.fixture
@@ -69,3 +69,19 @@ def test_soak_of_200_requests_with_cancellations(server):
     assert result["lost"] == 0 and result["rejected_429"] == 0, result["lost_details"]
     assert result["busy_slots_after"] == 0 and result["queue_after"] == 0
     assert result["rss_growth_pct"] <= 10
+
+
+def test_open_loop_counts_the_requests_in_flight_at_each_arrival():
+    """serve_load's open loop says how many requests each arrival found in flight (sent, last token not
+    in): the slow tail's arrivals that found every slot taken waited for a slot, not for a slow step."""
+
+    def sent(start: float, ttft: float, last: float) -> Outcome:
+        return Outcome(status="ok", tokens=2, start=start, first=start + ttft, last=last)
+
+    # two slots: the third request arrives while both earlier ones run, the fourth after they ended
+    outcomes = [sent(0.0, 0.01, 1.0), sent(0.1, 0.01, 1.1), sent(0.2, 0.9, 2.0), sent(3.0, 0.01, 3.5)]
+    got = arrivals(outcomes, slots=2)
+    assert got["in_flight_at_arrival_max"] == 2
+    assert got["in_flight_at_arrival_mean"] == round((0 + 1 + 2 + 0) / 4, 1)
+    assert got["arrivals_with_every_slot_taken"] == 0.25
+    assert got["in_flight_at_slowest_1pct_arrivals"] == [2]  # the slowest to its first token waited
