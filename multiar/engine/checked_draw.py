@@ -3,7 +3,8 @@ a grammar too costly to run over the whole vocabulary every step) is asked only 
 Each row draws from its processed distribution; a drawn token the check refuses is banned in that row
 and the row draws again, until a sound token is drawn or no probability is left (the row is dead: it
 ends with `no_valid_token`). A redraw is the next finisher of the same exponential race (`sampling.race`):
-exactly a draw from what is left, without new noise over the whole vocabulary. Greedy takes the most
+exactly a draw from what is left, without new noise over the whole vocabulary; a row's next finishers
+come from one top-k (`walk`), not an argmax over the vocabulary per refusal. Greedy takes the most
 likely sound token. What comes out is the processed
 distribution restricted to sound tokens, renormalized: never an unchecked token. Knows no domain.
 """
@@ -33,6 +34,9 @@ class TokenCheck(Protocol):
 Sound = Callable[[int, int], bool]  # (row, token) -> whether the row may take the token
 
 
+WALK = 16  # a refused row's next finishers read from one top-k, not from one argmax per refusal
+
+
 def checked_sample(
     logits: Tensor,
     dead: Tensor | None,
@@ -57,12 +61,19 @@ def checked_sample(
     dead = (
         torch.zeros(logits.size(0), dtype=torch.bool, device=logits.device) if dead is None else dead.clone()
     )
-    waiting = [b for b, d in enumerate(dead.tolist()) if not d]
-    while waiting:
-        drawn = tokens.tolist()
-        refused = [b for b in waiting if not sound(b, drawn[b])]
-        if not refused:
-            break
+    drawn, gone = tokens.tolist(), dead.tolist()
+    refused = []  # rows whose walk ran out: refused tokens banned, the argmax loop goes on from there
+    for b, token in enumerate(drawn):
+        if gone[b] or sound(b, token):
+            continue
+        found = walk(keys[b], token, lambda t, b=b: sound(b, t))
+        if isinstance(found, list):
+            keys[b, found[:-1]] = float("-inf")
+            tokens[b] = found[-1]
+            refused.append(b)
+        else:
+            tokens[b] = found
+    while refused:
         rows = torch.tensor(refused, device=logits.device)
         keys[rows, tokens[rows]] = float("-inf")
         left = keys[rows]
@@ -70,7 +81,30 @@ def checked_sample(
         tokens[rows] = left.argmax(-1)
         dead[rows] |= empty
         waiting = [b for b, e in zip(refused, empty.tolist(), strict=True) if not e]
+        drawn = tokens.tolist()
+        refused = [b for b in waiting if not sound(b, drawn[b])]
     return tokens, dead
+
+
+def walk(keys: Tensor, first: int, sound: Callable[[int], bool]) -> int | list[int]:
+    """The redraws of one row (V,) whose first draw was refused, in the order repeated argmaxes would
+    take them (largest key first, the lowest id among equal keys), from one top-k: the first sound
+    token, or, where the top-k runs out first, the tokens refused (first drawn first). Keys equal to
+    the top-k's last may continue past it with lower ids, and no probability left is such a tie (0 in
+    a race, -inf greedy): both are left to the argmax loop."""
+    values, ids = keys.topk(min(WALK, keys.numel()))
+    ranked = sorted(zip((-values).tolist(), ids.tolist(), strict=True))
+    floor = ranked[-1][0]
+    refused = [first]
+    for negative, token in ranked:
+        if negative >= floor:
+            break
+        if token == first:
+            continue
+        if sound(token):
+            return token
+        refused.append(token)
+    return refused
 
 
 def sound_probabilities(probs: Tensor, sound: Callable[[int], bool]) -> Tensor:

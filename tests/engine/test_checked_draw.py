@@ -80,3 +80,67 @@ def test_redraws_from_one_race_give_the_distribution_restricted_to_sound_tokens(
     free, _ = checked_sample(logits[:8], None, lambda b, t: True, generator=torch.Generator().manual_seed(2))
     plain = sample(logits[:8], generator=torch.Generator().manual_seed(2))
     assert free.tolist() == plain.tolist()
+
+
+def argmax_loop(
+    keys: torch.Tensor, greedy: bool, sound
+) -> tuple[list[int], list[bool], list[tuple[int, int]]]:
+    """The redraws as repeated argmaxes, one refused token banned at a time (what the top-k walk must
+    reproduce): tokens, dead flags and every (row, token) asked."""
+    keys, asked, tokens, dead = keys.clone(), [], [], []
+    for b in range(keys.size(0)):
+        while True:
+            token = int(keys[b].argmax())
+            asked.append((b, token))
+            if sound(b, token):
+                tokens.append(token), dead.append(False)
+                break
+            keys[b, token] = float("-inf")
+            left = keys[b]
+            if bool(torch.isneginf(left).all()) if greedy else float(left.amax()) <= 0:
+                tokens.append(int(left.argmax())), dead.append(True)
+                break
+    return tokens, dead, asked
+
+
+def test_the_top_k_walk_takes_the_tokens_and_asks_the_questions_repeated_argmaxes_would():
+    """checked_sample reads a refused row's next finishers from one top-k: the same tokens, dead rows
+    and questions, in each row's order, as banning one token and taking the argmax again, with ties
+    (equal logits, keys of 0 where top_k leaves no probability) and with more refusals than the top-k
+    holds."""
+    for seed in range(40):
+        g = torch.Generator().manual_seed(seed)
+        logits = torch.randn(6, 50, generator=g)
+        if seed % 2:
+            logits = logits.mul(2).round()  # many equal logits
+        refuse = torch.rand(6, 50, generator=g) < torch.tensor([0.3, 0.6, 0.9, 0.97, 1.0, 0.0])[:, None]
+        for temperature, top_k in ((0.0, 0), (1.0, 0), (1.0, 5)):
+            asked: list[tuple[int, int]] = []
+            tokens, dead = checked_sample(
+                logits,
+                None,
+                asking(refuse, asked),
+                temperature,
+                top_k,
+                generator=torch.Generator().manual_seed(seed),
+            )
+            probs = torch.softmax(logits, -1)
+            if top_k:
+                probs = torch.softmax(
+                    logits.masked_fill(logits < logits.topk(top_k).values[:, -1:], -1e9), -1
+                )
+            keys = logits if temperature == 0 else race(probs, torch.Generator().manual_seed(seed))
+            want_tokens, want_dead, want_asked = argmax_loop(keys, temperature == 0, asking(refuse, []))
+            assert tokens.tolist() == want_tokens, (seed, temperature, top_k)
+            assert dead.tolist() == want_dead, (seed, temperature, top_k)
+            assert sorted(asked, key=lambda a: a[0]) == want_asked, (seed, temperature, top_k)
+
+
+def asking(refuse: torch.Tensor, asked: list[tuple[int, int]]):
+    """sound(row, token): refuse[row, token] says no; every question noted in asked."""
+
+    def sound(b: int, token: int) -> bool:
+        asked.append((b, token))
+        return not bool(refuse[b, token])
+
+    return sound
