@@ -107,16 +107,36 @@ def name_terminals(t: Tables, text: str) -> tuple[str, ...]:
     return (term,) if keyword.iskeyword(text) else (term, NAME)
 
 
-@lru_cache(maxsize=1 << 16)
+STARTS_KEEP = 1 << 16  # could_start's answers kept (the dict starts again when full)
+_starts: dict[str, tuple[str, ...]] = {}
+
+
 def could_start(text: str) -> tuple[str, ...]:
-    """The terminals whose text can be `text` or start with it (it may still grow)."""
+    """The terminals whose text can be `text` or start with it (it may still grow). They are among those
+    that can start with any prefix of text, so the longest prefix answered before narrows the search: a
+    name or string that grows a token at a time is matched against a few terminals, not all of them."""
+    found = _starts.get(text)
+    if found is not None:
+        return found
     t = tables()
-    found = [k for k, v in t.literals.items() if v.startswith(text)]
-    for k, pattern in t.patterns.items():
-        m = pattern.match(text, partial=True)
-        if m is not None and (m.partial or m.end() == len(text)):
-            found.append(k)
-    return tuple(found)
+    k = len(text) - 1
+    while k > 0 and text[:k] not in _starts:
+        k -= 1
+    candidates = _starts[text[:k]] if k > 0 else (*t.literals, *t.patterns)
+    found = tuple(kind for kind in candidates if starts_with(t, kind, text))
+    if len(_starts) >= STARTS_KEEP:
+        _starts.clear()
+    _starts[text] = found
+    return found
+
+
+def starts_with(t: Tables, kind: str, text: str) -> bool:
+    """Whether terminal kind's text can be `text` or start with it."""
+    literal = t.literals.get(kind)
+    if literal is not None:
+        return literal.startswith(text)
+    m = t.patterns[kind].match(text, partial=True)
+    return m is not None and (m.partial or m.end() == len(text))
 
 
 def could_grow(t: Tables, text: str) -> bool:

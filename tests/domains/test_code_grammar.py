@@ -180,3 +180,25 @@ def test_a_random_model_under_the_constraint_writes_only_viable_prefixes():
             text = "".join(chars[i] for i in p + ids)
             assert first_bad_line(text) is None, text
             assert end in ("eos", "length") and (end != "eos" or parses(text)), (end, text)
+
+
+def test_could_start_from_a_prefix_answer_is_the_scan_over_every_terminal():
+    """could_start narrows each text's terminals from its longest prefix answered before: the same
+    answer as matching the text against every terminal, for every prefix of names, keywords, numbers,
+    strings with prefixes, operators and the tails that may still grow (`1e`, `..`, `b'x`)."""
+    from multiar.domains.code import grammar
+
+    t = grammar.tables()
+
+    def scan(text: str) -> tuple[str, ...]:
+        return tuple(k for k in (*t.literals, *t.patterns) if grammar.starts_with(t, k, text))
+
+    texts = ["returning", "return", "matcher", "1e5j", "0x_ff", "...", "b'x\\n'", 'rb"""doc', "f'{x}'",
+             "**=", "->", "# note", "\\\n", "    ", "x1_y", "lambda", "async", "_", "é"]  # fmt: skip
+    grammar._starts.clear()
+    for text in texts:
+        for n in range(1, len(text) + 1):  # each prefix in turn, as a growing tail asks
+            assert grammar.could_start(text[:n]) == scan(text[:n]), text[:n]
+    grammar._starts.clear()
+    for text in texts:  # and cold, the longest first
+        assert grammar.could_start(text) == scan(text), text
