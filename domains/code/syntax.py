@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
+import torch
 from torch import Tensor
 
 from multiar.domains.code.analysis import parses
@@ -213,6 +214,7 @@ class PythonConstraint:
     ) -> None:
         self.decode_tail, self.texts, self.eos_id = decode_tail, token_texts, eos_id
         self.banned = sorted(banned)
+        self.banned_index = torch.tensor(self.banned, dtype=torch.long)
         self.final_text = final_text or decode_tail
         self.states: PrefixStates[RowState | BadPrompt | None] = PrefixStates(
             self.build, self.extend, keep=256
@@ -252,7 +254,7 @@ class PythonConstraint:
                     "(constrain=true checks Python syntax; fix the prompt or set constrain=false)"
                 )
         if self.banned:
-            logits[:, self.banned] = float("-inf")
+            logits.index_fill_(-1, self.banned_index.to(logits.device), float("-inf"))
         return logits
 
     def sound(self, ids: list[int], token: int) -> bool:

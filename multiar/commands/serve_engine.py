@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from multiar.engine.captured_step import CapturedStep
-from multiar.engine.checked_draw import TokenCheck, checked_sample
+from multiar.engine.checked_draw import checked_sample
 from multiar.engine.model import GPT
 from multiar.engine.rows import Rows, RowSettings, Token, flatten_banned, process_row, window_tail
 from multiar.engine.rows_attention import RowsAttention
@@ -159,7 +159,7 @@ def check_row(
     start = time.thread_time()
     try:
         row, banned = flatten_banned(process_row(own.processors, ids, logits[None], ban_eos))
-        checks = [p for p in own.processors if isinstance(p, TokenCheck)]
+        checks = own.checks
         listed = ids[0].tolist()
 
         def sound(_: int, token: int) -> bool:

@@ -93,6 +93,13 @@ class RowSettings:
     def __post_init__(self) -> None:
         self.stop = [list(s) for s in self.stop if len(s)]
         self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.checks = token_checks(self.processors)
+
+
+def token_checks(processors: Sequence[LogitsProcessor]) -> list[TokenCheck]:
+    """The processors that also judge single tokens (a grammar), found once: an isinstance of a
+    runtime-checkable Protocol costs microseconds, which a check asked every token would pay again."""
+    return [p for p in processors if isinstance(p, TokenCheck)]
 
 
 class Counts:
@@ -146,6 +153,7 @@ class Rows:
     ):
         self.max_new_tokens, self.eos_id, self.min_new_tokens = max_new_tokens, eos_id, min_new_tokens
         self.processors, self.should_stop = list(processors), should_stop
+        self.shared_checks = token_checks(self.processors)
         self.stops = [list(s) for s in stop if len(s)]
         self.hold = max((len(s) for s in self.stops), default=1) - 1
         self.prompt_lens = [len(p) for p in prompts]
@@ -227,7 +235,7 @@ class Rows:
     def checks(self, b: int) -> list[TokenCheck]:
         """Row b's processors that also judge single tokens (a grammar): `sound` asks them."""
         own = self.own[b]
-        return [p for p in (self.processors if own is None else own.processors) if isinstance(p, TokenCheck)]
+        return self.shared_checks if own is None else own.checks
 
     @property
     def checked(self) -> bool:
