@@ -167,7 +167,17 @@ def test_the_packed_decode_layout_keeps_logits_and_greedy_output(dtype):
 
 def test_compile_true_samples_the_same_files(tmp_path):
     run = copy_fixture_run(tmp_path)
-    args = [f"run={run}", "n=2", "max_new_tokens=12", "temperature=0", "batch_size=2"]
+    # the layout pinned: left to the timing probe, a loaded machine can pick another for one of the two,
+    # whose rounding moves the written ppl in its third decimal
+    args = [
+        f"run={run}",
+        "n=2",
+        "max_new_tokens=12",
+        "temperature=0",
+        "batch_size=2",
+        "dtype=fp32",
+        "layout=linear",
+    ]
     sample_to_files(load_config("generate", [*args, f"out={tmp_path / 'eager'}"]))
     sample_to_files(load_config("generate", [*args, f"out={tmp_path / 'compiled'}", "compile=true"]))
     eager = (tmp_path / "eager" / "samples.fasta").read_text()
