@@ -350,6 +350,7 @@ class SlotEngine:
                     self.queue.popleft()
                 spec = job.samples[i]
                 self.job[b], self.sample[b], self.samplers[b] = job, i, spec.sampler
+                self.unsent[b], self.sent_at[b] = [], 0.0  # nothing of the slot's last row carries over
                 self.rows.refill(b, spec.prompt, spec.settings)
                 self.checked[b] = bool(self.rows.checks(b))
                 self.logps[b] = []
@@ -514,19 +515,23 @@ class SlotEngine:
         for b, lp in zip(ready, logp, strict=True):
             self.logps[b].append(lp)
         self.stats.tokens += len(ready)
-        if self.held is not None:
+        # a row whose stop rule raised ended with it ("error"): its request fails, after hearing its
+        # tokens (found before dispatch frees the row)
+        failing = {id(j): (j, m) for b, m in rows.failed.items() if (j := self.job[b]) is not None}
+        if self.held is not None and not failing:
             self.held.extend(events)
-        else:
-            self.dispatch(events)
-        for b, message in list(rows.failed.items()):
-            if self.job[b] is not None:
-                self.fail(self.job[b], message)
+            return
+        if self.held:
+            events, self.held = self.held + events, []
+        self.dispatch(events)
+        for job, message in failing.values():
+            self.fail(job, message)
 
     def dispatch(self, events: list[Token]) -> None:
         """Tokens to their requests, one event per row with what it drew since its last one, at most
         every stream_interval seconds (a row's first tokens and its last go at once); ended rows finish."""
         for e in events:
-            if e.token is not None:
+            if e.token is not None and self.job[e.row] is not None:  # not a row its request's failure freed
                 self.unsent[e.row].append(e.token)
         ended = {e.row for e in events if e.token is None}
         now = time.monotonic()

@@ -487,3 +487,38 @@ def test_inline_checks_run_before_the_plain_rows_events_of_their_step_are_sent(m
     for step in shared:
         kinds = [kind for kind, s in order if s == step]
         assert kinds.index("plain") > max(i for i, k in enumerate(kinds) if k == "check"), kinds
+
+
+def test_a_request_failing_beside_an_inline_check_leaves_nothing_for_the_next_in_its_slots(model):
+    """checks=inline holds a step's plain-row events until its checks ran; when a row's stop rule raises
+    in that step, its request hears its tokens, then its error, and the next request in those slots
+    streams exactly its own tokens (none of the failed request's held ones)."""
+    e = engine(model, slots=4, checks="inline", check_wait=5.0)
+
+    def breaks(new: list[int]) -> bool:
+        if len(new) >= 3:
+            raise RuntimeError("injected stop-rule fault")
+        return False
+
+    try:
+        checked = traced(e, [1, 5, 6], [], 40, [SlowCheck(0.0)])
+        bad = Collect()
+        bad.n = 2
+        specs = [
+            SampleSpec([1, 7], RowSettings(20, 20, processors=[ban_tokens([0])]), Sampler(temperature=0.0)),
+            SampleSpec([1, 8], RowSettings(20, 20, processors=[ban_tokens([0])], should_stop=breaks), Sampler(temperature=0.0)),
+        ]  # fmt: skip
+        e.submit(Job(specs, bad))
+        wait(bad)
+        assert [ev.message for ev in bad.events if ev.kind == "error"] == [
+            "RuntimeError: injected stop-rule fault"
+        ]
+        after = request(e, [[1, 9], [1, 10]], max_new=8, min_new=8)
+        wait(after, checked)
+    finally:
+        e.stop()
+    for end in after.ends():
+        streamed = [
+            t for ev in after.events if ev.kind == "tokens" and ev.sample == end.sample for t in ev.ids
+        ]
+        assert streamed == end.ids, (streamed, end.ids)
