@@ -108,30 +108,46 @@ def name_terminals(t: Tables, text: str) -> tuple[str, ...]:
 
 
 STARTS_KEEP = 1 << 16  # could_start's answers kept (the dict starts again when full)
-_starts: dict[str, tuple[str, ...]] = {}
+# text -> (the terminals some text starting with it can be, could_start's answer); read and written by
+# the engine thread and a check worker at once: single gets and sets only
+_starts: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
 
 
 def could_start(text: str) -> tuple[str, ...]:
-    """The terminals whose text can be `text` or start with it (it may still grow). They are among those
-    that can start with any prefix of text, so the longest prefix answered before narrows the search: a
-    name or string that grows a token at a time is matched against a few terminals, not all of them."""
-    found = _starts.get(text)
-    if found is not None:
-        return found
+    """The terminals whose text can be `text` or start with it (it may still grow), as `starts_with`
+    judges. Only terminals that can begin with a prefix of text can begin with text, so the longest
+    prefix seen before (up to 64 characters back) narrows the search: a name or string that grows a
+    token at a time is matched against a few terminals, not all of them."""
+    known = _starts.get(text)
+    if known is not None:
+        return known[1]
     t = tables()
-    k = len(text) - 1
-    while k > 0 and text[:k] not in _starts:
-        k -= 1
-    candidates = _starts[text[:k]] if k > 0 else (*t.literals, *t.patterns)
-    found = tuple(kind for kind in candidates if starts_with(t, kind, text))
+    candidates: tuple[str, ...] = (*t.literals, *t.patterns)
+    for k in range(len(text) - 1, max(len(text) - 64, 0), -1):
+        prior = _starts.get(text[:k])
+        if prior is not None:
+            candidates = prior[0]
+            break
+    begins = tuple(kind for kind in candidates if can_begin(t, kind, text))
+    found = tuple(kind for kind in begins if starts_with(t, kind, text))
     if len(_starts) >= STARTS_KEEP:
         _starts.clear()
-    _starts[text] = found
+    _starts[text] = (begins, found)
     return found
 
 
+def can_begin(t: Tables, kind: str, text: str) -> bool:
+    """Whether some text of terminal kind starts with `text` (true of every prefix of it too, which
+    `starts_with` is not: regex's partial match takes `1` of `1_` as DEC_NUMBER's whole match)."""
+    literal = t.literals.get(kind)
+    if literal is not None:
+        return literal.startswith(text)
+    return t.patterns[kind].fullmatch(text, partial=True) is not None
+
+
 def starts_with(t: Tables, kind: str, text: str) -> bool:
-    """Whether terminal kind's text can be `text` or start with it."""
+    """Whether terminal kind's text can be `text` or start with it, as the check has always judged it
+    (a partial match, or a whole match of all of text)."""
     literal = t.literals.get(kind)
     if literal is not None:
         return literal.startswith(text)

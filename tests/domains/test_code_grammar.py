@@ -194,11 +194,16 @@ def test_could_start_from_a_prefix_answer_is_the_scan_over_every_terminal():
         return tuple(k for k in (*t.literals, *t.patterns) if grammar.starts_with(t, k, text))
 
     texts = ["returning", "return", "matcher", "1e5j", "0x_ff", "...", "b'x\\n'", 'rb"""doc', "f'{x}'",
-             "**=", "->", "# note", "\\\n", "    ", "x1_y", "lambda", "async", "_", "é"]  # fmt: skip
+             "**=", "->", "# note", "\\\n", "    ", "x1_y", "lambda", "async", "_", "é", "1_000", "1.e5",
+             "0_0", ".5e3", "1.e+5", "1_0_0"]  # fmt: skip
     grammar._starts.clear()
     for text in texts:
         for n in range(1, len(text) + 1):  # each prefix in turn, as a growing tail asks
             assert grammar.could_start(text[:n]) == scan(text[:n]), text[:n]
+    # where a prefix whole-matches a terminal (`1` of `1_`) that its longer text can still be: the
+    # narrowing keeps the terminals a text can begin, not starts_with's answer
+    assert grammar.can_begin(t, "DEC_NUMBER", "1_") and not grammar.starts_with(t, "DEC_NUMBER", "1_")
+    assert "DEC_NUMBER" in grammar.could_start("1_0")
     grammar._starts.clear()
     for text in texts:  # and cold, the longest first
         assert grammar.could_start(text) == scan(text), text
