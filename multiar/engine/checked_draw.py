@@ -94,6 +94,8 @@ def walk(keys: Tensor, first: int, sound: Callable[[int], bool]) -> int | list[i
     a race, -inf greedy): both are left to the argmax loop."""
     values, ids = keys.topk(min(WALK, keys.numel()))
     ranked = sorted(zip((-values).tolist(), ids.tolist(), strict=True))
+    if any(v != v for v, _ in ranked):  # NaN keys (a broken model) sort no way argmax agrees with
+        return [first]
     floor = ranked[-1][0]
     refused = [first]
     for negative, token in ranked:

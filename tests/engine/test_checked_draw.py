@@ -108,12 +108,18 @@ def test_the_top_k_walk_takes_the_tokens_and_asks_the_questions_repeated_argmaxe
     and questions, in each row's order, as banning one token and taking the argmax again, with ties
     (equal logits, keys of 0 where top_k leaves no probability) and with more refusals than the top-k
     holds."""
-    for seed in range(40):
+    for seed in range(48):
         g = torch.Generator().manual_seed(seed)
-        logits = torch.randn(6, 50, generator=g)
+        logits = torch.randn(6, 10 if seed % 8 == 7 else 50, generator=g)  # some rows shorter than the top-k
         if seed % 2:
             logits = logits.mul(2).round()  # many equal logits
-        refuse = torch.rand(6, 50, generator=g) < torch.tensor([0.3, 0.6, 0.9, 0.97, 1.0, 0.0])[:, None]
+        if seed % 8 == 2:
+            logits[:, ::3] = float("-inf")  # banned tokens: greedy rows run out where a race has no mass
+        if seed % 8 == 4:
+            logits[:3] = 1.0  # more tokens tied for the largest key than the top-k holds
+        refuse = (
+            torch.rand(logits.shape, generator=g) < torch.tensor([0.3, 0.6, 0.9, 0.97, 1.0, 0.0])[:, None]
+        )
         for temperature, top_k in ((0.0, 0), (1.0, 0), (1.0, 5)):
             asked: list[tuple[int, int]] = []
             tokens, dead = checked_sample(
