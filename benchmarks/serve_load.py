@@ -647,8 +647,8 @@ def machine() -> dict[str, Any]:
     threads = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY") if k in os.environ}
     return {"cpu": name.group(1).strip() if name else "?", "cores": os.cpu_count(),
             "loadavg_at_start": os.getloadavg(), "server_env": threads or "torch's default threads",
-            "note": "the load generator (one asyncio process) and the server share these cores; other "
-                    "engineers' jobs ran on the machine at the same time"}  # fmt: skip
+            "note": "the load generator (one asyncio process) and the server share these cores; anything "
+                    "else running shows in the load averages"}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
