@@ -24,12 +24,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
-import torch
 from torch import Tensor
 
 from multiar.domains.code.analysis import parses
 from multiar.domains.code.grammar import Parse, Ungrammatical, first_bad_line
 from multiar.engine.prefix_states import PrefixStates
+from multiar.engine.sampling import ban_tokens
 from multiar.errors import ConfigError
 
 OPEN, CLOSE = "([{", ")]}"
@@ -214,7 +214,7 @@ class PythonConstraint:
     ) -> None:
         self.decode_tail, self.texts, self.eos_id = decode_tail, token_texts, eos_id
         self.banned = sorted(banned)
-        self.banned_index = torch.tensor(self.banned, dtype=torch.long)
+        self.ban_specials = ban_tokens(self.banned)  # one index_fill_, its index kept per device
         self.final_text = final_text or decode_tail
         self.states: PrefixStates[RowState | BadPrompt | None] = PrefixStates(
             self.build, self.extend, keep=256
@@ -254,7 +254,7 @@ class PythonConstraint:
                     "(constrain=true checks Python syntax; fix the prompt or set constrain=false)"
                 )
         if self.banned:
-            logits.index_fill_(-1, self.banned_index.to(logits.device), float("-inf"))
+            logits = self.ban_specials(ids, logits)
         return logits
 
     def sound(self, ids: list[int], token: int) -> bool:
