@@ -350,7 +350,6 @@ class SlotEngine:
                     self.queue.popleft()
                 spec = job.samples[i]
                 self.job[b], self.sample[b], self.samplers[b] = job, i, spec.sampler
-                self.unsent[b], self.sent_at[b] = [], 0.0  # nothing of the slot's last row carries over
                 self.rows.refill(b, spec.prompt, spec.settings)
                 self.checked[b] = bool(self.rows.checks(b))
                 self.logps[b] = []
