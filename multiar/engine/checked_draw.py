@@ -1,12 +1,14 @@
 """Drawing under a per-token check, with no hole: a processor that can judge single tokens (`TokenCheck`,
 a grammar too costly to run over the whole vocabulary every step) is asked only about the tokens drawn.
-Each row draws from its processed distribution; a drawn token the check refuses is banned in that row
-and the row draws again, until a sound token is drawn or no probability is left (the row is dead: it
-ends with `no_valid_token`). A redraw is the next finisher of the same exponential race (`sampling.race`):
-exactly a draw from what is left, without new noise over the whole vocabulary; a row's next finishers
-come from one top-k (`walk`), not an argmax over the vocabulary per refusal. Greedy takes the most
-likely sound token. What comes out is the processed
-distribution restricted to sound tokens, renormalized: never an unchecked token. Knows no domain.
+Each row draws from its processed distribution as a plain row would (the same number, the same token);
+a drawn token the check refuses is banned in that row and the row draws again, until a sound token is
+drawn or no probability is left (the row is dead: it ends with `no_valid_token`). The redraws are the
+finishers of one exponential race over the row's distribution (`sampling.race`), run only for a row
+refused: the first sound finisher is exactly a draw from the distribution restricted to sound tokens, with
+no new noise per refusal; a row's next finishers come from one top-k (`walk`), not an argmax over the
+vocabulary per refusal. Greedy takes the most likely sound token. What comes out is the processed
+distribution restricted to sound tokens, renormalized (a sound first draw, or the race's pick when the
+first was refused: p_s + (1 - P_S) p_s / P_S = p_s / P_S): never an unchecked token. Knows no domain.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from multiar.engine.sampling import probabilities, race
+from multiar.engine.sampling import Generators, draw, probabilities, race
 
 
 @runtime_checkable
@@ -52,19 +54,61 @@ def checked_sample(
     without a valid token (their logits flattened by `Rows.process`), left as they are. Sampling
     arguments as `sampling.sample` (temperature 0: the most likely sound token)."""
     greedy = temperature <= 0
-    # keys (B, V): the logits (greedy) or each token's place in one race; a refused token's key is
-    # -inf, so the next largest is the redraw; none left with probability: the row is dead
-    keys = (
-        logits.clone() if greedy else race(probabilities(logits, temperature, top_k, top_p, min_p), generator)
-    )
-    tokens = keys.argmax(-1)
     dead = (
         torch.zeros(logits.size(0), dtype=torch.bool, device=logits.device) if dead is None else dead.clone()
     )
+    if greedy:
+        return redraw_refused(logits, logits.argmax(-1), dead, sound, True, generator)
+    probs = probabilities(logits, temperature, top_k, top_p, min_p)
+    return redraw_refused(probs, draw(probs, generator), dead, sound, False, generator)
+
+
+def redraw_refused(
+    dist: Tensor,
+    tokens: Tensor,
+    dead: Tensor,
+    sound: Sound,
+    greedy: bool,
+    generator: Generators = None,
+    refused: list[int] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Rows' first draws (tokens (B,)) from their processed distributions dist (B, V) (probabilities;
+    greedy: logits), each row's draw asked of sound and, refused, redrawn: the largest key of one
+    exponential race over the row's distribution (its generator's noise; greedy: its logits) among the
+    tokens sound accepts, or the row is dead (none left with probability). A first draw is the plain
+    draw's (the same number, the same token, where the check accepts it), and the race is run only for
+    the rows refused. tokens and dead are updated in place and returned; rows already dead are left.
+    refused: the rows whose first draw is known refused (not asked again)."""
+    if refused is None:
+        drawn, gone = tokens.tolist(), dead.tolist()
+        refused = [b for b, t in enumerate(drawn) if not gone[b] and not sound(b, t)]
+    if not refused:
+        return tokens, dead
+    index = torch.tensor(refused, device=tokens.device)
+    if greedy:
+        keys = dist[index]  # a copy: refused tokens are banned in it
+    else:
+        own = isinstance(generator, torch.Generator) or generator is None
+        keys = race(dist[index], generator if own else [generator[b] for b in refused])  # type: ignore[index]
+    redrawn, none_left = settle(
+        keys, tokens[index], dead[index], lambda j, t: sound(refused[j], t), greedy, True
+    )
+    tokens[index], dead[index] = redrawn, none_left
+    return tokens, dead
+
+
+def settle(
+    keys: Tensor, tokens: Tensor, dead: Tensor, sound: Sound, greedy: bool, refused_first: bool = False
+) -> tuple[Tensor, Tensor]:
+    """From rows' race keys (B, V) (greedy: their processed logits) and their first draws, each row's
+    first token sound(row, token) accepts in the keys' order (largest first), and which rows have none
+    left: tokens (B,) and dead (B,) are updated in place and returned, keys' refused entries set to
+    -inf. Rows already dead are left as they are; refused_first: every row's first draw is known
+    refused (not asked again)."""
     drawn, gone = tokens.tolist(), dead.tolist()
     refused = []  # rows whose walk ran out: refused tokens banned, the argmax loop goes on from there
     for b, token in enumerate(drawn):
-        if gone[b] or sound(b, token):
+        if gone[b] or (not refused_first and sound(b, token)):
             continue
         found = walk(keys[b], token, lambda t, b=b: sound(b, t))
         if isinstance(found, list):
@@ -74,7 +118,7 @@ def checked_sample(
         else:
             tokens[b] = found
     while refused:
-        rows = torch.tensor(refused, device=logits.device)
+        rows = torch.tensor(refused, device=keys.device)
         keys[rows, tokens[rows]] = float("-inf")
         left = keys[rows]
         empty = torch.isneginf(left).all(-1) if greedy else left.amax(-1) <= 0

@@ -105,10 +105,27 @@ Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
 def draw(probs: Tensor, generator: Generators = None) -> Tensor:
-    """One index per row of probs (..., V): an exponential race instead of torch.multinomial, the same
-    distribution without a host sync. generator: one, or one per row of probs (B, V), each row's noise
-    from its own (the same numbers as a batch of that row alone drawing with it)."""
-    return race(probs, generator).argmax(dim=-1)
+    """One index per row of probs (..., V), drawn by inverting the row's cumulative distribution at one
+    uniform number (torch.multinomial's way, without its host sync): one number a row where the
+    exponential race takes V (torch's exponential_ on a CPU is 7x slower than uniform_, and one row of a
+    2,048-token vocabulary took 49 us of a 16-row step's sampling). generator: one, or one per row of
+    probs (B, V), each row's number from its own (the number that row alone would draw with it)."""
+    shape = (*probs.shape[:-1], 1)
+    if generator is None or isinstance(generator, torch.Generator):
+        u = torch.rand(shape, generator=generator, device=probs.device, dtype=torch.float64)
+    else:
+        numbers = [torch.rand(1, generator=g, device=probs.device, dtype=torch.float64) for g in generator]
+        u = torch.cat(numbers).view(shape)
+    return invert(probs, u)
+
+
+def invert(probs: Tensor, u: Tensor) -> Tensor:
+    """The index where each row's cumulative probability (..., V) first passes u (..., 1) of its total,
+    u in [0, 1): a token of probability 0 adds nothing to the sum, so it is never passed there. Summed
+    in float64, so the last tokens of a large vocabulary keep their mass."""
+    cdf = probs.double().cumsum(-1)
+    picked = torch.searchsorted(cdf, u * cdf[..., -1:], right=True)[..., 0]
+    return picked.clamp_max(probs.size(-1) - 1)  # a row without probability (never from `probabilities`)
 
 
 def race(probs: Tensor, generator: Generators = None) -> Tensor:
@@ -177,3 +194,23 @@ def sample_each(logits: Tensor, samplers: Sequence[Sampler]) -> Tensor:
         for b, s in enumerate(samplers)
     ]
     return torch.cat(out) if out else logits.new_zeros(0, dtype=torch.long)
+
+
+def sample_groups(logits: Tensor, samplers: Sequence[Sampler]) -> Tensor:
+    """One token per row of processed logits (B, V), row b drawn with samplers[b]'s settings and its
+    generator alone: the tokens of `sample_each`, with one vectorized call per group of rows sharing
+    settings (each row's number drawn from its own generator, as alone). (B,)."""
+    out = torch.empty(logits.size(0), dtype=torch.long, device=logits.device)
+    groups: dict[tuple[float, int, float, float], list[int]] = {}
+    for b, s in enumerate(samplers):
+        key = (0.0, 0, 1.0, 0.0) if s.temperature <= 0 else (s.temperature, s.top_k, s.top_p, s.min_p)
+        groups.setdefault(key, []).append(b)
+    for (temperature, top_k, top_p, min_p), rows in groups.items():
+        index = torch.tensor(rows, device=logits.device)
+        part = logits if len(rows) == logits.size(0) else logits[index]
+        if temperature <= 0:
+            out[index] = part.argmax(dim=-1)
+            continue
+        probs = probabilities(part, temperature, top_k, top_p, min_p)
+        out[index] = draw(probs, [samplers[b].generator for b in rows])  # type: ignore[misc]
+    return out

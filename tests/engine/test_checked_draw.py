@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from multiar.engine.checked_draw import TokenCheck, checked_sample, sound_probabilities
-from multiar.engine.sampling import race, sample
+from multiar.engine.sampling import draw, race, sample
 
 
 class EvenOnly:
@@ -61,8 +61,9 @@ def test_rows_already_dead_are_not_asked_and_sound_probabilities_renormalize():
 
 
 def test_redraws_from_one_race_give_the_distribution_restricted_to_sound_tokens():
-    """A refused token's redraw is the race's next finisher (no new noise): over many rows the drawn
-    tokens follow the processed distribution restricted to sound tokens, renormalized."""
+    """A first draw is the plain draw; a refused one's redraw is the first sound finisher of one race over
+    the row (no new noise per refusal): over many rows the drawn tokens follow the processed
+    distribution restricted to sound tokens, renormalized."""
     probs = torch.tensor([0.30, 0.05, 0.25, 0.15, 0.10, 0.15])  # odd tokens (unsound) hold 35%
     rows = 40_000
     logits = probs.log().expand(rows, -1)
@@ -72,9 +73,13 @@ def test_redraws_from_one_race_give_the_distribution_restricted_to_sound_tokens(
     seen = torch.bincount(tokens, minlength=6).float() / rows
     want = torch.where(torch.arange(6) % 2 == 0, probs, 0.0)
     assert torch.allclose(seen, want / want.sum(), atol=0.01), seen  # 4 sigma is about 0.01 here
-    # every redraw came from the one race: the generator moved as far as one draw's noise, no further
+    # a first draw is the plain one (a number a row); every redraw came from one race over the refused
+    # rows: the generator moved as far as those, no further
     raced = torch.Generator().manual_seed(1)
-    race(torch.softmax(logits, -1), raced)
+    first = draw(torch.softmax(logits, -1), raced)
+    refused = int((first % 2 == 1).sum())
+    assert 0.3 * rows < refused < 0.4 * rows
+    race(torch.softmax(logits[:refused], -1), raced)
     assert torch.equal(gen.get_state(), raced.get_state())
     # a sound first finisher is the plain draw's token: the same noise, the same token
     free, _ = checked_sample(logits[:8], None, lambda b, t: True, generator=torch.Generator().manual_seed(2))
@@ -83,14 +88,15 @@ def test_redraws_from_one_race_give_the_distribution_restricted_to_sound_tokens(
 
 
 def argmax_loop(
-    keys: torch.Tensor, greedy: bool, sound
+    first: list[int], keys: torch.Tensor, greedy: bool, sound
 ) -> tuple[list[int], list[bool], list[tuple[int, int]]]:
-    """The redraws as repeated argmaxes, one refused token banned at a time (what the top-k walk must
-    reproduce): tokens, dead flags and every (row, token) asked."""
+    """The reference for checked_sample: each row's first draw asked; a refused row's redraws as
+    repeated argmaxes over its keys (B, V), one refused token banned at a time, dead once no key is
+    left (what the top-k walk must reproduce): tokens, dead flags and every (row, token) asked."""
     keys, asked, tokens, dead = keys.clone(), [], [], []
     for b in range(keys.size(0)):
+        token = first[b]
         while True:
-            token = int(keys[b].argmax())
             asked.append((b, token))
             if sound(b, token):
                 tokens.append(token), dead.append(False)
@@ -100,14 +106,15 @@ def argmax_loop(
             if bool(torch.isneginf(left).all()) if greedy else float(left.amax()) <= 0:
                 tokens.append(int(left.argmax())), dead.append(True)
                 break
+            token = int(left.argmax())
     return tokens, dead, asked
 
 
 def test_the_top_k_walk_takes_the_tokens_and_asks_the_questions_repeated_argmaxes_would():
-    """checked_sample reads a refused row's next finishers from one top-k: the same tokens, dead rows
-    and questions, in each row's order, as banning one token and taking the argmax again, with ties
-    (equal logits, keys of 0 where top_k leaves no probability) and with more refusals than the top-k
-    holds."""
+    """checked_sample asks each row's first draw (the plain draw), and reads a refused row's next
+    finishers from one top-k of one race over the refused rows: the same tokens, dead rows and
+    questions, in each row's order, as banning one token and taking the argmax again, with ties (equal
+    logits, keys of 0 where top_k leaves no probability) and with more refusals than the top-k holds."""
     for seed in range(48):
         g = torch.Generator().manual_seed(seed)
         logits = torch.randn(6, 10 if seed % 8 == 7 else 50, generator=g)  # some rows shorter than the top-k
@@ -135,8 +142,18 @@ def test_the_top_k_walk_takes_the_tokens_and_asks_the_questions_repeated_argmaxe
                 probs = torch.softmax(
                     logits.masked_fill(logits < logits.topk(top_k).values[:, -1:], -1e9), -1
                 )
-            keys = logits if temperature == 0 else race(probs, torch.Generator().manual_seed(seed))
-            want_tokens, want_dead, want_asked = argmax_loop(keys, temperature == 0, asking(refuse, []))
+            if temperature == 0:
+                first, keys = logits.argmax(-1).tolist(), logits
+            else:
+                again = torch.Generator().manual_seed(seed)
+                first = draw(probs, again).tolist()
+                refused = [b for b, t in enumerate(first) if refuse[b, t]]
+                keys = torch.zeros_like(probs)  # rows not refused never read theirs
+                if refused:
+                    keys[refused] = race(probs[refused], again)
+            want_tokens, want_dead, want_asked = argmax_loop(
+                first, keys, temperature == 0, asking(refuse, [])
+            )
             assert tokens.tolist() == want_tokens, (seed, temperature, top_k)
             assert dead.tolist() == want_dead, (seed, temperature, top_k)
             assert sorted(asked, key=lambda a: a[0]) == want_asked, (seed, temperature, top_k)

@@ -12,7 +12,7 @@ import torch
 from multiar.data.packing import pack
 from multiar.engine.decode import generate, stream
 from multiar.engine.model import GPT, ModelConfig
-from multiar.engine.sampling import ban_tokens, draw, sample
+from multiar.engine.sampling import ban_tokens, draw, race, sample
 
 PAD, BOS, EOS = 0, 1, 2
 SPECIAL = ban_tokens([PAD, BOS, EOS])  # generated ids never look like a document's ends
@@ -88,11 +88,31 @@ def test_a_row_with_every_token_banned_ends_at_that_step_and_the_others_go_on(pr
     assert rows[0] == alone[0] and rows[1] == alone[1][:2]
 
 
-def test_zero_noise_never_picks_a_zero_probability_token(monkeypatch):
+def test_zero_noise_never_races_a_zero_probability_token_to_the_top(monkeypatch):
     # an exponential sample of exactly 0 made p / noise 0/0 = NaN, which argmax takes as the largest
     monkeypatch.setattr(torch.Tensor, "exponential_", lambda self, *a, **k: self.zero_())
     probs = torch.tensor([[0.0, 0.3, 0.7, 0.0], [0.5, 0.0, 0.0, 0.5]])
-    assert draw(probs).tolist()[0] == 2 and draw(probs).tolist()[1] in (0, 3)
+    assert race(probs).argmax(-1).tolist()[0] == 2 and race(probs).argmax(-1).tolist()[1] in (0, 3)
+
+
+@pytest.mark.parametrize("u", [0.0, 0.3, 0.5, 0.7, 1.0 - 2**-53])
+def test_a_draw_never_picks_a_zero_probability_token_whatever_its_number(monkeypatch, u):
+    """draw inverts each row's cumulative distribution at a uniform number: at its ends (0, the largest
+    below 1) and at the boundaries between tokens, a token of probability 0 is never the one picked."""
+    real = torch.rand
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: real(*a, **k).fill_(u))
+    probs = torch.tensor([[0.0, 0.3, 0.0, 0.7, 0.0], [0.5, 0.0, 0.0, 0.5, 0.0], [0.0, 0.0, 1.0, 0.0, 0.0]])
+    picked = draw(probs).tolist()
+    assert all(probs[b, t] > 0 for b, t in enumerate(picked)), picked
+    assert picked[0] == (1 if u <= 0.3 else 3) and picked[2] == 2
+
+
+def test_a_draw_follows_its_distribution():
+    """10,000 draws of one row land on each token about as often as its probability says."""
+    probs = torch.tensor([0.05, 0.0, 0.25, 0.1, 0.0, 0.6]).expand(10_000, 6)
+    counts = torch.bincount(draw(probs, torch.Generator().manual_seed(0)), minlength=6) / 10_000
+    assert counts[1] == counts[4] == 0
+    assert torch.allclose(counts, probs[0], atol=0.015), counts
 
 
 # --- item 10: the slid window is a training window -------------------------------------------------

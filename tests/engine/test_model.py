@@ -213,11 +213,13 @@ def test_each_row_stops_on_its_own_and_processors_see_each_rows_ids():
     model = tiny_model(seed=2)
     seen_lengths = []
 
-    def force_after(ids, logits):  # after 3 new tokens of a row, only EOS (5)
+    def force_after(ids, logits):  # after 3 new tokens of a row, only EOS (5); never EOS before
         seen_lengths.append(ids.size(1))
         if ids.size(1) >= {2: 5, 4: 7}.get(int(ids[0, 0]), 99):
             logits[:] = float("-inf")
             logits[:, 5] = 0
+        else:
+            logits[:, 5] = float("-inf")
         return logits
 
     out = generate(
