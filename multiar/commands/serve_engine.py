@@ -5,15 +5,17 @@ tokens per step while the running rows keep decoding, and leave when they end; a
 once. Each row has its own sampling settings, generator, processors and stops (engine.rows.RowSettings,
 engine.sampling.Sampler): the one decode loop's per-row machinery, in slots. Rows with the same sampling
 settings are sampled in one vectorized call (each row's noise from its own generator). A row with a
-per-token check (a grammar, checked_draw.TokenCheck) is processed and drawn apart (`checks`): on a worker
+per-token check (a grammar, checked_draw.TokenCheck) is processed and drawn (`checks`): on a worker
 thread beside the batch (overlap), sitting out the steps until its token is ready (its slot is fed as an
 idle one's, its logits unused), so a slow check costs its own row, not the others; or, where no core is
-free beside the forward's intra-op threads, on the engine thread between steps (inline): a worker
-running beside the forward preempts one of its threads, and every barrier then waits for it, and one
-that the engine waits for costs two thread wake-ups a token (measured in-process: the others lost 11.5%
-waiting, 6.9% inline, for checks taking 5.9% of a core). Three inline checks in a row slower than a
-forward move their row's later checks to the worker; a step's plain-row events are sent after its inline
-checks, so the event loop they wake does not take the GIL from them. Knows no HTTP."""
+free beside the forward's intra-op threads, on the engine thread (inline): drawn with the other rows in
+their batched sampling, then its checks asked about its draw and a refused one redrawn as the
+decode loop redraws (checked_draw.redraw_refused), so it costs the others its checks and nothing
+more. (A worker running beside the forward preempts one of its threads, and every barrier then waits for it, and one that the engine
+waits for costs two thread wake-ups a token: measured in-process, the others lost 11.5% waiting, 6.9%
+inline, for checks taking 5.9% of a core.) Three inline checks in a row slower than a forward move their
+row's later checks to the worker; a step's events are sent after its inline checks, so the event loop
+they wake does not take the GIL from them. Knows no HTTP."""
 
 from __future__ import annotations
 
@@ -31,11 +33,11 @@ import torch
 from torch import Tensor
 
 from multiar.engine.captured_step import CapturedStep
-from multiar.engine.checked_draw import checked_sample
+from multiar.engine.checked_draw import checked_sample, redraw_refused
 from multiar.engine.model import GPT
 from multiar.engine.rows import Rows, RowSettings, Token, flatten_banned, process_row, window_tail
 from multiar.engine.rows_attention import RowsAttention
-from multiar.engine.sampling import Sampler, probabilities
+from multiar.engine.sampling import Sampler, probabilities, sample_groups
 from multiar.engine.segments import Segments
 
 log = logging.getLogger("multiar")
@@ -85,6 +87,7 @@ class Job:
     ended: int = 0
     failed: bool = False
     submitted: float = field(default_factory=time.monotonic)
+    admitted: float | None = None  # when its first sample took a slot
     first_token: float | None = None
 
 
@@ -113,29 +116,6 @@ class Stats:
         at = next((i for i, le in enumerate(TTFT_BUCKETS) if seconds <= le), len(TTFT_BUCKETS))
         self.ttft_counts[at] += 1
         self.ttft_sum += seconds
-
-
-def sample_groups(logits: Tensor, samplers: Sequence[Sampler]) -> Tensor:
-    """One token per row of processed logits (B, V), row b drawn with samplers[b]'s settings and its
-    generator alone: the tokens of `sampling.sample_each`, with one vectorized call per group of rows
-    sharing settings (each row's noise drawn from its own generator, V numbers, as alone). (B,)."""
-    out = torch.empty(logits.size(0), dtype=torch.long, device=logits.device)
-    groups: dict[tuple[float, int, float, float], list[int]] = {}
-    for b, s in enumerate(samplers):
-        key = (0.0, 0, 1.0, 0.0) if s.temperature <= 0 else (s.temperature, s.top_k, s.top_p, s.min_p)
-        groups.setdefault(key, []).append(b)
-    for (temperature, top_k, top_p, min_p), rows in groups.items():
-        index = torch.tensor(rows, device=logits.device)
-        part = logits if len(rows) == logits.size(0) else logits[index]
-        if temperature <= 0:
-            out[index] = part.argmax(dim=-1)
-            continue
-        probs = probabilities(part, temperature, top_k, top_p, min_p)
-        noise = torch.empty_like(probs)
-        for b, row in zip(rows, noise, strict=True):  # as sampling.draw, row by row, in place
-            row.exponential_(1.0, generator=samplers[b].generator)
-        out[index] = (probs / noise.clamp_min(torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
-    return out
 
 
 class Checked(NamedTuple):
@@ -229,7 +209,6 @@ class SlotEngine:
         self.checker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="multiar-check")
         self.checks = checks_way(checks, model.wte.weight.device)
         self.fresh: set[int] = set()  # rows whose check began after the last forward
-        self.held: list[Token] | None = None  # inline: the plain rows' token events, sent after the checks
         self.slow: set[int] = set()  # inline: rows whose check took longer than a forward (now on the worker)
         self.streak: dict[int, int] = {}  # inline: a row's checks in a row slower than a forward
         # what a fresh check is waited for (checks=wait): check_wait seconds, or a running mean of the
@@ -346,6 +325,7 @@ class SlotEngine:
                     continue
                 job = self.queue[0]
                 i, job.started = job.started, job.started + 1
+                job.admitted = job.admitted or time.monotonic()
                 if job.started == len(job.samples):  # all its samples run: it waits no more
                     self.queue.popleft()
                 spec = job.samples[i]
@@ -410,34 +390,60 @@ class SlotEngine:
 
     def sample_rows(self, ready: list[int], logits: torch.Tensor) -> None:
         """Process, sample and append one token for each ready row; stream its events. A row with a
-        per-token check goes to the worker (phase "check") and takes its token when it is drawn."""
-        checked = [(b, logits[j].clone()) for j, b in enumerate(ready) if self.checked[b]]
-        if self.checks == "overlap":  # the worker starts while the plain rows are sampled
-            for b, row in checked:
+        per-token check is drawn with the others and its checks asked about its draw (inline), or goes
+        to the worker (overlap, wait, or a slow grammar's row: phase "check") and takes its token when
+        it is drawn."""
+        aside = [j for j, b in enumerate(ready) if self.checked[b] and not self.inline(b)]
+        rows = [(ready[j], logits[j].clone()) for j in aside]
+        if self.checks == "overlap":  # the worker starts while the others are sampled
+            for b, row in rows:
                 self.start_check(b, row)
-        plain = [j for j, b in enumerate(ready) if not self.checked[b]]
-        if len(plain) < len(ready):
-            logits, ready = logits[plain], [ready[j] for j in plain]
-        # inline: the plain rows' events wait for the checks, so the event loop they wake does not hold
-        # the GIL while the checks (Python too) run; it works during the next forward, as without them
-        self.held = [] if checked and self.checks == "inline" else None
-        try:
-            if ready:
-                self.sample_plain(ready, logits)
-            if self.checks != "overlap":  # after them: inline, or waited for at the next step's start
-                for b, row in checked:
-                    if self.job[b] is not None:  # not freed by a plain row of its request failing
-                        self.start_check(b, row)
-        finally:
-            events, self.held = self.held, None
-            if events:
-                self.dispatch(events)
+        if len(aside) < len(ready):
+            keep = [j for j in range(len(ready)) if j not in aside]
+            self.sample_drawn([ready[j] for j in keep], logits[keep] if aside else logits)
+        if self.checks != "overlap":  # after them: waited for at the next step's start
+            for b, row in rows:
+                if self.job[b] is not None:  # not freed by another row of its request failing
+                    self.start_check(b, row)
 
-    def sample_plain(self, ready: list[int], logits: torch.Tensor) -> None:
-        """Process, sample and append one token for each of the rows without a per-token check."""
+    def inline(self, b: int) -> bool:
+        """Whether row b's checks run on the engine thread, with its draw among the others'."""
+        return self.checks == "inline" and b not in self.slow
+
+    def sample_drawn(self, ready: list[int], logits: torch.Tensor) -> None:
+        """Process, sample and append one token for each ready row, in one batch (the plain rows' and the
+        inline-checked rows'): each checked row's draw is then asked of its checks and, refused, redrawn
+        as the decode loop redraws (`settle_row`), so its events and the others' go out after its checks
+        ran (the event loop they wake does not take the GIL from them)."""
         rows = self.rows
-        processed, dead, failed = rows.process_rows(logits, ready)
+        checked = [j for j, b in enumerate(ready) if self.checked[b]]
+        if checked:  # checked rows last: their processors are timed as their checks' cost
+            order = [j for j in range(len(ready)) if not self.checked[ready[j]]] + checked
+            ready, logits = [ready[j] for j in order], logits[order]
+        first = len(ready) - len(checked)
+        processed, dead, failed = (
+            rows.process_rows(logits[:first], ready[:first]) if first else (None, None, {})
+        )
+        shared = (0.0, 0.0)
+        if checked:
+            clock, wall = time.thread_time(), time.perf_counter()
+            own, own_dead, own_failed = rows.process_rows(logits[first:], ready[first:])
+            if processed is not None and dead is not None:
+                own, own_dead = torch.cat([processed, own]), torch.cat([dead, own_dead])
+            processed, dead = own, own_dead
+            failed |= own_failed
+            shared = (
+                (time.thread_time() - clock) / len(checked),
+                (time.perf_counter() - wall) / len(checked),
+            )
+        assert processed is not None and dead is not None
         token = sample_groups(processed, [self.samplers[b] for b in ready])
+        for j in range(first, len(ready)):
+            b = ready[j]
+            if b not in failed:
+                error = self.settle_row(b, processed[j : j + 1], token[j : j + 1], dead[j : j + 1], shared)
+                if error is not None:
+                    failed[b] = error
         logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, token[:, None])[:, 0].tolist()
         for b, message in failed.items():
             self.fail(self.job[b], message)
@@ -445,6 +451,42 @@ class SlotEngine:
         if keep:
             ready = [ready[j] for j in keep]
             self.take(ready, token[keep], dead[keep], [logp[j] for j in keep])
+
+    def settle_row(
+        self, b: int, processed: Tensor, token: Tensor, dead: Tensor, shared: tuple[float, float]
+    ) -> str | None:
+        """Row b's checks on its draw (token (1,) and dead (1,), from its processed logits (1, V); set in
+        place to a sound token, redrawn as `checked_sample` redraws, or dead), counted with its share of
+        the checked rows' processing (CPU, wall seconds); the error a check raised, else None.
+        SLOW_STREAK checks in a row longer than a forward (a row's first also builds its prompt's state,
+        and is not counted; nor is one a pause of the machine stretched: it takes three) move the row's
+        later checks to the worker."""
+        clock, wall = time.thread_time(), time.perf_counter()
+        error = None
+        try:
+            checks, n, s = self.rows.checks(b), self.rows.length.values[b], self.samplers[b]
+            listed = self.rows.seq[b, :n].tolist()
+
+            def sound(_: int, candidate: int) -> bool:
+                return all(c.sound(listed, candidate) for c in checks)
+
+            if not (bool(dead[0]) or sound(0, int(token[0]))):
+                greedy = s.temperature <= 0
+                dist = (
+                    processed
+                    if greedy
+                    else probabilities(processed, s.temperature, s.top_k, s.top_p, s.min_p)
+                )
+                redraw_refused(dist, token, dead, sound, greedy, s.generator, refused=[0])
+        except Exception as err:  # noqa: BLE001 (a row's check failing fails that row alone)
+            error = f"{type(err).__name__}: {err}"
+        self.stats.check_seconds += time.thread_time() - clock + shared[0]
+        took = time.perf_counter() - wall + shared[1]
+        self.stats.check_wall_seconds += took
+        self.streak[b] = self.streak.get(b, -1) + 1 if took > self.bound() else 0
+        if self.streak[b] >= SLOW_STREAK:
+            self.slow.add(b)
+        return error
 
     def start_check(self, b: int, logits: torch.Tensor) -> None:
         """Row b's processors and checked draw on the worker, from a copy of its ids; it sits out."""
@@ -456,21 +498,7 @@ class SlotEngine:
         args = (logits, ids, own, self.samplers[b], rows.eos_id if early else None)
         self.phase[b] = "check"
         self.fresh.add(b)
-        if self.checks != "inline" or b in self.slow:
-            self.checking[b] = self.checker.submit(check_row, *args)
-            return
-        start = time.perf_counter()
-        done: concurrent.futures.Future[Checked] = concurrent.futures.Future()
-        done.set_result(check_row(*args))  # taken at the next step's start, as a worker's draw
-        self.checking[b] = done
-        self.stats.check_wall_seconds += time.perf_counter() - start
-        # a slow grammar's later checks go beside the batch: SLOW_STREAK checks in a row longer than a
-        # forward (not one that a pause of the machine stretched; a row's first also builds its prompt's
-        # state, and is not counted)
-        took = time.perf_counter() - start
-        self.streak[b] = self.streak.get(b, -1) + 1 if took > self.bound() else 0
-        if self.streak[b] >= SLOW_STREAK:
-            self.slow.add(b)
+        self.checking[b] = self.checker.submit(check_row, *args)
 
     def bound(self) -> float:
         """What a check may hold the batch for: check_wait, or the forward's running mean."""
@@ -517,11 +545,6 @@ class SlotEngine:
         # a row whose stop rule raised ended with it ("error"): its request fails, after hearing its
         # tokens (found before dispatch frees the row)
         failing = {id(j): (j, m) for b, m in rows.failed.items() if (j := self.job[b]) is not None}
-        if self.held is not None and not failing:
-            self.held.extend(events)
-            return
-        if self.held:
-            events, self.held = self.held + events, []
         self.dispatch(events)
         for job, message in failing.values():
             self.fail(job, message)

@@ -16,12 +16,12 @@ import time
 import pytest
 import torch
 
-from multiar.commands.serve_engine import Event, Job, SampleSpec, SlotEngine, checks_way, sample_groups
+from multiar.commands.serve_engine import Event, Job, SampleSpec, SlotEngine, checks_way
 from multiar.engine.decode import generate
 from multiar.engine.model import GPT, ModelConfig
 from multiar.engine.rows import RowSettings
 from multiar.engine.rows_attention import build_way
-from multiar.engine.sampling import Sampler, ban_tokens, sample_each
+from multiar.engine.sampling import Sampler, ban_tokens, sample_each, sample_groups
 from multiar.errors import first_line
 
 EOS = 2
@@ -300,6 +300,35 @@ def test_checks_inline_take_a_token_every_step_and_a_slow_grammar_moves_beside_t
     assert len(steps[0]) == 7 and steps[0][-1] > steps[0][0] + 6 + 4  # it sat out steps on the worker
     for k in (1, 2, 3):  # the checks that held the batch held every row: a token every step still
         assert steps[k][-1] - steps[k][0] == len(steps[k]) - 1, steps[k]
+
+
+def test_an_inline_checked_row_drawn_with_the_batch_gets_its_tokens_alone(model):
+    """checks=inline draws a checked row with the others (one race per group of settings) and redraws a
+    refused token from that race: a seeded row's tokens are those it gets drawn alone on the worker
+    (checked_draw.checked_sample on its own logits, the decode loop's draw), beside plain rows sharing
+    its settings or not, greedy too; every token its check accepts (SlowCheck refuses every third id,
+    so most rows redraw)."""
+
+    def run(checks: str) -> list[list[int]]:
+        e = engine(model, slots=6, checks=checks, check_wait=5.0)
+        try:
+            kinds = [(1.0, 0), (0.8, 5), (0.0, 0)]
+            checked = [
+                request(e, [[1, 5, 6 + k]], seed=30 + k, temperature=t, max_new=24, min_new=24, processors=[SlowCheck(0.0)])
+                for k, (t, _) in enumerate(kinds)
+            ]  # fmt: skip
+            plain = [
+                request(e, [[1, 7 + k]], seed=60 + k, temperature=t, max_new=24)
+                for k, (t, _) in enumerate(kinds)
+            ]
+            wait(*checked, *plain)
+        finally:
+            e.stop()
+        return [r.ends()[0].ids for r in checked]
+
+    inline, alone = run("inline"), run("overlap")
+    assert inline == alone
+    assert all(len(ids) == 24 and all(t % 3 != 0 for t in ids) for ids in inline), inline
 
 
 def test_checks_auto_overlaps_only_where_a_core_is_left_beside_the_intra_op_threads(monkeypatch):
