@@ -124,6 +124,7 @@ class Outcome:
     last: float | None = None
     detail: str = ""
     trace: list[tuple[float, int]] | None = None  # (when, how many) per token event, where asked
+    server: dict[str, Any] | None = None  # the server's timings of it (its final event's "timings")
 
     @property
     def ttft(self) -> float | None:
@@ -230,6 +231,7 @@ async def stream_request(
                     out.detail = str(event["error"])
                 elif "samples" in event:
                     out.status = "ok" if event["samples"][0]["new_tokens"] == out.tokens else "lost"
+                    out.server = event.get("timings")
     except (httpx.HTTPError, json.JSONDecodeError) as err:  # a broken stream: this request is lost
         out.detail = f"{type(err).__name__}: {err}"
     return out
@@ -302,18 +304,39 @@ async def open_loop(
 
 def arrivals(outcomes: list[Outcome], slots: int) -> dict[str, Any]:
     """How many requests were in flight (sent, last token not yet in) when each was sent: the mean, the
-    most, the share of arrivals that found every slot taken (they wait in the queue), and the in-flight
-    count at the arrival of the slowest-to-first-token 1%."""
+    most, the share of arrivals that found every slot taken, and the in-flight count at the arrival of
+    the slowest-to-first-token 1%; and from the server's own timings of each request (multiar's final
+    event): the share that waited in its queue for a slot, the wait of those, and the slowest 1%'s TTFT
+    split into planning, queue, engine (admitted to first token drawn) and the rest (HTTP both ways)."""
     timed = [o for o in outcomes if o.last is not None and o.ttft is not None]
     if not timed:
         return {}
     found = [sum(1 for q in timed if q is not o and q.start <= o.start < q.last) for o in timed]
-    tail = sorted(zip((o.ttft for o in timed), found, strict=True), reverse=True)
+    tail = sorted(zip((o.ttft for o in timed), found, timed, strict=True), key=lambda t: t[0], reverse=True)
     tail = tail[: max(1, len(timed) // 100)]
-    return {"in_flight_at_arrival_mean": round(statistics.mean(found), 1),
-            "in_flight_at_arrival_max": max(found),
-            "arrivals_with_every_slot_taken": round(sum(k >= slots for k in found) / len(found), 3),
-            "in_flight_at_slowest_1pct_arrivals": [k for _, k in tail]}  # fmt: skip
+    out = {"in_flight_at_arrival_mean": round(statistics.mean(found), 1),
+           "in_flight_at_arrival_max": max(found),
+           "arrivals_with_every_slot_taken": round(sum(k >= slots for k in found) / len(found), 3),
+           "in_flight_at_slowest_1pct_arrivals": [k for _, k, _ in tail]}  # fmt: skip
+    server = [o.server for o in timed if o.server and o.server.get("queue_s") is not None]
+    if server:
+        waited = [t["queue_s"] for t in server if t["queue_s"] > 0.001]
+        out["server_waited_for_a_slot"] = round(len(waited) / len(server), 3)
+        out["server_queue_ms_of_those_median"] = (
+            round(1000 * statistics.median(waited), 1) if waited else None
+        )
+        out["slowest_1pct_ttft_split_ms"] = [split(o) for _, _, o in tail if o.server]
+    return out
+
+
+def split(o: Outcome) -> dict[str, float]:
+    """A request's TTFT (client) in the server's parts, ms: plan, queue, engine (slot to first token),
+    other (the body's way in, the first event's way out)."""
+    t = o.server or {}
+    plan, queue, first = t.get("plan_s") or 0.0, t.get("queue_s") or 0.0, t.get("first_token_s") or 0.0
+    ttft = o.ttft or 0.0
+    return {"ttft": round(1000 * ttft, 1), "plan": round(1000 * plan, 1), "queue": round(1000 * queue, 1),
+            "engine": round(1000 * (first - plan - queue), 1), "other": round(1000 * (ttft - first), 1)}  # fmt: skip
 
 
 async def metric(url: str, name: str) -> float:

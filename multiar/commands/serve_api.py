@@ -105,8 +105,9 @@ def inbox() -> Inbox:
 class Flow:
     """One request's events, from the engine thread into this event loop."""
 
-    def __init__(self, served: Served, plan: Plan, timeout: float | None):
+    def __init__(self, served: Served, plan: Plan, timeout: float | None, received: float | None = None):
         self.served, self.plan = served, plan
+        self.received = time.monotonic() if received is None else received  # the request read, unplanned
         self.inbox = inbox()
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
         self.held: Event | None = None  # taken from the queue by merged(), not yet handed on
@@ -168,6 +169,18 @@ class Flow:
         done = [r for r in self.results if r is not None]
         return await asyncio.to_thread(finish, self.served, self.plan, done)
 
+    def timings(self) -> dict[str, float | None]:
+        """Where the request's time went, seconds from its body being read (monotonic clock): planned
+        (its keys checked, its rows built), waited in the queue for a slot, first token drawn, all done."""
+        job, t0 = self.job, self.received
+
+        def since(t: float | None) -> float | None:
+            return None if t is None else round(t - t0, 6)
+
+        queued = None if job.admitted is None else round(job.admitted - job.submitted, 6)
+        return {"plan_s": since(job.submitted), "queue_s": queued, "first_token_s": since(job.first_token),
+                "total_s": since(time.monotonic())}  # fmt: skip
+
 
 def links(flow: Flow, result: dict[str, Any], files: Files) -> list[dict[str, str]]:
     """The report's files as opaque links; without any, the request's folder goes at once."""
@@ -221,7 +234,8 @@ async def generate_stream(
         discard(flow)
         raise
     outcomes.counts["ok"] += 1
-    yield sse({k: result[k] for k in ("samples", "metrics", "seed")} | {"files": links(flow, result, files)})
+    final = {k: result[k] for k in ("samples", "metrics", "seed")} | {"files": links(flow, result, files)}
+    yield sse(final | {"timings": flow.timings()})
     yield sse("[DONE]")
 
 
@@ -233,7 +247,8 @@ async def generate_result(flow: Flow, gone: Disconnected, files: Files) -> dict[
     except BaseException:  # failed, cancelled, timed out: nothing of it is linked
         discard(flow)
         raise
-    return {k: result[k] for k in ("samples", "metrics", "seed")} | {"files": links(flow, result, files)}
+    final = {k: result[k] for k in ("samples", "metrics", "seed")} | {"files": links(flow, result, files)}
+    return final | {"timings": flow.timings()}
 
 
 COMPLETION_KEYS = frozenset(

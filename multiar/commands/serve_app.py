@@ -8,6 +8,7 @@ import asyncio
 import hmac
 import json
 import shutil
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,6 +148,7 @@ async def start(state: AppState, request: Request, completions: bool) -> tuple[F
             "the server is not taking requests (starting or shutting down)", 503, "unavailable"
         )
     raw = await read_json(request, state)
+    received = time.monotonic()
     served = served_model(state, raw)
     body = completion_body(raw, served) if completions else raw
     if completions and not served.text:
@@ -155,19 +157,21 @@ async def start(state: AppState, request: Request, completions: bool) -> tuple[F
         )
     out_dir = served.files_dir / uuid.uuid4().hex
     try:
-        return await queued(state, served, body, out_dir), raw, served
+        return await queued(state, served, body, out_dir, received), raw, served
     except BaseException:  # refused: what it wrote (a prompt file, outputs opened) goes
         shutil.rmtree(out_dir, ignore_errors=True)
         raise
 
 
-async def queued(state: AppState, served: Served, body: dict[str, Any], out_dir: Path) -> Flow:
+async def queued(
+    state: AppState, served: Served, body: dict[str, Any], out_dir: Path, received: float | None = None
+) -> Flow:
     """Plan a request into out_dir and queue it: its flow, or RequestError (422, 429, 503)."""
     try:
         checked = await asyncio.to_thread(plan, served, body, out_dir, state.max_body_bytes)
     except (ConfigError, ValueError, TypeError, OSError) as err:
         raise RequestError(first_line(err)) from None
-    flow = Flow(served, checked, state.request_timeout)
+    flow = Flow(served, checked, state.request_timeout, received)
     try:
         flow.submit()
     except QueueFull as err:

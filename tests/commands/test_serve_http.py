@@ -84,6 +84,8 @@ def test_sse_stream_and_completions(app):
     assert events[-1] == "[DONE]"
     final = json.loads(events[-2])
     assert len(final["samples"][0]["text"]) == 2 + 8
+    t = final["timings"]
+    assert 0 <= t["plan_s"] <= t["plan_s"] + t["queue_s"] <= t["first_token_s"] <= t["total_s"], t
     assert sum(len(json.loads(e)["ids"]) for e in events[:-2]) == 8
     r = client.post("/v1/completions", json={"model": "protein", "prompt": "MK", "max_tokens": 5, "min_tokens": 5,
                                              "n": 2, "seed": 1})  # fmt: skip
@@ -163,6 +165,31 @@ def test_request_folders_go_unless_linked_and_with_their_last_link(app, tmp_path
     assert folders[0].exists() and not paths[0].exists() and kept.get(keys[0]) is None
     kept.add(paths[2], folders[1])  # a second link into b evicts a/y, a's last: a goes whole
     assert not folders[0].exists() and set(kept.folders) == {folders[1], folders[2]}
+
+
+def test_a_request_that_waited_for_a_slot_says_so_in_its_timings(app):
+    """The response's timings: seconds from the body read to planned, waiting in the queue for a slot,
+    first token, done; a request behind 4 busy slots waits until one frees (here: cancelled at 0.3 s)."""
+    state, client = app
+    engine = state.models["protein"].engine
+    bos = state.models["protein"].run.domain.bos_id
+    jobs = [Job([SampleSpec([bos], RowSettings(1000, 1000), Sampler(1.0))], lambda e: None) for _ in range(4)]
+    deadline = time.monotonic() + 5
+    for k, job in enumerate(jobs):
+        engine.submit(job)
+        while engine.busy <= k and time.monotonic() < deadline:
+            time.sleep(0.002)
+    threading.Timer(0.3, engine.cancel, [jobs[0]]).start()
+    r = client.post(
+        "/v1/generate", json={"prompt": "M", "max_new_tokens": 3, "min_new_tokens": 3, "files": False}
+    )
+    for job in jobs:
+        engine.cancel(job)
+    t = r.json()["timings"]
+    assert 0 <= t["plan_s"] <= t["plan_s"] + t["queue_s"] <= t["first_token_s"] <= t["total_s"], t
+    assert t["queue_s"] >= 0.25, t
+    while engine.busy and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def test_full_queue_is_429_with_retry_after(app):
