@@ -95,6 +95,7 @@ class ProteinDomain(DomainBase):
         self.training: list[tuple[str, str]] = []  # (id, sequence) of the training records, from fit
         self.training_file: Path | None = None  # where a loaded run keeps them (read when first needed)
         self.novelty: Novelty | None = None  # generate's search, kept across its batches
+        self.lengths: tuple[list, int, Counter] | None = None  # the training list counted, its size, counts
 
     def default_paths(self, corpus: str | None = None) -> list[Path]:
         names = [n for part in (corpus or "ecoli").split("+") for n in CORPORA.get(part, [None])]
@@ -251,8 +252,15 @@ class ProteinDomain(DomainBase):
         return outputs.ProteinFiles(self, out_dir, provenance, overwrite)
 
     def metric_summary(self) -> outputs.ProteinSummary:
+        return outputs.ProteinSummary(self.background, self.training_lengths())
+
+    def training_lengths(self) -> Counter:
+        """The training sequences' length counts (read only), counted once per training set: every
+        request a server plans starts a summary (counting 4,100 sequences took 3 ms a request)."""
         training = self.training_sequences()
-        return outputs.ProteinSummary(self.background, Counter(len(s) for _, s in training))
+        if self.lengths is None or self.lengths[0] is not training or self.lengths[1] != len(training):
+            self.lengths = (training, len(training), Counter(len(s) for _, s in training))
+        return self.lengths[2]
 
     def report(
         self,

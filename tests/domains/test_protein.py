@@ -75,6 +75,19 @@ def test_uniprot_headers_are_parsed():
     assert domain.fields(plain) == {"id": "my_protein", "name": "some words"}
 
 
+def test_summaries_share_one_count_of_the_training_lengths_until_the_training_set_changes():
+    """A server starts a metric summary for every request: the training lengths are counted once, and
+    again when the training set changes."""
+    domain = build_domain("protein")
+    domain.training = [("a", "MKV"), ("b", "MKVLA")]
+    first, again = domain.metric_summary(), domain.metric_summary()
+    assert first.train_lengths is again.train_lengths and first.train_lengths == {3: 1, 5: 1}
+    domain.training.append(("c", "MK"))
+    assert domain.metric_summary().train_lengths == {3: 1, 5: 1, 2: 1}
+    domain.training = [("d", "M")]
+    assert domain.metric_summary().train_lengths == {1: 1}
+
+
 def test_bad_records_are_skipped_and_counted_once_per_file(tmp_path, caplog):
     folder = tmp_path / "data"
     folder.mkdir()
