@@ -306,8 +306,9 @@ def arrivals(outcomes: list[Outcome], slots: int) -> dict[str, Any]:
     """How many requests were in flight (sent, last token not yet in) when each was sent: the mean, the
     most, the share of arrivals that found every slot taken, and the in-flight count at the arrival of
     the slowest-to-first-token 1%; and from the server's own timings of each request (multiar's final
-    event): the share that waited in its queue for a slot, the wait of those, and the slowest 1%'s TTFT
-    split into planning, queue, engine (admitted to first token drawn) and the rest (HTTP both ways)."""
+    event): the share that waited in its queue longer than 1.5 steps (a slot wait, or a step held up),
+    the wait of those, and the slowest 1%'s TTFT split into planning, queue, engine (admitted to first
+    token drawn) and the rest (HTTP both ways)."""
     timed = [o for o in outcomes if o.last is not None and o.ttft is not None]
     if not timed:
         return {}
@@ -319,9 +320,13 @@ def arrivals(outcomes: list[Outcome], slots: int) -> dict[str, Any]:
            "arrivals_with_every_slot_taken": round(sum(k >= slots for k in found) / len(found), 3),
            "in_flight_at_slowest_1pct_arrivals": [k for _, k, _ in tail]}  # fmt: skip
     server = [o.server for o in timed if o.server and o.server.get("queue_s") is not None]
-    if server:
-        waited = [t["queue_s"] for t in server if t["queue_s"] > 0.001]
-        out["server_waited_for_a_slot"] = round(len(waited) / len(server), 3)
+    tpot = [t for o in timed if (t := o.tpot) is not None]
+    if server and tpot:
+        # a request waits for the step running when it came anyway: past 1.5 steps it waited for a slot,
+        # or for a step held up (a long prompt chunk, the GIL)
+        step = statistics.median(tpot)
+        waited = [t["queue_s"] for t in server if t["queue_s"] > 1.5 * step]
+        out["server_queued_past_1_5_steps"] = round(len(waited) / len(server), 3)
         out["server_queue_ms_of_those_median"] = (
             round(1000 * statistics.median(waited), 1) if waited else None
         )
@@ -516,6 +521,8 @@ def loads(
             out["open_loop"] = []
             for k, share in enumerate(args.shares if slots > 1 else args.shares_one):
                 n = max(args.min_open, round(share * capacity * args.open_seconds))
+                if share == 0.5:  # the rate the TTFT target is judged at: enough requests for a p99
+                    n = max(n, args.half_requests)
                 row = asyncio.run(open_loop(server.url, share * capacity, n, 100 + k, api, slots))
                 out["open_loop"].append({"share_of_closed_rate": share, **row})
                 print(f"{name} open {share}: {row}", flush=True)
@@ -684,6 +691,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shares-one", type=float, nargs="+", default=[0.5, 1.0])
     p.add_argument("--open-seconds", type=float, default=20.0, help="open loop: about this long per rate")
     p.add_argument("--min-open", type=int, default=12)
+    p.add_argument(
+        "--half-requests",
+        type=int,
+        default=600,
+        help="requests at least at share 0.5: a p99 of ~170 is their second largest, of 600 their sixth",
+    )
     p.add_argument("--soak", type=int, default=2000)
     p.add_argument("--max-queue", type=int, default=64)
     p.add_argument("--json", type=Path)

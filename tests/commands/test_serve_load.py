@@ -85,3 +85,21 @@ def test_open_loop_counts_the_requests_in_flight_at_each_arrival():
     assert got["in_flight_at_arrival_mean"] == round((0 + 1 + 2 + 0) / 4, 1)
     assert got["arrivals_with_every_slot_taken"] == 0.25
     assert got["in_flight_at_slowest_1pct_arrivals"] == [2]  # the slowest to its first token waited
+
+
+def test_open_loop_splits_the_slowest_first_tokens_by_the_servers_timings():
+    """From the server's timings of each request (its final event): the share queued longer than 1.5
+    steps (the median TPOT), and the slowest 1%'s TTFT as plan, queue, engine and HTTP (the rest)."""
+
+    def sent(start: float, ttft: float, queue: float) -> Outcome:
+        timings = {"plan_s": 0.002, "queue_s": queue, "first_token_s": 0.002 + queue + 0.01, "total_s": 1.0}
+        return Outcome(status="ok", tokens=11, start=start, first=start + ttft, last=start + ttft + 0.1,
+                       server=timings)  # fmt: skip
+
+    outcomes = [sent(k * 0.5, 0.02, 0.005) for k in range(9)] + [sent(5.0, 0.2, 0.17)]
+    got = arrivals(outcomes, slots=4)
+    assert got["server_queued_past_1_5_steps"] == 0.1  # a step: 10 ms; 5 ms queued is one step's wait
+    assert got["server_queue_ms_of_those_median"] == 170.0
+    assert got["slowest_1pct_ttft_split_ms"] == [
+        {"ttft": 200.0, "plan": 2.0, "queue": 170.0, "engine": 10.0, "other": 18.0}
+    ]
