@@ -110,20 +110,25 @@ def draw(probs: Tensor, generator: Generators = None) -> Tensor:
     exponential race takes V (torch's exponential_ on a CPU is 7x slower than uniform_, and one row of a
     2,048-token vocabulary took 49 us of a 16-row step's sampling). generator: one, or one per row of
     probs (B, V), each row's number from its own (the number that row alone would draw with it)."""
-    shape = (*probs.shape[:-1], 1)
+    shape, wide = (*probs.shape[:-1], 1), wide_float(probs.device)
     if generator is None or isinstance(generator, torch.Generator):
-        u = torch.rand(shape, generator=generator, device=probs.device, dtype=torch.float64)
+        u = torch.rand(shape, generator=generator, device=probs.device, dtype=wide)
     else:
-        numbers = [torch.rand(1, generator=g, device=probs.device, dtype=torch.float64) for g in generator]
+        numbers = [torch.rand(1, generator=g, device=probs.device, dtype=wide) for g in generator]
         u = torch.cat(numbers).view(shape)
     return invert(probs, u)
+
+
+def wide_float(device: torch.device) -> torch.dtype:
+    """float64 for a draw's numbers and sums, float32 where the device has no float64 (Apple's MPS)."""
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def invert(probs: Tensor, u: Tensor) -> Tensor:
     """The index where each row's cumulative probability (..., V) first passes u (..., 1) of its total,
     u in [0, 1): a token of probability 0 adds nothing to the sum, so it is never passed there. Summed
-    in float64, so the last tokens of a large vocabulary keep their mass."""
-    cdf = probs.double().cumsum(-1)
+    in u's dtype (float64 but on MPS), so the last tokens of a large vocabulary keep their mass."""
+    cdf = probs.to(u.dtype).cumsum(-1)
     picked = torch.searchsorted(cdf, u * cdf[..., -1:], right=True)[..., 0]
     return picked.clamp_max(probs.size(-1) - 1)  # a row without probability (never from `probabilities`)
 
