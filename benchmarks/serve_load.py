@@ -330,7 +330,9 @@ def arrivals(outcomes: list[Outcome], slots: int) -> dict[str, Any]:
         out["server_queue_ms_of_those_median"] = (
             round(1000 * statistics.median(waited), 1) if waited else None
         )
-        out["slowest_1pct_ttft_split_ms"] = [split(o) for _, _, o in tail if o.server]
+        out["slowest_1pct_ttft_split_ms"] = [
+            split(o) for _, _, o in tail if o.server and o.server.get("first_token_s") is not None
+        ]
     return out
 
 

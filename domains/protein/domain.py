@@ -256,7 +256,8 @@ class ProteinDomain(DomainBase):
 
     def training_lengths(self) -> Counter:
         """The training sequences' length counts (read only), counted once per training set: every
-        request a server plans starts a summary (counting 4,100 sequences took 3 ms a request)."""
+        request a server plans starts a summary (counting 4,100 sequences took 3 ms a request). A new
+        training list or a new size counts again (fit and loading assign or append; none edits in place)."""
         training = self.training_sequences()
         if self.lengths is None or self.lengths[0] is not training or self.lengths[1] != len(training):
             self.lengths = (training, len(training), Counter(len(s) for _, s in training))

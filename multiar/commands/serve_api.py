@@ -171,7 +171,8 @@ class Flow:
 
     def timings(self) -> dict[str, float | None]:
         """Where the request's time went, seconds from its body being read (monotonic clock): planned
-        (its keys checked, its rows built), waited in the queue for a slot, first token drawn, all done."""
+        (its keys checked, its rows built), waited in the queue for its first sample's slot, first
+        token sent (null when none was: tokens held back for a stop sequence go later), all done."""
         job, t0 = self.job, self.received
 
         def since(t: float | None) -> float | None:

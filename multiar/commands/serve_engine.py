@@ -4,7 +4,7 @@ free (a request of n samples takes up to n slots), are prefilled in chunks of at
 tokens per step while the running rows keep decoding, and leave when they end; a freed slot is reused at
 once. Each row has its own sampling settings, generator, processors and stops (engine.rows.RowSettings,
 engine.sampling.Sampler): the one decode loop's per-row machinery, in slots. Rows with the same sampling
-settings are sampled in one vectorized call (each row's noise from its own generator). A row with a
+settings are sampled in one vectorized call (each row's number from its own generator). A row with a
 per-token check (a grammar, checked_draw.TokenCheck) is processed and drawn (`checks`): on a worker
 thread beside the batch (overlap), sitting out the steps until its token is ready (its slot is fed as an
 idle one's, its logits unused), so a slow check costs its own row, not the others; or, where no core is

@@ -129,8 +129,11 @@ def invert(probs: Tensor, u: Tensor) -> Tensor:
     u in [0, 1): a token of probability 0 adds nothing to the sum, so it is never passed there. Summed
     in u's dtype (float64 but on MPS), so the last tokens of a large vocabulary keep their mass."""
     cdf = probs.to(u.dtype).cumsum(-1)
+    # held flat across zero-probability tokens: a device that sums in another order (a GPU) could
+    # otherwise leave one a rounding step's width
+    cdf = torch.where(probs > 0, cdf, 0.0).cummax(-1).values
     picked = torch.searchsorted(cdf, u * cdf[..., -1:], right=True)[..., 0]
-    return picked.clamp_max(probs.size(-1) - 1)  # a row without probability (never from `probabilities`)
+    return picked.clamp_max(probs.size(-1) - 1)  # a row without probability (all 0, NaN): the last index
 
 
 def race(probs: Tensor, generator: Generators = None) -> Tensor:

@@ -303,23 +303,22 @@ def test_checks_inline_take_a_token_every_step_and_a_slow_grammar_moves_beside_t
 
 
 def test_an_inline_checked_row_drawn_with_the_batch_gets_its_tokens_alone(model):
-    """checks=inline draws a checked row with the others (one race per group of settings) and redraws a
-    refused token from that race: a seeded row's tokens are those it gets drawn alone on the worker
+    """checks=inline draws a checked row with the others (one call per group of settings) and redraws a
+    refused token by its own race: a seeded row's tokens are those it gets drawn alone on the worker
     (checked_draw.checked_sample on its own logits, the decode loop's draw), beside plain rows sharing
-    its settings or not, greedy too; every token its check accepts (SlowCheck refuses every third id,
-    so most rows redraw)."""
+    its settings (T=1, greedy) or not (T=0.8); every token its check accepts (SlowCheck refuses every
+    third id, so most rows redraw)."""
 
     def run(checks: str) -> list[list[int]]:
         e = engine(model, slots=6, checks=checks, check_wait=5.0)
         try:
-            kinds = [(1.0, 0), (0.8, 5), (0.0, 0)]
             checked = [
                 request(e, [[1, 5, 6 + k]], seed=30 + k, temperature=t, max_new=24, min_new=24, processors=[SlowCheck(0.0)])
-                for k, (t, _) in enumerate(kinds)
+                for k, t in enumerate([1.0, 0.8, 0.0])
             ]  # fmt: skip
             plain = [
                 request(e, [[1, 7 + k]], seed=60 + k, temperature=t, max_new=24)
-                for k, (t, _) in enumerate(kinds)
+                for k, t in enumerate([1.0, 0.7, 0.0])
             ]
             wait(*checked, *plain)
         finally:

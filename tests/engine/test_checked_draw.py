@@ -81,7 +81,7 @@ def test_redraws_from_one_race_give_the_distribution_restricted_to_sound_tokens(
     assert 0.3 * rows < refused < 0.4 * rows
     race(torch.softmax(logits[:refused], -1), raced)
     assert torch.equal(gen.get_state(), raced.get_state())
-    # a sound first finisher is the plain draw's token: the same noise, the same token
+    # a sound first draw is the plain draw's token: the same number, the same token
     free, _ = checked_sample(logits[:8], None, lambda b, t: True, generator=torch.Generator().manual_seed(2))
     plain = sample(logits[:8], generator=torch.Generator().manual_seed(2))
     assert free.tolist() == plain.tolist()

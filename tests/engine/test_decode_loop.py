@@ -1,5 +1,6 @@
-"""The decode loop's edges: a row whose processors ban every token ends at that step, the sampler never
-draws from a zero noise sample, the window slid past block_size is one the packer could produce, and
+"""The decode loop's edges: a row whose processors ban every token ends at that step, a draw never picks
+a token of probability 0 (whatever its number; a checked row's race never races one to the top) and
+follows its distribution, the window slid past block_size is one the packer could produce, and
 compile_for_sampling falls back when inductor's private freezing switch is missing."""
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 from multiar.data.packing import pack
 from multiar.engine.decode import generate, stream
 from multiar.engine.model import GPT, ModelConfig
-from multiar.engine.sampling import ban_tokens, draw, race, sample
+from multiar.engine.sampling import ban_tokens, draw, invert, race, sample
 
 PAD, BOS, EOS = 0, 1, 2
 SPECIAL = ban_tokens([PAD, BOS, EOS])  # generated ids never look like a document's ends
@@ -105,6 +106,21 @@ def test_a_draw_never_picks_a_zero_probability_token_whatever_its_number(monkeyp
     picked = draw(probs).tolist()
     assert all(probs[b, t] > 0 for b, t in enumerate(picked)), picked
     assert picked[0] == (1 if u <= 0.3 else 3) and picked[2] == 2
+
+
+def test_a_draw_skips_a_zero_probability_token_when_the_sums_wobble(monkeypatch):
+    """A device that sums in another order (a GPU) can leave a zero-probability token a rounding step's
+    width in the cumulative sums: the draw still never picks it."""
+    real = torch.Tensor.cumsum
+
+    def wobbly(self, dim):
+        out = real(self, dim)
+        out[..., 1] += 1e-9
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "cumsum", wobbly)
+    probs = torch.tensor([[0.5, 0.0, 0.5]])
+    assert invert(probs, torch.full((1, 1), 0.5 + 1e-10, dtype=torch.float64)).tolist() == [2]
 
 
 def test_a_draw_follows_its_distribution():
