@@ -129,9 +129,8 @@ def invert(probs: Tensor, u: Tensor) -> Tensor:
     u in [0, 1): a token of probability 0 adds nothing to the sum, so it is never passed there. Summed
     in u's dtype (float64 but on MPS), so the last tokens of a large vocabulary keep their mass."""
     cdf = probs.to(u.dtype).cumsum(-1)
-    # held flat across zero-probability tokens: a device that sums in another order (a GPU) could
-    # otherwise leave one a rounding step's width
-    cdf = torch.where(probs > 0, cdf, 0.0).cummax(-1).values
+    if probs.device.type != "cpu":  # a CPU sums in order: exactly flat there (cummax costs 100 us a step)
+        cdf = flat_at_zeros(cdf, probs)
     picked = torch.searchsorted(cdf, u * cdf[..., -1:], right=True)[..., 0]
     return picked.clamp_max(probs.size(-1) - 1)  # a row without probability (all 0, NaN): the last index
 
@@ -180,6 +179,12 @@ def apply_processors(
             row = process(seq[b : b + 1, :n], row)
         rows.append(row)
     return torch.cat(rows)
+
+
+def flat_at_zeros(cdf: Tensor, probs: Tensor) -> Tensor:
+    """Cumulative sums (..., V) held flat across zero-probability tokens: a device that sums in another
+    order (a GPU) could leave one a rounding step's width, where a number could pick it."""
+    return torch.where(probs > 0, cdf, 0.0).cummax(-1).values
 
 
 @dataclass
