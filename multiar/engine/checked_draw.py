@@ -90,26 +90,18 @@ def redraw_refused(
     else:
         own = isinstance(generator, torch.Generator) or generator is None
         keys = race(dist[index], generator if own else [generator[b] for b in refused])  # type: ignore[index]
-    redrawn, none_left = settle(
-        keys, tokens[index], dead[index], lambda j, t: sound(refused[j], t), greedy, True
-    )
+    redrawn, none_left = settle(keys, tokens[index], dead[index], lambda j, t: sound(refused[j], t), greedy)
     tokens[index], dead[index] = redrawn, none_left
     return tokens, dead
 
 
-def settle(
-    keys: Tensor, tokens: Tensor, dead: Tensor, sound: Sound, greedy: bool, refused_first: bool = False
-) -> tuple[Tensor, Tensor]:
-    """From rows' race keys (B, V) (greedy: their processed logits) and their first draws, each row's
-    first token sound(row, token) accepts in the keys' order (largest first), and which rows have none
-    left: tokens (B,) and dead (B,) are updated in place and returned, keys' refused entries set to
-    -inf. Rows already dead are left as they are; refused_first: every row's first draw is known
-    refused (not asked again)."""
-    drawn, gone = tokens.tolist(), dead.tolist()
+def settle(keys: Tensor, tokens: Tensor, dead: Tensor, sound: Sound, greedy: bool) -> tuple[Tensor, Tensor]:
+    """From rows' race keys (B, V) (greedy: their processed logits) and their first draws (tokens), each
+    refused: each row's first token sound(row, token) accepts in the keys' order (largest first), and
+    which rows have none left: tokens (B,) and dead (B,) are updated in place and returned, keys'
+    refused entries set to -inf."""
     refused = []  # rows whose walk ran out: refused tokens banned, the argmax loop goes on from there
-    for b, token in enumerate(drawn):
-        if gone[b] or (not refused_first and sound(b, token)):
-            continue
+    for b, token in enumerate(tokens.tolist()):
         found = walk(keys[b], token, lambda t, b=b: sound(b, t))
         if isinstance(found, list):
             keys[b, found[:-1]] = float("-inf")
