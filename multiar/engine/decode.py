@@ -9,13 +9,13 @@ row's ids. Knows no domain.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
 
+from multiar.engine.inductor_options import inductor_options
 from multiar.engine.model import GPT
 from multiar.engine.rows import Rows, Token, as_rows, extend_row, window_tail
 from multiar.engine.sampling import LogitsProcessor, repetition_penalty
@@ -48,40 +48,27 @@ def decode_one_token(model: GPT, token: Tensor, pos: int) -> Tensor:
     return model(token, pos)[:, -1]
 
 
-def freezing_context() -> contextlib.AbstractContextManager:
-    """What turns on inductor's freezing around a compiled call: its private config switch where this
-    torch has it, else nothing (one warning line; the graph then reads the weights as inputs)."""
-    try:
-        import torch._inductor.config as config
-    except ImportError:
-        config = None
-    if not (hasattr(config, "patch") and hasattr(config, "freezing")):
-        log.warning("torch._inductor.config.freezing is missing in this torch: compiling without freezing")
-        return contextlib.nullcontext()
-    return config.patch(freezing=True)
-
-
 def compile_for_sampling(model: GPT) -> GPT:
     """model (in place) with its one-token decode step compiled by torch.compile, gpt-fast style: static
     shapes (per-row tensor positions, attention over the whole cache with a mask), so one graph serves
     every step and inductor's freezing folds the weights in (on a CPU it packs fp32 linears for MKL,
-    bf16 ones for oneDNN).
+    bf16 ones for oneDNN), called through a C++ wrapper on a CPU (engine.inductor_options).
     The KV caches are kept between calls (the graph holds on to them). Prefill and other multi-token
     passes stay eager. The first step compiles (tens of seconds on 2 CPU cores)."""
     model.eval()
     model.keep_caches = True
     eager = model.forward
     step = torch.compile(eager, dynamic=False)
-    freezing = freezing_context()  # re-entered at every call
+    options = inductor_options(cpp_wrapper=model.wte.weight.device.type == "cpu")  # entered at every call
 
     def forward(idx: Tensor, input_pos: int | Tensor | None = None, **kwargs) -> Tensor:
         if input_pos is None or idx.size(1) != 1 or kwargs.get("logits_at") is not None:
             return eager(idx, input_pos, **kwargs)
         if isinstance(input_pos, int):  # every row at one position: one (1,) tensor
             input_pos = torch.tensor([input_pos], device=idx.device)
-        # freezing for this graph only (compile's options= did not apply it, torch 2.13); it is read
-        # when a call compiles, so the patch is around every call
-        with freezing:
+        # for this graph only (compile's options= did not apply freezing, torch 2.13); read when a call
+        # compiles, so the patch is around every call
+        with options:
             return step(idx, input_pos, kv_len=model.max_seq_length)
 
     model.forward = forward

@@ -1,7 +1,7 @@
 """The decode loop's edges: a row whose processors ban every token ends at that step, a draw never picks
 a token of probability 0 (whatever its number; a checked row's race never races one to the top) and
 follows its distribution, the window slid past block_size is one the packer could produce, and
-compile_for_sampling falls back when inductor's private freezing switch is missing."""
+compiled graphs fall back when one of inductor's private switches is missing."""
 
 from __future__ import annotations
 
@@ -245,18 +245,24 @@ def test_sliding_decoding_equals_a_reference_loop_over_training_like_windows(sta
 # --- item 18: inductor's freezing switch is private ---------------------------------------------------
 
 
-def test_compile_for_sampling_falls_back_without_inductor_freezing(monkeypatch, caplog):
+def test_compiled_graphs_fall_back_without_an_inductor_switch(monkeypatch, caplog):
     import contextlib
 
     import torch._inductor.config as inductor_config
 
-    from multiar.engine.decode import freezing_context
+    from multiar.engine.inductor_options import inductor_options
 
-    assert not isinstance(freezing_context(), contextlib.nullcontext)  # this torch has it
+    assert not isinstance(inductor_options(), contextlib.nullcontext)  # this torch has both
+    monkeypatch.delattr(inductor_config, "cpp_wrapper")
+    with caplog.at_level(logging.WARNING, logger="multiar"):
+        chosen = inductor_options()
+    with chosen:
+        assert inductor_config.freezing  # the switch still there is on
+    assert not inductor_config.freezing
     monkeypatch.delattr(inductor_config, "freezing")
     with caplog.at_level(logging.WARNING, logger="multiar"):
-        chosen = freezing_context()
-    assert isinstance(chosen, contextlib.nullcontext)
-    assert [r.message for r in caplog.records if "freezing" in r.message] == [
-        "torch._inductor.config.freezing is missing in this torch: compiling without freezing"
+        assert isinstance(inductor_options(cpp_wrapper=False), contextlib.nullcontext)
+    assert [r.message for r in caplog.records if "inductor" in r.message] == [
+        "torch._inductor.config.cpp_wrapper is missing in this torch: compiling without a C++ wrapper",
+        "torch._inductor.config.freezing is missing in this torch: compiling without frozen weights",
     ]
