@@ -644,9 +644,10 @@ class ServeSchema:
         "auto",
     )
     step: str = doc(
-        "eager, or captured: a step without a prompt chunk runs as one compiled graph (inductor; "
-        "nn.Linear weights, so layout=auto or linear; tens of seconds of compiling at start)",
-        "eager",
+        "eager; captured: a step without a prompt chunk runs as one compiled graph (inductor: frozen "
+        "nn.Linear weights, so layout=auto or linear; a minute or two of compiling at start on 2 cores); "
+        "auto: both built and timed at `slots` rows, the faster kept (cached per machine and model shape)",
+        "auto",
     )
     checks: str = doc(
         "where a grammar-constrained row's per-token checks run: overlap — a worker thread beside the "
@@ -666,7 +667,11 @@ class ServeSchema:
             "checks",
             f"must be auto, inline, wait or overlap, got {self.checks!r}",
         )
-        _check(self.step in ("eager", "captured"), "step", f"must be eager or captured, got {self.step!r}")
+        _check(
+            self.step in ("auto", "eager", "captured"),
+            "step",
+            f"must be auto, eager or captured, got {self.step!r}",
+        )
         _check(
             not (self.step == "captured" and self.layout == "packed"),
             "layout",

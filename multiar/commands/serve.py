@@ -16,15 +16,14 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from multiar.commands.generate import sampling_model
 from multiar.commands.sampling_setup import cache_dir
 from multiar.commands.serve_app import AppState, create_app
 from multiar.commands.serve_engine import SlotEngine
 from multiar.commands.serve_requests import Served, warm_up
+from multiar.commands.serve_step import served_model
 from multiar.config import load_config
 from multiar.domain import WindowStarts
 from multiar.engine.layout import CACHE_FILE
-from multiar.engine.rows_attention import choose_rows_attention
 from multiar.errors import ConfigError
 from multiar.run_folder import load_run
 from multiar.schema import validate
@@ -73,16 +72,15 @@ def load_models(cfg: DictConfig, files_dir: Path) -> dict[str, Served]:
     models: dict[str, Served] = {}
     for name, path in zip(names, cfg.runs, strict=True):
         run = load_run(path, device=cfg.device)
-        layout = "linear" if cfg.step == "captured" else cfg.layout  # inductor lowers nn.Linear, not oneDNN's
-        model, _ = sampling_model(run, cfg.quantize, cfg.dtype, layout=layout, batch_size=cfg.slots)
+        served = served_model(run, cfg, cache_dir() / CACHE_FILE)
+        model, attention = served.model, served.attention
+        log.info("%s: %s; %s", name, attention.log_line(), served.log_line())
         base = load_config(
             "generate", [f"run={path}", f"device={cfg.device}", f"dtype={cfg.dtype}", "progress=false", "n=1"]
         )
         base = validate("generate", base)
         domain = run.domain
         starts = domain.window_starts if isinstance(domain, WindowStarts) else None
-        attention = choose_rows_attention(model, cfg.slots, cfg.attention, cache_dir() / CACHE_FILE)
-        log.info("%s: %s", name, attention.log_line())
         engine = SlotEngine(
             model,
             slots=cfg.slots,
@@ -93,7 +91,7 @@ def load_models(cfg: DictConfig, files_dir: Path) -> dict[str, Served]:
             max_tokens=cfg.max_tokens,
             window_starts=starts,
             attention=attention,
-            captured=cfg.step == "captured",
+            captured=served.step == "captured",
             checks=cfg.checks,
         )
         engine.start()
@@ -101,7 +99,7 @@ def load_models(cfg: DictConfig, files_dir: Path) -> dict[str, Served]:
         print(
             f"serve: {name} ({domain.name}): {info['slots']} slots, KV cache {info['kv_mib']:.1f} MiB "
             f"({info['kv_dtype']}), {info['dtype']} weights, rows attention {info['attention']}, "
-            f"{cfg.step} steps, checks {info['checks']}",
+            f"{served.step} steps ({served.how}), checks {info['checks']}",
             flush=True,
         )
         models[name] = Served(name, run, model, base, engine, files_dir / name, cfg.max_tokens, cfg.max_n)

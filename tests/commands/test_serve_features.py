@@ -22,9 +22,10 @@ from multiar.training.run import train
 
 
 def serve_config(run, tmp, *extra):
-    # the rows' attention pinned like the dtype: measuring and compiling it costs each server seconds, and
-    # the compiled way has tests of its own (engine/test_rows_attention, commands/test_serve_engine)
-    keys = [f"runs=[{run}]", "dtype=fp32", "attention=sdpa", "slots=4", f"files_dir={tmp}"]
+    # the rows' attention and the step pinned like the dtype: measuring and compiling them costs each server
+    # seconds (a captured step a minute), and the compiled ways have tests of their own
+    # (engine/test_rows_attention, engine/test_captured_step, commands/test_serve_engine, test_serve_step)
+    keys = [f"runs=[{run}]", "dtype=fp32", "attention=sdpa", "step=eager", "slots=4", f"files_dir={tmp}"]
     return load_config("serve", [*keys, *extra])
 
 
@@ -198,9 +199,10 @@ def test_serve_takes_auto_sdpa_or_compiled_and_names_the_key_otherwise():
         validate("serve", load_config("serve", ["runs=[r]", "checks=thread"]))
 
 
-def test_serve_takes_eager_or_captured_steps_and_captured_needs_nn_linear():
-    assert validate("serve", load_config("serve", ["runs=[r]"])).step == "eager"
-    with pytest.raises(ConfigError, match="step.*eager or captured"):
+def test_serve_takes_auto_eager_or_captured_steps_and_captured_needs_nn_linear():
+    assert validate("serve", load_config("serve", ["runs=[r]"])).step == "auto"
+    assert validate("serve", load_config("serve", ["runs=[r]", "step=eager"])).step == "eager"
+    with pytest.raises(ConfigError, match="step.*auto, eager or captured"):
         validate("serve", load_config("serve", ["runs=[r]", "step=graph"]))
     with pytest.raises(ConfigError, match="layout.*packed Linear"):
         validate("serve", load_config("serve", ["runs=[r]", "step=captured", "layout=packed"]))

@@ -40,9 +40,10 @@ def protein_run(tmp_path_factory):
 
 
 def serve_config(run, tmp, *extra):
-    # the rows' attention pinned like the dtype: measuring and compiling it costs each server seconds, and
-    # the compiled way has tests of its own (engine/test_rows_attention, commands/test_serve_engine)
-    keys = [f"runs=[{run}]", "dtype=fp32", "attention=sdpa", "slots=4", f"files_dir={tmp}"]
+    # the rows' attention and the step pinned like the dtype: measuring and compiling them costs each server
+    # seconds (a captured step a minute), and the compiled ways have tests of their own
+    # (engine/test_rows_attention, engine/test_captured_step, commands/test_serve_engine, test_serve_step)
+    keys = [f"runs=[{run}]", "dtype=fp32", "attention=sdpa", "step=eager", "slots=4", f"files_dir={tmp}"]
     return load_config("serve", [*keys, *extra])
 
 

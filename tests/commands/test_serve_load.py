@@ -23,7 +23,9 @@ from serve_load import Outcome, Server, arrivals, soak, start_server, stop_serve
 @pytest.fixture
 def server(tmp_path):
     run = copy_fixture_run(tmp_path)
-    s = start_server(run, 4, tmp_path, "dtype=fp32", "max_queue=16", "drain_timeout=20", ready_s=90)
+    s = start_server(
+        run, 4, tmp_path, "dtype=fp32", "step=eager", "max_queue=16", "drain_timeout=20", ready_s=90
+    )
     yield s
     stop_server(s, timeout=20)
 

@@ -161,6 +161,7 @@ def server(runs, tmp_path_factory):
             f"runs=[{','.join(map(str, runs))}]",
             "dtype=fp32",
             "attention=sdpa",  # as test_serve_http's servers
+            "step=eager",
             "slots=4",
             f"files_dir={files}",
             "max_tokens=20000",

@@ -1,0 +1,137 @@
+"""How a served model's decoding steps run, `step=`: `eager` (every op dispatched from Python, weights in
+the layout generate measures fastest), `captured` (a step without a prompt chunk as one compiled graph,
+engine.captured_step: nn.Linear weights, which inductor freezes and packs itself), or `auto`: both built
+and timed at `slots` rows spread over the context, rounds alternated, the faster kept. The choice is
+cached per machine, slot count, model shape and the keys that narrow it ($MULTIAR_CACHE/
+decode_layout.json), so a later start builds the winner only. A captured step that fails to build
+(inductor needs a C++ compiler on a CPU) leaves eager, with one warning line."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from copy import deepcopy
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from multiar.commands.sampling_setup import sampling_model
+from multiar.engine.captured_step import CapturedStep
+from multiar.engine.layout import machine_key, read_cache, write_cache
+from multiar.engine.model import GPT
+from multiar.engine.rows_attention import RowsAttention, choose_rows_attention
+from multiar.engine.segments import Segments
+from multiar.errors import first_line
+from multiar.run_folder import Run
+
+log = logging.getLogger("multiar")
+
+STEPS = ("eager", "captured")
+
+# a timer: (step name -> one decoding step of `slots` rows) -> seconds per step of each; tests inject one
+Timer = Callable[[dict[str, Callable[[], object]]], dict[str, float]]
+
+
+@dataclass
+class ServedModel:
+    """A run's model as its engine steps it: the weights, the rows' attention, whether steps without a
+    prompt chunk run captured, how that was decided, and each way's ms per step where measured."""
+
+    model: GPT
+    attention: RowsAttention
+    step: str  # eager | captured
+    how: str  # forced | measured | cached | only candidate
+    step_ms: dict[str, float] = field(default_factory=dict)
+
+    def log_line(self) -> str:
+        timed = ", ".join(f"{k} {v:.2f}" for k, v in sorted(self.step_ms.items(), key=lambda kv: kv[1]))
+        return f"{self.step} steps, {self.how}" + (f" (ms per step at slots rows: {timed})" if timed else "")
+
+
+def build(
+    run: Run, cfg: DictConfig, step: str, cache_file: Path, copy: bool = False
+) -> tuple[GPT, RowsAttention]:
+    """The run's model laid out for `step` (captured: nn.Linear) and its rows' attention; copy: from a
+    copy of the run's weights (laying out converts them in place)."""
+    layout = "linear" if step == "captured" else cfg.layout
+    if copy:
+        run = dataclasses.replace(run, model=deepcopy(run.model))
+    model, _ = sampling_model(run, cfg.quantize, cfg.dtype, layout=layout, batch_size=cfg.slots)
+    return model, choose_rows_attention(model, cfg.slots, cfg.attention, cache_file)
+
+
+def cache_key(run: Run, cfg: DictConfig) -> str:
+    c = run.model.config
+    return (
+        f"serve step | {machine_key(run.model.wte.weight.device)} | {cfg.slots} rows | "
+        f"{c.n_layer}x{c.n_head}x{c.head_size} | block {c.block_size} | vocab {c.vocab_size} | "
+        f"dtype {cfg.dtype} | layout {cfg.layout} | quantize {cfg.quantize} | attention {cfg.attention}"
+    )
+
+
+def best_seconds(steps: dict[str, Callable[[], object]], rounds: int = 3, calls: int = 8) -> dict[str, float]:
+    """Seconds per call of each step, the best of `rounds` rounds of `calls` calls, rounds alternated."""
+    best = {name: float("inf") for name in steps}
+    with torch.inference_mode():
+        for _ in range(rounds):
+            for name, step in steps.items():
+                step()
+                start = time.perf_counter()
+                for _ in range(calls):
+                    step()
+                best[name] = min(best[name], (time.perf_counter() - start) / calls)
+    return best
+
+
+def decoding_steps(
+    eager: tuple[GPT, RowsAttention], captured: CapturedStep, slots: int
+) -> dict[str, Callable]:
+    """One decoding step of `slots` rows spread over the context (the furthest at its end), each way;
+    the eager model's caches set up in its attention's dtype, the captured one's already are."""
+    model, attention = eager
+    block, device = model.config.block_size, model.wte.weight.device
+    model.setup_caches(max_batch_size=slots, max_seq_length=block, kv_dtype=attention.kv_dtype)
+    positions = torch.linspace(block - 1, 0, slots, device=device).long()
+    ids = torch.zeros(slots, dtype=torch.long, device=device)
+    return {
+        "eager": lambda: model.forward_segments(ids, Segments(slots, positions, attend=attention.attend)),
+        "captured": lambda: captured(ids, positions, block),
+    }
+
+
+def served_model(run: Run, cfg: DictConfig, cache_file: Path, timer: Timer | None = None) -> ServedModel:
+    """The run's model for its engine, its steps eager or captured as cfg.step asks (auto: the faster
+    here, measured or cached)."""
+    if cfg.step != "auto" or cfg.layout == "packed":  # packed weights: inductor cannot lower them
+        step = "eager" if cfg.step == "auto" else cfg.step
+        return ServedModel(
+            *build(run, cfg, step, cache_file), step, "forced" if cfg.step != "auto" else "only candidate"
+        )
+    key = cache_key(run, cfg)
+    entry = read_cache(cache_file, key)
+    if entry is not None and entry.get("picked") in STEPS:
+        picked = entry["picked"]
+        return ServedModel(
+            *build(run, cfg, picked, cache_file), picked, "cached", dict(entry.get("step_ms", {}))
+        )
+    eager = build(run, cfg, "eager", cache_file, copy=True)
+    try:
+        linear, attention = build(run, cfg, "captured", cache_file)
+        linear.setup_caches(
+            max_batch_size=cfg.slots, max_seq_length=linear.config.block_size, kv_dtype=attention.kv_dtype
+        )
+        captured = CapturedStep(linear, cfg.slots)
+    except Exception as err:  # noqa: BLE001 (inductor fails many ways: no compiler, no headers)
+        log.warning("serve: a captured step does not build here (%s): eager steps", first_line(err))
+        return ServedModel(*eager, "eager", "only candidate")
+    seconds = (timer or best_seconds)(decoding_steps(eager, captured, cfg.slots))
+    eager[0].clear_caches()
+    step_ms = {name: 1e3 * s for name, s in seconds.items()}
+    picked = min(step_ms, key=step_ms.__getitem__)
+    write_cache(cache_file, key, {"picked": picked, "step_ms": step_ms})
+    model, attention = eager if picked == "eager" else (linear, attention)
+    return ServedModel(model, attention, picked, "measured", step_ms)
