@@ -4,6 +4,7 @@ same weights, exported through `multiar export`, side by side in one process, in
     .venv/bin/python benchmarks/inference_speed.py [--repeats 5] [--new 256] [--json out.json]
         [--pair runs/big runs/small]     # speculative decoding on a trained target/draft pair
         [--llama-cpp DIR]                # + llama.cpp rows where llama-cpp-python is installed
+        [--llama-server BIN]             # + llama.cpp rows through its own server (no Python binding)
 
 Rows: every candidate `multiar.engine.layout.prepare_for_decoding` measures (fp32 and bf16, nn.Linear
 and oneDNN-packed), what it picked at that batch size ("multiar auto", measured afresh here, no cache),
@@ -23,10 +24,12 @@ how close a run gets to the hardware's limit.
 from __future__ import annotations
 
 import argparse
+import atexit
 import copy
 import json
 import random
 import statistics
+import subprocess
 import tempfile
 import time
 from functools import partial
@@ -124,6 +127,54 @@ def llama_cpp_entries(folder: Path | None, shape: str, model: GPT, batch: int, a
     return entries
 
 
+def llama_server_entries(
+    binary: Path | None, folder: Path, shape: str, model: GPT, batch: int, args, servers: list
+):  # noqa: ANN001
+    """llama.cpp rows through its own server (batch 1): this shape's weights as f32/f16/bf16 GGUF files,
+    one `llama-server` each (2 threads, one slot), each row one streaming-free POST /completion of
+    args.new tokens at temperature 1 (its other samplers neutral, no EOS, no prompt cache), timed from
+    the request to the reply like multiar's generate (a 16-token prompt's prefill included). The
+    servers wait idle between requests; they are stopped at the end (servers collects them)."""
+    if binary is None or batch != 1:
+        return {}
+    import httpx
+    from serve_load import start_llama_server
+
+    from multiar.engine.gguf_format import Vocabulary, write_gguf
+
+    folder.mkdir(parents=True, exist_ok=True)
+    size = model.config.vocab_size
+    names = ["<pad>", "<bos>", "<eos>", *(f"t{i}" for i in range(3, size))]
+    vocab = Vocabulary(size, 1, 2, 0, names, [3, 3, 3] + [1] * (size - 3))
+    prompt = torch.randint(3, 512, (args.prompt,)).tolist()
+    entries = {}
+    for kind in LLAMA_TYPES:
+        path = folder / f"{shape}-{kind}-server.gguf"
+        write_gguf(model, path, kind, vocab, {"name": shape})
+        server = start_llama_server(binary, path, 1, folder)
+        servers.append(server)
+        body = {"prompt": prompt, "n_predict": args.new, "ignore_eos": True, "temperature": 1.0, "top_k": 0,
+                "top_p": 1.0, "min_p": 0.0, "typical_p": 1.0, "repeat_penalty": 1.0, "cache_prompt": False,
+                "seed": 0}  # fmt: skip
+
+        def run(url=server.url, body=body) -> None:
+            r = httpx.post(f"{url}/completion", json=body, timeout=600)
+            r.raise_for_status()
+            if r.json()["timings"]["predicted_n"] != args.new:
+                raise RuntimeError(f"llama-server gave {r.json()['timings']['predicted_n']} tokens")
+
+        entries[f"llama-server {kind}"] = run
+    return entries
+
+
+def stop_llama(server) -> None:  # noqa: ANN001
+    server.proc.terminate()
+    try:
+        server.proc.wait(20)
+    except subprocess.TimeoutExpired:
+        server.proc.kill()
+
+
 def bench(entries: dict, repeats: int) -> dict[str, float]:
     """Interleaved: every entry once per round (in an order shuffled per round), median seconds over
     rounds. Round r seeds torch's global generator with r before each entry: sampled lengths and
@@ -151,6 +202,9 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES))
     parser.add_argument("--compile", action="store_true", help="add torch.compile rows (minutes to compile)")
     parser.add_argument("--llama-cpp", type=Path, default=None, help="folder of GGUF files (see above)")
+    parser.add_argument(
+        "--llama-server", type=Path, default=None, help="llama.cpp's llama-server binary: its rows at batch 1"
+    )
     parser.add_argument("--batches", nargs="*", type=int, default=[1, 8])
     args = parser.parse_args()
     import transformers
@@ -161,6 +215,9 @@ def main() -> None:
         f"RAM read {bw:.1f} GB/s; prompt {args.prompt}, {args.new} new tokens, sampling, median of {args.repeats}"
     )
     rows, ceilings = [], {}
+    servers: list = []  # llama-server processes (--llama-server), stopped when this script ends
+    gguf_dir = Path(tempfile.mkdtemp(prefix="inference_speed_gguf_"))
+    atexit.register(lambda: [stop_llama(s) for s in servers])
     for shape_name in args.shapes:
         torch.manual_seed(0)
         model = GPT(ModelConfig(vocab_size=512, block_size=1024, **SHAPES[shape_name])).eval()
@@ -179,6 +236,10 @@ def main() -> None:
         hf = to_transformers(model)
         if args.compile:
             engines["multiar fp32 compile"] = compile_for_sampling(copy.deepcopy(model))
+            # what `multiar generate compile=true` runs: the dtype measured over nn.Linear, then compiled
+            compiled, compiled_choice = prepare_for_decoding(copy.deepcopy(model), compile=True)
+            engines[f"multiar compile=true ({compiled_choice.dtype})"] = compiled
+            print(f"{shape_name:6s} compile=true: {compiled_choice.log_line()}")
             # transformers' documented recipe: a static cache and a compiled forward
             hf_compiled = to_transformers(model)
             hf_compiled.generation_config.cache_implementation = "static"
@@ -207,6 +268,9 @@ def main() -> None:
             picked = f"multiar auto ({choice.dtype} {choice.layout.replace('linear', 'nn.Linear')})"
             entries[picked] = partial(generate, auto, prompt, args.new)
             entries |= llama_cpp_entries(args.llama_cpp, shape_name, model, batch, args)
+            entries |= llama_server_entries(
+                args.llama_server, gguf_dir, shape_name, model, batch, args, servers
+            )
             with torch.inference_mode():
                 seconds = bench(entries, args.repeats)
             tokens = batch * args.new

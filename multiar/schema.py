@@ -348,8 +348,9 @@ class GenerateSchema:
         "auto (nn.Linear or oneDNN-packed weights, whichever decodes faster here), linear or packed", "auto"
     )
     compile: bool = doc(
-        "torch.compile the one-token decode step (static shapes, freezing): ~10-30 s to compile, no faster "
-        "than the packed eager path on 2 CPU cores (benchmarks/README.md)",
+        "torch.compile the one-token decode step (static shapes, frozen weights, a C++ wrapper on a CPU): "
+        "~25-45 s to compile on 2 CPU cores, then 1.2-1.6x the default at batch 1, no gain at batch 8 "
+        "(benchmarks/README.md)",
         False,
     )
     draft: str | None = doc(
