@@ -4,6 +4,7 @@ finish (up to drain_timeout), new ones get 503. Loopback by default; another hos
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import ipaddress
 import logging
@@ -102,6 +103,7 @@ def load_models(cfg: DictConfig, files_dir: Path) -> dict[str, Served]:
             f"{served.step} steps ({served.how}), checks {info['checks']}",
             flush=True,
         )
+        run = dataclasses.replace(run, model=model)  # the candidate not served is not kept alive by the run
         models[name] = Served(name, run, model, base, engine, files_dir / name, cfg.max_tokens, cfg.max_n)
     return models
 

@@ -4,7 +4,8 @@ engine.captured_step: nn.Linear weights, which inductor freezes and packs itself
 and timed at `slots` rows spread over the context, rounds alternated, the faster kept. The choice is
 cached per machine, slot count, model shape and the keys that narrow it ($MULTIAR_CACHE/
 decode_layout.json), so a later start builds the winner only. A captured step that fails to build
-(inductor needs a C++ compiler on a CPU) leaves eager, with one warning line."""
+(inductor needs a C++ compiler on a CPU), now or since its choice was cached, leaves eager, with one
+warning line."""
 
 from __future__ import annotations
 
@@ -68,21 +69,26 @@ def cache_key(run: Run, cfg: DictConfig) -> str:
     c = run.model.config
     return (
         f"serve step | {machine_key(run.model.wte.weight.device)} | {cfg.slots} rows | "
-        f"{c.n_layer}x{c.n_head}x{c.head_size} | block {c.block_size} | vocab {c.vocab_size} | "
+        f"{c.n_layer}x{c.n_head}x{c.head_size} | mlp {run.model.blocks[0].mlp.down.in_features} | "
+        f"block {c.block_size} | vocab {c.vocab_size} | "
         f"dtype {cfg.dtype} | layout {cfg.layout} | quantize {cfg.quantize} | attention {cfg.attention}"
     )
 
 
 def best_seconds(steps: dict[str, Callable[[], object]], rounds: int = 3, calls: int = 8) -> dict[str, float]:
-    """Seconds per call of each step, the best of `rounds` rounds of `calls` calls, rounds alternated."""
+    """Seconds per call of each step, the best of `rounds` rounds of `calls` calls, rounds alternated
+    (on a GPU each round waits for its kernels: a launch is not a step)."""
     best = {name: float("inf") for name in steps}
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     with torch.inference_mode():
         for _ in range(rounds):
             for name, step in steps.items():
                 step()
+                sync()
                 start = time.perf_counter()
                 for _ in range(calls):
                     step()
+                sync()
                 best[name] = min(best[name], (time.perf_counter() - start) / calls)
     return best
 
@@ -103,35 +109,52 @@ def decoding_steps(
     }
 
 
+def captured_candidate(
+    run: Run, cfg: DictConfig, cache_file: Path
+) -> tuple[GPT, RowsAttention, CapturedStep]:
+    """The captured way, built (compiled) from a copy of the run's weights; raises where it cannot be."""
+    model, attention = build(run, cfg, "captured", cache_file, copy=True)
+    block = model.config.block_size
+    model.setup_caches(max_batch_size=cfg.slots, max_seq_length=block, kv_dtype=attention.kv_dtype)
+    return model, attention, CapturedStep(model, cfg.slots)
+
+
+def release(model: GPT) -> None:
+    """A candidate's caches freed (a captured one keeps them otherwise)."""
+    model.keep_caches = False
+    model.clear_caches()
+
+
 def served_model(run: Run, cfg: DictConfig, cache_file: Path, timer: Timer | None = None) -> ServedModel:
     """The run's model for its engine, its steps eager or captured as cfg.step asks (auto: the faster
-    here, measured or cached)."""
+    here, measured or cached). The run's own weights are laid out for eager steps when those are
+    served; the captured way is built from a copy."""
     if cfg.step != "auto" or cfg.layout == "packed":  # packed weights: inductor cannot lower them
         step = "eager" if cfg.step == "auto" else cfg.step
-        return ServedModel(
-            *build(run, cfg, step, cache_file), step, "forced" if cfg.step != "auto" else "only candidate"
-        )
+        how = "forced" if cfg.step != "auto" else "only candidate"
+        return ServedModel(*build(run, cfg, step, cache_file), step, how)
     key = cache_key(run, cfg)
     entry = read_cache(cache_file, key)
-    if entry is not None and entry.get("picked") in STEPS:
-        picked = entry["picked"]
-        return ServedModel(
-            *build(run, cfg, picked, cache_file), picked, "cached", dict(entry.get("step_ms", {}))
-        )
-    eager = build(run, cfg, "eager", cache_file, copy=True)
+    picked = entry.get("picked") if entry is not None else None
     try:
-        linear, attention = build(run, cfg, "captured", cache_file)
-        linear.setup_caches(
-            max_batch_size=cfg.slots, max_seq_length=linear.config.block_size, kv_dtype=attention.kv_dtype
-        )
-        captured = CapturedStep(linear, cfg.slots)
+        if picked == "eager":
+            return ServedModel(
+                *build(run, cfg, "eager", cache_file), "eager", "cached", dict(entry["step_ms"])
+            )
+        captured = captured_candidate(run, cfg, cache_file)
     except Exception as err:  # noqa: BLE001 (inductor fails many ways: no compiler, no headers)
         log.warning("serve: a captured step does not build here (%s): eager steps", first_line(err))
-        return ServedModel(*eager, "eager", "only candidate")
-    seconds = (timer or best_seconds)(decoding_steps(eager, captured, cfg.slots))
+        return ServedModel(*build(run, cfg, "eager", cache_file), "eager", "only candidate")
+    if picked == "captured":
+        return ServedModel(captured[0], captured[1], "captured", "cached", dict(entry["step_ms"]))
+    eager = build(run, cfg, "eager", cache_file)
+    seconds = (timer or best_seconds)(decoding_steps(eager, captured[2], cfg.slots))
     eager[0].clear_caches()
     step_ms = {name: 1e3 * s for name, s in seconds.items()}
     picked = min(step_ms, key=step_ms.__getitem__)
     write_cache(cache_file, key, {"picked": picked, "step_ms": step_ms})
-    model, attention = eager if picked == "eager" else (linear, attention)
-    return ServedModel(model, attention, picked, "measured", step_ms)
+    if picked == "eager":
+        release(captured[0])
+        return ServedModel(*eager, "eager", "measured", step_ms)
+    release(eager[0])
+    return ServedModel(captured[0], captured[1], "captured", "measured", step_ms)

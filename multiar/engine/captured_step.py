@@ -4,8 +4,9 @@ decoding rows' forward — norms, linears, rotary positions, cache writes, atten
 each a Python dispatch. The weights are frozen into the graph (inductor packs them for oneDNN itself, so
 the model keeps nn.Linear: inductor cannot lower multiar's packed Linear) and on a CPU a C++ wrapper
 calls the kernels (engine.inductor_options): a 16-slot protein step 1.5x faster than compiled with
-neither, 2x the eager packed step (benchmarks/README.md, serve). The graph is compiled on the calling (loading) thread for every case a step meets, since
-a compile on the engine thread would stall every row for seconds. No Lightning, Hydra or domain code here.
+neither, 2x the eager packed step (benchmarks/README.md, serve). The graph is compiled on the calling
+(loading) thread for every case a step meets, since a compile on the engine thread would stall every row
+for seconds. No Lightning, Hydra or domain code here.
 """
 
 from __future__ import annotations

@@ -80,15 +80,27 @@ def test_auto_keeps_the_faster_step_built_from_the_same_weights_and_caches_it(
         isinstance(m, torch.nn.Linear)
         for m in (built["captured"].blocks[0].attn.qkv, built["captured"].lm_head)
     )
+    loser = built[({"eager", "captured"} - {winner}).pop()]
+    assert loser.blocks[0].attn.kv_cache is None  # the candidate not kept holds no KV cache
     entry = next(v for k, v in json.loads(cache.read_text()).items() if k.startswith("serve step"))
     assert entry["picked"] == winner
 
     # a later start reads the choice and builds the winner only
-    monkeypatch.setattr(serve_step, "CapturedStep", BrokenStep)
+    built.clear()
     again = serve_step.served_model(
         load_run(protein_run), cfg("dtype=bf16"), cache, timer_preferring("eager", {})
     )
     assert (again.step, again.how, again.step_ms) == (winner, "cached", served.step_ms)
+    assert list(built) == [winner]
+
+    # ... and a cached captured step that no longer builds here leaves eager
+    monkeypatch.setattr(serve_step, "CapturedStep", BrokenStep)
+    built.clear()
+    fallback = serve_step.served_model(
+        load_run(protein_run), cfg("dtype=bf16"), cache, timer_preferring("x", {})
+    )
+    assert (fallback.step, list(built)[-1]) == ("eager", "eager")
+    assert fallback.how == ("only candidate" if winner == "captured" else "cached")
 
 
 def test_a_captured_step_that_does_not_build_leaves_eager(protein_run, tmp_path, monkeypatch, caplog):
