@@ -91,6 +91,14 @@ def to_transformers(model: GPT):
     return hf
 
 
+def plain_vocabulary(size: int):  # noqa: ANN201
+    """The GGUF vocabulary of the random-weight shapes: <pad>, <bos>, <eos> and plain tokens t3..."""
+    from multiar.engine.gguf_format import Vocabulary
+
+    names = ["<pad>", "<bos>", "<eos>", *(f"t{i}" for i in range(3, size))]
+    return Vocabulary(size, 1, 2, 0, names, [3, 3, 3] + [1] * (size - 3))
+
+
 def llama_cpp_entries(folder: Path | None, shape: str, model: GPT, batch: int, args) -> dict:  # noqa: ANN001
     """llama.cpp rows (batch 1 only: llama-cpp-python samples one sequence): this shape's weights as
     GGUF files in folder (written each run), sampled at temperature 1 for args.new tokens; {} where
@@ -103,11 +111,9 @@ def llama_cpp_entries(folder: Path | None, shape: str, model: GPT, batch: int, a
     except ImportError:
         print(f"{shape:6s} llama.cpp rows skipped: llama-cpp-python is not installed")
         return {}
-    from multiar.engine.gguf_format import Vocabulary, write_gguf
+    from multiar.engine.gguf_format import write_gguf
 
-    size = model.config.vocab_size
-    names = ["<pad>", "<bos>", "<eos>", *(f"t{i}" for i in range(3, size))]
-    vocab = Vocabulary(size, 1, 2, 0, names, [3, 3, 3] + [1] * (size - 3))
+    vocab = plain_vocabulary(model.config.vocab_size)
     entries = {}
     prompt = torch.randint(3, 512, (args.prompt,)).tolist()
     for kind in LLAMA_TYPES:
@@ -140,12 +146,10 @@ def llama_server_entries(
     import httpx
     from serve_load import start_llama_server
 
-    from multiar.engine.gguf_format import Vocabulary, write_gguf
+    from multiar.engine.gguf_format import write_gguf
 
     folder.mkdir(parents=True, exist_ok=True)
-    size = model.config.vocab_size
-    names = ["<pad>", "<bos>", "<eos>", *(f"t{i}" for i in range(3, size))]
-    vocab = Vocabulary(size, 1, 2, 0, names, [3, 3, 3] + [1] * (size - 3))
+    vocab = plain_vocabulary(model.config.vocab_size)
     prompt = torch.randint(3, 512, (args.prompt,)).tolist()
     entries = {}
     for kind in LLAMA_TYPES:

@@ -75,11 +75,13 @@ def cache_key(run: Run, cfg: DictConfig) -> str:
     )
 
 
-def best_seconds(steps: dict[str, Callable[[], object]], rounds: int = 3, calls: int = 8) -> dict[str, float]:
+def best_seconds(
+    steps: dict[str, Callable[[], object]], device: torch.device, rounds: int = 3, calls: int = 8
+) -> dict[str, float]:
     """Seconds per call of each step, the best of `rounds` rounds of `calls` calls, rounds alternated
     (on a GPU each round waits for its kernels: a launch is not a step)."""
     best = {name: float("inf") for name in steps}
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     with torch.inference_mode():
         for _ in range(rounds):
             for name, step in steps.items():
@@ -136,11 +138,9 @@ def served_model(run: Run, cfg: DictConfig, cache_file: Path, timer: Timer | Non
     key = cache_key(run, cfg)
     entry = read_cache(cache_file, key)
     picked = entry.get("picked") if entry is not None else None
-    try:
-        if picked == "eager":
-            return ServedModel(
-                *build(run, cfg, "eager", cache_file), "eager", "cached", dict(entry["step_ms"])
-            )
+    if picked == "eager":
+        return ServedModel(*build(run, cfg, "eager", cache_file), "eager", "cached", dict(entry["step_ms"]))
+    try:  # only the captured way's build is guarded: an eager build's error is the load's own
         captured = captured_candidate(run, cfg, cache_file)
     except Exception as err:  # noqa: BLE001 (inductor fails many ways: no compiler, no headers)
         log.warning("serve: a captured step does not build here (%s): eager steps", first_line(err))
@@ -148,7 +148,10 @@ def served_model(run: Run, cfg: DictConfig, cache_file: Path, timer: Timer | Non
     if picked == "captured":
         return ServedModel(captured[0], captured[1], "captured", "cached", dict(entry["step_ms"]))
     eager = build(run, cfg, "eager", cache_file)
-    seconds = (timer or best_seconds)(decoding_steps(eager, captured[2], cfg.slots))
+    device = eager[0].wte.weight.device
+    seconds = (timer or (lambda steps: best_seconds(steps, device)))(
+        decoding_steps(eager, captured[2], cfg.slots)
+    )
     eager[0].clear_caches()
     step_ms = {name: 1e3 * s for name, s in seconds.items()}
     picked = min(step_ms, key=step_ms.__getitem__)
