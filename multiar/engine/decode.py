@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
+from multiar.engine.captured_step import decode_rows
 from multiar.engine.inductor_options import inductor_options
 from multiar.engine.model import GPT
 from multiar.engine.rows import Rows, Token, as_rows, extend_row, window_tail
@@ -51,25 +52,31 @@ def decode_one_token(model: GPT, token: Tensor, pos: int) -> Tensor:
 def compile_for_sampling(model: GPT) -> GPT:
     """model (in place) with its one-token decode step compiled by torch.compile, gpt-fast style: static
     shapes (per-row tensor positions, attention over the whole cache with a mask), so one graph serves
-    every step and inductor's freezing folds the weights in (on a CPU it packs fp32 linears for MKL,
-    bf16 ones for oneDNN), called through a C++ wrapper on a CPU (engine.inductor_options).
-    The KV caches are kept between calls (the graph holds on to them). Prefill and other multi-token
-    passes stay eager. The first step compiles (tens of seconds on 2 CPU cores)."""
+    every step. The graph is the slot engine's decode step (engine.captured_step.decode_rows: attention
+    as inductor's own fused kernel, not SDPA's flash kernel, whose set-up cost a one-query row does not
+    repay); inductor freezes the weights in, times each matmul's kernels (its C++ GEMM template against
+    oneDNN / MKL on a CPU) and calls them through a C++ wrapper (engine.inductor_options). The KV caches
+    are kept between calls (the graph holds on to them). Prefill and other multi-token passes stay eager.
+    The first step compiles (tens of seconds on 2 CPU cores)."""
     model.eval()
     model.keep_caches = True
     eager = model.forward
-    step = torch.compile(eager, dynamic=False)
-    options = inductor_options(cpp_wrapper=model.wte.weight.device.type == "cpu")  # entered at every call
+    step = torch.compile(decode_rows, dynamic=False)
+    on_cpu = model.wte.weight.device.type == "cpu"
+    options = inductor_options(cpp_wrapper=on_cpu, autotune=True)  # entered at every call
 
     def forward(idx: Tensor, input_pos: int | Tensor | None = None, **kwargs) -> Tensor:
         if input_pos is None or idx.size(1) != 1 or kwargs.get("logits_at") is not None:
             return eager(idx, input_pos, **kwargs)
-        if isinstance(input_pos, int):  # every row at one position: one (1,) tensor
-            input_pos = torch.tensor([input_pos], device=idx.device)
+        B = idx.size(0)
+        if isinstance(input_pos, int):  # every row at one position
+            positions = torch.full((B,), input_pos, dtype=torch.long, device=idx.device)
+        else:  # (1,) shared or (B, 1) per row -> (B,)
+            positions = input_pos.reshape(-1).expand(B).contiguous()
         # for this graph only (compile's options= did not apply freezing, torch 2.13); read when a call
         # compiles, so the patch is around every call
         with options:
-            return step(idx, input_pos, kv_len=model.max_seq_length)
+            return step(model, idx[:, 0], positions, model.max_seq_length)[:, None]  # (B, 1, V)
 
     model.forward = forward
     return model

@@ -3,8 +3,13 @@
 graph's kernels one after another without returning to Python between them. At decode sizes a step is
 made of ~100-200 small kernels, so the Python wrapper's per-kernel cost is much of the step: the
 10.8M model's batch-1 step 1.7x faster and a 16-slot serve step 1.5x faster with both than with neither
-(benchmarks/README.md). Both switches are inductor's private config; where a torch lacks one, the graph
-is compiled without it (one warning line). No Lightning, Hydra or domain code here.
+(benchmarks/README.md). For a graph of static shapes, `autotune` also has inductor time each matmul's
+kernels as it compiles and keep the faster (on a CPU its own C++ GEMM template against oneDNN / MKL):
+at one row a oneDNN bf16 call costs 40-70 us whatever its size, the template's runs near the weights'
+read time (benchmarks/README.md, issue 19). Not for dynamic row counts: the template's blocking for a
+size unknown at compile time ran 5-15x slower than oneDNN there. These switches are inductor's private
+config; where a torch lacks one, the graph is compiled without it (one warning line). No Lightning,
+Hydra or domain code here.
 """
 
 from __future__ import annotations
@@ -15,19 +20,34 @@ import logging
 log = logging.getLogger("multiar")
 
 # what each switch buys, for the warning when it is missing
-SWITCHES = {"freezing": "frozen weights", "cpp_wrapper": "a C++ wrapper"}
+SWITCHES = {
+    "freezing": "frozen weights",
+    "cpp_wrapper": "a C++ wrapper",
+    "max_autotune": "timing each matmul's kernels",
+    "max_autotune_gemm_backends": "its own GEMM kernels among them",
+}
 
 
-def inductor_options(cpp_wrapper: bool = True) -> contextlib.AbstractContextManager:
-    """A context that turns on inductor's freezing (and its C++ wrapper when cpp_wrapper: on a CPU)
-    around a compiled call: read when a call compiles, so it is entered around every call. Switches this
-    torch lacks are left out, each with one warning line."""
+def inductor_options(cpp_wrapper: bool = True, autotune: bool = False) -> contextlib.AbstractContextManager:
+    """A context that turns on inductor's freezing (and its C++ wrapper when cpp_wrapper: on a CPU; and
+    with autotune, matmul kernels timed at compile time, on a CPU inductor's C++ GEMM template among
+    them) around a compiled call: read when a call compiles, so it is entered around every call. Switches
+    this torch lacks are left out, each with one warning line."""
     try:
         import torch._inductor.config as config
     except ImportError:
         config = None
-    wanted = ["freezing", "cpp_wrapper"] if cpp_wrapper else ["freezing"]
-    present = {k: True for k in wanted if hasattr(config, k)}
+    wanted: dict[str, object] = {"freezing": True}
+    if cpp_wrapper:
+        wanted["cpp_wrapper"] = True
+    if autotune:
+        wanted["max_autotune"] = True
+        if cpp_wrapper:  # a CPU: the C++ template beside ATen's oneDNN / MKL calls
+            wanted["max_autotune_gemm_backends"] = "CPP,ATEN"
+    present = {k: v for k, v in wanted.items() if hasattr(config, k)}
+    if "max_autotune" in present:  # its tables on stderr at every compile: not a user's business
+        quiet = {"autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
+        present |= {k: v for k, v in quiet.items() if hasattr(config, k)}
     for k in wanted:
         if k not in present:
             log.warning(

@@ -266,3 +266,22 @@ def test_compiled_graphs_fall_back_without_an_inductor_switch(monkeypatch, caplo
         "torch._inductor.config.cpp_wrapper is missing in this torch: compiling without a C++ wrapper",
         "torch._inductor.config.freezing is missing in this torch: compiling without frozen weights",
     ]
+
+
+def test_autotuned_graphs_time_inductors_gemm_template_beside_aten_quietly(monkeypatch, caplog):
+    import torch._inductor.config as inductor_config
+
+    from multiar.engine.inductor_options import inductor_options
+
+    with inductor_options(cpp_wrapper=True, autotune=True):
+        assert inductor_config.max_autotune and inductor_config.freezing and inductor_config.cpp_wrapper
+        assert inductor_config.max_autotune_gemm_backends == "CPP,ATEN"  # measured against each other
+        assert inductor_config.autotune_num_choices_displayed == 0  # no tables on a user's stderr
+    assert not inductor_config.max_autotune
+    with inductor_options(cpp_wrapper=False, autotune=True):  # not a CPU: inductor's own backends
+        assert inductor_config.max_autotune and not inductor_config.cpp_wrapper
+        assert inductor_config.max_autotune_gemm_backends != "CPP,ATEN"
+    monkeypatch.delattr(inductor_config, "max_autotune")
+    with caplog.at_level(logging.WARNING, logger="multiar"), inductor_options(autotune=True):
+        assert inductor_config.freezing
+    assert "max_autotune is missing in this torch" in caplog.text
