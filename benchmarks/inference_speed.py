@@ -9,7 +9,9 @@ same weights, exported through `multiar export`, side by side in one process, in
 Rows: every candidate `multiar.engine.layout.prepare_for_decoding` measures (fp32 and bf16, nn.Linear
 and oneDNN-packed), what it picked at that batch size ("multiar auto", measured afresh here, no cache),
 int8 and int4 with their kernels as `quantize` makes them and as prepare_for_decoding picks them per
-layer shape, and transformers' `generate` (the baseline). `--llama-cpp DIR`: the script writes each
+layer shape, and transformers' `generate` (the baseline). `--compile` adds the torch.compile rows:
+fp32 compiled, `compile=true` (the dtype it measures), `compile=true` with int8 and int4 weights, and
+transformers' static-cache compile recipe. `--llama-cpp DIR`: the script writes each
 shape's weights as DIR/<shape>-{f32,f16,bf16}.gguf (`multiar export format=gguf`'s writer, a plain
 512-token vocabulary) and times them through llama-cpp-python (temperature 1, its other samplers off);
 the rows are skipped when it is not installed. With llama.cpp built from source, point it at the
@@ -244,6 +246,10 @@ def main() -> None:
             compiled, compiled_choice = prepare_for_decoding(copy.deepcopy(model), compile=True)
             engines[f"multiar compile=true ({compiled_choice.dtype})"] = compiled
             print(f"{shape_name:6s} compile=true: {compiled_choice.log_line()}")
+            for mode in ("int8", "int4"):  # `compile=true quantize=...`: inductor's int8/int4 GEMMs timed too
+                engines[f"multiar {mode} compile=true"] = prepare_for_decoding(
+                    quantize(copy.deepcopy(model), mode), compile=True
+                )[0]
             # transformers' documented recipe: a static cache and a compiled forward
             hf_compiled = to_transformers(model)
             hf_compiled.generation_config.cache_implementation = "static"

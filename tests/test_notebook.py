@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import nbformat
+import pytest
 from Bio import SeqIO
 from nbclient import NotebookClient
 from symusic import Score
@@ -28,6 +29,8 @@ def test_quickstart_notebook_executes_and_writes_fasta_and_midi(tmp_path):
     assert Score(str(out / "music" / "sample_000.mid")).ticks_per_quarter > 0
 
 
+# slow tier (27-40 s each on 2 cores); the quickstart notebook stays in the default run
+@pytest.mark.slow
 def test_protein_notebook_executes_with_tags_ranking_and_novelty(tmp_path):
     execute("protein.ipynb", tmp_path)
     out = tmp_path / "outputs" / "protein_notebook"
@@ -38,6 +41,8 @@ def test_protein_notebook_executes_with_tags_ranking_and_novelty(tmp_path):
     assert (out / "ranked" / "novelty.png").exists()
 
 
+# slow tier (27-40 s each on 2 cores); the quickstart notebook stays in the default run
+@pytest.mark.slow
 def test_code_notebook_executes_completion_infill_and_report(tmp_path):
     execute("code.ipynb", tmp_path)
     out = tmp_path / "outputs" / "code_notebook"
@@ -46,6 +51,8 @@ def test_code_notebook_executes_completion_infill_and_report(tmp_path):
     assert (out / "complete" / "syntax_report.tsv").exists()
 
 
+# slow tier (27-40 s each on 2 cores); the quickstart notebook stays in the default run
+@pytest.mark.slow
 def test_music_notebook_executes_continuation_piano_rolls_and_statistics(tmp_path):
     nb = execute("music.ipynb", tmp_path)
     out = tmp_path / "outputs" / "music_notebook"

@@ -6,7 +6,8 @@ the model keeps nn.Linear: inductor cannot lower multiar's packed Linear) and on
 calls the kernels (engine.inductor_options): a 16-slot protein step 1.5x faster than compiled with
 neither, 2x the eager packed step (benchmarks/README.md, serve). The graph is compiled on the calling
 (loading) thread for every case a step meets, since a compile on the engine thread would stall every row
-for seconds. No Lightning, Hydra or domain code here.
+for seconds. `decode_rows` is also the graph `compile=true` compiles for `generate` (engine.decode:
+static shapes, every row over the whole cache). No Lightning, Hydra or domain code here.
 """
 
 from __future__ import annotations
