@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 
 log = logging.getLogger("multiar")
 
@@ -48,6 +49,8 @@ def inductor_options(cpp_wrapper: bool = True, autotune: bool = False) -> contex
     if "max_autotune" in present:  # its tables on stderr at every compile: not a user's business
         quiet = {"autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
         present |= {k: v for k, v in quiet.items() if hasattr(config, k)}
+        # nor is the deprecation inductor's timing code warns about (torch 2.13: its own storage call)
+        warnings.filterwarnings("ignore", "TypedStorage is deprecated", UserWarning, "torch._inductor")
     for k in wanted:
         if k not in present:
             log.warning(
