@@ -161,7 +161,8 @@ def draw(p: Prepared, indices: Sequence[int], attempt: int = 0) -> list[tuple[li
             buffers[event.row].append(event.token)
         else:
             ends[event.row], finished = event.end, finished + 1
-            p.progress.update(p.tally.done + finished, p.tally.tokens)
+            # this batch's tokens so far count too: the tally takes them only when the batch ends
+            p.progress.update(p.tally.done + finished, p.tally.tokens + sum(map(len, buffers)))
     p.tally.tokens += sum(map(len, buffers))
     return list(zip(buffers, ends, strict=True))
 

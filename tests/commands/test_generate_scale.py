@@ -170,6 +170,25 @@ def test_progress_is_one_updating_line_on_a_terminal_and_plain_lines_elsewhere()
     assert quiet.getvalue() == ""
 
 
+def test_progress_counts_the_tokens_of_the_batch_still_being_drawn(protein_run, tmp_path, monkeypatch):
+    """A batch's tokens went into the count only when the batch ended: a run of one batch showed 0 tok/s
+    on every line."""
+    import multiar.commands.generate as generate_command
+
+    seen: list[tuple[int, int]] = []
+
+    class Recorded(Progress):
+        def update(self, done: int, tokens: int) -> None:
+            seen.append((done, tokens))
+
+    monkeypatch.setattr(generate_command, "Progress", Recorded)
+    generate(
+        protein_run, tmp_path / "out", "n=4", "batch_size=4", "max_new_tokens=12", "filters.novelty=false"
+    )
+    before_the_end = [(done, tokens) for done, tokens in seen if done < 4]
+    assert before_the_end and all(tokens > 0 for _, tokens in before_the_end)
+
+
 def peak_rss_and_seconds(run: Path, out: Path, n: int, *overrides: str) -> tuple[float, float]:
     """Peak RSS (MB) and wall seconds of `multiar generate` for n samples, in a fresh process."""
     script = (
