@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from multiar.engine.inductor_options import inductor_options
+from multiar.engine.inductor_options import inductor_options, make_room
 from multiar.engine.model import GPT, apply_rope
 from multiar.engine.rows_attention import attend_rows
 
@@ -50,6 +50,7 @@ class CapturedStep:
         self.model = model
         model.keep_caches = True  # the frozen graph holds on to these cache tensors (guarded by identity)
         self.kernel = torch.compile(decode_rows, dynamic=True)
+        make_room(4)  # its four cases below: a server of several runs compiles decode_rows for each
         self.options = inductor_options(cpp_wrapper=model.wte.weight.device.type == "cpu")
         block, device = model.config.block_size, model.wte.weight.device
         # every case a step meets, each size unlike the others (equal sizes at a first compile are guarded

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from multiar.engine.captured_step import decode_rows
-from multiar.engine.inductor_options import inductor_options
+from multiar.engine.inductor_options import inductor_options, make_room
 from multiar.engine.model import GPT
 from multiar.engine.rows import Rows, Token, as_rows, extend_row, window_tail
 from multiar.engine.sampling import LogitsProcessor, repetition_penalty
@@ -49,6 +49,11 @@ def decode_one_token(model: GPT, token: Tensor, pos: int) -> Tensor:
     return model(token, pos)[:, -1]
 
 
+# graphs one compiled model may need: one per batch size it meets (a run's batch, its last partial one,
+# the redraws of invalid samples)
+GRAPHS_PER_MODEL = 8
+
+
 def compile_for_sampling(model: GPT) -> GPT:
     """model (in place) with its one-token decode step compiled by torch.compile, gpt-fast style: static
     shapes (per-row tensor positions, attention over the whole cache with a mask), so one graph serves
@@ -62,6 +67,7 @@ def compile_for_sampling(model: GPT) -> GPT:
     model.keep_caches = True
     eager = model.forward
     step = torch.compile(decode_rows, dynamic=False)
+    make_room(GRAPHS_PER_MODEL)
     on_cpu = model.wte.weight.device.type == "cpu"
     options = inductor_options(cpp_wrapper=on_cpu, autotune=True)  # entered at every call
 

@@ -30,10 +30,10 @@ SWITCHES = {
 
 
 def inductor_options(cpp_wrapper: bool = True, autotune: bool = False) -> contextlib.AbstractContextManager:
-    """A context that turns on inductor's freezing (and its C++ wrapper when cpp_wrapper: on a CPU; and
-    with autotune, matmul kernels timed at compile time, on a CPU inductor's C++ GEMM template among
-    them) around a compiled call: read when a call compiles, so it is entered around every call. Switches
-    this torch lacks are left out, each with one warning line."""
+    """A context that turns on inductor's freezing (and its C++ wrapper when cpp_wrapper: pass it for a
+    CPU only; and with autotune, matmul kernels timed at compile time, with cpp_wrapper inductor's C++
+    GEMM template among them) around a compiled call: read when a call compiles, so it is entered around
+    every call. Switches this torch lacks are left out, each with one warning line."""
     try:
         import torch._inductor.config as config
     except ImportError:
@@ -49,7 +49,8 @@ def inductor_options(cpp_wrapper: bool = True, autotune: bool = False) -> contex
     if "max_autotune" in present:  # its tables on stderr at every compile: not a user's business
         quiet = {"autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
         present |= {k: v for k, v in quiet.items() if hasattr(config, k)}
-        # nor is the deprecation inductor's timing code warns about (torch 2.13: its own storage call)
+        # nor is the deprecation inductor's timing code warns about (torch 2.13: its own storage call);
+        # a filter for the whole process, from the first autotuned graph on, on that message from inductor
         warnings.filterwarnings("ignore", "TypedStorage is deprecated", UserWarning, "torch._inductor")
     for k in wanted:
         if k not in present:
@@ -59,3 +60,18 @@ def inductor_options(cpp_wrapper: bool = True, autotune: bool = False) -> contex
     if not present or not hasattr(config, "patch"):
         return contextlib.nullcontext()
     return config.patch(**present)
+
+
+def make_room(graphs: int) -> None:
+    """Raise dynamo's recompile limit by `graphs`: it counts the graphs compiled from one function, and
+    every model compiled here shares one (`captured_step.decode_rows`: each model, batch size and case is
+    a graph of its own). Past the limit (8 by default) dynamo runs the function uncompiled, silently
+    slower than the eager model: a server of three runs (4 graphs each) or a benchmark of several
+    compiled models would reach it."""
+    try:
+        import torch._dynamo.config as config
+    except ImportError:
+        return
+    for key in ("recompile_limit", "accumulated_recompile_limit"):
+        if isinstance(getattr(config, key, None), int):
+            setattr(config, key, getattr(config, key) + graphs)

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from multiar.engine.inductor_options import make_room
 from multiar.engine.layout import machine_key, read_cache, write_cache
 from multiar.engine.model import GPT
 from multiar.engine.segments import Attend, Segments
@@ -54,6 +55,7 @@ def compiled_attend_rows(
     thread, for every case a step meets: a server whose kernel compiled again on its engine thread
     served 1,488 tokens/s where the same server without compiled 1,905 (benchmarks/README.md, serve)."""
     kernel = torch.compile(attend_rows, dynamic=True)
+    make_room(7)  # its seven cases below: a server of several runs compiles attend_rows for each
 
     def attend(q: Tensor, keys: Tensor, values: Tensor, positions: Tensor) -> Tensor:
         d, q = q.size(0), q.contiguous()  # a split's view otherwise: its strides would be guarded

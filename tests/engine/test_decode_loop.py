@@ -5,6 +5,7 @@ compiled graphs fall back when one of inductor's private switches is missing."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import pytest
@@ -285,3 +286,27 @@ def test_autotuned_graphs_time_inductors_gemm_template_beside_aten_quietly(monke
     with caplog.at_level(logging.WARNING, logger="multiar"), inductor_options(autotune=True):
         assert inductor_config.freezing
     assert "max_autotune is missing in this torch" in caplog.text
+
+
+def test_each_compiled_model_gets_its_own_room_under_dynamos_recompile_limit(monkeypatch):
+    """dynamo counts the graphs of one function, and every compiled model's step is decode_rows: past
+    its limit (8) a model's step ran uncompiled, silently (a benchmark of 4 compiled models at 2 batch
+    sizes, or a server of three runs with captured steps)."""
+    import torch._dynamo.config as dynamo_config
+
+    import multiar.engine.decode as decode
+    from multiar.engine.decode import GRAPHS_PER_MODEL, compile_for_sampling
+
+    asked = []
+
+    def recording(**kwargs):
+        asked.append(kwargs)
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(decode, "inductor_options", recording)
+    monkeypatch.setattr(dynamo_config, "recompile_limit", 8)
+    model = GPT(ModelConfig(vocab_size=16, block_size=16, n_layer=1, n_head=1, n_embd=8))
+    compile_for_sampling(model)
+    compile_for_sampling(GPT(ModelConfig(vocab_size=16, block_size=16, n_layer=1, n_head=1, n_embd=8)))
+    assert dynamo_config.recompile_limit == 8 + 2 * GRAPHS_PER_MODEL
+    assert asked == [{"cpp_wrapper": True, "autotune": True}] * 2  # a CPU: the timed GEMMs, C++ wrapper
