@@ -51,3 +51,18 @@ def test_the_captured_step_gives_the_eager_steps_logits_and_never_compiles_again
     with torch.compiler.set_stance("fail_on_recompile"), torch.inference_mode():
         got = captured(ids.clone(), at.clone(), int(at.max()) + 1)  # made in inference mode, as the engine's
     assert torch.allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.slow  # three compiles, ~80 s on 2 cores
+def test_a_server_of_three_runs_compiles_every_runs_step():
+    """Each CapturedStep compiles decode_rows four times; dynamo's limit of 8 graphs for one function
+    ran the third run's step uncompiled (a server of music, code and protein runs) until each made room."""
+    from torch._dynamo.utils import counters
+
+    before = counters["stats"]["unique_graphs"]
+    for width in (32, 40, 48):
+        torch.manual_seed(width)
+        model = GPT(ModelConfig(vocab_size=40, block_size=64, n_layer=2, n_head=2, n_embd=width)).eval()
+        model.setup_caches(max_batch_size=SLOTS, max_seq_length=64)
+        CapturedStep(model, SLOTS)
+    assert counters["stats"]["unique_graphs"] - before == 12
