@@ -184,6 +184,23 @@ def test_compile_true_samples_the_same_files(tmp_path):
     assert (tmp_path / "compiled" / "samples.fasta").read_text() == eager
 
 
+def test_compiled_decode_step_equals_eager_past_the_window_and_with_fewer_rows_than_its_cache():
+    """The compiled step (engine.captured_step.decode_rows over the whole cache) after the window slid
+    (the cache refilled by an eager prefill, positions starting again) and for a batch smaller than the
+    cache a compiled model keeps from an earlier call."""
+    from multiar.engine.decode import compile_for_sampling, generate
+
+    torch.manual_seed(3)
+    model = GPT(ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)).eval()
+    compiled = compile_for_sampling(copy.deepcopy(model))
+    for prompts in (
+        [[1, 5, 9], [1, 7, 7, 2], [1, 3]],
+        [[1, 5, 9], [1, 4]],
+    ):  # 3 rows, then 2 in a 3-row cache
+        expected = generate(model, prompts=prompts, max_new_tokens=40, temperature=0.0)  # slides twice
+        assert generate(compiled, prompts=prompts, max_new_tokens=40, temperature=0.0) == expected
+
+
 def test_compiled_decode_step_equals_eager_for_aligned_and_ragged_rows():
     from multiar.engine.decode import compile_for_sampling, generate
 
