@@ -304,9 +304,13 @@ def test_each_compiled_model_gets_its_own_room_under_dynamos_recompile_limit(mon
         return contextlib.nullcontext()
 
     monkeypatch.setattr(decode, "inductor_options", recording)
-    monkeypatch.setattr(dynamo_config, "recompile_limit", 8)
-    model = GPT(ModelConfig(vocab_size=16, block_size=16, n_layer=1, n_head=1, n_embd=8))
-    compile_for_sampling(model)
-    compile_for_sampling(GPT(ModelConfig(vocab_size=16, block_size=16, n_layer=1, n_head=1, n_embd=8)))
-    assert dynamo_config.recompile_limit == 8 + 2 * GRAPHS_PER_MODEL
+    # the config module's own patch: pytest's monkeypatch, undone, deletes the key from dynamo's config
+    # (every later compile in the process then failed with "recompile_limit does not exist")
+    before = dynamo_config.recompile_limit  # earlier tests' compiled models raised it already
+    with dynamo_config.patch(recompile_limit=8):
+        model = GPT(ModelConfig(vocab_size=16, block_size=16, n_layer=1, n_head=1, n_embd=8))
+        compile_for_sampling(model)
+        compile_for_sampling(GPT(ModelConfig(vocab_size=16, block_size=16, n_layer=1, n_head=1, n_embd=8)))
+        assert dynamo_config.recompile_limit == 8 + 2 * GRAPHS_PER_MODEL
+    assert dynamo_config.recompile_limit == before
     assert asked == [{"cpp_wrapper": True, "autotune": True}] * 2  # a CPU: the timed GEMMs, C++ wrapper
