@@ -353,6 +353,24 @@ async def metric(url: str, name: str) -> float:
     return float(found.group(1)) if found else float("nan")
 
 
+STEP_ROWS = ("multiar_steps_total", "multiar_step_rows_computed_total", "multiar_step_rows_decoding_total")
+
+
+def step_rows(url: str, api: str) -> list[float] | None:
+    """multiar's step counters (steps, rows computed, rows decoding), None for another server."""
+    return [asyncio.run(metric(url, name)) for name in STEP_ROWS] if api == "multiar" else None
+
+
+def step_rows_between(before: list[float] | None, after: list[float] | None) -> dict[str, float]:
+    """Per step over a round: rows the forward computed and rows decoding (a gap between busy slots is
+    computed too)."""
+    if not before or not after or after[0] <= before[0]:
+        return {}
+    steps, computed, decoding = (a - b for a, b in zip(after, before, strict=True))
+    return {"steps": int(steps), "rows_computed_per_step": round(computed / steps, 2),
+            "rows_decoding_per_step": round(decoding / steps, 2)}  # fmt: skip
+
+
 @dataclass
 class SoakResult:
     requests: int = 0
@@ -522,12 +540,24 @@ def loads(
             capacity = out["closed_loop"]["tokens_per_s"] / NEW_TOKENS  # requests/s the closed loop served
             out["open_loop"] = []
             for k, share in enumerate(args.shares if slots > 1 else args.shares_one):
+                extra: dict[str, Any] = {}
+                if args.recalibrate and k > 0:
+                    # this VM's speed drifts by tens of percent within minutes: a rate set from the first
+                    # closed loop can be 0.8 of what the server does now; measured again right before
+                    again = asyncio.run(closed_loop(server.url, 16, args.per_client, api))
+                    capacity = again["tokens_per_s"] / NEW_TOKENS
+                    extra["closed_loop_before"] = again
                 n = max(args.min_open, round(share * capacity * args.open_seconds))
                 if share == 0.5:  # the rate the TTFT target is judged at: enough requests for a p99
                     n = max(n, args.half_requests)
+                steal0, rows0 = steal_seconds(), step_rows(server.url, api)
                 row = asyncio.run(open_loop(server.url, share * capacity, n, 100 + k, api, slots))
-                out["open_loop"].append({"share_of_closed_rate": share, **row})
+                row["cpu_steal_s"] = round(steal_seconds() - steal0, 2)
+                row |= step_rows_between(rows0, step_rows(server.url, api))
+                out["open_loop"].append({"share_of_closed_rate": share, **extra, **row})
                 print(f"{name} open {share}: {row}", flush=True)
+            if args.recalibrate:  # the server's speed after the last round, to see the drift within it
+                out["closed_loop_after"] = asyncio.run(closed_loop(server.url, 16, args.per_client, api))
         if "soak" in args.only and slots > 1 and api == "multiar":
             out["soak"] = asyncio.run(soak(server, args.soak))
             print(f"{name} soak: { {k: v for k, v in out['soak'].items() if k != 'rss_samples'} }")
@@ -673,6 +703,15 @@ def bf16_batch_drift(run: Path, log_dir: Path, rows: int = 16) -> dict[str, Any]
             "note": "greedy, text positions compared (protein: one letter per token, prompt included)"}  # fmt: skip
 
 
+def steal_seconds() -> float:
+    """CPU time the hypervisor took from this VM's cores so far (/proc/stat's steal column), 0 where absent."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def machine() -> dict[str, Any]:
     info = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     name = re.search(r"Model name:\s+(.+)", info)
@@ -698,6 +737,11 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=600,
         help="requests at least at share 0.5: a p99 of ~170 is their second largest, of 600 their sixth",
+    )
+    p.add_argument(
+        "--recalibrate",
+        action="store_true",
+        help="a closed loop before each open-loop round after the first (its rate sets that round's), one after the last",
     )
     p.add_argument("--soak", type=int, default=2000)
     p.add_argument("--max-queue", type=int, default=64)

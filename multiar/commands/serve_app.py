@@ -260,6 +260,9 @@ def prometheus(state: AppState) -> str:
         ("gauge", "multiar_busy_slots", lambda s: s.engine.busy),
         ("gauge", "multiar_slots", lambda s: s.engine.slots),
         ("counter", "multiar_generated_tokens_total", lambda s: s.engine.stats.tokens),
+        ("counter", "multiar_steps_total", lambda s: s.engine.stats.steps),
+        ("counter", "multiar_step_rows_computed_total", lambda s: s.engine.stats.rows_computed),
+        ("counter", "multiar_step_rows_decoding_total", lambda s: s.engine.stats.rows_decoding),
         ("counter", "multiar_check_cpu_seconds_total", lambda s: s.engine.stats.check_seconds),
         ("counter", "multiar_check_wall_seconds_total", lambda s: s.engine.stats.check_wall_seconds),
     ):

@@ -2,7 +2,8 @@
 preallocated KV cache. Requests wait in a bounded FIFO queue, join between decode steps when a slot is
 free (a request of n samples takes up to n slots), are prefilled in chunks of at most `prefill_chunk`
 tokens per step while the running rows keep decoding, and leave when they end; a freed slot is reused at
-once. Each row has its own sampling settings, generator, processors and stops (engine.rows.RowSettings,
+once, and a decoding row above it moves down into it (a step computes every slot up to the last busy
+one). Each row has its own sampling settings, generator, processors and stops (engine.rows.RowSettings,
 engine.sampling.Sampler): the one decode loop's per-row machinery, in slots. Rows with the same sampling
 settings are sampled in one vectorized call (each row's number from its own generator). A row with a
 per-token check (a grammar, checked_draw.TokenCheck) is processed and drawn (`checks`): on a worker
@@ -103,6 +104,11 @@ class Stats:
 
     tokens: int = 0
     steps: int = 0
+    # rows a step's forward computed (every slot up to the last one in use: a gap between busy slots is
+    # computed too) against rows that were decoding in it: their ratio is the forward's waste
+    rows_computed: int = 0
+    rows_decoding: int = 0
+    moved: int = 0  # rows packed into a lower slot
     # CPU time the per-token checks took on the worker thread (a grammar's own cost; torch's intra-op
     # threads, if a check's ops used them, are not in it: a lower bound)
     check_seconds: float = 0.0
@@ -296,6 +302,7 @@ class SlotEngine:
         self.admit()
         self.drop_gone()
         self.collect_checks(wait=not any(p in ("run", "prefill") for p in self.phase))
+        self.pack()
         logits: dict[int, torch.Tensor] = {}
         running = [b for b in range(self.slots) if self.phase[b] == "run"]
         for b in [b for b in running if self.filled[b] >= self.block]:  # the window slides
@@ -335,6 +342,40 @@ class SlotEngine:
                 self.logps[b] = []
                 self.start_prefill(b, spec.prompt)
 
+    def pack(self) -> None:
+        """Move the highest decoding rows into the idle slots below them: a step computes every slot up
+        to the last busy one, so rows left high by the requests that ended below them cost a full batch's
+        step at half the load (benchmarks/README.md, serve). A row on the worker (its check) or still
+        prefilling stays until it decodes."""
+        while True:
+            idle = next((b for b in range(self.slots) if self.phase[b] == "idle"), None)
+            top = max((b for b in range(self.slots) if self.phase[b] != "idle"), default=-1)
+            if idle is None or top < idle or self.phase[top] != "run" or top in self.checking:
+                return
+            self.move(top, idle)
+
+    def move(self, src: int, dst: int) -> None:
+        """Row src's request continues in slot dst: its cache rows, ids and per-row state."""
+        n = self.filled[src]
+        for block in self.model.blocks:
+            cache = block.attn.kv_cache
+            assert cache is not None
+            cache.k[dst, :, :n] = cache.k[src, :, :n]
+            cache.v[dst, :, :n] = cache.v[src, :, :n]
+        self.rows.move(src, dst)
+        self.stats.moved += 1
+        for per_row in (self.job, self.sample, self.phase, self.checked, self.pending, self.filled,
+                        self.logps, self.samplers, self.unsent, self.sent_at):  # fmt: skip
+            per_row[dst] = per_row[src]
+        if src in self.slow:
+            self.slow.discard(src)
+            self.slow.add(dst)
+        if src in self.streak:
+            self.streak[dst] = self.streak.pop(src)
+        self.job[src], self.phase[src], self.pending[src], self.filled[src] = None, "idle", [], 0
+        self.checked[src], self.logps[src], self.unsent[src], self.sent_at[src] = False, [], [], 0.0
+        self.samplers[src] = Sampler()
+
     def start_prefill(self, b: int, ids: list[int]) -> None:
         self.phase[b], self.pending[b], self.filled[b] = "prefill", list(ids), 0
 
@@ -371,6 +412,8 @@ class SlotEngine:
             budget -= len(take)
         if not (d or chunks):
             return {}
+        self.stats.rows_computed += d
+        self.stats.rows_decoding += len(running)
         if self.captured is not None and not chunks:
             out = self.captured(ids[0], positions.to(device), int(positions.max()) + 1)  # (d, V)
         else:

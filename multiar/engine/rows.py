@@ -232,6 +232,24 @@ class Rows:
         self.own[b] = settings
         self.failed.pop(b, None)
 
+    def move(self, src: int, dst: int) -> None:
+        """Row src continues as row dst (a slot engine packs its busy rows into the lowest slots): its
+        ids, counts, end state and settings; row src is left ended ("idle"). Its cache rows are the
+        caller's to move."""
+        self.seq[dst] = self.seq[src]
+        self.prompt_lens[dst] = self.prompt_lens[src]
+        for counts in (self.length, self.cache):
+            values = list(counts.values)
+            values[dst] = values[src]
+            counts.set(values)
+        self.finished_t[dst] = self.finished_t[src]
+        self.finished_t[src] = True
+        self.new[dst], self.ends[dst], self.sent[dst] = self.new[src], self.ends[src], self.sent[src]
+        self.own[dst] = self.own[src]
+        if src in self.failed:
+            self.failed[dst] = self.failed.pop(src)
+        self.new[src], self.ends[src], self.sent[src], self.own[src] = [], "idle", 0, None
+
     def checks(self, b: int) -> list[TokenCheck]:
         """Row b's processors that also judge single tokens (a grammar): `sound` asks them."""
         own = self.own[b]

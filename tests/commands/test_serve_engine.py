@@ -135,6 +135,43 @@ def test_seeded_request_is_the_same_alone_or_among_15_others(model, way):
     assert mine.ends()[0].ids == alone.ends()[0].ids
 
 
+@pytest.mark.parametrize("captured", [False, True], ids=["eager", "captured"])
+def test_rows_left_above_ended_ones_move_down_and_keep_their_tokens(model, captured):
+    """A step computes every slot up to the last busy one: the rows above requests that ended are
+    packed into the free slots below (their cache rows, ids, sampler and stream move with them), and
+    give the tokens they give alone, greedy (the decode loop's) and seeded."""
+    prompts = [[1, 5, 6], [1, 7, 9, 3], [1, 9, 10, 11]]
+    want = generate(
+        model,
+        prompts=prompts[2:],
+        max_new_tokens=30,
+        temperature=0.0,
+        eos_id=EOS,
+        processors=[ban_tokens([0])],
+    )[0]
+    try:
+        e = engine(model, slots=4, captured=captured)
+    except Exception as err:  # noqa: BLE001 (inductor needs a C++ compiler)
+        pytest.skip(f"torch.compile does not run here: {first_line(err)}")
+    try:
+        alone = request(e, [prompts[1]], seed=5, temperature=1.0, max_new=30, min_new=30)
+        wait(alone)
+        computed = e.stats.rows_computed
+        short = request(e, [prompts[0], prompts[0]], max_new=2, min_new=2)  # slots 0 and 1: end first
+        greedy = request(e, [prompts[2]], max_new=30)  # slot 2, then 1
+        seeded = request(e, [prompts[1]], seed=5, temperature=1.0, max_new=30, min_new=30)  # slot 3, then 0
+        wait(short, seeded, greedy)
+    finally:
+        e.stop()
+    assert e.stats.moved == 2
+    assert seeded.ends()[0].ids == alone.ends()[0].ids
+    # and the same log probabilities: a cache row moved wrong shifts them before it changes a draw
+    assert seeded.ends()[0].logps == pytest.approx(alone.ends()[0].logps, abs=1e-5)
+    assert greedy.ends()[0].ids == want
+    # the steps after the short ones computed 2 rows, not 4 (a placeholder in each free slot below)
+    assert e.stats.rows_computed - computed <= 4 * 3 + 2 * 30
+
+
 def test_cancel_frees_the_slot_within_a_step_and_the_others_go_on(model):
     e = engine(model, slots=2)
     try:

@@ -6,6 +6,7 @@ refused, a client that leaves frees its slot, and fuzzed bodies never get a 500.
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
 import time
@@ -102,6 +103,17 @@ def test_sse_stream_and_completions(app):
     assert client.get("/health").json()["status"] == "ready"
     metrics = client.get("/metrics").text
     assert 'multiar_busy_slots{model="protein"} 0' in metrics and "multiar_ttft_seconds_bucket" in metrics
+    counters = {
+        name: float(re.search(rf'^{name}{{model="protein"}} (\S+)$', metrics, re.M).group(1))
+        for name in (
+            "multiar_steps_total",
+            "multiar_step_rows_computed_total",
+            "multiar_step_rows_decoding_total",
+        )
+    }
+    # rows were decoded, and a step computed at least the rows decoding in it
+    assert 0 < counters["multiar_step_rows_decoding_total"] <= counters["multiar_step_rows_computed_total"]
+    assert counters["multiar_steps_total"] > 0
 
 
 def test_unseeded_requests_draw_fresh_seeds_and_report_them(app):
