@@ -246,8 +246,11 @@ class Rows:
         self.finished_t[src] = True
         self.new[dst], self.ends[dst], self.sent[dst] = self.new[src], self.ends[src], self.sent[src]
         self.own[dst] = self.own[src]
-        if src in self.failed:
-            self.failed[dst] = self.failed.pop(src)
+        # dst's own entry, if any, is an ended row's stop-rule error (kept until a refill): not this row's
+        error = self.failed.pop(src, None)
+        self.failed.pop(dst, None)
+        if error is not None:
+            self.failed[dst] = error
         self.new[src], self.ends[src], self.sent[src], self.own[src] = [], "idle", 0, None
 
     def checks(self, b: int) -> list[TokenCheck]:

@@ -137,3 +137,16 @@ def test_a_refill_longer_than_the_rows_width_is_refused():
         assert "does not fit a width of 4" in str(err)
     else:
         raise AssertionError("a prompt wider than the row was taken")
+
+
+def test_a_moved_row_takes_its_ids_counts_and_stream_and_none_of_the_slots_old_state():
+    r = rows([[1, 4], [1, 5, 6], [1, 7, 8, 9]], max_new=6, stop=[[30, 31]])
+    r.append_rows(torch.tensor([10, 30]), torch.tensor([False, False]), [1, 2])  # row 2 holds 30 back
+    r.end(0, "eos")
+    r.failed[0] = "ValueError: the row that ended here"  # an ended row's error, kept until a refill
+    r.move(2, 0)
+    assert r.seq[0, :5].tolist() == [1, 7, 8, 9, 30] and r.length.values == [5, 4, 5]
+    assert r.length.tensor.tolist() == r.length.values and r.prompt_lens[0] == 4
+    assert r.ends == [None, None, "idle"] and r.finished_t.tolist() == [False, False, True]
+    assert r.failed == {}  # not the moved row's
+    assert r.end(0, "length") == [Token(0, 30), Token(0, None, "length")]  # its held-back token follows it
