@@ -347,10 +347,15 @@ def split(o: Outcome) -> dict[str, float]:
 
 
 async def metric(url: str, name: str) -> float:
+    return (await metric_values(url, [name]))[0]
+
+
+async def metric_values(url: str, names: list[str]) -> list[float]:
+    """The values of these /metrics lines (one model's), from one read of the page; NaN where absent."""
     async with httpx.AsyncClient(timeout=10) as http:
         text = (await http.get(f"{url}/metrics")).text
-    found = re.search(rf"^{name}{{[^}}]*}} (\S+)$", text, re.M)
-    return float(found.group(1)) if found else float("nan")
+    found = [re.search(rf"^{name}{{[^}}]*}} (\S+)$", text, re.M) for name in names]
+    return [float(f.group(1)) if f else float("nan") for f in found]
 
 
 STEP_ROWS = ("multiar_steps_total", "multiar_step_rows_computed_total", "multiar_step_rows_decoding_total")
@@ -358,7 +363,7 @@ STEP_ROWS = ("multiar_steps_total", "multiar_step_rows_computed_total", "multiar
 
 def step_rows(url: str, api: str) -> list[float] | None:
     """multiar's step counters (steps, rows computed, rows decoding), None for another server."""
-    return [asyncio.run(metric(url, name)) for name in STEP_ROWS] if api == "multiar" else None
+    return asyncio.run(metric_values(url, list(STEP_ROWS))) if api == "multiar" else None
 
 
 def step_rows_between(before: list[float] | None, after: list[float] | None) -> dict[str, float]:

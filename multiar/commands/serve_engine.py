@@ -372,9 +372,15 @@ class SlotEngine:
             self.slow.add(dst)
         if src in self.streak:
             self.streak[dst] = self.streak.pop(src)
-        self.job[src], self.phase[src], self.pending[src], self.filled[src] = None, "idle", [], 0
-        self.checked[src], self.logps[src], self.unsent[src], self.sent_at[src] = False, [], [], 0.0
-        self.samplers[src] = Sampler()
+        self.free(src)  # its checked flag, log probabilities and sampler are set anew when a request joins
+
+    def free(self, b: int) -> None:
+        """Slot b takes the next request: no job, nothing to prefill or stream, no check state."""
+        self.unsent[b], self.sent_at[b] = [], 0.0  # the next row's first tokens: at once
+        self.job[b], self.phase[b], self.pending[b], self.filled[b] = None, "idle", [], 0
+        self.checking.pop(b, None)  # a draw still on the worker is dropped when it comes
+        self.slow.discard(b)
+        self.streak.pop(b, None)
 
     def start_prefill(self, b: int, ids: list[int]) -> None:
         self.phase[b], self.pending[b], self.filled[b] = "prefill", list(ids), 0
@@ -621,11 +627,7 @@ class SlotEngine:
         logps = self.logps[b][: len(ids) + (end == "eos")]
         # what the row still held back (a stop's possible start) when it was cut goes to the stream too
         unsent = self.unsent[b] + [e.token for e in events if e.token is not None]
-        self.unsent[b], self.sent_at[b] = [], 0.0  # the next row's first tokens: at once
-        self.job[b], self.phase[b], self.pending[b], self.filled[b] = None, "idle", [], 0
-        self.checking.pop(b, None)  # a draw still on the worker is dropped when it comes
-        self.slow.discard(b)
-        self.streak.pop(b, None)
+        self.free(b)
         rows.ends[b], rows.finished_t[b] = end or "idle", True
         if job is not None:
             job.ended += 1
