@@ -2,8 +2,9 @@
 preallocated KV cache. Requests wait in a bounded FIFO queue, join between decode steps when a slot is
 free (a request of n samples takes up to n slots), are prefilled in chunks of at most `prefill_chunk`
 tokens per step while the running rows keep decoding, and leave when they end; a freed slot is reused at
-once, and a decoding row above it moves down into it (a step computes every slot up to the last busy
-one). Each row has its own sampling settings, generator, processors and stops (engine.rows.RowSettings,
+once. A step runs captured (engine.captured_step: the decoding rows' tokens and the prompt chunks', each
+naming its cache row, in one compiled graph) or eager (every slot up to the last busy one, so a decoding
+row above a freed slot moves down into it). Each row has its own sampling settings, generator, processors and stops (engine.rows.RowSettings,
 engine.sampling.Sampler): the one decode loop's per-row machinery, in slots. Rows with the same sampling
 settings are sampled in one vectorized call (each row's number from its own generator). A row with a
 per-token check (a grammar, checked_draw.TokenCheck) is processed and drawn (`checks`): on a worker
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import itertools
 import logging
 import os
 import threading
@@ -104,8 +106,9 @@ class Stats:
 
     tokens: int = 0
     steps: int = 0
-    # rows a step's forward computed (every slot up to the last one in use: a gap between busy slots is
-    # computed too) against rows that were decoding in it: their ratio is the forward's waste
+    # rows a step's forward computed (an eager step: every slot up to the last one in use, a gap between
+    # busy slots too; a captured step: the decoding rows) against rows that were decoding in it: their
+    # ratio is the forward's waste
     rows_computed: int = 0
     rows_decoding: int = 0
     moved: int = 0  # rows packed into a lower slot
@@ -302,7 +305,8 @@ class SlotEngine:
         self.admit()
         self.drop_gone()
         self.collect_checks(wait=not any(p in ("run", "prefill") for p in self.phase))
-        self.pack()
+        if self.captured is None:  # a captured step computes the decoding rows only, wherever they are
+            self.pack()
         logits: dict[int, torch.Tensor] = {}
         running = [b for b in range(self.slots) if self.phase[b] == "run"]
         for b in [b for b in running if self.filled[b] >= self.block]:  # the window slides
@@ -343,9 +347,9 @@ class SlotEngine:
                 self.start_prefill(b, spec.prompt)
 
     def pack(self) -> None:
-        """Move the highest decoding rows into the idle slots below them: a step computes every slot up
-        to the last busy one, so rows left high by the requests that ended below them cost a full batch's
-        step at half the load (benchmarks/README.md, serve). A row on the worker (its check) or still
+        """Move the highest decoding rows into the idle slots below them: an eager step computes every slot
+        up to the last busy one, so rows left high by the requests that ended below them cost a full
+        batch's step at half the load (benchmarks/README.md, serve). A row on the worker (its check) or still
         prefilling stays until it decodes."""
         while True:
             idle = next((b for b in range(self.slots) if self.phase[b] == "idle"), None)
@@ -398,40 +402,72 @@ class SlotEngine:
 
     def advance(self, running: list[int]) -> dict[int, torch.Tensor]:
         """One forward (engine.segments): each running row's last id at its position, and up to
-        prefill_chunk prompt ids of the rows waiting for them, oldest first. Every other slot up to the
-        last one in use writes a placeholder it fills again before reading it (a prefilling row: its
-        chunk, in the same step; a checking row: the one after its ids, or its last, which its slide
-        then refills); idle slots past the last one in use are left out. The logits of each running row
-        and of each row whose prompt is now all in its cache."""
-        rows, device = self.rows, self.rows.seq.device
-        d = max(b for b in range(self.slots) if self.phase[b] != "idle") + 1 if running else 0
-        positions = torch.tensor([min(f, self.block - 1) for f in self.filled[:d]], dtype=torch.long)
-        ids = [rows.seq[rows.index[:d], (rows.length.tensor[:d] - 1).clamp_min(0)]]
+        prefill_chunk prompt ids of the rows waiting for them, oldest first. The logits of each running
+        row and of each row whose prompt is now all in its cache."""
+        placeholders = [min(f, self.block - 1) for f in self.filled]  # before the chunks move them on
         chunks, budget = [], self.chunk
         for b in sorted((b for b in range(self.slots) if self.phase[b] == "prefill"), key=self.age):
             if budget <= 0:
                 break
             take, self.pending[b] = self.pending[b][:budget], self.pending[b][budget:]
-            chunks.append((b, self.filled[b], len(take)))
-            ids.append(torch.tensor(take, device=device))
+            chunks.append((b, self.filled[b], take))
             self.filled[b] += len(take)
             budget -= len(take)
-        if not (d or chunks):
+        if not (running or chunks):
             return {}
-        self.stats.rows_computed += d
         self.stats.rows_decoding += len(running)
-        if self.captured is not None and not chunks:
-            out = self.captured(ids[0], positions.to(device), int(positions.max()) + 1)  # (d, V)
+        if self.captured is not None:
+            out = self.captured_forward(running, chunks)
         else:
-            segments = Segments(d, positions.to(device), chunks, self.attention.attend)
-            out = self.model.forward_segments(torch.cat(ids), segments)  # (d + len(chunks), V)
-        logits = {b: out[b] for b in running}
+            out = self.segments_forward(running, chunks, placeholders)
+        logits = {b: out[j] for j, b in enumerate(running)}
         for b in running:
             self.filled[b] += 1
         for j, (b, _, _) in enumerate(chunks):
             if not self.pending[b]:
-                self.phase[b], logits[b] = "run", out[d + j]
+                self.phase[b], logits[b] = "run", out[len(running) + j]
         return logits
+
+    def last_ids(self, rows: torch.Tensor) -> torch.Tensor:
+        """Each of these rows' last id, (len(rows),)."""
+        return self.rows.seq[self.rows.index[rows], (self.rows.length.tensor[rows] - 1).clamp_min(0)]
+
+    def captured_forward(self, running: list[int], chunks: list[tuple[int, int, list[int]]]) -> torch.Tensor:
+        """The captured graph's step: the running rows' tokens and the chunks' as one list, each naming
+        its cache row and position -> logits (running rows, then each chunk's last token)."""
+        device = self.rows.seq.device
+        rows = running + [b for b, _, take in chunks for _ in take]
+        positions = [self.filled[b] for b in running] + [p for _, at, take in chunks for p in range(at, at + len(take))]  # fmt: skip
+        ends = list(itertools.accumulate((len(take) for _, _, take in chunks), initial=len(running)))[1:]
+        ids = [self.last_ids(torch.tensor(running, device=device))] if running else []
+        ids += [torch.tensor(take, device=device) for _, _, take in chunks]
+        self.stats.rows_computed += len(running)
+        return self.captured(
+            torch.cat(ids),
+            torch.tensor(rows, device=device),
+            torch.tensor(positions, device=device),
+            max(positions) + 1,
+            torch.tensor([*range(len(running)), *(e - 1 for e in ends)], device=device),
+        )
+
+    def segments_forward(
+        self, running: list[int], chunks: list[tuple[int, int, list[int]]], placeholders: list[int]
+    ) -> torch.Tensor:
+        """The eager step (engine.segments): every slot up to the last one in use, then the chunks; a slot
+        not decoding writes a placeholder it fills again before reading it (a prefilling row: its chunk,
+        in the same step; a checking row: the one after its ids, or its last, which its slide then
+        refills) -> logits (running rows, then each chunk's last token)."""
+        device = self.rows.seq.device
+        d = max(b for b in range(self.slots) if self.phase[b] != "idle") + 1 if running else 0
+        positions = torch.tensor(placeholders[:d], dtype=torch.long, device=device)
+        ids = [self.last_ids(torch.arange(d, device=device))]
+        ids += [torch.tensor(take, device=device) for _, _, take in chunks]
+        self.stats.rows_computed += d
+        segments = Segments(
+            d, positions, [(b, at, len(take)) for b, at, take in chunks], self.attention.attend
+        )
+        out = self.model.forward_segments(torch.cat(ids), segments)  # (d + len(chunks), V)
+        return out[[*running, *range(d, d + len(chunks))]]
 
     def age(self, b: int) -> float:
         job = self.job[b]

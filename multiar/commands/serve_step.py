@@ -105,9 +105,10 @@ def decoding_steps(
     model.setup_caches(max_batch_size=slots, max_seq_length=block, kv_dtype=attention.kv_dtype)
     positions = torch.linspace(block - 1, 0, slots, device=device).long()
     ids = torch.zeros(slots, dtype=torch.long, device=device)
+    rows = torch.arange(slots, device=device)
     return {
         "eager": lambda: model.forward_segments(ids, Segments(slots, positions, attend=attention.attend)),
-        "captured": lambda: captured(ids, positions, block),
+        "captured": lambda: captured(ids, rows, positions, block, rows.clone()),  # not one tensor twice
     }
 
 

@@ -1,13 +1,15 @@
-"""A slot engine's decoding step compiled whole: when a step carries no prompt chunk (most steps), the
-decoding rows' forward — norms, linears, rotary positions, cache writes, attention (rows_attention's
-`attend_rows`), head — runs as one inductor graph with dynamic rows and length instead of ~200 eager ops,
-each a Python dispatch. The weights are frozen into the graph (inductor packs them for oneDNN itself, so
-the model keeps nn.Linear: inductor cannot lower multiar's packed Linear) and on a CPU a C++ wrapper
-calls the kernels (engine.inductor_options): a 16-slot protein step 1.5x faster than compiled with
-neither, 2x the eager packed step (benchmarks/README.md, serve). The graph is compiled on the calling
-(loading) thread for every case a step meets, since a compile on the engine thread would stall every row
-for seconds. `decode_rows` is also the graph `compile=true` compiles for `generate` (engine.decode:
-static shapes, every row over the whole cache). No Lightning, Hydra or domain code here.
+"""A slot engine's step compiled whole: the decoding rows' next tokens and the prompt chunks entering
+other rows — norms, linears, rotary positions, cache writes, attention (rows_attention's `attend_rows`),
+head — run as one inductor graph with dynamic sizes instead of ~200 eager ops, each a Python dispatch.
+Every token names its cache row and position, so a step computes the rows that decode and the chunks'
+tokens, nothing else, and a prompt's entry costs about one decoding step more rather than an eager
+forward 3-4 times a step (benchmarks/README.md, serve). The weights are frozen into the graph (inductor
+packs them for oneDNN itself, so the model keeps nn.Linear: inductor cannot lower multiar's packed
+Linear) and on a CPU a C++ wrapper calls the kernels (engine.inductor_options). The graph is compiled on
+the calling (loading) thread for every case a step meets, since a compile on the engine thread would
+stall every row for seconds. `decode_rows` (rows 0 .. d-1, one token each) is the graph `compile=true`
+compiles for `generate` (engine.decode: static shapes, every row over the whole cache). No Lightning,
+Hydra or domain code here.
 """
 
 from __future__ import annotations
@@ -20,51 +22,77 @@ from multiar.engine.model import GPT, apply_rope
 from multiar.engine.rows_attention import attend_rows
 
 
-def decode_rows(model: GPT, ids: Tensor, positions: Tensor, kv_len: int) -> Tensor:
-    """The step of `GPT.forward_segments` with decoding rows only: ids (d,) at positions (d,) written into
-    rows 0 .. d-1 of the cache, each row attending to its slots up to its position (kv_len: the furthest
-    one + 1) -> logits (d, V). The real rotary table: inductor has no complex ops."""
-    d = ids.size(0)
+def hidden_rows(model: GPT, ids: Tensor, positions: Tensor, kv_len: int, rows: Tensor | None) -> Tensor:
+    """Token t (ids (T,)) written into cache row rows[t] (None: row t, the cache's first T rows read as a
+    view) at positions[t], attending to that row's slots up to its position -> hidden states (T, C).
+    Every token's keys and values are written before any token attends, so a prompt chunk's tokens in
+    one row see the ones before them. The real rotary table: inductor has no complex ops."""
+    T = ids.size(0)
     nh, hs = model.config.n_head, model.config.head_size
-    rows = torch.arange(d, device=ids.device)
-    freqs = model.rope[positions][:, None, None]  # (d, 1, 1, hs/2, 2): one token per row
-    x = model.wte(ids)  # (d, C)
+    index = torch.arange(T, device=ids.device) if rows is None else rows
+    freqs = model.rope[positions][:, None, None]  # (T, 1, 1, hs/2, 2): one position per token
+    x = model.wte(ids)  # (T, C)
     for block in model.blocks:
         attn, cache = block.attn, block.attn.kv_cache
         assert cache is not None
-        qk, v = attn.qkv(block.norm_1(x)).view(d, 3 * nh, hs).split([2 * nh, nh], dim=1)
-        q, k = apply_rope(qk[:, None], freqs)[:, 0].split(nh, dim=1)  # (d, nh, hs) each
-        cache.k[rows, :, positions] = k.to(cache.k.dtype)
-        cache.v[rows, :, positions] = v.to(cache.v.dtype)
-        y = attend_rows(q, cache.k[:d, :, :kv_len], cache.v[:d, :, :kv_len], positions)
-        x = x + attn.proj(y.reshape(d, nh * hs).to(x.dtype))
+        qk, v = attn.qkv(block.norm_1(x)).view(T, 3 * nh, hs).split([2 * nh, nh], dim=1)
+        q, k = apply_rope(qk[:, None], freqs)[:, 0].split(nh, dim=1)  # (T, nh, hs) each
+        cache.k[index, :, positions] = k.to(cache.k.dtype)
+        cache.v[index, :, positions] = v.to(cache.v.dtype)
+        if rows is None:
+            keys, values = cache.k[:T, :, :kv_len], cache.v[:T, :, :kv_len]
+        else:  # each token's row: (T, nh, kv_len, hs)
+            keys, values = cache.k[rows, :, :kv_len], cache.v[rows, :, :kv_len]
+        y = attend_rows(q, keys, values, positions)
+        x = x + attn.proj(y.reshape(T, nh * hs).to(x.dtype))
         x = x + block.mlp(block.norm_2(x))
-    return model.lm_head(model.norm_f(x))
+    return x
+
+
+def decode_rows(model: GPT, ids: Tensor, positions: Tensor, kv_len: int) -> Tensor:
+    """One token for each of rows 0 .. d-1: ids (d,) at positions (d,), each row attending to its slots up
+    to its position (kv_len: the furthest one + 1) -> logits (d, V)."""
+    return model.lm_head(model.norm_f(hidden_rows(model, ids, positions, kv_len, None)))
+
+
+def step_rows(
+    model: GPT, ids: Tensor, rows: Tensor, positions: Tensor, kv_len: int, logits_at: Tensor
+) -> Tensor:
+    """A slot engine's step: tokens ids (T,) of cache rows rows (T,) at positions (T,) -> logits of the
+    tokens at logits_at (K,): (K, V)."""
+    return model.lm_head(model.norm_f(hidden_rows(model, ids, positions, kv_len, rows)[logits_at]))
 
 
 class CapturedStep:
-    """decode_rows compiled for `model` with caches of `slots` rows set up (setup_caches first, the
-    engine's own: the graph reads them as they are)."""
+    """step_rows compiled for `model` with caches of `slots` rows set up (setup_caches first, the engine's
+    own: the graph reads them as they are)."""
 
     def __init__(self, model: GPT, slots: int) -> None:
         self.model = model
         model.keep_caches = True  # the frozen graph holds on to these cache tensors (guarded by identity)
-        self.kernel = torch.compile(decode_rows, dynamic=True)
-        make_room(4)  # its four cases below: a server of several runs compiles decode_rows for each
+        self.kernel = torch.compile(step_rows, dynamic=True)
+        make_room(4)  # its four cases below: a server of several runs compiles step_rows for each
         self.options = inductor_options(cpp_wrapper=model.wte.weight.device.type == "cpu")
         block, device = model.config.block_size, model.wte.weight.device
         # every case a step meets, each size unlike the others (equal sizes at a first compile are guarded
-        # equal): some rows over part of the cache, one row (a size of 1 is its own graph), every row
-        # over all of it
-        taken = (slots, block, model.config.n_head, model.config.head_size, model.config.n_embd)
-        rows, length = [x for x in range(3, 99) if x not in taken][:2]
+        # equal): tokens over part of the cache, one token (a size of 1 is its own graph), and each over
+        # all of it; calls never pass one logit or a length of 1 (see __call__)
+        c = model.config
+        taken = (slots, block, c.n_head, c.head_size, c.n_embd, c.vocab_size)
+        wanted, tokens, length = [x for x in range(3, 99) if x not in taken][:3]  # wanted < tokens
         with torch.inference_mode():
-            for d, n in ((rows, length), (1, length), (slots, block), (1, block)):
-                d = min(d, slots)
-                self(
-                    torch.zeros(d, dtype=torch.long, device=device), torch.full((d,), n - 1, device=device), n
-                )
+            for t, n in ((tokens, length), (1, length), (tokens, block), (1, block)):
+                at = torch.arange(wanted, device=device) % t
+                rows = torch.arange(t, device=device) % slots
+                self(torch.zeros(t, dtype=torch.long, device=device), rows, torch.full((t,), n - 1, device=device), n, at)  # fmt: skip
 
-    def __call__(self, ids: Tensor, positions: Tensor, kv_len: int) -> Tensor:
+    def __call__(
+        self, ids: Tensor, rows: Tensor, positions: Tensor, kv_len: int, logits_at: Tensor
+    ) -> Tensor:
+        """The logits (len(logits_at), V) of step_rows; a size of 1 would compile a graph of its own on the
+        engine thread, so one logit is asked twice and a length of 1 read as 2 (the second slot masked)."""
+        k = logits_at.size(0)
+        if k < 2:
+            logits_at = torch.cat([logits_at, logits_at]) if k else torch.zeros(2, dtype=torch.long)
         with self.options:  # read when a call compiles: around every call
-            return self.kernel(self.model, ids, positions, kv_len)
+            return self.kernel(self.model, ids, rows, positions, max(kv_len, 2), logits_at)[:k]

@@ -15,7 +15,7 @@ from conftest import copy_fixture_run
 
 from multiar.commands import serve_step
 from multiar.config import load_config
-from multiar.engine.captured_step import decode_rows
+from multiar.engine.captured_step import step_rows
 from multiar.run_folder import load_run
 from multiar.schema import validate
 
@@ -24,8 +24,8 @@ class UncompiledStep:
     def __init__(self, model, slots) -> None:
         self.model = model
 
-    def __call__(self, ids, positions, kv_len):
-        return decode_rows(self.model, ids, positions, kv_len)
+    def __call__(self, ids, rows, positions, kv_len, logits_at):
+        return step_rows(self.model, ids, rows, positions, kv_len, logits_at)
 
 
 class BrokenStep:

@@ -1,6 +1,6 @@
-"""A slot engine's decoding step compiled whole (engine.captured_step): the eager mixed step's logits for
-rows at any positions (one row, a row at the block's last position, every cache row), and once built it
-never compiles again."""
+"""A slot engine's step compiled whole (engine.captured_step): the eager mixed step's logits for rows at
+any positions (one row, a row at the block's last position, every cache row) and for prompt chunks
+entering beside them (a one-token prompt alone included), and once built it never compiles again."""
 
 from __future__ import annotations
 
@@ -49,13 +49,58 @@ def test_the_captured_step_gives_the_eager_steps_logits_and_never_compiles_again
         want = model.forward_segments(ids, Segments(len(positions), at, []))
     history(model, positions)
     with torch.compiler.set_stance("fail_on_recompile"), torch.inference_mode():
-        got = captured(ids.clone(), at.clone(), int(at.max()) + 1)  # made in inference mode, as the engine's
+        rows = torch.arange(len(positions))  # every tensor made in inference mode, as the engine's
+        got = captured(ids.clone(), rows, at.clone(), int(at.max()) + 1, rows.clone())
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "decoding, chunks",
+    [
+        ([(0, 9), (2, 30)], [(1, 0, 5)]),  # rows decoding, a prompt entering between them
+        ([(3, 12)], [(0, 0, 7), (2, 4, 3)]),  # two chunks, one a later part of its prompt
+        ([], [(1, 0, 1)]),  # a one-token prompt alone: one token, one logit, a length of 1
+        ([], [(0, 0, 20)]),  # a prompt alone
+        ([(1, 63)], [(2, 0, 2)]),  # a row at the block's last position
+    ],
+)
+def test_a_captured_step_with_prompt_chunks_gives_the_eager_steps_logits(model, captured, decoding, chunks):
+    """The eager step computes every slot up to the last decoding one (placeholders where none decodes);
+    the captured one only the tokens it is given, each naming its row: the same logits for both."""
+    start = {b: at for b, at, _ in chunks}
+    filled = [start.get(b, dict(decoding).get(b, 0)) for b in range(SLOTS)]
+    history(model, filled)
+    torch.manual_seed(3)
+    prompt = {b: torch.randint(3, 40, (n,)) for b, _, n in chunks}
+    last = {b: torch.randint(3, 40, ()).item() for b, _ in decoding}
+    d = max(b for b, _ in decoding) + 1 if decoding else 0
+    placeholders = torch.tensor([last.get(b, 3) for b in range(d)], dtype=torch.long)
+    with torch.inference_mode():
+        want = model.forward_segments(
+            torch.cat([placeholders, *prompt.values()]),
+            Segments(d, torch.tensor(filled[:d], dtype=torch.long), chunks),
+        )[[b for b, _ in decoding] + list(range(d, d + len(chunks)))]
+    history(model, filled)
+    ids = torch.tensor([last[b] for b, _ in decoding] + [t for b, _, _ in chunks for t in prompt[b].tolist()])
+    rows = [b for b, _ in decoding] + [b for b, _, n in chunks for _ in range(n)]
+    positions = [p for _, p in decoding] + [p for _, at, n in chunks for p in range(at, at + n)]
+    ends = torch.tensor([n for _, _, n in chunks]).cumsum(0) + len(decoding) - 1
+    logits_at = [*range(len(decoding)), *ends.tolist()]
+    with torch.compiler.set_stance("fail_on_recompile"), torch.inference_mode():
+        args = (
+            ids.clone(),
+            *map(torch.tensor, (rows, positions)),
+            max(positions) + 1,
+            torch.tensor(logits_at),
+        )
+        got = captured(*args)
+    assert got.shape == want.shape
     assert torch.allclose(got, want, atol=1e-5)
 
 
 @pytest.mark.slow  # three compiles, ~80 s on 2 cores
 def test_a_server_of_three_runs_compiles_every_runs_step():
-    """Each CapturedStep compiles decode_rows four times; dynamo's limit of 8 graphs for one function
+    """Each CapturedStep compiles step_rows four times; dynamo's limit of 8 graphs for one function
     ran the third run's step uncompiled (a server of music, code and protein runs) until each made room."""
     from torch._dynamo.utils import counters
 
