@@ -139,6 +139,13 @@ def start_loading(cfg: DictConfig, state: AppState, files_dir: Path) -> threadin
                     warm_up(served, Path(scratch))
             gc.collect()
             gc.freeze()
+            # and a full collection of the now empty oldest generation: CPython runs the next automatic
+            # one only once the objects promoted since the last outnumber a quarter of what that one
+            # kept, which was everything loaded (753,510 objects with a protein run's compiled step):
+            # the first came 160 s into serving and paused every stream 192 ms for what the requests'
+            # configs (cycles of OmegaConf nodes) had left; after this one, 110 s and 69 ms, then 18-75 ms
+            # every 25-35 s under load either way (benchmarks/README.md, serve)
+            gc.collect()
             state.models.update(models)
             state.ready = True
         except BaseException as err:  # noqa: BLE001 (reported by whoever waits for the server)
