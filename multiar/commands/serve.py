@@ -31,7 +31,14 @@ from multiar.schema import validate
 
 log = logging.getLogger("multiar")
 
+NO_AUTOMATIC_FULL_GC = 1 << 30  # young collections before CPython runs a full one itself: never
 SWITCH_INTERVAL = 0.001  # seconds: how long a thread waiting for the GIL waits before it asks for it
+
+
+def engines_collect() -> None:
+    """CPython's automatic full collections off: the engines made after this run one a second between
+    their steps (serve_engine.collect_between_steps); young generations are collected as usual."""
+    gc.set_threshold(*gc.get_threshold()[:2], NO_AUTOMATIC_FULL_GC)
 
 
 def is_loopback(host: str) -> bool:
@@ -94,6 +101,7 @@ def load_models(cfg: DictConfig, files_dir: Path) -> dict[str, Served]:
             attention=attention,
             captured=served.step == "captured",
             checks=cfg.checks,
+            full_gc=gc.get_threshold()[2] >= NO_AUTOMATIC_FULL_GC,  # serve's, not a test's process
         )
         engine.start()
         info = engine.describe()
@@ -139,13 +147,6 @@ def start_loading(cfg: DictConfig, state: AppState, files_dir: Path) -> threadin
                     warm_up(served, Path(scratch))
             gc.collect()
             gc.freeze()
-            # and a full collection of the now empty oldest generation: CPython runs the next automatic
-            # one only once the objects promoted since the last outnumber a quarter of what that one
-            # kept, which was everything loaded (753,510 objects with a protein run's compiled step):
-            # the first came 160 s into serving and paused every stream 192 ms for what the requests'
-            # configs (cycles of OmegaConf nodes) had left; after this one, 110 s and 69 ms, then 18-75 ms
-            # every 25-35 s under load either way (benchmarks/README.md, serve)
-            gc.collect()
             state.models.update(models)
             state.ready = True
         except BaseException as err:  # noqa: BLE001 (reported by whoever waits for the server)
@@ -185,6 +186,7 @@ def serve(cfg: DictConfig) -> dict[str, Any]:
     # 5 ms by default: ~200 ops a step made steps of 40-80 ms whenever requests arrived together, and
     # TTFT p99 12-21x its median at half load. At 1 ms: p99 2.0-2.5x (benchmarks/README.md, serve).
     sys.setswitchinterval(SWITCH_INTERVAL)
+    engines_collect()
     state, app, files_dir = new_state(cfg)
 
     class Draining(uvicorn.Server):

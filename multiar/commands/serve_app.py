@@ -265,6 +265,7 @@ def prometheus(state: AppState) -> str:
         ("counter", "multiar_step_rows_decoding_total", lambda s: s.engine.stats.rows_decoding),
         ("counter", "multiar_check_cpu_seconds_total", lambda s: s.engine.stats.check_seconds),
         ("counter", "multiar_check_wall_seconds_total", lambda s: s.engine.stats.check_wall_seconds),
+        ("counter", "multiar_gc_seconds_total", lambda s: s.engine.stats.gc_seconds),
     ):
         lines.append(f"# TYPE {name} {kind}")
         lines += [f'{name}{{model="{n}"}} {value(s)}' for n, s in list(state.models.items())]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import gc
 import itertools
 import logging
 import os
@@ -97,6 +98,28 @@ class Job:
 CHECK_WAIT = 0.05  # seconds the engine waits at most for a checked row's draw when no other row has work
 SLOW_STREAK = 3  # inline checks in a row longer than a forward that move a row's checks to the worker
 
+# seconds between the full garbage collections the engine threads run between their steps (one process
+# wide; engines made with full_gc), where `multiar serve` turns CPython's own off: its automatic ones came every 25-35 s under load
+# and held every stream 18-254 ms, scanning the cycles the requests' configs leave (OmegaConf nodes);
+# one a second scans a second's worth (benchmarks/README.md, serve)
+FULL_GC_INTERVAL = 1.0
+_full_gc = threading.Lock()
+_full_gc_at = [0.0]  # monotonic time of the last
+
+
+def collect_between_steps() -> float:
+    """A full collection if FULL_GC_INTERVAL has passed since the last one any engine ran; its seconds."""
+    now = time.monotonic()
+    if now - _full_gc_at[0] < FULL_GC_INTERVAL or not _full_gc.acquire(blocking=False):
+        return 0.0
+    try:
+        _full_gc_at[0] = now
+        gc.collect()
+        return time.monotonic() - now
+    finally:
+        _full_gc.release()
+
+
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -118,6 +141,7 @@ class Stats:
     # wall time the engine thread spent on checks (inline: running them; wait: waiting for them): what
     # they held the batch for, the CPU time above plus whatever the machine's other threads took meanwhile
     check_wall_seconds: float = 0.0
+    gc_seconds: float = 0.0  # full garbage collections this engine's thread ran between its steps
     ttft_counts: list[int] = field(default_factory=lambda: [0] * (len(TTFT_BUCKETS) + 1))  # last: +Inf
     ttft_sum: float = 0.0
 
@@ -194,9 +218,11 @@ class SlotEngine:
         captured: bool = False,
         checks: str = "auto",
         check_wait: float | None = None,
+        full_gc: bool = False,
     ):
         self.model, self.slots, self.max_queue, self.chunk = model, slots, max_queue, prefill_chunk
         self.interval = stream_interval
+        self.full_gc = full_gc  # run the process's full garbage collections between steps (serve's are off)
         self.unsent: list[list[int]] = [[] for _ in range(slots)]  # drawn ids not yet in an event
         self.sent_at: list[float] = [0.0] * slots  # when the row's last token event went
         self.block = model.config.block_size
@@ -284,10 +310,14 @@ class SlotEngine:
     def serve_forever(self) -> None:
         while self.running:
             with self.lock:
-                while self.running and not (self.queue or self.busy):
-                    self.lock.wait(0.5)
+                if self.running and not (self.queue or self.busy):
+                    self.lock.wait(FULL_GC_INTERVAL if self.full_gc else 0.5)
             if not self.running:
                 break
+            if self.full_gc:
+                self.stats.gc_seconds += collect_between_steps()  # outside the lock: submits go on
+            if not (self.queue or self.busy):
+                continue
             try:
                 self.step()
             except Exception as err:  # noqa: BLE001 (a failed step fails its requests; serving goes on)

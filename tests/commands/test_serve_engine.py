@@ -9,13 +9,16 @@ checks=wait, holds the batch for its fresh check and takes a token every step.""
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 import time
+import weakref
 
 import pytest
 import torch
 
+from multiar.commands import serve_engine
 from multiar.commands.serve_engine import Event, Job, SampleSpec, SlotEngine, checks_way
 from multiar.engine.decode import generate
 from multiar.engine.model import GPT, ModelConfig
@@ -594,3 +597,50 @@ def test_a_request_failing_beside_an_inline_check_leaves_nothing_for_the_next_in
             t for ev in after.events if ev.kind == "tokens" and ev.sample == end.sample for t in ev.ids
         ]
         assert streamed == end.ids, (streamed, end.ids)
+
+
+class Cycle:
+    """Garbage only the cyclic collector frees: it refers to itself."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_the_engine_runs_full_collections_between_its_steps(model, monkeypatch):
+    """`multiar serve` turns CPython's automatic full collections off and makes its engines with
+    full_gc: the engine thread runs one every FULL_GC_INTERVAL seconds, busy or idle, between its
+    steps: cyclic garbage is freed, the time counted."""
+    monkeypatch.setattr(serve_engine, "FULL_GC_INTERVAL", 0.05)
+    gc.disable()  # no collection but the engine's
+    gc.freeze()  # as serve does after loading: a collection scans what came after (this process is big)
+    e = engine(model, slots=2, full_gc=True)
+    try:
+        busy = request(e, [[1, 5]], seed=1, temperature=1.0, max_new=400, min_new=400)
+        garbage = Cycle()
+        freed_busy = weakref.ref(garbage)
+        del garbage
+        deadline = time.monotonic() + 10
+        while freed_busy() is not None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert freed_busy() is None and not busy.done.is_set()  # freed while the engine decoded
+        wait(busy)
+        garbage = Cycle()
+        freed_idle = weakref.ref(garbage)
+        del garbage
+        while freed_idle() is not None and time.monotonic() < deadline:  # the engine has nothing to do
+            time.sleep(0.01)
+        assert freed_idle() is None
+        assert e.stats.gc_seconds > 0
+    finally:
+        gc.unfreeze()
+        gc.enable()
+        e.stop()
+
+
+def test_one_full_collection_per_interval_across_engines(monkeypatch):
+    monkeypatch.setattr(serve_engine, "_full_gc_at", [0.0])
+    garbage = Cycle()
+    freed = weakref.ref(garbage)
+    del garbage
+    assert serve_engine.collect_between_steps() > 0 and freed() is None
+    assert serve_engine.collect_between_steps() == 0.0  # within FULL_GC_INTERVAL of the last: none

@@ -109,6 +109,7 @@ def test_sse_stream_and_completions(app):
             "multiar_steps_total",
             "multiar_step_rows_computed_total",
             "multiar_step_rows_decoding_total",
+            "multiar_gc_seconds_total",
         )
     }
     # rows were decoded, and a step computed at least the rows decoding in it
@@ -435,6 +436,32 @@ def test_loading_warms_each_model_then_freezes_and_counts_no_warm_up_tokens(prot
     finally:
         for s in state.models.values():
             s.engine.stop()
+
+
+def test_after_serve_turns_automatic_full_collections_off_its_engines_run_them(protein_run, tmp_path):
+    """`multiar serve` (engines_collect) turns CPython's automatic full collections off; the engines
+    it makes afterwards run them between their steps, and /metrics counts their seconds."""
+    import gc
+
+    from multiar.commands.serve import engines_collect
+
+    before = gc.get_threshold()
+    try:
+        engines_collect()
+        assert gc.get_threshold()[:2] == before[:2] and gc.get_threshold()[2] >= 1 << 30
+        state, _ = build_state(serve_config(protein_run, tmp_path))
+        engine = next(iter(state.models.values())).engine
+        try:
+            assert engine.full_gc
+            deadline = time.monotonic() + 10
+            while engine.stats.gc_seconds == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert engine.stats.gc_seconds > 0
+        finally:
+            for s in state.models.values():
+                s.engine.stop()
+    finally:
+        gc.set_threshold(*before)
 
 
 def test_request_values_are_literal_never_config_interpolations(app, tmp_path, monkeypatch):
