@@ -645,7 +645,7 @@ class ServeSchema:
         "auto",
     )
     step: str = doc(
-        "eager; captured: a step without a prompt chunk runs as one compiled graph (inductor: frozen "
+        "eager; captured: each step (decoding rows and prompt chunks) runs as one compiled graph (inductor: frozen "
         "nn.Linear weights, so layout=auto or linear; 1-2 minutes of compiling at every start on 2 cores); "
         "auto: both built and timed at `slots` rows, the faster kept (cached per machine and model shape)",
         "auto",

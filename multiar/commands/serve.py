@@ -35,10 +35,13 @@ NO_AUTOMATIC_FULL_GC = 1 << 30  # young collections before CPython runs a full o
 SWITCH_INTERVAL = 0.001  # seconds: how long a thread waiting for the GIL waits before it asks for it
 
 
-def engines_collect() -> None:
-    """CPython's automatic full collections off: the engines made after this run one a second between
-    their steps (serve_engine.collect_between_steps); young generations are collected as usual."""
-    gc.set_threshold(*gc.get_threshold()[:2], NO_AUTOMATIC_FULL_GC)
+def engines_collect() -> tuple[int, ...]:
+    """CPython's automatic full collections off (the engines made with full_gc run one a second between
+    their steps: serve_engine.collect_between_steps; young generations are collected as usual); the
+    thresholds before, to restore."""
+    before = gc.get_threshold()
+    gc.set_threshold(*before[:2], NO_AUTOMATIC_FULL_GC)
+    return before
 
 
 def is_loopback(host: str) -> bool:
@@ -74,7 +77,7 @@ def model_names(cfg: DictConfig) -> list[str]:
     return names
 
 
-def load_models(cfg: DictConfig, files_dir: Path) -> dict[str, Served]:
+def load_models(cfg: DictConfig, files_dir: Path, full_gc: bool = False) -> dict[str, Served]:
     """Each run's model and engine (started), named by its folder."""
     names = model_names(cfg)
     models: dict[str, Served] = {}
@@ -101,7 +104,7 @@ def load_models(cfg: DictConfig, files_dir: Path) -> dict[str, Served]:
             attention=attention,
             captured=served.step == "captured",
             checks=cfg.checks,
-            full_gc=gc.get_threshold()[2] >= NO_AUTOMATIC_FULL_GC,  # serve's, not a test's process
+            full_gc=full_gc,
         )
         engine.start()
         info = engine.describe()
@@ -128,7 +131,9 @@ def new_state(cfg: DictConfig) -> tuple[AppState, Any, Path]:
     return state, create_app(state, list(cfg.cors_origins) or None), files_dir
 
 
-def start_loading(cfg: DictConfig, state: AppState, files_dir: Path) -> threading.Thread:
+def start_loading(
+    cfg: DictConfig, state: AppState, files_dir: Path, full_gc: bool = False
+) -> threading.Thread:
     """Load the models on a thread of their own, which ends once they are loaded and their engines run;
     then state.ready (or state.load_error). Why a thread that ends: torch's OpenMP (libgomp) gives each
     thread that runs a parallel op a team of workers, and with more of those threads than cores it stops
@@ -141,12 +146,14 @@ def start_loading(cfg: DictConfig, state: AppState, files_dir: Path) -> threadin
 
     def load() -> None:
         try:
-            models = load_models(cfg, files_dir)
+            models = load_models(cfg, files_dir, full_gc)
             with tempfile.TemporaryDirectory(prefix="multiar-warm-up-") as scratch:
                 for served in models.values():
                     warm_up(served, Path(scratch))
             gc.collect()
             gc.freeze()
+            if full_gc:  # the engines run the full collections from now on
+                engines_collect()
             state.models.update(models)
             state.ready = True
         except BaseException as err:  # noqa: BLE001 (reported by whoever waits for the server)
@@ -157,10 +164,11 @@ def start_loading(cfg: DictConfig, state: AppState, files_dir: Path) -> threadin
     return thread
 
 
-def build_state(cfg: DictConfig) -> tuple[AppState, Any]:
-    """The app and its shared state, models loaded and engines running (ready)."""
+def build_state(cfg: DictConfig, full_gc: bool = False) -> tuple[AppState, Any]:
+    """The app and its shared state, models loaded and engines running (ready); full_gc: as serve's,
+    the engines run the full collections (CPython's are turned off: the caller restores them)."""
     state, app, files_dir = new_state(cfg)
-    start_loading(cfg, state, files_dir).join()
+    start_loading(cfg, state, files_dir, full_gc).join()
     if state.load_error is not None:
         raise state.load_error
     return state, app
@@ -186,7 +194,7 @@ def serve(cfg: DictConfig) -> dict[str, Any]:
     # 5 ms by default: ~200 ops a step made steps of 40-80 ms whenever requests arrived together, and
     # TTFT p99 12-21x its median at half load. At 1 ms: p99 2.0-2.5x (benchmarks/README.md, serve).
     sys.setswitchinterval(SWITCH_INTERVAL)
-    engines_collect()
+    thresholds = gc.get_threshold()  # restored at the end: serve may run inside another program
     state, app, files_dir = new_state(cfg)
 
     class Draining(uvicorn.Server):
@@ -205,7 +213,7 @@ def serve(cfg: DictConfig) -> dict[str, Any]:
             threading.Thread(target=finish, daemon=True).start()
 
     server = Draining(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning"))
-    loader = start_loading(cfg, state, files_dir)
+    loader = start_loading(cfg, state, files_dir, full_gc=True)
 
     def stop_when_loading_fails() -> None:
         loader.join()
@@ -215,7 +223,10 @@ def serve(cfg: DictConfig) -> dict[str, Any]:
     threading.Thread(target=stop_when_loading_fails, daemon=True).start()
     # listening while the models load: /health says "loading" (503) until every model is ready
     print(f"serve: http://{cfg.host}:{cfg.port} (loading {', '.join(map(str, cfg.runs))})", flush=True)
-    server.run()
+    try:
+        server.run()
+    finally:
+        gc.set_threshold(*thresholds)
     if state.load_error is not None:
         raise state.load_error
     return {"models": list(state.models)}

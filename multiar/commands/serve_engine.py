@@ -99,23 +99,26 @@ CHECK_WAIT = 0.05  # seconds the engine waits at most for a checked row's draw w
 SLOW_STREAK = 3  # inline checks in a row longer than a forward that move a row's checks to the worker
 
 # seconds between the full garbage collections the engine threads run between their steps (one process
-# wide; engines made with full_gc), where `multiar serve` turns CPython's own off: its automatic ones came every 25-35 s under load
-# and held every stream 18-254 ms, scanning the cycles the requests' configs leave (OmegaConf nodes);
-# one a second scans a second's worth (benchmarks/README.md, serve)
+# wide; engines made with full_gc), where `multiar serve` turns CPython's own off: its automatic ones
+# came every 25-160 s under load and held every stream 18-254 ms, scanning the cycles the requests'
+# configs leave (OmegaConf nodes); one a second scans a second's worth (benchmarks/README.md, serve)
 FULL_GC_INTERVAL = 1.0
 _full_gc = threading.Lock()
 _full_gc_at = [0.0]  # monotonic time of the last
 
 
 def collect_between_steps() -> float:
-    """A full collection if FULL_GC_INTERVAL has passed since the last one any engine ran; its seconds."""
-    now = time.monotonic()
-    if now - _full_gc_at[0] < FULL_GC_INTERVAL or not _full_gc.acquire(blocking=False):
+    """A full collection if FULL_GC_INTERVAL has passed since the end of the last one any engine ran; its
+    seconds."""
+    if time.monotonic() - _full_gc_at[0] < FULL_GC_INTERVAL or not _full_gc.acquire(blocking=False):
         return 0.0
     try:
-        _full_gc_at[0] = now
+        start = time.monotonic()
+        if start - _full_gc_at[0] < FULL_GC_INTERVAL:  # another engine's ran while this one looked
+            return 0.0
         gc.collect()
-        return time.monotonic() - now
+        _full_gc_at[0] = time.monotonic()  # from its end: a slow one is not followed by another at once
+        return _full_gc_at[0] - start
     finally:
         _full_gc.release()
 
@@ -230,7 +233,7 @@ class SlotEngine:
         self.attention = attention or RowsAttention("sdpa", None, None, "default")
         model.eval()
         model.setup_caches(max_batch_size=slots, max_seq_length=self.block, kv_dtype=self.attention.kv_dtype)
-        # steps without a prompt chunk as one compiled graph (engine.captured_step), built on this thread
+        # every step (decoding rows and prompt chunks) as one compiled graph (engine.captured_step), built here
         self.captured = CapturedStep(model, slots) if captured else None
         device = model.wte.weight.device
         self.rows = Rows([[0]] * slots, 1, device=device, width=self.block + max_tokens + 1, eos_id=eos_id)

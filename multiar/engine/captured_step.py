@@ -93,6 +93,6 @@ class CapturedStep:
         engine thread, so one logit is asked twice and a length of 1 read as 2 (the second slot masked)."""
         k = logits_at.size(0)
         if k < 2:
-            logits_at = torch.cat([logits_at, logits_at]) if k else torch.zeros(2, dtype=torch.long)
+            logits_at = torch.cat([logits_at, logits_at]) if k else logits_at.new_zeros(2)
         with self.options:  # read when a call compiles: around every call
             return self.kernel(self.model, ids, rows, positions, max(kv_len, 2), logits_at)[:k]

@@ -57,7 +57,7 @@ GRAPHS_PER_MODEL = 8
 def compile_for_sampling(model: GPT) -> GPT:
     """model (in place) with its one-token decode step compiled by torch.compile, gpt-fast style: static
     shapes (per-row tensor positions, attention over the whole cache with a mask), so one graph serves
-    every step. The graph is the slot engine's decode step (engine.captured_step.decode_rows: attention
+    every step. The graph is the slot engine's layers (engine.captured_step.decode_rows: attention
     as inductor's own fused kernel, not SDPA's flash kernel, whose set-up cost a one-query row does not
     repay); inductor freezes the weights in, times each matmul's kernels (its C++ GEMM template against
     oneDNN / MKL on a CPU) and calls them through a C++ wrapper (engine.inductor_options). The KV caches

@@ -612,7 +612,8 @@ def test_the_engine_runs_full_collections_between_its_steps(model, monkeypatch):
     steps: cyclic garbage is freed, the time counted."""
     monkeypatch.setattr(serve_engine, "FULL_GC_INTERVAL", 0.05)
     gc.disable()  # no collection but the engine's
-    gc.freeze()  # as serve does after loading: a collection scans what came after (this process is big)
+    gc.freeze()  # as serve does after loading: a collection scans what came after (this process is big);
+    # unfrozen at the end, with whatever earlier tests froze: their later collections only scan more
     e = engine(model, slots=2, full_gc=True)
     try:
         busy = request(e, [[1, 5]], seed=1, temperature=1.0, max_new=400, min_new=400)

@@ -359,7 +359,7 @@ def test_health_says_loading_while_models_load_and_a_failed_load_stops_the_serve
 
     gate = threading.Event()
 
-    def slow_failing_load(cfg, files_dir):
+    def slow_failing_load(cfg, files_dir, full_gc):
         gate.wait(30)
         raise ConfigError("run: broken weights")
 
@@ -438,21 +438,21 @@ def test_loading_warms_each_model_then_freezes_and_counts_no_warm_up_tokens(prot
             s.engine.stop()
 
 
-def test_after_serve_turns_automatic_full_collections_off_its_engines_run_them(protein_run, tmp_path):
-    """`multiar serve` (engines_collect) turns CPython's automatic full collections off; the engines
-    it makes afterwards run them between their steps, and /metrics counts their seconds."""
+def test_serve_turns_automatic_full_collections_off_once_loaded_and_its_engines_run_them(
+    protein_run, tmp_path
+):
+    """`multiar serve` loads with full_gc: once its models are loaded and frozen, CPython's automatic
+    full collections are off (engines_collect) and the engines run them between their steps; /metrics
+    counts their seconds. A process that loads without it keeps CPython's."""
     import gc
-
-    from multiar.commands.serve import engines_collect
 
     before = gc.get_threshold()
     try:
-        engines_collect()
-        assert gc.get_threshold()[:2] == before[:2] and gc.get_threshold()[2] >= 1 << 30
-        state, _ = build_state(serve_config(protein_run, tmp_path))
+        state, _ = build_state(serve_config(protein_run, tmp_path), full_gc=True)
         engine = next(iter(state.models.values())).engine
         try:
             assert engine.full_gc
+            assert gc.get_threshold()[:2] == before[:2] and gc.get_threshold()[2] >= 1 << 30
             deadline = time.monotonic() + 10
             while engine.stats.gc_seconds == 0 and time.monotonic() < deadline:
                 time.sleep(0.05)
@@ -462,6 +462,12 @@ def test_after_serve_turns_automatic_full_collections_off_its_engines_run_them(p
                 s.engine.stop()
     finally:
         gc.set_threshold(*before)
+    state, _ = build_state(serve_config(protein_run, tmp_path / "plain"))
+    try:
+        assert not next(iter(state.models.values())).engine.full_gc and gc.get_threshold() == before
+    finally:
+        for s in state.models.values():
+            s.engine.stop()
 
 
 def test_request_values_are_literal_never_config_interpolations(app, tmp_path, monkeypatch):
