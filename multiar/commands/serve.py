@@ -35,13 +35,10 @@ NO_AUTOMATIC_FULL_GC = 1 << 30  # young collections before CPython runs a full o
 SWITCH_INTERVAL = 0.001  # seconds: how long a thread waiting for the GIL waits before it asks for it
 
 
-def engines_collect() -> tuple[int, ...]:
-    """CPython's automatic full collections off (the engines made with full_gc run one a second between
-    their steps: serve_engine.collect_between_steps; young generations are collected as usual); the
-    thresholds before, to restore."""
-    before = gc.get_threshold()
-    gc.set_threshold(*before[:2], NO_AUTOMATIC_FULL_GC)
-    return before
+def engines_collect() -> None:
+    """CPython's automatic full collections off: the engines made with full_gc run one a second between
+    their steps (serve_engine.collect_between_steps); young generations are collected as usual."""
+    gc.set_threshold(*gc.get_threshold()[:2], NO_AUTOMATIC_FULL_GC)
 
 
 def is_loopback(host: str) -> bool:

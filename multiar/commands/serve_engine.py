@@ -4,8 +4,8 @@ free (a request of n samples takes up to n slots), are prefilled in chunks of at
 tokens per step while the running rows keep decoding, and leave when they end; a freed slot is reused at
 once. A step runs captured (engine.captured_step: the decoding rows' tokens and the prompt chunks', each
 naming its cache row, in one compiled graph) or eager (every slot up to the last busy one, so a decoding
-row above a freed slot moves down into it). Each row has its own sampling settings, generator, processors and stops (engine.rows.RowSettings,
-engine.sampling.Sampler): the one decode loop's per-row machinery, in slots. Rows with the same sampling
+row above a freed slot moves down into it). Each row has its own sampling settings, generator,
+processors and stops (engine.rows.RowSettings, engine.sampling.Sampler): the one decode loop's per-row machinery, in slots. Rows with the same sampling
 settings are sampled in one vectorized call (each row's number from its own generator). A row with a
 per-token check (a grammar, checked_draw.TokenCheck) is processed and drawn (`checks`): on a worker
 thread beside the batch (overlap), sitting out the steps until its token is ready (its slot is fed as an
@@ -382,8 +382,8 @@ class SlotEngine:
     def pack(self) -> None:
         """Move the highest decoding rows into the idle slots below them: an eager step computes every slot
         up to the last busy one, so rows left high by the requests that ended below them cost a full
-        batch's step at half the load (benchmarks/README.md, serve). A row on the worker (its check) or still
-        prefilling stays until it decodes."""
+        batch's step at half the load (benchmarks/README.md, serve). A row on the worker (its check) or
+        still prefilling stays until it decodes."""
         while True:
             idle = next((b for b in range(self.slots) if self.phase[b] == "idle"), None)
             top = max((b for b in range(self.slots) if self.phase[b] != "idle"), default=-1)
