@@ -33,7 +33,12 @@ EOS = 2
 @pytest.fixture(scope="module")
 def model() -> GPT:
     torch.manual_seed(0)
-    return GPT(ModelConfig(vocab_size=40, block_size=64, n_layer=2, n_head=2, n_embd=32)).eval()
+    model = GPT(ModelConfig(vocab_size=40, block_size=64, n_layer=2, n_head=2, n_embd=32)).eval()
+    with torch.no_grad():  # weights far from the init's: its tokens depend on their context
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.5)
+    return model
 
 
 def engine(model: GPT, slots: int = 4, chunk: int = 8, start: bool = True, **kwargs) -> SlotEngine:
@@ -241,6 +246,52 @@ def test_long_prompt_enters_in_chunks_and_rows_slide_past_the_block(model):
     want = generate(model, prompts=[[1, *range(3, 33)]], max_new_tokens=5, min_new_tokens=5, temperature=0.0,
                     eos_id=EOS, processors=[ban_tokens([0])])  # fmt: skip
     assert joining.ends()[0].ids == want[0]
+
+
+@pytest.mark.parametrize("captured", [False, True], ids=["eager", "captured"])
+def test_a_slide_a_chunk_and_a_checked_row_in_one_step_give_the_decode_loops_tokens(model, captured):
+    """One step holds a row whose window slides (its tail re-entering as a chunk), another prompt's
+    chunk and a row sitting out on the check worker: each row's tokens are still the decode loop's."""
+    try:
+        e = engine(model, slots=4, chunk=12, captured=captured, start=False, checks="overlap")
+    except Exception as err:  # noqa: BLE001 (inductor needs a C++ compiler)
+        pytest.skip(f"torch.compile does not run here: {first_line(err)}")
+    steps = []  # per forward: the chunks' (row, first position, length) and the rows sitting out
+    forward = e.captured_forward if captured else e.segments_forward
+
+    def recorded(running, chunks, *args):
+        checking = [b for b in range(e.slots) if e.phase[b] == "check"]
+        steps.append(([(b, at, len(take)) for b, at, take in chunks], checking))
+        return forward(running, chunks, *args)
+
+    setattr(e, "captured_forward" if captured else "segments_forward", recorded)
+    joining_prompt = [1, *range(3, 34)]  # 32 ids: 3 chunks of at most 12
+    joining: list[Collect] = []
+    sliding = Collect()
+    sliding.n = 1
+
+    def emit(event: Event) -> None:  # the joining prompt enters as row 0's window slides (at 64)
+        sliding(event)
+        if event.kind == "tokens" and not joining and e.rows.length.values[0] >= 64:
+            joining.append(request(e, [joining_prompt], max_new=5, min_new=5))
+
+    settings = RowSettings(100, 100, processors=[ban_tokens([0])])
+    sampler = Sampler(temperature=1.0, generator=torch.Generator().manual_seed(5))  # greedy repeats one id
+    e.submit(Job([SampleSpec([1, 5], settings, sampler)], emit))
+    checked = traced(e, [1, 5, 6], [], 4, [SlowCheck(0.2)])  # on the worker through most steps
+    e.start()
+    try:
+        wait(sliding, checked)
+        wait(*joining)
+    finally:
+        e.stop()
+    both = [(c, out) for c, out in steps if len(c) == 2 and {b for b, _, _ in c} == {0, 2}]
+    assert any(out for _, out in both), steps  # the slide's chunk and the prompt's, a row sitting out
+    greedy = dict(temperature=0.0, eos_id=EOS, processors=[ban_tokens([0])])
+    seeded = dict(greedy, temperature=1.0, generator=torch.Generator().manual_seed(5))
+    assert sliding.ends()[0].ids == generate(model, prompts=[[1, 5]], max_new_tokens=100, min_new_tokens=100, **seeded)[0]  # fmt: skip
+    assert joining[0].ends()[0].ids == generate(model, prompts=[joining_prompt], max_new_tokens=5, min_new_tokens=5, **greedy)[0]  # fmt: skip
+    assert checked.ends()[0].ids == decode_loop_ids(model, 4)
 
 
 def test_grouped_sampling_gives_each_row_its_own_tokens():
