@@ -20,6 +20,7 @@ from multiar.engine.inductor_options import inductor_options, make_room
 from multiar.engine.model import GPT
 from multiar.engine.rows import Rows, Token, as_rows, extend_row, window_tail
 from multiar.engine.sampling import LogitsProcessor, repetition_penalty
+from multiar.engine.segments import Segments
 
 __all__ = [
     "Token",
@@ -157,16 +158,40 @@ def stream(
 def next_logits(
     model: GPT, rows: Rows, token: Tensor, capacity: int, keep: int, window_starts: Sequence[bool] | None
 ) -> Tensor:
-    """Feed each row's new token (B,) to the cache; when the cache is full, slide the window to each
-    row's tail instead (prefilled in one pass) and go on decoding after it. Logits for the next token."""
+    """Feed each row's new token (B,) to the cache; when a row's cache is full, slide its window to its
+    tail instead and go on decoding after it. Logits for the next token."""
     cache = rows.cache
     if max(cache.values) >= capacity:
-        return prefill(model, *rows.tails(keep, window_starts))
+        full = [b for b, c in enumerate(cache.values) if c >= capacity]
+        if len(full) < len(cache.values):  # ragged rows: only the full ones slide
+            return slide_full_rows(model, rows, token, full, keep, window_starts)
+        return prefill(model, *rows.tails(keep, window_starts))  # every row at once: one prefill
     if cache.aligned:
         logits = decode_one_token(model, token[:, None], cache.values[0])
     else:
         logits = model(token[:, None], cache.tensor[:, None], kv_len=max(cache.values) + 1)[:, -1]
     cache.add(1)
+    return logits
+
+
+def slide_full_rows(
+    model: GPT, rows: Rows, token: Tensor, full: list[int], keep: int, window_starts: Sequence[bool] | None
+) -> Tensor:
+    """Ragged rows, some caches full: one mixed step (engine.segments) in which the rows with room
+    decode their new token and each full row's tail enters its cache from position 0. Every row keeps
+    the context it has decoding alone (its neighbours' lengths never cut it), and the rows with room
+    are not prefilled again. Logits (B, V)."""
+    cache, device, B = rows.cache, token.device, len(rows.cache.values)
+    tails = {b: rows.tail(b, keep, window_starts) for b in full}
+    # a full row's decoding slot writes a placeholder at its last position, past its tail: it writes
+    # that slot again before it reads it
+    positions = torch.tensor([min(c, model.max_seq_length - 1) for c in cache.values], device=device)
+    ids = torch.cat([token, *(torch.tensor(t, device=device) for t in tails.values())])
+    chunks = [(b, 0, len(t)) for b, t in tails.items()]
+    out = model.forward_segments(ids, Segments(B, positions, chunks))  # (B + len(full), V)
+    logits = out[:B].clone()
+    logits[full] = out[B:]
+    cache.set([len(tails[b]) if b in tails else c + 1 for b, c in enumerate(cache.values)])
     return logits
 
 

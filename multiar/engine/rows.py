@@ -395,15 +395,16 @@ class Rows:
                 events += self.released(b)
         return events
 
+    def tail(self, b: int, keep: int, window_starts: Sequence[bool] | None = None) -> list[int]:
+        """Row b's last `keep` ids, cut as training windows are (multiar.data.packing.pack): the
+        context its window slides to."""
+        n = self.length.values[b]
+        return window_tail(self.seq[b, max(n - keep, 0) : n].tolist(), keep, window_starts)
+
     def tails(self, keep: int, window_starts: Sequence[bool] | None = None) -> tuple[Tensor, Tensor | None]:
-        """Slide the window: each row's last `keep` ids, cut as training windows are
-        (multiar.data.packing.pack), become its cache; the padded ids (B, width) to prefill and each
-        row's last index (None when aligned)."""
-        ids = self.seq[:, : max(self.length.values)].tolist()
-        ctxs = [
-            window_tail(r[max(n - keep, 0) : n], keep, window_starts)
-            for r, n in zip(ids, self.length.values, strict=True)
-        ]
+        """Slide every row's window to its tail, which becomes its cache; the padded ids (B, width) to
+        prefill and each row's last index (None when aligned)."""
+        ctxs = [self.tail(b, keep, window_starts) for b in range(len(self.length.values))]
         self.cache.set([len(c) for c in ctxs])
         width = max(self.cache.values)
         padded = torch.tensor([c + [0] * (width - len(c)) for c in ctxs], device=self.seq.device)

@@ -17,6 +17,7 @@ import weakref
 
 import pytest
 import torch
+from conftest import context_sensitive
 
 from multiar.commands import serve_engine
 from multiar.commands.serve_engine import Event, Job, SampleSpec, SlotEngine, checks_way
@@ -33,12 +34,9 @@ EOS = 2
 @pytest.fixture(scope="module")
 def model() -> GPT:
     torch.manual_seed(0)
-    model = GPT(ModelConfig(vocab_size=40, block_size=64, n_layer=2, n_head=2, n_embd=32)).eval()
-    with torch.no_grad():  # weights far from the init's: its tokens depend on their context
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.5)
-    return model
+    return context_sensitive(
+        GPT(ModelConfig(vocab_size=40, block_size=64, n_layer=2, n_head=2, n_embd=32)).eval()
+    )
 
 
 def engine(model: GPT, slots: int = 4, chunk: int = 8, start: bool = True, **kwargs) -> SlotEngine:

@@ -157,19 +157,28 @@ def sliding_reference(
     return out
 
 
-def capture_prefills(model: GPT) -> list[list[list[int]]]:
-    """Record each prefill's contexts (one id list per row, padding cut) as the model is fed them."""
-    calls: list[list[list[int]]] = []
-    eager = model.forward
+def capture_prefills(model: GPT) -> list[dict[int, list[int]]]:
+    """Record each prefill's contexts (row -> its ids, padding cut) as the model is fed them: a prefill of
+    every row, or a mixed step's chunks (the rows whose window slid while the others decoded)."""
+    calls: list[dict[int, list[int]]] = []
+    eager, mixed = model.forward, model.forward_segments
 
     def forward(idx, input_pos=None, **kwargs):
         if isinstance(input_pos, int) and input_pos == 0 and idx.size(1) > 1:
             at = kwargs.get("logits_at")
             ends = at.tolist() if isinstance(at, torch.Tensor) else [idx.size(1) - 1] * idx.size(0)
-            calls.append([row[: e + 1] for row, e in zip(idx.tolist(), ends, strict=True)])
+            calls.append({b: row[: e + 1] for b, (row, e) in enumerate(zip(idx.tolist(), ends, strict=True))})
         return eager(idx, input_pos, **kwargs)
 
-    model.forward = forward
+    def forward_segments(idx, segments):
+        ids, at = idx.tolist(), segments.rows
+        calls.append({})
+        for b, start, n in segments.chunks:
+            assert start == 0  # a slid window starts the row's cache again
+            calls[-1][b], at = ids[at : at + n], at + n
+        return mixed(idx, segments)
+
+    model.forward, model.forward_segments = forward, forward_segments
     return calls
 
 
@@ -184,7 +193,7 @@ def occurrences(stream_: list[int], part: list[int]) -> list[int]:
 def test_the_slid_context_is_a_window_the_packer_could_produce(starts):
     model = tiny()
     block, keep = model.config.block_size, model.config.block_size // 2
-    prompts = [[BOS, 4, 9], [BOS, 7, 7, 3, 30, 11, 5]]  # ragged: the rows slide together
+    prompts = [[BOS, 4, 9], [BOS, 7, 7, 3, 30, 11, 5]]  # ragged: each row slides when its own cache is full
     calls = capture_prefills(model)
     out = generate(
         model,
@@ -199,8 +208,12 @@ def test_the_slid_context_is_a_window_the_packer_could_produce(starts):
     starts_ids = [i for i, ok in enumerate(starts) if ok] if starts is not None else None
     for b, (prompt, row) in enumerate(zip(prompts, out, strict=True)):
         doc_stream = [*prompt, *row, EOS]  # BOS doc EOS, as pack concatenates a document
+        cuts = 0
         for call in slides:
+            if b not in call:  # its cache had room: it decoded on
+                continue
             ctx = call[b]
+            cuts += 1
             assert BOS not in ctx  # past a document's first window: no BOS, and no tags after it
             at = occurrences(doc_stream, ctx)  # a contiguous slice of the document's stream ...
             assert at and min(at) > 0
@@ -213,6 +226,7 @@ def test_the_slid_context_is_a_window_the_packer_could_produce(starts):
                 assert any(w[: len(ctx)] == ctx for w in blocks)
             elif any(starts[i] for i in ctx):
                 assert starts[ctx[0]]
+        assert cuts >= 2  # each row slid, more than once
         if starts is not None:
             # and pack, given the same flags, starts its windows on this document the same way: at a
             # flagged id whenever the window before holds one

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import context_sensitive
 
 from multiar.engine.decode import generate
 from multiar.engine.model import GPT, ModelConfig
@@ -13,7 +14,9 @@ from multiar.engine.sampling import draw
 
 def tiny_model() -> GPT:
     torch.manual_seed(0)
-    return GPT(ModelConfig(vocab_size=37, block_size=64, n_layer=2, n_head=2, n_embd=16)).eval()
+    return context_sensitive(
+        GPT(ModelConfig(vocab_size=37, block_size=64, n_layer=2, n_head=2, n_embd=16)).eval()
+    )
 
 
 def seeded(*seeds: int) -> list[torch.Generator]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import context_sensitive
 
 from multiar.engine.decode import generate, stream
 from multiar.engine.model import GPT, ModelConfig
@@ -15,7 +16,7 @@ from multiar.engine.speculative import SpeculativeStats, accept_reject, ngram_pr
 def model(seed: int, vocab: int = 37, **shape) -> GPT:
     torch.manual_seed(seed)
     args = dict(vocab_size=vocab, block_size=96, n_layer=2, n_head=2, n_embd=32) | shape
-    return GPT(ModelConfig(**args)).eval()
+    return context_sensitive(GPT(ModelConfig(**args)).eval())
 
 
 def busy_model(seed: int, **shape) -> GPT:
