@@ -319,7 +319,8 @@ class GenerateSchema:
     n: int = doc("samples (per prompt with prompt_file)", 8)
     batch_size: int = doc("samples decoded together", 8)
     max_new_tokens: int = doc(
-        "new tokens per sample; past block_size the window slides (BOS + the latest block_size/2 tokens)", 256
+        "new tokens per sample; past block_size each row's window slides to its latest block_size/2 tokens, cut as a training window (no BOS)",
+        256,
     )
     min_new_tokens: int = doc("EOS is not sampled before this many new tokens: no empty samples", 1)
     temperature: float = doc("sampling temperature; 0 is greedy", 1.0)

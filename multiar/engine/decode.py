@@ -118,7 +118,7 @@ def stream(
     yielded: a row holds back as many tokens as the longest stop sequence minus one.
     generators: one per row instead of `generator`, each row drawing from its own alone (its tokens
     then depend on its prompt and generator, not on the rows beside it).
-    Past block_size the window slides: the cache is refilled with each row's last `window_keep` ids
+    Past block_size each row's window slides when its own cache is full: it is refilled with the row's last `window_keep` ids
     (default block_size // 2) cut as a training window past a document's first (no BOS, no tags; with
     window_starts, per id, from the first flagged id, as the packer's windows), and decoding goes on."""
     rows = as_rows(prompt)
@@ -183,8 +183,9 @@ def slide_full_rows(
     are not prefilled again. Logits (B, V)."""
     cache, device, B = rows.cache, token.device, len(rows.cache.values)
     tails = {b: rows.tail(b, keep, window_starts) for b in full}
-    # a full row's decoding slot writes a placeholder at its last position, past its tail: it writes
-    # that slot again before it reads it
+    # a full row's decoding slot writes a placeholder at its last position, past its tail (the chunk's
+    # keys and values are written after the decoding slots' in every layer): it writes that slot again
+    # before it reads it
     positions = torch.tensor([min(c, model.max_seq_length - 1) for c in cache.values], device=device)
     ids = torch.cat([token, *(torch.tensor(t, device=device) for t in tails.values())])
     chunks = [(b, 0, len(t)) for b, t in tails.items()]

@@ -404,7 +404,11 @@ class Rows:
     def tails(self, keep: int, window_starts: Sequence[bool] | None = None) -> tuple[Tensor, Tensor | None]:
         """Slide every row's window to its tail, which becomes its cache; the padded ids (B, width) to
         prefill and each row's last index (None when aligned)."""
-        ctxs = [self.tail(b, keep, window_starts) for b in range(len(self.length.values))]
+        ids = self.seq[:, : max(self.length.values)].tolist()  # one copy to the host, not one a row
+        ctxs = [
+            window_tail(r[max(n - keep, 0) : n], keep, window_starts)
+            for r, n in zip(ids, self.length.values, strict=True)
+        ]
         self.cache.set([len(c) for c in ctxs])
         width = max(self.cache.values)
         padded = torch.tensor([c + [0] * (width - len(c)) for c in ctxs], device=self.seq.device)

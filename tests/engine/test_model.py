@@ -171,6 +171,10 @@ def test_generation_past_block_size_slides_the_window_like_the_reference_loop():
         out = generate(model, prompts=prompts, max_new_tokens=50, temperature=0.0, window_keep=keep)
         for p, row in zip(prompts, out, strict=True):
             assert row == sliding_reference(model, p, 50, keep or 8)
+    # two rows full in one step beside a row with room: each full row gets its own tail's logits
+    prompts = [[1, 4, 9], [1, 7, 7, 3, 30], [1, 8, 20, 4, 11]]
+    out = generate(model, prompts=prompts, max_new_tokens=40, temperature=0.0)
+    assert out == [generate(model, prompts=[p], max_new_tokens=40, temperature=0.0)[0] for p in prompts]
     with pytest.raises(ValueError, match="leaves no room"):
         generate(model, torch.zeros(1, 16, dtype=torch.long), 5)
 
