@@ -319,7 +319,8 @@ class GenerateSchema:
     n: int = doc("samples (per prompt with prompt_file)", 8)
     batch_size: int = doc("samples decoded together", 8)
     max_new_tokens: int = doc(
-        "new tokens per sample; past block_size each row's window slides to its latest block_size/2 tokens, cut as a training window (no BOS)",
+        "new tokens per sample; past block_size each row's window slides to its latest block_size/2 "
+        "tokens, cut as a training window (no BOS)",
         256,
     )
     min_new_tokens: int = doc("EOS is not sampled before this many new tokens: no empty samples", 1)
@@ -646,7 +647,8 @@ class ServeSchema:
         "auto",
     )
     step: str = doc(
-        "eager; captured: each step (decoding rows and prompt chunks) runs as one compiled graph (inductor: frozen "
+        "eager; captured: each step (decoding rows and prompt chunks) runs as one compiled graph "
+        "(inductor: frozen "
         "nn.Linear weights, so layout=auto or linear; 1-2 minutes of compiling at every start on 2 cores); "
         "auto: both built and timed at `slots` rows, the faster kept (cached per machine and model shape)",
         "auto",

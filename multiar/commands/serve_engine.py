@@ -5,8 +5,8 @@ tokens per step while the running rows keep decoding, and leave when they end; a
 once. A step runs captured (engine.captured_step: the decoding rows' tokens and the prompt chunks', each
 naming its cache row, in one compiled graph) or eager (every slot up to the last busy one, so a decoding
 row above a freed slot moves down into it). Each row has its own sampling settings, generator,
-processors and stops (engine.rows.RowSettings, engine.sampling.Sampler): the one decode loop's per-row machinery, in slots. Rows with the same sampling
-settings are sampled in one vectorized call (each row's number from its own generator). A row with a
+processors and stops (engine.rows.RowSettings, engine.sampling.Sampler): the one decode loop's per-row
+machinery, in slots. Rows with the same sampling settings are sampled in one vectorized call (each row's number from its own generator). A row with a
 per-token check (a grammar, checked_draw.TokenCheck) is processed and drawn (`checks`): on a worker
 thread beside the batch (overlap), sitting out the steps until its token is ready (its slot is fed as an
 idle one's, its logits unused), so a slow check costs its own row, not the others; or, where no core is
@@ -233,7 +233,8 @@ class SlotEngine:
         self.attention = attention or RowsAttention("sdpa", None, None, "default")
         model.eval()
         model.setup_caches(max_batch_size=slots, max_seq_length=self.block, kv_dtype=self.attention.kv_dtype)
-        # every step (decoding rows and prompt chunks) as one compiled graph (engine.captured_step), built here
+        # every step (decoding rows and prompt chunks) as one compiled graph (engine.captured_step),
+        # built here
         self.captured = CapturedStep(model, slots) if captured else None
         device = model.wte.weight.device
         self.rows = Rows([[0]] * slots, 1, device=device, width=self.block + max_tokens + 1, eos_id=eos_id)

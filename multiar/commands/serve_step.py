@@ -1,7 +1,7 @@
 """How a served model's decoding steps run, `step=`: `eager` (every op dispatched from Python, weights in
 the layout generate measures fastest), `captured` (each step, decoding rows and prompt chunks, as one
-compiled graph, engine.captured_step: nn.Linear weights, which inductor freezes and packs itself), or `auto`: both built
-and timed at `slots` rows spread over the context, rounds alternated, the faster kept. The choice is
+compiled graph, engine.captured_step: nn.Linear weights, which inductor freezes and packs itself), or
+`auto`: both built and timed at `slots` rows spread over the context, rounds alternated, the faster kept. The choice is
 cached per machine, slot count, model shape and the keys that narrow it ($MULTIAR_CACHE/
 decode_layout.json), so a later start builds the winner only. A captured step that fails to build
 (inductor needs a C++ compiler on a CPU), now or since its choice was cached, leaves eager, with one

@@ -118,8 +118,8 @@ def stream(
     yielded: a row holds back as many tokens as the longest stop sequence minus one.
     generators: one per row instead of `generator`, each row drawing from its own alone (its tokens
     then depend on its prompt and generator, not on the rows beside it).
-    Past block_size each row's window slides when its own cache is full: it is refilled with the row's last `window_keep` ids
-    (default block_size // 2) cut as a training window past a document's first (no BOS, no tags; with
+    Past block_size each row's window slides when its own cache is full: it is refilled with the row's
+    last `window_keep` ids (default block_size // 2) cut as a training window past a document's first (no BOS, no tags; with
     window_starts, per id, from the first flagged id, as the packer's windows), and decoding goes on."""
     rows = as_rows(prompt)
     T, block = max(map(len, rows)), model.config.block_size
@@ -182,7 +182,7 @@ def slide_full_rows(
     the context it has decoding alone (its neighbours' lengths never cut it), and the rows with room
     are not prefilled again. Logits (B, V)."""
     cache, device, B = rows.cache, token.device, len(rows.cache.values)
-    tails = {b: rows.tail(b, keep, window_starts) for b in full}
+    tails = dict(zip(full, rows.tail_ids(keep, window_starts, full), strict=True))
     # a full row's decoding slot writes a placeholder at its last position, past its tail (the chunk's
     # keys and values are written after the decoding slots' in every layer): it writes that slot again
     # before it reads it
@@ -190,8 +190,8 @@ def slide_full_rows(
     ids = torch.cat([token, *(torch.tensor(t, device=device) for t in tails.values())])
     chunks = [(b, 0, len(t)) for b, t in tails.items()]
     out = model.forward_segments(ids, Segments(B, positions, chunks))  # (B + len(full), V)
-    logits = out[:B].clone()
-    logits[full] = out[B:]
+    logits = out[:B]
+    logits[full] = out[B:]  # the full rows' chunks' logits in place of their placeholders' (no overlap)
     cache.set([len(tails[b]) if b in tails else c + 1 for b, c in enumerate(cache.values)])
     return logits
 

@@ -64,8 +64,8 @@ def inductor_options(cpp_wrapper: bool = True, autotune: bool = False) -> contex
 
 def make_room(graphs: int) -> None:
     """Raise dynamo's recompile limit by `graphs`: it counts the graphs compiled from one function, and
-    every model compiled here shares one (`captured_step.step_rows` or `decode_rows`: each model, batch size and case is
-    a graph of its own). Past the limit (8 by default) dynamo runs the function uncompiled, silently
+    every model compiled here shares one (`captured_step.step_rows` or `decode_rows`: each model, batch
+    size and case is a graph of its own). Past the limit (8 by default) dynamo runs the function uncompiled, silently
     slower than the eager model: a server of three runs (4 graphs each) or a benchmark of several
     compiled models would reach it."""
     try:

@@ -395,20 +395,23 @@ class Rows:
                 events += self.released(b)
         return events
 
-    def tail(self, b: int, keep: int, window_starts: Sequence[bool] | None = None) -> list[int]:
-        """Row b's last `keep` ids, cut as training windows are (multiar.data.packing.pack): the
-        context its window slides to."""
-        n = self.length.values[b]
-        return window_tail(self.seq[b, max(n - keep, 0) : n].tolist(), keep, window_starts)
+    def tail_ids(
+        self, keep: int, window_starts: Sequence[bool] | None = None, rows: Sequence[int] | None = None
+    ) -> list[list[int]]:
+        """Each of `rows`' (None: every row's) last `keep` ids, cut as training windows are
+        (multiar.data.packing.pack): the contexts their windows slide to. One copy to the host."""
+        rows = range(len(self.length.values)) if rows is None else rows
+        lengths = [self.length.values[b] for b in rows]
+        ids = self.seq[list(rows), : max(lengths)].tolist()
+        return [
+            window_tail(r[max(n - keep, 0) : n], keep, window_starts)
+            for r, n in zip(ids, lengths, strict=True)
+        ]
 
     def tails(self, keep: int, window_starts: Sequence[bool] | None = None) -> tuple[Tensor, Tensor | None]:
         """Slide every row's window to its tail, which becomes its cache; the padded ids (B, width) to
         prefill and each row's last index (None when aligned)."""
-        ids = self.seq[:, : max(self.length.values)].tolist()  # one copy to the host, not one a row
-        ctxs = [
-            window_tail(r[max(n - keep, 0) : n], keep, window_starts)
-            for r, n in zip(ids, self.length.values, strict=True)
-        ]
+        ctxs = self.tail_ids(keep, window_starts)
         self.cache.set([len(c) for c in ctxs])
         width = max(self.cache.values)
         padded = torch.tensor([c + [0] * (width - len(c)) for c in ctxs], device=self.seq.device)
