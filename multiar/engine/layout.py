@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from multiar.engine.packed import PackedLinear, _onednn_ops, decode_layout
+from multiar.engine.packed import PackedLinear, decode_layout, packs
 from multiar.engine.precision import cpu_model
 from multiar.engine.quantize import Int4Linear, Int8Linear
 
@@ -69,14 +69,18 @@ class DecodeChoice:
 
 def float_candidates(device: torch.device, dtype: str, layout: str) -> list[str]:
     """The dtype/layout pairs to measure: those dtype= and layout= allow ("auto": any), less packed ones
-    where this torch or device has no oneDNN packed Linear."""
+    where this torch, device or CPU has no oneDNN packed Linear for that dtype (layout=packed asked
+    where there is none: nn.Linear)."""
     dtypes = DTYPES if dtype == "auto" else (dtype,)
     layouts = LAYOUTS if layout == "auto" else (layout,)
-    if device.type != "cpu" or not torch.backends.mkldnn.is_available() or _onednn_ops() is None:
-        layouts = tuple(x for x in layouts if x != "packed") or ("linear",)
     if device.type == "cuda" and dtype == "auto" and not torch.cuda.is_bf16_supported():
         dtypes = ("fp32",)
-    return [f"{d}/{x}" for d in dtypes for x in layouts]
+    pairs = [(d, x) for d in dtypes for x in layouts]
+    if device.type != "cpu":
+        pairs = [(d, x) for d, x in pairs if x != "packed"]
+    else:
+        pairs = [(d, x) for d, x in pairs if x != "packed" or packs(TORCH_DTYPES[d])]
+    return [f"{d}/{x}" for d, x in pairs] or [f"{d}/linear" for d in dtypes]
 
 
 def build_float(model: nn.Module, candidate: str) -> nn.Module:
@@ -205,8 +209,8 @@ class DequantizedLinear(nn.Module):
         self.in_features, self.out_features = layer.in_features, layer.out_features
         linear = nn.Linear(layer.in_features, layer.out_features, bias=False, device=layer.weight.device)
         linear.weight.data = dequantized_weight(layer).to(torch.bfloat16)
-        cpu = linear.weight.device.type == "cpu" and torch.backends.mkldnn.is_available()
-        self.linear = PackedLinear(linear) if cpu and _onednn_ops() is not None else linear
+        cpu = linear.weight.device.type == "cpu"
+        self.linear = PackedLinear(linear) if cpu and packs(torch.bfloat16) else linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x.to(torch.bfloat16)).to(x.dtype)

@@ -4,13 +4,18 @@ about twice nn.Linear's speed (benchmarks/README.md)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
+from functools import cache
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
 from multiar.engine.quantize import _replace_linears, private_api
+from multiar.errors import first_line
+
+log = logging.getLogger("multiar")
 
 
 def _onednn_ops() -> tuple[Callable, Callable] | None:
@@ -19,6 +24,24 @@ def _onednn_ops() -> tuple[Callable, Callable] | None:
     reorder = private_api("torch.ops.mkldnn", "_reorder_linear_weight", instead)
     linear = private_api("torch.ops.mkldnn", "_linear_pointwise", instead)
     return (reorder, linear) if reorder is not None and linear is not None else None
+
+
+@cache
+def packs(dtype: torch.dtype) -> bool:
+    """Whether oneDNN packs weights of this dtype on this CPU: its ops are there, and (bf16) the CPU has
+    the instructions its bf16 path needs: oneDNN refuses bf16 without AVX512-BW/VL/DQ or AVX-NE-CONVERT
+    (an AVX2-only CPU), and saying so with a pack that fails is the only check it offers."""
+    ops = _onednn_ops() if torch.backends.mkldnn.is_available() else None
+    if ops is None:
+        return False
+    try:
+        ops[0](torch.zeros(PACK_ROWS, 16, dtype=dtype), PACK_ROWS)
+    except RuntimeError as err:
+        log.warning(
+            "oneDNN cannot pack %s weights on this CPU (%s): they stay nn.Linear", dtype, first_line(err)
+        )
+        return False
+    return True
 
 
 PACK_ROWS = 8  # the row count oneDNN packs for; measured as fast as a 1-row packing for one row
@@ -58,7 +81,7 @@ def decode_layout(model: nn.Module) -> nn.Module:
     weight = next(model.parameters())
     if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return model
-    if weight.dtype not in (torch.float32, torch.bfloat16) or _onednn_ops() is None:
+    if weight.dtype not in (torch.float32, torch.bfloat16) or not packs(weight.dtype):
         return model
 
     def pack(linear: nn.Linear) -> nn.Module:

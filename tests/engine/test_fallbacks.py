@@ -15,7 +15,7 @@ from conftest import bundled_files
 
 from multiar.domains.music import grammar as music_grammar
 from multiar.domains.music.domain import MusicDomain
-from multiar.engine import packed
+from multiar.engine import layout, packed
 from multiar.engine import quantize as q
 from multiar.engine.decode import generate
 from multiar.engine.model import GPT, ModelConfig
@@ -25,6 +25,7 @@ def recheck() -> None:
     """Forget which APIs were found (they are looked up once per process): after hiding one."""
     for module in (q, music_grammar):
         module.private_api.cache_clear()
+    packed.packs.cache_clear()
 
 
 @pytest.fixture(autouse=True)
@@ -98,6 +99,41 @@ def test_the_decode_layout_keeps_nn_linear_without_the_onednn_ops(monkeypatch, c
     idx = torch.randint(0, 64, (2, 9))
     with torch.no_grad():
         assert torch.equal(laid(idx), model(idx))
+
+
+def test_a_cpu_whose_onednn_packs_no_bf16_keeps_bf16_as_nn_linear_and_drops_the_candidate(
+    monkeypatch, caplog
+):
+    # oneDNN's answer on an AVX2-only CPU (AMD EPYC Milan): its ops exist, a bf16 pack raises
+    reorder = torch.ops.mkldnn._reorder_linear_weight
+
+    def refuses_bf16(weight, rows):
+        if weight.dtype == torch.bfloat16:
+            raise RuntimeError("mkldnn_reorder_linear_weight: bf16 path needs the cpu support avx512bw\nmore")
+        return reorder(weight, rows)
+
+    fake = types.SimpleNamespace(
+        _reorder_linear_weight=refuses_bf16, _linear_pointwise=torch.ops.mkldnn._linear_pointwise
+    )
+    monkeypatch.setattr(torch.ops, "mkldnn", fake)
+    recheck()
+    torch.manual_seed(1)
+    model = GPT(ModelConfig(vocab_size=64, block_size=64, n_layer=1, n_head=4, n_embd=512)).eval()
+    with caplog.at_level(logging.WARNING, logger="multiar"):
+        bf16 = packed.decode_layout(copy.deepcopy(model).to(torch.bfloat16))
+        fp32 = packed.decode_layout(copy.deepcopy(model))
+        candidates = layout.float_candidates(torch.device("cpu"), "auto", "auto")
+        forced, choice = layout.prepare_for_decoding(copy.deepcopy(model), dtype="bf16", layout="packed")
+    assert not any(isinstance(m, packed.PackedLinear) for m in bf16.modules())
+    assert any(isinstance(m, packed.PackedLinear) for m in fp32.modules())  # fp32 packs as before
+    assert candidates == ["fp32/linear", "fp32/packed", "bf16/linear"]
+    assert (choice.dtype, choice.layout) == ("bf16", "linear")
+    assert not any(isinstance(m, packed.PackedLinear) for m in forced.modules())
+    said = warnings_naming(caplog, "cannot pack torch.bfloat16")
+    assert len(said) == 1 and "avx512bw" in said[0] and "\n" not in said[0]
+    idx = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(forced(idx).float(), model(idx), rtol=3e-2, atol=3e-2)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import torch
 from multiar.engine import layout as lay
 from multiar.engine.decode import generate
 from multiar.engine.model import GPT, ModelConfig
-from multiar.engine.packed import PackedLinear
+from multiar.engine.packed import PackedLinear, packs
 from multiar.engine.quantize import Int8Linear, quantize
 
 
@@ -34,7 +34,14 @@ def fake_timer(ms: dict[str, float], calls: list):
 MS = {"fp32/linear": 3.0, "fp32/packed": 2.0, "bf16/linear": 4.0, "bf16/packed": 2.5}
 
 
-def test_auto_picks_the_fastest_measured_candidate_and_logs_the_alternatives(tmp_path):
+@pytest.fixture
+def every_packing(monkeypatch):
+    """The choosing logic as on a CPU where oneDNN packs both dtypes (an AVX2-only CPU packs no bf16:
+    there a bf16/packed pick is built as nn.Linear, and these tests check the choosing only)."""
+    monkeypatch.setattr(lay, "packs", lambda dtype: True)
+
+
+def test_auto_picks_the_fastest_measured_candidate_and_logs_the_alternatives(tmp_path, every_packing):
     calls = []
     model, choice = lay.prepare_for_decoding(tiny_model(), cache_dir=tmp_path, timer=fake_timer(MS, calls))
     assert calls == [sorted(MS)]
@@ -46,7 +53,7 @@ def test_auto_picks_the_fastest_measured_candidate_and_logs_the_alternatives(tmp
     assert json.loads(json.dumps(choice.as_dict()))["step_ms"]["bf16/packed"] == pytest.approx(2.5)
 
 
-def test_the_cache_decides_the_second_time_and_is_keyed_by_batch_size(tmp_path):
+def test_the_cache_decides_the_second_time_and_is_keyed_by_batch_size(tmp_path, every_packing):
     calls = []
     slow_bf16 = dict(MS, **{"bf16/packed": 1.0})
     lay.prepare_for_decoding(tiny_model(), cache_dir=tmp_path, timer=fake_timer(slow_bf16, calls))
@@ -78,7 +85,7 @@ def test_without_a_cache_dir_every_call_measures(tmp_path):
         ("bf16", "auto", ["bf16/linear", "bf16/packed"]),
     ],
 )
-def test_dtype_and_layout_narrow_the_candidates(tmp_path, dtype, layout, expected):
+def test_dtype_and_layout_narrow_the_candidates(tmp_path, every_packing, dtype, layout, expected):
     calls = []
     model, choice = lay.prepare_for_decoding(
         tiny_model(), dtype=dtype, layout=layout, cache_dir=tmp_path, timer=fake_timer(MS, calls)
@@ -87,7 +94,7 @@ def test_dtype_and_layout_narrow_the_candidates(tmp_path, dtype, layout, expecte
     assert f"{choice.dtype}/{choice.layout}" == min(expected, key=MS.get)
     assert choice.how == ("forced" if len(expected) == 1 else "measured")
     packed = any(isinstance(m, PackedLinear) for m in model.modules())
-    assert packed == (choice.layout == "packed")
+    assert packed == (choice.layout == "packed" and packs(lay.TORCH_DTYPES[choice.dtype]))
     assert model.wte.weight.dtype == lay.TORCH_DTYPES[choice.dtype]
 
 
@@ -99,7 +106,7 @@ def test_unknown_values_are_refused():
 
 
 def test_without_onednn_packed_ops_the_packed_candidates_go(monkeypatch, tmp_path):
-    monkeypatch.setattr(lay, "_onednn_ops", lambda: None)
+    monkeypatch.setattr(lay, "packs", lambda dtype: False)
     calls = []
     model, choice = lay.prepare_for_decoding(tiny_model(), cache_dir=tmp_path, timer=fake_timer(MS, calls))
     assert calls == [["bf16/linear", "fp32/linear"]] and choice.layout == "linear"
