@@ -42,6 +42,8 @@ import httpx
 
 AMINO = "ACDEFGHIKLMNPQRSTVWY"
 NEW_TOKENS = 128
+# a first start compiles the captured steps: 2-3 minutes on a 2-core AVX512 EPYC, past 3 on an AVX2 one
+READY_S = 600.0
 
 
 @dataclass
@@ -68,7 +70,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(run: Path, slots: int, log_dir: Path, *extra: str, ready_s: float = 180.0) -> Server:
+def start_server(run: Path, slots: int, log_dir: Path, *extra: str, ready_s: float = READY_S) -> Server:
     """`multiar serve runs=[run] slots=...` on a free loopback port, once /health says ready."""
     port = free_port()
     log = log_dir / f"serve_slots{slots}_{port}.log"
@@ -515,7 +517,9 @@ def alternate(
     return out
 
 
-def start_llama_server(binary: Path, gguf: Path, slots: int, log_dir: Path, ready_s: float = 180.0) -> Server:
+def start_llama_server(
+    binary: Path, gguf: Path, slots: int, log_dir: Path, ready_s: float = READY_S
+) -> Server:
     """llama-server on a free loopback port, `--parallel slots` with a context of the model's length per
     slot, all cores, no web UI; once /health says ok."""
     import gguf as gguf_lib
