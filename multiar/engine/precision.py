@@ -8,6 +8,7 @@ and torch version, so later runs decide instantly.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import platform
@@ -31,14 +32,24 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def cpu_model() -> str:
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU as measured choices are keyed by: its name, family/model/stepping and a digest of its
+    flags. The name alone is not enough: under a hypervisor an AVX2-only EPYC (Milan) and an AVX512-BF16
+    one (Genoa) both say "AMD EPYC", and what is fast (or packs at all) differs between them."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        fields: dict[str, str] = {}
+        for line in cpuinfo.read_text().splitlines():
+            if not line.strip():
+                break  # the first processor's block is enough
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        fields = {}
+    if "model name" not in fields:
+        return platform.processor() or platform.machine()
+    flags = hashlib.sha256(" ".join(sorted(fields.get("flags", "").split())).encode()).hexdigest()[:8]
+    where = " ".join(f"{k} {fields[k]}" for k in ("cpu family", "model", "stepping") if k in fields)
+    return f"{fields['model name']} ({where}, flags {flags})"
 
 
 def matmul_flops(dtype: torch.dtype, n: int = 512, seconds: float = 0.4, device: str = "cpu") -> float:

@@ -166,3 +166,21 @@ def test_quantized_layers_take_the_faster_kernel_per_shape(tmp_path):
     )
     assert cached.how == "cached" and cached.kernels == choice.kernels and len(calls) == 1
     assert isinstance(again.blocks[1].attn.proj, lay.DequantizedLinear)
+
+
+def test_the_cpu_in_cache_keys_tells_apart_cpus_of_one_name(tmp_path):
+    # under KVM an AVX2-only EPYC (Milan) and an AVX512-BF16 one (Genoa) are both "AMD EPYC"
+    from multiar.engine.precision import cpu_model
+
+    def cpuinfo(name: str, model: int, flags: str) -> str:
+        block = f"processor\t: {{}}\nmodel name\t: {name}\ncpu family\t: 25\nmodel\t\t: {model}\nflags\t\t: {flags}\n"
+        path = tmp_path / f"{model}-{len(flags)}"
+        path.write_text(block.format(0) + "\n" + block.format(1))
+        return cpu_model(path)
+
+    milan = cpuinfo("AMD EPYC", 1, "fpu avx2 fma")
+    genoa = cpuinfo("AMD EPYC", 17, "fpu avx2 fma avx512f avx512bw avx512_bf16")
+    masked = cpuinfo("AMD EPYC", 17, "fpu avx2 fma")  # the same chip with its AVX512 hidden by the host
+    assert milan.startswith("AMD EPYC (cpu family 25 model 1,") and len({milan, genoa, masked}) == 3
+    assert cpuinfo("AMD EPYC", 1, "fma avx2 fpu") == milan  # flags in another order: one CPU
+    assert cpu_model(tmp_path / "absent")  # no /proc/cpuinfo: the platform's name, never an error
