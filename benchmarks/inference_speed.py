@@ -42,13 +42,14 @@ import torch
 from multiar.commands.generate import sampling_model
 from multiar.engine.decode import compile_for_sampling, generate
 from multiar.engine.hf_format import llama_config, to_llama_state
-from multiar.engine.layout import prepare_for_decoding
+from multiar.engine.layout import float_candidates, prepare_for_decoding
 from multiar.engine.model import GPT, ModelConfig
 from multiar.engine.quantize import quantize
 from multiar.engine.speculative import SpeculativeStats, speculative_generate
 
-FLOATS = ("fp32/linear", "fp32/packed", "bf16/linear", "bf16/packed")
-CANDIDATE_ROWS = ("fp32 nn.Linear", "fp32 packed", "bf16 nn.Linear", "bf16 packed")
+# every float candidate this CPU has (an AVX2-only one packs no bf16: no "bf16 packed" row there)
+FLOATS = tuple(float_candidates(torch.device("cpu"), "auto", "auto"))
+CANDIDATE_ROWS = tuple(c.replace("/", " ").replace("linear", "nn.Linear") for c in FLOATS)
 LLAMA_TYPES = ("f32", "f16", "bf16")
 SHAPES = {"10.8M": dict(n_layer=6, n_head=6, n_embd=384), "85M": dict(n_layer=12, n_head=12, n_embd=768)}
 
@@ -255,7 +256,7 @@ def main() -> None:
             hf_compiled.generation_config.cache_implementation = "static"
             hf_compiled.forward = torch.compile(hf_compiled.forward)
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        for name in ("multiar fp32 packed", "multiar bf16 packed"):
+        for name in (f"multiar {c}" for c in CANDIDATE_ROWS if c.endswith("packed")):
             seconds = linears_alone_seconds(engines[name])
             ceilings[f"{shape_name} {name}"] = 1 / seconds
             print(
