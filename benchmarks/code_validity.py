@@ -32,6 +32,7 @@ from multiar.commands.generate import sample_to_files
 from multiar.config import load_config
 from multiar.data.reference import read_reference
 from multiar.domains.code.analysis import parses
+from multiar.engine.precision import cpu_model
 
 
 def validation_functions(run: Path, limit: int) -> list[tuple[str, str, str]]:
@@ -163,9 +164,7 @@ def main() -> None:
     args = parser.parse_args()
     functions = validation_functions(args.run, args.functions)
     args.body_tokens = args.body_tokens or body_budget(args.run, functions)
-    cpu = next((x.split(":", 1)[1].strip() for x in Path("/proc/cpuinfo").read_text().splitlines()
-                if x.startswith("model name")), platform.processor())  # fmt: skip
-    results: dict = {"run": str(args.run), "functions": len(functions), "n": args.n, "cpu": cpu,
+    results: dict = {"run": str(args.run), "functions": len(functions), "n": args.n, "cpu": cpu_model(),
                      "threads": torch.get_num_threads(), "python": platform.python_version(),
                      "max_new_tokens": args.max_new_tokens, "body_tokens": args.body_tokens}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:

@@ -23,6 +23,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from multiar.engine.precision import cpu_model
+
 SCRIPT = """
 import logging, resource, sys, time
 logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -82,7 +84,7 @@ def report(rows: list[dict], path: Path | None) -> None:
     off = [r for r in rows if not r["novelty"]]
     shares = [r["search_share"] for r in rows if "search_share" in r]
     summary = {
-        "cpu": cpu_name(),
+        "cpu": cpu_model(),
         "time_ratio_largest_vs_smallest": round(off[-1]["ms_per_sample"] / off[0]["ms_per_sample"], 2) if off else None,
         "rss_growth_mb": off[-1]["peak_rss_mb"] - off[0]["peak_rss_mb"] if off else None,
         "largest_search_share": max(shares) if shares else None,
@@ -92,11 +94,6 @@ def report(rows: list[dict], path: Path | None) -> None:
         partial = path.with_suffix(".partial")
         partial.write_text(json.dumps({"rows": rows, **summary}, indent=1) + "\n")
         partial.replace(path)
-
-
-def cpu_name() -> str:
-    with open("/proc/cpuinfo") as f:
-        return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
 
 
 if __name__ == "__main__":

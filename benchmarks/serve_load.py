@@ -40,6 +40,8 @@ from typing import Any
 
 import httpx
 
+from multiar.engine.precision import cpu_model
+
 AMINO = "ACDEFGHIKLMNPQRSTVWY"
 NEW_TOKENS = 128
 # a first start compiles the captured steps: 2-3 minutes on a 2-core AVX512 EPYC, past 3 on an AVX2 one
@@ -722,10 +724,8 @@ def steal_seconds() -> float:
 
 
 def machine() -> dict[str, Any]:
-    info = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    name = re.search(r"Model name:\s+(.+)", info)
     threads = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY") if k in os.environ}
-    return {"cpu": name.group(1).strip() if name else "?", "cores": os.cpu_count(),
+    return {"cpu": cpu_model(), "cores": os.cpu_count(),
             "loadavg_at_start": os.getloadavg(), "server_env": threads or "torch's default threads",
             "note": "the load generator (one asyncio process) and the server share these cores; anything "
                     "else running shows in the load averages"}  # fmt: skip
