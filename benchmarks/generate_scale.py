@@ -23,8 +23,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-from multiar.engine.precision import cpu_model
-
 SCRIPT = """
 import logging, resource, sys, time
 logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -81,6 +79,8 @@ def main() -> None:
 
 
 def report(rows: list[dict], path: Path | None) -> None:
+    from multiar.engine.precision import cpu_model  # imports torch, which only this summary needs here
+
     off = [r for r in rows if not r["novelty"]]
     shares = [r["search_share"] for r in rows if "search_share" in r]
     summary = {

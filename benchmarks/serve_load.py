@@ -40,8 +40,6 @@ from typing import Any
 
 import httpx
 
-from multiar.engine.precision import cpu_model
-
 AMINO = "ACDEFGHIKLMNPQRSTVWY"
 NEW_TOKENS = 128
 # a first start compiles the captured steps: 2-3 minutes on a 2-core AVX512 EPYC, past 3 on an AVX2 one
@@ -724,6 +722,8 @@ def steal_seconds() -> float:
 
 
 def machine() -> dict[str, Any]:
+    from multiar.engine.precision import cpu_model  # imports torch: not at the load generator's start
+
     threads = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY") if k in os.environ}
     return {"cpu": cpu_model(), "cores": os.cpu_count(),
             "loadavg_at_start": os.getloadavg(), "server_env": threads or "torch's default threads",

@@ -6,7 +6,8 @@ packed Linear for fp32 weights of 512 KiB or more, `multiar.engine.packed`), `bf
 then one token a step), rounds interleaved, and the fastest step wins. `dtype=` and `layout=` narrow the
 candidates (one left: nothing is measured); a missing kernel (oneDNN's packed Linear) removes its
 candidates. Quantized models (int8, int4) keep their weights; each layer shape's kernel (the int8/int4
-kernel, or the weights dequantized once to bf16 and packed) is picked the same way, per shape.
+kernel, or the weights dequantized once to bf16, packed where oneDNN packs bf16) is picked the same
+way, per shape.
 
 The choice is cached in `cache_dir/decode_layout.json`, keyed by CPU model, torch version, thread
 count, device, batch size, the model's layer shapes and the narrowing asked: later runs on that
@@ -69,8 +70,8 @@ class DecodeChoice:
 
 def float_candidates(device: torch.device, dtype: str, layout: str) -> list[str]:
     """The dtype/layout pairs to measure: those dtype= and layout= allow ("auto": any), less packed ones
-    where this torch, device or CPU has no oneDNN packed Linear for that dtype (layout=packed asked
-    where there is none: nn.Linear)."""
+    where this torch, device or CPU has no oneDNN packed Linear for that dtype (on an AVX2-only CPU
+    `dtype=auto layout=packed` leaves fp32/packed; where no pair is left, each dtype's nn.Linear)."""
     dtypes = DTYPES if dtype == "auto" else (dtype,)
     layouts = LAYOUTS if layout == "auto" else (layout,)
     if device.type == "cuda" and dtype == "auto" and not torch.cuda.is_bf16_supported():
@@ -178,8 +179,8 @@ def choose_float(
     """model laid out as the fastest float candidate (measured, or read from the cache)."""
     device = next(model.parameters()).device
     candidates = float_candidates(device, dtype, layout)
-    if len(candidates) == 1:
-        how = "forced" if dtype != "auto" and layout != "auto" else "only candidate"
+    if len(candidates) == 1:  # "forced" only when it is what was asked (bf16/packed on AVX2: bf16/linear)
+        how = "forced" if candidates[0] == f"{dtype}/{layout}" else "only candidate"
         return build_float(model, candidates[0]), _float_choice(candidates[0], how, batch_size, {})
     key = cache_key(model, batch_size, f"dtype={dtype} layout={layout}")
     entry = read_cache(cache_file, key)
@@ -201,7 +202,7 @@ def _float_choice(candidate: str, how: str, batch_size: int, step_ms: dict) -> D
 
 
 class DequantizedLinear(nn.Module):
-    """A quantized layer's weight dequantized once to bf16 (packed for oneDNN where it has the ops):
+    """A quantized layer's weight dequantized once to bf16 (packed where oneDNN packs bf16, `packs`):
     for shapes whose int8/int4 kernel is slower than a bf16 mat-vec. For sampling only."""
 
     def __init__(self, layer: Int8Linear | Int4Linear) -> None:

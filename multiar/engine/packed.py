@@ -30,7 +30,8 @@ def _onednn_ops() -> tuple[Callable, Callable] | None:
 def packs(dtype: torch.dtype) -> bool:
     """Whether oneDNN packs weights of this dtype on this CPU: its ops are there, and (bf16) the CPU has
     the instructions its bf16 path needs: oneDNN refuses bf16 without AVX512-BW/VL/DQ or AVX-NE-CONVERT
-    (an AVX2-only CPU), and saying so with a pack that fails is the only check it offers."""
+    (an AVX2-only CPU). Asked of the op that raises, with a tiny pack, rather than of a private flag that
+    could disagree with it (`torch.ops.mkldnn._is_mkldnn_bf16_supported`: the tests compare the two)."""
     ops = _onednn_ops() if torch.backends.mkldnn.is_available() else None
     if ops is None:
         return False
@@ -57,7 +58,7 @@ class PackedLinear(nn.Module):
     batch-1 decode streams it at ~2x nn.Linear's speed on CPU, and a few rows at once (batch 8, a
     speculative verify pass of k + 1 tokens) cost little more than one (benchmarks/README.md). fp32 or
     bf16, as the Linear was. For sampling only: the packed weight is no buffer and not in state_dict.
-    Made only where PyTorch has the oneDNN ops (decode_layout checks)."""
+    Made only where oneDNN packs the weight's dtype (`packs`: decode_layout and the layout chooser ask)."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()

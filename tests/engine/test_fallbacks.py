@@ -127,13 +127,24 @@ def test_a_cpu_whose_onednn_packs_no_bf16_keeps_bf16_as_nn_linear_and_drops_the_
     assert not any(isinstance(m, packed.PackedLinear) for m in bf16.modules())
     assert any(isinstance(m, packed.PackedLinear) for m in fp32.modules())  # fp32 packs as before
     assert candidates == ["fp32/linear", "fp32/packed", "bf16/linear"]
-    assert (choice.dtype, choice.layout) == ("bf16", "linear")
+    assert (choice.dtype, choice.layout, choice.how) == ("bf16", "linear", "only candidate")
     assert not any(isinstance(m, packed.PackedLinear) for m in forced.modules())
     said = warnings_naming(caplog, "cannot pack torch.bfloat16")
     assert len(said) == 1 and "avx512bw" in said[0] and "\n" not in said[0]
     idx = torch.randint(0, 64, (2, 9))
     with torch.no_grad():
         torch.testing.assert_close(forced(idx).float(), model(idx), rtol=3e-2, atol=3e-2)
+
+
+def test_the_pack_probe_agrees_with_torchs_own_bf16_flag_on_this_cpu():
+    # so a probe that stopped packing bf16 where oneDNN can (a CPU with AVX512 or AMX) fails here
+    if not torch.backends.mkldnn.is_available() or packed._onednn_ops() is None:
+        pytest.skip("this PyTorch has no oneDNN packed Linear")
+    assert packed.packs(torch.float32)
+    supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    if supported is None:
+        pytest.skip("torch.ops.mkldnn._is_mkldnn_bf16_supported is missing in this PyTorch")
+    assert packed.packs(torch.bfloat16) == bool(supported())
 
 
 @pytest.fixture(scope="module")
