@@ -76,12 +76,13 @@ def float_candidates(device: torch.device, dtype: str, layout: str) -> list[str]
     layouts = LAYOUTS if layout == "auto" else (layout,)
     if device.type == "cuda" and dtype == "auto" and not torch.cuda.is_bf16_supported():
         dtypes = ("fp32",)
-    pairs = [(d, x) for d in dtypes for x in layouts]
-    if device.type != "cpu":
-        pairs = [(d, x) for d, x in pairs if x != "packed"]
-    else:
-        pairs = [(d, x) for d, x in pairs if x != "packed" or packs(TORCH_DTYPES[d])]
-    return [f"{d}/{x}" for d, x in pairs] or [f"{d}/linear" for d in dtypes]
+    usable = [
+        f"{d}/{x}"
+        for d in dtypes
+        for x in layouts
+        if x != "packed" or (device.type == "cpu" and packs(TORCH_DTYPES[d]))
+    ]
+    return usable or [f"{d}/linear" for d in dtypes]
 
 
 def build_float(model: nn.Module, candidate: str) -> nn.Module:
