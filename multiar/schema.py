@@ -413,7 +413,9 @@ class GenerateSchema:
         each="a generate option of the run's domain (checked by the domain before sampling)",
     )
     render: str | None = doc("music: wav also writes sample_NNN.wav (fluidsynth and a GM SoundFont)", None)
-    soundfont: str | None = doc("render=wav: the .sf2; null: /usr/share/sounds/sf2/FluidR3_GM.sf2", None)
+    soundfont: str | None = doc(
+        "render=wav: the .sf2; null: Debian's GM SoundFont (FluidR3_GM, TimGM6mb, default-GM)", None
+    )
     progress: bool = doc(
         "a progress line on stderr for runs past a few seconds (samples, tok/s, ETA; a plain line per 10% "
         "when stderr is no terminal)",

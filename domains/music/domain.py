@@ -342,7 +342,13 @@ class ScoreIterator(miditok.TokTrainingIterator):
         return ids_to_bytes(self.tokenizer, bars)
 
 
-SOUNDFONTS = ("/usr/share/sounds/sf2/FluidR3_GM.sf2", "/usr/share/sounds/sf2/default-GM.sf2")
+# Debian's General MIDI SoundFonts: fluid-soundfont-gm (148 MB), timgm6mb-soundfont (6 MB, what .ci/run
+# installs), and the alternative either registers
+SOUNDFONTS = (
+    "/usr/share/sounds/sf2/FluidR3_GM.sf2",
+    "/usr/share/sounds/sf2/TimGM6mb.sf2",
+    "/usr/share/sounds/sf2/default-GM.sf2",
+)
 
 
 def render_wav(midi: Path, out: Path, soundfont: str | None = None, overwrite: bool = False) -> Path:
@@ -353,7 +359,7 @@ def render_wav(midi: Path, out: Path, soundfont: str | None = None, overwrite: b
     font = soundfont or next((f for f in SOUNDFONTS if Path(f).is_file()), None)
     if font is None or not Path(font).is_file():
         raise RuntimeError(
-            f"render=wav needs a General MIDI SoundFont ({font or SOUNDFONTS[0]} not found; Debian: apt install fluid-soundfont-gm, or soundfont=PATH)"
+            f"render=wav needs a General MIDI SoundFont ({font or SOUNDFONTS[0]} not found; Debian: apt install timgm6mb-soundfont or fluid-soundfont-gm, or soundfont=PATH)"
         )
 
     def synthesize(tmp: Path) -> None:

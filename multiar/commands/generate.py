@@ -54,6 +54,7 @@ from multiar.commands.sampling_setup import (
 from multiar.commands.tally import RANKS, Tally, keep_best, ranked
 from multiar.domain import WindowStarts, counted_median
 from multiar.engine.decode import stream
+from multiar.engine.precision import cpu_model
 from multiar.engine.speculative import SpeculativeStats
 from multiar.files import write_new_text
 from multiar.run_folder import load_run
@@ -88,6 +89,7 @@ def prepare_sampling(cfg: DictConfig) -> Prepared:
     provenance = provenance_for(cfg, run, cond, options)
     files, listing, tally, digest = open_outputs(cfg, domain, out_dir, provenance, choice.as_dict())
     tally.layout = (choice.dtype, choice.layout)  # journaled with it: a resume decodes the same way
+    tally.cpu = cpu_model()  # and where: a resume this CPU cannot decode the same way names both
     return Prepared(
         cfg=cfg,
         domain=domain,

@@ -17,6 +17,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from multiar.commands.tally import Tally
+from multiar.engine.precision import cpu_model
 from multiar.errors import ConfigError
 from multiar.files import write_new_file
 
@@ -95,14 +96,27 @@ def _read(path: Path) -> dict:
         ) from None
 
 
-def load(out_dir: Path, digest: str) -> Any:
+def load(out_dir: Path, digest: str, decode: dict | None = None) -> Any:
     """The state a killed run journaled in out_dir; ConfigError when it is not this user's multiar's
-    journal, or its settings differ."""
+    journal, or its settings differ (decode: how this process laid the model out, to say so when that is
+    what differs)."""
     path = out_dir / JOURNAL
     saved = _read(path)
     if saved.get("digest") != digest:
-        raise ConfigError(
-            f"resume: {path} was written with other settings (or decoded with another dtype/layout: pin"
-            " dtype= and layout=): resume with the same ones, or start again with overwrite=true"
-        )
+        raise ConfigError(f"resume: {path} {refusal(saved.get('state'), decode)}")
     return saved["state"]
+
+
+def refusal(state: Any, decode: dict | None) -> str:
+    """Why a journal's run cannot go on here, for the one-line error: the killed run's dtype/layout when
+    this process decodes otherwise (a resume pins them, so another CPU that cannot run that layout is
+    the cause: both CPUs named), else other settings."""
+    journaled = getattr(state, "layout", None)
+    here = (decode.get("dtype"), decode.get("layout")) if decode else None
+    if journaled and here and tuple(journaled) != here:
+        return (
+            f"was decoded as {'/'.join(journaled)} on {getattr(state, 'cpu', None) or 'another CPU'}; this"
+            f" CPU ({cpu_model()}) decodes it as {'/'.join(map(str, here))}, whose numbers differ: resume it"
+            " on that CPU, or start again with overwrite=true"
+        )
+    return "was written with other settings: resume with the same ones, or start again with overwrite=true"

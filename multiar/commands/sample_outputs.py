@@ -46,7 +46,7 @@ def open_outputs(
     listing = Appender(out_dir / LISTING, cfg.overwrite)
     if not (cfg.resume and journal):
         return files, listing, Tally(domain.metric_summary()), digest
-    tally = resume.load(out_dir, digest)
+    tally = resume.load(out_dir, digest, decode)
     if stale := remove_partial_writes(out_dir):  # a write the kill cut short (the journal's, a sample's)
         log.info("resume: removed %d partly written temporary file(s)", stale)
     sizes = dict(tally.sizes)

@@ -32,10 +32,14 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+ARM_FIELDS = ("CPU implementer", "CPU variant", "CPU part", "CPU revision")
+
+
 def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
-    """The CPU as measured choices are keyed by: its name, family/model/stepping and a digest of its
-    flags. The name alone is not enough: under a hypervisor an AVX2-only EPYC (Milan) and an AVX512-BF16
-    one (Genoa) both say "AMD EPYC", and what is fast (or packs at all) differs between them."""
+    """The CPU as measured choices are keyed by: its name, family/model/stepping (an ARM core's
+    implementer/variant/part/revision) and a digest of its flags. The name alone is not enough: under a
+    hypervisor an AVX2-only EPYC (Milan) and an AVX512-BF16 one (Genoa) both say "AMD EPYC", and what is
+    fast (or packs at all) differs between them; an ARM kernel gives no name at all."""
     try:
         fields: dict[str, str] = {}
         for line in cpuinfo.read_text().splitlines():
@@ -45,11 +49,14 @@ def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
             fields.setdefault(key.strip(), value.strip())
     except OSError:
         fields = {}
-    if "model name" not in fields:
+    arm = [k for k in ARM_FIELDS if k in fields]  # an ARM kernel names no model: its core's ids instead
+    if "model name" not in fields and not arm:
         return platform.processor() or platform.machine()
-    flags = hashlib.sha256(" ".join(sorted(fields.get("flags", "").split())).encode()).hexdigest()[:8]
-    where = " ".join(f"{k} {fields[k]}" for k in ("cpu family", "model", "stepping") if k in fields)
-    return f"{fields['model name']} ({where}, flags {flags})"
+    name = fields.get("model name") or platform.machine()
+    features = fields.get("flags") or fields.get("Features", "")  # x86's flags, ARM's features
+    flags = hashlib.sha256(" ".join(sorted(features.split())).encode()).hexdigest()[:8]
+    where = " ".join(f"{k} {fields[k]}" for k in ("cpu family", "model", "stepping", *arm) if k in fields)
+    return f"{name} ({where}, flags {flags})"
 
 
 def matmul_flops(dtype: torch.dtype, n: int = 512, seconds: float = 0.4, device: str = "cpu") -> float:

@@ -330,3 +330,31 @@ def test_the_decode_layout_is_part_of_the_settings_a_resume_must_share():
     assert settings_digest(cfg, linear) != settings_digest(cfg, packed)
     assert settings_digest(cfg, linear) == settings_digest(cfg, {**linear, "how": "cached", "step_ms": {}})
     assert settings_digest(cfg) == settings_digest(OmegaConf.create({**cfg, "batch_size": 3}))
+
+
+def test_a_resume_refused_for_a_layout_this_cpu_cannot_run_names_both_cpus(tmp_path, monkeypatch):
+    """A run journaled as bf16/packed on an AVX512 CPU, resumed where oneDNN packs no bf16 (the layout
+    pinned from the journal becomes bf16/linear, so the digest differs): the one line names the journal's
+    layout and CPU and this one's, not 'other settings' (pinning could not help there)."""
+    from multiar.commands import resume
+    from multiar.commands.tally import Tally
+    from multiar.engine.precision import cpu_model
+    from multiar.errors import ConfigError
+
+    monkeypatch.setenv("MULTIAR_CACHE", str(tmp_path / "cache"))
+    tally = Tally({})
+    tally.layout, tally.cpu = (
+        ("bf16", "packed"),
+        "AMD EPYC (cpu family 25 model 17 stepping 1, flags 0a1b2c3d)",
+    )
+    resume.save(tmp_path, "the avx512 run's digest", tally)
+    here = {"dtype": "bf16", "layout": "linear", "kernels": None}
+    with pytest.raises(ConfigError) as refused:
+        resume.load(tmp_path, "this run's digest", here)
+    line = str(refused.value)
+    assert "\n" not in line and str(tmp_path / resume.JOURNAL) in line
+    assert "bf16/packed on AMD EPYC (cpu family 25 model 17" in line and cpu_model() in line
+    assert "bf16/linear" in line and "other settings" not in line
+    same = {"dtype": "bf16", "layout": "packed", "kernels": None}  # same layout: another setting differs
+    with pytest.raises(ConfigError, match="other settings"):
+        resume.load(tmp_path, "this run's digest", same)
