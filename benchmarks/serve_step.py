@@ -2,12 +2,14 @@
 `multiar serve` loads it: layout, rows attention and captured steps chosen by measuring), its thread
 stopped and its steps driven here, every slot decoding (each ended request replaced at once by a new one
 of 128 tokens). Per step: its wall time, the captured graph's share of it, and what the engine's Python
-around the graph takes (processing, sampling, events); with --profile the engine's top functions.
+around the graph takes (processing, sampling, events); with --profile the engine's top Python functions,
+with --kernels the ops and inductor kernels inside the steps (torch.profiler: oneDNN's linears, the fused
+attention kernel).
 A server's step under load also shares the cores with its HTTP side and with the load generator:
 serve_load.py's TPOT against this step is that share.
 
     .venv/bin/python benchmarks/serve_step.py runs/protein_small [--slots 16] [--steps 400]
-        [--serve-args dtype=fp32 ...] [--profile] [--json out.json]
+        [--serve-args dtype=fp32 ...] [--profile] [--kernels] [--json out.json]
 """
 
 from __future__ import annotations
@@ -47,8 +49,13 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=400, help="steps timed (after as many again to warm up)")
     p.add_argument("--serve-args", nargs="*", default=[], help="more multiar serve keys, e.g. dtype=fp32")
     p.add_argument("--profile", action="store_true", help="the engine's top functions over the steps")
+    p.add_argument("--kernels", action="store_true", help="the ops and kernels inside 20 more steps")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
+    if args.kernels:  # the graph's kernels named in the profile: read when it compiles (a cache of its own)
+        import torch._inductor.config as inductor
+
+        inductor.cpp.enable_kernel_profile = True
     cfg = load_config("serve", [f"runs=[{args.run}]", f"slots={args.slots}", *args.serve_args])
     files = Path(tempfile.mkdtemp(prefix="serve_step-"))
     served = next(iter(load_models(validate("serve", cfg), files).values()))
@@ -87,6 +94,17 @@ def main() -> None:
     if profile:
         profile.disable()
         pstats.Stats(profile).sort_stats("tottime").print_stats(20)
+    if args.kernels:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as kernels:
+            for _ in range(20):
+                step()
+        print(
+            kernels.key_averages().table(
+                sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60
+            )
+        )
     info = engine.describe()
     result = {"cpu": cpu_model(), "run": str(args.run), "slots": args.slots, "serve_args": args.serve_args,
               "weights": info["dtype"], "steps": "captured" if graph else "eager", "step": summary(steps),
