@@ -2,10 +2,10 @@
 `multiar serve` loads it: layout, rows attention and captured steps chosen by measuring), its thread
 stopped and its steps driven here, every slot decoding (each ended request replaced at once by a new one
 of 128 tokens). Per step: its wall time, the captured graph's share of it, and what the engine's Python
-around the graph takes (processing, sampling, events); with --profile the engine's top Python functions,
-with --kernels the ops and inductor kernels inside the steps (torch.profiler: oneDNN's linears, the fused
-attention kernel).
-A server's step under load also shares the cores with its HTTP side and with the load generator:
+around the graph takes (processing, sampling, events; the median of each step's difference); tokens/s
+from the mean step. --profile: the engine's top Python functions (the times are then cProfile's, said
+so in the JSON); --kernels: the ops and inductor kernels inside 20 more steps (torch.profiler: oneDNN's
+linears, the fused attention kernel). A server's step under load also shares the cores with its HTTP side and with the load generator:
 serve_load.py's TPOT against this step is that share.
 
     .venv/bin/python benchmarks/serve_step.py runs/protein_small [--slots 16] [--steps 400]
@@ -15,6 +15,7 @@ serve_load.py's TPOT against this step is that share.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import cProfile
 import json
 import pstats
@@ -60,8 +61,9 @@ def main() -> None:
     files = Path(tempfile.mkdtemp(prefix="serve_step-"))
     served = next(iter(load_models(validate("serve", cfg), files).values()))
     engine = served.engine
-    engine.stop()  # its thread ends; this one drives the steps
+    engine.stop()  # its thread ends (and its check worker: a new one for rows with grammar checks)
     engine.running = True
+    engine.checker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="multiar-check")
     seeds = iter(range(1, 1 << 30))
 
     def step() -> float:
@@ -74,9 +76,9 @@ def main() -> None:
 
     for _ in range(args.steps):
         step()
-    graph: list[float] = []
-    if engine.captured is not None:  # the compiled graph's own calls, timed inside the steps
-        kind = type(engine.captured)
+    graph: list[float] = []  # the compiled graph's own calls, one a step while every slot decodes
+    kind = type(engine.captured) if engine.captured is not None else None
+    if kind is not None:
         call = kind.__call__
 
         def timed(self: Any, *a: Any) -> Any:
@@ -87,33 +89,36 @@ def main() -> None:
 
         kind.__call__ = timed
     before = (engine.stats.steps, engine.stats.rows_decoding)
-    profile = cProfile.Profile() if args.profile else None
-    if profile:
-        profile.enable()
+    python = cProfile.Profile() if args.profile else None  # its cost is in the times then (said so)
+    if python:
+        python.enable()
     steps = [step() for _ in range(args.steps)]
-    if profile:
-        profile.disable()
-        pstats.Stats(profile).sort_stats("tottime").print_stats(20)
+    if python:
+        python.disable()
+    if kind is not None:
+        kind.__call__ = call
+    rows = (engine.stats.rows_decoding - before[1]) / (engine.stats.steps - before[0])
+    if python:
+        pstats.Stats(python).sort_stats("tottime").print_stats(20)
     if args.kernels:
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU]) as kernels:
             for _ in range(20):
                 step()
-        print(
-            kernels.key_averages().table(
-                sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60
-            )
+        table = kernels.key_averages().table(
+            sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60
         )
+        print(table)
     info = engine.describe()
     result = {"cpu": cpu_model(), "run": str(args.run), "slots": args.slots, "serve_args": args.serve_args,
               "weights": info["dtype"], "steps": "captured" if graph else "eager", "step": summary(steps),
-              "rows_per_step": round((engine.stats.rows_decoding - before[1]) / (engine.stats.steps - before[0]), 2)}  # fmt: skip
-    if graph:
+              "rows_per_step": round(rows, 2), "tokens_per_s": round(rows / statistics.mean(steps), 1),
+              "under_cprofile": bool(python)}  # fmt: skip
+    if len(graph) == len(steps):
         result["graph"] = summary(graph)
-        result["around_graph_ms_median"] = round(
-            1000 * (statistics.median(steps) - statistics.median(graph)), 2
-        )
+        around = [s - g for s, g in zip(steps, graph, strict=True)]
+        result["around_graph_ms_median"] = round(1000 * statistics.median(around), 2)
     print(json.dumps(result, indent=1))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")

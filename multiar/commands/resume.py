@@ -72,14 +72,18 @@ def save(out_dir: Path, digest: str, state: Any) -> None:
 
 
 def journaled_layout(out_dir: Path) -> tuple[str, str]:
-    """The dtype and layout a killed run in out_dir decoded with (auto, auto when it has no journal or
-    an older one that did not record them): a resumed run pins them."""
+    """The dtype and layout a killed run in out_dir decoded with, as dtype= and layout= take them: a
+    resumed run pins them. auto, auto when it has no journal, an older one that did not record them, or
+    a quantized run's (its kernels are measured per shape; dtype and layout do not apply); a compiled
+    run's layout without its ", compiled" (compile=true is a setting of its own)."""
     path = out_dir / JOURNAL
     if not path.exists():
         return "auto", "auto"
     state = _read(path).get("state")
     layout = state.layout if isinstance(state, Tally) else None  # None: not recorded (an older journal)
-    return (layout[0], layout[1]) if layout else ("auto", "auto")
+    if not layout or layout[1] in ("int8", "int4"):
+        return "auto", "auto"
+    return layout[0], layout[1].removesuffix(", compiled")
 
 
 def _read(path: Path) -> dict:
@@ -108,15 +112,22 @@ def load(out_dir: Path, digest: str, decode: dict | None = None) -> Any:
 
 
 def refusal(state: Any, decode: dict | None) -> str:
-    """Why a journal's run cannot go on here, for the one-line error: the killed run's dtype/layout when
-    this process decodes otherwise (a resume pins them, so another CPU that cannot run that layout is
-    the cause: both CPUs named), else other settings."""
+    """Why a journal's run cannot go on here, for the one-line error. The killed run's dtype/layout when
+    this process decodes otherwise: on another CPU (recorded in the journal) that one cannot decode as
+    it did, both CPUs named (a resume pins dtype and layout, so pinning cannot help); on this one, other
+    settings (quantize=, compile=) changed it. Else other settings."""
     journaled = getattr(state, "layout", None)
-    here = (decode.get("dtype"), decode.get("layout")) if decode else None
+    here = (str(decode.get("dtype")), str(decode.get("layout"))) if decode else None
     if journaled and here and tuple(journaled) != here:
+        was, now = "/".join(journaled), "/".join(here)
+        cpu, this = getattr(state, "cpu", None), cpu_model()
+        if cpu is not None and cpu != this:
+            return (
+                f"was decoded as {was} on {cpu}; this CPU ({this}) decodes it as {now}, whose numbers"
+                " differ: resume it on that CPU, or start again with overwrite=true"
+            )
         return (
-            f"was decoded as {'/'.join(journaled)} on {getattr(state, 'cpu', None) or 'another CPU'}; this"
-            f" CPU ({cpu_model()}) decodes it as {'/'.join(map(str, here))}, whose numbers differ: resume it"
-            " on that CPU, or start again with overwrite=true"
+            f"was decoded as {was}, this run as {now} (quantize= or compile= differ): resume with the"
+            " same settings, or start again with overwrite=true"
         )
     return "was written with other settings: resume with the same ones, or start again with overwrite=true"

@@ -335,26 +335,69 @@ def test_the_decode_layout_is_part_of_the_settings_a_resume_must_share():
 def test_a_resume_refused_for_a_layout_this_cpu_cannot_run_names_both_cpus(tmp_path, monkeypatch):
     """A run journaled as bf16/packed on an AVX512 CPU, resumed where oneDNN packs no bf16 (the layout
     pinned from the journal becomes bf16/linear, so the digest differs): the one line names the journal's
-    layout and CPU and this one's, not 'other settings' (pinning could not help there)."""
+    layout and CPU and this one's, not 'other settings' (pinning could not help there). On the journal's
+    own CPU (or one it did not record) a layout that differs is another setting's doing."""
     from multiar.commands import resume
     from multiar.commands.tally import Tally
     from multiar.engine.precision import cpu_model
     from multiar.errors import ConfigError
 
     monkeypatch.setenv("MULTIAR_CACHE", str(tmp_path / "cache"))
-    tally = Tally({})
-    tally.layout, tally.cpu = (
-        ("bf16", "packed"),
-        "AMD EPYC (cpu family 25 model 17 stepping 1, flags 0a1b2c3d)",
+    here = {"dtype": "bf16", "layout": "linear", "kernels": {}}
+
+    def refused(cpu: str | None, decode: dict) -> str:
+        tally = Tally({})
+        tally.layout, tally.cpu = ("bf16", "packed"), cpu
+        resume.save(tmp_path, "the killed run's digest", tally)
+        with pytest.raises(ConfigError) as error:
+            resume.load(tmp_path, "this run's digest", decode)
+        assert "\n" not in str(error.value) and str(tmp_path / resume.JOURNAL) in str(error.value)
+        return str(error.value)
+
+    avx512 = "AMD EPYC (cpu family 25 model 17 stepping 1, flags 0a1b2c3d)"
+    line = refused(avx512, here)
+    assert f"bf16/packed on {avx512}; this CPU ({cpu_model()}) decodes it as bf16/linear" in line
+    for cpu in (cpu_model(), None):  # this very CPU, or a journal from before CPUs were recorded
+        line = refused(cpu, {"dtype": "fp32", "layout": "int8", "kernels": {}})
+        assert "decoded as bf16/packed, this run as fp32/int8 (quantize= or compile= differ)" in line
+        assert "CPU" not in line
+    same = {"dtype": "bf16", "layout": "packed", "kernels": {}}  # same layout: another setting differs
+    assert "other settings" in refused(avx512, same)
+
+
+def test_a_stopped_quantized_run_resumes_to_the_uninterrupted_ones_files(protein_run, tmp_path, monkeypatch):
+    """The journal records how the run decoded and on which CPU; a quantized run (layout int8, its
+    kernels chosen per shape) and a compiled one resume with dtype= and layout= generate takes (a
+    journaled "int8" or "linear, compiled" handed back as a layout raised ValueError before)."""
+    import multiar.commands.generate as command
+    from multiar.commands.tally import Tally
+    from multiar.engine.precision import cpu_model
+
+    monkeypatch.setenv("MULTIAR_CACHE", str(tmp_path / "cache"))
+    common = ["n=12", "batch_size=4", "max_new_tokens=10", "quantize=int8", *QUIET_FILTERS]
+    generate(protein_run, tmp_path / "whole", *common)
+    real_take, taken = command.take_batch, []
+
+    def take_then_die(p, batch):
+        if len(taken) == 1:
+            raise KeyboardInterrupt  # after one whole batch, as a kill between batches
+        real_take(p, batch)
+        taken.append(batch)
+
+    monkeypatch.setattr(command, "take_batch", take_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        generate(protein_run, tmp_path / "stopped", *common)
+    journal = pickle.loads((tmp_path / "stopped" / resume.JOURNAL).read_bytes()[32:])["state"]
+    assert journal.layout == ("fp32", "int8") and journal.cpu == cpu_model() and journal.done == 4
+    assert resume.journaled_layout(tmp_path / "stopped") == ("auto", "auto")
+    monkeypatch.setattr(command, "take_batch", real_take)
+    generate(protein_run, tmp_path / "stopped", *common, "resume=true")
+    stopped, whole = files_of(tmp_path / "stopped"), files_of(tmp_path / "whole")
+    assert (
+        stopped["samples.fasta"] == whole["samples.fasta"] and stopped["samples.csv"] == whole["samples.csv"]
     )
-    resume.save(tmp_path, "the avx512 run's digest", tally)
-    here = {"dtype": "bf16", "layout": "linear", "kernels": None}
-    with pytest.raises(ConfigError) as refused:
-        resume.load(tmp_path, "this run's digest", here)
-    line = str(refused.value)
-    assert "\n" not in line and str(tmp_path / resume.JOURNAL) in line
-    assert "bf16/packed on AMD EPYC (cpu family 25 model 17" in line and cpu_model() in line
-    assert "bf16/linear" in line and "other settings" not in line
-    same = {"dtype": "bf16", "layout": "packed", "kernels": None}  # same layout: another setting differs
-    with pytest.raises(ConfigError, match="other settings"):
-        resume.load(tmp_path, "this run's digest", same)
+    compiled = Tally({})
+    compiled.layout = ("bf16", "linear, compiled")
+    (tmp_path / "compiled").mkdir()
+    resume.save(tmp_path / "compiled", "d", compiled)
+    assert resume.journaled_layout(tmp_path / "compiled") == ("bf16", "linear")

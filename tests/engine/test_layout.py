@@ -185,9 +185,14 @@ def test_the_cpu_in_cache_keys_tells_apart_cpus_of_one_name(tmp_path):
     assert cpuinfo("AMD EPYC", 1, "fma avx2 fpu") == milan  # flags in another order: one CPU
     assert cpu_model(tmp_path / "absent")  # no /proc/cpuinfo: the platform's name, never an error
     # an aarch64 kernel names no model: the cores' implementer and part tell a Neoverse N1 from a V1
-    arm = "processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: {}\nCPU implementer\t: 0x41\nCPU architecture: 8\nCPU variant\t: 0x{}\nCPU part\t: 0x{}\nCPU revision\t: 1\n\n"
-    n1, v1 = tmp_path / "n1", tmp_path / "v1"
+    arm = (
+        "processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: {}\nCPU implementer\t: 0x41\n"
+        "CPU architecture: 8\nCPU variant\t: 0x{}\nCPU part\t: 0x{}\nCPU revision\t: 1\n\n"
+    )
+    n1, v1, masked_n1 = tmp_path / "n1", tmp_path / "v1", tmp_path / "masked_n1"
     n1.write_text(arm.format("fp asimd aes", 3, "d0c"))
     v1.write_text(arm.format("fp asimd aes sve bf16", 1, "d40"))
+    masked_n1.write_text(arm.format("fp asimd", 3, "d0c"))  # one core, a feature hidden by the host
     assert "CPU implementer 0x41 CPU variant 0x3 CPU part 0xd0c CPU revision 1" in cpu_model(n1)
     assert cpu_model(v1) != cpu_model(n1) and "CPU part 0xd40" in cpu_model(v1)
+    assert cpu_model(masked_n1) != cpu_model(n1)  # the features count, as x86's flags do
