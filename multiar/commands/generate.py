@@ -79,8 +79,10 @@ def prepare_sampling(cfg: DictConfig) -> Prepared:
     out_dir = Path(cfg.out if cfg.out else Path("outputs") / domain.name).expanduser()
     rows = cfg.batch_size if cfg.prompt_file is not None else min(cfg.batch_size, cfg.n)  # decoded together
     # a resumed run decodes as the killed one did (a layout measured anew could change the numbers)
-    dtype, layout = resume.journaled_layout(out_dir) if cfg.resume else (cfg.dtype, cfg.layout)
-    model, choice = sampling_model(run, cfg.quantize, dtype, cfg.compile, layout=layout, batch_size=rows)
+    dtype, layout, kernels = resume.journaled_decode(out_dir) if cfg.resume else (cfg.dtype, cfg.layout, None)
+    model, choice = sampling_model(
+        run, cfg.quantize, dtype, cfg.compile, layout=layout, batch_size=rows, kernels=kernels
+    )
     options = domain_options(cfg, domain)  # passed by name to prompt_ids and prompt_meta
     check_filters(cfg, domain)
     check_before_sampling(cfg, domain, out_dir)
@@ -89,6 +91,7 @@ def prepare_sampling(cfg: DictConfig) -> Prepared:
     provenance = provenance_for(cfg, run, cond, options)
     files, listing, tally, digest = open_outputs(cfg, domain, out_dir, provenance, choice.as_dict())
     tally.layout = (choice.dtype, choice.layout)  # journaled with it: a resume decodes the same way
+    tally.kernels = dict(choice.kernels)  # a quantized run's per shape: pinned by a resume too
     tally.cpu = cpu_model()  # and where: a resume this CPU cannot decode the same way names both
     return Prepared(
         cfg=cfg,

@@ -71,19 +71,21 @@ def save(out_dir: Path, digest: str, state: Any) -> None:
     write_new_file(out_dir / JOURNAL, lambda tmp: tmp.write_bytes(signed), overwrite=True)
 
 
-def journaled_layout(out_dir: Path) -> tuple[str, str]:
-    """The dtype and layout a killed run in out_dir decoded with, as dtype= and layout= take them: a
-    resumed run pins them. auto, auto when it has no journal, an older one that did not record them, or
-    a quantized run's (its kernels are measured per shape; dtype and layout do not apply); a compiled
-    run's layout without its ", compiled" (compile=true is a setting of its own)."""
+def journaled_decode(out_dir: Path) -> tuple[str, str, dict[str, str] | None]:
+    """How a killed run in out_dir decoded, as generate takes it: a resumed run pins it. The dtype and
+    layout as dtype= and layout= take them: auto, auto when it has no journal, an older one that did not
+    record them, or a quantized run's (dtype and layout do not apply; its per-shape kernels, the third
+    item, are pinned instead); a compiled run's layout without its ", compiled" (compile=true is a
+    setting of its own)."""
     path = out_dir / JOURNAL
     if not path.exists():
-        return "auto", "auto"
+        return "auto", "auto", None
     state = _read(path).get("state")
     layout = state.layout if isinstance(state, Tally) else None  # None: not recorded (an older journal)
+    kernels = getattr(state, "kernels", None) or None
     if not layout or layout[1] in ("int8", "int4"):
-        return "auto", "auto"
-    return layout[0], layout[1].removesuffix(", compiled")
+        return "auto", "auto", kernels
+    return layout[0], layout[1].removesuffix(", compiled"), kernels
 
 
 def _read(path: Path) -> dict:

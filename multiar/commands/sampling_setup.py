@@ -77,17 +77,25 @@ def sampling_model(
     *,
     layout: str = "auto",
     batch_size: int = 1,
+    kernels: dict[str, str] | None = None,
 ) -> tuple[GPT, DecodeChoice]:
     """The run's model as sampling should use it, and how it is laid out: int8/int4 weights (the run's
     stored copy when it matches, else converted now), each layer shape on its fastest kernel; or float
     weights in the dtype and layout (nn.Linear or oneDNN-packed) that decode fastest here at batch_size
-    (measured once, cached in $MULTIAR_CACHE/decode_layout.json; dtype= and layout= pin them)."""
+    (measured once, cached in $MULTIAR_CACHE/decode_layout.json; dtype= and layout= pin them; kernels:
+    a quantized model's, pinned as a resumed run's journal names them)."""
     model = run.model
     if mode is not None:
         source = run.path / "model.safetensors"
         model = load_quantized(model, run.path, source, mode) or quantize(model, mode)
     model, choice = prepare_for_decoding(
-        model, batch_size=batch_size, dtype=dtype, layout=layout, cache_dir=cache_dir(), compile=compile
+        model,
+        batch_size=batch_size,
+        dtype=dtype,
+        layout=layout,
+        cache_dir=cache_dir(),
+        compile=compile,
+        kernels=kernels,
     )
     log.info("%s", choice.log_line())
     return model, choice

@@ -44,6 +44,7 @@ class Tally:
     sizes: dict[str, int] = field(default_factory=dict)  # appended files' sizes at the last sync
     last_paths: list[str] = field(default_factory=list)  # the files the last batch wrote
     layout: tuple[str, str] | None = None  # (dtype, layout) the run decodes with: a resume pins them
+    kernels: dict[str, str] | None = None  # a quantized run's kernel per layer shape: pinned too
     cpu: str | None = None  # the CPU it decoded on (precision.cpu_model): named when a resume is refused
 
 

@@ -249,16 +249,23 @@ def _device(module: nn.Module) -> torch.device:
 
 
 def choose_kernels(
-    model: nn.Module, batch_size: int, cache_file: Path | None, timer: Callable = layer_seconds
+    model: nn.Module,
+    batch_size: int,
+    cache_file: Path | None,
+    timer: Callable = layer_seconds,
+    pinned: dict[str, str] | None = None,
 ) -> tuple[nn.Module, DecodeChoice]:
     """model (in place) with each quantized layer shape on its fastest kernel: its own (int8, int4) or
-    its weight dequantized once to bf16 (measured per shape, or read from the cache)."""
+    its weight dequantized once to bf16 (measured per shape, or read from the cache); pinned: the
+    kernels a resumed run's journal names, used as they are when they name these shapes."""
     quantized = [m for m in model.modules() if isinstance(m, Int8Linear | Int4Linear)]
     mode = "int4" if any(isinstance(m, Int4Linear) for m in quantized) else "int8"
     shapes = {f"{kernel_name(m)} {m.out_features}x{m.in_features}": m for m in quantized}
     key = cache_key(model, batch_size, f"quantize={mode}")
     entry = read_cache(cache_file, key)
-    if entry is not None and set(entry.get("kernels", {})) == set(shapes):
+    if pinned and set(pinned) == set(shapes):
+        kernels, step_ms, how = dict(pinned), {}, "forced"
+    elif entry is not None and set(entry.get("kernels", {})) == set(shapes):
         kernels, step_ms, how = entry["kernels"], entry["step_ms"], "cached"
     else:
         timed = {}
@@ -298,6 +305,7 @@ def prepare_for_decoding(
     compile: bool = False,
     timer: Timer | None = None,
     layer_timer: Callable | None = None,
+    kernels: dict[str, str] | None = None,
 ) -> tuple[nn.Module, DecodeChoice]:
     """model (converted in place, or a converted copy) laid out for sampling at batch_size as fast as
     this machine runs it, and the choice made.
@@ -306,8 +314,9 @@ def prepare_for_decoding(
     `multiar.engine.quantize` (its layers' kernels are chosen here; dtype and layout do not apply).
     dtype: auto|fp32|bf16; layout: auto|linear|packed; cache_dir: where decode_layout.json keeps
     measured choices (None: measure every time); compile: the chosen model compiled for sampling
-    (float layouts: nn.Linear only, inductor packs weights itself). timer / layer_timer: seconds per
-    decode step of each candidate model / per call of each layer (tests inject them)."""
+    (float layouts: nn.Linear only, inductor packs weights itself); kernels: a quantized model's
+    per-shape kernels to use rather than choose (a resume pins the killed run's). timer / layer_timer:
+    seconds per decode step of each candidate model / per call of each layer (tests inject them)."""
     if dtype not in ("auto", *DTYPES) or layout not in ("auto", *LAYOUTS):
         raise ValueError(
             f"dtype={dtype!r}, layout={layout!r}: dtype auto|fp32|bf16, layout auto|linear|packed"
@@ -320,7 +329,7 @@ def prepare_for_decoding(
         mode = "int4" if any(isinstance(m, Int4Linear) for m in quantized) else "int8"
         choice = DecodeChoice(dtype="fp32", layout=mode, how="forced", batch_size=batch_size)
     elif quantized:
-        model, choice = choose_kernels(model, batch_size, cache_file, layer_timer or layer_seconds)
+        model, choice = choose_kernels(model, batch_size, cache_file, layer_timer or layer_seconds, kernels)
     else:
         timer = timer or (lambda models: decode_step_seconds(models, batch_size))
         layout = "linear" if compile else layout

@@ -368,8 +368,10 @@ def test_a_resume_refused_for_a_layout_this_cpu_cannot_run_names_both_cpus(tmp_p
 def test_a_stopped_quantized_run_resumes_to_the_uninterrupted_ones_files(protein_run, tmp_path, monkeypatch):
     """The journal records how the run decoded and on which CPU; a quantized run (layout int8, its
     kernels chosen per shape) and a compiled one resume with dtype= and layout= generate takes (a
-    journaled "int8" or "linear, compiled" handed back as a layout raised ValueError before)."""
+    journaled "int8" or "linear, compiled" handed back as a layout raised ValueError before), and a
+    quantized run keeps its journaled kernels though they are measured anew and come out otherwise."""
     import multiar.commands.generate as command
+    import multiar.engine.layout as layout
     from multiar.commands.tally import Tally
     from multiar.engine.precision import cpu_model
 
@@ -389,15 +391,33 @@ def test_a_stopped_quantized_run_resumes_to_the_uninterrupted_ones_files(protein
         generate(protein_run, tmp_path / "stopped", *common)
     journal = pickle.loads((tmp_path / "stopped" / resume.JOURNAL).read_bytes()[32:])["state"]
     assert journal.layout == ("fp32", "int8") and journal.cpu == cpu_model() and journal.done == 4
-    assert resume.journaled_layout(tmp_path / "stopped") == ("auto", "auto")
+    assert journal.kernels and resume.journaled_decode(tmp_path / "stopped") == (
+        "auto",
+        "auto",
+        journal.kernels,
+    )
     monkeypatch.setattr(command, "take_batch", real_take)
+    # the measured choices gone and every shape now faster on the kernel the journal did not pick: pinned
+    (tmp_path / "cache" / layout.CACHE_FILE).unlink()
+    monkeypatch.setattr(
+        layout,
+        "layer_seconds",
+        lambda layers, _: {
+            n: 1.0 if journal.kernels[n.rsplit(" ", 1)[0]] == n.rsplit(" ", 1)[1] else 0.1 for n in layers
+        },
+    )
     generate(protein_run, tmp_path / "stopped", *common, "resume=true")
     stopped, whole = files_of(tmp_path / "stopped"), files_of(tmp_path / "whole")
     assert (
         stopped["samples.fasta"] == whole["samples.fasta"] and stopped["samples.csv"] == whole["samples.csv"]
     )
+    resumed = json.loads((tmp_path / "stopped" / "generate.json").read_text())["provenance"]["decode"]
+    assert resumed["kernels"] == journal.kernels and resumed["how"] == "forced"
+    generate(protein_run, tmp_path / "remeasured", *common)  # a new run takes the new timings
+    fresh = json.loads((tmp_path / "remeasured" / "generate.json").read_text())["provenance"]["decode"]
+    assert fresh["how"] == "measured" and all(fresh["kernels"][s] != k for s, k in journal.kernels.items())
     compiled = Tally({})
     compiled.layout = ("bf16", "linear, compiled")
     (tmp_path / "compiled").mkdir()
     resume.save(tmp_path / "compiled", "d", compiled)
-    assert resume.journaled_layout(tmp_path / "compiled") == ("bf16", "linear")
+    assert resume.journaled_decode(tmp_path / "compiled") == ("bf16", "linear", None)
