@@ -35,10 +35,11 @@ def hidden_rows(model: GPT, ids: Tensor, positions: Tensor, kv_len: int, rows: T
     for block in model.blocks:
         attn, cache = block.attn, block.attn.kv_cache
         assert cache is not None
-        qk, v = attn.qkv(block.norm_1(x)).view(T, 3 * nh, hs).split([2 * nh, nh], dim=1)
+        qkv = attn.qkv(block.norm_1(x)).to(cache.k.dtype)  # as the eager step: in the cache's dtype
+        qk, v = qkv.view(T, 3 * nh, hs).split([2 * nh, nh], dim=1)
         q, k = apply_rope(qk[:, None], freqs)[:, 0].split(nh, dim=1)  # (T, nh, hs) each
-        cache.k[index, :, positions] = k.to(cache.k.dtype)
-        cache.v[index, :, positions] = v.to(cache.v.dtype)
+        cache.k[index, :, positions] = k
+        cache.v[index, :, positions] = v
         if rows is None:
             keys, values = cache.k[:T, :, :kv_len], cache.v[:T, :, :kv_len]
         else:  # each token's row: (T, nh, kv_len, hs)

@@ -262,8 +262,9 @@ def choose_kernels(
     mode = "int4" if any(isinstance(m, Int4Linear) for m in quantized) else "int8"
     shapes = {f"{kernel_name(m)} {m.out_features}x{m.in_features}": m for m in quantized}
     key = cache_key(model, batch_size, f"quantize={mode}")
-    entry = read_cache(cache_file, key)
-    if pinned and set(pinned) == set(shapes):
+    forced = bool(pinned) and set(pinned) == set(shapes)
+    entry = None if forced else read_cache(cache_file, key)  # a resume's journal decides: no cache read
+    if forced:
         kernels, step_ms, how = dict(pinned), {}, "forced"
     elif entry is not None and set(entry.get("kernels", {})) == set(shapes):
         kernels, step_ms, how = entry["kernels"], entry["step_ms"], "cached"

@@ -158,8 +158,13 @@ class Attention(nn.Module):
     ) -> Tensor:
         B, T, C = x.shape
         nh, hs = self.config.n_head, self.config.head_size
+        qkv = self.qkv(x)
+        if input_pos is not None and self.kv_cache is not None:
+            # the cache's dtype (fp32 for bf16 weights on a CPU) once, before rotary: not q, k, v each
+            # and rotary's result back and forth (a decode step is made of such small ops)
+            qkv = qkv.to(self.kv_cache.k.dtype)
         # split, not slices: its backward is one cat, where each slice's fills a zero tensor of qkv's size
-        qk, v = self.qkv(x).view(B, T, 3 * nh, hs).split([2 * nh, nh], dim=2)
+        qk, v = qkv.view(B, T, 3 * nh, hs).split([2 * nh, nh], dim=2)
         # rotate q and k in one call: half the small ops per layer
         qk = apply_rope(qk, freqs)  # (B, T, 2 * nh, hs)
         if isinstance(input_pos, Segments):  # a slot engine's mixed step: B = 1, T tokens of many rows
@@ -177,8 +182,6 @@ class Attention(nn.Module):
         else:
             if self.kv_cache is None:
                 raise RuntimeError("input_pos given but no KV cache: call model.setup_caches() first")
-            dtype = self.kv_cache.k.dtype  # fp32 for bf16 weights on a CPU (see setup_caches)
-            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
             k, v = self.kv_cache.update(input_pos, k, v, kv_len)  # (B, nh, kv_len, hs): the filled part
             # one new token attends to every filled slot: no mask at all; a block starting at 0 is causal
             causal = mask is None and T > 1

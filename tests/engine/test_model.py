@@ -348,3 +348,33 @@ def test_a_mixed_step_equals_each_rows_own_forward():
     assert out.shape == (5, 37)  # rows 0, 1, 2 (placeholder), then each chunk's last token
     for got, ref in zip(out[[0, 1, 3, 4]], want, strict=True):
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_weights_write_unrounded_rotated_keys_into_the_fp32_cache_on_every_path():
+    """bf16 weights on a CPU keep fp32 keys and values: the projection is cast to fp32 once and rotated
+    there, so the eager step (generate), a mixed step (a window sliding) and the captured step's
+    function (serve) write the same keys, not bf16-rounded ones (a rounding the compiled step skips)."""
+    from multiar.engine.captured_step import hidden_rows
+    from multiar.engine.model import apply_rope
+    from multiar.engine.segments import Segments
+
+    model = tiny_model().to(torch.bfloat16)
+    nh, hs, T = model.config.n_head, model.config.head_size, 5
+    ids = torch.randint(0, 37, (T,))
+    with torch.inference_mode():
+        block = model.blocks[0]
+        qkv = block.attn.qkv(block.norm_1(model.wte(ids))).float().view(T, 3 * nh, hs)
+        freqs = torch.view_as_complex(model.rope)[:T].unsqueeze(-2)  # (T, 1, hs/2)
+        want = apply_rope(qkv[None, :, nh : 2 * nh], freqs)[0]  # (T, nh, hs): k's heads, rotated in fp32
+        assert not torch.allclose(want.bfloat16().float(), want, rtol=1e-5, atol=1e-6)  # rounding shows
+        paths = {
+            "eager": lambda: model(ids[None], 0),
+            "mixed": lambda: model.forward_segments(ids, Segments(0, torch.zeros(0, dtype=torch.long), [(0, 0, T)])),
+            "captured": lambda: hidden_rows(model, ids, torch.arange(T), T, torch.zeros(T, dtype=torch.long)),
+        }  # fmt: skip
+        for name, run in paths.items():
+            model.setup_caches(1, 16)
+            assert block.attn.kv_cache.k.dtype == torch.float32
+            run()
+            got = block.attn.kv_cache.k[0, :, :T].transpose(0, 1)  # (T, nh, hs)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
