@@ -229,6 +229,11 @@ def kernel_name(layer: nn.Module) -> str:
     return "int4" if isinstance(layer, Int4Linear) else "int8"
 
 
+def quantized_mode(layers: list[nn.Module]) -> str:
+    """A quantized model's mode: int4 where any layer is int4 (a shape int4 cannot take stays int8)."""
+    return "int4" if any(isinstance(m, Int4Linear) for m in layers) else "int8"
+
+
 def layer_seconds(layers: dict[str, nn.Module], batch_size: int, rounds: int = 5) -> dict[str, float]:
     """Seconds per call of each layer on (batch_size, 1, in) inputs, interleaved, best round."""
     best = dict.fromkeys(layers, float("inf"))
@@ -259,7 +264,7 @@ def choose_kernels(
     its weight dequantized once to bf16 (measured per shape, or read from the cache); pinned: the
     kernels a resumed run's journal names, used as they are when they name these shapes."""
     quantized = [m for m in model.modules() if isinstance(m, Int8Linear | Int4Linear)]
-    mode = "int4" if any(isinstance(m, Int4Linear) for m in quantized) else "int8"
+    mode = quantized_mode(quantized)
     shapes = {f"{kernel_name(m)} {m.out_features}x{m.in_features}": m for m in quantized}
     key = cache_key(model, batch_size, f"quantize={mode}")
     forced = bool(pinned) and set(pinned) == set(shapes)
@@ -327,8 +332,9 @@ def prepare_for_decoding(
     cache_file = Path(cache_dir).expanduser() / CACHE_FILE if cache_dir is not None else None
     quantized = [m for m in model.modules() if isinstance(m, Int8Linear | Int4Linear)]
     if quantized and compile:  # inductor compiles the kernels quantize made
-        mode = "int4" if any(isinstance(m, Int4Linear) for m in quantized) else "int8"
-        choice = DecodeChoice(dtype="fp32", layout=mode, how="forced", batch_size=batch_size)
+        choice = DecodeChoice(
+            dtype="fp32", layout=quantized_mode(quantized), how="forced", batch_size=batch_size
+        )
     elif quantized:
         model, choice = choose_kernels(model, batch_size, cache_file, layer_timer or layer_seconds, kernels)
     else:
