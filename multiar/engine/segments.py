@@ -62,29 +62,29 @@ class Segments:
 
 
 def segment_attention(q: Tensor, k: Tensor, v: Tensor, seg: Segments, cache, causal_mask: Tensor) -> Tensor:  # noqa: ANN001 (a KVCache: model.py imports this module)
-    """q, k, v (N, nh, hs) of the step's tokens, written into the cache, -> (N, nh, hs) in q's dtype: the
-    decoding rows attend to their slots up to their own position; a chunk to its row's slots before it
-    and causally within. The decoding rows' slots are written first, so a chunk overwrites its row's
+    """q, k, v (N, nh, hs) of the step's tokens in the cache's dtype (Attention casts its projection once),
+    written into the cache, -> (N, nh, hs) in that dtype: the decoding rows attend to their slots up to
+    their own position; a chunk to its row's slots before it and causally within. The decoding rows' slots are written first, so a chunk overwrites its row's
     placeholder. On a CPU a chunk attends in fp32, whatever the cache holds (bf16 SDPA is slow there)."""
     out = []
     d, dtype = seg.rows, cache.k.dtype
     work = torch.float32 if q.device.type == "cpu" else dtype
     if d:
-        cache.k[seg.row_index, :, seg.positions] = k[:d].to(dtype)  # each row's slot at its own position
-        cache.v[seg.row_index, :, seg.positions] = v[:d].to(dtype)
+        cache.k[seg.row_index, :, seg.positions] = k[:d]  # each row's slot at its own position
+        cache.v[seg.row_index, :, seg.positions] = v[:d]
         keys, values = cache.k[:d, :, : seg.kv_len], cache.v[:d, :, : seg.kv_len]  # (d, nh, kv_len, hs)
         if seg.attend is not None:
             out.append(seg.attend(q[:d], keys, values, seg.positions))
         else:
             mask = seg.rows_mask(causal_mask)
-            y = F.scaled_dot_product_attention(q[:d, :, None].to(dtype), keys, values, attn_mask=mask)
-            out.append(y[:, :, 0].to(q.dtype))
+            y = F.scaled_dot_product_attention(q[:d, :, None], keys, values, attn_mask=mask)
+            out.append(y[:, :, 0])
     at = d
     for b, start, n in seg.chunks:
         end = start + n
         qc, kc, vc = (t[at : at + n].transpose(0, 1)[None] for t in (q, k, v))  # (1, nh, n, hs)
-        cache.k[b : b + 1, :, start:end] = kc.to(dtype)
-        cache.v[b : b + 1, :, start:end] = vc.to(dtype)
+        cache.k[b : b + 1, :, start:end] = kc
+        cache.v[b : b + 1, :, start:end] = vc
         keys, values = (c[b : b + 1, :, :end].to(work) for c in (cache.k, cache.v))
         qc = qc.to(work)
         if start == 0:
