@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from multiar.commands.generate import sampling_model
+from multiar.engine.compile_choice import compile_pays
 from multiar.engine.decode import compile_for_sampling, generate
 from multiar.engine.hf_format import llama_config, to_llama_state
 from multiar.engine.layout import float_candidates, prepare_for_decoding
@@ -199,6 +200,35 @@ def bench(entries: dict, repeats: int) -> dict[str, float]:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def auto_compile_row(shape: str, batch: int, args, first_s: float, eager_s: float, compiled_s: float) -> dict:  # noqa: ANN001
+    """What `multiar generate`'s default (compile=auto) decides for a job of args.job_steps decode steps
+    at this batch, from this run's own figures, and that job's tokens/s with the compile's seconds in it:
+    a step's time from the "multiar auto" row (eager) and the compile=true row, the compile's seconds
+    from that model's first call here (less one call's steady time). Derived from those measurements;
+    `break_even_steps`: the job length above which compiling is the faster."""
+    eager_ms, compiled_ms = 1e3 * eager_s / args.new, 1e3 * compiled_s / args.new
+    compile_s = max(0.0, first_s - compiled_s)
+    decision = compile_pays(args.job_steps, eager_ms, {"compiled_ms": compiled_ms, "compile_s": compile_s})
+    job_s = (
+        (compile_s + args.job_steps * compiled_ms / 1e3)
+        if decision.compile
+        else args.job_steps * eager_ms / 1e3
+    )
+    saved_ms = eager_ms - compiled_ms
+    return {
+        "model": shape,
+        "batch": batch,
+        "engine": f"multiar default (compile=auto), a job of {args.job_steps} steps",
+        "tok_s": args.job_steps * batch / job_s,
+        "compiles": decision.compile,
+        "compile_s": compile_s,
+        "eager_step_ms": eager_ms,
+        "compiled_step_ms": compiled_ms,
+        "break_even_steps": compile_s * 1e3 / saved_ms if saved_ms > 0 else None,
+        "derived": "from this run's auto and compile=true rows and the compile's seconds",
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -208,6 +238,10 @@ def main() -> None:
     parser.add_argument("--pair", nargs=2, type=Path, default=None, help="target and draft run folders")
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES))
     parser.add_argument("--compile", action="store_true", help="add torch.compile rows (minutes to compile)")
+    parser.add_argument(
+        "--job-steps", type=int, default=100_000,
+        help="with --compile: the job length (decode steps) the default's compile=auto row is worked out for",
+    )  # fmt: skip
     parser.add_argument("--llama-cpp", type=Path, default=None, help="folder of GGUF files (see above)")
     parser.add_argument(
         "--llama-server", type=Path, default=None, help="llama.cpp's llama-server binary: its rows at batch 1"
@@ -282,7 +316,10 @@ def main() -> None:
             entries |= llama_server_entries(
                 args.llama_server, gguf_dir, shape_name, model, batch, args, servers
             )
+            compiled_name = f"multiar compile=true ({compiled_choice.dtype})" if args.compile else None
             with torch.inference_mode():
+                # the compile=true model's first call at this batch compiles its graph: timed alone
+                first_s = _timed(entries[compiled_name]) if compiled_name else None
                 seconds = bench(entries, args.repeats)
             tokens = batch * args.new
             base = tokens / seconds["transformers fp32"]
@@ -313,6 +350,12 @@ def main() -> None:
                     f"{shape_name:6s} batch {batch}  {name:26s} {tps:8.0f} tok/s  {tps / base:5.2f}x{share}",
                     flush=True,
                 )
+            if compiled_name:
+                row = auto_compile_row(
+                    shape_name, batch, args, first_s, seconds[picked], seconds[compiled_name]
+                )
+                rows.append(row)
+                print(f"{shape_name:6s} batch {batch}  {json.dumps(row)}", flush=True)
     if args.pair:
         from multiar.run_folder import load_run
 

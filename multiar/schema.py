@@ -60,6 +60,15 @@ def _check_decode(quantize: str | None, dtype: str, layout: str) -> None:
     )
 
 
+COMPILE_SETTINGS = {"auto": "auto", "true": True, "false": False}
+
+
+def compile_setting(value: str | bool) -> bool | str:
+    """generate's compile= as prepare_for_decoding takes it: True, False or "auto" (the config holds a
+    string: a command line's compile=true arrives as "True")."""
+    return COMPILE_SETTINGS[str(value).lower()]
+
+
 def _check_device(device: str) -> None:
     _check(
         re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device) is not None,
@@ -349,11 +358,14 @@ class GenerateSchema:
     layout: str = doc(
         "auto (nn.Linear or oneDNN-packed weights, whichever decodes faster here), linear or packed", "auto"
     )
-    compile: bool = doc(
-        "torch.compile the one-token decode step (static shapes, frozen weights, a C++ wrapper on a CPU): "
-        "~25-45 s to compile on 2 CPU cores, then 1.2-1.6x the default at batch 1, no gain at batch 8 "
-        "(benchmarks/README.md)",
-        False,
+    compile: str = doc(
+        "auto: torch.compile the one-token decode step when that pays for this job (its samples x "
+        "max_new_tokens against the compile's seconds and the step it saves, as measured on this machine "
+        "before; a first compile only for a long job: multiar/engine/compile_choice.py); true: always "
+        "(static shapes, frozen weights, a C++ wrapper on a CPU: ~25-45 s to compile on 2 CPU cores, ~7 s "
+        "again from inductor's cache, then 1.5-2x the eager step at batch 1 of a small model, little at "
+        "batch 8: benchmarks/README.md); false: never",
+        "auto",
     )
     draft: str | None = doc(
         "speculative decoding: a smaller run with the same tokenizer, or ngram (prompt lookup)", None
@@ -436,7 +448,16 @@ class GenerateSchema:
     def _check_engine(self) -> None:
         _check_device(self.device)
         _check_decode(self.quantize, self.dtype, self.layout)
-        _check(not (self.compile and self.layout == "packed"), "layout", "packed does not compile: use auto")
+        _check(
+            str(self.compile).lower() in COMPILE_SETTINGS,
+            "compile",
+            f"must be auto, true or false, got {self.compile!r}",
+        )
+        _check(
+            not (compile_setting(self.compile) is True and self.layout == "packed"),
+            "layout",
+            "packed does not compile: use auto",
+        )
         _check(
             not (self.stop_at is not None and self.draft is not None),
             "stop_at",

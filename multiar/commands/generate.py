@@ -58,7 +58,7 @@ from multiar.engine.precision import cpu_model
 from multiar.engine.speculative import SpeculativeStats
 from multiar.files import write_new_text
 from multiar.run_folder import load_run
-from multiar.schema import validate
+from multiar.schema import compile_setting, validate
 
 __all__ = [
     "LISTING", "Finished", "Prepared", "Sample", "Tally", "Work", "batch_ppl", "build_report",
@@ -78,15 +78,22 @@ def prepare_sampling(cfg: DictConfig) -> Prepared:
     domain = run.domain
     out_dir = Path(cfg.out if cfg.out else Path("outputs") / domain.name).expanduser()
     rows = cfg.batch_size if cfg.prompt_file is not None else min(cfg.batch_size, cfg.n)  # decoded together
-    # a resumed run decodes as the killed one did (a layout measured anew could change the numbers)
-    dtype, layout, kernels = resume.journaled_decode(out_dir) if cfg.resume else (cfg.dtype, cfg.layout, None)
-    model, choice = sampling_model(
-        run, cfg.quantize, dtype, cfg.compile, layout=layout, batch_size=rows, kernels=kernels
-    )
     options = domain_options(cfg, domain)  # passed by name to prompt_ids and prompt_meta
     check_filters(cfg, domain)
     check_before_sampling(cfg, domain, out_dir)
-    work, cond = plan_work(cfg, domain, model, texts, options)
+    work, cond = plan_work(cfg, domain, run.model, texts, options)
+    # a resumed run decodes as the killed one did (a layout measured anew could change the numbers)
+    dtype, layout, kernels, compiled = (
+        resume.journaled_decode(out_dir) if cfg.resume else (cfg.dtype, cfg.layout, None, None)
+    )
+    compile = compile_setting(cfg.compile)
+    if compile == "auto" and compiled is not None:  # auto decided when the run began: pinned
+        compile = compiled
+    # the job's most decode steps (compile=auto weighs them); a speculative one's are not single steps
+    steps = 0 if cfg.draft is not None else -(-work.total // rows) * cond.max_new_tokens
+    model, choice = sampling_model(
+        run, cfg.quantize, dtype, compile, layout=layout, batch_size=rows, kernels=kernels, steps=steps
+    )
     settings, draft = sampling_settings(cfg, run, domain, cond)
     provenance = provenance_for(cfg, run, cond, options)
     files, listing, tally, digest = open_outputs(cfg, domain, out_dir, provenance, choice.as_dict())

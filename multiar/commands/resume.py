@@ -71,21 +71,24 @@ def save(out_dir: Path, digest: str, state: Any) -> None:
     write_new_file(out_dir / JOURNAL, lambda tmp: tmp.write_bytes(signed), overwrite=True)
 
 
-def journaled_decode(out_dir: Path) -> tuple[str, str, dict[str, str] | None]:
+def journaled_decode(out_dir: Path) -> tuple[str, str, dict[str, str] | None, bool | None]:
     """How a killed run in out_dir decoded, as generate takes it: a resumed run pins it. The dtype and
     layout as dtype= and layout= take them: auto, auto when it has no journal, an older one that did not
     record them, or a quantized run's (dtype and layout do not apply; its per-shape kernels, the third
-    item, are pinned instead); a compiled run's layout without its ", compiled" (compile=true is a
-    setting of its own)."""
+    item, are pinned instead); a compiled run's layout without its ", compiled". The fourth item: whether
+    it was compiled (what compile=auto decided when it began; None: not recorded)."""
     path = out_dir / JOURNAL
     if not path.exists():
-        return "auto", "auto", None
+        return "auto", "auto", None, None
     state = _read(path).get("state")
     layout = state.layout if isinstance(state, Tally) else None  # None: not recorded (an older journal)
     kernels = getattr(state, "kernels", None) or None
-    if not layout or layout[1] in ("int8", "int4"):
-        return "auto", "auto", kernels
-    return layout[0], layout[1].removesuffix(", compiled"), kernels
+    if not layout:
+        return "auto", "auto", kernels, None
+    compiled = layout[1].endswith(", compiled")
+    if layout[1].removesuffix(", compiled") in ("int8", "int4"):
+        return "auto", "auto", kernels, compiled
+    return layout[0], layout[1].removesuffix(", compiled"), kernels, compiled
 
 
 def _read(path: Path) -> dict:

@@ -26,6 +26,7 @@ from multiar.engine.quantize import load_quantized, quantize
 from multiar.engine.sampling import ban_tokens, repetition_penalty
 from multiar.errors import ConfigError
 from multiar.run_folder import Run, load_run
+from multiar.schema import compile_setting
 from multiar.tags import Tagged
 
 log = logging.getLogger("multiar")
@@ -73,17 +74,19 @@ def sampling_model(
     run: Run,
     mode: str | None,
     dtype: str,
-    compile: bool = False,
+    compile: bool | str = False,
     *,
     layout: str = "auto",
     batch_size: int = 1,
     kernels: dict[str, str] | None = None,
+    steps: int | None = None,
 ) -> tuple[GPT, DecodeChoice]:
     """The run's model as sampling should use it, and how it is laid out: int8/int4 weights (the run's
     stored copy when it matches, else converted now), each layer shape on its fastest kernel; or float
     weights in the dtype and layout (nn.Linear or oneDNN-packed) that decode fastest here at batch_size
     (measured once, cached in $MULTIAR_CACHE/decode_layout.json; dtype= and layout= pin them; kernels:
-    a quantized model's, pinned as a resumed run's journal names them)."""
+    a quantized model's, pinned as a resumed run's journal names them; compile: True, False or "auto",
+    compiled when that pays for a job of `steps` decode steps)."""
     model = run.model
     if mode is not None:
         source = run.path / "model.safetensors"
@@ -95,6 +98,7 @@ def sampling_model(
         layout=layout,
         cache_dir=cache_dir(),
         compile=compile,
+        steps=steps,
         kernels=kernels,
     )
     log.info("%s", choice.log_line())
@@ -125,8 +129,9 @@ def load_draft(cfg: DictConfig, run: Run) -> GPT | str | None:
         raise ConfigError(
             f"draft: {cfg.draft} has another tokenizer than {cfg.run}: train it on the same one"
         )
+    compile = compile_setting(cfg.compile) is True  # a draft's steps are too few to repay compile=auto
     model, _ = sampling_model(
-        draft, cfg.quantize, cfg.dtype, cfg.compile, layout=cfg.layout, batch_size=cfg.batch_size
+        draft, cfg.quantize, cfg.dtype, compile, layout=cfg.layout, batch_size=cfg.batch_size
     )
     return model
 

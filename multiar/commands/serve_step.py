@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 from multiar.commands.sampling_setup import sampling_model
 from multiar.engine.captured_step import CapturedStep
-from multiar.engine.layout import machine_key, read_cache, write_cache
+from multiar.engine.choice_cache import machine_key, read_cache, write_cache
 from multiar.engine.model import GPT
 from multiar.engine.rows_attention import RowsAttention, choose_rows_attention
 from multiar.engine.segments import Segments

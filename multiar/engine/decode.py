@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from multiar.engine.captured_step import decode_rows
+from multiar.engine.compile_choice import StepClock
 from multiar.engine.inductor_options import inductor_options, make_room
 from multiar.engine.model import GPT
 from multiar.engine.rows import Rows, Token, as_rows, extend_row, window_tail
@@ -55,7 +56,12 @@ def decode_one_token(model: GPT, token: Tensor, pos: int) -> Tensor:
 GRAPHS_PER_MODEL = 8
 
 
-def compile_for_sampling(model: GPT) -> GPT:
+def compile_for_sampling(
+    model: GPT,
+    rows: int | None = None,
+    clock: StepClock | None = None,
+    on_failure: Callable[[Exception], None] | None = None,
+) -> GPT:
     """model (in place) with its one-token decode step compiled by torch.compile, gpt-fast style: static
     shapes (per-row tensor positions, attention over the whole cache with a mask), so one graph serves
     every step. The graph is the slot engine's layers (engine.captured_step.decode_rows: attention
@@ -63,7 +69,11 @@ def compile_for_sampling(model: GPT) -> GPT:
     repay); inductor freezes the weights in, times each matmul's kernels (its C++ GEMM template against
     oneDNN / MKL on a CPU) and calls them through a C++ wrapper (engine.inductor_options). The KV caches
     are kept between calls (the graph holds on to them). Prefill and other multi-token passes stay eager.
-    The first step compiles (tens of seconds on 2 CPU cores)."""
+    The first step compiles (tens of seconds on 2 CPU cores). rows: the one row count the graph is for
+    (others, such as a job's last partial batch, step eagerly rather than compile a graph of their own;
+    None: a graph per row count met); clock: times the graph's calls at its row count (compile=auto's measurement);
+    on_failure: where the first compile fails (inductor on a CPU needs a C++ compiler and Python's
+    headers), called with the error, and every step runs eagerly; None: the error is raised."""
     model.eval()
     model.keep_caches = True
     eager = model.forward
@@ -71,9 +81,11 @@ def compile_for_sampling(model: GPT) -> GPT:
     make_room(GRAPHS_PER_MODEL)
     on_cpu = model.wte.weight.device.type == "cpu"
     options = inductor_options(cpp_wrapper=on_cpu, autotune=True)  # entered at every call
+    state = {"failed": False, "ran": False}
 
     def forward(idx: Tensor, input_pos: int | Tensor | None = None, **kwargs) -> Tensor:
-        if input_pos is None or idx.size(1) != 1 or kwargs.get("logits_at") is not None:
+        one_step = input_pos is not None and idx.size(1) == 1 and kwargs.get("logits_at") is None
+        if not one_step or state["failed"] or (rows is not None and idx.size(0) != rows):
             return eager(idx, input_pos, **kwargs)
         B = idx.size(0)
         if isinstance(input_pos, int):  # every row at one position
@@ -82,8 +94,19 @@ def compile_for_sampling(model: GPT) -> GPT:
             positions = input_pos.reshape(-1).expand(B).contiguous()
         # for this graph only (compile's options= did not apply freezing, torch 2.13); read when a call
         # compiles, so the patch is around every call
-        with options:
-            return step(model, idx[:, 0], positions, model.max_seq_length)[:, None]  # (B, 1, V)
+        args = (model, idx[:, 0], positions, model.max_seq_length)
+        try:
+            with options:
+                timed = clock is not None and clock.rows == B
+                logits = clock.timed(step, *args) if timed else step(*args)
+        except Exception as err:  # noqa: BLE001 (inductor fails many ways: no compiler, no headers)
+            if on_failure is None or state["ran"]:
+                raise
+            state["failed"] = True
+            on_failure(err)
+            return eager(idx, input_pos, **kwargs)
+        state["ran"] = True
+        return logits[:, None]  # (B, 1, V)
 
     model.forward = forward
     return model

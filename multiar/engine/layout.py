@@ -18,8 +18,7 @@ No Lightning, Hydra or domain code here.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -28,12 +27,13 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from multiar.engine.choice_cache import CACHE_FILE, cache_key, read_cache, write_cache
+from multiar.engine.compile_choice import StepClock, compile_pays, read_measured
 from multiar.engine.packed import PackedLinear, decode_layout, packs
-from multiar.engine.precision import cpu_model
 from multiar.engine.quantize import Int4Linear, Int8Linear
+from multiar.errors import first_line
 
-CACHE_FORMAT = 1
-CACHE_FILE = "decode_layout.json"
+log = logging.getLogger("multiar")
 DTYPES = ("fp32", "bf16")
 LAYOUTS = ("linear", "packed")
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -52,6 +52,7 @@ class DecodeChoice:
     batch_size: int
     step_ms: dict[str, float] = field(default_factory=dict)  # candidate -> ms per decode step
     kernels: dict[str, str] = field(default_factory=dict)  # quantized: layer shape -> kernel
+    compile: dict = field(default_factory=dict)  # compile=auto: its decision and figures (CompileDecision)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -125,53 +126,6 @@ def _time_steps(model: nn.Module, prompt: torch.Tensor, steps: int) -> float:
         model(token, prompt.size(1) + i)
     sync()
     return (time.perf_counter() - start) / steps
-
-
-def cache_key(model: nn.Module, batch_size: int, asked: str) -> str:
-    """CPU model, torch version, threads, device, batch size, layer shapes and the narrowing asked."""
-    shapes = [list(m.weight.shape) for m in model.modules() if isinstance(m, nn.Linear)]
-    shapes += [
-        [m.out_features, m.in_features] for m in model.modules() if isinstance(m, Int8Linear | Int4Linear)
-    ]
-    digest = hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:16]
-    return f"{machine_key(next(model.parameters()).device)} | batch {batch_size} | shapes {digest} | {asked}"
-
-
-def machine_key(device: torch.device) -> str:
-    """What a measured choice depends on beside the model: the CPU model (or the GPU's name), torch's
-    version, the thread count and the device type."""
-    if device.type == "cpu":
-        where = cpu_model()
-    else:
-        where = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    return f"{where} | torch {torch.__version__} | {torch.get_num_threads()} threads | {device.type}"
-
-
-def read_cache(cache_file: Path | None, key: str) -> dict | None:
-    if cache_file is None or not cache_file.exists():
-        return None
-    try:
-        table = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
-        return None
-    entry = table.get(key) if isinstance(table, dict) else None
-    return entry if isinstance(entry, dict) and entry.get("format") == CACHE_FORMAT else None
-
-
-def write_cache(cache_file: Path | None, key: str, entry: dict) -> None:
-    if cache_file is None:
-        return
-    try:
-        cached = json.loads(cache_file.read_text()) if cache_file.exists() else {}
-    except (OSError, ValueError):
-        cached = {}
-    try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(cached | {key: {"format": CACHE_FORMAT} | entry}, indent=1))
-        tmp.replace(cache_file)
-    except OSError:
-        pass  # a read-only cache only costs the measurement next time
 
 
 def choose_float(
@@ -308,7 +262,8 @@ def prepare_for_decoding(
     dtype: str = "auto",
     layout: str = "auto",
     cache_dir: str | Path | None = None,
-    compile: bool = False,
+    compile: bool | str = False,
+    steps: int | None = None,
     timer: Timer | None = None,
     layer_timer: Callable | None = None,
     kernels: dict[str, str] | None = None,
@@ -319,30 +274,83 @@ def prepare_for_decoding(
     model: fp32 weights (dtype and layout are chosen here), or already quantized by
     `multiar.engine.quantize` (its layers' kernels are chosen here; dtype and layout do not apply).
     dtype: auto|fp32|bf16; layout: auto|linear|packed; cache_dir: where decode_layout.json keeps
-    measured choices (None: measure every time); compile: the chosen model compiled for sampling
-    (float layouts: nn.Linear only, inductor packs weights itself); kernels: a quantized model's
-    per-shape kernels to use rather than choose (a resume pins the killed run's). timer / layer_timer:
-    seconds per decode step of each candidate model / per call of each layer (tests inject them)."""
+    measured choices (None: measure every time); compile: True, the chosen model compiled for sampling
+    (float layouts: nn.Linear only, inductor packs weights itself); "auto", compiled when that pays for
+    a job of `steps` decode steps (`multiar.engine.compile_choice`; float weights only: a quantized
+    model stays eager); kernels: a quantized model's per-shape kernels to use rather than choose (a
+    resume pins the killed run's). timer / layer_timer: seconds per decode step of each candidate model
+    / per call of each layer (tests inject them)."""
     if dtype not in ("auto", *DTYPES) or layout not in ("auto", *LAYOUTS):
         raise ValueError(
             f"dtype={dtype!r}, layout={layout!r}: dtype auto|fp32|bf16, layout auto|linear|packed"
         )
-    if compile and layout == "packed":
+    if compile not in (True, False, "auto"):
+        raise ValueError(f"compile={compile!r}: True, False or 'auto'")
+    if compile is True and layout == "packed":
         raise ValueError("compile=true takes layout=auto or linear: inductor packs the weights itself")
     cache_file = Path(cache_dir).expanduser() / CACHE_FILE if cache_dir is not None else None
     quantized = [m for m in model.modules() if isinstance(m, Int8Linear | Int4Linear)]
-    if quantized and compile:  # inductor compiles the kernels quantize made
+    if quantized and compile is True:  # inductor compiles the kernels quantize made
         choice = DecodeChoice(
             dtype="fp32", layout=quantized_mode(quantized), how="forced", batch_size=batch_size
         )
-    elif quantized:
-        model, choice = choose_kernels(model, batch_size, cache_file, layer_timer or layer_seconds, kernels)
-    else:
-        timer = timer or (lambda models: decode_step_seconds(models, batch_size))
-        layout = "linear" if compile else layout
-        model, choice = choose_float(model, batch_size, dtype, layout, cache_file, timer)
-    if compile:
-        from multiar.engine.decode import compile_for_sampling
-
-        model, choice.layout = compile_for_sampling(model), f"{choice.layout}, compiled"
+        return _compiled(model, choice, None), choice
+    if quantized:
+        return choose_kernels(model, batch_size, cache_file, layer_timer or layer_seconds, kernels)
+    timer = timer or (lambda models: decode_step_seconds(models, batch_size))
+    if compile is True:
+        model, choice = choose_float(model, batch_size, dtype, "linear", cache_file, timer)
+        return _compiled(model, choice, _clock(model, choice, cache_file)), choice
+    spare = copy.deepcopy(model) if compile == "auto" and layout != "linear" else None  # fp32, unpacked
+    model, choice = choose_float(model, batch_size, dtype, layout, cache_file, timer)
+    if compile == "auto":
+        model = _compile_if_it_pays(model, choice, spare, steps or 0, cache_file, timer)
     return model, choice
+
+
+def _clock(model: nn.Module, choice: DecodeChoice, cache_file: Path | None) -> StepClock:
+    """A clock for a compiled step of model as choice lays it out: its figures are kept under a key of
+    the machine, batch size, layer shapes and dtype (what compile=auto reads next time)."""
+    key = cache_key(model, choice.batch_size, f"compiled {choice.dtype}/linear")
+    return StepClock(cache_file, key, next(model.parameters()).device, choice.batch_size)
+
+
+def _compiled(model: nn.Module, choice: DecodeChoice, clock: StepClock | None) -> nn.Module:
+    from multiar.engine.decode import compile_for_sampling  # decode imports this module's neighbours
+
+    choice.layout = f"{choice.layout}, compiled"
+    rows, on_failure = None, None  # compile=true: a graph for every row count met
+    if choice.compile:  # compile=auto: one graph, the job's batch; a failed compile leaves it eager
+        rows = choice.batch_size
+
+        def on_failure(err: Exception) -> None:
+            log.warning(
+                "compile=auto: the decode step did not compile (%s): decoding eagerly", first_line(err)
+            )
+            choice.layout = choice.layout.removesuffix(", compiled")
+            choice.compile["compile"] = False
+
+    return compile_for_sampling(model, rows=rows, clock=clock, on_failure=on_failure)
+
+
+def _compile_if_it_pays(
+    model: nn.Module,
+    choice: DecodeChoice,
+    spare: nn.Module | None,
+    steps: int,
+    cache_file: Path | None,
+    timer: Timer,
+) -> nn.Module:
+    """model as choice laid it out, compiled (nn.Linear weights: from spare, the fp32 model, when the
+    choice was packed) when that pays for a job of `steps` decode steps; choice.compile says why."""
+    picked = f"{choice.dtype}/{choice.layout}"
+    eager_ms = choice.step_ms.get(picked) or 1e3 * timer({picked: model})[picked]
+    linear = model if choice.layout == "linear" else build_float(spare, f"{choice.dtype}/linear")
+    clock = _clock(linear, choice, cache_file)
+    decision = compile_pays(steps, eager_ms, read_measured(cache_file, clock.key))
+    choice.compile = decision.as_dict()
+    log.info("%s", decision.log_line())
+    if not decision.compile:
+        return model
+    choice.layout = "linear"
+    return _compiled(linear, choice, clock)

@@ -10,7 +10,7 @@ chosen by measuring (`choose_rows_attention`):
   compiled way over bf16 1.2-1.7 ms, over fp32 2.35-2.73 ms (benchmarks/README.md, serve).
 
 Each way decodes a few steps of the model at the slot count, rounds alternated, and the faster wins;
-the choice is cached beside the layout's (layout.CACHE_FILE) under its own key. A way that cannot run
+the choice is cached beside the layout's (choice_cache.CACHE_FILE) under its own key. A way that cannot run
 here (no C++ compiler for inductor) is left out. No Lightning, Hydra or domain code here.
 """
 
@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from multiar.engine.choice_cache import machine_key, read_cache, write_cache
 from multiar.engine.inductor_options import make_room
-from multiar.engine.layout import machine_key, read_cache, write_cache
 from multiar.engine.model import GPT
 from multiar.engine.segments import Attend, Segments
 from multiar.errors import first_line
@@ -135,7 +135,7 @@ def _sync(device: torch.device) -> None:
 
 
 def cache_key(model: GPT, slots: int) -> str:
-    """The machine (layout.machine_key), slot count, the model's attention shapes, its dtype and its
+    """The machine (choice_cache.machine_key), slot count, the model's attention shapes, its dtype and its
     projections' kind (a quantized model's linears are other kernels)."""
     c = model.config
     return (

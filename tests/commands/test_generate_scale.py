@@ -395,6 +395,7 @@ def test_a_stopped_quantized_run_resumes_to_the_uninterrupted_ones_files(protein
         "auto",
         "auto",
         journal.kernels,
+        False,
     )
     monkeypatch.setattr(command, "take_batch", real_take)
     # the measured choices gone and every shape now faster on the kernel the journal did not pick: pinned
@@ -420,4 +421,53 @@ def test_a_stopped_quantized_run_resumes_to_the_uninterrupted_ones_files(protein
     compiled.layout = ("bf16", "linear, compiled")
     (tmp_path / "compiled").mkdir()
     resume.save(tmp_path / "compiled", "d", compiled)
-    assert resume.journaled_decode(tmp_path / "compiled") == ("bf16", "linear", None)
+    assert resume.journaled_decode(tmp_path / "compiled") == ("bf16", "linear", None, True)
+
+
+def test_compile_auto_weighs_the_jobs_tokens_and_a_resume_keeps_what_it_decided(
+    protein_run, tmp_path, monkeypatch
+):
+    """compile=auto (the default) is handed the job's most tokens (samples x max_new_tokens); what it
+    decided is in generate.json and the journal, and a resumed run decodes as the killed one did though
+    the rest of the job alone would not have compiled. The compiler is a recorder (the numerics of a
+    compiled step are tests/engine/test_quantize.py's)."""
+    import multiar.commands.generate as command
+    import multiar.engine.compile_choice as compile_choice
+    import multiar.engine.decode as decode
+    from multiar.errors import ConfigError
+
+    monkeypatch.setenv("MULTIAR_CACHE", str(tmp_path / "cache"))
+    compiled = []
+    monkeypatch.setattr(decode, "compile_for_sampling", lambda model, **kw: compiled.append(kw) or model)
+    common = ["n=4", "batch_size=2", "max_new_tokens=6", *QUIET_FILTERS]
+    short = generate(protein_run, tmp_path / "short", *common)["provenance"]["decode"]
+    assert (
+        compiled == [] and short["compile"]["compile"] is False and short["compile"]["steps"] == 12
+    )  # 2 batches x 6
+    monkeypatch.setattr(compile_choice, "FIRST_COMPILE_S", 0.0)  # as if compiling cost nothing: it pays
+    real_take, taken = command.take_batch, []
+
+    def take_then_die(p, batch):
+        if taken:
+            raise KeyboardInterrupt  # after one whole batch
+        real_take(p, batch)
+        taken.append(batch)
+
+    monkeypatch.setattr(command, "take_batch", take_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        generate(protein_run, tmp_path / "stopped", *common)
+    assert len(compiled) == 1 and compiled[0]["rows"] == 2
+    journal = pickle.loads((tmp_path / "stopped" / resume.JOURNAL).read_bytes()[32:])["state"]
+    assert journal.layout == ("fp32", "linear, compiled")
+    monkeypatch.setattr(command, "take_batch", real_take)
+    monkeypatch.setattr(compile_choice, "FIRST_COMPILE_S", 1e9)  # now it would never pay
+    resumed = generate(protein_run, tmp_path / "stopped", *common, "resume=true")["provenance"]["decode"]
+    assert len(compiled) == 2 and resumed["layout"] == "linear, compiled" and resumed["how"] == "forced"
+    stopped, whole = files_of(tmp_path / "stopped"), files_of(tmp_path / "short")
+    assert stopped.pop("generate.json") != whole.pop("generate.json")  # its own folder named in it
+    assert stopped == whole  # the recorder compiles nothing: the same samples
+    with pytest.raises(ConfigError, match="compile: must be auto, true or false"):
+        load_config("generate", ["run=x", "compile=sometimes"])
+    with pytest.raises(ConfigError, match="layout: packed does not compile"):
+        load_config("generate", ["run=x", "compile=true", "layout=packed"])
+    assert load_config("generate", ["run=x", "compile=false", "layout=packed"]).layout == "packed"

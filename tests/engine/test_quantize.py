@@ -205,16 +205,28 @@ def test_compiled_decode_step_equals_eager_past_the_window_and_with_fewer_rows_t
         assert generate(compiled, prompts=prompts, max_new_tokens=40, temperature=0.0) == expected
 
 
-def test_compiled_decode_step_equals_eager_for_aligned_and_ragged_rows():
+def test_compiled_decode_step_equals_eager_for_aligned_and_ragged_rows(tmp_path):
+    """...and, with a clock (compile=auto's), its graph is for one row count (others step eagerly) and
+    its compile and steps are timed and saved."""
+    from multiar.engine.compile_choice import StepClock, read_measured
     from multiar.engine.decode import compile_for_sampling, generate
 
     torch.manual_seed(2)
     model = GPT(ModelConfig(vocab_size=64, block_size=64, n_layer=2, n_head=2, n_embd=32)).eval()
-    compiled = compile_for_sampling(copy.deepcopy(model))
+    clock = StepClock(tmp_path / "decode_layout.json", "key", torch.device("cpu"), 3)
+    compiled = compile_for_sampling(copy.deepcopy(model), rows=3, clock=clock)
     ragged = [[1, 5, 9, 2], [1, 7], [1, 3, 3, 8, 8, 2, 4]]
     for prompts in (ragged, [[1, 5, 9, 2]] * 3):  # per-row (B, 1) positions, then one shared position
         expected = generate(model, prompts=prompts, max_new_tokens=12, temperature=0.0)
         assert generate(compiled, prompts=prompts, max_new_tokens=12, temperature=0.0) == expected
+    steps = len(clock.times)
+    assert steps >= 20 and clock.compile_s > max(clock.times)
+    saved = read_measured(tmp_path / "decode_layout.json", "key")
+    assert saved["compile_s"] == clock.compile_s and 0 < saved["compiled_ms"] < 1e3 * clock.compile_s
+    two = [[1, 5], [1, 7]]  # two rows: the eager step, not a second graph
+    expected = generate(model, prompts=two, max_new_tokens=6, temperature=0.0)
+    assert generate(compiled, prompts=two, max_new_tokens=6, temperature=0.0) == expected
+    assert len(clock.times) == steps
     # quantized weights compose with it (compile=true quantize=int4)
     int4 = quantize(copy.deepcopy(model), "int4")
     expected = generate(int4, prompts=ragged, max_new_tokens=8, temperature=0.0)

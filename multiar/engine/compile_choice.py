@@ -1,0 +1,125 @@
+"""Whether compiling the one-token decode step pays for a job (`compile=auto`), and the clock that measures
+a compiled step so that the next job decides by this machine's own figures.
+
+Compiling costs seconds once (cold: ~29 s for the 10.8M model on 2 CPU cores; ~7 s once inductor's
+on-disk cache holds the graph) and saves a part of every step after (10.8M batch 1: ~4.0 -> ~2.0-2.6 ms
+a token on an AVX2 EPYC; at batch 8 little or nothing, benchmarks/README.md). So it pays for a long
+job and not a short one, by an amount only this machine can tell:
+
+- measured (this machine has compiled this model's step at this batch size before, `StepClock`):
+  compile when steps x (eager step - compiled step) > MARGIN x the last compile's seconds;
+- not yet measured: compile when the job's eager time is more than PAYBACK x FIRST_COMPILE_S (a
+  cold compile's cost assumed, above the 25-45 s measured on 2 cores): the first long job measures it.
+
+steps is the job's most decode steps: its batches x max_new_tokens (a batch whose samples all end early
+at EOS takes fewer; MARGIN leaves room for that). A step's time is a batch's, all its rows. The figures live in the layout cache (decode_layout.json) beside the measured
+layout, keyed alike. No Lightning, Hydra or domain code here.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from multiar.engine.choice_cache import read_cache, write_cache
+
+FIRST_COMPILE_S = 60.0  # a cold compile's seconds assumed before one is measured here
+PAYBACK = 4.0  # unmeasured: the job's eager time must be this many first compiles
+MARGIN = 2.0  # measured: the steps' saving must repay the compile this many times
+
+
+@dataclass
+class CompileDecision:
+    """compile=auto's answer for one job, and the figures it was made from (for the log line and
+    generate.json's provenance)."""
+
+    compile: bool
+    steps: int  # the job's most decode steps (batches x max_new_tokens)
+    eager_ms: float  # a decode step as the job would run it uncompiled
+    compiled_ms: float | None = None  # measured before on this machine (None: never)
+    compile_s: float | None = None  # the last compile's seconds here (None: never measured)
+
+    def as_dict(self) -> dict:
+        return {k: round(v, 3) if isinstance(v, float) else v for k, v in self.__dict__.items()}
+
+    def log_line(self) -> str:
+        verb = "compiling the decode step" if self.compile else "not compiling the decode step"
+        if self.compiled_ms is None:
+            why = (
+                f"{self.steps} steps x {self.eager_ms:.2f} ms eager = {self.steps * self.eager_ms / 1e3:.0f} s"
+                f" {'>' if self.compile else '<='} {PAYBACK:g} x {FIRST_COMPILE_S:g} s (a first compile,"
+                " not measured here yet)"
+            )
+        else:
+            saved = self.steps * (self.eager_ms - self.compiled_ms) / 1e3
+            why = (
+                f"{self.steps} steps x ({self.eager_ms:.2f} - {self.compiled_ms:.2f} ms compiled, measured"
+                f" here) = {saved:.0f} s saved {'>' if self.compile else '<='} {MARGIN:g} x"
+                f" {self.compile_s:.1f} s to compile"
+            )
+        return f"compile=auto: {verb}: {why}"
+
+
+def compile_pays(steps: int, eager_ms: float, measured: dict | None) -> CompileDecision:
+    """Whether a job of at most `steps` decode steps of eager_ms each is faster compiled, from what
+    this machine measured before (`measured`: a StepClock's figures, or None)."""
+    if not measured:
+        pays = steps * eager_ms / 1e3 > PAYBACK * FIRST_COMPILE_S
+        return CompileDecision(pays, steps, eager_ms)
+    compiled_ms, compile_s = float(measured["compiled_ms"]), float(measured["compile_s"])
+    pays = steps * (eager_ms - compiled_ms) / 1e3 > MARGIN * compile_s
+    return CompileDecision(pays, steps, eager_ms, compiled_ms, compile_s)
+
+
+def read_measured(cache_file: Path | None, key: str) -> dict | None:
+    """What a StepClock saved under key (a compiled step's ms and a compile's seconds), or None."""
+    entry = read_cache(cache_file, key)
+    if entry is None or not {"compiled_ms", "compile_s"} <= set(entry):
+        return None
+    return entry
+
+
+@dataclass
+class StepClock:
+    """Times a compiled model's one-token steps: the first call (compiling, and one step) and the
+    rest, and keeps the figures for the next job's decision (`save`: after the first 20 steps, then
+    each time their count doubles, so a killed job has saved them too)."""
+
+    cache_file: Path | None
+    key: str
+    device: torch.device
+    rows: int  # the batch size its figures are for: steps of other row counts are not timed
+    compile_s: float | None = None
+    times: list[float] = field(default_factory=list)
+
+    WARM_UP = 4  # steps after the compiling one whose time still includes first-touch costs
+
+    def timed(self, step, *args):  # noqa: ANN001, ANN201
+        """step(*args), timed (synchronized on a GPU: its time is the step's, not the launch's)."""
+        start = time.perf_counter()
+        out = step(*args)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - start
+        if self.compile_s is None:
+            self.compile_s = seconds
+        elif len(self.times) < 100_000:  # a job's first 100k steps tell the step's time well enough
+            self.times.append(seconds)
+            n = len(self.times) - self.WARM_UP
+            if n >= 16 and n & (n - 1) == 0:  # 16, 32, 64, ... timed steps
+                self.save()
+        return out
+
+    def compiled_ms(self) -> float | None:
+        """The median step after warm-up, in ms; None before enough steps were timed."""
+        steady = sorted(self.times[self.WARM_UP :])
+        return 1e3 * steady[len(steady) // 2] if len(steady) >= 16 else None
+
+    def save(self) -> None:
+        """Write compile_s and compiled_ms under key (nothing when too few steps were timed)."""
+        ms = self.compiled_ms()
+        if ms is not None and self.compile_s is not None:
+            write_cache(self.cache_file, self.key, {"compiled_ms": ms, "compile_s": self.compile_s})

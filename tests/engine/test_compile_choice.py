@@ -1,0 +1,156 @@
+"""compile=auto (`multiar.engine.compile_choice` and `layout.prepare_for_decoding(compile="auto")`): the
+decision from a job's decode steps and this machine's measured figures, the clock that measures them, the
+compiled model built from nn.Linear weights whatever the eager pick, and a failed compile leaving the
+job eager. The compiler is replaced by a recorder here (the compiled step's numerics are
+tests/engine/test_quantize.py's); nothing is timed to assert speed."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+import multiar.engine.decode as decode
+from multiar.engine import compile_choice as cc
+from multiar.engine import layout as lay
+from multiar.engine.decode import generate
+from multiar.engine.packed import PackedLinear
+from tests.engine.test_layout import MS, fake_timer, tiny_model
+
+FIRST = cc.PAYBACK * cc.FIRST_COMPILE_S  # seconds of eager work a first compile needs
+
+
+def test_unmeasured_a_first_compile_only_for_a_job_many_times_its_assumed_cost():
+    eager_ms = 4.0
+    steps_at_line = int(FIRST * 1e3 / eager_ms)
+    assert not cc.compile_pays(steps_at_line, eager_ms, None).compile
+    assert cc.compile_pays(steps_at_line + 1, eager_ms, None).compile
+    line = cc.compile_pays(100, eager_ms, None).log_line()
+    assert line.startswith("compile=auto: not compiling") and "not measured here yet" in line
+
+
+def test_measured_the_saved_steps_must_repay_the_compile_margin_times():
+    measured = {"compiled_ms": 2.0, "compile_s": 7.0}  # 2 ms saved a step: 7,000 steps repay it twice
+    assert not cc.compile_pays(7_000, 4.0, measured).compile
+    decision = cc.compile_pays(7_001, 4.0, measured)
+    assert decision.compile and (decision.compiled_ms, decision.compile_s) == (2.0, 7.0)
+    assert "2.00 ms compiled, measured here" in decision.log_line()
+    # a compiled step no faster than eager never pays, however long the job
+    assert not cc.compile_pays(10**9, 4.0, {"compiled_ms": 4.0, "compile_s": 0.1}).compile
+    assert json.loads(json.dumps(decision.as_dict()))["steps"] == 7_001
+
+
+def test_the_clock_saves_the_compile_and_the_median_step_after_warm_up(tmp_path, monkeypatch):
+    cache = tmp_path / lay.CACHE_FILE
+    clock = cc.StepClock(cache, "k", torch.device("cpu"), 1)
+    times = iter([5.0] + [1.0] * cc.StepClock.WARM_UP + [0.002] * 15 + [0.003] * 20)
+    clock_now = [0.0]
+
+    def step(x):
+        clock_now[0] += next(times)
+        return x
+
+    monkeypatch.setattr(cc.time, "perf_counter", lambda: clock_now[0])
+    for i in range(1 + cc.StepClock.WARM_UP + 15):
+        assert clock.timed(step, i) == i
+    assert cc.read_measured(cache, "k") is None  # 15 steady steps: too few to say
+    clock.timed(step, 0)
+    saved = cc.read_measured(cache, "k")
+    assert saved["compile_s"] == 5.0 and saved["compiled_ms"] == pytest.approx(2.0)
+    for _ in range(16):
+        clock.timed(step, 0)
+    assert cc.read_measured(cache, "k")["compiled_ms"] == pytest.approx(3.0)  # saved again at 32
+
+
+@pytest.fixture
+def compiler(monkeypatch):
+    """compile_for_sampling replaced by a recorder of what it was given (the model returned as is)."""
+    calls = []
+
+    def record(model, rows=None, clock=None, on_failure=None):
+        calls.append(dict(model=model, rows=rows, clock=clock, on_failure=on_failure))
+        return model
+
+    monkeypatch.setattr(decode, "compile_for_sampling", record)
+    return calls
+
+
+def test_auto_stays_eager_for_a_short_job_and_says_why(tmp_path, compiler):
+    model, choice = lay.prepare_for_decoding(
+        tiny_model(), cache_dir=tmp_path, compile="auto", steps=100, timer=fake_timer(MS, [])
+    )
+    assert compiler == [] and "compiled" not in choice.layout
+    assert choice.compile["compile"] is False and choice.compile["eager_ms"] == pytest.approx(
+        MS[f"{choice.dtype}/{choice.layout}"]
+    )
+
+
+def test_auto_compiles_a_long_job_from_nn_linear_weights_though_packed_won_eager(
+    tmp_path, compiler, monkeypatch
+):
+    monkeypatch.setattr(lay, "packs", lambda dtype: dtype == torch.float32)  # as on an AVX2 CPU
+    timer = fake_timer(MS, [])
+    steps = int(FIRST * 1e3 / MS["fp32/packed"]) + 1
+    model, choice = lay.prepare_for_decoding(
+        tiny_model(), batch_size=2, cache_dir=tmp_path, compile="auto", steps=steps, timer=timer
+    )
+    assert len(compiler) == 1 and compiler[0]["rows"] == 2 and compiler[0]["on_failure"] is not None
+    assert compiler[0]["model"] is model and model.wte.weight.dtype == torch.float32
+    assert not any(isinstance(m, PackedLinear) for m in model.modules())  # inductor packs itself
+    assert (choice.dtype, choice.layout) == ("fp32", "linear, compiled") and choice.compile["compile"]
+    # the clock's figures, once saved, decide the next job: here compiling saved nothing
+    clock = compiler[0]["clock"]
+    lay.write_cache(clock.cache_file, clock.key, {"compiled_ms": 2.5, "compile_s": 1.0})
+    _, again = lay.prepare_for_decoding(
+        tiny_model(), batch_size=2, cache_dir=tmp_path, compile="auto", steps=steps, timer=timer
+    )
+    assert len(compiler) == 1 and again.layout == "packed" and again.compile["compiled_ms"] == 2.5
+    # another batch size is another key: unmeasured there
+    _, other = lay.prepare_for_decoding(
+        tiny_model(), batch_size=1, cache_dir=tmp_path, compile="auto", steps=steps, timer=timer
+    )
+    assert other.compile["compiled_ms"] is None and other.compile["compile"]
+
+
+def test_compile_true_measures_for_auto_and_a_quantized_model_stays_eager_under_auto(tmp_path, compiler):
+    from multiar.engine.quantize import quantize
+
+    lay.prepare_for_decoding(tiny_model(), cache_dir=tmp_path, compile=True, timer=fake_timer(MS, []))
+    assert compiler[0]["clock"].rows == 1 and compiler[0]["rows"] is None  # true: a graph per row count
+    assert compiler[0]["on_failure"] is None  # and a failed compile raises: it was asked for
+    _, choice = lay.prepare_for_decoding(
+        quantize(tiny_model(), "int8"), cache_dir=tmp_path, compile="auto", steps=10**9,
+        layer_timer=lambda layers, batch: dict.fromkeys(layers, 1.0),
+    )  # fmt: skip
+    assert len(compiler) == 1 and choice.layout == "int8"
+    with pytest.raises(ValueError, match="compile='yes'"):
+        lay.prepare_for_decoding(tiny_model(), compile="yes")
+
+
+def test_a_compile_that_fails_leaves_auto_eager_with_its_samples_unchanged(tmp_path, monkeypatch, caplog):
+    def broken(fn, **kwargs):
+        def fails(*args):
+            raise RuntimeError("no C++ compiler found\nsecond line")
+
+        return fails
+
+    model = tiny_model(64)
+    expected = generate(copy.deepcopy(model), prompts=[[1, 5, 9]], max_new_tokens=8, temperature=0.0)
+    monkeypatch.setattr(decode.torch, "compile", broken)
+    steps = int(FIRST * 1e3 / 1.0) + 1
+    ms = {c: 1.0 for c in MS}
+    compiled, choice = lay.prepare_for_decoding(
+        model, cache_dir=tmp_path, compile="auto", steps=steps, timer=fake_timer(ms, [])
+    )
+    assert choice.layout.endswith(", compiled")
+    with caplog.at_level("WARNING", logger="multiar"):
+        got = generate(compiled, prompts=[[1, 5, 9]], max_new_tokens=8, temperature=0.0)
+    assert got == expected
+    assert "did not compile (no C++ compiler found): decoding eagerly" in caplog.text
+    assert not choice.layout.endswith(", compiled") and choice.compile["compile"] is False
+    # compile=true raises it: that was asked for
+    forced, _ = lay.prepare_for_decoding(tiny_model(64), compile=True, dtype="fp32", layout="linear")
+    with pytest.raises(Exception, match="no C\\+\\+ compiler"):
+        generate(forced, prompts=[[1, 5, 9]], max_new_tokens=2, temperature=0.0)
