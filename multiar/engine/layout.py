@@ -301,7 +301,10 @@ def prepare_for_decoding(
     if compile is True:
         model, choice = choose_float(model, batch_size, dtype, "linear", cache_file, timer)
         return _compiled(model, choice, _clock(model, choice, cache_file)), choice
-    spare = copy.deepcopy(model) if compile == "auto" and layout != "linear" else None  # fp32, unpacked
+    # compile=auto compiles nn.Linear weights: an fp32 copy for when the eager pick is packed
+    device = next(model.parameters()).device
+    packable = any(c.endswith("/packed") for c in float_candidates(device, dtype, layout))
+    spare = copy.deepcopy(model) if compile == "auto" and steps and packable else None
     model, choice = choose_float(model, batch_size, dtype, layout, cache_file, timer)
     if compile == "auto":
         model = _compile_if_it_pays(model, choice, spare, steps or 0, cache_file, timer)
@@ -345,12 +348,16 @@ def _compile_if_it_pays(
     choice was packed) when that pays for a job of `steps` decode steps; choice.compile says why."""
     picked = f"{choice.dtype}/{choice.layout}"
     eager_ms = choice.step_ms.get(picked) or 1e3 * timer({picked: model})[picked]
-    linear = model if choice.layout == "linear" else build_float(spare, f"{choice.dtype}/linear")
-    clock = _clock(linear, choice, cache_file)
-    decision = compile_pays(steps, eager_ms, read_measured(cache_file, clock.key))
+    unpacked = model if choice.layout == "linear" else spare  # nn.Linear shapes: the clock's key
+    clock = _clock(unpacked, choice, cache_file) if unpacked is not None else None
+    measured = read_measured(cache_file, clock.key) if clock is not None else None
+    decision = compile_pays(steps, eager_ms, measured)
+    if clock is None:  # no steps (a speculative job): nothing to compile
+        decision.compile = False
     choice.compile = decision.as_dict()
     log.info("%s", decision.log_line())
     if not decision.compile:
         return model
+    linear = model if choice.layout == "linear" else build_float(spare, f"{choice.dtype}/linear")
     choice.layout = "linear"
     return _compiled(linear, choice, clock)
