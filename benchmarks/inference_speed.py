@@ -277,10 +277,6 @@ def main() -> None:
         hf = to_transformers(model)
         if args.compile:
             engines["multiar fp32 compile"] = compile_for_sampling(copy.deepcopy(model))
-            # what `multiar generate compile=true` runs: the dtype measured over nn.Linear, then compiled
-            compiled, compiled_choice = prepare_for_decoding(copy.deepcopy(model), compile=True)
-            engines[f"multiar compile=true ({compiled_choice.dtype})"] = compiled
-            print(f"{shape_name:6s} compile=true: {compiled_choice.log_line()}")
             for mode in ("int8", "int4"):  # `compile=true quantize=...`: inductor's int8/int4 GEMMs timed too
                 engines[f"multiar {mode} compile=true"] = prepare_for_decoding(
                     quantize(copy.deepcopy(model), mode), compile=True
@@ -316,7 +312,14 @@ def main() -> None:
             entries |= llama_server_entries(
                 args.llama_server, gguf_dir, shape_name, model, batch, args, servers
             )
-            compiled_name = f"multiar compile=true ({compiled_choice.dtype})" if args.compile else None
+            compiled_name = None
+            if args.compile:  # what `generate compile=true batch_size=<batch>` runs: dtype measured at it
+                compiled, compiled_choice = prepare_for_decoding(
+                    copy.deepcopy(model), batch_size=batch, compile=True
+                )
+                compiled_name = f"multiar compile=true ({compiled_choice.dtype})"
+                entries[compiled_name] = partial(generate, compiled, prompt, args.new)
+                print(f"{shape_name:6s} batch {batch}  compile=true: {compiled_choice.log_line()}")
             with torch.inference_mode():
                 # the compile=true model's first call at this batch compiles its graph: timed alone
                 first_s = _timed(entries[compiled_name]) if compiled_name else None

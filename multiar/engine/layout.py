@@ -276,8 +276,8 @@ def prepare_for_decoding(
     dtype: auto|fp32|bf16; layout: auto|linear|packed; cache_dir: where decode_layout.json keeps
     measured choices (None: measure every time); compile: True, the chosen model compiled for sampling
     (float layouts: nn.Linear only, inductor packs weights itself); "auto", compiled when that pays for
-    a job of `steps` decode steps (`multiar.engine.compile_choice`; float weights only: a quantized
-    model stays eager); kernels: a quantized model's per-shape kernels to use rather than choose (a
+    a job of `steps` decode steps (`multiar.engine.compile_choice`; a quantized model's own kernels,
+    as compile=True compiles them); kernels: a quantized model's per-shape kernels to use rather than choose (a
     resume pins the killed run's). timer / layer_timer: seconds per decode step of each candidate model
     / per call of each layer (tests inject them)."""
     if dtype not in ("auto", *DTYPES) or layout not in ("auto", *LAYOUTS):
@@ -290,14 +290,18 @@ def prepare_for_decoding(
         raise ValueError("compile=true takes layout=auto or linear: inductor packs the weights itself")
     cache_file = Path(cache_dir).expanduser() / CACHE_FILE if cache_dir is not None else None
     quantized = [m for m in model.modules() if isinstance(m, Int8Linear | Int4Linear)]
+    timer = timer or (lambda models: decode_step_seconds(models, batch_size))
     if quantized and compile is True:  # inductor compiles the kernels quantize made
         choice = DecodeChoice(
             dtype="fp32", layout=quantized_mode(quantized), how="forced", batch_size=batch_size
         )
-        return _compiled(model, choice, None), choice
-    if quantized:
-        return choose_kernels(model, batch_size, cache_file, layer_timer or layer_seconds, kernels)
-    timer = timer or (lambda models: decode_step_seconds(models, batch_size))
+        return _compiled(model, choice, _clock(model, choice, cache_file)), choice
+    if quantized:  # compile=auto compiles quantize's kernels: a copy before any is swapped for bf16
+        spare = copy.deepcopy(model) if compile == "auto" and steps else None
+        model, choice = choose_kernels(model, batch_size, cache_file, layer_timer or layer_seconds, kernels)
+        if compile == "auto":
+            model = _compile_if_it_pays(model, choice, spare, steps or 0, cache_file, timer)
+        return model, choice
     if compile is True:
         model, choice = choose_float(model, batch_size, dtype, "linear", cache_file, timer)
         return _compiled(model, choice, _clock(model, choice, cache_file)), choice
@@ -314,8 +318,14 @@ def prepare_for_decoding(
 def _clock(model: nn.Module, choice: DecodeChoice, cache_file: Path | None) -> StepClock:
     """A clock for a compiled step of model as choice lays it out: its figures are kept under a key of
     the machine, batch size, layer shapes and dtype (what compile=auto reads next time)."""
-    key = cache_key(model, choice.batch_size, f"compiled {choice.dtype}/linear")
+    key = cache_key(model, choice.batch_size, f"compiled {_graph_of(choice)}")
     return StepClock(cache_file, key, next(model.parameters()).device, choice.batch_size)
+
+
+def _graph_of(choice: DecodeChoice) -> str:
+    """What a compiled step of choice's model is made of: quantize's kernels, or dtype/linear."""
+    mode = choice.layout.removesuffix(", compiled")
+    return mode if mode in ("int8", "int4") else f"{choice.dtype}/linear"
 
 
 def _compiled(model: nn.Module, choice: DecodeChoice, clock: StepClock | None) -> nn.Module:
@@ -344,20 +354,26 @@ def _compile_if_it_pays(
     cache_file: Path | None,
     timer: Timer,
 ) -> nn.Module:
-    """model as choice laid it out, compiled (nn.Linear weights: from spare, the fp32 model, when the
-    choice was packed) when that pays for a job of `steps` decode steps; choice.compile says why."""
-    picked = f"{choice.dtype}/{choice.layout}"
-    eager_ms = choice.step_ms.get(picked) or 1e3 * timer({picked: model})[picked]
-    unpacked = model if choice.layout == "linear" else spare  # nn.Linear shapes: the clock's key
-    clock = _clock(unpacked, choice, cache_file) if unpacked is not None else None
+    """model as choice laid it out, compiled when that pays for a job of `steps` decode steps
+    (choice.compile says why): from nn.Linear weights (spare, the fp32 model, when the eager choice was
+    packed), or a quantized model's own kernels (spare: before any shape went to bf16)."""
+    quantized = choice.layout in ("int8", "int4")
+    picked = choice.layout if quantized else f"{choice.dtype}/{choice.layout}"
+    measured_ms = None if quantized else choice.step_ms.get(picked)  # a quantized one's are per layer
+    eager_ms = measured_ms or 1e3 * timer({picked: model})[picked]
+    source = model if choice.layout == "linear" else spare  # what would compile: the clock's key
+    clock = _clock(source, choice, cache_file) if source is not None else None
     measured = read_measured(cache_file, clock.key) if clock is not None else None
     decision = compile_pays(steps, eager_ms, measured)
-    if clock is None:  # no steps (a speculative job): nothing to compile
+    if clock is None:  # no copy made (a job of no steps): nothing to compile
         decision.compile = False
     choice.compile = decision.as_dict()
     log.info("%s", decision.log_line())
     if not decision.compile:
         return model
+    if quantized:  # every shape on its own kernel in the graph (and in the eager fallback)
+        choice.kernels = {shape: shape.split(" ")[0] for shape in choice.kernels}
+        return _compiled(spare, choice, clock)
     linear = model if choice.layout == "linear" else build_float(spare, f"{choice.dtype}/linear")
     choice.layout = "linear"
     return _compiled(linear, choice, clock)

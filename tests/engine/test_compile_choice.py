@@ -114,17 +114,27 @@ def test_auto_compiles_a_long_job_from_nn_linear_weights_though_packed_won_eager
     assert other.compile["compiled_ms"] is None and other.compile["compile"]
 
 
-def test_compile_true_measures_for_auto_and_a_quantized_model_stays_eager_under_auto(tmp_path, compiler):
-    from multiar.engine.quantize import quantize
+def test_compile_true_measures_for_auto_and_auto_compiles_a_quantized_models_own_kernels(tmp_path, compiler):
+    from multiar.engine.quantize import Int8Linear, quantize
 
     lay.prepare_for_decoding(tiny_model(), cache_dir=tmp_path, compile=True, timer=fake_timer(MS, []))
     assert compiler[0]["clock"].rows == 1 and compiler[0]["rows"] is None  # true: a graph per row count
     assert compiler[0]["on_failure"] is None  # and a failed compile raises: it was asked for
+    bf16_everywhere = lambda layers, batch: {n: 0.1 if n.endswith("bf16") else 1.0 for n in layers}  # noqa: E731
+    eager, choice = lay.prepare_for_decoding(
+        quantize(tiny_model(), "int8"), cache_dir=tmp_path, compile="auto", steps=10,
+        layer_timer=bf16_everywhere, timer=fake_timer({"int8": 5.0}, []),
+    )  # fmt: skip
+    assert len(compiler) == 1 and choice.layout == "int8" and set(choice.kernels.values()) == {"bf16"}
+    assert isinstance(eager.blocks[0].attn.proj, lay.DequantizedLinear)
     _, choice = lay.prepare_for_decoding(
         quantize(tiny_model(), "int8"), cache_dir=tmp_path, compile="auto", steps=10**9,
-        layer_timer=lambda layers, batch: dict.fromkeys(layers, 1.0),
+        layer_timer=bf16_everywhere, timer=fake_timer({"int8": 5.0}, []),
     )  # fmt: skip
-    assert len(compiler) == 1 and choice.layout == "int8"
+    compiled = compiler[1]["model"]  # quantize's kernels, none swapped for a bf16 copy
+    assert isinstance(compiled.blocks[0].attn.proj, Int8Linear) and compiler[1]["rows"] == 1
+    assert choice.layout == "int8, compiled" and set(choice.kernels.values()) == {"int8"}
+    assert choice.compile["eager_ms"] == 5.0 and "compiled int8" in compiler[1]["clock"].key
     with pytest.raises(ValueError, match="compile='yes'"):
         lay.prepare_for_decoding(tiny_model(), compile="yes")
 
