@@ -359,8 +359,8 @@ class GenerateSchema:
         "auto (nn.Linear or oneDNN-packed weights, whichever decodes faster here), linear or packed", "auto"
     )
     compile: str = doc(
-        "auto: torch.compile the one-token decode step when that pays for this job (its samples x "
-        "max_new_tokens against the compile's seconds and the step it saves, as measured on this machine "
+        "auto: torch.compile the one-token decode step when that pays for this job (its decode steps, "
+        "batches x max_new_tokens, against the compile's seconds and the step it saves, as measured here "
         "before; a first compile only for a long job: multiar/engine/compile_choice.py); true: always "
         "(static shapes, frozen weights, a C++ wrapper on a CPU: ~25-45 s to compile on 2 CPU cores, ~7 s "
         "again from inductor's cache, then 1.5-2x the eager step at batch 1 of a small model, little at "

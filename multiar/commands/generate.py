@@ -77,7 +77,6 @@ def prepare_sampling(cfg: DictConfig) -> Prepared:
     texts = texts_or(cfg)
     domain = run.domain
     out_dir = Path(cfg.out if cfg.out else Path("outputs") / domain.name).expanduser()
-    rows = cfg.batch_size if cfg.prompt_file is not None else min(cfg.batch_size, cfg.n)  # decoded together
     options = domain_options(cfg, domain)  # passed by name to prompt_ids and prompt_meta
     check_filters(cfg, domain)
     check_before_sampling(cfg, domain, out_dir)
@@ -86,14 +85,13 @@ def prepare_sampling(cfg: DictConfig) -> Prepared:
     dtype, layout, kernels, compiled = (
         resume.journaled_decode(out_dir) if cfg.resume else (cfg.dtype, cfg.layout, None, None)
     )
-    compile = compile_setting(cfg.compile)
-    if compile == "auto" and compiled is not None:  # auto decided when the run began: pinned
-        compile = compiled
+    rows = max(1, min(cfg.batch_size, work.total))  # decoded together
     # the job's most decode steps (compile=auto weighs them); a speculative one's are not single steps
     steps = 0 if cfg.draft is not None else -(-work.total // rows) * cond.max_new_tokens
     model, choice = sampling_model(
-        run, cfg.quantize, dtype, compile, layout=layout, batch_size=rows, kernels=kernels, steps=steps
-    )
+        run, cfg.quantize, dtype, compile_setting(cfg.compile), layout=layout, batch_size=rows,
+        kernels=kernels, steps=steps, decided=compiled,  # compile=auto: a resume keeps what it decided
+    )  # fmt: skip
     settings, draft = sampling_settings(cfg, run, domain, cond)
     provenance = provenance_for(cfg, run, cond, options)
     files, listing, tally, digest = open_outputs(cfg, domain, out_dir, provenance, choice.as_dict())
@@ -124,7 +122,7 @@ def prepare_sampling(cfg: DictConfig) -> Prepared:
         digest=digest,
         progress=Progress(work.total, f"{domain.name} samples", cfg.progress, done=tally.done),
         ranks=open_ranks(cfg, out_dir, tally),
-        decode=choice.as_dict(),
+        decode=choice,  # read when the report is written: a compile that failed has said so
     )
 
 

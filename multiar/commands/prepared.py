@@ -4,7 +4,7 @@ the files it fills and its tally."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from multiar.domain import (
     Domain,
     SampleFiles,
 )
+from multiar.engine.layout import DecodeChoice
 from multiar.engine.model import GPT
 from multiar.files import Appender
 
@@ -48,4 +49,4 @@ class Prepared:
     digest: str
     progress: Progress
     ranks: Appender | None = None  # rank_by=ppl without top: (ppl, index) of each passing sample, spilled
-    decode: dict[str, Any] = field(default_factory=dict)  # how the model is laid out (engine.layout)
+    decode: DecodeChoice | None = None  # how the model is laid out (engine.layout)

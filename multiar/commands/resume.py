@@ -35,6 +35,9 @@ def settings_digest(cfg: DictConfig, decode: dict | None = None) -> str:
     settings = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in free}
     if decode:
         settings["decode"] = {k: decode.get(k) for k in ("dtype", "layout", "kernels")}
+        # what compile= decided, not how it was spelled ("auto", "True", true): as journals before
+        # compile=auto recorded it
+        settings["compile"] = str(decode.get("layout", "")).endswith(", compiled")
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
 

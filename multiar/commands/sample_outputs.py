@@ -134,7 +134,10 @@ def build_report(p: Prepared, done: Finished, spec: SpeculativeStats) -> dict[st
         "samples": t.done,
         "prompt": cfg.prompt,
         "prompts": len(p.prompts),
-        "provenance": {**p.provenance, "decode": p.decode},  # decode: the files' provenance lacks it
+        "provenance": {
+            **p.provenance,
+            "decode": p.decode.as_dict() if p.decode else {},
+        },  # decode: the files' provenance lacks it
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),  # the only time stamp written
         **(
             {"speculative": spec.as_dict() | {"draft": cfg.draft, "k": cfg.speculate_k}}

@@ -12,8 +12,9 @@ job and not a short one, by an amount only this machine can tell:
   cold compile's cost assumed, above the 25-45 s measured on 2 cores): the first long job measures it.
 
 steps is the job's most decode steps: its batches x max_new_tokens (a batch whose samples all end early
-at EOS takes fewer; MARGIN leaves room for that). A step's time is a batch's, all its rows. The figures live in the layout cache (decode_layout.json) beside the measured
-layout, keyed alike. No Lightning, Hydra or domain code here.
+at EOS takes fewer; MARGIN leaves room for that). A step's time is a batch's, all its rows. The figures
+live in the layout cache (decode_layout.json) beside the measured layout, keyed alike. No Lightning,
+Hydra or domain code here.
 """
 
 from __future__ import annotations
@@ -45,11 +46,16 @@ class CompileDecision:
     def as_dict(self) -> dict:
         return {k: round(v, 3) if isinstance(v, float) else v for k, v in self.__dict__.items()}
 
+    resumed: bool = False  # pinned by a resumed run's journal, not weighed anew
+
     def log_line(self) -> str:
         verb = "compiling the decode step" if self.compile else "not compiling the decode step"
+        if self.resumed:
+            return f"compile=auto: {verb}, as the run being resumed did"
         if self.compiled_ms is None:
             why = (
-                f"{self.steps} steps x {self.eager_ms:.2f} ms eager = {self.steps * self.eager_ms / 1e3:.0f} s"
+                f"{self.steps} steps x {self.eager_ms:.2f} ms eager = "
+                f"{self.steps * self.eager_ms / 1e3:.0f} s"
                 f" {'>' if self.compile else '<='} {PAYBACK:g} x {FIRST_COMPILE_S:g} s (a first compile,"
                 " not measured here yet)"
             )
@@ -103,6 +109,8 @@ class StepClock:
         out = step(*args)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        elif self.device.type == "mps":
+            torch.mps.synchronize()
         seconds = time.perf_counter() - start
         if self.compile_s is None:
             self.compile_s = seconds

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from multiar.engine.choice_cache import CACHE_FILE, cache_key, read_cache, write_cache
-from multiar.engine.compile_choice import StepClock, compile_pays, read_measured
+from multiar.engine.compile_choice import CompileDecision, StepClock, compile_pays, read_measured
 from multiar.engine.packed import PackedLinear, decode_layout, packs
 from multiar.engine.quantize import Int4Linear, Int8Linear
 from multiar.errors import first_line
@@ -183,6 +183,11 @@ def kernel_name(layer: nn.Module) -> str:
     return "int4" if isinstance(layer, Int4Linear) else "int8"
 
 
+def own_kernels(layers: list[nn.Module]) -> dict[str, str]:
+    """Each quantized layer shape on its own kernel (a compiled graph of quantize's kernels)."""
+    return {f"{kernel_name(m)} {m.out_features}x{m.in_features}": kernel_name(m) for m in layers}
+
+
 def quantized_mode(layers: list[nn.Module]) -> str:
     """A quantized model's mode: int4 where any layer is int4 (a shape int4 cannot take stays int8)."""
     return "int4" if any(isinstance(m, Int4Linear) for m in layers) else "int8"
@@ -267,6 +272,7 @@ def prepare_for_decoding(
     timer: Timer | None = None,
     layer_timer: Callable | None = None,
     kernels: dict[str, str] | None = None,
+    decided: bool | None = None,
 ) -> tuple[nn.Module, DecodeChoice]:
     """model (converted in place, or a converted copy) laid out for sampling at batch_size as fast as
     this machine runs it, and the choice made.
@@ -277,9 +283,11 @@ def prepare_for_decoding(
     measured choices (None: measure every time); compile: True, the chosen model compiled for sampling
     (float layouts: nn.Linear only, inductor packs weights itself); "auto", compiled when that pays for
     a job of `steps` decode steps (`multiar.engine.compile_choice`; a quantized model's own kernels,
-    as compile=True compiles them); kernels: a quantized model's per-shape kernels to use rather than choose (a
-    resume pins the killed run's). timer / layer_timer: seconds per decode step of each candidate model
-    / per call of each layer (tests inject them)."""
+    as compile=True compiles them; a job of no steps, or layout="packed", stays eager); kernels: a
+    quantized model's per-shape kernels to use rather than choose (a resume pins the killed run's);
+    decided: what compile="auto" decided for the run a resume continues (pinned, not weighed anew: one
+    graph for the batch size, eager when it fails, as then). timer / layer_timer: seconds per decode
+    step of each candidate model / per call of each layer (tests inject them)."""
     if dtype not in ("auto", *DTYPES) or layout not in ("auto", *LAYOUTS):
         raise ValueError(
             f"dtype={dtype!r}, layout={layout!r}: dtype auto|fp32|bf16, layout auto|linear|packed"
@@ -288,6 +296,8 @@ def prepare_for_decoding(
         raise ValueError(f"compile={compile!r}: True, False or 'auto'")
     if compile is True and layout == "packed":
         raise ValueError("compile=true takes layout=auto or linear: inductor packs the weights itself")
+    if compile == "auto" and decided is None and (not steps or layout == "packed"):
+        compile = False  # no one-token steps to repay it (a speculative job), or packed weights pinned
     cache_file = Path(cache_dir).expanduser() / CACHE_FILE if cache_dir is not None else None
     quantized = [m for m in model.modules() if isinstance(m, Int8Linear | Int4Linear)]
     timer = timer or (lambda models: decode_step_seconds(models, batch_size))
@@ -295,12 +305,13 @@ def prepare_for_decoding(
         choice = DecodeChoice(
             dtype="fp32", layout=quantized_mode(quantized), how="forced", batch_size=batch_size
         )
+        choice.kernels = own_kernels(quantized)
         return _compiled(model, choice, _clock(model, choice, cache_file)), choice
     if quantized:  # compile=auto compiles quantize's kernels: a copy before any is swapped for bf16
-        spare = copy.deepcopy(model) if compile == "auto" and steps else None
+        spare = copy.deepcopy(model) if compile == "auto" else None
         model, choice = choose_kernels(model, batch_size, cache_file, layer_timer or layer_seconds, kernels)
         if compile == "auto":
-            model = _compile_if_it_pays(model, choice, spare, steps or 0, cache_file, timer)
+            model = _compile_if_it_pays(model, choice, spare, steps or 0, cache_file, timer, decided)
         return model, choice
     if compile is True:
         model, choice = choose_float(model, batch_size, dtype, "linear", cache_file, timer)
@@ -308,10 +319,10 @@ def prepare_for_decoding(
     # compile=auto compiles nn.Linear weights: an fp32 copy for when the eager pick is packed
     device = next(model.parameters()).device
     packable = any(c.endswith("/packed") for c in float_candidates(device, dtype, layout))
-    spare = copy.deepcopy(model) if compile == "auto" and steps and packable else None
+    spare = copy.deepcopy(model) if compile == "auto" and packable else None
     model, choice = choose_float(model, batch_size, dtype, layout, cache_file, timer)
     if compile == "auto":
-        model = _compile_if_it_pays(model, choice, spare, steps or 0, cache_file, timer)
+        model = _compile_if_it_pays(model, choice, spare, steps or 0, cache_file, timer, decided)
     return model, choice
 
 
@@ -353,6 +364,7 @@ def _compile_if_it_pays(
     steps: int,
     cache_file: Path | None,
     timer: Timer,
+    decided: bool | None,
 ) -> nn.Module:
     """model as choice laid it out, compiled when that pays for a job of `steps` decode steps
     (choice.compile says why): from nn.Linear weights (spare, the fp32 model, when the eager choice was
@@ -360,19 +372,19 @@ def _compile_if_it_pays(
     quantized = choice.layout in ("int8", "int4")
     picked = choice.layout if quantized else f"{choice.dtype}/{choice.layout}"
     measured_ms = None if quantized else choice.step_ms.get(picked)  # a quantized one's are per layer
-    eager_ms = measured_ms or 1e3 * timer({picked: model})[picked]
     source = model if choice.layout == "linear" else spare  # what would compile: the clock's key
-    clock = _clock(source, choice, cache_file) if source is not None else None
-    measured = read_measured(cache_file, clock.key) if clock is not None else None
-    decision = compile_pays(steps, eager_ms, measured)
-    if clock is None:  # no copy made (a job of no steps): nothing to compile
-        decision.compile = False
+    clock = _clock(source, choice, cache_file)
+    if decided is not None:  # a resume: as the killed run decided
+        decision = CompileDecision(decided, steps, measured_ms or 0.0, resumed=True)
+    else:
+        eager_ms = measured_ms or 1e3 * timer({picked: model})[picked]
+        decision = compile_pays(steps, eager_ms, read_measured(cache_file, clock.key))
     choice.compile = decision.as_dict()
     log.info("%s", decision.log_line())
     if not decision.compile:
         return model
     if quantized:  # every shape on its own kernel in the graph (and in the eager fallback)
-        choice.kernels = {shape: shape.split(" ")[0] for shape in choice.kernels}
+        choice.kernels = own_kernels([m for m in spare.modules() if isinstance(m, Int8Linear | Int4Linear)])
         return _compiled(spare, choice, clock)
     linear = model if choice.layout == "linear" else build_float(spare, f"{choice.dtype}/linear")
     choice.layout = "linear"

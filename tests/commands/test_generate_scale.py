@@ -427,7 +427,7 @@ def test_a_stopped_quantized_run_resumes_to_the_uninterrupted_ones_files(protein
 def test_compile_auto_weighs_the_jobs_tokens_and_a_resume_keeps_what_it_decided(
     protein_run, tmp_path, monkeypatch
 ):
-    """compile=auto (the default) is handed the job's most tokens (samples x max_new_tokens); what it
+    """compile=auto (the default) is handed the job's most decode steps (batches x max_new_tokens); what it
     decided is in generate.json and the journal, and a resumed run decodes as the killed one did though
     the rest of the job alone would not have compiled. The compiler is a recorder (the numerics of a
     compiled step are tests/engine/test_quantize.py's)."""
@@ -463,9 +463,22 @@ def test_compile_auto_weighs_the_jobs_tokens_and_a_resume_keeps_what_it_decided(
     monkeypatch.setattr(compile_choice, "FIRST_COMPILE_S", 1e9)  # now it would never pay
     resumed = generate(protein_run, tmp_path / "stopped", *common, "resume=true")["provenance"]["decode"]
     assert len(compiled) == 2 and resumed["layout"] == "linear, compiled" and resumed["how"] == "forced"
+    assert compiled[1]["rows"] == 2 and compiled[1]["on_failure"] is not None  # as auto compiled it
+    assert resumed["compile"]["resumed"] and resumed["compile"]["compile"]
     stopped, whole = files_of(tmp_path / "stopped"), files_of(tmp_path / "short")
     assert stopped.pop("generate.json") != whole.pop("generate.json")  # its own folder named in it
     assert stopped == whole  # the recorder compiles nothing: the same samples
+    # a quantized run compiled by auto resumes too (its kernels journaled as the graph runs them)
+    monkeypatch.setattr(compile_choice, "FIRST_COMPILE_S", 0.0)
+    monkeypatch.setattr(command, "take_batch", take_then_die)
+    taken.clear()
+    with pytest.raises(KeyboardInterrupt):
+        generate(protein_run, tmp_path / "int8", *common, "quantize=int8")
+    monkeypatch.setattr(command, "take_batch", real_take)
+    monkeypatch.setattr(compile_choice, "FIRST_COMPILE_S", 1e9)
+    int8 = generate(protein_run, tmp_path / "int8", *common, "quantize=int8", "resume=true")
+    assert int8["provenance"]["decode"]["layout"] == "int8, compiled" and len(compiled) == 4
+    assert set(int8["provenance"]["decode"]["kernels"].values()) == {"int8"}
     with pytest.raises(ConfigError, match="compile: must be auto, true or false"):
         load_config("generate", ["run=x", "compile=sometimes"])
     with pytest.raises(ConfigError, match="layout: packed does not compile"):

@@ -87,6 +87,18 @@ def test_auto_stays_eager_for_a_short_job_and_says_why(tmp_path, compiler):
     )
 
 
+def test_auto_weighs_nothing_for_a_job_of_no_steps_or_pinned_packed_weights(tmp_path, compiler):
+    calls = []
+    _, choice = lay.prepare_for_decoding(
+        tiny_model(), cache_dir=tmp_path, compile="auto", steps=0, timer=fake_timer(MS, calls)
+    )
+    assert choice.compile == {} and len(calls) == 1  # the layouts timed, no eager step besides
+    _, choice = lay.prepare_for_decoding(
+        tiny_model(), layout="packed", compile="auto", steps=10**9, timer=fake_timer(MS, [])
+    )
+    assert compiler == [] and choice.compile == {} and "compiled" not in choice.layout
+
+
 def test_auto_compiles_a_long_job_from_nn_linear_weights_though_packed_won_eager(
     tmp_path, compiler, monkeypatch
 ):

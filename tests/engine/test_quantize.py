@@ -225,8 +225,9 @@ def test_compiled_decode_step_equals_eager_for_aligned_and_ragged_rows(tmp_path)
     assert saved["compile_s"] == clock.compile_s and 0 < saved["compiled_ms"] < 1e3 * clock.compile_s
     two = [[1, 5], [1, 7]]  # two rows: the eager step, not a second graph
     expected = generate(model, prompts=two, max_new_tokens=6, temperature=0.0)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert generate(compiled, prompts=two, max_new_tokens=6, temperature=0.0) == expected
-    assert len(clock.times) == steps
+    assert len(clock.times) == steps and torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
     # quantized weights compose with it (compile=true quantize=int4)
     int4 = quantize(copy.deepcopy(model), "int4")
     expected = generate(int4, prompts=ragged, max_new_tokens=8, temperature=0.0)
