@@ -42,11 +42,10 @@ class CompileDecision:
     eager_ms: float  # a decode step as the job would run it uncompiled
     compiled_ms: float | None = None  # measured before on this machine (None: never)
     compile_s: float | None = None  # the last compile's seconds here (None: never measured)
+    resumed: bool = False  # pinned by a resumed run's journal, not weighed anew
 
     def as_dict(self) -> dict:
         return {k: round(v, 3) if isinstance(v, float) else v for k, v in self.__dict__.items()}
-
-    resumed: bool = False  # pinned by a resumed run's journal, not weighed anew
 
     def log_line(self) -> str:
         verb = "compiling the decode step" if self.compile else "not compiling the decode step"

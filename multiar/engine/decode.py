@@ -72,8 +72,7 @@ def compile_for_sampling(
     The first step compiles (tens of seconds on 2 CPU cores). rows: the one row count the graph is for
     (others, such as a job's last partial batch, step eagerly rather than compile a graph of their own;
     None: a graph per row count met); clock: times the graph's calls at its row count (compile=auto's
-    measurement);
-    on_failure: where the first compile fails (inductor on a CPU needs a C++ compiler and Python's
+    measurement); on_failure: where the first compile fails (inductor on a CPU needs a C++ compiler and Python's
     headers), called with the error, and every step runs eagerly; None: the error is raised."""
     model.eval()
     model.keep_caches = True
