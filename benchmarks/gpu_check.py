@@ -1,17 +1,21 @@
-"""Optional GPU check of the sampling engine and of trainer=fsdp (transformers for the speed baseline).
+"""Optional GPU check of the sampling engine, of compile=true's CUDA graphs and of trainer=fsdp / ddp.
 
-    python benchmarks/gpu_check.py [--out gpu_check.json] [--only fsdp|sampling]
+    python benchmarks/gpu_check.py [--out gpu_check.json] [--only training|sampling|compiled]
 
 On CUDA: prompts of different lengths batched == each row alone (greedy); speculative decoding (draft
 model and n-gram) == plain greedy; the sliding window == the uncached reference; int8 and bf16 logits
-near fp32's; then decode speed of multiar fp32 / bf16 / int8 against transformers fp32 on the same
-weights, batch 1 and 8, 85M (12 x 768), median of 3.
+near fp32's. compile=true (`engine.decode.compile_for_sampling`: the one-token step replayed as one CUDA
+graph) at 85M (12 x 768): greedy ids equal to the eager step's, one step's logits near eager's, the
+seconds its first call took, and how many graphs inductor declined to capture. Then decode speed of
+multiar eager fp32 / bf16 / int8 and compiled fp32 / bf16 against transformers fp32 on the same
+weights, batch 1 and 8, 85M, sampling, median of 5 interleaved rounds.
 
-FSDP smoke run (Lightning refuses FSDP on a CPU, so the CPU test suite cannot run it): trainer=fsdp
+Training smoke runs (Lightning refuses FSDP on a CPU, so the CPU test suite cannot run it): trainer=fsdp
 with devices=1 trains a tiny protein model, resumes it from its last checkpoint, samples from the run
-folder, and lands on the val/loss of the same run under trainer=gpu (one device: nothing is sharded,
-the numbers are the same up to float rounding). Prints one JSON object; `"fsdp": {"ok": true}` when
-every step passed, else the first failing step and its one-line error.
+folder eagerly and with compile=true, and lands on the val/loss of the same run under trainer=gpu, as
+trainer=ddp does (one device: nothing is sharded or reduced, the numbers are the same up to float
+rounding). Prints one JSON object; `"training": {"ok": true}` when every step passed, else the first
+failing step and its one-line error.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from multiar.engine.decode import generate
+from multiar.engine.decode import compile_for_sampling, generate
 from multiar.engine.model import GPT, ModelConfig
 from multiar.engine.quantize import quantize
 from multiar.engine.speculative import speculative_generate
@@ -77,16 +81,55 @@ def checks(device: str) -> dict:
     return out
 
 
-def speed(device: str, new: int = 256) -> list[dict]:
+def model_85m(device: str) -> GPT:
+    """The 85M shape (12 x 768, vocab 512), random weights, seed 0."""
+    return model(0, device, block_size=1024, n_layer=12, n_head=12, n_embd=768)
+
+
+def compiled_checks(device: str, new: int = 256) -> dict:
+    """compile=true on CUDA against the eager step at 85M, batch 1: the same greedy ids, one step's
+    logits near eager's, the first call's seconds (compile and capture), inductor's cudagraph skips."""
+    from torch._dynamo.utils import counters
+
+    out: dict = {}
+    sync = torch.cuda.synchronize if device == "cuda" else lambda: None
+    base = model_85m(device)
+    prompt = torch.randint(3, 512, (1, 16), device=device, generator=torch.Generator(device).manual_seed(1))
+    eager_ids = generate(base, prompt, new, temperature=0.0)[0]
+    for name, weights in (("fp32", base), ("bf16", copy.deepcopy(base).bfloat16())):
+        compiled = compile_for_sampling(copy.deepcopy(weights))
+        sync()
+        start = time.perf_counter()
+        ids = generate(compiled, prompt, new, temperature=0.0)[0]
+        sync()
+        out[f"{name}_first_call_s"] = round(time.perf_counter() - start, 1)  # compile + capture + 256 steps
+        reference = eager_ids if name == "fp32" else generate(weights, prompt, new, temperature=0.0)[0]
+        out[f"{name}_greedy_equals_eager"] = ids == reference
+        differ = [i for i, (a, b) in enumerate(zip(ids, reference, strict=False)) if a != b]
+        if differ:
+            out[f"{name}_first_difference_at"] = differ[0]
+        with torch.inference_mode():  # one step after the same prefill: compiled against eager
+            steps = []
+            for m in (weights, compiled):
+                m.setup_caches(1, 64)
+                m(prompt, 0)
+                steps.append(m(prompt[:, -1:], 16)[:, -1].float())
+                m.clear_caches()
+            eager_step, compiled_step = steps
+            rel = ((compiled_step - eager_step).norm() / eager_step.norm()).item()
+        out[f"{name}_step_relative_logit_error"] = rel
+    out["cudagraph_skips"] = int(counters["inductor"]["cudagraph_skips"])
+    return out
+
+
+def speed(device: str, new: int = 256, rounds: int = 5) -> list[dict]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from multiar.engine.hf_format import llama_config, to_llama_state
 
     rows = []
-    torch.manual_seed(0)
-    base = (
-        GPT(ModelConfig(vocab_size=512, block_size=1024, n_layer=12, n_head=12, n_embd=768)).to(device).eval()
-    )
+    sync = torch.cuda.synchronize if device == "cuda" else lambda: None
+    base = model_85m(device)
     hf = LlamaForCausalLM(
         LlamaConfig(**{k: v for k, v in llama_config(base, {}).items() if k != "architectures"})
     )
@@ -98,6 +141,9 @@ def speed(device: str, new: int = 256) -> list[dict]:
         "multiar fp32": base,
         "multiar bf16": copy.deepcopy(base).bfloat16(),
         "multiar int8": quantize(copy.deepcopy(base), "int8"),
+        # one CUDA graph per batch size, captured at the warm-up call below
+        "multiar fp32 compile=true": compile_for_sampling(copy.deepcopy(base)),
+        "multiar bf16 compile=true": compile_for_sampling(copy.deepcopy(base).bfloat16()),
     }
     for batch in (1, 8):
         prompt = torch.randint(3, 512, (batch, 16), device=device)
@@ -110,14 +156,15 @@ def speed(device: str, new: int = 256) -> list[dict]:
         times = {k: [] for k in runs}
         for fn in runs.values():
             fn()
-        for _ in range(3):
+        for _ in range(rounds):
             for k, fn in runs.items():
-                torch.cuda.synchronize()
+                sync()
                 t = time.perf_counter()
                 fn()
-                torch.cuda.synchronize()
+                sync()
                 times[k].append(time.perf_counter() - t)
         hf_tps = batch * new / statistics.median(times["transformers fp32"])
+        eager_tps = batch * new / statistics.median(times["multiar fp32"])
         for k, ts in times.items():
             tps = batch * new / statistics.median(ts)
             rows.append(
@@ -126,6 +173,7 @@ def speed(device: str, new: int = 256) -> list[dict]:
                     "engine": k,
                     "tok_s": round(tps, 1),
                     "vs_transformers": round(tps / hf_tps, 2),
+                    "vs_multiar_fp32_eager": round(tps / eager_tps, 2),
                 }
             )
     return rows
@@ -151,9 +199,10 @@ FSDP_RUN = [
 ]
 
 
-def fsdp_smoke(work: Path) -> dict:
-    """trainer=fsdp on one GPU: train 40 steps, resume to 60, sample from the run, compare with trainer=gpu.
-    Each step is recorded; the first failure ends the check with its one-line error."""
+def training_smoke(work: Path) -> dict:
+    """trainer=fsdp on one GPU: train 40 steps, resume to 60, sample from the run (eagerly and with
+    compile=true), compare with trainer=gpu and trainer=ddp. Each step is recorded; the first failure
+    ends the check with its one-line error."""
     from multiar.commands.generate import sample_to_files
     from multiar.config import load_config
     from multiar.training.run import train
@@ -169,6 +218,12 @@ def fsdp_smoke(work: Path) -> dict:
             f"data.cache_dir={work / 'cache'}",
         ]
         return train(load_config("train", [*overrides, *extra]))
+
+    def sample(name: str, *extra: str) -> dict:
+        args = [f"run={work / 'fsdp'}", f"out={work / name}", "n=2", "max_new_tokens=16", "seed=1"]
+        report = sample_to_files(load_config("generate", [*args, *extra]))
+        assert report["samples"] == 2, report["samples"]
+        return report
 
     try:
         first = run("fsdp", "fsdp", "trainer.max_steps=40")
@@ -186,18 +241,16 @@ def fsdp_smoke(work: Path) -> dict:
             )
             assert out["resumed_to_step"] == 60, out["resumed_to_step"]
         step = "generate"
-        report = sample_to_files(
-            load_config(
-                "generate",
-                [f"run={work / 'fsdp'}", f"out={work / 'samples'}", "n=2", "max_new_tokens=16", "seed=1"],
-            )
-        )
-        assert report["samples"] == 2, report["samples"]
-        out["samples"] = report["samples"]
-        step = "same as trainer=gpu"
-        plain = run("gpu", "gpu", "trainer.max_steps=40")
-        out["val_loss_40_trainer_gpu"] = plain["val/loss"]
-        assert abs(plain["val/loss"] - first["val/loss"]) < 1e-2 * plain["val/loss"], (plain, first)
+        out["samples"] = sample("samples")["samples"]
+        step = "generate compile=true"
+        decode = sample("samples_compiled", "compile=true")["provenance"]["decode"]
+        out["compiled_decode"] = decode.get("layout")
+        assert "compiled" in str(decode.get("layout")), decode
+        for trainer in ("gpu", "ddp"):
+            step = f"same as trainer={trainer}"
+            plain = run(trainer, trainer, "trainer.max_steps=40")
+            out[f"val_loss_40_trainer_{trainer}"] = plain["val/loss"]
+            assert abs(plain["val/loss"] - first["val/loss"]) < 1e-2 * plain["val/loss"], (plain, first)
     except Exception as err:  # noqa: BLE001 - a failing step is the check's result, recorded
         lines = str(err).strip().splitlines() or [type(err).__name__]
         out["failed_step"] = step
@@ -209,28 +262,33 @@ def fsdp_smoke(work: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--only", choices=("fsdp", "sampling"), default=None, help="run one part")
+    parser.add_argument("--out", type=Path, default=None, help="the JSON, rewritten after each part")
+    parser.add_argument("--only", choices=PARTS, default=None, help="run one part")
     parser.add_argument(
-        "--work", type=Path, default=None, help="folder for the FSDP runs (default: temporary)"
+        "--work", type=Path, default=None, help="folder for the training runs (default: temporary)"
     )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("gpu_check: no CUDA device here (this check runs only where a GPU is at hand)")
-    device = "cuda"
     report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
-    if args.only != "sampling":
-        with tempfile.TemporaryDirectory() as tmp:
-            report["fsdp"] = fsdp_smoke(args.work or Path(tmp))
-        print(json.dumps(report["fsdp"], indent=1), flush=True)
-    if args.only != "fsdp":
-        report["checks"] = checks(device)
-        print(json.dumps(report["checks"], indent=1), flush=True)
-        report["speed_85M"] = speed(device)
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    for part in PARTS:
+        if args.only not in (None, part):
+            continue
+        if part == "training":
+            with tempfile.TemporaryDirectory() as tmp:
+                report[part] = training_smoke(args.work or Path(tmp))
+        else:
+            report[part] = compiled_checks("cuda") if part == "compiled" else checks("cuda")
+            if part == "sampling":
+                report["speed_85M"] = speed("cuda")
+        print(json.dumps({part: report[part]}, indent=1), flush=True)
+        if args.out:  # after each part: a run cut short keeps what it measured
+            args.out.write_text(json.dumps(report, indent=1) + "\n")
+    print(json.dumps(report, indent=1))
+
+
+# the parts, in the order they run: compile=true's checks first (the slowest to compile)
+PARTS = ("compiled", "training", "sampling")
 
 
 if __name__ == "__main__":

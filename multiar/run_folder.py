@@ -20,7 +20,8 @@ from typing import Any
 import torch
 import yaml
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file, save_model
+from torch import Tensor
 
 from multiar.domain import Domain
 from multiar.engine.model import GPT, ModelConfig
@@ -47,17 +48,41 @@ def write_run_config(run_dir: str | Path, config: dict[str, Any]) -> Path:
     return write_new_text(Path(run_dir) / "config.yaml", text, overwrite=True)
 
 
-def save_run(run_dir: str | Path, model: GPT, domain: Domain, config: dict[str, Any]) -> Path:
-    """Write weights, config and tokenizer state into run_dir (each file replaced atomically)."""
+def save_run(
+    run_dir: str | Path,
+    model: GPT,
+    domain: Domain,
+    config: dict[str, Any],
+    weights: dict[str, Tensor] | None = None,
+) -> Path:
+    """Write weights, config and tokenizer state into run_dir (each file replaced atomically). weights:
+    the model's whole state dict where the model's own parameters are not it (FSDP's flattened shards;
+    `multiar.training.run` gathers it); None: the model's."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     config = {k: v for k, v in config.items() if k != "format_version"}
     config["model_config"] = model.config.to_dict()
-    # save_model drops the tied lm_head alias and keeps one copy of the shared tensor
-    write_new_file(run_dir / "model.safetensors", lambda tmp: save_model(model, str(tmp)), overwrite=True)
+    if weights is None:  # save_model drops the tied embedding alias and keeps one copy of the shared tensor
+        write = lambda tmp: save_model(model, str(tmp))  # noqa: E731
+    else:
+        state, aliases = tied_once(weights)
+        write = lambda tmp: save_file(state, str(tmp), metadata=aliases)  # noqa: E731
+    write_new_file(run_dir / "model.safetensors", write, overwrite=True)
     write_run_config(run_dir, config)
     domain.save(run_dir / "domain")
     return run_dir
+
+
+def tied_once(weights: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str] | None]:
+    """A state dict as save_model writes one: the tied embedding (wte.weight, lm_head.weight's alias)
+    once, under lm_head.weight, the alias named in the metadata; each tensor contiguous. Named by name,
+    not found by storage as save_model does: views into one flat parameter (FSDP's) share a storage
+    that none of them covers, which save_model refuses."""
+    state = {k: v.detach().contiguous() for k, v in weights.items()}
+    if "lm_head.weight" in state and "wte.weight" in state:
+        del state["wte.weight"]
+        return state, {"wte.weight": "lm_head.weight"}
+    return state, None
 
 
 def read_run_config(run_dir: str | Path) -> dict[str, Any]:

@@ -66,21 +66,26 @@ def compile_for_sampling(
     shapes (per-row tensor positions, attention over the whole cache with a mask), so one graph serves
     every step. The graph is the slot engine's layers (engine.captured_step.decode_rows: attention
     as inductor's own fused kernel, not SDPA's flash kernel, whose set-up cost a one-query row does not
-    repay); inductor freezes the weights in, times each matmul's kernels (its C++ GEMM template against
-    oneDNN / MKL on a CPU) and calls them through a C++ wrapper (engine.inductor_options). The KV caches
-    are kept between calls (the graph holds on to them). Prefill and other multi-token passes stay eager.
-    The first step compiles (tens of seconds on 2 CPU cores). rows: the one row count the graph is for
+    repay). On a CPU inductor freezes the weights in, times each matmul's kernels (its C++ GEMM template
+    against oneDNN / MKL) and calls them through a C++ wrapper; on CUDA the step is replayed as one CUDA
+    graph, its logits copied out of the graph's buffer (engine.inductor_options). The KV caches are kept
+    between calls (the graph holds on to them). Prefill and other multi-token passes stay eager. The
+    first step compiles (tens of seconds on 2 CPU cores). rows: the one row count the graph is for
     (others, such as a job's last partial batch, step eagerly rather than compile a graph of their own;
     None: a graph per row count met); clock: times the graph's calls at its row count (compile=auto's
-    measurement); on_failure: where the first compile fails (inductor on a CPU needs a C++ compiler and Python's
-    headers), called with the error, and every step runs eagerly; None: the error is raised."""
+    measurement); on_failure: where the first compile fails (inductor on a CPU needs a C++ compiler and
+    Python's headers), called with the error, and every step runs eagerly; None: the error is raised."""
     model.eval()
     model.keep_caches = True
     eager = model.forward
     step = torch.compile(decode_rows, dynamic=False)
     make_room(GRAPHS_PER_MODEL)
-    on_cpu = model.wte.weight.device.type == "cpu"
-    options = inductor_options(cpp_wrapper=on_cpu, autotune=True)  # entered at every call
+    device = model.wte.weight.device.type
+    # a CUDA step is ~100 kernel launches of a few microseconds' work each: replayed as one CUDA graph
+    # (inductor's cudagraph trees; gpt-fast's "reduce-overhead"); no autotuning there (cuBLAS serves a
+    # few rows well, and timing Triton's GEMMs would take minutes a graph)
+    cuda_graphs = device == "cuda"
+    options = inductor_options(cpp_wrapper=device == "cpu", autotune=not cuda_graphs, cuda_graphs=cuda_graphs)
     state = {"failed": False, "ran": False}
 
     def forward(idx: Tensor, input_pos: int | Tensor | None = None, **kwargs) -> Tensor:
@@ -95,6 +100,8 @@ def compile_for_sampling(
         # for this graph only (compile's options= did not apply freezing, torch 2.13); read when a call
         # compiles, so the patch is around every call
         args = (model, idx[:, 0], positions, model.max_seq_length)
+        if cuda_graphs:
+            static_caches(model)
         try:
             with options:
                 timed = clock is not None and clock.rows == B
@@ -106,10 +113,24 @@ def compile_for_sampling(
             on_failure(err)
             return eager(idx, input_pos, **kwargs)
         state["ran"] = True
+        if cuda_graphs:  # the graph's output buffer: the next replay writes over it
+            logits = logits.clone()
         return logits[:, None]  # (B, 1, V)
 
     model.forward = forward
     return model
+
+
+def static_caches(model: GPT) -> None:
+    """Mark the KV caches' tensors as static inputs of a CUDA graph: it writes the new keys and values
+    in place and reads them where they are, rather than copying every cache in and out at each replay
+    (or refusing to capture a graph that mutates its inputs). Unguarded: new caches (a larger batch)
+    re-record the graph instead of recompiling it."""
+    for block in model.blocks:
+        cache = block.attn.kv_cache
+        for t in (cache.k, cache.v):
+            if getattr(t, "_dynamo_static_input_type", None) is None:
+                torch._dynamo.mark_static_address(t, guard=False)
 
 
 @torch.inference_mode()

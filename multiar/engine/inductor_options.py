@@ -26,26 +26,32 @@ SWITCHES = {
     "cpp_wrapper": "a C++ wrapper",
     "max_autotune": "timing each matmul's kernels",
     "max_autotune_gemm_backends": "its own GEMM kernels among them",
+    "triton.cudagraphs": "CUDA graphs",
 }
 
 
-def inductor_options(cpp_wrapper: bool = True, autotune: bool = False) -> contextlib.AbstractContextManager:
+def inductor_options(
+    cpp_wrapper: bool = True, autotune: bool = False, cuda_graphs: bool = False
+) -> contextlib.AbstractContextManager:
     """A context that turns on inductor's freezing (and its C++ wrapper when cpp_wrapper: pass it for a
     CPU only; and with autotune, matmul kernels timed at compile time, with cpp_wrapper inductor's C++
     GEMM template among them) around a compiled call: read when a call compiles, so it is entered around
-    every call. Switches this torch lacks are left out, each with one warning line."""
+    every call. cuda_graphs (a CUDA device): the graph replayed as one CUDA graph (torch.compile's
+    "reduce-overhead"), the weights left as its static inputs rather than frozen, as gpt-fast does.
+    Switches this torch lacks are left out, each with one warning line."""
     try:
         import torch._inductor.config as config
     except ImportError:
         config = None
-    wanted: dict[str, object] = {"freezing": True}
+    # a CUDA graph replays the weights from where they are: nothing to fold or pack
+    wanted: dict[str, object] = {"triton.cudagraphs": True} if cuda_graphs else {"freezing": True}
     if cpp_wrapper:
         wanted["cpp_wrapper"] = True
     if autotune:
         wanted["max_autotune"] = True
         if cpp_wrapper:  # a CPU: the C++ template beside ATen's oneDNN / MKL calls
             wanted["max_autotune_gemm_backends"] = "CPP,ATEN"
-    present = {k: v for k, v in wanted.items() if hasattr(config, k)}
+    present = {k: v for k, v in wanted.items() if _has(config, k)}
     if "max_autotune" in present:  # its tables on stderr at every compile: not a user's business
         quiet = {"autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
         present |= {k: v for k, v in quiet.items() if hasattr(config, k)}
@@ -60,6 +66,15 @@ def inductor_options(cpp_wrapper: bool = True, autotune: bool = False) -> contex
     if not present or not hasattr(config, "patch"):
         return contextlib.nullcontext()
     return config.patch(**present)
+
+
+def _has(config: object, key: str) -> bool:
+    """Whether inductor's config has `key` ("triton.cudagraphs": a switch in a sub-config)."""
+    for part in key.split("."):
+        if not hasattr(config, part):
+            return False
+        config = getattr(config, part)
+    return True
 
 
 def make_room(graphs: int) -> None:

@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_model
+from torch import Tensor
 
 from multiar.data.corpus import prepare_corpus
 from multiar.data.packing import BlockDataModule
@@ -254,9 +255,10 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt: Path | None, moved: list[Path])
         _write_run_folder(cfg, run_dir, ckpt, moved, data, config)
     _fit(trainer, module, data.datamodule, ckpt)
     metrics = _final_validation(cfg, trainer, module, data.datamodule, checkpoints, config)
+    weights = model_weights(trainer)  # on every rank: FSDP gathers the shards to rank 0 here
     if trainer.is_global_zero:  # the figures go into config["final"], so before save_run writes it
         config["final"] |= reference_figures(module.model, trainer, run_dir, domain, cfg.data)
-        save_run(run_dir, module.model, domain, config)
+        save_run(run_dir, module.model, domain, config, weights)
     whole = config["final"].get("val_docs/ppl")
     print(
         f"{domain.name}: val/loss {metrics['val/loss']:.4f} (ppl {metrics['val/ppl']:.2f}, packed blocks)"
@@ -447,6 +449,14 @@ def _fit(trainer: L.Trainer, module: LitGPT, datamodule: L.LightningDataModule, 
     except BaseException:
         _end_other_ranks(trainer)
         raise
+
+
+def model_weights(trainer: L.Trainer) -> dict[str, Tensor]:
+    """The trained GPT's whole state dict, through the strategy (FSDP: the full weights gathered onto
+    global rank 0, which alone gets them; its module's own parameters are flattened shards there); a
+    collective: called on every rank."""
+    state = trainer.strategy.lightning_module_state_dict()
+    return {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
 
 
 def _final_validation(
