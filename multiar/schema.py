@@ -362,9 +362,9 @@ class GenerateSchema:
         "auto: torch.compile the one-token decode step when that pays for this job (its decode steps, "
         "batches x max_new_tokens, against the compile's seconds and the step it saves, as measured here "
         "before; a first compile only for a long job: multiar/engine/compile_choice.py); true: always "
-        "(static shapes, frozen weights, a C++ wrapper on a CPU: ~25-45 s to compile on 2 CPU cores, ~7 s "
-        "again from inductor's cache, then 1.5-2x the eager step at batch 1 of a small model, little at "
-        "batch 8: benchmarks/README.md); false: never",
+        "(static shapes; on a CPU frozen weights and a C++ wrapper: ~25-45 s to compile on 2 cores, ~7 s "
+        "again from inductor's cache, then ~1.5-2x the eager step of a small model at batch 1 and 8; on "
+        "CUDA one CUDA graph a step: 6x eager at 85M batch 1 on an H200: benchmarks/README.md); false: never",
         "auto",
     )
     draft: str | None = doc(

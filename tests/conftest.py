@@ -25,6 +25,21 @@ def context_sensitive(model: torch.nn.Module, std: float = 0.5) -> torch.nn.Modu
     return model
 
 
+@pytest.fixture(autouse=True)
+def compile_without_autotune(request, monkeypatch) -> None:
+    """compile=true's graphs compiled without timing each matmul's kernels (inductor's max_autotune): the
+    kernels it would pick compute the same function, and timing them is ~40 s of a 55 s test on 2 cores.
+    Tests marked `autotune` compile as users do (those check the timed kernels' numbers)."""
+    if request.node.get_closest_marker("autotune") is not None:
+        return
+    import multiar.engine.decode as decode
+    from multiar.engine.inductor_options import inductor_options
+
+    monkeypatch.setattr(
+        decode, "inductor_options", lambda **kw: inductor_options(**(kw | {"autotune": False}))
+    )
+
+
 @pytest.fixture(autouse=True, scope="session")
 def no_network() -> None:
     """Tests never reach the network: a connection to anything but loopback fails loudly."""

@@ -205,6 +205,7 @@ def test_compiled_decode_step_equals_eager_past_the_window_and_with_fewer_rows_t
         assert generate(compiled, prompts=prompts, max_new_tokens=40, temperature=0.0) == expected
 
 
+@pytest.mark.autotune  # the one compiled-step test whose graphs time their matmul kernels, as users' do
 def test_compiled_decode_step_equals_eager_for_aligned_and_ragged_rows(tmp_path):
     """...and, with a clock (compile=auto's), its graph is for one row count (others step eagerly) and
     its compile and steps are timed and saved."""
