@@ -10,6 +10,9 @@ job and not a short one, by an amount only this machine can tell:
   compile when steps x (eager step - compiled step) > MARGIN x the last compile's seconds;
 - not yet measured: compile when the job's eager time is more than PAYBACK x FIRST_COMPILE_S (a
   cold compile's cost assumed, above the 25-45 s measured on 2 cores): the first long job measures it.
+  On CUDA the step is one CUDA graph, 6x the eager step at 85M batch 1 on an H200 where the compile
+  took 17-19 s (benchmarks/README.md): a compile assumed at CUDA_FIRST_COMPILE_S that saves most of a
+  step, repaid by CUDA_PAYBACK x its seconds of eager work.
 
 steps is the job's most decode steps: its batches x max_new_tokens (a batch whose samples all end early
 at EOS takes fewer; MARGIN leaves room for that). A step's time is a batch's, all its rows. The figures
@@ -29,7 +32,16 @@ from multiar.engine.choice_cache import read_cache, write_cache
 
 FIRST_COMPILE_S = 60.0  # a cold compile's seconds assumed before one is measured here
 PAYBACK = 4.0  # unmeasured: the job's eager time must be this many first compiles
+CUDA_FIRST_COMPILE_S = 30.0  # the same on CUDA (17-19 s measured at 85M on an H200's 16-core host)
+CUDA_PAYBACK = 2.0  # the compiled step saves ~5/6 of the eager one there, a CPU's 1/2 - 2/3
 MARGIN = 2.0  # measured: the steps' saving must repay the compile this many times
+
+
+def first_compile_rule(device: str) -> tuple[float, float]:
+    """(PAYBACK, FIRST_COMPILE_S) for a device type before a compile was measured there."""
+    if device == "cuda":
+        return CUDA_PAYBACK, CUDA_FIRST_COMPILE_S
+    return PAYBACK, FIRST_COMPILE_S
 
 
 @dataclass
@@ -43,6 +55,7 @@ class CompileDecision:
     compiled_ms: float | None = None  # measured before on this machine (None: never)
     compile_s: float | None = None  # the last compile's seconds here (None: never measured)
     resumed: bool = False  # pinned by a resumed run's journal, not weighed anew
+    device: str = "cpu"  # the device type the step runs on (an unmeasured first compile's rule)
 
     def as_dict(self) -> dict:
         return {k: round(v, 3) if isinstance(v, float) else v for k, v in self.__dict__.items()}
@@ -52,11 +65,12 @@ class CompileDecision:
         if self.resumed:
             return f"compile=auto: {verb}, as the run being resumed did"
         if self.compiled_ms is None:
+            payback, first_s = first_compile_rule(self.device)
             why = (
                 f"{self.steps} steps x {self.eager_ms:.2f} ms eager = "
                 f"{self.steps * self.eager_ms / 1e3:.0f} s"
-                f" {'>' if self.compile else '<='} {PAYBACK:g} x {FIRST_COMPILE_S:g} s (a first compile,"
-                " not measured here yet)"
+                f" {'>' if self.compile else '<='} {payback:g} x {first_s:g} s (a first compile on"
+                f" {self.device}, not measured here yet)"
             )
         else:
             saved = self.steps * (self.eager_ms - self.compiled_ms) / 1e3
@@ -68,15 +82,17 @@ class CompileDecision:
         return f"compile=auto: {verb}: {why}"
 
 
-def compile_pays(steps: int, eager_ms: float, measured: dict | None) -> CompileDecision:
+def compile_pays(steps: int, eager_ms: float, measured: dict | None, device: str = "cpu") -> CompileDecision:
     """Whether a job of at most `steps` decode steps of eager_ms each is faster compiled, from what
-    this machine measured before (`measured`: a StepClock's figures, or None)."""
+    this machine measured before (`measured`: a StepClock's figures, or None; device: the step's
+    device type, whose rule applies before anything was measured)."""
     if not measured:
-        pays = steps * eager_ms / 1e3 > PAYBACK * FIRST_COMPILE_S
-        return CompileDecision(pays, steps, eager_ms)
+        payback, first_s = first_compile_rule(device)
+        pays = steps * eager_ms / 1e3 > payback * first_s
+        return CompileDecision(pays, steps, eager_ms, device=device)
     compiled_ms, compile_s = float(measured["compiled_ms"]), float(measured["compile_s"])
     pays = steps * (eager_ms - compiled_ms) / 1e3 > MARGIN * compile_s
-    return CompileDecision(pays, steps, eager_ms, compiled_ms, compile_s)
+    return CompileDecision(pays, steps, eager_ms, compiled_ms, compile_s, device=device)
 
 
 def read_measured(cache_file: Path | None, key: str) -> dict | None:

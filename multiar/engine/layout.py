@@ -374,11 +374,12 @@ def _compile_if_it_pays(
     measured_ms = None if quantized else choice.step_ms.get(picked)  # a quantized one's are per layer
     source = model if choice.layout == "linear" else spare  # what would compile: the clock's key
     clock = _clock(source, choice, cache_file)
+    device = next(model.parameters()).device.type
     if decided is not None:  # a resume: as the killed run decided
-        decision = CompileDecision(decided, steps, measured_ms or 0.0, resumed=True)
+        decision = CompileDecision(decided, steps, measured_ms or 0.0, resumed=True, device=device)
     else:
         eager_ms = measured_ms or 1e3 * timer({picked: model})[picked]
-        decision = compile_pays(steps, eager_ms, read_measured(cache_file, clock.key))
+        decision = compile_pays(steps, eager_ms, read_measured(cache_file, clock.key), device)
     choice.compile = decision.as_dict()
     log.info("%s", decision.log_line())
     if not decision.compile:

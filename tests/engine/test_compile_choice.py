@@ -31,6 +31,23 @@ def test_unmeasured_a_first_compile_only_for_a_job_many_times_its_assumed_cost()
     assert line.startswith("compile=auto: not compiling") and "not measured here yet" in line
 
 
+def test_unmeasured_on_cuda_a_shorter_job_pays_for_its_graph():
+    """On CUDA the compiled step is a CUDA graph (6x eager at 85M batch 1 on an H200, compiled in
+    17-19 s): an 85M job of 100 samples x 256 tokens at ~5.7 ms an eager step (146 s) compiles there,
+    not on a CPU's rule; measured figures decide alike on both."""
+    steps, eager_ms = 100 * 256, 5.7
+    assert not cc.compile_pays(steps, eager_ms, None).compile  # a CPU's rule: 4 x 60 s
+    on_cuda = cc.compile_pays(steps, eager_ms, None, "cuda")
+    assert on_cuda.compile and on_cuda.as_dict()["device"] == "cuda"
+    assert "2 x 30 s (a first compile on cuda" in on_cuda.log_line()
+    cuda_line = int(cc.CUDA_PAYBACK * cc.CUDA_FIRST_COMPILE_S * 1e3 / eager_ms)
+    assert not cc.compile_pays(cuda_line, eager_ms, None, "cuda").compile
+    measured = {"compiled_ms": 1.0, "compile_s": 20.0}
+    for device in ("cpu", "cuda"):
+        assert cc.compile_pays(8_511, 5.7, measured, device).compile  # 40.0 s saved > 2 x 20 s
+        assert not cc.compile_pays(8_510, 5.7, measured, device).compile
+
+
 def test_measured_the_saved_steps_must_repay_the_compile_margin_times():
     measured = {"compiled_ms": 2.0, "compile_s": 7.0}  # 2 ms saved a step: 7,000 steps repay it twice
     assert not cc.compile_pays(7_000, 4.0, measured).compile
