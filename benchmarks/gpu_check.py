@@ -262,7 +262,9 @@ def training_smoke(work: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=None, help="the JSON, rewritten after each part")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="the JSON, rewritten after each part (--only: merged into it)"
+    )
     parser.add_argument("--only", choices=PARTS, default=None, help="run one part")
     parser.add_argument(
         "--work", type=Path, default=None, help="folder for the training runs (default: temporary)"
@@ -270,7 +272,10 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("gpu_check: no CUDA device here (this check runs only where a GPU is at hand)")
-    report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    report: dict = {}
+    if args.only and args.out and args.out.exists():  # one part run again: the others' figures stay
+        report = json.loads(args.out.read_text())
+    report |= {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     for part in PARTS:
         if args.only not in (None, part):
             continue
@@ -281,6 +286,7 @@ def main() -> None:
             report[part] = compiled_checks("cuda") if part == "compiled" else checks("cuda")
             if part == "sampling":
                 report["speed_85M"] = speed("cuda")
+        report[f"{part}_date"] = time.strftime("%Y-%m-%d")
         print(json.dumps({part: report[part]}, indent=1), flush=True)
         if args.out:  # after each part: a run cut short keeps what it measured
             args.out.write_text(json.dumps(report, indent=1) + "\n")

@@ -62,11 +62,14 @@ def save_run(
     run_dir.mkdir(parents=True, exist_ok=True)
     config = {k: v for k, v in config.items() if k != "format_version"}
     config["model_config"] = model.config.to_dict()
-    if weights is None:  # save_model drops the tied embedding alias and keeps one copy of the shared tensor
-        write = lambda tmp: save_model(model, str(tmp))  # noqa: E731
-    else:
-        state, aliases = tied_once(weights)
-        write = lambda tmp: save_file(state, str(tmp), metadata=aliases)  # noqa: E731
+    state, aliases = tied_once(weights) if weights is not None else (None, None)
+
+    def write(tmp: Path) -> None:
+        if state is None:  # save_model drops the tied embedding alias and keeps one copy of the shared tensor
+            save_model(model, str(tmp))
+        else:
+            save_file(state, str(tmp), metadata=aliases)
+
     write_new_file(run_dir / "model.safetensors", write, overwrite=True)
     write_run_config(run_dir, config)
     domain.save(run_dir / "domain")

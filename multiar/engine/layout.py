@@ -329,7 +329,8 @@ def prepare_for_decoding(
 def _clock(model: nn.Module, choice: DecodeChoice, cache_file: Path | None) -> StepClock:
     """A clock for a compiled step of model as choice lays it out: its figures are kept under a key of
     the machine, batch size, layer shapes and dtype (what compile=auto reads next time)."""
-    key = cache_key(model, choice.batch_size, f"compiled {_graph_of(choice)}")
+    graph = _graph_of(choice) + (", cuda graph" if next(model.parameters()).device.type == "cuda" else "")
+    key = cache_key(model, choice.batch_size, f"compiled {graph}")
     return StepClock(cache_file, key, next(model.parameters()).device, choice.batch_size)
 
 

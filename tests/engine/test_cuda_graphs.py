@@ -19,14 +19,17 @@ pytestmark = [
 
 def test_the_captured_step_decodes_the_eager_steps_ids_and_is_captured():
     from torch._dynamo.utils import counters
+    from torch._inductor import cudagraph_trees
 
     torch.manual_seed(0)
     model = GPT(ModelConfig(vocab_size=64, block_size=128, n_layer=2, n_head=4, n_embd=64)).cuda().eval()
-    prompts = [[1, 5, 9, 2], [1, 7, 7, 3]]
-    eager = generate(model, prompts=prompts, max_new_tokens=60, temperature=0.0)
     compiled = compile_for_sampling(copy.deepcopy(model))
     skips = counters["inductor"]["cudagraph_skips"]
-    first = generate(compiled, prompts=prompts, max_new_tokens=60, temperature=0.0)
-    again = generate(compiled, prompts=prompts, max_new_tokens=60, temperature=0.0)  # replays, caches reused
-    assert first == eager and again == eager
-    assert counters["inductor"]["cudagraph_skips"] == skips  # captured, not run as plain kernels
+    # rows at one position, then ragged rows ((B, 1) positions), then a second batch size
+    for prompts in ([[1, 5, 9, 2], [1, 7, 7, 3]], [[1, 5], [1, 7, 7, 3, 4, 9]], [[1, 4, 4]]):
+        eager = generate(model, prompts=prompts, max_new_tokens=60, temperature=0.0)
+        assert generate(compiled, prompts=prompts, max_new_tokens=60, temperature=0.0) == eager
+        assert generate(compiled, prompts=prompts, max_new_tokens=60, temperature=0.0) == eager  # replays
+    assert counters["inductor"]["cudagraph_skips"] == skips  # no graph declined
+    manager = cudagraph_trees.get_manager(torch.cuda.current_device(), create_if_none_exists=False)
+    assert manager is not None and any(True for _ in manager.get_roots())  # and graphs were recorded

@@ -305,8 +305,8 @@ def test_autotuned_graphs_time_inductors_gemm_template_beside_aten_quietly(monke
 def test_a_cuda_step_is_replayed_as_a_cuda_graph_over_static_caches():
     """compile=true on CUDA (measured on an H200: 85M batch 1, 6.1x the eager step): inductor's CUDA
     graphs on and the weights not frozen (graph inputs it replays from where they are), and the KV
-    caches marked static, so the graph writes them in place instead of skipping capture (a graph that
-    mutates an input not marked static is not captured)."""
+    caches marked static, so the graph writes them in place (a graph that mutates an input not marked
+    static is not captured)."""
     import torch._inductor.config as inductor_config
 
     from multiar.engine.decode import static_caches
@@ -322,7 +322,6 @@ def test_a_cuda_step_is_replayed_as_a_cuda_graph_over_static_caches():
     static_caches(model)
     caches = [t for b in model.blocks for t in (b.attn.kv_cache.k, b.attn.kv_cache.v)]
     assert [getattr(t, "_dynamo_static_input_type", None) for t in caches] == ["unguarded"] * 4
-    assert getattr(model.wte.weight, "_dynamo_static_input_type", None) is None  # the caches alone
 
 
 def test_each_compiled_model_gets_its_own_room_under_dynamos_recompile_limit(monkeypatch):

@@ -55,3 +55,22 @@ def test_flat_parameter_views_are_saved_and_load_back(tmp_path):
     for name, value in back.state_dict().items():
         assert torch.equal(value, expected[name]), name
     assert back.lm_head.weight is back.wte.weight  # still tied
+
+
+def test_fsdps_gathered_copies_one_per_key_are_written_once_with_the_alias(tmp_path):
+    """FSDP's full state dict gives each key its own copy (the tied pair two equal tensors), and rank 0
+    alone gets them: one copy under lm_head.weight is written, the alias named, and it loads back tied."""
+    model = tiny()
+    save_model(model, str(tmp_path / "model.safetensors"))
+    gathered = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    assert gathered["wte.weight"].data_ptr() != gathered["lm_head.weight"].data_ptr()
+    save_run(tmp_path / "run", model, NO_DOMAIN, {}, gathered)
+    written = (tmp_path / "run" / "model.safetensors").read_bytes()
+    assert written == (tmp_path / "model.safetensors").read_bytes()
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "run" / "model.safetensors"), "pt") as f:
+        keys, aliases = list(f.keys()), f.metadata()
+    assert (
+        "lm_head.weight" in keys and "wte.weight" not in keys and aliases == {"wte.weight": "lm_head.weight"}
+    )
