@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import yaml
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_file, save_model
+from safetensors.torch import load_model, save_file
 from torch import Tensor
 
 from multiar.domain import Domain
@@ -62,23 +62,21 @@ def save_run(
     run_dir.mkdir(parents=True, exist_ok=True)
     config = {k: v for k, v in config.items() if k != "format_version"}
     config["model_config"] = model.config.to_dict()
-    state, aliases = tied_once(weights) if weights is not None else (None, None)
-
-    def write(tmp: Path) -> None:
-        if state is None:  # save_model drops the tied embedding alias and keeps one copy of the shared tensor
-            save_model(model, str(tmp))
-        else:
-            save_file(state, str(tmp), metadata=aliases)
-
-    write_new_file(run_dir / "model.safetensors", write, overwrite=True)
+    state, aliases = tied_once(model.state_dict() if weights is None else weights)
+    write_new_file(
+        run_dir / "model.safetensors",
+        lambda tmp: save_file(state, str(tmp), metadata=aliases),
+        overwrite=True,
+    )
     write_run_config(run_dir, config)
     domain.save(run_dir / "domain")
     return run_dir
 
 
 def tied_once(weights: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str] | None]:
-    """A state dict as save_model writes one: the tied embedding (wte.weight, lm_head.weight's alias)
-    once, under lm_head.weight, the alias named in the metadata; each tensor contiguous. Named by name,
+    """A state dict as safetensors' save_model writes a GPT's (byte for byte): the tied embedding
+    (wte.weight, lm_head.weight's alias) once, under lm_head.weight, the alias named in the metadata;
+    each tensor contiguous. Named by name,
     not found by storage as save_model does: views into one flat parameter (FSDP's) share a storage
     that none of them covers, which save_model refuses."""
     state = {k: v.detach().contiguous() for k, v in weights.items()}

@@ -103,8 +103,8 @@ def compile_for_sampling(
         # for this graph only (compile's options= did not apply freezing, torch 2.13); read when a call
         # compiles, so the patch is around every call
         args = (model, idx[:, 0], positions, model.max_seq_length)
-        if cuda_graphs:
-            static_caches(model)
+        if cuda_graphs and not hasattr(model.blocks[0].attn.kv_cache.k, "_dynamo_static_input_type"):
+            static_caches(model)  # caches new since the last step (a first call, a larger batch)
         try:
             with options:
                 timed = clock is not None and clock.rows == B

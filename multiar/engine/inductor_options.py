@@ -9,8 +9,9 @@ at one row a oneDNN bf16 call costs 40-70 us whatever its size, the template's r
 read time (benchmarks/README.md, issue 19). Not for dynamic row counts: the template's blocking for a
 size unknown at compile time ran 5-15x slower than oneDNN there. On CUDA (`cuda_graphs`) none of these:
 the whole step is captured as one CUDA graph and replayed, its weights left as graph inputs (85M batch 1
-on an H200: 6.1x the eager step, benchmarks/README.md). These switches are inductor's private config; where a torch lacks one, the graph is compiled without it (one warning line). No Lightning,
-Hydra or domain code here.
+on an H200: 6.1x the eager step, benchmarks/README.md). These switches are inductor's private config;
+where a torch lacks one, the graph is compiled without it (one warning line). No Lightning, Hydra or
+domain code here.
 """
 
 from __future__ import annotations

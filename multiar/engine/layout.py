@@ -329,9 +329,10 @@ def prepare_for_decoding(
 def _clock(model: nn.Module, choice: DecodeChoice, cache_file: Path | None) -> StepClock:
     """A clock for a compiled step of model as choice lays it out: its figures are kept under a key of
     the machine, batch size, layer shapes and dtype (what compile=auto reads next time)."""
-    graph = _graph_of(choice) + (", cuda graph" if next(model.parameters()).device.type == "cuda" else "")
+    device = next(model.parameters()).device
+    graph = _graph_of(choice) + (", cuda graph" if device.type == "cuda" else "")  # not a frozen graph's
     key = cache_key(model, choice.batch_size, f"compiled {graph}")
-    return StepClock(cache_file, key, next(model.parameters()).device, choice.batch_size)
+    return StepClock(cache_file, key, device, choice.batch_size)
 
 
 def _graph_of(choice: DecodeChoice) -> str:
