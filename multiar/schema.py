@@ -286,7 +286,13 @@ class TrainSchema:
         "trainer.precision wins",
         "auto",
     )
-    compile: bool = doc("torch.compile the model for training", False)
+    compile: str = doc(
+        "auto: the first steps run eager and are timed, then the training step is compiled when the steps "
+        "left repay the compile (as measured here before; a first compile only for a run of more than "
+        "4 x 60 s eager: multiar/training/compile_when_it_pays.py); true: torch.compile the model for "
+        "training and validation; false: never",
+        "auto",
+    )
     early_stop: EarlyStopSchema = doc("early stopping on val/loss", factory=EarlyStopSchema)
     samples: SamplesSchema = doc("samples while training", factory=SamplesSchema)
     logger: dict[str, Any] = doc(
@@ -304,6 +310,11 @@ class TrainSchema:
 
     def __post_init__(self) -> None:
         _check(self.weights in ("best", "last"), "weights", f"must be best or last, got {self.weights!r}")
+        _check(
+            str(self.compile).lower() in COMPILE_SETTINGS,
+            "compile",
+            f"must be auto, true or false, got {self.compile!r}",
+        )
         _check(
             self.precision in PRECISIONS,
             "precision",

@@ -16,8 +16,9 @@ job and not a short one, by an amount only this machine can tell:
 
 steps is the job's most decode steps: its batches x max_new_tokens (a batch whose samples all end early
 at EOS takes fewer; MARGIN leaves room for that). A step's time is a batch's, all its rows. The figures
-live in the layout cache (decode_layout.json) beside the measured layout, keyed alike. No Lightning,
-Hydra or domain code here.
+live in the layout cache (decode_layout.json) beside the measured layout, keyed alike. Training's
+`compile=auto` weighs its own step by the same rule (multiar/training/compile_when_it_pays.py). No
+Lightning, Hydra or domain code here.
 """
 
 from __future__ import annotations
@@ -58,12 +59,15 @@ class CompileDecision:
     compile_s: float | None = None  # the last compile's seconds here (None: never measured)
     resumed: bool = False  # pinned by a resumed run's journal, not weighed anew
     device: str = "cpu"  # the device type the step runs on (an unmeasured first compile's rule)
+    what: str = "the decode step"  # the step weighed, for the log line (training weighs its own)
 
     def as_dict(self) -> dict:
-        return {k: round(v, 3) if isinstance(v, float) else v for k, v in self.__dict__.items()}
+        return {
+            k: round(v, 3) if isinstance(v, float) else v for k, v in self.__dict__.items() if k != "what"
+        }
 
     def log_line(self) -> str:
-        verb = "compiling the decode step" if self.compile else "not compiling the decode step"
+        verb = f"{'compiling' if self.compile else 'not compiling'} {self.what}"
         if self.resumed:
             return f"compile=auto: {verb}, as the run being resumed did"
         if self.compiled_ms is None:
@@ -84,17 +88,19 @@ class CompileDecision:
         return f"compile=auto: {verb}: {why}"
 
 
-def compile_pays(steps: int, eager_ms: float, measured: dict | None, device: str = "cpu") -> CompileDecision:
-    """Whether a job of at most `steps` decode steps of eager_ms each is faster compiled, from what
-    this machine measured before (`measured`: a StepClock's figures, or None; device: the step's
-    device type, whose rule applies before anything was measured)."""
+def compile_pays(
+    steps: int, eager_ms: float, measured: dict | None, device: str = "cpu", what: str = "the decode step"
+) -> CompileDecision:
+    """Whether a job of at most `steps` steps of eager_ms each is faster compiled, from what this
+    machine measured before (`measured`: a StepClock's figures, or None; device: the step's device
+    type, whose rule applies before anything was measured; what: the step, for the log line)."""
     if not measured:
         payback, first_s = first_compile_rule(device)
         pays = steps * eager_ms / 1e3 > payback * first_s
-        return CompileDecision(pays, steps, eager_ms, device=device)
+        return CompileDecision(pays, steps, eager_ms, device=device, what=what)
     compiled_ms, compile_s = float(measured["compiled_ms"]), float(measured["compile_s"])
     pays = steps * (eager_ms - compiled_ms) / 1e3 > MARGIN * compile_s
-    return CompileDecision(pays, steps, eager_ms, compiled_ms, compile_s, device=device)
+    return CompileDecision(pays, steps, eager_ms, compiled_ms, compile_s, device=device, what=what)
 
 
 def read_measured(cache_file: Path | None, key: str) -> dict | None:
@@ -128,7 +134,11 @@ class StepClock:
             torch.cuda.synchronize(self.device)
         elif self.device.type == "mps":
             torch.mps.synchronize()
-        seconds = time.perf_counter() - start
+        self.record(time.perf_counter() - start)
+        return out
+
+    def record(self, seconds: float) -> None:
+        """One compiled step's seconds: the first is the compile's (with one step in it), the rest steps."""
         if self.compile_s is None:
             self.compile_s = seconds
         elif len(self.times) < 100_000:  # a job's first 100k steps tell the step's time well enough
@@ -136,7 +146,6 @@ class StepClock:
             n = len(self.times) - self.WARM_UP
             if n >= 16 and n & (n - 1) == 0:  # 16, 32, 64, ... timed steps
                 self.save()
-        return out
 
     def compiled_ms(self) -> float | None:
         """The median step after warm-up, in ms; None before enough steps were timed."""

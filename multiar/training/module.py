@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
+from torch import Tensor
 
 from multiar.engine.model import GPT, ModelConfig
 from multiar.engine.scoring import token_nats
@@ -32,8 +34,10 @@ class LitGPT(L.LightningModule):
     """Next-token training of GPT on packed blocks (B, block_size + 1); pad targets are ignored."""
 
     def __init__(
-        self, model_config: dict[str, Any], optim: dict[str, Any], pad_id: int, compile: bool = False
+        self, model_config: dict[str, Any], optim: dict[str, Any], pad_id: int, compile: bool | str = False
     ) -> None:
+        """compile: True compiles training and validation; "auto" starts eager and leaves the training
+        step to CompileWhenItPays (which swaps forward_blocks); False never compiles."""
         super().__init__()
         self.save_hyperparameters()
         self.model = GPT(ModelConfig(**model_config))
@@ -41,14 +45,17 @@ class LitGPT(L.LightningModule):
         self.pad_id = pad_id
         # a compiled function, not a module: state_dict keys stay the model's own, and sampling during
         # training (TrainingSamples) runs the plain model with its KV cache
-        self.forward_blocks = torch.compile(self.model.forward) if compile else self.model.forward
+        self.forward_blocks = torch.compile(self.model.forward) if compile is True else self.model.forward
+        self.forward_validation = self.forward_blocks
 
-    def _loss(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _loss(
+        self, batch: torch.Tensor, forward: Callable[[torch.Tensor], torch.Tensor]
+    ) -> tuple[Tensor, Tensor]:
         """Mean next-token loss over the real (non-pad) targets of batch, and how many there were."""
         idx, targets = batch[:, :-1], batch[:, 1:]  # (B, T) each
         targets = targets.masked_fill(targets == self.pad_id, -100)
         count = (targets != -100).sum()
-        loss = token_nats(self.forward_blocks(idx), targets).sum() / count.clamp(min=1)
+        loss = token_nats(forward(idx), targets).sum() / count.clamp(min=1)
         return loss, count
 
     def on_fit_start(self) -> None:
@@ -57,7 +64,7 @@ class LitGPT(L.LightningModule):
         self._first_bad = torch.full((), NO_BAD, dtype=torch.long, device=self.device)
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        loss, _ = self._loss(batch)
+        loss, _ = self._loss(batch, self.forward_blocks)
         key = self.global_step * self.trainer.world_size + self.global_rank
         self._first_bad = torch.where(torch.isfinite(loss), self._first_bad, self._first_bad.clamp(max=key))
         if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
@@ -95,7 +102,7 @@ class LitGPT(L.LightningModule):
         self._val_tokens = torch.zeros((), device=self.device)
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
-        loss, tokens = self._loss(batch)
+        loss, tokens = self._loss(batch, self.forward_validation)
         self._val_loss_sum += loss * tokens  # a block of pads only (tokens 0) adds nothing
         self._val_tokens += tokens
 

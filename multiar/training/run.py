@@ -32,15 +32,17 @@ from multiar.data.source import Source
 from multiar.data.streaming import StreamingDataModule, fit_on_first
 from multiar.domain import Augmentable
 from multiar.domains import DOMAINS, build_domain, load_domain
+from multiar.engine.choice_cache import CACHE_FILE
 from multiar.engine.model import GPT, ModelConfig
 from multiar.engine.precision import resolve_precision
 from multiar.engine.scoring import score_documents, summary
 from multiar.errors import ConfigError
 from multiar.run_folder import read_run_config, save_run, write_run_config
-from multiar.schema import validate
+from multiar.schema import compile_setting, validate
 from multiar.tags import Tagged
 from multiar.training.callbacks import Progress, ResumedCurve, TrainingSamples
 from multiar.training.checkpoint_io import AtomicCheckpointIO, remove_stale_temporaries
+from multiar.training.compile_when_it_pays import CompileWhenItPays
 from multiar.training.loggers import build_loggers, check_logger, quiet_lightning
 from multiar.training.module import LitGPT
 
@@ -254,6 +256,7 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt: Path | None, moved: list[Path])
     if trainer.is_global_zero:  # only after the Trainer exists: its global rank is the one that counts
         _write_run_folder(cfg, run_dir, ckpt, moved, data, config)
     _fit(trainer, module, data.datamodule, ckpt)
+    config["compile_used"] = _compile_used(cfg, callbacks)
     metrics = _final_validation(cfg, trainer, module, data.datamodule, checkpoints, config)
     weights = model_weights(trainer)  # on every rank: FSDP gathers the shards to rank 0 here
     if trainer.is_global_zero:  # the figures go into config["final"], so before save_run writes it
@@ -339,9 +342,8 @@ def _module(cfg: DictConfig, domain: Any, init_run: Path | None, ckpt: Path | No
     """The LitGPT for cfg.model over domain's vocabulary; init_from's weights when fine-tuning (not resuming)."""
     model_args = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "name"}
     model_config = ModelConfig(vocab_size=domain.vocab_size, **model_args)  # the one place vocab_size enters
-    module = LitGPT(
-        model_config.to_dict(), OmegaConf.to_container(cfg.optim, resolve=True), domain.pad_id, cfg.compile
-    )
+    optim = OmegaConf.to_container(cfg.optim, resolve=True)
+    module = LitGPT(model_config.to_dict(), optim, domain.pad_id, compile_setting(cfg.compile))
     if init_run is not None and ckpt is None:  # a resumed run's checkpoint holds the weights instead
         load_model(module.model, str(init_run / "model.safetensors"), strict=True)
     return module
@@ -357,6 +359,8 @@ def _callbacks(
     callbacks: list[L.Callback] = [checkpoints]
     if ckpt is not None:  # read only when resuming: no rank reads a folder that rank 0 may be replacing
         callbacks.append(ResumedCurve(run_dir / "metrics.csv"))
+    if compile_setting(cfg.compile) == "auto":
+        callbacks.append(CompileWhenItPays(Path(cfg.data.cache_dir).expanduser() / CACHE_FILE))
     if cfg.early_stop.patience is not None:
         callbacks.append(
             EarlyStopping(
@@ -379,6 +383,14 @@ def _callbacks(
             )
         )
     return checkpoints, callbacks
+
+
+def _compile_used(cfg: DictConfig, callbacks: list[L.Callback]) -> dict[str, Any]:
+    """compile= as set, and what compile=auto decided and measured (config.yaml's compile_used)."""
+    chooser = next((c for c in callbacks if isinstance(c, CompileWhenItPays)), None)
+    if chooser is None:
+        return {"setting": str(cfg.compile).lower(), "compile": compile_setting(cfg.compile) is True}
+    return {"setting": "auto"} | (chooser.state() or {"compile": False, "why": "too few steps to time"})
 
 
 def _trainer(
