@@ -4,7 +4,16 @@ autocast, side by side in one process.
 
     .venv/bin/python benchmarks/train_speed.py [--shapes 10.8M 85M] [--steps 20] [--warmup 3]
         [--dtypes fp32 bf16] [--json benchmarks/train_speed.json] [--nanogpt DIR] [--only NAME ...]
-        [--rounds N] [--compile] [--no-loader]
+        [--rounds N] [--compile [--run-steps N]] [--no-loader] [--malloc-default]
+
+Every row runs with glibc's malloc set as `multiar train` sets it (multiar/engine/host_memory.py: freed
+memory kept for the next step), nanoGPT's and transformers' too, so the ratios compare the models;
+`--malloc-default` leaves it as it is.
+
+`--compile` adds `multiar Lightning compile` (compile=true: its first step, the compile, is timed apart)
+and `multiar compile=auto, N steps`: what `multiar train`'s default does with a run of `--run-steps`
+steps, worked out from this run's eager and compiled rows and that compile's seconds (4 eager steps
+timed, then compiled if the steps left repay it: the decision and its figures are in the JSON row).
 
 `--nanogpt DIR`: a nanoGPT checkout (its model.py is imported from there, nothing is copied): adds its
 GPT-2 (bias=False, as its train.py defaults) in the same plain loop with its own optimizer setup
@@ -31,9 +40,12 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from multiar.engine.compile_choice import compile_pays
 from multiar.engine.hf_format import llama_config
+from multiar.engine.host_memory import keep_freed_memory
 from multiar.engine.model import GPT, ModelConfig
 from multiar.engine.precision import matmul_flops
+from multiar.training.compile_when_it_pays import CompileWhenItPays
 from multiar.training.module import LitGPT
 
 SHAPES = {"10.8M": dict(n_layer=6, n_head=6, n_embd=384), "85M": dict(n_layer=12, n_head=12, n_embd=768)}
@@ -75,20 +87,25 @@ def plain_loop(
 
 
 class StepTimer(L.Callback):
+    """The timed steps' span (after warmup) and the first step's seconds (a compiled row's compile)."""
+
     def __init__(self, warmup: int) -> None:
-        self.warmup, self.start, self.end, self.steps = warmup, 0.0, 0.0, 0
+        self.warmup, self.start, self.end, self.steps, self.first = warmup, 0.0, 0.0, 0, 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
-        if batch_idx == self.warmup:
+        if batch_idx in (0, self.warmup):
             self.start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
         self.end, self.steps = time.perf_counter(), batch_idx + 1 - self.warmup
+        if batch_idx == 0:
+            self.first = self.end - self.start
 
 
 def lightning_loop(
     config: ModelConfig, data: list[torch.Tensor], dtype: str, warmup: int, compile: bool = False
-) -> float:
+) -> tuple[float, float]:
+    """Seconds per timed step and the first step's seconds of multiar's LightningModule + Trainer."""
     module = LitGPT(config.to_dict(), OPTIM, pad_id=-1, compile=compile)
     timer = StepTimer(warmup)
     with tempfile.TemporaryDirectory() as tmp:
@@ -107,7 +124,7 @@ def lightning_loop(
             callbacks=[timer],
         )
         trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
-    return (timer.end - timer.start) / timer.steps
+    return (timer.end - timer.start) / timer.steps, timer.first
 
 
 def transformers_models(model: GPT) -> dict:
@@ -179,9 +196,10 @@ def flops_per_token(config: ModelConfig, params: int) -> float:
     return 6 * (non_embedding + VOCAB * config.n_embd) + 12 * config.n_layer * BLOCK * config.n_embd
 
 
-def shape_rows(config: ModelConfig, gpt: GPT, data: list, dtype: str, args) -> dict[str, float]:  # noqa: ANN001
+def shape_rows(config: ModelConfig, gpt: GPT, data: list, dtype: str, args) -> tuple[dict, dict]:  # noqa: ANN001
     """Seconds per step of every implementation at one shape and dtype: each runs its warm-up and
-    timed steps once per round, rounds interleaved, the median over rounds."""
+    timed steps once per round, rounds interleaved, the median over rounds; and the first round's
+    first step of the Lightning rows (the compile, for the compiled row)."""
     loops = {
         "multiar Lightning": lambda: lightning_loop(config, data, dtype, args.warmup),
         "multiar GPT, plain loop": lambda: plain_loop(
@@ -199,12 +217,32 @@ def shape_rows(config: ModelConfig, gpt: GPT, data: list, dtype: str, args) -> d
     if args.only:
         loops = {k: v for k, v in loops.items() if k in args.only}
     times: dict[str, list[float]] = {name: [] for name in loops}
+    firsts: dict[str, float] = {}
     for _ in range(args.rounds):
         for name, loop in loops.items():
             seconds = loop()
+            if isinstance(seconds, tuple):
+                seconds, first = seconds
+                firsts.setdefault(name, first)
             if seconds is not None:
                 times[name].append(seconds)
-    return {name: statistics.median(t) for name, t in times.items() if t}
+    return {name: statistics.median(t) for name, t in times.items() if t}, firsts
+
+
+def compile_auto_row(rows: dict[str, float], firsts: dict[str, float], run_steps: int) -> dict | None:
+    """What `multiar train`'s compile=auto does with a run of run_steps steps, from this run's rows (a
+    second run's view: the compile measured): 4 eager steps timed, then compile_pays over the steps
+    left; the run's seconds a step with the compile's in it, and the decision."""
+    if "multiar Lightning" not in rows or "multiar Lightning compile" not in rows:
+        return None
+    eager, compiled = rows["multiar Lightning"], rows["multiar Lightning compile"]
+    compile_s = max(0.0, firsts["multiar Lightning compile"] - compiled)  # the first step, less a step
+    timed = CompileWhenItPays.EAGER_WARM_UP + CompileWhenItPays.EAGER_TIMED
+    left = max(0, run_steps - timed)
+    measured = {"compiled_ms": compiled * 1e3, "compile_s": compile_s}
+    decision = compile_pays(left, eager * 1e3, measured, what="the training step")
+    total = timed * eager + (compile_s + left * compiled if decision.compile else left * eager)
+    return {"seconds": total / run_steps, "compile_s": compile_s, "decision": decision}
 
 
 def main() -> None:
@@ -221,7 +259,20 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, help="rows to run (names as printed)")
     parser.add_argument("--compile", action="store_true", help="+ multiar Lightning with compile=true")
     parser.add_argument("--no-loader", action="store_true", help="skip the loader-wait measurement")
+    parser.add_argument(
+        "--run-steps",
+        type=int,
+        default=5000,
+        help="with --compile: the run length the compile=auto row (the default's decision) is worked out for",
+    )
+    parser.add_argument(
+        "--malloc-default",
+        action="store_true",
+        help="leave glibc's malloc as it is (default: as `multiar train` sets it, for every row alike)",
+    )
     args = parser.parse_args()
+    heap = None if args.malloc_default else keep_freed_memory()
+    print(f"host memory: {heap or 'malloc as it is'}")
     torch.manual_seed(0)
     peaks = {
         d: matmul_flops(torch.bfloat16 if d == "bf16" else torch.float32, n=1024, seconds=1.0)
@@ -240,18 +291,25 @@ def main() -> None:
             torch.manual_seed(0)
             gpt = GPT(config)
             fpt = flops_per_token(config, gpt.num_parameters())
-            rows = shape_rows(config, gpt, data, dtype, args)
+            rows, firsts = shape_rows(config, gpt, data, dtype, args)
+            auto = compile_auto_row(rows, firsts, args.run_steps)
+            if auto is not None:
+                rows[f"multiar compile=auto, {args.run_steps} steps"] = auto["seconds"]
+                print(f"  compile=auto for a run of {args.run_steps} steps: {auto['decision'].log_line()}")
             for name, seconds in rows.items():
                 tps = tokens / seconds
-                results.append(
-                    {
-                        "shape": shape,
-                        "dtype": dtype,
-                        "impl": name,
-                        "tok_s": tps,
-                        "mfu": tps * fpt / peaks[dtype],
-                    }
-                )
+                row = {
+                    "shape": shape,
+                    "dtype": dtype,
+                    "impl": name,
+                    "tok_s": tps,
+                    "mfu": tps * fpt / peaks[dtype],
+                }
+                if name in firsts:
+                    row["first_step_s"] = firsts[name]
+                if name.startswith("multiar compile=auto"):
+                    row |= {"compile_s": auto["compile_s"], "decision": auto["decision"].as_dict()}
+                results.append(row)
             base = {r["impl"]: r["tok_s"] for r in results if r["shape"] == shape and r["dtype"] == dtype}
             print(
                 f"\n{shape} {dtype} ({gpt.num_parameters() / 1e6:.1f}M parameters, {fpt / 1e6:.0f} MFLOP/token)"
@@ -261,14 +319,22 @@ def main() -> None:
                 print(f"  {name:26s} {tps:8.0f} tok/s  MFU {mfu:5.1%}")
             ratios = [
                 (a, b)
-                for a in ("multiar Lightning", "multiar GPT, plain loop")
+                for a in (
+                    "multiar Lightning",
+                    "multiar GPT, plain loop",
+                    "multiar Lightning compile",
+                    f"multiar compile=auto, {args.run_steps} steps",
+                )
                 for b in (
                     "multiar GPT, plain loop",
                     "transformers Llama",
                     "transformers GPT-2",
                     "nanoGPT GPT-2",
                 )
-                if a != b and a in base and b in base
+                if a != b
+                and a in base
+                and b in base
+                and not (a.startswith("multiar compile") and "multiar" in b)
             ]
             print("  " + "  ".join(f"{a} / {b} {base[a] / base[b]:.2f}" for a, b in ratios), flush=True)
     wait = loader_wait(20) if not args.no_loader else float("nan")
@@ -281,6 +347,7 @@ def main() -> None:
             json.dumps(
                 {
                     "peaks_gflops": {d: p / 1e9 for d, p in peaks.items()},
+                    "host_memory": heap or "malloc as it is",
                     "loader_wait_s": wait,
                     "results": results,
                 },

@@ -33,6 +33,7 @@ from multiar.data.streaming import StreamingDataModule, fit_on_first
 from multiar.domain import Augmentable
 from multiar.domains import DOMAINS, build_domain, load_domain
 from multiar.engine.choice_cache import CACHE_FILE
+from multiar.engine.host_memory import keep_freed_memory
 from multiar.engine.model import GPT, ModelConfig
 from multiar.engine.precision import resolve_precision
 from multiar.engine.scoring import score_documents, summary
@@ -243,6 +244,8 @@ class _Data:
 
 def _train(cfg: DictConfig, run_dir: Path, ckpt: Path | None, moved: list[Path]) -> dict[str, Any]:
     """Wire domain, data, model, callbacks and trainer; global rank 0 writes the run folder; fit; save."""
+    if (heap := keep_freed_memory()) is not None:
+        log.info("host memory: %s", heap)
     settings = OmegaConf.to_container(cfg.domain.settings, resolve=True)
     domain, own_tokenizer, init_run = _domain(cfg, run_dir, ckpt, settings)
     data = _data(cfg, domain, settings, own_tokenizer)
