@@ -5,10 +5,11 @@ glibc's malloc serves a block above a threshold (128 KiB, raised as big blocks a
 with its own mmap, and hands the heap's free top back to the kernel past a trim threshold. A training
 step allocates and frees the same activations every step; whatever went back to the kernel returns as
 fresh zeroed pages, a page fault every 4 KiB. With every block below 32 MiB served from the heap and the
-heap not trimmed, multiar's 10.8M training step ran 13% faster in bf16 and 8.5% in fp32 on a 2-core Xeon
-with AMX (nanoGPT's step, in the same process, 6-7%; benchmarks/README.md, training). Setting the trim
-threshold alone is slower (it fixes the mmap threshold at 128 KiB); the mmap threshold alone changes
-nothing. The cost: the process keeps its peak heap until it exits. No Lightning, Hydra or domain code here.
+heap not trimmed, the 10.8M Lightning training step in bf16 ran 8% faster on a 2-core Xeon with AMX
+(two pairs of runs: 6,105 / 5,892 -> 6,576 / 6,433 tokens/s; nanoGPT's +2%); in fp32 +0.4-2%, within the
+noise (benchmarks/README.md, training). Setting the trim threshold alone is slower (it pins the mmap
+threshold at 128 KiB); the mmap threshold alone changes nothing. The cost: the process keeps its peak
+heap until it exits. No Lightning, Hydra or domain code here.
 """
 
 from __future__ import annotations
