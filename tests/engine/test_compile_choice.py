@@ -143,6 +143,26 @@ def test_auto_compiles_a_long_job_from_nn_linear_weights_though_packed_won_eager
     assert other.compile["compiled_ms"] is None and other.compile["compile"]
 
 
+def test_compile_true_compiles_the_eager_picks_dtype_on_nn_linear(tmp_path, compiler, monkeypatch):
+    # as on the AMX Xeon: bf16 packed is the fastest eager step though bf16 nn.Linear is slower than fp32
+    # nn.Linear; the compiled step is bf16 (879 tokens/s there at 10.8M batch 1, fp32's 581-646), the
+    # same dtype compile=auto compiles
+    monkeypatch.setattr(lay, "packs", lambda dtype: True)
+    amx = {"fp32/linear": 2.51, "fp32/packed": 3.29, "bf16/linear": 2.99, "bf16/packed": 2.44}
+    for compile in (True, "auto"):
+        model, choice = lay.prepare_for_decoding(
+            tiny_model(), compile=compile, steps=10**9, timer=fake_timer(amx, [])
+        )
+        assert compiler[-1]["model"] is model and model.wte.weight.dtype == torch.bfloat16
+        assert not any(isinstance(m, PackedLinear) for m in model.modules())  # inductor packs itself
+        assert (choice.dtype, choice.layout) == ("bf16", "linear, compiled")
+    assert len(compiler) == 2
+    pinned, choice = lay.prepare_for_decoding(  # layout=linear pinned: the faster dtype on nn.Linear
+        tiny_model(), compile=True, layout="linear", timer=fake_timer(amx, [])
+    )
+    assert pinned.wte.weight.dtype == torch.float32 and choice.dtype == "fp32"
+
+
 def test_compile_true_measures_for_auto_and_auto_compiles_a_quantized_models_own_kernels(tmp_path, compiler):
     from multiar.engine.quantize import Int8Linear, quantize
 
