@@ -60,6 +60,8 @@ class CompileDecision:
     resumed: bool = False  # pinned by a resumed run's journal, not weighed anew
     device: str = "cpu"  # the device type the step runs on (an unmeasured first compile's rule)
     what: str = "the decode step"  # the step weighed, for the log line (training weighs its own)
+    payback: float | None = None  # an unmeasured first compile's rule, where not the device's (training)
+    first_compile_s: float | None = None
 
     def as_dict(self) -> dict:
         return {
@@ -72,6 +74,7 @@ class CompileDecision:
             return f"compile=auto: {verb}, as the run being resumed did"
         if self.compiled_ms is None:
             payback, first_s = first_compile_rule(self.device)
+            payback, first_s = self.payback or payback, self.first_compile_s or first_s
             why = (
                 f"{self.steps} steps x {self.eager_ms:.2f} ms eager = "
                 f"{self.steps * self.eager_ms / 1e3:.0f} s"

@@ -9,7 +9,8 @@ heap not trimmed, the 10.8M Lightning training step in bf16 ran 8% faster on a 2
 (two pairs of runs: 6,105 / 5,892 -> 6,576 / 6,433 tokens/s; nanoGPT's +2%); in fp32 +0.4-2%, within the
 noise (benchmarks/README.md, training). Setting the trim threshold alone is slower (it pins the mmap
 threshold at 128 KiB); the mmap threshold alone changes nothing. The cost: the process keeps its peak
-heap until it exits. No Lightning, Hydra or domain code here.
+heap until it exits. Under a preloaded tcmalloc or jemalloc `mallopt` is theirs, which may accept and
+ignore these. No Lightning, Hydra or domain code here.
 """
 
 from __future__ import annotations

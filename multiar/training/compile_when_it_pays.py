@@ -1,17 +1,21 @@
-"""`compile=auto` for training: the first steps run eager and are timed, then the step is compiled if the
-steps left repay the compile, by the rule generate's decode step follows (multiar.engine.compile_choice):
-before any compile of this training step was measured on this machine, when the steps left would take
-more than 4 x 60 s eager (on CUDA 2.4 x 30 s); after, when they save more than twice the compile's
-seconds as measured. The compiled steps are timed and kept (decode_layout.json under data.cache_dir)
-for the next run's decision; a compiled step measured slower than the eager one is dropped again.
+"""`compile=auto` for training: the first steps run eager and are timed, then the training step is compiled if
+the steps left repay the compile: before any compile of this step was measured on this machine, when they
+would take more than TRAIN_PAYBACK x TRAIN_FIRST_COMPILE_S eager (a compile assumed at 60 s that saves
+~1/6 of a step must be repaid twice: 12 x 60 s); after, when they save more than twice the compile's
+seconds as measured (multiar.engine.compile_choice's rule). The first compiled step is a trial, forward
+and backward on the batch just trained on, gradients discarded: a compile that fails (no C++ compiler)
+leaves the run eager with one warning line. The compiled steps are timed and kept (decode_layout.json
+under data.cache_dir) for the next run's decision; a compiled step measured slower than the eager one
+is dropped again.
 
-Why it is worth a decision: on a 2-core Xeon with AMX the compiled 10.8M step ran 1.22x the eager one
-in bf16 and 1.12x in fp32 (1.10x and 1.03x nanoGPT's eager step, where eager multiar is 0.90x and 0.92x),
-after a cold compile of 21-24 s (~3 s from inductor's on-disk cache): a long run gains, a short one
-would only pay the compile (benchmarks/README.md, training).
+Why it is worth a decision: on a 2-core Xeon with AMX the compiled 10.8M step ran 1.12-1.22x the eager one
+(1.01-1.10x nanoGPT's eager step, where eager multiar is 0.87-0.94x), after a cold compile of 16-24 s
+(~3 s from inductor's on-disk cache): a long run gains, a short one would only pay the compile
+(benchmarks/README.md, training).
 
-Only the training step is compiled (validation stays eager: under no_grad it would be a second graph,
-whose compile nobody timed). One process only: under DDP or FSDP `compile=true` is the user's choice.
+Only the training step at the measured batch shape is compiled: a smaller last batch and validation
+(under no_grad, a second graph whose compile nobody timed) run eager. One process only: under DDP or
+FSDP `compile=true` is the user's choice.
 """
 
 from __future__ import annotations
@@ -20,32 +24,56 @@ import hashlib
 import json
 import logging
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from time import perf_counter
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Timer
 
 from multiar.engine.choice_cache import machine_key
 from multiar.engine.compile_choice import CompileDecision, StepClock, compile_pays, read_measured
+from multiar.errors import first_line
 
 log = logging.getLogger("multiar")
 
 WHAT = "the training step"
+# before a compile of the training step was measured here: a compile assumed at 60 s (16-24 s measured at
+# 10.8M on 2 cores, more for larger models), saving ~1/6 of a step (1.12-1.22x measured), repaid twice
+TRAIN_FIRST_COMPILE_S = 60.0
+TRAIN_PAYBACK = 12.0
 
 
-def training_key(pl_module: L.LightningModule, batch: torch.Tensor, precision: str) -> str:
-    """What a training step's figures depend on: the machine, the precision, the batch's shape and the model."""
+def training_key(pl_module: L.LightningModule, batch: torch.Tensor, trainer: L.Trainer) -> str:
+    """What a training step's figures depend on: the machine, the precision, the batch's shape, the
+    batches accumulated per optimizer step, and the model."""
     model = json.dumps(pl_module.model.config.to_dict(), sort_keys=True)
     digest = hashlib.sha256(model.encode()).hexdigest()[:16]
     shape = "x".join(str(n) for n in batch.shape)
-    return f"{machine_key(pl_module.device)} | train {precision} | batch {shape} | model {digest}"
+    accumulate = trainer.accumulate_grad_batches
+    return (
+        f"{machine_key(pl_module.device)} | train {trainer.precision} | batch {shape} / {accumulate}"
+        f" | model {digest}"
+    )
 
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def for_shape(compiled: Callable, eager: Callable, shape: torch.Size) -> Callable:
+    """compiled for idx of shape (the batches it was measured and compiled for), eager for the others (a
+    smaller last batch would compile a graph of its own, untimed)."""
+
+    def forward(idx: torch.Tensor) -> torch.Tensor:
+        return compiled(idx) if idx.shape == shape else eager(idx)
+
+    return forward
 
 
 class CompileWhenItPays(L.Callback):
@@ -61,7 +89,7 @@ class CompileWhenItPays(L.Callback):
         self.seen = 0
         self.decision: CompileDecision | None = None
         self.clock: StepClock | None = None
-        self.checked = False  # compiled step compared with the eager one (once)
+        self.shape: torch.Size | None = None  # the (B, T) inputs the graph is for
         self.measured: dict[str, float] = {}  # this run's compile: its seconds and the compiled step's ms
         self._start = 0.0
 
@@ -81,8 +109,9 @@ class CompileWhenItPays(L.Callback):
         _sync(pl_module.device)
         seconds = perf_counter() - self._start
         if self.clock is not None:
-            self.clock.record(seconds)
-            self._drop_if_slower(pl_module)
+            if batch[:, :-1].shape == self.shape:  # a smaller last batch ran eager: not the graph's time
+                self.clock.record(seconds)
+                self._drop_if_slower(pl_module)
             return
         self.seen += 1
         if self.seen > self.EAGER_WARM_UP:
@@ -92,7 +121,7 @@ class CompileWhenItPays(L.Callback):
 
     def _decide(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: torch.Tensor) -> None:
         eager_ms = 1e3 * statistics.median(self.eager)
-        left = batches_left(trainer)
+        left = batches_left(trainer, eager_ms / 1e3)
         device = pl_module.device.type
         if trainer.world_size > 1:
             self.decision = CompileDecision(False, left, eager_ms, device=device, what=WHAT)
@@ -100,22 +129,49 @@ class CompileWhenItPays(L.Callback):
                 "compile=auto: not compiling %s: %d processes (compile=true does)", WHAT, trainer.world_size
             )
             return
-        key = training_key(pl_module, batch, str(trainer.precision))
-        self.decision = compile_pays(left, eager_ms, read_measured(self.cache_file, key), device, WHAT)
+        key = training_key(pl_module, batch, trainer)
+        measured = read_measured(self.cache_file, key)
+        if measured:
+            self.decision = compile_pays(left, eager_ms, measured, device, WHAT)
+        else:  # training's own first-compile rule: a step saves less than a decode step does
+            pays = left * eager_ms / 1e3 > TRAIN_PAYBACK * TRAIN_FIRST_COMPILE_S
+            rule = dict(payback=TRAIN_PAYBACK, first_compile_s=TRAIN_FIRST_COMPILE_S)
+            self.decision = CompileDecision(pays, left, eager_ms, device=device, what=WHAT, **rule)
         log.info("%s", self.decision.log_line())
         if self.decision.compile:
-            pl_module.forward_blocks = torch.compile(pl_module.model.forward)
             self.clock = StepClock(self.cache_file, key, pl_module.device, rows=batch.size(0))
+            self._compile(trainer, pl_module, batch)
+
+    def _compile(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: torch.Tensor) -> None:
+        """Compile the forward and try it on batch (forward and backward, the gradients discarded): the
+        trial's seconds are the compile's; a failure leaves the run eager."""
+        compiled = torch.compile(pl_module.model.forward)
+        params = [p for p in pl_module.parameters() if p.requires_grad]
+        start = perf_counter()
+        try:
+            with trainer.precision_plugin.forward_context():
+                loss, _ = pl_module._loss(batch, compiled)
+            torch.autograd.grad(loss, params, allow_unused=True)
+            _sync(pl_module.device)
+        except Exception as err:  # noqa: BLE001 (inductor fails many ways: no compiler, no headers)
+            log.warning("compile=auto: %s did not compile (%s): training eagerly", WHAT, first_line(err))
+            self.decision.compile, self.clock = False, None
+            self.measured = {"failed": first_line(err)}
+            return
+        self.clock.record(perf_counter() - start)
+        self.shape = batch[:, :-1].shape
+        pl_module.forward_blocks = for_shape(compiled, pl_module.model.forward, self.shape)
 
     def _drop_if_slower(self, pl_module: L.LightningModule) -> None:
+        """After the clock's first 16 steady steps (saved for the next run): keep the compiled step only
+        if it is the faster one, and stop timing (a CUDA step's timing costs two syncs)."""
         compiled_ms = self.clock.compiled_ms()
-        if self.checked or compiled_ms is None:
+        if compiled_ms is None:
             return
-        self.checked = True
         self.measured = {"compile_s": round(self.clock.compile_s, 3), "compiled_ms": round(compiled_ms, 3)}
-        if compiled_ms >= self.decision.eager_ms:  # saved by the clock: the next run stays eager
+        self.clock = None
+        if compiled_ms >= self.decision.eager_ms:
             pl_module.forward_blocks = pl_module.model.forward
-            self.clock = None
             log.warning(
                 "compile=auto: the compiled training step measured %.1f ms against %.1f eager: back to eager",
                 compiled_ms,
@@ -129,8 +185,17 @@ class CompileWhenItPays(L.Callback):
         return self.decision.as_dict() | ({"this_run": self.measured} if self.measured else {})
 
 
-def batches_left(trainer: L.Trainer) -> int:
-    """Training batches still to run: the optimizer steps left times the batches each accumulates."""
+def batches_left(trainer: L.Trainer, eager_s: float) -> int:
+    """Training batches still to run: the optimizer steps left times the batches each accumulates, and no
+    more than trainer.max_time leaves room for at eager_s a batch. A run of unknown length (no max_steps,
+    an iterable dataset) counts as none: it stays eager."""
     total = trainer.estimated_stepping_batches
-    steps = 10**9 if total == float("inf") else int(total) - trainer.global_step
-    return max(0, steps) * trainer.accumulate_grad_batches
+    if total == float("inf") or total < 0:
+        left = 0
+    else:
+        left = max(0, int(total) - trainer.global_step) * trainer.accumulate_grad_batches
+    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+    remaining = timer.time_remaining() if timer is not None else None
+    if remaining is not None and eager_s > 0:
+        left = min(left, int(remaining / eager_s))
+    return left

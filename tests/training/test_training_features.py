@@ -199,18 +199,25 @@ def test_probe_cache_survives_a_corrupt_file(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "precision.json").read_text())
 
 
-def test_compile_true_compiles_training_and_validation():
-    # compile=true: both passes through one torch.compile'd forward (trained end to end in
-    # test_compile_when_it_pays: a run compiled mid-way trains the eager run's weights); auto starts eager
-    from multiar.training.module import LitGPT
+def test_compile_true_compiles_training_and_validation(tmp_path, monkeypatch):
+    # compile=true from the command line (a string there) reaches the module as True: one compiled forward
+    # for training and validation (torch.compile replaced by a counting pass-through; a real compile is
+    # trained end to end in test_compile_when_it_pays); auto and false start eager
+    from multiar.training import module as lit
 
+    calls = []
+
+    def counted(f):
+        return lambda idx: calls.append(torch.is_grad_enabled()) or f(idx)
+
+    monkeypatch.setattr(lit.torch, "compile", counted)
+    run_train(tmp_path, "compiled", "trainer.max_steps=2", "trainer.val_check_interval=2", "compile=true")
+    used = yaml.safe_load((tmp_path / "compiled" / "config.yaml").read_text())["compile_used"]
+    assert used == {"setting": "true", "compile": True}
+    assert calls.count(True) == 2 and calls.count(False) >= 1  # 2 training steps, then validation
     config = ModelConfig(vocab_size=32, n_layer=1, n_head=2, n_embd=16).to_dict()
-    optim = {"lr": 1e-3}
-    compiled = LitGPT(config, optim, pad_id=0, compile=True)
-    assert compiled.forward_blocks is compiled.forward_validation
-    assert compiled.forward_blocks is not compiled.model.forward
     for setting in ("auto", False):
-        module = LitGPT(config, optim, pad_id=0, compile=setting)
+        module = lit.LitGPT(config, {"lr": 1e-3}, pad_id=0, compile=setting)
         assert module.forward_blocks == module.forward_validation == module.model.forward
 
 
