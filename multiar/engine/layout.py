@@ -313,15 +313,14 @@ def prepare_for_decoding(
         if compile == "auto":
             model = _compile_if_it_pays(model, choice, spare, steps or 0, cache_file, timer, decided)
         return model, choice
-    # a compiled step is nn.Linear weights (inductor packs them itself) in the dtype of the eager pick
-    # over every layout: eager bf16 nn.Linear can be slower than fp32 where bf16 packed and the compiled
-    # bf16 step are the fastest (the AMX Xeon: 10.8M batch 1 compiled bf16 879 tokens/s, fp32 581-646);
-    # an fp32 copy for when the eager pick is packed
+    # a compiled step is nn.Linear weights (inductor packs them itself) in compiled_dtype's dtype; an
+    # fp32 copy for when that is not the eager pick's layout and dtype
     device = next(model.parameters()).device
     packable = any(c.endswith("/packed") for c in float_candidates(device, dtype, layout))
     spare = copy.deepcopy(model) if compile and packable else None
     model, choice = choose_float(model, batch_size, dtype, layout, cache_file, timer)
     if compile is True:
+        choice.dtype = compiled_dtype(choice)
         model = _as_linear(model, choice, spare)
         return _compiled(model, choice, _clock(model, choice, cache_file)), choice
     if compile == "auto":
@@ -329,27 +328,42 @@ def prepare_for_decoding(
     return model, choice
 
 
+def compiled_dtype(choice: DecodeChoice) -> str:
+    """The dtype a compiled float step is built in: that of the faster packed candidate where both dtypes
+    were timed packed, else the eager pick's. Inductor packs a compiled graph's weights itself, so the
+    packed timings are the ones that foretell it; nn.Linear's do not: on the AMX Xeon eager bf16 nn.Linear
+    is slower than fp32 while bf16 packed and the compiled bf16 step are the fastest (10.8M batch 1:
+    compiled bf16 879 tokens/s, fp32 581-646; 85M 108 against 68-70). On an AVX2 CPU bf16 does not pack
+    and the eager pick's dtype was the compiled winner at batch 1 and 8 (benchmarks/README.md)."""
+    packed = {c.split("/")[0]: ms for c, ms in choice.step_ms.items() if c.endswith("/packed")}
+    return min(packed, key=packed.get) if len(packed) == 2 else choice.dtype
+
+
 def _as_linear(model: nn.Module, choice: DecodeChoice, spare: nn.Module | None) -> nn.Module:
     """model as choice's dtype on nn.Linear (what compiles): itself, or spare (fp32) rebuilt so."""
-    if choice.layout == "linear":
-        return model
+    same = choice.layout == "linear" and next(model.parameters()).dtype == TORCH_DTYPES[choice.dtype]
     choice.layout = "linear"
-    return build_float(spare, f"{choice.dtype}/linear")
+    return model if same else build_float(spare, f"{choice.dtype}/linear")
 
 
-def _clock(model: nn.Module, choice: DecodeChoice, cache_file: Path | None) -> StepClock:
+def _clock(
+    model: nn.Module, choice: DecodeChoice, cache_file: Path | None, dtype: str | None = None
+) -> StepClock:
     """A clock for a compiled step of model as choice lays it out: its figures are kept under a key of
     the machine, batch size, layer shapes and dtype (what compile=auto reads next time)."""
     device = next(model.parameters()).device
-    graph = _graph_of(choice) + (", cuda graph" if device.type == "cuda" else "")  # not a frozen graph's
+    graph = _graph_of(choice, dtype) + (
+        ", cuda graph" if device.type == "cuda" else ""
+    )  # not a frozen graph's
     key = cache_key(model, choice.batch_size, f"compiled {graph}")
     return StepClock(cache_file, key, device, choice.batch_size)
 
 
-def _graph_of(choice: DecodeChoice) -> str:
-    """What a compiled step of choice's model is made of: quantize's kernels, or dtype/linear."""
+def _graph_of(choice: DecodeChoice, dtype: str | None = None) -> str:
+    """What a compiled step of choice's model is made of: quantize's kernels, or dtype/linear (dtype:
+    choice's own when None)."""
     mode = choice.layout.removesuffix(", compiled")
-    return mode if mode in ("int8", "int4") else f"{choice.dtype}/linear"
+    return mode if mode in ("int8", "int4") else f"{dtype or choice.dtype}/linear"
 
 
 def _compiled(model: nn.Module, choice: DecodeChoice, clock: StepClock | None) -> nn.Module:
@@ -386,7 +400,8 @@ def _compile_if_it_pays(
     picked = choice.layout if quantized else f"{choice.dtype}/{choice.layout}"
     measured_ms = None if quantized else choice.step_ms.get(picked)  # a quantized one's are per layer
     source = model if choice.layout == "linear" else spare  # what would compile: the clock's key
-    clock = _clock(source, choice, cache_file)
+    dtype = None if quantized else compiled_dtype(choice)
+    clock = _clock(source, choice, cache_file, dtype)
     device = next(model.parameters()).device.type
     if decided is not None:  # a resume: as the killed run decided
         decision = CompileDecision(decided, steps, measured_ms or 0.0, resumed=True, device=device)
@@ -400,4 +415,5 @@ def _compile_if_it_pays(
     if quantized:  # every shape on its own kernel in the graph (and in the eager fallback)
         choice.kernels = own_kernels([m for m in spare.modules() if isinstance(m, Int8Linear | Int4Linear)])
         return _compiled(spare, choice, clock)
+    choice.dtype = dtype
     return _compiled(_as_linear(model, choice, spare), choice, clock)

@@ -143,12 +143,12 @@ def test_auto_compiles_a_long_job_from_nn_linear_weights_though_packed_won_eager
     assert other.compile["compiled_ms"] is None and other.compile["compile"]
 
 
-def test_compile_true_compiles_the_eager_picks_dtype_on_nn_linear(tmp_path, compiler, monkeypatch):
-    # as on the AMX Xeon: bf16 packed is the fastest eager step though bf16 nn.Linear is slower than fp32
-    # nn.Linear; the compiled step is bf16 (879 tokens/s there at 10.8M batch 1, fp32's 581-646), the
-    # same dtype compile=auto compiles
+def test_a_compiled_step_takes_the_dtype_of_the_faster_packed_candidate(tmp_path, compiler, monkeypatch):
+    # as on the AMX Xeon: fp32 nn.Linear and bf16 packed tie eagerly (either may be the pick), bf16 nn.Linear
+    # is the slowest, but bf16 packed is well ahead of fp32 packed, and the compiled bf16 step is the
+    # fastest (10.8M batch 1: 879 tokens/s against fp32's 581-646): both compile settings build bf16
     monkeypatch.setattr(lay, "packs", lambda dtype: True)
-    amx = {"fp32/linear": 2.51, "fp32/packed": 3.29, "bf16/linear": 2.99, "bf16/packed": 2.44}
+    amx = {"fp32/linear": 2.65, "fp32/packed": 3.50, "bf16/linear": 3.39, "bf16/packed": 2.67}
     for compile in (True, "auto"):
         model, choice = lay.prepare_for_decoding(
             tiny_model(), compile=compile, steps=10**9, timer=fake_timer(amx, [])
@@ -156,8 +156,18 @@ def test_compile_true_compiles_the_eager_picks_dtype_on_nn_linear(tmp_path, comp
         assert compiler[-1]["model"] is model and model.wte.weight.dtype == torch.bfloat16
         assert not any(isinstance(m, PackedLinear) for m in model.modules())  # inductor packs itself
         assert (choice.dtype, choice.layout) == ("bf16", "linear, compiled")
+        assert "compiled bf16/linear" in compiler[-1]["clock"].key
     assert len(compiler) == 2
-    pinned, choice = lay.prepare_for_decoding(  # layout=linear pinned: the faster dtype on nn.Linear
+    # where only one dtype packs (bf16 on an AVX2 CPU), the eager pick's dtype
+    monkeypatch.setattr(lay, "packs", lambda dtype: dtype == torch.float32)
+    avx2 = {"fp32/linear": 4.7, "fp32/packed": 4.2, "bf16/linear": 3.4}
+    model, choice = lay.prepare_for_decoding(tiny_model(), compile=True, timer=fake_timer(avx2, []))
+    assert model.wte.weight.dtype == torch.bfloat16 and choice.dtype == "bf16"
+    avx2["bf16/linear"] = 5.0
+    model, choice = lay.prepare_for_decoding(tiny_model(), compile=True, timer=fake_timer(avx2, []))
+    assert model.wte.weight.dtype == torch.float32 and choice.layout == "linear, compiled"
+    # layout=linear pinned: no packed timings, the faster dtype on nn.Linear
+    pinned, choice = lay.prepare_for_decoding(
         tiny_model(), compile=True, layout="linear", timer=fake_timer(amx, [])
     )
     assert pinned.wte.weight.dtype == torch.float32 and choice.dtype == "fp32"
