@@ -320,7 +320,7 @@ def prepare_for_decoding(
     spare = copy.deepcopy(model) if compile and packable else None
     model, choice = choose_float(model, batch_size, dtype, layout, cache_file, timer)
     if compile is True:
-        choice.dtype = compiled_dtype(choice)
+        choice.dtype = compiled_dtype(choice) if spare is not None else choice.dtype
         model = _as_linear(model, choice, spare)
         return _compiled(model, choice, _clock(model, choice, cache_file)), choice
     if compile == "auto":
@@ -400,7 +400,8 @@ def _compile_if_it_pays(
     picked = choice.layout if quantized else f"{choice.dtype}/{choice.layout}"
     measured_ms = None if quantized else choice.step_ms.get(picked)  # a quantized one's are per layer
     source = model if choice.layout == "linear" else spare  # what would compile: the clock's key
-    dtype = None if quantized else compiled_dtype(choice)
+    # without an fp32 spare (nothing packs now, a cached choice's timings say otherwise) the pick's dtype
+    dtype = None if quantized else compiled_dtype(choice) if spare is not None else choice.dtype
     clock = _clock(source, choice, cache_file, dtype)
     device = next(model.parameters()).device.type
     if decided is not None:  # a resume: as the killed run decided
@@ -408,7 +409,7 @@ def _compile_if_it_pays(
     else:
         eager_ms = measured_ms or 1e3 * timer({picked: model})[picked]
         decision = compile_pays(steps, eager_ms, read_measured(cache_file, clock.key), device)
-    choice.compile = decision.as_dict()
+    choice.compile = decision.as_dict() | ({} if quantized else {"eager": picked})
     log.info("%s", decision.log_line())
     if not decision.compile:
         return model

@@ -114,12 +114,16 @@ class CompileWhenItPays(L.Callback):
                 self._drop_if_slower(pl_module)
             return
         self.seen += 1
-        if self.seen > self.EAGER_WARM_UP:
+        if self.seen == self.EAGER_WARM_UP + 1:
+            self.shape = batch[:, :-1].shape  # the steps timed and compiled: a smaller batch is neither
+        if self.seen > self.EAGER_WARM_UP and batch[:, :-1].shape == self.shape:
             self.eager.append(seconds)
-        if len(self.eager) == self.EAGER_TIMED:
-            self._decide(trainer, pl_module, batch)
+            if len(self.eager) == self.EAGER_TIMED:
+                self._decide(trainer, pl_module, batch, batch_idx)
 
-    def _decide(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: torch.Tensor) -> None:
+    def _decide(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: torch.Tensor, batch_idx: int
+    ) -> None:
         eager_ms = 1e3 * statistics.median(self.eager)
         left = batches_left(trainer, eager_ms / 1e3)
         device = pl_module.device.type
@@ -140,18 +144,25 @@ class CompileWhenItPays(L.Callback):
         log.info("%s", self.decision.log_line())
         if self.decision.compile:
             self.clock = StepClock(self.cache_file, key, pl_module.device, rows=batch.size(0))
-            self._compile(trainer, pl_module, batch)
+            self._compile(trainer, pl_module, batch, batch_idx)
 
-    def _compile(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: torch.Tensor) -> None:
-        """Compile the forward and try it on batch (forward and backward, the gradients discarded): the
-        trial's seconds are the compile's; a failure leaves the run eager."""
+    def _compile(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: torch.Tensor, batch_idx: int
+    ) -> None:
+        """Compile the forward and try it on batch (forward and backward, the gradients discarded, the
+        random stream as it was: dropout's masks stay the run's own): the trial's seconds are the
+        compile's; a failure leaves the run eager."""
         compiled = torch.compile(pl_module.model.forward)
         params = [p for p in pl_module.parameters() if p.requires_grad]
+        if (batch_idx + 1) % trainer.accumulate_grad_batches == 0:  # stepped: the gradients are spent
+            pl_module.zero_grad(set_to_none=True)  # room for the trial's own
+        cuda = [pl_module.device] if pl_module.device.type == "cuda" else []
         start = perf_counter()
         try:
-            with trainer.precision_plugin.forward_context():
-                loss, _ = pl_module._loss(batch, compiled)
-            torch.autograd.grad(loss, params, allow_unused=True)
+            with torch.random.fork_rng(devices=cuda):
+                with trainer.precision_plugin.forward_context():  # autocast as the step's forward has it
+                    loss, _ = pl_module._loss(batch, compiled)
+                torch.autograd.grad(loss, params, allow_unused=True)
             _sync(pl_module.device)
         except Exception as err:  # noqa: BLE001 (inductor fails many ways: no compiler, no headers)
             log.warning("compile=auto: %s did not compile (%s): training eagerly", WHAT, first_line(err))
@@ -159,7 +170,6 @@ class CompileWhenItPays(L.Callback):
             self.measured = {"failed": first_line(err)}
             return
         self.clock.record(perf_counter() - start)
-        self.shape = batch[:, :-1].shape
         pl_module.forward_blocks = for_shape(compiled, pl_module.model.forward, self.shape)
 
     def _drop_if_slower(self, pl_module: L.LightningModule) -> None:
@@ -197,5 +207,5 @@ def batches_left(trainer: L.Trainer, eager_s: float) -> int:
     timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
     remaining = timer.time_remaining() if timer is not None else None
     if remaining is not None and eager_s > 0:
-        left = min(left, int(remaining / eager_s))
+        left = min(left, max(0, int(remaining / eager_s)))
     return left

@@ -158,6 +158,17 @@ def test_a_compiled_step_takes_the_dtype_of_the_faster_packed_candidate(tmp_path
         assert (choice.dtype, choice.layout) == ("bf16", "linear, compiled")
         assert "compiled bf16/linear" in compiler[-1]["clock"].key
     assert len(compiler) == 2
+    # a short job stays eager: the eager pick as it was, fp32 on nn.Linear (its provenance says so)
+    model, choice = lay.prepare_for_decoding(tiny_model(), compile="auto", steps=1, timer=fake_timer(amx, []))
+    assert len(compiler) == 2 and model.wte.weight.dtype == torch.float32
+    assert (choice.dtype, choice.layout, choice.compile["eager"]) == ("fp32", "linear", "fp32/linear")
+    # the compiled bf16 graph's figures, measured here, are what compile=auto weighs
+    key = compiler[-1]["clock"].key
+    lay.write_cache(tmp_path / lay.CACHE_FILE, key, {"compiled_ms": 2.64, "compile_s": 10.0})
+    _, choice = lay.prepare_for_decoding(
+        tiny_model(), cache_dir=tmp_path, compile="auto", steps=10**6, timer=fake_timer(amx, [])
+    )
+    assert choice.compile["compiled_ms"] == 2.64 and not choice.compile["compile"]  # 10 s saved <= 2 x 10 s
     # where only one dtype packs (bf16 on an AVX2 CPU), the eager pick's dtype
     monkeypatch.setattr(lay, "packs", lambda dtype: dtype == torch.float32)
     avx2 = {"fp32/linear": 4.7, "fp32/packed": 4.2, "bf16/linear": 3.4}

@@ -28,6 +28,7 @@ def fake_module():
     model = SimpleNamespace(config=CONFIG, forward=lambda idx: idx)
     module = SimpleNamespace(model=model, device=torch.device("cpu"), forward_blocks=model.forward)
     module.parameters = lambda: [weight]
+    module.zero_grad = lambda set_to_none=True: None
     module._loss = lambda batch, forward: ((weight * forward(batch[:, :-1]).float().mean()).sum(), None)
     return module
 
@@ -149,6 +150,19 @@ def test_a_smaller_last_batch_runs_eager_and_is_not_timed(tmp_path, clock):
     assert len(clock.compiled_calls) == 2
     clock(chooser, trainer, module, [99.0], batches=1, batch=last)
     assert chooser.clock.times == []
+
+
+def test_a_smaller_batch_among_the_first_is_not_timed(tmp_path, clock):
+    chooser, module, trainer = (
+        cwp.CompileWhenItPays(tmp_path / "cache.json"),
+        fake_module(),
+        fake_trainer(10**6),
+    )
+    clock(chooser, trainer, module, [5.0, 1.0, 1.0], batches=3)
+    clock(chooser, trainer, module, [0.1], batches=1, batch=torch.zeros(2, 9, dtype=torch.long))
+    assert chooser.decision is None and chooser.eager == [1.0, 1.0]
+    clock(chooser, trainer, module, [1.0, 30.0], batches=1)
+    assert chooser.decision.compile and chooser.decision.eager_ms == 1000.0
 
 
 def test_runs_of_unknown_length_or_several_processes_stay_eager_and_max_time_bounds_the_steps(
