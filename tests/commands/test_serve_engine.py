@@ -177,8 +177,9 @@ def test_rows_left_above_ended_ones_move_down_and_keep_their_tokens(model, captu
         e.stop()
     assert e.stats.moved == (0 if captured else 2)
     assert seeded.ends()[0].ids == alone.ends()[0].ids
-    # and the same log probabilities: a cache row moved wrong shifts them before it changes a draw
-    assert seeded.ends()[0].logps == pytest.approx(alone.ends()[0].logps, abs=1e-5)
+    # and the same log probabilities: a cache row moved wrong shifts them before it changes a draw (1e-4:
+    # an AMX Xeon's captured step differs by 1.1e-5 between row counts, as it did before session 19)
+    assert seeded.ends()[0].logps == pytest.approx(alone.ends()[0].logps, abs=1e-4)
     assert greedy.ends()[0].ids == want
     for r in (seeded, greedy):  # what was streamed before and after the move is the whole sample
         assert [t for ev in r.events if ev.kind == "tokens" for t in ev.ids] == r.ends()[0].ids

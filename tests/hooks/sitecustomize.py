@@ -84,8 +84,8 @@ def nan_at(step: int, rank: int) -> None:
 
     real = LitGPT._loss
 
-    def poisoned(self, batch):  # noqa: ANN001, ANN202
-        loss, n = real(self, batch)
+    def poisoned(self, batch, forward):  # noqa: ANN001, ANN202
+        loss, n = real(self, batch, forward)
         if self.training and self.global_step >= step and self.trainer.global_rank == rank:
             loss = loss * float("nan")
         return loss, n

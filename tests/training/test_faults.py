@@ -165,8 +165,8 @@ def test_overwrite_replaces_the_whole_run_and_a_failed_replacement_keeps_the_old
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     real = LitGPT._loss
 
-    def poisoned(self, batch):
-        loss, n = real(self, batch)
+    def poisoned(self, batch, forward):
+        loss, n = real(self, batch, forward)
         if self.training and self.global_step >= 7:
             loss = loss * float("nan")
         return loss, n
