@@ -289,7 +289,7 @@ class TrainSchema:
     compile: str = doc(
         "auto: the first steps run eager and are timed, then the training step is compiled when the steps "
         "left repay the compile (as measured here before; a first compile only for a run of more than "
-        "4 x 60 s eager: multiar/training/compile_when_it_pays.py); true: torch.compile the model for "
+        "12 x 60 s eager: multiar/training/compile_when_it_pays.py); true: torch.compile the model for "
         "training and validation; false: never",
         "auto",
     )

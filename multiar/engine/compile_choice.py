@@ -92,18 +92,33 @@ class CompileDecision:
 
 
 def compile_pays(
-    steps: int, eager_ms: float, measured: dict | None, device: str = "cpu", what: str = "the decode step"
+    steps: int,
+    eager_ms: float,
+    measured: dict | None,
+    device: str = "cpu",
+    what: str = "the decode step",
+    first_rule: tuple[float, float] | None = None,
 ) -> CompileDecision:
     """Whether a job of at most `steps` steps of eager_ms each is faster compiled, from what this
     machine measured before (`measured`: a StepClock's figures, or None; device: the step's device
-    type, whose rule applies before anything was measured; what: the step, for the log line)."""
+    type, whose rule applies before anything was measured, unless first_rule gives (payback, first
+    compile's seconds) for it; what: the step, for the log line)."""
     if not measured:
-        payback, first_s = first_compile_rule(device)
+        payback, first_s = first_rule or first_compile_rule(device)
         pays = steps * eager_ms / 1e3 > payback * first_s
-        return CompileDecision(pays, steps, eager_ms, device=device, what=what)
+        rule = dict(payback=payback, first_compile_s=first_s) if first_rule else {}
+        return CompileDecision(pays, steps, eager_ms, device=device, what=what, **rule)
     compiled_ms, compile_s = float(measured["compiled_ms"]), float(measured["compile_s"])
     pays = steps * (eager_ms - compiled_ms) / 1e3 > MARGIN * compile_s
     return CompileDecision(pays, steps, eager_ms, compiled_ms, compile_s, device=device, what=what)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for device's queued work (a GPU's), so that a clock read after it times the work itself."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def read_measured(cache_file: Path | None, key: str) -> dict | None:
@@ -133,10 +148,7 @@ class StepClock:
         """step(*args), timed (synchronized on a GPU: its time is the step's, not the launch's)."""
         start = time.perf_counter()
         out = step(*args)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        elif self.device.type == "mps":
-            torch.mps.synchronize()
+        synchronize(self.device)
         self.record(time.perf_counter() - start)
         return out
 

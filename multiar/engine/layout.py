@@ -320,7 +320,7 @@ def prepare_for_decoding(
     spare = copy.deepcopy(model) if compile and packable else None
     model, choice = choose_float(model, batch_size, dtype, layout, cache_file, timer)
     if compile is True:
-        choice.dtype = compiled_dtype(choice) if spare is not None else choice.dtype
+        choice.dtype = compiled_dtype(choice, spare)
         model = _as_linear(model, choice, spare)
         return _compiled(model, choice, _clock(model, choice, cache_file)), choice
     if compile == "auto":
@@ -328,15 +328,16 @@ def prepare_for_decoding(
     return model, choice
 
 
-def compiled_dtype(choice: DecodeChoice) -> str:
+def compiled_dtype(choice: DecodeChoice, spare: nn.Module | None) -> str:
     """The dtype a compiled float step is built in: that of the faster packed candidate where both dtypes
-    were timed packed, else the eager pick's. Inductor packs a compiled graph's weights itself, so the
+    were timed packed, else the eager pick's (also without spare, the fp32 copy another dtype is built
+    from: nothing packs now though a cached choice's timings say otherwise). Inductor packs a compiled graph's weights itself, so the
     packed timings are the ones that foretell it; nn.Linear's do not: on the AMX Xeon eager bf16 nn.Linear
     is slower than fp32 while bf16 packed and the compiled bf16 step are the fastest (10.8M batch 1:
     compiled bf16 879 tokens/s, fp32 581-646; 85M 108 against 68-70). On an AVX2 CPU bf16 does not pack
     and the eager pick's dtype was the compiled winner at batch 1 and 8 (benchmarks/README.md)."""
     packed = {c.split("/")[0]: ms for c, ms in choice.step_ms.items() if c.endswith("/packed")}
-    return min(packed, key=packed.get) if len(packed) == 2 else choice.dtype
+    return min(packed, key=packed.get) if len(packed) == 2 and spare is not None else choice.dtype
 
 
 def _as_linear(model: nn.Module, choice: DecodeChoice, spare: nn.Module | None) -> nn.Module:
@@ -352,10 +353,8 @@ def _clock(
     """A clock for a compiled step of model as choice lays it out: its figures are kept under a key of
     the machine, batch size, layer shapes and dtype (what compile=auto reads next time)."""
     device = next(model.parameters()).device
-    graph = _graph_of(choice, dtype) + (
-        ", cuda graph" if device.type == "cuda" else ""
-    )  # not a frozen graph's
-    key = cache_key(model, choice.batch_size, f"compiled {graph}")
+    cuda = ", cuda graph" if device.type == "cuda" else ""  # not a frozen graph's figures
+    key = cache_key(model, choice.batch_size, f"compiled {_graph_of(choice, dtype)}{cuda}")
     return StepClock(cache_file, key, device, choice.batch_size)
 
 
@@ -400,8 +399,7 @@ def _compile_if_it_pays(
     picked = choice.layout if quantized else f"{choice.dtype}/{choice.layout}"
     measured_ms = None if quantized else choice.step_ms.get(picked)  # a quantized one's are per layer
     source = model if choice.layout == "linear" else spare  # what would compile: the clock's key
-    # without an fp32 spare (nothing packs now, a cached choice's timings say otherwise) the pick's dtype
-    dtype = None if quantized else compiled_dtype(choice) if spare is not None else choice.dtype
+    dtype = None if quantized else compiled_dtype(choice, spare)
     clock = _clock(source, choice, cache_file, dtype)
     device = next(model.parameters()).device.type
     if decided is not None:  # a resume: as the killed run decided

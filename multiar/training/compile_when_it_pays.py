@@ -34,7 +34,13 @@ import torch
 from lightning.pytorch.callbacks import Timer
 
 from multiar.engine.choice_cache import machine_key
-from multiar.engine.compile_choice import CompileDecision, StepClock, compile_pays, read_measured
+from multiar.engine.compile_choice import (
+    CompileDecision,
+    StepClock,
+    compile_pays,
+    read_measured,
+    synchronize,
+)
 from multiar.errors import first_line
 
 log = logging.getLogger("multiar")
@@ -57,13 +63,6 @@ def training_key(pl_module: L.LightningModule, batch: torch.Tensor, trainer: L.T
         f"{machine_key(pl_module.device)} | train {trainer.precision} | batch {shape} / {accumulate}"
         f" | model {digest}"
     )
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
 
 
 def for_shape(compiled: Callable, eager: Callable, shape: torch.Size) -> Callable:
@@ -98,7 +97,7 @@ class CompileWhenItPays(L.Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         if self._timing():
-            _sync(pl_module.device)
+            synchronize(pl_module.device)
             self._start = perf_counter()
 
     def on_train_batch_end(
@@ -106,7 +105,7 @@ class CompileWhenItPays(L.Callback):
     ) -> None:
         if not self._timing():
             return
-        _sync(pl_module.device)
+        synchronize(pl_module.device)
         seconds = perf_counter() - self._start
         if self.clock is not None:
             if batch[:, :-1].shape == self.shape:  # a smaller last batch ran eager: not the graph's time
@@ -134,13 +133,10 @@ class CompileWhenItPays(L.Callback):
             )
             return
         key = training_key(pl_module, batch, trainer)
+        # training's own first-compile rule: a training step saves less than a decode step does
+        first_rule = (TRAIN_PAYBACK, TRAIN_FIRST_COMPILE_S)
         measured = read_measured(self.cache_file, key)
-        if measured:
-            self.decision = compile_pays(left, eager_ms, measured, device, WHAT)
-        else:  # training's own first-compile rule: a step saves less than a decode step does
-            pays = left * eager_ms / 1e3 > TRAIN_PAYBACK * TRAIN_FIRST_COMPILE_S
-            rule = dict(payback=TRAIN_PAYBACK, first_compile_s=TRAIN_FIRST_COMPILE_S)
-            self.decision = CompileDecision(pays, left, eager_ms, device=device, what=WHAT, **rule)
+        self.decision = compile_pays(left, eager_ms, measured, device, WHAT, first_rule)
         log.info("%s", self.decision.log_line())
         if self.decision.compile:
             self.clock = StepClock(self.cache_file, key, pl_module.device, rows=batch.size(0))
@@ -163,7 +159,7 @@ class CompileWhenItPays(L.Callback):
                 with trainer.precision_plugin.forward_context():  # autocast as the step's forward has it
                     loss, _ = pl_module._loss(batch, compiled)
                 torch.autograd.grad(loss, params, allow_unused=True)
-            _sync(pl_module.device)
+            synchronize(pl_module.device)
         except Exception as err:  # noqa: BLE001 (inductor fails many ways: no compiler, no headers)
             log.warning("compile=auto: %s did not compile (%s): training eagerly", WHAT, first_line(err))
             self.decision.compile, self.clock = False, None
