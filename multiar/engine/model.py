@@ -11,6 +11,7 @@ or domain code here.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -315,6 +316,7 @@ class GPT(nn.Module):
         *,
         kv_len: int | None = None,
         logits_at: int | Tensor | None = None,
+        run_block: Callable[..., Tensor] | None = None,
     ) -> Tensor:
         """idx (B, T) token ids -> logits (B, T, vocab_size).
 
@@ -322,10 +324,13 @@ class GPT(nn.Module):
         a (T,) tensor, or (B, T) per-row positions. kv_len bounds the cache slots attended to (default:
         the int path's end, else the whole cache). logits_at computes logits only at one column (an
         int) or one column per row ((B,) tensor): (B, 1, vocab_size), no lm_head over a whole prompt.
+        run_block(block, x, freqs, input_pos, kv_len, mask) runs each block instead of the block itself:
+        a compiled Block.forward (engine.compiled_blocks), given the real rotary table.
         """
         B, T = idx.shape
         # (block_size, hs/2) complex64 in eager mode; the real (block_size, hs/2, 2) table when compiled
-        freqs = self.rope if torch.compiler.is_compiling() else torch.view_as_complex(self.rope)
+        real = run_block is not None or torch.compiler.is_compiling()  # inductor has no complex ops
+        freqs = self.rope if real else torch.view_as_complex(self.rope)
         mask = None
         if input_pos is None:
             if self.config.block_size < T:
@@ -356,7 +361,10 @@ class GPT(nn.Module):
         freqs = freqs.unsqueeze(-2 if freqs.is_complex() else -3)
         x = self.wte(idx)  # (B, T, C)
         for block in self.blocks:
-            x = block(x, freqs, input_pos, kv_len, mask)
+            if run_block is None:
+                x = block(x, freqs, input_pos, kv_len, mask)
+            else:
+                x = run_block(block, x, freqs, input_pos, kv_len, mask)
         if logits_at is not None:
             if isinstance(logits_at, int):
                 x = x[:, logits_at].unsqueeze(1)

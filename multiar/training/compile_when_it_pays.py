@@ -41,6 +41,7 @@ from multiar.engine.compile_choice import (
     read_measured,
     synchronize,
 )
+from multiar.engine.compiled_blocks import compile_blocks
 from multiar.errors import first_line
 
 log = logging.getLogger("multiar")
@@ -148,7 +149,7 @@ class CompileWhenItPays(L.Callback):
         """Compile the forward and try it on batch (forward and backward, the gradients discarded, the
         random stream as it was: dropout's masks stay the run's own): the trial's seconds are the
         compile's; a failure leaves the run eager."""
-        compiled = torch.compile(pl_module.model.forward)
+        compiled = compile_blocks(pl_module.model)
         params = [p for p in pl_module.parameters() if p.requires_grad]
         if (batch_idx + 1) % trainer.accumulate_grad_batches == 0:  # stepped: the gradients are spent
             pl_module.zero_grad(set_to_none=True)  # room for the trial's own

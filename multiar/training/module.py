@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import Tensor
 
+from multiar.engine.compiled_blocks import compile_blocks
 from multiar.engine.model import GPT, ModelConfig
 from multiar.engine.scoring import token_nats
 
@@ -45,7 +46,7 @@ class LitGPT(L.LightningModule):
         self.pad_id = pad_id
         # a compiled function, not a module: state_dict keys stay the model's own, and sampling during
         # training (TrainingSamples) runs the plain model with its KV cache
-        self.forward_blocks = torch.compile(self.model.forward) if compile is True else self.model.forward
+        self.forward_blocks = compile_blocks(self.model) if compile is True else self.model.forward
         self.forward_validation = self.forward_blocks
 
     def _loss(

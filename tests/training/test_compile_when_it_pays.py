@@ -51,17 +51,17 @@ def clock(monkeypatch):
     """run(chooser, trainer, module, seconds, batches): `batches` training batches of BATCH, the clock
     reading 0 then each entry of seconds in turn at each pair of readings (a batch's start and end, the
     compile's trial's: it comes right after the deciding batch); Lightning counts the step before
-    on_train_batch_end. torch.compile returns a marked function that calls the eager one."""
+    on_train_batch_end. compile_blocks returns a marked function that calls the eager forward."""
     compiled_calls = []
 
-    def compile(f):
+    def compile_blocks(model):
         def compiled(idx):
             compiled_calls.append(idx.shape)
-            return f(idx)
+            return model.forward(idx)
 
         return compiled
 
-    monkeypatch.setattr(cwp.torch, "compile", compile)
+    monkeypatch.setattr(cwp, "compile_blocks", compile_blocks)
 
     def run(chooser, trainer, module, seconds: list[float], batches: int, batch=BATCH) -> None:
         ticks = itertools.chain.from_iterable((0.0, s) for s in seconds)
@@ -119,13 +119,13 @@ def test_a_compiled_step_slower_than_eager_goes_back_to_eager(tmp_path, clock, c
 
 
 def test_a_compile_that_fails_leaves_the_run_eager(tmp_path, clock, monkeypatch, caplog):
-    def broken(f):
+    def broken(model):
         def compiled(idx):
             raise RuntimeError("InductorError: no C++ compiler\nmore")
 
         return compiled
 
-    monkeypatch.setattr(cwp.torch, "compile", broken)
+    monkeypatch.setattr(cwp, "compile_blocks", broken)
     chooser, module = cwp.CompileWhenItPays(tmp_path / "cache.json"), fake_module()
     clock(chooser, fake_trainer(10**6), module, [1.0] * 4 + [30.0, 1.0], batches=5)
     assert module.forward_blocks is module.model.forward and not chooser.decision.compile
@@ -183,13 +183,13 @@ def test_a_run_compiled_mid_way_trains_the_eager_runs_weights(tmp_path, monkeypa
     from test_training_features import run_train
 
     monkeypatch.setattr(cwp, "read_measured", lambda *a: {"compiled_ms": 0.0, "compile_s": 0.0})
-    calls, compile = [], torch.compile
+    calls, compile_blocks = [], cwp.compile_blocks
 
-    def counted(f):  # the compiled forward, counting its calls
-        compiled = compile(f)
+    def counted(model):  # the compiled forward, counting its calls
+        compiled = compile_blocks(model)
         return lambda *args: calls.append(args[0].shape) or compiled(*args)
 
-    monkeypatch.setattr(cwp.torch, "compile", counted)
+    monkeypatch.setattr(cwp, "compile_blocks", counted)
     steps = ("trainer.max_steps=6", "trainer.val_check_interval=6")
     run_train(tmp_path, "eager", *steps, "compile=false")
     run_train(tmp_path, "auto", *steps)  # compile=auto is the default

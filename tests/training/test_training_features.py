@@ -201,16 +201,16 @@ def test_probe_cache_survives_a_corrupt_file(tmp_path, monkeypatch):
 
 def test_compile_true_compiles_training_and_validation(tmp_path, monkeypatch):
     # compile=true from the command line (a string there) reaches the module as True: one compiled forward
-    # for training and validation (torch.compile replaced by a counting pass-through; a real compile is
+    # for training and validation (compile_blocks replaced by a counting pass-through; a real compile is
     # trained end to end in test_compile_when_it_pays); auto and false start eager
     from multiar.training import module as lit
 
     calls = []
 
-    def counted(f):
-        return lambda idx: calls.append(torch.is_grad_enabled()) or f(idx)
+    def counted(model):
+        return lambda idx: calls.append(torch.is_grad_enabled()) or model.forward(idx)
 
-    monkeypatch.setattr(lit.torch, "compile", counted)
+    monkeypatch.setattr(lit, "compile_blocks", counted)
     run_train(tmp_path, "compiled", "trainer.max_steps=2", "trainer.val_check_interval=2", "compile=true")
     used = yaml.safe_load((tmp_path / "compiled" / "config.yaml").read_text())["compile_used"]
     assert used == {"setting": "true", "compile": True}
