@@ -61,6 +61,7 @@ def _check_decode(quantize: str | None, dtype: str, layout: str) -> None:
 
 
 COMPILE_SETTINGS = {"auto": "auto", "true": True, "false": False}
+ATTENTION_SETTINGS = ("auto", "sdpa", "matmul")  # engine.attention_choice.SETTINGS
 
 
 def compile_setting(value: str | bool) -> bool | str:
@@ -293,6 +294,12 @@ class TrainSchema:
         "training and validation; false: never",
         "auto",
     )
+    attention: str = doc(
+        "auto: the faster of sdpa and matmul for training, timed at the batch's shape and dtype once per "
+        "machine (multiar/engine/attention_choice.py); sdpa: F.scaled_dot_product_attention; matmul: "
+        "batched matmuls (faster on a CPU in bf16 at a few hundred tokens)",
+        "auto",
+    )
     early_stop: EarlyStopSchema = doc("early stopping on val/loss", factory=EarlyStopSchema)
     samples: SamplesSchema = doc("samples while training", factory=SamplesSchema)
     logger: dict[str, Any] = doc(
@@ -314,6 +321,11 @@ class TrainSchema:
             str(self.compile).lower() in COMPILE_SETTINGS,
             "compile",
             f"must be auto, true or false, got {self.compile!r}",
+        )
+        _check(
+            self.attention in ATTENTION_SETTINGS,
+            "attention",
+            f"must be one of {', '.join(ATTENTION_SETTINGS)}, got {self.attention!r}",
         )
         _check(
             self.precision in PRECISIONS,

@@ -44,6 +44,7 @@ from multiar.tags import Tagged
 from multiar.training.callbacks import Progress, ResumedCurve, TrainingSamples
 from multiar.training.checkpoint_io import AtomicCheckpointIO, remove_stale_temporaries
 from multiar.training.compile_when_it_pays import CompileWhenItPays
+from multiar.training.fastest_attention import FastestAttention
 from multiar.training.loggers import build_loggers, check_logger, quiet_lightning
 from multiar.training.module import LitGPT
 
@@ -260,6 +261,7 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt: Path | None, moved: list[Path])
         _write_run_folder(cfg, run_dir, ckpt, moved, data, config)
     _fit(trainer, module, data.datamodule, ckpt)
     config["compile_used"] = _compile_used(cfg, callbacks)
+    config["attention_used"] = next(c for c in callbacks if isinstance(c, FastestAttention)).state()
     metrics = _final_validation(cfg, trainer, module, data.datamodule, checkpoints, config)
     weights = model_weights(trainer)  # on every rank: FSDP gathers the shards to rank 0 here
     if trainer.is_global_zero:  # the figures go into config["final"], so before save_run writes it
@@ -362,8 +364,10 @@ def _callbacks(
     callbacks: list[L.Callback] = [checkpoints]
     if ckpt is not None:  # read only when resuming: no rank reads a folder that rank 0 may be replacing
         callbacks.append(ResumedCurve(run_dir / "metrics.csv"))
+    cache_file = Path(cfg.data.cache_dir).expanduser() / CACHE_FILE
+    callbacks.append(FastestAttention(cfg.attention, cfg.data.batch_size, cache_file))
     if compile_setting(cfg.compile) == "auto":
-        callbacks.append(CompileWhenItPays(Path(cfg.data.cache_dir).expanduser() / CACHE_FILE))
+        callbacks.append(CompileWhenItPays(cache_file))
     if cfg.early_stop.patience is not None:
         callbacks.append(
             EarlyStopping(

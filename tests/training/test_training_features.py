@@ -221,6 +221,19 @@ def test_compile_true_compiles_training_and_validation(tmp_path, monkeypatch):
         assert module.forward_blocks == module.forward_validation == module.model.forward
 
 
+def test_attention_setting_reaches_the_model_and_config_yaml(tmp_path):
+    # forced: the model trains on it; auto: timed at the batch's shape and the faster one taken
+    run_train(tmp_path, "matmul", "trainer.max_steps=2", "trainer.val_check_interval=2", "attention=matmul")
+    used = yaml.safe_load((tmp_path / "matmul" / "config.yaml").read_text())["attention_used"]
+    assert used == {"setting": "matmul", "attention": "matmul", "how": "forced"}
+    run_train(tmp_path, "auto", "trainer.max_steps=2", "trainer.val_check_interval=2")
+    used = yaml.safe_load((tmp_path / "auto" / "config.yaml").read_text())["attention_used"]
+    assert used["setting"] == "auto" and used["how"] in ("measured", "cached")
+    assert used["attention"] == min(used["ms"], key=used["ms"].get)
+    with pytest.raises(ConfigError, match="attention"):
+        run_train(tmp_path, "bad", "attention=flash")
+
+
 def test_samples_of_a_step_replace_that_steps_earlier_folder(tmp_path):
     # a resumed run that reaches step N again replaces the samples its killed predecessor wrote there
     from types import SimpleNamespace

@@ -1,0 +1,46 @@
+"""`attention=auto|sdpa|matmul` for training: before the first step, the model's full-sequence attention is
+set to the faster of SDPA and batched matmuls at this run's batch shape and autocast dtype
+(multiar.engine.attention_choice measures; rank 0 decides for every process)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from multiar.engine.attention_choice import choose_attention, log_line
+
+log = logging.getLogger("multiar")
+
+
+def step_dtype(precision: str, weights: torch.dtype) -> torch.dtype:
+    """The dtype a training step's matmuls run in under Lightning's precision setting."""
+    if precision.startswith("bf16"):
+        return torch.bfloat16
+    if precision.startswith("16"):
+        return torch.float16
+    return weights
+
+
+class FastestAttention(L.Callback):
+    def __init__(self, setting: str, batch_size: int, cache_file: Path | None) -> None:
+        self.setting, self.batch_size, self.cache_file = setting, batch_size, cache_file
+        self.choice: dict = {}
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        model = pl_module.model
+        choice = None
+        if trainer.is_global_zero:  # one process times: several at once on one CPU would skew it
+            dtype = step_dtype(str(trainer.precision), model.wte.weight.dtype)
+            choice = choose_attention(
+                self.setting, model.config, self.batch_size, dtype, pl_module.device, self.cache_file
+            )
+        self.choice = trainer.strategy.broadcast(choice, src=0)
+        model.attention = self.choice["attention"]
+        log.info("%s", log_line(self.choice))
+
+    def state(self) -> dict:
+        """config.yaml's attention_used: the setting and what it picked (empty before fit)."""
+        return {"setting": self.setting} | self.choice if self.choice else {}
