@@ -4,11 +4,13 @@ autocast, side by side in one process.
 
     .venv/bin/python benchmarks/train_speed.py [--shapes 10.8M 85M] [--steps 20] [--warmup 3]
         [--dtypes fp32 bf16] [--json benchmarks/train_speed.json] [--nanogpt DIR] [--only NAME ...]
-        [--rounds N] [--compile [--run-steps N]] [--no-loader] [--malloc-default]
+        [--rounds N] [--compile [--run-steps N]] [--no-loader] [--malloc-default] [--attention auto]
 
 Every row runs with glibc's malloc set as `multiar train` sets it (multiar/engine/host_memory.py: freed
 memory kept for the next step), nanoGPT's and transformers' too, so the ratios compare the models;
-`--malloc-default` leaves it as it is.
+`--malloc-default` leaves it as it is. The Lightning rows take `--attention` as `multiar train` does
+(auto: SDPA or batched matmuls, whichever one layer measures faster here, multiar/engine/attention_choice.py;
+its log line is printed); the plain loop keeps the model's default, SDPA.
 
 `--compile` adds `multiar Lightning compile` (compile=true: its first step, the compile, is timed apart)
 and `multiar compile=auto, N steps`: what `multiar train`'s default does with a run of `--run-steps`
@@ -40,12 +42,14 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from multiar.engine.attention_choice import SETTINGS, log_line
 from multiar.engine.compile_choice import compile_pays
 from multiar.engine.hf_format import llama_config
 from multiar.engine.host_memory import keep_freed_memory
 from multiar.engine.model import GPT, ModelConfig
 from multiar.engine.precision import matmul_flops
 from multiar.training.compile_when_it_pays import CompileWhenItPays
+from multiar.training.fastest_attention import FastestAttention
 from multiar.training.module import LitGPT
 
 SHAPES = {"10.8M": dict(n_layer=6, n_head=6, n_embd=384), "85M": dict(n_layer=12, n_head=12, n_embd=768)}
@@ -103,11 +107,17 @@ class StepTimer(L.Callback):
 
 
 def lightning_loop(
-    config: ModelConfig, data: list[torch.Tensor], dtype: str, warmup: int, compile: bool = False
+    config: ModelConfig,
+    data: list[torch.Tensor],
+    dtype: str,
+    warmup: int,
+    compile: bool = False,
+    attention: str = "auto",
 ) -> tuple[float, float]:
     """Seconds per timed step and the first step's seconds of multiar's LightningModule + Trainer."""
     module = LitGPT(config.to_dict(), OPTIM, pad_id=-1, compile=compile)
     timer = StepTimer(warmup)
+    picker = FastestAttention(attention, data[0].size(0), cache_file=None)  # before the first step
     with tempfile.TemporaryDirectory() as tmp:
         trainer = L.Trainer(
             accelerator="cpu",
@@ -121,9 +131,10 @@ def lightning_loop(
             gradient_clip_val=1.0,
             limit_val_batches=0,
             default_root_dir=tmp,
-            callbacks=[timer],
+            callbacks=[picker, timer],
         )
         trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
+    print(f"  {log_line(picker.choice)}")
     return (timer.end - timer.start) / timer.steps, timer.first
 
 
@@ -201,7 +212,7 @@ def shape_rows(config: ModelConfig, gpt: GPT, data: list, dtype: str, args) -> t
     timed steps once per round, rounds interleaved, the median over rounds; and the first round's
     first step of the Lightning rows (the compile, for the compiled row)."""
     loops = {
-        "multiar Lightning": lambda: lightning_loop(config, data, dtype, args.warmup),
+        "multiar Lightning": lambda: lightning_loop(config, data, dtype, args.warmup, False, args.attention),
         "multiar GPT, plain loop": lambda: plain_loop(
             copy.deepcopy(gpt), data, dtype, args.warmup, lambda m, x, y: m(x)
         ),
@@ -211,7 +222,9 @@ def shape_rows(config: ModelConfig, gpt: GPT, data: list, dtype: str, args) -> t
             transformers_models(gpt)[name], data, dtype, args.warmup, lambda m, x, y: m(input_ids=x).logits
         )
     if args.compile:  # the warm-up steps compile (minutes on 2 cores); timed steps after them
-        loops["multiar Lightning compile"] = lambda: lightning_loop(config, data, dtype, args.warmup, True)
+        loops["multiar Lightning compile"] = lambda: lightning_loop(
+            config, data, dtype, args.warmup, True, args.attention
+        )
     if args.nanogpt is not None:
         loops["nanoGPT GPT-2"] = lambda: nanogpt_row(args.nanogpt, config, data, dtype, args.warmup)
     if args.only:
@@ -269,6 +282,12 @@ def main() -> None:
         "--malloc-default",
         action="store_true",
         help="leave glibc's malloc as it is (default: as `multiar train` sets it, for every row alike)",
+    )
+    parser.add_argument(
+        "--attention",
+        choices=SETTINGS,
+        default="auto",
+        help="the Lightning rows' attention= (as multiar train's)",
     )
     args = parser.parse_args()
     heap = None if args.malloc_default else keep_freed_memory()
@@ -348,6 +367,7 @@ def main() -> None:
                 {
                     "peaks_gflops": {d: p / 1e9 for d, p in peaks.items()},
                     "host_memory": heap or "malloc as it is",
+                    "attention": args.attention,
                     "loader_wait_s": wait,
                     "results": results,
                 },

@@ -5,8 +5,9 @@ choices).
 
 Why measure: on a 2-core Xeon with AMX, bf16, 8 x 6 heads x 256 tokens x 64, SDPA's forward and backward
 took 14.3 ms and the matmuls 6.2 (its flash backward alone ~12 ms); at 1,024 tokens SDPA 49 ms against
-93, and in fp32 they tie (16.2 against 16.7 ms). The 10.8M bf16 training step went from 0.88-0.90x
-nanoGPT's to 1.04x eager, and to 1.31x compiled (benchmarks/README.md, training). The matmul path keeps
+93, and in fp32 they tie (16.2 against 16.7 ms). The bf16 training step went from 0.88-0.91x
+nanoGPT's to 1.02x eager at 10.8M (0.95x -> 1.02x at 85M), and to 1.26x compiled (benchmarks/README.md,
+training). The matmul path keeps
 each layer's (T, T) probabilities for the backward: past SCORES_BUDGET bytes for the whole model it is
 not tried. On a GPU SDPA's flash kernels are used unmeasured. No Lightning, Hydra or domain code here.
 """

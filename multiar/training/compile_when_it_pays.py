@@ -1,17 +1,17 @@
 """`compile=auto` for training: the first steps run eager and are timed, then the training step is compiled if
 the steps left repay the compile: before any compile of this step was measured on this machine, when they
-would take more than TRAIN_PAYBACK x TRAIN_FIRST_COMPILE_S eager (a compile assumed at 60 s that saves
-~1/6 of a step must be repaid twice: 12 x 60 s); after, when they save more than twice the compile's
+would take more than TRAIN_PAYBACK x TRAIN_FIRST_COMPILE_S eager (a compile assumed at 30 s that saves
+~1/6 of a step must be repaid twice: 12 x 30 s); after, when they save more than twice the compile's
 seconds as measured (multiar.engine.compile_choice's rule). The first compiled step is a trial, forward
 and backward on the batch just trained on, gradients discarded: a compile that fails (no C++ compiler)
 leaves the run eager with one warning line. The compiled steps are timed and kept (decode_layout.json
 under data.cache_dir) for the next run's decision; a compiled step measured slower than the eager one
 is dropped again.
 
-Why it is worth a decision: on a 2-core Xeon with AMX the compiled 10.8M step ran 1.12-1.22x the eager one
-(1.01-1.10x nanoGPT's eager step, where eager multiar is 0.87-0.94x), after a cold compile of 16-24 s
-(~3 s from inductor's on-disk cache): a long run gains, a short one would only pay the compile
-(benchmarks/README.md, training).
+Why it is worth a decision: on a 2-core Xeon with AMX the compiled 10.8M step ran 1.06-1.22x the eager one,
+after a cold compile of 8-20 s (its blocks compiled as one graph, engine.compiled_blocks; ~2-3 s from
+inductor's on-disk cache): a long run gains, a short one would only pay the compile (benchmarks/README.md,
+training).
 
 Only the training step at the measured batch shape is compiled: a smaller last batch and validation
 (under no_grad, a second graph whose compile nobody timed) run eager. One process only: under DDP or
@@ -47,9 +47,9 @@ from multiar.errors import first_line
 log = logging.getLogger("multiar")
 
 WHAT = "the training step"
-# before a compile of the training step was measured here: a compile assumed at 60 s (16-24 s measured at
-# 10.8M on 2 cores, more for larger models), saving ~1/6 of a step (1.12-1.22x measured), repaid twice
-TRAIN_FIRST_COMPILE_S = 60.0
+# before a compile of the training step was measured here: a compile assumed at 30 s (8-20 s measured cold
+# at 10.8M and 85M on 2 cores: one block's graph, whatever the depth), saving ~1/6 of a step, repaid twice
+TRAIN_FIRST_COMPILE_S = 30.0
 TRAIN_PAYBACK = 12.0
 
 

@@ -77,15 +77,15 @@ def clock(monkeypatch):
 
 def test_a_short_run_stays_eager_and_a_long_one_compiles_before_anything_is_measured(tmp_path, clock, caplog):
     caplog.set_level(logging.INFO, logger="multiar")
-    # 12 x 60 s of eager steps repay a first compile: at 1 s a step, 720 steps left after the 4 timed do not
-    for steps, compiled in ((724, False), (725, True)):
+    # 12 x 30 s of eager steps repay a first compile: at 1 s a step, 360 steps left after the 4 timed do not
+    for steps, compiled in ((364, False), (365, True)):
         chooser, module = cwp.CompileWhenItPays(tmp_path / "cache.json"), fake_module()
         clock(chooser, fake_trainer(steps), module, [5.0, 1.0, 1.0, 1.0, 9.0], batches=4)
         assert chooser.decision.compile is compiled and chooser.decision.steps == steps - 4
         assert chooser.decision.eager_ms == 1000.0  # the first (warm-up) step is not counted
         assert (module.forward_blocks != module.model.forward) is compiled
-    assert "not compiling the training step: 720 steps x 1000.00 ms eager = 720 s <= 12 x 60 s" in caplog.text
-    assert "compile=auto: compiling the training step: 721 steps" in caplog.text
+    assert "not compiling the training step: 360 steps x 1000.00 ms eager = 360 s <= 12 x 30 s" in caplog.text
+    assert "compile=auto: compiling the training step: 361 steps" in caplog.text
     assert clock.compiled_calls == [(4, 8)]  # the trial: forward (and backward) on the deciding batch
 
 
