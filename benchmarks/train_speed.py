@@ -4,13 +4,15 @@ autocast, side by side in one process.
 
     .venv/bin/python benchmarks/train_speed.py [--shapes 10.8M 85M] [--steps 20] [--warmup 3]
         [--dtypes fp32 bf16] [--json benchmarks/train_speed.json] [--nanogpt DIR] [--only NAME ...]
-        [--rounds N] [--compile [--run-steps N]] [--no-loader] [--malloc-default] [--attention auto]
+        [--rounds N] [--compile [--run-steps N]] [--no-loader] [--malloc-default] [--attention auto [sdpa]]
 
 Every row runs with glibc's malloc set as `multiar train` sets it (multiar/engine/host_memory.py: freed
 memory kept for the next step), nanoGPT's and transformers' too, so the ratios compare the models;
 `--malloc-default` leaves it as it is. The Lightning rows take `--attention` as `multiar train` does
 (auto: SDPA or batched matmuls, whichever one layer measures faster here, multiar/engine/attention_choice.py;
-its log line is printed); the plain loop keeps the model's default, SDPA.
+its log line is printed, and each row's picks are in the JSON); more values (`--attention auto sdpa`) add
+an eager Lightning row for each, interleaved with the others. The plain loop keeps the model's default,
+SDPA.
 
 `--compile` adds `multiar Lightning compile` (compile=true: its first step, the compile, is timed apart)
 and `multiar compile=auto, N steps`: what `multiar train`'s default does with a run of `--run-steps`
@@ -54,6 +56,7 @@ from multiar.training.module import LitGPT
 
 SHAPES = {"10.8M": dict(n_layer=6, n_head=6, n_embd=384), "85M": dict(n_layer=12, n_head=12, n_embd=768)}
 VOCAB, BLOCK, BATCH = 512, 256, 8
+PICKED: dict[tuple[str, str], list[str]] = {}  # (row, dtype) -> the attention each round's run picked
 OPTIM = dict(lr=3e-4, weight_decay=0.1, betas=[0.9, 0.95], warmup_steps=10, min_lr_ratio=0.1)
 
 
@@ -114,7 +117,8 @@ def lightning_loop(
     compile: bool = False,
     attention: str = "auto",
 ) -> tuple[float, float]:
-    """Seconds per timed step and the first step's seconds of multiar's LightningModule + Trainer."""
+    """Seconds per timed step, the first step's seconds and the attention picked, of multiar's
+    LightningModule + Trainer."""
     module = LitGPT(config.to_dict(), OPTIM, pad_id=-1, compile=compile)
     timer = StepTimer(warmup)
     picker = FastestAttention(attention, data[0].size(0), cache_file=None)  # before the first step
@@ -135,7 +139,7 @@ def lightning_loop(
         )
         trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
     print(f"  {log_line(picker.choice)}")
-    return (timer.end - timer.start) / timer.steps, timer.first
+    return (timer.end - timer.start) / timer.steps, timer.first, picker.choice["attention"]
 
 
 def transformers_models(model: GPT) -> dict:
@@ -211,19 +215,24 @@ def shape_rows(config: ModelConfig, gpt: GPT, data: list, dtype: str, args) -> t
     """Seconds per step of every implementation at one shape and dtype: each runs its warm-up and
     timed steps once per round, rounds interleaved, the median over rounds; and the first round's
     first step of the Lightning rows (the compile, for the compiled row)."""
+    attention, *others = args.attention
     loops = {
-        "multiar Lightning": lambda: lightning_loop(config, data, dtype, args.warmup, False, args.attention),
+        "multiar Lightning": lambda: lightning_loop(config, data, dtype, args.warmup, False, attention),
         "multiar GPT, plain loop": lambda: plain_loop(
             copy.deepcopy(gpt), data, dtype, args.warmup, lambda m, x, y: m(x)
         ),
     }
+    for other in others:  # the same step on another attention=, interleaved with the rest
+        loops[f"multiar Lightning attention={other}"] = lambda other=other: lightning_loop(
+            config, data, dtype, args.warmup, False, other
+        )
     for name in ("transformers Llama", "transformers GPT-2"):
         loops[name] = lambda name=name: plain_loop(
             transformers_models(gpt)[name], data, dtype, args.warmup, lambda m, x, y: m(input_ids=x).logits
         )
     if args.compile:  # the warm-up steps compile (minutes on 2 cores); timed steps after them
         loops["multiar Lightning compile"] = lambda: lightning_loop(
-            config, data, dtype, args.warmup, True, args.attention
+            config, data, dtype, args.warmup, True, attention
         )
     if args.nanogpt is not None:
         loops["nanoGPT GPT-2"] = lambda: nanogpt_row(args.nanogpt, config, data, dtype, args.warmup)
@@ -235,8 +244,9 @@ def shape_rows(config: ModelConfig, gpt: GPT, data: list, dtype: str, args) -> t
         for name, loop in loops.items():
             seconds = loop()
             if isinstance(seconds, tuple):
-                seconds, first = seconds
+                seconds, first, picked = seconds
                 firsts.setdefault(name, first)
+                PICKED.setdefault((name, dtype), []).append(picked)
             if seconds is not None:
                 times[name].append(seconds)
     return {name: statistics.median(t) for name, t in times.items() if t}, firsts
@@ -285,9 +295,11 @@ def main() -> None:
     )
     parser.add_argument(
         "--attention",
+        nargs="+",
         choices=SETTINGS,
-        default="auto",
-        help="the Lightning rows' attention= (as multiar train's)",
+        default=["auto"],
+        help="the Lightning rows' attention= (as multiar train's); more values add a `multiar Lightning "
+        "attention=X` row each",
     )
     args = parser.parse_args()
     heap = None if args.malloc_default else keep_freed_memory()
@@ -326,6 +338,8 @@ def main() -> None:
                 }
                 if name in firsts:
                     row["first_step_s"] = firsts[name]
+                if (name, dtype) in PICKED:
+                    row["attention_picked"] = PICKED[name, dtype]
                 if name.startswith("multiar compile=auto"):
                     row |= {"compile_s": auto["compile_s"], "decision": auto["decision"].as_dict()}
                 results.append(row)

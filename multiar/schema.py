@@ -289,9 +289,9 @@ class TrainSchema:
     )
     compile: str = doc(
         "auto: the first steps run eager and are timed, then the training step is compiled when the steps "
-        "left repay the compile (as measured here before; a first compile only for a run of more than "
-        "12 x 30 s eager: multiar/training/compile_when_it_pays.py); true: torch.compile the model's blocks "
-        "for training and validation; false: never",
+        "left repay the compile (as measured here before; a first compile only for a run of more than 12 "
+        "(bf16) or 36 (fp32) x 30 s eager: multiar/training/compile_when_it_pays.py); true: torch.compile "
+        "the model's blocks for training and validation; false: never",
         "auto",
     )
     attention: str = doc(

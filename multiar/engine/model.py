@@ -167,6 +167,10 @@ class KVCache(nn.Module):
 
 
 class Attention(nn.Module):
+    """Causal self-attention. mask: on the cached path (input_pos given) a bool mask of the slots each
+    query sees, or None (all / causal); on the full-sequence path None (SDPA, causal) or the additive
+    causal bias of matmul_attention (GPT.attention "matmul")."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
@@ -265,8 +269,9 @@ class GPT(nn.Module):
         self.causal_mask: Tensor | None = None
         self.max_seq_length = config.block_size
         self.keep_caches = False
-        # the full-sequence pass's attention (training, validation): "sdpa" (F.scaled_dot_product_attention,
-        # its flash kernels) or "matmul" (matmul_attention); engine.attention_choice picks by measuring
+        # a training step's attention (a full-sequence pass with gradients): "sdpa" (its flash kernels) or
+        # "matmul" (matmul_attention, whose backward is the faster on some CPUs; engine.attention_choice
+        # measures); passes without gradients and cached ones always take SDPA, whose forward is the faster
         self.attention = "sdpa"
         self.apply(self._init_weights)
         # GPT-2 scaling: residual projections shrink with depth so the residual stream keeps its variance
@@ -364,8 +369,10 @@ class GPT(nn.Module):
                 raise ValueError(f"sequence of {T} tokens exceeds block_size={self.config.block_size}")
             freqs = freqs[:T]
             kv_len = T
-            if self.attention == "matmul":
-                mask = causal_bias(T, self.wte.weight.dtype, idx.device)
+            if self.attention == "matmul" and torch.is_grad_enabled():  # a training step (see GPT.attention)
+                device = idx.device.type  # the bias in the dtype the scores are in: autocast's if on
+                dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+                mask = causal_bias(T, dtype or self.wte.weight.dtype, idx.device)
         else:
             if self.causal_mask is None:
                 raise RuntimeError("input_pos given but no KV cache: call model.setup_caches() first")

@@ -1,14 +1,14 @@
 """`compile=auto` for training: the first steps run eager and are timed, then the training step is compiled if
 the steps left repay the compile: before any compile of this step was measured on this machine, when they
-would take more than TRAIN_PAYBACK x TRAIN_FIRST_COMPILE_S eager (a compile assumed at 30 s that saves
-~1/6 of a step must be repaid twice: 12 x 30 s); after, when they save more than twice the compile's
-seconds as measured (multiar.engine.compile_choice's rule). The first compiled step is a trial, forward
+would take more than TRAIN_PAYBACK x TRAIN_FIRST_COMPILE_S eager (a compile assumed at 30 s, repaid
+twice: 12 x 30 s under bf16 autocast, where it saves ~1/6 of a step; 36 x 30 s otherwise, ~1/18); after,
+when they save more than twice the compile's seconds as measured (multiar.engine.compile_choice's rule). The first compiled step is a trial, forward
 and backward on the batch just trained on, gradients discarded: a compile that fails (no C++ compiler)
 leaves the run eager with one warning line. The compiled steps are timed and kept (decode_layout.json
 under data.cache_dir) for the next run's decision; a compiled step measured slower than the eager one
 is dropped again.
 
-Why it is worth a decision: on a 2-core Xeon with AMX the compiled 10.8M step ran 1.06-1.22x the eager one,
+Why it is worth a decision: on a 2-core Xeon with AMX the compiled 10.8M step ran 1.05-1.24x the eager one,
 after a cold compile of 8-20 s (its blocks compiled as one graph, engine.compiled_blocks; ~2-3 s from
 inductor's on-disk cache): a long run gains, a short one would only pay the compile (benchmarks/README.md,
 training).
@@ -48,21 +48,23 @@ log = logging.getLogger("multiar")
 
 WHAT = "the training step"
 # before a compile of the training step was measured here: a compile assumed at 30 s (8-20 s measured cold
-# at 10.8M and 85M on 2 cores: one block's graph, whatever the depth), saving ~1/6 of a step, repaid twice
+# at 10.8M and 85M on 2 cores: one block's graph, whatever the depth), repaid twice by what it saves of a
+# step: ~1/6 under bf16 autocast (1.16-1.24x measured, 10.8M), ~1/18 in fp32 (1.05-1.06x)
 TRAIN_FIRST_COMPILE_S = 30.0
-TRAIN_PAYBACK = 12.0
+TRAIN_PAYBACK = {"bf16": 12.0, "fp32": 36.0}
 
 
 def training_key(pl_module: L.LightningModule, batch: torch.Tensor, trainer: L.Trainer) -> str:
     """What a training step's figures depend on: the machine, the precision, the batch's shape, the
-    batches accumulated per optimizer step, and the model."""
+    batches accumulated per optimizer step, the model, its attention and how it compiles (its blocks:
+    figures of the whole forward compiled, or of the other attention, say nothing about this step)."""
     model = json.dumps(pl_module.model.config.to_dict(), sort_keys=True)
     digest = hashlib.sha256(model.encode()).hexdigest()[:16]
     shape = "x".join(str(n) for n in batch.shape)
     accumulate = trainer.accumulate_grad_batches
     return (
         f"{machine_key(pl_module.device)} | train {trainer.precision} | batch {shape} / {accumulate}"
-        f" | model {digest}"
+        f" | model {digest} | attention {pl_module.model.attention} | compiled blocks"
     )
 
 
@@ -135,7 +137,8 @@ class CompileWhenItPays(L.Callback):
             return
         key = training_key(pl_module, batch, trainer)
         # training's own first-compile rule: a training step saves less than a decode step does
-        first_rule = (TRAIN_PAYBACK, TRAIN_FIRST_COMPILE_S)
+        payback = TRAIN_PAYBACK["bf16" if str(trainer.precision).startswith("bf16") else "fp32"]
+        first_rule = (payback, TRAIN_FIRST_COMPILE_S)
         measured = read_measured(self.cache_file, key)
         self.decision = compile_pays(left, eager_ms, measured, device, WHAT, first_rule)
         log.info("%s", self.decision.log_line())

@@ -10,7 +10,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from multiar.engine.attention_choice import choose_attention, log_line
+from multiar.engine.attention_choice import AttentionChoice, choose_attention, log_line
+from multiar.errors import first_line
 
 log = logging.getLogger("multiar")
 
@@ -25,18 +26,26 @@ def step_dtype(precision: str, weights: torch.dtype) -> torch.dtype:
 
 
 class FastestAttention(L.Callback):
+    """Sets the model's training attention (GPT.attention) before the first step: as `attention=` says, or
+    (auto) the faster one at batch_size x block_size, timed or read from cache_file by rank 0 alone and
+    sent to every process, so all train alike. A measurement that fails leaves SDPA (one warning)."""
+
     def __init__(self, setting: str, batch_size: int, cache_file: Path | None) -> None:
         self.setting, self.batch_size, self.cache_file = setting, batch_size, cache_file
-        self.choice: dict = {}
+        self.choice: AttentionChoice = {}
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         model = pl_module.model
         choice = None
         if trainer.is_global_zero:  # one process times: several at once on one CPU would skew it
             dtype = step_dtype(str(trainer.precision), model.wte.weight.dtype)
-            choice = choose_attention(
-                self.setting, model.config, self.batch_size, dtype, pl_module.device, self.cache_file
-            )
+            try:
+                choice = choose_attention(
+                    self.setting, model.config, self.batch_size, dtype, pl_module.device, self.cache_file
+                )
+            except (RuntimeError, MemoryError) as err:  # the other ranks wait for this one's answer
+                log.warning("attention=auto: the measurement failed (%s): SDPA", first_line(err))
+                choice = {"attention": "sdpa", "how": f"measurement failed: {first_line(err)}"}
         self.choice = trainer.strategy.broadcast(choice, src=0)
         model.attention = self.choice["attention"]
         log.info("%s", log_line(self.choice))

@@ -25,7 +25,7 @@ BATCH = torch.zeros(4, 9, dtype=torch.long)  # (B, T + 1): the step's inputs are
 
 def fake_module():
     weight = torch.nn.Parameter(torch.ones(3))
-    model = SimpleNamespace(config=CONFIG, forward=lambda idx: idx)
+    model = SimpleNamespace(config=CONFIG, forward=lambda idx: idx, attention="sdpa")
     module = SimpleNamespace(model=model, device=torch.device("cpu"), forward_blocks=model.forward)
     module.parameters = lambda: [weight]
     module.zero_grad = lambda set_to_none=True: None
@@ -33,14 +33,14 @@ def fake_module():
     return module
 
 
-def fake_trainer(steps: float, world_size: int = 1, callbacks=()):
+def fake_trainer(steps: float, world_size: int = 1, callbacks=(), precision: str = "32-true"):
     plugin = SimpleNamespace(forward_context=contextlib.nullcontext)
     return SimpleNamespace(
         estimated_stepping_batches=steps,
         global_step=0,
         accumulate_grad_batches=1,
         world_size=world_size,
-        precision="32-true",
+        precision=precision,
         precision_plugin=plugin,
         callbacks=list(callbacks),
     )
@@ -77,16 +77,23 @@ def clock(monkeypatch):
 
 def test_a_short_run_stays_eager_and_a_long_one_compiles_before_anything_is_measured(tmp_path, clock, caplog):
     caplog.set_level(logging.INFO, logger="multiar")
-    # 12 x 30 s of eager steps repay a first compile: at 1 s a step, 360 steps left after the 4 timed do not
-    for steps, compiled in ((364, False), (365, True)):
-        chooser, module = cwp.CompileWhenItPays(tmp_path / "cache.json"), fake_module()
-        clock(chooser, fake_trainer(steps), module, [5.0, 1.0, 1.0, 1.0, 9.0], batches=4)
-        assert chooser.decision.compile is compiled and chooser.decision.steps == steps - 4
-        assert chooser.decision.eager_ms == 1000.0  # the first (warm-up) step is not counted
-        assert (module.forward_blocks != module.model.forward) is compiled
+    # under bf16 autocast 12 x 30 s of eager steps repay a first compile, in fp32 (a smaller saving) 36 x 30 s:
+    # at 1 s a step, 360 (1,080) steps left after the 4 timed do not
+    for precision, eager_s in (("bf16-mixed", 360), ("32-true", 1080)):
+        for steps, compiled in ((eager_s + 4, False), (eager_s + 5, True)):
+            chooser, module = cwp.CompileWhenItPays(tmp_path / "cache.json"), fake_module()
+            trainer = fake_trainer(steps, precision=precision)
+            clock(chooser, trainer, module, [5.0, 1.0, 1.0, 1.0, 9.0], batches=4)
+            assert chooser.decision.compile is compiled and chooser.decision.steps == steps - 4
+            assert chooser.decision.eager_ms == 1000.0  # the first (warm-up) step is not counted
+            assert (module.forward_blocks != module.model.forward) is compiled
     assert "not compiling the training step: 360 steps x 1000.00 ms eager = 360 s <= 12 x 30 s" in caplog.text
     assert "compile=auto: compiling the training step: 361 steps" in caplog.text
-    assert clock.compiled_calls == [(4, 8)]  # the trial: forward (and backward) on the deciding batch
+    assert "1080 steps x 1000.00 ms eager = 1080 s <= 36 x 30 s" in caplog.text
+    assert clock.compiled_calls == [
+        (4, 8),
+        (4, 8),
+    ]  # each trial: forward (and backward) on the deciding batch
 
 
 def test_the_compiled_steps_are_kept_and_decide_the_next_run(tmp_path, clock):
@@ -95,7 +102,10 @@ def test_the_compiled_steps_are_kept_and_decide_the_next_run(tmp_path, clock):
     # 4 eager steps of 1 s, the trial's 30 s (the compile), then 4 warm-up and 16 compiled steps of 0.5 s
     clock(chooser, trainer, module, [1.0] * 4 + [30.0] + [0.5] * 20, batches=24)
     key = cwp.training_key(module, BATCH, trainer)
-    assert "train 32-true | batch 4x9 / 1" in key
+    assert "train 32-true | batch 4x9 / 1" in key and key.endswith("| attention sdpa | compiled blocks")
+    other = fake_module()
+    other.model.attention = "matmul"  # the other attention's step: these figures are not its own
+    assert cwp.training_key(other, BATCH, trainer) != key
     assert read_measured(cache, key) | {"format": 1} == {"format": 1, "compiled_ms": 500.0, "compile_s": 30.0}
     assert chooser.state()["this_run"] == {"compile_s": 30.0, "compiled_ms": 500.0}
     assert (

@@ -221,9 +221,17 @@ def test_compile_true_compiles_training_and_validation(tmp_path, monkeypatch):
         assert module.forward_blocks == module.forward_validation == module.model.forward
 
 
-def test_attention_setting_reaches_the_model_and_config_yaml(tmp_path):
-    # forced: the model trains on it; auto: timed at the batch's shape and the faster one taken
+def test_attention_setting_reaches_the_model_and_config_yaml(tmp_path, monkeypatch):
+    # forced: the model trains on it (its training steps, not validation); auto: timed at the batch's shape
+    # and the faster one taken
+    import multiar.engine.model as model_module
+
+    calls, matmul = [], model_module.matmul_attention
+    monkeypatch.setattr(model_module, "matmul_attention", lambda *a: calls.append(1) or matmul(*a))
+    run_train(tmp_path, "sdpa", "trainer.max_steps=2", "trainer.val_check_interval=2", "attention=sdpa")
+    assert calls == []
     run_train(tmp_path, "matmul", "trainer.max_steps=2", "trainer.val_check_interval=2", "attention=matmul")
+    assert len(calls) == 2  # 2 steps of its one layer (TINY: model.n_layer=1)
     used = yaml.safe_load((tmp_path / "matmul" / "config.yaml").read_text())["attention_used"]
     assert used == {"setting": "matmul", "attention": "matmul", "how": "forced"}
     run_train(tmp_path, "auto", "trainer.max_steps=2", "trainer.val_check_interval=2")
