@@ -7,7 +7,7 @@ keep SDPA, whose forward is the faster.
 Why measure: on a 2-core Xeon with AMX, bf16, 8 x 6 heads x 256 tokens x 64, SDPA's forward and backward
 took 14.3 ms and the matmuls 6.2 (its flash backward alone ~12 ms); at 1,024 tokens SDPA 49 ms against
 93, and in fp32 they tie (16.2 against 16.7 ms). The bf16 10.8M training step went from 0.88-0.91x
-nanoGPT's to 1.02x eager and to 1.26x compiled (benchmarks/README.md, training). The matmul path keeps
+nanoGPT's to 1.02-1.03x eager and to 1.26-1.29x compiled (benchmarks/README.md, training). The matmul path keeps
 each layer's (T, T) probabilities for the backward: past SCORES_BUDGET bytes for the whole model it is
 not tried. On a GPU SDPA's flash kernels are used unmeasured. No Lightning, Hydra or domain code here.
 """
