@@ -10,7 +10,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from multiar.engine.attention_choice import AttentionChoice, choose_attention, log_line
+from multiar.engine.attention_choice import KINDS, AttentionChoice, choose_attention, log_line
 from multiar.errors import first_line
 
 log = logging.getLogger("multiar")
@@ -26,18 +26,24 @@ def step_dtype(precision: str, weights: torch.dtype) -> torch.dtype:
 
 
 class FastestAttention(L.Callback):
-    """Sets the model's training attention (GPT.attention) before the first step: as `attention=` says, or
-    (auto) the faster one at batch_size x block_size, timed or read from cache_file by rank 0 alone and
-    sent to every process, so all train alike. A measurement that fails leaves SDPA (one warning)."""
+    """Sets the model's training attention (GPT.attention) before the first training step: as `attention=`
+    says, or (auto) the faster one at batch_size x block_size, timed or read from cache_file by rank 0
+    alone and sent to every process, so all train alike. A resumed run (auto) keeps the attention its
+    checkpoint was trained with. A measurement that fails leaves SDPA (one warning)."""
 
     def __init__(self, setting: str, batch_size: int, cache_file: Path | None) -> None:
         self.setting, self.batch_size, self.cache_file = setting, batch_size, cache_file
         self.choice: AttentionChoice = {}
+        self.resumed: AttentionChoice = {}
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # on_train_start, not on_fit_start: after every strategy has restored the checkpoint (FSDP's
+        # restores after on_fit_start); validation before it runs without gradients, on SDPA anyway
         model = pl_module.model
         choice = None
-        if trainer.is_global_zero:  # one process times: several at once on one CPU would skew it
+        if self.setting == "auto" and self.resumed.get("attention") in KINDS:
+            choice = self.resumed | {"how": "resumed"}  # what the checkpoint's weights were trained with
+        elif trainer.is_global_zero:  # one process times: several at once on one CPU would skew it
             dtype = step_dtype(str(trainer.precision), model.wte.weight.dtype)
             try:
                 choice = choose_attention(
@@ -46,9 +52,17 @@ class FastestAttention(L.Callback):
             except (RuntimeError, MemoryError) as err:  # the other ranks wait for this one's answer
                 log.warning("attention=auto: the measurement failed (%s): SDPA", first_line(err))
                 choice = {"attention": "sdpa", "how": f"measurement failed: {first_line(err)}"}
-        self.choice = trainer.strategy.broadcast(choice, src=0)
+        if choice is None or choice.get("how") != "resumed":
+            choice = trainer.strategy.broadcast(choice, src=0)
+        self.choice = choice
         model.attention = self.choice["attention"]
         log.info("%s", log_line(self.choice))
+
+    def state_dict(self) -> dict:
+        return dict(self.choice)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.resumed = dict(state_dict)
 
     def state(self) -> dict:
         """config.yaml's attention_used: the setting and what it picked (empty before fit)."""

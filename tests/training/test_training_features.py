@@ -242,6 +242,18 @@ def test_attention_setting_reaches_the_model_and_config_yaml(tmp_path, monkeypat
         run_train(tmp_path, "bad", "attention=flash")
 
 
+def test_a_resumed_run_keeps_the_attention_it_trained_with(tmp_path, monkeypatch):
+    from multiar.training import fastest_attention as fa
+
+    picked = {"attention": "matmul", "how": "measured", "ms": {"sdpa": 2.0, "matmul": 1.0}, "shape": "s"}
+    monkeypatch.setattr(fa, "choose_attention", lambda *a: picked)
+    run_train(tmp_path, "run", "trainer.max_steps=2", "trainer.val_check_interval=2")
+    monkeypatch.setattr(fa, "choose_attention", lambda *a: pytest.fail("a resumed run measured again"))
+    run_train(tmp_path, "run", "trainer.max_steps=4", "trainer.val_check_interval=2", "ckpt_path=last")
+    used = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["attention_used"]
+    assert used == {"setting": "auto"} | picked | {"how": "resumed"}
+
+
 def test_samples_of_a_step_replace_that_steps_earlier_folder(tmp_path):
     # a resumed run that reaches step N again replaces the samples its killed predecessor wrote there
     from types import SimpleNamespace
