@@ -14,9 +14,15 @@ from functools import partial
 import torch
 from torch import Tensor
 
+from multiar.engine.inductor_options import make_room
 from multiar.engine.model import GPT, Block
+
+# graphs a training run may compile from Block.forward: its steps and validation, each also at a smaller
+# last batch; dynamo's recompile limit counts them for every model trained in one process (a sweep)
+GRAPHS_PER_RUN = 4
 
 
 def compile_blocks(model: GPT) -> Callable[[Tensor], Tensor]:
     """model's forward, idx (B, T) -> logits (B, T, V), each block run by one compiled Block.forward."""
+    make_room(GRAPHS_PER_RUN)
     return partial(model.forward, run_block=torch.compile(Block.forward))

@@ -32,3 +32,12 @@ def test_compiled_blocks_give_the_eager_pass_from_one_graph():
     assert torch.allclose(logits, eager, atol=1e-5)
     for name, p in model.named_parameters():
         assert torch.allclose(p.grad, want[name], atol=1e-5), name
+
+
+def test_each_compile_makes_room_for_its_graphs():
+    # a sweep trains several models in one process: each run's graphs are counted against one limit
+    import torch._dynamo.config as config
+
+    before = config.recompile_limit
+    compile_blocks(GPT(ModelConfig(vocab_size=40, block_size=16, n_layer=1, n_head=2, n_embd=32)))
+    assert config.recompile_limit == before + 4
