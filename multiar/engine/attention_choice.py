@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 from multiar.engine.choice_cache import machine_key, read_cache, write_cache
 from multiar.engine.compile_choice import synchronize
-from multiar.engine.model import ModelConfig, causal_bias, matmul_attention
+from multiar.engine.matmul_attention import causal_bias, matmul_attention
+from multiar.engine.model import ModelConfig
 
 SETTINGS = ("auto", "sdpa", "matmul")
 KINDS = ("sdpa", "matmul")

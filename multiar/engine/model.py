@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from multiar.engine.matmul_attention import causal_bias, matmul_attention
 from multiar.engine.segments import Segments, segment_attention
 
 # where a pass's tokens go: none (training), an int start, (T,) or (B, T) tensors, or a slot engine's mixed step
@@ -114,27 +115,6 @@ def apply_rope(x: Tensor, freqs: Tensor) -> Tensor:
     cos, sin = freqs[..., 0], freqs[..., 1]  # (..., T, 1, hs/2)
     a, b = pairs[..., 0], pairs[..., 1]
     return torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(-2).type_as(x)
-
-
-def matmul_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, dropout: float) -> Tensor:
-    """Causal attention as batched matmuls, softmax(q k^T / sqrt(hs) + bias) v: (B, nh, T, hs) each ->
-    (B, nh, T, hs). bias (T, T) holds 0 on and below the diagonal and -inf above it, added inside the
-    first matmul. The (B * nh, T, T) scores are materialized in the inputs' dtype: on a CPU in bf16 at a
-    few hundred tokens, forward and backward run ~2x faster than SDPA's flash kernels, whose backward is
-    slow there; at longer sequences or in fp32 they do not (engine.attention_choice measures)."""
-    B, nh, T, hs = q.shape
-    scores = torch.baddbmm(
-        bias, q.reshape(B * nh, T, hs), k.reshape(B * nh, T, hs).transpose(1, 2), alpha=hs**-0.5
-    )
-    probs = torch.softmax(scores, dim=-1)  # (B * nh, T, T)
-    if dropout:
-        probs = F.dropout(probs, dropout)
-    return torch.bmm(probs, v.reshape(B * nh, T, hs)).view(B, nh, T, hs)
-
-
-def causal_bias(size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """(size, size): 0 on and below the diagonal, -inf above it (matmul_attention's bias)."""
-    return torch.full((size, size), float("-inf"), dtype=dtype, device=device).triu_(1)
 
 
 class KVCache(nn.Module):

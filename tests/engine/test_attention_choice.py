@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from multiar import schema
 from multiar.engine import attention_choice as ac
-from multiar.engine.model import GPT, ModelConfig, causal_bias, matmul_attention
+from multiar.engine.matmul_attention import causal_bias, matmul_attention
+from multiar.engine.model import GPT, ModelConfig
 
 CONFIG = ModelConfig(vocab_size=40, block_size=32, n_layer=2, n_head=2, n_embd=32)
 
