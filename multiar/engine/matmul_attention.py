@@ -5,6 +5,8 @@ instead of SDPA; engine.model calls it. No Lightning, Hydra or domain code here.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -26,6 +28,8 @@ def matmul_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, dropout: flo
     return torch.bmm(probs, v.reshape(B * nh, T, hs)).view(B, nh, T, hs)
 
 
+@functools.lru_cache(maxsize=8)
 def causal_bias(size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """(size, size): 0 on and below the diagonal, -inf above it (matmul_attention's bias)."""
+    """(size, size): 0 on and below the diagonal, -inf above it (matmul_attention's bias). Built once per
+    size, dtype and device, not at every training step; read only."""
     return torch.full((size, size), float("-inf"), dtype=dtype, device=device).triu_(1)
