@@ -8,7 +8,7 @@ packs them for oneDNN itself, so the model keeps nn.Linear: inductor cannot lowe
 Linear) and on a CPU a C++ wrapper calls the kernels (engine.inductor_options). The graph is compiled on
 the calling (loading) thread for every case a step meets, since a compile on the engine thread would
 stall every row for seconds. `decode_rows` (rows 0 .. d-1, one token each) is the graph `compile=true`
-compiles for `generate` (engine.decode: static shapes, every row over the whole cache). No Lightning,
+compiles for `generate` (engine.decode: static shapes but the filled slots' count). No Lightning,
 Hydra or domain code here.
 """
 
