@@ -249,6 +249,9 @@ class GPT(nn.Module):
         self.causal_mask: Tensor | None = None
         self.max_seq_length = config.block_size
         self.keep_caches = False
+        # the caches' dtype where setup_caches is not told one; None: its rule (engine.decode's compiled
+        # step sets bf16 for bf16 weights: its attention reads them at half the bytes)
+        self.cache_dtype: torch.dtype | None = None
         # a training step's attention (a full-sequence pass with gradients): "sdpa" (its flash kernels) or
         # "matmul" (matmul_attention, whose backward is the faster on some CPUs; engine.attention_choice
         # measures); passes without gradients and cached ones always take SDPA, whose forward is the faster
@@ -278,12 +281,14 @@ class GPT(nn.Module):
         self, max_batch_size: int, max_seq_length: int | None = None, kv_dtype: torch.dtype | None = None
     ) -> None:
         """Allocate a KV cache per layer, and the causal mask, for up to max_seq_length positions, keys
-        and values in kv_dtype (None: the weights' dtype, fp32 for bf16 weights on a CPU). With
+        and values in kv_dtype (None: cache_dtype if set, else the weights' dtype, fp32 for bf16 weights
+        on a CPU, whose SDPA runs bf16 several times slower). With
         keep_caches set (a compiled model: its graph holds on to these tensors), caches at least that
         large are reused instead."""
         max_seq_length = max_seq_length or self.config.block_size
         if max_seq_length > self.config.block_size:
             raise ValueError(f"max_seq_length={max_seq_length} exceeds block_size={self.config.block_size}")
+        kv_dtype = kv_dtype or self.cache_dtype
         device, dtype = self.wte.weight.device, kv_dtype or self.wte.weight.dtype
         if kv_dtype is None and device.type == "cpu" and dtype == torch.bfloat16:
             # CPUs run bf16 attention several times slower than fp32 (benchmarks/README.md): bf16
