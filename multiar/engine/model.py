@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from multiar.engine.matmul_attention import causal_bias, matmul_attention
+from multiar.engine.precision import has_amx
 from multiar.engine.segments import Segments, segment_attention
 
 # where a pass's tokens go: none (training), an int start, (T,) or (B, T) tensors, or a slot engine's mixed step
@@ -192,6 +193,12 @@ class Attention(nn.Module):
             if self.kv_cache is None:
                 raise RuntimeError("input_pos given but no KV cache: call model.setup_caches() first")
             k, v = self.kv_cache.update(input_pos, k, v, kv_len)  # (B, nh, kv_len, hs): the filled part
+            if k.dtype == torch.bfloat16 and k.device.type == "cpu" and not has_amx():
+                # bf16 caches (a compiled model's, GPT.cache_dtype) on the eager passes it still takes
+                # (prefill, a slide, other row counts): without AMX a CPU's SDPA runs bf16 slower than
+                # fp32 (an AVX512-BF16 EPYC, benchmarks/README.md); with it faster (a 512-token prefill's
+                # 12 heads 1.35 ms against 3.95)
+                q, k, v = q.float(), k.float(), v.float()
             # one new token attends to every filled slot: no mask at all; a block starting at 0 is causal
             causal = mask is None and T > 1
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal).to(x.dtype)
@@ -250,7 +257,7 @@ class GPT(nn.Module):
         self.max_seq_length = config.block_size
         self.keep_caches = False
         # the caches' dtype where setup_caches is not told one; None: its rule (engine.decode's compiled
-        # step sets bf16 for bf16 weights: its attention reads them at half the bytes)
+        # step sets bf16 where the linears make bf16 keys: its attention reads them at half the bytes)
         self.cache_dtype: torch.dtype | None = None
         # a training step's attention (a full-sequence pass with gradients): "sdpa" (its flash kernels) or
         # "matmul" (matmul_attention, whose backward is the faster on some CPUs; engine.attention_choice

@@ -8,6 +8,7 @@ and torch version, so later runs decide instantly.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -30,6 +31,12 @@ def cpu_flags() -> set[str]:
     except OSError:
         pass
     return set()
+
+
+@functools.cache
+def has_amx() -> bool:
+    """Whether this CPU has AMX's bf16 matrix units (its flags read once)."""
+    return "amx_bf16" in cpu_flags()
 
 
 ARM_FIELDS = ("CPU implementer", "CPU variant", "CPU part", "CPU revision")

@@ -189,7 +189,7 @@ def test_compile_true_samples_the_same_files(tmp_path):
 
 
 def test_compiled_decode_step_equals_eager_past_the_window_and_with_fewer_rows_than_its_cache():
-    """The compiled step (engine.captured_step.decode_rows over the whole cache) after the window slid
+    """The compiled step (engine.decode.decode_filled: decode_rows over the filled slots) after the window slid
     (the cache refilled by an eager prefill, positions starting again) and for a batch smaller than the
     cache a compiled model keeps from an earlier call."""
     from multiar.engine.decode import compile_for_sampling, generate
@@ -229,8 +229,11 @@ def test_compiled_decode_step_equals_eager_for_aligned_and_ragged_rows(tmp_path)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert generate(compiled, prompts=two, max_new_tokens=6, temperature=0.0) == expected
     assert len(clock.times) == steps and torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
-    # quantized weights compose with it (compile=true quantize=int4)
+    # quantized weights compose with it (compile=true quantize=int4), its keys and values in bf16 (the
+    # kernel's activations): the eager reference over bf16 caches too
     int4 = quantize(copy.deepcopy(model), "int4")
+    int4.cache_dtype = torch.bfloat16
     expected = generate(int4, prompts=ragged, max_new_tokens=8, temperature=0.0)
     compiled = compile_for_sampling(quantize(copy.deepcopy(model), "int4"))
     assert generate(compiled, prompts=ragged, max_new_tokens=8, temperature=0.0) == expected
+    assert compiled.blocks[0].attn.kv_cache.k.dtype == torch.bfloat16
