@@ -688,7 +688,7 @@ class ServeSchema:
     dtype: str = doc("auto, fp32 or bf16, as generate", "auto")
     layout: str = doc("auto, linear or packed, as generate (measured at batch `slots`)", "auto")
     attention: str = doc(
-        "the decoding rows' attention: sdpa (torch's, fp32 keys/values on a CPU), compiled (inductor, "
+        "the decoding rows' attention: sdpa (torch's, fp32 keys/values on a CPU without AMX), compiled (inductor, "
         "keys/values in the weights' dtype) or auto (the faster at `slots` rows, measured once here)",
         "auto",
     )

@@ -288,8 +288,8 @@ class GPT(nn.Module):
         self, max_batch_size: int, max_seq_length: int | None = None, kv_dtype: torch.dtype | None = None
     ) -> None:
         """Allocate a KV cache per layer, and the causal mask, for up to max_seq_length positions, keys
-        and values in kv_dtype (None: cache_dtype if set, else the weights' dtype, fp32 for bf16 weights
-        on a CPU, whose SDPA runs bf16 several times slower). With
+        and values in kv_dtype (None: cache_dtype if set, else the weights' dtype; fp32 for bf16 weights
+        on a CPU without AMX, whose SDPA runs bf16 several times slower). With
         keep_caches set (a compiled model: its graph holds on to these tensors), caches at least that
         large are reused instead."""
         max_seq_length = max_seq_length or self.config.block_size
@@ -297,9 +297,10 @@ class GPT(nn.Module):
             raise ValueError(f"max_seq_length={max_seq_length} exceeds block_size={self.config.block_size}")
         kv_dtype = kv_dtype or self.cache_dtype
         device, dtype = self.wte.weight.device, kv_dtype or self.wte.weight.dtype
-        if kv_dtype is None and device.type == "cpu" and dtype == torch.bfloat16:
-            # CPUs run bf16 attention several times slower than fp32 (benchmarks/README.md): bf16
-            # weights, fp32 keys/values and attention
+        if kv_dtype is None and device.type == "cpu" and dtype == torch.bfloat16 and not has_amx():
+            # a CPU without AMX runs bf16 attention several times slower than fp32 (an AVX512-BF16 EPYC):
+            # bf16 weights, fp32 keys/values and attention; with AMX bf16 caches decode faster (eager,
+            # 2-vCPU Xeon: +2% to +15% tokens/s at 10.8M/85M, batch 1/8; benchmarks/README.md)
             dtype = torch.float32
         cache = self.blocks[0].attn.kv_cache
         if self.keep_caches and cache is not None and cache.k.dtype == dtype:

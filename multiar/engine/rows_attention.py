@@ -2,8 +2,8 @@
 chosen by measuring (`choose_rows_attention`):
 
 - "sdpa": torch's scaled_dot_product_attention over every row's slots up to the furthest row's position,
-  a mask hiding each row's slots past its own; keys and values kept in fp32 on a CPU (its bf16 SDPA
-  runs several times slower than fp32).
+  a mask hiding each row's slots past its own; keys and values in the model's rule (GPT.setup_caches):
+  fp32 for bf16 weights on a CPU without AMX (its bf16 SDPA runs several times slower than fp32).
 - "compiled": the same attention as four tensor ops (`attend_rows`) compiled by inductor, keys and
   values kept in the weights' dtype: with bf16 weights the cache is bf16, half the bytes every step
   reads. Six layers at 16 rows over a hundred-odd positions, caches cold: SDPA over fp32 3.0-3.5 ms, the

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from multiar.engine.precision import has_amx
+
 # the decoding rows' attention: q (d, nh, hs), the cache's keys and values (d, nh, n, hs), positions (d,)
 # (row b sees its slots 0 .. positions[b]) -> (d, nh, hs); engine.rows_attention has the ways
 Attend = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
@@ -65,10 +67,11 @@ def segment_attention(q: Tensor, k: Tensor, v: Tensor, seg: Segments, cache, cau
     """q, k, v (N, nh, hs) of the step's tokens in the cache's dtype (Attention casts its projection once),
     written into the cache, -> (N, nh, hs) in that dtype: the decoding rows attend to their slots up to
     their own position; a chunk to its row's slots before it and causally within. The decoding rows' slots are written first, so a chunk overwrites its row's
-    placeholder. On a CPU a chunk attends in fp32, whatever the cache holds (bf16 SDPA is slow there)."""
+    placeholder. On a CPU without AMX a chunk attends in fp32, whatever the cache holds (bf16 SDPA is slow
+    there; with AMX the faster)."""
     out = []
     d, dtype = seg.rows, cache.k.dtype
-    work = torch.float32 if q.device.type == "cpu" else dtype
+    work = torch.float32 if q.device.type == "cpu" and not has_amx() else dtype
     if d:
         cache.k[seg.row_index, :, seg.positions] = k[:d]  # each row's slot at its own position
         cache.v[seg.row_index, :, seg.positions] = v[:d]

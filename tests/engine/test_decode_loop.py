@@ -382,11 +382,14 @@ def test_the_compiled_step_reads_the_filled_slots_alone_in_one_graph_for_every_l
 def test_the_compiled_step_keeps_keys_in_bf16_where_the_linears_make_them_so(monkeypatch):
     """Keys and values in bf16 for the compiled step of bf16 weights or bf16-activation int8 / int4
     kernels (its attention reads half the bytes: 10.8M batch 8 1.81 -> 1.56 ms a step), fp32 weights keep
-    fp32, and the eager model keeps its rule (fp32 on a CPU, whose bf16 SDPA is slow). A compile that
-    fails returns the model to the eager rule."""
+    fp32, and the eager model keeps its rule (fp32 on a CPU without AMX, whose bf16 SDPA is slow). A
+    compile that fails returns the model to the eager rule."""
     import multiar.engine.decode as decode
+    import multiar.engine.model as model_module
     from multiar.engine.decode import compile_for_sampling
     from multiar.engine.quantize import quantize
+
+    monkeypatch.setattr(model_module, "has_amx", lambda: False)  # the rule where it differs from compiled
 
     def cache_dtype(model: GPT) -> torch.dtype:
         model.setup_caches(1, 8)

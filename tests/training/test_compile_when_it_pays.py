@@ -106,7 +106,7 @@ def test_the_compiled_steps_are_kept_and_decide_the_next_run(tmp_path, clock):
     other = fake_module()
     other.model.attention = "matmul"  # the other attention's step: these figures are not its own
     assert cwp.training_key(other, BATCH, trainer) != key
-    assert read_measured(cache, key) | {"format": 1} == {"format": 1, "compiled_ms": 500.0, "compile_s": 30.0}
+    assert read_measured(cache, key) | {"format": 0} == {"format": 0, "compiled_ms": 500.0, "compile_s": 30.0}
     assert chooser.state()["this_run"] == {"compile_s": 30.0, "compiled_ms": 500.0}
     assert (
         chooser.clock is None and module.forward_blocks is not module.model.forward
