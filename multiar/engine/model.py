@@ -22,6 +22,7 @@ from torch import Tensor
 from multiar.engine.matmul_attention import causal_bias, matmul_attention
 from multiar.engine.precision import has_amx
 from multiar.engine.segments import Segments, segment_attention
+from multiar.engine.training_backward import rms_norm, rotate_split, swiglu_gate
 
 # where a pass's tokens go: none (training), an int start, (T,) or (B, T) tensors, or a slot engine's mixed step
 Positions = int | Tensor | Segments | None
@@ -66,35 +67,15 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        training = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
-        if training and x.device.type == "cpu" and not torch.compiler.is_compiling():
-            return _RMSNormFunction.apply(x, self.weight, self.eps)
+        if hand_backward(x) or hand_backward(self.weight):
+            return rms_norm(x, self.weight, self.eps)
         return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
 
 
-class _RMSNormFunction(torch.autograd.Function):
-    """RMSNorm with a hand-written backward: on a CPU, F.rms_norm is composed of ~6 ops forward and ~10
-    backward, each a pass over the activations and a thread-pool round; this takes 3 and 6
-    (benchmarks/README.md, training). Same formula, so the same values as F.rms_norm to rounding."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:  # noqa: ANN001
-        # one reduction pass (a norm), then small ops on (..., 1)
-        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-        rstd = norm.square_().div_(x.size(-1)).add_(eps).rsqrt_()
-        xhat = x * rstd
-        ctx.save_for_backward(xhat, weight, rstd)
-        return xhat * weight.to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:  # noqa: ANN001
-        xhat, weight, rstd = ctx.saved_tensors
-        w = weight.to(grad.dtype)
-        gx = grad * xhat
-        dw = gx.sum(tuple(range(grad.dim() - 1))).to(weight.dtype)
-        dot = (gx @ w).unsqueeze_(-1).div_(-xhat.size(-1))  # -mean(g w xhat) per row: a mat-vec
-        dx = torch.addcmul(grad * w, xhat, dot).mul_(rstd)
-        return dx, dw, None
+def hand_backward(t: Tensor) -> bool:
+    """Whether an eager CPU training step computes with t: engine.training_backward's Functions then."""
+    training = torch.is_grad_enabled() and t.requires_grad
+    return training and t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def rope_cache(seq_len: int, head_size: int, base: float) -> Tensor:
@@ -170,10 +151,13 @@ class Attention(nn.Module):
             # the cache's dtype (fp32 for bf16 weights on a CPU) once, before rotary: not q, k, v each
             # and rotary's result back and forth (a decode step is made of such small ops)
             qkv = qkv.to(self.kv_cache.k.dtype)
-        # split, not slices: its backward is one cat, where each slice's fills a zero tensor of qkv's size
-        qk, v = qkv.view(B, T, 3 * nh, hs).split([2 * nh, nh], dim=2)
-        # rotate q and k in one call: half the small ops per layer
-        qk = apply_rope(qk, freqs)  # (B, T, 2 * nh, hs)
+        if hand_backward(qkv) and freqs.is_complex():
+            qk, v = rotate_split(qkv.view(B, T, 3 * nh, hs), freqs, nh)  # its gradient in one buffer
+        else:
+            # split, not slices: its backward is one cat, where each slice's fills a zero tensor of qkv's size
+            qk, v = qkv.view(B, T, 3 * nh, hs).split([2 * nh, nh], dim=2)
+            # rotate q and k in one call: half the small ops per layer
+            qk = apply_rope(qk, freqs)  # (B, T, 2 * nh, hs)
         if isinstance(input_pos, Segments):  # a slot engine's mixed step: B = 1, T tokens of many rows
             if self.kv_cache is None or mask is None:
                 raise RuntimeError("a mixed step needs the KV cache: call model.setup_caches() first")
@@ -214,7 +198,10 @@ class SwiGLU(nn.Module):
         self.down = nn.Linear(hidden, config.n_embd, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        gate_up = self.gate_up(x)
+        if hand_backward(gate_up):
+            return self.down(swiglu_gate(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down(F.silu(gate) * up)
 
 
