@@ -148,7 +148,7 @@ class Attention(nn.Module):
         nh, hs = self.config.n_head, self.config.head_size
         qkv = self.qkv(x)
         if input_pos is not None and self.kv_cache is not None:
-            # the cache's dtype (fp32 for bf16 weights on a CPU) once, before rotary: not q, k, v each
+            # the cache's dtype (fp32 for bf16 weights on a CPU without AMX) once, before rotary: not q, k, v each
             # and rotary's result back and forth (a decode step is made of such small ops)
             qkv = qkv.to(self.kv_cache.k.dtype)
         if hand_backward(qkv) and freqs.is_complex():

@@ -3,10 +3,11 @@ chosen by measuring (`choose_rows_attention`):
 
 - "sdpa": torch's scaled_dot_product_attention over every row's slots up to the furthest row's position,
   a mask hiding each row's slots past its own; keys and values in the model's rule (GPT.setup_caches):
-  fp32 for bf16 weights on a CPU without AMX (its bf16 SDPA runs several times slower than fp32).
+  fp32 for bf16 weights on a CPU without AMX (its bf16 SDPA runs several times slower than fp32), bf16
+  with AMX (there the faster: 16 rows of the 10.8M model 9.0 against 12.3 ms a step).
 - "compiled": the same attention as four tensor ops (`attend_rows`) compiled by inductor, keys and
   values kept in the weights' dtype: with bf16 weights the cache is bf16, half the bytes every step
-  reads. Six layers at 16 rows over a hundred-odd positions, caches cold: SDPA over fp32 3.0-3.5 ms, the
+  reads (against SDPA's fp32 where the CPU lacks AMX). Six layers at 16 rows over a hundred-odd positions, caches cold: SDPA over fp32 3.0-3.5 ms, the
   compiled way over bf16 1.2-1.7 ms, over fp32 2.35-2.73 ms (benchmarks/README.md, serve).
 
 Each way decodes a few steps of the model at the slot count, rounds alternated, and the faster wins;
@@ -107,8 +108,8 @@ def build_way(model: GPT, way: str) -> RowsAttention:
 def step_seconds(model: GPT, ways: dict[str, RowsAttention], slots: int, rounds: int = 3) -> dict[str, float]:
     """Seconds per decoding step of `slots` rows spread over the context (one row: at its end), for each
     way (its caches set up in its dtype, as the engine's), rounds alternated; the best round of each.
-    Decoding steps only: a prompt chunk's attention over a bf16 cache (converted to fp32 per layer) is
-    not in the figure."""
+    Decoding steps only: a prompt chunk's attention over a bf16 cache (converted to fp32 per layer on a
+    CPU without AMX) is not in the figure."""
     block = model.config.block_size
     device = model.wte.weight.device
     positions = torch.linspace(block - 1, 0, slots, device=device).long()

@@ -445,3 +445,37 @@ def test_eager_passes_over_bf16_caches_attend_in_fp32_on_a_cpu_without_amx(monke
     assert len(out[0]) == 3 and len(seen) == 3 * len(model.blocks)  # a prefill and two steps
     want = torch.bfloat16 if amx else torch.float32
     assert set(seen) == {(want, want, want)}
+
+
+@pytest.mark.parametrize("amx", [False, True])
+def test_a_prompt_chunk_over_a_bf16_cache_attends_in_fp32_on_a_cpu_without_amx(monkeypatch, amx):
+    """A slot engine's prompt chunk (engine.segments) over bf16 caches: SDPA in fp32 where the CPU lacks
+    AMX, in bf16 where it has it, as the model's own eager passes; the same logits to bf16's rounding."""
+    import torch.nn.functional as F
+
+    import multiar.engine.segments as segments_module
+    from multiar.engine.segments import Segments
+
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording(q, k, v, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return sdpa(q, k, v, **kwargs)
+
+    model = tiny().to(torch.bfloat16)
+    ids = torch.tensor([1, 5, 9, 2, 7])
+    logits = {}
+    for flag in (not amx, amx):  # the other answer first: a reference to compare with
+        monkeypatch.setattr(segments_module, "has_amx", lambda flag=flag: flag)
+        model.setup_caches(1, 16, kv_dtype=torch.bfloat16)
+        seen.clear()
+        monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+        with torch.inference_mode():
+            logits[flag] = model.forward_segments(
+                ids, Segments(0, torch.zeros(0, dtype=torch.long), [(0, 0, 5)])
+            )
+        monkeypatch.setattr(F, "scaled_dot_product_attention", sdpa)
+    want = torch.bfloat16 if amx else torch.float32
+    assert len(seen) == len(model.blocks) and set(seen) == {(want, want, want)}
+    torch.testing.assert_close(logits[amx].float(), logits[not amx].float(), rtol=0.05, atol=0.05)

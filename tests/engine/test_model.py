@@ -366,31 +366,42 @@ def test_training_swiglu_gate_and_rotary_split_match_the_composed_ops(dtype):
 
 
 @pytest.mark.parametrize("autocast", [False, True])
-def test_a_training_step_on_the_hand_written_backwards_equals_the_composed_ops(monkeypatch, autocast):
+@pytest.mark.parametrize(("attention", "dropout"), [("sdpa", 0.0), ("matmul", 0.0), ("matmul", 0.2)])
+def test_a_training_step_on_the_hand_written_backwards_equals_the_composed_ops(
+    monkeypatch, autocast, attention, dropout
+):
     """The eager CPU training step takes engine.training_backward's Functions (RMSNorm, SwiGLU gate,
-    rotary split); with them switched off it takes the composed ops: same loss, same gradients."""
+    rotary split: each counted); with them switched off it takes the composed ops: same loss, same
+    gradients, on either attention, with dropout too (the Functions draw no random numbers)."""
     import multiar.engine.model as model_module
 
-    taken = []
-    real = model_module.hand_backward
+    calls = dict.fromkeys(("rms_norm", "rotate_split", "swiglu_gate"), 0)
+    for name in calls:
+        real = getattr(model_module, name)
 
-    def recording(t):
-        taken.append(real(t))
-        return taken[-1]
+        def counting(*args, name=name, real=real):
+            calls[name] += 1
+            return real(*args)
 
-    torch.manual_seed(0)
-    idx = torch.randint(0, 37, (3, 12))
+        monkeypatch.setattr(model_module, name, counting)
+    idx = torch.randint(0, 37, (3, 12), generator=torch.Generator().manual_seed(0))
     context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
     results = []
-    for switch in (recording, lambda t: False):
-        monkeypatch.setattr(model_module, "hand_backward", switch)
-        model = tiny_model().train()
+    for hand in (True, False):
+        if not hand:
+            monkeypatch.setattr(model_module, "hand_backward", lambda t: False)
+        model = tiny_model(dropout=dropout).train()
+        model.attention = attention
+        torch.manual_seed(1)  # the same dropout masks in both steps
         with context:
             logits = model(idx[:, :-1])
             loss = F.cross_entropy(logits.flatten(0, 1).float(), idx[:, 1:].flatten())
         loss.backward()
         results.append((loss.detach(), [p.grad for p in model.parameters()]))
-    assert any(taken) and all(taken)  # every norm, gate and split of the first step took its Function
+        if hand:  # per block two norms, a split, a gate; the last norm
+            n = model.config.n_layer
+            assert calls == {"rms_norm": 2 * n + 1, "rotate_split": n, "swiglu_gate": n}
+    assert sum(calls.values()) == 4 * model.config.n_layer + 1  # none taken with the switch off
     tolerance = dict(rtol=2e-2, atol=2e-3) if autocast else dict(rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(results[0], results[1], **tolerance)
 
