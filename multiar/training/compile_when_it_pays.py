@@ -49,7 +49,8 @@ log = logging.getLogger("multiar")
 WHAT = "the training step"
 # before a compile of the training step was measured here: a compile assumed at 30 s (8-20 s measured cold
 # at 10.8M and 85M on 2 cores: one block's graph, whatever the depth), repaid twice by what it saves of a
-# step: ~1/6 under bf16 autocast (1.16-1.24x measured, 10.8M), ~1/18 in fp32 (1.05-1.06x)
+# step: ~1/6 under bf16 autocast (1.16-1.24x measured, 10.8M), ~1/18 in fp32 (1.05-1.06x; 1.03x once the
+# eager step had its hand-written backwards, session 22: optimistic there, until this machine measures)
 TRAIN_FIRST_COMPILE_S = 30.0
 TRAIN_PAYBACK = {"bf16": 12.0, "fp32": 36.0}
 
