@@ -8,7 +8,7 @@ into one buffer with fewer passes. Same formulas, so the same values as the comp
 (tests/engine/test_model.py). A compiled step does not use them: inductor fuses the composed ops itself.
 Measured on a 2-vCPU Xeon with AMX, 10.8M, paired against the composed ops in one process (benchmarks/README.md,
 training): the two new ones make the step 2.3-3.1% faster in fp32 (five runs; the rotary split alone
-1.7-2.3%), 0.4-3.5% in bf16 (three runs).
+1.7-2.3%), 0.4-3.5% in bf16 (four runs).
 No Lightning, Hydra or domain code here.
 """
 
