@@ -9,7 +9,7 @@ same weights, exported through `multiar export`, side by side in one process, in
 Rows: every candidate `multiar.engine.layout.prepare_for_decoding` measures (fp32 and bf16, nn.Linear
 and oneDNN-packed), what it picked at that batch size ("multiar auto", measured afresh here, no cache),
 int8 and int4 with their kernels as `quantize` makes them and as prepare_for_decoding picks them per
-layer shape, and transformers' `generate` (the baseline). `--compile` adds the torch.compile rows:
+layer shape at that batch size, and transformers' `generate` (the baseline). `--compile` adds the torch.compile rows:
 fp32 compiled, `compile=true` (the dtype it measures), `compile=true` with int8 and int4 weights, and
 transformers' static-cache compile recipe. `--llama-cpp DIR`: the script writes each
 shape's weights as DIR/<shape>-{f32,f16,bf16}.gguf (`multiar export format=gguf`'s writer, a plain
@@ -271,9 +271,6 @@ def main() -> None:
         }
         for mode in ("int8", "int4"):
             engines[f"multiar {mode}"] = quantize(copy.deepcopy(model), mode)
-            picked, choice = prepare_for_decoding(quantize(copy.deepcopy(model), mode), batch_size=1)
-            engines[f"multiar {mode} auto kernels"] = picked
-            print(f"{shape_name:6s} {mode}: {choice.log_line()}")
         hf = to_transformers(model)
         if args.compile:
             engines["multiar fp32 compile"] = compile_for_sampling(copy.deepcopy(model))
@@ -308,6 +305,14 @@ def main() -> None:
             print(f"{shape_name:6s} batch {batch}  auto: {choice.log_line()}", flush=True)
             picked = f"multiar auto ({choice.dtype} {choice.layout.replace('linear', 'nn.Linear')})"
             entries[picked] = partial(generate, auto, prompt, args.new)
+            choices = {picked: choice}
+            for mode in ("int8", "int4"):  # what `generate quantize=<mode>` picks at this batch size
+                kernels, kernel_choice = prepare_for_decoding(
+                    quantize(copy.deepcopy(model), mode), batch_size=batch
+                )
+                choices[f"multiar {mode} auto kernels"] = kernel_choice
+                entries[f"multiar {mode} auto kernels"] = partial(generate, kernels, prompt, args.new)
+                print(f"{shape_name:6s} batch {batch}  {mode}: {kernel_choice.log_line()}", flush=True)
             entries |= llama_cpp_entries(args.llama_cpp, shape_name, model, batch, args)
             entries |= llama_server_entries(
                 args.llama_server, gguf_dir, shape_name, model, batch, args, servers
@@ -338,7 +343,8 @@ def main() -> None:
                 }
                 if name.startswith("multiar auto"):
                     row["vs_fastest_candidate"] = tps / fastest
-                    row["choice"] = choice.as_dict()
+                if name in choices:
+                    row["choice"] = choices[name].as_dict()
                 if batch == 1 and "fp32" in name and "llama" not in name:  # bytes of weights a token reads
                     row["ram_bandwidth_share"] = weight_bytes * tps / 1e9 / bw
                 elif batch == 1 and "bf16" in name and "llama" not in name:

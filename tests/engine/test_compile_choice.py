@@ -193,13 +193,13 @@ def test_compile_true_measures_for_auto_and_auto_compiles_a_quantized_models_own
     bf16_everywhere = lambda layers, batch: {n: 0.1 if n.endswith("bf16") else 1.0 for n in layers}  # noqa: E731
     eager, choice = lay.prepare_for_decoding(
         quantize(tiny_model(), "int8"), cache_dir=tmp_path, compile="auto", steps=10,
-        layer_timer=bf16_everywhere, timer=fake_timer({"int8": 5.0}, []),
+        layer_timer=bf16_everywhere, timer=fake_timer({"int8": 5.0, "int8 per shape": 4.0}, []),
     )  # fmt: skip
     assert len(compiler) == 1 and choice.layout == "int8" and set(choice.kernels.values()) == {"bf16"}
     assert isinstance(eager.blocks[0].attn.proj, lay.DequantizedLinear)
     _, choice = lay.prepare_for_decoding(
         quantize(tiny_model(), "int8"), cache_dir=tmp_path, compile="auto", steps=10**9,
-        layer_timer=bf16_everywhere, timer=fake_timer({"int8": 5.0}, []),
+        layer_timer=bf16_everywhere, timer=fake_timer({"int8": 5.0, "int8 per shape": 4.0}, []),
     )  # fmt: skip
     compiled = compiler[1]["model"]  # quantize's kernels, none swapped for a bf16 copy
     assert isinstance(compiled.blocks[0].attn.proj, Int8Linear) and compiler[1]["rows"] == 1

@@ -148,7 +148,10 @@ def test_quantized_layers_take_the_faster_kernel_per_shape(tmp_path):
         calls.append(sorted(layers))
         return {n: (1e-6 if n.endswith("64x64 bf16") else 2e-6) for n in layers}
 
-    model, choice = lay.prepare_for_decoding(q_model, cache_dir=tmp_path, layer_timer=layer_timer)
+    whole = fake_timer({"int8": 2.0, "int8 per shape": 1.0}, [])  # the mix also wins on the whole model
+    model, choice = lay.prepare_for_decoding(
+        q_model, cache_dir=tmp_path, layer_timer=layer_timer, timer=whole
+    )
     assert choice.layout == "int8" and choice.how == "measured"
     assert choice.kernels == {
         "int8 192x64": "int8",
@@ -166,6 +169,32 @@ def test_quantized_layers_take_the_faster_kernel_per_shape(tmp_path):
     )
     assert cached.how == "cached" and cached.kernels == choice.kernels and len(calls) == 1
     assert isinstance(again.blocks[1].attn.proj, lay.DequantizedLinear)
+
+
+def test_per_shape_picks_that_lose_on_the_whole_model_give_way_to_its_own_kernels(tmp_path):
+    """Layers timed alone favour bf16 copies, but the whole model decodes faster on its own kernels
+    (the casts between neighbours a layer alone leaves out): the own kernels are kept, the whole-model
+    figures logged and cached. Where the picks are all its own kernels, nothing more is timed."""
+    base = tiny_model(64)
+    bf16_everywhere = lambda layers, batch: {n: 0.1 if n.endswith("bf16") else 1.0 for n in layers}  # noqa: E731
+    calls = []
+    model, choice = lay.prepare_for_decoding(
+        quantize(copy.deepcopy(base), "int4"), cache_dir=tmp_path, layer_timer=bf16_everywhere,
+        timer=fake_timer({"int4": 1.0, "int4 per shape": 3.0}, calls),
+    )  # fmt: skip
+    assert calls == [["int4", "int4 per shape"]] and set(choice.kernels.values()) == {"int4"}
+    assert not any(isinstance(m, lay.DequantizedLinear) for m in model.modules())
+    assert choice.step_ms["model int4"] == 1.0 and "model int4 per shape 3.00" in choice.log_line()
+    _, cached = lay.prepare_for_decoding(
+        quantize(copy.deepcopy(base), "int4"), cache_dir=tmp_path, layer_timer=bf16_everywhere,
+        timer=fake_timer({}, calls),
+    )  # fmt: skip
+    assert cached.how == "cached" and cached.kernels == choice.kernels and len(calls) == 1
+    own_everywhere = lambda layers, batch: {n: 1.0 if n.endswith("bf16") else 0.1 for n in layers}  # noqa: E731
+    _, own = lay.prepare_for_decoding(
+        quantize(copy.deepcopy(base), "int8"), layer_timer=own_everywhere, timer=fake_timer({}, calls)
+    )
+    assert set(own.kernels.values()) == {"int8"} and len(calls) == 1  # no whole-model timing needed
 
 
 def test_the_cpu_in_cache_keys_tells_apart_cpus_of_one_name(tmp_path):
