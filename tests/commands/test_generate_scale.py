@@ -407,6 +407,12 @@ def test_a_stopped_quantized_run_resumes_to_the_uninterrupted_ones_files(protein
             n: 1.0 if journal.kernels[n.rsplit(" ", 1)[0]] == n.rsplit(" ", 1)[1] else 0.1 for n in layers
         },
     )
+    # and the whole model faster on those picks where they mix in bf16 copies (layout.choose_kernels)
+    monkeypatch.setattr(
+        layout,
+        "decode_step_seconds",
+        lambda models, batch_size: {n: 0.5 if n.endswith("per shape") else 1.0 for n in models},
+    )
     generate(protein_run, tmp_path / "stopped", *common, "resume=true")
     stopped, whole = files_of(tmp_path / "stopped"), files_of(tmp_path / "whole")
     assert (
