@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from multiar.engine.matmul_attention import causal_bias, matmul_attention
-from multiar.engine.precision import has_amx
+from multiar.engine.precision import slow_bf16_attention
 from multiar.engine.segments import Segments, segment_attention
 from multiar.engine.training_backward import rms_norm, rotate_split, swiglu_gate
 
@@ -177,11 +177,9 @@ class Attention(nn.Module):
             if self.kv_cache is None:
                 raise RuntimeError("input_pos given but no KV cache: call model.setup_caches() first")
             k, v = self.kv_cache.update(input_pos, k, v, kv_len)  # (B, nh, kv_len, hs): the filled part
-            if k.dtype == torch.bfloat16 and k.device.type == "cpu" and not has_amx():
+            if k.dtype == torch.bfloat16 and slow_bf16_attention(k.device):
                 # bf16 caches (a compiled model's, GPT.cache_dtype) on the eager passes it still takes
-                # (prefill, a slide, other row counts): without AMX a CPU's SDPA runs bf16 slower than
-                # fp32 (an AVX512-BF16 EPYC, benchmarks/README.md); with it faster (a 512-token prefill's
-                # 12 heads 1.35 ms against 3.95)
+                # (prefill, a slide, other row counts)
                 q, k, v = q.float(), k.float(), v.float()
             # one new token attends to every filled slot: no mask at all; a block starting at 0 is causal
             causal = mask is None and T > 1
@@ -284,8 +282,7 @@ class GPT(nn.Module):
             raise ValueError(f"max_seq_length={max_seq_length} exceeds block_size={self.config.block_size}")
         kv_dtype = kv_dtype or self.cache_dtype
         device, dtype = self.wte.weight.device, kv_dtype or self.wte.weight.dtype
-        if kv_dtype is None and device.type == "cpu" and dtype == torch.bfloat16 and not has_amx():
-            # a CPU without AMX runs bf16 attention several times slower than fp32 (an AVX512-BF16 EPYC):
+        if kv_dtype is None and dtype == torch.bfloat16 and slow_bf16_attention(device):
             # bf16 weights, fp32 keys/values and attention; with AMX bf16 caches decode faster (eager,
             # 2-vCPU Xeon: +2% to +15% tokens/s at 10.8M/85M, batch 1/8; benchmarks/README.md)
             dtype = torch.float32

@@ -39,6 +39,13 @@ def has_amx() -> bool:
     return "amx_bf16" in cpu_flags()
 
 
+def slow_bf16_attention(device: torch.device) -> bool:
+    """Whether SDPA over bf16 keys and values runs slower than over fp32 on device: a CPU without AMX
+    (an AVX512-BF16 EPYC: several times slower), where keys and values are kept and attended in fp32.
+    With AMX bf16 is the faster (a 512-token prefill 1.35 against 3.95 ms; benchmarks/README.md)."""
+    return device.type == "cpu" and not has_amx()
+
+
 ARM_FIELDS = ("CPU implementer", "CPU variant", "CPU part", "CPU revision")
 
 

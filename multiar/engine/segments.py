@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from multiar.engine.precision import has_amx
+from multiar.engine.precision import slow_bf16_attention
 
 # the decoding rows' attention: q (d, nh, hs), the cache's keys and values (d, nh, n, hs), positions (d,)
 # (row b sees its slots 0 .. positions[b]) -> (d, nh, hs); engine.rows_attention has the ways
@@ -71,7 +71,7 @@ def segment_attention(q: Tensor, k: Tensor, v: Tensor, seg: Segments, cache, cau
     there; with AMX the faster)."""
     out = []
     d, dtype = seg.rows, cache.k.dtype
-    work = torch.float32 if q.device.type == "cpu" and not has_amx() else dtype
+    work = torch.float32 if slow_bf16_attention(q.device) else dtype
     if d:
         cache.k[seg.row_index, :, seg.positions] = k[:d]  # each row's slot at its own position
         cache.v[seg.row_index, :, seg.positions] = v[:d]

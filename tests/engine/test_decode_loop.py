@@ -385,11 +385,11 @@ def test_the_compiled_step_keeps_keys_in_bf16_where_the_linears_make_them_so(mon
     fp32, and the eager model keeps its rule (fp32 on a CPU without AMX, whose bf16 SDPA is slow). A
     compile that fails returns the model to the eager rule."""
     import multiar.engine.decode as decode
-    import multiar.engine.model as model_module
+    import multiar.engine.precision as precision
     from multiar.engine.decode import compile_for_sampling
     from multiar.engine.quantize import quantize
 
-    monkeypatch.setattr(model_module, "has_amx", lambda: False)  # the rule where it differs from compiled
+    monkeypatch.setattr(precision, "has_amx", lambda: False)  # the rule where it differs from compiled
 
     def cache_dtype(model: GPT) -> torch.dtype:
         model.setup_caches(1, 8)
@@ -428,7 +428,7 @@ def test_eager_passes_over_bf16_caches_attend_in_fp32_on_a_cpu_without_amx(monke
     faster: a 512-token prefill 1.35 against 3.95 ms)."""
     import torch.nn.functional as F
 
-    import multiar.engine.model as model_module
+    import multiar.engine.precision as precision
 
     seen = []
     sdpa = F.scaled_dot_product_attention
@@ -437,7 +437,7 @@ def test_eager_passes_over_bf16_caches_attend_in_fp32_on_a_cpu_without_amx(monke
         seen.append((q.dtype, k.dtype, v.dtype))
         return sdpa(q, k, v, **kwargs)
 
-    monkeypatch.setattr(model_module, "has_amx", lambda: amx)
+    monkeypatch.setattr(precision, "has_amx", lambda: amx)
     monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
     model = tiny().to(torch.bfloat16)
     model.cache_dtype = torch.bfloat16
@@ -453,7 +453,7 @@ def test_a_prompt_chunk_over_a_bf16_cache_attends_in_fp32_on_a_cpu_without_amx(m
     AMX, in bf16 where it has it, as the model's own eager passes; the same logits to bf16's rounding."""
     import torch.nn.functional as F
 
-    import multiar.engine.segments as segments_module
+    import multiar.engine.precision as precision
     from multiar.engine.segments import Segments
 
     seen = []
@@ -467,7 +467,7 @@ def test_a_prompt_chunk_over_a_bf16_cache_attends_in_fp32_on_a_cpu_without_amx(m
     ids = torch.tensor([1, 5, 9, 2, 7])
     logits = {}
     for flag in (not amx, amx):  # the other answer first: a reference to compare with
-        monkeypatch.setattr(segments_module, "has_amx", lambda flag=flag: flag)
+        monkeypatch.setattr(precision, "has_amx", lambda flag=flag: flag)
         model.setup_caches(1, 16, kv_dtype=torch.bfloat16)
         seen.clear()
         monkeypatch.setattr(F, "scaled_dot_product_attention", recording)

@@ -433,9 +433,9 @@ def test_bf16_weights_keep_fp32_caches_on_a_cpu_without_amx_and_bf16_ones_with_i
     """The eager rule for the caches' dtype: bf16 weights on a CPU without AMX keep fp32 keys and values
     (its bf16 SDPA is the slower), with AMX bf16 ones (the faster: +2% to +15% tokens/s eager on a
     2-vCPU Xeon); fp32 weights fp32 either way, and a dtype asked for is kept. Decoding works on each."""
-    import multiar.engine.model as model_module
+    import multiar.engine.precision as precision
 
-    monkeypatch.setattr(model_module, "has_amx", lambda: amx)
+    monkeypatch.setattr(precision, "has_amx", lambda: amx)
     bf16 = torch.bfloat16
     for weights, want in ((torch.float32, torch.float32), (bf16, bf16 if amx else torch.float32)):
         model = tiny_model().to(weights)
@@ -452,12 +452,12 @@ def test_bf16_weights_write_unrounded_rotated_keys_into_the_fp32_cache_on_every_
     and rotated there, so the eager step (generate), a mixed step (a window sliding) and the captured
     step's function (serve) write the same keys, not bf16-rounded ones (a rounding the compiled step
     skips)."""
-    import multiar.engine.model as model_module
+    import multiar.engine.precision as precision
     from multiar.engine.captured_step import hidden_rows
     from multiar.engine.model import apply_rope
     from multiar.engine.segments import Segments
 
-    monkeypatch.setattr(model_module, "has_amx", lambda: False)
+    monkeypatch.setattr(precision, "has_amx", lambda: False)
     model = tiny_model().to(torch.bfloat16)
     nh, hs, T = model.config.n_head, model.config.head_size, 5
     ids = torch.randint(0, 37, (T,))

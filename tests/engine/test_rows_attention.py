@@ -89,11 +89,9 @@ def test_compiled_way_over_a_bf16_cache_gives_sdpas_logits_with_bf16_weights(mod
     """bf16 weights: the compiled way keeps keys and values in bf16 (what the projections give), SDPA
     in fp32 (a CPU without AMX: the rule pinned, so every machine checks the same); the same values
     either way, attended in fp32."""
-    import multiar.engine.model as model_module
-    import multiar.engine.segments as segments_module
+    import multiar.engine.precision as precision
 
-    monkeypatch.setattr(model_module, "has_amx", lambda: False)
-    monkeypatch.setattr(segments_module, "has_amx", lambda: False)
+    monkeypatch.setattr(precision, "has_amx", lambda: False)
     half = copy.deepcopy(model).to(torch.bfloat16)
     try:
         compiled = build_way(half, "compiled")
