@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +30,18 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: 
 
 
 NO_BAD = torch.iinfo(torch.long).max  # no rank has seen a non-finite training loss
+
+
+def stop_watching_launched_ranks() -> None:
+    """Ends the watch Lightning's own launcher keeps over the rank processes it started, which SIGKILLs
+    this process (rank 0) within 5 s of one of them exiting non-zero. On a stop every rank agreed on they
+    all exit 1 while rank 0 still has its line to write; rank 0 then waits for them itself
+    (run._end_other_ranks, bounded, killing any left)."""
+    from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
+
+    for thread in threading.enumerate():
+        if isinstance(thread, _ChildProcessObserver):
+            thread._child_processes = []  # its next look finds nothing to watch and ends
 
 
 class LitGPT(L.LightningModule):
@@ -85,6 +98,12 @@ class LitGPT(L.LightningModule):
             return
         world = self.trainer.world_size
         step, rank = divmod(first, world)
+        if world > 1:
+            if self.trainer.is_global_zero:
+                stop_watching_launched_ranks()
+            # no rank leaves (and exits 1) before rank 0 has stopped watching: else Lightning's launcher
+            # could kill rank 0 before it says why
+            self.trainer.strategy.barrier("stop_if_not_finite")
         # checkpoints written before this point (the last good one) stay as they are
         raise FloatingPointError(
             f"training loss became nan or inf at step {step}{f' on rank {rank}' if world > 1 else ''}; "

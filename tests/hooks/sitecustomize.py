@@ -10,6 +10,8 @@ MULTIAR_TEST_RANK_RECORD=FOLDER          each rank writes FOLDER/rank_<R>.json: 
 MULTIAR_TEST_NAN_AT=STEP                 the training loss turns NaN from STEP on, on the rank named by
 MULTIAR_TEST_NAN_RANK=R                  (default 0); each rank writes its pid to
                                          MULTIAR_TEST_PIDS/<pid> when that is set
+MULTIAR_TEST_LAUNCHER_EXIT_DELAY_S=S     the process Lightning's launcher runs in (the one started
+                                         without LOCAL_RANK) sleeps S seconds as its very last act
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 KILL_ENV = "MULTIAR_TEST_KILL_IN_CHECKPOINT_WRITE"
 RANK_RECORD_ENV = "MULTIAR_TEST_RANK_RECORD"
 NAN_AT_ENV, NAN_RANK_ENV, PIDS_ENV = "MULTIAR_TEST_NAN_AT", "MULTIAR_TEST_NAN_RANK", "MULTIAR_TEST_PIDS"
+EXIT_DELAY_ENV = "MULTIAR_TEST_LAUNCHER_EXIT_DELAY_S"
 
 
 def kill_in_checkpoint_write(n: int) -> None:
@@ -93,6 +96,11 @@ def nan_at(step: int, rank: int) -> None:
     LitGPT._loss = poisoned
 
 
+if os.environ.get(EXIT_DELAY_ENV) and "LOCAL_RANK" not in os.environ:
+    import atexit
+    import time
+
+    atexit.register(time.sleep, float(os.environ[EXIT_DELAY_ENV]))  # registered first: runs last
 if os.environ.get(PIDS_ENV):
     open(os.path.join(os.environ[PIDS_ENV], str(os.getpid())), "w").close()
 if os.environ.get(KILL_ENV):
