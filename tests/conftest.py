@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import itertools
 import socket
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -109,6 +112,24 @@ def copy_fixture_run(tmp_path: Path) -> Path:
     run = tmp_path / "fixture_run"
     shutil.copytree(FIXTURE_RUN, run)
     return run
+
+
+def serve_on_loopback(app: Any) -> tuple[str, Any, threading.Thread]:
+    """app served by uvicorn on a thread, on 127.0.0.1 and a port bound here (no other process can take
+    it between a pick and the bind), once started (60 s at most): its url, the server, the thread. Stop it
+    with server.should_exit = True and thread.join()."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.started, "the test's server did not start within 60 s"
+    return f"http://127.0.0.1:{sock.getsockname()[1]}", server, thread
 
 
 # protein filters that let any sample through (tests that count samples, not judge them)

@@ -538,6 +538,7 @@ def _end_other_ranks(trainer: L.Trainer, wait_s: float = 60.0) -> None:
         try:
             proc.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:  # blocked in a collective that rank 0 left
+            log.warning("rank process %d still ran %.0f s after rank 0 stopped: killed", proc.pid, wait_s)
             proc.kill()
             proc.wait()
 

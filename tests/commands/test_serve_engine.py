@@ -14,6 +14,7 @@ import os
 import threading
 import time
 import weakref
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -51,13 +52,23 @@ def engine(model: GPT, slots: int = 4, chunk: int = 8, start: bool = True, **kwa
 class Collect:
     """A request's events, gathered on the engine thread."""
 
-    def __init__(self) -> None:
+    def __init__(self, after_tokens: tuple[int, Callable[[], None]] | None = None, on_end=None) -> None:
+        """after_tokens (k, hook): hook() runs on the engine thread once k tokens have come (a cancel at
+        a point no sleep of the test thread decides); on_end(event) on each end event."""
         self.events: list[Event] = []
         self.done = threading.Event()
         self.n = 0
+        self.after_tokens, self.on_end = after_tokens, on_end
 
     def __call__(self, event: Event) -> None:
         self.events.append(event)
+        if event.kind == "end" and self.on_end is not None:
+            self.on_end(event)
+        if self.after_tokens is not None and event.kind == "tokens":
+            k, hook = self.after_tokens
+            if sum(len(e.ids) for e in self.events if e.kind == "tokens") >= k:
+                self.after_tokens = None
+                hook()
         if event.kind == "error" or (
             event.kind == "end" and sum(e.kind == "end" for e in self.events) == self.n
         ):
@@ -68,9 +79,9 @@ class Collect:
 
 
 def request(
-    e: SlotEngine, prompts, *, seed=None, temperature=0.0, max_new=12, min_new=0, processors=()
+    e: SlotEngine, prompts, *, seed=None, temperature=0.0, max_new=12, min_new=0, processors=(), collect=None
 ) -> Collect:
-    out = Collect()
+    out = collect or Collect()
     specs = []
     for i, p in enumerate(prompts):
         g = torch.Generator().manual_seed(seed + i) if seed is not None else None
@@ -189,25 +200,30 @@ def test_rows_left_above_ended_ones_move_down_and_keep_their_tokens(model, captu
 
 def test_cancel_frees_the_slot_within_a_step_and_the_others_go_on(model):
     e = engine(model, slots=2)
+    noted = {}
+
+    def cancel_long() -> None:  # on the engine thread, mid-step: no test-thread timing in the count
+        noted["cancel"] = e.stats.steps
+        e.cancel(next(j for j in e.job if j is not None and j.emit is long))
+
+    def at_end(event: Event) -> None:
+        noted["end"], noted["busy"] = e.stats.steps, e.busy
+
     try:
-        long = request(e, [[1, 5]], seed=1, temperature=1.0, max_new=200, min_new=200)
+        long = request(e, [[1, 5]], seed=1, temperature=1.0, max_new=200, min_new=200,
+                       collect=Collect(after_tokens=(1, cancel_long), on_end=at_end))  # fmt: skip
         other = request(e, [[1, 6]], seed=2, temperature=1.0, max_new=40, min_new=40)
-        deadline = time.monotonic() + 10
-        while not any(ev.kind == "tokens" for ev in long.events) and time.monotonic() < deadline:
-            time.sleep(0.005)
-        steps = e.stats.steps
-        e.cancel(e.job[0] if e.job[0] is not None and e.job[0].emit is long else e.job[1])
-        while e.busy == 2 and time.monotonic() < deadline:
-            time.sleep(0.001)
-        assert e.stats.steps - steps <= 2
-        wait(other)
+        wait(long, other)
+        assert noted["end"] - noted["cancel"] <= 1  # ended by the next step
+        assert noted["busy"] == 1  # its slot free before its end is heard; the other row still runs
         assert len(other.ends()[0].ids) == 40
+        deadline = time.monotonic() + 10
         while e.busy and time.monotonic() < deadline:
             time.sleep(0.005)
         assert e.busy == 0
     finally:
         e.stop()
-    assert [ev.end for ev in long.ends()] in ([], ["cancelled"])
+    assert [ev.end for ev in long.ends()] == ["cancelled"]
 
 
 def test_a_failing_processor_fails_its_request_alone(model):
@@ -259,9 +275,13 @@ def test_a_slide_a_chunk_and_a_checked_row_in_one_step_give_the_decode_loops_tok
     steps = []  # per forward: the chunks' (row, first position, length) and the rows sitting out
     forward = e.captured_forward if captured else e.segments_forward
 
+    seen = threading.Event()  # the step with both chunks has come: the checked row may go on
+
     def recorded(running, chunks, *args):
         checking = [b for b in range(e.slots) if e.phase[b] == "check"]
         steps.append(([(b, at, len(take)) for b, at, take in chunks], checking))
+        if len(chunks) == 2 and {b for b, _, _ in chunks} == {0, 2}:
+            seen.set()
         return forward(running, chunks, *args)
 
     setattr(e, "captured_forward" if captured else "segments_forward", recorded)
@@ -278,7 +298,7 @@ def test_a_slide_a_chunk_and_a_checked_row_in_one_step_give_the_decode_loops_tok
     settings = RowSettings(100, 100, processors=[ban_tokens([0])])
     sampler = Sampler(temperature=1.0, generator=torch.Generator().manual_seed(5))  # greedy repeats one id
     e.submit(Job([SampleSpec([1, 5], settings, sampler)], emit))
-    checked = traced(e, [1, 5, 6], [], 4, [SlowCheck(0.2)])  # on the worker through most steps
+    checked = traced(e, [1, 5, 6], [], 4, [SlowCheck(0.2, until=seen)])  # on the worker until then
     e.start()
     try:
         wait(sliding, checked)
@@ -316,14 +336,19 @@ class SlowCheck:
     """A per-token check (checked_draw.TokenCheck) that takes `delay` seconds per token asked about and
     refuses every third id: a costly grammar."""
 
-    def __init__(self, delay: float) -> None:
-        self.delay = delay
+    def __init__(self, delay: float, until: threading.Event | None = None) -> None:
+        """until: each check waits for it instead (30 s at most): a row kept on the worker until the
+        test has seen what it waits for, however slow the steps are."""
+        self.delay, self.until = delay, until
 
     def __call__(self, ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         return logits
 
     def sound(self, ids: list[int], token: int) -> bool:
-        time.sleep(self.delay)
+        if self.until is not None:
+            self.until.wait(30)
+        else:
+            time.sleep(self.delay)
         return token % 3 != 0 or token == EOS
 
 
@@ -545,11 +570,8 @@ def test_stream_interval_batches_a_rows_tokens_and_loses_none(model):
             len(tokens[0].ids) == 1 and len(tokens) < len([e for e in b.events if e.kind == "tokens"]) == 40
         )
         assert a.events[-1].kind == "end"
-        c = request(paced, [[1, 5]], max_new=200, min_new=200)
-        while not any(e.kind == "tokens" for e in c.events):
-            time.sleep(0.001)
-        job = next(j for j in paced.job if j is not None)
-        paced.cancel(job)
+        c = Collect(after_tokens=(1, lambda: paced.cancel(next(j for j in paced.job if j is not None))))
+        request(paced, [[1, 5]], max_new=200, min_new=200, collect=c)
         wait(c)
         streamed = [i for e in c.events if e.kind == "tokens" for i in e.ids]
         assert streamed == c.ends()[0].ids and c.ends()[0].end == "cancelled"
@@ -563,15 +585,11 @@ def test_a_row_cut_while_holding_tokens_back_for_a_stop_still_streams_them(model
     stream gets them before the end, so the streamed ids are the sample's ids."""
     e = engine(model, slots=1)
     try:
-        out = Collect()
+        out = Collect(after_tokens=(3, lambda: e.cancel(job)))
         settings = RowSettings(200, 200, stop=[[0, 0, 0]], processors=[ban_tokens([0])])  # never matches
         job = Job([SampleSpec([1, 5], settings, Sampler())], out)
         out.n = 1
         e.submit(job)
-        deadline = time.monotonic() + 10
-        while not any(ev.kind == "tokens" for ev in out.events) and time.monotonic() < deadline:
-            time.sleep(0.001)
-        e.cancel(job)
         wait(out)
     finally:
         e.stop()

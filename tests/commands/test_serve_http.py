@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 import torch
-from conftest import TINY, proteome_subset
+from conftest import TINY, proteome_subset, serve_on_loopback
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -230,8 +230,10 @@ def test_full_queue_is_429_with_retry_after(app):
     jobs = [
         Job(
             [
-                SampleSpec(
-                    [bos], RowSettings(300, 300), Sampler(1.0, generator=torch.Generator().manual_seed(k))
+                SampleSpec(  # held for seconds: no slot frees before the request is refused
+                    [bos],
+                    RowSettings(1000, 1000, processors=[Slow()]),
+                    Sampler(1.0, generator=torch.Generator().manual_seed(k)),
                 )
             ],
             print,
@@ -312,19 +314,9 @@ def test_key_disconnect_and_loopback(protein_run, tmp_path, monkeypatch, capsys)
     assert main(["serve", f"runs=[{protein_run}]", "host=0.0.0.0"]) == 2
     assert "MULTIAR_API_KEY" in capsys.readouterr().err
     monkeypatch.setenv("MULTIAR_API_KEY", "sekret")
-    import uvicorn
-
     state, app = build_state(serve_config(protein_run, tmp_path))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
+    url, server, thread = serve_on_loopback(app)
     try:
-        for _ in range(100):
-            if server.started:
-                break
-            time.sleep(0.05)
         assert httpx.get(f"{url}/v1/models").status_code == 401
         assert httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
         auth = {"Authorization": "Bearer sekret"}

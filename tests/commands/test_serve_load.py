@@ -24,7 +24,15 @@ from serve_load import Outcome, Server, arrivals, soak, start_server, stop_serve
 def server(tmp_path):
     run = copy_fixture_run(tmp_path)
     s = start_server(
-        run, 4, tmp_path, "dtype=fp32", "step=eager", "max_queue=16", "drain_timeout=20", ready_s=90
+        run,
+        4,
+        tmp_path,
+        "dtype=fp32",
+        "step=eager",
+        "attention=sdpa",
+        "max_queue=16",
+        "drain_timeout=20",
+        ready_s=180,  # its start imports torch and loads the model in a fresh process
     )
     yield s
     stop_server(s, timeout=20)

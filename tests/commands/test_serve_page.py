@@ -11,14 +11,13 @@ import io
 import os
 import re
 import shutil
-import socket
 import subprocess
-import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import serve_on_loopback
 from fastapi.testclient import TestClient
 
 from multiar.commands.serve_app import AppState, create_app
@@ -139,16 +138,8 @@ def runs(tmp_path_factory):
     return [tmp / name for name in extra]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(runs, tmp_path_factory):
-    import uvicorn
-
     from multiar.commands.serve import build_state
     from multiar.config import load_config
 
@@ -169,15 +160,8 @@ def server(runs, tmp_path_factory):
     )
     state, app = build_state(cfg)
     mp.undo()
-    port = free_port()
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if uv.started:
-            break
-        time.sleep(0.05)
-    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", state=state, files=files)
+    url, uv, thread = serve_on_loopback(app)
+    yield SimpleNamespace(url=url, state=state, files=files)
     uv.should_exit = True
     thread.join(10)
     for s in state.models.values():

@@ -10,6 +10,9 @@ MULTIAR_TEST_RANK_RECORD=FOLDER          each rank writes FOLDER/rank_<R>.json: 
 MULTIAR_TEST_NAN_AT=STEP                 the training loss turns NaN from STEP on, on the rank named by
 MULTIAR_TEST_NAN_RANK=R                  (default 0); each rank writes its pid to
                                          MULTIAR_TEST_PIDS/<pid> when that is set
+MULTIAR_TEST_KILL_BEFORE_JOURNAL=N      SIGKILL this process just before it journals N or more finished
+                                         samples (generate): that batch's files are written, the
+                                         journal one batch behind, as a kill between the two leaves them
 MULTIAR_TEST_LAUNCHER_EXIT_DELAY_S=S     the process Lightning's launcher runs in (the one started
                                          without LOCAL_RANK) sleeps S seconds as its very last act
 """
@@ -21,6 +24,7 @@ import os
 KILL_ENV = "MULTIAR_TEST_KILL_IN_CHECKPOINT_WRITE"
 RANK_RECORD_ENV = "MULTIAR_TEST_RANK_RECORD"
 NAN_AT_ENV, NAN_RANK_ENV, PIDS_ENV = "MULTIAR_TEST_NAN_AT", "MULTIAR_TEST_NAN_RANK", "MULTIAR_TEST_PIDS"
+KILL_JOURNAL_ENV = "MULTIAR_TEST_KILL_BEFORE_JOURNAL"
 EXIT_DELAY_ENV = "MULTIAR_TEST_LAUNCHER_EXIT_DELAY_S"
 
 
@@ -46,6 +50,22 @@ def kill_in_checkpoint_write(n: int) -> None:
     proxy.__dict__.update(vars(os))
     proxy.fsync = fsync
     checkpoint_io.os = proxy
+
+
+def kill_before_journal(done: int) -> None:
+    """The first journal save of `done` or more finished samples SIGKILLs this process instead."""
+    import signal
+
+    from multiar.commands import resume
+
+    real = resume.save
+
+    def save(out_dir, digest, state) -> None:  # noqa: ANN001
+        if getattr(state, "done", 0) >= done:
+            os.kill(os.getpid(), signal.SIGKILL)
+        real(out_dir, digest, state)
+
+    resume.save = save
 
 
 def record_ranks(folder: str) -> None:
@@ -105,6 +125,8 @@ if os.environ.get(PIDS_ENV):
     open(os.path.join(os.environ[PIDS_ENV], str(os.getpid())), "w").close()
 if os.environ.get(KILL_ENV):
     kill_in_checkpoint_write(int(os.environ[KILL_ENV]))
+if os.environ.get(KILL_JOURNAL_ENV):
+    kill_before_journal(int(os.environ[KILL_JOURNAL_ENV]))
 if os.environ.get(RANK_RECORD_ENV):
     record_ranks(os.environ[RANK_RECORD_ENV])
 if os.environ.get(NAN_AT_ENV):
