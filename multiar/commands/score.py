@@ -13,18 +13,17 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig
 
-from multiar.data.reference import document_conditions
+from multiar.data.reference import encoded_chunks
 from multiar.data.source import Source
 from multiar.domain import Domain
 from multiar.engine.model import GPT
 from multiar.engine.scoring import Documents, score_documents
-from multiar.files import Appender, Skips
+from multiar.files import Appender
 from multiar.run_folder import load_run
 from multiar.schema import validate
 from multiar.tags import Tagged
@@ -32,38 +31,6 @@ from multiar.tags import Tagged
 log = logging.getLogger("multiar")
 
 CHUNK = 512  # documents read, scored and appended together
-
-
-def document_chunks(
-    domain: Domain, source: Source, strict: bool, size: int | None = None
-) -> Iterator[Documents]:
-    """Encoded documents of source, `size` at a time, each with the control tags it was trained with
-    (read from the document by the run's tag source); records the tokenizer cannot encode are skipped
-    and counted (data.strict: the first raises), as `reference.read_documents` does for a whole set."""
-    skips, bad, size = Skips(), Skips(), size or CHUNK
-    conditions = document_conditions(domain)
-    encode = domain.base.encode if isinstance(domain, Tagged) else domain.encode  # tags: conditions
-    docs = Documents([], [], [], [])
-    for key, record in source.records(skips, strict):
-        bad.seen += 1
-        try:
-            ids, units, head = encode(record), domain.units(record), conditions(key, record)
-        except Exception as err:  # a tokenizer library's failure on one record is that record's
-            if strict:
-                raise ValueError(f"{key}: cannot encode: {err} (data.strict=true)") from err
-            bad.skip(key, f"{type(err).__name__}: {err}")
-            continue
-        docs.keys.append(key)
-        docs.ids.append(ids)
-        docs.units.append(units)
-        docs.conditions.append(head)
-        if len(docs) >= size:
-            yield docs
-            docs = Documents([], [], [], [])
-    if len(docs):
-        yield docs
-    if skips.count or bad.count:
-        log.info("%s: %s; %s", domain.name, skips.summary(source.unit), bad.summary("records"))
 
 
 def header(domain: Domain, tagged: bool) -> list[str]:
@@ -129,7 +96,7 @@ def score_run(cfg: DictConfig) -> Path:
     domain = run.domain
     out = Path(cfg.out).expanduser() if cfg.out else run.path / "score.csv"
     source = Source(domain, list(cfg.data.paths))
-    chunks = document_chunks(domain, source, cfg.data.strict)
+    chunks = encoded_chunks(domain, source, size=CHUNK, strict=cfg.data.strict)
     first = next(chunks, None)  # nothing is written when there is nothing to score
     if first is None:
         raise ValueError(f"{domain.name}: no document to evaluate in {source.root}")

@@ -137,20 +137,23 @@ def document_conditions(
     return conditions
 
 
-def read_documents(
+def encoded_chunks(
     domain: Domain,
     source: Source,
+    *,
+    size: int | None = None,
     wanted: Callable[[str], bool] | None = None,
     strict: bool = False,
     tags: dict[str, list[str]] | None = None,
-) -> Documents:
-    """Encoded documents of source (those whose key is wanted, when given), each with the control tags
-    it was trained with (`tags`: stored per key); unreadable files and records the tokenizer cannot
-    encode are skipped and counted, as in training."""
+) -> Iterator[Documents]:
+    """Encoded documents of source (those whose key is wanted, when given), `size` at a time (None: all
+    in one, which carries the skip counts), each with the control tags it was trained with (`tags`:
+    stored per key, else read from the document by the run's tag source); unreadable files and records
+    the tokenizer cannot encode are skipped and counted, as in training (strict: the first raises)."""
     skips, bad = Skips(), Skips()
-    docs = Documents([], [], [])
     conditions = document_conditions(domain, tags)
     encode = domain.base.encode if isinstance(domain, Tagged) else domain.encode  # tags: conditions
+    docs = Documents([], [], [])
     for key, record in source.records(skips, strict):
         if wanted is not None and not wanted(key):
             continue
@@ -166,9 +169,25 @@ def read_documents(
         docs.ids.append(ids)
         docs.units.append(units)
         docs.conditions.append(head)
+        if size is not None and len(docs) >= size:
+            yield docs
+            docs = Documents([], [], [])
     if skips.count or bad.count:
         log.info("%s: %s; %s", domain.name, skips.summary(source.unit), bad.summary("records"))
     docs.files_skipped, docs.records_skipped = skips.count, bad.count
+    if size is None or len(docs):
+        yield docs
+
+
+def read_documents(
+    domain: Domain,
+    source: Source,
+    wanted: Callable[[str], bool] | None = None,
+    strict: bool = False,
+    tags: dict[str, list[str]] | None = None,
+) -> Documents:
+    """Every encoded document of source (those whose key is wanted, when given) at once: encoded_chunks'."""
+    docs = next(encoded_chunks(domain, source, wanted=wanted, strict=strict, tags=tags))
     if not docs.ids:
         raise ValueError(f"{domain.name}: no document to evaluate in {source.root}")
     return docs
