@@ -668,6 +668,19 @@ def test_a_request_failing_beside_an_inline_check_leaves_nothing_for_the_next_in
         assert streamed == end.ids, (streamed, end.ids)
 
 
+class Paced:
+    """A processor sleeping 5 ms a call until `released` is set: a row of 400 tokens stays busy for 2 s
+    at least, or until the test has seen what it waits for."""
+
+    def __init__(self, released: threading.Event) -> None:
+        self.released = released
+
+    def __call__(self, ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        if not self.released.is_set():
+            time.sleep(0.005)
+        return logits
+
+
 class Cycle:
     """Garbage only the cyclic collector frees: it refers to itself."""
 
@@ -685,7 +698,9 @@ def test_the_engine_runs_full_collections_between_its_steps(model, monkeypatch):
     # unfrozen at the end, with whatever earlier tests froze: their later collections only scan more
     e = engine(model, slots=2, full_gc=True)
     try:
-        busy = request(e, [[1, 5]], seed=1, temperature=1.0, max_new=400, min_new=400)
+        released = threading.Event()
+        busy = request(e, [[1, 5]], seed=1, temperature=1.0, max_new=400, min_new=400,
+                       processors=[Paced(released)])  # fmt: skip
         garbage = Cycle()
         freed_busy = weakref.ref(garbage)
         del garbage
@@ -693,6 +708,7 @@ def test_the_engine_runs_full_collections_between_its_steps(model, monkeypatch):
         while freed_busy() is not None and time.monotonic() < deadline:
             time.sleep(0.01)
         assert freed_busy() is None and not busy.done.is_set()  # freed while the engine decoded
+        released.set()
         wait(busy)
         garbage = Cycle()
         freed_idle = weakref.ref(garbage)

@@ -320,7 +320,9 @@ def test_key_disconnect_and_loopback(protein_run, tmp_path, monkeypatch, capsys)
         assert httpx.get(f"{url}/v1/models").status_code == 401
         assert httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
         auth = {"Authorization": "Bearer sekret"}
-        body = {"prompt": "M", "max_new_tokens": 400, "min_new_tokens": 400, "stream": True, "files": False}
+        # 1,000 tokens: busy for seconds, whatever holds this thread up before it looks (the row is
+        # cancelled when the stream closes)
+        body = {"prompt": "M", "max_new_tokens": 1000, "min_new_tokens": 1000, "stream": True, "files": False}
         engine = state.models[protein_run.name].engine
         with httpx.stream("POST", f"{url}/v1/generate", json=body, headers=auth) as r:
             assert r.status_code == 200
