@@ -82,8 +82,9 @@ def probabilities(
     logits = logits.float()
     if temperature < 1e-3:  # a tiny divisor could overflow logits to inf (NaN in softmax): shift first
         logits = logits - logits.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).min)
-    # past float32's largest, the divisor would round to inf and turn banned tokens' -inf into NaN
-    logits = logits / min(temperature, torch.finfo(torch.float32).max)
+    if temperature != 1.0:  # (each small op costs ~8 us right after a compiled step: skip a no-op)
+        # past float32's largest, the divisor would round to inf and turn banned tokens' -inf into NaN
+        logits = logits / min(temperature, torch.finfo(torch.float32).max)
     if 0 < top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (..., 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -128,7 +129,7 @@ def invert(probs: Tensor, u: Tensor) -> Tensor:
     """The index where each row's cumulative probability (..., V) first passes u (..., 1) of its total,
     u in [0, 1): a token of probability 0 adds nothing to the sum, so it is never passed there. Summed
     in u's dtype (float64 but on MPS), so the last tokens of a large vocabulary keep their mass."""
-    cdf = probs.to(u.dtype).cumsum(-1)
+    cdf = probs.cumsum(-1, dtype=u.dtype)  # the cast and the sum in one op
     if probs.device.type != "cpu":  # a CPU sums in order: exactly flat there (cummax costs 100 us a step)
         cdf = flat_at_zeros(cdf, probs)
     picked = torch.searchsorted(cdf, u * cdf[..., -1:], right=True)[..., 0]
