@@ -150,6 +150,8 @@ def encoded_chunks(
     in one, which carries the skip counts), each with the control tags it was trained with (`tags`:
     stored per key, else read from the document by the run's tag source); unreadable files and records
     the tokenizer cannot encode are skipped and counted, as in training (strict: the first raises)."""
+    if size is not None and size < 1:
+        raise ValueError(f"chunks of {size} documents: give 1 or more, or None for all at once")
     skips, bad = Skips(), Skips()
     conditions = document_conditions(domain, tags)
     encode = domain.base.encode if isinstance(domain, Tagged) else domain.encode  # tags: conditions

@@ -34,11 +34,14 @@ NO_BAD = torch.iinfo(torch.long).max  # no rank has seen a non-finite training l
 
 def stop_watching_launched_ranks() -> None:
     """Ends the watch Lightning's own launcher keeps over the rank processes it started, which SIGKILLs
-    this process (rank 0) within 5 s of one of them exiting non-zero. On a stop every rank agreed on they
+    this process (a node's local rank 0) within 5 s of one of them exiting non-zero. On a stop every rank agreed on they
     all exit 1 while rank 0 still has its line to write; rank 0 then waits for them itself
     (run._end_other_ranks, bounded, killing any left)."""
-    from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
-
+    try:  # Lightning's private API: where it moved, the stop goes on (the watch may then kill this rank)
+        from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
+    except ImportError:
+        log.debug("no Lightning launcher watch to stop in this Lightning version")
+        return
     for thread in threading.enumerate():
         if isinstance(thread, _ChildProcessObserver):
             thread._child_processes = []  # its next look finds nothing to watch and ends
@@ -99,7 +102,7 @@ class LitGPT(L.LightningModule):
         world = self.trainer.world_size
         step, rank = divmod(first, world)
         if world > 1:
-            if self.trainer.is_global_zero:
+            if self.trainer.local_rank == 0:  # the process that launched its node's other ranks
                 stop_watching_launched_ranks()
             # no rank leaves (and exits 1) before rank 0 has stopped watching: else Lightning's launcher
             # could kill rank 0 before it says why

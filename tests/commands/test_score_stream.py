@@ -16,8 +16,9 @@ from conftest import TINY, proteome_subset
 from multiar.commands import score
 from multiar.commands.score import score_run
 from multiar.config import load_config
-from multiar.data.reference import read_documents
+from multiar.data.reference import encoded_chunks, read_documents
 from multiar.data.source import Source
+from multiar.domains import build_domain
 from multiar.engine.scoring import score_documents
 from multiar.run_folder import load_run
 from multiar.training.run import train
@@ -126,3 +127,24 @@ def test_a_failed_score_keeps_the_previous_csv_and_leaves_no_short_one(protein_r
         score_run(load_config("score", args))
     assert out.read_bytes() == before  # overwrite=true replaces it only once every chunk is scored
     assert len(rows_of(out.with_name("s.csv.partial"))) == 50  # the rows scored so far, whole
+
+
+def test_encoded_chunks_come_size_at_a_time_and_all_at_once_as_read_documents_reads_them(tmp_path):
+    domain = build_domain("protein")
+    folder = tmp_path / "q"
+    folder.mkdir()
+    fasta(folder / "a.fasta", 100)
+    source = Source(domain, [str(folder)])
+    whole = read_documents(domain, source)
+    for size in (7, 50, 100, 1000):  # 100 is a multiple of 50 and 100: no empty chunk after the last
+        chunks = list(encoded_chunks(domain, source, size=size))
+        assert [len(c) for c in chunks] == [min(size, 100 - k) for k in range(0, 100, size)]
+        assert [k for c in chunks for k in c.keys] == whole.keys == [f"a.fasta#{i}" for i in range(100)]
+        assert [i for c in chunks for i in c.ids] == whole.ids
+    with pytest.raises(ValueError, match="give 1 or more"):
+        next(encoded_chunks(domain, source, size=0))
+    (folder / "a.fasta").unlink()
+    assert list(encoded_chunks(domain, source, size=10)) == []
+    assert [len(c) for c in encoded_chunks(domain, source)] == [0]  # all at once: one, empty
+    with pytest.raises(ValueError, match="no document to evaluate"):
+        read_documents(domain, source)

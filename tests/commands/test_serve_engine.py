@@ -199,7 +199,7 @@ def test_rows_left_above_ended_ones_move_down_and_keep_their_tokens(model, captu
 
 
 def test_cancel_frees_the_slot_within_a_step_and_the_others_go_on(model):
-    e = engine(model, slots=2)
+    e = engine(model, slots=2, start=False)  # both submitted first: step 1 admits both
     noted = {}
 
     def cancel_long() -> None:  # on the engine thread, mid-step: no test-thread timing in the count
@@ -213,6 +213,7 @@ def test_cancel_frees_the_slot_within_a_step_and_the_others_go_on(model):
         long = request(e, [[1, 5]], seed=1, temperature=1.0, max_new=200, min_new=200,
                        collect=Collect(after_tokens=(1, cancel_long), on_end=at_end))  # fmt: skip
         other = request(e, [[1, 6]], seed=2, temperature=1.0, max_new=40, min_new=40)
+        e.start()
         wait(long, other)
         assert noted["end"] - noted["cancel"] <= 1  # ended by the next step
         assert noted["busy"] == 1  # its slot free before its end is heard; the other row still runs
@@ -669,8 +670,8 @@ def test_a_request_failing_beside_an_inline_check_leaves_nothing_for_the_next_in
 
 
 class Paced:
-    """A processor sleeping 5 ms a call until `released` is set: a row of 400 tokens stays busy for 2 s
-    at least, or until the test has seen what it waits for."""
+    """A processor sleeping 5 ms a call until `released` is set: a row of 400 tokens is busy for 2 s
+    at least unless released (a test sets it once it has seen what it waits for)."""
 
     def __init__(self, released: threading.Event) -> None:
         self.released = released

@@ -198,13 +198,18 @@ def test_rank_zero_kills_a_rank_process_still_running_after_its_wait_and_says_so
 
     from multiar.training.run import _end_other_ranks
 
-    hung = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     done = subprocess.Popen([sys.executable, "-c", "pass"])
+    done.wait()  # ended before rank 0 looks, however slow its start on a loaded machine
+    hung = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     trainer = SimpleNamespace(
         is_global_zero=True, strategy=SimpleNamespace(launcher=SimpleNamespace(procs=[done, hung]))
     )
-    with caplog.at_level(logging.WARNING, logger="multiar"):
-        _end_other_ranks(trainer, wait_s=1.0)
+    try:
+        with caplog.at_level(logging.WARNING, logger="multiar"):
+            _end_other_ranks(trainer, wait_s=1.0)
+    finally:
+        hung.kill()  # a no-op once killed; a failed test leaves no process behind
+        hung.wait()
     assert done.returncode == 0 and hung.returncode == -signal.SIGKILL
     assert [r.getMessage() for r in caplog.records] == [
         f"rank process {hung.pid} still ran 1 s after rank 0 stopped: killed"
