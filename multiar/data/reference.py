@@ -188,7 +188,8 @@ def read_documents(
     strict: bool = False,
     tags: dict[str, list[str]] | None = None,
 ) -> Documents:
-    """Every encoded document of source (those whose key is wanted, when given) at once: encoded_chunks'."""
+    """Every encoded document of source (those whose key is wanted, when given) in one Documents, with
+    the skip counts: `encoded_chunks` without a size; a ValueError when none is left."""
     docs = next(encoded_chunks(domain, source, wanted=wanted, strict=strict, tags=tags))
     if not docs.ids:
         raise ValueError(f"{domain.name}: no document to evaluate in {source.root}")

@@ -33,10 +33,10 @@ NO_BAD = torch.iinfo(torch.long).max  # no rank has seen a non-finite training l
 
 
 def stop_watching_launched_ranks() -> None:
-    """Ends the watch Lightning's own launcher keeps over the rank processes it started, which SIGKILLs
-    this process (a node's local rank 0) within 5 s of one of them exiting non-zero. On a stop every rank agreed on they
-    all exit 1 while rank 0 still has its line to write; rank 0 then waits for them itself
-    (run._end_other_ranks, bounded, killing any left)."""
+    """Ends the watch Lightning's own launcher keeps over the rank processes it started: it SIGKILLs this
+    process (a node's local rank 0) within 5 s of one of them exiting non-zero. On a stop every rank
+    agreed on, they all exit 1 while rank 0 still has its line to write; rank 0 then waits for them
+    itself (run._end_other_ranks: bounded, killing any left)."""
     try:  # Lightning's private API: where it moved, the stop goes on (the watch may then kill this rank)
         from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
     except ImportError:
