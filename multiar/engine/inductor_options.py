@@ -10,8 +10,10 @@ read time (benchmarks/README.md, issue 19). Not for dynamic row counts: the temp
 size unknown at compile time ran 5-15x slower than oneDNN there. On CUDA (`cuda_graphs`) none of these:
 the whole step is captured as one CUDA graph and replayed, its weights left as graph inputs (85M batch 1
 on an H200: 6.1x the eager step, benchmarks/README.md). These switches are inductor's private config;
-where a torch lacks one, the graph is compiled without it (one warning line). No Lightning, Hydra or
-domain code here.
+where a torch lacks one, the graph is compiled without it (one warning line). The patch holds for the
+thread that entered it only (torch 2.13 keeps inductor's config values per thread), so a server's engine
+threads, each around its own calls, do not undo each other's switches. No Lightning, Hydra or domain
+code here.
 """
 
 from __future__ import annotations
