@@ -41,8 +41,8 @@ def rotate_split(qkv: Tensor, freqs: Tensor, n_head: int) -> tuple[Tensor, Tenso
 
 class _RMSNorm(torch.autograd.Function):
     """F.rms_norm is ~6 ops forward and ~10 backward on a CPU; this takes 3 and, in fp32, LayerNorm's own
-    backward kernel plus a correction (in bf16, 6 small ops: the kernel's mixed-precision path is slower
-    there and its dw further from fp32's)."""
+    backward kernel plus a correction (other dtypes 6 small ops: in bf16 the kernel's mixed-precision path
+    is slower and its dw further from fp32's)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:  # noqa: ANN001

@@ -338,6 +338,28 @@ def test_training_rmsnorm_matches_f_rms_norm_values_and_gradients(mode):
         torch.testing.assert_close(norm(x), ref)
 
 
+def test_training_rmsnorm_fp32_backward_takes_any_layout_and_a_weight_of_another_dtype():
+    """The fp32 backward (LayerNorm's kernel and a correction) on a 2-D input, a transposed input, a
+    gradient that is a transposed view, and a bf16 weight: F.rms_norm's gradients each time."""
+    from multiar.engine.training_backward import rms_norm
+
+    torch.manual_seed(0)
+    cases = [
+        (torch.randn(5, 32), torch.randn(5, 32), torch.float32),  # 2-D
+        (torch.randn(6, 4, 32).transpose(0, 1), torch.randn(4, 6, 32), torch.float32),  # input a view
+        (torch.randn(4, 6, 32), torch.randn(6, 4, 32).transpose(0, 1), torch.float32),  # gradient a view
+        (torch.randn(4, 6, 32), torch.randn(4, 6, 32), torch.bfloat16),  # weight in bf16
+    ]
+    for x0, grad, wdtype in cases:
+        grads = []
+        for norm in (rms_norm, lambda x, w, eps: F.rms_norm(x, (32,), w.float(), eps)):
+            x = x0.clone().requires_grad_() if x0.is_contiguous() else x0.detach().requires_grad_()
+            w = torch.randn(32, generator=torch.Generator().manual_seed(1)).to(wdtype).requires_grad_()
+            norm(x, w, 1e-5).backward(grad)
+            grads.append((x.grad, w.grad))
+        torch.testing.assert_close(grads[0], grads[1])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_training_swiglu_gate_and_rotary_split_match_the_composed_ops(dtype):
     """engine.training_backward's SwiGLU gate and rotary split: the values and input gradients of the
