@@ -10,7 +10,10 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from multiar.commands.sampling_setup import cache_dir
 from multiar.data.reference import reference_documents
+from multiar.engine.choice_cache import CACHE_FILE
+from multiar.engine.int8_prefill import choose_prefill
 from multiar.engine.quantize import quantize, quantized_file, save_quantized
 from multiar.engine.scoring import score_documents, summary
 from multiar.files import write_new_text
@@ -37,6 +40,8 @@ def quantize_run(cfg: DictConfig) -> dict[str, Any]:
     model = quantize(run.model, cfg.mode)
     path = save_quantized(model, run.path, run.path / "model.safetensors", mode=cfg.mode)
     report: dict[str, Any] = {"mode": cfg.mode, "file": str(path)}
+    # its int8 layers score many rows a call: on the kernel or dense, as sampling's prefill measures it
+    report |= choose_prefill(model, cache_dir() / CACHE_FILE)
     if docs is None:
         report["val_ppl"] = f"not measured: {missing}"
         print(f"{d.name}: {quantized_file(cfg.mode)} written; validation ppl not measured ({missing})")

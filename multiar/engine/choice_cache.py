@@ -20,14 +20,16 @@ CACHE_FORMAT = 2
 CACHE_FILE = "decode_layout.json"
 
 
-def cache_key(model: nn.Module, batch_size: int, asked: str) -> str:
-    """CPU model, torch version, threads, device, batch size, layer shapes and the narrowing asked."""
+def cache_key(model: nn.Module, batch_size: int | None, asked: str) -> str:
+    """CPU model, torch version, threads, device, batch size (None: a choice for every batch size),
+    layer shapes and the narrowing asked."""
     shapes = [list(m.weight.shape) for m in model.modules() if isinstance(m, nn.Linear)]
     shapes += [
         [m.out_features, m.in_features] for m in model.modules() if isinstance(m, Int8Linear | Int4Linear)
     ]
     digest = hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:16]
-    return f"{machine_key(next(model.parameters()).device)} | batch {batch_size} | shapes {digest} | {asked}"
+    batch = "any batch" if batch_size is None else f"batch {batch_size}"
+    return f"{machine_key(next(model.parameters()).device)} | {batch} | shapes {digest} | {asked}"
 
 
 def machine_key(device: torch.device) -> str:

@@ -140,7 +140,7 @@ def makes_bf16_keys(model: GPT) -> bool:
     kernels, whose activations are bf16."""
     qkv = model.blocks[0].attn.qkv
     if isinstance(qkv, Int8Linear):
-        return qkv.bf16_activations and qkv.kernel is not None and qkv.weight.device.type == "cpu"
+        return qkv.bf16_activations and qkv.on_kernel()
     if isinstance(qkv, Int4Linear):
         return qkv.kernel is not None
     return model.wte.weight.dtype == torch.bfloat16

@@ -8,7 +8,8 @@ candidates (one left: nothing is measured); a missing kernel (oneDNN's packed Li
 candidates. Quantized models (int8, int4) keep their weights; each layer shape's kernel (the int8/int4
 kernel, or the weights dequantized once to bf16, packed where oneDNN packs bf16) is picked the same
 way, per shape; where the picks mix in bf16 copies, the whole model decodes with them and with its
-own kernels, and the faster set is kept.
+own kernels, and the faster set is kept. Their int8 layers' calls of many rows (a prompt's prefill)
+dequantize the weight for one dense GEMM from a row count measured too (`engine.int8_prefill`).
 
 The choice is cached in `cache_dir/decode_layout.json`, keyed by CPU model, torch version, thread
 count, device, batch size, the model's layer shapes and the narrowing asked: later runs on that
@@ -30,6 +31,7 @@ import torch.nn as nn
 
 from multiar.engine.choice_cache import CACHE_FILE, cache_key, read_cache, write_cache
 from multiar.engine.compile_choice import CompileDecision, StepClock, compile_pays, read_measured
+from multiar.engine.int8_prefill import ON_KERNEL, PREFILL, RowsTimer, choose_prefill, rows_seconds
 from multiar.engine.packed import PackedLinear, decode_layout, packs
 from multiar.engine.quantize import Int4Linear, Int8Linear
 from multiar.errors import first_line
@@ -232,6 +234,7 @@ def choose_kernels(
     mode = quantized_mode(quantized)
     shapes = {f"{kernel_name(m)} {m.out_features}x{m.in_features}": m for m in quantized}
     key = cache_key(model, batch_size, f"quantize={mode}")
+    pinned = {s: k for s, k in (pinned or {}).items() if s != PREFILL}  # the prefill rule: not a shape
     forced = bool(pinned) and set(pinned) == set(shapes)
     entry = None if forced else read_cache(cache_file, key)  # a resume's journal decides: no cache read
     if forced:
@@ -285,6 +288,7 @@ def prepare_for_decoding(
     steps: int | None = None,
     timer: Timer | None = None,
     layer_timer: Callable | None = None,
+    prefill_timer: RowsTimer | None = None,
     kernels: dict[str, str] | None = None,
     decided: bool | None = None,
 ) -> tuple[nn.Module, DecodeChoice]:
@@ -301,7 +305,8 @@ def prepare_for_decoding(
     quantized model's per-shape kernels to use rather than choose (a resume pins the killed run's);
     decided: what compile="auto" decided for the run a resume continues (pinned, not weighed anew: one
     graph for the batch size, eager when it fails, as then). timer / layer_timer: seconds per decode
-    step of each candidate model / per call of each layer (tests inject them)."""
+    step of each candidate model / per call of each layer, prefill_timer: of the int8 layers at many rows
+    (`engine.int8_prefill`; tests inject them)."""
     if dtype not in ("auto", *DTYPES) or layout not in ("auto", *LAYOUTS):
         raise ValueError(
             f"dtype={dtype!r}, layout={layout!r}: dtype auto|fp32|bf16, layout auto|linear|packed"
@@ -315,17 +320,24 @@ def prepare_for_decoding(
     cache_file = Path(cache_dir).expanduser() / CACHE_FILE if cache_dir is not None else None
     quantized = [m for m in model.modules() if isinstance(m, Int8Linear | Int4Linear)]
     timer = timer or (lambda models: decode_step_seconds(models, batch_size))
+    # a quantized model's int8 layers at many rows (prefill): on their kernel or dense, set on them
+    # before anything copies them; a journal from before the rule ran every call on the kernel
+    pinned_rule = kernels.get(PREFILL, ON_KERNEL) if kernels else None
+    prefill = (
+        choose_prefill(model, cache_file, pinned_rule, prefill_timer or rows_seconds) if quantized else {}
+    )
     if quantized and compile is True:  # inductor compiles the kernels quantize made
         choice = DecodeChoice(
             dtype="fp32", layout=quantized_mode(quantized), how="forced", batch_size=batch_size
         )
-        choice.kernels = own_kernels(quantized)
+        choice.kernels = own_kernels(quantized) | prefill
         return _compiled(model, choice, _clock(model, choice, cache_file)), choice
     if quantized:  # compile=auto compiles quantize's kernels: a copy before any is swapped for bf16
         spare = copy.deepcopy(model) if compile == "auto" else None
         model, choice = choose_kernels(
             model, batch_size, cache_file, layer_timer or layer_seconds, kernels, model_timer=timer
         )
+        choice.kernels |= prefill
         if compile == "auto":
             model = _compile_if_it_pays(model, choice, spare, steps or 0, cache_file, timer, decided)
         return model, choice
@@ -427,8 +439,13 @@ def _compile_if_it_pays(
     log.info("%s", decision.log_line())
     if not decision.compile:
         return model
-    if quantized:  # every shape on its own kernel in the graph (and in the eager fallback)
-        choice.kernels = own_kernels([m for m in spare.modules() if isinstance(m, Int8Linear | Int4Linear)])
+    if (
+        quantized
+    ):  # every shape on its own kernel in the graph (and in the eager fallback); the prefill rule kept
+        rule = {k: v for k, v in choice.kernels.items() if k == PREFILL}
+        choice.kernels = (
+            own_kernels([m for m in spare.modules() if isinstance(m, Int8Linear | Int4Linear)]) | rule
+        )
         return _compiled(spare, choice, clock)
     choice.dtype = dtype
     return _compiled(_as_linear(model, choice, spare), choice, clock)

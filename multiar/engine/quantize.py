@@ -78,6 +78,9 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", torch.ones(out_features, dtype=torch.float32))
         self.bf16_activations = bf16_activations
         self.kernel = _int8_kernel()  # looked up here, not per call: compiled code calls it directly
+        # calls of at least this many rows dequantize the weight for one dense GEMM (0: never), as
+        # engine.int8_prefill measures it: the kernel's time grows with the rows, a GEMM's hardly
+        self.dense_from = 0
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bf16_activations: bool) -> Int8Linear:
@@ -100,14 +103,23 @@ class Int8Linear(nn.Module):
             self._cast_scales, self._cast_stamp = self.scales.to(dtype), stamp
         return self._cast_scales
 
+    def on_kernel(self) -> bool:
+        """Whether calls run the int8 kernel: it is there and the weights are on a CPU."""
+        return self.kernel is not None and self.weight.device.type == "cpu"
+
+    def activation_dtype(self, x_dtype: torch.dtype = torch.float32) -> torch.dtype:
+        """The dtype calls multiply in: bf16 on the kernel with bf16 activations, else the input's."""
+        return torch.bfloat16 if self.on_kernel() and self.bf16_activations else x_dtype
+
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (N, in)
-        if x2.device.type == "cpu" and self.kernel is not None:
-            act = torch.bfloat16 if self.bf16_activations else x.dtype
+        act = self.activation_dtype(x.dtype)
+        many = 0 < self.dense_from <= x2.size(0) and not torch.compiler.is_compiling()
+        if self.on_kernel() and not many:
             y = self.kernel(x2.to(act), self.weight, self._scales_as(act))
-        else:  # no int8 kernel: dequantize on the fly (still a quarter of the bytes to keep)
-            y = F.linear(x2, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+        else:  # no int8 kernel, or rows enough to repay dequantizing the weight for one dense GEMM
+            y = F.linear(x2.to(act), self.weight.to(act)).float().mul_(self.scales)
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
 

@@ -149,8 +149,9 @@ def test_quantized_layers_take_the_faster_kernel_per_shape(tmp_path):
         return {n: (1e-6 if n.endswith("64x64 bf16") else 2e-6) for n in layers}
 
     whole = fake_timer({"int8": 2.0, "int8 per shape": 1.0}, [])  # the mix also wins on the whole model
+    on_kernel = lambda layers, rows: (1.0, 2.0)  # noqa: E731 (the int8 kernel at every row count)
     model, choice = lay.prepare_for_decoding(
-        q_model, cache_dir=tmp_path, layer_timer=layer_timer, timer=whole
+        q_model, cache_dir=tmp_path, layer_timer=layer_timer, timer=whole, prefill_timer=on_kernel
     )
     assert choice.layout == "int8" and choice.how == "measured"
     assert choice.kernels == {
@@ -158,6 +159,7 @@ def test_quantized_layers_take_the_faster_kernel_per_shape(tmp_path):
         "int8 64x64": "bf16",
         "int8 384x64": "int8",
         "int8 64x192": "int8",
+        "int8 prefill": "int8",  # engine.int8_prefill: calls of many rows
     }
     assert isinstance(model.blocks[0].attn.proj, lay.DequantizedLinear)
     assert isinstance(model.blocks[0].attn.qkv, Int8Linear)
@@ -192,8 +194,9 @@ def test_per_shape_picks_that_lose_on_the_whole_model_give_way_to_its_own_kernel
     assert cached.how == "cached" and cached.kernels == choice.kernels and len(calls) == 1
     own_everywhere = lambda layers, batch: {n: 1.0 if n.endswith("bf16") else 0.1 for n in layers}  # noqa: E731
     _, own = lay.prepare_for_decoding(
-        quantize(copy.deepcopy(base), "int8"), layer_timer=own_everywhere, timer=fake_timer({}, calls)
-    )
+        quantize(copy.deepcopy(base), "int8"), layer_timer=own_everywhere, timer=fake_timer({}, calls),
+        prefill_timer=lambda layers, rows: (1.0, 2.0),
+    )  # fmt: skip
     assert set(own.kernels.values()) == {"int8"} and len(calls) == 1  # no whole-model timing needed
 
 

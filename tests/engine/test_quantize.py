@@ -15,6 +15,7 @@ from safetensors.torch import load_model, save_model
 from multiar.cli import main
 from multiar.commands.generate import sample_to_files
 from multiar.config import load_config
+from multiar.engine.int8_prefill import ROWS, rule_rows
 from multiar.engine.model import GPT, ModelConfig
 from multiar.engine.quantize import INT8_FILE, Int4Linear, Int8Linear, quantize
 from multiar.training.run import train
@@ -72,6 +73,8 @@ def test_quantize_command_stores_int8_weights_reused_by_generate_and_reports_ppl
     assert (run / INT8_FILE).exists() and report["val_tokens"] > 1000
     assert abs(report["ppl_change"]) < 0.01  # within 1% of fp32 on a trained model
     assert report["val_ppl_int8"] < 20  # trained: far below the 28-token uniform guess
+    if hasattr(torch, "_weight_int8pack_mm"):  # scored on the kernel or dense, as measured here
+        assert rule_rows(report["int8 prefill"]) in (0, *ROWS)
 
     def no_conversion(*args, **kwargs):
         raise AssertionError("converted again although the stored int8 weights match")

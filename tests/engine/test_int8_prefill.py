@@ -1,0 +1,160 @@
+"""int8 calls of many rows: the dense path's numbers, which calls take it, the measured rule (its choice,
+cache and pin), and prepare_for_decoding naming it among the kernels."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from multiar.engine import int8_prefill
+from multiar.engine.choice_cache import CACHE_FILE
+from multiar.engine.int8_prefill import (
+    ON_KERNEL,
+    PREFILL,
+    choose_prefill,
+    fewest_dense_rows,
+    rule_name,
+    rule_rows,
+)
+from multiar.engine.layout import prepare_for_decoding
+from multiar.engine.model import GPT, ModelConfig
+from multiar.engine.quantize import Int8Linear, quantize
+
+needs_kernel = pytest.mark.skipif(
+    not hasattr(torch, "_weight_int8pack_mm"), reason="this torch has no int8 kernel"
+)
+
+
+def counting_kernel(layer: Int8Linear) -> list[int]:
+    """Wrap layer's kernel: the row counts of the calls it serves."""
+    calls, kernel = [], layer.kernel
+
+    def counted(x, w, s):  # noqa: ANN001, ANN202
+        calls.append(x.size(0))
+        return kernel(x, w, s)
+
+    layer.kernel = counted
+    return calls
+
+
+@needs_kernel
+@pytest.mark.parametrize("bf16", [True, False])
+def test_calls_of_many_rows_multiply_dense_with_the_kernels_numbers(bf16):
+    """From dense_from rows on, a call dequantizes the weight for one GEMM (in the kernel's activation
+    dtype); fewer rows, and every call when dense_from is 0, take the kernel. Both give the layer's
+    numbers to the activations' rounding."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 96, bias=False)
+    layer = Int8Linear.from_linear(linear, bf16_activations=bf16)
+    calls = counting_kernel(layer)
+    x = torch.randn(40, 256)
+    exact = x @ (layer.weight.float() * layer.scales[:, None]).t()  # the dequantized weight, fp32
+    kernel_out = layer(x)
+    layer.dense_from = 16
+    small, big = layer(x[:15]), layer(x)
+    assert calls == [40, 15]  # 40 rows took the dense GEMM once dense_from was set
+    assert big.dtype == small.dtype == torch.float32 and big.shape == (40, 96)
+    tolerance = 1e-2 if bf16 else 1e-5
+    for out in (kernel_out, big):
+        assert (out - exact).norm() / exact.norm() < tolerance
+    assert (small - exact[:15]).norm() / exact[:15].norm() < tolerance
+    layer.dense_from = 41
+    layer(x)
+    assert calls == [40, 15, 40]
+
+
+def test_the_rule_starts_where_the_dense_gemm_wins_for_good():
+    """The fewest rows from which dense is faster at that count and every larger one; a count where the
+    kernel wins again resets it; none at all: 0 (the kernel always). Names round-trip."""
+    t = {4: (1, 2), 8: (2, 1), 16: (3, 4), 32: (5, 3), 64: (9, 4)}  # (kernel, dense) seconds
+    assert fewest_dense_rows(t) == 32  # 8 wins, 16 does not: from 32 on
+    assert fewest_dense_rows({4: (1, 2), 8: (1, 2)}) == 0
+    assert fewest_dense_rows({4: (2, 1), 8: (3, 1)}) == 4
+    layer = Int8Linear(8, 8, bf16_activations=False)
+    assert rule_name(0, layer) == ON_KERNEL and rule_rows(ON_KERNEL) == 0
+    assert rule_rows(rule_name(32, layer)) == 32
+    with pytest.raises(ValueError, match="int8 prefill: 'fast' is not a rule"):
+        rule_rows("fast")
+
+
+def tiny_int8() -> GPT:
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=64, block_size=64, n_layer=2, n_head=2, n_embd=64)).eval()
+    return quantize(model, "int8")
+
+
+@needs_kernel
+def test_the_rule_is_measured_once_cached_pinned_and_set_on_every_int8_layer(tmp_path):
+    timed = []
+
+    def timer(layers, rows):  # dense wins from 32 rows on
+        timed.append((len(layers), rows))
+        return (1.0, 2.0) if rows < 32 else (2.0, 1.0)
+
+    model = tiny_int8()
+    assert choose_prefill(model, tmp_path / CACHE_FILE, timer=timer) == {
+        PREFILL: rule_name(32, model.lm_head)
+    }
+    # one layer per shape (qkv, the MLP's two, and one of proj and lm_head: both 64x64), every row count
+    assert timed == [(4, n) for n in int8_prefill.ROWS]
+    layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    assert {m.dense_from for m in layers} == {32}
+    entry = next(iter(json.loads((tmp_path / CACHE_FILE).read_text()).values()))
+    assert entry["ms_kernel_dense"]["64"] == [2000.0, 1000.0] and "any batch" in next(
+        iter(json.loads((tmp_path / CACHE_FILE).read_text()))
+    )
+    again = tiny_int8()
+    assert choose_prefill(again, tmp_path / CACHE_FILE, timer=timer)[PREFILL] == rule_name(32, again.lm_head)
+    assert len(timed) == len(int8_prefill.ROWS)  # read from the cache
+    assert choose_prefill(again, tmp_path / CACHE_FILE, pinned=ON_KERNEL, timer=timer) == {PREFILL: ON_KERNEL}
+    assert {m.dense_from for m in again.modules() if isinstance(m, Int8Linear)} == {0}
+    # an int4 model has int8 layers only where int4 cannot take the shape: a 70-token head here
+    int4 = quantize(GPT(ModelConfig(vocab_size=70, block_size=64, n_layer=1, n_head=2, n_embd=64)), "int4")
+    assert choose_prefill(int4, None, timer=timer) == {PREFILL: rule_name(32, int4.lm_head)}
+    assert [m.dense_from for m in int4.modules() if isinstance(m, Int8Linear)] == [32]
+    all_int4 = quantize(
+        GPT(ModelConfig(vocab_size=64, block_size=64, n_layer=1, n_head=2, n_embd=64)), "int4"
+    )
+    assert choose_prefill(all_int4, None, timer=timer) == {}
+
+
+@needs_kernel
+def test_prepare_for_decoding_names_the_rule_among_the_kernels_and_a_pin_keeps_it(tmp_path):
+    """The rule rides in DecodeChoice.kernels (the log line, generate.json, a resume's journal); pinned
+    kernels from a journal without it (written before it existed) keep every call on the kernel."""
+    dense_from_4 = lambda layers, rows: (2.0, 1.0)  # noqa: E731
+    model, choice = prepare_for_decoding(
+        tiny_int8(),
+        cache_dir=tmp_path,
+        prefill_timer=dense_from_4,
+        layer_timer=lambda layers, b: dict.fromkeys(layers, 1.0),
+    )
+    assert choice.kernels[PREFILL] == rule_name(4, model.lm_head) and PREFILL in choice.log_line()
+    assert {m.dense_from for m in model.modules() if isinstance(m, Int8Linear)} == {4}
+    shapes = {s: k for s, k in choice.kernels.items() if s != PREFILL}
+    resumed, again = prepare_for_decoding(tiny_int8(), cache_dir=tmp_path, kernels=shapes)
+    assert again.how == "forced" and again.kernels[PREFILL] == ON_KERNEL
+    assert {m.dense_from for m in resumed.modules() if isinstance(m, Int8Linear)} == {0}
+    pinned, kept = prepare_for_decoding(tiny_int8(), cache_dir=tmp_path, kernels=dict(choice.kernels))
+    assert kept.kernels == choice.kernels and {
+        m.dense_from for m in pinned.modules() if isinstance(m, Int8Linear)
+    } == {4}
+
+
+@needs_kernel
+def test_a_prefill_on_the_dense_path_gives_the_kernels_logits_and_the_same_greedy_tokens():
+    """A whole model's prompt through the dense path against the kernel: logits to bf16's rounding."""
+    model = tiny_int8()
+    prompt = torch.randint(3, 64, (2, 24))
+    with torch.inference_mode():
+        model.setup_caches(2, 64)
+        on_kernel = model(prompt, 0).float()
+        int8_prefill.use_prefill(model, rule_name(8, model.lm_head))
+        dense = model(prompt, 0).float()
+    assert (dense - on_kernel).abs().max() < 0.05 * on_kernel.abs().max()
+    assert not torch.equal(dense, on_kernel)  # it did take the other path
+    dense_copy = copy.deepcopy(model)
+    assert {m.dense_from for m in dense_copy.modules() if isinstance(m, Int8Linear)} == {8}
