@@ -1,0 +1,111 @@
+"""int8 calls of many rows: the int8 kernel for every call (the baseline, as before the rule) against the
+rule `prepare_for_decoding` measures (`multiar.engine.int8_prefill`: the weight dequantized for one dense
+GEMM from a row count on), side by side in one process, interleaved, median of N.
+
+    .venv/bin/python benchmarks/int8_prefill.py [--shapes 10.8M 85M] [--prompts 16 64 256 512]
+        [--repeats 5] [--new 32] [--json out.json]
+
+Per shape (random weights, vocab 512): the rule measured afresh (an empty cache) and its timings (ms
+for one call of each int8 layer shape, on the kernel and dense, per row count); for each
+prompt length, the prefill alone (one forward over the prompt, logits of its last token) and `generate`
+of --new tokens after it (sampling, temperature 1, eager decode steps: the kernel serves their one row
+either way), on the kernel and with the rule; the largest logit difference between the two prefills.
+The CPU is named in the JSON: where the kernel and the GEMM cross differs between CPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from multiar.engine.choice_cache import CACHE_FILE
+from multiar.engine.decode import generate
+from multiar.engine.int8_prefill import ON_KERNEL, PREFILL, use_prefill
+from multiar.engine.layout import prepare_for_decoding
+from multiar.engine.model import GPT, ModelConfig
+from multiar.engine.precision import cpu_model
+from multiar.engine.quantize import quantize
+
+SHAPES = {"10.8M": dict(n_layer=6, n_head=6, n_embd=384), "85M": dict(n_layer=12, n_head=12, n_embd=768)}
+
+
+def median_ms(runs: dict[str, Callable], repeats: int) -> dict[str, float]:
+    """Every run once per round, in an order shuffled per round, after one untimed round."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for fn in runs.values():
+        fn()
+    for r in range(repeats):
+        order = list(runs)
+        random.Random(r).shuffle(order)
+        for name in order:
+            start = time.perf_counter()
+            runs[name]()
+            times[name].append(1e3 * (time.perf_counter() - start))
+    return {name: round(statistics.median(t), 2) for name, t in times.items()}
+
+
+def prompt_row(model: GPT, prompt: torch.Tensor, rule: str, new: int, repeats: int) -> dict:
+    """One prompt: its prefill and a generate after it, on the kernel and with the rule."""
+
+    def prefill(rule_now: str) -> torch.Tensor:
+        use_prefill(model, rule_now)
+        model.setup_caches(1, model.config.block_size)
+        with torch.inference_mode():
+            return model(prompt, 0, logits_at=-1)[:, -1].float()
+
+    def sample(rule_now: str) -> None:
+        use_prefill(model, rule_now)
+        generate(model, prompt, new, temperature=1.0)
+
+    difference = (prefill(ON_KERNEL) - prefill(rule)).abs().max().item()
+    prefill_ms = median_ms({"kernel": lambda: prefill(ON_KERNEL), "rule": lambda: prefill(rule)}, repeats)
+    generate_ms = median_ms({"kernel": lambda: sample(ON_KERNEL), "rule": lambda: sample(rule)}, repeats)
+    return {
+        "prompt": prompt.size(1),
+        "rule": rule,
+        "prefill_ms_kernel": prefill_ms["kernel"],
+        "prefill_ms_rule": prefill_ms["rule"],
+        "prefill_speedup": round(prefill_ms["kernel"] / prefill_ms["rule"], 2),
+        f"generate_{new}_ms_kernel": generate_ms["kernel"],
+        f"generate_{new}_ms_rule": generate_ms["rule"],
+        "max_logit_difference": round(difference, 4),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", nargs="*", default=list(SHAPES))
+    parser.add_argument("--prompts", nargs="*", type=int, default=[16, 64, 256, 512])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--new", type=int, default=32)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    out = {"cpu": cpu_model(), "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": []}
+    for shape in args.shapes:
+        torch.manual_seed(0)
+        config = ModelConfig(vocab_size=512, block_size=1024, **SHAPES[shape])
+        with tempfile.TemporaryDirectory() as cache:  # measured afresh; its timings read back
+            model, choice = prepare_for_decoding(quantize(GPT(config).eval(), "int8"), cache_dir=cache)
+            table = json.loads((Path(cache) / CACHE_FILE).read_text())
+        rule = choice.kernels[PREFILL]
+        timings = next(entry for key, entry in table.items() if key.endswith(PREFILL))["ms_kernel_dense"]
+        print(f"{shape}: {choice.log_line()}", flush=True)
+        for length in args.prompts:
+            row = prompt_row(model, torch.randint(3, 512, (1, length)), rule, args.new, args.repeats)
+            out["rows"].append({"shape": shape, **row})
+            print(json.dumps(out["rows"][-1]), flush=True)
+        out.setdefault("rule_ms_kernel_dense", {})[shape] = timings
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
