@@ -40,12 +40,12 @@ def quantize_run(cfg: DictConfig) -> dict[str, Any]:
     model = quantize(run.model, cfg.mode)
     path = save_quantized(model, run.path, run.path / "model.safetensors", mode=cfg.mode)
     report: dict[str, Any] = {"mode": cfg.mode, "file": str(path)}
-    # its int8 layers score many rows a call: on the kernel or dense, as sampling's prefill measures it
-    report |= choose_prefill(model, cache_dir() / CACHE_FILE)
     if docs is None:
         report["val_ppl"] = f"not measured: {missing}"
         print(f"{d.name}: {quantized_file(cfg.mode)} written; validation ppl not measured ({missing})")
     else:
+        # its int8 layers score many rows a call: on the kernel or dense, as sampling's prefill does
+        report |= choose_prefill(model, cache_dir() / CACHE_FILE)
         low = summary(score_documents(model, docs, d.bos_id, d.eos_id, cfg.batch_size), docs, d.unit)
         report |= {
             "val_documents": fp32["documents"],

@@ -6,10 +6,12 @@ torch's `_weight_int8pack_mm` works row after row, so its time grows with the ro
 layers on a 2-core AMX Xeon: the kernel 8 ms at 1 row, 29 at 16, 83 at 64, 311 at 256; dequantized to
 bf16 and multiplied, 22, 25, 31 and 49 ms (benchmarks/README.md, issue 19). Where the two cross depends
 on the CPU, so it is measured: the int8 layer shapes timed both ways at 4 to 256 rows, and calls of at
-least the fewest rows from which the dense GEMM wins at every larger count measured take it. The rule
-is a kernel choice like the per-shape ones (`engine.layout`): named in `DecodeChoice.kernels` under
-`PREFILL`, cached in decode_layout.json, pinned by a resume. A compiled graph's calls keep the int8
-kernel (inductor's int8 GEMM is its own). int4 layers are left out: dequantizing their groups per call
+least the fewest rows from which the dense GEMM wins at every larger count measured take it: any call,
+a prefill, a scored batch, or an eager decode step of that many rows (batch_size >= the count). The
+rule is a kernel choice like the per-shape ones (`engine.layout`): named in `DecodeChoice.kernels`
+under `PREFILL`, cached in decode_layout.json, pinned by a resume (a journal from before the rule:
+every call on the kernel, as that run did). A compiled graph's calls keep the int8 kernel (inductor's
+int8 GEMM is its own). int4 layers are left out: dequantizing their groups per call
 costs more than the kernel up to ~200 rows. No Lightning, Hydra or domain code here.
 """
 
@@ -51,6 +53,15 @@ def rule_rows(name: str) -> int:
     if len(words) != 4 or words[1] != "from" or words[3] != "rows" or not words[2].isdigit():
         raise ValueError(f"{PREFILL}: {name!r} is not a rule (int8, or '<dtype> from <n> rows')")
     return int(words[2])
+
+
+def is_rule(name: object) -> bool:
+    """Whether name is a rule's name."""
+    try:
+        rule_rows(name)
+    except (ValueError, AttributeError):
+        return False
+    return True
 
 
 def rows_seconds(layers: list[Int8Linear], rows: int, rounds: int = 3) -> tuple[float, float]:
@@ -100,9 +111,9 @@ def choose_prefill(
     else:
         key = cache_key(model, None, PREFILL)
         entry = read_cache(cache_file, key)
-        if entry is not None and isinstance(entry.get("rule"), str):
+        if entry is not None and is_rule(entry.get("rule")):
             rule = entry["rule"]
-        else:
+        else:  # none cached, or an entry that is not a rule (edited by hand): measured again
             shapes = list({(m.out_features, m.in_features): m for m in layers}.values())
             seconds = {n: timer(shapes, n) for n in ROWS}
             rule = rule_name(fewest_dense_rows(seconds), layers[0])

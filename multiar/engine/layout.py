@@ -54,7 +54,8 @@ class DecodeChoice:
     how: str  # measured | cached | forced | only candidate
     batch_size: int
     step_ms: dict[str, float] = field(default_factory=dict)  # candidate -> ms per decode step
-    kernels: dict[str, str] = field(default_factory=dict)  # quantized: layer shape -> kernel
+    # quantized: layer shape -> kernel, and int8_prefill.PREFILL -> the rule for calls of many rows
+    kernels: dict[str, str] = field(default_factory=dict)
     compile: dict = field(default_factory=dict)  # compile=auto: its decision and figures (CompileDecision)
 
     def as_dict(self) -> dict:
@@ -302,7 +303,8 @@ def prepare_for_decoding(
     (float layouts: nn.Linear only, inductor packs weights itself); "auto", compiled when that pays for
     a job of `steps` decode steps (`multiar.engine.compile_choice`; a quantized model's own kernels,
     as compile=True compiles them; a job of no steps, or layout="packed", stays eager); kernels: a
-    quantized model's per-shape kernels to use rather than choose (a resume pins the killed run's);
+    quantized model's per-shape kernels and prefill rule to use rather than choose (a resume pins the
+    killed run's; without the rule, every call on the kernel);
     decided: what compile="auto" decided for the run a resume continues (pinned, not weighed anew: one
     graph for the batch size, eager when it fails, as then). timer / layer_timer: seconds per decode
     step of each candidate model / per call of each layer, prefill_timer: of the int8 layers at many rows

@@ -115,11 +115,14 @@ class Int8Linear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (N, in)
         act = self.activation_dtype(x.dtype)
-        many = 0 < self.dense_from <= x2.size(0) and not torch.compiler.is_compiling()
+        # a compiled graph keeps the kernel, and is asked first: no guard on its (symbolic) row count
+        many = not torch.compiler.is_compiling() and 0 < self.dense_from <= x2.size(0)
         if self.on_kernel() and not many:
             y = self.kernel(x2.to(act), self.weight, self._scales_as(act))
-        else:  # no int8 kernel, or rows enough to repay dequantizing the weight for one dense GEMM
-            y = F.linear(x2.to(act), self.weight.to(act)).float().mul_(self.scales)
+        elif self.on_kernel():  # rows enough to repay dequantizing the weight for one dense GEMM
+            y = F.linear(x2.to(act), self.weight.to(act)).float().mul_(self.scales)  # scaled in fp32
+        else:  # no int8 kernel: dequantize on the fly (still a quarter of the bytes to keep)
+            y = F.linear(x2, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
 

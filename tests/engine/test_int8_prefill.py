@@ -149,12 +149,64 @@ def test_a_prefill_on_the_dense_path_gives_the_kernels_logits_and_the_same_greed
     """A whole model's prompt through the dense path against the kernel: logits to bf16's rounding."""
     model = tiny_int8()
     prompt = torch.randint(3, 64, (2, 24))
+    calls = counting_kernel(model.lm_head)
     with torch.inference_mode():
         model.setup_caches(2, 64)
         on_kernel = model(prompt, 0).float()
         int8_prefill.use_prefill(model, rule_name(8, model.lm_head))
         dense = model(prompt, 0).float()
     assert (dense - on_kernel).abs().max() < 0.05 * on_kernel.abs().max()
-    assert not torch.equal(dense, on_kernel)  # it did take the other path
+    assert calls == [48]  # the 2 x 24 rows on the kernel, then dense
     dense_copy = copy.deepcopy(model)
     assert {m.dense_from for m in dense_copy.modules() if isinstance(m, Int8Linear)} == {8}
+
+
+@needs_kernel
+def test_a_graph_of_dynamic_rows_keeps_the_kernel_without_a_guard_on_the_rule():
+    """A compiled call (serve's captured steps: rows dynamic) traces the kernel, and does not compare
+    its symbolic row count with dense_from: no recompile when the rows pass it."""
+    torch.manual_seed(0)
+    layer = Int8Linear.from_linear(torch.nn.Linear(64, 32, bias=False), bf16_activations=True)
+    layer.dense_from = 16
+    graphs = []
+
+    def backend(gm, example_inputs):  # noqa: ANN001, ANN202
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(layer, backend=backend, dynamic=True)
+    with torch.inference_mode():
+        x = torch.randn(40, 64)
+        small, big = compiled(x[:4].clone()), compiled(x)  # not a view: dynamo guards a view's base
+        layer.dense_from = 0
+        on_kernel = layer(x)
+    assert len(graphs) == 1  # one graph for 4 and 40 rows
+    assert torch.equal(big, on_kernel) and torch.equal(small, on_kernel[:4])
+
+
+def test_a_journal_from_before_the_rule_keeps_its_digest_and_a_bad_cached_rule_is_measured_again(tmp_path):
+    """Runs that decoded every call on the kernel hash as journals written before the rule did (their
+    kernels without it), so they resume; another rule is another digest. A cache entry that is not a
+    rule (edited by hand) is measured again."""
+    from omegaconf import OmegaConf
+
+    from multiar.commands.resume import settings_digest
+
+    cfg = OmegaConf.create({"run": "r", "quantize": "int8"})
+    shapes = {"int8 192x64": "int8"}
+
+    def digest(kernels: dict) -> str:
+        return settings_digest(cfg, {"dtype": "fp32", "layout": "int8", "kernels": kernels})
+
+    assert (
+        digest(shapes)
+        == digest(shapes | {PREFILL: ON_KERNEL})
+        != digest(shapes | {PREFILL: "bf16 from 16 rows"})
+    )
+    table = tmp_path / CACHE_FILE
+    choose_prefill(tiny_int8(), table, timer=lambda layers, rows: (1.0, 2.0))
+    key = next(iter(json.loads(table.read_text())))
+    table.write_text(json.dumps({key: {"format": 2, "rule": "fast"}}))
+    assert choose_prefill(tiny_int8(), table, timer=lambda layers, rows: (2.0, 1.0)) == {
+        PREFILL: rule_name(4, Int8Linear(8, 8, True))
+    }
