@@ -13,8 +13,8 @@ from omegaconf import DictConfig
 from multiar.commands.sampling_setup import cache_dir
 from multiar.data.reference import reference_documents
 from multiar.engine.choice_cache import CACHE_FILE
-from multiar.engine.int8_prefill import choose_prefill
 from multiar.engine.quantize import quantize, quantized_file, save_quantized
+from multiar.engine.quantized_prefill import choose_prefill
 from multiar.engine.scoring import score_documents, summary
 from multiar.files import write_new_text
 from multiar.run_folder import load_run
@@ -44,7 +44,7 @@ def quantize_run(cfg: DictConfig) -> dict[str, Any]:
         report["val_ppl"] = f"not measured: {missing}"
         print(f"{d.name}: {quantized_file(cfg.mode)} written; validation ppl not measured ({missing})")
     else:
-        # its int8 layers score many rows a call: on the kernel or dense, as sampling's prefill does
+        # its layers score many rows a call: on the kernel or dense, as sampling's prefill does
         report |= choose_prefill(model, cache_dir() / CACHE_FILE)
         low = summary(score_documents(model, docs, d.bos_id, d.eos_id, cfg.batch_size), docs, d.unit)
         report |= {

@@ -17,8 +17,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from multiar.commands.tally import Tally
-from multiar.engine.int8_prefill import ON_KERNEL, PREFILL
 from multiar.engine.precision import cpu_model
+from multiar.engine.quantized_prefill import without_on_kernel_rules
 from multiar.errors import ConfigError
 from multiar.files import write_new_file
 
@@ -36,11 +36,10 @@ def settings_digest(cfg: DictConfig, decode: dict | None = None) -> str:
     settings = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in free}
     if decode:
         settings["decode"] = {k: decode.get(k) for k in ("dtype", "layout", "kernels")}
-        kernels = settings["decode"]["kernels"]
-        if isinstance(kernels, dict) and kernels.get(PREFILL) == ON_KERNEL:
-            # every call on the kernel is how runs decoded before the rule existed: their journals'
-            # digests left it out, so a resume of one still matches
-            settings["decode"]["kernels"] = {k: v for k, v in kernels.items() if k != PREFILL}
+        if isinstance(settings["decode"]["kernels"], dict):
+            # every call on the kernel is how runs decoded before the prefill rules existed: their
+            # journals' digests left them out, so a resume of one still matches
+            settings["decode"]["kernels"] = without_on_kernel_rules(settings["decode"]["kernels"])
         # what compile= decided, not how it was spelled ("auto", "True", true): as journals before
         # compile=auto recorded it
         settings["compile"] = str(decode.get("layout", "")).endswith(", compiled")

@@ -8,8 +8,8 @@ candidates (one left: nothing is measured); a missing kernel (oneDNN's packed Li
 candidates. Quantized models (int8, int4) keep their weights; each layer shape's kernel (the int8/int4
 kernel, or the weights dequantized once to bf16, packed where oneDNN packs bf16) is picked the same
 way, per shape; where the picks mix in bf16 copies, the whole model decodes with them and with its
-own kernels, and the faster set is kept. Their int8 layers' calls of many rows (a prompt's prefill)
-dequantize the weight for one dense GEMM from a row count measured too (`engine.int8_prefill`).
+own kernels, and the faster set is kept. Their layers' calls of many rows (a prompt's prefill)
+dequantize the weight for one dense GEMM from a row count measured too (`engine.quantized_prefill`).
 
 The choice is cached in `cache_dir/decode_layout.json`, keyed by CPU model, torch version, thread
 count, device, batch size, the model's layer shapes and the narrowing asked: later runs on that
@@ -31,9 +31,9 @@ import torch.nn as nn
 
 from multiar.engine.choice_cache import CACHE_FILE, cache_key, read_cache, write_cache
 from multiar.engine.compile_choice import CompileDecision, StepClock, compile_pays, read_measured
-from multiar.engine.int8_prefill import ON_KERNEL, PREFILL, RowsTimer, choose_prefill, rows_seconds
 from multiar.engine.packed import PackedLinear, decode_layout, packs
 from multiar.engine.quantize import Int4Linear, Int8Linear
+from multiar.engine.quantized_prefill import RowsTimer, choose_prefill, is_prefill_key, rows_seconds
 from multiar.errors import first_line
 
 log = logging.getLogger("multiar")
@@ -54,7 +54,8 @@ class DecodeChoice:
     how: str  # measured | cached | forced | only candidate
     batch_size: int
     step_ms: dict[str, float] = field(default_factory=dict)  # candidate -> ms per decode step
-    # quantized: layer shape -> kernel, and int8_prefill.PREFILL -> the rule for calls of many rows
+    # quantized: layer shape -> kernel, and "<mode> prefill" -> the rule for calls of many rows
+    # (engine.quantized_prefill)
     kernels: dict[str, str] = field(default_factory=dict)
     compile: dict = field(default_factory=dict)  # compile=auto: its decision and figures (CompileDecision)
 
@@ -235,7 +236,7 @@ def choose_kernels(
     mode = quantized_mode(quantized)
     shapes = {f"{kernel_name(m)} {m.out_features}x{m.in_features}": m for m in quantized}
     key = cache_key(model, batch_size, f"quantize={mode}")
-    pinned = {s: k for s, k in (pinned or {}).items() if s != PREFILL}  # the prefill rule: not a shape
+    pinned = {s: k for s, k in (pinned or {}).items() if not is_prefill_key(s)}  # the rules: not shapes
     forced = bool(pinned) and set(pinned) == set(shapes)
     entry = None if forced else read_cache(cache_file, key)  # a resume's journal decides: no cache read
     if forced:
@@ -308,7 +309,7 @@ def prepare_for_decoding(
     decided: what compile="auto" decided for the run a resume continues (pinned, not weighed anew: one
     graph for the batch size, eager when it fails, as then). timer / layer_timer: seconds per decode
     step of each candidate model / per call of each layer, prefill_timer: of the int8 layers at many rows
-    (`engine.int8_prefill`; tests inject them)."""
+    (`engine.quantized_prefill`; tests inject them)."""
     if dtype not in ("auto", *DTYPES) or layout not in ("auto", *LAYOUTS):
         raise ValueError(
             f"dtype={dtype!r}, layout={layout!r}: dtype auto|fp32|bf16, layout auto|linear|packed"
@@ -322,11 +323,10 @@ def prepare_for_decoding(
     cache_file = Path(cache_dir).expanduser() / CACHE_FILE if cache_dir is not None else None
     quantized = [m for m in model.modules() if isinstance(m, Int8Linear | Int4Linear)]
     timer = timer or (lambda models: decode_step_seconds(models, batch_size))
-    # a quantized model's int8 layers at many rows (prefill): on their kernel or dense, set on them
-    # before anything copies them; a journal from before the rule ran every call on the kernel
-    pinned_rule = kernels.get(PREFILL, ON_KERNEL) if kernels else None
+    # a quantized model's layers at many rows (prefill): on their kernel or dense, set on them before
+    # anything copies them; pinned by a resume's kernels (a journal from before the rules: the kernel)
     prefill = (
-        choose_prefill(model, cache_file, pinned_rule, prefill_timer or rows_seconds) if quantized else {}
+        choose_prefill(model, cache_file, kernels or None, prefill_timer or rows_seconds) if quantized else {}
     )
     if quantized and compile is True:  # inductor compiles the kernels quantize made
         choice = DecodeChoice(
@@ -443,8 +443,8 @@ def _compile_if_it_pays(
         return model
     if (
         quantized
-    ):  # every shape on its own kernel in the graph (and in the eager fallback); the prefill rule kept
-        rule = {k: v for k, v in choice.kernels.items() if k == PREFILL}
+    ):  # every shape on its own kernel in the graph (and in the eager fallback); the prefill rules kept
+        rule = {k: v for k, v in choice.kernels.items() if is_prefill_key(k)}
         choice.kernels = (
             own_kernels([m for m in spare.modules() if isinstance(m, Int8Linear | Int4Linear)]) | rule
         )

@@ -79,7 +79,7 @@ class Int8Linear(nn.Module):
         self.bf16_activations = bf16_activations
         self.kernel = _int8_kernel()  # looked up here, not per call: compiled code calls it directly
         # calls of at least this many rows dequantize the weight for one dense GEMM (0: never), as
-        # engine.int8_prefill measures it: the kernel's time grows with the rows, a GEMM's hardly
+        # engine.quantized_prefill measures it: the kernel's time grows with the rows, a GEMM's hardly
         self.dense_from = 0
 
     @classmethod
@@ -145,6 +145,7 @@ class Int4Linear(nn.Module):
         self.packed: Tensor | None = None  # the CPU kernel's layout, built from the buffers by pack()
         self.bf16_scales_and_zeros: Tensor | None = None
         self.kernel: Callable | None = None  # the CPU kernel's mat-mul, with packed
+        self.dense_from = 0  # as Int8Linear's: calls of this many rows dequantize (0: never)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = INT4_GROUP) -> Int4Linear:
@@ -173,6 +174,23 @@ class Int4Linear(nn.Module):
         q = self.codes().float().reshape(self.out_features, -1, self.group_size) - 8
         return (q * scale.t()[..., None] + zero.t()[..., None]).reshape(self.out_features, self.in_features)
 
+    def bf16_dequantized(self) -> Tensor:
+        """The weight dequantized in bf16 (out, in) from the codes and the kernel's bf16 scales and zeros,
+        in place on one buffer (a call of many rows: engine.quantized_prefill)."""
+        sz = self.bf16_scales_and_zeros  # (in / group, out, 2)
+        scale, zero = sz[..., 0].t().unsqueeze(-1), sz[..., 1].t().unsqueeze(-1)  # (out, in / group, 1)
+        q = torch.stack((self.weight >> 4, self.weight & 15), -1).view(self.out_features, -1, self.group_size)
+        w = q.to(torch.bfloat16).sub_(8).mul_(scale).add_(zero)  # (out, in / group, group)
+        return w.view(self.out_features, self.in_features)
+
+    def on_kernel(self) -> bool:
+        """Whether calls run the int4 kernel (pack() found it, on a CPU)."""
+        return self.kernel is not None
+
+    def activation_dtype(self, x_dtype: torch.dtype = torch.float32) -> torch.dtype:
+        """The dtype calls multiply in: bf16 on the kernel, else the input's."""
+        return torch.bfloat16 if self.on_kernel() else x_dtype
+
     def pack(self) -> Int4Linear:
         """Build the CPU kernel's layout from the buffers (after from_linear or a load)."""
         if self.weight.device.type == "cpu" and (kernels := _int4_kernels()) is not None:
@@ -184,8 +202,11 @@ class Int4Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (N, in)
-        if self.kernel is not None:  # pack() found the kernels
+        many = not torch.compiler.is_compiling() and 0 < self.dense_from <= x2.size(0)  # as Int8Linear's
+        if self.kernel is not None and not many:  # pack() found the kernels
             y = self.kernel(x2.to(torch.bfloat16), self.packed, self.group_size, self.bf16_scales_and_zeros)
+        elif self.kernel is not None:  # rows enough to repay dequantizing the weight for one dense GEMM
+            y = F.linear(x2.to(torch.bfloat16), self.bf16_dequantized())
         else:
             y = F.linear(x2, self.dequantized().to(x.dtype))
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)

@@ -476,7 +476,7 @@ def test_compile_auto_weighs_the_jobs_tokens_and_a_resume_keeps_what_it_decided(
     taken.clear()
     with pytest.raises(KeyboardInterrupt):
         generate(protein_run, tmp_path / "int8", *common, "quantize=int8")
-    journaled_rule = resume.journaled_decode(tmp_path / "int8")[2]["int8 prefill"]  # engine.int8_prefill
+    journaled_rule = resume.journaled_decode(tmp_path / "int8")[2]["int8 prefill"]  # engine.quantized_prefill
     monkeypatch.setattr(command, "take_batch", real_take)
     monkeypatch.setattr(compile_choice, "FIRST_COMPILE_S", 1e9)
     int8 = generate(protein_run, tmp_path / "int8", *common, "quantize=int8", "resume=true")

@@ -195,7 +195,7 @@ def test_compile_true_measures_for_auto_and_auto_compiles_a_quantized_models_own
         quantize(tiny_model(), "int8"), cache_dir=tmp_path, compile="auto", steps=10,
         layer_timer=bf16_everywhere, timer=fake_timer({"int8": 5.0, "int8 per shape": 4.0}, []),
     )  # fmt: skip
-    rule = choice.kernels.pop("int8 prefill")  # engine.int8_prefill's, measured here: kept by both
+    rule = choice.kernels.pop("int8 prefill")  # engine.quantized_prefill's, measured here: kept by both
     assert len(compiler) == 1 and choice.layout == "int8" and set(choice.kernels.values()) == {"bf16"}
     assert isinstance(eager.blocks[0].attn.proj, lay.DequantizedLinear)
     _, choice = lay.prepare_for_decoding(

@@ -159,7 +159,7 @@ def test_quantized_layers_take_the_faster_kernel_per_shape(tmp_path):
         "int8 64x64": "bf16",
         "int8 384x64": "int8",
         "int8 64x192": "int8",
-        "int8 prefill": "int8",  # engine.int8_prefill: calls of many rows
+        "int8 prefill": "int8",  # engine.quantized_prefill: calls of many rows
     }
     assert isinstance(model.blocks[0].attn.proj, lay.DequantizedLinear)
     assert isinstance(model.blocks[0].attn.qkv, Int8Linear)
@@ -183,6 +183,7 @@ def test_per_shape_picks_that_lose_on_the_whole_model_give_way_to_its_own_kernel
     model, choice = lay.prepare_for_decoding(
         quantize(copy.deepcopy(base), "int4"), cache_dir=tmp_path, layer_timer=bf16_everywhere,
         timer=fake_timer({"int4": 1.0, "int4 per shape": 3.0}, calls),
+        prefill_timer=lambda layers, rows: (1.0, 2.0),  # the kernel at every row count: rule "int4"
     )  # fmt: skip
     assert calls == [["int4", "int4 per shape"]] and set(choice.kernels.values()) == {"int4"}
     assert not any(isinstance(m, lay.DequantizedLinear) for m in model.modules())

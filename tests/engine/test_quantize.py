@@ -15,9 +15,9 @@ from safetensors.torch import load_model, save_model
 from multiar.cli import main
 from multiar.commands.generate import sample_to_files
 from multiar.config import load_config
-from multiar.engine.int8_prefill import ROWS, rule_rows
 from multiar.engine.model import GPT, ModelConfig
 from multiar.engine.quantize import INT8_FILE, Int4Linear, Int8Linear, quantize
+from multiar.engine.quantized_prefill import ROWS, rule_rows
 from multiar.training.run import train
 
 

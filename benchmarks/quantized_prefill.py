@@ -1,11 +1,12 @@
-"""int8 calls of many rows: the int8 kernel for every call (the baseline, as before the rule) against the
-rule `prepare_for_decoding` measures (`multiar.engine.int8_prefill`: the weight dequantized for one dense
-GEMM from a row count on), side by side in one process, interleaved, median of N.
+"""Quantized calls of many rows: the int8 or int4 kernel for every call (the baseline, as before the rules)
+against the rule `prepare_for_decoding` measures (`multiar.engine.quantized_prefill`: the weight
+dequantized for one dense GEMM from a row count on), side by side in one process, interleaved, median
+of N.
 
-    .venv/bin/python benchmarks/int8_prefill.py [--shapes 10.8M 85M] [--prompts 16 64 256 512]
-        [--repeats 5] [--new 32] [--json out.json]
+    .venv/bin/python benchmarks/quantized_prefill.py [--modes int8 int4] [--shapes 10.8M 85M]
+        [--prompts 16 64 256 512] [--repeats 5] [--new 32] [--json out.json]
 
-Per shape (random weights, vocab 512): the rule measured afresh (an empty cache) and its timings (ms
+Per mode and shape (random weights, vocab 512; an int4 model's 512-token head is int4 too): the rule measured afresh (an empty cache) and its timings (ms
 for one call of each int8 layer shape, on the kernel and dense, per row count); for each
 prompt length, the prefill alone (one forward over the prompt, logits of its last token) and `generate`
 of --new tokens after it (sampling, temperature 1, eager decode steps: the kernel serves their one row
@@ -28,11 +29,11 @@ import torch
 
 from multiar.engine.choice_cache import CACHE_FILE
 from multiar.engine.decode import generate
-from multiar.engine.int8_prefill import ON_KERNEL, PREFILL, use_prefill
 from multiar.engine.layout import prepare_for_decoding
 from multiar.engine.model import GPT, ModelConfig
 from multiar.engine.precision import cpu_model
 from multiar.engine.quantize import quantize
+from multiar.engine.quantized_prefill import prefill_key, use_prefill
 
 SHAPES = {"10.8M": dict(n_layer=6, n_head=6, n_embd=384), "85M": dict(n_layer=12, n_head=12, n_embd=768)}
 
@@ -52,22 +53,24 @@ def median_ms(runs: dict[str, Callable], repeats: int) -> dict[str, float]:
     return {name: round(statistics.median(t), 2) for name, t in times.items()}
 
 
-def prompt_row(model: GPT, prompt: torch.Tensor, rule: str, new: int, repeats: int) -> dict:
-    """One prompt: its prefill and a generate after it, on the kernel and with the rule."""
+def prompt_row(model: GPT, mode: str, prompt: torch.Tensor, rule: str, new: int, repeats: int) -> dict:
+    """One prompt: its prefill and a generate after it, on the kernel (the rule named `mode`) and with
+    the rule."""
+    on_kernel = mode
 
     def prefill(rule_now: str) -> torch.Tensor:
-        use_prefill(model, rule_now)
+        use_prefill(model, mode, rule_now)
         model.setup_caches(1, model.config.block_size)
         with torch.inference_mode():
             return model(prompt, 0, logits_at=-1)[:, -1].float()
 
     def sample(rule_now: str) -> None:
-        use_prefill(model, rule_now)
+        use_prefill(model, mode, rule_now)
         generate(model, prompt, new, temperature=1.0)
 
-    difference = (prefill(ON_KERNEL) - prefill(rule)).abs().max().item()
-    prefill_ms = median_ms({"kernel": lambda: prefill(ON_KERNEL), "rule": lambda: prefill(rule)}, repeats)
-    generate_ms = median_ms({"kernel": lambda: sample(ON_KERNEL), "rule": lambda: sample(rule)}, repeats)
+    difference = (prefill(on_kernel) - prefill(rule)).abs().max().item()
+    prefill_ms = median_ms({"kernel": lambda: prefill(on_kernel), "rule": lambda: prefill(rule)}, repeats)
+    generate_ms = median_ms({"kernel": lambda: sample(on_kernel), "rule": lambda: sample(rule)}, repeats)
     return {
         "prompt": prompt.size(1),
         "rule": rule,
@@ -82,6 +85,7 @@ def prompt_row(model: GPT, prompt: torch.Tensor, rule: str, new: int, repeats: i
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--modes", nargs="*", default=["int8", "int4"])
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES))
     parser.add_argument("--prompts", nargs="*", type=int, default=[16, 64, 256, 512])
     parser.add_argument("--repeats", type=int, default=5)
@@ -89,20 +93,23 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     out = {"cpu": cpu_model(), "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": []}
-    for shape in args.shapes:
-        torch.manual_seed(0)
-        config = ModelConfig(vocab_size=512, block_size=1024, **SHAPES[shape])
-        with tempfile.TemporaryDirectory() as cache:  # measured afresh; its timings read back
-            model, choice = prepare_for_decoding(quantize(GPT(config).eval(), "int8"), cache_dir=cache)
-            table = json.loads((Path(cache) / CACHE_FILE).read_text())
-        rule = choice.kernels[PREFILL]
-        timings = next(entry for key, entry in table.items() if key.endswith(PREFILL))["ms_kernel_dense"]
-        print(f"{shape}: {choice.log_line()}", flush=True)
-        for length in args.prompts:
-            row = prompt_row(model, torch.randint(3, 512, (1, length)), rule, args.new, args.repeats)
-            out["rows"].append({"shape": shape, **row})
-            print(json.dumps(out["rows"][-1]), flush=True)
-        out.setdefault("rule_ms_kernel_dense", {})[shape] = timings
+    for mode in args.modes:
+        for shape in args.shapes:
+            torch.manual_seed(0)
+            config = ModelConfig(vocab_size=512, block_size=1024, **SHAPES[shape])
+            with tempfile.TemporaryDirectory() as cache:  # measured afresh; its timings read back
+                model, choice = prepare_for_decoding(quantize(GPT(config).eval(), mode), cache_dir=cache)
+                table = json.loads((Path(cache) / CACHE_FILE).read_text())
+            key = prefill_key(mode)
+            rule = choice.kernels[key]
+            timings = next(entry for k, entry in table.items() if k.endswith(key))["ms_kernel_dense"]
+            print(f"{mode} {shape}: {choice.log_line()}", flush=True)
+            for length in args.prompts:
+                prompt = torch.randint(3, 512, (1, length))
+                row = prompt_row(model, mode, prompt, rule, args.new, args.repeats)
+                out["rows"].append({"mode": mode, "shape": shape, **row})
+                print(json.dumps(out["rows"][-1]), flush=True)
+            out.setdefault("rule_ms_kernel_dense", {})[f"{mode} {shape}"] = timings
     if args.json:
         args.json.write_text(json.dumps(out, indent=1) + "\n")
 

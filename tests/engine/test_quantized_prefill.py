@@ -1,5 +1,5 @@
-"""int8 calls of many rows: the dense path's numbers, which calls take it, the measured rule (its choice,
-cache and pin), and prepare_for_decoding naming it among the kernels."""
+"""Quantized calls of many rows: the dense path's numbers (int8, int4), which calls take it, the measured
+rules (their choice, cache and pin), and prepare_for_decoding naming them among the kernels."""
 
 from __future__ import annotations
 
@@ -9,19 +9,20 @@ import json
 import pytest
 import torch
 
-from multiar.engine import int8_prefill
+from multiar.engine import quantized_prefill
 from multiar.engine.choice_cache import CACHE_FILE
-from multiar.engine.int8_prefill import (
-    ON_KERNEL,
-    PREFILL,
+from multiar.engine.layout import prepare_for_decoding
+from multiar.engine.model import GPT, ModelConfig
+from multiar.engine.quantize import Int4Linear, Int8Linear, quantize
+from multiar.engine.quantized_prefill import (
     choose_prefill,
     fewest_dense_rows,
     rule_name,
     rule_rows,
+    use_prefill,
 )
-from multiar.engine.layout import prepare_for_decoding
-from multiar.engine.model import GPT, ModelConfig
-from multiar.engine.quantize import Int8Linear, quantize
+
+PREFILL, ON_KERNEL = "int8 prefill", "int8"  # int8's key in DecodeChoice.kernels; its kernel-only rule
 
 needs_kernel = pytest.mark.skipif(
     not hasattr(torch, "_weight_int8pack_mm"), reason="this torch has no int8 kernel"
@@ -76,7 +77,8 @@ def test_the_rule_starts_where_the_dense_gemm_wins_for_good():
     layer = Int8Linear(8, 8, bf16_activations=False)
     assert rule_name(0, layer) == ON_KERNEL and rule_rows(ON_KERNEL) == 0
     assert rule_rows(rule_name(32, layer)) == 32
-    with pytest.raises(ValueError, match="int8 prefill: 'fast' is not a rule"):
+    assert rule_rows("int4") == 0
+    with pytest.raises(ValueError, match="prefill rule: 'fast' is not a rule"):
         rule_rows("fast")
 
 
@@ -99,7 +101,7 @@ def test_the_rule_is_measured_once_cached_pinned_and_set_on_every_int8_layer(tmp
         PREFILL: rule_name(32, model.lm_head)
     }
     # one layer per shape (qkv, the MLP's two, and one of proj and lm_head: both 64x64), every row count
-    assert timed == [(4, n) for n in int8_prefill.ROWS]
+    assert timed == [(4, n) for n in quantized_prefill.ROWS]
     layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
     assert {m.dense_from for m in layers} == {32}
     entry = next(iter(json.loads((tmp_path / CACHE_FILE).read_text()).values()))
@@ -108,17 +110,26 @@ def test_the_rule_is_measured_once_cached_pinned_and_set_on_every_int8_layer(tmp
     )
     again = tiny_int8()
     assert choose_prefill(again, tmp_path / CACHE_FILE, timer=timer)[PREFILL] == rule_name(32, again.lm_head)
-    assert len(timed) == len(int8_prefill.ROWS)  # read from the cache
-    assert choose_prefill(again, tmp_path / CACHE_FILE, pinned=ON_KERNEL, timer=timer) == {PREFILL: ON_KERNEL}
+    assert len(timed) == len(quantized_prefill.ROWS)  # read from the cache
+    # pinned: as a journal names it; a journal without it (from before the rules): the kernel
+    assert choose_prefill(again, None, pinned={PREFILL: "bf16 from 8 rows"}, timer=timer) == {
+        PREFILL: "bf16 from 8 rows"
+    }
+    assert {m.dense_from for m in again.modules() if isinstance(m, Int8Linear)} == {8}
+    assert choose_prefill(again, None, pinned={}, timer=timer) == {PREFILL: ON_KERNEL}
     assert {m.dense_from for m in again.modules() if isinstance(m, Int8Linear)} == {0}
-    # an int4 model has int8 layers only where int4 cannot take the shape: a 70-token head here
+    # an int4 model: a rule for its int4 layers, and one for int8 layers where int4 cannot take the
+    # shape (a 70-token head here), each measured on its own layers
     int4 = quantize(GPT(ModelConfig(vocab_size=70, block_size=64, n_layer=1, n_head=2, n_embd=64)), "int4")
-    assert choose_prefill(int4, None, timer=timer) == {PREFILL: rule_name(32, int4.lm_head)}
-    assert [m.dense_from for m in int4.modules() if isinstance(m, Int8Linear)] == [32]
-    all_int4 = quantize(
-        GPT(ModelConfig(vocab_size=64, block_size=64, n_layer=1, n_head=2, n_embd=64)), "int4"
-    )
-    assert choose_prefill(all_int4, None, timer=timer) == {}
+    if int4.blocks[0].attn.qkv.on_kernel():  # this torch has the int4 kernel
+        timed.clear()
+        assert choose_prefill(int4, None, timer=timer) == {
+            "int8 prefill": rule_name(32, int4.lm_head),
+            "int4 prefill": rule_name(32, int4.blocks[0].attn.qkv),
+        }
+        assert [m.dense_from for m in int4.modules() if isinstance(m, Int8Linear)] == [32]
+        assert {m.dense_from for m in int4.modules() if isinstance(m, Int4Linear)} == {32}
+        assert [n for n, r in timed if r == 4] == [1, 4]  # the head; int4's qkv, proj and the MLP's two
 
 
 @needs_kernel
@@ -153,7 +164,7 @@ def test_a_prefill_on_the_dense_path_gives_the_kernels_logits_and_the_same_greed
     with torch.inference_mode():
         model.setup_caches(2, 64)
         on_kernel = model(prompt, 0).float()
-        int8_prefill.use_prefill(model, rule_name(8, model.lm_head))
+        use_prefill(model, "int8", rule_name(8, model.lm_head))
         dense = model(prompt, 0).float()
     assert (dense - on_kernel).abs().max() < 0.05 * on_kernel.abs().max()
     assert calls == [48]  # the 2 x 24 rows on the kernel, then dense
@@ -210,3 +221,23 @@ def test_a_journal_from_before_the_rule_keeps_its_digest_and_a_bad_cached_rule_i
     assert choose_prefill(tiny_int8(), table, timer=lambda layers, rows: (2.0, 1.0)) == {
         PREFILL: rule_name(4, Int8Linear(8, 8, True))
     }
+
+
+@pytest.mark.skipif(not hasattr(torch, "_weight_int4pack_mm_for_cpu"), reason="this torch has no int4 kernel")
+def test_int4_calls_of_many_rows_multiply_its_bf16_dequantized_weight():
+    """int4's dense path: the codes dequantized in bf16 (the weight the kernel multiplies, to bf16's
+    rounding), from dense_from rows on; fewer rows on the kernel."""
+    torch.manual_seed(0)
+    layer = Int4Linear.from_linear(torch.nn.Linear(128, 64, bias=False))
+    exact = layer.dequantized()
+    torch.testing.assert_close(layer.bf16_dequantized().float(), exact, rtol=1e-2, atol=1e-3)
+    calls, kernel = [], layer.kernel
+    layer.kernel = lambda *a: calls.append(a[0].size(0)) or kernel(*a)
+    x = torch.randn(40, 128)
+    on_kernel = layer(x)
+    layer.dense_from = 16
+    dense, few = layer(x), layer(x[:8].clone())
+    assert calls == [40, 8]
+    reference = x @ exact.t()
+    for out in (on_kernel, dense, torch.cat([few, on_kernel[8:]])):
+        assert out.dtype == torch.float32 and (out - reference).norm() / reference.norm() < 1e-2

@@ -1,0 +1,169 @@
+"""How a quantized layer runs a call of many rows (a prompt's prefill, a scored document): on its int8 or
+int4 kernel, or with its weight dequantized for that call and one dense GEMM, from a row count measured
+per machine.
+
+torch's `_weight_int8pack_mm` works row after row, so its time grows with the rows, while a dense GEMM
+(oneDNN's bf16 on an AMX CPU) costs about the same from 1 row to a few hundred. The 85M model's 49 int8
+layers on a 2-core AMX Xeon: the kernel 8 ms at 1 row, 29 at 16, 83 at 64, 311 at 256; dequantized to
+bf16 and multiplied, 22, 25, 31 and 49 ms. The int4 kernel grows the same way (48 layers: 19 ms at 16
+rows, 270 at 256) and its dequantization costs more (its 4-bit groups: ~67 ms for the 48 layers), so the
+two cross later, near 100 rows (benchmarks/README.md, issue 19). Where they cross depends on the CPU, so
+it is measured per mode: the model's layer shapes of that mode timed both ways at 4 to 256 rows, and
+calls of at least the fewest rows from which the dense GEMM wins at every larger count measured take
+it: any call, a prefill, a scored batch, or an eager decode step of that many rows (batch_size >= the
+count). Each mode's rule is a kernel choice like the per-shape ones (`engine.layout`): named in
+`DecodeChoice.kernels` under "int8 prefill" / "int4 prefill", cached in decode_layout.json, pinned by a
+resume (a journal from before the rules: every call on the kernel, as that run did). A compiled
+graph's calls keep the kernel (inductor's int8 GEMM is its own). No Lightning, Hydra or domain code
+here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from multiar.engine.choice_cache import cache_key, read_cache, write_cache
+from multiar.engine.quantize import Int4Linear, Int8Linear
+
+MODES = {"int8": Int8Linear, "int4": Int4Linear}  # each mode's rule: its own kernel's crossing
+ROWS = (4, 8, 16, 32, 64, 128, 256)  # the row counts timed
+SHORT_NAMES = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16"}
+
+Quantized = Int8Linear | Int4Linear
+# (layers of one mode, one per shape) x rows -> (seconds on the kernel, seconds dense) for one call of each
+RowsTimer = Callable[[list[Quantized], int], tuple[float, float]]
+
+
+def prefill_key(mode: str) -> str:
+    """The key of DecodeChoice.kernels that names a mode's rule: "int8 prefill", "int4 prefill"."""
+    return f"{mode} prefill"
+
+
+def is_prefill_key(key: str) -> bool:
+    return key in {prefill_key(mode) for mode in MODES}
+
+
+def rule_name(rows: int, layer: Quantized) -> str:
+    """A rule as DecodeChoice.kernels names it: the mode ("int8", "int4": the kernel for every call) or
+    "bf16 from 64 rows" (the dense GEMM's dtype, from that many rows of a call on)."""
+    if not rows:
+        return mode_of(layer)
+    dtype = layer.activation_dtype()
+    return f"{SHORT_NAMES.get(dtype, str(dtype).removeprefix('torch.'))} from {rows} rows"
+
+
+def mode_of(layer: Quantized) -> str:
+    return "int4" if isinstance(layer, Int4Linear) else "int8"
+
+
+def rule_rows(name: str) -> int:
+    """The row count a rule's name says (0: the kernel for every call); ValueError for another name."""
+    if name in MODES:
+        return 0
+    words = name.split()
+    if len(words) != 4 or words[1] != "from" or words[3] != "rows" or not words[2].isdigit():
+        raise ValueError(f"prefill rule: {name!r} is not a rule (int8, int4, or '<dtype> from <n> rows')")
+    return int(words[2])
+
+
+def is_rule(name: object) -> bool:
+    """Whether name is a rule's name."""
+    try:
+        rule_rows(name)
+    except (ValueError, AttributeError):
+        return False
+    return True
+
+
+def rows_seconds(layers: list[Quantized], rows: int, rounds: int = 3) -> tuple[float, float]:
+    """Seconds for one call of every layer at `rows` rows, on the kernel and dense, interleaved, best
+    round of each."""
+    best = [float("inf"), float("inf")]
+    with torch.inference_mode():
+        inputs = [torch.randn(rows, m.in_features, device=m.weight.device) for m in layers]
+        for r in range(rounds + 1):  # the first round warms up
+            for way, dense_from in enumerate((0, 1)):
+                start = time.perf_counter()
+                for layer, x in zip(layers, inputs, strict=True):
+                    kept = layer.dense_from
+                    layer.dense_from = dense_from
+                    try:
+                        layer(x)
+                    finally:
+                        layer.dense_from = kept
+                if r:
+                    best[way] = min(best[way], time.perf_counter() - start)
+    return best[0], best[1]
+
+
+def fewest_dense_rows(seconds: dict[int, tuple[float, float]]) -> int:
+    """The fewest rows from which the dense GEMM is faster at that count and every larger one timed
+    (0: at none)."""
+    rows = 0
+    for n in sorted(seconds, reverse=True):
+        kernel, dense = seconds[n]
+        if dense >= kernel:
+            break
+        rows = n
+    return rows
+
+
+def choose_prefill(
+    model: nn.Module,
+    cache_file: Path | None,
+    pinned: dict[str, str] | None = None,
+    timer: RowsTimer = rows_seconds,
+) -> dict[str, str]:
+    """{"<mode> prefill": rule} for each mode of model's quantized layers on their kernel, set on them:
+    measured, cached, or as `pinned` (a resumed run's journaled kernels) names it, a mode it does not
+    name on its kernel for every call (a journal from before the rules); {} where no layer is on a
+    kernel (another device, a torch without the kernels): nothing to choose."""
+    rules = {}
+    for mode, kind in MODES.items():
+        layers = [m for m in model.modules() if type(m) is kind and m.on_kernel()]
+        if not layers:
+            continue
+        key = prefill_key(mode)
+        if pinned is not None:
+            rule = pinned.get(key, mode)
+        else:
+            rule = _measured_rule(model, layers, cache_file, key, timer)
+        use_prefill(model, mode, rule)
+        rules[key] = rule
+    return rules
+
+
+def _measured_rule(
+    model: nn.Module, layers: list[Quantized], cache_file: Path | None, key: str, timer: RowsTimer
+) -> str:
+    """A mode's rule from the cache, else timed (one layer per shape) and cached."""
+    cache = cache_key(model, None, key)
+    entry = read_cache(cache_file, cache)
+    if entry is not None and is_rule(entry.get("rule")):
+        return entry["rule"]
+    # none cached, or an entry that is not a rule (edited by hand): measured again
+    shapes = list({(m.out_features, m.in_features): m for m in layers}.values())
+    seconds = {n: timer(shapes, n) for n in ROWS}
+    rule = rule_name(fewest_dense_rows(seconds), layers[0])
+    ms = {str(n): [round(1e3 * s, 3) for s in pair] for n, pair in seconds.items()}
+    write_cache(cache_file, cache, {"rule": rule, "ms_kernel_dense": ms})
+    return rule
+
+
+def use_prefill(model: nn.Module, mode: str, rule: str) -> None:
+    """Set a rule (as rule_name names it) on every layer of model of that mode."""
+    rows = rule_rows(rule)
+    for m in model.modules():
+        if type(m) is MODES[mode]:
+            m.dense_from = rows
+
+
+def without_on_kernel_rules(kernels: dict[str, str]) -> dict[str, str]:
+    """kernels without the rules that keep every call on the kernel: how journals from before the rules
+    recorded the same decoding."""
+    return {k: v for k, v in kernels.items() if not (is_prefill_key(k) and is_rule(v) and rule_rows(v) == 0)}
