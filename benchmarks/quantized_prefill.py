@@ -7,7 +7,7 @@ of N.
         [--prompts 16 64 256 512] [--repeats 5] [--new 32] [--json out.json]
 
 Per mode and shape (random weights, vocab 512; an int4 model's 512-token head is int4 too): the rule measured afresh (an empty cache) and its timings (ms
-for one call of each int8 layer shape, on the kernel and dense, per row count); for each
+for one call of each layer shape of that mode, on the kernel and dense, per row count); for each
 prompt length, the prefill alone (one forward over the prompt, logits of its last token) and `generate`
 of --new tokens after it (sampling, temperature 1, eager decode steps: the kernel serves their one row
 either way), on the kernel and with the rule; the largest logit difference between the two prefills.
@@ -101,8 +101,11 @@ def main() -> None:
                 model, choice = prepare_for_decoding(quantize(GPT(config).eval(), mode), cache_dir=cache)
                 table = json.loads((Path(cache) / CACHE_FILE).read_text())
             key = prefill_key(mode)
+            if key not in choice.kernels:  # no kernel of that mode in this torch, or not on a CPU
+                print(f"{mode} {shape}: no {mode} kernel here: {choice.log_line()}", flush=True)
+                continue
             rule = choice.kernels[key]
-            timings = next(entry for k, entry in table.items() if k.endswith(key))["ms_kernel_dense"]
+            timings = next(entry for k, entry in table.items() if f"| {key}," in k)["ms_kernel_dense"]
             print(f"{mode} {shape}: {choice.log_line()}", flush=True)
             for length in args.prompts:
                 prompt = torch.randint(3, 512, (1, length))

@@ -304,11 +304,11 @@ def prepare_for_decoding(
     (float layouts: nn.Linear only, inductor packs weights itself); "auto", compiled when that pays for
     a job of `steps` decode steps (`multiar.engine.compile_choice`; a quantized model's own kernels,
     as compile=True compiles them; a job of no steps, or layout="packed", stays eager); kernels: a
-    quantized model's per-shape kernels and prefill rule to use rather than choose (a resume pins the
+    quantized model's per-shape kernels and prefill rules to use rather than choose (a resume pins the
     killed run's; without the rule, every call on the kernel);
     decided: what compile="auto" decided for the run a resume continues (pinned, not weighed anew: one
     graph for the batch size, eager when it fails, as then). timer / layer_timer: seconds per decode
-    step of each candidate model / per call of each layer, prefill_timer: of the int8 layers at many rows
+    step of each candidate model / per call of each layer, prefill_timer: of each mode's quantized layers at many rows
     (`engine.quantized_prefill`; tests inject them)."""
     if dtype not in ("auto", *DTYPES) or layout not in ("auto", *LAYOUTS):
         raise ValueError(

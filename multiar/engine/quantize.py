@@ -177,7 +177,8 @@ class Int4Linear(nn.Module):
     def bf16_dequantized(self) -> Tensor:
         """The weight dequantized in bf16 (out, in) from the codes and the kernel's bf16 scales and zeros,
         in place on one buffer (a call of many rows: engine.quantized_prefill)."""
-        sz = self.bf16_scales_and_zeros  # (in / group, out, 2)
+        sz = self.bf16_scales_and_zeros  # (in / group, out, 2); pack() made it, else cast here
+        sz = self.scales_and_zeros.to(torch.bfloat16) if sz is None else sz
         scale, zero = sz[..., 0].t().unsqueeze(-1), sz[..., 1].t().unsqueeze(-1)  # (out, in / group, 1)
         q = torch.stack((self.weight >> 4, self.weight & 15), -1).view(self.out_features, -1, self.group_size)
         w = q.to(torch.bfloat16).sub_(8).mul_(scale).add_(zero)  # (out, in / group, group)
@@ -185,7 +186,7 @@ class Int4Linear(nn.Module):
 
     def on_kernel(self) -> bool:
         """Whether calls run the int4 kernel (pack() found it, on a CPU)."""
-        return self.kernel is not None
+        return self.kernel is not None and self.weight.device.type == "cpu"
 
     def activation_dtype(self, x_dtype: torch.dtype = torch.float32) -> torch.dtype:
         """The dtype calls multiply in: bf16 on the kernel, else the input's."""
@@ -203,9 +204,9 @@ class Int4Linear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (N, in)
         many = not torch.compiler.is_compiling() and 0 < self.dense_from <= x2.size(0)  # as Int8Linear's
-        if self.kernel is not None and not many:  # pack() found the kernels
+        if self.on_kernel() and not many:  # pack() found the kernels
             y = self.kernel(x2.to(torch.bfloat16), self.packed, self.group_size, self.bf16_scales_and_zeros)
-        elif self.kernel is not None:  # rows enough to repay dequantizing the weight for one dense GEMM
+        elif self.on_kernel():  # rows enough to repay dequantizing the weight for one dense GEMM
             y = F.linear(x2.to(torch.bfloat16), self.bf16_dequantized())
         else:
             y = F.linear(x2, self.dequantized().to(x.dtype))

@@ -73,9 +73,11 @@ def rule_rows(name: str) -> int:
 
 def is_rule(name: object) -> bool:
     """Whether name is a rule's name."""
+    if not isinstance(name, str):
+        return False
     try:
         rule_rows(name)
-    except (ValueError, AttributeError):
+    except ValueError:
         return False
     return True
 
@@ -129,7 +131,7 @@ def choose_prefill(
         if not layers:
             continue
         key = prefill_key(mode)
-        if pinned is not None:
+        if pinned is not None:  # a journal's kernels; a mode they do not name: the kernel (an old one)
             rule = pinned.get(key, mode)
         else:
             rule = _measured_rule(model, layers, cache_file, key, timer)
@@ -142,7 +144,9 @@ def _measured_rule(
     model: nn.Module, layers: list[Quantized], cache_file: Path | None, key: str, timer: RowsTimer
 ) -> str:
     """A mode's rule from the cache, else timed (one layer per shape) and cached."""
-    cache = cache_key(model, None, key)
+    # the model's mode too: an int4 model's int8 layers (its head) are not an int8 model's of one shape
+    model_mode = "int4" if any(isinstance(m, Int4Linear) for m in model.modules()) else "int8"
+    cache = cache_key(model, None, f"{key}, quantize={model_mode}")
     entry = read_cache(cache_file, cache)
     if entry is not None and is_rule(entry.get("rule")):
         return entry["rule"]
