@@ -19,7 +19,7 @@ from multiar.domain import (
     Domain,
     SampleFiles,
 )
-from multiar.engine.layout import DecodeChoice
+from multiar.engine.decode_choice import DecodeChoice
 from multiar.engine.model import GPT
 from multiar.files import Appender
 

@@ -20,7 +20,8 @@ from multiar.domain import (
     StopRules,
     domain_state_digest,
 )
-from multiar.engine.layout import DecodeChoice, prepare_for_decoding
+from multiar.engine.decode_choice import DecodeChoice
+from multiar.engine.layout import prepare_for_decoding
 from multiar.engine.model import GPT
 from multiar.engine.quantize import load_quantized, quantize
 from multiar.engine.sampling import ban_tokens, repetition_penalty

@@ -402,7 +402,7 @@ def test_a_stopped_quantized_run_resumes_to_the_uninterrupted_ones_files(protein
             n: 1.0 if journal.kernels[n.rsplit(" ", 1)[0]] == n.rsplit(" ", 1)[1] else 0.1 for n in layers
         },
     )
-    # and the whole model faster on those picks where they mix in bf16 copies (layout.choose_kernels)
+    # and the whole model faster on those picks where they mix in bf16 copies (quantized_kernels.choose_kernels)
     monkeypatch.setattr(
         layout,
         "decode_step_seconds",

@@ -17,6 +17,7 @@ from multiar.engine import compile_choice as cc
 from multiar.engine import layout as lay
 from multiar.engine.decode import generate
 from multiar.engine.packed import PackedLinear
+from multiar.engine.quantized_kernels import DequantizedLinear
 from tests.engine.test_layout import MS, fake_timer, tiny_model
 
 FIRST = cc.PAYBACK * cc.FIRST_COMPILE_S  # seconds of eager work a first compile needs
@@ -197,7 +198,7 @@ def test_compile_true_measures_for_auto_and_auto_compiles_a_quantized_models_own
     )  # fmt: skip
     rule = choice.kernels.pop("int8 prefill")  # engine.quantized_prefill's, measured here: kept by both
     assert len(compiler) == 1 and choice.layout == "int8" and set(choice.kernels.values()) == {"bf16"}
-    assert isinstance(eager.blocks[0].attn.proj, lay.DequantizedLinear)
+    assert isinstance(eager.blocks[0].attn.proj, DequantizedLinear)
     _, choice = lay.prepare_for_decoding(
         quantize(tiny_model(), "int8"), cache_dir=tmp_path, compile="auto", steps=10**9,
         layer_timer=bf16_everywhere, timer=fake_timer({"int8": 5.0, "int8 per shape": 4.0}, []),

@@ -16,6 +16,7 @@ from multiar.engine.decode import generate
 from multiar.engine.model import GPT, ModelConfig
 from multiar.engine.packed import PackedLinear, packs
 from multiar.engine.quantize import Int8Linear, quantize
+from multiar.engine.quantized_kernels import DequantizedLinear
 
 
 def tiny_model(n_embd: int = 512) -> GPT:
@@ -161,7 +162,7 @@ def test_quantized_layers_take_the_faster_kernel_per_shape(tmp_path):
         "int8 64x192": "int8",
         "int8 prefill": "int8",  # engine.quantized_prefill: calls of many rows
     }
-    assert isinstance(model.blocks[0].attn.proj, lay.DequantizedLinear)
+    assert isinstance(model.blocks[0].attn.proj, DequantizedLinear)
     assert isinstance(model.blocks[0].attn.qkv, Int8Linear)
     assert "int8 64x64: bf16" in choice.log_line()
     with torch.no_grad():
@@ -170,7 +171,7 @@ def test_quantized_layers_take_the_faster_kernel_per_shape(tmp_path):
         quantize(copy.deepcopy(base), "int8"), cache_dir=tmp_path, layer_timer=layer_timer
     )
     assert cached.how == "cached" and cached.kernels == choice.kernels and len(calls) == 1
-    assert isinstance(again.blocks[1].attn.proj, lay.DequantizedLinear)
+    assert isinstance(again.blocks[1].attn.proj, DequantizedLinear)
 
 
 def test_per_shape_picks_that_lose_on_the_whole_model_give_way_to_its_own_kernels(tmp_path):
@@ -186,7 +187,7 @@ def test_per_shape_picks_that_lose_on_the_whole_model_give_way_to_its_own_kernel
         prefill_timer=lambda layers, rows: (1.0, 2.0),  # the kernel at every row count: rule "int4"
     )  # fmt: skip
     assert calls == [["int4", "int4 per shape"]] and set(choice.kernels.values()) == {"int4"}
-    assert not any(isinstance(m, lay.DequantizedLinear) for m in model.modules())
+    assert not any(isinstance(m, DequantizedLinear) for m in model.modules())
     assert choice.step_ms["model int4"] == 1.0 and "model int4 per shape 3.00" in choice.log_line()
     _, cached = lay.prepare_for_decoding(
         quantize(copy.deepcopy(base), "int4"), cache_dir=tmp_path, layer_timer=bf16_everywhere,

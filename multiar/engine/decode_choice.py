@@ -1,0 +1,42 @@
+"""What `engine.layout.prepare_for_decoding` picked and why (`DecodeChoice`: the log line, generate.json's
+provenance, a resume's journal), and the timer type its measurements take. No Lightning, Hydra or domain
+code here."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch.nn as nn
+
+# a timer: (candidate name -> model) -> seconds per decode step of each; injected by tests
+Timer = Callable[[dict[str, nn.Module]], dict[str, float]]
+
+
+@dataclass
+class DecodeChoice:
+    """What prepare_for_decoding picked, and why: for the log line and generate.json's provenance."""
+
+    dtype: str  # fp32 | bf16 (activations of a quantized model: its kernels decide)
+    layout: str  # linear | packed | compiled | int8 | int4
+    how: str  # measured | cached | forced | only candidate
+    batch_size: int
+    step_ms: dict[str, float] = field(default_factory=dict)  # candidate -> ms per decode step
+    # quantized: layer shape -> kernel, and "<mode> prefill" -> the rule for calls of many rows
+    # (engine.quantized_prefill)
+    kernels: dict[str, str] = field(default_factory=dict)
+    compile: dict = field(default_factory=dict)  # compile=auto: its decision and figures (CompileDecision)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def log_line(self) -> str:
+        """One line: what was picked and the alternatives measured."""
+        picked = f"{self.dtype}/{self.layout}" if self.layout not in ("int8", "int4") else self.layout
+        alts = ", ".join(f"{k} {v:.2f}" for k, v in sorted(self.step_ms.items(), key=lambda kv: kv[1]))
+        kernels = (
+            f"; kernels {', '.join(f'{s}: {k}' for s, k in self.kernels.items())}" if self.kernels else ""
+        )
+        unit = "ms per layer call" if self.kernels else "ms per decode step"
+        timed = f" ({unit} at batch {self.batch_size}: {alts})" if alts else ""
+        return f"decoding with {picked}, {self.how}{timed}{kernels}"
