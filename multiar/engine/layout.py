@@ -8,8 +8,9 @@ candidates (one left: nothing is measured); a missing kernel (oneDNN's packed Li
 candidates. Quantized models (int8, int4) keep their weights; each layer shape's kernel (the int8/int4
 kernel, or the weights dequantized once to bf16, packed where oneDNN packs bf16) is picked the same
 way, per shape (`engine.quantized_kernels`); where the picks mix in bf16 copies, the whole model
-decodes with them and with its own kernels, and the faster set is kept. Their layers' calls of many rows (a prompt's prefill)
-dequantize the weight for one dense GEMM from a row count measured too (`engine.quantized_prefill`).
+decodes with them and with its own kernels, and the faster set is kept. Their layers' calls of many
+rows (a prompt's prefill) dequantize the weight for one dense GEMM from a row count measured too
+(`engine.quantized_prefill`).
 
 The choice is cached in `cache_dir/decode_layout.json`, keyed by CPU model, torch version, thread
 count, device, batch size, the model's layer shapes and the narrowing asked: later runs on that
@@ -32,13 +33,8 @@ from multiar.engine.choice_cache import CACHE_FILE, cache_key, read_cache, write
 from multiar.engine.compile_choice import CompileDecision, StepClock, compile_pays, read_measured
 from multiar.engine.decode_choice import DecodeChoice, Timer
 from multiar.engine.packed import decode_layout, packs
-from multiar.engine.quantize import Int4Linear, Int8Linear
-from multiar.engine.quantized_kernels import (
-    choose_kernels,
-    layer_seconds,
-    own_kernels,
-    quantized_mode,
-)
+from multiar.engine.quantize import Int4Linear, Int8Linear, quantized_mode
+from multiar.engine.quantized_kernels import choose_kernels, layer_seconds, own_kernels
 from multiar.engine.quantized_prefill import RowsTimer, choose_prefill, is_prefill_key, rows_seconds
 from multiar.errors import first_line
 

@@ -114,12 +114,13 @@ class Int8Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (N, in)
-        act = self.activation_dtype(x.dtype)
+        on_kernel = self.on_kernel()
+        act = torch.bfloat16 if on_kernel and self.bf16_activations else x.dtype  # activation_dtype's
         # a compiled graph keeps the kernel, and is asked first: no guard on its (symbolic) row count
         many = not torch.compiler.is_compiling() and 0 < self.dense_from <= x2.size(0)
-        if self.on_kernel() and not many:
+        if on_kernel and not many:
             y = self.kernel(x2.to(act), self.weight, self._scales_as(act))
-        elif self.on_kernel():  # rows enough to repay dequantizing the weight for one dense GEMM
+        elif on_kernel:  # rows enough to repay dequantizing the weight for one dense GEMM
             y = F.linear(x2.to(act), self.weight.to(act)).float().mul_(self.scales)  # scaled in fp32
         else:  # no int8 kernel: dequantize on the fly (still a quarter of the bytes to keep)
             y = F.linear(x2, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
@@ -203,14 +204,25 @@ class Int4Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (N, in)
+        on_kernel = self.on_kernel()  # pack() found the kernels
         many = not torch.compiler.is_compiling() and 0 < self.dense_from <= x2.size(0)  # as Int8Linear's
-        if self.on_kernel() and not many:  # pack() found the kernels
+        if on_kernel and not many:
             y = self.kernel(x2.to(torch.bfloat16), self.packed, self.group_size, self.bf16_scales_and_zeros)
-        elif self.on_kernel():  # rows enough to repay dequantizing the weight for one dense GEMM
+        elif on_kernel:  # rows enough to repay dequantizing the weight for one dense GEMM
             y = F.linear(x2.to(torch.bfloat16), self.bf16_dequantized())
         else:
             y = F.linear(x2, self.dequantized().to(x.dtype))
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+
+def kernel_name(layer: nn.Module) -> str:
+    """A quantized layer's mode, the name of its kernel: "int4" or "int8"."""
+    return "int4" if isinstance(layer, Int4Linear) else "int8"
+
+
+def quantized_mode(layers: list[nn.Module]) -> str:
+    """A quantized model's mode: int4 where any layer is int4 (a shape int4 cannot take stays int8)."""
+    return "int4" if any(isinstance(m, Int4Linear) for m in layers) else "int8"
 
 
 def cpu_has_bf16() -> bool:

@@ -17,7 +17,7 @@ import torch.nn as nn
 from multiar.engine.choice_cache import cache_key, read_cache, write_cache
 from multiar.engine.decode_choice import DecodeChoice, Timer
 from multiar.engine.packed import PackedLinear, packs
-from multiar.engine.quantize import Int4Linear, Int8Linear
+from multiar.engine.quantize import Int4Linear, Int8Linear, kernel_name, quantized_mode
 from multiar.engine.quantized_prefill import is_prefill_key
 
 
@@ -44,18 +44,9 @@ def dequantized_weight(layer: Int8Linear | Int4Linear) -> torch.Tensor:
     return layer.weight.float() * layer.scales.float()[:, None]
 
 
-def kernel_name(layer: nn.Module) -> str:
-    return "int4" if isinstance(layer, Int4Linear) else "int8"
-
-
 def own_kernels(layers: list[nn.Module]) -> dict[str, str]:
     """Each quantized layer shape on its own kernel (a compiled graph of quantize's kernels)."""
     return {f"{kernel_name(m)} {m.out_features}x{m.in_features}": kernel_name(m) for m in layers}
-
-
-def quantized_mode(layers: list[nn.Module]) -> str:
-    """A quantized model's mode: int4 where any layer is int4 (a shape int4 cannot take stays int8)."""
-    return "int4" if any(isinstance(m, Int4Linear) for m in layers) else "int8"
 
 
 def layer_seconds(layers: dict[str, nn.Module], batch_size: int, rounds: int = 5) -> dict[str, float]:

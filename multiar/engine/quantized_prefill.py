@@ -28,9 +28,8 @@ import torch
 import torch.nn as nn
 
 from multiar.engine.choice_cache import cache_key, read_cache, write_cache
-from multiar.engine.quantize import Int4Linear, Int8Linear
+from multiar.engine.quantize import MODES, Int4Linear, Int8Linear, kernel_name, quantized_mode
 
-MODES = {"int8": Int8Linear, "int4": Int4Linear}  # each mode's rule: its own kernel's crossing
 ROWS = (4, 8, 16, 32, 64, 128, 256)  # the row counts timed
 SHORT_NAMES = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16"}
 
@@ -52,13 +51,9 @@ def rule_name(rows: int, layer: Quantized) -> str:
     """A rule as DecodeChoice.kernels names it: the mode ("int8", "int4": the kernel for every call) or
     "bf16 from 64 rows" (the dense GEMM's dtype, from that many rows of a call on)."""
     if not rows:
-        return mode_of(layer)
+        return kernel_name(layer)
     dtype = layer.activation_dtype()
     return f"{SHORT_NAMES.get(dtype, str(dtype).removeprefix('torch.'))} from {rows} rows"
-
-
-def mode_of(layer: Quantized) -> str:
-    return "int4" if isinstance(layer, Int4Linear) else "int8"
 
 
 def rule_rows(name: str) -> int:
@@ -126,8 +121,8 @@ def choose_prefill(
     name on its kernel for every call (a journal from before the rules); {} where no layer is on a
     kernel (another device, a torch without the kernels): nothing to choose."""
     rules = {}
-    for mode, kind in MODES.items():
-        layers = [m for m in model.modules() if type(m) is kind and m.on_kernel()]
+    for mode in MODES:  # each mode's rule: its own kernel's crossing
+        layers = [m for m in _layers(model, mode) if m.on_kernel()]
         if not layers:
             continue
         key = prefill_key(mode)
@@ -145,8 +140,7 @@ def _measured_rule(
 ) -> str:
     """A mode's rule from the cache, else timed (one layer per shape) and cached."""
     # the model's mode too: an int4 model's int8 layers (its head) are not an int8 model's of one shape
-    model_mode = "int4" if any(isinstance(m, Int4Linear) for m in model.modules()) else "int8"
-    cache = cache_key(model, None, f"{key}, quantize={model_mode}")
+    cache = cache_key(model, None, f"{key}, quantize={quantized_mode(list(model.modules()))}")
     entry = read_cache(cache_file, cache)
     if entry is not None and is_rule(entry.get("rule")):
         return entry["rule"]
@@ -162,12 +156,15 @@ def _measured_rule(
 def use_prefill(model: nn.Module, mode: str, rule: str) -> None:
     """Set a rule (as rule_name names it) on every layer of model of that mode."""
     rows = rule_rows(rule)
-    for m in model.modules():
-        if type(m) is MODES[mode]:
-            m.dense_from = rows
+    for m in _layers(model, mode):
+        m.dense_from = rows
+
+
+def _layers(model: nn.Module, mode: str) -> list[Quantized]:
+    return [m for m in model.modules() if isinstance(m, Quantized) and kernel_name(m) == mode]
 
 
 def without_on_kernel_rules(kernels: dict[str, str]) -> dict[str, str]:
     """kernels without the rules that keep every call on the kernel: how journals from before the rules
     recorded the same decoding."""
-    return {k: v for k, v in kernels.items() if not (is_prefill_key(k) and is_rule(v) and rule_rows(v) == 0)}
+    return {k: v for k, v in kernels.items() if not (is_prefill_key(k) and v in MODES)}
