@@ -151,22 +151,21 @@ class Attention(nn.Module):
             # the cache's dtype (fp32 for bf16 weights on a CPU without AMX) once, before rotary: not q, k, v each
             # and rotary's result back and forth (a decode step is made of such small ops)
             qkv = qkv.to(self.kv_cache.k.dtype)
-        if hand_backward(qkv) and freqs.is_complex():
-            qk, v = rotate_split(qkv.view(B, T, 3 * nh, hs), freqs, nh)  # its gradient in one buffer
+        if hand_backward(qkv) and freqs.is_complex() and not isinstance(input_pos, Segments):
+            q, k, v = rotate_split(qkv.view(B, T, 3 * nh, hs), freqs, nh)  # its gradient in one buffer
         else:
             # split, not slices: its backward is one cat, where each slice's fills a zero tensor of qkv's size
             qk, v = qkv.view(B, T, 3 * nh, hs).split([2 * nh, nh], dim=2)
             # rotate q and k in one call: half the small ops per layer
             qk = apply_rope(qk, freqs)  # (B, T, 2 * nh, hs)
-        if isinstance(input_pos, Segments):  # a slot engine's mixed step: B = 1, T tokens of many rows
-            if self.kv_cache is None or mask is None:
-                raise RuntimeError("a mixed step needs the KV cache: call model.setup_caches() first")
-            q, k = qk[0].split(nh, dim=1)  # (T, nh, hs) each
-            y = segment_attention(q, k, v[0], input_pos, self.kv_cache, mask)
-            return self.proj(y.to(x.dtype).reshape(B, T, C))
-        qk = qk.transpose(1, 2)  # (B, 2 * nh, T, hs)
-        q, k = qk.split(nh, dim=1)  # (B, nh, T, hs) each
-        v = v.transpose(1, 2)
+            if isinstance(input_pos, Segments):  # a slot engine's mixed step: B = 1, T tokens of many rows
+                if self.kv_cache is None or mask is None:
+                    raise RuntimeError("a mixed step needs the KV cache: call model.setup_caches() first")
+                q, k = qk[0].split(nh, dim=1)  # (T, nh, hs) each
+                y = segment_attention(q, k, v[0], input_pos, self.kv_cache, mask)
+                return self.proj(y.to(x.dtype).reshape(B, T, C))
+            q, k = qk.transpose(1, 2).split(nh, dim=1)  # (B, nh, T, hs) each
+            v = v.transpose(1, 2)
         if input_pos is None:
             dropout = self.config.dropout if self.training else 0.0
             if mask is None:

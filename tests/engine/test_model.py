@@ -379,7 +379,8 @@ def test_training_swiglu_gate_and_rotary_split_match_the_composed_ops(dtype):
         ),
         "rotary": (
             torch.randn(B, T, 3 * nh, hs, dtype=dtype),
-            lambda qkv: torch.cat(rotate_split(qkv, freqs, nh), dim=2),
+            # (B, nh, T, hs) each, back to (B, T, 3 * nh, hs)
+            lambda qkv: torch.cat(rotate_split(qkv, freqs, nh), dim=1).transpose(1, 2),
             lambda qkv: torch.cat([apply_rope(qkv[:, :, : 2 * nh], freqs), qkv[:, :, 2 * nh :]], dim=2),
         ),
     }
@@ -392,9 +393,11 @@ def test_training_swiglu_gate_and_rotary_split_match_the_composed_ops(dtype):
         assert got.dtype == want.dtype == dtype
         torch.testing.assert_close(got, want, msg=name, **exact)
         torch.testing.assert_close(got_x.grad, want_x.grad, msg=name, **exact)
-    qkv = cases["rotary"][0].clone().requires_grad_()
-    rotate_split(qkv, freqs, nh)[0].sum().backward()  # v unused: its part of the gradient is zeros
-    assert qkv.grad[:, :, 2 * nh :].eq(0).all() and qkv.grad[:, :, : 2 * nh].ne(0).any()
+    for used in range(3):  # q, k or v alone: the others' parts of the gradient are zeros (materialized)
+        qkv = cases["rotary"][0].clone().requires_grad_()
+        rotate_split(qkv, freqs, nh)[used].sum().backward()
+        parts = qkv.grad.split(nh, dim=2)
+        assert [bool(p.ne(0).any()) for p in parts] == [i == used for i in range(3)]
 
 
 @pytest.mark.parametrize("autocast", [False, True])
