@@ -280,32 +280,51 @@ def test_the_optimizer_is_adamw_fused_on_cpu_and_steps_like_the_unfused_one():
             assert torch.allclose(p, q, atol=1e-6)
 
 
-def test_bf16_mixed_training_clips_with_the_fused_optimizer():
-    """Lightning's AMP plugin refuses to clip gradients for an optimizer that unscales them itself (a
-    fused one); bf16 has no loss scaler, so LitGPT clips them itself: a bf16-mixed fit with
-    gradient_clip_val runs, with the fused optimizer, and the clipped gradient norm is at most the cap."""
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_the_fused_optimizer_clips_as_clip_grad_norm_does(precision):
+    """With a fused optimizer, LitGPT clips by handing the norm's coefficient to the optimizer's kernel
+    (grad_scale) instead of multiplying every gradient first; under bf16-mixed Lightning's AMP plugin
+    would not clip at all. The fit's weights equal those of the same fit clipped by clip_grad_norm_
+    before each step, the coefficient was below 1 at every step (the cap binds), and the gradients the
+    step left have at most the cap's norm."""
     import lightning as L
     import torch
 
     from multiar.training.module import LitGPT
 
     optim = {"lr": 1e-3, "weight_decay": 0.1, "betas": [0.9, 0.95], "warmup_steps": 1, "min_lr_ratio": 0.1}
-    torch.manual_seed(0)
-    module = LitGPT({"vocab_size": 32, "n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 16}, optim, -1)
-    norms = []
+    data = [torch.randint(0, 32, (4, 17), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    fits = {}
+    for way in ("in the kernel", "clip_grad_norm_"):
+        torch.manual_seed(0)
+        module = LitGPT(
+            {"vocab_size": 32, "n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 16}, optim, -1
+        )
+        scales, norms = [], []
+        if way == "clip_grad_norm_":  # the reference: Lightning's own clipping, fused step unscaled
 
-    clip = module.configure_gradient_clipping
+            def reference(optimizer, gradient_clip_val=None, gradient_clip_algorithm=None, module=module):  # noqa: ANN001
+                torch.nn.utils.clip_grad_norm_(module.parameters(), gradient_clip_val)
+                optimizer.grad_scale = None
 
-    def clipped(*args, **kwargs):  # noqa: ANN002, ANN003 (Lightning's call, then the norm it left)
-        clip(*args, **kwargs)
-        grads = [p.grad for p in module.parameters() if p.grad is not None]
-        norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+            module.configure_gradient_clipping = reference
 
-    module.configure_gradient_clipping = clipped
-    data = [torch.randint(0, 32, (4, 17)) for _ in range(3)]
-    trainer = L.Trainer(accelerator="cpu", devices=1, precision="bf16-mixed", max_steps=3, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        gradient_clip_val=0.01, limit_val_batches=0)  # fmt: skip
-    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
-    assert trainer.optimizers[0].defaults["fused"] is True
-    assert len(norms) == 3 and max(norms) <= 0.01 * 1.001
+        def after_step(*args, scales=scales, norms=norms, module=module):  # noqa: ANN002 (Lightning's)
+            scales.append(getattr(module.trainer.optimizers[0], "grad_scale", None))
+            grads = [p.grad for p in module.parameters() if p.grad is not None]  # as the step left them
+            norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+
+        module.on_train_batch_end = after_step
+        trainer = L.Trainer(accelerator="cpu", devices=1, precision=precision, max_steps=3, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            gradient_clip_val=0.01, limit_val_batches=0)  # fmt: skip
+        trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
+        assert trainer.optimizers[0].defaults["fused"] is True
+        assert len(norms) == 3 and max(norms) <= 0.01 * 1.001, way
+        fits[way] = ([p.detach().clone() for p in module.parameters()], scales)
+    (ours, scales), (reference, _) = fits["in the kernel"], fits["clip_grad_norm_"]
+    assert all(
+        s is not None and float(s) > 1 for s in scales
+    )  # the norm above the cap: divided in the kernel
+    for p, q in zip(ours, reference, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
