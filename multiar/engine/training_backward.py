@@ -9,7 +9,8 @@ into one buffer with fewer passes. Same formulas, so the same values as the comp
 Measured on a 2-vCPU Xeon with AMX, 10.8M, paired against the composed ops in one process (benchmarks/README.md,
 training): SwiGLU's gate and the rotary split make the step 2.3-3.1% faster in fp32 (five runs; the
 rotary split alone 1.7-2.3%), 0.4-3.5% in bf16 (four runs); RMSNorm's fp32 backward through LayerNorm's
-kernel 3.3% more in fp32 and 3.5% under bf16 autocast (40 and 20 paired rounds).
+kernel 3.3% more in fp32 and 3.5% under bf16 autocast (40 and 20 paired rounds); its correction as one
+column and q, k, v handed out apart 1.0-1.4% more in fp32 (two runs of 30 paired rounds).
 No Lightning, Hydra or domain code here.
 """
 
