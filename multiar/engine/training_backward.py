@@ -111,7 +111,12 @@ class _RotateSplit(torch.autograd.Function):
     (10.8M fp32, one layer's attention forward + backward 20.6 -> 19.9 ms; without the rotary 18.8)."""
 
     @staticmethod
-    def forward(ctx, qkv: Tensor, freqs: Tensor, n_head: int) -> tuple[Tensor, Tensor, Tensor]:  # noqa: ANN001
+    def forward(
+        ctx,  # noqa: ANN001
+        qkv: Tensor,
+        freqs: Tensor,
+        n_head: int,
+    ) -> tuple[Tensor, Tensor, Tensor]:
         qk, v = qkv.split([2 * n_head, n_head], dim=2)
         pairs = _complex_pairs(qk)  # (B, T, 2 * nh, hs/2)
         rotated = torch.view_as_real(pairs * freqs).flatten(-2).to(qkv.dtype)
@@ -122,7 +127,12 @@ class _RotateSplit(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable  # first derivatives only: a clear error under create_graph
-    def backward(ctx, grad_q: Tensor, grad_k: Tensor, grad_v: Tensor) -> tuple[Tensor, None, None]:  # noqa: ANN001
+    def backward(
+        ctx,  # noqa: ANN001
+        grad_q: Tensor,
+        grad_k: Tensor,
+        grad_v: Tensor,
+    ) -> tuple[Tensor, None, None]:
         # (an unused output's gradient comes as zeros: Functions materialize them)
         (freqs,) = ctx.saved_tensors
         nh = ctx.n_head

@@ -30,10 +30,17 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: 
 
 
 def clip_norm_scale(parameters: Iterable[Tensor], max_norm: float) -> Tensor:
-    """What clip_grad_norm_ would multiply the gradients by, as the divisor a fused optimizer's
-    `grad_scale` is: total norm / max_norm where that is above 1, else 1 (a 0-dim tensor: no sync)."""
+    """The reciprocal of what clip_grad_norm_ multiplies the gradients by, as a fused optimizer's
+    `grad_scale` divides them: (total norm + 1e-6) / max_norm where that is above 1, else 1 (a 0-dim
+    tensor on the gradients' device: no sync)."""
     total = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
     return torch.clamp(max_norm / (total + 1e-6), max=1.0).reciprocal()
+
+
+def forget_clip_scale(optimizer: torch.optim.Optimizer) -> None:
+    """Drop a clip coefficient set on optimizer (absent, not None: torch's loss scaler multiplies any
+    grad_scale it finds into its own)."""
+    optimizer.__dict__.pop("grad_scale", None)
 
 
 NO_BAD = torch.iinfo(torch.long).max  # no rank has seen a non-finite training loss
@@ -151,24 +158,32 @@ class LitGPT(L.LightningModule):
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
     ) -> None:
-        """Lightning's, except for a fused optimizer that holds one process's whole gradients (fp32, or
+        """Lightning's, except for torch's fused optimizer holding one process's whole gradients (fp32, or
         bf16-mixed with no loss scaler; DDP's are all-reduced by now). There the norm's coefficient goes
-        to the optimizer's `grad_scale` (the hook of torch's loss scaler): its kernel divides each gradient
-        by it as it reads it, so clipping costs the norm's pass only, not a multiply over every gradient
-        too (10.8M fp32, clip and step 17.8 -> 15.2 ms; the step 0.7% faster, paired). bf16-mixed needs this to clip at all: Lightning's
-        MixedPrecision plugin refuses to clip for any optimizer that unscales gradients itself, but bf16
-        has no scaler. Every other plugin (FSDP's included, which must clip across shards) keeps
+        to the optimizer's `grad_scale` (the hook of torch's loss scaler) for this step only: its kernel
+        divides each gradient by it as it reads it, so clipping costs the norm's pass, not a multiply
+        over every gradient too (10.8M fp32, clip and step 17.8 -> 15.2 ms; the step 0.7% faster,
+        paired). bf16-mixed needs this to clip at all: Lightning's MixedPrecision plugin refuses to clip
+        for any optimizer that unscales gradients itself, but bf16 has no scaler. Every other plugin
+        (FSDP's, which must clip across shards; fp16's scaler, which sets `grad_scale` itself) keeps
         Lightning's own rule."""
         plugin = self.trainer.precision_plugin
-        fused = any(group.get("fused") for group in optimizer.param_groups)
+        # every group fused: torch's other paths refuse a grad_scale
+        fused = getattr(optimizer, "_step_supports_amp_scaling", False) and all(
+            group.get("fused") for group in optimizer.param_groups
+        )
         whole = type(plugin) is Precision or (isinstance(plugin, MixedPrecision) and plugin.scaler is None)
-        optimizer.grad_scale = None  # this step's coefficient only, set below where the kernel clips
+        forget_clip_scale(optimizer)
         if not (gradient_clip_val and fused and whole):
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
         elif gradient_clip_algorithm == "value":
             torch.nn.utils.clip_grad_value_(self.parameters(), gradient_clip_val)
         else:
             optimizer.grad_scale = clip_norm_scale(self.parameters(), gradient_clip_val)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        for optimizer in self.trainer.optimizers:  # a later step taken outside fit must not divide by it
+            forget_clip_scale(optimizer)
 
     def configure_optimizers(self) -> dict:
         # weight decay on matrices (linears, embedding) only; norms' gains are not decayed

@@ -280,13 +280,14 @@ def test_the_optimizer_is_adamw_fused_on_cpu_and_steps_like_the_unfused_one():
             assert torch.allclose(p, q, atol=1e-6)
 
 
-@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
-def test_the_fused_optimizer_clips_as_clip_grad_norm_does(precision):
+@pytest.mark.parametrize(("precision", "cap"), [("32-true", 0.01), ("bf16-mixed", 0.01), ("32-true", 1e6)])
+def test_the_fused_optimizer_clips_as_clip_grad_norm_does(precision, cap):
     """With a fused optimizer, LitGPT clips by handing the norm's coefficient to the optimizer's kernel
     (grad_scale) instead of multiplying every gradient first; under bf16-mixed Lightning's AMP plugin
     would not clip at all. The fit's weights equal those of the same fit clipped by clip_grad_norm_
-    before each step, the coefficient was below 1 at every step (the cap binds), and the gradients the
-    step left have at most the cap's norm."""
+    before each step; the divisor at each step is that fit's norm over the cap where the cap binds (0.01),
+    else 1 (1e6); the gradients the step left have at most the cap's norm; no divisor is left on the
+    optimizer after a step."""
     import lightning as L
     import torch
 
@@ -300,31 +301,69 @@ def test_the_fused_optimizer_clips_as_clip_grad_norm_does(precision):
         module = LitGPT(
             {"vocab_size": 32, "n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 16}, optim, -1
         )
-        scales, norms = [], []
-        if way == "clip_grad_norm_":  # the reference: Lightning's own clipping, fused step unscaled
+        divisors, norms = [], []
+        if (
+            way == "clip_grad_norm_"
+        ):  # the reference: clip_grad_norm_ (its norm recorded), fused step unscaled
 
-            def reference(optimizer, gradient_clip_val=None, gradient_clip_algorithm=None, module=module):  # noqa: ANN001
-                torch.nn.utils.clip_grad_norm_(module.parameters(), gradient_clip_val)
-                optimizer.grad_scale = None
+            def clip(
+                optimizer,
+                gradient_clip_val=None,
+                gradient_clip_algorithm=None,
+                module=module,
+                divisors=divisors,
+            ):  # noqa: ANN001
+                total = torch.nn.utils.clip_grad_norm_(module.parameters(), gradient_clip_val)
+                divisors.append(max(1.0, float(total) / gradient_clip_val))
+        else:  # LitGPT's own, the divisor it set recorded
 
-            module.configure_gradient_clipping = reference
+            def clip(  # noqa: ANN202
+                optimizer,  # noqa: ANN001
+                real=module.configure_gradient_clipping,  # noqa: ANN001
+                divisors=divisors,  # noqa: ANN001
+                **kwargs,  # noqa: ANN003
+            ):
+                real(optimizer, **kwargs)
+                divisors.append(float(optimizer.grad_scale))
 
-        def after_step(*args, scales=scales, norms=norms, module=module):  # noqa: ANN002 (Lightning's)
-            scales.append(getattr(module.trainer.optimizers[0], "grad_scale", None))
+        module.configure_gradient_clipping = clip
+
+        def after_step(*args, norms=norms, module=module, real=module.on_train_batch_end):  # noqa: ANN002
             grads = [p.grad for p in module.parameters() if p.grad is not None]  # as the step left them
             norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+            real(*args)
+            assert "grad_scale" not in module.trainer.optimizers[0].__dict__
 
         module.on_train_batch_end = after_step
         trainer = L.Trainer(accelerator="cpu", devices=1, precision=precision, max_steps=3, logger=False,
                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                            gradient_clip_val=0.01, limit_val_batches=0)  # fmt: skip
+                            gradient_clip_val=cap, limit_val_batches=0)  # fmt: skip
         trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
         assert trainer.optimizers[0].defaults["fused"] is True
-        assert len(norms) == 3 and max(norms) <= 0.01 * 1.001, way
-        fits[way] = ([p.detach().clone() for p in module.parameters()], scales)
-    (ours, scales), (reference, _) = fits["in the kernel"], fits["clip_grad_norm_"]
-    assert all(
-        s is not None and float(s) > 1 for s in scales
-    )  # the norm above the cap: divided in the kernel
+        assert len(norms) == 3 and max(norms) <= cap * 1.001, way
+        fits[way] = ([p.detach().clone() for p in module.parameters()], divisors)
+    (ours, divisors), (reference, reference_divisors) = fits["in the kernel"], fits["clip_grad_norm_"]
+    torch.testing.assert_close(divisors, reference_divisors, rtol=1e-4, atol=0)
+    assert all(d > 1 for d in divisors) if cap < 1 else all(d == 1 for d in divisors)
     for p, q in zip(ours, reference, strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_a_loss_scaler_finds_no_clip_divisor_on_the_optimizer():
+    """Under fp16's loss scaler (which multiplies any grad_scale it finds on the optimizer into its own)
+    LitGPT's clipping hook takes Lightning's rule and leaves no grad_scale behind, not even a stale one."""
+    import lightning as L
+    import torch
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from multiar.training.module import LitGPT
+
+    optim = {"lr": 1e-3, "weight_decay": 0.1, "betas": [0.9, 0.95], "warmup_steps": 1, "min_lr_ratio": 0.1}
+    module = LitGPT({"vocab_size": 32, "n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 16}, optim, -1)
+    module.trainer = L.Trainer(accelerator="cpu", devices=1, logger=False)
+    # Lightning turns 16-mixed into bf16-mixed on a CPU: the plugin a GPU's 16-mixed run has, set by hand
+    module.trainer.strategy.precision_plugin = MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-3, fused=True)
+    optimizer.grad_scale = torch.tensor(5.0)  # stale
+    module.configure_gradient_clipping(optimizer, None, None)
+    assert "grad_scale" not in optimizer.__dict__
