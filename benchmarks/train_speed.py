@@ -19,6 +19,10 @@ and `multiar compile=auto, N steps`: what `multiar train`'s default does with a 
 steps, worked out from this run's eager and compiled rows and that compile's seconds (4 eager steps
 timed, then compiled if the steps left repay it: the decision and its figures are in the JSON row).
 
+`multiar Lightning, composed ops` is the same eager step with the fused C kernels for SwiGLU's gate and
+RMSNorm switched off (MULTIAR_CPU_KERNELS=0: engine/training_backward.py's composed Functions), the
+baseline of multiar/engine/cpu_kernels.py; which kernels the measured choice took is in the JSON.
+
 `--nanogpt DIR`: a nanoGPT checkout (its model.py is imported from there, nothing is copied): adds its
 GPT-2 (bias=False, as its train.py defaults) in the same plain loop with its own optimizer setup
 (`configure_optimizers`), at the same shape. The row is skipped when DIR is not given or lacks model.py.
@@ -35,6 +39,7 @@ import argparse
 import contextlib
 import copy
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -44,6 +49,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from multiar.engine import cpu_kernels
 from multiar.engine.attention_choice import SETTINGS, log_line
 from multiar.engine.compile_choice import compile_pays
 from multiar.engine.hf_format import llama_config
@@ -211,6 +217,25 @@ def flops_per_token(config: ModelConfig, params: int) -> float:
     return 6 * (non_embedding + VOCAB * config.n_embd) + 12 * config.n_layer * BLOCK * config.n_embd
 
 
+@contextlib.contextmanager
+def composed_ops():
+    """The fused CPU kernels switched off for one row (read on each call)."""
+    before = os.environ.get("MULTIAR_CPU_KERNELS")
+    os.environ["MULTIAR_CPU_KERNELS"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["MULTIAR_CPU_KERNELS"]
+        else:
+            os.environ["MULTIAR_CPU_KERNELS"] = before
+
+
+def composed_row(loop):  # noqa: ANN001, ANN201
+    with composed_ops():
+        return loop()
+
+
 def shape_rows(config: ModelConfig, gpt: GPT, data: list, dtype: str, args) -> tuple[dict, dict]:  # noqa: ANN001
     """Seconds per step of every implementation at one shape and dtype: each runs its warm-up and
     timed steps once per round, rounds interleaved, the median over rounds; and the first round's
@@ -222,6 +247,9 @@ def shape_rows(config: ModelConfig, gpt: GPT, data: list, dtype: str, args) -> t
             copy.deepcopy(gpt), data, dtype, args.warmup, lambda m, x, y: m(x)
         ),
     }
+    loops["multiar Lightning, composed ops"] = lambda: composed_row(
+        lambda: lightning_loop(config, data, dtype, args.warmup, False, attention)
+    )
     for other in others:  # the same step on another attention=, interleaved with the rest
         loops[f"multiar Lightning attention={other}"] = lambda other=other: lightning_loop(
             config, data, dtype, args.warmup, False, other
@@ -304,6 +332,8 @@ def main() -> None:
     args = parser.parse_args()
     heap = None if args.malloc_default else keep_freed_memory()
     print(f"host memory: {heap or 'malloc as it is'}")
+    fused = {op: cpu_kernels.chosen(op) for op in cpu_kernels.OPS} if cpu_kernels.enabled() else {}
+    print(f"fused CPU kernels taken: {fused or 'switched off'} (the choice measured once, cached)")
     torch.manual_seed(0)
     peaks = {
         d: matmul_flops(torch.bfloat16 if d == "bf16" else torch.float32, n=1024, seconds=1.0)
@@ -359,6 +389,7 @@ def main() -> None:
                     f"multiar compile=auto, {args.run_steps} steps",
                 )
                 for b in (
+                    "multiar Lightning, composed ops",
                     "multiar GPT, plain loop",
                     "transformers Llama",
                     "transformers GPT-2",
@@ -368,6 +399,7 @@ def main() -> None:
                 and a in base
                 and b in base
                 and not (a.startswith("multiar compile") and "multiar" in b)
+                and (a == "multiar Lightning" or b != "multiar Lightning, composed ops")
             ]
             print("  " + "  ".join(f"{a} / {b} {base[a] / base[b]:.2f}" for a, b in ratios), flush=True)
     wait = loader_wait(20) if not args.no_loader else float("nan")
@@ -382,6 +414,7 @@ def main() -> None:
                     "peaks_gflops": {d: p / 1e9 for d, p in peaks.items()},
                     "host_memory": heap or "malloc as it is",
                     "attention": args.attention,
+                    "fused_cpu_kernels": fused,
                     "loader_wait_s": wait,
                     "results": results,
                 },
