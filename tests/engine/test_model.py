@@ -339,8 +339,9 @@ def test_training_rmsnorm_matches_f_rms_norm_values_and_gradients(mode):
 
 
 def test_training_rmsnorm_fp32_backward_takes_any_layout_and_a_weight_of_another_dtype():
-    """The fp32 backward (LayerNorm's kernel and a correction) on a 2-D input, a transposed input, a
-    gradient that is a transposed view, and a bf16 weight: F.rms_norm's gradients each time."""
+    """The fp32 backward (the fused kernel where chosen, else LayerNorm's kernel and a correction) on a
+    2-D input, a transposed input, a gradient that is a transposed view, and a bf16 weight: F.rms_norm's
+    gradients each time."""
     from multiar.engine.training_backward import rms_norm
 
     torch.manual_seed(0)
