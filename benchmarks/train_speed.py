@@ -379,7 +379,7 @@ def main() -> None:
             )
             for name, tps in base.items():
                 mfu = tps * fpt / peaks[dtype]
-                print(f"  {name:26s} {tps:8.0f} tok/s  MFU {mfu:5.1%}")
+                print(f"  {name:32s} {tps:8.0f} tok/s  MFU {mfu:5.1%}")
             ratios = [
                 (a, b)
                 for a in (

@@ -49,6 +49,7 @@ def test_wheel_installs_configs_and_bundled_data(tmp_path):
         "multiar/domains/image/assets/digits/LICENSE.md",
         "multiar/domains/image/assets/digits/digits.csv.gz",
         "multiar/engine/rows.py",  # every package of the house
+        "multiar/engine/cpu_kernels.c",  # the fused kernels' source, compiled on first use
         "multiar/commands/generate.py",
         "multiar/commands/static/index.html",  # the serve page
         "multiar/commands/static/page.js",

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -36,7 +37,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from multiar.engine.precision import cpu_flags
+from multiar.engine.precision import cpu_flags, cpu_model
 
 log = logging.getLogger("multiar")
 
@@ -69,29 +70,46 @@ def kernel_dir() -> Path:
     return Path(os.environ.get("MULTIAR_CACHE", "~/.cache/multiar")).expanduser() / "kernels"
 
 
+def compiler() -> list[str] | None:
+    """The C compiler's command (`$CC`, which may carry arguments, else `cc`), or None where absent."""
+    words = shlex.split(os.environ.get("CC", "cc")) or ["cc"]
+    found = shutil.which(words[0])
+    return None if found is None else [found, *words[1:]]
+
+
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    """The compiled kernels, built on first use; None where no build succeeds (logged once)."""
-    compiler = shutil.which(os.environ.get("CC", "cc"))
-    if compiler is None:
+    """The compiled kernels, built on first use; None where no build succeeds (logged once): any error
+    here costs the fused kernels, never the run."""
+    try:
+        return _load()
+    except Exception as err:  # noqa: BLE001 (an unreadable source, a full disk: the composed ops run)
+        log.info("fused CPU kernels: %s; the composed torch ops run", err)
+        return None
+
+
+def _load() -> ctypes.CDLL | None:
+    cc = compiler()
+    if cc is None:
         log.info(
             "fused CPU kernels: no C compiler (%s); the composed torch ops run", os.environ.get("CC", "cc")
         )
         return None
     try:
-        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+        version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as err:
-        log.info("fused CPU kernels: %s --version failed (%s); the composed torch ops run", compiler, err)
+        log.info("fused CPU kernels: %s --version failed (%s); the composed torch ops run", cc[0], err)
         return None
-    machine = f"{platform.machine()} {' '.join(sorted(cpu_flags()))}"
+    # -march=native: a library is this CPU's (model and flags: x86's flags, ARM's implementer and part)
+    machine = f"{platform.machine()} {cpu_model()} {' '.join(sorted(cpu_flags()))}"
     errors = []
     for extra in BUILDS:
         digest = hashlib.sha256(
-            "\0".join([SOURCE.read_text(), compiler, version, machine, *BASE_FLAGS, *extra]).encode()
+            "\0".join([SOURCE.read_text(), *cc, version, machine, *BASE_FLAGS, *extra]).encode()
         ).hexdigest()[:16]
         path = kernel_dir() / f"cpu_kernels-{digest}.so"
         if not path.exists():
-            error = _build(compiler, extra, path)
+            error = _build(cc, extra, path)
             if error:
                 errors.append(error)
                 continue
@@ -108,7 +126,7 @@ def library() -> ctypes.CDLL | None:
     return None
 
 
-def _build(compiler: str, extra: list[str], path: Path) -> str | None:
+def _build(cc: list[str], extra: list[str], path: Path) -> str | None:
     """Compile SOURCE into path atomically (a temporary file renamed); the error's last line, or None."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -119,7 +137,7 @@ def _build(compiler: str, extra: list[str], path: Path) -> str | None:
     # the link libraries after the source, where the linker resolves them
     flags = [f for f in extra if not f.startswith("-l")]
     libs = [f for f in extra if f.startswith("-l")]
-    cmd = [compiler, *BASE_FLAGS, *flags, str(SOURCE), "-o", tmp, *libs]
+    cmd = [*cc, *BASE_FLAGS, *flags, str(SOURCE), "-o", tmp, *libs]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     except (OSError, subprocess.SubprocessError) as err:
@@ -135,11 +153,19 @@ def _build(compiler: str, extra: list[str], path: Path) -> str | None:
 
 
 def fits(*tensors: Tensor) -> bool:
-    """Whether the kernels take these: fp32, contiguous, on the CPU, not empty."""
+    """Whether the kernels take these: fp32, contiguous, on the CPU, not empty (shapes: the callers')."""
     return all(
         t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() and t.numel() > 0
         for t in tensors
     )
+
+
+def fits_rms_norm(x: Tensor, weight: Tensor) -> bool:
+    return fits(x, weight) and weight.shape == (x.size(-1),)
+
+
+def fits_swiglu(gate_up: Tensor) -> bool:
+    return fits(gate_up) and gate_up.size(-1) % 2 == 0
 
 
 def chosen(op: str) -> bool:
@@ -150,10 +176,21 @@ def chosen(op: str) -> bool:
 
 @functools.cache
 def _choice(threads: int) -> dict[str, bool]:
+    """Each op's measured choice at this thread count, from the library's choice file or measured now;
+    a measurement that fails (e.g. inside a forward under hooks it cannot run with) chooses neither."""
+    try:
+        return _measured_choice(threads)
+    except Exception as err:  # noqa: BLE001 (the composed ops run, as without a compiler)
+        log.info("fused CPU kernels: the measurement failed (%s); the composed torch ops run", err)
+        return dict.fromkeys(OPS, False)
+
+
+def _measured_choice(threads: int) -> dict[str, bool]:
     lib = library()
     assert lib is not None
     cache = lib.multiar_path.with_suffix(".choice.json")
-    key = f"{threads} threads"
+    # the library's digest holds the CPU and compiler; the composed ops it is measured against are torch's
+    key = f"{threads} threads | torch {torch.__version__}"
     table = _read_table(cache)
     entry = table.get(key)
     if (
@@ -193,8 +230,12 @@ def measure(rounds: int = 7) -> dict[str, dict]:
     from multiar.engine import training_backward as composed  # the Functions these replace
 
     gen = torch.Generator().manual_seed(0)
-    gate_up, weight = torch.randn(2048, 2048, generator=gen), torch.randn(384, generator=gen)
-    x = torch.randn(2048, 384, generator=gen)
+    f32 = dict(generator=gen, dtype=torch.float32, device="cpu")  # whatever the default dtype or device
+    gate_up, weight, x = (
+        torch.randn(2048, 2048, **f32),
+        torch.randn(384, **f32),
+        torch.randn(2048, 384, **f32),
+    )
     gate_up.requires_grad_(), x.requires_grad_(), weight.requires_grad_()
     cases: dict[str, tuple[tuple[Tensor, ...], dict[str, Callable[[], Tensor]]]] = {
         "swiglu_gate": (

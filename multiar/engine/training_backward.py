@@ -29,7 +29,7 @@ from multiar.engine import cpu_kernels
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """RMSNorm over the last dim, its backward hand-written: fused in C for fp32 where that was measured
     faster here (engine/cpu_kernels.py), else `_RMSNorm`."""
-    if cpu_kernels.fits(x, weight) and cpu_kernels.chosen("rms_norm"):
+    if cpu_kernels.fits_rms_norm(x, weight) and cpu_kernels.chosen("rms_norm"):
         return cpu_kernels.rms_norm(x, weight, eps)
     return _RMSNorm.apply(x, weight, eps)
 
@@ -37,7 +37,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 def swiglu_gate(gate_up: Tensor) -> Tensor:
     """silu(gate) * up of the fused projection's output (..., 2 * hidden) -> (..., hidden): fused in C
     for fp32 where that was measured faster here (engine/cpu_kernels.py), else `_SwiGLUGate`."""
-    if cpu_kernels.fits(gate_up) and cpu_kernels.chosen("swiglu_gate"):
+    if cpu_kernels.fits_swiglu(gate_up) and cpu_kernels.chosen("swiglu_gate"):
         return cpu_kernels.swiglu_gate(gate_up)
     return _SwiGLUGate.apply(gate_up)
 

@@ -303,10 +303,22 @@ def test_kept_caches_are_reused_across_calls_and_match_fresh_ones():
     assert model.blocks[0].attn.kv_cache is None
 
 
+@pytest.fixture(params=["fused", "composed"])
+def kernels(request, monkeypatch) -> str:
+    """engine.training_backward's fp32 RMSNorm and SwiGLU gate on the fused C kernels (engine.cpu_kernels,
+    where they build) or on its own Functions, whatever this machine's measured choice: both checked."""
+    from multiar.engine import cpu_kernels
+
+    if request.param == "fused" and cpu_kernels.library() is None:
+        pytest.skip("no fused CPU kernels here (no C compiler): the composed Functions run")
+    monkeypatch.setattr(cpu_kernels, "chosen", lambda op: request.param == "fused")
+    return request.param
+
+
 @pytest.mark.parametrize("mode", ["fp32", "autocast", "bf16"])
-def test_training_rmsnorm_matches_f_rms_norm_values_and_gradients(mode):
-    """Both backwards of the hand-written RMSNorm: fp32 inputs (also under autocast) take LayerNorm's
-    kernel with a correction, bf16 ones the small ops."""
+def test_training_rmsnorm_matches_f_rms_norm_values_and_gradients(mode, kernels):
+    """Each backward of the hand-written RMSNorm: fp32 inputs (also under autocast) take the fused kernel
+    or LayerNorm's kernel with a correction, bf16 ones the small ops."""
     from multiar.engine.model import RMSNorm
 
     torch.manual_seed(0)
@@ -338,7 +350,7 @@ def test_training_rmsnorm_matches_f_rms_norm_values_and_gradients(mode):
         torch.testing.assert_close(norm(x), ref)
 
 
-def test_training_rmsnorm_fp32_backward_takes_any_layout_and_a_weight_of_another_dtype():
+def test_training_rmsnorm_fp32_backward_takes_any_layout_and_a_weight_of_another_dtype(kernels):
     """The fp32 backward (the fused kernel where chosen, else LayerNorm's kernel and a correction) on a
     2-D input, a transposed input, a gradient that is a transposed view, and a bf16 weight: F.rms_norm's
     gradients each time."""
@@ -362,7 +374,7 @@ def test_training_rmsnorm_fp32_backward_takes_any_layout_and_a_weight_of_another
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_training_swiglu_gate_and_rotary_split_match_the_composed_ops(dtype):
+def test_training_swiglu_gate_and_rotary_split_match_the_composed_ops(dtype, kernels):
     """engine.training_backward's SwiGLU gate and rotary split: the values and input gradients of the
     composed ops they replace (chunk, silu, product; split, apply_rope), in fp32 and bf16."""
     from multiar.engine.model import apply_rope, rope_cache
@@ -404,7 +416,7 @@ def test_training_swiglu_gate_and_rotary_split_match_the_composed_ops(dtype):
 @pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize(("attention", "dropout"), [("sdpa", 0.0), ("matmul", 0.0), ("matmul", 0.2)])
 def test_a_training_step_on_the_hand_written_backwards_equals_the_composed_ops(
-    monkeypatch, autocast, attention, dropout
+    monkeypatch, autocast, attention, dropout, kernels
 ):
     """The eager CPU training step takes engine.training_backward's Functions (RMSNorm, SwiGLU gate,
     rotary split: each counted); with them switched off it takes the composed ops: same loss, same
