@@ -14,8 +14,8 @@ vectorized can lose to torch's own kernels. `MULTIAR_CPU_KERNELS=0` keeps the co
 
 Measured on a 2-vCPU Xeon with AMX (benchmarks/README.md, training, session 27): fwd + bwd at the shapes
 above, SwiGLU gate 4.0 against 6.9-10.0 ms, RMSNorm 0.85-0.89 against 1.46-1.59; the 10.8M fp32
-Lightning step 1.05x the composed ops' in three runs of four (1.00 in the first), 85M fp32 1.03x,
-bf16-mixed 1.01x.
+Lightning step 1.05x the composed ops' in four runs of six (1.00 in the first, 1.03 in the fifth),
+85M fp32 1.03x, bf16-mixed 1.01x.
 No Lightning, Hydra or domain code here.
 """
 
