@@ -334,6 +334,7 @@ def main() -> None:
     print(f"host memory: {heap or 'malloc as it is'}")
     fused = {op: cpu_kernels.chosen(op) for op in cpu_kernels.OPS} if cpu_kernels.enabled() else {}
     print(f"fused CPU kernels taken: {fused or 'switched off'} (the choice measured once, cached)")
+    fused_measured = cpu_kernels.measured() if fused else None
     torch.manual_seed(0)
     peaks = {
         d: matmul_flops(torch.bfloat16 if d == "bf16" else torch.float32, n=1024, seconds=1.0)
@@ -415,6 +416,7 @@ def main() -> None:
                     "host_memory": heap or "malloc as it is",
                     "attention": args.attention,
                     "fused_cpu_kernels": fused,
+                    "fused_cpu_kernels_measured": fused_measured,
                     "loader_wait_s": wait,
                     "results": results,
                 },

@@ -189,19 +189,37 @@ def _choice(threads: int) -> dict[str, bool]:
         return dict.fromkeys(OPS, False)
 
 
+def measured(threads: int | None = None) -> dict | None:
+    """The cached measurement behind the choice at this thread count (default: torch's): per op its
+    `fused` pick and `fused_ms` / `composed_ms`; None before one is made or without the library."""
+    lib = library()
+    if lib is None:
+        return None
+    threads = torch.get_num_threads() if threads is None else threads
+    entry = _read_table(_choice_file(lib)).get(_choice_key(threads))
+    valid = isinstance(entry, dict) and entry.get("format") == CHOICE_FORMAT
+    return (
+        entry
+        if valid and all(isinstance(entry.get(op), dict) and "fused" in entry[op] for op in OPS)
+        else None
+    )
+
+
+def _choice_file(lib: ctypes.CDLL) -> Path:
+    return lib.multiar_path.with_suffix(".choice.json")
+
+
+def _choice_key(threads: int) -> str:
+    # the library's digest holds the CPU and compiler; the composed ops it is measured against are torch's
+    return f"{threads} threads | torch {torch.__version__}"
+
+
 def _measured_choice(threads: int) -> dict[str, bool]:
     lib = library()
     assert lib is not None
-    cache = lib.multiar_path.with_suffix(".choice.json")
-    # the library's digest holds the CPU and compiler; the composed ops it is measured against are torch's
-    key = f"{threads} threads | torch {torch.__version__}"
-    table = _read_table(cache)
-    entry = table.get(key)
-    if (
-        isinstance(entry, dict)
-        and entry.get("format") == CHOICE_FORMAT
-        and all(isinstance(entry.get(op), dict) and "fused" in entry[op] for op in OPS)
-    ):
+    cache, key = _choice_file(lib), _choice_key(threads)
+    entry = measured(threads)
+    if entry is not None:
         return {op: bool(entry[op]["fused"]) for op in OPS}
     entry = {"format": CHOICE_FORMAT} | measure()
     line = "; ".join(

@@ -94,6 +94,8 @@ def test_the_training_step_takes_the_kernels_measured_faster(fresh_kernels, monk
     table = json.loads(choice_file.read_text())
     key = f"{torch.get_num_threads()} threads | torch {torch.__version__}"
     assert set(table[key]) == {"format", "swiglu_gate", "rms_norm"}
+    assert cpu_kernels.measured() == table[key]  # what the benchmark records beside its rows
+    assert all(table[key][op]["fused_ms"] > 0 and table[key][op]["composed_ms"] > 0 for op in cpu_kernels.OPS)
     for fused in (True, False):
         table[key]["swiglu_gate"]["fused"] = table[key]["rms_norm"]["fused"] = fused
         choice_file.write_text(json.dumps(table))
