@@ -24,7 +24,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
-import json
 import logging
 import os
 import platform
@@ -41,6 +40,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from multiar.engine.choice_cache import machine_key, read_cache, write_cache
 from multiar.engine.precision import cpu_flags, cpu_model
 
 log = logging.getLogger("multiar")
@@ -53,7 +53,6 @@ BUILDS = (
     ["-DMULTIAR_VECTOR_EXPF", "-lmvec", "-lm"],
     ["-lm"],
 )
-CHOICE_FORMAT = 1
 OPS = ("swiglu_gate", "rms_norm")
 
 _i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
@@ -189,61 +188,38 @@ def _choice(threads: int) -> dict[str, bool]:
         return dict.fromkeys(OPS, False)
 
 
-def measured(threads: int | None = None) -> dict | None:
-    """The cached measurement behind the choice at this thread count (default: torch's): per op its
-    `fused` pick and `fused_ms` / `composed_ms`; None before one is made or without the library."""
+def measured() -> dict | None:
+    """The cached measurement behind the choice at torch's thread count: per op its `fused` pick and
+    `fused_ms` / `composed_ms`; None before one is made or without the library."""
     lib = library()
     if lib is None:
         return None
-    threads = torch.get_num_threads() if threads is None else threads
-    entry = _read_table(_choice_file(lib)).get(_choice_key(threads))
-    valid = isinstance(entry, dict) and entry.get("format") == CHOICE_FORMAT
-    return (
-        entry
-        if valid and all(isinstance(entry.get(op), dict) and "fused" in entry[op] for op in OPS)
-        else None
+    entry = read_cache(_choice_file(lib), _choice_key())
+    ops_there = entry is not None and all(
+        isinstance(entry.get(op), dict) and "fused" in entry[op] for op in OPS
     )
+    return entry if ops_there else None
 
 
 def _choice_file(lib: ctypes.CDLL) -> Path:
     return lib.multiar_path.with_suffix(".choice.json")
 
 
-def _choice_key(threads: int) -> str:
-    # the library's digest holds the CPU and compiler; the composed ops it is measured against are torch's
-    return f"{threads} threads | torch {torch.__version__}"
+def _choice_key() -> str:
+    # the library's digest holds the compiler; the composed ops it is measured against are torch's
+    return f"fused CPU kernels | {machine_key(torch.device('cpu'))}"
 
 
 def _measured_choice(threads: int) -> dict[str, bool]:
-    lib = library()
-    assert lib is not None
-    cache, key = _choice_file(lib), _choice_key(threads)
-    entry = measured(threads)
-    if entry is not None:
-        return {op: bool(entry[op]["fused"]) for op in OPS}
-    entry = {"format": CHOICE_FORMAT} | measure()
-    line = "; ".join(
-        f"{op} fused {m['fused_ms']:.2f} ms, composed {m['composed_ms']:.2f}"
-        for op, m in entry.items()
-        if op in OPS
-    )
-    log.info("fused CPU kernels at %d threads: %s (fwd + bwd, medians)", threads, line)
-    try:
-        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(_read_table(cache) | {key: entry}, indent=1))
-        tmp.replace(cache)
-    except OSError:
-        pass  # unwritable: measured again next process
+    entry = measured()
+    if entry is None:
+        entry = measure()
+        line = "; ".join(
+            f"{op} fused {m['fused_ms']:.2f} ms, composed {m['composed_ms']:.2f}" for op, m in entry.items()
+        )
+        log.info("fused CPU kernels at %d threads: %s (fwd + bwd, medians)", threads, line)
+        write_cache(_choice_file(library()), _choice_key(), entry)  # unwritable: measured again next process
     return {op: bool(entry[op]["fused"]) for op in OPS}
-
-
-def _read_table(path: Path) -> dict:
-    """The choice file's entries by thread count; {} where it is missing or unreadable."""
-    try:
-        table = json.loads(path.read_text()) if path.exists() else {}
-    except (OSError, ValueError):
-        return {}
-    return table if isinstance(table, dict) else {}
 
 
 def measure(rounds: int = 7) -> dict[str, dict]:

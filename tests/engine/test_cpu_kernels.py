@@ -92,7 +92,7 @@ def test_the_training_step_takes_the_kernels_measured_faster(fresh_kernels, monk
     assert measured == [1]
     choice_file = next(fresh_kernels.glob("*.choice.json"))
     table = json.loads(choice_file.read_text())
-    key = f"{torch.get_num_threads()} threads | torch {torch.__version__}"
+    key = cpu_kernels._choice_key()  # the machine (CPU, torch, threads) as every measured choice is keyed
     assert set(table[key]) == {"format", "swiglu_gate", "rms_norm"}
     assert cpu_kernels.measured() == table[key]  # what the benchmark records beside its rows
     assert all(table[key][op]["fused_ms"] > 0 and table[key][op]["composed_ms"] > 0 for op in cpu_kernels.OPS)
