@@ -44,6 +44,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import lightning as L
 import torch
@@ -217,22 +218,9 @@ def flops_per_token(config: ModelConfig, params: int) -> float:
     return 6 * (non_embedding + VOCAB * config.n_embd) + 12 * config.n_layer * BLOCK * config.n_embd
 
 
-@contextlib.contextmanager
-def composed_ops():
-    """The fused CPU kernels switched off for one row (read on each call)."""
-    before = os.environ.get("MULTIAR_CPU_KERNELS")
-    os.environ["MULTIAR_CPU_KERNELS"] = "0"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["MULTIAR_CPU_KERNELS"]
-        else:
-            os.environ["MULTIAR_CPU_KERNELS"] = before
-
-
 def composed_row(loop):  # noqa: ANN001, ANN201
-    with composed_ops():
+    """One row with the fused CPU kernels switched off (the switch is read on each call)."""
+    with mock.patch.dict(os.environ, {"MULTIAR_CPU_KERNELS": "0"}):
         return loop()
 
 
