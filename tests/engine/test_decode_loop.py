@@ -407,13 +407,18 @@ def test_each_compiled_model_gets_its_own_room_under_dynamos_recompile_limit(mon
     )  # a CPU: timed GEMMs, C++ wrapper
 
 
-def test_the_compiled_step_reads_the_filled_slots_alone_in_one_graph_for_every_length():
+@pytest.mark.parametrize("ahead_of_time", [True, False])
+def test_the_compiled_step_reads_the_filled_slots_alone_in_one_graph_for_every_length(
+    monkeypatch, ahead_of_time
+):
     """The compiled one-token step attends to the slots up to the furthest row's position, not the whole
     cache (a step over 1,024 slots cost 9.2 ms where one over 160 cost 5.0 at 85M int8): NaN in every
     slot past them must not reach its logits (the whole cache read, NaN x a weight of 0 is NaN). One
-    graph serves every length, and the cache's last slot steps eagerly rather than compile another."""
+    graph serves every length, and the cache's last slot steps eagerly rather than compile another:
+    one package built ahead of time, or (MULTIAR_AHEAD_OF_TIME=0) one torch.compile graph."""
     from multiar.engine.decode import compile_for_sampling, decode_one_token
 
+    monkeypatch.setenv("MULTIAR_AHEAD_OF_TIME", "1" if ahead_of_time else "0")
     model = tiny(block_size=24)
     compiled = compile_for_sampling(tiny(block_size=24))
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
@@ -429,7 +434,10 @@ def test_the_compiled_step_reads_the_filled_slots_alone_in_one_graph_for_every_l
             got = decode_one_token(compiled, token, pos)
             assert torch.isfinite(got).all(), pos
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1
+    if ahead_of_time:
+        assert (compiled.compiled_step.built, compiled.compiled_step.loaded) == (1, 0)
+    else:
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1
 
 
 def test_the_compiled_step_keeps_keys_in_bf16_where_the_linears_make_them_so(monkeypatch):
@@ -439,6 +447,7 @@ def test_the_compiled_step_keeps_keys_in_bf16_where_the_linears_make_them_so(mon
     compile that fails returns the model to the eager rule."""
     import multiar.engine.decode as decode
     import multiar.engine.precision as precision
+    from multiar.engine import ahead_of_time
     from multiar.engine.decode import compile_for_sampling
     from multiar.engine.quantize import quantize
 
@@ -468,7 +477,11 @@ def test_the_compiled_step_keeps_keys_in_bf16_where_the_linears_make_them_so(mon
 
         return fails
 
+    def no_export(*args):
+        raise RuntimeError("export failed")
+
     monkeypatch.setattr(decode.torch, "compile", broken)
+    monkeypatch.setattr(ahead_of_time, "_build", no_export)  # to torch.compile's step, which fails too
     model = compile_for_sampling(tiny().to(torch.bfloat16), on_failure=lambda err: None)
     assert len(generate(model, prompts=[[1, 5, 9]], max_new_tokens=4, temperature=0.0)[0]) == 4  # eagerly
     assert model.cache_dtype is None and cache_dtype(model) == torch.float32

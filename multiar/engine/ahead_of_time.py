@@ -1,0 +1,199 @@
+"""The compiled one-token decode step on a CPU, built ahead of time: `torch.export` traces
+engine.captured_step's `decode_rows` once, AOTInductor compiles it (the same inductor switches as
+torch.compile's graph: frozen weights, timed GEMMs, C++ code) into a package kept on disk, and every
+later job with the same model loads that package in milliseconds instead of compiling again. A call
+runs the package's C++ entry point directly: no dynamo guards, no Python wrapper around the kernels.
+
+Measured on the 2-vCPU AMX Xeon (benchmarks/README.md, session 28), 10.8M batch 1: a step 1.0 ms
+against torch.compile's 1.26 ms and eager's 2.2 ms; the package loads in 0.02-0.13 s where
+torch.compile's graph took 12-30 s (inductor's on-disk cache warm or cold).
+
+A package is this model's alone: its key hashes the weights (a package holds them frozen, packed for
+oneDNN), the model's shapes and settings, the KV caches' shape and dtype, the engine's source, torch's
+version and the machine (CPU model, threads). The KV caches are not in it: the model's own cache
+tensors are handed to the package (user-managed constants), so prefill's eager passes and the
+package's steps write the same memory. Packages live under `$MULTIAR_CACHE/decode_steps` (else
+~/.cache/multiar/decode_steps); the newest KEEP are kept. `MULTIAR_AHEAD_OF_TIME=0` turns this off
+(decode then compiles with torch.compile, as before). No Lightning, Hydra or domain code here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from multiar.engine.captured_step import decode_rows
+from multiar.engine.choice_cache import machine_key
+
+log = logging.getLogger("multiar")
+
+FORMAT = 1  # bump when what a package holds changes
+KEEP = 8  # packages kept on disk, the most recently used (a package is about its model's size or twice)
+ENGINE = Path(__file__).parent  # its sources are in every key: a changed engine builds anew
+
+
+def enabled() -> bool:
+    """`MULTIAR_AHEAD_OF_TIME=0` compiles with torch.compile instead (read at each compile)."""
+    return os.environ.get("MULTIAR_AHEAD_OF_TIME", "1") != "0"
+
+
+def package_dir() -> Path:
+    return Path(os.environ.get("MULTIAR_CACHE", "~/.cache/multiar")).expanduser() / "decode_steps"
+
+
+class _Step(nn.Module):
+    """decode_rows as a module: export traces a module, and its fqns name the caches ("model.blocks...")."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: Tensor, positions: Tensor, slots: Tensor) -> Tensor:
+        return decode_rows(self.model, ids, positions, slots.size(0))
+
+
+def _caches(model: nn.Module) -> dict[str, Tensor]:
+    """The KV cache tensors by their fqn in the package ("model.blocks.0.attn.kv_cache.k", ...)."""
+    return {
+        f"model.{name}": t for name, t in model.named_buffers(remove_duplicate=False) if ".kv_cache." in name
+    }
+
+
+def _settings(model: nn.Module) -> Iterator[str]:
+    """Each module's class and plain attributes (an int8 layer's bf16_activations, a norm's eps, ...):
+    what changes the traced graph beside the tensors."""
+    for name, module in model.named_modules():
+        plain = {
+            k: v for k, v in vars(module).items() if isinstance(v, bool | int | float | str | type(None))
+        }
+        plain.pop("training", None)
+        yield f"{name} {type(module).__qualname__} {sorted(plain.items())!r}"
+
+
+def package_key(model: nn.Module, rows: int, options: dict) -> str:
+    """The digest naming model's package for `rows` rows: everything the compiled code depends on."""
+    h = hashlib.sha256()
+    config = model.config.to_dict() if hasattr(model.config, "to_dict") else repr(model.config)
+    device = model.wte.weight.device
+    head = [FORMAT, torch.__version__, machine_key(device), rows, config, sorted(options.items(), key=str)]
+    h.update(json.dumps(head, default=str).encode())
+    for path in sorted(ENGINE.glob("*.py")):
+        h.update(path.read_bytes())
+    for line in _settings(model):
+        h.update(line.encode())
+    caches = _caches(model)
+    for name, t in model.state_dict(keep_vars=True).items():  # shared weights once each name
+        h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
+        if f"model.{name}" not in caches:  # a cache's contents change every step: its shape only
+            h.update(memoryview(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()[:32]
+
+
+def _build(model: nn.Module, rows: int, path: Path) -> None:
+    """Export decode_rows for `rows` rows (the filled slots' count dynamic, 2 .. cache length - 1) and
+    compile it into the package at path, written to a temporary file first. Inductor's switches are the
+    caller's (engine.inductor_options, entered around this)."""
+    length = model.blocks[0].attn.kv_cache.k.size(2)
+    device = model.wte.weight.device
+    ids = torch.zeros(rows, dtype=torch.long, device=device)
+    slots = torch.empty(max(2, min(17, length - 1)), device=device)  # not 1: a size of 1 specializes
+    dims = ({}, {}, {0: torch.export.Dim("filled_slots", min=2, max=length - 1)})
+    # traced over empty caches of the same shape: the package is given the model's own at load, and
+    # must not keep a copy of what this job's prompts wrote into them
+    caches = [block.attn.kv_cache for block in model.blocks]
+    live = [(cache.k, cache.v) for cache in caches]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".pt2")
+    os.close(fd)
+    try:
+        for cache, (k, v) in zip(caches, live, strict=True):
+            cache.k, cache.v = torch.zeros_like(k), torch.zeros_like(v)
+        with torch.no_grad():
+            program = torch.export.export(
+                _Step(model), (ids, ids.clone(), slots), dynamic_shapes=dims, strict=False
+            )
+        torch._inductor.aoti_compile_and_package(program, package_path=tmp)
+        os.replace(tmp, path)
+    finally:
+        for cache, (k, v) in zip(caches, live, strict=True):
+            cache.k, cache.v = k, v
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _prune(folder: Path, keep: int) -> None:
+    """Delete all but the `keep` most recently used packages (a load touches its file)."""
+    packages = sorted(folder.glob("*.pt2"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in packages[keep:]:
+        old.unlink(missing_ok=True)
+        log.info("ahead-of-time decode steps: removed %s, the least recently used", old.name)
+
+
+class AheadOfTimeStep:
+    """decode_filled's signature (model, ids (B,), positions (B,), slots (n,)) -> logits (B, V), run by
+    a package per row count and cache shape: loaded from disk, else built and saved. `built` / `loaded`
+    count what the calls did (the clock and tests read them); `last` is "built" or "loaded"."""
+
+    def __init__(self, options: dict, fallback: Callable[..., Tensor]) -> None:
+        self.options = options  # inductor's switches, for the key (entered by the caller around calls)
+        self.fallback = fallback  # torch.compile's step, for a model export or AOTInductor cannot build
+        self.failed = False
+        self.runners: dict[tuple, tuple] = {}
+        self.built = self.loaded = 0
+        self.last: str | None = None
+
+    def __call__(self, model: nn.Module, ids: Tensor, positions: Tensor, slots: Tensor) -> Tensor:
+        if self.failed:
+            return self.fallback(model, ids, positions, slots)
+        caches = _caches(model)
+        first = next(iter(caches.values()))
+        shape = (ids.size(0), tuple(first.shape), first.dtype)
+        runner, bound = self.runners.get(shape, (None, None))
+        if runner is None:
+            try:
+                runner = self._runner(model, ids.size(0))
+            except Exception as err:  # noqa: BLE001 (export and AOTInductor fail many ways)
+                log.warning(
+                    "ahead-of-time decode step: not built (%s): compiling with torch.compile instead",
+                    str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__,
+                )
+                self.failed = True
+                return self.fallback(model, ids, positions, slots)
+        pointers = tuple(t.data_ptr() for t in caches.values())
+        if bound != pointers:  # new cache tensors (a reallocation): the package reads these from now on
+            runner.load_constants(caches, check_full_update=False, user_managed=True)
+        self.runners[shape] = (runner, pointers)
+        return runner(ids, positions, slots)
+
+    def _runner(self, model: nn.Module, rows: int):  # noqa: ANN202 (torch's private package class)
+        path = package_dir() / f"{package_key(model, rows, self.options)}.pt2"
+        if path.exists():
+            try:
+                start = time.perf_counter()
+                runner = torch._inductor.aoti_load_package(str(path))
+                os.utime(path)  # recently used: kept by _prune
+                self.loaded, self.last = self.loaded + 1, "loaded"
+                log.info(
+                    "ahead-of-time decode step: loaded %s in %.2f s", path.name, time.perf_counter() - start
+                )
+                return runner
+            except Exception as err:  # noqa: BLE001 (a truncated or foreign file): built again below
+                log.warning(
+                    "ahead-of-time decode step: %s could not be loaded (%s): building it again", path, err
+                )
+        start = time.perf_counter()
+        _build(model, rows, path)
+        runner = torch._inductor.aoti_load_package(str(path))
+        self.built, self.last = self.built + 1, "built"
+        log.info("ahead-of-time decode step: built %s in %.1f s", path.name, time.perf_counter() - start)
+        _prune(path.parent, KEEP)
+        return runner

@@ -1,0 +1,131 @@
+"""The CPU's compiled decode step as a package built ahead of time (engine.ahead_of_time): built once,
+loaded by the next job, keyed by what its code depends on, reading the model's own KV caches."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+
+import pytest
+import torch
+
+from multiar.engine import ahead_of_time
+from multiar.engine.ahead_of_time import AheadOfTimeStep, package_dir, package_key
+from multiar.engine.decode import compile_for_sampling, generate
+from multiar.engine.model import GPT, ModelConfig
+from multiar.engine.quantize import quantize
+
+PROMPTS = [[1, 5, 9], [2, 7, 7, 3]]
+OTHERS = [[4, 4, 20], [30, 1, 6, 6]]  # a later job's prompts: the package must not remember the first's
+SWITCHES = dict(cpp_wrapper=True, autotune=True, cuda_graphs=False)
+
+
+def tiny(seed: int = 6) -> GPT:
+    """A tiny model whose next token depends on its context (at the default init it hardly does)."""
+    torch.manual_seed(seed)
+    model = GPT(ModelConfig(vocab_size=37, block_size=32, n_layer=2, n_head=2, n_embd=16)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.3)
+    return model
+
+
+@pytest.fixture
+def own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MULTIAR_CACHE", str(tmp_path))
+    monkeypatch.setenv("MULTIAR_AHEAD_OF_TIME", "1")
+    return tmp_path / "decode_steps"
+
+
+def greedy(model: GPT, prompts: list[list[int]] = PROMPTS) -> list[list[int]]:
+    return generate(model, prompts, max_new_tokens=12, temperature=0.0)
+
+
+def test_a_package_is_built_once_loaded_by_the_next_job_and_reads_the_models_caches(own_cache, caplog):
+    """Greedy output equals the eager model's (prefill eager, then the package's steps over the same
+    caches), with new cache tensors too; the next job (a fresh step, as in a new process) loads the
+    package rather than building it."""
+    model = tiny()
+    expected = greedy(model)
+    first = compile_for_sampling(copy.deepcopy(model))
+    assert isinstance(first.compiled_step, AheadOfTimeStep)
+    with caplog.at_level(logging.INFO, logger="multiar"):
+        assert greedy(first) == expected
+    assert (first.compiled_step.built, first.compiled_step.loaded) == (1, 0)
+    assert "ahead-of-time decode step: built" in caplog.text
+    assert len(list(own_cache.glob("*.pt2"))) == 1 and not list(own_cache.glob(".*"))  # no temporary left
+    first.keep_caches = False
+    first.clear_caches()  # the next job's caches are new tensors: handed to the package again
+    first.keep_caches = True
+    assert greedy(first, OTHERS) == greedy(model, OTHERS)
+    assert first.compiled_step.built == 1
+    second = compile_for_sampling(copy.deepcopy(model))
+    assert greedy(second, OTHERS) == greedy(model, OTHERS)
+    assert (second.compiled_step.built, second.compiled_step.loaded) == (0, 1)
+
+
+def test_the_key_follows_weights_settings_rows_and_switches_not_the_caches_contents(own_cache):
+    model = tiny()
+    model.setup_caches(2, 16)
+    key = package_key(model, 2, SWITCHES)
+    assert package_key(copy.deepcopy(model), 2, SWITCHES) == key  # the same weights in another model
+    for block in model.blocks:
+        block.attn.kv_cache.k.normal_()  # what a job wrote: not the package's business
+    assert package_key(model, 2, SWITCHES) == key
+    assert package_key(model, 1, SWITCHES) != key
+    assert package_key(model, 2, SWITCHES | {"autotune": False}) != key
+    with torch.no_grad():
+        model.blocks[1].mlp.down.weight[0, 0] += 1e-3
+    assert package_key(model, 2, SWITCHES) != key
+    bf16, fp32 = (quantize(tiny(), "int8", bf16_activations=b) for b in (True, False))
+    assert package_key(bf16, 1, SWITCHES) != package_key(fp32, 1, SWITCHES)  # the same int8 tensors
+
+
+def test_a_corrupt_package_is_built_again_and_a_failed_build_compiles_with_torch_compile(
+    own_cache, monkeypatch, caplog
+):
+    model = tiny(seed=7)
+    expected = greedy(model)
+    assert greedy(compile_for_sampling(copy.deepcopy(model))) == expected
+    (package,) = own_cache.glob("*.pt2")
+    package.write_bytes(b"not a zip archive")
+    again = compile_for_sampling(copy.deepcopy(model))
+    with caplog.at_level(logging.WARNING, logger="multiar"):
+        assert greedy(again) == expected
+    assert "could not be loaded" in caplog.text and again.compiled_step.built == 1
+    assert package.stat().st_size > 1000
+
+    def fails(*args):
+        raise RuntimeError("Unsupported: data-dependent control flow\nmore lines")
+
+    monkeypatch.setattr(ahead_of_time, "_build", fails)
+    caplog.clear()
+    fallback = compile_for_sampling(tiny(seed=8))
+    with caplog.at_level(logging.WARNING, logger="multiar"):
+        assert greedy(fallback) == greedy(tiny(seed=8))
+    assert fallback.compiled_step.failed and fallback.compiled_step.built == 0
+    warned = [r.message for r in caplog.records if "ahead-of-time" in r.message]
+    assert warned == [
+        "ahead-of-time decode step: not built (Unsupported: data-dependent control flow): compiling with"
+        " torch.compile instead"
+    ]
+
+
+def test_the_least_recently_used_packages_go_past_keep(own_cache):
+    own_cache.mkdir(parents=True)
+    now = time.time()
+    for i in range(5):
+        path = own_cache / f"{i}.pt2"
+        path.write_bytes(b"x")
+        os.utime(path, (now - 100 * i, now - 100 * i))  # 0.pt2 the newest
+    ahead_of_time._prune(own_cache, keep=3)
+    assert sorted(p.name for p in own_cache.glob("*.pt2")) == ["0.pt2", "1.pt2", "2.pt2"]
+
+
+def test_switched_off_the_step_is_torch_compiles(own_cache, monkeypatch):
+    monkeypatch.setenv("MULTIAR_AHEAD_OF_TIME", "0")
+    assert not isinstance(compile_for_sampling(tiny()).compiled_step, AheadOfTimeStep)
+    assert package_dir() == own_cache
