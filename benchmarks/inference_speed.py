@@ -29,6 +29,7 @@ import argparse
 import atexit
 import copy
 import json
+import os
 import random
 import statistics
 import subprocess
@@ -36,6 +37,7 @@ import tempfile
 import time
 from functools import partial
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -200,26 +202,32 @@ def bench(entries: dict, repeats: int) -> dict[str, float]:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def auto_compile_row(shape: str, batch: int, args, first_s: float, eager_s: float, compiled_s: float) -> dict:  # noqa: ANN001
-    """What `multiar generate`'s default (compile=auto) decides for a job of args.job_steps decode steps
-    at this batch, from this run's own figures, and that job's tokens/s with the compile's seconds in it:
+def auto_compile_row(
+    shape: str,
+    batch: int,
+    args,
+    first_s: float,
+    eager_s: float,
+    compiled_s: float,
+    steps: int,
+    how: str = "",  # noqa: ANN001
+) -> dict:
+    """What `multiar generate`'s default (compile=auto) decides for a job of `steps` decode steps at
+    this batch, from this run's own figures, and that job's tokens/s with the compile's seconds in it:
     a step's time from the "multiar auto" row (eager) and the compile=true row, the compile's seconds
-    from that model's first call here (less one call's steady time). Derived from those measurements;
-    `break_even_steps`: the job length above which compiling is the faster."""
+    from that model's first call here (less one call's steady time): a package built, or (how says so)
+    loaded by a later job. Derived from those measurements; `break_even_steps`: the job length above
+    which compiling is the faster."""
     eager_ms, compiled_ms = 1e3 * eager_s / args.new, 1e3 * compiled_s / args.new
     compile_s = max(0.0, first_s - compiled_s)
-    decision = compile_pays(args.job_steps, eager_ms, {"compiled_ms": compiled_ms, "compile_s": compile_s})
-    job_s = (
-        (compile_s + args.job_steps * compiled_ms / 1e3)
-        if decision.compile
-        else args.job_steps * eager_ms / 1e3
-    )
+    decision = compile_pays(steps, eager_ms, {"compiled_ms": compiled_ms, "compile_s": compile_s})
+    job_s = (compile_s + steps * compiled_ms / 1e3) if decision.compile else steps * eager_ms / 1e3
     saved_ms = eager_ms - compiled_ms
     return {
         "model": shape,
         "batch": batch,
-        "engine": f"multiar default (compile=auto), a job of {args.job_steps} steps",
-        "tok_s": args.job_steps * batch / job_s,
+        "engine": f"multiar default (compile=auto), a job of {steps} steps{how}",
+        "tok_s": steps * batch / job_s,
         "compiles": decision.compile,
         "compile_s": compile_s,
         "eager_step_ms": eager_ms,
@@ -239,9 +247,15 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES))
     parser.add_argument("--compile", action="store_true", help="add torch.compile rows (minutes to compile)")
     parser.add_argument(
-        "--job-steps", type=int, default=100_000,
+        "--job-steps",
+        type=int,
+        default=100_000,
         help="with --compile: the job length (decode steps) the default's compile=auto row is worked out for",
-    )  # fmt: skip
+    )
+    parser.add_argument(
+        "--short-job", type=int, default=256,
+        help="with --compile: the length of a later job, its package built before, worked out the same way",
+    )  # fmt: skip  # fmt: skip
     parser.add_argument("--llama-cpp", type=Path, default=None, help="folder of GGUF files (see above)")
     parser.add_argument(
         "--llama-server", type=Path, default=None, help="llama.cpp's llama-server binary: its rows at batch 1"
@@ -325,9 +339,25 @@ def main() -> None:
                 compiled_name = f"multiar compile=true ({compiled_choice.dtype})"
                 entries[compiled_name] = partial(generate, compiled, prompt, args.new)
                 print(f"{shape_name:6s} batch {batch}  compile=true: {compiled_choice.log_line()}")
+                # the baseline: the same step through torch.compile (dynamo's guards, a graph per process)
+                with mock.patch.dict(os.environ, {"MULTIAR_AHEAD_OF_TIME": "0"}):
+                    baseline, _ = prepare_for_decoding(copy.deepcopy(model), batch_size=batch, compile=True)
+                baseline_name = f"{compiled_name}, torch.compile"
+                entries[baseline_name] = partial(generate, baseline, prompt, args.new)
+            first: dict[str, float | None] = {}
             with torch.inference_mode():
-                # the compile=true model's first call at this batch compiles its graph: timed alone
-                first_s = _timed(entries[compiled_name]) if compiled_name else None
+                if compiled_name:  # first calls, timed alone: a package built, torch.compile's compile,
+                    # and a later job's (a new model, as a new process would make) load of that package
+                    first["built"] = _timed(entries[compiled_name])
+                    first["torch.compile"] = _timed(entries[baseline_name])
+                    again, _ = prepare_for_decoding(copy.deepcopy(model), batch_size=batch, compile=True)
+                    first["loaded"] = _timed(partial(generate, again, prompt, args.new))
+                    if getattr(again.compiled_step, "loaded", 0) != 1:  # another dtype measured this time
+                        print(
+                            f"{shape_name:6s} batch {batch}  the second compile=true did not load the package"
+                        )
+                        first["loaded"] = None
+                    print(f"{shape_name:6s} batch {batch}  first calls (s): {json.dumps(first)}", flush=True)
                 seconds = bench(entries, args.repeats)
             tokens = batch * args.new
             base = tokens / seconds["transformers fp32"]
@@ -360,11 +390,18 @@ def main() -> None:
                     flush=True,
                 )
             if compiled_name:
-                row = auto_compile_row(
-                    shape_name, batch, args, first_s, seconds[picked], seconds[compiled_name]
+                jobs = [(args.job_steps, first["built"], "")]
+                if first["loaded"] is not None:
+                    jobs.append((args.short_job, first["loaded"], ", its package built before"))
+                for steps, first_s, how in jobs:
+                    row = auto_compile_row(
+                        shape_name, batch, args, first_s, seconds[picked], seconds[compiled_name], steps, how
+                    )
+                    rows.append(row)
+                    print(f"{shape_name:6s} batch {batch}  {json.dumps(row)}", flush=True)
+                rows.append(
+                    {"model": shape_name, "batch": batch, "engine": compiled_name, "first_calls_s": first}
                 )
-                rows.append(row)
-                print(f"{shape_name:6s} batch {batch}  {json.dumps(row)}", flush=True)
     if args.pair:
         from multiar.run_folder import load_run
 
@@ -407,5 +444,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    with tempfile.TemporaryDirectory():
+    # a cache of this run's own: compile=true's first call builds its package here, measured
+    with tempfile.TemporaryDirectory() as cache, mock.patch.dict(os.environ, {"MULTIAR_CACHE": cache}):
         main()

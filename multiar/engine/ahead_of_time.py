@@ -91,12 +91,27 @@ def package_key(model: nn.Module, rows: int, options: dict) -> str:
         h.update(path.read_bytes())
     for line in _settings(model):
         h.update(line.encode())
-    caches = _caches(model)
-    for name, t in model.state_dict(keep_vars=True).items():  # shared weights once each name
+    h.update(weights_digest(model).encode())
+    for name, t in _caches(model).items():  # a cache's contents change every step: its shape only
         h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
-        if f"model.{name}" not in caches:  # a cache's contents change every step: its shape only
-            h.update(memoryview(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()))
     return h.hexdigest()[:32]
+
+
+def weights_digest(model: nn.Module) -> str:
+    """A digest of model's tensors, names, dtypes and shapes, the KV caches left out (0.04 s for the
+    10.8M model in fp32, 0.3 s for 85M)."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict(keep_vars=True).items():
+        if ".kv_cache." in name:
+            continue
+        h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
+        h.update(memoryview(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()[:32]
+
+
+def on_disk(name: str) -> bool:
+    """Whether the package of that file name is in the package folder."""
+    return (package_dir() / name).is_file()
 
 
 def _build(model: nn.Module, rows: int, path: Path) -> None:
@@ -149,7 +164,9 @@ class AheadOfTimeStep:
         self.failed = False
         self.runners: dict[tuple, tuple] = {}
         self.built = self.loaded = 0
-        self.last: str | None = None
+        self.last: tuple[str, str] | None = (
+            None  # the last package made ready: ("built" | "loaded", file name)
+        )
 
     def __call__(self, model: nn.Module, ids: Tensor, positions: Tensor, slots: Tensor) -> Tensor:
         if self.failed:
@@ -181,7 +198,7 @@ class AheadOfTimeStep:
                 start = time.perf_counter()
                 runner = torch._inductor.aoti_load_package(str(path))
                 os.utime(path)  # recently used: kept by _prune
-                self.loaded, self.last = self.loaded + 1, "loaded"
+                self.loaded, self.last = self.loaded + 1, ("loaded", path.name)
                 log.info(
                     "ahead-of-time decode step: loaded %s in %.2f s", path.name, time.perf_counter() - start
                 )
@@ -193,7 +210,7 @@ class AheadOfTimeStep:
         start = time.perf_counter()
         _build(model, rows, path)
         runner = torch._inductor.aoti_load_package(str(path))
-        self.built, self.last = self.built + 1, "built"
+        self.built, self.last = self.built + 1, ("built", path.name)
         log.info("ahead-of-time decode step: built %s in %.1f s", path.name, time.perf_counter() - start)
         _prune(path.parent, KEEP)
         return runner

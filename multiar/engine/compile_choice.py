@@ -24,6 +24,7 @@ Lightning, Hydra or domain code here.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +39,10 @@ CUDA_FIRST_COMPILE_S = 30.0  # the same on CUDA (17-19 s measured at 85M on an H
 # MARGIN / (1/2) on a CPU
 CUDA_PAYBACK = 2.4
 MARGIN = 2.0  # measured: the steps' saving must repay the compile this many times
+# a CPU's step is a package built ahead of time (engine.ahead_of_time): where this model's is on disk, the
+# compile's cost is a load's (0.02-1.4 s measured: 10.8M, 85M), assumed this until one is measured here
+LOAD_S_ASSUMED = 2.0
+PACKAGES_KEPT = 16  # models whose package a clock entry remembers
 
 
 def first_compile_rule(device: str) -> tuple[float, float]:
@@ -59,6 +64,7 @@ class CompileDecision:
     compile_s: float | None = None  # the last compile's seconds here (None: never measured)
     resumed: bool = False  # pinned by a resumed run's journal, not weighed anew
     device: str = "cpu"  # the device type the step runs on (an unmeasured first compile's rule)
+    cached: bool = False  # this model's package is on disk: compile_s is a load's
     what: str = "the decode step"  # the step weighed, for the log line (training weighs its own)
     payback: float | None = None  # an unmeasured first compile's rule, where not the device's (training)
     first_compile_s: float | None = None
@@ -83,10 +89,11 @@ class CompileDecision:
             )
         else:
             saved = self.steps * (self.eager_ms - self.compiled_ms) / 1e3
+            cost = "to load its package, built before" if self.cached else "to compile"
             why = (
                 f"{self.steps} steps x ({self.eager_ms:.2f} - {self.compiled_ms:.2f} ms compiled, measured"
-                f" here) = {saved:.0f} s saved {'>' if self.compile else '<='} {MARGIN:g} x"
-                f" {self.compile_s:.1f} s to compile"
+                f" here) = {saved:.1f} s saved {'>' if self.compile else '<='} {MARGIN:g} x"
+                f" {self.compile_s:.2f} s {cost}"
             )
         return f"compile=auto: {verb}: {why}"
 
@@ -109,8 +116,13 @@ def compile_pays(
         rule = dict(payback=payback, first_compile_s=first_s) if first_rule else {}
         return CompileDecision(pays, steps, eager_ms, device=device, what=what, **rule)
     compiled_ms, compile_s = float(measured["compiled_ms"]), float(measured["compile_s"])
+    cached = bool(measured.get("cached"))
+    if cached:
+        compile_s = float(measured.get("load_s", LOAD_S_ASSUMED))
     pays = steps * (eager_ms - compiled_ms) / 1e3 > MARGIN * compile_s
-    return CompileDecision(pays, steps, eager_ms, compiled_ms, compile_s, device=device, what=what)
+    return CompileDecision(
+        pays, steps, eager_ms, compiled_ms, compile_s, device=device, what=what, cached=cached
+    )
 
 
 def synchronize(device: torch.device) -> None:
@@ -121,12 +133,20 @@ def synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-def read_measured(cache_file: Path | None, key: str) -> dict | None:
-    """What a StepClock saved under key (a compiled step's ms and a compile's seconds), or None."""
+def read_measured(
+    cache_file: Path | None,
+    key: str,
+    weights: str | None = None,
+    on_disk: Callable[[str], bool] | None = None,
+) -> dict | None:
+    """What a StepClock saved under key (a compiled step's ms and a compile's seconds), or None; with
+    "cached": True where the package its clock recorded for these weights (a digest) is still on disk
+    (on_disk tells, given its file name)."""
     entry = read_cache(cache_file, key)
     if entry is None or not {"compiled_ms", "compile_s"} <= set(entry):
         return None
-    return entry
+    package = entry.get("packages", {}).get(weights) if weights else None
+    return entry | {"cached": bool(package and on_disk and on_disk(package))}
 
 
 @dataclass
@@ -139,8 +159,12 @@ class StepClock:
     key: str
     device: torch.device
     rows: int  # the batch size its figures are for: steps of other row counts are not timed
+    weights: str | None = None  # a digest of the model's weights (the package it used is kept under it)
     compile_s: float | None = None
     times: list[float] = field(default_factory=list)
+    # how the first call got its step: ("built" | "loaded", the package's file name) for a package made
+    # ahead of time (engine.ahead_of_time); None: torch.compile compiled it
+    package: tuple[str, str] | None = None
 
     WARM_UP = 4  # steps after the compiling one whose time still includes first-touch costs
 
@@ -168,7 +192,20 @@ class StepClock:
         return 1e3 * steady[len(steady) // 2] if len(steady) >= 16 else None
 
     def save(self) -> None:
-        """Write compile_s and compiled_ms under key (nothing when too few steps were timed)."""
+        """Write compiled_ms and the first call's seconds under key: compile_s where it compiled or built
+        a package, load_s where it loaded one, and the package's name under the weights' digest
+        (nothing when too few steps were timed)."""
         ms = self.compiled_ms()
-        if ms is not None and self.compile_s is not None:
-            write_cache(self.cache_file, self.key, {"compiled_ms": ms, "compile_s": self.compile_s})
+        if ms is None or self.compile_s is None:
+            return
+        entry = read_cache(self.cache_file, self.key) or {}
+        entry = {k: v for k, v in entry.items() if k in ("compile_s", "load_s", "packages")} | {
+            "compiled_ms": ms
+        }
+        how, name = self.package or ("built", None)
+        entry["load_s" if how == "loaded" else "compile_s"] = self.compile_s
+        entry.setdefault("compile_s", self.compile_s)  # a first entry from a load: its seconds either way
+        if name is not None and self.weights is not None:
+            packages = {k: v for k, v in entry.get("packages", {}).items() if k != self.weights}
+            entry["packages"] = dict(list(packages.items())[-(PACKAGES_KEPT - 1) :]) | {self.weights: name}
+        write_cache(self.cache_file, self.key, entry)

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from multiar.engine import ahead_of_time
 from multiar.engine.choice_cache import CACHE_FILE, cache_key, read_cache, write_cache
 from multiar.engine.compile_choice import CompileDecision, StepClock, compile_pays, read_measured
 from multiar.engine.decode_choice import DecodeChoice, Timer
@@ -203,8 +204,8 @@ def prepare_for_decoding(
     model, choice = choose_float(model, batch_size, dtype, layout, cache_file, timer)
     if compile is True:
         choice.dtype = compiled_dtype(choice, spare)
-        model = _as_linear(model, choice, spare)
-        return _compiled(model, choice, _clock(model, choice, cache_file)), choice
+        clock = _clock(_compile_source(model, choice, spare), choice, cache_file)  # as compile=auto's
+        return _compiled(_as_linear(model, choice, spare), choice, clock), choice
     if compile == "auto":
         model = _compile_if_it_pays(model, choice, spare, steps or 0, cache_file, timer, decided)
     return model, choice
@@ -222,6 +223,12 @@ def compiled_dtype(choice: DecodeChoice, spare: nn.Module | None) -> str:
     return min(packed, key=packed.get) if len(packed) == 2 and spare is not None else choice.dtype
 
 
+def _compile_source(model: nn.Module, choice: DecodeChoice, spare: nn.Module | None) -> nn.Module:
+    """What a compiled float step is made from: the eager pick on nn.Linear, else the fp32 spare (where
+    spare is None the pick is the model itself)."""
+    return model if choice.layout == "linear" or spare is None else spare
+
+
 def _as_linear(model: nn.Module, choice: DecodeChoice, spare: nn.Module | None) -> nn.Module:
     """model as choice's dtype on nn.Linear (what compiles): itself, or spare (fp32) rebuilt so."""
     same = choice.layout == "linear" and next(model.parameters()).dtype == TORCH_DTYPES[choice.dtype]
@@ -237,7 +244,11 @@ def _clock(
     device = next(model.parameters()).device
     cuda = ", cuda graph" if device.type == "cuda" else ""  # not a frozen graph's figures
     key = cache_key(model, choice.batch_size, f"compiled {_graph_of(choice, dtype)}{cuda}")
-    return StepClock(cache_file, key, device, choice.batch_size)
+    # a CPU's step is a package per model (engine.ahead_of_time): the clock notes which is these weights'
+    aot = device.type == "cpu" and ahead_of_time.enabled() and cache_file is not None
+    return StepClock(
+        cache_file, key, device, choice.batch_size, ahead_of_time.weights_digest(model) if aot else None
+    )
 
 
 def _graph_of(choice: DecodeChoice, dtype: str | None = None) -> str:
@@ -280,7 +291,7 @@ def _compile_if_it_pays(
     quantized = choice.layout in ("int8", "int4")
     picked = choice.layout if quantized else f"{choice.dtype}/{choice.layout}"
     measured_ms = None if quantized else choice.step_ms.get(picked)  # a quantized one's are per layer
-    source = model if choice.layout == "linear" else spare  # what would compile: the clock's key
+    source = _compile_source(model, choice, spare)  # what would compile: the clock's key
     dtype = None if quantized else compiled_dtype(choice, spare)
     clock = _clock(source, choice, cache_file, dtype)
     device = next(model.parameters()).device.type
@@ -288,7 +299,8 @@ def _compile_if_it_pays(
         decision = CompileDecision(decided, steps, measured_ms or 0.0, resumed=True, device=device)
     else:
         eager_ms = measured_ms or 1e3 * timer({picked: model})[picked]
-        decision = compile_pays(steps, eager_ms, read_measured(cache_file, clock.key), device)
+        measured = read_measured(cache_file, clock.key, clock.weights, ahead_of_time.on_disk)
+        decision = compile_pays(steps, eager_ms, measured, device)
     choice.compile = decision.as_dict() | ({} if quantized else {"eager": picked})
     log.info("%s", decision.log_line())
     if not decision.compile:

@@ -13,8 +13,10 @@ import pytest
 import torch
 
 import multiar.engine.decode as decode
+from multiar.engine import ahead_of_time
 from multiar.engine import compile_choice as cc
 from multiar.engine import layout as lay
+from multiar.engine.choice_cache import write_cache
 from multiar.engine.decode import generate
 from multiar.engine.packed import PackedLinear
 from multiar.engine.quantized_kernels import DequantizedLinear
@@ -80,6 +82,46 @@ def test_the_clock_saves_the_compile_and_the_median_step_after_warm_up(tmp_path,
     for _ in range(16):
         clock.timed(step, 0)
     assert cc.read_measured(cache, "k")["compiled_ms"] == pytest.approx(3.0)  # saved again at 32
+
+
+def test_a_package_on_disk_costs_its_load_and_the_clock_keeps_a_load_apart_from_a_build(
+    tmp_path, monkeypatch
+):
+    """A CPU's compiled step is a package per model (engine.ahead_of_time): where these weights' package
+    is still on disk, a job weighs a load's seconds, not a build's, and a short job compiles."""
+    cache, now = tmp_path / lay.CACHE_FILE, [0.0]
+    monkeypatch.setattr(cc.time, "perf_counter", lambda: now[0])
+
+    def run(clock, first_s, package):
+        times = iter([first_s] + [0.001] * (cc.StepClock.WARM_UP + 16))
+
+        def step():
+            now[0] += next(times)
+
+        clock.timed(step)
+        clock.package = package
+        for _ in range(cc.StepClock.WARM_UP + 16):
+            clock.timed(step)
+
+    run(cc.StepClock(cache, "k", torch.device("cpu"), 1, "w1"), 20.0, ("built", "p1.pt2"))
+    on_disk = {"p1.pt2"}.__contains__
+    saved = cc.read_measured(cache, "k", "w1", on_disk)
+    assert (saved["compile_s"], saved["cached"], saved["packages"]) == (20.0, True, {"w1": "p1.pt2"})
+    assert "load_s" not in saved
+    assert not cc.read_measured(cache, "k", "w2", on_disk)["cached"]  # other weights: no package
+    assert not cc.read_measured(cache, "k", "w1", lambda name: False)["cached"]  # removed since
+    # 256 steps saving 1 ms each (0.26 s): not a build's 2 x 20 s, but a load assumed at 2 s neither,
+    # and a load measured at 0.05 s is repaid
+    assert not cc.compile_pays(256, 2.0, cc.read_measured(cache, "k", "w2", on_disk)).compile
+    assumed = cc.compile_pays(256, 2.0, saved)
+    assert not assumed.compile and assumed.compile_s == cc.LOAD_S_ASSUMED
+    run(cc.StepClock(cache, "k", torch.device("cpu"), 1, "w1"), 0.05, ("loaded", "p1.pt2"))
+    saved = cc.read_measured(cache, "k", "w1", on_disk)
+    assert (saved["compile_s"], saved["load_s"]) == (20.0, pytest.approx(0.05))  # the build's kept too
+    decision = cc.compile_pays(256, 2.0, saved)
+    assert decision.compile and decision.cached and decision.compile_s == pytest.approx(0.05)
+    assert "2 x 0.05 s to load its package, built before" in decision.log_line()
+    assert not cc.compile_pays(256, 2.0, cc.read_measured(cache, "k", "w2", on_disk)).compile
 
 
 @pytest.fixture
@@ -212,6 +254,38 @@ def test_compile_true_measures_for_auto_and_auto_compiles_a_quantized_models_own
         lay.prepare_for_decoding(tiny_model(), compile="yes")
 
 
+def test_auto_compiles_a_short_job_where_compile_true_left_these_weights_package_on_disk(
+    tmp_path, compiler, monkeypatch
+):
+    """compile=true and compile=auto key their clocks alike, by the weights the step is built from (not
+    the converted copy): what compile=true's job recorded lets a later compile=auto job of the same
+    model load its package rather than stay eager; another model of the same shapes stays eager."""
+    monkeypatch.setenv("MULTIAR_CACHE", str(tmp_path))
+    monkeypatch.setenv("MULTIAR_AHEAD_OF_TIME", "1")
+    ms = MS | {"fp32/packed": 1.0}  # packed wins eager: compiled from the fp32 spare, on nn.Linear
+    lay.prepare_for_decoding(tiny_model(), cache_dir=tmp_path, compile=True, timer=fake_timer(ms, []))
+    clock = compiler[0]["clock"]
+    assert clock.weights == ahead_of_time.weights_digest(tiny_model())
+    package = ahead_of_time.package_dir() / "p.pt2"
+    package.parent.mkdir(parents=True)
+    package.write_bytes(b"x")
+    entry = {"compiled_ms": 0.5, "compile_s": 30.0, "load_s": 0.02, "packages": {clock.weights: "p.pt2"}}
+    write_cache(tmp_path / lay.CACHE_FILE, clock.key, entry)
+
+    def auto(model):
+        return lay.prepare_for_decoding(
+            model, cache_dir=tmp_path, compile="auto", steps=256, timer=fake_timer(ms, [])
+        )[1]
+
+    assert auto(tiny_model()).compile["cached"] and len(compiler) == 2  # 256 x 0.5 ms > 2 x 0.02 s
+    other = tiny_model()
+    with torch.no_grad():
+        other.lm_head.weight[0, 0] += 1.0
+    assert not auto(other).compile["compile"] and len(compiler) == 2  # its package was never built
+    package.unlink()
+    assert not auto(tiny_model()).compile["compile"]  # pruned since: a build's 30 s again
+
+
 def test_a_compile_that_fails_leaves_auto_eager_with_its_samples_unchanged(tmp_path, monkeypatch, caplog):
     def broken(fn, **kwargs):
         def fails(*args):
@@ -222,6 +296,7 @@ def test_a_compile_that_fails_leaves_auto_eager_with_its_samples_unchanged(tmp_p
     model = tiny_model(64)
     expected = generate(copy.deepcopy(model), prompts=[[1, 5, 9]], max_new_tokens=8, temperature=0.0)
     monkeypatch.setattr(decode.torch, "compile", broken)
+    monkeypatch.setattr(ahead_of_time, "_build", broken(None))  # no compiler: no package either
     steps = int(FIRST * 1e3 / 1.0) + 1
     ms = {c: 1.0 for c in MS}
     compiled, choice = lay.prepare_for_decoding(
