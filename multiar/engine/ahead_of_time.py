@@ -34,10 +34,17 @@ from torch import Tensor
 
 from multiar.engine.captured_step import decode_rows
 from multiar.engine.choice_cache import machine_key
+from multiar.engine.inductor_options import inductor_options
 
 log = logging.getLogger("multiar")
 
-FORMAT = 1  # bump when what a package holds changes
+FORMAT = 2  # bump when what a package holds changes
+# the weights as one file beside the code, read into memory at load, not inside the .so's data section:
+# the int8 85M step read them from there at 132 tok/s, from the blob at 178-192 (torch.compile's 181-187)
+PACKAGE_SWITCHES = {
+    "aot_inductor.package_constants_in_so": False,
+    "aot_inductor.package_constants_on_disk_format": "binary_blob",
+}
 KEEP = 8  # packages kept on disk, the most recently used (a package is about its model's size or twice)
 ENGINE = Path(__file__).parent  # its sources are in every key: a changed engine builds anew
 
@@ -116,8 +123,8 @@ def on_disk(name: str) -> bool:
 
 def _build(model: nn.Module, rows: int, path: Path) -> None:
     """Export decode_rows for `rows` rows (the filled slots' count dynamic, 2 .. cache length - 1) and
-    compile it into the package at path, written to a temporary file first. Inductor's switches are the
-    caller's (engine.inductor_options, entered around this)."""
+    compile it into the package at path, written to a temporary file first (inductor's switches entered
+    around this by the caller)."""
     length = model.blocks[0].attn.kv_cache.k.size(2)
     device = model.wte.weight.device
     ids = torch.zeros(rows, dtype=torch.long, device=device)
@@ -137,7 +144,7 @@ def _build(model: nn.Module, rows: int, path: Path) -> None:
             program = torch.export.export(
                 _Step(model), (ids, ids.clone(), slots), dynamic_shapes=dims, strict=False
             )
-        torch._inductor.aoti_compile_and_package(program, package_path=tmp)
+        torch._inductor.aoti_compile_and_package(program, package_path=tmp, inductor_configs=PACKAGE_SWITCHES)
         os.replace(tmp, path)
     finally:
         for cache, (k, v) in zip(caches, live, strict=True):
@@ -153,15 +160,46 @@ def _prune(folder: Path, keep: int) -> None:
         log.info("ahead-of-time decode steps: removed %s, the least recently used", old.name)
 
 
+class _Package:
+    """A loaded package: called through torch's C++ loader directly where this torch has it (no
+    torch._inductor import, no metadata check at load, no pytree per call), else through
+    `torch._inductor.aoti_load_package`."""
+
+    def __init__(self, path: Path) -> None:
+        # AMX's tile registers are granted per process on request: inductor asks when it picks an ISA, which a
+        # direct load skips (a kernel using them would die of SIGILL); False and harmless without AMX
+        init_amx = getattr(torch.cpu, "_init_amx", None)
+        if init_amx is not None:
+            init_amx()
+        loader = getattr(getattr(torch._C, "_aoti", None), "AOTIModelPackageLoader", None)
+        self.direct = loader is not None
+        if self.direct:
+            self.loader = loader(str(path), "model", False, 1, -1)  # one runner, the CPU
+        else:
+            self.package = torch._inductor.aoti_load_package(str(path))
+
+    def bind(self, caches: dict[str, Tensor]) -> None:
+        """Hand the package these cache tensors (user-managed: it reads and writes them where they are)."""
+        if self.direct:
+            self.loader.load_constants(caches, False, False, True)  # active buffer, partial, user-managed
+        else:
+            self.package.load_constants(caches, check_full_update=False, user_managed=True)
+
+    def __call__(self, ids: Tensor, positions: Tensor, slots: Tensor) -> Tensor:
+        if self.direct:
+            return self.loader.boxed_run([ids, positions, slots])[0]
+        return self.package(ids, positions, slots)
+
+
 class AheadOfTimeStep:
     """decode_filled's signature (model, ids (B,), positions (B,), slots (n,)) -> logits (B, V), run by
     a package per row count and cache shape: loaded from disk, else built and saved. `built` / `loaded`
     count what the calls did (the clock and tests read them); `last` is "built" or "loaded"."""
 
-    def __init__(self, options: dict, fallback: Callable[..., Tensor]) -> None:
-        self.options = options  # inductor's switches, for the key (entered by the caller around calls)
-        self.fallback = fallback  # torch.compile's step, for a model export or AOTInductor cannot build
-        self.failed = False
+    def __init__(self, options: dict, fallback: Callable[[], Callable[..., Tensor]]) -> None:
+        self.options = options  # inductor's switches (engine.inductor_options), entered around a build
+        self.make_fallback = fallback  # torch.compile's step, for a model export or AOTInductor cannot build
+        self.fallback: Callable[..., Tensor] | None = None
         self.runners: dict[tuple, tuple] = {}
         self.built = self.loaded = 0
         self.last: tuple[str, str] | None = (
@@ -169,7 +207,7 @@ class AheadOfTimeStep:
         )
 
     def __call__(self, model: nn.Module, ids: Tensor, positions: Tensor, slots: Tensor) -> Tensor:
-        if self.failed:
+        if self.fallback is not None:
             return self.fallback(model, ids, positions, slots)
         caches = _caches(model)
         first = next(iter(caches.values()))
@@ -183,20 +221,20 @@ class AheadOfTimeStep:
                     "ahead-of-time decode step: not built (%s): compiling with torch.compile instead",
                     str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__,
                 )
-                self.failed = True
+                self.fallback = self.make_fallback()
                 return self.fallback(model, ids, positions, slots)
         pointers = tuple(t.data_ptr() for t in caches.values())
         if bound != pointers:  # new cache tensors (a reallocation): the package reads these from now on
-            runner.load_constants(caches, check_full_update=False, user_managed=True)
+            runner.bind(caches)
         self.runners[shape] = (runner, pointers)
         return runner(ids, positions, slots)
 
-    def _runner(self, model: nn.Module, rows: int):  # noqa: ANN202 (torch's private package class)
+    def _runner(self, model: nn.Module, rows: int) -> _Package:
         path = package_dir() / f"{package_key(model, rows, self.options)}.pt2"
         if path.exists():
             try:
                 start = time.perf_counter()
-                runner = torch._inductor.aoti_load_package(str(path))
+                runner = _Package(path)
                 os.utime(path)  # recently used: kept by _prune
                 self.loaded, self.last = self.loaded + 1, ("loaded", path.name)
                 log.info(
@@ -208,8 +246,9 @@ class AheadOfTimeStep:
                     "ahead-of-time decode step: %s could not be loaded (%s): building it again", path, err
                 )
         start = time.perf_counter()
-        _build(model, rows, path)
-        runner = torch._inductor.aoti_load_package(str(path))
+        with inductor_options(**self.options):
+            _build(model, rows, path)
+        runner = _Package(path)
         self.built, self.last = self.built + 1, ("built", path.name)
         log.info("ahead-of-time decode step: built %s in %.1f s", path.name, time.perf_counter() - start)
         _prune(path.parent, KEEP)

@@ -86,18 +86,19 @@ def compile_for_sampling(
         # rotated queries and keys round (eager passes upcast them for SDPA: engine.model)
         model.cache_dtype = torch.bfloat16
     eager = model.forward
-    step = torch.compile(decode_filled, dynamic=False)
-    make_room(GRAPHS_PER_MODEL)
     device = model.wte.weight.device.type
     # a CUDA step is ~100 kernel launches of a few microseconds' work each: replayed as one CUDA graph
     # (inductor's cudagraph trees; gpt-fast's "reduce-overhead"); no autotuning there (cuBLAS serves a
     # few rows well, and timing Triton's GEMMs would take minutes a graph)
     cuda_graphs = device == "cuda"
     switches = dict(cpp_wrapper=device == "cpu", autotune=not cuda_graphs, cuda_graphs=cuda_graphs)
-    options = inductor_options(**switches)
-    if device == "cpu" and ahead_of_time.enabled():
-        # a package on disk per model: loaded in milliseconds by the next job, and no guards per call
-        step = ahead_of_time.AheadOfTimeStep(switches, fallback=step)
+    packaged = device == "cpu" and ahead_of_time.enabled()
+    if packaged:
+        # a package on disk per model, loaded in milliseconds by the next job, and no guards per call;
+        # dynamo and inductor are imported (~1.7 s) only where it is built or fails
+        step = ahead_of_time.AheadOfTimeStep(switches, fallback=lambda: compiled_step(switches))
+    else:
+        step = compiled_step(switches)
     # calls that must succeed before a failure is the graph's, not its build's: inductor runs a CUDA
     # graph's first call as a warm-up and captures it at the next (a capture can fail: memory, a sync)
     settled = 3 if cuda_graphs else 1
@@ -112,20 +113,17 @@ def compile_for_sampling(
             positions = torch.full((B,), input_pos, dtype=torch.long, device=idx.device)
         else:  # (1,) shared or (B, 1) per row -> (B,)
             positions = input_pos.reshape(-1).expand(B).contiguous()
-        slots = filled_slots(model, input_pos, kwargs.get("kv_len"), cuda_graphs)
+        slots = filled_slots(model, input_pos, kwargs.get("kv_len"), cuda_graphs, dynamo=not packaged)
         if slots is None:  # the cache's last slot: one eager step rather than a graph of its own
             return eager(idx, input_pos, **kwargs)
         args = (model, idx[:, 0], positions, slots)
         if cuda_graphs and not hasattr(model.blocks[0].attn.kv_cache.k, "_dynamo_static_input_type"):
             static_caches(model)  # caches new since the last step (a first call, a larger batch)
         try:
-            # for this graph only (compile's options= did not apply freezing, torch 2.13); read when a
-            # call compiles, so the patch is around every call
-            with options:
-                timed = clock is not None and clock.rows == B
-                logits = clock.timed(step, *args) if timed else step(*args)
-                if timed and clock.package is None and isinstance(step, ahead_of_time.AheadOfTimeStep):
-                    clock.package = step.last  # a package built or loaded: compile=auto's next cost
+            timed = clock is not None and clock.rows == B
+            logits = clock.timed(step, *args) if timed else step(*args)
+            if timed and clock.package is None and isinstance(step, ahead_of_time.AheadOfTimeStep):
+                clock.package = step.last  # a package built or loaded: compile=auto's next cost
         except Exception as err:  # noqa: BLE001 (inductor fails many ways: no compiler, no headers)
             if on_failure is None or state["ran"] >= settled:
                 raise
@@ -141,6 +139,21 @@ def compile_for_sampling(
     model.forward = forward
     model.compiled_step = step  # what runs the graph (tests and benchmarks read its counts)
     return model
+
+
+def compiled_step(switches: dict) -> Callable[..., Tensor]:
+    """decode_filled through torch.compile, inductor's switches (engine.inductor_options) entered around
+    each call: they are read when a call compiles (compile's options= did not apply freezing, torch
+    2.13)."""
+    compiled = torch.compile(decode_filled, dynamic=False)
+    make_room(GRAPHS_PER_MODEL)
+    options = inductor_options(**switches)
+
+    def step(*args: object) -> Tensor:
+        with options:
+            return compiled(*args)
+
+    return step
 
 
 def makes_bf16_keys(model: GPT) -> bool:
@@ -160,7 +173,9 @@ def decode_filled(model: GPT, ids: Tensor, positions: Tensor, slots: Tensor) -> 
     return decode_rows(model, ids, positions, slots.size(0))
 
 
-def filled_slots(model: GPT, input_pos: int | Tensor, kv_len: int | None, whole: bool) -> Tensor | None:
+def filled_slots(
+    model: GPT, input_pos: int | Tensor, kv_len: int | None, whole: bool, dynamo: bool = True
+) -> Tensor | None:
     """(n,): n the slots a one-token step attends to, the furthest row's position + 1 (kv_len when the
     caller knows it), so that a step reads keys and values up to there, not the whole cache: at 85M int8
     batch 1 a step over 1,024 slots took 9.2 ms where one over 160 took 5.0. Its size is marked dynamic:
@@ -177,7 +192,8 @@ def filled_slots(model: GPT, input_pos: int | Tensor, kv_len: int | None, whole:
     if n >= length:
         return None
     slots = torch.empty(n, device=model.wte.weight.device)
-    torch._dynamo.mark_dynamic(slots, 0, min=2, max=length - 1)
+    if dynamo:  # not for a package built ahead of time: its size was declared dynamic at export
+        torch._dynamo.mark_dynamic(slots, 0, min=2, max=length - 1)
     return slots
 
 
