@@ -205,12 +205,12 @@ def bench(entries: dict, repeats: int) -> dict[str, float]:
 def auto_compile_row(
     shape: str,
     batch: int,
-    args,
+    args,  # noqa: ANN001
     first_s: float,
     eager_s: float,
     compiled_s: float,
     steps: int,
-    how: str = "",  # noqa: ANN001
+    how: str = "",
 ) -> dict:
     """What `multiar generate`'s default (compile=auto) decides for a job of `steps` decode steps at
     this batch, from this run's own figures, and that job's tokens/s with the compile's seconds in it:
@@ -255,7 +255,7 @@ def main() -> None:
     parser.add_argument(
         "--short-job", type=int, default=256,
         help="with --compile: the length of a later job, its package built before, worked out the same way",
-    )  # fmt: skip  # fmt: skip
+    )  # fmt: skip
     parser.add_argument("--llama-cpp", type=Path, default=None, help="folder of GGUF files (see above)")
     parser.add_argument(
         "--llama-server", type=Path, default=None, help="llama.cpp's llama-server binary: its rows at batch 1"
@@ -350,7 +350,9 @@ def main() -> None:
                     # and a later job's (a new model, as a new process would make) load of that package
                     first["built"] = _timed(entries[compiled_name])
                     first["torch.compile"] = _timed(entries[baseline_name])
-                    again, _ = prepare_for_decoding(copy.deepcopy(model), batch_size=batch, compile=True)
+                    again, _ = prepare_for_decoding(  # the dtype pinned: measured again, it may differ
+                        copy.deepcopy(model), batch_size=batch, compile=True, dtype=compiled_choice.dtype
+                    )
                     first["loaded"] = _timed(partial(generate, again, prompt, args.new))
                     if getattr(again.compiled_step, "loaded", 0) != 1:  # another dtype measured this time
                         print(

@@ -13,12 +13,13 @@ oneDNN), the model's shapes and settings, the KV caches' shape and dtype, the en
 version and the machine (CPU model, threads). The KV caches are not in it: the model's own cache
 tensors are handed to the package (user-managed constants), so prefill's eager passes and the
 package's steps write the same memory. Packages live under `$MULTIAR_CACHE/decode_steps` (else
-~/.cache/multiar/decode_steps); the newest KEEP are kept. `MULTIAR_AHEAD_OF_TIME=0` turns this off
+~/.cache/multiar/decode_steps); the KEEP most recently used are kept. `MULTIAR_AHEAD_OF_TIME=0` turns this off
 (decode then compiles with torch.compile, as before). No Lightning, Hydra or domain code here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -153,11 +154,17 @@ def _build(model: nn.Module, rows: int, path: Path) -> None:
 
 
 def _prune(folder: Path, keep: int) -> None:
-    """Delete all but the `keep` most recently used packages (a load touches its file)."""
-    packages = sorted(folder.glob("*.pt2"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for old in packages[keep:]:
-        old.unlink(missing_ok=True)
-        log.info("ahead-of-time decode steps: removed %s, the least recently used", old.name)
+    """Delete all but the `keep` most recently used packages (a load touches its file); other processes'
+    builds in progress (dot-files) are left alone, and a file gone meanwhile is skipped."""
+    used = {}
+    for path in folder.glob("*.pt2"):
+        if not path.name.startswith("."):
+            with contextlib.suppress(OSError):
+                used[path] = path.stat().st_mtime
+    for old in sorted(used, key=used.get, reverse=True)[keep:]:
+        with contextlib.suppress(OSError):
+            old.unlink()
+            log.info("ahead-of-time decode steps: removed %s, the least recently used", old.name)
 
 
 class _Package:
@@ -179,7 +186,13 @@ class _Package:
             self.package = torch._inductor.aoti_load_package(str(path))
 
     def bind(self, caches: dict[str, Tensor]) -> None:
-        """Hand the package these cache tensors (user-managed: it reads and writes them where they are)."""
+        """Hand the package these cache tensors (user-managed: it reads and writes them where they are).
+        Names it lacks would be skipped silently (its own zeroed caches read instead): an error here."""
+        missing = set(caches) - set(
+            self.loader.get_constant_fqns() if self.direct else self.package.get_constant_fqns()
+        )
+        if missing:
+            raise RuntimeError(f"the package has no constant {sorted(missing)[0]}")
         if self.direct:
             self.loader.load_constants(caches, False, False, True)  # active buffer, partial, user-managed
         else:
@@ -194,39 +207,35 @@ class _Package:
 class AheadOfTimeStep:
     """decode_filled's signature (model, ids (B,), positions (B,), slots (n,)) -> logits (B, V), run by
     a package per row count and cache shape: loaded from disk, else built and saved. `built` / `loaded`
-    count what the calls did (the clock and tests read them); `last` is "built" or "loaded"."""
+    count what the calls did (tests read them); `last` is the last package made ready, ("built" |
+    "loaded", its file name), which the clock notes for compile=auto."""
 
     def __init__(self, options: dict, fallback: Callable[[], Callable[..., Tensor]]) -> None:
         self.options = options  # inductor's switches (engine.inductor_options), entered around a build
         self.make_fallback = fallback  # torch.compile's step, for a model export or AOTInductor cannot build
         self.fallback: Callable[..., Tensor] | None = None
-        self.runners: dict[tuple, tuple] = {}
+        self.runners: dict[tuple, tuple[_Package, list[Tensor]]] = {}  # the caches each was handed
         self.built = self.loaded = 0
-        self.last: tuple[str, str] | None = (
-            None  # the last package made ready: ("built" | "loaded", file name)
-        )
+        self.last: tuple[str, str] | None = None
 
     def __call__(self, model: nn.Module, ids: Tensor, positions: Tensor, slots: Tensor) -> Tensor:
         if self.fallback is not None:
             return self.fallback(model, ids, positions, slots)
-        caches = _caches(model)
-        first = next(iter(caches.values()))
-        shape = (ids.size(0), tuple(first.shape), first.dtype)
-        runner, bound = self.runners.get(shape, (None, None))
-        if runner is None:
-            try:
-                runner = self._runner(model, ids.size(0))
+        tensors = [t for block in model.blocks for t in (block.attn.kv_cache.k, block.attn.kv_cache.v)]
+        shape = (ids.size(0), tuple(tensors[0].shape), tensors[0].dtype)
+        runner, bound = self.runners.get(shape, (None, []))
+        if len(bound) != len(tensors) or any(a is not b for a, b in zip(bound, tensors, strict=False)):
+            try:  # a first call, or new cache tensors (a reallocation): the package reads these from now on
+                runner = runner or self._runner(model, ids.size(0))
+                runner.bind(_caches(model))
             except Exception as err:  # noqa: BLE001 (export and AOTInductor fail many ways)
                 log.warning(
-                    "ahead-of-time decode step: not built (%s): compiling with torch.compile instead",
+                    "ahead-of-time decode step: not used (%s): compiling with torch.compile instead",
                     str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__,
                 )
                 self.fallback = self.make_fallback()
                 return self.fallback(model, ids, positions, slots)
-        pointers = tuple(t.data_ptr() for t in caches.values())
-        if bound != pointers:  # new cache tensors (a reallocation): the package reads these from now on
-            runner.bind(caches)
-        self.runners[shape] = (runner, pointers)
+            self.runners[shape] = (runner, tensors)
         return runner(ids, positions, slots)
 
     def _runner(self, model: nn.Module, rows: int) -> _Package:
@@ -235,7 +244,8 @@ class AheadOfTimeStep:
             try:
                 start = time.perf_counter()
                 runner = _Package(path)
-                os.utime(path)  # recently used: kept by _prune
+                with contextlib.suppress(OSError):  # recently used: kept by _prune (a read-only cache too)
+                    os.utime(path)
                 self.loaded, self.last = self.loaded + 1, ("loaded", path.name)
                 log.info(
                     "ahead-of-time decode step: loaded %s in %.2f s", path.name, time.perf_counter() - start

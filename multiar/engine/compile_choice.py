@@ -115,10 +115,9 @@ def compile_pays(
         pays = steps * eager_ms / 1e3 > payback * first_s
         rule = dict(payback=payback, first_compile_s=first_s) if first_rule else {}
         return CompileDecision(pays, steps, eager_ms, device=device, what=what, **rule)
-    compiled_ms, compile_s = float(measured["compiled_ms"]), float(measured["compile_s"])
     cached = bool(measured.get("cached"))
-    if cached:
-        compile_s = float(measured.get("load_s", LOAD_S_ASSUMED))
+    compiled_ms = float(measured["compiled_ms"])
+    compile_s = float(measured.get("load_s", LOAD_S_ASSUMED) if cached else measured["compile_s"])
     pays = steps * (eager_ms - compiled_ms) / 1e3 > MARGIN * compile_s
     return CompileDecision(
         pays, steps, eager_ms, compiled_ms, compile_s, device=device, what=what, cached=cached
@@ -143,10 +142,13 @@ def read_measured(
     "cached": True where the package its clock recorded for these weights (a digest) is still on disk
     (on_disk tells, given its file name)."""
     entry = read_cache(cache_file, key)
-    if entry is None or not {"compiled_ms", "compile_s"} <= set(entry):
+    if entry is None or "compiled_ms" not in entry:
         return None
     package = entry.get("packages", {}).get(weights) if weights else None
-    return entry | {"cached": bool(package and on_disk and on_disk(package))}
+    cached = bool(package and on_disk and on_disk(package))
+    if not cached and "compile_s" not in entry:  # only loads measured: a build's cost is not known
+        return None
+    return entry | {"cached": cached}
 
 
 @dataclass
@@ -204,7 +206,6 @@ class StepClock:
         }
         how, name = self.package or ("built", None)
         entry["load_s" if how == "loaded" else "compile_s"] = self.compile_s
-        entry.setdefault("compile_s", self.compile_s)  # a first entry from a load: its seconds either way
         if name is not None and self.weights is not None:
             packages = {k: v for k, v in entry.get("packages", {}).items() if k != self.weights}
             entry["packages"] = dict(list(packages.items())[-(PACKAGES_KEPT - 1) :]) | {self.weights: name}

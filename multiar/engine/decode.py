@@ -92,8 +92,7 @@ def compile_for_sampling(
     # few rows well, and timing Triton's GEMMs would take minutes a graph)
     cuda_graphs = device == "cuda"
     switches = dict(cpp_wrapper=device == "cpu", autotune=not cuda_graphs, cuda_graphs=cuda_graphs)
-    packaged = device == "cpu" and ahead_of_time.enabled()
-    if packaged:
+    if device == "cpu" and ahead_of_time.enabled():
         # a package on disk per model, loaded in milliseconds by the next job, and no guards per call;
         # dynamo and inductor are imported (~1.7 s) only where it is built or fails
         step = ahead_of_time.AheadOfTimeStep(switches, fallback=lambda: compiled_step(switches))
@@ -113,7 +112,7 @@ def compile_for_sampling(
             positions = torch.full((B,), input_pos, dtype=torch.long, device=idx.device)
         else:  # (1,) shared or (B, 1) per row -> (B,)
             positions = input_pos.reshape(-1).expand(B).contiguous()
-        slots = filled_slots(model, input_pos, kwargs.get("kv_len"), cuda_graphs, dynamo=not packaged)
+        slots = filled_slots(model, input_pos, kwargs.get("kv_len"), cuda_graphs)
         if slots is None:  # the cache's last slot: one eager step rather than a graph of its own
             return eager(idx, input_pos, **kwargs)
         args = (model, idx[:, 0], positions, slots)
@@ -144,14 +143,17 @@ def compile_for_sampling(
 def compiled_step(switches: dict) -> Callable[..., Tensor]:
     """decode_filled through torch.compile, inductor's switches (engine.inductor_options) entered around
     each call: they are read when a call compiles (compile's options= did not apply freezing, torch
-    2.13)."""
+    2.13). The filled slots' count is marked dynamic (one graph for every length) but on CUDA, whose graph
+    reads every slot."""
     compiled = torch.compile(decode_filled, dynamic=False)
     make_room(GRAPHS_PER_MODEL)
     options = inductor_options(**switches)
 
-    def step(*args: object) -> Tensor:
+    def step(model: GPT, ids: Tensor, positions: Tensor, slots: Tensor) -> Tensor:
+        if not switches["cuda_graphs"]:
+            torch._dynamo.mark_dynamic(slots, 0, min=2, max=model.max_seq_length - 1)
         with options:
-            return compiled(*args)
+            return compiled(model, ids, positions, slots)
 
     return step
 
@@ -173,13 +175,11 @@ def decode_filled(model: GPT, ids: Tensor, positions: Tensor, slots: Tensor) -> 
     return decode_rows(model, ids, positions, slots.size(0))
 
 
-def filled_slots(
-    model: GPT, input_pos: int | Tensor, kv_len: int | None, whole: bool, dynamo: bool = True
-) -> Tensor | None:
+def filled_slots(model: GPT, input_pos: int | Tensor, kv_len: int | None, whole: bool) -> Tensor | None:
     """(n,): n the slots a one-token step attends to, the furthest row's position + 1 (kv_len when the
     caller knows it), so that a step reads keys and values up to there, not the whole cache: at 85M int8
-    batch 1 a step over 1,024 slots took 9.2 ms where one over 160 took 5.0. Its size is marked dynamic:
-    one graph for every n from 2 (inductor specializes a size of 1; a slot past every row's position is
+    batch 1 a step over 1,024 slots took 9.2 ms where one over 160 took 5.0. Its size is dynamic (marked
+    so by compiled_step; declared so by a package's export): one graph for every n from 2 (inductor specializes a size of 1; a slot past every row's position is
     masked) to the cache's length - 1. None at the cache's length, a step the graph does not take
     (attention over the whole cache reads it as one contiguous block, another graph). whole: every
     slot, a CUDA graph's static shape."""
@@ -191,10 +191,7 @@ def filled_slots(
     n = max(kv_len, 2)
     if n >= length:
         return None
-    slots = torch.empty(n, device=model.wte.weight.device)
-    if dynamo:  # not for a package built ahead of time: its size was declared dynamic at export
-        torch._dynamo.mark_dynamic(slots, 0, min=2, max=length - 1)
-    return slots
+    return torch.empty(n, device=model.wte.weight.device)
 
 
 def static_caches(model: GPT) -> None:

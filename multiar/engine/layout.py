@@ -237,18 +237,29 @@ def _as_linear(model: nn.Module, choice: DecodeChoice, spare: nn.Module | None) 
 
 
 def _clock(
-    model: nn.Module, choice: DecodeChoice, cache_file: Path | None, dtype: str | None = None
+    model: nn.Module,
+    choice: DecodeChoice,
+    cache_file: Path | None,
+    dtype: str | None = None,
+    weigh: bool = True,
 ) -> StepClock:
     """A clock for a compiled step of model as choice lays it out: its figures are kept under a key of
-    the machine, batch size, layer shapes and dtype (what compile=auto reads next time)."""
+    the machine, batch size, layer shapes and dtype (what compile=auto reads next time). weigh: the
+    digest of model's weights taken now (a CPU's step is a package per model, engine.ahead_of_time: the
+    clock notes which is these weights'); False: by _weigh, where it is needed (0.3 s at 85M fp32)."""
     device = next(model.parameters()).device
     cuda = ", cuda graph" if device.type == "cuda" else ""  # not a frozen graph's figures
     key = cache_key(model, choice.batch_size, f"compiled {_graph_of(choice, dtype)}{cuda}")
-    # a CPU's step is a package per model (engine.ahead_of_time): the clock notes which is these weights'
-    aot = device.type == "cpu" and ahead_of_time.enabled() and cache_file is not None
-    return StepClock(
-        cache_file, key, device, choice.batch_size, ahead_of_time.weights_digest(model) if aot else None
-    )
+    clock = StepClock(cache_file, key, device, choice.batch_size)
+    if weigh:
+        _weigh(clock, model)
+    return clock
+
+
+def _weigh(clock: StepClock, model: nn.Module) -> None:
+    """Set clock.weights to model's digest where its step would be a package kept in a cache."""
+    if clock.device.type == "cpu" and ahead_of_time.enabled() and clock.cache_file is not None:
+        clock.weights = ahead_of_time.weights_digest(model)
 
 
 def _graph_of(choice: DecodeChoice, dtype: str | None = None) -> str:
@@ -293,18 +304,23 @@ def _compile_if_it_pays(
     measured_ms = None if quantized else choice.step_ms.get(picked)  # a quantized one's are per layer
     source = _compile_source(model, choice, spare)  # what would compile: the clock's key
     dtype = None if quantized else compiled_dtype(choice, spare)
-    clock = _clock(source, choice, cache_file, dtype)
+    clock = _clock(source, choice, cache_file, dtype, weigh=False)
     device = next(model.parameters()).device.type
     if decided is not None:  # a resume: as the killed run decided
         decision = CompileDecision(decided, steps, measured_ms or 0.0, resumed=True, device=device)
     else:
         eager_ms = measured_ms or 1e3 * timer({picked: model})[picked]
-        measured = read_measured(cache_file, clock.key, clock.weights, ahead_of_time.on_disk)
+        measured = read_measured(cache_file, clock.key)
+        if measured and measured.get("packages"):  # is one of them these weights'? (a digest to take)
+            _weigh(clock, source)
+            measured = read_measured(cache_file, clock.key, clock.weights, ahead_of_time.on_disk)
         decision = compile_pays(steps, eager_ms, measured, device)
     choice.compile = decision.as_dict() | ({} if quantized else {"eager": picked})
     log.info("%s", decision.log_line())
     if not decision.compile:
         return model
+    if clock.weights is None:  # the package this job uses is noted under these weights for the next
+        _weigh(clock, source)
     if (
         quantized
     ):  # every shape on its own kernel in the graph (and in the eager fallback); the prefill rules kept

@@ -275,13 +275,15 @@ class GPT(nn.Module):
         and values in kv_dtype (None: cache_dtype if set, else the weights' dtype; fp32 for bf16 weights
         on a CPU without AMX, whose SDPA runs bf16 several times slower). With
         keep_caches set (a compiled model: its graph holds on to these tensors), caches at least that
-        large are reused instead, and lengths are rounded up to a power of two of at least 256 (the block
-        size at most): a compiled step is built for one cache shape."""
+        large are reused instead; on a CPU they are the block size (a compiled step is built for one cache
+        shape)."""
         max_seq_length = max_seq_length or self.config.block_size
         if max_seq_length > self.config.block_size:
             raise ValueError(f"max_seq_length={max_seq_length} exceeds block_size={self.config.block_size}")
-        if self.keep_caches:  # a compiled step is built per cache shape: few lengths, so jobs share one
-            max_seq_length = min(self.config.block_size, max(256, 1 << (max_seq_length - 1).bit_length()))
+        if self.keep_caches and self.wte.weight.device.type == "cpu":
+            # a CPU's compiled step is a package per cache shape (engine.ahead_of_time): one length, so
+            # every job shares it; its attention reads the filled slots only, so a longer cache costs memory
+            max_seq_length = self.config.block_size
         kv_dtype = kv_dtype or self.cache_dtype
         device, dtype = self.wte.weight.device, kv_dtype or self.wte.weight.dtype
         if kv_dtype is None and dtype == torch.bfloat16 and slow_bf16_attention(device):

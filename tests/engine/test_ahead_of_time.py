@@ -109,7 +109,7 @@ def test_a_corrupt_package_is_built_again_and_a_failed_build_compiles_with_torch
     assert fallback.compiled_step.fallback is not None and fallback.compiled_step.built == 0
     warned = [r.message for r in caplog.records if "ahead-of-time" in r.message]
     assert warned == [
-        "ahead-of-time decode step: not built (Unsupported: data-dependent control flow): compiling with"
+        "ahead-of-time decode step: not used (Unsupported: data-dependent control flow): compiling with"
         " torch.compile instead"
     ]
 
@@ -121,8 +121,29 @@ def test_the_least_recently_used_packages_go_past_keep(own_cache):
         path = own_cache / f"{i}.pt2"
         path.write_bytes(b"x")
         os.utime(path, (now - 100 * i, now - 100 * i))  # 0.pt2 the newest
+    building = own_cache / ".5.abc.pt2"  # another process's build in progress, the oldest file
+    building.write_bytes(b"x")
+    os.utime(building, (now - 1000, now - 1000))
     ahead_of_time._prune(own_cache, keep=3)
-    assert sorted(p.name for p in own_cache.glob("*.pt2")) == ["0.pt2", "1.pt2", "2.pt2"]
+    assert sorted(p.name for p in own_cache.glob("*.pt2")) == [".5.abc.pt2", "0.pt2", "1.pt2", "2.pt2"]
+
+
+def test_a_package_without_the_models_cache_names_is_not_run_over_its_own_caches(
+    own_cache, monkeypatch, caplog
+):
+    """Cache names the package lacks would be skipped by the loader, the package then reading its own
+    zeroed caches: an error, and the step falls back to torch.compile with the right samples."""
+    model = tiny(seed=9)
+    expected = greedy(model)
+    renamed = ahead_of_time._caches
+    monkeypatch.setattr(
+        ahead_of_time, "_caches", lambda m: {k.replace("kv_cache", "kv"): v for k, v in renamed(m).items()}
+    )
+    compiled = compile_for_sampling(copy.deepcopy(model))
+    with caplog.at_level(logging.WARNING, logger="multiar"):
+        assert greedy(compiled) == expected
+    assert compiled.compiled_step.fallback is not None
+    assert "not used (the package has no constant model.blocks.0.attn.kv.k)" in caplog.text
 
 
 def test_switched_off_the_step_is_torch_compiles(own_cache, monkeypatch):

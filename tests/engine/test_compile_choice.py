@@ -103,6 +103,12 @@ def test_a_package_on_disk_costs_its_load_and_the_clock_keeps_a_load_apart_from_
         for _ in range(cc.StepClock.WARM_UP + 16):
             clock.timed(step)
 
+    first_load = tmp_path / "first_load.json"  # a first entry from a load: a build's cost is not known
+    run(cc.StepClock(first_load, "k", torch.device("cpu"), 1, "w1"), 0.05, ("loaded", "p1.pt2"))
+    assert cc.read_measured(first_load, "k", "w2", lambda name: True) is None  # unmeasured for others
+    assert cc.read_measured(first_load, "k", "w1", lambda name: False) is None  # and once it is pruned
+    loaded_only = cc.read_measured(first_load, "k", "w1", lambda name: True)
+    assert "compile_s" not in loaded_only and cc.compile_pays(256, 2.0, loaded_only).compile
     run(cc.StepClock(cache, "k", torch.device("cpu"), 1, "w1"), 20.0, ("built", "p1.pt2"))
     on_disk = {"p1.pt2"}.__contains__
     saved = cc.read_measured(cache, "k", "w1", on_disk)
@@ -263,6 +269,13 @@ def test_auto_compiles_a_short_job_where_compile_true_left_these_weights_package
     monkeypatch.setenv("MULTIAR_CACHE", str(tmp_path))
     monkeypatch.setenv("MULTIAR_AHEAD_OF_TIME", "1")
     ms = MS | {"fp32/packed": 1.0}  # packed wins eager: compiled from the fp32 spare, on nn.Linear
+    digests = []
+    digest = ahead_of_time.weights_digest
+    monkeypatch.setattr(ahead_of_time, "weights_digest", lambda model: digests.append(1) or digest(model))
+    lay.prepare_for_decoding(
+        tiny_model(), cache_dir=tmp_path, compile="auto", steps=256, timer=fake_timer(ms, [])
+    )
+    assert digests == [] and compiler == []  # nothing measured: eager, and no weights hashed for it
     lay.prepare_for_decoding(tiny_model(), cache_dir=tmp_path, compile=True, timer=fake_timer(ms, []))
     clock = compiler[0]["clock"]
     assert clock.weights == ahead_of_time.weights_digest(tiny_model())

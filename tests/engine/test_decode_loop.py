@@ -408,18 +408,26 @@ def test_each_compiled_model_gets_its_own_room_under_dynamos_recompile_limit(mon
     )  # a CPU: timed GEMMs, C++ wrapper
 
 
-@pytest.mark.parametrize("ahead_of_time", [True, False])
+@pytest.mark.parametrize("ahead_of_time", ["package", "torch.compile", "torch.compile after a failed build"])
 def test_the_compiled_step_reads_the_filled_slots_alone_in_one_graph_for_every_length(
-    monkeypatch, ahead_of_time
+    monkeypatch, tmp_path, ahead_of_time
 ):
     """The compiled one-token step attends to the slots up to the furthest row's position, not the whole
     cache (a step over 1,024 slots cost 9.2 ms where one over 160 cost 5.0 at 85M int8): NaN in every
     slot past them must not reach its logits (the whole cache read, NaN x a weight of 0 is NaN). One
     graph serves every length, and the cache's last slot steps eagerly rather than compile another:
-    one package built ahead of time, or (MULTIAR_AHEAD_OF_TIME=0) one torch.compile graph."""
+    one package built ahead of time, or (MULTIAR_AHEAD_OF_TIME=0, or where the package fails to build)
+    one torch.compile graph."""
+    from multiar.engine import ahead_of_time as aot
     from multiar.engine.decode import compile_for_sampling, decode_one_token
 
-    monkeypatch.setenv("MULTIAR_AHEAD_OF_TIME", "1" if ahead_of_time else "0")
+    def no_export(*args):
+        raise RuntimeError("export failed")
+
+    monkeypatch.setenv("MULTIAR_CACHE", str(tmp_path))
+    monkeypatch.setenv("MULTIAR_AHEAD_OF_TIME", "0" if ahead_of_time == "torch.compile" else "1")
+    if ahead_of_time.endswith("failed build"):
+        monkeypatch.setattr(aot, "_build", no_export)
     model = tiny(block_size=24)
     compiled = compile_for_sampling(tiny(block_size=24))
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
@@ -435,7 +443,7 @@ def test_the_compiled_step_reads_the_filled_slots_alone_in_one_graph_for_every_l
             got = decode_one_token(compiled, token, pos)
             assert torch.isfinite(got).all(), pos
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
-    if ahead_of_time:
+    if ahead_of_time == "package":
         assert (compiled.compiled_step.built, compiled.compiled_step.loaded) == (1, 0)
     else:
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1
