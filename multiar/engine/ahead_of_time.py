@@ -4,9 +4,9 @@ torch.compile's graph: frozen weights, timed GEMMs, C++ code) into a package kep
 later job with the same model loads that package in milliseconds instead of compiling again. A call
 runs the package's C++ entry point directly: no dynamo guards, no Python wrapper around the kernels.
 
-Measured on the 2-vCPU AMX Xeon (benchmarks/README.md, session 28), 10.8M batch 1: a step 1.0 ms
-against torch.compile's 1.26 ms and eager's 2.2 ms; the package loads in 0.02-0.13 s where
-torch.compile's graph took 12-30 s (inductor's on-disk cache warm or cold).
+Measured on the 2-vCPU AMX Xeon (benchmarks/README.md, session 28), 10.8M batch 1 in bf16: a step
+0.88-0.94 ms against torch.compile's 1.09-1.14 ms and eager's 2.4-2.7 ms; a later job's load costs
+0.04 s over its steady steps where building took ~20 s and torch.compile's compile ~16 s.
 
 A package is this model's alone: its key hashes the weights (a package holds them frozen, packed for
 oneDNN), the model's shapes and settings, the KV caches' shape and dtype, the engine's source, torch's
@@ -20,6 +20,7 @@ package's steps write the same memory. Packages live under `$MULTIAR_CACHE/decod
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -46,7 +47,9 @@ PACKAGE_SWITCHES = {
     "aot_inductor.package_constants_in_so": False,
     "aot_inductor.package_constants_on_disk_format": "binary_blob",
 }
-KEEP = 8  # packages kept on disk, the most recently used (a package is about its model's size or twice)
+# packages kept on disk, the most recently used: each holds its model's weights and zeroed KV caches of
+# the block size (10.8M bf16 batch 1: 26 MB; 85M bf16 batch 8 ~0.5 GB)
+KEEP = 8
 ENGINE = Path(__file__).parent  # its sources are in every key: a changed engine builds anew
 
 
@@ -88,6 +91,16 @@ def _settings(model: nn.Module) -> Iterator[str]:
         yield f"{name} {type(module).__qualname__} {sorted(plain.items())!r}"
 
 
+@functools.cache
+def code_digest() -> str:
+    """What every package of this process's code shares: FORMAT, torch's version and the engine's
+    sources. It starts each package's file name, so a name recorded before a code change reads as gone."""
+    h = hashlib.sha256(f"{FORMAT} {torch.__version__}".encode())
+    for path in sorted(ENGINE.glob("*.py")):
+        h.update(path.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def package_key(model: nn.Module, rows: int, options: dict) -> str:
     """The digest naming model's package for `rows` rows: everything the compiled code depends on."""
     h = hashlib.sha256()
@@ -95,14 +108,13 @@ def package_key(model: nn.Module, rows: int, options: dict) -> str:
     device = model.wte.weight.device
     head = [FORMAT, torch.__version__, machine_key(device), rows, config, sorted(options.items(), key=str)]
     h.update(json.dumps(head, default=str).encode())
-    for path in sorted(ENGINE.glob("*.py")):
-        h.update(path.read_bytes())
+    h.update(code_digest().encode())
     for line in _settings(model):
         h.update(line.encode())
     h.update(weights_digest(model).encode())
     for name, t in _caches(model).items():  # a cache's contents change every step: its shape only
         h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
-    return h.hexdigest()[:32]
+    return f"{code_digest()}-{h.hexdigest()[:32]}"
 
 
 def weights_digest(model: nn.Module) -> str:
@@ -118,8 +130,8 @@ def weights_digest(model: nn.Module) -> str:
 
 
 def on_disk(name: str) -> bool:
-    """Whether the package of that file name is in the package folder."""
-    return (package_dir() / name).is_file()
+    """Whether the package of that file name is in the package folder, built by this code."""
+    return name.startswith(f"{code_digest()}-") and (package_dir() / name).is_file()
 
 
 def _build(model: nn.Module, rows: int, path: Path) -> None:
@@ -216,7 +228,9 @@ class AheadOfTimeStep:
         self.fallback: Callable[..., Tensor] | None = None
         self.runners: dict[tuple, tuple[_Package, list[Tensor]]] = {}  # the caches each was handed
         self.built = self.loaded = 0
-        self.last: tuple[str, str] | None = None
+        # the last package made ready: ("built" | "loaded", its file name, a load's seconds: after a
+        # build, its key's digest and the load that follows, what the next job of this model will pay)
+        self.last: tuple[str, str, float] | None = None
 
     def __call__(self, model: nn.Module, ids: Tensor, positions: Tensor, slots: Tensor) -> Tensor:
         if self.fallback is not None:
@@ -239,17 +253,18 @@ class AheadOfTimeStep:
         return runner(ids, positions, slots)
 
     def _runner(self, model: nn.Module, rows: int) -> _Package:
+        start = time.perf_counter()
         path = package_dir() / f"{package_key(model, rows, self.options)}.pt2"
+        keyed = time.perf_counter() - start
         if path.exists():
             try:
                 start = time.perf_counter()
                 runner = _Package(path)
                 with contextlib.suppress(OSError):  # recently used: kept by _prune (a read-only cache too)
                     os.utime(path)
-                self.loaded, self.last = self.loaded + 1, ("loaded", path.name)
-                log.info(
-                    "ahead-of-time decode step: loaded %s in %.2f s", path.name, time.perf_counter() - start
-                )
+                loaded = time.perf_counter() - start
+                self.loaded, self.last = self.loaded + 1, ("loaded", path.name, keyed + loaded)
+                log.info("ahead-of-time decode step: loaded %s in %.2f s", path.name, loaded)
                 return runner
             except Exception as err:  # noqa: BLE001 (a truncated or foreign file): built again below
                 log.warning(
@@ -258,8 +273,10 @@ class AheadOfTimeStep:
         start = time.perf_counter()
         with inductor_options(**self.options):
             _build(model, rows, path)
+        built = time.perf_counter() - start
+        start = time.perf_counter()
         runner = _Package(path)
-        self.built, self.last = self.built + 1, ("built", path.name)
-        log.info("ahead-of-time decode step: built %s in %.1f s", path.name, time.perf_counter() - start)
+        self.built, self.last = self.built + 1, ("built", path.name, keyed + time.perf_counter() - start)
+        log.info("ahead-of-time decode step: built %s in %.1f s", path.name, built)
         _prune(path.parent, KEEP)
         return runner

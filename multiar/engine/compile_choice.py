@@ -148,7 +148,7 @@ def read_measured(
     cached = bool(package and on_disk and on_disk(package))
     if not cached and "compile_s" not in entry:  # only loads measured: a build's cost is not known
         return None
-    return entry | {"cached": cached}
+    return entry | {"cached": True} if cached else entry
 
 
 @dataclass
@@ -164,9 +164,10 @@ class StepClock:
     weights: str | None = None  # a digest of the model's weights (the package it used is kept under it)
     compile_s: float | None = None
     times: list[float] = field(default_factory=list)
-    # how the first call got its step: ("built" | "loaded", the package's file name) for a package made
-    # ahead of time (engine.ahead_of_time); None: torch.compile compiled it
-    package: tuple[str, str] | None = None
+    # how the first call got its step, for a package made ahead of time (engine.ahead_of_time): ("built" |
+    # "loaded", the package's file name, a load's seconds: after a build, the load that followed it);
+    # None: torch.compile compiled it
+    package: tuple[str, str, float] | None = None
 
     WARM_UP = 4  # steps after the compiling one whose time still includes first-touch costs
 
@@ -188,6 +189,11 @@ class StepClock:
             if n >= 16 and n & (n - 1) == 0:  # 16, 32, 64, ... timed steps
                 self.save()
 
+    def steady_s(self) -> float:
+        """One step's seconds after warm-up (0 before enough were timed)."""
+        ms = self.compiled_ms()
+        return 0.0 if ms is None else ms / 1e3
+
     def compiled_ms(self) -> float | None:
         """The median step after warm-up, in ms; None before enough steps were timed."""
         steady = sorted(self.times[self.WARM_UP :])
@@ -204,8 +210,10 @@ class StepClock:
         entry = {k: v for k, v in entry.items() if k in ("compile_s", "load_s", "packages")} | {
             "compiled_ms": ms
         }
-        how, name = self.package or ("built", None)
+        how, name, load_s = self.package or ("built", None, None)
         entry["load_s" if how == "loaded" else "compile_s"] = self.compile_s
+        if how == "built" and load_s is not None:  # a load measured since is the better figure
+            entry.setdefault("load_s", load_s + self.steady_s())  # a loaded first call: key, load, a step
         if name is not None and self.weights is not None:
             packages = {k: v for k, v in entry.get("packages", {}).items() if k != self.weights}
             entry["packages"] = dict(list(packages.items())[-(PACKAGES_KEPT - 1) :]) | {self.weights: name}

@@ -121,7 +121,8 @@ def compile_for_sampling(
         try:
             timed = clock is not None and clock.rows == B
             logits = clock.timed(step, *args) if timed else step(*args)
-            if timed and clock.package is None and isinstance(step, ahead_of_time.AheadOfTimeStep):
+            packaged = isinstance(step, ahead_of_time.AheadOfTimeStep) and step.fallback is None
+            if timed and clock.package is None and packaged:
                 clock.package = step.last  # a package built or loaded: compile=auto's next cost
         except Exception as err:  # noqa: BLE001 (inductor fails many ways: no compiler, no headers)
             if on_failure is None or state["ran"] >= settled:

@@ -310,10 +310,10 @@ def _compile_if_it_pays(
         decision = CompileDecision(decided, steps, measured_ms or 0.0, resumed=True, device=device)
     else:
         eager_ms = measured_ms or 1e3 * timer({picked: model})[picked]
-        measured = read_measured(cache_file, clock.key)
-        if measured and measured.get("packages"):  # is one of them these weights'? (a digest to take)
+        entry = read_cache(cache_file, clock.key) or {}
+        if entry.get("packages"):  # is one of them these weights'? (a digest to take)
             _weigh(clock, source)
-            measured = read_measured(cache_file, clock.key, clock.weights, ahead_of_time.on_disk)
+        measured = read_measured(cache_file, clock.key, clock.weights, ahead_of_time.on_disk)
         decision = compile_pays(steps, eager_ms, measured, device)
     choice.compile = decision.as_dict() | ({} if quantized else {"eager": picked})
     log.info("%s", decision.log_line())

@@ -55,8 +55,11 @@ def test_a_package_is_built_once_loaded_by_the_next_job_and_reads_the_models_cac
     with caplog.at_level(logging.INFO, logger="multiar"):
         assert greedy(first) == expected
     assert (first.compiled_step.built, first.compiled_step.loaded) == (1, 0)
+    assert first.compiled_step.fallback is None  # the package ran, not torch.compile's step
     assert "ahead-of-time decode step: built" in caplog.text
-    assert len(list(own_cache.glob("*.pt2"))) == 1 and not list(own_cache.glob(".*"))  # no temporary left
+    (package,) = own_cache.glob("*.pt2")
+    assert package.name.startswith(f"{ahead_of_time.code_digest()}-") and ahead_of_time.on_disk(package.name)
+    assert not list(own_cache.glob(".*"))  # no temporary left
     first.keep_caches = False
     first.clear_caches()  # the next job's caches are new tensors: handed to the package again
     first.keep_caches = True
@@ -65,6 +68,8 @@ def test_a_package_is_built_once_loaded_by_the_next_job_and_reads_the_models_cac
     second = compile_for_sampling(copy.deepcopy(model))
     assert greedy(second, OTHERS) == greedy(model, OTHERS)
     assert (second.compiled_step.built, second.compiled_step.loaded) == (0, 1)
+    assert second.compiled_step.fallback is None
+    assert second.compiled_step.last[:2] == ("loaded", package.name)
 
 
 def test_the_key_follows_weights_settings_rows_and_switches_not_the_caches_contents(own_cache):
@@ -84,6 +89,7 @@ def test_the_key_follows_weights_settings_rows_and_switches_not_the_caches_conte
     assert package_key(bf16, 1, SWITCHES) != package_key(fp32, 1, SWITCHES)  # the same int8 tensors
 
 
+@pytest.mark.slow  # three compiles (~35 s on 2 cores)
 def test_a_corrupt_package_is_built_again_and_a_failed_build_compiles_with_torch_compile(
     own_cache, monkeypatch, caplog
 ):
@@ -128,6 +134,7 @@ def test_the_least_recently_used_packages_go_past_keep(own_cache):
     assert sorted(p.name for p in own_cache.glob("*.pt2")) == [".5.abc.pt2", "0.pt2", "1.pt2", "2.pt2"]
 
 
+@pytest.mark.slow  # a build and a compile (~19 s)
 def test_a_package_without_the_models_cache_names_is_not_run_over_its_own_caches(
     own_cache, monkeypatch, caplog
 ):

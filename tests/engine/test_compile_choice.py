@@ -16,7 +16,6 @@ import multiar.engine.decode as decode
 from multiar.engine import ahead_of_time
 from multiar.engine import compile_choice as cc
 from multiar.engine import layout as lay
-from multiar.engine.choice_cache import write_cache
 from multiar.engine.decode import generate
 from multiar.engine.packed import PackedLinear
 from multiar.engine.quantized_kernels import DequantizedLinear
@@ -104,26 +103,27 @@ def test_a_package_on_disk_costs_its_load_and_the_clock_keeps_a_load_apart_from_
             clock.timed(step)
 
     first_load = tmp_path / "first_load.json"  # a first entry from a load: a build's cost is not known
-    run(cc.StepClock(first_load, "k", torch.device("cpu"), 1, "w1"), 0.05, ("loaded", "p1.pt2"))
+    run(cc.StepClock(first_load, "k", torch.device("cpu"), 1, "w1"), 0.05, ("loaded", "p1.pt2", 0.04))
     assert cc.read_measured(first_load, "k", "w2", lambda name: True) is None  # unmeasured for others
     assert cc.read_measured(first_load, "k", "w1", lambda name: False) is None  # and once it is pruned
     loaded_only = cc.read_measured(first_load, "k", "w1", lambda name: True)
     assert "compile_s" not in loaded_only and cc.compile_pays(256, 2.0, loaded_only).compile
-    run(cc.StepClock(cache, "k", torch.device("cpu"), 1, "w1"), 20.0, ("built", "p1.pt2"))
+    # a build: its seconds, and the load that followed it (0.03 s) with one step as the next job's load
+    run(cc.StepClock(cache, "k", torch.device("cpu"), 1, "w1"), 20.0, ("built", "p1.pt2", 0.03))
     on_disk = {"p1.pt2"}.__contains__
     saved = cc.read_measured(cache, "k", "w1", on_disk)
     assert (saved["compile_s"], saved["cached"], saved["packages"]) == (20.0, True, {"w1": "p1.pt2"})
-    assert "load_s" not in saved
-    assert not cc.read_measured(cache, "k", "w2", on_disk)["cached"]  # other weights: no package
-    assert not cc.read_measured(cache, "k", "w1", lambda name: False)["cached"]  # removed since
-    # 256 steps saving 1 ms each (0.26 s): not a build's 2 x 20 s, but a load assumed at 2 s neither,
-    # and a load measured at 0.05 s is repaid
+    assert saved["load_s"] == pytest.approx(0.031)
+    assert "cached" not in cc.read_measured(cache, "k", "w2", on_disk)  # other weights: no package
+    assert "cached" not in cc.read_measured(cache, "k", "w1", lambda name: False)  # removed since
+    # 256 steps saving 1 ms each (0.26 s): not a build's 2 x 20 s, but a load's 2 x 0.031 s
     assert not cc.compile_pays(256, 2.0, cc.read_measured(cache, "k", "w2", on_disk)).compile
-    assumed = cc.compile_pays(256, 2.0, saved)
-    assert not assumed.compile and assumed.compile_s == cc.LOAD_S_ASSUMED
-    run(cc.StepClock(cache, "k", torch.device("cpu"), 1, "w1"), 0.05, ("loaded", "p1.pt2"))
+    assert cc.compile_pays(256, 2.0, saved).compile
+    assumed = cc.compile_pays(256, 2.0, {"compiled_ms": 1.0, "compile_s": 20.0, "cached": True})
+    assert not assumed.compile and assumed.compile_s == cc.LOAD_S_ASSUMED  # no load measured: 2 x 2 s
+    run(cc.StepClock(cache, "k", torch.device("cpu"), 1, "w1"), 0.05, ("loaded", "p1.pt2", 0.04))
     saved = cc.read_measured(cache, "k", "w1", on_disk)
-    assert (saved["compile_s"], saved["load_s"]) == (20.0, pytest.approx(0.05))  # the build's kept too
+    assert (saved["compile_s"], saved["load_s"]) == (20.0, pytest.approx(0.05))  # a measured load wins
     decision = cc.compile_pays(256, 2.0, saved)
     assert decision.compile and decision.cached and decision.compile_s == pytest.approx(0.05)
     assert "2 x 0.05 s to load its package, built before" in decision.log_line()
@@ -279,11 +279,22 @@ def test_auto_compiles_a_short_job_where_compile_true_left_these_weights_package
     lay.prepare_for_decoding(tiny_model(), cache_dir=tmp_path, compile=True, timer=fake_timer(ms, []))
     clock = compiler[0]["clock"]
     assert clock.weights == ahead_of_time.weights_digest(tiny_model())
-    package = ahead_of_time.package_dir() / "p.pt2"
+    name = f"{ahead_of_time.code_digest()}-p.pt2"  # what the package step reports, its build timed
+    package = ahead_of_time.package_dir() / name
     package.parent.mkdir(parents=True)
     package.write_bytes(b"x")
-    entry = {"compiled_ms": 0.5, "compile_s": 30.0, "load_s": 0.02, "packages": {clock.weights: "p.pt2"}}
-    write_cache(tmp_path / lay.CACHE_FILE, clock.key, entry)
+    now = [0.0]
+    times = iter([30.0] + [0.0005] * (cc.StepClock.WARM_UP + 16))  # a 30 s build, then 0.5 ms steps
+
+    def step():
+        now[0] += next(times)
+
+    with monkeypatch.context() as m:
+        m.setattr(cc.time, "perf_counter", lambda: now[0])
+        clock.timed(step)
+        clock.package = ("built", name, 0.02)  # as compile_for_sampling notes it after the first call
+        for _ in range(cc.StepClock.WARM_UP + 16):
+            clock.timed(step)
 
     def auto(model):
         return lay.prepare_for_decoding(
@@ -297,6 +308,9 @@ def test_auto_compiles_a_short_job_where_compile_true_left_these_weights_package
     assert not auto(other).compile["compile"] and len(compiler) == 2  # its package was never built
     package.unlink()
     assert not auto(tiny_model()).compile["compile"]  # pruned since: a build's 30 s again
+    package.write_bytes(b"x")
+    monkeypatch.setattr(ahead_of_time, "code_digest", lambda: "other-code")
+    assert not auto(tiny_model()).compile["compile"]  # built by other code: its name reads as gone
 
 
 def test_a_compile_that_fails_leaves_auto_eager_with_its_samples_unchanged(tmp_path, monkeypatch, caplog):
