@@ -48,7 +48,7 @@ PACKAGE_SWITCHES = {
     "aot_inductor.package_constants_on_disk_format": "binary_blob",
 }
 # packages kept on disk, the most recently used: each holds its model's weights and zeroed KV caches of
-# the block size (10.8M bf16 batch 1: 26 MB; 85M bf16 batch 8 ~0.5 GB)
+# the block size (10.8M bf16 batch 1: ~31 MB; 85M bf16 batch 8: ~0.5 GB)
 KEEP = 8
 ENGINE = Path(__file__).parent  # its sources are in every key: a changed engine builds anew
 
