@@ -10,9 +10,9 @@ Measured on the 2-vCPU AMX Xeon (benchmarks/README.md, session 28), 10.8M batch 
 
 A package is this model's alone: its key hashes the weights (a package holds them frozen, packed for
 oneDNN), the model's shapes and settings, the KV caches' shape and dtype, the engine's source, torch's
-version and the machine (CPU model, threads). The KV caches are not in it: the model's own cache
-tensors are handed to the package (user-managed constants), so prefill's eager passes and the
-package's steps write the same memory. Packages live under `$MULTIAR_CACHE/decode_steps` (else
+version and the machine (CPU model, threads). The KV caches it runs on are the model's own tensors,
+handed to the package (user-managed constants), so prefill's eager passes and the package's steps
+write the same memory (the package stores zeroed caches of their shape, traced over and unused). Packages live under `$MULTIAR_CACHE/decode_steps` (else
 ~/.cache/multiar/decode_steps); the KEEP most recently used are kept. `MULTIAR_AHEAD_OF_TIME=0` turns this off
 (decode then compiles with torch.compile, as before). No Lightning, Hydra or domain code here.
 """
