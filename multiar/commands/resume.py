@@ -17,6 +17,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from multiar.commands.tally import Tally
+from multiar.engine.choice_cache import cache_root
 from multiar.engine.precision import cpu_model
 from multiar.engine.quantized_prefill import without_on_kernel_rules
 from multiar.errors import ConfigError
@@ -63,7 +64,7 @@ def journal_key() -> bytes:
     """This user's key for signing journals ($MULTIAR_CACHE/journal.key, made on first use, 0600): a
     journal is unpickled only when its signature matches, so a file planted in an output folder never
     runs code."""
-    path = Path(os.environ.get("MULTIAR_CACHE", "~/.cache/multiar")).expanduser() / "journal.key"
+    path = cache_root() / "journal.key"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileExistsError):

@@ -5,7 +5,6 @@ rule, and the provenance every file records."""
 from __future__ import annotations
 
 import logging
-import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +19,7 @@ from multiar.domain import (
     StopRules,
     domain_state_digest,
 )
+from multiar.engine.choice_cache import cache_root
 from multiar.engine.decode_choice import DecodeChoice
 from multiar.engine.layout import prepare_for_decoding
 from multiar.engine.model import GPT
@@ -68,7 +68,7 @@ def stop_sequences(cfg: DictConfig, domain: Domain) -> list[list[int]]:
 
 def cache_dir() -> Path:
     """Where measured sampling choices are kept: $MULTIAR_CACHE, else ~/.cache/multiar."""
-    return Path(os.environ.get("MULTIAR_CACHE", "~/.cache/multiar")).expanduser()
+    return cache_root()
 
 
 def sampling_model(

@@ -35,7 +35,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from multiar.engine.captured_step import decode_rows
-from multiar.engine.choice_cache import machine_key
+from multiar.engine.choice_cache import cache_root, machine_key
 from multiar.engine.inductor_options import inductor_options
 
 log = logging.getLogger("multiar")
@@ -59,7 +59,7 @@ def enabled() -> bool:
 
 
 def package_dir() -> Path:
-    return Path(os.environ.get("MULTIAR_CACHE", "~/.cache/multiar")).expanduser() / "decode_steps"
+    return cache_root() / "decode_steps"
 
 
 class _Step(nn.Module):

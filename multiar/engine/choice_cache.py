@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -18,6 +19,12 @@ from multiar.engine.quantize import Int4Linear, Int8Linear
 # 2: bf16 weights decode over bf16 caches on an AMX CPU, so the choices measured before are stale
 CACHE_FORMAT = 2
 CACHE_FILE = "decode_layout.json"
+
+
+def cache_root() -> Path:
+    """Where multiar keeps what it measured and built on this machine: $MULTIAR_CACHE, else
+    ~/.cache/multiar (read on each call, so a test or benchmark can point it elsewhere)."""
+    return Path(os.environ.get("MULTIAR_CACHE", "~/.cache/multiar")).expanduser()
 
 
 def cache_key(model: nn.Module, batch_size: int | None, asked: str) -> str:

@@ -189,11 +189,6 @@ class StepClock:
             if n >= 16 and n & (n - 1) == 0:  # 16, 32, 64, ... timed steps
                 self.save()
 
-    def steady_s(self) -> float:
-        """One step's seconds after warm-up (0 before enough were timed)."""
-        ms = self.compiled_ms()
-        return 0.0 if ms is None else ms / 1e3
-
     def compiled_ms(self) -> float | None:
         """The median step after warm-up, in ms; None before enough steps were timed."""
         steady = sorted(self.times[self.WARM_UP :])
@@ -213,7 +208,7 @@ class StepClock:
         how, name, load_s = self.package or ("built", None, None)
         entry["load_s" if how == "loaded" else "compile_s"] = self.compile_s
         if how == "built" and load_s is not None:  # a load measured since is the better figure
-            entry.setdefault("load_s", load_s + self.steady_s())  # a loaded first call: key, load, a step
+            entry.setdefault("load_s", load_s + ms / 1e3)  # a loaded first call: key, load, a step
         if name is not None and self.weights is not None:
             packages = {k: v for k, v in entry.get("packages", {}).items() if k != self.weights}
             entry["packages"] = dict(list(packages.items())[-(PACKAGES_KEPT - 1) :]) | {self.weights: name}

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from multiar.engine.choice_cache import machine_key, read_cache, write_cache
+from multiar.engine.choice_cache import cache_root, machine_key, read_cache, write_cache
 from multiar.engine.precision import cpu_flags, cpu_model
 
 log = logging.getLogger("multiar")
@@ -70,7 +70,7 @@ def enabled() -> bool:
 
 
 def kernel_dir() -> Path:
-    return Path(os.environ.get("MULTIAR_CACHE", "~/.cache/multiar")).expanduser() / "kernels"
+    return cache_root() / "kernels"
 
 
 def compiler() -> list[str] | None:

@@ -180,8 +180,8 @@ def filled_slots(model: GPT, input_pos: int | Tensor, kv_len: int | None, whole:
     """(n,): n the slots a one-token step attends to, the furthest row's position + 1 (kv_len when the
     caller knows it), so that a step reads keys and values up to there, not the whole cache: at 85M int8
     batch 1 a step over 1,024 slots took 9.2 ms where one over 160 took 5.0. Its size is dynamic (marked
-    so by compiled_step; declared so by a package's export): one graph for every n from 2 (inductor specializes a size of 1; a slot past every row's position is
-    masked) to the cache's length - 1. None at the cache's length, a step the graph does not take
+    so by compiled_step; declared so by a package's export): one graph for every n from 2 (inductor
+    specializes a size of 1; a slot past every row's position is masked) to the cache's length - 1. None at the cache's length, a step the graph does not take
     (attention over the whole cache reads it as one contiguous block, another graph). whole: every
     slot, a CUDA graph's static shape."""
     length = model.max_seq_length
