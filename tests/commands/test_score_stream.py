@@ -75,14 +75,16 @@ def test_streamed_rows_equal_the_scores_of_all_documents_at_once(protein_run, tm
 
 
 def peak_rss_and_seconds(run: Path, folder: Path, out: Path) -> tuple[float, float]:
-    """Peak RSS (MB) and seconds of score_run over folder, in a fresh process (start-up excluded)."""
+    """Peak RSS (MB) and CPU seconds of score_run over folder, in a fresh process (start-up excluded).
+    CPU time, not wall time: another job on this machine (a build, a benchmark) stretches the wall clock
+    of one run and not the other's (seen: 26x per record), not the work done."""
     script = (
         "import resource, sys, time\n"
         "from multiar.commands.score import score_run\n"
         "from multiar.config import load_config\n"
-        "started = time.perf_counter()\n"
+        "started = time.process_time()\n"
         "score_run(load_config('score', sys.argv[1:]))\n"
-        "print(time.perf_counter() - started, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
+        "print(time.process_time() - started, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
     )
     args = [f"run={run}", f"data.paths=[{folder}]", f"out={out}", "batch_size=64"]
     done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, check=True)

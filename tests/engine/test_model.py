@@ -464,9 +464,9 @@ def test_a_training_step_on_the_hand_written_backwards_equals_the_composed_ops(
             assert calls == {"rms_norm": 2 * n + 1, "rotate_split": n, "swiglu_gate": n}
     assert sum(calls.values()) == 4 * model.config.n_layer + 1  # none taken with the switch off
     # fp32: each step is ~2e-6 from an fp64 step's gradients at most (the composed ops, the hand-written
-    # ones and the fused C kernels alike); the fused kernels round their own way, up to about that
-    fp32_atol = 5e-6 if kernels == "fused" else 1e-6
-    tolerance = dict(rtol=2e-2, atol=2e-3) if autocast else dict(rtol=1e-5, atol=fp32_atol)
+    # ones and the fused C kernels alike), so two of them differ by up to about twice that (3.2e-6 seen
+    # on a Zen 5 EPYC, the composed ops with dropout); a wrong formula is off by ~1e-2
+    tolerance = dict(rtol=2e-2, atol=2e-3) if autocast else dict(rtol=1e-5, atol=5e-6)
     torch.testing.assert_close(results[0], results[1], **tolerance)
 
 
