@@ -10,8 +10,9 @@ Rows: every candidate `multiar.engine.layout.prepare_for_decoding` measures (fp3
 and oneDNN-packed), what it picked at that batch size ("multiar auto", measured afresh here, no cache),
 int8 and int4 with their kernels as `quantize` makes them and as prepare_for_decoding picks them per
 layer shape at that batch size, and transformers' `generate` (the baseline). `--compile` adds the torch.compile rows:
-fp32 compiled, `compile=true` (the dtype it measures), `compile=true` with int8 and int4 weights, and
-transformers' static-cache compile recipe. `--llama-cpp DIR`: the script writes each
+fp32 compiled, `compile=true` (the dtype it measures, and the GEMMs it measures: the other candidate's
+package as a row of its own, `MULTIAR_COMPILE_GEMMS` pinned), `compile=true` with int8 and int4 weights,
+and transformers' static-cache compile recipe. `--llama-cpp DIR`: the script writes each
 shape's weights as DIR/<shape>-{f32,f16,bf16}.gguf (`multiar export format=gguf`'s writer, a plain
 512-token vocabulary) and times them through llama-cpp-python (temperature 1, its other samplers off);
 the rows are skipped when it is not installed. With llama.cpp built from source, point it at the
@@ -349,7 +350,20 @@ def main() -> None:
             with torch.inference_mode():
                 if compiled_name:  # first calls, timed alone: a package built, torch.compile's compile,
                     # and a later job's (a new model, as a new process would make) load of that package
-                    first["built"] = _timed(entries[compiled_name])
+                    first["built"] = _timed(entries[compiled_name])  # both GEMM candidates built and timed
+                    gemms = compiled.compiled_step.gemms
+                    print(f"{shape_name:6s} batch {batch}  compile=true's GEMMs: {json.dumps(gemms)}")
+                    for other in set(ahead_of_time.GEMMS) - {gemms and gemms["gemms"]}:  # its package loaded
+                        with mock.patch.dict(os.environ, {"MULTIAR_COMPILE_GEMMS": other}):
+                            pinned, _ = prepare_for_decoding(
+                                copy.deepcopy(model),
+                                batch_size=batch,
+                                compile=True,
+                                dtype=compiled_choice.dtype,
+                            )
+                        entries[f"{compiled_name}, {other} GEMMs"] = partial(
+                            generate, pinned, prompt, args.new
+                        )
                     first["torch.compile"] = _timed(entries[baseline_name])
                     again, _ = prepare_for_decoding(  # the dtype pinned: measured again, it may differ
                         copy.deepcopy(model), batch_size=batch, compile=True, dtype=compiled_choice.dtype
@@ -406,7 +420,13 @@ def main() -> None:
                     rows.append(row)
                     print(f"{shape_name:6s} batch {batch}  {json.dumps(row)}", flush=True)
                 rows.append(
-                    {"model": shape_name, "batch": batch, "engine": compiled_name, "first_calls_s": first}
+                    {
+                        "model": shape_name,
+                        "batch": batch,
+                        "engine": compiled_name,
+                        "first_calls_s": first,
+                        "gemms": gemms,
+                    }
                 )
     if args.pair:
         from multiar.run_folder import load_run

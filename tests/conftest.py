@@ -62,10 +62,12 @@ def no_network() -> None:
 
 @pytest.fixture(autouse=True, scope="session")
 def private_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Keep tests off the user's ~/.cache/multiar."""
+    """Keep tests off the user's ~/.cache/multiar; a compiled CPU step's GEMMs pinned (one package built,
+    not one per candidate: engine.ahead_of_time; its own tests measure the choice)."""
     cache = tmp_path_factory.mktemp("multiar-cache")
     mp = pytest.MonkeyPatch()
     mp.setenv("MULTIAR_CACHE", str(cache))
+    mp.setenv("MULTIAR_COMPILE_GEMMS", "autotuned")
     yield cache
     mp.undo()
 

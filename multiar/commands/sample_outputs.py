@@ -122,6 +122,14 @@ def finish_samples(p: Prepared) -> Finished:
     return Finished(paths, len(ranks), {"summary": summary, **extra_metrics}, redrawn, rendered)
 
 
+def decode_provenance(p: Prepared) -> dict[str, Any]:
+    """How the model was laid out, and where a compiled CPU step picked its GEMMs (at its first step,
+    after the files were opened: engine.ahead_of_time) that pick and its timings."""
+    decode = p.decode.as_dict() if p.decode else {}
+    gemms = getattr(getattr(p.model, "compiled_step", None), "gemms", None)
+    return decode | ({"compiled_gemms": gemms} if gemms else {})
+
+
 def build_report(p: Prepared, done: Finished, spec: SpeculativeStats) -> dict[str, Any]:
     """The report generate.json holds and sample_to_files returns, keys in a fixed order."""
     cfg, domain, t, cond = p.cfg, p.domain, p.tally, p.cond
@@ -134,10 +142,7 @@ def build_report(p: Prepared, done: Finished, spec: SpeculativeStats) -> dict[st
         "samples": t.done,
         "prompt": cfg.prompt,
         "prompts": len(p.prompts),
-        "provenance": {
-            **p.provenance,
-            "decode": p.decode.as_dict() if p.decode else {},
-        },  # decode: the files' provenance lacks it
+        "provenance": {**p.provenance, "decode": decode_provenance(p)},  # decode: the files' lack it
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),  # the only time stamp written
         **(
             {"speculative": spec.as_dict() | {"draft": cfg.draft, "k": cfg.speculate_k}}

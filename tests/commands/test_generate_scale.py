@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from Bio import SeqIO
@@ -440,12 +441,19 @@ def test_compile_auto_weighs_the_jobs_tokens_and_a_resume_keeps_what_it_decided(
 
     monkeypatch.setenv("MULTIAR_CACHE", str(tmp_path / "cache"))
     compiled = []
-    monkeypatch.setattr(decode, "compile_for_sampling", lambda model, **kw: compiled.append(kw) or model)
+
+    def record(model, **kw):
+        compiled.append(kw)
+        model.compiled_step = SimpleNamespace(gemms={"gemms": "aten"})  # as a package step's first call picks
+        return model
+
+    monkeypatch.setattr(decode, "compile_for_sampling", record)
     common = ["n=4", "batch_size=2", "max_new_tokens=6", *QUIET_FILTERS]
     short = generate(protein_run, tmp_path / "short", *common)["provenance"]["decode"]
     assert (
         compiled == [] and short["compile"]["compile"] is False and short["compile"]["steps"] == 12
     )  # 2 batches x 6
+    assert "compiled_gemms" not in short
     monkeypatch.setattr(compile_choice, "FIRST_COMPILE_S", 0.0)  # as if compiling cost nothing: it pays
     real_take, taken = command.take_batch, []
 
@@ -467,6 +475,7 @@ def test_compile_auto_weighs_the_jobs_tokens_and_a_resume_keeps_what_it_decided(
     assert len(compiled) == 2 and resumed["layout"] == "linear, compiled" and resumed["how"] == "forced"
     assert compiled[1]["rows"] == 2 and compiled[1]["on_failure"] is not None  # as auto compiled it
     assert resumed["compile"]["resumed"] and resumed["compile"]["compile"]
+    assert resumed["compiled_gemms"] == {"gemms": "aten"}  # generate.json says which GEMMs the step ran
     stopped, whole = files_of(tmp_path / "stopped"), files_of(tmp_path / "short")
     assert stopped.pop("generate.json") != whole.pop("generate.json")  # its own folder named in it
     assert stopped == whole  # the recorder compiles nothing: the same samples

@@ -157,3 +157,35 @@ def test_switched_off_the_step_is_torch_compiles(own_cache, monkeypatch):
     monkeypatch.setenv("MULTIAR_AHEAD_OF_TIME", "0")
     assert not isinstance(compile_for_sampling(tiny()).compiled_step, AheadOfTimeStep)
     assert package_dir() == own_cache
+
+
+def test_the_gemms_are_measured_once_recorded_and_pinnable(own_cache, monkeypatch, caplog):
+    """With MULTIAR_COMPILE_GEMMS=auto the first job builds a package per candidate, times their steps in
+    turns and keeps the faster (greedy output still the eager model's); the choice is recorded for the
+    machine and model kind, so a model of other weights builds only the recorded candidate's package. A
+    pinned value builds that one; an unknown one is an error naming the variable."""
+    monkeypatch.setenv("MULTIAR_COMPILE_GEMMS", "auto")
+    model = tiny(seed=8)
+    first = compile_for_sampling(copy.deepcopy(model))
+    with caplog.at_level(logging.INFO, logger="multiar"):
+        assert greedy(first) == greedy(model)
+    step = first.compiled_step
+    assert (step.built, step.fallback) == (2, None)
+    assert set(step.gemms["step_ms"]) == set(ahead_of_time.GEMMS)
+    picked = step.gemms["gemms"]
+    assert picked == min(step.gemms["step_ms"], key=step.gemms["step_ms"].get)
+    assert f"ahead-of-time decode step: {picked} GEMMs, measured" in caplog.text
+    second = compile_for_sampling(copy.deepcopy(model))  # both packages on disk: the recorded one loaded
+    assert greedy(second) == greedy(model)
+    assert (second.compiled_step.built, second.compiled_step.loaded) == (0, 1)
+    assert second.compiled_step.gemms == {"gemms": picked}  # not measured again
+    other = tiny(seed=9)
+    unpicked = next(name for name in ahead_of_time.GEMMS if name != picked)
+    monkeypatch.setenv("MULTIAR_COMPILE_GEMMS", unpicked)
+    pinned = compile_for_sampling(copy.deepcopy(other))
+    assert greedy(pinned) == greedy(other)
+    switches = SWITCHES | {"autotune": ahead_of_time.GEMMS[unpicked]}
+    assert pinned.compiled_step.last[1] == f"{package_key(pinned, len(PROMPTS), switches)}.pt2"
+    monkeypatch.setenv("MULTIAR_COMPILE_GEMMS", "fastest")
+    with pytest.raises(ValueError, match="MULTIAR_COMPILE_GEMMS='fastest'"):
+        compile_for_sampling(copy.deepcopy(other))
