@@ -1,6 +1,6 @@
 """The compiled one-token decode step on a CPU, built ahead of time: `torch.export` traces
 engine.captured_step's `decode_rows` once, AOTInductor compiles it (the same inductor switches as
-torch.compile's graph: frozen weights, timed GEMMs, C++ code) into a package kept on disk, and every
+torch.compile's graph: frozen weights, C++ code; its GEMMs measured, below) into a package kept on disk, and every
 later job with the same model loads that package in milliseconds instead of compiling again. A call
 runs the package's C++ entry point directly: no dynamo guards, no Python wrapper around the kernels.
 
@@ -19,10 +19,11 @@ write the same memory (the package stores zeroed caches of their shape, traced o
 Which GEMMs the package calls is measured too, once per machine, layer shapes, dtypes and row count
 (decode_layout.json): inductor's autotuned choice (it times its C++ template against oneDNN / MKL at
 compile time, over weights hot in cache) or ATen's oneDNN / MKL calls alone. Both packages are built and
-their steps timed in turns on the job's first step; the faster is kept. On a Zen 5 EPYC without AMX
-(session 29) the autotuned 85M bf16 step ran at 141 tokens/s and ATen's at 230, while at 85M fp32 and at
-10.8M bf16 the autotuned one was the faster (146 against 108, 1,835 against 1,349).
-`MULTIAR_COMPILE_GEMMS=autotuned|aten` pins one (tests pin autotuned).
+their steps timed in turns on the job's first step; the faster is kept, the other's package deleted. On
+the AMX Xeon the autotuned GEMMs were the fast ones. On a Zen 5 EPYC without AMX (benchmarks/README.md,
+session 29) the 85M bf16 step ran 8.07 ms autotuned against 6.08 on ATen (a job: 123 against 174 tokens/s),
+while fp32 there ran faster autotuned in a probe (146 against 108), and 10.8M bf16 went either way
+between processes. `MULTIAR_COMPILE_GEMMS=autotuned|aten` pins one (tests pin autotuned).
 """
 
 from __future__ import annotations
@@ -107,6 +108,17 @@ def _caches(model: nn.Module) -> dict[str, Tensor]:
     return {
         f"model.{name}": t for name, t in model.named_buffers(remove_duplicate=False) if ".kv_cache." in name
     }
+
+
+def kind_digest(model: nn.Module) -> str:
+    """What a measured choice of GEMMs depends on beside the layer shapes: each module's class and plain
+    settings (an int8 layer's bf16_activations), the tensors' dtypes, the KV caches' included."""
+    h = hashlib.sha256()
+    for line in sorted({line.split(" ", 1)[1] for line in _settings(model)}):  # module names left out
+        h.update(line.encode())
+    tensors = [*model.state_dict().values(), *_caches(model).values()]
+    h.update(" ".join(sorted({str(t.dtype) for t in tensors})).encode())
+    return h.hexdigest()[:16]
 
 
 def _settings(model: nn.Module) -> Iterator[str]:
@@ -272,8 +284,9 @@ class AheadOfTimeStep:
         self.fallback: Callable[..., Tensor] | None = None
         self.runners: dict[tuple, tuple[_Package, list[Tensor]]] = {}  # the caches each was handed
         self.built = self.loaded = 0
-        # the last package made ready: ("built" | "loaded", its file name, a load's seconds: after a
-        # build, its key's digest and the load that follows, what the next job of this model will pay)
+        # the package made ready last (of candidates timed, the pick): ("built" | "loaded", its file
+        # name, a load's seconds: after a build, its key's digest and the load that follows, what the
+        # next job of this model will pay); "built" where any candidate was
         self.last: tuple[str, str, float] | None = None
         self.asked = gemms_asked()  # a wrong value fails here, not as a fallback's warning
         self.gemms: dict[str, object] | None = None  # the last pick: {"gemms", "step_ms" where measured}
@@ -289,6 +302,7 @@ class AheadOfTimeStep:
                 runner = runner or self._chosen(model, ids, positions, slots)
                 runner.bind(_caches(model))
             except Exception as err:  # noqa: BLE001 (export and AOTInductor fail many ways)
+                self.gemms = None  # none of its GEMMs run: torch.compile's do
                 log.warning(
                     "ahead-of-time decode step: not used (%s): compiling with torch.compile instead",
                     str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__,
@@ -299,28 +313,44 @@ class AheadOfTimeStep:
         return runner(ids, positions, slots)
 
     def _chosen(self, model: nn.Module, ids: Tensor, positions: Tensor, slots: Tensor) -> _Package:
-        """The package of the GEMMs pinned, or recorded for this machine and model kind, else of each
-        candidate, their steps timed in turns at this call's inputs and the faster recorded. A step run
-        twice writes the same keys and values at the same slots, and the caller runs the pick last."""
+        """The package of the GEMMs pinned, recorded for this machine and model kind, or picked by this
+        step before (another row count), else of each candidate: their steps timed in turns at this call's
+        inputs, the faster recorded and the other's package deleted. A step run twice writes the same keys
+        and values at the same slots, and the caller runs the pick last. A candidate that fails to build
+        or run is left out (nothing recorded); where every one fails the first error is raised."""
         rows = ids.size(0)
-        kinds = sorted(
-            {str(t.dtype) for t in model.state_dict().values()} | {type(m).__name__ for m in model.modules()}
-        )
-        key = cache_key(model, rows, f"ahead-of-time gemms {' '.join(kinds)}")
+        key = cache_key(model, rows, f"ahead-of-time gemms {kind_digest(model)}")
         recorded = (read_cache(cache_root() / CACHE_FILE, key) or {}).get("gemms")
-        picked = self.asked if self.asked != "auto" else recorded
+        picked = self.asked if self.asked != "auto" else recorded or (self.gemms or {}).get("gemms")
         if picked in GEMMS:
-            self.gemms = {"gemms": picked}
-            return self._runner(model, rows, picked)
-        runners, lasts = {}, {}
+            runner = self._runner(model, rows, picked)
+            self.gemms = self.gemms if (self.gemms or {}).get("gemms") == picked else {"gemms": picked}
+            return runner
+        runners, lasts, errors = {}, {}, []
         for name in GEMMS:
-            runners[name] = self._runner(model, rows, name)
-            runners[name].bind(_caches(model))
-            lasts[name] = self.last
+            try:
+                runners[name] = self._runner(model, rows, name)
+                runners[name].bind(_caches(model))
+                lasts[name] = self.last
+            except Exception as err:  # noqa: BLE001 (one candidate's kernels may fail where another's build)
+                runners.pop(name, None)
+                errors.append(err)
+                log.warning("ahead-of-time decode step: the %s GEMMs' package failed (%s)", name, err)
+        if not runners:
+            raise errors[0]
         step_ms = _time_in_turns(runners, ids, positions, slots)
         picked = min(step_ms, key=step_ms.get)
-        self.last, self.gemms = lasts[picked], {"gemms": picked, "step_ms": step_ms}
+        built = any(last[0] == "built" for last in lasts.values())
+        # the clock's first call held every candidate's build: a build, not a load, is what it timed
+        self.last = ("built" if built else "loaded", *lasts[picked][1:])
+        self.gemms = {"gemms": picked, "step_ms": step_ms}
+        if errors:
+            return runners[picked]  # one candidate measured: nothing to record
         write_cache(cache_root() / CACHE_FILE, key, self.gemms)
+        for name, (_, file, _) in lasts.items():
+            if name != picked:
+                with contextlib.suppress(OSError):  # a slot of KEEP for a package no job will load
+                    (package_dir() / file).unlink()
         timings = ", ".join(f"{name} {ms:.2f}" for name, ms in sorted(step_ms.items(), key=lambda kv: kv[1]))
         log.info(
             "ahead-of-time decode step: %s GEMMs, measured (ms per step at %d rows: %s)",

@@ -161,10 +161,12 @@ def test_switched_off_the_step_is_torch_compiles(own_cache, monkeypatch):
 
 def test_the_gemms_are_measured_once_recorded_and_pinnable(own_cache, monkeypatch, caplog):
     """With MULTIAR_COMPILE_GEMMS=auto the first job builds a package per candidate, times their steps in
-    turns and keeps the faster (greedy output still the eager model's); the choice is recorded for the
-    machine and model kind, so a model of other weights builds only the recorded candidate's package. A
-    pinned value builds that one; an unknown one is an error naming the variable."""
+    turns and keeps the faster (greedy output still the eager model's), the other's package deleted; the
+    pick is recorded for the machine and model kind, so the next job loads that package alone. A pinned
+    value builds that one; a candidate that fails is left out, nothing recorded; an unknown value is an
+    error naming the variable."""
     monkeypatch.setenv("MULTIAR_COMPILE_GEMMS", "auto")
+    rows = len(PROMPTS)
     model = tiny(seed=8)
     first = compile_for_sampling(copy.deepcopy(model))
     with caplog.at_level(logging.INFO, logger="multiar"):
@@ -175,17 +177,36 @@ def test_the_gemms_are_measured_once_recorded_and_pinnable(own_cache, monkeypatc
     picked = step.gemms["gemms"]
     assert picked == min(step.gemms["step_ms"], key=step.gemms["step_ms"].get)
     assert f"ahead-of-time decode step: {picked} GEMMs, measured" in caplog.text
-    second = compile_for_sampling(copy.deepcopy(model))  # both packages on disk: the recorded one loaded
+    package = f"{package_key(first, rows, SWITCHES | {'autotune': ahead_of_time.GEMMS[picked]})}.pt2"
+    assert step.last[:2] == ("built", package)  # what compile=auto's clock notes: the pick's package
+    assert [p.name for p in own_cache.glob("*.pt2")] == [package]  # the other candidate's deleted
+    second = compile_for_sampling(copy.deepcopy(model))  # the recorded pick loaded, nothing measured
     assert greedy(second) == greedy(model)
     assert (second.compiled_step.built, second.compiled_step.loaded) == (0, 1)
-    assert second.compiled_step.gemms == {"gemms": picked}  # not measured again
-    other = tiny(seed=9)
+    assert second.compiled_step.gemms == {"gemms": picked}
     unpicked = next(name for name in ahead_of_time.GEMMS if name != picked)
     monkeypatch.setenv("MULTIAR_COMPILE_GEMMS", unpicked)
+    other = tiny(seed=9)
     pinned = compile_for_sampling(copy.deepcopy(other))
     assert greedy(pinned) == greedy(other)
     switches = SWITCHES | {"autotune": ahead_of_time.GEMMS[unpicked]}
-    assert pinned.compiled_step.last[1] == f"{package_key(pinned, len(PROMPTS), switches)}.pt2"
+    assert pinned.compiled_step.last[1] == f"{package_key(pinned, rows, switches)}.pt2"
+    # the record gone, the unpicked candidate failing: the picked package (on disk) runs, nothing recorded
+    monkeypatch.setenv("MULTIAR_COMPILE_GEMMS", "auto")
+    (own_cache.parent / "decode_layout.json").unlink()
+    real = AheadOfTimeStep._runner
+
+    def failing(self, model, rows, gemms):
+        if gemms == unpicked:
+            raise RuntimeError("no such kernel")
+        return real(self, model, rows, gemms)
+
+    monkeypatch.setattr(AheadOfTimeStep, "_runner", failing)
+    third = compile_for_sampling(copy.deepcopy(model))
+    assert greedy(third) == greedy(model)
+    assert (third.compiled_step.loaded, third.compiled_step.fallback) == (1, None)
+    assert third.compiled_step.gemms["gemms"] == picked
+    assert not (own_cache.parent / "decode_layout.json").exists()
     monkeypatch.setenv("MULTIAR_COMPILE_GEMMS", "fastest")
     with pytest.raises(ValueError, match="MULTIAR_COMPILE_GEMMS='fastest'"):
         compile_for_sampling(copy.deepcopy(other))
