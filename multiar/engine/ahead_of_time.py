@@ -275,8 +275,9 @@ class _Package:
 class AheadOfTimeStep:
     """decode_filled's signature (model, ids (B,), positions (B,), slots (n,)) -> logits (B, V), run by
     a package per row count and cache shape: loaded from disk, else built and saved. `built` / `loaded`
-    count what the calls did (tests read them); `last` is the last package made ready, ("built" |
-    "loaded", its file name), which the clock notes for compile=auto."""
+    count what the calls did (tests read them); `last` is the last package made ready (of candidates
+    timed, the pick), ("built" | "loaded", its file name), which the clock notes for compile=auto;
+    `gemms` the GEMMs it runs ({"gemms": name}, with "step_ms" where they were measured)."""
 
     def __init__(self, options: dict, fallback: Callable[[], Callable[..., Tensor]]) -> None:
         self.options = options  # inductor's switches (engine.inductor_options), entered around a build
