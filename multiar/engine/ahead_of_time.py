@@ -289,6 +289,9 @@ class AheadOfTimeStep:
         # name, a load's seconds: after a build, its key's digest and the load that follows, what the
         # next job of this model will pay); "built" where any candidate was
         self.last: tuple[str, str, float] | None = None
+        # seconds the last first call spent on candidates not picked and on timing them: not what the
+        # next model's build costs (compile=auto's clock leaves them out)
+        self.spare_s = 0.0
         self.asked = gemms_asked()  # a wrong value fails here, not as a fallback's warning
         self.gemms: dict[str, object] | None = None  # the last pick: {"gemms", "step_ms" where measured}
 
@@ -327,20 +330,23 @@ class AheadOfTimeStep:
             runner = self._runner(model, rows, picked)
             self.gemms = self.gemms if (self.gemms or {}).get("gemms") == picked else {"gemms": picked}
             return runner
-        runners, lasts, errors = {}, {}, []
+        runners, lasts, errors, took = {}, {}, [], {}
         for name in GEMMS:
             try:
+                start = time.perf_counter()
                 runners[name] = self._runner(model, rows, name)
                 runners[name].bind(_caches(model))
-                lasts[name] = self.last
+                lasts[name], took[name] = self.last, time.perf_counter() - start
             except Exception as err:  # noqa: BLE001 (one candidate's kernels may fail where another's build)
                 runners.pop(name, None)
                 errors.append(err)
                 log.warning("ahead-of-time decode step: the %s GEMMs' package failed (%s)", name, err)
         if not runners:
             raise errors[0]
+        start = time.perf_counter()
         step_ms = _time_in_turns(runners, ids, positions, slots)
         picked = min(step_ms, key=step_ms.get)
+        self.spare_s = time.perf_counter() - start + sum(s for name, s in took.items() if name != picked)
         built = any(last[0] == "built" for last in lasts.values())
         # the clock's first call held every candidate's build: a build, not a load, is what it timed
         self.last = ("built" if built else "loaded", *lasts[picked][1:])

@@ -124,6 +124,7 @@ def compile_for_sampling(
             packaged = isinstance(step, ahead_of_time.AheadOfTimeStep) and step.fallback is None
             if timed and clock.package is None and packaged:
                 clock.package = step.last  # a package built or loaded: compile=auto's next cost
+                clock.spare_s = step.spare_s  # its GEMMs' other candidate and their timing: not that cost
         except Exception as err:  # noqa: BLE001 (inductor fails many ways: no compiler, no headers)
             if on_failure is None or state["ran"] >= settled:
                 raise

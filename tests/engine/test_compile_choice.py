@@ -128,6 +128,12 @@ def test_a_package_on_disk_costs_its_load_and_the_clock_keeps_a_load_apart_from_
     assert decision.compile and decision.cached and decision.compile_s == pytest.approx(0.05)
     assert "2 x 0.05 s to load its package, built before" in decision.log_line()
     assert not cc.compile_pays(256, 2.0, cc.read_measured(cache, "k", "w2", on_disk)).compile
+    # a first call that also built the GEMMs' other candidate and timed both (engine.ahead_of_time):
+    # the next model builds one package, so those seconds are left out of the build's
+    measured = cc.StepClock(cache, "k", torch.device("cpu"), 1, "w3")
+    measured.spare_s = 12.0
+    run(measured, 30.0, ("built", "p3.pt2", 0.03))
+    assert cc.read_measured(cache, "k", "w3", {"p3.pt2"}.__contains__)["compile_s"] == pytest.approx(18.0)
 
 
 @pytest.fixture
