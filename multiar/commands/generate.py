@@ -88,9 +88,11 @@ def prepare_sampling(cfg: DictConfig) -> Prepared:
     rows = max(1, min(cfg.batch_size, work.total))  # decoded together
     # the job's most decode steps (compile=auto weighs them); a speculative one's are not single steps
     steps = 0 if cfg.draft is not None else -(-work.total // rows) * cond.max_new_tokens
+    gemms = resume.journaled_gemms(out_dir) if cfg.resume else None  # and a compiled step's GEMMs
     model, choice = sampling_model(
         run, cfg.quantize, dtype, compile_setting(cfg.compile), layout=layout, batch_size=rows,
         kernels=kernels, steps=steps, decided=compiled,  # compile=auto: a resume keeps what it decided
+        gemms=gemms,
     )  # fmt: skip
     settings, draft = sampling_settings(cfg, run, domain, cond)
     provenance = provenance_for(cfg, run, cond, options)

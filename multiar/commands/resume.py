@@ -100,6 +100,14 @@ def journaled_decode(out_dir: Path) -> tuple[str, str, dict[str, str] | None, bo
     return layout[0], layout[1].removesuffix(", compiled"), kernels, compiled
 
 
+def journaled_gemms(out_dir: Path) -> str | None:
+    """The GEMMs a killed run's compiled CPU step ran (engine.ahead_of_time), which a resumed run pins:
+    measured anew (a cleared cache) they may differ, and with them the numbers. None: not recorded."""
+    path = out_dir / JOURNAL
+    state = _read(path).get("state") if path.exists() else None
+    return getattr(state, "gemms", None) if isinstance(state, Tally) else None
+
+
 def _read(path: Path) -> dict:
     """A journal's contents, once its signature is this user's; ConfigError otherwise."""
     try:

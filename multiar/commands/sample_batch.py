@@ -5,7 +5,7 @@ from __future__ import annotations
 from multiar.commands import resume
 from multiar.commands.prepared import Prepared
 from multiar.commands.sample_draw import Sample, batch_ppl, decode_sample, draw, redraw_invalid
-from multiar.commands.sample_outputs import LISTING
+from multiar.commands.sample_outputs import LISTING, compiled_gemms
 from multiar.commands.tally import MIDDLES, keep_best, spill_pairs
 from multiar.domain import Assessed, TokenErrors
 
@@ -30,6 +30,8 @@ def take_batch(p: Prepared, batch: range) -> None:
     p.tally.sizes = p.files.sync() | {LISTING: p.listing.sync()}
     if p.ranks is not None:
         p.tally.ranks_size = p.ranks.sync()
+    if p.tally.gemms is None:  # picked at the compiled step's first call: a resume pins it
+        p.tally.gemms = (compiled_gemms(p.model) or {}).get("gemms")
     resume.save(p.out_dir, p.digest, p.tally)  # a kill from here on loses nothing of this batch
     p.progress.update(p.tally.done, p.tally.tokens)
 

@@ -122,11 +122,17 @@ def finish_samples(p: Prepared) -> Finished:
     return Finished(paths, len(ranks), {"summary": summary, **extra_metrics}, redrawn, rendered)
 
 
+def compiled_gemms(model: object) -> dict[str, Any] | None:
+    """The GEMMs a compiled CPU step picked at its first step (engine.ahead_of_time: {"gemms": name, and
+    "step_ms" where measured}), or None: not compiled, torch.compile's step, or no step run yet."""
+    return getattr(getattr(model, "compiled_step", None), "gemms", None)
+
+
 def decode_provenance(p: Prepared) -> dict[str, Any]:
-    """How the model was laid out, and where a compiled CPU step picked its GEMMs (at its first step,
-    after the files were opened: engine.ahead_of_time) that pick and its timings."""
+    """How the model was laid out, and where a compiled CPU step picked its GEMMs (after the files were
+    opened) that pick and its timings."""
     decode = p.decode.as_dict() if p.decode else {}
-    gemms = getattr(getattr(p.model, "compiled_step", None), "gemms", None)
+    gemms = compiled_gemms(p.model)
     return decode | ({"compiled_gemms": gemms} if gemms else {})
 
 

@@ -82,13 +82,15 @@ def sampling_model(
     kernels: dict[str, str] | None = None,
     steps: int | None = None,
     decided: bool | None = None,
+    gemms: str | None = None,
 ) -> tuple[GPT, DecodeChoice]:
     """The run's model as sampling should use it, and how it is laid out: int8/int4 weights (the run's
     stored copy when it matches, else converted now), each layer shape on its fastest kernel; or float
     weights in the dtype and layout (nn.Linear or oneDNN-packed) that decode fastest here at batch_size
     (measured once, cached in $MULTIAR_CACHE/decode_layout.json; dtype= and layout= pin them; kernels:
     a quantized model's, pinned as a resumed run's journal names them; compile: True, False or "auto",
-    compiled when that pays for a job of `steps` decode steps; decided: a resumed run's, pinned)."""
+    compiled when that pays for a job of `steps` decode steps; decided and a compiled CPU step's gemms:
+    a resumed run's, pinned)."""
     model = run.model
     if mode is not None:
         source = run.path / "model.safetensors"
@@ -103,6 +105,7 @@ def sampling_model(
         steps=steps,
         kernels=kernels,
         decided=decided,
+        gemms=gemms,
     )
     log.info("%s", choice.log_line())
     return model, choice

@@ -46,6 +46,7 @@ class Tally:
     layout: tuple[str, str] | None = None  # (dtype, layout) the run decodes with: a resume pins them
     kernels: dict[str, str] | None = None  # a quantized run's kernel per layer shape: pinned too
     cpu: str | None = None  # the CPU it decoded on (precision.cpu_model): named when a resume is refused
+    gemms: str | None = None  # a compiled CPU step's GEMMs (engine.ahead_of_time, at its first step): pinned
 
 
 MIDDLES = 100  # middles the report lists; every one is in the files

@@ -279,7 +279,9 @@ class AheadOfTimeStep:
     timed, the pick), ("built" | "loaded", its file name), which the clock notes for compile=auto;
     `gemms` the GEMMs it runs ({"gemms": name}, with "step_ms" where they were measured)."""
 
-    def __init__(self, options: dict, fallback: Callable[[], Callable[..., Tensor]]) -> None:
+    def __init__(
+        self, options: dict, fallback: Callable[[], Callable[..., Tensor]], gemms: str | None = None
+    ) -> None:
         self.options = options  # inductor's switches (engine.inductor_options), entered around a build
         self.make_fallback = fallback  # torch.compile's step, for a model export or AOTInductor cannot build
         self.fallback: Callable[..., Tensor] | None = None
@@ -292,7 +294,10 @@ class AheadOfTimeStep:
         # seconds the last first call spent on candidates not picked and on timing them: not what the
         # next model's build costs (compile=auto's clock leaves them out)
         self.spare_s = 0.0
-        self.asked = gemms_asked()  # a wrong value fails here, not as a fallback's warning
+        if gemms is not None and gemms not in GEMMS:
+            raise ValueError(f"gemms={gemms!r}: expected {' or '.join(GEMMS)}")
+        # gemms: a resumed run's, pinned; a wrong value fails here, not as a fallback's warning
+        self.asked = gemms or gemms_asked()
         self.gemms: dict[str, object] | None = None  # the last pick: {"gemms", "step_ms" where measured}
 
     def __call__(self, model: nn.Module, ids: Tensor, positions: Tensor, slots: Tensor) -> Tensor:

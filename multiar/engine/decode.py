@@ -63,6 +63,7 @@ def compile_for_sampling(
     rows: int | None = None,
     clock: StepClock | None = None,
     on_failure: Callable[[Exception], None] | None = None,
+    gemms: str | None = None,
 ) -> GPT:
     """model (in place) with its one-token decode step compiled by torch.compile, gpt-fast style: static
     shapes but one (per-row tensor positions; attention over the filled slots, up to the furthest row's
@@ -77,7 +78,8 @@ def compile_for_sampling(
     (others, such as a job's last partial batch, step eagerly rather than compile a graph of their own;
     None: a graph per row count met); clock: times the graph's calls at its row count (compile=auto's
     measurement); on_failure: where the first compile fails (inductor on a CPU needs a C++ compiler and
-    Python's headers), called with the error, and every step runs eagerly; None: the error is raised."""
+    Python's headers), called with the error, and every step runs eagerly; None: the error is raised.
+    gemms: the GEMMs of a CPU package (engine.ahead_of_time.GEMMS), pinned; None: measured or recorded."""
     model.eval()
     model.keep_caches = True
     if makes_bf16_keys(model):
@@ -95,7 +97,7 @@ def compile_for_sampling(
     if device == "cpu" and ahead_of_time.enabled():
         # a package on disk per model, loaded in milliseconds by the next job, and no guards per call;
         # dynamo and inductor are imported (~1.7 s) only where it is built or fails
-        step = ahead_of_time.AheadOfTimeStep(switches, fallback=lambda: compiled_step(switches))
+        step = ahead_of_time.AheadOfTimeStep(switches, lambda: compiled_step(switches), gemms)
     else:
         step = compiled_step(switches)
     # calls that must succeed before a failure is the graph's, not its build's: inductor runs a CUDA

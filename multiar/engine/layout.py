@@ -146,6 +146,7 @@ def prepare_for_decoding(
     prefill_timer: RowsTimer | None = None,
     kernels: dict[str, str] | None = None,
     decided: bool | None = None,
+    gemms: str | None = None,
 ) -> tuple[nn.Module, DecodeChoice]:
     """model (converted in place, or a converted copy) laid out for sampling at batch_size as fast as
     this machine runs it, and the choice made.
@@ -160,7 +161,8 @@ def prepare_for_decoding(
     quantized model's per-shape kernels and prefill rules to use rather than choose (a resume pins the
     killed run's; without the rule, every call on the kernel);
     decided: what compile="auto" decided for the run a resume continues (pinned, not weighed anew: one
-    graph for the batch size, eager when it fails, as then). timer / layer_timer: seconds per decode
+    graph for the batch size, eager when it fails, as then); gemms: the GEMMs a compiled CPU step runs
+    (engine.ahead_of_time; a resumed run's, pinned; None: measured or recorded). timer / layer_timer: seconds per decode
     step of each candidate model / per call of each layer, prefill_timer: of each mode's quantized layers at many rows
     (`engine.quantized_prefill`; tests inject them)."""
     if dtype not in ("auto", *DTYPES) or layout not in ("auto", *LAYOUTS):
@@ -186,7 +188,7 @@ def prepare_for_decoding(
             dtype="fp32", layout=quantized_mode(quantized), how="forced", batch_size=batch_size
         )
         choice.kernels = own_kernels(quantized) | prefill
-        return _compiled(model, choice, _clock(model, choice, cache_file)), choice
+        return _compiled(model, choice, _clock(model, choice, cache_file), gemms), choice
     if quantized:  # compile=auto compiles quantize's kernels: a copy before any is swapped for bf16
         spare = copy.deepcopy(model) if compile == "auto" else None
         model, choice = choose_kernels(
@@ -194,7 +196,7 @@ def prepare_for_decoding(
         )
         choice.kernels |= prefill
         if compile == "auto":
-            model = _compile_if_it_pays(model, choice, spare, steps or 0, cache_file, timer, decided)
+            model = _compile_if_it_pays(model, choice, spare, steps or 0, cache_file, timer, decided, gemms)
         return model, choice
     # a compiled step is nn.Linear weights (inductor packs them itself) in compiled_dtype's dtype; an
     # fp32 copy for when that is not the eager pick's layout and dtype
@@ -205,9 +207,9 @@ def prepare_for_decoding(
     if compile is True:
         choice.dtype = compiled_dtype(choice, spare)
         clock = _clock(_compile_source(model, choice, spare), choice, cache_file)  # as compile=auto's
-        return _compiled(_as_linear(model, choice, spare), choice, clock), choice
+        return _compiled(_as_linear(model, choice, spare), choice, clock, gemms), choice
     if compile == "auto":
-        model = _compile_if_it_pays(model, choice, spare, steps or 0, cache_file, timer, decided)
+        model = _compile_if_it_pays(model, choice, spare, steps or 0, cache_file, timer, decided, gemms)
     return model, choice
 
 
@@ -269,7 +271,9 @@ def _graph_of(choice: DecodeChoice, dtype: str | None = None) -> str:
     return mode if mode in ("int8", "int4") else f"{dtype or choice.dtype}/linear"
 
 
-def _compiled(model: nn.Module, choice: DecodeChoice, clock: StepClock | None) -> nn.Module:
+def _compiled(
+    model: nn.Module, choice: DecodeChoice, clock: StepClock | None, gemms: str | None = None
+) -> nn.Module:
     from multiar.engine.decode import compile_for_sampling  # decode imports this module's neighbours
 
     choice.layout = f"{choice.layout}, compiled"
@@ -284,7 +288,7 @@ def _compiled(model: nn.Module, choice: DecodeChoice, clock: StepClock | None) -
             choice.layout = choice.layout.removesuffix(", compiled")
             choice.compile["compile"] = False
 
-    return compile_for_sampling(model, rows=rows, clock=clock, on_failure=on_failure)
+    return compile_for_sampling(model, rows=rows, clock=clock, on_failure=on_failure, gemms=gemms)
 
 
 def _compile_if_it_pays(
@@ -295,6 +299,7 @@ def _compile_if_it_pays(
     cache_file: Path | None,
     timer: Timer,
     decided: bool | None,
+    gemms: str | None = None,
 ) -> nn.Module:
     """model as choice laid it out, compiled when that pays for a job of `steps` decode steps
     (choice.compile says why): from nn.Linear weights (spare, the fp32 model, when the eager choice was
@@ -328,6 +333,6 @@ def _compile_if_it_pays(
         choice.kernels = (
             own_kernels([m for m in spare.modules() if isinstance(m, Int8Linear | Int4Linear)]) | rule
         )
-        return _compiled(spare, choice, clock)
+        return _compiled(spare, choice, clock, gemms)
     choice.dtype = dtype
-    return _compiled(_as_linear(model, choice, spare), choice, clock)
+    return _compiled(_as_linear(model, choice, spare), choice, clock, gemms)

@@ -466,7 +466,7 @@ def test_compile_auto_weighs_the_jobs_tokens_and_a_resume_keeps_what_it_decided(
     monkeypatch.setattr(command, "take_batch", take_then_die)
     with pytest.raises(KeyboardInterrupt):
         generate(protein_run, tmp_path / "stopped", *common)
-    assert len(compiled) == 1 and compiled[0]["rows"] == 2
+    assert len(compiled) == 1 and compiled[0]["rows"] == 2 and compiled[0]["gemms"] is None  # measured
     journal = pickle.loads((tmp_path / "stopped" / resume.JOURNAL).read_bytes()[32:])["state"]
     assert journal.layout == ("fp32", "linear, compiled")
     monkeypatch.setattr(command, "take_batch", real_take)
@@ -476,6 +476,7 @@ def test_compile_auto_weighs_the_jobs_tokens_and_a_resume_keeps_what_it_decided(
     assert compiled[1]["rows"] == 2 and compiled[1]["on_failure"] is not None  # as auto compiled it
     assert resumed["compile"]["resumed"] and resumed["compile"]["compile"]
     assert resumed["compiled_gemms"] == {"gemms": "aten"}  # generate.json says which GEMMs the step ran
+    assert compiled[1]["gemms"] == "aten"  # journaled after the killed run's first batch: pinned
     stopped, whole = files_of(tmp_path / "stopped"), files_of(tmp_path / "short")
     assert stopped.pop("generate.json") != whole.pop("generate.json")  # its own folder named in it
     assert stopped == whole  # the recorder compiles nothing: the same samples

@@ -163,7 +163,7 @@ def test_the_gemms_are_measured_once_recorded_and_pinnable(own_cache, monkeypatc
     """With MULTIAR_COMPILE_GEMMS=auto the first job builds a package per candidate, times their steps in
     turns and keeps the faster (greedy output still the eager model's), the other's package deleted; the
     pick is recorded for the machine and model kind, so the next job loads that package alone. A pinned
-    value builds that one; a candidate that fails is left out, nothing recorded; an unknown value is an
+    value (a resumed run's, over the environment's) builds that one; a candidate that fails is left out, nothing recorded; an unknown value is an
     error naming the variable."""
     monkeypatch.setenv("MULTIAR_COMPILE_GEMMS", "auto")
     rows = len(PROMPTS)
@@ -186,9 +186,9 @@ def test_the_gemms_are_measured_once_recorded_and_pinnable(own_cache, monkeypatc
     assert (second.compiled_step.built, second.compiled_step.loaded) == (0, 1)
     assert second.compiled_step.gemms == {"gemms": picked} and second.compiled_step.spare_s == 0.0
     unpicked = next(name for name in ahead_of_time.GEMMS if name != picked)
-    monkeypatch.setenv("MULTIAR_COMPILE_GEMMS", unpicked)
+    monkeypatch.setenv("MULTIAR_COMPILE_GEMMS", picked)
     other = tiny(seed=9)
-    pinned = compile_for_sampling(copy.deepcopy(other))
+    pinned = compile_for_sampling(copy.deepcopy(other), gemms=unpicked)  # a resume's pin wins over the env
     assert greedy(pinned) == greedy(other)
     switches = SWITCHES | {"autotune": ahead_of_time.GEMMS[unpicked]}
     assert pinned.compiled_step.last[1] == f"{package_key(pinned, rows, switches)}.pt2"
@@ -211,3 +211,5 @@ def test_the_gemms_are_measured_once_recorded_and_pinnable(own_cache, monkeypatc
     monkeypatch.setenv("MULTIAR_COMPILE_GEMMS", "fastest")
     with pytest.raises(ValueError, match="MULTIAR_COMPILE_GEMMS='fastest'"):
         compile_for_sampling(copy.deepcopy(other))
+    with pytest.raises(ValueError, match="gemms='fastest'"):
+        compile_for_sampling(copy.deepcopy(other), gemms="fastest")

@@ -141,7 +141,7 @@ def compiler(monkeypatch):
     """compile_for_sampling replaced by a recorder of what it was given (the model returned as is)."""
     calls = []
 
-    def record(model, rows=None, clock=None, on_failure=None):
+    def record(model, rows=None, clock=None, on_failure=None, gemms=None):
         calls.append(dict(model=model, rows=rows, clock=clock, on_failure=on_failure))
         return model
 
