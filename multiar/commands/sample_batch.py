@@ -30,7 +30,9 @@ def take_batch(p: Prepared, batch: range) -> None:
     p.tally.sizes = p.files.sync() | {LISTING: p.listing.sync()}
     if p.ranks is not None:
         p.tally.ranks_size = p.ranks.sync()
-    if p.tally.gemms is None:  # picked at the compiled step's first call: a resume pins it
+    # picked at the compiled step's first call: a resume pins it (compile=true: one pick for every row
+    # count, the first batch's; compile=auto compiles one row count)
+    if p.tally.gemms is None:
         p.tally.gemms = (compiled_gemms(p.model) or {}).get("gemms")
     resume.save(p.out_dir, p.digest, p.tally)  # a kill from here on loses nothing of this batch
     p.progress.update(p.tally.done, p.tally.tokens)

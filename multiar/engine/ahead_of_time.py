@@ -289,7 +289,7 @@ class AheadOfTimeStep:
         self.built = self.loaded = 0
         # the package made ready last (of candidates timed, the pick): ("built" | "loaded", its file
         # name, a load's seconds: after a build, its key's digest and the load that follows, what the
-        # next job of this model will pay); "built" where any candidate was
+        # next job of this model will pay)
         self.last: tuple[str, str, float] | None = None
         # seconds the last first call spent on candidates not picked and on timing them: not what the
         # next model's build costs (compile=auto's clock leaves them out)
@@ -327,7 +327,7 @@ class AheadOfTimeStep:
         inputs, the faster recorded and the other's package deleted. A step run twice writes the same keys
         and values at the same slots, and the caller runs the pick last. A candidate that fails to build
         or run is left out (nothing recorded); where every one fails the first error is raised."""
-        rows = ids.size(0)
+        rows, self.spare_s = ids.size(0), 0.0
         key = cache_key(model, rows, f"ahead-of-time gemms {kind_digest(model)}")
         recorded = (read_cache(cache_root() / CACHE_FILE, key) or {}).get("gemms")
         picked = self.asked if self.asked != "auto" else recorded or (self.gemms or {}).get("gemms")
@@ -352,9 +352,7 @@ class AheadOfTimeStep:
         step_ms = _time_in_turns(runners, ids, positions, slots)
         picked = min(step_ms, key=step_ms.get)
         self.spare_s = time.perf_counter() - start + sum(s for name, s in took.items() if name != picked)
-        built = any(last[0] == "built" for last in lasts.values())
-        # the clock's first call held every candidate's build: a build, not a load, is what it timed
-        self.last = ("built" if built else "loaded", *lasts[picked][1:])
+        self.last = lasts[picked]  # the pick's own build or load: the clock leaves spare_s out
         self.gemms = {"gemms": picked, "step_ms": step_ms}
         if errors:
             return runners[picked]  # one candidate measured: nothing to record

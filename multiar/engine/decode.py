@@ -131,6 +131,8 @@ def compile_for_sampling(
             if on_failure is None or state["ran"] >= settled:
                 raise
             state["failed"] = True
+            if isinstance(step, ahead_of_time.AheadOfTimeStep):
+                step.gemms = None  # its pick runs no more: not what generate.json or a journal names
             model.cache_dtype = None  # eager steps from here: the eager rule's caches from the next job on
             on_failure(err)
             return eager(idx, input_pos, **kwargs)
