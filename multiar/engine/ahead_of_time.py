@@ -72,7 +72,7 @@ ENGINE = Path(__file__).parent  # its sources are in every key: a changed engine
 
 # the package's GEMMs: inductor's switch `autotune` per candidate (engine.inductor_options)
 GEMMS = {"autotuned": True, "aten": False}
-TIMED_ROUNDS = 10  # steps of each candidate timed in turns, after one untimed
+TIMED_ROUNDS, WARM, BLOCK = 3, 3, 6  # rounds of each candidate in turn: untimed steps, then timed
 
 
 def gemms_asked() -> str:
@@ -209,15 +209,20 @@ def _build(model: nn.Module, rows: int, path: Path) -> None:
 def _time_in_turns(
     runners: dict[str, _Package], ids: Tensor, positions: Tensor, slots: Tensor
 ) -> dict[str, float]:
-    """Median ms of each runner's step at these inputs, TIMED_ROUNDS rounds in turns (the order flipped
-    each round), after one untimed round."""
+    """Median ms of each runner's step at these inputs: TIMED_ROUNDS rounds, each runner in turn (the
+    order flipped each round) running WARM steps untimed and then BLOCK timed in a row. A job runs one
+    package step after step, so a runner is timed as it will run: after its own steps, not right after
+    the other's. Strict alternation timed each step after the other package's weights had evicted its
+    own, and at 10.8M (weights near the L3's size) it picked the package that ran slower over the job
+    (0.64 against 0.96 ms, then 1,478 against 1,999 tokens/s; session 29)."""
     times: dict[str, list[float]] = {name: [] for name in runners}
-    for r in range(TIMED_ROUNDS + 1):
+    for r in range(TIMED_ROUNDS):
         for name in list(runners)[:: 1 if r % 2 else -1]:
-            start = time.perf_counter()
-            runners[name](ids, positions, slots)
-            if r:
-                times[name].append(1e3 * (time.perf_counter() - start))
+            for i in range(WARM + BLOCK):
+                start = time.perf_counter()
+                runners[name](ids, positions, slots)
+                if i >= WARM:
+                    times[name].append(1e3 * (time.perf_counter() - start))
     return {name: statistics.median(t) for name, t in times.items()}
 
 
