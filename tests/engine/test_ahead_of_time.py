@@ -197,10 +197,10 @@ def test_the_gemms_are_measured_once_recorded_and_pinnable(own_cache, monkeypatc
     (own_cache.parent / "decode_layout.json").unlink()
     real = AheadOfTimeStep._runner
 
-    def failing(self, model, rows, gemms):
+    def failing(self, model, rows, gemms, weights=None):
         if gemms == unpicked:
             raise RuntimeError("no such kernel")
-        return real(self, model, rows, gemms)
+        return real(self, model, rows, gemms, weights)
 
     monkeypatch.setattr(AheadOfTimeStep, "_runner", failing)
     third = compile_for_sampling(copy.deepcopy(model))
