@@ -10,8 +10,8 @@ Rows: every candidate `multiar.engine.layout.prepare_for_decoding` measures (fp3
 and oneDNN-packed), what it picked at that batch size ("multiar auto", measured afresh here, no cache),
 int8 and int4 with their kernels as `quantize` makes them and as prepare_for_decoding picks them per
 layer shape at that batch size, and transformers' `generate` (the baseline). `--compile` adds the torch.compile rows:
-fp32 compiled, `compile=true` (the dtype it measures, and the GEMMs it measures: the other candidate's
-package as a row of its own, `MULTIAR_COMPILE_GEMMS` pinned), `compile=true` with int8 and int4 weights,
+fp32 compiled, `compile=true` (the dtype it measures, and the GEMMs it measures: the other candidates'
+packages as rows of their own, `MULTIAR_COMPILE_GEMMS` pinned), `compile=true` with int8 and int4 weights,
 and transformers' static-cache compile recipe. `--llama-cpp DIR`: the script writes each
 shape's weights as DIR/<shape>-{f32,f16,bf16}.gguf (`multiar export format=gguf`'s writer, a plain
 512-token vocabulary) and times them through llama-cpp-python (temperature 1, its other samplers off);
@@ -350,10 +350,15 @@ def main() -> None:
             with torch.inference_mode():
                 if compiled_name:  # first calls, timed alone: a package built, torch.compile's compile,
                     # and a later job's (a new model, as a new process would make) load of that package
-                    first["built"] = _timed(entries[compiled_name])  # both GEMM candidates built and timed
+                    first["built"] = _timed(entries[compiled_name])  # each GEMM candidate built and timed
                     gemms = getattr(compiled.compiled_step, "gemms", None)  # None: torch.compile ran
                     print(f"{shape_name:6s} batch {batch}  compile=true's GEMMs: {json.dumps(gemms)}")
-                    for other in set(ahead_of_time.GEMMS) - {gemms["gemms"]} if gemms else ():  # built again
+                    others = [
+                        g
+                        for g in ahead_of_time.candidates(compiled, batch)
+                        if g != (gemms or {}).get("gemms")
+                    ]
+                    for other in others if gemms else ():  # built again
                         with mock.patch.dict(os.environ, {"MULTIAR_COMPILE_GEMMS": other}):
                             pinned, _ = prepare_for_decoding(
                                 copy.deepcopy(model),

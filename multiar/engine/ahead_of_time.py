@@ -18,12 +18,15 @@ write the same memory (the package stores zeroed caches of their shape, traced o
 
 Which GEMMs the package calls is measured too, once per machine, layer shapes, dtypes and row count
 (decode_layout.json): inductor's autotuned choice (it times its C++ template against oneDNN / MKL at
-compile time, over weights hot in cache) or ATen's oneDNN / MKL calls alone. Both packages are built and
-their steps timed in turns on the job's first step; the faster is kept, the other's package deleted. On
-the AMX Xeon the autotuned GEMMs were the fast ones. On a Zen 5 EPYC without AMX (benchmarks/README.md,
-session 29) the 85M bf16 step ran 8.07 ms autotuned against 6.08 on ATen (a job: 123 against 174 tokens/s),
-while fp32 there ran faster autotuned in a probe (146 against 108), and 10.8M bf16 went either way
-between processes. `MULTIAR_COMPILE_GEMMS=autotuned|aten` pins one (tests pin autotuned).
+compile time, over weights hot in cache), ATen's oneDNN / MKL calls alone, or (up to STREAMED_ROWS rows)
+no GEMM at all: each Linear streamed as a multiply-and-sum that inductor fuses into one loop. Each
+candidate's package is built and their steps timed in turns on the job's first step; the fastest is kept,
+the others' packages deleted. On the AMX Xeon the autotuned GEMMs were the fast ones. On a Zen 5 EPYC
+without AMX (benchmarks/README.md, session 29) the 85M bf16 step ran 8.07 ms autotuned against 6.08 on
+ATen (a job: 123 against 174 tokens/s), while fp32 there ran faster autotuned in a probe (146 against
+108), and 10.8M bf16 went either way between processes; streamed, the 85M bf16 step ran 3.9 ms against
+ATen's 4.0-4.5 (session 30). `MULTIAR_COMPILE_GEMMS=autotuned|aten|streamed` pins one (tests pin
+autotuned).
 """
 
 from __future__ import annotations
@@ -70,8 +73,17 @@ KEEP = 8
 ENGINE = Path(__file__).parent  # its sources are in every key: a changed engine builds anew
 
 
-# the package's GEMMs: inductor's switch `autotune` per candidate (engine.inductor_options)
-GEMMS = {"autotuned": True, "aten": False}
+# the package's GEMMs, each candidate's switches: inductor's `autotune` (engine.inductor_options), and
+# `streamed`: every float nn.Linear traced as a multiply-and-sum, which inductor fuses into one loop that
+# streams the weight once per output row (no GEMM kernel). At one row that loop read 85M's bf16 weights at
+# 48 GB/s where oneDNN's mat-vec read them at 27 (a /tmp probe, Zen 5, session 30); at 4 rows and up it
+# reads them again per row, slower than a GEMM, so it is a candidate up to STREAMED_ROWS rows only
+GEMMS = {
+    "autotuned": {"autotune": True},
+    "aten": {"autotune": False},
+    "streamed": {"autotune": False, "streamed": True},
+}
+STREAMED_ROWS = 2
 TIMED_ROUNDS, WARM, BLOCK = 3, 3, 6  # rounds of each candidate in turn: untimed steps, then timed
 
 
@@ -81,6 +93,34 @@ def gemms_asked() -> str:
     if asked != "auto" and asked not in GEMMS:
         raise ValueError(f"MULTIAR_COMPILE_GEMMS={asked!r}: expected auto, {' or '.join(GEMMS)}")
     return asked
+
+
+def candidates(model: nn.Module, rows: int) -> list[str]:
+    """The GEMMs worth timing for `rows` rows of this model: streamed only at a few rows, and where the
+    model has a float nn.Linear to stream (a quantized model's layers keep their own kernels)."""
+    streams = rows <= STREAMED_ROWS and any(type(m) is nn.Linear for m in model.modules())
+    return [name for name in GEMMS if streams or not GEMMS[name].get("streamed")]
+
+
+def _streamed(linear: nn.Linear, x: Tensor) -> Tensor:
+    """linear(x) as a multiply-and-sum: (..., i) * (o, i) summed over i in fp32 -> (..., o), one fused
+    loop per output row in inductor's code rather than a GEMM call."""
+    y = (x.unsqueeze(-2) * linear.weight).sum(-1, dtype=torch.float32).to(x.dtype)
+    return y if linear.bias is None else y + linear.bias
+
+
+@contextlib.contextmanager
+def _streamed_linears(model: nn.Module) -> Iterator[None]:
+    """Every plain nn.Linear of model computed by _streamed while traced (an instance attribute over the
+    class's forward, taken away after)."""
+    linears = [m for m in model.modules() if type(m) is nn.Linear]
+    try:
+        for linear in linears:
+            linear.forward = functools.partial(_streamed, linear)
+        yield
+    finally:
+        for linear in linears:
+            linear.__dict__.pop("forward", None)
 
 
 def enabled() -> bool:
@@ -175,10 +215,10 @@ def on_disk(name: str) -> bool:
     return name.startswith(f"{code_digest()}-") and (package_dir() / name).is_file()
 
 
-def _build(model: nn.Module, rows: int, path: Path) -> None:
-    """Export decode_rows for `rows` rows (the filled slots' count dynamic, 2 .. cache length - 1) and
-    compile it into the package at path, written to a temporary file first (inductor's switches entered
-    around this by the caller)."""
+def _build(model: nn.Module, rows: int, path: Path, streamed: bool = False) -> None:
+    """Export decode_rows for `rows` rows (the filled slots' count dynamic, 2 .. cache length - 1; its
+    Linears as multiply-and-sums where streamed) and compile it into the package at path, written to a
+    temporary file first (inductor's switches entered around this by the caller)."""
     length = model.blocks[0].attn.kv_cache.k.size(2)
     device = model.wte.weight.device
     ids = torch.zeros(rows, dtype=torch.long, device=device)
@@ -194,7 +234,7 @@ def _build(model: nn.Module, rows: int, path: Path) -> None:
     try:
         for cache, (k, v) in zip(caches, live, strict=True):
             cache.k, cache.v = torch.zeros_like(k), torch.zeros_like(v)
-        with torch.no_grad():
+        with torch.no_grad(), _streamed_linears(model) if streamed else contextlib.nullcontext():
             program = torch.export.export(
                 _Step(model), (ids, ids.clone(), slots), dynamic_shapes=dims, strict=False
             )
@@ -335,7 +375,9 @@ class AheadOfTimeStep:
         rows, self.spare_s = ids.size(0), 0.0
         key = cache_key(model, rows, f"ahead-of-time gemms {kind_digest(model)}")
         recorded = (read_cache(cache_root() / CACHE_FILE, key) or {}).get("gemms")
-        picked = self.asked if self.asked != "auto" else recorded or (self.gemms or {}).get("gemms")
+        names = candidates(model, rows)
+        earlier = (self.gemms or {}).get("gemms")  # this job's pick at another row count, if one here
+        picked = self.asked if self.asked != "auto" else recorded or (earlier if earlier in names else None)
         if picked in GEMMS:
             runner = self._runner(model, rows, picked)
             self.gemms = self.gemms if (self.gemms or {}).get("gemms") == picked else {"gemms": picked}
@@ -344,7 +386,7 @@ class AheadOfTimeStep:
         start = time.perf_counter()
         weights = weights_digest(model)  # once for both candidates' keys (0.3 s at 85M fp32)
         digest_s = time.perf_counter() - start  # a next job's load takes it: in each `last`'s seconds
-        for name in GEMMS:
+        for name in names:
             try:
                 start = time.perf_counter()
                 runners[name] = self._runner(model, rows, name, weights)
@@ -381,7 +423,7 @@ class AheadOfTimeStep:
 
     def _runner(self, model: nn.Module, rows: int, gemms: str, weights: str | None = None) -> _Package:
         start = time.perf_counter()
-        options = self.options | {"autotune": GEMMS[gemms]}
+        options = self.options | GEMMS[gemms]
         path = package_dir() / f"{package_key(model, rows, options, weights)}.pt2"
         keyed = time.perf_counter() - start
         if path.exists():
@@ -399,8 +441,9 @@ class AheadOfTimeStep:
                     "ahead-of-time decode step: %s could not be loaded (%s): building it again", path, err
                 )
         start = time.perf_counter()
+        streamed = options.pop("streamed", False)  # not inductor's: how the Linears are traced
         with inductor_options(**options):
-            _build(model, rows, path)
+            _build(model, rows, path, streamed)
         built = time.perf_counter() - start
         start = time.perf_counter()
         runner = _Package(path)

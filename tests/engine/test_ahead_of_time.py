@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+import torch.nn as nn
 
 from multiar.engine import ahead_of_time
 from multiar.engine.ahead_of_time import AheadOfTimeStep, package_dir, package_key
@@ -172,15 +173,17 @@ def test_the_gemms_are_measured_once_recorded_and_pinnable(own_cache, monkeypatc
     with caplog.at_level(logging.INFO, logger="multiar"):
         assert greedy(first) == greedy(model)
     step = first.compiled_step
-    assert (step.built, step.fallback) == (2, None)
-    assert set(step.gemms["step_ms"]) == set(ahead_of_time.GEMMS)
+    names = ahead_of_time.candidates(first, rows)
+    assert names == ["autotuned", "aten", "streamed"]  # 2 rows: the multiply-and-sum Linears too
+    assert (step.built, step.fallback) == (3, None)
+    assert set(step.gemms["step_ms"]) == set(names)
     picked = step.gemms["gemms"]
     assert picked == min(step.gemms["step_ms"], key=step.gemms["step_ms"].get)
     assert f"ahead-of-time decode step: {picked} GEMMs, measured" in caplog.text
-    package = f"{package_key(first, rows, SWITCHES | {'autotune': ahead_of_time.GEMMS[picked]})}.pt2"
+    package = f"{package_key(first, rows, SWITCHES | ahead_of_time.GEMMS[picked])}.pt2"
     assert step.last[:2] == ("built", package)  # what compile=auto's clock notes: the pick's package
-    assert step.spare_s > 0  # the other candidate's build and the timing: the clock leaves them out
-    assert [p.name for p in own_cache.glob("*.pt2")] == [package]  # the other candidate's deleted
+    assert step.spare_s > 0  # the other candidates' builds and the timing: the clock leaves them out
+    assert [p.name for p in own_cache.glob("*.pt2")] == [package]  # the other candidates' deleted
     second = compile_for_sampling(copy.deepcopy(model))  # the recorded pick loaded, nothing measured
     assert greedy(second) == greedy(model)
     assert (second.compiled_step.built, second.compiled_step.loaded) == (0, 1)
@@ -190,15 +193,15 @@ def test_the_gemms_are_measured_once_recorded_and_pinnable(own_cache, monkeypatc
     other = tiny(seed=9)
     pinned = compile_for_sampling(copy.deepcopy(other), gemms=unpicked)  # a resume's pin wins over the env
     assert greedy(pinned) == greedy(other)
-    switches = SWITCHES | {"autotune": ahead_of_time.GEMMS[unpicked]}
+    switches = SWITCHES | ahead_of_time.GEMMS[unpicked]
     assert pinned.compiled_step.last[1] == f"{package_key(pinned, rows, switches)}.pt2"
-    # the record gone, the unpicked candidate failing: the picked package (on disk) runs, nothing recorded
+    # the record gone, the other candidates failing: the picked package (on disk) runs, nothing recorded
     monkeypatch.setenv("MULTIAR_COMPILE_GEMMS", "auto")
     (own_cache.parent / "decode_layout.json").unlink()
     real = AheadOfTimeStep._runner
 
     def failing(self, model, rows, gemms, weights=None):
-        if gemms == unpicked:
+        if gemms != picked:
             raise RuntimeError("no such kernel")
         return real(self, model, rows, gemms, weights)
 
@@ -213,3 +216,35 @@ def test_the_gemms_are_measured_once_recorded_and_pinnable(own_cache, monkeypatc
         compile_for_sampling(copy.deepcopy(other))
     with pytest.raises(ValueError, match="gemms='fastest'"):
         compile_for_sampling(copy.deepcopy(other), gemms="fastest")
+
+
+def test_streamed_linears_are_candidates_at_a_few_float_rows_and_decode_as_the_eager_model(
+    own_cache, monkeypatch
+):
+    """A Linear streamed (a multiply-and-sum, summed in fp32) computes what it computes, and the streamed
+    package decodes greedily as the eager model does in fp32 (and runs in bf16); it is timed at up to STREAMED_ROWS rows only, and not for a model
+    whose layers are all quantized; the Linears' own forward is back after the trace."""
+    monkeypatch.setenv("MULTIAR_COMPILE_GEMMS", "streamed")
+    linear = nn.Linear(24, 40, bias=True)
+    x = torch.randn(3, 1, 24)
+    torch.testing.assert_close(ahead_of_time._streamed(linear, x), linear(x), rtol=1e-5, atol=1e-5)
+    bf16 = copy.deepcopy(linear).to(torch.bfloat16)
+    torch.testing.assert_close(
+        ahead_of_time._streamed(bf16, x.bfloat16()), bf16(x.bfloat16()), rtol=0.02, atol=0.02
+    )
+    for dtype in (torch.float32, torch.bfloat16):
+        model = tiny(seed=10).to(dtype)
+        compiled = compile_for_sampling(copy.deepcopy(model))
+        tokens = greedy(compiled)
+        # bf16: the eager model keeps fp32 keys on a CPU without AMX, the compiled step bf16 ones
+        assert tokens == greedy(model) if dtype == torch.float32 else list(map(len, tokens)) == [12, 12]
+        assert compiled.compiled_step.gemms == {"gemms": "streamed"}
+        assert compiled.compiled_step.fallback is None
+        linears = [m for m in compiled.modules() if isinstance(m, nn.Linear)]
+        assert linears and all("forward" not in vars(m) for m in linears)  # the class's forward again
+        streamed = package_key(compiled, len(PROMPTS), SWITCHES | ahead_of_time.GEMMS["streamed"])
+        assert streamed != package_key(compiled, len(PROMPTS), SWITCHES | ahead_of_time.GEMMS["aten"])
+    model = tiny(seed=10)
+    assert ahead_of_time.candidates(model, ahead_of_time.STREAMED_ROWS) == list(ahead_of_time.GEMMS)
+    assert "streamed" not in ahead_of_time.candidates(model, ahead_of_time.STREAMED_ROWS + 1)
+    assert "streamed" not in ahead_of_time.candidates(quantize(model, "int8"), 1)  # its own kernels
