@@ -8,11 +8,13 @@ Measured on the 2-vCPU AMX Xeon (benchmarks/README.md, session 28), 10.8M batch 
 0.88-0.94 ms against torch.compile's 1.09-1.14 ms and eager's 2.4-2.7 ms; a later job's load costs
 0.04 s over its steady steps where building took ~20 s and torch.compile's compile ~16 s.
 
-A package is this model's alone: its key hashes the weights (a package holds them frozen, packed for
-oneDNN), the model's shapes and settings, the KV caches' shape and dtype, the engine's source, torch's
+A package of frozen weights is this model's alone: its key hashes the weights (a package holds them
+frozen, packed for oneDNN), the model's shapes and settings, the KV caches' shape and dtype, the engine's source, torch's
 version and the machine (CPU model, threads). The KV caches it runs on are the model's own tensors,
 handed to the package (user-managed constants), so prefill's eager passes and the package's steps
-write the same memory (the package stores zeroed caches of their shape, traced over and unused). Packages live under `$MULTIAR_CACHE/decode_steps` (else
+write the same memory (the package stores zeroed caches of their shape, traced over and unused). A
+streamed package (below) holds no weights either: it is handed the model's, and serves every model of
+the same kind. Packages live under `$MULTIAR_CACHE/decode_steps` (else
 ~/.cache/multiar/decode_steps); the KEEP most recently used are kept. `MULTIAR_AHEAD_OF_TIME=0` turns this off
 (decode then compiles with torch.compile, as before). No Lightning, Hydra or domain code here.
 
@@ -67,6 +69,7 @@ PACKAGE_SWITCHES = {
     "aot_inductor.package_constants_in_so": False,
     "aot_inductor.package_constants_on_disk_format": "binary_blob",
 }
+WEIGHTLESS = {"aot_inductor.package_constants_in_so": False}  # and none beside it: handed at load
 # packages kept on disk, the most recently used: each holds its model's weights and zeroed KV caches of
 # the block size (10.8M bf16 batch 1: ~31 MB; 85M bf16 batch 8: ~0.5 GB)
 KEEP = 8
@@ -78,10 +81,14 @@ ENGINE = Path(__file__).parent  # its sources are in every key: a changed engine
 # streams the weight once per output row (no GEMM kernel). At one row that loop read 85M's bf16 weights at
 # 48 GB/s where oneDNN's mat-vec read them at 27 (a /tmp probe, Zen 5, session 30); at 4 rows and up it
 # reads them again per row, slower than a GEMM, so it is a candidate up to STREAMED_ROWS rows only
+# A streamed package is also built unfrozen and holds no weights: the model's own tensors are handed to it
+# at load, as its KV caches are, so its key has their shapes and dtypes, not their contents. Any model of
+# the same kind loads it (no build for a newly trained model), in milliseconds: no weights digest, no
+# weights read (the 85M bf16 package held 170 MB and took 0.25 s to key and load).
 GEMMS = {
     "autotuned": {"autotune": True},
     "aten": {"autotune": False},
-    "streamed": {"autotune": False, "streamed": True},
+    "streamed": {"autotune": False, "streamed": True, "freeze": False},
 }
 STREAMED_ROWS = 2
 TIMED_ROUNDS, WARM, BLOCK = 3, 3, 6  # rounds of each candidate in turn: untimed steps, then timed
@@ -143,6 +150,13 @@ class _Step(nn.Module):
         return decode_rows(self.model, ids, positions, slots.size(0))
 
 
+def _tensors(model: nn.Module) -> dict[str, Tensor]:
+    """Every parameter and buffer by its fqn in the package, tied ones under each name: what a package
+    that holds no weights is handed."""
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    return {f"model.{name}": t.detach() for name, t in named}
+
+
 def _caches(model: nn.Module) -> dict[str, Tensor]:
     """The KV cache tensors by their fqn in the package ("model.blocks.0.attn.kv_cache.k", ...)."""
     return {
@@ -192,7 +206,14 @@ def package_key(model: nn.Module, rows: int, options: dict, weights: str | None 
     h.update(code_digest().encode())
     for line in _settings(model):
         h.update(line.encode())
-    h.update((weights or weights_digest(model)).encode())  # weights: its digest, taken before
+    if options.get("streamed"):  # it holds no weights: theirs are handed to it at load
+        h.update(
+            " ".join(
+                f"{n} {t.dtype} {tuple(t.shape)} {t.stride()}" for n, t in _tensors(model).items()
+            ).encode()
+        )
+    else:
+        h.update((weights or weights_digest(model)).encode())  # weights: its digest, taken before
     for name, t in _caches(model).items():  # a cache's contents change every step: its shape only
         h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
     return f"{code_digest()}-{h.hexdigest()[:32]}"
@@ -238,7 +259,8 @@ def _build(model: nn.Module, rows: int, path: Path, streamed: bool = False) -> N
             program = torch.export.export(
                 _Step(model), (ids, ids.clone(), slots), dynamic_shapes=dims, strict=False
             )
-        torch._inductor.aoti_compile_and_package(program, package_path=tmp, inductor_configs=PACKAGE_SWITCHES)
+        switches = WEIGHTLESS if streamed else PACKAGE_SWITCHES
+        torch._inductor.aoti_compile_and_package(program, package_path=tmp, inductor_configs=switches)
         os.replace(tmp, path)
     finally:
         for cache, (k, v) in zip(caches, live, strict=True):
@@ -285,7 +307,8 @@ class _Package:
     torch._inductor import, no metadata check at load, no pytree per call), else through
     `torch._inductor.aoti_load_package`."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, weightless: bool = False) -> None:
+        self.weightless = weightless  # it holds no weights: the model's are handed to it with its caches
         # AMX's tile registers are granted per process on request: inductor asks when it picks an ISA, which a
         # direct load skips (a kernel using them would die of SIGILL); False and harmless without AMX
         init_amx = getattr(torch.cpu, "_init_amx", None)
@@ -298,18 +321,25 @@ class _Package:
         else:
             self.package = torch._inductor.aoti_load_package(str(path))
 
-    def bind(self, caches: dict[str, Tensor]) -> None:
-        """Hand the package these cache tensors (user-managed: it reads and writes them where they are).
-        Names it lacks would be skipped silently (its own zeroed caches read instead): an error here."""
-        missing = set(caches) - set(
-            self.loader.get_constant_fqns() if self.direct else self.package.get_constant_fqns()
-        )
+    def bind(self, model: nn.Module) -> None:
+        """Hand the package model's cache tensors, and a weightless one every tensor of model it names
+        (user-managed: it reads and writes them where they are). A cache name it lacks would be skipped
+        silently (its own zeroed caches read instead), a constant it names that model lacks would be
+        left empty: errors here."""
+        fqns = set(self.loader.get_constant_fqns() if self.direct else self.package.get_constant_fqns())
+        caches = _caches(model)
+        missing = set(caches) - fqns
         if missing:
             raise RuntimeError(f"the package has no constant {sorted(missing)[0]}")
+        tensors = caches
+        if self.weightless:
+            tensors = {name: t for name, t in _tensors(model).items() if name in fqns}
+            if fqns - set(tensors):
+                raise RuntimeError(f"the model has no tensor {sorted(fqns - set(tensors))[0]}")
         if self.direct:
-            self.loader.load_constants(caches, False, False, True)  # active buffer, partial, user-managed
+            self.loader.load_constants(tensors, False, False, True)  # active buffer, partial, user-managed
         else:
-            self.package.load_constants(caches, check_full_update=False, user_managed=True)
+            self.package.load_constants(tensors, check_full_update=False, user_managed=True)
 
     def __call__(self, ids: Tensor, positions: Tensor, slots: Tensor) -> Tensor:
         if self.direct:
@@ -344,6 +374,7 @@ class AheadOfTimeStep:
         # gemms: a resumed run's, pinned; a wrong value fails here, not as a fallback's warning
         self.asked = gemms or gemms_asked()
         self.gemms: dict[str, object] | None = None  # the last pick: {"gemms", "step_ms" where measured}
+        self.any_weights = False  # the package made ready last holds no weights: it serves any of the kind
 
     def __call__(self, model: nn.Module, ids: Tensor, positions: Tensor, slots: Tensor) -> Tensor:
         if self.fallback is not None:
@@ -354,7 +385,7 @@ class AheadOfTimeStep:
         if len(bound) != len(tensors) or any(a is not b for a, b in zip(bound, tensors, strict=False)):
             try:  # a first call, or new cache tensors (a reallocation): the package reads these from now on
                 runner = runner or self._chosen(model, ids, positions, slots)
-                runner.bind(_caches(model))
+                runner.bind(model)
             except Exception as err:  # noqa: BLE001 (export and AOTInductor fail many ways)
                 self.gemms = None  # none of its GEMMs run: torch.compile's do
                 log.warning(
@@ -384,14 +415,18 @@ class AheadOfTimeStep:
             return runner
         runners, lasts, errors, took = {}, {}, [], {}
         start = time.perf_counter()
-        weights = weights_digest(model)  # once for both candidates' keys (0.3 s at 85M fp32)
+        weights = weights_digest(model)  # once for the frozen candidates' keys (0.3 s at 85M fp32)
         digest_s = time.perf_counter() - start  # a next job's load takes it: in each `last`'s seconds
         for name in names:
             try:
                 start = time.perf_counter()
                 runners[name] = self._runner(model, rows, name, weights)
-                runners[name].bind(_caches(model))
-                lasts[name] = (*self.last[:2], self.last[2] + digest_s)
+                runners[name].bind(model)
+                # a streamed package's key takes no weights' digest
+                lasts[name] = (
+                    *self.last[:2],
+                    self.last[2] + (0 if GEMMS[name].get("streamed") else digest_s),
+                )
                 took[name] = time.perf_counter() - start
             except Exception as err:  # noqa: BLE001 (one candidate's kernels may fail where another's build)
                 runners.pop(name, None)
@@ -404,6 +439,7 @@ class AheadOfTimeStep:
         picked = min(step_ms, key=step_ms.get)
         self.spare_s = time.perf_counter() - start + sum(s for name, s in took.items() if name != picked)
         self.last = lasts[picked]  # the pick's own build or load: the clock leaves spare_s out
+        self.any_weights = bool(GEMMS[picked].get("streamed"))
         self.gemms = {"gemms": picked, "step_ms": step_ms}
         if errors:
             return runners[picked]  # one candidate measured: nothing to record
@@ -426,14 +462,16 @@ class AheadOfTimeStep:
         options = self.options | GEMMS[gemms]
         path = package_dir() / f"{package_key(model, rows, options, weights)}.pt2"
         keyed = time.perf_counter() - start
+        streamed = options.pop("streamed", False)  # not inductor's: how the Linears are traced
         if path.exists():
             try:
                 start = time.perf_counter()
-                runner = _Package(path)
+                runner = _Package(path, weightless=streamed)
                 with contextlib.suppress(OSError):  # recently used: kept by _prune (a read-only cache too)
                     os.utime(path)
                 loaded = time.perf_counter() - start
                 self.loaded, self.last = self.loaded + 1, ("loaded", path.name, keyed + loaded)
+                self.any_weights = streamed
                 log.info("ahead-of-time decode step: loaded %s in %.2f s", path.name, loaded)
                 return runner
             except Exception as err:  # noqa: BLE001 (a truncated or foreign file): built again below
@@ -441,13 +479,13 @@ class AheadOfTimeStep:
                     "ahead-of-time decode step: %s could not be loaded (%s): building it again", path, err
                 )
         start = time.perf_counter()
-        streamed = options.pop("streamed", False)  # not inductor's: how the Linears are traced
         with inductor_options(**options):
             _build(model, rows, path, streamed)
         built = time.perf_counter() - start
         start = time.perf_counter()
-        runner = _Package(path)
+        runner = _Package(path, weightless=streamed)
         self.built, self.last = self.built + 1, ("built", path.name, keyed + time.perf_counter() - start)
+        self.any_weights = streamed
         log.info("ahead-of-time decode step: built %s in %.1f s", path.name, built)
         _prune(path.parent, KEEP)
         return runner

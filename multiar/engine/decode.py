@@ -17,7 +17,7 @@ from torch import Tensor
 
 from multiar.engine import ahead_of_time
 from multiar.engine.captured_step import decode_rows
-from multiar.engine.compile_choice import StepClock
+from multiar.engine.compile_choice import ANY_WEIGHTS, StepClock
 from multiar.engine.inductor_options import inductor_options, make_room
 from multiar.engine.model import GPT
 from multiar.engine.quantize import Int4Linear, Int8Linear
@@ -127,7 +127,11 @@ def compile_for_sampling(
             packaged = isinstance(step, ahead_of_time.AheadOfTimeStep) and step.fallback is None
             if timed and clock.package is None and packaged:
                 clock.package = step.last  # a package built or loaded: compile=auto's next cost
-                clock.spare_s = step.spare_s  # its GEMMs' other candidate and their timing: not that cost
+                clock.spare_s = step.spare_s  # its GEMMs' other candidates and their timing: not that cost
+                if step.any_weights:  # it serves every model of the kind: noted so, not under a digest
+                    clock.weights = ANY_WEIGHTS
+                elif clock.weights == ANY_WEIGHTS:  # assumed from the last job, but this one's is frozen
+                    clock.weights = None  # (its digest not taken): not noted
         except Exception as err:  # noqa: BLE001 (inductor fails many ways: no compiler, no headers)
             if on_failure is None or state["ran"] >= settled:
                 raise

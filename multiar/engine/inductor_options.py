@@ -35,20 +35,21 @@ SWITCHES = {
 
 
 def inductor_options(
-    cpp_wrapper: bool = True, autotune: bool = False, cuda_graphs: bool = False
+    cpp_wrapper: bool = True, autotune: bool = False, cuda_graphs: bool = False, freeze: bool = True
 ) -> contextlib.AbstractContextManager:
     """A context that turns on inductor's freezing (and its C++ wrapper when cpp_wrapper: pass it for a
     CPU only; and with autotune, matmul kernels timed at compile time, with cpp_wrapper inductor's C++
     GEMM template among them) around a compiled call: read when a call compiles, so it is entered around
     every call. cuda_graphs (a CUDA device): the graph replayed as one CUDA graph (torch.compile's
     "reduce-overhead"), the weights left as its static inputs rather than frozen, as gpt-fast does.
+    freeze=False: the weights left as the graph's inputs (a package that holds none, engine.ahead_of_time).
     Switches this torch lacks are left out, each with one warning line."""
     try:
         import torch._inductor.config as config
     except ImportError:
         config = None
     # a CUDA graph replays the weights from where they are: nothing to fold or pack
-    wanted: dict[str, object] = {"triton.cudagraphs": True} if cuda_graphs else {"freezing": True}
+    wanted: dict[str, object] = {"triton.cudagraphs": True} if cuda_graphs else {"freezing": freeze}
     if cpp_wrapper:
         wanted["cpp_wrapper"] = True
     if autotune:

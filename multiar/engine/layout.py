@@ -31,7 +31,13 @@ import torch.nn as nn
 
 from multiar.engine import ahead_of_time
 from multiar.engine.choice_cache import CACHE_FILE, cache_key, read_cache, write_cache
-from multiar.engine.compile_choice import CompileDecision, StepClock, compile_pays, read_measured
+from multiar.engine.compile_choice import (
+    ANY_WEIGHTS,
+    CompileDecision,
+    StepClock,
+    compile_pays,
+    read_measured,
+)
 from multiar.engine.decode_choice import DecodeChoice, Timer
 from multiar.engine.packed import decode_layout, packs
 from multiar.engine.quantize import Int4Linear, Int8Linear, quantized_mode
@@ -315,8 +321,10 @@ def _compile_if_it_pays(
         decision = CompileDecision(decided, steps, measured_ms or 0.0, resumed=True, device=device)
     else:
         eager_ms = measured_ms or 1e3 * timer({picked: model})[picked]
-        entry = read_cache(cache_file, clock.key) or {}
-        if entry.get("packages"):  # is one of them these weights'? (a digest to take)
+        packages = (read_cache(cache_file, clock.key) or {}).get("packages") or {}
+        if ANY_WEIGHTS in packages:  # a package for any weights of this kind: no digest to take
+            clock.weights = ANY_WEIGHTS
+        elif packages:  # is one of them these weights'? (a digest to take)
             _weigh(clock, source)
         measured = read_measured(cache_file, clock.key, clock.weights, ahead_of_time.on_disk)
         decision = compile_pays(steps, eager_ms, measured, device)

@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from multiar.engine import ahead_of_time
 from multiar.engine.ahead_of_time import AheadOfTimeStep, package_dir, package_key
+from multiar.engine.compile_choice import ANY_WEIGHTS, StepClock
 from multiar.engine.decode import compile_for_sampling, generate
 from multiar.engine.model import GPT, ModelConfig
 from multiar.engine.quantize import quantize
@@ -222,7 +223,8 @@ def test_streamed_linears_are_candidates_at_a_few_float_rows_and_decode_as_the_e
     own_cache, monkeypatch
 ):
     """A Linear streamed (a multiply-and-sum, summed in fp32) computes what it computes, and the streamed
-    package decodes greedily as the eager model does in fp32 (and runs in bf16); it is timed at up to STREAMED_ROWS rows only, and not for a model
+    package decodes greedily as the eager model does in fp32 (and runs in bf16), and, holding no weights,
+    serves another model of the same kind unbuilt; it is timed at up to STREAMED_ROWS rows only, and not for a model
     whose layers are all quantized; the Linears' own forward is back after the trace."""
     monkeypatch.setenv("MULTIAR_COMPILE_GEMMS", "streamed")
     linear = nn.Linear(24, 40, bias=True)
@@ -244,6 +246,14 @@ def test_streamed_linears_are_candidates_at_a_few_float_rows_and_decode_as_the_e
         assert linears and all("forward" not in vars(m) for m in linears)  # the class's forward again
         streamed = package_key(compiled, len(PROMPTS), SWITCHES | ahead_of_time.GEMMS["streamed"])
         assert streamed != package_key(compiled, len(PROMPTS), SWITCHES | ahead_of_time.GEMMS["aten"])
+    # it holds no weights: another model of the kind (other weights) loads it and decodes as itself, and
+    # compile=auto's clock notes it for any weights
+    other = tiny(seed=11)
+    clock = StepClock(None, "k", torch.device("cpu"), len(PROMPTS), weights="a digest")
+    again = compile_for_sampling(copy.deepcopy(other), rows=len(PROMPTS), clock=clock)
+    assert greedy(again) == greedy(other) != greedy(tiny(seed=10))
+    assert (again.compiled_step.built, again.compiled_step.loaded) == (0, 1)
+    assert clock.weights == ANY_WEIGHTS and clock.package[:2] == ("loaded", again.compiled_step.last[1])
     model = tiny(seed=10)
     assert ahead_of_time.candidates(model, ahead_of_time.STREAMED_ROWS) == list(ahead_of_time.GEMMS)
     assert "streamed" not in ahead_of_time.candidates(model, ahead_of_time.STREAMED_ROWS + 1)

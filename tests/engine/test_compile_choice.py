@@ -319,6 +319,48 @@ def test_auto_compiles_a_short_job_where_compile_true_left_these_weights_package
     assert not auto(tiny_model()).compile["compile"]  # built by other code: its name reads as gone
 
 
+def test_a_package_for_any_weights_serves_another_model_of_the_kind_with_no_digest_taken(
+    tmp_path, compiler, monkeypatch
+):
+    """A streamed package holds no weights (engine.ahead_of_time): its clock notes it for any weights, so
+    a compile=auto job of another model of the same kind weighs its load, and hashes no weights."""
+    monkeypatch.setenv("MULTIAR_CACHE", str(tmp_path))
+    monkeypatch.setenv("MULTIAR_AHEAD_OF_TIME", "1")
+    ms = MS | {"fp32/packed": 1.0}
+    lay.prepare_for_decoding(tiny_model(), cache_dir=tmp_path, compile=True, timer=fake_timer(ms, []))
+    clock = compiler[0]["clock"]
+    name = f"{ahead_of_time.code_digest()}-streamed.pt2"
+    (ahead_of_time.package_dir() / name).parent.mkdir(parents=True)
+    (ahead_of_time.package_dir() / name).write_bytes(b"x")
+    now = [0.0]
+    times = iter([30.0] + [0.0005] * (cc.StepClock.WARM_UP + 16))
+
+    def step():
+        now[0] += next(times)
+
+    with monkeypatch.context() as m:
+        m.setattr(cc.time, "perf_counter", lambda: now[0])
+        clock.timed(step)
+        clock.package, clock.weights = ("built", name, 0.02), cc.ANY_WEIGHTS  # as decode notes it
+        for _ in range(cc.StepClock.WARM_UP + 16):
+            clock.timed(step)
+    digests = []
+    monkeypatch.setattr(ahead_of_time, "weights_digest", lambda model: digests.append(1) or "d")
+    other = tiny_model()
+    with torch.no_grad():
+        other.lm_head.weight[0, 0] += 1.0
+    _, choice = lay.prepare_for_decoding(
+        other, cache_dir=tmp_path, compile="auto", steps=256, timer=fake_timer(ms, [])
+    )
+    assert choice.compile["compile"] and choice.compile["cached"] and digests == []
+    assert compiler[-1]["clock"].weights == cc.ANY_WEIGHTS
+    # a frozen package noted since (under a digest) takes the kind's place: it serves these weights only
+    frozen = cc.StepClock(clock.cache_file, clock.key, torch.device("cpu"), clock.rows, "w1")
+    frozen.compile_s, frozen.times, frozen.package = 30.0, [0.0005] * 20, ("built", name, 0.02)
+    frozen.save()
+    assert cc.read_cache(clock.cache_file, clock.key)["packages"] == {"w1": name}
+
+
 def test_a_compile_that_fails_leaves_auto_eager_with_its_samples_unchanged(tmp_path, monkeypatch, caplog):
     def broken(fn, **kwargs):
         def fails(*args):
