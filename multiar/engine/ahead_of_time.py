@@ -1,6 +1,6 @@
 """The compiled one-token decode step on a CPU, built ahead of time: `torch.export` traces
 engine.captured_step's `decode_rows` once, AOTInductor compiles it (the same inductor switches as
-torch.compile's graph: frozen weights, C++ code; its GEMMs measured, below) into a package kept on disk, and every
+torch.compile's graph: frozen weights but in a streamed package, C++ code; its GEMMs measured, below) into a package kept on disk, and every
 later job with the same model loads that package in milliseconds instead of compiling again. A call
 runs the package's C++ entry point directly: no dynamo guards, no Python wrapper around the kernels.
 
@@ -58,6 +58,7 @@ from multiar.engine.choice_cache import (
     read_cache,
     write_cache,
 )
+from multiar.engine.compile_choice import ANY_WEIGHTS
 from multiar.engine.inductor_options import inductor_options
 
 log = logging.getLogger("multiar")
@@ -70,8 +71,8 @@ PACKAGE_SWITCHES = {
     "aot_inductor.package_constants_on_disk_format": "binary_blob",
 }
 WEIGHTLESS = {"aot_inductor.package_constants_in_so": False}  # and none beside it: handed at load
-# packages kept on disk, the most recently used: each holds its model's weights and zeroed KV caches of
-# the block size (10.8M bf16 batch 1: ~31 MB; 85M bf16 batch 8: ~0.5 GB)
+# packages kept on disk, the most recently used: each holds zeroed KV caches of the block size and (but a
+# streamed one) its model's weights (10.8M bf16 batch 1: ~31 MB; 85M bf16 batch 8: ~0.5 GB)
 KEEP = 8
 ENGINE = Path(__file__).parent  # its sources are in every key: a changed engine builds anew
 
@@ -196,10 +197,22 @@ def code_digest() -> str:
     return h.hexdigest()[:12]
 
 
+def _config(model: nn.Module) -> object:
+    return model.config.to_dict() if hasattr(model.config, "to_dict") else repr(model.config)
+
+
+def any_weights_key(model: nn.Module) -> str:
+    """compile=auto's key for a package that serves any weights of model's config (a streamed one):
+    compile_choice.ANY_WEIGHTS and a digest of the config, which a clock's key (machine, batch size,
+    layer shapes, dtype) does not tell apart (block_size, heads, rope base, ...)."""
+    digest = hashlib.sha256(json.dumps(_config(model), sort_keys=True, default=str).encode()).hexdigest()
+    return f"{ANY_WEIGHTS}{digest[:16]}"
+
+
 def package_key(model: nn.Module, rows: int, options: dict, weights: str | None = None) -> str:
     """The digest naming model's package for `rows` rows: everything the compiled code depends on."""
     h = hashlib.sha256()
-    config = model.config.to_dict() if hasattr(model.config, "to_dict") else repr(model.config)
+    config = _config(model)
     device = model.wte.weight.device
     head = [FORMAT, torch.__version__, machine_key(device), rows, config, sorted(options.items(), key=str)]
     h.update(json.dumps(head, default=str).encode())
@@ -398,17 +411,26 @@ class AheadOfTimeStep:
         return runner(ids, positions, slots)
 
     def _chosen(self, model: nn.Module, ids: Tensor, positions: Tensor, slots: Tensor) -> _Package:
-        """The package of the GEMMs pinned, recorded for this machine and model kind, or picked by this
-        step before (another row count), else of each candidate: their steps timed in turns at this call's
-        inputs, the faster recorded and the other's package deleted. A step run twice writes the same keys
-        and values at the same slots, and the caller runs the pick last. A candidate that fails to build
-        or run is left out (nothing recorded); where every one fails the first error is raised."""
+        """The package of the GEMMs pinned (where a candidate here), recorded for this machine, model kind
+        and candidates, or picked by this step before (another row count), else of each candidate: their
+        steps timed in turns at this call's inputs, the fastest recorded and the others' packages deleted.
+        A step run twice writes the same keys and values at the same slots, and the caller runs the pick
+        last. A candidate that fails to build or run is left out (with one left, nothing is recorded);
+        where every one fails the first error is raised."""
         rows, self.spare_s = ids.size(0), 0.0
-        key = cache_key(model, rows, f"ahead-of-time gemms {kind_digest(model)}")
-        recorded = (read_cache(cache_root() / CACHE_FILE, key) or {}).get("gemms")
         names = candidates(model, rows)
+        # the candidates in the key: a pick recorded before streamed was one is measured again
+        key = cache_key(model, rows, f"ahead-of-time gemms {kind_digest(model)} {' '.join(names)}")
+        recorded = (read_cache(cache_root() / CACHE_FILE, key) or {}).get("gemms")
         earlier = (self.gemms or {}).get("gemms")  # this job's pick at another row count, if one here
-        picked = self.asked if self.asked != "auto" else recorded or (earlier if earlier in names else None)
+        asked = self.asked if self.asked in names else "auto"  # streamed pinned: at a few float rows only
+        if asked != self.asked:
+            log.info(
+                "ahead-of-time decode step: %s GEMMs pinned, not one at %d rows of this model",
+                self.asked,
+                rows,
+            )
+        picked = asked if asked != "auto" else recorded or (earlier if earlier in names else None)
         if picked in GEMMS:
             runner = self._runner(model, rows, picked)
             self.gemms = self.gemms if (self.gemms or {}).get("gemms") == picked else {"gemms": picked}
@@ -438,10 +460,12 @@ class AheadOfTimeStep:
         step_ms = _time_in_turns(runners, ids, positions, slots)
         picked = min(step_ms, key=step_ms.get)
         self.spare_s = time.perf_counter() - start + sum(s for name, s in took.items() if name != picked)
+        if GEMMS[picked].get("streamed"):  # the digest taken for the others: no load of the pick takes it
+            self.spare_s += digest_s
         self.last = lasts[picked]  # the pick's own build or load: the clock leaves spare_s out
         self.any_weights = bool(GEMMS[picked].get("streamed"))
         self.gemms = {"gemms": picked, "step_ms": step_ms}
-        if errors:
+        if len(runners) < 2:
             return runners[picked]  # one candidate measured: nothing to record
         write_cache(cache_root() / CACHE_FILE, key, self.gemms)
         for name, (_, file, _) in lasts.items():

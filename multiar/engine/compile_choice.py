@@ -43,9 +43,9 @@ MARGIN = 2.0  # measured: the steps' saving must repay the compile this many tim
 # compile's cost is a load's (0.02-1.4 s measured: 10.8M, 85M), assumed this until one is measured here
 LOAD_S_ASSUMED = 2.0
 PACKAGES_KEPT = 16  # models whose package a clock entry remembers
-# the weights' key of a package that holds no weights (engine.ahead_of_time's streamed one): it serves
-# every model of the clock's key, no digest taken
-ANY_WEIGHTS = "*"
+# how the weights' key of a package that holds no weights (engine.ahead_of_time's streamed one) starts:
+# it serves every model of the clock's key and config (a digest of the config follows), no digest taken
+ANY_WEIGHTS = "any weights, config "
 
 
 def first_compile_rule(device: str) -> tuple[float, float]:
@@ -142,13 +142,12 @@ def read_measured(
     on_disk: Callable[[str], bool] | None = None,
 ) -> dict | None:
     """What a StepClock saved under key (a compiled step's ms and a compile's seconds), or None; with
-    "cached": True where the package its clock recorded for these weights (a digest), or for any
-    weights, is still on disk (on_disk tells, given its file name)."""
+    "cached": True where the package its clock recorded for these weights (a digest, or a key for any
+    weights of a config) is still on disk (on_disk tells, given its file name)."""
     entry = read_cache(cache_file, key)
     if entry is None or "compiled_ms" not in entry:
         return None
-    packages = entry.get("packages", {})
-    package = packages.get(ANY_WEIGHTS) or (packages.get(weights) if weights else None)
+    package = entry.get("packages", {}).get(weights) if weights else None
     cached = bool(package and on_disk and on_disk(package))
     if not cached and "compile_s" not in entry:  # only loads measured: a build's cost is not known
         return None
@@ -165,7 +164,8 @@ class StepClock:
     key: str
     device: torch.device
     rows: int  # the batch size its figures are for: steps of other row counts are not timed
-    # a digest of the model's weights (the package it used is kept under it), or ANY_WEIGHTS
+    # a digest of the model's weights (the package it used is kept under it), or a key for any weights
+    # of its config (ANY_WEIGHTS...)
     weights: str | None = None
     compile_s: float | None = None
     times: list[float] = field(default_factory=list)
@@ -216,9 +216,6 @@ class StepClock:
         if how == "built" and load_s is not None:  # a load measured since is the better figure
             entry.setdefault("load_s", load_s + ms / 1e3)  # a loaded first call: key, load, a step
         if name is not None and self.weights is not None:
-            # a package for any weights is the kind's one: the last noted, whichever it was
-            packages = {
-                k: v for k, v in entry.get("packages", {}).items() if k not in (self.weights, ANY_WEIGHTS)
-            }
+            packages = {k: v for k, v in entry.get("packages", {}).items() if k != self.weights}
             entry["packages"] = dict(list(packages.items())[-(PACKAGES_KEPT - 1) :]) | {self.weights: name}
         write_cache(self.cache_file, self.key, entry)

@@ -70,7 +70,7 @@ def compile_for_sampling(
     position, a mask hiding each row's slots past its own: their count is the graph's one dynamic size,
     `filled_slots`), so one graph serves every step. The graph is the slot engine's layers (engine.captured_step.decode_rows: attention
     as inductor's own fused kernel, not SDPA's flash kernel, whose set-up cost a one-query row does not
-    repay). On a CPU inductor freezes the weights in and calls the kernels through a C++ wrapper, its
+    repay). On a CPU inductor freezes the weights in (but in a streamed package) and calls the kernels through a C++ wrapper, its
     GEMMs those measured fastest here (engine.ahead_of_time: its autotuned pick, oneDNN / MKL, or at a few rows
     the Linears streamed as fused multiply-and-sums); on CUDA the step is replayed as one CUDA
     graph, its logits copied out of the graph's buffer (engine.inductor_options). The KV caches are kept
@@ -128,9 +128,9 @@ def compile_for_sampling(
             if timed and clock.package is None and packaged:
                 clock.package = step.last  # a package built or loaded: compile=auto's next cost
                 clock.spare_s = step.spare_s  # its GEMMs' other candidates and their timing: not that cost
-                if step.any_weights:  # it serves every model of the kind: noted so, not under a digest
-                    clock.weights = ANY_WEIGHTS
-                elif clock.weights == ANY_WEIGHTS:  # assumed from the last job, but this one's is frozen
+                if step.any_weights:  # it serves every model of the config: noted so, not under a digest
+                    clock.weights = ahead_of_time.any_weights_key(model)
+                elif (clock.weights or "").startswith(ANY_WEIGHTS):  # assumed so, but this one's is frozen
                     clock.weights = None  # (its digest not taken): not noted
         except Exception as err:  # noqa: BLE001 (inductor fails many ways: no compiler, no headers)
             if on_failure is None or state["ran"] >= settled:

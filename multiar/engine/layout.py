@@ -31,13 +31,7 @@ import torch.nn as nn
 
 from multiar.engine import ahead_of_time
 from multiar.engine.choice_cache import CACHE_FILE, cache_key, read_cache, write_cache
-from multiar.engine.compile_choice import (
-    ANY_WEIGHTS,
-    CompileDecision,
-    StepClock,
-    compile_pays,
-    read_measured,
-)
+from multiar.engine.compile_choice import CompileDecision, StepClock, compile_pays, read_measured
 from multiar.engine.decode_choice import DecodeChoice, Timer
 from multiar.engine.packed import decode_layout, packs
 from multiar.engine.quantize import Int4Linear, Int8Linear, quantized_mode
@@ -264,9 +258,14 @@ def _clock(
     return clock
 
 
+def _packaged(clock: StepClock) -> bool:
+    """Whether clock's step would be a package kept in a cache (engine.ahead_of_time)."""
+    return clock.device.type == "cpu" and ahead_of_time.enabled() and clock.cache_file is not None
+
+
 def _weigh(clock: StepClock, model: nn.Module) -> None:
     """Set clock.weights to model's digest where its step would be a package kept in a cache."""
-    if clock.device.type == "cpu" and ahead_of_time.enabled() and clock.cache_file is not None:
+    if _packaged(clock):
         clock.weights = ahead_of_time.weights_digest(model)
 
 
@@ -322,8 +321,9 @@ def _compile_if_it_pays(
     else:
         eager_ms = measured_ms or 1e3 * timer({picked: model})[picked]
         packages = (read_cache(cache_file, clock.key) or {}).get("packages") or {}
-        if ANY_WEIGHTS in packages:  # a package for any weights of this kind: no digest to take
-            clock.weights = ANY_WEIGHTS
+        config = ahead_of_time.any_weights_key(source) if _packaged(clock) else None
+        if config in packages:  # a package for any weights of this config: no digest to take
+            clock.weights = config
         elif packages:  # is one of them these weights'? (a digest to take)
             _weigh(clock, source)
         measured = read_measured(cache_file, clock.key, clock.weights, ahead_of_time.on_disk)

@@ -17,6 +17,7 @@ from multiar.engine import ahead_of_time
 from multiar.engine import compile_choice as cc
 from multiar.engine import layout as lay
 from multiar.engine.decode import generate
+from multiar.engine.model import GPT, ModelConfig
 from multiar.engine.packed import PackedLinear
 from multiar.engine.quantized_kernels import DequantizedLinear
 from tests.engine.test_layout import MS, fake_timer, tiny_model
@@ -322,8 +323,9 @@ def test_auto_compiles_a_short_job_where_compile_true_left_these_weights_package
 def test_a_package_for_any_weights_serves_another_model_of_the_kind_with_no_digest_taken(
     tmp_path, compiler, monkeypatch
 ):
-    """A streamed package holds no weights (engine.ahead_of_time): its clock notes it for any weights, so
-    a compile=auto job of another model of the same kind weighs its load, and hashes no weights."""
+    """A streamed package holds no weights (engine.ahead_of_time): its clock notes it for any weights of
+    the config, so a compile=auto job of another model of that config weighs its load, and hashes no
+    weights; not one of another config with the same layer shapes, nor with packages switched off."""
     monkeypatch.setenv("MULTIAR_CACHE", str(tmp_path))
     monkeypatch.setenv("MULTIAR_AHEAD_OF_TIME", "1")
     ms = MS | {"fp32/packed": 1.0}
@@ -341,7 +343,8 @@ def test_a_package_for_any_weights_serves_another_model_of_the_kind_with_no_dige
     with monkeypatch.context() as m:
         m.setattr(cc.time, "perf_counter", lambda: now[0])
         clock.timed(step)
-        clock.package, clock.weights = ("built", name, 0.02), cc.ANY_WEIGHTS  # as decode notes it
+        clock.package = ("built", name, 0.02)  # as decode notes a streamed one:
+        clock.weights = ahead_of_time.any_weights_key(tiny_model())
         for _ in range(cc.StepClock.WARM_UP + 16):
             clock.timed(step)
     digests = []
@@ -349,16 +352,29 @@ def test_a_package_for_any_weights_serves_another_model_of_the_kind_with_no_dige
     other = tiny_model()
     with torch.no_grad():
         other.lm_head.weight[0, 0] += 1.0
+    other_copy = copy.deepcopy(other)  # prepare_for_decoding packs the model it is given
     _, choice = lay.prepare_for_decoding(
         other, cache_dir=tmp_path, compile="auto", steps=256, timer=fake_timer(ms, [])
     )
     assert choice.compile["compile"] and choice.compile["cached"] and digests == []
-    assert compiler[-1]["clock"].weights == cc.ANY_WEIGHTS
-    # a frozen package noted since (under a digest) takes the kind's place: it serves these weights only
+    assert compiler[-1]["clock"].weights == ahead_of_time.any_weights_key(other)
+    longer = GPT(ModelConfig(vocab_size=64, block_size=128, n_layer=2, n_head=4, n_embd=512)).eval()
+    _, choice = lay.prepare_for_decoding(
+        longer, cache_dir=tmp_path, compile="auto", steps=256, timer=fake_timer(ms, [])
+    )
+    assert not choice.compile["compile"] and digests == [1]  # same clock key, its own config: a digest
+    monkeypatch.setenv("MULTIAR_AHEAD_OF_TIME", "0")  # torch.compile's: no package to load
+    _, choice = lay.prepare_for_decoding(
+        copy.deepcopy(other_copy), cache_dir=tmp_path, compile="auto", steps=256, timer=fake_timer(ms, [])
+    )
+    assert not choice.compile["compile"] and digests == [1]
+    monkeypatch.setenv("MULTIAR_AHEAD_OF_TIME", "1")
+    # a frozen package noted since: under its weights' digest, beside the config's
     frozen = cc.StepClock(clock.cache_file, clock.key, torch.device("cpu"), clock.rows, "w1")
     frozen.compile_s, frozen.times, frozen.package = 30.0, [0.0005] * 20, ("built", name, 0.02)
     frozen.save()
-    assert cc.read_cache(clock.cache_file, clock.key)["packages"] == {"w1": name}
+    config = ahead_of_time.any_weights_key(other)
+    assert cc.read_cache(clock.cache_file, clock.key)["packages"] == {config: name, "w1": name}
 
 
 def test_a_compile_that_fails_leaves_auto_eager_with_its_samples_unchanged(tmp_path, monkeypatch, caplog):
