@@ -415,8 +415,10 @@ def main() -> None:
             if compiled_name:
                 jobs = [(args.job_steps, first["built"], "")]
                 if first["loaded"] is not None:
-                    # compile=auto also takes the digest of the weights it weighs (engine.layout._weigh)
-                    digest_s = _timed(partial(ahead_of_time.weights_digest, model))
+                    # compile=auto also takes the digest of the weights it weighs (engine.layout._weigh),
+                    # but for a package that holds none (streamed: noted under the config's key)
+                    weightless = getattr(again.compiled_step, "any_weights", False)
+                    digest_s = 0.0 if weightless else _timed(partial(ahead_of_time.weights_digest, model))
                     jobs.append((args.short_job, first["loaded"] + digest_s, ", its package built before"))
                 for steps, first_s, how in jobs:
                     row = auto_compile_row(
