@@ -92,7 +92,7 @@ GEMMS = {
     "streamed": {"autotune": False, "streamed": True, "freeze": False},
 }
 STREAMED_ROWS = 2
-TIMED_ROUNDS, WARM, BLOCK = 2, 2, 6  # a job's first steps, each candidate in turn: untimed, then timed
+TIMED_ROUNDS, WARM, BLOCK = 3, 3, 6  # rounds of each candidate in turn: untimed steps, then timed
 
 
 def gemms_asked() -> str:
@@ -281,55 +281,24 @@ def _build(model: nn.Module, rows: int, path: Path, streamed: bool = False) -> N
         Path(tmp).unlink(missing_ok=True)
 
 
-class _Trial:
-    """The GEMM candidates' packages taking turns at a job's own first steps, then the fastest alone: a
-    runner (called and bound as a package is) for AheadOfTimeStep. TRIAL_ROUNDS rounds, each candidate
-    in turn (the order flipped each round) running WARM steps untimed and then BLOCK timed in a row,
-    as a job runs one package step after step. Timed at the job's steps rather than repeated at its first
-    (session 29-30: at 10.8M the first step's timings picked autotuned twice while streamed ran 12-25%
-    faster over the job). Every package is bound to the same caches, so any of them may take the next
-    step. A candidate that fails while running is dropped (one warning line); `step.settle` is told the
-    medians when the last block is done. A job shorter than the trial records nothing."""
-
-    def __init__(self, runners: dict[str, _Package], settle: Callable[[dict[str, float]], str]) -> None:
-        self.runners, self.settle = runners, settle
-        order = list(runners)
-        self.turns = [
-            (name, i >= WARM)
-            for r in range(TIMED_ROUNDS)
-            for name in order[:: 1 if r % 2 else -1]
-            for i in range(WARM + BLOCK)
-        ]
-        self.times: dict[str, list[float]] = {name: [] for name in runners}
-        self.picked: _Package | None = None
-
-    def bind(self, model: nn.Module) -> None:
-        for runner in self.runners.values():
-            runner.bind(model)
-
-    def __call__(self, ids: Tensor, positions: Tensor, slots: Tensor) -> Tensor:
-        if self.picked is not None:
-            return self.picked(ids, positions, slots)
-        while self.turns:
-            name, timed = self.turns.pop(0)
-            if name not in self.runners:
-                continue
-            start = time.perf_counter()
-            try:
-                out = self.runners[name](ids, positions, slots)
-            except Exception as err:  # noqa: BLE001 (one package's kernels may fail where another's run)
-                if len(self.runners) == 1:
-                    raise
-                log.warning("ahead-of-time decode step: the %s GEMMs' package failed (%s)", name, err)
-                del self.runners[name], self.times[name]
-                continue
-            if timed:
-                self.times[name].append(1e3 * (time.perf_counter() - start))
-            if not self.turns:
-                step_ms = {name: statistics.median(t) for name, t in self.times.items() if t}
-                self.picked = self.runners[self.settle(step_ms)]
-            return out
-        raise RuntimeError("no GEMMs candidate left to run")  # not reached: the last one raises
+def _time_in_turns(
+    runners: dict[str, _Package], ids: Tensor, positions: Tensor, slots: Tensor
+) -> dict[str, float]:
+    """Median ms of each runner's step at these inputs: TIMED_ROUNDS rounds, each runner in turn (the
+    order flipped each round) running WARM steps untimed and then BLOCK timed in a row. A job runs one
+    package step after step, so a runner is timed as it will run: after its own steps, not right after
+    the other's. Strict alternation timed each step after the other package's weights had evicted its
+    own, and at 10.8M (weights near the L3's size) it picked the package that ran slower over the job
+    (0.64 against 0.96 ms, then 1,478 against 1,999 tokens/s; session 29)."""
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for r in range(TIMED_ROUNDS):
+        for name in list(runners)[:: 1 if r % 2 else -1]:
+            for i in range(WARM + BLOCK):
+                start = time.perf_counter()
+                runners[name](ids, positions, slots)
+                if i >= WARM:
+                    times[name].append(1e3 * (time.perf_counter() - start))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _prune(folder: Path, keep: int) -> None:
@@ -419,7 +388,6 @@ class AheadOfTimeStep:
         self.asked = gemms or gemms_asked()
         self.gemms: dict[str, object] | None = None  # the last pick: {"gemms", "step_ms" where measured}
         self.any_weights = False  # the package made ready last holds no weights: it serves any of the kind
-        self.settled = True  # False while candidates take turns at a job's first steps (_Trial)
 
     def __call__(self, model: nn.Module, ids: Tensor, positions: Tensor, slots: Tensor) -> Tensor:
         if self.fallback is not None:
@@ -440,17 +408,15 @@ class AheadOfTimeStep:
                 self.fallback = self.make_fallback()
                 return self.fallback(model, ids, positions, slots)
             self.runners[shape] = (runner, tensors)
-        out = runner(ids, positions, slots)
-        if isinstance(runner, _Trial) and runner.picked is not None:  # the pick alone from here
-            self.runners[shape] = (runner.picked, tensors)
-        return out
+        return runner(ids, positions, slots)
 
-    def _chosen(self, model: nn.Module, ids: Tensor, positions: Tensor, slots: Tensor) -> _Package | _Trial:
+    def _chosen(self, model: nn.Module, ids: Tensor, positions: Tensor, slots: Tensor) -> _Package:
         """The package of the GEMMs pinned (where a candidate here), recorded for this machine, model kind
-        and candidates, or picked by this step before (another row count), else every candidate's package
-        taking turns at the job's first steps (_Trial), the fastest then kept and recorded (_settled). A
-        candidate that fails to build or bind is left out (with one left, it runs and nothing is
-        recorded); where every one fails the first error is raised."""
+        and candidates, or picked by this step before (another row count), else of each candidate: their
+        steps timed in turns at this call's inputs, the fastest recorded and the others' packages deleted.
+        A step run twice writes the same keys and values at the same slots, and the caller runs the pick
+        last. A candidate that fails to build or run is left out (with one left, nothing is recorded);
+        where every one fails the first error is raised."""
         rows, self.spare_s = ids.size(0), 0.0
         names = candidates(model, rows)
         # the candidates in the key: a pick recorded before streamed was one is measured again
@@ -490,30 +456,17 @@ class AheadOfTimeStep:
                 log.warning("ahead-of-time decode step: the %s GEMMs' package failed (%s)", name, err)
         if not runners:
             raise errors[0]
-        if len(runners) == 1:  # one candidate left: nothing to time, nor to record
-            (picked,) = runners
-            self._settled(rows, key, lasts, took, digest_s, {picked: None})
-            return runners[picked]
-        self.settled = False
-        return _Trial(runners, functools.partial(self._settled, rows, key, lasts, took, digest_s))
-
-    def _settled(
-        self, rows: int, key: str, lasts: dict, took: dict, digest_s: float, step_ms: dict[str, float | None]
-    ) -> str:
-        """The candidates' median ms per step -> the pick (the fastest), noted: `last` its own build or
-        load, `spare_s` the others' builds (and the weights' digest where the pick takes none), recorded
-        for the machine and model kind where two or more were timed, the others' packages deleted."""
-        picked = min(step_ms, key=lambda name: step_ms[name] or 0.0)
-        self.spare_s = sum(s for name, s in took.items() if name != picked)
+        start = time.perf_counter()
+        step_ms = _time_in_turns(runners, ids, positions, slots)
+        picked = min(step_ms, key=step_ms.get)
+        self.spare_s = time.perf_counter() - start + sum(s for name, s in took.items() if name != picked)
         if GEMMS[picked].get("streamed"):  # the digest taken for the others: no load of the pick takes it
             self.spare_s += digest_s
         self.last = lasts[picked]  # the pick's own build or load: the clock leaves spare_s out
         self.any_weights = bool(GEMMS[picked].get("streamed"))
-        self.settled = True
-        if len(step_ms) < 2:
-            self.gemms = {"gemms": picked}
-            return picked
         self.gemms = {"gemms": picked, "step_ms": step_ms}
+        if len(runners) < 2:
+            return runners[picked]  # one candidate measured: nothing to record
         write_cache(cache_root() / CACHE_FILE, key, self.gemms)
         for name, (_, file, _) in lasts.items():
             if name != picked:
@@ -521,12 +474,12 @@ class AheadOfTimeStep:
                     (package_dir() / file).unlink()
         timings = ", ".join(f"{name} {ms:.2f}" for name, ms in sorted(step_ms.items(), key=lambda kv: kv[1]))
         log.info(
-            "ahead-of-time decode step: %s GEMMs, measured over the job's first steps (ms per step at %d rows: %s)",
+            "ahead-of-time decode step: %s GEMMs, measured (ms per step at %d rows: %s)",
             picked,
             rows,
             timings,
         )
-        return picked
+        return runners[picked]
 
     def _runner(self, model: nn.Module, rows: int, gemms: str, weights: str | None = None) -> _Package:
         start = time.perf_counter()

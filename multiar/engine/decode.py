@@ -122,13 +122,10 @@ def compile_for_sampling(
         if cuda_graphs and not hasattr(model.blocks[0].attn.kv_cache.k, "_dynamo_static_input_type"):
             static_caches(model)  # caches new since the last step (a first call, a larger batch)
         try:
-            # while the GEMMs' candidates take turns (after the first call, timed: the builds), no step
-            # is timed: the clock's steps are the pick's
-            trying = isinstance(step, ahead_of_time.AheadOfTimeStep) and not step.settled
-            timed = clock is not None and clock.rows == B and not (trying and clock.compile_s is not None)
+            timed = clock is not None and clock.rows == B
             logits = clock.timed(step, *args) if timed else step(*args)
             packaged = isinstance(step, ahead_of_time.AheadOfTimeStep) and step.fallback is None
-            if timed and clock.package is None and packaged and step.settled:
+            if timed and clock.package is None and packaged:
                 clock.package = step.last  # a package built or loaded: compile=auto's next cost
                 clock.spare_s = step.spare_s  # its GEMMs' other candidates and their timing: not that cost
                 if step.any_weights:  # it serves every model of the config: noted so, not under a digest
