@@ -160,9 +160,7 @@ def _tensors(model: nn.Module) -> dict[str, Tensor]:
 
 def _caches(model: nn.Module) -> dict[str, Tensor]:
     """The KV cache tensors by their fqn in the package ("model.blocks.0.attn.kv_cache.k", ...)."""
-    return {
-        f"model.{name}": t for name, t in model.named_buffers(remove_duplicate=False) if ".kv_cache." in name
-    }
+    return {name: t for name, t in _tensors(model).items() if ".kv_cache." in name}
 
 
 def kind_digest(model: nn.Module) -> str:
@@ -220,11 +218,8 @@ def package_key(model: nn.Module, rows: int, options: dict, weights: str | None 
     for line in _settings(model):
         h.update(line.encode())
     if options.get("streamed"):  # it holds no weights: theirs are handed to it at load
-        h.update(
-            " ".join(
-                f"{n} {t.dtype} {tuple(t.shape)} {t.stride()}" for n, t in _tensors(model).items()
-            ).encode()
-        )
+        weights = (f"{n} {t.dtype} {tuple(t.shape)} {t.stride()}" for n, t in _tensors(model).items())
+        h.update(" ".join(w for w in weights if ".kv_cache." not in w).encode())  # caches: below
     else:
         h.update((weights or weights_digest(model)).encode())  # weights: its digest, taken before
     for name, t in _caches(model).items():  # a cache's contents change every step: its shape only
@@ -433,6 +428,7 @@ class AheadOfTimeStep:
         picked = asked if asked != "auto" else recorded or (earlier if earlier in names else None)
         if picked in GEMMS:
             runner = self._runner(model, rows, picked)
+            self.any_weights = runner.weightless
             self.gemms = self.gemms if (self.gemms or {}).get("gemms") == picked else {"gemms": picked}
             return runner
         runners, lasts, errors, took = {}, {}, [], {}
@@ -463,7 +459,7 @@ class AheadOfTimeStep:
         if GEMMS[picked].get("streamed"):  # the digest taken for the others: no load of the pick takes it
             self.spare_s += digest_s
         self.last = lasts[picked]  # the pick's own build or load: the clock leaves spare_s out
-        self.any_weights = bool(GEMMS[picked].get("streamed"))
+        self.any_weights = runners[picked].weightless
         self.gemms = {"gemms": picked, "step_ms": step_ms}
         if len(runners) < 2:
             return runners[picked]  # one candidate measured: nothing to record
@@ -495,7 +491,6 @@ class AheadOfTimeStep:
                     os.utime(path)
                 loaded = time.perf_counter() - start
                 self.loaded, self.last = self.loaded + 1, ("loaded", path.name, keyed + loaded)
-                self.any_weights = streamed
                 log.info("ahead-of-time decode step: loaded %s in %.2f s", path.name, loaded)
                 return runner
             except Exception as err:  # noqa: BLE001 (a truncated or foreign file): built again below
@@ -509,7 +504,6 @@ class AheadOfTimeStep:
         start = time.perf_counter()
         runner = _Package(path, weightless=streamed)
         self.built, self.last = self.built + 1, ("built", path.name, keyed + time.perf_counter() - start)
-        self.any_weights = streamed
         log.info("ahead-of-time decode step: built %s in %.1f s", path.name, built)
         _prune(path.parent, KEEP)
         return runner

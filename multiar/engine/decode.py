@@ -70,9 +70,10 @@ def compile_for_sampling(
     position, a mask hiding each row's slots past its own: their count is the graph's one dynamic size,
     `filled_slots`), so one graph serves every step. The graph is the slot engine's layers (engine.captured_step.decode_rows: attention
     as inductor's own fused kernel, not SDPA's flash kernel, whose set-up cost a one-query row does not
-    repay). On a CPU inductor freezes the weights in (but in a streamed package) and calls the kernels through a C++ wrapper, its
-    GEMMs those measured fastest here (engine.ahead_of_time: its autotuned pick, oneDNN / MKL, or at a few rows
-    the Linears streamed as fused multiply-and-sums); on CUDA the step is replayed as one CUDA
+    repay). On a CPU inductor freezes the weights in (but in a streamed package) and calls the kernels
+    through a C++ wrapper, its GEMMs those measured fastest here (engine.ahead_of_time: its autotuned
+    pick, oneDNN / MKL, or at a few rows the Linears streamed as fused multiply-and-sums); on CUDA the
+    step is replayed as one CUDA
     graph, its logits copied out of the graph's buffer (engine.inductor_options). The KV caches are kept
     between calls (the graph holds on to them). Prefill and other multi-token passes stay eager. The
     first step compiles (tens of seconds on 2 CPU cores). rows: the one row count the graph is for
