@@ -21,13 +21,16 @@ the same kind. Packages live under `$MULTIAR_CACHE/decode_steps` (else
 Which GEMMs the package calls is measured too, once per machine, layer shapes, dtypes and row count
 (decode_layout.json): inductor's autotuned choice (it times its C++ template against oneDNN / MKL at
 compile time, over weights hot in cache), ATen's oneDNN / MKL calls alone, or (up to STREAMED_ROWS rows)
-no GEMM at all: each Linear streamed as a multiply-and-sum that inductor fuses into one loop. Each
+no GEMM at all: each Linear streamed, its weight read once per step (bf16 and int8 layers through
+engine.cpu_matvec's operators where they build, fp32 ones as a multiply-and-sum that inductor fuses into
+one loop). Each
 candidate's package is built and their steps timed in turns on the job's first step; the fastest is kept,
 the others' packages deleted. On the AMX Xeon the autotuned GEMMs were the fast ones. On a Zen 5 EPYC
 without AMX (benchmarks/README.md, session 29) the 85M bf16 step ran 8.07 ms autotuned against 6.08 on
 ATen (a job: 123 against 174 tokens/s), while fp32 there ran faster autotuned in a probe (146 against
 108), and 10.8M bf16 went either way between processes; streamed, the 85M bf16 step ran 3.9 ms against
-ATen's 4.0-4.5 (session 30). `MULTIAR_COMPILE_GEMMS=autotuned|aten|streamed` pins one (tests pin
+ATen's 4.0-4.5 (session 30), and the 85M int8 step through the operator 2.4 ms against the int8
+kernel's 2.6-3.3 (session 31). `MULTIAR_COMPILE_GEMMS=autotuned|aten|streamed` pins one (tests pin
 autotuned).
 """
 
@@ -49,6 +52,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from multiar.engine import cpu_matvec
 from multiar.engine.captured_step import decode_rows
 from multiar.engine.choice_cache import (
     CACHE_FILE,
@@ -60,6 +64,7 @@ from multiar.engine.choice_cache import (
 )
 from multiar.engine.compile_choice import ANY_WEIGHTS
 from multiar.engine.inductor_options import inductor_options
+from multiar.engine.quantize import Int8Linear
 
 log = logging.getLogger("multiar")
 
@@ -78,10 +83,12 @@ ENGINE = Path(__file__).parent  # its sources are in every key: a changed engine
 
 
 # the package's GEMMs, each candidate's switches: inductor's `autotune` (engine.inductor_options), and
-# `streamed`: every float nn.Linear traced as a multiply-and-sum, which inductor fuses into one loop that
-# streams the weight once per output row (no GEMM kernel). At one row that loop read 85M's bf16 weights at
-# 48 GB/s where oneDNN's mat-vec read them at 27 (a /tmp probe, Zen 5, session 30); at 4 rows and up it
-# reads them again per row, slower than a GEMM, so it is a candidate up to STREAMED_ROWS rows only
+# `streamed`: every float nn.Linear and int8 layer traced as a mat-vec that streams the weight once (no
+# GEMM kernel): engine.cpu_matvec's operators for bf16 and int8 weights, for fp32 a multiply-and-sum that
+# inductor fuses into one loop per output row. At one row that loop read 85M's bf16 weights at 48 GB/s
+# where oneDNN's mat-vec read them at 27 (a /tmp probe, Zen 5, session 30), the operator at ~50; at 4 rows
+# and up the fused loop reads them again per row, slower than a GEMM, so streamed is a candidate up to
+# STREAMED_ROWS rows only
 # A streamed package is also built unfrozen and holds no weights: the model's own tensors are handed to it
 # at load, as its KV caches are, so its key has their shapes and dtypes, not their contents. Any model of
 # the same kind loads it (no build for a newly trained model), in milliseconds: no weights digest, no
@@ -105,26 +112,51 @@ def gemms_asked() -> str:
 
 def candidates(model: nn.Module, rows: int) -> list[str]:
     """The GEMMs worth timing for `rows` rows of this model: streamed only at a few rows, and where the
-    model has a float nn.Linear to stream (a quantized model's layers keep their own kernels)."""
-    streams = rows <= STREAMED_ROWS and any(type(m) is nn.Linear for m in model.modules())
+    model has a float nn.Linear or an int8 layer to stream (int4 layers keep their own kernel)."""
+    streams = rows <= STREAMED_ROWS and any(_streams(m) for m in model.modules())
     return [name for name in GEMMS if streams or not GEMMS[name].get("streamed")]
 
 
+def _streams(module: nn.Module) -> bool:
+    """Whether the streamed candidate changes this layer: a float nn.Linear, or an int8 layer on the CPU
+    where engine.cpu_matvec's operator is built."""
+    if isinstance(module, Int8Linear):
+        return module.weight.device.type == "cpu" and cpu_matvec.library() is not None
+    return type(module) is nn.Linear
+
+
 def _streamed(linear: nn.Linear, x: Tensor) -> Tensor:
-    """linear(x) as a multiply-and-sum: (..., i) * (o, i) summed over i in fp32 -> (..., o), one fused
-    loop per output row in inductor's code rather than a GEMM call."""
-    y = (x.unsqueeze(-2) * linear.weight).sum(-1, dtype=torch.float32).to(x.dtype)
+    """linear(x) without a GEMM call: bf16 weights through engine.cpu_matvec's operator where it is built,
+    else (fp32) a multiply-and-sum, (..., i) * (o, i) summed over i in fp32 -> (..., o), which inductor
+    fuses into one loop per output row. The 85M model's 49 mat-vecs at one row (/tmp probe, Zen 5,
+    session 31): bf16 3.8-3.9 ms through the operator, 4.5-5.4 fused by inductor; fp32 5.5-6.1 against
+    inductor's 5.2-5.5."""
+    w = linear.weight
+    if w.dtype == torch.bfloat16 and w.device.type == "cpu" and cpu_matvec.library() is not None:
+        rows = x.reshape(-1, linear.in_features).to(w.dtype)  # (N, in)
+        y = cpu_matvec.matvec(rows, w).to(x.dtype).reshape(*x.shape[:-1], linear.out_features)
+    else:
+        y = (x.unsqueeze(-2) * w).sum(-1, dtype=torch.float32).to(x.dtype)
     return y if linear.bias is None else y + linear.bias
+
+
+def _streamed_int8(layer: Int8Linear, x: Tensor) -> Tensor:
+    """An int8 layer through engine.cpu_matvec's operator: fp32 activations, the codes read once for
+    all rows (inductor's own multiply-and-sum of int8 codes ran slower than the int8 kernel: there)."""
+    rows = x.reshape(-1, layer.in_features).float()  # (N, in)
+    y = cpu_matvec.int8_matvec(rows, layer.weight, layer.scales)  # (N, out) fp32
+    return y.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
 
 
 @contextlib.contextmanager
 def _streamed_linears(model: nn.Module) -> Iterator[None]:
-    """Every plain nn.Linear of model computed by _streamed while traced (an instance attribute over the
-    class's forward, taken away after)."""
-    linears = [m for m in model.modules() if type(m) is nn.Linear]
+    """Every plain nn.Linear and int8 layer of model computed by _streamed / _streamed_int8 while traced
+    (an instance attribute over the class's forward, taken away after)."""
+    linears = [m for m in model.modules() if _streams(m)]
     try:
         for linear in linears:
-            linear.forward = functools.partial(_streamed, linear)
+            stream = _streamed_int8 if isinstance(linear, Int8Linear) else _streamed
+            linear.forward = functools.partial(stream, linear)
         yield
     finally:
         for linear in linears:
@@ -190,7 +222,7 @@ def code_digest() -> str:
     """What every package of this process's code shares: FORMAT, torch's version and the engine's
     sources. It starts each package's file name, so a name recorded before a code change reads as gone."""
     h = hashlib.sha256(f"{FORMAT} {torch.__version__}".encode())
-    for path in sorted(ENGINE.glob("*.py")):
+    for path in sorted([*ENGINE.glob("*.py"), *ENGINE.glob("*.c"), *ENGINE.glob("*.cpp")]):
         h.update(path.read_bytes())
     return h.hexdigest()[:12]
 
@@ -246,7 +278,7 @@ def on_disk(name: str) -> bool:
 
 def _build(model: nn.Module, rows: int, path: Path, streamed: bool = False) -> None:
     """Export decode_rows for `rows` rows (the filled slots' count dynamic, 2 .. cache length - 1; its
-    Linears as multiply-and-sums where streamed) and compile it into the package at path, written to a
+    Linears as mat-vecs where streamed) and compile it into the package at path, written to a
     temporary file first (inductor's switches entered around this by the caller)."""
     length = model.blocks[0].attn.kv_cache.k.size(2)
     device = model.wte.weight.device

@@ -73,9 +73,10 @@ def kernel_dir() -> Path:
     return cache_root() / "kernels"
 
 
-def compiler() -> list[str] | None:
-    """The C compiler's command (`$CC`, which may carry arguments, else `cc`), or None where absent."""
-    words = shlex.split(os.environ.get("CC", "cc")) or ["cc"]
+def compiler(variable: str = "CC", default: str = "cc") -> list[str] | None:
+    """The C compiler's command (`$CC`, which may carry arguments, else `cc`; engine.cpu_matvec asks for
+    C++'s: `$CXX`, else `c++`), or None where absent."""
+    words = shlex.split(os.environ.get(variable, default)) or [default]
     found = shutil.which(words[0])
     return None if found is None else [found, *words[1:]]
 
@@ -103,8 +104,7 @@ def _load() -> ctypes.CDLL | None:
     except (OSError, subprocess.SubprocessError) as err:
         log.info("fused CPU kernels: %s --version failed (%s); the composed torch ops run", cc[0], err)
         return None
-    # -march=native: a library is this CPU's (model and flags: x86's flags, ARM's implementer and part)
-    machine = f"{platform.machine()} {cpu_model()} {' '.join(sorted(cpu_flags()))}"
+    machine = native_target()
     errors = []
     for extra in BUILDS:
         digest = hashlib.sha256(
@@ -112,7 +112,7 @@ def _load() -> ctypes.CDLL | None:
         ).hexdigest()[:16]
         path = kernel_dir() / f"cpu_kernels-{digest}.so"
         if not path.exists():
-            error = _build(cc, extra, path)
+            error = build_library(cc, extra, path)
             if error:
                 errors.append(error)
                 continue
@@ -129,8 +129,15 @@ def _load() -> ctypes.CDLL | None:
     return None
 
 
-def _build(cc: list[str], extra: list[str], path: Path) -> str | None:
-    """Compile SOURCE into path atomically (a temporary file renamed); the error's last line, or None."""
+def native_target() -> str:
+    """What a -march=native library is built for: this CPU's model and flags (x86's flags, ARM's
+    implementer and part), part of its cache key."""
+    return f"{platform.machine()} {cpu_model()} {' '.join(sorted(cpu_flags()))}"
+
+
+def build_library(cc: list[str], extra: list[str], path: Path, source: Path = SOURCE) -> str | None:
+    """Compile source (with BASE_FLAGS and extra) into the shared library at path atomically (a temporary
+    file renamed); the error's last line, or None."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
@@ -140,7 +147,7 @@ def _build(cc: list[str], extra: list[str], path: Path) -> str | None:
     # the link libraries after the source, where the linker resolves them
     flags = [f for f in extra if not f.startswith("-l")]
     libs = [f for f in extra if f.startswith("-l")]
-    cmd = [*cc, *BASE_FLAGS, *flags, str(SOURCE), "-o", tmp, *libs]
+    cmd = [*cc, *BASE_FLAGS, *flags, str(source), "-o", tmp, *libs]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     except (OSError, subprocess.SubprocessError) as err:

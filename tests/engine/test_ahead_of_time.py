@@ -24,10 +24,12 @@ OTHERS = [[4, 4, 20], [30, 1, 6, 6]]  # a later job's prompts: the package must 
 SWITCHES = dict(cpp_wrapper=True, autotune=True, cuda_graphs=False)
 
 
-def tiny(seed: int = 6) -> GPT:
-    """A tiny model whose next token depends on its context (at the default init it hardly does)."""
+def tiny(seed: int = 6, width: int = 16) -> GPT:
+    """A tiny model whose next token depends on its context (at the default init it hardly does); at
+    width 32 (and 48 ids) every layer takes int4."""
     torch.manual_seed(seed)
-    model = GPT(ModelConfig(vocab_size=37, block_size=32, n_layer=2, n_head=2, n_embd=16)).eval()
+    vocab = 37 if width == 16 else 48
+    model = GPT(ModelConfig(vocab_size=vocab, block_size=32, n_layer=2, n_head=2, n_embd=width)).eval()
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
@@ -255,11 +257,51 @@ def test_streamed_linears_are_candidates_at_a_few_float_rows_and_decode_as_the_e
     assert (again.compiled_step.built, again.compiled_step.loaded) == (0, 1)
     assert clock.weights == ahead_of_time.any_weights_key(other) and clock.weights.startswith(ANY_WEIGHTS)
     assert clock.package[:2] == ("loaded", again.compiled_step.last[1])
-    # pinned where it is no candidate (a quantized model's own kernels): measured instead, not forced
-    quantized = compile_for_sampling(quantize(tiny(seed=12), "int8"), rows=len(PROMPTS))
+    # pinned where it is no candidate (an int4 model's own kernels): measured instead, not forced
+    quantized = compile_for_sampling(quantize(tiny(seed=12, width=32), "int4"), rows=len(PROMPTS))
     greedy(quantized)
     assert quantized.compiled_step.gemms["gemms"] != "streamed" and quantized.compiled_step.fallback is None
     model = tiny(seed=10)
     assert ahead_of_time.candidates(model, ahead_of_time.STREAMED_ROWS) == list(ahead_of_time.GEMMS)
     assert "streamed" not in ahead_of_time.candidates(model, ahead_of_time.STREAMED_ROWS + 1)
-    assert "streamed" not in ahead_of_time.candidates(quantize(model, "int8"), 1)  # its own kernels
+    assert "streamed" not in ahead_of_time.candidates(quantize(tiny(width=32), "int4"), 1)  # its own kernels
+
+
+def test_streamed_int8_layers_run_the_mat_vec_operator_and_decode_as_their_dequantized_weights(
+    own_cache, monkeypatch
+):
+    """With engine.cpu_matvec's operator built, an int8 model's streamed package calls it for every int8
+    layer (fp32 activations times the codes, scaled after the sum): it decodes greedily as an fp32 model
+    holding the dequantized weights does, holds no weights (another int8 model of the kind loads it
+    unbuilt), and is a candidate at a few rows only; without the operator it is none."""
+    from multiar.engine import cpu_matvec
+    from multiar.engine.quantize import Int8Linear
+
+    if cpu_matvec.library() is None:
+        pytest.skip("no C++ compiler here: int8 layers keep their own kernels")
+    monkeypatch.setenv("MULTIAR_COMPILE_GEMMS", "streamed")
+
+    def dequantized(int8: GPT, seed: int) -> GPT:
+        """tiny(seed) with each Linear the weight its int8 layer stands for (lm_head untied from the
+        embedding, which keeps its fp32 table in the int8 model too)."""
+        dense = tiny(seed=seed)
+        for name, layer in int8.named_modules():
+            if isinstance(layer, Int8Linear):
+                weight = layer.weight.float() * layer.scales[:, None]
+                dense.get_submodule(name).weight = nn.Parameter(weight, requires_grad=False)
+        return dense
+
+    int8 = quantize(tiny(seed=13), "int8")
+    assert ahead_of_time.candidates(int8, ahead_of_time.STREAMED_ROWS)[-1] == "streamed"
+    assert "streamed" not in ahead_of_time.candidates(int8, ahead_of_time.STREAMED_ROWS + 1)
+    compiled = compile_for_sampling(copy.deepcopy(int8), rows=len(PROMPTS))
+    assert greedy(compiled) == greedy(dequantized(int8, 13))
+    step = compiled.compiled_step
+    assert (step.gemms, step.fallback, step.any_weights, step.built) == ({"gemms": "streamed"}, None, True, 1)
+    assert all("forward" not in vars(m) for m in compiled.modules() if isinstance(m, Int8Linear))
+    other = quantize(tiny(seed=14), "int8")
+    again = compile_for_sampling(copy.deepcopy(other), rows=len(PROMPTS))
+    assert greedy(again) == greedy(dequantized(other, 14))
+    assert (again.compiled_step.built, again.compiled_step.loaded) == (0, 1)
+    monkeypatch.setattr(cpu_matvec, "library", lambda: None)
+    assert "streamed" not in ahead_of_time.candidates(int8, 1)

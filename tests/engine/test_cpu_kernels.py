@@ -125,8 +125,8 @@ def test_the_library_is_built_once_and_kept(fresh_kernels, monkeypatch):
     assert len(libraries) == 1 and not list(fresh_kernels.glob("tmp*"))  # mkstemp's names, renamed
     cpu_kernels.library.cache_clear()
     compiles = []
-    real_build = cpu_kernels._build
-    monkeypatch.setattr(cpu_kernels, "_build", lambda *a: compiles.append(a) or real_build(*a))
+    real_build = cpu_kernels.build_library
+    monkeypatch.setattr(cpu_kernels, "build_library", lambda *a: compiles.append(a) or real_build(*a))
     assert cpu_kernels.library() is not None
     assert compiles == []
     assert list(fresh_kernels.glob("*.so")) == libraries

@@ -1,0 +1,98 @@
+"""An int8 Linear at a decode step's one or two rows as a torch operator, `multiar::int8_matvec`
+(cpu_matvec.cpp): fp32 activations times the int8 codes, summed in fp32, scaled per output row. It is
+what a streamed package (engine.ahead_of_time) calls for each int8 layer, through the dispatcher, so
+AOTInductor packages and torch.compile's graphs both run it.
+
+Why a kernel of our own: at one row the step reads every weight once, so its speed is the bytes it
+streams. On the Zen 5 EPYC without AMX (/tmp probes, session 31) 50 MB of int8 codes took:
+`torch._weight_int8pack_mm` (bf16 activations) ~1.6 ms for 4096 x 768 x 16; this loop 0.92-1.0 ms
+(50-55 GB/s, the RAM's pace); inductor's own multiply-and-sum of the codes 3.7-4.2 ms beside bf16 (it
+loads 32 codes through a masked 512-bit load, which ran 4x slower from RAM) and 0.86 ms in a lone
+fp32 loop, which inside the model's fused step (a norm recomputed in each loop, one accumulator) ran
+the 85M int8 step at 3.0 ms against the int8 kernel's 2.6.
+
+Built on first use with the system's C++ compiler (`$CXX`, else `c++`; ~6 s) against this torch's
+headers, for this CPU (-march=native), cached under `$MULTIAR_CACHE/kernels` by a digest of the source,
+the compiler, torch's version and the CPU, and loaded into the process (`torch.ops.load_library`).
+Where there is no compiler or the build fails, `library()` is None (logged once) and int8 layers keep
+their own kernels. No Lightning, Hydra or domain code here.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import subprocess
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from multiar.engine.cpu_kernels import build_library, compiler, kernel_dir, native_target
+
+log = logging.getLogger("multiar")
+
+SOURCE = Path(__file__).with_name("cpu_matvec.cpp")
+
+
+@functools.cache
+def library() -> Path | None:
+    """The operator's library, built on first use and loaded; None where it cannot be (logged once):
+    any error here costs the operator, never the run."""
+    try:
+        return _load()
+    except Exception as err:  # noqa: BLE001 (an unreadable source, a full disk: int8 keeps its kernels)
+        log.info("int8 mat-vec operator: %s; int8 layers keep their own kernels", err)
+        return None
+
+
+def _load() -> Path | None:
+    cxx = compiler("CXX", "c++")
+    if cxx is None:
+        log.info("int8 mat-vec operator: no C++ compiler; int8 layers keep their own kernels")
+        return None
+    version = subprocess.run([*cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+    torch_dir = Path(torch.__file__).parent
+    extra = [
+        "-std=c++17",
+        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+        f"-I{torch_dir / 'include'}",
+        f"-I{torch_dir / 'include' / 'torch' / 'csrc' / 'api' / 'include'}",
+        f"-L{torch_dir / 'lib'}",
+        "-ltorch_cpu",
+        "-lc10",
+    ]
+    key = "\0".join([SOURCE.read_text(), *cxx, version, native_target(), torch.__version__, *extra])
+    path = kernel_dir() / f"cpu_matvec-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+    if not path.exists():
+        error = build_library(cxx, extra, path, SOURCE)
+        if error:
+            log.info(
+                "int8 mat-vec operator: the build failed (%s); int8 layers keep their own kernels", error
+            )
+            return None
+    torch.ops.load_library(str(path))
+    torch.library.register_fake("multiar::int8_matvec", _int8_matvec_shape)
+    torch.library.register_fake("multiar::matvec", _matvec_shape)
+    return path
+
+
+def _int8_matvec_shape(x: Tensor, q: Tensor, scales: Tensor) -> Tensor:
+    """What the operator returns, for tracing: (rows, out) fp32."""
+    return x.new_empty(x.size(0), q.size(0))
+
+
+def _matvec_shape(x: Tensor, w: Tensor) -> Tensor:
+    return x.new_empty(x.size(0), w.size(0), dtype=torch.float32)
+
+
+def int8_matvec(x: Tensor, q: Tensor, scales: Tensor) -> Tensor:
+    """(rows, in) fp32 @ int8 (out, in)^T * scales (out,) -> (rows, out) fp32; library() loaded first."""
+    return torch.ops.multiar.int8_matvec(x, q, scales)
+
+
+def matvec(x: Tensor, w: Tensor) -> Tensor:
+    """(rows, in) @ (out, in)^T -> (rows, out) fp32, x and w both fp32 or both bf16; library() loaded
+    first."""
+    return torch.ops.multiar.matvec(x, w)
