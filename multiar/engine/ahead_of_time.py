@@ -446,8 +446,10 @@ class AheadOfTimeStep:
         where every one fails the first error is raised."""
         rows, self.spare_s = ids.size(0), 0.0
         names = candidates(model, rows)
-        # the candidates in the key: a pick recorded before streamed was one is measured again
-        key = cache_key(model, rows, f"ahead-of-time gemms {kind_digest(model)} {' '.join(names)}")
+        # the candidates and the engine's code in the key: a pick recorded before streamed was one, or
+        # before a candidate's code changed (the mat-vec operators), is measured again
+        kind = f"{kind_digest(model)} {code_digest()} {' '.join(names)}"
+        key = cache_key(model, rows, f"ahead-of-time gemms {kind}")
         recorded = (read_cache(cache_root() / CACHE_FILE, key) or {}).get("gemms")
         earlier = (self.gemms or {}).get("gemms")  # this job's pick at another row count, if one here
         asked = self.asked if self.asked in names else "auto"  # streamed pinned: at a few float rows only
