@@ -121,8 +121,15 @@ def _streams(module: nn.Module) -> bool:
     """Whether the streamed candidate changes this layer: a float nn.Linear, or an int8 layer on the CPU
     where engine.cpu_matvec's operator is built."""
     if isinstance(module, Int8Linear):
-        return module.weight.device.type == "cpu" and cpu_matvec.library() is not None
+        return _on_operator(module) and cpu_matvec.library() is not None
     return type(module) is nn.Linear
+
+
+def _on_operator(module: nn.Module) -> bool:
+    """Whether streamed runs this layer through engine.cpu_matvec's operators where they are built: an
+    int8 layer or a bf16 nn.Linear, on the CPU."""
+    bf16 = type(module) is nn.Linear and module.weight.dtype == torch.bfloat16
+    return (bf16 or isinstance(module, Int8Linear)) and module.weight.device.type == "cpu"
 
 
 def _streamed(linear: nn.Linear, x: Tensor) -> Tensor:
@@ -132,7 +139,7 @@ def _streamed(linear: nn.Linear, x: Tensor) -> Tensor:
     session 31): bf16 3.8-3.9 ms through the operator, 4.5-5.4 fused by inductor; fp32 5.5-6.1 against
     inductor's 5.2-5.5."""
     w = linear.weight
-    if w.dtype == torch.bfloat16 and w.device.type == "cpu" and cpu_matvec.library() is not None:
+    if _on_operator(linear) and cpu_matvec.library() is not None:
         rows = x.reshape(-1, linear.in_features).to(w.dtype)  # (N, in)
         y = cpu_matvec.matvec(rows, w).to(x.dtype).reshape(*x.shape[:-1], linear.out_features)
     else:
@@ -252,6 +259,9 @@ def package_key(model: nn.Module, rows: int, options: dict, weights: str | None 
     if options.get("streamed"):  # it holds no weights: theirs are handed to it at load
         weights = (f"{n} {t.dtype} {tuple(t.shape)} {t.stride()}" for n, t in _tensors(model).items())
         h.update(" ".join(w for w in weights if ".kv_cache." not in w).encode())  # caches: below
+        # whether it calls the operators (built, and loaded before the package is: it names them)
+        if any(_on_operator(m) for m in model.modules()):
+            h.update(f"operators {cpu_matvec.library() is not None}".encode())
     else:
         h.update((weights or weights_digest(model)).encode())  # weights: its digest, taken before
     for name, t in _caches(model).items():  # a cache's contents change every step: its shape only

@@ -1,5 +1,6 @@
-"""Each layer shape of a quantized model on its fastest kernel: its own (int8, int4) or its weight
-dequantized once to bf16 (`DequantizedLinear`), measured per shape at the batch size asked, and checked
+"""Each layer shape of a quantized model on its fastest kernel: its own (int8, int4), its weight
+dequantized once to bf16 (`DequantizedLinear`), or for int8 at a decode step's few rows
+engine.cpu_matvec's operator (`MatvecInt8Linear`), measured per shape at the batch size asked, and checked
 on the whole model where the picks mix in bf16 copies (`choose_kernels`, called by
 `engine.layout.prepare_for_decoding`). No Lightning, Hydra or domain code here.
 """
@@ -14,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from multiar.engine import cpu_matvec
 from multiar.engine.choice_cache import cache_key, read_cache, write_cache
 from multiar.engine.decode_choice import DecodeChoice, Timer
 from multiar.engine.packed import PackedLinear, packs
@@ -35,6 +37,40 @@ class DequantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x.to(torch.bfloat16)).to(x.dtype)
+
+
+MATVEC_ROWS = 2  # calls of up to this many rows run the operator: it reads the codes once for all rows
+
+
+class MatvecInt8Linear(nn.Module):
+    """An int8 layer whose calls of up to MATVEC_ROWS rows run engine.cpu_matvec's operator (fp32
+    activations times the codes, scaled after the sum; the 85M model's 49 int8 mat-vecs in 1.7-1.9 ms
+    against `_weight_int8pack_mm`'s 2.75, a /tmp probe on the Zen 5 EPYC, session 31), and longer calls
+    (a prompt's prefill) the layer's own. Without the operator (a resumed run's pick on a machine with no
+    C++ compiler) every call is the layer's own."""
+
+    def __init__(self, layer: Int8Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.layer = layer
+        self.on_operator = layer.weight.device.type == "cpu" and cpu_matvec.library() is not None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)  # (N, in)
+        if not self.on_operator or rows.size(0) > MATVEC_ROWS:
+            return self.layer(x)
+        y = cpu_matvec.int8_matvec(rows.float(), self.layer.weight, self.layer.scales)  # (N, out) fp32
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+
+def matvec_kernel(layer: nn.Module, batch_size: int) -> bool:
+    """Whether MatvecInt8Linear is a candidate for this layer at this batch size (one row a step)."""
+    return (
+        isinstance(layer, Int8Linear)
+        and batch_size <= MATVEC_ROWS
+        and layer.weight.device.type == "cpu"
+        and cpu_matvec.library() is not None
+    )
 
 
 def dequantized_weight(layer: Int8Linear | Int4Linear) -> torch.Tensor:
@@ -76,8 +112,9 @@ def choose_kernels(
     pinned: dict[str, str] | None = None,
     model_timer: Timer | None = None,
 ) -> tuple[nn.Module, DecodeChoice]:
-    """model (in place) with each quantized layer shape on its fastest kernel: its own (int8, int4) or
-    its weight dequantized once to bf16 (measured per shape, or read from the cache); pinned: the
+    """model (in place) with each quantized layer shape on its fastest kernel: its own (int8, int4), its
+    weight dequantized once to bf16, or (int8, one row or two a step) the mat-vec operator (measured per
+    shape, or read from the cache); pinned: the
     kernels a resumed run's journal names, used as they are when they name these shapes. model_timer
     (seconds per decode step of each named model): where the per-shape picks mix in bf16 copies, the
     whole model decodes with them and with its own kernels, and the faster set is kept: a layer timed
@@ -86,7 +123,9 @@ def choose_kernels(
     quantized = [m for m in model.modules() if isinstance(m, Int8Linear | Int4Linear)]
     mode = quantized_mode(quantized)
     shapes = {f"{kernel_name(m)} {m.out_features}x{m.in_features}": m for m in quantized}
-    key = cache_key(model, batch_size, f"quantize={mode}")
+    # the operator a candidate too: a pick made where it was none is measured again
+    offered = " matvec" if any(matvec_kernel(m, batch_size) for m in quantized) else ""
+    key = cache_key(model, batch_size, f"quantize={mode}{offered}")
     pinned = {s: k for s, k in (pinned or {}).items() if not is_prefill_key(s)}  # the rules: not shapes
     forced = bool(pinned) and set(pinned) == set(shapes)
     entry = None if forced else read_cache(cache_file, key)  # a resume's journal decides: no cache read
@@ -95,15 +134,16 @@ def choose_kernels(
     elif entry is not None and set(entry.get("kernels", {})) == set(shapes):
         kernels, step_ms, how = entry["kernels"], entry["step_ms"], "cached"
     else:
-        timed = {}
+        timed, tried = {}, {}
         for shape, layer in shapes.items():
+            tried[shape] = [kernel_name(layer), "bf16"]
             timed[f"{shape} {kernel_name(layer)}"] = layer
             timed[f"{shape} bf16"] = DequantizedLinear(layer)
+            if matvec_kernel(layer, batch_size):
+                tried[shape].append("matvec")
+                timed[f"{shape} matvec"] = MatvecInt8Linear(layer)
         seconds = timer(timed, batch_size)
-        kernels = {
-            s: min((kernel_name(m), "bf16"), key=lambda k, s=s: seconds[f"{s} {k}"])
-            for s, m in shapes.items()
-        }
+        kernels = {s: min(tried[s], key=lambda k, s=s: seconds[f"{s} {k}"]) for s in shapes}
         step_ms = {name: 1e3 * s for name, s in seconds.items()}
         own = own_kernels(quantized)
         if model_timer is not None and kernels != own:
@@ -123,8 +163,12 @@ def choose_kernels(
 
 def _use_kernels(model: nn.Module, kernels: dict[str, str]) -> None:
     for parent in list(model.modules()):
+        if isinstance(parent, MatvecInt8Linear | DequantizedLinear):
+            continue  # a layer given its kernel before
         for name, child in list(parent.named_children()):
             if isinstance(child, Int8Linear | Int4Linear):
                 shape = f"{kernel_name(child)} {child.out_features}x{child.in_features}"
                 if kernels.get(shape) == "bf16":
                     setattr(parent, name, DequantizedLinear(child))
+                elif kernels.get(shape) == "matvec" and isinstance(child, Int8Linear):
+                    setattr(parent, name, MatvecInt8Linear(child))

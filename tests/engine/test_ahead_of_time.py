@@ -303,5 +303,15 @@ def test_streamed_int8_layers_run_the_mat_vec_operator_and_decode_as_their_dequa
     again = compile_for_sampling(copy.deepcopy(other), rows=len(PROMPTS))
     assert greedy(again) == greedy(dequantized(other, 14))
     assert (again.compiled_step.built, again.compiled_step.loaded) == (0, 1)
+    # without the operators: no streamed candidate for int8 layers, and a bf16 model's streamed package
+    # (the multiply-and-sum then) is another file than the one that calls them
+    streamed = SWITCHES | ahead_of_time.GEMMS["streamed"]
+    bf16 = tiny(seed=15).to(torch.bfloat16)
+    with_operators = package_key(bf16, len(PROMPTS), streamed)
     monkeypatch.setattr(cpu_matvec, "library", lambda: None)
     assert "streamed" not in ahead_of_time.candidates(int8, 1)
+    assert package_key(bf16, len(PROMPTS), streamed) != with_operators
+    asked = []
+    monkeypatch.setattr(cpu_matvec, "library", lambda: asked.append(1))
+    package_key(tiny(seed=15), len(PROMPTS), streamed)
+    assert asked == []  # fp32 calls no operator: its key neither builds nor asks for them

@@ -174,6 +174,52 @@ def test_quantized_layers_take_the_faster_kernel_per_shape(tmp_path):
     assert isinstance(again.blocks[1].attn.proj, DequantizedLinear)
 
 
+def test_int8_layers_may_take_the_mat_vec_operator_at_a_step_of_one_row(tmp_path, monkeypatch):
+    """Where engine.cpu_matvec's operator builds, an int8 shape's candidates at batch 1 include it: picked
+    where it times fastest, its layers compute what the int8 layer stands for (fp32 activations: closer
+    to the dequantized weights than the bf16-activation kernel), a prompt's many rows still take the
+    layer's own path; at batch 4 it is no candidate. A resumed run's pick of it on a machine without the
+    operator runs the layer's own kernel."""
+    from multiar.engine import cpu_matvec
+    from multiar.engine.quantized_kernels import MatvecInt8Linear, dequantized_weight
+
+    if cpu_matvec.library() is None:
+        pytest.skip("no C++ compiler here: int8 layers keep their own kernels")
+    base = tiny_model(64)
+    calls = []
+
+    def layer_timer(layers, batch_size):  # the operator wins for the 192 x 64 projections only
+        calls.append(sorted(layers))
+        return {n: (1e-6 if n.endswith("192x64 matvec") else 2e-6) for n in layers}
+
+    on_kernel = lambda layers, rows: (1.0, 2.0)  # noqa: E731 (the int8 kernel at every row count)
+    whole = fake_timer({"int8": 2.0, "int8 per shape": 1.0}, [])
+    model, choice = lay.prepare_for_decoding(
+        quantize(copy.deepcopy(base), "int8"), cache_dir=tmp_path, layer_timer=layer_timer, timer=whole,
+        prefill_timer=on_kernel,
+    )  # fmt: skip
+    assert "int8 192x64 matvec" in calls[0] and choice.kernels["int8 192x64"] == "matvec"
+    qkv = model.blocks[0].attn.qkv
+    assert isinstance(qkv, MatvecInt8Linear) and isinstance(model.blocks[0].attn.proj, Int8Linear)
+    x = torch.randn(2, 1, 64)
+    expected = x @ dequantized_weight(qkv.layer).t()
+    torch.testing.assert_close(qkv(x), expected, rtol=1e-5, atol=1e-5)  # the operator: fp32 activations
+    prompt = torch.randn(1, 9, 64)  # 9 rows: the layer's own kernel
+    torch.testing.assert_close(qkv(prompt), qkv.layer(prompt))
+    assert generate(model, [[1, 2, 3]], max_new_tokens=4, temperature=0.0)
+    calls.clear()
+    _, batch4 = lay.prepare_for_decoding(
+        quantize(copy.deepcopy(base), "int8"), batch_size=4, layer_timer=layer_timer, timer=whole,
+        prefill_timer=on_kernel,
+    )  # fmt: skip
+    assert not any(n.endswith("matvec") for n in calls[0]) and "matvec" not in batch4.kernels.values()
+    monkeypatch.setattr(cpu_matvec, "library", lambda: None)
+    pinned, _ = lay.prepare_for_decoding(quantize(copy.deepcopy(base), "int8"), kernels=choice.kernels)
+    without = pinned.blocks[0].attn.qkv
+    assert isinstance(without, MatvecInt8Linear) and not without.on_operator
+    torch.testing.assert_close(without(x), without.layer(x))
+
+
 def test_per_shape_picks_that_lose_on_the_whole_model_give_way_to_its_own_kernels(tmp_path):
     """Layers timed alone favour bf16 copies, but the whole model decodes faster on its own kernels
     (the casts between neighbours a layer alone leaves out): the own kernels are kept, the whole-model
