@@ -425,10 +425,17 @@ class AheadOfTimeStep:
         self.asked = gemms or gemms_asked()
         self.gemms: dict[str, object] | None = None  # the last pick: {"gemms", "step_ms" where measured}
         self.any_weights = False  # the package made ready last holds no weights: it serves any of the kind
+        self._hot: tuple | None = None  # (rows, first cache's k, last cache's v, runner) of the last call
 
     def __call__(self, model: nn.Module, ids: Tensor, positions: Tensor, slots: Tensor) -> Tensor:
         if self.fallback is not None:
             return self.fallback(model, ids, positions, slots)
+        # the runner of the last call while the caches are the same tensors (a reallocation replaces them
+        # all): every step but the first skips listing them (20-40 us a step, ~5% of 10.8M's)
+        first, last = model.blocks[0].attn.kv_cache, model.blocks[-1].attn.kv_cache
+        hot = self._hot
+        if hot is not None and hot[0] == ids.size(0) and hot[1] is first.k and hot[2] is last.v:
+            return hot[3](ids, positions, slots)
         tensors = [t for block in model.blocks for t in (block.attn.kv_cache.k, block.attn.kv_cache.v)]
         shape = (ids.size(0), tuple(tensors[0].shape), tensors[0].dtype)
         runner, bound = self.runners.get(shape, (None, []))
@@ -445,6 +452,7 @@ class AheadOfTimeStep:
                 self.fallback = self.make_fallback()
                 return self.fallback(model, ids, positions, slots)
             self.runners[shape] = (runner, tensors)
+        self._hot = (ids.size(0), tensors[0], tensors[-1], runner)
         return runner(ids, positions, slots)
 
     def _chosen(self, model: nn.Module, ids: Tensor, positions: Tensor, slots: Tensor) -> _Package:
