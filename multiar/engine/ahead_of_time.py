@@ -463,6 +463,8 @@ class AheadOfTimeStep:
         last. A candidate that fails to build or run is left out (with one left, nothing is recorded);
         where every one fails the first error is raised."""
         rows, self.spare_s = ids.size(0), 0.0
+        if any(_on_operator(m) for m in model.modules()):
+            cpu_matvec.library()  # built (~6 s the first time) and loaded here, not in a package's key's time
         names = candidates(model, rows)
         # the candidates and the engine's code in the key: a pick recorded before streamed was one, or
         # before a candidate's code changed (the mat-vec operators), is measured again

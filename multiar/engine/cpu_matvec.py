@@ -20,37 +20,43 @@ their own kernels. No Lightning, Hydra or domain code here.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import subprocess
+import threading
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from multiar.engine.cpu_kernels import build_library, compiler, kernel_dir, native_target
+from multiar.engine.cpu_kernels import BASE_FLAGS, build_library, compiler, kernel_dir, native_target
 
 log = logging.getLogger("multiar")
 
 SOURCE = Path(__file__).with_name("cpu_matvec.cpp")
+_LOADING = threading.Lock()
+_LOADED: list[Path | None] = []  # what library() found, once asked
 
 
-@functools.cache
 def library() -> Path | None:
-    """The operator's library, built on first use and loaded; None where it cannot be (logged once):
-    any error here costs the operator, never the run."""
-    try:
-        return _load()
-    except Exception as err:  # noqa: BLE001 (an unreadable source, a full disk: int8 keeps its kernels)
-        log.info("int8 mat-vec operator: %s; int8 layers keep their own kernels", err)
-        return None
+    """The operators' library, built on first use and loaded once per process; None where it cannot be
+    (logged once): any error here costs the operators, never the run."""
+    if _LOADED:
+        return _LOADED[0]
+    with _LOADING:  # one build and one registration, whichever thread asks first
+        if not _LOADED:
+            try:
+                _LOADED.append(_load())
+            except Exception as err:  # noqa: BLE001 (an unreadable source, a full disk: own kernels run)
+                log.info("mat-vec operators: %s; layers keep torch's kernels", err)
+                _LOADED.append(None)
+        return _LOADED[0]
 
 
 def _load() -> Path | None:
     cxx = compiler("CXX", "c++")
     if cxx is None:
-        log.info("int8 mat-vec operator: no C++ compiler; int8 layers keep their own kernels")
+        log.info("mat-vec operators: no C++ compiler; layers keep torch's kernels")
         return None
     version = subprocess.run([*cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
     torch_dir = Path(torch.__file__).parent
@@ -63,14 +69,13 @@ def _load() -> Path | None:
         "-ltorch_cpu",
         "-lc10",
     ]
-    key = "\0".join([SOURCE.read_text(), *cxx, version, native_target(), torch.__version__, *extra])
+    parts = [SOURCE.read_text(), *cxx, version, native_target(), torch.__version__, *BASE_FLAGS, *extra]
+    key = "\0".join(parts)
     path = kernel_dir() / f"cpu_matvec-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
     if not path.exists():
         error = build_library(cxx, extra, path, SOURCE)
         if error:
-            log.info(
-                "int8 mat-vec operator: the build failed (%s); int8 layers keep their own kernels", error
-            )
+            log.info("mat-vec operators: the build failed (%s); layers keep torch's kernels", error)
             return None
     torch.ops.load_library(str(path))
     torch.library.register_fake("multiar::int8_matvec", _int8_matvec_shape)
@@ -79,11 +84,16 @@ def _load() -> Path | None:
 
 
 def _int8_matvec_shape(x: Tensor, q: Tensor, scales: Tensor) -> Tensor:
-    """What the operator returns, for tracing: (rows, out) fp32."""
+    """What the operator returns, for tracing: (rows, out) fp32; its checks, so that a trace fails where
+    the package would."""
+    if (x.dtype, q.dtype, scales.dtype) != (torch.float32, torch.int8, torch.float32):
+        raise RuntimeError("int8_matvec: x fp32, q int8, scales fp32")
     return x.new_empty(x.size(0), q.size(0))
 
 
 def _matvec_shape(x: Tensor, w: Tensor) -> Tensor:
+    if x.dtype != w.dtype or w.dtype not in (torch.float32, torch.bfloat16):
+        raise RuntimeError("matvec: x and w both fp32 or both bf16")
     return x.new_empty(x.size(0), w.size(0), dtype=torch.float32)
 
 

@@ -4,15 +4,19 @@ loaded by the next job, keyed by what its code depends on, reading the model's o
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import time
+import zipfile
+from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 
-from multiar.engine import ahead_of_time
+from multiar.engine import ahead_of_time, cpu_matvec
 from multiar.engine.ahead_of_time import AheadOfTimeStep, package_dir, package_key
 from multiar.engine.compile_choice import ANY_WEIGHTS, StepClock
 from multiar.engine.decode import compile_for_sampling, generate
@@ -42,6 +46,15 @@ def own_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("MULTIAR_CACHE", str(tmp_path))
     monkeypatch.setenv("MULTIAR_AHEAD_OF_TIME", "1")
     return tmp_path / "decode_steps"
+
+
+def operator_calls(package: Path) -> dict[str, int]:
+    """The operators outside ATen a package's C++ calls through the dispatcher (its wrapper's extern
+    nodes), by name: "multiar::matvec": 9."""
+    with zipfile.ZipFile(package) as archive:  # no such file where it calls none
+        names = [n for n in archive.namelist() if n.endswith(".wrapper.json")]
+        nodes = [node for n in names for node in json.loads(archive.read(n)).get("nodes", [])]
+    return dict(Counter(node["node"]["target"] for node in nodes))
 
 
 def greedy(model: GPT, prompts: list[list[int]] = PROMPTS) -> list[list[int]]:
@@ -244,6 +257,10 @@ def test_streamed_linears_are_candidates_at_a_few_float_rows_and_decode_as_the_e
         assert tokens == greedy(model) if dtype == torch.float32 else list(map(len, tokens)) == [12, 12]
         assert compiled.compiled_step.gemms == {"gemms": "streamed"}
         assert compiled.compiled_step.fallback is None
+        # bf16 Linears call engine.cpu_matvec's operator (where it builds); fp32 ones are inductor's loops
+        calls = operator_calls(own_cache / compiled.compiled_step.last[1])
+        bf16_operator = dtype == torch.bfloat16 and cpu_matvec.library() is not None
+        assert calls == ({"multiar::matvec": 9} if bf16_operator else {})  # 2 x (qkv, proj, up, down), head
         linears = [m for m in compiled.modules() if isinstance(m, nn.Linear)]
         assert linears and all("forward" not in vars(m) for m in linears)  # the class's forward again
         streamed = package_key(compiled, len(PROMPTS), SWITCHES | ahead_of_time.GEMMS["streamed"])
@@ -274,7 +291,6 @@ def test_streamed_int8_layers_run_the_mat_vec_operator_and_decode_as_their_dequa
     layer (fp32 activations times the codes, scaled after the sum): it decodes greedily as an fp32 model
     holding the dequantized weights does, holds no weights (another int8 model of the kind loads it
     unbuilt), and is a candidate at a few rows only; without the operator it is none."""
-    from multiar.engine import cpu_matvec
     from multiar.engine.quantize import Int8Linear
 
     if cpu_matvec.library() is None:
@@ -298,6 +314,7 @@ def test_streamed_int8_layers_run_the_mat_vec_operator_and_decode_as_their_dequa
     assert greedy(compiled) == greedy(dequantized(int8, 13))
     step = compiled.compiled_step
     assert (step.gemms, step.fallback, step.any_weights, step.built) == ({"gemms": "streamed"}, None, True, 1)
+    assert operator_calls(own_cache / step.last[1]) == {"multiar::int8_matvec": 9}
     assert all("forward" not in vars(m) for m in compiled.modules() if isinstance(m, Int8Linear))
     other = quantize(tiny(seed=14), "int8")
     again = compile_for_sampling(copy.deepcopy(other), rows=len(PROMPTS))

@@ -204,8 +204,10 @@ def test_int8_layers_may_take_the_mat_vec_operator_at_a_step_of_one_row(tmp_path
     x = torch.randn(2, 1, 64)
     expected = x @ dequantized_weight(qkv.layer).t()
     torch.testing.assert_close(qkv(x), expected, rtol=1e-5, atol=1e-5)  # the operator: fp32 activations
-    prompt = torch.randn(1, 9, 64)  # 9 rows: the layer's own kernel
-    torch.testing.assert_close(qkv(prompt), qkv.layer(prompt))
+    prompt = torch.randn(1, 9, 64)  # 9 rows: the layer's own kernel, not the operator
+    with monkeypatch.context() as patched:
+        patched.setattr(cpu_matvec, "int8_matvec", lambda *a: pytest.fail("9 rows ran the operator"))
+        torch.testing.assert_close(qkv(prompt), qkv.layer(prompt))
     assert generate(model, [[1, 2, 3]], max_new_tokens=4, temperature=0.0)
     calls.clear()
     _, batch4 = lay.prepare_for_decoding(
