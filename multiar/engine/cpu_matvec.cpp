@@ -1,6 +1,6 @@
-// A decode step's int8 Linear at one or two rows, as a torch operator (multiar::int8_matvec) that
-// compiled code and AOTInductor packages call through the dispatcher. Built and loaded by
-// engine/cpu_matvec.py; see there for why.
+// A decode step's int8 and float Linears at one or two rows, as torch operators (multiar::int8_matvec,
+// multiar::matvec) that compiled code and AOTInductor packages call through the dispatcher. Built and
+// loaded by engine/cpu_matvec.py; see there for why.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -14,87 +14,77 @@
 
 namespace {
 
-// y[n, o] = scales[o] * sum_i x[n, i] * q[o, i], each weight row read once for all rows of x
-void int8_rows(const float* x, const int8_t* q, const float* scales, float* y, int64_t rows, int64_t in,
-               int64_t out) {
-  // torch's thread count (set per calling thread), not OpenMP's default: a step on another thread too
-  const int threads = at::get_num_threads();
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t o = 0; o < out; o++) {
-    const int8_t* w = q + o * in;
-    for (int64_t n = 0; n < rows; n++) {
-      const float* xn = x + n * in;
-      float acc = 0.0f;
-      int64_t i = 0;
+// sum_i x[i] * q[i] over int8 codes q
+inline float int8_dot(const float* x, const int8_t* q, int64_t in) {
+  float acc = 0.0f;
+  int64_t i = 0;
 #ifdef __AVX512F__
-      // 16 codes a load, widened to fp32 as they are read (one instruction from memory: a masked 512-bit
-      // byte load ran 4x slower from RAM on a Zen 5 EPYC, a 256-bit load split in two 11% slower on one
-      // core), two accumulators so the adds overlap
-      __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-      for (; i + 32 <= in; i += 32) {
-        __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i))));
-        __m512 w1 =
-            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i + 16))));
-        a0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xn + i), a0);
-        a1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xn + i + 16), a1);
-      }
-      acc = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-#endif
-      for (; i < in; i++) acc += xn[i] * static_cast<float>(w[i]);
-      y[n * out + o] = acc * scales[o];
-    }
+  // 16 codes a load, widened to fp32 as they are read (one instruction from memory: a masked 512-bit byte
+  // load ran 4x slower from RAM on a Zen 5 EPYC, a 256-bit load split in two 11% slower on one core), two
+  // accumulators so the adds overlap
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+  for (; i + 32 <= in; i += 32) {
+    __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i))));
+    __m512 w1 =
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i + 16))));
+    a0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + i), a0);
+    a1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + i + 16), a1);
   }
+  acc = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+#endif
+  for (; i < in; i++) acc += x[i] * static_cast<float>(q[i]);
+  return acc;
 }
 
-// y[n, o] = sum_i x[n, i] * w[o, i] for fp32 or bf16 x and w (the same dtype), accumulated in fp32
+// sum_i x[i] * w[i] for fp32 or bf16 x and w (the same dtype), accumulated in fp32
 template <typename T>
-void float_rows(const T* x, const T* w_all, float* y, int64_t rows, int64_t in, int64_t out) {
+inline float float_dot(const T* x, const T* w, int64_t in) {
+  float acc = 0.0f;
+  int64_t i = 0;
+#ifdef __AVX512F__
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+  if constexpr (std::is_same_v<T, float>) {
+    for (; i + 32 <= in; i += 32) {
+      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(x + i), a0);
+      a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 16), _mm512_loadu_ps(x + i + 16), a1);
+    }
+  } else {
+#ifdef __AVX512BF16__
+    // 64 bf16 products a step, summed in pairs into fp32 (AVX512-BF16's dot product), two chains
+    for (; i + 64 <= in; i += 64) {
+      a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w + i), (__m512bh)_mm512_loadu_si512(x + i));
+      a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(w + i + 32), (__m512bh)_mm512_loadu_si512(x + i + 32));
+    }
+    for (; i + 32 <= in; i += 32) {
+      a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w + i), (__m512bh)_mm512_loadu_si512(x + i));
+    }
+#else
+    // bf16 to fp32 is a 16-bit shift left
+    for (; i + 32 <= in; i += 32) {
+      __m512i wv = _mm512_loadu_si512(w + i), xv = _mm512_loadu_si512(x + i);
+      __m512 w0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(wv)), 16));
+      __m512 w1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(wv, 1)), 16));
+      __m512 x0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(xv)), 16));
+      __m512 x1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(xv, 1)), 16));
+      a0 = _mm512_fmadd_ps(w0, x0, a0);
+      a1 = _mm512_fmadd_ps(w1, x1, a1);
+    }
+#endif
+  }
+  acc = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+#endif
+  for (; i < in; i++) acc += static_cast<float>(x[i]) * static_cast<float>(w[i]);
+  return acc;
+}
+
+// y[n, o] = out_row(o, n) for every output row o (split over torch's thread count, set per calling
+// thread: not OpenMP's default) and row n of x: each weight row is read once for all rows of x
+template <typename OutRow>
+void each_output(int64_t rows, int64_t out, float* y, OutRow out_row) {
   const int threads = at::get_num_threads();
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t o = 0; o < out; o++) {
-    const T* w = w_all + o * in;
-    for (int64_t n = 0; n < rows; n++) {
-      const T* xn = x + n * in;
-      float acc = 0.0f;
-      int64_t i = 0;
-#ifdef __AVX512F__
-      __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-      if constexpr (std::is_same_v<T, float>) {
-        for (; i + 32 <= in; i += 32) {
-          a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(xn + i), a0);
-          a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 16), _mm512_loadu_ps(xn + i + 16), a1);
-        }
-      } else {
-#ifdef __AVX512BF16__
-        // 64 bf16 products a step, summed in pairs into fp32 (AVX512-BF16's dot product), two chains
-        for (; i + 64 <= in; i += 64) {
-          a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w + i), (__m512bh)_mm512_loadu_si512(xn + i));
-          a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(w + i + 32),
-                                (__m512bh)_mm512_loadu_si512(xn + i + 32));
-        }
-        for (; i + 32 <= in; i += 32) {
-          a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w + i), (__m512bh)_mm512_loadu_si512(xn + i));
-        }
-#else
-        // bf16 to fp32 is a 16-bit shift left
-        for (; i + 32 <= in; i += 32) {
-          __m512i wv = _mm512_loadu_si512(w + i), xv = _mm512_loadu_si512(xn + i);
-          __m512 w0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(wv)), 16));
-          __m512 w1 = _mm512_castsi512_ps(
-              _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(wv, 1)), 16));
-          __m512 x0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(xv)), 16));
-          __m512 x1 = _mm512_castsi512_ps(
-              _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(xv, 1)), 16));
-          a0 = _mm512_fmadd_ps(w0, x0, a0);
-          a1 = _mm512_fmadd_ps(w1, x1, a1);
-        }
-#endif
-      }
-      acc = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-#endif
-      for (; i < in; i++) acc += static_cast<float>(xn[i]) * static_cast<float>(w[i]);
-      y[n * out + o] = acc;
-    }
+    for (int64_t n = 0; n < rows; n++) y[n * out + o] = out_row(o, n);
   }
 }
 
@@ -104,11 +94,15 @@ at::Tensor matvec(const at::Tensor& x, const at::Tensor& w) {
               "matvec: x and w both fp32 or both bf16");
   at::Tensor xc = x.contiguous(), wc = w.contiguous();
   at::Tensor y = at::empty({x.size(0), w.size(0)}, x.options().dtype(at::kFloat));
+  const int64_t in = x.size(1);
   if (w.scalar_type() == at::kFloat) {
-    float_rows(xc.data_ptr<float>(), wc.data_ptr<float>(), y.data_ptr<float>(), x.size(0), x.size(1), w.size(0));
+    const float *xp = xc.data_ptr<float>(), *wp = wc.data_ptr<float>();
+    each_output(x.size(0), w.size(0), y.data_ptr<float>(),
+                [&](int64_t o, int64_t n) { return float_dot(xp + n * in, wp + o * in, in); });
   } else {
-    float_rows(xc.data_ptr<at::BFloat16>(), wc.data_ptr<at::BFloat16>(), y.data_ptr<float>(), x.size(0), x.size(1),
-               w.size(0));
+    const at::BFloat16 *xp = xc.data_ptr<at::BFloat16>(), *wp = wc.data_ptr<at::BFloat16>();
+    each_output(x.size(0), w.size(0), y.data_ptr<float>(),
+                [&](int64_t o, int64_t n) { return float_dot(xp + n * in, wp + o * in, in); });
   }
   return y;
 }
@@ -120,8 +114,12 @@ at::Tensor int8_matvec(const at::Tensor& x, const at::Tensor& q, const at::Tenso
   TORCH_CHECK(x.size(1) == q.size(1) && scales.size(0) == q.size(0), "int8_matvec: shapes do not match");
   at::Tensor xc = x.contiguous(), qc = q.contiguous(), sc = scales.contiguous();
   at::Tensor y = at::empty({x.size(0), q.size(0)}, x.options());
-  int8_rows(xc.data_ptr<float>(), qc.data_ptr<int8_t>(), sc.data_ptr<float>(), y.data_ptr<float>(), x.size(0),
-            x.size(1), q.size(0));
+  const int64_t in = x.size(1);
+  const float *xp = xc.data_ptr<float>(), *sp = sc.data_ptr<float>();
+  const int8_t* qp = qc.data_ptr<int8_t>();
+  // scaled after the sum: one multiply per output
+  each_output(x.size(0), q.size(0), y.data_ptr<float>(),
+              [&](int64_t o, int64_t n) { return sp[o] * int8_dot(xp + n * in, qp + o * in, in); });
   return y;
 }
 

@@ -1,21 +1,30 @@
-"""An int8 Linear at a decode step's one or two rows as a torch operator, `multiar::int8_matvec`
-(cpu_matvec.cpp): fp32 activations times the int8 codes, summed in fp32, scaled per output row. It is
-what a streamed package (engine.ahead_of_time) calls for each int8 layer, through the dispatcher, so
-AOTInductor packages and torch.compile's graphs both run it.
+"""Mat-vec operators for a decode step's one or two rows (cpu_matvec.cpp), called through torch's
+dispatcher, so that AOTInductor packages and torch.compile's graphs run them as eager code does:
+- `multiar::int8_matvec(x, q, scales)`: fp32 activations times the int8 codes, summed in fp32, scaled
+  per output row (an int8 layer: engine.quantize.Int8Linear);
+- `multiar::matvec(x, w)`: fp32 or bf16 activations and weights of one dtype, summed in fp32 (bf16:
+  AVX512-BF16's pairwise dot product where the CPU has it).
+Each reads every weight once for all rows. engine.ahead_of_time's streamed package calls them for int8
+layers and bf16 Linears; engine.quantized_kernels offers the int8 one per shape (MatvecInt8Linear).
 
-Why a kernel of our own: at one row the step reads every weight once, so its speed is the bytes it
-streams. On the Zen 5 EPYC without AMX (/tmp probes, session 31) 50 MB of int8 codes took:
-`torch._weight_int8pack_mm` (bf16 activations) ~1.6 ms for 4096 x 768 x 16; this loop 0.92-1.0 ms
-(50-55 GB/s, the RAM's pace); inductor's own multiply-and-sum of the codes 3.7-4.2 ms beside bf16 (it
-loads 32 codes through a masked 512-bit load, which ran 4x slower from RAM) and 0.86 ms in a lone
-fp32 loop, which inside the model's fused step (a norm recomputed in each loop, one accumulator) ran
-the 85M int8 step at 3.0 ms against the int8 kernel's 2.6.
+Why kernels of our own: at one row the step reads every weight once, so its speed is the bytes it
+streams. /tmp probes on the Zen 5 EPYC without AMX (session 31; its RAM's pace swung 2x within minutes,
+so only figures taken together compare):
+- the 85M model's 49 int8 mat-vecs: 1.50 ms through int8_matvec against 2.72-2.76 through
+  `torch._weight_int8pack_mm` (bf16 activations);
+- inductor's own multiply-and-sum of int8 codes loads 32 codes through a masked 512-bit load beside
+  bf16 (4x slower from RAM: 50 MB of codes 3.7-4.2 ms against 0.92-1.0 in C), and in the model's fused
+  step (a norm recomputed in each loop, one accumulator) ran the 85M int8 step at 3.0 ms against the
+  int8 kernel's 2.6;
+- the 49 bf16 mat-vecs: 3.4-3.9 ms through matvec against 4.3-5.4 fused by inductor and 6.9-7.8
+  through F.linear; fp32 gained nothing over inductor's loop (5.5-6.1 against 5.2-5.5), so fp32 layers
+  are not streamed through it.
 
 Built on first use with the system's C++ compiler (`$CXX`, else `c++`; ~6 s) against this torch's
 headers, for this CPU (-march=native), cached under `$MULTIAR_CACHE/kernels` by a digest of the source,
-the compiler, torch's version and the CPU, and loaded into the process (`torch.ops.load_library`).
-Where there is no compiler or the build fails, `library()` is None (logged once) and int8 layers keep
-their own kernels. No Lightning, Hydra or domain code here.
+the compiler and its flags, torch's version and the CPU, and loaded into the process once
+(`torch.ops.load_library`). Where there is no compiler or the build fails, `library()` is None (logged
+once) and every layer keeps torch's kernels. No Lightning, Hydra or domain code here.
 """
 
 from __future__ import annotations
