@@ -5,7 +5,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <vector>
 #include <type_traits>
 
 #ifdef __AVX512F__
@@ -35,6 +38,29 @@ inline float int8_dot(const float* x, const int8_t* q, int64_t in) {
   for (; i < in; i++) acc += x[i] * static_cast<float>(q[i]);
   return acc;
 }
+
+#ifdef __AVX512VNNI__
+constexpr int64_t VNNI_CHUNK = 4096;  // codes summed in int32 before a flush to fp32: no int32 overflow
+
+// sum_i x16[i] * q[i] over int16 activations and int8 codes, exact in int32 within each chunk
+// (|x16| <= 32767, |q| <= 127: a lane gains at most 2 x 4.2e6 a step, 128 steps a chunk, under 2^31)
+inline float int16_int8_dot(const int16_t* x16, const int8_t* q, int64_t in) {
+  float acc = 0.0f;
+  int64_t i = 0;
+  const int64_t whole = in & ~int64_t(31);  // the codes in 32s; the rest below
+  while (i < whole) {
+    const int64_t end = std::min(whole, i + VNNI_CHUNK);
+    __m512i a = _mm512_setzero_si512();
+    for (; i < end; i += 32) {  // 32 codes widened to int16 as they load, 32 products summed in pairs
+      __m512i w = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + i)));
+      a = _mm512_dpwssd_epi32(a, w, _mm512_loadu_si512(x16 + i));
+    }
+    acc += _mm512_reduce_add_ps(_mm512_cvtepi32_ps(a));  // lanes summed in fp32: 16 of them may pass 2^31
+  }
+  for (; i < in; i++) acc += static_cast<float>(x16[i]) * static_cast<float>(q[i]);
+  return acc;
+}
+#endif
 
 // sum_i x[i] * w[i] for fp32 or bf16 x and w (the same dtype), accumulated in fp32
 template <typename T>
@@ -114,12 +140,31 @@ at::Tensor int8_matvec(const at::Tensor& x, const at::Tensor& q, const at::Tenso
   TORCH_CHECK(x.size(1) == q.size(1) && scales.size(0) == q.size(0), "int8_matvec: shapes do not match");
   at::Tensor xc = x.contiguous(), qc = q.contiguous(), sc = scales.contiguous();
   at::Tensor y = at::empty({x.size(0), q.size(0)}, x.options());
-  const int64_t in = x.size(1);
+  const int64_t in = x.size(1), rows = x.size(0);
   const float *xp = xc.data_ptr<float>(), *sp = sc.data_ptr<float>();
   const int8_t* qp = qc.data_ptr<int8_t>();
+#ifdef __AVX512VNNI__
+  // each row of x once to int16 on its own scale (max|x| -> 32767: 2^-16 of max|x| at most off, finer
+  // than the bf16 activations of torch's int8 kernel), then integer dot products, 32 codes an
+  // instruction: the fp32 loop (widen, convert, multiply-add) was compute-bound on one core at 33-36 GB/s
+  std::vector<int16_t> x16(rows * in);
+  std::vector<float> x_scale(rows);
+  for (int64_t n = 0; n < rows; n++) {
+    float top = 0.0f;
+    for (int64_t i = 0; i < in; i++) top = std::max(top, std::fabs(xp[n * in + i]));
+    const float to16 = top > 0.0f ? 32767.0f / top : 0.0f;
+    x_scale[n] = top > 0.0f ? top / 32767.0f : 0.0f;
+    for (int64_t i = 0; i < in; i++) x16[n * in + i] = static_cast<int16_t>(std::nearbyint(xp[n * in + i] * to16));
+  }
+  const int16_t* x16p = x16.data();
+  each_output(rows, q.size(0), y.data_ptr<float>(), [&](int64_t o, int64_t n) {
+    return sp[o] * x_scale[n] * int16_int8_dot(x16p + n * in, qp + o * in, in);
+  });
+#else
   // scaled after the sum: one multiply per output
-  each_output(x.size(0), q.size(0), y.data_ptr<float>(),
+  each_output(rows, q.size(0), y.data_ptr<float>(),
               [&](int64_t o, int64_t n) { return sp[o] * int8_dot(xp + n * in, qp + o * in, in); });
+#endif
   return y;
 }
 
