@@ -148,8 +148,8 @@ def _streamed(linear: nn.Linear, x: Tensor) -> Tensor:
 
 
 def _streamed_int8(layer: Int8Linear, x: Tensor) -> Tensor:
-    """An int8 layer through engine.cpu_matvec's operator: fp32 activations, the codes read once for
-    all rows (inductor's own multiply-and-sum of int8 codes ran slower than the int8 kernel: there)."""
+    """An int8 layer through engine.cpu_matvec's operator: the codes read once for all rows (inductor's
+    own multiply-and-sum of int8 codes ran slower than the int8 kernel: there)."""
     rows = x.reshape(-1, layer.in_features).float()  # (N, in)
     y = cpu_matvec.int8_matvec(rows, layer.weight, layer.scales)  # (N, out) fp32
     return y.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)

@@ -43,12 +43,13 @@ MATVEC_ROWS = 2  # calls of up to this many rows run the operator: it reads the 
 
 
 class MatvecInt8Linear(nn.Module):
-    """An int8 layer whose calls of up to MATVEC_ROWS rows run engine.cpu_matvec's operator (fp32
-    activations times the codes, scaled after the sum; the 85M model's 49 int8 mat-vecs in 1.50 ms
-    against `_weight_int8pack_mm`'s 2.72-2.76, a /tmp probe on the Zen 5 EPYC, session 31; the 85M
-    eager int8 job 245 tok/s against 181 on the int8 kernel in one run, benchmarks/README.md), and
-    longer calls (a prompt's prefill) the layer's own. Without the operator (a resumed run's pick on a
-    machine with no C++ compiler) every call is the layer's own."""
+    """An int8 layer whose calls of up to MATVEC_ROWS rows run engine.cpu_matvec's operator (fp32 or,
+    with AVX512-VNNI, per-row int16 activations times the codes, scaled after the sum), and longer calls
+    (a prompt's prefill) the layer's own. The 85M model's 49 int8 mat-vecs took 1.50 ms through it
+    against `_weight_int8pack_mm`'s 2.72-2.76 (a /tmp probe on the Zen 5 EPYC, session 31), and the 85M
+    eager int8 job ran 245 tok/s against 181 on the int8 kernel in one run (benchmarks/README.md).
+    Without the operator (a resumed run's pick on a machine with no C++ compiler) every call is the
+    layer's own."""
 
     def __init__(self, layer: Int8Linear) -> None:
         super().__init__()
