@@ -3,7 +3,8 @@ dispatcher, so that AOTInductor packages and torch.compile's graphs run them as 
 - `multiar::int8_matvec(x, q, scales)`: the activations times the int8 codes, scaled per output row
   after the sum (an int8 layer: engine.quantize.Int8Linear). With AVX512-VNNI each row of x is rounded
   to int16 on its own scale (max|x| -> 32767, so at most 2^-16 of max|x| off: finer than the bf16
-  activations of torch's int8 kernel) and 32 codes a step are multiplied and summed in int32
+  activations of torch's int8 kernel for values within 2^7 of the row's largest; a row with a NaN or an
+  infinity takes fp32) and 32 codes a step are multiplied and summed in int32
   (`vpdpwssd`, flushed to fp32 every 4,096 codes); elsewhere fp32 activations and fp32 sums;
 - `multiar::matvec(x, w)`: fp32 or bf16 activations and weights of one dtype, summed in fp32 (bf16:
   AVX512-BF16's pairwise dot product where the CPU has it).

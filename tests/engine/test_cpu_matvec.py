@@ -25,7 +25,7 @@ def built() -> None:
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3])
-@pytest.mark.parametrize("width", [64, 96, 70])  # whole 32- and 64-wide steps, and a scalar tail
+@pytest.mark.parametrize("width", [64, 96, 70, 4166])  # whole 32- and 64-wide steps, a tail, 2 int32 chunks
 def test_the_operators_equal_the_dense_product(rows, width):
     """int8: the activations (fp32, or int16 on a per-row scale with AVX512-VNNI) times the codes, scaled
     per output row, against the dequantized weight's product within the rounding of the activations; fp32 and bf16 weights against F.linear in fp32 of the same values (bf16: products summed in
@@ -42,6 +42,12 @@ def test_the_operators_equal_the_dense_product(rows, width):
     half_step = x.abs().amax(-1, keepdim=True).double() / 32767 / 2  # (rows, 1)
     bound = half_step * weight.abs().sum(-1) + 1e-4 * expected.abs() + 1e-4  # (rows, out)
     assert ((cpu_matvec.int8_matvec(x, q, scales).double() - expected).abs() <= bound).all()
+    # a row of zeros gives zeros; a NaN or an infinity reaches the output as F.linear's does
+    odd = torch.zeros(3, width)
+    odd[1, 5], odd[2, 7] = float("nan"), float("inf")
+    y = cpu_matvec.int8_matvec(odd, q, scales)
+    assert (y[0] == 0).all() and y[1].isnan().all()
+    assert torch.equal(y[2].isinf(), F.linear(odd[2:], q.float() * scales[:, None])[0].isinf())
     w = torch.randn(37, width, generator=gen)
     for dtype in (torch.float32, torch.bfloat16):
         xs, ws = x.to(dtype), w.to(dtype)

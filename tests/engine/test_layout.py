@@ -176,8 +176,8 @@ def test_quantized_layers_take_the_faster_kernel_per_shape(tmp_path):
 
 def test_int8_layers_may_take_the_mat_vec_operator_at_a_step_of_one_row(tmp_path, monkeypatch):
     """Where engine.cpu_matvec's operator builds, an int8 shape's candidates at batch 1 include it: picked
-    where it times fastest, its layers compute what the int8 layer stands for (fp32 activations: closer
-    to the dequantized weights than the bf16-activation kernel), a prompt's many rows still take the
+    where it times fastest, its layers compute what the int8 layer stands for (fp32 or int16 activations:
+    closer to the dequantized weights than the bf16-activation kernel), a prompt's many rows still take the
     layer's own path; at batch 4 it is no candidate. A resumed run's pick of it on a machine without the
     operator runs the layer's own kernel."""
     from multiar.engine import cpu_matvec
