@@ -119,10 +119,10 @@ def candidates(model: nn.Module, rows: int) -> list[str]:
 
 def _streams(module: nn.Module) -> bool:
     """Whether the streamed candidate changes this layer: a float nn.Linear, or an int8 layer on the CPU
-    where engine.cpu_matvec's operator is built."""
-    if isinstance(module, Int8Linear):
-        return _on_operator(module) and cpu_matvec.library() is not None
-    return type(module) is nn.Linear
+    where engine.cpu_matvec's operator is built (without it an int8 layer keeps its kernel)."""
+    if type(module) is nn.Linear:
+        return True
+    return _on_operator(module) and cpu_matvec.library() is not None
 
 
 def _on_operator(module: nn.Module) -> bool:
@@ -133,11 +133,10 @@ def _on_operator(module: nn.Module) -> bool:
 
 
 def _streamed(linear: nn.Linear, x: Tensor) -> Tensor:
-    """linear(x) without a GEMM call: bf16 weights through engine.cpu_matvec's operator where it is built,
-    else (fp32) a multiply-and-sum, (..., i) * (o, i) summed over i in fp32 -> (..., o), which inductor
-    fuses into one loop per output row. The 85M model's 49 mat-vecs at one row (/tmp probe, Zen 5,
-    session 31): bf16 3.8-3.9 ms through the operator, 4.5-5.4 fused by inductor; fp32 5.5-6.1 against
-    inductor's 5.2-5.5."""
+    """linear(x) without a GEMM call: bf16 weights through engine.cpu_matvec's operator where it is built
+    (faster than inductor's loop there; fp32 gained nothing: the figures are in that module), else a
+    multiply-and-sum, (..., i) * (o, i) summed over i in fp32 -> (..., o), which inductor fuses into one
+    loop per output row."""
     w = linear.weight
     if _on_operator(linear) and cpu_matvec.library() is not None:
         rows = x.reshape(-1, linear.in_features).to(w.dtype)  # (N, in)
