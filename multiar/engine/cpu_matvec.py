@@ -24,6 +24,13 @@ so only figures taken together compare):
 - the 49 bf16 mat-vecs: 3.4-3.9 ms through matvec against 4.3-5.4 fused by inductor and 6.9-7.8
   through F.linear; fp32 gained nothing over inductor's loop (5.5-6.1 against 5.2-5.5), so fp32 layers
   are not streamed through it.
+Session 32 (the same machine, /tmp probes): the loops ask for weights ahead of where they read
+(`_mm_prefetch`, 16 KB ahead in int8 codes, 16 rows ahead in float weights): many weights of each of
+85M's layer shapes, beyond the L3, read 53-99 GB/s of int8 codes against 40-57 without, and 54-74 of
+bf16 against 40-53 (a layer's 768-wide rows are too short for the hardware's prefetchers to reach full
+pace). matvec sums four weight rows at once (four chains in flight, each load of x shared): 85M's bf16
+mat-vecs 4.06-4.10 ms against 4.13-4.65 one row at a time. int8 stays one row at a time, in two chains:
+four rows at once read its codes 1.3-1.8x slower from RAM.
 
 Built on first use with the system's C++ compiler (`$CXX`, else `c++`; ~6 s) against this torch's
 headers, for this CPU (-march=native), cached under `$MULTIAR_CACHE/kernels` by a digest of the source,
