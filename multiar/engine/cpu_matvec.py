@@ -45,6 +45,7 @@ import hashlib
 import logging
 import subprocess
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -75,6 +76,19 @@ def library() -> Path | None:
 
 
 def _load() -> Path | None:
+    path = build()
+    if path is None:
+        return None
+    torch.ops.load_library(str(path))
+    torch.library.register_fake("multiar::int8_matvec", _int8_matvec_shape)
+    torch.library.register_fake("multiar::matvec", _matvec_shape)
+    return path
+
+
+def build(flags: Sequence[str] = ()) -> Path | None:
+    """The operators' library for this CPU and torch, with `flags` after the others (tests build it for a
+    CPU without AVX512-BF16 or without AVX-512: `-mno-avx512bf16`, `-mno-avx512f`), built unless cached;
+    None without a compiler or where the build fails (logged). Not loaded: library() loads one."""
     cxx = compiler("CXX", "c++")
     if cxx is None:
         log.info("mat-vec operators: no C++ compiler; layers keep torch's kernels")
@@ -87,6 +101,7 @@ def _load() -> Path | None:
         f"-I{torch_dir / 'include'}",
         f"-I{torch_dir / 'include' / 'torch' / 'csrc' / 'api' / 'include'}",
         f"-L{torch_dir / 'lib'}",
+        *flags,
         "-ltorch_cpu",
         "-lc10",
     ]
@@ -98,9 +113,6 @@ def _load() -> Path | None:
         if error:
             log.info("mat-vec operators: the build failed (%s); layers keep torch's kernels", error)
             return None
-    torch.ops.load_library(str(path))
-    torch.library.register_fake("multiar::int8_matvec", _int8_matvec_shape)
-    torch.library.register_fake("multiar::matvec", _matvec_shape)
     return path
 
 

@@ -5,7 +5,10 @@ torch.compile's graphs, and absent (not fatal) without a compiler."""
 from __future__ import annotations
 
 import logging
+import os
 import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -24,36 +27,109 @@ def built() -> None:
     assert cpu_matvec.library() is not None, "a C++ compiler is installed, yet the operators did not build"
 
 
+def cpu_has(flag: str) -> bool:
+    """Whether /proc/cpuinfo lists flag (the library is built with -march=native: it uses what is there)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and flag in line.split() for line in f)
+    except OSError:
+        return False
+
+
+def int16_rounded(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x's rows rounded to int16 as the VNNI loop rounds them (fp32: max|x| -> 32767, to nearest even),
+    and each row's step (rows, 1)."""
+    top = x.abs().amax(-1, keepdim=True)
+    x16 = torch.round(x * (torch.tensor(32767.0) / top))
+    return x16, top / 32767.0
+
+
 @pytest.mark.parametrize("rows", [1, 2, 3])
 @pytest.mark.parametrize("width", [64, 96, 70, 4166])  # whole 32- and 64-wide steps, a tail, 2 int32 chunks
-def test_the_operators_equal_the_dense_product(rows, width):
+@pytest.mark.parametrize("out", [37, 39])  # blocks of four weight rows and a tail of one / three
+def test_the_operators_equal_the_dense_product(rows, width, out):
     """int8: the activations (fp32, or int16 on a per-row scale with AVX512-VNNI) times the codes, scaled
-    per output row, against the dequantized weight's product within the rounding of the activations; fp32 and bf16 weights against F.linear in fp32 of the same values (bf16: products summed in
-    fp32, so within fp32 rounding of the exact sum, not bf16's)."""
+    per output row, against the dequantized weight's product within the rounding of the activations; with
+    AVX512-VNNI also against the same int16 rounding's exact product, within fp32's rounding of the sums
+    (a loop that truncated rather than rounded fails this); fp32 and bf16 weights against F.linear in
+    fp32 of the same values (bf16: products summed in fp32, so within fp32 rounding of the exact sum,
+    not bf16's)."""
     built()
-    gen = torch.Generator().manual_seed(rows * 1000 + width)
+    gen = torch.Generator().manual_seed(rows * 1000 + width + out)
     x = torch.randn(rows, width, generator=gen)
-    q = torch.randint(-127, 128, (37, width), generator=gen, dtype=torch.int8)
-    scales = torch.rand(37, generator=gen) + 0.5
+    q = torch.randint(-127, 128, (out, width), generator=gen, dtype=torch.int8)
+    scales = torch.rand(out, generator=gen) + 0.5
     weight = q.double() * scales.double()[:, None]
     expected = F.linear(x.double(), weight)
     # with AVX512-VNNI each row of x is rounded to int16 on its own scale (max|x| -> 32767): each term
     # off by at most half a step; elsewhere fp32 activations (within fp32 rounding of the same bound)
     half_step = x.abs().amax(-1, keepdim=True).double() / 32767 / 2  # (rows, 1)
     bound = half_step * weight.abs().sum(-1) + 1e-4 * expected.abs() + 1e-4  # (rows, out)
-    assert ((cpu_matvec.int8_matvec(x, q, scales).double() - expected).abs() <= bound).all()
+    y = cpu_matvec.int8_matvec(x, q, scales).double()
+    assert ((y - expected).abs() <= bound).all()
+    if cpu_has("avx512_vnni") and cpu_has("avx512f"):
+        x16, step = int16_rounded(x)
+        exact = F.linear(x16.double(), q.double()) * step.double() * scales.double()
+        magnitude = F.linear(x16.double().abs(), q.double().abs()) * step.double() * scales.double()
+        assert ((y - exact).abs() <= 2e-6 * magnitude + 1e-30).all()
     # a row of zeros gives zeros; a NaN or an infinity reaches the output as F.linear's does
     odd = torch.zeros(3, width)
     odd[1, 5], odd[2, 7] = float("nan"), float("inf")
     y = cpu_matvec.int8_matvec(odd, q, scales)
     assert (y[0] == 0).all() and y[1].isnan().all()
     assert torch.equal(y[2].isinf(), F.linear(odd[2:], q.float() * scales[:, None])[0].isinf())
-    w = torch.randn(37, width, generator=gen)
+    w = torch.randn(out, width, generator=gen)
     for dtype in (torch.float32, torch.bfloat16):
         xs, ws = x.to(dtype), w.to(dtype)
         y = cpu_matvec.matvec(xs, ws)
-        assert y.dtype == torch.float32 and y.shape == (rows, 37)
+        assert y.dtype == torch.float32 and y.shape == (rows, out)
         torch.testing.assert_close(y, F.linear(xs.double(), ws.double()).float(), rtol=1e-5, atol=1e-4)
+
+
+OLDER_CPU = """
+import sys, torch, torch.nn.functional as F
+from multiar.engine import cpu_matvec
+
+def close(y, x, w):  # fp32 sums: within fp32 rounding of the sum of the terms' sizes
+    exact, size = F.linear(x.double(), w.double()), F.linear(x.double().abs(), w.double().abs())
+    assert ((y.double() - exact).abs() <= 1e-6 * size + 1e-6).all(), (y.double() - exact).abs().max()
+
+path = cpu_matvec.build(sys.argv[1:])
+assert path is not None, "the build failed"
+torch.ops.load_library(str(path))
+gen = torch.Generator().manual_seed(0)
+for rows, width, out in ((1, 70, 37), (2, 4166, 39)):
+    x = torch.randn(rows, width, generator=gen)
+    q = torch.randint(-127, 128, (out, width), generator=gen, dtype=torch.int8)
+    scales = torch.rand(out, generator=gen) + 0.5
+    close(torch.ops.multiar.int8_matvec(x, q, scales), x, q.float() * scales[:, None])  # fp32 activations here
+    w = torch.randn(out, width, generator=gen)
+    for dtype in (torch.float32, torch.bfloat16):
+        close(torch.ops.multiar.matvec(x.to(dtype), w.to(dtype)), x.to(dtype), w.to(dtype))
+print("equal")
+"""
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        [
+            "-mno-avx512bf16",
+            "-mno-avx512vnni",
+        ],  # AVX-512 without its bf16 dot product or VNNI: bf16 by shifts
+        ["-mno-avx512f"],  # no AVX-512 at all: the scalar loops
+    ],
+)
+def test_the_operators_built_for_an_older_cpu_compute_the_same(flags, tmp_path):
+    """The paths this CPU's -march=native build skips: the library built as for a CPU without AVX512-BF16
+    and VNNI, or without AVX-512, loaded in a process of its own (one library per process registers the
+    operators), computes the dense product."""
+    built()
+    env = {**os.environ, "MULTIAR_CACHE": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-c", OLDER_CPU, *flags], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "equal", done.stderr[-2000:]
 
 
 def test_the_operators_check_their_inputs_and_run_in_a_compiled_graph():
