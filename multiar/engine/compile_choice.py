@@ -15,7 +15,12 @@ job and not a short one, by an amount only this machine can tell:
   step, repaid by CUDA_PAYBACK x its seconds of eager work.
 
 steps is the job's most decode steps: its batches x max_new_tokens (a batch whose samples all end early
-at EOS takes fewer; MARGIN leaves room for that). A step's time is a batch's, all its rows. The figures
+at EOS takes fewer; MARGIN leaves room for that). Jobs that stayed eager add their steps' eager seconds
+to the key's `eager_s`, and a job counts those as steps of its own (at its eager pace) in either rule:
+many short jobs of one model on one machine compile once they have spent what one long job would have
+(a ski rental: what was paid renting buys; a compile clears the count). Without it a 10.8M model decoded
+256 tokens at a time stayed eager forever, at 0.31-0.35x llama.cpp's best where its package, once on
+disk, runs 1.17-1.33x (benchmarks/README.md, session 31). A step's time is a batch's, all its rows. The figures
 live in the layout cache (decode_layout.json) beside the measured layout, keyed alike. Training's
 `compile=auto` weighs its own step by the same rule (multiar/training/compile_when_it_pays.py). No
 Lightning, Hydra or domain code here.
@@ -71,6 +76,7 @@ class CompileDecision:
     what: str = "the decode step"  # the step weighed, for the log line (training weighs its own)
     payback: float | None = None  # an unmeasured first compile's rule, where not the device's (training)
     first_compile_s: float | None = None
+    steps_before: int = 0  # the eager seconds of earlier jobs that stayed eager, as steps at eager_ms
 
     def as_dict(self) -> dict:
         return {
@@ -81,20 +87,24 @@ class CompileDecision:
         verb = f"{'compiling' if self.compile else 'not compiling'} {self.what}"
         if self.resumed:
             return f"compile=auto: {verb}, as the run being resumed did"
+        steps = self.steps + self.steps_before
+        counted = (
+            f"({self.steps} + {self.steps_before} decoded eagerly before)" if self.steps_before else steps
+        )
         if self.compiled_ms is None:
             payback, first_s = first_compile_rule(self.device)
             payback, first_s = self.payback or payback, self.first_compile_s or first_s
             why = (
-                f"{self.steps} steps x {self.eager_ms:.2f} ms eager = "
-                f"{self.steps * self.eager_ms / 1e3:.0f} s"
+                f"{counted} steps x {self.eager_ms:.2f} ms eager = "
+                f"{steps * self.eager_ms / 1e3:.0f} s"
                 f" {'>' if self.compile else '<='} {payback:g} x {first_s:g} s (a first compile on"
                 f" {self.device}, not measured here yet)"
             )
         else:
-            saved = self.steps * (self.eager_ms - self.compiled_ms) / 1e3
+            saved = steps * (self.eager_ms - self.compiled_ms) / 1e3
             cost = "to load its package, built before" if self.cached else "to compile"
             why = (
-                f"{self.steps} steps x ({self.eager_ms:.2f} - {self.compiled_ms:.2f} ms compiled, measured"
+                f"{counted} steps x ({self.eager_ms:.2f} - {self.compiled_ms:.2f} ms compiled, measured"
                 f" here) = {saved:.1f} s saved {'>' if self.compile else '<='} {MARGIN:g} x"
                 f" {self.compile_s:.2f} s {cost}"
             )
@@ -108,23 +118,47 @@ def compile_pays(
     device: str = "cpu",
     what: str = "the decode step",
     first_rule: tuple[float, float] | None = None,
+    eager_s_before: float = 0.0,
 ) -> CompileDecision:
     """Whether a job of at most `steps` steps of eager_ms each is faster compiled, from what this
     machine measured before (`measured`: a StepClock's figures, or None; device: the step's device
     type, whose rule applies before anything was measured, unless first_rule gives (payback, first
-    compile's seconds) for it; what: the step, for the log line)."""
+    compile's seconds) for it; what: the step, for the log line; eager_s_before: the eager seconds of
+    earlier jobs that stayed eager (`eager_seconds`), counted as steps of this job)."""
+    before = round(1e3 * eager_s_before / eager_ms) if eager_ms > 0 else 0
+    total = steps + before
     if not measured:
         payback, first_s = first_rule or first_compile_rule(device)
-        pays = steps * eager_ms / 1e3 > payback * first_s
+        pays = total * eager_ms / 1e3 > payback * first_s
         rule = dict(payback=payback, first_compile_s=first_s) if first_rule else {}
-        return CompileDecision(pays, steps, eager_ms, device=device, what=what, **rule)
+        return CompileDecision(pays, steps, eager_ms, device=device, what=what, steps_before=before, **rule)
     cached = bool(measured.get("cached"))
     compiled_ms = float(measured["compiled_ms"])
     compile_s = float(measured.get("load_s", LOAD_S_ASSUMED) if cached else measured["compile_s"])
-    pays = steps * (eager_ms - compiled_ms) / 1e3 > MARGIN * compile_s
+    pays = total * (eager_ms - compiled_ms) / 1e3 > MARGIN * compile_s
     return CompileDecision(
-        pays, steps, eager_ms, compiled_ms, compile_s, device=device, what=what, cached=cached
+        pays,
+        steps,
+        eager_ms,
+        compiled_ms,
+        compile_s,
+        device=device,
+        what=what,
+        cached=cached,
+        steps_before=before,
     )
+
+
+def eager_seconds(cache_file: Path | None, key: str) -> float:
+    """The eager decode seconds noted under key by jobs that stayed eager since the last compile."""
+    return float((read_cache(cache_file, key) or {}).get("eager_s", 0.0))
+
+
+def note_eager(cache_file: Path | None, key: str, seconds: float) -> None:
+    """Add a job's eager decode seconds (its most steps x its eager step) to key's count; a compile's
+    figures, saved by StepClock, clear it."""
+    entry = read_cache(cache_file, key) or {}
+    write_cache(cache_file, key, entry | {"eager_s": float(entry.get("eager_s", 0.0)) + seconds})
 
 
 def synchronize(device: torch.device) -> None:

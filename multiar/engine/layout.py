@@ -31,7 +31,14 @@ import torch.nn as nn
 
 from multiar.engine import ahead_of_time
 from multiar.engine.choice_cache import CACHE_FILE, cache_key, read_cache, write_cache
-from multiar.engine.compile_choice import CompileDecision, StepClock, compile_pays, read_measured
+from multiar.engine.compile_choice import (
+    CompileDecision,
+    StepClock,
+    compile_pays,
+    eager_seconds,
+    note_eager,
+    read_measured,
+)
 from multiar.engine.decode_choice import DecodeChoice, Timer
 from multiar.engine.packed import decode_layout, packs
 from multiar.engine.quantize import Int4Linear, Int8Linear, quantized_mode
@@ -327,10 +334,13 @@ def _compile_if_it_pays(
         elif packages:  # is one of them these weights'? (a digest to take)
             _weigh(clock, source)
         measured = read_measured(cache_file, clock.key, clock.weights, ahead_of_time.on_disk)
-        decision = compile_pays(steps, eager_ms, measured, device)
+        before = eager_seconds(cache_file, clock.key)  # earlier short jobs' eager time counts (a ski rental)
+        decision = compile_pays(steps, eager_ms, measured, device, eager_s_before=before)
     choice.compile = decision.as_dict() | ({} if quantized else {"eager": picked})
     log.info("%s", decision.log_line())
     if not decision.compile:
+        if not decision.resumed:
+            note_eager(cache_file, clock.key, steps * eager_ms / 1e3)
         return model
     if clock.weights is None:  # the package this job uses is noted under these weights for the next
         _weigh(clock, source)

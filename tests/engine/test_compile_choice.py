@@ -62,6 +62,48 @@ def test_measured_the_saved_steps_must_repay_the_compile_margin_times():
     assert json.loads(json.dumps(decision.as_dict()))["steps"] == 7_001
 
 
+def test_earlier_eager_jobs_count_as_steps_of_this_one_in_either_rule():
+    """A ski rental: eager seconds noted by jobs that stayed eager count as steps of this job at its
+    eager pace, unmeasured (the first compile's assumed cost) and measured (the saved steps' rule)."""
+    eager_ms = 4.0
+    line = int(FIRST * 1e3 / eager_ms)  # 60,000 steps of 4 ms
+    before_s = (line - 100) * eager_ms / 1e3  # all but 100 steps' worth spent eagerly before
+    assert not cc.compile_pays(100, eager_ms, None, eager_s_before=before_s).compile
+    decision = cc.compile_pays(101, eager_ms, None, eager_s_before=before_s)
+    assert decision.compile and decision.steps == 101 and decision.steps_before == line - 100
+    assert f"(101 + {line - 100} decoded eagerly before) steps" in decision.log_line()
+    measured = {"compiled_ms": 2.0, "compile_s": 7.0}  # 7,000 steps repay it twice
+    assert not cc.compile_pays(100, eager_ms, measured, eager_s_before=6_900 * eager_ms / 1e3).compile
+    assert cc.compile_pays(101, eager_ms, measured, eager_s_before=6_900 * eager_ms / 1e3).compile
+    assert cc.compile_pays(101, eager_ms, None).log_line().count("decoded eagerly before") == 0
+
+
+def test_short_jobs_that_stay_eager_add_up_until_one_compiles_and_a_compile_clears_the_count(
+    tmp_path, compiler, monkeypatch
+):
+    """prepare_for_decoding(compile="auto"): each job that stays eager notes its most steps' eager
+    seconds under the clock's key; the job whose count with its own passes the first compile's assumed
+    cost compiles; the clock's figures, once saved, clear the count."""
+    monkeypatch.setattr(lay, "packs", lambda dtype: True)  # fp32/packed (2 ms) the eager pick on any CPU
+    steps = int(FIRST * 1e3 / MS["fp32/packed"]) // 3  # a third of the line at the eager pick's 2 ms
+    decisions = []
+    for _ in range(4):
+        _, choice = lay.prepare_for_decoding(
+            tiny_model(), cache_dir=tmp_path, compile="auto", steps=steps, timer=fake_timer(MS, [])
+        )
+        decisions.append(choice.compile)
+    assert [d["compile"] for d in decisions] == [False, False, False, True]  # 3 x a third is not past it
+    assert [d["steps_before"] for d in decisions] == [0, steps, 2 * steps, 3 * steps]
+    clock = compiler[0]["clock"]
+    cache = tmp_path / lay.CACHE_FILE
+    assert cc.eager_seconds(cache, clock.key) == pytest.approx(3 * steps * MS["fp32/packed"] / 1e3)
+    clock.compile_s, clock.times = 30.0, [0.001] * (cc.StepClock.WARM_UP + 16)
+    clock.save()
+    assert (
+        cc.eager_seconds(cache, clock.key) == 0.0 and cc.read_measured(cache, clock.key)["compile_s"] == 30.0
+    )
+
+
 def test_the_clock_saves_the_compile_and_the_median_step_after_warm_up(tmp_path, monkeypatch):
     cache = tmp_path / lay.CACHE_FILE
     clock = cc.StepClock(cache, "k", torch.device("cpu"), 1)
