@@ -5,9 +5,11 @@ Hydra or domain code here."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -15,6 +17,7 @@ import torch.nn as nn
 
 from multiar.engine.precision import cpu_model
 from multiar.engine.quantize import Int4Linear, Int8Linear
+from multiar.files import write_new_file
 
 # 2: bf16 weights decode over bf16 caches on an AMX CPU, so the choices measured before are stale
 CACHE_FORMAT = 2
@@ -61,16 +64,36 @@ def read_cache(cache_file: Path | None, key: str) -> dict | None:
 
 
 def write_cache(cache_file: Path | None, key: str, entry: dict) -> None:
+    """Set key's entry in cache_file, the file's other keys kept. Processes that write at once (many
+    short jobs, each noting its eager seconds) take turns under a lock file where the OS has flock, and
+    each writes its own temporary file: no write is half of two, and none reads another's half."""
     if cache_file is None:
         return
     try:
-        cached = json.loads(cache_file.read_text()) if cache_file.exists() else {}
-    except (OSError, ValueError):
-        cached = {}
-    try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(cached | {key: {"format": CACHE_FORMAT} | entry}, indent=1))
-        tmp.replace(cache_file)
+        with _locked(cache_file.with_name(cache_file.name + ".lock")):
+            try:
+                cached = json.loads(cache_file.read_text()) if cache_file.exists() else {}
+            except (OSError, ValueError):
+                cached = {}
+            text = json.dumps(cached | {key: {"format": CACHE_FORMAT} | entry}, indent=1)
+            write_new_file(cache_file, lambda tmp: tmp.write_text(text), overwrite=True)
     except OSError:
         pass  # a read-only cache only costs the measurement next time
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on path (created) while the block runs, where fcntl exists (not on Windows,
+    where writers may race as before)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -18,7 +18,9 @@ steps is the job's most decode steps: its batches x max_new_tokens (a batch whos
 at EOS takes fewer; MARGIN leaves room for that). Jobs that stayed eager add their steps' eager seconds
 to the key's `eager_s`, and a job counts those as steps of its own (at its eager pace) in either rule:
 many short jobs of one model on one machine compile once they have spent what one long job would have
-(a ski rental: what was paid renting buys; a compile clears the count). Without it a 10.8M model decoded
+(a ski rental: what was paid renting buys; a decision to compile clears the count). Only where what a
+compile buys lasts: a CPU package kept on disk (engine.ahead_of_time), not yet there; on CUDA or through
+torch.compile every job compiles again, and a package on disk costs each job its load. Without it a 10.8M model decoded
 256 tokens at a time stayed eager forever, at 0.31-0.35x llama.cpp's best where its package, once on
 disk, runs 1.17-1.33x (benchmarks/README.md, session 31). A step's time is a batch's, all its rows. The figures
 live in the layout cache (decode_layout.json) beside the measured layout, keyed alike. Training's
@@ -89,7 +91,7 @@ class CompileDecision:
             return f"compile=auto: {verb}, as the run being resumed did"
         steps = self.steps + self.steps_before
         counted = (
-            f"({self.steps} + {self.steps_before} decoded eagerly before)" if self.steps_before else steps
+            f"({self.steps} + {self.steps_before} steps' worth eager before)" if self.steps_before else steps
         )
         if self.compiled_ms is None:
             payback, first_s = first_compile_rule(self.device)
@@ -155,10 +157,18 @@ def eager_seconds(cache_file: Path | None, key: str) -> float:
 
 
 def note_eager(cache_file: Path | None, key: str, seconds: float) -> None:
-    """Add a job's eager decode seconds (its most steps x its eager step) to key's count; a compile's
-    figures, saved by StepClock, clear it."""
+    """Add a job's eager decode seconds (its most steps x its eager step: a job that ends early at EOS
+    counts in full, erring toward compiling sooner) to key's count."""
     entry = read_cache(cache_file, key) or {}
     write_cache(cache_file, key, entry | {"eager_s": float(entry.get("eager_s", 0.0)) + seconds})
+
+
+def forget_eager(cache_file: Path | None, key: str) -> None:
+    """Clear key's count: a job decided to compile (a failed build starts the count again; StepClock's
+    saved figures carry none either)."""
+    entry = read_cache(cache_file, key)
+    if entry is not None and "eager_s" in entry:
+        write_cache(cache_file, key, {k: v for k, v in entry.items() if k != "eager_s"})
 
 
 def synchronize(device: torch.device) -> None:

@@ -58,7 +58,8 @@ inline float int8_dot(const float* x, const int8_t* q, int64_t in) {
 constexpr int64_t VNNI_CHUNK = 4096;  // codes summed in int32 before a flush to fp32: no int32 overflow
 
 // sum_i x16[i] * q[i] over int16 activations and int8 codes, exact in int32 within each chunk
-// (|x16| <= 32767, |q| <= 127: a lane gains at most 2 x 4.2e6 a step, 128 steps a chunk, under 2^31)
+// (|x16| <= 32767, |q| <= 128: a lane gains at most 2 x 4.2e6 a step, at most 128 steps a chunk (64 in
+// each of the two chains), under 2^31)
 inline float int16_int8_dot(const int16_t* x16, const int8_t* q, int64_t in) {
   float acc = 0.0f;
   int64_t i = 0;
@@ -88,7 +89,7 @@ inline float int16_int8_dot(const int16_t* x16, const int8_t* q, int64_t in) {
 // sums[r] = sum_i x[i] * w[r * in + i] for fp32 or bf16 x and w (the same dtype), accumulated in fp32.
 // R weight rows (w + r * in) at once against one row of x: R independent sums in flight, each load of x
 // shared by them (one row at a time, a 768-wide row is a short chain of dependent multiply-adds and a
-// horizontal sum; four at once read 85M's bf16 weights 8-15% faster from RAM: see cpu_matvec.py)
+// horizontal sum; four at once read 85M's bf16 weights 1-13% faster from RAM: see cpu_matvec.py)
 template <int R, typename T>
 inline void float_dots(const T* x, const T* w, int64_t in, float* sums) {
   int64_t i = 0;

@@ -36,6 +36,7 @@ from multiar.engine.compile_choice import (
     StepClock,
     compile_pays,
     eager_seconds,
+    forget_eager,
     note_eager,
     read_measured,
 )
@@ -334,13 +335,19 @@ def _compile_if_it_pays(
         elif packages:  # is one of them these weights'? (a digest to take)
             _weigh(clock, source)
         measured = read_measured(cache_file, clock.key, clock.weights, ahead_of_time.on_disk)
-        before = eager_seconds(cache_file, clock.key)  # earlier short jobs' eager time counts (a ski rental)
+        # a ski rental (compile_choice): earlier eager jobs' seconds count where a compile buys what lasts,
+        # a package kept on disk; not where each job compiles again (CUDA, torch.compile) or where one
+        # is on disk already (each job pays its load)
+        rental = _packaged(clock) and not (measured or {}).get("cached")
+        before = eager_seconds(cache_file, clock.key) if rental else 0.0
         decision = compile_pays(steps, eager_ms, measured, device, eager_s_before=before)
+        if rental and decision.compile:
+            forget_eager(cache_file, clock.key)  # bought, whether or not the build succeeds
+        elif rental:
+            note_eager(cache_file, clock.key, steps * eager_ms / 1e3)
     choice.compile = decision.as_dict() | ({} if quantized else {"eager": picked})
     log.info("%s", decision.log_line())
     if not decision.compile:
-        if not decision.resumed:
-            note_eager(cache_file, clock.key, steps * eager_ms / 1e3)
         return model
     if clock.weights is None:  # the package this job uses is noted under these weights for the next
         _weigh(clock, source)

@@ -4,6 +4,7 @@ torch.compile's graphs, and absent (not fatal) without a compiler."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import platform
@@ -27,13 +28,18 @@ def built() -> None:
     assert cpu_matvec.library() is not None, "a C++ compiler is installed, yet the operators did not build"
 
 
-def cpu_has(flag: str) -> bool:
-    """Whether /proc/cpuinfo lists flag (the library is built with -march=native: it uses what is there)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and flag in line.split() for line in f)
-    except OSError:
-        return False
+@functools.cache
+def built_with(macro: str) -> bool:
+    """Whether the library's build (-march=native with this compiler) defines macro, such as
+    __AVX512VNNI__: what the C++ took, not what the CPU lists."""
+    cxx = cpu_kernels.compiler("CXX", "c++")
+    done = subprocess.run(
+        [*cxx, "-march=native", "-dM", "-E", "-x", "c++", os.devnull],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return done.returncode == 0 and f"#define {macro} " in done.stdout
 
 
 def int16_rounded(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,7 +73,7 @@ def test_the_operators_equal_the_dense_product(rows, width, out):
     bound = half_step * weight.abs().sum(-1) + 1e-4 * expected.abs() + 1e-4  # (rows, out)
     y = cpu_matvec.int8_matvec(x, q, scales).double()
     assert ((y - expected).abs() <= bound).all()
-    if cpu_has("avx512_vnni") and cpu_has("avx512f"):
+    if built_with("__AVX512VNNI__"):
         x16, step = int16_rounded(x)
         exact = F.linear(x16.double(), q.double()) * step.double() * scales.double()
         magnitude = F.linear(x16.double().abs(), q.double().abs()) * step.double() * scales.double()
