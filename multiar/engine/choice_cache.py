@@ -9,7 +9,7 @@ import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -64,9 +64,15 @@ def read_cache(cache_file: Path | None, key: str) -> dict | None:
 
 
 def write_cache(cache_file: Path | None, key: str, entry: dict) -> None:
-    """Set key's entry in cache_file, the file's other keys kept. Processes that write at once (many
-    short jobs, each noting its eager seconds) take turns under a lock file where the OS has flock, and
-    each writes its own temporary file: no write is half of two, and none reads another's half."""
+    """Set key's entry in cache_file, the file's other keys kept."""
+    update_cache(cache_file, key, lambda _: entry)
+
+
+def update_cache(cache_file: Path | None, key: str, change: Callable[[dict | None], dict]) -> None:
+    """Set key's entry to change(its entry now, or None), the file's other keys kept. Processes that
+    write at once (many short jobs, each adding its eager seconds to a count) take turns under a lock
+    file where the OS has flock, each writing its own temporary file: no write is half of two, and no
+    count read by one is overwritten by another's stale one."""
     if cache_file is None:
         return
     try:
@@ -76,7 +82,11 @@ def write_cache(cache_file: Path | None, key: str, entry: dict) -> None:
                 cached = json.loads(cache_file.read_text()) if cache_file.exists() else {}
             except (OSError, ValueError):
                 cached = {}
-            text = json.dumps(cached | {key: {"format": CACHE_FORMAT} | entry}, indent=1)
+            if not isinstance(cached, dict):
+                cached = {}
+            entry = cached.get(key)
+            now = entry if isinstance(entry, dict) and entry.get("format") == CACHE_FORMAT else None
+            text = json.dumps(cached | {key: {"format": CACHE_FORMAT} | change(now)}, indent=1)
             write_new_file(cache_file, lambda tmp: tmp.write_text(text), overwrite=True)
     except OSError:
         pass  # a read-only cache only costs the measurement next time

@@ -19,10 +19,11 @@ at EOS takes fewer; MARGIN leaves room for that). Jobs that stayed eager add the
 to the key's `eager_s`, and a job counts those as steps of its own (at its eager pace) in either rule:
 many short jobs of one model on one machine compile once they have spent what one long job would have
 (a ski rental: what was paid renting buys; a decision to compile clears the count). Only where what a
-compile buys lasts: a CPU package kept on disk (engine.ahead_of_time), not yet there; on CUDA or through
-torch.compile every job compiles again, and a package on disk costs each job its load. Without it a 10.8M model decoded
-256 tokens at a time stayed eager forever, at 0.31-0.35x llama.cpp's best where its package, once on
-disk, runs 1.17-1.33x (benchmarks/README.md, session 31). A step's time is a batch's, all its rows. The figures
+compile buys lasts: a CPU package kept on disk (engine.ahead_of_time), not yet there; on CUDA or
+through torch.compile every job compiles again, and a package on disk costs each job its load.
+Without it a 10.8M model decoded 256 tokens at a time stayed eager forever, at 0.31-0.35x llama.cpp's
+best where its package, once on disk, runs 1.17-1.33x (benchmarks/README.md, session 31). A step's
+time is a batch's, all its rows. The figures
 live in the layout cache (decode_layout.json) beside the measured layout, keyed alike. Training's
 `compile=auto` weighs its own step by the same rule (multiar/training/compile_when_it_pays.py). No
 Lightning, Hydra or domain code here.
@@ -37,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from multiar.engine.choice_cache import read_cache, write_cache
+from multiar.engine.choice_cache import read_cache, update_cache, write_cache
 
 FIRST_COMPILE_S = 60.0  # a cold compile's seconds assumed before one is measured here
 PAYBACK = 4.0  # unmeasured: the job's eager time must be this many first compiles
@@ -159,16 +160,21 @@ def eager_seconds(cache_file: Path | None, key: str) -> float:
 def note_eager(cache_file: Path | None, key: str, seconds: float) -> None:
     """Add a job's eager decode seconds (its most steps x its eager step: a job that ends early at EOS
     counts in full, erring toward compiling sooner) to key's count."""
-    entry = read_cache(cache_file, key) or {}
-    write_cache(cache_file, key, entry | {"eager_s": float(entry.get("eager_s", 0.0)) + seconds})
+
+    def add(entry: dict | None) -> dict:
+        entry = entry or {}
+        return entry | {"eager_s": float(entry.get("eager_s", 0.0)) + seconds}
+
+    update_cache(cache_file, key, add)
 
 
 def forget_eager(cache_file: Path | None, key: str) -> None:
     """Clear key's count: a job decided to compile (a failed build starts the count again; StepClock's
     saved figures carry none either)."""
-    entry = read_cache(cache_file, key)
-    if entry is not None and "eager_s" in entry:
-        write_cache(cache_file, key, {k: v for k, v in entry.items() if k != "eager_s"})
+    if "eager_s" in (read_cache(cache_file, key) or {}):
+        update_cache(
+            cache_file, key, lambda entry: {k: v for k, v in (entry or {}).items() if k != "eager_s"}
+        )
 
 
 def synchronize(device: torch.device) -> None:
