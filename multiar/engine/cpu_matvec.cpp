@@ -95,13 +95,14 @@ inline void float_dots(const T* x, const T* w, int64_t in, float* sums) {
   int64_t i = 0;
   for (int r = 0; r < R; r++) sums[r] = 0.0f;
 #ifdef __AVX512F__
+  const int64_t ahead = AHEAD_BLOCKS * R * in * sizeof(T);  // bytes: the same column, AHEAD_BLOCKS blocks on
   __m512 a[R];
   for (int r = 0; r < R; r++) a[r] = _mm512_setzero_ps();
   if constexpr (std::is_same_v<T, float>) {
     for (; i + 16 <= in; i += 16) {
       const __m512 xv = _mm512_loadu_ps(x + i);
       for (int r = 0; r < R; r++) a[r] = _mm512_fmadd_ps(_mm512_loadu_ps(w + r * in + i), xv, a[r]);
-      for (int r = 0; r < R; r++) prefetch(w + r * in + i, AHEAD_BLOCKS * R * in * sizeof(T));
+      for (int r = 0; r < R; r++) prefetch(w + r * in + i, ahead);
     }
   } else {
 #ifdef __AVX512BF16__
@@ -109,7 +110,7 @@ inline void float_dots(const T* x, const T* w, int64_t in, float* sums) {
     for (; i + 32 <= in; i += 32) {
       const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + i);
       for (int r = 0; r < R; r++) a[r] = _mm512_dpbf16_ps(a[r], (__m512bh)_mm512_loadu_si512(w + r * in + i), xv);
-      for (int r = 0; r < R; r++) prefetch(w + r * in + i, AHEAD_BLOCKS * R * in * sizeof(T));
+      for (int r = 0; r < R; r++) prefetch(w + r * in + i, ahead);
     }
 #else
     // bf16 to fp32 is a 16-bit shift left
@@ -120,7 +121,7 @@ inline void float_dots(const T* x, const T* w, int64_t in, float* sums) {
     for (; i + 16 <= in; i += 16) {
       const __m512 xv = widen(x + i);
       for (int r = 0; r < R; r++) a[r] = _mm512_fmadd_ps(widen(w + r * in + i), xv, a[r]);
-      for (int r = 0; r < R; r++) prefetch(w + r * in + i, AHEAD_BLOCKS * R * in * sizeof(T));
+      for (int r = 0; r < R; r++) prefetch(w + r * in + i, ahead);
     }
 #endif
   }
