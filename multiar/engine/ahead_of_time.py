@@ -23,7 +23,8 @@ Which GEMMs the package calls is measured too, once per machine, layer shapes, d
 compile time, over weights hot in cache), ATen's oneDNN / MKL calls alone, or (up to STREAMED_ROWS rows)
 no GEMM at all: each Linear streamed, its weight read once per step (bf16 and int8 layers through
 engine.cpu_matvec's operators where they build, fp32 ones as a multiply-and-sum that inductor fuses into
-one loop). Each
+one loop), and each layer's attention through engine.cpu_matvec's attention operator (keys read once,
+then values: 0.79 against inductor's 1.26 us a cached position at 85M bf16). Each
 candidate's package is built and their steps timed in turns on the job's first step; the fastest is kept,
 the others' packages deleted. On the AMX Xeon the autotuned GEMMs were the fast ones. On a Zen 5 EPYC
 without AMX (benchmarks/README.md, session 29) the 85M bf16 step ran 8.07 ms autotuned against 6.08 on
@@ -65,6 +66,8 @@ from multiar.engine.choice_cache import (
 from multiar.engine.compile_choice import ANY_WEIGHTS
 from multiar.engine.inductor_options import inductor_options
 from multiar.engine.quantize import Int8Linear
+from multiar.engine.rows_attention import attend_rows
+from multiar.engine.segments import Attend
 
 log = logging.getLogger("multiar")
 
@@ -181,12 +184,24 @@ def package_dir() -> Path:
 class _Step(nn.Module):
     """decode_rows as a module: export traces a module, and its fqns name the caches ("model.blocks...")."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, attend: Attend = attend_rows) -> None:
         super().__init__()
         self.model = model
+        self.attend = attend
 
     def forward(self, ids: Tensor, positions: Tensor, slots: Tensor) -> Tensor:
-        return decode_rows(self.model, ids, positions, slots.size(0))
+        return decode_rows(self.model, ids, positions, slots.size(0), self.attend)
+
+
+def _streamed_attention(q: Tensor, keys: Tensor, values: Tensor, positions: Tensor) -> Tensor:
+    """A streamed package's attention: engine.cpu_matvec's operator on the CPU where it is built (keys
+    read once, then values once), else attend_rows's ops. Its query in fp32 and its output back in q's
+    dtype, as attend_rows: inductor drops a bf16 round trip inside one loop, so an int8 model's query
+    (rotated in fp32) and output (read by fp32 layers) are not rounded to bf16 there either."""
+    fits = keys.dtype in (torch.float32, torch.bfloat16) and keys.device.type == "cpu"
+    if fits and cpu_matvec.library():
+        return cpu_matvec.decode_attention(q.float().contiguous(), keys, values, positions).to(q.dtype)
+    return attend_rows(q, keys, values, positions)
 
 
 def _tensors(model: nn.Module) -> dict[str, Tensor]:
@@ -258,8 +273,9 @@ def package_key(model: nn.Module, rows: int, options: dict, weights: str | None 
     if options.get("streamed"):  # it holds no weights: theirs are handed to it at load
         weights = (f"{n} {t.dtype} {tuple(t.shape)} {t.stride()}" for n, t in _tensors(model).items())
         h.update(" ".join(w for w in weights if ".kv_cache." not in w).encode())  # caches: below
-        # whether it calls the operators (built, and loaded before the package is: it names them)
-        if any(_on_operator(m) for m in model.modules()):
+        # whether it calls the operators (its attention on a CPU, its bf16 and int8 layers; built, and
+        # loaded before the package is: it names them)
+        if model.wte.weight.device.type == "cpu":
             h.update(f"operators {cpu_matvec.library() is not None}".encode())
     else:
         h.update((weights or weights_digest(model)).encode())  # weights: its digest, taken before
@@ -306,7 +322,10 @@ def _build(model: nn.Module, rows: int, path: Path, streamed: bool = False) -> N
             cache.k, cache.v = torch.zeros_like(k), torch.zeros_like(v)
         with torch.no_grad(), _streamed_linears(model) if streamed else contextlib.nullcontext():
             program = torch.export.export(
-                _Step(model), (ids, ids.clone(), slots), dynamic_shapes=dims, strict=False
+                _Step(model, _streamed_attention if streamed else attend_rows),
+                (ids, ids.clone(), slots),
+                dynamic_shapes=dims,
+                strict=False,
             )
         switches = WEIGHTLESS if streamed else PACKAGE_SWITCHES
         torch._inductor.aoti_compile_and_package(program, package_path=tmp, inductor_configs=switches)

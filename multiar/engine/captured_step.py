@@ -20,13 +20,17 @@ from torch import Tensor
 from multiar.engine.inductor_options import inductor_options, make_room
 from multiar.engine.model import GPT, apply_rope
 from multiar.engine.rows_attention import attend_rows
+from multiar.engine.segments import Attend
 
 
-def hidden_rows(model: GPT, ids: Tensor, positions: Tensor, kv_len: int, rows: Tensor | None) -> Tensor:
+def hidden_rows(
+    model: GPT, ids: Tensor, positions: Tensor, kv_len: int, rows: Tensor | None, attend: Attend = attend_rows
+) -> Tensor:
     """Token t (ids (T,)) written into cache row rows[t] (None: row t, the cache's first T rows read as a
     view) at positions[t], attending to that row's slots up to its position -> hidden states (T, C).
     Every token's keys and values are written before any token attends, so a prompt chunk's tokens in
-    one row see the ones before them. The real rotary table: inductor has no complex ops."""
+    one row see the ones before them. The real rotary table: inductor has no complex ops. attend: the
+    attention's ops (a streamed package's: engine.ahead_of_time)."""
     T = ids.size(0)
     nh, hs = model.config.n_head, model.config.head_size
     index = torch.arange(T, device=ids.device) if rows is None else rows
@@ -44,16 +48,18 @@ def hidden_rows(model: GPT, ids: Tensor, positions: Tensor, kv_len: int, rows: T
             keys, values = cache.k[:T, :, :kv_len], cache.v[:T, :, :kv_len]
         else:  # each token's row: (T, nh, kv_len, hs)
             keys, values = cache.k[rows, :, :kv_len], cache.v[rows, :, :kv_len]
-        y = attend_rows(q, keys, values, positions)
+        y = attend(q, keys, values, positions)
         x = x + attn.proj(y.reshape(T, nh * hs).to(x.dtype))
         x = x + block.mlp(block.norm_2(x))
     return x
 
 
-def decode_rows(model: GPT, ids: Tensor, positions: Tensor, kv_len: int) -> Tensor:
+def decode_rows(
+    model: GPT, ids: Tensor, positions: Tensor, kv_len: int, attend: Attend = attend_rows
+) -> Tensor:
     """One token for each of rows 0 .. d-1: ids (d,) at positions (d,), each row attending to its slots up
     to its position (kv_len: the furthest one + 1) -> logits (d, V)."""
-    return model.lm_head(model.norm_f(hidden_rows(model, ids, positions, kv_len, None)))
+    return model.lm_head(model.norm_f(hidden_rows(model, ids, positions, kv_len, None, attend)))
 
 
 def step_rows(

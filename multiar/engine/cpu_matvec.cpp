@@ -1,6 +1,6 @@
-// A decode step's int8 and float Linears at one or two rows, as torch operators (multiar::int8_matvec,
-// multiar::matvec) that compiled code and AOTInductor packages call through the dispatcher. Built and
-// loaded by engine/cpu_matvec.py; see there for why.
+// A decode step's int8 and float Linears at one or two rows (multiar::int8_matvec, multiar::matvec) and its
+// attention (multiar::decode_attention), as torch operators that compiled code and AOTInductor packages
+// call through the dispatcher. Built and loaded by engine/cpu_matvec.py; see there for why.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -223,14 +223,147 @@ at::Tensor int8_matvec(const at::Tensor& x, const at::Tensor& q, const at::Tenso
   return y;
 }
 
+
+#ifdef __AVX512F__
+// e^x for 16 floats x <= 0 (scores less their row's largest): 2^n e^r, n = round(x / ln 2), r = x - n ln 2
+// (|r| <= ln 2 / 2, ln 2 in two parts so that r stays exact), e^r by its Taylor series to r^7 (relative
+// error under 1e-8). Below -100 it is taken at -100 (~4e-44, a weight that adds nothing); a NaN stays NaN.
+inline __m512 exp_nonpositive(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-100.0f), x);  // x second: a NaN in x passes through
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040);
+  for (float c : {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, n);
+}
+
+// 16 values of T as fp32 (bf16: a 16-bit shift left)
+template <typename T>
+inline __m512 load16(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm512_loadu_ps(p);
+  } else {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+  }
+}
+#endif
+
+// One query (hs,) against m keys and values (m, hs) of one head, rows `stride` apart: softmax(q k^T *
+// scale) v in fp32 -> out (hs,). Keys read once, then values once: each pass one stream through RAM.
+template <typename T>
+void attend_one(const float* q, const T* k, const T* v, int64_t m, int64_t hs, int64_t stride, float scale,
+                float* out, float* scores) {
+  float top = -INFINITY;
+  for (int64_t j = 0; j < m; j++) {
+    const T* kj = k + j * stride;
+    float s = 0.0f;
+    int64_t i = 0;
+#ifdef __AVX512F__
+    __m512 a = _mm512_setzero_ps();
+    for (; i + 16 <= hs; i += 16) a = _mm512_fmadd_ps(load16(kj + i), _mm512_loadu_ps(q + i), a);
+    s = _mm512_reduce_add_ps(a);
+#endif
+    for (; i < hs; i++) s += q[i] * static_cast<float>(kj[i]);
+    scores[j] = s * scale;
+    top = std::max(top, scores[j]);
+  }
+  float total = 0.0f;
+  int64_t j = 0;
+#ifdef __AVX512F__
+  __m512 sum = _mm512_setzero_ps();
+  for (; j + 16 <= m; j += 16) {
+    const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(scores + j), _mm512_set1_ps(top)));
+    _mm512_storeu_ps(scores + j, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  total = _mm512_reduce_add_ps(sum);
+#endif
+  for (; j < m; j++) total += (scores[j] = std::exp(scores[j] - top));
+  for (int64_t i = 0; i < hs; i++) out[i] = 0.0f;
+  int64_t i = 0;
+#ifdef __AVX512F__
+  for (; i + 64 <= hs; i += 64) {  // 64 dims in four accumulators
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t t = 0; t < m; t++) {
+      const T* vt = v + t * stride + i;
+      const __m512 w = _mm512_set1_ps(scores[t]);
+      a0 = _mm512_fmadd_ps(w, load16(vt), a0);
+      a1 = _mm512_fmadd_ps(w, load16(vt + 16), a1);
+      a2 = _mm512_fmadd_ps(w, load16(vt + 32), a2);
+      a3 = _mm512_fmadd_ps(w, load16(vt + 48), a3);
+    }
+    _mm512_storeu_ps(out + i, a0);
+    _mm512_storeu_ps(out + i + 16, a1);
+    _mm512_storeu_ps(out + i + 32, a2);
+    _mm512_storeu_ps(out + i + 48, a3);
+  }
+  for (; i + 16 <= hs; i += 16) {
+    __m512 a = _mm512_setzero_ps();
+    for (int64_t t = 0; t < m; t++) a = _mm512_fmadd_ps(_mm512_set1_ps(scores[t]), load16(v + t * stride + i), a);
+    _mm512_storeu_ps(out + i, a);
+  }
+#endif
+  for (; i < hs; i++) {
+    for (int64_t t = 0; t < m; t++) out[i] += scores[t] * static_cast<float>(v[t * stride + i]);
+  }
+  const float inv = 1.0f / total;
+  for (int64_t d = 0; d < hs; d++) out[d] *= inv;
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
+                            const at::Tensor& positions) {
+  TORCH_CHECK(q.dim() == 3 && keys.dim() == 4 && values.sizes() == keys.sizes(),
+              "decode_attention: q (d, nh, hs), keys and values (d, nh, n, hs)");
+  TORCH_CHECK(keys.size(0) == q.size(0) && keys.size(1) == q.size(1) && keys.size(3) == q.size(2) &&
+                  positions.dim() == 1 && positions.size(0) == q.size(0),
+              "decode_attention: shapes do not match");
+  TORCH_CHECK(keys.size(2) > 0, "decode_attention: no slot to attend to");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && keys.scalar_type() == values.scalar_type() &&
+                  (keys.scalar_type() == at::kFloat || keys.scalar_type() == at::kBFloat16),
+              "decode_attention: q fp32, keys and values both fp32 or both bf16");
+  TORCH_CHECK(positions.scalar_type() == at::kLong, "decode_attention: positions int64");
+  TORCH_CHECK(keys.stride(3) == 1 && values.stride(3) == 1 && keys.strides() == values.strides(),
+              "decode_attention: keys and values of one layout, each position's head contiguous");
+  const int64_t d = q.size(0), nh = q.size(1), hs = q.size(2), n = keys.size(2);
+  at::Tensor qc = q.contiguous(), pc = positions.contiguous();
+  at::Tensor out = at::empty({d, nh, hs}, q.options());
+  const int64_t* pos = pc.data_ptr<int64_t>();
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hs));
+  float* op = out.data_ptr<float>();
+  const float* qp = qc.data_ptr<float>();
+  const int64_t row_stride = keys.stride(0), head_stride = keys.stride(1), slot_stride = keys.stride(2);
+  auto run = [&](auto* kp, auto* vp) {
+    const int threads = at::get_num_threads();
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t task = 0; task < d * nh; task++) {
+      const int64_t b = task / nh, h = task % nh;
+      const int64_t m = std::clamp<int64_t>(pos[b] + 1, 1, n);
+      std::vector<float> scores(m);
+      const int64_t at = b * row_stride + h * head_stride;
+      attend_one(qp + task * hs, kp + at, vp + at, m, hs, slot_stride, scale, op + task * hs, scores.data());
+    }
+  };
+  if (keys.scalar_type() == at::kFloat) {
+    run(keys.data_ptr<float>(), values.data_ptr<float>());
+  } else {
+    run(keys.data_ptr<at::BFloat16>(), values.data_ptr<at::BFloat16>());
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(multiar, m) {
   m.def("int8_matvec(Tensor x, Tensor q, Tensor scales) -> Tensor");
   m.def("matvec(Tensor x, Tensor w) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor keys, Tensor values, Tensor positions) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(multiar, CPU, m) {
   m.impl("int8_matvec", int8_matvec);
   m.impl("matvec", matvec);
+  m.impl("decode_attention", decode_attention);
 }

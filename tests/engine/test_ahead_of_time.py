@@ -257,10 +257,13 @@ def test_streamed_linears_are_candidates_at_a_few_float_rows_and_decode_as_the_e
         assert tokens == greedy(model) if dtype == torch.float32 else list(map(len, tokens)) == [12, 12]
         assert compiled.compiled_step.gemms == {"gemms": "streamed"}
         assert compiled.compiled_step.fallback is None
-        # bf16 Linears call engine.cpu_matvec's operator (where it builds); fp32 ones are inductor's loops
+        # bf16 Linears call engine.cpu_matvec's operator (where it builds); fp32 ones are inductor's loops;
+        # each layer's attention calls its operator in either dtype
         calls = operator_calls(own_cache / compiled.compiled_step.last[1])
-        bf16_operator = dtype == torch.bfloat16 and cpu_matvec.library() is not None
-        assert calls == ({"multiar::matvec": 9} if bf16_operator else {})  # 2 x (qkv, proj, up, down), head
+        built = cpu_matvec.library() is not None
+        bf16_operator = dtype == torch.bfloat16 and built
+        want = {"multiar::matvec": 9} if bf16_operator else {}  # 2 x (qkv, proj, up, down), head
+        assert calls == want | ({"multiar::decode_attention": 2} if built else {})
         linears = [m for m in compiled.modules() if isinstance(m, nn.Linear)]
         assert linears and all("forward" not in vars(m) for m in linears)  # the class's forward again
         streamed = package_key(compiled, len(PROMPTS), SWITCHES | ahead_of_time.GEMMS["streamed"])
@@ -314,21 +317,22 @@ def test_streamed_int8_layers_run_the_mat_vec_operator_and_decode_as_their_dequa
     assert greedy(compiled) == greedy(dequantized(int8, 13))
     step = compiled.compiled_step
     assert (step.gemms, step.fallback, step.any_weights, step.built) == ({"gemms": "streamed"}, None, True, 1)
-    assert operator_calls(own_cache / step.last[1]) == {"multiar::int8_matvec": 9}
+    assert operator_calls(own_cache / step.last[1]) == {
+        "multiar::int8_matvec": 9,
+        "multiar::decode_attention": 2,
+    }
     assert all("forward" not in vars(m) for m in compiled.modules() if isinstance(m, Int8Linear))
     other = quantize(tiny(seed=14), "int8")
     again = compile_for_sampling(copy.deepcopy(other), rows=len(PROMPTS))
     assert greedy(again) == greedy(dequantized(other, 14))
     assert (again.compiled_step.built, again.compiled_step.loaded) == (0, 1)
-    # without the operators: no streamed candidate for int8 layers, and a bf16 model's streamed package
-    # (the multiply-and-sum then) is another file than the one that calls them
+    # without the operators: no streamed candidate for int8 layers, and a bf16 or fp32 model's streamed
+    # package (the multiply-and-sum then, and attend_rows's attention) is another file than the one that
+    # calls them
     streamed = SWITCHES | ahead_of_time.GEMMS["streamed"]
-    bf16 = tiny(seed=15).to(torch.bfloat16)
-    with_operators = package_key(bf16, len(PROMPTS), streamed)
+    models = [tiny(seed=15).to(torch.bfloat16), tiny(seed=15)]
+    with_operators = [package_key(model, len(PROMPTS), streamed) for model in models]
     monkeypatch.setattr(cpu_matvec, "library", lambda: None)
     assert "streamed" not in ahead_of_time.candidates(int8, 1)
-    assert package_key(bf16, len(PROMPTS), streamed) != with_operators
-    asked = []
-    monkeypatch.setattr(cpu_matvec, "library", lambda: asked.append(1))
-    package_key(tiny(seed=15), len(PROMPTS), streamed)
-    assert asked == []  # fp32 calls no operator: its key neither builds nor asks for them
+    for model, key in zip(models, with_operators, strict=True):
+        assert package_key(model, len(PROMPTS), streamed) != key

@@ -10,12 +10,14 @@ import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from multiar.engine import cpu_kernels, cpu_matvec
+from multiar.engine.rows_attention import attend_rows
 
 
 def built() -> None:
@@ -92,9 +94,45 @@ def test_the_operators_equal_the_dense_product(rows, width, out):
         torch.testing.assert_close(y, F.linear(xs.double(), ws.double()).float(), rtol=1e-5, atol=1e-4)
 
 
+def attention_case(head_size: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, ...]:
+    """q (3, 2, hs) and keys and values as views of a cache (4, 2, 50, hs) of its first 3 rows and 40
+    slots, positions (3,) of a row at the end, one at slot 0 and one between; scores from -60 to 0 after
+    each row's largest (the exponential's range), and NaN in every slot no row sees."""
+    gen = torch.Generator().manual_seed(seed)
+    cache_k, cache_v = (torch.randn(4, 2, 50, head_size, generator=gen) for _ in range(2))
+    positions = torch.tensor([39, 0, 17])
+    for cache in (cache_k, cache_v):
+        for b, p in enumerate(positions.tolist()):
+            cache[b, :, p + 1 :] = float("nan")
+    q = 3 * torch.randn(3, 2, head_size, generator=gen)
+    return q, cache_k.to(dtype)[:3, :, :40], cache_v.to(dtype)[:3, :, :40], positions
+
+
+def attention_close(got: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions) -> None:
+    """got is attend_rows's attention in float64 of the same inputs (the slots no row sees left out)
+    within fp32 rounding."""
+    want = attend_rows(q.double(), k.double().nan_to_num(), v.double().nan_to_num(), positions)
+    assert got.dtype == torch.float32 and got.shape == q.shape
+    assert ((got.double() - want).abs() <= 1e-5 * want.abs() + 1e-6).all()
+
+
+@pytest.mark.parametrize("head_size", [64, 48, 24, 7])  # four 16-wide sums, one, one and a tail, a tail
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_attention_operator_equals_attend_rows(head_size, dtype):
+    """decode_attention is attend_rows (fp32 sums, softmax over each row's slots 0 .. its position) on a
+    cache's strided views, fp32 or bf16: within fp32 rounding; the slots past a row's position are never
+    read (NaN there changes nothing), and a row at slot 0 gets that slot's values."""
+    built()
+    q, k, v, positions = attention_case(head_size, dtype, seed=head_size)
+    got = cpu_matvec.decode_attention(q, k, v, positions)
+    attention_close(got, q, k, v, positions)
+    assert torch.equal(got[1], v[1, :, 0].float())  # one slot: its weight is exactly 1
+
+
 OLDER_CPU = """
 import sys, torch, torch.nn.functional as F
 from multiar.engine import cpu_matvec
+from test_cpu_matvec import attention_case, attention_close
 
 def close(y, x, w):  # fp32 sums: within fp32 rounding of the sum of the terms' sizes
     exact, size = F.linear(x.double(), w.double()), F.linear(x.double().abs(), w.double().abs())
@@ -112,6 +150,10 @@ for rows, width, out in ((1, 70, 37), (2, 4166, 39)):
     w = torch.randn(out, width, generator=gen)
     for dtype in (torch.float32, torch.bfloat16):
         close(torch.ops.multiar.matvec(x.to(dtype), w.to(dtype)), x.to(dtype), w.to(dtype))
+for head_size in (64, 7):
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k, v, positions = attention_case(head_size, dtype, seed=head_size)
+        attention_close(torch.ops.multiar.decode_attention(q, k, v, positions), q, k, v, positions)
 print("equal")
 """
 
@@ -131,7 +173,8 @@ def test_the_operators_built_for_an_older_cpu_compute_the_same(flags, tmp_path):
     and VNNI, or without AVX-512, loaded in a process of its own (one library per process registers the
     operators), computes the dense product."""
     built()
-    env = {**os.environ, "MULTIAR_CACHE": str(tmp_path)}
+    here = os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "MULTIAR_CACHE": str(tmp_path), "PYTHONPATH": here}
     done = subprocess.run(
         [sys.executable, "-c", OLDER_CPU, *flags], capture_output=True, text=True, env=env, timeout=300
     )
@@ -151,6 +194,15 @@ def test_the_operators_check_their_inputs_and_run_in_a_compiled_graph():
         cpu_matvec.matvec(x, torch.zeros(8, 32, dtype=torch.bfloat16))
     with pytest.raises(RuntimeError, match="matvec: x \\(rows, in\\)"):
         cpu_matvec.matvec(x, torch.zeros(8, 31))
+    q, k, v, positions = attention_case(8, torch.float32, seed=0)
+    with pytest.raises(RuntimeError, match="decode_attention: q fp32, keys and values both"):
+        cpu_matvec.decode_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), positions)
+    with pytest.raises(RuntimeError, match="decode_attention: q fp32, keys and values both"):
+        cpu_matvec.decode_attention(q, k, v.bfloat16(), positions)
+    with pytest.raises(RuntimeError, match="decode_attention: shapes"):
+        cpu_matvec.decode_attention(q[:2], k, v, positions)
+    with pytest.raises(RuntimeError, match="decode_attention: keys and values of one layout"):
+        cpu_matvec.decode_attention(q, k, v.transpose(2, 3).contiguous().transpose(2, 3), positions)
     w = torch.randn(8, 32)
     q = torch.randint(-127, 128, (8, 32), dtype=torch.int8)
 
@@ -159,6 +211,12 @@ def test_the_operators_check_their_inputs_and_run_in_a_compiled_graph():
 
     compiled = torch.compile(step, dynamic=False)
     torch.testing.assert_close(compiled(x), step(x))
+    q, k, v, positions = attention_case(8, torch.float32, seed=1)
+
+    def attend(q: torch.Tensor) -> torch.Tensor:
+        return cpu_matvec.decode_attention(torch.tanh(q), k, v, positions) * 2
+
+    torch.testing.assert_close(torch.compile(attend, dynamic=False)(q), attend(q))
 
 
 def test_without_a_compiler_there_is_no_operator_and_no_error(monkeypatch, tmp_path, caplog):
