@@ -62,6 +62,7 @@ def _check_decode(quantize: str | None, dtype: str, layout: str) -> None:
 
 COMPILE_SETTINGS = {"auto": "auto", "true": True, "false": False}
 ATTENTION_SETTINGS = ("auto", "sdpa", "matmul")  # engine.attention_choice.SETTINGS
+ROWS_ATTENTION_SETTINGS = ("auto", "sdpa", "compiled", "operator")  # "auto" and engine.rows_attention.WAYS
 
 
 def compile_setting(value: str | bool) -> bool | str:
@@ -689,7 +690,8 @@ class ServeSchema:
     layout: str = doc("auto, linear or packed, as generate (measured at batch `slots`)", "auto")
     attention: str = doc(
         "the decoding rows' attention: sdpa (torch's, fp32 keys/values on a CPU without AMX), compiled (inductor, "
-        "keys/values in the weights' dtype) or auto (the faster at `slots` rows, measured once here)",
+        "keys/values in the weights' dtype), operator (multiar's C++ operator on a CPU, keys/values in the weights' "
+        "dtype) or auto (the fastest at `slots` rows, measured once here)",
         "auto",
     )
     step: str = doc(
@@ -728,9 +730,9 @@ class ServeSchema:
             "step=captured takes layout=auto or linear: inductor cannot lower oneDNN's packed Linear",
         )
         _check(
-            self.attention in ("auto", "sdpa", "compiled"),
+            self.attention in ROWS_ATTENTION_SETTINGS,
             "attention",
-            f"must be auto, sdpa or compiled, got {self.attention!r}",
+            f"must be {', '.join(ROWS_ATTENTION_SETTINGS[:-1])} or {ROWS_ATTENTION_SETTINGS[-1]}, got {self.attention!r}",
         )
         _check(1 <= self.port <= 65535, "port", f"must be 1-65535, got {self.port}")
         for key in (

@@ -66,7 +66,7 @@ from multiar.engine.choice_cache import (
 from multiar.engine.compile_choice import ANY_WEIGHTS
 from multiar.engine.inductor_options import inductor_options
 from multiar.engine.quantize import Int8Linear
-from multiar.engine.rows_attention import attend_rows
+from multiar.engine.rows_attention import attend_rows, operator_attend, operator_runs
 from multiar.engine.segments import Attend
 
 log = logging.getLogger("multiar")
@@ -194,14 +194,10 @@ class _Step(nn.Module):
 
 
 def _streamed_attention(q: Tensor, keys: Tensor, values: Tensor, positions: Tensor) -> Tensor:
-    """A streamed package's attention: engine.cpu_matvec's operator on the CPU where it is built (keys
-    read once, then values once), else attend_rows's ops. Its query in fp32 and its output back in q's
-    dtype, as attend_rows: inductor drops a bf16 round trip inside one loop, so an int8 model's query
-    (rotated in fp32) and output (read by fp32 layers) are not rounded to bf16 there either."""
-    fits = keys.dtype in (torch.float32, torch.bfloat16) and keys.device.type == "cpu"
-    if fits and cpu_matvec.library():
-        return cpu_matvec.decode_attention(q.float().contiguous(), keys, values, positions).to(q.dtype)
-    return attend_rows(q, keys, values, positions)
+    """A streamed package's attention: engine.cpu_matvec's operator where it runs (keys read once, then
+    values), else attend_rows's ops."""
+    attend = operator_attend if operator_runs(keys) else attend_rows
+    return attend(q, keys, values, positions)
 
 
 def _tensors(model: nn.Module) -> dict[str, Tensor]:

@@ -9,10 +9,14 @@ chosen by measuring (`choose_rows_attention`):
   values kept in the weights' dtype: with bf16 weights the cache is bf16, half the bytes every step
   reads (against SDPA's fp32 where the CPU lacks AMX). Six layers at 16 rows over a hundred-odd positions, caches cold: SDPA over fp32 3.0-3.5 ms, the
   compiled way over bf16 1.2-1.7 ms, over fp32 2.35-2.73 ms (benchmarks/README.md, serve).
+- "operator": the same attention in engine.cpu_matvec's operator (each head's keys read once, then its
+  values), keys and values in the weights' dtype as "compiled", without a compile; on the CPU where the
+  operators build. In 85M's streamed decode step it read bf16 keys and values at ~47 GB/s where
+  inductor's loops read ~29 (engine.cpu_matvec).
 
 Each way decodes a few steps of the model at the slot count, rounds alternated, and the faster wins;
 the choice is cached beside the layout's (choice_cache.CACHE_FILE) under its own key. A way that cannot run
-here (no C++ compiler for inductor) is left out. No Lightning, Hydra or domain code here.
+here (no C++ compiler for inductor or the operator) is left out. No Lightning, Hydra or domain code here.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from multiar.engine import cpu_matvec
 from multiar.engine.choice_cache import machine_key, read_cache, write_cache
 from multiar.engine.inductor_options import make_room
 from multiar.engine.model import GPT
@@ -34,7 +39,7 @@ from multiar.errors import first_line
 
 log = logging.getLogger("multiar")
 
-WAYS = ("sdpa", "compiled")
+WAYS = ("sdpa", "compiled", "operator")
 
 
 def attend_rows(q: Tensor, keys: Tensor, values: Tensor, positions: Tensor) -> Tensor:
@@ -44,6 +49,20 @@ def attend_rows(q: Tensor, keys: Tensor, values: Tensor, positions: Tensor) -> T
     seen = torch.arange(keys.size(2), device=keys.device) <= positions[:, None, None]
     weights = scores.masked_fill(~seen, float("-inf")).softmax(-1)
     return torch.einsum("bhn,bhnd->bhd", weights, values.float()).to(q.dtype)
+
+
+def operator_runs(keys: Tensor) -> bool:
+    """Whether operator_attend takes these keys: fp32 or bf16 on the CPU, engine.cpu_matvec built."""
+    cpu = keys.device.type == "cpu" and keys.dtype in (torch.float32, torch.bfloat16)
+    return cpu and cpu_matvec.library() is not None
+
+
+def operator_attend(q: Tensor, keys: Tensor, values: Tensor, positions: Tensor) -> Tensor:
+    """attend_rows through engine.cpu_matvec's operator (operator_runs(keys) first): the query in fp32
+    and the output back in q's dtype, as attend_rows computes them (inside a compiled graph inductor
+    drops a bf16 round trip within one loop, so an int8 model's query and output are not rounded to
+    bf16 there either)."""
+    return cpu_matvec.decode_attention(q.float().contiguous(), keys, values, positions).to(q.dtype)
 
 
 def compiled_attend_rows(
@@ -97,10 +116,17 @@ class RowsAttention:
 
 
 def build_way(model: GPT, way: str) -> RowsAttention:
-    """A way's attend function and cache dtype for model (a compiled one is compiled now)."""
+    """A way's attend function and cache dtype for model (a compiled one is compiled now); an error where
+    it cannot run here."""
     if way == "sdpa":
         return RowsAttention("sdpa", None, None, "")
     c, weight = model.config, model.wte.weight
+    if way == "operator":
+        if not operator_runs(weight):
+            raise RuntimeError(
+                f"the attention operator does not run here ({weight.device.type}, {weight.dtype})"
+            )
+        return RowsAttention("operator", weight.dtype, operator_attend, "")
     attend = compiled_attend_rows(c.n_head, c.head_size, c.block_size, weight.dtype, weight.device)
     return RowsAttention("compiled", weight.dtype, attend, "")
 
@@ -153,18 +179,19 @@ def choose_rows_attention(
     cache_file: Path | None = None,
     timer: Callable[[dict[str, RowsAttention]], dict[str, float]] | None = None,
 ) -> RowsAttention:
-    """The way the model's decoding rows attend at `slots` rows: asked (sdpa | compiled) as is, or
-    "auto": measured (timer: seconds per step of each way; tests inject one), or read from cache_file.
-    A way that fails to run here (inductor without a C++ compiler) is left out of the measurement."""
+    """The way the model's decoding rows attend at `slots` rows: asked (one of WAYS) as is, or "auto":
+    measured (timer: seconds per step of each way; tests inject one), or read from cache_file where that
+    entry timed every way of WAYS. A way that fails to run here (no C++ compiler for inductor or the
+    operator) is left out of the measurement, and the pick is not cached."""
     if asked not in ("auto", *WAYS):
-        raise ValueError(f"attention={asked!r}: auto, sdpa or compiled")
+        raise ValueError(f"attention={asked!r}: auto, {', '.join(WAYS[:-1])} or {WAYS[-1]}")
     if asked != "auto":
         way = build_way(model, asked)
         way.how = "forced"
         return way
     key = cache_key(model, slots)
     entry = read_cache(cache_file, key)
-    if entry is not None and entry.get("picked") in WAYS:
+    if entry is not None and entry.get("picked") in WAYS and set(WAYS) <= set(entry.get("step_ms", {})):
         try:
             way = build_way(model, entry["picked"])
             way.how, way.step_ms = "cached", dict(entry.get("step_ms", {}))

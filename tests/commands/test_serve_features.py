@@ -188,10 +188,15 @@ def test_fill_in_the_middle_through_completions_suffix(fim_code_run, tmp_path):
     assert r.json()["usage"]["prompt_tokens"] > len(domain.encode(prefix))  # prefix, suffix and FIM ids
 
 
-def test_serve_takes_auto_sdpa_or_compiled_and_names_the_key_otherwise():
+def test_serve_takes_auto_or_a_rows_attention_way_and_names_the_key_otherwise():
+    from multiar.engine.rows_attention import WAYS
+    from multiar.schema import ROWS_ATTENTION_SETTINGS
+
+    assert ("auto", *WAYS) == ROWS_ATTENTION_SETTINGS
     assert validate("serve", load_config("serve", ["runs=[r]"])).attention == "auto"
-    assert validate("serve", load_config("serve", ["runs=[r]", "attention=compiled"])).attention == "compiled"
-    with pytest.raises(ConfigError, match="attention.*auto, sdpa or compiled"):
+    for way in WAYS:
+        assert validate("serve", load_config("serve", ["runs=[r]", f"attention={way}"])).attention == way
+    with pytest.raises(ConfigError, match="attention.*auto, sdpa, compiled or operator"):
         validate("serve", load_config("serve", ["runs=[r]", "attention=flash"]))
     assert validate("serve", load_config("serve", ["runs=[r]"])).checks == "auto"
     assert validate("serve", load_config("serve", ["runs=[r]", "checks=wait"])).checks == "wait"

@@ -1,6 +1,7 @@
 """The decoding rows' attention of a mixed step: attend_rows is SDPA with each row's mask; the compiled way
-gives the SDPA way's logits for rows at any positions (one row, a row at position 0, a prompt chunk
-beside them) and never compiles again once built; the choice is measured, cached and narrowed."""
+and the operator give the SDPA way's logits for rows at any positions (one row, a row at position 0, a
+prompt chunk beside them), the compiled one never compiling again once built; the choice is measured,
+cached and narrowed."""
 
 from __future__ import annotations
 
@@ -10,9 +11,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from multiar.engine import rows_attention
+from multiar.engine import cpu_matvec, rows_attention
+from multiar.engine.choice_cache import write_cache
 from multiar.engine.model import GPT, ModelConfig
-from multiar.engine.rows_attention import RowsAttention, attend_rows, build_way, choose_rows_attention
+from multiar.engine.rows_attention import (
+    RowsAttention,
+    attend_rows,
+    build_way,
+    cache_key,
+    choose_rows_attention,
+    operator_attend,
+)
 from multiar.engine.segments import Segments
 from multiar.errors import first_line
 
@@ -21,6 +30,13 @@ from multiar.errors import first_line
 def model() -> GPT:
     torch.manual_seed(0)
     return GPT(ModelConfig(vocab_size=40, block_size=64, n_layer=2, n_head=2, n_embd=32)).eval()
+
+
+@pytest.fixture(scope="module")
+def operator(model) -> RowsAttention:
+    if cpu_matvec.library() is None:
+        pytest.skip("no C++ compiler here: serve measures SDPA and the compiled way")
+    return build_way(model, "operator")
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +101,27 @@ def test_compiled_way_gives_the_sdpa_ways_logits(model, compiled, case):
     assert torch.allclose(got, want, atol=1e-5)
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_operator_way_gives_the_sdpa_ways_logits(model, operator, case):
+    positions, chunk = CASES[case]
+    want = mixed_step_logits(model, build_way(model, "sdpa"), len(positions), positions, chunk)
+    got = mixed_step_logits(model, operator, len(positions), positions, chunk)
+    assert operator.kv_dtype == torch.float32 and torch.allclose(got, want, atol=1e-5)
+
+
+def test_operator_way_over_a_bf16_cache_gives_sdpas_logits_with_bf16_weights(model, operator, monkeypatch):
+    """As the compiled way: bf16 weights, keys and values kept in bf16 and attended in fp32."""
+    import multiar.engine.precision as precision
+
+    monkeypatch.setattr(precision, "has_amx", lambda: False)
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    way = build_way(half, "operator")
+    assert way.kv_dtype == torch.bfloat16
+    want = mixed_step_logits(half, build_way(half, "sdpa"), 4, [9, 0, 30, 4])
+    got = mixed_step_logits(half, way, 4, [9, 0, 30, 4])
+    assert got.dtype == torch.bfloat16 and torch.allclose(got.float(), want.float(), atol=0.05)
+
+
 def test_compiled_way_over_a_bf16_cache_gives_sdpas_logits_with_bf16_weights(model, monkeypatch):
     """bf16 weights: the compiled way keeps keys and values in bf16 (what the projections give), SDPA
     in fp32 (a CPU without AMX: the rule pinned, so every machine checks the same); the same values
@@ -104,34 +141,49 @@ def test_compiled_way_over_a_bf16_cache_gives_sdpas_logits_with_bf16_weights(mod
 
 
 def test_choice_is_measured_cached_and_narrowed(model, tmp_path, monkeypatch):
+    """The fastest of the ways that run here, cached once every way was timed (an entry of fewer ways,
+    from before a way was added, is measured again); a way that cannot run is left out, and forcing it
+    is an error."""
     cache = tmp_path / "decode_layout.json"
     timed = []
 
     def timer(ways):
         timed.append(sorted(ways))
-        return {w: {"sdpa": 0.004, "compiled": 0.002}[w] for w in ways}
+        return {w: {"sdpa": 0.004, "compiled": 0.002, "operator": 0.003}[w] for w in ways}
 
     monkeypatch.setattr(rows_attention, "compiled_attend_rows", lambda *a: lambda *b: None)
+    monkeypatch.setattr(rows_attention, "operator_runs", lambda keys: True)
     picked = choose_rows_attention(model, 16, "auto", cache, timer)
     assert (picked.way, picked.how, picked.step_ms) == (
         "compiled",
         "measured",
-        {"sdpa": 4.0, "compiled": 2.0},
+        {"sdpa": 4.0, "compiled": 2.0, "operator": 3.0},
     )
-    assert picked.kv_dtype == torch.float32 and "compiled 2.00, sdpa 4.00" in picked.log_line()
+    assert picked.kv_dtype == torch.float32 and "compiled 2.00, operator 3.00, sdpa 4.00" in picked.log_line()
     again = choose_rows_attention(model, 16, "auto", cache, timer)
     assert (again.way, again.how, len(timed)) == ("compiled", "cached", 1)
     assert choose_rows_attention(model, 8, "auto", cache, timer).how == "measured"  # another slot count
+    write_cache(
+        cache, cache_key(model, 12), {"picked": "compiled", "step_ms": {"sdpa": 4.0, "compiled": 2.0}}
+    )
+    assert choose_rows_attention(model, 12, "auto", cache, timer).how == "measured"  # two ways' entry
+    assert choose_rows_attention(model, 12, "auto", cache, timer).how == "cached"
     forced = choose_rows_attention(model, 16, "sdpa", cache, timer)
     assert (forced.way, forced.how, forced.attend, forced.kv_dtype) == ("sdpa", "forced", None, None)
+    operator = choose_rows_attention(model, 16, "operator", cache, timer)
+    assert (operator.way, operator.attend, operator.kv_dtype) == ("operator", operator_attend, torch.float32)
 
     def no_compiler(*_):
         raise RuntimeError("InductorError: no C++ compiler\nmore")
 
     monkeypatch.setattr(rows_attention, "compiled_attend_rows", no_compiler)
+    monkeypatch.setattr(rows_attention, "operator_runs", lambda keys: False)
     alone = choose_rows_attention(model, 4, "auto", cache, timer)
     assert (alone.way, alone.how, timed[-1]) == ("sdpa", "measured", ["sdpa"])
+    assert choose_rows_attention(model, 4, "auto", cache, timer).how == "measured"  # not cached
     with pytest.raises(RuntimeError, match="no C"):
         choose_rows_attention(model, 4, "compiled", cache, timer)
-    with pytest.raises(ValueError, match="auto, sdpa or compiled"):
+    with pytest.raises(RuntimeError, match="the attention operator does not run here"):
+        choose_rows_attention(model, 4, "operator", cache, timer)
+    with pytest.raises(ValueError, match="auto, sdpa, compiled or operator"):
         choose_rows_attention(model, 4, "flash", cache, timer)
