@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <vector>
 #include <type_traits>
 
@@ -314,20 +315,30 @@ void attend_one(const float* q, const T* k, const T* v, int64_t m, int64_t hs, i
 }
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
-                            const at::Tensor& positions) {
+                            const at::Tensor& positions, const std::optional<at::Tensor>& rows) {
   TORCH_CHECK(q.dim() == 3 && keys.dim() == 4 && values.sizes() == keys.sizes(),
-              "decode_attention: q (d, nh, hs), keys and values (d, nh, n, hs)");
-  TORCH_CHECK(keys.size(0) == q.size(0) && keys.size(1) == q.size(1) && keys.size(3) == q.size(2) &&
-                  positions.dim() == 1 && positions.size(0) == q.size(0),
+              "decode_attention: q (d, nh, hs), keys and values (rows, nh, n, hs)");
+  const int64_t d = q.size(0), nh = q.size(1), hs = q.size(2), n = keys.size(2);
+  TORCH_CHECK((rows || keys.size(0) == d) && keys.size(1) == nh && keys.size(3) == hs && positions.dim() == 1 &&
+                  positions.size(0) == d,
               "decode_attention: shapes do not match");
-  TORCH_CHECK(keys.size(2) > 0, "decode_attention: no slot to attend to");
+  TORCH_CHECK(n > 0, "decode_attention: no slot to attend to");
   TORCH_CHECK(q.scalar_type() == at::kFloat && keys.scalar_type() == values.scalar_type() &&
                   (keys.scalar_type() == at::kFloat || keys.scalar_type() == at::kBFloat16),
               "decode_attention: q fp32, keys and values both fp32 or both bf16");
   TORCH_CHECK(positions.scalar_type() == at::kLong, "decode_attention: positions int64");
   TORCH_CHECK(keys.stride(3) == 1 && values.stride(3) == 1 && keys.strides() == values.strides(),
               "decode_attention: keys and values of one layout, each position's head contiguous");
-  const int64_t d = q.size(0), nh = q.size(1), hs = q.size(2), n = keys.size(2);
+  // each query's row of keys and values: rows[b] (a slot engine's cache row), else b
+  std::vector<int64_t> row_of(d);
+  at::Tensor rc = rows ? rows->contiguous() : at::Tensor();
+  if (rows) {
+    TORCH_CHECK(rc.dim() == 1 && rc.size(0) == d && rc.scalar_type() == at::kLong, "decode_attention: rows (d,) int64");
+  }
+  for (int64_t b = 0; b < d; b++) {
+    row_of[b] = rows ? rc.data_ptr<int64_t>()[b] : b;
+    TORCH_CHECK(row_of[b] >= 0 && row_of[b] < keys.size(0), "decode_attention: row ", row_of[b], " out of range");
+  }
   at::Tensor qc = q.contiguous(), pc = positions.contiguous();
   at::Tensor out = at::empty({d, nh, hs}, q.options());
   const int64_t* pos = pc.data_ptr<int64_t>();
@@ -342,7 +353,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
       const int64_t b = task / nh, h = task % nh;
       const int64_t m = std::clamp<int64_t>(pos[b] + 1, 1, n);
       std::vector<float> scores(m);
-      const int64_t at = b * row_stride + h * head_stride;
+      const int64_t at = row_of[b] * row_stride + h * head_stride;
       attend_one(qp + task * hs, kp + at, vp + at, m, hs, slot_stride, scale, op + task * hs, scores.data());
     }
   };
@@ -359,7 +370,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
 TORCH_LIBRARY(multiar, m) {
   m.def("int8_matvec(Tensor x, Tensor q, Tensor scales) -> Tensor");
   m.def("matvec(Tensor x, Tensor w) -> Tensor");
-  m.def("decode_attention(Tensor q, Tensor keys, Tensor values, Tensor positions) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor keys, Tensor values, Tensor positions, Tensor? rows=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(multiar, CPU, m) {

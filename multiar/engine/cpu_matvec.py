@@ -138,7 +138,9 @@ def _matvec_shape(x: Tensor, w: Tensor) -> Tensor:
     return x.new_empty(x.size(0), w.size(0), dtype=torch.float32)
 
 
-def _decode_attention_shape(q: Tensor, keys: Tensor, values: Tensor, positions: Tensor) -> Tensor:
+def _decode_attention_shape(
+    q: Tensor, keys: Tensor, values: Tensor, positions: Tensor, rows: Tensor | None = None
+) -> Tensor:
     if (
         q.dtype != torch.float32
         or keys.dtype != values.dtype
@@ -159,8 +161,12 @@ def matvec(x: Tensor, w: Tensor) -> Tensor:
     return torch.ops.multiar.matvec(x, w)
 
 
-def decode_attention(q: Tensor, keys: Tensor, values: Tensor, positions: Tensor) -> Tensor:
+def decode_attention(
+    q: Tensor, keys: Tensor, values: Tensor, positions: Tensor, rows: Tensor | None = None
+) -> Tensor:
     """engine.rows_attention.attend_rows's attention in one operator, in fp32: q (d, nh, hs) fp32, keys and
     values (d, nh, n, hs) both fp32 or both bf16 (a cache's view, each position's head contiguous),
-    positions (d,) (row b sees its slots 0 .. positions[b]) -> (d, nh, hs) fp32; library() loaded first."""
-    return torch.ops.multiar.decode_attention(q, keys, values, positions)
+    positions (d,) (query b sees its slots 0 .. positions[b]) -> (d, nh, hs) fp32. rows (d,): query b
+    reads row rows[b] of keys and values (a slot engine's whole cache, read in place: no gather).
+    library() loaded first."""
+    return torch.ops.multiar.decode_attention(q, keys, values, positions, rows)

@@ -75,7 +75,7 @@ def inductor_options(
 
 def make_room(graphs: int) -> None:
     """Raise dynamo's recompile limit by `graphs`: it counts the graphs compiled from one function, and
-    every model compiled here shares one (`captured_step.step_rows` or `decode.decode_filled`: each model, batch
+    every model compiled here shares one (`captured_step.CapturedStep`'s step or `decode.decode_filled`: each model, batch
     size and case is a graph of its own). Past the limit (8 by default) dynamo runs the function uncompiled, silently
     slower than the eager model: a server of three runs (4 graphs each) or a benchmark of several
     compiled models would reach it."""

@@ -57,12 +57,14 @@ def operator_runs(keys: Tensor) -> bool:
     return cpu and cpu_matvec.library() is not None
 
 
-def operator_attend(q: Tensor, keys: Tensor, values: Tensor, positions: Tensor) -> Tensor:
+def operator_attend(
+    q: Tensor, keys: Tensor, values: Tensor, positions: Tensor, rows: Tensor | None = None
+) -> Tensor:
     """attend_rows through engine.cpu_matvec's operator (operator_runs(keys) first): the query in fp32
     and the output back in q's dtype, as attend_rows computes them (inside a compiled graph inductor
     drops a bf16 round trip within one loop, so an int8 model's query and output are not rounded to
-    bf16 there either)."""
-    return cpu_matvec.decode_attention(q.float().contiguous(), keys, values, positions).to(q.dtype)
+    bf16 there either). rows (d,): query b reads row rows[b] of keys and values (whole caches)."""
+    return cpu_matvec.decode_attention(q.float().contiguous(), keys, values, positions, rows).to(q.dtype)
 
 
 def compiled_attend_rows(

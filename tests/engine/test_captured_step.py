@@ -1,14 +1,17 @@
 """A slot engine's step compiled whole (engine.captured_step): the eager mixed step's logits for rows at
 any positions (one row, a row at the block's last position, every cache row) and for prompt chunks
-entering beside them (a one-token prompt alone included), and once built it never compiles again."""
+entering beside them (a one-token prompt alone included), its attention through the operator or
+inductor's ops, and once built it never compiles again."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from multiar.engine import captured_step, cpu_matvec
 from multiar.engine.captured_step import CapturedStep
 from multiar.engine.model import GPT, ModelConfig
+from multiar.engine.rows_attention import attend_rows, operator_attend
 from multiar.engine.segments import Segments
 from multiar.errors import first_line
 
@@ -23,12 +26,21 @@ def model() -> GPT:
     return model
 
 
-@pytest.fixture(scope="module")
-def captured(model) -> CapturedStep:
-    try:
-        return CapturedStep(model, SLOTS)
-    except Exception as err:  # noqa: BLE001 (inductor needs a C++ compiler)
-        pytest.skip(f"torch.compile does not run here: {first_line(err)}")
+@pytest.fixture(scope="module", params=["operator", "inductor"])
+def captured(model, request) -> CapturedStep:
+    """The step with its attention through engine.cpu_matvec's operator (each token's cache row read in
+    place), and through inductor's fused ops (where the operator is not built)."""
+    if request.param == "operator" and cpu_matvec.library() is None:
+        pytest.skip("no C++ compiler here: the attention is inductor's")
+    with pytest.MonkeyPatch.context() as patch:
+        if request.param == "inductor":
+            patch.setattr(captured_step, "operator_runs", lambda keys: False)
+        try:
+            step = CapturedStep(model, SLOTS)
+        except Exception as err:  # noqa: BLE001 (inductor needs a C++ compiler)
+            pytest.skip(f"torch.compile does not run here: {first_line(err)}")
+    assert step.attend is (operator_attend if request.param == "operator" else attend_rows)
+    return step
 
 
 def history(model: GPT, positions: list[int]) -> None:
@@ -99,11 +111,14 @@ def test_a_captured_step_with_prompt_chunks_gives_the_eager_steps_logits(model, 
 
 
 @pytest.mark.slow  # three compiles, ~80 s on 2 cores
-def test_a_server_of_three_runs_compiles_every_runs_step():
-    """Each CapturedStep compiles step_rows four times; dynamo's limit of 8 graphs for one function
-    ran the third run's step uncompiled (a server of music, code and protein runs) until each made room."""
+def test_a_server_of_three_runs_compiles_every_runs_step(monkeypatch):
+    """Each CapturedStep compiles its step for four cases; dynamo's limit of 8 graphs for one function
+    ran the third run's step uncompiled (a server of music, code and protein runs) until each made room.
+    With inductor's attention: the operator's reads each row in place, so a case over the whole cache is
+    the same graph as one over part of it (two graphs a step, under the limit either way)."""
     from torch._dynamo.utils import counters
 
+    monkeypatch.setattr(captured_step, "operator_runs", lambda keys: False)
     before = counters["stats"]["unique_graphs"]
     for width in (32, 40, 48):
         torch.manual_seed(width)

@@ -127,6 +127,13 @@ def test_the_attention_operator_equals_attend_rows(head_size, dtype):
     got = cpu_matvec.decode_attention(q, k, v, positions)
     attention_close(got, q, k, v, positions)
     assert torch.equal(got[1], v[1, :, 0].float())  # one slot: its weight is exactly 1
+    # rows: query b reads row rows[b] of whole caches in place (a slot engine's); other rows never read
+    rows = torch.tensor([4, 0, 2])
+    whole_k, whole_v = (torch.full((5, 2, 50, head_size), float("nan"), dtype=dtype) for _ in range(2))
+    whole_k[rows, :, :40], whole_v[rows, :, :40] = k, v
+    assert torch.equal(cpu_matvec.decode_attention(q, whole_k, whole_v, positions, rows), got)
+    with pytest.raises(RuntimeError, match="decode_attention: row 5 out of range"):
+        cpu_matvec.decode_attention(q, whole_k, whole_v, positions, torch.tensor([4, 0, 5]))
 
 
 OLDER_CPU = """
