@@ -23,8 +23,7 @@ Which GEMMs the package calls is measured too, once per machine, layer shapes, d
 compile time, over weights hot in cache), ATen's oneDNN / MKL calls alone, or (up to STREAMED_ROWS rows)
 no GEMM at all: each Linear streamed, its weight read once per step (bf16 and int8 layers through
 engine.cpu_matvec's operators where they build, fp32 ones as a multiply-and-sum that inductor fuses into
-one loop), and each layer's attention through engine.cpu_matvec's attention operator (keys read once,
-then values: 0.79 against inductor's 1.26 us a cached position at 85M bf16). Each
+one loop). Each
 candidate's package is built and their steps timed in turns on the job's first step; the fastest is kept,
 the others' packages deleted. On the AMX Xeon the autotuned GEMMs were the fast ones. On a Zen 5 EPYC
 without AMX (benchmarks/README.md, session 29) the 85M bf16 step ran 8.07 ms autotuned against 6.08 on
@@ -33,6 +32,10 @@ ATen (a job: 123 against 174 tokens/s), while fp32 there ran faster autotuned in
 ATen's 4.0-4.5 (session 30), and the 85M int8 step through the operator 2.4 ms against the int8
 kernel's 2.6-3.3 (session 31). `MULTIAR_COMPILE_GEMMS=autotuned|aten|streamed` pins one (tests pin
 autotuned).
+
+Whatever its GEMMs, a package's attention runs through engine.cpu_matvec's attention operator where it
+builds (each head's keys read once, then its values): 0.79 us a cached position a step at 85M bf16
+against 1.26 through inductor's fused ops (session 33), else through those ops.
 """
 
 from __future__ import annotations
@@ -67,7 +70,6 @@ from multiar.engine.compile_choice import ANY_WEIGHTS
 from multiar.engine.inductor_options import inductor_options
 from multiar.engine.quantize import Int8Linear
 from multiar.engine.rows_attention import attend_rows, operator_attend, operator_runs
-from multiar.engine.segments import Attend
 
 log = logging.getLogger("multiar")
 
@@ -184,18 +186,17 @@ def package_dir() -> Path:
 class _Step(nn.Module):
     """decode_rows as a module: export traces a module, and its fqns name the caches ("model.blocks...")."""
 
-    def __init__(self, model: nn.Module, attend: Attend = attend_rows) -> None:
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
-        self.attend = attend
 
     def forward(self, ids: Tensor, positions: Tensor, slots: Tensor) -> Tensor:
-        return decode_rows(self.model, ids, positions, slots.size(0), self.attend)
+        return decode_rows(self.model, ids, positions, slots.size(0), _attention)
 
 
-def _streamed_attention(q: Tensor, keys: Tensor, values: Tensor, positions: Tensor) -> Tensor:
-    """A streamed package's attention: engine.cpu_matvec's operator where it runs (keys read once, then
-    values), else attend_rows's ops."""
+def _attention(q: Tensor, keys: Tensor, values: Tensor, positions: Tensor) -> Tensor:
+    """A package's attention, whatever its GEMMs: engine.cpu_matvec's operator where it runs (keys read
+    once, then values), else attend_rows's ops."""
     attend = operator_attend if operator_runs(keys) else attend_rows
     return attend(q, keys, values, positions)
 
@@ -269,12 +270,12 @@ def package_key(model: nn.Module, rows: int, options: dict, weights: str | None 
     if options.get("streamed"):  # it holds no weights: theirs are handed to it at load
         weights = (f"{n} {t.dtype} {tuple(t.shape)} {t.stride()}" for n, t in _tensors(model).items())
         h.update(" ".join(w for w in weights if ".kv_cache." not in w).encode())  # caches: below
-        # whether it calls the operators (its attention on a CPU, its bf16 and int8 layers; built, and
-        # loaded before the package is: it names them)
-        if model.wte.weight.device.type == "cpu":
-            h.update(f"operators {cpu_matvec.library() is not None}".encode())
     else:
         h.update((weights or weights_digest(model)).encode())  # weights: its digest, taken before
+    # whether it calls the operators (its attention on a CPU; a streamed one's bf16 and int8 layers too;
+    # built, and loaded before the package is: it names them)
+    if device.type == "cpu":
+        h.update(f"operators {cpu_matvec.library() is not None}".encode())
     for name, t in _caches(model).items():  # a cache's contents change every step: its shape only
         h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
     return f"{code_digest()}-{h.hexdigest()[:32]}"
@@ -318,10 +319,7 @@ def _build(model: nn.Module, rows: int, path: Path, streamed: bool = False) -> N
             cache.k, cache.v = torch.zeros_like(k), torch.zeros_like(v)
         with torch.no_grad(), _streamed_linears(model) if streamed else contextlib.nullcontext():
             program = torch.export.export(
-                _Step(model, _streamed_attention if streamed else attend_rows),
-                (ids, ids.clone(), slots),
-                dynamic_shapes=dims,
-                strict=False,
+                _Step(model), (ids, ids.clone(), slots), dynamic_shapes=dims, strict=False
             )
         switches = WEIGHTLESS if streamed else PACKAGE_SWITCHES
         torch._inductor.aoti_compile_and_package(program, package_path=tmp, inductor_configs=switches)

@@ -63,8 +63,8 @@ def greedy(model: GPT, prompts: list[list[int]] = PROMPTS) -> list[list[int]]:
 
 def test_a_package_is_built_once_loaded_by_the_next_job_and_reads_the_models_caches(own_cache, caplog):
     """Greedy output equals the eager model's (prefill eager, then the package's steps over the same
-    caches), with new cache tensors too; the next job (a fresh step, as in a new process) loads the
-    package rather than building it."""
+    caches, its attention through the operator), with new cache tensors too; the next job (a fresh step,
+    as in a new process) loads the package rather than building it."""
     model = tiny()
     expected = greedy(model)
     first = compile_for_sampling(copy.deepcopy(model))
@@ -77,6 +77,9 @@ def test_a_package_is_built_once_loaded_by_the_next_job_and_reads_the_models_cac
     (package,) = own_cache.glob("*.pt2")
     assert package.name.startswith(f"{ahead_of_time.code_digest()}-") and ahead_of_time.on_disk(package.name)
     assert not list(own_cache.glob(".*"))  # no temporary left
+    # whatever its GEMMs, its attention is engine.cpu_matvec's operator where that builds
+    built = cpu_matvec.library() is not None
+    assert operator_calls(package) == ({"multiar::decode_attention": 2} if built else {})
     first.keep_caches = False
     first.clear_caches()  # the next job's caches are new tensors: handed to the package again
     first.keep_caches = True
@@ -89,7 +92,7 @@ def test_a_package_is_built_once_loaded_by_the_next_job_and_reads_the_models_cac
     assert second.compiled_step.last[:2] == ("loaded", package.name)
 
 
-def test_the_key_follows_weights_settings_rows_and_switches_not_the_caches_contents(own_cache):
+def test_the_key_follows_weights_settings_rows_and_switches_not_the_caches_contents(own_cache, monkeypatch):
     model = tiny()
     model.setup_caches(2, 16)
     key = package_key(model, 2, SWITCHES)
@@ -104,6 +107,9 @@ def test_the_key_follows_weights_settings_rows_and_switches_not_the_caches_conte
     assert package_key(model, 2, SWITCHES) != key
     bf16, fp32 = (quantize(tiny(), "int8", bf16_activations=b) for b in (True, False))
     assert package_key(bf16, 1, SWITCHES) != package_key(fp32, 1, SWITCHES)  # the same int8 tensors
+    built = package_key(model, 2, SWITCHES)
+    monkeypatch.setattr(cpu_matvec, "library", lambda: None)  # its attention is inductor's ops then
+    assert package_key(model, 2, SWITCHES) != built
 
 
 @pytest.mark.slow  # three compiles (~35 s on 2 cores)
