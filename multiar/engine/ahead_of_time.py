@@ -69,7 +69,7 @@ from multiar.engine.choice_cache import (
 from multiar.engine.compile_choice import ANY_WEIGHTS
 from multiar.engine.inductor_options import inductor_options
 from multiar.engine.quantize import Int8Linear
-from multiar.engine.rows_attention import attend_rows, operator_attend, operator_runs
+from multiar.engine.rows_attention import attend_for
 
 log = logging.getLogger("multiar")
 
@@ -195,10 +195,8 @@ class _Step(nn.Module):
 
 
 def _attention(q: Tensor, keys: Tensor, values: Tensor, positions: Tensor) -> Tensor:
-    """A package's attention, whatever its GEMMs: engine.cpu_matvec's operator where it runs (keys read
-    once, then values), else attend_rows's ops."""
-    attend = operator_attend if operator_runs(keys) else attend_rows
-    return attend(q, keys, values, positions)
+    """A package's attention, whatever its GEMMs (engine.rows_attention.attend_for)."""
+    return attend_for(keys)(q, keys, values, positions)
 
 
 def _tensors(model: nn.Module) -> dict[str, Tensor]:
@@ -475,7 +473,7 @@ class AheadOfTimeStep:
         last. A candidate that fails to build or run is left out (with one left, nothing is recorded);
         where every one fails the first error is raised."""
         rows, self.spare_s = ids.size(0), 0.0
-        if any(_on_operator(m) for m in model.modules()):
+        if model.wte.weight.device.type == "cpu":  # its attention, and maybe layers, call the operators:
             cpu_matvec.library()  # built (~6 s the first time) and loaded here, not in a package's key's time
         names = candidates(model, rows)
         # the candidates and the engine's code in the key: a pick recorded before streamed was one, or

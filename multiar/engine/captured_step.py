@@ -1,6 +1,7 @@
 """A slot engine's step compiled whole: the decoding rows' next tokens and the prompt chunks entering
-other rows — norms, linears, rotary positions, cache writes, attention (rows_attention's `attend_rows`),
-head — run as one inductor graph with dynamic sizes instead of ~200 eager ops, each a Python dispatch.
+other rows — norms, linears, rotary positions, cache writes, attention (engine.cpu_matvec's operator
+where it builds, each token's cache row read in place, else rows_attention's `attend_rows`), head — run
+as one inductor graph with dynamic sizes instead of ~200 eager ops, each a Python dispatch.
 Every token names its cache row and position, so a step computes the rows that decode and the chunks'
 tokens, nothing else, and a prompt's entry costs about one decoding step more rather than an eager
 forward 3-4 times a step (benchmarks/README.md, serve). The weights are frozen into the graph (inductor
@@ -19,7 +20,7 @@ from torch import Tensor
 
 from multiar.engine.inductor_options import inductor_options, make_room
 from multiar.engine.model import GPT, apply_rope
-from multiar.engine.rows_attention import attend_rows, operator_attend, operator_runs
+from multiar.engine.rows_attention import attend_for, attend_rows, operator_attend
 from multiar.engine.segments import Attend
 
 
@@ -30,7 +31,7 @@ def hidden_rows(
     view) at positions[t], attending to that row's slots up to its position -> hidden states (T, C).
     Every token's keys and values are written before any token attends, so a prompt chunk's tokens in
     one row see the ones before them. The real rotary table: inductor has no complex ops. attend: the
-    attention's ops (a streamed package's: engine.ahead_of_time)."""
+    attention (rows_attention.attend_for's pick in a CPU package and a CapturedStep)."""
     T = ids.size(0)
     nh, hs = model.config.n_head, model.config.head_size
     index = torch.arange(T, device=ids.device) if rows is None else rows
@@ -88,14 +89,15 @@ class CapturedStep:
         # the attention through engine.cpu_matvec's operator where it runs, each token's cache row read in
         # place: 16 rows decoding, spread over a 1,024-slot context, the 10.8M step 3.57 ms against 6.60
         # with inductor's fused ops in bf16, 5.73 against 10.14 in fp32 (Zen 5 EPYC, session 33)
-        attend = operator_attend if operator_runs(model.blocks[0].attn.kv_cache.k) else attend_rows
+        attend = attend_for(model.blocks[0].attn.kv_cache.k)
         self.attend = attend
 
         def step(model: GPT, ids: Tensor, rows: Tensor, positions: Tensor, kv_len: int, at: Tensor) -> Tensor:
             return step_rows(model, ids, rows, positions, kv_len, at, attend)
 
         self.kernel = torch.compile(step, dynamic=True)
-        make_room(4)  # its four cases below: a server of several runs compiles step_rows for each
+        # its four cases below (two graphs with the operator): a server of several runs compiles each one's
+        make_room(4)
         self.options = inductor_options(cpp_wrapper=model.wte.weight.device.type == "cpu")
         block, device = model.config.block_size, model.wte.weight.device
         # every case a step meets, each size unlike the others (equal sizes at a first compile are guarded

@@ -227,8 +227,9 @@ at::Tensor int8_matvec(const at::Tensor& x, const at::Tensor& q, const at::Tenso
 
 #ifdef __AVX512F__
 // e^x for 16 floats x <= 0 (scores less their row's largest): 2^n e^r, n = round(x / ln 2), r = x - n ln 2
-// (|r| <= ln 2 / 2, ln 2 in two parts so that r stays exact), e^r by its Taylor series to r^7 (relative
-// error under 1e-8). Below -100 it is taken at -100 (~4e-44, a weight that adds nothing); a NaN stays NaN.
+// (|r| <= ln 2 / 2; ln 2 in two parts, so n ln 2 adds no error of its own at large n), e^r by its Taylor
+// series to r^7 (truncated at ~5e-9, under fp32's rounding, a few units in the last place in all). Below
+// -100 it is taken at -100 (~4e-44, a weight that adds nothing); a NaN stays NaN.
 inline __m512 exp_nonpositive(__m512 x) {
   x = _mm512_max_ps(_mm512_set1_ps(-100.0f), x);  // x second: a NaN in x passes through
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
@@ -339,22 +340,27 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
     row_of[b] = rows ? rc.data_ptr<int64_t>()[b] : b;
     TORCH_CHECK(row_of[b] >= 0 && row_of[b] < keys.size(0), "decode_attention: row ", row_of[b], " out of range");
   }
-  at::Tensor qc = q.contiguous(), pc = positions.contiguous();
-  at::Tensor out = at::empty({d, nh, hs}, q.options());
+  at::Tensor pc = positions.contiguous();
   const int64_t* pos = pc.data_ptr<int64_t>();
+  for (int64_t b = 0; b < d; b++) {  // a position past the view sees all of it (attend_rows's mask)
+    TORCH_CHECK(pos[b] >= 0, "decode_attention: position ", pos[b], " is negative");
+  }
+  at::Tensor qc = q.contiguous();
+  at::Tensor out = at::empty({d, nh, hs}, q.options());
   const float scale = 1.0f / std::sqrt(static_cast<float>(hs));
   float* op = out.data_ptr<float>();
   const float* qp = qc.data_ptr<float>();
   const int64_t row_stride = keys.stride(0), head_stride = keys.stride(1), slot_stride = keys.stride(2);
   auto run = [&](auto* kp, auto* vp) {
     const int threads = at::get_num_threads();
-#pragma omp parallel for schedule(static) num_threads(threads)
+    // tasks dealt in turn, not in blocks: rows spread over the context differ in length
+#pragma omp parallel for schedule(static, 1) num_threads(threads)
     for (int64_t task = 0; task < d * nh; task++) {
       const int64_t b = task / nh, h = task % nh;
-      const int64_t m = std::clamp<int64_t>(pos[b] + 1, 1, n);
+      const int64_t m = std::min(pos[b], n - 1) + 1;
       std::vector<float> scores(m);
-      const int64_t at = row_of[b] * row_stride + h * head_stride;
-      attend_one(qp + task * hs, kp + at, vp + at, m, hs, slot_stride, scale, op + task * hs, scores.data());
+      const int64_t base = row_of[b] * row_stride + h * head_stride;
+      attend_one(qp + task * hs, kp + base, vp + base, m, hs, slot_stride, scale, op + task * hs, scores.data());
     }
   };
   if (keys.scalar_type() == at::kFloat) {

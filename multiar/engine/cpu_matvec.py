@@ -8,11 +8,14 @@ dispatcher, so that AOTInductor packages and torch.compile's graphs run them as 
   (`vpdpwssd`, flushed to fp32 every 4,096 codes); elsewhere fp32 activations and fp32 sums;
 - `multiar::matvec(x, w)`: fp32 or bf16 activations and weights of one dtype, summed in fp32 (bf16:
   AVX512-BF16's pairwise dot product where the CPU has it);
-- `multiar::decode_attention(q, keys, values, positions)`: a decode step's attention (one query a row
-  and head) over a KV cache's view, fp32 or bf16, in fp32: each head's keys read once, then its values
-  once (engine.rows_attention.attend_rows's math).
-Each reads every weight once for all rows. engine.ahead_of_time's streamed package calls them for int8
-layers and bf16 Linears; engine.quantized_kernels offers the int8 one per shape (MatvecInt8Linear).
+- `multiar::decode_attention(q, keys, values, positions, rows=None)`: a decode step's attention (one
+  query a row and head) over a KV cache's view, or with rows over whole caches read in place, fp32 or
+  bf16, in fp32: each head's keys read once, then its values once (engine.rows_attention.attend_rows's
+  math).
+The mat-vecs read every weight once for all rows. engine.ahead_of_time's streamed package calls them for
+int8 layers and bf16 Linears; engine.quantized_kernels offers the int8 one per shape (MatvecInt8Linear).
+The attention runs in every CPU decode package, in serve's captured step and as serve's `operator` rows
+attention (engine.rows_attention).
 
 Why kernels of our own: at one row the step reads every weight once, so its speed is the bytes it
 streams. /tmp probes on the Zen 5 EPYC without AMX (session 31; its RAM's pace swung 2x within minutes,

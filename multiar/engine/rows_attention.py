@@ -14,9 +14,11 @@ chosen by measuring (`choose_rows_attention`):
   operators build. In 85M's streamed decode step it read bf16 keys and values at ~47 GB/s where
   inductor's loops read ~29 (engine.cpu_matvec).
 
-Each way decodes a few steps of the model at the slot count, rounds alternated, and the faster wins;
-the choice is cached beside the layout's (choice_cache.CACHE_FILE) under its own key. A way that cannot run
-here (no C++ compiler for inductor or the operator) is left out. No Lightning, Hydra or domain code here.
+Each way decodes a few steps of the model at the slot count, rounds alternated, and the fastest wins;
+the choice is cached beside the layout's (choice_cache.CACHE_FILE) under its own key once every way that
+applies to the model's device and dtype was timed (the operator applies on a CPU only). A way that
+applies but cannot run now (no C++ compiler for inductor or the operator) is left out and the pick not
+cached. No Lightning, Hydra or domain code here.
 """
 
 from __future__ import annotations
@@ -51,6 +53,14 @@ def attend_rows(q: Tensor, keys: Tensor, values: Tensor, positions: Tensor) -> T
     return torch.einsum("bhn,bhnd->bhd", weights, values.float()).to(q.dtype)
 
 
+def ways_here(model: GPT) -> tuple[str, ...]:
+    """The WAYS that apply to the model's device and dtype: the operator on a CPU with fp32 or bf16
+    weights only (elsewhere it never runs, and a pick is cached without it)."""
+    weight = model.wte.weight
+    cpu = weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
+    return WAYS if cpu else tuple(w for w in WAYS if w != "operator")
+
+
 def operator_runs(keys: Tensor) -> bool:
     """Whether operator_attend takes these keys: fp32 or bf16 on the CPU, engine.cpu_matvec built."""
     cpu = keys.device.type == "cpu" and keys.dtype in (torch.float32, torch.bfloat16)
@@ -65,6 +75,13 @@ def operator_attend(
     drops a bf16 round trip within one loop, so an int8 model's query and output are not rounded to
     bf16 there either). rows (d,): query b reads row rows[b] of keys and values (whole caches)."""
     return cpu_matvec.decode_attention(q.float().contiguous(), keys, values, positions, rows).to(q.dtype)
+
+
+def attend_for(keys: Tensor) -> Attend:
+    """The attention a compiled step traces for these keys: engine.cpu_matvec's operator where it runs
+    (each head's keys read once, then its values: ~47 GB/s of 85M's bf16 cache where inductor's fused
+    ops read ~29), else attend_rows's ops."""
+    return operator_attend if operator_runs(keys) else attend_rows
 
 
 def compiled_attend_rows(
@@ -193,7 +210,8 @@ def choose_rows_attention(
         return way
     key = cache_key(model, slots)
     entry = read_cache(cache_file, key)
-    if entry is not None and entry.get("picked") in WAYS and set(WAYS) <= set(entry.get("step_ms", {})):
+    here = ways_here(model)
+    if entry is not None and entry.get("picked") in here and set(here) <= set(entry.get("step_ms", {})):
         try:
             way = build_way(model, entry["picked"])
             way.how, way.step_ms = "cached", dict(entry.get("step_ms", {}))
@@ -203,14 +221,14 @@ def choose_rows_attention(
                 "rows attention: cached %s does not run here now (%s)", entry["picked"], first_line(err)
             )
     ways = {}
-    for w in WAYS:
+    for w in here:
         try:
             ways[w] = build_way(model, w)
         except Exception as err:  # noqa: BLE001 (inductor fails many ways: no compiler, no headers)
             log.warning("rows attention: %s does not run here (%s)", w, first_line(err))
     step_ms = {w: 1e3 * s for w, s in (timer or (lambda ws: step_seconds(model, ws, slots)))(ways).items()}
     picked = min(step_ms, key=step_ms.__getitem__)
-    if len(step_ms) == len(WAYS):  # a way left out (no compiler yet) is measured again next time
+    if len(step_ms) == len(here):  # a way left out (no compiler yet) is measured again next time
         write_cache(cache_file, key, {"picked": picked, "step_ms": step_ms})
     way = ways[picked]
     way.how, way.step_ms = "measured", step_ms

@@ -107,6 +107,7 @@ def test_the_key_follows_weights_settings_rows_and_switches_not_the_caches_conte
     assert package_key(model, 2, SWITCHES) != key
     bf16, fp32 = (quantize(tiny(), "int8", bf16_activations=b) for b in (True, False))
     assert package_key(bf16, 1, SWITCHES) != package_key(fp32, 1, SWITCHES)  # the same int8 tensors
+    monkeypatch.setattr(cpu_matvec, "library", lambda: Path("operators.so"))
     built = package_key(model, 2, SWITCHES)
     monkeypatch.setattr(cpu_matvec, "library", lambda: None)  # its attention is inductor's ops then
     assert package_key(model, 2, SWITCHES) != built

@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 
 from multiar.engine import cpu_kernels, cpu_matvec
-from multiar.engine.rows_attention import attend_rows
 
 
 def built() -> None:
@@ -96,22 +95,26 @@ def test_the_operators_equal_the_dense_product(rows, width, out):
 
 def attention_case(head_size: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, ...]:
     """q (3, 2, hs) and keys and values as views of a cache (4, 2, 50, hs) of its first 3 rows and 40
-    slots, positions (3,) of a row at the end, one at slot 0 and one between; scores from -60 to 0 after
-    each row's largest (the exponential's range), and NaN in every slot no row sees."""
+    slots, positions (3,) of a row at the end, one at slot 0 and one between; scores spread over ~100
+    below each row's largest (the exponential's range, past its -100 floor at the larger head sizes),
+    and NaN in every slot no row sees."""
     gen = torch.Generator().manual_seed(seed)
     cache_k, cache_v = (torch.randn(4, 2, 50, head_size, generator=gen) for _ in range(2))
     positions = torch.tensor([39, 0, 17])
     for cache in (cache_k, cache_v):
         for b, p in enumerate(positions.tolist()):
             cache[b, :, p + 1 :] = float("nan")
-    q = 3 * torch.randn(3, 2, head_size, generator=gen)
+    q = 20 * torch.randn(3, 2, head_size, generator=gen)
     return q, cache_k.to(dtype)[:3, :, :40], cache_v.to(dtype)[:3, :, :40], positions
 
 
 def attention_close(got: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions) -> None:
-    """got is attend_rows's attention in float64 of the same inputs (the slots no row sees left out)
-    within fp32 rounding."""
-    want = attend_rows(q.double(), k.double().nan_to_num(), v.double().nan_to_num(), positions)
+    """got is attend_rows's attention (computed here in float64) of the same inputs, the slots no row sees
+    left out, within fp32 rounding."""
+    k, v = k.double().nan_to_num(), v.double().nan_to_num()
+    scores = torch.einsum("bhd,bhnd->bhn", q.double(), k) * q.size(-1) ** -0.5
+    seen = torch.arange(k.size(2)) <= positions[:, None, None]
+    want = torch.einsum("bhn,bhnd->bhd", scores.masked_fill(~seen, float("-inf")).softmax(-1), v)
     assert got.dtype == torch.float32 and got.shape == q.shape
     assert ((got.double() - want).abs() <= 1e-5 * want.abs() + 1e-6).all()
 
@@ -134,6 +137,10 @@ def test_the_attention_operator_equals_attend_rows(head_size, dtype):
     assert torch.equal(cpu_matvec.decode_attention(q, whole_k, whole_v, positions, rows), got)
     with pytest.raises(RuntimeError, match="decode_attention: row 5 out of range"):
         cpu_matvec.decode_attention(q, whole_k, whole_v, positions, torch.tensor([4, 0, 5]))
+    with pytest.raises(RuntimeError, match="decode_attention: position -1 is negative"):
+        cpu_matvec.decode_attention(q, k, v, torch.tensor([39, -1, 17]))
+    # a position past the view: the row attends to all of it, as attend_rows's mask does
+    assert torch.equal(cpu_matvec.decode_attention(q, k, v, torch.tensor([99, 0, 17])), got)
 
 
 OLDER_CPU = """
@@ -180,7 +187,7 @@ def test_the_operators_built_for_an_older_cpu_compute_the_same(flags, tmp_path):
     and VNNI, or without AVX-512, loaded in a process of its own (one library per process registers the
     operators), computes the dense product."""
     built()
-    here = os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])
+    here = os.pathsep.join(p for p in (str(Path(__file__).parent), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "MULTIAR_CACHE": str(tmp_path), "PYTHONPATH": here}
     done = subprocess.run(
         [sys.executable, "-c", OLDER_CPU, *flags], capture_output=True, text=True, env=env, timeout=300

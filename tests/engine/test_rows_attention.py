@@ -141,9 +141,9 @@ def test_compiled_way_over_a_bf16_cache_gives_sdpas_logits_with_bf16_weights(mod
 
 
 def test_choice_is_measured_cached_and_narrowed(model, tmp_path, monkeypatch):
-    """The fastest of the ways that run here, cached once every way was timed (an entry of fewer ways,
-    from before a way was added, is measured again); a way that cannot run is left out, and forcing it
-    is an error."""
+    """The fastest of the ways that run here, cached once every way that applies was timed (an entry of
+    fewer ways, from before a way was added, is measured again; the operator does not apply off a CPU's
+    fp32 and bf16); a way that cannot run is left out, and forcing it is an error."""
     cache = tmp_path / "decode_layout.json"
     timed = []
 
@@ -168,6 +168,11 @@ def test_choice_is_measured_cached_and_narrowed(model, tmp_path, monkeypatch):
     )
     assert choose_rows_attention(model, 12, "auto", cache, timer).how == "measured"  # two ways' entry
     assert choose_rows_attention(model, 12, "auto", cache, timer).how == "cached"
+    # fp16 weights (or a GPU): the operator does not apply, so a pick of the other two is cached
+    fp16 = copy.deepcopy(model).half()
+    assert choose_rows_attention(fp16, 16, "auto", cache, timer).how == "measured"
+    assert timed[-1] == ["compiled", "sdpa"]
+    assert choose_rows_attention(fp16, 16, "auto", cache, timer).how == "cached"
     forced = choose_rows_attention(model, 16, "sdpa", cache, timer)
     assert (forced.way, forced.how, forced.attend, forced.kv_dtype) == ("sdpa", "forced", None, None)
     operator = choose_rows_attention(model, 16, "operator", cache, timer)
