@@ -53,18 +53,22 @@ def attend_rows(q: Tensor, keys: Tensor, values: Tensor, positions: Tensor) -> T
     return torch.einsum("bhn,bhnd->bhd", weights, values.float()).to(q.dtype)
 
 
+def operator_applies(t: Tensor) -> bool:
+    """Whether the attention operator takes keys like t (or a model with weights like t): fp32 or bf16,
+    on the CPU."""
+    return t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16)
+
+
 def ways_here(model: GPT) -> tuple[str, ...]:
-    """The WAYS that apply to the model's device and dtype: the operator on a CPU with fp32 or bf16
+    """The WAYS that apply to the model's device and dtype: the operator where operator_applies to its
     weights only (elsewhere it never runs, and a pick is cached without it)."""
-    weight = model.wte.weight
-    cpu = weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
-    return WAYS if cpu else tuple(w for w in WAYS if w != "operator")
+    applies = operator_applies(model.wte.weight)
+    return WAYS if applies else tuple(w for w in WAYS if w != "operator")
 
 
 def operator_runs(keys: Tensor) -> bool:
-    """Whether operator_attend takes these keys: fp32 or bf16 on the CPU, engine.cpu_matvec built."""
-    cpu = keys.device.type == "cpu" and keys.dtype in (torch.float32, torch.bfloat16)
-    return cpu and cpu_matvec.library() is not None
+    """Whether operator_attend takes these keys: operator_applies, and engine.cpu_matvec built here."""
+    return operator_applies(keys) and cpu_matvec.library() is not None
 
 
 def operator_attend(
