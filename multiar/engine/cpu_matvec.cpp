@@ -18,11 +18,11 @@
 
 namespace {
 
-// How far ahead the loops ask for weights: without it 85M's bf16 mat-vecs read 40-53 GB/s from RAM and
-// its int8 ones 40-57, with it 54-74 and 53-99 (a /tmp probe of many weights of each layer shape, Zen 5
-// EPYC): a layer's 768-wide rows are too short for the hardware's prefetchers to reach full pace
+// How far ahead the int8 and fp32 loops ask for weights: without it 85M's int8 mat-vecs read 40-57 GB/s
+// from RAM, with it 53-99 (a /tmp probe of many weights of each layer shape, Zen 5 EPYC). The bf16 loop
+// asks for none (bf16_dot)
 constexpr int64_t INT8_AHEAD = 16384;  // bytes, one row of codes after another
-constexpr int64_t AHEAD_BLOCKS = 4;    // BLOCK-row blocks of float weights
+constexpr int64_t AHEAD_BLOCKS = 4;    // BLOCK-row blocks of fp32 weights
 
 #ifdef __AVX512F__
 // A hint to bring the cache line `ahead` bytes past p into L1 (a hint never faults, even past the weight's
@@ -87,50 +87,68 @@ inline float int16_int8_dot(const int16_t* x16, const int8_t* q, int64_t in) {
 }
 #endif
 
-// sums[r] = sum_i x[i] * w[r * in + i] for fp32 or bf16 x and w (the same dtype), accumulated in fp32.
-// R weight rows (w + r * in) at once against one row of x: R independent sums in flight, each load of x
-// shared by them (one row at a time, a 768-wide row is a short chain of dependent multiply-adds and a
-// horizontal sum; four at once read 85M's bf16 weights 1-13% faster from RAM: see cpu_matvec.py)
-template <int R, typename T>
-inline void float_dots(const T* x, const T* w, int64_t in, float* sums) {
+// sums[r] = sum_i x[i] * w[r * in + i] for fp32 x and w. R weight rows (w + r * in) at once against one
+// row of x: R independent sums in flight, each load of x shared by them
+template <int R>
+inline void float_dots(const float* x, const float* w, int64_t in, float* sums) {
   int64_t i = 0;
   for (int r = 0; r < R; r++) sums[r] = 0.0f;
 #ifdef __AVX512F__
-  const int64_t ahead = AHEAD_BLOCKS * R * in * sizeof(T);  // bytes: the same column, AHEAD_BLOCKS blocks on
+  const int64_t ahead = AHEAD_BLOCKS * R * in * sizeof(float);  // bytes: the same column, AHEAD_BLOCKS blocks on
   __m512 a[R];
   for (int r = 0; r < R; r++) a[r] = _mm512_setzero_ps();
-  if constexpr (std::is_same_v<T, float>) {
-    for (; i + 16 <= in; i += 16) {
-      const __m512 xv = _mm512_loadu_ps(x + i);
-      for (int r = 0; r < R; r++) a[r] = _mm512_fmadd_ps(_mm512_loadu_ps(w + r * in + i), xv, a[r]);
-      for (int r = 0; r < R; r++) prefetch(w + r * in + i, ahead);
-    }
-  } else {
-#ifdef __AVX512BF16__
-    // 32 bf16 products a step, summed in pairs into fp32 (AVX512-BF16's dot product)
-    for (; i + 32 <= in; i += 32) {
-      const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + i);
-      for (int r = 0; r < R; r++) a[r] = _mm512_dpbf16_ps(a[r], (__m512bh)_mm512_loadu_si512(w + r * in + i), xv);
-      for (int r = 0; r < R; r++) prefetch(w + r * in + i, ahead);
-    }
-#else
-    // bf16 to fp32 is a 16-bit shift left
-    auto widen = [](const T* p) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
-    };
-    for (; i + 16 <= in; i += 16) {
-      const __m512 xv = widen(x + i);
-      for (int r = 0; r < R; r++) a[r] = _mm512_fmadd_ps(widen(w + r * in + i), xv, a[r]);
-      for (int r = 0; r < R; r++) prefetch(w + r * in + i, ahead);
-    }
-#endif
+  for (; i + 16 <= in; i += 16) {
+    const __m512 xv = _mm512_loadu_ps(x + i);
+    for (int r = 0; r < R; r++) a[r] = _mm512_fmadd_ps(_mm512_loadu_ps(w + r * in + i), xv, a[r]);
+    for (int r = 0; r < R; r++) prefetch(w + r * in + i, ahead);
   }
   for (int r = 0; r < R; r++) sums[r] = _mm512_reduce_add_ps(a[r]);
 #endif
   for (int64_t j = i; j < in; j++) {
-    for (int r = 0; r < R; r++) sums[r] += static_cast<float>(x[j]) * static_cast<float>(w[r * in + j]);
+    for (int r = 0; r < R; r++) sums[r] += x[j] * w[r * in + j];
   }
+}
+
+// sum_i x[i] * w[i] over bf16 x and w, in fp32. One weight row at a time, in two chains, and no prefetch
+// hint: the weights are one sequential stream, which the hardware's prefetchers follow (in the 85M bf16
+// package four rows at once with hints 4 blocks ahead took 1.06-1.18x as long a token: see cpu_matvec.py)
+inline float bf16_dot(const at::BFloat16* x, const at::BFloat16* w, int64_t in) {
+  float acc = 0.0f;
+  int64_t i = 0;
+#if defined(__AVX512BF16__)
+  // 32 bf16 products a step, summed in pairs into fp32 (AVX512-BF16's dot product)
+  auto dot = [](__m512 a, const at::BFloat16* p, const at::BFloat16* q) {
+    return _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(p), (__m512bh)_mm512_loadu_si512(q));
+  };
+  __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
+  for (; i + 64 <= in; i += 64) {
+    a = dot(a, w + i, x + i);
+    b = dot(b, w + i + 32, x + i + 32);
+  }
+  if (i + 32 <= in) {
+    a = dot(a, w + i, x + i);
+    i += 32;
+  }
+  acc = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
+#elif defined(__AVX512F__)
+  // bf16 to fp32 is a 16-bit shift left
+  auto widen = [](const at::BFloat16* p) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+  };
+  __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
+  for (; i + 32 <= in; i += 32) {
+    a = _mm512_fmadd_ps(widen(w + i), widen(x + i), a);
+    b = _mm512_fmadd_ps(widen(w + i + 16), widen(x + i + 16), b);
+  }
+  if (i + 16 <= in) {
+    a = _mm512_fmadd_ps(widen(w + i), widen(x + i), a);
+    i += 16;
+  }
+  acc = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
+#endif
+  for (; i < in; i++) acc += static_cast<float>(x[i]) * static_cast<float>(w[i]);
+  return acc;
 }
 
 // y[n, o] for every output row o and row n of x, BLOCK output rows a call of dots(R, o, n, sums) and the
@@ -172,8 +190,8 @@ at::Tensor matvec(const at::Tensor& x, const at::Tensor& w) {
     });
   } else {
     const at::BFloat16 *xp = xc.data_ptr<at::BFloat16>(), *wp = wc.data_ptr<at::BFloat16>();
-    each_output<4>(x.size(0), w.size(0), y.data_ptr<float>(), [&](auto R, int64_t o, int64_t n, float* sums) {
-      float_dots<decltype(R)::value>(xp + n * in, wp + o * in, in, sums);
+    each_output<1>(x.size(0), w.size(0), y.data_ptr<float>(), [&](auto, int64_t o, int64_t n, float* sums) {
+      sums[0] = bf16_dot(xp + n * in, wp + o * in, in);
     });
   }
   return y;

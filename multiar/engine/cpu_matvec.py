@@ -34,9 +34,15 @@ Session 32 (the same machine, /tmp probes): the loops ask for weights ahead of w
 (`_mm_prefetch`, 16 KB ahead in int8 codes, 16 rows ahead in float weights): many weights of each of
 85M's layer shapes, beyond the L3, read 53-99 GB/s of int8 codes against 40-57 without, and 54-74 of
 bf16 against 40-53 (a layer's 768-wide rows are too short for the hardware's prefetchers to reach full
-pace). matvec sums four weight rows at once (four chains in flight, each load of x shared): 85M's bf16
+pace). matvec summed four weight rows at once (four chains in flight, each load of x shared): 85M's bf16
 mat-vecs 4.06-4.10 ms against 4.13-4.65 one row at a time. int8 stays one row at a time, in two chains:
 four rows at once read its codes 1.3-1.8x slower from RAM.
+Session 34 (the same machine): in the 85M bf16 streamed package, whole 128-token jobs in turns within one
+process, bf16 one row at a time in two chains and without prefetch hints took 0.85-0.94x the time a
+token of four rows at once with hints 4 blocks ahead (four A/B runs; the hints alone, on or off, went
+either way). A C++ probe of the 49 mat-vecs in model order agreed: one row, no hints, at the pace of a
+plain read of the same bytes (78 / 51 / 50 GB/s in three runs as the RAM's pace swung), four rows
+with hints 65 / 46 / 45. fp32 showed no difference and keeps four rows with hints.
 Session 33 (the same machine): inductor's fused loops for attend_rows read 85M's bf16 keys and values at
 ~29 GB/s in the streamed package (1.26 us a position a step), decode_attention at ~47 (0.79 us): two
 packages on one model's caches, in turns, the step at position 256 4.33 against 4.46 ms, at 1,000 4.87

@@ -52,7 +52,9 @@ def int16_rounded(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3])
-@pytest.mark.parametrize("width", [64, 96, 70, 4166])  # whole 32- and 64-wide steps, a tail, 2 int32 chunks
+@pytest.mark.parametrize(
+    "width", [64, 96, 70, 80, 4166]
+)  # whole 32-/64-wide steps, tails (16 + 0, 6), 2 int32 chunks
 @pytest.mark.parametrize("out", [37, 39])  # blocks of four weight rows and a tail of one / three
 def test_the_operators_equal_the_dense_product(rows, width, out):
     """int8: the activations (fp32, or int16 on a per-row scale with AVX512-VNNI) times the codes, scaled
@@ -156,7 +158,7 @@ path = cpu_matvec.build(sys.argv[1:])
 assert path is not None, "the build failed"
 torch.ops.load_library(str(path))
 gen = torch.Generator().manual_seed(0)
-for rows, width, out in ((1, 70, 37), (2, 4166, 39)):
+for rows, width, out in ((1, 70, 37), (1, 80, 37), (2, 4166, 39)):
     x = torch.randn(rows, width, generator=gen)
     q = torch.randint(-127, 128, (out, width), generator=gen, dtype=torch.int8)
     scales = torch.rand(out, generator=gen) + 0.5
