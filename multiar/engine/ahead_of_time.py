@@ -21,9 +21,8 @@ the same kind. Packages live under `$MULTIAR_CACHE/decode_steps` (else
 Which GEMMs the package calls is measured too, once per machine, layer shapes, dtypes and row count
 (decode_layout.json): inductor's autotuned choice (it times its C++ template against oneDNN / MKL at
 compile time, over weights hot in cache), ATen's oneDNN / MKL calls alone, or (up to STREAMED_ROWS rows)
-no GEMM at all: each Linear streamed, its weight read once per step (bf16 and int8 layers through
-engine.cpu_matvec's operators where they build, fp32 ones as a multiply-and-sum that inductor fuses into
-one loop). Each
+no GEMM at all: each Linear streamed, its weight read once per step (through engine.cpu_matvec's
+operators where they build, else as a multiply-and-sum that inductor fuses into one loop). Each
 candidate's package is built and their steps timed in turns on the job's first step; the fastest is kept,
 the others' packages deleted. On the AMX Xeon the autotuned GEMMs were the fast ones. On a Zen 5 EPYC
 without AMX (benchmarks/README.md, session 29) the 85M bf16 step ran 8.07 ms autotuned against 6.08 on
@@ -89,11 +88,11 @@ ENGINE = Path(__file__).parent  # its sources are in every key: a changed engine
 
 # the package's GEMMs, each candidate's switches: inductor's `autotune` (engine.inductor_options), and
 # `streamed`: every float nn.Linear and int8 layer traced as a mat-vec that streams the weight once (no
-# GEMM kernel): engine.cpu_matvec's operators for bf16 and int8 weights, for fp32 a multiply-and-sum that
-# inductor fuses into one loop per output row. At one row that loop read 85M's bf16 weights at 48 GB/s
-# where oneDNN's mat-vec read them at 27 (a /tmp probe, Zen 5, session 30), the operator at ~50; at 4 rows
-# and up the fused loop reads them again per row, slower than a GEMM, so streamed is a candidate up to
-# STREAMED_ROWS rows only
+# GEMM kernel): engine.cpu_matvec's operators (where they build; else a multiply-and-sum that inductor
+# fuses into one loop per output row; in the 85M fp32 package that loop took 1.24x the operator's step,
+# session 34). At one row that loop read 85M's bf16 weights at 48 GB/s where oneDNN's mat-vec read them at
+# 27 (a /tmp probe, Zen 5, session 30), the operator at ~50; at 4 rows and up the fused loop reads them
+# again per row, slower than a GEMM, so streamed is a candidate up to STREAMED_ROWS rows only
 # A streamed package is also built unfrozen and holds no weights: the model's own tensors are handed to it
 # at load, as its KV caches are, so its key has their shapes and dtypes, not their contents. Any model of
 # the same kind loads it (no build for a newly trained model), in milliseconds: no weights digest, no
@@ -132,16 +131,16 @@ def _streams(module: nn.Module) -> bool:
 
 def _on_operator(module: nn.Module) -> bool:
     """Whether streamed runs this layer through engine.cpu_matvec's operators where they are built: an
-    int8 layer or a bf16 nn.Linear, on the CPU."""
-    bf16 = type(module) is nn.Linear and module.weight.dtype == torch.bfloat16
-    return (bf16 or isinstance(module, Int8Linear)) and module.weight.device.type == "cpu"
+    int8 layer or an fp32 or bf16 nn.Linear, on the CPU."""
+    floats = type(module) is nn.Linear and module.weight.dtype in (torch.float32, torch.bfloat16)
+    return (floats or isinstance(module, Int8Linear)) and module.weight.device.type == "cpu"
 
 
 def _streamed(linear: nn.Linear, x: Tensor) -> Tensor:
-    """linear(x) without a GEMM call: bf16 weights through engine.cpu_matvec's operator where it is built
-    (faster than inductor's loop there; fp32 gained nothing: the figures are in that module), else a
-    multiply-and-sum, (..., i) * (o, i) summed over i in fp32 -> (..., o), which inductor fuses into one
-    loop per output row."""
+    """linear(x) without a GEMM call: fp32 and bf16 weights through engine.cpu_matvec's operator where it
+    is built (faster than inductor's loop: the figures are in that module), else a multiply-and-sum,
+    (..., i) * (o, i) summed over i in fp32 -> (..., o), which inductor fuses into one loop per output
+    row."""
     w = linear.weight
     if _on_operator(linear) and cpu_matvec.library() is not None:
         rows = x.reshape(-1, linear.in_features).to(w.dtype)  # (N, in)

@@ -18,11 +18,10 @@
 
 namespace {
 
-// How far ahead the int8 and fp32 loops ask for weights: without it 85M's int8 mat-vecs read 40-57 GB/s
-// from RAM, with it 53-99 (a /tmp probe of many weights of each layer shape, Zen 5 EPYC). The bf16 loop
-// asks for none (bf16_dot)
+// How far ahead the int8 loops ask for codes: without it 85M's int8 mat-vecs read 40-57 GB/s from RAM,
+// with it 53-99 (a /tmp probe of many weights of each layer shape, Zen 5 EPYC). The float loops ask for
+// none (float_dot)
 constexpr int64_t INT8_AHEAD = 16384;  // bytes, one row of codes after another
-constexpr int64_t AHEAD_BLOCKS = 4;    // BLOCK-row blocks of fp32 weights
 
 #ifdef __AVX512F__
 // A hint to bring the cache line `ahead` bytes past p into L1 (a hint never faults, even past the weight's
@@ -87,92 +86,73 @@ inline float int16_int8_dot(const int16_t* x16, const int8_t* q, int64_t in) {
 }
 #endif
 
-// sums[r] = sum_i x[i] * w[r * in + i] for fp32 x and w. R weight rows (w + r * in) at once against one
-// row of x: R independent sums in flight, each load of x shared by them
-template <int R>
-inline void float_dots(const float* x, const float* w, int64_t in, float* sums) {
-  int64_t i = 0;
-  for (int r = 0; r < R; r++) sums[r] = 0.0f;
-#ifdef __AVX512F__
-  const int64_t ahead = AHEAD_BLOCKS * R * in * sizeof(float);  // bytes: the same column, AHEAD_BLOCKS blocks on
-  __m512 a[R];
-  for (int r = 0; r < R; r++) a[r] = _mm512_setzero_ps();
-  for (; i + 16 <= in; i += 16) {
-    const __m512 xv = _mm512_loadu_ps(x + i);
-    for (int r = 0; r < R; r++) a[r] = _mm512_fmadd_ps(_mm512_loadu_ps(w + r * in + i), xv, a[r]);
-    for (int r = 0; r < R; r++) prefetch(w + r * in + i, ahead);
-  }
-  for (int r = 0; r < R; r++) sums[r] = _mm512_reduce_add_ps(a[r]);
-#endif
-  for (int64_t j = i; j < in; j++) {
-    for (int r = 0; r < R; r++) sums[r] += x[j] * w[r * in + j];
-  }
-}
-
-// sum_i x[i] * w[i] over bf16 x and w, in fp32. One weight row at a time, in two chains, and no prefetch
-// hint: the weights are one sequential stream, which the hardware's prefetchers follow (in the 85M bf16
-// package four rows at once with hints 4 blocks ahead took 1.06-1.18x as long a token: see cpu_matvec.py)
-inline float bf16_dot(const at::BFloat16* x, const at::BFloat16* w, int64_t in) {
+// sum_i x[i] * w[i] over fp32 or bf16 x and w (the same dtype), in fp32. One weight row at a time, in two
+// chains, and no prefetch hint: the weights are one sequential stream, which the hardware's prefetchers
+// follow (in the 85M packages, four rows at once with hints 4 blocks ahead took 1.06-1.18x as long a
+// bf16 token, and fp32 through inductor's fused loop 1.24x as long a step: see cpu_matvec.py)
+template <typename T>
+inline float float_dot(const T* x, const T* w, int64_t in) {
   float acc = 0.0f;
   int64_t i = 0;
-#if defined(__AVX512BF16__)
-  // 32 bf16 products a step, summed in pairs into fp32 (AVX512-BF16's dot product)
-  auto dot = [](__m512 a, const at::BFloat16* p, const at::BFloat16* q) {
-    return _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(p), (__m512bh)_mm512_loadu_si512(q));
-  };
-  __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
-  for (; i + 64 <= in; i += 64) {
-    a = dot(a, w + i, x + i);
-    b = dot(b, w + i + 32, x + i + 32);
-  }
-  if (i + 32 <= in) {
-    a = dot(a, w + i, x + i);
-    i += 32;
-  }
-  acc = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
-#elif defined(__AVX512F__)
-  // bf16 to fp32 is a 16-bit shift left
-  auto widen = [](const at::BFloat16* p) {
-    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
-  };
-  __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
-  for (; i + 32 <= in; i += 32) {
-    a = _mm512_fmadd_ps(widen(w + i), widen(x + i), a);
-    b = _mm512_fmadd_ps(widen(w + i + 16), widen(x + i + 16), b);
-  }
-  if (i + 16 <= in) {
-    a = _mm512_fmadd_ps(widen(w + i), widen(x + i), a);
-    i += 16;
-  }
-  acc = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
+  if constexpr (std::is_same_v<T, float>) {
+#ifdef __AVX512F__
+    __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
+    for (; i + 32 <= in; i += 32) {
+      a = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(x + i), a);
+      b = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 16), _mm512_loadu_ps(x + i + 16), b);
+    }
+    if (i + 16 <= in) {
+      a = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(x + i), a);
+      i += 16;
+    }
+    acc = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
 #endif
+  } else {
+#if defined(__AVX512BF16__)
+    // 32 bf16 products a step, summed in pairs into fp32 (AVX512-BF16's dot product)
+    auto dot = [](__m512 a, const T* p, const T* q) {
+      return _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(p), (__m512bh)_mm512_loadu_si512(q));
+    };
+    __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
+    for (; i + 64 <= in; i += 64) {
+      a = dot(a, w + i, x + i);
+      b = dot(b, w + i + 32, x + i + 32);
+    }
+    if (i + 32 <= in) {
+      a = dot(a, w + i, x + i);
+      i += 32;
+    }
+    acc = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
+#elif defined(__AVX512F__)
+    // bf16 to fp32 is a 16-bit shift left
+    auto widen = [](const T* p) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+    };
+    __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
+    for (; i + 32 <= in; i += 32) {
+      a = _mm512_fmadd_ps(widen(w + i), widen(x + i), a);
+      b = _mm512_fmadd_ps(widen(w + i + 16), widen(x + i + 16), b);
+    }
+    if (i + 16 <= in) {
+      a = _mm512_fmadd_ps(widen(w + i), widen(x + i), a);
+      i += 16;
+    }
+    acc = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
+#endif
+  }
   for (; i < in; i++) acc += static_cast<float>(x[i]) * static_cast<float>(w[i]);
   return acc;
 }
 
-// y[n, o] for every output row o and row n of x, BLOCK output rows a call of dots(R, o, n, sums) and the
-// last out % BLOCK one at a time; blocks split over torch's thread count (set per calling thread: not
-// OpenMP's default). Each block's weight rows are read from RAM once for all rows of x.
-template <int BLOCK, typename Dots>
-void each_output(int64_t rows, int64_t out, float* y, Dots dots) {
+// y[n, o] = dot(o, n) for every output row o and row n of x; output rows split over torch's thread count
+// (set per calling thread: not OpenMP's default). Each weight row is read from RAM once for all rows of x.
+template <typename Dot>
+void each_output(int64_t rows, int64_t out, float* y, Dot dot) {
   const int threads = at::get_num_threads();
-  const int64_t blocks = (out + BLOCK - 1) / BLOCK;
 #pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t b = 0; b < blocks; b++) {
-    const int64_t o = b * BLOCK;
-    for (int64_t n = 0; n < rows; n++) {
-      float sums[BLOCK];
-      if (o + BLOCK <= out) {
-        dots(std::integral_constant<int, BLOCK>{}, o, n, sums);
-        for (int r = 0; r < BLOCK; r++) y[n * out + o + r] = sums[r];
-      } else {
-        for (int64_t p = o; p < out; p++) {
-          dots(std::integral_constant<int, 1>{}, p, n, sums);
-          y[n * out + p] = sums[0];
-        }
-      }
-    }
+  for (int64_t o = 0; o < out; o++) {
+    for (int64_t n = 0; n < rows; n++) y[n * out + o] = dot(o, n);
   }
 }
 
@@ -183,16 +163,15 @@ at::Tensor matvec(const at::Tensor& x, const at::Tensor& w) {
   at::Tensor xc = x.contiguous(), wc = w.contiguous();
   at::Tensor y = at::empty({x.size(0), w.size(0)}, x.options().dtype(at::kFloat));
   const int64_t in = x.size(1);
+  auto run = [&](auto* xp, auto* wp) {
+    each_output(x.size(0), w.size(0), y.data_ptr<float>(), [&](int64_t o, int64_t n) {
+      return float_dot(xp + n * in, wp + o * in, in);
+    });
+  };
   if (w.scalar_type() == at::kFloat) {
-    const float *xp = xc.data_ptr<float>(), *wp = wc.data_ptr<float>();
-    each_output<4>(x.size(0), w.size(0), y.data_ptr<float>(), [&](auto R, int64_t o, int64_t n, float* sums) {
-      float_dots<decltype(R)::value>(xp + n * in, wp + o * in, in, sums);
-    });
+    run(xc.data_ptr<float>(), wc.data_ptr<float>());
   } else {
-    const at::BFloat16 *xp = xc.data_ptr<at::BFloat16>(), *wp = wc.data_ptr<at::BFloat16>();
-    each_output<1>(x.size(0), w.size(0), y.data_ptr<float>(), [&](auto, int64_t o, int64_t n, float* sums) {
-      sums[0] = bf16_dot(xp + n * in, wp + o * in, in);
-    });
+    run(xc.data_ptr<at::BFloat16>(), wc.data_ptr<at::BFloat16>());
   }
   return y;
 }
@@ -229,14 +208,14 @@ at::Tensor int8_matvec(const at::Tensor& x, const at::Tensor& q, const at::Tenso
   }
   const int16_t* x16p = x16.data();
   // one weight row at a time: four at once (as matvec) read int8 codes 1.3-1.8x slower from RAM here
-  each_output<1>(rows, q.size(0), y.data_ptr<float>(), [&](auto, int64_t o, int64_t n, float* sums) {
-    if (x_scale[n] == 0.0f) sums[0] = sp[o] * int8_dot(xp + n * in, qp + o * in, in);
-    else sums[0] = sp[o] * x_scale[n] * int16_int8_dot(x16p + n * in, qp + o * in, in);
+  each_output(rows, q.size(0), y.data_ptr<float>(), [&](int64_t o, int64_t n) {
+    if (x_scale[n] == 0.0f) return sp[o] * int8_dot(xp + n * in, qp + o * in, in);
+    return sp[o] * x_scale[n] * int16_int8_dot(x16p + n * in, qp + o * in, in);
   });
 #else
   // scaled after the sum: one multiply per output
-  each_output<1>(rows, q.size(0), y.data_ptr<float>(), [&](auto, int64_t o, int64_t n, float* sums) {
-    sums[0] = sp[o] * int8_dot(xp + n * in, qp + o * in, in);
+  each_output(rows, q.size(0), y.data_ptr<float>(), [&](int64_t o, int64_t n) {
+    return sp[o] * int8_dot(xp + n * in, qp + o * in, in);
   });
 #endif
   return y;

@@ -28,8 +28,8 @@ so only figures taken together compare):
   step (a norm recomputed in each loop, one accumulator) ran the 85M int8 step at 3.0 ms against the
   int8 kernel's 2.6;
 - the 49 bf16 mat-vecs: 3.4-3.9 ms through matvec against 4.3-5.4 fused by inductor and 6.9-7.8
-  through F.linear; fp32 gained nothing over inductor's loop (5.5-6.1 against 5.2-5.5), so fp32 layers
-  are not streamed through it.
+  through F.linear; fp32 (four rows at once) gained nothing over inductor's loop (5.5-6.1 against 5.2-5.5;
+  session 34 below).
 Session 32 (the same machine, /tmp probes): the loops ask for weights ahead of where they read
 (`_mm_prefetch`, 16 KB ahead in int8 codes, 16 rows ahead in float weights): many weights of each of
 85M's layer shapes, beyond the L3, read 53-99 GB/s of int8 codes against 40-57 without, and 54-74 of
@@ -42,7 +42,10 @@ process, bf16 one row at a time in two chains and without prefetch hints took 0.
 token of four rows at once with hints 4 blocks ahead (four A/B runs; the hints alone, on or off, went
 either way). A C++ probe of the 49 mat-vecs in model order agreed: one row, no hints, at the pace of a
 plain read of the same bytes (78 / 51 / 50 GB/s in three runs as the RAM's pace swung), four rows
-with hints 65 / 46 / 45. fp32 showed no difference and keeps four rows with hints.
+with hints 65 / 46 / 45. fp32 showed no difference in that probe, but in the 85M fp32 package (two
+packages on one model's caches, steps in turns at position 150) inductor's fused loop took 6.81-7.04 ms
+a step, the operator four rows at once with hints 6.65-6.90, one row in two chains 5.45-5.46 (four
+chains 5.51-5.59): fp32 layers are streamed through matvec too, one row in two chains, as bf16.
 Session 33 (the same machine): inductor's fused loops for attend_rows read 85M's bf16 keys and values at
 ~29 GB/s in the streamed package (1.26 us a position a step), decode_attention at ~47 (0.79 us): two
 packages on one model's caches, in turns, the step at position 256 4.33 against 4.46 ms, at 1,000 4.87

@@ -244,18 +244,22 @@ def test_the_gemms_are_measured_once_recorded_and_pinnable(own_cache, monkeypatc
 def test_streamed_linears_are_candidates_at_a_few_float_rows_and_decode_as_the_eager_model(
     own_cache, monkeypatch
 ):
-    """A Linear streamed (a multiply-and-sum, summed in fp32) computes what it computes, and the streamed
+    """A Linear streamed (through the mat-vec operator, or without it a multiply-and-sum, summed in fp32)
+    computes what it computes, and the streamed
     package decodes greedily as the eager model does in fp32 (and runs in bf16), and, holding no weights,
     serves another model of the same kind unbuilt; it is timed at up to STREAMED_ROWS rows only, and not for a model
     whose layers are all quantized; the Linears' own forward is back after the trace."""
     monkeypatch.setenv("MULTIAR_COMPILE_GEMMS", "streamed")
     linear = nn.Linear(24, 40, bias=True)
     x = torch.randn(3, 1, 24)
-    torch.testing.assert_close(ahead_of_time._streamed(linear, x), linear(x), rtol=1e-5, atol=1e-5)
     bf16 = copy.deepcopy(linear).to(torch.bfloat16)
-    torch.testing.assert_close(
-        ahead_of_time._streamed(bf16, x.bfloat16()), bf16(x.bfloat16()), rtol=0.02, atol=0.02
-    )
+    for library in (cpu_matvec.library, lambda: None):
+        with monkeypatch.context() as patch:
+            patch.setattr(cpu_matvec, "library", library)
+            torch.testing.assert_close(ahead_of_time._streamed(linear, x), linear(x), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(
+                ahead_of_time._streamed(bf16, x.bfloat16()), bf16(x.bfloat16()), rtol=0.02, atol=0.02
+            )
     for dtype in (torch.float32, torch.bfloat16):
         model = tiny(seed=10).to(dtype)
         compiled = compile_for_sampling(copy.deepcopy(model))
@@ -264,12 +268,11 @@ def test_streamed_linears_are_candidates_at_a_few_float_rows_and_decode_as_the_e
         assert tokens == greedy(model) if dtype == torch.float32 else list(map(len, tokens)) == [12, 12]
         assert compiled.compiled_step.gemms == {"gemms": "streamed"}
         assert compiled.compiled_step.fallback is None
-        # bf16 Linears call engine.cpu_matvec's operator (where it builds); fp32 ones are inductor's loops;
-        # each layer's attention calls its operator in either dtype
+        # fp32 and bf16 Linears call engine.cpu_matvec's operator (where it builds), and each layer's
+        # attention its own
         calls = operator_calls(own_cache / compiled.compiled_step.last[1])
         built = cpu_matvec.library() is not None
-        bf16_operator = dtype == torch.bfloat16 and built
-        want = {"multiar::matvec": 9} if bf16_operator else {}  # 2 x (qkv, proj, up, down), head
+        want = {"multiar::matvec": 9} if built else {}  # 2 x (qkv, proj, up, down), head
         assert calls == want | ({"multiar::decode_attention": 2} if built else {})
         linears = [m for m in compiled.modules() if isinstance(m, nn.Linear)]
         assert linears and all("forward" not in vars(m) for m in linears)  # the class's forward again
