@@ -45,7 +45,11 @@ plain read of the same bytes (78 / 51 / 50 GB/s in three runs as the RAM's pace 
 with hints 65 / 46 / 45. fp32 showed no difference in that probe, but in the 85M fp32 package (two
 packages on one model's caches, steps in turns at position 150) inductor's fused loop took 6.81-7.04 ms
 a step, the operator four rows at once with hints 6.65-6.90, one row in two chains 5.45-5.46 (four
-chains 5.51-5.59): fp32 layers are streamed through matvec too, one row in two chains, as bf16.
+chains 5.51-5.59): fp32 layers are streamed through matvec too, one row in two chains, as bf16. With
+hints 16-64 KB ahead of that loop a bf16 token took 0.95-1.0x as long (three runs; 128 KB 1.06x): within
+the RAM's swings, so the float loop asks for none. The int8 loop's hint went from 16 to 64 KB ahead:
+0.93-0.94x the time a token in the 85M int8 package (two runs; 32 KB 0.98, 128 KB 1.0, 256 KB 1.21,
+none 1.23).
 Session 33 (the same machine): inductor's fused loops for attend_rows read 85M's bf16 keys and values at
 ~29 GB/s in the streamed package (1.26 us a position a step), decode_attention at ~47 (0.79 us): two
 packages on one model's caches, in turns, the step at position 256 4.33 against 4.46 ms, at 1,000 4.87
