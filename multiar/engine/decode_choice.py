@@ -26,6 +26,9 @@ class DecodeChoice:
     # (engine.quantized_prefill)
     kernels: dict[str, str] = field(default_factory=dict)
     compile: dict = field(default_factory=dict)  # compile=auto: its decision and figures (CompileDecision)
+    # a compiled float step: ms of a pass over its weights per "<dtype> <kernel>", which chose its dtype
+    # (engine.compiled_dtype; empty where one dtype was a candidate)
+    weights_ms: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -39,4 +42,8 @@ class DecodeChoice:
         )
         unit = "ms per layer call" if self.kernels else "ms per decode step"
         timed = f" ({unit} at batch {self.batch_size}: {alts})" if alts else ""
-        return f"decoding with {picked}, {self.how}{timed}{kernels}"
+        reads = sorted(self.weights_ms.items(), key=lambda kv: kv[1])
+        weights = (
+            f"; its dtype by a pass over the weights (ms: {', '.join(f'{k} {v:.2f}' for k, v in reads)})"
+        )
+        return f"decoding with {picked}, {self.how}{timed}{kernels}{weights if reads else ''}"

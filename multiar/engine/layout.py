@@ -40,6 +40,7 @@ from multiar.engine.compile_choice import (
     note_eager,
     read_measured,
 )
+from multiar.engine.compiled_dtype import compiled_dtype
 from multiar.engine.decode_choice import DecodeChoice, Timer
 from multiar.engine.packed import decode_layout, packs
 from multiar.engine.quantize import Int4Linear, Int8Linear, quantized_mode
@@ -206,14 +207,14 @@ def prepare_for_decoding(
         if compile == "auto":
             model = _compile_if_it_pays(model, choice, spare, steps or 0, cache_file, timer, decided, gemms)
         return model, choice
-    # a compiled step is nn.Linear weights (inductor packs them itself) in compiled_dtype's dtype; an
+    # a compiled step is nn.Linear weights (inductor packs them itself) in compiled_dtype_of's dtype; an
     # fp32 copy for when that is not the eager pick's layout and dtype
     device = next(model.parameters()).device
     packable = any(c.endswith("/packed") for c in float_candidates(device, dtype, layout))
     spare = copy.deepcopy(model) if compile and packable else None
     model, choice = choose_float(model, batch_size, dtype, layout, cache_file, timer)
     if compile is True:
-        choice.dtype = compiled_dtype(choice, spare)
+        choice.dtype = compiled_dtype_of(choice, spare, cache_file)
         clock = _clock(_compile_source(model, choice, spare), choice, cache_file)  # as compile=auto's
         return _compiled(_as_linear(model, choice, spare), choice, clock, gemms), choice
     if compile == "auto":
@@ -221,16 +222,17 @@ def prepare_for_decoding(
     return model, choice
 
 
-def compiled_dtype(choice: DecodeChoice, spare: nn.Module | None) -> str:
-    """The dtype a compiled float step is built in: that of the faster packed candidate where both dtypes
-    were timed packed, else the eager pick's (also without spare, the fp32 copy another dtype is built
-    from: nothing packs now though a cached choice's timings say otherwise). Inductor packs a compiled graph's weights itself, so the
-    packed timings are the ones that foretell it; nn.Linear's do not: on the AMX Xeon eager bf16 nn.Linear
-    is slower than fp32 while bf16 packed and the compiled bf16 step are the fastest (10.8M batch 1:
-    compiled bf16 879 tokens/s, fp32 581-646; 85M 108 against 68-70). On an AVX2 CPU bf16 does not pack
-    and the eager pick's dtype was the compiled winner at batch 1 and 8 (benchmarks/README.md)."""
-    packed = {c.split("/")[0]: ms for c, ms in choice.step_ms.items() if c.endswith("/packed")}
-    return min(packed, key=packed.get) if len(packed) == 2 and spare is not None else choice.dtype
+def compiled_dtype_of(choice: DecodeChoice, spare: nn.Module | None, cache_file: Path | None) -> str:
+    """The dtype a compiled float step is built in: where both dtypes were candidates and spare (the fp32
+    copy either is built from) is on a CPU, the one whose weights read faster at the batch's rows
+    (engine.compiled_dtype: a compiled step streams them, its eager step's timings foretell it badly),
+    its figures noted in choice.weights_ms; else the eager pick's (a GPU's; one dtype asked; no spare, as
+    with layout=linear pinned: the pick's own weights are all there is)."""
+    dtypes = {c.split("/")[0] for c in choice.step_ms}
+    if spare is None or dtypes != set(DTYPES) or next(spare.parameters()).device.type != "cpu":
+        return choice.dtype
+    dtype, choice.weights_ms = compiled_dtype(spare, choice.batch_size, cache_file)
+    return dtype
 
 
 def _compile_source(model: nn.Module, choice: DecodeChoice, spare: nn.Module | None) -> nn.Module:
@@ -321,7 +323,7 @@ def _compile_if_it_pays(
     picked = choice.layout if quantized else f"{choice.dtype}/{choice.layout}"
     measured_ms = None if quantized else choice.step_ms.get(picked)  # a quantized one's are per layer
     source = _compile_source(model, choice, spare)  # what would compile: the clock's key
-    dtype = None if quantized else compiled_dtype(choice, spare)
+    dtype = None if quantized else compiled_dtype_of(choice, spare, cache_file)
     clock = _clock(source, choice, cache_file, dtype, weigh=False)
     device = next(model.parameters()).device.type
     if decided is not None:  # a resume: as the killed run decided

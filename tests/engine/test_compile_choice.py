@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import multiar.engine.decode as decode
-from multiar.engine import ahead_of_time
+from multiar.engine import ahead_of_time, compiled_dtype
 from multiar.engine import compile_choice as cc
 from multiar.engine import layout as lay
 from multiar.engine.decode import generate
@@ -25,6 +25,16 @@ from multiar.engine.quantized_kernels import DequantizedLinear
 from tests.engine.test_layout import MS, fake_timer, tiny_model
 
 FIRST = cc.PAYBACK * cc.FIRST_COMPILE_S  # seconds of eager work a first compile needs
+REAL_WEIGHTS_SECONDS = compiled_dtype.weights_seconds
+
+
+@pytest.fixture(autouse=True)
+def fp32_reads_faster(monkeypatch):
+    """The compiled dtype's pass over the weights, faked: fp32 faster (tests of the dtype choice itself
+    set their own figures)."""
+    monkeypatch.setattr(
+        compiled_dtype, "weights_seconds", lambda model, rows: {"fp32 linear": 1.0, "bf16 linear": 2.0}
+    )
 
 
 def test_unmeasured_a_first_compile_only_for_a_job_many_times_its_assumed_cost():
@@ -252,45 +262,85 @@ def test_auto_compiles_a_long_job_from_nn_linear_weights_though_packed_won_eager
     assert other.compile["compiled_ms"] is None and other.compile["compile"]
 
 
-def test_a_compiled_step_takes_the_dtype_of_the_faster_packed_candidate(tmp_path, compiler, monkeypatch):
-    # as on the AMX Xeon: fp32 nn.Linear and bf16 packed tie eagerly (either may be the pick), bf16 nn.Linear
-    # is the slowest, but bf16 packed is well ahead of fp32 packed, and the compiled bf16 step is the
-    # fastest (10.8M batch 1: 879 tokens/s against fp32's 581-646): both compile settings build bf16
+def reads(figures: dict[str, float], passes: list) -> object:
+    """A weights timer (engine.compiled_dtype) answering figures (seconds), noting each call's model
+    dtype and rows in passes."""
+
+    def timer(model, rows):
+        passes.append((next(model.parameters()).dtype, rows))
+        return dict(figures)
+
+    return timer
+
+
+def test_a_compiled_step_takes_the_dtype_whose_weights_read_faster(tmp_path, compiler, monkeypatch):
+    # as on the Zen 5 EPYC at 10.8M batch 1: eager fp32 packed a little ahead of bf16 packed (Python's
+    # overhead and the noise), while a pass over bf16 weights takes half the time and the compiled bf16
+    # step is the fastest by 2x: both compile settings build bf16, from the fp32 copy's pass
     monkeypatch.setattr(lay, "packs", lambda dtype: True)
-    amx = {"fp32/linear": 2.65, "fp32/packed": 3.50, "bf16/linear": 3.39, "bf16/packed": 2.67}
+    zen5 = {"fp32/linear": 3.1, "fp32/packed": 2.57, "bf16/linear": 3.3, "bf16/packed": 2.72}
+    halves = {"fp32 matvec": 1e-3, "fp32 packed": 1.2e-3, "bf16 matvec": 0.5e-3, "bf16 packed": 0.75e-3}
+    passes = []
+    monkeypatch.setattr(compiled_dtype, "weights_seconds", reads(halves, passes))
     for compile in (True, "auto"):
         model, choice = lay.prepare_for_decoding(
-            tiny_model(), compile=compile, steps=10**9, timer=fake_timer(amx, [])
+            tiny_model(), compile=compile, steps=10**9, timer=fake_timer(zen5, [])
         )
         assert compiler[-1]["model"] is model and model.wte.weight.dtype == torch.bfloat16
         assert not any(isinstance(m, PackedLinear) for m in model.modules())  # inductor packs itself
         assert (choice.dtype, choice.layout) == ("bf16", "linear, compiled")
+        assert choice.weights_ms == pytest.approx({k: 1e3 * v for k, v in halves.items()})
+        assert "its dtype by a pass over the weights (ms: bf16 matvec 0.50" in choice.log_line()
         assert "compiled bf16/linear" in compiler[-1]["clock"].key
-    assert len(compiler) == 2
-    # a short job stays eager: the eager pick as it was, fp32 on nn.Linear (its provenance says so)
-    model, choice = lay.prepare_for_decoding(tiny_model(), compile="auto", steps=1, timer=fake_timer(amx, []))
-    assert len(compiler) == 2 and model.wte.weight.dtype == torch.float32
-    assert (choice.dtype, choice.layout, choice.compile["eager"]) == ("fp32", "linear", "fp32/linear")
-    # the compiled bf16 graph's figures, measured here, are what compile=auto weighs
-    key = compiler[-1]["clock"].key
-    lay.write_cache(tmp_path / lay.CACHE_FILE, key, {"compiled_ms": 2.64, "compile_s": 10.0})
-    _, choice = lay.prepare_for_decoding(
-        tiny_model(), cache_dir=tmp_path, compile="auto", steps=10**6, timer=fake_timer(amx, [])
+    assert len(compiler) == 2 and passes == [(torch.float32, 1)] * 2  # no cache: measured each time
+    # a short job stays eager: the eager pick as it was, fp32 packed (its provenance says so)
+    model, choice = lay.prepare_for_decoding(
+        tiny_model(), compile="auto", steps=1, timer=fake_timer(zen5, [])
     )
-    assert choice.compile["compiled_ms"] == 2.64 and not choice.compile["compile"]  # 10 s saved <= 2 x 10 s
-    # where only one dtype packs (bf16 on an AVX2 CPU), the eager pick's dtype
+    assert len(compiler) == 2 and model.wte.weight.dtype == torch.float32
+    assert (choice.dtype, choice.layout, choice.compile["eager"]) == ("fp32", "packed", "fp32/packed")
+    # where fp32's weights read faster (bf16 unpacked on an AVX2 CPU), fp32 is built whatever the eager
+    # pick; kept in the cache with the eager choice: a second job reads both
     monkeypatch.setattr(lay, "packs", lambda dtype: dtype == torch.float32)
     avx2 = {"fp32/linear": 4.7, "fp32/packed": 4.2, "bf16/linear": 3.4}
-    model, choice = lay.prepare_for_decoding(tiny_model(), compile=True, timer=fake_timer(avx2, []))
-    assert model.wte.weight.dtype == torch.bfloat16 and choice.dtype == "bf16"
-    avx2["bf16/linear"] = 5.0
-    model, choice = lay.prepare_for_decoding(tiny_model(), compile=True, timer=fake_timer(avx2, []))
-    assert model.wte.weight.dtype == torch.float32 and choice.layout == "linear, compiled"
-    # layout=linear pinned: no packed timings, the faster dtype on nn.Linear
-    pinned, choice = lay.prepare_for_decoding(
-        tiny_model(), compile=True, layout="linear", timer=fake_timer(amx, [])
-    )
-    assert pinned.wte.weight.dtype == torch.float32 and choice.dtype == "fp32"
+    slow_bf16 = {"fp32 packed": 1e-3, "bf16 linear": 3e-3}
+    monkeypatch.setattr(compiled_dtype, "weights_seconds", reads(slow_bf16, passes))
+    for _ in range(2):
+        model, choice = lay.prepare_for_decoding(
+            tiny_model(), compile=True, cache_dir=tmp_path, timer=fake_timer(avx2, [])
+        )
+        assert model.wte.weight.dtype == torch.float32 and choice.layout == "linear, compiled"
+        assert choice.weights_ms == pytest.approx({"fp32 packed": 1.0, "bf16 linear": 3.0})
+    assert len(passes) == 4  # the short job's too (its clock's key names the compiled dtype), and one here
+    key = lay.cache_key(tiny_model(), 1, "compiled dtype")
+    assert lay.read_cache(tmp_path / lay.CACHE_FILE, key)["picked"] == "fp32"
+    # one dtype asked, or layout=linear pinned (no fp32 copy beside the pick): no pass, the pick's dtype
+    bf16_eager = {"fp32/linear": 4.0, "fp32/packed": 5.0, "bf16/linear": 3.0, "bf16/packed": 2.0}
+    for pinned in (dict(dtype="bf16"), dict(layout="linear")):
+        model, choice = lay.prepare_for_decoding(
+            tiny_model(), compile=True, timer=fake_timer(bf16_eager, []), **pinned
+        )
+        assert model.wte.weight.dtype == torch.bfloat16 and choice.dtype == "bf16" and not choice.weights_ms
+    assert len(passes) == 4
+
+
+def test_a_pass_over_the_weights_is_timed_through_each_kernel_a_compiled_step_may_run():
+    """engine.compiled_dtype's real timer on a small model: both dtypes, the mat-vec operator at the few
+    rows a streamed package serves (where it builds), oneDNN's packed Linear where it packs the dtype,
+    else F.linear; positive seconds."""
+    from multiar.engine import cpu_matvec
+    from multiar.engine.packed import packs
+
+    model = tiny_model()
+    for rows in (1, ahead_of_time.STREAMED_ROWS + 1):
+        seconds = REAL_WEIGHTS_SECONDS(model, rows)
+        want = set()
+        for name, dtype in compiled_dtype.DTYPES.items():
+            if rows <= ahead_of_time.STREAMED_ROWS and cpu_matvec.library() is not None:
+                want.add(f"{name} matvec")
+            want.add(f"{name} {'packed' if packs(dtype) else 'linear'}")
+        assert set(seconds) == want and all(s > 0 for s in seconds.values())
+    assert next(model.parameters()).dtype == torch.float32  # the model itself untouched
 
 
 def test_compile_true_measures_for_auto_and_auto_compiles_a_quantized_models_own_kernels(tmp_path, compiler):
