@@ -89,7 +89,7 @@ ENGINE = Path(__file__).parent  # its sources are in every key: a changed engine
 # the package's GEMMs, each candidate's switches: inductor's `autotune` (engine.inductor_options), and
 # `streamed`: every float nn.Linear and int8 layer traced as a mat-vec that streams the weight once (no
 # GEMM kernel): engine.cpu_matvec's operators (where they build; else a multiply-and-sum that inductor
-# fuses into one loop per output row; in the 85M fp32 package that loop took 1.24x the operator's step,
+# fuses into one loop per output row; in the 85M fp32 package that loop took 1.25-1.29x the operator's step,
 # session 34). At one row that loop read 85M's bf16 weights at 48 GB/s where oneDNN's mat-vec read them at
 # 27 (a /tmp probe, Zen 5, session 30), the operator at ~50; at 4 rows and up the fused loop reads them
 # again per row, slower than a GEMM, so streamed is a candidate up to STREAMED_ROWS rows only
@@ -131,8 +131,9 @@ def _streams(module: nn.Module) -> bool:
 
 def _on_operator(module: nn.Module) -> bool:
     """Whether streamed runs this layer through engine.cpu_matvec's operators where they are built: an
-    int8 layer or an fp32 or bf16 nn.Linear, on the CPU."""
+    int8 layer, or an fp32 or bf16 nn.Linear where the operator's float loops are AVX-512's, on the CPU."""
     floats = type(module) is nn.Linear and module.weight.dtype in (torch.float32, torch.bfloat16)
+    floats = floats and cpu_matvec.vectorized()
     return (floats or isinstance(module, Int8Linear)) and module.weight.device.type == "cpu"
 
 
@@ -269,7 +270,7 @@ def package_key(model: nn.Module, rows: int, options: dict, weights: str | None 
         h.update(" ".join(w for w in weights if ".kv_cache." not in w).encode())  # caches: below
     else:
         h.update((weights or weights_digest(model)).encode())  # weights: its digest, taken before
-    # whether it calls the operators (its attention on a CPU; a streamed one's bf16 and int8 layers too;
+    # whether it calls the operators (its attention on a CPU; a streamed one's float and int8 layers too;
     # built, and loaded before the package is: it names them)
     if device.type == "cpu":
         h.update(f"operators {cpu_matvec.library() is not None}".encode())

@@ -90,7 +90,7 @@ inline float int16_int8_dot(const int16_t* x16, const int8_t* q, int64_t in) {
 // sum_i x[i] * w[i] over fp32 or bf16 x and w (the same dtype), in fp32. One weight row at a time, in two
 // chains, and no prefetch hint: the weights are one sequential stream, which the hardware's prefetchers
 // follow (in the 85M packages, four rows at once with hints 4 blocks ahead took 1.06-1.18x as long a
-// bf16 token, and fp32 through inductor's fused loop 1.24x as long a step: see cpu_matvec.py)
+// bf16 token, and fp32 through inductor's fused loop 1.25-1.29x as long a step: see cpu_matvec.py)
 template <typename T>
 inline float float_dot(const T* x, const T* w, int64_t in) {
   float acc = 0.0f;
@@ -208,7 +208,7 @@ at::Tensor int8_matvec(const at::Tensor& x, const at::Tensor& q, const at::Tenso
     for (int64_t i = 0; i < in; i++) x16[n * in + i] = static_cast<int16_t>(std::nearbyint(xp[n * in + i] * to16));
   }
   const int16_t* x16p = x16.data();
-  // one weight row at a time: four at once (as matvec) read int8 codes 1.3-1.8x slower from RAM here
+  // one weight row at a time: four at once read int8 codes 1.3-1.8x slower from RAM here (session 32)
   each_output(rows, q.size(0), y.data_ptr<float>(), [&](int64_t o, int64_t n) {
     if (x_scale[n] == 0.0f) return sp[o] * int8_dot(xp + n * in, qp + o * in, in);
     return sp[o] * x_scale[n] * int16_int8_dot(x16p + n * in, qp + o * in, in);

@@ -13,7 +13,7 @@ dispatcher, so that AOTInductor packages and torch.compile's graphs run them as 
   bf16, in fp32: each head's keys read once, then its values once (engine.rows_attention.attend_rows's
   math).
 The mat-vecs read every weight once for all rows. engine.ahead_of_time's streamed package calls them for
-int8 layers and bf16 Linears; engine.quantized_kernels offers the int8 one per shape (MatvecInt8Linear).
+int8 layers, and for fp32 and bf16 Linears where their loops are AVX-512's (`vectorized`); engine.quantized_kernels offers the int8 one per shape (MatvecInt8Linear).
 The attention runs in every CPU decode package, in serve's captured step and as serve's `operator` rows
 attention (engine.rows_attention).
 
@@ -75,12 +75,20 @@ import torch
 from torch import Tensor
 
 from multiar.engine.cpu_kernels import BASE_FLAGS, build_library, compiler, kernel_dir, native_target
+from multiar.engine.precision import cpu_flags
 
 log = logging.getLogger("multiar")
 
 SOURCE = Path(__file__).with_name("cpu_matvec.cpp")
 _LOADING = threading.Lock()
 _LOADED: list[Path | None] = []  # what library() found, once asked
+
+
+def vectorized() -> bool:
+    """Whether the library's float loops are AVX-512's (built -march=native on a CPU with AVX-512F):
+    elsewhere they are scalar, a sum the compiler may not reorder into vectors (no fast-math), slower
+    than the multiply-and-sum inductor vectorizes."""
+    return "avx512f" in cpu_flags()
 
 
 def library() -> Path | None:

@@ -72,7 +72,7 @@ def compile_for_sampling(
     as inductor's own fused kernel, not SDPA's flash kernel, whose set-up cost a one-query row does not
     repay). On a CPU inductor freezes the weights in (but in a streamed package) and calls the kernels
     through a C++ wrapper, its GEMMs those measured fastest here (engine.ahead_of_time: its autotuned
-    pick, oneDNN / MKL, or at a few rows the Linears streamed as fused multiply-and-sums); on CUDA the
+    pick, oneDNN / MKL, or at a few rows the Linears streamed, each weight read once); on CUDA the
     step is replayed as one CUDA
     graph, its logits copied out of the graph's buffer (engine.inductor_options). The KV caches are kept
     between calls (the graph holds on to them). Prefill and other multi-token passes stay eager. The

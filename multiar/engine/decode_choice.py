@@ -27,7 +27,8 @@ class DecodeChoice:
     kernels: dict[str, str] = field(default_factory=dict)
     compile: dict = field(default_factory=dict)  # compile=auto: its decision and figures (CompileDecision)
     # a compiled float step: ms of a pass over its weights per "<dtype> <kernel>", which chose its dtype
-    # (engine.compiled_dtype; empty where one dtype was a candidate)
+    # (engine.compiled_dtype); empty where it did not (one dtype a candidate, no fp32 copy, a GPU, a
+    # quantized model, an eager job)
     weights_ms: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict:

@@ -214,7 +214,7 @@ def prepare_for_decoding(
     spare = copy.deepcopy(model) if compile and packable else None
     model, choice = choose_float(model, batch_size, dtype, layout, cache_file, timer)
     if compile is True:
-        choice.dtype = compiled_dtype_of(choice, spare, cache_file)
+        choice.dtype = compiled_dtype_of(choice, spare, cache_file, gemms)
         clock = _clock(_compile_source(model, choice, spare), choice, cache_file)  # as compile=auto's
         return _compiled(_as_linear(model, choice, spare), choice, clock, gemms), choice
     if compile == "auto":
@@ -222,16 +222,19 @@ def prepare_for_decoding(
     return model, choice
 
 
-def compiled_dtype_of(choice: DecodeChoice, spare: nn.Module | None, cache_file: Path | None) -> str:
+def compiled_dtype_of(
+    choice: DecodeChoice, spare: nn.Module | None, cache_file: Path | None, gemms: str | None = None
+) -> str:
     """The dtype a compiled float step is built in: where both dtypes were candidates and spare (the fp32
     copy either is built from) is on a CPU, the one whose weights read faster at the batch's rows
     (engine.compiled_dtype: a compiled step streams them, its eager step's timings foretell it badly),
-    its figures noted in choice.weights_ms; else the eager pick's (a GPU's; one dtype asked; no spare, as
-    with layout=linear pinned: the pick's own weights are all there is)."""
+    its figures noted in choice.weights_ms (gemms: the step's GEMMs pinned); else the eager pick's (a
+    GPU's; one dtype asked; no spare, as with layout=linear pinned or where nothing packs: the pick's own
+    weights are all there is)."""
     dtypes = {c.split("/")[0] for c in choice.step_ms}
     if spare is None or dtypes != set(DTYPES) or next(spare.parameters()).device.type != "cpu":
         return choice.dtype
-    dtype, choice.weights_ms = compiled_dtype(spare, choice.batch_size, cache_file)
+    dtype, choice.weights_ms = compiled_dtype(spare, choice.batch_size, cache_file, gemms)
     return dtype
 
 
@@ -323,7 +326,7 @@ def _compile_if_it_pays(
     picked = choice.layout if quantized else f"{choice.dtype}/{choice.layout}"
     measured_ms = None if quantized else choice.step_ms.get(picked)  # a quantized one's are per layer
     source = _compile_source(model, choice, spare)  # what would compile: the clock's key
-    dtype = None if quantized else compiled_dtype_of(choice, spare, cache_file)
+    dtype = None if quantized else compiled_dtype_of(choice, spare, cache_file, gemms)
     clock = _clock(source, choice, cache_file, dtype, weigh=False)
     device = next(model.parameters()).device.type
     if decided is not None:  # a resume: as the killed run decided
@@ -350,6 +353,7 @@ def _compile_if_it_pays(
     choice.compile = decision.as_dict() | ({} if quantized else {"eager": picked})
     log.info("%s", decision.log_line())
     if not decision.compile:
+        choice.weights_ms = {}  # the eager pick's dtype decodes: not what the pass chose
         return model
     if clock.weights is None:  # the package this job uses is noted under these weights for the next
         _weigh(clock, source)

@@ -33,7 +33,7 @@ def fp32_reads_faster(monkeypatch):
     """The compiled dtype's pass over the weights, faked: fp32 faster (tests of the dtype choice itself
     set their own figures)."""
     monkeypatch.setattr(
-        compiled_dtype, "weights_seconds", lambda model, rows: {"fp32 linear": 1.0, "bf16 linear": 2.0}
+        compiled_dtype, "weights_seconds", lambda model, rows, names: {"fp32 linear": 1.0, "bf16 linear": 2.0}
     )
 
 
@@ -266,7 +266,7 @@ def reads(figures: dict[str, float], passes: list) -> object:
     """A weights timer (engine.compiled_dtype) answering figures (seconds), noting each call's model
     dtype and rows in passes."""
 
-    def timer(model, rows):
+    def timer(model, rows, names):
         passes.append((next(model.parameters()).dtype, rows))
         return dict(figures)
 
@@ -312,8 +312,10 @@ def test_a_compiled_step_takes_the_dtype_whose_weights_read_faster(tmp_path, com
         assert model.wte.weight.dtype == torch.float32 and choice.layout == "linear, compiled"
         assert choice.weights_ms == pytest.approx({"fp32 packed": 1.0, "bf16 linear": 3.0})
     assert len(passes) == 4  # the short job's too (its clock's key names the compiled dtype), and one here
-    key = lay.cache_key(tiny_model(), 1, "compiled dtype")
-    assert lay.read_cache(tmp_path / lay.CACHE_FILE, key)["picked"] == "fp32"
+    table = json.loads((tmp_path / lay.CACHE_FILE).read_text())
+    picks = {k: v["picked"] for k, v in table.items() if "compiled dtype" in k}
+    assert list(picks.values()) == ["fp32"]
+    assert "fp32 packed" in next(iter(picks)) and ahead_of_time.code_digest() in next(iter(picks))
     # one dtype asked, or layout=linear pinned (no fp32 copy beside the pick): no pass, the pick's dtype
     bf16_eager = {"fp32/linear": 4.0, "fp32/packed": 5.0, "bf16/linear": 3.0, "bf16/packed": 2.0}
     for pinned in (dict(dtype="bf16"), dict(layout="linear")):
@@ -324,23 +326,35 @@ def test_a_compiled_step_takes_the_dtype_whose_weights_read_faster(tmp_path, com
     assert len(passes) == 4
 
 
-def test_a_pass_over_the_weights_is_timed_through_each_kernel_a_compiled_step_may_run():
-    """engine.compiled_dtype's real timer on a small model: both dtypes, the mat-vec operator at the few
-    rows a streamed package serves (where it builds), oneDNN's packed Linear where it packs the dtype,
-    else F.linear; positive seconds."""
+def test_a_pass_over_the_weights_is_timed_through_each_kernel_a_compiled_step_may_run(monkeypatch):
+    """engine.compiled_dtype's kernels and real timer on a small model: the mat-vec operator at the few
+    rows a streamed package serves (where it builds and is vectorized, and a package may stream: ahead
+    of time, its GEMMs measured or pinned to streamed), oneDNN's packed Linear where it packs the dtype,
+    else F.linear; positive seconds for each, the model untouched."""
     from multiar.engine import cpu_matvec
     from multiar.engine.packed import packs
 
+    monkeypatch.setenv("MULTIAR_COMPILE_GEMMS", "auto")  # measured (the tests' conftest pins autotuned)
+    monkeypatch.setenv("MULTIAR_AHEAD_OF_TIME", "1")
+    streams = cpu_matvec.library() is not None and cpu_matvec.vectorized()
     model = tiny_model()
     for rows in (1, ahead_of_time.STREAMED_ROWS + 1):
-        seconds = REAL_WEIGHTS_SECONDS(model, rows)
-        want = set()
+        names = {n: compiled_dtype.kernels(d, rows) for n, d in compiled_dtype.DTYPES.items()}
         for name, dtype in compiled_dtype.DTYPES.items():
-            if rows <= ahead_of_time.STREAMED_ROWS and cpu_matvec.library() is not None:
-                want.add(f"{name} matvec")
-            want.add(f"{name} {'packed' if packs(dtype) else 'linear'}")
-        assert set(seconds) == want and all(s > 0 for s in seconds.values())
-    assert next(model.parameters()).dtype == torch.float32  # the model itself untouched
+            matvec = ["matvec"] if rows <= ahead_of_time.STREAMED_ROWS and streams else []
+            assert names[name] == [*matvec, "packed" if packs(dtype) else "linear"]
+        seconds = REAL_WEIGHTS_SECONDS(model, rows, names)
+        assert set(seconds) == {f"{n} {k}" for n, ks in names.items() for k in ks}
+        assert all(s > 0 for s in seconds.values())
+    assert next(model.parameters()).dtype == torch.float32
+    # a step that cannot stream: no mat-vec figure to choose by
+    assert "matvec" not in compiled_dtype.kernels(torch.bfloat16, 1, gemms="aten")
+    monkeypatch.setenv("MULTIAR_COMPILE_GEMMS", "autotuned")
+    assert "matvec" not in compiled_dtype.kernels(torch.bfloat16, 1)
+    monkeypatch.setenv("MULTIAR_COMPILE_GEMMS", "streamed")
+    assert ("matvec" in compiled_dtype.kernels(torch.bfloat16, 1)) == streams
+    monkeypatch.setenv("MULTIAR_AHEAD_OF_TIME", "0")
+    assert "matvec" not in compiled_dtype.kernels(torch.bfloat16, 1, gemms="streamed")
 
 
 def test_compile_true_measures_for_auto_and_auto_compiles_a_quantized_models_own_kernels(tmp_path, compiler):

@@ -55,7 +55,7 @@ def int16_rounded(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize(
     "width", [64, 96, 70, 80, 4166]
 )  # whole 32-/64-wide steps, tails (16 + 0, 6), 2 int32 chunks
-@pytest.mark.parametrize("out", [37, 39])  # blocks of four weight rows and a tail of one / three
+@pytest.mark.parametrize("out", [37, 39])  # output rows split over the threads unevenly
 def test_the_operators_equal_the_dense_product(rows, width, out):
     """int8: the activations (fp32, or int16 on a per-row scale with AVX512-VNNI) times the codes, scaled
     per output row, against the dequantized weight's product within the rounding of the activations; with
