@@ -87,6 +87,19 @@ inline float int16_int8_dot(const int16_t* x16, const int8_t* q, int64_t in) {
 }
 #endif
 
+#ifdef __AVX512F__
+// 16 values of T as fp32 (bf16: a 16-bit shift left)
+template <typename T>
+inline __m512 load16(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm512_loadu_ps(p);
+  } else {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+  }
+}
+#endif
+
 // sum_i x[i] * w[i] over fp32 or bf16 x and w (the same dtype), in fp32. One weight row at a time, in two
 // chains, and no prefetch hint: the weights are one sequential stream, which the hardware's prefetchers
 // follow (in the 85M packages, four rows at once with hints 4 blocks ahead took 1.06-1.18x as long a
@@ -95,26 +108,19 @@ template <typename T>
 inline float float_dot(const T* x, const T* w, int64_t in) {
   float acc = 0.0f;
   int64_t i = 0;
-  if constexpr (std::is_same_v<T, float>) {
 #ifdef __AVX512F__
-    __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
-    for (; i + 32 <= in; i += 32) {
-      a = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(x + i), a);
-      b = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 16), _mm512_loadu_ps(x + i + 16), b);
-    }
-    if (i + 16 <= in) {
-      a = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(x + i), a);
-      i += 16;
-    }
-    acc = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
+  __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
+#ifdef __AVX512BF16__
+  constexpr bool pairs = !std::is_same_v<T, float>;  // bf16 by AVX512-BF16's dot product
+#else
+  constexpr bool pairs = false;
 #endif
-  } else {
-#if defined(__AVX512BF16__)
-    // 32 bf16 products a step, summed in pairs into fp32 (AVX512-BF16's dot product)
-    auto dot = [](__m512 a, const T* p, const T* q) {
-      return _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(p), (__m512bh)_mm512_loadu_si512(q));
+  if constexpr (pairs) {
+#ifdef __AVX512BF16__
+    // 32 bf16 products a step, summed in pairs into fp32
+    auto dot = [](__m512 sum, const T* p, const T* q) {
+      return _mm512_dpbf16_ps(sum, (__m512bh)_mm512_loadu_si512(p), (__m512bh)_mm512_loadu_si512(q));
     };
-    __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
     for (; i + 64 <= in; i += 64) {
       a = dot(a, w + i, x + i);
       b = dot(b, w + i + 32, x + i + 32);
@@ -123,25 +129,19 @@ inline float float_dot(const T* x, const T* w, int64_t in) {
       a = dot(a, w + i, x + i);
       i += 32;
     }
-    acc = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
-#elif defined(__AVX512F__)
-    // bf16 to fp32 is a 16-bit shift left
-    auto widen = [](const T* p) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
-    };
-    __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
+#endif
+  } else {  // 16 values a load as fp32
     for (; i + 32 <= in; i += 32) {
-      a = _mm512_fmadd_ps(widen(w + i), widen(x + i), a);
-      b = _mm512_fmadd_ps(widen(w + i + 16), widen(x + i + 16), b);
+      a = _mm512_fmadd_ps(load16(w + i), load16(x + i), a);
+      b = _mm512_fmadd_ps(load16(w + i + 16), load16(x + i + 16), b);
     }
     if (i + 16 <= in) {
-      a = _mm512_fmadd_ps(widen(w + i), widen(x + i), a);
+      a = _mm512_fmadd_ps(load16(w + i), load16(x + i), a);
       i += 16;
     }
-    acc = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
-#endif
   }
+  acc = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
+#endif
   for (; i < in; i++) acc += static_cast<float>(x[i]) * static_cast<float>(w[i]);
   return acc;
 }
@@ -222,7 +222,6 @@ at::Tensor int8_matvec(const at::Tensor& x, const at::Tensor& q, const at::Tenso
   return y;
 }
 
-
 #ifdef __AVX512F__
 // e^x for 16 floats x <= 0 (scores less their row's largest): 2^n e^r, n = round(x / ln 2), r = x - n ln 2
 // (|r| <= ln 2 / 2; ln 2 in two parts, so n ln 2 adds no error of its own at large n), e^r by its Taylor
@@ -237,17 +236,6 @@ inline __m512 exp_nonpositive(__m512 x) {
   __m512 p = _mm512_set1_ps(1.0f / 5040);
   for (float c : {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
   return _mm512_scalef_ps(p, n);
-}
-
-// 16 values of T as fp32 (bf16: a 16-bit shift left)
-template <typename T>
-inline __m512 load16(const T* p) {
-  if constexpr (std::is_same_v<T, float>) {
-    return _mm512_loadu_ps(p);
-  } else {
-    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
-  }
 }
 #endif
 
