@@ -50,8 +50,8 @@ def kernels(dtype: torch.dtype, rows: int, gemms: str | None = None) -> list[str
     """The kernels a compiled step may run dtype's weights through at `rows` rows, on this CPU, its
     GEMMs as gemms pins them (None: MULTIAR_COMPILE_GEMMS's)."""
     streams = ahead_of_time.enabled() and (gemms or ahead_of_time.gemms_asked()) in ("auto", "streamed")
-    operator = cpu_matvec.library() is not None and cpu_matvec.vectorized()
-    streamed = ["matvec"] if streams and operator and rows <= ahead_of_time.STREAMED_ROWS else []
+    streams = streams and rows <= ahead_of_time.STREAMED_ROWS and cpu_matvec.vectorized()
+    streamed = ["matvec"] if streams and cpu_matvec.library() is not None else []  # built only if it may run
     return [*streamed, "packed" if rows <= PACK_ROWS and packs(dtype) else "linear"]
 
 

@@ -215,7 +215,7 @@ def prepare_for_decoding(
     model, choice = choose_float(model, batch_size, dtype, layout, cache_file, timer)
     if compile is True:
         choice.dtype = compiled_dtype_of(choice, spare, cache_file, gemms)
-        clock = _clock(_compile_source(model, choice, spare), choice, cache_file)  # as compile=auto's
+        clock = _clock(_compile_source(model, choice, spare, choice.dtype), choice, cache_file)  # as auto's
         return _compiled(_as_linear(model, choice, spare), choice, clock, gemms), choice
     if compile == "auto":
         model = _compile_if_it_pays(model, choice, spare, steps or 0, cache_file, timer, decided, gemms)
@@ -238,10 +238,15 @@ def compiled_dtype_of(
     return dtype
 
 
-def _compile_source(model: nn.Module, choice: DecodeChoice, spare: nn.Module | None) -> nn.Module:
-    """What a compiled float step is made from: the eager pick on nn.Linear, else the fp32 spare (where
-    spare is None the pick is the model itself)."""
-    return model if choice.layout == "linear" or spare is None else spare
+def _compile_source(
+    model: nn.Module, choice: DecodeChoice, spare: nn.Module | None, dtype: str | None = None
+) -> nn.Module:
+    """What a compiled step is made from: the eager pick where it is on nn.Linear in the compiled dtype
+    (dtype; None: the pick's own), else spare (the fp32 copy, or a quantized model before any layer
+    went to bf16); where spare is None the pick is the model itself."""
+    weights = next(model.parameters()).dtype
+    as_is = choice.layout == "linear" and (dtype is None or weights == TORCH_DTYPES[dtype])
+    return model if as_is or spare is None else spare
 
 
 def _as_linear(model: nn.Module, choice: DecodeChoice, spare: nn.Module | None) -> nn.Module:
@@ -325,8 +330,8 @@ def _compile_if_it_pays(
     quantized = choice.layout in ("int8", "int4")
     picked = choice.layout if quantized else f"{choice.dtype}/{choice.layout}"
     measured_ms = None if quantized else choice.step_ms.get(picked)  # a quantized one's are per layer
-    source = _compile_source(model, choice, spare)  # what would compile: the clock's key
     dtype = None if quantized else compiled_dtype_of(choice, spare, cache_file, gemms)
+    source = _compile_source(model, choice, spare, dtype)  # what would compile: the clock's key
     clock = _clock(source, choice, cache_file, dtype, weigh=False)
     device = next(model.parameters()).device.type
     if decided is not None:  # a resume: as the killed run decided

@@ -305,11 +305,15 @@ def test_a_compiled_step_takes_the_dtype_whose_weights_read_faster(tmp_path, com
     avx2 = {"fp32/linear": 4.7, "fp32/packed": 4.2, "bf16/linear": 3.4}
     slow_bf16 = {"fp32 packed": 1e-3, "bf16 linear": 3e-3}
     monkeypatch.setattr(compiled_dtype, "weights_seconds", reads(slow_bf16, passes))
+    monkeypatch.setenv("MULTIAR_AHEAD_OF_TIME", "1")  # a package per model: its clock weighs the fp32 copy
+    monkeypatch.setenv("MULTIAR_CACHE", str(tmp_path))
     for _ in range(2):
         model, choice = lay.prepare_for_decoding(
             tiny_model(), compile=True, cache_dir=tmp_path, timer=fake_timer(avx2, [])
         )
         assert model.wte.weight.dtype == torch.float32 and choice.layout == "linear, compiled"
+        # the package is built from the fp32 copy, not the eager bf16 pick: its digest is the clock's
+        assert compiler[-1]["clock"].weights == ahead_of_time.weights_digest(model)
         assert choice.weights_ms == pytest.approx({"fp32 packed": 1.0, "bf16 linear": 3.0})
     assert len(passes) == 4  # the short job's too (its clock's key names the compiled dtype), and one here
     table = json.loads((tmp_path / lay.CACHE_FILE).read_text())
