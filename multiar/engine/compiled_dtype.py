@@ -34,11 +34,11 @@ import torch.nn.functional as F
 
 from multiar.engine import ahead_of_time, cpu_matvec
 from multiar.engine.choice_cache import cache_key, read_cache, write_cache
+from multiar.engine.decode_choice import TORCH_DTYPES
 from multiar.engine.packed import PACK_ROWS, PackedLinear, packs
 
 log = logging.getLogger("multiar")
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 ROUNDS = 5  # timed passes of every (dtype, kernel) in turns, after one untimed; the median counts
 
 # (model, rows, {dtype name: its kernels}) -> {"<dtype> <kernel>": seconds per pass over the weights};
@@ -62,7 +62,7 @@ def weights_seconds(model: nn.Module, rows: int, kernel_names: dict[str, list[st
     linears = [m for m in model.modules() if type(m) is nn.Linear]
     passes: dict[str, list[Callable[[], torch.Tensor]]] = {}
     for name, names in kernel_names.items():
-        weights = [m.weight.detach().to(DTYPES[name]) for m in linears]
+        weights = [m.weight.detach().to(TORCH_DTYPES[name]) for m in linears]
         xs = [torch.randn(rows, w.size(1), dtype=w.dtype) for w in weights]
         for kernel in names:
             passes[f"{name} {kernel}"] = [_call(kernel, w, x) for w, x in zip(weights, xs, strict=True)]
@@ -101,11 +101,11 @@ def compiled_dtype(
     compiled step's GEMMs pinned, as for `kernels`), and the figures in ms ("<dtype> <kernel>"): cached,
     or measured on fp32_model (the fp32 copy either dtype is built from; timer: weights_seconds, looked
     up at the call) and cached."""
-    names = {name: kernels(dtype, batch_size, gemms) for name, dtype in DTYPES.items()}
+    names = {name: kernels(dtype, batch_size, gemms) for name, dtype in TORCH_DTYPES.items()}
     timed = ", ".join(f"{name} {kernel}" for name, ks in names.items() for kernel in ks)
     key = cache_key(fp32_model, batch_size, f"compiled dtype ({timed}) {ahead_of_time.code_digest()}")
     entry = read_cache(cache_file, key)
-    if entry is not None and entry.get("picked") in DTYPES:
+    if entry is not None and entry.get("picked") in TORCH_DTYPES:
         return entry["picked"], dict(entry.get("weights_ms") or {})
     seconds = (timer or weights_seconds)(fp32_model, batch_size, names)
     weights_ms = {name: 1e3 * s for name, s in seconds.items()}

@@ -13,7 +13,8 @@ dispatcher, so that AOTInductor packages and torch.compile's graphs run them as 
   bf16, in fp32: each head's keys read once, then its values once (engine.rows_attention.attend_rows's
   math).
 The mat-vecs read every weight once for all rows. engine.ahead_of_time's streamed package calls them for
-int8 layers, and for fp32 and bf16 Linears where their loops are AVX-512's (`vectorized`); engine.quantized_kernels offers the int8 one per shape (MatvecInt8Linear).
+int8 layers, and for fp32 and bf16 Linears where their loops are AVX-512's (`vectorized`);
+engine.quantized_kernels offers the int8 one per shape (MatvecInt8Linear).
 The attention runs in every CPU decode package, in serve's captured step and as serve's `operator` rows
 attention (engine.rows_attention).
 
@@ -64,6 +65,7 @@ once) and every layer keeps torch's kernels. No Lightning, Hydra or domain code 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import subprocess
@@ -84,6 +86,7 @@ _LOADING = threading.Lock()
 _LOADED: list[Path | None] = []  # what library() found, once asked
 
 
+@functools.cache
 def vectorized() -> bool:
     """Whether the library's float loops are AVX-512's (built -march=native on a CPU with AVX-512F):
     elsewhere they are scalar, a sum the compiler may not reorder into vectors (no fast-math), slower

@@ -7,7 +7,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
+import torch
 import torch.nn as nn
+
+# the float dtypes a choice names
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 # a timer: (candidate name -> model) -> seconds per decode step of each; injected by tests
 Timer = Callable[[dict[str, nn.Module]], dict[str, float]]

@@ -41,7 +41,7 @@ from multiar.engine.compile_choice import (
     read_measured,
 )
 from multiar.engine.compiled_dtype import compiled_dtype
-from multiar.engine.decode_choice import DecodeChoice, Timer
+from multiar.engine.decode_choice import TORCH_DTYPES, DecodeChoice, Timer
 from multiar.engine.packed import decode_layout, packs
 from multiar.engine.quantize import Int4Linear, Int8Linear, quantized_mode
 from multiar.engine.quantized_kernels import choose_kernels, layer_seconds, own_kernels
@@ -49,9 +49,8 @@ from multiar.engine.quantized_prefill import RowsTimer, choose_prefill, is_prefi
 from multiar.errors import first_line
 
 log = logging.getLogger("multiar")
-DTYPES = ("fp32", "bf16")
+DTYPES = tuple(TORCH_DTYPES)
 LAYOUTS = ("linear", "packed")
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def float_candidates(device: torch.device, dtype: str, layout: str) -> list[str]:

@@ -343,8 +343,8 @@ def test_a_pass_over_the_weights_is_timed_through_each_kernel_a_compiled_step_ma
     streams = cpu_matvec.library() is not None and cpu_matvec.vectorized()
     model = tiny_model()
     for rows in (1, ahead_of_time.STREAMED_ROWS + 1):
-        names = {n: compiled_dtype.kernels(d, rows) for n, d in compiled_dtype.DTYPES.items()}
-        for name, dtype in compiled_dtype.DTYPES.items():
+        names = {n: compiled_dtype.kernels(d, rows) for n, d in compiled_dtype.TORCH_DTYPES.items()}
+        for name, dtype in compiled_dtype.TORCH_DTYPES.items():
             matvec = ["matvec"] if rows <= ahead_of_time.STREAMED_ROWS and streams else []
             assert names[name] == [*matvec, "packed" if packs(dtype) else "linear"]
         seconds = REAL_WEIGHTS_SECONDS(model, rows, names)
