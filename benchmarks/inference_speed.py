@@ -18,6 +18,12 @@ shape's weights as DIR/<shape>-{f32,f16,bf16}.gguf (`multiar export format=gguf`
 the rows are skipped when it is not installed. With llama.cpp built from source, point it at the
 libraries: LLAMA_CPP_LIB_PATH=<build>/bin.
 
+Targets (issue 19's, at batch 1: bf16 and fp32 against llama.cpp's bf16 and f32, int4 against f32, int8
+against bf16): the two rows of each run back to back in every round, in either order, and the ratio is the
+median of the rounds' ratios (`target` rows in the JSON, beside the ratio of the rows' medians). This
+VM's RAM pace swings 1.5x within minutes, longer than a round of every row takes at 85M: rows a minute
+apart in one round may see different machines. Each row keeps its rounds' tokens/s (`round_tok_s`).
+
 Settings: 16-token prompt, 256 new tokens, sampling (temperature 1), no EOS, vocab 512, random weights
 for the 10.8M (6 x 384) and 85M (12 x 768) shapes. The RAM read bandwidth of this machine is measured in
 the same run: at batch 1 a decode step reads every weight once, so bytes/token x tokens/s against it is
@@ -187,21 +193,72 @@ def stop_llama(server) -> None:  # noqa: ANN001
         server.proc.kill()
 
 
-def bench(entries: dict, repeats: int) -> dict[str, float]:
-    """Interleaved: every entry once per round (in an order shuffled per round), median seconds over
-    rounds. Round r seeds torch's global generator with r before each entry: sampled lengths and
-    acceptance are reproducible."""
+# issue 19's batch-1 targets: (what, numerator row, denominator rows (the first present), the line); each is
+# timed as a pair in every round (`bench`'s groups) and its ratio taken round by round
+TARGETS = (
+    (
+        "bf16 >= 1.0x llama.cpp bf16",
+        "multiar compile=true (bf16)",
+        ("llama-server bf16", "llama.cpp bf16"),
+        1.0,
+    ),
+    ("fp32 >= 1.0x llama.cpp f32", "multiar fp32 compile", ("llama-server f32", "llama.cpp f32"), 1.0),
+    ("int4 >= 2x llama.cpp f32", "multiar int4 compile=true", ("llama-server f32", "llama.cpp f32"), 2.0),
+    ("int8 >= 1.6x bf16", "multiar int8 compile=true", ("multiar compile=true (bf16)",), 1.6),
+)
+
+
+def target_pairs(names: list[str]) -> list[tuple[str, str, str, float]]:
+    """TARGETS whose rows are among names: (what, numerator, denominator, line)."""
+    pairs = []
+    for what, numerator, denominators, line in TARGETS:
+        present = [d for d in denominators if d in names]
+        if numerator in names and present:
+            pairs.append((what, numerator, present[0], line))
+    return pairs
+
+
+def round_units(names: list[str], groups: list[tuple[str, ...]]) -> list[list[str]]:
+    """names cut into the units a round runs back to back: the groups, merged where they share a name
+    (kept in names' order), and every other name alone."""
+    units: list[set[str]] = []
+    for group in groups:
+        merged = {g for g in group if g in names}
+        for unit in [u for u in units if u & merged]:
+            units.remove(unit)
+            merged |= unit
+        units.append(merged)
+    grouped = set().union(*units) if units else set()
+    units += [{n} for n in names if n not in grouped]
+    return [[n for n in names if n in unit] for unit in units if unit]
+
+
+def bench(entries: dict, repeats: int, groups: list[tuple[str, ...]] = ()) -> dict[str, list[float]]:
+    """Interleaved: every entry once per round (in an order shuffled per round), its seconds in each
+    round. The entries of one of groups run back to back, in an order shuffled per round: this VM's RAM
+    pace swings 1.5x within minutes, longer than a round at 85M takes, so a ratio between two rows is
+    taken between neighbours. Round r seeds torch's global generator with r before each entry: sampled
+    lengths and acceptance are reproducible."""
     times: dict[str, list[float]] = {name: [] for name in entries}
     for fn in entries.values():  # warm-up round, not timed
         torch.manual_seed(repeats)
         fn()
+    units = round_units(list(entries), list(groups))
     for r in range(repeats):
-        order = list(entries)
-        random.Random(r).shuffle(order)  # no engine always runs first, or right after another
-        for name in order:
-            torch.manual_seed(r)
-            times[name].append(_timed(entries[name]))
-    return {name: statistics.median(t) for name, t in times.items()}
+        rng = random.Random(r)
+        order = [list(u) for u in units]
+        rng.shuffle(order)  # no engine always runs first, or right after another
+        for unit in order:
+            rng.shuffle(unit)
+            for name in unit:
+                torch.manual_seed(r)
+                times[name].append(_timed(entries[name]))
+    return times
+
+
+def paired_ratios(times: dict[str, list[float]], numerator: str, denominator: str) -> list[float]:
+    """numerator's tokens/s over denominator's, round by round (the same tokens: the seconds' inverse ratio)."""
+    return [d / n for n, d in zip(times[numerator], times[denominator], strict=True)]
 
 
 def auto_compile_row(
@@ -381,7 +438,9 @@ def main() -> None:
                         )
                         first["loaded"] = None
                     print(f"{shape_name:6s} batch {batch}  first calls (s): {json.dumps(first)}", flush=True)
-                seconds = bench(entries, args.repeats)
+                pairs = target_pairs(list(entries)) if batch == 1 else []
+                times = bench(entries, args.repeats, [(n, d) for _, n, d, _ in pairs])
+            seconds = {name: statistics.median(t) for name, t in times.items()}
             tokens = batch * args.new
             base = tokens / seconds["transformers fp32"]
             fastest = max(tokens / seconds[f"multiar {c}"] for c in CANDIDATE_ROWS)
@@ -393,6 +452,7 @@ def main() -> None:
                     "engine": name,
                     "tok_s": tps,
                     "vs_transformers": tps / base,
+                    "round_tok_s": [tokens / t for t in times[name]],
                 }
                 if name.startswith("multiar auto"):
                     row["vs_fastest_candidate"] = tps / fastest
@@ -412,6 +472,27 @@ def main() -> None:
                     f"{shape_name:6s} batch {batch}  {name:26s} {tps:8.0f} tok/s  {tps / base:5.2f}x{share}",
                     flush=True,
                 )
+            for what, numerator, denominator, line in pairs:
+                ratios = paired_ratios(times, numerator, denominator)
+                row = {
+                    "model": shape_name,
+                    "batch": batch,
+                    "target": what,
+                    "numerator": numerator,
+                    "denominator": denominator,
+                    "line": line,
+                    "round_ratios": ratios,
+                    "median_round_ratio": statistics.median(ratios),
+                    "ratio_of_medians": seconds[denominator] / seconds[numerator],
+                }
+                rows.append(row)
+                met = "met" if row["median_round_ratio"] >= line else "NOT met"
+                print(
+                    f"{shape_name:6s} batch {batch}  {what}: {row['median_round_ratio']:.2f}x, the median of "
+                    f"round ratios {', '.join(f'{r:.2f}' for r in ratios)} ({met}; medians' ratio "
+                    f"{row['ratio_of_medians']:.2f}x)",
+                    flush=True,
+                )
             if compiled_name:
                 jobs = [(args.job_steps, first["built"], "")]
                 if first["loaded"] is not None:
@@ -426,6 +507,25 @@ def main() -> None:
                     )
                     rows.append(row)
                     print(f"{shape_name:6s} batch {batch}  {json.dumps(row)}", flush=True)
+                    llamas = [n for n in seconds if n.startswith(("llama-server", "llama.cpp"))]
+                    if how and llamas:  # the default at 10.8M >= 0.6x llama.cpp's best: derived, no pair
+                        fastest = min(llamas, key=seconds.get)
+                        ratio = row["tok_s"] / (tokens / seconds[fastest])
+                        rows.append(
+                            {
+                                "model": shape_name,
+                                "batch": batch,
+                                "target": "the default >= 0.6x llama.cpp's best",
+                                "numerator": row["engine"],
+                                "denominator": fastest,
+                                "line": 0.6,
+                                "ratio_of_medians": ratio,
+                            }
+                        )
+                        print(
+                            f"{shape_name:6s} batch {batch}  the default / {fastest}: {ratio:.2f}x",
+                            flush=True,
+                        )
                 rows.append(
                     {
                         "model": shape_name,
@@ -458,7 +558,7 @@ def main() -> None:
             "speculative ngram": spec("ngram"),
         }
         with torch.inference_mode():
-            seconds = bench(entries, args.repeats)
+            seconds = {name: statistics.median(t) for name, t in bench(entries, args.repeats).items()}
         for name, s in seconds.items():
             row = {"model": f"pair {args.pair[0].name}", "batch": 1, "engine": name, "tok_s": args.new / s}
             row["vs_target_alone"] = seconds["target alone"] / s
