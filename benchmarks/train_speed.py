@@ -26,6 +26,9 @@ baseline of multiar/engine/cpu_kernels.py; which kernels the measured choice too
 `--nanogpt DIR`: a nanoGPT checkout (its model.py is imported from there, nothing is copied): adds its
 GPT-2 (bias=False, as its train.py defaults) in the same plain loop with its own optimizer setup
 (`configure_optimizers`), at the same shape. The row is skipped when DIR is not given or lacks model.py.
+With it, each other row's JSON has its ratio to nanoGPT round by round (`vs_nanogpt_rounds`: rounds
+alternate the rows' order) and their median (`vs_nanogpt_median_round`); every row keeps its rounds'
+tokens/s (`round_tok_s`).
 
 Shape: vocab 512, block 256, batch 8 (2,048 tokens a step), AdamW, gradient clipping at 1.0. Model FLOP
 utilisation (MFU) = (6 N + 12 L T C) FLOPs per token x tokens/s against the matmul peak of that dtype,
@@ -224,10 +227,11 @@ def composed_row(loop):  # noqa: ANN001, ANN201
         return loop()
 
 
-def shape_rows(config: ModelConfig, gpt: GPT, data: list, dtype: str, args) -> tuple[dict, dict]:  # noqa: ANN001
+def shape_rows(config: ModelConfig, gpt: GPT, data: list, dtype: str, args) -> tuple[dict, dict, dict]:  # noqa: ANN001
     """Seconds per step of every implementation at one shape and dtype: each runs its warm-up and
-    timed steps once per round, rounds interleaved, the median over rounds; and the first round's
-    first step of the Lightning rows (the compile, for the compiled row)."""
+    timed steps once per round, rounds interleaved (every other round in reverse order: no row always
+    runs first, or right after another), the median over rounds; the first round's first step of the
+    Lightning rows (the compile, for the compiled row); and every round's seconds per step."""
     attention, *others = args.attention
     loops = {
         "multiar Lightning": lambda: lightning_loop(config, data, dtype, args.warmup, False, attention),
@@ -256,16 +260,16 @@ def shape_rows(config: ModelConfig, gpt: GPT, data: list, dtype: str, args) -> t
         loops = {k: v for k, v in loops.items() if k in args.only}
     times: dict[str, list[float]] = {name: [] for name in loops}
     firsts: dict[str, float] = {}
-    for _ in range(args.rounds):
-        for name, loop in loops.items():
-            seconds = loop()
+    for r in range(args.rounds):
+        for name in list(loops)[:: -1 if r % 2 else 1]:
+            seconds = loops[name]()
             if isinstance(seconds, tuple):
                 seconds, first, picked = seconds
                 firsts.setdefault(name, first)
                 PICKED.setdefault((name, dtype), []).append(picked)
             if seconds is not None:
                 times[name].append(seconds)
-    return {name: statistics.median(t) for name, t in times.items() if t}, firsts
+    return {name: statistics.median(t) for name, t in times.items() if t}, firsts, times
 
 
 def compile_auto_row(rows: dict[str, float], firsts: dict[str, float], run_steps: int) -> dict | None:
@@ -341,7 +345,7 @@ def main() -> None:
             torch.manual_seed(0)
             gpt = GPT(config)
             fpt = flops_per_token(config, gpt.num_parameters())
-            rows, firsts = shape_rows(config, gpt, data, dtype, args)
+            rows, firsts, times = shape_rows(config, gpt, data, dtype, args)
             auto = compile_auto_row(rows, firsts, args.run_steps)
             if auto is not None:
                 rows[f"multiar compile=auto, {args.run_steps} steps"] = auto["seconds"]
@@ -357,6 +361,13 @@ def main() -> None:
                 }
                 if name in firsts:
                     row["first_step_s"] = firsts[name]
+                if name in times:
+                    row["round_tok_s"] = [tokens / t for t in times[name]]
+                nano = times.get("nanoGPT GPT-2", [])
+                if name != "nanoGPT GPT-2" and nano and len(times.get(name, [])) == len(nano):
+                    # rounds alternate the rows' order: the ratio of neighbours, round by round
+                    row["vs_nanogpt_rounds"] = [n / t for t, n in zip(times[name], nano, strict=True)]
+                    row["vs_nanogpt_median_round"] = statistics.median(row["vs_nanogpt_rounds"])
                 if (name, dtype) in PICKED:
                     row["attention_picked"] = PICKED[name, dtype]
                 if name.startswith("multiar compile=auto"):
@@ -391,6 +402,12 @@ def main() -> None:
                 and (a == "multiar Lightning" or b != "multiar Lightning, composed ops")
             ]
             print("  " + "  ".join(f"{a} / {b} {base[a] / base[b]:.2f}" for a, b in ratios), flush=True)
+            for row in results:
+                if row["shape"] == shape and row["dtype"] == dtype and "vs_nanogpt_rounds" in row:
+                    rounds = ", ".join(f"{x:.3f}" for x in row["vs_nanogpt_rounds"])
+                    print(
+                        f"  {row['impl']} / nanoGPT GPT-2 round by round: {rounds}; median {row['vs_nanogpt_median_round']:.3f}"
+                    )
     wait = loader_wait(20) if not args.no_loader else float("nan")
     step = max((r["tok_s"] for r in results if r["impl"] == "multiar Lightning"), default=float("nan"))
     print(
