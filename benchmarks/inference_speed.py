@@ -193,8 +193,9 @@ def stop_llama(server) -> None:  # noqa: ANN001
         server.proc.kill()
 
 
-# issue 19's batch-1 targets: (what, numerator row, denominator rows (the first present), the line); each is
-# timed as a pair in every round (`bench`'s groups) and its ratio taken round by round
+# issue 19's targets at batch 1, 85M: (what, numerator row, denominator rows (the first present), the
+# line); each is timed as a pair in every round (`bench`'s groups) and its ratio taken round by round.
+# (At 10.8M its target is the default's, a row derived from others: "the default >= 0.6x ..." below.)
 TARGETS = (
     (
         "bf16 >= 1.0x llama.cpp bf16",
@@ -206,6 +207,9 @@ TARGETS = (
     ("int4 >= 2x llama.cpp f32", "multiar int4 compile=true", ("llama-server f32", "llama.cpp f32"), 2.0),
     ("int8 >= 1.6x bf16", "multiar int8 compile=true", ("multiar compile=true (bf16)",), 1.6),
 )
+TARGET_SHAPE = "85M"
+LATER_JOBS = 3  # jobs that load the package built before: the median first call
+DEFAULT_TARGET_SHAPE = "10.8M"  # where the default (compile=auto) is held to >= 0.6x llama.cpp's best
 
 
 def target_pairs(names: list[str]) -> list[tuple[str, str, str, float]]:
@@ -403,7 +407,7 @@ def main() -> None:
                     baseline, _ = prepare_for_decoding(copy.deepcopy(model), batch_size=batch, compile=True)
                 baseline_name = f"{compiled_name}, torch.compile"
                 entries[baseline_name] = partial(generate, baseline, prompt, args.new)
-            first: dict[str, float | None] = {}
+            first: dict[str, float | list[float] | None] = {}
             with torch.inference_mode():
                 if compiled_name:  # first calls, timed alone: a package built, torch.compile's compile,
                     # and a later job's (a new model, as a new process would make) load of that package
@@ -427,18 +431,25 @@ def main() -> None:
                             generate, pinned, prompt, args.new
                         )
                     first["torch.compile"] = _timed(entries[baseline_name])
-                    again, _ = prepare_for_decoding(  # the dtype pinned: measured again, it may differ
-                        copy.deepcopy(model), batch_size=batch, compile=True, dtype=compiled_choice.dtype
-                    )
-                    first["loaded"] = _timed(partial(generate, again, prompt, args.new))
-                    step = again.compiled_step
-                    if getattr(step, "loaded", 0) != 1 or getattr(step, "fallback", None) is not None:
-                        print(
-                            f"{shape_name:6s} batch {batch}  the second compile=true did not load the package"
+                    # later jobs, a new model each: the median of LATER_JOBS first calls (one such call
+                    # ran anywhere from 0.10 to 0.20 s at 10.8M, 256 steps, on the Zen 5 EPYC)
+                    loads = []
+                    for _ in range(LATER_JOBS):
+                        again, _ = prepare_for_decoding(  # the dtype pinned: measured again, it may differ
+                            copy.deepcopy(model), batch_size=batch, compile=True, dtype=compiled_choice.dtype
                         )
-                        first["loaded"] = None
+                        loads.append(_timed(partial(generate, again, prompt, args.new)))
+                        step = again.compiled_step
+                        if getattr(step, "loaded", 0) != 1 or getattr(step, "fallback", None) is not None:
+                            print(
+                                f"{shape_name:6s} batch {batch}  the second compile=true did not load the package"
+                            )
+                            loads = []
+                            break
+                    first["loaded"] = statistics.median(loads) if loads else None
+                    first["loaded_each"] = loads
                     print(f"{shape_name:6s} batch {batch}  first calls (s): {json.dumps(first)}", flush=True)
-                pairs = target_pairs(list(entries)) if batch == 1 else []
+                pairs = target_pairs(list(entries)) if (shape_name, batch) == (TARGET_SHAPE, 1) else []
                 times = bench(entries, args.repeats, [(n, d) for _, n, d, _ in pairs])
             seconds = {name: statistics.median(t) for name, t in times.items()}
             tokens = batch * args.new
@@ -508,7 +519,7 @@ def main() -> None:
                     rows.append(row)
                     print(f"{shape_name:6s} batch {batch}  {json.dumps(row)}", flush=True)
                     llamas = [n for n in seconds if n.startswith(("llama-server", "llama.cpp"))]
-                    if how and llamas:  # the default at 10.8M >= 0.6x llama.cpp's best: derived, no pair
+                    if how and llamas and shape_name == DEFAULT_TARGET_SHAPE:  # derived from rows: no pair
                         fastest = min(llamas, key=seconds.get)
                         ratio = row["tok_s"] / (tokens / seconds[fastest])
                         rows.append(
