@@ -208,7 +208,7 @@ TARGETS = (
     ("int8 >= 1.6x bf16", "multiar int8 compile=true", ("multiar compile=true (bf16)",), 1.6),
 )
 TARGET_SHAPE = "85M"
-LATER_JOBS = 3  # jobs that load the package built before: the median first call
+LATER_JOBS = 3  # models whose first job loads the package built before: the median load
 DEFAULT_TARGET_SHAPE = "10.8M"  # where the default (compile=auto) is held to >= 0.6x llama.cpp's best
 
 
@@ -279,7 +279,8 @@ def auto_compile_row(
     this batch, from this run's own figures, and that job's tokens/s with the compile's seconds in it:
     a step's time from the "multiar auto" row (eager) and the compile=true row, the compile's seconds
     from that model's first call here (less one call's steady time): a package built, or (how says so)
-    loaded by a later job. Derived from those measurements; `break_even_steps`: the job length above
+    loaded by a later job (first_s then the steady time plus the load's own cost: a later model's first
+    job less its second, back to back). Derived from those measurements; `break_even_steps`: the job length above
     which compiling is the faster."""
     eager_ms, compiled_ms = 1e3 * eager_s / args.new, 1e3 * compiled_s / args.new
     compile_s = max(0.0, first_s - compiled_s)
@@ -431,23 +432,28 @@ def main() -> None:
                             generate, pinned, prompt, args.new
                         )
                     first["torch.compile"] = _timed(entries[baseline_name])
-                    # later jobs, a new model each: the median of LATER_JOBS first calls (one such call
-                    # ran anywhere from 0.10 to 0.20 s at 10.8M, 256 steps, on the Zen 5 EPYC)
-                    loads = []
+                    # later jobs, a new model each: its first job (the load) against its second, back to
+                    # back; the load's cost is the median difference over LATER_JOBS models. (One first
+                    # call less the rounds' median took 0.09 s at 10.8M in one run, 0.37 s at 85M in
+                    # another, where a first and a second job in turns differ by 0.00-0.02 s: the RAM's
+                    # pace had changed between them.)
+                    loads, overs = [], []
                     for _ in range(LATER_JOBS):
                         again, _ = prepare_for_decoding(  # the dtype pinned: measured again, it may differ
                             copy.deepcopy(model), batch_size=batch, compile=True, dtype=compiled_choice.dtype
                         )
                         loads.append(_timed(partial(generate, again, prompt, args.new)))
+                        overs.append(loads[-1] - _timed(partial(generate, again, prompt, args.new)))
                         step = again.compiled_step
                         if getattr(step, "loaded", 0) != 1 or getattr(step, "fallback", None) is not None:
                             print(
                                 f"{shape_name:6s} batch {batch}  the second compile=true did not load the package"
                             )
-                            loads = []
+                            loads, overs = [], []
                             break
                     first["loaded"] = statistics.median(loads) if loads else None
                     first["loaded_each"] = loads
+                    first["load_over_steady"] = max(0.0, statistics.median(overs)) if overs else None
                     print(f"{shape_name:6s} batch {batch}  first calls (s): {json.dumps(first)}", flush=True)
                 pairs = target_pairs(list(entries)) if (shape_name, batch) == (TARGET_SHAPE, 1) else []
                 times = bench(entries, args.repeats, [(n, d) for _, n, d, _ in pairs])
@@ -511,7 +517,8 @@ def main() -> None:
                     # but for a package that holds none (streamed: noted under the config's key)
                     weightless = getattr(again.compiled_step, "any_weights", False)
                     digest_s = 0.0 if weightless else _timed(partial(ahead_of_time.weights_digest, model))
-                    jobs.append((args.short_job, first["loaded"] + digest_s, ", its package built before"))
+                    loaded_s = seconds[compiled_name] + first["load_over_steady"] + digest_s
+                    jobs.append((args.short_job, loaded_s, ", its package built before"))
                 for steps, first_s, how in jobs:
                     row = auto_compile_row(
                         shape_name, batch, args, first_s, seconds[picked], seconds[compiled_name], steps, how
