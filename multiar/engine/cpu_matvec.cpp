@@ -21,8 +21,13 @@ namespace {
 // How far ahead the int8 loops ask for codes: without it 85M's int8 mat-vecs read 40-57 GB/s from RAM,
 // 16 KB ahead 53-99 (a /tmp probe of many weights of each layer shape, Zen 5 EPYC); in the 85M int8
 // package a token took 1.13-1.23x as long 4 KB ahead or without, 0.93-0.94x 64 KB ahead (0.98 at 32,
-// 1.0 at 128, 1.21 at 256). The float loops ask for none (float_dot)
+// 1.0 at 128, 1.21 at 256)
 constexpr int64_t INT8_AHEAD = 65536;  // bytes, rows of codes on
+// How far ahead the float loops ask for weights (float_dot): in the 85M bf16 package, 128-token jobs in
+// turns in one process, a token took 0.64x as long 8 KB ahead as without (3.02 against 4.72 ms, medians
+// of 130 rounds; 2 KB 0.69x, 4 KB 0.65x, 16 KB 0.65x), in minutes when the hardware's prefetchers alone
+// ran the step at its slow pace (session 35; in session 34's minutes 16-64 KB ahead made no difference)
+constexpr int64_t FLOAT_AHEAD = 8192;  // bytes of weights on
 
 #ifdef __AVX512F__
 // A hint to bring the cache line `ahead` bytes past p into L1 (a hint never faults, even past the weight's
@@ -101,9 +106,10 @@ inline __m512 load16(const T* p) {
 #endif
 
 // sum_i x[i] * w[i] over fp32 or bf16 x and w (the same dtype), in fp32. One weight row at a time, in two
-// chains, and no prefetch hint: the weights are one sequential stream, which the hardware's prefetchers
-// follow (in the 85M packages, four rows at once with hints 4 blocks ahead took 1.06-1.18x as long a
-// bf16 token, and fp32 through inductor's fused loop 1.25-1.29x as long a step: see cpu_matvec.py)
+// chains, asking for the weights FLOAT_AHEAD bytes on: the weights are one sequential stream, but the
+// hardware's prefetchers alone do not always keep up with it (in the 85M packages, four rows at once
+// with hints 4 blocks ahead took 1.06-1.18x as long a bf16 token, and fp32 through inductor's fused loop
+// 1.25-1.29x as long a step: see cpu_matvec.py)
 template <typename T>
 inline float float_dot(const T* x, const T* w, int64_t in) {
   float acc = 0.0f;
@@ -121,7 +127,9 @@ inline float float_dot(const T* x, const T* w, int64_t in) {
     auto dot = [](__m512 sum, const T* p, const T* q) {
       return _mm512_dpbf16_ps(sum, (__m512bh)_mm512_loadu_si512(p), (__m512bh)_mm512_loadu_si512(q));
     };
-    for (; i + 64 <= in; i += 64) {
+    for (; i + 64 <= in; i += 64) {  // 128 bytes of weights a step: two cache lines asked for
+      prefetch(w + i, FLOAT_AHEAD);
+      prefetch(w + i, FLOAT_AHEAD + 64);
       a = dot(a, w + i, x + i);
       b = dot(b, w + i + 32, x + i + 32);
     }
@@ -131,7 +139,9 @@ inline float float_dot(const T* x, const T* w, int64_t in) {
     }
 #endif
   } else {  // 16 values a load as fp32
-    for (; i + 32 <= in; i += 32) {
+    for (; i + 32 <= in; i += 32) {  // 128 bytes of weights a step: two cache lines asked for
+      prefetch(w + i, FLOAT_AHEAD);
+      prefetch(w + i, FLOAT_AHEAD + 64);
       a = _mm512_fmadd_ps(load16(w + i), load16(x + i), a);
       b = _mm512_fmadd_ps(load16(w + i + 16), load16(x + i + 16), b);
     }
