@@ -18,9 +18,10 @@ shape's weights as DIR/<shape>-{f32,f16,bf16}.gguf (`multiar export format=gguf`
 the rows are skipped when it is not installed. With llama.cpp built from source, point it at the
 libraries: LLAMA_CPP_LIB_PATH=<build>/bin.
 
-Targets (issue 19's, at batch 1: bf16 and fp32 against llama.cpp's bf16 and f32, int4 against f32, int8
-against bf16): the two rows of each run back to back in every round, in either order, and the ratio is the
-median of the rounds' ratios (`target` rows in the JSON, beside the ratio of the rows' medians). This
+Targets (issue 19's, at batch 1, 85M: bf16 and fp32 against llama.cpp's bf16 and f32, int4 against f32,
+int8 against bf16): the two rows of each run side by side in every round, either way round (two targets
+sharing a row: three in a row, the shared one in the middle), and the ratio is the median of the rounds'
+ratios (`target` rows in the JSON, beside the ratio of the rows' medians). This
 VM's RAM pace swings 1.5x within minutes, longer than a round of every row takes at 85M: rows a minute
 apart in one round may see different machines. Each row keeps its rounds' tokens/s (`round_tok_s`).
 
@@ -222,38 +223,55 @@ def target_pairs(names: list[str]) -> list[tuple[str, str, str, float]]:
     return pairs
 
 
-def round_units(names: list[str], groups: list[tuple[str, ...]]) -> list[list[str]]:
-    """names cut into the units a round runs back to back: the groups, merged where they share a name
-    (kept in names' order), and every other name alone."""
-    units: list[set[str]] = []
-    for group in groups:
-        merged = {g for g in group if g in names}
-        for unit in [u for u in units if u & merged]:
-            units.remove(unit)
-            merged |= unit
-        units.append(merged)
-    grouped = set().union(*units) if units else set()
-    units += [{n} for n in names if n not in grouped]
-    return [[n for n in names if n in unit] for unit in units if unit]
+def round_units(names: list[str], pairs: list[tuple[str, str]]) -> list[list[str]]:
+    """names cut into the units a round runs in a row: chains of the pairs, each pair's two names side by
+    side (a pair sharing a name with a chain's end joins the chain there: two pairs sharing a row make a
+    chain of three, the shared row in the middle), and every other name alone. A pair whose shared name
+    is inside a chain already joins it at its end, not beside its partner (TARGETS make no such pair)."""
+    chains: list[list[str]] = []
+    for x, y in pairs:
+        if x not in names or y not in names:
+            continue
+        cx = next((c for c in chains if x in c), None)
+        cy = next((c for c in chains if y in c), None)
+        if cx is None and cy is None:
+            chains.append([x, y])
+        elif cx is not None and cy is not None:
+            if cx is not cy:  # two chains joined end to end, x's end to y's
+                if cx[0] == x:
+                    cx.reverse()
+                if cy[-1] == y:
+                    cy.reverse()
+                cx.extend(cy)
+                chains.remove(cy)
+        else:
+            chain, old, new = (cx, x, y) if cx is not None else (cy, y, x)
+            if chain[0] == old:
+                chain.insert(0, new)
+            else:
+                chain.append(new)
+    chained = {n for c in chains for n in c}
+    return chains + [[n] for n in names if n not in chained]
 
 
-def bench(entries: dict, repeats: int, groups: list[tuple[str, ...]] = ()) -> dict[str, list[float]]:
+def bench(entries: dict, repeats: int, pairs: list[tuple[str, str]] = ()) -> dict[str, list[float]]:
     """Interleaved: every entry once per round (in an order shuffled per round), its seconds in each
-    round. The entries of one of groups run back to back, in an order shuffled per round: this VM's RAM
-    pace swings 1.5x within minutes, longer than a round at 85M takes, so a ratio between two rows is
-    taken between neighbours. Round r seeds torch's global generator with r before each entry: sampled
-    lengths and acceptance are reproducible."""
+    round. The two entries of each of pairs run side by side (round_units' chains, either way round,
+    shuffled among the rest): this VM's RAM pace swings 1.5x within minutes, longer than a round at 85M
+    takes, so a ratio between two rows is taken between neighbours. Round r seeds torch's global
+    generator with r before each entry: sampled lengths and acceptance are reproducible."""
     times: dict[str, list[float]] = {name: [] for name in entries}
     for fn in entries.values():  # warm-up round, not timed
         torch.manual_seed(repeats)
         fn()
-    units = round_units(list(entries), list(groups))
+    units = round_units(list(entries), list(pairs))
     for r in range(repeats):
         rng = random.Random(r)
         order = [list(u) for u in units]
         rng.shuffle(order)  # no engine always runs first, or right after another
         for unit in order:
-            rng.shuffle(unit)
+            if rng.random() < 0.5:  # a chain either way round: its pairs stay side by side
+                unit.reverse()
             for name in unit:
                 torch.manual_seed(r)
                 times[name].append(_timed(entries[name]))
@@ -454,8 +472,13 @@ def main() -> None:
                     first["loaded"] = statistics.median(loads) if loads else None
                     first["loaded_each"] = loads
                     first["load_over_steady"] = max(0.0, statistics.median(overs)) if overs else None
+                    first["load_over_steady_each"] = overs  # a negative one: the second job was the slower
                     print(f"{shape_name:6s} batch {batch}  first calls (s): {json.dumps(first)}", flush=True)
-                pairs = target_pairs(list(entries)) if (shape_name, batch) == (TARGET_SHAPE, 1) else []
+                pairs = []
+                if (shape_name, batch) == (TARGET_SHAPE, 1):
+                    pairs = target_pairs(list(entries))
+                    for what in {t[0] for t in TARGETS} - {p[0] for p in pairs}:
+                        print(f"{shape_name:6s} batch {batch}  {what}: not measured, a row is missing")
                 times = bench(entries, args.repeats, [(n, d) for _, n, d, _ in pairs])
             seconds = {name: statistics.median(t) for name, t in times.items()}
             tokens = batch * args.new
@@ -527,21 +550,21 @@ def main() -> None:
                     print(f"{shape_name:6s} batch {batch}  {json.dumps(row)}", flush=True)
                     llamas = [n for n in seconds if n.startswith(("llama-server", "llama.cpp"))]
                     if how and llamas and shape_name == DEFAULT_TARGET_SHAPE:  # derived from rows: no pair
-                        fastest = min(llamas, key=seconds.get)
-                        ratio = row["tok_s"] / (tokens / seconds[fastest])
+                        best_llama = min(llamas, key=seconds.get)
+                        ratio = row["tok_s"] / (tokens / seconds[best_llama])
                         rows.append(
                             {
                                 "model": shape_name,
                                 "batch": batch,
                                 "target": "the default >= 0.6x llama.cpp's best",
                                 "numerator": row["engine"],
-                                "denominator": fastest,
+                                "denominator": best_llama,
                                 "line": 0.6,
                                 "ratio_of_medians": ratio,
                             }
                         )
                         print(
-                            f"{shape_name:6s} batch {batch}  the default / {fastest}: {ratio:.2f}x",
+                            f"{shape_name:6s} batch {batch}  the default / {best_llama}: {ratio:.2f}x",
                             flush=True,
                         )
                 rows.append(

@@ -27,7 +27,7 @@ baseline of multiar/engine/cpu_kernels.py; which kernels the measured choice too
 GPT-2 (bias=False, as its train.py defaults) in the same plain loop with its own optimizer setup
 (`configure_optimizers`), at the same shape. The row is skipped when DIR is not given or lacks model.py.
 With it, each other row's JSON has its ratio to nanoGPT round by round (`vs_nanogpt_rounds`: rounds
-alternate the rows' order) and their median (`vs_nanogpt_median_round`); every row keeps its rounds'
+alternate the rows' order, nanoGPT's row in the middle; with three rows each runs beside it) and their median (`vs_nanogpt_median_round`); every row keeps its rounds'
 tokens/s (`round_tok_s`).
 
 Shape: vocab 512, block 256, batch 8 (2,048 tokens a step), AdamW, gradient clipping at 1.0. Model FLOP
@@ -230,7 +230,8 @@ def composed_row(loop):  # noqa: ANN001, ANN201
 def shape_rows(config: ModelConfig, gpt: GPT, data: list, dtype: str, args) -> tuple[dict, dict, dict]:  # noqa: ANN001
     """Seconds per step of every implementation at one shape and dtype: each runs its warm-up and
     timed steps once per round, rounds interleaved (every other round in reverse order: no row always
-    runs first, or right after another), the median over rounds; the first round's first step of the
+    runs first; nanoGPT's row in the middle, so that with three rows each other one runs beside it), the
+    median over rounds; the first round's first step of the
     Lightning rows (the compile, for the compiled row); and every round's seconds per step."""
     attention, *others = args.attention
     loops = {
@@ -260,8 +261,12 @@ def shape_rows(config: ModelConfig, gpt: GPT, data: list, dtype: str, args) -> t
         loops = {k: v for k, v in loops.items() if k in args.only}
     times: dict[str, list[float]] = {name: [] for name in loops}
     firsts: dict[str, float] = {}
+    order = list(loops)
+    if "nanoGPT GPT-2" in loops:  # in the middle: the rows on either side are its neighbours every round
+        order.remove("nanoGPT GPT-2")
+        order.insert(len(order) // 2, "nanoGPT GPT-2")
     for r in range(args.rounds):
-        for name in list(loops)[:: -1 if r % 2 else 1]:
+        for name in order[:: -1 if r % 2 else 1]:
             seconds = loops[name]()
             if isinstance(seconds, tuple):
                 seconds, first, picked = seconds
@@ -365,7 +370,7 @@ def main() -> None:
                     row["round_tok_s"] = [tokens / t for t in times[name]]
                 nano = times.get("nanoGPT GPT-2", [])
                 if name != "nanoGPT GPT-2" and nano and len(times.get(name, [])) == len(nano):
-                    # rounds alternate the rows' order: the ratio of neighbours, round by round
+                    # the ratio round by round (rows beside nanoGPT's in the order: taken between neighbours)
                     row["vs_nanogpt_rounds"] = [n / t for t, n in zip(times[name], nano, strict=True)]
                     row["vs_nanogpt_median_round"] = statistics.median(row["vs_nanogpt_rounds"])
                 if (name, dtype) in PICKED:
