@@ -477,7 +477,7 @@ def main() -> None:
                 pairs = []
                 if (shape_name, batch) == (TARGET_SHAPE, 1):
                     pairs = target_pairs(list(entries))
-                    for what in {t[0] for t in TARGETS} - {p[0] for p in pairs}:
+                    for what in sorted({t[0] for t in TARGETS} - {p[0] for p in pairs}):
                         print(f"{shape_name:6s} batch {batch}  {what}: not measured, a row is missing")
                 times = bench(entries, args.repeats, [(n, d) for _, n, d, _ in pairs])
             seconds = {name: statistics.median(t) for name, t in times.items()}

@@ -23,10 +23,11 @@ namespace {
 // package a token took 1.13-1.23x as long 4 KB ahead or without, 0.93-0.94x 64 KB ahead (0.98 at 32,
 // 1.0 at 128, 1.21 at 256)
 constexpr int64_t INT8_AHEAD = 65536;  // bytes, rows of codes on
-// How far ahead the float loops ask for weights (float_dot): in the 85M bf16 package, 128-token jobs in
+// How far ahead the bf16 loops ask for weights (float_dot): in the 85M bf16 package, 128-token jobs in
 // turns in one process, a token took 0.64x as long 8 KB ahead as without (3.02 against 4.72 ms, medians
-// of 130 rounds; 2 KB 0.69x, 4 KB 0.65x, 16 KB 0.65x), in minutes when the hardware's prefetchers alone
-// ran the step at its slow pace (session 35; in session 34's minutes 16-64 KB ahead made no difference)
+// of 130 rounds; 2 KB 0.69x, 4 KB 0.65x, 16 KB 0.65x), in minutes when the step without it ran at its
+// slow pace only (session 35; in session 34's minutes 16-64 KB ahead made no difference). fp32 asks for
+// none: in its package the hint took 0.965x as long a token at its slow pace, 1.065x at its fast one
 constexpr int64_t FLOAT_AHEAD = 8192;  // bytes of weights on
 
 #ifdef __AVX512F__
@@ -106,10 +107,9 @@ inline __m512 load16(const T* p) {
 #endif
 
 // sum_i x[i] * w[i] over fp32 or bf16 x and w (the same dtype), in fp32. One weight row at a time, in two
-// chains, asking for the weights FLOAT_AHEAD bytes on: the weights are one sequential stream, but the
-// hardware's prefetchers alone do not always keep up with it (in the 85M packages, four rows at once
-// with hints 4 blocks ahead took 1.06-1.18x as long a bf16 token, and fp32 through inductor's fused loop
-// 1.25-1.29x as long a step: see cpu_matvec.py)
+// chains (in the 85M packages, four rows at once with hints 4 blocks ahead took 1.06-1.18x as long a
+// bf16 token, and fp32 through inductor's fused loop 1.25-1.29x as long a step: see cpu_matvec.py);
+// bf16 weights asked for FLOAT_AHEAD bytes on (the hardware's prefetchers alone did not always keep up)
 template <typename T>
 inline float float_dot(const T* x, const T* w, int64_t in) {
   float acc = 0.0f;
@@ -139,9 +139,10 @@ inline float float_dot(const T* x, const T* w, int64_t in) {
     }
 #endif
   } else {  // 16 values a load as fp32
-    for (; i + 32 <= in; i += 32) {  // 128 bytes of weights a step: two cache lines asked for
-      prefetch(w + i, FLOAT_AHEAD);
-      prefetch(w + i, FLOAT_AHEAD + 64);
+    for (; i + 32 <= in; i += 32) {
+      if constexpr (!std::is_same_v<T, float>) {  // bf16 without AVX512-BF16: 64 bytes a step, one line
+        prefetch(w + i, FLOAT_AHEAD);  // (fp32 asks for none: 1.065x as long a token at its fast pace)
+      }
       a = _mm512_fmadd_ps(load16(w + i), load16(x + i), a);
       b = _mm512_fmadd_ps(load16(w + i + 16), load16(x + i + 16), b);
     }

@@ -51,11 +51,14 @@ hints 16-64 KB ahead of that loop a bf16 token took 0.95-1.0x as long (three run
 the RAM's swings, so the float loop asks for none. The int8 loop's hint went from 16 to 64 KB ahead:
 0.93-0.94x the time a token in the 85M int8 package (two runs; 32 KB 0.98, 128 KB 1.0, 256 KB 1.21,
 none 1.23).
-Session 35 (the same machine): the float loop asks for weights 8 KB ahead again. The 85M bf16 job's
+Session 35 (the same machine): the bf16 loop asks for weights 8 KB ahead again. The 85M bf16 job's
 tokens/s had come in two paces, round to round (benchmarks/README.md, session 35: 290-339 or 205-243).
-In minutes at the slow one, 128-token jobs in turns in one process with the hint switched at run time:
-3.02 ms a token 8 KB ahead against 4.72 without (0.64x; medians of 130 rounds; 2 KB 0.69x, 4 KB 0.65x,
-16 KB 0.65x). fp32 shares the loop: in its 85M package 0.997x (84 rounds), neither gained nor lost.
+In minutes when the loop without a hint ran at the slow one only, 128-token jobs in turns in one
+process with the hint switched at run time: 3.02 ms a token 8 KB ahead against 4.72 without (0.64x;
+medians of 130 rounds; 0.78x in the rounds where the hinted step too ran slow, 0.62x in the others;
+2 KB 0.69x, 4 KB 0.65x, 16 KB 0.65x). Its effect when the loop runs at the fast pace unhinted was not
+measured. fp32 asks for none: in its 85M package the hint took 0.965x as long a token in the slow
+rounds (41) and 1.065x in the fast ones (43).
 Session 33 (the same machine): inductor's fused loops for attend_rows read 85M's bf16 keys and values at
 ~29 GB/s in the streamed package (1.26 us a position a step), decode_attention at ~47 (0.79 us): two
 packages on one model's caches, in turns, the step at position 256 4.33 against 4.46 ms, at 1,000 4.87
