@@ -24,6 +24,9 @@ sharing a row: three in a row, the shared one in the middle), and the ratio is t
 ratios (`target` rows in the JSON, beside the ratio of the rows' medians). This
 VM's RAM pace swings 1.5x within minutes, longer than a round of every row takes at 85M: rows a minute
 apart in one round may see different machines. Each row keeps its rounds' tokens/s (`round_tok_s`).
+The "multiar auto" row runs beside the candidate row of the layout it picked in every round, at every
+shape and batch: its `vs_fastest_candidate` is the median of those rounds' ratios times that row's
+tokens/s over the fastest candidate's (`auto_vs_fastest`; 1.0 where it picked the fastest).
 
 Settings: 16-token prompt, 256 new tokens, sampling (temperature 1), no EOS, vocab 512, random weights
 for the 10.8M (6 x 384) and 85M (12 x 768) shapes. The RAM read bandwidth of this machine is measured in
@@ -283,6 +286,30 @@ def paired_ratios(times: dict[str, list[float]], numerator: str, denominator: st
     return [d / n for n, d in zip(times[numerator], times[denominator], strict=True)]
 
 
+def picked_row(auto_name: str) -> str:
+    """The candidate row of the layout an auto row picked: "multiar auto (bf16 packed)" -> "multiar bf16
+    packed"."""
+    return "multiar " + auto_name.removeprefix("multiar auto (").removesuffix(")")
+
+
+def auto_vs_fastest(times: dict[str, list[float]], auto_name: str, tokens: int) -> dict:
+    """The auto row against the fastest of its candidates: its round-by-round ratio to the candidate row of
+    the layout it picked (the two side by side in every round: the same layout, so the ratio is the
+    choice's own cost, not the RAM's pace between two minutes), times that row's tokens/s over the fastest
+    candidate's (1.0 where it picked the fastest). Also the plain ratio of medians, noisier: the two rows
+    run minutes apart, and this VM's RAM pace moved an auto row to 0.81x a row of the same layout."""
+    tok_s = {f"multiar {c}": tokens / statistics.median(times[f"multiar {c}"]) for c in CANDIDATE_ROWS}
+    fastest = max(tok_s.values())
+    rounds = paired_ratios(times, auto_name, picked_row(auto_name))
+    picked_vs_fastest = tok_s[picked_row(auto_name)] / fastest
+    return {
+        "vs_picked_rounds": rounds,
+        "picked_vs_fastest": picked_vs_fastest,
+        "vs_fastest_candidate": statistics.median(rounds) * picked_vs_fastest,
+        "vs_fastest_candidate_of_medians": tokens / statistics.median(times[auto_name]) / fastest,
+    }
+
+
 def auto_compile_row(
     shape: str,
     batch: int,
@@ -479,11 +506,13 @@ def main() -> None:
                     pairs = target_pairs(list(entries))
                     for what in sorted({t[0] for t in TARGETS} - {p[0] for p in pairs}):
                         print(f"{shape_name:6s} batch {batch}  {what}: not measured, a row is missing")
-                times = bench(entries, args.repeats, [(n, d) for _, n, d, _ in pairs])
+                # the auto row beside the candidate row of the layout it picked, every round
+                paired = [(picked, picked_row(picked))] if picked_row(picked) in entries else []
+                times = bench(entries, args.repeats, [(n, d) for _, n, d, _ in pairs] + paired)
             seconds = {name: statistics.median(t) for name, t in times.items()}
             tokens = batch * args.new
             base = tokens / seconds["transformers fp32"]
-            fastest = max(tokens / seconds[f"multiar {c}"] for c in CANDIDATE_ROWS)
+            versus = auto_vs_fastest(times, picked, tokens) if picked_row(picked) in times else {}
             for name, s in seconds.items():
                 tps = tokens / s
                 row = {
@@ -494,8 +523,8 @@ def main() -> None:
                     "vs_transformers": tps / base,
                     "round_tok_s": [tokens / t for t in times[name]],
                 }
-                if name.startswith("multiar auto"):
-                    row["vs_fastest_candidate"] = tps / fastest
+                if name == picked:
+                    row |= versus
                 if name in choices:
                     row["choice"] = choices[name].as_dict()
                 if batch == 1 and "fp32" in name and "llama" not in name:  # bytes of weights a token reads
@@ -510,6 +539,16 @@ def main() -> None:
                 )
                 print(
                     f"{shape_name:6s} batch {batch}  {name:26s} {tps:8.0f} tok/s  {tps / base:5.2f}x{share}",
+                    flush=True,
+                )
+            if versus:
+                ratio = versus["vs_fastest_candidate"]
+                print(
+                    f"{shape_name:6s} batch {batch}  auto / its fastest candidate >= 0.9x: {ratio:.2f}x "
+                    f"({'met' if ratio >= 0.9 else 'NOT met'}; beside {picked_row(picked)}, round ratios "
+                    f"{', '.join(f'{r:.2f}' for r in versus['vs_picked_rounds'])}; that row / the fastest "
+                    f"{versus['picked_vs_fastest']:.2f}x; medians' ratio "
+                    f"{versus['vs_fastest_candidate_of_medians']:.2f}x)",
                     flush=True,
                 )
             for what, numerator, denominator, line in pairs:

@@ -6,7 +6,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from inference_speed import TARGETS, bench, paired_ratios, round_units, target_pairs  # noqa: E402
+from inference_speed import (  # noqa: E402
+    CANDIDATE_ROWS,
+    TARGETS,
+    auto_vs_fastest,
+    bench,
+    paired_ratios,
+    picked_row,
+    round_units,
+    target_pairs,
+)
 
 
 def test_pairs_sharing_a_row_make_a_chain_with_it_in_the_middle_and_every_other_row_runs_alone() -> None:
@@ -57,3 +66,23 @@ def test_a_target_compares_the_first_baseline_row_present() -> None:
         "bf16 >= 1.0x llama.cpp bf16": ("multiar compile=true (bf16)", "llama-server bf16"),
         "int8 >= 1.6x bf16": ("multiar int8 compile=true", "multiar compile=true (bf16)"),
     }
+
+
+def test_the_auto_row_is_held_to_the_row_of_its_pick_round_by_round_then_to_the_fastest() -> None:
+    assert picked_row("multiar auto (bf16 packed)") == "multiar bf16 packed"
+    pace = [1.0, 1.0, 1.5, 1.5, 1.5]  # the RAM's pace moves between rounds
+    picked = f"multiar {CANDIDATE_ROWS[0]}"
+    auto = "multiar auto (" + CANDIDATE_ROWS[0] + ")"
+    times = {f"multiar {c}": [4.0] * 5 for c in CANDIDATE_ROWS}  # slower candidates
+    times[picked] = list(pace)
+    times[auto] = [1.1, 1.1, 1.0, 1.0, 1.65]  # 1.1x the pick's seconds, but in two rounds at the fast pace
+    versus = auto_vs_fastest(times, auto, tokens=256)
+    assert versus["picked_vs_fastest"] == 1.0
+    assert [round(r, 3) for r in versus["vs_picked_rounds"]] == [0.909, 0.909, 1.5, 1.5, 0.909]
+    assert round(versus["vs_fastest_candidate"], 3) == 0.909  # the rounds' median, not the medians' 1.36
+    assert round(versus["vs_fastest_candidate_of_medians"], 3) == 1.364
+    if len(CANDIDATE_ROWS) > 1:  # another candidate twice as fast as the pick: the pick's ratio halves
+        times[f"multiar {CANDIDATE_ROWS[1]}"] = [0.5 * p for p in pace]
+        versus = auto_vs_fastest(times, auto, tokens=256)
+        assert versus["picked_vs_fastest"] == 0.5
+        assert round(versus["vs_fastest_candidate"], 3) == round(0.5 / 1.1, 3)
