@@ -296,8 +296,10 @@ def auto_vs_fastest(times: dict[str, list[float]], auto_name: str, tokens: int) 
     """The auto row against the fastest of its candidates: its round-by-round ratio to the candidate row of
     the layout it picked (the two side by side in every round: the same layout, so the ratio is the
     choice's own cost, not the RAM's pace between two minutes), times that row's tokens/s over the fastest
-    candidate's (1.0 where it picked the fastest). Also the plain ratio of medians, noisier: the two rows
-    run minutes apart, and this VM's RAM pace moved an auto row to 0.81x a row of the same layout."""
+    candidate's (1.0 where it picked the fastest; where it did not, that factor is a ratio of medians of
+    rows not side by side, and carries the RAM's pace between them). Also the plain ratio of medians,
+    noisier: the two rows run at different points of the rounds, and this VM's RAM pace moved an auto row
+    to 0.81x a row of the same layout (session 36, run 2)."""
     tok_s = {f"multiar {c}": tokens / statistics.median(times[f"multiar {c}"]) for c in CANDIDATE_ROWS}
     fastest = max(tok_s.values())
     rounds = paired_ratios(times, auto_name, picked_row(auto_name))

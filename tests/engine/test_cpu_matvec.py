@@ -82,13 +82,15 @@ def test_the_operators_equal_the_dense_product(rows, width, out):
         magnitude = F.linear(x16.double().abs(), q.double().abs()) * step.double() * scales.double()
         assert ((y - exact).abs() <= 2e-6 * magnitude + 1e-30).all()
     # a row of zeros gives zeros; a NaN or an infinity reaches the output as F.linear's does
-    # (the last in the loops' tail past whole vectors where the width leaves one: 70, 4166)
-    odd = torch.zeros(4, width)
+    # among other values, so that a row's largest |x| is finite (the last one in the loops' tail past whole
+    # vectors where the width leaves one: 70, 4166); an infinity reaches the output with its sign
+    odd = torch.cat([torch.zeros(1, width), torch.randn(3, width, generator=gen)])
     odd[1, 5], odd[2, 7], odd[3, -1] = float("nan"), float("inf"), float("-inf")
     y = cpu_matvec.int8_matvec(odd, q, scales)
     assert (y[0] == 0).all() and y[1].isnan().all()
     dense = F.linear(odd, q.float() * scales[:, None])
     assert torch.equal(y[2:].isinf(), dense[2:].isinf()) and torch.equal(y[2:].isnan(), dense[2:].isnan())
+    assert torch.equal(y[2:][dense[2:].isinf()], dense[2:][dense[2:].isinf()])
     w = torch.randn(out, width, generator=gen)
     for dtype in (torch.float32, torch.bfloat16):
         xs, ws = x.to(dtype), w.to(dtype)
