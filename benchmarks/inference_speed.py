@@ -508,13 +508,13 @@ def main() -> None:
                     pairs = target_pairs(list(entries))
                     for what in sorted({t[0] for t in TARGETS} - {p[0] for p in pairs}):
                         print(f"{shape_name:6s} batch {batch}  {what}: not measured, a row is missing")
-                # the auto row beside the candidate row of the layout it picked, every round
-                paired = [(picked, picked_row(picked))] if picked_row(picked) in entries else []
+                # the auto row beside the candidate row of the layout it picked (always a row), every round
+                paired = [(picked, picked_row(picked))]
                 times = bench(entries, args.repeats, [(n, d) for _, n, d, _ in pairs] + paired)
             seconds = {name: statistics.median(t) for name, t in times.items()}
             tokens = batch * args.new
             base = tokens / seconds["transformers fp32"]
-            versus = auto_vs_fastest(times, picked, tokens) if picked_row(picked) in times else {}
+            versus = auto_vs_fastest(times, picked, tokens)
             for name, s in seconds.items():
                 tps = tokens / s
                 row = {
@@ -543,16 +543,15 @@ def main() -> None:
                     f"{shape_name:6s} batch {batch}  {name:26s} {tps:8.0f} tok/s  {tps / base:5.2f}x{share}",
                     flush=True,
                 )
-            if versus:
-                ratio = versus["vs_fastest_candidate"]
-                print(
-                    f"{shape_name:6s} batch {batch}  auto / its fastest candidate >= 0.9x: {ratio:.2f}x "
-                    f"({'met' if ratio >= 0.9 else 'NOT met'}; beside {picked_row(picked)}, round ratios "
-                    f"{', '.join(f'{r:.2f}' for r in versus['vs_picked_rounds'])}; that row / the fastest "
-                    f"{versus['picked_vs_fastest']:.2f}x; medians' ratio "
-                    f"{versus['vs_fastest_candidate_of_medians']:.2f}x)",
-                    flush=True,
-                )
+            ratio = versus["vs_fastest_candidate"]
+            print(
+                f"{shape_name:6s} batch {batch}  auto / its fastest candidate >= 0.9x: {ratio:.2f}x "
+                f"({'met' if ratio >= 0.9 else 'NOT met'}; beside {picked_row(picked)}, round ratios "
+                f"{', '.join(f'{r:.2f}' for r in versus['vs_picked_rounds'])}; that row / the fastest "
+                f"{versus['picked_vs_fastest']:.2f}x; medians' ratio "
+                f"{versus['vs_fastest_candidate_of_medians']:.2f}x)",
+                flush=True,
+            )
             for what, numerator, denominator, line in pairs:
                 ratios = paired_ratios(times, numerator, denominator)
                 row = {

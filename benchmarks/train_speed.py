@@ -27,8 +27,8 @@ baseline of multiar/engine/cpu_kernels.py; which kernels the measured choice too
 GPT-2 (bias=False, as its train.py defaults) in the same plain loop with its own optimizer setup
 (`configure_optimizers`), at the same shape. The row is skipped when DIR is not given or lacks model.py.
 With it, each other row's JSON has its ratio to nanoGPT round by round (`vs_nanogpt_rounds`: rounds
-alternate the rows' order, nanoGPT's row in the middle; with three rows each runs beside it) and their median (`vs_nanogpt_median_round`); every row keeps its rounds'
-tokens/s (`round_tok_s`).
+alternate the rows' order, nanoGPT's row in the middle; with three rows each runs beside it) and their
+median (`vs_nanogpt_median_round`); every row keeps its rounds' tokens/s (`round_tok_s`).
 
 Shape: vocab 512, block 256, batch 8 (2,048 tokens a step), AdamW, gradient clipping at 1.0. Model FLOP
 utilisation (MFU) = (6 N + 12 L T C) FLOPs per token x tokens/s against the matmul peak of that dtype,

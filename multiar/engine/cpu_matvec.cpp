@@ -94,12 +94,10 @@ inline float int16_int8_dot(const int16_t* x16, const int8_t* q, int64_t in) {
 #endif
 
 #ifdef __AVX512VNNI__
-// x (in,) to int16 on its own scale (max|x| -> 32767, rounded to nearest even as nearbyint does) in
-// x16; the scale, or 0 for a row with a NaN or an infinity (which the scale would hide) or all but zero (a
-// scale past fp32's range). The same int16 values as nearbyint(x * to16) by construction (one fp32 multiply,
-// the same rounding mode, |x * to16| <= 32767 but for its rounding). In 512-bit vectors: an 85M int8 token
-// took 0.991x as long as with a scalar pass (jobs in turns in one process, the median of 379 rounds'
-// ratios, session 36)
+// x (in,) to int16 in x16 as int8_matvec describes; the scale, or 0 for a row that takes the fp32 loop.
+// The same int16 values as nearbyint(x * to16) by construction (one fp32 multiply, the same rounding mode,
+// |x * to16| <= 32767 but for its rounding). In 512-bit vectors: an 85M int8 token took 0.991x as long as
+// with a scalar pass (jobs in turns in one process, the median of 379 rounds' ratios, session 36)
 inline float row_to_int16(const float* x, int64_t in, int16_t* x16) {
   // nan: the sum of v - v, 0 but for NaN and inf (no fast-math in the build, which could fold it to 0)
   __m512 top = _mm512_setzero_ps(), nan = _mm512_setzero_ps();
