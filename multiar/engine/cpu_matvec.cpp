@@ -12,8 +12,13 @@
 #include <vector>
 #include <type_traits>
 
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
+#endif
+// AVX2's loops, 8 floats a vector, where there is no AVX-512 (a Zen 3 EPYC): AVX-512's loops below are
+// kept as they were measured on a Zen 5 EPYC, and a CPU with AVX-512 takes them
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#define MULTIAR_AVX2 1
 #endif
 
 namespace {
@@ -30,11 +35,40 @@ constexpr int64_t INT8_AHEAD = 65536;  // bytes, rows of codes on
 // none: in its package the hint took 0.965x as long a token at its slow pace, 1.065x at its fast one
 constexpr int64_t FLOAT_AHEAD = 8192;  // bytes of weights on
 
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(MULTIAR_AVX2)
 // A hint to bring the cache line `ahead` bytes past p into L1 (a hint never faults, even past the weight's
 // end; the address is formed as an integer, not as a pointer past the buffer)
 inline void prefetch(const void* p, int64_t ahead) {
   _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(p) + ahead), _MM_HINT_T0);
+}
+#endif
+
+#ifdef MULTIAR_AVX2
+inline float sum8(__m256 v) {  // the sum of v's 8 lanes
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+inline float max8(__m256 v) {  // the largest of v's 8 lanes
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+
+inline __m256 codes8(const int8_t* q) {  // 8 int8 codes as fp32
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q))));
+}
+
+// 8 values of T as fp32 (bf16: a 16-bit shift left)
+template <typename T>
+inline __m256 load8(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm256_loadu_ps(p);
+  } else {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+  }
 }
 #endif
 
@@ -56,6 +90,13 @@ inline float int8_dot(const float* x, const int8_t* q, int64_t in) {
     prefetch(q + i, INT8_AHEAD);
   }
   acc = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+#elif defined(MULTIAR_AVX2)
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  for (; i + 16 <= in; i += 16) {  // 8 codes a load, widened to fp32
+    a0 = _mm256_fmadd_ps(codes8(q + i), _mm256_loadu_ps(x + i), a0);
+    a1 = _mm256_fmadd_ps(codes8(q + i + 8), _mm256_loadu_ps(x + i + 8), a1);
+  }
+  acc = sum8(_mm256_add_ps(a0, a1));
 #endif
   for (; i < in; i++) acc += x[i] * static_cast<float>(q[i]);
   return acc;
@@ -91,6 +132,34 @@ inline float int16_int8_dot(const int16_t* x16, const int8_t* q, int64_t in) {
   for (; i < in; i++) acc += static_cast<float>(x16[i]) * static_cast<float>(q[i]);
   return acc;
 }
+#elif defined(MULTIAR_AVX2)
+constexpr int64_t VNNI_CHUNK = 4096;  // codes summed in int32 before a flush to fp32: no int32 overflow
+
+// int16_int8_dot without VNNI: 16 codes widened to int16, their products summed in pairs into int32
+// (vpmaddwd) and added, exact within a chunk (a lane gains at most 2 x 4.2e6 a product, and one chain
+// takes at most 130 of a chunk's 256: under 2^31)
+inline float int16_int8_dot(const int16_t* x16, const int8_t* q, int64_t in) {
+  float acc = 0.0f;
+  int64_t i = 0;
+  const int64_t whole = in & ~int64_t(15);  // the codes in 16s; the rest below
+  auto product = [&](int64_t at) {
+    const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + at)));
+    return _mm256_madd_epi16(w, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x16 + at)));
+  };
+  while (i < whole) {
+    const int64_t end = std::min(whole, i + VNNI_CHUNK);
+    __m256i a = _mm256_setzero_si256(), b = _mm256_setzero_si256();
+    for (; i + 64 <= end; i += 64) {  // a cache line of codes a step
+      a = _mm256_add_epi32(a, _mm256_add_epi32(product(i), product(i + 32)));
+      b = _mm256_add_epi32(b, _mm256_add_epi32(product(i + 16), product(i + 48)));
+      prefetch(q + i, INT8_AHEAD);
+    }
+    for (; i < end; i += 16) a = _mm256_add_epi32(a, product(i));
+    acc += sum8(_mm256_add_ps(_mm256_cvtepi32_ps(a), _mm256_cvtepi32_ps(b)));
+  }
+  for (; i < in; i++) acc += static_cast<float>(x16[i]) * static_cast<float>(q[i]);
+  return acc;
+}
 #endif
 
 #ifdef __AVX512VNNI__
@@ -119,6 +188,34 @@ inline float row_to_int16(const float* x, int64_t in, int16_t* x16) {
   for (i = 0; i + 16 <= in; i += 16) {
     const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + i), k));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(x16 + i), _mm512_cvtsepi32_epi16(q));
+  }
+  for (; i < in; i++) x16[i] = static_cast<int16_t>(std::nearbyint(x[i] * to16));
+  return t / 32767.0f;
+}
+#elif defined(MULTIAR_AVX2)
+// row_to_int16 in AVX2's vectors: the same values (one fp32 multiply, the current rounding mode)
+inline float row_to_int16(const float* x, int64_t in, int16_t* x16) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 top = _mm256_setzero_ps(), nan = _mm256_setzero_ps();  // nan: as AVX-512's above
+  int64_t i = 0;
+  for (; i + 8 <= in; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    top = _mm256_max_ps(top, _mm256_andnot_ps(sign, v));
+    nan = _mm256_add_ps(nan, _mm256_sub_ps(v, v));
+  }
+  float t = max8(top);
+  bool finite = sum8(nan) == 0.0f;
+  for (int64_t j = i; j < in; j++) {
+    finite = finite && std::isfinite(x[j]);
+    t = std::max(t, std::fabs(x[j]));
+  }
+  if (!finite || t < 1e-30f) return 0.0f;
+  const float to16 = 32767.0f / t;
+  const __m256 k = _mm256_set1_ps(to16);
+  for (i = 0; i + 8 <= in; i += 8) {
+    const __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i), k));
+    const __m128i pair = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(x16 + i), pair);
   }
   for (; i < in; i++) x16[i] = static_cast<int16_t>(std::nearbyint(x[i] * to16));
   return t / 32767.0f;
@@ -184,6 +281,17 @@ inline float float_dot(const T* x, const T* w, int64_t in) {
     }
   }
   acc = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
+#elif defined(MULTIAR_AVX2)
+  __m256 a = _mm256_setzero_ps(), b = _mm256_setzero_ps();
+  for (; i + 32 <= in; i += 32) {  // 32 values a step (bf16: a cache line, asked for ahead as above)
+    if constexpr (!std::is_same_v<T, float>) prefetch(w + i, FLOAT_AHEAD);
+    a = _mm256_fmadd_ps(load8(w + i), load8(x + i), a);
+    b = _mm256_fmadd_ps(load8(w + i + 8), load8(x + i + 8), b);
+    a = _mm256_fmadd_ps(load8(w + i + 16), load8(x + i + 16), a);
+    b = _mm256_fmadd_ps(load8(w + i + 24), load8(x + i + 24), b);
+  }
+  for (; i + 8 <= in; i += 8) a = _mm256_fmadd_ps(load8(w + i), load8(x + i), a);
+  acc = sum8(_mm256_add_ps(a, b));
 #endif
   for (; i < in; i++) acc += static_cast<float>(x[i]) * static_cast<float>(w[i]);
   return acc;
@@ -230,7 +338,7 @@ at::Tensor int8_matvec(const at::Tensor& x, const at::Tensor& q, const at::Tenso
   const int64_t in = x.size(1), rows = x.size(0);
   const float *xp = xc.data_ptr<float>(), *sp = sc.data_ptr<float>();
   const int8_t* qp = qc.data_ptr<int8_t>();
-#ifdef __AVX512VNNI__
+#if defined(__AVX512VNNI__) || defined(MULTIAR_AVX2)
   // each row of x once to int16 on its own scale (max|x| -> 32767: at most 2^-16 of max|x| off, finer
   // than the bf16 activations of torch's int8 kernel for values within 2^7 of the row's largest), then
   // integer dot products, 32 codes an instruction: the fp32 loop (widen, convert, multiply-add) read
@@ -269,6 +377,20 @@ inline __m512 exp_nonpositive(__m512 x) {
   for (float c : {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
   return _mm512_scalef_ps(p, n);
 }
+#elif defined(MULTIAR_AVX2)
+// exp_nonpositive for 8 floats, as AVX-512's above, but taken at -87 below it (~1.6e-38): 2^n is built in
+// its exponent bits (AVX2 has no scalef), which hold a normal number down to n = -126. A NaN stays NaN.
+inline __m256 exp_nonpositive(__m256 x) {
+  x = _mm256_max_ps(_mm256_set1_ps(-87.0f), x);  // x second: a NaN in x passes through
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 5040);
+  for (float c : {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+  const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
+}
 #endif
 
 // One query (hs,) against m keys and values (m, hs) of one head, rows `stride` apart: softmax(q k^T *
@@ -285,6 +407,10 @@ void attend_one(const float* q, const T* k, const T* v, int64_t m, int64_t hs, i
     __m512 a = _mm512_setzero_ps();
     for (; i + 16 <= hs; i += 16) a = _mm512_fmadd_ps(load16(kj + i), _mm512_loadu_ps(q + i), a);
     s = _mm512_reduce_add_ps(a);
+#elif defined(MULTIAR_AVX2)
+    __m256 a = _mm256_setzero_ps();
+    for (; i + 8 <= hs; i += 8) a = _mm256_fmadd_ps(load8(kj + i), _mm256_loadu_ps(q + i), a);
+    s = sum8(a);
 #endif
     for (; i < hs; i++) s += q[i] * static_cast<float>(kj[i]);
     scores[j] = s * scale;
@@ -300,6 +426,14 @@ void attend_one(const float* q, const T* k, const T* v, int64_t m, int64_t hs, i
     sum = _mm512_add_ps(sum, e);
   }
   total = _mm512_reduce_add_ps(sum);
+#elif defined(MULTIAR_AVX2)
+  __m256 sum = _mm256_setzero_ps();
+  for (; j + 8 <= m; j += 8) {
+    const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(scores + j), _mm256_set1_ps(top)));
+    _mm256_storeu_ps(scores + j, e);
+    sum = _mm256_add_ps(sum, e);
+  }
+  total = sum8(sum);
 #endif
   for (; j < m; j++) total += (scores[j] = std::exp(scores[j] - top));
   for (int64_t i = 0; i < hs; i++) out[i] = 0.0f;
@@ -324,6 +458,27 @@ void attend_one(const float* q, const T* k, const T* v, int64_t m, int64_t hs, i
     __m512 a = _mm512_setzero_ps();
     for (int64_t t = 0; t < m; t++) a = _mm512_fmadd_ps(_mm512_set1_ps(scores[t]), load16(v + t * stride + i), a);
     _mm512_storeu_ps(out + i, a);
+  }
+#elif defined(MULTIAR_AVX2)
+  for (; i + 32 <= hs; i += 32) {  // 32 dims in four accumulators
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t t = 0; t < m; t++) {
+      const T* vt = v + t * stride + i;
+      const __m256 w = _mm256_set1_ps(scores[t]);
+      a0 = _mm256_fmadd_ps(w, load8(vt), a0);
+      a1 = _mm256_fmadd_ps(w, load8(vt + 8), a1);
+      a2 = _mm256_fmadd_ps(w, load8(vt + 16), a2);
+      a3 = _mm256_fmadd_ps(w, load8(vt + 24), a3);
+    }
+    _mm256_storeu_ps(out + i, a0);
+    _mm256_storeu_ps(out + i + 8, a1);
+    _mm256_storeu_ps(out + i + 16, a2);
+    _mm256_storeu_ps(out + i + 24, a3);
+  }
+  for (; i + 8 <= hs; i += 8) {
+    __m256 a = _mm256_setzero_ps();
+    for (int64_t t = 0; t < m; t++) a = _mm256_fmadd_ps(_mm256_set1_ps(scores[t]), load8(v + t * stride + i), a);
+    _mm256_storeu_ps(out + i, a);
   }
 #endif
   for (; i < hs; i++) {

@@ -30,17 +30,56 @@ def built() -> None:
 
 
 @functools.cache
-def built_with(macro: str) -> bool:
-    """Whether the library's build (-march=native with this compiler) defines macro, such as
+def built_with(macro: str, flags: tuple[str, ...] = ()) -> bool:
+    """Whether the library's build (-march=native with this compiler, then flags) defines macro, such as
     __AVX512VNNI__: what the C++ took, not what the CPU lists."""
     cxx = cpu_kernels.compiler("CXX", "c++")
     done = subprocess.run(
-        [*cxx, "-march=native", "-dM", "-E", "-x", "c++", os.devnull],
+        [*cxx, "-march=native", *flags, "-dM", "-E", "-x", "c++", os.devnull],
         capture_output=True,
         text=True,
         timeout=60,
     )
     return done.returncode == 0 and f"#define {macro} " in done.stdout
+
+
+def int16_activations(flags: tuple[str, ...] = ()) -> bool:
+    """Whether that build's int8 loop rounds the activations to int16: with AVX512-VNNI, or with AVX2 and
+    FMA and no AVX-512 (vpmaddwd)."""
+    if built_with("__AVX512VNNI__", flags):
+        return True
+    avx2 = built_with("__AVX2__", flags) and built_with("__FMA__", flags)
+    return avx2 and not built_with("__AVX512F__", flags)
+
+
+def int8_close(y: torch.Tensor, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, int16: bool) -> None:
+    """int8_matvec's y against the dequantized weight's product within the rounding of the activations
+    (int16 on each row's scale: each term off by at most half a step; else fp32's rounding); with int16
+    activations also against the same rounding's exact product, within fp32's rounding of the sums (a
+    loop that truncated rather than rounded fails this)."""
+    weight = q.double() * scales.double()[:, None]
+    expected = F.linear(x.double(), weight)
+    half_step = x.abs().amax(-1, keepdim=True).double() / 32767 / 2  # (rows, 1)
+    bound = (half_step if int16 else 0) * weight.abs().sum(-1) + 1e-4 * expected.abs() + 1e-4  # (rows, out)
+    assert ((y.double() - expected).abs() <= bound).all()
+    if int16:
+        x16, step = int16_rounded(x)
+        exact = F.linear(x16.double(), q.double()) * step.double() * scales.double()
+        magnitude = F.linear(x16.double().abs(), q.double().abs()) * step.double() * scales.double()
+        assert ((y.double() - exact).abs() <= 2e-6 * magnitude + 1e-30).all()
+
+
+def int8_odd_rows(int8_matvec, q: torch.Tensor, scales: torch.Tensor, gen: torch.Generator) -> None:
+    """A row of zeros gives zeros; a NaN or an infinity reaches the output as F.linear's does, among
+    other values, so that a row's largest |x| is finite (the last one in the loops' tail past whole
+    vectors where the width leaves one: 70, 4166); an infinity reaches the output with its sign."""
+    odd = torch.cat([torch.zeros(1, q.size(1)), torch.randn(3, q.size(1), generator=gen)])
+    odd[1, 5], odd[2, 7], odd[3, -1] = float("nan"), float("inf"), float("-inf")
+    y = int8_matvec(odd, q, scales)
+    assert (y[0] == 0).all() and y[1].isnan().all()
+    dense = F.linear(odd, q.float() * scales[:, None])
+    assert torch.equal(y[2:].isinf(), dense[2:].isinf()) and torch.equal(y[2:].isnan(), dense[2:].isnan())
+    assert torch.equal(y[2:][dense[2:].isinf()], dense[2:][dense[2:].isinf()])
 
 
 def int16_rounded(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,40 +96,16 @@ def int16_rounded(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 )  # whole 32-/64-wide steps, tails (16 + 0, 6), 2 int32 chunks
 @pytest.mark.parametrize("out", [37, 39])  # output rows split over the threads unevenly
 def test_the_operators_equal_the_dense_product(rows, width, out):
-    """int8: the activations (fp32, or int16 on a per-row scale with AVX512-VNNI) times the codes, scaled
-    per output row, against the dequantized weight's product within the rounding of the activations; with
-    AVX512-VNNI also against the same int16 rounding's exact product, within fp32's rounding of the sums
-    (a loop that truncated rather than rounded fails this); fp32 and bf16 weights against F.linear in
-    fp32 of the same values (bf16: products summed in fp32, so within fp32 rounding of the exact sum,
-    not bf16's)."""
+    """int8: the activations (fp32, or int16 on a per-row scale with AVX512-VNNI or AVX2) times the codes,
+    scaled per output row, as int8_close checks; fp32 and bf16 weights against F.linear in fp32 of the
+    same values (bf16: products summed in fp32, so within fp32 rounding of the exact sum, not bf16's)."""
     built()
     gen = torch.Generator().manual_seed(rows * 1000 + width + out)
     x = torch.randn(rows, width, generator=gen)
     q = torch.randint(-127, 128, (out, width), generator=gen, dtype=torch.int8)
     scales = torch.rand(out, generator=gen) + 0.5
-    weight = q.double() * scales.double()[:, None]
-    expected = F.linear(x.double(), weight)
-    # with AVX512-VNNI each row of x is rounded to int16 on its own scale (max|x| -> 32767): each term
-    # off by at most half a step; elsewhere fp32 activations (within fp32 rounding of the same bound)
-    half_step = x.abs().amax(-1, keepdim=True).double() / 32767 / 2  # (rows, 1)
-    bound = half_step * weight.abs().sum(-1) + 1e-4 * expected.abs() + 1e-4  # (rows, out)
-    y = cpu_matvec.int8_matvec(x, q, scales).double()
-    assert ((y - expected).abs() <= bound).all()
-    if built_with("__AVX512VNNI__"):
-        x16, step = int16_rounded(x)
-        exact = F.linear(x16.double(), q.double()) * step.double() * scales.double()
-        magnitude = F.linear(x16.double().abs(), q.double().abs()) * step.double() * scales.double()
-        assert ((y - exact).abs() <= 2e-6 * magnitude + 1e-30).all()
-    # a row of zeros gives zeros; a NaN or an infinity reaches the output as F.linear's does
-    # among other values, so that a row's largest |x| is finite (the last one in the loops' tail past whole
-    # vectors where the width leaves one: 70, 4166); an infinity reaches the output with its sign
-    odd = torch.cat([torch.zeros(1, width), torch.randn(3, width, generator=gen)])
-    odd[1, 5], odd[2, 7], odd[3, -1] = float("nan"), float("inf"), float("-inf")
-    y = cpu_matvec.int8_matvec(odd, q, scales)
-    assert (y[0] == 0).all() and y[1].isnan().all()
-    dense = F.linear(odd, q.float() * scales[:, None])
-    assert torch.equal(y[2:].isinf(), dense[2:].isinf()) and torch.equal(y[2:].isnan(), dense[2:].isnan())
-    assert torch.equal(y[2:][dense[2:].isinf()], dense[2:][dense[2:].isinf()])
+    int8_close(cpu_matvec.int8_matvec(x, q, scales), x, q, scales, int16_activations())
+    int8_odd_rows(cpu_matvec.int8_matvec, q, scales, gen)
     w = torch.randn(out, width, generator=gen)
     for dtype in (torch.float32, torch.bfloat16):
         xs, ws = x.to(dtype), w.to(dtype)
@@ -152,13 +167,14 @@ def test_the_attention_operator_equals_attend_rows(head_size, dtype):
 OLDER_CPU = """
 import sys, torch, torch.nn.functional as F
 from multiar.engine import cpu_matvec
-from test_cpu_matvec import attention_case, attention_close
+from test_cpu_matvec import attention_case, attention_close, int8_close, int8_odd_rows
 
 def close(y, x, w):  # fp32 sums: within fp32 rounding of the sum of the terms' sizes
     exact, size = F.linear(x.double(), w.double()), F.linear(x.double().abs(), w.double().abs())
     assert ((y.double() - exact).abs() <= 1e-6 * size + 1e-6).all(), (y.double() - exact).abs().max()
 
-path = cpu_matvec.build(sys.argv[1:])
+int16, flags = sys.argv[1] == "int16", sys.argv[2:]
+path = cpu_matvec.build(flags)
 assert path is not None, "the build failed"
 torch.ops.load_library(str(path))
 gen = torch.Generator().manual_seed(0)
@@ -166,7 +182,8 @@ for rows, width, out in ((1, 70, 37), (1, 80, 37), (2, 4166, 39)):
     x = torch.randn(rows, width, generator=gen)
     q = torch.randint(-127, 128, (out, width), generator=gen, dtype=torch.int8)
     scales = torch.rand(out, generator=gen) + 0.5
-    close(torch.ops.multiar.int8_matvec(x, q, scales), x, q.float() * scales[:, None])  # fp32 activations here
+    int8_close(torch.ops.multiar.int8_matvec(x, q, scales), x, q, scales, int16)
+    int8_odd_rows(torch.ops.multiar.int8_matvec, q, scales, gen)
     w = torch.randn(out, width, generator=gen)
     for dtype in (torch.float32, torch.bfloat16):
         close(torch.ops.multiar.matvec(x.to(dtype), w.to(dtype)), x.to(dtype), w.to(dtype))
@@ -185,18 +202,23 @@ print("equal")
             "-mno-avx512bf16",
             "-mno-avx512vnni",
         ],  # AVX-512 without its bf16 dot product or VNNI: bf16 by shifts
-        ["-mno-avx512f"],  # no AVX-512 at all: the scalar loops
+        ["-mno-avx512f"],  # no AVX-512: AVX2's loops
+        ["-mno-avx512f", "-mno-avx2"],  # neither: the scalar loops
     ],
 )
 def test_the_operators_built_for_an_older_cpu_compute_the_same(flags, tmp_path):
     """The paths this CPU's -march=native build skips: the library built as for a CPU without AVX512-BF16
-    and VNNI, or without AVX-512, loaded in a process of its own (one library per process registers the
-    operators), computes the dense product."""
+    and VNNI, without AVX-512, or without AVX2 either, loaded in a process of its own (one library per
+    process registers the operators), computes the dense product."""
     built()
     here = os.pathsep.join(p for p in (str(Path(__file__).parent), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "MULTIAR_CACHE": str(tmp_path), "PYTHONPATH": here}
     done = subprocess.run(
-        [sys.executable, "-c", OLDER_CPU, *flags], capture_output=True, text=True, env=env, timeout=300
+        [sys.executable, "-c", OLDER_CPU, "int16" if int16_activations(tuple(flags)) else "fp32", *flags],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert done.returncode == 0 and done.stdout.strip() == "equal", done.stderr[-2000:]
 
