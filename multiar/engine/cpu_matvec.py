@@ -5,7 +5,8 @@ dispatcher, so that AOTInductor packages and torch.compile's graphs run them as 
   to int16 on its own scale (max|x| -> 32767, so at most 2^-16 of max|x| off: finer than the bf16
   activations of torch's int8 kernel for values within 2^7 of the row's largest; a row with a NaN or an
   infinity takes fp32) and 32 codes a step are multiplied and summed in int32
-  (`vpdpwssd`, flushed to fp32 every 4,096 codes); elsewhere fp32 activations and fp32 sums;
+  (`vpdpwssd`, flushed to fp32 every 4,096 codes); with AVX2 and no AVX-512 the same int16 rounding, 16
+  codes a step (`vpmaddwd`, then an add); elsewhere fp32 activations and fp32 sums;
 - `multiar::matvec(x, w)`: fp32 or bf16 activations and weights of one dtype, summed in fp32 (bf16:
   AVX512-BF16's pairwise dot product where the CPU has it);
 - `multiar::decode_attention(q, keys, values, positions, rows=None)`: a decode step's attention (one
@@ -13,7 +14,8 @@ dispatcher, so that AOTInductor packages and torch.compile's graphs run them as 
   bf16, in fp32: each head's keys read once, then its values once (engine.rows_attention.attend_rows's
   math).
 The mat-vecs read every weight once for all rows. engine.ahead_of_time's streamed package calls them for
-int8 layers, and for fp32 and bf16 Linears where their loops are AVX-512's (`vectorized`);
+int8 layers, and for fp32 and bf16 Linears where their loops are vectors (AVX-512's or AVX2's:
+`vectorized`);
 engine.quantized_kernels offers the int8 one per shape (MatvecInt8Linear).
 The attention runs in every CPU decode package, in serve's captured step and as serve's `operator` rows
 attention (engine.rows_attention).
@@ -64,6 +66,16 @@ Session 33 (the same machine): inductor's fused loops for attend_rows read 85M's
 packages on one model's caches, in turns, the step at position 256 4.33 against 4.46 ms, at 1,000 4.87
 against 5.39 (fp32 caches: 9.09 against 9.37 at 1,000).
 
+Session 37, a Zen 3 EPYC (AVX2 and FMA, no AVX-512; 2 vCPU): the loops had been scalar there, so the
+85M int8 package ran 22 tokens/s and the float packages kept inductor's loops. With AVX2's loops (the
+AVX-512 ones unchanged), 128-token jobs of the 85M compile=true packages (/tmp probes, one process per
+build, five jobs each): int8 22 -> 190 tokens/s; bf16 and fp32 the same (98 / 101, 66 / 74), as their
+floats did not stream. Then bf16 with its Linears streamed through matvec against inductor's autotuned
+GEMMs (its pick before: streamed floats were inductor's loop), two packages in one process, jobs in
+turns: 1.23x the tokens/s (median of 15 rounds' ratios, 1.13-1.45; the package's own step timing 8.99
+against 11.23 ms). fp32 measured its streamed GEMMs at 14.02 ms a step against autotuned's 13.81 and
+kept autotuned (1.05x, 0.98-1.11, the same package on both sides).
+
 Built on first use with the system's C++ compiler (`$CXX`, else `c++`; ~6 s) against this torch's
 headers, for this CPU (-march=native), cached under `$MULTIAR_CACHE/kernels` by a digest of the source,
 the compiler and its flags, torch's version and the CPU, and loaded into the process once
@@ -96,10 +108,11 @@ _LOADED: list[Path | None] = []  # what library() found, once asked
 
 @functools.cache
 def vectorized() -> bool:
-    """Whether the library's float loops are AVX-512's (built -march=native on a CPU with AVX-512F):
-    elsewhere they are scalar, a sum the compiler may not reorder into vectors (no fast-math), slower
-    than the multiply-and-sum inductor vectorizes."""
-    return "avx512f" in cpu_flags()
+    """Whether the library's float loops are vectors (built -march=native on a CPU with AVX-512F, or with
+    AVX2 and FMA): elsewhere they are scalar, a sum the compiler may not reorder into vectors (no
+    fast-math), slower than the multiply-and-sum inductor vectorizes."""
+    flags = cpu_flags()
+    return "avx512f" in flags or {"avx2", "fma"} <= flags
 
 
 def library() -> Path | None:
