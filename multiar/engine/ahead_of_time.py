@@ -131,7 +131,8 @@ def _streams(module: nn.Module) -> bool:
 
 def _on_operator(module: nn.Module) -> bool:
     """Whether streamed runs this layer through engine.cpu_matvec's operators where they are built: an
-    int8 layer, or an fp32 or bf16 nn.Linear where the operator's float loops are AVX-512's, on the CPU."""
+    int8 layer, or an fp32 or bf16 nn.Linear where the operator's float loops are vectors (AVX-512's or
+    AVX2's: cpu_matvec.vectorized), on the CPU."""
     floats = type(module) is nn.Linear and module.weight.dtype in (torch.float32, torch.bfloat16)
     floats = floats and cpu_matvec.vectorized()
     return (floats or isinstance(module, Int8Linear)) and module.weight.device.type == "cpu"

@@ -102,8 +102,10 @@ inline float int8_dot(const float* x, const int8_t* q, int64_t in) {
   return acc;
 }
 
+// codes of int16_int8_dot summed in int32 before a flush to fp32: no int32 overflow (see there)
+constexpr int64_t INT32_CHUNK = 4096;
+
 #ifdef __AVX512VNNI__
-constexpr int64_t VNNI_CHUNK = 4096;  // codes summed in int32 before a flush to fp32: no int32 overflow
 
 // sum_i x16[i] * q[i] over int16 activations and int8 codes, exact in int32 within each chunk
 // (|x16| <= 32767, |q| <= 128: a lane gains at most 2 x 4.2e6 a step, at most 128 steps a chunk (64 in
@@ -113,7 +115,7 @@ inline float int16_int8_dot(const int16_t* x16, const int8_t* q, int64_t in) {
   int64_t i = 0;
   const int64_t whole = in & ~int64_t(31);  // the codes in 32s; the rest below
   while (i < whole) {
-    const int64_t end = std::min(whole, i + VNNI_CHUNK);
+    const int64_t end = std::min(whole, i + INT32_CHUNK);
     __m512i a = _mm512_setzero_si512(), b = _mm512_setzero_si512();  // two chains, so the sums overlap
     for (; i + 64 <= end; i += 64) {  // 32 codes widened to int16 as they load, 32 products summed in pairs
       __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + i)));
@@ -133,7 +135,6 @@ inline float int16_int8_dot(const int16_t* x16, const int8_t* q, int64_t in) {
   return acc;
 }
 #elif defined(MULTIAR_AVX2)
-constexpr int64_t VNNI_CHUNK = 4096;  // codes summed in int32 before a flush to fp32: no int32 overflow
 
 // int16_int8_dot without VNNI: 16 codes widened to int16, their products summed in pairs into int32
 // (vpmaddwd) and added, exact within a chunk (a lane gains at most 2 x 4.2e6 a product, and one chain
@@ -147,7 +148,7 @@ inline float int16_int8_dot(const int16_t* x16, const int8_t* q, int64_t in) {
     return _mm256_madd_epi16(w, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x16 + at)));
   };
   while (i < whole) {
-    const int64_t end = std::min(whole, i + VNNI_CHUNK);
+    const int64_t end = std::min(whole, i + INT32_CHUNK);
     __m256i a = _mm256_setzero_si256(), b = _mm256_setzero_si256();
     for (; i + 64 <= end; i += 64) {  // a cache line of codes a step
       a = _mm256_add_epi32(a, _mm256_add_epi32(product(i), product(i + 32)));
@@ -341,9 +342,11 @@ at::Tensor int8_matvec(const at::Tensor& x, const at::Tensor& q, const at::Tenso
 #if defined(__AVX512VNNI__) || defined(MULTIAR_AVX2)
   // each row of x once to int16 on its own scale (max|x| -> 32767: at most 2^-16 of max|x| off, finer
   // than the bf16 activations of torch's int8 kernel for values within 2^7 of the row's largest), then
-  // integer dot products, 32 codes an instruction: the fp32 loop (widen, convert, multiply-add) read
-  // 34 GB/s of codes on one core, this one 39. A row with a NaN or an infinity (which the scale would
-  // hide), or all but zero (a scale past fp32's range), takes the fp32 loop.
+  // integer dot products, 32 codes an instruction with VNNI: the fp32 loop (widen, convert, multiply-add)
+  // read 34 GB/s of codes on one core, this one 39 (Zen 5); AVX2's, 16 codes a vpmaddwd, was not timed
+  // against AVX2's fp32 loop (session 37 measured it against the scalar loop it replaced).
+  // A row with a NaN or an infinity (which the scale would hide), or all but zero (a scale past fp32's
+  // range), takes the fp32 loop.
   std::vector<int16_t> x16(rows * in);
   std::vector<float> x_scale(rows);  // 0: the fp32 loop
   for (int64_t n = 0; n < rows; n++) x_scale[n] = row_to_int16(xp + n * in, in, x16.data() + n * in);
@@ -387,9 +390,11 @@ inline __m256 exp_nonpositive(__m256 x) {
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
   r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
   __m256 p = _mm256_set1_ps(1.0f / 5040);
-  for (float c : {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
-  const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
+  for (float c : {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) {
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+  }
+  const __m256i biased = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(biased, 23)));  // p * 2^n
 }
 #endif
 
@@ -460,7 +465,7 @@ void attend_one(const float* q, const T* k, const T* v, int64_t m, int64_t hs, i
     _mm512_storeu_ps(out + i, a);
   }
 #elif defined(MULTIAR_AVX2)
-  for (; i + 32 <= hs; i += 32) {  // 32 dims in four accumulators
+  for (; i + 32 <= hs; i += 32) {  // 32 dims in four accumulators (at 64 dims, two passes over the values)
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     for (int64_t t = 0; t < m; t++) {
       const T* vt = v + t * stride + i;
@@ -477,7 +482,9 @@ void attend_one(const float* q, const T* k, const T* v, int64_t m, int64_t hs, i
   }
   for (; i + 8 <= hs; i += 8) {
     __m256 a = _mm256_setzero_ps();
-    for (int64_t t = 0; t < m; t++) a = _mm256_fmadd_ps(_mm256_set1_ps(scores[t]), load8(v + t * stride + i), a);
+    for (int64_t t = 0; t < m; t++) {
+      a = _mm256_fmadd_ps(_mm256_set1_ps(scores[t]), load8(v + t * stride + i), a);
+    }
     _mm256_storeu_ps(out + i, a);
   }
 #endif

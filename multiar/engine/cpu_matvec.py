@@ -5,8 +5,8 @@ dispatcher, so that AOTInductor packages and torch.compile's graphs run them as 
   to int16 on its own scale (max|x| -> 32767, so at most 2^-16 of max|x| off: finer than the bf16
   activations of torch's int8 kernel for values within 2^7 of the row's largest; a row with a NaN or an
   infinity takes fp32) and 32 codes a step are multiplied and summed in int32
-  (`vpdpwssd`, flushed to fp32 every 4,096 codes); with AVX2 and no AVX-512 the same int16 rounding, 16
-  codes a step (`vpmaddwd`, then an add); elsewhere fp32 activations and fp32 sums;
+  (`vpdpwssd`, flushed to fp32 every 4,096 codes); with AVX2 and FMA and no AVX-512 the same int16
+  rounding, 16 codes a step (`vpmaddwd`, then an add); elsewhere fp32 activations and fp32 sums;
 - `multiar::matvec(x, w)`: fp32 or bf16 activations and weights of one dtype, summed in fp32 (bf16:
   AVX512-BF16's pairwise dot product where the CPU has it);
 - `multiar::decode_attention(q, keys, values, positions, rows=None)`: a decode step's attention (one
@@ -69,8 +69,8 @@ against 5.39 (fp32 caches: 9.09 against 9.37 at 1,000).
 Session 37, a Zen 3 EPYC (AVX2 and FMA, no AVX-512; 2 vCPU): the loops had been scalar there, so the
 85M int8 package ran 22 tokens/s and the float packages kept inductor's loops. With AVX2's loops (the
 AVX-512 ones unchanged), 128-token jobs of the 85M compile=true packages (/tmp probes, one process per
-build, five jobs each): int8 22 -> 190 tokens/s; bf16 and fp32 the same (98 / 101, 66 / 74), as their
-floats did not stream. Then bf16 with its Linears streamed through matvec against inductor's autotuned
+build, five jobs each, not side by side): int8 22 -> 190 tokens/s; bf16 98 -> 101 and fp32 66 -> 74,
+their Linears not streamed (the attention's AVX2 loop ran in both; its share was not measured). Then bf16 with its Linears streamed through matvec against inductor's autotuned
 GEMMs (its pick before: streamed floats were inductor's loop), two packages in one process, jobs in
 turns: 1.23x the tokens/s (median of 15 rounds' ratios, 1.13-1.45; the package's own step timing 8.99
 against 11.23 ms). fp32 measured its streamed GEMMs at 14.02 ms a step against autotuned's 13.81 and
@@ -143,8 +143,9 @@ def _load() -> Path | None:
 
 def build(flags: Sequence[str] = ()) -> Path | None:
     """The operators' library for this CPU and torch, with `flags` after the others (tests build it for a
-    CPU without AVX512-BF16 or without AVX-512: `-mno-avx512bf16`, `-mno-avx512f`), built unless cached;
-    None without a compiler or where the build fails (logged). Not loaded: library() loads one."""
+    CPU without AVX512-BF16, without AVX-512 or without AVX2: `-mno-avx512bf16`, `-mno-avx512f`,
+    `-mno-avx2`), built unless cached; None without a compiler or where the build fails (logged). Not
+    loaded: library() loads one."""
     cxx = compiler("CXX", "c++")
     if cxx is None:
         log.info("mat-vec operators: no C++ compiler; layers keep torch's kernels")
