@@ -106,7 +106,6 @@ inline float int8_dot(const float* x, const int8_t* q, int64_t in) {
 constexpr int64_t INT32_CHUNK = 4096;
 
 #ifdef __AVX512VNNI__
-
 // sum_i x16[i] * q[i] over int16 activations and int8 codes, exact in int32 within each chunk
 // (|x16| <= 32767, |q| <= 128: a lane gains at most 2 x 4.2e6 a step, at most 128 steps a chunk (64 in
 // each of the two chains), under 2^31)
@@ -135,7 +134,6 @@ inline float int16_int8_dot(const int16_t* x16, const int8_t* q, int64_t in) {
   return acc;
 }
 #elif defined(MULTIAR_AVX2)
-
 // int16_int8_dot without VNNI: 16 codes widened to int16, their products summed in pairs into int32
 // (vpmaddwd) and added, exact within a chunk (a lane gains at most 2 x 4.2e6 a product, and one chain
 // takes at most 130 of a chunk's 256: under 2^31)
