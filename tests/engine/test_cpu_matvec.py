@@ -125,8 +125,7 @@ def attention_case(head_size: int, dtype: torch.dtype, seed: int) -> tuple[torch
     """q (3, 2, hs) and keys and values as views of a cache (4, 2, 50, hs) of its first 3 rows and 40
     slots, positions (3,) of a row at the end, one at slot 0 and one between; scores spread over ~100
     below each row's largest (the exponential's range, past its floor at the larger head sizes: -100
-    with AVX-512, -87 with AVX2),
-    and NaN in every slot no row sees."""
+    with AVX-512, -87 with AVX2), and NaN in every slot no row sees."""
     gen = torch.Generator().manual_seed(seed)
     cache_k, cache_v = (torch.randn(4, 2, 50, head_size, generator=gen) for _ in range(2))
     positions = torch.tensor([39, 0, 17])
