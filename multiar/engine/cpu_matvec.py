@@ -66,15 +66,15 @@ Session 33 (the same machine): inductor's fused loops for attend_rows read 85M's
 packages on one model's caches, in turns, the step at position 256 4.33 against 4.46 ms, at 1,000 4.87
 against 5.39 (fp32 caches: 9.09 against 9.37 at 1,000).
 
-Session 37, a Zen 3 EPYC (AVX2 and FMA, no AVX-512; 2 vCPU): the loops had been scalar there, so the
-85M int8 package ran 22 tokens/s and the float packages kept inductor's loops. With AVX2's loops (the
-AVX-512 ones unchanged), 128-token jobs of the 85M compile=true packages (/tmp probes, one process per
-build, five jobs each, not side by side): int8 22 -> 190 tokens/s; bf16 98 -> 101 and fp32 66 -> 74,
-their Linears not streamed (the attention's AVX2 loop ran in both; its share was not measured). Then bf16 with its Linears streamed through matvec against inductor's autotuned
-GEMMs (its pick before: streamed floats were inductor's loop), two packages in one process, jobs in
-turns: 1.23x the tokens/s (median of 15 rounds' ratios, 1.13-1.45; the package's own step timing 8.99
-against 11.23 ms). fp32 measured its streamed GEMMs at 14.02 ms a step against autotuned's 13.81 and
-kept autotuned (1.05x, 0.98-1.11, the same package on both sides).
+Session 37, a Zen 3 EPYC (AVX2 and FMA, no AVX-512; 2 vCPU): the loops had been scalar there, so the 85M int8
+package ran 22 tokens/s and the float packages kept inductor's loops. With AVX2's loops (the AVX-512 ones
+unchanged), 128-token jobs of the 85M compile=true packages (/tmp probes, one process per build, five jobs
+each, not side by side): int8 22 -> 190 tokens/s; bf16 98 -> 101 and fp32 66 -> 74, their Linears not streamed
+(the attention's AVX2 loop ran in both; its share was not measured). Then bf16 with its Linears streamed
+through matvec against inductor's autotuned GEMMs (its pick before: streamed floats were inductor's loop), two
+packages in one process, jobs in turns: 1.23x the tokens/s (median of 15 rounds' ratios, 1.13-1.45; the
+package's own step timing 8.99 against 11.23 ms). fp32 measured its streamed GEMMs at 14.02 ms a step against
+autotuned's 13.81 and kept autotuned (1.05x, 0.98-1.11, the same package on both sides).
 
 Built on first use with the system's C++ compiler (`$CXX`, else `c++`; ~6 s) against this torch's
 headers, for this CPU (-march=native), cached under `$MULTIAR_CACHE/kernels` by a digest of the source,

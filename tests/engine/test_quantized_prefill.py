@@ -219,7 +219,8 @@ def test_a_journal_from_before_the_rule_keeps_its_digest_and_a_bad_cached_rule_i
     key = next(iter(json.loads(table.read_text())))
     table.write_text(json.dumps({key: {"format": 2, "rule": "fast"}}))
     model = tiny_int8()
-    # the rule's dtype is the layers' activations': bf16 where the CPU has bf16 (quantize's default), else fp32
+    # the rule's dtype is the layers' activations': bf16 where the CPU has bf16 (quantize's default),
+    # else fp32
     layer = next(m for m in model.modules() if isinstance(m, Int8Linear))
     assert choose_prefill(model, table, timer=lambda layers, rows: (2.0, 1.0)) == {
         PREFILL: rule_name(4, layer)
