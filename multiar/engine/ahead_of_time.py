@@ -67,7 +67,8 @@ from multiar.engine.choice_cache import (
 )
 from multiar.engine.compile_choice import ANY_WEIGHTS
 from multiar.engine.inductor_options import inductor_options
-from multiar.engine.quantize import Int8Linear
+from multiar.engine.quantize import Int4Linear, Int8Linear
+from multiar.engine.quantized_kernels import operator_matvec
 from multiar.engine.rows_attention import attend_for
 
 log = logging.getLogger("multiar")
@@ -87,7 +88,7 @@ ENGINE = Path(__file__).parent  # its sources are in every key: a changed engine
 
 
 # the package's GEMMs, each candidate's switches: inductor's `autotune` (engine.inductor_options), and
-# `streamed`: every float nn.Linear and int8 layer traced as a mat-vec that streams the weight once (no
+# `streamed`: every float nn.Linear and int8 or int4 layer traced as a mat-vec that streams the weight once (no
 # GEMM kernel): engine.cpu_matvec's operators (where they build; else a multiply-and-sum that inductor
 # fuses into one loop per output row; in the 85M fp32 package that loop took 1.25-1.29x the operator's step,
 # session 34). At one row that loop read 85M's bf16 weights at 48 GB/s where oneDNN's mat-vec read them at
@@ -116,14 +117,14 @@ def gemms_asked() -> str:
 
 def candidates(model: nn.Module, rows: int) -> list[str]:
     """The GEMMs worth timing for `rows` rows of this model: streamed only at a few rows, and where the
-    model has a float nn.Linear or an int8 layer to stream (int4 layers keep their own kernel)."""
+    model has a float nn.Linear or a quantized layer to stream."""
     streams = rows <= STREAMED_ROWS and any(_streams(m) for m in model.modules())
     return [name for name in GEMMS if streams or not GEMMS[name].get("streamed")]
 
 
 def _streams(module: nn.Module) -> bool:
-    """Whether the streamed candidate changes this layer: a float nn.Linear, or an int8 layer on the CPU
-    where engine.cpu_matvec's operator is built (without it an int8 layer keeps its kernel)."""
+    """Whether the streamed candidate changes this layer: a float nn.Linear, or an int8 or int4 layer on
+    the CPU where engine.cpu_matvec's operators are built (without them it keeps its kernel)."""
     if type(module) is nn.Linear:
         return True
     return _on_operator(module) and cpu_matvec.library() is not None
@@ -131,11 +132,12 @@ def _streams(module: nn.Module) -> bool:
 
 def _on_operator(module: nn.Module) -> bool:
     """Whether streamed runs this layer through engine.cpu_matvec's operators where they are built: an
-    int8 layer, or an fp32 or bf16 nn.Linear where the operator's float loops are vectors (AVX-512's or
+    int8 or int4 layer, or an fp32 or bf16 nn.Linear where the operator's float loops are vectors (AVX-512's or
     AVX2's: cpu_matvec.vectorized), on the CPU."""
     floats = type(module) is nn.Linear and module.weight.dtype in (torch.float32, torch.bfloat16)
     floats = floats and cpu_matvec.vectorized()
-    return (floats or isinstance(module, Int8Linear)) and module.weight.device.type == "cpu"
+    quantized = isinstance(module, Int8Linear | Int4Linear)
+    return (floats or quantized) and module.weight.device.type == "cpu"
 
 
 def _streamed(linear: nn.Linear, x: Tensor) -> Tensor:
@@ -152,22 +154,21 @@ def _streamed(linear: nn.Linear, x: Tensor) -> Tensor:
     return y if linear.bias is None else y + linear.bias
 
 
-def _streamed_int8(layer: Int8Linear, x: Tensor) -> Tensor:
-    """An int8 layer through engine.cpu_matvec's operator: the codes read once for all rows (inductor's
-    own multiply-and-sum of int8 codes ran slower than the int8 kernel: there)."""
-    rows = x.reshape(-1, layer.in_features).float()  # (N, in)
-    y = cpu_matvec.int8_matvec(rows, layer.weight, layer.scales)  # (N, out) fp32
+def _streamed_quantized(layer: Int8Linear | Int4Linear, x: Tensor) -> Tensor:
+    """An int8 or int4 layer through its engine.cpu_matvec operator: the codes read once for all rows
+    (inductor's own multiply-and-sum of int8 codes ran slower than the int8 kernel: there)."""
+    y = operator_matvec(layer, x.reshape(-1, layer.in_features))  # (N, out) fp32
     return y.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
 
 
 @contextlib.contextmanager
 def _streamed_linears(model: nn.Module) -> Iterator[None]:
-    """Every plain nn.Linear and int8 layer of model computed by _streamed / _streamed_int8 while traced
-    (an instance attribute over the class's forward, taken away after)."""
+    """Every plain nn.Linear and quantized layer of model computed by _streamed / _streamed_quantized
+    while traced (an instance attribute over the class's forward, taken away after)."""
     linears = [m for m in model.modules() if _streams(m)]
     try:
         for linear in linears:
-            stream = _streamed_int8 if isinstance(linear, Int8Linear) else _streamed
+            stream = _streamed if type(linear) is nn.Linear else _streamed_quantized
             linear.forward = functools.partial(stream, linear)
         yield
     finally:

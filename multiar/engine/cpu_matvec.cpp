@@ -1,6 +1,7 @@
-// A decode step's int8 and float Linears at one or two rows (multiar::int8_matvec, multiar::matvec) and its
-// attention (multiar::decode_attention), as torch operators that compiled code and AOTInductor packages
-// call through the dispatcher. Built and loaded by engine/cpu_matvec.py; see there for why.
+// A decode step's int8, int4 and float Linears at one or two rows (multiar::int8_matvec,
+// multiar::int4_matvec, multiar::matvec) and its attention (multiar::decode_attention), as torch operators
+// that compiled code and AOTInductor packages call through the dispatcher. Built and loaded by
+// engine/cpu_matvec.py; see there for why.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -19,6 +20,11 @@
 // kept as they were measured on a Zen 5 EPYC, and a CPU with AVX-512 takes them
 #if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
 #define MULTIAR_AVX2 1
+#endif
+// AVX2's 256-bit integer and FMA instructions, which AVX-512 CPUs have too: the int4 loop (int4_dot) and
+// the int16 rounding of activations it reads
+#if defined(__AVX2__) && defined(__FMA__)
+#define MULTIAR_INT4_VECTORS 1
 #endif
 
 namespace {
@@ -43,7 +49,7 @@ inline void prefetch(const void* p, int64_t ahead) {
 }
 #endif
 
-#ifdef MULTIAR_AVX2
+#ifdef MULTIAR_INT4_VECTORS
 inline float sum8(__m256 v) {  // the sum of v's 8 lanes
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -161,7 +167,7 @@ inline float int16_int8_dot(const int16_t* x16, const int8_t* q, int64_t in) {
 }
 #endif
 
-#ifdef __AVX512VNNI__
+#ifdef __AVX512F__
 // x (in,) to int16 in x16 as int8_matvec describes; the scale, or 0 for a row that takes the fp32 loop.
 // The same int16 values as nearbyint(x * to16) by construction (one fp32 multiply, the same rounding mode,
 // |x * to16| <= 32767 but for its rounding). In 512-bit vectors: an 85M int8 token took 0.991x as long as
@@ -363,6 +369,123 @@ at::Tensor int8_matvec(const at::Tensor& x, const at::Tensor& q, const at::Tenso
   return y;
 }
 
+// int4: a byte holds two codes in [0, 15], input 2j's high and input 2j + 1's low
+// (engine.quantize.Int4Linear's weight, read as it is), 32 inputs a group with a scale and a min (the weight at code 0) in bf16, laid
+// (out, 2, groups): a row's scales, then its mins. w = code * scale + min, so a row's dot product is
+// sum_g scale_g * sum_{i in g} x_i code_i + sum_g min_g * sum_{i in g} x_i; the second sum is x's per
+// group, once per row of x.
+constexpr int64_t INT4_GROUP = 32;
+
+#ifdef MULTIAR_INT4_VECTORS
+// sum_g scale_g * sum_{i in g} x16_i code_i for one output row: x16 int16, each group's even inputs then its
+// odd ones (the order the nibbles come out in), scales bf16. A group's 16 bytes widened to int16, nibbles
+// split by a shift and a mask, products summed in pairs into int32 (vpmaddwd: a lane holds at most
+// 4 x 15 x 32767 < 2^21, exact in fp32), then scaled in fp32
+inline float int4_dot(const int16_t* x16, const uint8_t* codes, const at::BFloat16* scales, int64_t groups) {
+  const __m256i low = _mm256_set1_epi16(15);
+  auto group = [&](int64_t g) {  // (8,) fp32: the group's products summed in pairs of pairs
+    const __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 16 * g)));
+    const __m256i* x = reinterpret_cast<const __m256i*>(x16 + INT4_GROUP * g);
+    const __m256i even = _mm256_madd_epi16(_mm256_srli_epi16(w, 4), _mm256_loadu_si256(x));
+    const __m256i odd = _mm256_madd_epi16(_mm256_and_si256(w, low), _mm256_loadu_si256(x + 1));
+    return _mm256_cvtepi32_ps(_mm256_add_epi32(even, odd));
+  };
+  __m256 a = _mm256_setzero_ps(), b = _mm256_setzero_ps();
+  int64_t g = 0;
+  for (; g + 8 <= groups; g += 8) {  // 128 bytes of codes a step, 8 scales converted at once
+    prefetch(codes + 16 * g, INT8_AHEAD);
+    prefetch(codes + 16 * g, INT8_AHEAD + 64);
+    const __m256 s = load8(scales + g);
+    for (int k = 0; k < 8; k += 2) {  // lane k of s spread over a vector
+      a = _mm256_fmadd_ps(group(g + k), _mm256_permutevar8x32_ps(s, _mm256_set1_epi32(k)), a);
+      b = _mm256_fmadd_ps(group(g + k + 1), _mm256_permutevar8x32_ps(s, _mm256_set1_epi32(k + 1)), b);
+    }
+  }
+  for (; g < groups; g++) a = _mm256_fmadd_ps(group(g), _mm256_set1_ps(static_cast<float>(scales[g])), a);
+  return sum8(_mm256_add_ps(a, b));
+}
+#endif
+
+// int4_dot in fp32 over x as it is (a row int16 cannot hold, or a build without AVX2): the codes' products
+// summed per group, scaled
+inline float int4_dot_fp32(const float* x, const uint8_t* codes, const at::BFloat16* scales, int64_t groups) {
+  float acc = 0.0f;
+  for (int64_t g = 0; g < groups; g++) {
+    float sum = 0.0f;
+    for (int64_t j = 0; j < INT4_GROUP / 2; j++) {
+      const uint8_t byte = codes[INT4_GROUP / 2 * g + j];
+      sum += x[INT4_GROUP * g + 2 * j] * static_cast<float>(byte >> 4) +
+             x[INT4_GROUP * g + 2 * j + 1] * static_cast<float>(byte & 15);
+    }
+    acc += static_cast<float>(scales[g]) * sum;
+  }
+  return acc;
+}
+
+// sum_g mins_g * sums_g: the mins (bf16) against x's sums per group (fp32)
+inline float min_term(const at::BFloat16* mins, const float* sums, int64_t groups) {
+  float acc = 0.0f;
+  int64_t g = 0;
+#ifdef MULTIAR_INT4_VECTORS
+  __m256 a = _mm256_setzero_ps();
+  for (; g + 8 <= groups; g += 8) a = _mm256_fmadd_ps(load8(mins + g), _mm256_loadu_ps(sums + g), a);
+  acc = sum8(a);
+#endif
+  for (; g < groups; g++) acc += static_cast<float>(mins[g]) * sums[g];
+  return acc;
+}
+
+at::Tensor int4_matvec(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales_and_mins) {
+  TORCH_CHECK(x.dim() == 2 && codes.dim() == 2 && scales_and_mins.dim() == 3,
+              "int4_matvec: x (rows, in), codes (out, in / 2), scales_and_mins (out, 2, in / 32)");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && codes.scalar_type() == at::kByte &&
+                  scales_and_mins.scalar_type() == at::kBFloat16,
+              "int4_matvec: x fp32, codes uint8, scales_and_mins bf16");
+  const int64_t in = x.size(1), rows = x.size(0), out = codes.size(0), groups = in / INT4_GROUP;
+  TORCH_CHECK(in % INT4_GROUP == 0 && codes.size(1) * 2 == in && scales_and_mins.size(0) == out &&
+                  scales_and_mins.size(1) == 2 && scales_and_mins.size(2) == groups,
+              "int4_matvec: shapes do not match");
+  at::Tensor xc = x.contiguous(), cc = codes.contiguous(), sc = scales_and_mins.contiguous();
+  at::Tensor y = at::empty({rows, out}, x.options());
+  const float* xp = xc.data_ptr<float>();
+  const uint8_t* cp = cc.data_ptr<uint8_t>();
+  const at::BFloat16* sp = sc.data_ptr<at::BFloat16>();
+  std::vector<float> sums(rows * groups);  // x's sum per group, for the mins
+  for (int64_t n = 0; n < rows; n++) {
+    for (int64_t g = 0; g < groups; g++) {
+      float sum = 0.0f;
+      for (int64_t i = 0; i < INT4_GROUP; i++) sum += xp[n * in + INT4_GROUP * g + i];
+      sums[n * groups + g] = sum;
+    }
+  }
+#ifdef MULTIAR_INT4_VECTORS
+  // each row of x to int16 on its own scale as int8_matvec's (a row with a NaN or an infinity, or all but
+  // zero, takes the fp32 loop), then each group's even inputs before its odd ones
+  std::vector<int16_t> x16(rows * in), natural(in);
+  std::vector<float> x_scale(rows);  // 0: the fp32 loop
+  for (int64_t n = 0; n < rows; n++) {
+    x_scale[n] = row_to_int16(xp + n * in, in, natural.data());
+    for (int64_t i = 0; i < in; i++) {
+      const int64_t g = i / INT4_GROUP, j = i % INT4_GROUP;
+      x16[n * in + INT4_GROUP * g + (j % 2) * (INT4_GROUP / 2) + j / 2] = natural[i];
+    }
+  }
+  each_output(rows, out, y.data_ptr<float>(), [&](int64_t o, int64_t n) {
+    const at::BFloat16* row = sp + o * 2 * groups;
+    const float mins = min_term(row + groups, sums.data() + n * groups, groups);
+    if (x_scale[n] == 0.0f) return int4_dot_fp32(xp + n * in, cp + o * in / 2, row, groups) + mins;
+    return x_scale[n] * int4_dot(x16.data() + n * in, cp + o * in / 2, row, groups) + mins;
+  });
+#else
+  each_output(rows, out, y.data_ptr<float>(), [&](int64_t o, int64_t n) {
+    const at::BFloat16* row = sp + o * 2 * groups;
+    return int4_dot_fp32(xp + n * in, cp + o * in / 2, row, groups) +
+           min_term(row + groups, sums.data() + n * groups, groups);
+  });
+#endif
+  return y;
+}
+
 #ifdef __AVX512F__
 // e^x for 16 floats x <= 0 (scores less their row's largest): 2^n e^r, n = round(x / ln 2), r = x - n ln 2
 // (|r| <= ln 2 / 2; ln 2 in two parts, so n ln 2 adds no error of its own at large n), e^r by its Taylor
@@ -553,12 +676,14 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
 
 TORCH_LIBRARY(multiar, m) {
   m.def("int8_matvec(Tensor x, Tensor q, Tensor scales) -> Tensor");
+  m.def("int4_matvec(Tensor x, Tensor codes, Tensor scales_and_mins) -> Tensor");
   m.def("matvec(Tensor x, Tensor w) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor keys, Tensor values, Tensor positions, Tensor? rows=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(multiar, CPU, m) {
   m.impl("int8_matvec", int8_matvec);
+  m.impl("int4_matvec", int4_matvec);
   m.impl("matvec", matvec);
   m.impl("decode_attention", decode_attention);
 }

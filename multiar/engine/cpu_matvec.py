@@ -136,6 +136,7 @@ def _load() -> Path | None:
         return None
     torch.ops.load_library(str(path))
     torch.library.register_fake("multiar::int8_matvec", _int8_matvec_shape)
+    torch.library.register_fake("multiar::int4_matvec", _int4_matvec_shape)
     torch.library.register_fake("multiar::matvec", _matvec_shape)
     torch.library.register_fake("multiar::decode_attention", _decode_attention_shape)
     return path
@@ -181,6 +182,12 @@ def _int8_matvec_shape(x: Tensor, q: Tensor, scales: Tensor) -> Tensor:
     return x.new_empty(x.size(0), q.size(0))
 
 
+def _int4_matvec_shape(x: Tensor, codes: Tensor, scales_and_mins: Tensor) -> Tensor:
+    if (x.dtype, codes.dtype, scales_and_mins.dtype) != (torch.float32, torch.uint8, torch.bfloat16):
+        raise RuntimeError("int4_matvec: x fp32, codes uint8, scales_and_mins bf16")
+    return x.new_empty(x.size(0), codes.size(0))
+
+
 def _matvec_shape(x: Tensor, w: Tensor) -> Tensor:
     if x.dtype != w.dtype or w.dtype not in (torch.float32, torch.bfloat16):
         raise RuntimeError("matvec: x and w both fp32 or both bf16")
@@ -202,6 +209,14 @@ def _decode_attention_shape(
 def int8_matvec(x: Tensor, q: Tensor, scales: Tensor) -> Tensor:
     """(rows, in) fp32 @ int8 (out, in)^T * scales (out,) -> (rows, out) fp32; library() loaded first."""
     return torch.ops.multiar.int8_matvec(x, q, scales)
+
+
+def int4_matvec(x: Tensor, codes: Tensor, scales_and_mins: Tensor) -> Tensor:
+    """(rows, in) fp32 times int4 codes (out, in / 2) uint8 (input 2j's code in a byte's high four bits,
+    2j + 1's in its low four) with a scale and a min per 32 inputs, scales_and_mins (out, 2, in / 32) bf16
+    (each row's scales, then its mins: w = code * scale + min) -> (rows, out) fp32; library() loaded
+    first."""
+    return torch.ops.multiar.int4_matvec(x, codes, scales_and_mins)
 
 
 def matvec(x: Tensor, w: Tensor) -> Tensor:

@@ -81,6 +81,9 @@ class Int8Linear(nn.Module):
         # calls of at least this many rows dequantize the weight for one dense GEMM (0: never), as
         # engine.quantized_prefill measures it: the kernel's time grows with the rows, a GEMM's hardly
         self.dense_from = 0
+        # engine.cpu_matvec's operator for this layer's calls below dense_from, in place of the kernel,
+        # where engine.quantized_prefill measured it faster (None: the kernel)
+        self.operator: Callable | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bf16_activations: bool) -> Int8Linear:
@@ -118,7 +121,9 @@ class Int8Linear(nn.Module):
         act = torch.bfloat16 if on_kernel and self.bf16_activations else x.dtype  # activation_dtype's
         # a compiled graph keeps the kernel, and is asked first: no guard on its (symbolic) row count
         many = not torch.compiler.is_compiling() and 0 < self.dense_from <= x2.size(0)
-        if on_kernel and not many:
+        if on_kernel and not many and self.operator is not None and not torch.compiler.is_compiling():
+            y = self.operator(x2.float(), self.weight, self.scales)  # (N, out) fp32
+        elif on_kernel and not many:
             y = self.kernel(x2.to(act), self.weight, self._scales_as(act))
         elif on_kernel:  # rows enough to repay dequantizing the weight for one dense GEMM
             y = F.linear(x2.to(act), self.weight.to(act)).float().mul_(self.scales)  # scaled in fp32
@@ -132,7 +137,9 @@ class Int4Linear(nn.Module):
     of each output row (asymmetric, w = q * scale + min): an eighth of fp32's bytes. The buffers hold two
     values a byte (portable, what model.int4.safetensors stores); on a CPU they are repacked once for
     `torch._weight_int4pack_mm_for_cpu` (bf16 activations), elsewhere (or without that kernel)
-    dequantized per call."""
+    dequantized per call. `scales_and_mins` (out, 2, in / group) bf16, each row's scales then its mins
+    (the weight at code 0), is what engine.cpu_matvec's int4 operator reads beside the codes
+    (engine.quantized_kernels.operator_matvec; built by pack(), not stored)."""
 
     def __init__(self, in_features: int, out_features: int, group_size: int = INT4_GROUP) -> None:
         super().__init__()
@@ -143,10 +150,15 @@ class Int4Linear(nn.Module):
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         self.register_buffer("weight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
         self.register_buffer("scales_and_zeros", torch.zeros(in_features // group_size, out_features, 2))
+        groups = in_features // group_size
+        self.register_buffer(
+            "scales_and_mins", torch.zeros(out_features, 2, groups, dtype=torch.bfloat16), persistent=False
+        )
         self.packed: Tensor | None = None  # the CPU kernel's layout, built from the buffers by pack()
         self.bf16_scales_and_zeros: Tensor | None = None
         self.kernel: Callable | None = None  # the CPU kernel's mat-mul, with packed
         self.dense_from = 0  # as Int8Linear's: calls of this many rows dequantize (0: never)
+        self.operator: Callable | None = None  # as Int8Linear's
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = INT4_GROUP) -> Int4Linear:
@@ -194,7 +206,9 @@ class Int4Linear(nn.Module):
         return torch.bfloat16 if self.on_kernel() else x_dtype
 
     def pack(self) -> Int4Linear:
-        """Build the CPU kernel's layout from the buffers (after from_linear or a load)."""
+        """Build the CPU kernel's layout and scales_and_mins from the buffers (after from_linear or a load)."""
+        scale, zero = self.scales_and_zeros.float().unbind(-1)  # (in / group, out) each
+        self.scales_and_mins.copy_(torch.stack([scale, zero - 8 * scale]).permute(2, 0, 1))
         if self.weight.device.type == "cpu" and (kernels := _int4_kernels()) is not None:
             self.packed = kernels[0](self.codes(), 1)
             self.bf16_scales_and_zeros = self.scales_and_zeros.to(torch.bfloat16)
@@ -206,7 +220,9 @@ class Int4Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)  # (N, in)
         on_kernel = self.on_kernel()  # pack() found the kernels
         many = not torch.compiler.is_compiling() and 0 < self.dense_from <= x2.size(0)  # as Int8Linear's
-        if on_kernel and not many:
+        if on_kernel and not many and self.operator is not None and not torch.compiler.is_compiling():
+            y = self.operator(x2.float(), self.weight, self.scales_and_mins)  # (N, out) fp32
+        elif on_kernel and not many:
             y = self.kernel(x2.to(torch.bfloat16), self.packed, self.group_size, self.bf16_scales_and_zeros)
         elif on_kernel:  # rows enough to repay dequantizing the weight for one dense GEMM
             y = F.linear(x2.to(torch.bfloat16), self.bf16_dequantized())

@@ -1,6 +1,6 @@
 """Each layer shape of a quantized model on its fastest kernel: its own (int8, int4), its weight
-dequantized once to bf16 (`DequantizedLinear`), or for int8 at a decode step's few rows
-engine.cpu_matvec's operator (`MatvecInt8Linear`), measured per shape at the batch size asked, and checked
+dequantized once to bf16 (`DequantizedLinear`), or at a decode step's few rows engine.cpu_matvec's
+int8 or int4 operator (`MatvecLinear`), measured per shape at the batch size asked, and checked
 on the whole model where the picks mix in bf16 copies (`choose_kernels`, called by
 `engine.layout.prepare_for_decoding`). No Lightning, Hydra or domain code here.
 """
@@ -42,16 +42,18 @@ class DequantizedLinear(nn.Module):
 MATVEC_ROWS = 2  # calls of up to this many rows run the operator: it reads the codes once for all rows
 
 
-class MatvecInt8Linear(nn.Module):
-    """An int8 layer whose calls of up to MATVEC_ROWS rows run engine.cpu_matvec's operator (fp32 or,
-    with AVX512-VNNI, per-row int16 activations times the codes, scaled after the sum), and longer calls
-    (a prompt's prefill) the layer's own. The 85M model's 49 int8 mat-vecs took 1.50 ms through it
-    against `_weight_int8pack_mm`'s 2.72-2.76 (a /tmp probe on the Zen 5 EPYC, session 31), and the 85M
-    eager int8 job ran 245 tok/s against 181 on the int8 kernel in one run (benchmarks/README.md).
-    Without the operator (a resumed run's pick on a machine with no C++ compiler) every call is the
-    layer's own."""
+class MatvecLinear(nn.Module):
+    """A quantized layer whose calls of up to MATVEC_ROWS rows run its engine.cpu_matvec operator (the
+    layer's operator_matvec: int8 codes against fp32 or, with AVX512-VNNI or AVX2, per-row int16 activations,
+    scaled after the sum; int4 codes against int16 activations, each group scaled), and longer calls (a
+    prompt's prefill) the layer's own. The 85M model's 49 int8 mat-vecs took 1.50 ms through it against
+    `_weight_int8pack_mm`'s 2.72-2.76 (a /tmp probe on the Zen 5 EPYC, session 31), and the 85M eager
+    int8 job ran 245 tok/s against 181 on the int8 kernel in one run (benchmarks/README.md); its 49 int4
+    mat-vecs took 2.9 ms against `_weight_int4pack_mm_for_cpu`'s 6.6 (a /tmp probe on the Zen 3 EPYC,
+    session 38). Without the operator (a resumed run's pick on a machine with no C++ compiler) every call
+    is the layer's own."""
 
-    def __init__(self, layer: Int8Linear) -> None:
+    def __init__(self, layer: Int8Linear | Int4Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = layer.in_features, layer.out_features
         self.layer = layer
@@ -61,14 +63,22 @@ class MatvecInt8Linear(nn.Module):
         rows = x.reshape(-1, self.in_features)  # (N, in)
         if not self.on_operator or rows.size(0) > MATVEC_ROWS:
             return self.layer(x)
-        y = cpu_matvec.int8_matvec(rows.float(), self.layer.weight, self.layer.scales)  # (N, out) fp32
+        y = operator_matvec(self.layer, rows)  # (N, out) fp32
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
+def operator_matvec(layer: Int8Linear | Int4Linear, rows: torch.Tensor) -> torch.Tensor:
+    """A quantized layer's (N, in) rows -> (N, out) fp32 through its engine.cpu_matvec operator (library()
+    loaded; int4: groups of 32): the codes read once for all N rows."""
+    if isinstance(layer, Int4Linear):
+        return cpu_matvec.int4_matvec(rows.float(), layer.weight, layer.scales_and_mins)
+    return cpu_matvec.int8_matvec(rows.float(), layer.weight, layer.scales)
+
+
 def matvec_kernel(layer: nn.Module, batch_size: int) -> bool:
-    """Whether MatvecInt8Linear is a candidate for this layer at this batch size (one row a step)."""
+    """Whether MatvecLinear is a candidate for this layer at this batch size (one row a step)."""
     return (
-        isinstance(layer, Int8Linear)
+        isinstance(layer, Int8Linear | Int4Linear)
         and batch_size <= MATVEC_ROWS
         and layer.weight.device.type == "cpu"
         and cpu_matvec.library() is not None
@@ -115,8 +125,8 @@ def choose_kernels(
     model_timer: Timer | None = None,
 ) -> tuple[nn.Module, DecodeChoice]:
     """model (in place) with each quantized layer shape on its fastest kernel: its own (int8, int4), its
-    weight dequantized once to bf16, or (int8, one row or two a step) the mat-vec operator (measured per
-    shape, or read from the cache); pinned: the
+    weight dequantized once to bf16, or (one row or two a step) its mat-vec operator (measured per shape,
+    or read from the cache); pinned: the
     kernels a resumed run's journal names, used as they are when they name these shapes. model_timer
     (seconds per decode step of each named model): where the per-shape picks mix in bf16 copies, the
     whole model decodes with them and with its own kernels, and the faster set is kept: a layer timed
@@ -143,7 +153,7 @@ def choose_kernels(
             timed[f"{shape} bf16"] = DequantizedLinear(layer)
             if matvec_kernel(layer, batch_size):
                 tried[shape].append("matvec")
-                timed[f"{shape} matvec"] = MatvecInt8Linear(layer)
+                timed[f"{shape} matvec"] = MatvecLinear(layer)
         seconds = timer(timed, batch_size)
         kernels = {s: min(tried[s], key=lambda k, s=s: seconds[f"{s} {k}"]) for s in shapes}
         step_ms = {name: 1e3 * s for name, s in seconds.items()}
@@ -165,12 +175,12 @@ def choose_kernels(
 
 def _use_kernels(model: nn.Module, kernels: dict[str, str]) -> None:
     for parent in list(model.modules()):
-        if isinstance(parent, MatvecInt8Linear | DequantizedLinear):
+        if isinstance(parent, MatvecLinear | DequantizedLinear):
             continue  # a layer given its kernel before
         for name, child in list(parent.named_children()):
             if isinstance(child, Int8Linear | Int4Linear):
                 shape = f"{kernel_name(child)} {child.out_features}x{child.in_features}"
                 if kernels.get(shape) == "bf16":
                     setattr(parent, name, DequantizedLinear(child))
-                elif kernels.get(shape) == "matvec" and isinstance(child, Int8Linear):
-                    setattr(parent, name, MatvecInt8Linear(child))
+                elif kernels.get(shape) == "matvec":
+                    setattr(parent, name, MatvecLinear(child))

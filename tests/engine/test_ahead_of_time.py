@@ -287,7 +287,9 @@ def test_streamed_linears_are_candidates_at_a_few_float_rows_and_decode_as_the_e
     assert (again.compiled_step.built, again.compiled_step.loaded) == (0, 1)
     assert clock.weights == ahead_of_time.any_weights_key(other) and clock.weights.startswith(ANY_WEIGHTS)
     assert clock.package[:2] == ("loaded", again.compiled_step.last[1])
-    # pinned where it is no candidate (an int4 model's own kernels): measured instead, not forced
+    # pinned where it is no candidate (an int4 model's own kernels where the operators do not build):
+    # measured instead, not forced
+    monkeypatch.setattr(cpu_matvec, "library", lambda: None)
     quantized = compile_for_sampling(quantize(tiny(seed=12, width=32), "int4"), rows=len(PROMPTS))
     greedy(quantized)
     assert quantized.compiled_step.gemms["gemms"] != "streamed" and quantized.compiled_step.fallback is None
@@ -297,52 +299,80 @@ def test_streamed_linears_are_candidates_at_a_few_float_rows_and_decode_as_the_e
     assert "streamed" not in ahead_of_time.candidates(quantize(tiny(width=32), "int4"), 1)  # its own kernels
 
 
-def test_streamed_int8_layers_run_the_mat_vec_operator_and_decode_as_their_dequantized_weights(
-    own_cache, monkeypatch
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_streamed_quantized_layers_run_the_mat_vec_operator_and_decode_as_their_dequantized_weights(
+    mode, own_cache, monkeypatch
 ):
-    """With engine.cpu_matvec's operator built, an int8 model's streamed package calls it for every int8
-    layer (fp32 activations times the codes, scaled after the sum): it decodes greedily as an fp32 model
-    holding the dequantized weights does, holds no weights (another int8 model of the kind loads it
-    unbuilt), and is a candidate at a few rows only; without the operator it is none."""
-    from multiar.engine.quantize import Int8Linear
+    """With engine.cpu_matvec's operators built, an int8 or int4 model's streamed package calls its
+    operator for every quantized layer (fp32 or int16 activations times the codes, scaled after the sum or
+    per group): it decodes greedily as the eager model whose layers call the same operator does, and int8
+    as an fp32 model holding the weights the operator reads (int4's rounding of the activations weighs
+    more: each code's term is larger than the weight it adds up to with the group's min, and this tiny
+    model's greedy tokens part at a near tie), holds no weights (another model of the kind loads it
+    unbuilt), and is a candidate at a few rows only; without the operators it is none."""
+    from multiar.engine.quantize import Int4Linear, Int8Linear
+    from multiar.engine.quantized_kernels import _use_kernels, own_kernels
 
     if cpu_matvec.library() is None:
-        pytest.skip("no C++ compiler here: int8 layers keep their own kernels")
+        pytest.skip("no C++ compiler here: quantized layers keep their own kernels")
     monkeypatch.setenv("MULTIAR_COMPILE_GEMMS", "streamed")
+    width = 16 if mode == "int8" else 32  # int4: every layer (tiny's docstring)
 
-    def dequantized(int8: GPT, seed: int) -> GPT:
-        """tiny(seed) with each Linear the weight its int8 layer stands for (lm_head untied from the
-        embedding, which keeps its fp32 table in the int8 model too)."""
-        dense = tiny(seed=seed)
-        for name, layer in int8.named_modules():
+    def dequantized(quantized: GPT, seed: int) -> GPT:
+        """tiny(seed) with each Linear the weight its quantized layer stands for in the operator (int4:
+        scales and mins in bf16; lm_head untied from the embedding, which keeps its fp32 table)."""
+        dense = tiny(seed=seed, width=width)
+        for name, layer in quantized.named_modules():
             if isinstance(layer, Int8Linear):
                 weight = layer.weight.float() * layer.scales[:, None]
-                dense.get_submodule(name).weight = nn.Parameter(weight, requires_grad=False)
+            elif isinstance(layer, Int4Linear):
+                scale, low = layer.scales_and_mins.float().unbind(1)  # (out, groups) each
+                codes = layer.codes().float().reshape(layer.out_features, -1, 32)
+                weight = (codes * scale[..., None] + low[..., None]).reshape(layer.out_features, -1)
+            else:
+                continue
+            dense.get_submodule(name).weight = nn.Parameter(weight, requires_grad=False)
         return dense
 
-    int8 = quantize(tiny(seed=13), "int8")
-    assert ahead_of_time.candidates(int8, ahead_of_time.STREAMED_ROWS)[-1] == "streamed"
-    assert "streamed" not in ahead_of_time.candidates(int8, ahead_of_time.STREAMED_ROWS + 1)
-    compiled = compile_for_sampling(copy.deepcopy(int8), rows=len(PROMPTS))
-    assert greedy(compiled) == greedy(dequantized(int8, 13))
+    def on_operator(quantized: GPT) -> GPT:
+        """A copy whose quantized layers all call their operator (MatvecLinear), eagerly."""
+        model = copy.deepcopy(quantized)
+        _use_kernels(
+            model, dict.fromkeys(own_kernels([m for m in model.modules() if isinstance(m, layers)]), "matvec")
+        )
+        return model
+
+    def expected(quantized: GPT, seed: int) -> list:
+        tokens = greedy(on_operator(quantized))
+        if mode == "int8":
+            assert tokens == greedy(dequantized(quantized, seed))
+        return tokens
+
+    layers = Int8Linear if mode == "int8" else Int4Linear
+    quantized = quantize(tiny(seed=13, width=width), mode)
+    assert all(isinstance(m, layers) for m in quantized.modules() if isinstance(m, Int8Linear | Int4Linear))
+    assert ahead_of_time.candidates(quantized, ahead_of_time.STREAMED_ROWS)[-1] == "streamed"
+    assert "streamed" not in ahead_of_time.candidates(quantized, ahead_of_time.STREAMED_ROWS + 1)
+    compiled = compile_for_sampling(copy.deepcopy(quantized), rows=len(PROMPTS))
+    assert greedy(compiled) == expected(quantized, 13)
     step = compiled.compiled_step
     assert (step.gemms, step.fallback, step.any_weights, step.built) == ({"gemms": "streamed"}, None, True, 1)
     assert operator_calls(own_cache / step.last[1]) == {
-        "multiar::int8_matvec": 9,
+        f"multiar::{mode}_matvec": 9,
         "multiar::decode_attention": 2,
     }
-    assert all("forward" not in vars(m) for m in compiled.modules() if isinstance(m, Int8Linear))
-    other = quantize(tiny(seed=14), "int8")
+    assert all("forward" not in vars(m) for m in compiled.modules() if isinstance(m, layers))
+    other = quantize(tiny(seed=14, width=width), mode)
     again = compile_for_sampling(copy.deepcopy(other), rows=len(PROMPTS))
-    assert greedy(again) == greedy(dequantized(other, 14))
+    assert greedy(again) == expected(other, 14)
     assert (again.compiled_step.built, again.compiled_step.loaded) == (0, 1)
-    # without the operators: no streamed candidate for int8 layers, and a bf16 or fp32 model's streamed
+    # without the operators: no streamed candidate for quantized layers, and a bf16 or fp32 model's streamed
     # package (the multiply-and-sum then, and attend_rows's attention) is another file than the one that
     # calls them
     streamed = SWITCHES | ahead_of_time.GEMMS["streamed"]
     models = [tiny(seed=15).to(torch.bfloat16), tiny(seed=15)]
     with_operators = [package_key(model, len(PROMPTS), streamed) for model in models]
     monkeypatch.setattr(cpu_matvec, "library", lambda: None)
-    assert "streamed" not in ahead_of_time.candidates(int8, 1)
+    assert "streamed" not in ahead_of_time.candidates(quantized, 1)
     for model, key in zip(models, with_operators, strict=True):
         assert package_key(model, len(PROMPTS), streamed) != key

@@ -121,6 +121,82 @@ def test_the_operators_equal_the_dense_product(rows, width, out):
         torch.testing.assert_close(y, F.linear(xs.double(), ws.double()).float(), rtol=1e-5, atol=1e-4)
 
 
+def int4_vectors(flags: tuple[str, ...] = ()) -> bool:
+    """Whether that build's int4 loop rounds the activations to int16: with AVX2 and FMA (AVX-512 CPUs
+    take AVX2's int4 loop too)."""
+    return built_with("__AVX2__", flags) and built_with("__FMA__", flags)
+
+
+def int4_case(rows: int, groups: int, out: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """x (rows, 32 groups), codes (out, 16 groups) uint8 (every byte), scales_and_mins (out, 2, groups)
+    bf16: scales positive, mins either sign."""
+    x = torch.randn(rows, 32 * groups, generator=gen)
+    codes = torch.randint(0, 256, (out, 16 * groups), generator=gen, dtype=torch.uint8)
+    scales = torch.rand(out, groups, generator=gen) * 0.1 + 0.01
+    mins = torch.randn(out, groups, generator=gen) * 0.5
+    return x, codes, torch.stack([scales, mins], 1).bfloat16()
+
+
+def int4_weight(codes: torch.Tensor, scales_and_mins: torch.Tensor) -> torch.Tensor:
+    """The (out, in) fp64 weight the operator's inputs stand for: code * scale + min per group of 32, a
+    byte's high four bits input 2j's code, its low four 2j + 1's."""
+    out = codes.size(0)
+    code = torch.stack([codes >> 4, codes & 15], -1).reshape(out, -1, 32).double()  # (out, groups, 32)
+    scale, low = scales_and_mins.double().unbind(1)  # (out, groups) each
+    return (code * scale[..., None] + low[..., None]).reshape(out, -1)
+
+
+def int4_close(
+    y: torch.Tensor, x: torch.Tensor, codes: torch.Tensor, scales_and_mins: torch.Tensor, int16: bool
+):
+    """int4_matvec's y against the product with int4_weight, within the rounding of the activations (int16
+    on each row's scale: the codes' terms each off by at most half a step; the mins' term sums x as it is)
+    and fp32's rounding of the sums; with int16 activations also against that rounding's exact product."""
+    weight = int4_weight(codes, scales_and_mins)
+    expected, sizes = F.linear(x.double(), weight), F.linear(x.double().abs(), weight.abs())
+    scale, low = scales_and_mins.double().unbind(1)
+    code = torch.stack([codes >> 4, codes & 15], -1).reshape(codes.size(0), -1, 32).double()
+    coded = (code * scale[..., None]).reshape(codes.size(0), -1)  # (out, in): the codes' terms' weights
+    half_step = x.abs().amax(-1, keepdim=True).double() / 32767 / 2
+    bound = (half_step if int16 else 0) * coded.abs().sum(-1) + 1e-5 * sizes + 1e-6
+    assert ((y.double() - expected).abs() <= bound).all(), (y.double() - expected).abs().max()
+    if int16:
+        x16, step = int16_rounded(x)
+        sums = x.double().reshape(x.size(0), -1, 32).sum(-1)  # (rows, groups)
+        exact = F.linear(x16.double(), coded) * step.double() + F.linear(sums, low)
+        assert ((y.double() - exact).abs() <= 2e-6 * sizes + 1e-30).all(), (y.double() - exact).abs().max()
+
+
+def int4_odd_rows(
+    int4_matvec, codes: torch.Tensor, scales_and_mins: torch.Tensor, gen: torch.Generator
+) -> None:
+    """As int8_odd_rows: zeros give the mins' term (zero), a NaN's row NaNs, a row under 1e-30 (the fp32
+    loop) its product."""
+    odd = torch.cat([torch.zeros(1, codes.size(1) * 2), torch.randn(2, codes.size(1) * 2, generator=gen)])
+    odd[1, 5] = float("nan")
+    odd[2] *= 1e-32
+    y = int4_matvec(odd, codes, scales_and_mins)
+    assert (y[0] == 0).all() and y[1].isnan().all()
+    weight = int4_weight(codes, scales_and_mins)
+    tiny, sizes = F.linear(odd[2:].double(), weight), F.linear(odd[2:].double().abs(), weight.abs())
+    assert ((y[2:].double() - tiny).abs() <= 1e-5 * sizes).all() and (y[2] != 0).any()
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("groups", [1, 8, 9, 130])  # the tail alone, one 8-group step, a step and a tail
+@pytest.mark.parametrize("out", [37, 39])
+def test_the_int4_operator_equals_the_product_of_its_weight(rows, groups, out):
+    """int4: the activations (int16 on a per-row scale with AVX2, else fp32) times each group's codes,
+    scaled, plus the mins times x's group sums, as int4_close checks; odd rows as int4_odd_rows."""
+    built()
+    gen = torch.Generator().manual_seed(rows * 1000 + groups + out)
+    x, codes, scales_and_mins = int4_case(rows, groups, out, gen)
+    y = cpu_matvec.int4_matvec(x, codes, scales_and_mins)
+    assert y.dtype == torch.float32 and y.shape == (rows, out)
+    int4_close(y, x, codes, scales_and_mins, int4_vectors())
+    int4_odd_rows(cpu_matvec.int4_matvec, codes, scales_and_mins, gen)
+
+
 def attention_case(head_size: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, ...]:
     """q (3, 2, hs) and keys and values as views of a cache (4, 2, 50, hs) of its first 3 rows and 40
     slots, positions (3,) of a row at the end, one at slot 0 and one between; scores spread over ~100
@@ -174,13 +250,13 @@ def test_the_attention_operator_equals_attend_rows(head_size, dtype):
 OLDER_CPU = """
 import sys, torch, torch.nn.functional as F
 from multiar.engine import cpu_matvec
-from test_cpu_matvec import attention_case, attention_close, int8_close, int8_odd_rows
+from test_cpu_matvec import attention_case, attention_close, int4_case, int4_close, int4_odd_rows, int8_close, int8_odd_rows
 
 def close(y, x, w):  # fp32 sums: within fp32 rounding of the sum of the terms' sizes
     exact, size = F.linear(x.double(), w.double()), F.linear(x.double().abs(), w.double().abs())
     assert ((y.double() - exact).abs() <= 1e-6 * size + 1e-6).all(), (y.double() - exact).abs().max()
 
-int16, flags = sys.argv[1] == "int16", sys.argv[2:]
+int16, int4_16, flags = sys.argv[1] == "int16", sys.argv[2] == "int16", sys.argv[3:]
 path = cpu_matvec.build(flags)
 assert path is not None, "the build failed"
 torch.ops.load_library(str(path))
@@ -194,6 +270,10 @@ for rows, width, out in ((1, 70, 37), (1, 80, 37), (2, 4166, 39)):
     w = torch.randn(out, width, generator=gen)
     for dtype in (torch.float32, torch.bfloat16):
         close(torch.ops.multiar.matvec(x.to(dtype), w.to(dtype)), x.to(dtype), w.to(dtype))
+for rows, groups, out in ((1, 1, 37), (2, 9, 39)):
+    x, codes, scales_and_mins = int4_case(rows, groups, out, gen)
+    int4_close(torch.ops.multiar.int4_matvec(x, codes, scales_and_mins), x, codes, scales_and_mins, int4_16)
+    int4_odd_rows(torch.ops.multiar.int4_matvec, codes, scales_and_mins, gen)
 for head_size in (64, 24, 7):  # 24: AVX2's 8-wide loops, AVX-512's 16 and a tail
     for dtype in (torch.float32, torch.bfloat16):
         q, k, v, positions = attention_case(head_size, dtype, seed=head_size)
@@ -223,7 +303,14 @@ def test_the_operators_built_for_an_older_cpu_compute_the_same(flags, tmp_path):
     here = os.pathsep.join(p for p in (str(Path(__file__).parent), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "MULTIAR_CACHE": str(tmp_path), "PYTHONPATH": here}
     done = subprocess.run(
-        [sys.executable, "-c", OLDER_CPU, "int16" if int16_activations(tuple(flags)) else "fp32", *flags],
+        [
+            sys.executable,
+            "-c",
+            OLDER_CPU,
+            "int16" if int16_activations(tuple(flags)) else "fp32",
+            "int16" if int4_vectors(tuple(flags)) else "fp32",
+            *flags,
+        ],
         capture_output=True,
         text=True,
         env=env,
@@ -241,6 +328,13 @@ def test_the_operators_check_their_inputs_and_run_in_a_compiled_graph():
         cpu_matvec.int8_matvec(x.double(), q, scales)
     with pytest.raises(RuntimeError, match="int8_matvec: shapes"):
         cpu_matvec.int8_matvec(x, q, torch.ones(9))
+    codes, scales_and_mins = torch.zeros(8, 16, dtype=torch.uint8), torch.ones(8, 2, 1, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="int4_matvec: x fp32, codes uint8"):
+        cpu_matvec.int4_matvec(x, codes, scales_and_mins.float())
+    with pytest.raises(RuntimeError, match="int4_matvec: shapes"):
+        cpu_matvec.int4_matvec(x, codes, torch.ones(8, 2, 2, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="int4_matvec: shapes"):
+        cpu_matvec.int4_matvec(torch.randn(1, 30), codes[:, :15], scales_and_mins)
     with pytest.raises(RuntimeError, match="matvec: x and w both"):
         cpu_matvec.matvec(x, torch.zeros(8, 32, dtype=torch.bfloat16))
     with pytest.raises(RuntimeError, match="matvec: x \\(rows, in\\)"):
@@ -258,7 +352,8 @@ def test_the_operators_check_their_inputs_and_run_in_a_compiled_graph():
     q = torch.randint(-127, 128, (8, 32), dtype=torch.int8)
 
     def step(x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(cpu_matvec.matvec(x, w)) + cpu_matvec.int8_matvec(x, q, scales)
+        int4 = cpu_matvec.int4_matvec(x, codes, scales_and_mins)
+        return torch.relu(cpu_matvec.matvec(x, w)) + cpu_matvec.int8_matvec(x, q, scales) + int4
 
     compiled = torch.compile(step, dynamic=False)
     torch.testing.assert_close(compiled(x), step(x))

@@ -15,7 +15,7 @@ from multiar.engine import layout as lay
 from multiar.engine.decode import generate
 from multiar.engine.model import GPT, ModelConfig
 from multiar.engine.packed import PackedLinear, packs
-from multiar.engine.quantize import Int8Linear, quantize
+from multiar.engine.quantize import Int4Linear, Int8Linear, quantize
 from multiar.engine.quantized_kernels import DequantizedLinear
 
 
@@ -174,14 +174,16 @@ def test_quantized_layers_take_the_faster_kernel_per_shape(tmp_path):
     assert isinstance(again.blocks[1].attn.proj, DequantizedLinear)
 
 
-def test_int8_layers_may_take_the_mat_vec_operator_at_a_step_of_one_row(tmp_path, monkeypatch):
-    """Where engine.cpu_matvec's operator builds, an int8 shape's candidates at batch 1 include it: picked
-    where it times fastest, its layers compute what the int8 layer stands for (fp32 or int16 activations:
-    closer to the dequantized weights than the bf16-activation kernel), a prompt's many rows still take the
-    layer's own path; at batch 4 it is no candidate. A resumed run's pick of it on a machine without the
-    operator runs the layer's own kernel."""
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_layers_may_take_the_mat_vec_operator_at_a_step_of_one_row(mode, tmp_path, monkeypatch):
+    """Where engine.cpu_matvec's operators build, an int8 or int4 shape's candidates at batch 1 include
+    its operator: picked where it times fastest, its layers compute what the quantized layer stands for
+    (fp32 or int16 activations: closer to the dequantized weights than the bf16-activation kernels; int4's
+    scales and mins in bf16, as its kernel's), a prompt's many rows still take the layer's own path; at
+    batch 4 it is no candidate. A resumed run's pick of it on a machine without the operator runs the
+    layer's own kernel."""
     from multiar.engine import cpu_matvec
-    from multiar.engine.quantized_kernels import MatvecInt8Linear, dequantized_weight
+    from multiar.engine.quantized_kernels import MatvecLinear, dequantized_weight
 
     if cpu_matvec.library() is None:
         pytest.skip("no C++ compiler here: int8 layers keep their own kernels")
@@ -193,34 +195,38 @@ def test_int8_layers_may_take_the_mat_vec_operator_at_a_step_of_one_row(tmp_path
         return {n: (1e-6 if n.endswith("192x64 matvec") else 2e-6) for n in layers}
 
     on_kernel = lambda layers, rows: (1.0, 2.0)  # noqa: E731 (the int8 kernel at every row count)
-    whole = fake_timer({"int8": 2.0, "int8 per shape": 1.0}, [])
+    whole = fake_timer({mode: 2.0, f"{mode} per shape": 1.0}, [])
     model, choice = lay.prepare_for_decoding(
-        quantize(copy.deepcopy(base), "int8"), cache_dir=tmp_path, layer_timer=layer_timer, timer=whole,
+        quantize(copy.deepcopy(base), mode), cache_dir=tmp_path, layer_timer=layer_timer, timer=whole,
         prefill_timer=on_kernel,
     )  # fmt: skip
-    assert "int8 192x64 matvec" in calls[0] and choice.kernels["int8 192x64"] == "matvec"
+    assert f"{mode} 192x64 matvec" in calls[0] and choice.kernels[f"{mode} 192x64"] == "matvec"
     qkv = model.blocks[0].attn.qkv
-    assert isinstance(qkv, MatvecInt8Linear) and isinstance(model.blocks[0].attn.proj, Int8Linear)
+    assert isinstance(qkv, MatvecLinear) and isinstance(model.blocks[0].attn.proj, Int8Linear | Int4Linear)
     x = torch.randn(2, 1, 64)
-    expected = x @ dequantized_weight(qkv.layer).t()
-    # the operator: fp32 activations (int16 on a per-row scale with AVX512-VNNI: ~2^-16 of max|x| off),
-    # not the int8 kernel's bf16 ones (~2^-9 of each)
-    torch.testing.assert_close(qkv(x), expected, rtol=1e-4, atol=1e-4)
+    weight = dequantized_weight(qkv.layer)
+    if mode == "int4":  # the operator's scales and mins are bf16 (the int4 kernel's are too)
+        scale, low = qkv.layer.scales_and_mins.float().unbind(1)  # (out, groups) each
+        codes = qkv.layer.codes().float().reshape(192, -1, 32)
+        weight = (codes * scale[..., None] + low[..., None]).reshape(192, 64)
+    # the operator: fp32 activations (int16 on a per-row scale with AVX512-VNNI or AVX2: ~2^-16 of max|x|
+    # off), not the kernels' bf16 ones (~2^-9 of each)
+    torch.testing.assert_close(qkv(x), x @ weight.t(), rtol=1e-4, atol=1e-4)
     prompt = torch.randn(1, 9, 64)  # 9 rows: the layer's own kernel, not the operator
     with monkeypatch.context() as patched:
-        patched.setattr(cpu_matvec, "int8_matvec", lambda *a: pytest.fail("9 rows ran the operator"))
+        patched.setattr(cpu_matvec, f"{mode}_matvec", lambda *a: pytest.fail("9 rows ran the operator"))
         torch.testing.assert_close(qkv(prompt), qkv.layer(prompt))
     assert generate(model, [[1, 2, 3]], max_new_tokens=4, temperature=0.0)
     calls.clear()
     _, batch4 = lay.prepare_for_decoding(
-        quantize(copy.deepcopy(base), "int8"), batch_size=4, layer_timer=layer_timer, timer=whole,
+        quantize(copy.deepcopy(base), mode), batch_size=4, layer_timer=layer_timer, timer=whole,
         prefill_timer=on_kernel,
     )  # fmt: skip
     assert not any(n.endswith("matvec") for n in calls[0]) and "matvec" not in batch4.kernels.values()
     monkeypatch.setattr(cpu_matvec, "library", lambda: None)
-    pinned, _ = lay.prepare_for_decoding(quantize(copy.deepcopy(base), "int8"), kernels=choice.kernels)
+    pinned, _ = lay.prepare_for_decoding(quantize(copy.deepcopy(base), mode), kernels=choice.kernels)
     without = pinned.blocks[0].attn.qkv
-    assert isinstance(without, MatvecInt8Linear) and not without.on_operator
+    assert isinstance(without, MatvecLinear) and not without.on_operator
     torch.testing.assert_close(without(x), without.layer(x))
 
 

@@ -120,6 +120,15 @@ def test_int4_codes_the_kernel_and_a_whole_model():
     ref = x @ q.dequantized().t()
     with torch.no_grad():
         assert (q(x) - ref).norm() / ref.norm() < 0.01
+    # the operator's scales and mins: the same weights, in bf16 (out, 2, groups), built again by pack()
+    scale, low = q.scales_and_mins.float().unbind(1)  # (out, groups) each
+    bf16_weight = q.codes().float().reshape(48, 4, 32) * scale[..., None] + low[..., None]
+    torch.testing.assert_close(bf16_weight.reshape(48, 128), q.dequantized(), rtol=0, atol=0.01)
+    loaded = Int4Linear(128, 48)
+    loaded.load_state_dict(q.state_dict())
+    assert "scales_and_mins" not in q.state_dict() and torch.equal(
+        loaded.pack().scales_and_mins, q.scales_and_mins
+    )
     model = GPT(ModelConfig(vocab_size=40, block_size=64, n_layer=2, n_head=2, n_embd=64)).eval()
     q_model = quantize(copy.deepcopy(model), "int4")
     # a 40-token head does not fit the kernel (rows in 16s): int8 there, int4 everywhere else
