@@ -105,7 +105,9 @@ def main() -> None:
                 print(f"{mode} {shape}: no {mode} kernel here: {choice.log_line()}", flush=True)
                 continue
             rule = choice.kernels[key]
-            timings = next(entry for k, entry in table.items() if f"| {key}," in k)["ms_kernel_dense"]
+            entry = next(entry for k, entry in table.items() if f"| {key}," in k)
+            # [kernel, dense] ms, and the operator's where it was timed too
+            timings = entry.get("ms_kernel_dense_matvec") or entry["ms_kernel_dense"]
             print(f"{mode} {shape}: {choice.log_line()}", flush=True)
             for length in args.prompts:
                 prompt = torch.randint(3, 512, (1, length))

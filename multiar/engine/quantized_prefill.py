@@ -11,8 +11,14 @@ two cross later, near 100 rows (benchmarks/README.md, issue 19). Where they cros
 it is measured per mode: the model's layer shapes of that mode timed both ways at 4 to 256 rows, and
 calls of at least the fewest rows from which the dense GEMM wins at every larger count measured take
 it: any call, a prefill, a scored batch, or an eager decode step of that many rows (batch_size >= the
-count). Each mode's rule is a kernel choice like the per-shape ones (`engine.layout`): named in
-`DecodeChoice.kernels` under "int8 prefill" / "int4 prefill", cached in decode_layout.json, pinned by a
+count). Where engine.cpu_matvec's operators are built, the calls below that count may run the layer's
+operator instead of its kernel (it reads the codes once for all rows): timed at the same counts, it
+takes them where it beats the kernel at the fewest rows timed, and the dense GEMM's count is then
+measured against it. On a Zen 3 EPYC (AVX2, no bf16 in hardware; session 38) the 85M model's 49 int8
+layers at 16 rows: the int8 kernel (fp32 activations there) 789 ms, dense fp32 91, the operator 24; at
+64 rows 3,181 / 163 / 99. Each mode's rule is a kernel choice like the per-shape ones (`engine.layout`): named in
+`DecodeChoice.kernels` under "int8 prefill" / "int4 prefill" ("int8", "fp32 from 4 rows", "matvec",
+"matvec, fp32 from 128 rows"), cached in decode_layout.json, pinned by a
 resume (a journal from before the rules: every call on the kernel, as that run did). A compiled
 graph's calls keep the kernel (inductor's int8 GEMM is its own). No Lightning, Hydra or domain code
 here.
@@ -27,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from multiar.engine import cpu_matvec
 from multiar.engine.choice_cache import cache_key, read_cache, write_cache
 from multiar.engine.quantize import MODES, Int4Linear, Int8Linear, kernel_name, quantized_mode
 
@@ -34,8 +41,10 @@ ROWS = (4, 8, 16, 32, 64, 128, 256)  # the row counts timed
 SHORT_NAMES = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16"}
 
 Quantized = Int8Linear | Int4Linear
-# (layers of one mode, one per shape) x rows -> (seconds on the kernel, seconds dense) for one call of each
-RowsTimer = Callable[[list[Quantized], int], tuple[float, float]]
+# (layers of one mode, one per shape) x rows -> (seconds on the kernel, seconds dense[, seconds on the
+# operator, where the layers have one]) for one call of each
+RowsTimer = Callable[[list[Quantized], int], tuple[float, ...]]
+OPERATOR = "matvec"  # a rule's first word where calls below its dense count run the operator
 
 
 def prefill_key(mode: str) -> str:
@@ -47,23 +56,32 @@ def is_prefill_key(key: str) -> bool:
     return key in {prefill_key(mode) for mode in MODES}
 
 
-def rule_name(rows: int, layer: Quantized) -> str:
+def rule_name(rows: int, layer: Quantized, operator: bool = False) -> str:
     """A rule as DecodeChoice.kernels names it: the mode ("int8", "int4": the kernel for every call) or
-    "bf16 from 64 rows" (the dense GEMM's dtype, from that many rows of a call on)."""
-    if not rows:
-        return kernel_name(layer)
+    "bf16 from 64 rows" (the dense GEMM's dtype, from that many rows of a call on), and with operator
+    "matvec" or "matvec, bf16 from 64 rows" (the operator in place of the kernel)."""
     dtype = layer.activation_dtype()
-    return f"{SHORT_NAMES.get(dtype, str(dtype).removeprefix('torch.'))} from {rows} rows"
+    dense = f"{SHORT_NAMES.get(dtype, str(dtype).removeprefix('torch.'))} from {rows} rows"
+    if operator:
+        return f"{OPERATOR}, {dense}" if rows else OPERATOR
+    return dense if rows else kernel_name(layer)
 
 
 def rule_rows(name: str) -> int:
-    """The row count a rule's name says (0: the kernel for every call); ValueError for another name."""
-    if name in MODES:
+    """The row count a rule's name says (0: no call dense); ValueError for another name."""
+    if name in MODES or name == OPERATOR:
         return 0
-    words = name.split()
+    words = name.removeprefix(f"{OPERATOR}, ").split()
     if len(words) != 4 or words[1] != "from" or words[3] != "rows" or not words[2].isdigit():
-        raise ValueError(f"prefill rule: {name!r} is not a rule (int8, int4, or '<dtype> from <n> rows')")
+        raise ValueError(
+            f"prefill rule: {name!r} is not a rule (int8, int4, matvec, '[matvec, ]<dtype> from <n> rows')"
+        )
     return int(words[2])
+
+
+def on_operator(name: str) -> bool:
+    """Whether a rule runs the calls below its dense count on the operator."""
+    return name == OPERATOR or name.startswith(f"{OPERATOR}, ")
 
 
 def is_rule(name: object) -> bool:
@@ -77,25 +95,37 @@ def is_rule(name: object) -> bool:
     return True
 
 
-def rows_seconds(layers: list[Quantized], rows: int, rounds: int = 3) -> tuple[float, float]:
-    """Seconds for one call of every layer at `rows` rows, on the kernel and dense, interleaved, best
-    round of each."""
-    best = [float("inf"), float("inf")]
+def operator_of(layer: Quantized) -> Callable | None:
+    """The layer's engine.cpu_matvec operator (x fp32, codes, the layer's scales) -> (N, out) fp32, where
+    it is built and the layer is on the CPU; else None."""
+    if layer.weight.device.type != "cpu" or cpu_matvec.library() is None:
+        return None
+    return cpu_matvec.int4_matvec if isinstance(layer, Int4Linear) else cpu_matvec.int8_matvec
+
+
+def rows_seconds(layers: list[Quantized], rows: int, rounds: int = 3) -> tuple[float, ...]:
+    """Seconds for one call of every layer at `rows` rows: on the kernel, dense, and (where the layers
+    have one) on the operator; interleaved, best round of each."""
+    ways = [(0, None), (1, None)]  # (dense_from, operator)
+    operators = [operator_of(m) for m in layers]
+    if all(operators):
+        ways.append((0, True))
+    best = [float("inf")] * len(ways)
     with torch.inference_mode():
         inputs = [torch.randn(rows, m.in_features, device=m.weight.device) for m in layers]
         for r in range(rounds + 1):  # the first round warms up
-            for way, dense_from in enumerate((0, 1)):
+            for way, (dense_from, operator) in enumerate(ways):
                 start = time.perf_counter()
-                for layer, x in zip(layers, inputs, strict=True):
-                    kept = layer.dense_from
-                    layer.dense_from = dense_from
+                for layer, op, x in zip(layers, operators, inputs, strict=True):
+                    kept = layer.dense_from, layer.operator
+                    layer.dense_from, layer.operator = dense_from, op if operator else None
                     try:
                         layer(x)
                     finally:
-                        layer.dense_from = kept
+                        layer.dense_from, layer.operator = kept
                 if r:
                     best[way] = min(best[way], time.perf_counter() - start)
-    return best[0], best[1]
+    return tuple(best)
 
 
 def fewest_dense_rows(seconds: dict[int, tuple[float, float]]) -> int:
@@ -140,24 +170,34 @@ def _measured_rule(
 ) -> str:
     """A mode's rule from the cache, else timed (one layer per shape) and cached."""
     # the model's mode too: an int4 model's int8 layers (its head) are not an int8 model's of one shape
-    cache = cache_key(model, None, f"{key}, quantize={quantized_mode(list(model.modules()))}")
+    # the operator a candidate too: a rule cached where it was none is measured again
+    offered = f" {OPERATOR}" if all(operator_of(m) for m in layers) else ""
+    cache = cache_key(model, None, f"{key}, quantize={quantized_mode(list(model.modules()))}{offered}")
     entry = read_cache(cache_file, cache)
     if entry is not None and is_rule(entry.get("rule")):
         return entry["rule"]
     # none cached, or an entry that is not a rule (edited by hand): measured again
     shapes = list({(m.out_features, m.in_features): m for m in layers}.values())
     seconds = {n: timer(shapes, n) for n in ROWS}
-    rule = rule_name(fewest_dense_rows(seconds), layers[0])
-    ms = {str(n): [round(1e3 * s, 3) for s in pair] for n, pair in seconds.items()}
-    write_cache(cache_file, cache, {"rule": rule, "ms_kernel_dense": ms})
+    # the operator below the dense count where it beats the kernel at the fewest rows timed
+    operator_timed = all(len(t) > 2 for t in seconds.values())
+    operator = operator_timed and seconds[ROWS[0]][2] < seconds[ROWS[0]][0]
+    below = {n: (t[2] if operator else t[0], t[1]) for n, t in seconds.items()}  # (below's way, dense)
+    rule = rule_name(fewest_dense_rows(below), layers[0], operator)
+    ms = {str(n): [round(1e3 * s, 3) for s in times] for n, times in seconds.items()}
+    timed = "ms_kernel_dense" + (f"_{OPERATOR}" if operator_timed else "")
+    write_cache(cache_file, cache, {"rule": rule, timed: ms})
     return rule
 
 
 def use_prefill(model: nn.Module, mode: str, rule: str) -> None:
-    """Set a rule (as rule_name names it) on every layer of model of that mode."""
+    """Set a rule (as rule_name names it) on every layer of model of that mode: its dense count, and its
+    operator where the rule names it and the layer has one (a resumed run's rule on a machine without
+    the operators: the kernel)."""
     rows = rule_rows(rule)
     for m in _layers(model, mode):
         m.dense_from = rows
+        m.operator = operator_of(m) if on_operator(rule) else None
 
 
 def _layers(model: nn.Module, mode: str) -> list[Quantized]:

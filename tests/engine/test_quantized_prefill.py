@@ -133,6 +133,63 @@ def test_the_rule_is_measured_once_cached_pinned_and_set_on_every_int8_layer(tmp
 
 
 @needs_kernel
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_calls_below_the_dense_count_run_the_operator_where_it_beats_the_kernel(mode, tmp_path, monkeypatch):
+    """Where the layers have an operator, the timer gives its seconds too; where it beats the kernel at
+    the fewest rows timed the rule is "matvec, <dtype> from N rows": calls below N run the operator (its
+    product, not the kernel's), from N the dense GEMM. Where it loses there, the kernel's rule as before.
+    A "matvec" rule (a resumed run's) where the operators do not build leaves the kernel."""
+    from multiar.engine import cpu_matvec
+    from multiar.engine.quantized_kernels import operator_matvec
+
+    if cpu_matvec.library() is None:
+        pytest.skip("no C++ compiler here: no operator")
+    torch.manual_seed(0)
+    model = quantize(
+        GPT(ModelConfig(vocab_size=64, block_size=64, n_layer=1, n_head=2, n_embd=64)).eval(), mode
+    )
+    layers = quantized_prefill._layers(model, mode)
+    if not layers[0].on_kernel():
+        pytest.skip(f"this torch has no {mode} kernel")
+    assert len(quantized_prefill.rows_seconds(layers[:1], 4, rounds=1)) == 3  # the operator timed too
+    key = f"{mode} prefill"
+
+    def operator_wins(layers, rows):  # (kernel, dense, operator): the operator below 64 rows, then dense
+        return (3.0, 2.0 if rows >= 64 else 4.0, 1.0 if rows < 64 else 2.5)
+
+    rule = choose_prefill(model, tmp_path / CACHE_FILE, timer=operator_wins)[key]
+    assert (
+        rule == rule_name(64, layers[0], operator=True)
+        and rule.startswith("matvec, ")
+        and rule.endswith(" from 64 rows")
+    )
+    assert all(m.operator is not None and m.dense_from == 64 for m in layers)
+    entry = next(iter(json.loads((tmp_path / CACHE_FILE).read_text()).values()))
+    assert entry["rule"] == rule and entry["ms_kernel_dense_matvec"]["4"] == [3000.0, 4000.0, 1000.0]
+    layer = layers[0]
+    layer.kernel = lambda *args: pytest.fail("the kernel ran")
+    x = torch.randn(8, layer.in_features)
+    with torch.inference_mode():
+        assert torch.equal(layer(x), operator_matvec(layer, x))  # 8 rows: the operator
+        operator, layer.operator = layer.operator, lambda *args: pytest.fail("64 rows ran the operator")
+        layer(torch.randn(64, layer.in_features))  # 64 rows: dense
+        layer.operator = operator
+
+    def kernel_wins(layers, rows):  # the operator slower than the kernel at 4 rows
+        return (1.0, 2.0 if rows < 64 else 0.5, 1.5)
+
+    assert choose_prefill(model, None, timer=kernel_wins)[key] == rule_name(64, layer)
+    assert all(m.operator is None and m.dense_from == 64 for m in layers)
+    assert rule_rows("matvec") == 0 and rule_rows("matvec, fp32 from 64 rows") == 64
+    assert quantized_prefill.on_operator("matvec") and not quantized_prefill.on_operator(ON_KERNEL)
+    with pytest.raises(ValueError, match="not a rule"):
+        rule_rows("matvec, fast")
+    monkeypatch.setattr(cpu_matvec, "library", lambda: None)
+    use_prefill(model, mode, "matvec")
+    assert all(m.operator is None and m.dense_from == 0 for m in layers)
+
+
+@needs_kernel
 def test_prepare_for_decoding_names_the_rule_among_the_kernels_and_a_pin_keeps_it(tmp_path):
     """The rule rides in DecodeChoice.kernels (the log line, generate.json, a resume's journal); pinned
     kernels from a journal without it (written before it existed) keep every call on the kernel."""
