@@ -1,4 +1,4 @@
-"""Mat-vec operators for a decode step's one or two rows (cpu_matvec.cpp), called through torch's
+"""Mat-vec operators for a decode step's one or two rows, and a prompt's where they beat a layer's kernel (cpu_matvec.cpp), called through torch's
 dispatcher, so that AOTInductor packages and torch.compile's graphs run them as eager code does:
 - `multiar::int8_matvec(x, q, scales)`: the activations times the int8 codes, scaled per output row
   after the sum (an int8 layer: engine.quantize.Int8Linear). With AVX512-VNNI each row of x is rounded
@@ -7,6 +7,11 @@ dispatcher, so that AOTInductor packages and torch.compile's graphs run them as 
   infinity takes fp32) and 32 codes a step are multiplied and summed in int32
   (`vpdpwssd`, flushed to fp32 every 4,096 codes); with AVX2 and FMA and no AVX-512 the same int16
   rounding, 16 codes a step (`vpmaddwd`, then an add); elsewhere fp32 activations and fp32 sums;
+- `multiar::int4_matvec(x, codes, scales_and_mins)`: the activations times int4 codes (two a byte, as
+  engine.quantize.Int4Linear holds them) with a bf16 scale and min per 32 inputs: with AVX2 and FMA (an
+  AVX-512 CPU too) each row of x rounded to int16 as above, each group's codes widened to int16 and
+  multiplied and summed in pairs (`vpmaddwd`), the group's sum scaled in fp32, and the mins times x's
+  group sums added; elsewhere fp32;
 - `multiar::matvec(x, w)`: fp32 or bf16 activations and weights of one dtype, summed in fp32 (bf16:
   AVX512-BF16's pairwise dot product where the CPU has it);
 - `multiar::decode_attention(q, keys, values, positions, rows=None)`: a decode step's attention (one
@@ -14,9 +19,9 @@ dispatcher, so that AOTInductor packages and torch.compile's graphs run them as 
   bf16, in fp32: each head's keys read once, then its values once (engine.rows_attention.attend_rows's
   math).
 The mat-vecs read every weight once for all rows. engine.ahead_of_time's streamed package calls them for
-int8 layers, and for fp32 and bf16 Linears where their loops are vectors (AVX-512's or AVX2's:
-`vectorized`);
-engine.quantized_kernels offers the int8 one per shape (MatvecInt8Linear).
+int8 and int4 layers, and for fp32 and bf16 Linears where their loops are vectors (AVX-512's or AVX2's:
+`vectorized`); engine.quantized_kernels offers the int8 and int4 ones per shape (MatvecLinear), and
+engine.quantized_prefill for a call's rows below its dense count where they beat the layer's kernel.
 The attention runs in every CPU decode package, in serve's captured step and as serve's `operator` rows
 attention (engine.rows_attention).
 
@@ -75,6 +80,21 @@ through matvec against inductor's autotuned GEMMs (its pick before: streamed flo
 packages in one process, jobs in turns: 1.23x the tokens/s (median of 15 rounds' ratios, 1.13-1.45; the
 package's own step timing 8.99 against 11.23 ms). fp32 measured its streamed GEMMs at 14.02 ms a step against
 autotuned's 13.81 and kept autotuned (1.05x, 0.98-1.11, the same package on both sides).
+
+Session 38, the same Zen 3 EPYC (/tmp probes): the 85M model's 49 int4 mat-vecs, in model order, took 2.9
+ms through int4_matvec against 6.6 through torch's `_weight_int4pack_mm_for_cpu` (three runs, 60 rounds
+each in turns: 18 GB/s of codes and scales against 8), and the 85M int4 compile=true package ran 223
+tokens/s where it had run 109-115 on torch's kernel. At 16 rows (a prompt) the 49 int8 layers took 24 ms
+through int8_matvec, 91 dequantized to fp32 for one GEMM, 789 on `_weight_int8pack_mm` with fp32
+activations (this CPU has no bf16); int4 34 against its kernel's 40. Two leads measured and not taken:
+- each thread reading its output rows in four runs in turns (four streams of weights, so more lines are
+  on their way from RAM at once): the 49 mat-vecs of bf16 0.86x the time, int8 0.96x, int4 1.27x (two
+  runs of 60 rounds in turns): it would need a count per operator, measured per machine;
+- weights in 2 MB pages (the kernel's transparent huge pages, asked for with madvise): one 50 MB int8
+  weight read 1.25x as fast on two cores, but the 49 mat-vecs of 85M in one huge-page arena only
+  1.04-1.17x, and `THP_MEM_ALLOC_ENABLE=1` (torch's allocator, every block of 2 MB or more) gave the 85M
+  compile=true jobs no gain (int8 182 and 164 tok/s against 194 and 207 without; bf16 130 and 117 against
+  134 and 132).
 
 Built on first use with the system's C++ compiler (`$CXX`, else `c++`; ~6 s) against this torch's
 headers, for this CPU (-march=native), cached under `$MULTIAR_CACHE/kernels` by a digest of the source,
