@@ -1,5 +1,6 @@
-"""Mat-vec operators for a decode step's one or two rows, and a prompt's where they beat a layer's kernel (cpu_matvec.cpp), called through torch's
-dispatcher, so that AOTInductor packages and torch.compile's graphs run them as eager code does:
+"""Mat-vec operators for a decode step's one or two rows, and a prompt's where they beat a layer's kernel
+(cpu_matvec.cpp), called through torch's dispatcher, so that AOTInductor packages and torch.compile's
+graphs run them as eager code does:
 - `multiar::int8_matvec(x, q, scales)`: the activations times the int8 codes, scaled per output row
   after the sum (an int8 layer: engine.quantize.Int8Linear). With AVX512-VNNI each row of x is rounded
   to int16 on its own scale (max|x| -> 32767, so at most 2^-16 of max|x| off: finer than the bf16
