@@ -1,16 +1,18 @@
 """Quantized calls of many rows: the int8 or int4 kernel for every call (the baseline, as before the rules)
 against the rule `prepare_for_decoding` measures (`multiar.engine.quantized_prefill`: the weight
-dequantized for one dense GEMM from a row count on), side by side in one process, interleaved, median
+dequantized for one dense GEMM from a row count on, and below it the kernel or, where measured faster,
+the layer's mat-vec operator), side by side in one process, interleaved, median
 of N.
 
     .venv/bin/python benchmarks/quantized_prefill.py [--modes int8 int4] [--shapes 10.8M 85M]
         [--prompts 16 64 256 512] [--repeats 5] [--new 32] [--json out.json]
 
 Per mode and shape (random weights, vocab 512; an int4 model's 512-token head is int4 too): the rule measured afresh (an empty cache) and its timings (ms
-for one call of each layer shape of that mode, on the kernel and dense, per row count); for each
-prompt length, the prefill alone (one forward over the prompt, logits of its last token) and `generate`
-of --new tokens after it (sampling, temperature 1, eager decode steps: the kernel serves their one row
-either way), on the kernel and with the rule; the largest logit difference between the two prefills.
+for one call of each layer shape of that mode, on the kernel, dense and, where timed, on the operator,
+per row count); for each prompt length, the prefill alone (one forward over the prompt, logits of its
+last token) and `generate` of --new tokens after it (sampling, temperature 1, eager decode steps: their
+one row on the kernel, or on the operator under a "matvec" rule), on the kernel and with the rule; the
+largest logit difference between the two prefills.
 The CPU is named in the JSON: where the kernel and the GEMM cross differs between CPUs.
 """
 

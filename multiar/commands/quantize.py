@@ -44,7 +44,7 @@ def quantize_run(cfg: DictConfig) -> dict[str, Any]:
         report["val_ppl"] = f"not measured: {missing}"
         print(f"{d.name}: {quantized_file(cfg.mode)} written; validation ppl not measured ({missing})")
     else:
-        # its layers score many rows a call: on the kernel or dense, as sampling's prefill does
+        # its layers score many rows a call: on the kernel, the operator or dense, as sampling's prefill does
         report |= choose_prefill(model, cache_dir() / CACHE_FILE)
         low = summary(score_documents(model, docs, d.bos_id, d.eos_id, cfg.batch_size), docs, d.unit)
         report |= {

@@ -69,6 +69,7 @@ from multiar.engine.compile_choice import ANY_WEIGHTS
 from multiar.engine.inductor_options import inductor_options
 from multiar.engine.quantize import Int4Linear, Int8Linear
 from multiar.engine.quantized_kernels import operator_matvec
+from multiar.engine.quantized_prefill import has_operator
 from multiar.engine.rows_attention import attend_for
 
 log = logging.getLogger("multiar")
@@ -88,8 +89,8 @@ ENGINE = Path(__file__).parent  # its sources are in every key: a changed engine
 
 
 # the package's GEMMs, each candidate's switches: inductor's `autotune` (engine.inductor_options), and
-# `streamed`: every float nn.Linear and int8 or int4 layer traced as a mat-vec that streams the weight once (no
-# GEMM kernel): engine.cpu_matvec's operators (where they build; else a multiply-and-sum that inductor
+# `streamed`: every float nn.Linear and int8 or int4 layer traced as a mat-vec that streams the weight once
+# (no GEMM kernel): engine.cpu_matvec's operators (where they build; else a multiply-and-sum that inductor
 # fuses into one loop per output row; in the 85M fp32 package that loop took 1.25-1.29x the operator's step,
 # session 34). At one row that loop read 85M's bf16 weights at 48 GB/s where oneDNN's mat-vec read them at
 # 27 (a /tmp probe, Zen 5, session 30), the operator at ~50; at 4 rows and up the fused loop reads them
@@ -132,11 +133,11 @@ def _streams(module: nn.Module) -> bool:
 
 def _on_operator(module: nn.Module) -> bool:
     """Whether streamed runs this layer through engine.cpu_matvec's operators where they are built: an
-    int8 or int4 layer, or an fp32 or bf16 nn.Linear where the operator's float loops are vectors (AVX-512's or
-    AVX2's: cpu_matvec.vectorized), on the CPU."""
+    int8 or int4 layer (quantized_prefill.has_operator), or an fp32 or bf16 nn.Linear where the
+    operator's float loops are vectors (AVX-512's or AVX2's: cpu_matvec.vectorized), on the CPU."""
     floats = type(module) is nn.Linear and module.weight.dtype in (torch.float32, torch.bfloat16)
     floats = floats and cpu_matvec.vectorized()
-    quantized = isinstance(module, Int8Linear | Int4Linear)
+    quantized = isinstance(module, Int8Linear | Int4Linear) and has_operator(module)
     return (floats or quantized) and module.weight.device.type == "cpu"
 
 
@@ -272,8 +273,8 @@ def package_key(model: nn.Module, rows: int, options: dict, weights: str | None 
         h.update(" ".join(w for w in weights if ".kv_cache." not in w).encode())  # caches: below
     else:
         h.update((weights or weights_digest(model)).encode())  # weights: its digest, taken before
-    # whether it calls the operators (its attention on a CPU; a streamed one's float and int8 layers too;
-    # built, and loaded before the package is: it names them)
+    # whether it calls the operators (its attention on a CPU; a streamed one's float, int8 and int4 layers
+    # too; built, and loaded before the package is: it names them)
     if device.type == "cpu":
         h.update(f"operators {cpu_matvec.library() is not None}".encode())
     for name, t in _caches(model).items():  # a cache's contents change every step: its shape only

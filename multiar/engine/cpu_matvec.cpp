@@ -1,7 +1,7 @@
-// A decode step's int8, int4 and float Linears at one or two rows (multiar::int8_matvec,
-// multiar::int4_matvec, multiar::matvec) and its attention (multiar::decode_attention), as torch operators
-// that compiled code and AOTInductor packages call through the dispatcher. Built and loaded by
-// engine/cpu_matvec.py; see there for why.
+// A decode step's int8, int4 and float Linears at one or two rows, and a prompt's rows where they beat a
+// layer's kernel (multiar::int8_matvec, multiar::int4_matvec, multiar::matvec), and its attention
+// (multiar::decode_attention), as torch operators that compiled code and AOTInductor packages call
+// through the dispatcher. Built and loaded by engine/cpu_matvec.py; see there for why.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -406,34 +406,34 @@ inline float int4_dot(const int16_t* x16, const uint8_t* codes, const at::BFloat
 }
 #endif
 
-// int4_dot in fp32 over x as it is (a row int16 cannot hold, or a build without AVX2): the codes' products
-// summed per group, scaled
-inline float int4_dot_fp32(const float* x, const uint8_t* codes, const at::BFloat16* scales, int64_t groups) {
+// a row's whole dot product in fp32 over x as it is (a row int16 cannot hold, or a build without AVX2):
+// each weight code * scale + min, times its input, so that an infinity keeps its sign (a product with the
+// codes' and the mins' terms apart could make inf - inf)
+inline float int4_dot_fp32(const float* x, const uint8_t* codes, const at::BFloat16* scales,
+                           const at::BFloat16* mins, int64_t groups) {
   float acc = 0.0f;
   for (int64_t g = 0; g < groups; g++) {
-    float sum = 0.0f;
+    const float scale = static_cast<float>(scales[g]), low = static_cast<float>(mins[g]);
     for (int64_t j = 0; j < INT4_GROUP / 2; j++) {
       const uint8_t byte = codes[INT4_GROUP / 2 * g + j];
-      sum += x[INT4_GROUP * g + 2 * j] * static_cast<float>(byte >> 4) +
-             x[INT4_GROUP * g + 2 * j + 1] * static_cast<float>(byte & 15);
+      acc += x[INT4_GROUP * g + 2 * j] * (static_cast<float>(byte >> 4) * scale + low) +
+             x[INT4_GROUP * g + 2 * j + 1] * (static_cast<float>(byte & 15) * scale + low);
     }
-    acc += static_cast<float>(scales[g]) * sum;
   }
   return acc;
 }
 
+#ifdef MULTIAR_INT4_VECTORS
 // sum_g mins_g * sums_g: the mins (bf16) against x's sums per group (fp32)
 inline float min_term(const at::BFloat16* mins, const float* sums, int64_t groups) {
-  float acc = 0.0f;
-  int64_t g = 0;
-#ifdef MULTIAR_INT4_VECTORS
   __m256 a = _mm256_setzero_ps();
+  int64_t g = 0;
   for (; g + 8 <= groups; g += 8) a = _mm256_fmadd_ps(load8(mins + g), _mm256_loadu_ps(sums + g), a);
-  acc = sum8(a);
-#endif
+  float acc = sum8(a);
   for (; g < groups; g++) acc += static_cast<float>(mins[g]) * sums[g];
   return acc;
 }
+#endif
 
 at::Tensor int4_matvec(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales_and_mins) {
   TORCH_CHECK(x.dim() == 2 && codes.dim() == 2 && scales_and_mins.dim() == 3,
@@ -450,6 +450,7 @@ at::Tensor int4_matvec(const at::Tensor& x, const at::Tensor& codes, const at::T
   const float* xp = xc.data_ptr<float>();
   const uint8_t* cp = cc.data_ptr<uint8_t>();
   const at::BFloat16* sp = sc.data_ptr<at::BFloat16>();
+#ifdef MULTIAR_INT4_VECTORS
   std::vector<float> sums(rows * groups);  // x's sum per group, for the mins
   for (int64_t n = 0; n < rows; n++) {
     for (int64_t g = 0; g < groups; g++) {
@@ -458,7 +459,6 @@ at::Tensor int4_matvec(const at::Tensor& x, const at::Tensor& codes, const at::T
       sums[n * groups + g] = sum;
     }
   }
-#ifdef MULTIAR_INT4_VECTORS
   // each row of x to int16 on its own scale as int8_matvec's (a row with a NaN or an infinity, or all but
   // zero, takes the fp32 loop), then each group's even inputs before its odd ones
   std::vector<int16_t> x16(rows * in), natural(in);
@@ -472,15 +472,14 @@ at::Tensor int4_matvec(const at::Tensor& x, const at::Tensor& codes, const at::T
   }
   each_output(rows, out, y.data_ptr<float>(), [&](int64_t o, int64_t n) {
     const at::BFloat16* row = sp + o * 2 * groups;
-    const float mins = min_term(row + groups, sums.data() + n * groups, groups);
-    if (x_scale[n] == 0.0f) return int4_dot_fp32(xp + n * in, cp + o * in / 2, row, groups) + mins;
-    return x_scale[n] * int4_dot(x16.data() + n * in, cp + o * in / 2, row, groups) + mins;
+    if (x_scale[n] == 0.0f) return int4_dot_fp32(xp + n * in, cp + o * in / 2, row, row + groups, groups);
+    return x_scale[n] * int4_dot(x16.data() + n * in, cp + o * in / 2, row, groups) +
+           min_term(row + groups, sums.data() + n * groups, groups);
   });
 #else
   each_output(rows, out, y.data_ptr<float>(), [&](int64_t o, int64_t n) {
     const at::BFloat16* row = sp + o * 2 * groups;
-    return int4_dot_fp32(xp + n * in, cp + o * in / 2, row, groups) +
-           min_term(row + groups, sums.data() + n * groups, groups);
+    return int4_dot_fp32(xp + n * in, cp + o * in / 2, row, row + groups, groups);
   });
 #endif
   return y;

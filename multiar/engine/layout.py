@@ -9,7 +9,8 @@ candidates. Quantized models (int8, int4) keep their weights; each layer shape's
 kernel, or the weights dequantized once to bf16, packed where oneDNN packs bf16) is picked the same
 way, per shape (`engine.quantized_kernels`); where the picks mix in bf16 copies, the whole model
 decodes with them and with its own kernels, and the faster set is kept. Their layers' calls of many
-rows (a prompt's prefill) dequantize the weight for one dense GEMM from a row count measured too
+rows (a prompt's prefill) dequantize the weight for one dense GEMM from a row count measured too, and
+below it run the kernel or, where measured faster, engine.cpu_matvec's operator
 (`engine.quantized_prefill`).
 
 The choice is cached in `cache_dir/decode_layout.json`, keyed by CPU model, torch version, thread
@@ -186,8 +187,9 @@ def prepare_for_decoding(
     cache_file = Path(cache_dir).expanduser() / CACHE_FILE if cache_dir is not None else None
     quantized = [m for m in model.modules() if isinstance(m, Int8Linear | Int4Linear)]
     timer = timer or (lambda models: decode_step_seconds(models, batch_size))
-    # a quantized model's layers at many rows (prefill): on their kernel or dense, set on them before
-    # anything copies them; pinned by a resume's kernels (a journal from before the rules: the kernel)
+    # a quantized model's layers at many rows (prefill): on their kernel, operator or dense, set on them
+    # before anything copies them; pinned by a resume's kernels (a journal from before the rules: the
+    # kernel)
     prefill = (
         choose_prefill(model, cache_file, kernels or None, prefill_timer or rows_seconds) if quantized else {}
     )

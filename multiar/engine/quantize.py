@@ -206,7 +206,8 @@ class Int4Linear(nn.Module):
         return torch.bfloat16 if self.on_kernel() else x_dtype
 
     def pack(self) -> Int4Linear:
-        """Build the CPU kernel's layout and scales_and_mins from the buffers (after from_linear or a load)."""
+        """Build the CPU kernel's layout and scales_and_mins from the buffers (after from_linear or a
+        load)."""
         scale, zero = self.scales_and_zeros.float().unbind(-1)  # (in / group, out) each
         self.scales_and_mins.copy_(torch.stack([scale, zero - 8 * scale]).permute(2, 0, 1))
         if self.weight.device.type == "cpu" and (kernels := _int4_kernels()) is not None:

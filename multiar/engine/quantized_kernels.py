@@ -20,7 +20,7 @@ from multiar.engine.choice_cache import cache_key, read_cache, write_cache
 from multiar.engine.decode_choice import DecodeChoice, Timer
 from multiar.engine.packed import PackedLinear, packs
 from multiar.engine.quantize import Int4Linear, Int8Linear, kernel_name, quantized_mode
-from multiar.engine.quantized_prefill import is_prefill_key
+from multiar.engine.quantized_prefill import has_operator, is_prefill_key
 
 
 class DequantizedLinear(nn.Module):
@@ -43,21 +43,22 @@ MATVEC_ROWS = 2  # calls of up to this many rows run the operator: it reads the 
 
 
 class MatvecLinear(nn.Module):
-    """A quantized layer whose calls of up to MATVEC_ROWS rows run its engine.cpu_matvec operator (the
-    layer's operator_matvec: int8 codes against fp32 or, with AVX512-VNNI or AVX2, per-row int16 activations,
-    scaled after the sum; int4 codes against int16 activations, each group scaled), and longer calls (a
-    prompt's prefill) the layer's own. The 85M model's 49 int8 mat-vecs took 1.50 ms through it against
-    `_weight_int8pack_mm`'s 2.72-2.76 (a /tmp probe on the Zen 5 EPYC, session 31), and the 85M eager
-    int8 job ran 245 tok/s against 181 on the int8 kernel in one run (benchmarks/README.md); its 49 int4
-    mat-vecs took 2.9 ms against `_weight_int4pack_mm_for_cpu`'s 6.6 (a /tmp probe on the Zen 3 EPYC,
-    session 38). Without the operator (a resumed run's pick on a machine with no C++ compiler) every call
-    is the layer's own."""
+    """A quantized layer whose calls of up to MATVEC_ROWS rows run its engine.cpu_matvec operator
+    (operator_matvec: the codes against fp32 activations or, where the build rounds them, int16 ones on a
+    per-row scale (int8: AVX512-VNNI, or AVX2 without AVX-512; int4: AVX2), int8 scaled after the sum,
+    int4 per group), and longer calls (a prompt's prefill) the layer's own (itself the operator below
+    its dense count where engine.quantized_prefill's rule says "matvec"). The 85M model's 49 int8
+    mat-vecs took 1.50 ms through it against `_weight_int8pack_mm`'s 2.72-2.76 (a /tmp probe on the Zen 5
+    EPYC, session 31), and the 85M eager int8 job ran 245 tok/s against 181 on the int8 kernel in one run
+    (benchmarks/README.md); its 49 int4 mat-vecs took 2.9 ms against `_weight_int4pack_mm_for_cpu`'s 6.6
+    (a /tmp probe on the Zen 3 EPYC, session 38). Without the operator (a resumed run's pick on a machine
+    with no C++ compiler) every call is the layer's own."""
 
     def __init__(self, layer: Int8Linear | Int4Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = layer.in_features, layer.out_features
         self.layer = layer
-        self.on_operator = layer.weight.device.type == "cpu" and cpu_matvec.library() is not None
+        self.on_operator = has_operator(layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)  # (N, in)
@@ -77,12 +78,7 @@ def operator_matvec(layer: Int8Linear | Int4Linear, rows: torch.Tensor) -> torch
 
 def matvec_kernel(layer: nn.Module, batch_size: int) -> bool:
     """Whether MatvecLinear is a candidate for this layer at this batch size (one row a step)."""
-    return (
-        isinstance(layer, Int8Linear | Int4Linear)
-        and batch_size <= MATVEC_ROWS
-        and layer.weight.device.type == "cpu"
-        and cpu_matvec.library() is not None
-    )
+    return isinstance(layer, Int8Linear | Int4Linear) and batch_size <= MATVEC_ROWS and has_operator(layer)
 
 
 def dequantized_weight(layer: Int8Linear | Int4Linear) -> torch.Tensor:
@@ -135,8 +131,10 @@ def choose_kernels(
     quantized = [m for m in model.modules() if isinstance(m, Int8Linear | Int4Linear)]
     mode = quantized_mode(quantized)
     shapes = {f"{kernel_name(m)} {m.out_features}x{m.in_features}": m for m in quantized}
-    # the operator a candidate too: a pick made where it was none is measured again
-    offered = " matvec" if any(matvec_kernel(m, batch_size) for m in quantized) else ""
+    # the operator a candidate too, for these modes' layers: a pick made where it was none (int4's, before
+    # its operator) is measured again
+    modes = sorted({kernel_name(m) for m in quantized if matvec_kernel(m, batch_size)})
+    offered = f" matvec={'+'.join(modes)}" if modes else ""
     key = cache_key(model, batch_size, f"quantize={mode}{offered}")
     pinned = {s: k for s, k in (pinned or {}).items() if not is_prefill_key(s)}  # the rules: not shapes
     forced = bool(pinned) and set(pinned) == set(shapes)

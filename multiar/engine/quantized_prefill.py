@@ -12,16 +12,17 @@ it is measured per mode: the model's layer shapes of that mode timed both ways a
 calls of at least the fewest rows from which the dense GEMM wins at every larger count measured take
 it: any call, a prefill, a scored batch, or an eager decode step of that many rows (batch_size >= the
 count). Where engine.cpu_matvec's operators are built, the calls below that count may run the layer's
-operator instead of its kernel (it reads the codes once for all rows): timed at the same counts, it
-takes them where it beats the kernel at the fewest rows timed, and the dense GEMM's count is then
-measured against it. On a Zen 3 EPYC (AVX2, no bf16 in hardware; session 38) the 85M model's 49 int8
-layers at 16 rows: the int8 kernel (fp32 activations there) 789 ms, dense fp32 91, the operator 24; at
-64 rows 3,181 / 163 / 99. Each mode's rule is a kernel choice like the per-shape ones (`engine.layout`): named in
-`DecodeChoice.kernels` under "int8 prefill" / "int4 prefill" ("int8", "fp32 from 4 rows", "matvec",
-"matvec, fp32 from 128 rows"), cached in decode_layout.json, pinned by a
-resume (a journal from before the rules: every call on the kernel, as that run did). A compiled
-graph's calls keep the kernel (inductor's int8 GEMM is its own). No Lightning, Hydra or domain code
-here.
+operator instead of its kernel (it reads the codes once for all rows; a decode step's one or two rows
+too, so a layer's "own kernel" among engine.quantized_kernels' candidates is then the operator): timed at
+the same counts, it takes them where it beats the kernel at every count timed below the dense GEMM's
+count against it (a call of more rows than the most timed, 256, takes what 256 took). On a Zen 3 EPYC
+(AVX2, no bf16 in hardware; session 38) the 85M model's 49 int8 layers at 16 rows: the int8 kernel (fp32
+activations there) 789 ms, dense fp32 91, the operator 24; at 64 rows 3,181 / 163 / 99. Each mode's rule
+is a kernel choice like the per-shape ones (`engine.layout`): named in `DecodeChoice.kernels` under "int8
+prefill" / "int4 prefill" ("int8", "fp32 from 4 rows", "matvec", "matvec, fp32 from 128 rows"), cached in
+decode_layout.json, pinned by a resume (a journal from before the rules: every call on the kernel, as
+that run did). A compiled graph's calls keep the kernel (inductor's int8 GEMM is its own). No Lightning,
+Hydra or domain code here.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import torch.nn as nn
 
 from multiar.engine import cpu_matvec
 from multiar.engine.choice_cache import cache_key, read_cache, write_cache
-from multiar.engine.quantize import MODES, Int4Linear, Int8Linear, kernel_name, quantized_mode
+from multiar.engine.quantize import INT4_GROUP, MODES, Int4Linear, Int8Linear, kernel_name, quantized_mode
 
 ROWS = (4, 8, 16, 32, 64, 128, 256)  # the row counts timed
 SHORT_NAMES = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16"}
@@ -95,10 +96,17 @@ def is_rule(name: object) -> bool:
     return True
 
 
+def has_operator(layer: Quantized) -> bool:
+    """Whether engine.cpu_matvec has an operator for this layer: built, the layer on the CPU (int4: in
+    groups of INT4_GROUP inputs, the operator's)."""
+    groups_fit = not isinstance(layer, Int4Linear) or layer.group_size == INT4_GROUP
+    return groups_fit and layer.weight.device.type == "cpu" and cpu_matvec.library() is not None
+
+
 def operator_of(layer: Quantized) -> Callable | None:
-    """The layer's engine.cpu_matvec operator (x fp32, codes, the layer's scales) -> (N, out) fp32, where
-    it is built and the layer is on the CPU; else None."""
-    if layer.weight.device.type != "cpu" or cpu_matvec.library() is None:
+    """The layer's engine.cpu_matvec operator (x fp32, codes, the layer's scales) -> (N, out) fp32 where
+    it has one (has_operator); else None."""
+    if not has_operator(layer):
         return None
     return cpu_matvec.int4_matvec if isinstance(layer, Int4Linear) else cpu_matvec.int8_matvec
 
@@ -179,11 +187,14 @@ def _measured_rule(
     # none cached, or an entry that is not a rule (edited by hand): measured again
     shapes = list({(m.out_features, m.in_features): m for m in layers}.values())
     seconds = {n: timer(shapes, n) for n in ROWS}
-    # the operator below the dense count where it beats the kernel at the fewest rows timed
+    # the operator below the dense count where it beats the kernel at every count timed below it
     operator_timed = all(len(t) > 2 for t in seconds.values())
-    operator = operator_timed and seconds[ROWS[0]][2] < seconds[ROWS[0]][0]
-    below = {n: (t[2] if operator else t[0], t[1]) for n, t in seconds.items()}  # (below's way, dense)
-    rule = rule_name(fewest_dense_rows(below), layers[0], operator)
+    rows = fewest_dense_rows({n: (t[2], t[1]) for n, t in seconds.items()}) if operator_timed else 0
+    below = [t for n, t in seconds.items() if not rows or n < rows]
+    operator = operator_timed and all(t[2] < t[0] for t in below)
+    if not operator:  # the kernel below the dense count
+        rows = fewest_dense_rows({n: (t[0], t[1]) for n, t in seconds.items()})
+    rule = rule_name(rows, layers[0], operator)
     ms = {str(n): [round(1e3 * s, 3) for s in times] for n, times in seconds.items()}
     timed = "ms_kernel_dense" + (f"_{OPERATOR}" if operator_timed else "")
     write_cache(cache_file, cache, {"rule": rule, timed: ms})

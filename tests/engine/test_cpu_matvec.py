@@ -23,7 +23,7 @@ def built() -> None:
     """Skip where there is no C++ compiler (or off Linux, where OpenMP may be missing); on Linux with one
     the operators must build."""
     if cpu_kernels.compiler("CXX", "c++") is None:
-        pytest.skip("no C++ compiler here: int8 layers keep their own kernels")
+        pytest.skip("no C++ compiler here: quantized layers keep their own kernels")
     if cpu_matvec.library() is None and platform.system() != "Linux":
         pytest.skip(f"the operators do not build on {platform.system()} (logged)")
     assert cpu_matvec.library() is not None, "a C++ compiler is installed, yet the operators did not build"
@@ -170,19 +170,26 @@ def int4_close(
 def int4_odd_rows(
     int4_matvec, codes: torch.Tensor, scales_and_mins: torch.Tensor, gen: torch.Generator
 ) -> None:
-    """As int8_odd_rows: zeros give the mins' term (zero), a NaN's row NaNs, a row under 1e-30 (the fp32
+    """As int8_odd_rows, with the mins zeroed (else the mins' term alone would carry a NaN to every
+    output): zeros give zeros, a NaN's row NaNs, infinities F.linear's infinities and NaNs (the fp32
+    loop: each weight whole, so inf - inf comes only where F.linear has it), a row under 1e-30 (the fp32
     loop) its product."""
-    odd = torch.cat([torch.zeros(1, codes.size(1) * 2), torch.randn(2, codes.size(1) * 2, generator=gen)])
-    odd[1, 5] = float("nan")
-    odd[2] *= 1e-32
+    scales_and_mins = scales_and_mins.clone()
+    scales_and_mins[:, 1] = 0
+    odd = torch.cat([torch.zeros(1, codes.size(1) * 2), torch.randn(4, codes.size(1) * 2, generator=gen)])
+    odd[1, 5], odd[2, 7], odd[3, -1] = float("nan"), float("inf"), float("-inf")
+    odd[4] *= 1e-32
     y = int4_matvec(odd, codes, scales_and_mins)
     assert (y[0] == 0).all() and y[1].isnan().all()
     weight = int4_weight(codes, scales_and_mins)
-    tiny, sizes = F.linear(odd[2:].double(), weight), F.linear(odd[2:].double().abs(), weight.abs())
-    assert ((y[2:].double() - tiny).abs() <= 1e-5 * sizes).all() and (y[2] != 0).any()
+    tiny, sizes = F.linear(odd[4:].double(), weight), F.linear(odd[4:].double().abs(), weight.abs())
+    assert ((y[4:].double() - tiny).abs() <= 1e-5 * sizes).all() and (y[4] != 0).any()
+    dense = F.linear(odd[2:4], weight.float())
+    assert torch.equal(y[2:4].isinf(), dense.isinf()) and torch.equal(y[2:4].isnan(), dense.isnan())
+    assert torch.equal(y[2:4][dense.isinf()], dense[dense.isinf()]) and dense.isinf().any()
 
 
-@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("rows", [1, 2, 5])  # 5: a prompt's few rows (engine.quantized_prefill)
 @pytest.mark.parametrize("groups", [1, 8, 9, 130])  # the tail alone, one 8-group step, a step and a tail
 @pytest.mark.parametrize("out", [37, 39])
 def test_the_int4_operator_equals_the_product_of_its_weight(rows, groups, out):
@@ -250,7 +257,8 @@ def test_the_attention_operator_equals_attend_rows(head_size, dtype):
 OLDER_CPU = """
 import sys, torch, torch.nn.functional as F
 from multiar.engine import cpu_matvec
-from test_cpu_matvec import attention_case, attention_close, int4_case, int4_close, int4_odd_rows, int8_close, int8_odd_rows
+from test_cpu_matvec import attention_case, attention_close, int8_close, int8_odd_rows
+from test_cpu_matvec import int4_case, int4_close, int4_odd_rows
 
 def close(y, x, w):  # fp32 sums: within fp32 rounding of the sum of the terms' sizes
     exact, size = F.linear(x.double(), w.double()), F.linear(x.double().abs(), w.double().abs())

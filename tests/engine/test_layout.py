@@ -186,7 +186,7 @@ def test_quantized_layers_may_take_the_mat_vec_operator_at_a_step_of_one_row(mod
     from multiar.engine.quantized_kernels import MatvecLinear, dequantized_weight
 
     if cpu_matvec.library() is None:
-        pytest.skip("no C++ compiler here: int8 layers keep their own kernels")
+        pytest.skip("no C++ compiler here: quantized layers keep their own kernels")
     base = tiny_model(64)
     calls = []
 

@@ -151,7 +151,11 @@ def test_calls_below_the_dense_count_run_the_operator_where_it_beats_the_kernel(
     layers = quantized_prefill._layers(model, mode)
     if not layers[0].on_kernel():
         pytest.skip(f"this torch has no {mode} kernel")
-    assert len(quantized_prefill.rows_seconds(layers[:1], 4, rounds=1)) == 3  # the operator timed too
+    ran = []  # the operator's calls while rows_seconds times it (it looks the operator up when called)
+    operator_fn = getattr(cpu_matvec, f"{mode}_matvec")
+    monkeypatch.setattr(cpu_matvec, f"{mode}_matvec", lambda *args: ran.append(1) or operator_fn(*args))
+    assert len(quantized_prefill.rows_seconds(layers[:1], 4, rounds=1)) == 3 and len(ran) == 2
+    monkeypatch.setattr(cpu_matvec, f"{mode}_matvec", operator_fn)
     key = f"{mode} prefill"
 
     def operator_wins(layers, rows):  # (kernel, dense, operator): the operator below 64 rows, then dense
@@ -180,6 +184,12 @@ def test_calls_below_the_dense_count_run_the_operator_where_it_beats_the_kernel(
 
     assert choose_prefill(model, None, timer=kernel_wins)[key] == rule_name(64, layer)
     assert all(m.operator is None and m.dense_from == 64 for m in layers)
+
+    def kernel_wins_at_16(layers, rows):  # the operator faster at 4 and 8 rows only: the kernel below 64
+        return (1.0 if rows >= 16 else 3.0, 0.5 if rows >= 64 else 4.0, 2.0)
+
+    assert choose_prefill(model, None, timer=kernel_wins_at_16)[key] == rule_name(64, layer)
+    assert all(m.operator is None for m in layers)
     assert rule_rows("matvec") == 0 and rule_rows("matvec, fp32 from 64 rows") == 64
     assert quantized_prefill.on_operator("matvec") and not quantized_prefill.on_operator(ON_KERNEL)
     with pytest.raises(ValueError, match="not a rule"):
