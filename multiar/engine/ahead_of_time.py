@@ -68,8 +68,7 @@ from multiar.engine.choice_cache import (
 from multiar.engine.compile_choice import ANY_WEIGHTS
 from multiar.engine.inductor_options import inductor_options
 from multiar.engine.quantize import Int4Linear, Int8Linear
-from multiar.engine.quantized_kernels import operator_matvec
-from multiar.engine.quantized_prefill import has_operator
+from multiar.engine.quantized_prefill import has_operator, operator_matvec
 from multiar.engine.rows_attention import attend_for
 
 log = logging.getLogger("multiar")

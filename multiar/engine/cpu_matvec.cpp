@@ -370,10 +370,10 @@ at::Tensor int8_matvec(const at::Tensor& x, const at::Tensor& q, const at::Tenso
 }
 
 // int4: a byte holds two codes in [0, 15], input 2j's high and input 2j + 1's low
-// (engine.quantize.Int4Linear's weight, read as it is), 32 inputs a group with a scale and a min (the weight at code 0) in bf16, laid
-// (out, 2, groups): a row's scales, then its mins. w = code * scale + min, so a row's dot product is
-// sum_g scale_g * sum_{i in g} x_i code_i + sum_g min_g * sum_{i in g} x_i; the second sum is x's per
-// group, once per row of x.
+// (engine.quantize.Int4Linear's weight, read as it is), 32 inputs a group with a scale and a min (the
+// weight at code 0) in bf16, laid (out, 2, groups): a row's scales, then its mins. w = code * scale +
+// min, so a row's dot product is sum_g scale_g * sum_{i in g} x_i code_i + sum_g min_g * sum_{i in g} x_i;
+// the second sum is x's per group, once per row of x.
 constexpr int64_t INT4_GROUP = 32;
 
 #ifdef MULTIAR_INT4_VECTORS

@@ -106,6 +106,10 @@ class Int8Linear(nn.Module):
             self._cast_scales, self._cast_stamp = self.scales.to(dtype), stamp
         return self._cast_scales
 
+    def operator_inputs(self) -> tuple[Tensor, Tensor]:
+        """What engine.cpu_matvec's int8 operator reads beside the activations: the codes, the scales."""
+        return self.weight, self.scales
+
     def on_kernel(self) -> bool:
         """Whether calls run the int8 kernel: it is there and the weights are on a CPU."""
         return self.kernel is not None and self.weight.device.type == "cpu"
@@ -122,7 +126,7 @@ class Int8Linear(nn.Module):
         # a compiled graph keeps the kernel, and is asked first: no guard on its (symbolic) row count
         many = not torch.compiler.is_compiling() and 0 < self.dense_from <= x2.size(0)
         if on_kernel and not many and self.operator is not None and not torch.compiler.is_compiling():
-            y = self.operator(x2.float(), self.weight, self.scales)  # (N, out) fp32
+            y = self.operator(x2.float(), *self.operator_inputs())  # (N, out) fp32
         elif on_kernel and not many:
             y = self.kernel(x2.to(act), self.weight, self._scales_as(act))
         elif on_kernel:  # rows enough to repay dequantizing the weight for one dense GEMM
@@ -139,7 +143,7 @@ class Int4Linear(nn.Module):
     `torch._weight_int4pack_mm_for_cpu` (bf16 activations), elsewhere (or without that kernel)
     dequantized per call. `scales_and_mins` (out, 2, in / group) bf16, each row's scales then its mins
     (the weight at code 0), is what engine.cpu_matvec's int4 operator reads beside the codes
-    (engine.quantized_kernels.operator_matvec; built by pack(), not stored)."""
+    (operator_inputs; built by pack(), not stored)."""
 
     def __init__(self, in_features: int, out_features: int, group_size: int = INT4_GROUP) -> None:
         super().__init__()
@@ -197,6 +201,10 @@ class Int4Linear(nn.Module):
         w = q.to(torch.bfloat16).sub_(8).mul_(scale).add_(zero)  # (out, in / group, group)
         return w.view(self.out_features, self.in_features)
 
+    def operator_inputs(self) -> tuple[Tensor, Tensor]:
+        """What engine.cpu_matvec's int4 operator reads beside the activations: the codes, scales_and_mins."""
+        return self.weight, self.scales_and_mins
+
     def on_kernel(self) -> bool:
         """Whether calls run the int4 kernel (pack() found it, on a CPU)."""
         return self.kernel is not None and self.weight.device.type == "cpu"
@@ -222,7 +230,7 @@ class Int4Linear(nn.Module):
         on_kernel = self.on_kernel()  # pack() found the kernels
         many = not torch.compiler.is_compiling() and 0 < self.dense_from <= x2.size(0)  # as Int8Linear's
         if on_kernel and not many and self.operator is not None and not torch.compiler.is_compiling():
-            y = self.operator(x2.float(), self.weight, self.scales_and_mins)  # (N, out) fp32
+            y = self.operator(x2.float(), *self.operator_inputs())  # (N, out) fp32
         elif on_kernel and not many:
             y = self.kernel(x2.to(torch.bfloat16), self.packed, self.group_size, self.bf16_scales_and_zeros)
         elif on_kernel:  # rows enough to repay dequantizing the weight for one dense GEMM

@@ -15,12 +15,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from multiar.engine import cpu_matvec
 from multiar.engine.choice_cache import cache_key, read_cache, write_cache
 from multiar.engine.decode_choice import DecodeChoice, Timer
 from multiar.engine.packed import PackedLinear, packs
 from multiar.engine.quantize import Int4Linear, Int8Linear, kernel_name, quantized_mode
-from multiar.engine.quantized_prefill import has_operator, is_prefill_key
+from multiar.engine.quantized_prefill import has_operator, is_prefill_key, operator_matvec
 
 
 class DequantizedLinear(nn.Module):
@@ -66,14 +65,6 @@ class MatvecLinear(nn.Module):
             return self.layer(x)
         y = operator_matvec(self.layer, rows)  # (N, out) fp32
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-
-
-def operator_matvec(layer: Int8Linear | Int4Linear, rows: torch.Tensor) -> torch.Tensor:
-    """A quantized layer's (N, in) rows -> (N, out) fp32 through its engine.cpu_matvec operator (library()
-    loaded; int4: groups of 32): the codes read once for all N rows."""
-    if isinstance(layer, Int4Linear):
-        return cpu_matvec.int4_matvec(rows.float(), layer.weight, layer.scales_and_mins)
-    return cpu_matvec.int8_matvec(rows.float(), layer.weight, layer.scales)
 
 
 def matvec_kernel(layer: nn.Module, batch_size: int) -> bool:

@@ -103,12 +103,20 @@ def has_operator(layer: Quantized) -> bool:
     return groups_fit and layer.weight.device.type == "cpu" and cpu_matvec.library() is not None
 
 
-def operator_of(layer: Quantized) -> Callable | None:
-    """The layer's engine.cpu_matvec operator (x fp32, codes, the layer's scales) -> (N, out) fp32 where
-    it has one (has_operator); else None."""
-    if not has_operator(layer):
-        return None
+def _operator(layer: Quantized) -> Callable:
+    """The layer's engine.cpu_matvec operator: (x fp32, *layer.operator_inputs()) -> (N, out) fp32."""
     return cpu_matvec.int4_matvec if isinstance(layer, Int4Linear) else cpu_matvec.int8_matvec
+
+
+def operator_of(layer: Quantized) -> Callable | None:
+    """The layer's operator where it has one (has_operator); else None."""
+    return _operator(layer) if has_operator(layer) else None
+
+
+def operator_matvec(layer: Quantized, rows: torch.Tensor) -> torch.Tensor:
+    """A quantized layer's (N, in) rows -> (N, out) fp32 through its operator (has_operator checked
+    before; no check here, a decode step's hot path): the codes read once for all N rows."""
+    return _operator(layer)(rows.float(), *layer.operator_inputs())
 
 
 def rows_seconds(layers: list[Quantized], rows: int, rounds: int = 3) -> tuple[float, ...]:

@@ -140,7 +140,7 @@ def test_calls_below_the_dense_count_run_the_operator_where_it_beats_the_kernel(
     product, not the kernel's), from N the dense GEMM. Where it loses there, the kernel's rule as before.
     A "matvec" rule (a resumed run's) where the operators do not build leaves the kernel."""
     from multiar.engine import cpu_matvec
-    from multiar.engine.quantized_kernels import operator_matvec
+    from multiar.engine.quantized_prefill import operator_matvec
 
     if cpu_matvec.library() is None:
         pytest.skip("no C++ compiler here: no operator")
