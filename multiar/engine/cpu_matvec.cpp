@@ -140,42 +140,49 @@ inline float int16_int8_dot(const int16_t* x16, const int8_t* q, int64_t in) {
   return acc;
 }
 #elif defined(MULTIAR_AVX2)
-// int16_int8_dot without VNNI: 16 codes widened to int16, their products summed in pairs into int32
+// int16_int8_dot without VNNI, for R rows of int16 activations (x16[r]) against one row of codes, into
+// sums[r]: 16 codes widened to int16 once for all R rows, their products summed in pairs into int32
 // (vpmaddwd) and added, exact within a chunk (a lane gains at most 2 x 4.2e6 a product, and one chain
-// takes at most 130 of a chunk's 256: under 2^31)
-inline float int16_int8_dot(const int16_t* x16, const int8_t* q, int64_t in) {
-  float acc = 0.0f;
+// takes at most 130 of a chunk's 256: under 2^31). A row's integer lanes and their flush to fp32 are the
+// same whatever R: its sum does not depend on the rows beside it.
+template <int R>
+inline void int16_int8_dots(const int16_t* const* x16, const int8_t* q, int64_t in, float* sums) {
   int64_t i = 0;
   const int64_t whole = in & ~int64_t(15);  // the codes in 16s; the rest below
-  auto product = [&](int64_t at) {
-    const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + at)));
-    return _mm256_madd_epi16(w, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x16 + at)));
+  auto times = [&](__m256i codes, int r, int64_t at) {
+    return _mm256_madd_epi16(codes, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x16[r] + at)));
   };
+  for (int r = 0; r < R; r++) sums[r] = 0.0f;
   while (i < whole) {
     const int64_t end = std::min(whole, i + INT32_CHUNK);
-    __m256i a = _mm256_setzero_si256(), b = _mm256_setzero_si256();
-    // a cache line of codes a step, 32 codes a load, each half widened: 16 codes a load (product) read
-    // them from RAM 0.82-0.95x as fast on 2 threads, 0.76-0.81x on one (session 39, Zen 3 EPYC: the two
-    // loops in turns in one process over 200 MB of codes, 13 pairs); 85M's 49 int8 mat-vecs took 3.42-3.77
-    // ms a pass against 3.93-4.43 (processes in turns)
+    __m256i a[R], b[R];
+    for (int r = 0; r < R; r++) a[r] = b[r] = _mm256_setzero_si256();
+    // a cache line of codes a step, 32 codes a load, each half widened: 16 codes a load read them from
+    // RAM 0.82-0.95x as fast on 2 threads, 0.76-0.81x on one (session 39, Zen 3 EPYC: the two loops in
+    // turns in one process over 200 MB of codes, 13 pairs); 85M's 49 int8 mat-vecs took 3.42-3.77 ms a
+    // pass against 3.93-4.43 (processes in turns)
     for (; i + 64 <= end; i += 64) {
       const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + i));
       const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + i + 32));
-      auto half = [&](__m128i codes, int64_t at) {
-        return _mm256_madd_epi16(_mm256_cvtepi8_epi16(codes),
-                                 _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x16 + at)));
-      };
-      a = _mm256_add_epi32(a, _mm256_add_epi32(half(_mm256_castsi256_si128(v0), i),
-                                               half(_mm256_castsi256_si128(v1), i + 32)));
-      b = _mm256_add_epi32(b, _mm256_add_epi32(half(_mm256_extracti128_si256(v0, 1), i + 16),
-                                               half(_mm256_extracti128_si256(v1, 1), i + 48)));
+      const __m256i w0 = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(v0));
+      const __m256i w1 = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(v0, 1));
+      const __m256i w2 = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(v1));
+      const __m256i w3 = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(v1, 1));
+      for (int r = 0; r < R; r++) {
+        a[r] = _mm256_add_epi32(a[r], _mm256_add_epi32(times(w0, r, i), times(w2, r, i + 32)));
+        b[r] = _mm256_add_epi32(b[r], _mm256_add_epi32(times(w1, r, i + 16), times(w3, r, i + 48)));
+      }
       prefetch(q + i, INT8_AHEAD);
     }
-    for (; i < end; i += 16) a = _mm256_add_epi32(a, product(i));
-    acc += sum8(_mm256_add_ps(_mm256_cvtepi32_ps(a), _mm256_cvtepi32_ps(b)));
+    for (; i < end; i += 16) {
+      const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i)));
+      for (int r = 0; r < R; r++) a[r] = _mm256_add_epi32(a[r], times(w, r, i));
+    }
+    for (int r = 0; r < R; r++) sums[r] += sum8(_mm256_add_ps(_mm256_cvtepi32_ps(a[r]), _mm256_cvtepi32_ps(b[r])));
   }
-  for (; i < in; i++) acc += static_cast<float>(x16[i]) * static_cast<float>(q[i]);
-  return acc;
+  for (; i < in; i++) {
+    for (int r = 0; r < R; r++) sums[r] += static_cast<float>(x16[r][i]) * static_cast<float>(q[i]);
+  }
 }
 #endif
 
@@ -316,13 +323,18 @@ inline float float_dot(const T* x, const T* w, int64_t in) {
 
 // y[n, o] = dot(o, n) for every output row o and row n of x; output rows split over torch's thread count
 // (set per calling thread: not OpenMP's default). Each weight row is read from RAM once for all rows of x.
-template <typename Dot>
-void each_output(int64_t rows, int64_t out, float* y, Dot dot) {
+template <typename Output>
+void for_each_output(int64_t out, Output output) {
   const int threads = at::get_num_threads();
 #pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t o = 0; o < out; o++) {
+  for (int64_t o = 0; o < out; o++) output(o);
+}
+
+template <typename Dot>
+void each_output(int64_t rows, int64_t out, float* y, Dot dot) {
+  for_each_output(out, [&](int64_t o) {
     for (int64_t n = 0; n < rows; n++) y[n * out + o] = dot(o, n);
-  }
+  });
 }
 
 at::Tensor matvec(const at::Tensor& x, const at::Tensor& w) {
@@ -367,11 +379,37 @@ at::Tensor int8_matvec(const at::Tensor& x, const at::Tensor& q, const at::Tenso
   std::vector<float> x_scale(rows);  // 0: the fp32 loop
   for (int64_t n = 0; n < rows; n++) x_scale[n] = row_to_int16(xp + n * in, in, x16.data() + n * in);
   const int16_t* x16p = x16.data();
+#ifdef MULTIAR_AVX2
+  // a prompt's or a batch's rows against each row of codes in fours (then a pair, then one), the codes
+  // widened once for the four (each row's sum as it is alone: int16_int8_dots); rows for the fp32 loop
+  // one at a time
+  std::vector<int64_t> scaled, unscaled;
+  for (int64_t n = 0; n < rows; n++) (x_scale[n] == 0.0f ? unscaled : scaled).push_back(n);
+  const int64_t out = q.size(0);
+  float* yp = y.data_ptr<float>();
+  for_each_output(out, [&](int64_t o) {
+    const int8_t* codes = qp + o * in;
+    auto dots = [&](auto width, size_t k) {
+      constexpr int R = decltype(width)::value;
+      const int16_t* xs[R];
+      float sums[R];
+      for (int r = 0; r < R; r++) xs[r] = x16p + scaled[k + r] * in;
+      int16_int8_dots<R>(xs, codes, in, sums);
+      for (int r = 0; r < R; r++) yp[scaled[k + r] * out + o] = sp[o] * x_scale[scaled[k + r]] * sums[r];
+    };
+    size_t k = 0;
+    for (; k + 4 <= scaled.size(); k += 4) dots(std::integral_constant<int, 4>(), k);
+    if (k + 2 <= scaled.size()) dots(std::integral_constant<int, 2>(), k), k += 2;
+    if (k < scaled.size()) dots(std::integral_constant<int, 1>(), k);
+    for (int64_t n : unscaled) yp[n * out + o] = sp[o] * int8_dot(xp + n * in, codes, in);
+  });
+#else
   // one weight row at a time: four at once read int8 codes 1.3-1.8x slower from RAM here (session 32)
   each_output(rows, q.size(0), y.data_ptr<float>(), [&](int64_t o, int64_t n) {
     if (x_scale[n] == 0.0f) return sp[o] * int8_dot(xp + n * in, qp + o * in, in);
     return sp[o] * x_scale[n] * int16_int8_dot(x16p + n * in, qp + o * in, in);
   });
+#endif
 #else
   // scaled after the sum: one multiply per output
   each_output(rows, q.size(0), y.data_ptr<float>(), [&](int64_t o, int64_t n) {

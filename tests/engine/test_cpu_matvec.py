@@ -121,6 +121,26 @@ def test_the_operators_equal_the_dense_product(rows, width, out):
         torch.testing.assert_close(y, F.linear(xs.double(), ws.double()).float(), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("width", [70, 80, 4166])  # tails past the 64-code steps, 2 int32 chunks
+def test_an_int8_row_is_the_same_beside_any_other_rows(width):
+    """A prompt's or a batch's rows (AVX2: in fours, then a pair, then one, the codes widened once for
+    them) give each row the bits it gets alone, rows for the fp32 loop (NaN, infinity, all but zero)
+    among them; and the scaled rows the product int8_close checks."""
+    built()
+    gen = torch.Generator().manual_seed(width)
+    out = 37
+    x = torch.randn(10, width, generator=gen)  # 7 on the int16 scale: a four, a pair and one
+    x[2, 3], x[5, -1], x[8] = float("nan"), float("inf"), x[8] * 1e-32
+    q = torch.randint(-127, 128, (out, width), generator=gen, dtype=torch.int8)
+    scales = torch.rand(out, generator=gen) + 0.5
+    together = cpu_matvec.int8_matvec(x, q, scales)
+    alone = torch.cat([cpu_matvec.int8_matvec(x[n : n + 1], q, scales) for n in range(10)])
+    assert torch.equal(together.isnan(), alone.isnan())
+    assert torch.equal(together.nan_to_num(), alone.nan_to_num())
+    scaled = [n for n in range(10) if n not in (2, 5, 8)]
+    int8_close(together[scaled], x[scaled], q, scales, int16_activations())
+
+
 def int4_vectors(flags: tuple[str, ...] = ()) -> bool:
     """Whether that build's int4 loop rounds the activations to int16: with AVX2 and FMA (AVX-512 CPUs
     take AVX2's int4 loop too)."""
