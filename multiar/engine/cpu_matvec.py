@@ -163,6 +163,12 @@ def _load() -> Path | None:
     return path
 
 
+def source_digest() -> str:
+    """The operators' source, hashed (12 hex digits): a choice measured against them (engine.quantized_kernels,
+    engine.quantized_prefill) names it in its cache key, so that a changed operator is measured again."""
+    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+
+
 def build(flags: Sequence[str] = ()) -> Path | None:
     """The operators' library for this CPU and torch, with `flags` after the others (tests build it for a
     CPU without AVX512-BF16, without AVX-512 or without AVX2: `-mno-avx512bf16`, `-mno-avx512f`,

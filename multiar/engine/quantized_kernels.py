@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from multiar.engine import cpu_matvec
 from multiar.engine.choice_cache import cache_key, read_cache, write_cache
 from multiar.engine.decode_choice import DecodeChoice, Timer
 from multiar.engine.packed import PackedLinear, packs
@@ -123,9 +124,9 @@ def choose_kernels(
     mode = quantized_mode(quantized)
     shapes = {f"{kernel_name(m)} {m.out_features}x{m.in_features}": m for m in quantized}
     # the operator a candidate too, for these modes' layers: a pick made where it was none (int4's, before
-    # its operator) is measured again
+    # its operator), or on another version of it, is measured again
     modes = sorted({kernel_name(m) for m in quantized if matvec_kernel(m, batch_size)})
-    offered = f" matvec={'+'.join(modes)}" if modes else ""
+    offered = f" matvec={'+'.join(modes)} {cpu_matvec.source_digest()}" if modes else ""
     key = cache_key(model, batch_size, f"quantize={mode}{offered}")
     pinned = {s: k for s, k in (pinned or {}).items() if not is_prefill_key(s)}  # the rules: not shapes
     forced = bool(pinned) and set(pinned) == set(shapes)

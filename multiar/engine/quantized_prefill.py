@@ -186,8 +186,9 @@ def _measured_rule(
 ) -> str:
     """A mode's rule from the cache, else timed (one layer per shape) and cached."""
     # the model's mode too: an int4 model's int8 layers (its head) are not an int8 model's of one shape
-    # the operator a candidate too: a rule cached where it was none is measured again
-    offered = f" {OPERATOR}" if all(operator_of(m) for m in layers) else ""
+    # the operator a candidate too: a rule cached where it was none, or on another version of it, is
+    # measured again
+    offered = f" {OPERATOR} {cpu_matvec.source_digest()}" if all(operator_of(m) for m in layers) else ""
     cache = cache_key(model, None, f"{key}, quantize={quantized_mode(list(model.modules()))}{offered}")
     entry = read_cache(cache_file, cache)
     if entry is not None and is_rule(entry.get("rule")):

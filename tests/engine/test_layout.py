@@ -218,6 +218,14 @@ def test_quantized_layers_may_take_the_mat_vec_operator_at_a_step_of_one_row(mod
         torch.testing.assert_close(qkv(prompt), qkv.layer(prompt))
     assert generate(model, [[1, 2, 3]], max_new_tokens=4, temperature=0.0)
     calls.clear()
+    again = dict(cache_dir=tmp_path, layer_timer=layer_timer, timer=whole, prefill_timer=on_kernel)
+    _, cached = lay.prepare_for_decoding(quantize(copy.deepcopy(base), mode), **again)
+    assert cached.how == "cached" and not calls  # the pick read back
+    with monkeypatch.context() as patched:  # another version of the operators: the pick measured again
+        patched.setattr(cpu_matvec, "source_digest", lambda: "0" * 12)
+        _, measured = lay.prepare_for_decoding(quantize(copy.deepcopy(base), mode), **again)
+    assert measured.how != "cached" and len(calls) == 1 and measured.kernels == choice.kernels
+    calls.clear()
     _, batch4 = lay.prepare_for_decoding(
         quantize(copy.deepcopy(base), mode), batch_size=4, layer_timer=layer_timer, timer=whole,
         prefill_timer=on_kernel,

@@ -170,6 +170,20 @@ def test_calls_below_the_dense_count_run_the_operator_where_it_beats_the_kernel(
     assert all(m.operator is not None and m.dense_from == 64 for m in layers)
     entry = next(iter(json.loads((tmp_path / CACHE_FILE).read_text()).values()))
     assert entry["rule"] == rule and entry["ms_kernel_dense_matvec"]["4"] == [3000.0, 4000.0, 1000.0]
+
+    def untimed(layers, rows):
+        pytest.fail("a cached rule was measured again")
+
+    def kernel_wins(layers, rows):  # the operator slower than the kernel at 4 rows
+        return (1.0, 2.0 if rows < 64 else 0.5, 1.5)
+
+    assert choose_prefill(model, tmp_path / CACHE_FILE, timer=untimed)[key] == rule
+    with monkeypatch.context() as patched:  # another version of the operators: measured again
+        patched.setattr(cpu_matvec, "source_digest", lambda: "0" * 12)
+        assert choose_prefill(model, tmp_path / CACHE_FILE, timer=kernel_wins)[key] == rule_name(
+            64, layers[0]
+        )
+    assert choose_prefill(model, tmp_path / CACHE_FILE, timer=untimed)[key] == rule  # sets it again
     layer = layers[0]
     layer.kernel = lambda *args: pytest.fail("the kernel ran")
     x = torch.randn(8, layer.in_features)
@@ -178,9 +192,6 @@ def test_calls_below_the_dense_count_run_the_operator_where_it_beats_the_kernel(
         operator, layer.operator = layer.operator, lambda *args: pytest.fail("64 rows ran the operator")
         layer(torch.randn(64, layer.in_features))  # 64 rows: dense
         layer.operator = operator
-
-    def kernel_wins(layers, rows):  # the operator slower than the kernel at 4 rows
-        return (1.0, 2.0 if rows < 64 else 0.5, 1.5)
 
     assert choose_prefill(model, None, timer=kernel_wins)[key] == rule_name(64, layer)
     assert all(m.operator is None and m.dense_from == 64 for m in layers)
