@@ -20,7 +20,7 @@ the same kind. Packages live under `$MULTIAR_CACHE/decode_steps` (else
 
 Which GEMMs the package calls is measured too, once per machine, layer shapes, dtypes and row count
 (decode_layout.json): inductor's autotuned choice (it times its C++ template against oneDNN / MKL at
-compile time, over weights hot in cache), ATen's oneDNN / MKL calls alone, or (up to STREAMED_ROWS rows)
+compile time, over weights hot in cache), ATen's oneDNN / MKL calls alone, or (up to streamed_rows() rows)
 no GEMM at all: each Linear streamed, its weight read once per step (through engine.cpu_matvec's
 operators where they build, else as a multiply-and-sum that inductor fuses into one loop). Each
 candidate's package is built and their steps timed in turns on the job's first step; the fastest is kept,
@@ -93,7 +93,8 @@ ENGINE = Path(__file__).parent  # its sources are in every key: a changed engine
 # fuses into one loop per output row; in the 85M fp32 package that loop took 1.25-1.29x the operator's step,
 # session 34). At one row that loop read 85M's bf16 weights at 48 GB/s where oneDNN's mat-vec read them at
 # 27 (a /tmp probe, Zen 5, session 30), the operator at ~50; at 4 rows and up the fused loop reads them
-# again per row, slower than a GEMM, so streamed is a candidate up to STREAMED_ROWS rows only
+# again per row, slower than a GEMM, so streamed is a candidate up to STREAMED_ROWS rows only. The operators
+# read each weight once for all rows: where they run the layers, up to OPERATOR_ROWS (streamed_rows())
 # A streamed package is also built unfrozen and holds no weights: the model's own tensors are handed to it
 # at load, as its KV caches are, so its key has their shapes and dtypes, not their contents. Any model of
 # the same kind loads it (no build for a newly trained model), in milliseconds: no weights digest, no
@@ -104,6 +105,10 @@ GEMMS = {
     "streamed": {"autotune": False, "streamed": True, "freeze": False},
 }
 STREAMED_ROWS = 2
+# an 85M int8 package at batch 8 on a Zen 3 EPYC (no bf16: torch's int8 kernel takes fp32 activations)
+# stepped in 329 ms autotuned, 348 on ATen; its 49 layers take 11-13 ms at 8 rows on the operator
+# (session 39)
+OPERATOR_ROWS = 8
 TIMED_ROUNDS, WARM, BLOCK = 3, 3, 6  # rounds of each candidate in turn: untimed steps, then timed
 
 
@@ -115,10 +120,16 @@ def gemms_asked() -> str:
     return asked
 
 
+def streamed_rows() -> int:
+    """The most rows a streamed package is a candidate for: OPERATOR_ROWS where engine.cpu_matvec's
+    operators build with vector loops (they stream its layers), else STREAMED_ROWS (inductor's loop)."""
+    return OPERATOR_ROWS if cpu_matvec.library() is not None and cpu_matvec.vectorized() else STREAMED_ROWS
+
+
 def candidates(model: nn.Module, rows: int) -> list[str]:
-    """The GEMMs worth timing for `rows` rows of this model: streamed only at a few rows, and where the
-    model has a float nn.Linear or a quantized layer to stream."""
-    streams = rows <= STREAMED_ROWS and any(_streams(m) for m in model.modules())
+    """The GEMMs worth timing for `rows` rows of this model: streamed only at a few rows (streamed_rows),
+    and where the model has a float nn.Linear or a quantized layer to stream."""
+    streams = rows <= streamed_rows() and any(_streams(m) for m in model.modules())
     return [name for name in GEMMS if streams or not GEMMS[name].get("streamed")]
 
 

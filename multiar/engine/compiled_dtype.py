@@ -2,7 +2,7 @@
 step here: one pass over the model's Linear weights at the batch's rows, in each dtype, through the
 kernels a compiled CPU step may run them with (engine.ahead_of_time's GEMMs):
 
-- `matvec`: engine.cpu_matvec's operator, what a streamed package calls (up to STREAMED_ROWS rows,
+- `matvec`: engine.cpu_matvec's operator, what a streamed package calls (up to streamed_rows() rows,
   where the operator is built and vectorized, and a package may stream: ahead of time, its GEMMs
   measured or pinned to streamed);
 - `packed`: oneDNN's packed Linear (engine.packed), the frozen, packed weights ATen's and autotuned
@@ -50,7 +50,7 @@ def kernels(dtype: torch.dtype, rows: int, gemms: str | None = None) -> list[str
     """The kernels a compiled step may run dtype's weights through at `rows` rows, on this CPU, its
     GEMMs as gemms pins them (None: MULTIAR_COMPILE_GEMMS's)."""
     streams = ahead_of_time.enabled() and (gemms or ahead_of_time.gemms_asked()) in ("auto", "streamed")
-    streams = streams and rows <= ahead_of_time.STREAMED_ROWS and cpu_matvec.vectorized()
+    streams = streams and rows <= ahead_of_time.streamed_rows()
     streamed = ["matvec"] if streams and cpu_matvec.library() is not None else []  # built only if it may run
     return [*streamed, "packed" if rows <= PACK_ROWS and packs(dtype) else "linear"]
 

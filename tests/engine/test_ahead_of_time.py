@@ -294,6 +294,7 @@ def test_streamed_linears_are_candidates_at_a_few_float_rows_and_decode_as_the_e
     greedy(quantized)
     assert quantized.compiled_step.gemms["gemms"] != "streamed" and quantized.compiled_step.fallback is None
     model = tiny(seed=10)
+    assert ahead_of_time.streamed_rows() == ahead_of_time.STREAMED_ROWS  # no operators: inductor's loop
     assert ahead_of_time.candidates(model, ahead_of_time.STREAMED_ROWS) == list(ahead_of_time.GEMMS)
     assert "streamed" not in ahead_of_time.candidates(model, ahead_of_time.STREAMED_ROWS + 1)
     assert "streamed" not in ahead_of_time.candidates(quantize(tiny(width=32), "int4"), 1)  # its own kernels
@@ -351,8 +352,10 @@ def test_streamed_quantized_layers_run_the_mat_vec_operator_and_decode_as_their_
     layers = Int8Linear if mode == "int8" else Int4Linear
     quantized = quantize(tiny(seed=13, width=width), mode)
     assert all(isinstance(m, layers) for m in quantized.modules() if isinstance(m, Int8Linear | Int4Linear))
-    assert ahead_of_time.candidates(quantized, ahead_of_time.STREAMED_ROWS)[-1] == "streamed"
-    assert "streamed" not in ahead_of_time.candidates(quantized, ahead_of_time.STREAMED_ROWS + 1)
+    # the operators stream its layers: a candidate up to OPERATOR_ROWS rows (a batch of 8)
+    assert ahead_of_time.streamed_rows() == ahead_of_time.OPERATOR_ROWS
+    assert ahead_of_time.candidates(quantized, ahead_of_time.OPERATOR_ROWS)[-1] == "streamed"
+    assert "streamed" not in ahead_of_time.candidates(quantized, ahead_of_time.OPERATOR_ROWS + 1)
     compiled = compile_for_sampling(copy.deepcopy(quantized), rows=len(PROMPTS))
     assert greedy(compiled) == expected(quantized, 13)
     step = compiled.compiled_step

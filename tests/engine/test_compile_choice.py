@@ -336,17 +336,20 @@ def test_a_pass_over_the_weights_is_timed_through_each_kernel_a_compiled_step_ma
     of time, its GEMMs measured or pinned to streamed), oneDNN's packed Linear where it packs the dtype,
     else F.linear; positive seconds for each, the model untouched."""
     from multiar.engine import cpu_matvec
-    from multiar.engine.packed import packs
+    from multiar.engine.packed import PACK_ROWS, packs
 
     monkeypatch.setenv("MULTIAR_COMPILE_GEMMS", "auto")  # measured (the tests' conftest pins autotuned)
     monkeypatch.setenv("MULTIAR_AHEAD_OF_TIME", "1")
     streams = cpu_matvec.library() is not None and cpu_matvec.vectorized()
     model = tiny_model()
-    for rows in (1, ahead_of_time.STREAMED_ROWS + 1):
+    most = ahead_of_time.OPERATOR_ROWS if streams else ahead_of_time.STREAMED_ROWS
+    assert ahead_of_time.streamed_rows() == most
+    for rows in (1, most + 1):
         names = {n: compiled_dtype.kernels(d, rows) for n, d in compiled_dtype.TORCH_DTYPES.items()}
         for name, dtype in compiled_dtype.TORCH_DTYPES.items():
-            matvec = ["matvec"] if rows <= ahead_of_time.STREAMED_ROWS and streams else []
-            assert names[name] == [*matvec, "packed" if packs(dtype) else "linear"]
+            matvec = ["matvec"] if rows <= most and streams else []
+            packed = rows <= PACK_ROWS and packs(dtype)  # past PACK_ROWS, F.linear
+            assert names[name] == [*matvec, "packed" if packed else "linear"]
         seconds = REAL_WEIGHTS_SECONDS(model, rows, names)
         assert set(seconds) == {f"{n} {k}" for n, ks in names.items() for k in ks}
         assert all(s > 0 for s in seconds.values())
