@@ -1,4 +1,4 @@
-"""Mat-vec operators for a decode step's one or two rows, and a prompt's where they beat a layer's kernel
+"""Mat-vec operators for a decode step's few rows, and a prompt's where they beat a layer's kernel
 (cpu_matvec.cpp), called through torch's dispatcher, so that AOTInductor packages and torch.compile's
 graphs run them as eager code does:
 - `multiar::int8_matvec(x, q, scales)`: the activations times the int8 codes, scaled per output row
@@ -7,7 +7,9 @@ graphs run them as eager code does:
   activations of torch's int8 kernel for values within 2^7 of the row's largest; a row with a NaN or an
   infinity takes fp32) and 32 codes a step are multiplied and summed in int32
   (`vpdpwssd`, flushed to fp32 every 4,096 codes); with AVX2 and FMA and no AVX-512 the same int16
-  rounding, 16 codes a step (`vpmaddwd`, then an add); elsewhere fp32 activations and fp32 sums;
+  rounding, 32 codes a load widened in two halves of 16 (`vpmaddwd`, then an add), a call's rows in
+  fours against each row of codes (the codes widened once for the four; each row's sum as it is alone);
+  elsewhere fp32 activations and fp32 sums;
 - `multiar::int4_matvec(x, codes, scales_and_mins)`: the activations times int4 codes (two a byte, as
   engine.quantize.Int4Linear holds them) with a bf16 scale and min per 32 inputs: with AVX2 and FMA (an
   AVX-512 CPU too) each row of x rounded to int16 as above, each group's codes widened to int16 and
@@ -96,6 +98,20 @@ activations (this CPU has no bf16); int4 34 against its kernel's 40. Two leads m
   1.04-1.17x, and `THP_MEM_ALLOC_ENABLE=1` (torch's allocator, every block of 2 MB or more) gave the 85M
   compile=true jobs no gain (int8 182 and 164 tok/s against 194 and 207 without; bf16 130 and 117 against
   134 and 132).
+
+Session 39, the same Zen 3 EPYC (/tmp probes): the AVX2 int8 loop loads 32 codes at once and widens each
+half: two loops in turns in one process over 200 MB of codes read them 1.05-1.22x as fast as 16 codes a
+load on two threads (13 pairs), 1.23-1.32x on one. It runs a call's rows in fours: 85M's 49 int8 layers
+at 16 rows (a prompt) took 18.6-18.7 ms against 37.8-38.2, at 8 rows 10.8-12.9 against 19.4, at 4 rows
+5.6-7.2 against 9.5-10.5 (processes in turns). With that, a streamed package is a candidate up to
+ahead_of_time.OPERATOR_ROWS rows: the 85M int8 compile=true package at batch 8 stepped in 10.8 ms
+streamed against 327 autotuned (torch's int8 kernel with fp32 activations), 24 -> 527 tokens/s; bf16
+and fp32 at batch 8 kept autotuned (23.7 and 22.6 ms against streamed 31.2 and 31.0), int4 took streamed
+(17.9 against 20.1). Two leads measured and not taken: the weights in one huge-page arena bound into the
+streamed packages (two engines of each dtype in one process, jobs in turns: 0.84-1.06x the tokens/s,
+fp32, bf16 and int8 alike), and `schedule(dynamic)` / `guided` over output rows (bf16 slower, int8 no
+faster); the fp32 loop asks for no weights ahead on this CPU either (0-16 KB ahead: 22.7-24.7 GB/s, none
+the best).
 
 Built on first use with the system's C++ compiler (`$CXX`, else `c++`; ~6 s) against this torch's
 headers, for this CPU (-march=native), cached under `$MULTIAR_CACHE/kernels` by a digest of the source,
