@@ -93,8 +93,11 @@ ENGINE = Path(__file__).parent  # its sources are in every key: a changed engine
 # fuses into one loop per output row; in the 85M fp32 package that loop took 1.25-1.29x the operator's step,
 # session 34). At one row that loop read 85M's bf16 weights at 48 GB/s where oneDNN's mat-vec read them at
 # 27 (a /tmp probe, Zen 5, session 30), the operator at ~50; at 4 rows and up the fused loop reads them
-# again per row, slower than a GEMM, so streamed is a candidate up to STREAMED_ROWS rows only. The operators
-# read each weight once for all rows: where they run the layers, up to OPERATOR_ROWS (streamed_rows())
+# again per row, slower than a GEMM, so without the operators streamed is a candidate up to STREAMED_ROWS
+# rows only. The operators read each weight once for all rows: where they build with vector loops, up to
+# OPERATOR_ROWS (streamed_rows()). A float model then builds and times a streamed package at batch 3-8 as
+# well, where it may lose (85M bf16 and fp32 at batch 8 on a Zen 3 EPYC, below): one more build on the
+# first job; the pick is recorded
 # A streamed package is also built unfrozen and holds no weights: the model's own tensors are handed to it
 # at load, as its KV caches are, so its key has their shapes and dtypes, not their contents. Any model of
 # the same kind loads it (no build for a newly trained model), in milliseconds: no weights digest, no
@@ -106,8 +109,8 @@ GEMMS = {
 }
 STREAMED_ROWS = 2
 # an 85M int8 package at batch 8 on a Zen 3 EPYC (no bf16: torch's int8 kernel takes fp32 activations)
-# stepped in 329 ms autotuned, 348 on ATen; its 49 layers take 11-13 ms at 8 rows on the operator
-# (session 39)
+# stepped in 327 ms autotuned, 337 on ATen, 10.8 ms streamed; bf16 and fp32 there 23.7 and 22.6 ms
+# autotuned, 31.2 and 31.0 streamed; int4 20.1 autotuned, 17.9 streamed (session 39)
 OPERATOR_ROWS = 8
 TIMED_ROUNDS, WARM, BLOCK = 3, 3, 6  # rounds of each candidate in turn: untimed steps, then timed
 
@@ -495,7 +498,9 @@ class AheadOfTimeStep:
         key = cache_key(model, rows, f"ahead-of-time gemms {kind}")
         recorded = (read_cache(cache_root() / CACHE_FILE, key) or {}).get("gemms")
         earlier = (self.gemms or {}).get("gemms")  # this job's pick at another row count, if one here
-        asked = self.asked if self.asked in names else "auto"  # streamed pinned: at a few float rows only
+        asked = (
+            self.asked if self.asked in names else "auto"
+        )  # streamed pinned: at up to streamed_rows() rows only
         if asked != self.asked:
             log.info(
                 "ahead-of-time decode step: %s GEMMs pinned, not one at %d rows of this model",

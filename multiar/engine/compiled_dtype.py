@@ -50,7 +50,7 @@ def kernels(dtype: torch.dtype, rows: int, gemms: str | None = None) -> list[str
     """The kernels a compiled step may run dtype's weights through at `rows` rows, on this CPU, its
     GEMMs as gemms pins them (None: MULTIAR_COMPILE_GEMMS's)."""
     streams = ahead_of_time.enabled() and (gemms or ahead_of_time.gemms_asked()) in ("auto", "streamed")
-    streams = streams and rows <= ahead_of_time.streamed_rows()
+    streams = streams and rows <= ahead_of_time.streamed_rows() and cpu_matvec.vectorized()
     streamed = ["matvec"] if streams and cpu_matvec.library() is not None else []  # built only if it may run
     return [*streamed, "packed" if rows <= PACK_ROWS and packs(dtype) else "linear"]
 

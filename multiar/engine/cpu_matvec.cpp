@@ -1,4 +1,4 @@
-// A decode step's int8, int4 and float Linears at one or two rows, and a prompt's rows where they beat a
+// A decode step's int8, int4 and float Linears at a few rows, and a prompt's rows where they beat a
 // layer's kernel (multiar::int8_matvec, multiar::int4_matvec, multiar::matvec), and its attention
 // (multiar::decode_attention), as torch operators that compiled code and AOTInductor packages call
 // through the dispatcher. Built and loaded by engine/cpu_matvec.py; see there for why.
@@ -108,7 +108,8 @@ inline float int8_dot(const float* x, const int8_t* q, int64_t in) {
   return acc;
 }
 
-// codes of int16_int8_dot summed in int32 before a flush to fp32: no int32 overflow (see there)
+// codes of int16_int8_dot (VNNI) / int16_int8_dots (AVX2) summed in int32 before a flush to fp32: no int32
+// overflow (see there)
 constexpr int64_t INT32_CHUNK = 4096;
 
 #ifdef __AVX512VNNI__

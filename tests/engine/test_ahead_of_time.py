@@ -247,7 +247,7 @@ def test_streamed_linears_are_candidates_at_a_few_float_rows_and_decode_as_the_e
     """A Linear streamed (through the mat-vec operator, or without it a multiply-and-sum, summed in fp32)
     computes what it computes, and the streamed
     package decodes greedily as the eager model does in fp32 (and runs in bf16), and, holding no weights,
-    serves another model of the same kind unbuilt; it is timed at up to STREAMED_ROWS rows only, and not for a model
+    serves another model of the same kind unbuilt; without the operators it is timed at up to STREAMED_ROWS rows only (with them, streamed_rows()), and not for a model
     whose layers are all quantized; the Linears' own forward is back after the trace."""
     monkeypatch.setenv("MULTIAR_COMPILE_GEMMS", "streamed")
     linear = nn.Linear(24, 40, bias=True)
@@ -352,10 +352,11 @@ def test_streamed_quantized_layers_run_the_mat_vec_operator_and_decode_as_their_
     layers = Int8Linear if mode == "int8" else Int4Linear
     quantized = quantize(tiny(seed=13, width=width), mode)
     assert all(isinstance(m, layers) for m in quantized.modules() if isinstance(m, Int8Linear | Int4Linear))
-    # the operators stream its layers: a candidate up to OPERATOR_ROWS rows (a batch of 8)
-    assert ahead_of_time.streamed_rows() == ahead_of_time.OPERATOR_ROWS
-    assert ahead_of_time.candidates(quantized, ahead_of_time.OPERATOR_ROWS)[-1] == "streamed"
-    assert "streamed" not in ahead_of_time.candidates(quantized, ahead_of_time.OPERATOR_ROWS + 1)
+    # where the operators' loops are vectors they stream its layers: a candidate up to OPERATOR_ROWS rows
+    most = ahead_of_time.OPERATOR_ROWS if cpu_matvec.vectorized() else ahead_of_time.STREAMED_ROWS
+    assert ahead_of_time.streamed_rows() == most
+    assert ahead_of_time.candidates(quantized, most)[-1] == "streamed"
+    assert "streamed" not in ahead_of_time.candidates(quantized, most + 1)
     compiled = compile_for_sampling(copy.deepcopy(quantized), rows=len(PROMPTS))
     assert greedy(compiled) == expected(quantized, 13)
     step = compiled.compiled_step

@@ -362,6 +362,10 @@ def test_a_pass_over_the_weights_is_timed_through_each_kernel_a_compiled_step_ma
     assert ("matvec" in compiled_dtype.kernels(torch.bfloat16, 1)) == streams
     monkeypatch.setenv("MULTIAR_AHEAD_OF_TIME", "0")
     assert "matvec" not in compiled_dtype.kernels(torch.bfloat16, 1, gemms="streamed")
+    monkeypatch.setenv("MULTIAR_AHEAD_OF_TIME", "1")  # scalar loops: a package streams floats in inductor's
+    monkeypatch.setattr(cpu_matvec, "vectorized", lambda: False)  # loop, not the operator
+    assert "matvec" not in compiled_dtype.kernels(torch.bfloat16, 1)
+    assert ahead_of_time.streamed_rows() == ahead_of_time.STREAMED_ROWS
 
 
 def test_compile_true_measures_for_auto_and_auto_compiles_a_quantized_models_own_kernels(tmp_path, compiler):

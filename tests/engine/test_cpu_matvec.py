@@ -121,24 +121,30 @@ def test_the_operators_equal_the_dense_product(rows, width, out):
         torch.testing.assert_close(y, F.linear(xs.double(), ws.double()).float(), rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("width", [70, 80, 4166])  # tails past the 64-code steps, 2 int32 chunks
-def test_an_int8_row_is_the_same_beside_any_other_rows(width):
+def int8_rows_together(int8_matvec, width: int, int16: bool) -> None:
     """A prompt's or a batch's rows (AVX2: in fours, then a pair, then one, the codes widened once for
     them) give each row the bits it gets alone, rows for the fp32 loop (NaN, infinity, all but zero)
     among them; and the scaled rows the product int8_close checks."""
-    built()
     gen = torch.Generator().manual_seed(width)
     out = 37
     x = torch.randn(10, width, generator=gen)  # 7 on the int16 scale: a four, a pair and one
     x[2, 3], x[5, -1], x[8] = float("nan"), float("inf"), x[8] * 1e-32
     q = torch.randint(-127, 128, (out, width), generator=gen, dtype=torch.int8)
     scales = torch.rand(out, generator=gen) + 0.5
-    together = cpu_matvec.int8_matvec(x, q, scales)
-    alone = torch.cat([cpu_matvec.int8_matvec(x[n : n + 1], q, scales) for n in range(10)])
+    together = int8_matvec(x, q, scales)
+    alone = torch.cat([int8_matvec(x[n : n + 1], q, scales) for n in range(10)])
     assert torch.equal(together.isnan(), alone.isnan())
     assert torch.equal(together.nan_to_num(), alone.nan_to_num())
     scaled = [n for n in range(10) if n not in (2, 5, 8)]
-    int8_close(together[scaled], x[scaled], q, scales, int16_activations())
+    int8_close(together[scaled], x[scaled], q, scales, int16)
+
+
+@pytest.mark.parametrize("width", [70, 80, 4166])  # tails past the 64-code steps, 2 int32 chunks
+def test_an_int8_row_is_the_same_beside_any_other_rows(width):
+    """int8_rows_together on this CPU's build (the AVX2 loop's fours run in the older-CPU builds below
+    on an AVX-512 CPU)."""
+    built()
+    int8_rows_together(cpu_matvec.int8_matvec, width, int16_activations())
 
 
 def int4_vectors(flags: tuple[str, ...] = ()) -> bool:
@@ -277,7 +283,7 @@ def test_the_attention_operator_equals_attend_rows(head_size, dtype):
 OLDER_CPU = """
 import sys, torch, torch.nn.functional as F
 from multiar.engine import cpu_matvec
-from test_cpu_matvec import attention_case, attention_close, int8_close, int8_odd_rows
+from test_cpu_matvec import attention_case, attention_close, int8_close, int8_odd_rows, int8_rows_together
 from test_cpu_matvec import int4_case, int4_close, int4_odd_rows
 
 def close(y, x, w):  # fp32 sums: within fp32 rounding of the sum of the terms' sizes
@@ -295,6 +301,7 @@ for rows, width, out in ((1, 70, 37), (1, 80, 37), (2, 4166, 39)):
     scales = torch.rand(out, generator=gen) + 0.5
     int8_close(torch.ops.multiar.int8_matvec(x, q, scales), x, q, scales, int16)
     int8_odd_rows(torch.ops.multiar.int8_matvec, q, scales, gen)
+    int8_rows_together(torch.ops.multiar.int8_matvec, width, int16)
     w = torch.randn(out, width, generator=gen)
     for dtype in (torch.float32, torch.bfloat16):
         close(torch.ops.multiar.matvec(x.to(dtype), w.to(dtype)), x.to(dtype), w.to(dtype))
