@@ -498,9 +498,8 @@ class AheadOfTimeStep:
         key = cache_key(model, rows, f"ahead-of-time gemms {kind}")
         recorded = (read_cache(cache_root() / CACHE_FILE, key) or {}).get("gemms")
         earlier = (self.gemms or {}).get("gemms")  # this job's pick at another row count, if one here
-        asked = (
-            self.asked if self.asked in names else "auto"
-        )  # streamed pinned: at up to streamed_rows() rows only
+        # streamed pinned: a candidate at up to streamed_rows() rows only
+        asked = self.asked if self.asked in names else "auto"
         if asked != self.asked:
             log.info(
                 "ahead-of-time decode step: %s GEMMs pinned, not one at %d rows of this model",
