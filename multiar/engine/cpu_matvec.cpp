@@ -29,12 +29,19 @@
 
 namespace {
 
+// bf16 weights and rows multiplied by AVX512-BF16's dot product, in pairs (float_dots)
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+constexpr bool BF16_PAIRS = true;
+#else
+constexpr bool BF16_PAIRS = false;
+#endif
+
 // How far ahead the int8 loops ask for codes: without it 85M's int8 mat-vecs read 40-57 GB/s from RAM,
 // 16 KB ahead 53-99 (a /tmp probe of many weights of each layer shape, Zen 5 EPYC); in the 85M int8
 // package a token took 1.13-1.23x as long 4 KB ahead or without, 0.93-0.94x 64 KB ahead (0.98 at 32,
 // 1.0 at 128, 1.21 at 256)
 constexpr int64_t INT8_AHEAD = 65536;  // bytes, rows of codes on
-// How far ahead the bf16 loops ask for weights (float_dot): in the 85M bf16 package, 128-token jobs in
+// How far ahead the bf16 loops ask for weights (float_dots): in the 85M bf16 package, 128-token jobs in
 // turns in one process, a token took 0.64x as long 8 KB ahead as without (3.02 against 4.72 ms, medians
 // of 130 rounds; 2 KB 0.69x, 4 KB 0.65x, 16 KB 0.65x), in minutes when the step without it ran at its
 // slow pace only (session 35; in session 34's minutes 16-64 KB ahead made no difference). fp32 asks for
@@ -260,35 +267,42 @@ inline __m512 load16(const T* p) {
 }
 #endif
 
-// sum_i x[i] * w[i] over fp32 or bf16 x and w (the same dtype), in fp32. One weight row at a time, in two
-// chains (in the 85M packages, four rows at once with hints 4 blocks ahead took 1.06-1.18x as long a
-// bf16 token, and fp32 through inductor's fused loop 1.25-1.29x as long a step: see cpu_matvec.py);
-// bf16 weights asked for FLOAT_AHEAD bytes on (the hardware's prefetchers alone did not always keep up)
-template <typename T>
-inline float float_dot(const T* x, const T* w, int64_t in) {
-  float acc = 0.0f;
+// sums[r] = sum_i x[r][i] * w[i] for R rows of x against one weight row, fp32 or bf16 (x fp32 or w's
+// dtype), in fp32. The weight is loaded (and widened) once for the R rows; each row keeps its own two
+// chains, in the same order whatever R, so its sum has the same bits as when it runs alone. One weight
+// row at a time (in the 85M packages, four weight rows at once with hints 4 blocks ahead took 1.06-1.18x
+// as long a bf16 token, and fp32 through inductor's fused loop 1.25-1.29x as long a step: see
+// cpu_matvec.py); bf16 weights asked for FLOAT_AHEAD bytes on (the hardware's prefetchers alone did not
+// always keep up)
+template <typename X, typename T, int R>
+inline void float_dots(const X* const* x, const T* w, int64_t in, float* sums) {
   int64_t i = 0;
 #ifdef __AVX512F__
-  __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
+  __m512 a[R], b[R];
+  for (int r = 0; r < R; r++) a[r] = b[r] = _mm512_setzero_ps();
 #ifdef __AVX512BF16__
-  constexpr bool pairs = !std::is_same_v<T, float>;  // bf16 by AVX512-BF16's dot product
+  constexpr bool pairs = !std::is_same_v<T, float> && std::is_same_v<X, T>;  // bf16 by AVX512-BF16's dot product
 #else
   constexpr bool pairs = false;
 #endif
   if constexpr (pairs) {
 #ifdef __AVX512BF16__
     // 32 bf16 products a step, summed in pairs into fp32
-    auto dot = [](__m512 sum, const T* p, const T* q) {
-      return _mm512_dpbf16_ps(sum, (__m512bh)_mm512_loadu_si512(p), (__m512bh)_mm512_loadu_si512(q));
+    auto dot = [](__m512 sum, __m512bh weights, const X* p) {
+      return _mm512_dpbf16_ps(sum, weights, (__m512bh)_mm512_loadu_si512(p));
     };
     for (; i + 64 <= in; i += 64) {  // 128 bytes of weights a step: two cache lines asked for
       prefetch(w + i, FLOAT_AHEAD);
       prefetch(w + i, FLOAT_AHEAD + 64);
-      a = dot(a, w + i, x + i);
-      b = dot(b, w + i + 32, x + i + 32);
+      const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + i), w1 = (__m512bh)_mm512_loadu_si512(w + i + 32);
+      for (int r = 0; r < R; r++) {
+        a[r] = dot(a[r], w0, x[r] + i);
+        b[r] = dot(b[r], w1, x[r] + i + 32);
+      }
     }
     if (i + 32 <= in) {
-      a = dot(a, w + i, x + i);
+      const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + i);
+      for (int r = 0; r < R; r++) a[r] = dot(a[r], w0, x[r] + i);
       i += 32;
     }
 #endif
@@ -297,29 +311,43 @@ inline float float_dot(const T* x, const T* w, int64_t in) {
       if constexpr (!std::is_same_v<T, float>) {  // bf16 without AVX512-BF16: 64 bytes a step, one line
         prefetch(w + i, FLOAT_AHEAD);  // (fp32 asks for none: 1.065x as long a token at its fast pace)
       }
-      a = _mm512_fmadd_ps(load16(w + i), load16(x + i), a);
-      b = _mm512_fmadd_ps(load16(w + i + 16), load16(x + i + 16), b);
+      const __m512 w0 = load16(w + i), w1 = load16(w + i + 16);
+      for (int r = 0; r < R; r++) {
+        a[r] = _mm512_fmadd_ps(w0, load16(x[r] + i), a[r]);
+        b[r] = _mm512_fmadd_ps(w1, load16(x[r] + i + 16), b[r]);
+      }
     }
     if (i + 16 <= in) {
-      a = _mm512_fmadd_ps(load16(w + i), load16(x + i), a);
+      const __m512 w0 = load16(w + i);
+      for (int r = 0; r < R; r++) a[r] = _mm512_fmadd_ps(w0, load16(x[r] + i), a[r]);
       i += 16;
     }
   }
-  acc = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
+  for (int r = 0; r < R; r++) sums[r] = _mm512_reduce_add_ps(_mm512_add_ps(a[r], b[r]));
 #elif defined(MULTIAR_AVX2)
-  __m256 a = _mm256_setzero_ps(), b = _mm256_setzero_ps();
+  __m256 a[R], b[R];
+  for (int r = 0; r < R; r++) a[r] = b[r] = _mm256_setzero_ps();
   for (; i + 32 <= in; i += 32) {  // 32 values a step (bf16: a cache line, asked for ahead as above)
     if constexpr (!std::is_same_v<T, float>) prefetch(w + i, FLOAT_AHEAD);
-    a = _mm256_fmadd_ps(load8(w + i), load8(x + i), a);
-    b = _mm256_fmadd_ps(load8(w + i + 8), load8(x + i + 8), b);
-    a = _mm256_fmadd_ps(load8(w + i + 16), load8(x + i + 16), a);
-    b = _mm256_fmadd_ps(load8(w + i + 24), load8(x + i + 24), b);
+    const __m256 w0 = load8(w + i), w1 = load8(w + i + 8), w2 = load8(w + i + 16), w3 = load8(w + i + 24);
+    for (int r = 0; r < R; r++) {
+      a[r] = _mm256_fmadd_ps(w0, load8(x[r] + i), a[r]);
+      b[r] = _mm256_fmadd_ps(w1, load8(x[r] + i + 8), b[r]);
+      a[r] = _mm256_fmadd_ps(w2, load8(x[r] + i + 16), a[r]);
+      b[r] = _mm256_fmadd_ps(w3, load8(x[r] + i + 24), b[r]);
+    }
   }
-  for (; i + 8 <= in; i += 8) a = _mm256_fmadd_ps(load8(w + i), load8(x + i), a);
-  acc = sum8(_mm256_add_ps(a, b));
+  for (; i + 8 <= in; i += 8) {
+    const __m256 w0 = load8(w + i);
+    for (int r = 0; r < R; r++) a[r] = _mm256_fmadd_ps(w0, load8(x[r] + i), a[r]);
+  }
+  for (int r = 0; r < R; r++) sums[r] = sum8(_mm256_add_ps(a[r], b[r]));
+#else
+  for (int r = 0; r < R; r++) sums[r] = 0.0f;
 #endif
-  for (; i < in; i++) acc += static_cast<float>(x[i]) * static_cast<float>(w[i]);
-  return acc;
+  for (int r = 0; r < R; r++) {
+    for (int64_t j = i; j < in; j++) sums[r] += static_cast<float>(x[r][j]) * static_cast<float>(w[j]);
+  }
 }
 
 // y[n, o] = dot(o, n) for every output row o and row n of x; output rows split over torch's thread count
@@ -338,6 +366,8 @@ void each_output(int64_t rows, int64_t out, float* y, Dot dot) {
   });
 }
 
+constexpr int64_t OUT_BLOCK = 8;
+
 at::Tensor matvec(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "matvec: x (rows, in), w (out, in)");
   TORCH_CHECK(x.scalar_type() == w.scalar_type() && (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16),
@@ -345,15 +375,41 @@ at::Tensor matvec(const at::Tensor& x, const at::Tensor& w) {
   at::Tensor xc = x.contiguous(), wc = w.contiguous();
   at::Tensor y = at::empty({x.size(0), w.size(0)}, x.options().dtype(at::kFloat));
   const int64_t in = x.size(1);
+  const int64_t rows = x.size(0), out = w.size(0);
+  float* yp = y.data_ptr<float>();
+  // a prompt's or a batch's rows against each weight row in fours (then a pair, then one), the weight
+  // loaded once for the four (each row's sum as it is alone: float_dots)
+  const int64_t per = rows >= 4 ? OUT_BLOCK : 1;  // weight rows a four of x's rows meets in turn
   auto run = [&](auto* xp, auto* wp) {
-    each_output(x.size(0), w.size(0), y.data_ptr<float>(), [&](int64_t o, int64_t n) {
-      return float_dot(xp + n * in, wp + o * in, in);
+    using X = std::remove_pointer_t<decltype(xp)>;
+    using T = std::remove_pointer_t<decltype(wp)>;
+    for_each_output((out + per - 1) / per, [&](int64_t block) {
+      const int64_t first = block * per, end = std::min(out, first + per);
+      auto dots = [&](auto width, int64_t n0) {
+        constexpr int R = decltype(width)::value;
+        const X* xs[R];
+        float sums[R];
+        for (int r = 0; r < R; r++) xs[r] = xp + (n0 + r) * in;
+        for (int64_t o = first; o < end; o++) {
+          float_dots<X, T, R>(xs, wp + o * in, in, sums);
+          for (int r = 0; r < R; r++) yp[(n0 + r) * out + o] = sums[r];
+        }
+      };
+      int64_t n = 0;
+      for (; n + 4 <= rows; n += 4) dots(std::integral_constant<int, 4>(), n);
+      if (n + 2 <= rows) dots(std::integral_constant<int, 2>(), n), n += 2;
+      if (n < rows) dots(std::integral_constant<int, 1>(), n);
     });
   };
   if (w.scalar_type() == at::kFloat) {
     run(xc.data_ptr<float>(), wc.data_ptr<float>());
-  } else {
+  } else if (BF16_PAIRS || rows == 1) {
     run(xc.data_ptr<at::BFloat16>(), wc.data_ptr<at::BFloat16>());
+  } else {
+    // bf16 rows widened to fp32 once, not once per weight row (exact: the same products): without
+    // AVX512-BF16's dot product a row of x is widened per load
+    at::Tensor xf = xc.to(at::kFloat);
+    run(xf.data_ptr<float>(), wc.data_ptr<at::BFloat16>());
   }
   return y;
 }

@@ -147,6 +147,32 @@ def test_an_int8_row_is_the_same_beside_any_other_rows(width):
     int8_rows_together(cpu_matvec.int8_matvec, width, int16_activations())
 
 
+def float_rows_together(matvec, width: int) -> None:
+    """fp32 and bf16 rows against each weight row in fours, then a pair, then one (the weight loaded once
+    for them): each row gets the bits it gets alone, a NaN row and an infinity among them, and the
+    product is within fp32 rounding of the exact one."""
+    gen = torch.Generator().manual_seed(width)
+    x, w = torch.randn(7, width, generator=gen), torch.randn(37, width, generator=gen)
+    x[2, 3], x[5, -1] = float("nan"), float("inf")
+    for dtype in (torch.float32, torch.bfloat16):
+        xs, ws = x.to(dtype), w.to(dtype)
+        together = matvec(xs, ws)
+        alone = torch.cat([matvec(xs[n : n + 1], ws) for n in range(7)])
+        assert torch.equal(together.isnan(), alone.isnan())
+        assert torch.equal(together.nan_to_num(), alone.nan_to_num())
+        finite = [0, 1, 3, 4, 6]
+        exact = F.linear(xs[finite].double(), ws.double())
+        size = F.linear(xs[finite].double().abs(), ws.double().abs())
+        assert ((together[finite].double() - exact).abs() <= 1e-6 * size + 1e-6).all()
+
+
+@pytest.mark.parametrize("width", [70, 80, 4166])  # tails past the 32-value steps (8-wide, scalar)
+def test_a_float_row_is_the_same_beside_any_other_rows(width):
+    """float_rows_together on this CPU's build (the other loops' fours in the older-CPU builds below)."""
+    built()
+    float_rows_together(cpu_matvec.matvec, width)
+
+
 def int4_vectors(flags: tuple[str, ...] = ()) -> bool:
     """Whether that build's int4 loop rounds the activations to int16: with AVX2 and FMA (AVX-512 CPUs
     take AVX2's int4 loop too)."""
@@ -284,6 +310,7 @@ OLDER_CPU = """
 import sys, torch, torch.nn.functional as F
 from multiar.engine import cpu_matvec
 from test_cpu_matvec import attention_case, attention_close, int8_close, int8_odd_rows, int8_rows_together
+from test_cpu_matvec import float_rows_together
 from test_cpu_matvec import int4_case, int4_close, int4_odd_rows
 
 def close(y, x, w):  # fp32 sums: within fp32 rounding of the sum of the terms' sizes
@@ -302,6 +329,7 @@ for rows, width, out in ((1, 70, 37), (1, 80, 37), (2, 4166, 39)):
     int8_close(torch.ops.multiar.int8_matvec(x, q, scales), x, q, scales, int16)
     int8_odd_rows(torch.ops.multiar.int8_matvec, q, scales, gen)
     int8_rows_together(torch.ops.multiar.int8_matvec, width, int16)
+    float_rows_together(torch.ops.multiar.matvec, width)
     w = torch.randn(out, width, generator=gen)
     for dtype in (torch.float32, torch.bfloat16):
         close(torch.ops.multiar.matvec(x.to(dtype), w.to(dtype)), x.to(dtype), w.to(dtype))
