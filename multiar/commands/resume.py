@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from multiar.commands.tally import Tally
 from multiar.engine.choice_cache import cache_root
 from multiar.engine.precision import cpu_model
+from multiar.engine.float_rows import without_linear_rules
 from multiar.engine.quantized_prefill import without_on_kernel_rules
 from multiar.errors import ConfigError
 from multiar.files import write_new_file
@@ -38,9 +39,12 @@ def settings_digest(cfg: DictConfig, decode: dict | None = None) -> str:
     if decode:
         settings["decode"] = {k: decode.get(k) for k in ("dtype", "layout", "kernels")}
         if isinstance(settings["decode"]["kernels"], dict):
-            # every call on the kernel is how runs decoded before the prefill rules existed: their
-            # journals' digests left them out, so a resume of one still matches
-            settings["decode"]["kernels"] = without_on_kernel_rules(settings["decode"]["kernels"])
+            # every call on the kernel (on F.linear) is how runs decoded before the prefill rules (the
+            # float rows rules) existed: their journals' digests left them out, so a resume of one
+            # still matches
+            settings["decode"]["kernels"] = without_linear_rules(
+                without_on_kernel_rules(settings["decode"]["kernels"])
+            )
         # what compile= decided, not how it was spelled ("auto", "True", true): as journals before
         # compile=auto recorded it
         settings["compile"] = str(decode.get("layout", "")).endswith(", compiled")
@@ -97,7 +101,9 @@ def journaled_decode(out_dir: Path) -> tuple[str, str, dict[str, str] | None, bo
     compiled = layout[1].endswith(", compiled")
     if layout[1].removesuffix(", compiled") in ("int8", "int4"):
         return "auto", "auto", kernels, compiled
-    return layout[0], layout[1].removesuffix(", compiled"), kernels, compiled
+    # a float run's rule for calls of a few rows; none in a journal from before the rule: F.linear's
+    # every call, as it decoded (engine.float_rows)
+    return layout[0], layout[1].removesuffix(", compiled"), kernels or {}, compiled
 
 
 def journaled_gemms(out_dir: Path) -> str | None:

@@ -178,16 +178,20 @@ def _streamed_quantized(layer: Int8Linear | Int4Linear, x: Tensor) -> Tensor:
 @contextlib.contextmanager
 def _streamed_linears(model: nn.Module) -> Iterator[None]:
     """Every plain nn.Linear and quantized layer of model computed by _streamed / _streamed_quantized
-    while traced (an instance attribute over the class's forward, taken away after)."""
+    while traced (an instance attribute over the class's forward; the one before it, an eager rule of
+    engine.float_rows, put back after)."""
     linears = [m for m in model.modules() if _streams(m)]
+    before = [linear.__dict__.get("forward") for linear in linears]
     try:
         for linear in linears:
             stream = _streamed if type(linear) is nn.Linear else _streamed_quantized
             linear.forward = functools.partial(stream, linear)
         yield
     finally:
-        for linear in linears:
+        for linear, forward in zip(linears, before, strict=True):
             linear.__dict__.pop("forward", None)
+            if forward is not None:
+                linear.forward = forward
 
 
 def enabled() -> bool:

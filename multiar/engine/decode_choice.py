@@ -27,7 +27,8 @@ class DecodeChoice:
     batch_size: int
     step_ms: dict[str, float] = field(default_factory=dict)  # candidate -> ms per decode step
     # quantized: layer shape -> kernel, and "<mode> prefill" -> the rule for calls of many rows
-    # (engine.quantized_prefill)
+    # (engine.quantized_prefill); float: "<dtype> rows" -> the rule for calls of a few rows
+    # (engine.float_rows)
     kernels: dict[str, str] = field(default_factory=dict)
     compile: dict = field(default_factory=dict)  # compile=auto: its decision and figures (CompileDecision)
     # a compiled float step: ms of a pass over its weights per "<dtype> <kernel>", which chose its dtype
@@ -45,7 +46,8 @@ class DecodeChoice:
         kernels = (
             f"; kernels {', '.join(f'{s}: {k}' for s, k in self.kernels.items())}" if self.kernels else ""
         )
-        unit = "ms per layer call" if self.kernels else "ms per decode step"
+        # a quantized model's candidates are its layers' kernels (a float model's kernels: its rows rule)
+        unit = "ms per layer call" if self.layout.split(",")[0] in ("int8", "int4") else "ms per decode step"
         timed = f" ({unit} at batch {self.batch_size}: {alts})" if alts else ""
         reads = sorted(self.weights_ms.items(), key=lambda kv: kv[1])
         weights = (

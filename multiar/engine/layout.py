@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from multiar.engine import ahead_of_time
+from multiar.engine import ahead_of_time, cpu_matvec
 from multiar.engine.choice_cache import CACHE_FILE, cache_key, read_cache, write_cache
 from multiar.engine.compile_choice import (
     CompileDecision,
@@ -43,6 +43,8 @@ from multiar.engine.compile_choice import (
 )
 from multiar.engine.compiled_dtype import compiled_dtype
 from multiar.engine.decode_choice import TORCH_DTYPES, DecodeChoice, Timer
+from multiar.engine.float_rows import choose_rows, float_linears
+from multiar.engine.float_rows import rows_seconds as float_rows_seconds
 from multiar.engine.packed import decode_layout, packs
 from multiar.engine.quantize import Int4Linear, Int8Linear, quantized_mode
 from multiar.engine.quantized_kernels import choose_kernels, layer_seconds, own_kernels
@@ -114,21 +116,32 @@ def _time_steps(model: nn.Module, prompt: torch.Tensor, steps: int) -> float:
 
 
 def choose_float(
-    model: nn.Module, batch_size: int, dtype: str, layout: str, cache_file: Path | None, timer: Timer
+    model: nn.Module,
+    batch_size: int,
+    dtype: str,
+    layout: str,
+    cache_file: Path | None,
+    timer: Timer,
+    rows: Callable[[nn.Module], dict[str, str]] = lambda m: {},
 ) -> tuple[nn.Module, DecodeChoice]:
-    """model laid out as the fastest float candidate (measured, or read from the cache)."""
+    """model laid out as the fastest float candidate (measured, or read from the cache). rows: sets a
+    candidate's rule for calls of a few rows (engine.float_rows) before it is timed."""
     device = next(model.parameters()).device
     candidates = float_candidates(device, dtype, layout)
     if len(candidates) == 1:  # "forced" only when it is what was asked (bf16/packed on AVX2: bf16/linear)
         how = "forced" if candidates[0] == f"{dtype}/{layout}" else "only candidate"
         return build_float(model, candidates[0]), _float_choice(candidates[0], how, batch_size, {})
-    key = cache_key(model, batch_size, f"dtype={dtype} layout={layout}")
+    # a pick timed where the Linears had no operator, or another version of it, is measured again
+    offered = f" rows matvec {cpu_matvec.source_digest()}" if float_linears(model) else ""
+    key = cache_key(model, batch_size, f"dtype={dtype} layout={layout}{offered}")
     entry = read_cache(cache_file, key)
     if entry is not None and entry.get("picked") in candidates:
         return build_float(model, entry["picked"]), _float_choice(
             entry["picked"], "cached", batch_size, entry["step_ms"]
         )
     built = {c: build_float(copy.deepcopy(model), c) for c in candidates}
+    for m in built.values():
+        rows(m)
     seconds = timer(built)
     picked = min(candidates, key=lambda c: seconds[c])
     step_ms = {c: 1e3 * seconds[c] for c in candidates}
@@ -156,6 +169,7 @@ def prepare_for_decoding(
     kernels: dict[str, str] | None = None,
     decided: bool | None = None,
     gemms: str | None = None,
+    rows_timer: Callable | None = None,
 ) -> tuple[nn.Module, DecodeChoice]:
     """model (converted in place, or a converted copy) laid out for sampling at batch_size as fast as
     this machine runs it, and the choice made.
@@ -167,13 +181,15 @@ def prepare_for_decoding(
     (float layouts: nn.Linear only, inductor packs weights itself); "auto", compiled when that pays for
     a job of `steps` decode steps (`multiar.engine.compile_choice`; a quantized model's own kernels,
     as compile=True compiles them; a job of no steps, or layout="packed", stays eager); kernels: a
-    quantized model's per-shape kernels and prefill rules to use rather than choose (a resume pins the
-    killed run's; without the rule, every call on the kernel);
+    quantized model's per-shape kernels and prefill rules, or a float model's rule for calls of a few
+    rows (engine.float_rows), to use rather than choose (a resume pins the killed run's; without the
+    rule, every call on the kernel, or on F.linear; None: chosen);
     decided: what compile="auto" decided for the run a resume continues (pinned, not weighed anew: one
     graph for the batch size, eager when it fails, as then); gemms: the GEMMs a compiled CPU step runs
     (engine.ahead_of_time; a resumed run's, pinned; None: measured or recorded). timer / layer_timer: seconds per decode
     step of each candidate model / per call of each layer, prefill_timer: of each mode's quantized layers at many rows
-    (`engine.quantized_prefill`; tests inject them)."""
+    (`engine.quantized_prefill`), rows_timer: of a float model's Linears at a few rows (`engine.float_rows`;
+    tests inject them)."""
     if dtype not in ("auto", *DTYPES) or layout not in ("auto", *LAYOUTS):
         raise ValueError(
             f"dtype={dtype!r}, layout={layout!r}: dtype auto|fp32|bf16, layout auto|linear|packed"
@@ -213,13 +229,20 @@ def prepare_for_decoding(
     device = next(model.parameters()).device
     packable = any(c.endswith("/packed") for c in float_candidates(device, dtype, layout))
     spare = copy.deepcopy(model) if compile and packable else None
-    model, choice = choose_float(model, batch_size, dtype, layout, cache_file, timer)
+
+    def rows(m: nn.Module) -> dict[str, str]:  # a float model's rule for calls of a few rows, set on it
+        return choose_rows(m, cache_file, kernels, rows_timer or float_rows_seconds)
+
+    model, choice = choose_float(model, batch_size, dtype, layout, cache_file, timer, rows)
     if compile is True:
         choice.dtype = compiled_dtype_of(choice, spare, cache_file, gemms)
         clock = _clock(_compile_source(model, choice, spare, choice.dtype), choice, cache_file)  # as auto's
-        return _compiled(_as_linear(model, choice, spare), choice, clock, gemms), choice
-    if compile == "auto":
+        model = _compiled(_as_linear(model, choice, spare), choice, clock, gemms)
+    elif compile == "auto":
         model = _compile_if_it_pays(model, choice, spare, steps or 0, cache_file, timer, decided, gemms)
+    # the model that runs, as it is now (the eager pick, or rebuilt to compile): its prefill's and eager
+    # steps' Linears
+    choice.kernels = rows(model)
     return model, choice
 
 

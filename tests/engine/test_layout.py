@@ -67,7 +67,8 @@ def test_the_cache_decides_the_second_time_and_is_keyed_by_batch_size(tmp_path, 
     )
     assert len(calls) == 2 and other.how == "measured" and other.dtype == "fp32"
     cached = json.loads((tmp_path / lay.CACHE_FILE).read_text())
-    assert len(cached) == 2 and all("batch 1 |" in k or "batch 8 |" in k for k in cached)
+    picks = [k for k in cached if "dtype=" in k]  # the float rows rules (engine.float_rows) beside them
+    assert len(picks) == 2 and all("batch 1 |" in k or "batch 8 |" in k for k in picks)
 
 
 def test_without_a_cache_dir_every_call_measures(tmp_path):
@@ -123,7 +124,9 @@ def test_every_float_layout_keeps_the_logits_and_greedy_output():
     base = tiny_model()
     idx = torch.randint(0, 64, (3, 12))
     reference = generate(base, idx, 12, temperature=0.0)
-    for candidate, tol in [("fp32/linear", 0), ("fp32/packed", 1e-5), ("bf16/packed", 2e-2)]:
+    # fp32/linear: nn.Linear's weights, its calls of a few rows through the operator where it is built
+    # (engine.float_rows: the same products, summed in another order)
+    for candidate, tol in [("fp32/linear", 1e-5), ("fp32/packed", 1e-5), ("bf16/packed", 2e-2)]:
         dtype, layout = candidate.split("/")
         model, _ = lay.prepare_for_decoding(copy.deepcopy(base), dtype=dtype, layout=layout)
         with torch.no_grad():
