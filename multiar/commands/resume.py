@@ -18,8 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from multiar.commands.tally import Tally
 from multiar.engine.choice_cache import cache_root
-from multiar.engine.precision import cpu_model
 from multiar.engine.float_rows import without_linear_rules
+from multiar.engine.precision import cpu_model
 from multiar.engine.quantized_prefill import without_on_kernel_rules
 from multiar.errors import ConfigError
 from multiar.files import write_new_file
