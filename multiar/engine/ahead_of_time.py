@@ -110,7 +110,8 @@ GEMMS = {
 STREAMED_ROWS = 2
 # an 85M int8 package at batch 8 on a Zen 3 EPYC (no bf16: torch's int8 kernel takes fp32 activations)
 # stepped in 327 ms autotuned, 337 on ATen, 10.8 ms streamed; bf16 and fp32 there 23.7 and 22.6 ms
-# autotuned, 31.2 and 31.0 streamed; int4 20.1 autotuned, 17.9 streamed (session 39)
+# autotuned, 31.2 and 31.0 streamed; int4 20.1 autotuned, 17.9 streamed (session 39). With the float
+# operator's rows in fours (session 40): bf16 15.8 streamed against 24.4 autotuned, fp32 22.1 against 25.1
 OPERATOR_ROWS = 8
 TIMED_ROUNDS, WARM, BLOCK = 3, 3, 6  # rounds of each candidate in turn: untimed steps, then timed
 
