@@ -21,8 +21,10 @@ import torch
 from omegaconf import DictConfig
 
 from multiar.commands.sampling_setup import sampling_model
+from multiar.engine import cpu_matvec
 from multiar.engine.captured_step import CapturedStep
 from multiar.engine.choice_cache import machine_key, read_cache, write_cache
+from multiar.engine.float_rows import float_linears
 from multiar.engine.model import GPT
 from multiar.engine.rows_attention import RowsAttention, choose_rows_attention
 from multiar.engine.segments import Segments
@@ -72,6 +74,9 @@ def cache_key(run: Run, cfg: DictConfig) -> str:
         f"{c.n_layer}x{c.n_head}x{c.head_size} | mlp {run.model.blocks[0].mlp.down.in_features} | "
         f"block {c.block_size} | vocab {c.vocab_size} | "
         f"dtype {cfg.dtype} | layout {cfg.layout} | quantize {cfg.quantize} | attention {cfg.attention}"
+        # eager steps' Linears on the operator (engine.float_rows): a pick timed without it, or on
+        # another version of it, is timed again
+        + (f" | rows matvec {cpu_matvec.source_digest()}" if float_linears(run.model) else "")
     )
 
 

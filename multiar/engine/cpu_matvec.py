@@ -115,12 +115,13 @@ the best).
 
 Session 40, the same Zen 3 EPYC (/tmp probes, processes in turns): the float operator runs a call's rows
 in fours against each weight row too (each row's sum the same bits as alone), bf16 rows widened to fp32
-once per call rather than per weight row, and from 4 rows the weight rows in blocks of 8, so a four of x's
-rows stays in L1 across them. 85M's 49 Linears, before -> after: fp32 at 8 rows 35 -> 22 ms, at 16 rows
-55 -> 32-35; bf16 at 8 rows 32 -> 15, at 16 rows 65-70 -> 27; one row unchanged (13-16 ms fp32, 6-9
-bf16: this VM's pace varied). At batch 8 the 85M bf16 streamed package stepped in 15.8 ms against 31.2
-(autotuned 24.4: now the pick), fp32 22.1 against autotuned 25.1. A float model's eager calls of a few
-rows take the operator too, up to a row count measured per machine (engine.float_rows).
+once per call rather than per weight row, and from 4 rows the weight rows in blocks of 8, so a four of
+x's rows is read from L1 or L2 across them, not from farther. 85M's 49 Linears, before -> after: fp32 at
+8 rows 35 -> 22 ms, at 16 rows 55 -> 32-35; bf16 at 8 rows 32 -> 15, at 16 rows 65-70 -> 27; one row
+unchanged (13-16 ms fp32, 6-9 bf16: this VM's pace varied). At batch 8 the 85M bf16 streamed package
+stepped in 15.8 ms against 31.2 before, and is now the pick over autotuned's 24.4; fp32 streamed 22.1
+against autotuned 25.1. A float model's eager calls of a few rows take the operator too, up to a row
+count measured per machine (engine.float_rows).
 
 Built on first use with the system's C++ compiler (`$CXX`, else `c++`; ~6 s) against this torch's
 headers, for this CPU (-march=native), cached under `$MULTIAR_CACHE/kernels` by a digest of the source,

@@ -69,14 +69,16 @@ def rule_name(rows: int | None) -> str:
 
 def float_linears(model: nn.Module) -> list[nn.Linear]:
     """model's plain nn.Linears whose weights the operator takes: fp32 or bf16, on the CPU, where its
-    float loops are vectors (engine.cpu_matvec.vectorized: a scalar build is no faster than F.linear)."""
-    if cpu_matvec.library() is None or not cpu_matvec.vectorized():
-        return []
-    return [
+    float loops are vectors (engine.cpu_matvec.vectorized: a scalar build is no faster than F.linear;
+    the library is built or loaded only where a layer is on the CPU)."""
+    linears = [
         m
         for m in model.modules()
         if type(m) is nn.Linear and m.weight.dtype in SHORT and m.weight.device.type == "cpu"
     ]
+    if not linears or cpu_matvec.library() is None or not cpu_matvec.vectorized():
+        return []
+    return linears
 
 
 def rows_forward(linear: nn.Linear, most: int | None, x: Tensor) -> Tensor:
@@ -94,12 +96,21 @@ def rows_forward(linear: nn.Linear, most: int | None, x: Tensor) -> Tensor:
 
 def use_rule(linears: list[nn.Linear], rule: str) -> None:
     """Set a rule on the layers: the operator up to its row count (an instance forward over
-    nn.Linear's), or none ("linear")."""
+    nn.Linear's; it refers to its layer, a cycle that only the cyclic GC frees: clear() a model that
+    is dropped), or none ("linear")."""
     most = rule_rows(rule)
     for linear in linears:
         linear.__dict__.pop("forward", None)
         if most != 0:
             linear.forward = functools.partial(rows_forward, linear, most)
+
+
+def clear(model: nn.Module) -> None:
+    """Take every rule off model's plain nn.Linears (F.linear's every call), e.g. a candidate not
+    picked, freed with the rest of it once dropped."""
+    for m in model.modules():
+        if type(m) is nn.Linear:
+            m.__dict__.pop("forward", None)
 
 
 def rows_seconds(layers: list[nn.Linear], rows: int, rounds: int = 3) -> tuple[float, float]:
@@ -124,19 +135,26 @@ def choose_rows(
     cache_file: Path | None,
     pinned: dict[str, str] | None = None,
     timer: RowsTimer = rows_seconds,
+    memo: dict[str, str] | None = None,
 ) -> dict[str, str]:
-    """{"<dtype> rows": rule} for model's float nn.Linears, set on them: measured, cached, or as `pinned`
-    (a resumed run's journaled kernels) names it ("linear" where it names none: a journal from before
-    the rule); {} where no layer can take the operator (another device, no operators built)."""
+    """{"<dtype> rows": rule} for model's float nn.Linears, set on them (a rule set before taken off
+    first): measured, cached, or as `pinned` (a resumed run's journaled kernels) names it ("linear"
+    where it names none: a journal from before the rule); {} where no layer can take the operator
+    (another device, no operators built). memo: rules decided before in the same preparation, reused
+    (without a cache file, each call would measure anew and could differ)."""
+    clear(model)
     linears = float_linears(model)
     if not linears:
         return {}
-    dtype = linears[0].weight.dtype
-    key = rule_key(dtype)
+    key = rule_key(linears[0].weight.dtype)
     if pinned is not None:
         rule = pinned.get(key, LINEAR)
+    elif memo is not None and key in memo:
+        rule = memo[key]
     else:
         rule = _measured_rule(model, linears, cache_file, key, timer)
+    if memo is not None:
+        memo[key] = rule
     use_rule(linears, rule)
     return {key: rule}
 
@@ -151,8 +169,6 @@ def _measured_rule(
     if entry is not None and _is_rule(entry.get("rule")):
         return entry["rule"]
     shapes = list({(m.out_features, m.in_features): m for m in linears}.values())
-    for m in shapes:  # timed as F.linear alone, whatever rule was set before
-        m.__dict__.pop("forward", None)
     seconds: dict[int, tuple[float, float]] = {}
     most: int | None = 0
     for n in ROWS:

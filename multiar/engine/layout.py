@@ -44,6 +44,7 @@ from multiar.engine.compile_choice import (
 from multiar.engine.compiled_dtype import compiled_dtype
 from multiar.engine.decode_choice import TORCH_DTYPES, DecodeChoice, Timer
 from multiar.engine.float_rows import choose_rows, float_linears
+from multiar.engine.float_rows import clear as clear_rows
 from multiar.engine.float_rows import rows_seconds as float_rows_seconds
 from multiar.engine.packed import decode_layout, packs
 from multiar.engine.quantize import Int4Linear, Int8Linear, quantized_mode
@@ -125,25 +126,31 @@ def choose_float(
     rows: Callable[[nn.Module], dict[str, str]] = lambda m: {},
 ) -> tuple[nn.Module, DecodeChoice]:
     """model laid out as the fastest float candidate (measured, or read from the cache). rows: sets a
-    candidate's rule for calls of a few rows (engine.float_rows) before it is timed."""
+    model's rule for calls of a few rows (engine.float_rows), on each candidate before it is timed and
+    on the one returned (compile=auto times it eagerly next)."""
     device = next(model.parameters()).device
     candidates = float_candidates(device, dtype, layout)
     if len(candidates) == 1:  # "forced" only when it is what was asked (bf16/packed on AVX2: bf16/linear)
         how = "forced" if candidates[0] == f"{dtype}/{layout}" else "only candidate"
-        return build_float(model, candidates[0]), _float_choice(candidates[0], how, batch_size, {})
+        built = build_float(model, candidates[0])
+        rows(built)
+        return built, _float_choice(candidates[0], how, batch_size, {})
     # a pick timed where the Linears had no operator, or another version of it, is measured again
     offered = f" rows matvec {cpu_matvec.source_digest()}" if float_linears(model) else ""
     key = cache_key(model, batch_size, f"dtype={dtype} layout={layout}{offered}")
     entry = read_cache(cache_file, key)
     if entry is not None and entry.get("picked") in candidates:
-        return build_float(model, entry["picked"]), _float_choice(
-            entry["picked"], "cached", batch_size, entry["step_ms"]
-        )
+        cached = build_float(model, entry["picked"])
+        rows(cached)
+        return cached, _float_choice(entry["picked"], "cached", batch_size, entry["step_ms"])
     built = {c: build_float(copy.deepcopy(model), c) for c in candidates}
     for m in built.values():
         rows(m)
     seconds = timer(built)
     picked = min(candidates, key=lambda c: seconds[c])
+    for c in candidates:  # the others dropped: their rules' cycles undone, so they are freed at once
+        if c != picked:
+            clear_rows(built[c])
     step_ms = {c: 1e3 * seconds[c] for c in candidates}
     write_cache(cache_file, key, {"picked": picked, "step_ms": step_ms})
     return built[picked], _float_choice(picked, "measured", batch_size, step_ms)
@@ -230,8 +237,10 @@ def prepare_for_decoding(
     packable = any(c.endswith("/packed") for c in float_candidates(device, dtype, layout))
     spare = copy.deepcopy(model) if compile and packable else None
 
+    memo: dict[str, str] = {}  # each dtype's rule decided once here (measured, cached or pinned)
+
     def rows(m: nn.Module) -> dict[str, str]:  # a float model's rule for calls of a few rows, set on it
-        return choose_rows(m, cache_file, kernels, rows_timer or float_rows_seconds)
+        return choose_rows(m, cache_file, kernels, rows_timer or float_rows_seconds, memo)
 
     model, choice = choose_float(model, batch_size, dtype, layout, cache_file, timer, rows)
     if compile is True:

@@ -324,6 +324,13 @@ def test_key_disconnect_and_loopback(protein_run, tmp_path, monkeypatch, capsys)
         # cancelled when the stream closes)
         body = {"prompt": "M", "max_new_tokens": 1000, "min_new_tokens": 1000, "stream": True, "files": False}
         engine = state.models[protein_run.name].engine
+        step = engine.step
+
+        def slowed() -> None:  # 1,000 steps take seconds however fast this CPU decodes the tiny model
+            step()
+            time.sleep(0.005)
+
+        monkeypatch.setattr(engine, "step", slowed)
         with httpx.stream("POST", f"{url}/v1/generate", json=body, headers=auth) as r:
             assert r.status_code == 200
             next(r.iter_lines())

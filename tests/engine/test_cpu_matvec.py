@@ -166,7 +166,8 @@ def float_rows_together(matvec, width: int) -> None:
         assert ((together[finite].double() - exact).abs() <= 1e-6 * size + 1e-6).all()
 
 
-@pytest.mark.parametrize("width", [70, 80, 4166])  # tails past the 32-value steps (8-wide, scalar)
+# tails past the 32-value steps (8-wide, scalar); 100: AVX512-BF16's 32-value step after its 64s
+@pytest.mark.parametrize("width", [70, 80, 100, 4166])
 def test_a_float_row_is_the_same_beside_any_other_rows(width):
     """float_rows_together on this CPU's build (the other loops' fours in the older-CPU builds below)."""
     built()

@@ -165,3 +165,38 @@ def test_a_streamed_trace_puts_the_rule_back():
     x = torch.randn(3, 64)
     with torch.inference_mode():
         torch.testing.assert_close(linears[0](x), F.linear(x, linears[0].weight), rtol=1e-4, atol=1e-5)
+
+
+@needs_operator
+def test_one_preparation_decides_each_dtypes_rule_once_and_compile_auto_times_it(tmp_path):
+    """Without a cache file the rule is measured once per dtype in a preparation (every candidate and
+    the model returned share it); a lone candidate (dtype and layout pinned) has it set before
+    compile=auto times its eager step."""
+    timed: list[tuple[torch.dtype, int]] = []
+
+    def rows_timer(layers, rows):  # noqa: ANN001, ANN202
+        timed.append((layers[0].weight.dtype, rows))
+        return (1.0, 0.5) if rows <= 4 else (1.0, 2.0)
+
+    def timer(models):  # noqa: ANN001, ANN202
+        return {name: 0.001 for name in models}
+
+    _, choice = prepare_for_decoding(tiny(), dtype="auto", timer=timer, rows_timer=rows_timer)
+    firsts = [dtype for dtype, rows in timed if rows == 1]
+    assert len(firsts) == len(set(firsts)) and torch.float32 in firsts
+    assert choice.kernels == {rule_key_of(choice.dtype): "matvec up to 4 rows"}
+    seen = []
+
+    def eager_timer(models):  # noqa: ANN001, ANN202
+        seen.extend(any("forward" in m.__dict__ for m in model.modules()) for model in models.values())
+        return {name: 0.001 for name in models}
+
+    _, lone = prepare_for_decoding(
+        tiny(), dtype="fp32", layout="linear", compile="auto", steps=4, cache_dir=tmp_path,
+        timer=eager_timer, rows_timer=rows_timer,
+    )  # fmt: skip
+    assert seen == [True] and lone.kernels == {"fp32 rows": "matvec up to 4 rows"}
+
+
+def rule_key_of(dtype: str) -> str:
+    return f"{dtype} rows"
