@@ -107,3 +107,15 @@ def _locked(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def parses(name: object, parse: Callable[[str], object]) -> bool:
+    """Whether name is a str that parse (a rule's reader, raising ValueError) accepts: a cached entry
+    checked before it is trusted (one edited by hand is measured again)."""
+    if not isinstance(name, str):
+        return False
+    try:
+        parse(name)
+    except ValueError:
+        return False
+    return True

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from multiar.engine import cpu_matvec
-from multiar.engine.choice_cache import cache_key, read_cache, write_cache
+from multiar.engine.choice_cache import cache_key, parses, read_cache, write_cache
 
 ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # the row counts timed, until the operator loses
 LINEAR, OPERATOR = "linear", "matvec"
@@ -166,7 +166,7 @@ def _measured_rule(
     the most rows at which it beat F.linear at that count and every smaller one timed."""
     cache = cache_key(model, None, f"{key} {OPERATOR} {cpu_matvec.source_digest()}")
     entry = read_cache(cache_file, cache)
-    if entry is not None and _is_rule(entry.get("rule")):
+    if entry is not None and parses(entry.get("rule"), rule_rows):
         return entry["rule"]
     shapes = list({(m.out_features, m.in_features): m for m in linears}.values())
     seconds: dict[int, tuple[float, float]] = {}
@@ -182,16 +182,6 @@ def _measured_rule(
     ms = {str(n): [round(1e3 * s, 3) for s in t] for n, t in seconds.items()}
     write_cache(cache_file, cache, {"rule": rule, "ms_linear_matvec": ms})
     return rule
-
-
-def _is_rule(name: object) -> bool:
-    if not isinstance(name, str):
-        return False
-    try:
-        rule_rows(name)
-    except ValueError:
-        return False
-    return True
 
 
 def without_linear_rules(kernels: dict[str, str]) -> dict[str, str]:

@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 
 from multiar.engine import cpu_matvec
-from multiar.engine.choice_cache import cache_key, read_cache, write_cache
+from multiar.engine.choice_cache import cache_key, parses, read_cache, write_cache
 from multiar.engine.quantize import INT4_GROUP, MODES, Int4Linear, Int8Linear, kernel_name, quantized_mode
 
 ROWS = (4, 8, 16, 32, 64, 128, 256)  # the row counts timed
@@ -87,13 +87,7 @@ def on_operator(name: str) -> bool:
 
 def is_rule(name: object) -> bool:
     """Whether name is a rule's name."""
-    if not isinstance(name, str):
-        return False
-    try:
-        rule_rows(name)
-    except ValueError:
-        return False
-    return True
+    return parses(name, rule_rows)
 
 
 def has_operator(layer: Quantized) -> bool:
