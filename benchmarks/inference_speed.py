@@ -12,7 +12,8 @@ int8 and int4 with their kernels as `quantize` makes them and as prepare_for_dec
 layer shape at that batch size, and transformers' `generate` (the baseline). `--compile` adds the torch.compile rows:
 fp32 compiled, `compile=true` (the dtype it measures, and the GEMMs it measures: the other candidates'
 packages as rows of their own, `MULTIAR_COMPILE_GEMMS` pinned), `compile=true` with int8 and int4 weights,
-and transformers' static-cache compile recipe. `--llama-cpp DIR`: the script writes each
+and transformers' static-cache compile recipe; each compiled row also runs with its weights left in
+4 KiB pages (", 4 KiB pages", MULTIAR_HUGE_PAGES=0: engine.huge_pages' baseline), side by side with it. `--llama-cpp DIR`: the script writes each
 shape's weights as DIR/<shape>-{f32,f16,bf16}.gguf (`multiar export format=gguf`'s writer, a plain
 512-token vocabulary) and times them through llama-cpp-python (temperature 1, its other samplers off);
 the rows are skipped when it is not installed. With llama.cpp built from source, point it at the
@@ -66,6 +67,8 @@ from multiar.engine.speculative import SpeculativeStats, speculative_generate
 FLOATS = tuple(float_candidates(torch.device("cpu"), "auto", "auto"))
 CANDIDATE_ROWS = tuple(c.replace("/", " ").replace("linear", "nn.Linear") for c in FLOATS)
 LLAMA_TYPES = ("f32", "f16", "bf16")
+# a row's weights left in 4 KiB pages (MULTIAR_HUGE_PAGES=0), beside the same engine's row in huge pages
+PAGES_4K = ", 4 KiB pages"
 SHAPES = {"10.8M": dict(n_layer=6, n_head=6, n_embd=384), "85M": dict(n_layer=12, n_head=12, n_embd=768)}
 
 
@@ -399,6 +402,8 @@ def main() -> None:
         hf = to_transformers(model)
         if args.compile:
             engines["multiar fp32 compile"] = compile_for_sampling(copy.deepcopy(model))
+            with mock.patch.dict(os.environ, {"MULTIAR_HUGE_PAGES": "0"}):  # the weights in 4 KiB pages
+                engines[f"multiar fp32 compile{PAGES_4K}"] = compile_for_sampling(copy.deepcopy(model))
             for mode in ("int8", "int4"):  # `compile=true quantize=...`: inductor's int8/int4 GEMMs timed too
                 engines[f"multiar {mode} compile=true"] = prepare_for_decoding(
                     quantize(copy.deepcopy(model), mode), compile=True
@@ -455,6 +460,11 @@ def main() -> None:
                     baseline, _ = prepare_for_decoding(copy.deepcopy(model), batch_size=batch, compile=True)
                 baseline_name = f"{compiled_name}, torch.compile"
                 entries[baseline_name] = partial(generate, baseline, prompt, args.new)
+                with mock.patch.dict(os.environ, {"MULTIAR_HUGE_PAGES": "0"}):  # engine.huge_pages' baseline
+                    small_pages, _ = prepare_for_decoding(
+                        copy.deepcopy(model), batch_size=batch, compile=True, dtype=compiled_choice.dtype
+                    )
+                entries[f"{compiled_name}{PAGES_4K}"] = partial(generate, small_pages, prompt, args.new)
             first: dict[str, float | list[float] | None] = {}
             with torch.inference_mode():
                 if compiled_name:  # first calls, timed alone: a package built, torch.compile's compile,
@@ -510,7 +520,9 @@ def main() -> None:
                         print(f"{shape_name:6s} batch {batch}  {what}: not measured, a row is missing")
                 # the auto row beside the candidate row of the layout it picked (always a row), every round
                 paired = [(picked, picked_row(picked))]
-                times = bench(entries, args.repeats, [(n, d) for _, n, d, _ in pairs] + paired)
+                # each compiled row beside its weights in 4 KiB pages (engine.huge_pages' gain, round by round)
+                pages = [(n, n + PAGES_4K) for n in entries if n + PAGES_4K in entries]
+                times = bench(entries, args.repeats, [(n, d) for _, n, d, _ in pairs] + paired + pages)
             seconds = {name: statistics.median(t) for name, t in times.items()}
             tokens = batch * args.new
             base = tokens / seconds["transformers fp32"]
@@ -571,6 +583,22 @@ def main() -> None:
                     f"{shape_name:6s} batch {batch}  {what}: {row['median_round_ratio']:.2f}x, the median of "
                     f"round ratios {', '.join(f'{r:.2f}' for r in ratios)} ({met}; medians' ratio "
                     f"{row['ratio_of_medians']:.2f}x)",
+                    flush=True,
+                )
+            for numerator, denominator in pages:
+                ratios = paired_ratios(times, numerator, denominator)
+                row = {
+                    "model": shape_name,
+                    "batch": batch,
+                    "huge_pages": numerator,
+                    "versus": denominator,
+                    "round_ratios": ratios,
+                    "median_round_ratio": statistics.median(ratios),
+                }
+                rows.append(row)
+                print(
+                    f"{shape_name:6s} batch {batch}  {numerator}, weights in huge pages / in 4 KiB pages: "
+                    f"{row['median_round_ratio']:.2f}x (rounds {', '.join(f'{r:.2f}' for r in ratios)})",
                     flush=True,
                 )
             if compiled_name:

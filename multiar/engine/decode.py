@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from multiar.engine import ahead_of_time
+from multiar.engine import ahead_of_time, huge_pages
 from multiar.engine.captured_step import decode_rows
 from multiar.engine.compile_choice import ANY_WEIGHTS, StepClock
 from multiar.engine.inductor_options import inductor_options, make_room
@@ -84,6 +84,10 @@ def compile_for_sampling(
     gemms: the GEMMs of a CPU package (engine.ahead_of_time.GEMMS), pinned; None: measured or recorded."""
     model.eval()
     model.keep_caches = True
+    if model.wte.weight.device.type == "cpu":
+        # a package is handed the model's tensors where they are (weightless: engine.ahead_of_time): they
+        # move into huge pages now, before any is bound
+        huge_pages.place(model)
     if makes_bf16_keys(model):
         # keys and values in bf16, not the eager rule's fp32 on a CPU without AMX: the graph's attention reads half
         # the bytes (10.8M batch 8: a step 1.81 -> 1.56 ms); the linears made them in bf16 already, only

@@ -35,6 +35,9 @@ class DecodeChoice:
     # (engine.compiled_dtype); empty where it did not (one dtype a candidate, no fp32 copy, a GPU, a
     # quantized model, an eager job)
     weights_ms: dict[str, float] = field(default_factory=dict)
+    # engine.huge_pages' decision for this machine ("place", "how", "pass_ms" where measured) and "mib",
+    # the MiB of the model's tensors it placed; empty before one was made
+    huge_pages: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -53,4 +56,20 @@ class DecodeChoice:
         weights = (
             f"; its dtype by a pass over the weights (ms: {', '.join(f'{k} {v:.2f}' for k, v in reads)})"
         )
-        return f"decoding with {picked}, {self.how}{timed}{kernels}{weights if reads else ''}"
+        return f"decoding with {picked}, {self.how}{timed}{kernels}{weights if reads else ''}{self._pages()}"
+
+    def _pages(self) -> str:
+        """Where the weights are: "; 325 MiB of weights in huge pages (...)", or nothing where the machine
+        has none."""
+        pages = self.huge_pages
+        if pages.get("how") in (None, "off"):
+            return ""
+        ms = pages.get("pass_ms") or {}
+        timed = (
+            f" ({pages['how']}: a pass {ms['huge pages']:.2f} ms in them, {ms['4 KiB pages']:.2f} in 4 KiB pages)"
+            if ms
+            else f" ({pages['how']})"
+        )
+        if pages.get("place"):
+            return f"; {pages.get('mib', 0):g} MiB of weights in huge pages{timed}"
+        return f"; weights in 4 KiB pages{timed}"

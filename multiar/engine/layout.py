@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from multiar.engine import ahead_of_time, cpu_matvec
+from multiar.engine import ahead_of_time, cpu_matvec, huge_pages
 from multiar.engine.choice_cache import CACHE_FILE, cache_key, read_cache, write_cache
 from multiar.engine.compile_choice import (
     CompileDecision,
@@ -75,10 +75,13 @@ def float_candidates(device: torch.device, dtype: str, layout: str) -> list[str]
 
 
 def build_float(model: nn.Module, candidate: str) -> nn.Module:
-    """model (in place) as candidate "dtype/layout" lays it out."""
+    """model (in place) as candidate "dtype/layout" lays it out, its weights in huge pages where the
+    kernel has them (engine.huge_pages: every candidate timed as it will run)."""
     dtype, layout = candidate.split("/")
     model = model.to(TORCH_DTYPES[dtype]).eval()
-    return decode_layout(model) if layout == "packed" else model
+    model = decode_layout(model) if layout == "packed" else model
+    huge_pages.place(model)
+    return model
 
 
 def decode_step_seconds(models: dict[str, nn.Module], batch_size: int, rounds: int = 3) -> dict[str, float]:
@@ -221,7 +224,9 @@ def prepare_for_decoding(
             dtype="fp32", layout=quantized_mode(quantized), how="forced", batch_size=batch_size
         )
         choice.kernels = own_kernels(quantized) | prefill
-        return _compiled(model, choice, _clock(model, choice, cache_file), gemms), choice
+        return _in_huge_pages(
+            _compiled(model, choice, _clock(model, choice, cache_file), gemms), choice
+        ), choice
     if quantized:  # compile=auto compiles quantize's kernels: a copy before any is swapped for bf16
         spare = copy.deepcopy(model) if compile == "auto" else None
         model, choice = choose_kernels(
@@ -230,7 +235,7 @@ def prepare_for_decoding(
         choice.kernels |= prefill
         if compile == "auto":
             model = _compile_if_it_pays(model, choice, spare, steps or 0, cache_file, timer, decided, gemms)
-        return model, choice
+        return _in_huge_pages(model, choice), choice
     # a compiled step is nn.Linear weights (inductor packs them itself) in compiled_dtype_of's dtype; an
     # fp32 copy for when that is not the eager pick's layout and dtype
     device = next(model.parameters()).device
@@ -252,7 +257,18 @@ def prepare_for_decoding(
     # the model that runs, as it is now (the eager pick, or rebuilt to compile): its prefill's and eager
     # steps' Linears
     choice.kernels = rows(model)
-    return model, choice
+    return _in_huge_pages(model, choice), choice
+
+
+def _in_huge_pages(model: nn.Module, choice: DecodeChoice) -> nn.Module:
+    """model's weights in huge pages (an eager one's placed now: a quantized model's, its layers swapped
+    for bf16 ones; a compiled one's were, before its package was bound to them), the MiB noted."""
+    if not choice.layout.endswith(", compiled"):
+        huge_pages.place(model)
+    if next(model.parameters()).device.type == "cpu":
+        mib = round(huge_pages.placed_bytes(model) / 2**20, 1)
+        choice.huge_pages = huge_pages.decision() | {"mib": mib}
+    return model
 
 
 def compiled_dtype_of(

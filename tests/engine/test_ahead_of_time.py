@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from multiar.engine import ahead_of_time, cpu_matvec
+from multiar.engine import ahead_of_time, cpu_matvec, huge_pages
 from multiar.engine.ahead_of_time import AheadOfTimeStep, package_dir, package_key
 from multiar.engine.compile_choice import ANY_WEIGHTS, StepClock
 from multiar.engine.decode import compile_for_sampling, generate
@@ -279,10 +279,14 @@ def test_streamed_linears_are_candidates_at_a_few_float_rows_and_decode_as_the_e
         streamed = package_key(compiled, len(PROMPTS), SWITCHES | ahead_of_time.GEMMS["streamed"])
         assert streamed != package_key(compiled, len(PROMPTS), SWITCHES | ahead_of_time.GEMMS["aten"])
     # it holds no weights: another model of the kind (other weights) loads it and decodes as itself, and
-    # compile=auto's clock notes it for any weights
+    # compile=auto's clock notes it for any weights; the weights it is handed are in huge-page regions
+    # where the kernel has them (tiny ones too here: placed before the package is bound to them)
     other = tiny(seed=11)
     clock = StepClock(None, "k", torch.device("cpu"), len(PROMPTS), weights="a digest")
+    monkeypatch.setattr(huge_pages, "MIN_BYTES", 0)
+    monkeypatch.setenv("MULTIAR_HUGE_PAGES", "1")
     again = compile_for_sampling(copy.deepcopy(other), rows=len(PROMPTS), clock=clock)
+    assert all(map(huge_pages.placed, again.parameters())) == huge_pages.available()
     assert greedy(again) == greedy(other) != greedy(tiny(seed=10))
     assert (again.compiled_step.built, again.compiled_step.loaded) == (0, 1)
     assert clock.weights == ahead_of_time.any_weights_key(other) and clock.weights.startswith(ANY_WEIGHTS)

@@ -1,0 +1,176 @@
+"""A sampling model's weights in huge-page regions (engine.huge_pages): the same values and results, tied
+weights still one tensor, each region advised and freed with its tensor; nothing moves where it is off."""
+
+import copy
+import gc
+from pathlib import Path
+
+import pytest
+import torch
+
+from multiar.engine import huge_pages
+from multiar.engine.decode import generate
+from multiar.engine.layout import prepare_for_decoding
+from multiar.engine.model import GPT, ModelConfig
+from multiar.engine.quantize import quantize
+
+needs_thp = pytest.mark.skipif(not huge_pages.available(), reason="no transparent huge pages here")
+
+
+@pytest.fixture
+def forced(monkeypatch):
+    """Huge pages wherever the kernel has them, not measured (MULTIAR_HUGE_PAGES=1)."""
+    monkeypatch.setenv("MULTIAR_HUGE_PAGES", "1")
+
+
+def model(width: int = 768, layers: int = 1, vocab: int = 600) -> GPT:
+    torch.manual_seed(3)
+    config = ModelConfig(vocab_size=vocab, block_size=64, n_layer=layers, n_head=4, n_embd=width)
+    return GPT(config).eval()
+
+
+def vm_flags(address: int) -> list[str]:
+    """The VmFlags of the mapping that holds address in this process (/proc/self/smaps)."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            low, high = (int(x, 16) for x in head.split("-"))
+            inside = low <= address < high
+        elif inside and head == "VmFlags:":
+            return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@needs_thp
+def test_big_weights_move_into_advised_regions_and_every_logit_keeps_its_bits(forced):
+    m = model()
+    ids = torch.randint(0, 600, (2, 9))
+    with torch.no_grad():
+        before = m(ids)
+    small = {n: p.data_ptr() for n, p in m.named_parameters() if p.nbytes < huge_pages.HUGE}
+    big = [n for n, p in m.named_parameters() if p.nbytes >= huge_pages.HUGE]
+    assert big and small  # qkv, proj, gate_up, down (768 wide, fp32) move; norms and the 600-word head stay
+
+    placed = huge_pages.place(m)
+
+    params = dict(m.named_parameters())
+    assert placed == sum(params[n].nbytes for n in big)
+    for n in big:
+        assert params[n].data_ptr() % huge_pages.HUGE == 0 and huge_pages.placed(params[n])
+        assert "hg" in vm_flags(params[n].data_ptr())  # madvise(MADV_HUGEPAGE) reached the kernel
+        assert isinstance(params[n], torch.nn.Parameter) and params[n].is_contiguous()
+    assert {n: params[n].data_ptr() for n in small} == small  # too small for a whole huge page: left
+    assert m.lm_head.weight is m.wte.weight  # tied: still one tensor
+    with torch.no_grad():
+        assert torch.equal(m(ids), before)
+    again = {n: p.data_ptr() for n, p in m.named_parameters()}
+    assert huge_pages.place(m) == placed and again == {n: p.data_ptr() for n, p in m.named_parameters()}
+
+
+@needs_thp
+def test_a_region_is_freed_with_its_tensor_and_a_copy_of_it_is_plain_memory(monkeypatch):
+    t = torch.randn(1024, 1024)  # 4 MiB: two whole huge pages
+    out = huge_pages.copy_to_huge_pages(t)
+    assert torch.equal(out, t) and huge_pages.placed(out)
+    assert out.untyped_storage().nbytes() == t.nbytes  # the tensor's storage is its own bytes alone
+    clone = copy.deepcopy(out)
+    assert torch.equal(clone, t) and not huge_pages.placed(clone)
+    ptr = out.data_ptr()
+    del out
+    gc.collect()
+    assert ptr not in huge_pages._REGIONS  # unmapped with its tensor
+
+
+def test_switched_off_or_without_the_kernels_huge_pages_nothing_moves(monkeypatch, tmp_path):
+    m = model(width=64)
+    monkeypatch.setattr(huge_pages, "MIN_BYTES", 0)
+    ptrs = [p.data_ptr() for p in m.parameters()]
+    monkeypatch.setenv("MULTIAR_HUGE_PAGES", "0")
+    assert not huge_pages.available() and huge_pages.place(m) == 0
+    assert huge_pages.decision() == {"place": False, "how": "off"}
+    monkeypatch.setenv("MULTIAR_HUGE_PAGES", "1")  # forced, but the kernel has none: still off
+    mode = tmp_path / "enabled"
+    mode.write_text("always madvise [never]\n")
+    monkeypatch.setattr(huge_pages, "THP_MODE", mode)
+    assert not huge_pages.available() and huge_pages.place(m) == 0
+    monkeypatch.setattr(huge_pages, "THP_MODE", tmp_path / "missing")  # not Linux, or no THP in the kernel
+    assert not huge_pages.available() and huge_pages.place(m) == 0
+    assert [p.data_ptr() for p in m.parameters()] == ptrs
+    mode.write_text("always [madvise] never\n")
+    monkeypatch.setattr(huge_pages, "THP_MODE", mode)
+    assert huge_pages.available() == hasattr(__import__("mmap"), "MADV_HUGEPAGE")
+
+
+@needs_thp
+def test_whether_it_pays_is_measured_once_per_machine_kept_and_followed(monkeypatch, tmp_path):
+    """A pass over a big weight in each placement decides (huge pages at most GAIN of the 4 KiB pages'
+    pass), once: the next process reads it from the cache, this one remembers it; =1 forces, =0 is off."""
+    monkeypatch.setenv("MULTIAR_CACHE", str(tmp_path))
+    monkeypatch.delenv("MULTIAR_HUGE_PAGES", raising=False)
+    m = model(width=64)
+    monkeypatch.setattr(huge_pages, "MIN_BYTES", 0)
+    calls = []
+
+    def timer(huge: float):
+        def seconds() -> dict[str, float]:
+            calls.append(huge)
+            return {"4 KiB pages": 1.0, "huge pages": huge}
+
+        return seconds
+
+    for huge, place in ((0.96, True), (0.98, False)):  # GAIN = 0.97: 4% shorter pays, 2% does not
+        (tmp_path / "decode_layout.json").unlink(missing_ok=True)
+        monkeypatch.setattr(huge_pages, "_DECIDED", {})
+        made = huge_pages.decision(timer(huge))
+        assert made == {
+            "place": place,
+            "how": "measured",
+            "pass_ms": {"4 KiB pages": 1e3, "huge pages": 1e3 * huge},
+        }
+        assert huge_pages.decision(timer(0.5)) is made  # remembered in this process: not timed again
+        monkeypatch.setattr(huge_pages, "_DECIDED", {})  # a new process: read from the cache
+        assert huge_pages.decision(timer(0.5)) == made | {"how": "cached"}
+    assert calls == [0.96, 0.98]
+    assert huge_pages.place(m) == 0 and not any(map(huge_pages.placed, m.parameters()))  # 2% did not pay
+    monkeypatch.setenv("MULTIAR_HUGE_PAGES", "1")
+    assert huge_pages.decision() == {"place": True, "how": "forced"} and huge_pages.place(m) > 0
+    figures = huge_pages.pass_seconds(rounds=2)  # the real pass: both placements timed
+    assert set(figures) == {"4 KiB pages", "huge pages"} and all(s > 0 for s in figures.values())
+
+
+@needs_thp
+@pytest.mark.parametrize("how", ["fp32", "bf16", "int8"])
+def test_a_prepared_model_samples_the_same_tokens_with_its_weights_placed(how, monkeypatch, tmp_path, forced):
+    """Every candidate and the pick are placed (tiny tensors too, MIN_BYTES lowered), the choice notes the
+    MiB, and greedy sampling gives what the same model gives unplaced."""
+    monkeypatch.setattr(huge_pages, "MIN_BYTES", 0)
+    base = model(width=64, layers=2)
+    if how == "int8":
+        base = quantize(base, "int8")
+    kwargs = dict(dtype=how if how != "int8" else "auto", cache_dir=tmp_path / "a")
+    prompt = torch.randint(0, 600, (2, 5))
+    monkeypatch.setenv("MULTIAR_HUGE_PAGES", "0")
+    plain, plain_choice = prepare_for_decoding(copy.deepcopy(base), **kwargs)
+    assert plain_choice.huge_pages == {"place": False, "how": "off", "mib": 0.0}
+    assert "pages" not in plain_choice.log_line()
+    monkeypatch.setenv("MULTIAR_HUGE_PAGES", "1")
+    kwargs["cache_dir"] = tmp_path / "b"
+    placed, choice = prepare_for_decoding(copy.deepcopy(base), **kwargs)
+    tensors = [*placed.parameters(), *placed.buffers()]
+    moved = sum(t.nbytes for t in {t.data_ptr(): t for t in tensors}.values() if huge_pages.placed(t))
+    assert moved > 0 and choice.huge_pages == {"place": True, "how": "forced", "mib": round(moved / 2**20, 1)}
+    assert f"; {choice.huge_pages['mib']:g} MiB of weights in huge pages (forced)" in choice.log_line()
+    assert choice.as_dict()["huge_pages"] == choice.huge_pages  # generate.json's provenance
+    pinned = dict(dtype=choice.dtype, layout=choice.layout) if how != "int8" else {}
+    again, _ = prepare_for_decoding(
+        copy.deepcopy(base), cache_dir=tmp_path / "c", kernels=choice.kernels, **pinned
+    )
+    assert all(huge_pages.placed(p) for p in again.parameters() if p.device.type == "cpu" and not p.is_mkldnn)
+    monkeypatch.setenv("MULTIAR_HUGE_PAGES", "0")
+    unplaced, _ = prepare_for_decoding(
+        copy.deepcopy(base), cache_dir=tmp_path / "d", kernels=choice.kernels, **pinned
+    )
+    assert not any(huge_pages.placed(t) for t in unplaced.parameters())
+    with torch.inference_mode():
+        assert generate(again, prompt, 6, temperature=0.0) == generate(unplaced, prompt, 6, temperature=0.0)
