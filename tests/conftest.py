@@ -68,6 +68,9 @@ def private_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     mp = pytest.MonkeyPatch()
     mp.setenv("MULTIAR_CACHE", str(cache))
     mp.setenv("MULTIAR_COMPILE_GEMMS", "autotuned")
+    # huge pages forced (where the kernel has them), not measured: no test's cache file gains the decision's
+    # key depending on which test ran first (test_huge_pages measures it in a cache of its own)
+    mp.setenv("MULTIAR_HUGE_PAGES", "1")
     yield cache
     mp.undo()
 

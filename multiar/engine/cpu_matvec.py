@@ -122,6 +122,10 @@ unchanged (13-16 ms fp32, 6-9 bf16: this VM's pace varied). At batch 8 the 85M b
 stepped in 15.8 ms against 31.2 before, and is now the pick over autotuned's 24.4; fp32 streamed 22.1
 against autotuned 25.1. A float model's eager calls of a few rows take the operator too, up to a row
 count measured per machine (engine.float_rows).
+Session 41, the same Zen 3 EPYC: weights in huge pages after all (engine.huge_pages), each tensor in a
+region of its own rather than one arena. The 85M fp32 compile=true step, the same model's two copies in
+turns in one process: 1.12-1.16x the tokens/s (three processes); a copy into fresh 4 KiB pages alone
+1.06x, so the pages are the gain. It is measured per machine, not assumed.
 
 Built on first use with the system's C++ compiler (`$CXX`, else `c++`; ~6 s) against this torch's
 headers, for this CPU (-march=native), cached under `$MULTIAR_CACHE/kernels` by a digest of the source,

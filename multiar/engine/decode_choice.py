@@ -60,9 +60,9 @@ class DecodeChoice:
 
     def _pages(self) -> str:
         """Where the weights are: "; 325 MiB of weights in huge pages (...)", or nothing where the machine
-        has none."""
+        has none or no tensor was big enough for one."""
         pages = self.huge_pages
-        if pages.get("how") in (None, "off"):
+        if pages.get("how") in (None, "off") or (pages.get("place") and not pages.get("mib")):
             return ""
         ms = pages.get("pass_ms") or {}
         timed = (

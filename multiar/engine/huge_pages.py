@@ -5,11 +5,11 @@ more gets a private region of its own, its start 2 MiB-aligned and its whole 2 M
 tail past the last whole page stays in 4 KiB pages, so no huge page is half used); values, shapes and
 dtypes are unchanged, so every result has the same bits.
 
-Whether it pays is measured once per machine (CPU model, torch, threads) and kept in the choice cache:
-a one-row pass over a 64 MiB weight in each placement, in turns; huge pages when their median pass is
-at least 3% shorter. MULTIAR_HUGE_PAGES=1 places without measuring, =0 never places. Measured on a
+Whether it pays is measured once per machine (CPU model, torch, threads), layer shapes and dtypes, and
+kept in the choice cache: a one-row pass through the model's layers as they are and through copies in
+huge pages, in turns; huge pages where the rounds' median ratio is at most 0.97. MULTIAR_HUGE_PAGES=1 places without measuring, =0 never places. Measured on a
 2-vCPU Zen 3 EPYC (session 41, /tmp probes, one process each, the same model's copies in turns): the
-85M compile=true step 1.07-1.16x the tokens/s in fp32 (four processes), 1.08x in bf16; a copy into
+85M compile=true step 1.12-1.16x the tokens/s in fp32 (three processes), 1.08x in bf16 (one); a copy into
 fresh 4 KiB pages alone 1.06x / 0.99x, so the pages are the gain. Sessions 32 (Zen 5) and 38-39 (this
 Zen 3) had seen the mat-vecs faster but whole jobs not, with one arena of huge pages for every weight
 (cpu_matvec.py): `benchmarks/inference_speed.py` times the compiled rows with and without, side by side.
@@ -20,6 +20,7 @@ domain code here."""
 
 from __future__ import annotations
 
+import copy
 import mmap
 import os
 import statistics
@@ -30,20 +31,25 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
-from multiar.engine.choice_cache import CACHE_FILE, cache_root, machine_key, read_cache, write_cache
+from multiar.engine import cpu_matvec
+from multiar.engine.choice_cache import CACHE_FILE, cache_key, cache_root, read_cache, write_cache
+from multiar.engine.quantize import Int4Linear, Int8Linear
+from multiar.engine.quantized_prefill import operator_of
 
 HUGE = 2 << 20  # bytes in a huge page on x86-64 and most arm64 kernels
 MIN_BYTES = HUGE  # a smaller tensor gets no whole huge page (tests lower it: tiny models' tensors move)
 THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
-PROBE = (8192, 2048)  # the weight a pass reads: 64 MiB of fp32, beyond every cache
-GAIN = 0.97  # huge pages where their pass takes at most this share of the 4 KiB pages' one
+ROUNDS = 11  # timed passes of each placement in turns, after one untimed; the median ratio counts
+GAIN = 0.97  # huge pages where their pass takes at most this share of the 4 KiB pages' one, round by round
 
 _REGIONS: dict[int, int] = {}  # data_ptr -> bytes of each tensor placed here and still alive
 _DECIDED: dict[str, dict] = {}  # this process's decision per cache key
+
+# model -> {"4 KiB pages": s, "huge pages": s, "ratio": median of the rounds' ratios}; injected by tests
+PassTimer = Callable[[nn.Module], dict[str, float]]
 
 
 def available() -> bool:
@@ -57,44 +63,109 @@ def available() -> bool:
         return False
 
 
-def pass_seconds(rounds: int = 9) -> dict[str, float]:
-    """Median seconds of a one-row pass (F.linear) over PROBE's weight in 4 KiB pages and in huge pages,
-    the two in turns, either first in every other round."""
-    plain = torch.randn(*PROBE)
-    huge = copy_to_huge_pages(plain)
-    x = torch.randn(1, PROBE[1])
+def _big(t: Tensor) -> bool:
+    """A tensor place() moves or moved."""
+    return placed(t) or _movable(t)
+
+
+def _layers(model: nn.Module) -> list[nn.Module]:
+    """model's layers that read a whole weight a token (nn.Linear, an int8 or int4 layer: an
+    `in_features`) holding a tensor place() moves or moved (not an embedding: a token reads one row)."""
+    return [
+        m
+        for m in model.modules()
+        if hasattr(m, "in_features") and any(map(_big, [*m.parameters(False), *m.buffers(False)]))
+    ]
+
+
+def pass_seconds(model: nn.Module, rounds: int = ROUNDS) -> dict[str, float]:
+    """A one-row pass through model's layers (_layers, in model order, each read as _reader reads it) as
+    they are, in 4 KiB pages, and through copies of them in huge pages, the two in
+    turns, either first in every other round: each one's median seconds and the median of the rounds'
+    ratios (huge / 4 KiB). {} where model has no such layer. Holds a copy of those layers while it runs."""
+    layers = _layers(model)
+    if not layers:
+        return {}
+    huge = copy.deepcopy(layers)
+    for m in huge:
+        _place_tensors(m, recurse=False)
+    xs = [torch.randn(1, m.in_features, dtype=_activations(m)) for m in layers]
+    reads = {"4 KiB pages": list(map(_reader, layers)), "huge pages": list(map(_reader, huge))}
     times: dict[str, list[float]] = {"4 KiB pages": [], "huge pages": []}
     with torch.inference_mode():
         for r in range(rounds + 1):  # the first round warms up
-            order = [("4 KiB pages", plain), ("huge pages", huge)]
-            for name, w in order if r % 2 else order[::-1]:
+            order = ["4 KiB pages", "huge pages"]
+            for name in order if r % 2 else order[::-1]:
                 start = time.perf_counter()
-                F.linear(x, w)
+                for read, x in zip(reads[name], xs, strict=True):
+                    read(x)
                 if r:
                     times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    ratio = statistics.median(h / p for p, h in zip(times["4 KiB pages"], times["huge pages"], strict=True))
+    return {name: statistics.median(t) for name, t in times.items()} | {"ratio": ratio}
 
 
-def decision(timer: Callable[[], dict[str, float]] | None = None) -> dict:
-    """Whether a sampling model's weights go into huge pages on this machine, and why: {"place": bool,
-    "how": off | forced | measured | cached, "pass_ms": each placement's pass where measured}. Measured
-    once per machine and kept in the choice cache (timer: pass_seconds; tests inject one)."""
-    asked = os.environ.get("MULTIAR_HUGE_PAGES", "auto")
+def _activations(layer: nn.Module) -> torch.dtype:
+    """The dtype a layer takes: a float weight's own; fp32 for a quantized layer."""
+    weight = getattr(layer, "weight", None)
+    return weight.dtype if isinstance(weight, Tensor) and weight.is_floating_point() else torch.float32
+
+
+def _reader(layer: nn.Module) -> Callable[[Tensor], Tensor]:
+    """What reads layer's weight at one row in a decode step here: engine.cpu_matvec's operator where
+    the layer has one (a float nn.Linear's where the operators are vectorized, an int8 or int4 layer's),
+    else its forward. The operator alone: the layers' Python around it would dilute the ratio."""
+    if isinstance(layer, Int8Linear | Int4Linear):
+        operator = operator_of(layer)
+        if operator is not None:
+            return lambda x: operator(x, *layer.operator_inputs())
+    elif (
+        type(layer) is nn.Linear
+        and layer.weight.dtype in (torch.float32, torch.bfloat16)
+        and cpu_matvec.vectorized()
+        and cpu_matvec.library() is not None
+    ):
+        return lambda x: cpu_matvec.matvec(x, layer.weight)
+    return layer
+
+
+def decision(model: nn.Module, timer: PassTimer | None = None) -> dict:
+    """Whether model's weights go into huge pages, and why: {"place": bool, "how": off | forced |
+    measured | cached, "pass_ms": each placement's pass where measured, "ratio": the rounds' median
+    ratio}. Measured once per machine, layer shapes and dtypes (pass_seconds; timer: tests inject one),
+    kept in the choice cache and remembered in the process; where model has no layer to time, placed."""
     if not available():
         return {"place": False, "how": "off"}
-    if asked == "1":
+    if os.environ.get("MULTIAR_HUGE_PAGES") == "1":
         return {"place": True, "how": "forced"}
-    key = f"{machine_key(torch.device('cpu'))} | huge pages"
+    layers = _layers(model)
+    kinds = sorted(
+        {f"{type(m).__name__} {t.dtype}" for m in layers for t in [*m.parameters(False), *m.buffers(False)]}
+    )
+    if not kinds:
+        return {"place": True, "how": "nothing to time"}
+    key = cache_key(model, None, f"huge pages {', '.join(kinds)}")
     if key in _DECIDED:
         return _DECIDED[key]
     cache_file = cache_root() / CACHE_FILE
     entry = read_cache(cache_file, key)
     if entry is not None and isinstance(entry.get("place"), bool) and isinstance(entry.get("pass_ms"), dict):
-        made = {"place": entry["place"], "how": "cached", "pass_ms": entry["pass_ms"]}
+        made = {
+            "place": entry["place"],
+            "how": "cached",
+            "pass_ms": entry["pass_ms"],
+            "ratio": entry["ratio"],
+        }
     else:
-        ms = {name: 1e3 * s for name, s in (timer or pass_seconds)().items()}
-        made = {"place": ms["huge pages"] <= GAIN * ms["4 KiB pages"], "how": "measured", "pass_ms": ms}
-        write_cache(cache_file, key, {"place": made["place"], "pass_ms": ms})
+        seconds = (timer or pass_seconds)(model)
+        ms = {name: 1e3 * seconds[name] for name in ("4 KiB pages", "huge pages")}
+        made = {
+            "place": seconds["ratio"] <= GAIN,
+            "how": "measured",
+            "pass_ms": ms,
+            "ratio": seconds["ratio"],
+        }
+        write_cache(cache_file, key, {k: made[k] for k in ("place", "pass_ms", "ratio")})
     _DECIDED[key] = made
     return made
 
@@ -140,16 +211,22 @@ def _movable(t: Tensor | None) -> bool:
 
 def place(model: nn.Module) -> int:
     """Move model's parameters and buffers of MIN_BYTES or more (not its KV caches, made anew per job) into
-    huge-page regions, in place: a tied weight stays one tensor. Returns the bytes of model's tensors now
-    placed (moved now or before); 0 where they do not go there (decision())."""
-    if not decision()["place"]:
+    huge-page regions, in place, where decision() says so: a tied weight stays one tensor. Returns the
+    bytes of model's tensors now placed (moved now or before)."""
+    if not decision(model)["place"]:
         return 0
+    _place_tensors(model)
+    return placed_bytes(model)
+
+
+def _place_tensors(model: nn.Module, recurse: bool = True) -> None:
+    """Move model's movable parameters and buffers (recurse=False: its own alone) into huge pages."""
     moved: dict[int, Tensor] = {}  # a buffer registered under two names moves once
     with torch.no_grad():
-        for p in model.parameters():  # each tied parameter once
+        for p in model.parameters(recurse):  # each tied parameter once
             if _movable(p.data):
                 p.data = copy_to_huge_pages(p.data)
-        for name, module in model.named_modules():
+        for name, module in model.named_modules() if recurse else [("", model)]:
             if ".kv_cache" in f".{name}":
                 continue
             for key, b in list(module._buffers.items()):
@@ -157,7 +234,6 @@ def place(model: nn.Module) -> int:
                     moved[b.data_ptr()] = copy_to_huge_pages(b)
                 if b is not None and b.data_ptr() in moved:
                     module._buffers[key] = moved[b.data_ptr()]
-    return placed_bytes(model)
 
 
 def placed_bytes(model: nn.Module) -> int:

@@ -267,7 +267,7 @@ def _in_huge_pages(model: nn.Module, choice: DecodeChoice) -> nn.Module:
         huge_pages.place(model)
     if next(model.parameters()).device.type == "cpu":
         mib = round(huge_pages.placed_bytes(model) / 2**20, 1)
-        choice.huge_pages = huge_pages.decision() | {"mib": mib}
+        choice.huge_pages = huge_pages.decision(model) | {"mib": mib}
     return model
 
 

@@ -10,6 +10,7 @@ import torch
 
 from multiar.engine import huge_pages
 from multiar.engine.decode import generate
+from multiar.engine.decode_choice import DecodeChoice
 from multiar.engine.layout import prepare_for_decoding
 from multiar.engine.model import GPT, ModelConfig
 from multiar.engine.quantize import quantize
@@ -88,7 +89,7 @@ def test_switched_off_or_without_the_kernels_huge_pages_nothing_moves(monkeypatc
     ptrs = [p.data_ptr() for p in m.parameters()]
     monkeypatch.setenv("MULTIAR_HUGE_PAGES", "0")
     assert not huge_pages.available() and huge_pages.place(m) == 0
-    assert huge_pages.decision() == {"place": False, "how": "off"}
+    assert huge_pages.decision(m) == {"place": False, "how": "off"}
     monkeypatch.setenv("MULTIAR_HUGE_PAGES", "1")  # forced, but the kernel has none: still off
     mode = tmp_path / "enabled"
     mode.write_text("always madvise [never]\n")
@@ -103,40 +104,47 @@ def test_switched_off_or_without_the_kernels_huge_pages_nothing_moves(monkeypatc
 
 
 @needs_thp
-def test_whether_it_pays_is_measured_once_per_machine_kept_and_followed(monkeypatch, tmp_path):
-    """A pass over a big weight in each placement decides (huge pages at most GAIN of the 4 KiB pages'
-    pass), once: the next process reads it from the cache, this one remembers it; =1 forces, =0 is off."""
+def test_whether_it_pays_is_measured_once_per_machine_and_shapes_kept_and_followed(monkeypatch, tmp_path):
+    """A pass through the model's layers in each placement decides (huge pages where the rounds' median
+    ratio is at most GAIN), once per machine, shapes and dtypes: the next process reads it from the
+    cache, this one remembers it; another dtype is measured of its own; =1 forces, =0 is off."""
     monkeypatch.setenv("MULTIAR_CACHE", str(tmp_path))
     monkeypatch.delenv("MULTIAR_HUGE_PAGES", raising=False)
-    m = model(width=64)
     monkeypatch.setattr(huge_pages, "MIN_BYTES", 0)
+    m = model(width=64)
     calls = []
 
-    def timer(huge: float):
-        def seconds() -> dict[str, float]:
-            calls.append(huge)
-            return {"4 KiB pages": 1.0, "huge pages": huge}
+    def timer(ratio: float):
+        def seconds(timed: torch.nn.Module) -> dict[str, float]:
+            calls.append((ratio, next(timed.parameters()).dtype))
+            return {"4 KiB pages": 1.0, "huge pages": 0.9, "ratio": ratio}
 
         return seconds
 
-    for huge, place in ((0.96, True), (0.98, False)):  # GAIN = 0.97: 4% shorter pays, 2% does not
+    for ratio, place in ((0.96, True), (0.98, False)):  # GAIN = 0.97: 4% shorter pays, 2% does not
         (tmp_path / "decode_layout.json").unlink(missing_ok=True)
         monkeypatch.setattr(huge_pages, "_DECIDED", {})
-        made = huge_pages.decision(timer(huge))
-        assert made == {
-            "place": place,
-            "how": "measured",
-            "pass_ms": {"4 KiB pages": 1e3, "huge pages": 1e3 * huge},
-        }
-        assert huge_pages.decision(timer(0.5)) is made  # remembered in this process: not timed again
+        made = huge_pages.decision(m, timer(ratio))
+        pass_ms = {"4 KiB pages": 1e3, "huge pages": 900.0}
+        assert made == {"place": place, "how": "measured", "pass_ms": pass_ms, "ratio": ratio}
+        assert huge_pages.decision(m, timer(0.5)) is made  # remembered in this process: not timed again
         monkeypatch.setattr(huge_pages, "_DECIDED", {})  # a new process: read from the cache
-        assert huge_pages.decision(timer(0.5)) == made | {"how": "cached"}
-    assert calls == [0.96, 0.98]
+        assert huge_pages.decision(m, timer(0.5)) == made | {"how": "cached"}
+    assert calls == [(0.96, torch.float32), (0.98, torch.float32)]
+    line = DecodeChoice("fp32", "linear", "forced", 1, huge_pages=made | {"mib": 0.0}).log_line()
+    assert line.endswith(
+        "; weights in 4 KiB pages (measured: a pass 900.00 ms in them, 1000.00 in 4 KiB pages)"
+    )
     assert huge_pages.place(m) == 0 and not any(map(huge_pages.placed, m.parameters()))  # 2% did not pay
+    bf16 = copy.deepcopy(m).to(torch.bfloat16)  # other dtypes: a decision of their own
+    assert huge_pages.decision(bf16, timer(0.9))["place"] and calls[-1] == (0.9, torch.bfloat16)
+    assert huge_pages.place(bf16) > 0 and huge_pages.decision(bf16)["how"] == "measured"  # placed: same key
     monkeypatch.setenv("MULTIAR_HUGE_PAGES", "1")
-    assert huge_pages.decision() == {"place": True, "how": "forced"} and huge_pages.place(m) > 0
-    figures = huge_pages.pass_seconds(rounds=2)  # the real pass: both placements timed
-    assert set(figures) == {"4 KiB pages", "huge pages"} and all(s > 0 for s in figures.values())
+    assert huge_pages.decision(m) == {"place": True, "how": "forced"} and huge_pages.place(m) > 0
+    # the real pass: each layer's own forward over its weights as they are and over copies in huge pages
+    figures = huge_pages.pass_seconds(model(width=64), rounds=2)
+    assert set(figures) == {"4 KiB pages", "huge pages", "ratio"} and all(s > 0 for s in figures.values())
+    assert huge_pages.pass_seconds(torch.nn.Sequential(torch.nn.LayerNorm(8))) == {}
 
 
 @needs_thp
