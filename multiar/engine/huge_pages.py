@@ -45,7 +45,8 @@ THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 ROUNDS = 11  # timed passes of each placement in turns, after one untimed; the median ratio counts
 GAIN = 0.97  # huge pages where their pass takes at most this share of the 4 KiB pages' one, round by round
 
-_REGIONS: dict[int, int] = {}  # data_ptr -> bytes of each tensor placed here and still alive
+# data_ptr -> (bytes, the region's id) of each tensor placed here and still alive
+_REGIONS: dict[int, tuple[int, int]] = {}
 _DECIDED: dict[str, dict] = {}  # this process's decision per cache key
 
 # model -> {"4 KiB pages": s, "huge pages": s, "ratio": median of the rounds' ratios}; injected by tests
@@ -149,7 +150,7 @@ def decision(model: nn.Module, timer: PassTimer | None = None) -> dict:
         return _DECIDED[key]
     cache_file = cache_root() / CACHE_FILE
     entry = read_cache(cache_file, key)
-    if entry is not None and isinstance(entry.get("place"), bool) and isinstance(entry.get("pass_ms"), dict):
+    if _valid(entry):  # else (none, edited, of another shape) measured anew
         made = {
             "place": entry["place"],
             "how": "cached",
@@ -170,9 +171,23 @@ def decision(model: nn.Module, timer: PassTimer | None = None) -> dict:
     return made
 
 
+def _valid(entry: dict | None) -> bool:
+    """Whether a cached decision has every field the log line and provenance read."""
+    if (
+        entry is None
+        or not isinstance(entry.get("place"), bool)
+        or not isinstance(entry.get("ratio"), int | float)
+    ):
+        return False
+    ms = entry.get("pass_ms")
+    return isinstance(ms, dict) and all(
+        isinstance(ms.get(k), int | float) for k in ("4 KiB pages", "huge pages")
+    )
+
+
 def placed(t: Tensor) -> bool:
     """Whether t is a tensor this module placed (alive: its region is not freed)."""
-    return _REGIONS.get(t.data_ptr()) == t.nbytes
+    return _REGIONS.get(t.data_ptr(), (None, None))[0] == t.nbytes
 
 
 def copy_to_huge_pages(t: Tensor) -> Tensor:
@@ -189,9 +204,16 @@ def copy_to_huge_pages(t: Tensor) -> Tensor:
     del window
     out.copy_(t)
     ptr = out.data_ptr()
-    _REGIONS[ptr] = n
-    weakref.finalize(region, _REGIONS.pop, ptr, None)
+    _REGIONS[ptr] = (n, id(region))
+    weakref.finalize(region, _forget, ptr, id(region))
     return out
+
+
+def _forget(ptr: int, region: int) -> None:
+    """A freed region's entry gone, unless a new region at that address has replaced it (the old one is
+    unmapped before its finalizer runs, and Python lets other threads run in between)."""
+    if _REGIONS.get(ptr, (None, None))[1] == region:
+        del _REGIONS[ptr]
 
 
 def _movable(t: Tensor | None) -> bool:

@@ -3,6 +3,7 @@ weights still one tensor, each region advised and freed with its tensor; nothing
 
 import copy
 import gc
+import json
 from pathlib import Path
 
 import pytest
@@ -131,6 +132,16 @@ def test_whether_it_pays_is_measured_once_per_machine_and_shapes_kept_and_follow
         monkeypatch.setattr(huge_pages, "_DECIDED", {})  # a new process: read from the cache
         assert huge_pages.decision(m, timer(0.5)) == made | {"how": "cached"}
     assert calls == [(0.96, torch.float32), (0.98, torch.float32)]
+    # a cached entry missing a field (edited by hand, an older shape): measured anew, not a crash
+    cache = tmp_path / "decode_layout.json"
+    for field in ("ratio", "pass_ms"):
+        entries = json.loads(cache.read_text())
+        key = next(k for k in entries if k.endswith(" | huge pages Linear torch.float32"))
+        entries[key].pop(field)
+        cache.write_text(json.dumps(entries))
+        monkeypatch.setattr(huge_pages, "_DECIDED", {})
+        assert huge_pages.decision(m, timer(0.98))["how"] == "measured"
+    assert len(calls) == 4
     line = DecodeChoice("fp32", "linear", "forced", 1, huge_pages=made | {"mib": 0.0}).log_line()
     assert line.endswith(
         "; weights in 4 KiB pages (measured: a pass 900.00 ms in them, 1000.00 in 4 KiB pages)"
