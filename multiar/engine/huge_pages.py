@@ -1,13 +1,18 @@
 """A sampling model's weights in memory the kernel may back with 2 MiB pages (Linux's transparent huge
 pages, asked for per region with madvise). A batch-1 decode step reads every weight once from RAM; in
 4 KiB pages that is a page-table walk every 4 KiB (85M fp32: ~85,000 a token). Each tensor of 2 MiB or
-more gets a private region of its own, its start 2 MiB-aligned and its whole 2 MiB pages advised (the
-tail past the last whole page stays in 4 KiB pages, so no huge page is half used); values, shapes and
-dtypes are unchanged, so every result has the same bits.
+more gets a private region of its own, its start 2 MiB-aligned and its whole 2 MiB pages advised (in
+"madvise" mode the tail past the last whole page stays in 4 KiB pages, so no huge page is half used);
+values, shapes and dtypes are unchanged, so every result has the same bits. Where a region cannot be
+made (mmap or madvise refused), the tensor stays where it is. A compiled step whose package freezes the
+weights in (engine.ahead_of_time's autotuned or ATen GEMMs) reads its own copy of them: only an eager
+step and a streamed package read the placed tensors.
 
-Whether it pays is measured once per machine (CPU model, torch, threads), layer shapes and dtypes, and
-kept in the choice cache: a one-row pass through the model's layers as they are and through copies in
-huge pages, in turns; huge pages where the rounds' median ratio is at most 0.97. MULTIAR_HUGE_PAGES=1 places without measuring, =0 never places. Measured on a
+Whether it pays is measured once per machine (CPU model, torch, threads, the kernel's THP settings),
+layer shapes and dtypes and the operators' source, and kept in $MULTIAR_CACHE's decode_layout.json: a
+one-row pass through the model's first layers (up to PASS_BYTES) as they are and through copies in huge
+pages, in turns; huge pages where the rounds' median ratio is at most GAIN. MULTIAR_HUGE_PAGES=1 places
+without measuring, =0 never places. Measured on a
 2-vCPU Zen 3 EPYC (session 41, /tmp probes, one process each, the same model's copies in turns): the
 85M compile=true step 1.12-1.16x the tokens/s in fp32 (three processes), 1.08x in bf16 (one); a copy into
 fresh 4 KiB pages alone 1.06x / 0.99x, so the pages are the gain. Sessions 32 (Zen 5) and 38-39 (this
@@ -21,6 +26,7 @@ domain code here."""
 from __future__ import annotations
 
 import copy
+import logging
 import mmap
 import os
 import statistics
@@ -38,16 +44,20 @@ from multiar.engine.choice_cache import CACHE_FILE, cache_key, cache_root, read_
 from multiar.engine.quantize import Int4Linear, Int8Linear
 from multiar.engine.quantized_prefill import operator_of
 
+log = logging.getLogger("multiar")
+
 HUGE = 2 << 20  # bytes in a huge page on x86-64 and most arm64 kernels
 MIN_BYTES = HUGE  # a smaller tensor gets no whole huge page (tests lower it: tiny models' tensors move)
 THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
+PASS_BYTES = 256 << 20  # the layers a pass times, in model order: a copy of these is held while it runs
 ROUNDS = 11  # timed passes of each placement in turns, after one untimed; the median ratio counts
 GAIN = 0.97  # huge pages where their pass takes at most this share of the 4 KiB pages' one, round by round
 
 # data_ptr -> (bytes, the region's id) of each tensor placed here and still alive
 _REGIONS: dict[int, tuple[int, int]] = {}
 _DECIDED: dict[str, dict] = {}  # this process's decision per cache key
+_REFUSED: list[OSError] = []  # the first region the kernel refused, if any (logged once)
 
 # model -> {"4 KiB pages": s, "huge pages": s, "ratio": median of the rounds' ratios}; injected by tests
 PassTimer = Callable[[nn.Module], dict[str, float]]
@@ -64,9 +74,22 @@ def available() -> bool:
         return False
 
 
+def _thp_settings() -> list[str]:
+    """The kernel's THP mode and defrag setting (what a measurement here holds for)."""
+    try:
+        return [THP_MODE.read_text().strip(), (THP_MODE.parent / "defrag").read_text().strip()]
+    except OSError:
+        return []
+
+
 def _big(t: Tensor) -> bool:
     """A tensor place() moves or moved."""
-    return placed(t) or _movable(t)
+    return _plain_cpu(t) and (placed(t) or _movable(t))
+
+
+def _plain_cpu(t: Tensor | None) -> bool:
+    """A dense CPU tensor (not sparse, not oneDNN's opaque layout): one with a data pointer to read."""
+    return t is not None and t.device.type == "cpu" and t.layout == torch.strided and not t.is_mkldnn
 
 
 def _layers(model: nn.Module) -> list[nn.Module]:
@@ -84,7 +107,12 @@ def pass_seconds(model: nn.Module, rounds: int = ROUNDS) -> dict[str, float]:
     they are, in 4 KiB pages, and through copies of them in huge pages, the two in
     turns, either first in every other round: each one's median seconds and the median of the rounds'
     ratios (huge / 4 KiB). {} where model has no such layer. Holds a copy of those layers while it runs."""
-    layers = _layers(model)
+    layers, held = [], 0
+    for m in _layers(model):  # the first PASS_BYTES of them: each block reads its weights alike
+        if held >= PASS_BYTES:
+            break
+        layers.append(m)
+        held += sum(t.nbytes for t in [*m.parameters(False), *m.buffers(False)])
     if not layers:
         return {}
     huge = copy.deepcopy(layers)
@@ -145,7 +173,9 @@ def decision(model: nn.Module, timer: PassTimer | None = None) -> dict:
     )
     if not kinds:
         return {"place": True, "how": "nothing to time"}
-    key = cache_key(model, None, f"huge pages {', '.join(kinds)}")
+    thp = " ".join(_thp_settings())
+    asked = f"huge pages {', '.join(kinds)} | THP {thp} | matvec {cpu_matvec.source_digest()}"
+    key = cache_key(model, None, asked)
     if key in _DECIDED:
         return _DECIDED[key]
     cache_file = cache_root() / CACHE_FILE
@@ -220,10 +250,7 @@ def _movable(t: Tensor | None) -> bool:
     """A CPU tensor of at least MIN_BYTES that owns its storage (a view of a larger one would be cut
     off from it), not placed yet."""
     return (
-        t is not None
-        and t.device.type == "cpu"
-        and t.layout == torch.strided
-        and not t.is_mkldnn
+        _plain_cpu(t)
         and t.is_contiguous()
         and t.nbytes >= max(MIN_BYTES, 1)
         and t.untyped_storage().nbytes() == t.nbytes
@@ -242,20 +269,35 @@ def place(model: nn.Module) -> int:
 
 
 def _place_tensors(model: nn.Module, recurse: bool = True) -> None:
-    """Move model's movable parameters and buffers (recurse=False: its own alone) into huge pages."""
-    moved: dict[int, Tensor] = {}  # a buffer registered under two names moves once
+    """Move model's movable parameters and buffers (recurse=False: its own alone) into huge pages; one
+    whose region cannot be made stays (logged once)."""
+    moved: dict[tuple, Tensor] = {}  # a buffer registered under two names moves once
     with torch.no_grad():
         for p in model.parameters(recurse):  # each tied parameter once
-            if _movable(p.data):
-                p.data = copy_to_huge_pages(p.data)
+            if _movable(p.data) and (copied := _copied(p.data)) is not None:
+                p.data = copied
         for name, module in model.named_modules() if recurse else [("", model)]:
             if ".kv_cache" in f".{name}":
                 continue
             for key, b in list(module._buffers.items()):
-                if b is not None and b.data_ptr() not in moved and _movable(b):
-                    moved[b.data_ptr()] = copy_to_huge_pages(b)
-                if b is not None and b.data_ptr() in moved:
-                    module._buffers[key] = moved[b.data_ptr()]
+                if not _plain_cpu(b):
+                    continue
+                same = (b.data_ptr(), b.dtype, tuple(b.shape))  # not a smaller view at the same address
+                if same not in moved and _movable(b) and (copied := _copied(b)) is not None:
+                    moved[same] = copied
+                if same in moved:
+                    module._buffers[key] = moved[same]
+
+
+def _copied(t: Tensor) -> Tensor | None:
+    """copy_to_huge_pages(t), or None where the kernel refuses the region (logged once a process)."""
+    try:
+        return copy_to_huge_pages(t)
+    except OSError as err:
+        if not _REFUSED:
+            _REFUSED.append(err)
+            log.warning("huge pages: a region was refused (%s): those weights stay where they are", err)
+        return None
 
 
 def placed_bytes(model: nn.Module) -> int:

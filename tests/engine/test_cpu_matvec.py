@@ -352,8 +352,8 @@ CPUINFO_NAMES = {
     "-mno-avx512bf16": "avx512_bf16",
     "-mno-avx512vnni": "avx512_vnni",
     "-mno-avx512f": "avx512f",
+    "-mno-avx2": "avx2",
 }
-CPUINFO_NAMES["-mno-avx2"] = "avx2"
 
 
 @pytest.mark.parametrize(

@@ -136,7 +136,7 @@ def test_whether_it_pays_is_measured_once_per_machine_and_shapes_kept_and_follow
     cache = tmp_path / "decode_layout.json"
     for field in ("ratio", "pass_ms"):
         entries = json.loads(cache.read_text())
-        key = next(k for k in entries if k.endswith(" | huge pages Linear torch.float32"))
+        key = next(k for k in entries if " | huge pages Linear torch.float32 | THP " in k)
         entries[key].pop(field)
         cache.write_text(json.dumps(entries))
         monkeypatch.setattr(huge_pages, "_DECIDED", {})
@@ -152,7 +152,7 @@ def test_whether_it_pays_is_measured_once_per_machine_and_shapes_kept_and_follow
     assert huge_pages.place(bf16) > 0 and huge_pages.decision(bf16)["how"] == "measured"  # placed: same key
     monkeypatch.setenv("MULTIAR_HUGE_PAGES", "1")
     assert huge_pages.decision(m) == {"place": True, "how": "forced"} and huge_pages.place(m) > 0
-    # the real pass: each layer's own forward over its weights as they are and over copies in huge pages
+    # the real pass: each layer's operator over its weights as they are and over copies in huge pages
     figures = huge_pages.pass_seconds(model(width=64), rounds=2)
     assert set(figures) == {"4 KiB pages", "huge pages", "ratio"} and all(s > 0 for s in figures.values())
     assert huge_pages.pass_seconds(torch.nn.Sequential(torch.nn.LayerNorm(8))) == {}
@@ -193,3 +193,33 @@ def test_a_prepared_model_samples_the_same_tokens_with_its_weights_placed(how, m
     assert not any(huge_pages.placed(t) for t in unplaced.parameters())
     with torch.inference_mode():
         assert generate(again, prompt, 6, temperature=0.0) == generate(unplaced, prompt, 6, temperature=0.0)
+
+
+@needs_thp
+def test_a_refused_region_leaves_its_tensor_and_a_view_buffer_keeps_its_shape(monkeypatch, caplog, forced):
+    """mmap or madvise refused (a memory limit, a sandbox): the weights stay where they are, one warning;
+    a buffer that is a smaller view at a moved buffer's first byte is not swapped for the whole one."""
+    m = model()
+    ptrs = [p.data_ptr() for p in m.parameters()]
+
+    def refused(*args, **kwargs):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(huge_pages.mmap, "mmap", refused)
+    monkeypatch.setattr(huge_pages, "_REFUSED", [])
+    with caplog.at_level("WARNING", logger="multiar"):
+        assert huge_pages.place(m) == 0 and huge_pages.place(m) == 0
+    assert [p.data_ptr() for p in m.parameters()] == ptrs
+    assert [r.message for r in caplog.records if "refused" in r.message] == [
+        "huge pages: a region was refused ([Errno 12] Cannot allocate memory): those weights stay where they are"
+    ]
+    monkeypatch.undo()
+    monkeypatch.setenv("MULTIAR_HUGE_PAGES", "1")
+    holder = torch.nn.Module()
+    whole = torch.randn(1024, 1024)  # 4 MiB: moves
+    holder.register_buffer("whole", whole)
+    holder.register_buffer("again", whole)  # the same tensor under two names: moves once, stays one
+    holder.register_buffer("head", whole[:8])  # a view of its first rows: not movable, and not replaced
+    huge_pages.place(holder)
+    assert huge_pages.placed(holder.whole) and holder.again is holder.whole
+    assert holder.head.shape == (8, 1024) and not huge_pages.placed(holder.head)
