@@ -289,6 +289,12 @@ def paired_ratios(times: dict[str, list[float]], numerator: str, denominator: st
     return [d / n for n, d in zip(times[numerator], times[denominator], strict=True)]
 
 
+def paired_row(times: dict[str, list[float]], numerator: str, denominator: str) -> dict:
+    """A pair's round ratios (paired_ratios) and their median, as a JSON row holds them."""
+    ratios = paired_ratios(times, numerator, denominator)
+    return {"round_ratios": ratios, "median_round_ratio": statistics.median(ratios)}
+
+
 def picked_row(auto_name: str) -> str:
     """The candidate row of the layout an auto row picked: "multiar auto (bf16 packed)" -> "multiar bf16
     packed"."""
@@ -565,18 +571,10 @@ def main() -> None:
                 flush=True,
             )
             for what, numerator, denominator, line in pairs:
-                ratios = paired_ratios(times, numerator, denominator)
-                row = {
-                    "model": shape_name,
-                    "batch": batch,
-                    "target": what,
-                    "numerator": numerator,
-                    "denominator": denominator,
-                    "line": line,
-                    "round_ratios": ratios,
-                    "median_round_ratio": statistics.median(ratios),
-                    "ratio_of_medians": seconds[denominator] / seconds[numerator],
-                }
+                row = {"model": shape_name, "batch": batch, "target": what, "numerator": numerator}
+                row |= {"denominator": denominator, "line": line} | paired_row(times, numerator, denominator)
+                row["ratio_of_medians"] = seconds[denominator] / seconds[numerator]
+                ratios = row["round_ratios"]
                 rows.append(row)
                 met = "met" if row["median_round_ratio"] >= line else "NOT met"
                 print(
@@ -586,15 +584,9 @@ def main() -> None:
                     flush=True,
                 )
             for numerator, denominator in pages:
-                ratios = paired_ratios(times, numerator, denominator)
-                row = {
-                    "model": shape_name,
-                    "batch": batch,
-                    "huge_pages": numerator,
-                    "versus": denominator,
-                    "round_ratios": ratios,
-                    "median_round_ratio": statistics.median(ratios),
-                }
+                row = {"model": shape_name, "batch": batch, "huge_pages": numerator, "versus": denominator}
+                row |= paired_row(times, numerator, denominator)
+                ratios = row["round_ratios"]
                 rows.append(row)
                 print(
                     f"{shape_name:6s} batch {batch}  {numerator}, weights in huge pages / in 4 KiB pages: "
