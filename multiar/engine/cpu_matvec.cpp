@@ -154,13 +154,17 @@ inline float int16_int8_dot(const int16_t* x16, const int8_t* q, int64_t in) {
 // takes at most 130 of a chunk's 256: under 2^31). A row's integer lanes and their flush to fp32 are the
 // same whatever R: its sum does not depend on the rows beside it.
 template <int R>
-inline void int16_int8_dots(const int16_t* const* x16, const int8_t* q, int64_t in, float* sums) {
+inline void int16_int8_dots(const int16_t* const* rows, const int8_t* q, int64_t in, float* sums) {
   int64_t i = 0;
   const int64_t whole = in & ~int64_t(15);  // the codes in 16s; the rest below
+  // the rows' pointers and sums held here, not read through the arguments: the codes are chars, and a
+  // char may alias any memory
+  const int16_t* x16[R];
+  float acc[R];
+  for (int r = 0; r < R; r++) x16[r] = rows[r], acc[r] = 0.0f;
   auto times = [&](__m256i codes, int r, int64_t at) {
     return _mm256_madd_epi16(codes, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x16[r] + at)));
   };
-  for (int r = 0; r < R; r++) sums[r] = 0.0f;
   while (i < whole) {
     const int64_t end = std::min(whole, i + INT32_CHUNK);
     __m256i a[R], b[R];
@@ -186,11 +190,12 @@ inline void int16_int8_dots(const int16_t* const* x16, const int8_t* q, int64_t 
       const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i)));
       for (int r = 0; r < R; r++) a[r] = _mm256_add_epi32(a[r], times(w, r, i));
     }
-    for (int r = 0; r < R; r++) sums[r] += sum8(_mm256_add_ps(_mm256_cvtepi32_ps(a[r]), _mm256_cvtepi32_ps(b[r])));
+    for (int r = 0; r < R; r++) acc[r] += sum8(_mm256_add_ps(_mm256_cvtepi32_ps(a[r]), _mm256_cvtepi32_ps(b[r])));
   }
   for (; i < in; i++) {
-    for (int r = 0; r < R; r++) sums[r] += static_cast<float>(x16[r][i]) * static_cast<float>(q[i]);
+    for (int r = 0; r < R; r++) acc[r] += static_cast<float>(x16[r][i]) * static_cast<float>(q[i]);
   }
+  for (int r = 0; r < R; r++) sums[r] = acc[r];
 }
 #endif
 
@@ -345,13 +350,23 @@ inline void float_dots(const X* const* x, const T* w, int64_t in, float* sums) {
 #else
   for (int r = 0; r < R; r++) sums[r] = 0.0f;
 #endif
+  // the tail fused by hand: g++ fuses `sum += x * w` or not as the inlining around it allows, so a row's
+  // sum differed in its last bit between the ONE_ROW loop and the rows' fours (a test caught it; the
+  // whole library built -ffp-contract=off instead took 1.07-1.17x as long for bf16's mat-vecs, session 42)
   for (int r = 0; r < R; r++) {
-    for (int64_t j = i; j < in; j++) sums[r] += static_cast<float>(x[r][j]) * static_cast<float>(w[j]);
+    for (int64_t j = i; j < in; j++) sums[r] = std::fma(static_cast<float>(x[r][j]), static_cast<float>(w[j]), sums[r]);
   }
 }
 
 // y[n, o] = dot(o, n) for every output row o and row n of x; output rows split over torch's thread count
 // (set per calling thread: not OpenMP's default). Each weight row is read from RAM once for all rows of x.
+// ONE_ROW: a decode step's one row of x takes a lambda small enough to be inlined into each thread's loop.
+// The general one (x's rows in fours, pairs, ones, the fp32 loop's) stays a call per output row, its
+// frame set up and its captures loaded again each time. At one row, 85M's 49 mat-vecs against the
+// operators before (session 42, Zen 3 EPYC; the two builds in turns in one process, the median of 30
+// rounds' ratios, each build also moved by 16, 32 and 48 bytes, as an edit elsewhere would move it): int8
+// 0.89-0.96x as long (the old code moved: 0.96-1.01x), fp32 0.92-0.97x (0.99-1.02x). bf16 keeps the
+// call: inlined it took 1.04-1.08x as long; unchanged it measured 1.00-1.03x (0.99-1.00x).
 template <typename Output>
 void for_each_output(int64_t out, Output output) {
   const int threads = at::get_num_threads();
@@ -383,6 +398,10 @@ at::Tensor matvec(const at::Tensor& x, const at::Tensor& w) {
   auto run = [&](auto* xp, auto* wp) {
     using X = std::remove_pointer_t<decltype(xp)>;
     using T = std::remove_pointer_t<decltype(wp)>;
+    if (rows == 1 && std::is_same_v<T, float>) {  // a decode step's one fp32 row (ONE_ROW)
+      for_each_output(out, [&](int64_t o) { float_dots<X, T, 1>(&xp, wp + o * in, in, yp + o); });
+      return;
+    }
     for_each_output((out + per - 1) / per, [&](int64_t block) {
       const int64_t first = block * per, end = std::min(out, first + per);
       auto dots = [&](auto width, int64_t n0) {
@@ -444,6 +463,16 @@ at::Tensor int8_matvec(const at::Tensor& x, const at::Tensor& q, const at::Tenso
   for (int64_t n = 0; n < rows; n++) (x_scale[n] == 0.0f ? unscaled : scaled).push_back(n);
   const int64_t out = q.size(0);
   float* yp = y.data_ptr<float>();
+  if (rows == 1 && x_scale[0] != 0.0f) {  // a decode step's one row (ONE_ROW)
+    const int16_t* xs[1] = {x16p};
+    const float x_scale0 = x_scale[0];
+    for_each_output(out, [&](int64_t o) {
+      float sum;
+      int16_int8_dots<1>(xs, qp + o * in, in, &sum);
+      yp[o] = sp[o] * x_scale0 * sum;
+    });
+    return y;
+  }
   for_each_output(out, [&](int64_t o) {
     const int8_t* codes = qp + o * in;
     auto dots = [&](auto width, size_t k) {
