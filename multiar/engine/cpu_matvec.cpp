@@ -158,7 +158,8 @@ inline void int16_int8_dots(const int16_t* const* rows, const int8_t* q, int64_t
   int64_t i = 0;
   const int64_t whole = in & ~int64_t(15);  // the codes in 16s; the rest below
   // the rows' pointers and sums held here, not read through the arguments: the codes are chars, and a
-  // char may alias any memory
+  // char may alias any memory. With ONE_ROW one row took 0.89-0.96x as long as before, 0.95-1.00x with
+  // the sums written through `sums`; at 8 rows it takes 1.02-1.03x (session 42; batch 1 is the target)
   const int16_t* x16[R];
   float acc[R];
   for (int r = 0; r < R; r++) x16[r] = rows[r], acc[r] = 0.0f;
