@@ -157,9 +157,10 @@ template <int R>
 inline void int16_int8_dots(const int16_t* const* rows, const int8_t* q, int64_t in, float* sums) {
   int64_t i = 0;
   const int64_t whole = in & ~int64_t(15);  // the codes in 16s; the rest below
-  // the rows' pointers and sums held here, not read through the arguments: the codes are chars, and a
-  // char may alias any memory. With ONE_ROW one row took 0.89-0.96x as long as before, 0.95-1.00x with
-  // the sums written through `sums`; at 8 rows it takes 1.02-1.03x (session 42; batch 1 is the target)
+  // the rows' pointers and sums held here rather than read and written through the arguments: a measured
+  // difference, not a reasoned one. With ONE_ROW one row took 0.89-0.96x as long as before, 0.95-1.00x
+  // with the sums written through `sums`; at 8 rows (a batch, a prompt's fours) it takes 1.02-1.03x
+  // (session 42, Zen 3 EPYC; batch 1 is the target)
   const int16_t* x16[R];
   float acc[R];
   for (int r = 0; r < R; r++) x16[r] = rows[r], acc[r] = 0.0f;
@@ -367,7 +368,8 @@ inline void float_dots(const X* const* x, const T* w, int64_t in, float* sums) {
 // operators before (session 42, Zen 3 EPYC; the two builds in turns in one process, the median of 30
 // rounds' ratios, each build also moved by 16, 32 and 48 bytes, as an edit elsewhere would move it): int8
 // 0.89-0.96x as long (the old code moved: 0.96-1.01x), fp32 0.92-0.97x (0.99-1.02x). bf16 keeps the
-// call: inlined it took 1.04-1.08x as long; unchanged it measured 1.00-1.03x (0.99-1.00x).
+// call: inlined it took 1.04-1.08x as long; unchanged it measured 1.00-1.03x (0.99-1.00x). AVX-512
+// builds take the fp32 path too, not measured there (int8's is in AVX2's branch alone).
 template <typename Output>
 void for_each_output(int64_t out, Output output) {
   const int threads = at::get_num_threads();

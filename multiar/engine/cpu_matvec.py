@@ -126,8 +126,8 @@ Session 41, the same Zen 3 EPYC: weights in huge pages after all (engine.huge_pa
 region of its own rather than one arena. The 85M fp32 compile=true step, the same model's two copies in
 turns in one process: 1.12-1.16x the tokens/s (three processes); a copy into fresh 4 KiB pages alone
 1.06x, so the pages are the gain. It is measured per machine, not assumed.
-Session 42, the same Zen 3 EPYC: the int8 operator read 85M's codes at 14-18 GB/s where a sum read
-27, and 4096x768 codes held in cache at 16.7 GB/s (bf16 32): not the RAM's pace. A profile put ~30%
+Session 42, the same Zen 3 EPYC: the int8 operator read 85M's codes at 14-21 GB/s where a sum read
+26-27, and 4096x768 codes held in cache at 16.7 GB/s (bf16 32): not the RAM's pace. A profile put ~30%
 of its time outside the loop, in the per-output-row call of the lambda that handles every row count.
 A decode step's one row now takes a small lambda the compiler inlines (ONE_ROW in the .cpp): 85M's
 one-row mat-vecs took 0.89-0.96x as long int8, 0.92-0.97x fp32. Four output rows at once (the

@@ -140,7 +140,8 @@ def int8_rows_together(int8_matvec, width: int, int16: bool) -> None:
     int8_close(together[scaled], x[scaled], q, scales, int16)
 
 
-@pytest.mark.parametrize("width", [70, 80, 4166])  # tails past the 64-code steps, 2 int32 chunks
+# 5: no whole 16-code step, the row all tail; 70, 80: tails past the 64-code steps; 4166: 2 int32 chunks
+@pytest.mark.parametrize("width", [5, 70, 80, 4166])
 def test_an_int8_row_is_the_same_beside_any_other_rows(width):
     """int8_rows_together on this CPU's build (the AVX2 loop's fours run in the older-CPU builds below
     on an AVX-512 CPU)."""
@@ -168,7 +169,7 @@ def float_rows_together(matvec, width: int) -> None:
 
 
 # tails past the 32-value steps (8-wide, scalar); 100: AVX512-BF16's 32-value step after its 64s
-@pytest.mark.parametrize("width", [70, 80, 100, 4166])
+@pytest.mark.parametrize("width", [5, 70, 80, 100, 4166])  # 5: the row all scalar tail (fused by hand)
 def test_a_float_row_is_the_same_beside_any_other_rows(width):
     """float_rows_together on this CPU's build (the other loops' fours in the older-CPU builds below)."""
     built()
