@@ -675,6 +675,12 @@ void attend_one(const float* q, const T* k, const T* v, int64_t m, int64_t hs, i
     __m256 a = _mm256_setzero_ps();
     for (; i + 8 <= hs; i += 8) a = _mm256_fmadd_ps(load8(kj + i), _mm256_loadu_ps(q + i), a);
     s = sum8(a);
+#else
+    // The scalar build (vectorized() is false: no compiled step calls it) sums in fp64: one fp32 chain of
+    // hs terms drifted past fp32 rounding of the result (the AMX Xeon's build, bf16 keys, hs 24 and 64)
+    double exact = 0.0;
+    for (; i < hs; i++) exact += static_cast<double>(q[i]) * static_cast<double>(static_cast<float>(kj[i]));
+    s = static_cast<float>(exact);
 #endif
     for (; i < hs; i++) s += q[i] * static_cast<float>(kj[i]);
     scores[j] = s * scale;
