@@ -22,6 +22,7 @@ from multiar.domain import (
     TokenErrors,
     counted_median,
 )
+from multiar.engine import cpu_matvec
 from multiar.engine.speculative import SpeculativeStats
 from multiar.files import Appender, remove_partial_writes
 
@@ -129,11 +130,14 @@ def compiled_gemms(model: object) -> dict[str, Any] | None:
 
 
 def decode_provenance(p: Prepared) -> dict[str, Any]:
-    """How the model was laid out, and where a compiled CPU step picked its GEMMs (after the files were
-    opened) that pick and its timings."""
+    """How the model was laid out, where a compiled CPU step picked its GEMMs (after the files were
+    opened) that pick and its timings, and where engine.cpu_matvec's fp32 operator ran, how far its
+    measure of the prefetch hint got in this process (cpu_matvec.fp32_ahead: it changes no sum)."""
     decode = p.decode.as_dict() if p.decode else {}
     gemms = compiled_gemms(p.model)
-    return decode | ({"compiled_gemms": gemms} if gemms else {})
+    decode |= {"compiled_gemms": gemms} if gemms else {}
+    hint = cpu_matvec.fp32_ahead() if cpu_matvec.loaded() else None
+    return decode | ({"fp32_prefetch": hint} if hint and hint["hint"] != "not started" else {})
 
 
 def build_report(p: Prepared, done: Finished, spec: SpeculativeStats) -> dict[str, Any]:

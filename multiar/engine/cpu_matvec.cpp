@@ -7,8 +7,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <optional>
 #include <vector>
 #include <type_traits>
@@ -44,9 +47,62 @@ constexpr int64_t INT8_AHEAD = 65536;  // bytes, rows of codes on
 // How far ahead the bf16 loops ask for weights (float_dots): in the 85M bf16 package, 128-token jobs in
 // turns in one process, a token took 0.64x as long 8 KB ahead as without (3.02 against 4.72 ms, medians
 // of 130 rounds; 2 KB 0.69x, 4 KB 0.65x, 16 KB 0.65x), in minutes when the step without it ran at its
-// slow pace only (session 35; in session 34's minutes 16-64 KB ahead made no difference). fp32 asks for
-// none: in its package the hint took 0.965x as long a token at its slow pace, 1.065x at its fast one
+// slow pace only (session 35; in session 34's minutes 16-64 KB ahead made no difference). fp32: measured
+// per process (FLOAT32_AHEAD below); in the Zen 5's package the hint took 0.965x as long a token at its slow
+// pace, 1.065x at its fast one
 constexpr int64_t FLOAT_AHEAD = 8192;  // bytes of weights on
+
+// Whether fp32 weights are asked for ahead pays on one CPU and not on another: on the AMX Xeon a pass of
+// one-row mat-vecs over the 85M model's 49 fp32 weights took 0.89-0.90x as long 16 KB ahead (0.91-0.93x
+// at 2-8 KB, 0.92x at 32; session 43, in turns in one process), where on the Zen 5 EPYC the hint took
+// 1.065x as long a token at its fast pace. So each process measures it on the weights it runs: its first
+// fp32 calls on weights of TRIAL_BYTES or more draw with or without the hint, each call timed, and after
+// TRIAL_CALLS of them the faster per byte is kept (fp32_ahead_mode; MULTIAR_FP32_AHEAD=0|1 pins it). The
+// hint changes which lines are asked for early, never a sum.
+constexpr int64_t FLOAT32_AHEAD = 16384;  // bytes of weights on, two lines a step
+constexpr int64_t TRIAL_BYTES = int64_t{1} << 20;  // smaller weights sit in cache and time the call, not the read
+constexpr int64_t TRIAL_CALLS = 2048;  // timed calls, both ways together (85M fp32: 42 tokens' mat-vecs)
+std::atomic<int> fp32_ahead_state{-2};  // -2: the environment not read yet, -1: measuring, 0 / 1: decided
+std::atomic<int64_t> trial_draws{0};
+std::atomic<int64_t> trial_ns[2], trial_bytes[2];  // zero: static storage
+
+// The hint for one fp32 call on `bytes` of weights: 0 or 1, and the trial's draw number where it is timed
+// (-1 where not). Drawn pseudo-randomly, not alternated: a model's layers come round in a fixed cycle
+// that alternation could split, one layer always with the hint and another always without.
+int fp32_ahead_mode(int64_t bytes, int64_t* draw) {
+  *draw = -1;
+  int state = fp32_ahead_state.load(std::memory_order_acquire);
+  if (state == -2) {
+    const char* pinned = std::getenv("MULTIAR_FP32_AHEAD");
+    const bool pin = pinned != nullptr && (pinned[0] == '0' || pinned[0] == '1') && pinned[1] == 0;
+    int expected = -2;
+    fp32_ahead_state.compare_exchange_strong(expected, pin ? pinned[0] - '0' : -1);
+    state = fp32_ahead_state.load(std::memory_order_acquire);
+  }
+  if (state >= 0) return state;
+  if (bytes < TRIAL_BYTES) return 0;
+  *draw = trial_draws.fetch_add(1);
+  if (*draw >= TRIAL_CALLS) return 0;  // concurrent calls past the last draw: not timed
+  return __builtin_popcountll(static_cast<uint64_t>(*draw) * 0x9E3779B97F4A7C15ull) & 1;
+}
+
+// A timed call's nanoseconds and bytes; the last draw decides (a way never drawn loses)
+void fp32_ahead_timed(int mode, int64_t draw, int64_t ns, int64_t bytes) {
+  trial_ns[mode] += ns;
+  trial_bytes[mode] += bytes;
+  if (draw != TRIAL_CALLS - 1) return;
+  const double off = trial_bytes[0] ? double(trial_ns[0]) / double(trial_bytes[0]) : INFINITY;
+  const double on = trial_bytes[1] ? double(trial_ns[1]) / double(trial_bytes[1]) : INFINITY;
+  fp32_ahead_state.store(on < off ? 1 : 0, std::memory_order_release);
+}
+
+// [state (-2 not started, -1 measuring, 0 without the hint, 1 with it), ns per byte without, with, the
+// draws so far, FLOAT32_AHEAD]: cpu_matvec.fp32_ahead
+std::vector<double> fp32_ahead_report() {
+  auto per_byte = [](int m) { return trial_bytes[m] ? double(trial_ns[m]) / double(trial_bytes[m]) : 0.0; };
+  return {double(fp32_ahead_state.load()), per_byte(0), per_byte(1), double(trial_draws.load()),
+          double(FLOAT32_AHEAD)};
+}
 
 #if defined(__AVX512F__) || defined(MULTIAR_AVX2)
 // A hint to bring the cache line `ahead` bytes past p into L1 (a hint never faults, even past the weight's
@@ -281,7 +337,7 @@ inline __m512 load16(const T* p) {
 // as long a bf16 token, and fp32 through inductor's fused loop 1.25-1.29x as long a step: see
 // cpu_matvec.py); bf16 weights asked for FLOAT_AHEAD bytes on (the hardware's prefetchers alone did not
 // always keep up)
-template <typename X, typename T, int R>
+template <typename X, typename T, int R, bool AHEAD = false>
 inline void float_dots(const X* const* x, const T* w, int64_t in, float* sums) {
   int64_t i = 0;
 #ifdef __AVX512F__
@@ -316,7 +372,10 @@ inline void float_dots(const X* const* x, const T* w, int64_t in, float* sums) {
   } else {  // 16 values a load as fp32
     for (; i + 32 <= in; i += 32) {
       if constexpr (!std::is_same_v<T, float>) {  // bf16 without AVX512-BF16: 64 bytes a step, one line
-        prefetch(w + i, FLOAT_AHEAD);  // (fp32 asks for none: 1.065x as long a token at its fast pace)
+        prefetch(w + i, FLOAT_AHEAD);
+      } else if constexpr (AHEAD) {  // fp32: 128 bytes a step, where measured faster (fp32_ahead_mode)
+        prefetch(w + i, FLOAT32_AHEAD);
+        prefetch(w + i, FLOAT32_AHEAD + 64);
       }
       const __m512 w0 = load16(w + i), w1 = load16(w + i + 16);
       for (int r = 0; r < R; r++) {
@@ -335,7 +394,12 @@ inline void float_dots(const X* const* x, const T* w, int64_t in, float* sums) {
   __m256 a[R], b[R];
   for (int r = 0; r < R; r++) a[r] = b[r] = _mm256_setzero_ps();
   for (; i + 32 <= in; i += 32) {  // 32 values a step (bf16: a cache line, asked for ahead as above)
-    if constexpr (!std::is_same_v<T, float>) prefetch(w + i, FLOAT_AHEAD);
+    if constexpr (!std::is_same_v<T, float>) {
+      prefetch(w + i, FLOAT_AHEAD);
+    } else if constexpr (AHEAD) {
+      prefetch(w + i, FLOAT32_AHEAD);
+      prefetch(w + i, FLOAT32_AHEAD + 64);
+    }
     const __m256 w0 = load8(w + i), w1 = load8(w + i + 8), w2 = load8(w + i + 16), w3 = load8(w + i + 24);
     for (int r = 0; r < R; r++) {
       a[r] = _mm256_fmadd_ps(w0, load8(x[r] + i), a[r]);
@@ -369,7 +433,9 @@ inline void float_dots(const X* const* x, const T* w, int64_t in, float* sums) {
 // rounds' ratios, each build also moved by 16, 32 and 48 bytes, as an edit elsewhere would move it): int8
 // 0.89-0.96x as long (the old code moved: 0.96-1.01x), fp32 0.92-0.97x (0.99-1.02x). bf16 keeps the
 // call: inlined it took 1.04-1.08x as long; unchanged it measured 1.00-1.03x (0.99-1.00x). AVX-512
-// builds take the fp32 path too, not measured there (int8's is in AVX2's branch alone).
+// builds take the fp32 path too: on the AMX Xeon (session 43, in turns in one process) one row took 0.94x
+// as long through the general path as through ONE_ROW without the fp32 hint, yet ONE_ROW with the hint
+// 0.89x and the general path with it 0.97x (int8's ONE_ROW is in AVX2's branch alone).
 template <typename Output>
 void for_each_output(int64_t out, Output output) {
   const int threads = at::get_num_threads();
@@ -398,11 +464,12 @@ at::Tensor matvec(const at::Tensor& x, const at::Tensor& w) {
   // a prompt's or a batch's rows against each weight row in fours (then a pair, then one), the weight
   // loaded once for the four (each row's sum as it is alone: float_dots)
   const int64_t per = rows >= 4 ? OUT_BLOCK : 1;  // weight rows a four of x's rows meets in turn
-  auto run = [&](auto* xp, auto* wp) {
+  auto run = [&](auto* xp, auto* wp, auto ahead) {
     using X = std::remove_pointer_t<decltype(xp)>;
     using T = std::remove_pointer_t<decltype(wp)>;
+    constexpr bool AHEAD = decltype(ahead)::value;
     if (rows == 1 && std::is_same_v<T, float>) {  // a decode step's one fp32 row (ONE_ROW)
-      for_each_output(out, [&](int64_t o) { float_dots<X, T, 1>(&xp, wp + o * in, in, yp + o); });
+      for_each_output(out, [&](int64_t o) { float_dots<X, T, 1, AHEAD>(&xp, wp + o * in, in, yp + o); });
       return;
     }
     for_each_output((out + per - 1) / per, [&](int64_t block) {
@@ -413,7 +480,7 @@ at::Tensor matvec(const at::Tensor& x, const at::Tensor& w) {
         float sums[R];
         for (int r = 0; r < R; r++) xs[r] = xp + (n0 + r) * in;
         for (int64_t o = first; o < end; o++) {
-          float_dots<X, T, R>(xs, wp + o * in, in, sums);
+          float_dots<X, T, R, AHEAD>(xs, wp + o * in, in, sums);
           for (int r = 0; r < R; r++) yp[(n0 + r) * out + o] = sums[r];
         }
       };
@@ -423,15 +490,28 @@ at::Tensor matvec(const at::Tensor& x, const at::Tensor& w) {
       if (n < rows) dots(std::integral_constant<int, 1>(), n);
     });
   };
+  const std::false_type no_hint;
   if (w.scalar_type() == at::kFloat) {
-    run(xc.data_ptr<float>(), wc.data_ptr<float>());
+    const int64_t bytes = w.numel() * 4;
+    int64_t draw;
+    const int mode = fp32_ahead_mode(bytes, &draw);
+    const auto start = std::chrono::steady_clock::now();
+    if (mode) {
+      run(xc.data_ptr<float>(), wc.data_ptr<float>(), std::true_type());
+    } else {
+      run(xc.data_ptr<float>(), wc.data_ptr<float>(), no_hint);
+    }
+    if (draw >= 0 && draw < TRIAL_CALLS) {
+      const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start);
+      fp32_ahead_timed(mode, draw, ns.count(), bytes);
+    }
   } else if (BF16_PAIRS || rows == 1) {
-    run(xc.data_ptr<at::BFloat16>(), wc.data_ptr<at::BFloat16>());
+    run(xc.data_ptr<at::BFloat16>(), wc.data_ptr<at::BFloat16>(), no_hint);
   } else {
     // bf16 rows widened to fp32 once, not once per weight row (exact: the same products): without
     // AVX512-BF16's dot product a row of x is widened per load
     at::Tensor xf = xc.to(at::kFloat);
-    run(xf.data_ptr<float>(), wc.data_ptr<at::BFloat16>());
+    run(xf.data_ptr<float>(), wc.data_ptr<at::BFloat16>(), no_hint);
   }
   return y;
 }
@@ -823,6 +903,7 @@ TORCH_LIBRARY(multiar, m) {
   m.def("int4_matvec(Tensor x, Tensor codes, Tensor scales_and_mins) -> Tensor");
   m.def("matvec(Tensor x, Tensor w) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor keys, Tensor values, Tensor positions, Tensor? rows=None) -> Tensor");
+  m.def("fp32_ahead() -> float[]", fp32_ahead_report);  // no tensor to dispatch on: every backend
 }
 
 TORCH_LIBRARY_IMPL(multiar, CPU, m) {

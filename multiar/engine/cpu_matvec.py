@@ -190,6 +190,11 @@ def library() -> Path | None:
         return _LOADED[0]
 
 
+def loaded() -> bool:
+    """Whether this process has loaded the operators (library() asked before, and they built)."""
+    return bool(_LOADED) and _LOADED[0] is not None
+
+
 def _load() -> Path | None:
     path = build()
     if path is None:
@@ -289,6 +294,23 @@ def matvec(x: Tensor, w: Tensor) -> Tensor:
     """(rows, in) @ (out, in)^T -> (rows, out) fp32, x and w both fp32 or both bf16; library() loaded
     first."""
     return torch.ops.multiar.matvec(x, w)
+
+
+FP32_AHEAD_STATES = {-2: "not started", -1: "measuring", 0: "off", 1: "on"}
+
+
+def fp32_ahead() -> dict:
+    """Where this process's measure of the fp32 weights' prefetch hint stands (the .cpp's fp32_ahead_mode:
+    its first fp32 calls on 1 MiB or more of weights draw with or without it, timed; the faster per byte
+    is kept; MULTIAR_FP32_AHEAD=0|1 pins it): {"hint": "not started" | "measuring" | "off" | "on",
+    "ns_per_byte": {"off": .., "on": ..}, "draws": n, "ahead_bytes": 16384}; library() loaded first."""
+    state, off, on, draws, ahead = torch.ops.multiar.fp32_ahead()
+    return {
+        "hint": FP32_AHEAD_STATES[int(state)],
+        "ns_per_byte": {"off": off, "on": on},
+        "draws": int(draws),
+        "ahead_bytes": int(ahead),
+    }
 
 
 def decode_attention(

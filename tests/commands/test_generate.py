@@ -228,3 +228,20 @@ def test_the_decode_layout_is_measured_once_cached_and_pinned_on_request(
     assert any(r.getMessage().startswith("decoding with fp32/linear, forced") for r in caplog.records)
     with pytest.raises(ConfigError, match="layout: must be auto, linear or packed"):
         load_config("generate", ["run=x", "layout=blocked"])
+
+
+def test_generate_json_says_how_far_the_fp32_prefetch_measure_got(protein_run, tmp_path, monkeypatch):
+    """Once engine.cpu_matvec's fp32 operator has run in the process, provenance.decode.fp32_prefetch is
+    where its measure of the prefetch hint stands (cpu_matvec.fp32_ahead); without the operators loaded
+    it is left out."""
+    from multiar.engine import cpu_matvec
+
+    if cpu_matvec.library() is None:
+        pytest.skip("no C++ compiler here: no operators")
+    cpu_matvec.matvec(torch.randn(1, 8), torch.randn(4, 8))  # the measure started (or decided, or pinned)
+    decode = generate(protein_run, tmp_path / "a", "n=1", "max_new_tokens=3")["provenance"]["decode"]
+    assert decode["fp32_prefetch"]["hint"] == cpu_matvec.fp32_ahead()["hint"] in ("measuring", "on", "off")
+    assert decode["fp32_prefetch"]["ahead_bytes"] == 16384
+    monkeypatch.setattr(cpu_matvec, "loaded", lambda: False)
+    again = generate(protein_run, tmp_path / "b", "n=1", "max_new_tokens=3")["provenance"]["decode"]
+    assert "fp32_prefetch" not in again

@@ -397,6 +397,52 @@ def test_the_operators_built_for_an_older_cpu_compute_the_same(flags, tmp_path):
     assert done.returncode == 0 and done.stdout.strip() == "equal", done.stderr[-2000:]
 
 
+FP32_AHEAD = """
+import torch
+from multiar.engine import cpu_matvec
+assert cpu_matvec.library() is not None
+before = cpu_matvec.fp32_ahead()
+gen = torch.Generator().manual_seed(0)
+w, x = torch.randn(256, 1024, generator=gen), torch.randn(1, 1024, generator=gen)  # 1 MiB: timed
+small = torch.randn(255, 1024, generator=gen)  # under 1 MiB: never timed
+cpu_matvec.matvec(x, small)
+after_small = cpu_matvec.fp32_ahead()
+ys = [cpu_matvec.matvec(x, w) for _ in range(2100)]
+assert all(torch.equal(y, ys[0]) for y in ys), "the hint changed a sum"
+print(repr((before, after_small, cpu_matvec.fp32_ahead(), ys[0].tolist())))
+"""
+
+
+def fp32_ahead_run(pinned: str | None) -> tuple:
+    """FP32_AHEAD in a process of its own (the measure is the process's), MULTIAR_FP32_AHEAD as pinned."""
+    env = {k: v for k, v in os.environ.items() if k != "MULTIAR_FP32_AHEAD"}
+    if pinned is not None:
+        env["MULTIAR_FP32_AHEAD"] = pinned
+    done = subprocess.run(
+        [sys.executable, "-c", FP32_AHEAD], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return eval(done.stdout.strip().splitlines()[-1])  # noqa: S307 (our own process's repr of plain values)
+
+
+def test_the_fp32_prefetch_hint_is_measured_per_process_and_changes_no_sum():
+    """A process's first fp32 calls on 1 MiB or more of weights draw with the hint or without it, each
+    timed (smaller weights are not), and the 2,048th decides by the time per byte; every call's sum is
+    the same either way; MULTIAR_FP32_AHEAD=0|1 pins it from the first call, nothing timed."""
+    built()
+    before, after_small, decided, y = fp32_ahead_run(None)
+    assert before["hint"] == "not started" and before["draws"] == 0
+    assert after_small["hint"] == "measuring" and after_small["draws"] == 0
+    assert decided["hint"] in ("on", "off") and decided["draws"] >= 2048
+    assert decided["ns_per_byte"]["off"] > 0 and decided["ns_per_byte"]["on"] > 0  # both ways drawn
+    faster = "on" if decided["ns_per_byte"]["on"] < decided["ns_per_byte"]["off"] else "off"
+    assert decided["hint"] == faster
+    for pinned, hint in (("1", "on"), ("0", "off")):
+        _, small, final, pinned_y = fp32_ahead_run(pinned)
+        assert (small["hint"], final["hint"], final["draws"]) == (hint, hint, 0)
+        assert pinned_y == y
+
+
 def test_the_operators_check_their_inputs_and_run_in_a_compiled_graph():
     """A wrong dtype or shape is an error naming the operator (not a read past a buffer); the operators
     trace (their output's shape registered) into a torch.compile graph that computes what eager does."""
