@@ -135,6 +135,10 @@ activations loaded once for the four) took 1.55x as long; other prefetch distanc
 Each build was also measured moved by 16, 32 and 48 bytes (a padding function ahead of it), so that
 a gain is not a lucky placement: the old code moved ran 0.96-1.02x. Built -falign-loops=32, bf16's
 loops took 1.05-1.19x as long (not taken).
+Session 43, the AMX Xeon: 85M's one-row fp32 mat-vecs took 0.89-0.91x as long with weights asked for 16
+KB ahead (in turns in one process), where the Zen 5 had measured the hint a loss; the 85M fp32 package
+ran 91-97 tok/s with it, 72-76 without (alternating processes). So each process measures it on its
+first fp32 calls and keeps the faster (fp32_ahead; MULTIAR_FP32_AHEAD=0|1 pins it).
 
 Built on first use with the system's C++ compiler (`$CXX`, else `c++`; ~6 s) against this torch's
 headers, for this CPU (-march=native), cached under `$MULTIAR_CACHE/kernels` by a digest of the source,
