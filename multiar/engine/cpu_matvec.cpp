@@ -55,53 +55,69 @@ constexpr int64_t FLOAT_AHEAD = 8192;  // bytes of weights on
 // Whether fp32 weights are asked for ahead pays on one CPU and not on another: on the AMX Xeon a pass of
 // one-row mat-vecs over the 85M model's 49 fp32 weights took 0.89-0.90x as long 16 KB ahead (0.91-0.93x
 // at 2-8 KB, 0.92x at 32; session 43, in turns in one process), where on the Zen 5 EPYC the hint took
-// 1.065x as long a token at its fast pace. So each process measures it on the weights it runs: its first
-// fp32 calls on weights of TRIAL_BYTES or more draw with or without the hint, each call timed, and after
-// TRIAL_CALLS of them the faster per byte is kept (fp32_ahead_mode; MULTIAR_FP32_AHEAD=0|1 pins it). The
-// hint changes which lines are asked for early, never a sum.
+// 1.065x as long a token at its fast pace. So each process measures it on the weights it runs: its
+// one-row fp32 calls (ONE_ROW's loop; the general one, measured at one row, lost with the hint: 0.968x
+// against 0.945x without it) on weights of TRIAL_BYTES or more draw with or without the hint, each timed;
+// after TRIAL_WARMUP untimed draws, TRIAL_CALLS timed ones decide by the median time per byte of each
+// way, and the hint then serves such calls (fp32_ahead_mode; MULTIAR_FP32_AHEAD=0|1 pins it). The hint
+// changes which lines are asked for early, never a sum.
 constexpr int64_t FLOAT32_AHEAD = 16384;  // bytes of weights on, two lines a step
 constexpr int64_t TRIAL_BYTES = int64_t{1} << 20;  // smaller weights sit in cache and time the call, not the read
-constexpr int64_t TRIAL_CALLS = 2048;  // timed calls, both ways together (85M fp32: 42 tokens' mat-vecs)
+constexpr int64_t TRIAL_WARMUP = 64;  // first draws untimed: cold caches, first touches
+constexpr int64_t TRIAL_CALLS = 2048;  // timed draws, both ways together (85M fp32: 42 tokens' mat-vecs)
 std::atomic<int> fp32_ahead_state{-2};  // -2: the environment not read yet, -1: measuring, 0 / 1: decided
-std::atomic<int64_t> trial_draws{0};
-std::atomic<int64_t> trial_ns[2], trial_bytes[2];  // zero: static storage
+std::atomic<bool> fp32_ahead_pinned{false};
+std::atomic<int64_t> trial_draws{0}, trial_done{0};
+float trial_per_byte[TRIAL_CALLS];  // ns a byte of each timed draw, its way in trial_way
+int8_t trial_way[TRIAL_CALLS];
+float trial_median[2];  // each way's median, once decided
 
-// The hint for one fp32 call on `bytes` of weights: 0 or 1, and the trial's draw number where it is timed
-// (-1 where not). Drawn pseudo-randomly, not alternated: a model's layers come round in a fixed cycle
-// that alternation could split, one layer always with the hint and another always without.
-int fp32_ahead_mode(int64_t bytes, int64_t* draw) {
-  *draw = -1;
+// The hint for one fp32 call of `rows` rows on `bytes` of weights: 0 or 1, and the trial's slot where
+// the call is to be timed (-1 where not). Drawn pseudo-randomly, not alternated: a model's layers come
+// round in a fixed cycle that alternation could split, one layer always with the hint and one without.
+int fp32_ahead_mode(int64_t rows, int64_t bytes, int64_t* slot) {
+  *slot = -1;
+  if (rows != 1 || bytes < TRIAL_BYTES) return 0;
   int state = fp32_ahead_state.load(std::memory_order_acquire);
   if (state == -2) {
     const char* pinned = std::getenv("MULTIAR_FP32_AHEAD");
     const bool pin = pinned != nullptr && (pinned[0] == '0' || pinned[0] == '1') && pinned[1] == 0;
     int expected = -2;
-    fp32_ahead_state.compare_exchange_strong(expected, pin ? pinned[0] - '0' : -1);
+    if (fp32_ahead_state.compare_exchange_strong(expected, pin ? pinned[0] - '0' : -1)) fp32_ahead_pinned = pin;
     state = fp32_ahead_state.load(std::memory_order_acquire);
   }
   if (state >= 0) return state;
-  if (bytes < TRIAL_BYTES) return 0;
-  *draw = trial_draws.fetch_add(1);
-  if (*draw >= TRIAL_CALLS) return 0;  // concurrent calls past the last draw: not timed
-  return __builtin_popcountll(static_cast<uint64_t>(*draw) * 0x9E3779B97F4A7C15ull) & 1;
+  const int64_t draw = trial_draws.fetch_add(1);
+  if (draw >= TRIAL_WARMUP + TRIAL_CALLS) return 0;  // concurrent calls past the last draw: not timed
+  if (draw >= TRIAL_WARMUP) *slot = draw - TRIAL_WARMUP;
+  return __builtin_popcountll(static_cast<uint64_t>(draw) * 0x9E3779B97F4A7C15ull) & 1;
 }
 
-// A timed call's nanoseconds and bytes; the last draw decides (a way never drawn loses)
-void fp32_ahead_timed(int mode, int64_t draw, int64_t ns, int64_t bytes) {
-  trial_ns[mode] += ns;
-  trial_bytes[mode] += bytes;
-  if (draw != TRIAL_CALLS - 1) return;
-  const double off = trial_bytes[0] ? double(trial_ns[0]) / double(trial_bytes[0]) : INFINITY;
-  const double on = trial_bytes[1] ? double(trial_ns[1]) / double(trial_bytes[1]) : INFINITY;
-  fp32_ahead_state.store(on < off ? 1 : 0, std::memory_order_release);
+// A timed call's ns per byte in its slot; the call that completes the last slot decides (a way never
+// drawn loses)
+void fp32_ahead_timed(int way, int64_t slot, double per_byte) {
+  trial_per_byte[slot] = static_cast<float>(per_byte);
+  trial_way[slot] = static_cast<int8_t>(way);
+  if (trial_done.fetch_add(1, std::memory_order_acq_rel) + 1 != TRIAL_CALLS) return;
+  for (int m = 0; m < 2; m++) {
+    std::vector<float> times;
+    for (int64_t i = 0; i < TRIAL_CALLS; i++) {
+      if (trial_way[i] == m) times.push_back(trial_per_byte[i]);
+    }
+    std::nth_element(times.begin(), times.begin() + times.size() / 2, times.end());
+    trial_median[m] = times.empty() ? INFINITY : times[times.size() / 2];
+  }
+  fp32_ahead_state.store(trial_median[1] < trial_median[0] ? 1 : 0, std::memory_order_release);
 }
 
-// [state (-2 not started, -1 measuring, 0 without the hint, 1 with it), ns per byte without, with, the
-// draws so far, FLOAT32_AHEAD]: cpu_matvec.fp32_ahead
+// [state (-2 not started, -1 measuring, 0 without the hint, 1 with it), pinned (1) or measured (0), the
+// median ns per byte without, with (0 until decided), the draws so far (untimed ones included),
+// FLOAT32_AHEAD]: cpu_matvec.fp32_ahead
 std::vector<double> fp32_ahead_report() {
-  auto per_byte = [](int m) { return trial_bytes[m] ? double(trial_ns[m]) / double(trial_bytes[m]) : 0.0; };
-  return {double(fp32_ahead_state.load()), per_byte(0), per_byte(1), double(trial_draws.load()),
-          double(FLOAT32_AHEAD)};
+  const int state = fp32_ahead_state.load(std::memory_order_acquire);
+  const bool measured = state >= 0 && !fp32_ahead_pinned;
+  return {double(state), double(fp32_ahead_pinned.load()), measured ? double(trial_median[0]) : 0.0,
+          measured ? double(trial_median[1]) : 0.0, double(trial_draws.load()), double(FLOAT32_AHEAD)};
 }
 
 #if defined(__AVX512F__) || defined(MULTIAR_AVX2)
@@ -480,7 +496,7 @@ at::Tensor matvec(const at::Tensor& x, const at::Tensor& w) {
         float sums[R];
         for (int r = 0; r < R; r++) xs[r] = xp + (n0 + r) * in;
         for (int64_t o = first; o < end; o++) {
-          float_dots<X, T, R, AHEAD>(xs, wp + o * in, in, sums);
+          float_dots<X, T, R>(xs, wp + o * in, in, sums);  // no hint: it lost here (FLOAT32_AHEAD)
           for (int r = 0; r < R; r++) yp[(n0 + r) * out + o] = sums[r];
         }
       };
@@ -493,17 +509,17 @@ at::Tensor matvec(const at::Tensor& x, const at::Tensor& w) {
   const std::false_type no_hint;
   if (w.scalar_type() == at::kFloat) {
     const int64_t bytes = w.numel() * 4;
-    int64_t draw;
-    const int mode = fp32_ahead_mode(bytes, &draw);
-    const auto start = std::chrono::steady_clock::now();
-    if (mode) {
+    int64_t slot;
+    const int way = fp32_ahead_mode(rows, bytes, &slot);
+    const auto start = slot >= 0 ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point();
+    if (way) {
       run(xc.data_ptr<float>(), wc.data_ptr<float>(), std::true_type());
     } else {
       run(xc.data_ptr<float>(), wc.data_ptr<float>(), no_hint);
     }
-    if (draw >= 0 && draw < TRIAL_CALLS) {
-      const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start);
-      fp32_ahead_timed(mode, draw, ns.count(), bytes);
+    if (slot >= 0) {
+      const std::chrono::duration<double, std::nano> ns = std::chrono::steady_clock::now() - start;
+      fp32_ahead_timed(way, slot, ns.count() / double(bytes));
     }
   } else if (BF16_PAIRS || rows == 1) {
     run(xc.data_ptr<at::BFloat16>(), wc.data_ptr<at::BFloat16>(), no_hint);
@@ -756,8 +772,8 @@ void attend_one(const float* q, const T* k, const T* v, int64_t m, int64_t hs, i
     for (; i + 8 <= hs; i += 8) a = _mm256_fmadd_ps(load8(kj + i), _mm256_loadu_ps(q + i), a);
     s = sum8(a);
 #else
-    // The scalar build (vectorized() is false: no compiled step calls it) sums in fp64: one fp32 chain of
-    // hs terms drifted past fp32 rounding of the result (the AMX Xeon's build, bf16 keys, hs 24 and 64)
+    // The scalar build (a CPU without AVX2; its speed not measured) sums in fp64: one fp32 chain of hs
+    // terms drifted past fp32 rounding of the result (the AMX Xeon's build, bf16 keys, hs 24 and 64)
     double exact = 0.0;
     for (; i < hs; i++) exact += static_cast<double>(q[i]) * static_cast<double>(static_cast<float>(kj[i]));
     s = static_cast<float>(exact);

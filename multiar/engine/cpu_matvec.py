@@ -138,7 +138,7 @@ loops took 1.05-1.19x as long (not taken).
 Session 43, the AMX Xeon: 85M's one-row fp32 mat-vecs took 0.89-0.91x as long with weights asked for 16
 KB ahead (in turns in one process), where the Zen 5 had measured the hint a loss; the 85M fp32 package
 ran 91-97 tok/s with it, 72-76 without (alternating processes). So each process measures it on its
-first fp32 calls and keeps the faster (fp32_ahead; MULTIAR_FP32_AHEAD=0|1 pins it).
+first one-row fp32 calls and keeps the faster (fp32_ahead; MULTIAR_FP32_AHEAD=0|1 pins it).
 
 Built on first use with the system's C++ compiler (`$CXX`, else `c++`; ~6 s) against this torch's
 headers, for this CPU (-march=native), cached under `$MULTIAR_CACHE/kernels` by a digest of the source,
@@ -305,12 +305,14 @@ FP32_AHEAD_STATES = {-2: "not started", -1: "measuring", 0: "off", 1: "on"}
 
 def fp32_ahead() -> dict:
     """Where this process's measure of the fp32 weights' prefetch hint stands (the .cpp's fp32_ahead_mode:
-    its first fp32 calls on 1 MiB or more of weights draw with or without it, timed; the faster per byte
-    is kept; MULTIAR_FP32_AHEAD=0|1 pins it): {"hint": "not started" | "measuring" | "off" | "on",
-    "ns_per_byte": {"off": .., "on": ..}, "draws": n, "ahead_bytes": 16384}; library() loaded first."""
-    state, off, on, draws, ahead = torch.ops.multiar.fp32_ahead()
+    its one-row fp32 calls on 1 MiB or more of weights draw with or without it, timed; the faster by the
+    median time per byte is kept; MULTIAR_FP32_AHEAD=0|1 pins it): {"hint": "not started" | "measuring" |
+    "off" | "on", "pinned": bool, "ns_per_byte": {"off": median, "on": median} (0 until measured),
+    "draws": n, "ahead_bytes": 16384}; library() loaded first."""
+    state, pinned, off, on, draws, ahead = torch.ops.multiar.fp32_ahead()
     return {
         "hint": FP32_AHEAD_STATES[int(state)],
+        "pinned": bool(pinned),
         "ns_per_byte": {"off": off, "on": on},
         "draws": int(draws),
         "ahead_bytes": int(ahead),

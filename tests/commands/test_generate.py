@@ -238,7 +238,7 @@ def test_generate_json_says_how_far_the_fp32_prefetch_measure_got(protein_run, t
 
     if cpu_matvec.library() is None:
         pytest.skip("no C++ compiler here: no operators")
-    cpu_matvec.matvec(torch.randn(1, 8), torch.randn(4, 8))  # the measure started (or decided, or pinned)
+    cpu_matvec.matvec(torch.randn(1, 1024), torch.randn(256, 1024))  # 1 MiB, one row: the measure started
     decode = generate(protein_run, tmp_path / "a", "n=1", "max_new_tokens=3")["provenance"]["decode"]
     assert decode["fp32_prefetch"]["hint"] == cpu_matvec.fp32_ahead()["hint"] in ("measuring", "on", "off")
     assert decode["fp32_prefetch"]["ahead_bytes"] == 16384
