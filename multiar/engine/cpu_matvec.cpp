@@ -126,6 +126,19 @@ std::vector<double> fp32_ahead_report() {
 inline void prefetch(const void* p, int64_t ahead) {
   _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(p) + ahead), _MM_HINT_T0);
 }
+
+// What float_dots' loops of 32 weights a step ask for ahead of w: bf16 (64 bytes, a line) FLOAT_AHEAD on;
+// fp32 (128 bytes, two lines) FLOAT32_AHEAD on where the process measured the hint faster (AHEAD), else
+// nothing
+template <typename T, bool AHEAD>
+inline void weights_ahead(const T* w) {
+  if constexpr (!std::is_same_v<T, float>) {
+    prefetch(w, FLOAT_AHEAD);
+  } else if constexpr (AHEAD) {
+    prefetch(w, FLOAT32_AHEAD);
+    prefetch(w, FLOAT32_AHEAD + 64);
+  }
+}
 #endif
 
 #ifdef MULTIAR_INT4_VECTORS
@@ -387,12 +400,7 @@ inline void float_dots(const X* const* x, const T* w, int64_t in, float* sums) {
 #endif
   } else {  // 16 values a load as fp32
     for (; i + 32 <= in; i += 32) {
-      if constexpr (!std::is_same_v<T, float>) {  // bf16 without AVX512-BF16: 64 bytes a step, one line
-        prefetch(w + i, FLOAT_AHEAD);
-      } else if constexpr (AHEAD) {  // fp32: 128 bytes a step, where measured faster (fp32_ahead_mode)
-        prefetch(w + i, FLOAT32_AHEAD);
-        prefetch(w + i, FLOAT32_AHEAD + 64);
-      }
+      weights_ahead<T, AHEAD>(w + i);  // bf16 here: without AVX512-BF16
       const __m512 w0 = load16(w + i), w1 = load16(w + i + 16);
       for (int r = 0; r < R; r++) {
         a[r] = _mm512_fmadd_ps(w0, load16(x[r] + i), a[r]);
@@ -410,12 +418,7 @@ inline void float_dots(const X* const* x, const T* w, int64_t in, float* sums) {
   __m256 a[R], b[R];
   for (int r = 0; r < R; r++) a[r] = b[r] = _mm256_setzero_ps();
   for (; i + 32 <= in; i += 32) {  // 32 values a step (bf16: a cache line, asked for ahead as above)
-    if constexpr (!std::is_same_v<T, float>) {
-      prefetch(w + i, FLOAT_AHEAD);
-    } else if constexpr (AHEAD) {
-      prefetch(w + i, FLOAT32_AHEAD);
-      prefetch(w + i, FLOAT32_AHEAD + 64);
-    }
+    weights_ahead<T, AHEAD>(w + i);
     const __m256 w0 = load8(w + i), w1 = load8(w + i + 8), w2 = load8(w + i + 16), w3 = load8(w + i + 24);
     for (int r = 0; r < R; r++) {
       a[r] = _mm256_fmadd_ps(w0, load8(x[r] + i), a[r]);
