@@ -55,69 +55,101 @@ constexpr int64_t FLOAT_AHEAD = 8192;  // bytes of weights on
 // Whether fp32 weights are asked for ahead pays on one CPU and not on another: on the AMX Xeon a pass of
 // one-row mat-vecs over the 85M model's 49 fp32 weights took 0.89-0.90x as long 16 KB ahead (0.91-0.93x
 // at 2-8 KB, 0.92x at 32; session 43, in turns in one process), where on the Zen 5 EPYC the hint took
-// 1.065x as long a token at its fast pace. So each process measures it on the weights it runs: its
-// one-row fp32 calls (ONE_ROW's loop; the general one, measured at one row, lost with the hint: 0.968x
-// against 0.945x without it) on weights of TRIAL_BYTES or more draw with or without the hint, each timed;
-// after TRIAL_WARMUP untimed draws, TRIAL_CALLS timed ones decide by the median time per byte of each
-// way, and the hint then serves such calls (fp32_ahead_mode; MULTIAR_FP32_AHEAD=0|1 pins it). The hint
-// changes which lines are asked for early, never a sum.
+// 1.065x as long a token at its fast pace. So it is measured where it runs, on the weights it serves, one
+// measure per weight shape (a model's layer shapes; a small model's weights, which sit in cache between
+// steps, do not decide for a big one's, read from RAM): one-row fp32 calls (ONE_ROW's loop; the general
+// one, measured at one row, lost with the hint: 0.968x against 0.945x without it) on weights of
+// TRIAL_BYTES or more draw with or without the hint, each timed; after TRIAL_WARMUP untimed draws,
+// TRIAL_CALLS timed ones decide by the median time per byte of each way, and the hint then serves that
+// shape's calls (fp32_ahead_mode; MULTIAR_FP32_AHEAD=0|1 pins it for every shape). The hint changes which
+// lines are asked for early, never a sum.
 constexpr int64_t FLOAT32_AHEAD = 16384;  // bytes of weights on, two lines a step
 constexpr int64_t TRIAL_BYTES = int64_t{1} << 20;  // smaller weights sit in cache and time the call, not the read
-constexpr int64_t TRIAL_WARMUP = 64;  // first draws untimed: cold caches, first touches
-constexpr int64_t TRIAL_CALLS = 2048;  // timed draws, both ways together (85M fp32: 42 tokens' mat-vecs)
-std::atomic<int> fp32_ahead_state{-2};  // -2: the environment not read yet, -1: measuring, 0 / 1: decided
-std::atomic<bool> fp32_ahead_pinned{false};
-std::atomic<int64_t> trial_draws{0}, trial_done{0};
-float trial_per_byte[TRIAL_CALLS];  // ns a byte of each timed draw, its way in trial_way
-int8_t trial_way[TRIAL_CALLS];
-float trial_median[2];  // each way's median, once decided
+constexpr int64_t TRIAL_WARMUP = 16;  // a shape's first draws untimed: cold caches, first touches
+constexpr int64_t TRIAL_CALLS = 512;  // a shape's timed draws, both ways together (85M: 44 tokens a layer shape)
+constexpr int TRIAL_SHAPES = 64;  // shapes measured; a process's further shapes run without the hint
 
-// The hint for one fp32 call of `rows` rows on `bytes` of weights: 0 or 1, and the trial's slot where
-// the call is to be timed (-1 where not). Drawn pseudo-randomly, not alternated: a model's layers come
-// round in a fixed cycle that alternation could split, one layer always with the hint and one without.
-int fp32_ahead_mode(int64_t rows, int64_t bytes, int64_t* slot) {
-  *slot = -1;
-  if (rows != 1 || bytes < TRIAL_BYTES) return 0;
-  int state = fp32_ahead_state.load(std::memory_order_acquire);
-  if (state == -2) {
-    const char* pinned = std::getenv("MULTIAR_FP32_AHEAD");
-    const bool pin = pinned != nullptr && (pinned[0] == '0' || pinned[0] == '1') && pinned[1] == 0;
-    int expected = -2;
-    if (fp32_ahead_state.compare_exchange_strong(expected, pin ? pinned[0] - '0' : -1)) fp32_ahead_pinned = pin;
-    state = fp32_ahead_state.load(std::memory_order_acquire);
+struct Fp32Trial {
+  std::atomic<int64_t> key{0};  // (out << 32) | in, 0 while the slot is free
+  std::atomic<int> state{-1};  // -1: measuring, 0 / 1: decided
+  std::atomic<int64_t> draws{0}, done{0};
+  float per_byte[TRIAL_CALLS];  // ns a byte of each timed draw, its way in way
+  int8_t way[TRIAL_CALLS];
+  float median[2];  // each way's median, once decided
+};
+Fp32Trial fp32_trials[TRIAL_SHAPES];
+std::atomic<int> fp32_ahead_pin{-2};  // -2: the environment not read yet, -1: measured, 0 / 1: pinned
+
+// The trial of the shape (out, in): its slot, claimed on the shape's first call (nullptr when the table
+// is full)
+Fp32Trial* fp32_trial(int64_t out, int64_t in) {
+  const int64_t key = (out << 32) | in;
+  const uint64_t hash = static_cast<uint64_t>(key) * 0x9E3779B97F4A7C15ull;
+  for (int probe = 0; probe < TRIAL_SHAPES; probe++) {
+    Fp32Trial& trial = fp32_trials[((hash >> 58) + probe) & (TRIAL_SHAPES - 1)];
+    int64_t held = trial.key.load(std::memory_order_acquire);
+    if (held == 0 && trial.key.compare_exchange_strong(held, key)) return &trial;
+    if (held == key) return &trial;
   }
+  return nullptr;
+}
+
+// The hint for one fp32 call of `rows` rows on an (out, in) weight: 0 or 1, and the trial and its slot
+// where the call is to be timed (*slot -1 where not). Drawn pseudo-randomly, not alternated: layers of a
+// shape come round in a fixed cycle that alternation could split, one always with the hint, one without.
+int fp32_ahead_mode(int64_t rows, int64_t out, int64_t in, Fp32Trial** trial, int64_t* slot) {
+  *slot = -1;
+  if (rows != 1 || out * in * 4 < TRIAL_BYTES) return 0;
+  int pin = fp32_ahead_pin.load(std::memory_order_acquire);
+  if (pin == -2) {
+    const char* pinned = std::getenv("MULTIAR_FP32_AHEAD");
+    const bool pins = pinned != nullptr && (pinned[0] == '0' || pinned[0] == '1') && pinned[1] == 0;
+    fp32_ahead_pin.store(pins ? pinned[0] - '0' : -1, std::memory_order_release);
+    pin = pins ? pinned[0] - '0' : -1;
+  }
+  if (pin >= 0) return pin;
+  *trial = fp32_trial(out, in);
+  if (*trial == nullptr) return 0;
+  const int state = (*trial)->state.load(std::memory_order_acquire);
   if (state >= 0) return state;
-  const int64_t draw = trial_draws.fetch_add(1);
+  const int64_t draw = (*trial)->draws.fetch_add(1);
   if (draw >= TRIAL_WARMUP + TRIAL_CALLS) return 0;  // concurrent calls past the last draw: not timed
   if (draw >= TRIAL_WARMUP) *slot = draw - TRIAL_WARMUP;
   return __builtin_popcountll(static_cast<uint64_t>(draw) * 0x9E3779B97F4A7C15ull) & 1;
 }
 
-// A timed call's ns per byte in its slot; the call that completes the last slot decides (a way never
-// drawn loses)
-void fp32_ahead_timed(int way, int64_t slot, double per_byte) {
-  trial_per_byte[slot] = static_cast<float>(per_byte);
-  trial_way[slot] = static_cast<int8_t>(way);
-  if (trial_done.fetch_add(1, std::memory_order_acq_rel) + 1 != TRIAL_CALLS) return;
+// A timed call's ns per byte in its slot; the call that completes the trial's last slot decides (a way
+// never drawn loses)
+void fp32_ahead_timed(Fp32Trial& trial, int way, int64_t slot, double per_byte) {
+  trial.per_byte[slot] = static_cast<float>(per_byte);
+  trial.way[slot] = static_cast<int8_t>(way);
+  if (trial.done.fetch_add(1, std::memory_order_acq_rel) + 1 != TRIAL_CALLS) return;
   for (int m = 0; m < 2; m++) {
     std::vector<float> times;
     for (int64_t i = 0; i < TRIAL_CALLS; i++) {
-      if (trial_way[i] == m) times.push_back(trial_per_byte[i]);
+      if (trial.way[i] == m) times.push_back(trial.per_byte[i]);
     }
     std::nth_element(times.begin(), times.begin() + times.size() / 2, times.end());
-    trial_median[m] = times.empty() ? INFINITY : times[times.size() / 2];
+    trial.median[m] = times.empty() ? INFINITY : times[times.size() / 2];
   }
-  fp32_ahead_state.store(trial_median[1] < trial_median[0] ? 1 : 0, std::memory_order_release);
+  trial.state.store(trial.median[1] < trial.median[0] ? 1 : 0, std::memory_order_release);
 }
 
-// [state (-2 not started, -1 measuring, 0 without the hint, 1 with it), pinned (1) or measured (0), the
-// median ns per byte without, with (0 until decided), the draws so far (untimed ones included),
-// FLOAT32_AHEAD]: cpu_matvec.fp32_ahead
+// [the pin (-2 not read yet, -1 measured, 0 / 1 pinned), FLOAT32_AHEAD, TRIAL_CALLS, then per shape
+// measured: out, in, state (-1 measuring, 0 without the hint, 1 with it), the median ns per byte without,
+// with (0 until decided), the draws so far (untimed ones included)]: cpu_matvec.fp32_ahead
 std::vector<double> fp32_ahead_report() {
-  const int state = fp32_ahead_state.load(std::memory_order_acquire);
-  const bool measured = state >= 0 && !fp32_ahead_pinned;
-  return {double(state), double(fp32_ahead_pinned.load()), measured ? double(trial_median[0]) : 0.0,
-          measured ? double(trial_median[1]) : 0.0, double(trial_draws.load()), double(FLOAT32_AHEAD)};
+  std::vector<double> report = {double(fp32_ahead_pin.load(std::memory_order_acquire)), double(FLOAT32_AHEAD),
+                                double(TRIAL_CALLS)};
+  for (Fp32Trial& trial : fp32_trials) {
+    const int64_t key = trial.key.load(std::memory_order_acquire);
+    if (key == 0) continue;
+    const int state = trial.state.load(std::memory_order_acquire);
+    report.insert(report.end(), {double(key >> 32), double(key & 0xFFFFFFFF), double(state),
+                                 state >= 0 ? double(trial.median[0]) : 0.0, state >= 0 ? double(trial.median[1]) : 0.0,
+                                 double(std::min(trial.draws.load(), TRIAL_WARMUP + TRIAL_CALLS))});
+  }
+  return report;
 }
 
 #if defined(__AVX512F__) || defined(MULTIAR_AVX2)
@@ -512,8 +544,9 @@ at::Tensor matvec(const at::Tensor& x, const at::Tensor& w) {
   const std::false_type no_hint;
   if (w.scalar_type() == at::kFloat) {
     const int64_t bytes = w.numel() * 4;
+    Fp32Trial* trial = nullptr;
     int64_t slot;
-    const int way = fp32_ahead_mode(rows, bytes, &slot);
+    const int way = fp32_ahead_mode(rows, out, in, &trial, &slot);
     const auto start = slot >= 0 ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point();
     if (way) {
       run(xc.data_ptr<float>(), wc.data_ptr<float>(), std::true_type());
@@ -522,7 +555,7 @@ at::Tensor matvec(const at::Tensor& x, const at::Tensor& w) {
     }
     if (slot >= 0) {
       const std::chrono::duration<double, std::nano> ns = std::chrono::steady_clock::now() - start;
-      fp32_ahead_timed(way, slot, ns.count() / double(bytes));
+      fp32_ahead_timed(*trial, way, slot, ns.count() / double(bytes));
     }
   } else if (BF16_PAIRS || rows == 1) {
     run(xc.data_ptr<at::BFloat16>(), wc.data_ptr<at::BFloat16>(), no_hint);

@@ -138,7 +138,9 @@ loops took 1.05-1.19x as long (not taken).
 Session 43, the AMX Xeon: 85M's one-row fp32 mat-vecs took 0.89-0.91x as long with weights asked for 16
 KB ahead (in turns in one process), where the Zen 5 had measured the hint a loss; the 85M fp32 package
 ran 91-97 tok/s with it, 72-76 without (alternating processes). So each process measures it on its
-first one-row fp32 calls and keeps the faster (fp32_ahead; MULTIAR_FP32_AHEAD=0|1 pins it).
+first one-row fp32 calls and keeps the faster (fp32_ahead; MULTIAR_FP32_AHEAD=0|1 pins it). Session 44:
+one measure per weight shape, so that a small model's weights, held in cache, do not decide for a big
+model's read from RAM in the same process.
 
 Built on first use with the system's C++ compiler (`$CXX`, else `c++`; ~6 s) against this torch's
 headers, for this CPU (-march=native), cached under `$MULTIAR_CACHE/kernels` by a digest of the source,
@@ -300,22 +302,42 @@ def matvec(x: Tensor, w: Tensor) -> Tensor:
     return torch.ops.multiar.matvec(x, w)
 
 
-FP32_AHEAD_STATES = {-2: "not started", -1: "measuring", 0: "off", 1: "on"}
+FP32_AHEAD_STATES = {-1: "measuring", 0: "off", 1: "on"}
 
 
 def fp32_ahead() -> dict:
-    """Where this process's measure of the fp32 weights' prefetch hint stands (the .cpp's fp32_ahead_mode:
-    its one-row fp32 calls on 1 MiB or more of weights draw with or without it, timed; the faster by the
-    median time per byte is kept; MULTIAR_FP32_AHEAD=0|1 pins it): {"hint": "not started" | "measuring" |
-    "off" | "on", "pinned": bool, "ns_per_byte": {"off": median, "on": median} (0 until measured),
-    "draws": n, "ahead_bytes": 16384}; library() loaded first."""
-    state, pinned, off, on, draws, ahead = torch.ops.multiar.fp32_ahead()
+    """Where this process's measures of the fp32 weights' prefetch hint stand, one per weight shape (the
+    .cpp's fp32_ahead_mode: one-row fp32 calls on 1 MiB or more of weights draw with or without it, timed;
+    the faster by the median time per byte serves that shape; MULTIAR_FP32_AHEAD=0|1 pins every shape):
+    {"hint": "not started" | "measuring" | "off" | "on" | "mixed" (the shapes decided differently),
+    "pinned": bool, "ahead_bytes": 16384, "timed_draws": 512 (a shape's), "shapes": [{"shape": [out, in],
+    "hint": "measuring" | "off" | "on", "ns_per_byte": {"off": median, "on": median} (0 until decided),
+    "draws": n}, ...]}; library() loaded first."""
+    pin, ahead, timed, *rest = torch.ops.multiar.fp32_ahead()
+    shapes = [
+        {
+            "shape": [int(out), int(inputs)],
+            "hint": FP32_AHEAD_STATES[int(state)],
+            "ns_per_byte": {"off": off, "on": on},
+            "draws": int(draws),
+        }
+        for out, inputs, state, off, on, draws in zip(*[iter(rest)] * 6, strict=True)
+    ]
+    hints = {shape["hint"] for shape in shapes}
+    if pin >= 0:
+        hint = FP32_AHEAD_STATES[int(pin)]
+    elif not shapes:
+        hint = "not started"
+    elif "measuring" in hints:
+        hint = "measuring"
+    else:
+        hint = hints.pop() if len(hints) == 1 else "mixed"
     return {
-        "hint": FP32_AHEAD_STATES[int(state)],
-        "pinned": bool(pinned),
-        "ns_per_byte": {"off": off, "on": on},
-        "draws": int(draws),
+        "hint": hint,
+        "pinned": pin >= 0,
         "ahead_bytes": int(ahead),
+        "timed_draws": int(timed),
+        "shapes": sorted(shapes, key=lambda shape: shape["shape"]),
     }
 
 

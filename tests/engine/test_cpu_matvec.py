@@ -405,13 +405,17 @@ assert cpu_matvec.library() is not None
 before = cpu_matvec.fp32_ahead()
 gen = torch.Generator().manual_seed(0)
 w, x = torch.randn(256, 1024, generator=gen), torch.randn(5, 1024, generator=gen)  # 1 MiB: drawn
+square, x2 = torch.randn(512, 512, generator=gen), torch.randn(1, 512, generator=gen)  # another shape
 small = torch.randn(255, 1024, generator=gen)  # under 1 MiB: never drawn
 cpu_matvec.matvec(x[:1], small)
 rows = [cpu_matvec.matvec(x[:n], w).tolist() for n in (2, 5)]  # the general loop: never drawn
 after_others = cpu_matvec.fp32_ahead()
-ys = [cpu_matvec.matvec(x[:1], w) for _ in range(2200)]
-assert all(torch.equal(y, ys[0]) for y in ys), "the hint changed a sum"
-print(repr((before, after_others, cpu_matvec.fp32_ahead(), ys[0].tolist(), rows)))
+ys = [cpu_matvec.matvec(x[:1], w) for _ in range(600)]
+y2 = [cpu_matvec.matvec(x2, square) for _ in range(100)]
+partway = cpu_matvec.fp32_ahead()
+y2 += [cpu_matvec.matvec(x2, square) for _ in range(500)]
+assert all(torch.equal(y, ys[0]) for y in ys) and all(torch.equal(y, y2[0]) for y in y2), "a sum changed"
+print(repr((before, after_others, partway, cpu_matvec.fp32_ahead(), ys[0].tolist(), y2[0].tolist(), rows)))
 """
 
 
@@ -427,29 +431,41 @@ def fp32_ahead_run(pinned: str | None) -> tuple:
     return ast.literal_eval(done.stdout.strip().splitlines()[-1])
 
 
-def test_the_fp32_prefetch_hint_is_measured_per_process_and_changes_no_sum():
-    """A process's one-row fp32 calls on 1 MiB or more of weights draw with the hint or without it (other
-    calls are not drawn): after 64 untimed draws, 2,048 timed ones decide by each way's median time per
-    byte; every sum is the same either way, one row or many; MULTIAR_FP32_AHEAD=0|1 pins it from the first
-    call, nothing drawn, and another value is ignored (measured)."""
+def test_the_fp32_prefetch_hint_is_measured_per_weight_shape_and_changes_no_sum():
+    """A one-row fp32 call on 1 MiB or more of weights draws with the hint or without it (other calls are
+    not drawn), each weight shape in a measure of its own: after 16 untimed draws, 512 timed ones decide
+    by each way's median time per byte, one shape's draws never counted for another's; every sum is the
+    same either way, one row or many; MULTIAR_FP32_AHEAD=0|1 pins every shape from the first call,
+    nothing drawn, and another value is ignored (measured)."""
     built()
-    before, after_others, decided, y, rows = fp32_ahead_run(None)
-    assert before["hint"] == "not started" and before["draws"] == 0
-    assert after_others["hint"] == "not started" and after_others["draws"] == 0
-    assert decided["hint"] in ("on", "off") and not decided["pinned"] and decided["draws"] == 64 + 2048
-    off, on = decided["ns_per_byte"]["off"], decided["ns_per_byte"]["on"]
-    assert 0 < off < float("inf") and 0 < on < float("inf")  # both ways drawn
-    assert decided["hint"] == ("on" if on < off else "off")
+    before, after_others, partway, decided, y, y2, rows = fp32_ahead_run(None)
+    for early in (before, after_others):
+        assert (early["hint"], early["pinned"], early["shapes"]) == ("not started", False, [])
+    assert decided["timed_draws"] == 512 and decided["ahead_bytes"] == 16384
+    wide, square = partway["shapes"]
+    assert partway["hint"] == "measuring" and (square["shape"], square["hint"], square["draws"]) == (
+        [512, 512],
+        "measuring",
+        100,
+    )
+    assert (wide["shape"], wide["draws"]) == ([256, 1024], 16 + 512) and wide["hint"] in ("on", "off")
+    assert wide == decided["shapes"][0]  # decided once, kept
+    for shape in decided["shapes"]:
+        off, on = shape["ns_per_byte"]["off"], shape["ns_per_byte"]["on"]
+        assert 0 < off < float("inf") and 0 < on < float("inf")  # both ways drawn
+        assert shape["draws"] == 16 + 512 and shape["hint"] == ("on" if on < off else "off")
+    hints = {shape["hint"] for shape in decided["shapes"]}
+    assert decided["hint"] == (hints.pop() if len(hints) == 1 else "mixed") and not decided["pinned"]
     for pinned, hint in (("1", "on"), ("0", "off")):
-        _, others, final, pinned_y, pinned_rows = fp32_ahead_run(pinned)
-        assert (others["hint"], final["hint"], final["pinned"], final["draws"]) == (
+        _, others, _, final, pinned_y, pinned_y2, pinned_rows = fp32_ahead_run(pinned)
+        assert (others["hint"], final["hint"], final["pinned"], final["shapes"]) == (
             "not started",
             hint,
             True,
-            0,
+            [],
         )
-        assert (pinned_y, pinned_rows) == (y, rows)
-    assert fp32_ahead_run("2")[2]["hint"] in ("on", "off")  # not a pin: measured
+        assert (pinned_y, pinned_y2, pinned_rows) == (y, y2, rows)
+    assert fp32_ahead_run("2")[3]["hint"] in ("on", "off", "mixed")  # not a pin: measured
 
 
 def test_the_operators_check_their_inputs_and_run_in_a_compiled_graph():
