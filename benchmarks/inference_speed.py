@@ -671,8 +671,8 @@ def main() -> None:
                 f"pair   batch 1  {name:24s} {args.new / s:8.0f} tok/s  {row['vs_target_alone']:5.2f}x  "
                 f"{json.dumps({k: round(v, 3) for k, v in row.items() if k in ('acceptance_rate', 'tokens_per_target_step')})}"
             )
-    # the fp32 operator's prefetch hint, as this process measured it on its first fp32 calls (it changes
-    # no sum, only the time: engine/cpu_matvec.cpp's fp32_ahead_mode)
+    # the fp32 operator's prefetch hint, as this process measured it per weight shape on its first one-row
+    # calls of each (it changes no sum, only the time: engine/cpu_matvec.cpp's fp32_ahead_mode)
     fp32_prefetch = cpu_matvec.fp32_ahead() if cpu_matvec.loaded() else None
     print(f"fp32 operator's prefetch hint: {json.dumps(fp32_prefetch)}")
     if args.json:

@@ -48,16 +48,16 @@ constexpr int64_t INT8_AHEAD = 65536;  // bytes, rows of codes on
 // turns in one process, a token took 0.64x as long 8 KB ahead as without (3.02 against 4.72 ms, medians
 // of 130 rounds; 2 KB 0.69x, 4 KB 0.65x, 16 KB 0.65x), in minutes when the step without it ran at its
 // slow pace only (session 35; in session 34's minutes 16-64 KB ahead made no difference). fp32: measured
-// per process (FLOAT32_AHEAD below); in the Zen 5's package the hint took 0.965x as long a token at its slow
-// pace, 1.065x at its fast one
+// per weight shape (FLOAT32_AHEAD below); in the Zen 5's package the hint took 0.965x as long a token at
+// its slow pace, 1.065x at its fast one
 constexpr int64_t FLOAT_AHEAD = 8192;  // bytes of weights on
 
 // Whether fp32 weights are asked for ahead pays on one CPU and not on another: on the AMX Xeon a pass of
 // one-row mat-vecs over the 85M model's 49 fp32 weights took 0.89-0.90x as long 16 KB ahead (0.91-0.93x
 // at 2-8 KB, 0.92x at 32; session 43, in turns in one process), where on the Zen 5 EPYC the hint took
 // 1.065x as long a token at its fast pace. So it is measured where it runs, on the weights it serves, one
-// measure per weight shape (a model's layer shapes; a small model's weights, which sit in cache between
-// steps, do not decide for a big one's, read from RAM): one-row fp32 calls (ONE_ROW's loop; the general
+// measure per weight shape (a model's layer shapes; where two models' shapes differ, a small one's
+// weights, which sit in cache between steps, do not decide for a big one's): one-row fp32 calls (ONE_ROW's loop; the general
 // one, measured at one row, lost with the hint: 0.968x against 0.945x without it) on weights of
 // TRIAL_BYTES or more draw with or without the hint, each timed; after TRIAL_WARMUP untimed draws,
 // TRIAL_CALLS timed ones decide by the median time per byte of each way, and the hint then serves that
@@ -68,9 +68,11 @@ constexpr int64_t TRIAL_BYTES = int64_t{1} << 20;  // smaller weights sit in cac
 constexpr int64_t TRIAL_WARMUP = 16;  // a shape's first draws untimed: cold caches, first touches
 constexpr int64_t TRIAL_CALLS = 512;  // a shape's timed draws, both ways together (85M: 44 tokens a layer shape)
 constexpr int TRIAL_SHAPES = 64;  // shapes measured; a process's further shapes run without the hint
+constexpr int TRIAL_SHIFT = 58;  // a hash's top log2(TRIAL_SHAPES) bits pick a shape's first slot
+static_assert(TRIAL_SHAPES == 1 << (64 - TRIAL_SHIFT));
 
 struct Fp32Trial {
-  std::atomic<int64_t> key{0};  // (out << 32) | in, 0 while the slot is free
+  std::atomic<uint64_t> key{0};  // out << 32 | in, 0 while the slot is free
   std::atomic<int> state{-1};  // -1: measuring, 0 / 1: decided
   std::atomic<int64_t> draws{0}, done{0};
   float per_byte[TRIAL_CALLS];  // ns a byte of each timed draw, its way in way
@@ -79,15 +81,17 @@ struct Fp32Trial {
 };
 Fp32Trial fp32_trials[TRIAL_SHAPES];
 std::atomic<int> fp32_ahead_pin{-2};  // -2: the environment not read yet, -1: measured, 0 / 1: pinned
+std::atomic<int64_t> fp32_untracked{0};  // calls of a shape that found the table full: run without the hint
 
 // The trial of the shape (out, in): its slot, claimed on the shape's first call (nullptr when the table
 // is full)
 Fp32Trial* fp32_trial(int64_t out, int64_t in) {
-  const int64_t key = (out << 32) | in;
-  const uint64_t hash = static_cast<uint64_t>(key) * 0x9E3779B97F4A7C15ull;
+  TORCH_CHECK(out < (int64_t{1} << 32) && in < (int64_t{1} << 32), "matvec: a weight of ", out, " x ", in);
+  const uint64_t key = static_cast<uint64_t>(out) << 32 | static_cast<uint64_t>(in);
+  const uint64_t hash = key * 0x9E3779B97F4A7C15ull;
   for (int probe = 0; probe < TRIAL_SHAPES; probe++) {
-    Fp32Trial& trial = fp32_trials[((hash >> 58) + probe) & (TRIAL_SHAPES - 1)];
-    int64_t held = trial.key.load(std::memory_order_acquire);
+    Fp32Trial& trial = fp32_trials[((hash >> TRIAL_SHIFT) + probe) & (TRIAL_SHAPES - 1)];
+    uint64_t held = trial.key.load(std::memory_order_acquire);
     if (held == 0 && trial.key.compare_exchange_strong(held, key)) return &trial;
     if (held == key) return &trial;
   }
@@ -109,7 +113,10 @@ int fp32_ahead_mode(int64_t rows, int64_t out, int64_t in, Fp32Trial** trial, in
   }
   if (pin >= 0) return pin;
   *trial = fp32_trial(out, in);
-  if (*trial == nullptr) return 0;
+  if (*trial == nullptr) {
+    fp32_untracked.fetch_add(1, std::memory_order_relaxed);
+    return 0;
+  }
   const int state = (*trial)->state.load(std::memory_order_acquire);
   if (state >= 0) return state;
   const int64_t draw = (*trial)->draws.fetch_add(1);
@@ -135,14 +142,14 @@ void fp32_ahead_timed(Fp32Trial& trial, int way, int64_t slot, double per_byte) 
   trial.state.store(trial.median[1] < trial.median[0] ? 1 : 0, std::memory_order_release);
 }
 
-// [the pin (-2 not read yet, -1 measured, 0 / 1 pinned), FLOAT32_AHEAD, TRIAL_CALLS, then per shape
-// measured: out, in, state (-1 measuring, 0 without the hint, 1 with it), the median ns per byte without,
+// [the pin (-2 not read yet, -1 measured, 0 / 1 pinned), FLOAT32_AHEAD, TRIAL_CALLS, the calls that
+// found the table full, then per shape measured: out, in, state (-1 measuring, 0 without the hint, 1 with it), the median ns per byte without,
 // with (0 until decided), the draws so far (untimed ones included)]: cpu_matvec.fp32_ahead
 std::vector<double> fp32_ahead_report() {
   std::vector<double> report = {double(fp32_ahead_pin.load(std::memory_order_acquire)), double(FLOAT32_AHEAD),
-                                double(TRIAL_CALLS)};
+                                double(TRIAL_CALLS), double(fp32_untracked.load())};
   for (Fp32Trial& trial : fp32_trials) {
-    const int64_t key = trial.key.load(std::memory_order_acquire);
+    const uint64_t key = trial.key.load(std::memory_order_acquire);
     if (key == 0) continue;
     const int state = trial.state.load(std::memory_order_acquire);
     report.insert(report.end(), {double(key >> 32), double(key & 0xFFFFFFFF), double(state),

@@ -309,11 +309,19 @@ def fp32_ahead() -> dict:
     """Where this process's measures of the fp32 weights' prefetch hint stand, one per weight shape (the
     .cpp's fp32_ahead_mode: one-row fp32 calls on 1 MiB or more of weights draw with or without it, timed;
     the faster by the median time per byte serves that shape; MULTIAR_FP32_AHEAD=0|1 pins every shape):
-    {"hint": "not started" | "measuring" | "off" | "on" | "mixed" (the shapes decided differently),
-    "pinned": bool, "ahead_bytes": 16384, "timed_draws": 512 (a shape's), "shapes": [{"shape": [out, in],
-    "hint": "measuring" | "off" | "on", "ns_per_byte": {"off": median, "on": median} (0 until decided),
-    "draws": n}, ...]}; library() loaded first."""
-    pin, ahead, timed, *rest = torch.ops.multiar.fp32_ahead()
+    fp32_ahead_report of the operator's figures; library() loaded first."""
+    return fp32_ahead_report(torch.ops.multiar.fp32_ahead())
+
+
+def fp32_ahead_report(figures: Sequence[float]) -> dict:
+    """The operator's flat figures (the .cpp's fp32_ahead_report) as {"hint": "not started" | "measuring" |
+    "off" | "on" | "mixed" (the shapes decided differently), "pinned": bool, "ahead_bytes": 16384,
+    "timed_draws": 512 (a shape's), "untracked_calls": calls of shapes past the table's 64 (run without
+    the hint), "shapes": [{"shape": [out, in], "hint": "measuring" | "off" | "on", "ns_per_byte": {"off":
+    median, "on": median} (0 until decided), "draws": n}, ...]}."""
+    pin, ahead, timed, untracked, *rest = figures
+    if len(rest) % 6:
+        raise ValueError(f"fp32_ahead: {len(rest)} figures after the header, not 6 a shape")
     shapes = [
         {
             "shape": [int(out), int(inputs)],
@@ -337,6 +345,7 @@ def fp32_ahead() -> dict:
         "pinned": pin >= 0,
         "ahead_bytes": int(ahead),
         "timed_draws": int(timed),
+        "untracked_calls": int(untracked),
         "shapes": sorted(shapes, key=lambda shape: shape["shape"]),
     }
 

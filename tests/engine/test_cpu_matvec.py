@@ -415,12 +415,16 @@ y2 = [cpu_matvec.matvec(x2, square) for _ in range(100)]
 partway = cpu_matvec.fp32_ahead()
 y2 += [cpu_matvec.matvec(x2, square) for _ in range(500)]
 assert all(torch.equal(y, ys[0]) for y in ys) and all(torch.equal(y, y2[0]) for y in y2), "a sum changed"
-print(repr((before, after_others, partway, cpu_matvec.fp32_ahead(), ys[0].tolist(), y2[0].tolist(), rows)))
+decided = cpu_matvec.fp32_ahead()
+for extra in range(64):  # 62 more shapes fill the table's 64 slots; the last two find it full
+    cpu_matvec.matvec(x[:1], torch.zeros(257 + extra, 1024))
+full = cpu_matvec.fp32_ahead()
+print(repr((before, after_others, partway, decided, ys[0].tolist(), y2[0].tolist(), rows, full)))
 """
 
 
 def fp32_ahead_run(pinned: str | None) -> tuple:
-    """FP32_AHEAD in a process of its own (the measure is the process's), MULTIAR_FP32_AHEAD as pinned."""
+    """FP32_AHEAD in a process of its own (the measures are the process's), MULTIAR_FP32_AHEAD as pinned."""
     env = {k: v for k, v in os.environ.items() if k != "MULTIAR_FP32_AHEAD"}
     if pinned is not None:
         env["MULTIAR_FP32_AHEAD"] = pinned
@@ -438,7 +442,7 @@ def test_the_fp32_prefetch_hint_is_measured_per_weight_shape_and_changes_no_sum(
     same either way, one row or many; MULTIAR_FP32_AHEAD=0|1 pins every shape from the first call,
     nothing drawn, and another value is ignored (measured)."""
     built()
-    before, after_others, partway, decided, y, y2, rows = fp32_ahead_run(None)
+    before, after_others, partway, decided, y, y2, rows, full = fp32_ahead_run(None)
     for early in (before, after_others):
         assert (early["hint"], early["pinned"], early["shapes"]) == ("not started", False, [])
     assert decided["timed_draws"] == 512 and decided["ahead_bytes"] == 16384
@@ -456,16 +460,50 @@ def test_the_fp32_prefetch_hint_is_measured_per_weight_shape_and_changes_no_sum(
         assert shape["draws"] == 16 + 512 and shape["hint"] == ("on" if on < off else "off")
     hints = {shape["hint"] for shape in decided["shapes"]}
     assert decided["hint"] == (hints.pop() if len(hints) == 1 else "mixed") and not decided["pinned"]
+    assert decided["untracked_calls"] == 0
+    # 64 shapes at most: the further ones' calls run without the hint, counted
+    assert len(full["shapes"]) == 64 and full["untracked_calls"] == 2 and full["hint"] == "measuring"
+    measured = [shape for shape in full["shapes"] if shape["shape"] in ([256, 1024], [512, 512])]
+    assert measured == decided["shapes"]  # kept as decided
+    extra = {tuple(shape["shape"]) for shape in full["shapes"] if shape not in measured}
+    assert len(extra) == 62 and extra < {(257 + i, 1024) for i in range(64)}
     for pinned, hint in (("1", "on"), ("0", "off")):
-        _, others, _, final, pinned_y, pinned_y2, pinned_rows = fp32_ahead_run(pinned)
+        _, others, _, final, pinned_y, pinned_y2, pinned_rows, pinned_full = fp32_ahead_run(pinned)
         assert (others["hint"], final["hint"], final["pinned"], final["shapes"]) == (
             "not started",
             hint,
             True,
             [],
         )
+        assert (pinned_full["shapes"], pinned_full["untracked_calls"]) == ([], 0)
         assert (pinned_y, pinned_y2, pinned_rows) == (y, y2, rows)
     assert fp32_ahead_run("2")[3]["hint"] in ("on", "off", "mixed")  # not a pin: measured
+
+
+def test_the_fp32_prefetch_report_reads_the_operators_figures():
+    """cpu_matvec.fp32_ahead_report: the operator's header (pin, bytes ahead, timed draws, untracked calls)
+    and six figures a shape, summed up as one hint: mixed where decided shapes differ, measuring while
+    one is, the pin's where pinned; figures that are not whole shapes are an error."""
+    header = [-1.0, 16384.0, 512.0, 0.0]
+    on = [256.0, 1024.0, 1.0, 0.04, 0.03, 528.0]
+    off = [512.0, 512.0, 0.0, 0.03, 0.04, 528.0]
+    measuring = [768.0, 768.0, -1.0, 0.0, 0.0, 40.0]
+    report = cpu_matvec.fp32_ahead_report
+    assert report(header)["hint"] == "not started"
+    assert report(header + on)["hint"] == "on" and report(header + off)["hint"] == "off"
+    mixed = report(header + off + on)
+    assert mixed["hint"] == "mixed" and [shape["shape"] for shape in mixed["shapes"]] == [
+        [256, 1024],
+        [512, 512],
+    ]
+    first = {"shape": [256, 1024], "hint": "on", "ns_per_byte": {"off": 0.04, "on": 0.03}, "draws": 528}
+    assert mixed["shapes"][0] == first
+    assert report(header + on + measuring)["hint"] == "measuring"
+    pinned = report([1.0, 16384.0, 512.0, 0.0])
+    assert (pinned["hint"], pinned["pinned"], pinned["shapes"]) == ("on", True, [])
+    assert report([-1.0, 16384.0, 512.0, 3.0])["untracked_calls"] == 3
+    with pytest.raises(ValueError, match="not 6 a shape"):
+        report(header + on[:5])
 
 
 def test_the_operators_check_their_inputs_and_run_in_a_compiled_graph():
