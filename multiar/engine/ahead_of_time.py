@@ -20,17 +20,19 @@ the same kind. Packages live under `$MULTIAR_CACHE/decode_steps` (else
 
 Which GEMMs the package calls is measured too, once per machine, layer shapes, dtypes and row count
 (decode_layout.json): inductor's autotuned choice (it times its C++ template against oneDNN / MKL at
-compile time, over weights hot in cache), ATen's oneDNN / MKL calls alone, or (up to streamed_rows() rows)
-no GEMM at all: each Linear streamed, its weight read once per step (through engine.cpu_matvec's
+compile time, over weights hot in cache), ATen's oneDNN / MKL calls alone, or (up to streamed_rows()
+rows) no GEMM at all: each Linear streamed, its weight read once per step (through engine.cpu_matvec's
 operators where they build, else as a multiply-and-sum that inductor fuses into one loop). Each
 candidate's package is built and their steps timed in turns on the job's first step; the fastest is kept
-(streamed where within 3% of it: pick_gemms), the others' packages deleted. On the AMX Xeon the
-autotuned GEMMs were the fast ones. On a Zen 5 EPYC without AMX (benchmarks/README.md, session 29) the 85M bf16 step ran 8.07 ms autotuned against 6.08 on
+(streamed where within 3% of it: pick_gemms), the others' packages deleted. On the AMX Xeon the autotuned
+GEMMs were the fast ones before the operators; since them, streamed and autotuned run close at batch 1
+(session 44, the 85M bf16 step: 4.73 ms streamed against 5.18 autotuned in one run, 5.08 against 5.02 in
+another), and autotuned wins at batch 8 (6.87 against 9.81 on ATen, 12.58 streamed). On a Zen 5 EPYC
+without AMX (benchmarks/README.md, session 29) the 85M bf16 step ran 8.07 ms autotuned against 6.08 on
 ATen (a job: 123 against 174 tokens/s), while fp32 there ran faster autotuned in a probe (146 against
 108), and 10.8M bf16 went either way between processes; streamed, the 85M bf16 step ran 3.9 ms against
-ATen's 4.0-4.5 (session 30), and the 85M int8 step through the operator 2.4 ms against the int8
-kernel's 2.6-3.3 (session 31). `MULTIAR_COMPILE_GEMMS=autotuned|aten|streamed` pins one (tests pin
-autotuned).
+ATen's 4.0-4.5 (session 30), and the 85M int8 step through the operator 2.4 ms against the int8 kernel's
+2.6-3.3 (session 31). `MULTIAR_COMPILE_GEMMS=autotuned|aten|streamed` pins one (tests pin autotuned).
 
 Whatever its GEMMs, a package's attention runs through engine.cpu_matvec's attention operator where it
 builds (each head's keys read once, then its values): 0.79 us a cached position a step at 85M bf16
@@ -118,7 +120,7 @@ TIMED_ROUNDS, WARM, BLOCK = 3, 3, 6  # rounds of each candidate in turn: untimed
 # weights' digest. On the AMX Xeon (session 44) the 85M bf16 step measured 5.02 ms autotuned against
 # 5.08 streamed; a later 256-step job then counted the autotuned package's load at 1.00 s against the
 # streamed one's 0.04, so compile=auto left it eager (88 tok/s against 167). 3% of a 5 ms step repays
-# that second only after ~6,000 steps.
+# that second only after ~6,700 steps.
 WEIGHTLESS_EDGE = 1.03
 
 

@@ -57,12 +57,12 @@ constexpr int64_t FLOAT_AHEAD = 8192;  // bytes of weights on
 // at 2-8 KB, 0.92x at 32; session 43, in turns in one process), where on the Zen 5 EPYC the hint took
 // 1.065x as long a token at its fast pace. So it is measured where it runs, on the weights it serves, one
 // measure per weight shape (a model's layer shapes; where two models' shapes differ, a small one's
-// weights, which sit in cache between steps, do not decide for a big one's): one-row fp32 calls (ONE_ROW's loop; the general
-// one, measured at one row, lost with the hint: 0.968x against 0.945x without it) on weights of
-// TRIAL_BYTES or more draw with or without the hint, each timed; after TRIAL_WARMUP untimed draws,
-// TRIAL_CALLS timed ones decide by the median time per byte of each way, and the hint then serves that
-// shape's calls (fp32_ahead_mode; MULTIAR_FP32_AHEAD=0|1 pins it for every shape). The hint changes which
-// lines are asked for early, never a sum.
+// weights, which sit in cache between steps, do not decide for a big one's): one-row fp32 calls
+// (ONE_ROW's loop; the general one, measured at one row, lost with the hint: 0.968x against 0.945x
+// without it) on weights of TRIAL_BYTES or more draw with or without the hint, each timed; after
+// TRIAL_WARMUP untimed draws, TRIAL_CALLS timed ones decide by the median time per byte of each way, and
+// the hint then serves that shape's calls (fp32_ahead_mode; MULTIAR_FP32_AHEAD=0|1 pins it for every
+// shape). The hint changes which lines are asked for early, never a sum.
 constexpr int64_t FLOAT32_AHEAD = 16384;  // bytes of weights on, two lines a step
 constexpr int64_t TRIAL_BYTES = int64_t{1} << 20;  // smaller weights sit in cache and time the call, not the read
 constexpr int64_t TRIAL_WARMUP = 16;  // a shape's first draws untimed: cold caches, first touches
@@ -143,8 +143,9 @@ void fp32_ahead_timed(Fp32Trial& trial, int way, int64_t slot, double per_byte) 
 }
 
 // [the pin (-2 not read yet, -1 measured, 0 / 1 pinned), FLOAT32_AHEAD, TRIAL_CALLS, the calls that
-// found the table full, then per shape measured: out, in, state (-1 measuring, 0 without the hint, 1 with it), the median ns per byte without,
-// with (0 until decided), the draws so far (untimed ones included)]: cpu_matvec.fp32_ahead
+// found the table full, then per shape measured: out, in, state (-1 measuring, 0 without the hint, 1
+// with it), the median ns per byte without, with (0 until decided), the draws so far (untimed ones
+// included)]: cpu_matvec.fp32_ahead
 std::vector<double> fp32_ahead_report() {
   std::vector<double> report = {double(fp32_ahead_pin.load(std::memory_order_acquire)), double(FLOAT32_AHEAD),
                                 double(TRIAL_CALLS), double(fp32_untracked.load())};
@@ -152,8 +153,8 @@ std::vector<double> fp32_ahead_report() {
     const uint64_t key = trial.key.load(std::memory_order_acquire);
     if (key == 0) continue;
     const int state = trial.state.load(std::memory_order_acquire);
-    report.insert(report.end(), {double(key >> 32), double(key & 0xFFFFFFFF), double(state),
-                                 state >= 0 ? double(trial.median[0]) : 0.0, state >= 0 ? double(trial.median[1]) : 0.0,
+    const double off = state >= 0 ? trial.median[0] : 0.0, on = state >= 0 ? trial.median[1] : 0.0;
+    report.insert(report.end(), {double(key >> 32), double(key & 0xFFFFFFFF), double(state), off, on,
                                  double(std::min(trial.draws.load(), TRIAL_WARMUP + TRIAL_CALLS))});
   }
   return report;

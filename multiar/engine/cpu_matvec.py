@@ -139,8 +139,8 @@ Session 43, the AMX Xeon: 85M's one-row fp32 mat-vecs took 0.89-0.91x as long wi
 KB ahead (in turns in one process), where the Zen 5 had measured the hint a loss; the 85M fp32 package
 ran 91-97 tok/s with it, 72-76 without (alternating processes). So each process measures it on its
 first one-row fp32 calls and keeps the faster (fp32_ahead; MULTIAR_FP32_AHEAD=0|1 pins it). Session 44:
-one measure per weight shape, so that a small model's weights, held in cache, do not decide for a big
-model's read from RAM in the same process.
+one measure per weight shape, so that where two models' shapes differ, a small one's weights, held in
+cache, do not decide for a bigger one's in the same process.
 
 Built on first use with the system's C++ compiler (`$CXX`, else `c++`; ~6 s) against this torch's
 headers, for this CPU (-march=native), cached under `$MULTIAR_CACHE/kernels` by a digest of the source,
