@@ -381,8 +381,8 @@ def pick_gemms(step_ms: dict[str, float]) -> str:
     """The candidate whose step ran fastest (step_ms: ms by GEMMs' name), but streamed where its step is
     within WEIGHTLESS_EDGE of that: a package without weights loads in milliseconds for every later job."""
     fastest = min(step_ms, key=step_ms.get)
-    near = [name for name in step_ms if GEMMS[name].get("streamed")]
-    near = [name for name in near if step_ms[name] <= WEIGHTLESS_EDGE * step_ms[fastest]]
+    edge = WEIGHTLESS_EDGE * step_ms[fastest]
+    near = [name for name, ms in step_ms.items() if GEMMS[name].get("streamed") and ms <= edge]
     return near[0] if near else fastest
 
 

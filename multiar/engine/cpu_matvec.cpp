@@ -98,12 +98,12 @@ Fp32Trial* fp32_trial(int64_t out, int64_t in) {
   return nullptr;
 }
 
-// The hint for one fp32 call of `rows` rows on an (out, in) weight: 0 or 1, and the trial and its slot
-// where the call is to be timed (*slot -1 where not). Drawn pseudo-randomly, not alternated: layers of a
-// shape come round in a fixed cycle that alternation could split, one always with the hint, one without.
-int fp32_ahead_mode(int64_t rows, int64_t out, int64_t in, Fp32Trial** trial, int64_t* slot) {
+// The hint for one fp32 call of `rows` rows on an (out, in) weight of `bytes`: 0 or 1, and the trial and
+// its slot where the call is to be timed (*slot -1 where not). Drawn pseudo-randomly, not alternated:
+// layers of a shape come round in a fixed cycle that alternation could split, one always with the hint.
+int fp32_ahead_mode(int64_t rows, int64_t out, int64_t in, int64_t bytes, Fp32Trial** trial, int64_t* slot) {
   *slot = -1;
-  if (rows != 1 || out * in * 4 < TRIAL_BYTES) return 0;
+  if (rows != 1 || bytes < TRIAL_BYTES) return 0;
   int pin = fp32_ahead_pin.load(std::memory_order_acquire);
   if (pin == -2) {
     const char* pinned = std::getenv("MULTIAR_FP32_AHEAD");
@@ -168,8 +168,8 @@ inline void prefetch(const void* p, int64_t ahead) {
 }
 
 // What float_dots' loops of 32 weights a step ask for ahead of w: bf16 (64 bytes, a line) FLOAT_AHEAD on;
-// fp32 (128 bytes, two lines) FLOAT32_AHEAD on where the process measured the hint faster (AHEAD), else
-// nothing
+// fp32 (128 bytes, two lines) FLOAT32_AHEAD on where the weight's shape measured the hint faster (AHEAD),
+// else nothing
 template <typename T, bool AHEAD>
 inline void weights_ahead(const T* w) {
   if constexpr (!std::is_same_v<T, float>) {
@@ -554,7 +554,7 @@ at::Tensor matvec(const at::Tensor& x, const at::Tensor& w) {
     const int64_t bytes = w.numel() * 4;
     Fp32Trial* trial = nullptr;
     int64_t slot;
-    const int way = fp32_ahead_mode(rows, out, in, &trial, &slot);
+    const int way = fp32_ahead_mode(rows, out, in, bytes, &trial, &slot);
     const auto start = slot >= 0 ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point();
     if (way) {
       run(xc.data_ptr<float>(), wc.data_ptr<float>(), std::true_type());

@@ -21,7 +21,7 @@ from multiar.engine.ahead_of_time import AheadOfTimeStep, package_dir, package_k
 from multiar.engine.compile_choice import ANY_WEIGHTS, StepClock
 from multiar.engine.decode import compile_for_sampling, generate, makes_bf16_keys
 from multiar.engine.model import GPT, ModelConfig
-from multiar.engine.quantize import quantize
+from multiar.engine.quantize import Int4Linear, Int8Linear, quantize
 
 PROMPTS = [[1, 5, 9], [2, 7, 7, 3]]
 OTHERS = [[4, 4, 20], [30, 1, 6, 6]]  # a later job's prompts: the package must not remember the first's
@@ -39,6 +39,23 @@ def tiny(seed: int = 6, width: int = 16) -> GPT:
             if p.dim() == 2:
                 p.normal_(0.0, 0.3)
     return model
+
+
+def dequantized(quantized: GPT, seed: int, width: int = 16) -> GPT:
+    """tiny(seed, width) with each Linear the weight its quantized layer stands for in the operator (int4:
+    scales and mins in bf16; lm_head untied from the embedding, which keeps its fp32 table)."""
+    dense = tiny(seed=seed, width=width)
+    for name, layer in quantized.named_modules():
+        if isinstance(layer, Int8Linear):
+            weight = layer.weight.float() * layer.scales[:, None]
+        elif isinstance(layer, Int4Linear):
+            scale, low = layer.scales_and_mins.float().unbind(1)  # (out, groups) each
+            codes = layer.codes().float().reshape(layer.out_features, -1, 32)
+            weight = (codes * scale[..., None] + low[..., None]).reshape(layer.out_features, -1)
+        else:
+            continue
+        dense.get_submodule(name).weight = nn.Parameter(weight, requires_grad=False)
+    return dense
 
 
 @pytest.fixture
@@ -325,17 +342,11 @@ def test_a_streamed_int8_package_on_bf16_activations_gives_its_dequantized_weigh
     Fed the same tokens, its logits are an fp32 model's of the dequantized weights within bf16's rounding
     (0.061 at logits up to 4.1, AMX Xeon; with the scales 1% off, 0.19): the rounding, not a wrong scale,
     layout or cache dtype."""
-    from multiar.engine.quantize import Int8Linear
-
     if cpu_matvec.library() is None:
         pytest.skip("no C++ compiler here: quantized layers keep their own kernels")
     monkeypatch.setenv("MULTIAR_COMPILE_GEMMS", "streamed")
     quantized = quantize(tiny(seed=13), "int8", bf16_activations=True)
-    dense = tiny(seed=13)
-    for name, layer in quantized.named_modules():
-        if isinstance(layer, Int8Linear):
-            weight = layer.weight.float() * layer.scales[:, None]
-            dense.get_submodule(name).weight = nn.Parameter(weight, requires_grad=False)
+    dense = dequantized(quantized, seed=13)
     compiled = compile_for_sampling(copy.deepcopy(quantized), rows=1)
     prompt = [2, 7, 7, 3, 1, 5, 9, 4]
     tokens = generate(compiled, [prompt], max_new_tokens=12, temperature=0.0)[0]
@@ -371,29 +382,12 @@ def test_streamed_quantized_layers_run_the_mat_vec_operator_and_decode_as_their_
     rounding (int4's rounding of them weighs more: each code's term is larger than the weight it adds up to
     with the group's min), holds no weights (another model of the kind loads it
     unbuilt), and is a candidate at a few rows only; without the operators it is none."""
-    from multiar.engine.quantize import Int4Linear, Int8Linear
     from multiar.engine.quantized_kernels import _use_kernels, own_kernels
 
     if cpu_matvec.library() is None:
         pytest.skip("no C++ compiler here: quantized layers keep their own kernels")
     monkeypatch.setenv("MULTIAR_COMPILE_GEMMS", "streamed")
     width = 16 if mode == "int8" else 32  # int4: every layer (tiny's docstring)
-
-    def dequantized(quantized: GPT, seed: int) -> GPT:
-        """tiny(seed) with each Linear the weight its quantized layer stands for in the operator (int4:
-        scales and mins in bf16; lm_head untied from the embedding, which keeps its fp32 table)."""
-        dense = tiny(seed=seed, width=width)
-        for name, layer in quantized.named_modules():
-            if isinstance(layer, Int8Linear):
-                weight = layer.weight.float() * layer.scales[:, None]
-            elif isinstance(layer, Int4Linear):
-                scale, low = layer.scales_and_mins.float().unbind(1)  # (out, groups) each
-                codes = layer.codes().float().reshape(layer.out_features, -1, 32)
-                weight = (codes * scale[..., None] + low[..., None]).reshape(layer.out_features, -1)
-            else:
-                continue
-            dense.get_submodule(name).weight = nn.Parameter(weight, requires_grad=False)
-        return dense
 
     def on_operator(quantized: GPT) -> GPT:
         """A copy whose quantized layers all call their operator (MatvecLinear), eagerly, into the KV
@@ -420,7 +414,7 @@ def test_streamed_quantized_layers_run_the_mat_vec_operator_and_decode_as_their_
             # model's within the int16 activations' rounding (4.4e-4 on the AMX Xeon; with the weights'
             # scales 1e-4 off, 1.6e-3). Greedy tokens are no test of that: the prompt's rows run the
             # kernel, whose activations are rounded otherwise
-            dense = dequantized(quantized, seed)
+            dense = dequantized(quantized, seed, width)
             for prompt, new in zip(PROMPTS, tokens, strict=True):
                 ids = torch.tensor([prompt + new])
                 torch.testing.assert_close(stepwise(eager, ids), stepwise(dense, ids), atol=1e-3, rtol=0)
